@@ -1,0 +1,47 @@
+//! `vireo`: the command-line front end. Each subcommand lives in its own module; this file only
+//! parses arguments and turns an error into one line for the user.
+
+mod disk;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vireo", version, about = "Vireo: virtualization for Linux hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one virtual machine in the foreground (no daemon); exits with the guest's status.
+    Run(run::RunArgs),
+    /// Create, inspect, check, convert, resize, merge and compact virtual disks (VHDX, VHD, raw).
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::execute(args),
+        Command::Disk(cmd) => disk::execute(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

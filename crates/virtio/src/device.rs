@@ -1,0 +1,59 @@
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemory;
+
+/// How a device tells the driver that something happened.
+pub trait VirtioInterrupt: Send + Sync {
+    /// The used ring of `queue` advanced.
+    fn notify_queue(&self, queue: u16) -> std::io::Result<()>;
+    /// The device configuration changed (e.g. disk resized, link state).
+    fn notify_config(&self) -> std::io::Result<()>;
+}
+
+/// One queue the driver set up, plus the eventfd the transport signals when the driver kicks it.
+pub struct QueueHandle {
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+/// Why a device could not start serving its queues.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("driver set up {got} queues, device needs {want}")]
+    QueueCount { want: usize, got: usize },
+    #[error("could not start device worker: {0}")]
+    Worker(#[from] std::io::Error),
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device model. The transport calls these in the order the virtio spec's device
+/// initialisation prescribes: features, config, then `activate` once DRIVER_OK is set, and
+/// `reset` when the driver writes 0 to the status register.
+pub trait VirtioDevice: Send {
+    /// Virtio device type (see [`crate::device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (must include [`crate::VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// The subset of [`VirtioDevice::features`] the driver accepted.
+    fn ack_features(&mut self, acked: u64);
+    /// Reads device-specific configuration space at `offset`; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration space (most devices ignore writes).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving `queues` (one per entry of `queue_max_sizes`, in order).
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<QueueHandle>,
+    ) -> Result<(), ActivateError>;
+    /// Stops serving queues and returns to the pre-activation state. Returns once workers have
+    /// stopped touching guest memory.
+    fn reset(&mut self);
+}
