@@ -1,6 +1,10 @@
 //! `vireo-bench`: each subcommand measures Vireo and a peer in the same run and prints the ratio on
 //! its last line, so numbers in docs/SPECIFICATION.md can be re-checked with one command.
 
+mod boot;
+mod switch;
+mod vhdx;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,9 +17,27 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Boot time and memory overhead: `vireo run` vs QEMU microvm on the probe guest.
+    Boot(boot::BootArgs),
+    /// Switch pipeline frames/s, and TCP through our switch vs a Linux bridge (iperf3).
+    Switch(switch::SwitchArgs),
+    /// VHDX I/O and convert throughput vs `qemu-img bench`/`convert` and a raw file.
+    Vhdx(vhdx::VhdxArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {}
+    let result = match cli.command {
+        Command::Boot(args) => boot::run(args),
+        Command::Switch(args) => switch::run(args),
+        Command::Vhdx(args) => vhdx::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vireo-bench: error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
