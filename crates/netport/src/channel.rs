@@ -99,7 +99,11 @@ mod tests {
         assert_eq!(b.recv(&mut buf).unwrap(), None);
         a.send(&[1, 2, 3]).unwrap();
         a.send(&[4]).unwrap();
-        let mut pfd = libc::pollfd { fd: b.rx_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: b.rx_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: polling one valid pollfd with zero timeout.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1);
         assert_eq!(b.recv(&mut buf).unwrap(), Some(3));
@@ -109,6 +113,9 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0);
         b.send(&[9; 10]).unwrap();
-        assert!(matches!(a.recv(&mut [0u8; 4]), Err(PortError::TooLong { len: 10, cap: 4 })));
+        assert!(matches!(
+            a.recv(&mut [0u8; 4]),
+            Err(PortError::TooLong { len: 10, cap: 4 })
+        ));
     }
 }

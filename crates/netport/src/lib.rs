@@ -5,9 +5,11 @@
 
 mod channel;
 mod error;
+mod tap;
 
 pub use channel::{channel_pair, ChannelPort};
 pub use error::PortError;
+pub use tap::TapPort;
 
 use std::os::unix::io::RawFd;
 
