@@ -1,0 +1,150 @@
+//! virtio-blk over any [`BlockBackend`]: one request queue served by one worker thread.
+
+mod config;
+mod request;
+mod worker;
+
+pub use config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vireo_block::BlockBackend;
+
+use crate::worker::Worker;
+use crate::{device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt};
+
+/// Queue size offered when the caller does not choose one.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Running totals of what the device did, for metering and tests.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    /// Requests that ended with a status other than OK.
+    pub errors: AtomicU64,
+}
+
+impl BlockCounters {
+    /// Reads one counter; a convenience for callers that do not care about ordering.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    backend: Arc<dyn BlockBackend>,
+    queue_sizes: [u16; 1],
+    acked_features: u64,
+    counters: Arc<BlockCounters>,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// A device over `backend` with the default queue size.
+    pub fn new(backend: Arc<dyn BlockBackend>) -> Self {
+        Self::with_queue_size(backend, DEFAULT_QUEUE_SIZE)
+    }
+
+    /// A device over `backend` whose queue holds up to `queue_size` entries (a power of two,
+    /// at least 4; other values are rounded down to one, clamped to 4..=32768).
+    pub fn with_queue_size(backend: Arc<dyn BlockBackend>, queue_size: u16) -> Self {
+        let size = queue_size.clamp(4, 32768);
+        let size = 1u16 << (15 - size.leading_zeros() as u16);
+        Block {
+            backend,
+            queue_sizes: [size],
+            acked_features: 0,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// The device's counters (shared; they keep counting across resets).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    fn topology(&self) -> bool {
+        self.backend.physical_sector_size() > self.backend.logical_sector_size()
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        config::features(self.backend.read_only(), self.topology())
+    }
+
+    fn ack_features(&mut self, acked: u64) {
+        self.acked_features = acked & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let space = config::config_space(
+            self.backend.size(),
+            // Two descriptors of every chain carry the header and the status.
+            u32::from(self.queue_sizes[0]) - 2,
+            self.backend.logical_sector_size(),
+            self.backend.physical_sector_size(),
+        );
+        crate::read_config_bytes(&space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "virtio-blk: ignoring {}-byte config write at {offset}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<QueueHandle>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let [queue]: [QueueHandle; 1] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<QueueHandle>| ActivateError::QueueCount {
+                    want: 1,
+                    got: q.len(),
+                })?;
+        let event_idx = crate::has_event_idx(self.acked_features);
+        let worker = worker::BlockWorker::new(
+            mem,
+            interrupt,
+            queue,
+            event_idx,
+            self.backend.clone(),
+            self.counters.clone(),
+        );
+        self.worker = Some(worker.start()?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked_features = 0;
+    }
+}

@@ -1,0 +1,170 @@
+//! virtio-net over any [`FramePort`]: receive queue 0, transmit queue 1, one worker thread.
+//! No offloads are offered, so every frame is a plain Ethernet frame behind a zeroed header.
+
+mod worker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vireo_netport::FramePort;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+
+use crate::worker::Worker;
+use crate::{
+    device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Queue size offered for each queue.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// `struct virtio_net_hdr_v1` (with `num_buffers`): the header size of every VERSION_1 device.
+pub const NET_HDR_LEN: usize = 12;
+
+/// Running totals for metering; frames are counted without the virtio-net header.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames from the port that did not reach the guest (too long for its buffers, port
+    /// errors, or pending when the device was reset).
+    pub rx_drops: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames the guest sent that did not reach the port (malformed, too long, port full).
+    pub tx_drops: AtomicU64,
+}
+
+/// A point-in-time copy of [`NetCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_drops: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_drops: u64,
+}
+
+impl NetCounters {
+    pub fn snapshot(&self) -> NetStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            rx_frames: get(&self.rx_frames),
+            rx_bytes: get(&self.rx_bytes),
+            rx_drops: get(&self.rx_drops),
+            tx_frames: get(&self.tx_frames),
+            tx_bytes: get(&self.tx_bytes),
+            tx_drops: get(&self.tx_drops),
+        }
+    }
+}
+
+/// A virtio-net device.
+pub struct Net {
+    port: Arc<dyn FramePort>,
+    mac: [u8; 6],
+    queue_sizes: [u16; 2],
+    acked_features: u64,
+    counters: Arc<NetCounters>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A NIC with address `mac` whose frames go to and come from `port`.
+    pub fn new(port: Arc<dyn FramePort>, mac: [u8; 6]) -> Self {
+        Net {
+            port,
+            mac,
+            queue_sizes: [DEFAULT_QUEUE_SIZE; 2],
+            acked_features: 0,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// The device's counters (shared; they keep counting across resets).
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn config_space(&self) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn ack_features(&mut self, acked: u64) {
+        self.acked_features = acked & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for VERSION_1 drivers (they use a control queue, not offered).
+        tracing::debug!(
+            "virtio-net: ignoring {}-byte config write at {offset}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<QueueHandle>,
+    ) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let [rx, tx]: [QueueHandle; 2] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<QueueHandle>| ActivateError::QueueCount {
+                    want: 2,
+                    got: q.len(),
+                })?;
+        let worker = worker::NetWorker::new(
+            mem,
+            interrupt,
+            rx,
+            tx,
+            crate::has_event_idx(self.acked_features),
+            self.port.clone(),
+            self.counters.clone(),
+        );
+        self.worker = Some(worker.start()?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        self.acked_features = 0;
+    }
+}

@@ -1,0 +1,60 @@
+//! The device side of a split virtqueue's service loop, shared by every device: take all
+//! available chains, then decide (with EVENT_IDX when negotiated) whether the driver wants an
+//! interrupt.
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use crate::{GuestMemory, VirtioInterrupt};
+
+/// Serves every chain the driver made available, including ones that arrive while notifications
+/// are being re-enabled. `handle` returns the number of bytes it wrote into the chain. Returns how
+/// many chains went to the used ring.
+pub(crate) fn serve_queue<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+    mut handle: impl FnMut(DescriptorChain<&'m GuestMemory>) -> u32,
+) -> usize {
+    let mut used = 0;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            tracing::warn!("virtqueue: cannot disable notifications: {e}");
+            return used;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used += 1,
+                // A head index past the queue cannot be returned; skip it, serve the rest.
+                Err(e) => tracing::warn!("virtqueue: cannot return chain {head}: {e}"),
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue, // The driver added chains while we were re-enabling.
+            Ok(false) => return used,
+            Err(e) => {
+                tracing::warn!("virtqueue: cannot enable notifications: {e}");
+                return used;
+            }
+        }
+    }
+}
+
+/// Interrupts the driver for queue `index` if chains were used and the driver asked for it.
+pub(crate) fn notify_if_needed(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+    used: usize,
+) {
+    if used == 0 {
+        return;
+    }
+    // On a failure to read used_event, interrupting is the safe choice.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.notify_queue(index) {
+            tracing::warn!("virtqueue {index}: cannot interrupt the driver: {e}");
+        }
+    }
+}

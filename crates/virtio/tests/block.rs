@@ -1,0 +1,424 @@
+//! virtio-blk driven through real split virtqueues in guest memory, against a RawFile disk.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use vireo_block::{BlockBackend, RawFile};
+use vireo_virtio::{Block, GuestMemory, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use vm_memory::{Bytes, GuestAddress};
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const DISK_SIZE: u64 = 1 << 20;
+const QSIZE: u16 = 16;
+const HDR: u64 = DATA_BASE;
+const STATUS: u64 = DATA_BASE + 0x100;
+const DATA: u64 = DATA_BASE + 0x10000;
+
+struct Rig {
+    _file: tempfile::NamedTempFile,
+    path: std::path::PathBuf,
+    backend: Arc<RawFile>,
+    dev: Block,
+    mem: GuestMemory,
+    q: DriverQueue,
+    irq: Arc<RecordingInterrupt>,
+}
+
+fn rig_with(read_only: bool, features: Option<u64>) -> Rig {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
+    file.as_file().write_all(&pattern).unwrap();
+    let backend = Arc::new(RawFile::open(file.path(), read_only).unwrap());
+    let mut dev = Block::new(backend.clone());
+    let mem = guest_memory();
+    let features = features.unwrap_or(dev.features());
+    let (mut qs, irq) = activate_with(&mut dev, &mem, QSIZE, features);
+    Rig {
+        path: file.path().to_path_buf(),
+        _file: file,
+        backend,
+        dev,
+        mem,
+        q: qs.remove(0),
+        irq,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(false, None)
+}
+
+impl Rig {
+    fn header(&self, at: u64, kind: u32, sector: u64) {
+        self.mem.write_obj(kind.to_le(), GuestAddress(at)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(at + 8))
+            .unwrap();
+    }
+
+    /// Submits one request (header, optional data buffer, status) and waits for it.
+    fn request(&mut self, kind: u32, sector: u64, data: Option<Buf>) -> (u8, u32) {
+        self.header(HDR, kind, sector);
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut bufs = vec![ro(HDR, 16)];
+        bufs.extend(data);
+        bufs.push(wo(STATUS, 1));
+        self.q.add_chain(&self.mem, &bufs);
+        self.q.notify();
+        let used = self.q.wait_used(&self.mem, 1);
+        (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), used[0].1)
+    }
+
+    fn file_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.path).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut out = vec![0; len];
+        f.read_exact(&mut out).unwrap();
+        out
+    }
+
+    fn guest_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        self.mem.read_slice(&mut out, GuestAddress(addr)).unwrap();
+        out
+    }
+
+    fn segment(&self, at: u64, sector: u64, sectors: u32, flags: u32) {
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(at))
+            .unwrap();
+        self.mem
+            .write_obj(sectors.to_le(), GuestAddress(at + 8))
+            .unwrap();
+        self.mem
+            .write_obj(flags.to_le(), GuestAddress(at + 12))
+            .unwrap();
+    }
+}
+
+fn read_config_u64(dev: &Block, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    dev.read_config(off, &mut b);
+    u64::from_le_bytes(b)
+}
+
+#[test]
+fn features_and_config_describe_the_disk() {
+    let r = rig();
+    let f = r.dev.features();
+    assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+    assert_ne!(f & VIRTIO_RING_F_EVENT_IDX, 0);
+    for bit in [2, 6, 9, 13, 14] {
+        assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
+    }
+    assert_eq!(f & (1 << 5), 0, "writable disk claims RO");
+    assert_eq!(read_config_u64(&r.dev, 0), DISK_SIZE / 512);
+    let mut seg_max = [0u8; 4];
+    r.dev.read_config(12, &mut seg_max);
+    assert_eq!(u32::from_le_bytes(seg_max), 256 - 2);
+    let mut past_end = [0xaa; 8];
+    r.dev.read_config(4096, &mut past_end);
+    assert_eq!(past_end, [0; 8]);
+}
+
+#[test]
+fn write_then_read_round_trips_through_the_file() {
+    let mut r = rig();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 7) as u8).collect();
+    r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let (status, _) = r.request(T_OUT, 3, Some(ro(DATA, 4096)));
+    assert_eq!(status, S_OK);
+    assert_eq!(r.file_bytes(3 * 512, 4096), data);
+
+    // Read back into a buffer split over two descriptors, one crossing a page boundary.
+    let back = DATA + 0x8000 - 100;
+    r.header(HDR, T_IN, 3);
+    r.q.add_chain(
+        &r.mem,
+        &[
+            ro(HDR, 16),
+            wo(back, 1000),
+            wo(back + 1000, 3096),
+            wo(STATUS, 1),
+        ],
+    );
+    r.q.notify();
+    let used = r.q.wait_used(&r.mem, 1);
+    assert_eq!(used[0].1, 4096 + 1);
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    assert_eq!(r.guest_bytes(back, 4096), data);
+
+    // The pattern the file started with is what an untouched sector reads as.
+    let (status, len) = r.request(T_IN, 100, Some(wo(DATA, 1024)));
+    assert_eq!((status, len), (S_OK, 1025));
+    assert_eq!(r.guest_bytes(DATA, 1024), r.file_bytes(100 * 512, 1024));
+    let c = r.dev.counters();
+    assert_eq!(c.writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(c.reads.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn large_request_spanning_many_chunks() {
+    let mut r = rig();
+    let len = 600 * 1024; // More than one staging chunk.
+    let data: Vec<u8> = (0..len).map(|i| (i / 3) as u8).collect();
+    r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(T_OUT, 0, Some(ro(DATA, len))).0, S_OK);
+    let back = DATA + (1 << 20);
+    assert_eq!(r.request(T_IN, 0, Some(wo(back, len))), (S_OK, len + 1));
+    assert_eq!(r.guest_bytes(back, len as usize), data);
+}
+
+#[test]
+fn flush_get_id_discard_and_write_zeroes() {
+    let mut r = rig();
+    assert_eq!(r.request(T_FLUSH, 0, None), (S_OK, 1));
+
+    let (status, len) = r.request(T_GET_ID, 0, Some(wo(DATA, 20)));
+    assert_eq!((status, len), (S_OK, 21));
+    let id = r.backend.id();
+    let mut want = [0u8; 20];
+    want[..id.len().min(20)].copy_from_slice(&id.as_bytes()[..id.len().min(20)]);
+    assert_eq!(r.guest_bytes(DATA, 20), want);
+
+    // Discard sectors 8..16 and write-zeroes 40..48 (with the unmap hint) in one request each.
+    let seg = DATA + 0x1000;
+    r.segment(seg, 8, 8, 0);
+    assert_eq!(r.request(T_DISCARD, 0, Some(ro(seg, 16))).0, S_OK);
+    assert!(r.file_bytes(8 * 512, 4096).iter().all(|&b| b == 0));
+    assert_ne!(r.file_bytes(16 * 512, 512), vec![0; 512]);
+    r.segment(seg, 40, 4, 1);
+    r.segment(seg + 16, 60, 4, 0);
+    assert_eq!(r.request(T_WRITE_ZEROES, 0, Some(ro(seg, 32))).0, S_OK);
+    assert!(r.file_bytes(40 * 512, 2048).iter().all(|&b| b == 0));
+    assert!(r.file_bytes(60 * 512, 2048).iter().all(|&b| b == 0));
+    assert_ne!(r.file_bytes(44 * 512, 512), vec![0; 512]);
+
+    // Flags a command does not define are refused, and nothing changes.
+    let before = r.file_bytes(100 * 512, 512);
+    r.segment(seg, 100, 1, 1);
+    assert_eq!(r.request(T_DISCARD, 0, Some(ro(seg, 16))).0, S_UNSUPP);
+    r.segment(seg, 100, 1, 2);
+    assert_eq!(r.request(T_WRITE_ZEROES, 0, Some(ro(seg, 16))).0, S_UNSUPP);
+    // A segment past the end fails the whole request before any segment is applied.
+    r.segment(seg, 100, 1, 0);
+    r.segment(seg + 16, DISK_SIZE / 512, 1, 0);
+    assert_eq!(r.request(T_DISCARD, 0, Some(ro(seg, 32))).0, S_IOERR);
+    assert_eq!(r.file_bytes(100 * 512, 512), before);
+    // A payload that is not whole segments.
+    assert_eq!(r.request(T_DISCARD, 0, Some(ro(seg, 10))).0, S_IOERR);
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let mut r = rig_with(true, None);
+    let f = r.dev.features();
+    assert_ne!(f & (1 << 5), 0, "RO not offered");
+    assert_eq!(f & (1 << 13 | 1 << 14), 0);
+    let before = r.file_bytes(0, 1024);
+    r.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(r.request(T_OUT, 0, Some(ro(DATA, 1024))).0, S_IOERR);
+    r.segment(DATA, 0, 2, 0);
+    assert_eq!(r.request(T_WRITE_ZEROES, 0, Some(ro(DATA, 16))).0, S_IOERR);
+    assert_eq!(r.request(T_DISCARD, 0, Some(ro(DATA, 16))).0, S_IOERR);
+    assert_eq!(r.file_bytes(0, 1024), before);
+    // Reads and flushes still work.
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 1024))), (S_OK, 1025));
+    assert_eq!(r.guest_bytes(DATA, 1024), before);
+    assert_eq!(r.request(T_FLUSH, 0, None).0, S_OK);
+}
+
+#[test]
+fn bad_requests_get_error_statuses() {
+    let mut r = rig();
+    let last = DISK_SIZE / 512 - 1;
+    assert_eq!(r.request(T_IN, last, Some(wo(DATA, 1024))).0, S_IOERR);
+    assert_eq!(r.request(T_IN, last, Some(wo(DATA, 512))).0, S_OK);
+    assert_eq!(r.request(T_OUT, u64::MAX, Some(ro(DATA, 512))).0, S_IOERR);
+    assert_eq!(
+        r.request(T_IN, u64::MAX / 512, Some(wo(DATA, 512))).0,
+        S_IOERR
+    );
+    // Data not a whole number of sectors.
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 100))).0, S_IOERR);
+    assert_eq!(r.request(T_OUT, 0, Some(ro(DATA, 700))).0, S_IOERR);
+    // Unknown request type.
+    assert_eq!(r.request(99, 0, None), (S_UNSUPP, 1));
+    assert_eq!(r.request(2, 0, Some(wo(DATA, 512))).0, S_UNSUPP);
+    let errors = r
+        .dev
+        .counters()
+        .errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(errors, 7);
+}
+
+#[test]
+fn malformed_chains_do_not_stop_the_device() {
+    let mut r = rig();
+    let outside = common::MEM_SIZE as u64 - 8;
+    r.header(HDR, T_IN, 0);
+    // A head index past the queue: skipped, the chains after it are still served.
+    r.q.publish(&r.mem, QSIZE + 3);
+    // No status byte at all.
+    r.q.add_chain(&r.mem, &[ro(HDR, 16)]);
+    // Data buffer running past guest memory.
+    r.q.add_chain(&r.mem, &[ro(HDR, 16), wo(outside, 512), wo(STATUS, 1)]);
+    // Readable descriptor after a writable one.
+    r.q.add_chain(
+        &r.mem,
+        &[
+            ro(HDR, 16),
+            wo(DATA, 512),
+            ro(DATA + 4096, 16),
+            wo(STATUS, 1),
+        ],
+    );
+    // Header shorter than 16 bytes: the device answers IOERR.
+    r.q.add_chain(&r.mem, &[ro(HDR, 8), wo(STATUS + 8, 1)]);
+    r.q.notify();
+    let used = r.q.wait_used(&r.mem, 4);
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        vec![0, 0, 0, 1]
+    );
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(STATUS + 8)).unwrap(),
+        S_IOERR
+    );
+    // A loop in the descriptor table ends at the queue size instead of spinning.
+    let head = r.q.write_chain(&r.mem, &[ro(HDR, 16), wo(STATUS, 1)]);
+    r.q.write_desc(&r.mem, head + 1, STATUS, 1, 2 | 1, head);
+    r.q.publish(&r.mem, head);
+    r.q.notify();
+    // The device still serves a good request afterwards.
+    std::thread::sleep(Duration::from_millis(50));
+    r.q.take_used(&r.mem);
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 512))), (S_OK, 513));
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_until_used_event() {
+    let mut r = rig();
+    // Interrupt only when the used index moves past 2, i.e. at the third completion.
+    r.q.set_used_event(&r.mem, 2);
+    for i in 0..2 {
+        assert_eq!(r.request(T_IN, i, Some(wo(DATA, 512))).0, S_OK);
+    }
+    assert_eq!(r.request(T_IN, 5, Some(wo(DATA, 512))).0, S_OK);
+    assert!(wait_for(|| r.irq.count(0) >= 1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.irq.count(0), 1, "interrupts despite used_event");
+    // The device asks to be kicked for the next request.
+    assert_eq!(r.q.avail_event(&r.mem), 3);
+
+    // A batch of requests with one kick: all served, one interrupt at used_event.
+    r.q.set_used_event(&r.mem, 3 + 7);
+    for i in 0..8u64 {
+        r.header(HDR + 0x20 * i, T_IN, i);
+        r.q.add_chain(
+            &r.mem,
+            &[
+                ro(HDR + 0x20 * i, 16),
+                wo(DATA + 512 * i, 512),
+                wo(STATUS + i, 1),
+            ],
+        );
+    }
+    r.q.notify();
+    assert_eq!(r.q.wait_used(&r.mem, 8).len(), 8);
+    assert!(wait_for(|| r.irq.count(0) >= 2));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.irq.count(0), 2);
+}
+
+#[test]
+fn without_event_idx_every_batch_interrupts() {
+    let features = Block::new(Arc::new(
+        RawFile::open(tempfile::NamedTempFile::new().unwrap().path(), false).unwrap(),
+    ))
+    .features()
+        & !VIRTIO_RING_F_EVENT_IDX;
+    let mut r = rig_with(false, Some(features));
+    r.q.set_used_event(&r.mem, 100); // Ignored without EVENT_IDX.
+    for i in 0..3 {
+        assert_eq!(r.request(T_IN, i, Some(wo(DATA, 512))).0, S_OK);
+        assert!(wait_for(|| r.irq.count(0) > i));
+    }
+}
+
+#[test]
+fn device_writes_are_recorded_in_the_dirty_bitmap() {
+    let mut r = rig();
+    let src = DATA + 40 * 4096;
+    r.mem.write_slice(&[7u8; 4096], GuestAddress(src)).unwrap();
+    assert_eq!(r.request(T_OUT, 0, Some(ro(src, 4096))).0, S_OK);
+    clear_dirty(&r.mem);
+    let dst = DATA + 10 * 4096 + 2048; // Straddles two pages.
+    let status = STATUS + 64 * 4096;
+    r.header(HDR, T_IN, 0);
+    r.q.add_chain(&r.mem, &[ro(HDR, 16), wo(dst, 4096), wo(status, 1)]);
+    // The driver's own writes above are not what we check: forget them.
+    clear_dirty(&r.mem);
+    r.q.notify();
+    r.q.wait_used(&r.mem, 1);
+    assert_eq!(r.guest_bytes(dst, 4096), vec![7u8; 4096]);
+    assert!(is_dirty(&r.mem, dst));
+    assert!(is_dirty(&r.mem, dst + 4095));
+    assert!(is_dirty(&r.mem, status));
+    assert!(is_dirty(&r.mem, r.q.used_ring_addr()));
+    // Pages the device only read, and pages nobody touched, stay clean.
+    assert!(!is_dirty(&r.mem, src));
+    assert!(!is_dirty(&r.mem, HDR));
+    assert!(!is_dirty(&r.mem, DATA + 200 * 4096));
+}
+
+#[test]
+fn reset_stops_the_worker_and_reactivation_works() {
+    let mut r = rig();
+    assert_eq!(r.request(T_FLUSH, 0, None).0, S_OK);
+    r.dev.reset();
+    r.header(HDR, T_FLUSH, 0);
+    r.q.add_chain(&r.mem, &[ro(HDR, 16), wo(STATUS, 1)]);
+    r.q.notify();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        r.q.take_used(&r.mem).len(),
+        0,
+        "device served a queue after reset"
+    );
+
+    let features = r.dev.features();
+    let (mut qs, _irq) = activate_with(&mut r.dev, &r.mem, QSIZE, features);
+    r.q = qs.remove(0);
+    assert_eq!(r.request(T_FLUSH, 0, None).0, S_OK);
+    // Activating twice without a reset is refused.
+    let (_q, handle) = DriverQueue::new(&r.mem, 5, QSIZE);
+    let irq = Arc::new(RecordingInterrupt::default());
+    assert!(r.dev.activate(r.mem.clone(), irq, vec![handle]).is_err());
+}
+
+#[test]
+fn wrong_queue_count_is_refused() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut dev = Block::new(Arc::new(RawFile::open(file.path(), false).unwrap()));
+    let mem = guest_memory();
+    let irq = Arc::new(RecordingInterrupt::default());
+    assert!(dev.activate(mem, irq, Vec::new()).is_err());
+}
