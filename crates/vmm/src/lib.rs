@@ -1,2 +1,39 @@
 //! One virtual machine on KVM: guest memory (memfd), vCPU threads, boot loaders, legacy devices
 //! (serial, i8042 reset, power-off port), the virtio-mmio transport and dirty-page tracking.
+//!
+//! Build a [`VmConfig`], turn it into a [`Vm`] with [`Vm::new`] (all checks and loading happen
+//! there), keep a [`VmHandle`] for other threads, and call [`Vm::run`], which returns the
+//! [`VmExit`] once the VM has fully stopped.
+
+pub mod boot;
+pub mod config;
+mod console;
+pub mod cpuid;
+pub mod devices;
+pub mod dirty;
+pub mod error;
+pub mod exit;
+pub mod memory;
+#[doc(hidden)]
+pub mod test_images;
+pub mod vcpu;
+pub mod virtio_mmio;
+pub mod vm;
+
+pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
+pub use dirty::DirtyBitmap;
+pub use error::VmmError;
+pub use exit::VmExit;
+pub use vm::{install_termination_handlers, max_vcpus, Vm, VmHandle};
+
+/// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).
+pub type GuestMemory = vireo_virtio::GuestMemory;
+
+/// True when /dev/kvm can be opened read-write (tests use it to skip).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}

@@ -1,0 +1,58 @@
+//! What one VM is made of, as the CLI (or later the daemon) fills it in.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vireo_block::BlockBackend;
+use vireo_virtio::VirtioDevice;
+
+/// Where COM1 goes.
+#[derive(Debug)]
+pub enum ConsoleConfig {
+    /// Output to stdout, input from stdin.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// A Unix socket the VMM listens on; one client at a time gets output and sends input.
+    Socket(PathBuf),
+    /// Both directions over an already-connected stream (in-process users and tests).
+    Stream(UnixStream),
+    /// Discarded.
+    Null,
+}
+
+/// A virtio device plus, for disks, the backend to flush when the VM stops.
+pub struct VirtioSlot {
+    pub device: Box<dyn VirtioDevice>,
+    pub flush_on_exit: Option<Arc<dyn BlockBackend>>,
+}
+
+/// A complete VM description.
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Command line as given; virtio-mmio device entries are appended.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub vcpus: usize,
+    /// Virtio devices in command-line order: all disks first, then all NICs.
+    pub devices: Vec<VirtioSlot>,
+    pub console: ConsoleConfig,
+}
+
+impl VmConfig {
+    /// A VM with no devices and the console discarded.
+    pub fn new(kernel: impl Into<PathBuf>, memory: u64, vcpus: usize) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory,
+            vcpus,
+            devices: Vec::new(),
+            console: ConsoleConfig::Null,
+        }
+    }
+}

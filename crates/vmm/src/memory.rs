@@ -1,0 +1,195 @@
+//! Guest RAM: one memfd mapped shared (so it can later be handed to vhost-user back ends,
+//! snapshotted or migrated), split around the 32-bit MMIO hole, with vm-memory's per-page bitmap
+//! recording every byte the VMM itself writes.
+
+use std::fs::File;
+use std::os::unix::io::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::error::{Result, VmmError};
+use crate::GuestMemory;
+
+/// Start of the hole below 4 GiB that holds device MMIO (virtio-mmio, IOAPIC, LAPIC).
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First address above the hole.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Smallest guest the loaders and the probe can use.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Guest page size used for dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest-physical RAM ranges `(start, len)` for `size` bytes of RAM: RAM fills 0..3 GiB first,
+/// the rest continues at 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// RAM + swap of the host, in bytes (from /proc/meminfo); `None` when unreadable.
+fn host_memory_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
+}
+
+/// Checks `size` against the minimum, page alignment and what the host can back.
+pub fn check_size(size: u64) -> Result<()> {
+    if size < MIN_MEMORY {
+        return Err(VmmError::MemoryTooSmall {
+            asked: size,
+            min_mib: MIN_MEMORY >> 20,
+        });
+    }
+    if let Some(limit) = host_memory_limit() {
+        if size > limit {
+            return Err(VmmError::MemoryTooLarge {
+                asked_mib: size >> 20,
+                limit_mib: limit >> 20,
+            });
+        }
+    }
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err(VmmError::MemoryAlloc(format!(
+            "size {size} is not a multiple of the 4 KiB page size"
+        )));
+    }
+    Ok(())
+}
+
+fn create_memfd(size: u64) -> Result<File> {
+    // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"vireo-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmmError::MemoryAlloc(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a freshly created descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| VmmError::MemoryAlloc(format!("sizing memfd to {size} bytes: {e}")))?;
+    Ok(file)
+}
+
+/// Guest RAM plus the memfd behind it.
+pub struct GuestRam {
+    pub memory: GuestMemory,
+    pub memfd: Arc<File>,
+    pub size: u64,
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of guest RAM (nothing is touched until the guest uses it).
+    pub fn new(size: u64) -> Result<GuestRam> {
+        check_size(size)?;
+        let memfd = Arc::new(create_memfd(size)?);
+        let mut regions = Vec::new();
+        let mut file_offset = 0u64;
+        for (start, len) in ram_ranges(size) {
+            let len_usize = usize::try_from(len)
+                .map_err(|_| VmmError::MemoryAlloc(format!("region of {len} bytes")))?;
+            let region = GuestRegionMmap::from_range(
+                GuestAddress(start),
+                len_usize,
+                Some(FileOffset::from_arc(memfd.clone(), file_offset)),
+            )
+            .map_err(|e| VmmError::MemoryAlloc(format!("mapping {len} bytes: {e}")))?;
+            regions.push(region);
+            file_offset += len;
+        }
+        let memory =
+            GuestMemory::from_regions(regions).map_err(|e| VmmError::MemoryAlloc(e.to_string()))?;
+        Ok(GuestRam {
+            memory,
+            memfd,
+            size,
+        })
+    }
+}
+
+/// `(guest start, length, host address)` of each region, in order (the KVM memory slots).
+pub fn regions(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_guest_is_one_region() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let r = ram_ranges(5 << 30);
+        assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
+        assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 5 << 30);
+    }
+
+    #[test]
+    fn rejects_zero_tiny_and_absurd_sizes() {
+        assert!(matches!(
+            check_size(0),
+            Err(VmmError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            check_size(1 << 20),
+            Err(VmmError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            check_size(1 << 60),
+            Err(VmmError::MemoryTooLarge { .. })
+        ));
+        assert!(check_size((64 << 20) + 1).is_err());
+    }
+
+    #[test]
+    fn ram_is_memfd_backed_and_shared() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x10_0000))
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 4];
+        ram.memfd.read_exact_at(&mut buf, 0x10_0000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+        assert_eq!(ram.memory.num_regions(), 1);
+    }
+
+    #[test]
+    fn large_sparse_guest_maps_above_4g() {
+        // 4 GiB + 64 MiB of address space costs nothing until touched (memfd + MAP_NORESERVE).
+        let size = (4u64 << 30) + (64 << 20);
+        if check_size(size).is_err() {
+            return; // host too small to even promise it
+        }
+        let ram = GuestRam::new(size).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        ram.memory
+            .write_obj(7u64, GuestAddress(MMIO_HOLE_END + 4096))
+            .unwrap();
+        assert!(ram
+            .memory
+            .write_obj(7u64, GuestAddress(MMIO_HOLE_START))
+            .is_err());
+    }
+}

@@ -1,0 +1,382 @@
+//! Building a VM from a [`VmConfig`] and running it to its end.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use vireo_block::BlockBackend;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootInfo, BootSpec};
+use crate::config::VmConfig;
+use crate::console::{self, InputSource};
+use crate::devices::bus::lock;
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::poweroff::{PowerOff, POWEROFF_LEN, POWEROFF_PORT};
+use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::Bus;
+use crate::dirty::{DirtyBitmap, DirtyTracker, Slot};
+use crate::error::{Result, VmmError};
+use crate::exit::{ExitState, VmExit};
+use crate::memory::GuestRam;
+use crate::vcpu::{self, VcpuContext};
+use crate::virtio_mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::GuestMemory;
+
+/// First virtio-mmio window; devices follow at 4 KiB steps inside the MMIO hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// First GSI for virtio devices (0 PIT, 1 keyboard, 4 COM1 are taken).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// IOAPIC pins 5..=23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// How long stopping waits for vCPU threads before giving up on them.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGINT stop a running VM cleanly (vCPUs stopped, disks flushed) instead of
+/// killing the process. For the `vireo run` process; libraries embedding a VM may skip it.
+pub fn install_termination_handlers() -> Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| VmmError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    }
+    Ok(())
+}
+
+/// Where each virtio device sits, as listed on the kernel command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioPlacement {
+    pub base: u64,
+    pub irq: u32,
+}
+
+/// `virtio_mmio.device=` entry for a device window.
+pub fn virtio_cmdline_entry(p: VirtioPlacement) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", p.base, p.irq)
+}
+
+/// Placement of the `i`-th virtio device.
+pub fn virtio_placement(i: usize) -> VirtioPlacement {
+    VirtioPlacement {
+        base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+        irq: VIRTIO_FIRST_IRQ + i as u32,
+    }
+}
+
+/// The parts of a VM other threads may use while it runs.
+struct Shared {
+    vm_fd: VmFd,
+    ram: GuestRam,
+    dirty: DirtyTracker,
+    exit: Arc<ExitState>,
+}
+
+/// A cloneable handle to a VM for other threads: dirty tracking, guest memory, stop.
+#[derive(Clone)]
+pub struct VmHandle(Arc<Shared>);
+
+impl VmHandle {
+    /// Starts KVM dirty logging and clears the VMM-write bitmap.
+    pub fn start_dirty_log(&self) -> Result<()> {
+        self.0.dirty.start(&self.0.vm_fd, &self.0.ram.memory)
+    }
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.0.dirty.stop(&self.0.vm_fd)
+    }
+    /// Pages written by the guest or the VMM since logging started or the last fetch.
+    pub fn fetch_and_clear_dirty(&self) -> Result<DirtyBitmap> {
+        self.0
+            .dirty
+            .fetch_and_clear(&self.0.vm_fd, &self.0.ram.memory)
+    }
+    pub fn memory(&self) -> &GuestMemory {
+        &self.0.ram.memory
+    }
+    /// Asks the VM to stop; [`Vm::run`] returns [`VmExit::Stopped`].
+    pub fn request_stop(&self) {
+        self.0.exit.set(VmExit::Stopped);
+    }
+    /// The exit reason, once there is one.
+    pub fn exited(&self) -> bool {
+        self.0.exit.is_set()
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    shared: Arc<Shared>,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    flush_on_exit: Vec<Arc<dyn BlockBackend>>,
+    input: Option<InputSource>,
+    boot: BootInfo,
+    placements: Vec<VirtioPlacement>,
+}
+
+fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(VmmError::KvmApiVersion(api));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::ImmediateExit, "immediate exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// The most vCPUs KVM on this host supports (without creating a VM).
+pub fn max_vcpus() -> Result<usize> {
+    Ok(open_kvm()?.get_max_vcpus())
+}
+
+impl Vm {
+    /// Creates the VM, loads the kernel and wires every device. Nothing runs yet.
+    pub fn new(config: VmConfig) -> Result<Vm> {
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus();
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(VmmError::VcpuCount {
+                asked: config.vcpus,
+                max,
+            });
+        }
+        if config.devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(VmmError::TooManyDevices(
+                config.devices.len(),
+                MAX_VIRTIO_DEVICES,
+            ));
+        }
+        let ram = GuestRam::new(config.memory)?;
+        let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+
+        let slots = crate::memory::regions(&ram.memory)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (guest_addr, size, host_addr))| Slot {
+                slot: i as u32,
+                guest_addr,
+                size,
+                host_addr,
+            })
+            .collect();
+        let dirty = DirtyTracker::new(slots);
+        dirty.set_slots(&vm_fd, false)?;
+
+        let exit = Arc::new(ExitState::default());
+        let mut mmio = Bus::default();
+        let mut transports = Vec::new();
+        let mut flush_on_exit = Vec::new();
+        let mut placements = Vec::new();
+        let mut cmdline = config.cmdline.trim().to_string();
+        for (i, slot) in config.devices.into_iter().enumerate() {
+            let place = virtio_placement(i);
+            let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+            vm_fd
+                .register_irqfd(&irq, place.irq)
+                .map_err(VmmError::kvm("KVM_IRQFD"))?;
+            let transport = MmioTransport::new(slot.device, ram.memory.clone(), irq)?;
+            for (q, kick) in transport.kick_fds().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(
+                        kick,
+                        &IoEventAddress::Mmio(place.base + QUEUE_NOTIFY),
+                        q as u32,
+                    )
+                    .map_err(VmmError::kvm("KVM_IOEVENTFD"))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(place.base, MMIO_WINDOW, transport.clone())
+                .map_err(|e| VmmError::BootSetup(e.to_string()))?;
+            transports.push(transport);
+            flush_on_exit.extend(slot.flush_on_exit);
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&virtio_cmdline_entry(place));
+            placements.push(place);
+        }
+
+        let boot = boot::load(
+            &ram.memory,
+            &BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                ram_size: ram.size,
+            },
+        )?;
+
+        let (out, input) = console::open(config.console)?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(VmmError::kvm("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        let mut pio = Bus::default();
+        let bus_err = |e: crate::devices::bus::Overlap| VmmError::BootSetup(e.to_string());
+        pio.insert(COM1_BASE, COM1_LEN, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(
+            I8042_BASE,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            POWEROFF_PORT,
+            POWEROFF_LEN,
+            Arc::new(Mutex::new(PowerOff::new(exit.clone()))),
+        )
+        .map_err(bus_err)?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for i in 0..config.vcpus {
+            let vcpu = vm_fd
+                .create_vcpu(i as u64)
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            vcpu::configure(&vcpu, i as u32, config.vcpus as u32, boot.entry, &cpuid)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            shared: Arc::new(Shared {
+                vm_fd,
+                ram,
+                dirty,
+                exit,
+            }),
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            transports,
+            flush_on_exit,
+            input: Some(input),
+            boot,
+            placements,
+        })
+    }
+
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.shared.clone())
+    }
+
+    pub fn boot_info(&self) -> BootInfo {
+        self.boot
+    }
+
+    pub fn virtio_placements(&self) -> &[VirtioPlacement] {
+        &self.placements
+    }
+
+    /// Runs the VM until the guest powers off or resets, a vCPU fails, the host asks it to stop
+    /// (SIGTERM/SIGINT with [`install_termination_handlers`], or [`VmHandle::request_stop`]).
+    /// Returns once every vCPU has stopped, devices are quiesced and disks flushed.
+    pub fn run(mut self) -> Result<VmExit> {
+        vcpu::install_kick_handler()?;
+        let exit = self.shared.exit.clone();
+        if let Some(input) = self.input.take() {
+            console::start_input(input, self.serial.clone(), exit.clone())?;
+        }
+        let mut threads = Vec::new();
+        for (i, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: exit.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(fd, i, ctx));
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    exit.set(VmExit::Error(format!("cannot start vCPU {i} thread: {e}")));
+                    break;
+                }
+            }
+        }
+        let reason = loop {
+            if let Some(r) = exit.wait(Duration::from_millis(50)) {
+                break r;
+            }
+            if TERMINATE.load(Ordering::SeqCst) {
+                exit.set(VmExit::Stopped);
+            }
+        };
+        stop_vcpus(threads);
+        for t in &self.transports {
+            lock(t).reset();
+        }
+        for b in &self.flush_on_exit {
+            if let Err(e) = b.flush() {
+                tracing::warn!("flushing disk {}: {e}", b.id());
+            }
+        }
+        lock(&self.serial).flush_output();
+        Ok(reason)
+    }
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until all have returned (bounded).
+fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    let mut pending = threads;
+    while !pending.is_empty() {
+        pending.retain(|t| {
+            if t.is_finished() {
+                return false;
+            }
+            // SAFETY: the thread handle is alive (not joined), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+            true
+        });
+        if pending.iter().all(|t| t.is_finished()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!("{} vCPU thread(s) did not stop in time", pending.len());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in pending {
+        let _ = t.join();
+    }
+}
