@@ -1,0 +1,618 @@
+//! The switch and its frame pipeline. `Switch::process` is pure (no I/O): a frame and its
+//! ingress port in, a [`Delivery`] (egress ports with tag operations) out. The stages are
+//! separate functions — [`ingress_policies`], `run_extensions`, `forward`, [`egress_policies`]
+//! — so each can be tested alone.
+
+use crate::acl::AclVerdict;
+use crate::config::{Direction, PortConfig, SwitchConfig};
+use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
+use crate::frame::{parse, FrameSummary};
+use crate::meter::{DropReason, MeterSnapshot};
+use crate::port::Port;
+use crate::table::{Learn, MacTable};
+use crate::vlan::{classify, compile_domains, egress_tag, TagOp, VlanError};
+use crate::PortId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("invalid VLAN configuration: {0}")]
+    Vlan(#[from] VlanError),
+    #[error("a port named {0:?} already exists")]
+    DuplicatePort(String),
+    #[error("no such port {0:?}")]
+    NoSuchPort(PortId),
+    #[error("the switch has no room for more ports")]
+    TooManyPorts,
+    #[error("extension {extension} vetoed the change: {reason}")]
+    Vetoed { extension: String, reason: String },
+    #[error("switch already has forwarding extension {0}")]
+    SecondForwardingExtension(String),
+}
+
+/// One frame copy to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Egress {
+    pub port: PortId,
+    pub tag: TagOp,
+    /// A mirror copy rather than normal delivery.
+    pub mirror: bool,
+}
+
+/// The pipeline's output for one frame. Reused across frames to avoid allocation.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    pub egress: Vec<Egress>,
+    /// Why the frame got no normal delivery: dropped at ingress, or (unicast) blocked at its
+    /// only destination. `None` with no egress means a flood that reached nobody.
+    pub dropped: Option<DropReason>,
+}
+
+impl Delivery {
+    pub fn clear(&mut self) {
+        self.egress.clear();
+        self.dropped = None;
+    }
+    /// Ports receiving a normal (non-mirror) copy.
+    pub fn ports(&self) -> Vec<PortId> {
+        self.egress
+            .iter()
+            .filter(|e| !e.mirror)
+            .map(|e| e.port)
+            .collect()
+    }
+}
+
+/// Applies a tag operation, returning the bytes to send (`frame` itself when unchanged).
+pub fn render<'a>(frame: &'a [u8], tag: TagOp, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    let tagged = frame.len() >= 18
+        && matches!(
+            u16::from_be_bytes([frame[12], frame[13]]),
+            0x8100 | 0x88a8 | 0x9100
+        );
+    match tag {
+        TagOp::Keep => frame,
+        TagOp::Untag if tagged => {
+            buf.clear();
+            buf.extend_from_slice(&frame[..12]);
+            buf.extend_from_slice(&frame[16..]);
+            buf
+        }
+        TagOp::Untag => frame,
+        TagOp::Tag(vid) if tagged => {
+            buf.clear();
+            buf.extend_from_slice(frame);
+            let tci = u16::from_be_bytes([frame[14], frame[15]]) & 0xf000 | vid & 0x0fff;
+            buf[14..16].copy_from_slice(&tci.to_be_bytes());
+            buf
+        }
+        TagOp::Tag(vid) => {
+            buf.clear();
+            buf.extend_from_slice(&frame[..12.min(frame.len())]);
+            buf.extend_from_slice(&0x8100u16.to_be_bytes());
+            buf.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+            buf.extend_from_slice(frame.get(12..).unwrap_or(&[]));
+            buf
+        }
+    }
+}
+
+/// Status of a port: its configuration, meters and learned MACs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortStatus {
+    pub id: PortId,
+    pub config: PortConfig,
+    pub meters: MeterSnapshot,
+    pub learned_macs: u32,
+    pub tracked_flows: usize,
+}
+
+pub struct Switch {
+    cfg: SwitchConfig,
+    /// Learning-table id per VLAN (a PVLAN domain shares its primary's).
+    fid: Vec<u16>,
+    ports: Vec<Option<Port>>,
+    active: Vec<PortId>,
+    mirror_dests: Vec<PortId>,
+    table: MacTable,
+    extensions: Vec<Box<dyn Extension>>,
+    forwarding: Option<usize>,
+    candidates: Vec<PortId>,
+}
+
+/// Ports per switch (ids are small integers).
+pub const MAX_PORTS: usize = 4096;
+
+/// Ingress stage: VLAN classification, storm limit, guards, rate limit, ACLs.
+/// Returns the frame's VLAN inside the switch.
+pub fn ingress_policies(
+    p: &mut Port,
+    s: &FrameSummary,
+    len: usize,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let vid = classify(&p.vlan, s)?;
+    if let Some(st) = &mut p.storm {
+        if s.is_multicast_dst() && !st.take(1, now) {
+            return Err(DropReason::StormLimit);
+        }
+    }
+    p.guard.check(s)?;
+    if let Some(b) = &mut p.rate_in {
+        if !b.take(len as u64, now) {
+            return Err(DropReason::RateLimit);
+        }
+    }
+    if p.acl
+        .evaluate(Direction::Ingress, s, len, now, &mut p.meters.acl)
+        == AclVerdict::Deny
+    {
+        return Err(DropReason::AclDeny);
+    }
+    Ok(vid)
+}
+
+/// Egress stage for one destination port: VLAN/PVLAN reach, ACLs, rate limit.
+pub fn egress_policies(
+    p: &mut Port,
+    vid: u16,
+    s: &FrameSummary,
+    len: usize,
+    now: u64,
+) -> Result<TagOp, DropReason> {
+    let tag = egress_tag(&p.vlan, vid, s).ok_or(DropReason::Isolation)?;
+    if p.acl
+        .evaluate(Direction::Egress, s, len, now, &mut p.meters.acl)
+        == AclVerdict::Deny
+    {
+        return Err(DropReason::AclDeny);
+    }
+    if let Some(b) = &mut p.rate_out {
+        if !b.take(len as u64, now) {
+            return Err(DropReason::RateLimit);
+        }
+    }
+    Ok(tag)
+}
+
+impl Switch {
+    pub fn new(cfg: SwitchConfig) -> Result<Self, SwitchError> {
+        let fid = compile_domains(&cfg.pvlan_domains)?;
+        let ports_cfg = std::mem::take(&mut { cfg.ports.clone() });
+        let mut sw = Switch {
+            table: MacTable::new(cfg.mac_aging_secs, cfg.mac_table_limit),
+            cfg: SwitchConfig {
+                ports: Vec::new(),
+                ..cfg
+            },
+            fid,
+            ports: Vec::new(),
+            active: Vec::new(),
+            mirror_dests: Vec::new(),
+            extensions: Vec::new(),
+            forwarding: None,
+            candidates: Vec::with_capacity(64),
+        };
+        for p in ports_cfg {
+            sw.add_port(p)?;
+        }
+        Ok(sw)
+    }
+
+    /// The current configuration, ports included, as the daemon would persist it.
+    pub fn config(&self) -> SwitchConfig {
+        SwitchConfig {
+            ports: self.ports.iter().flatten().map(|p| p.cfg.clone()).collect(),
+            ..self.cfg.clone()
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn port_id(&self, name: &str) -> Option<PortId> {
+        self.active
+            .iter()
+            .copied()
+            .find(|id| self.port(*id).is_some_and(|p| p.cfg.name == name))
+    }
+
+    pub fn ports(&self) -> &[PortId] {
+        &self.active
+    }
+
+    fn port(&self, id: PortId) -> Option<&Port> {
+        self.ports.get(id.0 as usize).and_then(|p| p.as_ref())
+    }
+
+    fn port_mut(&mut self, id: PortId) -> Option<&mut Port> {
+        self.ports.get_mut(id.0 as usize).and_then(|p| p.as_mut())
+    }
+
+    fn veto(&self, change: PortChange<'_>) -> Result<(), SwitchError> {
+        for e in &self.extensions {
+            e.check_port_change(change)
+                .map_err(|reason| SwitchError::Vetoed {
+                    extension: e.name().to_string(),
+                    reason,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn refresh_lists(&mut self) {
+        self.active = (0..self.ports.len())
+            .filter(|i| self.ports[*i].is_some())
+            .map(|i| PortId(i as u16))
+            .collect();
+        self.mirror_dests = self
+            .active
+            .iter()
+            .copied()
+            .filter(|id| self.port(*id).is_some_and(|p| p.mirror_dest))
+            .collect();
+    }
+
+    pub fn add_port(&mut self, cfg: PortConfig) -> Result<PortId, SwitchError> {
+        if self.port_id(&cfg.name).is_some() {
+            return Err(SwitchError::DuplicatePort(cfg.name));
+        }
+        self.veto(PortChange::Add(&cfg))?;
+        let port = Port::compile(cfg, &self.cfg.pvlan_domains)?;
+        let slot = match self.ports.iter().position(|p| p.is_none()) {
+            Some(i) => i,
+            None if self.ports.len() < MAX_PORTS => {
+                self.ports.push(None);
+                self.ports.len() - 1
+            }
+            None => return Err(SwitchError::TooManyPorts),
+        };
+        self.ports[slot] = Some(port);
+        let id = PortId(slot as u16);
+        self.table.flush_port(id);
+        self.refresh_lists();
+        Ok(id)
+    }
+
+    /// Replaces a port's policies; takes effect for the next frame. Extensions may veto.
+    pub fn set_port_config(&mut self, id: PortId, cfg: PortConfig) -> Result<(), SwitchError> {
+        if let Some(other) = self.port_id(&cfg.name) {
+            if other != id {
+                return Err(SwitchError::DuplicatePort(cfg.name));
+            }
+        }
+        let old = self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
+        self.veto(PortChange::Update {
+            old: &old.cfg,
+            new: &cfg,
+        })?;
+        let vlan_changed = old.cfg.vlan != cfg.vlan;
+        let domains = self.cfg.pvlan_domains.clone();
+        self.port_mut(id)
+            .ok_or(SwitchError::NoSuchPort(id))?
+            .reconfigure(cfg, &domains)?;
+        if vlan_changed {
+            self.table.flush_port(id);
+        }
+        self.refresh_lists();
+        Ok(())
+    }
+
+    pub fn remove_port(&mut self, id: PortId) -> Result<PortConfig, SwitchError> {
+        let old = self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
+        self.veto(PortChange::Remove(&old.cfg))?;
+        let p = self.ports[id.0 as usize]
+            .take()
+            .ok_or(SwitchError::NoSuchPort(id))?;
+        self.table.flush_port(id);
+        self.refresh_lists();
+        Ok(p.cfg)
+    }
+
+    pub fn register_extension(&mut self, ext: Box<dyn Extension>) -> Result<(), SwitchError> {
+        if ext.kind() == ExtensionKind::Forwarding {
+            if let Some(i) = self.forwarding {
+                return Err(SwitchError::SecondForwardingExtension(
+                    self.extensions[i].name().to_string(),
+                ));
+            }
+            self.forwarding = Some(self.extensions.len());
+        }
+        self.extensions.push(ext);
+        Ok(())
+    }
+
+    pub fn extensions(&self) -> impl Iterator<Item = (&str, ExtensionKind)> {
+        self.extensions.iter().map(|e| (e.name(), e.kind()))
+    }
+
+    /// Removes an extension by name and returns it (e.g. to read a sample's counters).
+    pub fn unregister_extension(&mut self, name: &str) -> Option<Box<dyn Extension>> {
+        let i = self.extensions.iter().position(|e| e.name() == name)?;
+        let e = self.extensions.remove(i);
+        self.forwarding = self
+            .extensions
+            .iter()
+            .position(|e| e.kind() == ExtensionKind::Forwarding);
+        Some(e)
+    }
+
+    pub fn status(&self, id: PortId) -> Option<PortStatus> {
+        let p = self.port(id)?;
+        Some(PortStatus {
+            id,
+            config: p.cfg.clone(),
+            meters: MeterSnapshot {
+                ingress: p.meters.ingress,
+                egress: p.meters.egress,
+                drops: DropReason::ALL
+                    .iter()
+                    .map(|r| (*r, p.meters.drops_for(*r)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+                acl: p
+                    .cfg
+                    .acls
+                    .iter()
+                    .zip(&p.meters.acl)
+                    .map(|(r, c)| (r.name.clone(), *c))
+                    .collect(),
+            },
+            learned_macs: self.table.count(id),
+            tracked_flows: p.acl.tracked_flows(),
+        })
+    }
+
+    /// Drops counted on a port for one reason.
+    pub fn drops(&self, id: PortId, r: DropReason) -> u64 {
+        self.port(id).map_or(0, |p| p.meters.drops_for(r))
+    }
+
+    pub fn reset_meters(&mut self) {
+        for p in self.ports.iter_mut().flatten() {
+            p.meters.reset();
+        }
+    }
+
+    pub fn learned(&self, vid: u16, mac: &crate::frame::Mac, now: u64) -> Option<PortId> {
+        self.table
+            .lookup(self.fid[(vid & 0xfff) as usize], mac, now)
+    }
+
+    pub fn mac_table_len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Ages the learning table; call about once a second.
+    pub fn age(&mut self, now: u64) -> usize {
+        self.table.age(now)
+    }
+
+    fn drop_at(&mut self, port: PortId, r: DropReason, out: &mut Delivery) {
+        if let Some(p) = self.port_mut(port) {
+            p.meters.drop(r);
+        }
+        out.dropped = Some(r);
+    }
+
+    /// Runs one frame through the pipeline. `frame` may be rewritten by filter extensions.
+    pub fn process(&mut self, ingress: PortId, frame: &mut Vec<u8>, now: u64, out: &mut Delivery) {
+        out.clear();
+        let len = frame.len();
+        let Some(p) = self
+            .ports
+            .get_mut(ingress.0 as usize)
+            .and_then(|p| p.as_mut())
+        else {
+            return;
+        };
+        p.meters.ingress.add(len);
+        let mut s = match parse(frame) {
+            Ok(s) => s,
+            Err(_) => return self.drop_at(ingress, DropReason::Malformed, out),
+        };
+        // Stage 1: ingress policies.
+        let vid = match ingress_policies(p, &s, len, now) {
+            Ok(v) => v,
+            Err(r) => return self.drop_at(ingress, r, out),
+        };
+        let mirror_in = p.mirror_in;
+        if mirror_in {
+            self.mirror(ingress, TagOp::Keep, len, out);
+        }
+        // Stage 2: extensions.
+        if !self.extensions.is_empty() {
+            match self.run_extensions(ingress, vid, &mut s, frame, now) {
+                Ok(()) => {}
+                Err(r) => return self.drop_at(ingress, r, out),
+            }
+        }
+        let len = frame.len();
+        // Learning, bounded per port.
+        let limit = self.ports[ingress.0 as usize]
+            .as_ref()
+            .and_then(|p| p.cfg.mac_limit);
+        let fid = self.fid[vid as usize];
+        if self.table.learn(fid, &s.src, ingress, limit, now) == Learn::LimitReached {
+            return self.drop_at(ingress, DropReason::MacLimit, out);
+        }
+        // Stage 3: forwarding.
+        let mut cands = std::mem::take(&mut self.candidates);
+        cands.clear();
+        let unicast = self.forward(ingress, vid, &s, frame, now, &mut cands);
+        let mut blocked = None;
+        // Stage 4: egress policies, then delivery.
+        for &dst in &cands {
+            if dst == ingress {
+                continue;
+            }
+            let Some(dp) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
+                continue;
+            };
+            match egress_policies(dp, vid, &s, len, now) {
+                Ok(tag) => {
+                    dp.meters.egress.add(tag_len(len, tag, &s));
+                    let mirror_out = dp.mirror_out;
+                    out.egress.push(Egress {
+                        port: dst,
+                        tag,
+                        mirror: false,
+                    });
+                    if mirror_out {
+                        self.mirror(dst, tag, tag_len(len, tag, &s), out);
+                    }
+                }
+                // Isolation on a flood just means "not in this domain"; on a unicast it is a
+                // blocked attempt, counted against the sender.
+                Err(DropReason::Isolation) if unicast => {
+                    blocked = Some(DropReason::Isolation);
+                    if let Some(ip) = self.port_mut(ingress) {
+                        ip.meters.drop(DropReason::Isolation);
+                    }
+                }
+                Err(DropReason::Isolation) => {}
+                Err(r) => {
+                    blocked = Some(r);
+                    dp.meters.drop(r);
+                }
+            }
+        }
+        self.candidates = cands;
+        if unicast && !out.egress.iter().any(|e| !e.mirror) {
+            out.dropped = blocked;
+        }
+    }
+
+    /// Processes a batch: `deliver` is called with each frame's index and delivery.
+    pub fn process_batch(
+        &mut self,
+        ingress: PortId,
+        frames: &mut [Vec<u8>],
+        now: u64,
+        out: &mut Delivery,
+        mut deliver: impl FnMut(usize, &[u8], &Delivery),
+    ) {
+        for (i, f) in frames.iter_mut().enumerate() {
+            self.process(ingress, f, now, out);
+            deliver(i, f, out);
+        }
+    }
+
+    fn mirror(&mut self, source: PortId, tag: TagOp, len: usize, out: &mut Delivery) {
+        for i in 0..self.mirror_dests.len() {
+            let d = self.mirror_dests[i];
+            if d == source {
+                continue;
+            }
+            if let Some(p) = self.port_mut(d) {
+                p.meters.egress.add(len);
+                out.egress.push(Egress {
+                    port: d,
+                    tag,
+                    mirror: true,
+                });
+            }
+        }
+    }
+
+    /// Stage 2: capture extensions see the frame, then filters may drop or rewrite it.
+    fn run_extensions(
+        &mut self,
+        ingress: PortId,
+        vid: u16,
+        s: &mut FrameSummary,
+        frame: &mut Vec<u8>,
+        now: u64,
+    ) -> Result<(), DropReason> {
+        let name = self
+            .port(ingress)
+            .map(|p| p.cfg.name.clone())
+            .unwrap_or_default();
+        for e in self
+            .extensions
+            .iter_mut()
+            .filter(|e| e.kind() == ExtensionKind::Capture)
+        {
+            let ctx = FrameContext {
+                ingress,
+                ingress_name: &name,
+                vid,
+                summary: s,
+                now,
+            };
+            e.capture(&ctx, frame);
+        }
+        for i in 0..self.extensions.len() {
+            if self.extensions[i].kind() != ExtensionKind::Filter {
+                continue;
+            }
+            let ctx = FrameContext {
+                ingress,
+                ingress_name: &name,
+                vid,
+                summary: s,
+                now,
+            };
+            match self.extensions[i].filter(&ctx, frame) {
+                FilterVerdict::Pass => {}
+                FilterVerdict::Drop => return Err(DropReason::ExtensionFilter),
+                FilterVerdict::Modified => *s = parse(frame).map_err(|_| DropReason::Malformed)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 3: destinations for a frame. Returns true when it is a known-unicast decision
+    /// (as opposed to a flood).
+    fn forward(
+        &mut self,
+        ingress: PortId,
+        vid: u16,
+        s: &FrameSummary,
+        frame: &[u8],
+        now: u64,
+        out: &mut Vec<PortId>,
+    ) -> bool {
+        if let Some(fx) = self.forwarding {
+            let name = self
+                .port(ingress)
+                .map(|p| p.cfg.name.clone())
+                .unwrap_or_default();
+            let ctx = FrameContext {
+                ingress,
+                ingress_name: &name,
+                vid,
+                summary: s,
+                now,
+            };
+            if self.extensions[fx].forward(&ctx, frame, out) {
+                return true;
+            }
+            out.clear();
+        }
+        if !s.is_multicast_dst() {
+            if let Some(p) = self.table.lookup(self.fid[vid as usize], &s.dst, now) {
+                out.push(p);
+                return true;
+            }
+        }
+        for &id in &self.active {
+            if id != ingress
+                && self.ports[id.0 as usize]
+                    .as_ref()
+                    .is_some_and(|p| p.vlan.rx.contains(vid))
+            {
+                out.push(id);
+            }
+        }
+        false
+    }
+}
+
+fn tag_len(len: usize, tag: TagOp, s: &FrameSummary) -> usize {
+    match tag {
+        TagOp::Untag if s.tags > 0 => len - 4,
+        TagOp::Tag(_) if s.tags == 0 => len + 4,
+        _ => len,
+    }
+}
