@@ -1,0 +1,54 @@
+//! The VMM's view of a VHDX disk.
+
+use vireo_block::{BlockBackend, BlockError};
+
+use crate::Vhdx;
+
+impl BlockBackend for Vhdx {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        Ok(self.read(buf, offset)?)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        Ok(self.write(buf, offset)?)
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(Vhdx::flush(self)?)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        Ok(Vhdx::discard(self, offset, len)?)
+    }
+
+    /// Discarded ranges read as zero in every disk type, so zeroing is a discard.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        Ok(Vhdx::discard(self, offset, len)?)
+    }
+
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        Ok(Vhdx::resize(self, new_size, false)?)
+    }
+
+    fn read_only(&self) -> bool {
+        self.is_read_only()
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        Vhdx::logical_sector_size(self)
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        Vhdx::physical_sector_size(self)
+    }
+
+    /// The Page 83 identifier: stable for the disk's life and unique per disk.
+    fn id(&self) -> String {
+        let g = self.top().params.page83.to_string();
+        g.trim_matches(|c| c == '{' || c == '}').replace('-', "").chars().take(20).collect()
+    }
+}

@@ -1,0 +1,564 @@
+//! [`Vhdx`]: an open disk (a chain of layers, top first) and its I/O paths.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::fileio::FaultInjector;
+use crate::format::bat;
+use crate::format::*;
+use crate::guid::Guid;
+use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
+use crate::VhdxError;
+
+/// Deepest differencing chain we follow before assuming something is wrong.
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// How to open a disk.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open O_RDONLY and refuse writes. Parents are always opened read-only.
+    pub read_only: bool,
+    /// What to do when a read-only open meets a non-empty log.
+    pub replay: ReadOnlyReplay,
+    /// Test hook: simulate a crash after this many mutating file operations on the top file.
+    #[doc(hidden)]
+    pub fault: Option<Arc<FaultInjector>>,
+}
+
+impl OpenOptions {
+    pub fn read_only() -> OpenOptions {
+        OpenOptions { read_only: true, ..Default::default() }
+    }
+}
+
+/// An open VHDX disk: the file itself plus, for differencing disks, its read-only parents.
+///
+/// `Send + Sync`; all I/O methods take `&self` and may run from many threads at once.
+pub struct Vhdx {
+    pub(crate) chain: Vec<Arc<Layer>>,
+    pub(crate) read_only: bool,
+}
+
+impl std::fmt::Debug for Vhdx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhdx").field("path", &self.chain[0].path).field("depth", &self.chain.len()).finish()
+    }
+}
+
+/// Turns a locator path (possibly Windows style) into a local path relative to `dir`.
+fn locator_candidates(child: &Path, loc: &locator::ParentLocator) -> Vec<PathBuf> {
+    let dir = child.parent().unwrap_or(Path::new("."));
+    let mut out = vec![];
+    for key in ["relative_path", "volume_path", "absolute_win32_path"] {
+        if let Some(v) = loc.get(key) {
+            let unix = v.replace('\\', "/");
+            let p = Path::new(&unix);
+            out.push(if p.is_absolute() { p.to_path_buf() } else { dir.join(p) });
+            if unix != v {
+                out.push(if Path::new(v).is_absolute() { PathBuf::from(v) } else { dir.join(v) });
+            }
+        }
+    }
+    out
+}
+
+impl Vhdx {
+    /// Opens `path` and, for a differencing disk, its whole parent chain.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Vhdx, VhdxError> {
+        let top = Arc::new(Layer::open(path, &LayerOptions { read_only: opts.read_only, replay: opts.replay, fault: opts.fault.clone() })?);
+        let mut seen = HashSet::new();
+        let meta = fs::metadata(path)?;
+        seen.insert((meta.dev(), meta.ino()));
+        let mut chain = vec![top];
+        loop {
+            let child = chain.last().unwrap().clone();
+            let Some(loc) = child.params.parent_locator.clone() else { break };
+            if chain.len() >= MAX_CHAIN_DEPTH {
+                return Err(VhdxError::ChainTooDeep(MAX_CHAIN_DEPTH));
+            }
+            let candidates = locator_candidates(&child.path, &loc);
+            let Some(ppath) = candidates.iter().find(|p| p.is_file()).cloned() else {
+                return Err(VhdxError::ParentNotFound {
+                    child: child.path.clone(),
+                    tried: candidates.iter().map(|p| p.display().to_string()).collect(),
+                });
+            };
+            let pm = fs::metadata(&ppath)?;
+            if !seen.insert((pm.dev(), pm.ino())) {
+                return Err(VhdxError::ParentLoop(ppath));
+            }
+            let parent = Layer::open(&ppath, &LayerOptions { read_only: true, replay: ReadOnlyReplay::InMemory, fault: None })?;
+            let found = parent.header().data_write_guid;
+            let linkage = loc.get("parent_linkage").unwrap_or_default().to_string();
+            let ok = Guid::parse(&linkage) == Some(found)
+                || loc.get("parent_linkage2").and_then(Guid::parse) == Some(found)
+                || child.merge_target == Some(found);
+            if !ok {
+                return Err(VhdxError::ParentLinkageMismatch { child: child.path.clone(), parent: ppath, expected: linkage, found });
+            }
+            if parent.params.logical_sector != child.params.logical_sector {
+                return Err(VhdxError::ParentSectorMismatch {
+                    child: child.path.clone(),
+                    parent: ppath,
+                    child_sector: child.params.logical_sector,
+                    parent_sector: parent.params.logical_sector,
+                });
+            }
+            chain.push(Arc::new(parent));
+        }
+        Ok(Vhdx { chain, read_only: opts.read_only })
+    }
+
+    pub(crate) fn top(&self) -> &Layer {
+        &self.chain[0]
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.top().path
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.top().vsize()
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.top().params.block_size
+    }
+
+    pub fn logical_sector_size(&self) -> u32 {
+        self.top().params.logical_sector
+    }
+
+    pub fn physical_sector_size(&self) -> u32 {
+        self.top().params.physical_sector
+    }
+
+    /// Number of files in the chain (1 for fixed/dynamic).
+    pub fn chain_depth(&self) -> usize {
+        self.chain.len()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
+        let size = self.virtual_size();
+        match offset.checked_add(len) {
+            Some(e) if e <= size => Ok(()),
+            _ => Err(VhdxError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at virtual `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_layer(0, buf, offset)
+    }
+
+    fn read_layer(&self, idx: usize, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
+        let Some(l) = self.chain.get(idx) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let vs = l.vsize();
+        let inside = vs.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        let bs = l.geo.block_size;
+        let mut done = 0usize;
+        while done < inside {
+            let pos = offset + done as u64;
+            let b = pos / bs;
+            let inb = pos % bs;
+            let n = ((bs - inb) as usize).min(inside - done);
+            let seg = &mut buf[done..done + n];
+            let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+            match bat::state(e) {
+                bat::FULLY_PRESENT => l.io.read_at(seg, bat::offset(e) + inb)?,
+                bat::PARTIALLY_PRESENT => self.read_partial(idx, l, b, bat::offset(e), seg, pos)?,
+                bat::NOT_PRESENT | bat::UNDEFINED if l.geo.differencing => self.read_layer(idx + 1, seg, pos)?,
+                _ => seg.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads part of a partially present block: sectors whose bitmap bit is set come from this
+    /// file, the rest from the parent.
+    fn read_partial(&self, idx: usize, l: &Layer, block: u64, data_off: u64, buf: &mut [u8], pos: u64) -> Result<(), VhdxError> {
+        let ls = l.geo.logical_sector;
+        let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(block) as usize]);
+        let end = pos + buf.len() as u64;
+        let block_start = block * l.geo.block_size;
+        let mut p = pos;
+        while p < end {
+            let first = p / ls;
+            let bit = self.bitmap_bit(l, sb, first)?;
+            let mut s = first + 1;
+            while s * ls < end && self.bitmap_bit(l, sb, s)? == bit {
+                s += 1;
+            }
+            let run_end = (s * ls).min(end);
+            let seg = &mut buf[(p - pos) as usize..(run_end - pos) as usize];
+            if bit {
+                l.io.read_at(seg, data_off + (p - block_start))?;
+            } else {
+                self.read_layer(idx + 1, seg, p)?;
+            }
+            p = run_end;
+        }
+        Ok(())
+    }
+
+    fn bitmap_bit(&self, l: &Layer, sb: u64, sector: u64) -> Result<bool, VhdxError> {
+        let (page, byte, bit) = l.bitmap_position(sb, sector);
+        l.bitmap_page_loaded(page)?;
+        let bm = l.bitmaps.read().unwrap();
+        Ok(bm[&page][byte] >> bit & 1 == 1)
+    }
+
+    fn set_bitmap_bits(&self, l: &Layer, block: u64, pos: u64, len: u64) -> Result<(), VhdxError> {
+        let ls = l.geo.logical_sector;
+        let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(block) as usize]);
+        let (first, last) = (pos / ls, (pos + len).div_ceil(ls));
+        let mut s = first;
+        while s < last {
+            let (page, _, _) = l.bitmap_position(sb, s);
+            l.bitmap_page_loaded(page)?;
+            let mut bm = l.bitmaps.write().unwrap();
+            let p = bm.get_mut(&page).unwrap();
+            while s < last {
+                let (pg, byte, bit) = l.bitmap_position(sb, s);
+                if pg != page {
+                    break;
+                }
+                if bit == 0 && s + 8 <= last {
+                    p[byte] = 0xff;
+                    s += 8;
+                } else {
+                    p[byte] |= 1 << bit;
+                    s += 1;
+                }
+            }
+            l.dirty.lock().unwrap().bitmap_pages.insert(page);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at virtual `offset`. Durable after [`Vhdx::flush`].
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
+        if self.read_only {
+            return Err(VhdxError::ReadOnly);
+        }
+        self.check_range(offset, buf.len() as u64)?;
+        let l = self.top();
+        l.begin_session(DataGuid::New)?;
+        let ls = l.geo.logical_sector;
+        if l.geo.differencing && (offset % ls != 0 || buf.len() as u64 % ls != 0) {
+            // Bitmaps track whole sectors: widen to sector boundaries with the current contents.
+            let start = offset / ls * ls;
+            let end = (offset + buf.len() as u64).div_ceil(ls) * ls;
+            let mut wide = vec![0u8; (end - start) as usize];
+            self.read(&mut wide, start)?;
+            wide[(offset - start) as usize..(offset - start) as usize + buf.len()].copy_from_slice(buf);
+            return self.write_aligned(&wide, start);
+        }
+        self.write_aligned(buf, offset)
+    }
+
+    fn write_aligned(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
+        let l = self.top();
+        let bs = l.geo.block_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let b = pos / bs;
+            let inb = pos % bs;
+            let n = ((bs - inb) as usize).min(buf.len() - done);
+            let seg = &buf[done..done + n];
+            let pi = l.geo.payload_index(b) as usize;
+            loop {
+                let e = l.bat.read().unwrap().entries[pi];
+                match bat::state(e) {
+                    bat::FULLY_PRESENT => {
+                        l.io.write_at(seg, bat::offset(e) + inb)?;
+                        break;
+                    }
+                    bat::PARTIALLY_PRESENT => {
+                        l.io.write_at(seg, bat::offset(e) + inb)?;
+                        self.set_bitmap_bits(l, b, pos, n as u64)?;
+                        break;
+                    }
+                    _ => self.allocate_block(l, b, e)?,
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Gives payload block `block` space at the end of the file. The new space reads as zero
+    /// (sparse extension), which is exactly the old contents for every non-parent state, so the
+    /// entry can be published before the data lands.
+    fn allocate_block(&self, l: &Layer, block: u64, seen: u64) -> Result<(), VhdxError> {
+        let mut end = l.alloc.lock().unwrap();
+        let pi = l.geo.payload_index(block);
+        if l.bat.read().unwrap().entries[pi as usize] != seen {
+            return Ok(());
+        }
+        let bs = l.geo.block_size;
+        let inherits = l.geo.differencing && matches!(bat::state(seen), bat::NOT_PRESENT | bat::UNDEFINED);
+        let mut sb_new = None;
+        if inherits {
+            let si = l.geo.bitmap_index(block);
+            if bat::state(l.bat.read().unwrap().entries[si as usize]) != bat::SB_PRESENT {
+                l.io.set_len(*end + SECTOR_BITMAP_BLOCK)?;
+                sb_new = Some((si, *end));
+                *end += SECTOR_BITMAP_BLOCK;
+            }
+        }
+        let off = *end;
+        l.io.set_len(off + bs)?;
+        *end += bs;
+        let mut bat_w = l.bat.write().unwrap();
+        if let Some((si, so)) = sb_new {
+            bat_w.entries[si as usize] = bat::entry(bat::SB_PRESENT, so);
+            l.mark_bat_dirty(si);
+        }
+        let state = if inherits { bat::PARTIALLY_PRESENT } else { bat::FULLY_PRESENT };
+        bat_w.entries[pi as usize] = bat::entry(state, off);
+        l.mark_bat_dirty(pi);
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), VhdxError> {
+        self.top().flush_with(vec![])
+    }
+
+    /// The range no longer holds data; it reads as zeroes afterwards. Whole blocks become
+    /// UNMAPPED (ZERO in differencing disks, which must hide the parent); partial ranges are
+    /// zeroed in place.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
+        if self.read_only {
+            return Err(VhdxError::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        let l = self.top();
+        l.begin_session(DataGuid::New)?;
+        let bs = l.geo.block_size;
+        let vs = l.vsize();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let b = pos / bs;
+            let inb = pos % bs;
+            let n = (bs - inb).min(end - pos);
+            let whole = inb == 0 && (n == bs || pos + n == vs);
+            let pi = l.geo.payload_index(b);
+            let e = l.bat.read().unwrap().entries[pi as usize];
+            let s = bat::state(e);
+            let present = matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT);
+            if l.params.leave_blocks_allocated {
+                if present {
+                    l.io.zero_range(bat::offset(e) + inb, n)?;
+                }
+            } else if whole {
+                let target = if l.geo.differencing { bat::ZERO } else { bat::UNMAPPED };
+                let already = s == target || (!l.geo.differencing && !present);
+                if !already {
+                    {
+                        let _a = l.alloc.lock().unwrap();
+                        let mut w = l.bat.write().unwrap();
+                        if w.entries[pi as usize] == e {
+                            w.entries[pi as usize] = bat::entry(target, 0);
+                            l.mark_bat_dirty(pi);
+                        }
+                    }
+                    // The old space is never reused before compaction; free it in the filesystem.
+                    if present {
+                        l.io.zero_range(bat::offset(e), bs)?;
+                    }
+                }
+            } else if present {
+                l.io.zero_range(bat::offset(e) + inb, n)?;
+                if s == bat::PARTIALLY_PRESENT {
+                    self.set_bitmap_bits(l, b, pos, n)?;
+                }
+            } else if l.geo.differencing && matches!(s, bat::NOT_PRESENT | bat::UNDEFINED) {
+                // Only a zeroed range in this file can hide the parent's data.
+                let zeroes = vec![0u8; n.min(MIB) as usize];
+                let mut p = pos;
+                while p < pos + n {
+                    let k = (pos + n - p).min(zeroes.len() as u64);
+                    self.write(&zeroes[..k as usize], p)?;
+                    p += k;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Virtual ranges `(offset, length)` that may hold data anywhere in the chain, merged and in
+    /// order, at block granularity. Everything else reads as zero.
+    pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
+        let vs = self.virtual_size();
+        let mut out: Vec<(u64, u64)> = vec![];
+        let mut push = |s: u64, e: u64| {
+            let e = e.min(vs);
+            if s >= e {
+                return;
+            }
+            if let Some(last) = out.last_mut() {
+                if last.0 + last.1 >= s {
+                    last.1 = last.1.max(e - last.0);
+                    return;
+                }
+            }
+            out.push((s, e - s));
+        };
+        let mut spans = vec![];
+        for (idx, l) in self.chain.iter().enumerate() {
+            let bs = l.geo.block_size;
+            let bat = l.bat.read().unwrap();
+            for b in 0..l.geo.payload_blocks(l.vsize().min(vs)) {
+                let s = bat::state(bat.entries[l.geo.payload_index(b) as usize]);
+                if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
+                    spans.push((b * bs, (b + 1) * bs));
+                }
+            }
+            // Lower layers are hidden wherever this layer says zero; ignoring that only
+            // over-reports, which is harmless for callers that copy ranges.
+            let _ = idx;
+        }
+        spans.sort_unstable();
+        for (s, e) in spans {
+            push(s, e);
+        }
+        out
+    }
+
+    /// Changes the virtual size. Shrinking over allocated data is refused unless `force`.
+    pub fn resize(&self, new_size: u64, force: bool) -> Result<(), VhdxError> {
+        if self.read_only {
+            return Err(VhdxError::ReadOnly);
+        }
+        let l = self.top();
+        let ls = l.geo.logical_sector;
+        if new_size == 0 || new_size % ls != 0 || new_size > MAX_VIRTUAL_SIZE {
+            return Err(VhdxError::BadVirtualSize(new_size));
+        }
+        let old = l.vsize();
+        if new_size == old {
+            return Ok(());
+        }
+        l.begin_session(DataGuid::New)?;
+        let geo = l.geo;
+        let bs = geo.block_size;
+        if new_size < old {
+            let keep = geo.payload_blocks(new_size);
+            {
+                let bat = l.bat.read().unwrap();
+                for b in keep..geo.payload_blocks(old) {
+                    let s = bat::state(bat.entries[geo.payload_index(b) as usize]);
+                    if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) && !force && !l.params.leave_blocks_allocated {
+                        return Err(VhdxError::ShrinkOverData { new_size, data_at: b * bs });
+                    }
+                }
+            }
+            if new_size % bs != 0 {
+                let tail = new_size..(keep * bs).min(old);
+                let mut buf = vec![0u8; (tail.end - tail.start) as usize];
+                self.read(&mut buf, tail.start)?;
+                if buf.iter().any(|&x| x != 0) && !force {
+                    return Err(VhdxError::ShrinkOverData { new_size, data_at: tail.start });
+                }
+                let e = l.bat.read().unwrap().entries[geo.payload_index(keep - 1) as usize];
+                if matches!(bat::state(e), bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
+                    l.io.zero_range(bat::offset(e) + new_size % bs, bs - new_size % bs)?;
+                }
+            }
+            // Shrink the visible size first so no new I/O lands in the doomed range.
+            l.vsize.store(new_size, Ordering::Release);
+            {
+                let _a = l.alloc.lock().unwrap();
+                let mut w = l.bat.write().unwrap();
+                let first = geo.payload_index(keep) as usize;
+                let last = (geo.bat_entries(old) as usize).min(w.entries.len());
+                for i in first..last {
+                    let keep_sb = geo.is_bitmap_index(i as u64) && (i as u64) < geo.bat_entries(new_size);
+                    if w.entries[i] != 0 && !keep_sb {
+                        w.entries[i] = 0;
+                        l.mark_bat_dirty(i as u64);
+                    }
+                }
+            }
+        } else {
+            let need = geo.bat_entries(new_size);
+            let old_need = geo.bat_entries(old);
+            let mut end = l.alloc.lock().unwrap();
+            let region_len = l.bat.read().unwrap().region_len;
+            if need * 8 > region_len {
+                // The BAT does not fit: write a larger copy at the end of the file, then switch
+                // the region table to it. The old copy stays valid until the switch.
+                let new_len = round_up(need * 8, ALIGN);
+                let off = *end;
+                l.io.set_len(off + new_len)?;
+                *end += new_len;
+                let mut entries = l.bat.read().unwrap().entries.clone();
+                entries.truncate(old_need as usize);
+                entries.resize((round_up(need * 8, PAGE) / 8) as usize, 0);
+                let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+                l.io.write_at(&raw, off)?;
+                l.io.sync()?;
+                let mut st = l.state.lock().unwrap();
+                let mut regions = st.regions.clone();
+                for r in regions.entries.iter_mut().filter(|r| r.guid == BAT_REGION) {
+                    r.file_offset = off;
+                    r.length = new_len as u32;
+                }
+                l.write_region_table(&mut st, regions)?;
+                let mut w = l.bat.write().unwrap();
+                w.entries = entries;
+                w.offset = off;
+                w.region_len = new_len;
+            } else {
+                let mut w = l.bat.write().unwrap();
+                let len = (round_up(need * 8, PAGE).min(region_len) / 8) as usize;
+                if w.entries.len() < len {
+                    w.entries.resize(len, 0);
+                }
+                // Entries past the old end may hold stale values on disk: clear and log them.
+                for i in old_need as usize..need as usize {
+                    w.entries[i] = 0;
+                    l.mark_bat_dirty(i as u64);
+                }
+            }
+            if l.params.leave_blocks_allocated {
+                let mut w = l.bat.write().unwrap();
+                for b in geo.payload_blocks(old)..geo.payload_blocks(new_size) {
+                    let pi = geo.payload_index(b);
+                    let off = *end;
+                    l.io.set_len(off + bs)?;
+                    *end += bs;
+                    w.entries[pi as usize] = bat::entry(bat::FULLY_PRESENT, off);
+                    l.mark_bat_dirty(pi);
+                }
+            }
+        }
+        let pages = {
+            let mut st = l.state.lock().unwrap();
+            let range = st.meta.set_virtual_size(new_size)?;
+            Layer::metadata_pages(&st, &[range])
+        };
+        l.flush_with(pages)?;
+        l.vsize.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}

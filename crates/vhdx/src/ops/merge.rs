@@ -1,0 +1,1 @@
+//! Merging a differencing disk into its parent.

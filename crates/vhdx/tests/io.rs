@@ -1,0 +1,133 @@
+//! Read/write/discard/resize/differencing behaviour of the public API.
+mod common;
+use common::*;
+use vireo_vhdx::{DiskType, OpenOptions, Vhdx, VhdxError};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn dynamic_write_read_reopen() {
+    let dir = tmpdir();
+    let (p, d) = create(dir.path(), "a.vhdx", &opts(64 * MIB, MIB as u32, DiskType::Dynamic));
+    assert_eq!(read(&d, 0, 4096), vec![0; 4096]);
+    let data = pattern(3 * MIB as usize + 512, 7);
+    d.write(&data, MIB / 2).unwrap();
+    d.flush().unwrap();
+    assert_eq!(read(&d, MIB / 2, data.len()), data);
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(read(&d, MIB / 2, data.len()), data);
+    assert_eq!(read(&d, 0, 512), vec![0; 512]);
+    assert_eq!(d.info().allocated_blocks, 4);
+    assert!(d.info().log_guid.is_zero());
+}
+
+#[test]
+fn fixed_disk_reads_zero_and_writes() {
+    let dir = tmpdir();
+    let (p, d) = create(dir.path(), "f.vhdx", &opts(8 * MIB, MIB as u32, DiskType::Fixed));
+    assert_eq!(d.info().allocated_blocks, 8);
+    let data = pattern(8192, 3);
+    d.write(&data, 5 * MIB - 4096).unwrap();
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(read(&d, 5 * MIB - 4096, 8192), data);
+}
+
+#[test]
+fn unflushed_metadata_survives_via_log_after_drop() {
+    // Drop flushes and closes cleanly; the data must be there without an explicit flush.
+    let dir = tmpdir();
+    let (p, d) = create(dir.path(), "a.vhdx", &opts(16 * MIB, MIB as u32, DiskType::Dynamic));
+    d.write(&pattern(4096, 1), 9 * MIB).unwrap();
+    drop(d);
+    assert_eq!(read(&reopen(&p), 9 * MIB, 4096), pattern(4096, 1));
+}
+
+#[test]
+fn differencing_reads_through_and_writes_partially() {
+    let dir = tmpdir();
+    let (base, d) = create(dir.path(), "base.vhdx", &opts(16 * MIB, MIB as u32, DiskType::Dynamic));
+    let a = pattern(2 * MIB as usize, 1);
+    d.write(&a, 0).unwrap();
+    drop(d);
+    let child = dir.path().join("child.vhdx");
+    let c = Vhdx::create(&child, &vireo_vhdx::CreateOptions { disk_type: DiskType::Differencing, parent: Some(base.clone()), ..Default::default() }).unwrap();
+    assert_eq!(c.virtual_size(), 16 * MIB);
+    assert_eq!(read(&c, 0, a.len()), a);
+    let b = pattern(1024, 9);
+    c.write(&b, 4096 + 512).unwrap();
+    c.write(&[0xee; 100], 10_000).unwrap(); // unaligned
+    drop(c);
+    let c = reopen(&child);
+    let mut expect = a.clone();
+    expect[4608..4608 + 1024].copy_from_slice(&b);
+    expect[10_000..10_100].fill(0xee);
+    assert_eq!(read(&c, 0, a.len()), expect);
+    assert_eq!(c.chain_depth(), 2);
+    // Discard in the child must hide the parent.
+    c.discard(0, MIB).unwrap();
+    c.discard(MIB + 4096, 4096).unwrap();
+    expect[..MIB as usize].fill(0);
+    expect[(MIB + 4096) as usize..(MIB + 8192) as usize].fill(0);
+    assert_eq!(read(&c, 0, a.len()), expect);
+    drop(c);
+    assert_eq!(read(&reopen(&child), 0, a.len()), expect);
+    // Base unchanged.
+    assert_eq!(read(&Vhdx::open(&base, &OpenOptions::read_only()).unwrap(), 0, a.len()), a);
+}
+
+#[test]
+fn parent_modified_is_a_linkage_error() {
+    let dir = tmpdir();
+    let (base, d) = create(dir.path(), "base.vhdx", &opts(4 * MIB, MIB as u32, DiskType::Dynamic));
+    drop(d);
+    let child = dir.path().join("child.vhdx");
+    drop(Vhdx::create(&child, &vireo_vhdx::CreateOptions { disk_type: DiskType::Differencing, parent: Some(base.clone()), ..Default::default() }).unwrap());
+    let d = reopen(&base);
+    d.write(&[1; 512], 0).unwrap();
+    drop(d);
+    assert!(matches!(Vhdx::open(&child, &OpenOptions::default()), Err(VhdxError::ParentLinkageMismatch { .. })));
+    std::fs::remove_file(&base).unwrap();
+    assert!(matches!(Vhdx::open(&child, &OpenOptions::default()), Err(VhdxError::ParentNotFound { .. })));
+}
+
+#[test]
+fn discard_and_resize() {
+    let dir = tmpdir();
+    let (p, d) = create(dir.path(), "a.vhdx", &opts(8 * MIB, MIB as u32, DiskType::Dynamic));
+    d.write(&pattern(3 * MIB as usize, 2), 0).unwrap();
+    d.discard(MIB, MIB).unwrap();
+    d.discard(100 * 512, 512).unwrap();
+    let mut expect = pattern(3 * MIB as usize, 2);
+    expect[MIB as usize..2 * MIB as usize].fill(0);
+    expect[51200..51712].fill(0);
+    assert_eq!(read(&d, 0, expect.len()), expect);
+    assert!(matches!(d.resize(2 * MIB, false), Err(VhdxError::ShrinkOverData { .. })));
+    // Grow far enough that the BAT must move.
+    d.resize(300 * 1024 * MIB, false).unwrap();
+    d.write(&[5; 4096], 299 * 1024 * MIB).unwrap();
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(d.virtual_size(), 300 * 1024 * MIB);
+    assert_eq!(read(&d, 0, expect.len()), expect);
+    assert_eq!(read(&d, 299 * 1024 * MIB, 4096), vec![5; 4096]);
+    d.resize(3 * MIB, true).unwrap();
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(d.virtual_size(), 3 * MIB);
+    assert_eq!(read(&d, 0, expect.len()), expect);
+}
+
+#[test]
+fn huge_dynamic_is_instant_and_small() {
+    let dir = tmpdir();
+    let (p, d) = create(dir.path(), "big.vhdx", &opts(64 << 40, 0, DiskType::Dynamic));
+    d.write(&[9; 4096], (64 << 40) - 4096).unwrap();
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(read(&d, (64 << 40) - 4096, 4096), vec![9; 4096]);
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
+    assert!(blocks < 64 * MIB, "allocated {blocks}");
+}
