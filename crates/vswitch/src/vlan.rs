@@ -68,6 +68,8 @@ pub enum VlanError {
     },
     #[error("private VLAN domains overlap on VLAN {0}")]
     Overlap(u16),
+    #[error("VLAN {0} belongs to a private VLAN domain; attach through a private-VLAN port")]
+    PrivateVid(u16),
 }
 
 fn check_vid(v: u16) -> Result<u16, VlanError> {
@@ -99,6 +101,12 @@ pub fn compile_domains(domains: &[PvlanDomain]) -> Result<Vec<u16>, VlanError> {
     Ok(fid)
 }
 
+fn in_domain(domains: &[PvlanDomain], v: u16) -> bool {
+    domains
+        .iter()
+        .any(|d| d.primary == v || d.isolated == Some(v) || d.communities.contains(&v))
+}
+
 pub fn compile_port(cfg: &PortConfig, domains: &[PvlanDomain]) -> Result<PortVlan, VlanError> {
     let mut pv = PortVlan {
         untagged_vid: None,
@@ -110,6 +118,10 @@ pub fn compile_port(cfg: &PortConfig, domains: &[PvlanDomain]) -> Result<PortVla
     match &cfg.vlan {
         VlanConfig::Access { vid } => {
             let v = check_vid(*vid)?;
+            // A plain port inside a private VLAN would bypass the isolated/community rules.
+            if in_domain(domains, v) {
+                return Err(VlanError::PrivateVid(v));
+            }
             pv.untagged_vid = Some(v);
             pv.rx.insert(v);
             pv.egress_untagged.insert(v);
@@ -123,6 +135,9 @@ pub fn compile_port(cfg: &PortConfig, domains: &[PvlanDomain]) -> Result<PortVla
             }
             if let Some(n) = native {
                 let n = check_vid(*n)?;
+                if in_domain(domains, n) {
+                    return Err(VlanError::PrivateVid(n));
+                }
                 pv.untagged_vid = Some(n);
                 pv.rx.insert(n);
                 pv.egress_untagged.insert(n);

@@ -228,6 +228,11 @@ fn private_vlan_reachability_including_trunks() {
         send(&mut sw, trunk, &tagged_udp4(mac(9), BCAST, 100)).0,
         vec![iso1, iso2, ca1, ca2, cb1, prom]
     );
+    // A plain access port inside the private VLAN would bypass it: refused.
+    assert!(matches!(
+        sw.add_port(PortConfig::access("bad", 101)),
+        Err(SwitchError::Vlan(_))
+    ));
     // And the isolated VLAN id is what an isolated port's traffic carries on the trunk.
     let mut d = Delivery::default();
     sw.process(iso1, &mut plain(mac(1), BCAST), 1, &mut d);
