@@ -14,8 +14,10 @@ pub mod guard;
 pub mod meter;
 pub mod port;
 pub mod rate;
+pub mod runtime;
 pub mod switch;
 pub mod table;
+pub mod uplink;
 pub mod vlan;
 pub mod wfq;
 

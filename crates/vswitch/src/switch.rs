@@ -368,6 +368,21 @@ impl Switch {
         self.port(id).map_or(0, |p| p.meters.drops_for(r))
     }
 
+    pub fn role(&self, id: PortId) -> Option<crate::config::PortRole> {
+        self.port(id).map(|p| p.cfg.role)
+    }
+
+    pub fn min_weight(&self, id: PortId) -> u32 {
+        self.port(id).map_or(1, |p| p.cfg.qos.min_weight)
+    }
+
+    /// Counts a drop that happened outside the pipeline (e.g. a full transmit queue).
+    pub fn count_drop(&mut self, id: PortId, r: DropReason) {
+        if let Some(p) = self.port_mut(id) {
+            p.meters.drop(r);
+        }
+    }
+
     pub fn reset_meters(&mut self) {
         for p in self.ports.iter_mut().flatten() {
             p.meters.reset();

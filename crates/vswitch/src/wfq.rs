@@ -72,6 +72,15 @@ impl WeightedFairQueue {
         true
     }
 
+    /// Puts back a frame `dequeue` returned but the port could not take, restoring its credit.
+    pub fn push_front(&mut self, source: PortId, frame: Vec<u8>) {
+        if let Some(f) = self.flows.iter_mut().find(|f| f.source == source) {
+            f.deficit += frame.len() as u64;
+            f.queued_bytes += frame.len();
+            f.queue.push_front(frame);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.flows.iter().all(|f| f.queue.is_empty())
     }

@@ -1,0 +1,299 @@
+//! Moves frames between [`FramePort`]s and the pipeline: one thread, epoll over every port's
+//! `rx_fd`, frames read in batches and run through the switch under one lock per batch (so
+//! policy changes and meter reads from other threads land between batches). Uplink ports get a
+//! weighted fair queue that engages when the port pushes back (send reports `Full`), so the
+//! minimum-bandwidth weights decide who gets a congested uplink.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vireo_netport::{FramePort, PortError, MAX_FRAME};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::PortRole;
+use crate::meter::DropReason;
+use crate::switch::{render, Delivery, Switch};
+use crate::wfq::WeightedFairQueue;
+use crate::PortId;
+
+/// Frames read from one port before the next port gets a turn.
+const BATCH: usize = 64;
+/// Frames per source waiting for a congested uplink.
+const UPLINK_QUEUE: usize = 1024;
+const WAKE_TOKEN: u64 = u64::MAX;
+
+enum Control {
+    Attach(PortId, Arc<dyn FramePort>),
+    Detach(PortId),
+}
+
+/// A running switch: the pipeline plus the thread that feeds it.
+pub struct SwitchRuntime {
+    switch: Arc<Mutex<Switch>>,
+    ctl: mpsc::Sender<Control>,
+    wake: EventFd,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// Locks the switch, surviving a panicked holder (the switch state stays usable).
+pub fn lock(sw: &Mutex<Switch>) -> MutexGuard<'_, Switch> {
+    sw.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SwitchRuntime {
+    pub fn start(switch: Arc<Mutex<Switch>>) -> io::Result<Self> {
+        let (ctl, rx) = mpsc::channel();
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker::new(switch.clone(), rx, wake.try_clone()?, stop.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("vswitch".into())
+            .spawn(move || worker.run())?;
+        Ok(SwitchRuntime {
+            switch,
+            ctl,
+            wake,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn switch(&self) -> &Arc<Mutex<Switch>> {
+        &self.switch
+    }
+
+    /// Connects a frame port to switch port `id` (which must exist in the switch).
+    pub fn attach(&self, id: PortId, port: Arc<dyn FramePort>) {
+        let _ = self.ctl.send(Control::Attach(id, port));
+        let _ = self.wake.write(1);
+    }
+
+    pub fn detach(&self, id: PortId) {
+        let _ = self.ctl.send(Control::Detach(id));
+        let _ = self.wake.write(1);
+    }
+
+    /// Stops the thread and returns its result.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("switch thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SwitchRuntime {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+struct Worker {
+    switch: Arc<Mutex<Switch>>,
+    ctl: mpsc::Receiver<Control>,
+    wake: EventFd,
+    stop: Arc<AtomicBool>,
+    epoll: Epoll,
+    ports: Vec<Option<Arc<dyn FramePort>>>,
+    uplink_queues: HashMap<PortId, WeightedFairQueue>,
+    rx: Vec<Vec<u8>>,
+    tx: Vec<u8>,
+    start: Instant,
+}
+
+impl Worker {
+    fn new(
+        switch: Arc<Mutex<Switch>>,
+        ctl: mpsc::Receiver<Control>,
+        wake: EventFd,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        Ok(Worker {
+            switch,
+            ctl,
+            wake,
+            stop,
+            epoll,
+            ports: Vec::new(),
+            uplink_queues: HashMap::new(),
+            rx: (0..BATCH).map(|_| vec![0u8; MAX_FRAME]).collect(),
+            tx: Vec::with_capacity(MAX_FRAME),
+            start: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn control(&mut self) -> io::Result<()> {
+        let _ = self.wake.read();
+        while let Ok(c) = self.ctl.try_recv() {
+            match c {
+                Control::Attach(id, port) => {
+                    let i = id.0 as usize;
+                    if self.ports.len() <= i {
+                        self.ports.resize_with(i + 1, || None);
+                    }
+                    if let Some(old) = self.ports[i].take() {
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            old.rx_fd(),
+                            EpollEvent::default(),
+                        );
+                    }
+                    self.epoll.ctl(
+                        ControlOperation::Add,
+                        port.rx_fd(),
+                        EpollEvent::new(EventSet::IN, id.0 as u64),
+                    )?;
+                    self.ports[i] = Some(port);
+                }
+                Control::Detach(id) => {
+                    if let Some(old) = self.ports.get_mut(id.0 as usize).and_then(|p| p.take()) {
+                        let _ = self.epoll.ctl(
+                            ControlOperation::Delete,
+                            old.rx_fd(),
+                            EpollEvent::default(),
+                        );
+                    }
+                    self.uplink_queues.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut last_age = 0u64;
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = if self.uplink_queues.values().any(|q| !q.is_empty()) {
+                1
+            } else {
+                100
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                if ev.data() == WAKE_TOKEN {
+                    self.control()?;
+                } else {
+                    self.serve(PortId(ev.data() as u16));
+                }
+            }
+            self.drain_uplinks();
+            let now = self.now();
+            if now - last_age > 1_000_000_000 {
+                lock(&self.switch).age(now);
+                last_age = now;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a batch from one port and delivers it.
+    fn serve(&mut self, ingress: PortId) {
+        let Some(port) = self.ports.get(ingress.0 as usize).and_then(|p| p.clone()) else {
+            return;
+        };
+        let mut lens = [0usize; BATCH];
+        let mut count = 0;
+        while count < BATCH {
+            let buf = &mut self.rx[count];
+            buf.resize(MAX_FRAME, 0);
+            match port.recv(buf) {
+                Ok(Some(n)) => {
+                    lens[count] = n;
+                    count += 1;
+                }
+                Ok(None) => break,
+                // An oversized frame was consumed and dropped; keep reading.
+                Err(PortError::TooLong { .. }) => continue,
+                Err(_) => break,
+            }
+        }
+        if count == 0 {
+            return;
+        }
+        let now = self.now();
+        let mut sw = lock(&self.switch);
+        let mut d = Delivery::default();
+        for (i, len) in lens.iter().enumerate().take(count) {
+            let frame = &mut self.rx[i];
+            frame.truncate(*len);
+            sw.process(ingress, frame, now, &mut d);
+            for e in &d.egress {
+                let Some(out) = self.ports.get(e.port.0 as usize).and_then(|p| p.as_ref()) else {
+                    continue;
+                };
+                let bytes = render(frame, e.tag, &mut self.tx);
+                let uplink = sw.role(e.port) == Some(PortRole::Uplink);
+                if uplink {
+                    if let Some(q) = self
+                        .uplink_queues
+                        .get_mut(&e.port)
+                        .filter(|q| !q.is_empty())
+                    {
+                        q.set_weight(ingress, sw.min_weight(ingress));
+                        if !q.enqueue(ingress, bytes.to_vec()) {
+                            sw.count_drop(e.port, DropReason::TxFull);
+                        }
+                        continue;
+                    }
+                }
+                match out.send(bytes) {
+                    Ok(()) => {}
+                    Err(PortError::Full) if uplink => {
+                        let q = self
+                            .uplink_queues
+                            .entry(e.port)
+                            .or_insert_with(|| WeightedFairQueue::new(UPLINK_QUEUE));
+                        q.set_weight(ingress, sw.min_weight(ingress));
+                        q.enqueue(ingress, bytes.to_vec());
+                    }
+                    Err(_) => sw.count_drop(e.port, DropReason::TxFull),
+                }
+            }
+        }
+    }
+
+    /// Sends what congested uplinks can take now, in weighted fair order.
+    fn drain_uplinks(&mut self) {
+        for (id, q) in self.uplink_queues.iter_mut() {
+            let Some(out) = self.ports.get(id.0 as usize).and_then(|p| p.as_ref()) else {
+                continue;
+            };
+            while let Some((src, frame)) = q.dequeue() {
+                if let Err(PortError::Full) = out.send(&frame) {
+                    q.push_front(src, frame);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! An AF_PACKET raw socket bound to one host interface as a [`FramePort`]: the way an external
+//! switch attaches to a NIC (or a veth) without a bridge. VLAN tags the kernel stripped into
+//! metadata (RX VLAN offload) are put back, so trunks work over offloading NICs.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use vireo_netport::{FramePort, PortError};
+
+const SOL_PACKET: libc::c_int = 263;
+const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
+const PACKET_AUXDATA: libc::c_int = 8;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const PACKET_MR_PROMISC: u16 = 1;
+const TP_STATUS_VLAN_VALID: u32 = 0x10;
+const TP_STATUS_VLAN_TPID_VALID: u32 = 0x40;
+const ETH_P_ALL: u16 = 0x0003;
+
+/// `struct tpacket_auxdata` from <linux/if_packet.h>.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AuxData {
+    tp_status: u32,
+    tp_len: u32,
+    tp_snaplen: u32,
+    tp_mac: u16,
+    tp_net: u16,
+    tp_vlan_tci: u16,
+    tp_vlan_tpid: u16,
+}
+
+/// `struct packet_mreq`.
+#[repr(C)]
+struct PacketMreq {
+    mr_ifindex: libc::c_int,
+    mr_type: u16,
+    mr_alen: u16,
+    mr_address: [u8; 8],
+}
+
+#[derive(Debug)]
+pub struct PacketPort {
+    fd: OwnedFd,
+    name: String,
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: &T) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live value of the option's size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (val as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl PacketPort {
+    /// Binds to interface `ifname` (which must exist) and puts it in promiscuous mode for as
+    /// long as the port lives.
+    pub fn bind(ifname: &str) -> io::Result<PacketPort> {
+        let cname = std::ffi::CString::new(ifname)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("interface {ifname}: {e}")));
+        }
+        // SAFETY: plain socket(2); the result is owned right after.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                ETH_P_ALL.to_be() as libc::c_int,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain old data.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ALL.to_be();
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: binds with a valid sockaddr_ll of the stated size.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Our own transmissions must not come back as receptions (that would loop frames).
+        setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32)?;
+        setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_AUXDATA, &1i32)?;
+        let mreq = PacketMreq {
+            mr_ifindex: ifindex as i32,
+            mr_type: PACKET_MR_PROMISC,
+            mr_alen: 0,
+            mr_address: [0; 8],
+        };
+        setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mreq)?;
+        // Deep socket buffers absorb bursts between the switch thread's turns.
+        let _ = setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &(4i32 << 20),
+        );
+        let _ = setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &(4i32 << 20),
+        );
+        Ok(PacketPort {
+            fd,
+            name: ifname.to_string(),
+        })
+    }
+}
+
+impl FramePort for PacketPort {
+    fn send(&self, frame: &[u8]) -> Result<(), PortError> {
+        // SAFETY: sends from a live slice on a bound socket we own.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) => Err(PortError::Full),
+                Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV) => {
+                    Err(PortError::Disconnected)
+                }
+                _ => Err(e.into()),
+            };
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u64; 16];
+        // SAFETY: msghdr is plain old data; the pointers set below outlive the recvmsg call.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = size_of::<[u64; 16]>();
+        // SAFETY: receives into the iovec and control buffer described by msg.
+        let n = unsafe {
+            libc::recvmsg(
+                self.fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(None),
+                Some(libc::ENETDOWN) => Err(PortError::Disconnected),
+                _ => Err(e.into()),
+            };
+        }
+        let mut len = n as usize;
+        let mut vlan = None;
+        // SAFETY: walks the control messages the kernel wrote into cbuf, per CMSG_* rules.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == SOL_PACKET && (*c).cmsg_type == PACKET_AUXDATA {
+                    let aux: AuxData = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    if aux.tp_status & TP_STATUS_VLAN_VALID != 0 {
+                        let tpid = if aux.tp_status & TP_STATUS_VLAN_TPID_VALID != 0 {
+                            aux.tp_vlan_tpid
+                        } else {
+                            0x8100
+                        };
+                        vlan = Some((tpid, aux.tp_vlan_tci));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        let extra = if vlan.is_some() { 4 } else { 0 };
+        if len + extra > buf.len() {
+            return Err(PortError::TooLong {
+                len: len + extra,
+                cap: buf.len(),
+            });
+        }
+        if let Some((tpid, tci)) = vlan {
+            if len >= 12 {
+                buf.copy_within(12..len, 16);
+                buf[12..14].copy_from_slice(&tpid.to_be_bytes());
+                buf[14..16].copy_from_slice(&tci.to_be_bytes());
+                len += 4;
+            }
+        }
+        Ok(Some(len))
+    }
+
+    fn rx_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
