@@ -1,10 +1,318 @@
-//! `vireo run`: boots one VM in the foreground.
+//! `vireo run`: boots one VM in the foreground and exits with the guest's status.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use vireo_block::{BlockBackend, RawFile};
+use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0-255  the byte the guest wrote to the power-off port (0xf4)
+  0      the guest reset the machine (i8042 0xfe or KVM reset); the VM is stopped, not rebooted
+  1      a vCPU failed (triple fault, KVM internal error, failed entry); the message names it
+  2      bad arguments or the VM could not be created (the message says why)
+  130    stopped by SIGINT; 143 stopped by SIGTERM (vCPUs stopped, disks flushed)
+
+Devices appear on the guest kernel command line as virtio_mmio.device=4K@<base>:<irq> entries,
+all --disk options first (in order), then all --net options.";
 
 #[derive(clap::Args)]
-pub struct RunArgs {}
+#[command(after_help = EXIT_CODES)]
+pub struct RunArgs {
+    /// Kernel image: an ELF with a PVH note (e.g. the probe guest), a 64-bit vmlinux, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk loaded high in guest memory (bzImage/vmlinux: boot_params; PVH: module 0).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (virtio device entries are appended).
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
+    cmdline: String,
+    /// Guest RAM: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Number of vCPUs (1 up to what KVM on this host allows).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: usize,
+    /// A virtio-blk disk: a raw image file; append ",ro" for a read-only disk. Repeatable.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disk: Vec<DiskArg>,
+    /// A virtio-net NIC on a host TAP interface (created if missing), with an optional
+    /// unicast MAC address (default: a locally administered one). Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    net: Vec<NetArg>,
+    /// Where COM1 goes: "stdio" (output to stdout, input from stdin), "file=PATH" (output
+    /// appended), "socket=PATH" (a Unix socket to connect to, both directions) or "none".
+    #[arg(long, value_name = "stdio|file=PATH|socket=PATH|none", default_value = "stdio", value_parser = parse_console)]
+    console: ConsoleArg,
+}
 
-pub fn execute(_args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    Err("`vireo run` is not built yet".into())
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DiskArg {
+    path: PathBuf,
+    read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NetArg {
+    tap: String,
+    mac: Option<[u8; 6]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ConsoleArg {
+    Stdio,
+    File(PathBuf),
+    Socket(PathBuf),
+    None,
+}
+
+/// "256M" → 268435456. Suffixes K, M, G, T (optionally followed by "iB" or "B"), powers of 1024.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (only 'ro' exists)")),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(DiskArg {
+        path: path.into(),
+        read_only,
+    })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad =
+        || format!("'{s}' is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "MAC {s} is a multicast address; a NIC needs a unicast one (first byte even)"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err("MAC 00:00:00:00:00:00 is not a valid NIC address".into());
+    }
+    Ok(mac)
+}
+
+fn parse_net(s: &str) -> Result<NetArg, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => {
+                if name.len() > 15 {
+                    return Err(format!("TAP name '{name}' is longer than 15 characters"));
+                }
+                tap = Some(name.to_string());
+            }
+            Some(("mac", m)) => mac = Some(parse_mac(m)?),
+            _ => {
+                return Err(format!(
+                    "'{part}' is not understood; use tap=NAME[,mac=MAC]"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or("missing tap=NAME (e.g. --net tap=vireo0)")?;
+    Ok(NetArg { tap, mac })
+}
+
+fn parse_console(s: &str) -> Result<ConsoleArg, String> {
+    match s.split_once('=') {
+        None if s == "stdio" => Ok(ConsoleArg::Stdio),
+        None if s == "none" => Ok(ConsoleArg::None),
+        Some(("file", p)) if !p.is_empty() => Ok(ConsoleArg::File(p.into())),
+        Some(("socket", p)) if !p.is_empty() => Ok(ConsoleArg::Socket(p.into())),
+        _ => Err(format!(
+            "'{s}' is not a console; use stdio, file=PATH, socket=PATH or none"
+        )),
+    }
+}
+
+/// A locally administered unicast MAC, distinct per process and NIC index.
+fn default_mac(index: usize) -> [u8; 6] {
+    let pid = std::process::id();
+    [
+        0x52,
+        0x54,
+        (pid >> 16) as u8,
+        (pid >> 8) as u8,
+        pid as u8,
+        index as u8,
+    ]
+}
+
+/// Opens a disk image, choosing the backend by the file's magic.
+fn open_disk(d: &DiskArg) -> Result<Arc<dyn BlockBackend>, String> {
+    let shown = d.path.display();
+    let meta = std::fs::metadata(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
+    if meta.is_dir() {
+        return Err(format!("disk {shown} is a directory, not a disk image"));
+    }
+    let mut magic = [0u8; 8];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
+        let _ = f.read(&mut magic);
+    }
+    // Hook for image formats: VHDX files start with "vhdxfile". Until the VHDX backend is wired
+    // in here, refuse them rather than exposing the container bytes as a raw disk.
+    if &magic == b"vhdxfile" {
+        return Err(format!(
+            "disk {shown} is a VHDX image, which `vireo run` cannot attach yet; use a raw image"
+        ));
+    }
+    let raw = RawFile::open(&d.path, d.read_only).map_err(|e| format!("disk {shown}: {e}"))?;
+    Ok(Arc::new(raw))
+}
+
+pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut devices = Vec::new();
+    for d in &args.disk {
+        devices.push(VirtioSlot::block(open_disk(d)?));
+    }
+    for (i, n) in args.net.iter().enumerate() {
+        let mac = n.mac.unwrap_or_else(|| default_mac(i));
+        let slot = VirtioSlot::tap(&n.tap, mac).map_err(|e| {
+            format!(
+                "TAP {}: {e} (creating TAP interfaces needs CAP_NET_ADMIN)",
+                n.tap
+            )
+        })?;
+        devices.push(slot);
+    }
+    let console = match args.console {
+        ConsoleArg::Stdio => ConsoleConfig::Stdio,
+        ConsoleArg::File(p) => ConsoleConfig::File(p),
+        ConsoleArg::Socket(p) => ConsoleConfig::Socket(p),
+        ConsoleArg::None => ConsoleConfig::Null,
+    };
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        memory: args.memory,
+        vcpus: args.vcpus,
+        devices,
+        console,
+    };
+    vireo_vmm::install_termination_handlers()?;
+    let vm = Vm::new(config)?;
+    Ok(match vm.run()? {
+        VmExit::PowerOff(status) => ExitCode::from(status),
+        VmExit::Reset => {
+            eprintln!("vireo: the guest reset the machine; VM stopped");
+            ExitCode::SUCCESS
+        }
+        VmExit::Stopped => match vireo_vmm::termination_signal() {
+            Some(sig) => ExitCode::from(128 + sig as u8),
+            None => ExitCode::SUCCESS,
+        },
+        VmExit::Error(msg) => {
+            eprintln!("vireo: VM failed: {msg}");
+            ExitCode::from(1)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            parse_disk("a.img,ro"),
+            Ok(DiskArg {
+                path: "a.img".into(),
+                read_only: true
+            })
+        );
+        assert!(!parse_disk("a.img").unwrap().read_only);
+        assert!(parse_disk("a.img,bogus").is_err());
+        assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn nets_and_macs() {
+        let n = parse_net("tap=vt0,mac=52:54:00:aa:bb:0c").unwrap();
+        assert_eq!(n.tap, "vt0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0x0c]));
+        assert_eq!(parse_net("tap=vt1").unwrap().mac, None);
+        assert!(parse_net("mac=52:54:00:aa:bb:0c").is_err());
+        assert!(parse_net("tap=vt0,mac=01:00:5e:00:00:01").is_err());
+        assert!(parse_net("tap=vt0,mac=52:54:00:aa:bb").is_err());
+        assert!(parse_net("tap=vt0,mac=zz:54:00:aa:bb:cc").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert_eq!(default_mac(1)[0] & 1, 0);
+    }
+
+    #[test]
+    fn consoles() {
+        assert_eq!(parse_console("stdio"), Ok(ConsoleArg::Stdio));
+        assert_eq!(
+            parse_console("file=/tmp/x"),
+            Ok(ConsoleArg::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            parse_console("socket=/tmp/s"),
+            Ok(ConsoleArg::Socket("/tmp/s".into()))
+        );
+        assert!(parse_console("file=").is_err());
+        assert!(parse_console("tcp=1").is_err());
+    }
 }

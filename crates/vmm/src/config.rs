@@ -56,3 +56,28 @@ impl VmConfig {
         }
     }
 }
+
+impl VirtioSlot {
+    /// A virtio-blk disk over `backend` (flushed when the VM stops).
+    pub fn block(backend: Arc<dyn BlockBackend>) -> Self {
+        VirtioSlot {
+            device: Box::new(vireo_virtio::Block::new(backend.clone())),
+            flush_on_exit: Some(backend),
+        }
+    }
+
+    /// A virtio-net NIC with address `mac` on `port`.
+    pub fn net(port: Arc<dyn vireo_netport::FramePort>, mac: [u8; 6]) -> Self {
+        VirtioSlot {
+            device: Box::new(vireo_virtio::Net::new(port, mac)),
+            flush_on_exit: None,
+        }
+    }
+
+    /// A virtio-net NIC on the host TAP interface `name` (created if missing, set up).
+    pub fn tap(name: &str, mac: [u8; 6]) -> Result<Self, vireo_netport::PortError> {
+        let tap = vireo_netport::TapPort::open(name)?;
+        tap.set_up()?;
+        Ok(Self::net(Arc::new(tap), mac))
+    }
+}

@@ -27,6 +27,8 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
     #[error("--vcpus must be between 1 and {max} (got {asked})")]
     VcpuCount { asked: usize, max: usize },
     #[error("cannot read kernel {path}: {source}")]

@@ -24,7 +24,7 @@ pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
 pub use dirty::DirtyBitmap;
 pub use error::VmmError;
 pub use exit::VmExit;
-pub use vm::{install_termination_handlers, max_vcpus, Vm, VmHandle};
+pub use vm::{install_termination_handlers, max_vcpus, termination_signal, Vm, VmHandle};
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).
 pub type GuestMemory = vireo_virtio::GuestMemory;

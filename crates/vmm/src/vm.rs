@@ -1,7 +1,7 @@
 //! Building a VM from a [`VmConfig`] and running it to its end.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,19 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// How long stopping waits for vCPU threads before giving up on them.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// The termination signal received (0: none).
+static TERMINATE: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    TERMINATE.store(true, Ordering::SeqCst);
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(sig, Ordering::SeqCst);
+}
+
+/// The SIGTERM/SIGINT that stopped the VM, if one did.
+pub fn termination_signal() -> Option<i32> {
+    match TERMINATE.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
 }
 
 /// Makes SIGTERM and SIGINT stop a running VM cleanly (vCPUs stopped, disks flushed) instead of
@@ -153,9 +162,14 @@ pub fn max_vcpus() -> Result<usize> {
 impl Vm {
     /// Creates the VM, loads the kernel and wires every device. Nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Vm> {
+        // Cheap checks first, so bad input gets its own message even without KVM.
+        if config.vcpus == 0 {
+            return Err(VmmError::NoVcpus);
+        }
+        crate::memory::check_size(config.memory)?;
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus();
-        if config.vcpus == 0 || config.vcpus > max {
+        if config.vcpus > max {
             return Err(VmmError::VcpuCount {
                 asked: config.vcpus,
                 max,
@@ -336,7 +350,7 @@ impl Vm {
             if let Some(r) = exit.wait(Duration::from_millis(50)) {
                 break r;
             }
-            if TERMINATE.load(Ordering::SeqCst) {
+            if termination_signal().is_some() {
                 exit.set(VmExit::Stopped);
             }
         };

@@ -157,3 +157,6 @@ fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, limit: u64) -> R
         .map_err(|e| VmmError::BootSetup(format!("writing initrd: {e}")))?;
     Ok((start, size))
 }
+
+#[cfg(test)]
+mod tests;

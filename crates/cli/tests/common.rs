@@ -1,0 +1,133 @@
+//! Helpers shared by the `vireo run` end-to-end tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn vireo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vireo"))
+}
+
+pub fn kvm_usable() -> bool {
+    if !vireo_vmm::kvm_usable() {
+        println!("SKIPPED: no /dev/kvm");
+        return false;
+    }
+    true
+}
+
+/// Writes a tiny PVH kernel made of `code` into `dir`.
+pub fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
+    let p = dir.join("tiny.elf");
+    std::fs::write(&p, vireo_vmm::test_images::pvh_elf(code)).unwrap();
+    p
+}
+
+/// Runs `vireo` with `args` and `stdin`, killing it after `timeout`.
+pub fn run_with_timeout(args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+    let mut child = vireo()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = tx.send(());
+        out
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("vireo {args:?} did not finish within {timeout:?}");
+    }
+    waiter.join().unwrap().unwrap()
+}
+
+/// A `vireo run` speaking the probe's line protocol over its stdin/stdout.
+pub struct Session {
+    pub child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Session {
+    pub fn start(args: &[&str]) -> Session {
+        let mut child = vireo()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Session {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Waits for a line equal to `want` (other lines are skipped), up to `timeout`.
+    pub fn expect_line(&mut self, want: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.trim_end() == want => return,
+                Ok(_) => continue,
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("no line {want:?} within {timeout:?}");
+                }
+            }
+        }
+    }
+
+    /// Sends one command and returns the answer line.
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        match self.lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l.trim_end().to_string(),
+            Err(_) => {
+                let _ = self.child.kill();
+                panic!("no answer to {line:?}");
+            }
+        }
+    }
+
+    /// Waits for the process to exit (bounded) and returns its exit code.
+    pub fn wait(mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("vireo did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `vireo run` refuses bad input with one line naming the problem and a non-zero exit, never a
+//! panic.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use vireo_vmm::test_images;
+
+/// Runs and checks: non-zero exit, exactly one stderr line containing `needle`, no panic.
+fn refuses(args: &[&str], needle: &str) {
+    let out = run_with_timeout(args, b"", Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
+    assert!(out.status.code().is_some(), "{args:?} died by a signal");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: expected {needle:?} in {err:?}"
+    );
+    // One line naming the problem (clap adds its usual "For more information, try '--help'.").
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {err:?}");
+}
+
+#[test]
+fn argument_errors_need_no_kvm() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let k = k.to_str().unwrap();
+    refuses(&["run", "--kernel", k, "--memory", "lots"], "not a size");
+    refuses(
+        &[
+            "run",
+            "--kernel",
+            k,
+            "--net",
+            "tap=vt0,mac=01:02:03:04:05:06",
+        ],
+        "multicast",
+    );
+    refuses(
+        &["run", "--kernel", k, "--net", "tap=vt0,mac=52:54:00"],
+        "not a MAC",
+    );
+    refuses(
+        &["run", "--kernel", k, "--disk", "x.img,fast"],
+        "unknown disk option",
+    );
+    refuses(
+        &["run", "--kernel", k, "--console", "tcp=1"],
+        "not a console",
+    );
+    refuses(
+        &["run", "--kernel", k, "--disk", "/nonexistent/disk.img"],
+        "disk /nonexistent/disk.img",
+    );
+    refuses(&["run", "--kernel", k, "--vcpus", "0"], "vcpus");
+    refuses(&["run", "--kernel", k, "--memory", "0"], "memory");
+}
+
+#[test]
+fn kvm_kernel_and_size_errors() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let k = k.to_str().unwrap();
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"definitely not a kernel").unwrap();
+    refuses(
+        &["run", "--kernel", "/nonexistent/kernel"],
+        "cannot read kernel",
+    );
+    refuses(
+        &["run", "--kernel", garbage.to_str().unwrap()],
+        "not a bootable image",
+    );
+    refuses(
+        &["run", "--kernel", dir.path().to_str().unwrap()],
+        "not a bootable image",
+    );
+    refuses(
+        &["run", "--kernel", k, "--memory", "100T"],
+        "more than this host can back",
+    );
+    refuses(
+        &["run", "--kernel", k, "--vcpus", "100000"],
+        "--vcpus must be between 1 and",
+    );
+}
