@@ -49,7 +49,8 @@ pub extern "C" fn probe_bsp_main(start_info: u32) -> ! {
     }
     let mut probe = Probe::new(com, info);
     discover(&mut probe);
-    probe.com.write(b"PROBE READY\n");
+    // The leading newline ends whatever firmware output (e.g. SeaBIOS) left on the line.
+    probe.com.write(b"\nPROBE READY\n");
     serve(&mut probe)
 }
 
@@ -57,7 +58,9 @@ fn discover(probe: &mut Probe) {
     let mut listed = [MmioDevice::default(); MMIO_DEVICES_MAX];
     let mut count = bootinfo::mmio_devices_from_cmdline(probe.info.cmdline(), &mut listed);
     if count == 0 {
-        for i in 0..MICROVM_MMIO_SLOTS {
+        // QEMU plugs the first -device into the highest slot, so scanning downwards finds
+        // devices in command-line order.
+        for i in (0..MICROVM_MMIO_SLOTS).rev() {
             listed[count] = MmioDevice {
                 base: MICROVM_MMIO_BASE + i * MICROVM_MMIO_STRIDE,
             };
