@@ -49,6 +49,10 @@ impl BlockBackend for Vhdx {
     /// The Page 83 identifier: stable for the disk's life and unique per disk.
     fn id(&self) -> String {
         let g = self.top().params.page83.to_string();
-        g.trim_matches(|c| c == '{' || c == '}').replace('-', "").chars().take(20).collect()
+        g.trim_matches(|c| c == '{' || c == '}')
+            .replace('-', "")
+            .chars()
+            .take(20)
+            .collect()
     }
 }

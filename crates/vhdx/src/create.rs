@@ -42,7 +42,14 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size: 0, disk_type: DiskType::Dynamic, block_size: DEFAULT_BLOCK_SIZE, logical_sector: 512, physical_sector: 4096, parent: None }
+        CreateOptions {
+            size: 0,
+            disk_type: DiskType::Dynamic,
+            block_size: DEFAULT_BLOCK_SIZE,
+            logical_sector: 512,
+            physical_sector: 4096,
+            parent: None,
+        }
     }
 }
 
@@ -81,13 +88,16 @@ fn parent_locator(child: &Path, parent: &Path, linkage: Guid) -> Result<ParentLo
         entries: vec![
             ("parent_linkage".into(), linkage.to_string()),
             ("relative_path".into(), rel),
-            ("absolute_win32_path".into(), parent_abs.to_string_lossy().into_owned()),
+            (
+                "absolute_win32_path".into(),
+                parent_abs.to_string_lossy().into_owned(),
+            ),
         ],
     })
 }
 
 pub(crate) fn validate_size(size: u64, logical_sector: u32) -> Result<(), VhdxError> {
-    if size == 0 || size > MAX_VIRTUAL_SIZE || size % logical_sector as u64 != 0 {
+    if size == 0 || size > MAX_VIRTUAL_SIZE || !size.is_multiple_of(logical_sector as u64) {
         return Err(VhdxError::BadVirtualSize(size));
     }
     Ok(())
@@ -96,8 +106,14 @@ pub(crate) fn validate_size(size: u64, logical_sector: u32) -> Result<(), VhdxEr
 impl Vhdx {
     /// Creates a new disk at `path` (which must not exist) and opens it read-write.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Vhdx, VhdxError> {
-        let block_size = if opts.block_size == 0 { DEFAULT_BLOCK_SIZE } else { opts.block_size };
-        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64)) || !block_size.is_power_of_two() {
+        let block_size = if opts.block_size == 0 {
+            DEFAULT_BLOCK_SIZE
+        } else {
+            opts.block_size
+        };
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64))
+            || !block_size.is_power_of_two()
+        {
             return Err(VhdxError::BadBlockSize(block_size as u64));
         }
         for s in [opts.logical_sector, opts.physical_sector] {
@@ -123,7 +139,11 @@ impl Vhdx {
             }
             p.logical_sector = parent.logical_sector_size();
             p.physical_sector = parent.physical_sector_size();
-            p.parent_locator = Some(parent_locator(path, parent_path, parent.top().header().data_write_guid)?);
+            p.parent_locator = Some(parent_locator(
+                path,
+                parent_path,
+                parent.top().header().data_write_guid,
+            )?);
         }
         validate_size(p.virtual_size, p.logical_sector)?;
 
@@ -131,7 +151,11 @@ impl Vhdx {
         let entries = geo.bat_entries(p.virtual_size);
         let bat_len = round_up(entries * 8, ALIGN);
         let data_start = BAT_OFFSET + bat_len;
-        let file = FsOpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         let io = FileIo::new(file, None);
         let result = write_new(&io, &p, &geo, bat_len, data_start);
         if let Err(e) = result {
@@ -144,7 +168,13 @@ impl Vhdx {
     }
 }
 
-fn write_new(io: &FileIo, p: &DiskParams, geo: &Geometry, bat_len: u64, data_start: u64) -> Result<(), VhdxError> {
+fn write_new(
+    io: &FileIo,
+    p: &DiskParams,
+    geo: &Geometry,
+    bat_len: u64,
+    data_start: u64,
+) -> Result<(), VhdxError> {
     io.write_at(&header::file_identifier("vireo"), FILE_ID_OFFSET)?;
     let h = Header {
         sequence_number: 0,
@@ -157,10 +187,20 @@ fn write_new(io: &FileIo, p: &DiskParams, geo: &Geometry, bat_len: u64, data_sta
         log_offset: LOG_OFFSET,
     };
     for (i, off) in HEADER_OFFSETS.iter().enumerate() {
-        io.write_at(&Header { sequence_number: i as u64, ..h.clone() }.to_bytes(), *off)?;
+        io.write_at(
+            &Header {
+                sequence_number: i as u64,
+                ..h.clone()
+            }
+            .to_bytes(),
+            *off,
+        )?;
     }
     let rt = RegionTable {
-        entries: vec![region_entry(BAT_REGION, BAT_OFFSET, bat_len), region_entry(METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH)],
+        entries: vec![
+            region_entry(BAT_REGION, BAT_OFFSET, bat_len),
+            region_entry(METADATA_REGION, METADATA_OFFSET, METADATA_LENGTH),
+        ],
     };
     for off in REGION_TABLE_OFFSETS {
         io.write_at(&rt.to_bytes(), off)?;

@@ -31,7 +31,10 @@ pub struct OpenOptions {
 
 impl OpenOptions {
     pub fn read_only() -> OpenOptions {
-        OpenOptions { read_only: true, ..Default::default() }
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -45,7 +48,10 @@ pub struct Vhdx {
 
 impl std::fmt::Debug for Vhdx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vhdx").field("path", &self.chain[0].path).field("depth", &self.chain.len()).finish()
+        f.debug_struct("Vhdx")
+            .field("path", &self.chain[0].path)
+            .field("depth", &self.chain.len())
+            .finish()
     }
 }
 
@@ -57,9 +63,17 @@ fn locator_candidates(child: &Path, loc: &locator::ParentLocator) -> Vec<PathBuf
         if let Some(v) = loc.get(key) {
             let unix = v.replace('\\', "/");
             let p = Path::new(&unix);
-            out.push(if p.is_absolute() { p.to_path_buf() } else { dir.join(p) });
+            out.push(if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            });
             if unix != v {
-                out.push(if Path::new(v).is_absolute() { PathBuf::from(v) } else { dir.join(v) });
+                out.push(if Path::new(v).is_absolute() {
+                    PathBuf::from(v)
+                } else {
+                    dir.join(v)
+                });
             }
         }
     }
@@ -69,14 +83,23 @@ fn locator_candidates(child: &Path, loc: &locator::ParentLocator) -> Vec<PathBuf
 impl Vhdx {
     /// Opens `path` and, for a differencing disk, its whole parent chain.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Vhdx, VhdxError> {
-        let top = Arc::new(Layer::open(path, &LayerOptions { read_only: opts.read_only, replay: opts.replay, fault: opts.fault.clone() })?);
+        let top = Arc::new(Layer::open(
+            path,
+            &LayerOptions {
+                read_only: opts.read_only,
+                replay: opts.replay,
+                fault: opts.fault.clone(),
+            },
+        )?);
         let mut seen = HashSet::new();
         let meta = fs::metadata(path)?;
         seen.insert((meta.dev(), meta.ino()));
         let mut chain = vec![top];
         loop {
             let child = chain.last().unwrap().clone();
-            let Some(loc) = child.params.parent_locator.clone() else { break };
+            let Some(loc) = child.params.parent_locator.clone() else {
+                break;
+            };
             if chain.len() >= MAX_CHAIN_DEPTH {
                 return Err(VhdxError::ChainTooDeep(MAX_CHAIN_DEPTH));
             }
@@ -91,14 +114,26 @@ impl Vhdx {
             if !seen.insert((pm.dev(), pm.ino())) {
                 return Err(VhdxError::ParentLoop(ppath));
             }
-            let parent = Layer::open(&ppath, &LayerOptions { read_only: true, replay: ReadOnlyReplay::InMemory, fault: None })?;
+            let parent = Layer::open(
+                &ppath,
+                &LayerOptions {
+                    read_only: true,
+                    replay: ReadOnlyReplay::InMemory,
+                    fault: None,
+                },
+            )?;
             let found = parent.header().data_write_guid;
             let linkage = loc.get("parent_linkage").unwrap_or_default().to_string();
             let ok = Guid::parse(&linkage) == Some(found)
                 || loc.get("parent_linkage2").and_then(Guid::parse) == Some(found)
                 || child.merge_target == Some(found);
             if !ok {
-                return Err(VhdxError::ParentLinkageMismatch { child: child.path.clone(), parent: ppath, expected: linkage, found });
+                return Err(VhdxError::ParentLinkageMismatch {
+                    child: child.path.clone(),
+                    parent: ppath,
+                    expected: linkage,
+                    found,
+                });
             }
             if parent.params.logical_sector != child.params.logical_sector {
                 return Err(VhdxError::ParentSectorMismatch {
@@ -110,7 +145,10 @@ impl Vhdx {
             }
             chain.push(Arc::new(parent));
         }
-        Ok(Vhdx { chain, read_only: opts.read_only })
+        Ok(Vhdx {
+            chain,
+            read_only: opts.read_only,
+        })
     }
 
     pub(crate) fn top(&self) -> &Layer {
@@ -180,7 +218,9 @@ impl Vhdx {
             match bat::state(e) {
                 bat::FULLY_PRESENT => l.io.read_at(seg, bat::offset(e) + inb)?,
                 bat::PARTIALLY_PRESENT => self.read_partial(idx, l, b, bat::offset(e), seg, pos)?,
-                bat::NOT_PRESENT | bat::UNDEFINED if l.geo.differencing => self.read_layer(idx + 1, seg, pos)?,
+                bat::NOT_PRESENT | bat::UNDEFINED if l.geo.differencing => {
+                    self.read_layer(idx + 1, seg, pos)?
+                }
                 _ => seg.fill(0),
             }
             done += n;
@@ -190,7 +230,15 @@ impl Vhdx {
 
     /// Reads part of a partially present block: sectors whose bitmap bit is set come from this
     /// file, the rest from the parent.
-    fn read_partial(&self, idx: usize, l: &Layer, block: u64, data_off: u64, buf: &mut [u8], pos: u64) -> Result<(), VhdxError> {
+    fn read_partial(
+        &self,
+        idx: usize,
+        l: &Layer,
+        block: u64,
+        data_off: u64,
+        buf: &mut [u8],
+        pos: u64,
+    ) -> Result<(), VhdxError> {
         let ls = l.geo.logical_sector;
         let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(block) as usize]);
         let end = pos + buf.len() as u64;
@@ -215,7 +263,7 @@ impl Vhdx {
         Ok(())
     }
 
-    fn bitmap_bit(&self, l: &Layer, sb: u64, sector: u64) -> Result<bool, VhdxError> {
+    pub(crate) fn bitmap_bit(&self, l: &Layer, sb: u64, sector: u64) -> Result<bool, VhdxError> {
         let (page, byte, bit) = l.bitmap_position(sb, sector);
         l.bitmap_page_loaded(page)?;
         let bm = l.bitmaps.read().unwrap();
@@ -259,13 +307,16 @@ impl Vhdx {
         let l = self.top();
         l.begin_session(DataGuid::New)?;
         let ls = l.geo.logical_sector;
-        if l.geo.differencing && (offset % ls != 0 || buf.len() as u64 % ls != 0) {
+        if l.geo.differencing
+            && (!offset.is_multiple_of(ls) || !(buf.len() as u64).is_multiple_of(ls))
+        {
             // Bitmaps track whole sectors: widen to sector boundaries with the current contents.
             let start = offset / ls * ls;
             let end = (offset + buf.len() as u64).div_ceil(ls) * ls;
             let mut wide = vec![0u8; (end - start) as usize];
             self.read(&mut wide, start)?;
-            wide[(offset - start) as usize..(offset - start) as usize + buf.len()].copy_from_slice(buf);
+            wide[(offset - start) as usize..(offset - start) as usize + buf.len()]
+                .copy_from_slice(buf);
             return self.write_aligned(&wide, start);
         }
         self.write_aligned(buf, offset)
@@ -312,7 +363,8 @@ impl Vhdx {
             return Ok(());
         }
         let bs = l.geo.block_size;
-        let inherits = l.geo.differencing && matches!(bat::state(seen), bat::NOT_PRESENT | bat::UNDEFINED);
+        let inherits =
+            l.geo.differencing && matches!(bat::state(seen), bat::NOT_PRESENT | bat::UNDEFINED);
         let mut sb_new = None;
         if inherits {
             let si = l.geo.bitmap_index(block);
@@ -330,7 +382,11 @@ impl Vhdx {
             bat_w.entries[si as usize] = bat::entry(bat::SB_PRESENT, so);
             l.mark_bat_dirty(si);
         }
-        let state = if inherits { bat::PARTIALLY_PRESENT } else { bat::FULLY_PRESENT };
+        let state = if inherits {
+            bat::PARTIALLY_PRESENT
+        } else {
+            bat::FULLY_PRESENT
+        };
         bat_w.entries[pi as usize] = bat::entry(state, off);
         l.mark_bat_dirty(pi);
         Ok(())
@@ -369,7 +425,11 @@ impl Vhdx {
                     l.io.zero_range(bat::offset(e) + inb, n)?;
                 }
             } else if whole {
-                let target = if l.geo.differencing { bat::ZERO } else { bat::UNMAPPED };
+                let target = if l.geo.differencing {
+                    bat::ZERO
+                } else {
+                    bat::UNMAPPED
+                };
                 let already = s == target || (!l.geo.differencing && !present);
                 if !already {
                     {
@@ -451,7 +511,7 @@ impl Vhdx {
         }
         let l = self.top();
         let ls = l.geo.logical_sector;
-        if new_size == 0 || new_size % ls != 0 || new_size > MAX_VIRTUAL_SIZE {
+        if new_size == 0 || !new_size.is_multiple_of(ls) || new_size > MAX_VIRTUAL_SIZE {
             return Err(VhdxError::BadVirtualSize(new_size));
         }
         let old = l.vsize();
@@ -467,17 +527,26 @@ impl Vhdx {
                 let bat = l.bat.read().unwrap();
                 for b in keep..geo.payload_blocks(old) {
                     let s = bat::state(bat.entries[geo.payload_index(b) as usize]);
-                    if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) && !force && !l.params.leave_blocks_allocated {
-                        return Err(VhdxError::ShrinkOverData { new_size, data_at: b * bs });
+                    if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT)
+                        && !force
+                        && !l.params.leave_blocks_allocated
+                    {
+                        return Err(VhdxError::ShrinkOverData {
+                            new_size,
+                            data_at: b * bs,
+                        });
                     }
                 }
             }
-            if new_size % bs != 0 {
+            if !new_size.is_multiple_of(bs) {
                 let tail = new_size..(keep * bs).min(old);
                 let mut buf = vec![0u8; (tail.end - tail.start) as usize];
                 self.read(&mut buf, tail.start)?;
                 if buf.iter().any(|&x| x != 0) && !force {
-                    return Err(VhdxError::ShrinkOverData { new_size, data_at: tail.start });
+                    return Err(VhdxError::ShrinkOverData {
+                        new_size,
+                        data_at: tail.start,
+                    });
                 }
                 let e = l.bat.read().unwrap().entries[geo.payload_index(keep - 1) as usize];
                 if matches!(bat::state(e), bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
@@ -492,7 +561,8 @@ impl Vhdx {
                 let first = geo.payload_index(keep) as usize;
                 let last = (geo.bat_entries(old) as usize).min(w.entries.len());
                 for i in first..last {
-                    let keep_sb = geo.is_bitmap_index(i as u64) && (i as u64) < geo.bat_entries(new_size);
+                    let keep_sb =
+                        geo.is_bitmap_index(i as u64) && (i as u64) < geo.bat_entries(new_size);
                     if w.entries[i] != 0 && !keep_sb {
                         w.entries[i] = 0;
                         l.mark_bat_dirty(i as u64);

@@ -12,7 +12,11 @@ pub enum VhdxError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     #[error("file is {len} bytes, too short to hold {what} (needs {needed})")]
-    Truncated { what: &'static str, len: u64, needed: u64 },
+    Truncated {
+        what: &'static str,
+        len: u64,
+        needed: u64,
+    },
     #[error("not a VHDX file: file identifier signature is {found:02x?}, expected \"vhdxfile\"")]
     BadFileSignature { found: [u8; 8] },
     #[error("both VHDX headers are invalid (header 1: {h1}; header 2: {h2})")]
@@ -22,11 +26,20 @@ pub enum VhdxError {
     #[error("unsupported log version {0} (only version 0 is supported)")]
     UnsupportedLogVersion(u16),
     #[error("log at offset {offset} length {length} is invalid: {why}")]
-    BadLogLocation { offset: u64, length: u32, why: &'static str },
+    BadLogLocation {
+        offset: u64,
+        length: u32,
+        why: &'static str,
+    },
     #[error("both region tables are invalid (table 1: {t1}; table 2: {t2})")]
     NoValidRegionTable { t1: String, t2: String },
     #[error("region {guid} at offset {offset} length {length} is invalid: {why}")]
-    BadRegion { guid: Guid, offset: u64, length: u64, why: String },
+    BadRegion {
+        guid: Guid,
+        offset: u64,
+        length: u64,
+        why: String,
+    },
     #[error("region {0} is required but unknown to this implementation")]
     UnknownRequiredRegion(Guid),
     #[error("required region {0} is missing")]
@@ -46,7 +59,11 @@ pub enum VhdxError {
     #[error("BAT entry {index} has invalid state {state}")]
     BadBatState { index: u64, state: u8 },
     #[error("BAT entry {index} points at file offset {offset}, {why}")]
-    BadBatOffset { index: u64, offset: u64, why: &'static str },
+    BadBatOffset {
+        index: u64,
+        offset: u64,
+        why: &'static str,
+    },
     #[error("BAT entries {a} and {b} both use file offset {offset}")]
     BatOverlap { a: u64, b: u64, offset: u64 },
     #[error("log is corrupt: {0}")]
@@ -64,9 +81,21 @@ pub enum VhdxError {
     #[error("parent of {child} not found (tried {tried:?})")]
     ParentNotFound { child: PathBuf, tried: Vec<String> },
     #[error("parent {parent} has DataWriteGuid {found}, but {child} expects {expected}: the parent was modified after the child was created")]
-    ParentLinkageMismatch { child: PathBuf, parent: PathBuf, expected: String, found: Guid },
-    #[error("parent {parent} has logical sector size {parent_sector}, child {child} has {child_sector}")]
-    ParentSectorMismatch { child: PathBuf, parent: PathBuf, child_sector: u32, parent_sector: u32 },
+    ParentLinkageMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        expected: String,
+        found: Guid,
+    },
+    #[error(
+        "parent {parent} has logical sector size {parent_sector}, child {child} has {child_sector}"
+    )]
+    ParentSectorMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        child_sector: u32,
+        parent_sector: u32,
+    },
     #[error("differencing chain loops back to {0}")]
     ParentLoop(PathBuf),
     #[error("differencing chain is deeper than {0} disks")]
@@ -101,7 +130,9 @@ impl From<VhdxError> for vireo_block::BlockError {
         match e {
             VhdxError::Io(e) => BlockError::Io(e),
             VhdxError::ReadOnly => BlockError::ReadOnly,
-            VhdxError::OutOfRange { offset, len, size } => BlockError::OutOfRange { offset, len, size },
+            VhdxError::OutOfRange { offset, len, size } => {
+                BlockError::OutOfRange { offset, len, size }
+            }
             VhdxError::Unsupported(what) => BlockError::Unsupported(what),
             other => BlockError::Corrupt(other.to_string()),
         }

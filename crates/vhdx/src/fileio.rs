@@ -21,7 +21,10 @@ pub struct FaultInjector {
 
 impl FaultInjector {
     pub fn after(n: u64) -> Arc<FaultInjector> {
-        Arc::new(FaultInjector { remaining: AtomicI64::new(n as i64), fired: AtomicBool::new(false) })
+        Arc::new(FaultInjector {
+            remaining: AtomicI64::new(n as i64),
+            fired: AtomicBool::new(false),
+        })
     }
 
     /// True once the simulated crash happened.
@@ -55,7 +58,12 @@ pub struct FileIo {
 
 impl FileIo {
     pub fn new(file: File, fault: Option<Arc<FaultInjector>>) -> FileIo {
-        FileIo { file, fault, overlay: RwLock::default(), has_overlay: AtomicBool::new(false) }
+        FileIo {
+            file,
+            fault,
+            overlay: RwLock::default(),
+            has_overlay: AtomicBool::new(false),
+        }
     }
 
     fn tick(&self) -> Result<(), VhdxError> {
@@ -101,7 +109,8 @@ impl FileIo {
         for (&po, page) in ov.pages.range(offset.saturating_sub(4095)..end) {
             let (s, e) = (po.max(offset), (po + page.len() as u64).min(end));
             if s < e {
-                buf[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&page[(s - po) as usize..(e - po) as usize]);
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&page[(s - po) as usize..(e - po) as usize]);
             }
         }
     }
@@ -169,7 +178,12 @@ impl FileIo {
     pub fn preallocate(&self, offset: u64, len: u64) {
         // SAFETY: as above; failure only means the blocks stay sparse.
         unsafe {
-            libc::fallocate(self.file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t);
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
         }
     }
 }

@@ -16,8 +16,8 @@ impl Guid {
         let b = d2.to_le_bytes();
         let c = d3.to_le_bytes();
         Guid([
-            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5],
-            d4[6], d4[7],
+            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4],
+            d4[5], d4[6], d4[7],
         ])
     }
 
@@ -41,7 +41,14 @@ impl Guid {
         let s = s.trim().trim_start_matches('{').trim_end_matches('}');
         let parts: Vec<&str> = s.split('-').collect();
         if parts.len() != 5
-            || [8, 4, 4, 4, 12] != [parts[0].len(), parts[1].len(), parts[2].len(), parts[3].len(), parts[4].len()]
+            || [8, 4, 4, 4, 12]
+                != [
+                    parts[0].len(),
+                    parts[1].len(),
+                    parts[2].len(),
+                    parts[3].len(),
+                    parts[4].len(),
+                ]
         {
             return None;
         }
@@ -96,7 +103,12 @@ mod tests {
 
     #[test]
     fn text_roundtrip_and_byte_order() {
-        let g = Guid::from_fields(0x2dc27766, 0xf623, 0x4200, [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08]);
+        let g = Guid::from_fields(
+            0x2dc27766,
+            0xf623,
+            0x4200,
+            [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08],
+        );
         assert_eq!(g.0[..4], [0x66, 0x77, 0xc2, 0x2d]);
         let s = g.to_string();
         assert_eq!(s, "{2dc27766-f623-4200-9d64-115e9bfd4a08}");

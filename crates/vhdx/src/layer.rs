@@ -102,7 +102,11 @@ pub(crate) struct Prelude {
 pub(crate) fn read_prelude(io: &FileIo) -> Result<Prelude, VhdxError> {
     let file_len = io.len()?;
     if file_len < HEADER_SECTION {
-        return Err(VhdxError::Truncated { what: "the header section", len: file_len, needed: HEADER_SECTION });
+        return Err(VhdxError::Truncated {
+            what: "the header section",
+            len: file_len,
+            needed: HEADER_SECTION,
+        });
     }
     let mut hs = vec![0u8; HEADER_SECTION as usize];
     io.read_at(&mut hs, 0)?;
@@ -116,14 +120,27 @@ pub(crate) fn read_prelude(io: &FileIo) -> Result<Prelude, VhdxError> {
     if header.log_version != 0 {
         return Err(VhdxError::UnsupportedLogVersion(header.log_version));
     }
-    let bad_log = |why| VhdxError::BadLogLocation { offset: header.log_offset, length: header.log_length, why };
-    if header.log_offset % ALIGN != 0 || header.log_length as u64 % ALIGN != 0 || header.log_length == 0 {
-        return Err(bad_log("offset and length must be non-zero multiples of 1 MiB"));
+    let bad_log = |why| VhdxError::BadLogLocation {
+        offset: header.log_offset,
+        length: header.log_length,
+        why,
+    };
+    if header.log_offset % ALIGN != 0
+        || !(header.log_length as u64).is_multiple_of(ALIGN)
+        || header.log_length == 0
+    {
+        return Err(bad_log(
+            "offset and length must be non-zero multiples of 1 MiB",
+        ));
     }
     if header.log_offset < HEADER_SECTION {
         return Err(bad_log("overlaps the header section"));
     }
-    if header.log_offset.checked_add(header.log_length as u64).is_none_or(|e| e > file_len) {
+    if header
+        .log_offset
+        .checked_add(header.log_length as u64)
+        .is_none_or(|e| e > file_len)
+    {
         return Err(bad_log("extends past the end of the file"));
     }
     let t = |o: u64| RegionTable::parse(&hs[o as usize..]);
@@ -131,10 +148,23 @@ pub(crate) fn read_prelude(io: &FileIo) -> Result<Prelude, VhdxError> {
     let regions = match (&tables[0], &tables[1]) {
         (Ok(a), _) => a.clone(),
         (Err(_), Ok(b)) => b.clone(),
-        (Err(a), Err(b)) => return Err(VhdxError::NoValidRegionTable { t1: a.clone(), t2: b.clone() }),
+        (Err(a), Err(b)) => {
+            return Err(VhdxError::NoValidRegionTable {
+                t1: a.clone(),
+                t2: b.clone(),
+            })
+        }
     };
     regions.validate(file_len, (header.log_offset, header.log_length as u64))?;
-    Ok(Prelude { creator, headers, slot, header, tables, regions, file_len })
+    Ok(Prelude {
+        creator,
+        headers,
+        slot,
+        header,
+        tables,
+        regions,
+        file_len,
+    })
 }
 
 /// Reads the log region and returns the active sequence (empty if the log is clean).
@@ -143,7 +173,11 @@ pub(crate) fn read_active_log(io: &FileIo, h: &Header) -> Result<Vec<log::Entry>
         return Ok(vec![]);
     }
     if h.log_length as u64 > log::MAX_LOG {
-        return Err(VhdxError::BadLogLocation { offset: h.log_offset, length: h.log_length, why: "larger than 256 MiB" });
+        return Err(VhdxError::BadLogLocation {
+            offset: h.log_offset,
+            length: h.log_length,
+            why: "larger than 256 MiB",
+        });
     }
     let mut buf = vec![0u8; h.log_length as usize];
     io.read_at(&mut buf, h.log_offset)?;
@@ -152,7 +186,9 @@ pub(crate) fn read_active_log(io: &FileIo, h: &Header) -> Result<Vec<log::Entry>
 
 /// Checks a sequence before it is applied: no writes into the header section, sane sizes.
 pub(crate) fn validate_log(seq: &[log::Entry], file_len: u64) -> Result<(), VhdxError> {
-    let Some(head) = seq.last() else { return Ok(()) };
+    let Some(head) = seq.last() else {
+        return Ok(());
+    };
     if head.flushed_file_offset > file_len {
         return Err(VhdxError::corrupt_log(format!(
             "file is {file_len} bytes but the log says {} bytes were flushed: the file was truncated",
@@ -161,7 +197,10 @@ pub(crate) fn validate_log(seq: &[log::Entry], file_len: u64) -> Result<(), Vhdx
     }
     let limit = head.last_file_offset.max(file_len);
     if head.last_file_offset > MAX_VIRTUAL_SIZE * 2 {
-        return Err(VhdxError::corrupt_log(format!("last file offset {} is implausible", head.last_file_offset)));
+        return Err(VhdxError::corrupt_log(format!(
+            "last file offset {} is implausible",
+            head.last_file_offset
+        )));
     }
     for e in seq {
         for c in &e.changes {
@@ -170,7 +209,10 @@ pub(crate) fn validate_log(seq: &[log::Entry], file_len: u64) -> Result<(), Vhdx
                 Change::Zero { offset, len } => (*offset, *len),
             };
             if o < HEADER_SECTION || o.checked_add(l).is_none_or(|end| end > limit) {
-                return Err(VhdxError::corrupt_log(format!("entry {} writes {l} bytes at offset {o}", e.sequence)));
+                return Err(VhdxError::corrupt_log(format!(
+                    "entry {} writes {l} bytes at offset {o}",
+                    e.sequence
+                )));
             }
         }
     }
@@ -179,7 +221,10 @@ pub(crate) fn validate_log(seq: &[log::Entry], file_len: u64) -> Result<(), Vhdx
 
 /// Reserved file ranges that no block may overlap: header section, log, every region.
 pub(crate) fn reserved_spans(h: &Header, regions: &RegionTable) -> Vec<(u64, u64, &'static str)> {
-    let mut v = vec![(0, HEADER_SECTION, "the header section"), (h.log_offset, h.log_offset + h.log_length as u64, "the log")];
+    let mut v = vec![
+        (0, HEADER_SECTION, "the header section"),
+        (h.log_offset, h.log_offset + h.log_length as u64, "the log"),
+    ];
     for r in &regions.entries {
         let what = if r.guid == BAT_REGION {
             "the BAT"
@@ -194,7 +239,13 @@ pub(crate) fn reserved_spans(h: &Header, regions: &RegionTable) -> Vec<(u64, u64
 }
 
 /// Every problem in the BAT (first `limit`), in index order. `entries` covers the needed entries.
-pub(crate) fn bat_problems(geo: &Geometry, entries: &[u64], file_len: u64, reserved: &[(u64, u64, &'static str)], limit: usize) -> Vec<VhdxError> {
+pub(crate) fn bat_problems(
+    geo: &Geometry,
+    entries: &[u64],
+    file_len: u64,
+    reserved: &[(u64, u64, &'static str)],
+    limit: usize,
+) -> Vec<VhdxError> {
     let mut out = vec![];
     let mut used: Vec<(u64, u64, u64)> = vec![];
     for (i, &e) in entries.iter().enumerate() {
@@ -205,7 +256,9 @@ pub(crate) fn bat_problems(geo: &Geometry, entries: &[u64], file_len: u64, reser
         let s = bat::state(e);
         let is_sb = geo.is_bitmap_index(i);
         let size = if is_sb {
-            if !matches!(s, bat::SB_NOT_PRESENT | bat::SB_PRESENT) || (s == bat::SB_PRESENT && !geo.differencing) {
+            if !matches!(s, bat::SB_NOT_PRESENT | bat::SB_PRESENT)
+                || (s == bat::SB_PRESENT && !geo.differencing)
+            {
                 out.push(VhdxError::BadBatState { index: i, state: s });
                 continue;
             }
@@ -219,12 +272,23 @@ pub(crate) fn bat_problems(geo: &Geometry, entries: &[u64], file_len: u64, reser
                 bat::PARTIALLY_PRESENT if geo.differencing => {
                     let b = geo.block_of_index(i);
                     let sb = geo.bitmap_index(b) as usize;
-                    if entries.get(sb).is_none_or(|&x| bat::state(x) != bat::SB_PRESENT) {
-                        out.push(VhdxError::BadBatOffset { index: i, offset: bat::offset(e), why: "partially present but its chunk has no sector bitmap" });
+                    if entries
+                        .get(sb)
+                        .is_none_or(|&x| bat::state(x) != bat::SB_PRESENT)
+                    {
+                        out.push(VhdxError::BadBatOffset {
+                            index: i,
+                            offset: bat::offset(e),
+                            why: "partially present but its chunk has no sector bitmap",
+                        });
                         continue;
                     }
                 }
-                bat::NOT_PRESENT | bat::UNDEFINED | bat::ZERO | bat::UNMAPPED | bat::UNMAPPED_V095 => continue,
+                bat::NOT_PRESENT
+                | bat::UNDEFINED
+                | bat::ZERO
+                | bat::UNMAPPED
+                | bat::UNMAPPED_V095 => continue,
                 _ => {
                     out.push(VhdxError::BadBatState { index: i, state: s });
                     continue;
@@ -234,7 +298,11 @@ pub(crate) fn bat_problems(geo: &Geometry, entries: &[u64], file_len: u64, reser
         };
         let off = bat::offset(e);
         if off == 0 || off >= file_len {
-            out.push(VhdxError::BadBatOffset { index: i, offset: off, why: "outside the file" });
+            out.push(VhdxError::BadBatOffset {
+                index: i,
+                offset: off,
+                why: "outside the file",
+            });
             continue;
         }
         if let Some(r) = reserved.iter().find(|r| off < r.1 && r.0 < off + size) {
@@ -259,7 +327,11 @@ pub(crate) fn bat_problems(geo: &Geometry, entries: &[u64], file_len: u64, reser
             break;
         }
         if w[1].0 < w[0].1 {
-            out.push(VhdxError::BatOverlap { a: w[0].2, b: w[1].2, offset: w[1].0 });
+            out.push(VhdxError::BatOverlap {
+                a: w[0].2,
+                b: w[1].2,
+                offset: w[1].0,
+            });
         }
     }
     out
@@ -273,7 +345,10 @@ pub(crate) struct LayerOptions {
 
 impl Layer {
     pub fn open(path: &Path, o: &LayerOptions) -> Result<Layer, VhdxError> {
-        let file = FsOpenOptions::new().read(true).write(!o.read_only).open(path)?;
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(!o.read_only)
+            .open(path)?;
         let io = FileIo::new(file, o.fault.clone());
         let mut pre = read_prelude(&io)?;
         let seq = read_active_log(&io, &pre.header)?;
@@ -306,14 +381,26 @@ impl Layer {
         }
         if !o.read_only && !pre.header.log_guid.is_zero() {
             // The log is applied (or was already): mark it empty so nobody replays it again.
-            let h = Header { log_guid: Guid::ZERO, file_write_guid: Guid::random(), ..pre.header.clone() };
+            let h = Header {
+                log_guid: Guid::ZERO,
+                file_write_guid: Guid::random(),
+                ..pre.header.clone()
+            };
             pre.slot = write_header(&io, pre.slot, &pre.header, h.clone())?;
-            pre.header = Header { sequence_number: pre.header.sequence_number + 1, ..h };
+            pre.header = Header {
+                sequence_number: pre.header.sequence_number + 1,
+                ..h
+            };
         }
         let file_len = io.len()?;
         let mr = pre.regions.find(METADATA_REGION).unwrap().clone();
         if mr.length as u64 > metadata::MAX_REGION {
-            return Err(VhdxError::BadRegion { guid: mr.guid, offset: mr.file_offset, length: mr.length as u64, why: "metadata region larger than 64 MiB".into() });
+            return Err(VhdxError::BadRegion {
+                guid: mr.guid,
+                offset: mr.file_offset,
+                length: mr.length as u64,
+                why: "metadata region larger than 64 MiB".into(),
+            });
         }
         let mut mbuf = vec![0u8; mr.length as usize];
         io.read_at(&mut mbuf, mr.file_offset)?;
@@ -323,15 +410,29 @@ impl Layer {
         let br = pre.regions.find(BAT_REGION).unwrap().clone();
         let need = geo.bat_entries(params.virtual_size);
         if need * 8 > br.length as u64 {
-            return Err(VhdxError::BatTooSmall { have: br.length as u64 / 8, need });
+            return Err(VhdxError::BatTooSmall {
+                have: br.length as u64 / 8,
+                need,
+            });
         }
         let entries = read_bat(&io, br.file_offset, br.length as u64, need)?;
         let reserved = reserved_spans(&pre.header, &pre.regions);
-        if let Some(e) = bat_problems(&geo, &entries[..need as usize], file_len, &reserved, 1).into_iter().next() {
+        if let Some(e) = bat_problems(&geo, &entries[..need as usize], file_len, &reserved, 1)
+            .into_iter()
+            .next()
+        {
             return Err(e);
         }
-        let merge_target = meta.item(MERGE_IN_PROGRESS).filter(|b| b.len() == 16).map(Guid::from_slice);
-        let end = reserved.iter().map(|r| r.1).max().unwrap_or(0).max(round_up(file_len, ALIGN));
+        let merge_target = meta
+            .item(MERGE_IN_PROGRESS)
+            .filter(|b| b.len() == 16)
+            .map(Guid::from_slice);
+        let end = reserved
+            .iter()
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(0)
+            .max(round_up(file_len, ALIGN));
         Ok(Layer {
             path: path.to_path_buf(),
             io,
@@ -341,7 +442,11 @@ impl Layer {
             vsize: AtomicU64::new(params.virtual_size),
             params,
             geo,
-            bat: RwLock::new(Bat { entries, offset: br.file_offset, region_len: br.length as u64 }),
+            bat: RwLock::new(Bat {
+                entries,
+                offset: br.file_offset,
+                region_len: br.length as u64,
+            }),
             alloc: Mutex::new(end),
             bitmaps: RwLock::default(),
             dirty: Mutex::default(),
@@ -403,7 +508,10 @@ impl Layer {
         for _ in 0..2 {
             let cur = st.header.clone();
             st.slot = write_header(&self.io, st.slot, &cur, h.clone())?;
-            st.header = Header { sequence_number: cur.sequence_number + 1, ..h.clone() };
+            st.header = Header {
+                sequence_number: cur.sequence_number + 1,
+                ..h.clone()
+            };
         }
         st.log_pos = 0;
         st.log_seq = 1;
@@ -414,7 +522,11 @@ impl Layer {
 
     /// Marks the BAT page holding entry `index` dirty. Caller holds the BAT write lock.
     pub fn mark_bat_dirty(&self, index: u64) {
-        self.dirty.lock().unwrap().bat_pages.insert(index * 8 / PAGE);
+        self.dirty
+            .lock()
+            .unwrap()
+            .bat_pages
+            .insert(index * 8 / PAGE);
     }
 
     /// Collects the dirty pages (BAT and sector bitmaps) as (file offset, bytes).
@@ -522,12 +634,22 @@ impl Layer {
         }
         pages
             .into_iter()
-            .map(|p| (st.meta_offset + p * PAGE, st.meta.region[(p * PAGE) as usize..((p + 1) * PAGE) as usize].to_vec()))
+            .map(|p| {
+                (
+                    st.meta_offset + p * PAGE,
+                    st.meta.region[(p * PAGE) as usize..((p + 1) * PAGE) as usize].to_vec(),
+                )
+            })
             .collect()
     }
 
     /// Sets (or removes, with `None`) a metadata item and commits it through the log.
-    pub fn set_metadata_item(&self, id: Guid, flags: u32, value: Option<&[u8]>) -> Result<(), VhdxError> {
+    pub fn set_metadata_item(
+        &self,
+        id: Guid,
+        flags: u32,
+        value: Option<&[u8]>,
+    ) -> Result<(), VhdxError> {
         self.begin_session(DataGuid::New)?;
         let pages = {
             let mut st = self.state.lock().unwrap();
@@ -545,15 +667,6 @@ impl Layer {
         self.flush_with(pages)
     }
 
-    /// Reserves `len` bytes (a multiple of 1 MiB) at the end of the file.
-    pub fn allocate(&self, len: u64) -> Result<u64, VhdxError> {
-        let mut end = self.alloc.lock().unwrap();
-        let off = *end;
-        self.io.set_len(off + len)?;
-        *end = off + len;
-        Ok(off)
-    }
-
     /// Loads (if needed) the cached sector-bitmap page at file offset `page_off`.
     pub fn bitmap_page_loaded(&self, page_off: u64) -> Result<(), VhdxError> {
         if self.bitmaps.read().unwrap().contains_key(&page_off) {
@@ -569,7 +682,11 @@ impl Layer {
     pub fn bitmap_position(&self, sb_offset: u64, sector: u64) -> (u64, usize, u8) {
         let in_chunk = sector % SECTORS_PER_CHUNK;
         let byte = sb_offset + in_chunk / 8;
-        (byte & !(PAGE - 1), (byte % PAGE) as usize, (in_chunk % 8) as u8)
+        (
+            byte & !(PAGE - 1),
+            (byte % PAGE) as usize,
+            (in_chunk % 8) as u8,
+        )
     }
 
     /// Writes both header slots clean (LogGuid zero) after a final flush; used on close.
@@ -584,9 +701,15 @@ impl Layer {
         let mut st = self.state.lock().unwrap();
         self.io.sync()?;
         let cur = st.header.clone();
-        let h = Header { log_guid: Guid::ZERO, ..cur.clone() };
+        let h = Header {
+            log_guid: Guid::ZERO,
+            ..cur.clone()
+        };
         st.slot = write_header(&self.io, st.slot, &cur, h.clone())?;
-        st.header = Header { sequence_number: cur.sequence_number + 1, ..h };
+        st.header = Header {
+            sequence_number: cur.sequence_number + 1,
+            ..h
+        };
         st.session = false;
         self.session_started.store(false, Ordering::Release);
         Ok(())
@@ -594,7 +717,11 @@ impl Layer {
 
     /// Replaces the region table (both copies, one at a time with a sync between, so one valid
     /// copy exists at every instant).
-    pub fn write_region_table(&self, st: &mut State, regions: RegionTable) -> Result<(), VhdxError> {
+    pub fn write_region_table(
+        &self,
+        st: &mut State,
+        regions: RegionTable,
+    ) -> Result<(), VhdxError> {
         let b = regions.to_bytes();
         self.io.sync()?;
         for off in REGION_TABLE_OFFSETS {
@@ -613,7 +740,12 @@ impl Drop for Layer {
 }
 
 /// Reads `need` entries (rounded up to a page, bounded by the region) of the BAT.
-pub(crate) fn read_bat(io: &FileIo, offset: u64, region_len: u64, need: u64) -> Result<Vec<u64>, VhdxError> {
+pub(crate) fn read_bat(
+    io: &FileIo,
+    offset: u64,
+    region_len: u64,
+    need: u64,
+) -> Result<Vec<u64>, VhdxError> {
     let n = (round_up(need * 8, PAGE).min(region_len) / 8) as usize;
     let mut raw = vec![0u8; n * 8];
     io.read_at(&mut raw, offset)?;
@@ -622,8 +754,16 @@ pub(crate) fn read_bat(io: &FileIo, offset: u64, region_len: u64, need: u64) -> 
 
 /// Writes `new` (sequence number bumped) to the non-current header slot and syncs.
 /// Returns the slot now current.
-pub(crate) fn write_header(io: &FileIo, slot: usize, cur: &Header, new: Header) -> Result<usize, VhdxError> {
-    let h = Header { sequence_number: cur.sequence_number + 1, ..new };
+pub(crate) fn write_header(
+    io: &FileIo,
+    slot: usize,
+    cur: &Header,
+    new: Header,
+) -> Result<usize, VhdxError> {
+    let h = Header {
+        sequence_number: cur.sequence_number + 1,
+        ..new
+    };
     let target = 1 - slot;
     io.write_at(&h.to_bytes(), HEADER_OFFSETS[target])?;
     io.sync()?;
@@ -631,5 +771,10 @@ pub(crate) fn write_header(io: &FileIo, slot: usize, cur: &Header, new: Header) 
 }
 
 pub(crate) fn region_entry(guid: Guid, file_offset: u64, length: u64) -> RegionEntry {
-    RegionEntry { guid, file_offset, length: length as u32, required: true }
+    RegionEntry {
+        guid,
+        file_offset,
+        length: length as u32,
+        required: true,
+    }
 }

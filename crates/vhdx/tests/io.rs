@@ -8,7 +8,11 @@ const MIB: u64 = 1 << 20;
 #[test]
 fn dynamic_write_read_reopen() {
     let dir = tmpdir();
-    let (p, d) = create(dir.path(), "a.vhdx", &opts(64 * MIB, MIB as u32, DiskType::Dynamic));
+    let (p, d) = create(
+        dir.path(),
+        "a.vhdx",
+        &opts(64 * MIB, MIB as u32, DiskType::Dynamic),
+    );
     assert_eq!(read(&d, 0, 4096), vec![0; 4096]);
     let data = pattern(3 * MIB as usize + 512, 7);
     d.write(&data, MIB / 2).unwrap();
@@ -25,7 +29,11 @@ fn dynamic_write_read_reopen() {
 #[test]
 fn fixed_disk_reads_zero_and_writes() {
     let dir = tmpdir();
-    let (p, d) = create(dir.path(), "f.vhdx", &opts(8 * MIB, MIB as u32, DiskType::Fixed));
+    let (p, d) = create(
+        dir.path(),
+        "f.vhdx",
+        &opts(8 * MIB, MIB as u32, DiskType::Fixed),
+    );
     assert_eq!(d.info().allocated_blocks, 8);
     let data = pattern(8192, 3);
     d.write(&data, 5 * MIB - 4096).unwrap();
@@ -38,7 +46,11 @@ fn fixed_disk_reads_zero_and_writes() {
 fn unflushed_metadata_survives_via_log_after_drop() {
     // Drop flushes and closes cleanly; the data must be there without an explicit flush.
     let dir = tmpdir();
-    let (p, d) = create(dir.path(), "a.vhdx", &opts(16 * MIB, MIB as u32, DiskType::Dynamic));
+    let (p, d) = create(
+        dir.path(),
+        "a.vhdx",
+        &opts(16 * MIB, MIB as u32, DiskType::Dynamic),
+    );
     d.write(&pattern(4096, 1), 9 * MIB).unwrap();
     drop(d);
     assert_eq!(read(&reopen(&p), 9 * MIB, 4096), pattern(4096, 1));
@@ -47,12 +59,24 @@ fn unflushed_metadata_survives_via_log_after_drop() {
 #[test]
 fn differencing_reads_through_and_writes_partially() {
     let dir = tmpdir();
-    let (base, d) = create(dir.path(), "base.vhdx", &opts(16 * MIB, MIB as u32, DiskType::Dynamic));
+    let (base, d) = create(
+        dir.path(),
+        "base.vhdx",
+        &opts(16 * MIB, MIB as u32, DiskType::Dynamic),
+    );
     let a = pattern(2 * MIB as usize, 1);
     d.write(&a, 0).unwrap();
     drop(d);
     let child = dir.path().join("child.vhdx");
-    let c = Vhdx::create(&child, &vireo_vhdx::CreateOptions { disk_type: DiskType::Differencing, parent: Some(base.clone()), ..Default::default() }).unwrap();
+    let c = Vhdx::create(
+        &child,
+        &vireo_vhdx::CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(base.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(c.virtual_size(), 16 * MIB);
     assert_eq!(read(&c, 0, a.len()), a);
     let b = pattern(1024, 9);
@@ -74,28 +98,59 @@ fn differencing_reads_through_and_writes_partially() {
     drop(c);
     assert_eq!(read(&reopen(&child), 0, a.len()), expect);
     // Base unchanged.
-    assert_eq!(read(&Vhdx::open(&base, &OpenOptions::read_only()).unwrap(), 0, a.len()), a);
+    assert_eq!(
+        read(
+            &Vhdx::open(&base, &OpenOptions::read_only()).unwrap(),
+            0,
+            a.len()
+        ),
+        a
+    );
 }
 
 #[test]
 fn parent_modified_is_a_linkage_error() {
     let dir = tmpdir();
-    let (base, d) = create(dir.path(), "base.vhdx", &opts(4 * MIB, MIB as u32, DiskType::Dynamic));
+    let (base, d) = create(
+        dir.path(),
+        "base.vhdx",
+        &opts(4 * MIB, MIB as u32, DiskType::Dynamic),
+    );
     drop(d);
     let child = dir.path().join("child.vhdx");
-    drop(Vhdx::create(&child, &vireo_vhdx::CreateOptions { disk_type: DiskType::Differencing, parent: Some(base.clone()), ..Default::default() }).unwrap());
+    drop(
+        Vhdx::create(
+            &child,
+            &vireo_vhdx::CreateOptions {
+                disk_type: DiskType::Differencing,
+                parent: Some(base.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     let d = reopen(&base);
     d.write(&[1; 512], 0).unwrap();
     drop(d);
-    assert!(matches!(Vhdx::open(&child, &OpenOptions::default()), Err(VhdxError::ParentLinkageMismatch { .. })));
+    assert!(matches!(
+        Vhdx::open(&child, &OpenOptions::default()),
+        Err(VhdxError::ParentLinkageMismatch { .. })
+    ));
     std::fs::remove_file(&base).unwrap();
-    assert!(matches!(Vhdx::open(&child, &OpenOptions::default()), Err(VhdxError::ParentNotFound { .. })));
+    assert!(matches!(
+        Vhdx::open(&child, &OpenOptions::default()),
+        Err(VhdxError::ParentNotFound { .. })
+    ));
 }
 
 #[test]
 fn discard_and_resize() {
     let dir = tmpdir();
-    let (p, d) = create(dir.path(), "a.vhdx", &opts(8 * MIB, MIB as u32, DiskType::Dynamic));
+    let (p, d) = create(
+        dir.path(),
+        "a.vhdx",
+        &opts(8 * MIB, MIB as u32, DiskType::Dynamic),
+    );
     d.write(&pattern(3 * MIB as usize, 2), 0).unwrap();
     d.discard(MIB, MIB).unwrap();
     d.discard(100 * 512, 512).unwrap();
@@ -103,7 +158,10 @@ fn discard_and_resize() {
     expect[MIB as usize..2 * MIB as usize].fill(0);
     expect[51200..51712].fill(0);
     assert_eq!(read(&d, 0, expect.len()), expect);
-    assert!(matches!(d.resize(2 * MIB, false), Err(VhdxError::ShrinkOverData { .. })));
+    assert!(matches!(
+        d.resize(2 * MIB, false),
+        Err(VhdxError::ShrinkOverData { .. })
+    ));
     // Grow far enough that the BAT must move.
     d.resize(300 * 1024 * MIB, false).unwrap();
     d.write(&[5; 4096], 299 * 1024 * MIB).unwrap();
@@ -122,7 +180,11 @@ fn discard_and_resize() {
 #[test]
 fn huge_dynamic_is_instant_and_small() {
     let dir = tmpdir();
-    let (p, d) = create(dir.path(), "big.vhdx", &opts(64 << 40, 0, DiskType::Dynamic));
+    let (p, d) = create(
+        dir.path(),
+        "big.vhdx",
+        &opts(64 << 40, 0, DiskType::Dynamic),
+    );
     d.write(&[9; 4096], (64 << 40) - 4096).unwrap();
     drop(d);
     let d = reopen(&p);

@@ -24,7 +24,10 @@ pub fn parse_file_identifier(b: &[u8]) -> Result<String, crate::VhdxError> {
         return Err(crate::VhdxError::BadFileSignature { found: sig });
     }
     let raw = &b[8..520];
-    let end = raw.chunks_exact(2).position(|c| c == [0, 0]).map_or(raw.len(), |p| p * 2);
+    let end = raw
+        .chunks_exact(2)
+        .position(|c| c == [0, 0])
+        .map_or(raw.len(), |p| p * 2);
     Ok(from_utf16le(&raw[..end]).unwrap_or_default())
 }
 
@@ -67,7 +70,11 @@ impl Header {
             return Err(format!("bad signature {:02x?}", &b[..4]));
         }
         if !checksum_ok(b, 4) {
-            return Err(format!("checksum mismatch (stored {:#x}, computed {:#x})", le32(b, 4), checksum(b, 4)));
+            return Err(format!(
+                "checksum mismatch (stored {:#x}, computed {:#x})",
+                le32(b, 4),
+                checksum(b, 4)
+            ));
         }
         Ok(Header {
             sequence_number: le64(b, 8),
@@ -84,9 +91,16 @@ impl Header {
 
 /// Picks the current header from the two slots: the valid one with the higher sequence number.
 /// Returns (slot index, header).
-pub fn choose_current(h1: Result<Header, String>, h2: Result<Header, String>) -> Result<(usize, Header), crate::VhdxError> {
+pub fn choose_current(
+    h1: Result<Header, String>,
+    h2: Result<Header, String>,
+) -> Result<(usize, Header), crate::VhdxError> {
     match (h1, h2) {
-        (Ok(a), Ok(b)) => Ok(if b.sequence_number > a.sequence_number { (1, b) } else { (0, a) }),
+        (Ok(a), Ok(b)) => Ok(if b.sequence_number > a.sequence_number {
+            (1, b)
+        } else {
+            (0, a)
+        }),
         (Ok(a), Err(_)) => Ok((0, a)),
         (Err(_), Ok(b)) => Ok((1, b)),
         (Err(h1), Err(h2)) => Err(crate::VhdxError::NoValidHeader { h1, h2 }),
@@ -113,7 +127,10 @@ mod tests {
         assert_eq!(Header::parse(&b).unwrap(), h);
         b[100] ^= 1;
         assert!(Header::parse(&b).unwrap_err().contains("checksum"));
-        let newer = Header { sequence_number: 8, ..h.clone() };
+        let newer = Header {
+            sequence_number: 8,
+            ..h.clone()
+        };
         let (slot, cur) = choose_current(Ok(h.clone()), Ok(newer.clone())).unwrap();
         assert_eq!((slot, cur), (1, newer));
         assert!(choose_current(Err("x".into()), Err("y".into())).is_err());

@@ -11,13 +11,19 @@ pub struct ParentLocator {
 
 impl ParentLocator {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn parse(b: &[u8]) -> Result<ParentLocator, VhdxError> {
         let bad = |s: String| VhdxError::BadParentLocator(s);
         if b.len() < 20 {
-            return Err(bad(format!("item is {} bytes, shorter than its 20-byte header", b.len())));
+            return Err(bad(format!(
+                "item is {} bytes, shorter than its 20-byte header",
+                b.len()
+            )));
         }
         let locator_type = Guid::from_slice(b);
         if locator_type != VHDX_PARENT_LOCATOR_TYPE {
@@ -25,14 +31,21 @@ impl ParentLocator {
         }
         let count = le16(b, 18) as usize;
         if 20 + count * 12 > b.len() {
-            return Err(bad(format!("{count} entries do not fit in {} bytes", b.len())));
+            return Err(bad(format!(
+                "{count} entries do not fit in {} bytes",
+                b.len()
+            )));
         }
         let mut entries = Vec::with_capacity(count);
         for i in 0..count {
             let o = 20 + i * 12;
             let field = |off: u32, len: u16, what: &str| -> Result<String, VhdxError> {
                 let (off, len) = (off as usize, len as usize);
-                let s = b.get(off..off + len).ok_or_else(|| bad(format!("{what} of entry {i} at {off}+{len} is outside the item")))?;
+                let s = b.get(off..off + len).ok_or_else(|| {
+                    bad(format!(
+                        "{what} of entry {i} at {off}+{len} is outside the item"
+                    ))
+                })?;
                 if len == 0 {
                     return Err(bad(format!("{what} of entry {i} is empty")));
                 }
@@ -48,7 +61,10 @@ impl ParentLocator {
         if !entries.iter().any(|(k, _)| k == "parent_linkage") {
             return Err(bad("parent_linkage is missing".into()));
         }
-        Ok(ParentLocator { locator_type, entries })
+        Ok(ParentLocator {
+            locator_type,
+            entries,
+        })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -79,7 +95,10 @@ mod tests {
     fn roundtrip_and_bounds() {
         let l = ParentLocator {
             locator_type: VHDX_PARENT_LOCATOR_TYPE,
-            entries: vec![("parent_linkage".into(), Guid::random().to_string()), ("relative_path".into(), ".\\base.vhdx".into())],
+            entries: vec![
+                ("parent_linkage".into(), Guid::random().to_string()),
+                ("relative_path".into(), ".\\base.vhdx".into()),
+            ],
         };
         let b = l.to_bytes();
         assert_eq!(ParentLocator::parse(&b).unwrap(), l);

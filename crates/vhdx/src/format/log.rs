@@ -112,7 +112,13 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: Guid) -> Option<Entry> {
     let tail = le32(hdr, 12) as u64;
     let sequence = le64(hdr, 16);
     let count = le32(hdr, 24) as u64;
-    if length == 0 || length % SECTOR as u64 != 0 || length > n || tail % SECTOR as u64 != 0 || tail >= n || sequence == 0 {
+    if length == 0
+        || !length.is_multiple_of(SECTOR as u64)
+        || length > n
+        || !tail.is_multiple_of(SECTOR as u64)
+        || tail >= n
+        || sequence == 0
+    {
         return None;
     }
     if Guid::from_slice(&hdr[32..]) != log_guid {
@@ -135,19 +141,21 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: Guid) -> Option<Entry> {
             return None;
         }
         let offset = le64(d, 16);
-        if offset % SECTOR as u64 != 0 {
+        if !offset.is_multiple_of(SECTOR as u64) {
             return None;
         }
         if &d[..4] == ZERO_DESC_SIG {
             let len = le64(d, 8);
-            if len % SECTOR as u64 != 0 || offset.checked_add(len).is_none() {
+            if !len.is_multiple_of(SECTOR as u64) || offset.checked_add(len).is_none() {
                 return None;
             }
             changes.push(Change::Zero { offset, len });
         } else if &d[..4] == DATA_DESC_SIG {
             let s = (data_sector * SECTOR as u64) as usize;
             let sec = b.get(s..s + SECTOR)?;
-            if &sec[..4] != DATA_SECTOR_SIG || ((le32(sec, 4) as u64) << 32 | le32(sec, 4092) as u64) != sequence {
+            if &sec[..4] != DATA_SECTOR_SIG
+                || ((le32(sec, 4) as u64) << 32 | le32(sec, 4092) as u64) != sequence
+            {
                 return None;
             }
             let mut data = vec![0u8; SECTOR];
@@ -176,14 +184,18 @@ pub fn parse_entry(log: &[u8], pos: u64, log_guid: Guid) -> Option<Entry> {
 /// order, or an empty vector when there is nothing to replay.
 pub fn active_sequence(log: &[u8], log_guid: Guid) -> Vec<Entry> {
     let n = log.len() as u64;
-    let mut heads: Vec<Entry> = (0..n / SECTOR as u64).filter_map(|s| parse_entry(log, s * SECTOR as u64, log_guid)).collect();
+    let mut heads: Vec<Entry> = (0..n / SECTOR as u64)
+        .filter_map(|s| parse_entry(log, s * SECTOR as u64, log_guid))
+        .collect();
     heads.sort_by_key(|e| std::cmp::Reverse(e.sequence));
     'candidates: for head in heads {
         let mut seq = vec![];
         let mut pos = head.tail;
         // A sequence can hold at most one entry per sector; bounds the walk on hostile input.
         for _ in 0..=n / SECTOR as u64 {
-            let Some(e) = parse_entry(log, pos, log_guid) else { continue 'candidates };
+            let Some(e) = parse_entry(log, pos, log_guid) else {
+                continue 'candidates;
+            };
             if let Some(prev) = seq.last() {
                 let prev: &Entry = prev;
                 if e.sequence != prev.sequence + 1 {
@@ -209,7 +221,13 @@ mod tests {
     use super::*;
 
     fn fields(seq: u64, tail: u64, g: Guid) -> EntryFields {
-        EntryFields { sequence: seq, tail, log_guid: g, flushed_file_offset: 8 * MIB, last_file_offset: 9 * MIB }
+        EntryFields {
+            sequence: seq,
+            tail,
+            log_guid: g,
+            flushed_file_offset: 8 * MIB,
+            last_file_offset: 9 * MIB,
+        }
     }
 
     #[test]
@@ -220,18 +238,33 @@ mod tests {
         let p2 = vec![0xabu8; 4096];
         let e1 = build_entry(&fields(10, 0, g), &[(3 * MIB, &p1)]);
         log[..e1.len()].copy_from_slice(&e1);
-        let e2 = build_entry(&fields(11, e1.len() as u64, g), &[(3 * MIB + 4096, &p2), (3 * MIB, &p2)]);
+        let e2 = build_entry(
+            &fields(11, e1.len() as u64, g),
+            &[(3 * MIB + 4096, &p2), (3 * MIB, &p2)],
+        );
         log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
         let seq = active_sequence(&log, g);
         assert_eq!(seq.len(), 1);
         assert_eq!(seq[0].sequence, 11);
-        assert_eq!(seq[0].changes[0], Change::Data { offset: 3 * MIB + 4096, data: p2.clone() });
+        assert_eq!(
+            seq[0].changes[0],
+            Change::Data {
+                offset: 3 * MIB + 4096,
+                data: p2.clone()
+            }
+        );
         // A different log GUID sees nothing; a torn newest entry falls back to the older one.
         assert!(active_sequence(&log, Guid::random()).is_empty());
         log[e1.len() + 5000] ^= 1;
         let seq = active_sequence(&log, g);
         assert_eq!(seq[0].sequence, 10);
-        assert_eq!(seq[0].changes, vec![Change::Data { offset: 3 * MIB, data: p1 }]);
+        assert_eq!(
+            seq[0].changes,
+            vec![Change::Data {
+                offset: 3 * MIB,
+                data: p1
+            }]
+        );
     }
 
     #[test]
@@ -244,7 +277,10 @@ mod tests {
         log[..e1.len()].copy_from_slice(&e1);
         log[e1.len()..e1.len() + e2.len()].copy_from_slice(&e2);
         let seq = active_sequence(&log, g);
-        assert_eq!(seq.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![5, 6]);
+        assert_eq!(
+            seq.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
         assert!(max_pages(MIB) > 200);
     }
 }

@@ -46,14 +46,24 @@ pub struct Metadata {
     pub entries: Vec<MetadataEntry>,
 }
 
-const KNOWN: [Guid; 6] = [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE_83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR];
+const KNOWN: [Guid; 6] = [
+    FILE_PARAMETERS,
+    VIRTUAL_DISK_SIZE,
+    PAGE_83_DATA,
+    LOGICAL_SECTOR_SIZE,
+    PHYSICAL_SECTOR_SIZE,
+    PARENT_LOCATOR,
+];
 
 impl Metadata {
     /// Parses the table at the start of `region` and checks every entry's bounds.
     pub fn parse(region: Vec<u8>) -> Result<Metadata, VhdxError> {
         let bad = |s: String| VhdxError::BadMetadataTable(s);
         if region.len() < TABLE_SIZE {
-            return Err(bad(format!("region is {} bytes, smaller than the 64 KiB table", region.len())));
+            return Err(bad(format!(
+                "region is {} bytes, smaller than the 64 KiB table",
+                region.len()
+            )));
         }
         if &region[..8] != SIGNATURE {
             return Err(bad(format!("bad signature {:02x?}", &region[..8])));
@@ -72,15 +82,30 @@ impl Metadata {
                 flags: le32(&region, o + 24),
             };
             if e.length > MAX_ITEM {
-                return Err(bad(format!("item {} length {} exceeds 1 MiB", e.item_id, e.length)));
+                return Err(bad(format!(
+                    "item {} length {} exceeds 1 MiB",
+                    e.item_id, e.length
+                )));
             }
-            if e.length > 0 && ((e.offset as usize) < TABLE_SIZE || e.offset as u64 + e.length as u64 > region.len() as u64) {
-                return Err(bad(format!("item {} at offset {} length {} is outside the item area", e.item_id, e.offset, e.length)));
+            if e.length > 0
+                && ((e.offset as usize) < TABLE_SIZE
+                    || e.offset as u64 + e.length as u64 > region.len() as u64)
+            {
+                return Err(bad(format!(
+                    "item {} at offset {} length {} is outside the item area",
+                    e.item_id, e.offset, e.length
+                )));
             }
-            if entries.iter().any(|x| x.item_id == e.item_id && (x.flags & FLAG_USER) == (e.flags & FLAG_USER)) {
+            if entries
+                .iter()
+                .any(|x| x.item_id == e.item_id && (x.flags & FLAG_USER) == (e.flags & FLAG_USER))
+            {
                 return Err(bad(format!("item {} appears twice", e.item_id)));
             }
-            if e.flags & FLAG_REQUIRED != 0 && e.flags & FLAG_USER == 0 && !KNOWN.contains(&e.item_id) {
+            if e.flags & FLAG_REQUIRED != 0
+                && e.flags & FLAG_USER == 0
+                && !KNOWN.contains(&e.item_id)
+            {
                 return Err(VhdxError::UnknownRequiredMetadata(e.item_id));
             }
             entries.push(e);
@@ -98,7 +123,10 @@ impl Metadata {
     fn fixed<const N: usize>(&self, id: Guid, name: &'static str) -> Result<[u8; N], VhdxError> {
         let b = self.item(id).ok_or(VhdxError::MissingMetadata(name))?;
         if b.len() < N {
-            return Err(VhdxError::BadMetadataValue { item: name, value: b.len() as u64 });
+            return Err(VhdxError::BadMetadataValue {
+                item: name,
+                value: b.len() as u64,
+            });
         }
         let mut a = [0u8; N];
         a.copy_from_slice(&b[..N]);
@@ -110,25 +138,38 @@ impl Metadata {
         let fp: [u8; 8] = self.fixed(FILE_PARAMETERS, "file parameters")?;
         let block_size = le32(&fp, 0);
         let flags = le32(&fp, 4);
-        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64)) || !block_size.is_power_of_two() {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64))
+            || !block_size.is_power_of_two()
+        {
             return Err(VhdxError::BadBlockSize(block_size as u64));
         }
-        let logical_sector = le32(&self.fixed::<4>(LOGICAL_SECTOR_SIZE, "logical sector size")?, 0);
+        let logical_sector = le32(
+            &self.fixed::<4>(LOGICAL_SECTOR_SIZE, "logical sector size")?,
+            0,
+        );
         if logical_sector != 512 && logical_sector != 4096 {
             return Err(VhdxError::BadSectorSize(logical_sector as u64));
         }
-        let physical_sector = le32(&self.fixed::<4>(PHYSICAL_SECTOR_SIZE, "physical sector size")?, 0);
+        let physical_sector = le32(
+            &self.fixed::<4>(PHYSICAL_SECTOR_SIZE, "physical sector size")?,
+            0,
+        );
         if physical_sector != 512 && physical_sector != 4096 {
             return Err(VhdxError::BadSectorSize(physical_sector as u64));
         }
         let virtual_size = le64(&self.fixed::<8>(VIRTUAL_DISK_SIZE, "virtual disk size")?, 0);
-        if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || virtual_size % logical_sector as u64 != 0 {
+        if virtual_size == 0
+            || virtual_size > MAX_VIRTUAL_SIZE
+            || !virtual_size.is_multiple_of(logical_sector as u64)
+        {
             return Err(VhdxError::BadVirtualSize(virtual_size));
         }
         let page83 = Guid(self.fixed::<16>(PAGE_83_DATA, "page 83 data")?);
         let has_parent = flags & 2 != 0;
         let parent_locator = if has_parent {
-            let raw = self.item(PARENT_LOCATOR).ok_or(VhdxError::MissingMetadata("parent locator"))?;
+            let raw = self
+                .item(PARENT_LOCATOR)
+                .ok_or(VhdxError::MissingMetadata("parent locator"))?;
             Some(ParentLocator::parse(raw)?)
         } else {
             None
@@ -147,10 +188,14 @@ impl Metadata {
 
     /// Builds a fresh region of `len` bytes holding the given items (offsets assigned in order).
     pub fn build(len: usize, items: &[(Guid, u32, Vec<u8>)]) -> Metadata {
-        let mut m = Metadata { region: vec![0u8; len], entries: vec![] };
+        let mut m = Metadata {
+            region: vec![0u8; len],
+            entries: vec![],
+        };
         m.region[..8].copy_from_slice(SIGNATURE);
         for (id, flags, data) in items {
-            m.add_item(*id, *flags, data).expect("fresh region has room");
+            m.add_item(*id, *flags, data)
+                .expect("fresh region has room");
         }
         m
     }
@@ -168,7 +213,12 @@ impl Metadata {
     }
 
     /// Adds (or replaces, if the same length) an item; returns the byte range touched.
-    pub fn add_item(&mut self, id: Guid, flags: u32, data: &[u8]) -> Result<Vec<(usize, usize)>, VhdxError> {
+    pub fn add_item(
+        &mut self,
+        id: Guid,
+        flags: u32,
+        data: &[u8],
+    ) -> Result<Vec<(usize, usize)>, VhdxError> {
         if let Some(e) = self.entries.iter().find(|e| e.item_id == id).cloned() {
             if e.length as usize == data.len() {
                 let o = e.offset as usize;
@@ -192,9 +242,17 @@ impl Metadata {
             return Err(VhdxError::MetadataFull(id));
         }
         self.region[free..free + data.len()].copy_from_slice(data);
-        self.entries.push(MetadataEntry { item_id: id, offset: if data.is_empty() { 0 } else { free as u32 }, length: data.len() as u32, flags });
+        self.entries.push(MetadataEntry {
+            item_id: id,
+            offset: if data.is_empty() { 0 } else { free as u32 },
+            length: data.len() as u32,
+            flags,
+        });
         self.write_table();
-        Ok(vec![(0, 32 + self.entries.len() * 32), (free, free + data.len())])
+        Ok(vec![
+            (0, 32 + self.entries.len() * 32),
+            (free, free + data.len()),
+        ])
     }
 
     /// Drops an item from the table (its bytes stay as unreferenced garbage).
@@ -213,7 +271,11 @@ impl Metadata {
 
     /// Overwrites the virtual disk size item in place; returns the byte range touched.
     pub fn set_virtual_size(&mut self, size: u64) -> Result<(usize, usize), VhdxError> {
-        let e = self.entries.iter().find(|e| e.item_id == VIRTUAL_DISK_SIZE).ok_or(VhdxError::MissingMetadata("virtual disk size"))?;
+        let e = self
+            .entries
+            .iter()
+            .find(|e| e.item_id == VIRTUAL_DISK_SIZE)
+            .ok_or(VhdxError::MissingMetadata("virtual disk size"))?;
         let o = e.offset as usize;
         put64(&mut self.region, o, size);
         Ok((o, o + 8))
@@ -224,14 +286,26 @@ impl Metadata {
 pub fn standard_items(p: &DiskParams) -> Vec<(Guid, u32, Vec<u8>)> {
     let mut fp = vec![0u8; 8];
     put32(&mut fp, 0, p.block_size);
-    put32(&mut fp, 4, p.leave_blocks_allocated as u32 | (p.has_parent as u32) << 1);
+    put32(
+        &mut fp,
+        4,
+        p.leave_blocks_allocated as u32 | (p.has_parent as u32) << 1,
+    );
     let vd = FLAG_VIRTUAL_DISK | FLAG_REQUIRED;
     let mut items = vec![
         (FILE_PARAMETERS, FLAG_REQUIRED, fp),
         (VIRTUAL_DISK_SIZE, vd, p.virtual_size.to_le_bytes().to_vec()),
         (PAGE_83_DATA, vd, p.page83.0.to_vec()),
-        (LOGICAL_SECTOR_SIZE, vd, p.logical_sector.to_le_bytes().to_vec()),
-        (PHYSICAL_SECTOR_SIZE, vd, p.physical_sector.to_le_bytes().to_vec()),
+        (
+            LOGICAL_SECTOR_SIZE,
+            vd,
+            p.logical_sector.to_le_bytes().to_vec(),
+        ),
+        (
+            PHYSICAL_SECTOR_SIZE,
+            vd,
+            p.physical_sector.to_le_bytes().to_vec(),
+        ),
     ];
     if let Some(loc) = &p.parent_locator {
         items.push((PARENT_LOCATOR, vd, loc.to_bytes()));
@@ -266,7 +340,14 @@ mod tests {
         assert_eq!(back.entries.len(), 6);
         let mut back = back;
         back.set_virtual_size(2 << 30).unwrap();
-        assert_eq!(Metadata::parse(back.region).unwrap().params().unwrap().virtual_size, 2 << 30);
+        assert_eq!(
+            Metadata::parse(back.region)
+                .unwrap()
+                .params()
+                .unwrap()
+                .virtual_size,
+            2 << 30
+        );
     }
 
     #[test]
@@ -277,10 +358,16 @@ mod tests {
         assert!(matches!(m.params(), Err(VhdxError::BadBlockSize(_))));
         let mut raw = Metadata::build(MIB as usize, &standard_items(&params())).region;
         put32(&mut raw, 32 + 16, 100); // item offset inside the table area
-        assert!(matches!(Metadata::parse(raw), Err(VhdxError::BadMetadataTable(_))));
+        assert!(matches!(
+            Metadata::parse(raw),
+            Err(VhdxError::BadMetadataTable(_))
+        ));
         let mut raw = Metadata::build(MIB as usize, &standard_items(&params())).region;
         put32(&mut raw, 32 + 24, FLAG_REQUIRED);
         raw[32] ^= 0xff; // now an unknown required system item
-        assert!(matches!(Metadata::parse(raw), Err(VhdxError::UnknownRequiredMetadata(_))));
+        assert!(matches!(
+            Metadata::parse(raw),
+            Err(VhdxError::UnknownRequiredMetadata(_))
+        ));
     }
 }

@@ -76,11 +76,16 @@ impl RegionTable {
     pub fn validate(&self, file_len: u64, log: (u64, u64)) -> Result<(), VhdxError> {
         let mut spans: Vec<(u64, u64, Guid)> = vec![];
         for e in &self.entries {
-            let bad = |why: String| VhdxError::BadRegion { guid: e.guid, offset: e.file_offset, length: e.length as u64, why };
+            let bad = |why: String| VhdxError::BadRegion {
+                guid: e.guid,
+                offset: e.file_offset,
+                length: e.length as u64,
+                why,
+            };
             if e.guid != BAT_REGION && e.guid != METADATA_REGION && e.required {
                 return Err(VhdxError::UnknownRequiredRegion(e.guid));
             }
-            if e.file_offset % ALIGN != 0 || e.length as u64 % ALIGN != 0 {
+            if e.file_offset % ALIGN != 0 || !(e.length as u64).is_multiple_of(ALIGN) {
                 return Err(bad("offset and length must be multiples of 1 MiB".into()));
             }
             if e.file_offset < HEADER_SECTION {
@@ -89,9 +94,14 @@ impl RegionTable {
             if e.length == 0 {
                 return Err(bad("is empty".into()));
             }
-            let end = e.file_offset.checked_add(e.length as u64).ok_or_else(|| bad("overflows".into()))?;
+            let end = e
+                .file_offset
+                .checked_add(e.length as u64)
+                .ok_or_else(|| bad("overflows".into()))?;
             if end > file_len {
-                return Err(bad(format!("extends past the end of the file ({file_len} bytes)")));
+                return Err(bad(format!(
+                    "extends past the end of the file ({file_len} bytes)"
+                )));
             }
             if e.file_offset < log.0 + log.1 && log.0 < end {
                 return Err(bad("overlaps the log".into()));
@@ -121,8 +131,18 @@ mod tests {
     fn table() -> RegionTable {
         RegionTable {
             entries: vec![
-                RegionEntry { guid: METADATA_REGION, file_offset: 2 * MIB, length: MIB as u32, required: true },
-                RegionEntry { guid: BAT_REGION, file_offset: 3 * MIB, length: MIB as u32, required: true },
+                RegionEntry {
+                    guid: METADATA_REGION,
+                    file_offset: 2 * MIB,
+                    length: MIB as u32,
+                    required: true,
+                },
+                RegionEntry {
+                    guid: BAT_REGION,
+                    file_offset: 3 * MIB,
+                    length: MIB as u32,
+                    required: true,
+                },
             ],
         }
     }
@@ -133,12 +153,26 @@ mod tests {
         let b = t.to_bytes();
         assert_eq!(RegionTable::parse(&b).unwrap(), t);
         t.validate(4 * MIB, (MIB, MIB)).unwrap();
-        assert!(matches!(t.validate(3 * MIB, (MIB, MIB)), Err(VhdxError::BadRegion { .. })));
+        assert!(matches!(
+            t.validate(3 * MIB, (MIB, MIB)),
+            Err(VhdxError::BadRegion { .. })
+        ));
         let mut overlap = table();
         overlap.entries[1].file_offset = 2 * MIB;
-        assert!(matches!(overlap.validate(8 * MIB, (MIB, MIB)), Err(VhdxError::BadRegion { .. })));
+        assert!(matches!(
+            overlap.validate(8 * MIB, (MIB, MIB)),
+            Err(VhdxError::BadRegion { .. })
+        ));
         let mut unknown = table();
-        unknown.entries.push(RegionEntry { guid: Guid::random(), file_offset: 5 * MIB, length: MIB as u32, required: true });
-        assert!(matches!(unknown.validate(8 * MIB, (MIB, MIB)), Err(VhdxError::UnknownRequiredRegion(_))));
+        unknown.entries.push(RegionEntry {
+            guid: Guid::random(),
+            file_offset: 5 * MIB,
+            length: MIB as u32,
+            required: true,
+        });
+        assert!(matches!(
+            unknown.validate(8 * MIB, (MIB, MIB)),
+            Err(VhdxError::UnknownRequiredRegion(_))
+        ));
     }
 }

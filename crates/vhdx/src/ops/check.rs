@@ -12,7 +12,10 @@ use crate::format::log::Change;
 use crate::format::metadata::{self, Metadata};
 use crate::format::*;
 use crate::guid::Guid;
-use crate::layer::{bat_problems, read_active_log, read_bat, read_prelude, reserved_spans, validate_log, write_header};
+use crate::layer::{
+    bat_problems, read_active_log, read_bat, read_prelude, reserved_spans, validate_log,
+    write_header,
+};
 use crate::{OpenOptions, Vhdx, VhdxError};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -44,7 +47,13 @@ impl Vhdx {
         let file = FsOpenOptions::new().read(true).write(repair).open(path)?;
         let io = FileIo::new(file, None);
         let mut problems = vec![];
-        let mut add = |severity, message: String, repaired| problems.push(Problem { severity, message, repaired });
+        let mut add = |severity, message: String, repaired| {
+            problems.push(Problem {
+                severity,
+                message,
+                repaired,
+            })
+        };
         let mut pre = read_prelude(&io)?;
         for (i, h) in pre.headers.iter().enumerate() {
             if let Err(why) = h {
@@ -54,7 +63,11 @@ impl Vhdx {
                     pre.slot = write_header(&io, pre.slot, &pre.header, pre.header.clone())?;
                     pre.header.sequence_number += 1;
                 }
-                add("error", format!("header {} is invalid: {why}", i + 1), fixed);
+                add(
+                    "error",
+                    format!("header {} is invalid: {why}", i + 1),
+                    fixed,
+                );
             }
         }
         let t0 = pre.tables[0].as_ref().ok().cloned();
@@ -71,7 +84,11 @@ impl Vhdx {
                 if repair {
                     io.write_at(&pre.regions.to_bytes(), REGION_TABLE_OFFSETS[bad])?;
                 }
-                add("error", format!("region table {} is invalid: {why}", bad + 1), repair);
+                add(
+                    "error",
+                    format!("region table {} is invalid: {why}", bad + 1),
+                    repair,
+                );
             }
         }
         let _ = t0;
@@ -92,10 +109,21 @@ impl Vhdx {
                     io.set_len(last)?;
                 }
                 io.sync()?;
-                let h = Header { log_guid: Guid::ZERO, ..pre.header.clone() };
+                let h = Header {
+                    log_guid: Guid::ZERO,
+                    ..pre.header.clone()
+                };
                 pre.slot = write_header(&io, pre.slot, &pre.header, h)?;
             }
-            add("warning", format!("the log holds {} unapplied entr{}", seq.len(), if seq.len() == 1 { "y" } else { "ies" }), repair);
+            add(
+                "warning",
+                format!(
+                    "the log holds {} unapplied entr{}",
+                    seq.len(),
+                    if seq.len() == 1 { "y" } else { "ies" }
+                ),
+                repair,
+            );
         }
         if repair {
             io.sync()?;
@@ -103,7 +131,12 @@ impl Vhdx {
         let file_len = io.len()?;
         let mr = pre.regions.find(METADATA_REGION).unwrap().clone();
         if mr.length as u64 > metadata::MAX_REGION {
-            return Err(VhdxError::BadRegion { guid: mr.guid, offset: mr.file_offset, length: mr.length as u64, why: "metadata region larger than 64 MiB".into() });
+            return Err(VhdxError::BadRegion {
+                guid: mr.guid,
+                offset: mr.file_offset,
+                length: mr.length as u64,
+                why: "metadata region larger than 64 MiB".into(),
+            });
         }
         let mut mbuf = vec![0u8; mr.length as usize];
         io.read_at(&mut mbuf, mr.file_offset)?;
@@ -113,7 +146,10 @@ impl Vhdx {
         let br = pre.regions.find(BAT_REGION).unwrap().clone();
         let need = geo.bat_entries(params.virtual_size);
         if need * 8 > br.length as u64 {
-            return Err(VhdxError::BatTooSmall { have: br.length as u64 / 8, need });
+            return Err(VhdxError::BatTooSmall {
+                have: br.length as u64 / 8,
+                need,
+            });
         }
         let entries = read_bat(&io, br.file_offset, br.length as u64, need)?;
         let entries = &entries[..need as usize];
@@ -122,7 +158,9 @@ impl Vhdx {
             // Entries that cannot be valid are cleared (the block then reads as zero or from
             // the parent); overlapping blocks need a human, so they are only reported.
             let index = match &p {
-                VhdxError::BadBatState { index, .. } | VhdxError::BadBatOffset { index, .. } => Some(*index),
+                VhdxError::BadBatState { index, .. } | VhdxError::BadBatOffset { index, .. } => {
+                    Some(*index)
+                }
                 _ => None,
             };
             let fixed = repair && index.is_some();
@@ -142,7 +180,14 @@ impl Vhdx {
                 allocated += 1;
                 let end = bat::offset(e) + geo.block_size;
                 if bat::offset(e) < file_len && end > file_len {
-                    add("warning", format!("block {} ends past the end of the file (reads as zero there)", geo.block_of_index(i)), false);
+                    add(
+                        "warning",
+                        format!(
+                            "block {} ends past the end of the file (reads as zero there)",
+                            geo.block_of_index(i)
+                        ),
+                        false,
+                    );
                 }
             }
         }
@@ -152,14 +197,29 @@ impl Vhdx {
         drop(io);
         if params.has_parent {
             if let Err(e) = Vhdx::open(path, &OpenOptions::read_only()) {
-                add("error", format!("differencing chain does not open: {e}"), false);
+                add(
+                    "error",
+                    format!("differencing chain does not open: {e}"),
+                    false,
+                );
             }
         }
         if meta.item(MERGE_IN_PROGRESS).is_some() {
-            add("warning", "a merge into the parent was interrupted; run merge again to finish it".into(), false);
+            add(
+                "warning",
+                "a merge into the parent was interrupted; run merge again to finish it".into(),
+                false,
+            );
         }
         let clean = problems.iter().all(|p| p.severity != "error" || p.repaired);
-        Ok(CheckReport { path: path.to_path_buf(), problems, log_entries: seq.len(), allocated_blocks: allocated, file_size: file_len, clean })
+        Ok(CheckReport {
+            path: path.to_path_buf(),
+            problems,
+            log_entries: seq.len(),
+            allocated_blocks: allocated,
+            file_size: file_len,
+            clean,
+        })
     }
 }
 

@@ -66,7 +66,11 @@ impl Vhdx {
             DiskType::Dynamic
         };
         let parent = l.params.parent_locator.clone().map(|loc| ParentInfo {
-            path: self.chain.get(1).map(|p| p.path.clone()).unwrap_or_default(),
+            path: self
+                .chain
+                .get(1)
+                .map(|p| p.path.clone())
+                .unwrap_or_default(),
             linkage: loc.get("parent_linkage").unwrap_or_default().to_string(),
             locator: loc,
         });

@@ -1,1 +1,121 @@
 //! Merging a differencing disk into its parent.
+//!
+//! Crash safety: before the parent is touched, the child records (user metadata item
+//! `MERGE_IN_PROGRESS`) the DataWriteGuid the parent will carry once the merge writes to it.
+//! The child then opens against either the parent's old or new DataWriteGuid, and its view of
+//! the disk stays correct at every instant (the merge only copies ranges the child itself
+//! holds). Running merge again resumes: the copy is idempotent.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::format::metadata::FLAG_USER;
+use crate::format::{bat, MERGE_IN_PROGRESS, MIB};
+use crate::guid::Guid;
+use crate::layer::DataGuid;
+use crate::{OpenOptions, Vhdx, VhdxError};
+
+/// What a child block contributes to the merged result.
+pub(crate) enum BlockData {
+    None,
+    Zero,
+    /// Virtual (offset, length) runs present in the child.
+    Runs(Vec<(u64, u64)>),
+}
+
+impl Vhdx {
+    /// Which parts of payload block `b` of the top file hold data of their own.
+    pub(crate) fn block_data(&self, b: u64) -> Result<BlockData, VhdxError> {
+        let l = self.top();
+        let bs = l.geo.block_size;
+        let vs = l.vsize();
+        let start = b * bs;
+        let end = ((b + 1) * bs).min(vs);
+        let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+        Ok(match bat::state(e) {
+            bat::FULLY_PRESENT => BlockData::Runs(vec![(start, end - start)]),
+            bat::PARTIALLY_PRESENT => {
+                let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(b) as usize]);
+                let ls = l.geo.logical_sector;
+                let mut runs: Vec<(u64, u64)> = vec![];
+                for s in start / ls..end / ls {
+                    if self.bitmap_bit(l, sb, s)? {
+                        match runs.last_mut() {
+                            Some(r) if r.0 + r.1 == s * ls => r.1 += ls,
+                            _ => runs.push((s * ls, ls)),
+                        }
+                    }
+                }
+                BlockData::Runs(runs)
+            }
+            bat::ZERO | bat::UNMAPPED | bat::UNMAPPED_V095 if l.geo.differencing => BlockData::Zero,
+            _ => BlockData::None,
+        })
+    }
+
+    /// Merges differencing disk `child` into its parent, then deletes `child`.
+    ///
+    /// `progress(done, total)` is called per block; setting `cancel` stops after the current
+    /// block with [`VhdxError::Cancelled`], leaving both files valid; merging again resumes.
+    pub fn merge_into_parent(
+        child: &Path,
+        progress: &dyn Fn(u64, u64),
+        cancel: &AtomicBool,
+    ) -> Result<(), VhdxError> {
+        let c = Vhdx::open(child, &OpenOptions::default())?;
+        if !c.top().params.has_parent {
+            return Err(VhdxError::NotDifferencing(child.to_path_buf()));
+        }
+        let parent_path = c.chain[1].path.clone();
+        let target = match c.top().merge_target {
+            Some(g) => g,
+            None => {
+                let g = Guid::random();
+                c.top()
+                    .set_metadata_item(MERGE_IN_PROGRESS, FLAG_USER, Some(&g.0))?;
+                g
+            }
+        };
+        let p = Vhdx::open(&parent_path, &OpenOptions::default())?;
+        p.top().begin_session(DataGuid::Set(target))?;
+        let vs = c.virtual_size();
+        if vs > p.virtual_size() {
+            p.resize(vs, false)?;
+        }
+        let total = c.top().geo.payload_blocks(vs);
+        let mut buf = vec![0u8; MIB as usize];
+        for b in 0..total {
+            if cancel.load(Ordering::Relaxed) {
+                p.flush()?;
+                return Err(VhdxError::Cancelled);
+            }
+            match c.block_data(b)? {
+                BlockData::None => {}
+                BlockData::Zero => {
+                    let bs = c.top().geo.block_size;
+                    let end = ((b + 1) * bs).min(vs).min(p.virtual_size());
+                    if b * bs < end {
+                        p.discard(b * bs, end - b * bs)?;
+                    }
+                }
+                BlockData::Runs(runs) => {
+                    for (off, len) in runs {
+                        let mut done = 0;
+                        while done < len {
+                            let n = (len - done).min(buf.len() as u64) as usize;
+                            c.read(&mut buf[..n], off + done)?;
+                            p.write(&buf[..n], off + done)?;
+                            done += n as u64;
+                        }
+                    }
+                }
+            }
+            progress(b + 1, total);
+        }
+        p.flush()?;
+        drop(p);
+        drop(c);
+        std::fs::remove_file(child)?;
+        Ok(())
+    }
+}

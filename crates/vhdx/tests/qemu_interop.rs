@@ -1,0 +1,224 @@
+//! Interoperability with QEMU's independent VHDX implementation (qemu-img / qemu-io).
+//! Every test prints "SKIPPED" and passes when qemu-img is not installed.
+mod common;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
+
+const MIB: u64 = 1 << 20;
+
+fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("qemu-io")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: qemu-img/qemu-io not installed");
+    }
+    ok
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{cmd} {args:?} failed: {out}");
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes the same pieces to our VHDX and to a raw file, then asks qemu to check and compare.
+fn ours_then_qemu(disk_type: DiskType, block: u32, sector: u32) {
+    eprintln!("case: {disk_type:?} block {block} sector {sector}");
+    let dir = tmpdir();
+    let size = 96 * MIB;
+    let o = CreateOptions {
+        size,
+        disk_type,
+        block_size: block,
+        logical_sector: sector,
+        physical_sector: 4096,
+        parent: None,
+    };
+    let (p, d) = create(dir.path(), "ours.vhdx", &o);
+    let raw = dir.path().join("raw.img");
+    let rf = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&raw)
+        .unwrap();
+    rf.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    for (i, off) in [0, 4096, 3 * MIB + 512 * 8, 33 * MIB, 95 * MIB]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(MIB as usize - 4096, i as u8);
+        let off = (*off).min(size - data.len() as u64) / sector as u64 * sector as u64;
+        d.write(&data, off).unwrap();
+        rf.write_all_at(&data, off).unwrap();
+    }
+    d.discard(33 * MIB, 4096).unwrap();
+    rf.write_all_at(&[0; 4096], 33 * MIB).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    let ours = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    let mut expect = vec![0u8; size as usize];
+    rf.read_exact_at(&mut expect, 0).unwrap();
+    assert_eq!(read(&ours, 0, size as usize), expect);
+    if sector == 4096 {
+        // QEMU refuses 4 KiB logical sectors ("Operation not supported"); nothing to compare.
+        return;
+    }
+    run("qemu-img", &["check", "-f", "vhdx", s(&p)]);
+    run(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&p), s(&raw)],
+    );
+}
+
+#[test]
+fn our_dynamic_images_pass_qemu_check_and_compare() {
+    if !have_qemu() {
+        return;
+    }
+    ours_then_qemu(DiskType::Dynamic, MIB as u32, 512);
+    ours_then_qemu(DiskType::Dynamic, 32 * MIB as u32, 512);
+    ours_then_qemu(DiskType::Dynamic, MIB as u32, 4096);
+    ours_then_qemu(DiskType::Dynamic, 8 * MIB as u32, 512);
+}
+
+#[test]
+fn our_fixed_images_pass_qemu_check_and_compare() {
+    if !have_qemu() {
+        return;
+    }
+    ours_then_qemu(DiskType::Fixed, 2 * MIB as u32, 512);
+}
+
+#[test]
+fn our_resized_image_passes_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let (p, d) = create(
+        dir.path(),
+        "r.vhdx",
+        &opts(64 * MIB, MIB as u32, DiskType::Dynamic),
+    );
+    d.write(&[7; 8192], 10 * MIB).unwrap();
+    d.resize(200 * 1024 * MIB, false).unwrap(); // moves the BAT
+    d.write(&[8; 8192], 150 * 1024 * MIB).unwrap();
+    drop(d);
+    run("qemu-img", &["check", "-f", "vhdx", s(&p)]);
+    let out = run("qemu-img", &["info", "--output=json", s(&p)]);
+    assert!(
+        out.contains(&format!("\"virtual-size\": {}", 200u64 * 1024 * MIB)),
+        "{out}"
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-c",
+            "read -P 7 10M 8k",
+            "-c",
+            &format!("read -P 8 {} 8k", 150u64 * 1024 * MIB),
+            s(&p),
+        ],
+    );
+}
+
+fn qemu_then_ours(subformat: &str, block: &str, log: &str) {
+    let dir = tmpdir();
+    let p = dir.path().join("q.vhdx");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            &format!("subformat={subformat},block_size={block},log_size={log}"),
+            s(&p),
+            "80M",
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 40M 4k",
+            "-c",
+            "write -P 0x11 79M 1M",
+            s(&p),
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let d = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert_eq!(d.virtual_size(), 80 * MIB);
+    assert_eq!(read(&d, 0, MIB as usize), vec![0xab; MIB as usize]);
+    assert_eq!(read(&d, 40 * MIB, 4096), vec![0xcd; 4096]);
+    assert_eq!(read(&d, 40 * MIB + 4096, 4096), vec![0; 4096]);
+    assert_eq!(read(&d, 79 * MIB, MIB as usize), vec![0x11; MIB as usize]);
+    drop(d);
+    // And the other way: we write into qemu's image, qemu reads it back.
+    let d = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    d.write(&vec![0x5a; 64 * 1024], 20 * MIB).unwrap();
+    d.write(&vec![0x6b; 4096], 4096).unwrap();
+    drop(d);
+    run("qemu-img", &["check", "-f", "vhdx", s(&p)]);
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "vhdx",
+            "-c",
+            "read -P 0x5a 20M 64k",
+            "-c",
+            "read -P 0x6b 4k 4k",
+            "-c",
+            "read -P 0xab 8k 1016k",
+            "-c",
+            "read -P 0xcd 40M 4k",
+            s(&p),
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+}
+
+#[test]
+fn qemu_images_read_and_write_in_ours() {
+    if !have_qemu() {
+        return;
+    }
+    for (sub, block, log) in [
+        ("dynamic", "1M", "1M"),
+        ("dynamic", "8M", "4M"),
+        ("dynamic", "32M", "1M"),
+        ("fixed", "2M", "1M"),
+        ("dynamic", "256M", "8M"),
+    ] {
+        qemu_then_ours(sub, block, log);
+    }
+}
