@@ -148,8 +148,8 @@ fn kvm_qemu_disk_pattern_roundtrip() {
     let mut vm = boot(&cfg);
 
     assert_eq!(ok(&mut vm, "DISK 0 ID"), "OK id=probe-disk-0");
-    // Guest writes: 3000 sectors from LBA 8 spans many in-flight requests.
-    let (lba, count, seed) = (8u64, 3000u64, 0x1234u64);
+    // Guest writes: 5000 sectors from LBA 8 take more requests than the probe keeps in flight.
+    let (lba, count, seed) = (8u64, 5000u64, 0x1234u64);
     assert_eq!(
         ok(&mut vm, &format!("DISK 0 WRITE {lba} {count} {seed:#x}")),
         "OK"

@@ -19,9 +19,9 @@ const T_GET_ID: u32 = 8;
 
 pub const SECTOR: u64 = 512;
 /// Bytes of one request's data; the probe keeps up to SLOTS of them in flight.
-const SLOT_BYTES: usize = 128 << 10;
-const SLOTS: usize = 8;
-const MAX_SEGS_PER_REQ: usize = 32;
+const SLOT_BYTES: usize = 512 << 10;
+const SLOTS: usize = 4;
+const MAX_SEGS_PER_REQ: usize = 64;
 /// A request the device has not completed after this many TSC ticks (tens of seconds at any
 /// plausible frequency) is reported as a timeout instead of hanging the probe.
 const STALL_TICKS: u64 = 100_000_000_000;
