@@ -17,6 +17,7 @@ use crate::VhdxError;
 pub struct FaultInjector {
     remaining: AtomicI64,
     fired: AtomicBool,
+    torn: bool,
 }
 
 impl FaultInjector {
@@ -24,12 +25,28 @@ impl FaultInjector {
         Arc::new(FaultInjector {
             remaining: AtomicI64::new(n as i64),
             fired: AtomicBool::new(false),
+            torn: false,
+        })
+    }
+
+    /// Like [`FaultInjector::after`], but the write that hits the crash lands half-way
+    /// (its first half, in whole 512-byte sectors), as a torn write would.
+    pub fn after_torn(n: u64) -> Arc<FaultInjector> {
+        Arc::new(FaultInjector {
+            remaining: AtomicI64::new(n as i64),
+            fired: AtomicBool::new(false),
+            torn: true,
         })
     }
 
     /// True once the simulated crash happened.
     pub fn fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst)
+    }
+
+    /// True when an earlier operation already crashed (only the first failing write tears).
+    fn fired_before_this(&self) -> bool {
+        self.remaining.load(Ordering::SeqCst) < -1
     }
 
     fn tick(&self) -> Result<(), VhdxError> {
@@ -132,7 +149,14 @@ impl FileIo {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
-        self.tick()?;
+        if let Err(e) = self.tick() {
+            let f = self.fault.as_ref().unwrap();
+            if f.torn && !f.fired_before_this() {
+                let half = buf.len() / 2 / 512 * 512;
+                self.file.write_all_at(&buf[..half], offset)?;
+            }
+            return Err(e);
+        }
         self.file.write_all_at(buf, offset)?;
         Ok(())
     }

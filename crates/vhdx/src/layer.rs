@@ -392,6 +392,15 @@ impl Layer {
                 ..h
             };
         }
+        if !o.read_only {
+            // A crash between the two region-table writes of a BAT move leaves the copies
+            // different; the one in use (table 1 when valid) wins and is copied over the other.
+            let in_use = if pre.tables[0].is_ok() { 0 } else { 1 };
+            if pre.tables[1 - in_use].as_ref().ok() != Some(&pre.regions) {
+                io.write_at(&pre.regions.to_bytes(), REGION_TABLE_OFFSETS[1 - in_use])?;
+                io.sync()?;
+            }
+        }
         let file_len = io.len()?;
         let mr = pre.regions.find(METADATA_REGION).unwrap().clone();
         if mr.length as u64 > metadata::MAX_REGION {
