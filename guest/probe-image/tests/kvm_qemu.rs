@@ -133,6 +133,27 @@ fn kvm_qemu_devices_found_by_scanning_slots() {
 }
 
 #[test]
+fn kvm_qemu_devices_listed_on_the_command_line() {
+    let Some(qemu) = qemu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = sparse_disk(dir.path(), "a.img", 2 << 20);
+    let b = sparse_disk(dir.path(), "b.img", 3 << 20);
+    let mut cfg = QemuProbeConfig::new(&qemu, 64)
+        .disk(&a, false)
+        .disk(&b, false);
+    cfg.machine.push_str(",auto-kernel-cmdline=off");
+    // Only the second device's slot (QEMU fills its 8 ACPI-less slots from the top: 7, then 6) is listed, so
+    // the probe must use exactly that one and not scan.
+    cfg.cmdline = Some("quiet virtio_mmio.device=0x200@0xfeb00c00:11 other=1".into());
+    let mut vm = boot(&cfg);
+    assert_eq!(ok(&mut vm, "INFO"), "OK mem_mib=64 disks=1 nics=0 cpus=1");
+    assert_eq!(
+        ok(&mut vm, "DISK 0 INFO"),
+        "OK sectors=6144 ro=0 blk_size=512"
+    );
+}
+
+#[test]
 fn kvm_qemu_disk_pattern_roundtrip() {
     let Some(qemu) = qemu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
