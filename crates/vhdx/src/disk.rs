@@ -407,10 +407,25 @@ impl Vhdx {
         self.check_range(offset, len)?;
         let l = self.top();
         l.begin_session(DataGuid::New)?;
+        let ls = l.geo.logical_sector;
+        // Partial sectors at either end are zeroed by writing (bitmaps track whole sectors).
+        let (a, z) = (
+            offset.next_multiple_of(ls).min(offset + len),
+            ((offset + len) / ls * ls).max(offset),
+        );
+        if a > z {
+            return self.write(&vec![0u8; len as usize], offset);
+        }
+        if a > offset {
+            self.write(&vec![0u8; (a - offset) as usize], offset)?;
+        }
+        if offset + len > z {
+            self.write(&vec![0u8; (offset + len - z) as usize], z)?;
+        }
         let bs = l.geo.block_size;
         let vs = l.vsize();
-        let mut pos = offset;
-        let end = offset + len;
+        let mut pos = a;
+        let end = z;
         while pos < end {
             let b = pos / bs;
             let inb = pos % bs;
@@ -610,6 +625,15 @@ impl Vhdx {
                     l.mark_bat_dirty(i as u64);
                 }
             }
+            if geo.differencing {
+                // Newly exposed space reads as zero, not as whatever the parent holds there.
+                let mut w = l.bat.write().unwrap();
+                for b in geo.payload_blocks(old)..geo.payload_blocks(new_size) {
+                    let pi = geo.payload_index(b);
+                    w.entries[pi as usize] = bat::entry(bat::ZERO, 0);
+                    l.mark_bat_dirty(pi);
+                }
+            }
             if l.params.leave_blocks_allocated {
                 let mut w = l.bat.write().unwrap();
                 for b in geo.payload_blocks(old)..geo.payload_blocks(new_size) {
@@ -621,6 +645,10 @@ impl Vhdx {
                     l.mark_bat_dirty(pi);
                 }
             }
+        }
+        if geo.differencing && new_size > old && old % bs != 0 {
+            let end = new_size.min(old.next_multiple_of(bs));
+            self.write_aligned(&vec![0u8; (end - old) as usize], old)?;
         }
         let pages = {
             let mut st = l.state.lock().unwrap();
