@@ -646,7 +646,7 @@ impl Vhdx {
                 }
             }
         }
-        if geo.differencing && new_size > old && old % bs != 0 {
+        if geo.differencing && new_size > old && !old.is_multiple_of(bs) {
             let end = new_size.min(old.next_multiple_of(bs));
             self.write_aligned(&vec![0u8; (end - old) as usize], old)?;
         }
