@@ -65,3 +65,8 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// Referenced by the precompiled `core` in builds without LTO; the probe aborts on panic, so
+/// no unwinding ever consults it.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}
