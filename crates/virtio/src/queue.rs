@@ -20,7 +20,9 @@ pub(crate) fn serve_queue<'m>(
             tracing::warn!("virtqueue: cannot disable notifications: {e}");
             return used;
         }
+        let mut popped = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped = true;
             let head = chain.head_index();
             let len = handle(chain);
             match queue.add_used(mem, head, len) {
@@ -30,7 +32,11 @@ pub(crate) fn serve_queue<'m>(
             }
         }
         match queue.enable_notification(mem) {
-            Ok(true) => continue, // The driver added chains while we were re-enabling.
+            // The driver added chains while we were re-enabling notifications. When the last pass
+            // popped nothing, the ring itself is bad (e.g. an avail index beyond the queue
+            // size): stop rather than spin; the next kick tries again.
+            Ok(true) if popped => continue,
+            Ok(true) => return used,
             Ok(false) => return used,
             Err(e) => {
                 tracing::warn!("virtqueue: cannot enable notifications: {e}");

@@ -415,6 +415,23 @@ fn reset_stops_the_worker_and_reactivation_works() {
 }
 
 #[test]
+fn bogus_avail_index_neither_spins_nor_blocks_reset() {
+    let r = rig();
+    r.mem
+        .store(
+            1000u16.to_le(),
+            GuestAddress(r.q.avail_addr() + 2),
+            std::sync::atomic::Ordering::Release,
+        )
+        .unwrap();
+    r.q.notify();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.q.used_idx(&r.mem), 0);
+    // A spinning worker would never see the stop request.
+    reset_in_time(r.dev);
+}
+
+#[test]
 fn wrong_queue_count_is_refused() {
     let file = tempfile::NamedTempFile::new().unwrap();
     let mut dev = Block::new(Arc::new(RawFile::open(file.path(), false).unwrap()));

@@ -165,6 +165,10 @@ impl NetWorker {
                     self.pending = None;
                 }
                 Delivery::Dropped => self.pending = None,
+                Delivery::Returned => {
+                    used += 1;
+                    self.pending = None;
+                }
                 Delivery::NoBuffer => break true,
             }
         };
@@ -208,16 +212,29 @@ impl NetWorker {
     /// Puts the frame in `self.frame[..len]` into the next rx chain.
     fn deliver(&mut self, len: usize) -> Delivery {
         let mem = &self.mem;
-        let Some(chain) = self.rx.pop_descriptor_chain(mem) else {
-            // Ask for a kick when buffers arrive; if some arrived meanwhile, go on.
-            return match self.rx.enable_notification(mem) {
-                Ok(true) => self.deliver(len),
-                Ok(false) => Delivery::NoBuffer,
-                Err(e) => {
-                    tracing::warn!("virtio-net: rx queue unusable: {e}");
-                    Delivery::NoBuffer
+        let mut retried = false;
+        let chain = loop {
+            let Some(chain) = self.rx.pop_descriptor_chain(mem) else {
+                // Ask for a kick when buffers arrive; if some arrived meanwhile, go on (once:
+                // a ring that claims chains it cannot yield is broken, not busy).
+                match self.rx.enable_notification(mem) {
+                    Ok(true) if !retried => {
+                        retried = true;
+                        continue;
+                    }
+                    Ok(true) => return Delivery::NoBuffer,
+                    Ok(false) => return Delivery::NoBuffer,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: rx queue unusable: {e}");
+                        return Delivery::NoBuffer;
+                    }
                 }
             };
+            if chain.head_index() < self.rx.size() {
+                break chain;
+            }
+            // A head past the queue can be neither used nor returned: skip it.
+            tracing::warn!("virtio-net: rx head {} out of range", chain.head_index());
         };
         let head = chain.head_index();
         let written = match ChainBuffers::collect(mem, chain) {
@@ -236,9 +253,12 @@ impl NetWorker {
         let written = match written {
             Ok(n) => n,
             Err(e) => {
+                // The chain is unusable; return it empty so the driver can recycle it.
                 tracing::debug!("virtio-net: malformed rx chain: {e}");
                 self.counters.rx_drops.fetch_add(1, Ordering::Relaxed);
-                let _ = self.rx.add_used(mem, head, 0);
+                if self.rx.add_used(mem, head, 0).is_ok() {
+                    return Delivery::Returned;
+                }
                 return Delivery::Dropped;
             }
         };
@@ -256,8 +276,13 @@ impl NetWorker {
 }
 
 enum Delivery {
+    /// The frame is in the guest.
     Delivered,
+    /// The frame is lost (counted); no chain was used.
     Dropped,
+    /// The frame is lost (counted) and a malformed chain went back to the driver empty.
+    Returned,
+    /// No rx buffer: the frame waits.
     NoBuffer,
 }
 

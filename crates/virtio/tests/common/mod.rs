@@ -248,6 +248,10 @@ impl DriverQueue {
         u16::from_le(mem.load(GuestAddress(at), Ordering::Acquire).unwrap())
     }
 
+    pub fn avail_addr(&self) -> u64 {
+        self.avail
+    }
+
     /// Page addresses of the used ring (what a device dirties when completing requests).
     pub fn used_ring_addr(&self) -> u64 {
         self.used
@@ -293,4 +297,17 @@ pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(1));
     }
     false
+}
+
+/// Resets `dev` on another thread and fails the test (instead of hanging it) if the reset does
+/// not return in time, e.g. because a worker spins and never sees the stop request.
+pub fn reset_in_time<D: VirtioDevice + 'static>(mut dev: D) -> D {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        dev.reset();
+        let _ = done_tx.send(dev);
+    });
+    done_rx
+        .recv_timeout(DEVICE_TIMEOUT)
+        .expect("device reset did not return: worker stuck")
 }
