@@ -439,3 +439,17 @@ fn wrong_queue_count_is_refused() {
     let irq = Arc::new(RecordingInterrupt::default());
     assert!(dev.activate(mem, irq, Vec::new()).is_err());
 }
+
+#[test]
+fn resize_updates_capacity_and_notifies_the_driver() {
+    let r = rig();
+    let resizer = r.dev.resizer();
+    resizer.resize(2 * DISK_SIZE).unwrap();
+    assert_eq!(read_config_u64(&r.dev, 0), 2 * DISK_SIZE / 512);
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Once reset, nobody is told (the driver re-reads config when it initialises again).
+    let dev = reset_in_time(r.dev);
+    resizer.resize(DISK_SIZE).unwrap();
+    assert_eq!(read_config_u64(&dev, 0), DISK_SIZE / 512);
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

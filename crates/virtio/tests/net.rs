@@ -348,3 +348,23 @@ fn reset_stops_the_worker() {
     r.post_rx(0, 2048);
     assert_eq!(r.rx.wait_used(&r.mem, 1).len(), 1);
 }
+
+#[test]
+fn link_state_changes_reach_config_space_and_driver() {
+    let r = rig();
+    let link = r.dev.link_control();
+    let status = |dev: &Net| {
+        let mut b = [0u8; 2];
+        dev.read_config(6, &mut b);
+        u16::from_le_bytes(b)
+    };
+    assert_eq!(status(&r.dev), 1);
+    link.set_up(false).unwrap();
+    link.set_up(false).unwrap();
+    assert_eq!(status(&r.dev), 0);
+    assert!(!link.is_up());
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 1);
+    link.set_up(true).unwrap();
+    assert_eq!(status(&r.dev), 1);
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

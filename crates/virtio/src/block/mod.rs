@@ -9,8 +9,9 @@ pub use config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vireo_block::BlockBackend;
+use vireo_block::{BlockBackend, BlockError};
 
+use crate::notifier::ConfigNotifier;
 use crate::worker::Worker;
 use crate::{device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt};
 
@@ -44,7 +45,25 @@ pub struct Block {
     queue_sizes: [u16; 1],
     acked_features: u64,
     counters: Arc<BlockCounters>,
+    notifier: ConfigNotifier,
     worker: Option<Worker>,
+}
+
+/// Resizes a disk while its device is owned by the transport, telling the driver.
+#[derive(Clone)]
+pub struct BlockResizer {
+    backend: Arc<dyn BlockBackend>,
+    notifier: ConfigNotifier,
+}
+
+impl BlockResizer {
+    /// Changes the disk's size and raises a config-change interrupt so the driver re-reads
+    /// `capacity`.
+    pub fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        self.backend.resize(new_size)?;
+        self.notifier.notify()?;
+        Ok(())
+    }
 }
 
 impl Block {
@@ -63,7 +82,17 @@ impl Block {
             queue_sizes: [size],
             acked_features: 0,
             counters: Arc::default(),
+            notifier: ConfigNotifier::default(),
             worker: None,
+        }
+    }
+
+    /// A handle that resizes the disk and notifies the driver, usable after the device has
+    /// been handed to the transport.
+    pub fn resizer(&self) -> BlockResizer {
+        BlockResizer {
+            backend: self.backend.clone(),
+            notifier: self.notifier.clone(),
         }
     }
 
@@ -129,6 +158,7 @@ impl VirtioDevice for Block {
                     got: q.len(),
                 })?;
         let event_idx = crate::has_event_idx(self.acked_features);
+        self.notifier.set(Some(interrupt.clone()));
         let worker = worker::BlockWorker::new(
             mem,
             interrupt,
@@ -145,6 +175,7 @@ impl VirtioDevice for Block {
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
+        self.notifier.set(None);
         self.acked_features = 0;
     }
 }

@@ -3,12 +3,13 @@
 
 mod worker;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vireo_netport::FramePort;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 
+use crate::notifier::ConfigNotifier;
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt,
@@ -66,7 +67,31 @@ pub struct Net {
     queue_sizes: [u16; 2],
     acked_features: u64,
     counters: Arc<NetCounters>,
+    link_up: Arc<AtomicBool>,
+    notifier: ConfigNotifier,
     worker: Option<Worker>,
+}
+
+/// Sets a NIC's link state (the config space's LINK_UP bit) while the transport owns it.
+#[derive(Clone)]
+pub struct LinkControl {
+    up: Arc<AtomicBool>,
+    notifier: ConfigNotifier,
+}
+
+impl LinkControl {
+    /// Changes the link state and raises a config-change interrupt if it changed. Frames
+    /// still flow while the link is down; the driver decides what to do with the carrier.
+    pub fn set_up(&self, up: bool) -> std::io::Result<()> {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            self.notifier.notify()?;
+        }
+        Ok(())
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
 }
 
 impl Net {
@@ -78,7 +103,17 @@ impl Net {
             queue_sizes: [DEFAULT_QUEUE_SIZE; 2],
             acked_features: 0,
             counters: Arc::default(),
+            link_up: Arc::new(AtomicBool::new(true)),
+            notifier: ConfigNotifier::default(),
             worker: None,
+        }
+    }
+
+    /// A handle for the link state, usable after the device has been handed to the transport.
+    pub fn link_control(&self) -> LinkControl {
+        LinkControl {
+            up: self.link_up.clone(),
+            notifier: self.notifier.clone(),
         }
     }
 
@@ -94,7 +129,12 @@ impl Net {
     fn config_space(&self) -> [u8; 10] {
         let mut c = [0u8; 10];
         c[..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let status = if self.link_up.load(Ordering::Acquire) {
+            VIRTIO_NET_S_LINK_UP as u16
+        } else {
+            0
+        };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         c
     }
@@ -148,6 +188,7 @@ impl VirtioDevice for Net {
                     want: 2,
                     got: q.len(),
                 })?;
+        self.notifier.set(Some(interrupt.clone()));
         let worker = worker::NetWorker::new(
             mem,
             interrupt,
@@ -165,6 +206,7 @@ impl VirtioDevice for Net {
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
+        self.notifier.set(None);
         self.acked_features = 0;
     }
 }

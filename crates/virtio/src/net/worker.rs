@@ -172,6 +172,13 @@ impl NetWorker {
                 Delivery::NoBuffer => break true,
             }
         };
+        if !out_of_buffers {
+            // Buffers remain: the driver need not kick when adding more (without EVENT_IDX this
+            // sets NO_NOTIFY; with it, avail_event simply stays behind). Running out re-enables.
+            if let Err(e) = self.rx.disable_notification(&self.mem) {
+                tracing::warn!("virtio-net: cannot disable rx notifications: {e}");
+            }
+        }
         notify_if_needed(&mut self.rx, &self.mem, &*self.interrupt, RX_QUEUE, used);
         // Watch the port only while frames can go somewhere, so a full guest does not make the
         // worker spin on a readable fd.
