@@ -26,15 +26,23 @@ struct Rig {
     irq: Arc<RecordingInterrupt>,
 }
 
+const MRG_RXBUF: u64 = 1 << 15;
+
 fn rig() -> Rig {
-    rig_named("vm")
+    rig_with("vm", None)
 }
 
 fn rig_named(name: &str) -> Rig {
+    rig_with(name, None)
+}
+
+/// A device on a channel port named `name`, with `features` negotiated (default: all offered).
+fn rig_with(name: &str, features: Option<u64>) -> Rig {
     let (vm_end, peer) = channel_pair(name, "peer").unwrap();
     let mut dev = Net::new(Arc::new(vm_end), MAC);
     let mem = guest_memory();
-    let (mut qs, irq) = activate_all(&mut dev, &mem, QSIZE);
+    let features = features.unwrap_or(dev.features());
+    let (mut qs, irq) = activate_with(&mut dev, &mem, QSIZE, features);
     let tx = qs.pop().unwrap();
     let rx = qs.pop().unwrap();
     Rig {
@@ -251,7 +259,8 @@ fn rx_waits_for_buffers_without_spinning_or_dropping() {
 
 #[test]
 fn frames_too_big_for_the_buffer_are_dropped_and_counted() {
-    let mut r = rig();
+    let features = rig().dev.features() & !MRG_RXBUF;
+    let mut r = rig_with("vm", Some(features));
     r.post_rx(0, HDR + 100);
     r.peer.send(&frame(1000, 1)).unwrap();
     // Longer than any port buffer: the port reports it and the device counts it.
@@ -367,4 +376,77 @@ fn link_state_changes_reach_config_space_and_driver() {
     link.set_up(true).unwrap();
     assert_eq!(status(&r.dev), 1);
     assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn mergeable_rx_spreads_a_frame_over_several_buffers() {
+    let mut r = rig();
+    assert_ne!(r.dev.features() & MRG_RXBUF, 0);
+    for i in 0..4 {
+        r.post_rx(i, 512);
+    }
+    let big = frame(1400, 5);
+    r.peer.send(&big).unwrap();
+    let used = r.rx.wait_used(&r.mem, 3);
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        vec![512, 512, 1412 - 1024]
+    );
+    let mut got = Vec::new();
+    for (i, u) in used.iter().enumerate() {
+        got.extend(r.rx_bytes(i as u64, u.1 as usize));
+    }
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[NET_HDR_LEN..], &big[..]);
+
+    // One buffer left, a frame needing three: it waits for more buffers, then arrives whole.
+    let next = frame(1200, 6);
+    r.peer.send(&next).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.rx.used_idx(&r.mem), 3);
+    r.post_rx(4, 512);
+    r.post_rx(5, 512);
+    let used = r.rx.wait_used(&r.mem, 3);
+    let mut got = Vec::new();
+    for (slot, u) in [3u64, 4, 5].iter().zip(&used) {
+        got.extend(r.rx_bytes(*slot, u.1 as usize));
+    }
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+    assert_eq!(&got[NET_HDR_LEN..], &next[..]);
+    assert_eq!(r.dev.counters().snapshot().rx_drops, 0);
+}
+
+#[test]
+fn mergeable_frame_larger_than_the_whole_ring_is_dropped() {
+    let mut r = rig();
+    for i in 0..u64::from(QSIZE) {
+        r.post_rx(i, 64);
+    }
+    r.peer.send(&frame(2000, 1)).unwrap(); // Needs 2012 bytes, the ring holds 1024.
+    let small = frame(100, 2);
+    r.peer.send(&small).unwrap();
+    let used = r.rx.wait_used(&r.mem, 2);
+    assert_eq!(
+        used.iter().map(|u| u.1).sum::<u32>() as usize,
+        NET_HDR_LEN + 100
+    );
+    let s = r.dev.counters().snapshot();
+    assert_eq!((s.rx_frames, s.rx_drops), (1, 1));
+}
+
+#[test]
+fn transmitting_does_not_disturb_a_frame_waiting_for_rx_buffers() {
+    let mut r = rig();
+    let waiting = frame(500, 3);
+    r.peer.send(&waiting).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let out = frame(1500, 4);
+    r.send(0, &out);
+    assert_eq!(r.peer_recv().as_deref(), Some(&out[..]));
+    r.post_rx(0, 2048);
+    let used = r.rx.wait_used(&r.mem, 1);
+    assert_eq!(
+        &r.rx_bytes(0, used[0].1 as usize)[NET_HDR_LEN..],
+        &waiting[..]
+    );
 }

@@ -10,7 +10,7 @@ use common::*;
 use proptest::prelude::*;
 use vireo_block::RawFile;
 use vireo_netport::{channel_pair, FramePort};
-use vireo_virtio::{Block, GuestMemory, Net};
+use vireo_virtio::{Block, GuestMemory, Net, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 16;
@@ -119,7 +119,14 @@ fn net_case(case: Case, rx: bool) {
     let mut dev = Net::new(Arc::new(vm_end), [2, 0, 0, 0, 0, 1]);
     let mem = guest_memory();
     fill(&mem, case.fill_seed);
-    let (mut qs, _irq) = activate_all(&mut dev, &mem, QSIZE);
+    // Half the cases with mergeable rx buffers, half without.
+    let mergeable_rx = 1 << 15;
+    let features = if case.fill_seed & 1 == 0 {
+        dev.features()
+    } else {
+        dev.features() & !mergeable_rx
+    };
+    let (mut qs, _irq) = activate_with(&mut dev, &mem, QSIZE, features);
     let mut txq = qs.pop().unwrap();
     let mut rxq = qs.pop().unwrap();
     if rx {

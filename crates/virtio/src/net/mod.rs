@@ -1,13 +1,18 @@
 //! virtio-net over any [`FramePort`]: receive queue 0, transmit queue 1, one worker thread.
-//! No offloads are offered, so every frame is a plain Ethernet frame behind a zeroed header.
+//! No offloads are offered, so every frame is a plain Ethernet frame behind a zeroed header
+//! (12 bytes: VERSION_1 always carries `num_buffers`, which MRG_RXBUF makes meaningful).
 
+mod rx;
+mod tx;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vireo_netport::FramePort;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
 
 use crate::notifier::ConfigNotifier;
 use crate::worker::Worker;
@@ -154,6 +159,7 @@ impl VirtioDevice for Net {
             | VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
     }
 
     fn ack_features(&mut self, acked: u64) {
@@ -194,7 +200,10 @@ impl VirtioDevice for Net {
             interrupt,
             rx,
             tx,
-            crate::has_event_idx(self.acked_features),
+            worker::Negotiated {
+                event_idx: crate::has_event_idx(self.acked_features),
+                mergeable_rx: self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            },
             self.port.clone(),
             self.counters.clone(),
         );
