@@ -1,0 +1,171 @@
+//! virtio-net over a real TAP interface, inside a network namespace this test creates: frames
+//! the guest transmits appear on the interface, frames sent on the interface reach the guest.
+//! Needs root and /dev/net/tun; prints SKIPPED otherwise.
+
+mod common;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vireo_netport::{FramePort, TapPort};
+use vireo_virtio::net::NET_HDR_LEN;
+use vireo_virtio::Net;
+use vm_memory::{Bytes, GuestAddress};
+
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+struct NetNs(String);
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn enter_new_netns(name: &str) -> Option<NetNs> {
+    let ok = Command::new("ip")
+        .args(["netns", "add", name])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return None;
+    }
+    let ns = NetNs(name.to_string());
+    let f = File::open(format!("/var/run/netns/{name}")).ok()?;
+    // SAFETY: setns on an fd we hold open; affects only the calling thread.
+    (unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0).then_some(ns)
+}
+
+fn packet_socket(ifname: &str) -> io::Result<File> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call, wrapped in a File right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let sock = unsafe { File::from_raw_fd(fd) };
+    let cname = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: cname is NUL-terminated.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    // SAFETY: sockaddr_ll is plain old data.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: addr is a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+fn test_frame(tag: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, tag]);
+    f.extend_from_slice(&ETHERTYPE);
+    f.resize(len, tag);
+    f
+}
+
+#[test]
+fn guest_frames_cross_a_tap_both_ways() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        println!("SKIPPED: needs root and /dev/net/tun");
+        return;
+    }
+    let name = format!("vireo-vnet-{}", std::process::id());
+    let result = std::thread::spawn(move || {
+        let Some(_ns) = enter_new_netns(&name) else {
+            println!("SKIPPED: cannot create network namespace");
+            return;
+        };
+        let tap = Arc::new(TapPort::open("vnet%d").unwrap());
+        tap.set_up().unwrap();
+        let sock = packet_socket(tap.name()).unwrap();
+        let mut dev = Net::new(tap.clone(), [2, 0, 0, 0, 0, 9]);
+        let mem = guest_memory();
+        let (mut qs, _irq) = activate_all(&mut dev, &mem, 16);
+        let mut tx = qs.pop().unwrap();
+        let mut rx = qs.pop().unwrap();
+        let deadline = Instant::now() + DEVICE_TIMEOUT;
+
+        // Guest -> TAP.
+        let out = test_frame(1, 300);
+        let at = DATA_BASE;
+        mem.write_slice(&[0; NET_HDR_LEN], GuestAddress(at))
+            .unwrap();
+        mem.write_slice(&out, GuestAddress(at + NET_HDR_LEN as u64))
+            .unwrap();
+        tx.add_chain(&mem, &[ro(at, (NET_HDR_LEN + out.len()) as u32)]);
+        tx.notify();
+        let mut buf = vec![0u8; 2048];
+        let mut seen = false;
+        while !seen && Instant::now() < deadline {
+            // SAFETY: reads into a live buffer of the stated length.
+            let n = unsafe { libc::read(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 && buf[12..14] == ETHERTYPE {
+                assert_eq!(&buf[..n as usize], &out[..]);
+                seen = true;
+            } else {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        assert!(seen, "guest frame never reached the TAP");
+
+        // TAP -> guest (the kernel may also send IPv6 chatter; look for ours).
+        for i in 0..8 {
+            rx.add_chain(&mem, &[wo(DATA_BASE + 0x10000 + i * 0x1000, 2048)]);
+        }
+        rx.notify();
+        let back = test_frame(2, 700);
+        // SAFETY: writes a live buffer of the stated length.
+        let n = unsafe { libc::write(sock.as_raw_fd(), back.as_ptr().cast(), back.len()) };
+        assert_eq!(n, back.len() as isize);
+        let mut found = false;
+        while !found && Instant::now() < deadline {
+            for (head, len) in rx.take_used(&mem) {
+                let slot = u64::from(head) % 8;
+                let mut got = vec![0u8; len as usize];
+                mem.read_slice(&mut got, GuestAddress(DATA_BASE + 0x10000 + slot * 0x1000))
+                    .unwrap();
+                if got.len() > NET_HDR_LEN + 14
+                    && got[NET_HDR_LEN + 12..NET_HDR_LEN + 14] == ETHERTYPE
+                {
+                    assert_eq!(&got[NET_HDR_LEN..], &back[..]);
+                    found = true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(found, "TAP frame never reached the guest");
+        let stats = dev.counters().snapshot();
+        assert!(stats.tx_frames >= 1 && stats.rx_frames >= 1);
+        reset_in_time(dev);
+    })
+    .join();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
