@@ -33,6 +33,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit for used/avail event indexes (interrupt and kick suppression).
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+/// Feature bit for indirect descriptor tables (a whole request behind one ring descriptor).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
+    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+
 fn has_event_idx(acked_features: u64) -> bool {
     acked_features & VIRTIO_RING_F_EVENT_IDX != 0
 }

@@ -453,3 +453,39 @@ fn resize_updates_capacity_and_notifies_the_driver() {
     assert_eq!(read_config_u64(&dev, 0), DISK_SIZE / 512);
     assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn request_behind_an_indirect_table() {
+    let mut r = rig();
+    assert_ne!(
+        r.dev.features() & vireo_virtio::VIRTIO_RING_F_INDIRECT_DESC,
+        0
+    );
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 5) as u8).collect();
+    r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    assert_eq!(r.request(T_OUT, 9, Some(ro(DATA, 1024))).0, S_OK);
+
+    let table = DATA_BASE + 0x30000;
+    let back = DATA + 0x20000;
+    let entries: [(u64, u32, u16, u16); 3] = [
+        (HDR, 16, 1, 1),        // NEXT
+        (back, 1024, 1 | 2, 2), // NEXT | WRITE
+        (STATUS, 1, 2, 0),      // WRITE
+    ];
+    for (i, (addr, len, flags, next)) in entries.iter().enumerate() {
+        let at = table + 16 * i as u64;
+        r.mem.write_obj(*addr, GuestAddress(at)).unwrap();
+        r.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
+        r.mem.write_obj(*flags, GuestAddress(at + 12)).unwrap();
+        r.mem.write_obj(*next, GuestAddress(at + 14)).unwrap();
+    }
+    r.header(HDR, T_IN, 9);
+    let head = 7;
+    r.q.write_desc(&r.mem, head, table, 48, 4, 0); // INDIRECT
+    r.q.publish(&r.mem, head);
+    r.q.notify();
+    let used = r.q.wait_used(&r.mem, 1);
+    assert_eq!(used[0], (head, 1025));
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    assert_eq!(r.guest_bytes(back, 1024), data);
+}

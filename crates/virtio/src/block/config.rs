@@ -4,7 +4,7 @@
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use crate::VIRTIO_F_VERSION_1;
+use crate::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// Bytes the sector numbers in requests and `capacity` count in, whatever the block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -17,6 +17,7 @@ pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 pub(crate) fn features(read_only: bool, topology: bool) -> u64 {
     let bit = |b: u32| 1u64 << b;
     let mut f = VIRTIO_F_VERSION_1
+        | VIRTIO_RING_F_INDIRECT_DESC
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_BLK_F_SEG_MAX)
         | bit(VIRTIO_BLK_F_BLK_SIZE)

@@ -18,7 +18,7 @@ use crate::notifier::ConfigNotifier;
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Queue size offered for each queue.
@@ -157,6 +157,7 @@ impl VirtioDevice for Net {
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MRG_RXBUF
