@@ -166,9 +166,9 @@ fn write_then_read_round_trips_through_the_file() {
     let (status, len) = r.request(T_IN, 100, Some(wo(DATA, 1024)));
     assert_eq!((status, len), (S_OK, 1025));
     assert_eq!(r.guest_bytes(DATA, 1024), r.file_bytes(100 * 512, 1024));
-    let c = r.dev.counters();
-    assert_eq!(c.writes.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(c.reads.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let s = r.dev.counters().snapshot();
+    assert_eq!((s.writes, s.write_bytes), (1, 4096));
+    assert_eq!((s.reads, s.read_bytes), (2, 4096 + 1024));
 }
 
 #[test]
@@ -261,12 +261,7 @@ fn bad_requests_get_error_statuses() {
     // Unknown request type.
     assert_eq!(r.request(99, 0, None), (S_UNSUPP, 1));
     assert_eq!(r.request(2, 0, Some(wo(DATA, 512))).0, S_UNSUPP);
-    let errors = r
-        .dev
-        .counters()
-        .errors
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(errors, 7);
+    assert_eq!(r.dev.counters().snapshot().errors, 7);
 }
 
 #[test]

@@ -32,10 +32,32 @@ pub struct BlockCounters {
     pub errors: AtomicU64,
 }
 
+/// A point-in-time copy of [`BlockCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub errors: u64,
+}
+
 impl BlockCounters {
-    /// Reads one counter; a convenience for callers that do not care about ordering.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn snapshot(&self) -> BlockStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStats {
+            reads: get(&self.reads),
+            read_bytes: get(&self.read_bytes),
+            writes: get(&self.writes),
+            write_bytes: get(&self.write_bytes),
+            flushes: get(&self.flushes),
+            discards: get(&self.discards),
+            write_zeroes: get(&self.write_zeroes),
+            errors: get(&self.errors),
+        }
     }
 }
 
