@@ -2,7 +2,11 @@
 //! available chains, then decide (with EVENT_IDX when negotiated) whether the driver wants an
 //! interrupt.
 
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::{GuestMemory, VirtioInterrupt};
 
@@ -57,10 +61,20 @@ pub(crate) fn notify_if_needed(
     if used == 0 {
         return;
     }
-    // On a failure to read used_event, interrupting is the safe choice.
-    if queue.needs_notification(mem).unwrap_or(true) {
+    // On a failure to read used_event or the flags, interrupting is the safe choice.
+    if queue.needs_notification(mem).unwrap_or(true) && !driver_declined(queue, mem) {
         if let Err(e) = interrupt.notify_queue(index) {
             tracing::warn!("virtqueue {index}: cannot interrupt the driver: {e}");
         }
     }
+}
+
+/// Without EVENT_IDX, the driver may set VRING_AVAIL_F_NO_INTERRUPT to say it polls
+/// (virtio-queue leaves honouring it to the device).
+fn driver_declined(queue: &Queue, mem: &GuestMemory) -> bool {
+    if queue.event_idx_enabled() {
+        return false;
+    }
+    let flags: Result<u16, _> = mem.load(GuestAddress(queue.avail_ring()), Ordering::Acquire);
+    flags.is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
 }

@@ -356,6 +356,16 @@ fn without_event_idx_every_batch_interrupts() {
         assert_eq!(r.request(T_IN, i, Some(wo(DATA, 512))).0, S_OK);
         assert!(wait_for(|| r.irq.count(0) > i));
     }
+    // A polling driver sets VRING_AVAIL_F_NO_INTERRUPT and gets none.
+    r.q.set_avail_flags(&r.mem, 1);
+    for i in 0..3 {
+        assert_eq!(r.request(T_IN, i, Some(wo(DATA, 512))).0, S_OK);
+    }
+    r.q.set_avail_flags(&r.mem, 0);
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 512))).0, S_OK);
+    assert!(wait_for(|| r.irq.count(0) >= 4));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.irq.count(0), 4);
 }
 
 #[test]

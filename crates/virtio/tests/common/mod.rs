@@ -242,6 +242,12 @@ impl DriverQueue {
             .unwrap();
     }
 
+    /// Without EVENT_IDX: VRING_AVAIL_F_NO_INTERRUPT (1) says the driver polls.
+    pub fn set_avail_flags(&self, mem: &GuestMemory, flags: u16) {
+        mem.store(flags.to_le(), GuestAddress(self.avail), Ordering::Release)
+            .unwrap();
+    }
+
     /// EVENT_IDX: the avail index after which the device wants a kick.
     pub fn avail_event(&self, mem: &GuestMemory) -> u16 {
         let at = self.used + 4 + 8 * u64::from(self.size);
