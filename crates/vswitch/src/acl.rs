@@ -3,10 +3,9 @@
 //! hash probe replaces a scan of a hundred rules) and a connection table for stateful rules.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
-use rustc_hash::{FxBuildHasher, FxHasher};
+use rustc_hash::FxBuildHasher;
 
 use crate::config::{AclAction, AclRule, Direction, IpPrefix, PortRange};
 use crate::frame::{FrameSummary, Mac, L3};
@@ -106,35 +105,11 @@ fn view(s: &FrameSummary, dir: Direction) -> View {
 }
 
 impl Rule {
+    /// Cheapest and most selective tests first: protocol, ports, then addresses.
     #[inline]
     fn matches(&self, v: &View) -> bool {
-        if let Some(m) = &self.local_mac {
-            if *m != v.local_mac {
-                return false;
-            }
-        }
-        if let Some(m) = &self.remote_mac {
-            if *m != v.remote_mac {
-                return false;
-            }
-        }
-        let needs_ip = self.local_ip.is_some() || self.remote_ip.is_some() || self.proto.is_some();
-        if needs_ip && v.ip == 0 {
-            return false;
-        }
-        let v6 = v.ip == 6;
-        if let Some(p) = &self.local_ip {
-            if !p.matches(v6, v.local_ip) {
-                return false;
-            }
-        }
-        if let Some(p) = &self.remote_ip {
-            if !p.matches(v6, v.remote_ip) {
-                return false;
-            }
-        }
         if let Some(p) = self.proto {
-            if p != v.proto {
+            if v.ip == 0 || p != v.proto {
                 return false;
             }
         }
@@ -148,19 +123,79 @@ impl Rule {
                 return false;
             }
         }
+        let v6 = v.ip == 6;
+        if let Some(p) = &self.remote_ip {
+            if v.ip == 0 || !p.matches(v6, v.remote_ip) {
+                return false;
+            }
+        }
+        if let Some(p) = &self.local_ip {
+            if v.ip == 0 || !p.matches(v6, v.local_ip) {
+                return false;
+            }
+        }
+        if let Some(m) = &self.local_mac {
+            if *m != v.local_mac {
+                return false;
+            }
+        }
+        if let Some(m) = &self.remote_mac {
+            if *m != v.remote_mac {
+                return false;
+            }
+        }
         true
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// A [`View`] packed into words: cheap to hash and compare in the verdict cache.
+type CacheKey = [u64; 7];
+
+#[inline]
+fn cache_key(v: &View, dir: Direction) -> CacheKey {
+    let mac48 = |m: &Mac| u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0]);
+    [
+        (v.local_ip >> 64) as u64,
+        v.local_ip as u64,
+        (v.remote_ip >> 64) as u64,
+        v.remote_ip as u64,
+        mac48(&v.local_mac) | (v.lport as u64) << 48,
+        mac48(&v.remote_mac) | (v.rport as u64) << 48,
+        v.ip as u64
+            | (v.proto as u64) << 8
+            | (v.has_ports as u64) << 16
+            | ((dir == Direction::Ingress) as u64) << 24,
+    ]
+}
+
+#[inline]
+fn cache_slot(k: &CacheKey) -> usize {
+    let mut h: u64 = 0;
+    for w in k {
+        h = (h.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    // Multiplication only carries differences upwards; fold the high half back down.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h as usize & (CACHE_SLOTS - 1)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
 struct CacheSlot {
-    key: View,
-    dir_in: bool,
+    key: CacheKey,
     valid: bool,
     allow: bool,
     track: bool,
     /// Bit i set: rule with config index i matched (and is counted).
     counted: u128,
+    /// In the first slot of a pair: which way the next fill replaces.
+    recent: bool,
+}
+
+#[inline]
+fn same_key(a: &CacheKey, b: &CacheKey) -> bool {
+    a.iter().zip(b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -294,25 +329,16 @@ impl PortAcl {
         }
         let (allow, track) = if self.cacheable {
             if self.cache.is_empty() {
-                self.cache = vec![
-                    CacheSlot {
-                        key: View::default(),
-                        dir_in: false,
-                        valid: false,
-                        allow: false,
-                        track: false,
-                        counted: 0
-                    };
-                    CACHE_SLOTS
-                ];
+                self.cache = vec![CacheSlot::default(); CACHE_SLOTS];
             }
-            let dir_in = dir == Direction::Ingress;
-            let mut h = FxHasher::default();
-            v.hash(&mut h);
-            dir_in.hash(&mut h);
-            let slot = (h.finish() as usize) & (CACHE_SLOTS - 1);
-            let c = self.cache[slot];
-            if c.valid && c.dir_in == dir_in && c.key == v {
+            let key = cache_key(&v, dir);
+            // Two-way set associative: a flow lives in either slot of its pair, so two hot
+            // flows hashing alike do not evict each other on every frame.
+            let set = cache_slot(&key) & !1;
+            let hit = (set..set + 2)
+                .find(|i| self.cache[*i].valid && same_key(&self.cache[*i].key, &key));
+            if let Some(i) = hit {
+                let c = &self.cache[i];
                 let mut bits = c.counted;
                 while bits != 0 {
                     let i = bits.trailing_zeros() as usize;
@@ -324,13 +350,17 @@ impl PortAcl {
                 (c.allow, c.track)
             } else {
                 let (allow, track, counted) = self.scan(dir, &v, meters, len);
-                self.cache[slot] = CacheSlot {
-                    key: v,
-                    dir_in,
+                // Replace the way not used last; `recent` alternates on each fill.
+                let way = set + self.cache[set].recent as usize;
+                self.cache[set].recent = !self.cache[set].recent;
+                let recent = self.cache[way].recent;
+                self.cache[way] = CacheSlot {
+                    key,
                     valid: true,
                     allow,
                     track,
                     counted,
+                    recent,
                 };
                 (allow, track)
             }

@@ -15,9 +15,15 @@ const BOOTREPLY: u8 = 2;
 /// DHCPv6 ADVERTISE, REPLY, RECONFIGURE, RELAY-REPL: what only servers and relays send.
 const DHCP6_SERVER_TYPES: [u8; 4] = [2, 7, 10, 13];
 
+#[inline]
+fn mac_key(m: &Mac) -> u64 {
+    u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct PortGuard {
-    macs: Vec<Mac>,
+    /// The port's MACs packed into integers: compared on every frame.
+    macs: Vec<u64>,
     enforce_mac: bool,
     arp_nd: bool,
     ipv4: Vec<u32>,
@@ -30,7 +36,7 @@ impl PortGuard {
     pub fn compile(role: PortRole, macs: &[MacAddr], g: &GuardConfig) -> Self {
         let guest = role == PortRole::Vm;
         PortGuard {
-            macs: macs.iter().map(|m| m.0).collect(),
+            macs: macs.iter().map(|m| mac_key(&m.0)).collect(),
             enforce_mac: !g.mac_spoofing && !macs.is_empty(),
             arp_nd: g.arp_nd_guard,
             ipv4: g.allowed_ipv4.iter().map(|a| u32::from(*a)).collect(),
@@ -50,7 +56,7 @@ impl PortGuard {
         if s.src[0] & 1 == 1 || s.src == [0; 6] {
             return Err(DropReason::InvalidSourceMac);
         }
-        if self.enforce_mac && !self.macs.contains(&s.src) {
+        if self.enforce_mac && !self.macs.contains(&mac_key(&s.src)) {
             return Err(DropReason::MacSpoof);
         }
         match s.l3 {
@@ -69,7 +75,7 @@ impl PortGuard {
         if a.sender_ip == [0; 4] && a.target_ip == [0; 4] && a.sender_mac == [0; 6] {
             return Err(DropReason::ArpSpoof);
         }
-        if self.enforce_mac && !self.macs.contains(&a.sender_mac) {
+        if self.enforce_mac && !self.macs.contains(&mac_key(&a.sender_mac)) {
             return Err(DropReason::ArpSpoof);
         }
         let sender = u32::from_be_bytes(a.sender_ip);
