@@ -450,3 +450,15 @@ fn transmitting_does_not_disturb_a_frame_waiting_for_rx_buffers() {
         &waiting[..]
     );
 }
+
+#[test]
+fn out_of_range_rx_head_is_skipped() {
+    let mut r = rig();
+    r.rx.publish(&r.mem, QSIZE + 2);
+    r.post_rx(0, 2048);
+    let f = frame(90, 5);
+    r.peer.send(&f).unwrap();
+    let used = r.rx.wait_used(&r.mem, 1);
+    assert_eq!(used[0].1 as usize, NET_HDR_LEN + f.len());
+    assert_eq!(&r.rx_bytes(0, used[0].1 as usize)[NET_HDR_LEN..], &f[..]);
+}

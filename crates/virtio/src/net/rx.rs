@@ -178,13 +178,17 @@ impl RxPath {
                 self.rewind(popped);
                 return Delivery::NoBuffer;
             };
-            popped += 1;
             let head = chain.head_index();
             if head >= self.queue.size() {
-                // Can be neither used nor returned: skip it.
+                // Can be neither used nor returned: skip it. At the front of the ring it is
+                // consumed for good; behind gathered chains it is rewound with them.
                 tracing::warn!("virtio-net: rx head {head} out of range");
+                if !self.gathered.is_empty() {
+                    popped += 1;
+                }
                 continue;
             }
+            popped += 1;
             match ChainBuffers::collect(mem, chain) {
                 Ok(buffers) => {
                     have += buffers.writable_len();
