@@ -193,3 +193,67 @@ fn huge_dynamic_is_instant_and_small() {
     let blocks = std::fs::metadata(&p).unwrap().blocks() * 512;
     assert!(blocks < 64 * MIB, "allocated {blocks}");
 }
+
+#[test]
+fn user_metadata_survives_rewrites_and_qemu() {
+    let dir = tmpdir();
+    let (p, d) = create(
+        dir.path(),
+        "u.vhdx",
+        &opts(8 * MIB, MIB as u32, DiskType::Dynamic),
+    );
+    let id = vireo_vhdx::Guid::random();
+    d.set_user_metadata(id, Some(b"owner=vireo")).unwrap();
+    d.resize(16 * MIB, false).unwrap();
+    drop(d);
+    let d = reopen(&p);
+    assert_eq!(d.user_metadata(), vec![(id, b"owner=vireo".to_vec())]);
+    assert_eq!(d.virtual_size(), 16 * MIB);
+    drop(d);
+    if let Some((ok, out)) = qemu_img(&["check", "-f", "vhdx", p.to_str().unwrap()]) {
+        assert!(ok, "{out}");
+    }
+}
+
+#[test]
+fn read_only_open_of_dirty_log_replays_in_memory_or_refuses() {
+    use std::os::unix::fs::FileExt;
+    let dir = tmpdir();
+    let (p, d) = create(
+        dir.path(),
+        "l.vhdx",
+        &opts(8 * MIB, MIB as u32, DiskType::Dynamic),
+    );
+    d.write(&[3; 4096], 2 * MIB).unwrap();
+    d.flush().unwrap();
+    // Simulate a crash: no clean close, so the header still names a live log.
+    std::mem::forget(d);
+    // Undo the in-place BAT update as if the crash came before it was applied.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&[0; 4096], 3 * MIB).unwrap();
+    drop(f);
+    let before = std::fs::read(&p).unwrap();
+    let refuse = OpenOptions {
+        read_only: true,
+        replay: vireo_vhdx::ReadOnlyReplay::Refuse,
+        ..Default::default()
+    };
+    assert!(matches!(
+        Vhdx::open(&p, &refuse),
+        Err(VhdxError::LogReplayRefused)
+    ));
+    let ro = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert_eq!(read(&ro, 2 * MIB, 4096), vec![3; 4096]);
+    assert_eq!(ro.info().log_entries_replayed_at_open, 1);
+    drop(ro);
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "read-only replay wrote to the file"
+    );
+    let rw = reopen(&p);
+    assert_eq!(read(&rw, 2 * MIB, 4096), vec![3; 4096]);
+    drop(rw);
+    let ro = Vhdx::open(&p, &refuse).unwrap();
+    assert!(ro.info().log_guid.is_zero());
+}
