@@ -143,3 +143,58 @@ fn kvm_run_sigterm_stops_the_vm_cleanly() {
     };
     assert_eq!(out.status.code(), Some(143), "{out:?}");
 }
+
+#[test]
+fn kvm_run_console_on_a_unix_socket() {
+    if !kvm_usable() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::serial_echo());
+    let sock = dir.path().join("console.sock");
+    let console = format!("socket={}", sock.display());
+    let mut child = vireo()
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "32M",
+            "--console",
+            &console,
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stream = None;
+    for _ in 0..500 {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            stream = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Some(mut stream) = stream else {
+        let _ = child.kill();
+        panic!("console socket never appeared");
+    };
+    stream.set_read_timeout(Some(T)).unwrap();
+    stream.write_all(b"over the socket\n").unwrap();
+    let mut got = vec![0u8; 16];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"over the socket\n");
+    stream.write_all(b"q").unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vireo did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(7));
+}

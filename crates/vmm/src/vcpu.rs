@@ -242,7 +242,8 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
             }
             Err(e) => Err(format!("KVM_RUN failed: {e}")),
         };
-        if let Err(reason) = outcome {
+        if let Err(mut reason) = outcome {
+            reason.push_str(&internal_error_detail(&mut vcpu));
             let rip = vcpu
                 .get_regs()
                 .map(|r| format!("{:#x}", r.rip))
@@ -253,6 +254,33 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+/// For KVM_EXIT_INTERNAL_ERROR: the suberror, named, and KVM's extra data words.
+fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        return String::new();
+    }
+    // SAFETY: exit_reason says the `internal` member of the exit union is the valid one.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let name = match internal.suberror {
+        1 => "instruction emulation failed",
+        2 => "exception while delivering an exception",
+        3 => "event delivery failed",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    format!(
+        ", suberror {} ({name}), data [{}]",
+        internal.suberror,
+        data.join(" ")
+    )
 }
 
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> std::result::Result<(), String> {

@@ -98,6 +98,23 @@ fn kvm_triple_fault_is_a_clear_error() {
 }
 
 #[test]
+fn kvm_instruction_kvm_cannot_run_is_a_clear_error() {
+    if !usable() {
+        return;
+    }
+    // int3 with no IDT: KVM-PVM cannot emulate it (internal error); hardware KVM triple-faults.
+    let (exit, _) = run(&[0xcc], 1, b"");
+    match exit {
+        VmExit::Error(msg) => {
+            println!("{msg}");
+            assert!(msg.starts_with("vCPU 0: "), "{msg}");
+            assert!(msg.contains("RIP 0x100000"), "{msg}");
+        }
+        other => panic!("expected an error exit, got {other:?}"),
+    }
+}
+
+#[test]
 fn kvm_host_stop_ends_a_spinning_guest() {
     if !usable() {
         return;
