@@ -40,7 +40,8 @@ pub struct RunArgs {
     /// Number of vCPUs (1 up to what KVM on this host allows).
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: usize,
-    /// A virtio-blk disk: a raw image file; append ",ro" for a read-only disk. Repeatable.
+    /// A virtio-blk disk: a VHDX image (recognised by its signature) or a raw image file;
+    /// append ",ro" for a read-only disk. Repeatable.
     #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
     disk: Vec<DiskArg>,
     /// A virtio-net NIC on a host TAP interface (created if missing), with an optional
@@ -196,12 +197,15 @@ fn open_disk(d: &DiskArg) -> Result<Arc<dyn BlockBackend>, String> {
         let mut f = std::fs::File::open(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
         let _ = f.read(&mut magic);
     }
-    // Hook for image formats: VHDX files start with "vhdxfile". Until the VHDX backend is wired
-    // in here, refuse them rather than exposing the container bytes as a raw disk.
+    // Image formats are chosen by magic; everything else is a raw image.
     if &magic == b"vhdxfile" {
-        return Err(format!(
-            "disk {shown} is a VHDX image, which `vireo run` cannot attach yet; use a raw image"
-        ));
+        let opts = vireo_vhdx::OpenOptions {
+            read_only: d.read_only,
+            ..Default::default()
+        };
+        let disk =
+            vireo_vhdx::Vhdx::open(&d.path, &opts).map_err(|e| format!("disk {shown}: {e}"))?;
+        return Ok(Arc::new(disk));
     }
     let raw = RawFile::open(&d.path, d.read_only).map_err(|e| format!("disk {shown}: {e}"))?;
     Ok(Arc::new(raw))

@@ -146,3 +146,30 @@ fn kvm_probe_disks_round_trip_and_read_only_refuses_writes() {
     // The read-only image is untouched.
     assert!(std::fs::read(&ro).unwrap().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn kvm_probe_uses_a_vhdx_disk() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let opts = vireo_vhdx::CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..Default::default()
+    };
+    drop(vireo_vhdx::Vhdx::create(&path, &opts).unwrap());
+    let arg = path.to_str().unwrap().to_string();
+    let mut vm = ProbeVm::start(&[], &["--memory", "64M", "--disk", &arg]);
+    assert_eq!(vm.ok("DISK 0 INFO"), "OK sectors=32768 ro=0 blk_size=512");
+    vm.ok("DISK 0 WRITE 2040 64 9");
+    vm.ok("DISK 0 FLUSH");
+    vm.ok("DISK 0 VERIFY 2040 64 9");
+    assert_eq!(vm.poweroff(0), Some(0));
+    // The data is in the VHDX as the format sees it, not at raw offsets of the container.
+    let disk = vireo_vhdx::Vhdx::open(&path, &vireo_vhdx::OpenOptions::read_only()).unwrap();
+    let mut got = vec![0u8; 64 * 512];
+    vireo_block::BlockBackend::read_at(&disk, &mut got, 2040 * 512).unwrap();
+    assert_eq!(pattern::verify(&got, 9, 2040 * 512), None);
+}
