@@ -16,7 +16,12 @@ Exit status:
   130    stopped by SIGINT; 143 stopped by SIGTERM (vCPUs stopped, disks flushed)
 
 Devices appear on the guest kernel command line as virtio_mmio.device=4K@<base>:<irq> entries,
-all --disk options first (in order), then all --net options.";
+all --disk options first (in order), then all --net options.
+
+With a PVH kernel (an ELF with a PVH note, like the probe) every vCPU starts at the PVH entry,
+application processors with EDI=0x56495245 (VIRE) and ESI=vCPU index (docs/probe-protocol.md).
+bzImage and plain vmlinux kernels start their application processors themselves (INIT/SIPI).
+Set VIREO_LOG=debug for diagnostics on stderr.";
 
 #[derive(clap::Args)]
 #[command(after_help = EXIT_CODES)]

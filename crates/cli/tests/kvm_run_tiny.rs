@@ -197,4 +197,5 @@ fn kvm_run_console_on_a_unix_socket() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(status.code(), Some(7));
+    assert!(!sock.exists(), "console socket left behind");
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::config::ConsoleConfig;
@@ -36,22 +37,25 @@ pub(crate) enum InputSource {
     Listener(UnixListener, SocketOut),
 }
 
-/// Opens the console: returns the output writer and the pending input source.
-pub(crate) fn open(config: ConsoleConfig) -> Result<(Box<dyn Write + Send>, InputSource)> {
+/// Opens the console: returns the output writer, the pending input source and, for a socket
+/// console, the socket path to remove when the VM is gone.
+pub(crate) fn open(
+    config: ConsoleConfig,
+) -> Result<(Box<dyn Write + Send>, InputSource, Option<PathBuf>)> {
     Ok(match config {
-        ConsoleConfig::Stdio => (Box::new(std::io::stdout()), InputSource::Stdin),
-        ConsoleConfig::Null => (Box::new(std::io::sink()), InputSource::None),
+        ConsoleConfig::Stdio => (Box::new(std::io::stdout()), InputSource::Stdin, None),
+        ConsoleConfig::Null => (Box::new(std::io::sink()), InputSource::None, None),
         ConsoleConfig::File(path) => {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(VmmError::Console)?;
-            (Box::new(f), InputSource::None)
+            (Box::new(f), InputSource::None, None)
         }
         ConsoleConfig::Stream(s) => {
             let out = s.try_clone().map_err(VmmError::Console)?;
-            (Box::new(out), InputSource::Stream(s))
+            (Box::new(out), InputSource::Stream(s), None)
         }
         ConsoleConfig::Socket(path) => {
             // A stale socket file from an earlier run would make bind fail.
@@ -66,7 +70,11 @@ pub(crate) fn open(config: ConsoleConfig) -> Result<(Box<dyn Write + Send>, Inpu
             }
             let listener = UnixListener::bind(&path).map_err(VmmError::Console)?;
             let out = SocketOut::default();
-            (Box::new(out.clone()), InputSource::Listener(listener, out))
+            (
+                Box::new(out.clone()),
+                InputSource::Listener(listener, out),
+                Some(path),
+            )
         }
     })
 }

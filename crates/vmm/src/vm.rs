@@ -130,6 +130,7 @@ pub struct Vm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     flush_on_exit: Vec<Arc<dyn BlockBackend>>,
     input: Option<InputSource>,
+    console_socket: Option<std::path::PathBuf>,
     boot: BootInfo,
     placements: Vec<VirtioPlacement>,
 }
@@ -253,7 +254,7 @@ impl Vm {
             },
         )?;
 
-        let (out, input) = console::open(config.console)?;
+        let (out, input, console_socket) = console::open(config.console)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
@@ -302,6 +303,7 @@ impl Vm {
             transports,
             flush_on_exit,
             input: Some(input),
+            console_socket,
             boot,
             placements,
         })
@@ -364,6 +366,9 @@ impl Vm {
             }
         }
         lock(&self.serial).flush_output();
+        if let Some(path) = &self.console_socket {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(reason)
     }
 }
