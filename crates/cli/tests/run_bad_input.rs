@@ -94,3 +94,32 @@ fn kvm_kernel_and_size_errors() {
         "--vcpus must be between 1 and",
     );
 }
+
+#[test]
+fn no_permission_for_dev_kvm_is_one_clear_line() {
+    // Needs root (to drop to an unprivileged user) and a /dev/kvm that user cannot open.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let kvm_private = std::fs::metadata("/dev/kvm")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0)
+        .unwrap_or(false);
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !root || !kvm_private || !setpriv.exists() {
+        println!("SKIPPED: needs root, setpriv and a /dev/kvm closed to other users");
+        return;
+    }
+    let out = std::process::Command::new(setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vireo"))
+        .args(["run", "--kernel", "/nonexistent"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("Permission denied") && !err.contains("/dev/kvm") {
+        println!("SKIPPED: the vireo binary is not executable by nobody: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot open /dev/kvm"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
