@@ -254,6 +254,8 @@ impl Vm {
             },
         )?;
 
+        boot::mptable::write(&ram.memory, config.vcpus)?;
+
         let (out, input, console_socket) = console::open(config.console)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm_fd

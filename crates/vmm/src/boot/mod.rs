@@ -5,6 +5,7 @@
 pub mod bzimage;
 pub mod elf_pvh;
 pub mod layout;
+pub mod mptable;
 pub mod paging;
 
 use std::fs::File;
