@@ -401,3 +401,29 @@ fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>) {
         let _ = t.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MMIO_HOLE_END, MMIO_HOLE_START};
+
+    #[test]
+    fn virtio_devices_get_distinct_page_aligned_windows_and_irqs_in_the_hole() {
+        let all: Vec<_> = (0..MAX_VIRTIO_DEVICES).map(virtio_placement).collect();
+        for (i, p) in all.iter().enumerate() {
+            assert_eq!(p.base % 4096, 0);
+            assert!(p.base >= MMIO_HOLE_START && p.base + MMIO_WINDOW <= 0xfec0_0000);
+            assert!(p.base + MMIO_WINDOW <= MMIO_HOLE_END);
+            assert!((5..=23).contains(&p.irq), "IOAPIC pin, not PIT/keyboard/COM1");
+            assert_ne!(p.irq, COM1_IRQ);
+            for q in &all[i + 1..] {
+                assert!(p.base + MMIO_WINDOW <= q.base);
+                assert_ne!(p.irq, q.irq);
+            }
+        }
+        assert_eq!(
+            virtio_cmdline_entry(virtio_placement(1)),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+}
