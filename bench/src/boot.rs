@@ -158,12 +158,7 @@ pub fn run(args: BootArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let launchers = [
-        Launcher::vireo(
-            &vireo,
-            probe_elf(),
-            u64::from(args.memory) << 20,
-            args.vcpus,
-        ),
+        Launcher::vireo(&vireo, probe_elf(), args.memory, args.vcpus),
         Launcher::qemu(&qemu_config(&qemu, &args)),
     ];
     let timeout = Duration::from_secs(args.timeout_secs);

@@ -52,13 +52,13 @@ pub struct Sample {
 }
 
 impl Launcher {
-    pub fn vireo(vireo: &Path, kernel: &Path, memory: u64, vcpus: u32) -> Launcher {
+    pub fn vireo(vireo: &Path, kernel: &Path, memory_mib: u32, vcpus: u32) -> Launcher {
         let args = [
             "run".into(),
             "--kernel".into(),
             kernel.as_os_str().to_owned(),
             "--memory".into(),
-            memory.to_string().into(),
+            format!("{memory_mib}M").into(),
             "--vcpus".into(),
             vcpus.to_string().into(),
             "--console".into(),
