@@ -19,6 +19,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::PortRole;
 use crate::meter::DropReason;
 use crate::switch::{render, Delivery, Switch};
+use crate::uplink::offload::{resolve, VnetHdr};
+use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
 use crate::PortId;
 
@@ -27,9 +29,18 @@ const BATCH: usize = 64;
 /// Frames per source waiting for a congested uplink.
 const UPLINK_QUEUE: usize = 1024;
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Receive buffer: a 64 KiB TCP super-frame from an offload port, plus headers.
+const RX_BUF: usize = 65536 + 64;
+
+/// A frame port as the runtime holds it; offload ports also move 64 KiB super-frames.
+#[derive(Clone)]
+struct Attached {
+    port: Arc<dyn FramePort>,
+    offload: Option<Arc<PacketPort>>,
+}
 
 enum Control {
-    Attach(PortId, Arc<dyn FramePort>),
+    Attach(PortId, Attached),
     Detach(PortId),
 }
 
@@ -71,7 +82,23 @@ impl SwitchRuntime {
 
     /// Connects a frame port to switch port `id` (which must exist in the switch).
     pub fn attach(&self, id: PortId, port: Arc<dyn FramePort>) {
-        let _ = self.ctl.send(Control::Attach(id, port));
+        let _ = self.ctl.send(Control::Attach(
+            id,
+            Attached {
+                port,
+                offload: None,
+            },
+        ));
+        let _ = self.wake.write(1);
+    }
+
+    /// Connects an AF_PACKET port; when it was bound with offload, TCP super-frames cross the
+    /// switch whole between offload ports and are segmented in software for the others.
+    pub fn attach_packet(&self, id: PortId, port: Arc<PacketPort>) {
+        let offload = port.offload().then(|| port.clone());
+        let _ = self
+            .ctl
+            .send(Control::Attach(id, Attached { port, offload }));
         let _ = self.wake.write(1);
     }
 
@@ -109,7 +136,9 @@ struct Worker {
     wake: EventFd,
     stop: Arc<AtomicBool>,
     epoll: Epoll,
-    ports: Vec<Option<Arc<dyn FramePort>>>,
+    ports: Vec<Option<Attached>>,
+    hdrs: Vec<VnetHdr>,
+    scratch: (Vec<u8>, Vec<u8>),
     uplink_queues: HashMap<PortId, WeightedFairQueue>,
     rx: Vec<Vec<u8>>,
     tx: Vec<u8>,
@@ -137,7 +166,9 @@ impl Worker {
             epoll,
             ports: Vec::new(),
             uplink_queues: HashMap::new(),
-            rx: (0..BATCH).map(|_| vec![0u8; MAX_FRAME]).collect(),
+            rx: (0..BATCH).map(|_| vec![0u8; RX_BUF]).collect(),
+            hdrs: vec![VnetHdr::default(); BATCH],
+            scratch: (Vec::with_capacity(RX_BUF), Vec::with_capacity(MAX_FRAME)),
             tx: Vec::with_capacity(MAX_FRAME),
             start: Instant::now(),
         })
@@ -159,13 +190,13 @@ impl Worker {
                     if let Some(old) = self.ports[i].take() {
                         let _ = self.epoll.ctl(
                             ControlOperation::Delete,
-                            old.rx_fd(),
+                            old.port.rx_fd(),
                             EpollEvent::default(),
                         );
                     }
                     self.epoll.ctl(
                         ControlOperation::Add,
-                        port.rx_fd(),
+                        port.port.rx_fd(),
                         EpollEvent::new(EventSet::IN, id.0 as u64),
                     )?;
                     self.ports[i] = Some(port);
@@ -174,7 +205,7 @@ impl Worker {
                     if let Some(old) = self.ports.get_mut(id.0 as usize).and_then(|p| p.take()) {
                         let _ = self.epoll.ctl(
                             ControlOperation::Delete,
-                            old.rx_fd(),
+                            old.port.rx_fd(),
                             EpollEvent::default(),
                         );
                     }
@@ -225,8 +256,15 @@ impl Worker {
         let mut count = 0;
         while count < BATCH {
             let buf = &mut self.rx[count];
-            buf.resize(MAX_FRAME, 0);
-            match port.recv(buf) {
+            buf.resize(RX_BUF, 0);
+            let got = match &port.offload {
+                Some(p) => p.recv_offload(&mut self.hdrs[count], buf),
+                None => {
+                    self.hdrs[count] = VnetHdr::default();
+                    port.port.recv(buf)
+                }
+            };
+            match got {
                 Ok(Some(n)) => {
                     lens[count] = n;
                     count += 1;
@@ -246,37 +284,60 @@ impl Worker {
         for (i, len) in lens.iter().enumerate().take(count) {
             let frame = &mut self.rx[i];
             frame.truncate(*len);
+            let hdr = self.hdrs[i];
             sw.process(ingress, frame, now, &mut d);
             for e in &d.egress {
                 let Some(out) = self.ports.get(e.port.0 as usize).and_then(|p| p.as_ref()) else {
                     continue;
                 };
                 let bytes = render(frame, e.tag, &mut self.tx);
+                let hdr = hdr.shifted(bytes.len() as i32 - frame.len() as i32);
                 let uplink = sw.role(e.port) == Some(PortRole::Uplink);
-                if uplink {
-                    if let Some(q) = self
-                        .uplink_queues
-                        .get_mut(&e.port)
-                        .filter(|q| !q.is_empty())
-                    {
-                        q.set_weight(ingress, sw.min_weight(ingress));
-                        if !q.enqueue(ingress, bytes.to_vec()) {
+                let backlogged = self
+                    .uplink_queues
+                    .get(&e.port)
+                    .is_some_and(|q| !q.is_empty());
+                if let (Some(p), false) = (&out.offload, backlogged) {
+                    // Offload to offload: the super-frame goes out whole.
+                    match p.send_offload(&hdr, bytes) {
+                        Ok(()) => continue,
+                        Err(PortError::Full) if uplink => {}
+                        Err(_) => {
                             sw.count_drop(e.port, DropReason::TxFull);
+                            continue;
                         }
-                        continue;
                     }
                 }
-                match out.send(bytes) {
-                    Ok(()) => {}
-                    Err(PortError::Full) if uplink => {
-                        let q = self
-                            .uplink_queues
-                            .entry(e.port)
-                            .or_insert_with(|| WeightedFairQueue::new(UPLINK_QUEUE));
-                        q.set_weight(ingress, sw.min_weight(ingress));
-                        q.enqueue(ingress, bytes.to_vec());
+                let (a, b) = &mut self.scratch;
+                let queues = &mut self.uplink_queues;
+                let sw = &mut *sw;
+                let mut enqueue = |f: &[u8], sw: &mut Switch| {
+                    let q = queues
+                        .entry(e.port)
+                        .or_insert_with(|| WeightedFairQueue::new(UPLINK_QUEUE));
+                    q.set_weight(ingress, sw.min_weight(ingress));
+                    if !q.enqueue(ingress, f.to_vec()) {
+                        sw.count_drop(e.port, DropReason::TxFull);
                     }
-                    Err(_) => sw.count_drop(e.port, DropReason::TxFull),
+                };
+                // Once an uplink has a backlog, new frames queue behind it so the weights,
+                // not arrival order, decide what goes next.
+                let mut queued = backlogged;
+                let ok = resolve(bytes, &hdr, a, b, |f| {
+                    if queued {
+                        return enqueue(f, sw);
+                    }
+                    match out.port.send(f) {
+                        Ok(()) => {}
+                        Err(PortError::Full) if uplink => {
+                            queued = true;
+                            enqueue(f, sw);
+                        }
+                        Err(_) => sw.count_drop(e.port, DropReason::TxFull),
+                    }
+                });
+                if !ok {
+                    sw.count_drop(e.port, DropReason::Malformed);
                 }
             }
         }
@@ -289,7 +350,7 @@ impl Worker {
                 continue;
             };
             while let Some((src, frame)) = q.dequeue() {
-                if let Err(PortError::Full) = out.send(&frame) {
+                if let Err(PortError::Full) = out.port.send(&frame) {
                     q.push_front(src, frame);
                     break;
                 }

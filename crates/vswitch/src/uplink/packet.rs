@@ -6,12 +6,18 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
 use vireo_netport::{FramePort, PortError};
+
+use super::offload::{resolve, VnetHdr, VNET_HDR_LEN};
 
 const SOL_PACKET: libc::c_int = 263;
 const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
 const PACKET_AUXDATA: libc::c_int = 8;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const PACKET_VNET_HDR: libc::c_int = 15;
 const PACKET_MR_PROMISC: u16 = 1;
 const TP_STATUS_VLAN_VALID: u32 = 0x10;
 const TP_STATUS_VLAN_TPID_VALID: u32 = 0x40;
@@ -43,6 +49,10 @@ struct PacketMreq {
 pub struct PacketPort {
     fd: OwnedFd,
     name: String,
+    /// Frames carry a virtio-net header (PACKET_VNET_HDR): TCP arrives as super-frames.
+    vnet: bool,
+    /// Segments of a super-frame already cut for a caller of the plain `FramePort::recv`.
+    pending: Mutex<VecDeque<Vec<u8>>>,
 }
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: &T) -> io::Result<()> {
@@ -67,6 +77,21 @@ impl PacketPort {
     /// Binds to interface `ifname` (which must exist) and puts it in promiscuous mode for as
     /// long as the port lives.
     pub fn bind(ifname: &str) -> io::Result<PacketPort> {
+        Self::open(ifname, false)
+    }
+
+    /// Like [`PacketPort::bind`], with segmentation/checksum offload: use
+    /// [`PacketPort::recv_offload`] and [`PacketPort::send_offload`] to move 64 KiB TCP
+    /// super-frames (the plain `FramePort` methods still work, segmenting in software).
+    pub fn bind_offload(ifname: &str) -> io::Result<PacketPort> {
+        Self::open(ifname, true)
+    }
+
+    pub fn offload(&self) -> bool {
+        self.vnet
+    }
+
+    fn open(ifname: &str, vnet: bool) -> io::Result<PacketPort> {
         let cname = std::ffi::CString::new(ifname)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
         // SAFETY: if_nametoindex reads a NUL-terminated string.
@@ -107,6 +132,9 @@ impl PacketPort {
         // Our own transmissions must not come back as receptions (that would loop frames).
         setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32)?;
         setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_AUXDATA, &1i32)?;
+        if vnet {
+            setsockopt(fd.as_raw_fd(), SOL_PACKET, PACKET_VNET_HDR, &1i32)?;
+        }
         let mreq = PacketMreq {
             mr_ifindex: ifindex as i32,
             mr_type: PACKET_MR_PROMISC,
@@ -130,21 +158,31 @@ impl PacketPort {
         Ok(PacketPort {
             fd,
             name: ifname.to_string(),
+            vnet,
+            pending: Mutex::new(VecDeque::new()),
         })
     }
-}
 
-impl FramePort for PacketPort {
-    fn send(&self, frame: &[u8]) -> Result<(), PortError> {
-        // SAFETY: sends from a live slice on a bound socket we own.
-        let n = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+    /// Sends a frame with its offload header (the header is dropped when not in offload mode).
+    pub fn send_offload(&self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), PortError> {
+        let h = hdr.to_bytes();
+        let iov = [
+            libc::iovec {
+                iov_base: h.as_ptr() as *mut libc::c_void,
+                iov_len: if self.vnet { VNET_HDR_LEN } else { 0 },
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        // SAFETY: msghdr is plain old data; it points at the two iovecs above, which describe
+        // live buffers the kernel only reads.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = 2;
+        // SAFETY: sends the buffers described by msg on a socket we own.
+        let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -158,19 +196,31 @@ impl FramePort for PacketPort {
         Ok(())
     }
 
-    fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
+    /// Receives one frame and its offload header (zero when not in offload mode).
+    pub fn recv_offload(
+        &self,
+        hdr: &mut VnetHdr,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, PortError> {
+        let mut h = [0u8; VNET_HDR_LEN];
+        let mut iov = [
+            libc::iovec {
+                iov_base: h.as_mut_ptr().cast(),
+                iov_len: if self.vnet { VNET_HDR_LEN } else { 0 },
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
         let mut cbuf = [0u64; 16];
         // SAFETY: msghdr is plain old data; the pointers set below outlive the recvmsg call.
         let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = 2;
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = size_of::<[u64; 16]>();
-        // SAFETY: receives into the iovec and control buffer described by msg.
+        // SAFETY: receives into the iovecs and control buffer described by msg.
         let n = unsafe {
             libc::recvmsg(
                 self.fd.as_raw_fd(),
@@ -186,7 +236,13 @@ impl FramePort for PacketPort {
                 _ => Err(e.into()),
             };
         }
-        let mut len = n as usize;
+        let hl = if self.vnet { VNET_HDR_LEN } else { 0 };
+        let mut len = (n as usize).saturating_sub(hl);
+        *hdr = if self.vnet {
+            VnetHdr::from_bytes(&h)
+        } else {
+            VnetHdr::default()
+        };
         let mut vlan = None;
         // SAFETY: walks the control messages the kernel wrote into cbuf, per CMSG_* rules.
         unsafe {
@@ -215,13 +271,50 @@ impl FramePort for PacketPort {
         }
         if let Some((tpid, tci)) = vlan {
             if len >= 12 {
+                // The kernel took the tag out of the frame (RX VLAN offload); put it back.
                 buf.copy_within(12..len, 16);
                 buf[12..14].copy_from_slice(&tpid.to_be_bytes());
                 buf[14..16].copy_from_slice(&tci.to_be_bytes());
                 len += 4;
+                *hdr = hdr.shifted(4);
             }
         }
         Ok(Some(len))
+    }
+}
+
+impl FramePort for PacketPort {
+    fn send(&self, frame: &[u8]) -> Result<(), PortError> {
+        self.send_offload(&VnetHdr::default(), frame)
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.is_empty() {
+            let mut hdr = VnetHdr::default();
+            let Some(n) = self.recv_offload(&mut hdr, buf)? else {
+                return Ok(None);
+            };
+            if !hdr.needs_work() {
+                return Ok(Some(n));
+            }
+            // A caller without offload support: finish or segment the super-frame here.
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            resolve(&buf[..n], &hdr, &mut a, &mut b, |f| {
+                pending.push_back(f.to_vec())
+            });
+        }
+        let Some(f) = pending.pop_front() else {
+            return Ok(None);
+        };
+        if f.len() > buf.len() {
+            return Err(PortError::TooLong {
+                len: f.len(),
+                cap: buf.len(),
+            });
+        }
+        buf[..f.len()].copy_from_slice(&f);
+        Ok(Some(f.len()))
     }
 
     fn rx_fd(&self) -> RawFd {
