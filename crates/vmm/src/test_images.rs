@@ -119,8 +119,8 @@ pub fn triple_fault() -> Vec<u8> {
 }
 
 /// A minimal bzImage: one setup sector with a protocol-2.15 header and `payload` as the
-/// protected-mode kernel.
-pub fn bzimage(payload: &[u8], initrd_addr_max: u32) -> Vec<u8> {
+/// protected-mode kernel, which claims `init_size` bytes once decompressed.
+pub fn bzimage(payload: &[u8], initrd_addr_max: u32, init_size: u32) -> Vec<u8> {
     let setup_sects = 1u8;
     let mut f = vec![0u8; (setup_sects as usize + 1) * 512];
     f[0x1f1] = setup_sects;
@@ -132,6 +132,7 @@ pub fn bzimage(payload: &[u8], initrd_addr_max: u32) -> Vec<u8> {
     put32(&mut f, 0x22c, initrd_addr_max);
     put32(&mut f, 0x230, 0x20_0000);
     put32(&mut f, 0x238, 2048);
+    put32(&mut f, 0x260, init_size);
     f.extend_from_slice(payload);
     f
 }

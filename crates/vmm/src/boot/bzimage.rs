@@ -59,7 +59,12 @@ pub(super) fn load(
                 n => n,
             };
             let limit = low_ram_end(spec.ram_size).min(u64::from(addr_max) + 1);
-            Some(load_initrd(mem, p, loaded.kernel_end, limit)?)
+            // The kernel decompresses in place and needs `init_size` bytes from its load
+            // address; an initrd inside that range would be overwritten.
+            let kernel_extent = loaded
+                .kernel_end
+                .max(loaded.kernel_load.0 + u64::from(hdr.init_size));
+            Some(load_initrd(mem, p, kernel_extent, limit)?)
         }
         None => None,
     };

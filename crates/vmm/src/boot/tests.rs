@@ -98,7 +98,7 @@ fn bzimage_gets_zero_page_e820_cmdline_and_initrd_under_its_limit() {
     let kernel = write(
         dir.path(),
         "bzImage",
-        &test_images::bzimage(&payload, (32 << 20) - 1),
+        &test_images::bzimage(&payload, (32 << 20) - 1, 4 << 20),
     );
     let initrd = write(dir.path(), "initrd", &vec![0xa5; 3 << 20]);
     let ram = GuestRam::new(128 << 20).unwrap();
@@ -167,7 +167,7 @@ fn initrd_that_does_not_fit_is_refused() {
     let kernel = write(
         dir.path(),
         "bzImage",
-        &test_images::bzimage(&[0; 4096], 0x37ff_ffff),
+        &test_images::bzimage(&[0; 4096], 0x37ff_ffff, 1 << 20),
     );
     let initrd = write(dir.path(), "initrd", &vec![0; 20 << 20]);
     let ram = GuestRam::new(16 << 20).unwrap();
@@ -182,6 +182,35 @@ fn initrd_that_does_not_fit_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(err, VmmError::InitrdTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn initrd_stays_clear_of_the_decompressing_kernel() {
+    // 16 MiB guest, kernel at 1 MiB needing 12 MiB to decompress: a 4 MiB initrd would have
+    // to overlap it (only 3 MiB are left), so it is refused rather than placed at 12 MiB.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write(
+        dir.path(),
+        "bzImage",
+        &test_images::bzimage(&[0; 4096], 0x37ff_ffff, 12 << 20),
+    );
+    let spec = |initrd: &Path| {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        load(
+            &ram.memory,
+            &BootSpec {
+                kernel: &kernel,
+                initrd: Some(initrd),
+                cmdline: "",
+                ram_size: 16 << 20,
+            },
+        )
+    };
+    let big = write(dir.path(), "big", &vec![0; 4 << 20]);
+    assert!(matches!(spec(&big), Err(VmmError::InitrdTooLarge { .. })));
+    let small = write(dir.path(), "small", &vec![0; 2 << 20]);
+    let (addr, _) = spec(&small).unwrap().initrd.unwrap();
+    assert!(addr >= (1 << 20) + (12 << 20), "initrd at {addr:#x}");
 }
 
 #[test]
