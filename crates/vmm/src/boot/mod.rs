@@ -142,20 +142,12 @@ fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64, limit: u64) -> R
         .map(|a| a & !(crate::memory::PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end)
         .ok_or(VmmError::InitrdTooLarge { size, limit })?;
-    let mut data = Vec::new();
-    file.read_to_end(&mut data)
-        .map_err(|source| VmmError::InitrdOpen {
-            path: shown.clone(),
-            source,
-        })?;
-    if data.len() as u64 != size {
-        return Err(VmmError::InitrdOpen {
+    // Stream straight into guest memory: no host-side copy of a possibly large file.
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+        .map_err(|e| VmmError::InitrdOpen {
             path: shown,
-            source: std::io::Error::other("file changed size while reading"),
-        });
-    }
-    mem.write_slice(&data, GuestAddress(start))
-        .map_err(|e| VmmError::BootSetup(format!("writing initrd: {e}")))?;
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok((start, size))
 }
 
