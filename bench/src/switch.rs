@@ -57,7 +57,7 @@ fn rule(i: u16, dir: Direction) -> AclRule {
                 .parse()
                 .expect("prefix"),
         ),
-        protocol: Some(if i % 2 == 0 { 6 } else { 17 }),
+        protocol: Some(if i & 1 == 0 { 6 } else { 17 }),
         local_ports: None,
         remote_ports: Some(PortRange {
             first: 1000 + i,
