@@ -175,9 +175,10 @@ pub fn egress_policies(
 }
 
 impl Switch {
-    pub fn new(cfg: SwitchConfig) -> Result<Self, SwitchError> {
+    /// Builds a switch and adds `cfg.ports` in order (port ids 0, 1, ...).
+    pub fn new(mut cfg: SwitchConfig) -> Result<Self, SwitchError> {
         let fid = compile_domains(&cfg.pvlan_domains)?;
-        let ports_cfg = std::mem::take(&mut { cfg.ports.clone() });
+        let ports_cfg = std::mem::take(&mut cfg.ports);
         let mut sw = Switch {
             table: MacTable::new(cfg.mac_aging_secs, cfg.mac_table_limit),
             cfg: SwitchConfig {
@@ -320,6 +321,13 @@ impl Switch {
         }
         self.extensions.push(ext);
         Ok(())
+    }
+
+    /// Whether a filter extension (the only stage that may rewrite frames) is registered.
+    pub fn has_filters(&self) -> bool {
+        self.extensions
+            .iter()
+            .any(|e| e.kind() == ExtensionKind::Filter)
     }
 
     pub fn extensions(&self) -> impl Iterator<Item = (&str, ExtensionKind)> {
