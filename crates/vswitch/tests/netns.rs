@@ -399,3 +399,143 @@ fn netns_tcp_between_offload_port_and_tap_port() {
     );
     rt.stop().unwrap();
 }
+
+/// Opens an AF_PACKET port on `ifname` inside namespace `ns` (the socket stays in that
+/// namespace; it can be used from any thread afterwards).
+fn packet_port_in(ns: &str, ifname: &str) -> PacketPort {
+    let (ns, ifname) = (ns.to_string(), ifname.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
+        assert_eq!(
+            unsafe {
+                libc::setns(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                    libc::CLONE_NEWNET,
+                )
+            },
+            0
+        );
+        PacketPort::bind(&ifname).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+fn guest_mac(lab: &Lab, k: usize) -> [u8; 6] {
+    let path = format!("/sys/class/net/{}g{k}/address", lab.prefix);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns(k), "cat", &path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse::<MacAddr>()
+        .unwrap_or_else(|e| panic!("{e}: {text:?}"))
+        .0
+}
+
+fn tagged_echo(src: [u8; 6], dst: [u8; 6], vid: u16, sip: [u8; 4], dip: [u8; 4]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(src, dst)
+        .single_vlan(etherparse::VlanId::try_new(vid).unwrap())
+        .ipv4(sip, dip, 64)
+        .icmpv4_echo_request(77, 1);
+    let mut f = Vec::new();
+    b.write(&mut f, &[0u8; 32]).unwrap();
+    f
+}
+
+/// Waits for an ICMP echo reply tagged `vid` on `port`.
+fn wait_tagged_reply(port: &PacketPort, vid: u16) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 9216];
+    while Instant::now() < end {
+        match port.recv(&mut buf) {
+            Ok(Some(n)) => {
+                let s = frame::parse(&buf[..n]).unwrap();
+                if s.tags == 1 && s.vid == vid && s.l3 == frame::L3::Ipv4 && s.icmp_type == 0 {
+                    return true;
+                }
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    false
+}
+
+#[test]
+fn netns_trunk_port_carries_vlans_to_access_ports() {
+    if !netns_available("d") {
+        return;
+    }
+    let mut lab = Lab::new("d");
+    let mut sw = Switch::new(SwitchConfig::private("e2e-trunk")).unwrap();
+    let trunk = sw
+        .add_port(PortConfig {
+            vlan: VlanConfig::Trunk {
+                allowed: vec![10, 20],
+                native: None,
+            },
+            ..PortConfig::access("trunk", 1)
+        })
+        .unwrap();
+    let a10 = sw.add_port(PortConfig::access("a10", 10)).unwrap();
+    let a20 = sw.add_port(PortConfig::access("a20", 20)).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    // This kernel has no 802.1Q or VLAN-filtering bridge, so the trunk's far end is a raw
+    // socket in its namespace sending and receiving tagged frames. veths move tags into packet
+    // metadata; the switch's AF_PACKET port (and this one) must put them back.
+    rt.attach_packet(trunk, Arc::new(lab.veth_vm(0, "192.0.2.1")));
+    rt.attach_packet(a10, Arc::new(lab.veth_vm(1, "10.80.10.2")));
+    rt.attach_packet(a20, Arc::new(lab.veth_vm(2, "10.80.20.2")));
+    let far = packet_port_in(&lab.ns(0), &format!("{}g0", lab.prefix));
+    let me = [2, 0, 0, 0, 0x7e, 1];
+    for (k, vid, sip, dip) in [
+        (1, 10, [10, 80, 10, 1], [10, 80, 10, 2]),
+        (2, 20, [10, 80, 20, 1], [10, 80, 20, 2]),
+    ] {
+        let dst = guest_mac(&lab, k);
+        let ip = format!("{}.{}.{}.{}", sip[0], sip[1], sip[2], sip[3]);
+        must(&[
+            "ip",
+            "-n",
+            &lab.ns(k),
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            "02:00:00:00:7e:01",
+            "dev",
+            &format!("{}g{k}", lab.prefix),
+        ]);
+        let mut ok = false;
+        for _ in 0..3 {
+            far.send(&tagged_echo(me, dst, vid, sip, dip)).unwrap();
+            if wait_tagged_reply(&far, vid) {
+                ok = true;
+                break;
+            }
+        }
+        assert!(
+            ok,
+            "no echo reply tagged {vid} from the VLAN {vid} access port"
+        );
+    }
+    // A VLAN the trunk does not carry is dropped and counted.
+    far.send(&tagged_echo(
+        me,
+        guest_mac(&lab, 1),
+        30,
+        [10, 80, 10, 1],
+        [10, 80, 10, 2],
+    ))
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while lock(&sw).drops(trunk, DropReason::VlanNotAllowed) == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(lock(&sw).drops(trunk, DropReason::VlanNotAllowed) > 0);
+    assert!(lock(&sw).status(a20).unwrap().meters.egress.packets > 0);
+    rt.stop().unwrap();
+}
