@@ -1,7 +1,7 @@
 //! A switch port: its configuration compiled for the pipeline, its rate limiters and meters.
 
 use crate::acl::PortAcl;
-use crate::config::{Direction, MirrorRole, PortConfig, PvlanDomain};
+use crate::config::{Direction, MirrorRole, PortConfig, PortRole, PvlanDomain};
 use crate::guard::PortGuard;
 use crate::meter::PortMeters;
 use crate::rate::TokenBucket;
@@ -37,9 +37,12 @@ impl Port {
                 .qos
                 .max_ingress
                 .map(|r| TokenBucket::for_bits(r.bits_per_sec, r.burst_bytes)),
+            // On an uplink, max_egress is the link rate the runtime shapes to (queueing, so the
+            // minimum-bandwidth weights decide who gets it) instead of a policer.
             rate_out: cfg
                 .qos
                 .max_egress
+                .filter(|_| cfg.role != PortRole::Uplink)
                 .map(|r| TokenBucket::for_bits(r.bits_per_sec, r.burst_bytes)),
             storm: cfg
                 .storm_limit_pps

@@ -16,8 +16,9 @@ use vireo_netport::{FramePort, PortError, MAX_FRAME};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::PortRole;
+use crate::config::{PortRole, RateLimit};
 use crate::meter::DropReason;
+use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
 use crate::uplink::offload::{resolve, VnetHdr};
 use crate::uplink::PacketPort;
@@ -153,6 +154,8 @@ struct Worker {
     hdrs: Vec<VnetHdr>,
     scratch: (Vec<u8>, Vec<u8>),
     uplink_queues: HashMap<PortId, WeightedFairQueue>,
+    /// Pacers of uplinks with a configured link rate.
+    shapers: HashMap<PortId, (RateLimit, TokenBucket)>,
     rx: Vec<Vec<u8>>,
     tx: Vec<u8>,
     start: Instant,
@@ -179,6 +182,7 @@ impl Worker {
             epoll,
             ports: Vec::new(),
             uplink_queues: HashMap::new(),
+            shapers: HashMap::new(),
             rx: (0..BATCH).map(|_| vec![0u8; RX_BUF]).collect(),
             hdrs: vec![VnetHdr::default(); BATCH],
             scratch: (Vec::with_capacity(RX_BUF), Vec::with_capacity(MAX_FRAME)),
@@ -310,10 +314,13 @@ impl Worker {
                 let bytes = render(frame, e.tag, &mut self.tx);
                 let hdr = hdr.shifted(bytes.len() as i32 - frame.len() as i32);
                 let uplink = sw.role(e.port) == Some(PortRole::Uplink);
-                let backlogged = self
-                    .uplink_queues
-                    .get(&e.port)
-                    .is_some_and(|q| !q.is_empty());
+                // A shaped uplink always queues; the drain paces it to its link rate.
+                let shaped = uplink && sw.uplink_rate(e.port).is_some();
+                let backlogged = shaped
+                    || self
+                        .uplink_queues
+                        .get(&e.port)
+                        .is_some_and(|q| !q.is_empty());
                 if let (Some(p), false) = (&out.offload, backlogged) {
                     // Offload to offload: the super-frame goes out whole.
                     match p.send_offload(&hdr, bytes) {
@@ -367,11 +374,49 @@ impl Worker {
 
     /// Sends what congested uplinks can take now, in weighted fair order.
     fn drain_uplinks(&mut self) {
-        for (id, q) in self.uplink_queues.iter_mut() {
+        if self.uplink_queues.values().all(|q| q.is_empty()) {
+            return;
+        }
+        let now = self.now();
+        let rates: Vec<(PortId, Option<RateLimit>)> = {
+            let sw = lock(&self.switch);
+            self.uplink_queues
+                .keys()
+                .map(|id| (*id, sw.uplink_rate(*id)))
+                .collect()
+        };
+        for (id, rate) in rates {
             let Some(out) = self.ports.get(id.0 as usize).and_then(|p| p.as_ref()) else {
                 continue;
             };
+            let Some(q) = self.uplink_queues.get_mut(&id) else {
+                continue;
+            };
+            let mut shaper = match rate {
+                Some(r) => {
+                    let s = self.shapers.entry(id).or_insert_with(|| {
+                        (
+                            r,
+                            TokenBucket::for_bits(r.bits_per_sec, r.burst_bytes.max(RX_BUF as u64)),
+                        )
+                    });
+                    if s.0 != r {
+                        *s = (
+                            r,
+                            TokenBucket::for_bits(r.bits_per_sec, r.burst_bytes.max(RX_BUF as u64)),
+                        );
+                    }
+                    Some(&mut s.1)
+                }
+                None => None,
+            };
             while let Some((src, frame)) = q.dequeue() {
+                if let Some(b) = shaper.as_mut() {
+                    if !b.take(frame.len() as u64, now) {
+                        q.push_front(src, frame);
+                        break;
+                    }
+                }
                 if let Err(PortError::Full) = out.port.send(&frame) {
                     q.push_front(src, frame);
                     break;

@@ -380,6 +380,13 @@ impl Switch {
         self.port(id).map(|p| p.cfg.role)
     }
 
+    /// The link rate an uplink port is shaped to (its `max_egress`), if any.
+    pub fn uplink_rate(&self, id: PortId) -> Option<crate::config::RateLimit> {
+        self.port(id)
+            .filter(|p| p.cfg.role == crate::config::PortRole::Uplink)
+            .and_then(|p| p.cfg.qos.max_egress)
+    }
+
     pub fn min_weight(&self, id: PortId) -> u32 {
         self.port(id).map_or(1, |p| p.cfg.qos.min_weight)
     }

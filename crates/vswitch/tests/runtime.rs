@@ -72,3 +72,98 @@ fn frames_flow_between_channel_ports_and_policy_changes_apply_live() {
     rt.detach(ids[0]);
     rt.stop().unwrap();
 }
+
+#[test]
+fn minimum_bandwidth_weights_share_a_shaped_uplink() {
+    let mut sw = Switch::new(SwitchConfig::private("wfq")).unwrap();
+    let mut heavy = PortConfig::access("heavy", 1);
+    heavy.qos.min_weight = 3;
+    let mut light = PortConfig::access("light", 1);
+    light.qos.min_weight = 1;
+    let mut up = PortConfig {
+        role: PortRole::Uplink,
+        ..PortConfig::access("up", 1)
+    };
+    // A 4 Mbit/s link: two senders pushing as fast as they can congest it.
+    up.qos.max_egress = Some(RateLimit {
+        bits_per_sec: 4_000_000,
+        burst_bytes: 3000,
+    });
+    let ids: Vec<PortId> = [heavy, light, up]
+        .into_iter()
+        .map(|p| sw.add_port(p).unwrap())
+        .collect();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    let mut ends = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (s, v) = channel_pair(&format!("s{i}"), &format!("v{i}")).unwrap();
+        rt.attach(*id, Arc::new(s));
+        ends.push(Arc::new(v));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    // The uplink's far side speaks first so both senders' frames are known unicast.
+    ends[2].send(&plain(mac(9), BCAST)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = [0usize, 1]
+        .into_iter()
+        .map(|k| {
+            let (port, stop) = (ends[k].clone(), stop.clone());
+            std::thread::spawn(move || {
+                let f = udp4(
+                    mac(k as u8 + 1),
+                    mac(9),
+                    ip4(k as u8 + 1),
+                    ip4(9),
+                    1,
+                    2,
+                    &[0; 958],
+                );
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if port.send(&f).is_err() {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut bytes = [0u64; 2];
+    let mut buf = vec![0u8; 2048];
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        match ends[2].recv(&mut buf).unwrap() {
+            Some(n) => {
+                if buf[6..12] == mac(1) {
+                    bytes[0] += n as u64;
+                } else if buf[6..12] == mac(2) {
+                    bytes[1] += n as u64;
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in senders {
+        s.join().unwrap();
+    }
+    rt.stop().unwrap();
+    assert!(
+        bytes[0] > 100_000 && bytes[1] > 30_000,
+        "both senders got through: {bytes:?}"
+    );
+    let ratio = bytes[0] as f64 / bytes[1] as f64;
+    assert!(
+        (2.0..=4.5).contains(&ratio),
+        "weights 3:1 gave {bytes:?} ({ratio:.2})"
+    );
+    // Congestion shows as queue drops, not as policing.
+    let st = lock(&sw).status(ids[2]).unwrap();
+    assert!(
+        st.meters
+            .drops
+            .iter()
+            .all(|(r, _)| *r == DropReason::TxFull),
+        "{st:?}"
+    );
+}
