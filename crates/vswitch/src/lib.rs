@@ -11,6 +11,7 @@ pub mod ext;
 pub mod extension;
 pub mod frame;
 pub mod guard;
+pub mod host;
 pub mod meter;
 pub mod port;
 pub mod rate;

@@ -539,3 +539,108 @@ fn netns_trunk_port_carries_vlans_to_access_ports() {
     assert!(lock(&sw).status(a20).unwrap().meters.egress.packets > 0);
     rt.stop().unwrap();
 }
+
+/// Runs `f` in a thread that has joined namespace `ns` (interfaces it creates live there).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
+        assert_eq!(
+            unsafe {
+                libc::setns(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&file),
+                    libc::CLONE_NEWNET,
+                )
+            },
+            0
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn netns_external_switch_with_host_port() {
+    if !netns_available("e") {
+        return;
+    }
+    let mut lab = Lab::new("e");
+    // Namespace 5 plays the host, namespace 6 the physical network behind the host's NIC
+    // (a veth pair x0/x1 between them).
+    let host = lab.new_ns(5);
+    let wire = lab.new_ns(6);
+    let (x0, x1, tap) = (
+        format!("{}x0", lab.prefix),
+        format!("{}x1", lab.prefix),
+        format!("{}ht", lab.prefix),
+    );
+    must(&[
+        "ip", "-n", &host, "link", "add", &x0, "type", "veth", "peer", "name", &x1, "netns", &wire,
+    ]);
+    must(&["ip", "-n", &host, "link", "set", &x0, "up"]);
+    must(&[
+        "ip",
+        "-n",
+        &wire,
+        "addr",
+        "add",
+        "10.81.0.100/24",
+        "dev",
+        &x1,
+    ]);
+    must(&["ip", "-n", &wire, "link", "set", &x1, "up"]);
+    let kind = SwitchKind::External {
+        interface: x0.clone(),
+        binding: UplinkBinding::AfPacket,
+        host_interface: Some(tap.clone()),
+    };
+    let mut cfg = SwitchConfig::private("e2e-ext");
+    cfg.kind = kind.clone();
+    let mut sw = Switch::new(cfg).unwrap();
+    let vm = sw.add_port(PortConfig::access("vm", 1)).unwrap();
+    let rt = Arc::new(SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap());
+    let ids = {
+        let rt = rt.clone();
+        in_netns(&host, move || {
+            vireo_vswitch::host::attach_host_ports(&rt, &kind).unwrap()
+        })
+    };
+    assert_eq!(ids.len(), 2);
+    must(&[
+        "ip",
+        "-n",
+        &host,
+        "addr",
+        "add",
+        "10.81.0.254/24",
+        "dev",
+        &tap,
+    ]);
+    rt.attach_packet(vm, Arc::new(lab.veth_vm(0, "10.81.0.1")));
+    assert!(
+        lab.ping(0, "10.81.0.254"),
+        "VM → host through the host port (internal part)"
+    );
+    assert!(
+        lab.ping(0, "10.81.0.100"),
+        "VM → network behind the uplink (external part)"
+    );
+    {
+        let sw = lock(rt.switch());
+        let up = sw.port_id(vireo_vswitch::host::UPLINK_PORT).unwrap();
+        let st = sw.status(up).unwrap();
+        assert_eq!(st.config.role, PortRole::Uplink);
+        assert!(
+            st.meters.ingress.packets > 0 && st.meters.egress.packets > 0,
+            "{st:?}"
+        );
+    }
+    drop(lab);
+    Arc::try_unwrap(rt)
+        .ok()
+        .expect("runtime still shared")
+        .stop()
+        .unwrap();
+}
