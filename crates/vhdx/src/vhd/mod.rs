@@ -226,8 +226,9 @@ impl Vhd {
         })
     }
 
-    /// Virtual byte ranges that may hold data (allocated here or in a parent), sorted and
-    /// merged. Everything outside reads as zeroes. Fixed disks report their whole size.
+    /// Virtual byte ranges `(offset, length)` that may hold data (allocated here or in a
+    /// parent), sorted and merged. Everything outside reads as zeroes. Fixed disks report their
+    /// whole size.
     pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
         let size = self.size();
         let mut ranges = Vec::new();
@@ -245,12 +246,15 @@ impl Vhd {
                         parent
                             .allocated_ranges()
                             .into_iter()
-                            .map(|(a, b)| (a.min(size), b.min(size))),
+                            .map(|(a, len)| (a.min(size), (a + len).min(size))),
                     );
                 }
             }
         }
         merge_ranges(ranges)
+            .into_iter()
+            .map(|(a, b)| (a, b - a))
+            .collect()
     }
 
     fn read_sparse(&self, s: &Sparse, buf: &mut [u8], offset: u64) -> Result<(), VhdError> {

@@ -1,0 +1,389 @@
+//! Converting between raw, VHD and VHDX images in any direction, and opening any of them by
+//! content ("magic") as a [`BlockBackend`].
+//!
+//! Only the source's allocated ranges are read (VHD/VHDX block maps, `SEEK_DATA` on raw files)
+//! and only non-zero data is written, so sparse sources give sparse outputs. Several threads copy
+//! 4 MiB chunks at once. On error or cancellation the partial destination is **deleted**: a
+//! half-written image that parses cleanly would silently hold a truncated disk.
+
+mod copy;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use vireo_block::{BlockBackend, BlockError, RawFile};
+
+use crate::vhd::{self, Vhd, VhdCreateOptions, VhdError};
+use crate::{CreateOptions, DiskType, OpenOptions, Vhdx, VhdxError};
+
+pub use copy::is_zero;
+
+/// An image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Vhd,
+    Vhdx,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+        }
+    }
+
+    /// `.vhdx`/`.avhdx` → VHDX, `.vhd`/`.avhd` → VHD, `.raw`/`.img`/`.bin` → raw.
+    pub fn from_extension(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "vhdx" | "avhdx" => Some(Format::Vhdx),
+            "vhd" | "avhd" => Some(Format::Vhd),
+            "raw" | "img" | "bin" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+
+    /// The format of an existing file, by content: "vhdxfile" at offset 0 is VHDX, a
+    /// "conectix" footer is VHD, anything else is raw.
+    pub fn detect(path: &Path) -> Result<Format, ConvertError> {
+        let file = File::open(path).map_err(|e| ConvertError::Open(path.to_path_buf(), e))?;
+        let mut magic = [0u8; 8];
+        let len = file.metadata()?.len();
+        if len >= 8 {
+            file.read_exact_at(&mut magic, 0)?;
+            if &magic == b"vhdxfile" {
+                return Ok(Format::Vhdx);
+            }
+        }
+        if vhd::is_vhd(&file)? {
+            return Ok(Format::Vhd);
+        }
+        Ok(Format::Raw)
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "raw" => Ok(Format::Raw),
+            "vhd" | "vpc" => Ok(Format::Vhd),
+            "vhdx" => Ok(Format::Vhdx),
+            other => Err(format!(
+                "unknown format {other:?} (expected vhdx, vhd or raw)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("cannot open {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("destination {0} already exists; remove it or choose another name")]
+    DestinationExists(PathBuf),
+    #[error("conversion cancelled; the partial destination was removed")]
+    Cancelled,
+    #[error("virtual size {size} does not fit a {format} image (limit {limit} bytes)")]
+    TooLarge {
+        size: u64,
+        format: &'static str,
+        limit: u64,
+    },
+    #[error("VHD: {0}")]
+    Vhd(#[from] VhdError),
+    #[error("VHDX: {0}")]
+    Vhdx(#[from] VhdxError),
+    #[error("{0}")]
+    Block(#[from] BlockError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Any supported image, open.
+pub enum AnyDisk {
+    Raw(RawFile, File),
+    Vhd(Box<Vhd>),
+    Vhdx(Vhdx),
+}
+
+impl AnyDisk {
+    /// Opens `path`, recognising its format by content.
+    pub fn open(path: &Path, read_only: bool) -> Result<AnyDisk, ConvertError> {
+        let format = Format::detect(path)?;
+        Self::open_as(path, format, read_only)
+    }
+
+    pub fn open_as(path: &Path, format: Format, read_only: bool) -> Result<AnyDisk, ConvertError> {
+        Ok(match format {
+            Format::Raw => AnyDisk::Raw(
+                RawFile::open(path, read_only)?,
+                File::open(path).map_err(|e| ConvertError::Open(path.to_path_buf(), e))?,
+            ),
+            Format::Vhd => AnyDisk::Vhd(Box::new(Vhd::open(path, read_only)?)),
+            Format::Vhdx => AnyDisk::Vhdx(Vhdx::open(
+                path,
+                &OpenOptions {
+                    read_only,
+                    ..OpenOptions::default()
+                },
+            )?),
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            AnyDisk::Raw(..) => Format::Raw,
+            AnyDisk::Vhd(_) => Format::Vhd,
+            AnyDisk::Vhdx(_) => Format::Vhdx,
+        }
+    }
+
+    pub fn backend(&self) -> &dyn BlockBackend {
+        match self {
+            AnyDisk::Raw(d, _) => d,
+            AnyDisk::Vhd(d) => d.as_ref(),
+            AnyDisk::Vhdx(d) => d,
+        }
+    }
+
+    /// Virtual ranges `(offset, length)` that may hold non-zero data, in order; everything
+    /// else reads as zeroes.
+    pub fn allocated_ranges(&self) -> Result<Vec<(u64, u64)>, ConvertError> {
+        Ok(match self {
+            AnyDisk::Raw(d, f) => raw_data_ranges(f, d.size())?,
+            AnyDisk::Vhd(d) => d.allocated_ranges(),
+            AnyDisk::Vhdx(d) => d.allocated_ranges(),
+        })
+    }
+}
+
+/// Data ranges of a raw file from `SEEK_DATA`/`SEEK_HOLE`; the whole file where unsupported.
+fn raw_data_ranges(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        // SAFETY: lseek on a descriptor we own; it only moves this handle's file offset.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(ranges), // no data after `at`
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(vec![(0, size)]),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (start, end) = (data as u64, (hole as u64).min(size));
+        if start >= size {
+            break;
+        }
+        ranges.push((start, end - start));
+        at = end.max(start + 1);
+    }
+    Ok(ranges)
+}
+
+/// Whether the destination is sparse (dynamic) or fully allocated (fixed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputType {
+    Dynamic,
+    Fixed,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub format: Format,
+    pub output_type: OutputType,
+    /// VHD/VHDX block size; `None` = the format's default (VHD 2 MiB, VHDX 32 MiB).
+    pub block_size: Option<u32>,
+    /// VHDX logical/physical sector sizes; `None` = the source's (512 for raw and VHD).
+    pub logical_sector: Option<u32>,
+    pub physical_sector: Option<u32>,
+    /// Copy threads; 0 = default (4: overlaps reads, zero checks and writes on small hosts).
+    pub threads: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            format: Format::Vhdx,
+            output_type: OutputType::Dynamic,
+            block_size: None,
+            logical_sector: None,
+            physical_sector: None,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConvertReport {
+    pub source_format: Format,
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Bytes of the source inside allocated ranges (read).
+    pub bytes_scanned: u64,
+    /// Non-zero bytes written to the destination.
+    pub bytes_written: u64,
+}
+
+/// Converts `src` (any format, detected by content) into a new file `dst`.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &dyn Fn(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<ConvertReport, ConvertError> {
+    let source = AnyDisk::open(src, true)?;
+    if dst.exists() {
+        return Err(ConvertError::DestinationExists(dst.to_path_buf()));
+    }
+    let src = source.backend();
+    let (src_logical, src_physical) = (src.logical_sector_size(), src.physical_sector_size());
+    let logical = opts.logical_sector.unwrap_or(src_logical);
+    let sector = match opts.format {
+        Format::Raw => 1,
+        Format::Vhd => 512,
+        Format::Vhdx => logical as u64,
+    };
+    // A destination needs whole sectors; the padding reads as zeroes.
+    let size = src.size().next_multiple_of(sector);
+    let dest = match create_destination(dst, size, opts, logical, src_physical) {
+        Ok(d) => d,
+        Err(e) => {
+            if !matches!(e, ConvertError::DestinationExists(_)) {
+                // Ours: we checked it did not exist; a failed create may leave a stub.
+                let _ = std::fs::remove_file(dst);
+            }
+            return Err(e);
+        }
+    };
+    let result = copy_into(&source, &dest, size, opts, progress, cancel);
+    drop(dest);
+    if result.is_err() {
+        // Never leave a half-converted image that looks valid.
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+fn copy_into(
+    source: &AnyDisk,
+    dest: &AnyDisk,
+    size: u64,
+    opts: &ConvertOptions,
+    progress: &dyn Fn(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<ConvertReport, ConvertError> {
+    let src = source.backend();
+    let ranges = source.allocated_ranges()?;
+    let threads = if opts.threads == 0 { 4 } else { opts.threads };
+    let stats = match copy::copy_ranges(src, dest.backend(), &ranges, threads, progress, cancel) {
+        Ok(s) => s,
+        Err(copy::CopyError::Cancelled) => return Err(ConvertError::Cancelled),
+        Err(copy::CopyError::Block(e)) => return Err(e.into()),
+    };
+    dest.backend().flush()?;
+    Ok(ConvertReport {
+        source_format: source.format(),
+        format: opts.format,
+        virtual_size: size,
+        bytes_scanned: stats.bytes_read,
+        bytes_written: stats.bytes_written,
+    })
+}
+
+fn create_destination(
+    dst: &Path,
+    size: u64,
+    opts: &ConvertOptions,
+    logical: u32,
+    src_physical: u32,
+) -> Result<AnyDisk, ConvertError> {
+    Ok(match opts.format {
+        Format::Raw => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| create_error(dst, e))?;
+            file.set_len(size)?;
+            if opts.output_type == OutputType::Fixed {
+                // SAFETY: fallocate on a descriptor we own with in-range arguments.
+                unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+            }
+            drop(file);
+            AnyDisk::open_as(dst, Format::Raw, false)?
+        }
+        Format::Vhd => {
+            if size > vhd::format::MAX_SIZE {
+                return Err(ConvertError::TooLarge {
+                    size,
+                    format: "VHD",
+                    limit: vhd::format::MAX_SIZE,
+                });
+            }
+            if dst.exists() {
+                return Err(ConvertError::DestinationExists(dst.to_path_buf()));
+            }
+            AnyDisk::Vhd(Box::new(Vhd::create(
+                dst,
+                &VhdCreateOptions {
+                    size,
+                    disk_type: match opts.output_type {
+                        OutputType::Dynamic => vhd::DiskType::Dynamic,
+                        OutputType::Fixed => vhd::DiskType::Fixed,
+                    },
+                    block_size: opts.block_size,
+                },
+            )?))
+        }
+        Format::Vhdx => {
+            if dst.exists() {
+                return Err(ConvertError::DestinationExists(dst.to_path_buf()));
+            }
+            let defaults = CreateOptions::default();
+            let physical = opts
+                .physical_sector
+                .unwrap_or(src_physical.max(logical))
+                .max(logical);
+            let created = Vhdx::create(
+                dst,
+                &CreateOptions {
+                    size,
+                    disk_type: match opts.output_type {
+                        OutputType::Dynamic => DiskType::Dynamic,
+                        OutputType::Fixed => DiskType::Fixed,
+                    },
+                    block_size: opts.block_size.unwrap_or(defaults.block_size),
+                    logical_sector: logical,
+                    physical_sector: physical,
+                    ..defaults
+                },
+            )?;
+            AnyDisk::Vhdx(created)
+        }
+    })
+}
+
+fn create_error(dst: &Path, e: std::io::Error) -> ConvertError {
+    if e.kind() == std::io::ErrorKind::AlreadyExists {
+        ConvertError::DestinationExists(dst.to_path_buf())
+    } else {
+        ConvertError::Open(dst.to_path_buf(), e)
+    }
+}
