@@ -215,6 +215,7 @@ pub struct PortAcl {
     cache: Vec<CacheSlot>,
     cacheable: bool,
     flows: HashMap<FlowKey, u64, FxBuildHasher>,
+    last_sweep: u64,
 }
 
 /// The ACL decision for one frame in one direction.
@@ -393,7 +394,12 @@ impl PortAcl {
             return;
         }
         if self.flows.len() >= MAX_FLOWS {
-            self.flows.retain(|_, e| *e >= now);
+            // Sweep at most once a second: a guest opening flows as fast as it can must not make
+            // every frame pay for a scan of the whole table.
+            if now.saturating_sub(self.last_sweep) >= 1_000_000_000 {
+                self.last_sweep = now;
+                self.flows.retain(|_, e| *e >= now);
+            }
             if self.flows.len() >= MAX_FLOWS {
                 return;
             }

@@ -152,6 +152,7 @@ struct Worker {
     epoll: Epoll,
     ports: Vec<Option<Attached>>,
     hdrs: Vec<VnetHdr>,
+    delivery: Delivery,
     scratch: (Vec<u8>, Vec<u8>),
     uplink_queues: HashMap<PortId, WeightedFairQueue>,
     /// Pacers of uplinks with a configured link rate.
@@ -185,6 +186,7 @@ impl Worker {
             shapers: HashMap::new(),
             rx: (0..BATCH).map(|_| vec![0u8; RX_BUF]).collect(),
             hdrs: vec![VnetHdr::default(); BATCH],
+            delivery: Delivery::default(),
             scratch: (Vec::with_capacity(RX_BUF), Vec::with_capacity(MAX_FRAME)),
             tx: Vec::with_capacity(MAX_FRAME),
             start: Instant::now(),
@@ -299,14 +301,14 @@ impl Worker {
         }
         let now = self.now();
         let mut sw = lock(&self.switch);
-        let mut d = Delivery::default();
+        let d = &mut self.delivery;
         // Only filter extensions can touch a frame's Vec beyond its bytes (e.g. reallocate it).
         let untouched = !sw.has_filters();
         for (i, len) in lens.iter().enumerate().take(count) {
             let frame = &mut self.rx[i];
             frame.truncate(*len);
             let hdr = self.hdrs[i];
-            sw.process(ingress, frame, now, &mut d);
+            sw.process(ingress, frame, now, d);
             for e in &d.egress {
                 let Some(out) = self.ports.get(e.port.0 as usize).and_then(|p| p.as_ref()) else {
                     continue;
