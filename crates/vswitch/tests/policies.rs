@@ -879,3 +879,23 @@ fn configuration_round_trips_through_json() {
     assert_eq!(back, cfg);
     Switch::new(back).unwrap();
 }
+
+#[test]
+fn render_rewrites_the_outer_tag_and_keeps_priority() {
+    let mut f = tagged_udp4(mac(1), BCAST, 10);
+    f[14] |= 0xa0; // PCP 5
+    let mut buf = Vec::new();
+    let out = render(&f, TagOp::Tag(20), &mut buf).to_vec();
+    let s = frame::parse(&out).unwrap();
+    assert_eq!((s.tags, s.vid, s.pcp, out.len()), (1, 20, 5, f.len()));
+    assert_eq!(&out[16..], &f[16..], "payload untouched");
+    let mut buf2 = Vec::new();
+    assert_eq!(render(&f, TagOp::Keep, &mut buf2), &f[..]);
+    let plain_out = render(&out, TagOp::Untag, &mut buf2).to_vec();
+    assert_eq!(frame::parse(&plain_out).unwrap().tags, 0);
+    assert_eq!(
+        render(&plain_out, TagOp::Untag, &mut buf),
+        &plain_out[..],
+        "untagging an untagged frame is a no-op"
+    );
+}
