@@ -337,10 +337,12 @@ impl Vhdx {
                 let e = l.bat.read().unwrap().entries[pi];
                 match bat::state(e) {
                     bat::FULLY_PRESENT => {
+                        l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
                         break;
                     }
                     bat::PARTIALLY_PRESENT => {
+                        l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
                         self.set_bitmap_bits(l, b, pos, n as u64)?;
                         break;
@@ -376,9 +378,6 @@ impl Vhdx {
         }
         let off = *end;
         l.io.set_len(off + bs)?;
-        // Reserve the extent now: later small writes into it then skip filesystem block
-        // allocation (measured ~2x faster 4 KiB random writes on ext4 than into a hole).
-        l.io.preallocate(off, bs);
         *end += bs;
         let mut bat_w = l.bat.write().unwrap();
         if let Some((si, so)) = sb_new {

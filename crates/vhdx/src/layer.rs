@@ -25,6 +25,8 @@ use crate::guid::Guid;
 use crate::VhdxError;
 
 pub(crate) const PAGE: u64 = 4096;
+/// Granularity of filesystem space reservation inside payload blocks (see `Layer::reserve`).
+const RESERVE_UNIT: u64 = 4 * MIB;
 
 /// What to do with a non-empty log when the file is opened read-only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -86,6 +88,8 @@ pub(crate) struct Layer {
     pub log_length: u64,
     pub replayed_entries: usize,
     pub merge_target: Option<Guid>,
+    /// One bit per `RESERVE_UNIT` of the file already reserved with fallocate (see [`Layer::reserve`]).
+    reserved_mib: RwLock<Vec<AtomicU64>>,
 }
 
 /// Everything that can be learnt from the header section and region table alone.
@@ -474,6 +478,7 @@ impl Layer {
             log_length: 0,
             replayed_entries,
             merge_target,
+            reserved_mib: RwLock::default(),
         }
         .with_log_location())
     }
@@ -674,6 +679,37 @@ impl Layer {
             Self::metadata_pages(&st, &ranges)
         };
         self.flush_with(pages)
+    }
+
+    /// Reserves filesystem space for the `RESERVE_UNIT` pieces of `[file_off, file_off+len)` (inside the
+    /// block at `block_off`) before they are first written. Small writes into a reserved
+    /// (unwritten) extent skip block allocation in the filesystem: 4 KiB random writes into new
+    /// blocks measured ~2x faster on ext4 than writes into a hole, while space is still only
+    /// taken per unit actually touched, so dynamic disks stay sparse. Best effort.
+    pub fn reserve(&self, block_off: u64, file_off: u64, len: u64) {
+        const UNIT: u64 = RESERVE_UNIT;
+        let (first, last) = (file_off / UNIT, (file_off + len - 1) / UNIT);
+        let missing = {
+            let bits = self.reserved_mib.read().unwrap();
+            (first..=last).any(|m| {
+                bits.get((m / 64) as usize)
+                    .is_none_or(|w| w.load(Ordering::Relaxed) >> (m % 64) & 1 == 0)
+            })
+        };
+        if !missing {
+            return;
+        }
+        let start = (first * UNIT).max(block_off);
+        let end = ((last + 1) * UNIT).min(block_off + self.geo.block_size);
+        self.io.preallocate(start, end - start);
+        let mut bits = self.reserved_mib.write().unwrap();
+        let need = (last / 64 + 1) as usize;
+        if bits.len() < need {
+            bits.resize_with(need, || AtomicU64::new(0));
+        }
+        for m in first..=last {
+            bits[(m / 64) as usize].fetch_or(1 << (m % 64), Ordering::Relaxed);
+        }
     }
 
     /// Loads (if needed) the cached sector-bitmap page at file offset `page_off`.
