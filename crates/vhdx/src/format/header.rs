@@ -18,6 +18,13 @@ pub fn file_identifier(creator: &str) -> Vec<u8> {
 
 /// Returns the creator string of a file identifier, or an error for a wrong signature.
 pub fn parse_file_identifier(b: &[u8]) -> Result<String, crate::VhdxError> {
+    if b.len() < 520 {
+        return Err(crate::VhdxError::Truncated {
+            what: "the file identifier",
+            len: b.len() as u64,
+            needed: 520,
+        });
+    }
     let mut sig = [0u8; 8];
     sig.copy_from_slice(&b[..8]);
     if &sig != FILE_SIGNATURE {
@@ -143,5 +150,6 @@ mod tests {
         let mut bad = b.clone();
         bad[0] = b'X';
         assert!(parse_file_identifier(&bad).is_err());
+        assert!(parse_file_identifier(&b[..100]).is_err());
     }
 }
