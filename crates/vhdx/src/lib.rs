@@ -15,6 +15,8 @@ mod guid;
 mod layer;
 mod ops;
 
+pub mod convert;
+pub mod vhd;
 
 pub use create::{CreateOptions, DiskType};
 pub use disk::{OpenOptions, Vhdx, MAX_CHAIN_DEPTH};
