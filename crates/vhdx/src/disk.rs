@@ -246,12 +246,8 @@ impl Vhdx {
         let mut p = pos;
         while p < end {
             let first = p / ls;
-            let bit = self.bitmap_bit(l, sb, first)?;
-            let mut s = first + 1;
-            while s * ls < end && self.bitmap_bit(l, sb, s)? == bit {
-                s += 1;
-            }
-            let run_end = (s * ls).min(end);
+            let (bit, n) = self.bitmap_run(l, sb, first, end.div_ceil(ls))?;
+            let run_end = ((first + n) * ls).min(end);
             let seg = &mut buf[(p - pos) as usize..(run_end - pos) as usize];
             if bit {
                 l.io.read_at(seg, data_off + (p - block_start))?;
@@ -261,6 +257,43 @@ impl Vhdx {
             p = run_end;
         }
         Ok(())
+    }
+
+    /// The bit of sector `first` and how many sectors from `first` (up to `limit`) share it,
+    /// scanning a page at a time under one lock and whole bytes where possible.
+    fn bitmap_run(
+        &self,
+        l: &Layer,
+        sb: u64,
+        first: u64,
+        limit: u64,
+    ) -> Result<(bool, u64), VhdxError> {
+        let bit = self.bitmap_bit(l, sb, first)?;
+        let same = if bit { 0xff } else { 0x00 };
+        let mut s = first + 1;
+        while s < limit {
+            let (page, _, _) = l.bitmap_position(sb, s);
+            l.bitmap_page_loaded(page)?;
+            let bm = l.bitmaps.read().unwrap();
+            let data = &bm[&page];
+            loop {
+                if s >= limit {
+                    return Ok((bit, s - first));
+                }
+                let (pg, byte, b) = l.bitmap_position(sb, s);
+                if pg != page {
+                    break;
+                }
+                if b == 0 && s + 8 <= limit && data[byte] == same {
+                    s += 8;
+                } else if (data[byte] >> b & 1 == 1) == bit {
+                    s += 1;
+                } else {
+                    return Ok((bit, s - first));
+                }
+            }
+        }
+        Ok((bit, s.min(limit) - first))
     }
 
     pub(crate) fn bitmap_bit(&self, l: &Layer, sb: u64, sector: u64) -> Result<bool, VhdxError> {
