@@ -239,3 +239,74 @@ fn crash_during_shrink_and_discard() {
     );
     eprintln!("shrink/discard: {points} crash points");
 }
+
+#[test]
+fn crash_during_merge_resumes() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tmpdir();
+    let pristine = dir.path().join("pristine");
+    std::fs::create_dir_all(&pristine).unwrap();
+    let base = pristine.join("base.vhdx");
+    let b = Vhdx::create(&base, &opts(8 * MIB, MIB as u32, DiskType::Dynamic)).unwrap();
+    let mut model = pattern(8 * MIB as usize, 1);
+    b.write(&model, 0).unwrap();
+    drop(b);
+    let child = pristine.join("child.vhdx");
+    let c = Vhdx::create(
+        &child,
+        &CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(base.clone()),
+            block_size: MIB as u32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    c.write(&pattern(3 * MIB as usize, 2), MIB / 2).unwrap();
+    c.discard(5 * MIB, MIB).unwrap();
+    c.write(&[9; 1024], 7 * MIB + 512).unwrap();
+    drop(c);
+    model[MIB as usize / 2..MIB as usize / 2 + 3 * MIB as usize]
+        .copy_from_slice(&pattern(3 * MIB as usize, 2));
+    model[5 * MIB as usize..6 * MIB as usize].fill(0);
+    model[7 * MIB as usize + 512..7 * MIB as usize + 1536].fill(9);
+    let no = AtomicBool::new(false);
+    for n in 0..2000u64 {
+        let work = dir.path().join(format!("w{n}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let (wb, wc) = (work.join("base.vhdx"), work.join("child.vhdx"));
+        std::fs::copy(&base, &wb).unwrap();
+        std::fs::copy(&child, &wc).unwrap();
+        let fault = FaultInjector::after_torn(n);
+        let r = Vhdx::merge_with_fault(&wc, &|_, _| {}, &no, Some(fault.clone()));
+        assert!(r.is_ok() || fault.fired(), "{r:?}");
+        if wc.exists() {
+            let c = Vhdx::open(&wc, &OpenOptions::read_only())
+                .unwrap_or_else(|e| panic!("crash point {n}: child: {e}"));
+            assert_eq!(
+                read(&c, 0, model.len()),
+                model,
+                "crash point {n}: child view"
+            );
+            drop(c);
+            Vhdx::merge_into_parent(&wc, &|_, _| {}, &no)
+                .unwrap_or_else(|e| panic!("crash point {n}: resume: {e}"));
+        }
+        assert!(!wc.exists());
+        let b = Vhdx::open(&wb, &OpenOptions::read_only()).unwrap();
+        assert_eq!(
+            read(&b, 0, model.len()),
+            model,
+            "crash point {n}: merged base"
+        );
+        drop(b);
+        assert!(Vhdx::check(&wb, false).unwrap().is_clean());
+        std::fs::remove_dir_all(&work).unwrap();
+        if !fault.fired() {
+            eprintln!("merge: {} crash points", n + 1);
+            assert!(n > 10);
+            return;
+        }
+    }
+    panic!("merge never completed");
+}

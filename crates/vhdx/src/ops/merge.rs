@@ -8,6 +8,9 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::fileio::FaultInjector;
 
 use crate::format::metadata::FLAG_USER;
 use crate::format::{bat, MERGE_IN_PROGRESS, MIB};
@@ -62,7 +65,22 @@ impl Vhdx {
         progress: &dyn Fn(u64, u64),
         cancel: &AtomicBool,
     ) -> Result<(), VhdxError> {
-        let c = Vhdx::open(child, &OpenOptions::default())?;
+        Self::merge_with_fault(child, progress, cancel, None)
+    }
+
+    /// [`Vhdx::merge_into_parent`] with a simulated crash shared by the child and parent files.
+    #[doc(hidden)]
+    pub fn merge_with_fault(
+        child: &Path,
+        progress: &dyn Fn(u64, u64),
+        cancel: &AtomicBool,
+        fault: Option<Arc<FaultInjector>>,
+    ) -> Result<(), VhdxError> {
+        let rw = OpenOptions {
+            fault: fault.clone(),
+            ..Default::default()
+        };
+        let c = Vhdx::open(child, &rw)?;
         if !c.top().params.has_parent {
             return Err(VhdxError::NotDifferencing(child.to_path_buf()));
         }
@@ -76,7 +94,7 @@ impl Vhdx {
                 g
             }
         };
-        let p = Vhdx::open(&parent_path, &OpenOptions::default())?;
+        let p = Vhdx::open(&parent_path, &rw)?;
         p.top().begin_session(DataGuid::Set(target))?;
         let vs = c.virtual_size();
         if vs > p.virtual_size() {
@@ -115,6 +133,10 @@ impl Vhdx {
         p.flush()?;
         drop(p);
         drop(c);
+        if fault.is_some_and(|f| f.fired()) {
+            // The simulated machine stopped; nothing after the crash may happen.
+            return Err(VhdxError::InjectedFault);
+        }
         std::fs::remove_file(child)?;
         Ok(())
     }
