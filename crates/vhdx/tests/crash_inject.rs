@@ -310,3 +310,49 @@ fn crash_during_merge_resumes() {
     }
     panic!("merge never completed");
 }
+
+#[test]
+fn crash_during_compact() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tmpdir();
+    let pristine = dir.path().join("pristine.vhdx");
+    let d = Vhdx::create(&pristine, &opts(24 * MIB, MIB as u32, DiskType::Dynamic)).unwrap();
+    let mut model = vec![0u8; 24 * MIB as usize];
+    for i in 0..12u64 {
+        let fill = if i % 3 == 0 { 0 } else { i as u8 };
+        d.write(&vec![fill; MIB as usize], i * 2 * MIB).unwrap();
+        model[(i * 2 * MIB) as usize..(i * 2 * MIB + MIB) as usize].fill(fill);
+    }
+    d.discard(4 * MIB, MIB).unwrap();
+    model[4 * MIB as usize..5 * MIB as usize].fill(0);
+    drop(d);
+    let no = AtomicBool::new(false);
+    let work = dir.path().join("work.vhdx");
+    for n in 0..5000u64 {
+        std::fs::copy(&pristine, &work).unwrap();
+        let fault = FaultInjector::after_torn(n);
+        let r = Vhdx::compact_with_fault(&work, &|_, _| {}, &no, Some(fault.clone()));
+        assert!(r.is_ok() || fault.fired(), "{r:?}");
+        let d = Vhdx::open(&work, &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("crash point {n}: {e}"));
+        assert_eq!(read(&d, 0, model.len()), model, "crash point {n}");
+        drop(d);
+        let report = Vhdx::check(&work, false).unwrap();
+        assert!(report.is_clean(), "crash point {n}: {report:?}");
+        if !fault.fired() {
+            eprintln!("compact: {} crash points", n + 1);
+            assert!(r.unwrap().blocks_moved > 0);
+            return;
+        }
+        // Finishing the interrupted compaction must also work.
+        if n % 5 == 0 {
+            Vhdx::compact(&work, &|_, _| {}, &no).unwrap();
+            assert_eq!(
+                read(&reopen(&work), 0, model.len()),
+                model,
+                "crash point {n}: after resume"
+            );
+        }
+    }
+    panic!("compact never completed");
+}

@@ -294,3 +294,56 @@ fn flush_spanning_many_log_entries_and_wrapping() {
         assert!(ok, "{out}");
     }
 }
+
+#[test]
+fn four_k_logical_sectors_dynamic_and_differencing() {
+    let dir = tmpdir();
+    let o = vireo_vhdx::CreateOptions {
+        size: 16 * MIB,
+        block_size: 2 * MIB as u32,
+        logical_sector: 4096,
+        physical_sector: 4096,
+        ..Default::default()
+    };
+    let (base, d) = create(dir.path(), "b4k.vhdx", &o);
+    use vireo_block::BlockBackend;
+    assert_eq!(BlockBackend::logical_sector_size(&d), 4096);
+    let a = pattern(5 * MIB as usize, 4);
+    d.write(&a, MIB).unwrap();
+    drop(d);
+    let child = dir.path().join("c4k.vhdx");
+    let c = Vhdx::create(
+        &child,
+        &vireo_vhdx::CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(base),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(c.logical_sector_size(), 4096);
+    c.write(&[7; 100], MIB + 4000).unwrap(); // crosses a 4 KiB sector boundary, unaligned
+    c.discard(3 * MIB, 8192).unwrap();
+    drop(c);
+    let c = reopen(&child);
+    let mut expect = a.clone();
+    expect[4000..4100].fill(7);
+    expect[2 * MIB as usize..2 * MIB as usize + 8192].fill(0);
+    assert_eq!(read(&c, MIB, expect.len()), expect);
+    assert!(Vhdx::check(&child, false).unwrap().is_clean());
+}
+
+#[test]
+fn info_serialises_to_json() {
+    let dir = tmpdir();
+    let (_p, d) = create(
+        dir.path(),
+        "i.vhdx",
+        &opts(8 * MIB, MIB as u32, DiskType::Fixed),
+    );
+    let j = serde_json::to_value(d.info()).unwrap();
+    assert_eq!(j["disk_type"], "fixed");
+    assert_eq!(j["virtual_size"], 8 * MIB);
+    assert_eq!(j["allocated_blocks"], 8);
+    assert!(j["data_write_guid"].as_str().unwrap().starts_with('{'));
+}

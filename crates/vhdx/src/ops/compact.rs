@@ -8,6 +8,9 @@
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::fileio::FaultInjector;
 
 use crate::format::{bat, MIB, SECTOR_BITMAP_BLOCK};
 use crate::layer::{reserved_spans, DataGuid};
@@ -30,11 +33,28 @@ impl Vhdx {
         progress: &dyn Fn(u64, u64),
         cancel: &AtomicBool,
     ) -> Result<CompactReport, VhdxError> {
+        Self::compact_with_fault(path, progress, cancel, None)
+    }
+
+    /// [`Vhdx::compact`] with a simulated crash (tests).
+    #[doc(hidden)]
+    pub fn compact_with_fault(
+        path: &Path,
+        progress: &dyn Fn(u64, u64),
+        cancel: &AtomicBool,
+        fault: Option<Arc<FaultInjector>>,
+    ) -> Result<CompactReport, VhdxError> {
         let mut report = CompactReport {
             file_size_before: std::fs::metadata(path)?.len(),
             ..Default::default()
         };
-        let d = Vhdx::open(path, &OpenOptions::default())?;
+        let d = Vhdx::open(
+            path,
+            &OpenOptions {
+                fault: fault.clone(),
+                ..Default::default()
+            },
+        )?;
         let l = d.top();
         if l.params.leave_blocks_allocated {
             return Err(VhdxError::Unsupported(
@@ -155,6 +175,9 @@ impl Vhdx {
         }
         let end = reserved.iter().map(|r| r.1).max().unwrap_or(0).max(cursor);
         drop(d);
+        if fault.is_some_and(|f| f.fired()) {
+            return Err(VhdxError::InjectedFault);
+        }
         let f = FsOpenOptions::new().write(true).open(path)?;
         if f.metadata()?.len() > end {
             f.set_len(end)?;
