@@ -117,7 +117,12 @@ impl Metadata {
         self.entries
             .iter()
             .find(|e| e.item_id == id)
-            .map(|e| &self.region[e.offset as usize..e.offset as usize + e.length as usize])
+            // Empty items may carry any offset (MS-VHDX: offset is 0 when length is 0).
+            .map(|e| {
+                self.region
+                    .get(e.offset as usize..e.offset as usize + e.length as usize)
+                    .unwrap_or(&[])
+            })
     }
 
     fn fixed<const N: usize>(&self, id: Guid, name: &'static str) -> Result<[u8; N], VhdxError> {
@@ -363,6 +368,15 @@ mod tests {
             Err(VhdxError::BadMetadataTable(_))
         ));
         let mut raw = Metadata::build(MIB as usize, &standard_items(&params())).region;
+        let mut empty = Metadata::build(MIB as usize, &standard_items(&params()));
+        let id = Guid::random();
+        empty.add_item(id, FLAG_USER, b"").unwrap();
+        let o = 32 + 5 * 32;
+        put32(&mut empty.region, o + 16, u32::MAX); // offset of an empty item
+        assert_eq!(
+            Metadata::parse(empty.region).unwrap().item(id),
+            Some(&[][..])
+        );
         put32(&mut raw, 32 + 24, FLAG_REQUIRED);
         raw[32] ^= 0xff; // now an unknown required system item
         assert!(matches!(

@@ -178,7 +178,7 @@ impl Vhdx {
             let s = bat::state(e);
             if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
                 allocated += 1;
-                let end = bat::offset(e) + geo.block_size;
+                let end = bat::offset(e).saturating_add(geo.block_size);
                 if bat::offset(e) < file_len && end > file_len {
                     add(
                         "warning",
