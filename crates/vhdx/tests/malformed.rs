@@ -316,3 +316,58 @@ fn random_corruption_never_panics() {
         let _ = Vhdx::check(&p, false);
     }
 }
+
+mod parsers {
+    use proptest::prelude::*;
+    use vireo_vhdx::format::{header, locator, log, metadata, region};
+    use vireo_vhdx::Guid;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Every pure parser takes arbitrary bytes without panicking.
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..70_000), which in 0u8..6) {
+            match which {
+                0 => { let _ = header::parse_file_identifier(&bytes); }
+                1 => { let _ = header::Header::parse(&bytes); }
+                2 => {
+                    if let Ok(t) = region::RegionTable::parse(&bytes) {
+                        let _ = t.validate(1 << 30, (1 << 20, 1 << 20));
+                    }
+                }
+                3 => {
+                    if let Ok(m) = metadata::Metadata::parse(bytes.clone()) {
+                        let _ = m.params();
+                    }
+                }
+                4 => { let _ = locator::ParentLocator::parse(&bytes); }
+                _ => {
+                    let mut log = bytes.clone();
+                    log.resize(log.len().div_ceil(4096).max(1) * 4096, 0);
+                    let _ = log::active_sequence(&log, Guid::from_slice(&log[..16]));
+                }
+            }
+        }
+
+        /// Valid-looking log entries with mutated fields: parsing never panics and a corrupted
+        /// entry is never returned as valid.
+        #[test]
+        fn mutated_log_entries(pos in 0usize..8192, val in any::<u8>()) {
+            let g = Guid::random();
+            let page = vec![0x5au8; 4096];
+            let e = log::build_entry(&log::EntryFields { sequence: 3, tail: 0, log_guid: g, flushed_file_offset: 1 << 22, last_file_offset: 1 << 22 }, &[(2 << 20, &page)]);
+            let mut buf = vec![0u8; 1 << 20];
+            buf[..e.len()].copy_from_slice(&e);
+            let pos = pos % e.len();
+            let changed = buf[pos] != val;
+            buf[pos] = val;
+            let seq = log::active_sequence(&buf, g);
+            if changed {
+                prop_assert!(seq.is_empty());
+            } else {
+                prop_assert_eq!(seq.len(), 1);
+            }
+        }
+    }
+}
