@@ -271,7 +271,7 @@ pub fn convert(
             return Err(e);
         }
     };
-    let result = copy_into(&source, &dest, size, opts, progress, cancel);
+    let result = copy_into(&source, &dest, dst, size, opts, progress, cancel);
     drop(dest);
     if result.is_err() {
         // Never leave a half-converted image that looks valid.
@@ -283,6 +283,7 @@ pub fn convert(
 fn copy_into(
     source: &AnyDisk,
     dest: &AnyDisk,
+    dst_path: &Path,
     size: u64,
     opts: &ConvertOptions,
     progress: &dyn Fn(u64, u64),
@@ -291,7 +292,25 @@ fn copy_into(
     let src = source.backend();
     let ranges = source.allocated_ranges()?;
     let threads = if opts.threads == 0 { 4 } else { opts.threads };
-    let stats = match copy::copy_ranges(src, dest.backend(), &ranges, threads, progress, cancel) {
+    // The final fsync would otherwise write everything after the copy: with lots of RAM the
+    // kernel starts background write-back late. Starting it as we go overlaps the two.
+    let writeback = std::fs::OpenOptions::new().write(true).open(dst_path).ok();
+    let tick = || {
+        if let Some(f) = &writeback {
+            // SAFETY: sync_file_range on a descriptor we own; offset 0, length 0 = whole file;
+            // WRITE only starts write-back of dirty pages and has no effect on the data.
+            unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+    };
+    let stats = match copy::copy_ranges(
+        src,
+        dest.backend(),
+        &ranges,
+        threads,
+        progress,
+        &tick,
+        cancel,
+    ) {
         Ok(s) => s,
         Err(copy::CopyError::Cancelled) => return Err(ConvertError::Cancelled),
         Err(copy::CopyError::Block(e)) => return Err(e.into()),

@@ -23,13 +23,15 @@ pub enum CopyError {
 }
 
 /// Copies `ranges` (virtual `(offset, length)` ranges, sorted) from `src` to `dst` using `threads` workers.
-/// `progress(done, total)` is called from this thread about ten times a second and at the end.
+/// `progress(done, total)` and `tick()` are called from this thread about ten times a second
+/// (`tick` lets the caller start write-back while the copy goes on).
 pub fn copy_ranges(
     src: &dyn BlockBackend,
     dst: &dyn BlockBackend,
     ranges: &[(u64, u64)],
     threads: usize,
     progress: &dyn Fn(u64, u64),
+    tick: &dyn Fn(),
     cancel: &AtomicBool,
 ) -> Result<CopyStats, CopyError> {
     let chunks: Vec<(u64, u64)> = ranges
@@ -89,6 +91,7 @@ pub fn copy_ranges(
         }
         while running.load(Ordering::Acquire) > 0 {
             progress(done.load(Ordering::Relaxed), total);
+            tick();
             std::thread::sleep(Duration::from_millis(100));
         }
     });

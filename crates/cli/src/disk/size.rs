@@ -1,0 +1,73 @@
+//! Human sizes on the command line: `64G`, `512M`, `1.5T`, `4096` (binary units).
+
+/// Parses a byte count with an optional K/M/G/T/P suffix (powers of 1024; "B", "iB" allowed).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid size {text:?}: use a number of bytes with an optional K, M, G or T suffix \
+             (powers of 1024), e.g. 64G or 512M"
+        )
+    };
+    let t = text.trim();
+    let upper = t.to_ascii_uppercase();
+    let trimmed = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (number, shift) = match trimmed.chars().last() {
+        Some('K') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('M') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('G') => (&trimmed[..trimmed.len() - 1], 30),
+        Some('T') => (&trimmed[..trimmed.len() - 1], 40),
+        Some('P') => (&trimmed[..trimmed.len() - 1], 50),
+        Some(c) if c.is_ascii_digit() => (trimmed, 0),
+        _ => return Err(bad()),
+    };
+    let number = number.trim();
+    if let Ok(n) = number.parse::<u64>() {
+        return n.checked_mul(1u64 << shift).ok_or_else(bad);
+    }
+    // Fractions ("1.5G") are exact only when they land on whole bytes.
+    let f: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = f * (1u64 << shift) as f64;
+    if !f.is_finite() || f < 0.0 || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// 34359738368 → "32 GiB"; exact values print without decimals.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut v = bytes as f64;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{} {}", v as u64, UNITS[unit])
+    } else {
+        format!("{v:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64G").unwrap(), 64 << 30);
+        assert_eq!(parse_size("32M").unwrap(), 32 << 20);
+        assert_eq!(parse_size("32MiB").unwrap(), 32 << 20);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("64Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(human(32 << 30), "32 GiB");
+        assert_eq!(human(1536), "1.50 KiB");
+    }
+}
