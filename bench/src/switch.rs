@@ -20,6 +20,9 @@ pub struct SwitchArgs {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     iperf_seconds: u32,
+    /// iperf3 runs per path (alternating switch/bridge); the ratio uses the medians.
+    #[arg(long, default_value_t = 3)]
+    iperf_runs: u32,
     /// Skip the namespace/iperf3 part.
     #[arg(long)]
     no_iperf: bool,
@@ -212,6 +215,36 @@ fn quiet(args: &[&str]) {
         .status();
 }
 
+/// One iperf3 run: throughput and where the CPU went.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    bps: f64,
+    retransmits: u64,
+    secs: f64,
+    /// CPU of the iperf3 client plus server, in cores (iperf3's own figures; they include the
+    /// softirq work done in those processes' context).
+    iperf_cpu: f64,
+    /// CPU of this process (the switch runtime's thread; the bench itself sleeps), in cores.
+    switch_cpu: f64,
+}
+
+impl Run {
+    /// CPU-seconds (iperf3 client + server + switch thread) per GB moved.
+    fn cpu_per_gb(&self) -> f64 {
+        (self.iperf_cpu + self.switch_cpu) / (self.bps / 8e9)
+    }
+}
+
+/// User + system CPU seconds of this whole process so far.
+fn process_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain old data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Two namespaces `<p>0` (10.88.0.1) and `<p>1` (10.88.0.2), each on a veth whose host end is
 /// `<p>h0`/`<p>h1`. Everything is removed on drop.
 struct Pair {
@@ -257,8 +290,8 @@ impl Pair {
         format!("{}h{k}", self.p)
     }
 
-    /// iperf3 TCP from namespace 0 to namespace 1, in bits/s.
-    fn iperf(&self, secs: u32) -> Result<f64, String> {
+    /// iperf3 TCP from namespace 0 to namespace 1.
+    fn iperf(&self, secs: u32) -> Result<Run, String> {
         let mut server = Command::new("ip")
             .args([
                 "netns",
@@ -298,9 +331,20 @@ impl Pair {
         let out = out?;
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
-        v["end"]["sum_received"]["bits_per_second"]
+        let bps = v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
-            .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))
+            .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))?;
+        let cpu = &v["end"]["cpu_utilization_percent"];
+        let pct = |k: &str| cpu[k].as_f64().unwrap_or(f64::NAN) / 100.0;
+        Ok(Run {
+            bps,
+            retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+            secs: v["end"]["sum_received"]["seconds"]
+                .as_f64()
+                .unwrap_or(secs as f64),
+            iperf_cpu: pct("host_total") + pct("remote_total"),
+            switch_cpu: 0.0,
+        })
     }
 }
 
@@ -317,7 +361,7 @@ impl Drop for Pair {
 /// TCP through our switch. With `offload`, guests keep their default offloads and the AF_PACKET
 /// ports carry virtio-net headers (64 KiB super-frames); without, guests turn TX checksum
 /// offload off and every frame is MTU-sized.
-fn through_switch(secs: u32, offload: bool) -> Result<f64, String> {
+fn through_switch(secs: u32, offload: bool) -> Result<Run, String> {
     let pair = Pair::new(
         format!(
             "vsb{}{}",
@@ -349,7 +393,11 @@ fn through_switch(secs: u32, offload: bool) -> Result<f64, String> {
         p1,
         Arc::new(bind(&pair.host(1)).map_err(|e| e.to_string())?),
     );
-    let r = pair.iperf(secs);
+    let cpu0 = process_cpu_secs();
+    let r = pair.iperf(secs).map(|mut r| {
+        r.switch_cpu = (process_cpu_secs() - cpu0) / r.secs;
+        r
+    });
     {
         let sw = vireo_vswitch::runtime::lock(rt.switch());
         for id in [p0, p1] {
@@ -368,7 +416,7 @@ fn through_switch(secs: u32, offload: bool) -> Result<f64, String> {
     r
 }
 
-fn through_bridge(secs: u32, offload: bool) -> Result<f64, String> {
+fn through_bridge(secs: u32, offload: bool) -> Result<Run, String> {
     let pair = Pair::new(
         format!(
             "vsb{}{}",
@@ -384,6 +432,11 @@ fn through_bridge(secs: u32, offload: bool) -> Result<f64, String> {
         sh(&["ip", "link", "set", &pair.host(k), "master", &br])?;
     }
     pair.iperf(secs)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 pub fn run(args: SwitchArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -416,39 +469,53 @@ pub fn run(args: SwitchArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("iperf3 part skipped (--no-iperf)");
     } else {
         println!(
-            "TCP between two namespaces, iperf3 -t {}:",
-            args.iperf_seconds
+            "TCP between two namespaces, iperf3 -t {}, {} alternating runs per path (median):",
+            args.iperf_seconds, args.iperf_runs
         );
-        let ours = through_switch(args.iperf_seconds, true);
-        let bridge = through_bridge(args.iperf_seconds, true);
+        let show = |label: &str, r: &Result<Run, String>| {
+            match r {
+            Ok(r) => println!(
+                "    {label}: {:.2} Gbit/s, {} retransmits, CPU: iperf3 {:.2} + switch {:.2} cores = {:.2} CPU-s/GB",
+                r.bps / 1e9,
+                r.retransmits,
+                r.iperf_cpu,
+                r.switch_cpu,
+                r.cpu_per_gb()
+            ),
+            Err(e) => println!("    {label}: failed: {e}"),
+        }
+        };
+        let mut ours = Vec::new();
+        let mut bridge = Vec::new();
+        println!("  guest offloads on (default); vireo = veth + AF_PACKET with vnet headers:");
+        for i in 0..args.iperf_runs {
+            // Alternate which path goes first so drifting background load hits both alike.
+            let pair = if i % 2 == 0 {
+                let o = through_switch(args.iperf_seconds, true);
+                (o, through_bridge(args.iperf_seconds, true))
+            } else {
+                let b = through_bridge(args.iperf_seconds, true);
+                (through_switch(args.iperf_seconds, true), b)
+            };
+            show("vireo switch", &pair.0);
+            show("linux bridge", &pair.1);
+            ours.extend(pair.0.ok().map(|r| r.bps));
+            bridge.extend(pair.1.ok().map(|r| r.bps));
+        }
+        println!("  guest TX checksum offload off (MTU-sized frames only):");
         let ours_plain = through_switch(args.iperf_seconds, false);
         let bridge_plain = through_bridge(args.iperf_seconds, false);
-        let fmt = |r: &Result<f64, String>| match r {
-            Ok(b) => format!("{:.2} Gbit/s", b / 1e9),
-            Err(e) => format!("failed: {e}"),
-        };
-        println!("  guest offloads on (default):");
-        println!(
-            "    vireo switch (veth + AF_PACKET with vnet headers): {}",
-            fmt(&ours)
-        );
-        println!(
-            "    linux bridge:                                      {}",
-            fmt(&bridge)
-        );
-        println!("  guest TX checksum offload off (MTU-sized frames only):");
-        println!(
-            "    vireo switch (veth + AF_PACKET):                   {}",
-            fmt(&ours_plain)
-        );
-        println!(
-            "    linux bridge:                                      {}",
-            fmt(&bridge_plain)
-        );
+        show("vireo switch", &ours_plain);
+        show("linux bridge", &bridge_plain);
         if let (Ok(o), Ok(b)) = (&ours_plain, &bridge_plain) {
-            println!("    ratio: {:.3}", o / b);
+            println!("    ratio: {:.3}", o.bps / b.bps);
         }
-        if let (Ok(o), Ok(b)) = (&ours, &bridge) {
+        if let (Some(o), Some(b)) = (median(&mut ours), median(&mut bridge)) {
+            println!(
+                "  offloads on, median: vireo {:.2} Gbit/s, bridge {:.2} Gbit/s",
+                o / 1e9,
+                b / 1e9
+            );
             ratio = format!("{:.3}", o / b);
         }
     }
