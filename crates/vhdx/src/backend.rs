@@ -56,3 +56,9 @@ impl BlockBackend for Vhdx {
             .collect()
     }
 }
+
+// I/O threads share one disk: fail the build if that ever stops being possible.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Vhdx>();
+};
