@@ -33,10 +33,12 @@ const WAKE_TOKEN: u64 = u64::MAX;
 /// Receive buffer: a 64 KiB TCP super-frame from an offload port, plus headers.
 const RX_BUF: usize = 65536 + 64;
 
-/// A frame port as the runtime holds it; offload ports also move 64 KiB super-frames.
+/// A frame port as the runtime holds it; AF_PACKET ports are read a batch per system call,
+/// and offload ones also move 64 KiB super-frames.
 #[derive(Clone)]
 struct Attached {
     port: Arc<dyn FramePort>,
+    packet: Option<Arc<PacketPort>>,
     offload: Option<Arc<PacketPort>>,
 }
 
@@ -100,6 +102,7 @@ impl SwitchRuntime {
             id,
             Attached {
                 port,
+                packet: None,
                 offload: None,
             },
         ));
@@ -110,9 +113,14 @@ impl SwitchRuntime {
     /// switch whole between offload ports and are segmented in software for the others.
     pub fn attach_packet(&self, id: PortId, port: Arc<PacketPort>) {
         let offload = port.offload().then(|| port.clone());
-        let _ = self
-            .ctl
-            .send(Control::Attach(id, Attached { port, offload }));
+        let _ = self.ctl.send(Control::Attach(
+            id,
+            Attached {
+                port: port.clone(),
+                packet: Some(port),
+                offload,
+            },
+        ));
         let _ = self.wake.write(1);
     }
 
@@ -273,7 +281,17 @@ impl Worker {
         };
         let mut lens = [0usize; BATCH];
         let mut count = 0;
-        while count < BATCH {
+        if let Some(p) = &port.packet {
+            for buf in &mut self.rx {
+                if buf.len() != RX_BUF {
+                    buf.resize(RX_BUF, 0);
+                }
+            }
+            count = p
+                .recv_batch(&mut self.hdrs, &mut self.rx, &mut lens)
+                .unwrap_or(0);
+        }
+        while port.packet.is_none() && count < BATCH {
             let buf = &mut self.rx[count];
             if buf.len() != RX_BUF {
                 buf.resize(RX_BUF, 0);
@@ -305,6 +323,10 @@ impl Worker {
         // Only filter extensions can touch a frame's Vec beyond its bytes (e.g. reallocate it).
         let untouched = !sw.has_filters();
         for (i, len) in lens.iter().enumerate().take(count) {
+            if *len == 0 {
+                // Too long for the buffer: the port consumed and dropped it.
+                continue;
+            }
             let frame = &mut self.rx[i];
             frame.truncate(*len);
             let hdr = self.hdrs[i];

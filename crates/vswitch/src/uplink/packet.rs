@@ -202,24 +202,11 @@ impl PacketPort {
         hdr: &mut VnetHdr,
         buf: &mut [u8],
     ) -> Result<Option<usize>, PortError> {
-        let mut h = [0u8; VNET_HDR_LEN];
-        let mut iov = [
-            libc::iovec {
-                iov_base: h.as_mut_ptr().cast(),
-                iov_len: if self.vnet { VNET_HDR_LEN } else { 0 },
-            },
-            libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            },
-        ];
-        let mut cbuf = [0u64; 16];
-        // SAFETY: msghdr is plain old data; the pointers set below outlive the recvmsg call.
+        let mut slot = RxSlot::new();
+        // SAFETY: msghdr is plain old data; `aim` points it at `slot` and `buf`, which outlive
+        // the recvmsg call.
         let mut msg: libc::msghdr = unsafe { zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = 2;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = size_of::<[u64; 16]>();
+        slot.aim(&mut msg, buf, self.vnet);
         // SAFETY: receives into the iovecs and control buffer described by msg.
         let n = unsafe {
             libc::recvmsg(
@@ -229,24 +216,132 @@ impl PacketPort {
             )
         };
         if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(None),
-                Some(libc::ENETDOWN) => Err(PortError::Disconnected),
-                _ => Err(e.into()),
-            };
+            return recv_error();
         }
-        let hl = if self.vnet { VNET_HDR_LEN } else { 0 };
-        let mut len = (n as usize).saturating_sub(hl);
-        *hdr = if self.vnet {
-            VnetHdr::from_bytes(&h)
+        slot.finish(&msg, n as usize, hdr, buf, self.vnet).map(Some)
+    }
+
+    /// Receives up to `bufs.len()` frames with one recvmmsg(2): returns how many slots were
+    /// filled; a slot whose frame did not fit its buffer (consumed and dropped) gets length 0.
+    pub fn recv_batch(
+        &self,
+        hdrs: &mut [VnetHdr],
+        bufs: &mut [Vec<u8>],
+        lens: &mut [usize],
+    ) -> Result<usize, PortError> {
+        let n = bufs.len().min(hdrs.len()).min(lens.len()).min(MAX_BATCH);
+        let mut slots = [RxSlot::new(); MAX_BATCH];
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid empty value.
+        let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { zeroed() };
+        for i in 0..n {
+            slots[i].aim(&mut msgs[i].msg_hdr, &mut bufs[i], self.vnet);
+        }
+        // SAFETY: the first n headers point at `slots` and `bufs`, alive and unmoved until the
+        // call returns (the arrays are not touched in between).
+        let got = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            return recv_error().map(|_| 0);
+        }
+        let got = got as usize;
+        for i in 0..got {
+            let m = &msgs[i];
+            // A frame too long for its buffer was consumed: its slot reads as empty.
+            lens[i] = slots[i]
+                .finish(
+                    &m.msg_hdr,
+                    m.msg_len as usize,
+                    &mut hdrs[i],
+                    &mut bufs[i],
+                    self.vnet,
+                )
+                .unwrap_or(0);
+        }
+        Ok(got)
+    }
+}
+
+/// Frames per recvmmsg(2) call at most.
+pub const MAX_BATCH: usize = 64;
+
+/// Maps a failed receive to the port's result: nothing waiting is `Ok(None)`.
+fn recv_error() -> Result<Option<usize>, PortError> {
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(None),
+        Some(libc::ENETDOWN) => Err(PortError::Disconnected),
+        _ => Err(e.into()),
+    }
+}
+
+/// Per-frame receive state besides the frame buffer: the virtio-net header and the control
+/// messages (VLAN auxdata), plus the iovecs pointing at them.
+#[derive(Clone, Copy)]
+struct RxSlot {
+    vnet_hdr: [u8; VNET_HDR_LEN],
+    iov: [libc::iovec; 2],
+    cmsg: [u64; 16],
+}
+
+impl RxSlot {
+    fn new() -> Self {
+        RxSlot {
+            vnet_hdr: [0; VNET_HDR_LEN],
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+            cmsg: [0; 16],
+        }
+    }
+
+    /// Points `msg` at this slot and `buf`; neither may move until the receive returns.
+    fn aim(&mut self, msg: &mut libc::msghdr, buf: &mut [u8], vnet: bool) {
+        self.iov = [
+            libc::iovec {
+                iov_base: self.vnet_hdr.as_mut_ptr().cast(),
+                iov_len: if vnet { VNET_HDR_LEN } else { 0 },
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
+        msg.msg_iov = self.iov.as_mut_ptr();
+        msg.msg_iovlen = 2;
+        msg.msg_control = self.cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = size_of::<[u64; 16]>();
+    }
+
+    /// Decodes a received frame of `n` bytes (header included): its offload header, and the
+    /// VLAN tag the kernel moved to metadata put back into the frame.
+    fn finish(
+        &self,
+        msg: &libc::msghdr,
+        n: usize,
+        hdr: &mut VnetHdr,
+        buf: &mut [u8],
+        vnet: bool,
+    ) -> Result<usize, PortError> {
+        let hl = if vnet { VNET_HDR_LEN } else { 0 };
+        let mut len = n.saturating_sub(hl);
+        *hdr = if vnet {
+            VnetHdr::from_bytes(&self.vnet_hdr)
         } else {
             VnetHdr::default()
         };
         let mut vlan = None;
-        // SAFETY: walks the control messages the kernel wrote into cbuf, per CMSG_* rules.
+        // SAFETY: walks the control messages the kernel wrote into this slot's cmsg buffer
+        // (msg points at it), per CMSG_* rules.
         unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            let mut c = libc::CMSG_FIRSTHDR(msg);
             while !c.is_null() {
                 if (*c).cmsg_level == SOL_PACKET && (*c).cmsg_type == PACKET_AUXDATA {
                     let aux: AuxData = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
@@ -259,7 +354,7 @@ impl PacketPort {
                         vlan = Some((tpid, aux.tp_vlan_tci));
                     }
                 }
-                c = libc::CMSG_NXTHDR(&msg, c);
+                c = libc::CMSG_NXTHDR(msg, c);
             }
         }
         let extra = if vlan.is_some() { 4 } else { 0 };
@@ -279,7 +374,7 @@ impl PacketPort {
                 *hdr = hdr.shifted(4);
             }
         }
-        Ok(Some(len))
+        Ok(len)
     }
 }
 
