@@ -23,6 +23,10 @@ pub struct SwitchArgs {
     /// iperf3 runs per path (alternating switch/bridge); the ratio uses the medians.
     #[arg(long, default_value_t = 3)]
     iperf_runs: u32,
+    /// In the MTU-sized run, bind the switch's AF_PACKET ports without offload (no vnet
+    /// headers, so no coalescing): the comparison point for the switch's GRO.
+    #[arg(long)]
+    plain_ports: bool,
     /// Skip the namespace/iperf3 part.
     #[arg(long)]
     no_iperf: bool,
@@ -358,10 +362,11 @@ impl Drop for Pair {
     }
 }
 
-/// TCP through our switch. With `offload`, guests keep their default offloads and the AF_PACKET
-/// ports carry virtio-net headers (64 KiB super-frames); without, guests turn TX checksum
-/// offload off and every frame is MTU-sized.
-fn through_switch(secs: u32, offload: bool) -> Result<Run, String> {
+/// TCP through our switch. With `offload`, guests keep their default offloads (64 KiB
+/// super-frames); without, guests turn TX checksum offload off and send MTU-sized frames. With
+/// `port_offload`, the AF_PACKET ports carry virtio-net headers: super-frames pass whole, and
+/// the switch coalesces MTU-sized TCP segments into super-frames (GRO).
+fn through_switch(secs: u32, offload: bool, port_offload: bool) -> Result<Run, String> {
     let pair = Pair::new(
         format!(
             "vsb{}{}",
@@ -379,7 +384,7 @@ fn through_switch(secs: u32, offload: bool) -> Result<Run, String> {
         .map_err(|e| e.to_string())?;
     let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).map_err(|e| e.to_string())?;
     let bind = |h: &str| {
-        if offload {
+        if port_offload {
             PacketPort::bind_offload(h)
         } else {
             PacketPort::bind(h)
@@ -491,19 +496,26 @@ pub fn run(args: SwitchArgs) -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..args.iperf_runs {
             // Alternate which path goes first so drifting background load hits both alike.
             let pair = if i % 2 == 0 {
-                let o = through_switch(args.iperf_seconds, true);
+                let o = through_switch(args.iperf_seconds, true, true);
                 (o, through_bridge(args.iperf_seconds, true))
             } else {
                 let b = through_bridge(args.iperf_seconds, true);
-                (through_switch(args.iperf_seconds, true), b)
+                (through_switch(args.iperf_seconds, true, true), b)
             };
             show("vireo switch", &pair.0);
             show("linux bridge", &pair.1);
             ours.extend(pair.0.ok().map(|r| r.bps));
             bridge.extend(pair.1.ok().map(|r| r.bps));
         }
-        println!("  guest TX checksum offload off (MTU-sized frames only):");
-        let ours_plain = through_switch(args.iperf_seconds, false);
+        println!(
+            "  guest TX checksum offload off (MTU-sized frames); vireo ports {}:",
+            if args.plain_ports {
+                "without vnet headers"
+            } else {
+                "with vnet headers (switch coalesces segments, GRO)"
+            }
+        );
+        let ours_plain = through_switch(args.iperf_seconds, false, !args.plain_ports);
         let bridge_plain = through_bridge(args.iperf_seconds, false);
         show("vireo switch", &ours_plain);
         show("linux bridge", &bridge_plain);

@@ -20,6 +20,7 @@ use crate::config::{PortRole, RateLimit};
 use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
+use crate::uplink::gro::coalesce_batch;
 use crate::uplink::offload::{resolve, VnetHdr};
 use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
@@ -290,6 +291,10 @@ impl Worker {
             count = p
                 .recv_batch(&mut self.hdrs, &mut self.rx, &mut lens)
                 .unwrap_or(0);
+            if port.offload.is_some() && count > 1 {
+                // Offload ports take super-frames; MTU-sized TCP becomes one (GRO).
+                coalesce_batch(&mut self.rx, &mut lens, &mut self.hdrs, count, RX_BUF);
+            }
         }
         while port.packet.is_none() && count < BATCH {
             let buf = &mut self.rx[count];

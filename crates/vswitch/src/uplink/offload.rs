@@ -68,9 +68,16 @@ impl VnetHdr {
     }
 }
 
-/// Ones' complement sum of `data`, added to `acc`, not yet folded.
-fn sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut chunks = data.chunks_exact(2);
+/// Ones' complement sum of `data` (as big-endian 16-bit words), added to `acc`, not yet folded.
+pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
+    // Eight bytes at a time: the four words of each are added separately, so no carry is lost
+    // (a u64 holds 2^48 such additions).
+    let mut wide = data.chunks_exact(8);
+    for c in &mut wide {
+        let v = u64::from_be_bytes(c.try_into().expect("8 bytes"));
+        acc += (v >> 48) + ((v >> 32) & 0xffff) + ((v >> 16) & 0xffff) + (v & 0xffff);
+    }
+    let mut chunks = wide.remainder().chunks_exact(2);
     for c in &mut chunks {
         acc += u16::from_be_bytes([c[0], c[1]]) as u64;
     }
@@ -80,7 +87,7 @@ fn sum(data: &[u8], mut acc: u64) -> u64 {
     acc
 }
 
-fn fold(mut acc: u64) -> u16 {
+pub(crate) fn fold(mut acc: u64) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
