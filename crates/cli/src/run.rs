@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use vireo_block::{BlockBackend, RawFile};
+use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
 const EXIT_CODES: &str = "\
@@ -49,9 +50,10 @@ pub struct RunArgs {
     /// append ",ro" for a read-only disk. Repeatable.
     #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
     disk: Vec<DiskArg>,
-    /// A virtio-net NIC on a host TAP interface (created if missing), with an optional
+    /// A virtio-net NIC on a host TAP interface (created if missing) or on a vhost-user-net
+    /// backend listening on a Unix socket (e.g. a Vireo switch port), with an optional
     /// unicast MAC address (default: a locally administered one). Repeatable.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    #[arg(long, value_name = "tap=NAME|vhost-user=SOCKET[,mac=MAC]", value_parser = parse_net)]
     net: Vec<NetArg>,
     /// Where COM1 goes: "stdio" (output to stdout, input from stdin), "file=PATH" (output
     /// appended), "socket=PATH" (a Unix socket to connect to, both directions) or "none".
@@ -67,8 +69,14 @@ struct DiskArg {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct NetArg {
-    tap: String,
+    backend: NetBackendArg,
     mac: Option<[u8; 6]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NetBackendArg {
+    Tap(String),
+    VhostUser(PathBuf),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +150,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 }
 
 fn parse_net(s: &str) -> Result<NetArg, String> {
-    let mut tap = None;
+    let mut backend = None;
     let mut mac = None;
     for part in s.split(',') {
         match part.split_once('=') {
@@ -150,18 +158,21 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
                 if name.len() > 15 {
                     return Err(format!("TAP name '{name}' is longer than 15 characters"));
                 }
-                tap = Some(name.to_string());
+                backend = Some(NetBackendArg::Tap(name.to_string()));
+            }
+            Some(("vhost-user", path)) if !path.is_empty() => {
+                backend = Some(NetBackendArg::VhostUser(PathBuf::from(path)));
             }
             Some(("mac", m)) => mac = Some(parse_mac(m)?),
             _ => {
                 return Err(format!(
-                    "'{part}' is not understood; use tap=NAME[,mac=MAC]"
+                    "'{part}' is not understood; use tap=NAME or vhost-user=SOCKET[,mac=MAC]"
                 ))
             }
         }
     }
-    let tap = tap.ok_or("missing tap=NAME (e.g. --net tap=vireo0)")?;
-    Ok(NetArg { tap, mac })
+    let backend = backend.ok_or("missing tap=NAME or vhost-user=SOCKET (e.g. --net tap=vireo0)")?;
+    Ok(NetArg { backend, mac })
 }
 
 fn parse_console(s: &str) -> Result<ConsoleArg, String> {
@@ -223,12 +234,15 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     for (i, n) in args.net.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| default_mac(i));
-        let slot = VirtioSlot::tap(&n.tap, mac).map_err(|e| {
-            format!(
-                "TAP {}: {e} (creating TAP interfaces needs CAP_NET_ADMIN)",
-                n.tap
-            )
-        })?;
+        let slot = match &n.backend {
+            NetBackendArg::Tap(tap) => VirtioSlot::tap(tap, mac).map_err(|e| {
+                format!("TAP {tap}: {e} (creating TAP interfaces needs CAP_NET_ADMIN)")
+            })?,
+            NetBackendArg::VhostUser(socket) => VirtioSlot {
+                device: Box::new(VhostUserNet::connect(socket, mac)?),
+                flush_on_exit: None,
+            },
+        };
         devices.push(slot);
     }
     let console = match args.console {
@@ -299,7 +313,7 @@ mod tests {
     #[test]
     fn nets_and_macs() {
         let n = parse_net("tap=vt0,mac=52:54:00:aa:bb:0c").unwrap();
-        assert_eq!(n.tap, "vt0");
+        assert_eq!(n.backend, NetBackendArg::Tap("vt0".into()));
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0x0c]));
         assert_eq!(parse_net("tap=vt1").unwrap().mac, None);
         assert!(parse_net("mac=52:54:00:aa:bb:0c").is_err());
@@ -307,6 +321,12 @@ mod tests {
         assert!(parse_net("tap=vt0,mac=52:54:00:aa:bb").is_err());
         assert!(parse_net("tap=vt0,mac=zz:54:00:aa:bb:cc").is_err());
         assert!(parse_net("tap=averyveryverylongname").is_err());
+        let v = parse_net("vhost-user=/run/sw/p1.sock,mac=52:54:00:aa:bb:0d").unwrap();
+        assert_eq!(
+            v.backend,
+            NetBackendArg::VhostUser("/run/sw/p1.sock".into())
+        );
+        assert!(parse_net("vhost-user=").is_err());
         assert_eq!(default_mac(1)[0] & 1, 0);
     }
 

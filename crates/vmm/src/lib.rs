@@ -17,6 +17,7 @@ pub mod memory;
 #[doc(hidden)]
 pub mod test_images;
 pub mod vcpu;
+pub mod vhost_user_net;
 pub mod virtio_mmio;
 pub mod vm;
 

@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod switch;
 pub mod table;
 pub mod uplink;
+pub mod vhost_user;
 pub mod vlan;
 pub mod wfq;
 
