@@ -101,6 +101,7 @@ fn kvm_probe_vms_talk_over_vhost_user_switch_ports() {
     let mut servers = Vec::new();
     let mut ports = Vec::new();
     let mut vms = Vec::new();
+    let mut handles = Vec::new();
     for (k, mac) in macs.iter().enumerate() {
         let cfg = PortConfig {
             macs: vec![MacAddr(*mac)],
@@ -109,7 +110,8 @@ fn kvm_probe_vms_talk_over_vhost_user_switch_ports() {
         let id = lock(&sw).add_port(cfg).unwrap();
         let socket = dir.path().join(format!("vm{k}.sock"));
         let (port, server) = VhostUserServer::listen(&socket, &format!("vm{k}")).unwrap();
-        rt.attach(id, port);
+        rt.attach(id, port.clone());
+        handles.push(port);
         vms.push(start_vm(&socket, *mac));
         servers.push(server);
         ports.push(id);
@@ -161,7 +163,17 @@ fn kvm_probe_vms_talk_over_vhost_user_switch_ports() {
     let st = lock(&sw).status(ports[0]).unwrap();
     assert!(st.meters.ingress.packets >= 3, "{st:?}");
     assert!(st.meters.egress.packets >= 2, "{st:?}");
+    assert!(handles.iter().all(|p| p.connected()));
     drop(vms);
+    // The VMs are gone: each port learns it and stops using their rings.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handles.iter().any(|p| p.connected()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        handles.iter().all(|p| !p.connected()),
+        "a port still holds rings"
+    );
     for s in servers {
         s.stop().unwrap();
     }
@@ -189,4 +201,75 @@ fn vhost_user_socket_without_backend_is_a_clear_error() {
         err.contains("vhost-user backend") && err.contains("nobody.sock"),
         "{err}"
     );
+}
+
+/// Not a pass/fail test: prints VM -> switch -> VM -> switch -> VM round trips per second
+/// (`cargo test -p vireo-cli --release --test kvm_probe_vhost_user -- --ignored --nocapture`).
+/// Every round trip also costs two probe console commands, so this bounds the data path from
+/// below rather than measuring it.
+#[test]
+#[ignore]
+fn kvm_vhost_user_echo_rate() {
+    if !common::kvm_usable() {
+        return;
+    }
+    const N: u32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let macs = [[0x52, 0x54, 0, 0x77, 0, 1], [0x52, 0x54, 0, 0x77, 0, 2]];
+    let sw = Arc::new(Mutex::new(
+        Switch::new(SwitchConfig::private("rate")).unwrap(),
+    ));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    let mut servers = Vec::new();
+    let mut vms = Vec::new();
+    for (k, mac) in macs.iter().enumerate() {
+        let id = lock(&sw)
+            .add_port(PortConfig::access(&format!("vm{k}"), 1))
+            .unwrap();
+        let socket = dir.path().join(format!("r{k}.sock"));
+        let (port, server) = VhostUserServer::listen(&socket, &format!("r{k}")).unwrap();
+        rt.attach(id, port);
+        vms.push(start_vm(&socket, *mac));
+        servers.push(server);
+    }
+    let (a, b) = vms.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    b.console
+        .send_line(&format!("NET 0 ECHO {N} 120000"))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    for i in 0..N {
+        let f = frame(macs[1], macs[0], i as u8);
+        send(a, &f);
+        assert!(received(
+            a,
+            &frame(macs[0], macs[1], i as u8),
+            Duration::from_secs(10)
+        ));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(b.console.answer(T).unwrap(), format!("OK echoed={N}"));
+    println!(
+        "vhost_user_echo_round_trips_per_s={:.0} ({N} in {secs:.2} s)",
+        f64::from(N) / secs
+    );
+    // Baselines on the same console: what the commands alone cost.
+    let start = Instant::now();
+    for _ in 0..N {
+        assert_eq!(a.console.command("PING", T).unwrap(), "OK PONG");
+    }
+    let ping = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for i in 0..N {
+        send(a, &frame(macs[1], macs[0], i as u8)); // B no longer echoes
+    }
+    let sends = start.elapsed().as_secs_f64();
+    println!(
+        "console_pings_per_s={:.0} sends_per_s={:.0}",
+        f64::from(N) / ping,
+        f64::from(N) / sends
+    );
+    drop(vms);
+    drop(servers);
 }

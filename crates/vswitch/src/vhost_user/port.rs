@@ -92,6 +92,11 @@ impl VhostUserPort {
             .is_some()
     }
 
+    /// Forgets the guest's rings (its session ended); frames sent meanwhile are refused.
+    pub(crate) fn disconnect(&self) {
+        self.shared.detach_rings();
+    }
+
     /// Takes one frame from the guest's TX ring.
     fn take(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());

@@ -37,7 +37,7 @@ impl VhostUserServer {
         .map_err(|e| io::Error::other(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let session = Arc::new(Mutex::new(None));
-        let (stop_t, session_t) = (stop.clone(), session.clone());
+        let (stop_t, session_t, port_t) = (stop.clone(), session.clone(), port.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vhu-{name}"))
             .spawn(move || {
@@ -48,6 +48,8 @@ impl VhostUserServer {
                 }
                 // A VMM that goes away ends the session with a disconnect error: not a failure.
                 let _ = daemon.wait();
+                // The VM is gone: its rings must not be touched again.
+                port_t.disconnect();
                 Ok(())
             })?;
         Ok((
