@@ -235,6 +235,24 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     assert!(wait_until(|| used_idx(&mem, &rxq) == 2));
     assert_eq!(used_elem(&mem, &rxq, 1), (1, 0));
 
+    // A polling driver (VRING_AVAIL_F_NO_INTERRUPT) gets its frame without an interrupt.
+    let _ = calls[0].read();
+    mem.write_obj(1u16.to_le(), rxq.avail_addr()).unwrap();
+    rxq.add_desc_chains(
+        &[RawDescriptor::from(SplitDescriptor::new(
+            0x1a0000,
+            2048,
+            VRING_DESC_F_WRITE,
+            0,
+        ))],
+        2,
+    )
+    .unwrap();
+    kicks[0].write(1).unwrap();
+    peer.send(&frame(GUEST_MAC, PEER_MAC, 5)).unwrap();
+    assert!(wait_until(|| used_idx(&mem, &rxq) == 3));
+    assert!(calls[0].read().is_err(), "interrupt despite NO_INTERRUPT");
+
     // The VMM goes away: the port lets go of the rings.
     drop(fe);
     assert!(wait_until(|| !port.connected()), "port kept the rings");

@@ -54,8 +54,25 @@ impl Shared {
     }
 }
 
-/// Tells the guest about used buffers unless it asked not to be told.
-fn notify(ring: &VringRwLock) {
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Tells the guest about used buffers unless it asked not to be told: through EVENT_IDX, or
+/// (which virtio-queue leaves to the device) the avail ring's NO_INTERRUPT flag, which polling
+/// drivers set so that every frame does not cost an interrupt.
+fn notify(ring: &VringRwLock, mem: &GuestMemoryMmap) {
+    let (event_idx, avail) = {
+        let state = ring.get_ref();
+        (
+            state.get_queue().event_idx_enabled(),
+            state.get_queue().avail_ring(),
+        )
+    };
+    if !event_idx {
+        let flags: u16 = mem.read_obj(GuestAddress(avail)).unwrap_or(0);
+        if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
+            return;
+        }
+    }
     if ring.needs_notification().unwrap_or(true) {
         let _ = ring.signal_used_queue();
     }
@@ -147,7 +164,7 @@ impl VhostUserPort {
         // A bad chain is consumed anyway, as a NIC drops a bad frame, so the ring moves on.
         let _ = state.add_used(head, 0);
         drop(state);
-        notify(ring);
+        notify(ring, &mem);
         result.map(|()| Some(len))
     }
 
@@ -204,7 +221,7 @@ impl VhostUserPort {
         let complete = part == parts.len();
         let _ = state.add_used(head, if complete { written as u32 } else { 0 });
         drop(state);
-        notify(ring);
+        notify(ring, &mem);
         if complete {
             Ok(())
         } else {
