@@ -21,10 +21,7 @@ pub struct RawFile {
 impl RawFile {
     /// Opens `path`; with `read_only` the file is opened O_RDONLY and writes are refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         let size = if meta.file_type().is_file() {
             meta.len()
@@ -141,8 +138,14 @@ mod tests {
     fn out_of_range_and_read_only_are_refused() {
         let (f, d) = disk(4096);
         let mut buf = [0u8; 512];
-        assert!(matches!(d.read_at(&mut buf, 4000), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(d.read_at(&mut buf, u64::MAX), Err(BlockError::OutOfRange { .. })));
+        assert!(matches!(
+            d.read_at(&mut buf, 4000),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            d.read_at(&mut buf, u64::MAX),
+            Err(BlockError::OutOfRange { .. })
+        ));
         let ro = RawFile::open(f.path(), true).unwrap();
         assert!(matches!(ro.write_at(&buf, 0), Err(BlockError::ReadOnly)));
         assert!(ro.read_only());

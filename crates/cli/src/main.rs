@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vireo", version, about = "Vireo: virtualization for Linux hosts")]
+#[command(
+    name = "vireo",
+    version,
+    about = "Vireo: virtualization for Linux hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
