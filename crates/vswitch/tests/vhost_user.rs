@@ -259,3 +259,190 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     server.stop().unwrap();
     rt.stop().unwrap();
 }
+
+/// Queue `q` (0 = RX, 1 = TX) of a fake guest with `n` entries: descriptor table, avail and
+/// used ring addresses, each queue in its own 64 KiB window.
+fn ring_addrs(q: u64, n: u64) -> (u64, u64, u64) {
+    let base = q * 0x10000;
+    (base, base + 16 * n, base + 0x8000)
+}
+
+/// The VMM handshake for a guest whose queues follow [`ring_addrs`]; returns the frontend,
+/// kick and call eventfds.
+fn connect_guest(
+    socket: &std::path::Path,
+    mem: &GuestMemoryMmap,
+    n: u16,
+) -> (Frontend, Vec<EventFd>, Vec<EventFd>) {
+    let mut fe = Frontend::connect(socket, 2).unwrap();
+    fe.set_owner().unwrap();
+    let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    fe.get_features().unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(VhostUserProtocolFeatures::empty())
+        .unwrap();
+    fe.set_features((1 << 32) | proto).unwrap();
+    let regions: Vec<_> = mem
+        .iter()
+        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
+        .collect();
+    fe.set_mem_table(&regions).unwrap();
+    let host = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap() as u64;
+    let calls: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let kicks: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    for i in 0..2 {
+        let (d, a, u) = ring_addrs(i as u64, u64::from(n));
+        fe.set_vring_num(i, n).unwrap();
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: n,
+                queue_size: n,
+                flags: 0,
+                desc_table_addr: host(d),
+                used_ring_addr: host(u),
+                avail_ring_addr: host(a),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_call(i, &calls[i]).unwrap();
+        fe.set_vring_kick(i, &kicks[i]).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+    (fe, kicks, calls)
+}
+
+/// A driver's view of one split ring: descriptor `i` always owns buffer `i`, and buffers come
+/// back in order, so the next free one is `avail_idx % n`.
+struct DriverRing<'a> {
+    mem: &'a GuestMemoryMmap,
+    n: u16,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl<'a> DriverRing<'a> {
+    fn new(
+        mem: &'a GuestMemoryMmap,
+        q: u64,
+        n: u16,
+        buf_base: u64,
+        buf_len: u32,
+        flags: u16,
+    ) -> Self {
+        let (d, a, u) = ring_addrs(q, u64::from(n));
+        for i in 0..u64::from(n) {
+            let desc = SplitDescriptor::new(buf_base + i * 2048, buf_len, flags, 0);
+            mem.write_obj(RawDescriptor::from(desc), GuestAddress(d + 16 * i))
+                .unwrap();
+        }
+        // VRING_AVAIL_F_NO_INTERRUPT: this driver polls.
+        mem.write_obj(1u16, GuestAddress(a)).unwrap();
+        DriverRing {
+            mem,
+            n,
+            avail: a,
+            used: u,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    /// Makes every free buffer available; returns how many.
+    fn refill(&mut self) -> u16 {
+        let free = self.n - self.avail_idx.wrapping_sub(self.used_seen);
+        for _ in 0..free {
+            let slot = u64::from(self.avail_idx % self.n);
+            self.mem
+                .write_obj(slot as u16, GuestAddress(self.avail + 4 + 2 * slot))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        free
+    }
+
+    /// Buffers the device returned since the last call.
+    fn reap(&mut self) -> u16 {
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        let n = idx.wrapping_sub(self.used_seen);
+        self.used_seen = idx;
+        n
+    }
+}
+
+/// Not a pass/fail test: frames/s from one guest's TX ring through the switch into another
+/// guest's RX ring, both over vhost-user, 64-byte frames, on whatever cores are free
+/// (`cargo test -p vireo-vswitch --release --test vhost_user -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn vhost_user_guest_to_guest_frame_rate() {
+    const N: u16 = 256;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sw = Switch::new(SwitchConfig::private("vhu-rate")).unwrap();
+    let pa = sw.add_port(PortConfig::access("a", 1)).unwrap();
+    let pb = sw.add_port(PortConfig::access("b", 1)).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (port_a, server_a) = VhostUserServer::listen(&sa, "a").unwrap();
+    let (port_b, server_b) = VhostUserServer::listen(&sb, "b").unwrap();
+    rt.attach(pa, port_a.clone());
+    rt.attach(pb, port_b.clone());
+    let (mem_a, mem_b) = (guest_memory(), guest_memory());
+
+    let f = frame(PEER_MAC, GUEST_MAC, 0);
+    let mut tx_bytes = vec![0u8; HDR];
+    tx_bytes.extend_from_slice(&f[..64 - 4]);
+    for i in 0..u64::from(N) {
+        mem_a
+            .write_slice(&tx_bytes, GuestAddress(0x40000 + i * 2048))
+            .unwrap();
+    }
+    let mut a_tx = DriverRing::new(&mem_a, 1, N, 0x40000, tx_bytes.len() as u32, 0);
+    let mut b_rx = DriverRing::new(&mem_b, 0, N, 0x40000, 2048, VRING_DESC_F_WRITE);
+    let (fe_a, kicks_a, _calls_a) = connect_guest(&sa, &mem_a, N);
+    let (fe_b, kicks_b, _calls_b) = connect_guest(&sb, &mem_b, N);
+    assert!(wait_until(|| port_a.connected() && port_b.connected()));
+
+    b_rx.refill();
+    kicks_b[0].write(1).unwrap();
+    let start = Instant::now();
+    let mut delivered = 0u64;
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        a_tx.reap();
+        sent += u64::from(a_tx.refill());
+        kicks_a[1].write(1).unwrap();
+        let got = b_rx.reap();
+        delivered += u64::from(got);
+        if got > 0 {
+            b_rx.refill();
+            kicks_b[0].write(1).unwrap();
+        }
+        std::thread::yield_now();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let dropped = lock(&sw).drops(pb, DropReason::TxFull);
+    println!(
+        "vhost_user_guest_to_guest_64b_fps={:.0} (sent {sent}, delivered {delivered}, \
+         no-buffer drops {dropped}, {secs:.2} s)",
+        delivered as f64 / secs
+    );
+    assert!(delivered > 0);
+    drop((fe_a, fe_b));
+    server_a.stop().unwrap();
+    server_b.stop().unwrap();
+    rt.stop().unwrap();
+}
