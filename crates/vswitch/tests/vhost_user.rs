@@ -256,6 +256,26 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     // The VMM goes away: the port lets go of the rings.
     drop(fe);
     assert!(wait_until(|| !port.connected()), "port kept the rings");
+
+    // A new VMM (the VM restarted) connects to the same socket and its frames flow.
+    let mem2 = guest_memory();
+    let f3 = frame(PEER_MAC, GUEST_MAC, 6);
+    let mut bytes = vec![0u8; HDR];
+    bytes.extend_from_slice(&f3);
+    for i in 0..u64::from(QSIZE) {
+        mem2.write_slice(&bytes, GuestAddress(0x40000 + i * 2048))
+            .unwrap();
+    }
+    let mut tx2 = DriverRing::new(&mem2, 1, QSIZE, 0x40000, bytes.len() as u32, 0);
+    let (fe2, kicks2, _calls2) = connect_guest(&socket, &mem2, QSIZE);
+    assert!(
+        wait_until(|| port.connected()),
+        "second session never started"
+    );
+    tx2.refill();
+    kicks2[1].write(1).unwrap();
+    assert_eq!(recv_frame(&peer).as_deref(), Some(&f3[..]));
+    drop(fe2);
     server.stop().unwrap();
     rt.stop().unwrap();
 }
@@ -445,4 +465,18 @@ fn vhost_user_guest_to_guest_frame_rate() {
     server_a.stop().unwrap();
     server_b.stop().unwrap();
     rt.stop().unwrap();
+}
+
+#[test]
+fn a_server_nobody_connected_to_stops_and_removes_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("idle.sock");
+    let (port, server) = VhostUserServer::listen(&socket, "idle").unwrap();
+    assert!(socket.exists());
+    assert!(!port.connected());
+    let mut buf = [0u8; 64];
+    assert!(matches!(port.recv(&mut buf), Ok(None)));
+    assert!(port.send(&[0u8; 60]).is_err());
+    server.stop().unwrap();
+    assert!(!socket.exists());
 }

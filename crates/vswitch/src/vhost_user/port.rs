@@ -109,9 +109,16 @@ impl VhostUserPort {
             .is_some()
     }
 
-    /// Forgets the guest's rings (its session ended); frames sent meanwhile are refused.
+    /// Forgets the guest's rings and memory (its session ended); frames sent meanwhile are
+    /// refused.
     pub(crate) fn disconnect(&self) {
         self.shared.detach_rings();
+        *self.shared.mem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// A backend for the next session of this port.
+    pub(crate) fn backend(&self) -> std::io::Result<NetBackend> {
+        NetBackend::new(self.shared.clone())
     }
 
     /// Takes one frame from the guest's TX ring.

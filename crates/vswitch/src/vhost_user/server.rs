@@ -25,31 +25,38 @@ pub struct VhostUserServer {
 
 impl VhostUserServer {
     /// Listens on `socket` (replacing a stale socket file) and returns the switch port the
-    /// connecting VM's NIC will be. The socket exists when this returns.
+    /// connecting VM's NIC will be. The socket exists when this returns. One VMM is served at
+    /// a time; when it disconnects (the VM stopped or restarted) the next one may connect.
     pub fn listen(socket: &Path, name: &str) -> io::Result<(Arc<VhostUserPort>, VhostUserServer)> {
-        let (port, backend) = VhostUserPort::new(name)?;
+        let (port, _) = VhostUserPort::new(name)?;
         let mut listener = Listener::new(socket, true).map_err(io::Error::other)?;
-        let mut daemon = VhostUserDaemon::new(
-            format!("vhost-user-{name}"),
-            backend,
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| io::Error::other(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let session = Arc::new(Mutex::new(None));
         let (stop_t, session_t, port_t) = (stop.clone(), session.clone(), port.clone());
+        let name_t = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("vhu-{name}"))
             .spawn(move || {
-                daemon.start(&mut listener).map_err(|e| e.to_string())?;
-                *session_t.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-                if stop_t.load(Ordering::SeqCst) {
-                    daemon.request_shutdown();
+                while !stop_t.load(Ordering::SeqCst) {
+                    // A fresh daemon per session: ring state must not leak from a dead VMM.
+                    let mut daemon = VhostUserDaemon::new(
+                        format!("vhost-user-{name_t}"),
+                        port_t.backend().map_err(|e| e.to_string())?,
+                        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    daemon.start(&mut listener).map_err(|e| e.to_string())?;
+                    *session_t.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+                    if stop_t.load(Ordering::SeqCst) {
+                        daemon.request_shutdown();
+                    }
+                    // A VMM that goes away ends the session with a disconnect error: not a
+                    // failure.
+                    let _ = daemon.wait();
+                    *session_t.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    // The VM is gone: its rings and memory must not be touched again.
+                    port_t.disconnect();
                 }
-                // A VMM that goes away ends the session with a disconnect error: not a failure.
-                let _ = daemon.wait();
-                // The VM is gone: its rings must not be touched again.
-                port_t.disconnect();
                 Ok(())
             })?;
         Ok((
@@ -67,7 +74,7 @@ impl VhostUserServer {
         &self.path
     }
 
-    /// Ends the session (disconnecting a VMM still attached) and returns how the daemon ended.
+    /// Stops serving (disconnecting a VMM still attached) and returns how the daemon ended.
     pub fn stop(mut self) -> Result<(), String> {
         self.shutdown()
     }
