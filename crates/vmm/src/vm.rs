@@ -414,7 +414,10 @@ mod tests {
             assert_eq!(p.base % 4096, 0);
             assert!(p.base >= MMIO_HOLE_START && p.base + MMIO_WINDOW <= 0xfec0_0000);
             assert!(p.base + MMIO_WINDOW <= MMIO_HOLE_END);
-            assert!((5..=23).contains(&p.irq), "IOAPIC pin, not PIT/keyboard/COM1");
+            assert!(
+                (5..=23).contains(&p.irq),
+                "IOAPIC pin, not PIT/keyboard/COM1"
+            );
             assert_ne!(p.irq, COM1_IRQ);
             for q in &all[i + 1..] {
                 assert!(p.base + MMIO_WINDOW <= q.base);
