@@ -5,8 +5,20 @@
 //! `(offset + i * step) % image_size`; a large step scatters 4 KiB requests over the whole disk
 //! (every block gets allocated), a step equal to the request size is sequential. Requests run
 //! `depth` at a time (our threads, qemu's queue depth); writes end with one flush.
+//!
+//! Fairness rules (each one fixes a way an earlier version misled):
+//! - Every I/O case runs `--rounds` times; the order of the three contenders rotates between
+//!   rounds and the table shows each contender's median, so neither order nor one noisy sample
+//!   decides a ratio.
+//! - Each write round starts from three fresh, empty images, so every round measures the same
+//!   thing (allocating writes) with identical data for all contenders.
+//! - A read sample repeats the whole pattern `passes` times, chosen once so that one sample of
+//!   ours lasts at least `--read-secs`; all contenders run the same passes (qemu as that many
+//!   `qemu-img bench` runs, summing the times qemu itself reports, which exclude start-up).
+//! - Timed writes exclude image creation for us and process start-up for qemu (measured as the
+//!   fastest of a few `qemu-img bench -c 1` runs and subtracted).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -15,6 +27,11 @@ use vireo_block::{BlockBackend, RawFile};
 use vireo_vhdx::convert::{self, ConvertOptions, Format, OutputType};
 use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
 
+type BoxError = Box<dyn std::error::Error>;
+
+/// Last line: `vhdx_vs_qemu=<min over all cases of ours/qemu>` and
+/// `vhdx_vs_raw=<min over the read cases of ours/raw>` (reads of allocated data only; writes
+/// to a raw file are the disk's ceiling, shown for reference, not a target).
 #[derive(clap::Args)]
 pub struct VhdxArgs {
     /// Scale factor for request counts and the convert file (1.0 = the documented run).
@@ -23,9 +40,17 @@ pub struct VhdxArgs {
     /// Requests in flight (our threads; qemu-img bench -d).
     #[arg(long, default_value_t = 4)]
     depth: usize,
+    /// Samples per contender and case; the contender order rotates between rounds and the
+    /// table shows medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
+    /// Minimum duration of one read sample (the read pattern is repeated until ours lasts this
+    /// long; the other contenders repeat it as often).
+    #[arg(long, default_value_t = 1.0)]
+    read_secs: f64,
     /// Directory for the scratch images (needs ~5 GiB free at scale 1).
     #[arg(long)]
-    dir: Option<std::path::PathBuf>,
+    dir: Option<PathBuf>,
 }
 
 struct Pattern {
@@ -36,10 +61,91 @@ struct Pattern {
     step: u64,
 }
 
+impl Pattern {
+    fn mib(&self, passes: u64) -> f64 {
+        (self.count * passes * self.buf as u64) as f64 / MIB as f64
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Contender {
+    Ours,
+    Raw,
+    Qemu,
+}
+
+/// Rotated each round: every contender takes every position once per three rounds.
+const ORDER: [Contender; 3] = [Contender::Ours, Contender::Raw, Contender::Qemu];
+
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
-pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// One case's samples in MiB/s.
+#[derive(Default)]
+struct Samples {
+    ours: Vec<f64>,
+    raw: Vec<f64>,
+    qemu: Vec<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, who: Contender, mibs: f64) {
+        match who {
+            Contender::Ours => self.ours.push(mibs),
+            Contender::Raw => self.raw.push(mibs),
+            Contender::Qemu => self.qemu.push(mibs),
+        }
+    }
+}
+
+struct Images {
+    ours: PathBuf,
+    qemu: PathBuf,
+    raw: PathBuf,
+}
+
+impl Images {
+    fn in_dir(dir: &Path) -> Self {
+        Images {
+            ours: dir.join("ours.vhdx"),
+            qemu: dir.join("qemu.vhdx"),
+            raw: dir.join("raw.img"),
+        }
+    }
+
+    /// Deletes and recreates all three as empty `size`-byte disks; opens ours and the raw one.
+    fn recreate(&self, size: u64) -> Result<(Vhdx, RawFile), BoxError> {
+        for f in [&self.ours, &self.qemu, &self.raw] {
+            let _ = std::fs::remove_file(f);
+        }
+        let ours = Vhdx::create(
+            &self.ours,
+            &CreateOptions {
+                size,
+                disk_type: DiskType::Dynamic,
+                ..CreateOptions::default()
+            },
+        )?;
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=32M",
+            path_str(&self.qemu)?,
+            &size.to_string(),
+        ])?;
+        std::fs::File::create(&self.raw)?.set_len(size)?;
+        // Creation is not timed; make sure its metadata writes do not land in the next timing.
+        for f in [&self.ours, &self.qemu, &self.raw] {
+            sync_file(f)?;
+        }
+        Ok((ours, RawFile::open(&self.raw, false)?))
+    }
+}
+
+pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
     let dir = match &args.dir {
         Some(d) => tempfile::tempdir_in(d)?,
         None => tempfile::tempdir_in("/var/tmp")?,
@@ -62,50 +168,67 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
             step: MIB,
         },
     ];
+    let rounds = args.rounds as usize;
+    let images = Images::in_dir(dir.path());
     let mut rows: Vec<(String, f64, f64, f64)> = Vec::new(); // case, ours, qemu, raw (MiB/s)
     let mut qemu_ratios = Vec::new();
     let mut raw_read_ratios = Vec::new();
+    let mut startup_secs = f64::NAN;
+    let mut read_passes = Vec::new();
     for p in &patterns {
-        let ours_path = dir.path().join("ours.vhdx");
-        let qemu_path = dir.path().join("qemu.vhdx");
-        let raw_path = dir.path().join("raw.img");
-        for f in [&ours_path, &qemu_path, &raw_path] {
-            let _ = std::fs::remove_file(f);
-        }
-        let ours = Vhdx::create(
-            &ours_path,
-            &CreateOptions {
-                size: p.size,
-                disk_type: DiskType::Dynamic,
-                ..CreateOptions::default()
-            },
-        )?;
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=dynamic,block_size=32M",
-            qemu_path.to_str().unwrap(),
-            &p.size.to_string(),
-        ])?;
-        std::fs::File::create(&raw_path)?.set_len(p.size)?;
-        let raw = RawFile::open(&raw_path, false)?;
-        for write in [true, false] {
-            let ours_mibs = drive(&ours, p, write, args.depth)?;
-            let raw_mibs = drive(&raw, p, write, args.depth)?;
-            let qemu_mibs = qemu_bench(&qemu_path, p, write, args.depth)?;
-            let case = format!("{} {}", p.name, if write { "write" } else { "read" });
-            qemu_ratios.push(ours_mibs / qemu_mibs);
-            if !write {
-                raw_read_ratios.push(ours_mibs / raw_mibs);
+        // Writes: each round on fresh images, so each sample allocates the same blocks.
+        let mut writes = Samples::default();
+        let mut disks = None;
+        for round in 0..rounds {
+            let (ours, raw) = images.recreate(p.size)?;
+            if startup_secs.is_nan() {
+                startup_secs = qemu_startup_secs(&images.qemu)?;
             }
-            rows.push((case, ours_mibs, qemu_mibs, raw_mibs));
+            for who in rotated(round) {
+                let mibs = match who {
+                    Contender::Ours => drive(&ours, p, true, args.depth, 1)?,
+                    Contender::Raw => drive(&raw, p, true, args.depth, 1)?,
+                    Contender::Qemu => qemu_write(&images.qemu, p, args.depth, startup_secs)?,
+                };
+                writes.push(who, mibs);
+            }
+            disks = Some((ours, raw));
+        }
+        // Reads of the data the last write round left (allocated blocks in all three files).
+        let (ours, raw) = disks.ok_or("no write round ran")?;
+        // One untimed pass each brings every file into the page cache the same way; ours also
+        // tells how many passes make a sample of at least --read-secs.
+        let t = Instant::now();
+        drive(&ours, p, false, args.depth, 1)?;
+        let one_pass = t.elapsed().as_secs_f64();
+        let passes = ((args.read_secs / one_pass.max(1e-6)).ceil() as u64).clamp(1, 10_000);
+        read_passes.push(format!("{} x{passes}", p.name));
+        drive(&raw, p, false, args.depth, 1)?;
+        qemu_read(&images.qemu, p, args.depth, 1)?;
+        let mut reads = Samples::default();
+        for round in 0..rounds {
+            for who in rotated(round) {
+                let mibs = match who {
+                    Contender::Ours => drive(&ours, p, false, args.depth, passes)?,
+                    Contender::Raw => drive(&raw, p, false, args.depth, passes)?,
+                    Contender::Qemu => qemu_read(&images.qemu, p, args.depth, passes)?,
+                };
+                reads.push(who, mibs);
+            }
+        }
+        for (write, s) in [(true, writes), (false, reads)] {
+            let (o, q, r) = (median(s.ours), median(s.qemu), median(s.raw));
+            qemu_ratios.push(o / q);
+            if !write {
+                raw_read_ratios.push(o / r);
+            }
+            let case = format!("{} {}", p.name, if write { "write" } else { "read" });
+            rows.push((case, o, q, r));
         }
     }
 
-    // (c) convert a 2 GiB non-sparse raw file of incompressible-looking data.
+    // (c) convert a 2 GiB non-sparse raw file of incompressible-looking data (one sample each:
+    // at full scale each run lasts several seconds, so start-up noise does not matter).
     let src = dir.path().join("convert-src.img");
     let convert_size = ((2 * GIB) as f64 * args.scale.min(1.0)) as u64 / MIB * MIB;
     make_random_file(&src, convert_size.max(64 * MIB))?;
@@ -120,8 +243,8 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
         "vhdx",
         "-o",
         "subformat=dynamic",
-        src.to_str().unwrap(),
-        qemu_dst.to_str().unwrap(),
+        path_str(&src)?,
+        path_str(&qemu_dst)?,
     ])?;
     sync_file(&qemu_dst)?;
     let qemu_secs = t.elapsed().as_secs_f64();
@@ -137,8 +260,9 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
         &|_, _| {},
         &AtomicBool::new(false),
     )?;
+    sync_file(&ours_dst)?;
     let ours_secs = t.elapsed().as_secs_f64();
-    let mib = convert_size as f64 / MIB as f64;
+    let mib = convert_size.max(64 * MIB) as f64 / MIB as f64;
     let (ours_c, qemu_c) = (mib / ours_secs, mib / qemu_secs);
     qemu_ratios.push(ours_c / qemu_c);
     rows.push(("convert raw->vhdx".into(), ours_c, qemu_c, f64::NAN));
@@ -150,8 +274,8 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
         "vhdx",
         "-F",
         "vhdx",
-        ours_dst.to_str().unwrap(),
-        qemu_dst.to_str().unwrap(),
+        path_str(&ours_dst)?,
+        path_str(&qemu_dst)?,
     ])?;
 
     println!(
@@ -175,8 +299,20 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "(depth {}, writes end with a flush, page cache on for all: qemu-img -t writeback)",
+        "(I/O cases: median of {rounds} rounds, contender order rotated each round; depth {}; \
+         page cache on for all, qemu-img -t writeback)",
         args.depth
+    );
+    println!(
+        "(writes: fresh empty images each round, timed until durable (ends with one flush); \
+         image creation not timed for anyone; qemu start-up {:.0} ms, measured with -c 1, \
+         subtracted. raw file write = pwrite + fdatasync of a sparse file: the disk's ceiling)",
+        startup_secs * 1e3
+    );
+    println!(
+        "(reads: allocated data, one untimed warm-up pass each, then {} per sample; \
+         convert: one run each, both outputs fsynced and compared)",
+        read_passes.join(", ")
     );
     let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
     println!(
@@ -187,13 +323,30 @@ pub fn run(args: VhdxArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Runs pattern `p` on `disk` with `depth` threads; returns MiB/s.
+fn rotated(round: usize) -> [Contender; 3] {
+    let mut order = ORDER;
+    order.rotate_left(round % ORDER.len());
+    order
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs pattern `p` `passes` times on `disk` with `depth` threads; returns MiB/s.
 fn drive(
     disk: &dyn BlockBackend,
     p: &Pattern,
     write: bool,
     depth: usize,
-) -> Result<f64, Box<dyn std::error::Error>> {
+    passes: u64,
+) -> Result<f64, BoxError> {
+    let total = p.count * passes;
     let next = AtomicU64::new(0);
     let failed = std::sync::Mutex::new(None);
     let start = Instant::now();
@@ -203,10 +356,11 @@ fn drive(
                 let mut buf = vec![0xa5u8; p.buf];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= p.count {
+                    if i >= total {
                         break;
                     }
-                    let off = (i * p.step) % p.size;
+                    // Every pass repeats the same offsets, so reads stay on allocated data.
+                    let off = ((i % p.count) * p.step) % p.size;
                     let off = off.min(p.size - p.buf as u64);
                     let r = if write {
                         disk.write_at(&buf, off)
@@ -228,42 +382,36 @@ fn drive(
         return Err(e.into());
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok((p.count * p.buf as u64) as f64 / MIB as f64 / secs)
+    Ok(p.mib(passes) / secs)
 }
 
-fn qemu_bench(
+fn bench_args(
     image: &Path,
     p: &Pattern,
-    write: bool,
+    count: u64,
     depth: usize,
-) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut args = vec![
-        "bench".to_string(),
-        "-f".into(),
-        "vhdx".into(),
-        "-t".into(),
-        "writeback".into(),
+) -> Result<Vec<String>, BoxError> {
+    let mut args: Vec<String> = ["bench", "-f", "vhdx", "-t", "writeback"]
+        .map(String::from)
+        .into();
+    args.extend([
         "-c".into(),
-        p.count.to_string(),
+        count.to_string(),
         "-d".into(),
         depth.to_string(),
         "-s".into(),
         p.buf.to_string(),
         "-S".into(),
         p.step.to_string(),
-    ];
-    if write {
-        args.extend([
-            "-w".into(),
-            "--pattern".into(),
-            "165".into(),
-            "--flush-interval".into(),
-            p.count.to_string(),
-        ]);
-    }
-    args.push(image.to_str().unwrap().into());
+    ]);
+    args.push(path_str(image)?.into());
+    Ok(args)
+}
+
+/// Runs `qemu-img` with `args`; returns its stdout and the wall time.
+fn run_timed(args: &[String]) -> Result<(String, f64), BoxError> {
     let start = Instant::now();
-    let out = Command::new("qemu-img").args(&args).output()?;
+    let out = Command::new("qemu-img").args(args).output()?;
     let wall = start.elapsed().as_secs_f64();
     if !out.status.success() {
         return Err(format!(
@@ -273,34 +421,72 @@ fn qemu_bench(
         )
         .into());
     }
-    // Writes count until the data is durable, as ours do (drive() ends with a flush): wall time
-    // of the run plus an fsync of the image afterwards (a no-op if qemu's own flush did it).
-    // Reads use qemu's own "Run completed in 1.234 seconds.", which excludes start-up.
-    let secs = if write {
-        sync_file(image)?;
-        start.elapsed().as_secs_f64()
-    } else {
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split("Run completed in ")
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), wall))
+}
+
+/// Wall time of a one-request read run: process start, image open and close, exit.
+fn qemu_startup_secs(image: &Path) -> Result<f64, BoxError> {
+    let p = Pattern {
+        name: "start-up",
+        size: 0,
+        buf: 4096,
+        count: 1,
+        step: 0,
+    };
+    let args = bench_args(image, &p, 1, 1)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        best = best.min(run_timed(&args)?.1);
+    }
+    Ok(best)
+}
+
+/// Writes pattern `p` once with `qemu-img bench -w`; time = wall time until the data is durable
+/// (qemu's own final flush, then an fsync of the image that is a no-op if that flush did it)
+/// minus qemu's start-up, as ours excludes opening the image.
+fn qemu_write(image: &Path, p: &Pattern, depth: usize, startup_secs: f64) -> Result<f64, BoxError> {
+    let mut args = bench_args(image, p, p.count, depth)?;
+    let image_arg = args.pop().unwrap_or_default();
+    args.extend([
+        "-w".into(),
+        "--pattern".into(),
+        "165".into(),
+        "--flush-interval".into(),
+        p.count.to_string(),
+        image_arg,
+    ]);
+    let start = Instant::now();
+    run_timed(&args)?;
+    sync_file(image)?;
+    let secs = (start.elapsed().as_secs_f64() - startup_secs).max(1e-6);
+    Ok(p.mib(1) / secs)
+}
+
+/// Reads pattern `p` `passes` times, one `qemu-img bench` run per pass so every pass covers the
+/// same (allocated) offsets; time = sum of qemu's own "Run completed in X seconds".
+fn qemu_read(image: &Path, p: &Pattern, depth: usize, passes: u64) -> Result<f64, BoxError> {
+    let args = bench_args(image, p, p.count, depth)?;
+    let mut secs = 0.0;
+    for _ in 0..passes {
+        let (text, _) = run_timed(&args)?;
+        secs += text
+            .split("Run completed in ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(wall)
-    };
-    Ok((p.count * p.buf as u64) as f64 / MIB as f64 / secs)
+            .ok_or_else(|| format!("no 'Run completed in' in qemu-img bench output: {text}"))?;
+    }
+    Ok(p.mib(passes) / secs.max(1e-6))
 }
 
-fn qemu_img(args: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
-    let out = Command::new("qemu-img").args(args).output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    Ok(())
+fn qemu_img(args: &[&str]) -> Result<(), BoxError> {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    run_timed(&args).map(|_| ())
+}
+
+fn path_str(path: &Path) -> Result<&str, BoxError> {
+    path.to_str()
+        .ok_or_else(|| format!("non-UTF-8 path: {}", path.display()).into())
 }
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
