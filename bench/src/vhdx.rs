@@ -33,6 +33,11 @@ type BoxError = Box<dyn std::error::Error>;
 /// `vhdx_vs_raw=<min over the read cases of ours/raw>` (reads of allocated data only; writes
 /// to a raw file are the disk's ceiling, shown for reference, not a target).
 #[derive(clap::Args)]
+#[command(
+    after_help = "Last line: vhdx_vs_qemu=<min over all cases of ours/qemu> \
+    vhdx_vs_raw=<min over the read cases of ours/raw> (reads of allocated data; raw-file writes \
+    are the disk's ceiling, shown for reference only)."
+)]
 pub struct VhdxArgs {
     /// Scale factor for request counts and the convert file (1.0 = the documented run).
     #[arg(long, default_value_t = 1.0)]
@@ -175,6 +180,7 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
     let mut raw_read_ratios = Vec::new();
     let mut startup_secs = f64::NAN;
     let mut read_passes = Vec::new();
+    let mut spreads = Vec::new(); // "case: ours a-b, qemu c-d, raw e-f" (min-max MiB/s)
     for p in &patterns {
         // Writes: each round on fresh images, so each sample allocates the same blocks.
         let mut writes = Samples::default();
@@ -217,12 +223,18 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
             }
         }
         for (write, s) in [(true, writes), (false, reads)] {
+            let case = format!("{} {}", p.name, if write { "write" } else { "read" });
+            spreads.push(format!(
+                "{case}: ours {}, qemu {}, raw {}",
+                range(&s.ours),
+                range(&s.qemu),
+                range(&s.raw)
+            ));
             let (o, q, r) = (median(s.ours), median(s.qemu), median(s.raw));
             qemu_ratios.push(o / q);
             if !write {
                 raw_read_ratios.push(o / r);
             }
-            let case = format!("{} {}", p.name, if write { "write" } else { "read" });
             rows.push((case, o, q, r));
         }
     }
@@ -306,13 +318,19 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
     println!(
         "(writes: fresh empty images each round, timed until durable (ends with one flush); \
          image creation not timed for anyone; qemu start-up {:.0} ms, measured with -c 1, \
-         subtracted. raw file write = pwrite + fdatasync of a sparse file: the disk's ceiling)",
+         subtracted. raw-file writes = same data via pwrite + fdatasync into a sparse file: what \
+         disk + filesystem give with no format on top, the reference for disk-bound cases; ours \
+         reserves space with fallocate, so it can beat it)",
         startup_secs * 1e3
     );
     println!(
         "(reads: allocated data, one untimed warm-up pass each, then {} per sample; \
          convert: one run each, both outputs fsynced and compared)",
         read_passes.join(", ")
+    );
+    println!(
+        "(spread, min-max MiB/s over rounds: {})",
+        spreads.join("; ")
     );
     let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
     println!(
@@ -327,6 +345,12 @@ fn rotated(round: usize) -> [Contender; 3] {
     let mut order = ORDER;
     order.rotate_left(round % ORDER.len());
     order
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.0}-{hi:.0}")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
