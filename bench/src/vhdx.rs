@@ -202,15 +202,21 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
         }
         // Reads of the data the last write round left (allocated blocks in all three files).
         let (ours, raw) = disks.ok_or("no write round ran")?;
-        // One untimed pass each brings every file into the page cache the same way; ours also
-        // tells how many passes make a sample of at least --read-secs.
+        // Drop every file's cached pages (writes left them shaped differently: qemu's and our
+        // metadata, holes in the raw file), then one untimed pass each brings back exactly what
+        // the pattern reads.
+        for f in [&images.ours, &images.qemu, &images.raw] {
+            drop_page_cache(f)?;
+        }
+        drive(&ours, p, false, args.depth, 1)?;
+        drive(&raw, p, false, args.depth, 1)?;
+        qemu_read(&images.qemu, p, args.depth, 1)?;
+        // Calibrate on a warm pass (the warm-up pass above read from disk).
         let t = Instant::now();
         drive(&ours, p, false, args.depth, 1)?;
         let one_pass = t.elapsed().as_secs_f64();
         let passes = ((args.read_secs / one_pass.max(1e-6)).ceil() as u64).clamp(1, 10_000);
         read_passes.push(format!("{} x{passes}", p.name));
-        drive(&raw, p, false, args.depth, 1)?;
-        qemu_read(&images.qemu, p, args.depth, 1)?;
         let mut reads = Samples::default();
         for round in 0..rounds {
             for who in rotated(round) {
@@ -324,7 +330,8 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
         startup_secs * 1e3
     );
     println!(
-        "(reads: allocated data, one untimed warm-up pass each, then {} per sample; \
+        "(reads: allocated data; every file's cache dropped (POSIX_FADV_DONTNEED), one untimed \
+         warm-up pass each, then {} per sample; \
          convert: one run each, both outputs fsynced and compared)",
         read_passes.join(", ")
     );
@@ -511,6 +518,19 @@ fn qemu_img(args: &[&str]) -> Result<(), BoxError> {
 fn path_str(path: &Path) -> Result<&str, BoxError> {
     path.to_str()
         .ok_or_else(|| format!("non-UTF-8 path: {}", path.display()).into())
+}
+
+/// Writes back and evicts `path`'s pages from the page cache.
+fn drop_page_cache(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    // SAFETY: advisory call on a descriptor we own; offset 0 / len 0 means the whole file.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
