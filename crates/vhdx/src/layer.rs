@@ -406,29 +406,15 @@ impl Layer {
             }
         }
         let file_len = io.len()?;
-        let mr = pre.regions.find(METADATA_REGION).unwrap().clone();
-        if mr.length as u64 > metadata::MAX_REGION {
-            return Err(VhdxError::BadRegion {
-                guid: mr.guid,
-                offset: mr.file_offset,
-                length: mr.length as u64,
-                why: "metadata region larger than 64 MiB".into(),
-            });
-        }
-        let mut mbuf = vec![0u8; mr.length as usize];
-        io.read_at(&mut mbuf, mr.file_offset)?;
-        let meta = Metadata::parse(mbuf)?;
-        let params = meta.params()?;
-        let geo = Geometry::new(params.block_size, params.logical_sector, params.has_parent);
-        let br = pre.regions.find(BAT_REGION).unwrap().clone();
-        let need = geo.bat_entries(params.virtual_size);
-        if need * 8 > br.length as u64 {
-            return Err(VhdxError::BatTooSmall {
-                have: br.length as u64 / 8,
-                need,
-            });
-        }
-        let entries = read_bat(&io, br.file_offset, br.length as u64, need)?;
+        let Tables {
+            meta,
+            params,
+            geo,
+            meta_region: mr,
+            bat_region: br,
+            need,
+            entries,
+        } = read_tables(&io, &pre.regions)?;
         let reserved = reserved_spans(&pre.header, &pre.regions);
         if let Some(e) = bat_problems(&geo, &entries[..need as usize], file_len, &reserved, 1)
             .into_iter()
@@ -782,6 +768,55 @@ impl Drop for Layer {
     fn drop(&mut self) {
         let _ = self.close_clean();
     }
+}
+
+/// What `open` and `check` both read after the headers and region tables: the metadata region
+/// and the BAT, with the size checks that keep hostile files from driving huge allocations.
+pub(crate) struct Tables {
+    pub meta: Metadata,
+    pub params: DiskParams,
+    pub geo: Geometry,
+    pub meta_region: RegionEntry,
+    pub bat_region: RegionEntry,
+    /// BAT entries the virtual size needs (the region may hold more).
+    pub need: u64,
+    pub entries: Vec<u64>,
+}
+
+pub(crate) fn read_tables(io: &FileIo, regions: &RegionTable) -> Result<Tables, VhdxError> {
+    // Both regions are required; the region-table parser refuses tables without them.
+    let mr = regions.find(METADATA_REGION).unwrap().clone();
+    if mr.length as u64 > metadata::MAX_REGION {
+        return Err(VhdxError::BadRegion {
+            guid: mr.guid,
+            offset: mr.file_offset,
+            length: mr.length as u64,
+            why: "metadata region larger than 64 MiB".into(),
+        });
+    }
+    let mut mbuf = vec![0u8; mr.length as usize];
+    io.read_at(&mut mbuf, mr.file_offset)?;
+    let meta = Metadata::parse(mbuf)?;
+    let params = meta.params()?;
+    let geo = Geometry::new(params.block_size, params.logical_sector, params.has_parent);
+    let br = regions.find(BAT_REGION).unwrap().clone();
+    let need = geo.bat_entries(params.virtual_size);
+    if need * 8 > br.length as u64 {
+        return Err(VhdxError::BatTooSmall {
+            have: br.length as u64 / 8,
+            need,
+        });
+    }
+    let entries = read_bat(io, br.file_offset, br.length as u64, need)?;
+    Ok(Tables {
+        meta,
+        params,
+        geo,
+        meta_region: mr,
+        bat_region: br,
+        need,
+        entries,
+    })
 }
 
 /// Reads `need` entries (rounded up to a page, bounded by the region) of the BAT.

@@ -6,15 +6,14 @@ use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 use crate::fileio::FileIo;
-use crate::format::bat::{self, Geometry};
+use crate::format::bat;
 use crate::format::header::Header;
 use crate::format::log::Change;
-use crate::format::metadata::{self, Metadata};
 use crate::format::*;
 use crate::guid::Guid;
 use crate::layer::{
-    bat_problems, read_active_log, read_bat, read_prelude, reserved_spans, validate_log,
-    write_header,
+    bat_problems, read_active_log, read_prelude, read_tables, reserved_spans, validate_log,
+    write_header, Tables,
 };
 use crate::{OpenOptions, Vhdx, VhdxError};
 
@@ -129,29 +128,15 @@ impl Vhdx {
             io.sync()?;
         }
         let file_len = io.len()?;
-        let mr = pre.regions.find(METADATA_REGION).unwrap().clone();
-        if mr.length as u64 > metadata::MAX_REGION {
-            return Err(VhdxError::BadRegion {
-                guid: mr.guid,
-                offset: mr.file_offset,
-                length: mr.length as u64,
-                why: "metadata region larger than 64 MiB".into(),
-            });
-        }
-        let mut mbuf = vec![0u8; mr.length as usize];
-        io.read_at(&mut mbuf, mr.file_offset)?;
-        let meta = Metadata::parse(mbuf)?;
-        let params = meta.params()?;
-        let geo = Geometry::new(params.block_size, params.logical_sector, params.has_parent);
-        let br = pre.regions.find(BAT_REGION).unwrap().clone();
-        let need = geo.bat_entries(params.virtual_size);
-        if need * 8 > br.length as u64 {
-            return Err(VhdxError::BatTooSmall {
-                have: br.length as u64 / 8,
-                need,
-            });
-        }
-        let entries = read_bat(&io, br.file_offset, br.length as u64, need)?;
+        let Tables {
+            meta,
+            params,
+            geo,
+            meta_region: _,
+            bat_region: br,
+            need,
+            entries,
+        } = read_tables(&io, &pre.regions)?;
         let entries = &entries[..need as usize];
         let reserved = reserved_spans(&pre.header, &pre.regions);
         for p in bat_problems(&geo, entries, file_len, &reserved, MAX_REPORTED) {
