@@ -131,3 +131,38 @@ impl Session {
         }
     }
 }
+
+/// Runs `ip ARGS`, quietly; true on success.
+pub fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A network namespace this test created; deleted (with its bridges and TAPs) when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Creates `name`, or prints why it cannot (no TAP support, no iproute2, not root) and
+    /// returns None so the test can skip.
+    pub fn create(name: String) -> Option<Netns> {
+        if !Path::new("/dev/net/tun").exists() || !ip(&["netns", "list"]) {
+            println!("SKIPPED: no /dev/net/tun or no iproute2");
+            return None;
+        }
+        if !ip(&["netns", "add", &name]) {
+            println!("SKIPPED: cannot create a network namespace (not root?)");
+            return None;
+        }
+        Some(Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["netns", "del", &self.0]);
+    }
+}

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::Netns;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,25 +12,6 @@ use vireo_probe_image::console::{decode_hex, encode_hex};
 use vireo_probe_image::{probe_elf, ProbeConsole};
 
 const T: Duration = Duration::from_secs(60);
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Deletes the namespace (and with it the bridge and TAPs) when dropped.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        ip(&["netns", "del", &self.0]);
-    }
-}
 
 struct Vm {
     child: Child,
@@ -91,16 +74,10 @@ fn kvm_two_probes_exchange_frames_over_a_bridge() {
     if !common::kvm_usable() {
         return;
     }
-    if !std::path::Path::new("/dev/net/tun").exists() || !ip(&["netns", "list"]) {
-        println!("SKIPPED: no /dev/net/tun or no iproute2");
-        return;
-    }
     let pid = std::process::id();
-    let ns = Netns(format!("vireo-net-{pid}"));
-    if !ip(&["netns", "add", &ns.0]) {
-        println!("SKIPPED: cannot create a network namespace (not root?)");
+    let Some(ns) = Netns::create(format!("vireo-net-{pid}")) else {
         return;
-    }
+    };
     let in_ns = |args: &[&str]| {
         let mut full = vec!["netns", "exec", &ns.0];
         full.extend_from_slice(args);

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{ip, Netns};
+
 use std::net::Ipv4Addr;
 use std::os::unix::io::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -24,24 +26,6 @@ use vireo_vswitch::{
 };
 
 const T: Duration = Duration::from_secs(60);
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Deletes the namespace (and with it the TAPs) when dropped.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        ip(&["netns", "del", &self.0]);
-    }
-}
 
 struct Vm {
     child: Child,
@@ -213,16 +197,10 @@ fn kvm_probe_vms_on_the_switch_obey_port_policies() {
     if !common::kvm_usable() {
         return;
     }
-    if !std::path::Path::new("/dev/net/tun").exists() || !ip(&["netns", "list"]) {
-        println!("SKIPPED: no /dev/net/tun or no iproute2");
-        return;
-    }
     let pid = std::process::id();
-    let ns = Netns(format!("vireo-sw-{pid}"));
-    if !ip(&["netns", "add", &ns.0]) {
-        println!("SKIPPED: cannot create a network namespace (not root?)");
+    let Some(ns) = Netns::create(format!("vireo-sw-{pid}")) else {
         return;
-    }
+    };
     // No IPv6 autoconfiguration chatter on the TAPs.
     assert!(ip(&[
         "netns",
