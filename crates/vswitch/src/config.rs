@@ -128,6 +128,14 @@ pub struct SwitchConfig {
     pub mac_table_limit: usize,
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// Let the kernel forward TCP flows the pipeline approved between AF_PACKET ports (tc
+    /// redirect, see `fastpath`); off keeps every frame on the user-space path.
+    #[serde(default = "default_fast_path")]
+    pub fast_path: bool,
+}
+
+fn default_fast_path() -> bool {
+    true
 }
 
 fn default_aging() -> u64 {
@@ -146,6 +154,7 @@ impl SwitchConfig {
             mac_aging_secs: default_aging(),
             mac_table_limit: default_table_limit(),
             ports: Vec::new(),
+            fast_path: default_fast_path(),
         }
     }
 }

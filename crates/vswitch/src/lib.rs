@@ -9,6 +9,7 @@ pub mod acl;
 pub mod config;
 pub mod ext;
 pub mod extension;
+pub mod fastpath;
 pub mod frame;
 pub mod guard;
 pub mod host;

@@ -4,7 +4,7 @@
 //! weighted fair queue that engages when the port pushes back (send reports `Full`), so the
 //! minimum-bandwidth weights decide who gets a congested uplink.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{PortRole, RateLimit};
+use crate::fastpath::{Candidates, FastPath};
+use crate::frame::{Mac, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP};
 use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
@@ -55,6 +57,8 @@ pub struct SwitchRuntime {
     wake: EventFd,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// The kernel fast path (when `SwitchConfig::fast_path` is on).
+    fast: Option<FastPath>,
 }
 
 /// Gives a receive buffer back its full length without zeroing 64 KiB again for every frame.
@@ -81,6 +85,16 @@ impl SwitchRuntime {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut worker = Worker::new(switch.clone(), rx, wake.try_clone()?, stop.clone())?;
+        let fast = if lock(&switch).fast_path_enabled() {
+            Some(FastPath::start(switch.clone(), worker.start)?)
+        } else {
+            None
+        };
+        worker.offload = fast.as_ref().map(|f| Offload {
+            candidates: f.candidates(),
+            seen: HashSet::new(),
+            generation: u64::MAX,
+        });
         let thread = std::thread::Builder::new()
             .name("vswitch".into())
             .spawn(move || worker.run())?;
@@ -90,7 +104,13 @@ impl SwitchRuntime {
             wake,
             stop,
             thread: Some(thread),
+            fast,
         })
+    }
+
+    /// Flows the kernel currently forwards for this switch.
+    pub fn offloaded_flows(&self) -> Vec<crate::fastpath::FlowKey> {
+        self.fast.as_ref().map(|f| f.flows()).unwrap_or_default()
     }
 
     pub fn switch(&self) -> &Arc<Mutex<Switch>> {
@@ -99,6 +119,9 @@ impl SwitchRuntime {
 
     /// Connects a frame port to switch port `id` (which must exist in the switch).
     pub fn attach(&self, id: PortId, port: Arc<dyn FramePort>) {
+        if let Some(f) = &self.fast {
+            f.unregister(id);
+        }
         let _ = self.ctl.send(Control::Attach(
             id,
             Attached {
@@ -114,6 +137,9 @@ impl SwitchRuntime {
     /// switch whole between offload ports and are segmented in software for the others.
     pub fn attach_packet(&self, id: PortId, port: Arc<PacketPort>) {
         let offload = port.offload().then(|| port.clone());
+        if let Some(f) = &self.fast {
+            f.register(id, port.clone());
+        }
         let _ = self.ctl.send(Control::Attach(
             id,
             Attached {
@@ -126,6 +152,10 @@ impl SwitchRuntime {
     }
 
     pub fn detach(&self, id: PortId) {
+        // The kernel stops forwarding for the port before the switch lets go of it.
+        if let Some(f) = &self.fast {
+            f.unregister(id);
+        }
         let _ = self.ctl.send(Control::Detach(id));
         let _ = self.wake.write(1);
     }
@@ -138,12 +168,16 @@ impl SwitchRuntime {
     fn shutdown(&mut self) -> io::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
-        match self.thread.take() {
+        let r = match self.thread.take() {
             Some(t) => t
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("switch thread panicked"))),
             None => Ok(()),
+        };
+        if let Some(mut f) = self.fast.take() {
+            f.stop();
         }
+        r
     }
 }
 
@@ -169,8 +203,31 @@ struct Worker {
     rx: Vec<Vec<u8>>,
     tx: Vec<u8>,
     start: Instant,
+    offload: Option<Offload>,
 }
 
+/// The switch thread's side of the fast path: flows already offered (or refused) under the
+/// current generation, so each is judged once rather than per frame.
+struct Offload {
+    candidates: Candidates,
+    seen: HashSet<(PortId, PortId, u16, Mac, Mac)>,
+    generation: u64,
+}
+
+/// Flows judged per generation before the memory starts over (bounds the set).
+const SEEN_LIMIT: usize = 4096;
+
+/// The EtherType of an untagged TCP/IPv4 or TCP/IPv6 frame (the only kind the kernel may
+/// forward), checked on the bytes the kernel classifier tests.
+fn offload_shape(frame: &[u8]) -> Option<u16> {
+    let et = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let proto = match et {
+        ETH_P_IPV4 if frame.len() >= 34 => frame[23],
+        ETH_P_IPV6 if frame.len() >= 54 => frame[20],
+        _ => return None,
+    };
+    (proto == IPPROTO_TCP).then_some(et)
+}
 impl Worker {
     fn new(
         switch: Arc<Mutex<Switch>>,
@@ -199,6 +256,7 @@ impl Worker {
             scratch: (Vec::with_capacity(RX_BUF), Vec::with_capacity(MAX_FRAME)),
             tx: Vec::with_capacity(MAX_FRAME),
             start: Instant::now(),
+            offload: None,
         })
     }
 
@@ -336,6 +394,39 @@ impl Worker {
             frame.truncate(*len);
             let hdr = self.hdrs[i];
             sw.process(ingress, frame, now, d);
+            if let (Some(off), Some(_), [e]) = (&mut self.offload, &port.packet, &d.egress[..]) {
+                let to_packet = self
+                    .ports
+                    .get(e.port.0 as usize)
+                    .and_then(|p| p.as_ref())
+                    .is_some_and(|p| p.packet.is_some());
+                if let (true, Some(et)) = (to_packet, offload_shape(frame)) {
+                    let g = sw.generation();
+                    if g != off.generation || off.seen.len() >= SEEN_LIMIT {
+                        off.seen.clear();
+                        off.generation = g;
+                    }
+                    let mac = |at: usize| {
+                        let mut m = [0u8; 6];
+                        m.copy_from_slice(&frame[at..at + 6]);
+                        m
+                    };
+                    let id = (ingress, e.port, et, mac(6), mac(0));
+                    if !off.seen.contains(&id) {
+                        match sw.offload_verdict(ingress, frame, d, now) {
+                            Ok(key) => {
+                                off.seen.insert(id);
+                                off.candidates.offer(key, g);
+                            }
+                            // Learning may still complete: judge again on a later frame.
+                            Err(crate::fastpath::NotOffloadable::NotLearned) => {}
+                            Err(_) => {
+                                off.seen.insert(id);
+                            }
+                        }
+                    }
+                }
+            }
             for e in &d.egress {
                 let Some(out) = self.ports.get(e.port.0 as usize).and_then(|p| p.as_ref()) else {
                     continue;

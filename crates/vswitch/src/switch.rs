@@ -3,10 +3,14 @@
 //! separate functions — [`ingress_policies`], `run_extensions`, `forward`, [`egress_policies`]
 //! — so each can be tested alone.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::acl::AclVerdict;
-use crate::config::{Direction, PortConfig, SwitchConfig};
+use crate::config::{Direction, MirrorRole, PortConfig, PortRole, SwitchConfig};
 use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
-use crate::frame::{parse, FrameSummary};
+use crate::fastpath::{FlowKey, FlowUse, NotOffloadable, OffloadHook};
+use crate::frame::{parse, FrameSummary, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, L3};
 use crate::meter::{DropReason, MeterSnapshot};
 use crate::port::Port;
 use crate::table::{Learn, MacTable};
@@ -117,6 +121,13 @@ pub struct Switch {
     extensions: Vec<Box<dyn Extension>>,
     forwarding: Option<usize>,
     candidates: Vec<PortId>,
+    /// Bumped by every change that could change an offload verdict; kernel flows installed
+    /// under an older generation are stale.
+    generation: Arc<AtomicU64>,
+    /// The kernel fast path of the runtime driving this switch, if any.
+    offload_hook: Option<Arc<dyn OffloadHook>>,
+    /// `MacTable::changes` when last looked at.
+    table_changes: u64,
 }
 
 /// Ports per switch (ids are small integers).
@@ -192,6 +203,9 @@ impl Switch {
             extensions: Vec::new(),
             forwarding: None,
             candidates: Vec::with_capacity(64),
+            generation: Arc::new(AtomicU64::new(0)),
+            offload_hook: None,
+            table_changes: 0,
         };
         for p in ports_cfg {
             sw.add_port(p)?;
@@ -258,6 +272,7 @@ impl Switch {
         if self.port_id(&cfg.name).is_some() {
             return Err(SwitchError::DuplicatePort(cfg.name));
         }
+        self.invalidate_offloads();
         self.veto(PortChange::Add(&cfg))?;
         let port = Port::compile(cfg, &self.cfg.pvlan_domains)?;
         let slot = match self.ports.iter().position(|p| p.is_none()) {
@@ -271,6 +286,8 @@ impl Switch {
         self.ports[slot] = Some(port);
         let id = PortId(slot as u16);
         self.table.flush_port(id);
+        // Already purged synchronously; no need for the data path to ask again.
+        self.table_changes = self.table.changes();
         self.refresh_lists();
         Ok(id)
     }
@@ -282,6 +299,10 @@ impl Switch {
                 return Err(SwitchError::DuplicatePort(cfg.name));
             }
         }
+        self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
+        // Kernel-forwarded flows go before the new policy applies: none of them may outlive
+        // the verdict it was approved under (e.g. a deny ACL must cut a running transfer).
+        self.invalidate_offloads();
         let old = self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
         self.veto(PortChange::Update {
             old: &old.cfg,
@@ -294,23 +315,30 @@ impl Switch {
             .reconfigure(cfg, &domains)?;
         if vlan_changed {
             self.table.flush_port(id);
+            // Already purged synchronously; no need for the data path to ask again.
+            self.table_changes = self.table.changes();
         }
         self.refresh_lists();
         Ok(())
     }
 
     pub fn remove_port(&mut self, id: PortId) -> Result<PortConfig, SwitchError> {
+        self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
+        self.invalidate_offloads();
         let old = self.port(id).ok_or(SwitchError::NoSuchPort(id))?;
         self.veto(PortChange::Remove(&old.cfg))?;
         let p = self.ports[id.0 as usize]
             .take()
             .ok_or(SwitchError::NoSuchPort(id))?;
         self.table.flush_port(id);
+        // Already purged synchronously; no need for the data path to ask again.
+        self.table_changes = self.table.changes();
         self.refresh_lists();
         Ok(p.cfg)
     }
 
     pub fn register_extension(&mut self, ext: Box<dyn Extension>) -> Result<(), SwitchError> {
+        self.invalidate_offloads();
         if ext.kind() == ExtensionKind::Forwarding {
             if let Some(i) = self.forwarding {
                 return Err(SwitchError::SecondForwardingExtension(
@@ -337,6 +365,7 @@ impl Switch {
     /// Removes an extension by name and returns it (e.g. to read a sample's counters).
     pub fn unregister_extension(&mut self, name: &str) -> Option<Box<dyn Extension>> {
         let i = self.extensions.iter().position(|e| e.name() == name)?;
+        self.invalidate_offloads();
         let e = self.extensions.remove(i);
         self.forwarding = self
             .extensions
@@ -399,6 +428,8 @@ impl Switch {
     }
 
     pub fn reset_meters(&mut self) {
+        // Offloaded traffic is accounted up to now first, so none of it lands after the reset.
+        self.invalidate_offloads();
         for p in self.ports.iter_mut().flatten() {
             p.meters.reset();
         }
@@ -415,7 +446,166 @@ impl Switch {
 
     /// Ages the learning table; call about once a second.
     pub fn age(&mut self, now: u64) -> usize {
-        self.table.age(now)
+        let n = self.table.age(now);
+        self.note_table_changes();
+        n
+    }
+
+    /// The offload generation: changes whenever an offload verdict may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The shared offload generation counter (the fast path reads it without the switch lock).
+    pub fn generation_counter(&self) -> Arc<AtomicU64> {
+        self.generation.clone()
+    }
+
+    /// Connects the runtime's kernel fast path (or disconnects it with `None`).
+    pub fn set_offload_hook(&mut self, hook: Option<Arc<dyn OffloadHook>>) {
+        self.offload_hook = hook;
+    }
+
+    /// Whether flows may be offloaded to the kernel at all (`SwitchConfig::fast_path`).
+    pub fn fast_path_enabled(&self) -> bool {
+        self.cfg.fast_path
+    }
+
+    /// Makes every offloaded flow stale and removes them from the kernel before returning,
+    /// folding their last counters into the meters.
+    fn invalidate_offloads(&mut self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(h) = self.offload_hook.clone() {
+            for u in h.purge() {
+                self.account_offloaded(&u, None);
+            }
+        }
+    }
+
+    /// A MAC moved or aged out: flows towards or from it may now be wrong. The data path
+    /// cannot wait for netlink, so the fast path removes them from its own thread.
+    fn note_table_changes(&mut self) {
+        let c = self.table.changes();
+        if c != self.table_changes {
+            self.table_changes = c;
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            if let Some(h) = &self.offload_hook {
+                h.purge_soon();
+            }
+        }
+    }
+
+    /// Adds traffic the kernel forwarded for a flow to the meters of its ports (ingress on
+    /// the port it came from, egress on the port it went to) and, when `now` is given and
+    /// the flow carried traffic, refreshes its source MAC's age as the frames would have.
+    pub fn account_offloaded(&mut self, u: &FlowUse, now: Option<u64>) {
+        if u.packets == 0 {
+            return;
+        }
+        let k = &u.key;
+        if let Some(p) = self.port_mut(k.ingress) {
+            p.meters.ingress.packets += u.packets;
+            p.meters.ingress.bytes += u.bytes;
+        }
+        if let Some(p) = self.port_mut(k.egress) {
+            p.meters.egress.packets += u.packets;
+            p.meters.egress.bytes += u.bytes;
+        }
+        if let Some(now) = now {
+            let fid = self.fid[(k.vid & 0xfff) as usize];
+            self.table.touch(fid, &k.src, k.ingress, now);
+        }
+    }
+
+    /// Whether the kernel may forward every later frame of this frame's flow the way the
+    /// pipeline just did (`d` is the delivery `process` returned for it): only when the
+    /// decision cannot depend on anything outside (ingress port, EtherType, source MAC,
+    /// destination MAC) for untagged TCP, and the frame leaves byte-identical.
+    pub fn offload_verdict(
+        &self,
+        ingress: PortId,
+        frame: &[u8],
+        d: &Delivery,
+        now: u64,
+    ) -> Result<FlowKey, NotOffloadable> {
+        use NotOffloadable as N;
+        if !self.cfg.fast_path {
+            return Err(N::Disabled);
+        }
+        if !self.extensions.is_empty() {
+            return Err(N::Extensions);
+        }
+        let [e] = d.egress[..] else {
+            return Err(N::NotOneDestination);
+        };
+        if e.mirror || d.dropped.is_some() {
+            return Err(N::NotOneDestination);
+        }
+        let s = parse(frame).map_err(|_| N::NotTcp)?;
+        if s.tags != 0 {
+            return Err(N::Tagged);
+        }
+        // Exactly the bytes the kernel classifier tests: IPv4 protocol / IPv6 next header.
+        let tcp = match (s.l3, s.ethertype) {
+            (L3::Ipv4, ETH_P_IPV4) => frame.get(23) == Some(&IPPROTO_TCP),
+            (L3::Ipv6, ETH_P_IPV6) => frame.get(20) == Some(&IPPROTO_TCP),
+            _ => false,
+        };
+        if !tcp {
+            return Err(N::NotTcp);
+        }
+        if s.is_multicast_dst() {
+            return Err(N::NotUnicast);
+        }
+        if !matches!(e.tag, TagOp::Keep | TagOp::Untag) {
+            return Err(N::TagChange);
+        }
+        let (Some(a), Some(b)) = (self.port(ingress), self.port(e.port)) else {
+            return Err(N::NoSuchPort);
+        };
+        if a.cfg.mirror != MirrorRole::None || b.cfg.mirror != MirrorRole::None {
+            return Err(N::Mirror);
+        }
+        let weighted = b.cfg.role == PortRole::Uplink
+            && self
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.cfg.qos.min_weight != 1);
+        if a.cfg.qos.max_ingress.is_some()
+            || a.cfg.qos.max_egress.is_some()
+            || b.cfg.qos.max_ingress.is_some()
+            || b.cfg.qos.max_egress.is_some()
+            || weighted
+        {
+            return Err(N::Qos);
+        }
+        if a.cfg
+            .acls
+            .iter()
+            .any(|r| r.direction.covers(Direction::Ingress))
+            || b.cfg
+                .acls
+                .iter()
+                .any(|r| r.direction.covers(Direction::Egress))
+        {
+            return Err(N::Acl);
+        }
+        let vid = classify(&a.vlan, &s).map_err(|_| N::NotOneDestination)?;
+        let fid = self.fid[(vid & 0xfff) as usize];
+        if self.table.lookup(fid, &s.dst, now) != Some(e.port)
+            || self.table.lookup(fid, &s.src, now) != Some(ingress)
+        {
+            return Err(N::NotLearned);
+        }
+        Ok(FlowKey {
+            ingress,
+            egress: e.port,
+            vid,
+            ethertype: s.ethertype,
+            src: s.src,
+            dst: s.dst,
+        })
     }
 
     fn drop_at(&mut self, port: PortId, r: DropReason, out: &mut Delivery) {
@@ -465,6 +655,9 @@ impl Switch {
         let fid = self.fid[vid as usize];
         if self.table.learn(fid, &s.src, ingress, limit, now) == Learn::LimitReached {
             return self.drop_at(ingress, DropReason::MacLimit, out);
+        }
+        if self.table.changes() != self.table_changes {
+            self.note_table_changes();
         }
         // Stage 3: forwarding.
         let mut cands = std::mem::take(&mut self.candidates);

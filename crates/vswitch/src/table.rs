@@ -29,6 +29,9 @@ pub struct MacTable {
     per_port: Vec<u32>,
     aging_ns: u64,
     limit: usize,
+    /// Counts moves and removals: anything that can change where a known MAC is forwarded
+    /// (the kernel fast path drops its flows when this moves).
+    changes: u64,
 }
 
 #[inline]
@@ -46,6 +49,7 @@ impl MacTable {
             per_port: Vec::new(),
             aging_ns: aging_secs.saturating_mul(1_000_000_000),
             limit,
+            changes: 0,
         }
     }
 
@@ -95,6 +99,7 @@ impl MacTable {
             // A station moved (or its old entry expired): follow it.
             let old = e.port;
             e.port = port;
+            self.changes += 1;
             e.last_seen = now;
             *self.count_mut(old) -= 1;
             *self.count_mut(port) += 1;
@@ -112,6 +117,21 @@ impl MacTable {
         );
         *self.count_mut(port) += 1;
         Learn::Ok
+    }
+
+    /// Marks `mac` as just seen behind `port` (traffic the kernel forwarded for the switch),
+    /// only if that is where the table already has it.
+    pub fn touch(&mut self, fid: u16, mac: &Mac, port: PortId, now: u64) {
+        if let Some(e) = self.map.get_mut(&key(fid, mac)) {
+            if e.port == port && now > e.last_seen {
+                e.last_seen = now;
+            }
+        }
+    }
+
+    /// How many moves and removals happened so far.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The port behind `mac`, if learned and not aged out.
@@ -133,11 +153,14 @@ impl MacTable {
             }
             keep
         });
-        before - self.map.len()
+        let gone = before - self.map.len();
+        self.changes += gone as u64;
+        gone
     }
 
     /// Forgets everything learned on `port` (port removed or its VLAN changed).
     pub fn flush_port(&mut self, port: PortId) {
+        self.changes += 1;
         self.map.retain(|_, e| e.port != port);
         if let Some(c) = self.per_port.get_mut(port.0 as usize) {
             *c = 0;
@@ -145,6 +168,7 @@ impl MacTable {
     }
 
     pub fn flush(&mut self) {
+        self.changes += 1;
         self.map.clear();
         self.per_port.iter_mut().for_each(|c| *c = 0);
     }
@@ -177,5 +201,26 @@ mod tests {
             );
         }
         assert_eq!(t.count(PortId(2)), 2);
+    }
+
+    #[test]
+    fn moves_and_removals_count_as_changes_and_touch_refreshes_only_in_place() {
+        let mut t = MacTable::new(10, 100);
+        let a = [2, 0, 0, 0, 0, 1];
+        t.learn(1, &a, PortId(0), None, 0);
+        t.learn(1, &a, PortId(0), None, 1);
+        assert_eq!(t.changes(), 0, "learning and refreshing are not changes");
+        t.touch(1, &a, PortId(0), 9_000_000_000);
+        assert_eq!(t.lookup(1, &a, 18_000_000_000), Some(PortId(0)), "touched");
+        t.touch(1, &a, PortId(5), 30_000_000_000);
+        assert_eq!(
+            t.lookup(1, &a, 30_000_000_000),
+            None,
+            "touch elsewhere neither moves nor refreshes"
+        );
+        t.learn(1, &a, PortId(1), None, 30_000_000_000);
+        assert_eq!(t.changes(), 1, "move");
+        assert_eq!(t.age(50_000_000_000), 1);
+        assert_eq!(t.changes(), 2, "aged out");
     }
 }

@@ -268,6 +268,36 @@ impl PacketPort {
     }
 }
 
+impl PacketPort {
+    /// Attaches (or atomically replaces) a classic BPF socket filter: frames for which it
+    /// returns 0 never reach this socket.
+    pub fn set_filter(&self, prog: &[crate::fastpath::sockfilter::SockFilter]) -> io::Result<()> {
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        };
+        setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &fprog,
+        )
+    }
+
+    /// Removes the socket filter, if any.
+    pub fn clear_filter(&self) -> io::Result<()> {
+        match setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            &0i32,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
+    }
+}
+
 /// Frames per recvmmsg(2) call at most.
 pub const MAX_BATCH: usize = 64;
 

@@ -1,0 +1,338 @@
+//! The kernel state of the fast path: which flows are installed on which netdev, their tc
+//! filters and counters, the socket filters that hide them from the switch, and the clsact
+//! qdiscs we created (removed again on cleanup).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vireo_netport::FramePort;
+
+use super::netlink::{self, FilterId, Netlink};
+use super::sockfilter::{classifier, socket_filter, FlowMatch};
+use super::{FlowKey, FlowUse};
+use crate::frame::ETH_P_IPV6;
+use crate::uplink::PacketPort;
+use crate::PortId;
+
+/// Flows per ingress port at most (each adds a tc filter and 9 socket-filter instructions).
+pub const MAX_FLOWS_PER_PORT: usize = 256;
+/// tc priorities of our filters, one per protocol (a tc priority holds one protocol).
+const PRIO_IPV4: u16 = 0xc000;
+const PRIO_IPV6: u16 = 0xc001;
+const ETH_HLEN: u64 = 14;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FastPathError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] io::Error),
+    #[error("{0} flows already offloaded from this port")]
+    TooManyFlows(usize),
+    #[error("socket filter: {0}")]
+    SocketFilter(io::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Qdisc {
+    /// Not looked at yet.
+    Unknown,
+    /// We created the clsact qdisc (and delete it on cleanup).
+    Ours,
+    /// It was there before us: only our filters are ours.
+    Theirs,
+}
+
+struct Dev {
+    ifindex: u32,
+    packet: Arc<PacketPort>,
+    qdisc: Qdisc,
+}
+
+struct Installed {
+    key: FlowKey,
+    generation: u64,
+    ifindex: u32,
+    filter: FilterId,
+    packets: u64,
+    bytes: u64,
+}
+
+pub struct Engine {
+    nl: Option<Netlink>,
+    devs: HashMap<PortId, Dev>,
+    flows: Vec<Installed>,
+    next_handle: u32,
+    generation: Arc<AtomicU64>,
+}
+
+fn prio_of(ethertype: u16) -> u16 {
+    if ethertype == ETH_P_IPV6 {
+        PRIO_IPV6
+    } else {
+        PRIO_IPV4
+    }
+}
+
+fn matcher(k: &FlowKey) -> FlowMatch {
+    FlowMatch {
+        ethertype: k.ethertype,
+        src: k.src,
+        dst: k.dst,
+    }
+}
+
+fn ifindex(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(i)
+    }
+}
+
+impl Engine {
+    /// `generation` is the switch's offload generation counter.
+    pub fn new(generation: Arc<AtomicU64>) -> Engine {
+        Engine {
+            nl: None,
+            devs: HashMap::new(),
+            flows: Vec::new(),
+            next_handle: 1,
+            generation,
+        }
+    }
+
+    fn nl(&mut self) -> io::Result<&mut Netlink> {
+        if self.nl.is_none() {
+            self.nl = Some(Netlink::open()?);
+        }
+        Ok(self.nl.as_mut().expect("just opened"))
+    }
+
+    pub fn register(&mut self, id: PortId, packet: Arc<PacketPort>) -> io::Result<()> {
+        let ifindex = ifindex(FramePort::name(&*packet))?;
+        self.devs.insert(
+            id,
+            Dev {
+                ifindex,
+                packet,
+                qdisc: Qdisc::Unknown,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn flows(&self) -> Vec<FlowKey> {
+        self.flows.iter().map(|f| f.key).collect()
+    }
+
+    /// Makes sure the port's netdev has a clsact qdisc and none of our filters left over
+    /// from an earlier run that did not clean up.
+    fn prepare(&mut self, id: PortId) -> io::Result<u32> {
+        let dev = self.devs.get(&id).ok_or(io::ErrorKind::NotFound)?;
+        let (ifindex, state) = (dev.ifindex, dev.qdisc);
+        if state != Qdisc::Unknown {
+            return Ok(ifindex);
+        }
+        let nl = self.nl()?;
+        let state = match nl.request(&netlink::add_clsact(ifindex)) {
+            Ok(()) => Qdisc::Ours,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                for (prio, protocol) in [(PRIO_IPV4, 0x0800), (PRIO_IPV6, ETH_P_IPV6)] {
+                    let id = FilterId {
+                        prio,
+                        protocol,
+                        handle: 0,
+                    };
+                    // Nothing there is the usual answer (ENOENT/EINVAL).
+                    let _ = nl.request(&netlink::del_filter(ifindex, id));
+                }
+                Qdisc::Theirs
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(d) = self.devs.get_mut(&id) {
+            d.qdisc = state;
+        }
+        Ok(ifindex)
+    }
+
+    /// Installs a flow approved under `generation`: the tc filter first, then the socket
+    /// filter that hides its frames from the switch. Returns whether it was installed (a
+    /// stale generation, an unknown port or an installed flow are not errors).
+    pub fn install(&mut self, key: FlowKey, generation: u64) -> Result<bool, FastPathError> {
+        // Checked under the engine lock, which every invalidation also takes after bumping the
+        // generation: a flow is either refused here or removed by that invalidation.
+        if generation != self.generation.load(Ordering::SeqCst)
+            || self.flows.iter().any(|f| f.key == key)
+            || !self.devs.contains_key(&key.egress)
+        {
+            return Ok(false);
+        }
+        let Some(out) = self.devs.get(&key.egress).map(|d| d.ifindex) else {
+            return Ok(false);
+        };
+        let n = self
+            .flows
+            .iter()
+            .filter(|f| f.key.ingress == key.ingress)
+            .count();
+        if n >= MAX_FLOWS_PER_PORT {
+            return Err(FastPathError::TooManyFlows(n));
+        }
+        if !self.devs.contains_key(&key.ingress) {
+            return Ok(false);
+        }
+        let ifindex = self.prepare(key.ingress)?;
+        let filter = FilterId {
+            prio: prio_of(key.ethertype),
+            protocol: key.ethertype,
+            handle: self.next_handle,
+        };
+        self.next_handle = self.next_handle.wrapping_add(1).max(1);
+        let prog = classifier(&matcher(&key));
+        self.nl()?
+            .request(&netlink::add_redirect_filter(ifindex, filter, &prog, out))?;
+        self.flows.push(Installed {
+            key,
+            generation,
+            ifindex,
+            filter,
+            packets: 0,
+            bytes: 0,
+        });
+        if let Err(e) = self.refresh_socket_filter(key.ingress) {
+            let _ = self.remove(|f| f.key == key);
+            return Err(FastPathError::SocketFilter(e));
+        }
+        Ok(true)
+    }
+
+    /// Rebuilds the socket filter of an ingress port from its installed flows.
+    fn refresh_socket_filter(&self, port: PortId) -> io::Result<()> {
+        let Some(dev) = self.devs.get(&port) else {
+            return Ok(());
+        };
+        let flows: Vec<FlowMatch> = self
+            .flows
+            .iter()
+            .filter(|f| f.key.ingress == port)
+            .map(|f| matcher(&f.key))
+            .collect();
+        if flows.is_empty() {
+            return dev.packet.clear_filter();
+        }
+        let prog = socket_filter(&flows)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many flows"))?;
+        dev.packet.set_filter(&prog)
+    }
+
+    /// Reads the counters of every installed flow; returns what each carried since the last
+    /// read (flows that carried nothing are left out).
+    pub fn poll(&mut self) -> Vec<FlowUse> {
+        let mut ifindexes: Vec<u32> = self.flows.iter().map(|f| f.ifindex).collect();
+        ifindexes.sort_unstable();
+        ifindexes.dedup();
+        let mut out = Vec::new();
+        for ifindex in ifindexes {
+            let Ok(nl) = self.nl() else {
+                return out;
+            };
+            let Ok(msgs) = nl.dump(&netlink::dump_filters(ifindex)) else {
+                continue;
+            };
+            for st in msgs.iter().filter_map(|m| netlink::parse_filter(m)) {
+                let Some(id) = st.id.filter(|_| st.ours && st.ifindex == ifindex as i32) else {
+                    continue;
+                };
+                let Some(f) = self
+                    .flows
+                    .iter_mut()
+                    .find(|f| f.ifindex == ifindex && f.filter == id)
+                else {
+                    continue;
+                };
+                let packets = st.packets.saturating_sub(f.packets);
+                let bytes = st.bytes.saturating_sub(f.bytes);
+                f.packets = f.packets.max(st.packets);
+                f.bytes = f.bytes.max(st.bytes);
+                if packets > 0 {
+                    out.push(FlowUse {
+                        key: f.key,
+                        packets,
+                        bytes: bytes + packets * ETH_HLEN,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes the flows `pred` selects (tc filters first, so the kernel stops forwarding
+    /// them before the switch sees their frames again) and returns their last traffic.
+    fn remove(&mut self, pred: impl Fn(&Installed) -> bool) -> Vec<FlowUse> {
+        if !self.flows.iter().any(&pred) {
+            return Vec::new();
+        }
+        let uses: Vec<FlowUse> = self
+            .poll()
+            .into_iter()
+            .filter(|u| self.flows.iter().any(|f| f.key == u.key && pred(f)))
+            .collect();
+        let (gone, kept): (Vec<Installed>, Vec<Installed>) =
+            std::mem::take(&mut self.flows).into_iter().partition(&pred);
+        self.flows = kept;
+        if let Ok(nl) = self.nl() {
+            for f in &gone {
+                if let Err(e) = nl.request(&netlink::del_filter(f.ifindex, f.filter)) {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        eprintln!("vswitch fast path: removing filter {:?}: {e}", f.filter);
+                    }
+                }
+            }
+        }
+        let mut ports: Vec<PortId> = gone.iter().map(|f| f.key.ingress).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        for p in ports {
+            if let Err(e) = self.refresh_socket_filter(p) {
+                eprintln!("vswitch fast path: socket filter of port {}: {e}", p.0);
+            }
+        }
+        uses
+    }
+
+    pub fn purge_all(&mut self) -> Vec<FlowUse> {
+        self.remove(|_| true)
+    }
+
+    /// Removes flows approved under an older generation.
+    pub fn purge_stale(&mut self) -> Vec<FlowUse> {
+        let g = self.generation.load(Ordering::SeqCst);
+        self.remove(|f| f.generation != g)
+    }
+
+    /// Forgets a port: its flows in both directions, its socket filter, and the clsact qdisc
+    /// if we created it.
+    pub fn unregister(&mut self, id: PortId) -> Vec<FlowUse> {
+        let uses = self.remove(|f| f.key.ingress == id || f.key.egress == id);
+        if let Some(dev) = self.devs.remove(&id) {
+            let _ = dev.packet.clear_filter();
+            if dev.qdisc == Qdisc::Ours {
+                if let Ok(nl) = self.nl() {
+                    let _ = nl.request(&netlink::del_clsact(dev.ifindex));
+                }
+            }
+        }
+        uses
+    }
+
+    pub fn shutdown(&mut self) -> Vec<FlowUse> {
+        let ids: Vec<PortId> = self.devs.keys().copied().collect();
+        ids.into_iter().flat_map(|id| self.unregister(id)).collect()
+    }
+}

@@ -1,0 +1,383 @@
+//! The kernel fast path between namespaces: TCP through two AF_PACKET ports gets offloaded to
+//! tc (filter visible with packets, meters still count it, no frame delivered twice), a live
+//! policy change cuts a running transfer at once and removes the filters, restoring the policy
+//! lets traffic flow again, and stopping the runtime leaves nothing behind. Needs root and
+//! `ip netns`; skips loudly otherwise.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vireo_vswitch::runtime::{lock, SwitchRuntime};
+use vireo_vswitch::uplink::PacketPort;
+use vireo_vswitch::*;
+
+fn run(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn must(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(args: &[&str]) -> String {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn netns_available(tag: &str) -> bool {
+    let probe = format!("vsfp{}{tag}", std::process::id());
+    let ok = run(&["ip", "netns", "add", &probe]);
+    run(&["ip", "netns", "del", &probe]);
+    if !ok {
+        eprintln!("SKIPPED: `ip netns` unavailable (need root and iproute2); netns test not run");
+    }
+    ok
+}
+
+/// Two namespaces `<p>n0` (10.79.0.1) and `<p>n1` (10.79.0.2) on veths whose host ends
+/// `<p>h0`/`<p>h1` stay in our namespace for the switch. Removed on drop.
+struct Pair {
+    p: String,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Pair {
+        let pair = Pair {
+            p: format!("vf{}{tag}", std::process::id()),
+        };
+        for k in 0..2 {
+            let (ns, h, g) = (pair.ns(k), pair.host(k), format!("{}g{k}", pair.p));
+            must(&["ip", "netns", "add", &ns]);
+            must(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &g]);
+            must(&["ip", "link", "set", &g, "netns", &ns]);
+            let _ = run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{h}.disable_ipv6=1"),
+            ]);
+            let _ = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ]);
+            let ip = format!("10.79.0.{}/24", k + 1);
+            must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g]);
+            must(&["ip", "-n", &ns, "link", "set", &g, "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            must(&["ip", "link", "set", &h, "up"]);
+        }
+        pair
+    }
+    fn ns(&self, k: usize) -> String {
+        format!("{}n{k}", self.p)
+    }
+    fn host(&self, k: usize) -> String {
+        format!("{}h{k}", self.p)
+    }
+    fn ping(&self) -> bool {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(0),
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-w",
+            "4",
+            "10.79.0.2",
+        ])
+    }
+    fn server(&self) -> Child {
+        let c = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(1),
+                "iperf3",
+                "-s",
+                "-1",
+                "-p",
+                "5298",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 server");
+        std::thread::sleep(Duration::from_millis(500));
+        c
+    }
+    fn client(&self, extra: &[&str]) -> Command {
+        let ns = self.ns(0);
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &ns,
+            "timeout",
+            "40",
+            "iperf3",
+            "-c",
+            "10.79.0.2",
+            "-p",
+            "5298",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ]);
+        c.args(extra);
+        c
+    }
+    /// Bytes the receiver got in a `-n <mib>M` transfer (0 when the sender did not send it
+    /// all). iperf3's sender may finish with data still queued, so the receiver's total is
+    /// what certainly crossed the switch.
+    fn transfer(&self, mib: u64) -> u64 {
+        let bytes = format!("{mib}M");
+        let mut server = self.server();
+        let out = self
+            .client(&["-n", &bytes])
+            .output()
+            .expect("iperf3 client");
+        let _ = server.kill();
+        let _ = server.wait();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0) < mib << 20 {
+            return 0;
+        }
+        v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+    }
+    /// `tc -s filter show dev <host k> ingress`.
+    fn filters(&self, k: usize) -> String {
+        output(&[
+            "tc",
+            "-s",
+            "filter",
+            "show",
+            "dev",
+            &self.host(k),
+            "ingress",
+        ])
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for k in 0..2 {
+            run(&["ip", "netns", "del", &self.ns(k)]);
+            run(&["ip", "link", "del", &self.host(k)]);
+        }
+    }
+}
+
+/// Packets our filter's mirred action counted (`Sent N bytes M pkt`), summed.
+fn redirected_packets(tc: &str) -> u64 {
+    tc.lines()
+        .filter_map(|l| l.trim().strip_prefix("Sent "))
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn start(pair: &Pair, fast_path: bool) -> (SwitchRuntime, PortId, PortId) {
+    let mut cfg = SwitchConfig::private("fp");
+    cfg.fast_path = fast_path;
+    let mut sw = Switch::new(cfg).unwrap();
+    let a = sw.add_port(PortConfig::access("a", 1)).unwrap();
+    let b = sw.add_port(PortConfig::access("b", 1)).unwrap();
+    let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap();
+    for (id, k) in [(a, 0), (b, 1)] {
+        let port = PacketPort::bind_offload(&pair.host(k)).unwrap();
+        rt.attach_packet(id, Arc::new(port));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    (rt, a, b)
+}
+
+fn egress_bytes(rt: &SwitchRuntime, id: PortId) -> u64 {
+    lock(rt.switch()).status(id).unwrap().meters.egress.bytes
+}
+
+#[test]
+fn netns_fast_path_offloads_tcp_and_policy_changes_cut_it() {
+    if !netns_available("a") {
+        return;
+    }
+    let pair = Pair::new("a");
+    let (rt, a, b) = start(&pair, true);
+    assert!(pair.ping(), "ping through the switch (user-space path)");
+    assert!(rt.offloaded_flows().is_empty(), "ICMP is never offloaded");
+
+    // First transfer: the flows get offloaded while it runs.
+    let got = pair.transfer(16);
+    assert!(got > 0, "TCP transfer completed");
+    wait_for("both directions offloaded", 10, || {
+        rt.offloaded_flows().len() == 2
+    });
+    let tc = pair.filters(0);
+    assert!(
+        tc.contains("pref 49152 bpf") && tc.contains("mirred"),
+        "{tc}"
+    );
+    assert!(
+        redirected_packets(&tc) > 0,
+        "kernel redirected frames:\n{tc}"
+    );
+
+    // Second transfer, entirely on installed flows: the meters count it (through the
+    // revalidation poll) once, not twice (the switch's socket does not forward copies).
+    // Let the revalidation poll (every 500 ms) account the first transfer completely.
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = egress_bytes(&rt, b);
+    let pkts_before = redirected_packets(&pair.filters(0));
+    let sent = pair.transfer(32);
+    assert!(sent > 0, "second transfer completed");
+    wait_for("meters to catch up", 10, || {
+        egress_bytes(&rt, b) - before >= sent
+    });
+    std::thread::sleep(Duration::from_millis(1200));
+    let counted = egress_bytes(&rt, b) - before;
+    assert!(
+        counted < (32 << 20) + (32 << 20) / 5 + (1 << 20),
+        "b's egress meter counted {counted} bytes for 32 MiB written, {sent} received: \
+         frames went twice"
+    );
+    assert!(redirected_packets(&pair.filters(0)) > pkts_before);
+    let st = lock(rt.switch()).status(a).unwrap();
+    assert!(
+        st.meters.ingress.bytes >= sent,
+        "a's ingress meter {:?}",
+        st.meters
+    );
+
+    // A running transfer is cut by a VLAN change the moment set_port_config returns.
+    let mut server = pair.server();
+    let mut client = pair
+        .client(&["-t", "6"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 client");
+    wait_for("running transfer offloaded", 10, || {
+        rt.offloaded_flows().len() == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    {
+        let mut sw = lock(rt.switch());
+        let mut cfg = sw.status(a).unwrap().config;
+        cfg.vlan = VlanConfig::Access { vid: 2 };
+        sw.set_port_config(a, cfg).unwrap();
+    }
+    assert!(rt.offloaded_flows().is_empty());
+    let tc = pair.filters(0) + &pair.filters(1);
+    assert!(!tc.contains("pref 49152"), "filters removed at once:\n{tc}");
+    std::thread::sleep(Duration::from_millis(300));
+    let m1 = egress_bytes(&rt, b);
+    std::thread::sleep(Duration::from_millis(1500));
+    let m2 = egress_bytes(&rt, b);
+    assert_eq!(m2, m1, "nothing reaches b once a is in another VLAN");
+    assert!(rt.offloaded_flows().is_empty(), "no flow re-offloaded");
+    let _ = client.kill();
+    let _ = client.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!pair.ping(), "VLANs apart");
+
+    // Same VLAN again: traffic flows and is offloaded again.
+    {
+        let mut sw = lock(rt.switch());
+        let mut cfg = sw.status(a).unwrap().config;
+        cfg.vlan = VlanConfig::Access { vid: 1 };
+        sw.set_port_config(a, cfg).unwrap();
+    }
+    assert!(pair.ping());
+    assert!(pair.transfer(8) > 0);
+    wait_for("offloaded again", 10, || rt.offloaded_flows().len() == 2);
+
+    // A deny ACL on b's egress stops it too.
+    {
+        let mut sw = lock(rt.switch());
+        let mut cfg = sw.status(b).unwrap().config;
+        cfg.acls = vec![AclRule {
+            name: "no-tcp".into(),
+            priority: 1,
+            direction: Direction::Egress,
+            action: AclAction::Deny,
+            local_mac: None,
+            remote_mac: None,
+            local_ip: None,
+            remote_ip: None,
+            protocol: Some(6),
+            local_ports: None,
+            remote_ports: None,
+            stateful: false,
+        }];
+        sw.set_port_config(b, cfg).unwrap();
+    }
+    assert!(rt.offloaded_flows().is_empty());
+    assert_eq!(pair.transfer(1), 0, "TCP denied");
+    assert!(pair.ping(), "ICMP still allowed");
+
+    rt.stop().unwrap();
+    for k in 0..2 {
+        assert!(!pair.filters(k).contains("pref 49152"));
+        let q = output(&["tc", "qdisc", "show", "dev", &pair.host(k)]);
+        assert!(
+            !q.contains("clsact"),
+            "the clsact qdisc we created is gone: {q}"
+        );
+    }
+}
+
+#[test]
+fn netns_fast_path_off_keeps_frames_in_user_space() {
+    if !netns_available("b") {
+        return;
+    }
+    let pair = Pair::new("b");
+    let (rt, _, b) = start(&pair, false);
+    assert!(pair.ping());
+    let before = egress_bytes(&rt, b);
+    let sent = pair.transfer(8);
+    assert!(sent > 0);
+    wait_for("meters to count the transfer", 10, || {
+        egress_bytes(&rt, b) - before >= sent
+    });
+    assert!(rt.offloaded_flows().is_empty());
+    assert!(!pair.filters(0).contains("pref 49152"));
+    rt.stop().unwrap();
+}
