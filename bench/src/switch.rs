@@ -365,17 +365,26 @@ impl Drop for Pair {
 /// TCP through our switch. With `offload`, guests keep their default offloads (64 KiB
 /// super-frames); without, guests turn TX checksum offload off and send MTU-sized frames. With
 /// `port_offload`, the AF_PACKET ports carry virtio-net headers: super-frames pass whole, and
-/// the switch coalesces MTU-sized TCP segments into super-frames (GRO).
-fn through_switch(secs: u32, offload: bool, port_offload: bool) -> Result<Run, String> {
+/// the switch coalesces MTU-sized TCP segments into super-frames (GRO). With `fast_path` (the
+/// product default) the switch hands the approved TCP flows to the kernel (tc redirect).
+fn through_switch(
+    secs: u32,
+    offload: bool,
+    port_offload: bool,
+    fast_path: bool,
+) -> Result<Run, String> {
     let pair = Pair::new(
         format!(
-            "vsb{}{}",
+            "vsb{}{}{}",
             std::process::id(),
-            if offload { "x" } else { "s" }
+            if offload { "x" } else { "s" },
+            if fast_path { "f" } else { "u" }
         ),
         offload,
     )?;
-    let mut sw = Switch::new(SwitchConfig::private("iperf")).map_err(|e| e.to_string())?;
+    let mut cfg = SwitchConfig::private("iperf");
+    cfg.fast_path = fast_path;
+    let mut sw = Switch::new(cfg).map_err(|e| e.to_string())?;
     let p0 = sw
         .add_port(PortConfig::access("h0", 1))
         .map_err(|e| e.to_string())?;
@@ -403,12 +412,15 @@ fn through_switch(secs: u32, offload: bool, port_offload: bool) -> Result<Run, S
         r.switch_cpu = (process_cpu_secs() - cpu0) / r.secs;
         r
     });
+    // Let the fast path's revalidation fold the kernel's counters into the meters.
+    std::thread::sleep(Duration::from_millis(600));
+    let flows = rt.offloaded_flows().len();
     {
         let sw = vireo_vswitch::runtime::lock(rt.switch());
         for id in [p0, p1] {
             if let Some(st) = sw.status(id) {
                 eprintln!(
-                    "    port {}: in {} out {} drops {:?}",
+                    "    port {}: in {} out {} drops {:?}, {flows} flows in the kernel",
                     st.config.name,
                     st.meters.ingress.packets,
                     st.meters.egress.packets,
@@ -492,30 +504,33 @@ pub fn run(args: SwitchArgs) -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut ours = Vec::new();
         let mut bridge = Vec::new();
-        println!("  guest offloads on (default); vireo = veth + AF_PACKET with vnet headers:");
+        println!("  guest offloads on (default); vireo = veth + AF_PACKET with vnet headers, kernel fast path on (default):");
         for i in 0..args.iperf_runs {
             // Alternate which path goes first so drifting background load hits both alike.
             let pair = if i % 2 == 0 {
-                let o = through_switch(args.iperf_seconds, true, true);
+                let o = through_switch(args.iperf_seconds, true, true, true);
                 (o, through_bridge(args.iperf_seconds, true))
             } else {
                 let b = through_bridge(args.iperf_seconds, true);
-                (through_switch(args.iperf_seconds, true, true), b)
+                (through_switch(args.iperf_seconds, true, true, true), b)
             };
             show("vireo switch", &pair.0);
             show("linux bridge", &pair.1);
             ours.extend(pair.0.ok().map(|r| r.bps));
             bridge.extend(pair.1.ok().map(|r| r.bps));
         }
+        // For reference: every frame through user space (the path before the fast path).
+        let user = through_switch(args.iperf_seconds, true, true, false);
+        show("vireo switch, fast path off (user-space path only)", &user);
         println!(
-            "  guest TX checksum offload off (MTU-sized frames); vireo ports {}:",
+            "  guest TX checksum offload off (MTU-sized frames), fast path off; vireo ports {}:",
             if args.plain_ports {
                 "without vnet headers"
             } else {
                 "with vnet headers (switch coalesces segments, GRO)"
             }
         );
-        let ours_plain = through_switch(args.iperf_seconds, false, !args.plain_ports);
+        let ours_plain = through_switch(args.iperf_seconds, false, !args.plain_ports, false);
         let bridge_plain = through_bridge(args.iperf_seconds, false);
         show("vireo switch", &ours_plain);
         show("linux bridge", &bridge_plain);
@@ -529,6 +544,13 @@ pub fn run(args: SwitchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 b / 1e9
             );
             ratio = format!("{:.3}", o / b);
+            if let Ok(u) = &user {
+                println!(
+                    "  fast path off (reference): vireo {:.2} Gbit/s = {:.3} of the bridge median",
+                    u.bps / 1e9,
+                    u.bps / b
+                );
+            }
         }
     }
     println!("switch_mpps_64b_all_policies={mpps_64_all:.2} vs_linux_bridge={ratio}");

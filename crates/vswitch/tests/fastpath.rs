@@ -363,6 +363,41 @@ fn netns_fast_path_offloads_tcp_and_policy_changes_cut_it() {
     }
 }
 
+/// A port bound inside another namespace: its ifindex names another device (or nothing) where
+/// the fast path's netlink socket lives, so it must never be programmed.
+#[test]
+fn netns_port_bound_in_another_namespace_is_never_offloaded() {
+    if !netns_available("c") {
+        return;
+    }
+    let ns = format!("vf{}c", std::process::id());
+    must(&["ip", "netns", "add", &ns]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            run(&["ip", "netns", "del", &self.0]);
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    must(&[
+        "ip", "-n", &ns, "link", "add", "x0", "type", "veth", "peer", "name", "x1",
+    ]);
+    must(&["ip", "-n", &ns, "link", "set", "x0", "up"]);
+    let path = format!("/var/run/netns/{ns}");
+    let port = std::thread::spawn(move || {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: setns on a namespace fd we own; only this short-lived thread moves.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        PacketPort::bind("x0").unwrap()
+    })
+    .join()
+    .unwrap();
+    let sw = Switch::new(SwitchConfig::private("ns")).unwrap();
+    let mut engine = fastpath::Engine::new(sw.generation_counter());
+    assert!(engine.register(PortId(0), Arc::new(port)).is_err());
+}
+
 #[test]
 fn netns_fast_path_off_keeps_frames_in_user_space() {
     if !netns_available("b") {

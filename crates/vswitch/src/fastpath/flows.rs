@@ -11,7 +11,7 @@ use vireo_netport::FramePort;
 
 use super::netlink::{self, FilterId, Netlink};
 use super::sockfilter::{classifier, socket_filter, FlowMatch};
-use super::{FlowKey, FlowUse};
+use super::{current_netns, FlowKey, FlowUse};
 use crate::frame::ETH_P_IPV6;
 use crate::uplink::PacketPort;
 use crate::PortId;
@@ -64,6 +64,8 @@ pub struct Engine {
     flows: Vec<Installed>,
     next_handle: u32,
     generation: Arc<AtomicU64>,
+    /// The network namespace our netlink socket talks to (inode).
+    netns: u64,
 }
 
 fn prio_of(ethertype: u16) -> u16 {
@@ -82,23 +84,14 @@ fn matcher(k: &FlowKey) -> FlowMatch {
     }
 }
 
-fn ifindex(name: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(i)
-    }
-}
-
 impl Engine {
     /// `generation` is the switch's offload generation counter.
+    /// Opens the netlink socket in the calling thread's network namespace: only ports bound
+    /// in that namespace are offloaded.
     pub fn new(generation: Arc<AtomicU64>) -> Engine {
         Engine {
-            nl: None,
+            netns: current_netns(),
+            nl: Netlink::open().ok(),
             devs: HashMap::new(),
             flows: Vec::new(),
             next_handle: 1,
@@ -107,14 +100,21 @@ impl Engine {
     }
 
     fn nl(&mut self) -> io::Result<&mut Netlink> {
-        if self.nl.is_none() {
-            self.nl = Some(Netlink::open()?);
-        }
-        Ok(self.nl.as_mut().expect("just opened"))
+        self.nl
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no netlink socket"))
     }
 
+    /// A port the kernel may forward from and to. A port bound in another network namespace
+    /// is refused (its ifindex means another device here): it stays on the user-space path.
     pub fn register(&mut self, id: PortId, packet: Arc<PacketPort>) -> io::Result<()> {
-        let ifindex = ifindex(FramePort::name(&*packet))?;
+        if packet.netns() == 0 || packet.netns() != self.netns {
+            return Err(io::Error::other(format!(
+                "{} is bound in another network namespace: not offloaded",
+                FramePort::name(&*packet)
+            )));
+        }
+        let ifindex = packet.ifindex();
         self.devs.insert(
             id,
             Dev {

@@ -39,6 +39,13 @@ pub use flows::Engine;
 /// How often the offload thread folds kernel counters into the meters and drops stale flows.
 pub const REVALIDATE_EVERY: Duration = Duration::from_millis(500);
 
+/// The inode of the calling thread's network namespace (0 when it cannot be read): ifindexes
+/// and netlink requests only mean something within one namespace.
+pub fn current_netns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
+}
+
 /// One offloaded flow: frames entering `ingress` untagged with this EtherType (IPv4 or IPv6,
 /// TCP) and MAC pair go straight to `egress`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -53,6 +53,10 @@ pub struct PacketPort {
     vnet: bool,
     /// Segments of a super-frame already cut for a caller of the plain `FramePort::recv`.
     pending: Mutex<VecDeque<Vec<u8>>>,
+    /// The bound interface and the network namespace it lives in (inode of the bind-time
+    /// thread's netns; 0 when unknown): the kernel fast path programs exactly this netdev.
+    ifindex: u32,
+    netns: u64,
 }
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, val: &T) -> io::Result<()> {
@@ -89,6 +93,16 @@ impl PacketPort {
 
     pub fn offload(&self) -> bool {
         self.vnet
+    }
+
+    /// Index of the bound interface.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Network namespace (inode) the bound interface lives in; 0 when unknown.
+    pub fn netns(&self) -> u64 {
+        self.netns
     }
 
     fn open(ifname: &str, vnet: bool) -> io::Result<PacketPort> {
@@ -160,6 +174,8 @@ impl PacketPort {
             name: ifname.to_string(),
             vnet,
             pending: Mutex::new(VecDeque::new()),
+            ifindex,
+            netns: crate::fastpath::current_netns(),
         })
     }
 
@@ -272,6 +288,8 @@ impl PacketPort {
     /// Attaches (or atomically replaces) a classic BPF socket filter: frames for which it
     /// returns 0 never reach this socket.
     pub fn set_filter(&self, prog: &[crate::fastpath::sockfilter::SockFilter]) -> io::Result<()> {
+        // SockFilter has the layout of struct sock_filter; the kernel copies `len`
+        // instructions during the call, while `prog` is alive.
         let fprog = libc::sock_fprog {
             len: prog.len() as u16,
             filter: prog.as_ptr() as *mut libc::sock_filter,
