@@ -263,6 +263,7 @@ fn netns_fast_path_offloads_tcp_and_policy_changes_cut_it() {
     // Let the revalidation poll (every 500 ms) account the first transfer completely.
     std::thread::sleep(Duration::from_millis(1200));
     let before = egress_bytes(&rt, b);
+    let back_before = egress_bytes(&rt, a);
     let pkts_before = redirected_packets(&pair.filters(0));
     let sent = pair.transfer(32);
     assert!(sent > 0, "second transfer completed");
@@ -277,6 +278,13 @@ fn netns_fast_path_offloads_tcp_and_policy_changes_cut_it() {
          frames went twice"
     );
     assert!(redirected_packets(&pair.filters(0)) > pkts_before);
+    // Redirected frames leaving b are not seen by b's socket (PACKET_IGNORE_OUTGOING): else
+    // the switch would send the data back to a, and a's egress would carry it too.
+    let back = egress_bytes(&rt, a) - back_before;
+    assert!(
+        back < sent / 4,
+        "a received {back} bytes (ACKs only expected)"
+    );
     let st = lock(rt.switch()).status(a).unwrap();
     assert!(
         st.meters.ingress.bytes >= sent,
