@@ -2,7 +2,9 @@
 //! `rx_fd`, frames read in batches and run through the switch under one lock per batch (so
 //! policy changes and meter reads from other threads land between batches). Uplink ports get a
 //! weighted fair queue that engages when the port pushes back (send reports `Full`), so the
-//! minimum-bandwidth weights decide who gets a congested uplink.
+//! minimum-bandwidth weights decide who gets a congested uplink. With
+//! `SwitchConfig::fast_path`, TCP flows the pipeline approved between AF_PACKET ports are
+//! handed to the kernel ([`crate::fastpath`]); this thread only offers the candidates.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
