@@ -51,16 +51,21 @@ fn netns_available(tag: &str) -> bool {
     ok
 }
 
-/// Two namespaces `<p>n0` (10.79.0.1) and `<p>n1` (10.79.0.2) on veths whose host ends
-/// `<p>h0`/`<p>h1` stay in our namespace for the switch. Removed on drop.
+/// Two namespaces `<p>n0` (10.79.0.1 or fd79::1) and `<p>n1` (10.79.0.2 or fd79::2) on
+/// veths whose host ends `<p>h0`/`<p>h1` stay in our namespace for the switch. Removed on drop.
 struct Pair {
     p: String,
+    v6: bool,
 }
 
 impl Pair {
     fn new(tag: &str) -> Pair {
+        Pair::with(tag, false)
+    }
+    fn with(tag: &str, v6: bool) -> Pair {
         let pair = Pair {
             p: format!("vf{}{tag}", std::process::id()),
+            v6,
         };
         for k in 0..2 {
             let (ns, h, g) = (pair.ns(k), pair.host(k), format!("{}g{k}", pair.p));
@@ -72,22 +77,27 @@ impl Pair {
                 "-qw",
                 &format!("net.ipv6.conf.{h}.disable_ipv6=1"),
             ]);
-            let _ = run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ]);
-            let ip = format!("10.79.0.{}/24", k + 1);
-            must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g]);
+            let v6_off = format!("net.ipv6.conf.all.disable_ipv6={}", u8::from(!v6));
+            let _ = run(&["ip", "netns", "exec", &ns, "sysctl", "-qw", &v6_off]);
+            if v6 {
+                let ip = format!("fd79::{}/64", k + 1);
+                must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g, "nodad"]);
+            } else {
+                let ip = format!("10.79.0.{}/24", k + 1);
+                must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g]);
+            }
             must(&["ip", "-n", &ns, "link", "set", &g, "up"]);
             must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
             must(&["ip", "link", "set", &h, "up"]);
         }
         pair
+    }
+    fn peer(&self) -> &'static str {
+        if self.v6 {
+            "fd79::2"
+        } else {
+            "10.79.0.2"
+        }
     }
     fn ns(&self, k: usize) -> String {
         format!("{}n{k}", self.p)
@@ -110,7 +120,7 @@ impl Pair {
             "1",
             "-w",
             "4",
-            "10.79.0.2",
+            self.peer(),
         ])
     }
     fn server(&self) -> Child {
@@ -143,7 +153,7 @@ impl Pair {
             "40",
             "iperf3",
             "-c",
-            "10.79.0.2",
+            self.peer(),
             "-p",
             "5298",
             "-J",
@@ -369,6 +379,40 @@ fn netns_fast_path_offloads_tcp_and_policy_changes_cut_it() {
             "the clsact qdisc we created is gone: {q}"
         );
     }
+}
+
+#[test]
+fn netns_fast_path_offloads_tcp_over_ipv6() {
+    if !netns_available("d") {
+        return;
+    }
+    let pair = Pair::with("d", true);
+    let (rt, _, b) = start(&pair, true);
+    assert!(
+        pair.ping(),
+        "ping6 through the switch (ND stays in user space)"
+    );
+    assert!(pair.transfer(16) > 0, "TCP over IPv6 completed");
+    wait_for("both directions offloaded", 10, || {
+        let f = rt.offloaded_flows();
+        f.len() == 2 && f.iter().all(|k| k.ethertype == 0x86dd)
+    });
+    let tc = pair.filters(0);
+    assert!(tc.contains("protocol ipv6 pref 49153 bpf"), "{tc}");
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = egress_bytes(&rt, b);
+    let sent = pair.transfer(16);
+    assert!(sent > 0);
+    assert!(
+        redirected_packets(&pair.filters(0)) > 0,
+        "{}",
+        pair.filters(0)
+    );
+    wait_for("meters to count the IPv6 transfer", 10, || {
+        egress_bytes(&rt, b) - before >= sent
+    });
+    rt.stop().unwrap();
+    assert!(!pair.filters(0).contains("pref 49153"));
 }
 
 /// A port bound inside another namespace: its ifindex names another device (or nothing) where
