@@ -299,13 +299,25 @@ fn info(a: InfoArgs) -> Result<ExitCode> {
     let format = Format::detect(&a.path)?;
     let value = match format {
         Format::Vhdx => {
-            let disk = Vhdx::open(
-                &a.path,
-                &OpenOptions {
-                    read_only: true,
-                    ..OpenOptions::default()
-                },
-            )?;
+            let ro = OpenOptions::read_only();
+            let disk = match Vhdx::open(&a.path, &ro) {
+                // A running VM holds its disks exclusively; looking must still be possible.
+                Err(VhdxError::Locked { .. }) => {
+                    eprintln!(
+                        "note: {} is in use by another process; shown without a lock, so the \
+                         figures may be mid-update",
+                        a.path.display()
+                    );
+                    Vhdx::open(
+                        &a.path,
+                        &OpenOptions {
+                            no_lock: true,
+                            ..ro
+                        },
+                    )?
+                }
+                other => other?,
+            };
             let mut v = serde_json::to_value(disk.info())?;
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("format".into(), json!("vhdx"));

@@ -12,6 +12,7 @@ use crate::format::bat;
 use crate::format::*;
 use crate::guid::Guid;
 use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
+use crate::lock::LockKind;
 use crate::VhdxError;
 
 /// Deepest differencing chain we follow before assuming something is wrong.
@@ -24,6 +25,10 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// What to do when a read-only open meets a non-empty log.
     pub replay: ReadOnlyReplay,
+    /// Take no file lock (normally read-write opens lock the file exclusively, read-only opens
+    /// and parents share it). Only for tools that must look at a file another process has
+    /// open: what they read may be metadata in the middle of an update.
+    pub no_lock: bool,
     /// Test hook: simulate a crash after this many mutating file operations on the top file.
     #[doc(hidden)]
     pub fault: Option<Arc<FaultInjector>>,
@@ -82,11 +87,30 @@ fn locator_candidates(child: &Path, loc: &locator::ParentLocator) -> Vec<PathBuf
 
 impl Vhdx {
     /// Opens `path` and, for a differencing disk, its whole parent chain.
+    ///
+    /// Locks (unless `no_lock`): exclusive on `path` when read-write, shared when read-only,
+    /// shared on every parent; a conflicting open elsewhere gives [`VhdxError::Locked`].
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Vhdx, VhdxError> {
+        Self::open_chain(path, opts, false)
+    }
+
+    /// [`Vhdx::open`]; with `unlocked_parent` the direct parent is opened without a lock
+    /// because the caller (merge) is about to lock it exclusively itself.
+    pub(crate) fn open_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        unlocked_parent: bool,
+    ) -> Result<Vhdx, VhdxError> {
+        let top_lock = match (opts.no_lock, opts.read_only) {
+            (true, _) => None,
+            (false, true) => Some(LockKind::Shared),
+            (false, false) => Some(LockKind::Exclusive),
+        };
         let top = Arc::new(Layer::open(
             path,
             &LayerOptions {
                 read_only: opts.read_only,
+                lock: top_lock,
                 replay: opts.replay,
                 fault: opts.fault.clone(),
             },
@@ -114,10 +138,12 @@ impl Vhdx {
             if !seen.insert((pm.dev(), pm.ino())) {
                 return Err(VhdxError::ParentLoop(ppath));
             }
+            let skip = opts.no_lock || (unlocked_parent && chain.len() == 1);
             let parent = Layer::open(
                 &ppath,
                 &LayerOptions {
                     read_only: true,
+                    lock: (!skip).then_some(LockKind::Shared),
                     replay: ReadOnlyReplay::InMemory,
                     fault: None,
                 },
@@ -149,6 +175,16 @@ impl Vhdx {
             chain,
             read_only: opts.read_only,
         })
+    }
+
+    /// Test hook: closes the files (releasing their locks) without the clean close, leaving
+    /// them exactly as a process killed at this point would: the log still live, nothing
+    /// flushed that was not flushed already.
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        for l in &self.chain {
+            l.abandoned.store(true, Ordering::Release);
+        }
     }
 
     pub(crate) fn top(&self) -> &Layer {

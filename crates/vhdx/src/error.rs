@@ -114,8 +114,27 @@ pub enum VhdxError {
     Cancelled,
     #[error("metadata region has no room for item {0}")]
     MetadataFull(Guid),
+    /// Another open (in this or another process) holds a conflicting lock on the file.
+    #[error("{}", locked_message(path, *wanted))]
+    Locked {
+        path: PathBuf,
+        wanted: crate::lock::LockKind,
+    },
     #[error("injected failure (test fault injection)")]
     InjectedFault,
+}
+
+fn locked_message(path: &std::path::Path, wanted: crate::lock::LockKind) -> String {
+    match wanted {
+        crate::lock::LockKind::Exclusive => format!(
+            "disk {} is in use by another process (locked); stop that process or open it read-only",
+            path.display()
+        ),
+        crate::lock::LockKind::Shared => format!(
+            "disk {} is being written by another process (locked); stop that process first",
+            path.display()
+        ),
+    }
 }
 
 impl VhdxError {

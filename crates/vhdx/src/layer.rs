@@ -22,6 +22,7 @@ use crate::format::metadata::{self, DiskParams, Metadata};
 use crate::format::region::{RegionEntry, RegionTable};
 use crate::format::*;
 use crate::guid::Guid;
+use crate::lock::LockKind;
 use crate::VhdxError;
 
 pub(crate) const PAGE: u64 = 4096;
@@ -84,6 +85,8 @@ pub(crate) struct Layer {
     pub dirty: Mutex<Dirty>,
     pub state: Mutex<State>,
     pub session_started: AtomicBool,
+    /// Set by [`crate::Vhdx::abandon`]: closing must not write (a simulated process death).
+    pub abandoned: AtomicBool,
     pub log_offset: u64,
     pub log_length: u64,
     pub replayed_entries: usize,
@@ -343,6 +346,8 @@ pub(crate) fn bat_problems(
 
 pub(crate) struct LayerOptions {
     pub read_only: bool,
+    /// Taken before anything is read or replayed; `None` opens unlocked.
+    pub lock: Option<LockKind>,
     pub replay: ReadOnlyReplay,
     pub fault: Option<Arc<FaultInjector>>,
 }
@@ -353,6 +358,9 @@ impl Layer {
             .read(true)
             .write(!o.read_only)
             .open(path)?;
+        if let Some(kind) = o.lock {
+            crate::lock::lock(&file, path, kind)?;
+        }
         let io = FileIo::new(file, o.fault.clone());
         let mut pre = read_prelude(&io)?;
         let seq = read_active_log(&io, &pre.header)?;
@@ -460,6 +468,7 @@ impl Layer {
                 session: false,
             }),
             session_started: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             log_offset: 0,
             log_length: 0,
             replayed_entries,
@@ -725,7 +734,8 @@ impl Layer {
         if self.read_only || !self.session_started.load(Ordering::Acquire) {
             return Ok(());
         }
-        if self.fault.as_ref().is_some_and(|f| f.fired()) {
+        if self.fault.as_ref().is_some_and(|f| f.fired()) || self.abandoned.load(Ordering::Acquire)
+        {
             return Ok(());
         }
         self.flush_with(vec![])?;

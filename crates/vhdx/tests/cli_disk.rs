@@ -320,3 +320,31 @@ fn cli_ctrl_c_during_convert_leaves_no_partial_file() {
         );
     }
 }
+
+#[test]
+fn cli_refuses_a_disk_in_use_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["create", "busy.vhdx", "--size", "64M"]);
+    // This test process plays the running VM: it holds the disk read-write.
+    let vm = vireo_vhdx::Vhdx::open(&d.join("busy.vhdx"), &Default::default()).unwrap();
+    let locked = "is in use by another process (locked); stop that process or open it read-only";
+    fails(d, &["resize", "busy.vhdx", "--size", "128M"], locked);
+    fails(d, &["compact", "busy.vhdx"], locked);
+    fails(d, &["check", "busy.vhdx", "--repair"], locked);
+    fails(
+        d,
+        &["check", "busy.vhdx"],
+        "is being written by another process (locked)",
+    );
+    // Looking is still allowed, and says it did not lock.
+    let out = disk(d, &["info", "busy.vhdx", "--output", "json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["virtual_size"], 64 << 20);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown without a lock"));
+    drop(vm);
+    ok(d, &["resize", "busy.vhdx", "--size", "128M"]);
+    let out = disk(d, &["info", "busy.vhdx"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+}

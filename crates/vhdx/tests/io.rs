@@ -227,7 +227,7 @@ fn read_only_open_of_dirty_log_replays_in_memory_or_refuses() {
     d.write(&[3; 4096], 2 * MIB).unwrap();
     d.flush().unwrap();
     // Simulate a crash: no clean close, so the header still names a live log.
-    std::mem::forget(d);
+    d.abandon();
     // Undo the in-place BAT update as if the crash came before it was applied.
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(&[0; 4096], 3 * MIB).unwrap();
@@ -277,7 +277,7 @@ fn flush_spanning_many_log_entries_and_wrapping() {
         d.flush().unwrap();
     }
     // Crash (no clean close): reopening replays only the newest entry and must see everything.
-    std::mem::forget(d);
+    d.abandon();
     let d = reopen(&p);
     for i in (0..600u64).step_by(37) {
         for round in 0..3u8 {
@@ -330,6 +330,7 @@ fn four_k_logical_sectors_dynamic_and_differencing() {
     expect[4000..4100].fill(7);
     expect[2 * MIB as usize..2 * MIB as usize + 8192].fill(0);
     assert_eq!(read(&c, MIB, expect.len()), expect);
+    drop(c); // check needs the file to itself (a writer holds it exclusively)
     assert!(Vhdx::check(&child, false).unwrap().is_clean());
 }
 

@@ -370,7 +370,7 @@ fn qemu_replays_a_log_written_by_us() {
     d.write(&vec![0x77; 64 * 1024], 0).unwrap();
     d.write(&vec![0x88; 4096], 20 * MIB).unwrap();
     d.flush().unwrap();
-    std::mem::forget(d); // crash: no clean close
+    d.abandon(); // crash: no clean close
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.write_all_at(&[0u8; 4096], 3 * MIB).unwrap(); // our BAT starts at 3 MiB
     drop(f);

@@ -15,7 +15,7 @@ use crate::layer::{
     bat_problems, read_active_log, read_prelude, read_tables, reserved_spans, validate_log,
     write_header, Tables,
 };
-use crate::{OpenOptions, Vhdx, VhdxError};
+use crate::{LockKind, OpenOptions, Vhdx, VhdxError};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Problem {
@@ -44,6 +44,12 @@ impl Vhdx {
     /// Without `repair` the file is opened read-only and never written.
     pub fn check(path: &Path, repair: bool) -> Result<CheckReport, VhdxError> {
         let file = FsOpenOptions::new().read(true).write(repair).open(path)?;
+        let kind = if repair {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        };
+        crate::lock::lock(&file, path, kind)?;
         let io = FileIo::new(file, None);
         let mut problems = vec![];
         let mut add = |severity, message: String, repaired| {

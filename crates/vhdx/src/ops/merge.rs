@@ -80,7 +80,9 @@ impl Vhdx {
             fault: fault.clone(),
             ..Default::default()
         };
-        let c = Vhdx::open(child, &rw)?;
+        // The parent is read through the child's chain but written through its own exclusive
+        // open below, so the chain's copy must not hold a (conflicting) shared lock on it.
+        let c = Vhdx::open_chain(child, &rw, true)?;
         if !c.top().params.has_parent {
             return Err(VhdxError::NotDifferencing(child.to_path_buf()));
         }
@@ -95,6 +97,15 @@ impl Vhdx {
             }
         };
         let p = Vhdx::open(&parent_path, &rw)?;
+        // The chain read the parent before it was locked: make sure nobody changed it since.
+        if p.top().header().data_write_guid != c.chain[1].header().data_write_guid {
+            return Err(VhdxError::ParentLinkageMismatch {
+                child: child.to_path_buf(),
+                parent: parent_path,
+                expected: c.chain[1].header().data_write_guid.to_string(),
+                found: p.top().header().data_write_guid,
+            });
+        }
         p.top().begin_session(DataGuid::Set(target))?;
         let vs = c.virtual_size();
         if vs > p.virtual_size() {
