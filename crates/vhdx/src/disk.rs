@@ -408,11 +408,13 @@ impl Vhdx {
                     bat::FULLY_PRESENT => {
                         l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
+                        l.wrote(n as u64);
                         break;
                     }
                     bat::PARTIALLY_PRESENT => {
                         l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
+                        l.wrote(n as u64);
                         self.set_bitmap_bits(l, b, pos, n as u64)?;
                         break;
                     }

@@ -198,6 +198,17 @@ impl FileIo {
         Ok(())
     }
 
+    /// Starts write-back of the file's dirty pages without waiting for it (not a durability
+    /// point: the data is only safe after [`FileIo::sync`]). The kernel may write dirty pages
+    /// at any time anyway, so this changes when the disk works, never what a crash can leave.
+    pub fn start_writeback(&self) {
+        // SAFETY: sync_file_range on our own descriptor; offset 0 and length 0 mean the whole
+        // file; SYNC_FILE_RANGE_WRITE only queues dirty pages that are not already queued.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     /// Best-effort preallocation (fixed disks); silently skipped where unsupported.
     pub fn preallocate(&self, offset: u64, len: u64) {
         // SAFETY: as above; failure only means the blocks stay sparse.

@@ -28,6 +28,10 @@ use crate::VhdxError;
 pub(crate) const PAGE: u64 = 4096;
 /// Granularity of filesystem space reservation inside payload blocks (see `Layer::reserve`).
 const RESERVE_UNIT: u64 = 4 * MIB;
+/// Bytes of large payload writes between two write-back starts (see `Layer::wrote`).
+const WRITEBACK_EVERY: u64 = 8 * MIB;
+/// Writes at least this large count as streaming for `Layer::wrote`.
+const STREAM_WRITE: u64 = 128 * 1024;
 
 /// What to do with a non-empty log when the file is opened read-only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -85,6 +89,8 @@ pub(crate) struct Layer {
     pub dirty: Mutex<Dirty>,
     pub state: Mutex<State>,
     pub session_started: AtomicBool,
+    /// Bytes of large payload writes since write-back was last started.
+    unflushed: AtomicU64,
     /// Set by [`crate::Vhdx::abandon`]: closing must not write (a simulated process death).
     pub abandoned: AtomicBool,
     pub log_offset: u64,
@@ -469,6 +475,7 @@ impl Layer {
             }),
             session_started: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
+            unflushed: AtomicU64::new(0),
             log_offset: 0,
             log_length: 0,
             replayed_entries,
@@ -704,6 +711,25 @@ impl Layer {
         }
         for m in first..=last {
             bits[(m / 64) as usize].fetch_or(1 << (m % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a payload write of `n` bytes; every `WRITEBACK_EVERY` bytes of large writes it
+    /// starts write-back of the file without waiting. With plenty of RAM the kernel would
+    /// otherwise begin writing only at the flush, which then pays for the whole write phase at
+    /// once; started early, the disk works while the writers still run. Measured in one process,
+    /// alternating with and without (1536 x 1 MiB from 4 threads into a new 2 GiB disk, then
+    /// flush, 4 runs each): median 480 MiB/s without, 572 with. Small writes are left alone:
+    /// kicking write-back of scattered 4 KiB pages made the writers wait on the device queue
+    /// (50,000 x 4 KiB then flush: 1.52-1.91 s without, 1.70-2.05 s with).
+    pub fn wrote(&self, n: u64) {
+        if n < STREAM_WRITE {
+            return;
+        }
+        let total = self.unflushed.fetch_add(n, Ordering::Relaxed) + n;
+        if total >= WRITEBACK_EVERY && self.unflushed.swap(0, Ordering::Relaxed) >= WRITEBACK_EVERY
+        {
+            self.io.start_writeback();
         }
     }
 
