@@ -27,6 +27,8 @@
 //!   load burst from other processes on this shared 2-core machine hit one contender only:
 //!   in one full run the raw file's 4K random reads spread 1531-3627 MiB/s over three rounds
 //!   while ours spread 1554-2033, which alone moved ours/raw between 0.5 and 1.3.
+//! - Convert runs `--rounds` times per contender, who goes first alternating, medians shown
+//!   (a single run each moved ours/qemu between 1.13 and 1.87 on this machine).
 //! - Timed writes exclude image creation for us and process start-up for qemu (measured as the
 //!   fastest of a few `qemu-img bench -c 1` runs and subtracted).
 
@@ -276,56 +278,49 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
         }
     }
 
-    // (c) convert a 2 GiB non-sparse raw file of incompressible-looking data (one sample each:
-    // at full scale each run lasts several seconds, so start-up noise does not matter).
+    // (c) convert a 2 GiB non-sparse raw file of incompressible-looking data, `--rounds` times
+    // with the order alternating (who goes first meets a different amount of write-back still
+    // draining from the other; one run each moved the ratio between 1.13 and 1.87).
     let src = dir.path().join("convert-src.img");
     let convert_size = ((2 * GIB) as f64 * args.scale.min(1.0)) as u64 / MIB * MIB;
     make_random_file(&src, convert_size.max(64 * MIB))?;
     let qemu_dst = dir.path().join("convert-qemu.vhdx");
     let ours_dst = dir.path().join("convert-ours.vhdx");
-    let t = Instant::now();
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "subformat=dynamic",
-        path_str(&src)?,
-        path_str(&qemu_dst)?,
-    ])?;
-    sync_file(&qemu_dst)?;
-    let qemu_secs = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    convert::convert(
-        &src,
-        &ours_dst,
-        &ConvertOptions {
-            format: Format::Vhdx,
-            output_type: OutputType::Dynamic,
-            ..ConvertOptions::default()
-        },
-        &|_, _| {},
-        &AtomicBool::new(false),
-    )?;
-    sync_file(&ours_dst)?;
-    let ours_secs = t.elapsed().as_secs_f64();
     let mib = convert_size.max(64 * MIB) as f64 / MIB as f64;
-    let (ours_c, qemu_c) = (mib / ours_secs, mib / qemu_secs);
+    let mut converts = Samples::default();
+    for round in 0..rounds {
+        for who in [Contender::Qemu, Contender::Ours]
+            .into_iter()
+            .cycle()
+            .skip(round % 2)
+            .take(2)
+        {
+            let secs = match who {
+                Contender::Qemu => convert_qemu(&src, &qemu_dst)?,
+                _ => convert_ours(&src, &ours_dst)?,
+            };
+            converts.push(who, mib / secs);
+        }
+        // Both outputs must hold the same data, or the timing means nothing.
+        qemu_img(&[
+            "compare",
+            "-q",
+            "-f",
+            "vhdx",
+            "-F",
+            "vhdx",
+            path_str(&ours_dst)?,
+            path_str(&qemu_dst)?,
+        ])?;
+    }
+    spreads.push(format!(
+        "convert: ours {}, qemu {}",
+        range(&converts.ours),
+        range(&converts.qemu)
+    ));
+    let (ours_c, qemu_c) = (median(converts.ours), median(converts.qemu));
     qemu_ratios.push(ours_c / qemu_c);
     rows.push(("convert raw->vhdx".into(), ours_c, qemu_c, f64::NAN));
-    // Both outputs must hold the same data, or the timing means nothing.
-    qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "vhdx",
-        "-F",
-        "vhdx",
-        path_str(&ours_dst)?,
-        path_str(&qemu_dst)?,
-    ])?;
 
     println!(
         "{:<22} {:>12} {:>12} {:>12} {:>10} {:>10}",
@@ -364,7 +359,7 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
         "(reads: allocated data; every file's cache dropped (POSIX_FADV_DONTNEED), one untimed \
          warm-up pass each in {WARM_SLICES} interleaved slices, then {} per sample, contenders \
          taking turns pass by pass; \
-         convert: one run each, both outputs fsynced and compared)",
+         convert: {rounds} runs each, order alternating, outputs fsynced and compared, medians)",
         read_passes.join(", ")
     );
     println!(
@@ -378,6 +373,44 @@ pub fn run(args: VhdxArgs) -> Result<(), BoxError> {
         min(&raw_read_ratios)
     );
     Ok(())
+}
+
+/// `qemu-img convert` into a fresh `dst`, timed until the output is durable.
+fn convert_qemu(src: &Path, dst: &Path) -> Result<f64, BoxError> {
+    let _ = std::fs::remove_file(dst);
+    let t = Instant::now();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "subformat=dynamic",
+        path_str(src)?,
+        path_str(dst)?,
+    ])?;
+    sync_file(dst)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Our convert into a fresh `dst`, timed until the output is durable.
+fn convert_ours(src: &Path, dst: &Path) -> Result<f64, BoxError> {
+    let _ = std::fs::remove_file(dst);
+    let t = Instant::now();
+    convert::convert(
+        src,
+        dst,
+        &ConvertOptions {
+            format: Format::Vhdx,
+            output_type: OutputType::Dynamic,
+            ..ConvertOptions::default()
+        },
+        &|_, _| {},
+        &AtomicBool::new(false),
+    )?;
+    sync_file(dst)?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn rotated(round: usize) -> [Contender; 3] {
