@@ -41,7 +41,8 @@ const MAX_REPORTED: usize = 1000;
 
 impl Vhdx {
     /// Checks `path`; with `repair`, fixes what can be fixed without guessing at data.
-    /// Without `repair` the file is opened read-only and never written.
+    /// Without `repair` the file is opened read-only and never written. Locks like an open:
+    /// shared, or exclusive with `repair` ([`VhdxError::Locked`] when that conflicts).
     pub fn check(path: &Path, repair: bool) -> Result<CheckReport, VhdxError> {
         let file = FsOpenOptions::new().read(true).write(repair).open(path)?;
         let kind = if repair {

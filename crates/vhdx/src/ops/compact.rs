@@ -27,7 +27,8 @@ pub struct CompactReport {
 }
 
 impl Vhdx {
-    /// Compacts the disk at `path` (not open elsewhere). Cancelling leaves a valid file.
+    /// Compacts the disk at `path` (locked exclusively: [`VhdxError::Locked`] if it is open
+    /// elsewhere). Cancelling leaves a valid file.
     pub fn compact(
         path: &Path,
         progress: &dyn Fn(u64, u64),

@@ -60,6 +60,7 @@ impl Vhdx {
     ///
     /// `progress(done, total)` is called per block; setting `cancel` stops after the current
     /// block with [`VhdxError::Cancelled`], leaving both files valid; merging again resumes.
+    /// Both files are locked exclusively ([`VhdxError::Locked`] if either is open elsewhere).
     pub fn merge_into_parent(
         child: &Path,
         progress: &dyn Fn(u64, u64),
