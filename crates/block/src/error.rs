@@ -1,4 +1,7 @@
 use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::lock::LockKind;
 
 /// Why a block request failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,4 +16,21 @@ pub enum BlockError {
     Corrupt(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// Another open (in this or another process) holds a conflicting lock on the file.
+    #[error("{}", locked_message(path, *wanted))]
+    Locked { path: PathBuf, wanted: LockKind },
+}
+
+/// One line for the user: whose lock it is and what to do.
+pub fn locked_message(path: &Path, wanted: LockKind) -> String {
+    match wanted {
+        LockKind::Exclusive => format!(
+            "disk {} is in use by another process (locked); stop that process or open it read-only",
+            path.display()
+        ),
+        LockKind::Shared => format!(
+            "disk {} is being written by another process (locked); stop that process first",
+            path.display()
+        ),
+    }
 }

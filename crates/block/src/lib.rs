@@ -5,9 +5,11 @@
 //! threads (`&self` methods, `Send + Sync`), so each one does its own fine-grained locking.
 
 mod error;
+mod lock;
 mod raw;
 
-pub use error::BlockError;
+pub use error::{locked_message, BlockError};
+pub use lock::{lock, LockKind};
 pub use raw::RawFile;
 
 /// A virtual disk: a byte-addressed device of `size()` bytes.

@@ -4,6 +4,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::LockKind;
 use crate::{check_range, BlockBackend, BlockError};
 
 /// A disk backed by a plain file (or block device) whose bytes are the disk's bytes.
@@ -22,6 +23,13 @@ impl RawFile {
     /// Opens `path`; with `read_only` the file is opened O_RDONLY and writes are refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        // Two VMs (or a VM and a tool) writing one image corrupt it: writers are exclusive.
+        let kind = if read_only {
+            LockKind::Shared
+        } else {
+            LockKind::Exclusive
+        };
+        crate::lock(&file, path, kind)?;
         let meta = file.metadata()?;
         let size = if meta.file_type().is_file() {
             meta.len()
@@ -146,6 +154,7 @@ mod tests {
             d.read_at(&mut buf, u64::MAX),
             Err(BlockError::OutOfRange { .. })
         ));
+        drop(d); // a reader may not open beside a writer
         let ro = RawFile::open(f.path(), true).unwrap();
         assert!(matches!(ro.write_at(&buf, 0), Err(BlockError::ReadOnly)));
         assert!(ro.read_only());
@@ -157,5 +166,28 @@ mod tests {
         d.resize(1 << 16).unwrap();
         assert_eq!(d.size(), 1 << 16);
         assert_eq!(f.as_file().metadata().unwrap().len(), 1 << 16);
+    }
+
+    #[test]
+    fn one_writer_or_many_readers() {
+        let (f, writer) = disk(1 << 20);
+        // A second writer and a reader are both refused while the writer has it open.
+        for ro in [false, true] {
+            match RawFile::open(f.path(), ro) {
+                Err(e @ BlockError::Locked { .. }) => {
+                    assert!(e.to_string().contains("in use by another process") || ro)
+                }
+                other => panic!("second open (read-only {ro}) was not refused: {other:?}"),
+            }
+        }
+        drop(writer);
+        let r1 = RawFile::open(f.path(), true).unwrap();
+        let _r2 = RawFile::open(f.path(), true).unwrap();
+        assert!(matches!(
+            RawFile::open(f.path(), false),
+            Err(BlockError::Locked { .. })
+        ));
+        drop((r1, _r2));
+        RawFile::open(f.path(), false).unwrap();
     }
 }

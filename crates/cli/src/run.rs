@@ -219,11 +219,17 @@ fn open_disk(d: &DiskArg) -> Result<Arc<dyn BlockBackend>, String> {
             read_only: d.read_only,
             ..Default::default()
         };
-        let disk =
-            vireo_vhdx::Vhdx::open(&d.path, &opts).map_err(|e| format!("disk {shown}: {e}"))?;
+        let disk = vireo_vhdx::Vhdx::open(&d.path, &opts).map_err(|e| match e {
+            // Already one line naming the disk and what to do.
+            vireo_vhdx::VhdxError::Locked { .. } => e.to_string(),
+            e => format!("disk {shown}: {e}"),
+        })?;
         return Ok(Arc::new(disk));
     }
-    let raw = RawFile::open(&d.path, d.read_only).map_err(|e| format!("disk {shown}: {e}"))?;
+    let raw = RawFile::open(&d.path, d.read_only).map_err(|e| match e {
+        vireo_block::BlockError::Locked { .. } => e.to_string(),
+        e => format!("disk {shown}: {e}"),
+    })?;
     Ok(Arc::new(raw))
 }
 

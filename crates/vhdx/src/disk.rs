@@ -12,8 +12,8 @@ use crate::format::bat;
 use crate::format::*;
 use crate::guid::Guid;
 use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
-use crate::lock::LockKind;
 use crate::VhdxError;
+use vireo_block::LockKind;
 
 /// Deepest differencing chain we follow before assuming something is wrong.
 pub const MAX_CHAIN_DEPTH: usize = 256;

@@ -115,29 +115,29 @@ pub enum VhdxError {
     #[error("metadata region has no room for item {0}")]
     MetadataFull(Guid),
     /// Another open (in this or another process) holds a conflicting lock on the file.
-    #[error("{}", locked_message(path, *wanted))]
+    #[error("{}", vireo_block::locked_message(path, *wanted))]
     Locked {
         path: PathBuf,
-        wanted: crate::lock::LockKind,
+        wanted: vireo_block::LockKind,
     },
     #[error("injected failure (test fault injection)")]
     InjectedFault,
 }
 
-fn locked_message(path: &std::path::Path, wanted: crate::lock::LockKind) -> String {
-    match wanted {
-        crate::lock::LockKind::Exclusive => format!(
-            "disk {} is in use by another process (locked); stop that process or open it read-only",
-            path.display()
-        ),
-        crate::lock::LockKind::Shared => format!(
-            "disk {} is being written by another process (locked); stop that process first",
-            path.display()
-        ),
-    }
-}
-
 impl VhdxError {
+    /// Takes the image lock; a conflict is [`VhdxError::Locked`].
+    pub(crate) fn lock(
+        file: &std::fs::File,
+        path: &std::path::Path,
+        kind: vireo_block::LockKind,
+    ) -> Result<(), VhdxError> {
+        vireo_block::lock(file, path, kind).map_err(|e| match e {
+            vireo_block::BlockError::Locked { path, wanted } => VhdxError::Locked { path, wanted },
+            vireo_block::BlockError::Io(e) => VhdxError::Io(e),
+            other => VhdxError::Io(std::io::Error::other(other.to_string())),
+        })
+    }
+
     pub(crate) fn corrupt_log(msg: impl Into<String>) -> Self {
         VhdxError::BadLog(msg.into())
     }
@@ -153,6 +153,7 @@ impl From<VhdxError> for vireo_block::BlockError {
                 BlockError::OutOfRange { offset, len, size }
             }
             VhdxError::Unsupported(what) => BlockError::Unsupported(what),
+            VhdxError::Locked { path, wanted } => BlockError::Locked { path, wanted },
             other => BlockError::Corrupt(other.to_string()),
         }
     }

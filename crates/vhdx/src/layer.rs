@@ -22,8 +22,8 @@ use crate::format::metadata::{self, DiskParams, Metadata};
 use crate::format::region::{RegionEntry, RegionTable};
 use crate::format::*;
 use crate::guid::Guid;
-use crate::lock::LockKind;
 use crate::VhdxError;
+use vireo_block::LockKind;
 
 pub(crate) const PAGE: u64 = 4096;
 /// Granularity of filesystem space reservation inside payload blocks (see `Layer::reserve`).
@@ -365,7 +365,7 @@ impl Layer {
             .write(!o.read_only)
             .open(path)?;
         if let Some(kind) = o.lock {
-            crate::lock::lock(&file, path, kind)?;
+            VhdxError::lock(&file, path, kind)?;
         }
         let io = FileIo::new(file, o.fault.clone());
         let mut pre = read_prelude(&io)?;

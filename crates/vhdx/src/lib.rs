@@ -13,7 +13,7 @@ mod fileio;
 pub mod format;
 mod guid;
 mod layer;
-mod lock;
+
 mod ops;
 
 pub mod convert;
@@ -25,7 +25,7 @@ pub use error::VhdxError;
 pub use fileio::FaultInjector;
 pub use guid::Guid;
 pub use layer::ReadOnlyReplay;
-pub use lock::LockKind;
 pub use ops::check::{CheckReport, Problem};
 pub use ops::compact::CompactReport;
 pub use ops::info::Info;
+pub use vireo_block::LockKind;

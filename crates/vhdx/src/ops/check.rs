@@ -50,7 +50,7 @@ impl Vhdx {
         } else {
             LockKind::Shared
         };
-        crate::lock::lock(&file, path, kind)?;
+        VhdxError::lock(&file, path, kind)?;
         let io = FileIo::new(file, None);
         let mut problems = vec![];
         let mut add = |severity, message: String, repaired| {

@@ -1,6 +1,7 @@
 //! Advisory whole-file locks, so two writers (or a writer and a reader that would see metadata
-//! mid-update) never have the same VHDX open: read-write opens take an exclusive lock,
-//! read-only opens (and parents of differencing disks) a shared one.
+//! mid-update) never have the same disk image open: read-write opens take an exclusive lock,
+//! read-only opens (and parents of differencing disks) a shared one. Raw files and VHDX use the
+//! same locks.
 //!
 //! Open-file-description locks (`F_OFD_SETLK`) are used rather than classic POSIX locks: they
 //! belong to the open file, not the process, so two opens inside one process conflict too, and
@@ -13,7 +14,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use crate::VhdxError;
+use crate::BlockError;
 
 /// How long a conflicting lock may persist before the open gives up (doubling waits from
 /// 1 ms, about half a second in all).
@@ -37,8 +38,8 @@ const PERM_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
 const PERM_RESIZE: i64 = 3;
 
-/// Takes `kind` on `file` without waiting. Another open holding a conflicting lock (ours or
-/// QEMU's) gives [`VhdxError::Locked`]; filesystems without lock support are used unlocked (as
+/// Takes `kind` on `file` (waiting only a moment). Another open holding a conflicting lock
+/// (ours or QEMU's) gives [`BlockError::Locked`]; filesystems without lock support are used unlocked (as
 /// QEMU does).
 ///
 /// Exclusive is a write lock on the whole file: it conflicts with every lock anyone holds, and
@@ -46,7 +47,7 @@ const PERM_RESIZE: i64 = 3;
 /// reader: "uses consistent read, shares neither write nor resize" (read locks on bytes 100,
 /// 201, 203), after checking that nobody uses write or resize (bytes 101, 103). So our readers
 /// and QEMU's readers coexist, and a writer of either kind is refused or refuses.
-pub(crate) fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), VhdxError> {
+pub fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), BlockError> {
     // (start, len); len 0 = to the end of the file, however long it grows.
     let (ranges, probes): (&[(i64, i64)], &[i64]) = match kind {
         LockKind::Exclusive => (&[(0, 0)], &[]),
@@ -86,7 +87,7 @@ pub(crate) fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), VhdxE
                 backoff *= 2;
             }
             Some(libc::EAGAIN) | Some(libc::EACCES) => {
-                return Err(VhdxError::Locked {
+                return Err(BlockError::Locked {
                     path: path.to_path_buf(),
                     wanted: kind,
                 })
