@@ -12,44 +12,8 @@ use vireo_vswitch::runtime::{lock, SwitchRuntime};
 use vireo_vswitch::uplink::PacketPort;
 use vireo_vswitch::*;
 
-fn run(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn must(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn output(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn netns_available(tag: &str) -> bool {
-    let probe = format!("vsfp{}{tag}", std::process::id());
-    let ok = run(&["ip", "netns", "add", &probe]);
-    run(&["ip", "netns", "del", &probe]);
-    if !ok {
-        eprintln!("SKIPPED: `ip netns` unavailable (need root and iproute2); netns test not run");
-    }
-    ok
-}
+mod common;
+use common::host::*;
 
 /// Two namespaces `<p>n0` (10.79.0.1 or fd79::1) and `<p>n1` (10.79.0.2 or fd79::2) on
 /// veths whose host ends `<p>h0`/`<p>h1` stay in our namespace for the switch. Removed on drop.

@@ -15,37 +15,8 @@ use vireo_vswitch::runtime::{lock, SwitchRuntime};
 use vireo_vswitch::uplink::PacketPort;
 use vireo_vswitch::*;
 
-fn run(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn must(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Whether this host lets us create namespaces (root, iproute2).
-fn netns_available(tag: &str) -> bool {
-    let probe = format!("vswp{}{tag}", std::process::id());
-    let ok = run(&["ip", "netns", "add", &probe]);
-    run(&["ip", "netns", "del", &probe]);
-    if !ok {
-        eprintln!("SKIPPED: `ip netns` unavailable (need root and iproute2); netns test not run");
-    }
-    ok
-}
+mod common;
+use common::host::*;
 
 /// Namespaces and host interfaces created by one test.
 struct Lab {

@@ -1,6 +1,8 @@
 //! Frame builders (etherparse) and switch helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod host;
+
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
 use vireo_vswitch::frame::Mac;
 use vireo_vswitch::{Delivery, DropReason, PortId, Switch};

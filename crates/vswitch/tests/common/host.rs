@@ -1,0 +1,47 @@
+//! Host commands (`ip`, `tc`, ...) for the namespace tests: run, require, capture, and the
+//! loud skip when namespaces cannot be made here.
+
+use std::process::{Command, Stdio};
+
+/// Runs a command quietly; whether it succeeded.
+pub fn run(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs a command that must succeed (the test fails with its stderr otherwise).
+pub fn must(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A command's stdout (empty if it could not run).
+pub fn output(args: &[&str]) -> String {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether this host lets us create namespaces (root, iproute2); says so loudly if not.
+pub fn netns_available(tag: &str) -> bool {
+    let probe = format!("vsnp{}{tag}", std::process::id());
+    let ok = run(&["ip", "netns", "add", &probe]);
+    run(&["ip", "netns", "del", &probe]);
+    if !ok {
+        eprintln!("SKIPPED: `ip netns` unavailable (need root and iproute2); netns test not run");
+    }
+    ok
+}
