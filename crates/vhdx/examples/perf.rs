@@ -10,7 +10,6 @@
 //! are served from page-cache folios of the same shape (how a file was written decides its
 //! folio sizes, which moves page-cache read speed by more than our own code costs).
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
@@ -18,32 +17,8 @@ use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
 const SIZE: u64 = 1 << 30;
 const ROUNDS: usize = 7;
 
-/// Runs `count` requests of `len` bytes at `offs(i)` on `threads` threads; returns MiB/s.
-fn run(
-    threads: usize,
-    count: u64,
-    len: usize,
-    offs: &(dyn Fn(u64) -> u64 + Sync),
-    io: &(dyn Fn(&mut [u8], u64) + Sync),
-) -> f64 {
-    let next = AtomicU64::new(0);
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut buf = vec![0xa5u8; len];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        break;
-                    }
-                    io(&mut buf, offs(i));
-                }
-            });
-        }
-    });
-    (count * len as u64) as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
+mod common;
+use common::run;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -11,7 +11,6 @@
 //! faster (~10%, page-cache memory placement in this VM), whatever the format.
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
@@ -19,30 +18,8 @@ use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
 const SIZE: u64 = 2 << 30;
 const THREADS: usize = 4;
 
-fn run(
-    count: u64,
-    len: usize,
-    offs: &(dyn Fn(u64) -> u64 + Sync),
-    io: &(dyn Fn(&mut [u8], u64) + Sync),
-) -> f64 {
-    let next = AtomicU64::new(0);
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..THREADS {
-            s.spawn(|| {
-                let mut buf = vec![0xa5u8; len];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        break;
-                    }
-                    io(&mut buf, offs(i));
-                }
-            });
-        }
-    });
-    (count * len as u64) as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
-}
+mod common;
+use common::run;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -75,9 +52,11 @@ fn main() {
         (50_000, 4096, 4096 * 7919)
     };
     let offs = move |i: u64| ((i % count) * step % SIZE).min(SIZE - len as u64);
-    run(count, len, &offs, &|b, o| d.write(b, o).unwrap());
+    run(THREADS, count, len, &offs, &|b, o| d.write(b, o).unwrap());
     d.flush().unwrap();
-    run(count, len, &offs, &|b, o| raw.write_all_at(b, o).unwrap());
+    run(THREADS, count, len, &offs, &|b, o| {
+        raw.write_all_at(b, o).unwrap()
+    });
     raw.sync_data().unwrap();
     let ours = |b: &mut [u8], o: u64| d.read(b, o).unwrap();
     let theirs = |b: &mut [u8], o: u64| raw.read_exact_at(b, o).unwrap();
@@ -96,19 +75,19 @@ fn main() {
                 let (a, b) = (count * j / k, count * (j + 1) / k);
                 let sl = move |i: u64| offs(a + i);
                 if j % 2 == 0 {
-                    run(b - a, len, &sl, &ours);
-                    run(b - a, len, &sl, &theirs);
+                    run(THREADS, b - a, len, &sl, &ours);
+                    run(THREADS, b - a, len, &sl, &theirs);
                 } else {
-                    run(b - a, len, &sl, &theirs);
-                    run(b - a, len, &sl, &ours);
+                    run(THREADS, b - a, len, &sl, &theirs);
+                    run(THREADS, b - a, len, &sl, &ours);
                 }
             }
         } else if std::env::var_os("READGAP_RAW_FIRST").is_some() {
-            run(count, len, &offs, &theirs);
-            run(count, len, &offs, &ours);
+            run(THREADS, count, len, &offs, &theirs);
+            run(THREADS, count, len, &offs, &ours);
         } else {
-            run(count, len, &offs, &ours);
-            run(count, len, &offs, &theirs);
+            run(THREADS, count, len, &offs, &ours);
+            run(THREADS, count, len, &offs, &theirs);
         }
     }
     if std::env::var_os("READGAP_FINCORE").is_some() {
@@ -121,17 +100,17 @@ fn main() {
     }
     // A sample of ~0.25 s of ours.
     let t = Instant::now();
-    run(count, len, &offs, &ours);
+    run(THREADS, count, len, &offs, &ours);
     let passes = ((0.25 / t.elapsed().as_secs_f64()).ceil() as u64).max(1);
     let mut ratios = vec![];
     let (mut a, mut r) = (vec![], vec![]);
     for p in 0..pairs {
         let (x, y) = if p % 2 == 0 {
-            let x = run(count * passes, len, &offs, &ours);
-            (x, run(count * passes, len, &offs, &theirs))
+            let x = run(THREADS, count * passes, len, &offs, &ours);
+            (x, run(THREADS, count * passes, len, &offs, &theirs))
         } else {
-            let y = run(count * passes, len, &offs, &theirs);
-            (run(count * passes, len, &offs, &ours), y)
+            let y = run(THREADS, count * passes, len, &offs, &theirs);
+            (run(THREADS, count * passes, len, &offs, &ours), y)
         };
         ratios.push(x / y);
         a.push(x);
