@@ -12,7 +12,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
+use vireo_vhdx::Vhdx;
 
 const SIZE: u64 = 1 << 30;
 const ROUNDS: usize = 7;
@@ -54,25 +54,7 @@ fn main() {
     let dir = args.next().unwrap_or_else(|| "/tmp".into());
     let threads: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(4);
     let dir = std::path::Path::new(&dir);
-    let vpath = dir.join(format!("perf-{}.vhdx", std::process::id()));
-    let rpath = dir.join(format!("perf-{}.img", std::process::id()));
-    let d = Vhdx::create(
-        &vpath,
-        &CreateOptions {
-            size: SIZE,
-            disk_type: DiskType::Dynamic,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let raw = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&rpath)
-        .unwrap();
-    raw.set_len(SIZE).unwrap();
+    let (vpath, d, rpath, raw) = common::fresh_pair(dir, "perf", SIZE);
 
     // Allocating 4 KiB writes scattered over the disk (a prime stride of pages), then a flush.
     let n4k = 50_000u64;

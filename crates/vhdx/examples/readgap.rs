@@ -13,8 +13,6 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::time::Instant;
 
-use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
-
 const SIZE: u64 = 2 << 30;
 const THREADS: usize = 4;
 
@@ -27,25 +25,7 @@ fn main() {
     let shape = args.next().unwrap_or_else(|| "4k".into());
     let pairs: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(15);
     let dir = std::path::Path::new(&dir);
-    let vpath = dir.join(format!("readgap-{}.vhdx", std::process::id()));
-    let rpath = dir.join(format!("readgap-{}.img", std::process::id()));
-    let d = Vhdx::create(
-        &vpath,
-        &CreateOptions {
-            size: SIZE,
-            disk_type: DiskType::Dynamic,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let raw = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&rpath)
-        .unwrap();
-    raw.set_len(SIZE).unwrap();
+    let (vpath, d, rpath, raw) = common::fresh_pair(dir, "readgap", SIZE);
     let (count, len, step): (u64, usize, u64) = if shape == "1m" {
         (1536, 1 << 20, 1 << 20)
     } else {

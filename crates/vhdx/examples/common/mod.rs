@@ -1,7 +1,11 @@
 //! The request driver the I/O probes share.
 
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
 
 /// Runs `count` requests of `len` bytes at `offs(i)` on `threads` threads; returns MiB/s.
 pub fn run(
@@ -28,4 +32,29 @@ pub fn run(
         }
     });
     (count * len as u64) as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A fresh dynamic VHDX and a sparse raw file of `size` bytes in `dir`, named after `name` and
+/// this process: (VHDX path, VHDX, raw path, raw file).
+pub fn fresh_pair(dir: &Path, name: &str, size: u64) -> (PathBuf, Vhdx, PathBuf, File) {
+    let vpath = dir.join(format!("{name}-{}.vhdx", std::process::id()));
+    let rpath = dir.join(format!("{name}-{}.img", std::process::id()));
+    let d = Vhdx::create(
+        &vpath,
+        &CreateOptions {
+            size,
+            disk_type: DiskType::Dynamic,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&rpath)
+        .unwrap();
+    raw.set_len(size).unwrap();
+    (vpath, d, rpath, raw)
 }
