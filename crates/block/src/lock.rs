@@ -16,6 +16,28 @@ use std::path::Path;
 
 use crate::BlockError;
 
+/// Why an image could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another open (in this or another process) holds a conflicting lock.
+    #[error("{}", crate::locked_message(path, *wanted))]
+    Locked {
+        path: std::path::PathBuf,
+        wanted: LockKind,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<LockError> for BlockError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Locked { path, wanted } => BlockError::Locked { path, wanted },
+            LockError::Io(e) => BlockError::Io(e),
+        }
+    }
+}
+
 /// How long a conflicting lock may persist before the open gives up (doubling waits from
 /// 1 ms, about half a second in all).
 const CONFLICT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -39,7 +61,7 @@ const PERM_WRITE: i64 = 1;
 const PERM_RESIZE: i64 = 3;
 
 /// Takes `kind` on `file` (waiting only a moment). Another open holding a conflicting lock
-/// (ours or QEMU's) gives [`BlockError::Locked`]; filesystems without lock support are used unlocked (as
+/// (ours or QEMU's) gives [`LockError::Locked`]; filesystems without lock support are used unlocked (as
 /// QEMU does).
 ///
 /// Exclusive is a write lock on the whole file: it conflicts with every lock anyone holds, and
@@ -47,7 +69,7 @@ const PERM_RESIZE: i64 = 3;
 /// reader: "uses consistent read, shares neither write nor resize" (read locks on bytes 100,
 /// 201, 203), after checking that nobody uses write or resize (bytes 101, 103). So our readers
 /// and QEMU's readers coexist, and a writer of either kind is refused or refuses.
-pub fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), BlockError> {
+pub fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), LockError> {
     // (start, len); len 0 = to the end of the file, however long it grows.
     let (ranges, probes): (&[(i64, i64)], &[i64]) = match kind {
         LockKind::Exclusive => (&[(0, 0)], &[]),
@@ -87,7 +109,7 @@ pub fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), BlockError> 
                 backoff *= 2;
             }
             Some(libc::EAGAIN) | Some(libc::EACCES) => {
-                return Err(BlockError::Locked {
+                return Err(LockError::Locked {
                     path: path.to_path_buf(),
                     wanted: kind,
                 })

@@ -125,19 +125,6 @@ pub enum VhdxError {
 }
 
 impl VhdxError {
-    /// Takes the image lock; a conflict is [`VhdxError::Locked`].
-    pub(crate) fn lock(
-        file: &std::fs::File,
-        path: &std::path::Path,
-        kind: vireo_block::LockKind,
-    ) -> Result<(), VhdxError> {
-        vireo_block::lock(file, path, kind).map_err(|e| match e {
-            vireo_block::BlockError::Locked { path, wanted } => VhdxError::Locked { path, wanted },
-            vireo_block::BlockError::Io(e) => VhdxError::Io(e),
-            other => VhdxError::Io(std::io::Error::other(other.to_string())),
-        })
-    }
-
     pub(crate) fn corrupt_log(msg: impl Into<String>) -> Self {
         VhdxError::BadLog(msg.into())
     }
@@ -155,6 +142,15 @@ impl From<VhdxError> for vireo_block::BlockError {
             VhdxError::Unsupported(what) => BlockError::Unsupported(what),
             VhdxError::Locked { path, wanted } => BlockError::Locked { path, wanted },
             other => BlockError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+impl From<vireo_block::LockError> for VhdxError {
+    fn from(e: vireo_block::LockError) -> Self {
+        match e {
+            vireo_block::LockError::Locked { path, wanted } => VhdxError::Locked { path, wanted },
+            vireo_block::LockError::Io(e) => VhdxError::Io(e),
         }
     }
 }

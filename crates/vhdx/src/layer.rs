@@ -365,7 +365,7 @@ impl Layer {
             .write(!o.read_only)
             .open(path)?;
         if let Some(kind) = o.lock {
-            VhdxError::lock(&file, path, kind)?;
+            vireo_block::lock(&file, path, kind)?;
         }
         let io = FileIo::new(file, o.fault.clone());
         let mut pre = read_prelude(&io)?;

@@ -277,3 +277,36 @@ fn qemu_and_vireo_respect_each_others_locks() {
     );
     drop(Vhdx::open(&p, &rw()).unwrap());
 }
+
+#[test]
+fn vhd_files_take_the_same_locks() {
+    use vireo_vhdx::vhd::{self, Vhd, VhdCreateOptions, VhdError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.vhd");
+    let writer = Vhd::create(
+        &path,
+        &VhdCreateOptions {
+            size: 64 << 20,
+            disk_type: vhd::DiskType::Dynamic,
+            block_size: None,
+        },
+    )
+    .unwrap();
+    for ro in [false, true] {
+        match Vhd::open(&path, ro) {
+            Err(VhdError::Locked { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("open (read-only {ro}) beside a writer was not refused: {other:?}"),
+        }
+    }
+    drop(writer);
+    let readers = (
+        Vhd::open(&path, true).unwrap(),
+        Vhd::open(&path, true).unwrap(),
+    );
+    assert!(matches!(
+        Vhd::open(&path, false),
+        Err(VhdError::Locked { .. })
+    ));
+    drop(readers);
+    Vhd::open(&path, false).unwrap();
+}

@@ -50,7 +50,7 @@ impl Vhdx {
         } else {
             LockKind::Shared
         };
-        VhdxError::lock(&file, path, kind)?;
+        vireo_block::lock(&file, path, kind)?;
         let io = FileIo::new(file, None);
         let mut problems = vec![];
         let mut add = |severity, message: String, repaired| {

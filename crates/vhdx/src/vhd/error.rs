@@ -6,6 +6,12 @@ use std::path::PathBuf;
 pub enum VhdError {
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// Another open (in this or another process) holds a conflicting lock on the file.
+    #[error("{}", vireo_block::locked_message(path, *wanted))]
+    Locked {
+        path: PathBuf,
+        wanted: vireo_block::LockKind,
+    },
     #[error("file is {len} bytes, too small to hold a VHD footer (512 bytes)")]
     TooSmall { len: u64 },
     #[error("no VHD footer: the last 512 bytes do not start with \"conectix\"")]
@@ -58,7 +64,17 @@ impl From<VhdError> for vireo_block::BlockError {
         match e {
             VhdError::Io(io) => vireo_block::BlockError::Io(io),
             VhdError::Unsupported(what) => vireo_block::BlockError::Unsupported(what),
+            VhdError::Locked { path, wanted } => vireo_block::BlockError::Locked { path, wanted },
             other => vireo_block::BlockError::Corrupt(other.to_string()),
+        }
+    }
+}
+
+impl From<vireo_block::LockError> for VhdError {
+    fn from(e: vireo_block::LockError) -> Self {
+        match e {
+            vireo_block::LockError::Locked { path, wanted } => VhdError::Locked { path, wanted },
+            vireo_block::LockError::Io(e) => VhdError::Io(e),
         }
     }
 }

@@ -126,6 +126,13 @@ impl Vhd {
             return Err(VhdError::ChainTooDeep(depth, path.to_path_buf()));
         }
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        // The same image locks as VHDX and raw disks: one writer, or any number of readers.
+        let kind = if read_only {
+            vireo_block::LockKind::Shared
+        } else {
+            vireo_block::LockKind::Exclusive
+        };
+        vireo_block::lock(&file, path, kind)?;
         let len = file.metadata()?.len();
         if len < SECTOR {
             return Err(VhdError::TooSmall { len });
