@@ -88,23 +88,7 @@ impl Pair {
         ])
     }
     fn server(&self) -> Child {
-        let c = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(1),
-                "iperf3",
-                "-s",
-                "-1",
-                "-p",
-                "5298",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 server");
-        std::thread::sleep(Duration::from_millis(500));
-        c
+        iperf_server(&self.ns(1), 5298)
     }
     fn client(&self, extra: &[&str]) -> Command {
         let ns = self.ns(0);

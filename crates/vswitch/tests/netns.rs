@@ -4,7 +4,7 @@
 //! otherwise. Every namespace and interface is removed on drop, even when an assert fails.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -298,22 +298,7 @@ fn netns_private_vlan_isolated_and_promiscuous() {
 /// receiver reports, or 0 when the sender did not get all 8 MiB acknowledged. (iperf3's
 /// receiver total for `-n` runs stops a little before the last bytes, hence the callers' slack.)
 fn iperf_bytes(lab: &Lab, from: usize, to: usize, to_ip: &str, reverse: bool) -> u64 {
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns(to),
-            "iperf3",
-            "-s",
-            "-1",
-            "-p",
-            "5299",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut server = iperf_server(&lab.ns(to), 5299);
     let ns = lab.ns(from);
     let mut args = vec![
         "netns", "exec", &ns, "timeout", "60", "iperf3", "-c", to_ip, "-p", "5299", "-J", "-n",

@@ -45,3 +45,16 @@ pub fn netns_available(tag: &str) -> bool {
     }
     ok
 }
+
+/// A one-shot iperf3 server in namespace `ns` on `port`, given half a second to listen.
+pub fn iperf_server(ns: &str, port: u16) -> std::process::Child {
+    let port = port.to_string();
+    let c = Command::new("ip")
+        .args(["netns", "exec", ns, "iperf3", "-s", "-1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c
+}
