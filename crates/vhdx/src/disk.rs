@@ -526,6 +526,10 @@ impl Vhdx {
                     l.io.zero_range(bat::offset(e) + inb, n)?;
                 }
             } else if whole {
+                // Not under the gate: `alloc` is taken below, resize takes `state` under
+                // `alloc`, and a flush drains the gate under `state`. The old space needs no
+                // gate: only the thread that changes the entry touches it before freeing it.
+                drop(io);
                 let target = if l.geo.differencing {
                     bat::ZERO
                 } else {

@@ -8,7 +8,9 @@
 //! - `dirty` (Mutex): pages changed since the last flush; always taken after `bat`/`bitmaps`.
 //! - `state` (Mutex): headers, metadata, log position; held by flush/commit only.
 //! - `space` (see `freespace.rs`): its lists are leaf locks; its I/O gate is held for reading
-//!   across each payload I/O and taken for writing only by a flush publishing frees.
+//!   across each payload I/O and taken for writing only by a flush publishing frees (under
+//!   `state`). Never wait for `alloc` or `state` while holding the gate, and never take it
+//!   twice in one thread (a waiting flush blocks new readers).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::OpenOptions as FsOpenOptions;
