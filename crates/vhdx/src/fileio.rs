@@ -22,7 +22,7 @@ pub struct FaultInjector {
     pause: Mutex<Option<PausePoint>>,
 }
 
-/// One read to stop at (see [`FaultInjector::pause_read_at`]).
+/// One read or write to stop at (see [`FaultInjector::pause_io_at`]).
 #[derive(Debug)]
 struct PausePoint {
     offset: u64,
@@ -51,10 +51,10 @@ impl FaultInjector {
         })
     }
 
-    /// Makes the next read of the file at exactly `offset` stop before it reads, as an I/O
-    /// still in flight would: the first receiver gets a message when it stopped, and it goes on
-    /// once the returned sender sends (or is dropped).
-    pub fn pause_read_at(&self, offset: u64) -> (Receiver<()>, Sender<()>) {
+    /// Makes the next read or write of the file at exactly `offset` stop before it is issued,
+    /// as an I/O still in flight would: the first receiver gets a message when it stopped, and
+    /// it goes on once the returned sender sends (or is dropped).
+    pub fn pause_io_at(&self, offset: u64) -> (Receiver<()>, Sender<()>) {
         let (arrived_tx, arrived_rx) = channel();
         let (go_tx, go_rx) = channel();
         *self.pause.lock().unwrap() = Some(PausePoint {
@@ -188,6 +188,9 @@ impl FileIo {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
+        if let Some(f) = &self.fault {
+            f.maybe_pause(offset);
+        }
         if let Err(e) = self.tick() {
             let f = self.fault.as_ref().unwrap();
             if f.torn && !f.fired_before_this() {
