@@ -255,7 +255,7 @@ impl Layer {
             *end += size;
             return Ok(off);
         };
-        let old_part = size.min(*end - off);
+        let old_part = size.min(end.saturating_sub(off));
         let prepared = (|| {
             if off + size > *end {
                 self.io.set_len(off + size)?;
