@@ -561,8 +561,9 @@ impl Vhdx {
                     self.set_bitmap_bits(l, b, pos, n)?;
                 }
             } else if l.geo.differencing && matches!(s, bat::NOT_PRESENT | bat::UNDEFINED) {
-                drop(io); // `write` takes the gate itself
-                          // Only a zeroed range in this file can hide the parent's data.
+                // `write` takes the gate itself. Only a zeroed range in this file can hide the
+                // parent's data.
+                drop(io);
                 let zeroes = vec![0u8; n.min(MIB) as usize];
                 let mut p = pos;
                 while p < pos + n {

@@ -17,30 +17,39 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
-/// Data whose every 512-byte sector names the virtual sector it belongs to and a version, so a
-/// read can tell when it sees another block's bytes.
+/// The tag of virtual sector `s`: a hash, so that tags of different sectors differ in (almost)
+/// every byte and a byte-wise comparison still tells them apart.
+fn sector_tag(s: u64) -> [u8; 8] {
+    let mut z = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).to_le_bytes()
+}
+
+/// Data whose every 512-byte sector carries the tag of the virtual sector it belongs to and a
+/// version, so a read can tell when it sees another block's bytes.
 fn tagged(off: u64, len: usize, ver: u32) -> Vec<u8> {
     let sector = pattern(512, ver as u8);
     let mut v = sector.repeat(len.div_ceil(512));
     v.truncate(len);
     for (i, s) in v.chunks_mut(512).enumerate() {
-        s[..8].copy_from_slice(&(off / 512 + i as u64).to_le_bytes());
+        s[..8].copy_from_slice(&sector_tag(off / 512 + i as u64));
         s[8..12].copy_from_slice(&ver.to_le_bytes());
     }
     v
 }
 
-/// No sector of `buf` (read at `off`) carries another sector's number. A read racing a write
-/// or a trim of the same sector may see its tag half old, half new: each tag byte must be zero
-/// or the sector's own.
+/// No sector of `buf` (read at `off`) carries another sector's tag. A read racing a write or
+/// a trim of the same sector may see its tag half old, half new: each tag byte must be zero or
+/// the sector's own.
 fn assert_own_or_zero(buf: &[u8], off: u64) {
     for (i, s) in buf.chunks(512).enumerate() {
-        let want = (off / 512 + i as u64).to_le_bytes();
+        let sector = off / 512 + i as u64;
+        let want = sector_tag(sector);
         assert!(
             s[..8].iter().zip(want).all(|(&g, w)| g == 0 || g == w),
-            "sector {} shows data of sector {}",
-            off / 512 + i as u64,
-            u64::from_le_bytes(s[..8].try_into().unwrap())
+            "sector {sector} shows another sector's data: tag {:02x?}",
+            &s[..8]
         );
     }
 }
