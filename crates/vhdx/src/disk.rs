@@ -250,6 +250,7 @@ impl Vhdx {
             let inb = pos % bs;
             let n = ((bs - inb) as usize).min(inside - done);
             let seg = &mut buf[done..done + n];
+            let _io = l.space.io_gate(); // until the read of the looked-up offset is done
             let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
             match bat::state(e) {
                 bat::FULLY_PRESENT => l.io.read_at(seg, bat::offset(e) + inb)?,
@@ -403,22 +404,28 @@ impl Vhdx {
             let seg = &buf[done..done + n];
             let pi = l.geo.payload_index(b) as usize;
             loop {
+                let io = l.space.io_gate(); // until the write to the looked-up offset is done
                 let e = l.bat.read().unwrap().entries[pi];
                 match bat::state(e) {
                     bat::FULLY_PRESENT => {
                         l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
+                        drop(io);
                         l.wrote(n as u64);
                         break;
                     }
                     bat::PARTIALLY_PRESENT => {
                         l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
                         l.io.write_at(seg, bat::offset(e) + inb)?;
+                        drop(io);
                         l.wrote(n as u64);
                         self.set_bitmap_bits(l, b, pos, n as u64)?;
                         break;
                     }
-                    _ => self.allocate_block(l, b, e)?,
+                    _ => {
+                        drop(io);
+                        self.allocate_block(l, b, e)?
+                    }
                 }
             }
             done += n;
@@ -426,9 +433,10 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Gives payload block `block` space at the end of the file. The new space reads as zero
-    /// (sparse extension), which is exactly the old contents for every non-parent state, so the
-    /// entry can be published before the data lands.
+    /// Gives payload block `block` space: freed space when some is reusable, else at the end
+    /// of the file. The new space reads as zero (zeroed reused space or sparse extension), which
+    /// is exactly the old contents for every non-parent state, so the entry can be published
+    /// before the data lands.
     fn allocate_block(&self, l: &Layer, block: u64, seen: u64) -> Result<(), VhdxError> {
         let mut end = l.alloc.lock().unwrap();
         let pi = l.geo.payload_index(block);
@@ -442,14 +450,18 @@ impl Vhdx {
         if inherits {
             let si = l.geo.bitmap_index(block);
             if bat::state(l.bat.read().unwrap().entries[si as usize]) != bat::SB_PRESENT {
-                l.io.set_len(*end + SECTOR_BITMAP_BLOCK)?;
-                sb_new = Some((si, *end));
-                *end += SECTOR_BITMAP_BLOCK;
+                sb_new = Some((si, l.claim_space(&mut end, SECTOR_BITMAP_BLOCK)?));
             }
         }
-        let off = *end;
-        l.io.set_len(off + bs)?;
-        *end += bs;
+        let off = match l.claim_space(&mut end, bs) {
+            Ok(off) => off,
+            Err(e) => {
+                if let Some((_, so)) = sb_new {
+                    l.space.give_back(so, SECTOR_BITMAP_BLOCK);
+                }
+                return Err(e);
+            }
+        };
         let mut bat_w = l.bat.write().unwrap();
         if let Some((si, so)) = sb_new {
             bat_w.entries[si as usize] = bat::entry(bat::SB_PRESENT, so);
@@ -505,6 +517,7 @@ impl Vhdx {
             let n = (bs - inb).min(end - pos);
             let whole = inb == 0 && (n == bs || pos + n == vs);
             let pi = l.geo.payload_index(b);
+            let io = l.space.io_gate(); // until the I/O to the looked-up offset is done
             let e = l.bat.read().unwrap().entries[pi as usize];
             let s = bat::state(e);
             let present = matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT);
@@ -513,6 +526,10 @@ impl Vhdx {
                     l.io.zero_range(bat::offset(e) + inb, n)?;
                 }
             } else if whole {
+                // Not under the gate: `alloc` is taken below, resize takes `state` under
+                // `alloc`, and a flush drains the gate under `state`. The old space needs no
+                // gate: only the thread that changes the entry touches it before freeing it.
+                drop(io);
                 let target = if l.geo.differencing {
                     bat::ZERO
                 } else {
@@ -520,17 +537,22 @@ impl Vhdx {
                 };
                 let already = s == target || (!l.geo.differencing && !present);
                 if !already {
-                    {
+                    let changed = {
                         let _a = l.alloc.lock().unwrap();
                         let mut w = l.bat.write().unwrap();
-                        if w.entries[pi as usize] == e {
+                        let same = w.entries[pi as usize] == e;
+                        if same {
                             w.entries[pi as usize] = bat::entry(target, 0);
                             l.mark_bat_dirty(pi);
                         }
-                    }
-                    // The old space is never reused before compaction; free it in the filesystem.
-                    if present {
-                        l.io.zero_range(bat::offset(e), bs)?;
+                        same
+                    };
+                    // Only the thread that changed the entry owns the old space: free it in the
+                    // filesystem, then hand it to the free list (reusable after a flush).
+                    if present && changed {
+                        let r = l.io.zero_range(bat::offset(e), bs);
+                        l.space.freed(bat::offset(e), bs);
+                        r?;
                     }
                 }
             } else if present {
@@ -539,7 +561,9 @@ impl Vhdx {
                     self.set_bitmap_bits(l, b, pos, n)?;
                 }
             } else if l.geo.differencing && matches!(s, bat::NOT_PRESENT | bat::UNDEFINED) {
-                // Only a zeroed range in this file can hide the parent's data.
+                // `write` takes the gate itself. Only a zeroed range in this file can hide the
+                // parent's data.
+                drop(io);
                 let zeroes = vec![0u8; n.min(MIB) as usize];
                 let mut p = pos;
                 while p < pos + n {

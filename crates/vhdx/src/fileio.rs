@@ -7,7 +7,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::VhdxError;
 
@@ -18,6 +19,15 @@ pub struct FaultInjector {
     remaining: AtomicI64,
     fired: AtomicBool,
     torn: bool,
+    pause: Mutex<Option<PausePoint>>,
+}
+
+/// One read or write to stop at (see [`FaultInjector::pause_io_at`]).
+#[derive(Debug)]
+struct PausePoint {
+    offset: u64,
+    arrived: Sender<()>,
+    go: Receiver<()>,
 }
 
 impl FaultInjector {
@@ -26,6 +36,7 @@ impl FaultInjector {
             remaining: AtomicI64::new(n as i64),
             fired: AtomicBool::new(false),
             torn: false,
+            pause: Mutex::default(),
         })
     }
 
@@ -36,7 +47,32 @@ impl FaultInjector {
             remaining: AtomicI64::new(n as i64),
             fired: AtomicBool::new(false),
             torn: true,
+            pause: Mutex::default(),
         })
+    }
+
+    /// Makes the next read or write of the file at exactly `offset` stop before it is issued,
+    /// as an I/O still in flight would: the first receiver gets a message when it stopped, and
+    /// it goes on once the returned sender sends (or is dropped).
+    pub fn pause_io_at(&self, offset: u64) -> (Receiver<()>, Sender<()>) {
+        let (arrived_tx, arrived_rx) = channel();
+        let (go_tx, go_rx) = channel();
+        *self.pause.lock().unwrap() = Some(PausePoint {
+            offset,
+            arrived: arrived_tx,
+            go: go_rx,
+        });
+        (arrived_rx, go_tx)
+    }
+
+    fn maybe_pause(&self, offset: u64) {
+        let mut p = self.pause.lock().unwrap();
+        if p.as_ref().is_some_and(|x| x.offset == offset) {
+            let point = p.take().unwrap();
+            drop(p);
+            let _ = point.arrived.send(());
+            let _ = point.go.recv();
+        }
     }
 
     /// True once the simulated crash happened.
@@ -96,6 +132,9 @@ impl FileIo {
 
     /// Reads `buf.len()` bytes; bytes past the end of the file read as zero (sparse tails).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
+        if let Some(f) = &self.fault {
+            f.maybe_pause(offset);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -149,6 +188,9 @@ impl FileIo {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
+        if let Some(f) = &self.fault {
+            f.maybe_pause(offset);
+        }
         if let Err(e) = self.tick() {
             let f = self.fault.as_ref().unwrap();
             if f.torn && !f.fired_before_this() {

@@ -7,6 +7,10 @@
 //! - `bitmaps` (RwLock): cached sector-bitmap pages.
 //! - `dirty` (Mutex): pages changed since the last flush; always taken after `bat`/`bitmaps`.
 //! - `state` (Mutex): headers, metadata, log position; held by flush/commit only.
+//! - `space` (see `freespace.rs`): its lists are leaf locks; its I/O gate is held for reading
+//!   across each payload I/O and taken for writing only by a flush publishing frees (under
+//!   `state`). Never wait for `alloc` or `state` while holding the gate, and never take it
+//!   twice in one thread (a waiting flush blocks new readers).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::OpenOptions as FsOpenOptions;
@@ -21,6 +25,7 @@ use crate::format::log::{self, Change};
 use crate::format::metadata::{self, DiskParams, Metadata};
 use crate::format::region::{RegionEntry, RegionTable};
 use crate::format::*;
+use crate::freespace::{unused_gaps, FreeRange, FreeSpace};
 use crate::guid::Guid;
 use crate::VhdxError;
 use vireo_block::LockKind;
@@ -99,6 +104,8 @@ pub(crate) struct Layer {
     pub merge_target: Option<Guid>,
     /// One bit per `RESERVE_UNIT` of the file already reserved with fallocate (see [`Layer::reserve`]).
     reserved_mib: RwLock<Vec<AtomicU64>>,
+    /// Freed and unused file space, reused by allocations (see `freespace.rs`).
+    pub space: FreeSpace,
 }
 
 /// Everything that can be learnt from the header section and region table alone.
@@ -446,6 +453,12 @@ impl Layer {
             .max()
             .unwrap_or(0)
             .max(round_up(file_len, ALIGN));
+        let reuse = !o.read_only && !params.leave_blocks_allocated;
+        let gaps = if reuse {
+            unused_gaps(&geo, &entries, &reserved, end)
+        } else {
+            vec![]
+        };
         Ok(Layer {
             path: path.to_path_buf(),
             io,
@@ -481,6 +494,7 @@ impl Layer {
             replayed_entries,
             merge_target,
             reserved_mib: RwLock::default(),
+            space: FreeSpace::new(reuse, gaps),
         }
         .with_log_location())
     }
@@ -545,11 +559,16 @@ impl Layer {
             .insert(index * 8 / PAGE);
     }
 
-    /// Collects the dirty pages (BAT and sector bitmaps) as (file offset, bytes).
-    fn take_dirty_pages(&self) -> Vec<(u64, Vec<u8>)> {
+    /// Collects the dirty pages (BAT and sector bitmaps) as (file offset, bytes), and the
+    /// pending frees whose BAT changes those pages (or earlier commits) hold.
+    fn take_dirty_pages(&self) -> (Vec<(u64, Vec<u8>)>, Vec<FreeRange>) {
         let mut pages = vec![];
+        let frees;
         {
             let bat = self.bat.read().unwrap();
+            // Under the read lock no BAT entry can change, and a free is recorded only after
+            // its entry changed: every free taken here is in this snapshot or an older one.
+            frees = self.space.take_pending();
             let taken = std::mem::take(&mut self.dirty.lock().unwrap().bat_pages);
             for p in taken {
                 let mut buf = vec![0u8; PAGE as usize];
@@ -569,7 +588,7 @@ impl Layer {
                 pages.push((off, p.to_vec()));
             }
         }
-        pages
+        (pages, frees)
     }
 
     /// Makes every completed write durable: payload first, then the metadata that points at it
@@ -579,15 +598,20 @@ impl Layer {
             return Ok(());
         }
         let mut st = self.state.lock().unwrap();
-        let mut pages = self.take_dirty_pages();
+        let (mut pages, frees) = self.take_dirty_pages();
         pages.extend(extra);
-        if pages.is_empty() {
-            return self.io.sync();
-        }
-        let r = self.commit(&mut st, &pages);
+        let r = if pages.is_empty() {
+            // Frees taken here had their BAT change committed by an earlier flush.
+            self.io.sync()
+        } else {
+            self.commit(&mut st, &pages)
+        };
         if r.is_err() {
             // Keep the pages dirty so a later flush retries them.
             self.requeue(&pages);
+            self.space.unpublished(frees);
+        } else {
+            self.space.publish(frees);
         }
         r
     }
@@ -714,6 +738,17 @@ impl Layer {
         }
     }
 
+    /// Forgets the reservation of `RESERVE_UNIT` pieces overlapping `[off, off+len)`, whose
+    /// space was just zeroed for reuse, so the next writes reserve it again.
+    pub fn forget_reserved(&self, off: u64, len: u64) {
+        let bits = self.reserved_mib.read().unwrap();
+        for m in off / RESERVE_UNIT..(off + len).div_ceil(RESERVE_UNIT) {
+            if let Some(w) = bits.get((m / 64) as usize) {
+                w.fetch_and(!(1 << (m % 64)), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Counts a payload write of `n` bytes; every `WRITEBACK_EVERY` bytes of large writes it
     /// starts write-back of the file without waiting. With plenty of RAM the kernel would
     /// otherwise begin writing only at the flush, which then pays for the whole write phase at
@@ -779,7 +814,9 @@ impl Layer {
         };
         st.session = false;
         self.session_started.store(false, Ordering::Release);
-        Ok(())
+        drop(st);
+        // No log can be replayed any more, so no entry's FlushedFileOffset can exceed the file.
+        self.truncate_free_tail()
     }
 
     /// Replaces the region table (both copies, one at a time with a sync between, so one valid

@@ -11,6 +11,7 @@ mod disk;
 mod error;
 mod fileio;
 pub mod format;
+mod freespace;
 mod guid;
 mod layer;
 
