@@ -230,7 +230,10 @@ pub(crate) fn unused_gaps(
         } else {
             continue;
         };
-        used.push((bat::offset(e), bat::offset(e) + size));
+        // Entries past the virtual size are not validated at open: garbage must not overflow,
+        // and nothing past `end` matters.
+        let start = bat::offset(e).min(end);
+        used.push((start, bat::offset(e).saturating_add(size).min(end)));
     }
     used.sort_unstable();
     let mut gaps = vec![];
@@ -406,5 +409,17 @@ mod tests {
         assert_eq!(full, vec![(4 * MIB, 2 * MIB), (8 * MIB, 4 * MIB)]);
         let odd = unused_gaps(&geo, &entries, &reserved, 15 * MIB + 7);
         assert_eq!(odd.last(), Some(&(14 * MIB, MIB)));
+    }
+
+    #[test]
+    fn garbage_entries_past_the_needed_ones_do_not_overflow() {
+        let geo = Geometry::new(2 * MIB as u32, 512, false);
+        let reserved = [(0, 4 * MIB, "the header section")];
+        let entries = [
+            bat::entry(bat::FULLY_PRESENT, 6 * MIB),
+            u64::MAX & !0xf_ffff | bat::FULLY_PRESENT as u64,
+        ];
+        let gaps = unused_gaps(&geo, &entries, &reserved, 10 * MIB);
+        assert_eq!(gaps, vec![(4 * MIB, 2 * MIB), (8 * MIB, 2 * MIB)]);
     }
 }
