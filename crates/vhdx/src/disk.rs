@@ -6,11 +6,12 @@ use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLockReadGuard};
 
 use crate::fileio::FaultInjector;
 use crate::format::bat;
 use crate::format::*;
+use crate::gate::Gate;
 use crate::guid::Guid;
 use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
 use crate::ops::live_merge::DirtyTracker;
@@ -50,9 +51,9 @@ impl OpenOptions {
 /// `Send + Sync`; all I/O methods take `&self` and may run from many threads at once.
 pub struct Vhdx {
     /// The layers I/O runs against. Every I/O holds this lock shared for its whole duration
-    /// (one uncontended atomic read-lock); only a live merge's pivot takes it exclusively, to
-    /// drain I/O and swap in the parent's chain (see `ops::live_merge`).
-    pub(crate) chain: RwLock<Arc<Chain>>,
+    /// (one read-lock of a per-thread shard); only a live merge takes it exclusively, to drain
+    /// I/O and swap in the parent's chain (see `ops::live_merge`).
+    pub(crate) chain: Gate,
     pub(crate) read_only: bool,
     /// Blocks written while a live merge copies; idle (one relaxed load per write) otherwise.
     pub(crate) dirty: DirtyTracker,
@@ -197,7 +198,7 @@ impl Vhdx {
 
     pub(crate) fn from_layers(layers: Vec<Arc<Layer>>, read_only: bool) -> Vhdx {
         Vhdx {
-            chain: RwLock::new(Arc::new(Chain { layers, read_only })),
+            chain: Gate::new(Arc::new(Chain { layers, read_only })),
             read_only,
             dirty: DirtyTracker::default(),
         }
@@ -215,7 +216,7 @@ impl Vhdx {
 
     /// The current chain, held for the duration of one I/O (see [`Vhdx::chain`]).
     pub(crate) fn io(&self) -> RwLockReadGuard<'_, Arc<Chain>> {
-        self.chain.read().unwrap_or_else(|e| e.into_inner())
+        self.chain.read()
     }
 
     /// A snapshot of the current chain, for callers that do no payload I/O.

@@ -11,6 +11,7 @@ mod disk;
 mod error;
 mod fileio;
 pub mod format;
+mod gate;
 mod guid;
 mod layer;
 

@@ -570,6 +570,30 @@ fn live_merge_refuses_what_it_cannot_do() {
         Err(VhdxError::Locked { .. })
     ));
     verify_all(&d, &model, "after a refused merge");
-    assert_eq!(d.merge_live(&|_, _| {}, &no).unwrap(), base);
+    // While it runs, a second merge and a resize of the same disk are refused.
+    let checked = AtomicBool::new(false);
+    let merged = d.merge_live(
+        &|_, _| {
+            if !checked.swap(true, Ordering::Relaxed) {
+                assert!(matches!(
+                    d.merge_live(&|_, _| {}, &no),
+                    Err(VhdxError::Unsupported(_))
+                ));
+                assert!(matches!(
+                    d.resize(16 * MIB, false),
+                    Err(VhdxError::Unsupported(_))
+                ));
+            }
+        },
+        &no,
+    );
+    assert_eq!(merged.unwrap(), base);
+    assert!(checked.load(Ordering::Relaxed));
     verify_all(&d, &model, "after the merge");
+    // Afterwards the disk is a plain dynamic one again: resizable, not mergeable.
+    d.resize(16 * MIB, false).unwrap();
+    assert!(matches!(
+        d.merge_live(&|_, _| {}, &no),
+        Err(VhdxError::NotDifferencing(_))
+    ));
 }

@@ -13,9 +13,10 @@
 //! - **Iterative copy.** The first pass copies every block the child holds (idempotently, as the
 //!   offline merge does); later passes copy only the units dirtied meanwhile, until few remain
 //!   (or after a bounded number of passes, when the guest writes faster than we copy).
-//! - **Pivot.** [`Vhdx::chain`] is a `RwLock` every I/O holds shared for its duration; the pivot
-//!   holds it exclusively — I/O pauses only for: copying the last dirty units, flushing the
-//!   parent, deleting the child (and syncing its directory), swapping the chain. That order is
+//! - **Pivot.** `Vhdx.chain` is a (sharded) read-write lock every I/O holds shared for its
+//!   duration (`gate.rs`); the pivot holds it exclusively, and I/O pauses only for: copying the
+//!   last dirty units, flushing the parent, deleting the child (and syncing its directory),
+//!   swapping the chain. That order is
 //!   what keeps a crash harmless: no write may reach the parent while the child file can still
 //!   be opened, because the child would hide that write behind its own older data.
 //! - **Crash safety before the pivot** reuses the offline merge's protocol: the child first
@@ -278,7 +279,7 @@ impl Vhdx {
     }
 
     fn stop_tracking(&self) {
-        let _g = self.chain.write().unwrap_or_else(|e| e.into_inner());
+        let _g = self.chain.write();
         self.dirty.stop();
     }
 
@@ -303,8 +304,8 @@ impl Vhdx {
         }
         p.top().begin_session(DataGuid::Set(target))?;
         let vs = {
-            let g = self.chain.write().unwrap_or_else(|e| e.into_inner());
-            if !Arc::ptr_eq(&g, chain) {
+            let g = self.chain.write();
+            if !Arc::ptr_eq(g.current(), chain) {
                 return Err(NotPivoted(VhdxError::Unsupported(
                     "the disk changed while the merge started",
                 )));
@@ -363,7 +364,7 @@ impl Vhdx {
     /// Pauses I/O, copies what is still dirty, makes the parent durable, deletes the child and
     /// swaps the chain. Returns how many units the pause copied.
     fn pivot(&self, chain: &Arc<Chain>, p: &Vhdx, buf: &mut [u8]) -> Result<u64, Outcome> {
-        let mut g = self.chain.write().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.chain.write();
         let dirty = self.dirty.dirty_units();
         for &u in &dirty {
             if self.dirty.take(u) {
@@ -381,7 +382,7 @@ impl Vhdx {
         // The child's file is gone; its open layer must not write to the orphan on close.
         child.abandoned.store(true, Ordering::Release);
         let synced = sync_dir(&child.path);
-        *g = p.chain();
+        g.replace(p.chain());
         self.dirty.stop();
         drop(g);
         synced.map_err(|e| Pivoted(e.into()))?;
