@@ -76,13 +76,22 @@ fn qemu_check(p: &Path) {
 const CELL: u64 = 12 * 1024;
 
 /// Random writes (unaligned inside the cell), trims and read-backs of `thread`'s cells until
-/// `stop`; keeps `model` up to date. Returns the number of operations done.
-fn traffic(d: &Vhdx, model: &Mutex<Vec<u8>>, thread: u64, threads: u64, stop: &AtomicBool) -> u64 {
+/// `stop`; keeps `model` up to date. Returns the number of operations done and the longest one
+/// (the live merge's pause shows there).
+fn traffic(
+    d: &Vhdx,
+    model: &Mutex<Vec<u8>>,
+    thread: u64,
+    threads: u64,
+    stop: &AtomicBool,
+) -> (u64, std::time::Duration) {
     let size = d.virtual_size().min(model.lock().unwrap().len() as u64);
     let cells = size / CELL;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((thread + 1) * 7919));
     let mut ops = 0;
+    let mut longest = std::time::Duration::ZERO;
     while !stop.load(Ordering::Relaxed) && ops < 200_000 {
+        let t = std::time::Instant::now();
         let cell = rng.below(cells / threads) * threads + thread;
         let start = cell * CELL;
         let off = start + rng.below(CELL - 1);
@@ -107,9 +116,10 @@ fn traffic(d: &Vhdx, model: &Mutex<Vec<u8>>, thread: u64, threads: u64, stop: &A
                 );
             }
         }
+        longest = longest.max(t.elapsed());
         ops += 1;
     }
-    ops
+    (ops, longest)
 }
 
 #[test]
@@ -124,6 +134,7 @@ fn live_merge_under_concurrent_io() {
     let calls = AtomicU64::new(0);
     let last_total = AtomicU64::new(0);
     let threads = 4;
+    let mut longest = std::time::Duration::ZERO;
     let (merged, ops) = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
@@ -145,12 +156,16 @@ fn live_merge_under_concurrent_io() {
         // Keep going on the parent for a moment after the pivot.
         std::thread::sleep(std::time::Duration::from_millis(100));
         stop.store(true, Ordering::Relaxed);
-        let ops: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let ops: u64 = results.iter().map(|r| r.0).sum();
+        longest = results.iter().map(|r| r.1).max().unwrap();
         (merged, ops)
     });
     let merged = merged.unwrap();
     eprintln!(
-        "{ops} concurrent operations, {} progress calls, {} MiB copied for a {} MiB disk",
+        "{ops} concurrent operations (longest {:.1} ms), {} progress calls, {} MiB copied for \
+         a {} MiB disk",
+        longest.as_secs_f64() * 1000.0,
         calls.load(Ordering::Relaxed),
         last_total.load(Ordering::Relaxed),
         size / MIB
@@ -506,7 +521,7 @@ fn live_merge_three_deep_leaves_grandparent_alone() {
     let stop = AtomicBool::new(false);
     let no = AtomicBool::new(false);
     let merged = std::thread::scope(|s| {
-        let w = s.spawn(|| traffic(&d, &model, 0, 1, &stop));
+        let w = s.spawn(|| traffic(&d, &model, 0, 1, &stop).0);
         let r = d.merge_live(
             &|_, _| std::thread::sleep(std::time::Duration::from_micros(300)),
             &no,
