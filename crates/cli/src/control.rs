@@ -268,3 +268,145 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
 fn tidy(path: &Path) -> PathBuf {
     path.components().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vireo_vhdx::{CreateOptions, DiskType, OpenOptions};
+
+    /// base.vhdx with data under child.avhdx with data of its own, the child opened.
+    fn chain(dir: &Path) -> (PathBuf, PathBuf, Arc<Vhdx>) {
+        let base = dir.join("base.vhdx");
+        let child = dir.join("child.avhdx");
+        let o = CreateOptions {
+            size: 16 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        };
+        let b = Vhdx::create(&base, &o).unwrap();
+        b.write(&[1; 1 << 20], 0).unwrap();
+        drop(b);
+        let o = CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(base.clone()),
+            ..Default::default()
+        };
+        let c = Vhdx::create(&child, &o).unwrap();
+        c.write(&[2; 4096], 8192).unwrap();
+        drop(c);
+        let d = Arc::new(Vhdx::open(&child, &OpenOptions::default()).unwrap());
+        (base, child, d)
+    }
+
+    fn disk(path: &Path, vhdx: &Arc<Vhdx>) -> ControlDisk {
+        ControlDisk {
+            path: path.to_path_buf(),
+            format: "vhdx",
+            read_only: false,
+            size: vhdx.virtual_size(),
+            vhdx: Some(vhdx.clone()),
+        }
+    }
+
+    fn next(lines: &mut impl BufRead) -> String {
+        let mut l = String::new();
+        lines.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+
+    fn ask(conn: &mut UnixStream, lines: &mut impl BufRead, cmd: &str) -> String {
+        writeln!(conn, "{cmd}").unwrap();
+        next(lines)
+    }
+
+    #[test]
+    fn lists_merges_and_refuses_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child, d) = chain(dir.path());
+        let shared = Arc::new(Shared {
+            disks: Mutex::new(vec![disk(&child, &d)]),
+            merges: Mutex::default(),
+            threads: Mutex::default(),
+        });
+        let (mut conn, server) = UnixStream::pair().unwrap();
+        let s = shared.clone();
+        let serving = std::thread::spawn(move || serve(&s, server));
+        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        let listed = ask(&mut conn, &mut lines, "disks");
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        assert_eq!(v["chain_depth"], 2, "{listed}");
+        assert_eq!(v["format"], "vhdx", "{listed}");
+        assert_eq!(next(&mut lines), "ok");
+        assert!(ask(&mut conn, &mut lines, "frobnicate 3").starts_with("error unknown command"));
+        assert!(ask(&mut conn, &mut lines, "disk-merge x").starts_with("error no disk 'x'"));
+        assert!(ask(&mut conn, &mut lines, "disk-merge 1").starts_with("error no disk '1'"));
+        // A writer keeps going during the merge, as a guest would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d2, stop2) = (d.clone(), stop.clone());
+        let writer = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop2.load(Ordering::Relaxed) && i < 100_000 {
+                d2.write(&[3; 512], (i % 64) * 512 + (4 << 20)).unwrap();
+                i += 1;
+            }
+        });
+        writeln!(conn, "disk-merge 0").unwrap();
+        let end = loop {
+            let l = next(&mut lines);
+            if !l.starts_with("progress ") {
+                break l;
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(end, format!("ok {}", base.display()));
+        assert!(!child.exists());
+        let again = ask(&mut conn, &mut lines, "disk-merge 0");
+        assert!(again.contains("is not a differencing disk"), "{again}");
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-merge-cancel 0"),
+            "error no merge of disk 0 is running"
+        );
+        // The server answers and hangs up mid-line, so the end of this write may fail.
+        let _ = writeln!(conn, "{}", "x".repeat(MAX_LINE as usize + 10));
+        assert!(next(&mut lines).starts_with("error command longer"));
+        drop(conn);
+        serving.join().unwrap();
+        let mut got = vec![0u8; 4096];
+        d.read(&mut got, 8192).unwrap();
+        assert_eq!(got, vec![2; 4096]);
+        d.read(&mut got, 4 << 20).unwrap();
+        assert_eq!(got, vec![3; 4096]);
+    }
+
+    #[test]
+    fn shutdown_cancels_and_lets_go_of_the_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_base, child, d) = chain(dir.path());
+        let sock = dir.path().join("c.sock");
+        std::fs::write(&sock, b"not a socket").unwrap();
+        let Err(e) = ControlServer::start(&sock, vec![]) else {
+            panic!("started over a regular file");
+        };
+        assert!(e.contains("not a socket"), "{e}");
+        std::fs::remove_file(&sock).unwrap();
+        let server = ControlServer::start(&sock, vec![disk(&child, &d)]).unwrap();
+        let Err(e) = ControlServer::start(&sock, vec![]) else {
+            panic!("two servers on one socket");
+        };
+        assert!(e.contains("in use"), "{e}");
+        let mut conn = UnixStream::connect(&sock).unwrap();
+        writeln!(conn, "disk-merge 0").unwrap();
+        let mut first = String::new();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // The merge is running or already done; either way shutdown ends it cleanly.
+        server.shutdown();
+        assert!(!sock.exists());
+        assert_eq!(Arc::strong_count(&d), 1, "the control still holds the disk");
+        let mut got = vec![0u8; 4096];
+        d.read(&mut got, 8192).unwrap();
+        assert_eq!(got, vec![2; 4096]);
+    }
+}
