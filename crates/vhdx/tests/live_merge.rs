@@ -175,6 +175,11 @@ fn live_merge_under_concurrent_io() {
     assert_eq!(d.path(), base);
     assert_eq!(d.chain_depth(), 1);
     assert!(!child.exists(), "child file still exists");
+    // The parent is now this disk's read-write top: locked exclusively, even against readers.
+    assert!(matches!(
+        Vhdx::open(&base, &OpenOptions::read_only()),
+        Err(VhdxError::Locked { .. })
+    ));
     let model = model.into_inner().unwrap();
     verify_all(&d, &model, "after the pivot, same disk");
     d.write(&[0x5a; 4096], 8192).unwrap();
@@ -450,11 +455,13 @@ fn live_merge_cancel_then_resume() {
     assert_eq!(d.path(), child);
     assert!(child.exists());
     assert_eq!(d.chain_depth(), 2);
-    // The parent is locked again for the running chain: no other writer gets in.
+    // The parent is locked shared again for the running chain: no other writer gets in,
+    // readers do.
     assert!(matches!(
         Vhdx::open(&base, &OpenOptions::default()),
         Err(VhdxError::Locked { .. })
     ));
+    drop(Vhdx::open(&base, &OpenOptions::read_only()).unwrap());
     let w = pattern(3 * MIB as usize, 44);
     d.write(&w, 7 * MIB + 512).unwrap();
     model[(7 * MIB + 512) as usize..(10 * MIB + 512) as usize].copy_from_slice(&w);
