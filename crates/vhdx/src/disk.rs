@@ -214,7 +214,7 @@ impl Vhdx {
         }
     }
 
-    /// The current chain, held for the duration of one I/O (see [`Vhdx::chain`]).
+    /// The current chain, held shared for the duration of one I/O (see `Vhdx.chain`).
     pub(crate) fn io(&self) -> RwLockReadGuard<'_, Arc<Chain>> {
         self.chain.read()
     }
