@@ -23,9 +23,10 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
   disks                  one JSON object per disk ({\"index\",\"path\",\"format\",\"virtual_size\",
                          \"read_only\",\"chain_depth\"}), then \"ok\"
   disk-merge N           merges VHDX disk N (a differencing disk) into its parent while the guest
-                         keeps running: lines \"progress DONE TOTAL\" (MiB copied; TOTAL grows when
-                         the guest rewrites copied data), then \"ok NEW-PATH\" (the parent, now in
-                         use; the child file is deleted) or \"error MESSAGE\"
+                         keeps running: lines \"progress DONE TOTAL\" (bytes examined and copied;
+                         TOTAL starts at the disk size and grows when the guest rewrites copied
+                         data), then \"ok NEW-PATH\" (the parent, now in use; the child file is
+                         deleted) or \"error MESSAGE\"
   disk-merge-cancel N    stops a running merge of disk N: \"ok\" here, and the merge's own
                          connection gets \"error ... cancelled\"; the guest stays on the
                          child, and a later disk-merge resumes
