@@ -106,6 +106,10 @@ impl DirtyTracker {
     #[cold]
     fn mark_slow(&self, offset: u64, len: u64) {
         let bits = self.bits.read().unwrap_or_else(|e| e.into_inner());
+        if bits.unit == 0 {
+            // Stopped (cannot happen under the chain lock; never divide by zero regardless).
+            return;
+        }
         for u in offset / bits.unit..=(offset + len - 1) / bits.unit {
             if let Some(w) = bits.words.get((u / 64) as usize) {
                 // Release: whoever sees the bit (take, Acquire) also sees the write's effects.
