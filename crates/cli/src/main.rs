@@ -1,6 +1,7 @@
 //! `vireo`: the command-line front end. Each subcommand lives in its own module; this file only
 //! parses arguments and turns an error into one line for the user.
 
+mod control;
 mod disk;
 mod run;
 

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::control::{ControlDisk, ControlServer};
 use vireo_block::{BlockBackend, RawFile};
+use vireo_vhdx::Vhdx;
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
@@ -22,10 +24,12 @@ all --disk options first (in order), then all --net options.
 With a PVH kernel (an ELF with a PVH note, like the probe) every vCPU starts at the PVH entry,
 application processors with EDI=0x56495245 (VIRE) and ESI=vCPU index (docs/probe-protocol.md).
 bzImage and plain vmlinux kernels start their application processors themselves (INIT/SIPI).
-Set VIREO_LOG=debug for diagnostics on stderr.";
+Set VIREO_LOG=debug for diagnostics on stderr.
+
+{CONTROL}";
 
 #[derive(clap::Args)]
-#[command(after_help = EXIT_CODES)]
+#[command(after_help = after_help())]
 pub struct RunArgs {
     /// Kernel image: an ELF with a PVH note (e.g. the probe guest), a 64-bit vmlinux, or a bzImage.
     #[arg(long, value_name = "PATH")]
@@ -59,6 +63,14 @@ pub struct RunArgs {
     /// appended), "socket=PATH" (a Unix socket to connect to, both directions) or "none".
     #[arg(long, value_name = "stdio|file=PATH|socket=PATH|none", default_value = "stdio", value_parser = parse_console)]
     console: ConsoleArg,
+    /// A Unix socket to control the running VM through (list disks, merge a differencing
+    /// VHDX disk into its parent while the guest runs); protocol below. Removed at exit.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+fn after_help() -> String {
+    EXIT_CODES.replace("{CONTROL}", crate::control::PROTOCOL)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,8 +212,12 @@ fn default_mac(index: usize) -> [u8; 6] {
     ]
 }
 
+/// An opened disk: what the VMM does I/O through and, for VHDX, the same disk as itself (for
+/// the control socket).
+type OpenedDisk = (Arc<dyn BlockBackend>, Option<Arc<Vhdx>>);
+
 /// Opens a disk image, choosing the backend by the file's magic.
-fn open_disk(d: &DiskArg) -> Result<Arc<dyn BlockBackend>, String> {
+fn open_disk(d: &DiskArg) -> Result<OpenedDisk, String> {
     let shown = d.path.display();
     let meta = std::fs::metadata(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
     if meta.is_dir() {
@@ -219,24 +235,33 @@ fn open_disk(d: &DiskArg) -> Result<Arc<dyn BlockBackend>, String> {
             read_only: d.read_only,
             ..Default::default()
         };
-        let disk = vireo_vhdx::Vhdx::open(&d.path, &opts).map_err(|e| match e {
+        let disk = Arc::new(Vhdx::open(&d.path, &opts).map_err(|e| match e {
             // Already one line naming the disk and what to do.
             vireo_vhdx::VhdxError::Locked { .. } => e.to_string(),
             e => format!("disk {shown}: {e}"),
-        })?;
-        return Ok(Arc::new(disk));
+        })?);
+        return Ok((disk.clone(), Some(disk)));
     }
     let raw = RawFile::open(&d.path, d.read_only).map_err(|e| match e {
         vireo_block::BlockError::Locked { .. } => e.to_string(),
         e => format!("disk {shown}: {e}"),
     })?;
-    Ok(Arc::new(raw))
+    Ok((Arc::new(raw), None))
 }
 
 pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut devices = Vec::new();
+    let mut control_disks = Vec::new();
     for d in &args.disk {
-        devices.push(VirtioSlot::block(open_disk(d)?));
+        let (backend, vhdx) = open_disk(d)?;
+        control_disks.push(ControlDisk {
+            path: d.path.clone(),
+            format: if vhdx.is_some() { "vhdx" } else { "raw" },
+            read_only: d.read_only,
+            size: backend.size(),
+            vhdx,
+        });
+        devices.push(VirtioSlot::block(backend));
     }
     for (i, n) in args.net.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| default_mac(i));
@@ -268,7 +293,18 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     vireo_vmm::install_termination_handlers()?;
     let vm = Vm::new(config)?;
-    Ok(match vm.run()? {
+    let control = match &args.control {
+        Some(path) => Some(ControlServer::start(path, control_disks)?),
+        None => {
+            drop(control_disks);
+            None
+        }
+    };
+    let exit = vm.run();
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    Ok(match exit? {
         VmExit::PowerOff(status) => ExitCode::from(status),
         VmExit::Reset => {
             eprintln!("vireo: the guest reset the machine; VM stopped");

@@ -93,6 +93,14 @@ fn kvm_kernel_and_size_errors() {
         &["run", "--kernel", k, "--vcpus", "100000"],
         "--vcpus must be between 1 and",
     );
+    refuses(
+        &["run", "--kernel", k, "--control", "/nonexistent/dir/c.sock"],
+        "control socket /nonexistent/dir/c.sock",
+    );
+    refuses(
+        &["run", "--kernel", k, "--control", garbage.to_str().unwrap()],
+        "not a socket is in the way",
+    );
 }
 
 #[test]

@@ -2,16 +2,19 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
 
 use crate::fileio::FaultInjector;
 use crate::format::bat;
 use crate::format::*;
+use crate::gate::Gate;
 use crate::guid::Guid;
 use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
+use crate::ops::live_merge::DirtyTracker;
 use crate::VhdxError;
 use vireo_block::LockKind;
 
@@ -47,15 +50,34 @@ impl OpenOptions {
 ///
 /// `Send + Sync`; all I/O methods take `&self` and may run from many threads at once.
 pub struct Vhdx {
-    pub(crate) chain: Vec<Arc<Layer>>,
+    /// The layers I/O runs against. Every I/O holds this lock shared for its whole duration
+    /// (one read-lock of a per-thread shard); only a live merge takes it exclusively, to drain
+    /// I/O and swap in the parent's chain (see `ops::live_merge`).
+    pub(crate) chain: Gate,
     pub(crate) read_only: bool,
+    /// Blocks written while a live merge copies; idle (one relaxed load per write) otherwise.
+    pub(crate) dirty: DirtyTracker,
+}
+
+/// The files of a disk, top first, and the I/O paths that run against them.
+pub(crate) struct Chain {
+    pub layers: Vec<Arc<Layer>>,
+    pub read_only: bool,
+}
+
+impl Deref for Chain {
+    type Target = [Arc<Layer>];
+    fn deref(&self) -> &[Arc<Layer>] {
+        &self.layers
+    }
 }
 
 impl std::fmt::Debug for Vhdx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.chain();
         f.debug_struct("Vhdx")
-            .field("path", &self.chain[0].path)
-            .field("depth", &self.chain.len())
+            .field("path", &c[0].path)
+            .field("depth", &c.len())
             .finish()
     }
 }
@@ -171,10 +193,15 @@ impl Vhdx {
             }
             chain.push(Arc::new(parent));
         }
-        Ok(Vhdx {
-            chain,
-            read_only: opts.read_only,
-        })
+        Ok(Vhdx::from_layers(chain, opts.read_only))
+    }
+
+    pub(crate) fn from_layers(layers: Vec<Arc<Layer>>, read_only: bool) -> Vhdx {
+        Vhdx {
+            chain: Gate::new(Arc::new(Chain { layers, read_only })),
+            read_only,
+            dirty: DirtyTracker::default(),
+        }
     }
 
     /// Test hook: closes the files (releasing their locks) without the clean close, leaving
@@ -182,17 +209,28 @@ impl Vhdx {
     /// flushed that was not flushed already.
     #[doc(hidden)]
     pub fn abandon(self) {
-        for l in &self.chain {
+        for l in self.chain().iter() {
             l.abandoned.store(true, Ordering::Release);
         }
     }
 
-    pub(crate) fn top(&self) -> &Layer {
-        &self.chain[0]
+    /// The current chain, held shared for the duration of one I/O (see `Vhdx.chain`).
+    pub(crate) fn io(&self) -> RwLockReadGuard<'_, Arc<Chain>> {
+        self.chain.read()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.top().path
+    /// A snapshot of the current chain, for callers that do no payload I/O.
+    pub(crate) fn chain(&self) -> Arc<Chain> {
+        self.io().clone()
+    }
+
+    pub(crate) fn top(&self) -> Arc<Layer> {
+        self.io()[0].clone()
+    }
+
+    /// The top file (after a live merge, the parent it was merged into).
+    pub fn path(&self) -> PathBuf {
+        self.top().path.clone()
     }
 
     pub fn virtual_size(&self) -> u64 {
@@ -217,7 +255,63 @@ impl Vhdx {
 
     /// Number of files in the chain (1 for fixed/dynamic).
     pub fn chain_depth(&self) -> usize {
-        self.chain.len()
+        self.io().len()
+    }
+
+    /// Reads `buf.len()` bytes at virtual `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
+        self.io().read(buf, offset)
+    }
+
+    /// Writes `buf` at virtual `offset`. Durable after [`Vhdx::flush`].
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
+        let c = self.io();
+        let r = c.write(buf, offset);
+        // Marked after the write (even a failed one) and before the chain is released, so a
+        // live merge either copies the block later or is already past its pivot.
+        self.dirty.mark(offset, buf.len() as u64);
+        r
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), VhdxError> {
+        self.io().flush()
+    }
+
+    /// The range no longer holds data; it reads as zeroes afterwards. Whole blocks become
+    /// UNMAPPED (ZERO in differencing disks, which must hide the parent); partial ranges are
+    /// zeroed in place.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
+        let c = self.io();
+        let r = c.discard(offset, len);
+        self.dirty.mark(offset, len);
+        r
+    }
+
+    /// Virtual ranges `(offset, length)` that may hold data anywhere in the chain, merged and in
+    /// order, at block granularity. Everything else reads as zero.
+    pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
+        self.io().allocated_ranges()
+    }
+
+    /// Changes the virtual size. Shrinking over allocated data is refused unless `force`.
+    /// Refused while a live merge runs (the merge sized the parent for the child).
+    pub fn resize(&self, new_size: u64, force: bool) -> Result<(), VhdxError> {
+        let c = self.io();
+        if self.dirty.is_active() {
+            return Err(VhdxError::Unsupported("resizing while a live merge runs"));
+        }
+        c.resize(new_size, force)
+    }
+}
+
+impl Chain {
+    pub(crate) fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.top().vsize()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
@@ -228,14 +322,13 @@ impl Vhdx {
         }
     }
 
-    /// Reads `buf.len()` bytes at virtual `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
         self.check_range(offset, buf.len() as u64)?;
         self.read_layer(0, buf, offset)
     }
 
     fn read_layer(&self, idx: usize, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
-        let Some(l) = self.chain.get(idx) else {
+        let Some(l) = self.layers.get(idx) else {
             buf.fill(0);
             return Ok(());
         };
@@ -368,7 +461,6 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Writes `buf` at virtual `offset`. Durable after [`Vhdx::flush`].
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<(), VhdxError> {
         if self.read_only {
             return Err(VhdxError::ReadOnly);
@@ -477,14 +569,10 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Makes every completed write durable.
     pub fn flush(&self) -> Result<(), VhdxError> {
         self.top().flush_with(vec![])
     }
 
-    /// The range no longer holds data; it reads as zeroes afterwards. Whole blocks become
-    /// UNMAPPED (ZERO in differencing disks, which must hide the parent); partial ranges are
-    /// zeroed in place.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
         if self.read_only {
             return Err(VhdxError::ReadOnly);
@@ -577,8 +665,6 @@ impl Vhdx {
         Ok(())
     }
 
-    /// Virtual ranges `(offset, length)` that may hold data anywhere in the chain, merged and in
-    /// order, at block granularity. Everything else reads as zero.
     pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
         let vs = self.virtual_size();
         let mut out: Vec<(u64, u64)> = vec![];
@@ -596,7 +682,7 @@ impl Vhdx {
             out.push((s, e - s));
         };
         let mut spans = vec![];
-        for (idx, l) in self.chain.iter().enumerate() {
+        for (idx, l) in self.layers.iter().enumerate() {
             let bs = l.geo.block_size;
             let bat = l.bat.read().unwrap();
             for b in 0..l.geo.payload_blocks(l.vsize().min(vs)) {
@@ -616,7 +702,6 @@ impl Vhdx {
         out
     }
 
-    /// Changes the virtual size. Shrinking over allocated data is refused unless `force`.
     pub fn resize(&self, new_size: u64, force: bool) -> Result<(), VhdxError> {
         if self.read_only {
             return Err(VhdxError::ReadOnly);
@@ -761,7 +846,8 @@ impl Vhdx {
 impl Vhdx {
     /// User metadata items (IsUser set) of the top file: (item GUID, value).
     pub fn user_metadata(&self) -> Vec<(Guid, Vec<u8>)> {
-        let st = self.top().state.lock().unwrap();
+        let top = self.top();
+        let st = top.state.lock().unwrap();
         st.meta
             .entries
             .iter()

@@ -13,7 +13,7 @@
 //!   twice in one thread (a waiting flush blocks new readers).
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::OpenOptions as FsOpenOptions;
+use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -374,6 +374,11 @@ impl Layer {
         if let Some(kind) = o.lock {
             vireo_block::lock(&file, path, kind)?;
         }
+        Self::from_file(file, path, o)
+    }
+
+    /// [`Layer::open`] on a file the caller opened and locked itself (`o.lock` is ignored).
+    pub fn from_file(file: File, path: &Path, o: &LayerOptions) -> Result<Layer, VhdxError> {
         let io = FileIo::new(file, o.fault.clone());
         let mut pre = read_prelude(&io)?;
         let seq = read_active_log(&io, &pre.header)?;

@@ -12,6 +12,7 @@ mod error;
 mod fileio;
 pub mod format;
 mod freespace;
+mod gate;
 mod guid;
 mod layer;
 

@@ -175,6 +175,8 @@ impl Vhdx {
             l.bitmaps.write().unwrap().clear();
         }
         let end = reserved.iter().map(|r| r.1).max().unwrap_or(0).max(cursor);
+        // The layer must close (clean headers) before the file is truncated below.
+        drop(l);
         drop(d);
         if fault.is_some_and(|f| f.fired()) {
             return Err(VhdxError::InjectedFault);

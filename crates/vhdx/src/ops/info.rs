@@ -46,6 +46,7 @@ impl Vhdx {
     pub fn info(&self) -> Info {
         let l = self.top();
         let h = l.header();
+        let items = l.state.lock().unwrap().meta.entries.len();
         let (mut allocated, mut zero) = (0, 0);
         let total = l.geo.payload_blocks(l.vsize());
         {
@@ -67,7 +68,7 @@ impl Vhdx {
         };
         let parent = l.params.parent_locator.clone().map(|loc| ParentInfo {
             path: self
-                .chain
+                .chain()
                 .get(1)
                 .map(|p| p.path.clone())
                 .unwrap_or_default(),
@@ -85,7 +86,7 @@ impl Vhdx {
             total_blocks: total,
             allocated_blocks: allocated,
             zero_blocks: zero,
-            chain_depth: self.chain.len(),
+            chain_depth: self.chain_depth(),
             parent,
             file_write_guid: h.file_write_guid,
             data_write_guid: h.data_write_guid,
@@ -95,7 +96,7 @@ impl Vhdx {
             log_length: h.log_length as u64,
             log_entries_replayed_at_open: l.replayed_entries,
             merge_in_progress: l.merge_target.is_some(),
-            metadata_items: l.state.lock().unwrap().meta.entries.len(),
+            metadata_items: items,
             creator: l.creator.clone(),
         }
     }

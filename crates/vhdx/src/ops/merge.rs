@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::fileio::FaultInjector;
 
+use crate::disk::Chain;
 use crate::format::metadata::FLAG_USER;
 use crate::format::{bat, MERGE_IN_PROGRESS, MIB};
 use crate::guid::Guid;
@@ -26,14 +27,22 @@ pub(crate) enum BlockData {
     Runs(Vec<(u64, u64)>),
 }
 
-impl Vhdx {
+impl Chain {
     /// Which parts of payload block `b` of the top file hold data of their own.
     pub(crate) fn block_data(&self, b: u64) -> Result<BlockData, VhdxError> {
+        let bs = self.top().geo.block_size;
+        self.range_data(b * bs, ((b + 1) * bs).min(self.top().vsize()))
+    }
+
+    /// [`Chain::block_data`] limited to `start..end`, which must lie inside one block.
+    pub(crate) fn range_data(&self, start: u64, end: u64) -> Result<BlockData, VhdxError> {
         let l = self.top();
         let bs = l.geo.block_size;
-        let vs = l.vsize();
-        let start = b * bs;
-        let end = ((b + 1) * bs).min(vs);
+        let b = start / bs;
+        let end = end.min(l.vsize());
+        if end <= start {
+            return Ok(BlockData::None);
+        }
         let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
         Ok(match bat::state(e) {
             bat::FULLY_PRESENT => BlockData::Runs(vec![(start, end - start)]),
@@ -55,7 +64,9 @@ impl Vhdx {
             _ => BlockData::None,
         })
     }
+}
 
+impl Vhdx {
     /// Merges differencing disk `child` into its parent, then deletes `child`.
     ///
     /// `progress(done, total)` is called per block; setting `cancel` stops after the current
@@ -87,7 +98,8 @@ impl Vhdx {
         if !c.top().params.has_parent {
             return Err(VhdxError::NotDifferencing(child.to_path_buf()));
         }
-        let parent_path = c.chain[1].path.clone();
+        let chain = c.chain();
+        let parent_path = chain[1].path.clone();
         let target = match c.top().merge_target {
             Some(g) => g,
             None => {
@@ -99,11 +111,11 @@ impl Vhdx {
         };
         let p = Vhdx::open(&parent_path, &rw)?;
         // The chain read the parent before it was locked: make sure nobody changed it since.
-        if p.top().header().data_write_guid != c.chain[1].header().data_write_guid {
+        if p.top().header().data_write_guid != chain[1].header().data_write_guid {
             return Err(VhdxError::ParentLinkageMismatch {
                 child: child.to_path_buf(),
                 parent: parent_path,
-                expected: c.chain[1].header().data_write_guid.to_string(),
+                expected: chain[1].header().data_write_guid.to_string(),
                 found: p.top().header().data_write_guid,
             });
         }
@@ -119,7 +131,7 @@ impl Vhdx {
                 p.flush()?;
                 return Err(VhdxError::Cancelled);
             }
-            match c.block_data(b)? {
+            match chain.block_data(b)? {
                 BlockData::None => {}
                 BlockData::Zero => {
                     let bs = c.top().geo.block_size;
@@ -144,6 +156,7 @@ impl Vhdx {
         }
         p.flush()?;
         drop(p);
+        drop(chain);
         drop(c);
         if fault.is_some_and(|f| f.fired()) {
             // The simulated machine stopped; nothing after the crash may happen.

@@ -1,6 +1,7 @@
-//! Whole-file operations built on the core: info, check/repair, merge, compact.
+//! Whole-file operations built on the core: info, check/repair, merge (offline and live), compact.
 
 pub mod check;
 pub mod compact;
 pub mod info;
+pub mod live_merge;
 pub mod merge;

@@ -1,0 +1,413 @@
+//! `vireo run --control PATH`: a Unix socket for operating on a running VM's disks, one
+//! command per line, answers as lines (protocol in [`PROTOCOL`], shown by `vireo run --help`).
+//!
+//! Long operations (a live merge) run in a thread of their own: the connection that started
+//! one streams its progress, but closing it does not stop the merge; `disk-merge-cancel N`
+//! does. When the VM stops, running merges are cancelled (both files stay valid and a later
+//! merge resumes) and the control's references to the disks are dropped so they close cleanly.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vireo_vhdx::Vhdx;
+
+pub const PROTOCOL: &str = "\
+Control socket (--control PATH): a Unix stream socket; send one command per line.
+  disks                  one JSON object per disk ({\"index\",\"path\",\"format\",\"virtual_size\",
+                         \"read_only\",\"chain_depth\"}), then \"ok\"
+  disk-merge N           merges VHDX disk N (a differencing disk) into its parent while the guest
+                         keeps running: lines \"progress DONE TOTAL\" (bytes examined and copied;
+                         TOTAL starts at the disk size and grows when the guest rewrites copied
+                         data), then \"ok NEW-PATH\" (the parent, now in use; the child file is
+                         deleted) or \"error MESSAGE\"
+  disk-merge-cancel N    stops a running merge of disk N: \"ok\" here, and the merge's own
+                         connection gets \"error ... cancelled\"; the guest stays on the
+                         child, and a later disk-merge resumes
+  help                   this list, then \"ok\"
+Unknown or malformed commands answer \"error MESSAGE\". A merge goes on if its connection closes.";
+
+/// Longest command line accepted.
+const MAX_LINE: u64 = 4096;
+/// Progress lines are sent at most this often (plus the last one).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// One disk of the VM as the control socket sees it.
+pub struct ControlDisk {
+    /// The path given on the command line.
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub read_only: bool,
+    pub size: u64,
+    /// Set for VHDX disks: the same object the VM does its I/O through.
+    pub vhdx: Option<Arc<Vhdx>>,
+}
+
+struct Shared {
+    /// Emptied at shutdown, so the disks close when the VM lets go of them.
+    disks: Mutex<Vec<ControlDisk>>,
+    /// Cancel flags of running merges, by disk index.
+    merges: Mutex<HashMap<usize, Arc<AtomicBool>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The listening control socket; [`ControlServer::shutdown`] when the VM has stopped.
+pub struct ControlServer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket nobody listens on) and starts serving.
+    pub fn start(path: &Path, disks: Vec<ControlDisk>) -> Result<ControlServer, String> {
+        let shown = path.display();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(format!(
+                    "control socket {shown}: a file that is not a socket is in the way"
+                ));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(format!(
+                    "control socket {shown} is in use by another running VM"
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| format!("control socket {shown}: {e}"))?;
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| format!("control socket {shown}: {e}"))?;
+        let shared = Arc::new(Shared {
+            disks: Mutex::new(disks),
+            merges: Mutex::default(),
+            threads: Mutex::default(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("vireo-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let s = s.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("vireo-control-conn".into())
+                        .spawn(move || serve(&s, conn));
+                }
+            })
+            .map_err(|e| format!("control socket: {e}"))?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            shared,
+        })
+    }
+
+    /// Cancels running merges, waits for them, drops the control's disk references and
+    /// removes the socket.
+    pub fn shutdown(self) {
+        for cancel in self.shared.merges.lock().unwrap().values() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap());
+        for t in threads {
+            let _ = t.join();
+        }
+        self.shared.disks.lock().unwrap().clear();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Answers one connection's commands until it closes.
+fn serve(s: &Arc<Shared>, conn: UnixStream) {
+    let Ok(out) = conn.try_clone() else { return };
+    let mut out = out;
+    let mut input = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        match (&mut input).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => {
+                let _ = writeln!(out, "error command longer than {MAX_LINE} bytes");
+                return;
+            }
+            Ok(_) => {}
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let r = match words.as_slice() {
+            [] => Ok(()),
+            ["help"] => writeln!(out, "{PROTOCOL}\nok"),
+            ["disks"] => list_disks(s, &mut out),
+            ["disk-merge", n] => match disk_index(s, n) {
+                Ok(i) => merge(s, i, &mut out),
+                Err(e) => writeln!(out, "error {e}"),
+            },
+            ["disk-merge-cancel", n] => match disk_index(s, n) {
+                Ok(i) => match s.merges.lock().unwrap().get(&i) {
+                    Some(c) => {
+                        c.store(true, Ordering::Relaxed);
+                        writeln!(out, "ok")
+                    }
+                    None => writeln!(out, "error no merge of disk {i} is running"),
+                },
+                Err(e) => writeln!(out, "error {e}"),
+            },
+            [cmd, ..] => writeln!(
+                out,
+                "error unknown command '{cmd}' (commands: disks, disk-merge N, \
+                 disk-merge-cancel N, help)"
+            ),
+        };
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
+fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
+    let count = s.disks.lock().unwrap().len();
+    match n.parse::<usize>() {
+        Ok(i) if i < count => Ok(i),
+        _ => Err(format!(
+            "no disk '{n}' (the VM has {count} disk(s), numbered from 0 as on the command line)"
+        )),
+    }
+}
+
+fn list_disks(s: &Shared, out: &mut UnixStream) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (i, d) in s.disks.lock().unwrap().iter().enumerate() {
+        let (path, size, depth) = match &d.vhdx {
+            Some(v) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
+            None => (d.path.clone(), d.size, 1),
+        };
+        let line = serde_json::json!({
+            "index": i,
+            "path": path,
+            "format": d.format,
+            "virtual_size": size,
+            "read_only": d.read_only,
+            "chain_depth": depth,
+        });
+        text.push_str(&format!("{line}\n"));
+    }
+    writeln!(out, "{text}ok")
+}
+
+enum MergeEvent {
+    Progress(u64, u64),
+    Done(Result<PathBuf, vireo_vhdx::VhdxError>),
+}
+
+/// Starts a live merge of disk `i` in its own thread and streams its progress to `out`.
+fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()> {
+    let (vhdx, shown) = {
+        let disks = s.disks.lock().unwrap();
+        let d = &disks[i];
+        (d.vhdx.clone(), d.path.display().to_string())
+    };
+    let Some(vhdx) = vhdx else {
+        return writeln!(
+            out,
+            "error disk {i} ({shown}) is a raw image; only VHDX disks can be merged"
+        );
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let mut merges = s.merges.lock().unwrap();
+        if merges.contains_key(&i) {
+            return writeln!(out, "error a merge of disk {i} is already running");
+        }
+        merges.insert(i, cancel.clone());
+    }
+    let (tx, rx) = mpsc::channel();
+    let s2 = s.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("vireo-merge-{i}"))
+        .spawn(move || {
+            let progress_tx = tx.clone();
+            let r = vhdx.merge_live(
+                &move |done, total| {
+                    let _ = progress_tx.send(MergeEvent::Progress(done, total));
+                },
+                &cancel,
+            );
+            s2.merges.lock().unwrap().remove(&i);
+            let _ = tx.send(MergeEvent::Done(r));
+        });
+    match spawned {
+        Ok(t) => s.threads.lock().unwrap().push(t),
+        Err(e) => {
+            s.merges.lock().unwrap().remove(&i);
+            return writeln!(out, "error cannot start the merge thread: {e}");
+        }
+    }
+    let mut last_sent = Instant::now() - PROGRESS_EVERY;
+    loop {
+        match rx.recv() {
+            Ok(MergeEvent::Progress(done, total)) => {
+                if last_sent.elapsed() >= PROGRESS_EVERY || done == total {
+                    last_sent = Instant::now();
+                    writeln!(out, "progress {done} {total}")?;
+                }
+            }
+            Ok(MergeEvent::Done(Ok(path))) => return writeln!(out, "ok {}", tidy(&path).display()),
+            Ok(MergeEvent::Done(Err(e))) => {
+                let msg = e.to_string().replace('\n', " ");
+                return writeln!(out, "error disk {i} ({shown}): {msg}");
+            }
+            Err(_) => return writeln!(out, "error the merge thread stopped unexpectedly"),
+        }
+    }
+}
+
+/// `path` without `.` components (parents found through a relative locator look like
+/// `dir/./base.vhdx`).
+fn tidy(path: &Path) -> PathBuf {
+    path.components().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vireo_vhdx::{CreateOptions, DiskType, OpenOptions};
+
+    /// base.vhdx with data under child.avhdx with data of its own, the child opened.
+    fn chain(dir: &Path) -> (PathBuf, PathBuf, Arc<Vhdx>) {
+        let base = dir.join("base.vhdx");
+        let child = dir.join("child.avhdx");
+        let o = CreateOptions {
+            size: 16 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        };
+        let b = Vhdx::create(&base, &o).unwrap();
+        b.write(&[1; 1 << 20], 0).unwrap();
+        drop(b);
+        let o = CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(base.clone()),
+            ..Default::default()
+        };
+        let c = Vhdx::create(&child, &o).unwrap();
+        c.write(&[2; 4096], 8192).unwrap();
+        drop(c);
+        let d = Arc::new(Vhdx::open(&child, &OpenOptions::default()).unwrap());
+        (base, child, d)
+    }
+
+    fn disk(path: &Path, vhdx: &Arc<Vhdx>) -> ControlDisk {
+        ControlDisk {
+            path: path.to_path_buf(),
+            format: "vhdx",
+            read_only: false,
+            size: vhdx.virtual_size(),
+            vhdx: Some(vhdx.clone()),
+        }
+    }
+
+    fn next(lines: &mut impl BufRead) -> String {
+        let mut l = String::new();
+        lines.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+
+    fn ask(conn: &mut UnixStream, lines: &mut impl BufRead, cmd: &str) -> String {
+        writeln!(conn, "{cmd}").unwrap();
+        next(lines)
+    }
+
+    #[test]
+    fn lists_merges_and_refuses_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, child, d) = chain(dir.path());
+        let shared = Arc::new(Shared {
+            disks: Mutex::new(vec![disk(&child, &d)]),
+            merges: Mutex::default(),
+            threads: Mutex::default(),
+        });
+        let (mut conn, server) = UnixStream::pair().unwrap();
+        let s = shared.clone();
+        let serving = std::thread::spawn(move || serve(&s, server));
+        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        let listed = ask(&mut conn, &mut lines, "disks");
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        assert_eq!(v["chain_depth"], 2, "{listed}");
+        assert_eq!(v["format"], "vhdx", "{listed}");
+        assert_eq!(next(&mut lines), "ok");
+        assert!(ask(&mut conn, &mut lines, "frobnicate 3").starts_with("error unknown command"));
+        assert!(ask(&mut conn, &mut lines, "disk-merge x").starts_with("error no disk 'x'"));
+        assert!(ask(&mut conn, &mut lines, "disk-merge 1").starts_with("error no disk '1'"));
+        // A writer keeps going during the merge, as a guest would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d2, stop2) = (d.clone(), stop.clone());
+        let writer = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop2.load(Ordering::Relaxed) && i < 100_000 {
+                d2.write(&[3; 512], (i % 64) * 512 + (4 << 20)).unwrap();
+                i += 1;
+            }
+        });
+        writeln!(conn, "disk-merge 0").unwrap();
+        let end = loop {
+            let l = next(&mut lines);
+            if !l.starts_with("progress ") {
+                break l;
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(end, format!("ok {}", base.display()));
+        assert!(!child.exists());
+        let again = ask(&mut conn, &mut lines, "disk-merge 0");
+        assert!(again.contains("is not a differencing disk"), "{again}");
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-merge-cancel 0"),
+            "error no merge of disk 0 is running"
+        );
+        // The server answers and hangs up mid-line, so the end of this write may fail.
+        let _ = writeln!(conn, "{}", "x".repeat(MAX_LINE as usize + 10));
+        assert!(next(&mut lines).starts_with("error command longer"));
+        drop(conn);
+        serving.join().unwrap();
+        let mut got = vec![0u8; 4096];
+        d.read(&mut got, 8192).unwrap();
+        assert_eq!(got, vec![2; 4096]);
+        d.read(&mut got, 4 << 20).unwrap();
+        assert_eq!(got, vec![3; 4096]);
+    }
+
+    #[test]
+    fn shutdown_cancels_and_lets_go_of_the_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_base, child, d) = chain(dir.path());
+        let sock = dir.path().join("c.sock");
+        std::fs::write(&sock, b"not a socket").unwrap();
+        let Err(e) = ControlServer::start(&sock, vec![]) else {
+            panic!("started over a regular file");
+        };
+        assert!(e.contains("not a socket"), "{e}");
+        std::fs::remove_file(&sock).unwrap();
+        let server = ControlServer::start(&sock, vec![disk(&child, &d)]).unwrap();
+        let Err(e) = ControlServer::start(&sock, vec![]) else {
+            panic!("two servers on one socket");
+        };
+        assert!(e.contains("in use"), "{e}");
+        let mut conn = UnixStream::connect(&sock).unwrap();
+        writeln!(conn, "disk-merge 0").unwrap();
+        let mut first = String::new();
+        BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        // The merge is running or already done; either way shutdown ends it cleanly.
+        server.shutdown();
+        assert!(!sock.exists());
+        assert_eq!(Arc::strong_count(&d), 1, "the control still holds the disk");
+        let mut got = vec![0u8; 4096];
+        d.read(&mut got, 8192).unwrap();
+        assert_eq!(got, vec![2; 4096]);
+    }
+}
