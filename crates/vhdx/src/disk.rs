@@ -53,7 +53,7 @@ pub struct Vhdx {
     /// The layers I/O runs against. Every I/O holds this lock shared for its whole duration
     /// (one read-lock of a per-thread shard); only a live merge takes it exclusively, to drain
     /// I/O and swap in the parent's chain (see `ops::live_merge`).
-    pub(crate) chain: Gate,
+    pub(crate) chain: Gate<Arc<Chain>>,
     pub(crate) read_only: bool,
     /// Blocks written while a live merge copies; idle (one relaxed load per write) otherwise.
     pub(crate) dirty: DirtyTracker,

@@ -22,8 +22,9 @@
 //! 2. **In-flight I/O — the gate.** A read or write copies a BAT entry and then issues its
 //!    pread/pwrite without any lock; one that copied the entry just before a discard may still
 //!    be about to touch the old offset. Every payload I/O on this file therefore holds `gate`
-//!    for reading from its BAT lookup until its I/O completes (an uncontended RwLock read: one
-//!    atomic each way). The flush that publishes frees takes `gate` for writing once, after its
+//!    for reading from its BAT lookup until its I/O completes (the thread's own shard of a
+//!    sharded lock, `gate.rs`: one atomic each way on a cache line no other thread writes).
+//!    The flush that publishes frees takes `gate` for writing once, after its
 //!    commit: that waits for every I/O that might still target a freed offset, and any I/O
 //!    starting afterwards looks the BAT up after the free and cannot see the old offset. The
 //!    drain happens only when there are frees to publish.
@@ -49,10 +50,11 @@
 //! Shrinking resizes do not record the space they drop; a later open finds it as a gap.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLockReadGuard};
 
 use crate::format::bat::{self, Geometry};
 use crate::format::{ALIGN, SECTOR_BITMAP_BLOCK};
+use crate::gate::Gate;
 use crate::layer::Layer;
 use crate::VhdxError;
 
@@ -69,7 +71,7 @@ pub(crate) struct FreeSpace {
     /// Ranges no durable BAT entry references and no I/O can still reach: start -> end.
     reusable: Mutex<BTreeMap<u64, u64>>,
     /// Held for reading by every payload I/O from its BAT lookup to its completion.
-    gate: RwLock<()>,
+    gate: Gate<()>,
 }
 
 impl FreeSpace {
@@ -90,7 +92,7 @@ impl FreeSpace {
 
     /// Held across one payload I/O: from reading the BAT entry until the pread/pwrite is done.
     pub fn io_gate(&self) -> RwLockReadGuard<'_, ()> {
-        self.gate.read().unwrap()
+        self.gate.read()
     }
 
     /// Records that a block at `offset` no longer belongs to any entry in memory. Call only
@@ -118,7 +120,7 @@ impl FreeSpace {
         if frees.is_empty() {
             return;
         }
-        drop(self.gate.write().unwrap());
+        drop(self.gate.write());
         let mut r = self.reusable.lock().unwrap();
         for (off, len) in frees {
             insert(&mut r, off, off + len);
@@ -417,7 +419,7 @@ mod tests {
         let reserved = [(0, 4 * MIB, "the header section")];
         let entries = [
             bat::entry(bat::FULLY_PRESENT, 6 * MIB),
-            u64::MAX & !0xf_ffff | bat::FULLY_PRESENT as u64,
+            !0xf_ffff | bat::FULLY_PRESENT as u64,
         ];
         let gaps = unused_gaps(&geo, &entries, &reserved, 10 * MIB);
         assert_eq!(gaps, vec![(4 * MIB, 2 * MIB), (8 * MIB, 2 * MIB)]);

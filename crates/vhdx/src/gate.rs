@@ -1,5 +1,7 @@
-//! The lock on a disk's current chain of files: every I/O holds it shared for its whole
-//! duration, a live merge holds it exclusively to drain I/O and swap the chain.
+//! A lock that every I/O holds shared for its whole duration and a rare operation holds
+//! exclusively to drain I/O: on a disk's current chain of files (a live merge swaps the chain)
+//! and on a file's free space (a flush publishing freed space waits out I/O that may still
+//! target it, see `freespace.rs`).
 //!
 //! Sharded (a "big-reader" lock): each thread reads through its own cache-line-sized shard, so
 //! I/O threads do not bounce one lock word between cores on every request; the exclusive side
@@ -9,9 +11,7 @@
 //! (no lock) 0.88, 0.96, 0.98.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-use crate::disk::Chain;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const SHARDS: usize = 8;
 
@@ -23,35 +23,42 @@ thread_local! {
 }
 
 #[repr(align(128))]
-struct Shard(RwLock<Arc<Chain>>);
+struct Shard<T>(RwLock<T>);
 
-pub(crate) struct Gate {
-    shards: Box<[Shard]>,
+/// Every shard holds a copy of the same value; it changes only under [`Gate::write`].
+pub(crate) struct Gate<T: Clone> {
+    shards: Box<[Shard<T>]>,
 }
 
 /// The gate held exclusively: no I/O runs until it is dropped.
-pub(crate) struct Exclusive<'a> {
-    guards: Vec<RwLockWriteGuard<'a, Arc<Chain>>>,
+pub(crate) struct Exclusive<'a, T> {
+    guards: Vec<RwLockWriteGuard<'a, T>>,
 }
 
-impl Gate {
-    pub fn new(chain: Arc<Chain>) -> Gate {
+impl<T: Clone + Default> Default for Gate<T> {
+    fn default() -> Self {
+        Gate::new(T::default())
+    }
+}
+
+impl<T: Clone> Gate<T> {
+    pub fn new(value: T) -> Gate<T> {
         Gate {
             shards: (0..SHARDS)
-                .map(|_| Shard(RwLock::new(chain.clone())))
+                .map(|_| Shard(RwLock::new(value.clone())))
                 .collect(),
         }
     }
 
-    /// The current chain, held shared. Never nest two on one thread: a waiting exclusive
+    /// The current value, held shared. Never nest two on one thread: a waiting exclusive
     /// locker would deadlock them.
-    pub fn read(&self) -> RwLockReadGuard<'_, Arc<Chain>> {
+    pub fn read(&self) -> RwLockReadGuard<'_, T> {
         let i = MY_SHARD.with(|s| *s);
         self.shards[i].0.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits for all I/O in flight and holds off new I/O.
-    pub fn write(&self) -> Exclusive<'_> {
+    pub fn write(&self) -> Exclusive<'_, T> {
         Exclusive {
             guards: self
                 .shards
@@ -62,14 +69,14 @@ impl Gate {
     }
 }
 
-impl Exclusive<'_> {
-    pub fn current(&self) -> &Arc<Chain> {
+impl<T: Clone> Exclusive<'_, T> {
+    pub fn current(&self) -> &T {
         &self.guards[0]
     }
 
-    pub fn replace(&mut self, chain: Arc<Chain>) {
+    pub fn replace(&mut self, value: T) {
         for g in &mut self.guards {
-            **g = chain.clone();
+            **g = value.clone();
         }
     }
 }
