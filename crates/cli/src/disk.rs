@@ -3,7 +3,7 @@
 //! VHDX is the native format; VHD (v1) can be created, converted and inspected; raw files can be
 //! converted. Formats are recognised by content, and by extension for new files.
 
-mod progress;
+pub(crate) mod progress;
 mod size;
 
 use std::path::{Path, PathBuf};

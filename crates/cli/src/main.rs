@@ -2,6 +2,7 @@
 //! parses arguments and turns an error into one line for the user.
 
 mod control;
+mod control_client;
 mod disk;
 mod run;
 
@@ -27,6 +28,9 @@ enum Command {
     /// Create, inspect, check, convert, resize, merge and compact virtual disks (VHDX, VHD, raw).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Talk to a running VM's control socket (`vireo run --control PATH`): list its disks,
+    /// live-merge a differencing disk.
+    Control(control_client::ControlArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::execute(args),
         Command::Disk(cmd) => disk::execute(cmd),
+        Command::Control(args) => control_client::execute(args).map_err(Into::into),
     };
     match result {
         Ok(code) => code,
