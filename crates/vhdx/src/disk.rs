@@ -758,11 +758,18 @@ impl Chain {
                 let first = geo.payload_index(keep) as usize;
                 let last = (geo.bat_entries(old) as usize).min(w.entries.len());
                 for i in first..last {
-                    let keep_sb =
-                        geo.is_bitmap_index(i as u64) && (i as u64) < geo.bat_entries(new_size);
+                    let is_sb = geo.is_bitmap_index(i as u64);
+                    let keep_sb = is_sb && (i as u64) < geo.bat_entries(new_size);
                     if w.entries[i] != 0 && !keep_sb {
+                        let (s, off) = (bat::state(w.entries[i]), bat::offset(w.entries[i]));
                         w.entries[i] = 0;
                         l.mark_bat_dirty(i as u64);
+                        // Reusable once the flush below commits the cleared entry. Dropped
+                        // sector-bitmap blocks are not freed: that flush's log entry may carry
+                        // their dirty pages, and replaying it would write them into reused space.
+                        if !is_sb && matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
+                            l.space.freed(off, bs);
+                        }
                     }
                 }
             }
@@ -792,6 +799,10 @@ impl Chain {
                 }
                 l.write_region_table(&mut st, regions)?;
                 let mut w = l.bat.write().unwrap();
+                // The region table switch is durable, so the old copy's space is unreferenced;
+                // reusable after the flush below, whose log entry (the one a crash replays)
+                // holds pages of the new copy only.
+                l.space.freed(w.offset, w.region_len);
                 w.entries = entries;
                 w.offset = off;
                 w.region_len = new_len;

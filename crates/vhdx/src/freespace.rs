@@ -47,7 +47,10 @@
 //!    replay (by us and by QEMU). Truncating after a flush would leave that state until the next
 //!    commit, so the tail is given back only after the clean header (LogGuid zero) is durable.
 //!
-//! Shrinking resizes do not record the space they drop; a later open finds it as a gap.
+//! A shrinking resize frees the payload blocks it drops, and a BAT moved by a growing resize
+//! frees its old copy, both like a discard (reusable after the resize's own flush). Dropped
+//! sector-bitmap blocks are left to the next open's gap scan: the flush that commits their
+//! removal may log their dirty pages, and a replay of that entry would write into reused space.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLockReadGuard};

@@ -743,3 +743,48 @@ fn write_in_flight_blocks_reuse() {
     drop(d);
     assert_clean(&p);
 }
+
+/// A shrinking resize frees the blocks it drops (after its own flush), so writes after a
+/// shrink and grow land in that space instead of extending the file; nothing dropped comes back.
+#[test]
+fn shrink_frees_dropped_blocks() {
+    let dir = tmpdir();
+    const N: u64 = 8;
+    let size = 2 * N * MIB;
+    let (p, d) = create(
+        dir.path(),
+        "shrink.vhdx",
+        &opts(size, MIB as u32, DiskType::Dynamic),
+    );
+    let mut model = vec![0u8; size as usize];
+    for b in 0..2 * N {
+        let off = b * MIB;
+        write_model(&d, &mut model, off, &tagged(off, MIB as usize, 1));
+    }
+    d.flush().unwrap();
+    let full = file_len(&p);
+    assert_eq!(full, META + 2 * N * MIB);
+    // Drop the upper half, then grow back: that half reads as zeroes.
+    d.resize(N * MIB, true).unwrap();
+    d.resize(size, false).unwrap();
+    model[(N * MIB) as usize..].fill(0);
+    assert_model(&d, &model, "after shrink and grow");
+    // New data in the upper half reuses the dropped blocks' space.
+    for b in N..2 * N {
+        let off = b * MIB;
+        write_model(&d, &mut model, off, &tagged(off, MIB as usize, 2));
+    }
+    d.flush().unwrap();
+    assert_eq!(
+        file_len(&p),
+        full,
+        "the file grew instead of reusing dropped space"
+    );
+    assert_model(&d, &model, "after rewrite");
+    drop(d);
+    let d = reopen(&p);
+    assert_model(&d, &model, "after reopen");
+    drop(d);
+    assert_clean(&p);
+    qemu_agrees(&p, &model);
+}
