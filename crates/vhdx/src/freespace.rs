@@ -101,8 +101,11 @@ impl FreeSpace {
     /// Records that a block at `offset` no longer belongs to any entry in memory. Call only
     /// after the BAT change (and only once per change).
     pub fn freed(&self, offset: u64, len: u64) {
-        if self.enabled {
-            self.pending.lock().unwrap().push((offset, len));
+        // Only whole 1 MiB units are ever handed out (blocks must start 1 MiB-aligned); a
+        // region of a foreign file need not be aligned.
+        let (a, z) = (offset.next_multiple_of(ALIGN), (offset + len) / ALIGN * ALIGN);
+        if self.enabled && a < z {
+            self.pending.lock().unwrap().push((a, z - a));
         }
     }
 
