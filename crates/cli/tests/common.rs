@@ -5,7 +5,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use vireo_probe_image::{probe_elf, ProbeConsole};
 
 pub fn vireo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vireo"))
@@ -164,5 +166,84 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         ip(&["netns", "del", &self.0]);
+    }
+}
+
+// A running `vireo run` with the probe guest, driven through its stdin/stdout.
+
+pub const T: Duration = Duration::from_secs(60);
+
+/// Killed if dropped while still running.
+pub struct ProbeVm {
+    pub child: Child,
+    pub console: ProbeConsole,
+}
+
+impl ProbeVm {
+    /// Boots the probe with `extra` options, the command prefixed by `prefix` (e.g. `ip netns
+    /// exec NS`) when not empty, and waits for READY.
+    pub fn start(prefix: &[&str], extra: &[&str]) -> ProbeVm {
+        let mut cmd = if prefix.is_empty() {
+            vireo()
+        } else {
+            let mut c = Command::new(prefix[0]);
+            c.args(&prefix[1..]).arg(env!("CARGO_BIN_EXE_vireo"));
+            c
+        };
+        let mut child = cmd
+            .args(["run", "--kernel", probe_elf().to_str().unwrap()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut vm = ProbeVm {
+            child,
+            console: ProbeConsole::new(stdout, stdin),
+        };
+        if let Err(e) = vm.console.wait_ready(T) {
+            let _ = vm.child.kill();
+            panic!("probe did not become ready: {e}");
+        }
+        vm
+    }
+
+    /// Sends `cmd` and returns the guest's answer; kills the VM and panics on an error.
+    pub fn ok(&mut self, cmd: &str) -> String {
+        match self.console.command(cmd, T) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("{cmd}: {e}");
+            }
+        }
+    }
+
+    /// Powers off with `status` and returns vireo's exit code.
+    pub fn poweroff(mut self, status: u8) -> Option<i32> {
+        let _ = self.console.command(&format!("POWEROFF {status}"), T);
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("vireo did not exit after POWEROFF");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ProbeVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

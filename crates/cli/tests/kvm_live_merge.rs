@@ -6,82 +6,16 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
+
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vireo_probe_image::{pattern, probe_elf, ProbeConsole};
+use vireo_probe_image::pattern;
 use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
-const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
-
-/// A running `vireo run` with the probe, driven through its stdin/stdout; killed if dropped
-/// while still running.
-struct ProbeVm {
-    child: Child,
-    console: ProbeConsole,
-}
-
-impl ProbeVm {
-    fn start(args: &[&str]) -> ProbeVm {
-        let mut child = vireo()
-            .args(["run", "--kernel", probe_elf().to_str().unwrap()])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut vm = ProbeVm {
-            child,
-            console: ProbeConsole::new(stdout, stdin),
-        };
-        if let Err(e) = vm.console.wait_ready(T) {
-            let _ = vm.child.kill();
-            panic!("probe did not become ready: {e}");
-        }
-        vm
-    }
-
-    fn ok(&mut self, cmd: &str) -> String {
-        match self.console.command(cmd, T) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = self.child.kill();
-                panic!("{cmd}: {e}");
-            }
-        }
-    }
-
-    fn poweroff(mut self) -> Option<i32> {
-        let _ = self.console.command("POWEROFF 0", T);
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("vireo did not exit after POWEROFF");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for ProbeVm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Connects to the control socket (it appears once the VM runs).
 fn control(path: &Path) -> (UnixStream, mpsc::Receiver<String>) {
@@ -160,7 +94,10 @@ fn kvm_live_merge_while_the_guest_writes() {
     }
     let disk = child.to_str().unwrap().to_string();
     let ctl = sock.to_str().unwrap().to_string();
-    let mut vm = ProbeVm::start(&["--memory", "64M", "--disk", &disk, "--control", &ctl]);
+    let mut vm = ProbeVm::start(
+        &[],
+        &["--memory", "64M", "--disk", &disk, "--control", &ctl],
+    );
     assert_eq!(vm.ok("DISK 0 INFO"), "OK sectors=65536 ro=0 blk_size=512");
     // (lba, sectors, seed) the guest wrote; never overlapping each other.
     let mut guest: Vec<(u64, u64, u64)> = vec![];
@@ -251,7 +188,7 @@ fn kvm_live_merge_while_the_guest_writes() {
     vm.ok("DISK 0 VERIFY 45000 512 5");
     vm.ok("DISK 0 FLUSH");
     drop(conn);
-    assert_eq!(vm.poweroff(), Some(0));
+    assert_eq!(vm.poweroff(0), Some(0));
     assert!(!sock.exists(), "control socket left behind");
 
     for &(lba, count, seed) in &guest {

@@ -4,85 +4,9 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::*;
-use vireo_probe_image::{pattern, probe_elf, ProbeConsole, ProbeError};
-
-const T: Duration = Duration::from_secs(60);
-
-/// A running `vireo run` with the probe, driven through its stdin/stdout.
-struct ProbeVm {
-    child: Child,
-    console: ProbeConsole,
-}
-
-impl ProbeVm {
-    fn start(prefix: &[&str], extra: &[&str]) -> ProbeVm {
-        let mut cmd = if prefix.is_empty() {
-            vireo()
-        } else {
-            let mut c = Command::new(prefix[0]);
-            c.args(&prefix[1..]).arg(env!("CARGO_BIN_EXE_vireo"));
-            c
-        };
-        let mut child = cmd
-            .args(["run", "--kernel", probe_elf().to_str().unwrap()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut vm = ProbeVm {
-            child,
-            console: ProbeConsole::new(stdout, stdin),
-        };
-        if let Err(e) = vm.console.wait_ready(T) {
-            let _ = vm.child.kill();
-            panic!("probe did not become ready: {e}");
-        }
-        vm
-    }
-
-    fn ok(&mut self, cmd: &str) -> String {
-        match self.console.command(cmd, T) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = self.child.kill();
-                panic!("{cmd}: {e}");
-            }
-        }
-    }
-
-    /// Powers off with `status` and returns vireo's exit code.
-    fn poweroff(mut self, status: u8) -> Option<i32> {
-        let _ = self.console.command(&format!("POWEROFF {status}"), T);
-        let deadline = std::time::Instant::now() + T;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("vireo did not exit after POWEROFF");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for ProbeVm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use vireo_probe_image::{pattern, ProbeError};
 
 #[test]
 fn kvm_probe_boots_to_ready_on_two_vcpus() {
