@@ -9,7 +9,7 @@ mod lock;
 mod raw;
 
 pub use error::{locked_message, BlockError};
-pub use lock::{lock, LockError, LockKind};
+pub use lock::{downgrade_for_handover, lock, unlock, LockError, LockKind};
 pub use raw::RawFile;
 
 /// A virtual disk: a byte-addressed device of `size()` bytes.

@@ -121,6 +121,41 @@ pub fn lock(file: &File, path: &Path, kind: LockKind) -> Result<(), LockError> {
     }
 }
 
+/// Drops every lock this open file description holds on `file` (never waits).
+pub fn unlock(file: &File) -> io::Result<()> {
+    set_now(file, libc::F_UNLCK, 0, 0)
+}
+
+/// Turns an exclusive lock held through `file` into a read lock on the whole file minus the
+/// bytes whose holders a [`LockKind::Shared`] open refuses ("uses write", "uses resize"), so
+/// another open of ours can take its shared lock next to it while writers stay out. Used to
+/// hand a file back from a temporary read-write open to a reader without a moment unlocked.
+pub fn downgrade_for_handover(file: &File) -> io::Result<()> {
+    set_now(file, libc::F_RDLCK, 0, 0)?;
+    set_now(
+        file,
+        libc::F_UNLCK,
+        QEMU_USES + PERM_WRITE,
+        PERM_RESIZE - PERM_WRITE + 1,
+    )
+}
+
+/// A lock change that cannot conflict (dropping or downgrading what this open holds); no
+/// lock support means the file was used unlocked in the first place.
+fn set_now(file: &File, ltype: libc::c_int, start: i64, len: i64) -> io::Result<()> {
+    match fcntl_lock(file, libc::F_OFD_SETLK, ltype, start, len) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 /// One OFD lock call on `start..start+len`. For `F_OFD_GETLK`, a conflicting lock held by
 /// another open is reported as `EAGAIN`, like a refused `F_OFD_SETLK`.
 fn fcntl_lock(

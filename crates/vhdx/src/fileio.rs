@@ -269,36 +269,3 @@ impl FileIo {
         }
     }
 }
-
-/// Sets one OFD lock of type `ltype` (`F_RDLCK`, `F_WRLCK` or `F_UNLCK`) on bytes
-/// `start..start+len` of `file` (`len` 0: to the end, however long the file grows), replacing
-/// whatever this open file description held there. Unlike [`vireo_block::lock`] it never
-/// waits: live merge uses it to drop or downgrade locks it already holds, which cannot conflict.
-pub(crate) fn set_ofd_lock(
-    file: &File,
-    ltype: libc::c_int,
-    start: i64,
-    len: i64,
-) -> io::Result<()> {
-    // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = ltype as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = start as libc::off_t;
-    fl.l_len = len as libc::off_t;
-    // l_pid stays 0, as OFD locks require.
-    loop {
-        // SAFETY: fcntl on a descriptor we own with a pointer to a live, initialised flock.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => {}
-            // Filesystems without lock support were used unlocked in the first place.
-            Some(libc::ENOLCK) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => return Ok(()),
-            _ => return Err(err),
-        }
-    }
-}

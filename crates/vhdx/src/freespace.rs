@@ -103,7 +103,10 @@ impl FreeSpace {
     pub fn freed(&self, offset: u64, len: u64) {
         // Only whole 1 MiB units are ever handed out (blocks must start 1 MiB-aligned); a
         // region of a foreign file need not be aligned.
-        let (a, z) = (offset.next_multiple_of(ALIGN), (offset + len) / ALIGN * ALIGN);
+        let (a, z) = (
+            offset.next_multiple_of(ALIGN),
+            (offset + len) / ALIGN * ALIGN,
+        );
         if self.enabled && a < z {
             self.pending.lock().unwrap().push((a, z - a));
         }

@@ -48,7 +48,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::disk::Chain;
-use crate::fileio::set_ofd_lock;
 use crate::format::metadata::FLAG_USER;
 use crate::format::{MERGE_IN_PROGRESS, MIB};
 use crate::guid::Guid;
@@ -67,10 +66,6 @@ const PIVOT_BYTES: u64 = 16 * MIB;
 /// Passes after the first before pivoting anyway (a guest that dirties faster than we copy
 /// would otherwise keep the merge from ever finishing; it pays with a longer pause).
 const MAX_PASSES: u32 = 16;
-
-/// The bytes (start, length) `vireo_block::lock` with [`LockKind::Shared`] requires nobody
-/// else to lock: QEMU's "uses write" (101) and "uses resize" (103).
-const SHARED_PROBES: (i64, i64) = (101, 3);
 
 /// Which units of the disk were written since a live merge started copying.
 #[derive(Default)]
@@ -174,7 +169,7 @@ impl ParentLease {
         let path = old.path.clone();
         let file = File::options().read(true).write(true).open(&path)?;
         vireo_block::lock(&file, &path, LockKind::Shared)?;
-        set_ofd_lock(old.io.file(), libc::F_UNLCK, 0, 0)?;
+        vireo_block::unlock(old.io.file())?;
         // Same open file description: keeps the lock alive if `from_file` fails and drops `file`.
         let keep = file.try_clone()?;
         let give_back =
@@ -203,10 +198,7 @@ impl ParentLease {
     /// Gives the running chain's layer its shared lock back: our descriptor first downgrades to
     /// a read lock (still keeping writers out), then the old one locks, then ours may close.
     fn hand_back(ours: &File, old: &Layer) -> Result<(), VhdxError> {
-        set_ofd_lock(ours, libc::F_RDLCK, 0, 0)?;
-        // A shared lock is refused while anyone else holds the bytes meaning "uses write" or
-        // "uses resize" in QEMU's protocol (see vireo_block::lock); ours would count.
-        set_ofd_lock(ours, libc::F_UNLCK, SHARED_PROBES.0, SHARED_PROBES.1)?;
+        vireo_block::downgrade_for_handover(ours)?;
         vireo_block::lock(old.io.file(), &old.path, LockKind::Shared)?;
         Ok(())
     }
