@@ -582,31 +582,39 @@ fn crash_during_trim_rewrite_churn_differencing() {
     assert!(plain > 30 && torn > 30);
 }
 
+/// A 16 MiB disk whose block 0 holds `data` (first in the file, at `META`), reopened with a
+/// fault injector that never crashes but can pause an I/O (`pause_io_at`).
+fn block_zero_with_fault_hook(
+    dir: &Path,
+    data: &[u8],
+) -> (std::path::PathBuf, Arc<Vhdx>, Arc<FaultInjector>) {
+    let (p, d) = create(
+        dir,
+        "f.vhdx",
+        &opts(16 * MIB, MIB as u32, DiskType::Dynamic),
+    );
+    d.write(data, 0).unwrap();
+    drop(d);
+    assert_eq!(file_len(&p), META + MIB, "block 0 is expected at {META}");
+    let fault = FaultInjector::after(1 << 40);
+    let d = Vhdx::open(
+        &p,
+        &OpenOptions {
+            fault: Some(fault.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (p, Arc::new(d), fault)
+}
+
 /// A read that looked up a block before it was trimmed and is still in flight when the trim
 /// is flushed must not see data of a block that reused the space: the flush waits for it.
 #[test]
 fn read_in_flight_blocks_reuse() {
     let dir = tmpdir();
-    let (p, d) = create(
-        dir.path(),
-        "f.vhdx",
-        &opts(16 * MIB, MIB as u32, DiskType::Dynamic),
-    );
     let old = tagged(0, MIB as usize, 1);
-    d.write(&old, 0).unwrap();
-    drop(d);
-    assert_eq!(file_len(&p), META + MIB, "block 0 is expected at {META}");
-    let fault = FaultInjector::after(1 << 40);
-    let d = Arc::new(
-        Vhdx::open(
-            &p,
-            &OpenOptions {
-                fault: Some(fault.clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (p, d, fault) = block_zero_with_fault_hook(dir.path(), &old);
     let (arrived, go) = fault.pause_io_at(META);
     let reader = {
         let d = d.clone();
@@ -650,25 +658,7 @@ fn read_in_flight_blocks_reuse() {
 #[test]
 fn write_in_flight_blocks_reuse() {
     let dir = tmpdir();
-    let (p, d) = create(
-        dir.path(),
-        "w.vhdx",
-        &opts(16 * MIB, MIB as u32, DiskType::Dynamic),
-    );
-    d.write(&tagged(0, MIB as usize, 1), 0).unwrap();
-    drop(d);
-    assert_eq!(file_len(&p), META + MIB, "block 0 is expected at {META}");
-    let fault = FaultInjector::after(1 << 40);
-    let d = Arc::new(
-        Vhdx::open(
-            &p,
-            &OpenOptions {
-                fault: Some(fault.clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (p, d, fault) = block_zero_with_fault_hook(dir.path(), &tagged(0, MIB as usize, 1));
     let (arrived, go) = fault.pause_io_at(META);
     let late = {
         let d = d.clone();
