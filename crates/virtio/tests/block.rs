@@ -460,6 +460,55 @@ fn resize_updates_capacity_and_notifies_the_driver() {
 }
 
 #[test]
+fn requests_follow_the_size_after_a_resize() {
+    let mut r = rig();
+    let resizer = r.dev.resizer();
+    let last = DISK_SIZE / 512 - 1;
+    let (status, _) = r.request(T_IN, last, Some(wo(DATA, 512)));
+    assert_eq!(status, S_OK);
+    // Shrunk: the old last sector is now past the end.
+    resizer.resize(DISK_SIZE / 2).unwrap();
+    assert_eq!(resizer.size(), DISK_SIZE / 2);
+    assert_eq!(read_config_u64(&r.dev, 0), DISK_SIZE / 1024);
+    let (status, _) = r.request(T_IN, last, Some(wo(DATA, 512)));
+    assert_eq!(status, S_IOERR);
+    let data = vec![0x5au8; 4096];
+    r.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let (status, _) = r.request(T_OUT, DISK_SIZE / 1024 - 4, Some(ro(DATA, 4096)));
+    assert_eq!(
+        status, S_IOERR,
+        "a write straddling the new end went through"
+    );
+    // Grown past the original size: the new area takes writes and reads them back.
+    resizer.resize(4 * DISK_SIZE).unwrap();
+    assert_eq!(r.backend.size(), 4 * DISK_SIZE);
+    let sector = 3 * DISK_SIZE / 512;
+    let (status, _) = r.request(T_OUT, sector, Some(ro(DATA, 4096)));
+    assert_eq!(status, S_OK);
+    assert_eq!(r.file_bytes(3 * DISK_SIZE, 4096), data);
+    r.mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
+    let (status, _) = r.request(T_IN, sector, Some(wo(DATA, 4096)));
+    assert_eq!(status, S_OK);
+    assert_eq!(r.guest_bytes(DATA, 4096), data);
+    // Two resizes, two config interrupts; a size change made elsewhere is one more.
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 2);
+    resizer.size_changed().unwrap();
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[test]
+fn read_only_disk_refuses_a_resize() {
+    let r = rig_with(true, None);
+    let resizer = r.dev.resizer();
+    assert!(matches!(
+        resizer.resize(2 * DISK_SIZE),
+        Err(vireo_block::BlockError::ReadOnly)
+    ));
+    assert_eq!(read_config_u64(&r.dev, 0), DISK_SIZE / 512);
+    assert_eq!(r.irq.config.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
 fn request_behind_an_indirect_table() {
     let mut r = rig();
     assert_ne!(

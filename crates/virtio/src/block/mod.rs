@@ -72,6 +72,14 @@ pub struct Block {
 }
 
 /// Resizes a disk while its device is owned by the transport, telling the driver.
+///
+/// Why this is all it takes: the device caches nothing about the size. `capacity` in config
+/// space and every request's range check read `backend.size()` afresh, so once the backend has
+/// changed size, requests inside a grown area work and requests past a shrunk end fail with
+/// IOERR. What is left is telling the driver: the transport's interrupt (published in the
+/// shared [`ConfigNotifier`] while the device is active) bumps ConfigGeneration and raises a
+/// config-change interrupt. While the device is inactive the driver reads the new capacity
+/// when it next initialises it.
 #[derive(Clone)]
 pub struct BlockResizer {
     backend: Arc<dyn BlockBackend>,
@@ -85,6 +93,16 @@ impl BlockResizer {
         self.backend.resize(new_size)?;
         self.notifier.notify()?;
         Ok(())
+    }
+
+    /// Tells the driver the capacity changed underneath (a live merge onto a larger parent).
+    pub fn size_changed(&self) -> std::io::Result<()> {
+        self.notifier.notify()
+    }
+
+    /// The disk's current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backend.size()
     }
 }
 

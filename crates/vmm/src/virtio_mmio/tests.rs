@@ -260,3 +260,43 @@ fn status_bits_cannot_be_cleared_except_by_reset() {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK
     );
 }
+
+/// A real virtio-blk behind the transport: a resize from outside shows up as a new capacity in
+/// config space, a bumped ConfigGeneration and a config-change interrupt.
+#[test]
+fn block_resize_reaches_the_driver_through_the_transport() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+    let backend = Arc::new(vireo_block::RawFile::open(file.path(), false).unwrap());
+    let block = vireo_virtio::Block::new(backend);
+    let resizer = block.resizer();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(Box::new(block), mem, irq.try_clone().unwrap()).unwrap();
+    let capacity = |t: &mut MmioTransport| {
+        let mut b = [0u8; 8];
+        t.read(CONFIG_SPACE, &mut b);
+        u64::from_le_bytes(b)
+    };
+    assert_eq!(capacity(&mut t), (1 << 20) / 512);
+    let features = vireo_virtio::VIRTIO_F_VERSION_1;
+    assert_ne!(negotiate(&mut t, features) & status::FEATURES_OK, 0);
+    setup_queue(&mut t, 0, 16, 0x10000);
+    wr(&mut t, reg::STATUS, 1 | 2 | 4 | 8);
+    assert_eq!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    let gen = rd(&mut t, reg::CONFIG_GENERATION);
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+
+    resizer.resize(3 << 20).unwrap();
+    assert_eq!(capacity(&mut t), (3 << 20) / 512);
+    assert_eq!(rd(&mut t, reg::CONFIG_GENERATION), gen + 1);
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+    assert_eq!(irq.read().unwrap(), 1);
+    wr(&mut t, reg::INTERRUPT_ACK, INT_CONFIG);
+
+    resizer.resize(1 << 19).unwrap();
+    assert_eq!(capacity(&mut t), (1 << 19) / 512);
+    assert_eq!(rd(&mut t, reg::CONFIG_GENERATION), gen + 2);
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+    wr(&mut t, reg::STATUS, 0);
+}
