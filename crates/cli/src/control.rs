@@ -1,6 +1,12 @@
 //! `vireo run --control PATH`: a Unix socket for operating on a running VM's disks, one
 //! command per line, answers as lines (protocol in [`PROTOCOL`], shown by `vireo run --help`).
 //!
+//! A resize (`disk-resize N SIZE`) changes the disk under the running guest and tells its
+//! driver through the virtio-blk device's [`BlockResizer`] (kept here beside each disk): the
+//! transport raises a configuration-change interrupt and bumps ConfigGeneration, and the driver
+//! re-reads `capacity`. A live merge onto a larger parent changes the size at the pivot and
+//! tells the driver the same way.
+//!
 //! Long operations (a live merge) run in a thread of their own: the connection that started
 //! one streams its progress, but closing it does not stop the merge; `disk-merge-cancel N`
 //! does. When the VM stops, running merges are cancelled (both files stay valid and a later
@@ -16,7 +22,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vireo_vhdx::Vhdx;
+use vireo_vhdx::{Vhdx, VhdxError};
+use vireo_virtio::block::BlockResizer;
+
+use crate::disk::parse_size;
 
 pub const PROTOCOL: &str = "\
 Control socket (--control PATH): a Unix stream socket; send one command per line.
@@ -30,6 +39,11 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
   disk-merge-cancel N    stops a running merge of disk N: \"ok\" here, and the merge's own
                          connection gets \"error ... cancelled\"; the guest stays on the
                          child, and a later disk-merge resumes
+  disk-resize N SIZE     grows or shrinks disk N while the guest runs (SIZE in bytes or with a
+                         K/M/G/T suffix, a multiple of 512): \"ok NEW-SIZE\" (bytes) and the
+                         guest gets a config-change interrupt; a VHDX shrink that would drop
+                         data, a read-only disk or a disk being merged answer \"error MESSAGE\"
+                         (a raw shrink drops the file's tail)
   help                   this list, then \"ok\"
 Unknown or malformed commands answer \"error MESSAGE\". A merge goes on if its connection closes.";
 
@@ -47,6 +61,9 @@ pub struct ControlDisk {
     pub size: u64,
     /// Set for VHDX disks: the same object the VM does its I/O through.
     pub vhdx: Option<Arc<Vhdx>>,
+    /// The disk's virtio-blk device's handle for telling the guest about size changes (None
+    /// only in tests without a device).
+    pub resizer: Option<BlockResizer>,
 }
 
 struct Shared {
@@ -145,6 +162,13 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
                 Ok(i) => merge(s, i, &mut out),
                 Err(e) => writeln!(out, "error {e}"),
             },
+            ["disk-resize", n, size] => match disk_index(s, n) {
+                Ok(i) => match resize(s, i, size) {
+                    Ok(new_size) => writeln!(out, "ok {new_size}"),
+                    Err(e) => writeln!(out, "error {e}"),
+                },
+                Err(e) => writeln!(out, "error {e}"),
+            },
             ["disk-merge-cancel", n] => match disk_index(s, n) {
                 Ok(i) => match s.merges.lock().unwrap().get(&i) {
                     Some(c) => {
@@ -158,7 +182,7 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
             [cmd, ..] => writeln!(
                 out,
                 "error unknown command '{cmd}' (commands: disks, disk-merge N, \
-                 disk-merge-cancel N, help)"
+                 disk-merge-cancel N, disk-resize N SIZE, help)"
             ),
         };
         if r.is_err() {
@@ -180,9 +204,10 @@ fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
 fn list_disks(s: &Shared, out: &mut UnixStream) -> std::io::Result<()> {
     let mut text = String::new();
     for (i, d) in s.disks.lock().unwrap().iter().enumerate() {
-        let (path, size, depth) = match &d.vhdx {
-            Some(v) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
-            None => (d.path.clone(), d.size, 1),
+        let (path, size, depth) = match (&d.vhdx, &d.resizer) {
+            (Some(v), _) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
+            (None, Some(r)) => (d.path.clone(), r.size(), 1),
+            (None, None) => (d.path.clone(), d.size, 1),
         };
         let line = serde_json::json!({
             "index": i,
@@ -197,6 +222,51 @@ fn list_disks(s: &Shared, out: &mut UnixStream) -> std::io::Result<()> {
     writeln!(out, "{text}ok")
 }
 
+/// Resizes disk `i` to `size` (text as typed) and tells the guest; returns the new size.
+fn resize(s: &Shared, i: usize, size: &str) -> Result<u64, String> {
+    let new_size = parse_size(size)?;
+    if new_size == 0 || !new_size.is_multiple_of(512) {
+        return Err(format!(
+            "size {new_size} is not a positive multiple of 512 bytes"
+        ));
+    }
+    let (vhdx, resizer, shown, read_only) = {
+        let disks = s.disks.lock().unwrap();
+        let d = &disks[i];
+        (
+            d.vhdx.clone(),
+            d.resizer.clone(),
+            d.path.display().to_string(),
+            d.read_only,
+        )
+    };
+    let fail = |msg: String| format!("disk {i} ({shown}): {msg}");
+    if read_only {
+        return Err(fail("the disk is read-only".into()));
+    }
+    let Some(resizer) = resizer else {
+        return Err(fail("this disk has no device to resize".into()));
+    };
+    match vhdx {
+        // Through Vhdx itself for its own error messages (a shrink over data says where the
+        // data is); the device reads the new size from the same object.
+        Some(v) => {
+            v.resize(new_size, false).map_err(|e| match e {
+                VhdxError::ShrinkOverData { data_at, .. } => fail(format!(
+                    "shrinking to {new_size} would drop data at virtual offset {data_at}; \
+                     choose a size above it"
+                )),
+                e => fail(e.to_string()),
+            })?;
+            resizer
+                .size_changed()
+                .map_err(|e| fail(format!("resized, but the guest was not told: {e}")))?;
+        }
+        None => resizer.resize(new_size).map_err(|e| fail(e.to_string()))?,
+    }
+    Ok(resizer.size())
+}
+
 enum MergeEvent {
     Progress(u64, u64),
     Done(Result<PathBuf, vireo_vhdx::VhdxError>),
@@ -204,10 +274,14 @@ enum MergeEvent {
 
 /// Starts a live merge of disk `i` in its own thread and streams its progress to `out`.
 fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()> {
-    let (vhdx, shown) = {
+    let (vhdx, resizer, shown) = {
         let disks = s.disks.lock().unwrap();
         let d = &disks[i];
-        (d.vhdx.clone(), d.path.display().to_string())
+        (
+            d.vhdx.clone(),
+            d.resizer.clone(),
+            d.path.display().to_string(),
+        )
     };
     let Some(vhdx) = vhdx else {
         return writeln!(
@@ -229,12 +303,23 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
         .name(format!("vireo-merge-{i}"))
         .spawn(move || {
             let progress_tx = tx.clone();
+            let size_before = vhdx.virtual_size();
             let r = vhdx.merge_live(
                 &move |done, total| {
                     let _ = progress_tx.send(MergeEvent::Progress(done, total));
                 },
                 &cancel,
             );
+            // A parent larger than the child makes the disk grow at the pivot.
+            if let (Ok(_), Some(resizer)) = (&r, &resizer) {
+                if vhdx.virtual_size() != size_before {
+                    if let Err(e) = resizer.size_changed() {
+                        tracing::warn!(
+                            "disk {i}: merged, but the guest was not told its new size: {e}"
+                        );
+                    }
+                }
+            }
             s2.merges.lock().unwrap().remove(&i);
             let _ = tx.send(MergeEvent::Done(r));
         });
@@ -306,6 +391,7 @@ mod tests {
             read_only: false,
             size: vhdx.virtual_size(),
             vhdx: Some(vhdx.clone()),
+            resizer: None,
         }
     }
 

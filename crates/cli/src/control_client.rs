@@ -1,5 +1,5 @@
 //! `vireo control SOCKET ...`: the client side of a running VM's control socket (`vireo run
-//! --control`), so nobody needs netcat to list a VM's disks or live-merge one.
+//! --control`), so nobody needs netcat to list a VM's disks, live-merge one or resize one.
 //!
 //! `disk-merge` draws a progress bar and turns Ctrl-C into `disk-merge-cancel` sent over a
 //! second connection: the merge stops at a safe point and the VM stays on the child.
@@ -37,6 +37,16 @@ enum ControlCommand {
         /// Disk index, as `disks` lists it.
         index: usize,
     },
+    /// Grow or shrink disk N while the guest runs; the guest is told the new capacity. A VHDX
+    /// shrink that would drop data is refused; a raw shrink drops the file's tail. Prints the
+    /// new size in bytes.
+    Resize {
+        /// Disk index, as `disks` lists it.
+        index: usize,
+        /// New size: bytes or with a K, M, G or T suffix (powers of 1024), a multiple of 512.
+        #[arg(value_parser = crate::disk::parse_size)]
+        size: u64,
+    },
 }
 
 pub fn execute(args: ControlArgs) -> Result<ExitCode, String> {
@@ -56,6 +66,11 @@ pub fn execute(args: ControlArgs) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         ControlCommand::Merge { index } => merge(&args.socket, index),
+        ControlCommand::Resize { index, size } => {
+            let new_size = request_answer(&args.socket, &format!("disk-resize {index} {size}"))?;
+            println!("{new_size}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -125,6 +140,16 @@ fn connect(socket: &Path) -> Result<UnixStream, String> {
 
 /// Sends one command and returns the lines before its final `ok`; `error MSG` becomes Err.
 fn request(socket: &Path, command: &str) -> Result<Vec<String>, String> {
+    exchange(socket, command).map(|(lines, _)| lines)
+}
+
+/// Sends one command answered by a single `ok VALUE` line and returns VALUE.
+fn request_answer(socket: &Path, command: &str) -> Result<String, String> {
+    exchange(socket, command).map(|(_, value)| value)
+}
+
+/// Sends one command; returns the lines before its final `ok` and what followed `ok `.
+fn exchange(socket: &Path, command: &str) -> Result<(Vec<String>, String), String> {
     let mut conn = connect(socket)?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
@@ -132,8 +157,11 @@ fn request(socket: &Path, command: &str) -> Result<Vec<String>, String> {
     let mut out = vec![];
     for line in BufReader::new(conn).lines() {
         let line = line.map_err(|e| format!("{}: {e}", socket.display()))?;
-        if line == "ok" || line.starts_with("ok ") {
-            return Ok(out);
+        if line == "ok" {
+            return Ok((out, String::new()));
+        }
+        if let Some(value) = line.strip_prefix("ok ") {
+            return Ok((out, value.to_string()));
         }
         if let Some(msg) = line.strip_prefix("error ") {
             return Err(msg.to_string());

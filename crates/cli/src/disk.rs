@@ -18,7 +18,8 @@ use vireo_vhdx::vhd::{self, Vhd, VhdCreateOptions};
 use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx, VhdxError};
 
 use progress::{cancel_flag, Bar};
-use size::{human, parse_size};
+use size::human;
+pub(crate) use size::parse_size;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

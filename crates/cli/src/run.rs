@@ -254,14 +254,21 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut control_disks = Vec::new();
     for d in &args.disk {
         let (backend, vhdx) = open_disk(d)?;
+        // The control socket resizes through the device's resizer: the transport owns the
+        // device once the VM starts, and the resizer is how a size change reaches the driver.
+        let block = vireo_virtio::Block::new(backend.clone());
         control_disks.push(ControlDisk {
             path: d.path.clone(),
             format: if vhdx.is_some() { "vhdx" } else { "raw" },
             read_only: d.read_only,
             size: backend.size(),
             vhdx,
+            resizer: Some(block.resizer()),
         });
-        devices.push(VirtioSlot::block(backend));
+        devices.push(VirtioSlot {
+            device: Box::new(block),
+            flush_on_exit: Some(backend),
+        });
     }
     for (i, n) in args.net.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| default_mac(i));

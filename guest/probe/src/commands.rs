@@ -153,7 +153,9 @@ impl Probe {
                 let _ = write!(
                     reply,
                     "OK sectors={} ro={} blk_size={}",
-                    disk.sectors, disk.ro as u8, disk.blk_size
+                    disk.sectors(),
+                    disk.ro as u8,
+                    disk.blk_size
                 );
                 return Ok(());
             }

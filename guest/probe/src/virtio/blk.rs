@@ -54,7 +54,8 @@ pub enum Op {
 
 pub struct Blk {
     vq: Virtqueue,
-    pub sectors: u64,
+    /// Kept for config-space reads: the capacity is never cached (see [`Blk::sectors`]).
+    transport: Transport,
     pub ro: bool,
     pub blk_size: u32,
     flush: bool,
@@ -78,7 +79,6 @@ impl Blk {
     pub fn new(transport: Transport) -> Option<Self> {
         let features =
             transport.begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH)?;
-        let sectors = transport.config_read64(0);
         let size_max = if features & F_SIZE_MAX != 0 {
             transport.config_read32(8)
         } else {
@@ -121,7 +121,7 @@ impl Blk {
         transport.finish_init();
         Some(Blk {
             vq,
-            sectors,
+            transport,
             ro: features & F_RO != 0,
             blk_size,
             flush: features & F_FLUSH != 0,
@@ -130,6 +130,12 @@ impl Blk {
             slots,
             meta,
         })
+    }
+
+    /// The capacity in 512-byte sectors, read afresh from config space (the host may have
+    /// resized the disk; the probe polls rather than taking the config-change interrupt).
+    pub fn sectors(&self) -> u64 {
+        self.transport.config_read64_consistent(0)
     }
 
     fn meta_base(&self) -> u64 {
@@ -222,7 +228,8 @@ impl Blk {
 
     /// Writes the pattern over, or verifies it in, `count` sectors from `lba`.
     pub fn pattern_io(&mut self, op: Op, lba: u64, count: u64, seed: u64) -> Result<(), Error> {
-        if lba.checked_add(count).is_none_or(|end| end > self.sectors) {
+        let sectors = self.sectors();
+        if lba.checked_add(count).is_none_or(|end| end > sectors) {
             return Err(Error::Range);
         }
         let chunk_sectors = (self.slot_capacity() as u64 / SECTOR).max(1);

@@ -21,6 +21,7 @@ const QUEUE_DRIVER_LOW: u64 = 0x090;
 const QUEUE_DRIVER_HIGH: u64 = 0x094;
 const QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG: u64 = 0x100;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -144,5 +145,20 @@ impl Transport {
 
     pub fn config_read64(&self, offset: u64) -> u64 {
         self.config_read32(offset) as u64 | (self.config_read32(offset + 4) as u64) << 32
+    }
+
+    /// A 64-bit config field read consistently (virtio 1.2 §4.2.2.2): its two halves are two
+    /// accesses, so a change between them (an online resize) is caught by ConfigGeneration
+    /// and the read retried; after a bounded number of tries the last value is returned.
+    pub fn config_read64_consistent(&self, offset: u64) -> u64 {
+        let mut value = 0;
+        for _ in 0..16 {
+            let before = self.read(CONFIG_GENERATION);
+            value = self.config_read64(offset);
+            if self.read(CONFIG_GENERATION) == before {
+                break;
+            }
+        }
+        value
     }
 }
