@@ -467,6 +467,92 @@ mod tests {
     }
 
     #[test]
+    fn resizes_vhdx_and_raw_disks_and_refuses_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let vpath = dir.path().join("d.vhdx");
+        let o = CreateOptions {
+            size: 16 << 20,
+            block_size: 1 << 20,
+            ..Default::default()
+        };
+        let v = Arc::new(Vhdx::create(&vpath, &o).unwrap());
+        v.write(&[7; 4096], 10 << 20).unwrap();
+        let rpath = dir.path().join("d.raw");
+        std::fs::File::create(&rpath)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let raw: Arc<dyn vireo_block::BlockBackend> =
+            Arc::new(vireo_block::RawFile::open(&rpath, false).unwrap());
+        let vblock = vireo_virtio::Block::new(v.clone());
+        let rblock = vireo_virtio::Block::new(raw.clone());
+        let mut vdisk = disk(&vpath, &v);
+        vdisk.resizer = Some(vblock.resizer());
+        let rdisk = ControlDisk {
+            path: rpath.clone(),
+            format: "raw",
+            read_only: false,
+            size: raw.size(),
+            vhdx: None,
+            resizer: Some(rblock.resizer()),
+        };
+        let shared = Arc::new(Shared {
+            disks: Mutex::new(vec![vdisk, rdisk]),
+            merges: Mutex::default(),
+            threads: Mutex::default(),
+        });
+        let (mut conn, server) = UnixStream::pair().unwrap();
+        let s = shared.clone();
+        let serving = std::thread::spawn(move || serve(&s, server));
+        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-resize 0 32M"),
+            "ok 33554432"
+        );
+        assert_eq!(v.virtual_size(), 32 << 20);
+        let refused = ask(&mut conn, &mut lines, "disk-resize 0 8M");
+        assert!(
+            refused.contains("would drop data at virtual offset"),
+            "{refused}"
+        );
+        assert_eq!(v.virtual_size(), 32 << 20);
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-resize 0 11M"),
+            "ok 11534336"
+        );
+        assert_eq!(ask(&mut conn, &mut lines, "disk-resize 1 3m"), "ok 3145728");
+        assert_eq!(std::fs::metadata(&rpath).unwrap().len(), 3 << 20);
+        let listed = ask(&mut conn, &mut lines, "disks");
+        assert!(listed.contains("\"virtual_size\":11534336"), "{listed}");
+        let listed = next(&mut lines);
+        assert!(listed.contains("\"virtual_size\":3145728"), "{listed}");
+        assert_eq!(next(&mut lines), "ok");
+        for (cmd, want) in [
+            ("disk-resize 1 0", "multiple of 512"),
+            ("disk-resize 1 513", "multiple of 512"),
+            ("disk-resize 1 huge", "error invalid size"),
+            ("disk-resize 2 1M", "error no disk '2'"),
+            ("disk-resize 1", "error unknown command"),
+        ] {
+            let got = ask(&mut conn, &mut lines, cmd);
+            assert!(
+                got.starts_with("error") && got.contains(want),
+                "{cmd}: {got}"
+            );
+        }
+        shared.disks.lock().unwrap()[1].read_only = true;
+        let got = ask(&mut conn, &mut lines, "disk-resize 1 4M");
+        assert!(got.contains("read-only"), "{got}");
+        // Both ends of the client's socket must close for the server to see the end.
+        drop(lines);
+        drop(conn);
+        serving.join().unwrap();
+        let mut got = vec![0u8; 4096];
+        v.read(&mut got, 10 << 20).unwrap();
+        assert_eq!(got, vec![7; 4096]);
+    }
+
+    #[test]
     fn shutdown_cancels_and_lets_go_of_the_disks() {
         let dir = tempfile::tempdir().unwrap();
         let (_base, child, d) = chain(dir.path());
