@@ -14,6 +14,10 @@ pub enum BlockError {
     Unsupported(&'static str),
     #[error("disk image is corrupt: {0}")]
     Corrupt(String),
+    /// A valid request the backend declines as asked (e.g. a shrink that would drop data);
+    /// the message says why and what would work.
+    #[error("{0}")]
+    Refused(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     /// Another open (in this or another process) holds a conflicting lock on the file.

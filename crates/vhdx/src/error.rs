@@ -141,6 +141,9 @@ impl From<VhdxError> for vireo_block::BlockError {
             }
             VhdxError::Unsupported(what) => BlockError::Unsupported(what),
             VhdxError::Locked { path, wanted } => BlockError::Locked { path, wanted },
+            e @ (VhdxError::ShrinkOverData { .. }
+            | VhdxError::BadVirtualSize(_)
+            | VhdxError::Cancelled) => BlockError::Refused(e.to_string()),
             other => BlockError::Corrupt(other.to_string()),
         }
     }
@@ -152,5 +155,22 @@ impl From<vireo_block::LockError> for VhdxError {
             vireo_block::LockError::Locked { path, wanted } => VhdxError::Locked { path, wanted },
             vireo_block::LockError::Io(e) => VhdxError::Io(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vireo_block::BlockError;
+
+    #[test]
+    fn a_refused_resize_is_not_reported_as_corruption() {
+        let e: BlockError = VhdxError::ShrinkOverData {
+            new_size: 1 << 20,
+            data_at: 2 << 20,
+        }
+        .into();
+        assert!(matches!(e, BlockError::Refused(_)), "{e:?}");
+        assert!(!e.to_string().contains("corrupt"), "{e}");
     }
 }
