@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -246,4 +247,27 @@ impl Drop for ProbeVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Connects to a VM's control socket (it appears once the VM runs); answers arrive on the channel.
+pub fn control_socket(path: &Path) -> (UnixStream, mpsc::Receiver<String>) {
+    let deadline = Instant::now() + T;
+    let conn = loop {
+        match UnixStream::connect(path) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("control socket {}: {e}", path.display()),
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let reader = conn.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (conn, rx)
 }

@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::io::Write;
 
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use vireo_probe_image::pattern;
@@ -16,29 +14,6 @@ use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
-
-/// Connects to the control socket (it appears once the VM runs).
-fn control(path: &Path) -> (UnixStream, mpsc::Receiver<String>) {
-    let deadline = Instant::now() + T;
-    let conn = loop {
-        match UnixStream::connect(path) {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("control socket {}: {e}", path.display()),
-        }
-    };
-    let (tx, rx) = mpsc::channel();
-    let reader = conn.try_clone().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    (conn, rx)
-}
 
 fn next_line(rx: &mpsc::Receiver<String>) -> String {
     rx.recv_timeout(T).expect("no answer on the control socket")
@@ -106,7 +81,7 @@ fn kvm_live_merge_while_the_guest_writes() {
     guest_write(&mut vm, &mut guest, 60_000, 64, 13); // where neither file has data
     vm.ok("DISK 0 FLUSH");
 
-    let (mut conn, lines) = control(&sock);
+    let (mut conn, lines) = control_socket(&sock);
     writeln!(conn, "disks").unwrap();
     let listed = next_line(&lines);
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();

@@ -4,40 +4,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use common::*;
 use vireo_probe_image::pattern;
 use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
-
-/// Connects to the control socket (it appears once the VM runs); answers arrive on the channel.
-fn control(path: &Path) -> (UnixStream, mpsc::Receiver<String>) {
-    let deadline = Instant::now() + T;
-    let conn = loop {
-        match UnixStream::connect(path) {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("control socket {}: {e}", path.display()),
-        }
-    };
-    let (tx, rx) = mpsc::channel();
-    let reader = conn.try_clone().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    (conn, rx)
-}
 
 /// Sends `cmd` and returns its one-line answer.
 fn ask(conn: &mut UnixStream, rx: &mpsc::Receiver<String>, cmd: &str) -> String {
@@ -106,7 +82,7 @@ fn kvm_online_resize_grows_and_shrinks_under_the_guest() {
             &ctl,
         ],
     );
-    let (mut conn, rx) = control(&sock);
+    let (mut conn, rx) = control_socket(&sock);
 
     // VHDX grow: the guest sees the new capacity and can use the new area.
     assert_eq!(info(&mut vm, 0), "OK sectors=32768 ro=0 blk_size=512");
