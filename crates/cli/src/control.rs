@@ -74,6 +74,16 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+impl Shared {
+    fn new(disks: Vec<ControlDisk>) -> Arc<Shared> {
+        Arc::new(Shared {
+            disks: Mutex::new(disks),
+            merges: Mutex::default(),
+            threads: Mutex::default(),
+        })
+    }
+}
+
 /// The listening control socket; [`ControlServer::shutdown`] when the VM has stopped.
 pub struct ControlServer {
     path: PathBuf,
@@ -99,11 +109,7 @@ impl ControlServer {
         }
         let listener =
             UnixListener::bind(path).map_err(|e| format!("control socket {shown}: {e}"))?;
-        let shared = Arc::new(Shared {
-            disks: Mutex::new(disks),
-            merges: Mutex::default(),
-            threads: Mutex::default(),
-        });
+        let shared = Shared::new(disks);
         let s = shared.clone();
         std::thread::Builder::new()
             .name("vireo-control".into())
@@ -401,6 +407,21 @@ mod tests {
         l.trim_end().to_string()
     }
 
+    /// A connection served by `serve` on its own thread, and a line reader for its answers.
+    fn connected(
+        shared: &Arc<Shared>,
+    ) -> (
+        UnixStream,
+        BufReader<UnixStream>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (conn, server) = UnixStream::pair().unwrap();
+        let s = shared.clone();
+        let serving = std::thread::spawn(move || serve(&s, server));
+        let lines = BufReader::new(conn.try_clone().unwrap());
+        (conn, lines, serving)
+    }
+
     fn ask(conn: &mut UnixStream, lines: &mut impl BufRead, cmd: &str) -> String {
         writeln!(conn, "{cmd}").unwrap();
         next(lines)
@@ -410,15 +431,8 @@ mod tests {
     fn lists_merges_and_refuses_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let (base, child, d) = chain(dir.path());
-        let shared = Arc::new(Shared {
-            disks: Mutex::new(vec![disk(&child, &d)]),
-            merges: Mutex::default(),
-            threads: Mutex::default(),
-        });
-        let (mut conn, server) = UnixStream::pair().unwrap();
-        let s = shared.clone();
-        let serving = std::thread::spawn(move || serve(&s, server));
-        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        let shared = Shared::new(vec![disk(&child, &d)]);
+        let (mut conn, mut lines, serving) = connected(&shared);
         let listed = ask(&mut conn, &mut lines, "disks");
         let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
         assert_eq!(v["chain_depth"], 2, "{listed}");
@@ -496,15 +510,8 @@ mod tests {
             vhdx: None,
             resizer: Some(rblock.resizer()),
         };
-        let shared = Arc::new(Shared {
-            disks: Mutex::new(vec![vdisk, rdisk]),
-            merges: Mutex::default(),
-            threads: Mutex::default(),
-        });
-        let (mut conn, server) = UnixStream::pair().unwrap();
-        let s = shared.clone();
-        let serving = std::thread::spawn(move || serve(&s, server));
-        let mut lines = BufReader::new(conn.try_clone().unwrap());
+        let shared = Shared::new(vec![vdisk, rdisk]);
+        let (mut conn, mut lines, serving) = connected(&shared);
         assert_eq!(
             ask(&mut conn, &mut lines, "disk-resize 0 32M"),
             "ok 33554432"
