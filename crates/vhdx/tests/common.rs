@@ -114,3 +114,13 @@ pub fn crash_matrix(
     }
     panic!("operation never completed");
 }
+
+/// Options for a differencing disk over `parent` with `block_size` blocks.
+pub fn diff_opts(parent: &Path, block_size: u32) -> CreateOptions {
+    CreateOptions {
+        disk_type: DiskType::Differencing,
+        parent: Some(parent.to_path_buf()),
+        block_size,
+        ..Default::default()
+    }
+}

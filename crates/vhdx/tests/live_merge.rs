@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use common::*;
-use vireo_vhdx::{CreateOptions, DiskType, FaultInjector, OpenOptions, Vhdx, VhdxError};
+use vireo_vhdx::{DiskType, FaultInjector, OpenOptions, Vhdx, VhdxError};
 
 const MIB: u64 = 1 << 20;
 
@@ -21,15 +21,6 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
-    }
-}
-
-fn diff_opts(parent: &Path, block_size: u32) -> CreateOptions {
-    CreateOptions {
-        disk_type: DiskType::Differencing,
-        parent: Some(parent.to_path_buf()),
-        block_size,
-        ..Default::default()
     }
 }
 

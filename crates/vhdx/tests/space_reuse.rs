@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use vireo_vhdx::{CreateOptions, DiskType, FaultInjector, OpenOptions, Vhdx, VhdxError};
+use vireo_vhdx::{DiskType, FaultInjector, OpenOptions, Vhdx, VhdxError};
 
 const MIB: u64 = 1 << 20;
 /// Header section, log, metadata and BAT of the small disks created here.
@@ -289,16 +289,7 @@ fn differencing_churn() {
     b.write(&parent, 0).unwrap();
     drop(b);
     let child = dir.path().join("child.vhdx");
-    let d = Vhdx::create(
-        &child,
-        &CreateOptions {
-            disk_type: DiskType::Differencing,
-            parent: Some(base.clone()),
-            block_size: MIB as u32,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let d = Vhdx::create(&child, &diff_opts(&base, MIB as u32)).unwrap();
     let mut model = parent.clone();
     let mut bound = 0;
     for round in 0..6u64 {
@@ -466,16 +457,7 @@ fn crash_churn(dir: &Path, torn: bool, differencing: bool) -> u64 {
         // An empty parent: what shows through reads as zero, like an unallocated dynamic block.
         let base = dir.join("base.vhdx");
         drop(Vhdx::create(&base, &opts(16 * MIB, MIB as u32, DiskType::Dynamic)).unwrap());
-        Vhdx::create(
-            &pristine,
-            &CreateOptions {
-                disk_type: DiskType::Differencing,
-                parent: Some(base),
-                block_size: MIB as u32,
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        Vhdx::create(&pristine, &diff_opts(&base, MIB as u32)).unwrap()
     } else {
         Vhdx::create(&pristine, &opts(16 * MIB, MIB as u32, DiskType::Dynamic)).unwrap()
     };
