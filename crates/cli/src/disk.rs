@@ -84,12 +84,7 @@ impl From<FormatArg> for Format {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug, Default)]
-pub enum OutputArg {
-    #[default]
-    Text,
-    Json,
-}
+pub use crate::output::OutputFormat as OutputArg;
 
 #[derive(Args)]
 pub struct CreateArgs {

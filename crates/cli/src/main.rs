@@ -4,6 +4,8 @@
 mod control;
 mod control_client;
 mod disk;
+mod exit;
+mod output;
 mod run;
 
 use std::process::ExitCode;
@@ -14,7 +16,8 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "vireo",
     version,
-    about = "Vireo: virtualization for Linux hosts"
+    about = "Vireo: virtualization for Linux hosts",
+    after_help = exit::HELP_TABLE
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,7 +54,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vireo: error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(exit::status_of(e.as_ref()))
         }
     }
 }
