@@ -22,10 +22,13 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vireo_vhdx::{Vhdx, VhdxError};
+use vireo_block::BlockBackend;
+use vireo_vhdx::vhd::{DiskType as VhdType, Vhd};
+use vireo_vhdx::VhdxError;
 use vireo_virtio::block::BlockResizer;
 
 use crate::disk::parse_size;
+use crate::run::image::{vhd_chain_depth, Image};
 
 pub const PROTOCOL: &str = "\
 Control socket (--control PATH): a Unix stream socket; send one command per line.
@@ -56,11 +59,10 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 pub struct ControlDisk {
     /// The path given on the command line.
     pub path: PathBuf,
-    pub format: &'static str,
     pub read_only: bool,
     pub size: u64,
-    /// Set for VHDX disks: the same object the VM does its I/O through.
-    pub vhdx: Option<Arc<Vhdx>>,
+    /// The image the VM does its I/O through (the same object), by format.
+    pub image: Image,
     /// The disk's virtio-blk device's handle for telling the guest about size changes (None
     /// only in tests without a device).
     pub resizer: Option<BlockResizer>,
@@ -210,15 +212,16 @@ fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
 fn list_disks(s: &Shared, out: &mut UnixStream) -> std::io::Result<()> {
     let mut text = String::new();
     for (i, d) in s.disks.lock().unwrap().iter().enumerate() {
-        let (path, size, depth) = match (&d.vhdx, &d.resizer) {
-            (Some(v), _) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
-            (None, Some(r)) => (d.path.clone(), r.size(), 1),
-            (None, None) => (d.path.clone(), d.size, 1),
+        let size = d.resizer.as_ref().map_or(d.size, |r| r.size());
+        let (path, size, depth) = match &d.image {
+            Image::Vhdx(v) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
+            Image::Vhd(v) => (d.path.clone(), size, vhd_chain_depth(v)),
+            Image::Raw => (d.path.clone(), size, 1),
         };
         let line = serde_json::json!({
             "index": i,
             "path": path,
-            "format": d.format,
+            "format": d.image.format().name(),
             "virtual_size": size,
             "read_only": d.read_only,
             "chain_depth": depth,
@@ -236,11 +239,11 @@ fn resize(s: &Shared, i: usize, size: &str) -> Result<u64, String> {
             "size {new_size} is not a positive multiple of 512 bytes"
         ));
     }
-    let (vhdx, resizer, shown, read_only) = {
+    let (image, resizer, shown, read_only) = {
         let disks = s.disks.lock().unwrap();
         let d = &disks[i];
         (
-            d.vhdx.clone(),
+            d.image.clone(),
             d.resizer.clone(),
             d.path.display().to_string(),
             d.read_only,
@@ -253,10 +256,10 @@ fn resize(s: &Shared, i: usize, size: &str) -> Result<u64, String> {
     let Some(resizer) = resizer else {
         return Err(fail("this disk has no device to resize".into()));
     };
-    match vhdx {
+    match image {
         // Through Vhdx itself for its own error messages (a shrink over data says where the
         // data is); the device reads the new size from the same object.
-        Some(v) => {
+        Image::Vhdx(v) => {
             v.resize(new_size, false).map_err(|e| match e {
                 VhdxError::ShrinkOverData { data_at, .. } => fail(format!(
                     "shrinking to {new_size} would drop data at virtual offset {data_at}; \
@@ -268,9 +271,39 @@ fn resize(s: &Shared, i: usize, size: &str) -> Result<u64, String> {
                 .size_changed()
                 .map_err(|e| fail(format!("resized, but the guest was not told: {e}")))?;
         }
-        None => resizer.resize(new_size).map_err(|e| fail(e.to_string()))?,
+        Image::Vhd(v) => {
+            if new_size < v.size() {
+                vhd_shrink_keeps_data(&v, new_size).map_err(fail)?;
+            }
+            resizer.resize(new_size).map_err(|e| fail(e.to_string()))?
+        }
+        Image::Raw => resizer.resize(new_size).map_err(|e| fail(e.to_string()))?,
     }
     Ok(resizer.size())
+}
+
+/// The VHD reader shrinks without looking; the guest's data must not go with the tail. A
+/// dynamic disk's block map says where data may be; a fixed disk has none to ask.
+fn vhd_shrink_keeps_data(v: &Vhd, new_size: u64) -> Result<(), String> {
+    if v.disk_type() == VhdType::Fixed {
+        return Err(
+            "a fixed VHD has no allocation map to show its tail is empty, so it is not \
+                    shrunk online; shrink it with the VM stopped (vireo disk resize --force)"
+                .into(),
+        );
+    }
+    match v
+        .allocated_ranges()
+        .iter()
+        .find(|(at, len)| at + len > new_size)
+    {
+        Some(&(at, _)) => Err(format!(
+            "shrinking to {new_size} would drop data at virtual offset {}; choose a size \
+             above it",
+            at.max(new_size)
+        )),
+        None => Ok(()),
+    }
 }
 
 enum MergeEvent {
@@ -280,20 +313,30 @@ enum MergeEvent {
 
 /// Starts a live merge of disk `i` in its own thread and streams its progress to `out`.
 fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()> {
-    let (vhdx, resizer, shown) = {
+    let (image, resizer, shown) = {
         let disks = s.disks.lock().unwrap();
         let d = &disks[i];
         (
-            d.vhdx.clone(),
+            d.image.clone(),
             d.resizer.clone(),
             d.path.display().to_string(),
         )
     };
-    let Some(vhdx) = vhdx else {
-        return writeln!(
-            out,
-            "error disk {i} ({shown}) is a raw image; only VHDX disks can be merged"
-        );
+    let vhdx = match image {
+        Image::Vhdx(v) => v,
+        Image::Vhd(_) => {
+            return writeln!(
+                out,
+                "error disk {i} ({shown}) is a VHD image; only VHDX disks can be merged while \
+                 the VM runs (stop it and convert the chain: vireo disk convert)"
+            )
+        }
+        Image::Raw => {
+            return writeln!(
+                out,
+                "error disk {i} ({shown}) is a raw image; only VHDX disks can be merged"
+            )
+        }
     };
     let cancel = Arc::new(AtomicBool::new(false));
     {
@@ -364,7 +407,8 @@ fn tidy(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vireo_vhdx::{CreateOptions, DiskType, OpenOptions};
+    use vireo_vhdx::vhd::VhdCreateOptions;
+    use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
     /// base.vhdx with data under child.avhdx with data of its own, the child opened.
     fn chain(dir: &Path) -> (PathBuf, PathBuf, Arc<Vhdx>) {
@@ -393,10 +437,9 @@ mod tests {
     fn disk(path: &Path, vhdx: &Arc<Vhdx>) -> ControlDisk {
         ControlDisk {
             path: path.to_path_buf(),
-            format: "vhdx",
             read_only: false,
             size: vhdx.virtual_size(),
-            vhdx: Some(vhdx.clone()),
+            image: Image::Vhdx(vhdx.clone()),
             resizer: None,
         }
     }
@@ -504,10 +547,9 @@ mod tests {
         vdisk.resizer = Some(vblock.resizer());
         let rdisk = ControlDisk {
             path: rpath.clone(),
-            format: "raw",
             read_only: false,
             size: raw.size(),
-            vhdx: None,
+            image: Image::Raw,
             resizer: Some(rblock.resizer()),
         };
         let shared = Shared::new(vec![vdisk, rdisk]);
@@ -557,6 +599,74 @@ mod tests {
         let mut got = vec![0u8; 4096];
         v.read(&mut got, 10 << 20).unwrap();
         assert_eq!(got, vec![7; 4096]);
+    }
+
+    #[test]
+    fn vhd_disks_list_as_vhd_resize_within_their_data_and_refuse_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disks = vec![];
+        let mut devices = vec![];
+        for (name, disk_type) in [("dyn.vhd", VhdType::Dynamic), ("fixed.vhd", VhdType::Fixed)] {
+            let path = dir.path().join(name);
+            let opts = VhdCreateOptions {
+                size: 8 << 20,
+                disk_type,
+                block_size: Some(1 << 20),
+            };
+            let v = Arc::new(Vhd::create(&path, &opts).unwrap());
+            v.write_at(&[5; 4096], 3 << 20).unwrap();
+            let block = vireo_virtio::Block::new(v.clone());
+            disks.push(ControlDisk {
+                path,
+                read_only: false,
+                size: v.size(),
+                image: Image::Vhd(v.clone()),
+                resizer: Some(block.resizer()),
+            });
+            devices.push((v, block));
+        }
+        let shared = Shared::new(disks);
+        let (mut conn, mut lines, serving) = connected(&shared);
+        let listed = ask(&mut conn, &mut lines, "disks");
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        assert_eq!(v["format"], "vhd", "{listed}");
+        assert_eq!(v["virtual_size"], 8 << 20, "{listed}");
+        assert_eq!(v["chain_depth"], 1, "{listed}");
+        next(&mut lines);
+        assert_eq!(next(&mut lines), "ok");
+        let merged = ask(&mut conn, &mut lines, "disk-merge 0");
+        assert!(
+            merged.starts_with("error disk 0") && merged.contains("VHD"),
+            "{merged}"
+        );
+        // Dynamic: shrinks over empty blocks, grows back within its block table, refuses to
+        // drop the block holding data or to outgrow the table.
+        assert_eq!(ask(&mut conn, &mut lines, "disk-resize 0 4M"), "ok 4194304");
+        assert_eq!(ask(&mut conn, &mut lines, "disk-resize 0 6M"), "ok 6291456");
+        let refused = ask(&mut conn, &mut lines, "disk-resize 0 2M");
+        assert!(
+            refused.contains("would drop data at virtual offset 3145728"),
+            "{refused}"
+        );
+        let refused = ask(&mut conn, &mut lines, "disk-resize 0 16M");
+        assert!(refused.contains("convert it to VHDX"), "{refused}");
+        // Fixed: grows; a shrink cannot be proven safe online.
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-resize 1 12M"),
+            "ok 12582912"
+        );
+        let refused = ask(&mut conn, &mut lines, "disk-resize 1 10M");
+        assert!(refused.contains("fixed VHD"), "{refused}");
+        drop(lines);
+        drop(conn);
+        serving.join().unwrap();
+        for (v, _) in &devices {
+            let mut got = vec![0u8; 4096];
+            v.read_at(&mut got, 3 << 20).unwrap();
+            assert_eq!(got, vec![5; 4096]);
+        }
+        assert_eq!(devices[0].0.size(), 6 << 20);
+        assert_eq!(devices[1].0.size(), 12 << 20);
     }
 
     #[test]

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use crate::control::{ControlDisk, ControlServer};
-use vireo_block::{BlockBackend, RawFile};
-use vireo_vhdx::Vhdx;
+use image::{parse_disk, DiskArg};
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+
+pub(crate) mod image;
 
 const EXIT_CODES: &str = "\
 Exit status:
@@ -50,9 +50,12 @@ pub struct RunArgs {
     /// Number of vCPUs (1 up to what KVM on this host allows).
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: usize,
-    /// A virtio-blk disk: a VHDX image (recognised by its signature) or a raw image file;
-    /// append ",ro" for a read-only disk. Repeatable.
-    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    /// A virtio-blk disk: a VHDX or VHD image (fixed, dynamic; differencing read-only) or a raw
+    /// image, recognised by its content. Other image formats (qcow2, VMDK, VDI, ...) are
+    /// refused: convert them first. A file with no known signature is raw; ",format=raw"
+    /// attaches any file as raw, ",format=vhdx|vhd" insists on that format. ",ro" makes the
+    /// disk read-only. Repeatable.
+    #[arg(long, value_name = "PATH[,ro][,format=raw|vhd|vhdx]", value_parser = parse_disk)]
     disk: Vec<DiskArg>,
     /// A virtio-net NIC on a host TAP interface (created if missing) or on a vhost-user-net
     /// backend listening on a Unix socket (e.g. a Vireo switch port), with an optional
@@ -71,12 +74,6 @@ pub struct RunArgs {
 
 fn after_help() -> String {
     EXIT_CODES.replace("{CONTROL}", crate::control::PROTOCOL)
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct DiskArg {
-    path: PathBuf,
-    read_only: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,22 +115,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G, 1048576)"))?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
-}
-
-fn parse_disk(s: &str) -> Result<DiskArg, String> {
-    let (path, read_only) = match s.rsplit_once(',') {
-        Some((p, "ro")) => (p, true),
-        Some((p, "rw")) => (p, false),
-        Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (only 'ro' exists)")),
-        None => (s, false),
-    };
-    if path.is_empty() {
-        return Err("empty disk path".into());
-    }
-    Ok(DiskArg {
-        path: path.into(),
-        read_only,
-    })
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -212,57 +193,19 @@ fn default_mac(index: usize) -> [u8; 6] {
     ]
 }
 
-/// An opened disk: what the VMM does I/O through and, for VHDX, the same disk as itself (for
-/// the control socket).
-type OpenedDisk = (Arc<dyn BlockBackend>, Option<Arc<Vhdx>>);
-
-/// Opens a disk image, choosing the backend by the file's magic.
-fn open_disk(d: &DiskArg) -> Result<OpenedDisk, String> {
-    let shown = d.path.display();
-    let meta = std::fs::metadata(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
-    if meta.is_dir() {
-        return Err(format!("disk {shown} is a directory, not a disk image"));
-    }
-    let mut magic = [0u8; 8];
-    {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&d.path).map_err(|e| format!("disk {shown}: {e}"))?;
-        let _ = f.read(&mut magic);
-    }
-    // Image formats are chosen by magic; everything else is a raw image.
-    if &magic == b"vhdxfile" {
-        let opts = vireo_vhdx::OpenOptions {
-            read_only: d.read_only,
-            ..Default::default()
-        };
-        let disk = Arc::new(Vhdx::open(&d.path, &opts).map_err(|e| match e {
-            // Already one line naming the disk and what to do.
-            vireo_vhdx::VhdxError::Locked { .. } => e.to_string(),
-            e => format!("disk {shown}: {e}"),
-        })?);
-        return Ok((disk.clone(), Some(disk)));
-    }
-    let raw = RawFile::open(&d.path, d.read_only).map_err(|e| match e {
-        vireo_block::BlockError::Locked { .. } => e.to_string(),
-        e => format!("disk {shown}: {e}"),
-    })?;
-    Ok((Arc::new(raw), None))
-}
-
 pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut devices = Vec::new();
     let mut control_disks = Vec::new();
     for d in &args.disk {
-        let (backend, vhdx) = open_disk(d)?;
+        let image::OpenedDisk { backend, image } = image::open(d)?;
         // The control socket resizes through the device's resizer: the transport owns the
         // device once the VM starts, and the resizer is how a size change reaches the driver.
         let block = vireo_virtio::Block::new(backend.clone());
         control_disks.push(ControlDisk {
             path: d.path.clone(),
-            format: if vhdx.is_some() { "vhdx" } else { "raw" },
             read_only: d.read_only,
             size: backend.size(),
-            vhdx,
+            image,
             resizer: Some(block.resizer()),
         });
         devices.push(VirtioSlot {
@@ -343,20 +286,6 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn disks() {
-        assert_eq!(
-            parse_disk("a.img,ro"),
-            Ok(DiskArg {
-                path: "a.img".into(),
-                read_only: true
-            })
-        );
-        assert!(!parse_disk("a.img").unwrap().read_only);
-        assert!(parse_disk("a.img,bogus").is_err());
-        assert!(parse_disk(",ro").is_err());
     }
 
     #[test]

@@ -63,6 +63,61 @@ fn argument_errors_need_no_kvm() {
     refuses(&["run", "--kernel", k, "--memory", "0"], "memory");
 }
 
+/// Runs and checks: exit `status`, one stderr line containing every needle.
+fn refuses_with(args: &[&str], status: i32, needles: &[&str]) {
+    let out = run_with_timeout(args, b"", Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: expected {n:?} in {err:?}");
+    }
+}
+
+#[test]
+fn disks_of_unsupported_formats_are_refused_untouched() {
+    // The disks are opened before KVM is, so this needs no /dev/kvm.
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let k = k.to_str().unwrap();
+    for (name, magic, format) in [
+        ("d.qcow2", &b"QFI\xfb\0\0\0\x03"[..], "qcow2"),
+        ("d.vmdk", b"KDMV\x01\0\0\0", "VMDK"),
+        (
+            "d.vmdk.txt",
+            b"# Disk DescriptorFile\nversion=1\n",
+            "VMDK descriptor",
+        ),
+        ("d.luks", b"LUKS\xba\xbe\0\x02", "LUKS"),
+    ] {
+        let path = dir.path().join(name);
+        let mut bytes = magic.to_vec();
+        bytes.resize(64 << 10, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let p = path.to_str().unwrap();
+        refuses_with(
+            &["run", "--kernel", k, "--disk", p],
+            2,
+            &[p, &format!("is a {format} image"), "convert"],
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} was changed");
+    }
+    // A format= that the content contradicts.
+    let raw = dir.path().join("plain.img");
+    std::fs::write(&raw, vec![0u8; 64 << 10]).unwrap();
+    let arg = format!("{},format=vhd", raw.display());
+    refuses_with(
+        &["run", "--kernel", k, "--disk", &arg],
+        2,
+        &[raw.to_str().unwrap(), "format=vhd but it is a raw image"],
+    );
+    refuses_with(
+        &["run", "--kernel", k, "--disk", "/nonexistent/disk.img"],
+        2,
+        &["disk /nonexistent/disk.img"],
+    );
+}
+
 #[test]
 fn kvm_kernel_and_size_errors() {
     if !kvm_usable() {
