@@ -28,6 +28,7 @@ use vireo_vhdx::VhdxError;
 use vireo_virtio::block::BlockResizer;
 
 use crate::disk::parse_size;
+use crate::exit::CliError;
 use crate::run::image::{vhd_chain_depth, Image};
 
 pub const PROTOCOL: &str = "\
@@ -94,23 +95,23 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds `path` (replacing a stale socket nobody listens on) and starts serving.
-    pub fn start(path: &Path, disks: Vec<ControlDisk>) -> Result<ControlServer, String> {
+    pub fn start(path: &Path, disks: Vec<ControlDisk>) -> Result<ControlServer, CliError> {
         let shown = path.display();
+        let bad = |e: std::io::Error| CliError::bad_input(format!("control socket {shown}: {e}"));
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                return Err(format!(
+                return Err(CliError::bad_input(format!(
                     "control socket {shown}: a file that is not a socket is in the way"
-                ));
+                )));
             }
             if UnixStream::connect(path).is_ok() {
-                return Err(format!(
+                return Err(CliError::failed(format!(
                     "control socket {shown} is in use by another running VM"
-                ));
+                )));
             }
-            std::fs::remove_file(path).map_err(|e| format!("control socket {shown}: {e}"))?;
+            std::fs::remove_file(path).map_err(bad)?;
         }
-        let listener =
-            UnixListener::bind(path).map_err(|e| format!("control socket {shown}: {e}"))?;
+        let listener = UnixListener::bind(path).map_err(bad)?;
         let shared = Shared::new(disks);
         let s = shared.clone();
         std::thread::Builder::new()
@@ -124,7 +125,7 @@ impl ControlServer {
                         .spawn(move || serve(&s, conn));
                 }
             })
-            .map_err(|e| format!("control socket: {e}"))?;
+            .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
         Ok(ControlServer {
             path: path.to_path_buf(),
             shared,
@@ -678,13 +679,15 @@ mod tests {
         let Err(e) = ControlServer::start(&sock, vec![]) else {
             panic!("started over a regular file");
         };
-        assert!(e.contains("not a socket"), "{e}");
+        assert!(e.message.contains("not a socket"), "{e}");
+        assert_eq!(e.status, crate::exit::BAD_INPUT);
         std::fs::remove_file(&sock).unwrap();
         let server = ControlServer::start(&sock, vec![disk(&child, &d)]).unwrap();
         let Err(e) = ControlServer::start(&sock, vec![]) else {
             panic!("two servers on one socket");
         };
-        assert!(e.contains("in use"), "{e}");
+        assert!(e.message.contains("in use"), "{e}");
+        assert_eq!(e.status, crate::exit::FAILED);
         let mut conn = UnixStream::connect(&sock).unwrap();
         writeln!(conn, "disk-merge 0").unwrap();
         let mut first = String::new();

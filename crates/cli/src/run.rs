@@ -4,19 +4,25 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::control::{ControlDisk, ControlServer};
+use crate::exit::CliError;
+use errors::{vhost_user_error, vm_error};
 use image::{parse_disk, DiskArg};
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
+mod errors;
 pub(crate) mod image;
 
 const EXIT_CODES: &str = "\
-Exit status:
+Exit status (once the VM has started, the guest decides):
   0-255  the byte the guest wrote to the power-off port (0xf4)
   0      the guest reset the machine (i8042 0xfe or KVM reset); the VM is stopped, not rebooted
   1      a vCPU failed (triple fault, KVM internal error, failed entry); the message names it
-  2      bad arguments or the VM could not be created (the message says why)
   130    stopped by SIGINT; 143 stopped by SIGTERM (vCPUs stopped, disks flushed)
+Before it starts, vireo's own table applies (one line on stderr says why):
+  1      the VM could not be built: a disk in use or damaged, a KVM or host failure
+  2      bad input: a wrong option, a missing kernel/disk/socket path, an unsupported disk
+         format, more vCPUs or memory than this host allows; nothing was changed
 
 Devices appear on the guest kernel command line as virtio_mmio.device=4K@<base>:<irq> entries,
 all --disk options first (in order), then all --net options.
@@ -217,10 +223,12 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let mac = n.mac.unwrap_or_else(|| default_mac(i));
         let slot = match &n.backend {
             NetBackendArg::Tap(tap) => VirtioSlot::tap(tap, mac).map_err(|e| {
-                format!("TAP {tap}: {e} (creating TAP interfaces needs CAP_NET_ADMIN)")
+                CliError::failed(format!(
+                    "TAP {tap}: {e} (creating TAP interfaces needs CAP_NET_ADMIN)"
+                ))
             })?,
             NetBackendArg::VhostUser(socket) => VirtioSlot {
-                device: Box::new(VhostUserNet::connect(socket, mac)?),
+                device: Box::new(VhostUserNet::connect(socket, mac).map_err(vhost_user_error)?),
                 flush_on_exit: None,
             },
         };
@@ -241,8 +249,8 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         devices,
         console,
     };
-    vireo_vmm::install_termination_handlers()?;
-    let vm = Vm::new(config)?;
+    vireo_vmm::install_termination_handlers().map_err(vm_error)?;
+    let vm = Vm::new(config).map_err(vm_error)?;
     let control = match &args.control {
         Some(path) => Some(ControlServer::start(path, control_disks)?),
         None => {
@@ -254,7 +262,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(c) = control {
         c.shutdown();
     }
-    Ok(match exit? {
+    Ok(match exit.map_err(vm_error)? {
         VmExit::PowerOff(status) => ExitCode::from(status),
         VmExit::Reset => {
             eprintln!("vireo: the guest reset the machine; VM stopped");

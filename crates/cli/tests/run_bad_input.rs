@@ -8,12 +8,11 @@ use std::time::Duration;
 use common::*;
 use vireo_vmm::test_images;
 
-/// Runs and checks: non-zero exit, exactly one stderr line containing `needle`, no panic.
+/// Runs and checks: exit 2 (bad input), exactly one stderr line containing `needle`, no panic.
 fn refuses(args: &[&str], needle: &str) {
     let out = run_with_timeout(args, b"", Duration::from_secs(60));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
-    assert!(out.status.code().is_some(), "{args:?} died by a signal");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
@@ -115,6 +114,33 @@ fn disks_of_unsupported_formats_are_refused_untouched() {
         &["run", "--kernel", k, "--disk", "/nonexistent/disk.img"],
         2,
         &["disk /nonexistent/disk.img"],
+    );
+}
+
+#[test]
+fn a_disk_in_use_or_corrupt_is_a_failure_not_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let k = k.to_str().unwrap();
+    let disk = dir.path().join("busy.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let held = vireo_block::RawFile::open(&disk, false).unwrap();
+    refuses_with(
+        &["run", "--kernel", k, "--disk", disk.to_str().unwrap()],
+        1,
+        &[disk.to_str().unwrap(), "in use"],
+    );
+    drop(held);
+    // A VHD whose footer checksum is wrong: recognised, then refused as damaged.
+    let vhd = dir.path().join("bad.vhd");
+    let mut bytes = vec![0u8; 64 << 10];
+    let footer = bytes.len() - 512;
+    bytes[footer..footer + 8].copy_from_slice(b"conectix");
+    std::fs::write(&vhd, &bytes).unwrap();
+    refuses_with(
+        &["run", "--kernel", k, "--disk", vhd.to_str().unwrap()],
+        1,
+        &[vhd.to_str().unwrap(), "VHD"],
     );
 }
 

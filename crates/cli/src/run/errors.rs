@@ -1,0 +1,65 @@
+//! Which of `vireo run`'s own errors are bad input (2: the user can fix the command line or a
+//! file it names) and which are failures (1: the host or an image let us down). The guest's
+//! own status is separate: see `EXIT_CODES` in `run.rs`.
+
+use vireo_vmm::vhost_user_net::VhostUserNetError;
+use vireo_vmm::VmmError;
+
+use crate::exit::CliError;
+
+/// Classifies an error from building or running the VM.
+pub fn vm_error(e: VmmError) -> CliError {
+    let message = e.to_string();
+    match e {
+        VmmError::MemoryTooSmall { .. }
+        | VmmError::MemoryTooLarge { .. }
+        | VmmError::KvmOpen(_)
+        | VmmError::NoVcpus
+        | VmmError::VcpuCount { .. }
+        | VmmError::KernelOpen { .. }
+        | VmmError::KernelFormat { .. }
+        | VmmError::InitrdOpen { .. }
+        | VmmError::InitrdTooLarge { .. }
+        | VmmError::Cmdline(_)
+        | VmmError::TooManyDevices(..)
+        | VmmError::Console(_) => CliError::bad_input(message),
+        VmmError::MemoryAlloc(_)
+        | VmmError::KvmApiVersion(_)
+        | VmmError::KvmCap(_)
+        | VmmError::Kvm { .. }
+        | VmmError::BootSetup(_)
+        | VmmError::Thread(_)
+        | VmmError::Io(_) => CliError::failed(message),
+    }
+}
+
+/// A vhost-user socket nobody listens on is a wrong path; a backend that misbehaves is a failure.
+pub fn vhost_user_error(e: VhostUserNetError) -> CliError {
+    match e {
+        VhostUserNetError::Connect { .. } => CliError::bad_input(format!(
+            "{e} (is the switch port's backend running at that path?)"
+        )),
+        e => CliError::failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{BAD_INPUT, FAILED};
+
+    #[test]
+    fn input_errors_are_2_and_host_failures_1() {
+        assert_eq!(vm_error(VmmError::NoVcpus).status, BAD_INPUT);
+        let e = VmmError::KernelFormat {
+            path: "k".into(),
+            reason: "x".into(),
+        };
+        assert_eq!(vm_error(e).status, BAD_INPUT);
+        assert_eq!(vm_error(VmmError::KvmCap("irqfd")).status, FAILED);
+        assert_eq!(
+            vm_error(VmmError::MemoryAlloc("mmap".into())).status,
+            FAILED
+        );
+    }
+}
