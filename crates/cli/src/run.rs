@@ -69,8 +69,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "tap=NAME|vhost-user=SOCKET[,mac=MAC]", value_parser = parse_net)]
     net: Vec<NetArg>,
     /// Where COM1 goes: "stdio" (output to stdout, input from stdin), "file=PATH" (output
-    /// appended), "socket=PATH" (a Unix socket to connect to, both directions) or "none".
-    #[arg(long, value_name = "stdio|file=PATH|socket=PATH|none", default_value = "stdio", value_parser = parse_console)]
+    /// appended), "socket=PATH" or "none". With "socket=PATH" vireo listens on a Unix socket at
+    /// PATH (both directions, one client at a time; a stale socket there is replaced, any other
+    /// file is refused and left alone; the socket is removed at exit) and holds the guest until
+    /// the first client connects, so no output is lost; "socket=PATH,nowait" starts the guest
+    /// at once and drops its output until a client connects.
+    #[arg(long, value_name = "stdio|file=PATH|socket=PATH[,nowait]|none", default_value = "stdio", value_parser = parse_console)]
     console: ConsoleArg,
     /// A Unix socket to control the running VM through (list disks, merge a differencing
     /// VHDX disk into its parent while the guest runs); protocol below. Removed at exit.
@@ -98,7 +102,7 @@ enum NetBackendArg {
 enum ConsoleArg {
     Stdio,
     File(PathBuf),
-    Socket(PathBuf),
+    Socket { path: PathBuf, wait: bool },
     None,
 }
 
@@ -175,13 +179,26 @@ fn parse_net(s: &str) -> Result<NetArg, String> {
 }
 
 fn parse_console(s: &str) -> Result<ConsoleArg, String> {
+    let (socket, wait) = match s.strip_suffix(",nowait") {
+        Some(rest) => (rest, false),
+        None => (s, true),
+    };
+    match socket.split_once('=') {
+        Some(("socket", p)) if !p.is_empty() => {
+            return Ok(ConsoleArg::Socket {
+                path: p.into(),
+                wait,
+            })
+        }
+        _ if !wait => return Err(format!("'{s}': only socket=PATH takes ,nowait")),
+        _ => {}
+    }
     match s.split_once('=') {
         None if s == "stdio" => Ok(ConsoleArg::Stdio),
         None if s == "none" => Ok(ConsoleArg::None),
         Some(("file", p)) if !p.is_empty() => Ok(ConsoleArg::File(p.into())),
-        Some(("socket", p)) if !p.is_empty() => Ok(ConsoleArg::Socket(p.into())),
         _ => Err(format!(
-            "'{s}' is not a console; use stdio, file=PATH, socket=PATH or none"
+            "'{s}' is not a console; use stdio, file=PATH, socket=PATH[,nowait] or none"
         )),
     }
 }
@@ -234,10 +251,14 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         };
         devices.push(slot);
     }
+    let waits_for = match &args.console {
+        ConsoleArg::Socket { path, wait: true } => Some(path.clone()),
+        _ => None,
+    };
     let console = match args.console {
         ConsoleArg::Stdio => ConsoleConfig::Stdio,
         ConsoleArg::File(p) => ConsoleConfig::File(p),
-        ConsoleArg::Socket(p) => ConsoleConfig::Socket(p),
+        ConsoleArg::Socket { path, wait } => ConsoleConfig::Socket { path, wait },
         ConsoleArg::None => ConsoleConfig::Null,
     };
     let config = VmConfig {
@@ -258,6 +279,13 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             None
         }
     };
+    if let Some(path) = waits_for {
+        eprintln!(
+            "vireo: waiting for a client on console socket {} (the guest starts when one \
+             connects; socket=PATH,nowait starts it at once)",
+            path.display()
+        );
+    }
     let exit = vm.run();
     if let Some(c) = control {
         c.shutdown();
@@ -325,8 +353,20 @@ mod tests {
         );
         assert_eq!(
             parse_console("socket=/tmp/s"),
-            Ok(ConsoleArg::Socket("/tmp/s".into()))
+            Ok(ConsoleArg::Socket {
+                path: "/tmp/s".into(),
+                wait: true
+            })
         );
+        assert_eq!(
+            parse_console("socket=/tmp/s,nowait"),
+            Ok(ConsoleArg::Socket {
+                path: "/tmp/s".into(),
+                wait: false
+            })
+        );
+        assert!(parse_console("stdio,nowait").is_err());
+        assert!(parse_console("socket=,nowait").is_err());
         assert!(parse_console("file=").is_err());
         assert!(parse_console("tcp=1").is_err());
     }

@@ -15,7 +15,8 @@ pub enum ConsoleConfig {
     /// Output appended to a file; no input.
     File(PathBuf),
     /// A Unix socket the VMM listens on; one client at a time gets output and sends input.
-    Socket(PathBuf),
+    /// With `wait` the vCPUs start only once the first client has connected.
+    Socket { path: PathBuf, wait: bool },
     /// Both directions over an already-connected stream (in-process users and tests).
     Stream(UnixStream),
     /// Discarded.

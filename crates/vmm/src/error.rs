@@ -55,6 +55,19 @@ pub enum VmmError {
     TooManyDevices(usize, usize),
     #[error("console: {0}")]
     Console(#[source] io::Error),
+    #[error("console file {path}: {source}")]
+    ConsoleFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("console socket {path}: {why}")]
+    ConsoleSocket {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error("console socket {0} is in use (another process listens on it); choose another path")]
+    ConsoleSocketInUse(std::path::PathBuf),
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] io::Error),
     #[error("I/O error: {0}")]

@@ -130,7 +130,8 @@ pub struct Vm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     flush_on_exit: Vec<Arc<dyn BlockBackend>>,
     input: Option<InputSource>,
-    console_socket: Option<std::path::PathBuf>,
+    /// Removed when the VM is dropped.
+    _console_socket: Option<console::SocketFile>,
     boot: BootInfo,
     placements: Vec<VirtioPlacement>,
 }
@@ -305,7 +306,7 @@ impl Vm {
             transports,
             flush_on_exit,
             input: Some(input),
-            console_socket,
+            _console_socket: console_socket,
             boot,
             placements,
         })
@@ -329,11 +330,22 @@ impl Vm {
     pub fn run(mut self) -> Result<VmExit> {
         vcpu::install_kick_handler()?;
         let exit = self.shared.exit.clone();
-        if let Some(input) = self.input.take() {
+        let mut held = false;
+        if let Some(mut input) = self.input.take() {
+            let stop = || termination_signal().is_some() || exit.is_set();
+            held = !console::wait_for_client(&mut input, stop)?;
             console::start_input(input, self.serial.clone(), exit.clone())?;
         }
+        if held && !exit.is_set() {
+            exit.set(VmExit::Stopped);
+        }
         let mut threads = Vec::new();
-        for (i, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        let vcpus = if held {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.vcpus)
+        };
+        for (i, fd) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -368,9 +380,6 @@ impl Vm {
             }
         }
         lock(&self.serial).flush_output();
-        if let Some(path) = &self.console_socket {
-            let _ = std::fs::remove_file(path);
-        }
         Ok(reason)
     }
 }

@@ -22,12 +22,15 @@ pub fn vm_error(e: VmmError) -> CliError {
         | VmmError::InitrdTooLarge { .. }
         | VmmError::Cmdline(_)
         | VmmError::TooManyDevices(..)
-        | VmmError::Console(_) => CliError::bad_input(message),
+        | VmmError::ConsoleFile { .. }
+        | VmmError::ConsoleSocket { .. } => CliError::bad_input(message),
         VmmError::MemoryAlloc(_)
         | VmmError::KvmApiVersion(_)
         | VmmError::KvmCap(_)
         | VmmError::Kvm { .. }
         | VmmError::BootSetup(_)
+        | VmmError::Console(_)
+        | VmmError::ConsoleSocketInUse(_)
         | VmmError::Thread(_)
         | VmmError::Io(_) => CliError::failed(message),
     }
