@@ -49,7 +49,9 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
                          data, a read-only disk or a disk being merged answer \"error MESSAGE\"
                          (a raw shrink drops the file's tail)
   help                   this list, then \"ok\"
-Unknown or malformed commands answer \"error MESSAGE\". A merge goes on if its connection closes.";
+An unknown command answers \"error unknown command ...\" with the list; a known one with wrong
+arguments answers \"error\" with what was wrong and its usage. A merge goes on if its connection
+closes.";
 
 /// Longest command line accepted.
 const MAX_LINE: u64 = 4096;
@@ -163,22 +165,23 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
             Ok(_) => {}
         }
         let words: Vec<&str> = line.split_whitespace().collect();
-        let r = match words.as_slice() {
-            [] => Ok(()),
-            ["help"] => writeln!(out, "{PROTOCOL}\nok"),
-            ["disks"] => list_disks(s, &mut out),
-            ["disk-merge", n] => match disk_index(s, n) {
+        let r = match parse_command(&words) {
+            Ok(None) => Ok(()),
+            Err(e) => writeln!(out, "error {e}"),
+            Ok(Some(Command::Help)) => writeln!(out, "{PROTOCOL}\nok"),
+            Ok(Some(Command::Disks)) => list_disks(s, &mut out),
+            Ok(Some(Command::Merge(n))) => match disk_index(s, n) {
                 Ok(i) => merge(s, i, &mut out),
                 Err(e) => writeln!(out, "error {e}"),
             },
-            ["disk-resize", n, size] => match disk_index(s, n) {
+            Ok(Some(Command::Resize(n, size))) => match disk_index(s, n) {
                 Ok(i) => match resize(s, i, size) {
                     Ok(new_size) => writeln!(out, "ok {new_size}"),
                     Err(e) => writeln!(out, "error {e}"),
                 },
                 Err(e) => writeln!(out, "error {e}"),
             },
-            ["disk-merge-cancel", n] => match disk_index(s, n) {
+            Ok(Some(Command::MergeCancel(n))) => match disk_index(s, n) {
                 Ok(i) => match s.merges.lock().unwrap().get(&i) {
                     Some(c) => {
                         c.store(true, Ordering::Relaxed);
@@ -188,16 +191,61 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
                 },
                 Err(e) => writeln!(out, "error {e}"),
             },
-            [cmd, ..] => writeln!(
-                out,
-                "error unknown command '{cmd}' (commands: disks, disk-merge N, \
-                 disk-merge-cancel N, disk-resize N SIZE, help)"
-            ),
         };
         if r.is_err() {
             return;
         }
     }
+}
+
+/// One command line, its arguments not yet checked against the VM.
+#[derive(Debug, PartialEq, Eq)]
+enum Command<'a> {
+    Help,
+    Disks,
+    Merge(&'a str),
+    MergeCancel(&'a str),
+    Resize(&'a str, &'a str),
+}
+
+/// Each command's usage, as the error for wrong arguments shows it.
+const USAGE: &[(&str, &str)] = &[
+    ("disks", "disks"),
+    ("disk-merge", "disk-merge N"),
+    ("disk-merge-cancel", "disk-merge-cancel N"),
+    ("disk-resize", "disk-resize N SIZE"),
+    ("help", "help"),
+];
+
+/// Splits a command line into a command; `None` for a blank line. A known command with the
+/// wrong number of arguments says so with its usage, not "unknown command".
+fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
+    let Some((&name, args)) = words.split_first() else {
+        return Ok(None);
+    };
+    let command = match (name, args) {
+        ("help", []) => Command::Help,
+        ("disks", []) => Command::Disks,
+        ("disk-merge", [n]) => Command::Merge(n),
+        ("disk-merge-cancel", [n]) => Command::MergeCancel(n),
+        ("disk-resize", [n, size]) => Command::Resize(n, size),
+        _ => {
+            let Some((_, usage)) = USAGE.iter().find(|(known, _)| *known == name) else {
+                let all: Vec<&str> = USAGE.iter().map(|(_, u)| *u).collect();
+                return Err(format!(
+                    "unknown command '{name}' (commands: {})",
+                    all.join(", ")
+                ));
+            };
+            let wanted = usage.split(' ').count() - 1;
+            return Err(format!(
+                "{name} takes {wanted} argument{} but got {}: usage: {usage}",
+                if wanted == 1 { "" } else { "s" },
+                args.len()
+            ));
+        }
+    };
+    Ok(Some(command))
 }
 
 fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
@@ -582,7 +630,7 @@ mod tests {
             ("disk-resize 1 513", "multiple of 512"),
             ("disk-resize 1 huge", "error invalid size"),
             ("disk-resize 2 1M", "error no disk '2'"),
-            ("disk-resize 1", "error unknown command"),
+            ("disk-resize 1", "usage: disk-resize N SIZE"),
         ] {
             let got = ask(&mut conn, &mut lines, cmd);
             assert!(
@@ -600,6 +648,57 @@ mod tests {
         let mut got = vec![0u8; 4096];
         v.read(&mut got, 10 << 20).unwrap();
         assert_eq!(got, vec![7; 4096]);
+    }
+
+    #[test]
+    fn wrong_arguments_to_a_known_command_say_what_is_wrong() {
+        assert_eq!(parse_command(&[]), Ok(None));
+        assert_eq!(parse_command(&["disks"]), Ok(Some(Command::Disks)));
+        assert_eq!(
+            parse_command(&["disk-resize", "0", "1G"]),
+            Ok(Some(Command::Resize("0", "1G")))
+        );
+        for (words, want) in [
+            (
+                &["disk-resize", "0"][..],
+                "disk-resize takes 2 arguments but got 1: usage: disk-resize N SIZE",
+            ),
+            (
+                &["disks", "extra"][..],
+                "disks takes 0 arguments but got 1: usage: disks",
+            ),
+            (
+                &["disk-merge"][..],
+                "disk-merge takes 1 argument but got 0: usage: disk-merge N",
+            ),
+            (
+                &["disk-merge-cancel", "0", "1"][..],
+                "disk-merge-cancel takes 1 argument but got 2: usage: disk-merge-cancel N",
+            ),
+            (
+                &["help", "me"][..],
+                "help takes 0 arguments but got 1: usage: help",
+            ),
+        ] {
+            assert_eq!(parse_command(words), Err(want.to_string()), "{words:?}");
+        }
+        let unknown = parse_command(&["frobnicate", "3"]).unwrap_err();
+        assert!(
+            unknown.starts_with("unknown command 'frobnicate'"),
+            "{unknown}"
+        );
+        assert!(unknown.contains("disk-resize N SIZE"), "{unknown}");
+        // Through a connection, the same words.
+        let shared = Shared::new(vec![]);
+        let (mut conn, mut lines, serving) = connected(&shared);
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disks extra"),
+            "error disks takes 0 arguments but got 1: usage: disks"
+        );
+        assert!(ask(&mut conn, &mut lines, "disk-resize 0").ends_with("usage: disk-resize N SIZE"));
+        drop(lines);
+        drop(conn);
+        serving.join().unwrap();
     }
 
     #[test]
