@@ -53,7 +53,8 @@ pub struct RunArgs {
     /// Guest RAM: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// Number of vCPUs (1 up to what KVM on this host allows).
+    /// Number of vCPUs: 1 up to KVM's limit on this host (KVM_CAP_MAX_VCPUS); more than the
+    /// host has CPUs works, slower, with a warning.
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: usize,
     /// A virtio-blk disk: a VHDX or VHD image (fixed, dynamic; differencing read-only) or a raw
@@ -216,6 +217,20 @@ fn default_mac(index: usize) -> [u8; 6] {
     ]
 }
 
+/// More vCPUs than host CPUs works (KVM allows up to its KVM_CAP_MAX_VCPUS, which `Vm::new`
+/// enforces) but the vCPUs then take turns, and spinning guests thrash the host: say so once.
+fn warn_if_overcommitted(vcpus: usize) {
+    let Ok(host) = std::thread::available_parallelism() else {
+        return;
+    };
+    if vcpus > host.get() {
+        eprintln!(
+            "vireo: warning: --vcpus {vcpus} is more than this host's {host} CPU(s); the vCPUs \
+             will share them and run slower"
+        );
+    }
+}
+
 pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut devices = Vec::new();
     let mut control_disks = Vec::new();
@@ -272,6 +287,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;
     let vm = Vm::new(config).map_err(vm_error)?;
+    warn_if_overcommitted(args.vcpus);
     let control = match &args.control {
         Some(path) => Some(ControlServer::start(path, control_disks)?),
         None => {

@@ -199,3 +199,40 @@ fn kvm_run_console_on_a_unix_socket() {
     assert_eq!(status.code(), Some(7));
     assert!(!sock.exists(), "console socket left behind");
 }
+
+#[test]
+fn kvm_run_warns_in_one_plain_line_above_the_host_cpu_count() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let host = std::thread::available_parallelism().unwrap().get();
+    let dir = tempfile::tempdir().unwrap();
+    for (vcpus, warned) in [(host, false), (host + 1, true)] {
+        // Every application processor checks in; the boot vCPU powers off with their count.
+        let k = tiny_kernel(dir.path(), &test_images::smp_count(vcpus as u32 - 1));
+        let n = vcpus.to_string();
+        let out = run_with_timeout(
+            &[
+                "run",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--memory",
+                "32M",
+                "--vcpus",
+                &n,
+            ],
+            b"",
+            T,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(vcpus as i32 - 1), "{err}");
+        if warned {
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.starts_with("vireo: warning: --vcpus "), "{err}");
+            assert!(err.contains(&format!("{host} CPU")), "{err}");
+            assert!(!err.contains('\x1b'), "colour codes on a pipe: {err:?}");
+        } else {
+            assert_eq!(err, "", "--vcpus {vcpus} on {host} CPUs");
+        }
+    }
+}

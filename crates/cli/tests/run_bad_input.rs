@@ -174,6 +174,12 @@ fn kvm_kernel_and_size_errors() {
         &["run", "--kernel", k, "--vcpus", "100000"],
         "--vcpus must be between 1 and",
     );
+    // KVM's own limit (KVM_CAP_MAX_VCPUS), exactly: one more is refused.
+    let max = vireo_vmm::max_vcpus().unwrap();
+    refuses(
+        &["run", "--kernel", k, "--vcpus", &(max + 1).to_string()],
+        &format!("--vcpus must be between 1 and {max}"),
+    );
     refuses(
         &["run", "--kernel", k, "--control", "/nonexistent/dir/c.sock"],
         "control socket /nonexistent/dir/c.sock",
