@@ -3,6 +3,12 @@
 //!
 //! `disk-merge` draws a progress bar and turns Ctrl-C into `disk-merge-cancel` sent over a
 //! second connection: the merge stops at a safe point and the VM stays on the child.
+//!
+//! Exit statuses (the table in `exit.rs`): a socket path that does not exist or is not a socket,
+//! a disk index the VM does not have and a size that is not a positive multiple of 512 are bad
+//! input (2), checked before anything is asked of the VM; a VM that is not listening (connection
+//! refused), a connection that breaks and every error the VM answers (a resize over data, a
+//! merge of a raw disk) are failures (1); Ctrl-C during a merge is 130 once the merge stopped.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,14 +20,26 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::disk::progress::{cancel_flag, Bar};
+use crate::exit::CliError;
 
 #[derive(Args)]
+#[command(after_help = STATUSES)]
 pub struct ControlArgs {
     /// The socket given to `vireo run --control`.
     socket: PathBuf,
     #[command(subcommand)]
     command: ControlCommand,
 }
+
+/// Exit statuses, shown by `vireo control --help`.
+const STATUSES: &str = "\
+Exit status:
+  0    done
+  1    the VM refused or failed the operation (e.g. a resize over data, a merge of a raw disk),
+       or is not listening on SOCKET (connection refused), or the connection broke
+  2    bad input, nothing asked of the VM: SOCKET does not exist or is not a socket, no disk N,
+       a size that is not a positive multiple of 512
+  130  Ctrl-C stopped a merge (safely; the VM stays on the child, a later merge resumes)";
 
 #[derive(Subcommand)]
 enum ControlCommand {
@@ -49,15 +67,11 @@ enum ControlCommand {
     },
 }
 
-pub fn execute(args: ControlArgs) -> Result<ExitCode, String> {
+pub fn execute(args: ControlArgs) -> Result<ExitCode, CliError> {
+    let socket = &args.socket;
     match args.command {
         ControlCommand::Disks { output } => {
-            let lines = request(&args.socket, "disks")?;
-            let disks: Vec<serde_json::Value> = lines
-                .iter()
-                .map(|l| serde_json::from_str(l))
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("unexpected answer from {}: {e}", args.socket.display()))?;
+            let disks = list(socket)?;
             if output == "json" {
                 println!("{}", serde_json::Value::Array(disks));
             } else {
@@ -65,23 +79,56 @@ pub fn execute(args: ControlArgs) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        ControlCommand::Merge { index } => merge(&args.socket, index),
+        ControlCommand::Merge { index } => {
+            check_index(socket, index)?;
+            merge(socket, index)
+        }
         ControlCommand::Resize { index, size } => {
-            let new_size = request_answer(&args.socket, &format!("disk-resize {index} {size}"))?;
+            if size == 0 || !size.is_multiple_of(512) {
+                return Err(CliError::bad_input(format!(
+                    "size {size} is not a positive multiple of 512 bytes"
+                )));
+            }
+            check_index(socket, index)?;
+            let new_size = request_answer(socket, &format!("disk-resize {index} {size}"))?;
             println!("{new_size}");
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn merge(socket: &Path, index: usize) -> Result<ExitCode, String> {
+/// The VM's disks, as `disks` lists them.
+fn list(socket: &Path) -> Result<Vec<serde_json::Value>, CliError> {
+    request(socket, "disks")?
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CliError::failed(format!("unexpected answer from {}: {e}", socket.display())))
+}
+
+/// A disk index the VM does not have is the caller's mistake, not the VM's failure.
+fn check_index(socket: &Path, index: usize) -> Result<(), CliError> {
+    let count = list(socket)?.len();
+    if index >= count {
+        return Err(CliError::bad_input(format!(
+            "the VM at {} has no disk {index} ({count} disk(s), numbered from 0; see \
+             `vireo control {} disks`)",
+            socket.display(),
+            socket.display()
+        )));
+    }
+    Ok(())
+}
+
+fn merge(socket: &Path, index: usize) -> Result<ExitCode, CliError> {
     let cancel = cancel_flag();
     let bar = Bar::new("merge");
     let mut conn = connect(socket)?;
+    let broken = |e: std::io::Error| CliError::failed(format!("{}: {e}", socket.display()));
     // A timeout on reads lets this thread notice Ctrl-C between progress lines.
     conn.set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|e| e.to_string())?;
-    writeln!(conn, "disk-merge {index}").map_err(|e| e.to_string())?;
+        .map_err(broken)?;
+    writeln!(conn, "disk-merge {index}").map_err(broken)?;
     let mut reader = BufReader::new(conn);
     let mut cancel_sent = false;
     let mut line = String::new();
@@ -92,10 +139,10 @@ fn merge(socket: &Path, index: usize) -> Result<ExitCode, String> {
         }
         match reader.read_line(&mut line) {
             Ok(0) => {
-                return Err(format!(
+                return Err(CliError::failed(format!(
                     "{} closed before the merge ended",
                     socket.display()
-                ))
+                )))
             }
             Ok(_) if line.ends_with('\n') => {}
             Ok(_) => continue,
@@ -107,7 +154,7 @@ fn merge(socket: &Path, index: usize) -> Result<ExitCode, String> {
             {
                 continue
             }
-            Err(e) => return Err(format!("{}: {e}", socket.display())),
+            Err(e) => return Err(broken(e)),
         }
         let text = std::mem::take(&mut line);
         let text = text.trim_end();
@@ -122,41 +169,63 @@ fn merge(socket: &Path, index: usize) -> Result<ExitCode, String> {
             return Ok(ExitCode::SUCCESS);
         } else if let Some(msg) = text.strip_prefix("error ") {
             bar.finish();
-            eprintln!("vireo: error: {msg}");
-            return Ok(ExitCode::from(if cancel_sent { 130 } else { 1 }));
+            return Err(if cancel_sent {
+                CliError::interrupted(msg)
+            } else {
+                CliError::failed(msg)
+            });
         }
     }
 }
 
-fn connect(socket: &Path) -> Result<UnixStream, String> {
+/// A path that is not there, not a socket or not ours to open is bad input; a socket nobody
+/// listens on means the VM is gone, a failure.
+fn connect(socket: &Path) -> Result<UnixStream, CliError> {
+    let shown = socket.display();
     UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach the VM's control socket {}: {e} (is `vireo run --control {}` running?)",
-            socket.display(),
-            socket.display()
-        )
+        let message = format!(
+            "cannot reach the VM's control socket {shown}: {e} (is `vireo run --control \
+             {shown}` running?)"
+        );
+        let meta = std::fs::symlink_metadata(socket);
+        if meta.is_err() {
+            CliError::bad_input(format!(
+                "control socket {shown} does not exist (is `vireo run --control {shown}` \
+                 running?)"
+            ))
+        } else if !meta.is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            CliError::bad_input(format!(
+                "{shown} is not a socket (give the path passed to `vireo run --control`)"
+            ))
+        } else if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            CliError::failed(message)
+        } else {
+            CliError::bad_input(message)
+        }
     })
 }
 
 /// Sends one command and returns the lines before its final `ok`; `error MSG` becomes Err.
-fn request(socket: &Path, command: &str) -> Result<Vec<String>, String> {
+fn request(socket: &Path, command: &str) -> Result<Vec<String>, CliError> {
     exchange(socket, command).map(|(lines, _)| lines)
 }
 
 /// Sends one command answered by a single `ok VALUE` line and returns VALUE.
-fn request_answer(socket: &Path, command: &str) -> Result<String, String> {
+fn request_answer(socket: &Path, command: &str) -> Result<String, CliError> {
     exchange(socket, command).map(|(_, value)| value)
 }
 
-/// Sends one command; returns the lines before its final `ok` and what followed `ok `.
-fn exchange(socket: &Path, command: &str) -> Result<(Vec<String>, String), String> {
+/// Sends one command; returns the lines before its final `ok` and what followed `ok `. The VM's
+/// `error MSG` is a failed operation: what the VM can refuse, the caller checked already.
+fn exchange(socket: &Path, command: &str) -> Result<(Vec<String>, String), CliError> {
     let mut conn = connect(socket)?;
+    let broken = |e: std::io::Error| CliError::failed(format!("{}: {e}", socket.display()));
     conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    writeln!(conn, "{command}").map_err(|e| e.to_string())?;
+        .map_err(broken)?;
+    writeln!(conn, "{command}").map_err(broken)?;
     let mut out = vec![];
     for line in BufReader::new(conn).lines() {
-        let line = line.map_err(|e| format!("{}: {e}", socket.display()))?;
+        let line = line.map_err(broken)?;
         if line == "ok" {
             return Ok((out, String::new()));
         }
@@ -164,14 +233,14 @@ fn exchange(socket: &Path, command: &str) -> Result<(Vec<String>, String), Strin
             return Ok((out, value.to_string()));
         }
         if let Some(msg) = line.strip_prefix("error ") {
-            return Err(msg.to_string());
+            return Err(CliError::failed(msg));
         }
         out.push(line);
     }
-    Err(format!(
+    Err(CliError::failed(format!(
         "{} closed before answering '{command}'",
         socket.display()
-    ))
+    )))
 }
 
 fn print_table(disks: &[serde_json::Value]) {

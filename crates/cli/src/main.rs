@@ -32,7 +32,7 @@ enum Command {
     #[command(subcommand)]
     Disk(disk::DiskCommand),
     /// Talk to a running VM's control socket (`vireo run --control PATH`): list its disks,
-    /// live-merge a differencing disk.
+    /// live-merge a differencing disk, resize a disk while the guest runs.
     Control(control_client::ControlArgs),
 }
 

@@ -312,8 +312,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             eprintln!("vireo: the guest reset the machine; VM stopped");
             ExitCode::SUCCESS
         }
+        // SIGINT is 2 and SIGTERM 15 on Linux; the statuses are the shell's 128 + signal.
         VmExit::Stopped => match vireo_vmm::termination_signal() {
-            Some(sig) => ExitCode::from(128 + sig as u8),
+            Some(15) => ExitCode::from(crate::exit::TERMINATED),
+            Some(_) => ExitCode::from(crate::exit::INTERRUPTED),
             None => ExitCode::SUCCESS,
         },
         VmExit::Error(msg) => {
