@@ -50,8 +50,9 @@ pub struct RunArgs {
         default_value = "console=ttyS0 reboot=k panic=1"
     )]
     cmdline: String,
-    /// Guest RAM: a number of bytes with an optional K, M, G or T suffix (powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    /// Guest RAM: bytes with an optional K, M, G or T suffix (powers of 1024; fractions like
+    /// 1.5G work), a whole number of 4 KiB pages.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
     memory: u64,
     /// Number of vCPUs: 1 up to KVM's limit on this host (KVM_CAP_MAX_VCPUS); more than the
     /// host has CPUs works, slower, with a warning.
@@ -107,25 +108,20 @@ enum ConsoleArg {
     None,
 }
 
-/// "256M" → 268435456. Suffixes K, M, G, T (optionally followed by "iB" or "B"), powers of 1024.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 30),
-        Some('t' | 'T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G, 1048576)"))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+/// Guest RAM as `crate::disk::parse_size` reads it ("256M", "1.5G"), in whole 4 KiB pages:
+/// KVM maps guest memory by the page, so anything else is refused with the sizes around it.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let size = crate::disk::parse_size(s)?;
+    const PAGE: u64 = 4096;
+    if !size.is_multiple_of(PAGE) {
+        let down = size / PAGE * PAGE;
+        return Err(format!(
+            "--memory {s} is {size} bytes, not a whole number of 4 KiB pages; use {}K or {}K",
+            down >> 10,
+            (down + PAGE) >> 10
+        ));
+    }
+    Ok(size)
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -330,16 +326,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("-1M").is_err());
-        assert!(parse_size("99999999999T").is_err());
+    fn memory_sizes() {
+        assert_eq!(parse_memory("256M"), Ok(256 << 20));
+        assert_eq!(parse_memory("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_memory("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_memory("4096"), Ok(4096));
+        let e = parse_memory("1000000").unwrap_err();
+        assert!(
+            e.contains("not a whole number of 4 KiB pages; use 976K or 980K"),
+            "{e}"
+        );
+        assert!(parse_memory("").is_err());
+        assert!(parse_memory("12X").is_err());
+        assert!(parse_memory("-1M").is_err());
+        assert!(parse_memory("99999999999T").is_err());
     }
 
     #[test]

@@ -22,6 +22,16 @@ fn kvm_probe_boots_to_ready_on_two_vcpus() {
 }
 
 #[test]
+fn kvm_probe_memory_takes_a_fractional_size() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let mut vm = ProbeVm::start(&[], &["--memory", "1.5G"]);
+    assert!(vm.ok("INFO").contains("mem_mib=1536"));
+    assert_eq!(vm.poweroff(0), Some(0));
+}
+
+#[test]
 fn kvm_probe_disks_round_trip_and_read_only_refuses_writes() {
     if !kvm_usable() {
         return;

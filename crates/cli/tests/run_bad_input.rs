@@ -31,7 +31,14 @@ fn argument_errors_need_no_kvm() {
     let dir = tempfile::tempdir().unwrap();
     let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
     let k = k.to_str().unwrap();
-    refuses(&["run", "--kernel", k, "--memory", "lots"], "not a size");
+    refuses(
+        &["run", "--kernel", k, "--memory", "lots"],
+        "invalid size \"lots\"",
+    );
+    refuses(
+        &["run", "--kernel", k, "--memory", "100000001"],
+        "not a whole number of 4 KiB pages",
+    );
     refuses(
         &[
             "run",
