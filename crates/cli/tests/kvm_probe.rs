@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Seek, SeekFrom, Write};
 
 use common::*;
-use vireo_probe_image::{pattern, ProbeError};
+use vireo_probe_image::{pattern, probe_elf, ProbeConsole, ProbeError};
 
 #[test]
 fn kvm_probe_boots_to_ready_on_two_vcpus() {
@@ -106,4 +106,63 @@ fn kvm_probe_uses_a_vhdx_disk() {
     let mut got = vec![0u8; 64 * 512];
     vireo_block::BlockBackend::read_at(&disk, &mut got, 2040 * 512).unwrap();
     assert_eq!(pattern::verify(&got, 9, 2040 * 512), None);
+}
+
+#[test]
+fn kvm_probe_debug_log_tells_the_boot_in_plain_text() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut child = vireo()
+        .args([
+            "run",
+            "--kernel",
+            probe_elf().to_str().unwrap(),
+            "--memory",
+            "64M",
+        ])
+        .args(["--disk", disk.to_str().unwrap()])
+        .env("VIREO_LOG", "debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    let mut console = ProbeConsole::new(child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    if let Err(e) = console.wait_ready(T) {
+        let _ = child.kill();
+        panic!("probe did not become ready: {e}");
+    }
+    assert_eq!(
+        console.command("DISK 0 INFO", T).unwrap(),
+        "OK sectors=2048 ro=0 blk_size=512"
+    );
+    let _ = console.command("POWEROFF 0", T);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let log = log.join().unwrap();
+    for want in [
+        "guest memory: 64 MiB",
+        "memory slot 0: guest 0x0..0x4000000",
+        "virtio-mmio device 0: block at 0xd0000000, GSI 5",
+        "PVH entry 0x",
+        "vCPU 0 running",
+        "block device activated by the driver",
+        "VM stopping: PowerOff(0)",
+        "vCPU 0 stopped; exits: ",
+    ] {
+        assert!(log.contains(want), "no {want:?} in the debug log:\n{log}");
+    }
+    assert!(!log.contains('\x1b'), "colour codes on a pipe: {log:?}");
 }

@@ -232,10 +232,15 @@ pub struct VcpuContext {
 pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
+    tracing::debug!("vCPU {index} running");
+    let mut exits = ExitCounts::default();
     // A kick may have come before the pointer was published; the exit check below covers it.
     while !ctx.exit.is_set() {
         let outcome = match vcpu.run() {
-            Ok(exit) => handle_exit(exit, &ctx),
+            Ok(exit) => {
+                exits.count(&exit);
+                handle_exit(exit, &ctx)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 Ok(())
@@ -254,6 +259,37 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    tracing::debug!("vCPU {index} stopped; exits: {exits}");
+}
+
+/// How often each kind of exit brought a vCPU back to us, for the log line at its end.
+#[derive(Default)]
+struct ExitCounts {
+    io: u64,
+    mmio: u64,
+    hlt: u64,
+    other: u64,
+}
+
+impl ExitCounts {
+    fn count(&mut self, exit: &VcpuExit) {
+        match exit {
+            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => self.io += 1,
+            VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => self.mmio += 1,
+            VcpuExit::Hlt => self.hlt += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} port I/O, {} MMIO, {} HLT, {} other",
+            self.io, self.mmio, self.hlt, self.other
+        )
+    }
 }
 
 /// For KVM_EXIT_INTERNAL_ERROR: the suberror, named, and KVM's extra data words.

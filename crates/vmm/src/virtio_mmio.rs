@@ -327,8 +327,18 @@ impl MmioTransport {
             });
         }
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let queues = handles.len();
         match self.device.activate(self.mem.clone(), interrupt, handles) {
-            Ok(()) => self.active = true,
+            Ok(()) => {
+                tracing::info!(
+                    "virtio-mmio: {} device activated by the driver: {queues} queue(s), \
+                     features {:#x}{}",
+                    device_name(self.device.device_type()),
+                    self.driver_features,
+                    if event_idx { ", event index" } else { "" }
+                );
+                self.active = true;
+            }
             Err(e) => {
                 tracing::warn!("virtio-mmio: device activation failed: {e}");
                 self.fail();
@@ -383,6 +393,15 @@ impl BusDevice for MmioTransport {
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         self.write_reg(offset, value);
+    }
+}
+
+/// The device type's name, for log lines.
+pub fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        vireo_virtio::device_type::BLOCK => "block",
+        vireo_virtio::device_type::NET => "net",
+        _ => "unknown",
     }
 }
 

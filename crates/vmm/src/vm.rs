@@ -171,6 +171,7 @@ impl Vm {
         crate::memory::check_size(config.memory)?;
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus();
+        tracing::debug!("KVM: API 12, up to {max} vCPUs (KVM_CAP_MAX_VCPUS)");
         if config.vcpus > max {
             return Err(VmmError::VcpuCount {
                 asked: config.vcpus,
@@ -198,7 +199,7 @@ impl Vm {
             })
             .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
 
-        let slots = crate::memory::regions(&ram.memory)
+        let slots: Vec<Slot> = crate::memory::regions(&ram.memory)
             .into_iter()
             .enumerate()
             .map(|(i, (guest_addr, size, host_addr))| Slot {
@@ -208,6 +209,22 @@ impl Vm {
                 host_addr,
             })
             .collect();
+        for slot in &slots {
+            tracing::debug!(
+                "memory slot {}: guest {:#x}..{:#x} ({} MiB)",
+                slot.slot,
+                slot.guest_addr,
+                slot.guest_addr + slot.size,
+                slot.size >> 20
+            );
+        }
+        tracing::info!(
+            "guest memory: {} MiB (memfd) in {} slot(s), MMIO hole {:#x}..{:#x}",
+            ram.size >> 20,
+            slots.len(),
+            crate::memory::MMIO_HOLE_START,
+            crate::memory::MMIO_HOLE_END
+        );
         let dirty = DirtyTracker::new(slots);
         dirty.set_slots(&vm_fd, false)?;
 
@@ -223,6 +240,12 @@ impl Vm {
             vm_fd
                 .register_irqfd(&irq, place.irq)
                 .map_err(VmmError::kvm("KVM_IRQFD"))?;
+            tracing::info!(
+                "virtio-mmio device {i}: {} at {:#x}, GSI {}",
+                crate::virtio_mmio::device_name(slot.device.device_type()),
+                place.base,
+                place.irq
+            );
             let transport = MmioTransport::new(slot.device, ram.memory.clone(), irq)?;
             for (q, kick) in transport.kick_fds().iter().enumerate() {
                 vm_fd
@@ -255,6 +278,26 @@ impl Vm {
             },
         )?;
 
+        match boot.entry {
+            boot::BootEntry::Pvh { entry, start_info } => tracing::info!(
+                "kernel {} loaded at {:#x}..{:#x}: PVH entry {entry:#x}, start info at \
+                 {start_info:#x}",
+                config.kernel.display(),
+                boot.kernel_start,
+                boot.kernel_end
+            ),
+            boot::BootEntry::Linux64 { entry, boot_params } => tracing::info!(
+                "kernel {} loaded at {:#x}..{:#x}: 64-bit entry {entry:#x}, boot_params at \
+                 {boot_params:#x}",
+                config.kernel.display(),
+                boot.kernel_start,
+                boot.kernel_end
+            ),
+        }
+        if let Some((at, size)) = boot.initrd {
+            tracing::info!("initrd: {size} bytes at {at:#x}");
+        }
+        tracing::debug!("kernel command line: {cmdline}");
         boot::mptable::write(&ram.memory, config.vcpus)?;
 
         let (out, input, console_socket) = console::open(config.console)?;
@@ -339,6 +382,9 @@ impl Vm {
         if held && !exit.is_set() {
             exit.set(VmExit::Stopped);
         }
+        if held {
+            tracing::info!("stopped while waiting for a console client; no vCPU ran");
+        }
         let mut threads = Vec::new();
         let vcpus = if held {
             Vec::new()
@@ -370,6 +416,7 @@ impl Vm {
                 exit.set(VmExit::Stopped);
             }
         };
+        tracing::info!("VM stopping: {reason:?}");
         stop_vcpus(threads);
         for t in &self.transports {
             lock(t).reset();
@@ -380,6 +427,7 @@ impl Vm {
             }
         }
         lock(&self.serial).flush_output();
+        tracing::debug!("VM stopped: vCPUs joined, devices reset, disks flushed");
         Ok(reason)
     }
 }
