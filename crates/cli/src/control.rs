@@ -11,6 +11,10 @@
 //! one streams its progress, but closing it does not stop the merge; `disk-merge-cancel N`
 //! does. When the VM stops, running merges are cancelled (both files stay valid and a later
 //! merge resumes) and the control's references to the disks are dropped so they close cleanly.
+//!
+//! Locks: `Shared`'s three mutexes are parking_lot's, which do not poison: a connection thread
+//! that panics must not turn every later command into a panic too. Each is held only to copy a
+//! value out or update the map, never across socket I/O, and never two at once.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -18,10 +22,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use vireo_block::BlockBackend;
 use vireo_vhdx::vhd::{DiskType as VhdType, Vhd};
 use vireo_vhdx::VhdxError;
@@ -137,14 +142,14 @@ impl ControlServer {
     /// Cancels running merges, waits for them, drops the control's disk references and
     /// removes the socket.
     pub fn shutdown(self) {
-        for cancel in self.shared.merges.lock().unwrap().values() {
+        for cancel in self.shared.merges.lock().values() {
             cancel.store(true, Ordering::Relaxed);
         }
-        let threads = std::mem::take(&mut *self.shared.threads.lock().unwrap());
+        let threads = std::mem::take(&mut *self.shared.threads.lock());
         for t in threads {
             let _ = t.join();
         }
-        self.shared.disks.lock().unwrap().clear();
+        self.shared.disks.lock().clear();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -182,7 +187,7 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
                 Err(e) => writeln!(out, "error {e}"),
             },
             Ok(Some(Command::MergeCancel(n))) => match disk_index(s, n) {
-                Ok(i) => match s.merges.lock().unwrap().get(&i) {
+                Ok(i) => match s.merges.lock().get(&i).cloned() {
                     Some(c) => {
                         c.store(true, Ordering::Relaxed);
                         writeln!(out, "ok")
@@ -249,7 +254,7 @@ fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
 }
 
 fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
-    let count = s.disks.lock().unwrap().len();
+    let count = s.disks.lock().len();
     match n.parse::<usize>() {
         Ok(i) if i < count => Ok(i),
         _ => Err(format!(
@@ -260,7 +265,7 @@ fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
 
 fn list_disks(s: &Shared, out: &mut UnixStream) -> std::io::Result<()> {
     let mut text = String::new();
-    for (i, d) in s.disks.lock().unwrap().iter().enumerate() {
+    for (i, d) in s.disks.lock().iter().enumerate() {
         let size = d.resizer.as_ref().map_or(d.size, |r| r.size());
         let (path, size, depth) = match &d.image {
             Image::Vhdx(v) => (tidy(&v.path()), v.virtual_size(), v.chain_depth()),
@@ -289,7 +294,7 @@ fn resize(s: &Shared, i: usize, size: &str) -> Result<u64, String> {
         ));
     }
     let (image, resizer, shown, read_only) = {
-        let disks = s.disks.lock().unwrap();
+        let disks = s.disks.lock();
         let d = &disks[i];
         (
             d.image.clone(),
@@ -363,7 +368,7 @@ enum MergeEvent {
 /// Starts a live merge of disk `i` in its own thread and streams its progress to `out`.
 fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()> {
     let (image, resizer, shown) = {
-        let disks = s.disks.lock().unwrap();
+        let disks = s.disks.lock();
         let d = &disks[i];
         (
             d.image.clone(),
@@ -389,7 +394,7 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
     };
     let cancel = Arc::new(AtomicBool::new(false));
     {
-        let mut merges = s.merges.lock().unwrap();
+        let mut merges = s.merges.lock();
         if merges.contains_key(&i) {
             return writeln!(out, "error a merge of disk {i} is already running");
         }
@@ -418,13 +423,13 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
                     }
                 }
             }
-            s2.merges.lock().unwrap().remove(&i);
+            s2.merges.lock().remove(&i);
             let _ = tx.send(MergeEvent::Done(r));
         });
     match spawned {
-        Ok(t) => s.threads.lock().unwrap().push(t),
+        Ok(t) => s.threads.lock().push(t),
         Err(e) => {
-            s.merges.lock().unwrap().remove(&i);
+            s.merges.lock().remove(&i);
             return writeln!(out, "error cannot start the merge thread: {e}");
         }
     }
@@ -638,7 +643,7 @@ mod tests {
                 "{cmd}: {got}"
             );
         }
-        shared.disks.lock().unwrap()[1].read_only = true;
+        shared.disks.lock()[1].read_only = true;
         let got = ask(&mut conn, &mut lines, "disk-resize 1 4M");
         assert!(got.contains("read-only"), "{got}");
         // Both ends of the client's socket must close for the server to see the end.
@@ -696,6 +701,33 @@ mod tests {
             "error disks takes 0 arguments but got 1: usage: disks"
         );
         assert!(ask(&mut conn, &mut lines, "disk-resize 0").ends_with("usage: disk-resize N SIZE"));
+        drop(lines);
+        drop(conn);
+        serving.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_panics_holding_a_lock_does_not_break_later_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_base, child, d) = chain(dir.path());
+        let shared = Shared::new(vec![disk(&child, &d)]);
+        let s = shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _disks = s.disks.lock();
+            let _merges = s.merges.lock();
+            panic!("a connection thread fails while holding the locks");
+        })
+        .join();
+        assert!(panicked.is_err());
+        // Both locks are taken again by the commands below.
+        let (mut conn, mut lines, serving) = connected(&shared);
+        let listed = ask(&mut conn, &mut lines, "disks");
+        assert!(listed.contains("\"chain_depth\":2"), "{listed}");
+        assert_eq!(next(&mut lines), "ok");
+        assert_eq!(
+            ask(&mut conn, &mut lines, "disk-merge-cancel 0"),
+            "error no merge of disk 0 is running"
+        );
         drop(lines);
         drop(conn);
         serving.join().unwrap();
