@@ -50,9 +50,11 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
                          child, and a later disk-merge resumes
   disk-resize N SIZE     grows or shrinks disk N while the guest runs (SIZE in bytes or with a
                          K/M/G/T suffix, a multiple of 512): \"ok NEW-SIZE\" (bytes) and the
-                         guest gets a config-change interrupt; a VHDX shrink that would drop
-                         data, a read-only disk or a disk being merged answer \"error MESSAGE\"
-                         (a raw shrink drops the file's tail)
+                         guest gets a config-change interrupt; a VHDX or dynamic VHD shrink
+                         that would drop data, a fixed VHD shrink (no allocation map to prove
+                         the tail empty), a dynamic VHD grown past its block table, a read-only
+                         disk or a disk being merged answer \"error MESSAGE\" (a raw shrink
+                         drops the file's tail)
   help                   this list, then \"ok\"
 An unknown command answers \"error unknown command ...\" with the list; a known one with wrong
 arguments answers \"error\" with what was wrong and its usage. A merge goes on if its connection

@@ -79,7 +79,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "stdio|file=PATH|socket=PATH[,nowait]|none", default_value = "stdio", value_parser = parse_console)]
     console: ConsoleArg,
     /// A Unix socket to control the running VM through (list disks, merge a differencing
-    /// VHDX disk into its parent while the guest runs); protocol below. Removed at exit.
+    /// VHDX disk into its parent, resize a disk, while the guest runs); protocol below. Removed
+    /// at exit.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 }
