@@ -18,6 +18,8 @@ use crate::ops::live_merge::DirtyTracker;
 use crate::VhdxError;
 use vireo_block::LockKind;
 
+mod shrink;
+
 /// Deepest differencing chain we follow before assuming something is wrong.
 pub const MAX_CHAIN_DEPTH: usize = 256;
 
@@ -720,31 +722,22 @@ impl Chain {
         let bs = geo.block_size;
         if new_size < old {
             let keep = geo.payload_blocks(new_size);
-            {
-                let bat = l.bat.read().unwrap();
-                for b in keep..geo.payload_blocks(old) {
-                    let s = bat::state(bat.entries[geo.payload_index(b) as usize]);
-                    if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT)
-                        && !force
-                        && !l.params.leave_blocks_allocated
-                    {
-                        return Err(VhdxError::ShrinkOverData {
-                            new_size,
-                            data_at: b * bs,
-                        });
-                    }
+            // The top's last kept block is judged by content (only its tail goes), the rest
+            // by what any layer down the chain holds there: data in a parent is the disk's
+            // data as much as data in the top file.
+            let tail = new_size..(keep * bs).min(old);
+            if !force {
+                let mut buf = vec![0u8; (tail.end - tail.start) as usize];
+                self.read(&mut buf, tail.start)?;
+                let at = match buf.iter().position(|&x| x != 0) {
+                    Some(i) => Some(tail.start + i as u64),
+                    None => self.first_data_in(tail.end, old)?,
+                };
+                if let Some(data_at) = at {
+                    return Err(VhdxError::ShrinkOverData { new_size, data_at });
                 }
             }
             if !new_size.is_multiple_of(bs) {
-                let tail = new_size..(keep * bs).min(old);
-                let mut buf = vec![0u8; (tail.end - tail.start) as usize];
-                self.read(&mut buf, tail.start)?;
-                if buf.iter().any(|&x| x != 0) && !force {
-                    return Err(VhdxError::ShrinkOverData {
-                        new_size,
-                        data_at: tail.start,
-                    });
-                }
                 let e = l.bat.read().unwrap().entries[geo.payload_index(keep - 1) as usize];
                 if matches!(bat::state(e), bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
                     l.io.zero_range(bat::offset(e) + new_size % bs, bs - new_size % bs)?;

@@ -40,7 +40,8 @@
 //!   one re-takes its shared lock, then the new one closes.
 //! - **Reads of the old parent** go on through the chain's read-only layer, whose BAT copy goes
 //!   stale as the merge writes: harmless, because the merge only changes parent ranges the
-//!   child holds itself, and the child never reads the parent there.
+//!   child holds itself, and the child never reads the parent there. (Sizing the parent to the
+//!   child first only changes it past the child's end, which the child never reads either.)
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -332,8 +333,11 @@ impl Vhdx {
             self.dirty.start(vs, unit);
             (vs, unit)
         };
-        if vs > p.virtual_size() {
-            p.resize(vs, false)?;
+        // The merged disk is what the child showed, size included: a child that was grown or
+        // (with force) shrunk carries its size into the parent. Shrinking the parent only drops
+        // what the child cannot see, so the child's view stays the same at every instant.
+        if vs != p.virtual_size() {
+            p.resize(vs, true)?;
         }
         let mut buf = vec![0u8; MIB as usize];
         let units = vs.div_ceil(unit);

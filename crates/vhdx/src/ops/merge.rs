@@ -121,8 +121,11 @@ impl Vhdx {
         }
         p.top().begin_session(DataGuid::Set(target))?;
         let vs = c.virtual_size();
-        if vs > p.virtual_size() {
-            p.resize(vs, false)?;
+        // The merged disk is what the child showed, size included: a child that was grown or
+        // (with force) shrunk carries its size into the parent. Shrinking the parent only drops
+        // what the child cannot see, so the child's view stays the same at every instant.
+        if vs != p.virtual_size() {
+            p.resize(vs, true)?;
         }
         let total = c.top().geo.payload_blocks(vs);
         let mut buf = vec![0u8; MIB as usize];
