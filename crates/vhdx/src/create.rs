@@ -218,7 +218,7 @@ fn write_new(
         let blocks = geo.payload_blocks(p.virtual_size);
         let total = blocks * geo.block_size;
         io.set_len(data_start + total)?;
-        io.preallocate(data_start, total);
+        io.allocate(data_start, total)?;
         // Write the BAT in 1 MiB pieces so a huge fixed disk needs no huge buffer.
         let per_piece = (MIB / 8) as usize;
         let n = geo.bat_entries(p.virtual_size) as usize;

@@ -826,6 +826,7 @@ impl Chain {
                     let pi = geo.payload_index(b);
                     let off = *end;
                     l.io.set_len(off + bs)?;
+                    l.io.allocate(off, bs)?;
                     *end += bs;
                     w.entries[pi as usize] = bat::entry(bat::FULLY_PRESENT, off);
                     l.mark_bat_dirty(pi);

@@ -256,7 +256,15 @@ impl FileIo {
         }
     }
 
-    /// Best-effort preallocation (fixed disks); silently skipped where unsupported.
+    /// Gives the new (zero-reading) range real space, as a fixed disk promises; see
+    /// [`allocate_zeroed`].
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
+        self.tick()?;
+        allocate_zeroed(&self.file, offset, len)?;
+        Ok(())
+    }
+
+    /// Best-effort preallocation (space reservation); silently skipped where unsupported.
     pub fn preallocate(&self, offset: u64, len: u64) {
         // SAFETY: as above; failure only means the blocks stay sparse.
         unsafe {
@@ -268,4 +276,39 @@ impl FileIo {
             );
         }
     }
+}
+
+/// Allocates real space for `offset..offset+len`, which must read as zero already (new space at
+/// or past the end of the file): fixed disks promise that all their space is taken up front, so
+/// a full filesystem shows at creation, not as a failed guest write later. Uses fallocate; where
+/// the filesystem has none, writes the zeroes. Extends the file if the range ends past it.
+pub(crate) fn allocate_zeroed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor `file` keeps open for the call; the kernel validates
+    // the range.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 mod error;
 pub mod format;
 mod locator;
+mod resize;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -180,7 +181,9 @@ impl Vhd {
         let result = match opts.disk_type {
             DiskType::Fixed => {
                 let footer = Footer::new(size, DiskType::Fixed, NO_OFFSET);
+                // All space taken now, as a fixed disk promises (not a sparse file).
                 file.set_len(size + SECTOR)
+                    .and_then(|_| crate::fileio::allocate_zeroed(&file, 0, size))
                     .and_then(|_| file.write_all_at(&footer.to_bytes(), size))
             }
             DiskType::Dynamic => create_dynamic(&file, size, opts.block_size),
@@ -398,40 +401,6 @@ impl Vhd {
         }
         Ok(())
     }
-
-    fn resize_to(&self, new_size: u64) -> Result<(), VhdError> {
-        if new_size == 0 || !new_size.is_multiple_of(SECTOR) || new_size > format::MAX_SIZE {
-            return Err(VhdError::BadSize(new_size));
-        }
-        let mut footer = self.footer.lock().unwrap();
-        let old = footer.current_size;
-        footer.current_size = new_size;
-        footer.geometry = format::chs_geometry(new_size / SECTOR);
-        let bytes = footer.to_bytes();
-        match &self.layout {
-            Layout::Fixed => {
-                if new_size > old {
-                    // The old footer becomes disk data, which must read as zeroes.
-                    self.file.write_all_at(&[0u8; SECTOR as usize], old)?;
-                }
-                self.file.write_all_at(&bytes, new_size)?;
-                self.file.set_len(new_size + SECTOR)?;
-            }
-            Layout::Sparse(s) => {
-                if new_size.div_ceil(s.block_size) > s.bat.len() as u64 {
-                    footer.current_size = old;
-                    return Err(VhdError::Unsupported(
-                        "growing this VHD beyond its BAT capacity; convert it to VHDX",
-                    ));
-                }
-                let next = s.next_free.lock().unwrap();
-                self.file.write_all_at(&bytes, *next)?;
-                self.file.write_all_at(&bytes, 0)?;
-            }
-        }
-        self.size.store(new_size, Ordering::Release);
-        Ok(())
-    }
 }
 
 impl BlockBackend for Vhd {
@@ -483,11 +452,13 @@ impl BlockBackend for Vhd {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Refuses to shrink over data (see [`Vhd::resize_to`]): a running guest's disk is never
+    /// cut short behind its back.
     fn resize(&self, new_size: u64) -> Result<(), BlockError> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        Ok(self.resize_to(new_size)?)
+        Ok(self.resize_to(new_size, false)?)
     }
 
     fn read_only(&self) -> bool {
