@@ -100,7 +100,8 @@ pub struct CreateArgs {
     /// dynamic (sparse, the default) or fixed (fully allocated).
     #[arg(long = "type", value_enum, default_value = "dynamic", id = "disk_type")]
     pub disk_type: TypeArg,
-    /// Block size: the allocation unit, a power of two from 1M to 256M for VHDX (default 32M).
+    /// Block size: the allocation unit, a power of two from 1M to 256M for VHDX (default 32M;
+    /// a differencing child's default is its parent's).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
     /// Logical sector size the guest sees: 512 (default) or 4096.
@@ -509,16 +510,18 @@ fn resize(a: ResizeArgs) -> Result<ExitCode> {
         Format::Vhd => {
             let disk = Vhd::open(&a.path, false)?;
             let old = disk.size();
-            if a.size < old && !a.force {
-                return Err(format!(
-                    "shrinking {} from {} to {} discards data past the new end; add --force",
-                    a.path.display(),
-                    old,
-                    a.size
-                )
-                .into());
+            match disk.resize_to(a.size, a.force) {
+                Err(vhd::VhdError::ShrinkOverData { data_at, .. }) => {
+                    return Err(format!(
+                        "shrinking {} to {} would discard data at virtual offset {data_at}; \
+                         add --force to discard it",
+                        a.path.display(),
+                        a.size
+                    )
+                    .into())
+                }
+                other => other?,
             }
-            BlockBackend::resize(&disk, a.size)?;
             disk.flush()?;
             println!(
                 "resized {} from {} to {}",
