@@ -44,7 +44,7 @@ impl Chain {
         while pos < e {
             let b = pos / bs;
             let end = ((b + 1) * bs).min(e);
-            let entry = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+            let entry = l.bat.read().entries[l.geo.payload_index(b) as usize];
             match bat::state(entry) {
                 bat::FULLY_PRESENT if l.params.leave_blocks_allocated => {
                     if let Some(at) = first_nonzero(l, bat::offset(entry) + pos % bs, end - pos)? {
@@ -53,8 +53,7 @@ impl Chain {
                 }
                 bat::FULLY_PRESENT => return Ok(Some(pos)),
                 bat::PARTIALLY_PRESENT => {
-                    let sb =
-                        bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(b) as usize]);
+                    let sb = bat::offset(l.bat.read().entries[l.geo.bitmap_index(b) as usize]);
                     let ls = l.geo.logical_sector;
                     let (mut sector, last) = (pos / ls, end.div_ceil(ls));
                     while sector < last {

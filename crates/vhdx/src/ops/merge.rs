@@ -43,11 +43,11 @@ impl Chain {
         if end <= start {
             return Ok(BlockData::None);
         }
-        let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+        let e = l.bat.read().entries[l.geo.payload_index(b) as usize];
         Ok(match bat::state(e) {
             bat::FULLY_PRESENT => BlockData::Runs(vec![(start, end - start)]),
             bat::PARTIALLY_PRESENT => {
-                let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(b) as usize]);
+                let sb = bat::offset(l.bat.read().entries[l.geo.bitmap_index(b) as usize]);
                 let ls = l.geo.logical_sector;
                 let mut runs: Vec<(u64, u64)> = vec![];
                 for s in start / ls..end / ls {

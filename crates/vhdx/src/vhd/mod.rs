@@ -12,12 +12,12 @@ pub mod format;
 mod locator;
 mod resize;
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use vireo_block::{check_range, BlockBackend, BlockError};
 
@@ -206,11 +206,11 @@ impl Vhd {
     }
 
     pub fn disk_type(&self) -> DiskType {
-        self.footer.lock().unwrap().disk_type
+        self.footer.lock().disk_type
     }
 
     pub fn info(&self) -> Result<VhdInfo, VhdError> {
-        let footer = self.footer.lock().unwrap().clone();
+        let footer = self.footer.lock().clone();
         let (block_size, allocated, total, parent) = match &self.layout {
             Layout::Fixed => (None, 0, 0, None),
             Layout::Sparse(s) => (
@@ -355,7 +355,7 @@ impl Vhd {
 
     /// Allocates block `index` (if another thread has not) and returns its sector offset.
     fn allocate(&self, s: &Sparse, index: usize) -> Result<u32, VhdError> {
-        let mut next = s.next_free.lock().unwrap();
+        let mut next = s.next_free.lock();
         let entry = s.bat[index].load(Ordering::Acquire);
         if entry != UNALLOCATED {
             return Ok(entry);
@@ -364,7 +364,7 @@ impl Vhd {
         let end = bitmap_at + s.bitmap_size + s.block_size;
         let sector = u32::try_from(bitmap_at / SECTOR)
             .map_err(|_| VhdError::Unsupported("VHD file would exceed 2 TiB of sectors"))?;
-        let footer = self.footer.lock().unwrap().to_bytes();
+        let footer = self.footer.lock().to_bytes();
         // Footer first, so the file always ends with one; then the bitmap over the old footer
         // (all sectors "present": the block's unwritten parts are holes that read as zeroes).
         self.file.write_all_at(&footer, end)?;
@@ -466,7 +466,7 @@ impl BlockBackend for Vhd {
     }
 
     fn id(&self) -> String {
-        let id = self.footer.lock().unwrap().unique_id;
+        let id = self.footer.lock().unique_id;
         format!("vhd-{}", &format::format_id(&id)[..8])
     }
 }
@@ -572,7 +572,7 @@ fn open_parent(
             continue;
         }
         let parent = Vhd::open_chain(candidate, true, depth + 1, visited)?;
-        let found = parent.footer.lock().unwrap().unique_id;
+        let found = parent.footer.lock().unique_id;
         if found != header.parent_unique_id {
             return Err(VhdError::ParentMismatch {
                 child: path.to_path_buf(),

@@ -20,7 +20,7 @@ impl Vhd {
         if new_size == 0 || !new_size.is_multiple_of(SECTOR) || new_size > format::MAX_SIZE {
             return Err(VhdError::BadSize(new_size));
         }
-        let mut footer = self.footer.lock().unwrap();
+        let mut footer = self.footer.lock();
         let old = footer.current_size;
         if new_size < old && !force {
             if let Some(data_at) = self.first_data_in(new_size, old)? {
@@ -53,7 +53,7 @@ impl Vhd {
                         "growing this VHD beyond its BAT capacity; convert it to VHDX",
                     ));
                 }
-                let next = s.next_free.lock().unwrap();
+                let next = s.next_free.lock();
                 if new_size < old {
                     self.drop_past(s, new_size)?;
                 }
