@@ -76,7 +76,11 @@ fn relative_to(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
-fn parent_locator(child: &Path, parent: &Path, linkage: Guid) -> Result<ParentLocator, VhdxError> {
+pub(crate) fn parent_locator(
+    child: &Path,
+    parent: &Path,
+    linkage: Guid,
+) -> Result<ParentLocator, VhdxError> {
     let parent_abs = std::fs::canonicalize(parent)?;
     let child_dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => std::fs::canonicalize(d)?,
