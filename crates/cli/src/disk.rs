@@ -4,6 +4,7 @@
 //! converted. Formats are recognised by content, and by extension for new files.
 
 pub(crate) mod progress;
+mod rebase;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,16 @@ pub enum DiskCommand {
     /// Reclaim unused space: blocks that are unmapped or entirely zero are released and the
     /// file is shortened.
     Compact(CompactArgs),
+    /// Change a differencing disk's parent (--parent NEW) or remove it (--no-parent). Safe by
+    /// default: data is copied into the child so its content stays the same; --unsafe only
+    /// rewrites the link (for a moved or renamed parent). Ctrl-C leaves the child unchanged.
+    ///
+    /// Examples:
+    ///   vireo disk rebase snap.avhdx --parent other-base.vhdx
+    ///   vireo disk rebase snap.avhdx --no-parent
+    ///   vireo disk rebase snap.avhdx --parent /new/place/base.vhdx --unsafe
+    #[command(verbatim_doc_comment)]
+    Rebase(rebase::RebaseArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -190,6 +201,7 @@ pub fn execute(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Resize(a) => resize(a),
         DiskCommand::Merge(a) => merge(a),
         DiskCommand::Compact(a) => compact(a),
+        DiskCommand::Rebase(a) => rebase::rebase(a),
     }
 }
 
