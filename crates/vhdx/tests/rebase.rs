@@ -255,3 +255,51 @@ fn rebase_refuses_loops_sizes_and_plain_disks() {
         Err(VhdxError::NotDifferencing(_))
     ));
 }
+
+/// A crash at every point of a rebase (onto b, and standalone) leaves a child that opens,
+/// passes check and shows the same content, on whichever parent it then names.
+#[test]
+fn rebase_survives_a_crash_at_every_point() {
+    use vireo_vhdx::FaultInjector;
+    let dir = tmpdir();
+    let (a, b, child) = two_bases_and_child(dir.path());
+    let want = view(&child);
+    let (a, b) = (
+        std::fs::canonicalize(&a).unwrap(),
+        std::fs::canonicalize(&b).unwrap(),
+    );
+    let work = dir.path().join("work.avhdx");
+    for how in [Rebase::Onto(&b), Rebase::Standalone] {
+        let mut points = 0;
+        for n in 0..20_000u64 {
+            std::fs::copy(&child, &work).unwrap();
+            let fault = FaultInjector::after(n);
+            let r =
+                Vhdx::rebase_with_fault(&work, how, &|_, _| {}, &no_cancel(), Some(fault.clone()));
+            assert!(
+                r.is_ok() || fault.fired(),
+                "{how:?} at {n}: failed without a crash: {r:?}"
+            );
+            let on = parent_of(&work);
+            assert!(
+                on == Some(a.clone()) || on == Some(b.clone()) || on.is_none(),
+                "{on:?}"
+            );
+            assert_view(
+                &work,
+                &want,
+                &format!("{how:?}, crash after {n} operations"),
+            );
+            let report = Vhdx::check(&work, false).unwrap();
+            assert!(report.is_clean(), "{how:?} at {n}: {report:?}");
+            points += 1;
+            if !fault.fired() {
+                let done = parent_of(&work);
+                assert_eq!(done, matches!(how, Rebase::Onto(_)).then(|| b.clone()));
+                break;
+            }
+        }
+        eprintln!("{how:?}: {points} crash points");
+        assert!(points > 10, "{how:?}: only {points} points");
+    }
+}

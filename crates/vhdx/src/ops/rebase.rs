@@ -18,9 +18,11 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::create::parent_locator;
 use crate::disk::Chain;
+use crate::fileio::FaultInjector;
 use crate::format::metadata::{FLAG_REQUIRED, FLAG_VIRTUAL_DISK};
 use crate::format::{MIB, PARENT_LOCATOR};
 use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay};
@@ -55,10 +57,26 @@ impl Vhdx {
         progress: &dyn Fn(u64, u64),
         cancel: &AtomicBool,
     ) -> Result<(), VhdxError> {
+        Self::rebase_with_fault(child, how, progress, cancel, None)
+    }
+
+    /// [`Vhdx::rebase`] with a simulated crash of the child file.
+    #[doc(hidden)]
+    pub fn rebase_with_fault(
+        child: &Path,
+        how: Rebase,
+        progress: &dyn Fn(u64, u64),
+        cancel: &AtomicBool,
+        fault: Option<Arc<FaultInjector>>,
+    ) -> Result<(), VhdxError> {
+        let rw = OpenOptions {
+            fault,
+            ..Default::default()
+        };
         match how {
-            Rebase::Onto(parent) => onto(child, parent, progress, cancel),
-            Rebase::Relink(parent) => relink(child, parent),
-            Rebase::Standalone => standalone::run(child, progress, cancel),
+            Rebase::Onto(parent) => onto(child, parent, &rw, progress, cancel),
+            Rebase::Relink(parent) => relink(child, parent, &rw),
+            Rebase::Standalone => standalone::run(child, &rw, progress, cancel),
         }
     }
 }
@@ -139,7 +157,7 @@ fn write_locator(child: &Path, l: &Layer, parent: &Vhdx) -> Result<(), VhdxError
     )
 }
 
-fn relink(child: &Path, parent: &Path) -> Result<(), VhdxError> {
+fn relink(child: &Path, parent: &Path, rw: &OpenOptions) -> Result<(), VhdxError> {
     check_loop(child, parent)?;
     // The child alone: its old parent may be gone (that is why it is being relinked).
     let l = Layer::open(
@@ -148,7 +166,7 @@ fn relink(child: &Path, parent: &Path) -> Result<(), VhdxError> {
             read_only: false,
             lock: Some(LockKind::Exclusive),
             replay: ReadOnlyReplay::InMemory,
-            fault: None,
+            fault: rw.fault.clone(),
         },
     )?;
     check_child(child, &l)?;
@@ -160,11 +178,12 @@ fn relink(child: &Path, parent: &Path) -> Result<(), VhdxError> {
 fn onto(
     child: &Path,
     parent: &Path,
+    rw: &OpenOptions,
     progress: &dyn Fn(u64, u64),
     cancel: &AtomicBool,
 ) -> Result<(), VhdxError> {
     check_loop(child, parent)?;
-    let c = Vhdx::open(child, &OpenOptions::default())?;
+    let c = Vhdx::open(child, rw)?;
     let chain = c.chain();
     check_child(child, chain.top())?;
     let vs = c.virtual_size();

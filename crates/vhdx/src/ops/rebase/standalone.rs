@@ -24,10 +24,11 @@ use crate::{OpenOptions, Vhdx, VhdxError};
 
 pub(super) fn run(
     child: &std::path::Path,
+    rw: &OpenOptions,
     progress: &dyn Fn(u64, u64),
     cancel: &AtomicBool,
 ) -> Result<(), VhdxError> {
-    let c = Vhdx::open(child, &OpenOptions::default())?;
+    let c = Vhdx::open(child, rw)?;
     let chain = c.chain();
     let l = chain.top();
     check_child(child, l)?;
