@@ -4,6 +4,7 @@
 //! converted. Formats are recognised by content, and by extension for new files.
 
 pub(crate) mod progress;
+mod rebase;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,16 @@ pub enum DiskCommand {
     /// Reclaim unused space: blocks that are unmapped or entirely zero are released and the
     /// file is shortened.
     Compact(CompactArgs),
+    /// Change a differencing disk's parent (--parent NEW) or remove it (--no-parent). Safe by
+    /// default: data is copied into the child so its content stays the same; --unsafe only
+    /// rewrites the link (for a moved or renamed parent). Ctrl-C leaves the child unchanged.
+    ///
+    /// Examples:
+    ///   vireo disk rebase snap.avhdx --parent other-base.vhdx
+    ///   vireo disk rebase snap.avhdx --no-parent
+    ///   vireo disk rebase snap.avhdx --parent /new/place/base.vhdx --unsafe
+    #[command(verbatim_doc_comment)]
+    Rebase(rebase::RebaseArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -100,7 +111,8 @@ pub struct CreateArgs {
     /// dynamic (sparse, the default) or fixed (fully allocated).
     #[arg(long = "type", value_enum, default_value = "dynamic", id = "disk_type")]
     pub disk_type: TypeArg,
-    /// Block size: the allocation unit, a power of two from 1M to 256M for VHDX (default 32M).
+    /// Block size: the allocation unit, a power of two from 1M to 256M for VHDX (default 32M;
+    /// a differencing child's default is its parent's).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
     /// Logical sector size the guest sees: 512 (default) or 4096.
@@ -189,6 +201,7 @@ pub fn execute(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Resize(a) => resize(a),
         DiskCommand::Merge(a) => merge(a),
         DiskCommand::Compact(a) => compact(a),
+        DiskCommand::Rebase(a) => rebase::rebase(a),
     }
 }
 
@@ -509,16 +522,18 @@ fn resize(a: ResizeArgs) -> Result<ExitCode> {
         Format::Vhd => {
             let disk = Vhd::open(&a.path, false)?;
             let old = disk.size();
-            if a.size < old && !a.force {
-                return Err(format!(
-                    "shrinking {} from {} to {} discards data past the new end; add --force",
-                    a.path.display(),
-                    old,
-                    a.size
-                )
-                .into());
+            match disk.resize_to(a.size, a.force) {
+                Err(vhd::VhdError::ShrinkOverData { data_at, .. }) => {
+                    return Err(format!(
+                        "shrinking {} to {} would discard data at virtual offset {data_at}; \
+                         add --force to discard it",
+                        a.path.display(),
+                        a.size
+                    )
+                    .into())
+                }
+                other => other?,
             }
-            BlockBackend::resize(&disk, a.size)?;
             disk.flush()?;
             println!(
                 "resized {} from {} to {}",

@@ -48,8 +48,11 @@ fn kvm_online_resize_grows_and_shrinks_under_the_guest() {
         .set_len(4 * MIB)
         .unwrap();
     std::fs::File::create(&ro).unwrap().set_len(MIB).unwrap();
-    // A child smaller than its parent: a merge makes the disk grow at the pivot.
-    drop(Vhdx::create(&base, &opts(8 * MIB)).unwrap());
+    // A child smaller than its parent: the merged disk keeps the child's size (the parent
+    // shrinks to it), so the guest sees no change at the pivot.
+    let b = Vhdx::create(&base, &opts(8 * MIB)).unwrap();
+    b.write(&[5; 4096], 3 * MIB).unwrap();
+    drop(b);
     let c = Vhdx::create(
         &child,
         &CreateOptions {
@@ -137,7 +140,11 @@ fn kvm_online_resize_grows_and_shrinks_under_the_guest() {
     let bad = ask(&mut conn, &rx, "disk-resize 9 2M");
     assert!(bad.starts_with("error no disk '9'"), "{bad}");
 
-    // Live merge onto the larger parent: the guest is told the disk grew.
+    // The child holds nothing; its parent's data counts all the same.
+    let refused = ask(&mut conn, &rx, "disk-resize 3 2M");
+    assert!(refused.contains("would drop data"), "{refused}");
+
+    // Live merge onto the larger parent: the disk keeps the child's size.
     assert_eq!(info(&mut vm, 3), "OK sectors=8192 ro=0 blk_size=512");
     writeln!(conn, "disk-merge 3").unwrap();
     let merged = loop {
@@ -147,9 +154,9 @@ fn kvm_online_resize_grows_and_shrinks_under_the_guest() {
         }
     };
     assert_eq!(merged, format!("ok {}", base.display()));
-    assert_eq!(info(&mut vm, 3), "OK sectors=16384 ro=0 blk_size=512");
-    vm.ok("DISK 3 WRITE 12000 64 23");
-    vm.ok("DISK 3 VERIFY 12000 64 23");
+    assert_eq!(info(&mut vm, 3), "OK sectors=8192 ro=0 blk_size=512");
+    vm.ok("DISK 3 WRITE 6000 64 23");
+    vm.ok("DISK 3 VERIFY 6000 64 23");
     vm.ok("DISK 0 FLUSH");
     vm.ok("DISK 1 FLUSH");
     vm.ok("DISK 3 FLUSH");
@@ -165,14 +172,25 @@ fn kvm_online_resize_grows_and_shrinks_under_the_guest() {
     pattern::fill(&mut want, 21, 90000 * 512);
     assert!(got == want, "disk.vhdx lost the guest's data");
     let b = Vhdx::open(&base, &OpenOptions::read_only()).unwrap();
-    assert_eq!(b.virtual_size(), 8 * MIB);
-    b.read(&mut got, 12000 * 512).unwrap();
-    pattern::fill(&mut want, 23, 12000 * 512);
+    assert_eq!(b.virtual_size(), 4 * MIB);
+    b.read(&mut got, 6000 * 512).unwrap();
+    pattern::fill(&mut want, 23, 6000 * 512);
     assert!(got == want, "base.vhdx lost the guest's data");
+    assert_eq!(
+        read_at(&b, 3 * MIB, 4096),
+        vec![5; 4096],
+        "base.vhdx lost its own data"
+    );
     let bytes = std::fs::read(&raw).unwrap();
     pattern::fill(&mut want, 22, 12000 * 512);
     assert!(
         bytes[12000 * 512..12064 * 512] == want[..],
         "disk.raw lost the guest's data"
     );
+}
+
+fn read_at(d: &Vhdx, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    d.read(&mut b, off).unwrap();
+    b
 }

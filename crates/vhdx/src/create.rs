@@ -31,7 +31,9 @@ pub struct CreateOptions {
     /// Virtual size in bytes; 0 for a differencing disk means "same as the parent".
     pub size: u64,
     pub disk_type: DiskType,
-    /// Payload block size; 0 means the default (32 MiB).
+    /// Payload block size; 0 (the default) means the parent's for a differencing disk (so a
+    /// child of a small-block parent does not turn each small write into a 32 MiB block), else
+    /// 32 MiB.
     pub block_size: u32,
     /// 512 or 4096; ignored for differencing disks (the parent's is used).
     pub logical_sector: u32,
@@ -45,7 +47,7 @@ impl Default for CreateOptions {
         CreateOptions {
             size: 0,
             disk_type: DiskType::Dynamic,
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: 0,
             logical_sector: 512,
             physical_sector: 4096,
             parent: None,
@@ -74,7 +76,11 @@ fn relative_to(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
-fn parent_locator(child: &Path, parent: &Path, linkage: Guid) -> Result<ParentLocator, VhdxError> {
+pub(crate) fn parent_locator(
+    child: &Path,
+    parent: &Path,
+    linkage: Guid,
+) -> Result<ParentLocator, VhdxError> {
     let parent_abs = std::fs::canonicalize(parent)?;
     let child_dir = match child.parent() {
         Some(d) if !d.as_os_str().is_empty() => std::fs::canonicalize(d)?,
@@ -106,13 +112,10 @@ pub(crate) fn validate_size(size: u64, logical_sector: u32) -> Result<(), VhdxEr
 impl Vhdx {
     /// Creates a new disk at `path` (which must not exist) and opens it read-write.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Vhdx, VhdxError> {
-        let block_size = if opts.block_size == 0 {
-            DEFAULT_BLOCK_SIZE
-        } else {
-            opts.block_size
-        };
-        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64))
-            || !block_size.is_power_of_two()
+        let block_size = opts.block_size;
+        if block_size != 0
+            && (!(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64))
+                || !block_size.is_power_of_two())
         {
             return Err(VhdxError::BadBlockSize(block_size as u64));
         }
@@ -122,7 +125,11 @@ impl Vhdx {
             }
         }
         let mut p = DiskParams {
-            block_size,
+            block_size: if block_size == 0 {
+                DEFAULT_BLOCK_SIZE
+            } else {
+                block_size
+            },
             leave_blocks_allocated: opts.disk_type == DiskType::Fixed,
             has_parent: opts.disk_type == DiskType::Differencing,
             virtual_size: opts.size,
@@ -137,6 +144,9 @@ impl Vhdx {
             if p.virtual_size == 0 {
                 p.virtual_size = parent.virtual_size();
             }
+            if block_size == 0 {
+                p.block_size = parent.block_size();
+            }
             p.logical_sector = parent.logical_sector_size();
             p.physical_sector = parent.physical_sector_size();
             p.parent_locator = Some(parent_locator(
@@ -147,7 +157,7 @@ impl Vhdx {
         }
         validate_size(p.virtual_size, p.logical_sector)?;
 
-        let geo = Geometry::new(block_size, p.logical_sector, p.has_parent);
+        let geo = Geometry::new(p.block_size, p.logical_sector, p.has_parent);
         let entries = geo.bat_entries(p.virtual_size);
         let bat_len = round_up(entries * 8, ALIGN);
         let data_start = BAT_OFFSET + bat_len;
@@ -212,7 +222,7 @@ fn write_new(
         let blocks = geo.payload_blocks(p.virtual_size);
         let total = blocks * geo.block_size;
         io.set_len(data_start + total)?;
-        io.preallocate(data_start, total);
+        io.allocate(data_start, total)?;
         // Write the BAT in 1 MiB pieces so a huge fixed disk needs no huge buffer.
         let per_piece = (MIB / 8) as usize;
         let n = geo.bat_entries(p.virtual_size) as usize;

@@ -6,7 +6,9 @@ use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLockReadGuard};
+use std::sync::Arc;
+
+use parking_lot::RwLockReadGuard;
 
 use crate::fileio::FaultInjector;
 use crate::format::bat;
@@ -17,6 +19,8 @@ use crate::layer::{DataGuid, Layer, LayerOptions, ReadOnlyReplay, PAGE};
 use crate::ops::live_merge::DirtyTracker;
 use crate::VhdxError;
 use vireo_block::LockKind;
+
+mod shrink;
 
 /// Deepest differencing chain we follow before assuming something is wrong.
 pub const MAX_CHAIN_DEPTH: usize = 256;
@@ -344,7 +348,7 @@ impl Chain {
             let n = ((bs - inb) as usize).min(inside - done);
             let seg = &mut buf[done..done + n];
             let _io = l.space.io_gate(); // until the read of the looked-up offset is done
-            let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+            let e = l.bat.read().entries[l.geo.payload_index(b) as usize];
             match bat::state(e) {
                 bat::FULLY_PRESENT => l.io.read_at(seg, bat::offset(e) + inb)?,
                 bat::PARTIALLY_PRESENT => self.read_partial(idx, l, b, bat::offset(e), seg, pos)?,
@@ -370,7 +374,7 @@ impl Chain {
         pos: u64,
     ) -> Result<(), VhdxError> {
         let ls = l.geo.logical_sector;
-        let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(block) as usize]);
+        let sb = bat::offset(l.bat.read().entries[l.geo.bitmap_index(block) as usize]);
         let end = pos + buf.len() as u64;
         let block_start = block * l.geo.block_size;
         let mut p = pos;
@@ -404,7 +408,7 @@ impl Chain {
         while s < limit {
             let (page, _, _) = l.bitmap_position(sb, s);
             l.bitmap_page_loaded(page)?;
-            let bm = l.bitmaps.read().unwrap();
+            let bm = l.bitmaps.read();
             let data = &bm[&page];
             loop {
                 if s >= limit {
@@ -429,19 +433,19 @@ impl Chain {
     pub(crate) fn bitmap_bit(&self, l: &Layer, sb: u64, sector: u64) -> Result<bool, VhdxError> {
         let (page, byte, bit) = l.bitmap_position(sb, sector);
         l.bitmap_page_loaded(page)?;
-        let bm = l.bitmaps.read().unwrap();
+        let bm = l.bitmaps.read();
         Ok(bm[&page][byte] >> bit & 1 == 1)
     }
 
     fn set_bitmap_bits(&self, l: &Layer, block: u64, pos: u64, len: u64) -> Result<(), VhdxError> {
         let ls = l.geo.logical_sector;
-        let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(block) as usize]);
+        let sb = bat::offset(l.bat.read().entries[l.geo.bitmap_index(block) as usize]);
         let (first, last) = (pos / ls, (pos + len).div_ceil(ls));
         let mut s = first;
         while s < last {
             let (page, _, _) = l.bitmap_position(sb, s);
             l.bitmap_page_loaded(page)?;
-            let mut bm = l.bitmaps.write().unwrap();
+            let mut bm = l.bitmaps.write();
             let p = bm.get_mut(&page).unwrap();
             while s < last {
                 let (pg, byte, bit) = l.bitmap_position(sb, s);
@@ -456,7 +460,7 @@ impl Chain {
                     s += 1;
                 }
             }
-            l.dirty.lock().unwrap().bitmap_pages.insert(page);
+            l.dirty.lock().bitmap_pages.insert(page);
         }
         Ok(())
     }
@@ -497,7 +501,7 @@ impl Chain {
             let pi = l.geo.payload_index(b) as usize;
             loop {
                 let io = l.space.io_gate(); // until the write to the looked-up offset is done
-                let e = l.bat.read().unwrap().entries[pi];
+                let e = l.bat.read().entries[pi];
                 match bat::state(e) {
                     bat::FULLY_PRESENT => {
                         l.reserve(bat::offset(e), bat::offset(e) + inb, n as u64);
@@ -530,9 +534,9 @@ impl Chain {
     /// is exactly the old contents for every non-parent state, so the entry can be published
     /// before the data lands.
     fn allocate_block(&self, l: &Layer, block: u64, seen: u64) -> Result<(), VhdxError> {
-        let mut end = l.alloc.lock().unwrap();
+        let mut end = l.alloc.lock();
         let pi = l.geo.payload_index(block);
-        if l.bat.read().unwrap().entries[pi as usize] != seen {
+        if l.bat.read().entries[pi as usize] != seen {
             return Ok(());
         }
         let bs = l.geo.block_size;
@@ -541,7 +545,7 @@ impl Chain {
         let mut sb_new = None;
         if inherits {
             let si = l.geo.bitmap_index(block);
-            if bat::state(l.bat.read().unwrap().entries[si as usize]) != bat::SB_PRESENT {
+            if bat::state(l.bat.read().entries[si as usize]) != bat::SB_PRESENT {
                 sb_new = Some((si, l.claim_space(&mut end, SECTOR_BITMAP_BLOCK)?));
             }
         }
@@ -554,7 +558,7 @@ impl Chain {
                 return Err(e);
             }
         };
-        let mut bat_w = l.bat.write().unwrap();
+        let mut bat_w = l.bat.write();
         if let Some((si, so)) = sb_new {
             bat_w.entries[si as usize] = bat::entry(bat::SB_PRESENT, so);
             l.mark_bat_dirty(si);
@@ -606,7 +610,7 @@ impl Chain {
             let whole = inb == 0 && (n == bs || pos + n == vs);
             let pi = l.geo.payload_index(b);
             let io = l.space.io_gate(); // until the I/O to the looked-up offset is done
-            let e = l.bat.read().unwrap().entries[pi as usize];
+            let e = l.bat.read().entries[pi as usize];
             let s = bat::state(e);
             let present = matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT);
             if l.params.leave_blocks_allocated {
@@ -626,8 +630,8 @@ impl Chain {
                 let already = s == target || (!l.geo.differencing && !present);
                 if !already {
                     let changed = {
-                        let _a = l.alloc.lock().unwrap();
-                        let mut w = l.bat.write().unwrap();
+                        let _a = l.alloc.lock();
+                        let mut w = l.bat.write();
                         let same = w.entries[pi as usize] == e;
                         if same {
                             w.entries[pi as usize] = bat::entry(target, 0);
@@ -684,7 +688,7 @@ impl Chain {
         let mut spans = vec![];
         for (idx, l) in self.layers.iter().enumerate() {
             let bs = l.geo.block_size;
-            let bat = l.bat.read().unwrap();
+            let bat = l.bat.read();
             for b in 0..l.geo.payload_blocks(l.vsize().min(vs)) {
                 let s = bat::state(bat.entries[l.geo.payload_index(b) as usize]);
                 if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
@@ -720,32 +724,23 @@ impl Chain {
         let bs = geo.block_size;
         if new_size < old {
             let keep = geo.payload_blocks(new_size);
-            {
-                let bat = l.bat.read().unwrap();
-                for b in keep..geo.payload_blocks(old) {
-                    let s = bat::state(bat.entries[geo.payload_index(b) as usize]);
-                    if matches!(s, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT)
-                        && !force
-                        && !l.params.leave_blocks_allocated
-                    {
-                        return Err(VhdxError::ShrinkOverData {
-                            new_size,
-                            data_at: b * bs,
-                        });
-                    }
+            // The top's last kept block is judged by content (only its tail goes), the rest
+            // by what any layer down the chain holds there: data in a parent is the disk's
+            // data as much as data in the top file.
+            let tail = new_size..(keep * bs).min(old);
+            if !force {
+                let mut buf = vec![0u8; (tail.end - tail.start) as usize];
+                self.read(&mut buf, tail.start)?;
+                let at = match buf.iter().position(|&x| x != 0) {
+                    Some(i) => Some(tail.start + i as u64),
+                    None => self.first_data_in(tail.end, old)?,
+                };
+                if let Some(data_at) = at {
+                    return Err(VhdxError::ShrinkOverData { new_size, data_at });
                 }
             }
             if !new_size.is_multiple_of(bs) {
-                let tail = new_size..(keep * bs).min(old);
-                let mut buf = vec![0u8; (tail.end - tail.start) as usize];
-                self.read(&mut buf, tail.start)?;
-                if buf.iter().any(|&x| x != 0) && !force {
-                    return Err(VhdxError::ShrinkOverData {
-                        new_size,
-                        data_at: tail.start,
-                    });
-                }
-                let e = l.bat.read().unwrap().entries[geo.payload_index(keep - 1) as usize];
+                let e = l.bat.read().entries[geo.payload_index(keep - 1) as usize];
                 if matches!(bat::state(e), bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
                     l.io.zero_range(bat::offset(e) + new_size % bs, bs - new_size % bs)?;
                 }
@@ -753,8 +748,8 @@ impl Chain {
             // Shrink the visible size first so no new I/O lands in the doomed range.
             l.vsize.store(new_size, Ordering::Release);
             {
-                let _a = l.alloc.lock().unwrap();
-                let mut w = l.bat.write().unwrap();
+                let _a = l.alloc.lock();
+                let mut w = l.bat.write();
                 let first = geo.payload_index(keep) as usize;
                 let last = (geo.bat_entries(old) as usize).min(w.entries.len());
                 for i in first..last {
@@ -776,8 +771,8 @@ impl Chain {
         } else {
             let need = geo.bat_entries(new_size);
             let old_need = geo.bat_entries(old);
-            let mut end = l.alloc.lock().unwrap();
-            let region_len = l.bat.read().unwrap().region_len;
+            let mut end = l.alloc.lock();
+            let region_len = l.bat.read().region_len;
             if need * 8 > region_len {
                 // The BAT does not fit: write a larger copy at the end of the file, then switch
                 // the region table to it. The old copy stays valid until the switch.
@@ -785,20 +780,20 @@ impl Chain {
                 let off = *end;
                 l.io.set_len(off + new_len)?;
                 *end += new_len;
-                let mut entries = l.bat.read().unwrap().entries.clone();
+                let mut entries = l.bat.read().entries.clone();
                 entries.truncate(old_need as usize);
                 entries.resize((round_up(need * 8, PAGE) / 8) as usize, 0);
                 let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
                 l.io.write_at(&raw, off)?;
                 l.io.sync()?;
-                let mut st = l.state.lock().unwrap();
+                let mut st = l.state.lock();
                 let mut regions = st.regions.clone();
                 for r in regions.entries.iter_mut().filter(|r| r.guid == BAT_REGION) {
                     r.file_offset = off;
                     r.length = new_len as u32;
                 }
                 l.write_region_table(&mut st, regions)?;
-                let mut w = l.bat.write().unwrap();
+                let mut w = l.bat.write();
                 // The region table switch is durable, so the old copy's space is unreferenced;
                 // reusable after the flush below, whose log entry (the one a crash replays)
                 // holds pages of the new copy only.
@@ -807,7 +802,7 @@ impl Chain {
                 w.offset = off;
                 w.region_len = new_len;
             } else {
-                let mut w = l.bat.write().unwrap();
+                let mut w = l.bat.write();
                 let len = (round_up(need * 8, PAGE).min(region_len) / 8) as usize;
                 if w.entries.len() < len {
                     w.entries.resize(len, 0);
@@ -820,7 +815,7 @@ impl Chain {
             }
             if geo.differencing {
                 // Newly exposed space reads as zero, not as whatever the parent holds there.
-                let mut w = l.bat.write().unwrap();
+                let mut w = l.bat.write();
                 for b in geo.payload_blocks(old)..geo.payload_blocks(new_size) {
                     let pi = geo.payload_index(b);
                     w.entries[pi as usize] = bat::entry(bat::ZERO, 0);
@@ -828,11 +823,12 @@ impl Chain {
                 }
             }
             if l.params.leave_blocks_allocated {
-                let mut w = l.bat.write().unwrap();
+                let mut w = l.bat.write();
                 for b in geo.payload_blocks(old)..geo.payload_blocks(new_size) {
                     let pi = geo.payload_index(b);
                     let off = *end;
                     l.io.set_len(off + bs)?;
+                    l.io.allocate(off, bs)?;
                     *end += bs;
                     w.entries[pi as usize] = bat::entry(bat::FULLY_PRESENT, off);
                     l.mark_bat_dirty(pi);
@@ -844,7 +840,7 @@ impl Chain {
             self.write_aligned(&vec![0u8; (end - old) as usize], old)?;
         }
         let pages = {
-            let mut st = l.state.lock().unwrap();
+            let mut st = l.state.lock();
             let range = st.meta.set_virtual_size(new_size)?;
             Layer::metadata_pages(&st, &[range])
         };
@@ -858,7 +854,7 @@ impl Vhdx {
     /// User metadata items (IsUser set) of the top file: (item GUID, value).
     pub fn user_metadata(&self) -> Vec<(Guid, Vec<u8>)> {
         let top = self.top();
-        let st = top.state.lock().unwrap();
+        let st = top.state.lock();
         st.meta
             .entries
             .iter()

@@ -122,6 +122,17 @@ pub enum VhdxError {
     },
     #[error("injected failure (test fault injection)")]
     InjectedFault,
+    #[error("{} cannot be the parent of {}: it is that disk or depends on it (a loop)", parent.display(), child.display())]
+    RebaseLoop { child: PathBuf, parent: PathBuf },
+    #[error("{} is {parent_size} bytes but {} is {child_size}: a parent must have its child's virtual size", parent.display(), child.display())]
+    ParentSizeMismatch {
+        child: PathBuf,
+        child_size: u64,
+        parent: PathBuf,
+        parent_size: u64,
+    },
+    #[error("{} has an unfinished merge; run the merge again to finish it first", .0.display())]
+    MergeUnfinished(PathBuf),
 }
 
 impl VhdxError {

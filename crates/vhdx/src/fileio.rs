@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use crate::VhdxError;
 
@@ -28,6 +30,8 @@ struct PausePoint {
     offset: u64,
     arrived: Sender<()>,
     go: Receiver<()>,
+    /// Panic there instead of waiting (see [`FaultInjector::panic_io_at`]).
+    panic: bool,
 }
 
 impl FaultInjector {
@@ -57,19 +61,36 @@ impl FaultInjector {
     pub fn pause_io_at(&self, offset: u64) -> (Receiver<()>, Sender<()>) {
         let (arrived_tx, arrived_rx) = channel();
         let (go_tx, go_rx) = channel();
-        *self.pause.lock().unwrap() = Some(PausePoint {
+        *self.pause.lock() = Some(PausePoint {
             offset,
             arrived: arrived_tx,
             go: go_rx,
+            panic: false,
         });
         (arrived_rx, go_tx)
     }
 
+    /// Makes the next read or write of the file at exactly `offset` panic before it is issued,
+    /// as a bug would in a thread holding the locks of that I/O path.
+    pub fn panic_io_at(&self, offset: u64) {
+        let (arrived, _) = channel();
+        let (_, go) = channel();
+        *self.pause.lock() = Some(PausePoint {
+            offset,
+            arrived,
+            go,
+            panic: true,
+        });
+    }
+
     fn maybe_pause(&self, offset: u64) {
-        let mut p = self.pause.lock().unwrap();
+        let mut p = self.pause.lock();
         if p.as_ref().is_some_and(|x| x.offset == offset) {
             let point = p.take().unwrap();
             drop(p);
+            if point.panic {
+                panic!("injected panic at file offset {offset}");
+            }
             let _ = point.arrived.send(());
             let _ = point.go.recv();
         }
@@ -159,7 +180,7 @@ impl FileIo {
     }
 
     fn apply_overlay(&self, buf: &mut [u8], offset: u64) {
-        let ov = self.overlay.read().unwrap();
+        let ov = self.overlay.read();
         let end = offset + buf.len() as u64;
         for &(zo, zl) in &ov.zeroes {
             let (s, e) = (zo.max(offset), (zo + zl).min(end));
@@ -177,12 +198,12 @@ impl FileIo {
     }
 
     pub fn overlay_page(&self, offset: u64, data: Vec<u8>) {
-        self.overlay.write().unwrap().pages.insert(offset, data);
+        self.overlay.write().pages.insert(offset, data);
         self.has_overlay.store(true, Ordering::Release);
     }
 
     pub fn overlay_zero(&self, offset: u64, len: u64) {
-        let mut ov = self.overlay.write().unwrap();
+        let mut ov = self.overlay.write();
         let end = offset + len;
         let doomed: Vec<u64> = ov.pages.range(offset..end).map(|(k, _)| *k).collect();
         for k in doomed {
@@ -256,7 +277,15 @@ impl FileIo {
         }
     }
 
-    /// Best-effort preallocation (fixed disks); silently skipped where unsupported.
+    /// Gives the new (zero-reading) range real space, as a fixed disk promises; see
+    /// [`allocate_zeroed`].
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<(), VhdxError> {
+        self.tick()?;
+        allocate_zeroed(&self.file, offset, len)?;
+        Ok(())
+    }
+
+    /// Best-effort preallocation (space reservation); silently skipped where unsupported.
     pub fn preallocate(&self, offset: u64, len: u64) {
         // SAFETY: as above; failure only means the blocks stay sparse.
         unsafe {
@@ -268,4 +297,39 @@ impl FileIo {
             );
         }
     }
+}
+
+/// Allocates real space for `offset..offset+len`, which must read as zero already (new space at
+/// or past the end of the file): fixed disks promise that all their space is taken up front, so
+/// a full filesystem shows at creation, not as a failed guest write later. Uses fallocate; where
+/// the filesystem has none, writes the zeroes. Extends the file if the range ends past it.
+pub(crate) fn allocate_zeroed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor `file` keeps open for the call; the kernel validates
+    // the range.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

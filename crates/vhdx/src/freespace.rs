@@ -52,8 +52,8 @@
 //! sector-bitmap blocks are left to the next open's gap scan: the flush that commits their
 //! removal may log their dirty pages, and a replay of that entry would write into reused space.
 
+use parking_lot::{Mutex, RwLockReadGuard};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, RwLockReadGuard};
 
 use crate::format::bat::{self, Geometry};
 use crate::format::{ALIGN, SECTOR_BITMAP_BLOCK};
@@ -85,7 +85,7 @@ impl FreeSpace {
             ..Default::default()
         };
         if enabled {
-            let mut r = fs.reusable.lock().unwrap();
+            let mut r = fs.reusable.lock();
             for (off, len) in gaps {
                 insert(&mut r, off, off + len);
             }
@@ -108,19 +108,19 @@ impl FreeSpace {
             (offset + len) / ALIGN * ALIGN,
         );
         if self.enabled && a < z {
-            self.pending.lock().unwrap().push((a, z - a));
+            self.pending.lock().push((a, z - a));
         }
     }
 
     /// The frees a flush is about to make durable. Call while holding the BAT read lock used
     /// for the flush's snapshot.
     pub fn take_pending(&self) -> Vec<(u64, u64)> {
-        std::mem::take(&mut *self.pending.lock().unwrap())
+        std::mem::take(&mut *self.pending.lock())
     }
 
     /// Puts back frees whose commit failed.
     pub fn unpublished(&self, frees: Vec<(u64, u64)>) {
-        self.pending.lock().unwrap().extend(frees);
+        self.pending.lock().extend(frees);
     }
 
     /// Called after the commit that made `frees` durable: waits until no I/O that may have
@@ -130,7 +130,7 @@ impl FreeSpace {
             return;
         }
         drop(self.gate.write());
-        let mut r = self.reusable.lock().unwrap();
+        let mut r = self.reusable.lock();
         for (off, len) in frees {
             insert(&mut r, off, off + len);
         }
@@ -143,7 +143,7 @@ impl FreeSpace {
         if !self.enabled {
             return None;
         }
-        let mut r = self.reusable.lock().unwrap();
+        let mut r = self.reusable.lock();
         let fit = r
             .iter()
             .find(|(&s, &e)| e - s >= size)
@@ -165,7 +165,7 @@ impl FreeSpace {
     /// Returns space taken with [`FreeSpace::take`] that could not be used.
     pub fn give_back(&self, offset: u64, len: u64) {
         if len > 0 {
-            insert(&mut self.reusable.lock().unwrap(), offset, offset + len);
+            insert(&mut self.reusable.lock(), offset, offset + len);
         }
     }
 
@@ -174,7 +174,7 @@ impl FreeSpace {
         if !self.enabled {
             return None;
         }
-        let mut r = self.reusable.lock().unwrap();
+        let mut r = self.reusable.lock();
         let (&s, &e) = r.iter().next_back()?;
         if e != end {
             return None;
@@ -186,8 +186,8 @@ impl FreeSpace {
     /// Bytes reusable now and bytes waiting for a flush (diagnostics and tests).
     #[cfg(test)]
     pub fn totals(&self) -> (u64, u64) {
-        let r = self.reusable.lock().unwrap();
-        let p = self.pending.lock().unwrap();
+        let r = self.reusable.lock();
+        let p = self.pending.lock();
         (
             r.iter().map(|(s, e)| e - s).sum(),
             p.iter().map(|(_, l)| l).sum(),
@@ -283,7 +283,7 @@ impl Layer {
         *end = (*end).max(off + size);
         self.forget_reserved(off, size);
         if size == SECTOR_BITMAP_BLOCK {
-            let mut bm = self.bitmaps.write().unwrap();
+            let mut bm = self.bitmaps.write();
             bm.retain(|&page, _| page < off || page >= off + size);
         }
         Ok(off)
@@ -292,7 +292,7 @@ impl Layer {
     /// At a clean close: gives free space at the end of the file back to the filesystem.
     /// Only safe once no log entry can be replayed (see the module documentation).
     pub(crate) fn truncate_free_tail(&self) -> Result<(), VhdxError> {
-        let mut end = self.alloc.lock().unwrap();
+        let mut end = self.alloc.lock();
         let Some(start) = self.space.take_tail(*end) else {
             return Ok(());
         };
@@ -311,12 +311,7 @@ mod tests {
     use crate::format::MIB;
 
     fn extents(fs: &FreeSpace) -> Vec<(u64, u64)> {
-        fs.reusable
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(&s, &e)| (s, e))
-            .collect()
+        fs.reusable.lock().iter().map(|(&s, &e)| (s, e)).collect()
     }
 
     #[test]

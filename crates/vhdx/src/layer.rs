@@ -1,7 +1,9 @@
 //! One VHDX file opened: parsed structures, the in-memory BAT and sector-bitmap cache, the
 //! write-ahead log writer and the session (GUID) protocol. Chains of layers live in `disk.rs`.
 //!
-//! Locking (no lock is held across payload I/O):
+//! Locking (no lock is held across payload I/O). All locks in this crate are parking_lot's,
+//! which do not poison: a thread that panics holding one (a bug) must not turn every later
+//! call of every other thread on the disk into a panic, as `std` locks' `unwrap` did.
 //! - `bat` (RwLock): readers copy one entry out; writers change entries and mark pages dirty.
 //! - `alloc` (Mutex): serialises growth of the file end; taken before `bat`.
 //! - `bitmaps` (RwLock): cached sector-bitmap pages.
@@ -16,7 +18,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use crate::fileio::{FaultInjector, FileIo};
 use crate::format::bat::{self, Geometry};
@@ -505,14 +509,14 @@ impl Layer {
     }
 
     fn with_log_location(mut self) -> Self {
-        let h = self.state.get_mut().unwrap().header.clone();
+        let h = self.state.get_mut().header.clone();
         self.log_offset = h.log_offset;
         self.log_length = h.log_length as u64;
         self
     }
 
     pub fn header(&self) -> Header {
-        self.state.lock().unwrap().header.clone()
+        self.state.lock().header.clone()
     }
 
     pub fn vsize(&self) -> u64 {
@@ -528,7 +532,7 @@ impl Layer {
         if self.read_only {
             return Err(VhdxError::ReadOnly);
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         if st.session {
             return Ok(());
         }
@@ -557,11 +561,7 @@ impl Layer {
 
     /// Marks the BAT page holding entry `index` dirty. Caller holds the BAT write lock.
     pub fn mark_bat_dirty(&self, index: u64) {
-        self.dirty
-            .lock()
-            .unwrap()
-            .bat_pages
-            .insert(index * 8 / PAGE);
+        self.dirty.lock().bat_pages.insert(index * 8 / PAGE);
     }
 
     /// Collects the dirty pages (BAT and sector bitmaps) as (file offset, bytes), and the
@@ -570,11 +570,11 @@ impl Layer {
         let mut pages = vec![];
         let frees;
         {
-            let bat = self.bat.read().unwrap();
+            let bat = self.bat.read();
             // Under the read lock no BAT entry can change, and a free is recorded only after
             // its entry changed: every free taken here is in this snapshot or an older one.
             frees = self.space.take_pending();
-            let taken = std::mem::take(&mut self.dirty.lock().unwrap().bat_pages);
+            let taken = std::mem::take(&mut self.dirty.lock().bat_pages);
             for p in taken {
                 let mut buf = vec![0u8; PAGE as usize];
                 let first = (p * PAGE / 8) as usize;
@@ -586,8 +586,8 @@ impl Layer {
                 }
             }
         }
-        let bm = self.bitmaps.read().unwrap();
-        let taken = std::mem::take(&mut self.dirty.lock().unwrap().bitmap_pages);
+        let bm = self.bitmaps.read();
+        let taken = std::mem::take(&mut self.dirty.lock().bitmap_pages);
         for off in taken {
             if let Some(p) = bm.get(&off) {
                 pages.push((off, p.to_vec()));
@@ -602,7 +602,7 @@ impl Layer {
         if self.read_only || !self.session_started.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         let (mut pages, frees) = self.take_dirty_pages();
         pages.extend(extra);
         let r = if pages.is_empty() {
@@ -622,8 +622,8 @@ impl Layer {
     }
 
     fn requeue(&self, pages: &[(u64, Vec<u8>)]) {
-        let bat = self.bat.read().unwrap();
-        let mut d = self.dirty.lock().unwrap();
+        let bat = self.bat.read();
+        let mut d = self.dirty.lock();
         for (off, _) in pages {
             if *off >= bat.offset && *off < bat.offset + bat.region_len {
                 d.bat_pages.insert((off - bat.offset) / PAGE);
@@ -697,7 +697,7 @@ impl Layer {
     ) -> Result<(), VhdxError> {
         self.begin_session(DataGuid::New)?;
         let pages = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let ranges = match value {
                 Some(v) => st.meta.add_item(id, flags, v)?,
                 None => {
@@ -721,7 +721,7 @@ impl Layer {
         const UNIT: u64 = RESERVE_UNIT;
         let (first, last) = (file_off / UNIT, (file_off + len - 1) / UNIT);
         let missing = {
-            let bits = self.reserved_mib.read().unwrap();
+            let bits = self.reserved_mib.read();
             (first..=last).any(|m| {
                 bits.get((m / 64) as usize)
                     .is_none_or(|w| w.load(Ordering::Relaxed) >> (m % 64) & 1 == 0)
@@ -733,7 +733,7 @@ impl Layer {
         let start = (first * UNIT).max(block_off);
         let end = ((last + 1) * UNIT).min(block_off + self.geo.block_size);
         self.io.preallocate(start, end - start);
-        let mut bits = self.reserved_mib.write().unwrap();
+        let mut bits = self.reserved_mib.write();
         let need = (last / 64 + 1) as usize;
         if bits.len() < need {
             bits.resize_with(need, || AtomicU64::new(0));
@@ -746,7 +746,7 @@ impl Layer {
     /// Forgets the reservation of `RESERVE_UNIT` pieces overlapping `[off, off+len)`, whose
     /// space was just zeroed for reuse, so the next writes reserve it again.
     pub fn forget_reserved(&self, off: u64, len: u64) {
-        let bits = self.reserved_mib.read().unwrap();
+        let bits = self.reserved_mib.read();
         for m in off / RESERVE_UNIT..(off + len).div_ceil(RESERVE_UNIT) {
             if let Some(w) = bits.get((m / 64) as usize) {
                 w.fetch_and(!(1 << (m % 64)), Ordering::Relaxed);
@@ -775,12 +775,12 @@ impl Layer {
 
     /// Loads (if needed) the cached sector-bitmap page at file offset `page_off`.
     pub fn bitmap_page_loaded(&self, page_off: u64) -> Result<(), VhdxError> {
-        if self.bitmaps.read().unwrap().contains_key(&page_off) {
+        if self.bitmaps.read().contains_key(&page_off) {
             return Ok(());
         }
         let mut buf = vec![0u8; PAGE as usize].into_boxed_slice();
         self.io.read_at(&mut buf, page_off)?;
-        self.bitmaps.write().unwrap().entry(page_off).or_insert(buf);
+        self.bitmaps.write().entry(page_off).or_insert(buf);
         Ok(())
     }
 
@@ -805,7 +805,7 @@ impl Layer {
             return Ok(());
         }
         self.flush_with(vec![])?;
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock();
         self.io.sync()?;
         let cur = st.header.clone();
         let h = Header {

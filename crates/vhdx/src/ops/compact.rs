@@ -75,7 +75,7 @@ impl Vhdx {
                 return Err(VhdxError::Cancelled);
             }
             let pi = geo.payload_index(b);
-            let e = l.bat.read().unwrap().entries[pi as usize];
+            let e = l.bat.read().entries[pi as usize];
             if bat::state(e) == bat::FULLY_PRESENT {
                 let mut zero = true;
                 let mut off = 0;
@@ -90,7 +90,7 @@ impl Vhdx {
                     } else {
                         bat::NOT_PRESENT
                     };
-                    l.bat.write().unwrap().entries[pi as usize] = bat::entry(state, 0);
+                    l.bat.write().entries[pi as usize] = bat::entry(state, 0);
                     l.mark_bat_dirty(pi);
                     report.blocks_zeroed += 1;
                 }
@@ -100,11 +100,11 @@ impl Vhdx {
         d.flush()?;
 
         let reserved = {
-            let st = l.state.lock().unwrap();
+            let st = l.state.lock();
             reserved_spans(&st.header, &st.regions)
         };
         let mut used: Vec<(u64, u64, u64)> = {
-            let bat = l.bat.read().unwrap();
+            let bat = l.bat.read();
             let n = geo.bat_entries(l.vsize()) as usize;
             bat.entries[..n]
                 .iter()
@@ -152,7 +152,7 @@ impl Vhdx {
                     done += n as u64;
                 }
                 {
-                    let mut w = l.bat.write().unwrap();
+                    let mut w = l.bat.write();
                     let e = w.entries[index as usize];
                     w.entries[index as usize] = bat::entry(bat::state(e), dst);
                     l.mark_bat_dirty(index);
@@ -172,7 +172,7 @@ impl Vhdx {
         d.flush()?;
         if moved_bitmap {
             // Cached bitmap pages are keyed by file offset; nothing is dirty after the flush.
-            l.bitmaps.write().unwrap().clear();
+            l.bitmaps.write().clear();
         }
         let end = reserved.iter().map(|r| r.1).max().unwrap_or(0).max(cursor);
         // The layer must close (clean headers) before the file is truncated below.

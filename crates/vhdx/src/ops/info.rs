@@ -46,11 +46,11 @@ impl Vhdx {
     pub fn info(&self) -> Info {
         let l = self.top();
         let h = l.header();
-        let items = l.state.lock().unwrap().meta.entries.len();
+        let items = l.state.lock().meta.entries.len();
         let (mut allocated, mut zero) = (0, 0);
         let total = l.geo.payload_blocks(l.vsize());
         {
-            let b = l.bat.read().unwrap();
+            let b = l.bat.read();
             for i in 0..total {
                 match bat::state(b.entries[l.geo.payload_index(i) as usize]) {
                     bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT => allocated += 1,

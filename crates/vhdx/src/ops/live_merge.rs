@@ -40,12 +40,15 @@
 //!   one re-takes its shared lock, then the new one closes.
 //! - **Reads of the old parent** go on through the chain's read-only layer, whose BAT copy goes
 //!   stale as the merge writes: harmless, because the merge only changes parent ranges the
-//!   child holds itself, and the child never reads the parent there.
+//!   child holds itself, and the child never reads the parent there. (Sizing the parent to the
+//!   child first only changes it past the child's end, which the child never reads either.)
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use crate::disk::Chain;
 use crate::format::metadata::FLAG_USER;
@@ -100,7 +103,7 @@ impl DirtyTracker {
 
     #[cold]
     fn mark_slow(&self, offset: u64, len: u64) {
-        let bits = self.bits.read().unwrap_or_else(|e| e.into_inner());
+        let bits = self.bits.read();
         if bits.unit == 0 {
             // Stopped (cannot happen under the chain lock; never divide by zero regardless).
             return;
@@ -116,7 +119,7 @@ impl DirtyTracker {
     /// Starts tracking `size` bytes in units of `unit`, all clean. Caller holds the chain
     /// lock exclusively.
     fn start(&self, size: u64, unit: u64) {
-        let mut bits = self.bits.write().unwrap_or_else(|e| e.into_inner());
+        let mut bits = self.bits.write();
         let words = size.div_ceil(unit).div_ceil(64);
         *bits = Bits {
             unit,
@@ -127,12 +130,12 @@ impl DirtyTracker {
 
     fn stop(&self) {
         self.active.store(false, Ordering::Relaxed);
-        *self.bits.write().unwrap_or_else(|e| e.into_inner()) = Bits::default();
+        *self.bits.write() = Bits::default();
     }
 
     /// Clears unit `u`'s bit; true if it was set.
     fn take(&self, u: u64) -> bool {
-        let bits = self.bits.read().unwrap_or_else(|e| e.into_inner());
+        let bits = self.bits.read();
         bits.words
             .get((u / 64) as usize)
             .is_some_and(|w| w.fetch_and(!(1 << (u % 64)), Ordering::AcqRel) >> (u % 64) & 1 == 1)
@@ -140,7 +143,7 @@ impl DirtyTracker {
 
     /// The units dirty right now, in order.
     fn dirty_units(&self) -> Vec<u64> {
-        let bits = self.bits.read().unwrap_or_else(|e| e.into_inner());
+        let bits = self.bits.read();
         let mut out = vec![];
         for (i, w) in bits.words.iter().enumerate() {
             let mut v = w.load(Ordering::Acquire);
@@ -262,7 +265,6 @@ impl Vhdx {
         let recorded = child
             .state
             .lock()
-            .unwrap()
             .meta
             .item(MERGE_IN_PROGRESS)
             .filter(|b| b.len() == 16)
@@ -332,8 +334,11 @@ impl Vhdx {
             self.dirty.start(vs, unit);
             (vs, unit)
         };
-        if vs > p.virtual_size() {
-            p.resize(vs, false)?;
+        // The merged disk is what the child showed, size included: a child that was grown or
+        // (with force) shrunk carries its size into the parent. Shrinking the parent only drops
+        // what the child cannot see, so the child's view stays the same at every instant.
+        if vs != p.virtual_size() {
+            p.resize(vs, true)?;
         }
         let mut buf = vec![0u8; MIB as usize];
         let units = vs.div_ceil(unit);

@@ -43,11 +43,11 @@ impl Chain {
         if end <= start {
             return Ok(BlockData::None);
         }
-        let e = l.bat.read().unwrap().entries[l.geo.payload_index(b) as usize];
+        let e = l.bat.read().entries[l.geo.payload_index(b) as usize];
         Ok(match bat::state(e) {
             bat::FULLY_PRESENT => BlockData::Runs(vec![(start, end - start)]),
             bat::PARTIALLY_PRESENT => {
-                let sb = bat::offset(l.bat.read().unwrap().entries[l.geo.bitmap_index(b) as usize]);
+                let sb = bat::offset(l.bat.read().entries[l.geo.bitmap_index(b) as usize]);
                 let ls = l.geo.logical_sector;
                 let mut runs: Vec<(u64, u64)> = vec![];
                 for s in start / ls..end / ls {
@@ -121,8 +121,11 @@ impl Vhdx {
         }
         p.top().begin_session(DataGuid::Set(target))?;
         let vs = c.virtual_size();
-        if vs > p.virtual_size() {
-            p.resize(vs, false)?;
+        // The merged disk is what the child showed, size included: a child that was grown or
+        // (with force) shrunk carries its size into the parent. Shrinking the parent only drops
+        // what the child cannot see, so the child's view stays the same at every instant.
+        if vs != p.virtual_size() {
+            p.resize(vs, true)?;
         }
         let total = c.top().geo.payload_blocks(vs);
         let mut buf = vec![0u8; MIB as usize];

@@ -57,6 +57,10 @@ pub enum VhdError {
     DifferencingWrite,
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("shrinking to {new_size} would discard data at virtual offset {data_at} (use force)")]
+    ShrinkOverData { new_size: u64, data_at: u64 },
 }
 
 impl From<VhdError> for vireo_block::BlockError {
@@ -65,6 +69,10 @@ impl From<VhdError> for vireo_block::BlockError {
             VhdError::Io(io) => vireo_block::BlockError::Io(io),
             VhdError::Unsupported(what) => vireo_block::BlockError::Unsupported(what),
             VhdError::Locked { path, wanted } => vireo_block::BlockError::Locked { path, wanted },
+            VhdError::ReadOnly => vireo_block::BlockError::ReadOnly,
+            e @ (VhdError::ShrinkOverData { .. } | VhdError::BadSize(_)) => {
+                vireo_block::BlockError::Refused(e.to_string())
+            }
             other => vireo_block::BlockError::Corrupt(other.to_string()),
         }
     }

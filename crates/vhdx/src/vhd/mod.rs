@@ -10,13 +10,14 @@
 mod error;
 pub mod format;
 mod locator;
+mod resize;
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use vireo_block::{check_range, BlockBackend, BlockError};
 
@@ -180,7 +181,9 @@ impl Vhd {
         let result = match opts.disk_type {
             DiskType::Fixed => {
                 let footer = Footer::new(size, DiskType::Fixed, NO_OFFSET);
+                // All space taken now, as a fixed disk promises (not a sparse file).
                 file.set_len(size + SECTOR)
+                    .and_then(|_| crate::fileio::allocate_zeroed(&file, 0, size))
                     .and_then(|_| file.write_all_at(&footer.to_bytes(), size))
             }
             DiskType::Dynamic => create_dynamic(&file, size, opts.block_size),
@@ -203,11 +206,11 @@ impl Vhd {
     }
 
     pub fn disk_type(&self) -> DiskType {
-        self.footer.lock().unwrap().disk_type
+        self.footer.lock().disk_type
     }
 
     pub fn info(&self) -> Result<VhdInfo, VhdError> {
-        let footer = self.footer.lock().unwrap().clone();
+        let footer = self.footer.lock().clone();
         let (block_size, allocated, total, parent) = match &self.layout {
             Layout::Fixed => (None, 0, 0, None),
             Layout::Sparse(s) => (
@@ -352,7 +355,7 @@ impl Vhd {
 
     /// Allocates block `index` (if another thread has not) and returns its sector offset.
     fn allocate(&self, s: &Sparse, index: usize) -> Result<u32, VhdError> {
-        let mut next = s.next_free.lock().unwrap();
+        let mut next = s.next_free.lock();
         let entry = s.bat[index].load(Ordering::Acquire);
         if entry != UNALLOCATED {
             return Ok(entry);
@@ -361,7 +364,7 @@ impl Vhd {
         let end = bitmap_at + s.bitmap_size + s.block_size;
         let sector = u32::try_from(bitmap_at / SECTOR)
             .map_err(|_| VhdError::Unsupported("VHD file would exceed 2 TiB of sectors"))?;
-        let footer = self.footer.lock().unwrap().to_bytes();
+        let footer = self.footer.lock().to_bytes();
         // Footer first, so the file always ends with one; then the bitmap over the old footer
         // (all sectors "present": the block's unwritten parts are holes that read as zeroes).
         self.file.write_all_at(&footer, end)?;
@@ -396,40 +399,6 @@ impl Vhd {
             self.file.write_all_at(chunk, data + within)?;
             done += n;
         }
-        Ok(())
-    }
-
-    fn resize_to(&self, new_size: u64) -> Result<(), VhdError> {
-        if new_size == 0 || !new_size.is_multiple_of(SECTOR) || new_size > format::MAX_SIZE {
-            return Err(VhdError::BadSize(new_size));
-        }
-        let mut footer = self.footer.lock().unwrap();
-        let old = footer.current_size;
-        footer.current_size = new_size;
-        footer.geometry = format::chs_geometry(new_size / SECTOR);
-        let bytes = footer.to_bytes();
-        match &self.layout {
-            Layout::Fixed => {
-                if new_size > old {
-                    // The old footer becomes disk data, which must read as zeroes.
-                    self.file.write_all_at(&[0u8; SECTOR as usize], old)?;
-                }
-                self.file.write_all_at(&bytes, new_size)?;
-                self.file.set_len(new_size + SECTOR)?;
-            }
-            Layout::Sparse(s) => {
-                if new_size.div_ceil(s.block_size) > s.bat.len() as u64 {
-                    footer.current_size = old;
-                    return Err(VhdError::Unsupported(
-                        "growing this VHD beyond its BAT capacity; convert it to VHDX",
-                    ));
-                }
-                let next = s.next_free.lock().unwrap();
-                self.file.write_all_at(&bytes, *next)?;
-                self.file.write_all_at(&bytes, 0)?;
-            }
-        }
-        self.size.store(new_size, Ordering::Release);
         Ok(())
     }
 }
@@ -483,11 +452,13 @@ impl BlockBackend for Vhd {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Refuses to shrink over data (see [`Vhd::resize_to`]): a running guest's disk is never
+    /// cut short behind its back.
     fn resize(&self, new_size: u64) -> Result<(), BlockError> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        Ok(self.resize_to(new_size)?)
+        Ok(self.resize_to(new_size, false)?)
     }
 
     fn read_only(&self) -> bool {
@@ -495,7 +466,7 @@ impl BlockBackend for Vhd {
     }
 
     fn id(&self) -> String {
-        let id = self.footer.lock().unwrap().unique_id;
+        let id = self.footer.lock().unique_id;
         format!("vhd-{}", &format::format_id(&id)[..8])
     }
 }
@@ -601,7 +572,7 @@ fn open_parent(
             continue;
         }
         let parent = Vhd::open_chain(candidate, true, depth + 1, visited)?;
-        let found = parent.footer.lock().unwrap().unique_id;
+        let found = parent.footer.lock().unique_id;
         if found != header.parent_unique_id {
             return Err(VhdError::ParentMismatch {
                 child: path.to_path_buf(),
