@@ -11,7 +11,6 @@
 //! `vireo run` exits with the guest's power-off status instead of 0 when the guest chooses one.
 
 use std::fmt;
-use std::process::ExitCode;
 
 /// The help text's table (shown by `vireo --help`).
 pub const HELP_TABLE: &str = "\
@@ -58,10 +57,6 @@ impl CliError {
             status: INTERRUPTED,
             message: message.into(),
         }
-    }
-
-    pub fn exit_code(&self) -> ExitCode {
-        ExitCode::from(self.status)
     }
 }
 
