@@ -15,6 +15,7 @@ mod freespace;
 mod gate;
 mod guid;
 mod layer;
+pub mod newfile;
 
 mod ops;
 

@@ -348,3 +348,76 @@ fn cli_refuses_a_disk_in_use_in_one_line() {
     let out = disk(d, &["info", "busy.vhdx"]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
 }
+
+/// A file of `mib` MiB of non-zero data: long enough to convert that a signal lands mid-way.
+fn busy_source(path: &Path, mib: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..mib {
+        f.write_all(&chunk).unwrap();
+    }
+}
+
+/// Waits (at most 20 s) until `convert` has started writing: its destination or its temporary
+/// file exists.
+fn wait_until_writing(dir: &Path, name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        let started = std::fs::read_dir(dir)
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains(name));
+        if started {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("convert never started writing {name}");
+}
+
+/// Item 3 of issue 9: a second Ctrl-C exits at once, and a SIGKILL gives no chance to clean
+/// up; neither may leave anything at the destination's name (an empty image there passed
+/// `check`). A temporary file may survive a SIGKILL, but only under its temporary name.
+#[test]
+fn cli_convert_interrupted_twice_or_killed_leaves_nothing_at_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    busy_source(&d.join("big.img"), 256);
+    let cases: [(&str, &[i32]); 3] = [
+        ("twice.vhdx", &[libc::SIGINT, libc::SIGINT]),
+        ("twice.vhd", &[libc::SIGINT, libc::SIGINT]),
+        ("killed.vhdx", &[libc::SIGKILL]),
+    ];
+    for (dst, signals) in cases {
+        let child = Command::new(vireo())
+            .args(["disk", "convert", "big.img", dst])
+            .current_dir(d)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until_writing(d, dst);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for &sig in signals {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not yet reaped.
+            unsafe { libc::kill(child.id() as i32, sig) };
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dst}: finished before the signals");
+        assert!(
+            !d.join(dst).exists(),
+            "{dst}: left at the destination: {err}"
+        );
+        if signals[0] == libc::SIGINT {
+            assert_eq!(out.status.code(), Some(130), "{dst}: {err}");
+            let leftovers: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().contains(dst))
+                .collect();
+            assert!(leftovers.is_empty(), "{dst}: {leftovers:?}");
+        }
+    }
+}

@@ -57,6 +57,9 @@ pub enum VhdError {
     DifferencingWrite,
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A new file could not be started or put in place (names the path).
+    #[error(transparent)]
+    NewFile(#[from] crate::newfile::NewFileError),
 }
 
 impl From<VhdError> for vireo_block::BlockError {
