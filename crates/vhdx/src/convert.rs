@@ -54,8 +54,14 @@ impl Format {
     /// "conectix" footer is VHD, anything else is raw.
     pub fn detect(path: &Path) -> Result<Format, ConvertError> {
         let file = File::open(path).map_err(|e| ConvertError::Open(path.to_path_buf(), e))?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            // Opening a directory succeeds; reading it would fail without naming it.
+            let e = std::io::Error::from_raw_os_error(libc::EISDIR);
+            return Err(ConvertError::Open(path.to_path_buf(), e));
+        }
         let mut magic = [0u8; 8];
-        let len = file.metadata()?.len();
+        let len = meta.len();
         if len >= 8 {
             file.read_exact_at(&mut magic, 0)?;
             if &magic == b"vhdxfile" {
@@ -336,18 +342,7 @@ fn create_destination(
 ) -> Result<AnyDisk, ConvertError> {
     Ok(match opts.format {
         Format::Raw => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(tmp)
-                .map_err(|e| ConvertError::Open(tmp.to_path_buf(), e))?;
-            file.set_len(size)?;
-            if opts.output_type == OutputType::Fixed {
-                // SAFETY: fallocate on a descriptor we own with in-range arguments.
-                unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-            }
-            drop(file);
+            write_raw(tmp, size, opts.output_type)?;
             AnyDisk::open_as(tmp, Format::Raw, false)?
         }
         Format::Vhd => {
@@ -395,4 +390,45 @@ fn create_destination(
             AnyDisk::Vhdx(Vhdx::open(tmp, &OpenOptions::default())?)
         }
     })
+}
+
+/// Creates a new raw image of `size` bytes at `path` (which must not exist): sparse, or with
+/// every byte allocated for [`OutputType::Fixed`]. Like every new file it appears at `path`
+/// only once complete ([`NewFile`]).
+pub fn create_raw(path: &Path, size: u64, output_type: OutputType) -> Result<(), ConvertError> {
+    let new = NewFile::begin(path)?;
+    write_raw(new.temp_path(), size, output_type)?;
+    new.commit()?;
+    Ok(())
+}
+
+/// Writes a raw image at `at` (created here; must not exist).
+fn write_raw(at: &Path, size: u64, output_type: OutputType) -> Result<(), ConvertError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(at)
+        .map_err(|e| ConvertError::Open(at.to_path_buf(), e))?;
+    file.set_len(size)?;
+    if output_type == OutputType::Fixed && size > 0 {
+        // SAFETY: fallocate on a descriptor we own with in-range arguments.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(err.into());
+            }
+            // No fallocate here: allocating by writing is what "fixed" promises.
+            let zeroes = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(zeroes.len() as u64) as usize;
+                file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+        }
+    }
+    file.sync_all()?;
+    Ok(())
 }

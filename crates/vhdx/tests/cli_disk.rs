@@ -314,6 +314,7 @@ fn cli_ctrl_c_during_convert_leaves_no_partial_file() {
         );
     } else {
         assert!(err.contains("cancelled"), "{err}");
+        assert_eq!(out.status.code(), Some(130), "Ctrl-C exits 130: {err}");
         assert!(
             !d.join("out.vhdx").exists(),
             "partial destination left behind"
@@ -420,4 +421,127 @@ fn cli_convert_interrupted_twice_or_killed_leaves_nothing_at_the_destination() {
             assert!(leftovers.is_empty(), "{dst}: {leftovers:?}");
         }
     }
+}
+
+/// The exit status of `vireo disk ARGS` in `dir`, and its stderr.
+fn status(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = disk(dir, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), err)
+}
+
+/// Item 9 of issue 9: every error names its file and says what to do; bad input exits 2.
+#[test]
+fn cli_errors_name_the_file_and_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["create", "old.vhd", "--size", "64M"]);
+    ok(d, &["create", "r.img", "--size", "64M"]);
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["create", "c.avhdx", "--parent", "missing.vhdx"],
+            "missing.vhdx does not exist",
+        ),
+        (
+            &["create", "no/such/dir/c.vhdx", "--size", "1G"],
+            "directory no/such/dir does not exist; create it first",
+        ),
+        (&["info", "/tmp"], "/tmp is a directory, not a disk image"),
+        (&["check", "/tmp"], "/tmp is a directory"),
+        (&["info", "nope.vhdx"], "nope.vhdx does not exist"),
+        (
+            &["create", "c.avhdx", "--parent", "old.vhd"],
+            "VHD parents are not supported; convert it first",
+        ),
+        (
+            &["create", "c.avhdx", "--parent", "r.img"],
+            "RAW parents are not supported",
+        ),
+        (
+            &["convert", "gone.img", "x.vhdx"],
+            "gone.img does not exist",
+        ),
+        (
+            &["convert", "r.img", "no/dir/x.vhdx"],
+            "directory no/dir does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = status(d, args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        fails(d, args, needle);
+        assert!(!err.contains("os error"), "{args:?}: raw OS error: {err}");
+    }
+    assert!(!d.join("c.avhdx").exists());
+}
+
+/// Item 8 of issue 9: when only the parent is held by another process, `info` on the child
+/// says the parent is in use, not the child.
+#[test]
+fn cli_info_names_the_locked_parent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["create", "base.vhdx", "--size", "64M"]);
+    ok(d, &["create", "child.avhdx", "--parent", "base.vhdx"]);
+    // This test process plays a VM running on the base disk directly.
+    let vm = vireo_vhdx::Vhdx::open(&d.join("base.vhdx"), &Default::default()).unwrap();
+    let out = disk(d, &["info", "child.avhdx", "--output", "json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let note = err.lines().find(|l| l.contains("in use")).unwrap_or("");
+    assert!(
+        note.contains("base.vhdx"),
+        "does not name the parent: {err:?}"
+    );
+    assert!(
+        !note.starts_with("note: child.avhdx is in use"),
+        "blames the child: {err:?}"
+    );
+    drop(vm);
+    let out = disk(d, &["info", "child.avhdx"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+}
+
+/// Item 10 of issue 9: `create --format raw` (offered by help) works, sparse or fixed, and
+/// `convert --sector 4096` to VHD is refused instead of silently ignored.
+#[test]
+fn cli_create_raw_and_refuse_vhd_4k_sectors() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["create", "sparse.img", "--size", "1.5G"]);
+    let m = std::fs::metadata(d.join("sparse.img")).unwrap();
+    assert_eq!(m.len(), 3 << 29);
+    assert!(m.blocks() * 512 < 1 << 20, "not sparse: {}", m.blocks());
+    ok(
+        d,
+        &[
+            "create", "full", "--format", "raw", "--size", "8M", "--type", "fixed",
+        ],
+    );
+    let m = std::fs::metadata(d.join("full")).unwrap();
+    assert_eq!(m.len(), 8 << 20);
+    assert!(m.blocks() * 512 >= 8 << 20, "not allocated: {}", m.blocks());
+    let info = json(d, &["info", "full", "--output", "json"]);
+    assert_eq!(info["format"], "raw");
+    assert_eq!(info["virtual_size"], 8 << 20);
+    if vireo_testkit::require(vireo_testkit::Need::QemuImg) {
+        let q = qemu(d, &["info", "--output=json", "sparse.img"]).unwrap();
+        let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+        assert_eq!(q["format"], "raw");
+        assert_eq!(q["virtual-size"], 3u64 << 29);
+    }
+    fails(
+        d,
+        &["create", "x.img", "--size", "8M", "--block-size", "2M"],
+        "raw",
+    );
+
+    let (code, err) = status(d, &["convert", "full", "x.vhd", "--sector", "4096"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("512-byte sectors only"), "{err}");
+    assert!(!d.join("x.vhd").exists());
+    let (code, err) = status(d, &["convert", "full", "x.img", "--sector", "4096"]);
+    assert_eq!(code, 2, "{err}");
+    ok(d, &["convert", "full", "x.vhd", "--sector", "512"]);
 }
