@@ -436,7 +436,10 @@ fn cli_errors_name_the_file_and_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ok(d, &["create", "old.vhd", "--size", "64M"]);
-    ok(d, &["create", "r.img", "--size", "64M"]);
+    std::fs::File::create(d.join("r.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let cases: [(&[&str], &str); 9] = [
         (
             &["create", "c.avhdx", "--parent", "missing.vhdx"],
