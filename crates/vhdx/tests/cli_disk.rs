@@ -275,6 +275,14 @@ fn cli_help_explains() {
     }
     let out = ok(tmp.path(), &["create", "--help"]);
     assert!(out.contains("--parent") && out.contains("--block-size") && out.contains("64G"));
+    // Long-running commands say what their exit statuses mean.
+    for cmd in ["convert", "merge", "compact"] {
+        let out = ok(tmp.path(), &[cmd, "--help"]);
+        assert!(
+            out.contains("Exit status") && out.contains("130 Ctrl-C"),
+            "{cmd}: {out}"
+        );
+    }
 }
 
 #[test]
@@ -547,4 +555,104 @@ fn cli_create_raw_and_refuse_vhd_4k_sectors() {
     let (code, err) = status(d, &["convert", "full", "x.img", "--sector", "4096"]);
     assert_eq!(code, 2, "{err}");
     ok(d, &["convert", "full", "x.vhd", "--sector", "512"]);
+}
+
+/// Item 6 of issue 9 for `vireo disk`: one exit-status table for every subcommand — 0 done,
+/// 1 the operation failed or check found problems, 2 bad input (nothing changed).
+#[test]
+fn cli_exit_statuses_follow_one_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let expect = |code: i32, args: &[&str]| {
+        let (got, err) = status(d, args);
+        assert_eq!(got, code, "vireo disk {args:?}: {err}");
+    };
+    // 0
+    expect(0, &["create", "a.vhdx", "--size", "64M"]);
+    expect(0, &["create", "f.vhdx", "--size", "8M", "--type", "fixed"]);
+    expect(0, &["resize", "a.vhdx", "--size", "128M"]);
+    expect(0, &["create", "c.avhdx", "--parent", "a.vhdx"]);
+    expect(0, &["info", "a.vhdx"]);
+    expect(0, &["check", "a.vhdx"]);
+    expect(0, &["convert", "a.vhdx", "a.img"]);
+    expect(0, &["compact", "c.avhdx"]);
+    // 2: bad input, nothing changed
+    expect(2, &["create", "a.vhdx", "--size", "64M"]);
+    expect(2, &["create", "x.vhdx", "--size", "64Q"]);
+    expect(
+        2,
+        &["create", "x.vhdx", "--size", "1G", "--block-size", "3M"],
+    );
+    expect(2, &["info", "missing.vhdx"]);
+    expect(2, &["check", "a.img"]);
+    expect(2, &["convert", "missing.img", "y.vhdx"]);
+    expect(2, &["convert", "a.img", "a.vhdx"]);
+    expect(2, &["resize", "a.img", "--size", "1G"]);
+    expect(2, &["resize", "a.vhdx", "--size", "0"]);
+    expect(2, &["merge", "a.vhdx"]);
+    expect(2, &["compact", "f.vhdx"]);
+    expect(2, &["compact", "a.img"]);
+    assert!(!d.join("x.vhdx").exists() && !d.join("y.vhdx").exists());
+    // 1: the operation was attempted and failed, or check found problems
+    let vm = vireo_vhdx::Vhdx::open(&d.join("c.avhdx"), &Default::default()).unwrap();
+    expect(1, &["resize", "c.avhdx", "--size", "256M"]);
+    expect(1, &["compact", "c.avhdx"]);
+    expect(1, &["merge", "c.avhdx"]);
+    expect(1, &["check", "c.avhdx"]);
+    drop(vm);
+    std::fs::write(d.join("broken.vhdx"), b"vhdxfile but nothing else").unwrap();
+    expect(1, &["info", "broken.vhdx"]);
+    expect(1, &["convert", "broken.vhdx", "z.vhdx"]);
+    assert!(!d.join("z.vhdx").exists());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("a.vhdx"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"XXXX", 64 * 1024 + 100).unwrap();
+    drop(f);
+    expect(1, &["check", "a.vhdx"]);
+}
+
+/// A single Ctrl-C stops a merge at a safe point and exits 130 (it exited 2), and running the
+/// merge again finishes it.
+#[test]
+fn cli_ctrl_c_during_merge_exits_130_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(d, &["create", "base.vhdx", "--size", "512M"]);
+    ok(
+        d,
+        &[
+            "create",
+            "snap.avhdx",
+            "--parent",
+            "base.vhdx",
+            "--block-size",
+            "1M",
+        ],
+    );
+    let child = vireo_vhdx::Vhdx::open(&d.join("snap.avhdx"), &Default::default()).unwrap();
+    let chunk: Vec<u8> = (0..4 << 20).map(|i| (i % 253) as u8 + 1).collect();
+    for i in 0..64u64 {
+        vireo_block::BlockBackend::write_at(&child, &chunk, i * (4 << 20)).unwrap();
+    }
+    vireo_block::BlockBackend::flush(&child).unwrap();
+    drop(child);
+    let merge = Command::new(vireo())
+        .args(["disk", "merge", "snap.avhdx"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // SAFETY: kill(2) on the pid of a child we spawned and have not yet reaped.
+    unsafe { libc::kill(merge.id() as i32, libc::SIGINT) };
+    let out = merge.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("`vireo disk merge snap.avhdx` again"), "{err}");
+    ok(d, &["merge", "snap.avhdx"]);
+    assert!(!d.join("snap.avhdx").exists());
+    ok(d, &["check", "base.vhdx"]);
 }
