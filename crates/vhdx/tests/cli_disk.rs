@@ -656,3 +656,75 @@ fn cli_ctrl_c_during_merge_exits_130_and_resumes() {
     assert!(!d.join("snap.avhdx").exists());
     ok(d, &["check", "base.vhdx"]);
 }
+
+/// Item 11 of issue 9: `info` leads with what qemu-img users look for (format, virtual size,
+/// file size, block size, parent) in text and JSON alike; `check` prints one problem per line.
+#[test]
+fn cli_info_order_and_check_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ok(
+        d,
+        &["create", "base.vhdx", "--size", "40M", "--block-size", "8M"],
+    );
+    ok(d, &["create", "child.avhdx", "--parent", "base.vhdx"]);
+    ok(d, &["create", "old.vhd", "--size", "40M"]);
+    std::fs::File::create(d.join("r.img"))
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let first = [
+        "format",
+        "virtual_size",
+        "file_size",
+        "block_size",
+        "parent",
+    ];
+    for (file, expect) in [
+        ("child.avhdx", &first[..]),
+        ("base.vhdx", &first[..]),
+        ("old.vhd", &first[..]),
+        ("r.img", &first[..3]),
+    ] {
+        let text = ok(d, &["info", file]);
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with(' '))
+            .filter_map(|l| l.split(':').next())
+            .collect();
+        assert_eq!(&keys[..expect.len()], expect, "{file}: {text}");
+        // JSON in the same order (read from the text, not a map that sorts its keys).
+        let js = ok(d, &["info", file, "--output", "json"]);
+        let at = |k: &str| js.find(&format!("\n  \"{k}\":")).unwrap_or(usize::MAX);
+        let positions: Vec<usize> = expect.iter().map(|k| at(k)).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{file}: {js}");
+        assert!(positions[expect.len() - 1] < at("path"), "{file}: {js}");
+    }
+
+    // Two damaged header copies' worth of problems: one line each, naming the file.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("base.vhdx"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"XXXX", 64 * 1024 + 100).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"XXXX", 192 * 1024 + 100).unwrap();
+    drop(f);
+    let out = disk(d, &["check", "base.vhdx"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 2, "{text}");
+    for l in &lines[..lines.len() - 1] {
+        assert!(
+            l.starts_with("base.vhdx: error: "),
+            "not one problem per line: {text}"
+        );
+    }
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("base.vhdx: PROBLEMS FOUND"),
+        "{text}"
+    );
+}

@@ -47,18 +47,16 @@ fn text(r: &CheckReport) -> String {
     }
     let remaining = r.problems.iter().filter(|p| !p.repaired).count();
     let repaired = r.problems.len() - remaining;
-    let verdict = if r.is_clean() {
-        "no problems found".to_string()
-    } else {
-        format!("PROBLEMS FOUND ({remaining})")
-    };
-    let repaired = if repaired > 0 {
-        format!(", {repaired} repaired")
-    } else {
-        String::new()
+    let verdict = match (r.is_clean(), repaired) {
+        // Clean with unrepaired lines left: those are warnings only.
+        (true, _) if remaining > 0 => format!("no errors ({remaining} warnings)"),
+        (true, 0) => "no problems found".to_string(),
+        (true, n) => format!("{n} problems repaired, none remain"),
+        (false, 0) => format!("PROBLEMS FOUND ({remaining})"),
+        (false, n) => format!("PROBLEMS FOUND ({remaining} remain, {n} repaired)"),
     };
     out += &format!(
-        "{path}: {verdict}{repaired}; {} allocated blocks, {} log entries, file {}\n",
+        "{path}: {verdict}; {} allocated blocks, {} log entries, file {}\n",
         r.allocated_blocks,
         r.log_entries,
         human(r.file_size)
