@@ -8,10 +8,12 @@
 
 mod check;
 mod compact;
+mod compare;
 mod convert;
 mod create;
 mod errors;
 mod info;
+mod map;
 mod merge;
 pub(crate) mod progress;
 mod resize;
@@ -57,6 +59,19 @@ pub enum DiskCommand {
     /// Exit status: 0 converted, 1 failed (nothing left at DST), 2 bad input, 130 Ctrl-C.
     #[command(verbatim_doc_comment)]
     Convert(convert::ConvertArgs),
+    /// Compare two disks' contents (any of VHDX, VHD, raw), as `qemu-img compare` does.
+    ///
+    /// Examples:
+    ///   vireo disk compare old.vhd new.vhdx
+    ///   vireo disk compare --strict a.img b.vhdx
+    ///
+    /// Exit status: 0 identical, 1 different (the first differing offset is printed),
+    /// 2 error, 130 Ctrl-C.
+    #[command(verbatim_doc_comment)]
+    Compare(compare::CompareArgs),
+    /// List a disk's allocated runs (offset, length, and which file of a VHDX chain holds
+    /// them), as `qemu-img map` does; --output json lists zero runs too.
+    Map(map::MapArgs),
     /// Grow or shrink a VHDX's virtual size. Shrinking over allocated data needs --force (the
     /// data beyond the new end is lost). Grow the partition/filesystem inside separately.
     Resize(resize::ResizeArgs),
@@ -106,6 +121,8 @@ pub fn execute(cmd: DiskCommand) -> Result<ExitCode> {
         DiskCommand::Info(a) => info::run(a),
         DiskCommand::Check(a) => check::run(a),
         DiskCommand::Convert(a) => convert::run(a),
+        DiskCommand::Compare(a) => compare::run(a),
+        DiskCommand::Map(a) => map::run(a),
         DiskCommand::Resize(a) => resize::run(a),
         DiskCommand::Merge(a) => merge::run(a),
         DiskCommand::Compact(a) => compact::run(a),

@@ -31,4 +31,5 @@ pub use layer::ReadOnlyReplay;
 pub use ops::check::{CheckReport, Problem};
 pub use ops::compact::CompactReport;
 pub use ops::info::Info;
+pub use ops::map::Extent;
 pub use vireo_block::LockKind;

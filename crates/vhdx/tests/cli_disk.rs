@@ -728,3 +728,228 @@ fn cli_info_order_and_check_lines() {
         "{text}"
     );
 }
+
+/// Writes `data` at `offset` into the VHDX at `path` (this process plays the guest).
+fn write_vhdx(path: &Path, offset: u64, data: &[u8]) {
+    let disk = vireo_vhdx::Vhdx::open(path, &Default::default()).unwrap();
+    vireo_block::BlockBackend::write_at(&disk, data, offset).unwrap();
+    vireo_block::BlockBackend::flush(&disk).unwrap();
+}
+
+/// qemu-img's exit status and output, for comparing our answer with its.
+fn qemu_status(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Item 12 of issue 9: `vireo disk compare` answers as `qemu-img compare` does (0 identical,
+/// 1 different with the first differing offset, 2 error) across formats, sizes and chains.
+#[test]
+fn cli_compare_agrees_with_qemu_img() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let f = std::fs::File::create(d.join("src.img")).unwrap();
+    f.set_len(48 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 3 << 20], 5 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail", (47 << 20) + 3).unwrap();
+    drop(f);
+    ok(d, &["convert", "src.img", "a.vhdx", "--block-size", "1M"]);
+    ok(d, &["convert", "src.img", "b.vhd"]);
+    ok(d, &["convert", "a.vhdx", "c.img"]);
+    // One byte off, in the middle of the data.
+    let changed = (6 << 20) + 12345u64;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("c.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5b], changed).unwrap();
+    drop(f);
+    // Longer, with a zero tail; and longer with data in the tail.
+    std::fs::copy(d.join("src.img"), d.join("long0.img")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(d.join("long0.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    std::fs::copy(d.join("long0.img"), d.join("long1.img")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("long1.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"x", 60 << 20).unwrap();
+    drop(f);
+
+    let qfmt = |name: &str| match name.rsplit('.').next() {
+        Some("vhdx") => "vhdx",
+        Some("vhd") => "vpc",
+        _ => "raw",
+    };
+    let cases: [(&str, &str, bool, i32); 9] = [
+        ("a.vhdx", "src.img", false, 0),
+        ("b.vhd", "a.vhdx", false, 0),
+        ("src.img", "b.vhd", false, 0),
+        ("a.vhdx", "c.img", false, 1),
+        ("c.img", "b.vhd", false, 1),
+        ("src.img", "long0.img", false, 0),
+        ("a.vhdx", "long0.img", true, 1),
+        ("long1.img", "b.vhd", false, 1),
+        ("src.img", "missing.img", false, 2),
+    ];
+    let qemu_ok = vireo_testkit::require(vireo_testkit::Need::QemuImg);
+    for (x, y, strict, want) in cases {
+        let mut args = vec!["compare", x, y];
+        if strict {
+            args.push("--strict");
+        }
+        let out = disk(d, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = out.status.code().unwrap_or(-1);
+        assert_eq!(
+            code,
+            want,
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ours = text
+            .split("first difference at offset ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if (x, y) == ("a.vhdx", "c.img") {
+            assert_eq!(ours, Some(changed), "{text}");
+        }
+        if !qemu_ok || want == 2 {
+            continue;
+        }
+        let mut q = vec!["compare", "-f", qfmt(x), "-F", qfmt(y)];
+        if strict {
+            q.push("-s");
+        }
+        q.extend([x, y]);
+        let (qcode, qtext) = qemu_status(d, &q);
+        assert_eq!(code, qcode, "{args:?}: qemu-img says {qtext}");
+        // qemu-img reports the differing sector's start.
+        if let Some(at) = ours.filter(|_| !strict) {
+            assert!(
+                qtext.contains(&format!("offset {}!", at / 512 * 512)),
+                "{args:?}: ours {at}, qemu-img {qtext}"
+            );
+        }
+    }
+
+    // A differencing chain reads like its flattened copy.
+    ok(
+        d,
+        &[
+            "create",
+            "snap.avhdx",
+            "--parent",
+            "a.vhdx",
+            "--block-size",
+            "1M",
+        ],
+    );
+    write_vhdx(&d.join("snap.avhdx"), 20 << 20, &[7; 4096]);
+    ok(d, &["convert", "snap.avhdx", "flat.img"]);
+    ok(d, &["compare", "snap.avhdx", "flat.img"]);
+    let (code, _) = status(d, &["compare", "snap.avhdx", "a.vhdx"]);
+    assert_eq!(code, 1);
+}
+
+/// One run of `vireo disk map --output json`: start, length, data, depth, file name.
+type Run = (u64, u64, bool, Option<u64>, Option<String>);
+
+/// Item 12 of issue 9: `vireo disk map` lists allocated runs, merged, naming the file of a
+/// VHDX chain that holds each; on raw files it agrees with `qemu-img map`.
+#[test]
+fn cli_map_names_the_file_holding_each_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let m = 1u64 << 20;
+    ok(
+        d,
+        &["create", "base.vhdx", "--size", "32M", "--block-size", "1M"],
+    );
+    write_vhdx(&d.join("base.vhdx"), 3 * m, &vec![1; 2 * m as usize]);
+    ok(
+        d,
+        &[
+            "create",
+            "snap.avhdx",
+            "--parent",
+            "base.vhdx",
+            "--block-size",
+            "1M",
+        ],
+    );
+    write_vhdx(&d.join("snap.avhdx"), 4 * m, &vec![2; m as usize]);
+    write_vhdx(&d.join("snap.avhdx"), 20 * m, &vec![3; 2 * m as usize]);
+    let runs = json(d, &["map", "snap.avhdx", "--output", "json"]);
+    let got: Vec<Run> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["start"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+                r["data"].as_bool().unwrap(),
+                r["depth"].as_u64(),
+                r["file"].as_str().map(|f| {
+                    Path::new(f)
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                }),
+            )
+        })
+        .collect();
+    let base = || Some("base.vhdx".to_string());
+    let snap = || Some("snap.avhdx".to_string());
+    assert_eq!(
+        got,
+        [
+            (0, 3 * m, false, None, None),
+            (3 * m, m, true, Some(1), base()),
+            (4 * m, m, true, Some(0), snap()),
+            (5 * m, 15 * m, false, None, None),
+            (20 * m, 2 * m, true, Some(0), snap()),
+            (22 * m, 10 * m, false, None, None),
+        ]
+    );
+    let text = ok(d, &["map", "snap.avhdx"]);
+    assert_eq!(text.lines().count(), 4, "header + 3 data runs: {text}");
+    assert!(text.lines().nth(1).unwrap().contains("base.vhdx"), "{text}");
+
+    // Raw: the same runs qemu-img finds.
+    ok(d, &["convert", "snap.avhdx", "flat.img"]);
+    let ours: Vec<(u64, u64)> = json(d, &["map", "flat.img", "--output", "json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["data"] == true)
+        .map(|r| (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ours, [(3 * m, 2 * m), (20 * m, 2 * m)]);
+    if vireo_testkit::require(vireo_testkit::Need::QemuImg) {
+        let q = qemu(d, &["map", "--output=json", "-f", "raw", "flat.img"]).unwrap();
+        let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+        let mut theirs: Vec<(u64, u64)> = vec![];
+        for r in q.as_array().unwrap().iter().filter(|r| r["data"] == true) {
+            let (s, l) = (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+            match theirs.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += l,
+                _ => theirs.push((s, l)),
+            }
+        }
+        assert_eq!(ours, theirs);
+    }
+}

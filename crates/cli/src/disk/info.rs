@@ -88,7 +88,9 @@ pub fn run(a: InfoArgs) -> Result<ExitCode> {
 
 /// Opens read-only; a disk (or a parent) that a running VM holds is shown without a lock, with
 /// a note naming the file that is locked.
-fn open_vhdx_for_looking(path: &Path) -> std::result::Result<Vhdx, crate::exit::CliError> {
+pub(super) fn open_vhdx_for_looking(
+    path: &Path,
+) -> std::result::Result<Vhdx, crate::exit::CliError> {
     let ro = OpenOptions::read_only();
     match Vhdx::open(path, &ro) {
         Err(VhdxError::Locked { path: locked, .. }) => {
