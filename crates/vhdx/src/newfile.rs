@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Why a new file could not be started or put in place. Each names the path and the way out.
@@ -34,6 +35,9 @@ pub enum NewFileError {
         source: io::Error,
     },
 }
+
+/// Numbers temporary names so that each [`NewFile::begin`] in this process gets its own.
+static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// Temporary files in progress in this process (see [`remove_pending`]).
 static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -87,12 +91,22 @@ impl NewFile {
             path: dst.to_path_buf(),
             source: io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"),
         })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".vireo-tmp-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        // Left over by an earlier run of this same PID (after a SIGKILL): ours to replace.
-        let _ = std::fs::remove_file(&tmp);
+        // Unique in this process (two new files of the same name at once never share one) and
+        // never an existing file: one left by a killed process with the same PID is skipped,
+        // not reused, and the caller creates it with `create_new`.
+        let tmp = loop {
+            let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(name);
+            tmp_name.push(format!(".vireo-tmp-{}", std::process::id()));
+            if n > 0 {
+                tmp_name.push(format!("-{n}"));
+            }
+            let tmp = dir.join(tmp_name);
+            if tmp.symlink_metadata().is_err() {
+                break tmp;
+            }
+        };
         pending().push(tmp.clone());
         Ok(NewFile {
             dst: dst.to_path_buf(),
@@ -186,11 +200,11 @@ mod tests {
     use super::*;
 
     /// `remove_pending` is process-wide: these tests must not run it under each other.
-    static SERIAL: Mutex<()> = Mutex::new(());
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     #[test]
     fn commit_moves_into_place_and_never_replaces() {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let dst = tmp.path().join("a.img");
         let nf = NewFile::begin(&dst).unwrap();
@@ -212,7 +226,7 @@ mod tests {
 
     #[test]
     fn dropped_or_abandoned_files_leave_nothing() {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let nf = NewFile::begin(&tmp.path().join("c.img")).unwrap();
         std::fs::write(nf.temp_path(), b"partial").unwrap();
@@ -227,8 +241,33 @@ mod tests {
     }
 
     #[test]
+    fn two_new_files_of_one_name_never_share_a_temporary_file() {
+        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = tmp.path().join("e.img");
+        let (a, b) = (NewFile::begin(&dst).unwrap(), NewFile::begin(&dst).unwrap());
+        assert_ne!(a.temp_path(), b.temp_path());
+        std::fs::write(a.temp_path(), b"a").unwrap();
+        // A stale file under the next name (a killed process with our PID) is not reused.
+        let stale = tmp.path().join(format!(
+            ".e.img.vireo-tmp-{}-{}",
+            std::process::id(),
+            SERIAL.load(Ordering::Relaxed)
+        ));
+        std::fs::write(&stale, b"stale").unwrap();
+        let c = NewFile::begin(&dst).unwrap();
+        assert_ne!(c.temp_path(), stale);
+        assert_eq!(std::fs::read(&stale).unwrap(), b"stale");
+        std::fs::write(b.temp_path(), b"b").unwrap();
+        b.commit().unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), b"b");
+        assert!(matches!(a.commit(), Err(NewFileError::Exists(_))));
+        drop(c);
+    }
+
+    #[test]
     fn begin_names_what_is_wrong() {
-        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         let e = NewFile::begin(&tmp.path().join("no/such/x.vhdx")).unwrap_err();
         assert!(e.to_string().contains("no/such"), "{e}");
