@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::Args;
-use vireo_vhdx::Vhdx;
+use vireo_vhdx::{Vhdx, VhdxError};
 
 use super::progress::{cancel_flag, Bar};
 use super::size::human;
@@ -27,7 +26,8 @@ pub fn run(a: CompactArgs) -> Result<ExitCode> {
         cancel_flag(),
     );
     bar.finish();
-    if cancel_flag().load(Ordering::SeqCst) {
+    // A Ctrl-C that came after the last step changes nothing: the compaction is done.
+    if let Err(VhdxError::Cancelled) = result {
         return Err(CliError::interrupted(format!(
             "compact interrupted; {} is consistent, run the command again",
             a.path.display()

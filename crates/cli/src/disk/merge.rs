@@ -2,10 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::Args;
-use vireo_vhdx::Vhdx;
+use vireo_vhdx::{Vhdx, VhdxError};
 
 use super::progress::{cancel_flag, Bar};
 use super::{errors, require_vhdx, Result};
@@ -26,7 +25,8 @@ pub fn run(a: MergeArgs) -> Result<ExitCode> {
         cancel_flag(),
     );
     bar.finish();
-    if cancel_flag().load(Ordering::SeqCst) {
+    // A Ctrl-C that came after the last block changes nothing: the merge is done.
+    if let Err(VhdxError::Cancelled) = result {
         return Err(CliError::interrupted(format!(
             "merge interrupted; both files are consistent. Run `vireo disk merge {}` again to \
              finish it",
