@@ -269,14 +269,14 @@ fn cli_help_explains() {
     let tmp = tempfile::tempdir().unwrap();
     let out = ok(tmp.path(), &["--help"]);
     for cmd in [
-        "create", "info", "check", "convert", "resize", "merge", "compact",
+        "create", "info", "check", "convert", "compare", "map", "resize", "merge", "compact",
     ] {
         assert!(out.contains(cmd), "{out}");
     }
     let out = ok(tmp.path(), &["create", "--help"]);
     assert!(out.contains("--parent") && out.contains("--block-size") && out.contains("64G"));
     // Long-running commands say what their exit statuses mean.
-    for cmd in ["convert", "merge", "compact"] {
+    for cmd in ["convert", "compare", "merge", "compact"] {
         let out = ok(tmp.path(), &[cmd, "--help"]);
         assert!(
             out.contains("Exit status") && out.contains("130 Ctrl-C"),
