@@ -891,6 +891,9 @@ fn cli_map_names_the_file_holding_each_run() {
     );
     write_vhdx(&d.join("snap.avhdx"), 4 * m, &vec![2; m as usize]);
     write_vhdx(&d.join("snap.avhdx"), 20 * m, &vec![3; 2 * m as usize]);
+    // 8 KiB inside the parent's data: the rest of that block still reads from the parent.
+    let k = 1024;
+    write_vhdx(&d.join("snap.avhdx"), 3 * m + 64 * k, &[4; 8192]);
     let runs = json(d, &["map", "snap.avhdx", "--output", "json"]);
     let got: Vec<Run> = runs
         .as_array()
@@ -918,7 +921,9 @@ fn cli_map_names_the_file_holding_each_run() {
         got,
         [
             (0, 3 * m, false, None, None),
-            (3 * m, m, true, Some(1), base()),
+            (3 * m, 64 * k, true, Some(1), base()),
+            (3 * m + 64 * k, 8 * k, true, Some(0), snap()),
+            (3 * m + 72 * k, m - 72 * k, true, Some(1), base()),
             (4 * m, m, true, Some(0), snap()),
             (5 * m, 15 * m, false, None, None),
             (20 * m, 2 * m, true, Some(0), snap()),
@@ -926,7 +931,7 @@ fn cli_map_names_the_file_holding_each_run() {
         ]
     );
     let text = ok(d, &["map", "snap.avhdx"]);
-    assert_eq!(text.lines().count(), 4, "header + 3 data runs: {text}");
+    assert_eq!(text.lines().count(), 6, "header + 5 data runs: {text}");
     assert!(text.lines().nth(1).unwrap().contains("base.vhdx"), "{text}");
 
     // Raw: the same runs qemu-img finds.

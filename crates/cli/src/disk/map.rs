@@ -1,5 +1,6 @@
 //! `vireo disk map DISK`: the allocated runs of a disk, as `qemu-img map` lists them. For a
-//! VHDX chain each run names the file that holds it; for VHD and raw, runs are data or zero.
+//! VHDX chain each run names the file that holds it (to the sector); for VHD and raw, runs are
+//! data or zero.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,7 +25,9 @@ pub struct MapArgs {
 
 pub fn run(a: MapArgs) -> Result<ExitCode> {
     let extents = match errors::detect(&a.path)? {
-        Format::Vhdx => info::open_vhdx_for_looking(&a.path)?.map(),
+        Format::Vhdx => info::open_vhdx_for_looking(&a.path)?
+            .map()
+            .map_err(|e| errors::vhdx(&a.path, e))?,
         _ => {
             let disk = AnyDisk::open(&a.path, true).map_err(|e| errors::convert(&a.path, e))?;
             // A differencing VHD's runs may live in any file of its chain: name none.
