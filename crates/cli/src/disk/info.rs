@@ -13,6 +13,7 @@ use vireo_vhdx::{OpenOptions, Vhdx, VhdxError};
 use super::errors;
 use super::size::human;
 use super::{OutputArg, Result};
+use crate::exit::CliError;
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -68,7 +69,9 @@ pub fn run(a: InfoArgs) -> Result<ExitCode> {
                 .iter()
                 .map(|(_, len)| len)
                 .sum();
-            let file_size = std::fs::metadata(&a.path)?.len();
+            let file_size = std::fs::metadata(&a.path)
+                .map_err(|e| CliError::failed(format!("{}: {e}", a.path.display())))?
+                .len();
             json!({
                 "format": "raw",
                 "virtual_size": disk.backend().size(),

@@ -44,7 +44,7 @@ pub fn run(a: ResizeArgs) -> Result<ExitCode> {
                 }
                 other => other.map_err(|e| errors::vhdx(path, e))?,
             }
-            disk.flush()?;
+            disk.flush().map_err(|e| errors::vhdx(path, e))?;
             old
         }
         Format::Vhd => {
@@ -61,7 +61,8 @@ pub fn run(a: ResizeArgs) -> Result<ExitCode> {
             }
             BlockBackend::resize(&disk, a.size)
                 .map_err(|e| CliError::failed(format!("{}: {e}", path.display())))?;
-            disk.flush()?;
+            disk.flush()
+                .map_err(|e| CliError::failed(format!("{}: {e}", path.display())))?;
             old
         }
         Format::Raw => {
