@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicBool;
 
 use vireo_block::{BlockBackend, BlockError, RawFile};
 
+use crate::newfile::{NewFile, NewFileError};
 use crate::vhd::{self, Vhd, VhdCreateOptions, VhdError};
 use crate::{CreateOptions, DiskType, OpenOptions, Vhdx, VhdxError};
 
@@ -53,8 +54,14 @@ impl Format {
     /// "conectix" footer is VHD, anything else is raw.
     pub fn detect(path: &Path) -> Result<Format, ConvertError> {
         let file = File::open(path).map_err(|e| ConvertError::Open(path.to_path_buf(), e))?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            // Opening a directory succeeds; reading it would fail without naming it.
+            let e = std::io::Error::from_raw_os_error(libc::EISDIR);
+            return Err(ConvertError::Open(path.to_path_buf(), e));
+        }
         let mut magic = [0u8; 8];
-        let len = file.metadata()?.len();
+        let len = meta.len();
         if len >= 8 {
             file.read_exact_at(&mut magic, 0)?;
             if &magic == b"vhdxfile" {
@@ -86,8 +93,11 @@ impl std::str::FromStr for Format {
 pub enum ConvertError {
     #[error("cannot open {0}: {1}")]
     Open(PathBuf, std::io::Error),
-    #[error("destination {0} already exists; remove it or choose another name")]
-    DestinationExists(PathBuf),
+    /// The destination cannot be started or put in place (exists, no directory, ...).
+    #[error(transparent)]
+    NewFile(#[from] NewFileError),
+    #[error("{format} has 512-byte sectors only; --sector {sector} needs VHDX")]
+    SectorUnsupported { format: &'static str, sector: u32 },
     #[error("conversion cancelled; the partial destination was removed")]
     Cancelled,
     #[error("virtual size {size} does not fit a {format} image (limit {limit} bytes)")]
@@ -240,6 +250,9 @@ pub struct ConvertReport {
 }
 
 /// Converts `src` (any format, detected by content) into a new file `dst`.
+///
+/// The destination is built under a temporary name and renamed to `dst` only after its final
+/// flush ([`NewFile`]), so an interrupted conversion never leaves a complete-looking image.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -248,9 +261,13 @@ pub fn convert(
     cancel: &AtomicBool,
 ) -> Result<ConvertReport, ConvertError> {
     let source = AnyDisk::open(src, true)?;
-    if dst.exists() {
-        return Err(ConvertError::DestinationExists(dst.to_path_buf()));
+    if opts.format == Format::Vhd && opts.logical_sector.is_some_and(|s| s != 512) {
+        return Err(ConvertError::SectorUnsupported {
+            format: "VHD",
+            sector: opts.logical_sector.unwrap_or(0),
+        });
     }
+    let new = NewFile::begin(dst)?;
     let src = source.backend();
     let (src_logical, src_physical) = (src.logical_sector_size(), src.physical_sector_size());
     let logical = opts.logical_sector.unwrap_or(src_logical);
@@ -261,23 +278,13 @@ pub fn convert(
     };
     // A destination needs whole sectors; the padding reads as zeroes.
     let size = src.size().next_multiple_of(sector);
-    let dest = match create_destination(dst, size, opts, logical, src_physical) {
-        Ok(d) => d,
-        Err(e) => {
-            if !matches!(e, ConvertError::DestinationExists(_)) {
-                // Ours: we checked it did not exist; a failed create may leave a stub.
-                let _ = std::fs::remove_file(dst);
-            }
-            return Err(e);
-        }
-    };
-    let result = copy_into(&source, &dest, dst, size, opts, progress, cancel);
+    let tmp = new.temp_path();
+    let dest = create_destination(tmp, size, opts, logical, src_physical)?;
+    let report = copy_into(&source, &dest, tmp, size, opts, progress, cancel)?;
+    // Closed (unlocked, headers clean) before it gets its name.
     drop(dest);
-    if result.is_err() {
-        // Never leave a half-converted image that looks valid.
-        let _ = std::fs::remove_file(dst);
-    }
-    result
+    new.commit()?;
+    Ok(report)
 }
 
 fn copy_into(
@@ -325,8 +332,9 @@ fn copy_into(
     })
 }
 
+/// Creates the destination at `tmp` (a fresh temporary name) and opens it read-write.
 fn create_destination(
-    dst: &Path,
+    tmp: &Path,
     size: u64,
     opts: &ConvertOptions,
     logical: u32,
@@ -334,19 +342,8 @@ fn create_destination(
 ) -> Result<AnyDisk, ConvertError> {
     Ok(match opts.format {
         Format::Raw => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(dst)
-                .map_err(|e| create_error(dst, e))?;
-            file.set_len(size)?;
-            if opts.output_type == OutputType::Fixed {
-                // SAFETY: fallocate on a descriptor we own with in-range arguments.
-                unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-            }
-            drop(file);
-            AnyDisk::open_as(dst, Format::Raw, false)?
+            write_raw(tmp, size, opts.output_type)?;
+            AnyDisk::open_as(tmp, Format::Raw, false)?
         }
         Format::Vhd => {
             if size > vhd::format::MAX_SIZE {
@@ -356,11 +353,8 @@ fn create_destination(
                     limit: vhd::format::MAX_SIZE,
                 });
             }
-            if dst.exists() {
-                return Err(ConvertError::DestinationExists(dst.to_path_buf()));
-            }
-            AnyDisk::Vhd(Box::new(Vhd::create(
-                dst,
+            Vhd::write_file(
+                tmp,
                 &VhdCreateOptions {
                     size,
                     disk_type: match opts.output_type {
@@ -369,19 +363,18 @@ fn create_destination(
                     },
                     block_size: opts.block_size,
                 },
-            )?))
+            )?;
+            AnyDisk::Vhd(Box::new(Vhd::open(tmp, false)?))
         }
         Format::Vhdx => {
-            if dst.exists() {
-                return Err(ConvertError::DestinationExists(dst.to_path_buf()));
-            }
             let defaults = CreateOptions::default();
             let physical = opts
                 .physical_sector
                 .unwrap_or(src_physical.max(logical))
                 .max(logical);
-            let created = Vhdx::create(
-                dst,
+            Vhdx::write_file(
+                tmp,
+                tmp,
                 &CreateOptions {
                     size,
                     disk_type: match opts.output_type {
@@ -394,15 +387,48 @@ fn create_destination(
                     ..defaults
                 },
             )?;
-            AnyDisk::Vhdx(created)
+            AnyDisk::Vhdx(Vhdx::open(tmp, &OpenOptions::default())?)
         }
     })
 }
 
-fn create_error(dst: &Path, e: std::io::Error) -> ConvertError {
-    if e.kind() == std::io::ErrorKind::AlreadyExists {
-        ConvertError::DestinationExists(dst.to_path_buf())
-    } else {
-        ConvertError::Open(dst.to_path_buf(), e)
+/// Creates a new raw image of `size` bytes at `path` (which must not exist): sparse, or with
+/// every byte allocated for [`OutputType::Fixed`]. Like every new file it appears at `path`
+/// only once complete ([`NewFile`]).
+pub fn create_raw(path: &Path, size: u64, output_type: OutputType) -> Result<(), ConvertError> {
+    let new = NewFile::begin(path)?;
+    write_raw(new.temp_path(), size, output_type)?;
+    new.commit()?;
+    Ok(())
+}
+
+/// Writes a raw image at `at` (created here; must not exist).
+fn write_raw(at: &Path, size: u64, output_type: OutputType) -> Result<(), ConvertError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(at)
+        .map_err(|e| ConvertError::Open(at.to_path_buf(), e))?;
+    file.set_len(size)?;
+    if output_type == OutputType::Fixed && size > 0 {
+        // SAFETY: fallocate on a descriptor we own with in-range arguments.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(err.into());
+            }
+            // No fallocate here: allocating by writing is what "fixed" promises.
+            let zeroes = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(zeroes.len() as u64) as usize;
+                file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+        }
     }
+    file.sync_all()?;
+    Ok(())
 }

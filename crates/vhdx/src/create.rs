@@ -13,6 +13,7 @@ use crate::format::region::RegionTable;
 use crate::format::*;
 use crate::guid::Guid;
 use crate::layer::region_entry;
+use crate::newfile::NewFile;
 use crate::VhdxError;
 
 /// Kind of disk to create.
@@ -110,8 +111,22 @@ pub(crate) fn validate_size(size: u64, logical_sector: u32) -> Result<(), VhdxEr
 }
 
 impl Vhdx {
-    /// Creates a new disk at `path` (which must not exist) and opens it read-write.
+    /// Creates a new disk at `path` (which must not exist) and opens it read-write. The file is
+    /// built under a temporary name and appears at `path` only once complete ([`NewFile`]).
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Vhdx, VhdxError> {
+        let new = NewFile::begin(path)?;
+        Self::write_file(new.temp_path(), path, opts)?;
+        new.commit()?;
+        Vhdx::open(path, &OpenOptions::default())
+    }
+
+    /// Writes a complete, synced new disk at `at` (created here; must not exist). `named` is
+    /// the path it will finally have: a differencing disk's parent locator is relative to it.
+    pub(crate) fn write_file(
+        at: &Path,
+        named: &Path,
+        opts: &CreateOptions,
+    ) -> Result<(), VhdxError> {
         let block_size = opts.block_size;
         if block_size != 0
             && (!(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&(block_size as u64))
@@ -150,7 +165,7 @@ impl Vhdx {
             p.logical_sector = parent.logical_sector_size();
             p.physical_sector = parent.physical_sector_size();
             p.parent_locator = Some(parent_locator(
-                path,
+                named,
                 parent_path,
                 parent.top().header().data_write_guid,
             )?);
@@ -165,16 +180,14 @@ impl Vhdx {
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)?;
+            .open(at)?;
         let io = FileIo::new(file, None);
         let result = write_new(&io, &p, &geo, bat_len, data_start);
-        if let Err(e) = result {
-            drop(io);
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
         drop(io);
-        Vhdx::open(path, &OpenOptions::default())
+        if result.is_err() {
+            let _ = std::fs::remove_file(at);
+        }
+        result
     }
 }
 

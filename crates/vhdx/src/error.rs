@@ -133,6 +133,9 @@ pub enum VhdxError {
     },
     #[error("{} has an unfinished merge; run the merge again to finish it first", .0.display())]
     MergeUnfinished(PathBuf),
+    /// A new file could not be started or put in place (names the path).
+    #[error(transparent)]
+    NewFile(#[from] crate::newfile::NewFileError),
 }
 
 impl VhdxError {
@@ -154,7 +157,8 @@ impl From<VhdxError> for vireo_block::BlockError {
             VhdxError::Locked { path, wanted } => BlockError::Locked { path, wanted },
             e @ (VhdxError::ShrinkOverData { .. }
             | VhdxError::BadVirtualSize(_)
-            | VhdxError::Cancelled) => BlockError::Refused(e.to_string()),
+            | VhdxError::Cancelled
+            | VhdxError::NewFile(_)) => BlockError::Refused(e.to_string()),
             other => BlockError::Corrupt(other.to_string()),
         }
     }

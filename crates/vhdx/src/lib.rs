@@ -15,6 +15,7 @@ mod freespace;
 mod gate;
 mod guid;
 mod layer;
+pub mod newfile;
 
 mod ops;
 
@@ -31,4 +32,5 @@ pub use ops::check::{CheckReport, Problem};
 pub use ops::compact::CompactReport;
 pub use ops::info::Info;
 pub use ops::rebase::Rebase;
+pub use ops::map::Extent;
 pub use vireo_block::LockKind;

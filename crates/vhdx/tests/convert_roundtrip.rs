@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vireo_vhdx::convert::{convert, AnyDisk, ConvertError, ConvertOptions, Format, OutputType};
+use vireo_vhdx::newfile::NewFileError;
 
 fn qemu_available() -> bool {
     let ok = Command::new("qemu-img").arg("--version").output().is_ok();
@@ -258,6 +259,15 @@ fn cancelled_or_refused_conversions_leave_no_destination() {
     .unwrap_err();
     assert!(matches!(err, ConvertError::Cancelled), "{err}");
     assert!(!dst.exists(), "partial destination left behind");
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(dir.path()), ["src.img"], "temporary file left behind");
 
     // An existing destination is never touched.
     std::fs::write(&dst, b"precious").unwrap();
@@ -269,7 +279,10 @@ fn cancelled_or_refused_conversions_leave_no_destination() {
         &AtomicBool::new(false),
     )
     .unwrap_err();
-    assert!(matches!(err, ConvertError::DestinationExists(_)), "{err}");
+    assert!(
+        matches!(err, ConvertError::NewFile(NewFileError::Exists(_))),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&dst).unwrap(), b"precious");
 
     // Missing source: a clear error naming it.
@@ -282,6 +295,39 @@ fn cancelled_or_refused_conversions_leave_no_destination() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("nope.img"), "{err}");
+}
+
+/// Until the last byte is flushed, the destination's name does not exist: a copy stopped at
+/// any point (a second Ctrl-C, a kill, a power cut) cannot leave a complete-looking image.
+#[test]
+fn the_destination_appears_only_when_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.img");
+    sparse_source(&raw);
+    for format in [Format::Vhdx, Format::Vhd, Format::Raw] {
+        let dst = dir.path().join(format!("out.{}", format.name()));
+        let seen_early = AtomicBool::new(false);
+        run_with_progress(&raw, &dst, &opts(format), &|_, _| {
+            seen_early.fetch_or(dst.exists(), Ordering::SeqCst);
+        });
+        assert!(
+            !seen_early.load(Ordering::SeqCst),
+            "{format:?}: visible mid-copy"
+        );
+        assert!(dst.exists(), "{format:?}: not put in place");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                n.contains("vireo-tmp").then_some(n)
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
+
+fn run_with_progress(src: &Path, dst: &Path, o: &ConvertOptions, progress: &dyn Fn(u64, u64)) {
+    convert(src, dst, o, progress, &AtomicBool::new(false)).unwrap();
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //!
 //! SIGINT only sets a flag; the operation notices it between chunks and stops at a point where
 //! the file is valid (convert removes its partial output), so an interrupted command never
-//! leaves a corrupt image.
+//! leaves a corrupt image. A second SIGINT exits at once, after removing new files that are
+//! still under their temporary names (`vireo_vhdx::newfile`): those never carry the final name
+//! before they are complete.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +21,11 @@ pub fn cancel_flag() -> &'static AtomicBool {
         // If a handler cannot be installed, Ctrl-C keeps its default (kill) behaviour.
         let _ = ctrlc::set_handler(|| {
             if CANCEL.swap(true, Ordering::SeqCst) {
-                // Second Ctrl-C: the user insists.
-                eprintln!("\nvireo: interrupted twice, exiting now");
-                std::process::exit(130);
+                // Second Ctrl-C: the user insists. New files are still under their temporary
+                // names; remove them so nothing half-written stays behind.
+                vireo_vhdx::newfile::remove_pending();
+                eprintln!("\nvireo: interrupted twice, exiting now; no new file was left behind");
+                std::process::exit(crate::exit::INTERRUPTED.into());
             }
             eprintln!("\nvireo: stopping at the next safe point (Ctrl-C again to force)...");
         });

@@ -2,7 +2,7 @@
 //! read them, and write only the parts that are not zero, so holes stay holes in the output.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use vireo_block::{BlockBackend, BlockError};
@@ -80,7 +80,7 @@ pub fn copy_ranges(
                             done.fetch_add(len, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            failed.lock().unwrap().get_or_insert(e);
+                            failed.lock().get_or_insert(e);
                             stop.store(true, Ordering::Relaxed);
                             break;
                         }
@@ -95,7 +95,7 @@ pub fn copy_ranges(
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    if let Some(e) = failed.into_inner().unwrap() {
+    if let Some(e) = failed.into_inner() {
         return Err(CopyError::Block(e));
     }
     if cancel.load(Ordering::Relaxed) {

@@ -61,6 +61,9 @@ pub enum VhdError {
     ReadOnly,
     #[error("shrinking to {new_size} would discard data at virtual offset {data_at} (use force)")]
     ShrinkOverData { new_size: u64, data_at: u64 },
+    /// A new file could not be started or put in place (names the path).
+    #[error(transparent)]
+    NewFile(#[from] crate::newfile::NewFileError),
 }
 
 impl From<VhdError> for vireo_block::BlockError {

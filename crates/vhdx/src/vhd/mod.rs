@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vireo_block::{check_range, BlockBackend, BlockError};
 
+use crate::newfile::NewFile;
+
 pub use error::VhdError;
 pub use format::DiskType;
 use format::{DynamicHeader, Footer, ParentLocator, NO_OFFSET, SECTOR, UNALLOCATED};
@@ -167,8 +169,17 @@ impl Vhd {
         })
     }
 
-    /// Creates a new image at `path` (which must not exist) and opens it read-write.
+    /// Creates a new image at `path` (which must not exist) and opens it read-write. The file
+    /// is built under a temporary name and appears at `path` only once complete ([`NewFile`]).
     pub fn create(path: &Path, opts: &VhdCreateOptions) -> Result<Vhd, VhdError> {
+        let new = NewFile::begin(path)?;
+        Self::write_file(new.temp_path(), opts)?;
+        new.commit()?;
+        Self::open(path, false)
+    }
+
+    /// Writes a complete, synced new image at `at` (created here; must not exist).
+    pub(crate) fn write_file(at: &Path, opts: &VhdCreateOptions) -> Result<(), VhdError> {
         let size = opts.size;
         if size == 0 || !size.is_multiple_of(SECTOR) || size > format::MAX_SIZE {
             return Err(VhdError::BadSize(size));
@@ -177,7 +188,7 @@ impl Vhd {
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)?;
+            .open(at)?;
         let result = match opts.disk_type {
             DiskType::Fixed => {
                 let footer = Footer::new(size, DiskType::Fixed, NO_OFFSET);
@@ -192,13 +203,12 @@ impl Vhd {
             )),
         };
         let result = result.and_then(|_| file.sync_all());
+        drop(file);
         if let Err(e) = result {
-            drop(file);
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(at);
             return Err(e.into());
         }
-        drop(file);
-        Self::open(path, false)
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
