@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn commit_moves_into_place_and_never_replaces() {
-        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock();
         let tmp = tempfile::tempdir().unwrap();
         let dst = tmp.path().join("a.img");
         let nf = NewFile::begin(&dst).unwrap();
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn dropped_or_abandoned_files_leave_nothing() {
-        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock();
         let tmp = tempfile::tempdir().unwrap();
         let nf = NewFile::begin(&tmp.path().join("c.img")).unwrap();
         std::fs::write(nf.temp_path(), b"partial").unwrap();
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn two_new_files_of_one_name_never_share_a_temporary_file() {
-        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock();
         let tmp = tempfile::tempdir().unwrap();
         let dst = tmp.path().join("e.img");
         let (a, b) = (NewFile::begin(&dst).unwrap(), NewFile::begin(&dst).unwrap());
@@ -266,7 +266,7 @@ mod tests {
 
     #[test]
     fn begin_names_what_is_wrong() {
-        let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = ONE_AT_A_TIME.lock();
         let tmp = tempfile::tempdir().unwrap();
         let e = NewFile::begin(&tmp.path().join("no/such/x.vhdx")).unwrap_err();
         assert!(e.to_string().contains("no/such"), "{e}");

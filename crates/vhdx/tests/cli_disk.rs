@@ -619,7 +619,7 @@ fn cli_exit_statuses_follow_one_table() {
 fn cli_ctrl_c_during_merge_exits_130_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    ok(d, &["create", "base.vhdx", "--size", "512M"]);
+    ok(d, &["create", "base.vhdx", "--size", "2G"]);
     ok(
         d,
         &[
@@ -633,7 +633,9 @@ fn cli_ctrl_c_during_merge_exits_130_and_resumes() {
     );
     let child = vireo_vhdx::Vhdx::open(&d.join("snap.avhdx"), &Default::default()).unwrap();
     let chunk: Vec<u8> = (0..4 << 20).map(|i| (i % 253) as u8 + 1).collect();
-    for i in 0..64u64 {
+    // 1 GiB: enough that the merge is still copying when the signal comes 150 ms in, even with
+    // everything in the page cache (256 MiB could finish first and exit 0).
+    for i in 0..256u64 {
         vireo_block::BlockBackend::write_at(&child, &chunk, i * (4 << 20)).unwrap();
     }
     vireo_block::BlockBackend::flush(&child).unwrap();
