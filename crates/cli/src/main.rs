@@ -1,5 +1,6 @@
 //! `vireo`: the command-line front end. Each subcommand lives in its own module; this file only
 //! parses arguments and turns an error into one line for the user.
+#![forbid(unsafe_code)]
 
 mod control;
 mod control_client;

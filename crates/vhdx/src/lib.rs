@@ -31,6 +31,6 @@ pub use layer::ReadOnlyReplay;
 pub use ops::check::{CheckReport, Problem};
 pub use ops::compact::CompactReport;
 pub use ops::info::Info;
-pub use ops::rebase::Rebase;
 pub use ops::map::Extent;
+pub use ops::rebase::Rebase;
 pub use vireo_block::LockKind;

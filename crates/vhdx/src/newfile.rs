@@ -11,13 +11,13 @@
 //! Pending temporary files are also listed process-wide, so a signal handler that must exit at
 //! once can remove them first ([`remove_pending`]).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use parking_lot::{Mutex, MutexGuard};
 
 /// Why a new file could not be started or put in place. Each names the path and the way out.
 #[derive(Debug, thiserror::Error)]

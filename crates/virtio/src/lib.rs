@@ -5,6 +5,7 @@
 //!
 //! Guest memory is a vm-memory mapping with a dirty bitmap, so every byte a device writes into the
 //! guest (buffers, used rings) is recorded for live migration without extra work here.
+#![forbid(unsafe_code)]
 
 pub mod block;
 mod chain;

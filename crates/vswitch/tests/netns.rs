@@ -362,16 +362,10 @@ fn packet_port_in(ns: &str, ifname: &str) -> PacketPort {
     let (ns, ifname) = (ns.to_string(), ifname.to_string());
     std::thread::spawn(move || {
         let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
         // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
-        assert_eq!(
-            unsafe {
-                libc::setns(
-                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                    libc::CLONE_NEWNET,
-                )
-            },
-            0
-        );
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
         PacketPort::bind(&ifname).unwrap()
     })
     .join()
@@ -501,16 +495,10 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     let ns = ns.to_string();
     std::thread::spawn(move || {
         let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
         // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
-        assert_eq!(
-            unsafe {
-                libc::setns(
-                    std::os::unix::io::AsRawFd::as_raw_fd(&file),
-                    libc::CLONE_NEWNET,
-                )
-            },
-            0
-        );
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
         f()
     })
     .join()

@@ -4,6 +4,7 @@
 //! [`PROBE_ELF`] is the absolute path of the resulting ELF. [`pattern`] reproduces the probe's
 //! disk/memory test pattern on the host, [`console`] speaks the COM1 line protocol over any
 //! byte stream, and [`qemu`] boots the probe under QEMU microvm as a peer baseline.
+#![forbid(unsafe_code)]
 
 pub mod console;
 pub mod pattern;

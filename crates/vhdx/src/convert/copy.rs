@@ -1,8 +1,8 @@
 //! The copy engine: several threads pull fixed-size chunks of the source's allocated ranges,
 //! read them, and write only the parts that are not zero, so holes stay holes in the output.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use vireo_block::{BlockBackend, BlockError};
