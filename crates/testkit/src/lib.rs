@@ -45,7 +45,12 @@ pub enum Need {
     Tcpdump,
     /// `iperf3` runs.
     Iperf3,
-    /// `setpriv` (util-linux) exists.
+    /// `ping` (iputils-ping) runs.
+    Ping,
+    /// `ethtool` runs.
+    Ethtool,
+    /// `setpriv` and `unshare` (util-linux) run: to drop privileges and to change a mount only
+    /// inside a private mount namespace.
     Setpriv,
 }
 
@@ -62,12 +67,14 @@ impl Need {
             Need::QemuSystem => "qemu-system-x86_64",
             Need::Tcpdump => "tcpdump",
             Need::Iperf3 => "iperf3",
-            Need::Setpriv => "setpriv",
+            Need::Ping => "ping (iputils-ping)",
+            Need::Ethtool => "ethtool",
+            Need::Setpriv => "setpriv and unshare (util-linux)",
         }
     }
 
     /// Every need, for code that checks or lists them all.
-    pub const ALL: [Need; 10] = [
+    pub const ALL: [Need; 12] = [
         Need::Kvm,
         Need::Root,
         Need::Netns,
@@ -77,6 +84,8 @@ impl Need {
         Need::QemuSystem,
         Need::Tcpdump,
         Need::Iperf3,
+        Need::Ping,
+        Need::Ethtool,
         Need::Setpriv,
     ];
 
@@ -103,7 +112,9 @@ impl Need {
             Need::QemuSystem => runs("qemu-system-x86_64", &["--version"]),
             Need::Tcpdump => runs("tcpdump", &["--version"]),
             Need::Iperf3 => runs("iperf3", &["--version"]),
-            Need::Setpriv => runs("setpriv", &["--version"]),
+            Need::Ping => runs("ping", &["-V"]),
+            Need::Ethtool => runs("ethtool", &["--version"]),
+            Need::Setpriv => runs("setpriv", &["--version"]) && runs("unshare", &["--version"]),
         }
     }
 }
