@@ -20,7 +20,8 @@ output="$PWD/target/test-output.log"
 
 # Not `set -e` here: the summary must be printed whatever the tests did.
 set +e
-cargo test --workspace --release --locked "$@" 2>&1 | tee "$output"
+# --no-fail-fast: one failing test binary must not hide what the others (and their skips) say.
+cargo test --workspace --release --locked --no-fail-fast "$@" 2>&1 | tee "$output"
 status=${PIPESTATUS[0]}
 set -e
 

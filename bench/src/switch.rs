@@ -24,7 +24,8 @@ pub struct SwitchArgs {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     iperf_seconds: u32,
-    /// iperf3 runs per path (alternating switch/bridge); the ratio uses the medians.
+    /// iperf3 runs per path (rotating switch/bridge/bridge without netfilter hooks); the ratio uses
+    /// the medians, against the better bridge.
     #[arg(long, default_value_t = 3)]
     iperf_runs: u32,
     /// In the MTU-sized run, bind the switch's AF_PACKET ports without offload (no vnet
