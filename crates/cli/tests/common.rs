@@ -14,12 +14,9 @@ pub fn vireo() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vireo"))
 }
 
+/// /dev/kvm usable (a recorded skip without it; fails under CI).
 pub fn kvm_usable() -> bool {
-    if !vireo_vmm::kvm_usable() {
-        println!("SKIPPED: no /dev/kvm");
-        return false;
-    }
-    true
+    vireo_testkit::require(vireo_testkit::Need::Kvm)
 }
 
 /// Writes a tiny PVH kernel made of `code` into `dir`.
@@ -149,17 +146,14 @@ pub fn ip(args: &[&str]) -> bool {
 pub struct Netns(pub String);
 
 impl Netns {
-    /// Creates `name`, or prints why it cannot (no TAP support, no iproute2, not root) and
-    /// returns None so the test can skip.
+    /// Creates `name`; None (a recorded skip; fails under CI) without TAP support, iproute2
+    /// or root, so the test can return.
     pub fn create(name: String) -> Option<Netns> {
-        if !Path::new("/dev/net/tun").exists() || !ip(&["netns", "list"]) {
-            println!("SKIPPED: no /dev/net/tun or no iproute2");
+        use vireo_testkit::{require_all, Need};
+        if !require_all(&[Need::Tap, Need::Netns]) {
             return None;
         }
-        if !ip(&["netns", "add", &name]) {
-            println!("SKIPPED: cannot create a network namespace (not root?)");
-            return None;
-        }
+        assert!(ip(&["netns", "add", &name]), "ip netns add {name} failed");
         Some(Netns(name))
     }
 }

@@ -11,11 +11,18 @@
 //! ```text
 //! if !vireo_testkit::require(Need::QemuImg) { return; }
 //! ```
+//!
+//! [`skip_env`] is the one exception: for a condition no setup can arrange on some machines CI
+//! legitimately runs on (e.g. a stock Linux guest needs VMX/SVM, which a KVM-PVM host lacks), it
+//! records the skip the same way but never fails. Use it only for facts about the hardware or the
+//! host kernel, never for something `./setup.sh` could install.
 #![forbid(unsafe_code)]
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 /// Something a test needs from the machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +45,12 @@ pub enum Need {
     Tcpdump,
     /// `iperf3` runs.
     Iperf3,
-    /// `setpriv` (util-linux) exists.
+    /// `ping` (iputils-ping) runs.
+    Ping,
+    /// `ethtool` runs.
+    Ethtool,
+    /// `setpriv` and `unshare` (util-linux) run: to drop privileges and to change a mount only
+    /// inside a private mount namespace.
     Setpriv,
 }
 
@@ -55,12 +67,37 @@ impl Need {
             Need::QemuSystem => "qemu-system-x86_64",
             Need::Tcpdump => "tcpdump",
             Need::Iperf3 => "iperf3",
-            Need::Setpriv => "setpriv",
+            Need::Ping => "ping (iputils-ping)",
+            Need::Ethtool => "ethtool",
+            Need::Setpriv => "setpriv and unshare (util-linux)",
         }
     }
 
-    /// Whether this machine has it. Cheap enough to call per test.
+    /// Every need, for code that checks or lists them all.
+    pub const ALL: [Need; 12] = [
+        Need::Kvm,
+        Need::Root,
+        Need::Netns,
+        Need::Tap,
+        Need::QemuImg,
+        Need::QemuIo,
+        Need::QemuSystem,
+        Need::Tcpdump,
+        Need::Iperf3,
+        Need::Ping,
+        Need::Ethtool,
+        Need::Setpriv,
+    ];
+
+    /// Whether this machine has it. Probed once per process: some tests check inside loops, and
+    /// what is installed does not change while a test binary runs.
     pub fn met(self) -> bool {
+        static MET: [OnceLock<bool>; Need::ALL.len()] =
+            [const { OnceLock::new() }; Need::ALL.len()];
+        *MET[self as usize].get_or_init(|| self.probe())
+    }
+
+    fn probe(self) -> bool {
         match self {
             Need::Kvm => std::fs::OpenOptions::new()
                 .read(true)
@@ -75,7 +112,9 @@ impl Need {
             Need::QemuSystem => runs("qemu-system-x86_64", &["--version"]),
             Need::Tcpdump => runs("tcpdump", &["--version"]),
             Need::Iperf3 => runs("iperf3", &["--version"]),
-            Need::Setpriv => runs("setpriv", &["--version"]),
+            Need::Ping => runs("ping", &["-V"]),
+            Need::Ethtool => runs("ethtool", &["--version"]),
+            Need::Setpriv => runs("setpriv", &["--version"]) && runs("unshare", &["--version"]),
         }
     }
 }
@@ -121,19 +160,61 @@ pub fn require_all(needs: &[Need]) -> bool {
     needs.iter().all(|&n| require(n))
 }
 
-/// Records that the current test cannot run, for a reason no [`Need`] covers (e.g. "/dev/kvm is
-/// not private to root"). Panics under CI; elsewhere records it and returns false.
+/// Records that the current test cannot run, for a reason no [`Need`] covers (e.g. "a network
+/// namespace (ip netns add failed)"). Panics under CI; elsewhere records it and returns false.
 pub fn skip(reason: &str) -> bool {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_string();
-    let krate = std::env::var("CARGO_CRATE_NAME").unwrap_or_default();
-    let line = format!("{krate} {test}: needs {reason}");
+    let line = format!("{}: needs {reason}", current_test());
     if in_ci() {
         panic!(
             "precondition missing under CI=true: {line} (./setup.sh installs it; CI must have it)"
         );
+    }
+    record(&line);
+    false
+}
+
+/// Records that the current test cannot run because of a fact about this machine that no setup
+/// can change and that CI may legitimately share (see the crate docs). Never fails, even under
+/// CI; the skip is still listed by `./test.sh`. Always returns false.
+pub fn skip_env(reason: &str) -> bool {
+    record(&format!(
+        "{}: needs {reason} [cannot be arranged here; not required under CI]",
+        current_test()
+    ));
+    false
+}
+
+/// `package/test-binary test::path`, for the skip line.
+fn current_test() -> String {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed thread>")
+        .to_string();
+    // Cargo sets CARGO_PKG_NAME for the test binaries it runs; the binary's name (minus cargo's
+    // hash suffix) says which test file it is.
+    let pkg = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| match s.rsplit_once('-') {
+            Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+            _ => s,
+        })
+        .unwrap_or_default();
+    format!("{pkg}/{bin} {test}")
+}
+
+/// Prints the skip line and appends it to `VIREO_SKIP_LOG`, once per process: a check inside a
+/// loop must not list the same skip thousands of times.
+fn record(line: &str) {
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let first = SEEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(line.to_string());
+    if !first {
+        return;
     }
     eprintln!("SKIPPED {line}");
     if let Ok(path) = std::env::var("VIREO_SKIP_LOG") {
@@ -146,46 +227,87 @@ pub fn skip(reason: &str) -> bool {
             let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
-    false
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Runs test `name` of this binary again as a child with `env`; its status and the skip log.
+    fn child(name: &str, env: &[(&str, &str)]) -> (bool, String) {
+        let dir = tempfile_dir();
+        let log = dir.join("skips.log");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact"])
+            .env("TESTKIT_CHILD", "1")
+            .env("VIREO_SKIP_LOG", &log)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        std::fs::remove_dir_all(&dir).unwrap();
+        (out.status.success(), logged)
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("testkit-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn a_need_that_is_never_met_is_recorded_not_passed() {
-        // Runs the check in a child process so CI=true (panic) and the log can both be observed.
         if std::env::var("TESTKIT_CHILD").is_ok() {
+            // Twice, as a check inside a loop would: listed once.
+            skip("a thing no machine has");
             skip("a thing no machine has");
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let dir = std::env::temp_dir().join(format!("testkit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("skips.log");
         let name = "tests::a_need_that_is_never_met_is_recorded_not_passed";
-        let out = Command::new(&exe)
-            .args([name, "--exact", "--nocapture"])
-            .env("TESTKIT_CHILD", "1")
-            .env("CI", "false")
-            .env("VIREO_SKIP_LOG", &log)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let logged = std::fs::read_to_string(&log).unwrap();
+        let (ok, logged) = child(name, &[("CI", "false")]);
+        assert!(ok);
+        assert_eq!(logged.lines().count(), 1, "{logged}");
         assert!(logged.contains("needs a thing no machine has"), "{logged}");
         assert!(logged.contains(name), "{logged}");
-        let out = Command::new(&exe)
-            .args([name, "--exact"])
-            .env("TESTKIT_CHILD", "1")
-            .env("CI", "true")
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "under CI a missing precondition must fail"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(logged.contains("vireo-testkit/vireo_testkit "), "{logged}");
+        let (ok, _) = child(name, &[("CI", "true")]);
+        assert!(!ok, "under CI a missing precondition must fail");
+    }
+
+    #[test]
+    fn an_environment_skip_is_recorded_but_never_fails() {
+        if std::env::var("TESTKIT_CHILD").is_ok() {
+            skip_env("hardware this host lacks");
+            return;
+        }
+        let name = "tests::an_environment_skip_is_recorded_but_never_fails";
+        for ci in ["false", "true"] {
+            let (ok, logged) = child(name, &[("CI", ci)]);
+            assert!(ok, "CI={ci}");
+            assert!(
+                logged.contains("needs hardware this host lacks"),
+                "{logged}"
+            );
+            assert!(logged.contains("not required under CI"), "{logged}");
+        }
+    }
+
+    #[test]
+    fn a_missing_tool_is_not_met() {
+        // Runs a probe against a PATH with nothing on it: every tool need must be unmet.
+        if std::env::var("TESTKIT_CHILD").is_ok() {
+            assert!(!Need::QemuImg.met());
+            assert!(!require(Need::QemuImg));
+            return;
+        }
+        let name = "tests::a_missing_tool_is_not_met";
+        let empty = tempfile_dir();
+        let path = empty.to_str().unwrap().to_string();
+        let (ok, logged) = child(name, &[("CI", "false"), ("PATH", &path)]);
+        std::fs::remove_dir_all(&empty).unwrap();
+        assert!(ok);
+        assert!(logged.contains("needs qemu-img"), "{logged}");
     }
 }

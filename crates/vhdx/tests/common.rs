@@ -42,8 +42,11 @@ pub fn read(d: &Vhdx, off: u64, len: usize) -> Vec<u8> {
     b
 }
 
-/// Runs `qemu-img` if installed; `None` (after printing why) when it is absent.
+/// Runs `qemu-img`; `None` when it is absent (a recorded skip of the step; fails under CI).
 pub fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
+    if !vireo_testkit::require(vireo_testkit::Need::QemuImg) {
+        return None;
+    }
     match std::process::Command::new("qemu-img").args(args).output() {
         Ok(o) => Some((
             o.status.success(),
@@ -53,10 +56,7 @@ pub fn qemu_img(args: &[&str]) -> Option<(bool, String)> {
                 String::from_utf8_lossy(&o.stderr)
             ),
         )),
-        Err(_) => {
-            eprintln!("SKIPPED: qemu-img not installed");
-            None
-        }
+        Err(e) => panic!("qemu-img {args:?}: {e}"),
     }
 }
 

@@ -10,11 +10,7 @@ use vireo_vhdx::convert::{convert, AnyDisk, ConvertError, ConvertOptions, Format
 use vireo_vhdx::newfile::NewFileError;
 
 fn qemu_available() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !ok {
-        println!("SKIPPED (qemu parts): qemu-img not installed");
-    }
-    ok
+    vireo_testkit::require_all(&[vireo_testkit::Need::QemuImg, vireo_testkit::Need::QemuIo])
 }
 
 fn qemu(args: &[&str]) -> String {

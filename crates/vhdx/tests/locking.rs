@@ -219,8 +219,7 @@ fn qemu_and_vireo_respect_each_others_locks() {
         return;
     }
     let qemu_io = |args: &[&str]| Command::new("qemu-io").args(args).output();
-    if qemu_io(&["--version"]).is_err() {
-        eprintln!("SKIPPED: qemu-io not installed");
+    if !vireo_testkit::require(vireo_testkit::Need::QemuIo) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
 //! Interoperability with QEMU's independent VHDX implementation (qemu-img / qemu-io).
-//! Every test prints "SKIPPED" and passes when qemu-img is not installed.
+//! Needs qemu-img and qemu-io (vireo-testkit: a recorded skip without them, a failure under CI).
 mod common;
 use std::path::Path;
 use std::process::Command;
@@ -10,18 +10,7 @@ use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 const MIB: u64 = 1 << 20;
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-        && Command::new("qemu-io")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: qemu-img/qemu-io not installed");
-    }
-    ok
+    vireo_testkit::require_all(&[vireo_testkit::Need::QemuImg, vireo_testkit::Need::QemuIo])
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {

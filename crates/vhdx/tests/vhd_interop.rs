@@ -11,12 +11,7 @@ use vireo_vhdx::vhd::format::{checksum, DynamicHeader, Footer};
 use vireo_vhdx::vhd::{DiskType, Vhd, VhdCreateOptions, VhdError};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !ok {
-        println!("SKIPPED: qemu-img/qemu-io not installed (./setup.sh installs qemu-utils)");
-    }
-    ok
+    vireo_testkit::require_all(&[vireo_testkit::Need::QemuImg, vireo_testkit::Need::QemuIo])
 }
 
 fn run(cmd: &mut Command) -> String {

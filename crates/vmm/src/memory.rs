@@ -180,7 +180,9 @@ mod tests {
         // 4 GiB + 64 MiB of address space costs nothing until touched (memfd + MAP_NORESERVE).
         let size = (4u64 << 30) + (64 << 20);
         if check_size(size).is_err() {
-            return; // host too small to even promise it
+            // How much RAM a host has is no setup's to change: recorded, never a CI failure.
+            vireo_testkit::skip_env("a host that can back 4 GiB + 64 MiB of guest RAM");
+            return;
         }
         let ram = GuestRam::new(size).unwrap();
         assert_eq!(ram.memory.num_regions(), 2);

@@ -9,11 +9,7 @@ use std::time::Duration;
 use vireo_vmm::{test_images, ConsoleConfig, Vm, VmConfig, VmExit};
 
 fn usable() -> bool {
-    if !vireo_vmm::kvm_usable() {
-        println!("SKIPPED: no /dev/kvm");
-        return false;
-    }
-    true
+    vireo_testkit::require(vireo_testkit::Need::Kvm)
 }
 
 fn kernel(code: &[u8]) -> (tempfile::TempDir, PathBuf) {

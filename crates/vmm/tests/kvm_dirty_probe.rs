@@ -19,8 +19,7 @@ fn outside_probe(pages: Vec<u64>) -> Vec<u64> {
 
 #[test]
 fn kvm_dirty_log_reports_guest_and_vmm_writes() {
-    if !vireo_vmm::kvm_usable() {
-        println!("SKIPPED: no /dev/kvm");
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
     let (ours, theirs) = UnixStream::pair().unwrap();

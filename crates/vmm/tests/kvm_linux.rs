@@ -40,16 +40,19 @@ fn find_kernel() -> Option<PathBuf> {
 
 #[test]
 fn kvm_real_linux_prints_its_banner() {
-    if !vireo_vmm::kvm_usable() {
-        println!("SKIPPED: no /dev/kvm");
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
+    // Facts of the host no setup changes (a KVM-PVM host has no VMX/SVM; a container has no
+    // /boot): recorded, but not failures under CI.
     if !hardware_virtualization() {
-        println!("SKIPPED: /dev/kvm is not hardware-backed (no vmx/svm in /proc/cpuinfo); stock Linux cannot boot under KVM-PVM");
+        vireo_testkit::skip_env("a hardware-backed /dev/kvm (vmx/svm in /proc/cpuinfo); stock Linux cannot boot under KVM-PVM");
         return;
     }
     let Some(kernel) = find_kernel() else {
-        println!("SKIPPED: no kernel (set VIREO_TEST_KERNEL or install /boot/vmlinuz-*)");
+        vireo_testkit::skip_env(
+            "a Linux kernel (set VIREO_TEST_KERNEL or install /boot/vmlinuz-*)",
+        );
         return;
     };
     let (ours, theirs) = UnixStream::pair().unwrap();

@@ -114,23 +114,14 @@ fn wait_for_test_frame(
     None
 }
 
-fn root_with_tun() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() == 0 };
-    root && std::path::Path::new("/dev/net/tun").exists()
-}
-
 #[test]
 fn tap_exchanges_frames_with_packet_socket_in_netns() {
-    if !root_with_tun() {
-        println!("SKIPPED: needs root and /dev/net/tun");
+    use vireo_testkit::{require_all, Need};
+    if !require_all(&[Need::Tap, Need::Netns]) {
         return;
     }
     let ns_name = format!("vireo-tap-{}", std::process::id());
-    let Some(ns) = NetNs::create(&ns_name) else {
-        println!("SKIPPED: cannot create network namespace");
-        return;
-    };
+    let ns = NetNs::create(&ns_name).expect("cannot create a network namespace");
     // setns affects only the calling thread, so the whole exchange runs on a thread of its own.
     let result = std::thread::spawn(move || -> Result<(), String> {
         ns.enter().map_err(|e| format!("setns: {e}"))?;

@@ -1,5 +1,5 @@
 //! Host commands (`ip`, `tc`, ...) for the namespace tests: run, require, capture, and the
-//! loud skip when namespaces cannot be made here.
+//! precondition check (vireo-testkit) for making namespaces here.
 
 use std::process::{Command, Stdio};
 
@@ -35,15 +35,17 @@ pub fn output(args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-/// Whether this host lets us create namespaces (root, iproute2); says so loudly if not.
+/// Whether this host lets us create namespaces (root, iproute2) and has the tools the namespace
+/// tests use (ping; ethtool for veth ports): a recorded skip if not, a failure under CI.
 pub fn netns_available(tag: &str) -> bool {
+    use vireo_testkit::{require_all, Need};
+    if !require_all(&[Need::Netns, Need::Ping, Need::Ethtool]) {
+        return false;
+    }
     let probe = format!("vsnp{}{tag}", std::process::id());
     let ok = run(&["ip", "netns", "add", &probe]);
     run(&["ip", "netns", "del", &probe]);
-    if !ok {
-        eprintln!("SKIPPED: `ip netns` unavailable (need root and iproute2); netns test not run");
-    }
-    ok
+    ok || vireo_testkit::skip("a network namespace (`ip netns add` failed)")
 }
 
 /// A one-shot iperf3 server in namespace `ns` on `port`, given half a second to listen.
