@@ -74,10 +74,12 @@ pub fn run(a: CreateArgs) -> Result<ExitCode> {
     let block_size = to_u32("--block-size", a.block_size)?;
     let logical = sector_arg("--sector", a.sector)?;
     let physical = sector_arg("--physical-sector", a.physical_sector)?;
-    let kind = match (&a.parent, a.disk_type) {
-        (Some(_), _) => "differencing",
-        (None, TypeArg::Fixed) => "fixed",
-        (None, TypeArg::Dynamic) => "dynamic",
+    let kind = match (&a.parent, a.disk_type, format) {
+        (Some(_), _, _) => "differencing",
+        (None, TypeArg::Fixed, Format::Raw) => "fully allocated",
+        (None, TypeArg::Dynamic, Format::Raw) => "sparse",
+        (None, TypeArg::Fixed, _) => "fixed",
+        (None, TypeArg::Dynamic, _) => "dynamic",
     };
     let size = match format {
         Format::Raw => create_raw(&a, logical.or(physical), block_size)?,
