@@ -4,8 +4,9 @@
 //! A resize (`disk-resize N SIZE`) changes the disk under the running guest and tells its
 //! driver through the virtio-blk device's [`BlockResizer`] (kept here beside each disk): the
 //! transport raises a configuration-change interrupt and bumps ConfigGeneration, and the driver
-//! re-reads `capacity`. A live merge onto a larger parent changes the size at the pivot and
-//! tells the driver the same way.
+//! re-reads `capacity`. A live merge keeps the child's size (the parent takes it before the
+//! copy), so the guest sees no size change at the pivot; the driver is told anyway if the size
+//! reported after the pivot differs.
 //!
 //! Long operations (a live merge) run in a thread of their own: the connection that started
 //! one streams its progress, but closing it does not stop the merge; `disk-merge-cancel N`
@@ -415,7 +416,7 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
                 },
                 &cancel,
             );
-            // A parent larger than the child makes the disk grow at the pivot.
+            // The merged disk keeps the child's size; should that ever change, the guest is told.
             if let (Ok(_), Some(resizer)) = (&r, &resizer) {
                 if vhdx.virtual_size() != size_before {
                     if let Err(e) = resizer.size_changed() {
