@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,22 @@ fn spawn(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Starts a tiny guest that powers off with `status`, its console on `DIR/console.sock` (plus
+/// `options`, e.g. ",nowait"); returns the process and the socket's path.
+fn tiny_on_console_socket(dir: &Path, status: u8, options: &str) -> (Child, PathBuf) {
+    let k = tiny_kernel(dir, &test_images::hello_poweroff(status));
+    let sock = dir.join("console.sock");
+    let console = format!("socket={}{options}", sock.display());
+    let child = spawn(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--console",
+        &console,
+    ]);
+    (child, sock)
 }
 
 fn wait_for_path(path: &Path) {
@@ -94,16 +110,7 @@ fn kvm_console_socket_nowait_starts_without_a_client() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(9));
-    let sock = dir.path().join("console.sock");
-    let console = format!("socket={},nowait", sock.display());
-    let mut child = spawn(&[
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--console",
-        &console,
-    ]);
+    let (mut child, sock) = tiny_on_console_socket(dir.path(), 9, ",nowait");
     assert_eq!(exit_code(&mut child), Some(9));
     assert!(!sock.exists(), "the console socket was left behind");
 }
@@ -114,16 +121,7 @@ fn kvm_console_socket_ctrl_c_while_waiting_exits_130() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
-    let sock = dir.path().join("console.sock");
-    let console = format!("socket={}", sock.display());
-    let mut child = spawn(&[
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--console",
-        &console,
-    ]);
+    let (mut child, sock) = tiny_on_console_socket(dir.path(), 0, "");
     wait_for_path(&sock);
     std::thread::sleep(Duration::from_millis(100));
     // SAFETY: plain kill(2) of our own child.

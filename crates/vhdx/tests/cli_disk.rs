@@ -1,49 +1,11 @@
 //! `vireo disk` end to end: the real binary on real files, checked by qemu-img where it can.
 //! Builds `vireo` (crates/cli) first if this test run did not.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
 
-fn vireo() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let bin = profile_dir.join("vireo");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "vireo-cli"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        // Same target directory as this test binary, so an up-to-date build is a no-op.
-        build.env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
-        let status = build.status().unwrap();
-        assert!(status.success(), "building vireo failed");
-        bin
-    })
-}
-
-fn disk(dir: &Path, args: &[&str]) -> Output {
-    Command::new(vireo())
-        .arg("disk")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = disk(dir, args);
-    assert!(
-        out.status.success(),
-        "vireo disk {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod cli_common;
+use cli_common::{disk, ok, vireo};
 
 /// Fails, and the first line of stderr says what was wrong, naming `needle` (usage errors get
 /// clap's extra "try --help" line after it; our own errors are exactly one line).

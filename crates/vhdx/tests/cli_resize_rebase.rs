@@ -1,9 +1,8 @@
 //! `vireo disk resize` of VHD files and `vireo disk rebase`, end to end: the real binary on real
 //! files. Builds `vireo` (crates/cli) first if this test run did not.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
 
 use vireo_block::BlockBackend;
 use vireo_vhdx::vhd::{DiskType as VhdType, Vhd, VhdCreateOptions};
@@ -11,43 +10,8 @@ use vireo_vhdx::{OpenOptions, Vhdx};
 
 const MIB: u64 = 1 << 20;
 
-fn vireo() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-q", "-p", "vireo-cli"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        // Same target directory as this test binary, so an up-to-date build is a no-op.
-        build.env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
-        assert!(build.status().unwrap().success(), "building vireo failed");
-        profile_dir.join("vireo")
-    })
-}
-
-fn disk(dir: &Path, args: &[&str]) -> Output {
-    Command::new(vireo())
-        .arg("disk")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = disk(dir, args);
-    assert!(
-        out.status.success(),
-        "vireo disk {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod cli_common;
+use cli_common::{disk, ok};
 
 /// Fails with exit status `status` and one line of stderr containing every one of `needles`.
 fn fails(dir: &Path, args: &[&str], status: i32, needles: &[&str]) {

@@ -1,6 +1,6 @@
 //! `vireo disk resize`: change a VHDX's (or VHD's) virtual size.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -34,13 +34,7 @@ pub fn run(a: ResizeArgs) -> Result<ExitCode> {
             let old = disk.size();
             match disk.resize(a.size, a.force) {
                 Err(VhdxError::ShrinkOverData { data_at, .. }) => {
-                    return Err(CliError::failed(format!(
-                        "shrinking {} to {} would discard data at virtual offset {data_at}; \
-                         add --force to discard it",
-                        path.display(),
-                        a.size
-                    ))
-                    .into())
+                    return Err(shrink_over_data(path, a.size, data_at).into())
                 }
                 other => other.map_err(|e| errors::vhdx(path, e))?,
             }
@@ -52,13 +46,7 @@ pub fn run(a: ResizeArgs) -> Result<ExitCode> {
             let old = disk.size();
             match disk.resize_to(a.size, a.force) {
                 Err(vhd::VhdError::ShrinkOverData { data_at, .. }) => {
-                    return Err(CliError::failed(format!(
-                        "shrinking {} to {} would discard data at virtual offset {data_at}; \
-                         add --force to discard it",
-                        path.display(),
-                        a.size
-                    ))
-                    .into())
+                    return Err(shrink_over_data(path, a.size, data_at).into())
                 }
                 other => other.map_err(|e| CliError::failed(format!("{}: {e}", path.display())))?,
             }
@@ -83,4 +71,13 @@ pub fn run(a: ResizeArgs) -> Result<ExitCode> {
         human(a.size)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The refusal of a shrink that would drop data, the same for every format.
+fn shrink_over_data(path: &Path, size: u64, data_at: u64) -> CliError {
+    CliError::failed(format!(
+        "shrinking {} to {size} would discard data at virtual offset {data_at}; add --force to \
+         discard it",
+        path.display()
+    ))
 }
