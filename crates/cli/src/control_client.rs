@@ -21,6 +21,7 @@ use clap::{Args, Subcommand};
 
 use crate::disk::progress::{cancel_flag, Bar};
 use crate::exit::CliError;
+use crate::output::OutputFormat;
 
 #[derive(Args)]
 #[command(after_help = STATUSES)]
@@ -45,9 +46,9 @@ Exit status:
 enum ControlCommand {
     /// List the VM's disks.
     Disks {
-        /// "table" for people, "json" for programs (an array of objects).
-        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-        output: String,
+        /// text (a table, the default) for people, json for programs (an array of objects).
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
     },
     /// Merge differencing VHDX disk N into its parent while the guest runs (live merge);
     /// prints the parent's path, which the VM uses from then on. Ctrl-C cancels safely.
@@ -72,7 +73,7 @@ pub fn execute(args: ControlArgs) -> Result<ExitCode, CliError> {
     match args.command {
         ControlCommand::Disks { output } => {
             let disks = list(socket)?;
-            if output == "json" {
+            if output == OutputFormat::Json {
                 println!("{}", serde_json::Value::Array(disks));
             } else {
                 print_table(&disks);

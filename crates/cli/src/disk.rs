@@ -73,8 +73,8 @@ pub enum DiskCommand {
     /// List a disk's allocated runs (offset, length, and which file of a VHDX chain holds
     /// them), as `qemu-img map` does; --output json lists zero runs too.
     Map(map::MapArgs),
-    /// Grow or shrink a VHDX's virtual size. Shrinking over allocated data needs --force (the
-    /// data beyond the new end is lost). Grow the partition/filesystem inside separately.
+    /// Grow or shrink a VHDX's or VHD's virtual size. Shrinking over data needs --force (the
+    /// data beyond the new end is lost; data in a parent counts). Grow the partition/filesystem inside separately.
     Resize(resize::ResizeArgs),
     /// Merge a differencing disk into its parent, then delete the child. The parent then holds
     /// the child's data. An interrupted merge (Ctrl-C, crash) leaves both files consistent and

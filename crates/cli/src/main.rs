@@ -29,7 +29,8 @@ struct Cli {
 enum Command {
     /// Run one virtual machine in the foreground (no daemon); exits with the guest's status.
     Run(run::RunArgs),
-    /// Create, inspect, check, convert, resize, merge and compact virtual disks (VHDX, VHD, raw).
+    /// Create, inspect, check, convert, compare, map, resize, merge, rebase and compact virtual
+    /// disks (VHDX, VHD, raw).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
     /// Talk to a running VM's control socket (`vireo run --control PATH`): list its disks,
@@ -58,6 +59,52 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("vireo: error: {e}");
             ExitCode::from(exit::status_of(e.as_ref()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command that takes `--output` speaks the same vocabulary (`text`, `json`), so a
+    /// script never has to know which command wants `table`.
+    #[test]
+    fn every_output_option_is_text_or_json() {
+        fn walk(cmd: &clap::Command, path: &str, found: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_long() == Some("output") {
+                    let values: Vec<String> = arg
+                        .get_possible_values()
+                        .iter()
+                        .map(|v| v.get_name().to_string())
+                        .collect();
+                    assert_eq!(values, ["text", "json"], "{path} --output");
+                    assert_eq!(
+                        arg.get_default_values(),
+                        ["text"],
+                        "{path} --output default"
+                    );
+                    found.push(path.to_string());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), found);
+            }
+        }
+        let mut found = vec![];
+        walk(&Cli::command(), "vireo", &mut found);
+        for want in [
+            "vireo disk info",
+            "vireo disk check",
+            "vireo disk map",
+            "vireo control disks",
+        ] {
+            assert!(
+                found.iter().any(|f| f == want),
+                "{want} has no --output: {found:?}"
+            );
         }
     }
 }

@@ -5,8 +5,9 @@ use clap::ValueEnum;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug, Default)]
 pub enum OutputFormat {
-    /// For people: tables and aligned lines.
+    /// For people: tables and aligned lines. `table` is accepted as another name for it.
     #[default]
+    #[value(alias = "table")]
     Text,
     /// For programs: one JSON document on stdout.
     Json,
