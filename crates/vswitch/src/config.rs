@@ -123,9 +123,15 @@ pub struct SwitchConfig {
     /// Seconds a learned MAC stays without being seen again.
     #[serde(default = "default_aging")]
     pub mac_aging_secs: u64,
-    /// Upper bound on the whole learning table.
+    /// Capacity of the whole learning table (entries). When it is full, a port with fewer
+    /// stations takes the oldest entry of the port holding the most (see `table.rs`).
     #[serde(default = "default_table_limit")]
     pub mac_table_limit: usize,
+    /// MACs learned behind each VM or host port unless the port sets its own `mac_limit`;
+    /// uplinks (a whole LAN behind them) are bounded only by the table. New source MACs
+    /// beyond the limit drop (`mac_limit`), as port security does.
+    #[serde(default = "default_port_mac_limit")]
+    pub port_mac_limit: u32,
     #[serde(default)]
     pub ports: Vec<PortConfig>,
     /// Let the kernel forward TCP flows the pipeline approved between AF_PACKET ports (tc
@@ -141,8 +147,18 @@ fn default_fast_path() -> bool {
 fn default_aging() -> u64 {
     300
 }
+/// Four times Open vSwitch's default of 2,048: room for an external switch on a busy LAN,
+/// small enough that a full table costs well under a megabyte and a scan stays cheap.
+pub const DEFAULT_MAC_TABLE_LIMIT: usize = 8192;
+/// A VM with nested containers or a few virtual NICs fits; a flooding VM fills an eighth of
+/// the table at most.
+pub const DEFAULT_PORT_MAC_LIMIT: u32 = 1024;
+
 fn default_table_limit() -> usize {
-    65536
+    DEFAULT_MAC_TABLE_LIMIT
+}
+fn default_port_mac_limit() -> u32 {
+    DEFAULT_PORT_MAC_LIMIT
 }
 
 impl SwitchConfig {
@@ -153,6 +169,7 @@ impl SwitchConfig {
             pvlan_domains: Vec::new(),
             mac_aging_secs: default_aging(),
             mac_table_limit: default_table_limit(),
+            port_mac_limit: default_port_mac_limit(),
             ports: Vec::new(),
             fast_path: default_fast_path(),
         }
@@ -275,6 +292,10 @@ pub struct GuardConfig {
     /// This VM port may send router advertisements and redirects.
     #[serde(default)]
     pub router_allowed: bool,
+    /// Drop IPv4/IPv6 packets whose source address is not in `allowed_ipv4`/`allowed_ipv6`
+    /// (see `source_guard.rs` for the sources a host needs before it has an address).
+    #[serde(default)]
+    pub ip_source_guard: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,9 +404,24 @@ pub struct PortConfig {
     /// Broadcast + multicast frames per second accepted from this port.
     #[serde(default)]
     pub storm_limit_pps: Option<u32>,
-    /// Most MACs the switch learns behind this port (MAC-flood protection).
+    /// Most MACs the switch learns behind this port (MAC-flood protection); overrides
+    /// `SwitchConfig::port_mac_limit`.
     #[serde(default)]
     pub mac_limit: Option<u32>,
+    /// Largest IP packet (bytes after the Ethernet header and its VLAN tags) the port takes
+    /// in or gets delivered; larger frames drop (`oversize`). Default [`DEFAULT_MTU`].
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+/// The default MTU: a jumbo frame of `MAX_FRAME` (9,216) bytes with one VLAN tag.
+pub const DEFAULT_MTU: u32 = vireo_netport::MAX_FRAME as u32 - 18;
+
+impl PortConfig {
+    /// The MTU in force (`mtu` or [`DEFAULT_MTU`]).
+    pub fn mtu(&self) -> usize {
+        self.mtu.unwrap_or(DEFAULT_MTU) as usize
+    }
 }
 
 impl PortConfig {

@@ -17,6 +17,7 @@ pub mod meter;
 pub mod port;
 pub mod rate;
 pub mod runtime;
+pub mod source_guard;
 pub mod switch;
 pub mod table;
 pub mod uplink;

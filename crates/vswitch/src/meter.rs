@@ -30,10 +30,15 @@ pub enum DropReason {
     ExtensionFilter,
     /// The egress port's queue was full.
     TxFull,
+    /// Longer than the port's MTU allows (on ingress, or at the destination port), or longer
+    /// than the receive buffer.
+    Oversize,
+    /// IPv4/IPv6 source address not among the port's allowed addresses.
+    IpSourceGuard,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 18;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::VlanNotAllowed,
@@ -51,6 +56,8 @@ impl DropReason {
         DropReason::MacLimit,
         DropReason::ExtensionFilter,
         DropReason::TxFull,
+        DropReason::Oversize,
+        DropReason::IpSourceGuard,
     ];
 }
 

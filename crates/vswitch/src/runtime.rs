@@ -25,7 +25,7 @@ use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
 use crate::uplink::gro::coalesce_batch;
-use crate::uplink::offload::{resolve, VnetHdr};
+use crate::uplink::offload::{resolve, wire_len, VnetHdr};
 use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
 use crate::PortId;
@@ -342,6 +342,9 @@ impl Worker {
         };
         let mut lens = [0usize; BATCH];
         let mut count = 0;
+        // Frames longer than the receive buffer: consumed whole by the port and dropped, never
+        // truncated and forwarded.
+        let mut too_long = 0u64;
         if let Some(p) = &port.packet {
             for buf in &mut self.rx {
                 if buf.len() != RX_BUF {
@@ -375,15 +378,22 @@ impl Worker {
                 }
                 Ok(None) => break,
                 // An oversized frame was consumed and dropped; keep reading.
-                Err(PortError::TooLong { .. }) => continue,
+                Err(PortError::TooLong { .. }) => {
+                    too_long += 1;
+                    continue;
+                }
                 Err(_) => break,
             }
         }
-        if count == 0 {
+        too_long += lens[..count].iter().filter(|n| **n == 0).count() as u64;
+        if count == 0 && too_long == 0 {
             return;
         }
         let now = self.now();
         let mut sw = lock(&self.switch);
+        for _ in 0..too_long {
+            sw.count_drop(ingress, DropReason::Oversize);
+        }
         let d = &mut self.delivery;
         // Only filter extensions can touch a frame's Vec beyond its bytes (e.g. reallocate it).
         let untouched = !sw.has_filters();
@@ -395,7 +405,8 @@ impl Worker {
             let frame = &mut self.rx[i];
             frame.truncate(*len);
             let hdr = self.hdrs[i];
-            sw.process(ingress, frame, now, d);
+            let wire = wire_len(frame, &hdr);
+            sw.process_sized(ingress, frame, wire, now, d);
             if let (Some(off), Some(_), [e]) = (&mut self.offload, &port.packet, &d.egress[..]) {
                 let to_packet = self
                     .ports

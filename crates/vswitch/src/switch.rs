@@ -10,7 +10,9 @@ use crate::acl::AclVerdict;
 use crate::config::{Direction, MirrorRole, PortConfig, PortRole, SwitchConfig};
 use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
 use crate::fastpath::{FlowKey, FlowUse, NotOffloadable, OffloadHook};
-use crate::frame::{parse, FrameSummary, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, L3};
+use crate::frame::{
+    ethertype_offset, parse, FrameSummary, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, L3,
+};
 use crate::meter::{DropReason, MeterSnapshot};
 use crate::port::Port;
 use crate::table::{Learn, MacTable};
@@ -130,6 +132,9 @@ pub struct Switch {
     table_changes: u64,
 }
 
+/// The shortest Ethernet frame without its FCS; shorter frames are padded to it.
+pub const ETH_MIN_FRAME: usize = 60;
+
 /// Ports per switch (ids are small integers).
 pub const MAX_PORTS: usize = 4096;
 
@@ -148,6 +153,7 @@ pub fn ingress_policies(
         }
     }
     p.guard.check(s)?;
+    crate::source_guard::check(&p.cfg.guard, s)?;
     if let Some(b) = &mut p.rate_in {
         if !b.take(len as u64, now) {
             return Err(DropReason::RateLimit);
@@ -591,6 +597,15 @@ impl Switch {
         {
             return Err(N::Acl);
         }
+        // Every frame from a guarded port must have its source address checked; the kernel
+        // classifier matches MACs only.
+        if a.cfg.guard.ip_source_guard {
+            return Err(N::SourceGuard);
+        }
+        // The kernel enforces the netdevs' own MTUs, not a port's configured one.
+        if a.cfg.mtu.is_some() || b.cfg.mtu.is_some() {
+            return Err(N::Mtu);
+        }
         let vid = classify(&a.vlan, &s).map_err(|_| N::NotOneDestination)?;
         let fid = self.fid[(vid & 0xfff) as usize];
         if self.table.lookup(fid, &s.dst, now) != Some(e.port)
@@ -615,8 +630,24 @@ impl Switch {
         out.dropped = Some(r);
     }
 
-    /// Runs one frame through the pipeline. `frame` may be rewritten by filter extensions.
+    /// Runs one frame through the pipeline. `frame` may be rewritten by filter extensions
+    /// (and is padded to the Ethernet minimum).
     pub fn process(&mut self, ingress: PortId, frame: &mut Vec<u8>, now: u64, out: &mut Delivery) {
+        let len = frame.len();
+        self.process_sized(ingress, frame, len, now, out)
+    }
+
+    /// [`Switch::process`] for a frame that stands for several on the wire: a TCP super-frame
+    /// (segmentation offload) whose largest segment is `wire_len` bytes. The MTU checks apply
+    /// to `wire_len`; for an ordinary frame it is the frame's length.
+    pub fn process_sized(
+        &mut self,
+        ingress: PortId,
+        frame: &mut Vec<u8>,
+        wire_len: usize,
+        now: u64,
+        out: &mut Delivery,
+    ) {
         out.clear();
         let len = frame.len();
         let Some(p) = self
@@ -631,6 +662,22 @@ impl Switch {
             Ok(s) => s,
             Err(_) => return self.drop_at(ingress, DropReason::Malformed, out),
         };
+        // Size checks: nothing after the header, or an IP header that cannot be read, is
+        // malformed (the guards could not judge it); the IP packet must fit the port's MTU.
+        let l2 = ethertype_offset(s.tags) + 2;
+        if len <= l2 || (matches!(s.ethertype, ETH_P_IPV4 | ETH_P_IPV6) && s.l3 == L3::Other) {
+            return self.drop_at(ingress, DropReason::Malformed, out);
+        }
+        let ip_len = wire_len.saturating_sub(l2);
+        if ip_len > p.cfg.mtu() {
+            return self.drop_at(ingress, DropReason::Oversize, out);
+        }
+        if len < ETH_MIN_FRAME {
+            // What a NIC does on transmit: receivers' stacks ignore the padding (IP and ARP
+            // carry their own lengths), and every port sees the same bytes.
+            frame.resize(ETH_MIN_FRAME, 0);
+        }
+        let len = frame.len();
         // Stage 1: ingress policies.
         let vid = match ingress_policies(p, &s, len, now) {
             Ok(v) => v,
@@ -648,10 +695,13 @@ impl Switch {
             }
         }
         let len = frame.len();
-        // Learning, bounded per port.
-        let limit = self.ports[ingress.0 as usize]
-            .as_ref()
-            .and_then(|p| p.cfg.mac_limit);
+        // Learning, bounded per port: the port's own limit, else the switch's default for VM
+        // and host ports; uplinks (a LAN behind them) only by the table's capacity.
+        let limit = self.ports[ingress.0 as usize].as_ref().and_then(|p| {
+            p.cfg
+                .mac_limit
+                .or((p.cfg.role != PortRole::Uplink).then_some(self.cfg.port_mac_limit))
+        });
         let fid = self.fid[vid as usize];
         if self.table.learn(fid, &s.src, ingress, limit, now) == Learn::LimitReached {
             return self.drop_at(ingress, DropReason::MacLimit, out);
@@ -672,7 +722,12 @@ impl Switch {
             let Some(dp) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
                 continue;
             };
-            match egress_policies(dp, vid, &s, len, now) {
+            // Checked after the VLAN reach (a flood skips ports outside it silently); the IP
+            // packet is the same size whatever tag it leaves with.
+            let mtu = dp.cfg.mtu();
+            let verdict = egress_policies(dp, vid, &s, len, now)
+                .and_then(|tag| (ip_len <= mtu).then_some(tag).ok_or(DropReason::Oversize));
+            match verdict {
                 Ok(tag) => {
                     dp.meters.egress.add(tag_len(len, tag, &s));
                     let mirror_out = dp.mirror_out;

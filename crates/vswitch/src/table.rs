@@ -1,5 +1,11 @@
-//! The MAC learning table: (learning id, MAC) → port, with aging and a per-port limit so one
-//! port flooding random source MACs cannot evict everyone else (MAC-flood protection).
+//! The MAC learning table: (learning id, MAC) → port, with aging, a per-port limit and a
+//! table-wide capacity (MAC-flood protection).
+//!
+//! A new MAC is refused when its port already holds its limit. When the whole table is full,
+//! room is made OVS-style, fairly: the least recently seen entry of the port holding the most
+//! entries goes, but only when that port holds at least two more than the learner. So a
+//! flooding port only ever loses its own entries or is refused, and a port with few stations
+//! (a well-behaved VM) always gets room; its learned entries are never evicted by the flood.
 
 use std::collections::HashMap;
 
@@ -19,7 +25,8 @@ struct Entry {
 pub enum Learn {
     /// Known or newly learned (or moved) — the frame may proceed.
     Ok,
-    /// The port already has its limit of MACs (or the table is full): drop the frame.
+    /// The port already has its limit of MACs, or the table is full and the port already holds
+    /// as many as anyone: drop the frame.
     LimitReached,
 }
 
@@ -28,7 +35,8 @@ pub struct MacTable {
     map: HashMap<u64, Entry, FxBuildHasher>,
     per_port: Vec<u32>,
     aging_ns: u64,
-    limit: usize,
+    /// Most entries in the whole table.
+    capacity: usize,
     /// Counts moves and removals: anything that can change where a known MAC is forwarded
     /// (the kernel fast path drops its flows when this moves).
     changes: u64,
@@ -43,12 +51,12 @@ fn key(fid: u16, mac: &Mac) -> u64 {
 }
 
 impl MacTable {
-    pub fn new(aging_secs: u64, limit: usize) -> Self {
+    pub fn new(aging_secs: u64, capacity: usize) -> Self {
         MacTable {
-            map: HashMap::with_capacity_and_hasher(1024, FxBuildHasher),
+            map: HashMap::with_capacity_and_hasher(capacity.min(1024), FxBuildHasher),
             per_port: Vec::new(),
             aging_ns: aging_secs.saturating_mul(1_000_000_000),
-            limit,
+            capacity,
             changes: 0,
         }
     }
@@ -105,7 +113,10 @@ impl MacTable {
             *self.count_mut(port) += 1;
             return Learn::Ok;
         }
-        if port_limit.is_some_and(|l| self.count(port) >= l) || self.map.len() >= self.limit {
+        if port_limit.is_some_and(|l| self.count(port) >= l) {
+            return Learn::LimitReached;
+        }
+        if self.map.len() >= self.capacity && !self.evict_for(port) {
             return Learn::LimitReached;
         }
         self.map.insert(
@@ -117,6 +128,41 @@ impl MacTable {
         );
         *self.count_mut(port) += 1;
         Learn::Ok
+    }
+
+    /// Makes room for one entry of `port` in a full table: removes the least recently seen
+    /// entry of the port holding the most entries, if that port holds at least two more than
+    /// `port` (so eviction never takes from a port smaller than the learner, and two heavy
+    /// ports end up balanced rather than taking turns). Returns whether an entry went.
+    fn evict_for(&mut self, port: PortId) -> bool {
+        let mine = self.count(port);
+        let Some((heavy, n)) = self
+            .per_port
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, n)| **n)
+            .map(|(i, n)| (PortId(i as u16), *n))
+        else {
+            return false;
+        };
+        if heavy == port || n < mine + 2 {
+            return false;
+        }
+        // A linear scan, but only while ports are unbalanced on a full table: each eviction
+        // narrows the gap between the learner and the heaviest port.
+        let Some(victim) = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.port == heavy)
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        self.map.remove(&victim);
+        *self.count_mut(heavy) -= 1;
+        self.changes += 1;
+        true
     }
 
     /// Marks `mac` as just seen behind `port` (traffic the kernel forwarded for the switch),
@@ -201,6 +247,49 @@ mod tests {
             );
         }
         assert_eq!(t.count(PortId(2)), 2);
+    }
+
+    #[test]
+    fn a_full_table_evicts_only_from_the_heaviest_port_and_never_below_the_learner() {
+        let mut t = MacTable::new(300, 10);
+        let m = |p: u8, i: u8| [2, 0, 0, 0, p, i];
+        // Port 1 has two stations; port 0 floods the rest of the table, then keeps flooding.
+        t.learn(1, &m(1, 0), PortId(1), None, 0);
+        t.learn(1, &m(1, 1), PortId(1), None, 1);
+        for i in 0..50 {
+            let r = t.learn(1, &m(0, i), PortId(0), None, 10 + i as u64);
+            assert_eq!(r == Learn::Ok, i < 8, "frame {i}");
+        }
+        assert_eq!(
+            (t.len(), t.count(PortId(0)), t.count(PortId(1))),
+            (10, 8, 2)
+        );
+        assert_eq!(t.lookup(1, &m(1, 0), 100), Some(PortId(1)), "not evicted");
+        // A new station on the small port takes the flooder's oldest entry.
+        assert_eq!(t.learn(1, &m(1, 2), PortId(1), None, 100), Learn::Ok);
+        assert_eq!(
+            (t.len(), t.count(PortId(0)), t.count(PortId(1))),
+            (10, 7, 3)
+        );
+        assert_eq!(
+            t.lookup(1, &m(0, 0), 100),
+            None,
+            "oldest of the flooder went"
+        );
+        assert_eq!(t.lookup(1, &m(0, 1), 100), Some(PortId(0)));
+        // Ports never evict down past each other: at 5 and 5, both are refused.
+        for i in 3..10 {
+            t.learn(1, &m(1, i), PortId(1), None, 200);
+        }
+        assert_eq!((t.count(PortId(0)), t.count(PortId(1))), (5, 5));
+        assert_eq!(
+            t.learn(1, &m(0, 99), PortId(0), None, 300),
+            Learn::LimitReached
+        );
+        assert_eq!(
+            t.learn(1, &m(1, 99), PortId(1), None, 300),
+            Learn::LimitReached
+        );
     }
 
     #[test]

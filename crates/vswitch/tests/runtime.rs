@@ -167,3 +167,38 @@ fn minimum_bandwidth_weights_share_a_shaped_uplink() {
         "{st:?}"
     );
 }
+
+#[test]
+fn frames_too_long_for_the_buffer_or_the_mtu_are_dropped_whole_and_counted() {
+    let mut sw = Switch::new(SwitchConfig::private("big")).unwrap();
+    let a = sw.add_port(PortConfig::access("a", 1)).unwrap();
+    let b = sw.add_port(PortConfig::access("b", 1)).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    let (sa, va) = channel_pair("swa", "vma").unwrap();
+    let (sb, vb) = channel_pair("swb", "vmb").unwrap();
+    rt.attach(a, Arc::new(sa));
+    rt.attach(b, Arc::new(sb));
+    std::thread::sleep(Duration::from_millis(50));
+    // Longer than the runtime's 64 KiB receive buffer, then longer than the default MTU.
+    for len in [70_000, 9_300] {
+        let mut f = plain(mac(1), BCAST);
+        f.resize(len, 0);
+        va.send(&f).unwrap();
+    }
+    let ok = plain(mac(1), BCAST);
+    va.send(&ok).unwrap();
+    let mut big = vec![0u8; 80_000];
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while Instant::now() < end && got.is_empty() {
+        if let Some(n) = vb.recv(&mut big).unwrap() {
+            got = big[..n].to_vec();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(got, ok, "only the frame that fits, whole");
+    assert_eq!(recv_within(&vb, Duration::from_millis(200)), None);
+    assert_eq!(lock(&sw).drops(a, DropReason::Oversize), 2);
+    rt.stop().unwrap();
+}

@@ -95,6 +95,10 @@ pub enum NotOffloadable {
     Acl,
     #[error("source or destination MAC not learned where the frame went")]
     NotLearned,
+    #[error("the IP source guard is on (the kernel match has no source address)")]
+    SourceGuard,
+    #[error("a port has its own MTU (the kernel match has no length)")]
+    Mtu,
 }
 
 /// What the switch calls when offloaded flows must go (implemented by the runtime's fast path).

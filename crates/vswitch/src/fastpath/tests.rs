@@ -189,6 +189,24 @@ fn each_disqualifier_refuses() {
     });
     assert!(verdict(&mut sw, 0, tcp4(MA, MB)).is_ok());
 
+    // IP source guard on the sender: every frame's source address must be checked.
+    let mut sw = switch_with(|_, a, _| {
+        a.guard.ip_source_guard = true;
+        a.guard.allowed_ipv4 = vec![[10, 0, 0, 1].into()];
+    });
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::SourceGuard));
+    // On the receiver it does not matter (it guards what b sends).
+    let mut sw = switch_with(|_, _, b| {
+        b.guard.ip_source_guard = true;
+        b.guard.allowed_ipv4 = vec![[10, 0, 0, 1].into()];
+    });
+    assert!(verdict(&mut sw, 0, tcp4(MA, MB)).is_ok());
+    // A configured MTU on either side: the kernel match has no length.
+    let mut sw = switch_with(|_, a, _| a.mtu = Some(1500));
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Mtu));
+    let mut sw = switch_with(|_, _, b| b.mtu = Some(1500));
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Mtu));
+
     // A dropped frame (spoofed source) is no flow.
     let mut sw = switch_with(|_, a, _| a.macs = vec![MacAddr(MA)]);
     assert_eq!(

@@ -120,6 +120,21 @@ fn l3_of(frame: &[u8]) -> Option<(usize, u16)> {
     }
 }
 
+/// Length of the longest frame `frame` stands for on the wire: for a super-frame its headers
+/// plus one MSS (the segments [`segment`] would cut), otherwise the frame itself. A header
+/// whose offsets do not fit the frame gives the whole frame's length.
+pub fn wire_len(frame: &[u8], h: &VnetHdr) -> usize {
+    if h.gso_type & !GSO_ECN == GSO_NONE || h.gso_size == 0 {
+        return frame.len();
+    }
+    let l4 = h.csum_start as usize;
+    let Some(&off) = frame.get(l4 + 12) else {
+        return frame.len();
+    };
+    let hdrs = l4 + (off >> 4) as usize * 4;
+    (hdrs + h.gso_size as usize).min(frame.len())
+}
+
 /// Cuts a TCP super-frame into MSS-sized frames with complete IP and TCP checksums, handing
 /// each to `emit`. Returns false (emitting nothing) for frames it cannot segment.
 pub fn segment(frame: &[u8], h: &VnetHdr, buf: &mut Vec<u8>, mut emit: impl FnMut(&[u8])) -> bool {
@@ -275,6 +290,28 @@ mod tests {
             got.extend_from_slice(t.payload());
         }
         assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn wire_length_of_a_super_frame_is_headers_plus_one_mss() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 1000, 100)
+            .write(&mut f, &[0u8; 20000])
+            .unwrap();
+        let mut h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        assert_eq!(wire_len(&f, &h), 54 + 1448);
+        h.csum_start = 60000;
+        assert_eq!(wire_len(&f, &h), f.len(), "bogus offsets: the whole frame");
+        assert_eq!(wire_len(&f[..100], &VnetHdr::default()), 100);
     }
 
     #[test]
