@@ -30,10 +30,14 @@ pub enum DropReason {
     ExtensionFilter,
     /// The egress port's queue was full.
     TxFull,
+    /// An IP fragment a guard cannot judge: a later fragment of a datagram whose first
+    /// fragment was dropped or never seen, a first fragment too short for the fields the
+    /// guard reads, fragmented neighbor discovery (RFC 6980).
+    FragmentGuard,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::VlanNotAllowed,
@@ -51,6 +55,7 @@ impl DropReason {
         DropReason::MacLimit,
         DropReason::ExtensionFilter,
         DropReason::TxFull,
+        DropReason::FragmentGuard,
     ];
 }
 

@@ -147,7 +147,7 @@ pub fn ingress_policies(
             return Err(DropReason::StormLimit);
         }
     }
-    p.guard.check(s)?;
+    p.guard.check(s, now)?;
     if let Some(b) = &mut p.rate_in {
         if !b.take(len as u64, now) {
             return Err(DropReason::RateLimit);
