@@ -99,9 +99,9 @@ pub struct FrameSummary {
     /// fragmented extension chain): guards treat such packets as suspicious.
     pub l4_hidden: bool,
     pub arp: Option<ArpInfo>,
-    /// BOOTP op (1 request, 2 reply) when the frame is DHCPv4 (UDP 67/68).
+    /// BOOTP op (1 request, 2 reply) of UDP from port 67 or to 67/68; 0 when absent.
     pub dhcp4_op: u8,
-    /// DHCPv6 message type when the frame is UDP to/from 546/547.
+    /// DHCPv6 message type of UDP from port 547 or to 546/547; 0 when absent.
     pub dhcp6_type: u8,
     /// Set for an IP fragment: IPv4 with more-fragments or a non-zero offset, IPv6 with a
     /// fragment header (atomic fragments included).
