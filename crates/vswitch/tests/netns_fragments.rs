@@ -42,20 +42,22 @@ impl Lab {
     }
 
     /// Namespace `k` with address 10.79.0.`k+1` on a veth; the host end as a switch port.
-    fn veth_vm(&mut self, k: usize) -> PacketPort {
+    /// IPv6 is off unless `ipv6` (a receiver of DHCPv6).
+    fn veth_vm(&mut self, k: usize, ipv6: bool) -> PacketPort {
         let ns = self.ns(k);
         must(&["ip", "netns", "add", &ns]);
         self.namespaces.push(ns.clone());
         // No IPv6 chatter (ND, MLD) next to the frames under test.
-        let _ = run(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-        ]);
+        let _ = !ipv6
+            && run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ]);
         let host = format!("{}h{k}", self.prefix);
         let guest = self.guest(k);
         must(&[
@@ -164,9 +166,9 @@ fn netns_fragmented_dhcp_offer_from_a_guarded_port_reaches_no_client() {
     let server = sw.add_port(server).unwrap();
     let sw = Arc::new(Mutex::new(sw));
     let rt = SwitchRuntime::start(sw.clone()).unwrap();
-    rt.attach(guarded, Arc::new(lab.veth_vm(0)));
-    rt.attach(client, Arc::new(lab.veth_vm(1)));
-    rt.attach(server, Arc::new(lab.veth_vm(2)));
+    rt.attach(guarded, Arc::new(lab.veth_vm(0, false)));
+    rt.attach(client, Arc::new(lab.veth_vm(1, false)));
+    rt.attach(server, Arc::new(lab.veth_vm(2, false)));
     let dhcp = udp_listener(&lab.ns(1), 68);
     let other = udp_listener(&lab.ns(1), 5000);
 
@@ -219,4 +221,76 @@ fn netns_fragmented_dhcp_offer_from_a_guarded_port_reaches_no_client() {
     let (payload, _) = receive(&other).expect("ordinary fragments arrive");
     assert_eq!(payload, vec![0x5a; 1200]);
     rt.stop().unwrap();
+}
+
+#[test]
+fn netns_fragmented_dhcpv6_reply_from_a_guarded_port_reaches_no_client() {
+    if !netns_available("6") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.prefix.push('6');
+    let mut sw = Switch::new(SwitchConfig::private("e2e-frag6")).unwrap();
+    let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
+    let client = sw.add_port(PortConfig::access("client", 1)).unwrap();
+    let mut server = PortConfig::access("server", 1);
+    server.guard.dhcp_server_allowed = true;
+    let server = sw.add_port(server).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    rt.attach(guarded, Arc::new(lab.veth_vm(0, false)));
+    rt.attach(client, Arc::new(lab.veth_vm(1, true)));
+    rt.attach(server, Arc::new(lab.veth_vm(2, false)));
+    let dhcp = udp_listener6(&lab.ns(1), 546);
+
+    // A REPLY to all nodes (ff02::1), port 547 → 546, the first fragment the UDP header only.
+    let reply_from = |mac: [u8; 6], last: u8, id: u32| {
+        let mut src = [0u8; 16];
+        src[0] = 0xfd;
+        src[15] = last;
+        let mut dst = [0u8; 16];
+        dst[0] = 0xff;
+        dst[1] = 2;
+        dst[15] = 1;
+        let mut payload = vec![0u8; 200];
+        payload[0] = 7;
+        let m = fragbuild::udp6(
+            mac,
+            [0x33, 0x33, 0, 0, 0, 1],
+            src,
+            dst,
+            (547, 546),
+            &payload,
+        );
+        fragbuild::fragment6(&m, id, &fragbuild::every(8, 8, 208), false)
+    };
+    let frags = reply_from([2, 0, 0, 0, 0, 0x21], 1, 0x6161);
+    let n = frags.len() as u64;
+    send_raw(&lab.ns(0), &lab.guest(0), frags);
+    if let Some((payload, sport)) = receive(&dhcp) {
+        panic!(
+            "the rogue reply arrived: {} bytes, type {}, from port {sport}",
+            payload.len(),
+            payload[0]
+        );
+    }
+    assert_eq!(lock(&sw).drops(guarded, DropReason::FragmentGuard), n);
+
+    // From a port allowed to serve DHCP, the client's stack reassembles the same fragments.
+    send_raw(
+        &lab.ns(2),
+        &lab.guest(2),
+        reply_from([2, 0, 0, 0, 0, 0x23], 3, 0x6262),
+    );
+    let (payload, sport) = receive(&dhcp).expect("the allowed server's reply arrives");
+    assert_eq!((payload.len(), payload[0], sport), (200, 7, 547));
+    rt.stop().unwrap();
+}
+
+/// A UDP socket bound to `[::]:port` in namespace `ns`, with a short read timeout.
+fn udp_listener6(ns: &str, port: u16) -> UdpSocket {
+    let s = in_ns(ns, move || UdpSocket::bind(("::", port)).unwrap());
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s
 }
