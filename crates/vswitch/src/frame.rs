@@ -37,6 +37,36 @@ pub struct ArpInfo {
     pub target_ip: [u8; 4],
 }
 
+/// Where an IP fragment sits in its datagram: what the fragment guard keys and checks on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fragment {
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    /// Offset of this fragment's data in the datagram, in 8-byte units.
+    pub offset: u16,
+    /// More fragments follow.
+    pub more: bool,
+    /// IPv4 protocol, or the IPv6 fragment header's next header (the first header of the
+    /// fragmentable part). Every fragment of a datagram carries it, so it keys the datagram.
+    pub proto: u8,
+    /// First fragment only: bytes from the start of the fragment data to the upper-layer
+    /// header (extension headers of the fragmentable part before it).
+    pub l4_start: u16,
+}
+
+impl Fragment {
+    /// Part of a datagram split in two or more (an IPv6 atomic fragment is a whole packet).
+    pub fn is_split(&self) -> bool {
+        self.offset != 0 || self.more
+    }
+}
+
+/// IPv6 extension header numbers: as the next header of a non-first fragment they hide
+/// which upper-layer protocol the datagram carries.
+pub fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
 /// What a frame is, as far as the switch cares. Addresses are kept as `u128`
 /// (IPv4 in the low 32 bits) so ACL prefix tests are one AND and one compare.
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,10 +99,13 @@ pub struct FrameSummary {
     /// fragmented extension chain): guards treat such packets as suspicious.
     pub l4_hidden: bool,
     pub arp: Option<ArpInfo>,
-    /// BOOTP op (1 request, 2 reply) when the frame is DHCPv4 (UDP 67/68).
+    /// BOOTP op (1 request, 2 reply) of UDP from port 67 or to 67/68; 0 when absent.
     pub dhcp4_op: u8,
-    /// DHCPv6 message type when the frame is UDP to/from 546/547.
+    /// DHCPv6 message type of UDP from port 547 or to 546/547; 0 when absent.
     pub dhcp6_type: u8,
+    /// Set for an IP fragment: IPv4 with more-fragments or a non-zero offset, IPv6 with a
+    /// fragment header (atomic fragments included).
+    pub frag: Option<Fragment>,
 }
 
 impl FrameSummary {
@@ -199,7 +232,9 @@ fn parse_ipv4(f: &[u8], o: usize, s: &mut FrameSummary) {
         return;
     }
     let ihl = (vihl & 0x0f) as usize * 4;
-    let (Some(frag), Some(&proto), Some(src), Some(dst)) = (
+    let (Some(total), Some(id), Some(frag), Some(&proto), Some(src), Some(dst)) = (
+        be16(f, o + 2),
+        be16(f, o + 4),
         be16(f, o + 6),
         f.get(o + 9),
         be32(f, o + 12),
@@ -211,18 +246,42 @@ fn parse_ipv4(f: &[u8], o: usize, s: &mut FrameSummary) {
     s.proto = proto;
     s.src_ip = src as u128;
     s.dst_ip = dst as u128;
-    if ihl < 20 || frag & 0x1fff != 0 {
+    let offset = frag & 0x1fff;
+    if offset != 0 || frag & 0x2000 != 0 {
+        s.frag = Some(Fragment {
+            id: id as u32,
+            offset,
+            more: frag & 0x2000 != 0,
+            proto,
+            l4_start: 0,
+        });
+    }
+    if ihl < 20 || offset != 0 {
         // Not a first fragment: there is no L4 header here.
         return;
     }
-    parse_l4(f, o + ihl, proto, s);
+    parse_l4(within(f, o, total as usize, ihl), o + ihl, proto, s);
+}
+
+/// The frame up to the end of the IP packet that starts at `o` and claims `len` bytes, so
+/// that Ethernet padding is never read as headers (a tiny fragment padded to 60 bytes must
+/// not look complete). A length shorter than the header (0 in some offload super-frames)
+/// or past the frame's end leaves the frame as it is.
+fn within(f: &[u8], o: usize, len: usize, header: usize) -> &[u8] {
+    match f.get(..o + len) {
+        Some(packet) if len >= header => packet,
+        _ => f,
+    }
 }
 
 fn parse_ipv6(f: &[u8], o: usize, s: &mut FrameSummary) {
     let Some(&v) = f.get(o) else { return };
-    let (Some(mut next), Some(src), Some(dst)) =
-        (f.get(o + 6).copied(), be128(f, o + 8), be128(f, o + 24))
-    else {
+    let (Some(payload), Some(mut next), Some(src), Some(dst)) = (
+        be16(f, o + 4),
+        f.get(o + 6).copied(),
+        be128(f, o + 8),
+        be128(f, o + 24),
+    ) else {
         return;
     };
     if v >> 4 != 6 {
@@ -231,27 +290,56 @@ fn parse_ipv6(f: &[u8], o: usize, s: &mut FrameSummary) {
     s.l3 = L3::Ipv6;
     s.src_ip = src;
     s.dst_ip = dst;
+    // Payload length 0 is a jumbogram (or an offload super-frame): the frame decides.
+    let f = if payload == 0 {
+        f
+    } else {
+        within(f, o, 40 + payload as usize, 40)
+    };
     let mut off = o + 40;
+    // Where the fragmentable part starts (right after the fragment header), if any.
+    let mut fragmentable = None;
     // Walk a bounded number of extension headers; RA-guard evasion hides ICMPv6 behind them.
     for _ in 0..8 {
         match next {
-            0 | 43 | 60 => {
+            0 | 43 | 60 | 51 => {
                 let (Some(&n), Some(&len)) = (f.get(off), f.get(off + 1)) else {
                     s.l4_hidden = true;
                     s.proto = next;
                     return;
                 };
+                // AH counts its length in 4-byte words minus 2, the others in 8-byte units.
+                off += if next == 51 {
+                    (len as usize + 2) * 4
+                } else {
+                    (len as usize + 1) * 8
+                };
                 next = n;
-                off += (len as usize + 1) * 8;
             }
             44 => {
-                let (Some(&n), Some(fo)) = (f.get(off), be16(f, off + 2)) else {
+                let (Some(&n), Some(fo), Some(id)) =
+                    (f.get(off), be16(f, off + 2), be32(f, off + 4))
+                else {
                     s.l4_hidden = true;
                     s.proto = next;
                     return;
                 };
+                if s.frag.is_some() {
+                    // A second fragment header: no receiver reassembles that honestly.
+                    s.l4_hidden = true;
+                    s.proto = next;
+                    return;
+                }
+                s.frag = Some(Fragment {
+                    id,
+                    offset: fo >> 3,
+                    more: fo & 1 != 0,
+                    proto: n,
+                    l4_start: 0,
+                });
                 next = n;
                 off += 8;
+                fragmentable = Some(off);
                 if fo & 0xfff8 != 0 {
                     s.proto = next;
                     return;
@@ -259,6 +347,9 @@ fn parse_ipv6(f: &[u8], o: usize, s: &mut FrameSummary) {
             }
             _ => {
                 s.proto = next;
+                if let (Some(fr), Some(start)) = (&mut s.frag, fragmentable) {
+                    fr.l4_start = (off - start).min(u16::MAX as usize) as u16;
+                }
                 parse_l4(f, off, next, s);
                 if !s.has_l4 && matches!(next, IPPROTO_ICMPV6 | IPPROTO_UDP | IPPROTO_TCP) {
                     s.l4_hidden = true;
@@ -291,9 +382,11 @@ fn parse_l4(f: &[u8], o: usize, proto: u8, s: &mut FrameSummary) {
             s.dport = dp;
             s.has_l4 = true;
             let payload = o + 8;
-            if (sp == 67 || sp == 68) && (dp == 67 || dp == 68) {
+            // From a server port or to any DHCP port: a BOOTREPLY sent to a client's port 68
+            // from another source port, or to a relay's port 67, is still a server message.
+            if sp == 67 || dp == 67 || dp == 68 {
                 s.dhcp4_op = f.get(payload).copied().unwrap_or(0);
-            } else if (sp == 546 || sp == 547) && (dp == 546 || dp == 547) {
+            } else if sp == 547 || dp == 547 || dp == 546 {
                 s.dhcp6_type = f.get(payload).copied().unwrap_or(0);
             }
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod ext;
 pub mod extension;
 pub mod fastpath;
+pub mod fragment;
 pub mod frame;
 pub mod guard;
 pub mod host;

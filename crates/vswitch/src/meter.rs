@@ -30,6 +30,10 @@ pub enum DropReason {
     ExtensionFilter,
     /// The egress port's queue was full.
     TxFull,
+    /// An IP fragment a guard cannot judge: a later fragment of a datagram whose first
+    /// fragment was dropped or never seen, a first fragment too short for the fields the
+    /// guard reads, fragmented neighbor discovery (RFC 6980).
+    FragmentGuard,
     /// Longer than the port's MTU allows (on ingress, or at the destination port), or longer
     /// than the receive buffer.
     Oversize,
@@ -38,7 +42,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::VlanNotAllowed,
@@ -56,6 +60,7 @@ impl DropReason {
         DropReason::MacLimit,
         DropReason::ExtensionFilter,
         DropReason::TxFull,
+        DropReason::FragmentGuard,
         DropReason::Oversize,
         DropReason::IpSourceGuard,
     ];

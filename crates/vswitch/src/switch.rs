@@ -152,7 +152,7 @@ pub fn ingress_policies(
             return Err(DropReason::StormLimit);
         }
     }
-    p.guard.check(s)?;
+    p.guard.check(s, now)?;
     crate::source_guard::check(&p.cfg.guard, s)?;
     if let Some(b) = &mut p.rate_in {
         if !b.take(len as u64, now) {

@@ -1,6 +1,11 @@
 //! Arbitrary bytes through the frame parser and the full pipeline (every policy enabled):
 //! nothing may panic. The first input byte picks the ingress port; the rest are frames
 //! separated by their own length bytes, so one input can exercise learning and state.
+//!
+//! The same input then drives a fragment script from the guarded port: a message (DHCP
+//! offer/reply, RA/redirect, or ordinary client and echo traffic) cut into IPv4/IPv6
+//! fragments the input chooses (offsets, lengths, more-fragments flag, datagram id, a
+//! hop-by-hop header), in any order. No fragment of a guarded message may be delivered.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -47,7 +52,90 @@ fn switch() -> Switch {
     sw
 }
 
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+/// The upper-layer message the script fragments: (IP protocol, bytes, guarded?).
+fn message(sel: u8, v6: bool) -> (u8, Vec<u8>, bool) {
+    let udp = |sp: u16, dp: u16, first: u8| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&sp.to_be_bytes());
+        m.extend_from_slice(&dp.to_be_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0, first]);
+        m
+    };
+    let icmp = |ty: u8| vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    let (proto, mut m, guarded) = match ((sel >> 1) % 4, v6) {
+        (0, false) => (17, udp(67, 68, 2), true),
+        (0, true) => (17, udp(547, 546, 7), true),
+        (1, false) => (17, udp(68, 67, 1), false),
+        (1, true) => (17, udp(546, 547, 1), false),
+        (2, false) => (1, icmp(if sel & 0x10 != 0 { 9 } else { 5 }), true),
+        (2, true) => (58, icmp(if sel & 0x10 != 0 { 137 } else { 134 }), true),
+        (_, false) => (1, icmp(8), false),
+        (_, true) => (58, icmp(128), false),
+    };
+    m.resize(64 + usize::from(sel >> 5) * 64, 0);
+    (proto, m, guarded)
+}
+
+/// One fragment frame of `m` (bytes `start..end`, clipped), from port a's MAC and address.
+fn fragment(v6: bool, proto: u8, m: &[u8], start: usize, end: usize, more: bool, id: u8, hbh: bool) -> Vec<u8> {
+    let data = m.get(start.min(m.len())..end.min(m.len())).unwrap_or(&[]);
+    let mut f = vec![2, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&A_MAC);
+    let off = (start / 8) as u16;
+    if !v6 {
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, id]);
+        f.extend_from_slice(&(off | if more { 0x2000 } else { 0 }).to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    } else {
+        let ext = if hbh { 16 } else { 8 };
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext + data.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[if hbh { 0 } else { 44 }, 64]);
+        f.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        if hbh {
+            f.extend_from_slice(&[44, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        f.extend_from_slice(&[proto, 0]);
+        f.extend_from_slice(&(off << 3 | u16::from(more)).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, id]);
+    }
+    f.extend_from_slice(data);
+    f
+}
+
+/// Fragment script: first byte picks family and message, then 3 bytes per fragment:
+/// start (8-byte units), length (8-byte units, 0 = empty), flags (bit 0 more fragments,
+/// bits 1-2 datagram id, bit 3 hop-by-hop header before the fragment header).
+fn fragment_script(data: &[u8]) {
+    let Some((&sel, ops)) = data.split_first() else { return };
+    let v6 = sel & 1 != 0;
+    let (proto, m, guarded) = message(sel, v6);
+    let mut sw = switch();
+    let a = sw.port_id("a").unwrap();
+    let mut d = Delivery::default();
+    for (i, op) in ops.chunks_exact(3).enumerate() {
+        let start = usize::from(op[0]) * 8;
+        let end = start + usize::from(op[1]) * 8;
+        let more = op[2] & 1 != 0;
+        let mut f = fragment(v6, proto, &m, start, end, more, (op[2] >> 1) & 3, op[2] & 8 != 0);
+        sw.process(a, &mut f, i as u64 * 1_000_000, &mut d);
+        // A whole packet cut to a few bytes is not the guarded message (no DHCP op, no ICMP
+        // header): only fragments, and whole packets that carry the guarded fields, count.
+        let carries_message = more || start > 0 || end.min(m.len()) >= 16;
+        assert!(
+            !(guarded && carries_message) || d.ports().is_empty(),
+            "a fragment of a guarded message (sel {sel:#x}) was delivered: op {i} {op:?}"
+        );
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    fragment_script(data);
     let _ = frame::parse(data);
     let mut sw = switch();
     let ports = sw.ports().to_vec();
