@@ -4,10 +4,13 @@
 //! rules (`folders`). The API server, worker supervision and the rest build on it.
 #![forbid(unsafe_code)]
 
+mod api_error;
 pub mod error;
 pub mod folders;
+pub mod limits;
 pub mod schema;
 pub mod store;
 
 pub use error::StoreError;
+pub use limits::host_limits;
 pub use store::{Store, VmRecord, DEFAULT_LIMITS};

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Barrier};
 
 use common::spec;
-use vireo_api::{Action, MacAddr, NicSpec, VmState};
+use vireo_api::{Action, ApiError, MacAddr, NicSpec, VmState};
 use vireo_hostd::{Store, StoreError};
 
 fn mode(p: &std::path::Path) -> u32 {
@@ -21,6 +21,7 @@ fn crud_round_trip() {
     let store = Store::open(&state).unwrap();
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("vireo.db")), 0o600);
+    assert_eq!(mode(&state.join("vireo.db-wal")), 0o600);
 
     let a = store.create_vm(&spec("alpha")).unwrap();
     let b = store.create_vm(&spec("beta")).unwrap();
@@ -73,6 +74,7 @@ fn crud_round_trip() {
         Err(StoreError::NotFound { .. })
     ));
     let err = store.find("nope").unwrap_err();
+    assert_eq!(ApiError::from(&err).code.http_status(), 404);
     assert_eq!(
         err.to_string(),
         r#"no VM "nope" (neither a VM id nor a VM name)"#
@@ -224,4 +226,39 @@ fn a_second_store_on_the_same_dir_is_refused() {
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
     drop(store);
     Store::open(dir.path()).unwrap();
+}
+
+#[test]
+fn a_row_changed_behind_our_back_is_reported_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = Store::open(dir.path())
+        .unwrap()
+        .create_vm(&spec("a"))
+        .unwrap()
+        .id();
+    let conn = rusqlite::Connection::open(dir.path().join("vireo.db")).unwrap();
+    conn.execute("UPDATE vms SET state = 'exploded'", [])
+        .unwrap();
+    drop(conn);
+    let store = Store::open(dir.path()).unwrap();
+    let err = store.get_by_id(id).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("exploded")),
+        "{err}"
+    );
+    assert!(store.list().is_err());
+    assert_eq!(ApiError::from(&err).code.http_status(), 500);
+}
+
+#[test]
+fn host_limits_bound_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = vireo_hostd::host_limits();
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    let mut big = spec("big");
+    big.vcpus = limits.max_vcpus + 1;
+    assert!(matches!(store.create_vm(&big), Err(StoreError::Spec(e)) if e.field == "vcpus"));
+    big.vcpus = 1;
+    big.memory_bytes = limits.max_memory_bytes + 4096;
+    assert!(matches!(store.create_vm(&big), Err(StoreError::Spec(e)) if e.field == "memory_bytes"));
 }
