@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod job;
 pub mod mac;
 pub mod spec;
 pub mod state;
@@ -15,6 +16,7 @@ pub mod validate;
 
 pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;
+pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;
 pub use spec::{AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, SPEC_VERSION};
 pub use state::{transition, Action, IllegalTransition, VmState};

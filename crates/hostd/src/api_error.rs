@@ -10,7 +10,8 @@ impl From<&StoreError> for ApiError {
         let code = match e {
             StoreError::NameTaken { .. }
             | StoreError::MacTaken { .. }
-            | StoreError::IllegalTransition(_) => ApiErrorCode::Conflict,
+            | StoreError::IllegalTransition(_)
+            | StoreError::JobEnded { .. } => ApiErrorCode::Conflict,
             StoreError::NotFound { .. } => ApiErrorCode::NotFound,
             StoreError::Spec(_) => ApiErrorCode::Invalid,
             // Faults of the host or the database, never of the request.

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use vireo_api::{IllegalTransition, MacAddr, SpecError};
+use uuid::Uuid;
+use vireo_api::{IllegalTransition, JobState, MacAddr, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -15,6 +16,8 @@ pub enum StoreError {
     MacTaken { mac: MacAddr },
     #[error("no VM {key:?} (neither a VM id nor a VM name)")]
     NotFound { key: String },
+    #[error("job {id} has already ended ({state:?})")]
+    JobEnded { id: Uuid, state: JobState },
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]

@@ -7,6 +7,7 @@
 mod api_error;
 pub mod error;
 pub mod folders;
+mod jobs;
 pub mod limits;
 pub mod schema;
 pub mod store;

@@ -95,6 +95,7 @@ impl Store {
         // The inventory changes rarely; every commit durable is worth its fsync.
         conn.pragma_update(None, "synchronous", "FULL")?;
         schema::migrate(&mut conn, &db)?;
+        crate::jobs::fail_orphaned_jobs(&conn)?;
 
         let vms_dir = state_dir.join("vms");
         folders::ensure_private_dir(&vms_dir)?;
@@ -128,7 +129,7 @@ impl Store {
         folders::vm_dir(&self.vms_dir, id)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic mid-transaction rolled it back (Transaction's drop); the connection is sound.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -410,7 +411,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("API types serialize infallibly")
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
