@@ -13,6 +13,7 @@ pub mod mac;
 pub mod spec;
 pub mod state;
 pub mod validate;
+pub mod vm;
 
 pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;
@@ -21,3 +22,4 @@ pub use mac::MacAddr;
 pub use spec::{AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, SPEC_VERSION};
 pub use state::{transition, Action, IllegalTransition, VmState};
 pub use validate::{validate_name, validate_spec, Limits, SpecError};
+pub use vm::Vm;

@@ -151,3 +151,24 @@ fn state_names_round_trip() {
     let json = serde_json::to_string(&crit()).unwrap();
     assert_eq!(json, r#"{"state":"critical","reason":"old"}"#);
 }
+
+#[test]
+fn a_vm_shows_its_state_beside_its_fields() {
+    let spec: vireo_api::VmSpec = serde_json::from_str(
+        r#"{"version":1,"name":"a","vcpus":1,"memory_bytes":33554432,"kernel":"/k"}"#,
+    )
+    .unwrap();
+    let id = uuid::Uuid::nil();
+    let vm = vireo_api::Vm {
+        identity: vireo_api::VmIdentity::of(id, &spec),
+        spec,
+        state: crit(),
+        created_at: 1,
+        updated_at: 2,
+    };
+    let json = serde_json::to_value(&vm).unwrap();
+    assert_eq!(json["state"], "critical");
+    assert_eq!(json["reason"], "old");
+    let back: vireo_api::Vm = serde_json::from_value(json).unwrap();
+    assert_eq!(back, vm);
+}

@@ -33,22 +33,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     max_memory_bytes: 1 << 40,
 };
 
-/// One VM as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmRecord {
-    pub spec: VmSpec,
-    pub identity: VmIdentity,
-    pub state: VmState,
-    /// Unix time, milliseconds.
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-impl VmRecord {
-    pub fn id(&self) -> Uuid {
-        self.identity.id
-    }
-}
+/// One VM as stored (the API's `Vm`).
+pub type VmRecord = vireo_api::Vm;
 
 type Hook = Box<dyn Fn(Uuid) + Send + Sync>;
 
