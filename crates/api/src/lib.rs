@@ -1,0 +1,25 @@
+//! API types shared by `vireod` (crates/hostd) and the `vireo` CLI.
+//!
+//! Everything here is data and pure functions: the VM configuration (`spec`), the identity a VM
+//! gets once at creation (`identity`), the lifecycle state machine (`state`), the validation of a
+//! spec against host limits (`validate`) and the one error shape of the API (`error`). No I/O, so
+//! the daemon, the CLI and tests share exactly the same rules.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod identity;
+pub mod job;
+pub mod mac;
+pub mod spec;
+pub mod state;
+pub mod validate;
+pub mod vm;
+
+pub use error::{ApiError, ApiErrorCode};
+pub use identity::VmIdentity;
+pub use job::{Job, JobKind, JobState};
+pub use mac::MacAddr;
+pub use spec::{AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, SPEC_VERSION};
+pub use state::{transition, Action, IllegalTransition, VmState};
+pub use validate::{validate_name, validate_spec, Limits, SpecError};
+pub use vm::Vm;

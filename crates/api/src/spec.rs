@@ -1,0 +1,114 @@
+//! `VmSpec`: a VM's configuration as data. The worker turns it into devices; the store keeps it
+//! as JSON. Versioned by its `version` field (only [`SPEC_VERSION`] exists today); unknown fields
+//! are refused so a typo never silently becomes a default.
+//!
+//! The stored spec is *normalized*: every NIC has its MAC and every disk its serial filled in
+//! (generated once at create/update if the request left them out), so they travel with their
+//! entry when other NICs or disks are added or removed. See `identity.rs`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mac::MacAddr;
+
+/// The one spec version this code reads and writes.
+pub const SPEC_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub version: u32,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// Absolute path of the guest kernel (ELF/PVH or bzImage).
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// Bytes of recent COM1 output kept for `vireo vm console --log`.
+    #[serde(default = "default_console_ring")]
+    pub console_ring_bytes: u32,
+    #[serde(default)]
+    pub auto_start: AutoStart,
+}
+
+fn default_console_ring() -> u32 {
+    64 * 1024
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Absolute path of the image.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// `None`: detect from the file.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
+    /// The virtio-blk serial (≤ 20 bytes). Generated once if left out.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Vhd,
+    Vhdx,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The switch the NIC's port is on.
+    pub switch: String,
+    /// Generated once (locally administered unicast) if left out.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Access VLAN of the port; `None`: untagged.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+}
+
+/// Hyper-V's automatic start action: start with the daemon, after a delay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoStart {
+    pub enabled: bool,
+    #[serde(default)]
+    pub delay_secs: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_json_gets_defaults_and_unknown_fields_are_refused() {
+        let spec: VmSpec = serde_json::from_str(
+            r#"{"version":1,"name":"a","vcpus":1,"memory_bytes":33554432,"kernel":"/k"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.console_ring_bytes, 64 * 1024);
+        assert!(!spec.auto_start.enabled);
+        let err = serde_json::from_str::<VmSpec>(
+            r#"{"version":1,"name":"a","vcpus":1,"memory_bytes":33554432,"kernel":"/k","vcpu":2}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = serde_json::from_str::<NicSpec>(r#"{"switch":"s","vlan":3,"trunk":[1]}"#);
+        assert!(err.is_err());
+        let disk: DiskSpec = serde_json::from_str(r#"{"path":"/d.vhdx","format":"vhdx"}"#).unwrap();
+        assert_eq!(disk.format, Some(DiskFormat::Vhdx));
+        assert!(serde_json::from_str::<DiskSpec>(r#"{"path":"/d","format":"qcow2"}"#).is_err());
+    }
+}

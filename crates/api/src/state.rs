@@ -1,0 +1,169 @@
+//! The VM lifecycle as a pure state machine: `transition(state, action)` says what a request or
+//! a worker event does, or why it is illegal now (the API answers 409 with the current state).
+//! The daemon only ever changes a VM's state through this function.
+//!
+//! Requests: start, stop (graceful), turn_off (forced), pause, resume, reset, save.
+//! Events from the worker/supervisor: started, start_failed, powered_off, saved, worker_exited.
+//! `Critical` is a VM whose worker died unexpectedly; it can be started again or turned off
+//! (which acknowledges the failure). Saving/Saved exist for the VM-state issue.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum VmState {
+    Off,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Saving,
+    Saved,
+    Critical { reason: String },
+}
+
+impl VmState {
+    /// The stored/displayed name (the `state` column; the reason goes in its own column).
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmState::Off => "off",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Saving => "saving",
+            VmState::Saved => "saved",
+            VmState::Critical { .. } => "critical",
+        }
+    }
+
+    /// The inverse of `name` (+ reason for `critical`); `None` for an unknown name.
+    pub fn from_parts(name: &str, reason: Option<String>) -> Option<VmState> {
+        Some(match name {
+            "off" => VmState::Off,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "paused" => VmState::Paused,
+            "stopping" => VmState::Stopping,
+            "saving" => VmState::Saving,
+            "saved" => VmState::Saved,
+            "critical" => VmState::Critical {
+                reason: reason.unwrap_or_default(),
+            },
+            _ => return None,
+        })
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            VmState::Critical { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// A worker process exists in this state (the supervisor must watch it).
+    pub fn has_worker(&self) -> bool {
+        matches!(
+            self,
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Saving
+        )
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmState::Critical { reason } => write!(f, "critical ({reason})"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    // Requests.
+    Start,
+    Stop,
+    TurnOff,
+    Pause,
+    Resume,
+    Reset,
+    Save,
+    // Events.
+    /// The worker reports the VM running.
+    Started,
+    /// The worker could not start the VM (the job carries the error); nothing runs.
+    StartFailed,
+    /// The guest powered off and the worker exited cleanly.
+    PoweredOff,
+    /// The state is on disk and the worker has exited.
+    Saved,
+    /// The worker died unexpectedly (exit status, signal, last vCPU error).
+    WorkerExited {
+        reason: String,
+    },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::TurnOff => "turn_off",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Reset => "reset",
+            Action::Save => "save",
+            Action::Started => "started",
+            Action::StartFailed => "start_failed",
+            Action::PoweredOff => "powered_off",
+            Action::Saved => "saved",
+            Action::WorkerExited { .. } => "worker_exited",
+        }
+    }
+}
+
+/// An action that does not apply to the VM's current state (HTTP 409).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a VM that is {current}")]
+pub struct IllegalTransition {
+    pub current: VmState,
+    pub action: &'static str,
+}
+
+/// The lifecycle: the next state, or why `action` is illegal in `from`.
+pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTransition> {
+    use VmState::*;
+    let next = match (from, action) {
+        (Off | Saved | Critical { .. }, Action::Start) => Starting,
+        (Starting, Action::Started) => Running,
+        (Starting, Action::StartFailed) => Off,
+        (Running, Action::Stop) => Stopping,
+        (Running | Stopping, Action::PoweredOff) => Off,
+        // Forced: pulls the plug in any state with a worker, discards a saved state, and
+        // acknowledges a crash. Not while saving: the save job must finish or fail first.
+        (Starting | Running | Paused | Stopping | Saved | Critical { .. }, Action::TurnOff) => Off,
+        (Running, Action::Pause) => Paused,
+        (Paused, Action::Resume) => Running,
+        (Running | Paused, Action::Reset) => Running,
+        (Running | Paused, Action::Save) => Saving,
+        (Saving, Action::Saved) => Saved,
+        (s, Action::WorkerExited { reason }) if s.has_worker() => Critical {
+            reason: reason.clone(),
+        },
+        _ => {
+            return Err(IllegalTransition {
+                current: from.clone(),
+                action: action.name(),
+            })
+        }
+    };
+    Ok(next)
+}

@@ -1,0 +1,182 @@
+//! Semantic validation of a `VmSpec` against the host's limits (HTTP 422). Malformed JSON and
+//! unknown fields are serde's job (HTTP 400); this is about values.
+//!
+//! Names (VMs, switches) are 1–64 bytes of `[A-Za-z0-9._-]`, not starting with '.', without
+//! "..": safe as a path component and in a shell, and equal to what `ls` shows. So no '/', NUL,
+//! spaces or control characters, by construction.
+
+use std::path::Path;
+
+use crate::identity::MAX_SERIAL_BYTES;
+use crate::spec::{VmSpec, SPEC_VERSION};
+
+pub const MAX_NAME_BYTES: usize = 64;
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+pub const MEMORY_ALIGN: u64 = 4096;
+pub const MAX_DISKS: usize = 64;
+pub const MAX_NICS: usize = 64;
+pub const MAX_CMDLINE_BYTES: usize = 4096;
+pub const MAX_CONSOLE_RING_BYTES: u32 = 16 << 20;
+pub const MAX_AUTO_START_DELAY_SECS: u32 = 24 * 3600;
+
+/// What this host allows; the daemon derives it from the machine (CPUs, RAM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_vcpus: u32,
+    pub max_memory_bytes: u64,
+}
+
+/// A field with a value this host cannot accept, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value:?}: {problem}")]
+pub struct SpecError {
+    /// JSON path of the field, e.g. `disks[1].path`.
+    pub field: String,
+    pub value: String,
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, value: impl ToString, problem: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        value: value.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Checks a VM or switch name (see the module doc); `field` names it in the error.
+pub fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let problem = if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        "a name is 1 to 64 bytes"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        "a name may contain only letters, digits, '.', '_' and '-'"
+    } else if name.starts_with('.') {
+        "a name may not start with '.'"
+    } else if name.contains("..") {
+        "a name may not contain '..'"
+    } else {
+        return Ok(());
+    };
+    Err(err(field, name, problem))
+}
+
+fn absolute(field: String, path: &Path) -> Result<(), SpecError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(err(field, path.display(), "the path must be absolute"))
+    }
+}
+
+pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
+    if spec.version != SPEC_VERSION {
+        return Err(err(
+            "version",
+            spec.version,
+            format!("only spec version {SPEC_VERSION} is known"),
+        ));
+    }
+    validate_name("name", &spec.name)?;
+    if !(1..=limits.max_vcpus).contains(&spec.vcpus) {
+        return Err(err(
+            "vcpus",
+            spec.vcpus,
+            format!("must be 1 to {}", limits.max_vcpus),
+        ));
+    }
+    let mem = spec.memory_bytes;
+    if !mem.is_multiple_of(MEMORY_ALIGN) {
+        return Err(err("memory_bytes", mem, "must be a multiple of 4 KiB"));
+    }
+    if !(MIN_MEMORY_BYTES..=limits.max_memory_bytes).contains(&mem) {
+        let max = limits.max_memory_bytes;
+        return Err(err(
+            "memory_bytes",
+            mem,
+            format!("must be 1 MiB to {max} bytes (this host)"),
+        ));
+    }
+    absolute("kernel".into(), &spec.kernel)?;
+    if let Some(initrd) = &spec.initrd {
+        absolute("initrd".into(), initrd)?;
+    }
+    if spec.cmdline.len() > MAX_CMDLINE_BYTES || spec.cmdline.contains('\0') {
+        return Err(err("cmdline", &spec.cmdline, "at most 4096 bytes, no NUL"));
+    }
+    if spec.console_ring_bytes > MAX_CONSOLE_RING_BYTES {
+        return Err(err(
+            "console_ring_bytes",
+            spec.console_ring_bytes,
+            "at most 16 MiB",
+        ));
+    }
+    if spec.auto_start.delay_secs > MAX_AUTO_START_DELAY_SECS {
+        return Err(err(
+            "auto_start.delay_secs",
+            spec.auto_start.delay_secs,
+            "at most one day",
+        ));
+    }
+    if spec.disks.len() > MAX_DISKS {
+        return Err(err(
+            "disks",
+            spec.disks.len(),
+            format!("at most {MAX_DISKS} disks"),
+        ));
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        absolute(format!("disks[{i}].path"), &disk.path)?;
+        if let Some(serial) = &disk.serial {
+            let printable = serial.bytes().all(|b| b.is_ascii_graphic());
+            if serial.is_empty() || serial.len() > MAX_SERIAL_BYTES || !printable {
+                let field = format!("disks[{i}].serial");
+                return Err(err(field, serial, "1 to 20 printable ASCII characters"));
+            }
+            if spec.disks[..i]
+                .iter()
+                .any(|d| d.serial.as_ref() == Some(serial))
+            {
+                return Err(err(
+                    format!("disks[{i}].serial"),
+                    serial,
+                    "two disks share it",
+                ));
+            }
+        }
+    }
+    if spec.nics.len() > MAX_NICS {
+        return Err(err(
+            "nics",
+            spec.nics.len(),
+            format!("at most {MAX_NICS} NICs"),
+        ));
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        validate_name(&format!("nics[{i}].switch"), &nic.switch)?;
+        if let Some(mac) = nic.mac {
+            if !mac.is_unicast() || mac.0 == [0; 6] {
+                return Err(err(
+                    format!("nics[{i}].mac"),
+                    mac,
+                    "must be a non-zero unicast address",
+                ));
+            }
+            if spec.nics[..i].iter().any(|n| n.mac == Some(mac)) {
+                return Err(err(format!("nics[{i}].mac"), mac, "two NICs share it"));
+            }
+        }
+        if let Some(vlan) = nic.vlan {
+            if !(1..=4094).contains(&vlan) {
+                return Err(err(
+                    format!("nics[{i}].vlan"),
+                    vlan,
+                    "a VLAN id is 1 to 4094",
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Bad values are refused with the field and the value; good ones pass.
+
+use vireo_api::{
+    validate_name, validate_spec, DiskSpec, Limits, NicSpec, SpecError, VmSpec, SPEC_VERSION,
+};
+
+const LIMITS: Limits = Limits {
+    max_vcpus: 8,
+    max_memory_bytes: 1 << 30,
+};
+
+fn good() -> VmSpec {
+    VmSpec {
+        version: SPEC_VERSION,
+        name: "web-01.prod_a".into(),
+        vcpus: 2,
+        memory_bytes: 32 << 20,
+        kernel: "/boot/vmlinuz".into(),
+        cmdline: "console=ttyS0".into(),
+        initrd: Some("/boot/initrd".into()),
+        disks: vec![DiskSpec {
+            path: "/var/d.vhdx".into(),
+            read_only: false,
+            format: None,
+            serial: None,
+        }],
+        nics: vec![NicSpec {
+            switch: "lan".into(),
+            mac: None,
+            vlan: Some(10),
+        }],
+        console_ring_bytes: 65536,
+        auto_start: Default::default(),
+    }
+}
+
+fn refused(edit: impl FnOnce(&mut VmSpec)) -> SpecError {
+    let mut s = good();
+    edit(&mut s);
+    validate_spec(&s, &LIMITS).expect_err("must be refused")
+}
+
+#[test]
+fn a_good_spec_passes() {
+    validate_spec(&good(), &LIMITS).unwrap();
+}
+
+#[test]
+fn names() {
+    for ok in ["a", "A-b_c.d", &"x".repeat(64), "0f8fa3b2"] {
+        validate_name("name", ok).unwrap();
+    }
+    for bad in [
+        "",
+        &"x".repeat(65),
+        "a/b",
+        "..",
+        "a..b",
+        ".hidden",
+        "a\0b",
+        "a b",
+        "é",
+        "a\nb",
+        "-ok?",
+    ] {
+        let e = validate_name("name", bad).expect_err(bad);
+        assert_eq!((e.field.as_str(), e.value.as_str()), ("name", bad));
+    }
+}
+
+#[test]
+fn each_bad_field_is_named() {
+    let cases: Vec<(SpecError, &str, &str)> = vec![
+        (refused(|s| s.version = 2), "version", "2"),
+        (refused(|s| s.name = "../etc".into()), "name", "../etc"),
+        (refused(|s| s.vcpus = 0), "vcpus", "0"),
+        (refused(|s| s.vcpus = 9), "vcpus", "9"),
+        (
+            refused(|s| s.memory_bytes = (32 << 20) + 512),
+            "memory_bytes",
+            "33554944",
+        ),
+        (
+            refused(|s| s.memory_bytes = 512 << 10),
+            "memory_bytes",
+            "524288",
+        ),
+        (
+            refused(|s| s.memory_bytes = 2 << 30),
+            "memory_bytes",
+            "2147483648",
+        ),
+        (
+            refused(|s| s.kernel = "vmlinuz".into()),
+            "kernel",
+            "vmlinuz",
+        ),
+        (
+            refused(|s| s.initrd = Some("rel/initrd".into())),
+            "initrd",
+            "rel/initrd",
+        ),
+        (
+            refused(|s| s.disks[0].path = "d.vhdx".into()),
+            "disks[0].path",
+            "d.vhdx",
+        ),
+        (
+            refused(|s| s.disks[0].serial = Some("x".repeat(21))),
+            "disks[0].serial",
+            "xxxxxxxxxxxxxxxxxxxxx",
+        ),
+        (
+            refused(|s| s.nics[0].switch = "a/b".into()),
+            "nics[0].switch",
+            "a/b",
+        ),
+        (
+            refused(|s| s.nics[0].vlan = Some(4095)),
+            "nics[0].vlan",
+            "4095",
+        ),
+        (
+            refused(|s| s.nics[0].mac = Some("01:00:5e:00:00:01".parse().unwrap())),
+            "nics[0].mac",
+            "01:00:5e:00:00:01",
+        ),
+        (
+            refused(|s| s.console_ring_bytes = u32::MAX),
+            "console_ring_bytes",
+            "4294967295",
+        ),
+    ];
+    for (e, field, value) in cases {
+        assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
+    }
+}
+
+#[test]
+fn duplicates_within_a_spec() {
+    let e = refused(|s| {
+        let nic = s.nics[0].clone();
+        s.nics[0].mac = Some("02:00:00:00:00:01".parse().unwrap());
+        s.nics.push(NicSpec {
+            mac: s.nics[0].mac,
+            ..nic
+        });
+    });
+    assert_eq!(e.field, "nics[1].mac");
+    let e = refused(|s| {
+        s.disks[0].serial = Some("s1".into());
+        s.disks.push(s.disks[0].clone());
+    });
+    assert_eq!(e.field, "disks[1].serial");
+}

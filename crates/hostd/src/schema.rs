@@ -1,0 +1,71 @@
+//! Schema migrations by `PRAGMA user_version`: step N (1-based) of `MIGRATIONS` takes the schema
+//! from version N-1 to N, in one transaction with the version bump, so a crash mid-migration
+//! leaves the previous version intact. A database newer than this code is refused, never
+//! "downgraded". Append steps; never edit a released one.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::error::StoreError;
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: VMs, their NIC MACs (unique across the host), jobs.
+    r#"
+    CREATE TABLE vms (
+        id           TEXT PRIMARY KEY,
+        name         TEXT NOT NULL UNIQUE,
+        spec         TEXT NOT NULL,      -- VmSpec JSON, normalized (MACs, serials filled in)
+        identity     TEXT NOT NULL,      -- VmIdentity JSON
+        state        TEXT NOT NULL,      -- VmState::name()
+        state_reason TEXT,               -- for 'critical'
+        created_at   INTEGER NOT NULL,   -- Unix ms
+        updated_at   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE nic_macs (
+        mac   TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE INDEX nic_macs_vm ON nic_macs(vm_id);
+    CREATE TABLE jobs (
+        id         TEXT PRIMARY KEY,
+        vm_id      TEXT REFERENCES vms(id) ON DELETE SET NULL,
+        kind       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        progress   INTEGER NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 100),
+        error      TEXT,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    "#,
+];
+
+/// The schema version this code writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the database at `path` up to `MIGRATIONS`.
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    apply(conn, path, MIGRATIONS)
+}
+
+/// Applies the steps of `steps` the database lacks; public so tests can feed a failing step.
+pub fn apply(conn: &mut Connection, path: &Path, steps: &[&str]) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let supported = steps.len() as i64;
+    if found > supported {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            supported,
+        });
+    }
+    for (i, sql) in steps.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(db = %path.display(), version = i + 1, "schema migrated");
+    }
+    Ok(())
+}
