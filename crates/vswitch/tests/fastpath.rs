@@ -14,11 +14,12 @@ use vireo_vswitch::*;
 
 mod common;
 use common::host::*;
+use common::netns::*;
 
 /// Two namespaces `<p>n0` (10.79.0.1 or fd79::1) and `<p>n1` (10.79.0.2 or fd79::2) on
 /// veths whose host ends `<p>h0`/`<p>h1` stay in our namespace for the switch. Removed on drop.
 struct Pair {
-    p: String,
+    lab: Lab,
     v6: bool,
 }
 
@@ -27,34 +28,16 @@ impl Pair {
         Pair::with(tag, false)
     }
     fn with(tag: &str, v6: bool) -> Pair {
-        let pair = Pair {
-            p: format!("vf{}{tag}", std::process::id()),
-            v6,
-        };
+        let mut lab = Lab::new("vf", tag);
         for k in 0..2 {
-            let (ns, h, g) = (pair.ns(k), pair.host(k), format!("{}g{k}", pair.p));
-            must(&["ip", "netns", "add", &ns]);
-            must(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &g]);
-            must(&["ip", "link", "set", &g, "netns", &ns]);
-            let _ = run(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv6.conf.{h}.disable_ipv6=1"),
-            ]);
-            let v6_off = format!("net.ipv6.conf.all.disable_ipv6={}", u8::from(!v6));
-            let _ = run(&["ip", "netns", "exec", &ns, "sysctl", "-qw", &v6_off]);
-            if v6 {
-                let ip = format!("fd79::{}/64", k + 1);
-                must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g, "nodad"]);
+            let ip = if v6 {
+                format!("fd79::{}", k + 1)
             } else {
-                let ip = format!("10.79.0.{}/24", k + 1);
-                must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &g]);
-            }
-            must(&["ip", "-n", &ns, "link", "set", &g, "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            must(&["ip", "link", "set", &h, "up"]);
+                format!("10.79.0.{}", k + 1)
+            };
+            lab.veth_ns(k, v6, &[&ip]);
         }
-        pair
+        Pair { lab, v6 }
     }
     fn peer(&self) -> &'static str {
         if self.v6 {
@@ -64,28 +47,13 @@ impl Pair {
         }
     }
     fn ns(&self, k: usize) -> String {
-        format!("{}n{k}", self.p)
+        self.lab.ns(k)
     }
     fn host(&self, k: usize) -> String {
-        format!("{}h{k}", self.p)
+        self.lab.host(k)
     }
     fn ping(&self) -> bool {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(0),
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-w",
-            "4",
-            self.peer(),
-        ])
+        ping(&self.ns(0), 2, 4, &[self.peer()])
     }
     fn server(&self) -> Child {
         iperf_server(&self.ns(1), 5298)
@@ -140,15 +108,6 @@ impl Pair {
             &self.host(k),
             "ingress",
         ])
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for k in 0..2 {
-            run(&["ip", "netns", "del", &self.ns(k)]);
-            run(&["ip", "link", "del", &self.host(k)]);
-        }
     }
 }
 

@@ -5,41 +5,17 @@
 
 mod fragbuild;
 
+use fragbuild::guest::*;
 use fragbuild::*;
 use vireo_vswitch::fragment::{FRAGMENT_CAPACITY, FRAGMENT_TIMEOUT_NS};
 use vireo_vswitch::*;
-
-const VM: Mac = [2, 0, 0, 0, 0, 1];
-const BCAST: Mac = [0xff; 6];
-const VM4: [u8; 4] = [10, 0, 0, 1];
-const PEER4: [u8; 4] = [10, 0, 0, 2];
-
-fn vm6() -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[0] = 0xfd;
-    a[15] = 1;
-    a
-}
-
-fn all_nodes() -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[0] = 0xff;
-    a[1] = 2;
-    a[15] = 1;
-    a
-}
-
-const ALL_NODES_MAC: Mac = [0x33, 0x33, 0, 0, 0, 1];
 
 /// Port 0: a guest with every guard on (DHCP, router, ARP/ND with its addresses); port 1:
 /// another guest; port 2: a trusted uplink; port 3: a guest allowed to be a DHCP server
 /// and router (its fragments are not inspected).
 fn switch() -> (Switch, [PortId; 4]) {
     let mut sw = Switch::new(SwitchConfig::private("frag")).unwrap();
-    let mut vm = PortConfig::access("vm", 1);
-    vm.guard.arp_nd_guard = true;
-    vm.guard.allowed_ipv4 = vec![VM4.into()];
-    vm.guard.allowed_ipv6 = vec![vm6().into()];
+    let vm = guarded_vm("vm");
     let mut server = PortConfig::access("srv", 1);
     server.guard.dhcp_server_allowed = true;
     server.guard.router_allowed = true;

@@ -14,30 +14,10 @@
 
 mod fragbuild;
 
+use fragbuild::guest::*;
 use fragbuild::*;
 use proptest::prelude::*;
 use vireo_vswitch::*;
-
-const VM: Mac = [2, 0, 0, 0, 0, 1];
-const BCAST: Mac = [0xff; 6];
-const MC: Mac = [0x33, 0x33, 0, 0, 0, 1];
-const VM4: [u8; 4] = [10, 0, 0, 1];
-const PEER4: [u8; 4] = [10, 0, 0, 2];
-
-fn vm6() -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[0] = 0xfd;
-    a[15] = 1;
-    a
-}
-
-fn nodes6() -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[0] = 0xff;
-    a[1] = 2;
-    a[15] = 1;
-    a
-}
 
 /// (guarded message, a harmless message with the same addresses and protocol, IPv6?)
 fn messages(kind: u8, size: usize) -> (Vec<u8>, Vec<u8>, bool) {
@@ -54,14 +34,14 @@ fn messages(kind: u8, size: usize) -> (Vec<u8>, Vec<u8>, bool) {
             let mut solicit = vec![0u8; size];
             solicit[0] = 1;
             (
-                udp6(VM, MC, v6, nodes6(), (547, 546), &reply),
-                udp6(VM, MC, v6, nodes6(), (546, 547), &solicit),
+                udp6(VM, ALL_NODES_MAC, v6, all_nodes(), (547, 546), &reply),
+                udp6(VM, ALL_NODES_MAC, v6, all_nodes(), (546, 547), &solicit),
                 true,
             )
         }
         2 => (
-            icmp6(VM, MC, v6, nodes6(), 134, &vec![0; size]),
-            icmp6(VM, MC, v6, nodes6(), 128, &vec![0; size]),
+            icmp6(VM, ALL_NODES_MAC, v6, all_nodes(), 134, &vec![0; size]),
+            icmp6(VM, ALL_NODES_MAC, v6, all_nodes(), 128, &vec![0; size]),
             true,
         ),
         3 => (
@@ -74,8 +54,8 @@ fn messages(kind: u8, size: usize) -> (Vec<u8>, Vec<u8>, bool) {
             let mut body = vm6().to_vec();
             body.resize(size, 0);
             (
-                icmp6(VM, MC, v6, nodes6(), 136, &body),
-                icmp6(VM, MC, v6, nodes6(), 128, &body),
+                icmp6(VM, ALL_NODES_MAC, v6, all_nodes(), 136, &body),
+                icmp6(VM, ALL_NODES_MAC, v6, all_nodes(), 128, &body),
                 true,
             )
         }
@@ -93,10 +73,7 @@ enum Piece {
 
 fn switch() -> (Switch, PortId) {
     let mut sw = Switch::new(SwitchConfig::private("p")).unwrap();
-    let mut vm = PortConfig::access("vm", 1);
-    vm.guard.arp_nd_guard = true;
-    vm.guard.allowed_ipv4 = vec![VM4.into()];
-    vm.guard.allowed_ipv6 = vec![vm6().into()];
+    let vm = guarded_vm("vm");
     let id = sw.add_port(vm).unwrap();
     sw.add_port(PortConfig::access("b", 1)).unwrap();
     (sw, id)
@@ -131,7 +108,7 @@ proptest! {
         // the UDP header and DHCP type, or the ICMP header, in it.
         let d = frag(&decoy, id, &[16]).remove(0);
         let ordinary = if v6 {
-            udp6(VM, MC, vm6(), nodes6(), (5000, 6000), &[7; 300])
+            udp6(VM, ALL_NODES_MAC, vm6(), all_nodes(), (5000, 6000), &[7; 300])
         } else {
             udp4(VM, BCAST, VM4, PEER4, (5000, 6000), &[7; 300])
         };

@@ -17,61 +17,29 @@ use vireo_vswitch::*;
 
 mod common;
 use common::host::*;
+use common::netns::*;
 
-/// Namespaces and host interfaces created by one test.
-struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-    links: Vec<String>,
+/// The "VMs" of these tests, made in a `Lab` (whose drop removes them).
+trait Vms {
+    fn new_ns(&mut self, k: usize) -> String;
+    fn veth_vm(&mut self, k: usize, ip: &str) -> PacketPort;
+    fn veth_vm_with(&mut self, k: usize, ip: &str, offload: bool) -> PacketPort;
+    fn tap_vm(&mut self, k: usize, ip: &str) -> TapPort;
+    fn ping(&self, k: usize, ip: &str) -> bool;
 }
 
-impl Lab {
-    fn new(tag: &str) -> Lab {
-        Lab {
-            prefix: format!("vs{}{tag}", std::process::id()),
-            namespaces: Vec::new(),
-            links: Vec::new(),
-        }
-    }
+/// Without virtio-net headers, checksums must be complete on frames that leave the kernel
+/// through our socket.
+fn tx_checksum_off(ns: &str, dev: &str) {
+    must(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]);
+}
 
-    fn ns(&self, k: usize) -> String {
-        format!("{}n{k}", self.prefix)
-    }
-
+impl Vms for Lab {
+    /// Namespace `k` with IPv6 off.
     fn new_ns(&mut self, k: usize) -> String {
-        let ns = self.ns(k);
-        must(&["ip", "netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        let _ = run(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-        ]);
+        let ns = self.add_ns(k);
+        set_ipv6(&ns, false);
         ns
-    }
-
-    fn configure_guest(ns: &str, dev: &str, ip: &str, offload: bool) {
-        must(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            dev,
-        ]);
-        must(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        if !offload {
-            // Without virtio-net headers, checksums must be complete on frames that leave the
-            // kernel through our socket.
-            must(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]);
-        }
     }
 
     /// A namespace on a veth pair whose host end is returned as an AF_PACKET port.
@@ -80,24 +48,11 @@ impl Lab {
     }
 
     fn veth_vm_with(&mut self, k: usize, ip: &str, offload: bool) -> PacketPort {
-        let ns = self.new_ns(k);
-        let host = format!("{}h{k}", self.prefix);
-        let guest = format!("{}g{k}", self.prefix);
-        must(&[
-            "ip", "link", "add", &host, "type", "veth", "peer", "name", &guest,
-        ]);
-        self.links.push(host.clone());
-        let _ = run(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{host}.disable_ipv6=1"),
-        ]);
-        must(&["ip", "link", "set", &guest, "netns", &ns]);
-        must(&["ip", "link", "set", &host, "up"]);
-        Self::configure_guest(&ns, &guest, ip, offload);
+        let host = self.veth_ns(k, false, &[ip]);
         if offload {
             PacketPort::bind_offload(&host).unwrap()
         } else {
+            tx_checksum_off(&self.ns(k), &self.guest(k));
             PacketPort::bind(&host).unwrap()
         }
     }
@@ -107,40 +62,15 @@ impl Lab {
         let ns = self.new_ns(k);
         let name = format!("{}t{k}", self.prefix);
         let tap = TapPort::open(&name).unwrap();
-        self.links.push(name.clone());
+        self.own_link(name.clone());
         must(&["ip", "link", "set", &name, "netns", &ns]);
-        Self::configure_guest(&ns, &name, ip, false);
+        configure(&ns, &name, &[ip]);
+        tx_checksum_off(&ns, &name);
         tap
     }
 
     fn ping(&self, k: usize, ip: &str) -> bool {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(k),
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-w",
-            "4",
-            ip,
-        ])
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            run(&["ip", "netns", "del", ns]);
-        }
-        for l in &self.links {
-            run(&["ip", "link", "del", l]);
-        }
+        ping(&self.ns(k), 3, 4, &[ip])
     }
 }
 
@@ -149,7 +79,7 @@ fn netns_vlan_isolation_and_mirror_capture() {
     if !netns_available("a") {
         return;
     }
-    let mut lab = Lab::new("a");
+    let mut lab = Lab::new("vs", "a");
     let mut sw = Switch::new(SwitchConfig::private("e2e-vlan")).unwrap();
     let mut n0 = PortConfig::access("n0", 10);
     n0.mirror = MirrorRole::Source(Direction::Both);
@@ -238,7 +168,7 @@ fn netns_private_vlan_isolated_and_promiscuous() {
     if !netns_available("b") {
         return;
     }
-    let mut lab = Lab::new("b");
+    let mut lab = Lab::new("vs", "b");
     let mut cfg = SwitchConfig::private("e2e-pvlan");
     cfg.pvlan_domains = vec![PvlanDomain {
         primary: 100,
@@ -329,7 +259,7 @@ fn netns_tcp_between_offload_port_and_tap_port() {
     if !vireo_testkit::require(vireo_testkit::Need::Iperf3) {
         return;
     }
-    let mut lab = Lab::new("c");
+    let mut lab = Lab::new("vs", "c");
     let mut sw = Switch::new(SwitchConfig::private("e2e-tcp")).unwrap();
     let a = sw.add_port(PortConfig::access("a", 1)).unwrap();
     let b = sw.add_port(PortConfig::access("b", 1)).unwrap();
@@ -418,7 +348,7 @@ fn netns_trunk_port_carries_vlans_to_access_ports() {
     if !netns_available("d") {
         return;
     }
-    let mut lab = Lab::new("d");
+    let mut lab = Lab::new("vs", "d");
     let mut sw = Switch::new(SwitchConfig::private("e2e-trunk")).unwrap();
     let trunk = sw
         .add_port(PortConfig {
@@ -510,7 +440,7 @@ fn netns_external_switch_with_host_port() {
     if !netns_available("e") {
         return;
     }
-    let mut lab = Lab::new("e");
+    let mut lab = Lab::new("vs", "e");
     // Namespace 5 plays the host, namespace 6 the physical network behind the host's NIC
     // (a veth pair x0/x1 between them).
     let host = lab.new_ns(5);

@@ -16,78 +16,14 @@ use vireo_vswitch::*;
 mod common;
 mod fragbuild;
 use common::host::*;
+use common::netns::*;
 
-/// Namespaces on veths, removed on drop even when an assert fails.
-struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-    links: Vec<String>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        Lab {
-            prefix: format!("vf{}", std::process::id()),
-            namespaces: Vec::new(),
-            links: Vec::new(),
-        }
-    }
-
-    fn ns(&self, k: usize) -> String {
-        format!("{}n{k}", self.prefix)
-    }
-
-    fn guest(&self, k: usize) -> String {
-        format!("{}g{k}", self.prefix)
-    }
-
-    /// Namespace `k` with address 10.79.0.`k+1` on a veth; the host end as a switch port.
-    /// IPv6 is off unless `ipv6` (a receiver of DHCPv6).
-    fn veth_vm(&mut self, k: usize, ipv6: bool) -> PacketPort {
-        let ns = self.ns(k);
-        must(&["ip", "netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        // No IPv6 chatter (ND, MLD) next to the frames under test.
-        let _ = !ipv6
-            && run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ]);
-        let host = format!("{}h{k}", self.prefix);
-        let guest = self.guest(k);
-        must(&[
-            "ip", "link", "add", &host, "type", "veth", "peer", "name", &guest,
-        ]);
-        self.links.push(host.clone());
-        let _ = run(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{host}.disable_ipv6=1"),
-        ]);
-        must(&["ip", "link", "set", &guest, "netns", &ns]);
-        must(&["ip", "link", "set", &host, "up"]);
-        let ip = format!("10.79.0.{}/24", k + 1);
-        must(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &guest]);
-        must(&["ip", "-n", &ns, "link", "set", &guest, "up"]);
-        must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        PacketPort::bind(&host).unwrap()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            run(&["ip", "netns", "del", ns]);
-        }
-        for l in &self.links {
-            run(&["ip", "link", "del", l]);
-        }
-    }
+/// Namespace `k` of `lab` with address 10.79.0.`k+1` on a veth; the host end as a switch
+/// port. IPv6 is off unless `ipv6` (a receiver of DHCPv6): no IPv6 chatter (ND, MLD) next to
+/// the frames under test.
+fn veth_vm(lab: &mut Lab, k: usize, ipv6: bool) -> PacketPort {
+    let ip = format!("10.79.0.{}", k + 1);
+    PacketPort::bind(&lab.veth_ns(k, ipv6, &[&ip])).unwrap()
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns` (sockets it opens stay there).
@@ -157,7 +93,7 @@ fn netns_fragmented_dhcp_offer_from_a_guarded_port_reaches_no_client() {
     if !netns_available("f") {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("vf", "");
     let mut sw = Switch::new(SwitchConfig::private("e2e-frag")).unwrap();
     let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
     let client = sw.add_port(PortConfig::access("client", 1)).unwrap();
@@ -166,9 +102,9 @@ fn netns_fragmented_dhcp_offer_from_a_guarded_port_reaches_no_client() {
     let server = sw.add_port(server).unwrap();
     let sw = Arc::new(Mutex::new(sw));
     let rt = SwitchRuntime::start(sw.clone()).unwrap();
-    rt.attach(guarded, Arc::new(lab.veth_vm(0, false)));
-    rt.attach(client, Arc::new(lab.veth_vm(1, false)));
-    rt.attach(server, Arc::new(lab.veth_vm(2, false)));
+    rt.attach(guarded, Arc::new(veth_vm(&mut lab, 0, false)));
+    rt.attach(client, Arc::new(veth_vm(&mut lab, 1, false)));
+    rt.attach(server, Arc::new(veth_vm(&mut lab, 2, false)));
     let dhcp = udp_listener(&lab.ns(1), 68);
     let other = udp_listener(&lab.ns(1), 5000);
 
@@ -228,7 +164,7 @@ fn netns_fragmented_dhcpv6_reply_from_a_guarded_port_reaches_no_client() {
     if !netns_available("6") {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("vf", "");
     lab.prefix.push('6');
     let mut sw = Switch::new(SwitchConfig::private("e2e-frag6")).unwrap();
     let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
@@ -238,9 +174,9 @@ fn netns_fragmented_dhcpv6_reply_from_a_guarded_port_reaches_no_client() {
     let server = sw.add_port(server).unwrap();
     let sw = Arc::new(Mutex::new(sw));
     let rt = SwitchRuntime::start(sw.clone()).unwrap();
-    rt.attach(guarded, Arc::new(lab.veth_vm(0, false)));
-    rt.attach(client, Arc::new(lab.veth_vm(1, true)));
-    rt.attach(server, Arc::new(lab.veth_vm(2, false)));
+    rt.attach(guarded, Arc::new(veth_vm(&mut lab, 0, false)));
+    rt.attach(client, Arc::new(veth_vm(&mut lab, 1, true)));
+    rt.attach(server, Arc::new(veth_vm(&mut lab, 2, false)));
     let dhcp = udp_listener6(&lab.ns(1), 546);
 
     // A REPLY to all nodes (ff02::1), port 547 → 546, the first fragment the UDP header only.

@@ -15,6 +15,7 @@ use vireo_vswitch::*;
 
 mod common;
 use common::host::*;
+use common::netns::*;
 
 const GOOD4: &str = "10.93.0.1";
 const SPOOF4: &str = "10.93.0.9";
@@ -26,75 +27,25 @@ const PEER6: &str = "fd93::2";
 /// Namespaces `<p>n0` (guarded: GOOD and SPOOF addresses) and `<p>n1` (PEER) on veths whose
 /// host ends `<p>h0`/`<p>h1` the switch binds. Removed on drop.
 struct Pair {
-    p: String,
+    lab: Lab,
 }
 
 impl Pair {
     fn new(tag: &str) -> Pair {
-        let pair = Pair {
-            p: format!("vsg{}{tag}", std::process::id()),
-        };
-        let addrs: [&[&str]; 2] = [&[GOOD4, SPOOF4, GOOD6, SPOOF6], &[PEER4, PEER6]];
-        for (k, addrs) in addrs.iter().enumerate() {
-            let (ns, h, g) = (pair.ns(k), pair.host(k), format!("{}g{k}", pair.p));
-            must(&["ip", "netns", "add", &ns]);
-            must(&["ip", "link", "add", &h, "type", "veth", "peer", "name", &g]);
-            must(&["ip", "link", "set", &g, "netns", &ns]);
-            let _ = run(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv6.conf.{h}.disable_ipv6=1"),
-            ]);
-            let _ = run(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=0",
-            ]);
-            for a in addrs.iter() {
-                if a.contains(':') {
-                    let a = format!("{a}/64");
-                    must(&["ip", "-n", &ns, "addr", "add", &a, "dev", &g, "nodad"]);
-                } else {
-                    let a = format!("{a}/24");
-                    must(&["ip", "-n", &ns, "addr", "add", &a, "dev", &g]);
-                }
-            }
-            must(&["ip", "-n", &ns, "link", "set", &g, "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            must(&["ip", "link", "set", &h, "up"]);
-        }
-        pair
+        let mut lab = Lab::new("vsg", tag);
+        lab.veth_ns(0, true, &[GOOD4, SPOOF4, GOOD6, SPOOF6]);
+        lab.veth_ns(1, true, &[PEER4, PEER6]);
+        Pair { lab }
     }
     fn ns(&self, k: usize) -> String {
-        format!("{}n{k}", self.p)
+        self.lab.ns(k)
     }
     fn host(&self, k: usize) -> String {
-        format!("{}h{k}", self.p)
+        self.lab.host(k)
     }
     /// Pings the peer from namespace 0 with source address `from`.
     fn ping(&self, from: &str, to: &str) -> bool {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(0),
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-w",
-            "3",
-            "-I",
-            from,
-            to,
-        ])
+        ping(&self.ns(0), 2, 3, &["-I", from, to])
     }
     /// Bytes the receiver got from a 2 MiB iperf3 transfer from `from` (0 when it could not
     /// connect; iperf3's sender may finish with data still queued, so not always all of it).
@@ -126,15 +77,6 @@ impl Pair {
         let _ = server.wait();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        for k in 0..2 {
-            run(&["ip", "netns", "del", &self.ns(k)]);
-            run(&["ip", "link", "del", &self.host(k)]);
-        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! would), for the fragment-guard tests and the netns test.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use etherparse::PacketBuilder;
 
 pub type Mac = [u8; 6];
