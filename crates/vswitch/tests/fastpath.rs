@@ -5,7 +5,7 @@
 //! `ip netns` (and iperf3 for the transfers): a recorded skip otherwise, a failure under CI.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vireo_vswitch::runtime::{lock, SwitchRuntime};
@@ -136,12 +136,7 @@ fn start(pair: &Pair, fast_path: bool) -> (SwitchRuntime, PortId, PortId) {
     let mut sw = Switch::new(cfg).unwrap();
     let a = sw.add_port(PortConfig::access("a", 1)).unwrap();
     let b = sw.add_port(PortConfig::access("b", 1)).unwrap();
-    let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap();
-    for (id, k) in [(a, 0), (b, 1)] {
-        let port = PacketPort::bind_offload(&pair.host(k)).unwrap();
-        rt.attach_packet(id, Arc::new(port));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    let rt = start_offloaded(&pair.lab, sw, &[(a, 0), (b, 1)]);
     (rt, a, b)
 }
 

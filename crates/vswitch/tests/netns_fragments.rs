@@ -26,6 +26,27 @@ fn veth_vm(lab: &mut Lab, k: usize, ipv6: bool) -> PacketPort {
     PacketPort::bind(&lab.veth_ns(k, ipv6, &[&ip])).unwrap()
 }
 
+/// Switch `name` running with three namespaces of `lab`: 0 on a DHCP-guarded port (the
+/// returned id), 1 the client (IPv6 on if `client_ipv6`), 2 on a port allowed to serve DHCP.
+fn dhcp_switch(
+    lab: &mut Lab,
+    name: &str,
+    client_ipv6: bool,
+) -> (Arc<Mutex<Switch>>, SwitchRuntime, PortId) {
+    let mut sw = Switch::new(SwitchConfig::private(name)).unwrap();
+    let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
+    let client = sw.add_port(PortConfig::access("client", 1)).unwrap();
+    let mut server = PortConfig::access("server", 1);
+    server.guard.dhcp_server_allowed = true;
+    let server = sw.add_port(server).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    rt.attach(guarded, Arc::new(veth_vm(lab, 0, false)));
+    rt.attach(client, Arc::new(veth_vm(lab, 1, client_ipv6)));
+    rt.attach(server, Arc::new(veth_vm(lab, 2, false)));
+    (sw, rt, guarded)
+}
+
 /// Runs `f` on a thread that has entered network namespace `ns` (sockets it opens stay there).
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
@@ -94,17 +115,7 @@ fn netns_fragmented_dhcp_offer_from_a_guarded_port_reaches_no_client() {
         return;
     }
     let mut lab = Lab::new("vf", "");
-    let mut sw = Switch::new(SwitchConfig::private("e2e-frag")).unwrap();
-    let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
-    let client = sw.add_port(PortConfig::access("client", 1)).unwrap();
-    let mut server = PortConfig::access("server", 1);
-    server.guard.dhcp_server_allowed = true;
-    let server = sw.add_port(server).unwrap();
-    let sw = Arc::new(Mutex::new(sw));
-    let rt = SwitchRuntime::start(sw.clone()).unwrap();
-    rt.attach(guarded, Arc::new(veth_vm(&mut lab, 0, false)));
-    rt.attach(client, Arc::new(veth_vm(&mut lab, 1, false)));
-    rt.attach(server, Arc::new(veth_vm(&mut lab, 2, false)));
+    let (sw, rt, guarded) = dhcp_switch(&mut lab, "e2e-frag", false);
     let dhcp = udp_listener(&lab.ns(1), 68);
     let other = udp_listener(&lab.ns(1), 5000);
 
@@ -164,19 +175,8 @@ fn netns_fragmented_dhcpv6_reply_from_a_guarded_port_reaches_no_client() {
     if !netns_available("6") {
         return;
     }
-    let mut lab = Lab::new("vf", "");
-    lab.prefix.push('6');
-    let mut sw = Switch::new(SwitchConfig::private("e2e-frag6")).unwrap();
-    let guarded = sw.add_port(PortConfig::access("rogue", 1)).unwrap();
-    let client = sw.add_port(PortConfig::access("client", 1)).unwrap();
-    let mut server = PortConfig::access("server", 1);
-    server.guard.dhcp_server_allowed = true;
-    let server = sw.add_port(server).unwrap();
-    let sw = Arc::new(Mutex::new(sw));
-    let rt = SwitchRuntime::start(sw.clone()).unwrap();
-    rt.attach(guarded, Arc::new(veth_vm(&mut lab, 0, false)));
-    rt.attach(client, Arc::new(veth_vm(&mut lab, 1, true)));
-    rt.attach(server, Arc::new(veth_vm(&mut lab, 2, false)));
+    let mut lab = Lab::new("vf", "6");
+    let (sw, rt, guarded) = dhcp_switch(&mut lab, "e2e-frag6", true);
     let dhcp = udp_listener6(&lab.ns(1), 546);
 
     // A REPLY to all nodes (ff02::1), port 547 → 546, the first fragment the UDP header only.

@@ -6,11 +6,8 @@
 //! Needs root, `ip netns`, ping and iperf3: a recorded skip otherwise, a failure under CI.
 
 use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use vireo_vswitch::runtime::{lock, SwitchRuntime};
-use vireo_vswitch::uplink::PacketPort;
 use vireo_vswitch::*;
 
 mod common;
@@ -39,9 +36,6 @@ impl Pair {
     }
     fn ns(&self, k: usize) -> String {
         self.lab.ns(k)
-    }
-    fn host(&self, k: usize) -> String {
-        self.lab.host(k)
     }
     /// Pings the peer from namespace 0 with source address `from`.
     fn ping(&self, from: &str, to: &str) -> bool {
@@ -90,12 +84,7 @@ fn guarded_switch(pair: &Pair, fast_path: bool) -> (SwitchRuntime, PortId) {
     a.guard.allowed_ipv6 = vec![GOOD6.parse().unwrap()];
     let a = sw.add_port(a).unwrap();
     let b = sw.add_port(PortConfig::access("b", 1)).unwrap();
-    let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap();
-    for (id, k) in [(a, 0), (b, 1)] {
-        let port = PacketPort::bind_offload(&pair.host(k)).unwrap();
-        rt.attach_packet(id, Arc::new(port));
-    }
-    std::thread::sleep(Duration::from_millis(100));
+    let rt = start_offloaded(&pair.lab, sw, &[(a, 0), (b, 1)]);
     (rt, a)
 }
 

@@ -1,6 +1,7 @@
 //! Frame builders (etherparse) and switch helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod dhcp;
 pub mod host;
 pub mod netns;
 
@@ -117,15 +118,7 @@ pub fn icmp6(
 }
 
 pub fn dhcp4(src: Mac, op: u8, msg_type: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 244];
-    p[0] = op;
-    p[1] = 1;
-    p[2] = 6;
-    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
-    p[240] = 53;
-    p[241] = 1;
-    p[242] = msg_type;
-    p[243] = 255;
+    let p = dhcp::bootp(op, msg_type, 244);
     let (sp, dp) = if op == 2 { (67, 68) } else { (68, 67) };
     udp4(src, BCAST, ip4(1), [255; 4], sp, dp, &p)
 }

@@ -2,6 +2,13 @@
 //! (process id and test tag, so tests run in parallel), and everything a `Lab` made is removed
 //! on drop, even when an assert fails.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vireo_vswitch::runtime::SwitchRuntime;
+use vireo_vswitch::uplink::PacketPort;
+use vireo_vswitch::{PortId, Switch};
+
 use super::host::{must, run};
 
 /// Namespaces `<prefix>n<k>` and host interfaces created by one test.
@@ -119,4 +126,16 @@ pub fn ping(ns: &str, count: u32, deadline: u32, target: &[&str]) -> bool {
     ];
     args.extend_from_slice(target);
     run(&args)
+}
+
+/// Starts `sw` with each `(port, k)` on host end `k` of `lab` as an offloading AF_PACKET port,
+/// then gives the workers a moment to start reading.
+pub fn start_offloaded(lab: &Lab, sw: Switch, ports: &[(PortId, usize)]) -> SwitchRuntime {
+    let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap();
+    for &(id, k) in ports {
+        let port = PacketPort::bind_offload(&lab.host(k)).unwrap();
+        rt.attach_packet(id, Arc::new(port));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    rt
 }
