@@ -81,6 +81,7 @@ mod tests {
             nics: vec![],
             console_ring_bytes: 4096,
             auto_start: Default::default(),
+            shutdown_line: None,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod spec;
 pub mod state;
 pub mod validate;
 pub mod vm;
+pub mod worker;
 
 pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;

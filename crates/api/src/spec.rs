@@ -37,6 +37,12 @@ pub struct VmSpec {
     pub console_ring_bytes: u32,
     #[serde(default)]
     pub auto_start: AutoStart,
+    /// A line written to COM1 to ask the guest to power off (`vireo vm stop`): `POWEROFF` for
+    /// the probe guest, `poweroff` for a guest with a root shell on ttyS0. Vireo has no ACPI
+    /// power button yet, so without one a stop waits for the guest to power off by itself
+    /// until its timeout, then turns the VM off.
+    #[serde(default)]
+    pub shutdown_line: Option<String>,
 }
 
 fn default_console_ring() -> u32 {

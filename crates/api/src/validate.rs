@@ -18,6 +18,7 @@ pub const MAX_NICS: usize = 64;
 pub const MAX_CMDLINE_BYTES: usize = 4096;
 pub const MAX_CONSOLE_RING_BYTES: u32 = 16 << 20;
 pub const MAX_AUTO_START_DELAY_SECS: u32 = 24 * 3600;
+pub const MAX_SHUTDOWN_LINE_BYTES: usize = 256;
 
 /// What this host allows; the daemon derives it from the machine (CPUs, RAM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +113,16 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
             spec.console_ring_bytes,
             "at most 16 MiB",
         ));
+    }
+    if let Some(line) = &spec.shutdown_line {
+        let printable = line.chars().all(|c| !c.is_control());
+        if line.is_empty() || line.len() > MAX_SHUTDOWN_LINE_BYTES || !printable {
+            return Err(err(
+                "shutdown_line",
+                line,
+                "1 to 256 bytes, no control characters (the newline is added)",
+            ));
+        }
     }
     if spec.auto_start.delay_secs > MAX_AUTO_START_DELAY_SECS {
         return Err(err(

@@ -31,6 +31,7 @@ fn good() -> VmSpec {
         }],
         console_ring_bytes: 65536,
         auto_start: Default::default(),
+        shutdown_line: None,
     }
 }
 

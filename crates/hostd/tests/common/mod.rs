@@ -40,5 +40,6 @@ pub fn spec(name: &str) -> VmSpec {
         ],
         console_ring_bytes: 4096,
         auto_start: Default::default(),
+        shutdown_line: None,
     }
 }
