@@ -7,7 +7,7 @@
 //!   attached client with non-blocking writes. A client that does not keep up loses bytes
 //!   (they stay in the ring): this thread must never wait for a client, or the socketpair would
 //!   fill and the vCPU writing to COM1 would stall behind a stuck `vireo vm console`.
-//! - `console-in` waits (epoll) for a new client on the listening socket and for input from the
+//! - `console-clients` waits (epoll) for a new client on the listening socket and for input from the
 //!   attached one, and writes that input to the guest. A new client replaces the attached one,
 //!   whose connection is shut down. Input may wait for the guest to drain its FIFO; only this
 //!   thread waits then, never the guest's output.
@@ -67,6 +67,9 @@ pub struct Console {
     to_guest: Mutex<UnixStream>,
 }
 
+/// How long input may wait for the guest to take it.
+const INPUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const LISTENER: u64 = 0;
 const CLIENT: u64 = 1;
 
@@ -77,10 +80,15 @@ impl Console {
         ring_bytes: usize,
     ) -> std::io::Result<(Arc<Console>, UnixStream)> {
         let (vmm_end, ours) = UnixStream::pair()?;
+        // Input waits for the guest to drain COM1's FIFO. A guest that stops reading must not
+        // hold up `Shutdown` or new clients forever: input it has not taken within this time
+        // is dropped (with a warning). Only sends time out; reading output is unaffected.
+        let to_guest = ours.try_clone()?;
+        to_guest.set_write_timeout(Some(INPUT_TIMEOUT))?;
         let console = Arc::new(Console {
             ring: Mutex::new(Ring::new(ring_bytes)),
             client: Mutex::new(None),
-            to_guest: Mutex::new(ours.try_clone()?),
+            to_guest: Mutex::new(to_guest),
         });
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -94,7 +102,7 @@ impl Console {
             .spawn(move || c.pump_output(ours))?;
         let c = console.clone();
         std::thread::Builder::new()
-            .name("console-in".into())
+            .name("console-clients".into())
             .spawn(move || c.serve_clients(listener, epoll))?;
         Ok((console, vmm_end))
     }
@@ -264,5 +272,20 @@ mod tests {
         }
         assert_eq!(console.log(0).1, 6 + 64 * 64 * 1024 + 4);
         drop(stuck);
+    }
+
+    #[test]
+    fn input_the_guest_does_not_take_is_dropped_after_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("c.sock")).unwrap();
+        // `_guest` is never read, as when the guest stops draining COM1.
+        let (console, _guest) = Console::start(listener, 64).unwrap();
+        let started = std::time::Instant::now();
+        let e = console.send_to_guest(&vec![b'y'; 8 << 20]).unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert!(started.elapsed() < INPUT_TIMEOUT * 3);
     }
 }

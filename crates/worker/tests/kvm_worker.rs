@@ -343,3 +343,46 @@ fn a_disk_given_the_wrong_format_is_start_failed() {
     );
     assert_eq!(std::fs::read(&raw).unwrap(), vec![0; 1 << 20]);
 }
+
+#[test]
+fn tiny_guests_end_powered_off_reset_and_vcpu_failed() {
+    if !kvm() {
+        return;
+    }
+    use vireo_vmm::test_images;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, code, want, status) in [
+        (
+            "poweroff",
+            test_images::hello_poweroff(7),
+            WorkerExitReason::PoweredOff { status: 7 },
+            0,
+        ),
+        (
+            "reset",
+            test_images::i8042_reset(),
+            WorkerExitReason::Reset,
+            0,
+        ),
+    ] {
+        let kernel = dir.path().join(name);
+        std::fs::write(&kernel, test_images::pvh_elf(&code)).unwrap();
+        let mut spec = probe_spec();
+        spec.kernel = kernel;
+        let mut w = Worker::start(spec);
+        let (code, exit) = w.wait_exit();
+        assert_eq!(code, Some(status), "{name}: log:\n{}", w.log());
+        assert_eq!(exit.unwrap().reason, want, "{name}");
+    }
+    let kernel = dir.path().join("triple");
+    std::fs::write(&kernel, test_images::pvh_elf(&test_images::triple_fault())).unwrap();
+    let mut spec = probe_spec();
+    spec.kernel = kernel;
+    let mut w = Worker::start(spec);
+    let (code, exit) = w.wait_exit();
+    assert_eq!(code, Some(1));
+    let WorkerExitReason::VcpuFailed { message } = exit.unwrap().reason else {
+        panic!("not VcpuFailed: log:\n{}", w.log());
+    };
+    assert!(message.contains("vCPU 0"), "{message}");
+}
