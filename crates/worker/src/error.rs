@@ -88,6 +88,11 @@ pub enum WorkerError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(
+        "the launch spec has VM spec version {found}; this worker reads version {want}",
+        want = vireo_api::SPEC_VERSION
+    )]
+    SpecVersion { found: u32 },
     #[error("NICs on switches are not supported by the worker yet (the spec has {0}); remove them to start the VM")]
     NicsUnsupported(usize),
     #[error("socket {}: {source}", .path.display())]
@@ -128,6 +133,7 @@ impl WorkerError {
             | WorkerError::ControlSocketNotSocket { .. }
             | WorkerError::SpecRead { .. }
             | WorkerError::SpecJson { .. }
+            | WorkerError::SpecVersion { .. }
             | WorkerError::NicsUnsupported(_)
             | WorkerError::Socket { .. }
             | WorkerError::SocketInTheWay { .. } => true,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
-use vireo_api::{DiskFormat, VmSpec};
+use vireo_api::{DiskFormat, VmSpec, SPEC_VERSION};
 use vireo_vhdx::convert::Format;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
@@ -31,6 +31,9 @@ pub fn exit_status(reason: &WorkerExitReason) -> u8 {
 /// Runs the VM of `dir` to its end and records the reason in `exit.json`; returns the reason.
 /// `Err` only when even `exit.json` could not be written.
 pub fn run(dir: &Path) -> std::io::Result<WorkerExitReason> {
+    // Absolute, so the paths the worker reports (Status' console socket) do not depend on
+    // the directory it was started in.
+    let dir = &std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     // A record from an earlier run of this VM must not be taken for this one's.
     let _ = std::fs::remove_file(dir.join(EXIT_FILE));
     let sockets = [WORKER_SOCKET, CONSOLE_SOCKET, CONTROL_SOCKET].map(|s| dir.join(s));
@@ -104,6 +107,11 @@ fn open_disks(spec: &VmSpec) -> Result<(Vec<VirtioSlot>, Vec<ControlDisk>), Work
 fn start(dir: &Path) -> Result<Running, WorkerError> {
     let launch = read_launch(dir)?;
     let spec = launch.spec;
+    if spec.version != SPEC_VERSION {
+        return Err(WorkerError::SpecVersion {
+            found: spec.version,
+        });
+    }
     tracing::info!("starting VM {} ({})", spec.name, launch.vm_id);
     if !spec.nics.is_empty() {
         return Err(WorkerError::NicsUnsupported(spec.nics.len()));

@@ -386,3 +386,36 @@ fn tiny_guests_end_powered_off_reset_and_vcpu_failed() {
     };
     assert!(message.contains("vCPU 0"), "{message}");
 }
+
+/// Needs no KVM: the spec is refused before the VM is built.
+#[test]
+fn a_bad_launch_spec_is_start_failed() {
+    let mut spec = probe_spec();
+    spec.version = 2;
+    let mut w = Worker::start(spec);
+    let (code, exit) = w.wait_exit();
+    assert_eq!(code, Some(1));
+    let WorkerExitReason::StartFailed { message } = exit.unwrap().reason else {
+        panic!("not StartFailed");
+    };
+    assert!(message.contains("VM spec version 2"), "{message}");
+
+    // Not a WorkerLaunch at all: the worker says which file and why.
+    std::fs::write(w.path("spec.json"), b"{\"vm_id\": 3}").unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vireo-vm"))
+        .arg("--vm-dir")
+        .arg(w.dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    w.child = child;
+    let (code, exit) = w.wait_exit();
+    assert_eq!(code, Some(1));
+    let WorkerExitReason::StartFailed { message } = exit.unwrap().reason else {
+        panic!("not StartFailed");
+    };
+    assert!(
+        message.contains("spec.json is not a valid WorkerLaunch"),
+        "{message}"
+    );
+}
