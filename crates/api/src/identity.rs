@@ -91,6 +91,8 @@ mod tests {
             read_only: false,
             format: None,
             serial: serial.map(Into::into),
+            max_iops: None,
+            min_iops: None,
         }
     }
 

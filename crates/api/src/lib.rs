@@ -20,7 +20,10 @@ pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;
-pub use spec::{AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, SPEC_VERSION};
+pub use spec::{
+    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, NORMALIZED_IO_BYTES,
+    SPEC_VERSION,
+};
 pub use state::{transition, Action, IllegalTransition, VmState};
 pub use validate::{validate_name, validate_spec, Limits, SpecError};
 pub use vm::Vm;

@@ -62,6 +62,26 @@ pub struct DiskSpec {
     /// The virtio-blk serial (≤ 20 bytes). Generated once if left out.
     #[serde(default)]
     pub serial: Option<String>,
+    /// Storage QoS (Hyper-V 2012 R2): the most IOPS the guest gets from this disk, normalized
+    /// to 8 KiB ([`normalized_ios`]). Requests beyond it are delayed, never failed. `None`: no
+    /// limit.
+    #[serde(default)]
+    pub max_iops: Option<u32>,
+    /// Storage QoS: the IOPS (normalized to 8 KiB) this disk should get while the guest asks
+    /// for them. Not a reservation: a disk that had requests waiting but got fewer over a
+    /// measurement window raises a "minimum IOPS not met" alert (counted in the worker's
+    /// metrics, logged). `None`: no alert.
+    #[serde(default)]
+    pub min_iops: Option<u32>,
+}
+
+/// Bytes one normalized IO stands for (storage QoS counts in 8 KiB IOs, as Hyper-V does).
+pub const NORMALIZED_IO_BYTES: u64 = 8192;
+
+/// The normalized IOs a data transfer of `bytes` counts as: one per started 8 KiB, at least
+/// one (a 512-byte read is one IO, a 64 KiB write eight).
+pub fn normalized_ios(bytes: u64) -> u64 {
+    bytes.div_ceil(NORMALIZED_IO_BYTES).max(1)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,5 +136,26 @@ mod tests {
         let disk: DiskSpec = serde_json::from_str(r#"{"path":"/d.vhdx","format":"vhdx"}"#).unwrap();
         assert_eq!(disk.format, Some(DiskFormat::Vhdx));
         assert!(serde_json::from_str::<DiskSpec>(r#"{"path":"/d","format":"qcow2"}"#).is_err());
+        assert_eq!((disk.max_iops, disk.min_iops), (None, None));
+        let disk: DiskSpec =
+            serde_json::from_str(r#"{"path":"/d","max_iops":500,"min_iops":100}"#).unwrap();
+        assert_eq!((disk.max_iops, disk.min_iops), (Some(500), Some(100)));
+        assert!(serde_json::from_str::<DiskSpec>(r#"{"path":"/d","max_iops":-1}"#).is_err());
+    }
+
+    #[test]
+    fn normalized_ios_count_started_8k_blocks() {
+        let cases = [
+            (0, 1),
+            (512, 1),
+            (8192, 1),
+            (8193, 2),
+            (16 * 512, 1),
+            (65536, 8),
+        ];
+        for (bytes, ios) in cases {
+            assert_eq!(normalized_ios(bytes), ios, "{bytes} bytes");
+        }
+        assert_eq!(normalized_ios(512 << 10), 64);
     }
 }

@@ -19,6 +19,9 @@ pub const MAX_CMDLINE_BYTES: usize = 4096;
 pub const MAX_CONSOLE_RING_BYTES: u32 = 16 << 20;
 pub const MAX_AUTO_START_DELAY_SECS: u32 = 24 * 3600;
 pub const MAX_SHUTDOWN_LINE_BYTES: usize = 256;
+/// Largest `max_iops`/`min_iops`: ten million 8 KiB IOs a second (80 GB/s) is beyond any disk a
+/// VM gets; a larger number is a typo, not a policy.
+pub const MAX_IOPS: u32 = 10_000_000;
 
 /// What this host allows; the daemon derives it from the machine (CPUs, RAM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +161,9 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
             }
         }
     }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        validate_qos(i, disk.max_iops, disk.min_iops)?;
+    }
     if spec.nics.len() > MAX_NICS {
         return Err(err(
             "nics",
@@ -187,6 +193,43 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
                     "a VLAN id is 1 to 4094",
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// A disk's storage QoS: each value 1 to [`MAX_IOPS`] (leave it out for none), and a minimum no
+/// higher than the maximum (the limiter would make every busy moment an alert).
+fn validate_qos(i: usize, max: Option<u32>, min: Option<u32>) -> Result<(), SpecError> {
+    for (name, value) in [("max_iops", max), ("min_iops", min)] {
+        if let Some(v) = value {
+            if !(1..=MAX_IOPS).contains(&v) {
+                return Err(err(
+                    format!("disks[{i}].{name}"),
+                    v,
+                    format!(
+                        "IOPS (normalized to 8 KiB) are 1 to {MAX_IOPS}; leave the field out \
+                         for no {}",
+                        if name == "max_iops" {
+                            "limit"
+                        } else {
+                            "minimum"
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    if let (Some(max), Some(min)) = (max, min) {
+        if min > max {
+            return Err(err(
+                format!("disks[{i}].min_iops"),
+                min,
+                format!(
+                    "above max_iops ({max}): the limit would keep the disk under its minimum \
+                     whenever the guest is busy; lower min_iops or raise max_iops"
+                ),
+            ));
         }
     }
     Ok(())

@@ -78,6 +78,8 @@ pub enum WorkerOp {
     TurnOff,
     /// The last `max_bytes` (at most the ring's size) of COM1 output: `ConsoleLog`.
     ConsoleLog { max_bytes: u32 },
+    /// What the worker has counted since it started: `Metrics`.
+    Metrics,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +101,7 @@ pub enum WorkerReply {
     Error {
         message: String,
     },
+    Metrics(WorkerMetrics),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +113,54 @@ pub struct WorkerStatus {
     pub started_at: Option<i64>,
     /// The console socket clients attach to.
     pub console_socket: PathBuf,
+}
+
+/// What a worker has counted since it started (Hyper-V's Measure-VM, the worker's part).
+/// Counters only grow; averages, resets and billing periods are vireod's (it subtracts two
+/// readings). CPU times have the kernel's clock-tick resolution (10 ms on usual kernels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerMetrics {
+    /// Nanoseconds since the vCPUs started; 0 before.
+    pub uptime_ns: u64,
+    /// CPU time (user + system) of the vCPU threads, nanoseconds.
+    pub vcpu_cpu_ns: u64,
+    /// CPU time of the whole worker process (every thread, vCPUs included), nanoseconds.
+    pub worker_cpu_ns: u64,
+    /// Guest RAM as configured.
+    pub memory_bytes: u64,
+    /// Guest RAM the host really holds: the resident part of the guest-memory mapping (pages
+    /// the guest never touched take no host memory).
+    pub memory_resident_bytes: u64,
+    /// The worker's own private memory, guest RAM excluded (`Private_*` of its mappings).
+    pub worker_private_bytes: u64,
+    /// One entry per disk, in the spec's order.
+    pub disks: Vec<DiskMetrics>,
+}
+
+/// One disk's counters, since the worker started. Bytes and operations count requests that
+/// completed successfully.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskMetrics {
+    pub path: PathBuf,
+    pub serial: Option<String>,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub flush_ops: u64,
+    /// IOs normalized to 8 KiB (`crate::spec::normalized_ios` per read or write; 1 per flush,
+    /// discard or write-zeroes; 0 per GET_ID): what `max_iops`/`min_iops` count.
+    pub normalized_ios: u64,
+    /// Time requests were held back by `max_iops`, nanoseconds.
+    pub throttled_ns: u64,
+    /// Episodes of "minimum IOPS not met" (`min_iops`): a measurement window in which requests
+    /// were waiting most of the time yet fewer than `min_iops` normalized IOs a second
+    /// completed starts one; a window that meets the minimum (or has no demand) ends it.
+    pub min_iops_alerts: u64,
+    /// An episode is going on now.
+    pub min_iops_alert_active: bool,
 }
 
 /// `<vm-dir>/exit.json`: why the worker ended, written just before it exits on its own.
@@ -158,5 +209,53 @@ mod tests {
         );
         let reply = serde_json::to_string(&WorkerReply::Ok).unwrap();
         assert_eq!(reply, r#"{"reply":"ok"}"#);
+    }
+
+    #[test]
+    fn metrics_round_trip() {
+        let line = serde_json::to_string(&WorkerRequest::new(WorkerOp::Metrics)).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"metrics"}"#);
+        assert_eq!(
+            serde_json::from_str::<WorkerRequest>(&line).unwrap().op,
+            WorkerOp::Metrics
+        );
+        let reply = WorkerReply::Metrics(WorkerMetrics {
+            uptime_ns: 5,
+            vcpu_cpu_ns: 10_000_000,
+            worker_cpu_ns: 30_000_000,
+            memory_bytes: 32 << 20,
+            memory_resident_bytes: 8 << 20,
+            worker_private_bytes: 400 << 10,
+            disks: vec![DiskMetrics {
+                path: "/vm/d.vhdx".into(),
+                serial: Some("VIREO0001".into()),
+                read_bytes: 1,
+                write_bytes: 2,
+                read_ops: 3,
+                write_ops: 4,
+                flush_ops: 5,
+                normalized_ios: 6,
+                throttled_ns: 7,
+                min_iops_alerts: 8,
+                min_iops_alert_active: true,
+            }],
+        });
+        let text = serde_json::to_string(&reply).unwrap();
+        assert!(
+            text.starts_with(r#"{"reply":"metrics","uptime_ns":5,"vcpu_cpu_ns":10000000,"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""disks":[{"path":"/vm/d.vhdx","serial":"VIREO0001","#));
+        assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
+        // The replies that were there before keep their shapes.
+        let status = WorkerReply::Status(WorkerStatus {
+            running: true,
+            started_at: Some(1),
+            console_socket: "/vm/console.sock".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&status).unwrap(),
+            r#"{"reply":"status","running":true,"started_at":1,"console_socket":"/vm/console.sock"}"#
+        );
     }
 }

@@ -23,6 +23,8 @@ fn good() -> VmSpec {
             read_only: false,
             format: None,
             serial: None,
+            max_iops: None,
+            min_iops: None,
         }],
         nics: vec![NicSpec {
             switch: "lan".into(),
@@ -153,4 +155,67 @@ fn duplicates_within_a_spec() {
         s.disks.push(s.disks[0].clone());
     });
     assert_eq!(e.field, "disks[1].serial");
+}
+
+#[test]
+fn storage_qos_values() {
+    let with = |max: Option<u32>, min: Option<u32>| {
+        let mut s = good();
+        s.disks[0].max_iops = max;
+        s.disks[0].min_iops = min;
+        validate_spec(&s, &LIMITS)
+    };
+    for (max, min) in [
+        (None, None),
+        (Some(1), None),
+        (None, Some(1)),
+        (Some(500), Some(100)),
+        (Some(100), Some(100)),
+        (Some(vireo_api::validate::MAX_IOPS), None),
+    ] {
+        with(max, min).unwrap_or_else(|e| panic!("max {max:?} min {min:?}: {e}"));
+    }
+    let cases = [
+        (
+            Some(0),
+            None,
+            "disks[0].max_iops",
+            "0",
+            "leave the field out for no limit",
+        ),
+        (None, Some(0), "disks[0].min_iops", "0", "for no minimum"),
+        (
+            Some(10_000_001),
+            None,
+            "disks[0].max_iops",
+            "10000001",
+            "1 to 10000000",
+        ),
+        (
+            None,
+            Some(u32::MAX),
+            "disks[0].min_iops",
+            "4294967295",
+            "1 to 10000000",
+        ),
+        (
+            Some(10),
+            Some(50),
+            "disks[0].min_iops",
+            "50",
+            "above max_iops (10)",
+        ),
+    ];
+    for (max, min, field, value, why) in cases {
+        let e = with(max, min).expect_err(field);
+        assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
+        assert!(e.problem.contains(why), "{e}");
+    }
+    // The disk is named by its index.
+    let mut s = good();
+    s.disks.push(s.disks[0].clone());
+    s.disks[1].path = "/var/e.vhdx".into();
+    s.disks[1].max_iops = Some(0);
+    let e = validate_spec(&s, &LIMITS).unwrap_err();
+    assert_eq!(e.field, "disks[1].max_iops");
 }

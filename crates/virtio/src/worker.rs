@@ -85,9 +85,14 @@ impl EventLoop {
 
     /// Blocks until at least one fd is ready; returns their tokens in `out`.
     pub fn wait(&self, out: &mut Vec<u64>) -> io::Result<()> {
+        self.wait_timeout(out, -1)
+    }
+
+    /// Like [`EventLoop::wait`], but returns with `out` empty after `timeout_ms` (-1: never).
+    pub fn wait_timeout(&self, out: &mut Vec<u64>, timeout_ms: i32) -> io::Result<()> {
         let mut events = [EpollEvent::default(); 8];
         loop {
-            match self.epoll.wait(-1, &mut events) {
+            match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => {
                     out.clear();
                     out.extend(events[..n].iter().map(|e| e.data()));

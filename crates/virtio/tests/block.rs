@@ -4,10 +4,12 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use vireo_block::{BlockBackend, RawFile};
+use vireo_virtio::block::qos::burst;
+use vireo_virtio::block::QosConfig;
 use vireo_virtio::{Block, GuestMemory, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -42,11 +44,15 @@ fn rig_with(read_only: bool, features: Option<u64>) -> Rig {
 }
 
 fn rig_full(read_only: bool, features: Option<u64>, serial: Option<&str>) -> Rig {
+    rig_qos(read_only, features, serial, QosConfig::default())
+}
+
+fn rig_qos(read_only: bool, features: Option<u64>, serial: Option<&str>, qos: QosConfig) -> Rig {
     let file = tempfile::NamedTempFile::new().unwrap();
     let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
     file.as_file().write_all(&pattern).unwrap();
     let backend = Arc::new(RawFile::open(file.path(), read_only).unwrap());
-    let mut dev = Block::new(backend.clone());
+    let mut dev = Block::new(backend.clone()).with_qos(qos);
     if let Some(serial) = serial {
         dev = dev.with_serial(serial);
     }
@@ -176,6 +182,74 @@ fn write_then_read_round_trips_through_the_file() {
     let s = r.dev.counters().snapshot();
     assert_eq!((s.writes, s.write_bytes), (1, 4096));
     assert_eq!((s.reads, s.read_bytes), (2, 4096 + 1024));
+    // Three requests under 8 KiB: one normalized IO each; no QoS, nothing held.
+    assert_eq!((s.normalized_ios, s.throttled_ns), (3, 0));
+}
+
+#[test]
+fn max_iops_delays_requests_by_what_the_bucket_allows_and_counts_the_hold() {
+    let max = 50;
+    let mut r = rig_qos(
+        false,
+        None,
+        None,
+        QosConfig {
+            max_iops: Some(max),
+            min_iops: None,
+        },
+    );
+    r.mem
+        .write_slice(&[7u8; 65536], GuestAddress(DATA))
+        .unwrap();
+    let start = Instant::now();
+    // 10 single-IO writes, one 64 KiB write (8 IOs), a flush (1 IO) and a GET_ID (free).
+    for i in 0..10 {
+        assert_eq!(r.request(T_OUT, i * 16, Some(ro(DATA, 8192))).0, S_OK);
+    }
+    assert_eq!(r.request(T_OUT, 512, Some(ro(DATA, 65536))).0, S_OK);
+    assert_eq!(r.request(T_FLUSH, 0, None).0, S_OK);
+    assert_eq!(r.request(T_GET_ID, 0, Some(wo(DATA, 20))).0, S_OK);
+    let elapsed = start.elapsed();
+    let ios = 10 + 8 + 1;
+    // The bucket's guarantee: N IOs from a full bucket take at least (N - burst) / rate.
+    let bound = Duration::from_secs_f64((ios - burst(max)) as f64 / f64::from(max));
+    assert!(elapsed >= bound, "{elapsed:?} < {bound:?}");
+    let s = r.dev.counters().snapshot();
+    assert_eq!(s.normalized_ios, ios);
+    assert_eq!((s.writes, s.flushes, s.errors), (11, 1, 0));
+    assert!(s.throttled_ns > 0);
+    assert!(Duration::from_nanos(s.throttled_ns) <= elapsed);
+    assert_eq!(r.file_bytes(512 * 512, 65536), vec![7u8; 65536]);
+}
+
+#[test]
+fn a_held_request_does_not_hold_up_a_reset() {
+    let mut r = rig_qos(
+        false,
+        None,
+        None,
+        QosConfig {
+            max_iops: Some(1),
+            min_iops: None,
+        },
+    );
+    // 512 KiB (64 IOs) passes on the burst of one and leaves 63 s of debt.
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 512 << 10))).0, S_OK);
+    r.header(HDR, T_IN, 0);
+    r.q.add_chain(&r.mem, &[ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]);
+    r.q.notify();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.q.take_used(&r.mem), vec![], "the limit must hold it");
+    // Stopping the device must not wait for the bucket.
+    let start = Instant::now();
+    let dev = reset_in_time(r.dev);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let s = dev.counters().snapshot();
+    assert_eq!((s.reads, s.normalized_ios), (1, 64));
 }
 
 #[test]

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
 use vireo_api::{DiskFormat, VmSpec, SPEC_VERSION};
 use vireo_vhdx::convert::Format;
+use vireo_virtio::block::QosConfig;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
 use crate::console::Console;
 use crate::control::{ControlDisk, ControlServer};
 use crate::error::WorkerError;
 use crate::image::{self, DiskArg};
+use crate::metrics::{Meter, MeteredDisk};
 use crate::{files, server};
 use crate::{CONSOLE_SOCKET, CONTROL_SOCKET, EXIT_FILE, SPEC_FILE, WORKER_SOCKET};
 
@@ -70,10 +72,12 @@ fn read_launch(dir: &Path) -> Result<WorkerLaunch, WorkerError> {
     serde_json::from_slice(&text).map_err(|source| WorkerError::SpecJson { path, source })
 }
 
-/// The disks of `spec` as virtio slots, and what the control socket needs of them.
-fn open_disks(spec: &VmSpec) -> Result<(Vec<VirtioSlot>, Vec<ControlDisk>), WorkerError> {
+/// The disks of `spec` as virtio slots (with their storage QoS), what the control socket needs
+/// of them, and their counters for metering.
+fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
     let mut slots = Vec::new();
     let mut control = Vec::new();
+    let mut metered = Vec::new();
     for d in &spec.disks {
         let arg = DiskArg {
             path: d.path.clone(),
@@ -85,10 +89,26 @@ fn open_disks(spec: &VmSpec) -> Result<(Vec<VirtioSlot>, Vec<ControlDisk>), Work
             }),
         };
         let image::OpenedDisk { backend, image } = image::open(&arg)?;
-        let mut block = vireo_virtio::Block::new(backend.clone());
+        let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
+            max_iops: d.max_iops,
+            min_iops: d.min_iops,
+        });
         if let Some(serial) = &d.serial {
             block = block.with_serial(serial.clone());
         }
+        if d.max_iops.is_some() || d.min_iops.is_some() {
+            tracing::info!(
+                "disk {}: storage QoS max_iops={:?} min_iops={:?} (8 KiB-normalized)",
+                d.path.display(),
+                d.max_iops,
+                d.min_iops
+            );
+        }
+        metered.push(MeteredDisk {
+            path: d.path.clone(),
+            serial: d.serial.clone(),
+            counters: block.counters(),
+        });
         control.push(ControlDisk {
             path: d.path.clone(),
             read_only: d.read_only,
@@ -101,8 +121,10 @@ fn open_disks(spec: &VmSpec) -> Result<(Vec<VirtioSlot>, Vec<ControlDisk>), Work
             flush_on_exit: Some(backend),
         });
     }
-    Ok((slots, control))
+    Ok((slots, control, metered))
 }
+
+type OpenDisks = (Vec<VirtioSlot>, Vec<ControlDisk>, Vec<MeteredDisk>);
 
 fn start(dir: &Path) -> Result<Running, WorkerError> {
     let launch = read_launch(dir)?;
@@ -117,7 +139,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         return Err(WorkerError::NicsUnsupported(spec.nics.len()));
     }
     vireo_vmm::install_termination_handlers()?;
-    let (devices, control_disks) = open_disks(&spec)?;
+    let (devices, control_disks, metered) = open_disks(&spec)?;
     let console_path = dir.join(CONSOLE_SOCKET);
     let ring_bytes = spec.console_ring_bytes as usize;
     let (console, vmm_end) = Console::start(files::bind_private(&console_path)?, ring_bytes)
@@ -150,6 +172,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         vm: vm.handle(),
         started_at: AtomicI64::new(0),
         ring_bytes,
+        meter: Meter::new(metered, spec.memory_bytes),
     });
     server::start(
         files::bind_private(&dir.join(WORKER_SOCKET))?,
@@ -164,6 +187,7 @@ impl Running {
         self.state
             .started_at
             .store(crate::unix_millis(), Ordering::SeqCst);
+        let _ = self.state.meter.started.set(std::time::Instant::now());
         let exit = self.vm.run();
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();

@@ -14,6 +14,7 @@ pub mod error;
 pub mod files;
 pub mod image;
 pub mod launch;
+pub mod metrics;
 pub mod server;
 pub mod size;
 

@@ -32,6 +32,8 @@ pub struct State {
     pub started_at: AtomicI64,
     /// Size of the console ring, the most `ConsoleLog` returns.
     pub ring_bytes: usize,
+    /// What `Metrics` reads.
+    pub meter: crate::metrics::Meter,
 }
 
 /// Serves `listener` on a thread of its own.
@@ -184,6 +186,7 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
                 total_bytes: total,
             }
         }
+        WorkerOp::Metrics => WorkerReply::Metrics(s.meter.read()),
     };
     (reply, None)
 }
@@ -195,6 +198,10 @@ mod tests {
     #[test]
     fn parse_refuses_other_versions_and_malformed_lines_with_a_message() {
         assert_eq!(parse(br#"{"version":1,"op":"hello"}"#), Ok(WorkerOp::Hello));
+        assert_eq!(
+            parse(br#"{"version":1,"op":"metrics"}"#),
+            Ok(WorkerOp::Metrics)
+        );
         assert_eq!(
             parse(br#"{"version":1,"op":"console_log","max_bytes":5}"#),
             Ok(WorkerOp::ConsoleLog { max_bytes: 5 })

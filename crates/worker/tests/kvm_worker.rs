@@ -119,6 +119,8 @@ fn a_missing_disk_or_a_nic_is_start_failed_naming_it() {
         read_only: false,
         format: None,
         serial: None,
+        max_iops: None,
+        min_iops: None,
     });
     let mut w = Worker::start(spec);
     let (code, exit) = w.wait_exit();
@@ -269,12 +271,16 @@ fn disks_get_their_serial_and_the_control_socket_lists_them() {
         read_only: false,
         format: Some(DiskFormat::Raw),
         serial: Some("vireo-serial-0".into()),
+        max_iops: None,
+        min_iops: None,
     });
     spec.disks.push(DiskSpec {
         path: ro.clone(),
         read_only: true,
         format: None,
         serial: Some("vireo-serial-1".into()),
+        max_iops: None,
+        min_iops: None,
     });
     let mut w = Worker::start(spec);
     w.wait_console("PROBE READY");
@@ -327,6 +333,8 @@ fn a_disk_given_the_wrong_format_is_start_failed() {
         read_only: false,
         format: Some(DiskFormat::Vhdx),
         serial: None,
+        max_iops: None,
+        min_iops: None,
     });
     let mut w = Worker::start(spec);
     let (code, exit) = w.wait_exit();

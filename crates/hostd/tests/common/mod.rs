@@ -18,12 +18,16 @@ pub fn spec(name: &str) -> VmSpec {
                 read_only: false,
                 format: None,
                 serial: None,
+                max_iops: None,
+                min_iops: None,
             },
             DiskSpec {
                 path: "/srv/b.raw".into(),
                 read_only: true,
                 format: None,
                 serial: None,
+                max_iops: None,
+                min_iops: None,
             },
         ],
         nics: vec![

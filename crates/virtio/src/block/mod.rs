@@ -1,12 +1,15 @@
 //! virtio-blk over any [`BlockBackend`]: one request queue served by one worker thread.
 
 mod config;
+mod gate;
+pub mod qos;
 mod request;
 mod worker;
 
 pub use config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+pub use qos::QosConfig;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vireo_block::{BlockBackend, BlockError};
@@ -30,6 +33,14 @@ pub struct BlockCounters {
     pub write_zeroes: AtomicU64,
     /// Requests that ended with a status other than OK.
     pub errors: AtomicU64,
+    /// Successful requests in IOs normalized to 8 KiB ([`qos::cost`]).
+    pub normalized_ios: AtomicU64,
+    /// Nanoseconds requests were held back by the `max_iops` limiter.
+    pub throttled_ns: AtomicU64,
+    /// "Minimum IOPS not met" episodes ([`qos::MinIopsMonitor`]).
+    pub min_iops_alerts: AtomicU64,
+    /// An episode is going on.
+    pub min_iops_alert_active: AtomicBool,
 }
 
 /// A point-in-time copy of [`BlockCounters`].
@@ -43,6 +54,10 @@ pub struct BlockStats {
     pub discards: u64,
     pub write_zeroes: u64,
     pub errors: u64,
+    pub normalized_ios: u64,
+    pub throttled_ns: u64,
+    pub min_iops_alerts: u64,
+    pub min_iops_alert_active: bool,
 }
 
 impl BlockCounters {
@@ -57,6 +72,10 @@ impl BlockCounters {
             discards: get(&self.discards),
             write_zeroes: get(&self.write_zeroes),
             errors: get(&self.errors),
+            normalized_ios: get(&self.normalized_ios),
+            throttled_ns: get(&self.throttled_ns),
+            min_iops_alerts: get(&self.min_iops_alerts),
+            min_iops_alert_active: self.min_iops_alert_active.load(Ordering::Relaxed),
         }
     }
 }
@@ -71,6 +90,8 @@ pub struct Block {
     worker: Option<Worker>,
     /// What VIRTIO_BLK_T_GET_ID answers instead of the backend's own id (a VM spec's serial).
     serial: Option<String>,
+    /// Storage QoS; off (the default) costs nothing per request.
+    qos: QosConfig,
 }
 
 /// Resizes a disk while its device is owned by the transport, telling the driver.
@@ -127,6 +148,7 @@ impl Block {
             notifier: ConfigNotifier::default(),
             worker: None,
             serial: None,
+            qos: QosConfig::default(),
         }
     }
 
@@ -134,6 +156,17 @@ impl Block {
     /// the backend's own; the guest gets at most 20 bytes of it.
     pub fn with_serial(mut self, serial: impl Into<String>) -> Self {
         self.serial = Some(serial.into());
+        self
+    }
+
+    /// Storage QoS for the disk: `max_iops` delays requests beyond the limit (never fails
+    /// them; only this disk's thread waits), `min_iops` raises alerts when it is not met
+    /// (see [`qos`]). Both count IOs normalized to 8 KiB; zero means "none".
+    pub fn with_qos(mut self, qos: QosConfig) -> Self {
+        self.qos = QosConfig {
+            max_iops: qos.max_iops.filter(|&n| n > 0),
+            min_iops: qos.min_iops.filter(|&n| n > 0),
+        };
         self
     }
 
@@ -214,9 +247,12 @@ impl VirtioDevice for Block {
             interrupt,
             queue,
             event_idx,
-            self.backend.clone(),
-            self.counters.clone(),
-            self.serial.clone(),
+            worker::Disk {
+                backend: self.backend.clone(),
+                counters: self.counters.clone(),
+                serial: self.serial.clone(),
+                qos: self.qos,
+            },
         );
         self.worker = Some(worker.start()?);
         Ok(())

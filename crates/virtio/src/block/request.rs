@@ -8,6 +8,7 @@ use vireo_block::{check_range, BlockBackend, BlockError};
 use virtio_bindings::virtio_blk::*;
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::qos;
 use super::BlockCounters;
 use crate::chain::{ChainBuffers, ChainError};
 use crate::GuestMemory;
@@ -58,6 +59,28 @@ pub(crate) struct RequestContext<'a> {
 }
 
 impl RequestContext<'_> {
+    /// The normalized IOs the request in `chain` will count as ([`qos::cost`]), read from its
+    /// header before it runs; 0 for a chain without a readable header (it fails at once).
+    pub fn cost(&self, chain: &ChainBuffers) -> u64 {
+        let mut header = [0u8; 4];
+        if chain.readable_len() < HEADER_LEN || chain.read_at(self.mem, 0, &mut header).is_err() {
+            return 0;
+        }
+        let kind = u32::from_le_bytes(header);
+        let data_len = match kind {
+            VIRTIO_BLK_T_IN => chain.writable_len().saturating_sub(1),
+            _ => chain.readable_len() - HEADER_LEN,
+        };
+        qos::cost(kind, data_len)
+    }
+
+    fn count_ios(&self, kind: u32, data_len: u64) {
+        let ios = qos::cost(kind, data_len);
+        self.counters
+            .normalized_ios
+            .fetch_add(ios, Ordering::Relaxed);
+    }
+
     /// Executes the request in `chain` and returns the byte count for the used ring (data
     /// written plus the status byte), or 0 when the chain has no room even for a status byte.
     pub fn execute(&mut self, chain: &ChainBuffers) -> u32 {
@@ -95,6 +118,7 @@ impl RequestContext<'_> {
             VIRTIO_BLK_T_FLUSH => {
                 self.backend.flush()?;
                 self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                self.count_ios(kind, 0);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => self.get_id(chain, data_in_len),
@@ -127,6 +151,7 @@ impl RequestContext<'_> {
         }
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
+        self.count_ios(VIRTIO_BLK_T_IN, len);
         Ok(len)
     }
 
@@ -145,6 +170,7 @@ impl RequestContext<'_> {
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        self.count_ios(VIRTIO_BLK_T_OUT, len);
         Ok(())
     }
 
@@ -207,6 +233,7 @@ impl RequestContext<'_> {
             &self.counters.write_zeroes
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        self.count_ios(VIRTIO_BLK_T_DISCARD, 0);
         Ok(())
     }
 }

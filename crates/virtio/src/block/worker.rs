@@ -9,10 +9,12 @@ use vireo_block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::gate::Gate;
+use super::qos::QosConfig;
 use super::request::RequestContext;
 use super::BlockCounters;
 use crate::chain::ChainBuffers;
-use crate::queue::{notify_if_needed, serve_queue};
+use crate::queue::{notify_if_needed, serve_queue_gated, Served};
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
 
@@ -27,6 +29,16 @@ pub(crate) struct BlockWorker {
     backend: Arc<dyn BlockBackend>,
     counters: Arc<BlockCounters>,
     serial: Option<String>,
+    /// Storage QoS; `None` when the disk has none.
+    gate: Option<Gate>,
+}
+
+/// The disk a worker serves: its backend and what the device keeps across activations.
+pub(crate) struct Disk {
+    pub backend: Arc<dyn BlockBackend>,
+    pub counters: Arc<BlockCounters>,
+    pub serial: Option<String>,
+    pub qos: QosConfig,
 }
 
 impl BlockWorker {
@@ -35,13 +47,19 @@ impl BlockWorker {
         interrupt: Arc<dyn VirtioInterrupt>,
         handle: QueueHandle,
         event_idx: bool,
-        backend: Arc<dyn BlockBackend>,
-        counters: Arc<BlockCounters>,
-        serial: Option<String>,
+        disk: Disk,
     ) -> Self {
         let QueueHandle { mut queue, kick } = handle;
         queue.set_event_idx(event_idx);
+        let Disk {
+            backend,
+            counters,
+            serial,
+            qos,
+        } = disk;
+        let label = serial.clone().unwrap_or_else(|| backend.id());
         BlockWorker {
+            gate: Gate::new(qos, label),
             mem,
             interrupt,
             queue,
@@ -67,7 +85,9 @@ impl BlockWorker {
         self.serve(&mut buf);
         let mut ready = Vec::new();
         loop {
-            if let Err(e) = events.wait(&mut ready) {
+            // A held request or a measurement window brings the thread back without a kick.
+            let timeout = self.gate.as_ref().map_or(-1, Gate::timeout_ms);
+            if let Err(e) = events.wait_timeout(&mut ready, timeout) {
                 tracing::error!("virtio-blk: epoll failed, device stops: {e}");
                 return;
             }
@@ -81,25 +101,43 @@ impl BlockWorker {
 
     fn serve(&mut self, buf: &mut Vec<u8>) {
         let mem = &self.mem;
+        let gate = &mut self.gate;
+        let counters = &*self.counters;
+        if let Some(g) = gate.as_mut() {
+            g.serve_started(counters);
+        }
         let mut ctx = RequestContext {
             mem,
             backend: &*self.backend,
-            counters: &self.counters,
+            counters,
             serial: self.serial.as_deref(),
             buf,
         };
-        let used = serve_queue(&mut self.queue, mem, |chain| {
-            match ChainBuffers::collect(mem, chain) {
-                Ok(buffers) => ctx.execute(&buffers),
+        let (used, held) = serve_queue_gated(&mut self.queue, mem, |chain| {
+            let buffers = match ChainBuffers::collect(mem, chain) {
+                Ok(buffers) => buffers,
                 Err(e) => {
                     // Without trustworthy buffers there is nowhere safe to put a status; the
                     // chain is returned unused so the driver does not lose it.
                     tracing::warn!("virtio-blk: malformed request: {e}");
-                    ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    0
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    return Served::Used(0);
                 }
+            };
+            let Some(g) = gate.as_mut() else {
+                return Served::Used(ctx.execute(&buffers));
+            };
+            let cost = ctx.cost(&buffers);
+            if !g.admit(cost, counters) {
+                return Served::Defer;
             }
+            let len = ctx.execute(&buffers);
+            g.completed(cost, counters);
+            Served::Used(len)
         });
         notify_if_needed(&mut self.queue, mem, &*self.interrupt, 0, used);
+        if let Some(g) = gate.as_mut() {
+            g.serve_ended(held, counters);
+        }
     }
 }
