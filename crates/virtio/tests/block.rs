@@ -223,7 +223,7 @@ fn max_iops_delays_requests_by_what_the_bucket_allows_and_counts_the_hold() {
 }
 
 #[test]
-fn a_held_request_does_not_hold_up_a_reset() {
+fn a_held_request_holds_up_neither_another_disk_nor_a_reset() {
     let mut r = rig_qos(
         false,
         None,
@@ -240,6 +240,10 @@ fn a_held_request_does_not_hold_up_a_reset() {
     r.q.notify();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(r.q.take_used(&r.mem), vec![], "the limit must hold it");
+    // Another disk is served meanwhile: only the limited disk's thread waits.
+    let mut other = rig();
+    assert_eq!(other.request(T_IN, 0, Some(wo(DATA, 512 << 10))).0, S_OK);
+    assert_eq!(r.q.take_used(&r.mem), vec![], "still held");
     // Stopping the device must not wait for the bucket.
     let start = Instant::now();
     let dev = reset_in_time(r.dev);
