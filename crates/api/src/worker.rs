@@ -80,6 +80,17 @@ pub enum WorkerOp {
     ConsoleLog { max_bytes: u32 },
     /// What the worker has counted since it started: `Metrics`.
     Metrics,
+    /// Pause the VM: `Ok` once every vCPU is parked and every disk has finished the request
+    /// it was executing (its used-ring entry published); `Error` when that did not happen in
+    /// time (the VM then runs on) or the VM has stopped. Pausing a paused VM is `Ok`.
+    Pause,
+    /// Let a paused VM run again (`Ok`; also for a VM that is not paused).
+    Resume,
+    /// Hard reset, like a power cycle inside the same worker: the guest starts again from its
+    /// boot state (RAM wiped, kernel loaded again, devices and vCPUs reset) and runs, whether
+    /// it was paused or not. `Ok` once it has been restarted; `Error` when the kernel cannot
+    /// be opened (the VM is untouched) or a later step failed (the VM then ends, `VcpuFailed`).
+    Reset,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +124,9 @@ pub struct WorkerStatus {
     pub started_at: Option<i64>,
     /// The console socket clients attach to.
     pub console_socket: PathBuf,
+    /// Paused by `Pause` and not resumed since (`running` stays true while paused).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// What a worker has counted since it started (Hyper-V's Measure-VM, the worker's part).
@@ -252,10 +266,34 @@ mod tests {
             running: true,
             started_at: Some(1),
             console_socket: "/vm/console.sock".into(),
+            paused: false,
         });
         assert_eq!(
             serde_json::to_string(&status).unwrap(),
-            r#"{"reply":"status","running":true,"started_at":1,"console_socket":"/vm/console.sock"}"#
+            r#"{"reply":"status","running":true,"started_at":1,"console_socket":"/vm/console.sock","paused":false}"#
         );
+    }
+
+    #[test]
+    fn lifecycle_ops_and_paused_status() {
+        for (op, name) in [
+            (WorkerOp::Pause, "pause"),
+            (WorkerOp::Resume, "resume"),
+            (WorkerOp::Reset, "reset"),
+        ] {
+            let line = serde_json::to_string(&WorkerRequest::new(op.clone())).unwrap();
+            assert_eq!(line, format!(r#"{{"version":1,"op":"{name}"}}"#));
+            assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap().op, op);
+        }
+        // A status from a worker that predates `paused` still reads, as not paused.
+        let old = r#"{"reply":"status","running":true,"started_at":1,"console_socket":"/c"}"#;
+        let WorkerReply::Status(st) = serde_json::from_str(old).unwrap() else {
+            panic!("not a status");
+        };
+        assert!(!st.paused);
+        let paused = WorkerReply::Status(WorkerStatus { paused: true, ..st });
+        let text = serde_json::to_string(&paused).unwrap();
+        assert!(text.ends_with(r#","paused":true}"#), "{text}");
+        assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), paused);
     }
 }

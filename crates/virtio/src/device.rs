@@ -30,6 +30,13 @@ pub enum ActivateError {
     AlreadyActive,
 }
 
+/// Why a device could not be quiesced for a VM pause.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the device's worker did not reach a request boundary within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 /// A virtio device model. The transport calls these in the order the virtio spec's device
 /// initialisation prescribes: features, config, then `activate` once DRIVER_OK is set, and
 /// `reset` when the driver writes 0 to the status register.
@@ -56,4 +63,15 @@ pub trait VirtioDevice: Send {
     /// Stops serving queues and returns to the pre-activation state. Returns once workers have
     /// stopped touching guest memory.
     fn reset(&mut self);
+    /// VM pause: stop taking requests from the queues at a request boundary and return once
+    /// the workers are parked (what they had taken is executed and its used-ring entry
+    /// published). The default is for devices without that support: they keep working, and
+    /// say so in their documentation (the virtio-net and vhost-user NICs: frames received
+    /// while the VM is paused still land in the guest's receive buffers).
+    fn pause(&mut self, _timeout: std::time::Duration) -> Result<(), PauseError> {
+        Ok(())
+    }
+    /// Undoes [`VirtioDevice::pause`]: the workers serve again, including anything queued
+    /// while they were parked. Harmless when not paused.
+    fn resume(&mut self) {}
 }

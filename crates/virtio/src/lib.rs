@@ -12,11 +12,12 @@ mod chain;
 mod device;
 pub mod net;
 mod notifier;
+mod pause;
 mod queue;
 mod worker;
 
 pub use block::Block;
-pub use device::{ActivateError, QueueHandle, VirtioDevice, VirtioInterrupt};
+pub use device::{ActivateError, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt};
 pub use net::Net;
 
 /// Guest RAM as devices see it: mmap'd regions with a per-page dirty bitmap for VMM writes.

@@ -3,16 +3,22 @@
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::pause::PauseCtl;
 
 /// A running device thread and the eventfd that asks it to stop.
 #[derive(Debug)]
 pub(crate) struct Worker {
     stop: EventFd,
     handle: Option<JoinHandle<()>>,
+    /// Set for threads that can park for a VM pause ([`crate::pause`]).
+    pause: Option<Arc<PauseCtl>>,
 }
 
 impl Worker {
@@ -32,7 +38,26 @@ impl Worker {
         Ok(Worker {
             stop,
             handle: Some(handle),
+            pause: None,
         })
+    }
+
+    /// The thread parks when `pause` asks it to (its body polls `pause`).
+    pub fn with_pause(mut self, pause: Arc<PauseCtl>) -> Worker {
+        self.pause = Some(pause);
+        self
+    }
+
+    /// Parks the thread at its next request boundary; false if it did not within `timeout`.
+    /// A thread without pause support has nothing to quiesce and returns true.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.pause.as_ref().is_none_or(|p| p.pause(timeout))
+    }
+
+    pub fn resume(&self) {
+        if let Some(p) = &self.pause {
+            p.resume();
+        }
     }
 
     /// Asks the thread to stop and waits for it.

@@ -70,6 +70,18 @@ pub enum VmmError {
     ConsoleSocketInUse(std::path::PathBuf),
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] io::Error),
+    #[error("the VM is not running (it has stopped or is stopping)")]
+    NotRunning,
+    #[error("only {parked} of {vcpus} vCPUs paused in time; the VM keeps running")]
+    PauseTimeout { parked: usize, vcpus: usize },
+    #[error("virtio device {device} could not be paused: {source}; the VM keeps running")]
+    DevicePause {
+        device: usize,
+        #[source]
+        source: vireo_virtio::PauseError,
+    },
+    #[error("reset failed: {0}")]
+    Reset(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }

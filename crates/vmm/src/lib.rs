@@ -13,7 +13,9 @@ pub mod devices;
 pub mod dirty;
 pub mod error;
 pub mod exit;
+mod lifecycle;
 pub mod memory;
+mod reset;
 #[doc(hidden)]
 pub mod test_images;
 pub mod vcpu;

@@ -18,6 +18,8 @@ use crate::boot::BootEntry;
 use crate::devices::Bus;
 use crate::error::{Result, VmmError};
 use crate::exit::{ExitState, VmExit};
+use crate::lifecycle::RunControl;
+use crate::reset::VcpuBootState;
 
 /// "VIRE": tells a PVH guest it was started as an application processor (probe convention).
 pub const AP_MAGIC: u64 = 0x5649_5245;
@@ -148,7 +150,7 @@ pub fn configure(
 }
 
 /// Sensible power-on MSR values. KVM-PVM and older hosts refuse some MSRs; that is not fatal.
-fn set_msrs(vcpu: &VcpuFd) {
+pub(crate) fn set_msrs(vcpu: &VcpuFd) {
     let entries = [
         kvm_bindings::kvm_msr_entry {
             index: MSR_IA32_MISC_ENABLE,
@@ -226,16 +228,37 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitState>,
+    /// Pause/resume/reset requests.
+    pub control: Arc<RunControl>,
+    /// What a reset puts back; `Err` (why) when it could not be captured.
+    pub boot: std::result::Result<VcpuBootState, String>,
 }
 
-/// Runs vCPU `index` until the VM has an exit reason.
+/// Runs vCPU `index` until the VM has an exit reason. The caller has counted the thread in
+/// (`RunControl::vcpu_started`); it counts itself out when it ends.
 pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN.with(|r| r.set(run_ptr));
     tracing::debug!("vCPU {index} running");
     let mut exits = ExitCounts::default();
-    // A kick may have come before the pointer was published; the exit check below covers it.
-    while !ctx.exit.is_set() {
+    // A kick may have come before the pointer was published; the checks below cover it,
+    // because a request is always recorded before its kick is sent.
+    loop {
+        if ctx.exit.is_set() {
+            break;
+        }
+        if ctx.control.pause_requested() {
+            // A kick that arrives from here on is for a later request, which the checks
+            // above see on the way out of the park.
+            vcpu.set_kvm_immediate_exit(0);
+            ctx.control.park(|| match &ctx.boot {
+                Ok(boot) => boot
+                    .restore(&vcpu)
+                    .map_err(|e| format!("vCPU {index}: {e}")),
+                Err(why) => Err(format!("vCPU {index}: {why}")),
+            });
+            continue;
+        }
         let outcome = match vcpu.run() {
             Ok(exit) => {
                 exits.count(&exit);
@@ -259,6 +282,7 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    ctx.control.vcpu_ended();
     tracing::debug!("vCPU {index} stopped; exits: {exits}");
 }
 

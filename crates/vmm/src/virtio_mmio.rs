@@ -176,6 +176,21 @@ impl MmioTransport {
         self.interrupt.status.store(0, Ordering::SeqCst);
     }
 
+    /// VM pause: the device parks its workers at a request boundary (see
+    /// `VirtioDevice::pause`). A device the driver has not activated has nothing running.
+    pub fn pause(&mut self, timeout: std::time::Duration) -> Result<(), vireo_virtio::PauseError> {
+        if self.active {
+            self.device.pause(timeout)?;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self) {
+        if self.active {
+            self.device.resume();
+        }
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }

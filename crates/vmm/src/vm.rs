@@ -21,7 +21,9 @@ use crate::devices::Bus;
 use crate::dirty::{DirtyBitmap, DirtyTracker, Slot};
 use crate::error::{Result, VmmError};
 use crate::exit::{ExitState, VmExit};
+use crate::lifecycle::{ParkError, RunControl};
 use crate::memory::GuestRam;
+use crate::reset::{self, VcpuBootState, VmBootState};
 use crate::vcpu::{self, VcpuContext};
 use crate::virtio_mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::GuestMemory;
@@ -35,6 +37,10 @@ pub const MAX_VIRTIO_DEVICES: usize = 19;
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// How long stopping waits for vCPU threads before giving up on them.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause waits for every vCPU to leave KVM_RUN and park (normally microseconds).
+const VCPU_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause waits for each device to finish the request it is executing.
+const DEVICE_PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The termination signal received (0: none).
 static TERMINATE: AtomicI32 = AtomicI32::new(0);
@@ -87,6 +93,26 @@ struct Shared {
     ram: GuestRam,
     dirty: DirtyTracker,
     exit: Arc<ExitState>,
+    /// vCPU parking for pause, resume and reset.
+    control: Arc<RunControl>,
+    /// pthread ids of the running vCPU threads, for kicks; emptied before they are joined.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// One pause, resume or reset at a time.
+    lifecycle: Mutex<()>,
+    /// How to load the guest again on reset.
+    reload: Reload,
+    /// The irqchip and PIT at boot; `Err` (why) when they could not be read.
+    boot_state: std::result::Result<VmBootState, String>,
+}
+
+/// What `Vm::new` loaded into guest RAM, to do it again on reset.
+struct Reload {
+    kernel: std::path::PathBuf,
+    initrd: Option<std::path::PathBuf>,
+    cmdline: String,
+    vcpus: usize,
 }
 
 /// A cloneable handle to a VM for other threads: dirty tracking, guest memory, stop.
@@ -110,9 +136,147 @@ impl VmHandle {
     pub fn memory(&self) -> &GuestMemory {
         &self.0.ram.memory
     }
-    /// Asks the VM to stop; [`Vm::run`] returns [`VmExit::Stopped`].
+    /// Asks the VM to stop; [`Vm::run`] returns [`VmExit::Stopped`]. Works while paused too.
     pub fn request_stop(&self) {
         self.0.exit.set(VmExit::Stopped);
+    }
+
+    /// Paused by [`VmHandle::pause`] and not resumed since.
+    pub fn is_paused(&self) -> bool {
+        self.0.control.paused()
+    }
+
+    /// Pauses the VM: every vCPU is kicked out of KVM_RUN and parked, then every virtio device
+    /// finishes the request it is executing, publishes its used-ring entries and parks.
+    /// Returns once all of that has happened. Pausing a paused VM does nothing. A VM whose
+    /// vCPUs have not started yet is paused from the start (they park before their first
+    /// KVM_RUN). On an error the VM runs on as before.
+    pub fn pause(&self) -> Result<()> {
+        let _op = lock(&self.0.lifecycle);
+        self.pause_locked()
+    }
+
+    fn pause_locked(&self) -> Result<()> {
+        if self.0.exit.is_set() {
+            return Err(VmmError::NotRunning);
+        }
+        let kick = || {
+            for &t in lock(&self.0.vcpu_threads).iter() {
+                // SAFETY: the list holds only threads not yet joined (it is emptied, under
+                // this lock, before they are), so each pthread_t is valid.
+                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+            }
+        };
+        match self.0.control.pause_vcpus(VCPU_PAUSE_TIMEOUT, kick) {
+            Ok(()) => {}
+            Err(ParkError::Released) => return Err(VmmError::NotRunning),
+            Err(ParkError::Timeout { parked, alive }) => {
+                self.0.control.resume_vcpus();
+                return Err(VmmError::PauseTimeout {
+                    parked,
+                    vcpus: alive,
+                });
+            }
+        }
+        for (i, t) in self.0.transports.iter().enumerate() {
+            if let Err(source) = lock(t).pause(DEVICE_PAUSE_TIMEOUT) {
+                for t in &self.0.transports[..=i] {
+                    lock(t).resume();
+                }
+                self.0.control.resume_vcpus();
+                return Err(VmmError::DevicePause { device: i, source });
+            }
+        }
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    /// Lets a paused VM run again: devices first (they serve what the guest queued before the
+    /// pause and did not get to), then the vCPUs. Resuming a running VM does nothing.
+    pub fn resume(&self) -> Result<()> {
+        let _op = lock(&self.0.lifecycle);
+        if self.0.exit.is_set() {
+            return Err(VmmError::NotRunning);
+        }
+        if !self.0.control.paused() {
+            return Ok(());
+        }
+        for t in &self.0.transports {
+            lock(t).resume();
+        }
+        self.0.control.resume_vcpus();
+        tracing::info!("VM resumed");
+        Ok(())
+    }
+
+    /// A hard reset, like a power cycle without ending the process: the VM is paused, every
+    /// device reset, guest RAM wiped and the kernel loaded again from its file, the irqchip,
+    /// PIT and every vCPU put back to their boot state; then the VM runs (paused or not
+    /// before). Fails without touching the VM when the kernel or initrd cannot be opened or
+    /// the VM cannot be paused; a failure after that ends the VM ([`VmExit::Error`]), since
+    /// the old guest is gone by then.
+    pub fn reset(&self) -> Result<()> {
+        let _op = lock(&self.0.lifecycle);
+        if self.0.exit.is_set() {
+            return Err(VmmError::NotRunning);
+        }
+        let boot_state = self.0.boot_state.as_ref().map_err(|why| {
+            VmmError::Reset(format!("the boot state could not be captured: {why}"))
+        })?;
+        let r = &self.0.reload;
+        for (path, what) in [(Some(&r.kernel), "kernel"), (r.initrd.as_ref(), "initrd")] {
+            if let Some(path) = path {
+                std::fs::File::open(path).map_err(|e| {
+                    VmmError::Reset(format!("cannot open the {what} {}: {e}", path.display()))
+                })?;
+            }
+        }
+        self.pause_locked()?;
+        match self.reload(boot_state) {
+            Ok(()) => {
+                self.0.control.resume_vcpus();
+                tracing::info!("VM reset: the guest starts again from its boot state");
+                Ok(())
+            }
+            Err(e) => {
+                let e = match e {
+                    VmmError::Reset(_) => e,
+                    other => VmmError::Reset(other.to_string()),
+                };
+                tracing::error!("{e}; the VM stops");
+                self.0.exit.set(VmExit::Error(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of a reset after the pause.
+    fn reload(&self, boot_state: &VmBootState) -> Result<()> {
+        for t in &self.0.transports {
+            lock(t).reset();
+        }
+        lock(&self.0.serial).reset();
+        reset::wipe_ram(&self.0.ram)?;
+        let r = &self.0.reload;
+        boot::load(
+            &self.0.ram.memory,
+            &BootSpec {
+                kernel: &r.kernel,
+                initrd: r.initrd.as_deref(),
+                cmdline: &r.cmdline,
+                ram_size: self.0.ram.size,
+            },
+        )?;
+        boot::mptable::write(&self.0.ram.memory, r.vcpus)?;
+        boot_state.restore(&self.0.vm_fd)?;
+        match self.0.control.reset_vcpus(VCPU_PAUSE_TIMEOUT) {
+            Ok(errors) if errors.is_empty() => Ok(()),
+            Ok(errors) => Err(VmmError::Reset(errors.join("; "))),
+            Err(ParkError::Released) => Err(VmmError::NotRunning),
+            Err(ParkError::Timeout { parked, alive }) => Err(VmmError::Reset(format!(
+                "only {parked} of {alive} vCPUs loaded their boot state in time"
+            ))),
+        }
     }
     /// The exit reason, once there is one.
     pub fn exited(&self) -> bool {
@@ -123,11 +287,9 @@ impl VmHandle {
 /// A built VM, ready to run.
 pub struct Vm {
     shared: Arc<Shared>,
-    vcpus: Vec<VcpuFd>,
+    vcpus: Vec<(VcpuFd, std::result::Result<VcpuBootState, String>)>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    serial: Arc<Mutex<SerialDevice>>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
     flush_on_exit: Vec<Arc<dyn BlockBackend>>,
     input: Option<InputSource>,
     /// Removed when the VM is dropped.
@@ -332,7 +494,16 @@ impl Vm {
                 .create_vcpu(i as u64)
                 .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
             vcpu::configure(&vcpu, i as u32, config.vcpus as u32, boot.entry, &cpuid)?;
-            vcpus.push(vcpu);
+            // Read back rather than rebuilt on reset: KVM filled in what configure left alone.
+            let boot_state = VcpuBootState::capture(&vcpu).map_err(|e| e.to_string());
+            if let Err(e) = &boot_state {
+                tracing::warn!("vCPU {i}: boot state not captured, reset will fail: {e}");
+            }
+            vcpus.push((vcpu, boot_state));
+        }
+        let boot_state = VmBootState::capture(&vm_fd).map_err(|e| e.to_string());
+        if let Err(e) = &boot_state {
+            tracing::warn!("irqchip/PIT boot state not captured, reset will fail: {e}");
         }
 
         Ok(Vm {
@@ -341,12 +512,22 @@ impl Vm {
                 ram,
                 dirty,
                 exit,
+                control: Arc::default(),
+                vcpu_threads: Mutex::default(),
+                transports,
+                serial,
+                lifecycle: Mutex::default(),
+                reload: Reload {
+                    kernel: config.kernel.clone(),
+                    initrd: config.initrd.clone(),
+                    cmdline,
+                    vcpus: config.vcpus,
+                },
+                boot_state,
             }),
             vcpus,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            serial,
-            transports,
             flush_on_exit,
             input: Some(input),
             _console_socket: console_socket,
@@ -377,7 +558,7 @@ impl Vm {
         if let Some(mut input) = self.input.take() {
             let stop = || termination_signal().is_some() || exit.is_set();
             held = !console::wait_for_client(&mut input, stop)?;
-            console::start_input(input, self.serial.clone(), exit.clone())?;
+            console::start_input(input, self.shared.serial.clone(), exit.clone())?;
         }
         if held && !exit.is_set() {
             exit.set(VmExit::Stopped);
@@ -391,18 +572,27 @@ impl Vm {
         } else {
             std::mem::take(&mut self.vcpus)
         };
-        for (i, fd) in vcpus.into_iter().enumerate() {
+        let control = self.shared.control.clone();
+        for (i, (fd, boot)) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exit: exit.clone(),
+                control: control.clone(),
+                boot,
             };
+            // Counted in before it runs, so a pause never returns while it is about to start.
+            control.vcpu_started();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || vcpu::run(fd, i, ctx));
             match t {
-                Ok(t) => threads.push(t),
+                Ok(t) => {
+                    lock(&self.shared.vcpu_threads).push(t.as_pthread_t());
+                    threads.push(t);
+                }
                 Err(e) => {
+                    control.vcpu_ended();
                     exit.set(VmExit::Error(format!("cannot start vCPU {i} thread: {e}")));
                     break;
                 }
@@ -417,8 +607,13 @@ impl Vm {
             }
         };
         tracing::info!("VM stopping: {reason:?}");
+        // Parked vCPUs leave their park and see the exit; no pause or reset waits any more.
+        control.release();
+        lock(&self.shared.vcpu_threads).clear();
         stop_vcpus(threads);
-        for t in &self.transports {
+        // A reset or pause still going on holds this until it has given up.
+        let _op = lock(&self.shared.lifecycle);
+        for t in &self.shared.transports {
             lock(t).reset();
         }
         for b in &self.flush_on_exit {
@@ -426,7 +621,7 @@ impl Vm {
                 tracing::warn!("flushing disk {}: {e}", b.id());
             }
         }
-        lock(&self.serial).flush_output();
+        lock(&self.shared.serial).flush_output();
         tracing::debug!("VM stopped: vCPUs joined, devices reset, disks flushed");
         Ok(reason)
     }

@@ -156,6 +156,7 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
                 running: started != 0 && !s.vm.exited(),
                 started_at: (started != 0).then_some(started),
                 console_socket: s.console_socket.clone(),
+                paused: s.vm.is_paused(),
             })
         }
         WorkerOp::Shutdown => match &s.shutdown_line {
@@ -187,8 +188,27 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
             }
         }
         WorkerOp::Metrics => WorkerReply::Metrics(s.meter.read()),
+        WorkerOp::Pause => lifecycle("pause", s.vm.pause()),
+        WorkerOp::Resume => lifecycle("resume", s.vm.resume()),
+        WorkerOp::Reset => {
+            tracing::info!("reset requested");
+            lifecycle("reset", s.vm.reset())
+        }
     };
     (reply, None)
+}
+
+/// `Ok`, or `Error` saying which operation failed and why.
+fn lifecycle(what: &str, result: Result<(), vireo_vmm::VmmError>) -> WorkerReply {
+    match result {
+        Ok(()) => WorkerReply::Ok,
+        Err(e) => {
+            tracing::warn!("{what}: {e}");
+            WorkerReply::Error {
+                message: format!("{what}: {e}"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +222,12 @@ mod tests {
             parse(br#"{"version":1,"op":"metrics"}"#),
             Ok(WorkerOp::Metrics)
         );
+        assert_eq!(parse(br#"{"version":1,"op":"pause"}"#), Ok(WorkerOp::Pause));
+        assert_eq!(
+            parse(br#"{"version":1,"op":"resume"}"#),
+            Ok(WorkerOp::Resume)
+        );
+        assert_eq!(parse(br#"{"version":1,"op":"reset"}"#), Ok(WorkerOp::Reset));
         assert_eq!(
             parse(br#"{"version":1,"op":"console_log","max_bytes":5}"#),
             Ok(WorkerOp::ConsoleLog { max_bytes: 5 })

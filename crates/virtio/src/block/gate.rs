@@ -87,6 +87,19 @@ impl Gate {
         self.report(event, counters);
     }
 
+    /// The device thread parked for a VM pause: paused time is neither throttling nor demand.
+    pub fn pause(&mut self, counters: &BlockCounters) {
+        let now = self.now();
+        if let Some(since) = self.held_since.take() {
+            counters
+                .throttled_ns
+                .fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+        }
+        self.retry_at = None;
+        let event = self.monitor.as_mut().and_then(|m| m.set_busy(false, now));
+        self.report(event, counters);
+    }
+
     /// How long the thread may sleep before it must serve again (a held request, the end of a
     /// measurement window); -1: until kicked.
     pub fn timeout_ms(&self) -> i32 {

@@ -11,12 +11,16 @@ pub use qos::QosConfig;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use vireo_block::{BlockBackend, BlockError};
 
 use crate::notifier::ConfigNotifier;
+use crate::pause::PauseCtl;
 use crate::worker::Worker;
-use crate::{device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt};
+use crate::{
+    device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt,
+};
 
 /// Queue size offered when the caller does not choose one.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -253,6 +257,7 @@ impl VirtioDevice for Block {
                 serial: self.serial.clone(),
                 qos: self.qos,
             },
+            Arc::new(PauseCtl::new()?),
         );
         self.worker = Some(worker.start()?);
         Ok(())
@@ -264,5 +269,22 @@ impl VirtioDevice for Block {
         }
         self.notifier.set(None);
         self.acked_features = 0;
+    }
+
+    /// The worker executes requests one at a time, so "in flight" is the one it is executing:
+    /// it finishes it, publishes the used entries of the pass (and interrupts the driver if
+    /// asked), puts back what it had not started, and parks. Requests waiting in the ring
+    /// (held by `max_iops` or not yet reached) stay there untouched until [`Block::resume`].
+    fn pause(&mut self, timeout: Duration) -> Result<(), PauseError> {
+        match &self.worker {
+            Some(w) if !w.pause(timeout) => Err(PauseError::Timeout(timeout)),
+            _ => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 }

@@ -14,12 +14,14 @@ use super::qos::QosConfig;
 use super::request::RequestContext;
 use super::BlockCounters;
 use crate::chain::ChainBuffers;
+use crate::pause::{Park, PauseCtl};
 use crate::queue::{notify_if_needed, serve_queue_gated, Served};
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
 
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
+const TOKEN_PAUSE: u64 = 2;
 
 pub(crate) struct BlockWorker {
     mem: GuestMemory,
@@ -31,6 +33,7 @@ pub(crate) struct BlockWorker {
     serial: Option<String>,
     /// Storage QoS; `None` when the disk has none.
     gate: Option<Gate>,
+    pause: Arc<PauseCtl>,
 }
 
 /// The disk a worker serves: its backend and what the device keeps across activations.
@@ -48,6 +51,7 @@ impl BlockWorker {
         handle: QueueHandle,
         event_idx: bool,
         disk: Disk,
+        pause: Arc<PauseCtl>,
     ) -> Self {
         let QueueHandle { mut queue, kick } = handle;
         queue.set_event_idx(event_idx);
@@ -59,6 +63,7 @@ impl BlockWorker {
         } = disk;
         let label = serial.clone().unwrap_or_else(|| backend.id());
         BlockWorker {
+            pause,
             gate: Gate::new(qos, label),
             mem,
             interrupt,
@@ -76,7 +81,9 @@ impl BlockWorker {
         let events = EventLoop::new()?;
         events.add(self.kick.as_raw_fd(), TOKEN_KICK)?;
         events.add(stop.as_raw_fd(), TOKEN_STOP)?;
-        Worker::spawn("virtio-blk".into(), &stop, move || self.run(events))
+        events.add(self.pause.wake_fd(), TOKEN_PAUSE)?;
+        let pause = self.pause.clone();
+        Ok(Worker::spawn("virtio-blk".into(), &stop, move || self.run(events))?.with_pause(pause))
     }
 
     fn run(mut self, events: EventLoop) {
@@ -85,14 +92,43 @@ impl BlockWorker {
         self.serve(&mut buf);
         let mut ready = Vec::new();
         loop {
-            // A held request or a measurement window brings the thread back without a kick.
-            let timeout = self.gate.as_ref().map_or(-1, Gate::timeout_ms);
+            // The top of the loop is a request boundary: nothing taken from the ring is
+            // unfinished here, and the used entries of the last pass are published.
+            let parked = match self.pause.poll() {
+                Park::Run => false,
+                Park::Parked => {
+                    if let Some(g) = self.gate.as_mut() {
+                        g.pause(&self.counters);
+                    }
+                    true
+                }
+                Park::Resumed => {
+                    drain(&self.kick);
+                    self.serve(&mut buf);
+                    false
+                }
+            };
+            // A held request or a measurement window brings the thread back without a kick;
+            // a parked thread waits for its resume (or stop) alone.
+            let timeout = match (&self.gate, parked) {
+                (Some(g), false) => g.timeout_ms(),
+                _ => -1,
+            };
             if let Err(e) = events.wait_timeout(&mut ready, timeout) {
                 tracing::error!("virtio-blk: epoll failed, device stops: {e}");
                 return;
             }
             if ready.contains(&TOKEN_STOP) {
                 return;
+            }
+            if ready.contains(&TOKEN_PAUSE) {
+                // Decided at the top of the loop; a kick that came too is served on resume.
+                continue;
+            }
+            if parked {
+                // Cannot happen from a paused guest, but never serve while parked.
+                drain(&self.kick);
+                continue;
             }
             drain(&self.kick);
             self.serve(&mut buf);
@@ -113,7 +149,13 @@ impl BlockWorker {
             serial: self.serial.as_deref(),
             buf,
         };
+        let pause = &*self.pause;
         let (used, held) = serve_queue_gated(&mut self.queue, mem, |chain| {
+            // A pause stops the pass between two requests; the chain goes back untouched and
+            // is served on resume.
+            if pause.requested() {
+                return Served::Defer;
+            }
             let buffers = match ChainBuffers::collect(mem, chain) {
                 Ok(buffers) => buffers,
                 Err(e) => {

@@ -92,6 +92,26 @@ impl SerialDevice {
     pub fn flush_output(&mut self) {
         self.serial.writer_mut().flush_pending();
     }
+
+    /// Back to the power-on state (registers, FIFOs, pending input dropped), keeping the
+    /// interrupt line and the output. What the old guest left unfinished on its last line is
+    /// written out first.
+    pub fn reset(&mut self) {
+        self.flush_output();
+        let evt = &self.serial.interrupt_evt().0;
+        let (Ok(placeholder), Ok(irq)) = (evt.try_clone(), evt.try_clone()) else {
+            tracing::warn!("serial reset: cannot clone the interrupt eventfd; kept as it was");
+            return;
+        };
+        let old = std::mem::replace(
+            &mut self.serial,
+            Serial::new(
+                IrqTrigger(placeholder),
+                LineOutput::new(Box::new(std::io::sink())),
+            ),
+        );
+        self.serial = Serial::new(IrqTrigger(irq), old.into_writer());
+    }
 }
 
 impl BusDevice for SerialDevice {

@@ -1,0 +1,261 @@
+//! Parking vCPU threads for pause, resume and reset.
+//!
+//! A vCPU thread checks [`RunControl::pause_requested`] before every KVM_RUN. The controller sets
+//! the request and then kicks the thread (signal + `immediate_exit`, see `vcpu.rs`), so the
+//! thread leaves KVM_RUN, sees the request and parks here, outside KVM_RUN, until it is
+//! resumed or the VM ends. While parked it may be asked to load its boot state (reset): the
+//! vCPU's registers can only be set by the thread that owns its fd.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct State {
+    /// Pause requested (vCPUs must park or stay parked).
+    paused: bool,
+    /// vCPU threads started and not yet ended.
+    alive: usize,
+    /// vCPU threads parked now.
+    parked: usize,
+    /// Bumped to ask every parked vCPU to load its boot state.
+    reset_epoch: u64,
+    /// vCPUs that loaded it for the current epoch, and what failed.
+    reset_done: usize,
+    reset_errors: Vec<String>,
+    /// The VM is ending: parked vCPUs leave and nothing parks any more.
+    released: bool,
+}
+
+#[derive(Default)]
+pub struct RunControl {
+    pause: AtomicBool,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+/// Why the vCPUs did not all park.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParkError {
+    /// The VM is ending.
+    Released,
+    /// `parked` of `alive` vCPUs parked in time.
+    Timeout { parked: usize, alive: usize },
+}
+
+impl RunControl {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cheap check for the vCPU loop.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
+    pub fn paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// A vCPU thread is about to start (called before it is spawned).
+    pub fn vcpu_started(&self) {
+        self.lock().alive += 1;
+    }
+
+    /// A vCPU thread has left its loop.
+    pub fn vcpu_ended(&self) {
+        let mut s = self.lock();
+        s.alive = s.alive.saturating_sub(1);
+        self.cv.notify_all();
+    }
+
+    /// The VM is ending: parked vCPUs return (their loop then sees the exit reason) and
+    /// waiting controllers give up.
+    pub fn release(&self) {
+        let mut s = self.lock();
+        s.released = true;
+        s.paused = false;
+        self.pause.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Asks every vCPU to park; `kick` is called to get them out of KVM_RUN, again every
+    /// few milliseconds until all have parked or `timeout` passed. On failure the request
+    /// stays set: the caller decides (resume, or stop the VM).
+    pub fn pause_vcpus(&self, timeout: Duration, kick: impl Fn()) -> Result<(), ParkError> {
+        {
+            let mut s = self.lock();
+            if s.released {
+                return Err(ParkError::Released);
+            }
+            s.paused = true;
+            self.pause.store(true, Ordering::SeqCst);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            kick();
+            let s = self.lock();
+            let (s, _) = self
+                .cv
+                .wait_timeout_while(s, Duration::from_millis(5), |s| {
+                    !s.released && s.parked < s.alive
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            if s.released {
+                return Err(ParkError::Released);
+            }
+            if s.parked >= s.alive {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ParkError::Timeout {
+                    parked: s.parked,
+                    alive: s.alive,
+                });
+            }
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume_vcpus(&self) {
+        let mut s = self.lock();
+        s.paused = false;
+        self.pause.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// With every vCPU parked: each loads its boot state; returns the failures (empty: all
+    /// did), or `Err` when the VM ended or they did not answer in time.
+    pub fn reset_vcpus(&self, timeout: Duration) -> Result<Vec<String>, ParkError> {
+        let mut s = self.lock();
+        s.reset_epoch += 1;
+        s.reset_done = 0;
+        s.reset_errors.clear();
+        self.cv.notify_all();
+        let want = s.alive;
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, timeout, |s| !s.released && s.reset_done < want)
+            .unwrap_or_else(|p| p.into_inner());
+        if s.released {
+            return Err(ParkError::Released);
+        }
+        if s.reset_done < want {
+            return Err(ParkError::Timeout {
+                parked: s.reset_done,
+                alive: want,
+            });
+        }
+        Ok(s.reset_errors.clone())
+    }
+
+    /// vCPU thread: parks until resumed or released; `reset` runs (unlocked) whenever a reset
+    /// is asked for meanwhile.
+    pub fn park(&self, mut reset: impl FnMut() -> Result<(), String>) {
+        let mut s = self.lock();
+        let mut epoch = s.reset_epoch;
+        s.parked += 1;
+        self.cv.notify_all();
+        while s.paused && !s.released {
+            if s.reset_epoch != epoch {
+                epoch = s.reset_epoch;
+                drop(s);
+                let result = reset();
+                s = self.lock();
+                if epoch == s.reset_epoch {
+                    s.reset_done += 1;
+                    if let Err(e) = result {
+                        s.reset_errors.push(e);
+                    }
+                    self.cv.notify_all();
+                }
+                continue;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.parked -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// Fake vCPU threads: run "KVM_RUN" (a sleep) until asked to park.
+    fn spawn_vcpus(
+        ctl: &Arc<RunControl>,
+        n: usize,
+        resets: &Arc<AtomicUsize>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        (0..n)
+            .map(|_| {
+                ctl.vcpu_started();
+                let ctl = ctl.clone();
+                let resets = resets.clone();
+                std::thread::spawn(move || {
+                    let stop = Instant::now() + Duration::from_secs(30);
+                    while Instant::now() < stop {
+                        if ctl.lock().released {
+                            break;
+                        }
+                        if ctl.pause_requested() {
+                            ctl.park(|| {
+                                resets.fetch_add(1, Ordering::SeqCst);
+                                Ok(())
+                            });
+                            continue;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    ctl.vcpu_ended();
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pause_resume_reset_and_release() {
+        let ctl = Arc::new(RunControl::default());
+        let resets = Arc::new(AtomicUsize::new(0));
+        let threads = spawn_vcpus(&ctl, 3, &resets);
+        for _ in 0..5 {
+            ctl.pause_vcpus(Duration::from_secs(10), || {}).unwrap();
+            assert!(ctl.paused());
+            assert_eq!(ctl.lock().parked, 3);
+            ctl.pause_vcpus(Duration::ZERO, || {}).unwrap();
+            ctl.resume_vcpus();
+            ctl.resume_vcpus();
+        }
+        ctl.pause_vcpus(Duration::from_secs(10), || {}).unwrap();
+        assert_eq!(ctl.reset_vcpus(Duration::from_secs(10)), Ok(vec![]));
+        assert_eq!(resets.load(Ordering::SeqCst), 3);
+        // Released while paused: every thread leaves.
+        ctl.release();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ctl.lock().alive, 0);
+        assert_eq!(
+            ctl.pause_vcpus(Duration::from_secs(1), || {}),
+            Err(ParkError::Released)
+        );
+    }
+
+    #[test]
+    fn a_vcpu_that_never_parks_times_out() {
+        let ctl = RunControl::default();
+        ctl.vcpu_started();
+        let t0 = Instant::now();
+        let e = ctl.pause_vcpus(Duration::from_millis(50), || {});
+        assert_eq!(
+            e,
+            Err(ParkError::Timeout {
+                parked: 0,
+                alive: 1
+            })
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+}
