@@ -251,6 +251,9 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
             // A kick that arrives from here on is for a later request, which the checks
             // above see on the way out of the park.
             vcpu.set_kvm_immediate_exit(0);
+            // Tells a guest using kvmclock that the host stopped it, so its soft-lockup
+            // watchdog does not take the pause for a hung CPU (EINVAL without kvmclock).
+            let _ = vcpu.kvmclock_ctrl();
             ctx.control.park(|| match &ctx.boot {
                 Ok(boot) => boot
                     .restore(&vcpu)
