@@ -70,6 +70,21 @@ pub enum VmmError {
     ConsoleSocketInUse(std::path::PathBuf),
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] io::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl VmmError {
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+        move |source| VmmError::Kvm { what, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, VmmError>;
+
+/// Why a pause, resume or reset of a running VM ([`crate::VmHandle`]) did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
     #[error("the VM is not running (it has stopped or is stopping)")]
     NotRunning,
     #[error("only {parked} of {vcpus} vCPUs paused in time; the VM keeps running")]
@@ -82,14 +97,4 @@ pub enum VmmError {
     },
     #[error("reset failed: {0}")]
     Reset(String),
-    #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
 }
-
-impl VmmError {
-    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-        move |source| VmmError::Kvm { what, source }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, VmmError>;

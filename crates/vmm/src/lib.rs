@@ -25,7 +25,7 @@ pub mod vm;
 
 pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
 pub use dirty::DirtyBitmap;
-pub use error::VmmError;
+pub use error::{LifecycleError, VmmError};
 pub use exit::VmExit;
 pub use vm::{install_termination_handlers, max_vcpus, termination_signal, Vm, VmHandle};
 

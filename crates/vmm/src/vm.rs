@@ -19,7 +19,7 @@ use crate::devices::poweroff::{PowerOff, POWEROFF_LEN, POWEROFF_PORT};
 use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::Bus;
 use crate::dirty::{DirtyBitmap, DirtyTracker, Slot};
-use crate::error::{Result, VmmError};
+use crate::error::{LifecycleError, Result, VmmError};
 use crate::exit::{ExitState, VmExit};
 use crate::lifecycle::{ParkError, RunControl};
 use crate::memory::GuestRam;
@@ -151,14 +151,14 @@ impl VmHandle {
     /// Returns once all of that has happened. Pausing a paused VM does nothing. A VM whose
     /// vCPUs have not started yet is paused from the start (they park before their first
     /// KVM_RUN). On an error the VM runs on as before.
-    pub fn pause(&self) -> Result<()> {
+    pub fn pause(&self) -> std::result::Result<(), LifecycleError> {
         let _op = lock(&self.0.lifecycle);
         self.pause_locked()
     }
 
-    fn pause_locked(&self) -> Result<()> {
+    fn pause_locked(&self) -> std::result::Result<(), LifecycleError> {
         if self.0.exit.is_set() {
-            return Err(VmmError::NotRunning);
+            return Err(LifecycleError::NotRunning);
         }
         let kick = || {
             for &t in lock(&self.0.vcpu_threads).iter() {
@@ -169,10 +169,10 @@ impl VmHandle {
         };
         match self.0.control.pause_vcpus(VCPU_PAUSE_TIMEOUT, kick) {
             Ok(()) => {}
-            Err(ParkError::Released) => return Err(VmmError::NotRunning),
+            Err(ParkError::Released) => return Err(LifecycleError::NotRunning),
             Err(ParkError::Timeout { parked, alive }) => {
                 self.0.control.resume_vcpus();
-                return Err(VmmError::PauseTimeout {
+                return Err(LifecycleError::PauseTimeout {
                     parked,
                     vcpus: alive,
                 });
@@ -184,7 +184,7 @@ impl VmHandle {
                     lock(t).resume();
                 }
                 self.0.control.resume_vcpus();
-                return Err(VmmError::DevicePause { device: i, source });
+                return Err(LifecycleError::DevicePause { device: i, source });
             }
         }
         tracing::info!("VM paused");
@@ -193,10 +193,10 @@ impl VmHandle {
 
     /// Lets a paused VM run again: devices first (they serve what the guest queued before the
     /// pause and did not get to), then the vCPUs. Resuming a running VM does nothing.
-    pub fn resume(&self) -> Result<()> {
+    pub fn resume(&self) -> std::result::Result<(), LifecycleError> {
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
-            return Err(VmmError::NotRunning);
+            return Err(LifecycleError::NotRunning);
         }
         if !self.0.control.paused() {
             return Ok(());
@@ -215,19 +215,19 @@ impl VmHandle {
     /// before). Fails without touching the VM when the kernel or initrd cannot be opened or
     /// the VM cannot be paused; a failure after that ends the VM ([`VmExit::Error`]), since
     /// the old guest is gone by then.
-    pub fn reset(&self) -> Result<()> {
+    pub fn reset(&self) -> std::result::Result<(), LifecycleError> {
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
-            return Err(VmmError::NotRunning);
+            return Err(LifecycleError::NotRunning);
         }
         let boot_state = self.0.boot_state.as_ref().map_err(|why| {
-            VmmError::Reset(format!("the boot state could not be captured: {why}"))
+            LifecycleError::Reset(format!("the boot state could not be captured: {why}"))
         })?;
         let r = &self.0.reload;
         for (path, what) in [(Some(&r.kernel), "kernel"), (r.initrd.as_ref(), "initrd")] {
             if let Some(path) = path {
                 std::fs::File::open(path).map_err(|e| {
-                    VmmError::Reset(format!("cannot open the {what} {}: {e}", path.display()))
+                    LifecycleError::Reset(format!("cannot open the {what} {}: {e}", path.display()))
                 })?;
             }
         }
@@ -239,10 +239,6 @@ impl VmHandle {
                 Ok(())
             }
             Err(e) => {
-                let e = match e {
-                    VmmError::Reset(_) => e,
-                    other => VmmError::Reset(other.to_string()),
-                };
                 tracing::error!("{e}; the VM stops");
                 self.0.exit.set(VmExit::Error(e.to_string()));
                 Err(e)
@@ -251,12 +247,13 @@ impl VmHandle {
     }
 
     /// The part of a reset after the pause.
-    fn reload(&self, boot_state: &VmBootState) -> Result<()> {
+    fn reload(&self, boot_state: &VmBootState) -> std::result::Result<(), LifecycleError> {
         for t in &self.0.transports {
             lock(t).reset();
         }
         lock(&self.0.serial).reset();
-        reset::wipe_ram(&self.0.ram)?;
+        let failed = |e: VmmError| LifecycleError::Reset(e.to_string());
+        reset::wipe_ram(&self.0.ram).map_err(failed)?;
         let r = &self.0.reload;
         boot::load(
             &self.0.ram.memory,
@@ -266,14 +263,15 @@ impl VmHandle {
                 cmdline: &r.cmdline,
                 ram_size: self.0.ram.size,
             },
-        )?;
-        boot::mptable::write(&self.0.ram.memory, r.vcpus)?;
-        boot_state.restore(&self.0.vm_fd)?;
+        )
+        .map_err(failed)?;
+        boot::mptable::write(&self.0.ram.memory, r.vcpus).map_err(failed)?;
+        boot_state.restore(&self.0.vm_fd).map_err(failed)?;
         match self.0.control.reset_vcpus(VCPU_PAUSE_TIMEOUT) {
             Ok(errors) if errors.is_empty() => Ok(()),
-            Ok(errors) => Err(VmmError::Reset(errors.join("; "))),
-            Err(ParkError::Released) => Err(VmmError::NotRunning),
-            Err(ParkError::Timeout { parked, alive }) => Err(VmmError::Reset(format!(
+            Ok(errors) => Err(LifecycleError::Reset(errors.join("; "))),
+            Err(ParkError::Released) => Err(LifecycleError::NotRunning),
+            Err(ParkError::Timeout { parked, alive }) => Err(LifecycleError::Reset(format!(
                 "only {parked} of {alive} vCPUs loaded their boot state in time"
             ))),
         }

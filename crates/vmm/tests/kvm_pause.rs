@@ -133,9 +133,18 @@ fn kvm_pause_resume_reset_and_stop_while_paused() {
     h.request_stop();
     let exit = run.join().unwrap().unwrap();
     assert_eq!(exit, VmExit::Stopped);
-    assert!(matches!(h.pause(), Err(vireo_vmm::VmmError::NotRunning)));
-    assert!(matches!(h.resume(), Err(vireo_vmm::VmmError::NotRunning)));
-    assert!(matches!(h.reset(), Err(vireo_vmm::VmmError::NotRunning)));
+    assert!(matches!(
+        h.pause(),
+        Err(vireo_vmm::LifecycleError::NotRunning)
+    ));
+    assert!(matches!(
+        h.resume(),
+        Err(vireo_vmm::LifecycleError::NotRunning)
+    ));
+    assert!(matches!(
+        h.reset(),
+        Err(vireo_vmm::LifecycleError::NotRunning)
+    ));
 }
 
 /// A reset whose kernel file is gone fails before it touches the VM, which runs on.

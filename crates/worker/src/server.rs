@@ -199,7 +199,7 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
 }
 
 /// `Ok`, or `Error` saying which operation failed and why.
-fn lifecycle(what: &str, result: Result<(), vireo_vmm::VmmError>) -> WorkerReply {
+fn lifecycle(what: &str, result: Result<(), vireo_vmm::LifecycleError>) -> WorkerReply {
     match result {
         Ok(()) => WorkerReply::Ok,
         Err(e) => {
