@@ -281,9 +281,9 @@ fn wait_ready_count(w: &Worker, n: usize) {
     }
 }
 
-/// A hard reset: the probe boots again (a second `PROBE READY`), its memory is wiped (a
-/// pattern written before no longer verifies), the disk works again and keeps its data; a
-/// reset of a paused VM leaves it running.
+/// A hard reset: the probe boots again on both vCPUs (a second `PROBE READY`, two CPUs online),
+/// its memory is wiped (a pattern written before no longer verifies), the disk works again and
+/// keeps its data; a reset of a paused VM leaves it running.
 #[test]
 fn reset_boots_the_guest_again_in_the_same_worker() {
     if !kvm() {
@@ -291,6 +291,7 @@ fn reset_boots_the_guest_again_in_the_same_worker() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut spec = probe_spec();
+    spec.vcpus = 2;
     with_disk(&mut spec, dir.path());
     let w = Worker::start(spec);
     w.wait_console("PROBE READY");
@@ -304,6 +305,19 @@ fn reset_boots_the_guest_again_in_the_same_worker() {
     wait_ready_count(&w, 2);
     let mut console = w.probe_console();
     assert_eq!(console.command("PING", T).unwrap(), "OK PONG");
+    // The AP started over too (at the PVH entry, as at boot): it registered again in the wiped
+    // status page ("vCPUs online", INFO's cpus) and beats.
+    let deadline = Instant::now() + T;
+    loop {
+        let info = console.command("INFO", T).unwrap();
+        if info.ends_with("cpus=2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cpus = console.command("CPUS", T).unwrap();
+    assert!(cpus.starts_with("OK online=2"), "{cpus}");
     match console.command("MEM VERIFY 16 8 7", T) {
         Err(ProbeError::Err(e)) => assert!(e.starts_with("mismatch"), "{e}"),
         other => panic!("memory survived the reset: {other:?}"),
