@@ -739,3 +739,37 @@ fn pause_stops_at_a_request_boundary_and_resume_serves_what_waited() {
     dev.pause(Duration::from_secs(10)).unwrap();
     reset_in_time(dev);
 }
+
+/// Time paused is not time throttled: a request held by `max_iops` when the pause comes counts
+/// its hold up to the pause, not the pause itself.
+#[test]
+fn paused_time_is_not_counted_as_throttled() {
+    let mut r = rig_qos(
+        false,
+        None,
+        None,
+        QosConfig {
+            max_iops: Some(1),
+            min_iops: None,
+        },
+    );
+    // 512 KiB (64 IOs) passes on the burst and leaves 63 s of debt; the next request is held.
+    assert_eq!(r.request(T_IN, 0, Some(wo(DATA, 512 << 10))).0, S_OK);
+    r.header(HDR, T_IN, 0);
+    r.q.add_chain(&r.mem, &[ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)]);
+    r.q.notify();
+    std::thread::sleep(Duration::from_millis(50));
+    r.dev.pause(Duration::from_secs(10)).unwrap();
+    let paused = Duration::from_millis(400);
+    std::thread::sleep(paused);
+    r.dev.resume();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(r.q.take_used(&r.mem), vec![], "still held by the bucket");
+    let dev = reset_in_time(r.dev);
+    let held = Duration::from_nanos(dev.counters().snapshot().throttled_ns);
+    assert!(held >= Duration::from_millis(40), "{held:?}");
+    assert!(
+        held < paused,
+        "the pause was counted as throttling: {held:?}"
+    );
+}
