@@ -66,8 +66,7 @@ pub trait VirtioDevice: Send {
     /// VM pause: stop taking requests from the queues at a request boundary and return once
     /// the workers are parked (what they had taken is executed and its used-ring entry
     /// published). The default is for devices without that support: they keep working, and
-    /// say so in their documentation (the virtio-net and vhost-user NICs: frames received
-    /// while the VM is paused still land in the guest's receive buffers).
+    /// say so in their documentation (the vhost-user NIC, whose rings another process serves).
     fn pause(&mut self, _timeout: std::time::Duration) -> Result<(), PauseError> {
         Ok(())
     }

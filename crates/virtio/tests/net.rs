@@ -462,3 +462,38 @@ fn out_of_range_rx_head_is_skipped() {
     assert_eq!(used[0].1 as usize, NET_HDR_LEN + f.len());
     assert_eq!(&r.rx_bytes(0, used[0].1 as usize)[NET_HDR_LEN..], &f[..]);
 }
+
+/// A VM pause, device side: while paused a frame from the wire is not written into the guest's
+/// receive buffers and a frame the guest queued is not sent; resume delivers both. Pause and
+/// resume are idempotent, and a paused device still resets.
+#[test]
+fn paused_device_moves_no_frame_until_resume() {
+    let mut r = rig_named("paused");
+    for i in 0..4 {
+        r.post_rx(i, 2048);
+    }
+    let before = frame(100, 1);
+    r.peer.send(&before).unwrap();
+    r.rx.wait_used(&r.mem, 1);
+    r.dev.pause(Duration::from_secs(10)).unwrap();
+    r.dev.pause(Duration::ZERO).unwrap();
+    let inbound = frame(120, 2);
+    r.peer.send(&inbound).unwrap();
+    let outbound = frame(80, 3);
+    r.send(0, &outbound);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.rx.take_used(&r.mem), vec![], "received while paused");
+    let mut buf = vec![0; 4096];
+    assert_eq!(r.peer.recv(&mut buf).unwrap(), None, "sent while paused");
+    assert_eq!(r.dev.counters().snapshot().rx_frames, 1);
+    r.dev.resume();
+    r.dev.resume();
+    let used = r.rx.wait_used(&r.mem, 1);
+    assert_eq!(
+        &r.rx_bytes(1, used[0].1 as usize)[NET_HDR_LEN..],
+        &inbound[..]
+    );
+    assert_eq!(r.peer_recv().as_deref(), Some(&outbound[..]));
+    r.dev.pause(Duration::from_secs(10)).unwrap();
+    reset_in_time(r.dev);
+}

@@ -15,10 +15,11 @@ use virtio_bindings::virtio_net::{
 };
 
 use crate::notifier::ConfigNotifier;
+use crate::pause::PauseCtl;
 use crate::worker::Worker;
 use crate::{
-    device_type, ActivateError, GuestMemory, QueueHandle, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Queue size offered for each queue.
@@ -207,6 +208,7 @@ impl VirtioDevice for Net {
             },
             self.port.clone(),
             self.counters.clone(),
+            Arc::new(PauseCtl::new()?),
         );
         self.worker = Some(worker.start()?);
         Ok(())
@@ -218,5 +220,22 @@ impl VirtioDevice for Net {
         }
         self.notifier.set(None);
         self.acked_features = 0;
+    }
+
+    /// The worker finishes the pass it is in (the transmit or receive batch it took, used
+    /// entries published), stops watching the port and parks: frames arriving meanwhile stay
+    /// in the port (a TAP or socket queue, which drops what it cannot hold) and nothing is
+    /// written into guest memory until [`Net::resume`].
+    fn pause(&mut self, timeout: std::time::Duration) -> Result<(), PauseError> {
+        match &self.worker {
+            Some(w) if !w.pause(timeout) => Err(PauseError::Timeout(timeout)),
+            _ => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 }

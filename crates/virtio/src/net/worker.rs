@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::rx::RxPath;
 use super::tx::TxPath;
 use super::NetCounters;
+use crate::pause::{Park, PauseCtl};
 use crate::queue::notify_if_needed;
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
@@ -23,6 +24,7 @@ const TOKEN_RX_KICK: u64 = 0;
 const TOKEN_TX_KICK: u64 = 1;
 const TOKEN_PORT: u64 = 2;
 const TOKEN_STOP: u64 = 3;
+const TOKEN_PAUSE: u64 = 4;
 
 pub(crate) struct NetWorker {
     mem: GuestMemory,
@@ -37,6 +39,7 @@ pub(crate) struct NetWorker {
     port_watched: bool,
     /// Set after a port error that may repeat forever (closed fd, deleted interface).
     port_failed: bool,
+    pause: Arc<PauseCtl>,
 }
 
 /// Features the driver accepted that change how the worker behaves.
@@ -54,6 +57,7 @@ impl NetWorker {
         negotiated: Negotiated,
         port: Arc<dyn FramePort>,
         counters: Arc<NetCounters>,
+        pause: Arc<PauseCtl>,
     ) -> Self {
         let QueueHandle {
             queue: mut rxq,
@@ -76,6 +80,7 @@ impl NetWorker {
             counters,
             port_watched: false,
             port_failed: false,
+            pause,
         }
     }
 
@@ -87,12 +92,15 @@ impl NetWorker {
         events.add(self.tx_kick.as_raw_fd(), TOKEN_TX_KICK)?;
         events.add(self.port.rx_fd(), TOKEN_PORT)?;
         events.add(stop.as_raw_fd(), TOKEN_STOP)?;
+        events.add(self.pause.wake_fd(), TOKEN_PAUSE)?;
         self.port_watched = true;
-        Worker::spawn(
+        let pause = self.pause.clone();
+        Ok(Worker::spawn(
             format!("virtio-net-{}", self.port.name()),
             &stop,
             move || self.run(events),
-        )
+        )?
+        .with_pause(pause))
     }
 
     fn run(mut self, events: EventLoop) {
@@ -101,12 +109,38 @@ impl NetWorker {
         self.receive(&events);
         let mut ready = Vec::new();
         loop {
+            // The top of the loop is a pass boundary: every chain taken is used and published.
+            let parked = match self.pause.poll() {
+                Park::Run => false,
+                Park::Parked => {
+                    // Frames wait in the port meanwhile (or are dropped by it, as a port does
+                    // when nobody reads).
+                    self.watch_port(&events, false);
+                    true
+                }
+                Park::Resumed => {
+                    drain(&self.tx_kick);
+                    drain(&self.rx_kick);
+                    self.transmit();
+                    self.receive(&events);
+                    false
+                }
+            };
             if let Err(e) = events.wait(&mut ready) {
                 tracing::error!("virtio-net: epoll failed, device stops: {e}");
                 break;
             }
             if ready.contains(&TOKEN_STOP) {
                 break;
+            }
+            if ready.contains(&TOKEN_PAUSE) {
+                continue;
+            }
+            if parked {
+                // Cannot come from a paused guest; served on resume.
+                drain(&self.tx_kick);
+                drain(&self.rx_kick);
+                continue;
             }
             if ready.contains(&TOKEN_TX_KICK) {
                 drain(&self.tx_kick);
@@ -144,6 +178,10 @@ impl NetWorker {
         // Watch the port only while frames can go somewhere. When the budget ran out the fd
         // stays watched, and being level-triggered brings us straight back after other work.
         let want_port = !outcome.out_of_buffers && !self.port_failed;
+        self.watch_port(events, want_port);
+    }
+
+    fn watch_port(&mut self, events: &EventLoop, want_port: bool) {
         if want_port != self.port_watched {
             let result = if want_port {
                 events.add(self.port.rx_fd(), TOKEN_PORT)
