@@ -15,7 +15,6 @@ use virtio_bindings::virtio_net::{
 };
 
 use crate::notifier::ConfigNotifier;
-use crate::pause::PauseCtl;
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice,
@@ -208,7 +207,6 @@ impl VirtioDevice for Net {
             },
             self.port.clone(),
             self.counters.clone(),
-            Arc::new(PauseCtl::new()?),
         );
         self.worker = Some(worker.start()?);
         Ok(())

@@ -39,7 +39,6 @@ pub(crate) struct NetWorker {
     port_watched: bool,
     /// Set after a port error that may repeat forever (closed fd, deleted interface).
     port_failed: bool,
-    pause: Arc<PauseCtl>,
 }
 
 /// Features the driver accepted that change how the worker behaves.
@@ -57,7 +56,6 @@ impl NetWorker {
         negotiated: Negotiated,
         port: Arc<dyn FramePort>,
         counters: Arc<NetCounters>,
-        pause: Arc<PauseCtl>,
     ) -> Self {
         let QueueHandle {
             queue: mut rxq,
@@ -80,7 +78,6 @@ impl NetWorker {
             counters,
             port_watched: false,
             port_failed: false,
-            pause,
         }
     }
 
@@ -92,25 +89,26 @@ impl NetWorker {
         events.add(self.tx_kick.as_raw_fd(), TOKEN_TX_KICK)?;
         events.add(self.port.rx_fd(), TOKEN_PORT)?;
         events.add(stop.as_raw_fd(), TOKEN_STOP)?;
-        events.add(self.pause.wake_fd(), TOKEN_PAUSE)?;
+        let pause = Arc::new(PauseCtl::new()?);
+        events.add(pause.wake_fd(), TOKEN_PAUSE)?;
         self.port_watched = true;
-        let pause = self.pause.clone();
+        let ctl = pause.clone();
         Ok(Worker::spawn(
             format!("virtio-net-{}", self.port.name()),
             &stop,
-            move || self.run(events),
+            move || self.run(events, &ctl),
         )?
         .with_pause(pause))
     }
 
-    fn run(mut self, events: EventLoop) {
+    fn run(mut self, events: EventLoop, pause: &PauseCtl) {
         // The driver may have queued frames before activation.
         self.transmit();
         self.receive(&events);
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a pass boundary: every chain taken is used and published.
-            let parked = match self.pause.poll() {
+            let parked = match pause.poll() {
                 Park::Run => false,
                 Park::Parked => {
                     // Frames wait in the port meanwhile (or are dropped by it, as a port does
