@@ -216,6 +216,20 @@ fn bad_input_gets_4xx_with_the_error_shape_and_changes_nothing() {
     let r = d.request("PUT", "/v1/vms/keep/spec", Some((ct, &json_body(&mem))));
     check("put invalid spec", r, 422, "invalid");
     check("missing VM", d.get("/v1/vms/nope"), 404, "not_found");
+    check("NUL in the key", d.get("/v1/vms/a%00b"), 404, "not_found");
+    check("dot-dot key", d.get("/v1/vms/.."), 404, "not_found");
+    check(
+        "not UTF-8 in the key",
+        d.get("/v1/vms/%ff"),
+        400,
+        "bad_request",
+    );
+    check(
+        "id-shaped missing key",
+        d.get(&format!("/v1/vms/{}", uuid::Uuid::new_v4())),
+        404,
+        "not_found",
+    );
     check(
         "missing VM start",
         d.post("/v1/vms/nope/start"),

@@ -161,3 +161,23 @@ fn automatic_start_after_the_delay() {
     assert_eq!(jobs.as_array().unwrap().len(), 1);
     assert_eq!(jobs[0]["state"], "completed");
 }
+
+#[test]
+fn a_vm_stopping_when_vireod_died_is_adopted_and_can_be_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start(&tmp.path().join("state"));
+    let id = id_of(&d.create(&spec_json("halting", "fake.ignore_shutdown")));
+    d.start_vm("halting");
+    let pid = d.worker_record(&id).unwrap().pid;
+    let r = d.post_json("/v1/vms/halting/stop", &json!({"timeout_secs": 600}));
+    assert_eq!(r.status, 202);
+    d.kill9();
+    d.restart();
+    assert_eq!(d.state("halting"), "stopping");
+    // The default timeout (30 s) is too long to wait for here; a turn-off ends it at once
+    // through the adopted worker.
+    let r = d.post("/v1/vms/halting/turn-off");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "off");
+    assert!(!alive(pid));
+}
