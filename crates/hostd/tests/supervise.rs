@@ -317,3 +317,23 @@ fn console_attach_is_raw_bytes_both_ways() {
     let log = d.get("/v1/vms/tty/console/log");
     log.assert_error(409, "conflict");
 }
+
+#[test]
+fn turn_off_of_a_worker_not_answering_yet_signals_it_at_once() {
+    let (_tmp, d) = lab();
+    let id = id_of(&d.create(&spec_json("early", "fake.bind_ms=8000")));
+    let r = d.post("/v1/vms/early/start");
+    assert_eq!(r.status, 202);
+    let job = r.json()["id"].as_str().unwrap().to_owned();
+    wait_until(T, "worker record", || d.worker_record(&id).is_some());
+    let pid = d.worker_record(&id).unwrap().pid;
+    let t = Instant::now();
+    let r = d.post("/v1/vms/early/turn-off");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "off");
+    // TurnOff undeliverable for 2 s, then SIGTERM: well before the 10 s grace.
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(!alive(pid));
+    let job = d.wait_job(&job, T);
+    assert_eq!(job["state"], "failed", "{job}");
+}

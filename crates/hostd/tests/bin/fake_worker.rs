@@ -5,6 +5,7 @@
 //! Behaviour is chosen per VM by words in the spec's `cmdline`:
 //! - `fake.boot_ms=N`: the vCPUs "run" N ms after start (default 100);
 //! - `fake.never_runs`: they never do;
+//! - `fake.bind_ms=N`: the sockets appear only N ms after start;
 //! - `fake.fail_start=WORDS_WITH_UNDERSCORES`: exit 1 at once with `StartFailed` (the message
 //!   with `_` as spaces), before binding any socket;
 //! - `fake.crash_start`: exit 3 at once without a record;
@@ -229,6 +230,9 @@ fn main() {
         started_at: None,
         console: None,
     }));
+    if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
+        thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+    }
     let console = bind(&dir.join("console.sock"));
     let control = bind(&dir.join("worker.sock"));
     let gc = g.clone();
