@@ -181,3 +181,45 @@ fn a_vm_stopping_when_vireod_died_is_adopted_and_can_be_turned_off() {
     assert_eq!(r.json()["state"], "off");
     assert!(!alive(pid));
 }
+
+/// A create racing a SIGKILL of vireod: after the restart the VM is there whole (row, folder,
+/// identity) or not at all, never a folder alone.
+#[test]
+fn a_create_cut_by_sigkill_leaves_a_whole_vm_or_none() {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start(&tmp.path().join("state"));
+    for i in 0..16u64 {
+        let sock = d.sock.clone();
+        let body = serde_json::to_vec(&spec_json(&format!("c{i}"), "")).unwrap();
+        let client = std::thread::spawn(move || {
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+                return;
+            };
+            let head = format!(
+                "POST /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+            let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+        });
+        std::thread::sleep(Duration::from_micros(i * 500));
+        d.kill9();
+        client.join().unwrap();
+        d.restart();
+        let vms = d.show("/v1/vms");
+        let ids: BTreeSet<String> = vms.as_array().unwrap().iter().map(id_of).collect();
+        let folders: BTreeSet<String> = std::fs::read_dir(d.state_dir.join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(ids, folders, "round {i}");
+        eprintln!("round {i}: {} VMs", ids.len());
+        for vm in vms.as_array().unwrap() {
+            assert_eq!(d.show(&format!("/v1/vms/{}", id_of(vm))), *vm);
+            assert_eq!(vm["state"], "off");
+        }
+    }
+}

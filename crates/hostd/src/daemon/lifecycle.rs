@@ -143,8 +143,19 @@ pub async fn stop(
     tokio::spawn(async move {
         let outcome = match worker {
             Some(w) => run_stop(&d, &w, job_id, has_line, Duration::from_secs(secs.into())).await,
-            // Ended between the state change and here: its watcher has applied the exit.
-            None => Ok(()),
+            // Ended between the state change and here: its watcher is applying the exit.
+            None => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while d
+                    .store
+                    .get_by_id(vm.id())
+                    .is_ok_and(|v| v.state == VmState::Stopping)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(())
+            }
         };
         let state = d.store.get_by_id(vm.id()).map(|v| v.state);
         let outcome = match (outcome, state) {
