@@ -345,7 +345,7 @@ fn a_slow_client_times_out_and_a_vanished_one_changes_nothing() {
 }
 
 #[test]
-fn socket_is_private_one_daemon_per_dir_and_sigterm_exits_0() {
+fn socket_is_private_one_daemon_per_dir_and_sigterm_or_sigint_exit_0() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let mut d = Vireod::start(&state);
@@ -389,4 +389,7 @@ fn socket_is_private_one_daemon_per_dir_and_sigterm_exits_0() {
     assert_eq!(d.state("persist"), "off");
     let status = d.terminate();
     assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(!d.sock.exists(), "the socket is removed at exit");
+    d.restart();
+    assert_eq!(d.stop_with(libc::SIGINT).code(), Some(0));
 }

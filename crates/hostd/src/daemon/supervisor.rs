@@ -98,9 +98,7 @@ impl Worker {
         }
         self.exited_within(KILL_GRACE).await
     }
-}
 
-impl Worker {
     /// `TurnOff`, retried while the socket is not there yet (a worker still starting).
     async fn deliver_turn_off(&self) -> Result<(), worker_client::WorkerCallError> {
         let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
