@@ -196,3 +196,20 @@ fn probe_vms_survive_vireod_kill_and_a_killed_worker_touches_only_its_vm() {
     wait_ready(&d, "b");
     assert_eq!(d.post("/v1/vms/b/turn-off").status, 200);
 }
+
+#[test]
+fn a_real_start_failure_fails_the_job_with_the_workers_message() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let mut spec = probe("nokernel");
+    spec["kernel"] = json!("/nonexistent/vireo-kernel.elf");
+    d.create(&spec);
+    let r = d.post("/v1/vms/nokernel/start");
+    assert_eq!(r.status, 202);
+    let job = d.wait_job(r.json()["id"].as_str().unwrap(), T);
+    assert_eq!(job["state"], "failed", "{job}");
+    let err = job["error"].as_str().unwrap();
+    assert!(err.contains("/nonexistent/vireo-kernel.elf"), "{err}");
+    assert_eq!(d.state("nokernel"), "off");
+}
