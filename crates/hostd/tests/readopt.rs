@@ -141,6 +141,20 @@ fn a_worker_without_a_record_is_found_through_its_socket() {
     let r = d.post("/v1/vms/norec/turn-off");
     assert_eq!(r.status, 200);
     assert!(!alive(pid));
+
+    // Same, with a worker that has not bound its socket yet when vireod comes back.
+    let id = id_of(&d.create(&spec_json("binding", "fake.bind_ms=1500")));
+    let r = d.post("/v1/vms/binding/start");
+    assert_eq!(r.status, 202);
+    wait_until(T, "worker record", || d.worker_record(&id).is_some());
+    let pid = d.worker_record(&id).unwrap().pid;
+    d.kill9();
+    std::fs::remove_file(d.state_dir.join("vms").join(&id).join("worker.json")).unwrap();
+    d.restart();
+    d.wait_state("binding", "running", T);
+    assert_eq!(d.worker_record(&id).unwrap().pid, pid);
+    assert_eq!(d.post("/v1/vms/binding/turn-off").status, 200);
+    assert!(!alive(pid));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //!    (a reused pid has another) and answer `Hello` on `worker.sock` with this VM's id → it is
 //!    adopted and watched by polling `/proc/<pid>` (it is not our child).
 //! 2. Without a record (vireod died between spawn and record), a worker answering `Hello` for
-//!    this VM on its socket is adopted with the pid it gives.
+//!    this VM on its socket (within `HELLO_WAIT`) is adopted with the pid it gives.
 //! 3. A recorded process that is alive but does not answer within `HELLO_WAIT` is killed (it is
 //!    verified ours and useless) and the VM marked `Critical`.
 //! 4. Otherwise the worker is gone: its `exit.json` (for that pid) decides as if it had been
@@ -63,12 +63,9 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
     if record.is_some() && !recorded_alive {
         return gone(daemon, &vm, record.map(|r| r.pid), &dir);
     }
-    let wait = if recorded_alive {
-        HELLO_WAIT
-    } else {
-        Duration::ZERO
-    };
-    match hello(&dir, wait).await {
+    // Without a record vireod may have died right after the spawn, the worker still binding
+    // its socket: it gets the same time as a recorded one.
+    match hello(&dir, HELLO_WAIT).await {
         Some((vm_id, pid)) if vm_id == id && record.as_ref().is_none_or(|r| r.pid == pid) => {
             let record = match record {
                 Some(r) => r,

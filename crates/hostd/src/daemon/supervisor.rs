@@ -251,10 +251,9 @@ impl Supervisor {
         }
         let exit: Option<WorkerExit> = files::read_json(&files::path(&w.dir, files::EXIT));
         let exit = exit.filter(|e| e.pid == w.pid);
-        files::remove(&files::path(&w.dir, files::RECORD));
         let log_line = files::last_log_line(&w.dir);
         let forced = w.forced.load(Ordering::SeqCst);
-        apply_verdict(
+        let outcome = apply_verdict(
             daemon,
             w.vm_id,
             w.pid,
@@ -262,7 +261,11 @@ impl Supervisor {
             death,
             forced,
             log_line,
-        )
+        );
+        // After the state: a crash in between leaves a record of a dead pid, which the next
+        // start replaces; the other order could leave a worker state without any record.
+        files::remove(&files::path(&w.dir, files::RECORD));
+        outcome
     }
 }
 
