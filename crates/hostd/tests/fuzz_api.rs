@@ -154,7 +154,7 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
     let tmp = tempfile::tempdir().unwrap();
     let d = Vireod::start(&tmp.path().join("state"));
     let (mut rejected, mut accepted) = (0, 0);
-    for i in 0..600 {
+    for i in 0..2000 {
         if d.get("/v1/vms/base").status == 404 {
             d.create(&spec_json("base", ""));
         }
@@ -227,7 +227,7 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
     }
     eprintln!("{accepted} accepted, {rejected} rejected");
     assert!(
-        accepted > 10 && rejected > 300,
+        accepted > 50 && rejected > 1000,
         "{accepted} accepted, {rejected} rejected"
     );
 }
