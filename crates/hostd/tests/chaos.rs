@@ -39,33 +39,73 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 #[test]
 fn random_concurrent_lifecycle_requests_end_consistent() {
-    let seed: u64 = std::env::var("VIREO_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    eprintln!("VIREO_CHAOS_SEED={seed}");
-    let tmp = tempfile::tempdir().unwrap();
-    let d = Vireod::start(&tmp.path().join("state"));
     let cmdlines = [
         "fake.boot_ms=10",
         "fake.boot_ms=300",
         "fake.boot_ms=50 fake.ignore_shutdown",
         "fake.boot_ms=0",
     ];
-    let ids: Vec<String> = cmdlines
+    let specs = cmdlines
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            let vm = d.create(&spec_json(&format!("vm{i}"), c));
-            vm["identity"]["id"].as_str().unwrap().to_owned()
+        .map(|(i, c)| spec_json(&format!("vm{i}"), c))
+        .collect();
+    chaos(std::path::Path::new(common::daemon::FAKE_WORKER), specs, 60);
+}
+
+/// The same with `vireo-vm` and probe guests (KVM).
+#[test]
+fn random_concurrent_lifecycle_requests_with_probe_vms_end_consistent() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let bin = std::path::Path::new(common::daemon::VIREOD).with_file_name("vireo-vm");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build --release -p vireo-worker",
+        bin.display()
+    );
+    let specs = (0..3)
+        .map(|i| {
+            json!({
+                "version": 1,
+                "name": format!("probe{i}"),
+                "vcpus": 1,
+                "memory_bytes": 32 << 20,
+                "kernel": vireo_probe_image::probe_elf(),
+                "cmdline": "console=ttyS0",
+                "shutdown_line": "POWEROFF",
+            })
         })
         .collect();
+    chaos(&bin, specs, 30);
+}
+
+fn chaos(worker_bin: &std::path::Path, specs: Vec<serde_json::Value>, ops_per_client: usize) {
+    let seed: u64 = std::env::var("VIREO_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    eprintln!("VIREO_CHAOS_SEED={seed}");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), worker_bin);
+    let ids: Vec<String> = specs
+        .iter()
+        .map(|spec| {
+            d.create(spec)["identity"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let accepted = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for t in 0..4u64 {
+            let accepted = &accepted;
             let (d, ids) = (&d, &ids);
             s.spawn(move || {
                 let mut rng = Rng((seed ^ (t + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)) | 1);
-                for _ in 0..60 {
+                for _ in 0..ops_per_client {
                     let id = &ids[rng.below(ids.len() as u64) as usize];
                     let r = match rng.below(7) {
                         0 | 1 => d.post(&format!("/v1/vms/{id}/start")),
@@ -101,11 +141,17 @@ fn random_concurrent_lifecycle_requests_end_consistent() {
                         String::from_utf8_lossy(&r.body),
                         d.log()
                     );
+                    if r.status == 202 {
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     std::thread::sleep(Duration::from_millis(rng.below(30)));
                 }
             });
         }
     });
+    let accepted = accepted.into_inner();
+    eprintln!("{accepted} jobs accepted");
+    assert!(accepted >= 4, "hardly anything happened: {accepted} jobs");
     // Quiesce: turn everything off (a busy VM is retried), then every job must end.
     let start = Instant::now();
     for id in &ids {
