@@ -47,3 +47,5 @@ pub fn spec(name: &str) -> VmSpec {
         shutdown_line: None,
     }
 }
+
+pub mod daemon;
