@@ -1,10 +1,13 @@
-//! vireod, the host daemon (see `docs/hostd.md`). What exists so far is its foundation: the
-//! inventory store (`store`) — VMs with their spec, identity and state in SQLite under the state
-//! directory, each with a folder `vms/<id>/` — with schema migrations (`schema`) and the folder
-//! rules (`folders`). The API server, worker supervision and the rest build on it.
-#![forbid(unsafe_code)]
+//! vireod, the host daemon (see `docs/hostd.md`). The inventory store (`store`) — VMs with
+//! their spec, identity and state in SQLite under the state directory, each with a folder
+//! `vms/<id>/` — with schema migrations (`schema`) and the folder rules (`folders`); on it the
+//! daemon (`daemon`): the REST API on a Unix socket, jobs, and the supervision and re-adoption
+//! of the `vireo-vm` workers.
+// The only unsafe code (signals, setsid, umask) is in `daemon::sys`, which allows it.
+#![deny(unsafe_code)]
 
 mod api_error;
+pub mod daemon;
 pub mod error;
 pub mod folders;
 mod jobs;

@@ -43,3 +43,5 @@ pub fn spec(name: &str) -> VmSpec {
         shutdown_line: None,
     }
 }
+
+pub mod daemon;

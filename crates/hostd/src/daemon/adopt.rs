@@ -1,0 +1,184 @@
+//! Startup: re-adopting the workers of a previous vireod, and the automatic start.
+//!
+//! Rules, per VM whose stored state has a worker (`VmState::has_worker`):
+//! 1. `worker.json` names a pid; that process must still exist with the recorded start time
+//!    (a reused pid has another) and answer `Hello` on `worker.sock` with this VM's id → it is
+//!    adopted and watched by polling `/proc/<pid>` (it is not our child). A VM that was
+//!    `Starting` is carried on to `Running` once the worker reports the vCPUs running.
+//! 2. Without a record (vireod died between spawn and record), a worker answering `Hello` for
+//!    this VM on its socket is adopted with the pid it gives.
+//! 3. A recorded process that is alive but does not answer within `HELLO_WAIT` is killed (it is
+//!    verified ours and useless) and the VM marked `Critical`.
+//! 4. Otherwise the worker is gone: its `exit.json` (for that pid) decides as if it had been
+//!    watched; without one the VM is `Critical` "worker pid N gone while vireod was down".
+//!
+//! Adoption completes before the API serves, so no client sees a half-recovered inventory.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+use vireo_api::worker::{WorkerExit, WorkerRecord};
+use vireo_api::{Action, Vm, VmState};
+
+use super::exit::Death;
+use super::supervisor::apply_verdict;
+use super::worker_client::WorkerConn;
+use super::{files, lifecycle, procfs, sys, Daemon};
+
+const HELLO_WAIT: Duration = Duration::from_secs(5);
+
+pub async fn adopt_all(daemon: &Arc<Daemon>) {
+    let vms = match daemon.store.list() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list VMs for re-adoption");
+            return;
+        }
+    };
+    let mut tasks = Vec::new();
+    for vm in vms.into_iter().filter(|v| v.state.has_worker()) {
+        let d = daemon.clone();
+        tasks.push(tokio::spawn(async move { adopt_one(&d, vm).await }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
+    let id = vm.id();
+    let dir = daemon.store.vm_dir(id);
+    let record: Option<WorkerRecord> =
+        files::read_json::<WorkerRecord>(&files::path(&dir, files::RECORD))
+            .filter(|r| r.vm_id == id);
+    let recorded_alive = record
+        .as_ref()
+        .is_some_and(|r| procfs::alive(r.pid, r.start_time_ticks));
+    if record.is_some() && !recorded_alive {
+        return gone(daemon, &vm, record.map(|r| r.pid), &dir);
+    }
+    let wait = if recorded_alive {
+        HELLO_WAIT
+    } else {
+        Duration::ZERO
+    };
+    match hello(&dir, wait).await {
+        Some((vm_id, pid)) if vm_id == id && record.as_ref().is_none_or(|r| r.pid == pid) => {
+            let record = match record {
+                Some(r) => r,
+                None => {
+                    let Some(stat) = procfs::stat(pid) else {
+                        return gone(daemon, &vm, Some(pid), &dir);
+                    };
+                    let r = WorkerRecord {
+                        pid,
+                        start_time_ticks: stat.start_time_ticks,
+                        vm_id: id,
+                    };
+                    let _ = files::write_json_atomic(&files::path(&dir, files::RECORD), &r);
+                    r
+                }
+            };
+            let worker = daemon.sup.adopt(daemon, record, &dir);
+            if vm.state == VmState::Starting {
+                let d = daemon.clone();
+                tokio::spawn(async move { lifecycle::run_start(&d, &worker, None).await });
+            }
+        }
+        answer => {
+            let reason = match (&record, answer) {
+                (Some(r), None) => {
+                    let _ = sys::kill(r.pid, libc::SIGKILL);
+                    format!(
+                        "worker pid {} did not answer after vireod restarted; it was killed",
+                        r.pid
+                    )
+                }
+                (_, Some((other, pid))) => format!(
+                    "the worker socket answered for VM {other} (pid {pid}), not this VM; that process was left alone"
+                ),
+                (None, None) => return gone(daemon, &vm, None, &dir),
+            };
+            critical(daemon, id, reason);
+        }
+    }
+}
+
+/// `Hello` on the VM's socket, retried until `wait` has passed.
+async fn hello(dir: &Path, wait: Duration) -> Option<(Uuid, u32)> {
+    let sock = files::path(dir, files::SOCKET);
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(mut c) = WorkerConn::connect(&sock).await {
+            if let Ok(answer) = c.hello().await {
+                return Some(answer);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The worker is gone: exit.json for its pid decides, else Critical.
+fn gone(daemon: &Daemon, vm: &Vm, pid: Option<u32>, dir: &Path) {
+    let exit: Option<WorkerExit> = files::read_json(&files::path(dir, files::EXIT));
+    let exit = exit.filter(|e| pid.is_none_or(|p| p == e.pid));
+    files::remove(&files::path(dir, files::RECORD));
+    let pid = pid.or(exit.as_ref().map(|e| e.pid));
+    let Some(pid) = pid else {
+        return critical(
+            daemon,
+            vm.id(),
+            "worker gone while vireod was down (no record of it)".into(),
+        );
+    };
+    let o = apply_verdict(
+        daemon,
+        vm.id(),
+        pid,
+        exit.map(|e| e.reason),
+        Death::GoneWhileDown,
+        false,
+        None,
+    );
+    tracing::warn!(vm = %vm.id(), message = %o.message, state = ?o.state, "worker found gone at startup");
+}
+
+fn critical(daemon: &Daemon, id: Uuid, reason: String) {
+    tracing::warn!(vm = %id, %reason, "marking critical");
+    if let Err(e) = daemon.store.set_state(id, &Action::WorkerExited { reason }) {
+        tracing::error!(vm = %id, error = %e, "cannot mark critical");
+    }
+}
+
+/// VMs with `auto_start.enabled` that are off start `delay_secs` after vireod did.
+pub fn schedule_auto_start(daemon: &Arc<Daemon>) {
+    let Ok(vms) = daemon.store.list() else { return };
+    for vm in vms {
+        if !vm.spec.auto_start.enabled || vm.state != VmState::Off {
+            continue;
+        }
+        let d = daemon.clone();
+        let delay = Duration::from_secs(vm.spec.auto_start.delay_secs.into());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // The usual start, which refuses a VM no longer off.
+            let current = match d.store.get_by_id(vm.id()) {
+                Ok(v) => v,
+                Err(_) => return,
+            };
+            match lifecycle::start(&d, &current).await {
+                Ok(job) => {
+                    tracing::info!(vm = %vm.id(), name = %vm.spec.name, job = %job.id, "automatic start")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm.id(), error = %e.body.message, "automatic start refused")
+                }
+            }
+        });
+    }
+}

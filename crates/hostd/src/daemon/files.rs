@@ -1,0 +1,92 @@
+//! The supervisor's files in a VM folder (see `vireo_api::worker`): `spec.json` and
+//! `worker.json` written atomically (temp file, fsync, rename, fsync of the folder) so a crash
+//! leaves the old version or the new one; `exit.json` and `worker.log` read back.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub const SPEC: &str = "spec.json";
+pub const RECORD: &str = "worker.json";
+pub const EXIT: &str = "exit.json";
+pub const LOG: &str = "worker.log";
+pub const SOCKET: &str = "worker.sock";
+
+pub fn path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    f.write_all(&text)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `None` when missing; an unreadable or malformed file is logged and also `None` (it cannot
+/// be trusted either way).
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "malformed");
+            None
+        }
+    }
+}
+
+pub fn remove(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove");
+        }
+    }
+}
+
+/// The last non-empty line of `worker.log` (from its last 4 KiB), at most 300 bytes.
+pub fn last_log_line(dir: &Path) -> Option<String> {
+    let mut f = File::open(dir.join(LOG)).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_owned())
+}
+
+/// `worker.log`, opened for appending (created 0600), for the worker's stdout and stderr.
+pub fn open_log(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.join(LOG))
+}

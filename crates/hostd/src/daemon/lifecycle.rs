@@ -1,0 +1,257 @@
+//! Start, stop, turn-off and job cancel: the requests that move a VM through its worker. Each
+//! changes the state through the store first (`transition`: the loser of two conflicting
+//! requests gets 409), under the VM's lock while it spawns or kills, and leaves the worker's
+//! end to the supervisor's watcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+use vireo_api::rest::{DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS};
+use vireo_api::worker::WorkerOp;
+use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
+
+use super::http_error::HttpError;
+use super::jobs::cancelled;
+use super::supervisor::Worker;
+use super::worker_client::{call_once, WorkerConn};
+use super::Daemon;
+use crate::StoreError;
+
+/// From spawn until the worker reports the vCPUs running.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+/// `POST /vms/{vm}/start`: Starting, spawn, and a job that completes when the vCPUs run.
+pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
+    let _guard = daemon.try_lock_vm(vm)?;
+    let vm = daemon.store.set_state(vm.id(), &Action::Start)?;
+    let job = daemon.store.create_job(Some(vm.id()), JobKind::Start)?;
+    let worker = match daemon.sup.spawn(daemon, &vm) {
+        Ok(w) => w,
+        Err(message) => {
+            tracing::error!(vm = %vm.id(), %message, "start failed");
+            let _ = daemon.store.set_state(vm.id(), &Action::StartFailed);
+            return Ok(daemon.store.finish_job(job.id, Err(message))?);
+        }
+    };
+    let job = daemon.store.set_job_progress(job.id, 10)?;
+    let cancel = daemon.jobs.register(job.id);
+    let d = daemon.clone();
+    tokio::spawn(async move {
+        let job_id = job.id;
+        tokio::select! {
+            () = run_start(&d, &worker, Some(job_id)) => {}
+            () = cancelled(cancel) => {}
+        }
+        d.jobs.finished(job_id);
+    });
+    Ok(job)
+}
+
+/// Waits for `worker` to report the VM running, then Started; on failure, the job fails with
+/// the reason (and a worker that never ran is turned off). Also used for a worker re-adopted
+/// in `Starting` (no job then).
+pub async fn run_start(daemon: &Daemon, worker: &Worker, job: Option<Uuid>) {
+    let id = worker.vm_id;
+    let outcome: Result<(), String> = tokio::select! {
+        r = tokio::time::timeout(START_TIMEOUT, wait_running(daemon, worker, job)) => match r {
+            Ok(Ok(())) => Ok(()),
+            // A worker that is on its way out says why in exit.json: prefer that.
+            Ok(Err(message)) => match worker.exited_within(Duration::from_secs(1)).await {
+                Some(o) => Err(o.message),
+                None => {
+                    worker.force_off().await;
+                    Err(format!("{message}; the VM was turned off"))
+                }
+            },
+            Err(_) => {
+                worker.force_off().await;
+                Err(format!("the worker did not report the VM running within {}s; the VM was turned off", START_TIMEOUT.as_secs()))
+            }
+        },
+        o = worker.exited() => Err(o.message),
+    };
+    let outcome = outcome.and_then(|()| {
+        daemon
+            .store
+            .set_state(id, &Action::Started)
+            .map(|_| ())
+            .map_err(|e| match e {
+                // The worker ended (or was turned off) in the meantime.
+                StoreError::IllegalTransition(t) => format!("the VM is {} now", t.current),
+                e => e.to_string(),
+            })
+    });
+    if let Err(message) = &outcome {
+        tracing::warn!(vm = %id, %message, "start failed");
+    }
+    if let Some(job) = job {
+        // A cancel that came first has ended the job already; its turn-off follows.
+        let _ = daemon.store.finish_job(job, outcome);
+    }
+}
+
+/// Hello (must be this VM), then Status until running.
+async fn wait_running(daemon: &Daemon, worker: &Worker, job: Option<Uuid>) -> Result<(), String> {
+    let sock = worker.socket();
+    let mut conn = loop {
+        match WorkerConn::connect(&sock).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    };
+    let (vm_id, _) = conn.hello().await.map_err(|e| e.to_string())?;
+    if vm_id != worker.vm_id {
+        return Err(format!(
+            "the worker at {} answers for VM {vm_id}, not {}",
+            sock.display(),
+            worker.vm_id
+        ));
+    }
+    if let Some(job) = job {
+        let _ = daemon.store.set_job_progress(job, 50);
+    }
+    loop {
+        if conn.status().await.map_err(|e| e.to_string())?.running {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `POST /vms/{vm}/stop`: Stopping, the shutdown line, and a turn-off after `timeout_secs`.
+pub async fn stop(
+    daemon: &Arc<Daemon>,
+    vm: &Vm,
+    timeout_secs: Option<u32>,
+) -> Result<Job, HttpError> {
+    let secs = timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS);
+    if secs > MAX_STOP_TIMEOUT_SECS {
+        return Err(HttpError::new(
+            ApiErrorCode::Invalid,
+            format!("timeout_secs = {secs}: at most {MAX_STOP_TIMEOUT_SECS}"),
+        ));
+    }
+    let _guard = daemon.try_lock_vm(vm)?;
+    let vm = daemon.store.set_state(vm.id(), &Action::Stop)?;
+    let job = daemon.store.create_job(Some(vm.id()), JobKind::Stop)?;
+    let worker = daemon.sup.get(vm.id());
+    let d = daemon.clone();
+    let has_line = vm.spec.shutdown_line.is_some();
+    let job_id = job.id;
+    tokio::spawn(async move {
+        let outcome = match worker {
+            Some(w) => run_stop(&d, &w, job_id, has_line, Duration::from_secs(secs.into())).await,
+            // Ended between the state change and here: its watcher has applied the exit.
+            None => Ok(()),
+        };
+        let state = d.store.get_by_id(vm.id()).map(|v| v.state);
+        let outcome = match (outcome, state) {
+            (Ok(()), Ok(VmState::Off)) => Ok(()),
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(s)) => Err(format!("the VM is {s} after the stop")),
+            (Ok(()), Err(e)) => Err(e.to_string()),
+        };
+        let _ = d.store.finish_job(job_id, outcome);
+    });
+    Ok(job)
+}
+
+async fn run_stop(
+    daemon: &Daemon,
+    worker: &Worker,
+    job: Uuid,
+    has_line: bool,
+    limit: Duration,
+) -> Result<(), String> {
+    if has_line {
+        if let Err(e) = call_once(&worker.socket(), WorkerOp::Shutdown).await {
+            tracing::warn!(vm = %worker.vm_id, error = %e, "shutdown request failed; waiting for the timeout");
+        }
+    }
+    let _ = daemon.store.set_job_progress(job, 50);
+    if worker.exited_within(limit).await.is_some() {
+        return Ok(());
+    }
+    tracing::info!(vm = %worker.vm_id, "guest did not power off in time; turning off");
+    match worker.force_off().await {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "worker pid {} would not exit, even after SIGKILL",
+            worker.pid
+        )),
+    }
+}
+
+/// `POST /vms/{vm}/turn-off`: stops the worker now and returns the VM, `off`.
+pub async fn turn_off(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Vm, HttpError> {
+    let _guard = daemon.try_lock_vm(vm)?;
+    turn_off_locked(daemon, vm.id()).await
+}
+
+async fn turn_off_locked(daemon: &Daemon, id: Uuid) -> Result<Vm, HttpError> {
+    let vm = daemon.store.get_by_id(id)?;
+    transition(&vm.state, &Action::TurnOff)?;
+    if let Some(w) = daemon.sup.get(id) {
+        if w.force_off().await.is_none() {
+            return Err(HttpError::internal(format!(
+                "worker pid {} of VM {:?} would not exit, even after SIGKILL",
+                w.pid, vm.spec.name
+            )));
+        }
+    }
+    // The watcher has applied the exit (Off); a VM without a worker (critical, or one whose
+    // worker ended just now) is turned off here.
+    match daemon.store.set_state(id, &Action::TurnOff) {
+        Ok(vm) => Ok(vm),
+        Err(StoreError::IllegalTransition(t)) if t.current == VmState::Off => {
+            Ok(daemon.store.get_by_id(id)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /jobs/{id}/cancel`: a start is cancelled (its VM turned off); a stop cannot be.
+pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
+    let job = match daemon.store.get_job(id) {
+        Err(StoreError::NotFound { .. }) => {
+            return Err(super::routes::jobs::no_job(&id.to_string()))
+        }
+        r => r?,
+    };
+    if job.state != vireo_api::JobState::Running {
+        return Err(StoreError::JobEnded {
+            id,
+            state: job.state,
+        }
+        .into());
+    }
+    match job.kind {
+        JobKind::Start => {}
+        JobKind::Stop => {
+            return Err(HttpError::conflict(
+                "a stop job cannot be cancelled; turn-off forces a stop",
+            ))
+        }
+        kind => {
+            return Err(HttpError::conflict(format!(
+                "a {kind:?} job cannot be cancelled"
+            )))
+        }
+    }
+    let vm_id = job
+        .vm_id
+        .ok_or_else(|| HttpError::conflict("the job's VM is gone"))?;
+    let _guard = daemon.lock_vm(vm_id).await;
+    // The store decides the race with the job's own end: whichever ends it first wins.
+    let job = daemon.store.cancel_job(id)?;
+    daemon.jobs.cancel(id);
+    if let Err(e) = turn_off_locked(daemon, vm_id).await {
+        // Already off (the start failed meanwhile) is fine; anything else is reported.
+        if e.body.code != ApiErrorCode::Conflict {
+            return Err(e);
+        }
+    }
+    Ok(job)
+}

@@ -1,0 +1,86 @@
+//! The daemon process (`vireod`): the REST server over the store, the worker supervisor, jobs,
+//! re-adoption and automatic start. See `docs/hostd.md` for the process model.
+//!
+//! Shared state is one `Daemon` behind an `Arc`. Locking: the store serializes its own
+//! transactions; `vm_locks` gives each VM one async mutex held by the multi-step requests that
+//! must not interleave on that VM (start's state change + spawn, turn-off, cancel, spec
+//! update, remove). A request finding it taken answers 409 (busy) instead of queueing. Workers'
+//! exits are applied by the supervisor's watchers through the store alone (never the VM lock,
+//! which a turn-off holds while it waits for that exit).
+
+pub mod adopt;
+pub mod exit;
+pub mod files;
+pub mod http_error;
+pub mod jobs;
+pub mod lifecycle;
+pub mod procfs;
+pub mod router;
+pub mod routes;
+pub mod server;
+pub mod supervisor;
+pub mod sys;
+pub mod worker_client;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedMutexGuard;
+use uuid::Uuid;
+use vireo_api::{Limits, Vm};
+
+use self::http_error::HttpError;
+use self::jobs::JobRegistry;
+use self::supervisor::Supervisor;
+use crate::Store;
+
+pub struct Daemon {
+    pub store: Store,
+    pub sup: Supervisor,
+    pub jobs: JobRegistry,
+    pub limits: Limits,
+    vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Daemon {
+    pub fn new(store: Store, limits: Limits, worker_bin: PathBuf) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            store,
+            sup: Supervisor::new(worker_bin),
+            jobs: JobRegistry::default(),
+            limits,
+            vm_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn vm_mutex(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id).or_default().clone()
+    }
+
+    /// The VM's lock, or 409 when another request holds it.
+    pub fn try_lock_vm(&self, vm: &Vm) -> Result<OwnedMutexGuard<()>, HttpError> {
+        self.vm_mutex(vm.id()).try_lock_owned().map_err(|_| {
+            HttpError::conflict(format!(
+                "VM {:?} is busy with another request; retry once it has finished",
+                vm.spec.name
+            ))
+        })
+    }
+
+    /// The VM's lock, waiting for it (internal callers: cancel, automatic start).
+    pub async fn lock_vm(&self, id: Uuid) -> OwnedMutexGuard<()> {
+        self.vm_mutex(id).lock_owned().await
+    }
+
+    pub fn forget_vm_lock(&self, id: Uuid) {
+        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(&id);
+    }
+
+    /// `{vm}` of a route: an id or a name.
+    pub fn find(&self, key: &str) -> Result<Vm, HttpError> {
+        Ok(self.store.find(key)?)
+    }
+}

@@ -1,0 +1,15 @@
+//! The handlers, one module per resource; `router.rs` maps them onto paths.
+
+pub mod console;
+pub mod host;
+pub mod jobs;
+pub mod power;
+pub mod vms;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+
+use super::Daemon;
+
+pub type St = State<Arc<Daemon>>;

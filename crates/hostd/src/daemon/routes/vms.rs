@@ -1,0 +1,112 @@
+//! The VM resource: list, create, show, replace the spec, rename, remove.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use vireo_api::{RenameRequest, Vm, VmSpec, VmState};
+
+use super::St;
+use crate::daemon::http_error::{ApiJson, ApiPath, ApiQuery, HttpError};
+
+pub async fn list(State(d): St) -> Result<Json<Vec<Vm>>, HttpError> {
+    Ok(Json(d.store.list()?))
+}
+
+pub async fn create(
+    State(d): St,
+    ApiJson(spec): ApiJson<VmSpec>,
+) -> Result<(StatusCode, Json<Vm>), HttpError> {
+    Ok((StatusCode::CREATED, Json(d.store.create_vm(&spec)?)))
+}
+
+pub async fn show(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
+    Ok(Json(d.find(&key)?))
+}
+
+pub async fn put_spec(
+    State(d): St,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(spec): ApiJson<VmSpec>,
+) -> Result<Json<Vm>, HttpError> {
+    let vm = d.find(&key)?;
+    let _guard = d.try_lock_vm(&vm)?;
+    let vm = d.store.get_by_id(vm.id())?;
+    if !matches!(vm.state, VmState::Off | VmState::Critical { .. }) {
+        return Err(HttpError::conflict(format!(
+            "cannot change the spec of a VM that is {}; turn it off first",
+            vm.state
+        )));
+    }
+    Ok(Json(d.store.update_spec(vm.id(), &spec)?))
+}
+
+pub async fn rename(
+    State(d): St,
+    ApiPath(key): ApiPath<String>,
+    ApiJson(req): ApiJson<RenameRequest>,
+) -> Result<Json<Vm>, HttpError> {
+    let vm = d.find(&key)?;
+    let _guard = d.try_lock_vm(&vm)?;
+    Ok(Json(d.store.rename(vm.id(), &req.name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    delete_disks: bool,
+}
+
+pub async fn remove(
+    State(d): St,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> Result<StatusCode, HttpError> {
+    let vm = d.find(&key)?;
+    let _guard = d.try_lock_vm(&vm)?;
+    let vm = d.store.get_by_id(vm.id())?;
+    if vm.state.has_worker() {
+        return Err(HttpError::conflict(format!(
+            "cannot remove a VM that is {}; turn it off first",
+            vm.state
+        )));
+    }
+    let disks: Vec<PathBuf> = vm.spec.disks.iter().map(|d| d.path.clone()).collect();
+    if q.delete_disks {
+        // A disk another VM also names stays: deleting it would break that VM.
+        let others = d.store.list()?;
+        let shared: HashSet<&PathBuf> = others
+            .iter()
+            .filter(|o| o.id() != vm.id())
+            .flat_map(|o| o.spec.disks.iter().map(|d| &d.path))
+            .collect();
+        if let Some(p) = disks.iter().find(|p| shared.contains(p)) {
+            return Err(HttpError::conflict(format!(
+                "disk {} is also used by another VM; remove with delete_disks=false",
+                p.display()
+            )));
+        }
+    }
+    d.store.remove(vm.id())?;
+    d.forget_vm_lock(vm.id());
+    if q.delete_disks {
+        for p in &disks {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(HttpError::internal(format!(
+                        "VM {:?} removed, but its disk {} could not be deleted: {e}",
+                        vm.spec.name,
+                        p.display()
+                    )))
+                }
+            }
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,295 @@
+//! The workers: one `vireo-vm` process per VM with a worker, each watched by one task that is
+//! the only place a worker's end turns into a state change (`exit::decide`).
+//!
+//! Locking: `workers` (a std mutex, never held across an await) maps a VM id to its live
+//! worker. The watcher removes its entry before it applies the exit to the store, so a new
+//! start, which needs the state that the exit produces, always registers after the old entry is
+//! gone (and removal checks it is the same worker).
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use uuid::Uuid;
+use vireo_api::worker::{WorkerExit, WorkerLaunch, WorkerOp, WorkerRecord};
+use vireo_api::{Vm, VmState};
+
+use super::exit::{decide, Death};
+use super::{files, procfs, sys, worker_client, Daemon};
+
+/// How often an adopted worker (not our child, so no wait status) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+/// A turn-off: time for the worker to exit after `TurnOff`, then after SIGKILL.
+pub const TURN_OFF_GRACE: Duration = Duration::from_secs(10);
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// What a worker's end did to its VM.
+#[derive(Clone, Debug)]
+pub struct ExitOutcome {
+    pub message: String,
+    /// The VM's state after the exit was applied (`None`: the store could not be read).
+    pub state: Option<VmState>,
+}
+
+pub struct Worker {
+    pub vm_id: Uuid,
+    pub pid: u32,
+    pub start_time_ticks: u64,
+    pub dir: PathBuf,
+    /// A turn-off is under way: the exit means Off whatever it looks like.
+    forced: AtomicBool,
+    done: watch::Receiver<Option<ExitOutcome>>,
+}
+
+impl Worker {
+    pub fn socket(&self) -> PathBuf {
+        files::path(&self.dir, files::SOCKET)
+    }
+
+    /// Waits for the worker's end to be applied.
+    pub async fn exited(&self) -> ExitOutcome {
+        let mut rx = self.done.clone();
+        let r = rx.wait_for(Option::is_some).await;
+        match r {
+            Ok(v) => v.clone().expect("waited for Some"),
+            // The watcher is gone without a word: only when the runtime shuts down.
+            Err(_) => ExitOutcome {
+                message: "vireod is shutting down".into(),
+                state: None,
+            },
+        }
+    }
+
+    pub async fn exited_within(&self, limit: Duration) -> Option<ExitOutcome> {
+        tokio::time::timeout(limit, self.exited()).await.ok()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.done.borrow().is_none() && procfs::alive(self.pid, self.start_time_ticks)
+    }
+
+    /// Turns the VM off: `TurnOff`, then SIGKILL if the worker is still there after
+    /// `TURN_OFF_GRACE`. Returns once the end is applied (`None`: it would not die).
+    pub async fn force_off(&self) -> Option<ExitOutcome> {
+        self.forced.store(true, Ordering::SeqCst);
+        if self.done.borrow().is_none() {
+            if let Err(e) = worker_client::call_once(&self.socket(), WorkerOp::TurnOff).await {
+                tracing::info!(vm = %self.vm_id, error = %e, "turn-off request not delivered; killing");
+            }
+            if let Some(o) = self.exited_within(TURN_OFF_GRACE).await {
+                return Some(o);
+            }
+            if procfs::alive(self.pid, self.start_time_ticks) {
+                tracing::warn!(vm = %self.vm_id, pid = self.pid, "worker ignored TurnOff; SIGKILL");
+                let _ = sys::kill(self.pid, libc::SIGKILL);
+            }
+        }
+        self.exited_within(KILL_GRACE).await
+    }
+}
+
+/// How the watcher learns of the end.
+enum Waiter {
+    Child(tokio::process::Child),
+    Adopted,
+}
+
+pub struct Supervisor {
+    worker_bin: PathBuf,
+    workers: Mutex<HashMap<Uuid, Arc<Worker>>>,
+}
+
+impl Supervisor {
+    pub fn new(worker_bin: PathBuf) -> Supervisor {
+        Supervisor {
+            worker_bin,
+            workers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, vm_id: Uuid) -> Option<Arc<Worker>> {
+        self.map().get(&vm_id).cloned()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Worker>>> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `spec.json`, spawns the worker in its own session (stdin /dev/null, output
+    /// appended to `worker.log`), records it in `worker.json` and starts watching it. The VM
+    /// must already be `Starting` (the caller holds its lock).
+    pub fn spawn(&self, daemon: &Arc<Daemon>, vm: &Vm) -> Result<Arc<Worker>, String> {
+        let dir = daemon.store.vm_dir(vm.id());
+        files::remove(&files::path(&dir, files::EXIT));
+        files::remove(&files::path(&dir, files::RECORD));
+        let launch = WorkerLaunch {
+            vm_id: vm.id(),
+            spec: vm.spec.clone(),
+        };
+        let spec_path = files::path(&dir, files::SPEC);
+        files::write_json_atomic(&spec_path, &launch)
+            .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
+        let log = files::open_log(&dir)
+            .map_err(|e| format!("cannot open {}: {e}", dir.join(files::LOG).display()))?;
+        let log2 = log.try_clone().map_err(|e| format!("worker.log: {e}"))?;
+        let mut cmd = tokio::process::Command::new(&self.worker_bin);
+        cmd.arg("--vm-dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(false);
+        sys::new_session(&mut cmd);
+        let child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot run the worker {}: {e}; pass --worker-bin",
+                self.worker_bin.display()
+            )
+        })?;
+        let pid = child.id().ok_or("the worker exited at once")?;
+        // Our child cannot be reaped before we wait for it, so its stat is there (maybe Z).
+        let start_time_ticks = procfs::stat(pid).map_or(0, |s| s.start_time_ticks);
+        let record = WorkerRecord {
+            pid,
+            start_time_ticks,
+            vm_id: vm.id(),
+        };
+        let record_path = files::path(&dir, files::RECORD);
+        if let Err(e) = files::write_json_atomic(&record_path, &record) {
+            // Without the record a restarted vireod would still find it through Hello.
+            tracing::error!(path = %record_path.display(), error = %e, "cannot write the worker record");
+        }
+        tracing::info!(vm = %vm.id(), name = %vm.spec.name, pid, "worker spawned");
+        Ok(self.watch(daemon, vm.id(), dir, record, Waiter::Child(child)))
+    }
+
+    /// Watches a worker found alive at startup (verified by the caller).
+    pub fn adopt(&self, daemon: &Arc<Daemon>, record: WorkerRecord, dir: &Path) -> Arc<Worker> {
+        tracing::info!(vm = %record.vm_id, pid = record.pid, "worker re-adopted");
+        self.watch(
+            daemon,
+            record.vm_id,
+            dir.to_owned(),
+            record,
+            Waiter::Adopted,
+        )
+    }
+
+    fn watch(
+        &self,
+        daemon: &Arc<Daemon>,
+        vm_id: Uuid,
+        dir: PathBuf,
+        record: WorkerRecord,
+        waiter: Waiter,
+    ) -> Arc<Worker> {
+        let (tx, rx) = watch::channel(None);
+        let worker = Arc::new(Worker {
+            vm_id,
+            pid: record.pid,
+            start_time_ticks: record.start_time_ticks,
+            dir,
+            forced: AtomicBool::new(false),
+            done: rx,
+        });
+        self.map().insert(vm_id, worker.clone());
+        let daemon = daemon.clone();
+        let w = worker.clone();
+        tokio::spawn(async move {
+            let death = match waiter {
+                Waiter::Child(mut child) => match child.wait().await {
+                    Ok(status) => death_of(status),
+                    Err(_) => Death::Unknown,
+                },
+                Waiter::Adopted => {
+                    while procfs::alive(w.pid, w.start_time_ticks) {
+                        tokio::time::sleep(ADOPTED_POLL).await;
+                    }
+                    Death::Unknown
+                }
+            };
+            let outcome = daemon.sup.apply_exit(&daemon, &w, death);
+            tracing::info!(vm = %w.vm_id, pid = w.pid, message = %outcome.message, state = ?outcome.state, "worker ended");
+            let _ = tx.send(Some(outcome));
+        });
+        worker
+    }
+
+    fn apply_exit(&self, daemon: &Daemon, w: &Arc<Worker>, death: Death) -> ExitOutcome {
+        {
+            let mut map = self.map();
+            if map.get(&w.vm_id).is_some_and(|cur| Arc::ptr_eq(cur, w)) {
+                map.remove(&w.vm_id);
+            }
+        }
+        let exit: Option<WorkerExit> = files::read_json(&files::path(&w.dir, files::EXIT));
+        let exit = exit.filter(|e| e.pid == w.pid);
+        files::remove(&files::path(&w.dir, files::RECORD));
+        let log_line = files::last_log_line(&w.dir);
+        let forced = w.forced.load(Ordering::SeqCst);
+        apply_verdict(
+            daemon,
+            w.vm_id,
+            w.pid,
+            exit.map(|e| e.reason),
+            death,
+            forced,
+            log_line,
+        )
+    }
+}
+
+/// Decides and applies what a worker's end means for `vm_id` (also used at adoption for a
+/// worker found gone).
+pub fn apply_verdict(
+    daemon: &Daemon,
+    vm_id: Uuid,
+    pid: u32,
+    exit: Option<vireo_api::worker::WorkerExitReason>,
+    death: Death,
+    forced: bool,
+    log_line: Option<String>,
+) -> ExitOutcome {
+    let Ok(vm) = daemon.store.get_by_id(vm_id) else {
+        // Removed meanwhile (only possible without a worker state): nothing to apply.
+        return ExitOutcome {
+            message: format!("worker pid {pid} ended; its VM is gone"),
+            state: None,
+        };
+    };
+    let verdict = decide(
+        &vm.state,
+        pid,
+        exit.as_ref(),
+        death,
+        forced,
+        log_line.as_deref(),
+    );
+    let state = match verdict.action {
+        None => Some(vm.state),
+        Some(action) => match daemon.store.set_state(vm_id, &action) {
+            Ok(vm) => Some(vm.state),
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, action = action.name(), error = %e, "worker exit not applied");
+                daemon.store.get_by_id(vm_id).ok().map(|v| v.state)
+            }
+        },
+    };
+    ExitOutcome {
+        message: verdict.message,
+        state,
+    }
+}
+
+fn death_of(status: ExitStatus) -> Death {
+    match (status.signal(), status.code()) {
+        (Some(s), _) => Death::Signal(s),
+        (None, Some(c)) => Death::Code(c),
+        _ => Death::Unknown,
+    }
+}

@@ -1,0 +1,125 @@
+//! vireod's side of the worker protocol (`vireo_api::worker`): one JSON line out, one back, on
+//! `<vm-dir>/worker.sock`. Every call is bounded in time so a hung worker cannot hang a request.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::time::timeout;
+use uuid::Uuid;
+use vireo_api::worker::{WorkerOp, WorkerReply, WorkerRequest, WorkerStatus};
+
+/// Per request (connect, write, read).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A reply line may carry the whole console ring (≤ 16 MiB) in base64.
+const MAX_REPLY_BYTES: u64 = 24 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerCallError {
+    #[error("cannot reach the worker at {}: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("worker at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("worker at {} did not answer within {}s", path.display(), CALL_TIMEOUT.as_secs())]
+    Timeout { path: PathBuf },
+    #[error("worker at {} answered nonsense: {detail}", path.display())]
+    Protocol { path: PathBuf, detail: String },
+    #[error("worker refused: {0}")]
+    Refused(String),
+}
+
+pub struct WorkerConn {
+    path: PathBuf,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl WorkerConn {
+    pub async fn connect(path: &Path) -> Result<WorkerConn, WorkerCallError> {
+        let connect = timeout(CALL_TIMEOUT, UnixStream::connect(path)).await;
+        let stream = match connect {
+            Err(_) => return Err(WorkerCallError::Timeout { path: path.into() }),
+            Ok(r) => r.map_err(|source| WorkerCallError::Connect {
+                path: path.into(),
+                source,
+            })?,
+        };
+        let (r, w) = stream.into_split();
+        Ok(WorkerConn {
+            path: path.into(),
+            reader: BufReader::new(r),
+            writer: w,
+        })
+    }
+
+    /// Sends `op`; a worker's `Error` reply is `Refused`.
+    pub async fn call(&mut self, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
+        let path = self.path.clone();
+        let io = |source| WorkerCallError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(&WorkerRequest::new(op)).expect("requests serialize");
+        line.push(b'\n');
+        let exchange = async {
+            self.writer.write_all(&line).await.map_err(io)?;
+            let mut reply = String::new();
+            let n = (&mut self.reader)
+                .take(MAX_REPLY_BYTES)
+                .read_line(&mut reply)
+                .await
+                .map_err(io)?;
+            Ok::<_, WorkerCallError>((n, reply))
+        };
+        let (n, reply) = timeout(CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| WorkerCallError::Timeout { path: path.clone() })??;
+        let protocol = |detail: String| WorkerCallError::Protocol {
+            path: path.clone(),
+            detail,
+        };
+        if n == 0 || !reply.ends_with('\n') {
+            return Err(protocol("the connection closed before a full reply".into()));
+        }
+        match serde_json::from_str(&reply) {
+            Ok(WorkerReply::Error { message }) => Err(WorkerCallError::Refused(message)),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(protocol(e.to_string())),
+        }
+    }
+
+    /// `Hello`: the VM id and pid the worker says it has.
+    pub async fn hello(&mut self) -> Result<(Uuid, u32), WorkerCallError> {
+        match self.call(WorkerOp::Hello).await? {
+            WorkerReply::Hello { vm_id, pid, .. } => Ok((vm_id, pid)),
+            other => Err(self.unexpected("hello", &other)),
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<WorkerStatus, WorkerCallError> {
+        match self.call(WorkerOp::Status).await? {
+            WorkerReply::Status(s) => Ok(s),
+            other => Err(self.unexpected("status", &other)),
+        }
+    }
+
+    pub fn unexpected(&self, asked: &str, got: &WorkerReply) -> WorkerCallError {
+        WorkerCallError::Protocol {
+            path: self.path.clone(),
+            detail: format!("asked {asked}, got {got:?}"),
+        }
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn call_once(sock: &Path, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
+    WorkerConn::connect(sock).await?.call(op).await
+}

@@ -1,0 +1,245 @@
+//! `vireo-fake-worker --vm-dir DIR`: a stand-in for `vireo-vm` that speaks the worker protocol
+//! (`vireo_api::worker`) without KVM, so vireod's supervision, crashes and re-adoption are
+//! tested quickly and deterministically. Its "guest" is a line echo on the console.
+//!
+//! Behaviour is chosen per VM by words in the spec's `cmdline`:
+//! - `fake.boot_ms=N`: the vCPUs "run" N ms after start (default 100);
+//! - `fake.never_runs`: they never do;
+//! - `fake.fail_start=WORDS_WITH_UNDERSCORES`: exit 1 at once with `StartFailed` (the message
+//!   with `_` as spaces), before binding any socket;
+//! - `fake.crash_start`: exit 3 at once without a record;
+//! - `fake.ignore_shutdown`, `fake.ignore_turnoff`: answer `Ok` and do nothing;
+//! - `fake.vcpu_fail_ms=N`: N ms after running, exit with `VcpuFailed`;
+//! - `fake.wrong_id`: `Hello` answers another VM's id.
+//!
+//! The console echoes each line it receives as `echo: LINE`; the spec's `shutdown_line` (from
+//! `Shutdown` or typed on the console) powers the guest off (status 0).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use vireo_api::worker::{
+    WorkerExit, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply, WorkerRequest, WorkerStatus,
+    WORKER_PROTOCOL_VERSION,
+};
+
+struct Guest {
+    dir: PathBuf,
+    launch: WorkerLaunch,
+    ring: Vec<u8>,
+    total: u64,
+    started_at: Option<i64>,
+    consoles: Vec<UnixStream>,
+}
+
+type Shared = Arc<Mutex<Guest>>;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn word<'a>(g: &'a WorkerLaunch, key: &str) -> Option<&'a str> {
+    g.spec.cmdline.split_whitespace().find_map(|w| {
+        if w == key {
+            Some("")
+        } else {
+            w.strip_prefix(key)?.strip_prefix('=')
+        }
+    })
+}
+
+fn exit_with(dir: &Path, reason: WorkerExitReason, code: i32) -> ! {
+    let exit = WorkerExit {
+        pid: std::process::id(),
+        reason,
+        at: now_ms(),
+    };
+    let tmp = dir.join("exit.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&exit).unwrap()).unwrap();
+    std::fs::rename(&tmp, dir.join("exit.json")).unwrap();
+    eprintln!("fake worker {}: exiting ({exit:?})", std::process::id());
+    std::process::exit(code)
+}
+
+/// Guest output: into the ring and to every attached console.
+fn output(g: &Shared, bytes: &[u8]) {
+    let mut g = g.lock().unwrap();
+    let cap = g.launch.spec.console_ring_bytes as usize;
+    g.ring.extend_from_slice(bytes);
+    if g.ring.len() > cap {
+        let drop = g.ring.len() - cap;
+        g.ring.drain(..drop);
+    }
+    g.total += bytes.len() as u64;
+    g.consoles.retain_mut(|c| c.write_all(bytes).is_ok());
+}
+
+fn power_off(g: &Shared) -> ! {
+    output(g, b"fake guest: powering off\n");
+    let dir = g.lock().unwrap().dir.clone();
+    exit_with(&dir, WorkerExitReason::PoweredOff { status: 0 }, 0)
+}
+
+fn handle_control(g: Shared, stream: UnixStream) {
+    let mut writer = stream.try_clone().unwrap();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        let reply = match serde_json::from_str::<WorkerRequest>(&line) {
+            Err(e) => WorkerReply::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(r) if r.version != WORKER_PROTOCOL_VERSION => WorkerReply::Error {
+                message: format!("protocol version {} not spoken", r.version),
+            },
+            Ok(r) => answer(&g, r.op),
+        };
+        let mut text = serde_json::to_vec(&reply).unwrap();
+        text.push(b'\n');
+        if writer.write_all(&text).is_err() {
+            return;
+        }
+    }
+}
+
+fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
+    let (launch, dir) = {
+        let guard = g.lock().unwrap();
+        (guard.launch.clone(), guard.dir.clone())
+    };
+    match op {
+        WorkerOp::Hello => WorkerReply::Hello {
+            version: WORKER_PROTOCOL_VERSION,
+            vm_id: if word(&launch, "fake.wrong_id").is_some() {
+                uuid::Uuid::new_v4()
+            } else {
+                launch.vm_id
+            },
+            pid: std::process::id(),
+        },
+        WorkerOp::Status => {
+            let started_at = g.lock().unwrap().started_at;
+            WorkerReply::Status(WorkerStatus {
+                running: started_at.is_some(),
+                started_at,
+                console_socket: dir.join("console.sock"),
+            })
+        }
+        WorkerOp::Shutdown => match &launch.spec.shutdown_line {
+            None => WorkerReply::Error {
+                message: "the spec has no shutdown_line".into(),
+            },
+            Some(_) if word(&launch, "fake.ignore_shutdown").is_some() => WorkerReply::Ok,
+            Some(_) => {
+                let g = g.clone();
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(100));
+                    power_off(&g)
+                });
+                WorkerReply::Ok
+            }
+        },
+        WorkerOp::TurnOff => {
+            if word(&launch, "fake.ignore_turnoff").is_none() {
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(50));
+                    exit_with(&dir, WorkerExitReason::TurnedOff, 0)
+                });
+            }
+            WorkerReply::Ok
+        }
+        WorkerOp::ConsoleLog { max_bytes } => {
+            let guard = g.lock().unwrap();
+            let n = guard.ring.len().min(max_bytes as usize);
+            let tail = &guard.ring[guard.ring.len() - n..];
+            WorkerReply::ConsoleLog {
+                data_base64: base64::engine::general_purpose::STANDARD.encode(tail),
+                total_bytes: guard.total,
+            }
+        }
+    }
+}
+
+fn handle_console(g: Shared, stream: UnixStream) {
+    g.lock().unwrap().consoles.push(stream.try_clone().unwrap());
+    let shutdown_line = g.lock().unwrap().launch.spec.shutdown_line.clone();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if shutdown_line.as_deref() == Some(line.trim()) {
+            power_off(&g);
+        }
+        output(&g, format!("echo: {line}\n").as_bytes());
+    }
+}
+
+fn bind(path: &Path) -> UnixListener {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = match args.as_slice() {
+        [_, flag, dir] if flag == "--vm-dir" => PathBuf::from(dir),
+        _ => {
+            eprintln!("usage: vireo-fake-worker --vm-dir DIR");
+            std::process::exit(2);
+        }
+    };
+    let launch: WorkerLaunch =
+        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).unwrap()).unwrap();
+    eprintln!("fake worker {} for {}", std::process::id(), launch.vm_id);
+    if let Some(msg) = word(&launch, "fake.fail_start") {
+        let message = msg.replace('_', " ");
+        exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);
+    }
+    if word(&launch, "fake.crash_start").is_some() {
+        eprintln!("fake worker: crashing at start");
+        std::process::exit(3);
+    }
+    let boot_ms: u64 = word(&launch, "fake.boot_ms").map_or(100, |v| v.parse().unwrap());
+    let never_runs = word(&launch, "fake.never_runs").is_some();
+    let vcpu_fail_ms: Option<u64> = word(&launch, "fake.vcpu_fail_ms").map(|v| v.parse().unwrap());
+    let name = launch.spec.name.clone();
+    let g: Shared = Arc::new(Mutex::new(Guest {
+        dir: dir.clone(),
+        launch,
+        ring: Vec::new(),
+        total: 0,
+        started_at: None,
+        consoles: Vec::new(),
+    }));
+    let console = bind(&dir.join("console.sock"));
+    let control = bind(&dir.join("worker.sock"));
+    let gc = g.clone();
+    thread::spawn(move || {
+        for s in console.incoming().flatten() {
+            let g = gc.clone();
+            thread::spawn(move || handle_console(g, s));
+        }
+    });
+    if !never_runs {
+        let gb = g.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(boot_ms));
+            gb.lock().unwrap().started_at = Some(now_ms());
+            output(&gb, format!("fake guest {name} running\n").as_bytes());
+            if let Some(ms) = vcpu_fail_ms {
+                thread::sleep(Duration::from_millis(ms));
+                let dir = gb.lock().unwrap().dir.clone();
+                let message = "triple fault (fake)".to_string();
+                exit_with(&dir, WorkerExitReason::VcpuFailed { message }, 1);
+            }
+        });
+    }
+    for s in control.incoming().flatten() {
+        let g = g.clone();
+        thread::spawn(move || handle_control(g, s));
+    }
+}

@@ -1,0 +1,251 @@
+//! docs/openapi.yaml against the server: the same routes with the same methods both ways
+//! (the router's table is `daemon::router::route_table`), every `$ref` resolves, and a live
+//! vireod answers each route only with statuses the document lists, with bodies that carry the
+//! documented schema's required fields.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::daemon::{spec_json, Response, Vireod};
+use serde_json::{json, Value};
+use vireo_hostd::daemon::router::route_table;
+
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "patch", "head", "options", "trace",
+];
+
+fn document() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::from_str(&text).unwrap()
+}
+
+/// (METHOD, path) → the operation object.
+fn operations(doc: &Value) -> BTreeMap<(String, String), Value> {
+    let mut ops = BTreeMap::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (key, op) in item.as_object().unwrap() {
+            if METHODS.contains(&key.as_str()) {
+                ops.insert((key.to_uppercase(), path.clone()), op.clone());
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn document_and_router_have_the_same_routes() {
+    let doc = document();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+    let documented: BTreeSet<(String, String)> = operations(&doc).into_keys().collect();
+    let table = route_table();
+    let served: BTreeSet<(String, String)> = table
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(
+        served.len(),
+        table.len(),
+        "the route table lists a route twice"
+    );
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not in docs/openapi.yaml: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented but not served: {unserved:?}"
+    );
+}
+
+fn resolve<'a>(doc: &'a Value, reference: &str) -> &'a Value {
+    let pointer = reference.strip_prefix('#').expect("local $ref");
+    doc.pointer(pointer)
+        .unwrap_or_else(|| panic!("$ref {reference} does not resolve"))
+}
+
+fn walk_refs(doc: &Value, v: &Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(r)) = m.get("$ref") {
+                resolve(doc, r);
+            }
+            m.values().for_each(|v| walk_refs(doc, v));
+        }
+        Value::Array(a) => a.iter().for_each(|v| walk_refs(doc, v)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_ref_resolves_and_every_operation_has_a_success_status() {
+    let doc = document();
+    walk_refs(&doc, &doc);
+    for ((m, p), op) in operations(&doc) {
+        let statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+        assert!(
+            statuses
+                .iter()
+                .any(|s| s.starts_with('1') || s.starts_with('2')),
+            "{m} {p}: no success status"
+        );
+    }
+}
+
+/// The response's documented schema (following `$ref`s), if JSON.
+fn response_schema<'a>(doc: &'a Value, op: &'a Value, status: u16) -> Option<&'a Value> {
+    let mut r = op["responses"].get(status.to_string())?;
+    if let Some(Value::String(reference)) = r.get("$ref") {
+        r = resolve(doc, reference);
+    }
+    let mut schema = r.get("content")?.get("application/json")?.get("schema")?;
+    if let Some(Value::String(reference)) = schema.get("$ref") {
+        schema = resolve(doc, reference);
+    }
+    Some(schema)
+}
+
+/// The body has the schema's required fields (items of an array each).
+fn check_body(doc: &Value, schema: &Value, body: &Value, what: &str) {
+    if schema["type"] == "array" {
+        let mut items = &schema["items"];
+        if let Some(Value::String(reference)) = items.get("$ref") {
+            items = resolve(doc, reference);
+        }
+        for b in body
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: not an array"))
+        {
+            check_body(doc, items, b, what);
+        }
+        return;
+    }
+    for field in schema["required"].as_array().into_iter().flatten() {
+        let field = field.as_str().unwrap();
+        assert!(
+            body.get(field).is_some(),
+            "{what}: no field {field:?} in {body}"
+        );
+    }
+}
+
+#[test]
+fn a_live_vireod_answers_only_documented_statuses() {
+    let doc = document();
+    let ops = operations(&doc);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let ct = "application/json";
+    let spec = serde_json::to_vec(&spec_json("doc", "")).unwrap();
+    let spec2 = serde_json::to_vec(&spec_json("doc", "quiet")).unwrap();
+    let bad = b"{nope".to_vec();
+    let rename = serde_json::to_vec(&json!({"name": "doc2"})).unwrap();
+    let rename_back = serde_json::to_vec(&json!({"name": "doc"})).unwrap();
+    let stop = serde_json::to_vec(&json!({"timeout_secs": 5})).unwrap();
+    let mut exercised = BTreeSet::new();
+    let mut call = |m: &str, template: &str, path: &str, body: Option<&[u8]>| -> Response {
+        let r = d.request(m, path, body.map(|b| (ct, b)));
+        let key = (m.to_owned(), template.to_owned());
+        let op = ops
+            .get(&key)
+            .unwrap_or_else(|| panic!("{m} {template} not documented"));
+        let documented = op["responses"].get(r.status.to_string()).is_some();
+        assert!(
+            documented,
+            "{m} {path} answered {} (not documented): {:?}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        if let Some(schema) = response_schema(&doc, op, r.status) {
+            check_body(&doc, schema, &r.json(), &format!("{m} {path} {}", r.status));
+        }
+        exercised.insert(key);
+        r
+    };
+    call("GET", "/v1/host", "/v1/host", None);
+    call("POST", "/v1/vms", "/v1/vms", Some(&bad));
+    call("POST", "/v1/vms", "/v1/vms", Some(&spec));
+    call("POST", "/v1/vms", "/v1/vms", Some(&spec));
+    call("GET", "/v1/vms", "/v1/vms", None);
+    call("GET", "/v1/vms/{vm}", "/v1/vms/doc", None);
+    call("GET", "/v1/vms/{vm}", "/v1/vms/none", None);
+    call("PUT", "/v1/vms/{vm}/spec", "/v1/vms/doc/spec", Some(&spec2));
+    call(
+        "POST",
+        "/v1/vms/{vm}/rename",
+        "/v1/vms/doc/rename",
+        Some(&rename),
+    );
+    call(
+        "POST",
+        "/v1/vms/{vm}/rename",
+        "/v1/vms/doc2/rename",
+        Some(&rename_back),
+    );
+    call(
+        "GET",
+        "/v1/vms/{vm}/console/log",
+        "/v1/vms/doc/console/log",
+        None,
+    );
+    call("GET", "/v1/vms/{vm}/console", "/v1/vms/doc/console", None);
+    call("POST", "/v1/vms/{vm}/stop", "/v1/vms/doc/stop", None);
+    call(
+        "POST",
+        "/v1/vms/{vm}/turn-off",
+        "/v1/vms/doc/turn-off",
+        None,
+    );
+    let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
+    let job = r.json()["id"].as_str().unwrap().to_owned();
+    d.wait_job(&job, Duration::from_secs(20));
+    call(
+        "GET",
+        "/v1/vms/{vm}/console/log",
+        "/v1/vms/doc/console/log?max_bytes=4",
+        None,
+    );
+    call("PUT", "/v1/vms/{vm}/spec", "/v1/vms/doc/spec", Some(&spec2));
+    call("DELETE", "/v1/vms/{vm}", "/v1/vms/doc", None);
+    let r = call("POST", "/v1/vms/{vm}/stop", "/v1/vms/doc/stop", Some(&stop));
+    let stop_job = r.json()["id"].as_str().unwrap().to_owned();
+    call(
+        "POST",
+        "/v1/jobs/{id}/cancel",
+        &format!("/v1/jobs/{stop_job}/cancel"),
+        None,
+    );
+    d.wait_job(&stop_job, Duration::from_secs(20));
+    call("GET", "/v1/jobs", "/v1/jobs", None);
+    call("GET", "/v1/jobs", "/v1/jobs?vm=doc", None);
+    call("GET", "/v1/jobs", "/v1/jobs?vm=none", None);
+    call("GET", "/v1/jobs/{id}", &format!("/v1/jobs/{job}"), None);
+    call("GET", "/v1/jobs/{id}", "/v1/jobs/zzz", None);
+    call(
+        "POST",
+        "/v1/jobs/{id}/cancel",
+        &format!("/v1/jobs/{job}/cancel"),
+        None,
+    );
+    call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
+    let r = call(
+        "POST",
+        "/v1/vms/{vm}/turn-off",
+        "/v1/vms/doc/turn-off",
+        None,
+    );
+    assert_eq!(r.status, 200);
+    call(
+        "DELETE",
+        "/v1/vms/{vm}",
+        "/v1/vms/doc?delete_disks=false",
+        None,
+    );
+    let all: BTreeSet<_> = ops.into_keys().collect();
+    let missed: Vec<_> = all.difference(&exercised).collect();
+    assert!(missed.is_empty(), "not exercised: {missed:?}");
+}
