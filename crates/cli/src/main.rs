@@ -4,7 +4,6 @@
 
 mod api_client;
 mod completions;
-mod control;
 mod control_client;
 mod disk;
 mod exit;
