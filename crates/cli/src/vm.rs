@@ -13,7 +13,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use vireo_api::Vm;
+use vireo_api::{RenameRequest, Vm};
 
 use crate::api_client::Client;
 use crate::exit::CliError;
@@ -95,7 +95,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Rename { vm, new_name } => {
             let path = path(&vm)?;
             check_new_name(&new_name)?;
-            let body = serde_json::json!({ "name": new_name });
+            let body = RenameRequest { name: new_name };
             let renamed: Vm = client.post(&format!("{path}/rename"), Some(&body))?;
             println!(
                 "renamed VM {vm} to {} ({})",

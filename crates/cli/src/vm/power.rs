@@ -6,7 +6,7 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Args;
-use vireo_api::{Job, JobState, Vm};
+use vireo_api::{Job, JobState, StopRequest, Vm};
 
 use crate::api_client::Client;
 use crate::exit::CliError;
@@ -30,7 +30,7 @@ pub struct StopArgs {
     /// The VM's name or id.
     pub vm: String,
     /// Seconds the guest gets to power off after its shutdown line; then it is turned off.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = vireo_api::rest::DEFAULT_STOP_TIMEOUT_SECS)]
     pub timeout: u32,
     /// Print the job and return at once; `vireo job show ID` follows it.
     #[arg(long)]
@@ -65,7 +65,9 @@ pub fn start(client: &Client, args: StartArgs) -> Result<ExitCode, Box<dyn Error
 
 pub fn stop(client: &Client, args: StopArgs) -> Result<ExitCode, Box<dyn Error>> {
     let path = super::path(&args.vm)?;
-    let body = serde_json::json!({ "timeout_secs": args.timeout });
+    let body = StopRequest {
+        timeout_secs: Some(args.timeout),
+    };
     let job: Job = client.post(&format!("{path}/stop"), Some(&body))?;
     follow(
         client,
