@@ -4,6 +4,9 @@
 use clap::{Args, ValueEnum};
 use clap_complete::Shell;
 
+use crate::exit::CliError;
+use crate::output::emit;
+
 #[derive(Args)]
 #[command(after_help = "\
 Install, e.g.:
@@ -23,12 +26,15 @@ enum ShellArg {
     Fish,
 }
 
-/// Writes the script for `cli` (the whole `vireo` command) to `out`.
-pub fn generate(args: &CompletionsArgs, cli: &mut clap::Command, out: &mut dyn std::io::Write) {
+/// Prints the script for `cli` (the whole `vireo` command). Generated into memory first:
+/// clap_complete panics on a write error, and `| head` is a fine way to read a script.
+pub fn print(args: &CompletionsArgs, cli: &mut clap::Command) -> Result<(), CliError> {
     let shell = match args.shell {
         ShellArg::Bash => Shell::Bash,
         ShellArg::Zsh => Shell::Zsh,
         ShellArg::Fish => Shell::Fish,
     };
-    clap_complete::generate(shell, cli, "vireo", out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, cli, "vireo", &mut script);
+    emit(script)
 }

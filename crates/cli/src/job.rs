@@ -14,7 +14,7 @@ use vireo_api::{Job, Vm};
 
 use crate::api_client::Client;
 use crate::exit::CliError;
-use crate::output::OutputFormat;
+use crate::output::{emit, OutputFormat};
 
 #[derive(Subcommand)]
 pub enum JobCommand {
@@ -57,19 +57,23 @@ pub fn execute(client: &Client, command: JobCommand) -> Result<ExitCode, Box<dyn
             };
             let jobs: Vec<Job> = client.get(&path)?;
             let names = vm_names(client, output);
-            print!("{}", view::list(&jobs, &names, output));
+            emit(view::list(&jobs, &names, output))?;
         }
         JobCommand::Show { id, output } => {
             let job: Job = client.get(&path(&id)?)?;
             let names = vm_names(client, output);
-            print!("{}", view::show(&job, &names, output));
+            emit(view::show(&job, &names, output))?;
         }
         JobCommand::Cancel { id, output } => {
             let job: Job = client.post(&format!("{}/cancel", path(&id)?), None::<&()>)?;
             if output == OutputFormat::Json {
-                print!("{}", crate::vm::view::json(&job));
+                emit(crate::vm::view::json(&job))?;
             } else {
-                println!("job {} is {}", job.id, wait::state_name(job.state));
+                emit(format!(
+                    "job {} is {}\n",
+                    job.id,
+                    wait::state_name(job.state)
+                ))?;
             }
         }
     }

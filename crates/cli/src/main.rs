@@ -83,10 +83,9 @@ fn main() -> ExitCode {
         Command::Job(cmd) => api_client::connect(&cli.host)
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),
-        Command::Completions(args) => {
-            completions::generate(&args, &mut Cli::command(), &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Completions(args) => completions::print(&args, &mut Cli::command())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,

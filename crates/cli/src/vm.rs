@@ -17,7 +17,7 @@ use vireo_api::{RenameRequest, Vm};
 
 use crate::api_client::Client;
 use crate::exit::CliError;
-use crate::output::OutputFormat;
+use crate::output::{emit, OutputFormat};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -81,15 +81,15 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Create(args) => {
             let spec = args.to_spec()?;
             let vm: Vm = client.post("/v1/vms", Some(&spec))?;
-            print!("{}", view::show(&vm, args.output));
+            emit(view::show(&vm, args.output))?;
         }
         VmCommand::List { output } => {
             let vms: Vec<Vm> = client.get("/v1/vms")?;
-            print!("{}", view::list(&vms, output));
+            emit(view::list(&vms, output))?;
         }
         VmCommand::Show { vm, output } => {
             let vm: Vm = client.get(&path(&vm)?)?;
-            print!("{}", view::show(&vm, output));
+            emit(view::show(&vm, output))?;
         }
         VmCommand::Set(args) => set::execute(client, args)?,
         VmCommand::Rename { vm, new_name } => {
@@ -97,19 +97,19 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
             check_new_name(&new_name)?;
             let body = RenameRequest { name: new_name };
             let renamed: Vm = client.post(&format!("{path}/rename"), Some(&body))?;
-            println!(
-                "renamed VM {vm} to {} ({})",
+            emit(format!(
+                "renamed VM {vm} to {} ({})\n",
                 renamed.spec.name,
                 renamed.id()
-            );
+            ))?;
         }
         VmCommand::Rm { vm, delete_disks } => {
             let path = path(&vm)?;
             client.delete(&format!("{path}?delete_disks={delete_disks}"))?;
             if delete_disks {
-                println!("removed VM {vm} and deleted its disks");
+                emit(format!("removed VM {vm} and deleted its disks\n"))?;
             } else {
-                println!("removed VM {vm} (its disk files stay)");
+                emit(format!("removed VM {vm} (its disk files stay)\n"))?;
             }
         }
         VmCommand::Start(args) => return power::start(client, args),

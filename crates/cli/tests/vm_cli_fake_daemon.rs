@@ -653,3 +653,74 @@ fn help_lists_vm_and_job_and_completions_cover_them() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn job_progress_is_a_bar_on_a_terminal() {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let fake = FakeDaemon::start();
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    let mut master = std::fs::File::from(master);
+    // Everything the terminal shows, read until vireo closes its side.
+    let reader = std::thread::spawn(move || {
+        let mut shown = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            shown.extend_from_slice(&buf[..n]);
+        }
+        shown
+    });
+    let mut child = vireo(&fake)
+        .args(["vm", "start", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(tty))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "vm start did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"VM web is running\n");
+    // The pty's master reads EIO once no one holds the slave: the reader ends.
+    let shown = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    assert!(shown.contains("start web ["), "a bar: {shown:?}");
+    assert!(
+        shown.contains("\x1b[2K"),
+        "redrawn in place, then cleared: {shown:?}"
+    );
+    assert!(
+        !shown.contains("running 0%"),
+        "no plain lines on a terminal: {shown:?}"
+    );
+}
+
+#[test]
+fn a_reader_that_went_away_is_not_an_error() {
+    let fake = FakeDaemon::start();
+    for args in [&["vm", "list"][..], &["job", "list"], &["completions", "bash"]] {
+        // A pipe whose reader is gone: every write fails with EPIPE (like `| head -0`).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = vireo(&fake)
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "vireo {args:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "vireo {args:?}");
+    }
+}

@@ -11,7 +11,7 @@ use vireo_api::{Job, JobState, StopRequest, Vm};
 use crate::api_client::Client;
 use crate::exit::CliError;
 use crate::job::wait;
-use crate::output::OutputFormat;
+use crate::output::{emit, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct StartArgs {
@@ -84,9 +84,9 @@ pub fn turn_off(client: &Client, args: TurnOffArgs) -> Result<(), CliError> {
     let path = super::path(&args.vm)?;
     let vm: Vm = client.post(&format!("{path}/turn-off"), None::<&()>)?;
     if args.output == OutputFormat::Json {
-        print!("{}", super::view::json(&vm));
+        emit(super::view::json(&vm))?;
     } else {
-        println!("VM {} is {}", vm.spec.name, vm.state);
+        emit(format!("VM {} is {}\n", vm.spec.name, vm.state))?;
     }
     Ok(())
 }
@@ -103,23 +103,23 @@ fn follow(
 ) -> Result<ExitCode, Box<dyn Error>> {
     if no_wait {
         if output == OutputFormat::Json {
-            print!("{}", super::view::json(&job));
+            emit(super::view::json(&job))?;
         } else {
-            println!(
-                "job {} ({verb} {vm}) is running; `vireo job show {}` follows it",
+            emit(format!(
+                "job {} ({verb} {vm}) is running; `vireo job show {}` follows it\n",
                 job.id, job.id
-            );
+            ))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     let job = wait::wait(client, job, &format!("{verb} {vm}"))?;
     if output == OutputFormat::Json {
-        print!("{}", super::view::json(&job));
+        emit(super::view::json(&job))?;
     }
     match job.state {
         JobState::Completed => {
             if output == OutputFormat::Text {
-                println!("VM {vm} is {goal}");
+                emit(format!("VM {vm} is {goal}\n"))?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -10,7 +10,7 @@ use super::create::auto_start;
 use super::disk_arg::{self, DiskArg};
 use crate::api_client::Client;
 use crate::exit::CliError;
-use crate::output::OutputFormat;
+use crate::output::{emit, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct SetArgs {
@@ -121,7 +121,7 @@ pub fn execute(client: &Client, args: SetArgs) -> Result<(), CliError> {
     let vm: Vm = client.get(&path)?;
     let spec = args.apply(vm.spec)?;
     let vm: Vm = client.put(&format!("{path}/spec"), &spec)?;
-    print!("{}", super::view::show(&vm, args.output));
+    emit(super::view::show(&vm, args.output))?;
     Ok(())
 }
 
