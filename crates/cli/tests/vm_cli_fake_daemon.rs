@@ -566,11 +566,9 @@ fn console_timeout_ends_a_session_whose_stdin_stays_open() {
     );
 }
 
-#[test]
-fn console_on_a_terminal_is_raw_until_ctrl_bracket() {
+/// A pty for vireo's stdin: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
     use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-    use rustix::termios::{tcgetattr, LocalModes};
-    let fake = FakeDaemon::start();
     let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
     grantpt(&master).unwrap();
     unlockpt(&master).unwrap();
@@ -580,17 +578,21 @@ fn console_on_a_terminal_is_raw_until_ctrl_bracket() {
         .write(true)
         .open(name.to_str().unwrap())
         .unwrap();
-    let before = tcgetattr(&tty).unwrap();
-    let mut child = vireo(&fake)
+    (std::fs::File::from(master), tty)
+}
+
+/// `vireo vm console web` with stdin on `tty`, once it has put the terminal in raw mode.
+fn attach_on_terminal(fake: &FakeDaemon, tty: &std::fs::File) -> std::process::Child {
+    use rustix::termios::{tcgetattr, LocalModes};
+    let child = vireo(fake)
         .args(["vm", "console", "web"])
         .stdin(Stdio::from(tty.try_clone().unwrap()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Raw mode is on once vireo has attached.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tcgetattr(&tty)
+    while tcgetattr(tty)
         .unwrap()
         .local_modes
         .contains(LocalModes::ICANON)
@@ -601,29 +603,69 @@ fn console_on_a_terminal_is_raw_until_ctrl_bracket() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut master = std::fs::File::from(master);
-    // In raw mode a line needs no Enter to travel, and Ctrl-C is a byte for the guest.
-    master.write_all(b"ab\x03").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    master.write_all(b"\x1d").unwrap();
+    child
+}
+
+fn wait_exit(child: &mut std::process::Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "Ctrl-] did not detach");
+        assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(out.stdout, b"AB\x03");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("Ctrl-] detaches"), "{err}");
-    assert!(err.contains("detached from VM web's console"), "{err}");
-    let after = tcgetattr(&tty).unwrap();
+}
+
+fn assert_restored(tty: &std::fs::File, before: &rustix::termios::Termios) {
+    let after = rustix::termios::tcgetattr(tty).unwrap();
     assert_eq!(
         after.local_modes, before.local_modes,
         "the terminal is restored"
     );
     assert_eq!(after.input_modes, before.input_modes);
     assert_eq!(after.output_modes, before.output_modes);
+}
+
+#[test]
+fn console_on_a_terminal_is_raw_until_ctrl_bracket() {
+    let fake = FakeDaemon::start();
+    let (mut master, tty) = pty();
+    let before = rustix::termios::tcgetattr(&tty).unwrap();
+    let mut child = attach_on_terminal(&fake, &tty);
+    // In raw mode a line needs no Enter to travel, and Ctrl-C is a byte for the guest.
+    master.write_all(b"ab\x03").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    master.write_all(b"\x1d").unwrap();
+    wait_exit(&mut child, "Ctrl-] did not detach");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"AB\x03");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("Ctrl-] detaches"), "{err}");
+    assert!(err.contains("detached from VM web's console"), "{err}");
+    assert_restored(&tty, &before);
+}
+
+#[test]
+fn a_signal_on_a_terminal_restores_it_before_exiting() {
+    let fake = FakeDaemon::start();
+    let (_master, tty) = pty();
+    let before = rustix::termios::tcgetattr(&tty).unwrap();
+    for (signal, status) in [(libc::SIGTERM, 143), (libc::SIGHUP, 1)] {
+        let mut child = attach_on_terminal(&fake, &tty);
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        wait_exit(&mut child, "a signal did not end the console");
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(status), "{out:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.lines()
+                .last()
+                .unwrap()
+                .contains("left VM web's console (the VM runs on)"),
+            "{err}"
+        );
+        assert_restored(&tty, &before);
+    }
 }
 
 #[test]
@@ -656,18 +698,8 @@ fn help_lists_vm_and_job_and_completions_cover_them() {
 
 #[test]
 fn job_progress_is_a_bar_on_a_terminal() {
-    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
     let fake = FakeDaemon::start();
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
-    grantpt(&master).unwrap();
-    unlockpt(&master).unwrap();
-    let name = ptsname(&master, Vec::new()).unwrap();
-    let tty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(name.to_str().unwrap())
-        .unwrap();
-    let mut master = std::fs::File::from(master);
+    let (mut master, tty) = pty();
     // Everything the terminal shows, read until vireo closes its side.
     let reader = std::thread::spawn(move || {
         let mut shown = Vec::new();
@@ -710,7 +742,11 @@ fn job_progress_is_a_bar_on_a_terminal() {
 #[test]
 fn a_reader_that_went_away_is_not_an_error() {
     let fake = FakeDaemon::start();
-    for args in [&["vm", "list"][..], &["job", "list"], &["completions", "bash"]] {
+    for args in [
+        &["vm", "list"][..],
+        &["job", "list"],
+        &["completions", "bash"],
+    ] {
         // A pipe whose reader is gone: every write fails with EPIPE (like `| head -0`).
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);

@@ -10,6 +10,8 @@
 //!
 //! Either way `--timeout SECS` ends it, and so does the daemon closing the connection (the VM
 //! stopped). All these ends exit 0; a VM that is not running is the daemon's 409 (exit 1).
+//! SIGTERM, SIGINT (not from the keyboard: raw mode sends Ctrl-C to the guest) and SIGHUP end
+//! the session too, terminal restored, with 143, 130 and 1.
 
 mod terminal;
 
@@ -20,11 +22,13 @@ use std::time::Duration;
 
 use clap::Args;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::api_client::Client;
-use crate::exit::CliError;
+use crate::exit::{self, CliError};
+use crate::output::emit;
 
 /// After stdin's end: the guest's answer counts as complete once it has been quiet this long.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(500);
@@ -56,6 +60,9 @@ pub enum End {
     Detached,
     /// The daemon closed the connection: the VM stopped.
     Closed,
+    /// vireo got this signal (`execute` only; `pump` never returns it), and exits with this
+    /// status.
+    Signal(&'static str, u8),
 }
 
 pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn Error>> {
@@ -63,10 +70,7 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
     let vm = &args.vm;
     if args.log {
         let ring = client.get_bytes(&format!("{path}/console/log"))?;
-        let mut out = std::io::stdout().lock();
-        out.write_all(&ring)
-            .and_then(|()| out.flush())
-            .map_err(|e| CliError::failed(format!("writing VM {vm}'s console log: {e}")))?;
+        emit(ring)?;
         return Ok(ExitCode::SUCCESS);
     }
     let interactive = std::io::stdin().is_terminal();
@@ -75,6 +79,14 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
         let stream = client
             .upgrade(&format!("{path}/console"), "vireo-console")
             .await?;
+        // A signal must not end vireo with the terminal still raw: it ends the session instead.
+        let signal =
+            |kind| signal(kind).map_err(|e| CliError::failed(format!("cannot watch signals: {e}")));
+        let (mut term, mut int, mut hup) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        );
         let _raw = match interactive {
             true => Some(terminal::RawMode::enter(std::io::stdin()).map_err(|e| {
                 CliError::failed(format!("cannot put the terminal in raw mode: {e}"))
@@ -85,9 +97,14 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
             eprintln!("vireo: connected to VM {vm}'s console; Ctrl-] detaches");
         }
         let mut out = std::io::stdout();
-        pump(stream, stdin_chunks(), &mut out, interactive, timeout)
-            .await
-            .map_err(|e| CliError::failed(format!("console of VM {vm}: {e}")))
+        tokio::select! {
+            end = pump(stream, stdin_chunks(), &mut out, interactive, timeout) => {
+                end.map_err(|e| CliError::failed(format!("console of VM {vm}: {e}")))
+            }
+            _ = term.recv() => Ok(End::Signal("SIGTERM", exit::TERMINATED)),
+            _ = int.recv() => Ok(End::Signal("SIGINT", exit::INTERRUPTED)),
+            _ = hup.recv() => Ok(End::Signal("SIGHUP", exit::FAILED)),
+        }
         // `_raw` drops here: the terminal is back before any message below.
     })?;
     match end {
@@ -95,6 +112,13 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
         End::Closed => eprintln!("\nvireo: VM {vm}'s console closed (the VM stopped)"),
         End::Timeout if interactive => eprintln!("\nvireo: console --timeout reached"),
         End::Timeout | End::InputDone => {}
+        End::Signal(name, status) => {
+            return Err(CliError {
+                status,
+                message: format!("{name}: left VM {vm}'s console (the VM runs on)"),
+            }
+            .into())
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
