@@ -60,6 +60,8 @@ pub enum End {
     Detached,
     /// The daemon closed the connection: the VM stopped.
     Closed,
+    /// Whoever read stdout went away (`| head -1`): nothing more is wanted.
+    OutputGone,
     /// vireo got this signal (`execute` only; `pump` never returns it), and exits with this
     /// status.
     Signal(&'static str, u8),
@@ -80,12 +82,12 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
             .upgrade(&format!("{path}/console"), "vireo-console")
             .await?;
         // A signal must not end vireo with the terminal still raw: it ends the session instead.
-        let signal =
+        let watch =
             |kind| signal(kind).map_err(|e| CliError::failed(format!("cannot watch signals: {e}")));
         let (mut term, mut int, mut hup) = (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::hangup())?,
+            watch(SignalKind::terminate())?,
+            watch(SignalKind::interrupt())?,
+            watch(SignalKind::hangup())?,
         );
         let _raw = match interactive {
             true => Some(terminal::RawMode::enter(std::io::stdin()).map_err(|e| {
@@ -111,7 +113,7 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
         End::Detached => eprintln!("\nvireo: detached from VM {vm}'s console"),
         End::Closed => eprintln!("\nvireo: VM {vm}'s console closed (the VM stopped)"),
         End::Timeout if interactive => eprintln!("\nvireo: console --timeout reached"),
-        End::Timeout | End::InputDone => {}
+        End::Timeout | End::InputDone | End::OutputGone => {}
         End::Signal(name, status) => {
             return Err(CliError {
                 status,
@@ -173,8 +175,12 @@ pub async fn pump<S: AsyncRead + AsyncWrite>(
                 if n == 0 {
                     return Ok(End::Closed);
                 }
-                out.write_all(&buf[..n])?;
-                out.flush()?;
+                match out.write_all(&buf[..n]).and_then(|()| out.flush()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        return Ok(End::OutputGone)
+                    }
+                    other => other?,
+                }
                 if let Some((quiet, _)) = &mut drain {
                     *quiet = Instant::now() + DRAIN_QUIET;
                 }
@@ -286,6 +292,30 @@ mod tests {
             let mut got = vec![0u8; 5];
             theirs.read_exact(&mut got).await.unwrap();
             assert_eq!(got, b"ab\x1dcd");
+        });
+    }
+
+    /// stdout whose reader went away.
+    struct Gone;
+
+    impl Write for Gone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reader_that_went_away_ends_the_session_quietly() {
+        rt().block_on(async {
+            let (_tx, rx) = mpsc::channel::<Vec<u8>>(4);
+            let (ours, mut theirs) = tokio::io::duplex(64);
+            theirs.write_all(b"line\n").await.unwrap();
+            let end = pump(ours, rx, &mut Gone, false, None).await.unwrap();
+            assert_eq!(end, End::OutputGone);
         });
     }
 
