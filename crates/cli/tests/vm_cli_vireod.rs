@@ -165,6 +165,21 @@ fn create_probe(d: &Daemon, name: &str, shutdown_line: bool) -> Vm {
     serde_json::from_str(&d.ok(&args)).unwrap()
 }
 
+/// A pty: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    (std::fs::File::from(master), tty)
+}
+
 /// A `vireo vm console` through pipes, its stdout read line by line.
 struct Console {
     child: Child,
@@ -388,6 +403,49 @@ fn probe_guest_start_console_stop_turn_off() {
     assert_eq!(console.ask("PING"), "OK PONG");
     let (status, err) = console.finish(Duration::from_secs(10));
     assert!(status.success(), "{err}");
+    // On a terminal: raw mode, LF (Ctrl-J) ends the probe's line, Ctrl-] detaches.
+    let (mut master, tty) = pty();
+    let mut child = d
+        .vireo(&["vm", "console", "p"])
+        .stdin(Stdio::from(tty))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Typed before raw mode is on, a line would be cooked (and echoed); wait for the banner.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).unwrap();
+    assert!(banner.contains("Ctrl-] detaches"), "{banner}");
+    master.write_all(b"PING\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).expect("no PONG within 20 s");
+        if line.trim_end() == "OK PONG" {
+            break;
+        }
+    }
+    master.write_all(b"\x1d").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "Ctrl-] did not detach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        d.vm("p").state.name(),
+        "running",
+        "detaching leaves the VM running"
+    );
+
     // The ring kept what the guest printed, from boot on.
     let log = d.ok(&["vm", "console", "p", "--log"]);
     assert!(log.contains("PROBE READY"), "{log:?}");
