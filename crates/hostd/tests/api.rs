@@ -216,6 +216,20 @@ fn bad_input_gets_4xx_with_the_error_shape_and_changes_nothing() {
     let r = d.request("PUT", "/v1/vms/keep/spec", Some((ct, &json_body(&mem))));
     check("put invalid spec", r, 422, "invalid");
     check("missing VM", d.get("/v1/vms/nope"), 404, "not_found");
+    check("NUL in the key", d.get("/v1/vms/a%00b"), 404, "not_found");
+    check("dot-dot key", d.get("/v1/vms/.."), 404, "not_found");
+    check(
+        "not UTF-8 in the key",
+        d.get("/v1/vms/%ff"),
+        400,
+        "bad_request",
+    );
+    check(
+        "id-shaped missing key",
+        d.get(&format!("/v1/vms/{}", uuid::Uuid::new_v4())),
+        404,
+        "not_found",
+    );
     check(
         "missing VM start",
         d.post("/v1/vms/nope/start"),
@@ -331,7 +345,7 @@ fn a_slow_client_times_out_and_a_vanished_one_changes_nothing() {
 }
 
 #[test]
-fn socket_is_private_one_daemon_per_dir_and_sigterm_exits_0() {
+fn socket_is_private_one_daemon_per_dir_and_sigterm_or_sigint_exit_0() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let mut d = Vireod::start(&state);
@@ -375,4 +389,7 @@ fn socket_is_private_one_daemon_per_dir_and_sigterm_exits_0() {
     assert_eq!(d.state("persist"), "off");
     let status = d.terminate();
     assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(!d.sock.exists(), "the socket is removed at exit");
+    d.restart();
+    assert_eq!(d.stop_with(libc::SIGINT).code(), Some(0));
 }

@@ -101,9 +101,24 @@ fn kill(mut child: Child) {
     assert!(!status.success());
 }
 
+/// Opens the store, retrying briefly while it is locked: the sibling test forks children, and
+/// a fork copies every open descriptor, our lock's included, until its exec closes them (they
+/// are close-on-exec), so for that instant the lock can look held by someone else.
+fn open(dir: &Path) -> Store {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Store::open(dir) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r.unwrap(),
+        }
+    }
+}
+
 /// Reopens the store and checks that VM rows and VM folders are the same set.
 fn reopen_consistent(dir: &Path) -> HashSet<Uuid> {
-    let store = Store::open(dir).unwrap();
+    let store = open(dir);
     let rows: HashSet<Uuid> = store.list().unwrap().iter().map(|v| v.id()).collect();
     let folders: HashSet<Uuid> = std::fs::read_dir(dir.join("vms"))
         .unwrap()
@@ -119,10 +134,7 @@ fn reopen_consistent(dir: &Path) -> HashSet<Uuid> {
 #[test]
 fn killed_between_folder_and_commit_leaves_no_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let kept = Store::open(dir.path())
-        .unwrap()
-        .create_vm(&common::spec("kept"))
-        .unwrap();
+    let kept = open(dir.path()).create_vm(&common::spec("kept")).unwrap();
     for _ in 0..3 {
         let (child, rx) = spawn_child(dir.path(), "window");
         let id = Uuid::parse_str(&wait_for(&rx, "IN-WINDOW")).unwrap();
@@ -133,7 +145,7 @@ fn killed_between_folder_and_commit_leaves_no_vm() {
         let rows = reopen_consistent(dir.path());
         assert!(!folder.exists(), "open removes the uncommitted VM's folder");
         assert_eq!(rows, HashSet::from([kept.id()]));
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path());
         assert!(matches!(
             store.get_by_id(id),
             Err(StoreError::NotFound { .. })

@@ -141,6 +141,20 @@ fn a_worker_without_a_record_is_found_through_its_socket() {
     let r = d.post("/v1/vms/norec/turn-off");
     assert_eq!(r.status, 200);
     assert!(!alive(pid));
+
+    // Same, with a worker that has not bound its socket yet when vireod comes back.
+    let id = id_of(&d.create(&spec_json("binding", "fake.bind_ms=1500")));
+    let r = d.post("/v1/vms/binding/start");
+    assert_eq!(r.status, 202);
+    wait_until(T, "worker record", || d.worker_record(&id).is_some());
+    let pid = d.worker_record(&id).unwrap().pid;
+    d.kill9();
+    std::fs::remove_file(d.state_dir.join("vms").join(&id).join("worker.json")).unwrap();
+    d.restart();
+    d.wait_state("binding", "running", T);
+    assert_eq!(d.worker_record(&id).unwrap().pid, pid);
+    assert_eq!(d.post("/v1/vms/binding/turn-off").status, 200);
+    assert!(!alive(pid));
 }
 
 #[test]
@@ -160,4 +174,66 @@ fn automatic_start_after_the_delay() {
     let jobs = d.show("/v1/jobs");
     assert_eq!(jobs.as_array().unwrap().len(), 1);
     assert_eq!(jobs[0]["state"], "completed");
+}
+
+#[test]
+fn a_vm_stopping_when_vireod_died_is_adopted_and_can_be_turned_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start(&tmp.path().join("state"));
+    let id = id_of(&d.create(&spec_json("halting", "fake.ignore_shutdown")));
+    d.start_vm("halting");
+    let pid = d.worker_record(&id).unwrap().pid;
+    let r = d.post_json("/v1/vms/halting/stop", &json!({"timeout_secs": 600}));
+    assert_eq!(r.status, 202);
+    d.kill9();
+    d.restart();
+    assert_eq!(d.state("halting"), "stopping");
+    // The default timeout (30 s) is too long to wait for here; a turn-off ends it at once
+    // through the adopted worker.
+    let r = d.post("/v1/vms/halting/turn-off");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "off");
+    assert!(!alive(pid));
+}
+
+/// A create racing a SIGKILL of vireod: after the restart the VM is there whole (row, folder,
+/// identity) or not at all, never a folder alone.
+#[test]
+fn a_create_cut_by_sigkill_leaves_a_whole_vm_or_none() {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start(&tmp.path().join("state"));
+    for i in 0..16u64 {
+        let sock = d.sock.clone();
+        let body = serde_json::to_vec(&spec_json(&format!("c{i}"), "")).unwrap();
+        let client = std::thread::spawn(move || {
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+                return;
+            };
+            let head = format!(
+                "POST /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+            let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+        });
+        std::thread::sleep(Duration::from_micros(i * 500));
+        d.kill9();
+        client.join().unwrap();
+        d.restart();
+        let vms = d.show("/v1/vms");
+        let ids: BTreeSet<String> = vms.as_array().unwrap().iter().map(id_of).collect();
+        let folders: BTreeSet<String> = std::fs::read_dir(d.state_dir.join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(ids, folders, "round {i}");
+        eprintln!("round {i}: {} VMs", ids.len());
+        for vm in vms.as_array().unwrap() {
+            assert_eq!(d.show(&format!("/v1/vms/{}", id_of(vm))), *vm);
+            assert_eq!(vm["state"], "off");
+        }
+    }
 }

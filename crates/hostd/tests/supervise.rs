@@ -296,15 +296,18 @@ fn console_attach_is_raw_bytes_both_ways() {
     let mut line = String::new();
     lines.read_line(&mut line).unwrap();
     assert_eq!(line, "echo: hello there\n");
-    // Two consoles at once both see the guest's output.
+    // A second attach replaces the first (the worker serves one console client): the first
+    // stream ends, the second carries on.
     let s2 = attach(&d, "tty");
-    let mut lines2 = BufReader::new(s2);
+    let mut rest = String::new();
+    lines.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "");
+    let mut w = s2.try_clone().unwrap();
+    let mut lines = BufReader::new(s2);
     w.write_all(b"again\n").unwrap();
-    for l in [&mut lines, &mut lines2] {
-        let mut line = String::new();
-        l.read_line(&mut line).unwrap();
-        assert_eq!(line, "echo: again\n");
-    }
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "echo: again\n");
     // The guest powers off from the console: the stream ends, the VM is off.
     w.write_all(b"POWEROFF\n").unwrap();
     let mut rest = String::new();
@@ -313,4 +316,24 @@ fn console_attach_is_raw_bytes_both_ways() {
     d.wait_state("tty", "off", T);
     let log = d.get("/v1/vms/tty/console/log");
     log.assert_error(409, "conflict");
+}
+
+#[test]
+fn turn_off_of_a_worker_not_answering_yet_signals_it_at_once() {
+    let (_tmp, d) = lab();
+    let id = id_of(&d.create(&spec_json("early", "fake.bind_ms=8000")));
+    let r = d.post("/v1/vms/early/start");
+    assert_eq!(r.status, 202);
+    let job = r.json()["id"].as_str().unwrap().to_owned();
+    wait_until(T, "worker record", || d.worker_record(&id).is_some());
+    let pid = d.worker_record(&id).unwrap().pid;
+    let t = Instant::now();
+    let r = d.post("/v1/vms/early/turn-off");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "off");
+    // TurnOff undeliverable for 2 s, then SIGTERM: well before the 10 s grace.
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(!alive(pid));
+    let job = d.wait_job(&job, T);
+    assert_eq!(job["state"], "failed", "{job}");
 }

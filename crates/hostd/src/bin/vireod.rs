@@ -53,9 +53,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let worker_bin = match args.worker_bin {
-        Some(p) => p,
+fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Absolute, so the workers (given their folder) and the logs name real places whatever
+    // the working directory.
+    let absolute =
+        |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    args.state_dir = absolute(&args.state_dir)?;
+    let worker_bin = match &args.worker_bin {
+        Some(p) => absolute(p)?,
         None => std::env::current_exe()
             .map_err(|e| format!("cannot find vireod's own executable ({e}); pass --worker-bin"))?
             .with_file_name("vireo-vm"),

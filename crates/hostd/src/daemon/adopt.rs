@@ -3,14 +3,17 @@
 //! Rules, per VM whose stored state has a worker (`VmState::has_worker`):
 //! 1. `worker.json` names a pid; that process must still exist with the recorded start time
 //!    (a reused pid has another) and answer `Hello` on `worker.sock` with this VM's id → it is
-//!    adopted and watched by polling `/proc/<pid>` (it is not our child). A VM that was
-//!    `Starting` is carried on to `Running` once the worker reports the vCPUs running.
+//!    adopted and watched by polling `/proc/<pid>` (it is not our child).
 //! 2. Without a record (vireod died between spawn and record), a worker answering `Hello` for
-//!    this VM on its socket is adopted with the pid it gives.
+//!    this VM on its socket (within `HELLO_WAIT`) is adopted with the pid it gives.
 //! 3. A recorded process that is alive but does not answer within `HELLO_WAIT` is killed (it is
 //!    verified ours and useless) and the VM marked `Critical`.
 //! 4. Otherwise the worker is gone: its `exit.json` (for that pid) decides as if it had been
 //!    watched; without one the VM is `Critical` "worker pid N gone while vireod was down".
+//!
+//! An adopted VM that was `Starting` is carried on to `Running` once the worker reports the
+//! vCPUs running (or turned off after the start timeout); one that was `Stopping` gets the
+//! default stop timeout again, then is turned off. Their jobs were failed at open.
 //!
 //! Adoption completes before the API serves, so no client sees a half-recovered inventory.
 
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
+use vireo_api::rest::DEFAULT_STOP_TIMEOUT_SECS;
 use vireo_api::worker::{WorkerExit, WorkerRecord};
 use vireo_api::{Action, Vm, VmState};
 
@@ -59,12 +63,9 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
     if record.is_some() && !recorded_alive {
         return gone(daemon, &vm, record.map(|r| r.pid), &dir);
     }
-    let wait = if recorded_alive {
-        HELLO_WAIT
-    } else {
-        Duration::ZERO
-    };
-    match hello(&dir, wait).await {
+    // Without a record vireod may have died right after the spawn, the worker still binding
+    // its socket: it gets the same time as a recorded one.
+    match hello(&dir, HELLO_WAIT).await {
         Some((vm_id, pid)) if vm_id == id && record.as_ref().is_none_or(|r| r.pid == pid) => {
             let record = match record {
                 Some(r) => r,
@@ -82,9 +83,21 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
                 }
             };
             let worker = daemon.sup.adopt(daemon, record, &dir);
-            if vm.state == VmState::Starting {
-                let d = daemon.clone();
-                tokio::spawn(async move { lifecycle::run_start(&d, &worker, None).await });
+            let d = daemon.clone();
+            match vm.state {
+                VmState::Starting => {
+                    tokio::spawn(async move { lifecycle::run_start(&d, &worker, None).await });
+                }
+                // The stop's job died with the old vireod; its deadline is given again.
+                VmState::Stopping => {
+                    tokio::spawn(async move {
+                        let limit = Duration::from_secs(DEFAULT_STOP_TIMEOUT_SECS.into());
+                        if worker.exited_within(limit).await.is_none() {
+                            worker.force_off().await;
+                        }
+                    });
+                }
+                _ => {}
             }
         }
         answer => {

@@ -26,7 +26,14 @@ const POLL: Duration = Duration::from_millis(50);
 pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
     let _guard = daemon.try_lock_vm(vm)?;
     let vm = daemon.store.set_state(vm.id(), &Action::Start)?;
-    let job = daemon.store.create_job(Some(vm.id()), JobKind::Start)?;
+    let job = match daemon.store.create_job(Some(vm.id()), JobKind::Start) {
+        Ok(job) => job,
+        Err(e) => {
+            // No job, no worker: the VM must not stay `starting`.
+            let _ = daemon.store.set_state(vm.id(), &Action::StartFailed);
+            return Err(e.into());
+        }
+    };
     let worker = match daemon.sup.spawn(daemon, &vm) {
         Ok(w) => w,
         Err(message) => {
@@ -35,7 +42,9 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
             return Ok(daemon.store.finish_job(job.id, Err(message))?);
         }
     };
-    let job = daemon.store.set_job_progress(job.id, 10)?;
+    // The worker runs and is watched from here on: a failed progress update is no reason to
+    // answer an error.
+    let job = daemon.store.set_job_progress(job.id, 10).unwrap_or(job);
     let cancel = daemon.jobs.register(job.id);
     let d = daemon.clone();
     tokio::spawn(async move {
@@ -135,16 +144,28 @@ pub async fn stop(
     }
     let _guard = daemon.try_lock_vm(vm)?;
     let vm = daemon.store.set_state(vm.id(), &Action::Stop)?;
-    let job = daemon.store.create_job(Some(vm.id()), JobKind::Stop)?;
+    // `stopping` cannot go back to `running`: without a job row the stop still happens.
+    let job = daemon.store.create_job(Some(vm.id()), JobKind::Stop);
     let worker = daemon.sup.get(vm.id());
     let d = daemon.clone();
     let has_line = vm.spec.shutdown_line.is_some();
-    let job_id = job.id;
+    let job_id = job.as_ref().ok().map(|j| j.id);
     tokio::spawn(async move {
         let outcome = match worker {
             Some(w) => run_stop(&d, &w, job_id, has_line, Duration::from_secs(secs.into())).await,
-            // Ended between the state change and here: its watcher has applied the exit.
-            None => Ok(()),
+            // Ended between the state change and here: its watcher is applying the exit.
+            None => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while d
+                    .store
+                    .get_by_id(vm.id())
+                    .is_ok_and(|v| v.state == VmState::Stopping)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Ok(())
+            }
         };
         let state = d.store.get_by_id(vm.id()).map(|v| v.state);
         let outcome = match (outcome, state) {
@@ -153,15 +174,17 @@ pub async fn stop(
             (Ok(()), Ok(s)) => Err(format!("the VM is {s} after the stop")),
             (Ok(()), Err(e)) => Err(e.to_string()),
         };
-        let _ = d.store.finish_job(job_id, outcome);
+        if let Some(job_id) = job_id {
+            let _ = d.store.finish_job(job_id, outcome);
+        }
     });
-    Ok(job)
+    Ok(job?)
 }
 
 async fn run_stop(
     daemon: &Daemon,
     worker: &Worker,
-    job: Uuid,
+    job: Option<Uuid>,
     has_line: bool,
     limit: Duration,
 ) -> Result<(), String> {
@@ -170,7 +193,9 @@ async fn run_stop(
             tracing::warn!(vm = %worker.vm_id, error = %e, "shutdown request failed; waiting for the timeout");
         }
     }
-    let _ = daemon.store.set_job_progress(job, 50);
+    if let Some(job) = job {
+        let _ = daemon.store.set_job_progress(job, 50);
+    }
     if worker.exited_within(limit).await.is_some() {
         return Ok(());
     }

@@ -27,6 +27,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// A turn-off: time for the worker to exit after `TurnOff`, then after SIGKILL.
 pub const TURN_OFF_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long a turn-off keeps trying to reach a worker's socket before it signals instead.
+const DELIVERY_WAIT: Duration = Duration::from_secs(2);
 
 /// What a worker's end did to its VM.
 #[derive(Clone, Debug)]
@@ -73,13 +75,18 @@ impl Worker {
         self.done.borrow().is_none() && procfs::alive(self.pid, self.start_time_ticks)
     }
 
-    /// Turns the VM off: `TurnOff`, then SIGKILL if the worker is still there after
-    /// `TURN_OFF_GRACE`. Returns once the end is applied (`None`: it would not die).
+    /// Turns the VM off: `TurnOff` (or SIGTERM, which the worker treats the same, when its
+    /// socket does not answer within `DELIVERY_WAIT`, e.g. one still starting), then SIGKILL if
+    /// it is still there after `TURN_OFF_GRACE`. Returns once the end is applied (`None`: it
+    /// would not die).
     pub async fn force_off(&self) -> Option<ExitOutcome> {
         self.forced.store(true, Ordering::SeqCst);
         if self.done.borrow().is_none() {
-            if let Err(e) = worker_client::call_once(&self.socket(), WorkerOp::TurnOff).await {
-                tracing::info!(vm = %self.vm_id, error = %e, "turn-off request not delivered; killing");
+            if let Err(e) = self.deliver_turn_off().await {
+                tracing::info!(vm = %self.vm_id, error = %e, "turn-off request not delivered; SIGTERM");
+                if procfs::alive(self.pid, self.start_time_ticks) {
+                    let _ = sys::kill(self.pid, libc::SIGTERM);
+                }
             }
             if let Some(o) = self.exited_within(TURN_OFF_GRACE).await {
                 return Some(o);
@@ -90,6 +97,21 @@ impl Worker {
             }
         }
         self.exited_within(KILL_GRACE).await
+    }
+
+    /// `TurnOff`, retried while the socket is not there yet (a worker still starting).
+    async fn deliver_turn_off(&self) -> Result<(), worker_client::WorkerCallError> {
+        let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
+        loop {
+            match worker_client::call_once(&self.socket(), WorkerOp::TurnOff).await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(worker_client::WorkerCallError::Connect { .. }) if self.is_alive() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -229,10 +251,9 @@ impl Supervisor {
         }
         let exit: Option<WorkerExit> = files::read_json(&files::path(&w.dir, files::EXIT));
         let exit = exit.filter(|e| e.pid == w.pid);
-        files::remove(&files::path(&w.dir, files::RECORD));
         let log_line = files::last_log_line(&w.dir);
         let forced = w.forced.load(Ordering::SeqCst);
-        apply_verdict(
+        let outcome = apply_verdict(
             daemon,
             w.vm_id,
             w.pid,
@@ -240,7 +261,11 @@ impl Supervisor {
             death,
             forced,
             log_line,
-        )
+        );
+        // After the state: a crash in between leaves a record of a dead pid, which the next
+        // start replaces; the other order could leave a worker state without any record.
+        files::remove(&files::path(&w.dir, files::RECORD));
+        outcome
     }
 }
 

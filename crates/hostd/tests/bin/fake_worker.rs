@@ -5,6 +5,7 @@
 //! Behaviour is chosen per VM by words in the spec's `cmdline`:
 //! - `fake.boot_ms=N`: the vCPUs "run" N ms after start (default 100);
 //! - `fake.never_runs`: they never do;
+//! - `fake.bind_ms=N`: the sockets appear only N ms after start;
 //! - `fake.fail_start=WORDS_WITH_UNDERSCORES`: exit 1 at once with `StartFailed` (the message
 //!   with `_` as spaces), before binding any socket;
 //! - `fake.crash_start`: exit 3 at once without a record;
@@ -12,7 +13,8 @@
 //! - `fake.vcpu_fail_ms=N`: N ms after running, exit with `VcpuFailed`;
 //! - `fake.wrong_id`: `Hello` answers another VM's id.
 //!
-//! The console echoes each line it receives as `echo: LINE`; the spec's `shutdown_line` (from
+//! The console (one client at a time, a new one replaces the old, as in `vireo-vm`) echoes each
+//! line it receives as `echo: LINE`; the spec's `shutdown_line` (from
 //! `Shutdown` or typed on the console) powers the guest off (status 0).
 
 use std::io::{BufRead, BufReader, Write};
@@ -34,7 +36,8 @@ struct Guest {
     ring: Vec<u8>,
     total: u64,
     started_at: Option<i64>,
-    consoles: Vec<UnixStream>,
+    /// One client at a time, as in `vireo-vm`: a new one replaces (closes) the attached one.
+    console: Option<UnixStream>,
 }
 
 type Shared = Arc<Mutex<Guest>>;
@@ -78,7 +81,12 @@ fn output(g: &Shared, bytes: &[u8]) {
         g.ring.drain(..drop);
     }
     g.total += bytes.len() as u64;
-    g.consoles.retain_mut(|c| c.write_all(bytes).is_ok());
+    if g.console
+        .as_mut()
+        .is_some_and(|c| c.write_all(bytes).is_err())
+    {
+        g.console = None;
+    }
 }
 
 fn power_off(g: &Shared) -> ! {
@@ -167,7 +175,14 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
 }
 
 fn handle_console(g: Shared, stream: UnixStream) {
-    g.lock().unwrap().consoles.push(stream.try_clone().unwrap());
+    let old = g
+        .lock()
+        .unwrap()
+        .console
+        .replace(stream.try_clone().unwrap());
+    if let Some(old) = old {
+        let _ = old.shutdown(std::net::Shutdown::Both);
+    }
     let shutdown_line = g.lock().unwrap().launch.spec.shutdown_line.clone();
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
@@ -213,8 +228,11 @@ fn main() {
         ring: Vec::new(),
         total: 0,
         started_at: None,
-        consoles: Vec::new(),
+        console: None,
     }));
+    if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
+        thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+    }
     let console = bind(&dir.join("console.sock"));
     let control = bind(&dir.join("worker.sock"));
     let gc = g.clone();

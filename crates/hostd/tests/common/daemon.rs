@@ -137,8 +137,13 @@ impl Vireod {
 
     /// SIGTERM; returns the exit status (bounded wait).
     pub fn terminate(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `sig`; returns the exit status (bounded wait).
+    pub fn stop_with(&mut self, sig: i32) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        signal(c.id(), libc::SIGTERM);
+        signal(c.id(), sig);
         let start = Instant::now();
         loop {
             if let Some(s) = c.try_wait().unwrap() {

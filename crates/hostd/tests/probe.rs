@@ -1,0 +1,215 @@
+//! End to end with the real worker (`vireo-vm`) and the probe guest under /dev/kvm: the
+//! lifecycle through the API, the console both ways, a killed worker, and vireod killed and
+//! restarted while probe VMs run.
+//!
+//! `vireo-vm` is found beside `vireod` in the target directory, where a workspace build (what
+//! ./test.sh runs) puts it; `cargo build --release -p vireo-worker` makes it for a run of
+//! this package alone.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::daemon::{alive, signal, wait_until, Vireod, VIREOD};
+use serde_json::{json, Value};
+use vireo_probe_image::{probe_elf, ProbeConsole};
+
+const T: Duration = Duration::from_secs(60);
+
+fn worker_bin() -> Option<PathBuf> {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return None;
+    }
+    let bin = std::path::Path::new(VIREOD).with_file_name("vireo-vm");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --release -p vireo-worker` (a workspace build does)",
+        bin.display()
+    );
+    Some(bin)
+}
+
+fn probe(name: &str) -> Value {
+    json!({
+        "version": 1,
+        "name": name,
+        "vcpus": 1,
+        "memory_bytes": 64 << 20,
+        "kernel": probe_elf(),
+        "cmdline": "console=ttyS0",
+        "shutdown_line": "POWEROFF",
+    })
+}
+
+fn id_of(vm: &Value) -> String {
+    vm["identity"]["id"].as_str().unwrap().to_owned()
+}
+
+/// Polls the console log until it shows `PROBE READY`.
+fn wait_ready(d: &Vireod, vm: &str) {
+    let start = Instant::now();
+    loop {
+        let r = d.get(&format!("/v1/vms/{vm}/console/log"));
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        if String::from_utf8_lossy(&r.body).contains("PROBE READY") {
+            return;
+        }
+        assert!(
+            start.elapsed() < T,
+            "{vm}: no PROBE READY: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The console through vireod's upgrade, as a probe console.
+fn console(d: &Vireod, vm: &str) -> ProbeConsole {
+    use std::io::{Read, Write};
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let req = format!(
+        "GET /v1/vms/{vm}/console HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: vireo-console\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "closed in the head: {head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    ProbeConsole::new(s.try_clone().unwrap(), s)
+}
+
+#[test]
+fn probe_vm_lifecycle_and_console_through_vireod() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let id = id_of(&d.create(&probe("p1")));
+    d.start_vm("p1");
+    assert_eq!(d.state("p1"), "running");
+    wait_ready(&d, "p1");
+    let mut c = console(&d, "p1");
+    assert_eq!(c.command("PING", T).unwrap(), "OK PONG");
+    let info = c.command("INFO", T).unwrap();
+    assert!(info.contains("mem_mib=64"), "{info}");
+    drop(c);
+
+    // Stop: the worker writes POWEROFF to COM1; the probe powers off.
+    let r = d.post_json("/v1/vms/p1/stop", &json!({"timeout_secs": 30}));
+    assert_eq!(r.status, 202);
+    let job = d.wait_job(r.json()["id"].as_str().unwrap(), T);
+    assert_eq!(job["state"], "completed", "{job}\n{}", d.log());
+    assert_eq!(d.state("p1"), "off");
+    let exit: Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("vms").join(&id).join("exit.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exit["reason"]["kind"], "powered_off", "{exit}");
+
+    // Start again and turn off.
+    d.start_vm("p1");
+    wait_ready(&d, "p1");
+    let pid = d.worker_record(&id).unwrap().pid;
+    let r = d.post("/v1/vms/p1/turn-off");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["state"], "off");
+    assert!(!alive(pid));
+}
+
+#[test]
+fn probe_vms_survive_vireod_kill_and_a_killed_worker_touches_only_its_vm() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let a = id_of(&d.create(&probe("a")));
+    let b = id_of(&d.create(&probe("b")));
+    let c = id_of(&d.create(&probe("c")));
+    for vm in ["a", "b", "c"] {
+        d.start_vm(vm);
+        wait_ready(&d, vm);
+    }
+    let before = d.show("/v1/vms");
+    let (pa, pb, pc) = (
+        d.worker_record(&a).unwrap().pid,
+        d.worker_record(&b).unwrap().pid,
+        d.worker_record(&c).unwrap().pid,
+    );
+
+    // A worker killed under a live vireod: its VM critical, the others untouched.
+    signal(pc, libc::SIGKILL);
+    let vm = d.wait_state("c", "critical", T);
+    assert!(
+        vm["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("worker pid {pc} killed by signal 9 (SIGKILL)")),
+        "{vm}"
+    );
+    let mut con = console(&d, "a");
+    assert_eq!(con.command("PING", T).unwrap(), "OK PONG");
+    drop(con);
+
+    // vireod killed; meanwhile b's worker dies too.
+    d.kill9();
+    signal(pb, libc::SIGKILL);
+    wait_until(T, "b's worker gone", || !alive(pb));
+    d.restart();
+    assert!(alive(pa));
+    assert_eq!(d.state("a"), "running");
+    assert_eq!(d.worker_record(&a).unwrap().pid, pa);
+    let vm = d.show("/v1/vms/b");
+    assert_eq!(vm["state"], "critical");
+    assert_eq!(
+        vm["reason"],
+        format!("worker pid {pb} gone while vireod was down")
+    );
+    let after = d.show("/v1/vms");
+    let ids = |v: &Value| -> Vec<(Value, Value)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["spec"].clone(), x["identity"].clone()))
+            .collect()
+    };
+    assert_eq!(ids(&after), ids(&before));
+
+    // The adopted worker answers: console, then a graceful stop noticed by polling.
+    let mut con = console(&d, "a");
+    assert_eq!(con.command("PING", T).unwrap(), "OK PONG");
+    drop(con);
+    let r = d.post_json("/v1/vms/a/stop", &json!({"timeout_secs": 30}));
+    let job = d.wait_job(r.json()["id"].as_str().unwrap(), T);
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!(d.state("a"), "off");
+    assert!(!alive(pa));
+    // Critical VMs start again.
+    d.start_vm("b");
+    wait_ready(&d, "b");
+    assert_eq!(d.post("/v1/vms/b/turn-off").status, 200);
+}
+
+#[test]
+fn a_real_start_failure_fails_the_job_with_the_workers_message() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let mut spec = probe("nokernel");
+    spec["kernel"] = json!("/nonexistent/vireo-kernel.elf");
+    d.create(&spec);
+    let r = d.post("/v1/vms/nokernel/start");
+    assert_eq!(r.status, 202);
+    let job = d.wait_job(r.json()["id"].as_str().unwrap(), T);
+    assert_eq!(job["state"], "failed", "{job}");
+    let err = job["error"].as_str().unwrap();
+    assert!(err.contains("/nonexistent/vireo-kernel.elf"), "{err}");
+    assert_eq!(d.state("nokernel"), "off");
+}
