@@ -366,6 +366,22 @@ fn start_follows_its_job_and_fails_with_the_jobs_error() {
         "{err}"
     );
 
+    // A job that failed before the 202 fails the command, --no-wait or not.
+    for args in [
+        &["vm", "start", "nospawn"][..],
+        &["vm", "start", "nospawn", "--no-wait"],
+    ] {
+        let (code, err) = fails(&fake, args);
+        assert_eq!(code, 1, "{args:?}");
+        let last = err.lines().last().unwrap();
+        assert!(
+            last.starts_with(
+                "vireo: error: start of VM nospawn failed: cannot spawn /nonexistent/vireo-vm"
+            ),
+            "{args:?}: {err}"
+        );
+    }
+
     // --no-wait: the job as it began, and no polling.
     let before = fake.seen().len();
     let json = ok(
@@ -522,7 +538,8 @@ fn console_through_pipes_upgrades_and_pumps_both_ways() {
     );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"OK\n");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("console closed (the VM stopped)"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("vireod closed VM web's console (the VM stopped"));
 
     // A VM that is not running: the daemon's 409, one line, exit 1.
     let (code, err) = fails(&fake, &["vm", "console", "off"]);

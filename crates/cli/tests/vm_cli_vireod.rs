@@ -527,7 +527,10 @@ fn console_ends_when_the_guest_powers_off_and_stop_without_a_shutdown_line_turns
     }
     let (status, err) = console.finish(Duration::from_secs(1));
     assert!(status.success(), "{err}");
-    assert!(err.contains("console closed (the VM stopped)"), "{err}");
+    assert!(
+        err.contains("vireod closed VM p's console (the VM stopped"),
+        "{err}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.vm("p").state.name() != "off" {
         assert!(

@@ -9,7 +9,7 @@
 //!   so `echo INFO | vireo vm console NAME` prints the answer and exits.
 //!
 //! Either way `--timeout SECS` ends it, and so does the daemon closing the connection (the VM
-//! stopped). All these ends exit 0; a VM that is not running is the daemon's 409 (exit 1).
+//! stopped, or another client attached). All these ends exit 0; a VM that is not running is the daemon's 409 (exit 1).
 //! SIGTERM, SIGINT (not from the keyboard: raw mode sends Ctrl-C to the guest) and SIGHUP end
 //! the session too, terminal restored, with 143, 130 and 1.
 
@@ -58,7 +58,8 @@ pub enum End {
     Timeout,
     /// Ctrl-] on a terminal.
     Detached,
-    /// The daemon closed the connection: the VM stopped.
+    /// The daemon closed the connection: the VM stopped (or another client attached: vireod
+    /// serves one console client at a time).
     Closed,
     /// Whoever read stdout went away (`| head -1`): nothing more is wanted.
     OutputGone,
@@ -111,7 +112,9 @@ pub fn execute(client: &Client, args: ConsoleArgs) -> Result<ExitCode, Box<dyn E
     })?;
     match end {
         End::Detached => eprintln!("\nvireo: detached from VM {vm}'s console"),
-        End::Closed => eprintln!("\nvireo: VM {vm}'s console closed (the VM stopped)"),
+        End::Closed => eprintln!(
+            "\nvireo: vireod closed VM {vm}'s console (the VM stopped, or another client attached)"
+        ),
         End::Timeout if interactive => eprintln!("\nvireo: console --timeout reached"),
         End::Timeout | End::InputDone | End::OutputGone => {}
         End::Signal(name, status) => {

@@ -101,7 +101,9 @@ fn follow(
     no_wait: bool,
     output: OutputFormat,
 ) -> Result<ExitCode, Box<dyn Error>> {
-    if no_wait {
+    // A job that ended at once (a worker that could not even be spawned) is reported as
+    // ended, --no-wait or not.
+    if no_wait && job.state == JobState::Running {
         if output == OutputFormat::Json {
             emit(super::view::json(&job))?;
         } else {

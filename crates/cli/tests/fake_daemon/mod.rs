@@ -7,6 +7,7 @@
 //! | `web` | exists, off; its start job goes 0 → 50 → 100 % over two polls |
 //! | `bad` | its start job fails on the first poll |
 //! | `slow` | its start job never ends |
+//! | `nospawn` | its start job is failed already in the 202 (no worker could be spawned) |
 //! | `missing` | 404 |
 //! | `boom` | 500 with the API's error shape |
 //! | `proxy` | 502 with a plain-text body (not vireod) |
@@ -233,6 +234,11 @@ fn new_job(inner: &Shared, vm: &str, kind: JobKind) -> Job {
 fn job_at(id: Uuid, vm: &str, kind: JobKind, polls: u32) -> Job {
     let (state, progress, error) = match (vm, kind, polls) {
         (_, JobKind::Stop, _) => (JobState::Completed, 100, None),
+        ("nospawn", _, _) => (
+            JobState::Failed,
+            0,
+            Some("cannot spawn /nonexistent/vireo-vm: No such file or directory".to_string()),
+        ),
         ("slow", _, _) | (_, _, 0) => (JobState::Running, 0, None),
         ("bad", _, _) => (
             JobState::Failed,
