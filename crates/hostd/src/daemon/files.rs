@@ -66,7 +66,8 @@ pub fn remove(path: &Path) {
     }
 }
 
-/// The last non-empty line of `worker.log` (from its last 4 KiB), at most 300 bytes.
+/// The last non-empty line of `worker.log` (from its last 4 KiB), at most 300 bytes, control
+/// characters (terminal escapes) dropped: it ends up in a VM's reason, shown by every client.
 pub fn last_log_line(dir: &Path) -> Option<String> {
     let mut f = File::open(dir.join(LOG)).ok()?;
     let len = f.metadata().ok()?.len();
@@ -74,7 +75,15 @@ pub fn last_log_line(dir: &Path) -> Option<String> {
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).ok()?;
     let text = String::from_utf8_lossy(&tail);
-    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let clean: Vec<String> = text
+        .lines()
+        .map(|l| l.chars().filter(|c| !c.is_control()).collect())
+        .collect();
+    let line = clean
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| !l.is_empty())?;
     let mut end = line.len().min(300);
     while !line.is_char_boundary(end) {
         end -= 1;
@@ -89,4 +98,22 @@ pub fn open_log(dir: &Path) -> io::Result<File> {
         .append(true)
         .mode(0o600)
         .open(dir.join(LOG))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_log_line_is_the_last_printable_line_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_log_line(dir.path()), None);
+        let long = "é".repeat(400);
+        let text = format!("first\n\x1b[31mred\x1b[0m\n{long}\n  \n");
+        std::fs::write(dir.path().join(LOG), text).unwrap();
+        let line = last_log_line(dir.path()).unwrap();
+        assert!(line.len() <= 300 && line.starts_with("éé"), "{line}");
+        std::fs::write(dir.path().join(LOG), "a\n\x1b[31mred\x1b[0m\n\n").unwrap();
+        assert_eq!(last_log_line(dir.path()).unwrap(), "[31mred[0m");
+    }
 }
