@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use clap::{Subcommand, ValueEnum};
 use vireo_vhdx::convert::Format;
 
-pub(crate) use size::parse_size;
+pub(crate) use size::{human, parse_size};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

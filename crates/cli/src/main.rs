@@ -2,15 +2,21 @@
 //! parses arguments and turns an error into one line for the user.
 #![forbid(unsafe_code)]
 
+mod api_client;
+mod completions;
 mod control_client;
 mod disk;
 mod exit;
+mod host;
+mod job;
 mod output;
 mod run;
+mod table;
+mod vm;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +26,16 @@ use clap::{Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
+    /// Where vireod listens, for `vm` and `job`: unix:PATH (its socket). TCP/TLS is not built
+    /// yet.
+    #[arg(
+        long,
+        global = true,
+        env = "VIREO_HOST",
+        value_name = "unix:PATH",
+        default_value = host::DEFAULT_HOST
+    )]
+    host: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +51,15 @@ enum Command {
     /// Talk to a running VM's control socket (`vireo run --control PATH`): list its disks,
     /// live-merge a differencing disk, resize a disk while the guest runs.
     Control(control_client::ControlArgs),
+    /// Manage VMs through vireod: create, list, show, set, rename, rm, start, stop, turn-off,
+    /// console.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// Print a shell completion script (bash, zsh or fish) for every vireo command.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +77,15 @@ fn main() -> ExitCode {
         Command::Run(args) => run::execute(args),
         Command::Disk(cmd) => disk::execute(cmd),
         Command::Control(args) => control_client::execute(args).map_err(Into::into),
+        Command::Vm(cmd) => api_client::connect(&cli.host)
+            .map_err(Into::into)
+            .and_then(|client| vm::execute(&client, cmd)),
+        Command::Job(cmd) => api_client::connect(&cli.host)
+            .map_err(Into::into)
+            .and_then(|client| job::execute(&client, cmd)),
+        Command::Completions(args) => completions::print(&args, &mut Cli::command())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,
@@ -99,6 +133,11 @@ mod tests {
             "vireo disk check",
             "vireo disk map",
             "vireo control disks",
+            "vireo vm list",
+            "vireo vm show",
+            "vireo vm create",
+            "vireo job list",
+            "vireo job show",
         ] {
             assert!(
                 found.iter().any(|f| f == want),

@@ -12,3 +12,17 @@ pub enum OutputFormat {
     /// For programs: one JSON document on stdout.
     Json,
 }
+
+/// Writes `text` to stdout. A reader that went away (`vireo vm list | head -1`) is not an
+/// error: the output was simply not wanted any more. Any other write error is one line, exit 1
+/// (`print!` would panic on both).
+pub fn emit(text: impl AsRef<[u8]>) -> Result<(), crate::exit::CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_ref()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(crate::exit::CliError::failed(
+            format!("writing to stdout: {e}"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,165 @@
+//! `vireo vm ...`: VMs as objects vireod owns — create, list, show, set, rename, rm, start,
+//! stop, turn-off, console — over its REST API (docs/api.md). Each verb that needs more than a
+//! request and a print lives in its own file under `vm/`.
+
+mod console;
+mod create;
+mod disk_arg;
+mod power;
+mod set;
+pub(crate) mod view;
+
+use std::error::Error;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use vireo_api::{RenameRequest, Vm};
+
+use crate::api_client::Client;
+use crate::exit::CliError;
+use crate::output::{emit, OutputFormat};
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (off) and print it with the identity vireod gave it (id, MACs, serials)
+    ///
+    /// Examples:
+    ///   vireo vm create web --kernel vmlinux --memory 1G --vcpus 2 --disk web.vhdx
+    ///   vireo vm create probe --kernel probe.elf --memory 32M --shutdown-line POWEROFF
+    #[command(verbatim_doc_comment)]
+    Create(create::CreateArgs),
+    /// List the VMs (sorted by name): name, state, vCPUs, memory, id.
+    List {
+        /// text (a table) or json (an array of the API's VM objects).
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Show one VM: its configuration, identity, state and times.
+    Show {
+        /// The VM's name or id.
+        vm: String,
+        /// text or json (the API's VM object).
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
+    /// Change a VM's configuration (while it is off): memory, vCPUs, command line, disks,
+    /// automatic start. Disks keep their serials; an added disk gets a new one.
+    Set(set::SetArgs),
+    /// Give a VM a new name (its id, MACs and serials stay).
+    Rename {
+        /// The VM's name or id.
+        vm: String,
+        /// The new name.
+        new_name: String,
+    },
+    /// Remove a VM (it must be off); its disk files stay unless --delete-disks.
+    Rm {
+        /// The VM's name or id.
+        vm: String,
+        /// Delete the VM's disk files as well.
+        #[arg(long)]
+        delete_disks: bool,
+    },
+    /// Start a VM; waits until its vCPUs run, with a progress bar (--no-wait: print the job).
+    Start(power::StartArgs),
+    /// Ask a VM's guest to power off (its shutdown line), and turn it off after --timeout;
+    /// waits until it is off (--no-wait: print the job).
+    Stop(power::StopArgs),
+    /// Turn a VM off at once (vCPUs stopped, disks flushed): pulling the plug.
+    TurnOff(power::TurnOffArgs),
+    /// Attach to a VM's serial console (COM1), both ways; --log prints its recent output
+    ///
+    /// On a terminal: raw mode, Ctrl-] detaches. With pipes: stdin goes to the guest and the
+    /// guest's output to stdout; vireo exits once stdin ends and the guest has been quiet for
+    /// 500 ms (at most 5 s), at --timeout, or when the VM stops.
+    #[command(verbatim_doc_comment)]
+    Console(console::ConsoleArgs),
+}
+
+pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn Error>> {
+    match command {
+        VmCommand::Create(args) => {
+            let spec = args.to_spec()?;
+            let vm: Vm = client.post("/v1/vms", Some(&spec))?;
+            emit(view::show(&vm, args.output))?;
+        }
+        VmCommand::List { output } => {
+            let vms: Vec<Vm> = client.get("/v1/vms")?;
+            emit(view::list(&vms, output))?;
+        }
+        VmCommand::Show { vm, output } => {
+            let vm: Vm = client.get(&path(&vm)?)?;
+            emit(view::show(&vm, output))?;
+        }
+        VmCommand::Set(args) => set::execute(client, args)?,
+        VmCommand::Rename { vm, new_name } => {
+            let path = path(&vm)?;
+            check_new_name(&new_name)?;
+            let body = RenameRequest { name: new_name };
+            let renamed: Vm = client.post(&format!("{path}/rename"), Some(&body))?;
+            emit(format!(
+                "renamed VM {vm} to {} ({})\n",
+                renamed.spec.name,
+                renamed.id()
+            ))?;
+        }
+        VmCommand::Rm { vm, delete_disks } => {
+            let path = path(&vm)?;
+            client.delete(&format!("{path}?delete_disks={delete_disks}"))?;
+            if delete_disks {
+                emit(format!("removed VM {vm} and deleted its disks\n"))?;
+            } else {
+                emit(format!("removed VM {vm} (its disk files stay)\n"))?;
+            }
+        }
+        VmCommand::Start(args) => return power::start(client, args),
+        VmCommand::Stop(args) => return power::stop(client, args),
+        VmCommand::TurnOff(args) => power::turn_off(client, args)?,
+        VmCommand::Console(args) => return console::execute(client, args),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `/v1/vms/{vm}` for a name or id given on the command line. Anything that is neither (a '/',
+/// a space, ...) is refused here: it would otherwise change the URL's meaning.
+pub fn path(vm: &str) -> Result<String, CliError> {
+    vireo_api::validate_name("VM", vm).map_err(|e| {
+        CliError::bad_input(format!(
+            "{vm:?} is not a VM name or id: {}; `vireo vm list` shows the VMs",
+            e.problem
+        ))
+    })?;
+    Ok(format!("/v1/vms/{vm}"))
+}
+
+fn check_new_name(name: &str) -> Result<(), CliError> {
+    vireo_api::validate_name("name", name)
+        .map_err(|e| CliError::bad_input(format!("new name {name:?}: {}", e.problem)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ids_make_paths_and_nothing_else_does() {
+        assert_eq!(path("web-1").unwrap(), "/v1/vms/web-1");
+        let id = "12345678-9abc-4def-8123-456789abcdef";
+        assert_eq!(path(id).unwrap(), format!("/v1/vms/{id}"));
+        for bad in [
+            "",
+            "a/b",
+            "../x",
+            "a b",
+            "a?x=1",
+            ".hidden",
+            &"n".repeat(65),
+        ] {
+            let e = path(bad).unwrap_err();
+            assert_eq!(e.status, crate::exit::BAD_INPUT, "{bad}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        assert!(check_new_name("ok.2").is_ok());
+        assert!(check_new_name("no/slash").is_err());
+    }
+}

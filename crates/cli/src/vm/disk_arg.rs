@@ -1,0 +1,101 @@
+//! `--disk PATH[,ro][,format=raw|vhd|vhdx]` (and `vm set --add-disk`): one disk of a VM spec.
+//!
+//! A relative path is made absolute against the current directory, because the daemon runs
+//! elsewhere and requires absolute paths. Paths containing ',' cannot be given this way.
+
+use std::path::PathBuf;
+
+use vireo_api::{DiskFormat, DiskSpec};
+
+pub const FORM: &str = "PATH[,ro][,format=raw|vhd|vhdx]";
+
+/// A parsed `--disk`; the path is still as typed (see [`DiskArg::to_spec`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskArg {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub format: Option<DiskFormat>,
+}
+
+/// clap's value parser: the error names the value and shows the form.
+pub fn parse(text: &str) -> Result<DiskArg, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err(format!("{text:?} names no file; use {FORM}"));
+    }
+    let mut disk = DiskArg {
+        path: PathBuf::from(path),
+        read_only: false,
+        format: None,
+    };
+    for option in parts {
+        match option {
+            "ro" => disk.read_only = true,
+            "rw" => disk.read_only = false,
+            "format=raw" => disk.format = Some(DiskFormat::Raw),
+            "format=vhd" => disk.format = Some(DiskFormat::Vhd),
+            "format=vhdx" => disk.format = Some(DiskFormat::Vhdx),
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown disk option {other:?}; use {FORM} \
+                     (without format= the daemon detects it from the file)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
+}
+
+impl DiskArg {
+    /// The spec entry, with an absolute path; the serial is left for the daemon to assign.
+    pub fn to_spec(&self) -> Result<DiskSpec, String> {
+        Ok(DiskSpec {
+            path: absolute(&self.path)?,
+            read_only: self.read_only,
+            format: self.format,
+            serial: None,
+        })
+    }
+}
+
+/// `path` made absolute against the current directory, lexically (no symlinks resolved: the
+/// daemon resolves them itself before it checks the storage root).
+pub fn absolute(path: &std::path::Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("cannot make {} absolute: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_in_any_order() {
+        let d = parse("/d/a.vhdx").unwrap();
+        assert_eq!((d.read_only, d.format), (false, None));
+        let d = parse("/d/a.img,ro,format=raw").unwrap();
+        assert_eq!((d.read_only, d.format), (true, Some(DiskFormat::Raw)));
+        let d = parse("b.vhd,format=vhd,ro").unwrap();
+        assert_eq!(d.path, PathBuf::from("b.vhd"));
+        assert_eq!((d.read_only, d.format), (true, Some(DiskFormat::Vhd)));
+    }
+
+    #[test]
+    fn bad_options_name_the_value() {
+        for bad in ["", ",ro", "/d/a,qcow2", "/d/a,format=qcow2", "/d/a,RO"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+            assert!(e.contains(FORM), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let spec = parse("disks/a.vhdx,ro").unwrap().to_spec().unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(spec.path, cwd.join("disks/a.vhdx"));
+        assert!(spec.read_only && spec.serial.is_none());
+        let spec = parse("/abs/b.img").unwrap().to_spec().unwrap();
+        assert_eq!(spec.path, PathBuf::from("/abs/b.img"));
+    }
+}

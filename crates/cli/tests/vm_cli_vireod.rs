@@ -1,0 +1,553 @@
+//! End to end: `vireo vm ...` / `vireo job ...` driving a real vireod (and its `vireo-vm`
+//! workers running the probe guest) on a temporary state directory.
+//!
+//! vireod and vireo-vm are other packages' binaries: they are found beside `vireo` in the
+//! target directory, where `cargo test --workspace` (./test.sh) builds them. Without them the
+//! test is a recorded skip (a failure under CI).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vireo_api::{Job, JobKind, JobState, Vm};
+
+const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
+
+/// vireod and vireo-vm beside `vireo`, if built.
+fn daemon_binaries() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(VIREO).parent().unwrap();
+    let (vireod, worker) = (dir.join("vireod"), dir.join("vireo-vm"));
+    if vireod.is_file() && worker.is_file() {
+        return Some((vireod, worker));
+    }
+    vireo_testkit::skip(&format!(
+        "vireod and vireo-vm built in {} (cargo build --release -p vireo-hostd -p vireo-worker; \
+         ./test.sh builds them)",
+        dir.display()
+    ));
+    None
+}
+
+/// A vireod on a temporary state directory; on drop every VM is turned off (workers outlive
+/// vireod by design) and vireod is stopped.
+struct Daemon {
+    dir: tempfile::TempDir,
+    host: String,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Option<Daemon> {
+        let (vireod, worker) = daemon_binaries()?;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let socket = state.join("vireod.sock");
+        let child = Command::new(vireod)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--worker-bin")
+            .arg(worker)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("vireod.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "vireod did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Daemon {
+            host: format!("unix:{}", socket.display()),
+            dir,
+            child,
+        })
+    }
+
+    fn vireo(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(VIREO);
+        cmd.arg("--host").arg(&self.host).args(args);
+        cmd.env_remove("VIREO_HOST").current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Runs `vireo args` (stdin empty), killed and failed after 60 s.
+    fn run(&self, args: &[&str]) -> Output {
+        run(self.vireo(args), Duration::from_secs(60))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vireo {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The exit status and the single stderr line of a failing command.
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "vireo {args:?} succeeded");
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("vireo: error: "), "{err}");
+        (out.status.code().unwrap(), last)
+    }
+
+    fn vms(&self) -> Vec<Vm> {
+        serde_json::from_str(&self.ok(&["vm", "list", "--output", "json"])).unwrap()
+    }
+
+    fn vm(&self, name: &str) -> Vm {
+        serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+    }
+
+    /// A file the daemon may use: under the state dir (its default storage root).
+    fn state_file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.path().join("state").join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(out) = self.vireo(&["vm", "list", "--output", "json"]).output() {
+            let vms: Vec<Vm> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for vm in vms.iter().filter(|vm| vm.state.has_worker()) {
+                let _ = self.vireo(&["vm", "turn-off", &vm.spec.name]).output();
+            }
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Creates a probe VM (32 MiB, shutdown line POWEROFF unless `shutdown_line` is false).
+fn create_probe(d: &Daemon, name: &str, shutdown_line: bool) -> Vm {
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap();
+    let mut args = vec!["vm", "create", name, "--kernel", kernel, "--memory", "32M"];
+    if shutdown_line {
+        args.extend(["--shutdown-line", "POWEROFF"]);
+    }
+    args.extend(["--output", "json"]);
+    serde_json::from_str(&d.ok(&args)).unwrap()
+}
+
+/// A pty: (master, slave).
+fn pty() -> (std::fs::File, std::fs::File) {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().unwrap())
+        .unwrap();
+    (std::fs::File::from(master), tty)
+}
+
+/// A `vireo vm console` through pipes, its stdout read line by line.
+struct Console {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Console {
+    fn attach(d: &Daemon, name: &str) -> Console {
+        let mut child = d
+            .vireo(&["vm", "console", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Console {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// Sends `command` and returns the first line starting with `OK` or `ERR`.
+    fn ask(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {command} within 20 s"));
+            if line.starts_with("OK") || line.starts_with("ERR") {
+                return line;
+            }
+        }
+    }
+
+    /// Waits (bounded) for vireo to exit; returns its status and stderr.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("vireo vm console did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = self.child.wait_with_output().unwrap();
+        (out.status, String::from_utf8(out.stderr).unwrap())
+    }
+}
+
+#[test]
+fn create_list_show_set_rename_rm() {
+    let Some(d) = Daemon::start() else { return };
+    // A relative kernel path is sent absolute (from the current directory: the temp dir).
+    d.state_file("k.elf", b"not run in this test");
+    let disk = d.state_file("data.img", &[0u8; 4096]);
+    let created = d.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--kernel",
+        "state/k.elf",
+        "--vcpus",
+        "1",
+        "--disk",
+        "state/data.img,ro",
+    ]);
+    assert!(created.contains("state:         off\n"), "{created}");
+    let web = d.vm("web");
+    assert_eq!(web.spec.kernel, d.dir.path().join("state/k.elf"));
+    assert_eq!(web.spec.disks[0].path, disk);
+    let serial = web.identity.disk_serials[0].clone();
+    assert!(
+        created.contains(&format!("id:            {}\n", web.id())),
+        "{created}"
+    );
+    assert!(created.contains(&format!("serial {serial})")), "{created}");
+
+    d.ok(&[
+        "vm",
+        "create",
+        "db",
+        "--kernel",
+        "/k",
+        "--memory",
+        "64M",
+        "--auto-start=3",
+    ]);
+    let table = d.ok(&["vm", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "STATE", "VCPUS", "MEMORY", "ID"]
+    );
+    assert!(
+        lines[1].starts_with("db ") && lines[1].contains("64 MiB"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("web") && lines[2].ends_with(&web.id().to_string()),
+        "{table}"
+    );
+    // Show by id is the same VM.
+    assert_eq!(d.vm(&web.id().to_string()), web);
+
+    // set: a disk added beside the kept one, which keeps its serial.
+    let more = d.state_file("more.img", &[0u8; 4096]);
+    d.ok(&[
+        "vm",
+        "set",
+        "web",
+        "--memory",
+        "128M",
+        "--add-disk",
+        more.to_str().unwrap(),
+        "--shutdown-line",
+        "POWEROFF",
+    ]);
+    let web2 = d.vm("web");
+    assert_eq!(web2.spec.memory_bytes, 128 << 20);
+    assert_eq!(web2.spec.disks.len(), 2);
+    assert_eq!(web2.identity.disk_serials[0], serial);
+    assert_ne!(web2.identity.disk_serials[1], serial);
+    assert_eq!(web2.spec.shutdown_line.as_deref(), Some("POWEROFF"));
+    d.ok(&["vm", "set", "web", "--rm-disk", "0"]);
+    assert_eq!(d.vm("web").spec.disks[0].path, more);
+
+    // rename keeps the identity; the old name is gone.
+    assert_eq!(
+        d.ok(&["vm", "rename", "web", "www"]),
+        format!("renamed VM web to www ({})\n", web.id())
+    );
+    assert_eq!(d.vm("www").id(), web.id());
+    assert_eq!(d.fails(&["vm", "show", "web"]).0, 2);
+    let (code, line) = d.fails(&["vm", "rename", "www", "db"]);
+    assert_eq!(code, 1, "a taken name is a conflict: {line}");
+
+    // rm keeps the disk files unless asked.
+    d.ok(&["vm", "rm", "www"]);
+    assert!(more.exists());
+    d.ok(&["vm", "rm", "db", "--delete-disks"]);
+    assert!(d.vms().is_empty());
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_and_changes_nothing() {
+    let Some(d) = Daemon::start() else { return };
+    d.ok(&["vm", "create", "web", "--kernel", "/k"]);
+    let before = d.vms();
+    for args in [
+        &["vm", "show", "nope"][..],
+        &["vm", "create", "x", "--kernel", "/k", "--vcpus", "0"],
+        &["vm", "create", "x", "--kernel", "/k", "--memory", "1000"],
+        &["vm", "create", "x", "--kernel", "/k", "--memory", "64Q"],
+        &["vm", "create", "x/y", "--kernel", "/k"],
+        &["vm", "set", "web", "--vcpus", "100000"],
+        &["vm", "set", "web", "--rm-disk", "0"],
+        &["vm", "set", "nope", "--vcpus", "1"],
+        &["vm", "rename", "web", "a..b"],
+        &["vm", "start", "nope"],
+        &["vm", "console", "nope", "--log"],
+        &["job", "show", "00000000-0000-0000-0000-000000000000"],
+        &["job", "list", "--vm", "nope"],
+        &["job", "show", "not-a-uuid"],
+    ] {
+        let out = d.run(args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "vireo {args:?}: {err}");
+        // Ours are one line; clap's own (a malformed size) add a hint after a blank line.
+        if err.starts_with("vireo: error: ") {
+            assert_eq!(err.lines().count(), 1, "vireo {args:?}: {err}");
+        } else {
+            assert!(err.starts_with("error: invalid value"), "{err}");
+        }
+    }
+    // Refusals of the state machine are failures (1), not bad input.
+    assert_eq!(
+        d.fails(&["vm", "stop", "web"]),
+        (1, "vireo: error: cannot stop a VM that is off".into())
+    );
+    assert_eq!(d.vms(), before, "nothing changed");
+}
+
+#[test]
+fn probe_guest_start_console_stop_turn_off() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    create_probe(&d, "p", true);
+    let out = d.run(&["vm", "start", "p"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "VM p is running\n");
+    assert_eq!(d.vm("p").state.name(), "running");
+
+    // The console through pipes: a command in, its answer out, exit 0 at stdin's end.
+    let mut console = Console::attach(&d, "p");
+    let info = console.ask("INFO");
+    assert!(
+        info.starts_with("OK mem_mib=32 disks=0 nics=0 cpus=1"),
+        "{info}"
+    );
+    assert_eq!(console.ask("PING"), "OK PONG");
+    let (status, err) = console.finish(Duration::from_secs(10));
+    assert!(status.success(), "{err}");
+    // On a terminal: raw mode, LF (Ctrl-J) ends the probe's line, Ctrl-] detaches.
+    let (mut master, tty) = pty();
+    let mut child = d
+        .vireo(&["vm", "console", "p"])
+        .stdin(Stdio::from(tty))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Typed before raw mode is on, a line would be cooked (and echoed); wait for the banner.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).unwrap();
+    assert!(banner.contains("Ctrl-] detaches"), "{banner}");
+    master.write_all(b"PING\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).expect("no PONG within 20 s");
+        if line.trim_end() == "OK PONG" {
+            break;
+        }
+    }
+    master.write_all(b"\x1d").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "Ctrl-] did not detach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        d.vm("p").state.name(),
+        "running",
+        "detaching leaves the VM running"
+    );
+
+    // The ring kept what the guest printed, from boot on.
+    let log = d.ok(&["vm", "console", "p", "--log"]);
+    assert!(log.contains("PROBE READY"), "{log:?}");
+    assert!(log.contains("OK PONG"), "{log:?}");
+
+    // While it runs: its spec and its removal are refused (409 → 1), and a second start too.
+    assert_eq!(d.fails(&["vm", "set", "p", "--vcpus", "2"]).0, 1);
+    assert_eq!(d.fails(&["vm", "rm", "p"]).0, 1);
+    assert_eq!(
+        d.fails(&["vm", "start", "p"]),
+        (1, "vireo: error: cannot start a VM that is running".into())
+    );
+
+    // stop: the shutdown line (POWEROFF) makes the probe power off; the job completes.
+    let out = d.run(&["vm", "stop", "p", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let stop: Job = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (stop.kind, stop.state),
+        (JobKind::Stop, JobState::Completed)
+    );
+    assert_eq!(d.vm("p").state.name(), "off");
+    let (code, line) = d.fails(&["vm", "console", "p"]);
+    assert_eq!(code, 1, "{line}");
+
+    // --no-wait prints the job; job show follows it to the end.
+    let job: Job =
+        serde_json::from_str(&d.ok(&["vm", "start", "p", "--no-wait", "--output", "json"]))
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now: Job =
+            serde_json::from_str(&d.ok(&["job", "show", &job.id.to_string(), "--output", "json"]))
+                .unwrap();
+        if now.state == JobState::Completed {
+            break;
+        }
+        assert_eq!(now.state, JobState::Running, "{now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "start job still running after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.ok(&["vm", "turn-off", "p"]), "VM p is off\n");
+    assert_eq!(d.vm("p").state.name(), "off");
+
+    let jobs = d.ok(&["job", "list", "--vm", "p"]);
+    let kinds: Vec<&str> = jobs
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert_eq!(kinds, ["start", "stop", "start"], "newest first:\n{jobs}");
+    assert!(
+        jobs.lines()
+            .skip(1)
+            .all(|l| l.contains(" p ") && l.contains("completed")),
+        "{jobs}"
+    );
+}
+
+#[test]
+fn console_ends_when_the_guest_powers_off_and_stop_without_a_shutdown_line_turns_off() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    create_probe(&d, "p", true);
+    d.ok(&["vm", "start", "p"]);
+    // POWEROFF through the console: the guest goes, vireod closes the console, vireo exits 0
+    // while its stdin is still open.
+    let mut console = Console::attach(&d, "p");
+    assert_eq!(console.ask("POWEROFF"), "OK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while console.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "console did not end with the VM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, err) = console.finish(Duration::from_secs(1));
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("vireod closed VM p's console (the VM stopped"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.vm("p").state.name() != "off" {
+        assert!(
+            Instant::now() < deadline,
+            "VM not off after the guest powered off"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Without a shutdown line the guest is never asked: stop waits --timeout, then turns off.
+    create_probe(&d, "q", false);
+    d.ok(&["vm", "start", "q"]);
+    let started = Instant::now();
+    assert_eq!(
+        d.ok(&["vm", "stop", "q", "--timeout", "1"]),
+        "VM q is off\n"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(d.vm("q").state.name(), "off");
+}
