@@ -11,6 +11,8 @@
 //!   and verifies the process.
 //! - `spec.json` (vireod, before spawning): the [`WorkerLaunch`] the worker builds the VM from.
 //! - `worker.sock`, `console.sock` (the worker): control and console sockets.
+//! - `control.sock` (the worker): the text disk-control protocol of `vireo run --control`
+//!   (list disks, live merge, online resize), for `vireo control <vm-dir>/control.sock`.
 //! - `exit.json` (the worker, last thing before a normal exit): [`WorkerExit`]. A worker
 //!   that is gone without one for its pid was killed (or crashed).
 //! - `worker.log` (the worker's stderr).

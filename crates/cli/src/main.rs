@@ -2,7 +2,6 @@
 //! parses arguments and turns an error into one line for the user.
 #![forbid(unsafe_code)]
 
-mod control;
 mod control_client;
 mod disk;
 mod exit;

@@ -3,15 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::control::{ControlDisk, ControlServer};
 use crate::exit::CliError;
-use errors::{vhost_user_error, vm_error};
-use image::{parse_disk, DiskArg};
+use errors::{vhost_user_error, vm_error, worker_error};
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+use vireo_worker::control::{ControlDisk, ControlServer};
+use vireo_worker::image::{self, parse_disk, DiskArg};
 
 mod errors;
-pub(crate) mod image;
 
 const EXIT_CODES: &str = "\
 Exit status (once the VM has started, the guest decides):
@@ -86,7 +85,7 @@ pub struct RunArgs {
 }
 
 fn after_help() -> String {
-    EXIT_CODES.replace("{CONTROL}", crate::control::PROTOCOL)
+    EXIT_CODES.replace("{CONTROL}", vireo_worker::control::PROTOCOL)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,7 +231,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut devices = Vec::new();
     let mut control_disks = Vec::new();
     for d in &args.disk {
-        let image::OpenedDisk { backend, image } = image::open(d)?;
+        let image::OpenedDisk { backend, image } = image::open(d).map_err(worker_error)?;
         // The control socket resizes through the device's resizer: the transport owns the
         // device once the VM starts, and the resizer is how a size change reaches the driver.
         let block = vireo_virtio::Block::new(backend.clone());
@@ -286,7 +285,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let vm = Vm::new(config).map_err(vm_error)?;
     warn_if_overcommitted(args.vcpus);
     let control = match &args.control {
-        Some(path) => Some(ControlServer::start(path, control_disks)?),
+        Some(path) => Some(ControlServer::start(path, control_disks).map_err(worker_error)?),
         None => {
             drop(control_disks);
             None

@@ -38,11 +38,18 @@ struct Rig {
 }
 
 fn rig_with(read_only: bool, features: Option<u64>) -> Rig {
+    rig_full(read_only, features, None)
+}
+
+fn rig_full(read_only: bool, features: Option<u64>, serial: Option<&str>) -> Rig {
     let file = tempfile::NamedTempFile::new().unwrap();
     let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
     file.as_file().write_all(&pattern).unwrap();
     let backend = Arc::new(RawFile::open(file.path(), read_only).unwrap());
     let mut dev = Block::new(backend.clone());
+    if let Some(serial) = serial {
+        dev = dev.with_serial(serial);
+    }
     let mem = guest_memory();
     let features = features.unwrap_or(dev.features());
     let (mut qs, irq) = activate_with(&mut dev, &mem, QSIZE, features);
@@ -181,6 +188,20 @@ fn large_request_spanning_many_chunks() {
     let back = DATA + (1 << 20);
     assert_eq!(r.request(T_IN, 0, Some(wo(back, len))), (S_OK, len + 1));
     assert_eq!(r.guest_bytes(back, len as usize), data);
+}
+
+#[test]
+fn get_id_answers_the_serial_given_instead_of_the_backend_id() {
+    let mut r = rig_full(false, None, Some("vm-disk-0"));
+    assert_eq!(r.request(T_GET_ID, 0, Some(wo(DATA, 20))), (S_OK, 21));
+    let mut want = [0u8; 20];
+    want[..9].copy_from_slice(b"vm-disk-0");
+    assert_eq!(r.guest_bytes(DATA, 20), want);
+    assert_ne!(r.backend.id(), "vm-disk-0");
+    // Only 20 bytes fit the id; a longer serial is cut, not refused.
+    let mut r = rig_full(false, None, Some("0123456789abcdefghijKLMN"));
+    assert_eq!(r.request(T_GET_ID, 0, Some(wo(DATA, 20))), (S_OK, 21));
+    assert_eq!(r.guest_bytes(DATA, 20), b"0123456789abcdefghij");
 }
 
 #[test]

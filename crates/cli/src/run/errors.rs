@@ -4,8 +4,19 @@
 
 use vireo_vmm::vhost_user_net::VhostUserNetError;
 use vireo_vmm::VmmError;
+use vireo_worker::WorkerError;
 
 use crate::exit::CliError;
+
+/// Classifies an error opening a disk or the control socket (vireo-worker says which are the
+/// user's to fix); the message is the error's own line.
+pub fn worker_error(e: WorkerError) -> CliError {
+    if e.is_bad_input() {
+        CliError::bad_input(e.to_string())
+    } else {
+        CliError::failed(e.to_string())
+    }
+}
 
 /// Classifies an error from building or running the VM.
 pub fn vm_error(e: VmmError) -> CliError {

@@ -69,6 +69,8 @@ pub struct Block {
     counters: Arc<BlockCounters>,
     notifier: ConfigNotifier,
     worker: Option<Worker>,
+    /// What VIRTIO_BLK_T_GET_ID answers instead of the backend's own id (a VM spec's serial).
+    serial: Option<String>,
 }
 
 /// Resizes a disk while its device is owned by the transport, telling the driver.
@@ -124,7 +126,15 @@ impl Block {
             counters: Arc::default(),
             notifier: ConfigNotifier::default(),
             worker: None,
+            serial: None,
         }
+    }
+
+    /// The device id the guest reads (VIRTIO_BLK_T_GET_ID, `/sys/block/*/serial`) instead of
+    /// the backend's own; the guest gets at most 20 bytes of it.
+    pub fn with_serial(mut self, serial: impl Into<String>) -> Self {
+        self.serial = Some(serial.into());
+        self
     }
 
     /// A handle that resizes the disk and notifies the driver, usable after the device has
@@ -206,6 +216,7 @@ impl VirtioDevice for Block {
             event_idx,
             self.backend.clone(),
             self.counters.clone(),
+            self.serial.clone(),
         );
         self.worker = Some(worker.start()?);
         Ok(())

@@ -52,6 +52,8 @@ pub(crate) struct RequestContext<'a> {
     pub mem: &'a GuestMemory,
     pub backend: &'a dyn BlockBackend,
     pub counters: &'a BlockCounters,
+    /// Overrides the backend's id for GET_ID.
+    pub serial: Option<&'a str>,
     pub buf: &'a mut Vec<u8>,
 }
 
@@ -148,7 +150,7 @@ impl RequestContext<'_> {
 
     fn get_id(&mut self, chain: &ChainBuffers, room: u64) -> Result<u64, Status> {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-        let src = self.backend.id();
+        let src = self.serial.map_or_else(|| self.backend.id(), str::to_owned);
         let n = src.len().min(id.len());
         id[..n].copy_from_slice(&src.as_bytes()[..n]);
         // The id is NUL-padded to 20 bytes; a shorter buffer gets what fits.

@@ -26,6 +26,7 @@ pub(crate) struct BlockWorker {
     kick: EventFd,
     backend: Arc<dyn BlockBackend>,
     counters: Arc<BlockCounters>,
+    serial: Option<String>,
 }
 
 impl BlockWorker {
@@ -36,6 +37,7 @@ impl BlockWorker {
         event_idx: bool,
         backend: Arc<dyn BlockBackend>,
         counters: Arc<BlockCounters>,
+        serial: Option<String>,
     ) -> Self {
         let QueueHandle { mut queue, kick } = handle;
         queue.set_event_idx(event_idx);
@@ -46,6 +48,7 @@ impl BlockWorker {
             kick,
             backend,
             counters,
+            serial,
         }
     }
 
@@ -82,6 +85,7 @@ impl BlockWorker {
             mem,
             backend: &*self.backend,
             counters: &self.counters,
+            serial: self.serial.as_deref(),
             buf,
         };
         let used = serve_queue(&mut self.queue, mem, |chain| {

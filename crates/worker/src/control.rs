@@ -1,5 +1,6 @@
-//! `vireo run --control PATH`: a Unix socket for operating on a running VM's disks, one
-//! command per line, answers as lines (protocol in [`PROTOCOL`], shown by `vireo run --help`).
+//! `vireo run --control PATH` and a worker's `control.sock`: a Unix socket for operating on a
+//! running VM's disks, one command per line, answers as lines (protocol in [`PROTOCOL`], shown
+//! by `vireo run --help`).
 //!
 //! A resize (`disk-resize N SIZE`) changes the disk under the running guest and tells its
 //! driver through the virtio-blk device's [`BlockResizer`] (kept here beside each disk): the
@@ -33,9 +34,9 @@ use vireo_vhdx::vhd::{DiskType as VhdType, Vhd};
 use vireo_vhdx::VhdxError;
 use vireo_virtio::block::BlockResizer;
 
-use crate::disk::parse_size;
-use crate::exit::CliError;
-use crate::run::image::{vhd_chain_depth, Image};
+use crate::error::WorkerError;
+use crate::image::{vhd_chain_depth, Image};
+use crate::size::parse_size;
 
 pub const PROTOCOL: &str = "\
 Control socket (--control PATH): a Unix stream socket; send one command per line.
@@ -105,19 +106,21 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds `path` (replacing a stale socket nobody listens on) and starts serving.
-    pub fn start(path: &Path, disks: Vec<ControlDisk>) -> Result<ControlServer, CliError> {
-        let shown = path.display();
-        let bad = |e: std::io::Error| CliError::bad_input(format!("control socket {shown}: {e}"));
+    pub fn start(path: &Path, disks: Vec<ControlDisk>) -> Result<ControlServer, WorkerError> {
+        let bad = |source| WorkerError::ControlSocket {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
-                return Err(CliError::bad_input(format!(
-                    "control socket {shown}: a file that is not a socket is in the way"
-                )));
+                return Err(WorkerError::ControlSocketNotSocket {
+                    path: path.to_path_buf(),
+                });
             }
             if UnixStream::connect(path).is_ok() {
-                return Err(CliError::failed(format!(
-                    "control socket {shown} is in use by another running VM"
-                )));
+                return Err(WorkerError::ControlSocketInUse {
+                    path: path.to_path_buf(),
+                });
             }
             std::fs::remove_file(path).map_err(bad)?;
         }
@@ -135,7 +138,7 @@ impl ControlServer {
                         .spawn(move || serve(&s, conn));
                 }
             })
-            .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
+            .map_err(WorkerError::ControlThread)?;
         Ok(ControlServer {
             path: path.to_path_buf(),
             shared,
@@ -813,15 +816,15 @@ mod tests {
         let Err(e) = ControlServer::start(&sock, vec![]) else {
             panic!("started over a regular file");
         };
-        assert!(e.message.contains("not a socket"), "{e}");
-        assert_eq!(e.status, crate::exit::BAD_INPUT);
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert!(e.is_bad_input());
         std::fs::remove_file(&sock).unwrap();
         let server = ControlServer::start(&sock, vec![disk(&child, &d)]).unwrap();
         let Err(e) = ControlServer::start(&sock, vec![]) else {
             panic!("two servers on one socket");
         };
-        assert!(e.message.contains("in use"), "{e}");
-        assert_eq!(e.status, crate::exit::FAILED);
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(!e.is_bad_input());
         let mut conn = UnixStream::connect(&sock).unwrap();
         writeln!(conn, "disk-merge 0").unwrap();
         let mut first = String::new();

@@ -1,21 +1,22 @@
-//! What `vireo run --disk PATH[,ro][,format=F]` attaches: the image format is read from the
-//! file's content (or given explicitly) and never guessed by falling through to raw. A VHD
+//! What a VM's disk attaches (`vireo run --disk PATH[,ro][,format=F]`, a spec's `disks`): the
+//! image format is read from the file's content (or given explicitly) and never guessed by
+//! falling through to raw. A VHD
 //! served as raw shows the guest the container's bytes, and a guest write at LBA 0 then destroys
 //! the image; so every file with a known signature is served as its format or refused.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use vireo_block::{BlockBackend, BlockError, RawFile};
+use vireo_block::{BlockBackend, RawFile};
 use vireo_vhdx::convert::Format;
-use vireo_vhdx::vhd::{DiskType as VhdType, Vhd, VhdError};
-use vireo_vhdx::{Vhdx, VhdxError};
+use vireo_vhdx::vhd::{DiskType as VhdType, Vhd};
+use vireo_vhdx::Vhdx;
 
-use crate::exit::CliError;
+use crate::error::WorkerError;
 
-/// One `--disk` option.
+/// One disk to open (a `--disk` option, a spec's disk).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskArg {
     pub path: PathBuf,
@@ -140,23 +141,24 @@ pub struct OpenedDisk {
 
 /// Opens `d` as the format its content (or its `format=`) names; refuses formats it does not
 /// serve and a `format=` the content contradicts. Errors are one line naming the file.
-pub fn open(d: &DiskArg) -> Result<OpenedDisk, CliError> {
+pub fn open(d: &DiskArg) -> Result<OpenedDisk, WorkerError> {
     let path = &d.path;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        CliError::bad_input(format!(
-            "disk {shown}: {e} (give the path of an existing image)"
-        ))
+    let meta = std::fs::metadata(path).map_err(|source| WorkerError::DiskMissing {
+        path: path.clone(),
+        source,
     })?;
     if meta.is_dir() {
-        return Err(CliError::bad_input(format!(
-            "disk {shown} is a directory, not a disk image"
-        )));
+        return Err(WorkerError::DiskIsDirectory { path: path.clone() });
     }
-    let file = File::open(path)
-        .map_err(|e| CliError::bad_input(format!("disk {shown}: cannot read it: {e}")))?;
-    let content =
-        detect(&file).map_err(|e| CliError::failed(format!("disk {shown}: reading it: {e}")))?;
+    let file = File::open(path).map_err(|source| WorkerError::DiskUnreadable {
+        path: path.clone(),
+        source,
+    })?;
+    let content = detect(&file).map_err(|source| WorkerError::DiskRead {
+        path: path.clone(),
+        source,
+    })?;
     drop(file);
     let format = match (d.format, content) {
         // The user's word: a raw disk whose guest data happens to start with a signature.
@@ -171,34 +173,38 @@ pub fn open(d: &DiskArg) -> Result<OpenedDisk, CliError> {
             Format::Raw
         }
         (_, Content::Foreign(name)) => {
-            return Err(CliError::bad_input(format!(
-                "disk {shown} is a {name} image, which vireo cannot attach; convert it \
-                 (qemu-img convert -O vhdx {shown} {stem}.vhdx) or, if it is a raw disk whose \
-                 data starts like one, add ,format=raw",
-                stem = path.with_extension("").display()
-            )))
+            return Err(WorkerError::ForeignFormat {
+                path: path.clone(),
+                name,
+            })
         }
         (Some(asked), Content::Known(found)) if asked != found => {
-            return Err(CliError::bad_input(format!(
-                "disk {shown} was given as format={} but it is a {} image; drop format= or \
-                 give format={}",
-                asked.name(),
-                content_name(content),
-                found.name()
-            )))
+            return Err(WorkerError::FormatMismatch {
+                path: path.clone(),
+                asked,
+                found,
+                found_name: content_name(content),
+            })
         }
         (_, Content::Known(found)) => found,
     };
     match format {
         Format::Raw => {
-            let raw = RawFile::open(path, d.read_only).map_err(|e| block_error(path, e))?;
+            let raw = RawFile::open(path, d.read_only).map_err(|source| WorkerError::Raw {
+                path: path.clone(),
+                source,
+            })?;
             Ok(OpenedDisk {
                 backend: Arc::new(raw),
                 image: Image::Raw,
             })
         }
         Format::Vhd => {
-            let vhd = Arc::new(Vhd::open(path, d.read_only).map_err(|e| vhd_error(path, e))?);
+            let vhd = Vhd::open(path, d.read_only).map_err(|source| WorkerError::Vhd {
+                path: path.clone(),
+                source,
+            })?;
+            let vhd = Arc::new(vhd);
             Ok(OpenedDisk {
                 backend: vhd.clone(),
                 image: Image::Vhd(vhd),
@@ -209,7 +215,11 @@ pub fn open(d: &DiskArg) -> Result<OpenedDisk, CliError> {
                 read_only: d.read_only,
                 ..Default::default()
             };
-            let vhdx = Arc::new(Vhdx::open(path, &opts).map_err(|e| vhdx_error(path, e))?);
+            let vhdx = Vhdx::open(path, &opts).map_err(|source| WorkerError::Vhdx {
+                path: path.clone(),
+                source,
+            })?;
+            let vhdx = Arc::new(vhdx);
             Ok(OpenedDisk {
                 backend: vhdx.clone(),
                 image: Image::Vhdx(vhdx),
@@ -224,34 +234,6 @@ fn content_name(c: Content) -> &'static str {
         Content::Known(Format::Vhd) => "VHD",
         Content::Known(Format::Vhdx) => "VHDX",
         Content::Foreign(name) => name,
-    }
-}
-
-fn block_error(path: &Path, e: BlockError) -> CliError {
-    match e {
-        // Already one line naming the disk and what to do.
-        BlockError::Locked { .. } => CliError::failed(e.to_string()),
-        e => CliError::failed(format!("disk {}: {e}", path.display())),
-    }
-}
-
-fn vhd_error(path: &Path, e: VhdError) -> CliError {
-    let shown = path.display();
-    match e {
-        VhdError::Locked { .. } => CliError::failed(e.to_string()),
-        VhdError::DifferencingWrite => CliError::bad_input(format!(
-            "disk {shown} is a differencing VHD, which vireo can attach only read-only; add ,ro \
-             or convert it to VHDX (vireo disk convert {shown} {}.vhdx)",
-            path.with_extension("").display()
-        )),
-        e => CliError::failed(format!("disk {shown}: {e}")),
-    }
-}
-
-fn vhdx_error(path: &Path, e: VhdxError) -> CliError {
-    match e {
-        VhdxError::Locked { .. } => CliError::failed(e.to_string()),
-        e => CliError::failed(format!("disk {}: {e}", path.display())),
     }
 }
 
@@ -344,9 +326,9 @@ mod tests {
         std::fs::write(&q, &b).unwrap();
         let arg = parse_disk(q.to_str().unwrap()).unwrap();
         let e = open(&arg).err().unwrap();
-        assert_eq!(e.status, crate::exit::BAD_INPUT);
-        assert!(e.message.contains("is a qcow2 image"), "{e}");
-        assert!(e.message.contains(q.to_str().unwrap()), "{e}");
+        assert!(e.is_bad_input());
+        assert!(e.to_string().contains("is a qcow2 image"), "{e}");
+        assert!(e.to_string().contains(q.to_str().unwrap()), "{e}");
         let arg = parse_disk(&format!("{},format=raw", q.display())).unwrap();
         assert!(matches!(open(&arg).map(|d| d.image), Ok(Image::Raw)));
 
@@ -354,9 +336,11 @@ mod tests {
         std::fs::write(&raw, vec![0u8; 4096]).unwrap();
         let arg = parse_disk(&format!("{},format=vhdx", raw.display())).unwrap();
         let e = open(&arg).err().unwrap();
-        assert_eq!(e.status, crate::exit::BAD_INPUT);
+        assert!(e.is_bad_input());
         assert!(
-            e.message.contains("format=vhdx but it is a raw image"),
+            e.to_string().contains(
+                "was given as format=vhdx but it is a raw image; drop format= or give format=raw"
+            ),
             "{e}"
         );
         assert!(std::fs::read(&q).unwrap() == b && std::fs::read(&raw).unwrap() == [0; 4096]);

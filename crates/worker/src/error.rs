@@ -1,0 +1,151 @@
+//! What can go wrong while building a VM's disks and control socket, typed. Every message is
+//! one line naming the offending path and, where there is one, what to do. [`WorkerError::
+//! is_bad_input`] says whether the user can fix it (a wrong path or option: `vireo run` exits
+//! 2) or the host or an image let us down (1).
+
+use std::path::{Path, PathBuf};
+
+use vireo_block::BlockError;
+use vireo_vhdx::convert::Format;
+use vireo_vhdx::vhd::VhdError;
+use vireo_vhdx::VhdxError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("disk {}: {source} (give the path of an existing image)", .path.display())]
+    DiskMissing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {} is a directory, not a disk image", .path.display())]
+    DiskIsDirectory { path: PathBuf },
+    #[error("disk {}: cannot read it: {source}", .path.display())]
+    DiskUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {}: reading it: {source}", .path.display())]
+    DiskRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "disk {shown} is a {name} image, which vireo cannot attach; convert it \
+         (qemu-img convert -O vhdx {shown} {stem}.vhdx) or, if it is a raw disk whose \
+         data starts like one, add ,format=raw",
+        shown = .path.display(),
+        stem = .path.with_extension("").display()
+    )]
+    ForeignFormat { path: PathBuf, name: &'static str },
+    #[error(
+        "disk {} was given as format={} but it is a {found_name} image; drop format= or \
+         give format={}",
+        .path.display(),
+        .asked.name(),
+        .found.name()
+    )]
+    FormatMismatch {
+        path: PathBuf,
+        asked: Format,
+        found: Format,
+        found_name: &'static str,
+    },
+    #[error("{}", image_message(.path, &.source.to_string(), matches!(.source, BlockError::Locked { .. })))]
+    Raw { path: PathBuf, source: BlockError },
+    #[error(
+        "{}",
+        match .source {
+            VhdError::DifferencingWrite => format!(
+                "disk {shown} is a differencing VHD, which vireo can attach only read-only; add \
+                 ,ro or convert it to VHDX (vireo disk convert {shown} {stem}.vhdx)",
+                shown = .path.display(),
+                stem = .path.with_extension("").display()
+            ),
+            e => image_message(.path, &e.to_string(), matches!(e, VhdError::Locked { .. })),
+        }
+    )]
+    Vhd { path: PathBuf, source: VhdError },
+    #[error("{}", image_message(.path, &.source.to_string(), matches!(.source, VhdxError::Locked { .. })))]
+    Vhdx { path: PathBuf, source: VhdxError },
+    #[error("control socket {}: {source}", .path.display())]
+    ControlSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {}: a file that is not a socket is in the way", .path.display())]
+    ControlSocketNotSocket { path: PathBuf },
+    #[error("control socket {} is in use by another running VM", .path.display())]
+    ControlSocketInUse { path: PathBuf },
+    #[error("control socket: {0}")]
+    ControlThread(std::io::Error),
+    #[error("reading the launch spec {}: {source}", .path.display())]
+    SpecRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the launch spec {} is not a valid WorkerLaunch: {source}", .path.display())]
+    SpecJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "the launch spec has VM spec version {found}; this worker reads version {want}",
+        want = vireo_api::SPEC_VERSION
+    )]
+    SpecVersion { found: u32 },
+    #[error("NICs on switches are not supported by the worker yet (the spec has {0}); remove them to start the VM")]
+    NicsUnsupported(usize),
+    #[error("socket {}: {source}", .path.display())]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket {}: a file that is not a socket is in the way", .path.display())]
+    SocketInTheWay { path: PathBuf },
+    #[error("socket {} is in use: is another worker running for this VM?", .path.display())]
+    SocketInUse { path: PathBuf },
+    #[error("{0}")]
+    Vmm(#[from] vireo_vmm::VmmError),
+    #[error("starting the worker's threads: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A lock error already names the disk and what to do; anything else gets the disk's path.
+fn image_message(path: &Path, error: &str, locked: bool) -> String {
+    if locked {
+        error.to_string()
+    } else {
+        format!("disk {}: {error}", path.display())
+    }
+}
+
+impl WorkerError {
+    /// True when the input was wrong (nothing changed) rather than the host or an image
+    /// failing.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            WorkerError::DiskMissing { .. }
+            | WorkerError::DiskIsDirectory { .. }
+            | WorkerError::DiskUnreadable { .. }
+            | WorkerError::ForeignFormat { .. }
+            | WorkerError::FormatMismatch { .. }
+            | WorkerError::ControlSocket { .. }
+            | WorkerError::ControlSocketNotSocket { .. }
+            | WorkerError::SpecRead { .. }
+            | WorkerError::SpecJson { .. }
+            | WorkerError::SpecVersion { .. }
+            | WorkerError::NicsUnsupported(_)
+            | WorkerError::Socket { .. }
+            | WorkerError::SocketInTheWay { .. } => true,
+            WorkerError::Vhd { source, .. } => matches!(source, VhdError::DifferencingWrite),
+            WorkerError::DiskRead { .. }
+            | WorkerError::Raw { .. }
+            | WorkerError::Vhdx { .. }
+            | WorkerError::ControlSocketInUse { .. }
+            | WorkerError::ControlThread(_)
+            | WorkerError::SocketInUse { .. }
+            | WorkerError::Vmm(_)
+            | WorkerError::Thread(_) => false,
+        }
+    }
+}

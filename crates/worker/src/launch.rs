@@ -1,0 +1,181 @@
+//! One worker's life: read `spec.json`, build the VM, serve its sockets, run it, and record why
+//! it ended in `exit.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
+use vireo_api::{DiskFormat, VmSpec, SPEC_VERSION};
+use vireo_vhdx::convert::Format;
+use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+
+use crate::console::Console;
+use crate::control::{ControlDisk, ControlServer};
+use crate::error::WorkerError;
+use crate::image::{self, DiskArg};
+use crate::{files, server};
+use crate::{CONSOLE_SOCKET, CONTROL_SOCKET, EXIT_FILE, SPEC_FILE, WORKER_SOCKET};
+
+/// The process exit status for a reason: 0 when the VM ended as a VM may (powered off, reset,
+/// turned off), 1 when it could not start or a vCPU failed.
+pub fn exit_status(reason: &WorkerExitReason) -> u8 {
+    match reason {
+        WorkerExitReason::PoweredOff { .. }
+        | WorkerExitReason::Reset
+        | WorkerExitReason::TurnedOff => 0,
+        WorkerExitReason::StartFailed { .. } | WorkerExitReason::VcpuFailed { .. } => 1,
+    }
+}
+
+/// Runs the VM of `dir` to its end and records the reason in `exit.json`; returns the reason.
+/// `Err` only when even `exit.json` could not be written.
+pub fn run(dir: &Path) -> std::io::Result<WorkerExitReason> {
+    // Absolute, so the paths the worker reports (Status' console socket) do not depend on
+    // the directory it was started in.
+    let dir = &std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // A record from an earlier run of this VM must not be taken for this one's.
+    let _ = std::fs::remove_file(dir.join(EXIT_FILE));
+    let sockets = [WORKER_SOCKET, CONSOLE_SOCKET, CONTROL_SOCKET].map(|s| dir.join(s));
+    let reason = match start(dir) {
+        Ok(running) => running.run(),
+        Err(e) => {
+            tracing::error!("the VM could not be started: {e}");
+            WorkerExitReason::StartFailed {
+                message: e.to_string(),
+            }
+        }
+    };
+    for s in &sockets {
+        files::remove_socket(s);
+    }
+    files::write_exit(dir, reason.clone())?;
+    tracing::info!("worker exiting: {reason:?}");
+    Ok(reason)
+}
+
+/// A built VM with its sockets served, not yet running.
+struct Running {
+    vm: Vm,
+    state: Arc<server::State>,
+    control: ControlServer,
+}
+
+fn read_launch(dir: &Path) -> Result<WorkerLaunch, WorkerError> {
+    let path = dir.join(SPEC_FILE);
+    let text = std::fs::read(&path).map_err(|source| WorkerError::SpecRead {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| WorkerError::SpecJson { path, source })
+}
+
+/// The disks of `spec` as virtio slots, and what the control socket needs of them.
+fn open_disks(spec: &VmSpec) -> Result<(Vec<VirtioSlot>, Vec<ControlDisk>), WorkerError> {
+    let mut slots = Vec::new();
+    let mut control = Vec::new();
+    for d in &spec.disks {
+        let arg = DiskArg {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            format: d.format.map(|f| match f {
+                DiskFormat::Raw => Format::Raw,
+                DiskFormat::Vhd => Format::Vhd,
+                DiskFormat::Vhdx => Format::Vhdx,
+            }),
+        };
+        let image::OpenedDisk { backend, image } = image::open(&arg)?;
+        let mut block = vireo_virtio::Block::new(backend.clone());
+        if let Some(serial) = &d.serial {
+            block = block.with_serial(serial.clone());
+        }
+        control.push(ControlDisk {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            size: backend.size(),
+            image,
+            resizer: Some(block.resizer()),
+        });
+        slots.push(VirtioSlot {
+            device: Box::new(block),
+            flush_on_exit: Some(backend),
+        });
+    }
+    Ok((slots, control))
+}
+
+fn start(dir: &Path) -> Result<Running, WorkerError> {
+    let launch = read_launch(dir)?;
+    let spec = launch.spec;
+    if spec.version != SPEC_VERSION {
+        return Err(WorkerError::SpecVersion {
+            found: spec.version,
+        });
+    }
+    tracing::info!("starting VM {} ({})", spec.name, launch.vm_id);
+    if !spec.nics.is_empty() {
+        return Err(WorkerError::NicsUnsupported(spec.nics.len()));
+    }
+    vireo_vmm::install_termination_handlers()?;
+    let (devices, control_disks) = open_disks(&spec)?;
+    let console_path = dir.join(CONSOLE_SOCKET);
+    let ring_bytes = spec.console_ring_bytes as usize;
+    let (console, vmm_end) = Console::start(files::bind_private(&console_path)?, ring_bytes)
+        .map_err(WorkerError::Thread)?;
+    let config = VmConfig {
+        kernel: spec.kernel.clone(),
+        initrd: spec.initrd.clone(),
+        cmdline: spec.cmdline.clone(),
+        memory: spec.memory_bytes,
+        vcpus: spec.vcpus as usize,
+        devices,
+        console: ConsoleConfig::Stream(vmm_end),
+    };
+    let vm = Vm::new(config)?;
+    let control_path: PathBuf = dir.join(CONTROL_SOCKET);
+    let control = ControlServer::start(&control_path, control_disks)?;
+    std::fs::set_permissions(
+        &control_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(|source| WorkerError::Socket {
+        path: control_path.clone(),
+        source,
+    })?;
+    let state = Arc::new(server::State {
+        vm_id: launch.vm_id,
+        console,
+        console_socket: console_path,
+        shutdown_line: spec.shutdown_line.clone(),
+        vm: vm.handle(),
+        started_at: AtomicI64::new(0),
+        ring_bytes,
+    });
+    server::start(
+        files::bind_private(&dir.join(WORKER_SOCKET))?,
+        state.clone(),
+    )
+    .map_err(WorkerError::Thread)?;
+    Ok(Running { vm, state, control })
+}
+
+impl Running {
+    fn run(self) -> WorkerExitReason {
+        self.state
+            .started_at
+            .store(crate::unix_millis(), Ordering::SeqCst);
+        let exit = self.vm.run();
+        // Cancels running merges and lets go of the disks before the process ends.
+        self.control.shutdown();
+        match exit {
+            Ok(VmExit::PowerOff(status)) => WorkerExitReason::PoweredOff { status },
+            Ok(VmExit::Reset) => WorkerExitReason::Reset,
+            Ok(VmExit::Stopped) => WorkerExitReason::TurnedOff,
+            Ok(VmExit::Error(message)) => WorkerExitReason::VcpuFailed { message },
+            // Vm::run fails only before any vCPU started.
+            Err(e) => WorkerExitReason::StartFailed {
+                message: e.to_string(),
+            },
+        }
+    }
+}

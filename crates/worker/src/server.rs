@@ -1,0 +1,227 @@
+//! `worker.sock`: the JSON-lines protocol vireod drives the worker with
+//! (`vireo_api::worker`). One thread accepts, one thread per connection answers its requests in
+//! turn. A malformed line, an over-long line or a request of another protocol version gets
+//! `Error` and the connection stays usable.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use base64::Engine;
+use uuid::Uuid;
+use vireo_api::worker::{
+    WorkerOp, WorkerReply, WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
+};
+use vireo_vmm::VmHandle;
+
+use crate::console::Console;
+
+/// Longest request line accepted (requests are a few dozen bytes).
+pub const MAX_REQUEST: usize = 4096;
+
+/// What the requests read and act on.
+pub struct State {
+    pub vm_id: Uuid,
+    pub console: Arc<Console>,
+    pub console_socket: PathBuf,
+    pub shutdown_line: Option<String>,
+    pub vm: VmHandle,
+    /// Unix ms the vCPUs started; 0 before.
+    pub started_at: AtomicI64,
+    /// Size of the console ring, the most `ConsoleLog` returns.
+    pub ring_bytes: usize,
+}
+
+/// Serves `listener` on a thread of its own.
+pub fn start(listener: UnixListener, state: Arc<State>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("worker-sock".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let s = state.clone();
+                if let Err(e) = std::thread::Builder::new()
+                    .name("worker-conn".into())
+                    .spawn(move || serve(&s, conn))
+                {
+                    tracing::warn!("worker.sock: cannot serve a connection: {e}");
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// Reads one line of at most [`MAX_REQUEST`] bytes, without its newline: `Ok(None)` at the end
+/// of the stream, `Some(Err(()))` for a longer line (read to its end and dropped).
+fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>, ()>>> {
+    let mut line = Vec::new();
+    let n = input
+        .by_ref()
+        .take(MAX_REQUEST as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        return Ok(Some(Ok(line)));
+    }
+    if line.len() <= MAX_REQUEST {
+        // The stream ended without a newline: take the last line as it is.
+        return Ok(Some(Ok(line)));
+    }
+    // Too long: skip the rest of it, a bounded piece at a time.
+    loop {
+        line.clear();
+        let n = input
+            .by_ref()
+            .take(MAX_REQUEST as u64)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() == Some(&b'\n') {
+            return Ok(Some(Err(())));
+        }
+    }
+}
+
+fn serve(s: &State, conn: UnixStream) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut input = BufReader::new(conn);
+    loop {
+        let (reply, then) = match read_line(&mut input) {
+            Ok(None) | Err(_) => return,
+            Ok(Some(Err(()))) => (
+                WorkerReply::Error {
+                    message: format!("request longer than {MAX_REQUEST} bytes"),
+                },
+                None,
+            ),
+            Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Ok(Some(Ok(line))) => match parse(&line) {
+                Ok(op) => answer(s, op),
+                Err(message) => (WorkerReply::Error { message }, None),
+            },
+        };
+        let mut text = serde_json::to_string(&reply).unwrap_or_else(|e| {
+            format!(r#"{{"reply":"error","message":"encoding the reply: {e}"}}"#)
+        });
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+        if let Some(after) = then {
+            after(s);
+        }
+    }
+}
+
+/// A request line to its operation; the error is the message for the `Error` reply.
+pub fn parse(line: &[u8]) -> Result<WorkerOp, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request (not JSON): {e}"))?;
+    match value.get("version").map(|v| v.as_u64()) {
+        None => return Err("malformed request: no \"version\"".into()),
+        Some(Some(v)) if v == u64::from(WORKER_PROTOCOL_VERSION) => {}
+        Some(v) => {
+            let shown = v.map_or_else(|| value["version"].to_string(), |v| v.to_string());
+            return Err(format!(
+                "protocol version {shown} is not spoken here: this worker speaks version \
+                 {WORKER_PROTOCOL_VERSION}"
+            ));
+        }
+    }
+    serde_json::from_value::<WorkerRequest>(value)
+        .map(|r| r.op)
+        .map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Something to do once the reply has been sent.
+type After = fn(&State);
+
+fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
+    let reply = match op {
+        WorkerOp::Hello => WorkerReply::Hello {
+            version: WORKER_PROTOCOL_VERSION,
+            vm_id: s.vm_id,
+            pid: std::process::id(),
+        },
+        WorkerOp::Status => {
+            let started = s.started_at.load(Ordering::SeqCst);
+            WorkerReply::Status(WorkerStatus {
+                running: started != 0 && !s.vm.exited(),
+                started_at: (started != 0).then_some(started),
+                console_socket: s.console_socket.clone(),
+            })
+        }
+        WorkerOp::Shutdown => match &s.shutdown_line {
+            None => WorkerReply::Error {
+                message: "the VM's spec has no shutdown_line, so the guest cannot be asked \
+                          to power off; turn it off instead"
+                    .into(),
+            },
+            Some(line) => match s.console.send_to_guest(format!("{line}\n").as_bytes()) {
+                Ok(()) => {
+                    tracing::info!("asked the guest to power off ({line:?} on COM1)");
+                    WorkerReply::Ok
+                }
+                Err(e) => WorkerReply::Error {
+                    message: format!("writing the shutdown line to COM1: {e}"),
+                },
+            },
+        },
+        WorkerOp::TurnOff => {
+            tracing::info!("turn off requested");
+            // The reply goes out first: the worker exits soon after the stop.
+            return (WorkerReply::Ok, Some(|s: &State| s.vm.request_stop()));
+        }
+        WorkerOp::ConsoleLog { max_bytes } => {
+            let (bytes, total) = s.console.log((max_bytes as usize).min(s.ring_bytes));
+            WorkerReply::ConsoleLog {
+                data_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+                total_bytes: total,
+            }
+        }
+    };
+    (reply, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_refuses_other_versions_and_malformed_lines_with_a_message() {
+        assert_eq!(parse(br#"{"version":1,"op":"hello"}"#), Ok(WorkerOp::Hello));
+        assert_eq!(
+            parse(br#"{"version":1,"op":"console_log","max_bytes":5}"#),
+            Ok(WorkerOp::ConsoleLog { max_bytes: 5 })
+        );
+        let e = parse(br#"{"version":2,"op":"hello"}"#).unwrap_err();
+        assert!(e.contains("protocol version 2 is not spoken here"), "{e}");
+        let e = parse(br#"{"version":"1","op":"hello"}"#).unwrap_err();
+        assert!(e.contains("protocol version \"1\""), "{e}");
+        assert!(parse(br#"{"op":"hello"}"#)
+            .unwrap_err()
+            .contains("no \"version\""));
+        assert!(parse(b"hello").unwrap_err().contains("not JSON"));
+        let e = parse(br#"{"version":1,"op":"reboot"}"#).unwrap_err();
+        assert!(e.starts_with("malformed request"), "{e}");
+    }
+
+    #[test]
+    fn long_lines_are_refused_and_skipped_whole() {
+        let mut text = vec![b'x'; MAX_REQUEST * 3];
+        text.extend_from_slice(b"\n{\"a\":1}\nlast");
+        let mut input = &text[..];
+        assert_eq!(read_line(&mut input).unwrap(), Some(Err(())));
+        assert_eq!(
+            read_line(&mut input).unwrap(),
+            Some(Ok(b"{\"a\":1}".to_vec()))
+        );
+        assert_eq!(read_line(&mut input).unwrap(), Some(Ok(b"last".to_vec())));
+        assert_eq!(read_line(&mut input).unwrap(), None);
+    }
+}
