@@ -184,7 +184,12 @@ async fn start_until_ready(
 ) -> Result<f64, String> {
     let mut c = Client::connect(socket).await?;
     let job = c
-        .expect(Method::POST, &format!("/v1/vms/{vm}/start"), None, StatusCode::ACCEPTED)
+        .expect(
+            Method::POST,
+            &format!("/v1/vms/{vm}/start"),
+            None,
+            StatusCode::ACCEPTED,
+        )
         .await?
         .json()?;
     let job_id = job["id"].as_str().unwrap_or_default().to_string();
@@ -284,9 +289,14 @@ impl Report {
             percentile(&self.api_ms, 99.0),
             percentile(&self.api_ms, 100.0)
         );
-        println!("  worker private memory outside guest RAM: mean {uss_mean} KiB, max {uss_max} KiB");
+        println!(
+            "  worker private memory outside guest RAM: mean {uss_mean} KiB, max {uss_max} KiB"
+        );
         println!("  vireod RSS: {} KiB", self.vireod_rss_kib);
-        println!("  turn-off of all {} VMs: {:.2} s", args.vms, self.turn_off_s);
+        println!(
+            "  turn-off of all {} VMs: {:.2} s",
+            args.vms, self.turn_off_s
+        );
         println!(
             "vms={} all_ready_s={:.2} api_p99_ms={:.2} worker_uss_kib={} vireod_rss_kib={}",
             self.ready_s.len(),

@@ -259,7 +259,11 @@ Rss:                   4 kB
             }
         );
         assert_eq!(used.overhead(), 784);
-        assert_eq!(private_overhead_kib(&maps, &rule).unwrap(), 0, "no Private_* fields");
+        assert_eq!(
+            private_overhead_kib(&maps, &rule).unwrap(),
+            0,
+            "no Private_* fields"
+        );
         let top = largest_overhead(&maps, &rule, 2);
         assert_eq!(top[0].rss_kib, 700);
         assert_eq!(top[1].rss_kib, 40);

@@ -63,10 +63,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(15);
         while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                return Err(format!("vireod exited at start ({status}): {}", daemon.log_tail()));
+                return Err(format!(
+                    "vireod exited at start ({status}): {}",
+                    daemon.log_tail()
+                ));
             }
             if Instant::now() > deadline {
-                return Err(format!("vireod did not listen within 15 s: {}", daemon.log_tail()));
+                return Err(format!(
+                    "vireod did not listen within 15 s: {}",
+                    daemon.log_tail()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
