@@ -2,8 +2,8 @@
 //! microvm on the same probe image, alternating boots so machine noise hits both alike.
 
 mod launch;
-mod smaps;
-mod stats;
+pub(crate) mod smaps;
+pub(crate) mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! its last line, so numbers in docs/SPECIFICATION.md can be re-checked with one command.
 
 mod boot;
+mod density;
 mod switch;
 mod vhdx;
 
@@ -22,6 +23,9 @@ enum Command {
     Boot(boot::BootArgs),
     /// Switch pipeline frames/s, and TCP through our switch vs a Linux bridge (iperf3).
     Switch(switch::SwitchArgs),
+    /// Many probe VMs under one vireod: time until all are ready, API latency under load,
+    /// per-VM worker memory and vireod's RSS.
+    Density(density::DensityArgs),
     /// VHDX I/O and convert throughput vs `qemu-img bench`/`convert` and a raw file.
     Vhdx(vhdx::VhdxArgs),
 }
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot::run(args),
         Command::Switch(args) => switch::run(args),
         Command::Vhdx(args) => vhdx::run(args),
+        Command::Density(args) => density::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,8 @@ pub struct Mapping {
     pub path: String,
     pub size_kib: u64,
     pub rss_kib: u64,
+    /// Private_Clean + Private_Dirty: pages only this process maps (its USS share).
+    pub private_kib: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -89,6 +91,7 @@ pub fn parse(text: &str) -> Result<Vec<Mapping>, SmapsError> {
             match key {
                 "Size" => current.size_kib = field()?,
                 "Rss" => current.rss_kib = field()?,
+                "Private_Clean" | "Private_Dirty" => current.private_kib += field()?,
                 _ => {}
             }
         } else {
@@ -167,6 +170,19 @@ pub fn account(maps: &[Mapping], rule: &GuestRamRule) -> Result<MemoryUse, Smaps
     Ok(used)
 }
 
+/// Unique set size outside guest RAM: the memory that would be freed if the process exited,
+/// not counting its guest's RAM (code pages shared with other processes do not count).
+pub fn private_overhead_kib(maps: &[Mapping], rule: &GuestRamRule) -> Result<u64, SmapsError> {
+    if !maps.iter().any(|m| is_guest_ram(m, rule)) {
+        return Err(SmapsError(format!("no guest RAM mapping matches {rule:?}")));
+    }
+    Ok(maps
+        .iter()
+        .filter(|m| !is_guest_ram(m, rule))
+        .map(|m| m.private_kib)
+        .sum())
+}
+
 /// The `n` mappings with the largest RSS outside guest RAM (for the overhead breakdown).
 pub fn largest_overhead<'a>(
     maps: &'a [Mapping],
@@ -243,6 +259,11 @@ Rss:                   4 kB
             }
         );
         assert_eq!(used.overhead(), 784);
+        assert_eq!(
+            private_overhead_kib(&maps, &rule).unwrap(),
+            0,
+            "no Private_* fields"
+        );
         let top = largest_overhead(&maps, &rule, 2);
         assert_eq!(top[0].rss_kib, 700);
         assert_eq!(top[1].rss_kib, 40);
@@ -269,6 +290,31 @@ Rss:                  64 kB
         assert_eq!(used.anon, 364);
         // A wrong guest size must not silently count guest RAM as overhead.
         assert!(account(&maps, &GuestRamRule::AnonymousOfSize(131072)).is_err());
+    }
+
+    #[test]
+    fn private_overhead_sums_private_pages_outside_guest_ram() {
+        let text = "\
+1000-2000 r-xp 00000000 fe:01 1 /bin/vireo-vm
+Size:                  4 kB
+Rss:                   4 kB
+Private_Clean:         0 kB
+Private_Dirty:         0 kB
+2000-3000 rw-p 00000000 00:00 0 [heap]
+Size:                  4 kB
+Rss:                   4 kB
+Private_Clean:         1 kB
+Private_Dirty:         3 kB
+3000-9000 rw-s 00000000 00:01 2 /memfd:vireo-guest-ram (deleted)
+Size:                 24 kB
+Rss:                  24 kB
+Private_Dirty:        24 kB
+";
+        let maps = parse(text).unwrap();
+        let rule = GuestRamRule::PathPrefix("/memfd:vireo-guest-ram".into());
+        assert_eq!(private_overhead_kib(&maps, &rule).unwrap(), 4);
+        let other = GuestRamRule::PathPrefix("/memfd:other".into());
+        assert!(private_overhead_kib(&maps, &other).is_err());
     }
 
     #[test]
