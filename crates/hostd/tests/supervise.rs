@@ -337,3 +337,38 @@ fn turn_off_of_a_worker_not_answering_yet_signals_it_at_once() {
     let job = d.wait_job(&job, T);
     assert_eq!(job["state"], "failed", "{job}");
 }
+
+/// Fields of `/proc/<pid>/stat` after the command name: (pgrp, session, nice).
+fn group_session_nice(pid: u32) -> (i64, i64, i64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // rest[0] is field 3 (state): pgrp is field 5, session 6, nice 19.
+    let field = |n: usize| rest[n - 3].parse().unwrap();
+    (field(5), field(6), field(19))
+}
+
+#[test]
+fn workers_run_in_their_own_group_in_vireods_session_at_a_lower_priority() {
+    let (_tmp, d) = lab();
+    d.create(&spec_json("nice", ""));
+    let vm = d.create(&spec_json("nicer", ""));
+    d.start_vm("nice");
+    d.start_vm("nicer");
+    let vireod = d.child.as_ref().unwrap().id();
+    let (_, vireod_session, vireod_nice) = group_session_nice(vireod);
+    let pid = d.worker_record(&id_of(&vm)).unwrap().pid;
+    let (pgrp, session, nice) = group_session_nice(pid);
+    // Its own process group: a Ctrl-C or SIGHUP for vireod's group does not reach it.
+    assert_eq!(pgrp, i64::from(pid));
+    // vireod's session, so autogroup scheduling puts daemon and guests in one group where
+    // the nice value counts (a session per worker gave each busy guest vireod's share).
+    assert_eq!(session, vireod_session);
+    assert_eq!(nice, vireod_nice + 10);
+    // And it still outlives vireod.
+    let mut d = d;
+    d.kill9();
+    assert!(alive(pid));
+    common::daemon::kill_workers(&d.state_dir);
+}

@@ -1,4 +1,4 @@
-//! `--disk PATH[,ro][,format=raw|vhd|vhdx]` (and `vm set --add-disk`): one disk of a VM spec.
+//! `--disk PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N]` (and `vm set --add-disk`): one disk of a VM spec.
 //!
 //! A relative path is made absolute against the current directory, because the daemon runs
 //! elsewhere and requires absolute paths. Paths containing ',' cannot be given this way.
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use vireo_api::{DiskFormat, DiskSpec};
 
-pub const FORM: &str = "PATH[,ro][,format=raw|vhd|vhdx]";
+pub const FORM: &str = "PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N]";
 
 /// A parsed `--disk`; the path is still as typed (see [`DiskArg::to_spec`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +15,9 @@ pub struct DiskArg {
     pub path: PathBuf,
     pub read_only: bool,
     pub format: Option<DiskFormat>,
+    /// Storage QoS in IOPS normalized to 8 KiB (the daemon validates the values).
+    pub max_iops: Option<u32>,
+    pub min_iops: Option<u32>,
 }
 
 /// clap's value parser: the error names the value and shows the form.
@@ -28,6 +31,8 @@ pub fn parse(text: &str) -> Result<DiskArg, String> {
         path: PathBuf::from(path),
         read_only: false,
         format: None,
+        max_iops: None,
+        min_iops: None,
     };
     for option in parts {
         match option {
@@ -36,6 +41,17 @@ pub fn parse(text: &str) -> Result<DiskArg, String> {
             "format=raw" => disk.format = Some(DiskFormat::Raw),
             "format=vhd" => disk.format = Some(DiskFormat::Vhd),
             "format=vhdx" => disk.format = Some(DiskFormat::Vhdx),
+            other if other.starts_with("max-iops=") || other.starts_with("min-iops=") => {
+                let (key, n) = other.split_once('=').unwrap_or_default();
+                let n: u32 = n.parse().map_err(|_| {
+                    format!("{text:?}: {key} takes a whole number of IOPS (8 KiB each), not {n:?}")
+                })?;
+                if key == "max-iops" {
+                    disk.max_iops = Some(n);
+                } else {
+                    disk.min_iops = Some(n);
+                }
+            }
             other => {
                 return Err(format!(
                     "{text:?}: unknown disk option {other:?}; use {FORM} \
@@ -55,6 +71,8 @@ impl DiskArg {
             read_only: self.read_only,
             format: self.format,
             serial: None,
+            max_iops: self.max_iops,
+            min_iops: self.min_iops,
         })
     }
 }
@@ -68,6 +86,20 @@ pub fn absolute(path: &std::path::Path) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_qos_options() {
+        let d = parse("/d/a.vhdx,max-iops=500,ro,min-iops=100").unwrap();
+        assert_eq!(
+            (d.max_iops, d.min_iops, d.read_only),
+            (Some(500), Some(100), true)
+        );
+        let spec = d.to_spec().unwrap();
+        assert_eq!((spec.max_iops, spec.min_iops), (Some(500), Some(100)));
+        let e = parse("/d/a,max-iops=lots").unwrap_err();
+        assert!(e.contains("max-iops takes a whole number"), "{e}");
+        assert!(parse("/d/a,max-iops=-1").is_err());
+    }
 
     #[test]
     fn options_parse_in_any_order() {

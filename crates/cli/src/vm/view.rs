@@ -139,6 +139,8 @@ pub mod tests {
                 read_only: true,
                 format: None,
                 serial: None,
+                max_iops: None,
+                min_iops: None,
             }],
             nics: vec![NicSpec {
                 switch: "sw0".into(),

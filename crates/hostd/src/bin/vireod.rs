@@ -1,4 +1,5 @@
-//! `vireod --state-dir DIR [--listen unix:PATH] [--worker-bin PATH]`: the host daemon. Serves
+//! `vireod --state-dir DIR [--listen unix:PATH] [--worker-bin PATH] [--worker-nice N]`: the
+//! host daemon. Serves
 //! the REST API (docs/api.md) until SIGTERM or SIGINT, then exits 0 leaving the workers
 //! running (a restarted vireod re-adopts them). Exit 1: could not start (the store is locked by
 //! another vireod, the socket is in use, ...); 2: bad arguments.
@@ -23,6 +24,10 @@ struct Args {
     /// The worker binary (default: `vireo-vm` beside this executable).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// CPU priority of the VM workers relative to vireod (nice 0-19). Busy guests then share
+    /// the CPUs among themselves while the API stays responsive; 0 treats them as equals.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    worker_nice: i32,
 }
 
 fn parse_listen(s: &str) -> Result<PathBuf, String> {
@@ -78,7 +83,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let listener = server::bind(&listen)?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let daemon = Daemon::new(store, limits, worker_bin);
+        let daemon = Daemon::with_worker_nice(store, limits, worker_bin, args.worker_nice);
         adopt::adopt_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
         tracing::info!(socket = %listen.display(), state_dir = %args.state_dir.display(), "serving");

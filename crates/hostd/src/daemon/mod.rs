@@ -45,9 +45,20 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn new(store: Store, limits: Limits, worker_bin: PathBuf) -> Arc<Daemon> {
+        Self::with_worker_nice(store, limits, worker_bin, supervisor::DEFAULT_WORKER_NICE)
+    }
+
+    pub fn with_worker_nice(
+        store: Store,
+        limits: Limits,
+        worker_bin: PathBuf,
+        worker_nice: i32,
+    ) -> Arc<Daemon> {
+        let mut sup = Supervisor::new(worker_bin);
+        sup.set_worker_nice(worker_nice);
         Arc::new(Daemon {
             store,
-            sup: Supervisor::new(worker_bin),
+            sup,
             jobs: JobRegistry::default(),
             limits,
             vm_locks: Mutex::new(HashMap::new()),

@@ -22,6 +22,8 @@ use vireo_api::{Vm, VmState};
 use super::exit::{decide, Death};
 use super::{files, procfs, sys, worker_client, Daemon};
 
+/// Workers run this much nicer than vireod (see `sys::worker_process_group`).
+pub const DEFAULT_WORKER_NICE: i32 = 10;
 /// How often an adopted worker (not our child, so no wait status) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// A turn-off: time for the worker to exit after `TurnOff`, then after SIGKILL.
@@ -123,6 +125,7 @@ enum Waiter {
 
 pub struct Supervisor {
     worker_bin: PathBuf,
+    worker_nice: i32,
     workers: Mutex<HashMap<Uuid, Arc<Worker>>>,
 }
 
@@ -130,6 +133,7 @@ impl Supervisor {
     pub fn new(worker_bin: PathBuf) -> Supervisor {
         Supervisor {
             worker_bin,
+            worker_nice: DEFAULT_WORKER_NICE,
             workers: Mutex::new(HashMap::new()),
         }
     }
@@ -142,7 +146,12 @@ impl Supervisor {
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `spec.json`, spawns the worker in its own session (stdin /dev/null, output
+    /// CPU priority of the workers (`vireod --worker-nice`).
+    pub fn set_worker_nice(&mut self, nice: i32) {
+        self.worker_nice = nice;
+    }
+
+    /// Writes `spec.json`, spawns the worker in its own process group (stdin /dev/null, output
     /// appended to `worker.log`), records it in `worker.json` and starts watching it. The VM
     /// must already be `Starting` (the caller holds its lock).
     pub fn spawn(&self, daemon: &Arc<Daemon>, vm: &Vm) -> Result<Arc<Worker>, String> {
@@ -166,7 +175,7 @@ impl Supervisor {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        sys::new_session(&mut cmd);
+        sys::worker_process_group(&mut cmd, self.worker_nice);
         let child = cmd.spawn().map_err(|e| {
             format!(
                 "cannot run the worker {}: {e}; pass --worker-bin",

@@ -137,6 +137,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 running: started_at.is_some(),
                 started_at,
                 console_socket: dir.join("console.sock"),
+                paused: false,
             })
         }
         WorkerOp::Shutdown => match &launch.spec.shutdown_line {
@@ -169,6 +170,12 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             WorkerReply::ConsoleLog {
                 data_base64: base64::engine::general_purpose::STANDARD.encode(tail),
                 total_bytes: guard.total,
+            }
+        }
+        // The daemon does not use these yet; the fake speaks only what vireod sends.
+        WorkerOp::Metrics | WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
+            WorkerReply::Error {
+                message: "not supported by the fake worker".into(),
             }
         }
     }
