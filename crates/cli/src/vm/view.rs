@@ -61,10 +61,17 @@ pub fn show(vm: &Vm, output: OutputFormat) -> String {
         let format = disk
             .format
             .map_or("detect".to_string(), |f| format!("{f:?}").to_lowercase());
+        let mut qos = String::new();
+        if let Some(n) = disk.max_iops {
+            qos.push_str(&format!(", max {n} IOPS"));
+        }
+        if let Some(n) = disk.min_iops {
+            qos.push_str(&format!(", min {n} IOPS"));
+        }
         lines.push((
             "disk",
             format!(
-                "{i}: {} ({}, {format}, serial {})",
+                "{i}: {} ({}, {format}, serial {}{qos})",
                 disk.path.display(),
                 if disk.read_only { "ro" } else { "rw" },
                 disk.serial.as_deref().unwrap_or("-"),
@@ -194,6 +201,14 @@ pub mod tests {
         );
         assert!(
             text.contains("disk:          0: /d/a.vhdx (ro, detect, serial 123456789abc-0)\n"),
+            "{text}"
+        );
+        let mut qos = sample("q", VmState::Off);
+        qos.spec.disks[0].max_iops = Some(500);
+        qos.spec.disks[0].min_iops = Some(100);
+        let text = show(&qos, OutputFormat::Text);
+        assert!(
+            text.contains("serial 123456789abc-0, max 500 IOPS, min 100 IOPS)\n"),
             "{text}"
         );
         assert!(
