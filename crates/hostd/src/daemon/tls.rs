@@ -117,13 +117,19 @@ pub async fn require_token(State(token): State<Token>, req: Request, next: Next)
     let offered = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|v| bearer(v.as_bytes()));
     match offered {
         Some(t) if token.matches(t) => next.run(req).await,
         Some(_) => unauthorized("the bearer token is not vireod's").into_response(),
         None => unauthorized("send Authorization: Bearer <token> (vireod's --token-file)")
             .into_response(),
     }
+}
+
+/// The credentials of `Bearer <token>` (the scheme name is case-insensitive, RFC 7235).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
 }
 
 fn unauthorized(message: &str) -> HttpError {
@@ -143,6 +149,14 @@ mod tests {
         for bad in [&b""[..], b"s3cre", b"s3cret!", b"S3cret", b"\0\0\0\0\0\0"] {
             assert!(!t.matches(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bear"), None);
     }
 
     #[test]
