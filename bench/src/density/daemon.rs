@@ -50,6 +50,15 @@ impl Daemon {
             .arg(format!("unix:{}", socket.display()))
             .arg("--worker-bin")
             .arg(worker)
+            // The VMs' kernel is the probe image, outside the state dir (the default root).
+            .arg("--storage-root")
+            .arg(state_dir.path())
+            .arg("--storage-root")
+            .arg(
+                vireo_probe_image::probe_elf()
+                    .parent()
+                    .unwrap_or(Path::new("/")),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

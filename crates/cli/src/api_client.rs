@@ -1,4 +1,5 @@
-//! The client of vireod's REST API (docs/api.md): JSON over HTTP/1.1 on its Unix socket.
+//! The client of vireod's REST API (docs/api.md): JSON over HTTP/1.1 on its Unix socket, or
+//! over TLS on its TCP listener with a bearer token (`tls`).
 //!
 //! The rest of `vireo` is synchronous, so the client owns a current-thread tokio runtime and
 //! each call blocks on it. One connection per request: a CLI makes a handful, and a fresh
@@ -7,18 +8,20 @@
 //! [`Client::upgrade`] inside [`Client::block_on`] to get the raw byte stream after `101`.
 
 mod error;
+mod tls;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::runtime::Runtime;
 
 pub use error::ClientError;
@@ -29,10 +32,24 @@ use crate::host::Host;
 /// seconds on a slow disk, never a minute.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The client for `--host` (`unix:PATH`); a host vireo cannot serve is bad input.
-pub fn connect(host: &str) -> Result<Client, crate::exit::CliError> {
+/// The client for `--host` (`unix:PATH` or `https://HOST:PORT` with the token and, for a
+/// self-signed certificate, the CA); a host vireo cannot serve is bad input.
+pub fn connect(
+    host: &str,
+    token_file: Option<&Path>,
+    ca_cert: Option<&Path>,
+) -> Result<Client, crate::exit::CliError> {
     let host = Host::parse(host)?;
-    Client::new(&host)
+    let tls = match &host {
+        Host::Unix(_) => None,
+        Host::Tls { name, .. } => Some(tls::TlsSettings::new(
+            &host.to_string(),
+            name,
+            token_file,
+            ca_cert,
+        )?),
+    };
+    Client::new(&host, tls)
         .map_err(|e| crate::exit::CliError::failed(format!("cannot start the API client: {e}")))
 }
 
@@ -40,21 +57,36 @@ pub fn connect(host: &str) -> Result<Client, crate::exit::CliError> {
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 
 pub struct Client {
-    socket: PathBuf,
-    /// `unix:PATH`, for messages.
+    transport: Transport,
+    /// `unix:PATH` or `https://HOST:PORT`, for messages.
     host: String,
     rt: Runtime,
 }
 
+enum Transport {
+    Unix(PathBuf),
+    Tls {
+        authority: String,
+        settings: tls::TlsSettings,
+    },
+}
+
 impl Client {
-    pub fn new(host: &Host) -> std::io::Result<Client> {
-        let Host::Unix(socket) = host;
+    fn new(host: &Host, tls: Option<tls::TlsSettings>) -> std::io::Result<Client> {
+        let transport = match (host, tls) {
+            (Host::Unix(socket), _) => Transport::Unix(socket.clone()),
+            (Host::Tls { authority, .. }, Some(settings)) => Transport::Tls {
+                authority: authority.clone(),
+                settings,
+            },
+            (Host::Tls { .. }, None) => unreachable!("connect builds the TLS settings"),
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()?;
         Ok(Client {
-            socket: socket.clone(),
+            transport,
             host: host.to_string(),
             rt,
         })
@@ -155,20 +187,56 @@ impl Client {
 
     fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
         // HTTP/1.1 wants a Host header; on a Unix socket any name will do.
-        Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, "localhost")
+        let builder = Request::builder().method(method).uri(path);
+        match &self.transport {
+            Transport::Unix(_) => builder.header(HOST, "localhost"),
+            Transport::Tls {
+                authority,
+                settings,
+            } => builder
+                .header(HOST, authority.as_str())
+                .header(AUTHORIZATION, format!("Bearer {}", settings.token)),
+        }
     }
 
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    host: self.host.clone(),
-                    source,
-                })?;
+        let unreachable = |source| ClientError::Unreachable {
+            host: self.host.clone(),
+            source,
+        };
+        match &self.transport {
+            Transport::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.map_err(unreachable)?;
+                self.exchange(stream, request).await
+            }
+            Transport::Tls {
+                authority,
+                settings,
+            } => {
+                let tcp = TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(unreachable)?;
+                let stream = settings
+                    .connector
+                    .connect(settings.name.clone(), tcp)
+                    .await
+                    .map_err(|e| ClientError::Tls {
+                        host: self.host.clone(),
+                        what: e.to_string(),
+                    })?;
+                self.exchange(stream, request).await
+            }
+        }
+    }
+
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.connection(e.to_string()))?;
@@ -194,6 +262,14 @@ impl Client {
 
     /// An error status: the API's error shape if the body is one.
     fn error_of(&self, status: StatusCode, body: &[u8]) -> ClientError {
+        if let (StatusCode::UNAUTHORIZED, Transport::Tls { settings, .. }) =
+            (status, &self.transport)
+        {
+            return ClientError::Refused {
+                host: self.host.clone(),
+                token_file: settings.token_file.clone(),
+            };
+        }
         match serde_json::from_slice(body) {
             Ok(error) => ClientError::Api {
                 status: status.as_u16(),

@@ -1,8 +1,9 @@
 //! `--host` / `VIREO_HOST`: where vireod listens, for the `vm` and `job` commands.
 //!
-//! Only `unix:PATH` is served today. The value is parsed when a command needs the daemon, not
-//! by clap, so a stray `VIREO_HOST` never breaks `vireo disk` or `vireo run`, which work
-//! without a daemon.
+//! `unix:PATH` (the socket; its file mode is the authentication) or `https://HOST:PORT`
+//! (vireod's TCP listener: TLS plus a bearer token). The value is parsed when a command needs
+//! the daemon, not by clap, so a stray `VIREO_HOST` never breaks `vireo disk` or `vireo run`,
+//! which work without a daemon.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ pub const DEFAULT_HOST: &str = "unix:/var/lib/vireo/vireod.sock";
 pub enum Host {
     /// vireod's Unix socket; the file's permissions are the authentication.
     Unix(PathBuf),
+    /// vireod's TLS listener: `host:port`, and the host alone (the certificate's name).
+    Tls { authority: String, name: String },
 }
 
 impl Host {
@@ -29,17 +32,33 @@ impl Host {
             }
             return Ok(Host::Unix(PathBuf::from(path)));
         }
-        let remote = ["https://", "http://", "tcp:"]
-            .iter()
-            .any(|p| text.starts_with(p));
-        if remote {
+        if let Some(rest) = text.strip_prefix("https://") {
+            let authority = rest.strip_suffix('/').unwrap_or(rest);
+            let parsed = authority.rsplit_once(':').filter(|(h, p)| {
+                !h.is_empty() && !authority.contains('/') && p.parse::<u16>().is_ok()
+            });
+            let Some((host, _)) = parsed else {
+                return Err(CliError::bad_input(format!(
+                    "--host {text:?}: write https://HOST:PORT, e.g. https://127.0.0.1:8443"
+                )));
+            };
+            let name = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            return Ok(Host::Tls {
+                authority: authority.to_string(),
+                name,
+            });
+        }
+        if text.starts_with("http://") || text.starts_with("tcp:") {
             return Err(CliError::bad_input(format!(
-                "--host {text}: vireod over TCP/TLS is not built yet; use its Unix socket, \
-                 --host unix:PATH (default {DEFAULT_HOST})"
+                "--host {text}: vireod serves TCP only with TLS; write https://HOST:PORT"
             )));
         }
         Err(CliError::bad_input(format!(
-            "--host {text:?} is not an address vireo knows; write unix:PATH, e.g. {DEFAULT_HOST}"
+            "--host {text:?} is not an address vireo knows; write unix:PATH (e.g. \
+             {DEFAULT_HOST}) or https://HOST:PORT"
         )))
     }
 }
@@ -48,6 +67,7 @@ impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Host::Unix(path) => write!(f, "unix:{}", path.display()),
+            Host::Tls { authority, .. } => write!(f, "https://{authority}"),
         }
     }
 }
@@ -65,11 +85,28 @@ mod tests {
     }
 
     #[test]
-    fn tcp_is_refused_as_not_built_and_garbage_as_bad_input() {
-        let e = Host::parse("https://h:8443").unwrap_err();
+    fn https_parses_and_plain_tcp_and_garbage_are_bad_input() {
+        let host = Host::parse("https://h.example:8443/").unwrap();
+        assert_eq!(
+            host,
+            Host::Tls {
+                authority: "h.example:8443".into(),
+                name: "h.example".into()
+            }
+        );
+        assert_eq!(host.to_string(), "https://h.example:8443");
+        for bad in [
+            "https://h",
+            "https://:1",
+            "https://h:99999",
+            "https://h:1/x",
+        ] {
+            let e = Host::parse(bad).unwrap_err();
+            assert!(e.message.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        let e = Host::parse("http://h:8443").unwrap_err();
         assert_eq!(e.status, crate::exit::BAD_INPUT);
-        assert!(e.message.contains("TCP/TLS is not built yet"), "{e}");
-        assert!(e.message.contains("https://h:8443"), "{e}");
+        assert!(e.message.contains("only with TLS"), "{e}");
         for bad in ["", "unix:", "/var/lib/vireo/vireod.sock", "ssh://h"] {
             let e = Host::parse(bad).unwrap_err();
             assert_eq!(e.status, crate::exit::BAD_INPUT, "{bad}");

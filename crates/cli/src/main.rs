@@ -26,16 +26,23 @@ use clap::{CommandFactory, Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
-    /// Where vireod listens, for `vm` and `job`: unix:PATH (its socket). TCP/TLS is not built
-    /// yet.
+    /// Where vireod listens, for `vm` and `job`: unix:PATH (its socket) or https://HOST:PORT
+    /// (its TLS listener; needs --token-file).
     #[arg(
         long,
         global = true,
         env = "VIREO_HOST",
-        value_name = "unix:PATH",
+        value_name = "unix:PATH|https://HOST:PORT",
         default_value = host::DEFAULT_HOST
     )]
     host: String,
+    /// The bearer token for an https:// --host (the file's first line).
+    #[arg(long, global = true, env = "VIREO_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate to trust for an https:// --host (e.g. vireod's self-signed
+    /// certificate); default: the webpki root set.
+    #[arg(long, global = true, env = "VIREO_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,14 +80,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    let connect =
+        || api_client::connect(&cli.host, cli.token_file.as_deref(), cli.ca_cert.as_deref());
     let result = match cli.command {
         Command::Run(args) => run::execute(args),
         Command::Disk(cmd) => disk::execute(cmd),
         Command::Control(args) => control_client::execute(args).map_err(Into::into),
-        Command::Vm(cmd) => api_client::connect(&cli.host)
+        Command::Vm(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| vm::execute(&client, cmd)),
-        Command::Job(cmd) => api_client::connect(&cli.host)
+        Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),
         Command::Completions(args) => completions::print(&args, &mut Cli::command())

@@ -211,7 +211,7 @@ fn an_unreachable_daemon_says_how_to_start_it() {
             "{line}"
         );
     }
-    // TCP/TLS is refused as not built, before any connection.
+    // An https:// host without its token file is bad input, before any connection.
     let out = run(
         with_args(
             Command::new(env!("CARGO_BIN_EXE_vireo")),
@@ -221,7 +221,7 @@ fn an_unreachable_daemon_says_how_to_start_it() {
     );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(one_line(&err).contains("TCP/TLS is not built yet"), "{err}");
+    assert!(one_line(&err).contains("needs the token"), "{err}");
 }
 
 #[test]

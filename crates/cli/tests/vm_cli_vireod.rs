@@ -49,6 +49,11 @@ impl Daemon {
             .arg(&state)
             .arg("--worker-bin")
             .arg(worker)
+            // Kernels and disks of these tests: the temp dir and the probe image.
+            .arg("--storage-root")
+            .arg(dir.path())
+            .arg("--storage-root")
+            .arg(vireo_probe_image::probe_elf().parent().unwrap())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("vireod.log")).unwrap())
             .spawn()
@@ -280,7 +285,7 @@ fn create_list_show_set_rename_rm() {
         "create",
         "db",
         "--kernel",
-        "/k",
+        k(),
         "--memory",
         "64M",
         "--auto-start=3",
@@ -345,14 +350,14 @@ fn create_list_show_set_rename_rm() {
 #[test]
 fn bad_input_exits_2_with_one_line_and_changes_nothing() {
     let Some(d) = Daemon::start() else { return };
-    d.ok(&["vm", "create", "web", "--kernel", "/k"]);
+    d.ok(&["vm", "create", "web", "--kernel", k()]);
     let before = d.vms();
     for args in [
         &["vm", "show", "nope"][..],
-        &["vm", "create", "x", "--kernel", "/k", "--vcpus", "0"],
-        &["vm", "create", "x", "--kernel", "/k", "--memory", "1000"],
-        &["vm", "create", "x", "--kernel", "/k", "--memory", "64Q"],
-        &["vm", "create", "x/y", "--kernel", "/k"],
+        &["vm", "create", "x", "--kernel", k(), "--vcpus", "0"],
+        &["vm", "create", "x", "--kernel", k(), "--memory", "1000"],
+        &["vm", "create", "x", "--kernel", k(), "--memory", "64Q"],
+        &["vm", "create", "x/y", "--kernel", k()],
         &["vm", "set", "web", "--vcpus", "100000"],
         &["vm", "set", "web", "--rm-disk", "0"],
         &["vm", "set", "nope", "--vcpus", "1"],
@@ -550,4 +555,9 @@ fn console_ends_when_the_guest_powers_off_and_stop_without_a_shutdown_line_turns
     );
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(d.vm("q").state.name(), "off");
+}
+
+/// A kernel path that exists inside the storage roots (never booted where it is used).
+fn k() -> &'static str {
+    vireo_probe_image::probe_elf().to_str().unwrap()
 }

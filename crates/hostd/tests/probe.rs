@@ -203,13 +203,17 @@ fn a_real_start_failure_fails_the_job_with_the_workers_message() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Vireod::start_with(&tmp.path().join("state"), &bin);
     let mut spec = probe("nokernel");
-    spec["kernel"] = json!("/nonexistent/vireo-kernel.elf");
+    // The kernel must exist at create (storage roots); gone by the start.
+    let kernel = tmp.path().join("vireo-kernel.elf");
+    std::fs::write(&kernel, b"gone soon").unwrap();
+    spec["kernel"] = json!(kernel);
     d.create(&spec);
+    std::fs::remove_file(&kernel).unwrap();
     let r = d.post("/v1/vms/nokernel/start");
     assert_eq!(r.status, 202);
     let job = d.wait_job(r.json()["id"].as_str().unwrap(), T);
     assert_eq!(job["state"], "failed", "{job}");
     let err = job["error"].as_str().unwrap();
-    assert!(err.contains("/nonexistent/vireo-kernel.elf"), "{err}");
+    assert!(err.contains("vireo-kernel.elf"), "{err}");
     assert_eq!(d.state("nokernel"), "off");
 }

@@ -35,6 +35,16 @@ pub enum ClientError {
         host: String,
         what: String,
     },
+    /// The TLS handshake failed (most often: a certificate vireo does not trust).
+    Tls {
+        host: String,
+        what: String,
+    },
+    /// 401: vireod did not accept the bearer token.
+    Refused {
+        host: String,
+        token_file: std::path::PathBuf,
+    },
     /// The connection broke or HTTP itself failed.
     Connection {
         host: String,
@@ -66,6 +76,17 @@ impl fmt::Display for ClientError {
                     "{host} answered {what}; is vireod the same version as vireo?"
                 )
             }
+            ClientError::Tls { host, what } => write!(
+                f,
+                "the TLS handshake with vireod at {host} failed: {what} (for a self-signed \
+                 certificate pass --ca-cert FILE or set VIREO_CA_CERT)"
+            ),
+            ClientError::Refused { host, token_file } => write!(
+                f,
+                "vireod refused the token from {} ({host} answered 401); copy vireod's \
+                 --token-file there",
+                token_file.display()
+            ),
             ClientError::Connection { host, what } => {
                 write!(f, "talking to vireod at {host}: {what}")
             }

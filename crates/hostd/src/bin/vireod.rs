@@ -1,15 +1,19 @@
-//! `vireod --state-dir DIR [--listen unix:PATH] [--worker-bin PATH] [--worker-nice N]`: the
-//! host daemon. Serves
-//! the REST API (docs/api.md) until SIGTERM or SIGINT, then exits 0 leaving the workers
-//! running (a restarted vireod re-adopts them). Exit 1: could not start (the store is locked by
-//! another vireod, the socket is in use, ...); 2: bad arguments.
+//! `vireod --state-dir DIR [--listen unix:PATH|tcp:ADDR:PORT]... [--tls-cert F --tls-key F
+//! --token-file F] [--storage-root DIR]... [--worker-bin PATH] [--worker-nice N]`: the host
+//! daemon. Serves the REST API (docs/api.md) until SIGTERM or SIGINT, then exits 0 leaving the
+//! workers running (a restarted vireod re-adopts them). Exit 1: could not start (the store is
+//! locked by another vireod, the socket is in use, ...); 2: bad arguments (including a TCP
+//! listener without its certificate, key or a private, non-empty token file).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use vireo_hostd::daemon::{adopt, router, server, Daemon};
+use vireo_hostd::daemon::server::Listener;
+use vireo_hostd::daemon::storage::StorageRoots;
+use vireo_hostd::daemon::{adopt, router, server, tls, Daemon};
 use vireo_hostd::{host_limits, Store};
 
 #[derive(Parser)]
@@ -18,9 +22,25 @@ struct Args {
     /// The inventory and the VM folders.
     #[arg(long, default_value = "/var/lib/vireo")]
     state_dir: PathBuf,
-    /// Where to serve the API: `unix:PATH` (default `unix:<state-dir>/vireod.sock`).
-    #[arg(long, value_parser = parse_listen)]
-    listen: Option<PathBuf>,
+    /// Where to serve the API, repeatable: `unix:PATH` (default `unix:<state-dir>/vireod.sock`;
+    /// the socket's 0600 mode is its authentication) or `tcp:ADDR:PORT` (TLS with a bearer
+    /// token; needs --tls-cert, --tls-key and --token-file). Only the addresses given are bound.
+    #[arg(long, value_parser = parse_listen, value_name = "unix:PATH|tcp:ADDR:PORT")]
+    listen: Vec<Listen>,
+    /// PEM certificate chain served on the TCP listeners.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The bearer token TCP clients must send (first line of the file). The file must not be
+    /// readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// A directory under which VM kernels, initrds and disks may live (after resolving
+    /// symlinks), repeatable. Default: the state directory.
+    #[arg(long, value_name = "DIR")]
+    storage_root: Vec<PathBuf>,
     /// The worker binary (default: `vireo-vm` beside this executable).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
@@ -30,14 +50,30 @@ struct Args {
     worker_nice: i32,
 }
 
-fn parse_listen(s: &str) -> Result<PathBuf, String> {
-    match s.strip_prefix("unix:") {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-        _ => Err(format!(
-            "{s:?}: expected unix:PATH (TCP with TLS is not served yet)"
-        )),
-    }
+#[derive(Clone, Debug)]
+enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
 }
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if !p.is_empty() {
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+    }
+    if let Some(a) = s.strip_prefix("tcp:") {
+        return a.parse().map(Listen::Tcp).map_err(|_| {
+            format!("{s:?}: expected tcp:ADDR:PORT with a literal IP, e.g. tcp:127.0.0.1:8443")
+        });
+    }
+    Err(format!("{s:?}: expected unix:PATH or tcp:ADDR:PORT"))
+}
+
+/// A startup refusal caused by the arguments: exit 2, nothing started.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadArgs(String);
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -53,9 +89,36 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vireod: {e}");
-            ExitCode::from(1)
+            ExitCode::from(if e.is::<BadArgs>() { 2 } else { 1 })
         }
     }
+}
+
+/// The TLS acceptor and token when a TCP listener is asked for; refuses a TCP listener without
+/// all three files, and TLS files without a TCP listener (they would silently do nothing).
+fn tcp_security(args: &Args) -> Result<Option<(tokio_rustls::TlsAcceptor, tls::Token)>, BadArgs> {
+    let wants_tcp = args.listen.iter().any(|l| matches!(l, Listen::Tcp(_)));
+    let given = [&args.tls_cert, &args.tls_key, &args.token_file];
+    if !wants_tcp {
+        if given.iter().any(|g| g.is_some()) {
+            return Err(BadArgs(
+                "--tls-cert/--tls-key/--token-file only apply to a --listen tcp:ADDR:PORT; add one"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let (Some(cert), Some(key), Some(token)) = (&args.tls_cert, &args.tls_key, &args.token_file)
+    else {
+        return Err(BadArgs(
+            "--listen tcp:... needs --tls-cert FILE, --tls-key FILE and --token-file FILE \
+             (vireod never serves TCP without TLS and a token)"
+                .into(),
+        ));
+    };
+    let acceptor = tls::acceptor(cert, key).map_err(|e| BadArgs(e.to_string()))?;
+    let token = tls::Token::load(token).map_err(|e| BadArgs(e.to_string()))?;
+    Ok(Some((acceptor, token)))
 }
 
 fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -64,6 +127,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let absolute =
         |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
     args.state_dir = absolute(&args.state_dir)?;
+    let security = tcp_security(&args)?;
     let worker_bin = match &args.worker_bin {
         Some(p) => absolute(p)?,
         None => std::env::current_exe()
@@ -72,30 +136,71 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let limits = host_limits();
     let store = Store::open_with(&args.state_dir, limits)?;
-    let listen = args
-        .listen
-        .unwrap_or_else(|| args.state_dir.join("vireod.sock"));
+    // After the store: it creates the state directory, the default root.
+    let roots = if args.storage_root.is_empty() {
+        vec![args.state_dir.clone()]
+    } else {
+        args.storage_root.clone()
+    };
+    let storage = StorageRoots::new(&roots).map_err(BadArgs)?;
+    let mut listen = args.listen.clone();
+    if listen.is_empty() {
+        listen.push(Listen::Unix(args.state_dir.join("vireod.sock")));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = server::bind(&listen)?;
+        let mut listeners = Vec::new();
+        for l in &listen {
+            listeners.push(match l {
+                Listen::Unix(path) => Listener::Unix(server::bind(path)?),
+                Listen::Tcp(addr) => {
+                    let (acceptor, _) = security.as_ref().expect("checked by tcp_security");
+                    Listener::Tls(server::bind_tcp(*addr).await?, acceptor.clone())
+                }
+            });
+        }
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let daemon = Daemon::with_worker_nice(store, limits, worker_bin, args.worker_nice);
+        let daemon = Daemon::configured(store, limits, worker_bin, args.worker_nice, storage);
         adopt::adopt_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
-        tracing::info!(socket = %listen.display(), state_dir = %args.state_dir.display(), "serving");
-        let shutdown = async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut servers = Vec::new();
+        for (l, listener) in listen.iter().zip(listeners) {
+            let app = router::router(daemon.clone());
+            let app = match (&listener, &security) {
+                (Listener::Tls(..), Some((_, token))) => app.layer(
+                    axum::middleware::from_fn_with_state(token.clone(), tls::require_token),
+                ),
+                _ => app,
+            };
+            match l {
+                Listen::Unix(p) => tracing::info!(socket = %p.display(), "serving"),
+                Listen::Tcp(a) => tracing::info!(tcp = %a, "serving (TLS, bearer token)"),
             }
-        };
-        server::serve(listener, router::router(daemon), shutdown).await;
+            let mut rx = stop_rx.clone();
+            servers.push(tokio::spawn(server::serve(listener, app, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })));
+        }
+        tracing::info!(state_dir = %args.state_dir.display(), "ready");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        for s in servers {
+            let _ = s.await;
+        }
         tracing::info!("stopping; workers keep running");
-        let _ = std::fs::remove_file(&listen);
+        for l in &listen {
+            if let Listen::Unix(p) = l {
+                let _ = std::fs::remove_file(p);
+            }
+        }
         Ok::<(), Box<dyn std::error::Error>>(())
     })?;
     // Pending tasks (watchers, jobs) end with the runtime; the workers do not.

@@ -18,8 +18,10 @@ pub mod procfs;
 pub mod router;
 pub mod routes;
 pub mod server;
+pub mod storage;
 pub mod supervisor;
 pub mod sys;
+pub mod tls;
 pub mod worker_client;
 
 use std::collections::HashMap;
@@ -32,6 +34,7 @@ use vireo_api::{Limits, Vm};
 
 use self::http_error::HttpError;
 use self::jobs::JobRegistry;
+use self::storage::StorageRoots;
 use self::supervisor::Supervisor;
 use crate::Store;
 
@@ -40,6 +43,8 @@ pub struct Daemon {
     pub sup: Supervisor,
     pub jobs: JobRegistry,
     pub limits: Limits,
+    /// Where specs' files may live (see `storage`).
+    pub storage: StorageRoots,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -54,6 +59,23 @@ impl Daemon {
         worker_bin: PathBuf,
         worker_nice: i32,
     ) -> Arc<Daemon> {
+        Self::configured(
+            store,
+            limits,
+            worker_bin,
+            worker_nice,
+            StorageRoots::default(),
+        )
+    }
+
+    /// Everything vireod's flags set; `storage` empty only for library callers.
+    pub fn configured(
+        store: Store,
+        limits: Limits,
+        worker_bin: PathBuf,
+        worker_nice: i32,
+        storage: StorageRoots,
+    ) -> Arc<Daemon> {
         let mut sup = Supervisor::new(worker_bin);
         sup.set_worker_nice(worker_nice);
         Arc::new(Daemon {
@@ -61,6 +83,7 @@ impl Daemon {
             sup,
             jobs: JobRegistry::default(),
             limits,
+            storage,
             vm_locks: Mutex::new(HashMap::new()),
         })
     }

@@ -97,6 +97,10 @@ impl Vireod {
             .arg("--worker-bin")
             .arg(worker_bin)
             .env("RUST_LOG", "info");
+        // The tests' kernels and disks: the probe image and files in temporary directories.
+        for root in storage_roots() {
+            c.arg("--storage-root").arg(root);
+        }
         c
     }
 
@@ -349,14 +353,21 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// A minimal spec as JSON (no disks or NICs: the fake worker needs none).
+/// The storage roots the helpers give vireod: the temporary directory and the probe image's.
+pub fn storage_roots() -> Vec<PathBuf> {
+    let probe_dir = vireo_probe_image::probe_elf().parent().unwrap().to_owned();
+    vec![std::env::temp_dir(), probe_dir]
+}
+
+/// A minimal spec as JSON (no disks or NICs: the fake worker needs none; the kernel is the
+/// probe image, a file inside the storage roots the fake worker never reads).
 pub fn spec_json(name: &str, cmdline: &str) -> Value {
     serde_json::json!({
         "version": 1,
         "name": name,
         "vcpus": 1,
         "memory_bytes": 32 << 20,
-        "kernel": "/nonexistent/kernel.elf",
+        "kernel": vireo_probe_image::probe_elf(),
         "cmdline": cmdline,
         "console_ring_bytes": 4096,
         "shutdown_line": "POWEROFF",

@@ -20,6 +20,7 @@ pub async fn create(
     State(d): St,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<(StatusCode, Json<Vm>), HttpError> {
+    let spec = d.storage.confine(&spec)?;
     Ok((StatusCode::CREATED, Json(d.store.create_vm(&spec)?)))
 }
 
@@ -41,6 +42,7 @@ pub async fn put_spec(
             vm.state
         )));
     }
+    let spec = d.storage.confine(&spec)?;
     Ok(Json(d.store.update_spec(vm.id(), &spec)?))
 }
 
