@@ -10,6 +10,7 @@ pub mod error;
 pub mod identity;
 pub mod job;
 pub mod mac;
+pub mod metering;
 pub mod rest;
 pub mod spec;
 pub mod state;
@@ -21,6 +22,7 @@ pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;
+pub use metering::{CpuUsage, DiskUsage, MemoryUsage, NicUsage, VmMetrics};
 pub use rest::{HostInfo, RenameRequest, StopRequest};
 pub use spec::{
     normalized_ios, AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, NORMALIZED_IO_BYTES,

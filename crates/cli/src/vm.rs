@@ -1,10 +1,11 @@
 //! `vireo vm ...`: VMs as objects vireod owns — create, list, show, set, rename, rm, start,
-//! stop, turn-off, console — over its REST API (docs/api.md). Each verb that needs more than a
+//! stop, turn-off, pause, resume, reset, metrics, console — over its REST API (docs/api.md). Each verb that needs more than a
 //! request and a print lives in its own file under `vm/`.
 
 mod console;
 mod create;
 mod disk_arg;
+mod metrics;
 mod power;
 mod set;
 pub(crate) mod view;
@@ -67,6 +68,21 @@ pub enum VmCommand {
     Stop(power::StopArgs),
     /// Turn a VM off at once (vCPUs stopped, disks flushed): pulling the plug.
     TurnOff(power::TurnOffArgs),
+    /// Pause a running VM (its vCPUs stop; memory and devices stay as they are).
+    Pause(power::VmOpArgs),
+    /// Let a paused VM run again.
+    Resume(power::VmOpArgs),
+    /// Reset (hard reboot) a running or paused VM; it runs again at once.
+    Reset(power::VmOpArgs),
+    /// Resource metering (Measure-VM): CPU, memory, disks and NICs used in the current period
+    ///
+    /// Metering is off for new VMs: --enable starts counting, --disable stops, --reset ends
+    /// the period (printing its final report, the billing cycle) and starts a new one.
+    ///   vireo vm metrics web --enable
+    ///   vireo vm metrics web --output json
+    ///   vireo vm metrics web --reset
+    #[command(verbatim_doc_comment)]
+    Metrics(metrics::MetricsArgs),
     /// Attach to a VM's serial console (COM1), both ways; --log prints its recent output
     ///
     /// On a terminal: raw mode, Ctrl-] detaches. With pipes: stdin goes to the guest and the
@@ -115,6 +131,10 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Start(args) => return power::start(client, args),
         VmCommand::Stop(args) => return power::stop(client, args),
         VmCommand::TurnOff(args) => power::turn_off(client, args)?,
+        VmCommand::Pause(args) => power::vm_op(client, args, "pause")?,
+        VmCommand::Resume(args) => power::vm_op(client, args, "resume")?,
+        VmCommand::Reset(args) => power::vm_op(client, args, "reset")?,
+        VmCommand::Metrics(args) => metrics::execute(client, args)?,
         VmCommand::Console(args) => return console::execute(client, args),
     }
     Ok(ExitCode::SUCCESS)

@@ -561,3 +561,102 @@ fn console_ends_when_the_guest_powers_off_and_stop_without_a_shutdown_line_turns
 fn k() -> &'static str {
     vireo_probe_image::probe_elf().to_str().unwrap()
 }
+
+/// Lines until one contains `want` (bounded); panics with what came instead.
+fn wait_line(console: &Console, want: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match console.lines.recv_timeout(left) {
+            Ok(line) if line.contains(want) => return,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no {want:?} within {limit:?}; saw {seen:?}"),
+        }
+    }
+}
+
+#[test]
+fn probe_guest_pause_resume_reset_and_metering_of_what_it_wrote() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    d.state_file("m.img", &vec![0u8; 1 << 20]);
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap();
+    d.ok(&[
+        "vm",
+        "create",
+        "m",
+        "--kernel",
+        kernel,
+        "--memory",
+        "32M",
+        "--disk",
+        "state/m.img",
+    ]);
+    // Not running: nothing to pause (409 → exit 1).
+    assert_eq!(d.fails(&["vm", "pause", "m"]).0, 1);
+    d.ok(&["vm", "start", "m"]);
+    let mut console = Console::attach(&d, "m");
+    assert_eq!(console.ask("PING"), "OK PONG");
+    let on: vireo_api::VmMetrics =
+        serde_json::from_str(&d.ok(&["vm", "metrics", "m", "--enable", "--output", "json"]))
+            .unwrap();
+    assert!(on.enabled);
+
+    // What the guest writes is what metering counts, exactly.
+    for _ in 0..3 {
+        assert_eq!(console.ask("DISK 0 WRITE 0 64 7"), "OK");
+    }
+    let m: vireo_api::VmMetrics =
+        serde_json::from_str(&d.ok(&["vm", "metrics", "m", "--output", "json"])).unwrap();
+    assert_eq!(m.disks.len(), 1, "{m:?}");
+    assert_eq!(m.disks[0].write_bytes, 3 * 64 * 512, "{m:?}");
+    assert_eq!(m.disks[0].read_bytes, 0, "{m:?}");
+    assert_eq!(
+        m.disks[0].normalized_ios,
+        3 * vireo_api::normalized_ios(64 * 512),
+        "{m:?}"
+    );
+    assert!(m.metered_ms > 0 && m.memory.max_bytes > 0, "{m:?}");
+    assert!(m.nics.is_empty());
+    let text = d.ok(&["vm", "metrics", "m"]);
+    assert!(text.contains("metering:   enabled"), "{text}");
+    assert!(text.contains(&(3 * 64 * 512).to_string()), "{text}");
+
+    // Paused: the guest answers nothing until resumed.
+    assert_eq!(d.ok(&["vm", "pause", "m"]), "VM m is paused\n");
+    assert_eq!(d.vm("m").state.name(), "paused");
+    assert_eq!(d.fails(&["vm", "pause", "m"]).0, 1);
+    let stdin = console.stdin.as_mut().unwrap();
+    stdin.write_all(b"PING\n").unwrap();
+    stdin.flush().unwrap();
+    let quiet_until = Instant::now() + Duration::from_secs(1);
+    while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+        if let Ok(line) = console.lines.recv_timeout(left) {
+            assert!(!line.contains("PONG"), "a paused guest answered: {line}");
+        }
+    }
+    assert_eq!(d.ok(&["vm", "resume", "m"]), "VM m is running\n");
+    wait_line(&console, "OK PONG", Duration::from_secs(20));
+
+    // Reset: the guest boots again.
+    assert_eq!(d.ok(&["vm", "reset", "m"]), "VM m is running\n");
+    wait_line(&console, "PROBE READY", Duration::from_secs(20));
+    assert_eq!(console.ask("PING"), "OK PONG");
+    assert_eq!(d.vm("m").state.name(), "running");
+
+    // The billing cycle: reset answers the period it ends; the new one starts empty.
+    let ended: vireo_api::VmMetrics =
+        serde_json::from_str(&d.ok(&["vm", "metrics", "m", "--reset", "--output", "json"]))
+            .unwrap();
+    assert_eq!(ended.disks[0].write_bytes, 3 * 64 * 512, "{ended:?}");
+    assert_eq!(console.ask("DISK 0 WRITE 8 16 3"), "OK");
+    let next: vireo_api::VmMetrics =
+        serde_json::from_str(&d.ok(&["vm", "metrics", "m", "--output", "json"])).unwrap();
+    assert_eq!(next.disks[0].write_bytes, 16 * 512, "{next:?}");
+    assert!(next.period_started_at >= ended.period_started_at);
+    let (status, err) = console.finish(Duration::from_secs(10));
+    assert!(status.success(), "{err}");
+}

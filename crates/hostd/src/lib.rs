@@ -12,6 +12,7 @@ pub mod error;
 pub mod folders;
 mod jobs;
 pub mod limits;
+mod meter_store;
 pub mod schema;
 pub mod store;
 

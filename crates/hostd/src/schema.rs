@@ -37,6 +37,15 @@ pub const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 2: resource metering per VM (enabled, period start, totals across worker runs and the
+    // last worker reading counted), one JSON document (`daemon::meter::MeterState`).
+    r#"
+    CREATE TABLE vm_metering (
+        vm_id      TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        state      TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this code writes.

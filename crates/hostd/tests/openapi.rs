@@ -200,9 +200,47 @@ fn a_live_vireod_answers_only_documented_statuses() {
         "/v1/vms/doc/turn-off",
         None,
     );
+    for op in ["pause", "resume", "reset"] {
+        let template = format!("/v1/vms/{{vm}}/{op}");
+        call("POST", &template, &format!("/v1/vms/doc/{op}"), None);
+        call("POST", &template, &format!("/v1/vms/none/{op}"), None);
+    }
+    call("GET", "/v1/vms/{vm}/metrics", "/v1/vms/doc/metrics", None);
+    call("GET", "/v1/vms/{vm}/metrics", "/v1/vms/none/metrics", None);
+    for op in ["enable", "disable", "reset"] {
+        let template = format!("/v1/vms/{{vm}}/metrics/{op}");
+        call(
+            "POST",
+            &template,
+            &format!("/v1/vms/doc/metrics/{op}"),
+            None,
+        );
+        call(
+            "POST",
+            &template,
+            &format!("/v1/vms/none/metrics/{op}"),
+            None,
+        );
+    }
+    call("GET", "/metrics", "/metrics", None);
     let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
     let job = r.json()["id"].as_str().unwrap().to_owned();
     d.wait_job(&job, Duration::from_secs(20));
+    for op in ["pause", "resume", "reset"] {
+        call(
+            "POST",
+            &format!("/v1/vms/{{vm}}/{op}"),
+            &format!("/v1/vms/doc/{op}"),
+            None,
+        );
+    }
+    call(
+        "POST",
+        "/v1/vms/{vm}/metrics/enable",
+        "/v1/vms/doc/metrics/enable",
+        None,
+    );
+    call("GET", "/v1/vms/{vm}/metrics", "/v1/vms/doc/metrics", None);
     call(
         "GET",
         "/v1/vms/{vm}/console/log",

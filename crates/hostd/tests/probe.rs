@@ -217,3 +217,68 @@ fn a_real_start_failure_fails_the_job_with_the_workers_message() {
     assert!(err.contains("vireo-kernel.elf"), "{err}");
     assert_eq!(d.state("nokernel"), "off");
 }
+
+/// GET `/v1/vms/{vm}/metrics`: the first disk's written bytes.
+fn written(d: &Vireod, vm: &str) -> u64 {
+    let m = d.show(&format!("/v1/vms/{vm}/metrics"));
+    m["disks"][0]["write_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{m}"))
+}
+
+#[test]
+fn probe_metering_counts_what_the_guest_wrote_across_pause_vireod_restart_and_worker_runs() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let disk = tmp.path().join("m.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut spec = probe("m");
+    spec["disks"] = json!([{ "path": disk }]);
+    d.create(&spec);
+    d.start_vm("m");
+    wait_ready(&d, "m");
+    assert_eq!(d.post("/v1/vms/m/metrics/enable").status, 200);
+    let sectors = 64 * 512;
+    let mut c = console(&d, "m");
+    for _ in 0..2 {
+        assert_eq!(c.command("DISK 0 WRITE 0 64 7", T).unwrap(), "OK");
+    }
+    assert_eq!(written(&d, "m"), 2 * sectors);
+    drop(c);
+
+    // vireod killed and restarted: the adopted worker's next reading adds only what is new.
+    d.kill9();
+    d.restart();
+    let mut c = console(&d, "m");
+    assert_eq!(c.command("DISK 0 WRITE 0 64 7", T).unwrap(), "OK");
+    assert_eq!(written(&d, "m"), 3 * sectors);
+    drop(c);
+
+    // Paused: the worker still answers Metrics; nothing is written meanwhile.
+    assert_eq!(d.post("/v1/vms/m/pause").json()["state"], "paused");
+    assert_eq!(written(&d, "m"), 3 * sectors);
+    assert_eq!(d.post("/v1/vms/m/resume").json()["state"], "running");
+
+    // A new worker run adds to the period; /metrics shows that worker's own count.
+    assert_eq!(d.post("/v1/vms/m/turn-off").status, 200);
+    d.start_vm("m");
+    wait_ready(&d, "m");
+    let mut c = console(&d, "m");
+    assert_eq!(c.command("DISK 0 WRITE 0 64 7", T).unwrap(), "OK");
+    assert_eq!(written(&d, "m"), 4 * sectors);
+    let text = String::from_utf8(d.get("/metrics").body).unwrap();
+    let series = format!(
+        "vireo_vm_disk_written_bytes_total{{vm=\"m\",disk=\"{}\"}} {sectors}",
+        disk.display()
+    );
+    assert!(
+        text.lines().any(|l| l == series),
+        "no {series:?} in\n{text}"
+    );
+    let ended = d.post("/v1/vms/m/metrics/reset").json();
+    assert_eq!(ended["disks"][0]["write_bytes"], 4 * sectors);
+    assert_eq!(written(&d, "m"), 0);
+    drop(c);
+    assert_eq!(d.post("/v1/vms/m/turn-off").status, 200);
+}

@@ -87,3 +87,36 @@ fn a_failing_step_is_applied_not_at_all() {
     schema::apply(&mut conn, &db, &steps[..1]).unwrap();
     assert_eq!(user_version(&conn), 1);
 }
+
+#[test]
+fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("vireo.db");
+    let id = Store::open(dir.path())
+        .unwrap()
+        .create_vm(&common::spec("old"))
+        .unwrap()
+        .id();
+    // Back to what version 1 wrote (step 1 is unchanged): no metering table.
+    {
+        let conn = Connection::open(&db).unwrap();
+        conn.execute_batch("DROP TABLE vm_metering; PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(user_version(&Connection::open(&db).unwrap()), 2);
+    assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
+    assert_eq!(store.load_metering(id).unwrap(), None);
+    store.save_metering(id, "{\"enabled\":true}", 1).unwrap();
+    store.save_metering(id, "{\"enabled\":false}", 2).unwrap();
+    assert_eq!(
+        store.load_metering(id).unwrap().as_deref(),
+        Some("{\"enabled\":false}")
+    );
+    // A VM that is gone gets no row; removing a VM removes its row.
+    let ghost = uuid::Uuid::new_v4();
+    store.save_metering(ghost, "{}", 3).unwrap();
+    assert_eq!(store.load_metering(ghost).unwrap(), None);
+    store.remove(id).unwrap();
+    assert_eq!(store.load_metering(id).unwrap(), None);
+}

@@ -1,6 +1,6 @@
-//! `vireo vm start|stop|turn-off`. Start and stop are jobs in the daemon: the command follows
+//! `vireo vm start|stop|turn-off|pause|resume|reset`. Start and stop are jobs in the daemon: the command follows
 //! the job to its end (`job::wait`) unless `--no-wait`, and exits 1 with the job's error when it
-//! fails. Turn-off answers at once with the VM, off.
+//! fails. Turn-off, pause, resume and reset answer at once with the VM.
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -83,6 +83,27 @@ pub fn stop(client: &Client, args: StopArgs) -> Result<ExitCode, Box<dyn Error>>
 pub fn turn_off(client: &Client, args: TurnOffArgs) -> Result<(), CliError> {
     let path = super::path(&args.vm)?;
     let vm: Vm = client.post(&format!("{path}/turn-off"), None::<&()>)?;
+    if args.output == OutputFormat::Json {
+        emit(super::view::json(&vm))?;
+    } else {
+        emit(format!("VM {} is {}\n", vm.spec.name, vm.state))?;
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct VmOpArgs {
+    /// The VM's name or id.
+    pub vm: String,
+    /// text, or json (the API's VM object, as the operation left it).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+/// `vireo vm pause|resume|reset`: `op` is the route's last segment.
+pub fn vm_op(client: &Client, args: VmOpArgs, op: &str) -> Result<(), CliError> {
+    let path = super::path(&args.vm)?;
+    let vm: Vm = client.post(&format!("{path}/{op}"), None::<&()>)?;
     if args.output == OutputFormat::Json {
         emit(super::view::json(&vm))?;
     } else {

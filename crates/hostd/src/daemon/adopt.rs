@@ -97,6 +97,11 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
                         }
                     });
                 }
+                // The worker knows whether the VM is paused (vireod may have died between a
+                // worker's pause/resume and the state change).
+                VmState::Running | VmState::Paused => {
+                    reconcile_paused(&d, &worker.socket(), &vm).await
+                }
                 _ => {}
             }
         }
@@ -116,6 +121,27 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
             };
             critical(daemon, id, reason);
         }
+    }
+}
+
+/// Makes a re-adopted VM's state `paused` or `running` as its worker reports.
+async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
+    let status = match WorkerConn::connect(sock).await {
+        Ok(mut c) => c.status().await,
+        Err(e) => Err(e),
+    };
+    let action = match (status, &vm.state) {
+        (Ok(s), VmState::Running) if s.paused => Action::Pause,
+        (Ok(s), VmState::Paused) if !s.paused => Action::Resume,
+        (Ok(_), _) => return,
+        (Err(e), _) => {
+            tracing::warn!(vm = %vm.id(), error = %e, "no status from the re-adopted worker; state kept");
+            return;
+        }
+    };
+    tracing::info!(vm = %vm.id(), action = action.name(), "state corrected to the worker's");
+    if let Err(e) = daemon.store.set_state(vm.id(), &action) {
+        tracing::warn!(vm = %vm.id(), error = %e, "could not correct the state");
     }
 }
 

@@ -14,9 +14,13 @@ pub mod files;
 pub mod http_error;
 pub mod jobs;
 pub mod lifecycle;
+pub mod meter;
+pub mod pause;
 pub mod procfs;
+pub mod prom;
 pub mod router;
 pub mod routes;
+pub mod sampler;
 pub mod server;
 pub mod storage;
 pub mod supervisor;
@@ -45,6 +49,8 @@ pub struct Daemon {
     pub limits: Limits,
     /// Where specs' files may live (see `storage`).
     pub storage: StorageRoots,
+    pub meters: sampler::Meters,
+    pub prom: prom::RequestCounts,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -78,14 +84,22 @@ impl Daemon {
     ) -> Arc<Daemon> {
         let mut sup = Supervisor::new(worker_bin);
         sup.set_worker_nice(worker_nice);
-        Arc::new(Daemon {
+        let daemon = Arc::new(Daemon {
             store,
             sup,
             jobs: JobRegistry::default(),
             limits,
             storage,
+            meters: sampler::Meters::default(),
+            prom: prom::RequestCounts::default(),
             vm_locks: Mutex::new(HashMap::new()),
-        })
+        });
+        // Metering samples the workers from here on (inside a runtime, as vireod and the
+        // tests are).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            sampler::spawn(Arc::downgrade(&daemon));
+        }
+        daemon
     }
 
     fn vm_mutex(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {

@@ -17,8 +17,8 @@ use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
-use super::routes::{console, host, jobs, power, vms};
-use super::Daemon;
+use super::routes::{console, host, jobs, metrics, power, vms};
+use super::{prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,11 +37,31 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::POST, "/v1/vms/{vm}/start", post(power::start)),
         (Method::POST, "/v1/vms/{vm}/stop", post(power::stop)),
         (Method::POST, "/v1/vms/{vm}/turn-off", post(power::turn_off)),
+        (Method::POST, "/v1/vms/{vm}/pause", post(power::pause)),
+        (Method::POST, "/v1/vms/{vm}/resume", post(power::resume)),
+        (Method::POST, "/v1/vms/{vm}/reset", post(power::reset)),
+        (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/metrics/enable",
+            post(metrics::enable),
+        ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/metrics/disable",
+            post(metrics::disable),
+        ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/metrics/reset",
+            post(metrics::reset),
+        ),
         (Method::GET, "/v1/vms/{vm}/console/log", get(console::log)),
         (Method::GET, "/v1/vms/{vm}/console", get(console::attach)),
         (Method::GET, "/v1/jobs", get(jobs::list)),
         (Method::GET, "/v1/jobs/{id}", get(jobs::show)),
         (Method::POST, "/v1/jobs/{id}/cancel", post(jobs::cancel)),
+        (Method::GET, "/metrics", get(prom::scrape)),
     ]
 }
 
@@ -66,6 +86,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            daemon.clone(),
+            prom::count_requests,
+        ))
         .layer(middleware::from_fn(whole_body))
         .with_state(daemon)
 }

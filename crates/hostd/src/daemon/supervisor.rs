@@ -142,6 +142,11 @@ impl Supervisor {
         self.map().get(&vm_id).cloned()
     }
 
+    /// The VMs that have a worker now.
+    pub fn vm_ids(&self) -> Vec<Uuid> {
+        self.map().keys().copied().collect()
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Worker>>> {
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
     }

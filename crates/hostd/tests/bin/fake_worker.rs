@@ -11,7 +11,13 @@
 //! - `fake.crash_start`: exit 3 at once without a record;
 //! - `fake.ignore_shutdown`, `fake.ignore_turnoff`: answer `Ok` and do nothing;
 //! - `fake.vcpu_fail_ms=N`: N ms after running, exit with `VcpuFailed`;
-//! - `fake.wrong_id`: `Hello` answers another VM's id.
+//! - `fake.wrong_id`: `Hello` answers another VM's id;
+//! - `fake.refuse=OP`: `Pause`, `Resume` or `Reset` (OP lower case) answers `Error`.
+//!
+//! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
+//! written one (numbers under the test's control), else zeros with the real uptime.
+//! `Pause`/`Resume` set and clear `paused` in `Status`; `Reset` restarts the "guest" (the
+//! running line is printed again).
 //!
 //! The console (one client at a time, a new one replaces the old, as in `vireo-vm`) echoes each
 //! line it receives as `echo: LINE`; the spec's `shutdown_line` (from
@@ -26,8 +32,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use vireo_api::worker::{
-    WorkerExit, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply, WorkerRequest, WorkerStatus,
-    WORKER_PROTOCOL_VERSION,
+    WorkerExit, WorkerExitReason, WorkerLaunch, WorkerMetrics, WorkerOp, WorkerReply,
+    WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
 };
 
 struct Guest {
@@ -36,6 +42,7 @@ struct Guest {
     ring: Vec<u8>,
     total: u64,
     started_at: Option<i64>,
+    paused: bool,
     /// One client at a time, as in `vireo-vm`: a new one replaces (closes) the attached one.
     console: Option<UnixStream>,
 }
@@ -132,12 +139,15 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             pid: std::process::id(),
         },
         WorkerOp::Status => {
-            let started_at = g.lock().unwrap().started_at;
+            let (started_at, paused) = {
+                let guard = g.lock().unwrap();
+                (guard.started_at, guard.paused)
+            };
             WorkerReply::Status(WorkerStatus {
                 running: started_at.is_some(),
                 started_at,
                 console_socket: dir.join("console.sock"),
-                paused: false,
+                paused,
             })
         }
         WorkerOp::Shutdown => match &launch.spec.shutdown_line {
@@ -172,13 +182,58 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 total_bytes: guard.total,
             }
         }
-        // The daemon does not use these yet; the fake speaks only what vireod sends.
-        WorkerOp::Metrics | WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
-            WorkerReply::Error {
-                message: "not supported by the fake worker".into(),
+        WorkerOp::Metrics => metrics(g, &dir),
+        WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
+            let name = match op {
+                WorkerOp::Pause => "pause",
+                WorkerOp::Resume => "resume",
+                _ => "reset",
+            };
+            if word(&launch, "fake.refuse") == Some(name) {
+                return WorkerReply::Error {
+                    message: format!("fake worker refuses {name}"),
+                };
             }
+            match op {
+                WorkerOp::Pause => g.lock().unwrap().paused = true,
+                WorkerOp::Resume => g.lock().unwrap().paused = false,
+                _ => {
+                    {
+                        let mut guard = g.lock().unwrap();
+                        guard.paused = false;
+                        guard.started_at = Some(now_ms());
+                    }
+                    output(
+                        g,
+                        format!("fake guest {} running\n", launch.spec.name).as_bytes(),
+                    );
+                }
+            }
+            WorkerReply::Ok
         }
     }
+}
+
+fn metrics(g: &Shared, dir: &Path) -> WorkerReply {
+    if let Ok(text) = std::fs::read(dir.join("fake-metrics.json")) {
+        return match serde_json::from_slice::<WorkerMetrics>(&text) {
+            Ok(m) => WorkerReply::Metrics(m),
+            Err(e) => WorkerReply::Error {
+                message: format!("fake-metrics.json: {e}"),
+            },
+        };
+    }
+    let guard = g.lock().unwrap();
+    let uptime_ms = guard.started_at.map_or(0, |t| (now_ms() - t).max(0) as u64);
+    WorkerReply::Metrics(WorkerMetrics {
+        uptime_ns: uptime_ms * 1_000_000,
+        vcpu_cpu_ns: 0,
+        worker_cpu_ns: 0,
+        memory_bytes: guard.launch.spec.memory_bytes,
+        memory_resident_bytes: 0,
+        worker_private_bytes: 0,
+        disks: Vec::new(),
+    })
 }
 
 fn handle_console(g: Shared, stream: UnixStream) {
@@ -235,6 +290,7 @@ fn main() {
         ring: Vec::new(),
         total: 0,
         started_at: None,
+        paused: false,
         console: None,
     }));
     if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {

@@ -3,6 +3,7 @@
 pub mod console;
 pub mod host;
 pub mod jobs;
+pub mod metrics;
 pub mod power;
 pub mod vms;
 

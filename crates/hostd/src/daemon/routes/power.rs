@@ -4,11 +4,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use vireo_api::{Job, StopRequest, Vm};
+use vireo_api::{Action, Job, StopRequest, Vm};
 
 use super::St;
 use crate::daemon::http_error::{optional_json, ApiPath, HttpError};
-use crate::daemon::lifecycle;
+use crate::daemon::{lifecycle, pause};
 
 pub async fn start(
     State(d): St,
@@ -33,4 +33,19 @@ pub async fn stop(
 pub async fn turn_off(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
     let vm = d.find(&key)?;
     Ok(Json(lifecycle::turn_off(&d, &vm).await?))
+}
+
+pub async fn pause(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
+    let vm = d.find(&key)?;
+    Ok(Json(pause::worker_action(&d, &vm, Action::Pause).await?))
+}
+
+pub async fn resume(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
+    let vm = d.find(&key)?;
+    Ok(Json(pause::worker_action(&d, &vm, Action::Resume).await?))
+}
+
+pub async fn reset(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
+    let vm = d.find(&key)?;
+    Ok(Json(pause::worker_action(&d, &vm, Action::Reset).await?))
 }

@@ -95,6 +95,7 @@ pub async fn remove(
     }
     d.store.remove(vm.id())?;
     d.forget_vm_lock(vm.id());
+    d.meters.forget(vm.id());
     if q.delete_disks {
         for p in &disks {
             match std::fs::remove_file(p) {
