@@ -28,7 +28,9 @@ fn crash_child() {
         return;
     };
     let dir = std::env::var(DIR_ENV).unwrap();
-    let mut store = Store::open(Path::new(&dir)).unwrap();
+    // With retries, like the parent: a sibling test's fork may hold a copy of the parent's
+    // lock descriptor for an instant (see `open`), and CI once caught the child there.
+    let mut store = open(Path::new(&dir));
     let pid = std::process::id();
     if mode == "window" {
         store.set_before_commit_hook(|id| {
@@ -101,7 +103,7 @@ fn kill(mut child: Child) {
     assert!(!status.success());
 }
 
-/// Opens the store, retrying briefly while it is locked: the sibling test forks children, and
+/// Opens the store, retrying briefly while it is locked: the sibling tests fork children, and
 /// a fork copies every open descriptor, our lock's included, until its exec closes them (they
 /// are close-on-exec), so for that instant the lock can look held by someone else.
 fn open(dir: &Path) -> Store {
