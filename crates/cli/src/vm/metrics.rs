@@ -58,9 +58,14 @@ fn text(vm: &str, change: Option<&str>, m: &VmMetrics) -> String {
         None => {}
     }
     out.push_str(&format!(
-        "metering:   {}\nperiod:     since {}\nmetered:    {:.1} s\ncpu:        {:.1}% of one CPU (vCPUs {:.1}%)\nmemory:     avg {}  min {}  max {} ({} readings)\n",
+        "metering:   {}\nperiod:     {}\nmetered:    {:.1} s\ncpu:        {:.1}% of one CPU (vCPUs {:.1}%)\nmemory:     avg {}  min {}  max {} ({} readings)\n",
         if m.enabled { "enabled" } else { "disabled" },
-        utc(m.period_started_at),
+        // 0: metering was never enabled for this VM, so there is no period yet.
+        if m.period_started_at == 0 {
+            "none yet (vireo vm metrics VM --enable starts one)".to_string()
+        } else {
+            format!("since {}", utc(m.period_started_at))
+        },
         m.metered_ms as f64 / 1000.0,
         m.cpu.average_percent,
         m.cpu.vcpu_average_percent,

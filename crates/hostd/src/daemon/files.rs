@@ -66,8 +66,10 @@ pub fn remove(path: &Path) {
     }
 }
 
-/// The last non-empty line of `worker.log` (from its last 4 KiB), at most 300 bytes, control
-/// characters (terminal escapes) dropped: it ends up in a VM's reason, shown by every client.
+/// The last non-empty line of `worker.log` (from its last 4 KiB) that is not a routine log
+/// record (tracing's INFO/DEBUG/TRACE: a boot narrative explains no death), at most 300 bytes,
+/// control characters (terminal escapes) dropped: it ends up in a VM's reason, shown by every
+/// client. Warnings, errors and panic messages qualify.
 pub fn last_log_line(dir: &Path) -> Option<String> {
     let mut f = File::open(dir.join(LOG)).ok()?;
     let len = f.metadata().ok()?.len();
@@ -83,12 +85,20 @@ pub fn last_log_line(dir: &Path) -> Option<String> {
         .iter()
         .rev()
         .map(|l| l.trim())
-        .find(|l| !l.is_empty())?;
+        .find(|l| !l.is_empty() && !is_routine(l))?;
     let mut end = line.len().min(300);
     while !line.is_char_boundary(end) {
         end -= 1;
     }
     Some(line[..end].to_owned())
+}
+
+/// `2026-12-04T17:49:05.631536Z  INFO target: message` and the like.
+fn is_routine(line: &str) -> bool {
+    matches!(
+        line.split_whitespace().nth(1),
+        Some("INFO" | "DEBUG" | "TRACE")
+    )
 }
 
 /// `worker.log`, opened for appending (created 0600), for the worker's stdout and stderr.
@@ -115,5 +125,17 @@ mod tests {
         assert!(line.len() <= 300 && line.starts_with("éé"), "{line}");
         std::fs::write(dir.path().join(LOG), "a\n\x1b[31mred\x1b[0m\n\n").unwrap();
         assert_eq!(last_log_line(dir.path()).unwrap(), "[31mred[0m");
+        let log = "2026-12-04T17:49:05.6Z  WARN vireo_worker: disk slow\n\
+                   2026-12-04T17:49:05.7Z  INFO vireo_vmm::vm: kernel loaded\n";
+        std::fs::write(dir.path().join(LOG), log).unwrap();
+        assert!(last_log_line(dir.path())
+            .unwrap()
+            .ends_with("WARN vireo_worker: disk slow"));
+        std::fs::write(
+            dir.path().join(LOG),
+            "2026-12-04T17:49:05.7Z  INFO x: booted\n",
+        )
+        .unwrap();
+        assert_eq!(last_log_line(dir.path()), None);
     }
 }
