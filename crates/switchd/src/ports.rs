@@ -159,7 +159,10 @@ impl Ports {
                 }
                 if let Some(parent) = path.parent() {
                     if !parent.exists() {
-                        std::fs::create_dir_all(parent).map_err(|source| SwitchdError::Socket {
+                        // Owner-only, like the sockets it will hold.
+                        let mut d = std::fs::DirBuilder::new();
+                        std::os::unix::fs::DirBuilderExt::mode(d.recursive(true), 0o700);
+                        d.create(parent).map_err(|source| SwitchdError::Socket {
                             path: path.clone(),
                             source,
                         })?;

@@ -54,6 +54,11 @@ fn ports_are_added_changed_reported_and_removed() {
     assert!(is_private_socket(&s.socket()));
     let vm0 = dir.join("ports/vm0.sock");
     assert!(is_private_socket(&vm0));
+    let mode = std::fs::metadata(dir.join("ports"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "ports/ is owner-only");
     let st = s.status();
     assert_eq!(st.len(), 1);
     assert_eq!(st[0].config, PortConfig::access("vm0", 10));

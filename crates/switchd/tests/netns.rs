@@ -1,0 +1,114 @@
+//! Interface ports of a `vireo-switch` process: two network namespaces on veth pairs whose
+//! host ends the process binds by name. Pings cross the switch process, its meters count them,
+//! and a VLAN change through `SetPort` cuts them while it runs (and restoring it heals them).
+//! Needs root, `ip netns` and ping: a recorded skip otherwise, a failure under CI.
+
+mod common;
+
+use std::time::Duration;
+
+use common::host::Lab;
+use common::*;
+use vireo_api::switch::SwitchOp;
+use vireo_testkit::{require_all, Need};
+use vireo_vswitch::{PortConfig, SwitchConfig};
+
+#[test]
+fn netns_frames_cross_the_switch_process_and_a_vlan_change_cuts_them_live() {
+    if !require_all(&[Need::Root, Need::Netns, Need::Ping]) {
+        return;
+    }
+    let mut lab = Lab::new("a");
+    let h0 = lab.veth_ns(0, "10.91.0.1");
+    let h1 = lab.veth_ns(1, "10.91.0.2");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // One port in the launch file, the other added over the socket.
+    write_launch(dir, SwitchConfig::private("sw"), vec![iface(&h0, 10)]);
+    let s = Switchd::start(dir);
+    let mut c = s.client();
+    c.ok(SwitchOp::AddPort {
+        port: iface(&h1, 10),
+    });
+    assert!(
+        lab.ping(0, "10.91.0.2", 3, 10),
+        "no ping across the switch process; log:\n{}",
+        s.log()
+    );
+
+    // Meters: a counted ping, ARP already resolved. Echo requests go in at h0 and out at h1,
+    // replies the other way; allow a few ARP frames on top.
+    c.ok(SwitchOp::ResetMeters);
+    assert!(lab.ping(0, "10.91.0.2", 5, 10));
+    let (p0, p1) = (s.port(&h0), s.port(&h1));
+    for (what, n) in [
+        ("h0 in", p0.meters.packets_in),
+        ("h1 out", p1.meters.packets_out),
+        ("h1 in", p1.meters.packets_in),
+        ("h0 out", p0.meters.packets_out),
+    ] {
+        assert!(
+            (5..=9).contains(&n),
+            "{what}: {n} frames for 5 echoes: {p0:?} {p1:?}"
+        );
+    }
+    // 98-byte echo frames (56 bytes of data).
+    assert!(p0.meters.bytes_in >= 5 * 98, "{p0:?}");
+    assert!(p0.connected && p1.connected);
+    assert!(p0.meters.drops.is_empty(), "{p0:?}");
+    assert_eq!(p1.learned_macs.len(), 1, "{p1:?}");
+
+    // h1 to VLAN 20 while the switch runs: nothing reaches it any more.
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig::access(&h1, 20),
+    });
+    let out_before = s.port(&h1).meters.packets_out;
+    assert!(!lab.ping_once(0, "10.91.0.2", 2), "ping crossed VLANs");
+    assert!(!lab.ping_once(1, "10.91.0.1", 2), "ping crossed VLANs");
+    let p1 = s.port(&h1);
+    assert_eq!(
+        p1.meters.packets_out, out_before,
+        "frames reached VLAN 20: {p1:?}"
+    );
+    assert!(
+        p1.meters.packets_in > 0,
+        "ns1's own frames still enter: {p1:?}"
+    );
+    assert_eq!(p1.config, PortConfig::access(&h1, 20));
+
+    // Back to VLAN 10: it heals.
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig::access(&h1, 10),
+    });
+    assert!(
+        lab.ping(0, "10.91.0.2", 3, 10),
+        "no ping after restoring the VLAN"
+    );
+
+    // Removing the port lets go of the interface: nothing crosses, and it can be added again.
+    c.ok(SwitchOp::RemovePort { name: h1.clone() });
+    assert!(!lab.ping_once(0, "10.91.0.2", 2));
+    c.ok(SwitchOp::AddPort {
+        port: iface(&h1, 10),
+    });
+    assert!(
+        lab.ping(0, "10.91.0.2", 3, 10),
+        "no ping after re-adding the port"
+    );
+    // The same interface twice is refused.
+    let mut again = iface(&h1, 10);
+    again.config.name = "twice".into();
+    let e = c.error(SwitchOp::AddPort { port: again });
+    assert!(e.contains("already attached"), "{e}");
+
+    c.ok(SwitchOp::Shutdown);
+    let mut s = s;
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+    assert!(
+        !lab.ping_once(0, "10.91.0.2", 1),
+        "frames cross a stopped switch"
+    );
+}
