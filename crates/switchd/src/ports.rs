@@ -157,26 +157,29 @@ impl Ports {
                         port: port.clone(),
                     });
                 }
-                if let Some(parent) = path.parent() {
-                    if !parent.exists() {
-                        // Owner-only, like the sockets it will hold.
-                        let mut d = std::fs::DirBuilder::new();
-                        std::os::unix::fs::DirBuilderExt::mode(d.recursive(true), 0o700);
-                        d.create(parent).map_err(|source| SwitchdError::Socket {
-                            path: path.clone(),
-                            source,
+                let made = make_parent(&path)?;
+                let served = files::clear_stale(&path).and_then(|()| {
+                    let (port, server) =
+                        VhostUserServer::listen(&path, name).map_err(|source| {
+                            SwitchdError::Socket {
+                                path: path.clone(),
+                                source,
+                            }
                         })?;
+                    // Dropping the server on failure removes the socket again.
+                    files::make_private(&path)?;
+                    Ok((port, server))
+                });
+                let (port, server) = match served {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // A folder made for this socket goes again (only if still empty).
+                        if let Some(dir) = made {
+                            let _ = std::fs::remove_dir(dir);
+                        }
+                        return Err(e);
                     }
-                }
-                files::clear_stale(&path)?;
-                let (port, server) = VhostUserServer::listen(&path, name).map_err(|source| {
-                    SwitchdError::Socket {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                // Dropping the server on failure removes the socket again.
-                files::make_private(&path)?;
+                };
                 self.rt.attach(id, port.clone());
                 Ok(Link::VhostUser { port, server })
             }
@@ -257,6 +260,24 @@ impl Ports {
             tracing::warn!("the switch thread ended with an error: {e}");
         }
     }
+}
+
+/// Creates the socket's folder (owner-only, like the sockets it will hold) when it is missing;
+/// returns it if it was made here.
+fn make_parent(socket: &Path) -> Result<Option<PathBuf>, SwitchdError> {
+    let Some(parent) = socket.parent() else {
+        return Ok(None);
+    };
+    if parent.as_os_str().is_empty() || parent.exists() {
+        return Ok(None);
+    }
+    let mut d = std::fs::DirBuilder::new();
+    std::os::unix::fs::DirBuilderExt::mode(&mut d, 0o700);
+    d.create(parent).map_err(|source| SwitchdError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    Ok(Some(parent.to_path_buf()))
 }
 
 fn describe(a: &PortAttach) -> String {

@@ -112,3 +112,71 @@ fn netns_frames_cross_the_switch_process_and_a_vlan_change_cuts_them_live() {
         "frames cross a stopped switch"
     );
 }
+
+/// An internal switch: the process makes the host TAP itself and reports it as the implied
+/// `host` port, which can be reconfigured but not removed or bound a second time; the host
+/// pings a namespace through it; on shutdown the TAP goes away with the process.
+#[test]
+fn netns_internal_switch_host_port_is_implied_and_goes_with_the_process() {
+    if !require_all(&[Need::Root, Need::Netns, Need::Tap, Need::Ping]) {
+        return;
+    }
+    let mut lab = Lab::new("b");
+    let h0 = lab.veth_ns(0, "10.92.0.2");
+    let tap = format!("{}t", lab.prefix);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_launch(
+        dir,
+        SwitchConfig {
+            kind: vireo_vswitch::SwitchKind::Internal {
+                host_interface: tap.clone(),
+            },
+            ..SwitchConfig::private("int")
+        },
+        vec![iface(&h0, 1)],
+    );
+    let s = Switchd::start(dir);
+    let host = s.port("host");
+    assert_eq!(host.attach, None);
+    assert!(host.connected);
+    assert_eq!(host.config.role, vireo_vswitch::PortRole::Host);
+    common::host::must(&["ip", "addr", "add", "10.92.0.1/24", "dev", &tap]);
+    common::host::must(&["ip", "link", "set", &tap, "up"]);
+    assert!(
+        lab.ping(0, "10.92.0.1", 3, 10),
+        "namespace -> host TAP; log:\n{}",
+        s.log()
+    );
+
+    let mut c = s.client();
+    let e = c.error(SwitchOp::RemovePort {
+        name: "host".into(),
+    });
+    assert!(e.contains("cannot be removed"), "{e}");
+    let e = c.error(SwitchOp::AddPort {
+        port: iface(&tap, 1),
+    });
+    assert!(e.contains("already attached"), "{e}");
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig {
+            role: vireo_vswitch::PortRole::Host,
+            ..PortConfig::access("host", 7)
+        },
+    });
+    assert!(
+        !lab.ping_once(0, "10.92.0.1", 2),
+        "host port moved to VLAN 7"
+    );
+
+    c.ok(SwitchOp::Shutdown);
+    let mut s = s;
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+    assert!(
+        !common::host::run(&["ip", "link", "show", &tap]),
+        "the host TAP outlived the switch"
+    );
+}

@@ -156,6 +156,13 @@ fn refused_changes_leave_the_switch_as_it_was() {
         std::fs::read(dir.join("in-the-way.sock")).unwrap(),
         b"not a socket"
     );
+    // A socket path too long to bind, in a folder that does not exist yet: the folder made
+    // for it goes again.
+    let long = dir.join("newdir").join(format!("{}.sock", "a".repeat(120)));
+    let e = c.error(SwitchOp::AddPort {
+        port: vhost("vm2", &long, 10),
+    });
+    assert!(e.contains("newdir"), "{e}");
     // Invalid policies: a VLAN out of range, a private VLAN of a domain the switch lacks.
     let e = c.error(SwitchOp::AddPort {
         port: vhost("vm2", dir.join("vm2.sock"), 5000),
