@@ -255,7 +255,13 @@ fn malformed_requests_get_errors_and_the_connection_stays_usable() {
 }
 
 #[test]
-fn sigterm_shuts_down_cleanly() {
+fn sigterm_and_sigint_shut_down_cleanly() {
+    for sig in ["-TERM", "-INT"] {
+        shuts_down_on(sig);
+    }
+}
+
+fn shuts_down_on(sig: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     write_launch(
@@ -265,7 +271,7 @@ fn sigterm_shuts_down_cleanly() {
     );
     let mut s = Switchd::start(dir);
     assert!(Command::new("kill")
-        .args(["-TERM", &s.pid.to_string()])
+        .args([sig, &s.pid.to_string()])
         .status()
         .unwrap()
         .success());
@@ -309,6 +315,14 @@ fn the_switch_outlives_its_parent_until_shutdown() {
 
     std::thread::sleep(Duration::from_millis(500));
     assert!(s.alive(), "the switch died with its parent");
+    // A hangup (vireod's terminal closing) does not end it either.
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(s.alive(), "SIGHUP ended the switch");
     match s.client().op(SwitchOp::Hello) {
         SwitchReply::Hello { pid: p, .. } => assert_eq!(p, pid),
         r => panic!("{r:?}"),
