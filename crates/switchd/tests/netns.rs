@@ -11,7 +11,25 @@ use common::host::Lab;
 use common::*;
 use vireo_api::switch::SwitchOp;
 use vireo_testkit::{require_all, Need};
-use vireo_vswitch::{PortConfig, SwitchConfig};
+use vireo_vswitch::{AclAction, AclRule, Direction, PortConfig, SwitchConfig};
+
+/// ICMP from the port to 10.91.0.2.
+fn acl(name: &str, action: AclAction) -> AclRule {
+    AclRule {
+        name: name.into(),
+        priority: 1,
+        direction: Direction::Ingress,
+        action,
+        local_mac: None,
+        remote_mac: None,
+        local_ip: None,
+        remote_ip: Some("10.91.0.2/32".parse().unwrap()),
+        protocol: Some(1),
+        local_ports: None,
+        remote_ports: None,
+        stateful: false,
+    }
+}
 
 #[test]
 fn netns_frames_cross_the_switch_process_and_a_vlan_change_cuts_them_live() {
@@ -37,7 +55,14 @@ fn netns_frames_cross_the_switch_process_and_a_vlan_change_cuts_them_live() {
     );
 
     // Meters: a counted ping, ARP already resolved. Echo requests go in at h0 and out at h1,
-    // replies the other way; allow a few ARP frames on top.
+    // replies the other way; allow a few ARP frames on top. An ACL meter rule on h0 counts
+    // exactly the ICMP sent to ns1.
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig {
+            acls: vec![acl("icmp-to-ns1", AclAction::Meter)],
+            ..PortConfig::access(&h0, 10)
+        },
+    });
     c.ok(SwitchOp::ResetMeters);
     assert!(lab.ping(0, "10.91.0.2", 5, 10));
     let (p0, p1) = (s.port(&h0), s.port(&h1));
@@ -57,6 +82,26 @@ fn netns_frames_cross_the_switch_process_and_a_vlan_change_cuts_them_live() {
     assert!(p0.connected && p1.connected);
     assert!(p0.meters.drops.is_empty(), "{p0:?}");
     assert_eq!(p1.learned_macs.len(), 1, "{p1:?}");
+    assert_eq!(p0.meters.acl["icmp-to-ns1"].packets, 5, "{p0:?}");
+    assert_eq!(p0.meters.acl["icmp-to-ns1"].bytes, 5 * 98, "{p0:?}");
+
+    // A deny rule instead: the echoes drop, counted by reason.
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig {
+            acls: vec![acl("no-icmp", AclAction::Deny)],
+            ..PortConfig::access(&h0, 10)
+        },
+    });
+    assert!(!lab.ping_once(0, "10.91.0.2", 2), "denied ping passed");
+    let p0 = s.port(&h0);
+    assert!(
+        p0.meters.drops.get("acl_deny").is_some_and(|n| *n >= 1),
+        "{p0:?}"
+    );
+    assert!(p0.meters.acl["no-icmp"].packets >= 1, "{p0:?}");
+    c.ok(SwitchOp::SetPort {
+        config: PortConfig::access(&h0, 10),
+    });
 
     // h1 to VLAN 20 while the switch runs: nothing reaches it any more.
     c.ok(SwitchOp::SetPort {
