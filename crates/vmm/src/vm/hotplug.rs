@@ -316,6 +316,29 @@ mod tests {
         assert_eq!((d.len(), n), (MAX_DISK_SLOTS, MAX_DISK_SLOTS));
     }
 
+    #[test]
+    fn an_empty_slot_is_a_virtio_mmio_placeholder() {
+        use crate::devices::BusDevice;
+        let mem = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(EmptySlot), mem, irq).unwrap();
+        let read = |t: &mut MmioTransport, at: u64| {
+            let mut b = [0u8; 4];
+            t.read(at, &mut b);
+            u32::from_le_bytes(b)
+        };
+        assert_eq!(read(&mut t, 0x000), 0x7472_6976, "magic \"virt\"");
+        assert_eq!(read(&mut t, 0x004), 2, "version 2");
+        assert_eq!(read(&mut t, 0x008), 0, "DeviceID 0: nothing here");
+        assert!(t.kick_fds().is_empty());
+        // A driver that tries anyway gets nowhere: no features, no queues, no DRIVER_OK.
+        for status in [1, 3, 11, 15] {
+            t.write(0x070, &u32::to_le_bytes(status));
+        }
+        assert_eq!(read(&mut t, 0x070) & 4, 0);
+        assert_eq!(read(&mut t, 0x034), 0, "QueueNumMax");
+    }
+
     /// A stand-in NIC (type 1) for the ordering test.
     struct EmptyNic;
     impl VirtioDevice for EmptyNic {
