@@ -4,7 +4,7 @@
 //! Disk `k` is the `k`-th slot, in command-line order, that holds a virtio-blk device at the
 //! last scan. A disk still in its slot keeps its driver state (a device whose status no longer
 //! shows DRIVER_OK was replaced or reset underneath and is set up afresh). Each set-up takes
-//! its virtqueue from the arena, which never frees: about 12 KiB of 2 MiB per new disk.
+//! its virtqueue from the arena, which never frees: 12-16 KiB of 2 MiB per new disk.
 
 use core::fmt::Write;
 
