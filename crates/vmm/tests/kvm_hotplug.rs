@@ -90,6 +90,11 @@ fn kvm_hot_add_write_and_remove_disks() {
     assert_eq!(backend.id(), hot.id());
     drop((backend, hot));
     assert!(h.disk_slots()[1].disk.is_none());
+    // Before the guest rescans, its old driver finds an empty window: 0 sectors.
+    assert!(matches!(
+        c.command("DISK 1 WRITE 0 1 1", T),
+        Err(vireo_probe_image::ProbeError::Err(e)) if e == "range"
+    ));
     assert_eq!(
         c.command("RESCAN", T).unwrap(),
         "OK disks=1 added=0 removed=1"
