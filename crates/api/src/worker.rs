@@ -22,9 +22,13 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::spec::VmSpec;
+use crate::spec::{DiskSpec, VmSpec};
 
 pub const WORKER_PROTOCOL_VERSION: u32 = 1;
+
+/// Disk slots a worker's VM has in all (at least as many as its spec has disks): the ones the
+/// boot disks leave free are reserved empty at boot for `AddDisk`.
+pub const WORKER_DISK_SLOTS: usize = 8;
 
 /// What the worker is started with (`<vm-dir>/spec.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +99,14 @@ pub enum WorkerOp {
     /// it was paused or not. `Ok` once it has been restarted; `Error` when the kernel cannot
     /// be opened (the VM is untouched) or a later step failed (the VM then ends, `VcpuFailed`).
     Reset,
+    /// Hot add: open `disk` (normalized: it has its serial) and put it into the first free
+    /// disk slot: `DiskAdded`, or `Error` (file missing or unusable, already attached to this
+    /// VM, serial taken, no free slot, VM not running) with nothing changed. The guest sees
+    /// the disk when it probes the slots again (the probe's `RESCAN`).
+    AddDisk { disk: DiskSpec },
+    /// Hot remove the disk with this serial: its last request finishes, it is flushed and
+    /// closed, its slot is empty again (`Ok`); `Error` when no disk has that serial.
+    RemoveDisk { serial: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +129,11 @@ pub enum WorkerReply {
         message: String,
     },
     Metrics(WorkerMetrics),
+    /// `AddDisk` done: the disk's position among the VM's disks in slot order, which is the
+    /// guest's disk index after a rescan and where the disk goes in the spec's `disks`.
+    DiskAdded {
+        index: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +293,34 @@ mod tests {
             serde_json::to_string(&status).unwrap(),
             r#"{"reply":"status","running":true,"started_at":1,"console_socket":"/vm/console.sock","paused":false}"#
         );
+    }
+
+    #[test]
+    fn disk_hotplug_wire_shapes() {
+        let add = WorkerRequest::new(WorkerOp::AddDisk {
+            disk: DiskSpec {
+                path: "/vm/d.img".into(),
+                read_only: false,
+                format: None,
+                serial: Some("S1".into()),
+                max_iops: Some(100),
+                min_iops: None,
+            },
+        });
+        let line = serde_json::to_string(&add).unwrap();
+        assert!(
+            line.starts_with(r#"{"version":1,"op":"add_disk","disk":{"path":"/vm/d.img","#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), add);
+        let rm = WorkerRequest::new(WorkerOp::RemoveDisk {
+            serial: "S1".into(),
+        });
+        let line = serde_json::to_string(&rm).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"remove_disk","serial":"S1"}"#);
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), rm);
+        let added = serde_json::to_string(&WorkerReply::DiskAdded { index: 2 }).unwrap();
+        assert_eq!(added, r#"{"reply":"disk_added","index":2}"#);
     }
 
     #[test]

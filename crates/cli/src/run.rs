@@ -279,6 +279,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         memory: args.memory,
         vcpus: args.vcpus,
         devices,
+        disk_slots: 0,
         console,
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;

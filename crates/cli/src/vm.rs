@@ -1,9 +1,10 @@
 //! `vireo vm ...`: VMs as objects vireod owns — create, list, show, set, rename, rm, start,
-//! stop, turn-off, pause, resume, reset, metrics, console — over its REST API (docs/api.md). Each verb that needs more than a
+//! stop, turn-off, pause, resume, reset, metrics, console, disk — over its REST API (docs/api.md). Each verb that needs more than a
 //! request and a print lives in its own file under `vm/`.
 
 mod console;
 mod create;
+mod disk;
 mod disk_arg;
 mod metrics;
 mod power;
@@ -90,6 +91,11 @@ pub enum VmCommand {
     /// 500 ms (at most 5 s), at --timeout, or when the VM stops.
     #[command(verbatim_doc_comment)]
     Console(console::ConsoleArgs),
+    /// A VM's disks: add, rm (hot add and remove while it runs), list.
+    Disk {
+        #[command(subcommand)]
+        command: disk::DiskCommand,
+    },
 }
 
 pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn Error>> {
@@ -136,6 +142,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Reset(args) => power::vm_op(client, args, "reset")?,
         VmCommand::Metrics(args) => metrics::execute(client, args)?,
         VmCommand::Console(args) => return console::execute(client, args),
+        VmCommand::Disk { command } => disk::execute(client, command)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -660,3 +660,126 @@ fn probe_guest_pause_resume_reset_and_metering_of_what_it_wrote() {
     let (status, err) = console.finish(Duration::from_secs(10));
     assert!(status.success(), "{err}");
 }
+
+/// The disks of `vm disk list --output json`.
+fn disk_list(d: &Daemon, vm: &str) -> Vec<vireo_api::DiskSpec> {
+    serde_json::from_str(&d.ok(&["vm", "disk", "list", vm, "--output", "json"])).unwrap()
+}
+
+#[test]
+fn probe_guest_disk_hot_add_write_and_remove() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    d.state_file("boot.img", &vec![0u8; 1 << 20]);
+    let hot = d.state_file("hot.img", &vec![0u8; 1 << 20]);
+    d.state_file("cold.img", &vec![0u8; 1 << 20]);
+    d.ok(&[
+        "vm",
+        "create",
+        "h",
+        "--kernel",
+        k(),
+        "--memory",
+        "32M",
+        "--disk",
+        "state/boot.img",
+    ]);
+
+    // Off: only the spec changes.
+    let out = d.ok(&["vm", "disk", "add", "h", "state/cold.img,ro"]);
+    assert!(out.starts_with("added disk "), "{out}");
+    assert!(out.contains("as disk 1 (serial "), "{out}");
+    let listed = disk_list(&d, "h");
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1].read_only && listed[1].path.ends_with("cold.img"));
+    let table = d.ok(&["vm", "disk", "list", "h"]);
+    assert!(
+        table.starts_with("INDEX") && table.contains("cold.img"),
+        "{table}"
+    );
+    d.ok(&["vm", "disk", "rm", "h", "1"]);
+    assert_eq!(disk_list(&d, "h").len(), 1);
+
+    // Bad input: one line naming the value, nothing changes.
+    let before = disk_list(&d, "h");
+    let (code, line) = d.fails(&["vm", "disk", "add", "h", "state/missing.img"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("missing.img"), "{line}");
+    let (code, line) = d.fails(&["vm", "disk", "add", "h", "/etc/hostname"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("outside vireod's storage roots"), "{line}");
+    let (code, line) = d.fails(&["vm", "disk", "add", "h", "state/boot.img"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("already attached to VM \"h\" as disk 0"),
+        "{line}"
+    );
+    let (code, line) = d.fails(&["vm", "disk", "rm", "h", "nope"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("has no disk \"nope\""), "{line}");
+    assert_eq!(disk_list(&d, "h"), before);
+
+    // Running: hot add, the guest finds it on RESCAN, writes to it; metered per disk.
+    d.ok(&["vm", "start", "h"]);
+    let mut console = Console::attach(&d, "h");
+    assert!(console.ask("INFO").contains(" disks=1 "));
+    d.ok(&["vm", "metrics", "h", "--enable"]);
+    let out = d.ok(&["vm", "disk", "add", "h", "state/hot.img,max-iops=2000"]);
+    assert!(out.contains("as disk 1 (serial "), "{out}");
+    assert!(out.contains("hot-added"), "{out}");
+    assert_eq!(console.ask("RESCAN"), "OK disks=2 added=1 removed=0");
+    assert_eq!(console.ask("DISK 1 WRITE 16 64 9"), "OK");
+    assert_eq!(console.ask("DISK 1 VERIFY 16 64 9"), "OK");
+    let listed = disk_list(&d, "h");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1].max_iops, Some(2000));
+    let serial = listed[1].serial.clone().expect("vireod assigns a serial");
+    assert_eq!(console.ask("DISK 1 ID"), format!("OK id={serial}"));
+    let m: vireo_api::VmMetrics =
+        serde_json::from_str(&d.ok(&["vm", "metrics", "h", "--output", "json"])).unwrap();
+    let hot_m = m
+        .disks
+        .iter()
+        .find(|x| x.path.ends_with("hot.img"))
+        .unwrap_or_else(|| panic!("no hot.img in {m:?}"));
+    assert_eq!(hot_m.write_bytes, 64 * 512, "{m:?}");
+    assert_eq!(hot_m.read_bytes, 64 * 512, "{m:?}");
+    // The same file twice is refused while running too.
+    let (code, line) = d.fails(&["vm", "disk", "add", "h", "state/hot.img"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("already attached"), "{line}");
+
+    // Slots: 8 in all; the ninth disk is refused and nothing changes.
+    for i in 2..8 {
+        d.state_file(&format!("x{i}.img"), &vec![0u8; 64 << 10]);
+        d.ok(&["vm", "disk", "add", "h", &format!("state/x{i}.img")]);
+    }
+    d.state_file("x8.img", &vec![0u8; 64 << 10]);
+    let (code, line) = d.fails(&["vm", "disk", "add", "h", "state/x8.img"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("no free disk slot"), "{line}");
+    assert_eq!(disk_list(&d, "h").len(), 8);
+    assert_eq!(console.ask("RESCAN"), "OK disks=8 added=6 removed=0");
+    for i in (2..8).rev() {
+        d.ok(&["vm", "disk", "rm", "h", &i.to_string()]);
+    }
+
+    // Hot remove by serial: gone from the guest and the spec; the data is in the file.
+    let out = d.ok(&["vm", "disk", "rm", "h", &serial]);
+    assert!(out.contains("1 disk(s) left"), "{out}");
+    assert_eq!(console.ask("RESCAN"), "OK disks=1 added=0 removed=7");
+    assert!(console.ask("INFO").contains(" disks=1 "));
+    assert_eq!(disk_list(&d, "h").len(), 1);
+    let bytes = std::fs::read(&hot).unwrap();
+    assert_eq!(
+        vireo_probe_image::pattern::verify(&bytes[16 * 512..80 * 512], 9, 16 * 512),
+        None
+    );
+    assert_eq!(console.ask("DISK 0 WRITE 0 8 1"), "OK");
+    let (status, err) = console.finish(Duration::from_secs(10));
+    assert!(status.success(), "{err}");
+    d.ok(&["vm", "turn-off", "h"]);
+    assert_eq!(disk_list(&d, "h").len(), 1);
+}

@@ -223,6 +223,28 @@ fn a_live_vireod_answers_only_documented_statuses() {
         );
     }
     call("GET", "/metrics", "/metrics", None);
+    // Disks while off: the spec only.
+    let img = tmp.path().join("doc-disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let disk = serde_json::to_vec(&json!({"path": img})).unwrap();
+    let missing = serde_json::to_vec(&json!({"path": tmp.path().join("none.img")})).unwrap();
+    let disks = "/v1/vms/{vm}/disks";
+    call("GET", disks, "/v1/vms/doc/disks", None);
+    call("GET", disks, "/v1/vms/none/disks", None);
+    call("POST", disks, "/v1/vms/doc/disks", Some(&bad));
+    call("POST", disks, "/v1/vms/doc/disks", Some(&missing));
+    call("POST", disks, "/v1/vms/none/disks", Some(&disk));
+    assert_eq!(
+        call("POST", disks, "/v1/vms/doc/disks", Some(&disk)).status,
+        201
+    );
+    assert_eq!(
+        call("POST", disks, "/v1/vms/doc/disks", Some(&disk)).status,
+        409
+    );
+    let one = "/v1/vms/{vm}/disks/{disk}";
+    call("DELETE", one, "/v1/vms/doc/disks/nope", None);
+    assert_eq!(call("DELETE", one, "/v1/vms/doc/disks/0", None).status, 200);
     let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
     let job = r.json()["id"].as_str().unwrap().to_owned();
     d.wait_job(&job, Duration::from_secs(20));
@@ -241,6 +263,8 @@ fn a_live_vireod_answers_only_documented_statuses() {
         None,
     );
     call("GET", "/v1/vms/{vm}/metrics", "/v1/vms/doc/metrics", None);
+    // Running under the fake worker, which refuses hot-plug: 422, nothing changes.
+    call("POST", disks, "/v1/vms/doc/disks", Some(&disk));
     call(
         "GET",
         "/v1/vms/{vm}/console/log",

@@ -40,6 +40,9 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// Virtio devices in command-line order: all disks first, then all NICs.
     pub devices: Vec<VirtioSlot>,
+    /// Disk slots in all: those the boot disks do not fill are reserved empty for hot add
+    /// (`VmHandle::attach_disk`), listed right after the boot disks. 0: none reserved.
+    pub disk_slots: usize,
     pub console: ConsoleConfig,
 }
 
@@ -53,6 +56,7 @@ impl VmConfig {
             memory,
             vcpus,
             devices: Vec::new(),
+            disk_slots: 0,
             console: ConsoleConfig::Null,
         }
     }

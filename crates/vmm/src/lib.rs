@@ -27,6 +27,7 @@ pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
 pub use dirty::DirtyBitmap;
 pub use error::{LifecycleError, VmmError};
 pub use exit::VmExit;
+pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{install_termination_handlers, max_vcpus, termination_signal, Vm, VmHandle};
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).

@@ -83,6 +83,7 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
     }
 }
 
+pub mod hotplug;
 mod pause_reset;
 
 /// The parts of a VM other threads may use while it runs.
@@ -103,6 +104,8 @@ struct Shared {
     reload: Reload,
     /// The irqchip and PIT at boot; `Err` (why) when they could not be read.
     boot_state: std::result::Result<VmBootState, String>,
+    /// Disk slots for hot add and remove (`vm/hotplug.rs`).
+    disk_slots: hotplug::DiskSlots,
 }
 
 /// What `Vm::new` loaded into guest RAM, to do it again on reset.
@@ -202,11 +205,10 @@ impl Vm {
                 max,
             });
         }
-        if config.devices.len() > MAX_VIRTIO_DEVICES {
-            return Err(VmmError::TooManyDevices(
-                config.devices.len(),
-                MAX_VIRTIO_DEVICES,
-            ));
+        let (devices, disk_slot_count) =
+            hotplug::with_empty_slots(config.devices, config.disk_slots);
+        if devices.len() > MAX_VIRTIO_DEVICES {
+            return Err(VmmError::TooManyDevices(devices.len(), MAX_VIRTIO_DEVICES));
         }
         let ram = GuestRam::new(config.memory)?;
         let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
@@ -257,8 +259,9 @@ impl Vm {
         let mut transports = Vec::new();
         let mut flush_on_exit = Vec::new();
         let mut placements = Vec::new();
+        let mut disk_slots = Vec::new();
         let mut cmdline = config.cmdline.trim().to_string();
-        for (i, slot) in config.devices.into_iter().enumerate() {
+        for (i, slot) in devices.into_iter().enumerate() {
             let place = virtio_placement(i);
             let irq = EventFd::new(libc::EFD_NONBLOCK)?;
             vm_fd
@@ -270,6 +273,7 @@ impl Vm {
                 place.base,
                 place.irq
             );
+            let irq_clone = irq.try_clone()?;
             let transport = MmioTransport::new(slot.device, ram.memory.clone(), irq)?;
             for (q, kick) in transport.kick_fds().iter().enumerate() {
                 vm_fd
@@ -284,7 +288,17 @@ impl Vm {
             mmio.insert(place.base, MMIO_WINDOW, transport.clone())
                 .map_err(|e| VmmError::BootSetup(e.to_string()))?;
             transports.push(transport);
-            flush_on_exit.extend(slot.flush_on_exit);
+            if i < disk_slot_count {
+                // Disk slots flush their disk themselves (it may be detached before the end).
+                disk_slots.push(hotplug::DiskSlot::new(
+                    i,
+                    place,
+                    &irq_clone,
+                    slot.flush_on_exit,
+                )?);
+            } else {
+                flush_on_exit.extend(slot.flush_on_exit);
+            }
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
@@ -386,6 +400,7 @@ impl Vm {
                     vcpus: config.vcpus,
                 },
                 boot_state,
+                disk_slots: hotplug::DiskSlots(Mutex::new(disk_slots)),
             }),
             vcpus,
             pio: Arc::new(pio),
@@ -478,6 +493,7 @@ impl Vm {
         for t in &self.shared.transports {
             lock(t).reset();
         }
+        self.shared.disk_slots.flush_all();
         for b in &self.flush_on_exit {
             if let Err(e) = b.flush() {
                 tracing::warn!("flushing disk {}: {e}", b.id());

@@ -145,6 +145,11 @@ impl ControlServer {
         })
     }
 
+    /// A handle on the disk list, for hot add and remove (`hotplug.rs`).
+    pub fn disks(&self) -> ControlDisks {
+        ControlDisks(self.shared.clone())
+    }
+
     /// Cancels running merges, waits for them, drops the control's disk references and
     /// removes the socket.
     pub fn shutdown(self) {
@@ -157,6 +162,39 @@ impl ControlServer {
         }
         self.shared.disks.lock().clear();
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The control socket's disk list as hot add and remove change it. Merges are tracked by
+/// disk index, so neither may happen while one runs (the indices would shift under it).
+#[derive(Clone)]
+pub struct ControlDisks(Arc<Shared>);
+
+impl ControlDisks {
+    /// Refuses when a live merge is running.
+    pub fn check_idle(&self) -> Result<(), String> {
+        match self.0.merges.lock().keys().next() {
+            Some(i) => Err(format!(
+                "a live merge of disk {i} is running; wait for it or cancel it \
+                 (disk-merge-cancel {i} on control.sock)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts `disk` at `index` (the end if past it).
+    pub fn insert(&self, index: usize, disk: ControlDisk) {
+        let mut disks = self.0.disks.lock();
+        let at = index.min(disks.len());
+        disks.insert(at, disk);
+    }
+
+    /// Drops disk `index` (its image reference goes with it).
+    pub fn remove(&self, index: usize) {
+        let mut disks = self.0.disks.lock();
+        if index < disks.len() {
+            disks.remove(index);
+        }
     }
 }
 

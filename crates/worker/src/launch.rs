@@ -6,15 +6,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
-use vireo_api::{DiskFormat, VmSpec, SPEC_VERSION};
-use vireo_vhdx::convert::Format;
-use vireo_virtio::block::QosConfig;
+use vireo_api::{VmSpec, SPEC_VERSION};
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
 use crate::console::Console;
 use crate::control::{ControlDisk, ControlServer};
 use crate::error::WorkerError;
-use crate::image::{self, DiskArg};
+use crate::hotplug::{self, Hotplug};
 use crate::metrics::{Meter, MeteredDisk};
 use crate::{files, server};
 use crate::{CONSOLE_SOCKET, CONTROL_SOCKET, EXIT_FILE, SPEC_FILE, WORKER_SOCKET};
@@ -79,46 +77,12 @@ fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
     let mut control = Vec::new();
     let mut metered = Vec::new();
     for d in &spec.disks {
-        let arg = DiskArg {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            format: d.format.map(|f| match f {
-                DiskFormat::Raw => Format::Raw,
-                DiskFormat::Vhd => Format::Vhd,
-                DiskFormat::Vhdx => Format::Vhdx,
-            }),
-        };
-        let image::OpenedDisk { backend, image } = image::open(&arg)?;
-        let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
-            max_iops: d.max_iops,
-            min_iops: d.min_iops,
-        });
-        if let Some(serial) = &d.serial {
-            block = block.with_serial(serial.clone());
-        }
-        if d.max_iops.is_some() || d.min_iops.is_some() {
-            tracing::info!(
-                "disk {}: storage QoS max_iops={:?} min_iops={:?} (8 KiB-normalized)",
-                d.path.display(),
-                d.max_iops,
-                d.min_iops
-            );
-        }
-        metered.push(MeteredDisk {
-            path: d.path.clone(),
-            serial: d.serial.clone(),
-            counters: block.counters(),
-        });
-        control.push(ControlDisk {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            size: backend.size(),
-            image,
-            resizer: Some(block.resizer()),
-        });
+        let built = hotplug::build_disk(d)?;
+        metered.push(built.metered);
+        control.push(built.control);
         slots.push(VirtioSlot {
-            device: Box::new(block),
-            flush_on_exit: Some(backend),
+            device: Box::new(built.block),
+            flush_on_exit: Some(built.backend),
         });
     }
     Ok((slots, control, metered))
@@ -151,6 +115,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         memory: spec.memory_bytes,
         vcpus: spec.vcpus as usize,
         devices,
+        disk_slots: vireo_api::worker::WORKER_DISK_SLOTS,
         console: ConsoleConfig::Stream(vmm_end),
     };
     let vm = Vm::new(config)?;
@@ -173,6 +138,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         started_at: AtomicI64::new(0),
         ring_bytes,
         meter: Meter::new(metered, spec.memory_bytes),
+        hotplug: Hotplug::new(vm.handle(), &spec.disks, control.disks()),
     });
     server::start(
         files::bind_private(&dir.join(WORKER_SOCKET))?,

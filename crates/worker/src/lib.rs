@@ -12,6 +12,7 @@ pub mod console;
 pub mod control;
 pub mod error;
 pub mod files;
+pub mod hotplug;
 pub mod image;
 pub mod launch;
 pub mod metrics;

@@ -30,7 +30,8 @@ pub struct MeteredDisk {
 
 /// What `metrics` reads from.
 pub struct Meter {
-    pub disks: Vec<MeteredDisk>,
+    /// In slot order (the spec's order); hot add and remove change it (`hotplug.rs`).
+    pub disks: std::sync::Mutex<Vec<MeteredDisk>>,
     pub memory_bytes: u64,
     /// When the vCPUs started.
     pub started: OnceLock<Instant>,
@@ -39,7 +40,7 @@ pub struct Meter {
 impl Meter {
     pub fn new(disks: Vec<MeteredDisk>, memory_bytes: u64) -> Self {
         Meter {
-            disks,
+            disks: std::sync::Mutex::new(disks),
             memory_bytes,
             started: OnceLock::new(),
         }
@@ -64,7 +65,13 @@ impl Meter {
             memory_bytes: self.memory_bytes,
             memory_resident_bytes: resident,
             worker_private_bytes: private,
-            disks: self.disks.iter().map(disk_metrics).collect(),
+            disks: self
+                .disks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(disk_metrics)
+                .collect(),
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct State {
     pub ring_bytes: usize,
     /// What `Metrics` reads.
     pub meter: crate::metrics::Meter,
+    /// Disk hot add and remove.
+    pub hotplug: crate::hotplug::Hotplug,
 }
 
 /// Serves `listener` on a thread of its own.
@@ -194,8 +196,21 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
             tracing::info!("reset requested");
             lifecycle("reset", s.vm.reset())
         }
+        WorkerOp::AddDisk { disk } => match s.hotplug.add(&disk, &s.meter) {
+            Ok(index) => WorkerReply::DiskAdded { index },
+            Err(message) => refused("add disk", message),
+        },
+        WorkerOp::RemoveDisk { serial } => match s.hotplug.remove(&serial, &s.meter) {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("remove disk", message),
+        },
     };
     (reply, None)
+}
+
+fn refused(what: &str, message: String) -> WorkerReply {
+    tracing::warn!("{what}: {message}");
+    WorkerReply::Error { message }
 }
 
 /// `Ok`, or `Error` saying which operation failed and why.

@@ -15,6 +15,7 @@ mod memory;
 mod parse;
 mod pattern;
 mod reply;
+mod rescan;
 mod serial;
 mod status;
 mod time;
@@ -23,7 +24,7 @@ mod virtio;
 use core::fmt::Write;
 
 use bootinfo::{BootInfo, MmioDevice, MMIO_DEVICES_MAX};
-use commands::{After, Probe, MAX_DISKS, MAX_NICS};
+use commands::{After, Probe, MAX_NICS};
 use serial::{Com1, Line, LineReader};
 use virtio::mmio::{self, Transport};
 
@@ -67,7 +68,11 @@ fn discover(probe: &mut Probe) {
             count += 1;
         }
     }
+    for dev in &listed[..count] {
+        probe.slots.push(dev.base);
+    }
     let mut msg = reply::Reply::new();
+    probe.scan_disks(&mut msg);
     for dev in &listed[..count] {
         let t = Transport { base: dev.base };
         match Transport::probe(dev.base) {
@@ -78,21 +83,6 @@ fn discover(probe: &mut Probe) {
                     "probe: legacy virtio-mmio device type {id} at {:#x} ignored",
                     dev.base
                 );
-            }
-            mmio::Probe::Device(mmio::DEVICE_BLK) if probe.disk_count < MAX_DISKS => {
-                match virtio::blk::Blk::new(t) {
-                    Some(b) => {
-                        probe.disks[probe.disk_count] = Some(b);
-                        probe.disk_count += 1;
-                    }
-                    None => {
-                        let _ = writeln!(
-                            msg,
-                            "probe: virtio-blk at {:#x} failed to initialise",
-                            dev.base
-                        );
-                    }
-                }
             }
             mmio::Probe::Device(mmio::DEVICE_NET) if probe.nic_count < MAX_NICS => {
                 match virtio::net::Net::new(t) {

@@ -17,7 +17,7 @@ use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
-use super::routes::{console, host, jobs, metrics, power, vms};
+use super::routes::{console, disks, host, jobs, metrics, power, vms};
 use super::{prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -34,6 +34,13 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::DELETE, "/v1/vms/{vm}", delete(vms::remove)),
         (Method::PUT, "/v1/vms/{vm}/spec", put(vms::put_spec)),
         (Method::POST, "/v1/vms/{vm}/rename", post(vms::rename)),
+        (Method::GET, "/v1/vms/{vm}/disks", get(disks::list)),
+        (Method::POST, "/v1/vms/{vm}/disks", post(disks::add)),
+        (
+            Method::DELETE,
+            "/v1/vms/{vm}/disks/{disk}",
+            delete(disks::remove),
+        ),
         (Method::POST, "/v1/vms/{vm}/start", post(power::start)),
         (Method::POST, "/v1/vms/{vm}/stop", post(power::stop)),
         (Method::POST, "/v1/vms/{vm}/turn-off", post(power::turn_off)),

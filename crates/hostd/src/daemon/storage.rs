@@ -51,6 +51,14 @@ impl StorageRoots {
         Ok(out)
     }
 
+    /// One path checked as `confine` checks a spec's (a disk added to an existing VM).
+    pub fn confine_path(&self, field: &str, path: &Path) -> Result<PathBuf, HttpError> {
+        if self.roots.is_empty() {
+            return Ok(path.to_owned());
+        }
+        self.resolve(field, path)
+    }
+
     fn resolve(&self, field: &str, path: &Path) -> Result<PathBuf, HttpError> {
         if !path.is_absolute() {
             return Ok(path.to_owned());

@@ -183,6 +183,10 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             }
         }
         WorkerOp::Metrics => metrics(g, &dir),
+        // The fake has no disks to plug; the real worker is tested in crates/worker.
+        WorkerOp::AddDisk { .. } | WorkerOp::RemoveDisk { .. } => WorkerReply::Error {
+            message: "the fake worker does not hot-plug disks".into(),
+        },
         WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
             let name = match op {
                 WorkerOp::Pause => "pause",

@@ -132,6 +132,17 @@ impl Blk {
         })
     }
 
+    /// The window the device sits in.
+    pub fn base(&self) -> u64 {
+        self.transport.base
+    }
+
+    /// The device is still the one this driver set up: a device put into the slot since (or
+    /// reset by the host) has not been told DRIVER_OK.
+    pub fn still_live(&self) -> bool {
+        self.transport.driver_ok()
+    }
+
     /// The capacity in 512-byte sectors, read afresh from config space (the host may have
     /// resized the disk; the probe polls rather than taking the config-change interrupt).
     pub fn sectors(&self) -> u64 {

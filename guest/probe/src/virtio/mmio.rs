@@ -30,6 +30,7 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 128;
+const STATUS_NEEDS_RESET: u32 = 64;
 
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -100,6 +101,12 @@ impl Transport {
             return None;
         }
         Some(accepted)
+    }
+
+    /// Set up and running: DRIVER_OK, and neither FAILED nor DEVICE_NEEDS_RESET.
+    pub fn driver_ok(&self) -> bool {
+        self.read(STATUS) & (STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET)
+            == STATUS_DRIVER_OK
     }
 
     pub fn fail(&self) {

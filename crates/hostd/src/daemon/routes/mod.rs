@@ -1,6 +1,7 @@
 //! The handlers, one module per resource; `router.rs` maps them onto paths.
 
 pub mod console;
+pub mod disks;
 pub mod host;
 pub mod jobs;
 pub mod metrics;

@@ -1,0 +1,212 @@
+//! `AddDisk` and `RemoveDisk` on worker.sock: hot add and remove of virtio-blk disks
+//! (the VMM's `VmHandle::attach_disk`/`detach_disk`, docs/vmm.md "Disk hot-plug").
+//!
+//! The worker keeps, per VM disk slot, which disk (serial, path) is in it. Three lists follow
+//! the slots in order and change together under the one `slots` lock: the VMM's slots, the
+//! meter's disks (`Metrics` answers per disk in slot order) and the control socket's disks. A
+//! disk's position among the filled slots is its index everywhere: in the guest after a rescan,
+//! in `Metrics`, on control.sock, and in vireod's spec.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use vireo_api::{DiskFormat, DiskSpec};
+use vireo_block::BlockBackend;
+use vireo_vhdx::convert::Format;
+use vireo_virtio::block::QosConfig;
+use vireo_vmm::VmHandle;
+
+use crate::control::{ControlDisk, ControlDisks};
+use crate::error::WorkerError;
+use crate::image::{self, DiskArg};
+use crate::metrics::{Meter, MeteredDisk};
+
+/// One disk of a spec, opened and wrapped: the device, its backend, and what the meter and
+/// the control socket keep of it.
+pub struct BuiltDisk {
+    pub block: vireo_virtio::Block,
+    pub backend: Arc<dyn BlockBackend>,
+    pub metered: MeteredDisk,
+    pub control: ControlDisk,
+}
+
+/// Opens `d` (format by content unless given) and builds its virtio-blk device with its
+/// serial and storage QoS. Boot disks and hot-added ones go through here alike.
+pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
+    let arg = DiskArg {
+        path: d.path.clone(),
+        read_only: d.read_only,
+        format: d.format.map(|f| match f {
+            DiskFormat::Raw => Format::Raw,
+            DiskFormat::Vhd => Format::Vhd,
+            DiskFormat::Vhdx => Format::Vhdx,
+        }),
+    };
+    let image::OpenedDisk { backend, image } = image::open(&arg)?;
+    let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
+        max_iops: d.max_iops,
+        min_iops: d.min_iops,
+    });
+    if let Some(serial) = &d.serial {
+        block = block.with_serial(serial.clone());
+    }
+    if d.max_iops.is_some() || d.min_iops.is_some() {
+        tracing::info!(
+            "disk {}: storage QoS max_iops={:?} min_iops={:?} (8 KiB-normalized)",
+            d.path.display(),
+            d.max_iops,
+            d.min_iops
+        );
+    }
+    let metered = MeteredDisk {
+        path: d.path.clone(),
+        serial: d.serial.clone(),
+        counters: block.counters(),
+    };
+    let control = ControlDisk {
+        path: d.path.clone(),
+        read_only: d.read_only,
+        size: backend.size(),
+        image,
+        resizer: Some(block.resizer()),
+    };
+    Ok(BuiltDisk {
+        block,
+        backend,
+        metered,
+        control,
+    })
+}
+
+/// The disk in a slot, as the worker names it.
+#[derive(Clone, Debug)]
+struct SlotDisk {
+    serial: Option<String>,
+    path: PathBuf,
+}
+
+/// What `AddDisk`/`RemoveDisk` act on.
+pub struct Hotplug {
+    vm: VmHandle,
+    /// One entry per VM disk slot, in slot order.
+    slots: Mutex<Vec<Option<SlotDisk>>>,
+    control: ControlDisks,
+}
+
+/// The same file, however it was named (falls back to the path as given).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    real(a) == real(b)
+}
+
+impl Hotplug {
+    /// `boot` are the spec's disks, which sit in the first slots in order.
+    pub fn new(vm: VmHandle, boot: &[DiskSpec], control: ControlDisks) -> Self {
+        let slots = vm
+            .disk_slots()
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                boot.get(i).map(|d| SlotDisk {
+                    serial: d.serial.clone(),
+                    path: d.path.clone(),
+                })
+            })
+            .collect();
+        Hotplug {
+            vm,
+            slots: Mutex::new(slots),
+            control,
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<SlotDisk>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens `d` and attaches it into the first free slot; returns its index. Nothing changes
+    /// on an error (the message names the path or serial).
+    pub fn add(&self, d: &DiskSpec, meter: &Meter) -> Result<u32, String> {
+        let mut slots = self.slots();
+        let shown = d.path.display();
+        for s in slots.iter().flatten() {
+            if same_file(&s.path, &d.path) {
+                return Err(format!(
+                    "disk {shown} is already attached to this VM{}",
+                    s.serial
+                        .as_ref()
+                        .map(|s| format!(" (serial {s})"))
+                        .unwrap_or_default()
+                ));
+            }
+            if d.serial.is_some() && s.serial == d.serial {
+                return Err(format!(
+                    "serial {} is already used by disk {} of this VM",
+                    d.serial.as_deref().unwrap_or_default(),
+                    s.path.display()
+                ));
+            }
+        }
+        if !slots.iter().any(Option::is_none) {
+            return Err(format!(
+                "all {} disk slots of this VM are in use; remove a disk first",
+                slots.len()
+            ));
+        }
+        self.control.check_idle()?;
+        let built = build_disk(d).map_err(|e| e.to_string())?;
+        let at = self
+            .vm
+            .attach_disk(built.block, built.backend)
+            .map_err(|e| format!("attaching disk {shown}: {e}"))?;
+        slots[at.slot] = Some(SlotDisk {
+            serial: d.serial.clone(),
+            path: d.path.clone(),
+        });
+        meter
+            .disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(at.index, built.metered);
+        self.control.insert(at.index, built.control);
+        tracing::info!(
+            "disk {shown} hot-added in slot {} (disk index {})",
+            at.slot,
+            at.index
+        );
+        Ok(at.index as u32)
+    }
+
+    /// Detaches the disk with `serial`: flushed, closed, its slot empty again.
+    pub fn remove(&self, serial: &str, meter: &Meter) -> Result<(), String> {
+        let mut slots = self.slots();
+        let Some(slot) = slots.iter().position(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.serial.as_deref() == Some(serial))
+        }) else {
+            return Err(format!("this VM has no disk with serial {serial}"));
+        };
+        let index = slots[..slot].iter().flatten().count();
+        self.control.check_idle()?;
+        let backend = self
+            .vm
+            .detach_disk(slot)
+            .map_err(|e| format!("removing disk {serial}: {e}"))?;
+        let gone = slots[slot].take();
+        {
+            let mut metered = meter.disks.lock().unwrap_or_else(|p| p.into_inner());
+            if index < metered.len() {
+                metered.remove(index);
+            }
+        }
+        self.control.remove(index);
+        // The last reference: the file closes (and its lock goes) here.
+        drop(backend);
+        tracing::info!(
+            "disk {} (serial {serial}) hot-removed from slot {slot}",
+            gone.map(|g| g.path.display().to_string())
+                .unwrap_or_default()
+        );
+        Ok(())
+    }
+}
