@@ -34,6 +34,15 @@ impl VmIdentity {
                 nic.mac = Some(random_mac());
             }
         }
+        for i in 0..spec.nics.len() {
+            if spec.nics[i].name.is_none() {
+                let name = (0u32..)
+                    .map(|n| format!("nic{n}"))
+                    .find(|s| !spec.nics.iter().any(|n| n.name.as_deref() == Some(s)))
+                    .expect("a u32 range holds more names than a VM has NICs");
+                spec.nics[i].name = Some(name);
+            }
+        }
         for i in 0..spec.disks.len() {
             if spec.disks[i].serial.is_none() {
                 let serial = (0u32..)
@@ -104,13 +113,17 @@ mod tests {
         s.nics = vec![
             NicSpec {
                 switch: "sw".into(),
+                name: None,
                 mac: None,
                 vlan: None,
+                policy: Default::default(),
             },
             NicSpec {
                 switch: "sw".into(),
+                name: Some("nic0".into()),
                 mac: Some(given),
                 vlan: Some(5),
+                policy: Default::default(),
             },
         ];
         s.disks = vec![
@@ -124,6 +137,9 @@ mod tests {
             MacAddr::generate([n; 5])
         });
         assert_eq!(ident.macs, vec![MacAddr::generate([1; 5]), given]);
+        // NIC 0 must not take the name nic0, which NIC 1 already has.
+        assert_eq!(s.nics[0].name.as_deref(), Some("nic1"));
+        assert_eq!(s.nics[1].name.as_deref(), Some("nic0"));
         // Disk 0 must not take serial -0, which disk 1 already has.
         assert_eq!(
             ident.disk_serials,

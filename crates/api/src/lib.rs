@@ -14,6 +14,7 @@ pub mod metering;
 pub mod rest;
 pub mod spec;
 pub mod state;
+pub mod switch;
 pub mod validate;
 pub mod vm;
 pub mod worker;
@@ -25,8 +26,8 @@ pub use mac::MacAddr;
 pub use metering::{CpuUsage, DiskUsage, MemoryUsage, NicUsage, VmMetrics};
 pub use rest::{HostInfo, RenameRequest, StopRequest};
 pub use spec::{
-    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicSpec, VmSpec, NORMALIZED_IO_BYTES,
-    SPEC_VERSION,
+    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, VmSpec,
+    NORMALIZED_IO_BYTES, SPEC_VERSION,
 };
 pub use state::{transition, Action, IllegalTransition, VmState};
 pub use validate::{validate_name, validate_spec, Limits, SpecError};

@@ -22,7 +22,7 @@ pub struct VmMetrics {
     pub memory: MemoryUsage,
     /// Per disk path, in the order first seen.
     pub disks: Vec<DiskUsage>,
-    /// Per NIC. Always empty for now: the worker has no NICs yet.
+    /// Per NIC (read from the NIC's switch port).
     pub nics: Vec<NicUsage>,
 }
 
@@ -71,7 +71,21 @@ pub struct DiskUsage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicUsage {
+    /// The NIC's name in the VM (`nic0`).
     pub name: String,
+    /// Bytes and frames the VM received (delivered by the switch to its port).
     pub bytes_in: u64,
+    /// Bytes and frames the VM sent into the switch.
     pub bytes_out: u64,
+    #[serde(default)]
+    pub packets_in: u64,
+    #[serde(default)]
+    pub packets_out: u64,
+    /// Frames of the VM's the switch dropped (any reason).
+    #[serde(default)]
+    pub dropped: u64,
+    /// Per ACL rule with action `meter` (or any rule): what matched it, e.g. traffic to one
+    /// remote address range (Hyper-V's metered port ACLs).
+    #[serde(default)]
+    pub acl: std::collections::BTreeMap<String, crate::switch::AclMeter>,
 }

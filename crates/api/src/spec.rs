@@ -10,6 +10,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use vireo_netconfig::{
+    AclRule, GuardConfig, MirrorRole, PortConfig, PortRole, QosConfig, VlanConfig,
+};
+
 use crate::mac::MacAddr;
 
 /// The one spec version this code reads and writes.
@@ -92,17 +96,76 @@ pub enum DiskFormat {
     Vhdx,
 }
 
+/// A VM network adapter: a virtio-net NIC whose port is on a vireod switch (over vhost-user).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The switch the NIC's port is on.
     pub switch: String,
+    /// The NIC's name within its VM (`nic0`, `nic1`, ...: the lowest free one is generated once
+    /// if left out). Its port on the switch is named `<vm>/<nic>`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Generated once (locally administered unicast) if left out.
     #[serde(default)]
     pub mac: Option<MacAddr>,
-    /// Access VLAN of the port; `None`: untagged.
+    /// Shortcut for an access port on this VLAN (`policy.vlan` gives trunk and private VLAN
+    /// modes; setting both is refused). Neither: access port on VLAN 1.
     #[serde(default)]
     pub vlan: Option<u16>,
+    /// The port's policies on the switch; changed live while the VM runs.
+    #[serde(default)]
+    pub policy: NicPolicy,
+}
+
+/// A VM NIC's port policy: `vireo_netconfig::PortConfig` without what vireod derives (the
+/// port's name, its role `vm`, and its MAC list — the NIC's MAC, so the MAC spoofing guard is
+/// on unless `guard.mac_spoofing` allows it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicPolicy {
+    #[serde(default)]
+    pub vlan: Option<VlanConfig>,
+    #[serde(default)]
+    pub guard: GuardConfig,
+    #[serde(default)]
+    pub acls: Vec<AclRule>,
+    #[serde(default)]
+    pub qos: QosConfig,
+    #[serde(default)]
+    pub mirror: MirrorRole,
+    #[serde(default)]
+    pub storm_limit_pps: Option<u32>,
+    #[serde(default)]
+    pub mac_limit: Option<u32>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+impl NicSpec {
+    /// The switch port this NIC stands for, named `port_name`. `vlan` and `policy.vlan` both
+    /// set is a validation error (`validate_spec`); here `policy.vlan` wins.
+    pub fn port_config(&self, port_name: &str) -> PortConfig {
+        let p = &self.policy;
+        PortConfig {
+            name: port_name.to_string(),
+            role: PortRole::Vm,
+            vlan: p.vlan.clone().unwrap_or(VlanConfig::Access {
+                vid: self.vlan.unwrap_or(1),
+            }),
+            macs: self
+                .mac
+                .map(|m| vec![vireo_netconfig::MacAddr(m.0)])
+                .unwrap_or_default(),
+            guard: p.guard.clone(),
+            acls: p.acls.clone(),
+            qos: p.qos.clone(),
+            mirror: p.mirror,
+            storm_limit_pps: p.storm_limit_pps,
+            mac_limit: p.mac_limit,
+            mtu: p.mtu,
+        }
+    }
 }
 
 /// Hyper-V's automatic start action: start with the daemon, after a delay.

@@ -173,6 +173,19 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         validate_name(&format!("nics[{i}].switch"), &nic.switch)?;
+        if let Some(name) = &nic.name {
+            validate_name(&format!("nics[{i}].name"), name)?;
+            if spec.nics[..i].iter().any(|n| n.name == nic.name) {
+                return Err(err(format!("nics[{i}].name"), name, "two NICs share it"));
+            }
+        }
+        if nic.vlan.is_some() && nic.policy.vlan.is_some() {
+            return Err(err(
+                format!("nics[{i}].vlan"),
+                nic.vlan.unwrap_or_default(),
+                "give either vlan (an access port) or policy.vlan, not both",
+            ));
+        }
         if let Some(mac) = nic.mac {
             if !mac.is_unicast() || mac.0 == [0; 6] {
                 return Err(err(

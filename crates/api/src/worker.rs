@@ -31,8 +31,12 @@ pub const WORKER_PROTOCOL_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct WorkerLaunch {
     pub vm_id: Uuid,
-    /// Normalized: every disk has its serial, every NIC its MAC.
+    /// Normalized: every disk has its serial, every NIC its MAC and name.
     pub spec: VmSpec,
+    /// One vhost-user-net socket per `spec.nics` entry, in the same order: the NIC's port on
+    /// its switch (`crate::switch`). The worker connects its virtio-net frontend there.
+    #[serde(default)]
+    pub nic_sockets: Vec<PathBuf>,
 }
 
 /// vireod's record of a worker it spawned (`<vm-dir>/worker.json`).

@@ -27,6 +27,8 @@ fn good() -> VmSpec {
             min_iops: None,
         }],
         nics: vec![NicSpec {
+            name: None,
+            policy: Default::default(),
             switch: "lan".into(),
             mac: None,
             vlan: Some(10),
@@ -145,6 +147,8 @@ fn duplicates_within_a_spec() {
         let nic = s.nics[0].clone();
         s.nics[0].mac = Some("02:00:00:00:00:01".parse().unwrap());
         s.nics.push(NicSpec {
+            name: None,
+            policy: Default::default(),
             mac: s.nics[0].mac,
             ..nic
         });

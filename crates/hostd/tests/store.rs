@@ -44,6 +44,8 @@ fn crud_round_trip() {
     changed.vcpus = 2;
     changed.nics.remove(0);
     changed.nics.push(NicSpec {
+        name: None,
+        policy: Default::default(),
         switch: "lan".into(),
         mac: None,
         vlan: None,

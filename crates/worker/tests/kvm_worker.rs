@@ -139,6 +139,8 @@ fn a_missing_disk_or_a_nic_is_start_failed_naming_it() {
 
     let mut spec = probe_spec();
     spec.nics.push(NicSpec {
+        name: None,
+        policy: Default::default(),
         switch: "sw0".into(),
         mac: None,
         vlan: None,

@@ -150,6 +150,8 @@ pub mod tests {
                 min_iops: None,
             }],
             nics: vec![NicSpec {
+                name: None,
+                policy: Default::default(),
                 switch: "sw0".into(),
                 mac: None,
                 vlan: Some(7),

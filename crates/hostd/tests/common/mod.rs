@@ -32,11 +32,15 @@ pub fn spec(name: &str) -> VmSpec {
         ],
         nics: vec![
             NicSpec {
+                name: None,
+                policy: Default::default(),
                 switch: "lan".into(),
                 mac: None,
                 vlan: None,
             },
             NicSpec {
+                name: None,
+                policy: Default::default(),
                 switch: "dmz".into(),
                 mac: None,
                 vlan: Some(7),

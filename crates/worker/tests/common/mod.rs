@@ -52,7 +52,11 @@ impl Worker {
     pub fn start(spec: VmSpec) -> Worker {
         let dir = tempfile::tempdir().unwrap();
         let vm_id = uuid::Uuid::new_v4();
-        let launch = WorkerLaunch { vm_id, spec };
+        let launch = WorkerLaunch {
+            vm_id,
+            spec,
+            nic_sockets: vec![],
+        };
         std::fs::write(
             dir.path().join("spec.json"),
             serde_json::to_vec(&launch).unwrap(),

@@ -1,0 +1,208 @@
+//! Switches as vireod's objects, and the protocol between vireod and a switch's process.
+//!
+//! Process model: each switch runs in its own process, `vireo-switch`, started and supervised
+//! by vireod like a VM's worker, and left running when vireod exits or dies — so VM traffic
+//! keeps flowing across a vireod restart, which re-adopts the process (pid + start time in
+//! `switch-proc.json`, then `Hello` on its socket). Its folder is `<state>/switches/<id>/`:
+//! - `switch.json` (vireod, before spawning): the [`SwitchLaunch`] the process builds from.
+//! - `switch-proc.json` (vireod, after spawning): [`SwitchRecord`].
+//! - `switch.sock` (the process): control, one JSON object per line each way, requests carry
+//!   `version` ([`SWITCH_PROTOCOL_VERSION`]), strictly request/response in turn.
+//! - `ports/<port-id>.sock` (the process): one vhost-user-net socket per VM NIC port; the VM's
+//!   worker connects its virtio-net frontend there. The socket outlives VM runs: a restarted VM
+//!   reconnects to the same socket and gets a fresh backend session.
+//! - `switch.log` (the process's stderr).
+//!
+//! The ports: those the switch kind implies (host TAP, uplink; created by the process itself),
+//! one per VM NIC ([`PortAttach::VhostUser`]) and host interfaces added by name
+//! ([`PortAttach::Interface`], e.g. a veth into a test namespace).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vireo_netconfig::{PortConfig, PvlanDomain, SwitchKind};
+
+pub const SWITCH_PROTOCOL_VERSION: u32 = 1;
+
+/// A switch as vireod stores it and `POST /v1/switches` takes it. Its ports are not part of it:
+/// VM NIC ports come from the VMs' `NicSpec`s, interface ports from `/switches/{sw}/ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchSpec {
+    pub name: String,
+    /// private | internal (host TAP) | external (uplink on a host interface).
+    pub kind: SwitchKind,
+    #[serde(default)]
+    pub pvlan_domains: Vec<PvlanDomain>,
+    /// `None`: the switch's defaults (`vireo_netconfig::SwitchConfig`).
+    #[serde(default)]
+    pub mac_aging_secs: Option<u64>,
+    #[serde(default)]
+    pub mac_table_limit: Option<usize>,
+    #[serde(default)]
+    pub port_mac_limit: Option<u32>,
+    #[serde(default)]
+    pub fast_path: Option<bool>,
+}
+
+/// What the switch process is started with (`switch.json`). `config.ports` is empty; the
+/// ports to create are `ports`, in order, after the implied ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchLaunch {
+    pub switch_id: Uuid,
+    pub config: vireo_netconfig::SwitchConfig,
+    pub ports: Vec<SwitchPort>,
+}
+
+/// One port to create: its policy and what it is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchPort {
+    pub config: PortConfig,
+    pub attach: PortAttach,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PortAttach {
+    /// A VM NIC: the process serves vhost-user-net on `socket` (created by the process,
+    /// replacing a stale socket file, never another kind of file).
+    VhostUser { socket: PathBuf },
+    /// An existing host interface (veth, TAP netdev, NIC) bound by name with AF_PACKET, in
+    /// the process's network namespace.
+    Interface { name: String },
+}
+
+/// vireod's record of a switch process it spawned (`switch-proc.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`, so a reused pid is not taken for the process.
+    pub start_time_ticks: u64,
+    pub switch_id: Uuid,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchRequest {
+    pub version: u32,
+    #[serde(flatten)]
+    pub op: SwitchOp,
+}
+
+impl SwitchRequest {
+    pub fn new(op: SwitchOp) -> Self {
+        SwitchRequest {
+            version: SWITCH_PROTOCOL_VERSION,
+            op,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SwitchOp {
+    /// Answered with `Hello`.
+    Hello,
+    /// Add and attach a port (`Ok`; `Error` when the name is taken, the policy is invalid or
+    /// the interface/socket cannot be opened — nothing changes then).
+    AddPort { port: SwitchPort },
+    /// Detach and remove the port named `name` (its socket file is removed): `Ok` or `Error`.
+    RemovePort { name: String },
+    /// Replace the policy of the port named `config.name`, live: the next frame sees it.
+    /// `Error` (port untouched) when the switch refuses the policy.
+    SetPort { config: PortConfig },
+    /// Every port with its meters: `Status`.
+    Status,
+    /// Zero every port's meters (`Ok`).
+    ResetMeters,
+    /// Detach every port, remove the sockets, exit (`Ok`, then the process exits).
+    Shutdown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum SwitchReply {
+    Hello {
+        version: u32,
+        switch_id: Uuid,
+        pid: u32,
+    },
+    Ok,
+    Status {
+        ports: Vec<PortReport>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// One port as the switch sees it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortReport {
+    pub config: PortConfig,
+    /// `None` for the implied host/uplink ports.
+    pub attach: Option<PortAttach>,
+    /// A vhost-user port has a VM connected (always true for interface and implied ports).
+    pub connected: bool,
+    pub meters: PortMeters,
+    /// MACs learned behind the port.
+    pub learned_macs: Vec<vireo_netconfig::MacAddr>,
+}
+
+/// A port's counters since the process started or the last `ResetMeters`. "In" is what the
+/// port sent into the switch (a VM transmitting), "out" what the switch delivered to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMeters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Drops by reason (`vireo_vswitch::DropReason` in snake_case), only non-zero ones.
+    pub drops: BTreeMap<String, u64>,
+    /// Per ACL rule name: what matched it.
+    pub acl: BTreeMap<String, AclMeter>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclMeter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes() {
+        let r = SwitchRequest::new(SwitchOp::RemovePort {
+            name: "a/nic0".into(),
+        });
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"remove_port","name":"a/nic0"}"#);
+        assert_eq!(serde_json::from_str::<SwitchRequest>(&line).unwrap(), r);
+        let port = SwitchPort {
+            config: PortConfig::access("veth0", 5),
+            attach: PortAttach::Interface {
+                name: "veth0".into(),
+            },
+        };
+        let text = serde_json::to_string(&port.attach).unwrap();
+        assert_eq!(text, r#"{"type":"interface","name":"veth0"}"#);
+        assert!(serde_json::from_str::<SwitchRequest>(r#"{"version":1,"op":"explode"}"#).is_err());
+        let spec: SwitchSpec =
+            serde_json::from_str(r#"{"name":"sw","kind":{"type":"private"}}"#).unwrap();
+        assert_eq!(spec.fast_path, None);
+        assert!(serde_json::from_str::<SwitchSpec>(
+            r#"{"name":"sw","kind":{"type":"private"},"ports":[]}"#
+        )
+        .is_err());
+    }
+}
