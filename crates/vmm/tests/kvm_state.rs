@@ -130,6 +130,11 @@ fn kvm_saved_probe_restores_into_a_new_vm_and_carries_on() {
     console.wait_ready(T).unwrap();
     console.command("DISK 0 WRITE 0 256 7", T).unwrap();
     console.command("DISK 0 VERIFY 0 256 7", T).unwrap();
+    // A first save into the same directory, then the VM runs on: the later save replaces it.
+    console.command("MEM FILL 24 8 8", T).unwrap();
+    h.pause().unwrap();
+    h.save(&save_dir, Identity::default(), None).unwrap();
+    h.resume().unwrap();
     console.command("MEM FILL 24 8 9", T).unwrap();
     let sum_before = console.command("MEM SUM 24 8", T).unwrap();
     // Rx ring positions move: frames in, some taken by the probe, one left in its buffers.

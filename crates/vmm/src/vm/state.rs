@@ -28,6 +28,14 @@ impl VmHandle {
     ) -> Result<VmState, StateError> {
         // Held throughout, so no resume or reset runs while the state is read.
         let _op = lock(&self.0.lifecycle);
+        self.save_state_locked(identity, spec)
+    }
+
+    fn save_state_locked(
+        &self,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<VmState, StateError> {
         self.check_paused()?;
         let s = &self.0;
         let results = match s.control.run_job(Job::Save, VCPU_SAVE_TIMEOUT) {
@@ -108,7 +116,8 @@ impl VmHandle {
     }
 
     /// Saves the paused VM into `dir` (created if missing): memory, then the state file, whose
-    /// presence marks the save complete. Not live: the VM stays paused for the whole copy.
+    /// presence marks the save complete. Not live: the VM stays paused for the whole copy, and
+    /// no resume can come in between (use this rather than `save_state` + `save_memory`).
     pub fn save(
         &self,
         dir: &Path,
@@ -119,9 +128,18 @@ impl VmHandle {
             path: dir.display().to_string(),
             source,
         };
-        let state = self.save_state(identity, spec)?;
+        // One hold of the lifecycle lock for state and memory: a resume in between would
+        // let the guest change memory the state no longer describes.
+        let _op = lock(&self.0.lifecycle);
+        let state = self.save_state_locked(identity, spec)?;
         std::fs::create_dir_all(dir).map_err(io)?;
-        self.save_memory(&dir.join(MEMORY_FILE))?;
+        // Saving over an older save: its state file goes first, so a crash part-way leaves a
+        // directory without one (incomplete), never an old state beside new memory.
+        match std::fs::remove_file(dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        state::file::write_memory(&dir.join(MEMORY_FILE), &self.0.ram)?;
         state::write_state(&dir.join(STATE_FILE), &state)
     }
 
