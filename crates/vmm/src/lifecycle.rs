@@ -285,6 +285,60 @@ mod tests {
         );
     }
 
+    /// A vCPU state with only its id set.
+    fn saved(id: u32) -> VcpuState {
+        use crate::state::Blob;
+        VcpuState {
+            id,
+            regs: Blob(Default::default()),
+            sregs: Blob(Default::default()),
+            fpu: Blob(Default::default()),
+            xsave: None,
+            xcrs: None,
+            debugregs: None,
+            lapic: Blob(Default::default()),
+            events: Blob(Default::default()),
+            mp_state: 0,
+            msrs: vec![],
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn a_save_job_collects_every_parked_vcpus_state_and_errors() {
+        let ctl = Arc::new(RunControl::default());
+        let threads: Vec<_> = (0..3u32)
+            .map(|id| {
+                ctl.vcpu_started();
+                let ctl = ctl.clone();
+                std::thread::spawn(move || {
+                    while !ctl.pause_requested() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    ctl.park(|job| match (job, id) {
+                        (Job::Save, 2) => Err("vCPU 2: KVM_GET_REGS failed".into()),
+                        (Job::Save, _) => Ok(JobOutput::Saved(Box::new(saved(id)))),
+                        (Job::Reset, _) => Ok(JobOutput::Done),
+                    });
+                    ctl.vcpu_ended();
+                })
+            })
+            .collect();
+        ctl.pause_vcpus(Duration::from_secs(10), || {}).unwrap();
+        let r = ctl.run_job(Job::Save, Duration::from_secs(10)).unwrap();
+        let mut ids: Vec<u32> = r.saved.iter().map(|s| s.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![0, 1]);
+        assert_eq!(r.errors, vec!["vCPU 2: KVM_GET_REGS failed".to_string()]);
+        // A second job starts from scratch, and a reset saves nothing.
+        let r = ctl.run_job(Job::Reset, Duration::from_secs(10)).unwrap();
+        assert!(r.saved.is_empty() && r.errors.is_empty());
+        ctl.release();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
     #[test]
     fn a_vcpu_that_never_parks_times_out() {
         let ctl = RunControl::default();
