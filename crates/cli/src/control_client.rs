@@ -66,6 +66,13 @@ enum ControlCommand {
         #[arg(value_parser = crate::disk::parse_size)]
         size: u64,
     },
+    /// Save the VM into directory DIR (created if missing) and stop it: memory.bin and
+    /// vm.state. `vireo run --restore DIR` with the same options continues it. Not live yet:
+    /// the guest is paused while its whole memory is written.
+    Save {
+        /// Where to save; a relative path is taken from the current directory.
+        dir: PathBuf,
+    },
 }
 
 pub fn execute(args: ControlArgs) -> Result<ExitCode, CliError> {
@@ -95,8 +102,32 @@ pub fn execute(args: ControlArgs) -> Result<ExitCode, CliError> {
             println!("{new_size}");
             Ok(ExitCode::SUCCESS)
         }
+        ControlCommand::Save { dir } => {
+            // The VM resolves paths from its own directory, so send an absolute one; the
+            // protocol is words on a line, so a path with blanks cannot be sent.
+            let dir = std::path::absolute(&dir).map_err(|e| {
+                CliError::bad_input(format!("save directory {}: {e}", dir.display()))
+            })?;
+            let shown = dir.display().to_string();
+            if shown.chars().any(char::is_whitespace) || shown.contains('\n') {
+                return Err(CliError::bad_input(format!(
+                    "save directory '{shown}' contains blanks; choose a path without them"
+                )));
+            }
+            if dir.exists() && !dir.is_dir() {
+                return Err(CliError::bad_input(format!(
+                    "{shown} exists and is not a directory"
+                )));
+            }
+            let saved = exchange_with_timeout(socket, &format!("save {shown}"), SAVE_TIMEOUT)?;
+            println!("{saved}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
+
+/// A save writes all of guest memory; allow for a large guest on a slow disk.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The VM's disks, as `disks` lists them.
 fn list(socket: &Path) -> Result<Vec<serde_json::Value>, CliError> {
@@ -219,10 +250,26 @@ fn request_answer(socket: &Path, command: &str) -> Result<String, CliError> {
 /// Sends one command; returns the lines before its final `ok` and what followed `ok `. The VM's
 /// `error MSG` is a failed operation: what the VM can refuse, the caller checked already.
 fn exchange(socket: &Path, command: &str) -> Result<(Vec<String>, String), CliError> {
+    exchange_timed(socket, command, Duration::from_secs(30))
+}
+
+/// [`exchange`] for a command answered by one `ok VALUE` that may take up to `timeout`.
+fn exchange_with_timeout(
+    socket: &Path,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, CliError> {
+    exchange_timed(socket, command, timeout).map(|(_, value)| value)
+}
+
+fn exchange_timed(
+    socket: &Path,
+    command: &str,
+    timeout: Duration,
+) -> Result<(Vec<String>, String), CliError> {
     let mut conn = connect(socket)?;
     let broken = |e: std::io::Error| CliError::failed(format!("{}: {e}", socket.display()));
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(broken)?;
+    conn.set_read_timeout(Some(timeout)).map_err(broken)?;
     writeln!(conn, "{command}").map_err(broken)?;
     let mut out = vec![];
     for line in BufReader::new(conn).lines() {

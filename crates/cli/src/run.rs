@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::exit::CliError;
-use errors::{vhost_user_error, vm_error, worker_error};
+use errors::{restore_error, vhost_user_error, vm_error, worker_error};
 use vireo_vmm::vhost_user_net::VhostUserNet;
-use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
 use vireo_worker::control::{ControlDisk, ControlServer};
 use vireo_worker::image::{self, parse_disk, DiskArg};
 
@@ -82,6 +82,13 @@ pub struct RunArgs {
     /// at exit.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Continue a VM saved with `vireo control SOCKET save DIR` instead of booting: its memory
+    /// and device state are loaded from DIR. Give the options the saved VM ran with (kernel,
+    /// --memory, --vcpus, the same --disk and --net in the same order, the same MACs); a
+    /// mismatch is refused before anything runs. The whole memory file is read before the
+    /// guest continues (not yet lazily).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 fn after_help() -> String {
@@ -283,10 +290,25 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         console,
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;
-    let vm = Vm::new(config).map_err(vm_error)?;
+    let vm = match &args.restore {
+        None => Vm::new(config).map_err(vm_error)?,
+        Some(dir) => {
+            let from = RestoreFrom::dir(dir).map_err(|e| restore_error(e, dir))?;
+            let vm = Vm::restore(config, &from).map_err(|e| restore_error(e, dir))?;
+            // Restored paused; letting it go before `run` starts its vCPUs running.
+            vm.handle()
+                .resume()
+                .map_err(|e| CliError::failed(format!("resuming the restored VM: {e}")))?;
+            vm
+        }
+    };
     warn_if_overcommitted(args.vcpus);
     let control = match &args.control {
-        Some(path) => Some(ControlServer::start(path, control_disks).map_err(worker_error)?),
+        Some(path) => {
+            let c = ControlServer::start(path, control_disks).map_err(worker_error)?;
+            c.attach_vm(vm.handle());
+            Some(c)
+        }
         None => {
             drop(control_disks);
             None
@@ -300,10 +322,21 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
     }
     let exit = vm.run();
+    let saved_to = control.as_ref().and_then(|c| c.saved_to());
     if let Some(c) = control {
         c.shutdown();
     }
-    Ok(match exit.map_err(vm_error)? {
+    let exit = exit.map_err(vm_error)?;
+    if let (Some(dir), VmExit::Stopped) = (&saved_to, &exit) {
+        eprintln!(
+            "vireo: VM saved to {} and stopped; continue it with `vireo run --restore {}` and \
+             the same options",
+            dir.display(),
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    Ok(match exit {
         VmExit::PowerOff(status) => ExitCode::from(status),
         VmExit::Reset => {
             eprintln!("vireo: the guest reset the machine; VM stopped");

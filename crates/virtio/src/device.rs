@@ -3,6 +3,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::{DeviceState, StateError};
 use crate::GuestMemory;
 
 /// How a device tells the driver that something happened.
@@ -73,4 +74,16 @@ pub trait VirtioDevice: Send {
     /// Undoes [`VirtioDevice::pause`]: the workers serve again, including anything queued
     /// while they were parked. Harmless when not paused.
     fn resume(&mut self) {}
+    /// Save: the device's own state (docs/vm-state.md). Called while the VM is paused, so an
+    /// active device's workers are parked and have reported their ring positions. The default
+    /// is for devices that cannot (the vhost-user NIC, whose rings another process serves).
+    fn save_state(&self) -> Result<DeviceState, StateError> {
+        Err(StateError::Unsupported("no save/restore support"))
+    }
+    /// Restore into a device that is not active: takes the accepted features (and what else the
+    /// device keeps) from `state`; the transport then activates it with queues that carry the
+    /// saved ring positions. Nothing is changed on an error.
+    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), StateError> {
+        Err(StateError::Unsupported("no save/restore support"))
+    }
 }

@@ -14,11 +14,13 @@ pub mod net;
 mod notifier;
 mod pause;
 mod queue;
+pub mod state;
 mod worker;
 
 pub use block::Block;
 pub use device::{ActivateError, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt};
 pub use net::Net;
+pub use state::{DeviceState, QueueState, StateError};
 
 /// Guest RAM as devices see it: mmap'd regions with a per-page dirty bitmap for VMM writes.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -13,10 +13,14 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::state::ParkedReport;
+
 #[derive(Debug, Default)]
 struct State {
     requested: bool,
     parked: bool,
+    /// What the thread reported when it parked (save/restore reads it while parked).
+    report: Option<ParkedReport>,
 }
 
 /// Shared by a device (controller side) and its worker thread.
@@ -95,19 +99,32 @@ impl PauseCtl {
         let _ = self.wake.write(1);
     }
 
-    /// Thread: at a request boundary (top of its loop), parks or unparks as asked.
-    pub fn poll(&self) -> Park {
+    /// Controller: what the thread reported when it parked; `None` unless it is parked now.
+    pub fn parked_report(&self) -> Option<ParkedReport> {
+        let s = self.lock();
+        if s.parked {
+            s.report.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Thread: at a request boundary (top of its loop), parks or unparks as asked. On parking
+    /// it reports where it stands (`report` runs before the controller's pause returns).
+    pub fn poll(&self, report: impl FnOnce() -> ParkedReport) -> Park {
         let _ = self.wake.read();
         let mut s = self.lock();
         match (s.requested, s.parked) {
             (true, true) => Park::Parked,
             (true, false) => {
+                s.report = Some(report());
                 s.parked = true;
                 self.cv.notify_all();
                 Park::Parked
             }
             (false, true) => {
                 s.parked = false;
+                s.report = None;
                 Park::Resumed
             }
             (false, false) => Park::Run,
@@ -123,7 +140,7 @@ mod tests {
     #[test]
     fn pause_waits_for_the_thread_and_resume_lets_it_run() {
         let ctl = Arc::new(PauseCtl::new().unwrap());
-        assert_eq!(ctl.poll(), Park::Run);
+        assert_eq!(ctl.poll(ParkedReport::default), Park::Run);
         // Nobody polls: the pause times out, and says so.
         assert!(!ctl.pause(Duration::from_millis(20)));
         assert!(ctl.requested());
@@ -131,18 +148,24 @@ mod tests {
             let ctl = ctl.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(30));
-                ctl.poll()
+                ctl.poll(ParkedReport::default)
             })
         };
         assert!(ctl.pause(Duration::from_secs(10)));
         assert_eq!(t.join().unwrap(), Park::Parked);
         // Already parked: a second pause returns at once.
         assert!(ctl.pause(Duration::ZERO));
-        assert_eq!(ctl.poll(), Park::Parked);
+        assert_eq!(ctl.parked_report(), Some(ParkedReport::default()));
+        assert_eq!(ctl.poll(ParkedReport::default), Park::Parked);
         ctl.resume();
         ctl.resume();
         assert!(!ctl.requested());
-        assert_eq!(ctl.poll(), Park::Resumed);
-        assert_eq!(ctl.poll(), Park::Run);
+        assert_eq!(ctl.poll(ParkedReport::default), Park::Resumed);
+        assert_eq!(
+            ctl.parked_report(),
+            None,
+            "a running thread's report is stale"
+        );
+        assert_eq!(ctl.poll(ParkedReport::default), Park::Run);
     }
 }

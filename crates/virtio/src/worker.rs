@@ -54,6 +54,11 @@ impl Worker {
         self.pause.as_ref().is_none_or(|p| p.pause(timeout))
     }
 
+    /// What the thread reported when it parked; `None` unless it is parked now.
+    pub fn parked_report(&self) -> Option<crate::state::ParkedReport> {
+        self.pause.as_ref().and_then(|p| p.parked_report())
+    }
+
     pub fn resume(&self) {
         if let Some(p) = &self.pause {
             p.resume();

@@ -16,6 +16,7 @@ pub mod exit;
 mod lifecycle;
 pub mod memory;
 mod reset;
+pub mod state;
 #[doc(hidden)]
 pub mod test_images;
 pub mod vcpu;
@@ -27,8 +28,12 @@ pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
 pub use dirty::DirtyBitmap;
 pub use error::{LifecycleError, VmmError};
 pub use exit::VmExit;
+pub use state::{StateError, VmState};
 pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
-pub use vm::{install_termination_handlers, max_vcpus, termination_signal, Vm, VmHandle};
+pub use vm::{
+    install_termination_handlers, max_vcpus, termination_signal, RestoreFrom, Vm, VmHandle,
+    MEMORY_FILE, STATE_FILE,
+};
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).
 pub type GuestMemory = vireo_virtio::GuestMemory;

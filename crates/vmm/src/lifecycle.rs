@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::state::VcpuState;
+
 #[derive(Default)]
 struct State {
     /// Pause requested (vCPUs must park or stay parked).
@@ -18,13 +20,38 @@ struct State {
     alive: usize,
     /// vCPU threads parked now.
     parked: usize,
-    /// Bumped to ask every parked vCPU to load its boot state.
-    reset_epoch: u64,
-    /// vCPUs that loaded it for the current epoch, and what failed.
-    reset_done: usize,
-    reset_errors: Vec<String>,
+    /// Bumped to ask every parked vCPU to do `job`.
+    job_epoch: u64,
+    job: Job,
+    /// vCPUs that did it for the current epoch, what failed, and what they saved.
+    job_done: usize,
+    job_errors: Vec<String>,
+    job_saved: Vec<VcpuState>,
     /// The VM is ending: parked vCPUs leave and nothing parks any more.
     released: bool,
+}
+
+/// Work a parked vCPU does on its own thread (only that thread may use its fd).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Job {
+    /// Load the boot state (host reset).
+    #[default]
+    Reset,
+    /// Read the complete state (save).
+    Save,
+}
+
+/// What a vCPU hands back from a [`Job`].
+pub enum JobOutput {
+    Done,
+    Saved(Box<VcpuState>),
+}
+
+/// Every vCPU's answer to a [`Job`].
+#[derive(Debug, Default)]
+pub struct JobResults {
+    pub errors: Vec<String>,
+    pub saved: Vec<VcpuState>,
 }
 
 #[derive(Default)]
@@ -127,45 +154,59 @@ impl RunControl {
     /// With every vCPU parked: each loads its boot state; returns the failures (empty: all
     /// did), or `Err` when the VM ended or they did not answer in time.
     pub fn reset_vcpus(&self, timeout: Duration) -> Result<Vec<String>, ParkError> {
+        self.run_job(Job::Reset, timeout).map(|r| r.errors)
+    }
+
+    /// With every vCPU parked: each does `job` on its thread; returns their answers, or `Err`
+    /// when the VM ended or they did not all answer in time.
+    pub fn run_job(&self, job: Job, timeout: Duration) -> Result<JobResults, ParkError> {
         let mut s = self.lock();
-        s.reset_epoch += 1;
-        s.reset_done = 0;
-        s.reset_errors.clear();
+        s.job_epoch += 1;
+        s.job = job;
+        s.job_done = 0;
+        s.job_errors.clear();
+        s.job_saved.clear();
         self.cv.notify_all();
         let want = s.alive;
-        let (s, _) = self
+        let (mut s, _) = self
             .cv
-            .wait_timeout_while(s, timeout, |s| !s.released && s.reset_done < want)
+            .wait_timeout_while(s, timeout, |s| !s.released && s.job_done < want)
             .unwrap_or_else(|p| p.into_inner());
         if s.released {
             return Err(ParkError::Released);
         }
-        if s.reset_done < want {
+        if s.job_done < want {
             return Err(ParkError::Timeout {
-                parked: s.reset_done,
+                parked: s.job_done,
                 alive: want,
             });
         }
-        Ok(s.reset_errors.clone())
+        Ok(JobResults {
+            errors: std::mem::take(&mut s.job_errors),
+            saved: std::mem::take(&mut s.job_saved),
+        })
     }
 
-    /// vCPU thread: parks until resumed or released; `reset` runs (unlocked) whenever a reset
-    /// is asked for meanwhile.
-    pub fn park(&self, mut reset: impl FnMut() -> Result<(), String>) {
+    /// vCPU thread: parks until resumed or released; `work` runs (unlocked) whenever a job is
+    /// asked for meanwhile.
+    pub fn park(&self, mut work: impl FnMut(Job) -> Result<JobOutput, String>) {
         let mut s = self.lock();
-        let mut epoch = s.reset_epoch;
+        let mut epoch = s.job_epoch;
         s.parked += 1;
         self.cv.notify_all();
         while s.paused && !s.released {
-            if s.reset_epoch != epoch {
-                epoch = s.reset_epoch;
+            if s.job_epoch != epoch {
+                epoch = s.job_epoch;
+                let job = s.job;
                 drop(s);
-                let result = reset();
+                let result = work(job);
                 s = self.lock();
-                if epoch == s.reset_epoch {
-                    s.reset_done += 1;
-                    if let Err(e) = result {
-                        s.reset_errors.push(e);
+                if epoch == s.job_epoch {
+                    s.job_done += 1;
+                    match result {
+                        Ok(JobOutput::Done) => {}
+                        Ok(JobOutput::Saved(state)) => s.job_saved.push(*state),
+                        Err(e) => s.job_errors.push(e),
                     }
                     self.cv.notify_all();
                 }
@@ -201,9 +242,10 @@ mod tests {
                             break;
                         }
                         if ctl.pause_requested() {
-                            ctl.park(|| {
+                            ctl.park(|job| {
+                                assert_eq!(job, Job::Reset);
                                 resets.fetch_add(1, Ordering::SeqCst);
-                                Ok(())
+                                Ok(JobOutput::Done)
                             });
                             continue;
                         }
@@ -241,6 +283,60 @@ mod tests {
             ctl.pause_vcpus(Duration::from_secs(1), || {}),
             Err(ParkError::Released)
         );
+    }
+
+    /// A vCPU state with only its id set.
+    fn saved(id: u32) -> VcpuState {
+        use crate::state::Blob;
+        VcpuState {
+            id,
+            regs: Blob(Default::default()),
+            sregs: Blob(Default::default()),
+            fpu: Blob(Default::default()),
+            xsave: None,
+            xcrs: None,
+            debugregs: None,
+            lapic: Blob(Default::default()),
+            events: Blob(Default::default()),
+            mp_state: 0,
+            msrs: vec![],
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn a_save_job_collects_every_parked_vcpus_state_and_errors() {
+        let ctl = Arc::new(RunControl::default());
+        let threads: Vec<_> = (0..3u32)
+            .map(|id| {
+                ctl.vcpu_started();
+                let ctl = ctl.clone();
+                std::thread::spawn(move || {
+                    while !ctl.pause_requested() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    ctl.park(|job| match (job, id) {
+                        (Job::Save, 2) => Err("vCPU 2: KVM_GET_REGS failed".into()),
+                        (Job::Save, _) => Ok(JobOutput::Saved(Box::new(saved(id)))),
+                        (Job::Reset, _) => Ok(JobOutput::Done),
+                    });
+                    ctl.vcpu_ended();
+                })
+            })
+            .collect();
+        ctl.pause_vcpus(Duration::from_secs(10), || {}).unwrap();
+        let r = ctl.run_job(Job::Save, Duration::from_secs(10)).unwrap();
+        let mut ids: Vec<u32> = r.saved.iter().map(|s| s.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![0, 1]);
+        assert_eq!(r.errors, vec!["vCPU 2: KVM_GET_REGS failed".to_string()]);
+        // A second job starts from scratch, and a reset saves nothing.
+        let r = ctl.run_job(Job::Reset, Duration::from_secs(10)).unwrap();
+        assert!(r.saved.is_empty() && r.errors.is_empty());
+        ctl.release();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

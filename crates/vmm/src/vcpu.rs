@@ -18,8 +18,9 @@ use crate::boot::BootEntry;
 use crate::devices::Bus;
 use crate::error::{Result, VmmError};
 use crate::exit::{ExitState, VmExit};
-use crate::lifecycle::RunControl;
+use crate::lifecycle::{Job, JobOutput, RunControl};
 use crate::reset::VcpuBootState;
+use crate::state::VcpuState;
 
 /// "VIRE": tells a PVH guest it was started as an application processor (probe convention).
 pub const AP_MAGIC: u64 = 0x5649_5245;
@@ -254,11 +255,15 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
             // Tells a guest using kvmclock that the host stopped it, so its soft-lockup
             // watchdog does not take the pause for a hung CPU (EINVAL without kvmclock).
             let _ = vcpu.kvmclock_ctrl();
-            ctx.control.park(|| match &ctx.boot {
-                Ok(boot) => boot
+            ctx.control.park(|job| match (job, &ctx.boot) {
+                (Job::Reset, Ok(boot)) => boot
                     .restore(&vcpu)
+                    .map(|()| JobOutput::Done)
                     .map_err(|e| format!("vCPU {index}: {e}")),
-                Err(why) => Err(format!("vCPU {index}: {why}")),
+                (Job::Reset, Err(why)) => Err(format!("vCPU {index}: {why}")),
+                (Job::Save, _) => VcpuState::capture(&vcpu, index as u32)
+                    .map(|s| JobOutput::Saved(Box::new(s)))
+                    .map_err(|e| format!("vCPU {index}: {e}")),
             });
             continue;
         }

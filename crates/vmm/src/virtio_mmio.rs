@@ -381,6 +381,9 @@ fn copy_queue(q: &Queue) -> Queue {
     c.set_used_ring_address(l, h);
     c.set_event_idx(q.event_idx_enabled());
     c.set_ready(q.ready());
+    // Zero for a fresh activation; the saved positions after a restore.
+    c.set_next_avail(q.next_avail());
+    c.set_next_used(q.next_used());
     c
 }
 
@@ -420,5 +423,6 @@ pub fn device_name(device_type: u32) -> &'static str {
     }
 }
 
+mod state;
 #[cfg(test)]
 mod tests;

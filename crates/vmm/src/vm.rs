@@ -85,6 +85,8 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
 
 pub mod hotplug;
 mod pause_reset;
+mod state;
+pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE};
 
 /// The parts of a VM other threads may use while it runs.
 struct Shared {

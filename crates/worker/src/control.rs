@@ -57,6 +57,12 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
                          the tail empty), a dynamic VHD grown past its block table, a read-only
                          disk or a disk being merged answer \"error MESSAGE\" (a raw shrink
                          drops the file's tail)
+  save DIR               saves the VM into directory DIR (an absolute path without spaces;
+                         created if missing) and stops it: the VM is paused, its memory
+                         (memory.bin) and complete device state (vm.state) are written, then
+                         it stops (\"ok DIR\"); `vireo run --restore DIR` with the same options
+                         continues it. Not live: the guest is paused for the whole copy. A
+                         failed save answers \"error MESSAGE\" and the VM runs on as before
   help                   this list, then \"ok\"
 An unknown command answers \"error unknown command ...\" with the list; a known one with wrong
 arguments answers \"error\" with what was wrong and its usage. A merge goes on if its connection
@@ -86,6 +92,10 @@ struct Shared {
     /// Cancel flags of running merges, by disk index.
     merges: Mutex<HashMap<usize, Arc<AtomicBool>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The VM, for `save` (absent until [`ControlServer::attach_vm`]).
+    vm: Mutex<Option<vireo_vmm::VmHandle>>,
+    /// Where `save` put the VM, once it has.
+    saved_to: Mutex<Option<PathBuf>>,
 }
 
 impl Shared {
@@ -94,6 +104,8 @@ impl Shared {
             disks: Mutex::new(disks),
             merges: Mutex::default(),
             threads: Mutex::default(),
+            vm: Mutex::default(),
+            saved_to: Mutex::default(),
         })
     }
 }
@@ -150,6 +162,16 @@ impl ControlServer {
         ControlDisks(self.shared.clone())
     }
 
+    /// Lets `save` reach the VM.
+    pub fn attach_vm(&self, vm: vireo_vmm::VmHandle) {
+        *self.shared.vm.lock() = Some(vm);
+    }
+
+    /// The directory a `save` wrote the VM to (the VM then stopped), if one did.
+    pub fn saved_to(&self) -> Option<PathBuf> {
+        self.shared.saved_to.lock().clone()
+    }
+
     /// Cancels running merges, waits for them, drops the control's disk references and
     /// removes the socket.
     pub fn shutdown(self) {
@@ -161,6 +183,7 @@ impl ControlServer {
             let _ = t.join();
         }
         self.shared.disks.lock().clear();
+        self.shared.vm.lock().take();
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -230,6 +253,10 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
                 },
                 Err(e) => writeln!(out, "error {e}"),
             },
+            Ok(Some(Command::Save(dir))) => match save(s, dir) {
+                Ok(dir) => writeln!(out, "ok {}", dir.display()),
+                Err(e) => writeln!(out, "error {e}"),
+            },
             Ok(Some(Command::MergeCancel(n))) => match disk_index(s, n) {
                 Ok(i) => match s.merges.lock().get(&i).cloned() {
                     Some(c) => {
@@ -255,6 +282,7 @@ enum Command<'a> {
     Merge(&'a str),
     MergeCancel(&'a str),
     Resize(&'a str, &'a str),
+    Save(&'a str),
 }
 
 /// Each command's usage, as the error for wrong arguments shows it.
@@ -263,6 +291,7 @@ const USAGE: &[(&str, &str)] = &[
     ("disk-merge", "disk-merge N"),
     ("disk-merge-cancel", "disk-merge-cancel N"),
     ("disk-resize", "disk-resize N SIZE"),
+    ("save", "save DIR"),
     ("help", "help"),
 ];
 
@@ -278,6 +307,7 @@ fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
         ("disk-merge", [n]) => Command::Merge(n),
         ("disk-merge-cancel", [n]) => Command::MergeCancel(n),
         ("disk-resize", [n, size]) => Command::Resize(n, size),
+        ("save", [dir]) => Command::Save(dir),
         _ => {
             let Some((_, usage)) = USAGE.iter().find(|(known, _)| *known == name) else {
                 let all: Vec<&str> = USAGE.iter().map(|(_, u)| *u).collect();
@@ -295,6 +325,42 @@ fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
         }
     };
     Ok(Some(command))
+}
+
+/// Pauses the VM, writes memory and state into `dir`, and stops it. On an error the VM runs
+/// on as it did before (docs/vm-state.md).
+fn save(s: &Shared, dir: &str) -> Result<PathBuf, String> {
+    let dir = PathBuf::from(dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "save needs an absolute directory path, not '{}'",
+            dir.display()
+        ));
+    }
+    let Some(vm) = s.vm.lock().clone() else {
+        return Err("this VM cannot be saved from here (no VM attached)".into());
+    };
+    if let Some(i) = s.merges.lock().keys().next() {
+        return Err(format!(
+            "disk {i} is being merged; wait for the merge or cancel it, then save"
+        ));
+    }
+    let was_paused = vm.is_paused();
+    vm.pause()
+        .map_err(|e| format!("cannot pause the VM: {e}"))?;
+    match vm.save(&dir, vireo_vmm::state::Identity::default(), None) {
+        Ok(()) => {
+            *s.saved_to.lock() = Some(dir.clone());
+            vm.request_stop();
+            Ok(dir)
+        }
+        Err(e) => {
+            if !was_paused {
+                let _ = vm.resume();
+            }
+            Err(format!("saving to {}: {e}; the VM runs on", dir.display()))
+        }
+    }
 }
 
 fn disk_index(s: &Shared, n: &str) -> Result<usize, String> {
@@ -745,6 +811,17 @@ mod tests {
             "error disks takes 0 arguments but got 1: usage: disks"
         );
         assert!(ask(&mut conn, &mut lines, "disk-resize 0").ends_with("usage: disk-resize N SIZE"));
+        assert_eq!(
+            parse_command(&["save", "/srv/vm1"]),
+            Ok(Some(Command::Save("/srv/vm1")))
+        );
+        assert!(ask(&mut conn, &mut lines, "save").ends_with("usage: save DIR"));
+        // Refused before any VM is touched: a relative path, and a control without a VM.
+        assert_eq!(
+            ask(&mut conn, &mut lines, "save rel/dir"),
+            "error save needs an absolute directory path, not 'rel/dir'"
+        );
+        assert!(ask(&mut conn, &mut lines, "save /tmp/x").contains("no VM attached"));
         drop(lines);
         drop(conn);
         serving.join().unwrap();

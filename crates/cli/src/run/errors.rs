@@ -3,7 +3,7 @@
 //! own status is separate: see `EXIT_CODES` in `run.rs`.
 
 use vireo_vmm::vhost_user_net::VhostUserNetError;
-use vireo_vmm::VmmError;
+use vireo_vmm::{StateError, VmmError};
 use vireo_worker::WorkerError;
 
 use crate::exit::CliError;
@@ -44,6 +44,39 @@ pub fn vm_error(e: VmmError) -> CliError {
         | VmmError::ConsoleSocketInUse(_)
         | VmmError::Thread(_)
         | VmmError::Io(_) => CliError::failed(message),
+    }
+}
+
+/// Classifies an error restoring a saved VM (`--restore DIR`): a missing, foreign, damaged or
+/// mismatching save is the user's to fix (2: give the right directory or the same options as
+/// the saved VM); KVM or I/O failing underneath is a failure (1).
+pub fn restore_error(e: StateError, dir: &std::path::Path) -> CliError {
+    let message = format!("--restore {}: {e}", dir.display());
+    match e {
+        StateError::Vm(e) => {
+            let mut c = vm_error(e);
+            c.message = format!("--restore {}: {}", dir.display(), c.message);
+            c
+        }
+        StateError::BadMagic { .. }
+        | StateError::UnsupportedVersion { .. }
+        | StateError::Truncated { .. }
+        | StateError::Checksum { .. }
+        | StateError::Decode { .. } => CliError::bad_input(message),
+        StateError::Mismatch(_) | StateError::Device { .. } => CliError::bad_input(format!(
+            "{message} (give the options the saved VM ran with: --memory, --vcpus, the same \
+             --disk and --net in the same order, the same MACs)"
+        )),
+        StateError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            CliError::bad_input(format!(
+                "{message} (is DIR a directory written by `vireo control SOCKET save DIR`?)"
+            ))
+        }
+        StateError::NotPaused
+        | StateError::NotRunning
+        | StateError::Kvm(_)
+        | StateError::Vcpus(_)
+        | StateError::Io { .. } => CliError::failed(message),
     }
 }
 

@@ -17,6 +17,7 @@ use vireo_block::{BlockBackend, BlockError};
 
 use crate::notifier::ConfigNotifier;
 use crate::pause::PauseCtl;
+use crate::state::{BlockState, DeviceState, StateError};
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt,
@@ -286,5 +287,37 @@ impl VirtioDevice for Block {
         if let Some(w) = &self.worker {
             w.resume();
         }
+    }
+
+    fn save_state(&self) -> Result<DeviceState, StateError> {
+        let rings = match &self.worker {
+            Some(w) => Some(w.parked_report().ok_or(StateError::NotPaused)?.rings),
+            None => None,
+        };
+        Ok(DeviceState::Block(BlockState {
+            acked_features: self.acked_features,
+            rings,
+        }))
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Block(s) = state else {
+            return Err(StateError::WrongDevice {
+                saved: state.kind(),
+                device: "block",
+            });
+        };
+        if self.worker.is_some() {
+            return Err(StateError::Invalid("the device is active".into()));
+        }
+        let extra = s.acked_features & !self.features();
+        if extra != 0 {
+            return Err(StateError::Invalid(format!(
+                "features {extra:#x} were accepted but this disk does not offer them \
+                 (read-only or sector sizes changed?)"
+            )));
+        }
+        self.acked_features = s.acked_features;
+        Ok(())
     }
 }

@@ -16,6 +16,7 @@ use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
 use crate::queue::{notify_if_needed, serve_queue_gated, Served};
+use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
 
@@ -94,7 +95,8 @@ impl BlockWorker {
         loop {
             // The top of the loop is a request boundary: nothing taken from the ring is
             // unfinished here, and the used entries of the last pass are published.
-            let parked = match self.pause.poll() {
+            let queue = &self.queue;
+            let parked = match self.pause.poll(|| ParkedReport::of_queues(&[queue], None)) {
                 Park::Run => false,
                 Park::Parked => {
                     if let Some(g) = self.gate.as_mut() {

@@ -15,6 +15,7 @@ use virtio_bindings::virtio_net::{
 };
 
 use crate::notifier::ConfigNotifier;
+use crate::state::{DeviceState, NetState, StateError};
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice,
@@ -75,6 +76,8 @@ pub struct Net {
     link_up: Arc<AtomicBool>,
     notifier: ConfigNotifier,
     worker: Option<Worker>,
+    /// A frame from a restored state, handed to the worker on activation.
+    restored_rx_frame: Option<Vec<u8>>,
 }
 
 /// Sets a NIC's link state (the config space's LINK_UP bit) while the transport owns it.
@@ -111,6 +114,7 @@ impl Net {
             link_up: Arc::new(AtomicBool::new(true)),
             notifier: ConfigNotifier::default(),
             worker: None,
+            restored_rx_frame: None,
         }
     }
 
@@ -208,6 +212,10 @@ impl VirtioDevice for Net {
             self.port.clone(),
             self.counters.clone(),
         );
+        let worker = match self.restored_rx_frame.take() {
+            Some(frame) => worker.with_pending_frame(&frame),
+            None => worker,
+        };
         self.worker = Some(worker.start()?);
         Ok(())
     }
@@ -235,5 +243,57 @@ impl VirtioDevice for Net {
         if let Some(w) = &self.worker {
             w.resume();
         }
+    }
+
+    fn save_state(&self) -> Result<DeviceState, StateError> {
+        let (rings, rx_frame) = match &self.worker {
+            Some(w) => {
+                let report = w.parked_report().ok_or(StateError::NotPaused)?;
+                (Some(report.rings), report.rx_frame)
+            }
+            None => (None, None),
+        };
+        Ok(DeviceState::Net(NetState {
+            acked_features: self.acked_features,
+            mac: self.mac,
+            link_up: self.link_up.load(Ordering::Acquire),
+            rings,
+            rx_frame,
+        }))
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Net(s) = state else {
+            return Err(StateError::WrongDevice {
+                saved: state.kind(),
+                device: "net",
+            });
+        };
+        if self.worker.is_some() {
+            return Err(StateError::Invalid("the device is active".into()));
+        }
+        // The driver keeps the MAC it read; a different one would silently split the two.
+        if s.mac != self.mac {
+            return Err(StateError::Invalid(format!(
+                "saved MAC {:02x?} differs from this NIC's {:02x?}",
+                s.mac, self.mac
+            )));
+        }
+        let extra = s.acked_features & !self.features();
+        if extra != 0 {
+            return Err(StateError::Invalid(format!(
+                "features {extra:#x} were accepted but this NIC does not offer them"
+            )));
+        }
+        if s.rx_frame
+            .as_ref()
+            .is_some_and(|f| f.len() > vireo_netport::MAX_FRAME)
+        {
+            return Err(StateError::Invalid("a pending frame is too long".into()));
+        }
+        self.acked_features = s.acked_features;
+        self.link_up.store(s.link_up, Ordering::Release);
+        self.restored_rx_frame = s.rx_frame.clone();
+        Ok(())
     }
 }

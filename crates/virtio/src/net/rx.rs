@@ -61,6 +61,19 @@ impl RxPath {
         }
     }
 
+    /// The frame taken from the port that no rx buffer has taken yet (for save).
+    pub fn pending_frame(&self) -> Option<&[u8]> {
+        self.pending
+            .map(|len| &self.frame[NET_HDR_LEN..NET_HDR_LEN + len])
+    }
+
+    /// Holds `frame` as the next one to deliver (restore of a saved device); the caller has
+    /// checked it fits `MAX_FRAME`.
+    pub fn set_pending_frame(&mut self, frame: &[u8]) {
+        self.frame[NET_HDR_LEN..NET_HDR_LEN + frame.len()].copy_from_slice(frame);
+        self.pending = Some(frame.len());
+    }
+
     /// Drops the frame in hand (the device is going away).
     pub fn discard_pending(&mut self, counters: &NetCounters) {
         if self.pending.take().is_some() {

@@ -14,6 +14,7 @@ use super::tx::TxPath;
 use super::NetCounters;
 use crate::pause::{Park, PauseCtl};
 use crate::queue::notify_if_needed;
+use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
 
@@ -81,6 +82,12 @@ impl NetWorker {
         }
     }
 
+    /// Starts with `frame` in hand, as the saved device had it (restore).
+    pub fn with_pending_frame(mut self, frame: &[u8]) -> Self {
+        self.rx.set_pending_frame(frame);
+        self
+    }
+
     /// Registers the fds (so setup errors reach `activate`) and starts the thread.
     pub fn start(mut self) -> std::io::Result<Worker> {
         let stop = Worker::stop_fd()?;
@@ -108,7 +115,10 @@ impl NetWorker {
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a pass boundary: every chain taken is used and published.
-            let parked = match pause.poll() {
+            let (rx, tx) = (&self.rx, &self.tx.queue);
+            let parked = match pause.poll(|| {
+                ParkedReport::of_queues(&[&rx.queue, tx], rx.pending_frame().map(<[u8]>::to_vec))
+            }) {
                 Park::Run => false,
                 Park::Parked => {
                     // Frames wait in the port meanwhile (or are dropped by it, as a port does

@@ -93,6 +93,39 @@ impl SerialDevice {
         self.serial.writer_mut().flush_pending();
     }
 
+    /// The UART's registers and receive FIFO (save).
+    pub fn registers(&self) -> vm_superio::SerialState {
+        self.serial.state()
+    }
+
+    /// Loads saved registers and receive FIFO, keeping the interrupt line and the output
+    /// (restore). Raises the interrupt if the saved state had one pending.
+    pub fn load_registers(&mut self, state: &vm_superio::SerialState) -> Result<(), String> {
+        let evt = &self.serial.interrupt_evt().0;
+        let (placeholder, irq) = match (evt.try_clone(), evt.try_clone()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return Err(format!("cloning the interrupt eventfd: {e}")),
+        };
+        // Checked before the old device is taken apart, so an error leaves it as it was.
+        if state.in_buffer.len() > 64 {
+            return Err(format!("{} bytes in a 64-byte FIFO", state.in_buffer.len()));
+        }
+        let old = std::mem::replace(
+            &mut self.serial,
+            Serial::new(
+                IrqTrigger(placeholder),
+                LineOutput::new(Box::new(std::io::sink())),
+            ),
+        );
+        match Serial::from_state(state, IrqTrigger(irq), NoEvents, old.into_writer()) {
+            Ok(serial) => {
+                self.serial = serial;
+                Ok(())
+            }
+            Err(e) => Err(format!("loading the UART state: {e}")),
+        }
+    }
+
     /// Back to the power-on state (registers, FIFOs, pending input dropped), keeping the
     /// interrupt line and the output. What the old guest left unfinished on its last line is
     /// written out first.

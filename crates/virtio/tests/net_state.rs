@@ -1,0 +1,99 @@
+//! virtio-net save/restore at the device level: a frame the device took from the port but had
+//! no rx buffer for is in the saved state and reaches the driver of the restored device, and
+//! a state that does not fit the device is refused without changing it.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use vireo_netport::{channel_pair, FramePort};
+use vireo_virtio::net::NET_HDR_LEN;
+use vireo_virtio::state::NetState;
+use vireo_virtio::{DeviceState, Net, StateError, VirtioDevice};
+use vm_memory::{Bytes, GuestAddress};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const QSIZE: u16 = 16;
+
+fn frame(tag: u8) -> Vec<u8> {
+    let mut f = MAC.to_vec();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, tag, 0x88, 0xb5]);
+    f.extend(std::iter::repeat_n(tag, 70));
+    f
+}
+
+#[test]
+fn a_frame_held_without_rx_buffers_survives_save_and_restore() {
+    let (vm_end, peer) = channel_pair("saved", "peer").unwrap();
+    let mut dev = Net::new(Arc::new(vm_end), MAC);
+    let mem = guest_memory();
+    let features = dev.features();
+    let (_queues, _irq) = activate_with(&mut dev, &mem, QSIZE, features);
+    // No rx buffer is posted: the device takes the frame from the port and holds it.
+    let held = frame(7);
+    peer.send(&held).unwrap();
+    // Not paused: no consistent state to give.
+    assert_eq!(dev.save_state().unwrap_err(), StateError::NotPaused);
+    // The worker takes the frame on its own time: look until a paused state shows it.
+    let mut saved = None;
+    assert!(wait_for(|| {
+        dev.pause(Duration::from_secs(10)).unwrap();
+        let s = dev.save_state().unwrap();
+        if matches!(&s, DeviceState::Net(n) if n.rx_frame.is_some()) {
+            saved = Some(s);
+            return true;
+        }
+        dev.resume();
+        false
+    }));
+    let saved = saved.unwrap();
+    let DeviceState::Net(net) = &saved else {
+        panic!("{saved:?}")
+    };
+    assert_eq!(net.rx_frame.as_deref(), Some(&held[..]));
+    assert_eq!(net.mac, MAC);
+    assert_eq!(net.acked_features, features);
+    assert_eq!(
+        net.rings.as_ref().unwrap().queues,
+        vec![(0, 0), (0, 0)],
+        "nothing was taken from the rings"
+    );
+    dev.resume();
+    let _ = reset_in_time(dev);
+
+    // A new device on a new port: the held frame goes to the first rx buffer posted.
+    let (vm_end, _peer2) = channel_pair("restored", "peer").unwrap();
+    let mut dev = Net::new(Arc::new(vm_end), MAC);
+    // Refused without effect: another device's state, another MAC.
+    let block = DeviceState::Block(Default::default());
+    assert!(matches!(
+        dev.restore_state(&block),
+        Err(StateError::WrongDevice { .. })
+    ));
+    let other_mac = DeviceState::Net(NetState {
+        mac: [0x52, 0, 0, 0, 0, 1],
+        ..net.clone()
+    });
+    assert!(matches!(
+        dev.restore_state(&other_mac),
+        Err(StateError::Invalid(_))
+    ));
+    dev.restore_state(&saved).unwrap();
+    let mem = guest_memory();
+    let (mut queues, _irq) = activate_with(&mut dev, &mem, QSIZE, features);
+    let rx = &mut queues[0];
+    rx.add_chain(&mem, &[wo(DATA_BASE, 2048)]);
+    rx.notify();
+    let used = rx.wait_used(&mem, 1);
+    assert_eq!(used[0].1 as usize, NET_HDR_LEN + held.len());
+    let mut got = vec![0u8; held.len()];
+    mem.read_slice(&mut got, GuestAddress(DATA_BASE + NET_HDR_LEN as u64))
+        .unwrap();
+    assert_eq!(got, held);
+    assert_eq!(dev.counters().snapshot().rx_frames, 1);
+    // Restoring into an active device is refused.
+    assert!(dev.restore_state(&saved).is_err());
+    let _ = reset_in_time(dev);
+}

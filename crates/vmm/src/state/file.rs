@@ -1,0 +1,187 @@
+//! The state file and the memory file on disk (docs/vm-state.md, "Files").
+//!
+//! State file: `VIREOVMS` (8 bytes), format version (u32 LE), payload length (u64 LE), CRC-32C
+//! of the payload (u32 LE), payload (the [`VmState`] as JSON). The version comes right after
+//! the magic so any later reader can tell a file it does not know before trusting anything
+//! else; the checksum covers every payload byte, so a flipped bit is an error and never a
+//! half-right VM. Files are written to a temporary name, synced and renamed, so a crash leaves
+//! the old file or the new one.
+//!
+//! Memory file: guest RAM as the memfd holds it (RAM below the MMIO hole, then above it), its
+//! length exactly the VM's memory size; all-zero 1 MiB chunks are left as holes.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::{StateError, VmState};
+use crate::memory::GuestRam;
+
+pub const MAGIC: &[u8; 8] = b"VIREOVMS";
+/// The format this Vireo writes.
+pub const STATE_VERSION: u32 = 1;
+/// The oldest format this Vireo still reads.
+pub const OLDEST_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// A state file is small (tens of KiB per vCPU); anything far larger is not one of ours.
+const MAX_PAYLOAD: u64 = 64 << 20;
+const CHUNK: usize = 1 << 20;
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The bytes of a state file holding `state`.
+pub fn encode(state: &VmState) -> Vec<u8> {
+    let payload = serde_json::to_vec(state).expect("VmState always serializes");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Decodes a state file's bytes; `path` only names it in errors.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<VmState, StateError> {
+    let path_s = || path.display().to_string();
+    let truncated = |what: &str| StateError::Truncated {
+        path: path_s(),
+        what: what.into(),
+    };
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err(StateError::BadMagic { path: path_s() });
+    }
+    let version = u32::from_le_bytes(
+        bytes
+            .get(8..12)
+            .ok_or_else(|| truncated("no version"))?
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if !(OLDEST_VERSION..=STATE_VERSION).contains(&version) {
+        return Err(StateError::UnsupportedVersion {
+            path: path_s(),
+            found: version,
+            oldest: OLDEST_VERSION,
+            newest: STATE_VERSION,
+        });
+    }
+    let header = bytes
+        .get(12..HEADER_LEN)
+        .ok_or_else(|| truncated("header cut short"))?;
+    let len = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+    let stored = u32::from_le_bytes(header[8..].try_into().expect("4 bytes"));
+    let payload = &bytes[HEADER_LEN..];
+    if len > MAX_PAYLOAD || payload.len() as u64 != len {
+        return Err(truncated(&format!(
+            "header says {len} payload bytes, the file has {}",
+            payload.len()
+        )));
+    }
+    let computed = crc32c::crc32c(payload);
+    if computed != stored {
+        return Err(StateError::Checksum {
+            path: path_s(),
+            stored,
+            computed,
+        });
+    }
+    // Version 1 is the only one so far; a later version converts older payloads here.
+    serde_json::from_slice(payload).map_err(|e| StateError::Decode {
+        path: path_s(),
+        why: e.to_string(),
+    })
+}
+
+/// Writes `state` to `path` (temporary file, fsync, rename).
+pub fn write_state(path: &Path, state: &VmState) -> Result<(), StateError> {
+    write_atomically(path, |f| f.write_all(&encode(state)))
+}
+
+/// Reads and checks a state file.
+pub fn read_state(path: &Path) -> Result<VmState, StateError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    if meta.len() > MAX_PAYLOAD + HEADER_LEN as u64 {
+        return Err(StateError::BadMagic {
+            path: path.display().to_string(),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    decode(&bytes, path)
+}
+
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StateError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// Writes guest RAM to `path` (the VM must be paused, or the copy is torn).
+pub(crate) fn write_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError> {
+    write_atomically(path, |out| {
+        let mut buf = vec![0u8; CHUNK];
+        let mut off = 0u64;
+        while off < ram.size {
+            let n = CHUNK.min((ram.size - off) as usize);
+            ram.memfd.read_exact_at(&mut buf[..n], off)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write_all_at(&buf[..n], off)?;
+            }
+            off += n as u64;
+        }
+        out.set_len(ram.size)
+    })
+}
+
+/// Loads a memory file into guest RAM, replacing everything in it.
+pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len != ram.size {
+        return Err(StateError::Mismatch(format!(
+            "memory file {} holds {len} bytes, the VM has {} bytes of memory",
+            path.display(),
+            ram.size
+        )));
+    }
+    // The new VM's loader wrote the kernel; the saved memory replaces all of it.
+    crate::reset::wipe_ram(ram)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    while off < ram.size {
+        let n = CHUNK.min((ram.size - off) as usize);
+        f.read_exact_at(&mut buf[..n], off).map_err(io_err(path))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            ram.memfd
+                .write_all_at(&buf[..n], off)
+                .map_err(io_err(path))?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}

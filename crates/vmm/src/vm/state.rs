@@ -1,0 +1,243 @@
+//! Save and restore of a whole VM (docs/vm-state.md): [`VmHandle::save_state`] /
+//! [`VmHandle::save`] on a paused VM, [`Vm::restore`] into a new one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{lock, Vm, VmHandle};
+use crate::config::VmConfig;
+use crate::lifecycle::{Job, ParkError};
+use crate::state::{
+    self, ClockState, I8042State, Identity, IrqchipState, MachineState, PowerOffState, SerialState,
+    StateError, VmState,
+};
+
+/// How long the parked vCPUs get to hand over their state.
+const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// File names inside a save directory.
+pub const STATE_FILE: &str = "vm.state";
+pub const MEMORY_FILE: &str = "memory.bin";
+
+impl VmHandle {
+    /// The complete state of the paused VM (everything but memory). `identity` and `spec`
+    /// are the owner's and are carried as given.
+    pub fn save_state(
+        &self,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<VmState, StateError> {
+        // Held throughout, so no resume or reset runs while the state is read.
+        let _op = lock(&self.0.lifecycle);
+        self.save_state_locked(identity, spec)
+    }
+
+    fn save_state_locked(
+        &self,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<VmState, StateError> {
+        self.check_paused()?;
+        let s = &self.0;
+        let results = match s.control.run_job(Job::Save, VCPU_SAVE_TIMEOUT) {
+            Ok(r) => r,
+            Err(ParkError::Released) => return Err(StateError::NotRunning),
+            Err(ParkError::Timeout { parked, alive }) => {
+                return Err(StateError::Vcpus(format!(
+                    "only {parked} of {alive} answered in time"
+                )))
+            }
+        };
+        if !results.errors.is_empty() {
+            return Err(StateError::Vcpus(results.errors.join("; ")));
+        }
+        let mut vcpus = results.saved;
+        vcpus.sort_by_key(|v| v.id);
+        if vcpus.len() != s.reload.vcpus {
+            // A VM paused before `run` has no vCPU threads to ask.
+            return Err(StateError::Vcpus(format!(
+                "{} of {} vCPUs are running; a VM that never ran has no state to save",
+                vcpus.len(),
+                s.reload.vcpus
+            )));
+        }
+        let mut virtio = Vec::with_capacity(s.transports.len());
+        for (index, t) in s.transports.iter().enumerate() {
+            let t = lock(t);
+            let kind = crate::virtio_mmio::device_name(t.device_type());
+            virtio.push(t.save_state().map_err(|source| StateError::Device {
+                index,
+                kind,
+                source,
+            })?);
+        }
+        let serial = lock(&s.serial).registers();
+        Ok(VmState {
+            identity,
+            spec,
+            machine: MachineState {
+                memory_bytes: s.ram.size,
+                vcpus: s.reload.vcpus as u32,
+                kernel: s.reload.kernel.clone(),
+                initrd: s.reload.initrd.clone(),
+                cmdline: s.reload.cmdline.clone(),
+                devices: virtio.iter().map(|t| t.device_type).collect(),
+            },
+            clock: ClockState::capture(&s.vm_fd)?,
+            irqchip: IrqchipState::capture(&s.vm_fd)?,
+            pit: state::Blob(
+                s.vm_fd
+                    .get_pit2()
+                    .map_err(|e| StateError::Kvm(format!("KVM_GET_PIT2: {e}")))?,
+            ),
+            vcpus,
+            serial: SerialState {
+                baud_divisor_low: serial.baud_divisor_low,
+                baud_divisor_high: serial.baud_divisor_high,
+                interrupt_enable: serial.interrupt_enable,
+                interrupt_identification: serial.interrupt_identification,
+                line_control: serial.line_control,
+                line_status: serial.line_status,
+                modem_control: serial.modem_control,
+                modem_status: serial.modem_status,
+                scratch: serial.scratch,
+                rx_fifo: serial.in_buffer,
+            },
+            i8042: I8042State {},
+            poweroff: PowerOffState {},
+            virtio,
+        })
+    }
+
+    /// Writes guest RAM to `path`. The VM must be paused (and stays so while this runs).
+    pub fn save_memory(&self, path: &Path) -> Result<(), StateError> {
+        let _op = lock(&self.0.lifecycle);
+        self.check_paused()?;
+        state::file::write_memory(path, &self.0.ram)
+    }
+
+    /// Saves the paused VM into `dir` (created if missing): memory, then the state file, whose
+    /// presence marks the save complete. Not live: the VM stays paused for the whole copy, and
+    /// no resume can come in between (use this rather than `save_state` + `save_memory`).
+    pub fn save(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        // One hold of the lifecycle lock for state and memory: a resume in between would
+        // let the guest change memory the state no longer describes.
+        let _op = lock(&self.0.lifecycle);
+        let state = self.save_state_locked(identity, spec)?;
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // Saving over an older save: its state file goes first, so a crash part-way leaves a
+        // directory without one (incomplete), never an old state beside new memory.
+        match std::fs::remove_file(dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        state::file::write_memory(&dir.join(MEMORY_FILE), &self.0.ram)?;
+        state::write_state(&dir.join(STATE_FILE), &state)
+    }
+
+    fn check_paused(&self) -> Result<(), StateError> {
+        if self.0.exit.is_set() {
+            return Err(StateError::NotRunning);
+        }
+        if !self.0.control.paused() {
+            return Err(StateError::NotPaused);
+        }
+        Ok(())
+    }
+}
+
+/// What [`Vm::restore`] reads: a save directory, or a state and a memory file.
+pub struct RestoreFrom {
+    pub state: VmState,
+    pub memory: PathBuf,
+}
+
+impl RestoreFrom {
+    /// Reads and checks `dir`'s state file (the memory file is read by the restore).
+    pub fn dir(dir: &Path) -> Result<RestoreFrom, StateError> {
+        Ok(RestoreFrom {
+            state: state::read_state(&dir.join(STATE_FILE))?,
+            memory: dir.join(MEMORY_FILE),
+        })
+    }
+}
+
+impl Vm {
+    /// Builds a new VM from `config` (same memory size, vCPU count and devices as the saved
+    /// one) and loads the saved memory and state into it. The VM is returned **paused**: run
+    /// it, then [`VmHandle::resume`]. Any error leaves nothing running (the half-built VM is
+    /// dropped).
+    pub fn restore(config: VmConfig, from: &RestoreFrom) -> Result<Vm, StateError> {
+        let st = &from.state;
+        let devices: Vec<u32> = config
+            .devices
+            .iter()
+            .map(|d| d.device.device_type())
+            .collect();
+        st.check_fits(config.memory, config.vcpus, &devices)?;
+        let vm = Vm::new(config)?;
+        let s = &vm.shared;
+        state::file::read_memory(&from.memory, &s.ram)?;
+        // How long the VM was down: its clocks move on by that much (docs/vm-state.md, Time).
+        let down_ns = st.clock.down_ns();
+        for ((fd, _), saved) in vm.vcpus.iter().zip(&st.vcpus) {
+            let refused = saved.restore(fd, down_ns)?;
+            if !refused.is_empty() {
+                tracing::warn!(
+                    "vCPU {}: KVM refused to load MSRs {refused:#x?}; they keep their reset value",
+                    saved.id
+                );
+            }
+        }
+        st.irqchip.restore(&s.vm_fd)?;
+        s.vm_fd
+            .set_pit2(&st.pit.0)
+            .map_err(|e| StateError::Kvm(format!("KVM_SET_PIT2: {e}")))?;
+        st.clock.restore(&s.vm_fd, down_ns)?;
+        let serial = &st.serial;
+        lock(&s.serial)
+            .load_registers(&vm_superio::SerialState {
+                baud_divisor_low: serial.baud_divisor_low,
+                baud_divisor_high: serial.baud_divisor_high,
+                interrupt_enable: serial.interrupt_enable,
+                interrupt_identification: serial.interrupt_identification,
+                line_control: serial.line_control,
+                line_status: serial.line_status,
+                modem_control: serial.modem_control,
+                modem_status: serial.modem_status,
+                scratch: serial.scratch,
+                in_buffer: serial.rx_fifo.clone(),
+            })
+            .map_err(|e| StateError::Mismatch(format!("COM1: {e}")))?;
+        for (index, (t, saved)) in s.transports.iter().zip(&st.virtio).enumerate() {
+            let mut t = lock(t);
+            let kind = crate::virtio_mmio::device_name(t.device_type());
+            t.restore_state(saved)
+                .map_err(|source| StateError::Device {
+                    index,
+                    kind,
+                    source,
+                })?;
+        }
+        // Devices were activated above; park them until the caller resumes.
+        vm.handle()
+            .pause()
+            .map_err(|e| StateError::Kvm(format!("pausing the restored VM: {e}")))?;
+        tracing::info!(
+            "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
+            st.vcpus.len(),
+            st.machine.memory_bytes >> 20,
+            st.virtio.len(),
+            down_ns / 1_000_000
+        );
+        Ok(vm)
+    }
+}
