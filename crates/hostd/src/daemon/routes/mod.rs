@@ -4,6 +4,7 @@ pub mod console;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod pools;
 pub mod power;
 pub mod vms;
 
