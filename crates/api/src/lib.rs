@@ -11,6 +11,7 @@ pub mod identity;
 pub mod job;
 pub mod mac;
 pub mod metering;
+pub mod pool;
 pub mod rest;
 pub mod spec;
 pub mod state;
@@ -24,6 +25,9 @@ pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;
 pub use metering::{CpuUsage, DiskUsage, MemoryUsage, NicUsage, VmMetrics};
+pub use pool::{
+    AddPoolMemberRequest, CreatePoolRequest, Pool, PoolMember, PoolMemberMetrics, PoolMetrics,
+};
 pub use rest::{HostInfo, RenameRequest, StopRequest};
 pub use spec::{
     normalized_ios, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, VmSpec,

@@ -10,6 +10,7 @@ mod exit;
 mod host;
 mod job;
 mod output;
+mod pool;
 mod run;
 mod table;
 mod vm;
@@ -26,7 +27,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
-    /// Where vireod listens, for `vm` and `job`: unix:PATH (its socket) or https://HOST:PORT
+    /// Where vireod listens, for `vm`, `pool` and `job`: unix:PATH (its socket) or https://HOST:PORT
     /// (its TLS listener; needs --token-file).
     #[arg(
         long,
@@ -62,6 +63,10 @@ enum Command {
     /// console.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Resource pools through vireod: create, list, show, rm, add/remove a VM, and the
+    /// pool's metering (the sum of its VMs').
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -89,6 +94,9 @@ fn main() -> ExitCode {
         Command::Vm(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| vm::execute(&client, cmd)),
+        Command::Pool(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| pool::execute(&client, cmd)),
         Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),
@@ -147,6 +155,9 @@ mod tests {
             "vireo vm create",
             "vireo job list",
             "vireo job show",
+            "vireo pool list",
+            "vireo pool show",
+            "vireo pool metrics",
         ] {
             assert!(
                 found.iter().any(|f| f == want),

@@ -102,7 +102,15 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
     match command {
         VmCommand::Create(args) => {
             let spec = args.to_spec()?;
-            let vm: Vm = client.post("/v1/vms", Some(&spec))?;
+            let route = match &args.pool {
+                Some(pool) => {
+                    vireo_api::validate_name("pool", pool)
+                        .map_err(|e| CliError::bad_input(format!("--pool {e}")))?;
+                    format!("/v1/vms?pool={pool}")
+                }
+                None => "/v1/vms".to_string(),
+            };
+            let vm: Vm = client.post(&route, Some(&spec))?;
             emit(view::show(&vm, args.output))?;
         }
         VmCommand::List { output } => {

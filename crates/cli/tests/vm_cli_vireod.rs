@@ -783,3 +783,90 @@ fn probe_guest_disk_hot_add_write_and_remove() {
     d.ok(&["vm", "turn-off", "h"]);
     assert_eq!(disk_list(&d, "h").len(), 1);
 }
+
+#[test]
+fn pool_commands_and_the_metering_of_two_probe_guests() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    let pools = |args: &[&str]| -> Vec<vireo_api::Pool> {
+        let mut all = vec!["pool", "list", "--output", "json"];
+        all.extend(args);
+        serde_json::from_str(&d.ok(&all)).unwrap()
+    };
+    assert!(d.ok(&["pool", "create", "p"]).contains("vms:     0\n"));
+    // A taken name: vireod's 409, exit 1; a bad name: refused before any request, exit 2.
+    let (status, err) = d.fails(&["pool", "create", "p"]);
+    assert_eq!(status, 1, "{err}");
+    assert!(err.contains("\"p\""), "{err}");
+    assert_eq!(d.fails(&["pool", "create", "a/b"]).0, 2);
+    assert_eq!(d.fails(&["pool", "show", "none"]).0, 2);
+    assert_eq!(pools(&[]).len(), 1);
+
+    for (vm, pool) in [("m1", Some("p")), ("m2", None), ("out", None)] {
+        d.state_file(&format!("{vm}.img"), &vec![0u8; 1 << 20]);
+        let disk = format!("state/{vm}.img");
+        let mut args = vec!["vm", "create", vm, "--kernel", k(), "--memory", "32M"];
+        args.extend(["--disk", &disk]);
+        if let Some(pool) = pool {
+            args.extend(["--pool", pool]);
+        }
+        d.ok(&args);
+    }
+    assert_eq!(
+        d.fails(&["vm", "create", "x", "--kernel", k(), "--pool", "none"])
+            .0,
+        2
+    );
+    assert_eq!(
+        d.ok(&["pool", "add", "p", "m2"]),
+        "VM m2 is in pool p (2 VMs)\n"
+    );
+    let table = d.ok(&["pool", "list"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!((row[0], row[1], row[3]), ("p", "2", "m1,m2"), "{table}");
+    assert_eq!(pools(&["--vm", "m2"])[0].name, "p");
+    assert!(pools(&["--vm", "out"]).is_empty());
+
+    // Each guest writes its own amount; the pool counts the members' sum, not "out"'s.
+    let mut consoles = Vec::new();
+    for (vm, writes) in [("m1", 1), ("m2", 2), ("out", 4)] {
+        d.ok(&["vm", "start", vm]);
+        let mut console = Console::attach(&d, vm);
+        assert_eq!(console.ask("PING"), "OK PONG");
+        d.ok(&["vm", "metrics", vm, "--enable"]);
+        for _ in 0..writes {
+            assert_eq!(console.ask("DISK 0 WRITE 0 64 7"), "OK");
+        }
+        consoles.push(console);
+    }
+    let m: vireo_api::PoolMetrics =
+        serde_json::from_str(&d.ok(&["pool", "metrics", "p", "--output", "json"])).unwrap();
+    assert_eq!((m.vms, m.enabled_vms), (2, 2), "{m:?}");
+    assert_eq!(m.disk.write_bytes, 3 * 64 * 512, "{m:?}");
+    assert_eq!(m.disk.disks, 2, "{m:?}");
+    let names: Vec<&str> = m.members.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["m1", "m2"]);
+    let members: Vec<vireo_api::PoolMemberMetrics> = m.members.clone();
+    assert_eq!(vireo_api::PoolMetrics::aggregate("p", members), m);
+    let text = d.ok(&["pool", "metrics", "p"]);
+    assert!(
+        text.starts_with("pool:       p (2 VMs, 2 metered)\n"),
+        "{text}"
+    );
+    assert!(text.contains("written 96 KiB"), "{text}");
+    assert!(text.contains("\nm2 "), "{text}");
+
+    // A pool with VMs goes only with --force, and its VMs stay (running, metered).
+    assert_eq!(d.fails(&["pool", "rm", "p"]).0, 1);
+    assert_eq!(d.ok(&["pool", "remove", "p", "m2"]), "VM m2 left pool p\n");
+    assert_eq!(d.fails(&["pool", "remove", "p", "m2"]).0, 2);
+    d.ok(&["pool", "rm", "p", "--force"]);
+    assert!(pools(&[]).is_empty());
+    assert_eq!(d.vm("m1").state.name(), "running");
+    for console in consoles {
+        let (status, err) = console.finish(Duration::from_secs(10));
+        assert!(status.success(), "{err}");
+    }
+}

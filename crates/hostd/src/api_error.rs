@@ -11,8 +11,13 @@ impl From<&StoreError> for ApiError {
             StoreError::NameTaken { .. }
             | StoreError::MacTaken { .. }
             | StoreError::IllegalTransition(_)
-            | StoreError::JobEnded { .. } => ApiErrorCode::Conflict,
-            StoreError::NotFound { .. } => ApiErrorCode::NotFound,
+            | StoreError::JobEnded { .. }
+            | StoreError::PoolNameTaken { .. }
+            | StoreError::PoolNotEmpty { .. }
+            | StoreError::InAnotherPool { .. } => ApiErrorCode::Conflict,
+            StoreError::NotFound { .. }
+            | StoreError::PoolNotFound { .. }
+            | StoreError::NotAMember { .. } => ApiErrorCode::NotFound,
             StoreError::Spec(_) => ApiErrorCode::Invalid,
             // Faults of the host or the database, never of the request.
             StoreError::SchemaTooNew { .. }

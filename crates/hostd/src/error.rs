@@ -16,6 +16,21 @@ pub enum StoreError {
     MacTaken { mac: MacAddr },
     #[error("no VM {key:?} (neither a VM id nor a VM name)")]
     NotFound { key: String },
+    #[error(
+        "no pool {key:?} (neither a pool id nor a pool name); `vireo pool list` shows the pools"
+    )]
+    PoolNotFound { key: String },
+    #[error("a pool named {name:?} already exists; choose another name")]
+    PoolNameTaken { name: String },
+    #[error(
+        "pool {name:?} still has {members} VM(s); remove them first, or delete with force=true \
+         (the VMs stay, outside any pool)"
+    )]
+    PoolNotEmpty { name: String, members: usize },
+    #[error("VM {vm:?} is already in pool {pool:?}; remove it from that pool first")]
+    InAnotherPool { vm: String, pool: String },
+    #[error("VM {vm:?} is not in pool {pool:?}")]
+    NotAMember { vm: String, pool: String },
     #[error("job {id} has already ended ({state:?})")]
     JobEnded { id: Uuid, state: JobState },
     #[error(transparent)]

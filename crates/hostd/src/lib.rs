@@ -13,6 +13,7 @@ pub mod folders;
 mod jobs;
 pub mod limits;
 mod meter_store;
+mod pool_store;
 pub mod schema;
 pub mod store;
 

@@ -46,6 +46,21 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 3: resource pools; a VM is in at most one (the member row's key is the VM). Removing a
+    // VM leaves its pool; removing a pool (forced) releases its members.
+    r#"
+    CREATE TABLE pools (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE pool_members (
+        vm_id    TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        pool_id  TEXT NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        added_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX pool_members_pool ON pool_members(pool_id);
+    "#,
 ];
 
 /// The schema version this code writes.

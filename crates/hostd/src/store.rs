@@ -123,6 +123,16 @@ impl Store {
     /// Validates `spec`, assigns the VM's identity (id, missing MACs and disk serials) and stores
     /// it, `Off`, with its folder — all or nothing.
     pub fn create_vm(&self, spec: &VmSpec) -> Result<VmRecord, StoreError> {
+        self.create_vm_in_pool(spec, None)
+    }
+
+    /// `create_vm`, the VM joining pool `pool` (id or name) in the same transaction: a missing
+    /// pool creates nothing.
+    pub fn create_vm_in_pool(
+        &self,
+        spec: &VmSpec,
+        pool: Option<&str>,
+    ) -> Result<VmRecord, StoreError> {
         validate_spec(spec, &self.limits)?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -137,6 +147,9 @@ impl Store {
         );
         inserted.map_err(|e| name_clash(e, &spec.name))?;
         insert_macs(&tx, id, &identity.macs)?;
+        if let Some(pool) = pool {
+            crate::pool_store::join_by_key(&tx, pool, id)?;
+        }
         let dir = folders::create_vm_dir(&self.vms_dir, id)?;
         if let Some(hook) = &self.before_commit {
             hook(id);

@@ -154,9 +154,15 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
     let tmp = tempfile::tempdir().unwrap();
     let d = Vireod::start(&tmp.path().join("state"));
     let (mut rejected, mut accepted) = (0, 0);
+    // Which documented operations answered 2xx at least once (with a real key or body).
+    let mut succeeded = std::collections::BTreeSet::new();
     for i in 0..2000 {
         if d.get("/v1/vms/base").status == 404 {
             d.create(&spec_json("base", ""));
+        }
+        if d.get("/v1/pools/base").status == 404 {
+            let r = d.post_json("/v1/pools", &json!({"name": "base"}));
+            assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
         }
         let (method, template, body_schema) = rng.pick(&ops).clone();
         // Starting or turning off real VMs would change state by design: random keys only.
@@ -166,7 +172,10 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
         } else {
             percent_encode(&odd_string(&mut rng))
         };
-        let mut path = template.replace("{vm}", &key).replace("{id}", &key);
+        let mut path = template
+            .replace("{vm}", &key)
+            .replace("{id}", &key)
+            .replace("{pool}", &key);
         if rng.below(3) == 0 {
             let q = [
                 "delete_disks=true",
@@ -175,6 +184,10 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
                 "max_bytes=99999999999",
                 "vm=base",
                 "vm=%00",
+                "pool=base",
+                "pool=..",
+                "force=true",
+                "force=2",
                 "x=1",
                 "&&==",
             ];
@@ -188,6 +201,8 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             Some("VmSpec") => spec_json(if rng.below(2) == 0 { "base" } else { "fuzz" }, ""),
             Some("RenameRequest") => json!({"name": "renamed"}),
             Some("StopRequest") => json!({"timeout_secs": 1}),
+            Some("CreatePoolRequest") => json!({"name": "fuzz-pool"}),
+            Some("AddPoolMemberRequest") => json!({"vm": "base"}),
             _ => json!({}),
         };
         let body: Option<Vec<u8>> = match rng.below(5) {
@@ -197,7 +212,8 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             _ => Some(serde_json::to_vec(&mutate(&mut rng, base_body)).unwrap()),
         };
         let ct = *rng.pick(&["application/json", "application/json", "text/plain", ""]);
-        let before = d.get("/v1/vms").body;
+        let inventory = |d: &Vireod| (d.get("/v1/vms").body, d.get("/v1/pools").body);
+        let before = inventory(&d);
         let r = d.request(&method, &path, body.as_deref().map(|b| (ct, b)));
         let what = format!(
             "#{i} {method} {path} ct={ct:?} body={:?}",
@@ -216,14 +232,22 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
                 "{what}: {e}"
             );
             assert_eq!(
-                d.get("/v1/vms").body,
+                inventory(&d),
                 before,
                 "{what} was rejected but changed the inventory"
             );
             rejected += 1;
         } else {
             accepted += 1;
+            succeeded.insert((method.clone(), template.clone()));
         }
+    }
+    // The pool routes are walked like the others, and reach their handlers' success paths.
+    for (method, template, _) in ops.iter().filter(|(_, t, _)| t.starts_with("/v1/pools")) {
+        assert!(
+            succeeded.contains(&(method.clone(), template.clone())),
+            "{method} {template} never succeeded"
+        );
     }
     eprintln!("{accepted} accepted, {rejected} rejected");
     assert!(

@@ -265,6 +265,7 @@ fn a_live_vireod_answers_only_documented_statuses() {
     call("GET", "/v1/vms/{vm}/metrics", "/v1/vms/doc/metrics", None);
     // Running under the fake worker, which refuses hot-plug: 422, nothing changes.
     call("POST", disks, "/v1/vms/doc/disks", Some(&disk));
+    exercise_pools(&mut call);
     call(
         "GET",
         "/v1/vms/{vm}/console/log",
@@ -310,4 +311,50 @@ fn a_live_vireod_answers_only_documented_statuses() {
     let all: BTreeSet<_> = ops.into_keys().collect();
     let missed: Vec<_> = all.difference(&exercised).collect();
     assert!(missed.is_empty(), "not exercised: {missed:?}");
+}
+
+/// The pool routes, each answer checked by `call` (VM "doc" exists and runs, metered).
+fn exercise_pools(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> Response) {
+    let body = |v: Value| serde_json::to_vec(&v).unwrap();
+    let (pools, pool) = ("/v1/pools", "/v1/pools/{pool}");
+    let (members, member) = ("/v1/pools/{pool}/vms", "/v1/pools/{pool}/vms/{vm}");
+    let metrics = "/v1/pools/{pool}/metrics";
+    call("POST", pools, pools, Some(b"{nope"));
+    call("POST", pools, pools, Some(&body(json!({"name": "a/b"}))));
+    assert_eq!(
+        call("POST", pools, pools, Some(&body(json!({"name": "dp"})))).status,
+        201
+    );
+    call("POST", pools, pools, Some(&body(json!({"name": "dp"}))));
+    call("POST", pools, pools, Some(&body(json!({"name": "other"}))));
+    call("GET", pools, pools, None);
+    call("GET", pools, "/v1/pools?vm=none", None);
+    call("GET", pool, "/v1/pools/dp", None);
+    call("GET", pool, "/v1/pools/none", None);
+    let add = body(json!({"vm": "doc"}));
+    call("POST", members, "/v1/pools/none/vms", Some(&add));
+    call("POST", members, "/v1/pools/dp/vms", Some(b"[]"));
+    assert_eq!(
+        call("POST", members, "/v1/pools/dp/vms", Some(&add)).status,
+        200
+    );
+    call("POST", members, "/v1/pools/other/vms", Some(&add));
+    call("GET", pools, "/v1/pools?vm=doc", None);
+    assert_eq!(
+        call("GET", metrics, "/v1/pools/dp/metrics", None).status,
+        200
+    );
+    call("GET", metrics, "/v1/pools/none/metrics", None);
+    call("POST", "/v1/vms", "/v1/vms?pool=none", Some(b"{}"));
+    call("DELETE", pool, "/v1/pools/dp", None);
+    call("DELETE", pool, "/v1/pools/dp?force=maybe", None);
+    call("DELETE", member, "/v1/pools/other/vms/doc", None);
+    assert_eq!(
+        call("DELETE", member, "/v1/pools/dp/vms/doc", None).status,
+        200
+    );
+    call("DELETE", member, "/v1/pools/dp/vms/none", None);
+    call("DELETE", pool, "/v1/pools/none", None);
+    call("DELETE", pool, "/v1/pools/dp?force=true", None);
+    assert_eq!(call("DELETE", pool, "/v1/pools/other", None).status, 204);
 }

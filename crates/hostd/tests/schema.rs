@@ -97,14 +97,20 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
         .create_vm(&common::spec("old"))
         .unwrap()
         .id();
-    // Back to what version 1 wrote (step 1 is unchanged): no metering table.
+    // Back to what version 1 wrote (step 1 is unchanged): no metering or pool tables.
     {
         let conn = Connection::open(&db).unwrap();
-        conn.execute_batch("DROP TABLE vm_metering; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE pool_members; DROP TABLE pools; DROP TABLE vm_metering;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(user_version(&Connection::open(&db).unwrap()), 2);
+    assert_eq!(
+        user_version(&Connection::open(&db).unwrap()),
+        current_version()
+    );
     assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
     assert_eq!(store.load_metering(id).unwrap(), None);
     store.save_metering(id, "{\"enabled\":true}", 1).unwrap();
@@ -119,4 +125,32 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
     assert_eq!(store.load_metering(ghost).unwrap(), None);
     store.remove(id).unwrap();
     assert_eq!(store.load_metering(id).unwrap(), None);
+}
+
+#[test]
+fn a_version_2_database_gains_pools_and_keeps_its_vms_and_metering() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("vireo.db");
+    let id = {
+        let store = Store::open(dir.path()).unwrap();
+        let id = store.create_vm(&common::spec("old")).unwrap().id();
+        store.save_metering(id, "{}", 1).unwrap();
+        id
+    };
+    // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool tables.
+    Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TABLE pool_members; DROP TABLE pools; PRAGMA user_version = 2;")
+        .unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(user_version(&Connection::open(&db).unwrap()), 3);
+    assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
+    assert_eq!(store.load_metering(id).unwrap().as_deref(), Some("{}"));
+    assert!(store.list_pools().unwrap().is_empty());
+    let pool = store.create_pool("p").unwrap();
+    assert_eq!(store.add_to_pool("p", id).unwrap().vms.len(), 1);
+    assert_eq!(store.pool_of(id).unwrap().map(|p| p.id), Some(pool.id));
+    // Removing the VM removes its membership (the foreign key cascades).
+    store.remove(id).unwrap();
+    assert!(store.find_pool("p").unwrap().vms.is_empty());
 }

@@ -65,6 +65,8 @@ pub struct Console {
     client: Mutex<Option<UnixStream>>,
     /// Our end of the socketpair, for input to the guest.
     to_guest: Mutex<UnixStream>,
+    /// `console-out`, joined by `finish` so the guest's last output is not lost.
+    output_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// How long input may wait for the guest to take it.
@@ -89,6 +91,7 @@ impl Console {
             ring: Mutex::new(Ring::new(ring_bytes)),
             client: Mutex::new(None),
             to_guest: Mutex::new(to_guest),
+            output_thread: Mutex::new(None),
         });
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -97,14 +100,40 @@ impl Console {
             EpollEvent::new(EventSet::IN, LISTENER),
         )?;
         let c = console.clone();
-        std::thread::Builder::new()
+        let output = std::thread::Builder::new()
             .name("console-out".into())
             .spawn(move || c.pump_output(ours))?;
+        *console.output_thread.lock() = Some(output);
         let c = console.clone();
         std::thread::Builder::new()
             .name("console-clients".into())
             .spawn(move || c.serve_clients(listener, epoll))?;
         Ok((console, vmm_end))
+    }
+
+    /// Once the guest can write no more (its vCPUs stopped, the serial output flushed): lets
+    /// `console-out` take what is still queued in the socketpair — into the ring and to the
+    /// attached client — and waits (at most `limit`) for it to end. Without this, the process
+    /// could exit before that thread ran, and what the guest wrote last (the probe's `OK` to
+    /// `POWEROFF`) would never reach the client. Reading is shut down, not the socket closed:
+    /// queued bytes are still read, then the thread sees the end.
+    pub fn finish(&self, limit: std::time::Duration) {
+        if let Err(e) = self.to_guest.lock().shutdown(std::net::Shutdown::Read) {
+            tracing::warn!("console: ending the output: {e}");
+            return;
+        }
+        let Some(thread) = self.output_thread.lock().take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + limit;
+        while !thread.is_finished() {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!("console output not drained within {limit:?}; the rest is lost");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = thread.join();
     }
 
     /// Writes `bytes` to COM1 as if typed by a client.
@@ -272,6 +301,37 @@ mod tests {
         }
         assert_eq!(console.log(0).1, 6 + 64 * 64 * 1024 + 4);
         drop(stuck);
+    }
+
+    #[test]
+    fn finish_delivers_what_the_guest_wrote_last_to_ring_and_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let (console, mut guest) =
+            Console::start(UnixListener::bind(&path).unwrap(), 1 << 20).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while console.client.lock().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never attached");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Written and at once finished, as when the guest prints and powers off; the guest's
+        // end stays open (the vmm holds it), so only `finish` can end the output thread.
+        guest.write_all(b"last words\r\n").unwrap();
+        console.finish(std::time::Duration::from_secs(10));
+        assert!(
+            console.output_thread.lock().is_none(),
+            "console-out not joined"
+        );
+        assert_eq!(console.log(100).0, b"last words\r\n");
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = [0u8; 12];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"last words\r\n");
+        // Finishing twice is harmless.
+        console.finish(std::time::Duration::from_secs(1));
     }
 
     #[test]

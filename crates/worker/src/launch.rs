@@ -54,6 +54,10 @@ pub fn run(dir: &Path) -> std::io::Result<WorkerExitReason> {
     Ok(reason)
 }
 
+/// The longest the worker waits, once the VM has ended, for the console output thread to pass
+/// on the guest's last output (it has a few bytes to move; this only bounds a stuck thread).
+const CONSOLE_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A built VM with its sockets served, not yet running.
 struct Running {
     vm: Vm,
@@ -155,6 +159,9 @@ impl Running {
             .store(crate::unix_millis(), Ordering::SeqCst);
         let _ = self.state.meter.started.set(std::time::Instant::now());
         let exit = self.vm.run();
+        // The guest can write no more: what it wrote last reaches the console client before
+        // the process ends (vireo vm console waits for the probe's OK to POWEROFF).
+        self.state.console.finish(CONSOLE_DRAIN_LIMIT);
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();
         match exit {

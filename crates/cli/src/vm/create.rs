@@ -52,6 +52,9 @@ pub struct CreateArgs {
         default_missing_value = "0"
     )]
     pub auto_start: Option<u32>,
+    /// The resource pool (name or id) the VM joins as it is created (`vireo pool create`).
+    #[arg(long)]
+    pub pool: Option<String>,
     /// text (for people) or json (the API's VM object).
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,

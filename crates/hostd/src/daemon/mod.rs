@@ -18,6 +18,7 @@ pub mod meter;
 pub mod pause;
 pub mod procfs;
 pub mod prom;
+pub mod prom_pools;
 pub mod router;
 pub mod routes;
 pub mod sampler;

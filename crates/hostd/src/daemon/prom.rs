@@ -8,7 +8,7 @@
 //! `vireo_vm_memory_resident_bytes`, and per disk (label `disk` = path)
 //! `vireo_vm_disk_{read,written}_bytes_total`, `vireo_vm_disk_{read,write}_ops_total`.
 //! VM counters are the worker's, since that worker started (they restart at 0 with it, as
-//! Prometheus counters may).
+//! Prometheus counters may). Per pool: `prom_pools`.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -165,6 +165,7 @@ pub async fn scrape(State(d): St) -> Result<Response, HttpError> {
             write_ops.get_or_create(&l).inc_by(dm.write_ops);
         }
     }
+    super::prom_pools::register(&mut reg, &d.store.list_pools()?, &vms, &readings);
     let mut text = String::new();
     encode(&mut text, &reg).map_err(|e| HttpError::internal(format!("encoding /metrics: {e}")))?;
     Ok((

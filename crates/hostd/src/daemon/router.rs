@@ -17,7 +17,7 @@ use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
-use super::routes::{console, disks, host, jobs, metrics, power, vms};
+use super::routes::{console, disks, host, jobs, metrics, pools, power, vms};
 use super::{prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -69,6 +69,25 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::GET, "/v1/jobs/{id}", get(jobs::show)),
         (Method::POST, "/v1/jobs/{id}/cancel", post(jobs::cancel)),
         (Method::GET, "/metrics", get(prom::scrape)),
+    ]
+    .into_iter()
+    .chain(pool_routes())
+    .collect()
+}
+
+fn pool_routes() -> Vec<(Method, &'static str, Handler)> {
+    vec![
+        (Method::GET, "/v1/pools", get(pools::list)),
+        (Method::POST, "/v1/pools", post(pools::create)),
+        (Method::GET, "/v1/pools/{pool}", get(pools::show)),
+        (Method::DELETE, "/v1/pools/{pool}", delete(pools::remove)),
+        (Method::POST, "/v1/pools/{pool}/vms", post(pools::add_vm)),
+        (
+            Method::DELETE,
+            "/v1/pools/{pool}/vms/{vm}",
+            delete(pools::remove_vm),
+        ),
+        (Method::GET, "/v1/pools/{pool}/metrics", get(pools::metrics)),
     ]
 }
 

@@ -5,6 +5,7 @@ pub mod disks;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod pools;
 pub mod power;
 pub mod vms;
 

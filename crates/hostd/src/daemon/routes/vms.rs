@@ -16,12 +16,21 @@ pub async fn list(State(d): St) -> Result<Json<Vec<Vm>>, HttpError> {
     Ok(Json(d.store.list()?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateQuery {
+    /// The resource pool (id or name) the new VM joins.
+    pool: Option<String>,
+}
+
 pub async fn create(
     State(d): St,
+    ApiQuery(q): ApiQuery<CreateQuery>,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<(StatusCode, Json<Vm>), HttpError> {
     let spec = d.storage.confine(&spec)?;
-    Ok((StatusCode::CREATED, Json(d.store.create_vm(&spec)?)))
+    let vm = d.store.create_vm_in_pool(&spec, q.pool.as_deref())?;
+    Ok((StatusCode::CREATED, Json(vm)))
 }
 
 pub async fn show(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
