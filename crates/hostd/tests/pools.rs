@@ -160,7 +160,10 @@ fn a_pools_metrics_are_the_sum_of_its_members_metrics() {
     assert_eq!(p["disk"]["read_bytes"], 2 * (4096 + 8192));
     assert_eq!(p["disk"]["disks"], 4);
     assert_eq!(p["memory"]["max_bytes"], 3000 + 5000);
-    assert_eq!(p["network"], json!({"bytes_in": 0, "bytes_out": 0}));
+    assert_eq!(
+        p["network"],
+        json!({"bytes_in": 0, "bytes_out": 0, "packets_in": 0, "packets_out": 0, "dropped": 0})
+    );
     // 2 s of 10 (20%) plus 8 s of 20 (40%).
     assert!(
         (p["cpu"]["average_percent"].as_f64().unwrap() - 60.0).abs() < 1e-9,

@@ -53,14 +53,20 @@ impl Meter {
         let (resident, private) = read_proc("/proc/self/smaps")
             .map(|t| memory_from_smaps(&t))
             .unwrap_or_default();
+        // The vCPU threads first, the whole process second: the threads keep running between
+        // the two reads, and each thread's time is rounded to ticks on its own, so read the
+        // other way round their sum could pass the process's total. vCPU time is part of the
+        // process's time, so a reading never says otherwise.
+        let vcpu_ticks = vcpu_ticks();
         let worker_ticks = read_proc("/proc/self/stat")
             .and_then(|t| cpu_ticks(&t).map(|(_, ticks)| ticks))
             .unwrap_or(0);
+        let vcpu_ticks = vcpu_ticks.min(worker_ticks);
         WorkerMetrics {
             uptime_ns: self.started.get().map_or(0, |t| {
                 u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
             }),
-            vcpu_cpu_ns: vcpu_ticks().saturating_mul(tick_ns),
+            vcpu_cpu_ns: vcpu_ticks.saturating_mul(tick_ns),
             worker_cpu_ns: worker_ticks.saturating_mul(tick_ns),
             memory_bytes: self.memory_bytes,
             memory_resident_bytes: resident,
