@@ -24,6 +24,9 @@ Disk: each VM boots once per round and image and runs, for --seconds each,
 (aio, cache) in {io_uring, threads} x {none, writeback} with -object iothread and
 virtio-blk-device,iothread=...; per case its best median IOPS (and best p99) is compared.
 The 1 MiB cases are also compared with the host's memcpy of 1 MiB blocks (the ceiling).
+ex/io and ex/fr: the guest's notifications per request or frame (each one a VM exit, ~25 us
+under KVM-PVM), counted by the probe; the device's interrupts are not used by the probe.
+The medians of each column are taken independently over the rounds.
 Net: probe A sends 64 B and 1500 B frames for --seconds (NET 0 BLAST) to probe B (NET 0 SINK),
 which counts frames/s, loss and reordering. Needs root (TAPs, bridge), /dev/kvm, qemu-img.
 Last line: disk_iops_vs_qemu=<min over 4 KiB cases> disk_p99_vs_qemu=<max p99 ratio at QD 1>
@@ -178,6 +181,8 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
                 qemu_fps: m(&q[k], |r| r.frames_s),
                 vireo_loss: m(&v[k], |r| (r.sent - r.frames).max(r.lost)),
                 qemu_loss: m(&q[k], |r| (r.sent - r.frames).max(r.lost)),
+                vireo_kicks: (m(&v[k], |r| r.tx_kicks), m(&v[k], |r| r.rx_kicks)),
+                qemu_kicks: (m(&q[k], |r| r.tx_kicks), m(&q[k], |r| r.rx_kicks)),
             });
         }
     }
@@ -225,6 +230,9 @@ struct NetRow {
     qemu_fps: f64,
     vireo_loss: f64,
     qemu_loss: f64,
+    /// Notifications per frame: (sender tx, sink rx).
+    vireo_kicks: (f64, f64),
+    qemu_kicks: (f64, f64),
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -249,6 +257,7 @@ fn median_result(rs: &[Result1]) -> Result1 {
         p50: m(|r| r.p50),
         p99: m(|r| r.p99),
         p999: m(|r| r.p999),
+        kicks_per_io: m(|r| r.kicks_per_io),
     }
 }
 
@@ -272,17 +281,19 @@ fn print_tables(disk: &[DiskRow], ceiling: f64, net: &[NetRow]) {
         );
         for r in disk {
             println!(
-                "{:5} {:18} | {:>9.0} {:>8.1} {:>8.1} {:>9.1} | {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:20} | {:>6.2} {:>6.2}",
+                "{:5} {:17} | {:>9.0} {:>7.0} {:>7.1} {:>8.1} {:>5.2} | {:>9.0} {:>7.0} {:>7.1} {:>8.1} {:>5.2} {:22} | {:>6.2} {:>6.2}",
                 r.image,
                 r.case,
                 r.vireo.iops,
                 r.vireo.mib_s,
                 r.vireo.p50,
                 r.vireo.p99,
+                r.vireo.kicks_per_io,
                 r.qemu.iops,
                 r.qemu.mib_s,
                 r.qemu.p50,
                 r.qemu.p99,
+                r.qemu.kicks_per_io,
                 r.qemu_mode,
                 r.vireo.iops / r.qemu.iops,
                 r.vireo.p99 / r.qemu_p99,
@@ -292,17 +303,21 @@ fn print_tables(disk: &[DiskRow], ceiling: f64, net: &[NetRow]) {
     }
     if !net.is_empty() {
         println!(
-            "{:>6} | {:>12} {:>8} | {:>12} {:>8} | {:>6}",
-            "frame", "vireo fr/s", "lost", "qemu fr/s", "lost", "x"
+            "{:>6} | {:>12} {:>8} {:>11} | {:>12} {:>8} {:>11} | {:>6}",
+            "frame", "vireo fr/s", "lost", "ex/fr tx/rx", "qemu fr/s", "lost", "ex/fr tx/rx", "x"
         );
         for r in net {
             println!(
-                "{:>4} B | {:>12.0} {:>8.0} | {:>12.0} {:>8.0} | {:>6.2}",
+                "{:>4} B | {:>12.0} {:>8.0} {:>5.2}/{:>5.2} | {:>12.0} {:>8.0} {:>5.2}/{:>5.2} | {:>6.2}",
                 r.size,
                 r.vireo_fps,
                 r.vireo_loss,
+                r.vireo_kicks.0,
+                r.vireo_kicks.1,
                 r.qemu_fps,
                 r.qemu_loss,
+                r.qemu_kicks.0,
+                r.qemu_kicks.1,
                 r.vireo_fps / r.qemu_fps
             );
         }

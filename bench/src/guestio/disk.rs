@@ -72,6 +72,8 @@ pub struct Result1 {
     pub p50: f64,
     pub p99: f64,
     pub p999: f64,
+    /// Guest notifications (VM exits) per request.
+    pub kicks_per_io: f64,
 }
 
 /// One VMM setup that serves a disk: Vireo, or QEMU in one aio/cache mode.
@@ -197,6 +199,7 @@ pub fn run_cases(mut vm: Vm, secs: u32) -> Result<Vec<Result1>, String> {
             p50: field(&a, "p50_us")?,
             p99: field(&a, "p99_us")?,
             p999: field(&a, "p999_us")?,
+            kicks_per_io: field(&a, "kicks")? / field(&a, "ios")?.max(1.0),
         });
     }
     Ok(out)

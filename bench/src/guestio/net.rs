@@ -24,6 +24,9 @@ pub struct NetResult {
     pub frames: f64,
     pub frames_s: f64,
     pub lost: f64,
+    /// Sender's and sink's notifications (VM exits) per frame.
+    pub tx_kicks: f64,
+    pub rx_kicks: f64,
 }
 
 /// A blaster and a sink, whichever VMM runs them.
@@ -55,6 +58,8 @@ impl Pair {
             frames: field(&sink, "frames")?,
             frames_s: field(&sink, "frames_s")?,
             lost: field(&sink, "lost")?,
+            tx_kicks: field(&blast, "kicks")? / field(&blast, "sent")?.max(1.0),
+            rx_kicks: field(&sink, "kicks")? / field(&sink, "frames")?.max(1.0),
         })
     }
 }

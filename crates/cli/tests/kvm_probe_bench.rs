@@ -77,6 +77,9 @@ fn kvm_probe_disk_bench_answers_rates_and_writes_the_pattern() {
             "{a}"
         );
         assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{a}");
+        // At most one notification per batch of submissions, and at least the first one.
+        let kicks = num(&a, "kicks");
+        assert!(kicks <= ios, "{a}");
     }
 
     // A seeded sequential write wraps the 4 MiB disk many times and leaves seed 9's pattern
@@ -164,6 +167,7 @@ fn kvm_probe_net_blast_to_sink_counts_every_frame() {
         assert_eq!(num(&got, "lost"), 0.0, "{got}");
         assert_eq!(num(&got, "reordered"), 0.0, "{got}");
         assert_eq!(num(&got, "other"), 0.0, "{got}");
+        assert!(num(&sent, "kicks") <= n as f64, "{sent}");
     }
     // A timed blast: whatever the switch drops when the sink's ring is full, nothing is
     // counted twice or out of order, and the sink never sees more than was sent.

@@ -146,7 +146,7 @@ pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str
         let _ = write!(r, " {name}=");
         push_us(r, out.hist.percentile(pm), khz);
     }
-    let _ = write!(r, " ios={}", out.ios);
+    let _ = write!(r, " ios={} kicks={}", out.ios, out.kicks);
     Ok(())
 }
 
@@ -173,10 +173,11 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
             })?;
             let _ = write!(
                 p.reply,
-                "OK sent={} frames_s={} bytes_s={}",
+                "OK sent={} frames_s={} bytes_s={} kicks={}",
                 out.sent,
                 per_s(out.sent, out.ticks),
-                per_s(out.sent * size as u64, out.ticks)
+                per_s(out.sent * size as u64, out.ticks),
+                out.kicks
             );
         }
         [b"SINK", secs] => {
@@ -186,14 +187,15 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
             let o = nic.sink(deadline, SINK_IDLE_MS * khz);
             let _ = write!(
                 p.reply,
-                "OK frames={} bytes={} frames_s={} bytes_s={} lost={} reordered={} other={}",
+                "OK frames={} bytes={} frames_s={} bytes_s={} lost={} reordered={} other={} kicks={}",
                 o.frames,
                 o.bytes,
                 per_s(o.frames, o.ticks),
                 per_s(o.bytes, o.ticks),
                 o.lost,
                 o.reordered,
-                o.other
+                o.other,
+                o.kicks
             );
         }
         _ => return Err("unknown NET command"),

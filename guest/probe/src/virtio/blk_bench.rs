@@ -36,6 +36,8 @@ pub struct Outcome {
     pub bytes: u64,
     pub ticks: u64,
     pub hist: Histogram,
+    /// Notifications (VM exits) the probe sent during the run.
+    pub kicks: u64,
 }
 
 /// Per request: a virtio-blk header (16 bytes) and the status byte, 32 bytes apart.
@@ -75,7 +77,9 @@ impl Blk {
             bytes: 0,
             ticks: 0,
             hist: Histogram::new(),
+            kicks: 0,
         };
+        let kicks_before = self.vq.kicks;
         let mut first_error = None;
         let start = rdtsc();
         let end = start.saturating_add(spec.ticks);
@@ -169,6 +173,7 @@ impl Blk {
             }
         }
         out.ticks = last_done.wrapping_sub(start).max(1);
+        out.kicks = self.vq.kicks - kicks_before;
         match first_error {
             Some(e) => Err(e),
             None => Ok(out),

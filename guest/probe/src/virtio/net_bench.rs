@@ -23,6 +23,8 @@ pub enum Limit {
 pub struct BlastOutcome {
     pub sent: u64,
     pub ticks: u64,
+    /// Transmit notifications (VM exits) during the blast.
+    pub kicks: u64,
 }
 
 #[derive(Default)]
@@ -37,6 +39,8 @@ pub struct SinkOutcome {
     pub reordered: u64,
     /// Frames that were not blast frames of the run the sink locked onto.
     pub other: u64,
+    /// Receive-queue notifications (VM exits) while sinking.
+    pub kicks: u64,
 }
 
 impl Net {
@@ -63,6 +67,7 @@ impl Net {
             e[14..18].copy_from_slice(MAGIC);
             e[18..22].copy_from_slice(&run.to_le_bytes());
         }
+        let kicks_before = self.tx.kicks;
         let start = rdtsc();
         let mut sent = 0u64;
         let mut stalled_since = start;
@@ -117,13 +122,18 @@ impl Net {
             self.reclaim_tx();
             core::hint::spin_loop();
         }
-        Ok(BlastOutcome { sent, ticks })
+        Ok(BlastOutcome {
+            sent,
+            ticks,
+            kicks: self.tx.kicks - kicks_before,
+        })
     }
 
     /// Counts blast frames until TSC value `deadline`, or until `idle` ticks pass without a
     /// frame once the first one has arrived.
     pub fn sink(&mut self, deadline: u64, idle: u64) -> SinkOutcome {
         let mut out = SinkOutcome::default();
+        let kicks_before = self.rx.kicks;
         let mut run: Option<u32> = None;
         let (mut first, mut last) = (0u64, 0u64);
         let mut highest: Option<u64> = None;
@@ -179,6 +189,7 @@ impl Net {
             core::hint::spin_loop();
         }
         out.ticks = last.wrapping_sub(first);
+        out.kicks = self.rx.kicks - kicks_before;
         out.lost = highest.map_or(0, |h| (h + 1).saturating_sub(out.frames));
         out
     }
