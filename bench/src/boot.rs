@@ -90,7 +90,7 @@ fn parse_mib(s: &str) -> Result<u32, String> {
     u32::try_from(bytes >> 20).map_err(|_| format!("'{s}' is too large"))
 }
 
-fn locate_vireo(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
+pub(crate) fn locate_vireo(explicit: Option<PathBuf>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return if p.is_file() {
             Ok(p)

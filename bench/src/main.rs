@@ -3,6 +3,7 @@
 
 mod boot;
 mod density;
+mod guestio;
 mod switch;
 mod vhdx;
 
@@ -26,6 +27,8 @@ enum Command {
     /// Many probe VMs under one vireod: time until all are ready, API latency under load,
     /// per-VM worker memory and vireod's RSS.
     Density(density::DensityArgs),
+    /// I/O from inside the guest: disk IOPS/latency and VM-to-VM frames/s, vs QEMU.
+    Guestio(guestio::GuestioArgs),
     /// VHDX I/O and convert throughput vs `qemu-img bench`/`convert` and a raw file.
     Vhdx(vhdx::VhdxArgs),
 }
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot::run(args),
         Command::Switch(args) => switch::run(args),
         Command::Vhdx(args) => vhdx::run(args),
+        Command::Guestio(args) => guestio::run(args),
         Command::Density(args) => density::run(args),
     };
     match result {

@@ -6,6 +6,7 @@
 
 mod arch;
 mod arena;
+mod bench;
 mod boot;
 mod bootinfo;
 mod builtins;

@@ -6,6 +6,9 @@ use super::queue::{Buf, Virtqueue};
 use crate::arch::rdtsc;
 use crate::{arena, pattern};
 
+#[path = "blk_bench.rs"]
+pub mod bench;
+
 const F_SIZE_MAX: u64 = 1 << 1;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
@@ -63,6 +66,9 @@ pub struct Blk {
     /// Data segments per request (the device's seg_max, our descriptor budget).
     segs: usize,
     slots: usize,
+    /// Data segments one request may have at most (seg_max, our chain budget): BENCH's large
+    /// blocks may use more than a pattern slot's `segs`.
+    seg_limit: usize,
     /// Per slot: a Header followed by the status byte (device-writable), in the arena.
     meta: u64,
 }
@@ -104,6 +110,13 @@ impl Blk {
             SLOT_BYTES
         };
         seg_bytes = seg_bytes.min(SLOT_BYTES);
+        let seg_limit = (if seg_max != 0 {
+            seg_max as usize
+        } else {
+            MAX_SEGS_PER_REQ
+        })
+        .min(MAX_SEGS_PER_REQ)
+        .min((vq.size() as usize).saturating_sub(2));
         let mut segs = SLOT_BYTES.div_ceil(seg_bytes);
         if seg_max != 0 && segs > seg_max as usize {
             segs = seg_max as usize;
@@ -128,6 +141,7 @@ impl Blk {
             seg_bytes,
             segs,
             slots,
+            seg_limit,
             meta,
         })
     }

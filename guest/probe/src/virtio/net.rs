@@ -6,6 +6,9 @@ use super::queue::{Buf, Virtqueue};
 use crate::arch::rdtsc;
 use crate::arena;
 
+#[path = "net_bench.rs"]
+pub mod bench;
+
 const F_MAC: u64 = 1 << 5;
 /// virtio_net_hdr with num_buffers: always 12 bytes with VIRTIO_F_VERSION_1.
 const HDR_LEN: usize = 12;

@@ -41,6 +41,8 @@ pub struct Virtqueue {
     num_free: u16,
     avail_idx: u16,
     last_used: u16,
+    /// Notifications sent (each one is a VM exit): the benchmarks report them per I/O.
+    pub kicks: u64,
 }
 
 impl Virtqueue {
@@ -76,6 +78,7 @@ impl Virtqueue {
             num_free: size,
             avail_idx: 0,
             last_used: 0,
+            kicks: 0,
         };
         // SAFETY: avail ring flags word, freshly allocated.
         unsafe { write_volatile(q.avail, AVAIL_F_NO_INTERRUPT) };
@@ -126,6 +129,7 @@ impl Virtqueue {
         // SAFETY: used ring flags word.
         let flags = unsafe { read_volatile(self.used) };
         if flags & USED_F_NO_NOTIFY == 0 {
+            self.kicks += 1;
             self.transport.notify(self.index);
         }
     }
