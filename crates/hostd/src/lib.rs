@@ -15,6 +15,7 @@ pub mod limits;
 mod meter_store;
 pub mod schema;
 pub mod store;
+pub mod switch_store;
 
 pub use error::StoreError;
 pub use limits::host_limits;

@@ -166,7 +166,12 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
         } else {
             percent_encode(&odd_string(&mut rng))
         };
-        let mut path = template.replace("{vm}", &key).replace("{id}", &key);
+        let mut path = template
+            .replace("{vm}", &key)
+            .replace("{id}", &key)
+            .replace("{sw}", if rng.below(2) == 0 { "fsw" } else { &key })
+            .replace("{nic}", if rng.below(2) == 0 { "nic0" } else { &key })
+            .replace("{port}", &key);
         if rng.below(3) == 0 {
             let q = [
                 "delete_disks=true",
@@ -188,6 +193,10 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             Some("VmSpec") => spec_json(if rng.below(2) == 0 { "base" } else { "fuzz" }, ""),
             Some("RenameRequest") => json!({"name": "renamed"}),
             Some("StopRequest") => json!({"timeout_secs": 1}),
+            Some("SwitchSpec") => json!({"name": "fsw", "kind": {"type": "private"}}),
+            Some("NicSpec") => json!({"switch": "fsw"}),
+            Some("NicPolicy") => json!({"vlan": {"type": "access", "vid": 5}}),
+            Some("PortConfig") => json!({"name": "vfuzz0"}),
             _ => json!({}),
         };
         let body: Option<Vec<u8>> = match rng.below(5) {

@@ -4,7 +4,9 @@ pub mod console;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod nics;
 pub mod power;
+pub mod switches;
 pub mod vms;
 
 use std::sync::Arc;

@@ -21,7 +21,8 @@ pub async fn create(
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<(StatusCode, Json<Vm>), HttpError> {
     let spec = d.storage.confine(&spec)?;
-    Ok((StatusCode::CREATED, Json(d.store.create_vm(&spec)?)))
+    let vm = crate::daemon::switches::nics::create_vm(&d, &spec).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
 }
 
 pub async fn show(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
@@ -43,7 +44,9 @@ pub async fn put_spec(
         )));
     }
     let spec = d.storage.confine(&spec)?;
-    Ok(Json(d.store.update_spec(vm.id(), &spec)?))
+    Ok(Json(
+        crate::daemon::switches::nics::update_spec(&d, &vm, &spec).await?,
+    ))
 }
 
 pub async fn rename(
@@ -93,7 +96,7 @@ pub async fn remove(
             )));
         }
     }
-    d.store.remove(vm.id())?;
+    crate::daemon::switches::nics::remove_vm(&d, &vm).await?;
     d.forget_vm_lock(vm.id());
     d.meters.forget(vm.id());
     if q.delete_disks {
