@@ -446,6 +446,11 @@ impl Switch {
             .lookup(self.fid[(vid & 0xfff) as usize], mac, now)
     }
 
+    /// The MACs learned behind port `id` (for status reports), sorted.
+    pub fn learned_macs(&self, id: PortId) -> Vec<crate::frame::Mac> {
+        self.table.macs(id)
+    }
+
     pub fn mac_table_len(&self) -> usize {
         self.table.len()
     }

@@ -77,6 +77,23 @@ impl MacTable {
         self.map.len()
     }
 
+    /// The MACs learned behind `p` (in any learning domain), sorted, each once.
+    pub fn macs(&self, p: PortId) -> Vec<Mac> {
+        let mut macs: Vec<Mac> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.port == p)
+            .map(|(k, _)| {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(&k.to_le_bytes()[..6]);
+                m
+            })
+            .collect();
+        macs.sort_unstable();
+        macs.dedup();
+        macs
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -247,6 +264,18 @@ mod tests {
             );
         }
         assert_eq!(t.count(PortId(2)), 2);
+    }
+
+    #[test]
+    fn macs_lists_a_ports_stations_once_across_domains() {
+        let mut t = MacTable::new(10, 100);
+        let (a, b) = ([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1]);
+        t.learn(1, &a, PortId(0), None, 0);
+        t.learn(2, &a, PortId(0), None, 0);
+        t.learn(1, &b, PortId(0), None, 0);
+        t.learn(1, &[2, 0, 0, 0, 0, 5], PortId(1), None, 0);
+        assert_eq!(t.macs(PortId(0)), vec![b, a]);
+        assert_eq!(t.macs(PortId(7)), Vec::<Mac>::new());
     }
 
     #[test]
