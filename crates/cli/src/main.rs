@@ -11,6 +11,7 @@ mod host;
 mod job;
 mod output;
 mod run;
+mod switch;
 mod table;
 mod vm;
 
@@ -62,6 +63,9 @@ enum Command {
     /// console.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Manage vireod's virtual switches: create, list, show, rm, port add|set|rm, reset-meters.
+    #[command(subcommand)]
+    Switch(switch::SwitchCommand),
     /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -89,6 +93,9 @@ fn main() -> ExitCode {
         Command::Vm(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| vm::execute(&client, cmd)),
+        Command::Switch(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| switch::execute(&client, cmd)),
         Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),

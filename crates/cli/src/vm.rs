@@ -6,6 +6,7 @@ mod console;
 mod create;
 mod disk_arg;
 mod metrics;
+mod nic;
 mod power;
 mod set;
 pub(crate) mod view;
@@ -90,6 +91,9 @@ pub enum VmCommand {
     /// 500 ms (at most 5 s), at --timeout, or when the VM stops.
     #[command(verbatim_doc_comment)]
     Console(console::ConsoleArgs),
+    /// A VM's network adapters on vireod switches: add, set (live), rm, list.
+    #[command(subcommand)]
+    Nic(nic::NicCommand),
 }
 
 pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn Error>> {
@@ -136,6 +140,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Reset(args) => power::vm_op(client, args, "reset")?,
         VmCommand::Metrics(args) => metrics::execute(client, args)?,
         VmCommand::Console(args) => return console::execute(client, args),
+        VmCommand::Nic(cmd) => nic::execute(client, cmd)?,
     }
     Ok(ExitCode::SUCCESS)
 }

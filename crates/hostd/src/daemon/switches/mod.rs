@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod launch;
+pub mod nic_meter;
 pub mod nics;
 
 use std::collections::HashMap;
@@ -485,4 +486,44 @@ pub async fn stop(daemon: &Daemon, id: Uuid) {
         }
     }
     lock(&daemon.switches.health).remove(&id);
+}
+
+/// Reads the switch ports of VM `vm_id`'s NICs (one `Status` per switch, 1 s at most) into its
+/// meter (`nic_meter`). A switch that does not answer is skipped this time.
+pub async fn sample_nics(daemon: &Daemon, vm_id: Uuid) {
+    let Ok(vm) = daemon.store.get_by_id(vm_id) else {
+        return;
+    };
+    let mut by_switch: HashMap<Uuid, Vec<&str>> = HashMap::new();
+    for nic in &vm.spec.nics {
+        if let Ok(row) = daemon.store.find_switch(&nic.switch) {
+            by_switch
+                .entry(row.id)
+                .or_default()
+                .push(launch::nic_name(nic));
+        }
+    }
+    for (sw, nics) in by_switch {
+        let Some(p) = daemon.switches.get(sw) else {
+            continue;
+        };
+        let reply = tokio::time::timeout(
+            Duration::from_secs(1),
+            client::call(&p.socket(), SwitchOp::Status),
+        )
+        .await;
+        let Ok(Ok(SwitchReply::Status { ports })) = reply else {
+            continue;
+        };
+        for nic in nics {
+            let port = launch::port_name(vm_id, nic);
+            let Some(r) = ports.iter().find(|r| r.config.name == port) else {
+                continue;
+            };
+            let _ = daemon.meters.with(daemon, vm_id, false, |m| {
+                let enabled = m.enabled;
+                m.nics.record(enabled, nic, p.pid, r.meters.clone());
+            });
+        }
+    }
 }
