@@ -374,5 +374,38 @@ fn kvm_switch_through_vireod_live_vlan_metering_and_readoption() {
     assert!(b.received(&f, T), "a -> b after vireod's restart");
     // The counts carry on across the restart.
     assert_eq!(nic_usage(&d, "a"), (6, 6 * 64, 1, 64));
+    // (Read now: what a switch process counted after its last reading dies with it.)
+    assert_eq!(nic_usage(&d, "b"), (1, 64, 5, 5 * 64));
+    drop((a, b));
+
+    // The switch process killed: vireod restarts it (a new pid), and the VMs get their link
+    // back at their next start.
+    // SAFETY: kill(2) on the switch process this test's vireod started.
+    assert_eq!(unsafe { libc::kill(switch_pid as i32, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sw = loop {
+        let sw: SwitchInfo = d.json(&["switch", "show", "lan"]);
+        if sw.process.running && sw.process.pid != Some(switch_pid) {
+            break sw;
+        }
+        assert!(Instant::now() < deadline, "not restarted: {:?}", sw.process);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(sw.process.restarts, 1);
+    assert_eq!(sw.ports.len(), 2, "{:?}", sw.ports);
+    for vm in ["a", "b"] {
+        d.ok(&["vm", "turn-off", vm]);
+        d.ok(&["vm", "start", vm]);
+    }
+    let (mut a, mut b) = (Console::attach(&d, "a"), Console::attach(&d, "b"));
+    let f = frame(mb, ma, 7);
+    a.send(&f);
+    assert!(
+        b.received(&f, T),
+        "a -> b after the switch process restarted"
+    );
+    // Metering counts the new process's counters from zero on top of the totals.
+    assert_eq!(nic_usage(&d, "a"), (7, 7 * 64, 1, 64));
+    assert_eq!(nic_usage(&d, "b"), (1, 64, 6, 6 * 64));
     drop((a, b));
 }

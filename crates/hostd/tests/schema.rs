@@ -100,11 +100,18 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
     // Back to what version 1 wrote (step 1 is unchanged): no metering table.
     {
         let conn = Connection::open(&db).unwrap();
-        conn.execute_batch("DROP TABLE vm_metering; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE vm_metering; DROP TABLE switch_ports; DROP TABLE switches;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(user_version(&Connection::open(&db).unwrap()), 2);
+    assert_eq!(
+        user_version(&Connection::open(&db).unwrap()),
+        current_version()
+    );
+    assert!(store.list_switches().unwrap().is_empty());
     assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
     assert_eq!(store.load_metering(id).unwrap(), None);
     store.save_metering(id, "{\"enabled\":true}", 1).unwrap();
