@@ -409,3 +409,161 @@ fn kvm_switch_through_vireod_live_vlan_metering_and_readoption() {
     assert_eq!(nic_usage(&d, "b"), (1, 64, 6, 6 * 64));
     drop((a, b));
 }
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap()
+}
+
+fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with a veth pair into it; removed on drop.
+struct Lab {
+    ns: String,
+    host: String,
+    guest: String,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let k = std::process::id() % 100_000;
+        let lab = Lab {
+            ns: format!("vireo-netd-{k}"),
+            host: format!("vnd{k}h"),
+            guest: format!("vnd{k}g"),
+        };
+        must(&["ip", "netns", "add", &lab.ns]);
+        let _ = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &lab.ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+        ]);
+        must(&[
+            "ip", "link", "add", &lab.host, "type", "veth", "peer", "name", &lab.guest,
+        ]);
+        let _ = sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{}.disable_ipv6=1", lab.host),
+        ]);
+        must(&["ip", "link", "set", &lab.guest, "netns", &lab.ns]);
+        must(&["ip", "link", "set", &lab.host, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &lab.ns,
+            "addr",
+            "add",
+            "10.93.0.1/24",
+            "dev",
+            &lab.guest,
+        ]);
+        must(&["ip", "-n", &lab.ns, "link", "set", &lab.guest, "up"]);
+        lab
+    }
+
+    fn rx_packets(&self) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", self.guest);
+        let out = sh(&["ip", "netns", "exec", &self.ns, "cat", &path]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "link", "del", &self.host]);
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}
+
+#[test]
+fn kvm_netns_interface_port_and_a_vm_exchange_frames() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm)
+        || !vireo_testkit::require(vireo_testkit::Need::Netns)
+    {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    let lab = Lab::new();
+    let kernel = vireo_probe_image::probe_elf();
+    d.ok(&["switch", "create", "ext", "--type", "private"]);
+    d.ok(&["switch", "port", "add", "ext", "--iface", &lab.host]);
+    let (_, e) = d.fails(&["switch", "port", "add", "ext", "--iface", &lab.host]);
+    assert!(e.contains("already has a port"), "{e}");
+    // The VM's name is a/b in the Drop's clean-up list.
+    d.ok(&[
+        "vm",
+        "create",
+        "a",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32M",
+    ]);
+    d.ok(&["vm", "nic", "add", "a", "--switch", "ext"]);
+    d.ok(&["vm", "start", "a"]);
+    let ma = mac_of(&d, "a");
+    let mut a = Console::attach(&d, "a");
+
+    // VM → namespace: three broadcast frames reach the veth in the namespace.
+    let rx = lab.rx_packets();
+    for tag in 1..=3 {
+        a.send(&frame([0xff; 6], ma, tag));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab.rx_packets() < rx + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the namespace got {} frames",
+            lab.rx_packets() - rx
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sw: SwitchInfo = d.json(&["switch", "show", "ext"]);
+    let port = sw.ports.iter().find(|p| p.config.name == lab.host).unwrap();
+    assert!(port.meters.packets_out >= 3, "{:?}", port.meters);
+
+    // Namespace → VM: a ping's ARP request (broadcast) arrives at the probe.
+    let ns = lab.ns.clone();
+    let pinger = std::thread::spawn(move || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "1",
+            "10.93.0.2",
+        ])
+    });
+    let mut arp = false;
+    for _ in 0..20 {
+        match a.probe.command("NET 0 RECV 1000", T) {
+            Ok(answer) => {
+                let f = decode_hex(answer.trim_start_matches("OK").trim()).unwrap_or_default();
+                if f.len() > 14 && f[12..14] == [0x08, 0x06] {
+                    arp = true;
+                    break;
+                }
+            }
+            Err(ProbeError::Err(e)) if e == "timeout" => {}
+            Err(e) => panic!("NET RECV: {e}"),
+        }
+    }
+    let _ = pinger.join();
+    assert!(arp, "no ARP request from the namespace reached the VM");
+    drop(a);
+}
