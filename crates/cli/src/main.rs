@@ -27,7 +27,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
-    /// Where vireod listens, for `vm` and `job`: unix:PATH (its socket) or https://HOST:PORT
+    /// Where vireod listens, for `vm`, `switch` and `job`: unix:PATH (its socket) or https://HOST:PORT
     /// (its TLS listener; needs --token-file).
     #[arg(
         long,
