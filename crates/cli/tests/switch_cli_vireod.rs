@@ -408,6 +408,16 @@ fn kvm_switch_through_vireod_live_vlan_metering_and_readoption() {
     assert_eq!(nic_usage(&d, "a"), (7, 7 * 64, 1, 64));
     assert_eq!(nic_usage(&d, "b"), (1, 64, 6, 6 * 64));
     drop((a, b));
+
+    // Removing a VM removes its port from the switch process; b still holds the switch.
+    d.ok(&["vm", "turn-off", "a"]);
+    d.ok(&["vm", "rm", "a"]);
+    let sw: SwitchInfo = d.json(&["switch", "show", "lan"]);
+    assert_eq!(sw.ports.len(), 1, "{:?}", sw.ports);
+    assert_eq!(sw.nics.len(), 1);
+    assert_eq!(sw.ports[0].config.name, sw.nics[0].port);
+    let (_, e) = d.fails(&["switch", "rm", "lan"]);
+    assert!(e.contains("VM(s) b;"), "{e}");
 }
 
 fn sh(args: &[&str]) -> Output {
