@@ -145,6 +145,19 @@ impl Daemon {
         serde_json::from_str(&self.ok(&a)).unwrap()
     }
 
+    /// `GET /metrics` over the socket.
+    fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let path = self.host.strip_prefix("unix:").unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    }
+
     /// The inventory as the CLI shows it: VMs and switches without process details.
     fn inventory(&self) -> (Vec<Vm>, Vec<(String, String, usize)>) {
         let vms: Vec<Vm> = self.json(&["vm", "list"]);
@@ -351,6 +364,14 @@ fn kvm_switch_through_vireod_live_vlan_metering_and_readoption() {
     // Metering: a sent 5 frames of 64 bytes and received 1; b received 4 and sent 1.
     assert_eq!(nic_usage(&d, "a"), (5, 5 * 64, 1, 64));
     assert_eq!(nic_usage(&d, "b"), (1, 64, 4, 4 * 64));
+    // /metrics: the switch port's counters per NIC.
+    let prom = d.scrape();
+    for line in [
+        "vireo_vm_nic_sent_bytes_total{vm=\"a\",nic=\"nic0\"} 320",
+        "vireo_vm_nic_received_packets_total{vm=\"b\",nic=\"nic0\"} 4",
+    ] {
+        assert!(prom.lines().any(|l| l == line), "no {line:?} in:\n{prom}");
+    }
 
     // vireod killed: the switch process lives on and is re-adopted, the inventory is intact.
     let before = d.inventory();
