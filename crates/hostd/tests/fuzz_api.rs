@@ -207,6 +207,7 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
         };
         let ct = *rng.pick(&["application/json", "application/json", "text/plain", ""]);
         let before = d.get("/v1/vms").body;
+        let switches_before = d.get("/v1/switches").body;
         let r = d.request(&method, &path, body.as_deref().map(|b| (ct, b)));
         let what = format!(
             "#{i} {method} {path} ct={ct:?} body={:?}",
@@ -228,6 +229,11 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
                 d.get("/v1/vms").body,
                 before,
                 "{what} was rejected but changed the inventory"
+            );
+            assert_eq!(
+                d.get("/v1/switches").body,
+                switches_before,
+                "{what} was rejected but changed the switches"
             );
             rejected += 1;
         } else {
