@@ -255,7 +255,8 @@ fn nic_path(vm: &str, nic: &str) -> Result<String, CliError> {
     Ok(format!("{}/nics/{nic}", super::path(vm)?))
 }
 
-fn vlan_text(n: &NicSpec) -> String {
+/// The NIC's VLAN mode in a few words (`access 1`, `trunk 10,20 native 10`, `pvlan ...`).
+pub(super) fn vlan_text(n: &NicSpec) -> String {
     match n.policy.vlan.as_ref() {
         Some(VlanConfig::Access { vid }) => format!("access {vid}"),
         Some(VlanConfig::Trunk { allowed, native }) => {
