@@ -16,6 +16,7 @@ pub mod rest;
 pub mod spec;
 pub mod state;
 pub mod switch;
+pub mod switch_rest;
 pub mod validate;
 pub mod vm;
 pub mod worker;

@@ -127,6 +127,11 @@ impl Client {
         self.decode(&answer)
     }
 
+    /// A POST without a body answered 204 (no body either).
+    pub fn post_no_content(&self, path: &str) -> Result<(), ClientError> {
+        self.call(Method::POST, path, None).map(drop)
+    }
+
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.call(Method::DELETE, path, None).map(drop)
     }

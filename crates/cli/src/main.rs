@@ -12,6 +12,7 @@ mod job;
 mod output;
 mod pool;
 mod run;
+mod switch;
 mod table;
 mod vm;
 
@@ -27,7 +28,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
-    /// Where vireod listens, for `vm`, `pool` and `job`: unix:PATH (its socket) or https://HOST:PORT
+    /// Where vireod listens, for `vm`, `pool`, `switch` and `job`: unix:PATH (its socket) or https://HOST:PORT
     /// (its TLS listener; needs --token-file).
     #[arg(
         long,
@@ -67,6 +68,9 @@ enum Command {
     /// pool's metering (the sum of its VMs').
     #[command(subcommand)]
     Pool(pool::PoolCommand),
+    /// Manage vireod's virtual switches: create, list, show, rm, port add|set|rm, reset-meters.
+    #[command(subcommand)]
+    Switch(switch::SwitchCommand),
     /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -97,6 +101,9 @@ fn main() -> ExitCode {
         Command::Pool(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| pool::execute(&client, cmd)),
+        Command::Switch(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| switch::execute(&client, cmd)),
         Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),

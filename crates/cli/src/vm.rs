@@ -7,6 +7,7 @@ mod create;
 mod disk;
 mod disk_arg;
 mod metrics;
+mod nic;
 mod power;
 mod set;
 pub(crate) mod view;
@@ -96,6 +97,9 @@ pub enum VmCommand {
         #[command(subcommand)]
         command: disk::DiskCommand,
     },
+    /// A VM's network adapters on vireod switches: add, set (live), rm, list.
+    #[command(subcommand)]
+    Nic(nic::NicCommand),
 }
 
 pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn Error>> {
@@ -151,6 +155,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Metrics(args) => metrics::execute(client, args)?,
         VmCommand::Console(args) => return console::execute(client, args),
         VmCommand::Disk { command } => disk::execute(client, command)?,
+        VmCommand::Nic(cmd) => nic::execute(client, cmd)?,
     }
     Ok(ExitCode::SUCCESS)
 }

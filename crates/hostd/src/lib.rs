@@ -16,6 +16,7 @@ mod meter_store;
 mod pool_store;
 pub mod schema;
 pub mod store;
+pub mod switch_store;
 
 pub use error::StoreError;
 pub use limits::host_limits;

@@ -61,6 +61,23 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX pool_members_pool ON pool_members(pool_id);
     "#,
+    // 4: switches (unique names, the `SwitchSpec` JSON) and the host interfaces added to them
+    // as ports (the `PortConfig` JSON; name = the interface), removed with their switch. VM
+    // NIC ports are not stored here: they follow from the VMs' specs.
+    r#"
+    CREATE TABLE switches (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL UNIQUE,
+        spec       TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE switch_ports (
+        switch_id  TEXT NOT NULL REFERENCES switches(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        config     TEXT NOT NULL,
+        PRIMARY KEY (switch_id, name)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this code writes.

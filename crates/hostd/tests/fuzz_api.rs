@@ -175,6 +175,9 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
         let mut path = template
             .replace("{vm}", &key)
             .replace("{id}", &key)
+            .replace("{sw}", if rng.below(2) == 0 { "fsw" } else { &key })
+            .replace("{nic}", if rng.below(2) == 0 { "nic0" } else { &key })
+            .replace("{port}", &key)
             .replace("{pool}", &key);
         if rng.below(3) == 0 {
             let q = [
@@ -203,6 +206,10 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             Some("StopRequest") => json!({"timeout_secs": 1}),
             Some("CreatePoolRequest") => json!({"name": "fuzz-pool"}),
             Some("AddPoolMemberRequest") => json!({"vm": "base"}),
+            Some("SwitchSpec") => json!({"name": "fsw", "kind": {"type": "private"}}),
+            Some("NicSpec") => json!({"switch": "fsw"}),
+            Some("NicPolicy") => json!({"vlan": {"type": "access", "vid": 5}}),
+            Some("PortConfig") => json!({"name": "vfuzz0"}),
             _ => json!({}),
         };
         let body: Option<Vec<u8>> = match rng.below(5) {
@@ -214,6 +221,7 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
         let ct = *rng.pick(&["application/json", "application/json", "text/plain", ""]);
         let inventory = |d: &Vireod| (d.get("/v1/vms").body, d.get("/v1/pools").body);
         let before = inventory(&d);
+        let switches_before = d.get("/v1/switches").body;
         let r = d.request(&method, &path, body.as_deref().map(|b| (ct, b)));
         let what = format!(
             "#{i} {method} {path} ct={ct:?} body={:?}",
@@ -235,6 +243,11 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
                 inventory(&d),
                 before,
                 "{what} was rejected but changed the inventory"
+            );
+            assert_eq!(
+                d.get("/v1/switches").body,
+                switches_before,
+                "{what} was rejected but changed the switches"
             );
             rejected += 1;
         } else {

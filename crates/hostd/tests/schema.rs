@@ -101,7 +101,8 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
     {
         let conn = Connection::open(&db).unwrap();
         conn.execute_batch(
-            "DROP TABLE pool_members; DROP TABLE pools; DROP TABLE vm_metering;
+            "DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members;
+             DROP TABLE pools; DROP TABLE vm_metering;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -111,6 +112,7 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
         user_version(&Connection::open(&db).unwrap()),
         current_version()
     );
+    assert!(store.list_switches().unwrap().is_empty());
     assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
     assert_eq!(store.load_metering(id).unwrap(), None);
     store.save_metering(id, "{\"enabled\":true}", 1).unwrap();
@@ -140,7 +142,8 @@ fn a_version_2_database_gains_pools_and_keeps_its_vms_and_metering() {
     // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool tables.
     Connection::open(&db)
         .unwrap()
-        .execute_batch("DROP TABLE pool_members; DROP TABLE pools; PRAGMA user_version = 2;")
+        .execute_batch("DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members; DROP TABLE pools;
+             PRAGMA user_version = 2;")
         .unwrap();
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(user_version(&Connection::open(&db).unwrap()), 3);

@@ -93,8 +93,16 @@ pub enum WorkerError {
         want = vireo_api::SPEC_VERSION
     )]
     SpecVersion { found: u32 },
-    #[error("NICs on switches are not supported by the worker yet (the spec has {0}); remove them to start the VM")]
-    NicsUnsupported(usize),
+    #[error(
+        "the launch spec has {nics} NICs but {sockets} NIC sockets; vireod writes one socket per NIC"
+    )]
+    NicSockets { nics: usize, sockets: usize },
+    #[error("NIC {name} (port socket {}): {source}", .socket.display())]
+    Nic {
+        name: String,
+        socket: PathBuf,
+        source: vireo_vmm::vhost_user_net::VhostUserNetError,
+    },
     #[error("socket {}: {source}", .path.display())]
     Socket {
         path: PathBuf,
@@ -134,7 +142,7 @@ impl WorkerError {
             | WorkerError::SpecRead { .. }
             | WorkerError::SpecJson { .. }
             | WorkerError::SpecVersion { .. }
-            | WorkerError::NicsUnsupported(_)
+            | WorkerError::NicSockets { .. }
             | WorkerError::Socket { .. }
             | WorkerError::SocketInTheWay { .. } => true,
             WorkerError::Vhd { source, .. } => matches!(source, VhdError::DifferencingWrite),
@@ -145,6 +153,7 @@ impl WorkerError {
             | WorkerError::ControlThread(_)
             | WorkerError::SocketInUse { .. }
             | WorkerError::Vmm(_)
+            | WorkerError::Nic { .. }
             | WorkerError::Thread(_) => false,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
 use vireo_api::{VmSpec, SPEC_VERSION};
+use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
 
 use crate::console::Console;
@@ -94,6 +95,35 @@ fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
 
 type OpenDisks = (Vec<VirtioSlot>, Vec<ControlDisk>, Vec<MeteredDisk>);
 
+/// One virtio-net NIC per `spec.nics` entry, each the vhost-user frontend of its port on its
+/// switch (`nic_sockets[i]`, served by the switch process), with the NIC's stored MAC.
+fn connect_nics(spec: &VmSpec, sockets: &[PathBuf]) -> Result<Vec<VirtioSlot>, WorkerError> {
+    if spec.nics.len() != sockets.len() {
+        return Err(WorkerError::NicSockets {
+            nics: spec.nics.len(),
+            sockets: sockets.len(),
+        });
+    }
+    let mut slots = Vec::new();
+    for (i, (nic, socket)) in spec.nics.iter().zip(sockets).enumerate() {
+        let name = nic.name.clone().unwrap_or_else(|| format!("nics[{i}]"));
+        // vireod stores every NIC with its MAC; a hand-written launch without one gets a fixed
+        // locally administered address rather than none.
+        let mac = nic.mac.map_or([0x02, 0, 0, 0, 0, i as u8 + 1], |m| m.0);
+        let device = VhostUserNet::connect(socket, mac).map_err(|source| WorkerError::Nic {
+            name: name.clone(),
+            socket: socket.clone(),
+            source,
+        })?;
+        tracing::info!("NIC {name} ({}) on {}", nic.switch, socket.display());
+        slots.push(VirtioSlot {
+            device: Box::new(device),
+            flush_on_exit: None,
+        });
+    }
+    Ok(slots)
+}
+
 fn start(dir: &Path) -> Result<Running, WorkerError> {
     let launch = read_launch(dir)?;
     let spec = launch.spec;
@@ -103,11 +133,9 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         });
     }
     tracing::info!("starting VM {} ({})", spec.name, launch.vm_id);
-    if !spec.nics.is_empty() {
-        return Err(WorkerError::NicsUnsupported(spec.nics.len()));
-    }
     vireo_vmm::install_termination_handlers()?;
-    let (devices, control_disks, metered) = open_disks(&spec)?;
+    let (mut devices, control_disks, metered) = open_disks(&spec)?;
+    devices.extend(connect_nics(&spec, &launch.nic_sockets)?);
     let console_path = dir.join(CONSOLE_SOCKET);
     let ring_bytes = spec.console_ring_bytes as usize;
     let (console, vmm_end) = Console::start(files::bind_private(&console_path)?, ring_bytes)

@@ -145,14 +145,23 @@ fn a_missing_disk_or_a_nic_is_start_failed_naming_it() {
         mac: None,
         vlan: None,
     });
-    let mut w = Worker::start(spec);
+    let mut w = Worker::start(spec.clone());
+    let (code, exit) = w.wait_exit();
+    assert_eq!(code, Some(1));
+    let WorkerExitReason::StartFailed { message } = exit.unwrap().reason else {
+        panic!("not StartFailed");
+    };
+    assert!(message.contains("1 NICs but 0 NIC sockets"), "{message}");
+    // A NIC whose port socket nobody serves: the start fails naming the NIC and the socket.
+    let nowhere = std::path::PathBuf::from("/nonexistent/ports/p.sock");
+    let mut w = Worker::start_with_nics(spec, vec![nowhere]);
     let (code, exit) = w.wait_exit();
     assert_eq!(code, Some(1));
     let WorkerExitReason::StartFailed { message } = exit.unwrap().reason else {
         panic!("not StartFailed");
     };
     assert!(
-        message.contains("NICs on switches are not supported by the worker yet"),
+        message.contains("NIC nics[0]") && message.contains("/nonexistent/ports/p.sock"),
         "{message}"
     );
 

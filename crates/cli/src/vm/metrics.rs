@@ -104,9 +104,36 @@ fn text(vm: &str, change: Option<&str>, m: &VmMetrics) -> String {
             &rows,
         ));
     }
-    // The worker has no NICs yet: the list is always empty for now.
     if m.nics.is_empty() {
         out.push_str("nics:       none metered\n");
+    } else {
+        // In: what the VM received; out: what it sent.
+        let rows: Vec<Vec<String>> = m
+            .nics
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.bytes_in.to_string(),
+                    n.packets_in.to_string(),
+                    n.bytes_out.to_string(),
+                    n.packets_out.to_string(),
+                    n.dropped.to_string(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&render(
+            &[
+                "NIC",
+                "IN_BYTES",
+                "IN_PKTS",
+                "OUT_BYTES",
+                "OUT_PKTS",
+                "DROPPED",
+            ],
+            &rows,
+        ));
     }
     out
 }

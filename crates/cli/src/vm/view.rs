@@ -80,12 +80,14 @@ pub fn show(vm: &Vm, output: OutputFormat) -> String {
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         let mac = nic.mac.map_or("-".to_string(), |m| m.to_string());
-        let vlan = nic
-            .vlan
-            .map_or("untagged".to_string(), |v| format!("vlan {v}"));
+        let name = nic.name.clone().unwrap_or_else(|| i.to_string());
         lines.push((
             "nic",
-            format!("{i}: mac {mac} on switch {} ({vlan})", nic.switch),
+            format!(
+                "{name}: mac {mac} on switch {} ({})",
+                nic.switch,
+                super::nic::vlan_text(nic)
+            ),
         ));
     }
     lines.push(("console ring", human(spec.console_ring_bytes.into())));
@@ -214,7 +216,7 @@ pub mod tests {
             "{text}"
         );
         assert!(
-            text.contains("nic:           0: mac 02:00:00:00:00:07 on switch sw0 (vlan 7)\n"),
+            text.contains("nic:           nic0: mac 02:00:00:00:00:07 on switch sw0 (access 7)\n"),
             "{text}"
         );
         assert!(text.contains("shutdown line: POWEROFF\n"), "{text}");

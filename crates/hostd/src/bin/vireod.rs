@@ -1,5 +1,6 @@
 //! `vireod --state-dir DIR [--listen unix:PATH|tcp:ADDR:PORT]... [--tls-cert F --tls-key F
-//! --token-file F] [--storage-root DIR]... [--worker-bin PATH] [--worker-nice N]`: the host
+//! --token-file F] [--storage-root DIR]... [--worker-bin PATH] [--switch-bin PATH]
+//! [--worker-nice N]`: the host
 //! daemon. Serves the REST API (docs/api.md) until SIGTERM or SIGINT, then exits 0 leaving the
 //! workers running (a restarted vireod re-adopts them). Exit 1: could not start (the store is
 //! locked by another vireod, the socket is in use, ...); 2: bad arguments (including a TCP
@@ -13,7 +14,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use vireo_hostd::daemon::server::Listener;
 use vireo_hostd::daemon::storage::StorageRoots;
-use vireo_hostd::daemon::{adopt, router, server, tls, Daemon};
+use vireo_hostd::daemon::{adopt, router, server, switches, tls, Daemon};
 use vireo_hostd::{host_limits, Store};
 
 #[derive(Parser)]
@@ -44,6 +45,9 @@ struct Args {
     /// The worker binary (default: `vireo-vm` beside this executable).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// The switch process binary (default: `vireo-switch` beside this executable).
+    #[arg(long)]
+    switch_bin: Option<PathBuf>,
     /// CPU priority of the VM workers relative to vireod (nice 0-19). Busy guests then share
     /// the CPUs among themselves while the API stays responsive; 0 treats them as equals.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
@@ -134,6 +138,12 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot find vireod's own executable ({e}); pass --worker-bin"))?
             .with_file_name("vireo-vm"),
     };
+    let switch_bin = match &args.switch_bin {
+        Some(p) => absolute(p)?,
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find vireod's own executable ({e}); pass --switch-bin"))?
+            .with_file_name("vireo-switch"),
+    };
     let limits = host_limits();
     let store = Store::open_with(&args.state_dir, limits)?;
     // After the store: it creates the state directory, the default root.
@@ -165,6 +175,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let daemon = Daemon::configured(store, limits, worker_bin, args.worker_nice, storage);
+        daemon.switches.set_bin(switch_bin);
+        // Switches first: a worker adopted or started next needs its NICs' sockets.
+        switches::start_all(&daemon).await;
         adopt::adopt_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

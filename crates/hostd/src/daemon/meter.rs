@@ -18,6 +18,9 @@ pub struct MeterState {
     pub totals: Totals,
     /// The last reading seen (counted or not), and whose it was.
     pub last: Option<Reading>,
+    /// The NICs, read from their switch ports.
+    #[serde(default)]
+    pub nics: super::switches::nic_meter::NicMeters,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +108,7 @@ impl MeterState {
     pub fn reset(&mut self, now: i64) -> VmMetrics {
         let report = self.report();
         self.totals = Totals::default();
+        self.nics.reset();
         self.period_started_at = now;
         report
     }
@@ -156,8 +160,7 @@ impl MeterState {
                     min_iops_alerts: d.min_iops_alerts,
                 })
                 .collect(),
-            // The worker has no NICs yet.
-            nics: Vec::new(),
+            nics: self.nics.report(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod sampler;
 pub mod server;
 pub mod storage;
 pub mod supervisor;
+pub mod switches;
 pub mod sys;
 pub mod tls;
 pub mod worker_client;
@@ -52,6 +53,8 @@ pub struct Daemon {
     pub storage: StorageRoots,
     pub meters: sampler::Meters,
     pub prom: prom::RequestCounts,
+    /// The switch processes (`switches`).
+    pub switches: switches::Switches,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -83,6 +86,7 @@ impl Daemon {
         worker_nice: i32,
         storage: StorageRoots,
     ) -> Arc<Daemon> {
+        let switches = switches::Switches::new(worker_bin.with_file_name("vireo-switch"));
         let mut sup = Supervisor::new(worker_bin);
         sup.set_worker_nice(worker_nice);
         let daemon = Arc::new(Daemon {
@@ -93,6 +97,7 @@ impl Daemon {
             storage,
             meters: sampler::Meters::default(),
             prom: prom::RequestCounts::default(),
+            switches,
             vm_locks: Mutex::new(HashMap::new()),
         });
         // Metering samples the workers from here on (inside a runtime, as vireod and the

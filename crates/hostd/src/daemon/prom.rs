@@ -6,7 +6,9 @@
 //! per VM (label `vm` = name): `vireo_vm_state{vm,state}` (1 for the current state),
 //! `vireo_vm_cpu_seconds_total`, `vireo_vm_vcpu_seconds_total`,
 //! `vireo_vm_memory_resident_bytes`, and per disk (label `disk` = path)
-//! `vireo_vm_disk_{read,written}_bytes_total`, `vireo_vm_disk_{read,write}_ops_total`.
+//! `vireo_vm_disk_{read,written}_bytes_total`, `vireo_vm_disk_{read,write}_ops_total`, and per
+//! NIC (label `nic`) `vireo_vm_nic_{received,sent}_{bytes,packets}_total`,
+//! `vireo_vm_nic_dropped_packets_total` (the switch port's counters, since its process started).
 //! VM counters are the worker's, since that worker started (they restart at 0 with it, as
 //! Prometheus counters may). Per pool: `prom_pools`.
 
@@ -61,6 +63,7 @@ const STATES: [&str; 8] = [
 pub async fn scrape(State(d): St) -> Result<Response, HttpError> {
     let vms = d.store.list()?;
     let readings = d.meters.last_readings();
+    let nic_readings = d.meters.last_nic_readings();
     let mut reg = Registry::default();
     let up = Gauge::<i64>::default();
     up.set(1);
@@ -123,6 +126,32 @@ pub async fn scrape(State(d): St) -> Result<Response, HttpError> {
         &mut reg,
     );
 
+    let nic_received = disk(
+        "vireo_vm_nic_received_bytes",
+        "Bytes the switch delivered to the VM's NIC (since the switch process started)",
+        &mut reg,
+    );
+    let nic_sent = disk(
+        "vireo_vm_nic_sent_bytes",
+        "Bytes the VM's NIC sent into the switch (since the switch process started)",
+        &mut reg,
+    );
+    let nic_received_packets = disk(
+        "vireo_vm_nic_received_packets",
+        "Frames delivered to the VM's NIC",
+        &mut reg,
+    );
+    let nic_sent_packets = disk(
+        "vireo_vm_nic_sent_packets",
+        "Frames the VM's NIC sent",
+        &mut reg,
+    );
+    let nic_dropped = disk(
+        "vireo_vm_nic_dropped_packets",
+        "The VM's frames the switch dropped",
+        &mut reg,
+    );
+
     for s in STATES {
         let n = vms.iter().filter(|v| v.state.name() == s).count();
         by_state
@@ -148,6 +177,25 @@ pub async fn scrape(State(d): St) -> Result<Response, HttpError> {
         vm_state
             .get_or_create(&labels(&[("vm", name), ("state", vm.state.name())]))
             .set(1);
+        for (nic, r) in nic_readings
+            .get(&vm.id())
+            .into_iter()
+            .flatten()
+            .filter(|_| vm.state.has_worker())
+        {
+            let l = labels(&[("vm", name), ("nic", nic)]);
+            nic_received.get_or_create(&l).inc_by(r.meters.bytes_out);
+            nic_sent.get_or_create(&l).inc_by(r.meters.bytes_in);
+            nic_received_packets
+                .get_or_create(&l)
+                .inc_by(r.meters.packets_out);
+            nic_sent_packets
+                .get_or_create(&l)
+                .inc_by(r.meters.packets_in);
+            nic_dropped
+                .get_or_create(&l)
+                .inc_by(r.meters.drops.values().sum());
+        }
         let Some(m) = readings.get(&vm.id()).filter(|_| vm.state.has_worker()) else {
             continue;
         };

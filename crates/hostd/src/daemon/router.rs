@@ -17,7 +17,7 @@ use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
-use super::routes::{console, disks, host, jobs, metrics, pools, power, vms};
+use super::routes::{console, disks, host, jobs, metrics, nics, pools, power, switches, vms};
 use super::{prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -65,6 +65,41 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         ),
         (Method::GET, "/v1/vms/{vm}/console/log", get(console::log)),
         (Method::GET, "/v1/vms/{vm}/console", get(console::attach)),
+        (Method::POST, "/v1/vms/{vm}/nics", post(nics::add)),
+        (Method::PUT, "/v1/vms/{vm}/nics/{nic}", put(nics::set)),
+        (
+            Method::DELETE,
+            "/v1/vms/{vm}/nics/{nic}",
+            delete(nics::remove),
+        ),
+        (Method::GET, "/v1/switches", get(switches::list)),
+        (Method::POST, "/v1/switches", post(switches::create)),
+        (Method::GET, "/v1/switches/{sw}", get(switches::show)),
+        (
+            Method::DELETE,
+            "/v1/switches/{sw}",
+            delete(switches::remove),
+        ),
+        (
+            Method::POST,
+            "/v1/switches/{sw}/ports",
+            post(switches::add_port),
+        ),
+        (
+            Method::PUT,
+            "/v1/switches/{sw}/ports/{port}",
+            put(switches::set_port),
+        ),
+        (
+            Method::DELETE,
+            "/v1/switches/{sw}/ports/{port}",
+            delete(switches::remove_port),
+        ),
+        (
+            Method::POST,
+            "/v1/switches/{sw}/meters/reset",
+            post(switches::reset_meters),
+        ),
         (Method::GET, "/v1/jobs", get(jobs::list)),
         (Method::GET, "/v1/jobs/{id}", get(jobs::show)),
         (Method::POST, "/v1/jobs/{id}/cancel", post(jobs::cancel)),

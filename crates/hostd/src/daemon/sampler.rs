@@ -72,6 +72,17 @@ impl Meters {
             .collect()
     }
 
+    /// The last switch-port reading of each NIC of each VM that has one (for `/metrics`).
+    pub fn last_nic_readings(
+        &self,
+    ) -> HashMap<Uuid, std::collections::BTreeMap<String, super::switches::nic_meter::NicReading>>
+    {
+        self.map()
+            .iter()
+            .map(|(id, s)| (*id, s.nics.last.clone()))
+            .collect()
+    }
+
     pub fn forget(&self, id: Uuid) {
         self.map().remove(&id);
     }
@@ -101,6 +112,7 @@ pub async fn sample(daemon: &Daemon, id: Uuid, save_if_enabled: bool) {
         m.record(worker.pid, at, metrics);
         m.enabled
     });
+    super::switches::sample_nics(daemon, id).await;
     if matches!(r, Ok(true)) && save_if_enabled {
         let _ = daemon.meters.with(daemon, id, true, |_| ());
     }

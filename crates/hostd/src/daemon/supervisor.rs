@@ -166,7 +166,7 @@ impl Supervisor {
         let launch = WorkerLaunch {
             vm_id: vm.id(),
             spec: vm.spec.clone(),
-            nic_sockets: vec![],
+            nic_sockets: super::switches::nic_sockets(daemon, vm),
         };
         let spec_path = files::path(&dir, files::SPEC);
         files::write_json_atomic(&spec_path, &launch)

@@ -280,8 +280,24 @@ pub fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-/// SIGKILL for every worker recorded under `state_dir` (workers outlive vireod by design).
+/// SIGKILL for every worker and switch process recorded under `state_dir` (they outlive
+/// vireod by design).
 pub fn kill_workers(state_dir: &Path) {
+    for e in std::fs::read_dir(state_dir.join("switches"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path().join("switch-proc.json");
+        if let Some(r) = std::fs::read(&p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<vireo_api::switch::SwitchRecord>(&b).ok())
+        {
+            if alive(r.pid) {
+                signal(r.pid, libc::SIGKILL);
+            }
+        }
+    }
     let Ok(entries) = std::fs::read_dir(state_dir.join("vms")) else {
         return;
     };

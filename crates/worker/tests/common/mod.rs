@@ -50,12 +50,17 @@ impl Worker {
     /// Writes `spec` into a fresh VM folder and starts the worker on it (stderr to
     /// `worker.log`, as vireod does).
     pub fn start(spec: VmSpec) -> Worker {
+        Self::start_with_nics(spec, vec![])
+    }
+
+    /// `start` with the NICs' vhost-user sockets (`WorkerLaunch.nic_sockets`).
+    pub fn start_with_nics(spec: VmSpec, nic_sockets: Vec<PathBuf>) -> Worker {
         let dir = tempfile::tempdir().unwrap();
         let vm_id = uuid::Uuid::new_v4();
         let launch = WorkerLaunch {
             vm_id,
             spec,
-            nic_sockets: vec![],
+            nic_sockets,
         };
         std::fs::write(
             dir.path().join("spec.json"),

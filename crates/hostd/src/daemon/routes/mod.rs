@@ -5,8 +5,10 @@ pub mod disks;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod nics;
 pub mod pools;
 pub mod power;
+pub mod switches;
 pub mod vms;
 
 use std::sync::Arc;

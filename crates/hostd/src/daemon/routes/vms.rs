@@ -29,7 +29,7 @@ pub async fn create(
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<(StatusCode, Json<Vm>), HttpError> {
     let spec = d.storage.confine(&spec)?;
-    let vm = d.store.create_vm_in_pool(&spec, q.pool.as_deref())?;
+    let vm = crate::daemon::switches::nics::create_vm(&d, &spec, q.pool.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
@@ -52,7 +52,9 @@ pub async fn put_spec(
         )));
     }
     let spec = d.storage.confine(&spec)?;
-    Ok(Json(d.store.update_spec(vm.id(), &spec)?))
+    Ok(Json(
+        crate::daemon::switches::nics::update_spec(&d, &vm, &spec).await?,
+    ))
 }
 
 pub async fn rename(
@@ -102,7 +104,7 @@ pub async fn remove(
             )));
         }
     }
-    d.store.remove(vm.id())?;
+    crate::daemon::switches::nics::remove_vm(&d, &vm).await?;
     d.forget_vm_lock(vm.id());
     d.meters.forget(vm.id());
     if q.delete_disks {
