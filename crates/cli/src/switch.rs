@@ -205,7 +205,7 @@ fn show_text(s: &SwitchInfo) -> String {
             let m = &p.meters;
             vec![
                 vm_of(&p.config.name).unwrap_or_else(|| p.config.name.clone()),
-                format!("{:?}", p.config.vlan).to_lowercase(),
+                crate::vm::nic::vlan_config_text(&p.config.vlan),
                 if p.connected { "yes" } else { "no" }.into(),
                 format!("{}/{}", m.packets_in, m.bytes_in),
                 format!("{}/{}", m.packets_out, m.bytes_out),

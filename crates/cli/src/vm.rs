@@ -7,7 +7,7 @@ mod create;
 mod disk;
 mod disk_arg;
 mod metrics;
-mod nic;
+pub mod nic;
 mod power;
 mod set;
 pub(crate) mod view;

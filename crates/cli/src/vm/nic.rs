@@ -258,20 +258,27 @@ fn nic_path(vm: &str, nic: &str) -> Result<String, CliError> {
 /// The NIC's VLAN mode in a few words (`access 1`, `trunk 10,20 native 10`, `pvlan ...`).
 pub(super) fn vlan_text(n: &NicSpec) -> String {
     match n.policy.vlan.as_ref() {
-        Some(VlanConfig::Access { vid }) => format!("access {vid}"),
-        Some(VlanConfig::Trunk { allowed, native }) => {
+        Some(vlan) => vlan_config_text(vlan),
+        None => format!("access {}", n.vlan.unwrap_or(1)),
+    }
+}
+
+/// A port's VLAN mode in a few words, as `vm nic list` and `switch show` print it.
+pub fn vlan_config_text(vlan: &VlanConfig) -> String {
+    match vlan {
+        VlanConfig::Access { vid } => format!("access {vid}"),
+        VlanConfig::Trunk { allowed, native } => {
             let list: Vec<String> = allowed.iter().map(u16::to_string).collect();
             match native {
                 Some(n) => format!("trunk {} native {n}", list.join(",")),
                 None => format!("trunk {}", list.join(",")),
             }
         }
-        Some(VlanConfig::Private {
+        VlanConfig::Private {
             primary,
             secondary,
             mode,
-        }) => format!("pvlan {primary}:{secondary}:{mode:?}").to_lowercase(),
-        None => format!("access {}", n.vlan.unwrap_or(1)),
+        } => format!("pvlan {primary}:{secondary}:{mode:?}").to_lowercase(),
     }
 }
 
