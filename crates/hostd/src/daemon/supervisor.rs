@@ -167,6 +167,7 @@ impl Supervisor {
             vm_id: vm.id(),
             spec: vm.spec.clone(),
             nic_sockets: vec![],
+            restore_from: None,
         };
         let spec_path = files::path(&dir, files::SPEC);
         files::write_json_atomic(&spec_path, &launch)

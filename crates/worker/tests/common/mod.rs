@@ -50,12 +50,17 @@ impl Worker {
     /// Writes `spec` into a fresh VM folder and starts the worker on it (stderr to
     /// `worker.log`, as vireod does).
     pub fn start(spec: VmSpec) -> Worker {
+        Worker::launch(uuid::Uuid::new_v4(), spec, None)
+    }
+
+    /// As `start`, for VM `vm_id`, restoring from a save directory when given.
+    pub fn launch(vm_id: uuid::Uuid, spec: VmSpec, restore_from: Option<PathBuf>) -> Worker {
         let dir = tempfile::tempdir().unwrap();
-        let vm_id = uuid::Uuid::new_v4();
         let launch = WorkerLaunch {
             vm_id,
             spec,
             nic_sockets: vec![],
+            restore_from,
         };
         std::fs::write(
             dir.path().join("spec.json"),
