@@ -105,6 +105,12 @@ pub enum Action {
     PoweredOff,
     /// The state is on disk and the worker has exited.
     Saved,
+    /// The worker could not save; the VM runs on (or stays paused, `paused`).
+    SaveFailed {
+        paused: bool,
+    },
+    /// A start from a saved state failed before the VM ran; the saved state is kept.
+    RestoreFailed,
     /// The worker died unexpectedly (exit status, signal, last vCPU error).
     WorkerExited {
         reason: String,
@@ -125,6 +131,8 @@ impl Action {
             Action::StartFailed => "start_failed",
             Action::PoweredOff => "powered_off",
             Action::Saved => "saved",
+            Action::SaveFailed { .. } => "save_failed",
+            Action::RestoreFailed => "restore_failed",
             Action::WorkerExited { .. } => "worker_exited",
         }
     }
@@ -155,6 +163,9 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
         (Running | Paused, Action::Reset) => Running,
         (Running | Paused, Action::Save) => Saving,
         (Saving, Action::Saved) => Saved,
+        (Saving, Action::SaveFailed { paused: false }) => Running,
+        (Saving, Action::SaveFailed { paused: true }) => Paused,
+        (Starting, Action::RestoreFailed) => Saved,
         (s, Action::WorkerExited { reason }) if s.has_worker() => Critical {
             reason: reason.clone(),
         },
@@ -166,4 +177,28 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
         }
     };
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_and_restore_transitions() {
+        use VmState::*;
+        assert_eq!(transition(&Running, &Action::Save), Ok(Saving));
+        assert_eq!(transition(&Paused, &Action::Save), Ok(Saving));
+        assert!(transition(&Off, &Action::Save).is_err());
+        assert!(transition(&Saved, &Action::Save).is_err());
+        assert_eq!(transition(&Saving, &Action::Saved), Ok(Saved));
+        let failed = |paused| Action::SaveFailed { paused };
+        assert_eq!(transition(&Saving, &failed(false)), Ok(Running));
+        assert_eq!(transition(&Saving, &failed(true)), Ok(Paused));
+        assert!(transition(&Running, &failed(false)).is_err());
+        assert_eq!(transition(&Saved, &Action::Start), Ok(Starting));
+        assert_eq!(transition(&Starting, &Action::RestoreFailed), Ok(Saved));
+        assert!(transition(&Running, &Action::RestoreFailed).is_err());
+        assert_eq!(transition(&Saved, &Action::TurnOff), Ok(Off));
+        assert!(transition(&Saving, &Action::TurnOff).is_err());
+    }
 }

@@ -41,6 +41,11 @@ pub struct WorkerLaunch {
     /// its switch (`crate::switch`). The worker connects its virtio-net frontend there.
     #[serde(default)]
     pub nic_sockets: Vec<PathBuf>,
+    /// Continue a saved VM instead of booting: the save directory (`Save`'s), whose
+    /// `vm.state` and `memory.bin` the VM is restored from before it runs. `spec` must be the
+    /// spec it was saved with (its disks are the ones in the VM at save time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// vireod's record of a worker it spawned (`<vm-dir>/worker.json`).
@@ -107,6 +112,15 @@ pub enum WorkerOp {
     /// Hot remove the disk with this serial: its last request finishes, it is flushed and
     /// closed, its slot is empty again (`Ok`); `Error` when no disk has that serial.
     RemoveDisk { serial: String },
+    /// Save the VM and end: pause it, write its memory and complete state into `dir`
+    /// (default `<vm-dir>/saved`; `memory.bin` then `vm.state`, docs/vm-state.md), then the
+    /// worker exits with `Saved`. `Ok` once the state is complete on disk; the disks stay
+    /// open (locked) until the process exits. `Error` with the VM as it was before (running,
+    /// or paused if it was) when the save failed.
+    Save {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +235,8 @@ pub enum WorkerExitReason {
     StartFailed { message: String },
     /// A vCPU failed (triple fault, KVM internal error).
     VcpuFailed { message: String },
+    /// `Save` wrote the VM's state and memory into `dir`; the VM continues from there.
+    Saved { dir: PathBuf },
 }
 
 #[cfg(test)]
@@ -321,6 +337,35 @@ mod tests {
         assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), rm);
         let added = serde_json::to_string(&WorkerReply::DiskAdded { index: 2 }).unwrap();
         assert_eq!(added, r#"{"reply":"disk_added","index":2}"#);
+    }
+
+    #[test]
+    fn save_and_restore_wire_shapes() {
+        let save = WorkerRequest::new(WorkerOp::Save { dir: None });
+        let line = serde_json::to_string(&save).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"save"}"#);
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), save);
+        let to = WorkerRequest::new(WorkerOp::Save {
+            dir: Some("/vm/s".into()),
+        });
+        let line = serde_json::to_string(&to).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"save","dir":"/vm/s"}"#);
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), to);
+        let exit = WorkerExitReason::Saved {
+            dir: "/vm/s".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&exit).unwrap(),
+            r#"{"kind":"saved","dir":"/vm/s"}"#
+        );
+        // A launch written before `restore_from` existed still reads, as a boot.
+        let old = r#"{"vm_id":"00000000-0000-0000-0000-000000000001","spec":SPEC}"#;
+        let spec = r#"{"version":1,"name":"a","vcpus":1,"memory_bytes":33554432,"kernel":"/k"}"#;
+        let launch: WorkerLaunch = serde_json::from_str(&old.replace("SPEC", spec)).unwrap();
+        assert_eq!(launch.restore_from, None);
+        assert!(!serde_json::to_string(&launch)
+            .unwrap()
+            .contains("restore_from"));
     }
 
     #[test]

@@ -37,6 +37,9 @@ fn all_actions() -> Vec<Action> {
         StartFailed,
         PoweredOff,
         Saved,
+        // `paused: true` goes to Paused instead (crates/api/src/state.rs tests it).
+        SaveFailed { paused: false },
+        RestoreFailed,
         WorkerExited {
             reason: "killed by signal 9".into(),
         },
@@ -68,6 +71,8 @@ fn lists_are_complete(s: VmState, a: Action) {
         | Action::StartFailed
         | Action::PoweredOff
         | Action::Saved
+        | Action::SaveFailed { .. }
+        | Action::RestoreFailed
         | Action::WorkerExited { .. } => {}
     }
 }
@@ -100,6 +105,8 @@ fn legal() -> Vec<(VmState, &'static str, VmState)> {
         (Running, "save", Saving),
         (Paused, "save", Saving),
         (Saving, "saved", Saved),
+        (Saving, "save_failed", Running),
+        (Starting, "restore_failed", Saved),
         (Starting, "worker_exited", died.clone()),
         (Running, "worker_exited", died.clone()),
         (Paused, "worker_exited", died.clone()),
@@ -133,7 +140,7 @@ fn every_state_and_action_matches_the_table() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8 * 12);
+    assert_eq!(checked, 8 * 14);
     // Each table row names a real (state, action) pair.
     for (s, a, _) in &table {
         assert!(all_actions().iter().any(|x| x.name() == *a), "{a}");

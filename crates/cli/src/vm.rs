@@ -63,12 +63,18 @@ pub enum VmCommand {
         #[arg(long)]
         delete_disks: bool,
     },
-    /// Start a VM; waits until its vCPUs run, with a progress bar (--no-wait: print the job).
+    /// Start a VM (a saved one continues from its saved state); waits until its vCPUs run,
+    /// with a progress bar (--no-wait: print the job).
     Start(power::StartArgs),
+    /// Save a running or paused VM: its memory and state go to its folder, its worker ends, it
+    /// is `saved`; `vm start` continues it, `vm turn-off` discards the saved state. Waits with
+    /// a progress bar (--no-wait: print the job).
+    Save(power::StartArgs),
     /// Ask a VM's guest to power off (its shutdown line), and turn it off after --timeout;
     /// waits until it is off (--no-wait: print the job).
     Stop(power::StopArgs),
-    /// Turn a VM off at once (vCPUs stopped, disks flushed): pulling the plug.
+    /// Turn a VM off at once (vCPUs stopped, disks flushed): pulling the plug. A saved VM's
+    /// saved state is discarded.
     TurnOff(power::TurnOffArgs),
     /// Pause a running VM (its vCPUs stop; memory and devices stay as they are).
     Pause(power::VmOpArgs),
@@ -147,6 +153,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
             }
         }
         VmCommand::Start(args) => return power::start(client, args),
+        VmCommand::Save(args) => return power::save(client, args),
         VmCommand::Stop(args) => return power::stop(client, args),
         VmCommand::TurnOff(args) => power::turn_off(client, args)?,
         VmCommand::Pause(args) => power::vm_op(client, args, "pause")?,

@@ -294,7 +294,16 @@ fn a_live_vireod_answers_only_documented_statuses() {
         &format!("/v1/jobs/{job}/cancel"),
         None,
     );
-    call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
+    let save = "/v1/vms/{vm}/save";
+    call("POST", save, "/v1/vms/none/save", None);
+    assert_eq!(call("POST", save, "/v1/vms/doc/save", None).status, 409);
+    let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
+    let start = r.json()["id"].as_str().unwrap().to_owned();
+    d.wait_job(&start, Duration::from_secs(20));
+    let r = call("POST", save, "/v1/vms/doc/save", None);
+    assert_eq!(r.status, 202);
+    let saved = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
+    assert_eq!(saved["state"], "completed", "{saved}");
     let r = call(
         "POST",
         "/v1/vms/{vm}/turn-off",

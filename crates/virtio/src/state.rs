@@ -114,6 +114,9 @@ pub struct NetState {
 pub enum DeviceState {
     Block(BlockState),
     Net(NetState),
+    /// An empty hot-plug disk slot (DeviceID 0): nothing to keep, but its window is part of
+    /// the machine, so it has an entry like every other.
+    Empty,
 }
 
 impl DeviceState {
@@ -122,6 +125,7 @@ impl DeviceState {
         match self {
             DeviceState::Block(b) => b.rings.as_ref(),
             DeviceState::Net(n) => n.rings.as_ref(),
+            DeviceState::Empty => None,
         }
     }
 }
@@ -147,6 +151,7 @@ impl DeviceState {
         match self {
             DeviceState::Block(_) => "block",
             DeviceState::Net(_) => "net",
+            DeviceState::Empty => "empty slot",
         }
     }
 }

@@ -116,6 +116,11 @@ pub enum WorkerError {
     Vmm(#[from] vireo_vmm::VmmError),
     #[error("starting the worker's threads: {0}")]
     Thread(std::io::Error),
+    #[error("restoring the saved VM from {}: {source}", .dir.display())]
+    Restore {
+        dir: PathBuf,
+        source: vireo_vmm::StateError,
+    },
 }
 
 /// A lock error already names the disk and what to do; anything else gets the disk's path.
@@ -154,6 +159,7 @@ impl WorkerError {
             | WorkerError::SocketInUse { .. }
             | WorkerError::Vmm(_)
             | WorkerError::Nic { .. }
+            | WorkerError::Restore { .. }
             | WorkerError::Thread(_) => false,
         }
     }

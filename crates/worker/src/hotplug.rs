@@ -100,14 +100,16 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 impl Hotplug {
-    /// `boot` are the spec's disks, which sit in the first slots in order.
+    /// `boot` are the spec's disks, in the filled slots in order (the first slots at a boot;
+    /// a restored VM has them where they were at save time, gaps included).
     pub fn new(vm: VmHandle, boot: &[DiskSpec], control: ControlDisks) -> Self {
+        let mut disks = boot.iter();
         let slots = vm
             .disk_slots()
             .iter()
-            .enumerate()
-            .map(|(i, _)| {
-                boot.get(i).map(|d| SlotDisk {
+            .map(|slot| {
+                slot.disk.as_ref()?;
+                disks.next().map(|d| SlotDisk {
                     serial: d.serial.clone(),
                     path: d.path.clone(),
                 })
@@ -122,6 +124,11 @@ impl Hotplug {
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<SlotDisk>>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds hot add and remove off while the guard lives (a save keeps the layout fixed).
+    pub fn hold(&self) -> impl Drop + '_ {
+        self.slots()
     }
 
     /// Opens `d` and attaches it into the first free slot; returns its index. Nothing changes

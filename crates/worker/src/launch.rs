@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
 use vireo_api::{VmSpec, SPEC_VERSION};
 use vireo_vmm::vhost_user_net::VhostUserNet;
-use vireo_vmm::{ConsoleConfig, VirtioSlot, Vm, VmConfig, VmExit};
+use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
 
 use crate::console::Console;
 use crate::control::{ControlDisk, ControlServer};
@@ -25,6 +25,7 @@ pub fn exit_status(reason: &WorkerExitReason) -> u8 {
         WorkerExitReason::PoweredOff { .. }
         | WorkerExitReason::Reset
         | WorkerExitReason::TurnedOff => 0,
+        WorkerExitReason::Saved { .. } => 0,
         WorkerExitReason::StartFailed { .. } | WorkerExitReason::VcpuFailed { .. } => 1,
     }
 }
@@ -150,7 +151,23 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         disk_slots: vireo_api::worker::WORKER_DISK_SLOTS,
         console: ConsoleConfig::Stream(vmm_end),
     };
-    let vm = Vm::new(config)?;
+    let vm = match &launch.restore_from {
+        None => Vm::new(config)?,
+        Some(from) => {
+            let restore = |source| WorkerError::Restore {
+                dir: from.clone(),
+                source,
+            };
+            let saved = RestoreFrom::dir(from).map_err(restore)?;
+            let vm = Vm::restore(config, &saved).map_err(restore)?;
+            tracing::info!("VM restored from {}", from.display());
+            // Restored paused; resumed before `run` starts its vCPUs, they simply run.
+            vm.handle().resume().map_err(|e| {
+                restore(vireo_vmm::StateError::Kvm(format!("resuming the VM: {e}")))
+            })?;
+            vm
+        }
+    };
     let control_path: PathBuf = dir.join(CONTROL_SOCKET);
     let control = ControlServer::start(&control_path, control_disks)?;
     std::fs::set_permissions(
@@ -161,8 +178,13 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         path: control_path.clone(),
         source,
     })?;
+    control.attach_vm(vm.handle());
     let state = Arc::new(server::State {
         vm_id: launch.vm_id,
+        vm_dir: dir.to_path_buf(),
+        spec_json: serde_json::to_string(&spec).unwrap_or_default(),
+        spec_name: spec.name.clone(),
+        saved_to: std::sync::Mutex::new(None),
         console,
         console_socket: console_path,
         shutdown_line: spec.shutdown_line.clone(),
@@ -187,12 +209,23 @@ impl Running {
             .store(crate::unix_millis(), Ordering::SeqCst);
         let _ = self.state.meter.started.set(std::time::Instant::now());
         let exit = self.vm.run();
+        // A save (worker.sock's or control.sock's) stopped the VM: the state is complete.
+        let saved = self
+            .state
+            .saved_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .or_else(|| self.control.saved_to());
         // The guest can write no more: what it wrote last reaches the console client before
         // the process ends (vireo vm console waits for the probe's OK to POWEROFF).
         self.state.console.finish(CONSOLE_DRAIN_LIMIT);
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();
         match exit {
+            Ok(VmExit::Stopped) if saved.is_some() => WorkerExitReason::Saved {
+                dir: saved.unwrap_or_default(),
+            },
             Ok(VmExit::PowerOff(status)) => WorkerExitReason::PoweredOff { status },
             Ok(VmExit::Reset) => WorkerExitReason::Reset,
             Ok(VmExit::Stopped) => WorkerExitReason::TurnedOff,

@@ -16,6 +16,7 @@ pub mod hotplug;
 pub mod image;
 pub mod launch;
 pub mod metrics;
+pub mod save;
 pub mod server;
 pub mod size;
 
@@ -31,6 +32,8 @@ pub const WORKER_SOCKET: &str = "worker.sock";
 pub const CONSOLE_SOCKET: &str = "console.sock";
 /// The text disk-control protocol of `vireo run --control` (`vireo control PATH ...`).
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// Where `Save` writes the VM unless told otherwise (`vm.state`, `memory.bin`).
+pub const SAVED_DIR: &str = "saved";
 
 /// Now as Unix time in milliseconds.
 pub fn unix_millis() -> i64 {

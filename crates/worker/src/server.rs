@@ -24,6 +24,13 @@ pub const MAX_REQUEST: usize = 4096;
 /// What the requests read and act on.
 pub struct State {
     pub vm_id: Uuid,
+    /// The VM's folder (`Save` defaults to its `saved/`).
+    pub vm_dir: PathBuf,
+    /// The spec the VM was started with, carried in a save's state file.
+    pub spec_json: String,
+    pub spec_name: String,
+    /// Where `Save` put the VM, once it has (the VM then stops and the worker exits `Saved`).
+    pub saved_to: std::sync::Mutex<Option<PathBuf>>,
     pub console: Arc<Console>,
     pub console_socket: PathBuf,
     pub shutdown_line: Option<String>,
@@ -204,6 +211,17 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("remove disk", message),
         },
+        WorkerOp::Save { dir } => {
+            let dir = dir.unwrap_or_else(|| s.vm_dir.join(crate::SAVED_DIR));
+            match crate::save::save(s, &dir) {
+                Ok(()) => {
+                    // The state is complete on disk; the disks close (and unlock) only as
+                    // the process ends, after this reply.
+                    return (WorkerReply::Ok, Some(|s: &State| s.vm.request_stop()));
+                }
+                Err(message) => refused("save", message),
+            }
+        }
     };
     (reply, None)
 }

@@ -28,6 +28,7 @@ fn start_niced() -> Worker {
         vm_id,
         spec: probe_spec(),
         nic_sockets: vec![],
+        restore_from: None,
     };
     std::fs::write(
         dir.path().join("spec.json"),

@@ -1,4 +1,4 @@
-//! `vireo vm start|stop|turn-off|pause|resume|reset`. Start and stop are jobs in the daemon: the command follows
+//! `vireo vm start|stop|save|turn-off|pause|resume|reset`. Start, stop and save are jobs in the daemon: the command follows
 //! the job to its end (`job::wait`) unless `--no-wait`, and exits 1 with the job's error when it
 //! fails. Turn-off, pause, resume and reset answer at once with the VM.
 
@@ -58,6 +58,22 @@ pub fn start(client: &Client, args: StartArgs) -> Result<ExitCode, Box<dyn Error
         &args.vm,
         "start",
         "running",
+        args.no_wait,
+        args.output,
+    )
+}
+
+/// `vireo vm save NAME`: state + memory into the VM's folder, the worker ends, the VM is
+/// `saved`; `vireo vm start` continues it (`turn-off` discards the saved state).
+pub fn save(client: &Client, args: StartArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let path = super::path(&args.vm)?;
+    let job: Job = client.post(&format!("{path}/save"), None::<&()>)?;
+    follow(
+        client,
+        job,
+        &args.vm,
+        "save",
+        "saved",
         args.no_wait,
         args.output,
     )

@@ -38,6 +38,7 @@ pub fn describe(reason: &WorkerExitReason) -> String {
         WorkerExitReason::TurnedOff => "the VM was turned off".into(),
         WorkerExitReason::StartFailed { message } => message.clone(),
         WorkerExitReason::VcpuFailed { message } => format!("a vCPU failed: {message}"),
+        WorkerExitReason::Saved { dir } => format!("the VM was saved to {}", dir.display()),
     }
 }
 
@@ -84,6 +85,7 @@ pub fn decide(
         // Gone with no trace while nobody watched: that is a crash, even mid-start.
         (_, None) if death == Death::GoneWhileDown => vec![crashed],
         (_, Some(WorkerExitReason::VcpuFailed { .. })) => vec![crashed],
+        (VmState::Saving, Some(WorkerExitReason::Saved { .. })) => vec![Action::Saved],
         (VmState::Starting, Some(WorkerExitReason::PoweredOff { .. }))
         | (VmState::Starting, Some(WorkerExitReason::Reset))
         | (VmState::Starting, Some(WorkerExitReason::TurnedOff)) => {
@@ -106,6 +108,22 @@ mod tests {
 
     fn run(state: VmState, exit: Option<WorkerExitReason>, death: Death, forced: bool) -> Verdict {
         decide(&state, 7, exit.as_ref(), death, forced, Some("last words"))
+    }
+
+    #[test]
+    fn a_saved_exit_while_saving_means_saved() {
+        let dir = std::path::PathBuf::from("/vm/saved");
+        let v = run(
+            VmState::Saving,
+            Some(WorkerExitReason::Saved { dir }),
+            Death::Code(0),
+            false,
+        );
+        assert_eq!(v.action, Some(Action::Saved));
+        assert_eq!(v.message, "the VM was saved to /vm/saved");
+        // A worker that dies mid-save is a crash.
+        let v = run(VmState::Saving, None, Death::Signal(9), false);
+        assert!(matches!(v.action, Some(Action::WorkerExited { .. })));
     }
 
     #[test]

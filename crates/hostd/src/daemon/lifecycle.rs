@@ -13,6 +13,7 @@ use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
 
 use super::http_error::HttpError;
 use super::jobs::cancelled;
+use super::save;
 use super::supervisor::Worker;
 use super::worker_client::{call_once, WorkerConn};
 use super::Daemon;
@@ -25,20 +26,32 @@ const POLL: Duration = Duration::from_millis(50);
 /// `POST /vms/{vm}/start`: Starting, spawn, and a job that completes when the vCPUs run.
 pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
     let _guard = daemon.try_lock_vm(vm)?;
+    // A saved VM continues from its saved state (docs/vm-state.md, "Through vireod").
+    let restore = (daemon.store.get_by_id(vm.id())?.state == VmState::Saved)
+        .then(|| save::saved_dir(daemon, vm.id()));
+    let failed = match restore {
+        Some(_) => Action::RestoreFailed,
+        None => Action::StartFailed,
+    };
     let vm = daemon.store.set_state(vm.id(), &Action::Start)?;
+    if restore.is_none() {
+        // Leftovers of a restore whose clean-up was cut short are never used.
+        save::discard(daemon, vm.id());
+    }
     let job = match daemon.store.create_job(Some(vm.id()), JobKind::Start) {
         Ok(job) => job,
         Err(e) => {
             // No job, no worker: the VM must not stay `starting`.
-            let _ = daemon.store.set_state(vm.id(), &Action::StartFailed);
+            let _ = daemon.store.set_state(vm.id(), &failed);
             return Err(e.into());
         }
     };
-    let worker = match daemon.sup.spawn(daemon, &vm) {
+    let restoring = restore.is_some();
+    let worker = match daemon.sup.spawn(daemon, &vm, restore) {
         Ok(w) => w,
         Err(message) => {
             tracing::error!(vm = %vm.id(), %message, "start failed");
-            let _ = daemon.store.set_state(vm.id(), &Action::StartFailed);
+            let _ = daemon.store.set_state(vm.id(), &failed);
             return Ok(daemon.store.finish_job(job.id, Err(message))?);
         }
     };
@@ -52,6 +65,14 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
         tokio::select! {
             () = run_start(&d, &worker, Some(job_id)) => {}
             () = cancelled(cancel) => {}
+        }
+        // The restored VM runs: its saved state is spent (a failed restore keeps it).
+        if restoring
+            && d.store
+                .get_by_id(worker.vm_id)
+                .is_ok_and(|v| v.state.has_worker())
+        {
+            save::discard(&d, worker.vm_id);
         }
         d.jobs.finished(job_id);
     });
@@ -218,6 +239,12 @@ pub async fn turn_off(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Vm, HttpError> {
 async fn turn_off_locked(daemon: &Daemon, id: Uuid) -> Result<Vm, HttpError> {
     let vm = daemon.store.get_by_id(id)?;
     transition(&vm.state, &Action::TurnOff)?;
+    if vm.state == VmState::Saved {
+        // Turning off a saved VM discards its saved state (docs/api.md).
+        let off = daemon.store.set_state(id, &Action::TurnOff)?;
+        save::discard(daemon, id);
+        return Ok(off);
+    }
     if let Some(w) = daemon.sup.get(id) {
         if w.force_off().await.is_none() {
             return Err(HttpError::internal(format!(

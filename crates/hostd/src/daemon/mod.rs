@@ -22,6 +22,7 @@ pub mod prom_pools;
 pub mod router;
 pub mod routes;
 pub mod sampler;
+pub mod save;
 pub mod server;
 pub mod storage;
 pub mod supervisor;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 use vireo_api::worker::{WorkerExit, WorkerLaunch, WorkerOp, WorkerRecord};
-use vireo_api::{Vm, VmState};
+use vireo_api::{Action, Vm, VmState};
 
 use super::exit::{decide, Death};
 use super::{files, procfs, sys, worker_client, Daemon};
@@ -159,7 +159,12 @@ impl Supervisor {
     /// Writes `spec.json`, spawns the worker in its own process group (stdin /dev/null, output
     /// appended to `worker.log`), records it in `worker.json` and starts watching it. The VM
     /// must already be `Starting` (the caller holds its lock).
-    pub fn spawn(&self, daemon: &Arc<Daemon>, vm: &Vm) -> Result<Arc<Worker>, String> {
+    pub fn spawn(
+        &self,
+        daemon: &Arc<Daemon>,
+        vm: &Vm,
+        restore_from: Option<PathBuf>,
+    ) -> Result<Arc<Worker>, String> {
         let dir = daemon.store.vm_dir(vm.id());
         files::remove(&files::path(&dir, files::EXIT));
         files::remove(&files::path(&dir, files::RECORD));
@@ -167,6 +172,7 @@ impl Supervisor {
             vm_id: vm.id(),
             spec: vm.spec.clone(),
             nic_sockets: super::switches::nic_sockets(daemon, vm),
+            restore_from,
         };
         let spec_path = files::path(&dir, files::SPEC);
         files::write_json_atomic(&spec_path, &launch)
@@ -310,7 +316,12 @@ pub fn apply_verdict(
         forced,
         log_line.as_deref(),
     );
-    let state = match verdict.action {
+    // A start from a saved state that failed keeps the state (the VM goes back to Saved).
+    let action = verdict.action.map(|a| match a {
+        Action::StartFailed if super::save::has_saved_state(daemon, vm_id) => Action::RestoreFailed,
+        a => a,
+    });
+    let state = match action {
         None => Some(vm.state),
         Some(action) => match daemon.store.set_state(vm_id, &action) {
             Ok(vm) => Some(vm.state),

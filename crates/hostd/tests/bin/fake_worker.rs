@@ -12,7 +12,11 @@
 //! - `fake.ignore_shutdown`, `fake.ignore_turnoff`: answer `Ok` and do nothing;
 //! - `fake.vcpu_fail_ms=N`: N ms after running, exit with `VcpuFailed`;
 //! - `fake.wrong_id`: `Hello` answers another VM's id;
-//! - `fake.refuse=OP`: `Pause`, `Resume` or `Reset` (OP lower case) answers `Error`.
+//! - `fake.refuse=OP`: `Pause`, `Resume`, `Reset` or `Save` (OP lower case) answers `Error`.
+//!
+//! `Save` writes `vm.state` (the text `fake-state`) and `memory.bin` into the save directory
+//! and exits `Saved`; a launch with `restore_from` whose `vm.state` is not exactly that exits
+//! `StartFailed` naming the file, and otherwise prints `fake guest NAME restored`.
 //!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
@@ -187,6 +191,22 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
         WorkerOp::AddDisk { .. } | WorkerOp::RemoveDisk { .. } => WorkerReply::Error {
             message: "the fake worker does not hot-plug disks".into(),
         },
+        WorkerOp::Save { dir: to } => {
+            if word(&launch, "fake.refuse") == Some("save") {
+                return WorkerReply::Error {
+                    message: "fake worker refuses save".into(),
+                };
+            }
+            let to = to.unwrap_or_else(|| dir.join("saved"));
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::write(to.join("memory.bin"), b"fake-memory").unwrap();
+            std::fs::write(to.join("vm.state"), FAKE_STATE).unwrap();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(50));
+                exit_with(&dir, WorkerExitReason::Saved { dir: to }, 0)
+            });
+            WorkerReply::Ok
+        }
         WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
             let name = match op {
                 WorkerOp::Pause => "pause",
@@ -264,6 +284,9 @@ fn bind(path: &Path) -> UnixListener {
     UnixListener::bind(path).unwrap()
 }
 
+/// What the fake writes as a saved state.
+const FAKE_STATE: &[u8] = b"fake-state";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = match args.as_slice() {
@@ -280,6 +303,13 @@ fn main() {
         let message = msg.replace('_', " ");
         exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);
     }
+    if let Some(from) = &launch.restore_from {
+        let state = from.join("vm.state");
+        if std::fs::read(&state).ok().as_deref() != Some(FAKE_STATE) {
+            let message = format!("restoring the saved VM: {} is damaged", state.display());
+            exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);
+        }
+    }
     if word(&launch, "fake.crash_start").is_some() {
         eprintln!("fake worker: crashing at start");
         std::process::exit(3);
@@ -288,6 +318,7 @@ fn main() {
     let never_runs = word(&launch, "fake.never_runs").is_some();
     let vcpu_fail_ms: Option<u64> = word(&launch, "fake.vcpu_fail_ms").map(|v| v.parse().unwrap());
     let name = launch.spec.name.clone();
+    let restored = launch.restore_from.is_some();
     let g: Shared = Arc::new(Mutex::new(Guest {
         dir: dir.clone(),
         launch,
@@ -314,7 +345,8 @@ fn main() {
         thread::spawn(move || {
             thread::sleep(Duration::from_millis(boot_ms));
             gb.lock().unwrap().started_at = Some(now_ms());
-            output(&gb, format!("fake guest {name} running\n").as_bytes());
+            let how = if restored { "restored" } else { "running" };
+            output(&gb, format!("fake guest {name} {how}\n").as_bytes());
             if let Some(ms) = vcpu_fail_ms {
                 thread::sleep(Duration::from_millis(ms));
                 let dir = gb.lock().unwrap().dir.clone();

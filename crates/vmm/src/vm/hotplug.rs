@@ -84,6 +84,23 @@ impl VirtioDevice for EmptySlot {
         Err(ActivateError::QueueCount { want: 0, got: 0 })
     }
     fn reset(&mut self) {}
+    fn save_state(
+        &self,
+    ) -> Result<vireo_virtio::state::DeviceState, vireo_virtio::state::StateError> {
+        Ok(vireo_virtio::state::DeviceState::Empty)
+    }
+    fn restore_state(
+        &mut self,
+        state: &vireo_virtio::state::DeviceState,
+    ) -> Result<(), vireo_virtio::state::StateError> {
+        match state {
+            vireo_virtio::state::DeviceState::Empty => Ok(()),
+            other => Err(vireo_virtio::state::StateError::WrongDevice {
+                saved: other.kind(),
+                device: "empty slot",
+            }),
+        }
+    }
 }
 
 /// One disk slot: where it is, its interrupt, and the disk in it (if any).
@@ -157,9 +174,11 @@ pub(crate) fn with_empty_slots(
     mut devices: Vec<crate::VirtioSlot>,
     slots: usize,
 ) -> (Vec<crate::VirtioSlot>, usize) {
+    // A restore hands in its slots already laid out (`arrange_saved_slots`): empty ones
+    // count as slots too.
     let disks = devices
         .iter()
-        .take_while(|d| d.device.device_type() == vireo_virtio::device_type::BLOCK)
+        .take_while(|d| matches!(d.device.device_type(), vireo_virtio::device_type::BLOCK | 0))
         .count();
     let empty = slots.min(MAX_DISK_SLOTS).saturating_sub(disks);
     let tail = devices.split_off(disks);
@@ -169,6 +188,50 @@ pub(crate) fn with_empty_slots(
     }));
     devices.extend(tail);
     (devices, disks + empty)
+}
+
+/// For a restore: puts the config's disks into the slots they were in when the VM was saved
+/// (`saved`: the saved VM's device types, 0 for an empty slot), so a VM whose hot-added or
+/// removed disks left gaps comes back with the same layout. The config's disks are the saved
+/// disks in slot order (the owner's spec at save time). Configs without disk slots pass as
+/// they are.
+pub(crate) fn arrange_saved_slots(
+    mut devices: Vec<crate::VirtioSlot>,
+    saved: &[u32],
+    slots: usize,
+) -> Result<Vec<crate::VirtioSlot>, crate::StateError> {
+    use vireo_virtio::device_type::BLOCK;
+    if slots == 0 {
+        return Ok(devices);
+    }
+    let disks = devices
+        .iter()
+        .take_while(|d| d.device.device_type() == BLOCK)
+        .count();
+    let count = slots.min(MAX_DISK_SLOTS).max(disks);
+    let rest = devices.split_off(disks);
+    let layout = saved.get(..count).unwrap_or(saved);
+    let saved_disks = layout.iter().filter(|&&t| t == BLOCK).count();
+    if layout.len() != count || saved_disks != disks || layout.iter().any(|&t| t != BLOCK && t != 0)
+    {
+        return Err(crate::StateError::Mismatch(format!(
+            "saved with {saved_disks} disk(s) in {} slot(s), this VM has {disks} disk(s) in {count}",
+            layout.iter().filter(|&&t| t == BLOCK || t == 0).count()
+        )));
+    }
+    let mut disks = devices.into_iter();
+    let mut out: Vec<crate::VirtioSlot> = layout
+        .iter()
+        .map(|&t| match t {
+            BLOCK => disks.next().expect("counted above"),
+            _ => crate::VirtioSlot {
+                device: Box::new(EmptySlot),
+                flush_on_exit: None,
+            },
+        })
+        .collect();
+    out.extend(rest);
+    Ok(out)
 }
 
 impl VmHandle {

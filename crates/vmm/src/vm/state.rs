@@ -175,8 +175,13 @@ impl Vm {
     /// one) and loads the saved memory and state into it. The VM is returned **paused**: run
     /// it, then [`VmHandle::resume`]. Any error leaves nothing running (the half-built VM is
     /// dropped).
-    pub fn restore(config: VmConfig, from: &RestoreFrom) -> Result<Vm, StateError> {
+    pub fn restore(mut config: VmConfig, from: &RestoreFrom) -> Result<Vm, StateError> {
         let st = &from.state;
+        config.devices = super::hotplug::arrange_saved_slots(
+            std::mem::take(&mut config.devices),
+            &st.machine.devices,
+            config.disk_slots,
+        )?;
         let devices: Vec<u32> = config
             .devices
             .iter()

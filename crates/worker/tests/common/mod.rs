@@ -50,17 +50,27 @@ impl Worker {
     /// Writes `spec` into a fresh VM folder and starts the worker on it (stderr to
     /// `worker.log`, as vireod does).
     pub fn start(spec: VmSpec) -> Worker {
-        Self::start_with_nics(spec, vec![])
+        Worker::launch(uuid::Uuid::new_v4(), spec, vec![], None)
     }
 
     /// `start` with the NICs' vhost-user sockets (`WorkerLaunch.nic_sockets`).
     pub fn start_with_nics(spec: VmSpec, nic_sockets: Vec<PathBuf>) -> Worker {
+        Worker::launch(uuid::Uuid::new_v4(), spec, nic_sockets, None)
+    }
+
+    /// As `start`, for VM `vm_id`, with NIC sockets, restoring from a save directory when given.
+    pub fn launch(
+        vm_id: uuid::Uuid,
+        spec: VmSpec,
+        nic_sockets: Vec<PathBuf>,
+        restore_from: Option<PathBuf>,
+    ) -> Worker {
         let dir = tempfile::tempdir().unwrap();
-        let vm_id = uuid::Uuid::new_v4();
         let launch = WorkerLaunch {
             vm_id,
             spec,
             nic_sockets,
+            restore_from,
         };
         std::fs::write(
             dir.path().join("spec.json"),

@@ -8,7 +8,7 @@ use vireo_api::{Action, Job, StopRequest, Vm};
 
 use super::St;
 use crate::daemon::http_error::{optional_json, ApiPath, HttpError};
-use crate::daemon::{lifecycle, pause};
+use crate::daemon::{lifecycle, pause, save};
 
 pub async fn start(
     State(d): St,
@@ -48,4 +48,12 @@ pub async fn resume(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<
 pub async fn reset(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Vm>, HttpError> {
     let vm = d.find(&key)?;
     Ok(Json(pause::worker_action(&d, &vm, Action::Reset).await?))
+}
+
+pub async fn save_vm(
+    State(d): St,
+    ApiPath(key): ApiPath<String>,
+) -> Result<(StatusCode, Json<Job>), HttpError> {
+    let vm = d.find(&key)?;
+    Ok((StatusCode::ACCEPTED, Json(save::save(&d, &vm).await?)))
 }

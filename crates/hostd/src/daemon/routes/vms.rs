@@ -46,8 +46,13 @@ pub async fn put_spec(
     let _guard = d.try_lock_vm(&vm)?;
     let vm = d.store.get_by_id(vm.id())?;
     if !matches!(vm.state, VmState::Off | VmState::Critical { .. }) {
+        let what = if vm.state == VmState::Saved {
+            "turn it off first (that discards the saved state)"
+        } else {
+            "turn it off first"
+        };
         return Err(HttpError::conflict(format!(
-            "cannot change the spec of a VM that is {}; turn it off first",
+            "cannot change the spec of a VM that is {}; {what}",
             vm.state
         )));
     }

@@ -1,0 +1,286 @@
+//! End to end: `vireo vm save` / `vireo vm start` of a probe-guest VM through a real vireod
+//! and its `vireo-vm` workers. The guest writes a disk pattern, fills memory and runs its dirty
+//! workload; after the save the worker is gone and the files exist; vireod is SIGKILLed and
+//! restarted (the VM stays saved); `vm start` continues the guest (its workload still runs,
+//! memory and disk verify, no second `PROBE READY`). A damaged state file fails the start
+//! with one line naming it and keeps the VM saved; saving an off VM fails (409 → exit 1).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vireo_api::Vm;
+
+const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
+
+fn binaries() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(VIREO).parent().unwrap();
+    let (vireod, worker) = (dir.join("vireod"), dir.join("vireo-vm"));
+    if vireod.is_file() && worker.is_file() {
+        return Some((vireod, worker));
+    }
+    vireo_testkit::skip("vireod and vireo-vm built beside vireo");
+    None
+}
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Daemon {
+    fn spawn(dir: &Path) -> Child {
+        let (vireod, worker) = binaries().unwrap();
+        let socket = dir.join("state").join("vireod.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(vireod)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--worker-bin")
+            .arg(worker)
+            .arg("--storage-root")
+            .arg(dir)
+            .arg("--storage-root")
+            .arg(vireo_probe_image::probe_elf().parent().unwrap())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("vireod.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "vireod did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn start() -> Option<Daemon> {
+        binaries()?;
+        let dir = tempfile::tempdir().unwrap();
+        let child = Daemon::spawn(dir.path());
+        Some(Daemon { dir, child })
+    }
+
+    fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Daemon::spawn(self.dir.path());
+    }
+
+    fn vireo(&self, args: &[&str]) -> Command {
+        let socket = self.dir.path().join("state").join("vireod.sock");
+        let mut cmd = Command::new(VIREO);
+        cmd.arg("--host")
+            .arg(format!("unix:{}", socket.display()))
+            .args(args)
+            .env_remove("VIREO_HOST")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .vireo(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "vireo {args:?} hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vireo {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        assert!(!out.status.success(), "vireo {args:?} succeeded");
+        let err = String::from_utf8(out.stderr).unwrap();
+        (
+            out.status.code().unwrap(),
+            err.lines().last().unwrap_or_default().to_string(),
+        )
+    }
+
+    fn vm(&self, name: &str) -> Vm {
+        serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.vireo(&["vm", "turn-off", "s"]).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vireo vm console` through pipes.
+struct Console {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Console {
+    fn attach(d: &Daemon, name: &str) -> Console {
+        let mut child = d
+            .vireo(&["vm", "console", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Console {
+            stdin: child.stdin.take().unwrap(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn ask(&mut self, command: &str) -> String {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .unwrap();
+        self.stdin.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {command}; saw {:?}", self.seen));
+            self.seen.push(line.clone());
+            if line.starts_with("OK") || line.starts_with("ERR") {
+                return line;
+            }
+        }
+    }
+
+    fn ok(&mut self, command: &str) -> String {
+        let a = self.ask(command);
+        assert!(a.starts_with("OK"), "{command}: {a}");
+        a
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn probe_guest_save_survives_a_vireod_kill_and_start_continues_it() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(mut d) = Daemon::start() else { return };
+    std::fs::write(d.dir.path().join("s.img"), vec![0u8; 1 << 20]).unwrap();
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    d.ok(&[
+        "vm", "create", "s", "--kernel", &kernel, "--memory", "32M", "--disk", "s.img",
+    ]);
+    let (code, line) = d.fails(&["vm", "save", "s"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("off"), "{line}");
+
+    d.ok(&["vm", "start", "s"]);
+    let id = d.vm("s").identity.id.to_string();
+    let vm_dir = d.dir.path().join("state").join("vms").join(&id);
+    let mut c = Console::attach(&d, "s");
+    c.ok("DISK 0 WRITE 0 64 5");
+    c.ok("MEM FILL 16 8 9");
+    c.ok("DIRTY START 8 4 0");
+    drop(c);
+    let pid: u32 = {
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(vm_dir.join("worker.json")).unwrap()).unwrap();
+        rec["pid"].as_u64().unwrap() as u32
+    };
+
+    let out = d.ok(&["vm", "save", "s"]);
+    assert!(out.contains("VM s is saved"), "{out}");
+    assert_eq!(d.vm("s").state.name(), "saved");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the worker is still there"
+    );
+    let saved = vm_dir.join("saved");
+    assert!(saved.join("vm.state").is_file() && saved.join("memory.bin").is_file());
+    let list = d.ok(&["vm", "list"]);
+    assert!(list.contains("saved"), "{list}");
+
+    d.kill9_and_restart();
+    assert_eq!(d.vm("s").state.name(), "saved");
+
+    d.ok(&["vm", "start", "s"]);
+    assert_eq!(d.vm("s").state.name(), "running");
+    let mut c = Console::attach(&d, "s");
+    let stop = c.ok("DIRTY STOP");
+    assert!(stop.contains("passes="), "{stop}");
+    c.ok("MEM VERIFY 16 8 9");
+    c.ok("DISK 0 VERIFY 0 64 5");
+    let log = d.ok(&["vm", "console", "s", "--log"]);
+    assert!(
+        !log.contains("PROBE READY"),
+        "the guest booted again: {log}"
+    );
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while saved.exists() {
+        assert!(Instant::now() < deadline, "the saved state was not deleted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A damaged save: the start fails naming the file, the VM stays saved, the files stay.
+    d.ok(&["vm", "save", "s"]);
+    let state = saved.join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0xff;
+    std::fs::write(&state, &bytes).unwrap();
+    let (code, line) = d.fails(&["vm", "start", "s"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains(&state.display().to_string()), "{line}");
+    assert_eq!(d.vm("s").state.name(), "saved");
+    assert_eq!(std::fs::read(&state).unwrap(), bytes);
+    // Turn-off discards it.
+    d.ok(&["vm", "turn-off", "s"]);
+    assert_eq!(d.vm("s").state.name(), "off");
+    assert!(!saved.exists());
+}
