@@ -2,8 +2,9 @@
 //! On this kind of host a kick is a VM exit (~25 µs under KVM-PVM), so catching the driver's next
 //! request by polling a few tens of µs saves more than it costs; but a guest that pauses longer
 //! would only burn a host CPU, so the window adapts: it grows when the kick that woke the worker
-//! came soon after it gave up polling (a longer poll would have caught it), and shrinks when the
-//! worker slept longer than the largest window (polling was wasted).
+//! came soon after it gave up polling (a longer poll would have caught it; the wait measured
+//! includes the kick's own exit, hence up to twice the largest window counts as soon), and
+//! shrinks when the worker slept much longer than that (the guest had gone quiet).
 
 use std::time::Duration;
 
@@ -40,9 +41,9 @@ impl PollWindow {
     /// The worker polled for `polled` without finding work, then slept `slept` until something
     /// woke it; `kicked` is true when that was the driver.
     pub fn slept(&mut self, polled: Duration, slept: Duration, kicked: bool) {
-        if kicked && polled + slept <= self.max {
+        if kicked && slept <= 2 * self.max {
             self.now = (self.now * 2).max(GROW_FROM).min(self.max);
-        } else if polled + slept > self.max {
+        } else if polled + slept > 4 * self.max {
             self.now /= 2;
             if self.now < GROW_FROM {
                 self.now = Duration::ZERO;
@@ -65,8 +66,18 @@ mod tests {
             w.slept(w.window(), 10_000 * US, true);
         }
         assert_eq!(w.window(), Duration::ZERO, "an idle guest ends polling");
-        w.slept(Duration::ZERO, 20 * US, true);
-        assert_eq!(w.window(), GROW_FROM);
+        w.slept(Duration::ZERO, 150 * US, true);
+        assert_eq!(
+            w.window(),
+            Duration::ZERO,
+            "a slow guest does not bring polling back"
+        );
+        w.slept(Duration::ZERO, 90 * US, true);
+        assert_eq!(
+            w.window(),
+            GROW_FROM,
+            "a kick within two windows (exit included) does"
+        );
         for _ in 0..10 {
             w.slept(w.window(), 5 * US, true);
         }
