@@ -13,6 +13,7 @@ mod device;
 pub mod net;
 mod notifier;
 mod pause;
+mod poll;
 mod queue;
 pub mod state;
 mod worker;

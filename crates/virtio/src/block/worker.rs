@@ -1,9 +1,12 @@
 //! The thread serving a virtio-blk queue: wakes on the driver's kick, executes every available
-//! request, then interrupts the driver if (per EVENT_IDX) it asked to be told.
+//! request, then interrupts the driver if (per EVENT_IDX) it asked to be told. After a batch it
+//! polls the ring for a short adaptive window with notifications off ([`PollWindow`]), so a
+//! driver that queues its next request quickly does not pay a VM exit to kick.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vireo_block::BlockBackend;
 use virtio_queue::{Queue, QueueT};
@@ -15,7 +18,8 @@ use super::request::RequestContext;
 use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
-use crate::queue::{notify_if_needed, serve_queue_gated, Served};
+use crate::poll::PollWindow;
+use crate::queue::{notify_if_needed, poll_avail, serve_queue_gated, Served};
 use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
 use crate::{GuestMemory, QueueHandle, VirtioInterrupt};
@@ -35,6 +39,7 @@ pub(crate) struct BlockWorker {
     /// Storage QoS; `None` when the disk has none.
     gate: Option<Gate>,
     pause: Arc<PauseCtl>,
+    poll: PollWindow,
 }
 
 /// The disk a worker serves: its backend and what the device keeps across activations.
@@ -73,6 +78,7 @@ impl BlockWorker {
             backend,
             counters,
             serial,
+            poll: PollWindow::for_block(),
         }
     }
 
@@ -90,7 +96,7 @@ impl BlockWorker {
     fn run(mut self, events: EventLoop) {
         let mut buf = Vec::new();
         // A driver may have queued requests before the device was activated.
-        self.serve(&mut buf);
+        let mut last = self.serve(&mut buf);
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a request boundary: nothing taken from the ring is
@@ -102,20 +108,37 @@ impl BlockWorker {
                     if let Some(g) = self.gate.as_mut() {
                         g.pause(&self.counters);
                     }
+                    last = Pass::default();
                     true
                 }
                 Park::Resumed => {
                     drain(&self.kick);
-                    self.serve(&mut buf);
+                    last = self.serve(&mut buf);
                     false
                 }
             };
+            // Poll only after a pass that used chains (an idle guest or a bad ring never makes
+            // the thread spin) and not while QoS holds a request (its timer brings it back).
+            let mut polled = Duration::ZERO;
+            let mut found = false;
+            if !parked && last.used > 0 && !last.held && !self.poll.window().is_zero() {
+                let start = Instant::now();
+                let window = self.poll.window();
+                let pause = &*self.pause;
+                found = poll_avail(&mut self.queue, &self.mem, || {
+                    start.elapsed() < window && !pause.requested()
+                });
+                polled = start.elapsed();
+            }
             // A held request or a measurement window brings the thread back without a kick;
-            // a parked thread waits for its resume (or stop) alone.
+            // a parked thread waits for its resume (or stop) alone; polled work only checks
+            // for a stop or pause without waiting.
             let timeout = match (&self.gate, parked) {
+                _ if found => 0,
                 (Some(g), false) => g.timeout_ms(),
                 _ => -1,
             };
+            let slept_from = Instant::now();
             if let Err(e) = events.wait_timeout(&mut ready, timeout) {
                 tracing::error!("virtio-blk: epoll failed, device stops: {e}");
                 return;
@@ -132,12 +155,16 @@ impl BlockWorker {
                 drain(&self.kick);
                 continue;
             }
+            if !found {
+                let kicked = ready.contains(&TOKEN_KICK);
+                self.poll.slept(polled, slept_from.elapsed(), kicked);
+            }
             drain(&self.kick);
-            self.serve(&mut buf);
+            last = self.serve(&mut buf);
         }
     }
 
-    fn serve(&mut self, buf: &mut Vec<u8>) {
+    fn serve(&mut self, buf: &mut Vec<u8>) -> Pass {
         let mem = &self.mem;
         let gate = &mut self.gate;
         let counters = &*self.counters;
@@ -183,5 +210,13 @@ impl BlockWorker {
         if let Some(g) = gate.as_mut() {
             g.serve_ended(held, counters);
         }
+        Pass { used, held }
     }
+}
+
+/// What one serve pass did: chains used, and whether QoS held one back.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    used: usize,
+    held: bool,
 }
