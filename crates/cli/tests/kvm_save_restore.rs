@@ -125,6 +125,10 @@ fn kvm_save_then_restore_continues_the_guest() {
         }
     };
     assert_eq!(ok("PING"), "OK PONG");
+    // The workload started before the save must run on after the restore. It may have done
+    // less than one pass before the save (a loaded host), so give it time to finish one now:
+    // at full speed a pass over 4 MiB takes well under a millisecond of guest time.
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let stop = ok("DIRTY STOP");
     let passes: u64 = vireo_probe_image::console::field(&stop, "passes")
         .unwrap()

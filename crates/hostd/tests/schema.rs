@@ -139,16 +139,20 @@ fn a_version_2_database_gains_pools_and_keeps_its_vms_and_metering() {
         store.save_metering(id, "{}", 1).unwrap();
         id
     };
-    // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool tables.
+    // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool or switch tables.
     Connection::open(&db)
         .unwrap()
         .execute_batch("DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members; DROP TABLE pools;
              PRAGMA user_version = 2;")
         .unwrap();
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(user_version(&Connection::open(&db).unwrap()), 3);
+    assert_eq!(
+        user_version(&Connection::open(&db).unwrap()),
+        current_version()
+    );
     assert_eq!(store.get_by_id(id).unwrap().spec.name, "old");
     assert_eq!(store.load_metering(id).unwrap().as_deref(), Some("{}"));
+    assert!(store.list_switches().unwrap().is_empty());
     assert!(store.list_pools().unwrap().is_empty());
     let pool = store.create_pool("p").unwrap();
     assert_eq!(store.add_to_pool("p", id).unwrap().vms.len(), 1);

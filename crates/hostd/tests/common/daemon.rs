@@ -121,6 +121,10 @@ impl Vireod {
         wait_until(Duration::from_secs(20), "vireod's socket", || {
             UnixStream::connect(&sock).is_ok()
         });
+        // The socket is bound before vireod starts its switches and re-adopts its workers, and
+        // served only after: the first answer means start-up is over (a test that kills an
+        // adopted worker must not race the adoption).
+        assert_eq!(self.get("/v1/host").status, 200, "{}", self.log());
     }
 
     /// vireod's own log (for failure messages).
