@@ -50,13 +50,23 @@ fn private_file(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// A free port on 127.0.0.1 (bound, read, released; vireod binds it right after).
+/// A free port on 127.0.0.1 (bound, read, released; vireod binds it right after), never one
+/// already handed to another test of this binary: they run in parallel, and two vireods given
+/// the same port would leave one test talking to the other's daemon.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 struct Daemon {
@@ -96,6 +106,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut child = child;
         while TcpStream::connect(addr).is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -103,6 +114,13 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Listening, and ours: a vireod that could not bind its port has exited.
+        let log = dir.path().join("vireod.log");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "vireod exited: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Some(Daemon {
             dir,
             addr,
