@@ -1,0 +1,186 @@
+//! A pre-copy migration of a simulated guest over two real socket streams: rounds of dirty
+//! pages while the "guest" keeps writing, then a final stop-and-copy with the device state.
+//! The destination must end byte-identical, whatever the codec.
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use uuid::Uuid;
+use vireo_migration::auto::AutoCompress;
+use vireo_migration::preamble::Preamble;
+use vireo_migration::receiver::{GuestRam, Receiver};
+use vireo_migration::sender::{Compression, Sender};
+use vireo_migration::streams::split;
+use vireo_migration::{Codec, PAGE_SIZE};
+
+const RAM: usize = 16 << 20;
+const STREAMS: u16 = 2;
+
+/// Both receiving streams write into one RAM, as the destination VM's streams do.
+struct SharedRam(Arc<Mutex<Vec<u8>>>);
+
+impl GuestRam for SharedRam {
+    fn size(&self) -> u64 {
+        RAM as u64
+    }
+    fn write_page(&mut self, gpa: u64, data: &[u8]) {
+        self.0.lock().unwrap().write_page(gpa, data)
+    }
+    fn zero_page(&mut self, gpa: u64) {
+        self.0.lock().unwrap().zero_page(gpa)
+    }
+}
+
+/// xorshift: the test's guest writes the same pages on every run.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// The guest runs for a while: dirties `n` pages with text-like (compressible) data, some of
+/// them back to zero. Returns the dirty set.
+fn guest_runs(ram: &mut [u8], seed: &mut u64, n: usize) -> BTreeSet<u64> {
+    let mut dirty = BTreeSet::new();
+    for _ in 0..n {
+        let page = (next(seed) as usize % (RAM / PAGE_SIZE)) * PAGE_SIZE;
+        let v = next(seed);
+        let p = &mut ram[page..page + PAGE_SIZE];
+        if v.is_multiple_of(5) {
+            p.fill(0);
+        } else {
+            for (i, b) in p.iter_mut().enumerate() {
+                *b = b"migrate the guest "[(i + v as usize) % 18];
+            }
+            p[..8].copy_from_slice(&v.to_le_bytes());
+        }
+        dirty.insert(page as u64);
+    }
+    dirty
+}
+
+fn migrate(compression: impl Fn() -> Compression) {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut src = vec![0u8; RAM];
+    guest_runs(&mut src, &mut seed, 2000);
+    let dst = Arc::new(Mutex::new(vec![0xAAu8; RAM])); // garbage: every page must be sent
+    let session = Uuid::new_v4();
+
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for s in 0..STREAMS {
+        let (a, b) = UnixStream::pair().unwrap();
+        senders.push(Sender::start(a, Preamble::new(session, s, STREAMS), compression()).unwrap());
+        let ram = SharedRam(dst.clone());
+        receivers.push(thread::spawn(move || {
+            let mut b = b;
+            let mut ram = ram;
+            let mut rx = Receiver::start(&mut b, Some(session)).unwrap();
+            let stats = rx.run(&mut b, &mut ram).unwrap();
+            (stats, rx.take_device_state())
+        }));
+    }
+
+    // Round 0: everything; then rounds of what the guest dirtied meanwhile; then stop-and-copy.
+    let mut to_send: Vec<u64> = (0..RAM as u64).step_by(PAGE_SIZE).collect();
+    for round in 0..4u32 {
+        for (s, part) in split(&to_send, STREAMS).into_iter().enumerate() {
+            let pages = part
+                .iter()
+                .map(|&g| (g, &src[g as usize..g as usize + PAGE_SIZE]))
+                .collect::<Vec<_>>();
+            senders[s].send_pages(pages).unwrap();
+            senders[s].round_end(round, part.len() as u64, 0).unwrap();
+        }
+        let shrinking = 1500 >> round;
+        to_send = guest_runs(&mut src, &mut seed, shrinking)
+            .into_iter()
+            .collect();
+    }
+    // Paused: the last dirty pages, then the device state on stream 0.
+    for (s, part) in split(&to_send, STREAMS).into_iter().enumerate() {
+        let pages = part
+            .iter()
+            .map(|&g| (g, &src[g as usize..g as usize + PAGE_SIZE]))
+            .collect::<Vec<_>>();
+        senders[s].send_pages(pages).unwrap();
+    }
+    senders[0].device_state(br#"{"vcpus":[]}"#).unwrap();
+    let mut wire = 0;
+    for s in senders {
+        wire += s.done().unwrap().1.wire_bytes;
+    }
+    let mut state = None;
+    for r in receivers {
+        let (stats, st) = r.join().unwrap();
+        assert_eq!(stats.rounds, 4);
+        state = state.or(st);
+    }
+    assert_eq!(state.as_deref(), Some(&br#"{"vcpus":[]}"#[..]));
+    let dst = dst.lock().unwrap();
+    let first_diff = src.iter().zip(dst.iter()).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "destination differs at byte {first_diff:?}"
+    );
+    assert!(wire > 0);
+}
+
+#[test]
+fn precopy_over_two_streams_leaves_an_identical_copy_uncompressed() {
+    migrate(|| Compression::Fixed(Codec::None));
+}
+
+#[test]
+fn precopy_with_lz4_zstd_and_auto() {
+    migrate(|| Compression::Fixed(Codec::Lz4));
+    migrate(|| Compression::Fixed(Codec::Zstd));
+    migrate(|| Compression::Auto(AutoCompress::default()));
+}
+
+#[test]
+fn an_abort_and_a_cut_stream_are_errors_for_the_receiver() {
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let tx = Sender::start(
+        a,
+        Preamble::new(Uuid::new_v4(), 0, 1),
+        Compression::Fixed(Codec::None),
+    )
+    .unwrap();
+    tx.abort("destination refused").unwrap();
+    let mut rx = Receiver::start(&mut b, None).unwrap();
+    let mut ram = vec![0u8; 1 << 16];
+    let e = rx.run(&mut b, &mut ram).unwrap_err();
+    assert!(e.to_string().contains("destination refused"), "{e}");
+
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let mut tx = Sender::start(
+        a,
+        Preamble::new(Uuid::new_v4(), 0, 1),
+        Compression::Fixed(Codec::None),
+    )
+    .unwrap();
+    tx.send_pages([(0u64, &[1u8; PAGE_SIZE][..])]).unwrap();
+    drop(tx);
+    let mut rx = Receiver::start(&mut b, None).unwrap();
+    assert!(
+        rx.run(&mut b, &mut ram).is_err(),
+        "a stream without Done is not complete"
+    );
+    assert_eq!(ram[0], 1, "what arrived was applied");
+
+    let (a, mut b) = UnixStream::pair().unwrap();
+    Sender::start(
+        a,
+        Preamble::new(Uuid::new_v4(), 0, 1),
+        Compression::Fixed(Codec::None),
+    )
+    .unwrap();
+    assert!(
+        Receiver::start(&mut b, Some(Uuid::new_v4())).is_err(),
+        "other session"
+    );
+}
