@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod host_trust;
 pub mod identity;
 pub mod job;
 pub mod mac;
@@ -22,6 +23,7 @@ pub mod vm;
 pub mod worker;
 
 pub use error::{ApiError, ApiErrorCode};
+pub use host_trust::{HostIdentityInfo, TrustedHost};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;

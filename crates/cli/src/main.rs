@@ -8,6 +8,7 @@ mod control_client;
 mod disk;
 mod exit;
 mod host;
+mod hostcmd;
 mod job;
 mod output;
 mod pool;
@@ -74,6 +75,10 @@ enum Command {
     /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
     #[command(subcommand)]
     Job(job::JobCommand),
+    /// This host's identity for migration, and the hosts it trusts: identity, trust
+    /// list|add|rm.
+    #[command(subcommand)]
+    Host(hostcmd::HostCommand),
     /// Print a shell completion script (bash, zsh or fish) for every vireo command.
     Completions(completions::CompletionsArgs),
 }
@@ -107,6 +112,9 @@ fn main() -> ExitCode {
         Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),
+        Command::Host(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| hostcmd::execute(&client, cmd)),
         Command::Completions(args) => completions::print(&args, &mut Cli::command())
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),

@@ -897,3 +897,62 @@ fn assert_json_close(a: &serde_json::Value, b: &serde_json::Value) {
         _ => assert_eq!(a, b),
     }
 }
+
+#[test]
+fn host_identity_and_trust_between_two_daemons() {
+    let Some(a) = Daemon::start() else { return };
+    let Some(b) = Daemon::start() else { return };
+    let fp_a = a.ok(&["host", "identity"]).trim().to_string();
+    let fp_b = b.ok(&["host", "identity"]).trim().to_string();
+    assert!(fp_a.starts_with("sha256:") && fp_a.len() == 71, "{fp_a}");
+    assert_ne!(fp_a, fp_b, "every host has its own identity");
+    assert_eq!(
+        a.ok(&["host", "identity"]).trim(),
+        fp_a,
+        "made once, then kept"
+    );
+    assert!(a
+        .ok(&["host", "identity", "--output", "pem"])
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    let key = a.dir.path().join("state/host/host.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    assert!(a
+        .ok(&["host", "trust", "add", &fp_b, "node-b"])
+        .contains("node-b"));
+    b.ok(&["host", "trust", "add", &fp_a, "node-a"]);
+    let listed: Vec<vireo_api::TrustedHost> =
+        serde_json::from_str(&a.ok(&["host", "trust", "list", "--output", "json"])).unwrap();
+    assert_eq!(
+        listed,
+        vec![vireo_api::TrustedHost {
+            fingerprint: fp_b.clone(),
+            name: "node-b".into()
+        }]
+    );
+    assert!(a.ok(&["host", "trust", "list"]).contains("node-b"));
+    // Adding again renames; the list keeps one entry.
+    a.ok(&["host", "trust", "add", &fp_b, "b2"]);
+    assert!(a.ok(&["host", "trust", "list"]).contains("b2"));
+
+    // Bad input exits 2 with one line naming the problem: refused before any request (a
+    // malformed fingerprint) or by vireod's 422 (this host's own, a bad name).
+    assert_eq!(a.fails(&["host", "trust", "add", "sha256:12", "x"]).0, 2);
+    let (status, err) = a.fails(&["host", "trust", "add", &fp_a, "me"]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("own fingerprint"), "{err}");
+    assert_eq!(a.fails(&["host", "trust", "add", &fp_b, "bad name"]).0, 2);
+
+    a.ok(&["host", "trust", "rm", &fp_b]);
+    assert_eq!(
+        a.ok(&["host", "trust", "list", "--output", "json"]).trim(),
+        "[]"
+    );
+    let (status, err) = a.fails(&["host", "trust", "rm", &fp_b]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("not a trusted host"), "{err}");
+}

@@ -10,6 +10,7 @@ mod api_error;
 pub mod daemon;
 pub mod error;
 pub mod folders;
+pub mod host_trust;
 mod jobs;
 pub mod limits;
 mod meter_store;

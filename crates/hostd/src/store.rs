@@ -104,6 +104,11 @@ impl Store {
         })
     }
 
+    /// The directory the store was opened in (`vms/` is inside it).
+    pub fn state_dir(&self) -> &Path {
+        self.vms_dir.parent().unwrap_or(&self.vms_dir)
+    }
+
     /// Test hook: runs after a create's folder exists and before its commit (fault injection).
     #[doc(hidden)]
     pub fn set_before_commit_hook(&mut self, hook: impl Fn(Uuid) + Send + Sync + 'static) {

@@ -266,6 +266,7 @@ fn a_live_vireod_answers_only_documented_statuses() {
     // Running under the fake worker, which refuses hot-plug: 422, nothing changes.
     call("POST", disks, "/v1/vms/doc/disks", Some(&disk));
     exercise_pools(&mut call);
+    exercise_host_trust(&mut call);
     call(
         "GET",
         "/v1/vms/{vm}/console/log",
@@ -382,6 +383,24 @@ fn a_live_vireod_answers_only_documented_statuses() {
     let all: BTreeSet<_> = ops.into_keys().collect();
     let missed: Vec<_> = all.difference(&exercised).collect();
     assert!(missed.is_empty(), "not exercised: {missed:?}");
+}
+
+/// The host identity and trust routes, each answer checked by `call`.
+fn exercise_host_trust(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> Response) {
+    let (trusted, one) = ("/v1/host/trusted", "/v1/host/trusted/{fingerprint}");
+    call("GET", "/v1/host/identity", "/v1/host/identity", None);
+    let fp = format!("sha256:{}", "ab".repeat(32));
+    let add = serde_json::to_vec(&json!({"fingerprint": fp, "name": "peer"})).unwrap();
+    assert_eq!(call("POST", trusted, trusted, Some(&add)).status, 201);
+    assert_eq!(call("POST", trusted, trusted, Some(&add)).status, 200);
+    call("POST", trusted, trusted, Some(b"{nope"));
+    let bad = serde_json::to_vec(&json!({"fingerprint": "sha256:12", "name": "x"})).unwrap();
+    assert_eq!(call("POST", trusted, trusted, Some(&bad)).status, 422);
+    call("GET", trusted, trusted, None);
+    let path = format!("/v1/host/trusted/{fp}");
+    assert_eq!(call("DELETE", one, &path, None).status, 204);
+    assert_eq!(call("DELETE", one, &path, None).status, 404);
+    call("DELETE", one, "/v1/host/trusted/sha256:zz", None);
 }
 
 /// The pool routes, each answer checked by `call` (VM "doc" exists and runs, metered).

@@ -106,6 +106,15 @@ pub struct HostIdentity {
     key: PrivateKeyDer<'static>,
 }
 
+/// Only the fingerprint: the key must never reach a log.
+impl fmt::Debug for HostIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostIdentity")
+            .field("fingerprint", &self.fingerprint())
+            .finish_non_exhaustive()
+    }
+}
+
 impl HostIdentity {
     /// Loads `dir/host.crt` and `dir/host.key`, making them first if neither exists (the key
     /// file is created 0600). A key others can read is refused.
@@ -146,6 +155,19 @@ impl HostIdentity {
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of(&self.cert)
     }
+
+    /// The certificate as PEM, to show or hand to another host's admin.
+    pub fn cert_pem(&self) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.cert.as_ref());
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        pem
+    }
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HostAuthError> {
@@ -180,6 +202,43 @@ impl TrustStore {
 
     pub fn name_of(&self, fp: &Fingerprint) -> Option<&str> {
         self.hosts.get(fp).map(String::as_str)
+    }
+
+    /// Whether the host was listed.
+    pub fn remove(&mut self, fp: &Fingerprint) -> bool {
+        self.hosts.remove(fp).is_some()
+    }
+
+    /// `(fingerprint, name)` in fingerprint order.
+    pub fn entries(&self) -> impl Iterator<Item = (&Fingerprint, &str)> {
+        self.hosts.iter().map(|(f, n)| (f, n.as_str()))
+    }
+
+    /// Writes the trust file in [`TrustStore::load`]'s format: to a temporary name, synced,
+    /// then renamed, so a crash leaves the old list or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), HostAuthError> {
+        let mut text = String::from(
+            "# Hosts this vireod migrates VMs with: sha256:<certificate fingerprint> <name>\n",
+        );
+        for (fp, name) in self.entries() {
+            text.push_str(&format!("{fp} {name}\n"));
+        }
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        write_new(&tmp, text.as_bytes(), 0o600)?;
+        fs::rename(&tmp, path).map_err(|source| HostAuthError::Io {
+            path: path.into(),
+            source,
+        })?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| HostAuthError::Io {
+                    path: dir.into(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Reads a trust file: one `sha256:<hex> <name>` per line; blank lines and `#` comments

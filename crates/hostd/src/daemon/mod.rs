@@ -56,6 +56,8 @@ pub struct Daemon {
     pub prom: prom::RequestCounts,
     /// The switch processes (`switches`).
     pub switches: switches::Switches,
+    /// The host identity and trusted hosts for migration (`host_trust`).
+    pub host: crate::host_trust::HostTrust,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -90,7 +92,9 @@ impl Daemon {
         let switches = switches::Switches::new(worker_bin.with_file_name("vireo-switch"));
         let mut sup = Supervisor::new(worker_bin);
         sup.set_worker_nice(worker_nice);
+        let host = crate::host_trust::HostTrust::new(store.state_dir());
         let daemon = Arc::new(Daemon {
+            host,
             store,
             sup,
             jobs: JobRegistry::default(),

@@ -28,6 +28,14 @@ type Handler = MethodRouter<Arc<Daemon>>;
 fn routes() -> Vec<(Method, &'static str, Handler)> {
     vec![
         (Method::GET, "/v1/host", get(host::show)),
+        (Method::GET, "/v1/host/identity", get(host::identity)),
+        (Method::GET, "/v1/host/trusted", get(host::trusted)),
+        (Method::POST, "/v1/host/trusted", post(host::trust)),
+        (
+            Method::DELETE,
+            "/v1/host/trusted/{fingerprint}",
+            delete(host::untrust),
+        ),
         (Method::GET, "/v1/vms", get(vms::list)),
         (Method::POST, "/v1/vms", post(vms::create)),
         (Method::GET, "/v1/vms/{vm}", get(vms::show)),
