@@ -339,7 +339,15 @@ impl Overlay {
         };
         let gw_mac = subnet.gw_mac;
         match s.l3 {
-            L3::Arp => return self.answer_arp(rd, vsid, s, frame),
+            L3::Arp => {
+                let claims = s.arp.map(|a| IpAddr::V4(Ipv4Addr::from(a.sender_ip)));
+                if claims
+                    .is_some_and(|c| !c.is_unspecified() && !self.ports[&port].cas.contains(&c))
+                {
+                    return Verdict::Drop(DropReason::OverlaySpoof);
+                }
+                return self.answer_arp(rd, vsid, s, frame);
+            }
             L3::Ipv6 if s.proto == 58 && s.icmp_type == 135 && s.has_l4 => {
                 return self.answer_nd(rd, vsid, s, frame);
             }
@@ -507,10 +515,23 @@ impl Overlay {
         let Some(a) = s.arp else {
             return Verdict::Drop(DropReason::Malformed);
         };
-        if a.op != 1 {
-            return Verdict::Consumed;
-        }
         let target = IpAddr::V4(Ipv4Addr::from(a.target_ip));
+        if a.op != 1 {
+            // A reply to a peer that asked across the tunnel (a Linux VTEP floods its ARP
+            // requests) goes to that peer; gratuitous ARP stays here.
+            return match self.resolve(rd, target) {
+                Some(e)
+                    if !s.is_multicast_dst()
+                        && a.target_ip != a.sender_ip
+                        && e.vsid == vsid
+                        && e.mac == s.dst =>
+                {
+                    let gw = self.subnets[&vsid].gw_mac;
+                    self.deliver(rd, e, frame, s, gw)
+                }
+                _ => Verdict::Consumed,
+            };
+        }
         let subnet = &self.subnets[&vsid];
         let mac = if subnet.gw_ips.contains(&target) {
             subnet.gw_mac
