@@ -345,3 +345,135 @@ fn netns_two_hosts_two_tenants_same_addresses_nvgre_and_routing() {
     ra.stop().unwrap();
     rb.stop().unwrap();
 }
+
+/// Bytes the iperf3 client (JSON) reports received in each interval.
+fn interval_bytes(json: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    v["intervals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn netns_vm_moved_between_hosts_keeps_its_tcp_connection() {
+    if !netns_available("ovm") || !vireo_testkit::require(vireo_testkit::Need::Iperf3) {
+        return;
+    }
+    let mut lab = Lab::new("ov", "m");
+    let (wa, wb) = (format!("{}wa", lab.prefix), format!("{}wb", lab.prefix));
+    must(&[
+        "ip", "link", "add", &wa, "type", "veth", "peer", "name", &wb,
+    ]);
+    lab.own_link(wa.clone());
+    for w in [&wa, &wb] {
+        let _ = run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{w}.disable_ipv6=1"),
+        ]);
+        must(&["ip", "link", "set", w, "up"]);
+    }
+    let (pa_a, pa_b) = ("192.168.80.1", "192.168.80.2");
+    let (mx, mp) = ("02:00:00:00:02:01", "02:00:00:00:02:02");
+    let ov = |pa: &str, pm: &str, policies: Vec<PolicyEntry>| -> OverlayConfig {
+        serde_json::from_value(serde_json::json!({
+            "provider_addresses": [pa], "provider_mac": pm,
+            "routing_domains": [{"name": "red", "subnets": [{"vsid": 300}]}],
+            "policies": policies,
+        }))
+        .unwrap()
+    };
+    // X (10.0.0.1) starts on A; P (10.0.0.2) is on B.
+    let mut ca = SwitchConfig::private("ovma");
+    ca.overlay = Some(ov(
+        pa_a,
+        "02:aa:00:00:00:02",
+        vec![entry("red", "10.0.0.2", mp, 300, pa_b)],
+    ));
+    let mut cb = SwitchConfig::private("ovmb");
+    cb.overlay = Some(ov(
+        pa_b,
+        "02:bb:00:00:00:02",
+        vec![entry("red", "10.0.0.1", mx, 300, pa_a)],
+    ));
+    let (mut a, mut b) = (Switch::new(ca).unwrap(), Switch::new(cb).unwrap());
+    let a_up = a.add_port(uplink()).unwrap();
+    let b_up = b.add_port(uplink()).unwrap();
+    let x_cfg = port("x", "red", 300, mx, "10.0.0.1");
+    let x_a = a.add_port(x_cfg.clone()).unwrap();
+    let p_b = b.add_port(port("p", "red", 300, mp, "10.0.0.2")).unwrap();
+    let (a, b) = (Arc::new(Mutex::new(a)), Arc::new(Mutex::new(b)));
+    let ra = SwitchRuntime::start(a.clone()).unwrap();
+    let rb = SwitchRuntime::start(b.clone()).unwrap();
+    ra.attach(a_up, Arc::new(PacketPort::bind(&wa).unwrap()));
+    rb.attach(b_up, Arc::new(PacketPort::bind(&wb).unwrap()));
+    ra.attach(x_a, Arc::new(vm(&mut lab, 1, "10.0.0.1", mx, None)));
+    rb.attach(p_b, Arc::new(vm(&mut lab, 2, "10.0.0.2", mp, None)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        ping(&lab.ns(2), 2, 10, &["10.0.0.1"]),
+        "P → X before the move"
+    );
+
+    // A TCP stream P → X for 6 s; X moves from A to B after 2 s.
+    let server = iperf_server(&lab.ns(1), 5301);
+    let client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(2),
+            "timeout",
+            "30",
+            "iperf3",
+            "-c",
+            "10.0.0.1",
+            "-p",
+            "5301",
+            "-J",
+            "-t",
+            "6",
+            "-b",
+            "50M",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    {
+        // The move: A lets the port go and learns X's new PA; B takes the port (its entry
+        // replaces the remote one, same MAC); the VM's interface is the same.
+        ra.detach(x_a);
+        let mut a = vireo_vswitch::runtime::lock(&a);
+        a.remove_port(x_a).unwrap();
+        a.set_policy(&entry("red", "10.0.0.1", mx, 300, pa_b))
+            .unwrap();
+    }
+    let x_b = vireo_vswitch::runtime::lock(&b).add_port(x_cfg).unwrap();
+    rb.attach(x_b, Arc::new(PacketPort::bind(&lab.host(1)).unwrap()));
+    let out = client.wait_with_output().unwrap();
+    let mut server = server;
+    let _ = server.kill();
+    let _ = server.wait();
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the TCP stream broke across the move:\n{json}"
+    );
+    let iv = interval_bytes(&json);
+    assert!(iv.len() >= 5, "{json}");
+    assert!(
+        iv[iv.len() - 2..].iter().all(|b| *b > 0),
+        "no data after the move: {iv:?}"
+    );
+    // After the move the traffic is local to B: X's port there carried it.
+    let st = vireo_vswitch::runtime::lock(&b).status(x_b).unwrap();
+    assert!(st.meters.egress.packets > 100, "{st:?}");
+    ra.stop().unwrap();
+    rb.stop().unwrap();
+}
