@@ -463,3 +463,104 @@ fn bad_configuration_is_refused_with_a_reason() {
     c.ports.push(vm_port("w", "red", 100, VM3, "10.0.0.2"));
     assert!(Switch::new(c).is_err());
 }
+
+/// A one-host-each pair over an IPv6 provider network (static provider neighbours), with a
+/// VM that has an IPv6 and an IPv4 CA.
+fn v6_host(a: bool) -> (Switch, PortId, PortId) {
+    let (me, peer, pm, peer_mac) = if a {
+        ("fd50::1", "fd50::2", MAC_A, MAC_B)
+    } else {
+        ("fd50::2", "fd50::1", MAC_B, MAC_A)
+    };
+    let (my_vm, peer_vm, my_ca, peer_ca) = if a {
+        (VM1, VM2, ["fd00::1", "10.0.0.1"], ["fd00::2", "10.0.0.2"])
+    } else {
+        (VM2, VM1, ["fd00::2", "10.0.0.2"], ["fd00::1", "10.0.0.1"])
+    };
+    let mut o: OverlayConfig = serde_json::from_value(serde_json::json!({
+        "provider_addresses": [me], "provider_mac": MacAddr(pm),
+        "provider_neighbors": [{"ip": peer, "mac": MacAddr(peer_mac)}],
+        "routing_domains": [{"name": "red", "encap": "nvgre", "subnets": [{"vsid": 100}]}],
+    }))
+    .unwrap();
+    for ca in peer_ca {
+        o.policies.push(PolicyEntry {
+            routing_domain: "red".into(),
+            ca: ca.parse().unwrap(),
+            mac: MacAddr(peer_vm),
+            vsid: 100,
+            pa: peer.parse().unwrap(),
+        });
+    }
+    let mut c = SwitchConfig::private("v6");
+    c.overlay = Some(o);
+    let mut sw = Switch::new(c).unwrap();
+    let up = sw
+        .add_port(PortConfig {
+            role: PortRole::Uplink,
+            ..PortConfig::access("up", 1)
+        })
+        .unwrap();
+    let mut p = vm_port("vm", "red", 100, my_vm, my_ca[0]);
+    p.overlay
+        .as_mut()
+        .unwrap()
+        .cas
+        .push(my_ca[1].parse().unwrap());
+    let vm = sw.add_port(p).unwrap();
+    (sw, up, vm)
+}
+
+#[test]
+fn ipv6_and_ipv4_customers_over_an_ipv6_provider_network() {
+    let ((mut a, a_up, a_vm), (mut b, b_up, b_vm)) = (v6_host(true), v6_host(false));
+    let fd = |n: u8| {
+        let mut x = [0u8; 16];
+        x[0] = 0xfd;
+        x[15] = n;
+        x
+    };
+    // ND for the peer's CA is answered here with its MAC.
+    let ns = icmp6(VM1, [0x33, 0x33, 0xff, 0, 0, 2], fd(1), fd(2), 135, fd(2));
+    let (out, _) = run(&mut a, a_vm, &ns);
+    let [(p, na)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, a_vm);
+    let s = parse(na).unwrap();
+    assert_eq!(
+        (s.icmp_type, s.src, s.nd_target),
+        (136, VM2, u128::from_be_bytes(fd(2)))
+    );
+    for (v6, inner) in [
+        (true, {
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(VM1, VM2)
+                .ipv6(fd(1), fd(2), 64)
+                .icmpv6_echo_request(1, 1)
+                .write(&mut f, &[7; 16])
+                .unwrap();
+            f
+        }),
+        (false, ping(VM1, VM2, IP1, IP2, 16)),
+    ] {
+        let (out, d) = run(&mut a, a_vm, &inner);
+        let [(p, outer)] = &out[..] else {
+            panic!("v6={v6} {out:?} {d:?}")
+        };
+        assert_eq!(*p, a_up);
+        assert_eq!(
+            u16::from_be_bytes([outer[12], outer[13]]),
+            0x86dd,
+            "IPv6 provider"
+        );
+        assert_eq!(outer[20], 47, "NVGRE");
+        assert_eq!(&outer[..6], &MAC_B);
+        let (out, d) = run(&mut b, b_up, outer);
+        let [(p, got)] = &out[..] else {
+            panic!("v6={v6} {out:?} {d:?}")
+        };
+        assert_eq!(*p, b_vm);
+        assert_eq!(&got[..inner.len()], &inner[..]);
+    }
+}
