@@ -310,12 +310,18 @@ fn routing_between_virtual_subnets_happens_on_the_sending_host() {
     assert_eq!(inner[22], 63, "TTL decremented");
     let ip = etherparse::Ipv4HeaderSlice::from_slice(&inner[14..]).unwrap();
     assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum());
-    // TTL 1 does not leave.
+    // TTL 1 does not leave: the VM gets "time exceeded" from its gateway, 10.0.0.254.
     let mut f = first.clone();
     f[22] = 1;
     let (out, d) = run(&mut a.sw, a.red, &f);
-    assert!(out.is_empty());
     assert_eq!(d, Some(DropReason::TtlExceeded));
+    let [(p, icmp)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, a.red);
+    let s = parse(icmp).unwrap();
+    assert_eq!((s.icmp_type, s.icmp_code, s.dst, s.src), (11, 0, VM1, gw));
+    assert_eq!(&icmp[26..30], &[10, 0, 0, 254]);
 }
 
 #[test]

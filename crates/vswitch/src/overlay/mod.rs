@@ -397,7 +397,20 @@ impl Overlay {
                 return Verdict::Drop(DropReason::OverlaySpoof);
             }
             if !decrement_ttl(frame, v6) {
-                return Verdict::Drop(DropReason::TtlExceeded);
+                // The router says so, from its address on the sender's subnet.
+                let from = self.subnets[&vsid]
+                    .gw_ips
+                    .iter()
+                    .find(|a| a.is_ipv6() == v6)
+                    .copied();
+                return if reply::icmp_error(frame, gw_mac, from, reply::IcmpError::TimeExceeded) {
+                    Verdict::Send {
+                        to: Target::Back,
+                        counted: Some(DropReason::TtlExceeded),
+                    }
+                } else {
+                    Verdict::Drop(DropReason::TtlExceeded)
+                };
             }
             let gw = to_subnet.gw_mac;
             frame[0..6].copy_from_slice(&dst.mac);

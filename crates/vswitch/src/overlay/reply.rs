@@ -90,6 +90,36 @@ pub fn too_big(
     from: Option<std::net::IpAddr>,
     mtu: u16,
 ) -> bool {
+    icmp_error(frame, from_mac, from, IcmpError::TooBig(mtu))
+}
+
+/// Which ICMP error [`icmp_error`] sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    /// Fragmentation needed (v4) / packet too big (v6), with the usable MTU.
+    TooBig(u16),
+    /// Time exceeded in transit (the distributed router's TTL ran out).
+    TimeExceeded,
+}
+
+/// [`too_big`] for any [`IcmpError`].
+pub fn icmp_error(
+    frame: &mut Vec<u8>,
+    from_mac: Mac,
+    from: Option<std::net::IpAddr>,
+    kind: IcmpError,
+) -> bool {
+    let (v4_head, v6_head): ([u8; 8], [u8; 8]) = match kind {
+        IcmpError::TooBig(mtu) => {
+            let m = mtu.to_be_bytes();
+            let m6 = u32::from(mtu).to_be_bytes();
+            (
+                [3, 4, 0, 0, 0, 0, m[0], m[1]],
+                [2, 0, 0, 0, m6[0], m6[1], m6[2], m6[3]],
+            )
+        }
+        IcmpError::TimeExceeded => ([11, 0, 0, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0, 0, 0]),
+    };
     let Some(et) = frame.get(12..14) else {
         return false;
     };
@@ -122,8 +152,7 @@ pub fn too_big(
             let c = ipv4_header_checksum(&frame[14..34]);
             frame[24..26].copy_from_slice(&c.to_be_bytes());
             let at = frame.len();
-            frame.extend_from_slice(&[3, 4, 0, 0, 0, 0]);
-            frame.extend_from_slice(&mtu.to_be_bytes());
+            frame.extend_from_slice(&v4_head);
             frame.extend_from_slice(quote);
             let c = fold(sum(0, &frame[at..]));
             frame[at + 2..at + 4].copy_from_slice(&c.to_be_bytes());
@@ -151,8 +180,7 @@ pub fn too_big(
             frame.extend_from_slice(&me);
             frame.extend_from_slice(&orig_src);
             let at = frame.len();
-            frame.extend_from_slice(&[2, 0, 0, 0]);
-            frame.extend_from_slice(&u32::from(mtu).to_be_bytes());
+            frame.extend_from_slice(&v6_head);
             frame.extend_from_slice(quote);
             let c = fold(sum(pseudo(&me, &orig_src, 58, body), &frame[at..]));
             frame[at + 2..at + 4].copy_from_slice(&c.to_be_bytes());
