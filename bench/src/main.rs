@@ -4,6 +4,7 @@
 mod boot;
 mod density;
 mod guestio;
+mod overlay;
 mod switch;
 mod vhdx;
 
@@ -31,6 +32,8 @@ enum Command {
     Guestio(guestio::GuestioArgs),
     /// VHDX I/O and convert throughput vs `qemu-img bench`/`convert` and a raw file.
     Vhdx(vhdx::VhdxArgs),
+    /// TCP over VXLAN through two Vireo switches vs the kernel's vxlan devices + bridges.
+    Overlay(overlay::OverlayArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Vhdx(args) => vhdx::run(args),
         Command::Guestio(args) => guestio::run(args),
         Command::Density(args) => density::run(args),
+        Command::Overlay(args) => overlay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

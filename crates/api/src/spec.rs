@@ -164,6 +164,8 @@ impl NicSpec {
             storm_limit_pps: p.storm_limit_pps,
             mac_limit: p.mac_limit,
             mtu: p.mtu,
+            // Virtual-subnet membership is not in the VM spec yet (docs/netvirt.md).
+            overlay: None,
         }
     }
 }

@@ -121,6 +121,17 @@ pub enum SwitchOp {
     ResetMeters,
     /// Detach every port, remove the sockets, exit (`Ok`, then the process exits).
     Shutdown,
+    /// Network virtualization (`docs/netvirt.md`): add or move a policy-table entry — a
+    /// remote VM, or one that migrated (new PA). `Ok`; `Error` on a conflict (another MAC for
+    /// the CA, a CA of a local port) or when the switch has no overlay.
+    SetPolicy { entry: vireo_netconfig::PolicyEntry },
+    /// Remove a policy entry (`Ok` or `Error`; a local port's CAs go with the port).
+    RemovePolicy {
+        routing_domain: String,
+        ca: std::net::IpAddr,
+    },
+    /// The policy table, local ports' entries included: `Policies`.
+    ListPolicies,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +145,9 @@ pub enum SwitchReply {
     Ok,
     Status {
         ports: Vec<PortReport>,
+    },
+    Policies {
+        entries: Vec<vireo_netconfig::PolicyEntry>,
     },
     Error {
         message: String,
@@ -197,6 +211,20 @@ mod tests {
         let text = serde_json::to_string(&port.attach).unwrap();
         assert_eq!(text, r#"{"type":"interface","name":"veth0"}"#);
         assert!(serde_json::from_str::<SwitchRequest>(r#"{"version":1,"op":"explode"}"#).is_err());
+        let line = r#"{"version":1,"op":"set_policy","entry":{"routing_domain":"red","ca":"10.0.0.2","mac":"02:00:00:00:00:02","vsid":5001,"pa":"192.0.2.7"}}"#;
+        let SwitchOp::SetPolicy { entry } = serde_json::from_str::<SwitchRequest>(line).unwrap().op
+        else {
+            panic!("not set_policy")
+        };
+        assert_eq!(
+            (entry.vsid, entry.pa.to_string()),
+            (5001, "192.0.2.7".into())
+        );
+        let line = r#"{"version":1,"op":"remove_policy","routing_domain":"red","ca":"fd00::2"}"#;
+        assert!(matches!(
+            serde_json::from_str::<SwitchRequest>(line).unwrap().op,
+            SwitchOp::RemovePolicy { .. }
+        ));
         let spec: SwitchSpec =
             serde_json::from_str(r#"{"name":"sw","kind":{"type":"private"}}"#).unwrap();
         assert_eq!(spec.fast_path, None);

@@ -8,6 +8,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod overlay;
+pub use overlay::*;
+
 /// A MAC address's six bytes.
 pub type Mac = [u8; 6];
 
@@ -140,6 +143,9 @@ pub struct SwitchConfig {
     /// redirect, see `fastpath`); off keeps every frame on the user-space path.
     #[serde(default = "default_fast_path")]
     pub fast_path: bool,
+    /// Network virtualization (tenant overlays over VXLAN/NVGRE, `docs/netvirt.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayConfig>,
 }
 
 fn default_fast_path() -> bool {
@@ -174,6 +180,7 @@ impl SwitchConfig {
             port_mac_limit: default_port_mac_limit(),
             ports: Vec::new(),
             fast_path: default_fast_path(),
+            overlay: None,
         }
     }
 }
@@ -414,6 +421,10 @@ pub struct PortConfig {
     /// in or gets delivered; larger frames drop (`oversize`). Default [`DEFAULT_MTU`].
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Membership of a VM port in a virtual subnet (the switch's `overlay` must define it):
+    /// its frames are switched by the overlay, never by the L2 table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PortOverlay>,
 }
 
 /// The largest frame a port moves, bytes (`vireo_netport::MAX_FRAME`; the switch's tests check

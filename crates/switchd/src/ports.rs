@@ -251,6 +251,23 @@ impl Ports {
         lock(self.rt.switch()).reset_meters();
     }
 
+    /// Overlay policy table: add or move an entry (applies to the next frame).
+    pub fn set_policy(&self, e: &vireo_vswitch::PolicyEntry) -> Result<(), SwitchdError> {
+        Ok(lock(self.rt.switch()).set_policy(e)?)
+    }
+
+    pub fn remove_policy(&self, rd: &str, ca: std::net::IpAddr) -> Result<(), SwitchdError> {
+        Ok(lock(self.rt.switch()).remove_policy(rd, ca)?)
+    }
+
+    /// Every policy entry (empty without an overlay).
+    pub fn policies(&self) -> Vec<vireo_vswitch::PolicyEntry> {
+        lock(self.rt.switch())
+            .overlay()
+            .map(|o| o.policies().into_iter().map(|(e, _)| e).collect())
+            .unwrap_or_default()
+    }
+
     /// Detaches every port, removes the vhost-user sockets and stops the switch thread.
     pub fn shutdown(mut self) {
         for (_, a) in std::mem::take(&mut self.ports) {

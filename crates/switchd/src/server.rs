@@ -184,6 +184,20 @@ fn answer(s: &State, op: SwitchOp) -> SwitchReply {
             ports.reset_meters();
             SwitchReply::Ok
         }
+        SwitchOp::SetPolicy { entry } => {
+            let what = format!(
+                "set policy for CA {} in {:?}",
+                entry.ca, entry.routing_domain
+            );
+            done(&what, ports.set_policy(&entry))
+        }
+        SwitchOp::RemovePolicy { routing_domain, ca } => {
+            let what = format!("remove policy for CA {ca} in {routing_domain:?}");
+            done(&what, ports.remove_policy(&routing_domain, ca))
+        }
+        SwitchOp::ListPolicies => SwitchReply::Policies {
+            entries: ports.policies(),
+        },
         SwitchOp::Shutdown => {
             tracing::info!("shutdown requested");
             s.shutdown.store(true, Ordering::SeqCst);

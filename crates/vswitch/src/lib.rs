@@ -15,6 +15,7 @@ pub mod frame;
 pub mod guard;
 pub mod host;
 pub mod meter;
+pub mod overlay;
 pub mod port;
 pub mod rate;
 pub mod runtime;

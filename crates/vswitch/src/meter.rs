@@ -39,10 +39,26 @@ pub enum DropReason {
     Oversize,
     /// IPv4/IPv6 source address not among the port's allowed addresses.
     IpSourceGuard,
+    /// Overlay: a tunnel packet to one of our provider addresses whose outer or tunnel
+    /// header is malformed, truncated, fragmented or of the wrong encapsulation.
+    OverlayMalformed,
+    /// Overlay: no policy entry for the destination CA (or unknown VSID / routing domain).
+    OverlayUnknown,
+    /// Overlay: inner source not what the policy table says (spoofed VSID, CA, MAC or PA;
+    /// an attempt to reach another tenant).
+    OverlaySpoof,
+    /// Overlay: the remote provider address's MAC is not resolved yet (an ARP request went
+    /// out instead).
+    OverlayNoNeighbor,
+    /// Overlay: routed packet whose TTL / hop limit ran out.
+    TtlExceeded,
+    /// Overlay: the encapsulated packet would exceed the provider MTU; an ICMP "too big" /
+    /// "fragmentation needed" went back to the sender instead.
+    TooBig,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 25;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::VlanNotAllowed,
@@ -63,6 +79,12 @@ impl DropReason {
         DropReason::FragmentGuard,
         DropReason::Oversize,
         DropReason::IpSourceGuard,
+        DropReason::OverlayMalformed,
+        DropReason::OverlayUnknown,
+        DropReason::OverlaySpoof,
+        DropReason::OverlayNoNeighbor,
+        DropReason::TtlExceeded,
+        DropReason::TooBig,
     ];
 }
 

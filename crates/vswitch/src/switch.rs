@@ -33,6 +33,8 @@ pub enum SwitchError {
     Vetoed { extension: String, reason: String },
     #[error("switch already has forwarding extension {0}")]
     SecondForwardingExtension(String),
+    #[error("overlay: {0}")]
+    Overlay(String),
 }
 
 /// One frame copy to send.
@@ -130,6 +132,8 @@ pub struct Switch {
     offload_hook: Option<Arc<dyn OffloadHook>>,
     /// `MacTable::changes` when last looked at.
     table_changes: u64,
+    /// Network virtualization, when the configuration has an `overlay`.
+    overlay: Option<crate::overlay::Overlay>,
 }
 
 /// The shortest Ethernet frame without its FCS; shorter frames are padded to it.
@@ -196,6 +200,12 @@ impl Switch {
     pub fn new(mut cfg: SwitchConfig) -> Result<Self, SwitchError> {
         let fid = compile_domains(&cfg.pvlan_domains)?;
         let ports_cfg = std::mem::take(&mut cfg.ports);
+        let overlay = cfg
+            .overlay
+            .take()
+            .map(crate::overlay::Overlay::new)
+            .transpose()
+            .map_err(SwitchError::Overlay)?;
         let mut sw = Switch {
             table: MacTable::new(cfg.mac_aging_secs, cfg.mac_table_limit),
             cfg: SwitchConfig {
@@ -212,6 +222,7 @@ impl Switch {
             generation: Arc::new(AtomicU64::new(0)),
             offload_hook: None,
             table_changes: 0,
+            overlay,
         };
         for p in ports_cfg {
             sw.add_port(p)?;
@@ -223,6 +234,7 @@ impl Switch {
     pub fn config(&self) -> SwitchConfig {
         SwitchConfig {
             ports: self.ports.iter().flatten().map(|p| p.cfg.clone()).collect(),
+            overlay: self.overlay.as_ref().map(|o| o.config()),
             ..self.cfg.clone()
         }
     }
@@ -289,6 +301,7 @@ impl Switch {
             }
             None => return Err(SwitchError::TooManyPorts),
         };
+        self.overlay_join(PortId(slot as u16), &port.cfg)?;
         self.ports[slot] = Some(port);
         let id = PortId(slot as u16);
         self.table.flush_port(id);
@@ -315,10 +328,24 @@ impl Switch {
             new: &cfg,
         })?;
         let vlan_changed = old.cfg.vlan != cfg.vlan;
+        let old_cfg = (old.cfg.overlay != cfg.overlay).then(|| old.cfg.clone());
+        if let Some(old_cfg) = &old_cfg {
+            self.overlay_leave(id);
+            if let Err(e) = self.overlay_join(id, &cfg) {
+                let _ = self.overlay_join(id, old_cfg);
+                return Err(e);
+            }
+        }
         let domains = self.cfg.pvlan_domains.clone();
-        self.port_mut(id)
+        let r = self
+            .port_mut(id)
             .ok_or(SwitchError::NoSuchPort(id))?
-            .reconfigure(cfg, &domains)?;
+            .reconfigure(cfg, &domains);
+        if let (Err(_), Some(old_cfg)) = (&r, &old_cfg) {
+            self.overlay_leave(id);
+            let _ = self.overlay_join(id, old_cfg);
+        }
+        r?;
         if vlan_changed {
             self.table.flush_port(id);
             // Already purged synchronously; no need for the data path to ask again.
@@ -336,11 +363,67 @@ impl Switch {
         let p = self.ports[id.0 as usize]
             .take()
             .ok_or(SwitchError::NoSuchPort(id))?;
+        self.overlay_leave(id);
         self.table.flush_port(id);
         // Already purged synchronously; no need for the data path to ask again.
         self.table_changes = self.table.changes();
         self.refresh_lists();
         Ok(p.cfg)
+    }
+
+    /// Puts a port with an `overlay` membership into its virtual subnet.
+    fn overlay_join(&mut self, id: PortId, cfg: &PortConfig) -> Result<(), SwitchError> {
+        let Some(m) = &cfg.overlay else {
+            return Ok(());
+        };
+        let o = self.overlay.as_mut().ok_or_else(|| {
+            SwitchError::Overlay(format!(
+                "port {:?} names virtual subnet {} but the switch has no overlay configured",
+                cfg.name, m.vsid
+            ))
+        })?;
+        o.add_port(id, m)
+            .map_err(|e| SwitchError::Overlay(format!("port {:?}: {e}", cfg.name)))
+    }
+
+    fn overlay_leave(&mut self, id: PortId) {
+        if let Some(o) = &mut self.overlay {
+            o.remove_port(id);
+        }
+    }
+
+    /// The overlay (policy table, neighbours), when configured.
+    pub fn overlay(&self) -> Option<&crate::overlay::Overlay> {
+        self.overlay.as_ref()
+    }
+
+    /// Adds or moves a policy entry (e.g. a VM migrated: its new PA applies to the next frame).
+    pub fn set_policy(&mut self, e: &vireo_netconfig::PolicyEntry) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.set_policy(e).map_err(SwitchError::Overlay)
+    }
+
+    pub fn remove_policy(
+        &mut self,
+        routing_domain: &str,
+        ca: std::net::IpAddr,
+    ) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.remove_policy(routing_domain, ca)
+            .map_err(SwitchError::Overlay)
+    }
+
+    /// Installs the hook asked on a policy-table miss.
+    pub fn set_policy_lookup(&mut self, hook: Option<Arc<dyn crate::overlay::PolicyLookup>>) {
+        if let Some(o) = &mut self.overlay {
+            o.set_lookup(hook);
+        }
     }
 
     pub fn register_extension(&mut self, ext: Box<dyn Extension>) -> Result<(), SwitchError> {
@@ -546,6 +629,9 @@ impl Switch {
         if !self.extensions.is_empty() {
             return Err(N::Extensions);
         }
+        if self.overlay.is_some() {
+            return Err(N::Overlay);
+        }
         let [e] = d.egress[..] else {
             return Err(N::NotOneDestination);
         };
@@ -689,8 +775,22 @@ impl Switch {
             Err(r) => return self.drop_at(ingress, r, out),
         };
         let mirror_in = p.mirror_in;
+        let (in_overlay, uplink) = (p.cfg.overlay.is_some(), p.cfg.role == PortRole::Uplink);
         if mirror_in {
             self.mirror(ingress, TagOp::Keep, len, out);
+        }
+        // Stage 1b: network virtualization. Customer frames never reach the L2 table.
+        if let Some(o) = &mut self.overlay {
+            let v = if in_overlay {
+                o.from_vm(ingress, &s, frame)
+            } else if uplink {
+                o.from_uplink(&s, frame)
+            } else {
+                crate::overlay::Verdict::Pass
+            };
+            if v != crate::overlay::Verdict::Pass {
+                return self.overlay_send(ingress, v, frame, now, out);
+            }
         }
         // Stage 2: extensions.
         if !self.extensions.is_empty() {
@@ -779,6 +879,97 @@ impl Switch {
             self.process(ingress, f, now, out);
             deliver(i, f, out);
         }
+    }
+
+    /// Delivers what the overlay made of a frame: customer frames through the destination
+    /// ports' egress policies (judged on the customer frame), provider frames and answers as
+    /// they are.
+    fn overlay_send(
+        &mut self,
+        ingress: PortId,
+        v: crate::overlay::Verdict,
+        frame: &[u8],
+        now: u64,
+        out: &mut Delivery,
+    ) {
+        use crate::overlay::{Target, Verdict};
+        let (to, counted) = match v {
+            Verdict::Pass | Verdict::Consumed => return,
+            Verdict::Drop(r) => return self.drop_at(ingress, r, out),
+            Verdict::Send { to, counted } => (to, counted),
+        };
+        if let Some(r) = counted {
+            if let Some(p) = self.port_mut(ingress) {
+                p.meters.drop(r);
+            }
+            out.dropped = Some(r);
+        }
+        let len = frame.len();
+        let mut cands = std::mem::take(&mut self.candidates);
+        cands.clear();
+        let customer = match to {
+            Target::Port(p) => {
+                cands.push(p);
+                true
+            }
+            Target::Subnet(vsid) => {
+                if let Some(o) = &self.overlay {
+                    cands.extend(o.subnet_ports(vsid).filter(|p| *p != ingress));
+                }
+                true
+            }
+            Target::Uplink => {
+                cands.extend(self.active.iter().copied().filter(|id| {
+                    self.port(*id)
+                        .is_some_and(|p| p.cfg.role == PortRole::Uplink)
+                }));
+                cands.truncate(1);
+                false
+            }
+            Target::Back => {
+                cands.push(ingress);
+                false
+            }
+        };
+        let s = if customer { parse(frame).ok() } else { None };
+        for &dst in &cands {
+            let Some(dp) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
+                continue;
+            };
+            let tag = match &s {
+                Some(s) => {
+                    let verdict = classify(&dp.vlan, s).and_then(|vid| {
+                        egress_policies(dp, vid, s, len, now).and_then(|tag| {
+                            (len - 14 <= dp.cfg.mtu())
+                                .then_some(tag)
+                                .ok_or(DropReason::Oversize)
+                        })
+                    });
+                    match verdict {
+                        Ok(t) => t,
+                        Err(r) => {
+                            dp.meters.drop(r);
+                            if matches!(to, Target::Port(_)) {
+                                out.dropped = Some(r);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => TagOp::Keep,
+            };
+            dp.meters.egress.add(len);
+            let mirror_out = dp.mirror_out;
+            out.egress.push(Egress {
+                port: dst,
+                tag,
+                mirror: false,
+            });
+            if mirror_out {
+                self.mirror(dst, tag, len, out);
+            }
+        }
+        self.candidates = cands;
     }
 
     fn mirror(&mut self, source: PortId, tag: TagOp, len: usize, out: &mut Delivery) {
@@ -880,10 +1071,11 @@ impl Switch {
             }
         }
         for &id in &self.active {
+            // Virtual-subnet ports get frames from the overlay only.
             if id != ingress
                 && self.ports[id.0 as usize]
                     .as_ref()
-                    .is_some_and(|p| p.vlan.rx.contains(vid))
+                    .is_some_and(|p| p.vlan.rx.contains(vid) && p.cfg.overlay.is_none())
             {
                 out.push(id);
             }

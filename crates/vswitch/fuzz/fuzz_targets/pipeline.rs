@@ -134,7 +134,86 @@ fn fragment_script(data: &[u8]) {
     }
 }
 
+/// A switch with an overlay (VXLAN domain "r", NVGRE domain "b"), an uplink, and a VM port in
+/// each domain with the same CA.
+fn overlay_switch() -> Switch {
+    let mut c = SwitchConfig::private("fuzz-overlay");
+    let mut o = OverlayConfig {
+        provider_addresses: vec!["192.168.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+        provider_mac: MacAddr([2, 0xaa, 0, 0, 0, 1]),
+        provider_mtu: 1500,
+        provider_neighbors: vec![ProviderNeighbor { ip: "192.168.0.2".parse().unwrap(), mac: MacAddr([2, 0xbb, 0, 0, 0, 1]) }],
+        routing_domains: Vec::new(),
+        policies: Vec::new(),
+    };
+    for (name, encap, vsid) in [("r", Encap::Vxlan, 100), ("b", Encap::Nvgre, 200)] {
+        o.routing_domains.push(RoutingDomain {
+            name: name.into(),
+            encap,
+            subnets: vec![VirtualSubnet { vsid, prefixes: vec![], gateway_ips: vec!["10.0.0.254".parse().unwrap()], gateway_mac: None }],
+        });
+        o.policies.push(PolicyEntry { routing_domain: name.into(), ca: "10.0.0.2".parse().unwrap(), mac: MacAddr([2, 0, 0, 0, 0, 2]), vsid, pa: "192.168.0.2".parse().unwrap() });
+    }
+    c.overlay = Some(o);
+    let mut sw = Switch::new(c).unwrap();
+    sw.add_port(PortConfig { role: PortRole::Uplink, ..PortConfig::access("up", 1) }).unwrap();
+    for (name, vsid) in [("r", 100), ("b", 200)] {
+        sw.add_port(PortConfig {
+            overlay: Some(PortOverlay { routing_domain: name.into(), vsid, mac: MacAddr(A_MAC), cas: vec!["10.0.0.1".parse().unwrap()] }),
+            ..PortConfig::access(name, 1)
+        })
+        .unwrap();
+    }
+    sw
+}
+
+/// The decapsulation path: the input's frames arrive on the uplink raw, and wrapped in valid
+/// VXLAN/NVGRE headers from the known peer (so the inner checks are reached), with one byte
+/// of the outer headers flipped when the input asks. Nothing may reach the blue port from red's
+/// VSID, and nothing may panic.
+fn overlay_script(data: &[u8]) {
+    use vireo_vswitch::overlay::encap::{decapsulate, encapsulate, Outer};
+    let _ = decapsulate(data);
+    let mut sw = overlay_switch();
+    let (up, blue) = (sw.port_id("up").unwrap(), sw.port_id("b").unwrap());
+    let vm_ports = [sw.port_id("r").unwrap(), blue];
+    let mut d = Delivery::default();
+    let mut rest = data;
+    while let Some((&hdr, tail)) = rest.split_first() {
+        let len = (hdr as usize % 128).min(tail.len());
+        let (f, next) = tail.split_at(len);
+        rest = next;
+        let mut frame = f.to_vec();
+        match hdr >> 6 {
+            0 => sw.process(up, &mut frame, 0, &mut d),
+            1 => sw.process(vm_ports[usize::from(hdr & 1)], &mut frame, 0, &mut d),
+            _ => {
+                let (encap, vsid) = if hdr & 1 == 0 { (Encap::Vxlan, 100) } else { (Encap::Nvgre, 200) };
+                let v6 = hdr & 2 != 0;
+                let o = Outer {
+                    src_mac: [2, 0xbb, 0, 0, 0, 1],
+                    dst_mac: [2, 0xaa, 0, 0, 0, 1],
+                    src_ip: if v6 { "fd00::2".parse().unwrap() } else { "192.168.0.2".parse().unwrap() },
+                    dst_ip: if v6 { "fd00::1".parse().unwrap() } else { "192.168.0.1".parse().unwrap() },
+                };
+                encapsulate(&mut frame, encap, vsid, 0, &o);
+                if hdr & 4 != 0 {
+                    let at = usize::from(hdr >> 3) % 62;
+                    if let Some(b) = frame.get_mut(at) {
+                        *b ^= tail.first().copied().unwrap_or(0x55) | 1;
+                    }
+                }
+                sw.process(up, &mut frame, 0, &mut d);
+                if encap == Encap::Vxlan {
+                    assert!(!d.ports().contains(&blue), "a red VXLAN frame reached the blue tenant");
+                }
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    overlay_script(data);
     fragment_script(data);
     let _ = frame::parse(data);
     let mut sw = switch();

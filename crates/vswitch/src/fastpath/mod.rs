@@ -99,6 +99,8 @@ pub enum NotOffloadable {
     SourceGuard,
     #[error("a port has its own MTU (the kernel match has no length)")]
     Mtu,
+    #[error("the switch carries an overlay (frames are rewritten, not forwarded as they are)")]
+    Overlay,
 }
 
 /// What the switch calls when offloaded flows must go (implemented by the runtime's fast path).

@@ -1,0 +1,380 @@
+//! The `overlay` benchmark: TCP (iperf3) between two "VM" namespaces whose "hosts" are two
+//! more namespaces joined by one veth (the provider network), carried over VXLAN VNI 100 —
+//! once by two Vireo switch instances (an AF_PACKET uplink each, the overlay in user space),
+//! once by the Linux kernel's vxlan devices and bridges on the same veths — alternating, and
+//! prints `overlay_vs_linux_vxlan=<ratio>` of the medians. The VMs' MTU is 1450 in both, so
+//! the encapsulated packets fit the provider's 1500.
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vireo_vswitch::runtime::SwitchRuntime;
+use vireo_vswitch::uplink::PacketPort;
+use vireo_vswitch::*;
+
+#[derive(clap::Args)]
+pub struct OverlayArgs {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    iperf_seconds: u32,
+    /// Runs per path (alternating Vireo / Linux); the ratio uses the medians.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+}
+
+const M0: &str = "02:00:00:00:01:01";
+const M1: &str = "02:00:00:00:01:02";
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Namespaces `<p>v0`, `<p>v1` (VMs), `<p>ha`, `<p>hb` (hosts); removed on drop.
+struct Lab {
+    p: String,
+}
+
+impl Lab {
+    fn new() -> Result<Lab, String> {
+        let lab = Lab {
+            p: format!("ovb{}", std::process::id()),
+        };
+        let p = &lab.p;
+        for n in ["v0", "v1", "ha", "hb"] {
+            let ns = format!("{p}{n}");
+            sh(&["ip", "netns", "add", &ns])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            quiet(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ]);
+        }
+        // VM k: g<k> in v<k>, h<k> in its host; the provider: wa in ha, wb in hb.
+        for (a, an, b, bn) in [
+            ("g0", "v0", "h0", "ha"),
+            ("g1", "v1", "h1", "hb"),
+            ("wa", "ha", "wb", "hb"),
+        ] {
+            let (a, b) = (format!("{p}{a}"), format!("{p}{b}"));
+            sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            sh(&["ip", "link", "set", &a, "netns", &format!("{p}{an}")])?;
+            sh(&["ip", "link", "set", &b, "netns", &format!("{p}{bn}")])?;
+        }
+        for (ns, dev) in [("ha", "h0"), ("hb", "h1"), ("ha", "wa"), ("hb", "wb")] {
+            sh(&[
+                "ip",
+                "-n",
+                &format!("{p}{ns}"),
+                "link",
+                "set",
+                &format!("{p}{dev}"),
+                "up",
+            ])?;
+        }
+        for (k, ip, m) in [(0, "10.0.0.1/24", M0), (1, "10.0.0.2/24", M1)] {
+            let (ns, g) = (format!("{p}v{k}"), format!("{p}g{k}"));
+            sh(&[
+                "ip", "-n", &ns, "link", "set", &g, "address", m, "mtu", "1450",
+            ])?;
+            sh(&["ip", "-n", &ns, "addr", "add", ip, "dev", &g])?;
+            sh(&["ip", "-n", &ns, "link", "set", &g, "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn name(&self, s: &str) -> String {
+        format!("{}{s}", self.p)
+    }
+
+    /// Guest checksum offload on (the kernel path) or off (frames through our plain sockets
+    /// must carry complete checksums).
+    fn guest_tx(&self, on: bool) {
+        for k in 0..2 {
+            quiet(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.name(&format!("v{k}")),
+                "ethtool",
+                "-K",
+                &self.name(&format!("g{k}")),
+                "tx",
+                if on { "on" } else { "off" },
+            ]);
+        }
+    }
+
+    /// The kernel's VTEPs: wa/wb get the PAs, a vxlan device and a bridge per host.
+    fn linux_up(&self) -> Result<(), String> {
+        for (h, w, vm, me, peer) in [
+            ("ha", "wa", "h0", "192.168.79.1", "192.168.79.2"),
+            ("hb", "wb", "h1", "192.168.79.2", "192.168.79.1"),
+        ] {
+            let ns = self.name(h);
+            let (w, vm, vx, br) = (
+                self.name(w),
+                self.name(vm),
+                self.name("vx"),
+                self.name("br"),
+            );
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{me}/24"),
+                "dev",
+                &w,
+            ])?;
+            sh(&[
+                "ip", "-n", &ns, "link", "add", &vx, "type", "vxlan", "id", "100", "local", me,
+                "remote", peer, "dstport", "4789", "dev", &w,
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "add", &br, "type", "bridge"])?;
+            sh(&["ip", "-n", &ns, "link", "set", &vx, "master", &br])?;
+            sh(&["ip", "-n", &ns, "link", "set", &vm, "master", &br])?;
+            for d in [&vx, &br] {
+                sh(&["ip", "-n", &ns, "link", "set", d, "up"])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn linux_down(&self) {
+        for (h, w) in [("ha", "wa"), ("hb", "wb")] {
+            let ns = self.name(h);
+            quiet(&["ip", "-n", &ns, "link", "del", &self.name("vx")]);
+            quiet(&["ip", "-n", &ns, "link", "del", &self.name("br")]);
+            quiet(&["ip", "-n", &ns, "addr", "flush", "dev", &self.name(w)]);
+        }
+    }
+
+    /// iperf3 TCP from v0 to v1, bits/s received.
+    fn iperf(&self, secs: u32) -> Result<f64, String> {
+        let mut server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name("v1"),
+                "iperf3",
+                "-s",
+                "-1",
+                "-p",
+                "5201",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("iperf3 server: {e}"))?;
+        std::thread::sleep(Duration::from_millis(300));
+        // Warm-up: ARP for the provider and customer addresses.
+        quiet(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name("v0"),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "10.0.0.2",
+        ]);
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name("v0"),
+                "timeout",
+                &(secs + 20).to_string(),
+                "iperf3",
+                "-c",
+                "10.0.0.2",
+                "-p",
+                "5201",
+                "-J",
+                "-t",
+                &secs.to_string(),
+            ])
+            .output()
+            .map_err(|e| format!("iperf3 client: {e}"));
+        let _ = server.kill();
+        let _ = server.wait();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out?.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in ["v0", "v1", "ha", "hb"] {
+            quiet(&["ip", "netns", "del", &self.name(n)]);
+        }
+    }
+}
+
+/// Binds an AF_PACKET port on `dev` from a thread inside namespace `ns`.
+fn bind_in(ns: &str, dev: &str) -> Result<PacketPort, String> {
+    let (ns, dev) = (ns.to_string(), dev.to_string());
+    std::thread::spawn(move || {
+        let file =
+            std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
+        // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
+        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
+        }
+        PacketPort::bind(&dev).map_err(|e| format!("bind {dev}: {e}"))
+    })
+    .join()
+    .map_err(|_| "bind thread panicked".to_string())?
+}
+
+fn host_switch(
+    name: &str,
+    pa: &str,
+    pmac: &str,
+    peer_pa: &str,
+    me: (&str, &str),
+    peer: (&str, &str),
+) -> Result<(Switch, PortId, PortId), String> {
+    let mut c = SwitchConfig::private(name);
+    c.overlay = Some(
+        serde_json::from_value(serde_json::json!({
+            "provider_addresses": [pa],
+            "provider_mac": pmac,
+            "routing_domains": [{"name": "t", "encap": "vxlan",
+                "subnets": [{"vsid": 100, "prefixes": ["10.0.0.0/24"]}]}],
+            "policies": [{"routing_domain": "t", "ca": peer.0, "mac": peer.1,
+                "vsid": 100, "pa": peer_pa}],
+        }))
+        .map_err(|e| e.to_string())?,
+    );
+    let mut sw = Switch::new(c).map_err(|e| e.to_string())?;
+    let up = sw
+        .add_port(PortConfig {
+            role: PortRole::Uplink,
+            ..PortConfig::access("up", 1)
+        })
+        .map_err(|e| e.to_string())?;
+    let vm = sw
+        .add_port(PortConfig {
+            overlay: Some(PortOverlay {
+                routing_domain: "t".into(),
+                vsid: 100,
+                mac: me.1.parse().map_err(|e: String| e)?,
+                cas: vec![me
+                    .0
+                    .parse()
+                    .map_err(|e: std::net::AddrParseError| e.to_string())?],
+            }),
+            ..PortConfig::access("vm", 1)
+        })
+        .map_err(|e| e.to_string())?;
+    Ok((sw, up, vm))
+}
+
+fn through_vireo(lab: &Lab, secs: u32) -> Result<f64, String> {
+    lab.guest_tx(false);
+    let (a, a_up, a_vm) = host_switch(
+        "a",
+        "192.168.79.1",
+        "02:aa:00:00:00:01",
+        "192.168.79.2",
+        ("10.0.0.1", M0),
+        ("10.0.0.2", M1),
+    )?;
+    let (b, b_up, b_vm) = host_switch(
+        "b",
+        "192.168.79.2",
+        "02:bb:00:00:00:01",
+        "192.168.79.1",
+        ("10.0.0.2", M1),
+        ("10.0.0.1", M0),
+    )?;
+    let ra = SwitchRuntime::start(Arc::new(Mutex::new(a))).map_err(|e| e.to_string())?;
+    let rb = SwitchRuntime::start(Arc::new(Mutex::new(b))).map_err(|e| e.to_string())?;
+    ra.attach(a_up, Arc::new(bind_in(&lab.name("ha"), &lab.name("wa"))?));
+    ra.attach(a_vm, Arc::new(bind_in(&lab.name("ha"), &lab.name("h0"))?));
+    rb.attach(b_up, Arc::new(bind_in(&lab.name("hb"), &lab.name("wb"))?));
+    rb.attach(b_vm, Arc::new(bind_in(&lab.name("hb"), &lab.name("h1"))?));
+    std::thread::sleep(Duration::from_millis(100));
+    let r = lab.iperf(secs);
+    let _ = ra.stop();
+    let _ = rb.stop();
+    r
+}
+
+fn through_linux(lab: &Lab, secs: u32) -> Result<f64, String> {
+    lab.guest_tx(true);
+    let r = lab.linux_up().and_then(|()| lab.iperf(secs));
+    lab.linux_down();
+    r
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(args: OverlayArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let lab = Lab::new()?;
+    let (mut ours, mut linux) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs.max(1) {
+        ours.push(through_vireo(&lab, args.iperf_seconds)?);
+        linux.push(through_linux(&lab, args.iperf_seconds)?);
+    }
+    let g = |v: &[f64]| {
+        v.iter()
+            .map(|b| format!("{:.2}", b / 1e9))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "TCP over VXLAN between two hosts, iperf3 -t {}, {} alternating runs (Gbit/s):",
+        args.iperf_seconds, args.runs
+    );
+    println!(
+        "  vireo (two switches, AF_PACKET uplinks, user-space overlay): {}",
+        g(&ours)
+    );
+    println!(
+        "  linux (vxlan devices + bridges, kernel, TSO/GRO):             {}",
+        g(&linux)
+    );
+    let (o, l) = (median(&mut ours), median(&mut linux));
+    println!("  medians: vireo {:.2} Gbit/s, linux {:.2} Gbit/s (no kernel fast path for overlay flows yet)", o / 1e9, l / 1e9);
+    println!("overlay_vs_linux_vxlan={:.3}", o / l);
+    Ok(())
+}
