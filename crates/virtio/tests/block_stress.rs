@@ -21,7 +21,9 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
-const QSIZE: u16 = 128;
+/// Room for MAX_QD chains of up to 5 descriptors each (the test driver does not recycle
+/// descriptors of chains still in flight).
+const QSIZE: u16 = 256;
 const MAX_QD: usize = 32;
 const MAX_SECTORS: u64 = 256;
 const SLOT_STRIDE: u64 = 160 << 10;

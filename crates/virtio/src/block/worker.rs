@@ -147,8 +147,11 @@ impl BlockWorker {
             // A held request or a measurement window brings the thread back without a kick;
             // a parked thread waits for its resume (or stop) alone; polled work only checks
             // for a stop or pause without waiting.
+            // A batched pass that stopped for a pause request which is gone again (a pause
+            // that timed out) left kicks suppressed: serve again rather than wait for one.
+            let retry = !parked && last.held && self.gate.is_none();
             let timeout = match (&self.gate, parked) {
-                _ if found => 0,
+                _ if found || retry => 0,
                 (Some(g), false) => g.timeout_ms(),
                 _ => -1,
             };
@@ -169,7 +172,7 @@ impl BlockWorker {
                 drain(&self.kick);
                 continue;
             }
-            if !found {
+            if !found && !retry {
                 let kicked = ready.contains(&TOKEN_KICK);
                 self.poll.slept(polled, slept_from.elapsed(), kicked);
             }
