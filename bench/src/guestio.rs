@@ -47,6 +47,10 @@ pub struct GuestioArgs {
     /// Skip the disk half.
     #[arg(long)]
     no_disk: bool,
+    /// Only these QEMU modes, as AIO/CACHE (e.g. `io_uring/writeback`); repeatable
+    /// [default: all four of io_uring|threads × none|writeback].
+    #[arg(long = "qemu-mode", value_name = "AIO/CACHE")]
+    pub qemu_modes: Vec<String>,
     /// Skip the network half.
     #[arg(long)]
     no_net: bool,
@@ -83,6 +87,26 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.no_disk {
         let images = disk::make_images(dir.path(), args.disk_mib)?;
         let setups = Setup::all();
+        let setups: Vec<Setup> = setups
+            .into_iter()
+            .filter(|s| match s {
+                Setup::Vireo => true,
+                Setup::Qemu { aio, cache } => {
+                    args.qemu_modes.is_empty()
+                        || args
+                            .qemu_modes
+                            .iter()
+                            .any(|m| *m == format!("{aio}/{cache}"))
+                }
+            })
+            .collect();
+        if setups.len() < 2 {
+            return Err(format!(
+                "--qemu-mode {:?} matches no QEMU mode; use io_uring|threads / none|writeback",
+                args.qemu_modes
+            )
+            .into());
+        }
         // results[image][setup][case] = one value per round.
         let mut results =
             vec![vec![vec![Vec::<Result1>::new(); CASES.len()]; setups.len()]; images.len()];

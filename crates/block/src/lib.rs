@@ -5,12 +5,16 @@
 //! threads (`&self` methods, `Send + Sync`), so each one does its own fine-grained locking.
 
 mod error;
+mod iov;
 mod lock;
 mod raw;
+mod uring;
 
 pub use error::{locked_message, BlockError};
+pub use iov::{read_vectored_by_copy, write_vectored_by_copy, GuestBuf};
 pub use lock::{downgrade_for_handover, lock, unlock, LockError, LockKind};
 pub use raw::RawFile;
+pub use uring::{Batcher, VecOp};
 
 /// A virtual disk: a byte-addressed device of `size()` bytes.
 ///
@@ -22,6 +26,24 @@ pub trait BlockBackend: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
     /// Writes `buf` at `offset`. Data is durable only after a successful [`BlockBackend::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Reads `sum(bufs.len())` bytes starting at `offset` straight into guest memory, the
+    /// buffers filled in order. Implementations that can (raw files: `preadv`) do it without a
+    /// copy; the default goes through [`BlockBackend::read_at`] and a bounce buffer. Pages
+    /// written are marked dirty in guest memory's bitmap either way.
+    fn read_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        read_vectored_by_copy(self, bufs, offset)
+    }
+    /// Writes the concatenation of `bufs` (guest memory) at `offset`; the vectored twin of
+    /// [`BlockBackend::write_at`], with the same durability rule.
+    fn write_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        write_vectored_by_copy(self, bufs, offset)
+    }
+    /// `Some(fd)` when the disk's bytes are exactly the bytes of `fd` at the same offsets (a
+    /// raw file), so callers may batch vectored reads and writes on it ([`Batcher`]). They
+    /// still check ranges against [`BlockBackend::size`] and honour `read_only` first.
+    fn vectored_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<(), BlockError>;
     /// The guest no longer needs this range; reads of it afterwards return zeroes.

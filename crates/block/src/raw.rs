@@ -4,13 +4,14 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::LockKind;
-use crate::{check_range, BlockBackend, BlockError};
+use crate::iov::{transfer, Dir};
+use crate::{check_range, BlockBackend, BlockError, GuestBuf, LockKind};
 
 /// A disk backed by a plain file (or block device) whose bytes are the disk's bytes.
 ///
-/// Uses positioned I/O (`pread`/`pwrite`), so any number of threads can issue requests at once
-/// without a lock.
+/// Uses positioned I/O (`pread`/`pwrite`, and `preadv`/`pwritev` straight on guest memory), so
+/// any number of threads can issue requests at once without a lock. The file goes through the
+/// page cache (no O_DIRECT), like QEMU's `cache=writeback`, its fastest mode here.
 #[derive(Debug)]
 pub struct RawFile {
     file: File,
@@ -63,6 +64,21 @@ impl BlockBackend for RawFile {
         check_range(offset, buf.len() as u64, self.size())?;
         self.file.write_all_at(buf, offset)?;
         Ok(())
+    }
+
+    fn read_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        transfer(self.file.as_raw_fd(), Dir::Read, bufs, offset, self.size())
+    }
+
+    fn write_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        transfer(self.file.as_raw_fd(), Dir::Write, bufs, offset, self.size())
+    }
+
+    fn vectored_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.file.as_raw_fd())
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -189,5 +205,96 @@ mod tests {
         ));
         drop((r1, _r2));
         RawFile::open(f.path(), false).unwrap();
+    }
+
+    /// Guest memory of two adjacent regions with dirty bitmaps, as the VMM maps it.
+    fn guest() -> vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap> {
+        use vm_memory::GuestAddress;
+        vm_memory::GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    /// A write and a read through `preadv`/`pwritev` on scattered guest buffers (one straddling
+    /// the region boundary) move the same bytes as `read_at`/`write_at`, mark the pages read
+    /// into dirty, and refuse a range past the end without touching anything.
+    #[test]
+    fn vectored_io_moves_scattered_guest_buffers_and_marks_them_dirty() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{
+            Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions,
+        };
+        let (_f, d) = disk(1 << 20);
+        let mem = guest();
+        let pieces = [(0x100u64, 700usize), (0xf000, 0x2000), (0x1a000, 1860)];
+        let total: usize = pieces.iter().map(|p| p.1).sum();
+        assert_eq!(total % 512, 0);
+        type Mem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+        fn slices<'m>(mem: &'m Mem, pieces: &[(u64, usize)]) -> Vec<GuestBuf<'m>> {
+            let mut v = Vec::new();
+            for &(a, n) in pieces {
+                for s in
+                    GuestMemory::get_slices(mem, GuestAddress(a), n, Permissions::Write).unwrap()
+                {
+                    v.push(s.unwrap());
+                }
+            }
+            v
+        }
+        let data: Vec<u8> = (0..total as u32).map(|i| (i * 13 + 5) as u8).collect();
+        let mut at = 0;
+        for &(a, n) in &pieces {
+            mem.write_slice(&data[at..at + n], GuestAddress(a)).unwrap();
+            at += n;
+        }
+        let bufs = slices(&mem, &pieces);
+        assert_eq!(bufs.len(), 4, "the middle piece spans two regions");
+        d.write_vectored_at(&bufs, 8192).unwrap();
+        let mut back = vec![0; total];
+        d.read_at(&mut back, 8192).unwrap();
+        assert_eq!(back, data);
+
+        // Read a different disk range back into the same buffers; compare to read_at.
+        let other: Vec<u8> = (0..total as u32).map(|i| (i * 3) as u8).collect();
+        d.write_at(&other, 65536).unwrap();
+        for region in mem.iter() {
+            vm_memory::MmapRegion::bitmap(region).reset();
+        }
+        d.read_vectored_at(&bufs, 65536).unwrap();
+        let mut got = Vec::new();
+        for &(a, n) in &pieces {
+            let mut p = vec![0; n];
+            mem.read_slice(&mut p, GuestAddress(a)).unwrap();
+            got.extend(p);
+            let region = mem.find_region(GuestAddress(a)).unwrap();
+            assert!(region
+                .bitmap()
+                .dirty_at((a - region.start_addr().0) as usize));
+        }
+        assert_eq!(got, other);
+
+        // The fallback (what backends without a vectored path use) agrees.
+        let mem2 = guest();
+        let bufs2 = slices(&mem2, &pieces);
+        crate::read_vectored_by_copy(&d, &bufs2, 65536).unwrap();
+        for &(a, n) in &pieces {
+            let (mut p, mut q) = (vec![0; n], vec![0; n]);
+            mem.read_slice(&mut p, GuestAddress(a)).unwrap();
+            mem2.read_slice(&mut q, GuestAddress(a)).unwrap();
+            assert_eq!(p, q);
+        }
+
+        // Past the end: refused, nothing written into guest memory.
+        mem.write_slice(&vec![0xaa; 700], GuestAddress(0x100))
+            .unwrap();
+        assert!(matches!(
+            d.read_vectored_at(&bufs, (1 << 20) - 512),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        let mut p = vec![0; 700];
+        mem.read_slice(&mut p, GuestAddress(0x100)).unwrap();
+        assert!(p.iter().all(|&b| b == 0xaa));
     }
 }

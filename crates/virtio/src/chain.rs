@@ -4,6 +4,7 @@
 
 use std::ops::Deref;
 
+use vireo_block::GuestBuf;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory as GuestMemoryT, Permissions};
 
@@ -120,6 +121,72 @@ impl ChainBuffers {
     }
 }
 
+impl ChainBuffers {
+    /// The guest memory holding `len` bytes from `offset` of the readable stream, as slices a
+    /// backend can `pwritev` from without a copy.
+    pub fn readable_bufs<'m>(
+        &self,
+        mem: &'m GuestMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<GuestBuf<'m>>, ChainError> {
+        bufs_of(
+            mem,
+            &self.readable,
+            self.readable_len,
+            offset,
+            len,
+            Permissions::Read,
+        )
+    }
+
+    /// The guest memory of `len` bytes from `offset` of the writable stream, as slices a
+    /// backend can `preadv` into; whoever writes through them marks the pages dirty.
+    pub fn writable_bufs<'m>(
+        &self,
+        mem: &'m GuestMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<GuestBuf<'m>>, ChainError> {
+        bufs_of(
+            mem,
+            &self.writable,
+            self.writable_len,
+            offset,
+            len,
+            Permissions::Write,
+        )
+    }
+}
+
+/// Slices of guest memory covering `len` bytes from `offset` of a stream of segments; a
+/// segment spanning two memory regions yields one slice per region.
+fn bufs_of<'m>(
+    mem: &'m GuestMemory,
+    segments: &[(GuestAddress, u32)],
+    total: u64,
+    offset: u64,
+    len: u64,
+    access: Permissions,
+) -> Result<Vec<GuestBuf<'m>>, ChainError> {
+    let len = usize::try_from(len).map_err(|_| ChainError::PastEnd {
+        offset,
+        len: usize::MAX,
+        avail: total,
+    })?;
+    let mut out = Vec::with_capacity(segments.len());
+    for_each_piece(segments, total, offset, len, |addr, n| {
+        let slices = mem
+            .get_slices(addr, n, access)
+            .map_err(|_| ChainError::Memory(addr.0))?;
+        for slice in slices {
+            out.push(slice.map_err(|_| ChainError::Memory(addr.0))?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// Calls `f` on the guest ranges covering `len` bytes from `offset` of a stream of segments.
 fn for_each_piece(
     segments: &[(GuestAddress, u32)],
@@ -176,5 +243,71 @@ mod tests {
         assert!(for_each_piece(&segs, 14, 10, 5, |_, _| Ok(())).is_err());
         assert!(for_each_piece(&segs, 14, u64::MAX, 1, |_, _| Ok(())).is_err());
         assert!(for_each_piece(&segs, 14, 14, 0, |_, _| Ok(())).is_ok());
+    }
+
+    use proptest::prelude::*;
+
+    /// Two adjacent 64 KiB regions, so segments can straddle a region boundary.
+    fn two_regions() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .unwrap()
+    }
+
+    proptest! {
+        /// The slices handed to a backend cover exactly the bytes `read_at` copies and
+        /// `write_at` stores, for any split into segments, any window and across regions.
+        #[test]
+        fn guest_bufs_are_the_bytes_read_at_and_write_at_see(
+            segs in proptest::collection::vec((0u64..0x1f000, 1u32..0x1000), 1..6),
+            window in (0u64..0x6000, 0u64..0x6000),
+            fill in any::<u8>(),
+        ) {
+            let mem = two_regions();
+            let pattern: Vec<u8> = (0..0x20000u32).map(|i| (i.wrapping_mul(7) as u8) ^ fill).collect();
+            mem.write_slice(&pattern, GuestAddress(0)).unwrap();
+            let segments: Vec<(GuestAddress, u32)> =
+                segs.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+            let total: u64 = segs.iter().map(|s| u64::from(s.1)).sum();
+            let chain = ChainBuffers {
+                readable: segments.clone(),
+                writable: segments,
+                readable_len: total,
+                writable_len: total,
+            };
+            let (offset, len) = window;
+            let bufs = chain.readable_bufs(&mem, offset, len);
+            let mut want = vec![0u8; len as usize];
+            let copied = chain.read_at(&mem, offset, &mut want);
+            prop_assert_eq!(bufs.is_ok(), copied.is_ok());
+            let Ok(bufs) = bufs else { return Ok(()) };
+            let mut got = Vec::new();
+            for b in &bufs {
+                // No slice crosses a region: each is one mapping's contiguous memory.
+                let mut piece = vec![0u8; b.len()];
+                b.read_slice(&mut piece, 0).unwrap();
+                got.extend(piece);
+            }
+            prop_assert_eq!(&got, &want);
+            // Writing through the writable slices lands where write_at would put the bytes.
+            let wbufs = chain.writable_bufs(&mem, offset, len).unwrap();
+            let mut n = 0u8;
+            for b in &wbufs {
+                let data: Vec<u8> = (0..b.len()).map(|_| { n = n.wrapping_add(1); n }).collect();
+                b.write_slice(&data, 0).unwrap();
+            }
+            let expected: Vec<u8> = (1..=len).map(|i| i as u8).collect();
+            let mut back = vec![0u8; len as usize];
+            chain.read_at(&mem, offset, &mut back).unwrap();
+            // Overlapping segments may alias; only compare when the window's pieces are disjoint.
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for_each_piece(&chain.readable, total, offset, len as usize, |a, l| {
+                ranges.push((a.0, l as u64));
+                Ok(())
+            }).unwrap();
+            ranges.sort_unstable();
+            if ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0) {
+                prop_assert_eq!(back, expected);
+            }
+        }
     }
 }

@@ -677,9 +677,10 @@ impl BlockBackend for SlowWrites {
     }
 }
 
-/// A VM pause, device side: the request being executed finishes and is published in the used
-/// ring before `pause` returns; the one queued behind it is not started; a request submitted
-/// while paused waits; resume serves both. Pause and resume are idempotent.
+/// A VM pause, device side: the requests the worker had taken from the ring (both writes, found
+/// in one look and run as one batch) finish and are published in the used ring before `pause`
+/// returns, so nothing is in flight at the park; a request submitted while paused waits until
+/// resume. Pause and resume are idempotent.
 #[test]
 fn pause_stops_at_a_request_boundary_and_resume_serves_what_waited() {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -711,14 +712,19 @@ fn pause_stops_at_a_request_boundary_and_resume_serves_what_waited() {
         start.elapsed() >= delay / 3,
         "returned before the write finished"
     );
+    assert!(
+        start.elapsed() >= delay,
+        "returned before the second write of the batch finished"
+    );
     let used = q.take_used(&mem);
-    assert_eq!(used.len(), 1, "exactly the in-flight request is published");
+    assert_eq!(used.len(), 2, "the in-flight batch is published");
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), 0xff);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), S_OK);
     dev.pause(Duration::ZERO).unwrap();
     // Submitted while paused: nothing moves.
     mem.write_obj(T_FLUSH.to_le(), GuestAddress(HDR + 32))
         .unwrap();
+    mem.write_obj(0xffu8, GuestAddress(STATUS + 2)).unwrap();
     q.add_chain(&mem, &[ro(HDR + 32, 16), wo(STATUS + 2, 1)]);
     q.notify();
     std::thread::sleep(delay * 2);
@@ -727,12 +733,12 @@ fn pause_stops_at_a_request_boundary_and_resume_serves_what_waited() {
         vec![],
         "a paused device served a request"
     );
-    assert_eq!(dev.counters().snapshot().writes, 1);
+    assert_eq!(dev.counters().snapshot().writes, 2);
     dev.resume();
     dev.resume();
-    let used = q.wait_used(&mem, 2);
-    assert_eq!(used.len(), 2);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), S_OK);
+    let used = q.wait_used(&mem, 1);
+    assert_eq!(used.len(), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS + 2)).unwrap(), S_OK);
     let s = dev.counters().snapshot();
     assert_eq!((s.writes, s.flushes), (2, 1));
     // A reset of a paused device does not wait for a resume.

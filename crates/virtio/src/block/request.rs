@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use vireo_block::{check_range, BlockBackend, BlockError};
+use vireo_block::{check_range, BlockBackend, BlockError, VecOp};
 use virtio_bindings::virtio_blk::*;
 
 use super::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
@@ -19,8 +19,6 @@ const HEADER_LEN: u64 = 16;
 const SEGMENT_LEN: u64 = 16;
 /// The only flag a write-zeroes segment may carry.
 const WRITE_ZEROES_UNMAP: u32 = 1;
-/// Largest piece of a read or write staged in the worker's buffer at once.
-pub(crate) const IO_CHUNK: usize = 256 * 1024;
 
 /// Virtio-blk status codes, written in the request's last byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,17 +46,96 @@ impl From<ChainError> for Status {
     }
 }
 
-/// What a worker needs to execute requests; `buf` is reused across requests.
+/// What a worker needs to execute requests.
 pub(crate) struct RequestContext<'a> {
     pub mem: &'a GuestMemory,
     pub backend: &'a dyn BlockBackend,
     pub counters: &'a BlockCounters,
     /// Overrides the backend's id for GET_ID.
     pub serial: Option<&'a str>,
-    pub buf: &'a mut Vec<u8>,
 }
 
-impl RequestContext<'_> {
+/// A read or write whose buffers are checked and mapped, ready to run with the rest of its
+/// batch ([`vireo_block::Batcher`]); [`RequestContext::complete`] finishes it.
+pub(crate) struct PendingIo<'m> {
+    pub op: VecOp<'m>,
+    len: u64,
+    status_offset: u64,
+}
+
+impl<'a> RequestContext<'a> {
+    /// Starts the request in `chain`: a read or write becomes a [`PendingIo`] for the batch;
+    /// anything else (flush, discard, GET_ID, a bad request) is executed here and `Err` carries
+    /// its used length. Requests of one batch are unordered, as virtio allows (a driver waits
+    /// for a write's completion before it depends on it; a flush covers completed writes).
+    pub fn prepare(&mut self, chain: &ChainBuffers) -> Result<PendingIo<'a>, u32> {
+        let mut header = [0u8; HEADER_LEN as usize];
+        let (Some(status_offset), Ok(())) = (
+            chain.writable_len().checked_sub(1),
+            chain.read_at(self.mem, 0, &mut header),
+        ) else {
+            return Err(self.execute(chain));
+        };
+        let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let (write, len) = match kind {
+            VIRTIO_BLK_T_IN => (false, status_offset),
+            VIRTIO_BLK_T_OUT if !self.backend.read_only() => {
+                (true, chain.readable_len() - HEADER_LEN)
+            }
+            _ => return Err(self.execute(chain)),
+        };
+        let mapped = self.disk_offset(sector, len).and_then(|offset| {
+            let bufs = if write {
+                chain.readable_bufs(self.mem, HEADER_LEN, len)?
+            } else {
+                chain.writable_bufs(self.mem, 0, len)?
+            };
+            Ok(VecOp {
+                write,
+                bufs,
+                offset,
+            })
+        });
+        match mapped {
+            Ok(op) => Ok(PendingIo {
+                op,
+                len,
+                status_offset,
+            }),
+            Err(status) => Err(self.finish(chain, status_offset, Err(status))),
+        }
+    }
+
+    /// Finishes a [`PendingIo`] with the backend's `result`: counters, status byte, used length.
+    pub fn complete(
+        &mut self,
+        chain: &ChainBuffers,
+        io: &PendingIo<'_>,
+        result: Result<(), BlockError>,
+    ) -> u32 {
+        let outcome = match result {
+            Ok(()) if io.op.write => {
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .write_bytes
+                    .fetch_add(io.len, Ordering::Relaxed);
+                self.count_ios(VIRTIO_BLK_T_OUT, io.len);
+                Ok(0)
+            }
+            Ok(()) => {
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .read_bytes
+                    .fetch_add(io.len, Ordering::Relaxed);
+                self.count_ios(VIRTIO_BLK_T_IN, io.len);
+                Ok(io.len)
+            }
+            Err(e) => Err(Status::from(e)),
+        };
+        self.finish(chain, io.status_offset, outcome)
+    }
+
     /// The normalized IOs the request in `chain` will count as ([`qos::cost`]), read from its
     /// header before it runs; 0 for a chain without a readable header (it fails at once).
     pub fn cost(&self, chain: &ChainBuffers) -> u64 {
@@ -88,7 +165,19 @@ impl RequestContext<'_> {
             tracing::warn!("virtio-blk: request without a status byte dropped");
             return 0;
         };
-        let (status, data_written) = match self.dispatch(chain, status_offset) {
+        let outcome = self.dispatch(chain, status_offset);
+        self.finish(chain, status_offset, outcome)
+    }
+
+    /// Writes the status byte of a request that ended with `outcome` (data bytes written, or a
+    /// failure) and returns the used length.
+    fn finish(
+        &mut self,
+        chain: &ChainBuffers,
+        status_offset: u64,
+        outcome: Result<u64, Status>,
+    ) -> u32 {
+        let (status, data_written) = match outcome {
             Ok(written) => (Status::Ok, written),
             Err(status) => (status, 0),
         };
@@ -141,14 +230,9 @@ impl RequestContext<'_> {
 
     fn read(&mut self, chain: &ChainBuffers, sector: u64, len: u64) -> Result<u64, Status> {
         let offset = self.disk_offset(sector, len)?;
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(IO_CHUNK as u64) as usize;
-            self.buf.resize(n, 0);
-            self.backend.read_at(&mut self.buf[..n], offset + done)?;
-            chain.write_at(self.mem, done, &self.buf[..n])?;
-            done += n as u64;
-        }
+        // Straight from the disk into the guest's buffers (preadv on a raw file).
+        let bufs = chain.writable_bufs(self.mem, 0, len)?;
+        self.backend.read_vectored_at(&bufs, offset)?;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
         self.count_ios(VIRTIO_BLK_T_IN, len);
@@ -160,14 +244,8 @@ impl RequestContext<'_> {
             return Err(Status::IoErr);
         }
         let offset = self.disk_offset(sector, len)?;
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(IO_CHUNK as u64) as usize;
-            self.buf.resize(n, 0);
-            chain.read_at(self.mem, HEADER_LEN + done, &mut self.buf[..n])?;
-            self.backend.write_at(&self.buf[..n], offset + done)?;
-            done += n as u64;
-        }
+        let bufs = chain.readable_bufs(self.mem, HEADER_LEN, len)?;
+        self.backend.write_vectored_at(&bufs, offset)?;
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
         self.count_ios(VIRTIO_BLK_T_OUT, len);

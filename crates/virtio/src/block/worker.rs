@@ -2,13 +2,19 @@
 //! request, then interrupts the driver if (per EVENT_IDX) it asked to be told. After a batch it
 //! polls the ring for a short adaptive window with notifications off ([`PollWindow`]), so a
 //! driver that queues its next request quickly does not pay a VM exit to kick.
+//!
+//! Without QoS the requests found in one look at the ring run as a batch: their reads and
+//! writes go to the backend together (io_uring on a raw file, [`Batcher`]), straight between
+//! the file and guest memory, and their used entries are published together with one
+//! interrupt. A batch is finished before the worker looks at pause requests again, so a parked
+//! worker has nothing in flight. With QoS requests run one by one, each admitted by the gate.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vireo_block::BlockBackend;
+use vireo_block::{Batcher, BlockBackend};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +25,7 @@ use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
 use crate::poll::PollWindow;
+use crate::queue::{add_used_logged, suppress_kicks};
 use crate::queue::{notify_if_needed, poll_avail, serve_queue_gated, Served};
 use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
@@ -40,7 +47,13 @@ pub(crate) struct BlockWorker {
     gate: Option<Gate>,
     pause: Arc<PauseCtl>,
     poll: PollWindow,
+    /// Runs a pass's reads and writes together; `None` when `VIREO_BLK_BATCH=0` (then they run
+    /// one at a time, as with QoS).
+    batcher: Option<Batcher>,
 }
+
+/// Most requests taken from the ring into one batch.
+const MAX_BATCH: usize = 64;
 
 /// The disk a worker serves: its backend and what the device keeps across activations.
 pub(crate) struct Disk {
@@ -61,6 +74,7 @@ impl BlockWorker {
     ) -> Self {
         let QueueHandle { mut queue, kick } = handle;
         queue.set_event_idx(event_idx);
+        let queue_size = queue.size().min(MAX_BATCH as u16);
         let Disk {
             backend,
             counters,
@@ -79,6 +93,7 @@ impl BlockWorker {
             counters,
             serial,
             poll: PollWindow::for_block(),
+            batcher: batching_enabled().then(|| Batcher::new(u32::from(queue_size))),
         }
     }
 
@@ -94,9 +109,8 @@ impl BlockWorker {
     }
 
     fn run(mut self, events: EventLoop) {
-        let mut buf = Vec::new();
         // A driver may have queued requests before the device was activated.
-        let mut last = self.serve(&mut buf);
+        let mut last = self.serve();
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a request boundary: nothing taken from the ring is
@@ -113,7 +127,7 @@ impl BlockWorker {
                 }
                 Park::Resumed => {
                     drain(&self.kick);
-                    last = self.serve(&mut buf);
+                    last = self.serve();
                     false
                 }
             };
@@ -133,8 +147,11 @@ impl BlockWorker {
             // A held request or a measurement window brings the thread back without a kick;
             // a parked thread waits for its resume (or stop) alone; polled work only checks
             // for a stop or pause without waiting.
+            // A batched pass that stopped for a pause request which is gone again (a pause
+            // that timed out) left kicks suppressed: serve again rather than wait for one.
+            let retry = !parked && last.held && self.gate.is_none();
             let timeout = match (&self.gate, parked) {
-                _ if found => 0,
+                _ if found || retry => 0,
                 (Some(g), false) => g.timeout_ms(),
                 _ => -1,
             };
@@ -155,16 +172,19 @@ impl BlockWorker {
                 drain(&self.kick);
                 continue;
             }
-            if !found {
+            if !found && !retry {
                 let kicked = ready.contains(&TOKEN_KICK);
                 self.poll.slept(polled, slept_from.elapsed(), kicked);
             }
             drain(&self.kick);
-            last = self.serve(&mut buf);
+            last = self.serve();
         }
     }
 
-    fn serve(&mut self, buf: &mut Vec<u8>) -> Pass {
+    fn serve(&mut self) -> Pass {
+        if self.gate.is_none() && self.batcher.is_some() {
+            return self.serve_batched();
+        }
         let mem = &self.mem;
         let gate = &mut self.gate;
         let counters = &*self.counters;
@@ -176,7 +196,6 @@ impl BlockWorker {
             backend: &*self.backend,
             counters,
             serial: self.serial.as_deref(),
-            buf,
         };
         let pause = &*self.pause;
         let (used, held) = serve_queue_gated(&mut self.queue, mem, |chain| {
@@ -212,6 +231,124 @@ impl BlockWorker {
         }
         Pass { used, held }
     }
+}
+
+impl BlockWorker {
+    /// A serve pass without QoS: every look at the ring takes what is there (up to
+    /// [`MAX_BATCH`]) and runs it as one batch; a pause request stops the pass between batches
+    /// with the rest left in the ring. Notifications are re-enabled at the end, looking once
+    /// more for chains that came meanwhile, as [`crate::queue::serve_queue`] does.
+    fn serve_batched(&mut self) -> Pass {
+        let mem = &self.mem;
+        let counters = &*self.counters;
+        let pause = &*self.pause;
+        let Some(batcher) = self.batcher.as_mut() else {
+            return Pass::default();
+        };
+        let mut ctx = RequestContext {
+            mem,
+            backend: &*self.backend,
+            counters,
+            serial: self.serial.as_deref(),
+        };
+        let queue = &mut self.queue;
+        let mut used = 0;
+        let mut held = false;
+        let mut heads = Vec::with_capacity(MAX_BATCH);
+        let mut chains = Vec::with_capacity(MAX_BATCH);
+        'pass: loop {
+            if let Err(e) = suppress_kicks(queue, mem) {
+                tracing::warn!("virtio-blk: cannot disable notifications: {e}");
+                break;
+            }
+            let mut popped = false;
+            loop {
+                if pause.requested() {
+                    // Like a deferred chain: notifications stay off, the pause decides next.
+                    held = true;
+                    break 'pass;
+                }
+                heads.clear();
+                chains.clear();
+                while heads.len() < MAX_BATCH {
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        break;
+                    };
+                    heads.push(chain.head_index());
+                    chains.push(ChainBuffers::collect(mem, chain));
+                }
+                if heads.is_empty() {
+                    break;
+                }
+                popped = true;
+                let lens = run_batch(&mut ctx, batcher, &chains);
+                for (&head, len) in heads.iter().zip(lens) {
+                    if add_used_logged(queue, mem, head, len) {
+                        used += 1;
+                    }
+                }
+            }
+            match queue.enable_notification(mem) {
+                // Chains came while notifications were being re-enabled (and the ring is not
+                // bad: the last pass popped something).
+                Ok(true) if popped => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!("virtio-blk: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        notify_if_needed(queue, mem, &*self.interrupt, 0, used);
+        Pass { used, held }
+    }
+}
+
+/// Runs one batch: reads and writes together through `batcher`, everything else as it comes.
+/// Returns each chain's used length, in order.
+fn run_batch(
+    ctx: &mut RequestContext<'_>,
+    batcher: &mut Batcher,
+    chains: &[Result<ChainBuffers, crate::chain::ChainError>],
+) -> Vec<u32> {
+    let mut lens = vec![0u32; chains.len()];
+    let mut pending = Vec::new();
+    let mut owners = Vec::new();
+    for (i, chain) in chains.iter().enumerate() {
+        let chain = match chain {
+            Ok(c) => c,
+            Err(e) => {
+                // Without trustworthy buffers there is nowhere safe to put a status; the
+                // chain is returned unused so the driver does not lose it.
+                tracing::warn!("virtio-blk: malformed request: {e}");
+                ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        match ctx.prepare(chain) {
+            Ok(io) => {
+                pending.push(io);
+                owners.push(i);
+            }
+            Err(len) => lens[i] = len,
+        }
+    }
+    if pending.is_empty() {
+        return lens;
+    }
+    let ops: Vec<_> = pending.iter().map(|p| &p.op).collect();
+    let results = batcher.run(ctx.backend, &ops);
+    for ((io, &i), result) in pending.iter().zip(&owners).zip(results) {
+        if let Ok(chain) = &chains[i] {
+            lens[i] = ctx.complete(chain, io, result);
+        }
+    }
+    lens
+}
+
+/// Whether reads and writes run in batches: yes unless `VIREO_BLK_BATCH=0` (for comparing).
+fn batching_enabled() -> bool {
+    std::env::var("VIREO_BLK_BATCH").map_or(true, |v| v.trim() != "0")
 }
 
 /// What one serve pass did: chains used, and whether QoS held one back.

@@ -14,6 +14,8 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_RING_F_EVENT_IDX: kick only at the avail index the device names.
+const F_EVENT_IDX: u64 = 1 << 29;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -83,8 +85,8 @@ struct Inflight {
 
 impl Blk {
     pub fn new(transport: Transport) -> Option<Self> {
-        let features =
-            transport.begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH)?;
+        let features = transport
+            .begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX)?;
         let size_max = if features & F_SIZE_MAX != 0 {
             transport.config_read32(8)
         } else {
@@ -100,10 +102,13 @@ impl Blk {
         } else {
             512
         };
-        let Some(vq) = Virtqueue::new(transport, 0, 256) else {
+        let Some(mut vq) = Virtqueue::new(transport, 0, 256) else {
             transport.fail();
             return None;
         };
+        if features & F_EVENT_IDX != 0 {
+            vq.set_event_idx();
+        }
         let mut seg_bytes = if size_max >= 4096 {
             (size_max as usize) & !4095
         } else {

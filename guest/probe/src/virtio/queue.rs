@@ -1,6 +1,9 @@
 //! A split virtqueue driven by polling: the probe asks devices not to interrupt
 //! (VRING_AVAIL_F_NO_INTERRUPT) and watches the used ring in memory, which costs no VM exit;
-//! it kicks only when the device has not suppressed notifications.
+//! it kicks only when the device has not suppressed notifications. With EVENT_IDX (negotiated
+//! per device, see `set_event_idx`) the device says which avail index it wants a kick at
+//! (avail_event) and the probe keeps used_event just behind what it has consumed, so the device
+//! never interrupts.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
@@ -43,6 +46,10 @@ pub struct Virtqueue {
     last_used: u16,
     /// Notifications sent (each one is a VM exit): the benchmarks report them per I/O.
     pub kicks: u64,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: kicks follow avail_event, not the flags.
+    event_idx: bool,
+    /// Avail index at the last publish (EVENT_IDX decides on the range published since).
+    published: u16,
 }
 
 impl Virtqueue {
@@ -79,11 +86,33 @@ impl Virtqueue {
             avail_idx: 0,
             last_used: 0,
             kicks: 0,
+            event_idx: false,
+            published: 0,
         };
         // SAFETY: avail ring flags word, freshly allocated.
         unsafe { write_volatile(q.avail, AVAIL_F_NO_INTERRUPT) };
         transport.setup_queue(index as u32, size, desc, avail, used);
         Some(q)
+    }
+
+    /// Switches to EVENT_IDX suppression; call only when the feature was negotiated, before
+    /// the first request.
+    pub fn set_event_idx(&mut self) {
+        self.event_idx = true;
+        self.set_used_event();
+    }
+
+    /// used_event just behind the last entry consumed: the device interrupts only when its
+    /// used index passes it, which it cannot do without first overtaking entries the probe has
+    /// already seen, so it never does. (The probe polls; it has no interrupt handler.)
+    fn set_used_event(&mut self) {
+        // SAFETY: used_event is the avail ring's last word, after the `size` entries.
+        unsafe {
+            write_volatile(
+                self.avail.add(2 + self.size as usize),
+                self.last_used.wrapping_sub(1),
+            )
+        };
     }
 
     pub fn size(&self) -> u16 {
@@ -126,9 +155,19 @@ impl Virtqueue {
         // SAFETY: avail ring idx word.
         unsafe { write_volatile(self.avail.add(1), self.avail_idx) };
         fence(Ordering::SeqCst);
-        // SAFETY: used ring flags word.
-        let flags = unsafe { read_volatile(self.used) };
-        if flags & USED_F_NO_NOTIFY == 0 {
+        let kick = if self.event_idx {
+            // SAFETY: avail_event is the used ring's last word, after the `size` 8-byte entries.
+            let event = unsafe { read_volatile(self.used.add(2 + 4 * self.size as usize)) };
+            // vring_need_event: the device asked for a kick at an index published just now.
+            self.avail_idx.wrapping_sub(event).wrapping_sub(1)
+                < self.avail_idx.wrapping_sub(self.published)
+        } else {
+            // SAFETY: used ring flags word.
+            let flags = unsafe { read_volatile(self.used) };
+            flags & USED_F_NO_NOTIFY == 0
+        };
+        self.published = self.avail_idx;
+        if kick {
             self.kicks += 1;
             self.transport.notify(self.index);
         }
@@ -149,6 +188,9 @@ impl Virtqueue {
             (read_volatile(elem), read_volatile(elem.add(1)))
         };
         self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx {
+            self.set_used_event();
+        }
         let head = id as u16;
         if head >= self.size {
             return None; // a broken device; drop the entry rather than corrupt the free list
