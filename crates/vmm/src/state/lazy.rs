@@ -26,6 +26,8 @@ use crate::uffd::{Copied, Uffd};
 
 /// Bytes the populate thread reads and copies at a time.
 const POPULATE_CHUNK: usize = 1 << 20;
+/// Bytes the fault thread fills around a faulting page (aligned).
+const FAULT_BLOCK: u64 = 256 << 10;
 /// How long the fault thread waits for an event before checking whether it may end.
 const POLL_MS: i32 = 20;
 
@@ -160,14 +162,9 @@ impl Drop for LazyRestore {
     }
 }
 
-/// The file offset and the length up to the end of its mapping of host address `addr`.
-fn locate(maps: &[Mapping], addr: u64) -> Option<(u64, u64)> {
-    maps.iter()
-        .find(|m| addr >= m.host && addr < m.host + m.len)
-        .map(|m| (m.file_offset + (addr - m.host), m.host + m.len - addr))
-}
-
-/// The fault thread: fill each faulting page from the file until population is done.
+/// The fault thread: fill the block around each faulting page from the file until population
+/// is done. A block rather than a page: guests touch memory in runs, and each fault costs a
+/// round trip through this thread (and on KVM a VM exit).
 fn serve_faults(
     uffd: &Uffd,
     file: &File,
@@ -175,7 +172,7 @@ fn serve_faults(
     done: &AtomicBool,
     on_error: &dyn Fn(String),
 ) {
-    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut block = vec![0u8; FAULT_BLOCK as usize];
     let mut failed = false;
     loop {
         let addr = match uffd.next_fault(POLL_MS) {
@@ -187,28 +184,31 @@ fn serve_faults(
                 return;
             }
         };
-        let Some((offset, _)) = locate(maps, addr) else {
+        let Some(m) = maps
+            .iter()
+            .find(|m| addr >= m.host && addr < m.host + m.len)
+        else {
             continue;
         };
-        if let Err(e) = file.read_exact_at(&mut page, offset) {
+        let start = m.host + (addr - m.host) / FAULT_BLOCK * FAULT_BLOCK;
+        let len = FAULT_BLOCK.min(m.host + m.len - start) as usize;
+        let offset = m.file_offset + (start - m.host);
+        let buf = &mut block[..len];
+        if let Err(e) = file.read_exact_at(buf, offset) {
             if !failed {
                 on_error(format!(
-                    "restoring guest memory: reading page at {offset:#x}: {e}"
+                    "restoring guest memory: reading {len} bytes at {offset:#x}: {e}"
                 ));
                 failed = true;
             }
-            // The VM is being stopped; give the waiter a zero page so it can get there.
-            page.fill(0);
+            // The VM is being stopped; give the waiter zero pages so it can get there.
+            buf.fill(0);
         }
-        match uffd.copy(addr, &page) {
-            Ok(Copied::All) => {}
-            // The populate thread got there first; the waiter still needs waking.
-            Ok(Copied::Exists { .. }) => {
-                let _ = uffd.wake(addr, PAGE_SIZE);
-            }
-            // The range was unregistered meanwhile (population done): the waiter was woken.
-            Err(_) => {}
-        }
+        // Pages of the block already filled (by the populate thread) are skipped; an error
+        // means the range was unregistered meanwhile (population done), which woke everyone.
+        let _ = copy_all(uffd, start, buf);
+        // The faulting page may have been among the skipped ones: its waiter needs waking.
+        let _ = uffd.wake(addr, PAGE_SIZE);
     }
 }
 
@@ -302,25 +302,6 @@ fn next_data(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn locate_maps_host_addresses_to_file_offsets() {
-        let maps = [
-            Mapping {
-                host: 0x1000_0000,
-                len: 0x10_0000,
-                file_offset: 0,
-            },
-            Mapping {
-                host: 0x7000_0000,
-                len: 0x20_0000,
-                file_offset: 0x10_0000,
-            },
-        ];
-        assert_eq!(locate(&maps, 0x1000_2000), Some((0x2000, 0xf_e000)));
-        assert_eq!(locate(&maps, 0x7000_1000), Some((0x10_1000, 0x1f_f000)));
-        assert_eq!(locate(&maps, 0x1010_0000), None);
-    }
 
     #[test]
     fn next_data_skips_holes() {
