@@ -69,7 +69,7 @@ enum ControlCommand {
     /// Save the VM into directory DIR (created if missing) and stop it: memory.bin and
     /// vm.state. Live: memory is written while the guest runs, the guest is paused only for
     /// the last dirty pages and the device state. `vireo run --restore DIR` with the same
-    /// options continues it. Prints DIR, the copy rounds, MiB written and the pause.
+    /// options continues it. Prints DIR; the copy rounds, MiB written and the pause go to stderr.
     Save {
         /// Where to save; a relative path is taken from the current directory.
         dir: PathBuf,
@@ -132,7 +132,13 @@ fn save(socket: &Path, command: &str, dir: &Path) -> Result<ExitCode, CliError> 
         )));
     }
     let saved = exchange_with_timeout(socket, &format!("{command} {shown}"), SAVE_TIMEOUT)?;
-    println!("{saved}");
+    // stdout: the directory, as scripts expect; the report (rounds=.. written_mib=..
+    // pause_ms=.. total_ms=..) goes to stderr.
+    let (dir_said, report) = saved.split_once(' ').unwrap_or((saved.as_str(), ""));
+    println!("{dir_said}");
+    if !report.is_empty() {
+        eprintln!("{command}: {report}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
