@@ -67,9 +67,16 @@ enum ControlCommand {
         size: u64,
     },
     /// Save the VM into directory DIR (created if missing) and stop it: memory.bin and
-    /// vm.state. `vireo run --restore DIR` with the same options continues it. Not live yet:
-    /// the guest is paused while its whole memory is written.
+    /// vm.state. Live: memory is written while the guest runs, the guest is paused only for
+    /// the last dirty pages and the device state. `vireo run --restore DIR` with the same
+    /// options continues it. Prints DIR; the copy rounds, MiB written and the pause go to stderr.
     Save {
+        /// Where to save; a relative path is taken from the current directory.
+        dir: PathBuf,
+    },
+    /// Like save, but the VM runs on afterwards (a snapshot of a running VM); pause_ms is the
+    /// time the guest was paused.
+    Snapshot {
         /// Where to save; a relative path is taken from the current directory.
         dir: PathBuf,
     },
@@ -102,28 +109,37 @@ pub fn execute(args: ControlArgs) -> Result<ExitCode, CliError> {
             println!("{new_size}");
             Ok(ExitCode::SUCCESS)
         }
-        ControlCommand::Save { dir } => {
-            // The VM resolves paths from its own directory, so send an absolute one; the
-            // protocol is words on a line, so a path with blanks cannot be sent.
-            let dir = std::path::absolute(&dir).map_err(|e| {
-                CliError::bad_input(format!("save directory {}: {e}", dir.display()))
-            })?;
-            let shown = dir.display().to_string();
-            if shown.chars().any(char::is_whitespace) || shown.contains('\n') {
-                return Err(CliError::bad_input(format!(
-                    "save directory '{shown}' contains blanks; choose a path without them"
-                )));
-            }
-            if dir.exists() && !dir.is_dir() {
-                return Err(CliError::bad_input(format!(
-                    "{shown} exists and is not a directory"
-                )));
-            }
-            let saved = exchange_with_timeout(socket, &format!("save {shown}"), SAVE_TIMEOUT)?;
-            println!("{saved}");
-            Ok(ExitCode::SUCCESS)
-        }
+        ControlCommand::Save { dir } => save(socket, "save", &dir),
+        ControlCommand::Snapshot { dir } => save(socket, "snapshot", &dir),
     }
+}
+
+/// `save DIR` or `snapshot DIR` on the socket; prints the answer.
+fn save(socket: &Path, command: &str, dir: &Path) -> Result<ExitCode, CliError> {
+    // The VM resolves paths from its own directory, so send an absolute one; the
+    // protocol is words on a line, so a path with blanks cannot be sent.
+    let dir = std::path::absolute(dir)
+        .map_err(|e| CliError::bad_input(format!("{command} directory {}: {e}", dir.display())))?;
+    let shown = dir.display().to_string();
+    if shown.chars().any(char::is_whitespace) || shown.contains('\n') {
+        return Err(CliError::bad_input(format!(
+            "{command} directory '{shown}' contains blanks; choose a path without them"
+        )));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(CliError::bad_input(format!(
+            "{shown} exists and is not a directory"
+        )));
+    }
+    let saved = exchange_with_timeout(socket, &format!("{command} {shown}"), SAVE_TIMEOUT)?;
+    // stdout: the directory, as scripts expect; the report (rounds=.. written_mib=..
+    // pause_ms=.. total_ms=..) goes to stderr.
+    let (dir_said, report) = saved.split_once(' ').unwrap_or((saved.as_str(), ""));
+    println!("{dir_said}");
+    if !report.is_empty() {
+        eprintln!("{command}: {report}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A save writes all of guest memory; allow for a large guest on a slow disk.

@@ -86,4 +86,10 @@ pub trait VirtioDevice: Send {
     fn restore_state(&mut self, _state: &DeviceState) -> Result<(), StateError> {
         Err(StateError::Unsupported("no save/restore support"))
     }
+    /// Whether another process maps guest RAM for this device (a vhost-user back end): such
+    /// a process does not see the pages a lazy restore has not filled yet, so a VM with one
+    /// is restored eagerly (docs/vm-state.md, "Lazy restore").
+    fn maps_guest_memory(&self) -> bool {
+        false
+    }
 }

@@ -19,6 +19,7 @@ mod reset;
 pub mod state;
 #[doc(hidden)]
 pub mod test_images;
+mod uffd;
 pub mod vcpu;
 pub mod vhost_user_net;
 pub mod virtio_mmio;
@@ -31,8 +32,8 @@ pub use exit::VmExit;
 pub use state::{StateError, VmState};
 pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
-    install_termination_handlers, max_vcpus, termination_signal, RestoreFrom, Vm, VmHandle,
-    MEMORY_FILE, STATE_FILE,
+    install_termination_handlers, max_vcpus, termination_signal, AfterSave, LiveSaveOptions,
+    RestoreFrom, SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE,
 };
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).

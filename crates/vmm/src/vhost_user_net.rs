@@ -209,6 +209,10 @@ impl VirtioDevice for VhostUserNet {
         vireo_virtio::device_type::NET
     }
 
+    fn maps_guest_memory(&self) -> bool {
+        true
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
     }

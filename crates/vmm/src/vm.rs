@@ -84,13 +84,18 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
 }
 
 pub mod hotplug;
+mod live_save;
 mod pause_reset;
 mod state;
+pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE};
 
 /// The parts of a VM other threads may use while it runs.
 struct Shared {
     vm_fd: VmFd,
+    /// A lazy restore still filling `ram` (`state/lazy.rs`); declared before `ram` so it is
+    /// dropped (its threads joined) while the mappings still exist.
+    lazy: Mutex<Option<crate::state::lazy::LazyRestore>>,
     ram: GuestRam,
     dirty: DirtyTracker,
     exit: Arc<ExitState>,
@@ -387,6 +392,7 @@ impl Vm {
         Ok(Vm {
             shared: Arc::new(Shared {
                 vm_fd,
+                lazy: Mutex::default(),
                 ram,
                 dirty,
                 exit,

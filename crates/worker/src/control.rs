@@ -34,6 +34,8 @@ use vireo_vhdx::vhd::{DiskType as VhdType, Vhd};
 use vireo_vhdx::VhdxError;
 use vireo_virtio::block::BlockResizer;
 
+use vireo_vmm::{AfterSave, LiveSaveOptions, SaveReport};
+
 use crate::error::WorkerError;
 use crate::image::{vhd_chain_depth, Image};
 use crate::size::parse_size;
@@ -58,11 +60,14 @@ Control socket (--control PATH): a Unix stream socket; send one command per line
                          disk or a disk being merged answer \"error MESSAGE\" (a raw shrink
                          drops the file's tail)
   save DIR               saves the VM into directory DIR (an absolute path without spaces;
-                         created if missing) and stops it: the VM is paused, its memory
-                         (memory.bin) and complete device state (vm.state) are written, then
-                         it stops (\"ok DIR\"); `vireo run --restore DIR` with the same options
-                         continues it. Not live: the guest is paused for the whole copy. A
-                         failed save answers \"error MESSAGE\" and the VM runs on as before
+                         created if missing) and stops it: memory (memory.bin) is written while
+                         the guest runs, then the VM is paused for the last dirty pages and its
+                         complete device state (vm.state), then it stops (\"ok DIR rounds=N
+                         written_mib=N pause_ms=X total_ms=N\"); `vireo run --restore DIR` with
+                         the same options continues it. A failed save answers \"error MESSAGE\"
+                         and the VM runs on as before
+  snapshot DIR           the same, but the VM runs on afterwards (pause_ms is what the guest
+                         saw)
   help                   this list, then \"ok\"
 An unknown command answers \"error unknown command ...\" with the list; a known one with wrong
 arguments answers \"error\" with what was wrong and its usage. A merge goes on if its connection
@@ -253,8 +258,16 @@ fn serve(s: &Arc<Shared>, conn: UnixStream) {
                 },
                 Err(e) => writeln!(out, "error {e}"),
             },
-            Ok(Some(Command::Save(dir))) => match save(s, dir) {
-                Ok(dir) => writeln!(out, "ok {}", dir.display()),
+            Ok(Some(Command::Save(dir, then))) => match save(s, dir, then) {
+                Ok((dir, r)) => writeln!(
+                    out,
+                    "ok {} rounds={} written_mib={} pause_ms={:.1} total_ms={}",
+                    dir.display(),
+                    r.rounds,
+                    r.bytes_written >> 20,
+                    r.pause.as_secs_f64() * 1e3,
+                    r.total.as_millis()
+                ),
                 Err(e) => writeln!(out, "error {e}"),
             },
             Ok(Some(Command::MergeCancel(n))) => match disk_index(s, n) {
@@ -282,7 +295,7 @@ enum Command<'a> {
     Merge(&'a str),
     MergeCancel(&'a str),
     Resize(&'a str, &'a str),
-    Save(&'a str),
+    Save(&'a str, AfterSave),
 }
 
 /// Each command's usage, as the error for wrong arguments shows it.
@@ -292,6 +305,7 @@ const USAGE: &[(&str, &str)] = &[
     ("disk-merge-cancel", "disk-merge-cancel N"),
     ("disk-resize", "disk-resize N SIZE"),
     ("save", "save DIR"),
+    ("snapshot", "snapshot DIR"),
     ("help", "help"),
 ];
 
@@ -307,7 +321,8 @@ fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
         ("disk-merge", [n]) => Command::Merge(n),
         ("disk-merge-cancel", [n]) => Command::MergeCancel(n),
         ("disk-resize", [n, size]) => Command::Resize(n, size),
-        ("save", [dir]) => Command::Save(dir),
+        ("save", [dir]) => Command::Save(dir, AfterSave::StayPaused),
+        ("snapshot", [dir]) => Command::Save(dir, AfterSave::Resume),
         _ => {
             let Some((_, usage)) = USAGE.iter().find(|(known, _)| *known == name) else {
                 let all: Vec<&str> = USAGE.iter().map(|(_, u)| *u).collect();
@@ -329,37 +344,44 @@ fn parse_command<'a>(words: &[&'a str]) -> Result<Option<Command<'a>>, String> {
 
 /// Pauses the VM, writes memory and state into `dir`, and stops it. On an error the VM runs
 /// on as it did before (docs/vm-state.md).
-fn save(s: &Shared, dir: &str) -> Result<PathBuf, String> {
+/// `save DIR` (`then` = stay paused, and the VM stops) or `snapshot DIR` (`then` = resume):
+/// a live save (docs/vm-state.md, "Live save"); the line answered carries the report.
+fn save(s: &Shared, dir: &str, then: AfterSave) -> Result<(PathBuf, SaveReport), String> {
+    let what = match then {
+        AfterSave::StayPaused => "save",
+        AfterSave::Resume => "snapshot",
+    };
     let dir = PathBuf::from(dir);
     if !dir.is_absolute() {
         return Err(format!(
-            "save needs an absolute directory path, not '{}'",
+            "{what} needs an absolute directory path, not '{}'",
             dir.display()
         ));
     }
     let Some(vm) = s.vm.lock().clone() else {
-        return Err("this VM cannot be saved from here (no VM attached)".into());
+        return Err(format!(
+            "this VM cannot be saved from here (no VM attached) ({what})"
+        ));
     };
     if let Some(i) = s.merges.lock().keys().next() {
         return Err(format!(
-            "disk {i} is being merged; wait for the merge or cancel it, then save"
+            "disk {i} is being merged; wait for the merge or cancel it, then {what}"
         ));
     }
-    let was_paused = vm.is_paused();
-    vm.pause()
-        .map_err(|e| format!("cannot pause the VM: {e}"))?;
-    match vm.save(&dir, vireo_vmm::state::Identity::default(), None) {
-        Ok(()) => {
-            *s.saved_to.lock() = Some(dir.clone());
-            vm.request_stop();
-            Ok(dir)
-        }
-        Err(e) => {
-            if !was_paused {
-                let _ = vm.resume();
+    let opts = LiveSaveOptions {
+        then,
+        ..Default::default()
+    };
+    // A failed live save leaves the VM as it was (running, or paused).
+    match vm.save_live(&dir, vireo_vmm::state::Identity::default(), None, &opts) {
+        Ok(report) => {
+            if then == AfterSave::StayPaused {
+                *s.saved_to.lock() = Some(dir.clone());
+                vm.request_stop();
             }
-            Err(format!("saving to {}: {e}; the VM runs on", dir.display()))
+            Ok((dir, report))
         }
+        Err(e) => Err(format!("{what} to {}: {e}; the VM runs on", dir.display())),
     }
 }
 
@@ -813,7 +835,7 @@ mod tests {
         assert!(ask(&mut conn, &mut lines, "disk-resize 0").ends_with("usage: disk-resize N SIZE"));
         assert_eq!(
             parse_command(&["save", "/srv/vm1"]),
-            Ok(Some(Command::Save("/srv/vm1")))
+            Ok(Some(Command::Save("/srv/vm1", AfterSave::StayPaused)))
         );
         assert!(ask(&mut conn, &mut lines, "save").ends_with("usage: save DIR"));
         // Refused before any VM is touched: a relative path, and a control without a VM.

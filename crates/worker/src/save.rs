@@ -1,10 +1,11 @@
-//! `Save` on worker.sock: pause, write memory and state (docs/vm-state.md), then the VM stops
+//! `Save` on worker.sock: a live save of memory and state (docs/vm-state.md), then the VM stops
 //! and the worker exits `Saved`. A failed save leaves the VM as it was: running, or paused if
 //! it was paused before.
 
 use std::path::Path;
 
 use vireo_vmm::state::Identity;
+use vireo_vmm::{AfterSave, LiveSaveOptions};
 
 use crate::server::State;
 
@@ -19,31 +20,39 @@ pub fn save(s: &State, dir: &Path) -> Result<(), String> {
     }
     let _layout = s.hotplug.hold();
     let was_paused = s.vm.is_paused();
-    s.vm.pause()
-        .map_err(|e| format!("cannot pause the VM: {e}"))?;
     let identity = Identity {
         id: Some(s.vm_id.to_string()),
         name: Some(s.spec_name.clone()),
     };
-    match s.vm.save(dir, identity, Some(s.spec_json.clone())) {
-        Ok(()) => {
-            tracing::info!("VM saved to {}", dir.display());
+    // Live: memory goes out while the guest runs; the VM ends paused (the worker stops it).
+    let opts = LiveSaveOptions {
+        then: AfterSave::StayPaused,
+        ..Default::default()
+    };
+    match s
+        .vm
+        .save_live(dir, identity, Some(s.spec_json.clone()), &opts)
+    {
+        Ok(r) => {
+            tracing::info!(
+                "VM saved to {}: {} rounds, {} MiB, paused {:.1} ms",
+                dir.display(),
+                r.rounds,
+                r.bytes_written >> 20,
+                r.pause.as_secs_f64() * 1e3
+            );
             *s.saved_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
             Ok(())
         }
-        Err(e) => {
-            if !was_paused {
-                let _ = s.vm.resume();
+        // save_live leaves the VM as it was on any error.
+        Err(e) => Err(format!(
+            "saving to {}: {e}; the VM {} as before",
+            dir.display(),
+            if was_paused {
+                "stays paused"
+            } else {
+                "runs on"
             }
-            Err(format!(
-                "saving to {}: {e}; the VM {} as before",
-                dir.display(),
-                if was_paused {
-                    "stays paused"
-                } else {
-                    "runs on"
-                }
-            ))
-        }
+        )),
     }
 }

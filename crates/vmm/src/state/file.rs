@@ -185,3 +185,44 @@ pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError>
     }
     Ok(())
 }
+
+/// Starts a lazy restore of `path` into guest RAM (`lazy.rs`): the length is checked, RAM
+/// emptied and registered, pages come in on first touch and in the background. Returns
+/// `None` after loading eagerly instead, when this host refuses userfaultfd.
+pub(crate) fn restore_memory_lazily(
+    path: &Path,
+    ram: &GuestRam,
+    on_error: Box<dyn Fn(String) + Send + Sync>,
+) -> Result<Option<super::lazy::LazyRestore>, StateError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let meta = f.metadata().map_err(io_err(path))?;
+    if !meta.is_file() || meta.len() != ram.size {
+        return Err(StateError::Mismatch(format!(
+            "memory file {} holds {} bytes, the VM has {} bytes of memory; the save is \
+             damaged or belongs to another VM",
+            path.display(),
+            meta.len(),
+            ram.size
+        )));
+    }
+    // The new VM's loader wrote the kernel; every page must be missing for the fault path.
+    crate::reset::wipe_ram(ram)?;
+    let mut maps = Vec::new();
+    let mut file_offset = 0;
+    for (_, len, host) in crate::memory::regions(&ram.memory) {
+        maps.push(super::lazy::Mapping {
+            host,
+            len,
+            file_offset,
+        });
+        file_offset += len;
+    }
+    match super::lazy::LazyRestore::start(f, maps, on_error) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) => {
+            tracing::warn!("lazy restore unavailable ({e}); reading all of memory first");
+            read_memory(path, ram)?;
+            Ok(None)
+        }
+    }
+}

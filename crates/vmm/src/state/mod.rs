@@ -8,6 +8,7 @@
 
 pub mod file;
 pub mod kvm_blob;
+pub mod lazy;
 pub mod vcpu;
 
 use kvm_bindings::{

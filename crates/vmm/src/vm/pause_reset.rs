@@ -34,7 +34,7 @@ impl VmHandle {
         self.pause_locked()
     }
 
-    fn pause_locked(&self) -> Result {
+    pub(super) fn pause_locked(&self) -> Result {
         if self.0.exit.is_set() {
             return Err(LifecycleError::NotRunning);
         }
@@ -73,6 +73,10 @@ impl VmHandle {
     /// pause and did not get to), then the vCPUs. Resuming a running VM does nothing.
     pub fn resume(&self) -> Result {
         let _op = lock(&self.0.lifecycle);
+        self.resume_locked()
+    }
+
+    pub(super) fn resume_locked(&self) -> Result {
         if self.0.exit.is_set() {
             return Err(LifecycleError::NotRunning);
         }
@@ -95,6 +99,8 @@ impl VmHandle {
     /// the old guest is gone by then.
     pub fn reset(&self) -> Result {
         let _op = lock(&self.0.lifecycle);
+        // A lazy restore still filling RAM would put old pages back after the wipe.
+        self.wait_restored();
         if self.0.exit.is_set() {
             return Err(LifecycleError::NotRunning);
         }

@@ -31,7 +31,7 @@ impl VmHandle {
         self.save_state_locked(identity, spec)
     }
 
-    fn save_state_locked(
+    pub(super) fn save_state_locked(
         &self,
         identity: Identity,
         spec: Option<String>,
@@ -112,35 +112,33 @@ impl VmHandle {
     pub fn save_memory(&self, path: &Path) -> Result<(), StateError> {
         let _op = lock(&self.0.lifecycle);
         self.check_paused()?;
+        self.wait_restored();
         state::file::write_memory(path, &self.0.ram)
     }
 
     /// Saves the paused VM into `dir` (created if missing): memory, then the state file, whose
-    /// presence marks the save complete. Not live: the VM stays paused for the whole copy, and
-    /// no resume can come in between (use this rather than `save_state` + `save_memory`).
+    /// presence marks the save complete. The VM stays paused; no resume can come in between.
+    /// [`VmHandle::save_live`] with the VM already paused (one pass over memory).
     pub fn save(
         &self,
         dir: &Path,
         identity: Identity,
         spec: Option<String>,
     ) -> Result<(), StateError> {
-        let io = |source| StateError::Io {
-            path: dir.display().to_string(),
-            source,
-        };
-        // One hold of the lifecycle lock for state and memory: a resume in between would
-        // let the guest change memory the state no longer describes.
-        let _op = lock(&self.0.lifecycle);
-        let state = self.save_state_locked(identity, spec)?;
-        std::fs::create_dir_all(dir).map_err(io)?;
-        // Saving over an older save: its state file goes first, so a crash part-way leaves a
-        // directory without one (incomplete), never an old state beside new memory.
-        match std::fs::remove_file(dir.join(STATE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
+        {
+            let _op = lock(&self.0.lifecycle);
+            self.check_paused()?;
         }
-        state::file::write_memory(&dir.join(MEMORY_FILE), &self.0.ram)?;
-        state::write_state(&dir.join(STATE_FILE), &state)
+        self.save_live(
+            dir,
+            identity,
+            spec,
+            &super::LiveSaveOptions {
+                then: super::AfterSave::StayPaused,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
     }
 
     fn check_paused(&self) -> Result<(), StateError> {
@@ -158,6 +156,9 @@ impl VmHandle {
 pub struct RestoreFrom {
     pub state: VmState,
     pub memory: PathBuf,
+    /// Read all of memory before the VM runs instead of faulting it in lazily (the default
+    /// is lazy; a VM with a vhost-user device is always restored eagerly).
+    pub eager: bool,
 }
 
 impl RestoreFrom {
@@ -166,6 +167,7 @@ impl RestoreFrom {
         Ok(RestoreFrom {
             state: state::read_state(&dir.join(STATE_FILE))?,
             memory: dir.join(MEMORY_FILE),
+            eager: false,
         })
     }
 }
@@ -188,9 +190,22 @@ impl Vm {
             .map(|d| d.device.device_type())
             .collect();
         st.check_fits(config.memory, config.vcpus, &devices)?;
+        // Another process mapping RAM would not see pages a lazy restore has not filled yet.
+        let eager = from.eager || config.devices.iter().any(|d| d.device.maps_guest_memory());
         let vm = Vm::new(config)?;
         let s = &vm.shared;
-        state::file::read_memory(&from.memory, &s.ram)?;
+        if eager {
+            state::file::read_memory(&from.memory, &s.ram)?;
+        } else {
+            let lazy = state::file::restore_memory_lazily(&from.memory, &s.ram, {
+                let exit = s.exit.clone();
+                Box::new(move |why: String| {
+                    tracing::error!("{why}; stopping the restored VM");
+                    exit.set(crate::exit::VmExit::Error(why));
+                })
+            })?;
+            *lock(&s.lazy) = lazy;
+        }
         // How long the VM was down: its clocks move on by that much (docs/vm-state.md, Time).
         let down_ns = st.clock.down_ns();
         for ((fd, _), saved) in vm.vcpus.iter().zip(&st.vcpus) {

@@ -1,0 +1,317 @@
+//! Lazy restore (docs/vm-state.md, "Lazy restore"): guest RAM starts empty and registered with
+//! a userfaultfd; a **fault thread** fills each page the guest (through KVM), a device thread
+//! or the VMM touches first from `memory.bin`, and a **populate thread** copies every data
+//! extent of the file in the background. Once the whole file is in, the ranges are
+//! unregistered and both threads end: from then on the VM is an ordinary one.
+//!
+//! Both threads fill pages only with UFFDIO_COPY, which is atomic per page: whichever comes
+//! first wins, the other gets EEXIST and (the fault thread) wakes the waiters. Neither thread
+//! touches guest RAM through a Rust reference, only through the kernel.
+//!
+//! Only this process's mappings are covered: another process mapping the memfd (a vhost-user
+//! back end) would see zeros where pages are not populated yet. `Vm::restore` therefore
+//! restores eagerly when the VM has a vhost-user device, and anything reading RAM through the
+//! memfd (a save, a reset) calls [`LazyRestore::wait`] first.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::memory::PAGE_SIZE;
+use crate::uffd::{Copied, Uffd};
+
+/// Bytes the populate thread reads and copies at a time.
+const POPULATE_CHUNK: usize = 1 << 20;
+/// Bytes the fault thread fills around a faulting page (aligned).
+const FAULT_BLOCK: u64 = 256 << 10;
+/// How long the fault thread waits for an event before checking whether it may end.
+const POLL_MS: i32 = 20;
+
+/// One guest RAM mapping: host address, length, offset in the memfd (= in memory.bin).
+#[derive(Clone, Copy, Debug)]
+pub struct Mapping {
+    pub host: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+/// How the population ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Populated {
+    Done { bytes: u64, millis: u64 },
+    Failed(String),
+    Cancelled,
+}
+
+struct Progress {
+    result: Mutex<Option<Populated>>,
+    cv: Condvar,
+}
+
+/// The running lazy restore of one VM. Dropping it cancels population (pages not in yet read
+/// as zeros afterwards) and joins both threads.
+pub struct LazyRestore {
+    cancel: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl LazyRestore {
+    /// Registers `maps` with a new userfaultfd and starts the two threads. The mappings must be
+    /// empty (every page missing) and stay mapped while this lives. `on_error` is called
+    /// (once) if a page cannot be read from `file`: the VM cannot continue correctly then.
+    pub fn start(
+        file: File,
+        maps: Vec<Mapping>,
+        on_error: Box<dyn Fn(String) + Send + Sync>,
+    ) -> std::io::Result<LazyRestore> {
+        let uffd = Arc::new(Uffd::new()?);
+        for m in &maps {
+            uffd.register(m.host, m.len)?;
+        }
+        let file = Arc::new(file);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress {
+            result: Mutex::new(None),
+            cv: Condvar::new(),
+        });
+        let on_error: Arc<dyn Fn(String) + Send + Sync> = Arc::from(on_error);
+        let faults = {
+            let (uffd, file, maps, done, on_error) = (
+                uffd.clone(),
+                file.clone(),
+                maps.clone(),
+                done.clone(),
+                on_error.clone(),
+            );
+            std::thread::Builder::new()
+                .name("restore-faults".into())
+                .spawn(move || serve_faults(&uffd, &file, &maps, &done, &*on_error))?
+        };
+        let populate = {
+            let (cancel, progress) = (cancel.clone(), progress.clone());
+            std::thread::Builder::new()
+                .name("restore-populate".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    let result = match populate(&uffd, &file, &maps, &cancel) {
+                        Ok(_) if cancel.load(Ordering::Relaxed) => Populated::Cancelled,
+                        Ok(bytes) => Populated::Done {
+                            bytes,
+                            millis: started.elapsed().as_millis() as u64,
+                        },
+                        Err(e) => {
+                            on_error(format!("restoring guest memory: {e}"));
+                            Populated::Failed(e)
+                        }
+                    };
+                    // Unregistering wakes every thread still waiting; pages not filled by
+                    // now (only after a failure or cancel) read as zeros.
+                    for m in &maps {
+                        let _ = uffd.unregister(m.host, m.len);
+                    }
+                    done.store(true, Ordering::Release);
+                    tracing::info!("lazy restore: {result:?}");
+                    *progress.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                    progress.cv.notify_all();
+                })?
+        };
+        Ok(LazyRestore {
+            cancel,
+            progress,
+            threads: vec![faults, populate],
+        })
+    }
+
+    /// Blocks until every page of the file is in guest RAM (or population failed).
+    pub fn wait(&self) -> Populated {
+        let mut r = self
+            .progress
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = r.as_ref() {
+                return r.clone();
+            }
+            r = self.progress.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The outcome so far (`None` while populating).
+    pub fn status(&self) -> Option<Populated> {
+        self.progress
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The fault thread: fill the block around each faulting page from the file until population
+/// is done. A block rather than a page: guests touch memory in runs, and each fault costs a
+/// round trip through this thread (and on KVM a VM exit).
+fn serve_faults(
+    uffd: &Uffd,
+    file: &File,
+    maps: &[Mapping],
+    done: &AtomicBool,
+    on_error: &dyn Fn(String),
+) {
+    let mut block = vec![0u8; FAULT_BLOCK as usize];
+    let mut failed = false;
+    loop {
+        let addr = match uffd.next_fault(POLL_MS) {
+            Ok(Some(a)) => a,
+            Ok(None) if done.load(Ordering::Acquire) => return,
+            Ok(None) => continue,
+            Err(e) => {
+                on_error(format!("lazy restore: reading faults: {e}"));
+                return;
+            }
+        };
+        let Some(m) = maps
+            .iter()
+            .find(|m| addr >= m.host && addr < m.host + m.len)
+        else {
+            continue;
+        };
+        let start = m.host + (addr - m.host) / FAULT_BLOCK * FAULT_BLOCK;
+        let len = FAULT_BLOCK.min(m.host + m.len - start) as usize;
+        let offset = m.file_offset + (start - m.host);
+        let buf = &mut block[..len];
+        if let Err(e) = file.read_exact_at(buf, offset) {
+            if !failed {
+                on_error(format!(
+                    "restoring guest memory: reading {len} bytes at {offset:#x}: {e}"
+                ));
+                failed = true;
+            }
+            // The VM is being stopped; give the waiter zero pages so it can get there.
+            buf.fill(0);
+        }
+        // Pages of the block already filled (by the populate thread) are skipped; an error
+        // means the range was unregistered meanwhile (population done), which woke everyone.
+        let _ = copy_all(uffd, start, buf);
+        // The faulting page may have been among the skipped ones: its waiter needs waking.
+        let _ = uffd.wake(addr, PAGE_SIZE);
+    }
+}
+
+/// The populate thread: copy every non-zero chunk of the file's data extents into place.
+/// Returns the bytes copied.
+fn populate(
+    uffd: &Uffd,
+    file: &File,
+    maps: &[Mapping],
+    cancel: &AtomicBool,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; POPULATE_CHUNK];
+    let mut copied = 0u64;
+    for m in maps {
+        let end = m.file_offset + m.len;
+        let mut off = m.file_offset;
+        while off < end {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(copied);
+            }
+            // Holes in the file are zero pages: nothing to copy (a fault there gets zeros).
+            let Some((data, data_end)) = next_data(file, off, end)? else {
+                break;
+            };
+            let mut at = data;
+            while at < data_end {
+                let n = (POPULATE_CHUNK as u64).min(data_end - at) as usize;
+                file.read_exact_at(&mut buf[..n], at)
+                    .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    copy_all(uffd, m.host + (at - m.file_offset), &buf[..n])?;
+                    copied += n as u64;
+                }
+                at += n as u64;
+            }
+            off = data_end;
+        }
+    }
+    Ok(copied)
+}
+
+/// Copies `src` to `dst`, skipping pages already filled by the fault thread.
+fn copy_all(uffd: &Uffd, mut dst: u64, mut src: &[u8]) -> Result<(), String> {
+    while !src.is_empty() {
+        match uffd
+            .copy(dst, src)
+            .map_err(|e| format!("UFFDIO_COPY at {dst:#x}: {e}"))?
+        {
+            Copied::All => return Ok(()),
+            Copied::Exists { done } => {
+                // `done` bytes went in, the next page was there already: skip it.
+                let skip = (done + PAGE_SIZE).min(src.len() as u64);
+                dst += skip;
+                src = &src[skip as usize..];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next data extent of `file` in `[from, end)`, page-aligned, or `None` if only holes
+/// remain (SEEK_DATA / SEEK_HOLE; a file system without them reports all of it as data).
+fn next_data(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, String> {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on our own fd.
+    let data = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(format!("SEEK_DATA at {from:#x}: {e}"))
+        };
+    }
+    let data = (data as u64) & !(PAGE_SIZE - 1);
+    if data >= end {
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(format!(
+            "SEEK_HOLE at {data:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let hole = (hole as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    Ok(Some((data, hole.min(end))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_data_skips_holes() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 3 << 20).unwrap();
+        let (d, h) = next_data(&f, 0, 8 << 20).unwrap().unwrap();
+        // File systems may round extents; the data page must be inside what is reported.
+        assert!(d <= 3 << 20 && h >= (3 << 20) + 4096, "{d:#x}..{h:#x}");
+        assert_eq!(next_data(&f, 4 << 20, 8 << 20), Ok(None));
+    }
+}

@@ -1,0 +1,411 @@
+//! Live save (docs/vm-state.md, "Live save"): memory goes to `memory.bin` while the guest runs,
+//! the dirty log (KVM's, merged with the VMM's own writes, `dirty.rs`) says which pages to copy
+//! again, and the VM is paused only for the last dirty pages and the device/vCPU state. Then it
+//! stays paused (a save: the caller stops it) or runs on (a snapshot, for checkpoints).
+//!
+//! Locking: the lifecycle lock is held from start to end, so no pause, resume or reset by
+//! anyone else can come in between (they wait); the rounds run with the guest running.
+//! Files: memory goes to a temporary name and is renamed, then `vm.state` is written; an old
+//! `vm.state` is removed first. So a failure at any point leaves no `vm.state` beside memory it
+//! does not describe, and the VM runs (or stays paused) as before.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::state::{MEMORY_FILE, STATE_FILE};
+use super::{lock, VmHandle};
+use crate::dirty::DirtyBitmap;
+use crate::memory::PAGE_SIZE;
+use crate::state::{self, Identity, StateError};
+
+/// What the VM does once its state is on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterSave {
+    /// Stay paused (a save: the caller stops the VM).
+    StayPaused,
+    /// Run on (a snapshot for a checkpoint). A VM that was paused before stays paused.
+    Resume,
+}
+
+/// Limits of the copy rounds.
+#[derive(Clone, Debug)]
+pub struct LiveSaveOptions {
+    pub then: AfterSave,
+    /// Copy rounds over dirty pages while the guest runs, after the first full pass.
+    pub max_rounds: u32,
+    /// Pause as soon as at most this many pages are dirty.
+    pub pause_at_pages: u64,
+}
+
+impl Default for LiveSaveOptions {
+    fn default() -> Self {
+        LiveSaveOptions {
+            then: AfterSave::StayPaused,
+            max_rounds: 8,
+            pause_at_pages: 256,
+        }
+    }
+}
+
+/// What a live save did.
+#[derive(Clone, Debug, Default)]
+pub struct SaveReport {
+    /// Copy rounds over dirty pages while the guest ran (the full pass not counted).
+    pub rounds: u32,
+    /// Bytes of memory written to the file, all passes together.
+    pub bytes_written: u64,
+    /// Pages copied while paused.
+    pub final_pages: u64,
+    /// Guest-visible pause: from the pause to the resume (or, when the VM stays paused, to
+    /// the end of the save).
+    pub pause: Duration,
+    /// The whole save, from the call to the state file on disk.
+    pub total: Duration,
+}
+
+/// The convergence policy, a pure function: go on with another round while running?
+/// `dirty` pages are dirty now, `previous` were dirty before the last round (`None` before
+/// the first), `rounds` done.
+pub fn another_round(
+    dirty: u64,
+    previous: Option<u64>,
+    rounds: u32,
+    opts: &LiveSaveOptions,
+) -> bool {
+    if dirty <= opts.pause_at_pages || rounds >= opts.max_rounds {
+        return false;
+    }
+    // Not shrinking by at least a quarter: the guest dirties as fast as we copy, so further
+    // rounds only add work and the pause would not get shorter.
+    match previous {
+        Some(prev) => dirty * 4 < prev * 3,
+        None => true,
+    }
+}
+
+impl VmHandle {
+    /// Saves the VM into `dir` (created if missing) while it runs: see the module docs. A VM
+    /// that is paused already is saved in one pass (nothing can dirty its memory).
+    /// Hot add/remove must be held off by the caller, as for [`VmHandle::save`].
+    pub fn save_live(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+    ) -> Result<SaveReport, StateError> {
+        let started = Instant::now();
+        let _op = lock(&self.0.lifecycle);
+        if self.0.exit.is_set() {
+            return Err(StateError::NotRunning);
+        }
+        // Memory must be all in before it is read through the memfd.
+        self.wait_restored();
+        let was_paused = self.0.control.paused();
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StateError::Io {
+                path: path.clone(),
+                source,
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // Saving over an older save: its state file goes first (see the module docs).
+        match std::fs::remove_file(dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
+            _ => {}
+        }
+        let tmp = dir.join(format!(".{MEMORY_FILE}.tmp-{}", std::process::id()));
+        let out = TempFile::create(&tmp, self.0.ram.size)?;
+        let mut report = SaveReport::default();
+        let paused_at = if was_paused {
+            report.bytes_written = self.copy_all(&out)?;
+            None
+        } else {
+            Some(self.live_rounds(&out, opts, &mut report)?)
+        };
+        // Paused from here on; any error below resumes a VM that was running.
+        let undo = |e: StateError| {
+            if !was_paused {
+                let _ = self.resume_locked();
+            }
+            e
+        };
+        let state = self.save_state_locked(identity, spec).map_err(undo)?;
+        if !was_paused && opts.then == AfterSave::Resume {
+            self.resume_locked()
+                .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
+        }
+        let pause_end = Instant::now();
+        // The bytes are in the page cache already; making them durable needs no pause.
+        let finish = || -> Result<(), StateError> {
+            out.commit(&dir.join(MEMORY_FILE))?;
+            state::write_state(&dir.join(STATE_FILE), &state)
+        };
+        let result = finish();
+        let resumed = !was_paused && opts.then == AfterSave::Resume;
+        if let Err(e) = result {
+            return Err(if resumed { e } else { undo(e) });
+        }
+        report.pause = match paused_at {
+            Some(at) if resumed => pause_end - at,
+            Some(at) => at.elapsed(),
+            None => Duration::ZERO,
+        };
+        report.total = started.elapsed();
+        tracing::info!(
+            "VM saved live to {}: {} rounds, {} MiB written, {} pages while paused, paused {:.1} ms, total {} ms",
+            dir.display(),
+            report.rounds,
+            report.bytes_written >> 20,
+            report.final_pages,
+            report.pause.as_secs_f64() * 1e3,
+            report.total.as_millis()
+        );
+        Ok(report)
+    }
+
+    /// The running part: full pass, dirty rounds, pause, last pages. Returns when the pause
+    /// began; the VM is paused on success, running as before on an error.
+    fn live_rounds(
+        &self,
+        out: &TempFile,
+        opts: &LiveSaveOptions,
+        report: &mut SaveReport,
+    ) -> Result<Instant, StateError> {
+        let s = &self.0;
+        let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
+        s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
+        let result = (|| {
+            report.bytes_written = self.copy_all(out)?;
+            let mut pending = s
+                .dirty
+                .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                .map_err(kvm)?;
+            let mut previous = None;
+            while another_round(pending.count() as u64, previous, report.rounds, opts) {
+                tracing::debug!(
+                    "live save round {}: {} dirty pages",
+                    report.rounds + 1,
+                    pending.count()
+                );
+                report.bytes_written += self.copy_pages(out, &pending)?;
+                report.rounds += 1;
+                previous = Some(pending.count() as u64);
+                pending = s
+                    .dirty
+                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                    .map_err(kvm)?;
+            }
+            self.pause_locked()
+                .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
+            let paused_at = Instant::now();
+            let last = (|| {
+                // Pages dirtied since the last fetch, plus those fetched but not copied.
+                let mut last = s
+                    .dirty
+                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                    .map_err(kvm)?;
+                union(&mut last, &pending);
+                report.final_pages = last.count() as u64;
+                report.bytes_written += self.copy_pages(out, &last)?;
+                Ok(())
+            })();
+            if let Err(e) = last {
+                let _ = self.resume_locked();
+                return Err(e);
+            }
+            Ok(paused_at)
+        })();
+        if let Err(e) = s.dirty.stop(&s.vm_fd) {
+            tracing::warn!("stopping the dirty log after a save: {e}");
+        }
+        result
+    }
+
+    /// Copies all of guest RAM that is not zero (first pass; the guest may be running).
+    fn copy_all(&self, out: &TempFile) -> Result<u64, StateError> {
+        const CHUNK: usize = 1 << 20;
+        let ram = &self.0.ram;
+        let mut buf = vec![0u8; CHUNK];
+        let mut written = 0u64;
+        let mut off = 0u64;
+        while off < ram.size {
+            let n = CHUNK.min((ram.size - off) as usize);
+            // pread on the memfd: pages never touched read as zeros without being allocated.
+            ram.memfd
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(|e| StateError::Kvm(format!("reading guest RAM at {off:#x}: {e}")))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write(&buf[..n], off)?;
+                written += n as u64;
+            }
+            off += n as u64;
+        }
+        Ok(written)
+    }
+
+    /// Copies the pages in `dirty`, contiguous runs in one write each.
+    fn copy_pages(&self, out: &TempFile, dirty: &DirtyBitmap) -> Result<u64, StateError> {
+        const MAX_RUN: u64 = 1 << 20;
+        let mut buf = vec![0u8; MAX_RUN as usize];
+        let mut written = 0u64;
+        let mut flush =
+            |start: u64, len: u64| -> Result<(), StateError> {
+                let Some(file_off) = self.file_offset(start) else {
+                    return Ok(());
+                };
+                let b = &mut buf[..len as usize];
+                self.0.ram.memfd.read_exact_at(b, file_off).map_err(|e| {
+                    StateError::Kvm(format!("reading guest RAM at {start:#x}: {e}"))
+                })?;
+                out.write(b, file_off)?;
+                written += len;
+                Ok(())
+            };
+        let mut run: Option<(u64, u64)> = None;
+        for page in dirty.pages() {
+            run = match run {
+                Some((start, len)) if start + len == page && len < MAX_RUN => {
+                    Some((start, len + PAGE_SIZE))
+                }
+                Some((start, len)) => {
+                    flush(start, len)?;
+                    Some((page, PAGE_SIZE))
+                }
+                None => Some((page, PAGE_SIZE)),
+            };
+        }
+        if let Some((start, len)) = run {
+            flush(start, len)?;
+        }
+        Ok(written)
+    }
+
+    /// The memfd (and memory file) offset of guest-physical `gpa`.
+    fn file_offset(&self, gpa: u64) -> Option<u64> {
+        let mut file_off = 0;
+        for (start, len) in crate::memory::ram_ranges(self.0.ram.size) {
+            if gpa >= start && gpa < start + len {
+                return Some(file_off + gpa - start);
+            }
+            file_off += len;
+        }
+        None
+    }
+
+    /// Waits until a lazy restore has all of memory in (at once if there is none).
+    pub(super) fn wait_restored(&self) {
+        if let Some(lazy) = lock(&self.0.lazy).as_ref() {
+            lazy.wait();
+        }
+    }
+
+    /// Whether a lazy restore is still filling guest RAM.
+    pub fn restoring_memory(&self) -> bool {
+        lock(&self.0.lazy)
+            .as_ref()
+            .is_some_and(|l| l.status().is_none())
+    }
+}
+
+/// ORs `b` into `a` (same regions, same sizes).
+fn union(a: &mut DirtyBitmap, b: &DirtyBitmap) {
+    for ((_, wa), (_, wb)) in a.regions.iter_mut().zip(&b.regions) {
+        for (x, y) in wa.iter_mut().zip(wb) {
+            *x |= y;
+        }
+    }
+}
+
+/// The memory file being written; removed on drop unless committed.
+struct TempFile {
+    file: File,
+    path: PathBuf,
+    committed: std::cell::Cell<bool>,
+}
+
+impl TempFile {
+    fn create(path: &Path, size: u64) -> Result<TempFile, StateError> {
+        let err = |source| StateError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::create(path).map_err(err)?;
+        let t = TempFile {
+            file,
+            path: path.to_path_buf(),
+            committed: false.into(),
+        };
+        t.file.set_len(size).map_err(err)?;
+        Ok(t)
+    }
+
+    fn write(&self, buf: &[u8], off: u64) -> Result<(), StateError> {
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|source| StateError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Syncs and renames to `to` (and syncs the directory).
+    fn commit(&self, to: &Path) -> Result<(), StateError> {
+        let err = |source| StateError::Io {
+            path: to.display().to_string(),
+            source,
+        };
+        self.file.sync_all().map_err(err)?;
+        std::fs::rename(&self.path, to).map_err(err)?;
+        self.committed.set(true);
+        if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed.get() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_stop_when_small_capped_or_not_shrinking() {
+        let o = LiveSaveOptions::default();
+        assert!(another_round(10_000, None, 0, &o));
+        assert!(
+            !another_round(o.pause_at_pages, None, 0, &o),
+            "small enough"
+        );
+        assert!(!another_round(10_000, None, o.max_rounds, &o), "capped");
+        assert!(another_round(5_000, Some(10_000), 1, &o), "halved");
+        assert!(!another_round(9_000, Some(10_000), 1, &o), "not shrinking");
+        assert!(
+            !another_round(16_384, Some(16_384), 1, &o),
+            "hot set rewritten"
+        );
+    }
+
+    #[test]
+    fn union_ors_bitmaps() {
+        let mut a = DirtyBitmap {
+            regions: vec![(0, vec![1, 0])],
+        };
+        let b = DirtyBitmap {
+            regions: vec![(0, vec![2, 8])],
+        };
+        union(&mut a, &b);
+        assert_eq!(a.regions[0].1, vec![3, 8]);
+    }
+}
