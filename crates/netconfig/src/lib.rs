@@ -439,3 +439,8 @@ impl PortConfig {
         }
     }
 }
+
+mod team;
+pub use team::{
+    valid_ifname, Distribution, LacpRate, TeamConfig, TeamConfigError, TeamMode, MAX_TEAM_MEMBERS,
+};
