@@ -17,6 +17,7 @@ pub struct MemberCounters {
     /// Frames that arrived on a member that is not collecting (LACP not in sync, standby, or a
     /// duplicate broadcast on a non-primary switch-independent member).
     pub rx_not_collecting: AtomicU64,
+    pub rx_reflected: AtomicU64,
     /// Slow-protocol frames that did not decode as LACPDUs (truncated, bad TLVs, ...).
     pub bad_lacpdus: AtomicU64,
     pub link_downs: AtomicU64,

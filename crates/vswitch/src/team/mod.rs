@@ -20,6 +20,7 @@ use vireo_netconfig::{Distribution, LacpRate, TeamConfig, TeamConfigError, TeamM
 use vireo_netport::{FramePort, PortError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::frame::Mac;
 use distribute::Distributor;
 use lacp::{LacpMember, RxState};
 use lacpdu::{is_slow_protocol, state, LacpInfo, Lacpdu};
@@ -66,6 +67,8 @@ pub struct MemberStatus {
     pub rx_frames: u64,
     pub rx_bytes: u64,
     pub rx_not_collecting: u64,
+    /// Our own frames coming back (see `TeamState::sent`).
+    pub rx_reflected: u64,
     pub link_downs: u64,
     pub lacp: Option<LacpStatus>,
 }
@@ -96,7 +99,18 @@ struct TeamState {
     /// floods them to every member; taking them once avoids duplicates and loops).
     primary: Option<usize>,
     failovers: u64,
+    /// Source MACs the team sent recently (ns): a frame arriving with one of them is our own
+    /// frame reflected by a far end that is not an aggregate (a flood of a plain switch or
+    /// bridge back through another member) and would make the switch learn the VM's MAC on
+    /// the uplink. Bounded by [`SENT_MACS`].
+    sent: rustc_hash::FxHashMap<Mac, u64>,
 }
+
+/// Source MACs remembered for reflection checks; a full table is cleared (a missed reflection
+/// at worst makes the switch re-learn, it never drops legitimate traffic).
+const SENT_MACS: usize = 4096;
+/// How long a sent source MAC counts as ours for the reflection check.
+const SENT_MAC_TTL_NS: u64 = 5_000_000_000;
 
 struct Inner {
     cfg: TeamConfig,
@@ -292,6 +306,7 @@ impl TeamPort {
             collecting: vec![false; members.len()],
             primary: None,
             failovers: 0,
+            sent: Default::default(),
         };
         let inner = Arc::new(Inner {
             name: name.to_string(),
@@ -352,6 +367,7 @@ impl TeamPort {
                     rx_frames: get(&c.rx_frames),
                     rx_bytes: get(&c.rx_bytes),
                     rx_not_collecting: get(&c.rx_not_collecting),
+                    rx_reflected: get(&c.rx_reflected),
                     link_downs: get(&c.link_downs),
                     lacp: (i.cfg.mode == TeamMode::Lacp).then(|| LacpStatus {
                         rx_state: l.rx,
@@ -407,10 +423,25 @@ impl FramePort for TeamPort {
                     break;
                 }
                 let now = i.now();
-                let tx = std::mem::take(&mut st.tx);
-                let k = st.dist.pick(frame, &tx, now);
-                st.tx = tx;
-                k
+                if frame.len() >= 12 {
+                    if st.sent.len() >= SENT_MACS {
+                        st.sent.clear();
+                    }
+                    let mut src = [0u8; 6];
+                    src.copy_from_slice(&frame[6..12]);
+                    st.sent.insert(src, now);
+                }
+                // Switch-independent: broadcast/multicast leave by the primary only, the one
+                // member that takes them in (a plain switch floods them back to the others).
+                match st.primary {
+                    Some(p) if frame.first().is_some_and(|b| b & 1 == 1) => p,
+                    _ => {
+                        let tx = std::mem::take(&mut st.tx);
+                        let k = st.dist.pick(frame, &tx, now);
+                        st.tx = tx;
+                        k
+                    }
+                }
             };
             let m = &i.members[k];
             match m.port.send(frame) {
@@ -453,11 +484,20 @@ impl FramePort for TeamPort {
                         i.on_slow_frame(k, f);
                         continue;
                     }
-                    let (collecting, primary) = {
+                    let (collecting, primary, reflected) = {
                         let st = i.lock();
-                        (st.collecting[k], st.primary)
+                        let reflected = len >= 12
+                            && st
+                                .sent
+                                .get(&f[6..12])
+                                .is_some_and(|t| i.now().saturating_sub(*t) < SENT_MAC_TTL_NS);
+                        (st.collecting[k], st.primary, reflected)
                     };
                     let group = len >= 6 && buf[0] & 1 == 1;
+                    if reflected {
+                        bump(&m.counters.rx_reflected, 1);
+                        continue;
+                    }
                     if !collecting || (group && primary.is_some_and(|p| p != k)) {
                         bump(&m.counters.rx_not_collecting, 1);
                         continue;
