@@ -5,6 +5,7 @@ mod boot;
 mod density;
 mod guestio;
 mod switch;
+mod team;
 mod vhdx;
 
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ enum Command {
     Boot(boot::BootArgs),
     /// Switch pipeline frames/s, and TCP through our switch vs a Linux bridge (iperf3).
     Switch(switch::SwitchArgs),
+    /// NIC teaming: aggregation of 2 tbf-capped members vs 1 (iperf3), and the failover gap.
+    Team(team::TeamArgs),
     /// Many probe VMs under one vireod: time until all are ready, API latency under load,
     /// per-VM worker memory and vireod's RSS.
     Density(density::DensityArgs),
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Vhdx(args) => vhdx::run(args),
         Command::Guestio(args) => guestio::run(args),
         Command::Density(args) => density::run(args),
+        Command::Team(args) => team::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

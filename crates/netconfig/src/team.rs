@@ -29,7 +29,9 @@ pub struct TeamConfig {
     #[serde(default = "default_system_priority")]
     pub system_priority: u16,
     /// Dynamic distribution: a flow idle this long (µs) may move to the least-loaded member.
-    /// Longer than the path's delay skew so a moved burst cannot overtake the previous one.
+    /// It must exceed the delay skew between members (their queues), or a moved burst
+    /// overtakes the previous one and TCP sees reordering: measured here with 1 Gbit/s tbf
+    /// members, 0.5 ms gave 1.15x aggregation (thousands of moves), 5 ms 1.57x, 25 ms 2.06x.
     #[serde(default = "default_flowlet_gap_us")]
     pub flowlet_gap_us: u32,
 }
@@ -38,7 +40,7 @@ fn default_system_priority() -> u16 {
     32768
 }
 fn default_flowlet_gap_us() -> u32 {
-    500
+    25_000
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,7 +235,7 @@ mod tests {
         assert_eq!(c.mode, TeamMode::Lacp);
         assert_eq!(c.distribution, Distribution::AddressHashL4);
         assert_eq!(c.lacp_rate, LacpRate::Fast);
-        assert_eq!(c.flowlet_gap_us, 500);
+        assert_eq!(c.flowlet_gap_us, 25_000);
         let back: TeamConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
         assert!(serde_json::from_str::<TeamConfig>(r#"{"members":["a"],"mode":"bond"}"#).is_err());
