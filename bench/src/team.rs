@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use vireo_vswitch::runtime::SwitchRuntime;
-use vireo_vswitch::team::{TeamPort, TeamStatus};
+use vireo_vswitch::team::TeamPort;
 use vireo_vswitch::uplink::PacketPort;
-use vireo_vswitch::{Distribution, PortConfig, PortId, PortRole, Switch, SwitchConfig, TeamConfig};
+use vireo_vswitch::{
+    Distribution, PortConfig, PortId, PortRole, Switch, SwitchConfig, TeamConfig, TeamStatus,
+};
 
 #[derive(Args)]
 pub struct TeamArgs {

@@ -12,16 +12,7 @@ pub const FAST_PERIOD_NS: u64 = SEC;
 pub const SLOW_PERIOD_NS: u64 = 30 * SEC;
 
 /// What the receive machine knows about the partner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RxState {
-    /// No LACPDU yet, or the partner timed out twice: no partner.
-    Defaulted,
-    /// Partner information is fresh.
-    Current,
-    /// One timeout passed without a LACPDU; one short timeout more and it is defaulted.
-    Expired,
-}
+pub use vireo_netconfig::LacpRxState as RxState;
 
 #[derive(Debug)]
 pub struct LacpMember {

@@ -25,7 +25,7 @@ pub mod state {
 }
 
 /// One side's information in a LACPDU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LacpInfo {
     pub system_priority: u16,
     pub system: Mac,

@@ -16,13 +16,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vireo_netconfig::{Distribution, LacpRate, TeamConfig, TeamConfigError, TeamMode};
+use vireo_netconfig::{
+    LacpPeer, LacpRate, LacpStatus, MacAddr, MemberStatus, TeamConfig, TeamConfigError, TeamMode,
+    TeamStatus,
+};
 use vireo_netport::{FramePort, PortError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::frame::Mac;
 use distribute::Distributor;
-use lacp::{LacpMember, RxState};
+use lacp::LacpMember;
 use lacpdu::{is_slow_protocol, state, LacpInfo, Lacpdu};
 use member::{bump, get, Member};
 
@@ -38,55 +41,6 @@ pub enum TeamError {
     Member { name: String, source: io::Error },
     #[error("team epoll set: {0}")]
     Epoll(io::Error),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct LacpStatus {
-    pub rx_state: RxState,
-    pub actor: LacpInfo,
-    pub partner: LacpInfo,
-    pub selected: bool,
-    pub pdus_rx: u64,
-    pub pdus_tx: u64,
-    pub bad_pdus: u64,
-    pub partner_changes: u64,
-    pub timeouts: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MemberStatus {
-    pub name: String,
-    pub link_up: bool,
-    /// Carries transmit traffic now.
-    pub distributing: bool,
-    /// Frames received on it go into the switch.
-    pub collecting: bool,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub tx_errors: u64,
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub rx_not_collecting: u64,
-    /// Our own frames coming back (see `TeamState::sent`).
-    pub rx_reflected: u64,
-    pub link_downs: u64,
-    pub lacp: Option<LacpStatus>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TeamStatus {
-    pub name: String,
-    pub mode: TeamMode,
-    pub distribution: Distribution,
-    pub members: Vec<MemberStatus>,
-    pub tx_frames: u64,
-    pub rx_frames: u64,
-    /// Frames the team could not send: no member distributing.
-    pub tx_no_member: u64,
-    /// Times the set of distributing members shrank.
-    pub failovers: u64,
-    pub flowlets: u64,
-    pub flowlet_moves: u64,
 }
 
 struct TeamState {
@@ -371,8 +325,8 @@ impl TeamPort {
                     link_downs: get(&c.link_downs),
                     lacp: (i.cfg.mode == TeamMode::Lacp).then(|| LacpStatus {
                         rx_state: l.rx,
-                        actor: l.actor,
-                        partner: l.partner,
+                        actor: peer(&l.actor),
+                        partner: peer(&l.partner),
                         selected: l.selected,
                         pdus_rx: l.pdus_rx,
                         pdus_tx: l.pdus_tx,
@@ -395,6 +349,17 @@ impl TeamPort {
             flowlets: st.dist.flowlets_started,
             flowlet_moves: st.dist.flowlet_moves,
         }
+    }
+}
+
+fn peer(i: &LacpInfo) -> LacpPeer {
+    LacpPeer {
+        system_priority: i.system_priority,
+        system: MacAddr(i.system),
+        key: i.key,
+        port_priority: i.port_priority,
+        port: i.port,
+        state: i.state,
     }
 }
 
