@@ -27,7 +27,7 @@ pub struct TeamArgs {
     #[arg(long, default_value_t = 4)]
     streams: u32,
     /// Alternating rounds (1-member, 2-member); the ratio uses the medians.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Failover runs per kind (near-end down, far-end down); the median is reported.
     #[arg(long, default_value_t = 3)]
@@ -286,7 +286,12 @@ fn member_tx(s: &TeamStatus) -> Vec<u64> {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// One failover run: a 200 Mbit/s stream, its member taken down after 1.5 s (`far`: the peer
