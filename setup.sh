@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 # and boot tests; iproute2: ip/tc and network namespaces; iputils-ping, iperf3, tcpdump, ethtool:
 # namespace network tests and switch benchmarks; util-linux: setpriv and unshare (the /dev/kvm
 # permission test); procps: sysctl.
-PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps)
+PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps python3-scapy)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

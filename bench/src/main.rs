@@ -7,6 +7,7 @@ mod density;
 mod guestio;
 mod overlay;
 mod switch;
+mod team;
 mod vhdx;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Switch pipeline frames/s, and TCP through our switch vs a Linux bridge (iperf3).
     Switch(switch::SwitchArgs),
+    /// NIC teaming: aggregation of 2 tbf-capped members vs 1 (iperf3), and the failover gap.
+    Team(team::TeamArgs),
     /// Many probe VMs under one vireod: time until all are ready, API latency under load,
     /// per-VM worker memory and vireod's RSS.
     Density(density::DensityArgs),
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Guestio(args) => guestio::run(args),
         Command::Density(args) => density::run(args),
         Command::Overlay(args) => overlay::run(args),
+        Command::Team(args) => team::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

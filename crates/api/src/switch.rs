@@ -74,6 +74,9 @@ pub enum PortAttach {
     /// An existing host interface (veth, TAP netdev, NIC) bound by name with AF_PACKET, in
     /// the process's network namespace.
     Interface { name: String },
+    /// A team of existing host interfaces bound with AF_PACKET as one port (NIC teaming:
+    /// failover, load distribution, LACP; docs/teaming.md).
+    Team { team: vireo_netconfig::TeamConfig },
 }
 
 /// vireod's record of a switch process it spawned (`switch-proc.json`).
@@ -166,6 +169,9 @@ pub struct PortReport {
     pub meters: PortMeters,
     /// MACs learned behind the port.
     pub learned_macs: Vec<vireo_netconfig::MacAddr>,
+    /// A team port's members, LACP state and counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<vireo_netconfig::TeamStatus>,
 }
 
 /// A port's counters since the process started or the last `ResetMeters`. "In" is what the

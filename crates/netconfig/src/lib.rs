@@ -450,3 +450,11 @@ impl PortConfig {
         }
     }
 }
+
+mod team;
+pub use team::{
+    valid_ifname, Distribution, LacpRate, TeamConfig, TeamConfigError, TeamMode, MAX_TEAM_MEMBERS,
+};
+
+mod team_status;
+pub use team_status::{LacpPeer, LacpRxState, LacpStatus, MemberStatus, TeamStatus};

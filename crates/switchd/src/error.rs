@@ -46,6 +46,11 @@ pub enum SwitchdError {
     },
     #[error("interface {name} is already attached (port {port:?})")]
     InterfaceTaken { name: String, port: String },
+    #[error("port {port:?}: {source}")]
+    Team {
+        port: String,
+        source: vireo_vswitch::team::TeamError,
+    },
     #[error("no port named {0:?}")]
     NoSuchPort(String),
     #[error("port {0:?} comes with the switch's kind and cannot be removed")]

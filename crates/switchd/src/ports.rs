@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use vireo_api::switch::{PortAttach, PortReport, SwitchPort};
 use vireo_vswitch::runtime::{lock, SwitchRuntime};
+use vireo_vswitch::team::TeamPort;
 use vireo_vswitch::uplink::PacketPort;
 use vireo_vswitch::vhost_user::{VhostUserPort, VhostUserServer};
 use vireo_vswitch::{MacAddr, PortConfig, PortId, Switch, SwitchConfig, SwitchKind};
@@ -22,6 +23,8 @@ enum Link {
     Implied,
     /// A host interface bound with AF_PACKET.
     Interface,
+    /// A team of host interfaces (its status is the port report's `team`).
+    Team(Arc<TeamPort>),
     /// A VM NIC served over vhost-user.
     VhostUser {
         port: Arc<VhostUserPort>,
@@ -120,21 +123,7 @@ impl Ports {
     fn attach(&self, id: PortId, name: &str, attach: &PortAttach) -> Result<Link, SwitchdError> {
         match attach {
             PortAttach::Interface { name: iface } => {
-                let taken = self.ports.iter().find(|(_, a)| {
-                    matches!(&a.attach, Some(PortAttach::Interface { name }) if name == iface)
-                });
-                if let Some((port, _)) = taken {
-                    return Err(SwitchdError::InterfaceTaken {
-                        name: iface.clone(),
-                        port: port.clone(),
-                    });
-                }
-                if self.implied_ifaces.contains(iface) {
-                    return Err(SwitchdError::InterfaceTaken {
-                        name: iface.clone(),
-                        port: "the switch's own host or uplink port".into(),
-                    });
-                }
+                self.check_free(iface)?;
                 // With virtio-net headers, as the library binds uplinks: TCP crosses as
                 // super-frames and checksums need not be complete.
                 let p =
@@ -144,6 +133,18 @@ impl Ports {
                     })?;
                 self.rt.attach_packet(id, Arc::new(p));
                 Ok(Link::Interface)
+            }
+            PortAttach::Team { team } => {
+                for m in &team.members {
+                    self.check_free(m)?;
+                }
+                let t = TeamPort::new(name, team.clone()).map_err(|source| SwitchdError::Team {
+                    port: name.to_string(),
+                    source,
+                })?;
+                let t = Arc::new(t);
+                self.rt.attach(id, t.clone());
+                Ok(Link::Team(t))
             }
             PortAttach::VhostUser { socket } => {
                 let path = self.socket_path(socket);
@@ -204,6 +205,29 @@ impl Ports {
         Ok(())
     }
 
+    /// Refuses a host interface another port (interface or team member) or the switch's own
+    /// host/uplink port already has.
+    fn check_free(&self, iface: &str) -> Result<(), SwitchdError> {
+        let taken = self.ports.iter().find(|(_, a)| match &a.attach {
+            Some(PortAttach::Interface { name }) => name == iface,
+            Some(PortAttach::Team { team }) => team.members.iter().any(|m| m == iface),
+            _ => false,
+        });
+        if let Some((port, _)) = taken {
+            return Err(SwitchdError::InterfaceTaken {
+                name: iface.to_string(),
+                port: port.clone(),
+            });
+        }
+        if self.implied_ifaces.iter().any(|i| i == iface) {
+            return Err(SwitchdError::InterfaceTaken {
+                name: iface.to_string(),
+                port: "the switch's own host or uplink port".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn detach(&self, a: Attached) {
         self.rt.detach(a.id);
         if let Link::VhostUser { server, .. } = a.link {
@@ -236,7 +260,12 @@ impl Ports {
                 Some(Link::VhostUser { port, .. }) => port.connected(),
                 _ => true,
             };
+            let team = match a.map(|a| &a.link) {
+                Some(Link::Team(t)) => Some(t.status()),
+                _ => None,
+            };
             out.push(PortReport {
+                team,
                 meters: port_meters(&st.meters),
                 attach: a.and_then(|a| a.attach.clone()),
                 connected,
@@ -301,5 +330,8 @@ fn describe(a: &PortAttach) -> String {
     match a {
         PortAttach::VhostUser { socket } => format!("vhost-user on {}", socket.display()),
         PortAttach::Interface { name } => format!("interface {name}"),
+        PortAttach::Team { team } => {
+            format!("team of {} ({:?})", team.members.join(","), team.mode)
+        }
     }
 }

@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod source_guard;
 pub mod switch;
 pub mod table;
+pub mod team;
 pub mod uplink;
 pub mod vhost_user;
 pub mod vlan;
