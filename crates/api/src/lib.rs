@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod export;
 pub mod identity;
 pub mod job;
 pub mod mac;
@@ -22,6 +23,7 @@ pub mod vm;
 pub mod worker;
 
 pub use error::{ApiError, ApiErrorCode};
+pub use export::{CloneRequest, ExportRequest, ImportReply, ImportRequest};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};
 pub use mac::MacAddr;
