@@ -240,12 +240,16 @@ fn export_import_new_id_side_by_side_clone_and_a_moved_saved_vm() {
     c.ok("DISK 0 FLUSH");
     drop(c);
     // Running: refused with the way out.
+    std::fs::create_dir(root.join("exp")).unwrap();
     let (code, line) = d.fails(&["vm", "export", "a", "exp"]);
     assert_eq!(code, 1, "{line}");
     assert!(line.contains("save or turn off"), "{line}");
+    assert!(std::fs::read_dir(root.join("exp"))
+        .unwrap()
+        .next()
+        .is_none());
     d.ok(&["vm", "turn-off", "a"]);
 
-    std::fs::create_dir(root.join("exp")).unwrap();
     d.ok(&["vm", "export", "a", "exp"]);
     let folder = root.join("exp").join("a");
     assert!(folder.join("vm.json").is_file());
