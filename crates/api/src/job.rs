@@ -13,6 +13,7 @@ pub enum JobKind {
     Save,
     Export,
     Import,
+    Clone,
     Checkpoint,
     Merge,
     Migrate,

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod export;
 pub mod host_trust;
 pub mod identity;
 pub mod job;
@@ -23,6 +24,7 @@ pub mod vm;
 pub mod worker;
 
 pub use error::{ApiError, ApiErrorCode};
+pub use export::{CloneRequest, ExportRequest, ImportReply, ImportRequest};
 pub use host_trust::{HostIdentityInfo, TrustedHost};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};

@@ -6,6 +6,7 @@ mod console;
 mod create;
 mod disk;
 mod disk_arg;
+mod export;
 mod metrics;
 pub mod nic;
 mod power;
@@ -98,6 +99,16 @@ pub enum VmCommand {
     /// 500 ms (at most 5 s), at --timeout, or when the VM stops.
     #[command(verbatim_doc_comment)]
     Console(console::ConsoleArgs),
+    /// Export an off or saved VM to DIR/<name>/ (disks with their parent chains, the saved
+    /// state, a manifest): a folder `vm import` takes on this or another host. Progress bar;
+    /// Ctrl-C cancels and leaves nothing.
+    Export(export::ExportArgs),
+    /// Import an exported VM folder: in place, or --copy [--to DIR]; --new-id for a copy
+    /// beside the original. Problems (name or id taken, a switch or memory this host lacks)
+    /// are all listed with the flag that fixes each.
+    Import(export::ImportArgs),
+    /// Clone an off or saved VM: full copies of its disks, a new id, new MACs and serials.
+    Clone(export::CloneArgs),
     /// A VM's disks: add, rm (hot add and remove while it runs), list.
     Disk {
         #[command(subcommand)]
@@ -161,6 +172,9 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Reset(args) => power::vm_op(client, args, "reset")?,
         VmCommand::Metrics(args) => metrics::execute(client, args)?,
         VmCommand::Console(args) => return console::execute(client, args),
+        VmCommand::Export(args) => return export::export(client, args),
+        VmCommand::Import(args) => return export::import(client, args),
+        VmCommand::Clone(args) => return export::clone(client, args),
         VmCommand::Disk { command } => disk::execute(client, command)?,
         VmCommand::Nic(cmd) => nic::execute(client, cmd)?,
     }

@@ -10,6 +10,7 @@ impl From<&StoreError> for ApiError {
         let code = match e {
             StoreError::NameTaken { .. }
             | StoreError::MacTaken { .. }
+            | StoreError::IdTaken { .. }
             | StoreError::IllegalTransition(_)
             | StoreError::JobEnded { .. }
             | StoreError::PoolNameTaken { .. }

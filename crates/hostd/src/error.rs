@@ -14,6 +14,8 @@ pub enum StoreError {
         "MAC address {mac} is already used by another VM's NIC; leave it out to get a fresh one"
     )]
     MacTaken { mac: MacAddr },
+    #[error("a VM with id {id} already exists; import with a new id (--new-id)")]
+    IdTaken { id: Uuid },
     #[error("no VM {key:?} (neither a VM id nor a VM name)")]
     NotFound { key: String },
     #[error(

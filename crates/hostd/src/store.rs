@@ -27,6 +27,9 @@ use vireo_api::{
 use crate::error::{io, StoreError};
 use crate::{folders, schema};
 
+mod import;
+pub use import::SAVED_FILES;
+
 /// Limits when the caller passes none; vireod passes the host's own (CPUs, RAM).
 pub const DEFAULT_LIMITS: Limits = Limits {
     max_vcpus: 255,
@@ -308,7 +311,7 @@ fn private_file(path: &Path) -> Result<File, StoreError> {
 
 /// Gives every NIC without a MAC a fresh one unused on this host, refuses a given MAC another
 /// VM has, and fills in disk serials.
-fn assign_identity(
+pub(crate) fn assign_identity(
     tx: &Transaction,
     id: Uuid,
     spec: &mut VmSpec,
@@ -345,7 +348,7 @@ fn mac_in_use(tx: &Transaction, mac: MacAddr) -> Result<bool, StoreError> {
         .is_some())
 }
 
-fn insert_macs(tx: &Transaction, id: Uuid, macs: &[MacAddr]) -> Result<(), StoreError> {
+pub(crate) fn insert_macs(tx: &Transaction, id: Uuid, macs: &[MacAddr]) -> Result<(), StoreError> {
     for mac in macs {
         let r = tx.execute(
             "INSERT INTO nic_macs (mac, vm_id) VALUES (?1, ?2)",
@@ -367,7 +370,7 @@ fn is_unique(e: &rusqlite::Error, column: &str) -> bool {
         if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains(column))
 }
 
-fn name_clash(e: rusqlite::Error, name: &str) -> StoreError {
+pub(crate) fn name_clash(e: rusqlite::Error, name: &str) -> StoreError {
     if is_unique(&e, "vms.name") {
         StoreError::NameTaken {
             name: name.to_owned(),
@@ -411,7 +414,7 @@ fn read_row(r: &Row) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     })())
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("API types serialize infallibly")
 }
 

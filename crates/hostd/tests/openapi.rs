@@ -305,6 +305,46 @@ fn a_live_vireod_answers_only_documented_statuses() {
     assert_eq!(r.status, 202);
     let saved = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
     assert_eq!(saved["state"], "completed", "{saved}");
+    // Export, clone and import of the saved VM (docs/export.md).
+    let out = tmp.path().join("exp");
+    std::fs::create_dir(&out).unwrap();
+    let exp = serde_json::to_vec(&json!({"dir": out})).unwrap();
+    let export = "/v1/vms/{vm}/export";
+    call("POST", export, "/v1/vms/none/export", Some(&exp));
+    call("POST", export, "/v1/vms/doc/export", Some(&bad));
+    let r = call("POST", export, "/v1/vms/doc/export", Some(&exp));
+    assert_eq!(r.status, 202);
+    d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
+    assert_eq!(
+        call("POST", export, "/v1/vms/doc/export", Some(&exp)).status,
+        409
+    );
+    let clone = "/v1/vms/{vm}/clone";
+    let cl = serde_json::to_vec(&json!({"name": "doc-c", "to": out})).unwrap();
+    call("POST", clone, "/v1/vms/doc/clone", Some(&bad));
+    call("POST", clone, "/v1/vms/none/clone", Some(&cl));
+    let r = call("POST", clone, "/v1/vms/doc/clone", Some(&cl));
+    assert_eq!(r.status, 202);
+    d.wait_job(
+        r.json()["job"]["id"].as_str().unwrap(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        call("POST", clone, "/v1/vms/doc/clone", Some(&cl)).status,
+        422
+    );
+    let import = "/v1/vms/import";
+    let same = serde_json::to_vec(&json!({"dir": out.join("doc")})).unwrap();
+    let new = serde_json::to_vec(&json!({"dir": out.join("doc"), "new_id": true, "name": "doc-i"}))
+        .unwrap();
+    call("POST", import, import, Some(&bad));
+    assert_eq!(call("POST", import, import, Some(&same)).status, 422);
+    let r = call("POST", import, import, Some(&new));
+    assert_eq!(r.status, 202);
+    d.wait_job(
+        r.json()["job"]["id"].as_str().unwrap(),
+        Duration::from_secs(20),
+    );
     let r = call(
         "POST",
         "/v1/vms/{vm}/turn-off",

@@ -31,7 +31,37 @@ fn interrupted() -> &'static AtomicBool {
 
 /// Polls `job` until it is no longer running and returns its last state. `what` labels the
 /// progress ("start web").
-pub fn wait(client: &Client, mut job: Job, what: &str) -> Result<Job, CliError> {
+pub fn wait(client: &Client, job: Job, what: &str) -> Result<Job, CliError> {
+    follow(client, job, what, false)
+}
+
+/// [`wait`], but Ctrl-C cancels the job (export, import, clone: a cancelled one removes what
+/// it wrote) and waits for the cancel to be acknowledged.
+pub fn wait_or_cancel(client: &Client, job: Job, what: &str) -> Result<Job, CliError> {
+    follow(client, job, what, true)
+}
+
+/// Cancels `job` after Ctrl-C and reports it (exit 130).
+fn cancel(client: &Client, job: &Job, what: &str) -> Result<Job, CliError> {
+    let ended: Result<Job, _> = client.post(&format!("/v1/jobs/{}/cancel", job.id), None::<&()>);
+    match ended {
+        Ok(_) => Err(CliError::interrupted(format!(
+            "cancelled job {} ({what}); vireod removes what it had written",
+            job.id
+        ))),
+        Err(e) => Err(CliError::interrupted(format!(
+            "interrupted, but job {} ({what}) could not be cancelled: {e}; `vireo job show {}`",
+            job.id, job.id
+        ))),
+    }
+}
+
+fn follow(
+    client: &Client,
+    mut job: Job,
+    what: &str,
+    cancel_on_interrupt: bool,
+) -> Result<Job, CliError> {
     let stop = interrupted();
     let mut shown = Progress::new(what, &job);
     loop {
@@ -44,6 +74,9 @@ pub fn wait(client: &Client, mut job: Job, what: &str) -> Result<Job, CliError> 
         while Instant::now() < next {
             if stop.load(Ordering::SeqCst) {
                 shown.finish();
+                if cancel_on_interrupt {
+                    return cancel(client, &job, what);
+                }
                 return Err(CliError::interrupted(format!(
                     "stopped waiting; job {id} ({what}) goes on: `vireo job show {id}` follows it",
                     id = job.id

@@ -281,6 +281,9 @@ pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
     }
     match job.kind {
         JobKind::Start => {}
+        JobKind::Export | JobKind::Import | JobKind::Clone => {
+            return super::export::cancel(daemon, id);
+        }
         JobKind::Stop => {
             return Err(HttpError::conflict(
                 "a stop job cannot be cancelled; turn-off forces a stop",

@@ -10,6 +10,7 @@
 
 pub mod adopt;
 pub mod exit;
+pub mod export;
 pub mod files;
 pub mod http_error;
 pub mod jobs;

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
 use super::routes::{console, disks, host, jobs, metrics, nics, pools, power, switches, vms};
-use super::{prom, Daemon};
+use super::{export, prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +56,9 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::POST, "/v1/vms/{vm}/resume", post(power::resume)),
         (Method::POST, "/v1/vms/{vm}/reset", post(power::reset)),
         (Method::POST, "/v1/vms/{vm}/save", post(power::save_vm)),
+        (Method::POST, "/v1/vms/{vm}/export", post(export::export)),
+        (Method::POST, "/v1/vms/{vm}/clone", post(export::clone)),
+        (Method::POST, "/v1/vms/import", post(export::import)),
         (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
         (
             Method::POST,

@@ -1,0 +1,326 @@
+//! End to end, the proof for export/import/clone (docs/export.md) with probe-guest VMs
+//! through a real vireod and its `vireo-vm` workers: a VM on a differencing VHDX writes a disk
+//! pattern and is exported (off), imported with `--copy --new-id`, and both VMs run side by side
+//! reading the same data, then diverge independently; every copied file passes `vireo disk
+//! check`; a clone runs too; an import that cannot be done lists every problem and stores
+//! nothing; a saved VM exported and imported (moved) continues its workload when started.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vireo_api::Vm;
+
+const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
+
+fn binaries() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(VIREO).parent().unwrap();
+    let (vireod, worker) = (dir.join("vireod"), dir.join("vireo-vm"));
+    if vireod.is_file() && worker.is_file() {
+        return Some((vireod, worker));
+    }
+    vireo_testkit::skip("vireod and vireo-vm built beside vireo");
+    None
+}
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Daemon {
+    fn spawn(dir: &Path) -> Child {
+        let (vireod, worker) = binaries().unwrap();
+        let socket = dir.join("state").join("vireod.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(vireod)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--worker-bin")
+            .arg(worker)
+            .arg("--storage-root")
+            .arg(dir)
+            .arg("--storage-root")
+            .arg(vireo_probe_image::probe_elf().parent().unwrap())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("vireod.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "vireod did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn start() -> Option<Daemon> {
+        binaries()?;
+        let dir = tempfile::tempdir().unwrap();
+        let child = Daemon::spawn(dir.path());
+        Some(Daemon { dir, child })
+    }
+
+    fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Daemon::spawn(self.dir.path());
+    }
+
+    fn vireo(&self, args: &[&str]) -> Command {
+        let socket = self.dir.path().join("state").join("vireod.sock");
+        let mut cmd = Command::new(VIREO);
+        cmd.arg("--host")
+            .arg(format!("unix:{}", socket.display()))
+            .args(args)
+            .env_remove("VIREO_HOST")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .vireo(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "vireo {args:?} hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vireo {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        assert!(!out.status.success(), "vireo {args:?} succeeded");
+        let err = String::from_utf8(out.stderr).unwrap();
+        (
+            out.status.code().unwrap(),
+            err.lines().last().unwrap_or_default().to_string(),
+        )
+    }
+
+    fn vm(&self, name: &str) -> Vm {
+        serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for vm in ["a", "b", "c"] {
+            let _ = self.vireo(&["vm", "turn-off", vm]).output();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vireo vm console` through pipes.
+struct Console {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Console {
+    fn attach(d: &Daemon, name: &str) -> Console {
+        let mut child = d
+            .vireo(&["vm", "console", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Console {
+            stdin: child.stdin.take().unwrap(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn ask(&mut self, command: &str) -> String {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .unwrap();
+        self.stdin.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {command}; saw {:?}", self.seen));
+            self.seen.push(line.clone());
+            if line.starts_with("OK") || line.starts_with("ERR") {
+                return line;
+            }
+        }
+    }
+
+    fn ok(&mut self, command: &str) -> String {
+        let a = self.ask(command);
+        assert!(a.starts_with("OK"), "{command}: {a}");
+        a
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn disk_check(d: &Daemon, dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let out = d.ok(&["disk", "check", p.to_str().unwrap()]);
+        assert!(!out.contains("ERROR"), "{}: {out}", p.display());
+    }
+}
+
+#[test]
+fn export_import_new_id_side_by_side_clone_and_a_moved_saved_vm() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(mut d) = Daemon::start() else { return };
+    let root = d.dir.path().to_owned();
+    let (base, child) = (root.join("base.vhdx"), root.join("a.vhdx"));
+    d.ok(&["disk", "create", base.to_str().unwrap(), "--size", "4M"]);
+    d.ok(&[
+        "disk",
+        "create",
+        child.to_str().unwrap(),
+        "--parent",
+        base.to_str().unwrap(),
+    ]);
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    d.ok(&[
+        "vm", "create", "a", "--kernel", &kernel, "--memory", "32M", "--disk", "a.vhdx",
+    ]);
+    d.ok(&["vm", "start", "a"]);
+    let mut c = Console::attach(&d, "a");
+    c.ok("DISK 0 WRITE 0 64 5");
+    c.ok("DISK 0 FLUSH");
+    drop(c);
+    // Running: refused with the way out.
+    std::fs::create_dir(root.join("exp")).unwrap();
+    let (code, line) = d.fails(&["vm", "export", "a", "exp"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(line.contains("save or turn off"), "{line}");
+    assert!(std::fs::read_dir(root.join("exp"))
+        .unwrap()
+        .next()
+        .is_none());
+    d.ok(&["vm", "turn-off", "a"]);
+
+    d.ok(&["vm", "export", "a", "exp"]);
+    let folder = root.join("exp").join("a");
+    assert!(folder.join("vm.json").is_file());
+    disk_check(&d, &folder.join("disks"));
+
+    std::fs::create_dir(root.join("imp")).unwrap();
+    let out = d.ok(&[
+        "vm", "import", "exp/a", "--copy", "--to", "imp", "--new-id", "--name", "b",
+    ]);
+    assert!(out.contains("VM b is in the inventory"), "{out}");
+    disk_check(&d, &root.join("imp").join("b").join("disks"));
+    let (a, b) = (d.vm("a"), d.vm("b"));
+    assert_ne!(a.identity.id, b.identity.id);
+    assert_ne!(a.identity.disk_serials, b.identity.disk_serials);
+
+    // Side by side, the same data; then each its own.
+    d.ok(&["vm", "start", "a"]);
+    d.ok(&["vm", "start", "b"]);
+    let mut ca = Console::attach(&d, "a");
+    let mut cb = Console::attach(&d, "b");
+    ca.ok("DISK 0 VERIFY 0 64 5");
+    cb.ok("DISK 0 VERIFY 0 64 5");
+    cb.ok("DISK 0 WRITE 0 64 7");
+    cb.ok("DISK 0 FLUSH");
+    ca.ok("DISK 0 VERIFY 0 64 5");
+    let id_a = ca.ok("DISK 0 ID");
+    let id_b = cb.ok("DISK 0 ID");
+    assert_ne!(id_a, id_b, "the copy has its own disk serial");
+    drop((ca, cb));
+
+    // The compatibility report: every problem, nothing stored.
+    let before = d.ok(&["vm", "list"]);
+    let (code, line) = d.fails(&["vm", "import", "exp/a", "--memory", "64G"]);
+    assert_ne!(code, 0);
+    for fix in ["--name", "--new-id", "--memory"] {
+        assert!(line.contains(fix), "{fix}: {line}");
+    }
+    assert_eq!(d.ok(&["vm", "list"]), before);
+
+    // A clone of the (off) copy.
+    d.ok(&["vm", "turn-off", "b"]);
+    d.ok(&["vm", "clone", "b", "c", "--to", "imp"]);
+    d.ok(&["vm", "start", "c"]);
+    let mut cc = Console::attach(&d, "c");
+    cc.ok("DISK 0 VERIFY 0 64 7");
+    drop(cc);
+    d.ok(&["vm", "turn-off", "c"]);
+
+    // A saved VM moves: export, remove, import in place; start continues its workload.
+    let mut ca = Console::attach(&d, "a");
+    ca.ok("MEM FILL 16 8 9");
+    ca.ok("DIRTY START 8 4 0");
+    drop(ca);
+    d.ok(&["vm", "save", "a"]);
+    std::fs::create_dir(root.join("exp2")).unwrap();
+    d.ok(&["vm", "export", "a", "exp2"]);
+    d.ok(&["vm", "rm", "a"]);
+    d.ok(&["vm", "import", "exp2/a"]);
+    assert_eq!(d.vm("a").state.name(), "saved");
+    d.kill9_and_restart();
+    assert_eq!(d.vm("a").state.name(), "saved");
+    d.ok(&["vm", "start", "a"]);
+    let mut ca = Console::attach(&d, "a");
+    let stop = ca.ok("DIRTY STOP");
+    assert!(stop.contains("passes="), "{stop}");
+    ca.ok("MEM VERIFY 16 8 9");
+    ca.ok("DISK 0 VERIFY 0 64 5");
+    drop(ca);
+    let log = d.ok(&["vm", "console", "a", "--log"]);
+    assert!(
+        !log.contains("PROBE READY"),
+        "the guest booted again: {log}"
+    );
+}

@@ -1,0 +1,91 @@
+//! Import into the inventory (docs/export.md): a VM stored with a given id (or a new one), its
+//! MACs and serials kept (or assigned afresh), `off` or `saved` — with the saved state's files
+//! copied into its folder before the commit. Same crash rule as create: a folder without a
+//! committed row is debris that the next open removes, so a crash never leaves half a VM.
+
+use std::fs::{self, File};
+use std::path::Path;
+
+use rusqlite::{params, TransactionBehavior};
+use uuid::Uuid;
+use vireo_api::{validate_spec, VmSpec, VmState};
+
+use super::{assign_identity, insert_macs, name_clash, now_ms, to_json, Store, VmRecord};
+use crate::error::{io, StoreError};
+use crate::folders;
+
+/// The saved-state files, in the order they are copied (the state file last: a `saved/` with
+/// a state file is complete, as after a save).
+pub const SAVED_FILES: [&str; 2] = ["memory.bin", "vm.state"];
+
+impl Store {
+    /// Stores `spec` as VM `id` (`off`, or `saved` when `saved_from` holds a saved state that
+    /// is copied to `<vm-dir>/saved/`). The spec's MACs must be free; missing ones are
+    /// assigned. An id already stored is `IdTaken`.
+    pub fn import_vm(
+        &self,
+        id: Uuid,
+        spec: &VmSpec,
+        saved_from: Option<&Path>,
+    ) -> Result<VmRecord, StoreError> {
+        validate_spec(spec, &self.limits)?;
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: Option<i64> = tx
+            .query_row("SELECT 1 FROM vms WHERE id = ?1", [id.to_string()], |r| {
+                r.get(0)
+            })
+            .ok();
+        if taken.is_some() {
+            return Err(StoreError::IdTaken { id });
+        }
+        let mut spec = spec.clone();
+        let identity = assign_identity(&tx, id, &mut spec)?;
+        let state = if saved_from.is_some() {
+            VmState::Saved
+        } else {
+            VmState::Off
+        };
+        let now = now_ms();
+        let inserted = tx.execute(
+            "INSERT INTO vms (id, name, spec, identity, state, state_reason, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?6)",
+            params![id.to_string(), spec.name, to_json(&spec), to_json(&identity), state.name(), now],
+        );
+        inserted.map_err(|e| name_clash(e, &spec.name))?;
+        insert_macs(&tx, id, &identity.macs)?;
+        let dir = folders::create_vm_dir(&self.vms_dir, id)?;
+        if let Some(from) = saved_from {
+            if let Err(e) = copy_saved(from, &dir.join("saved")) {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
+        if let Some(hook) = &self.before_commit {
+            hook(id);
+        }
+        if let Err(e) = tx.commit() {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        Ok(VmRecord {
+            spec,
+            identity,
+            state,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+}
+
+fn copy_saved(from: &Path, to: &Path) -> Result<(), StoreError> {
+    folders::ensure_private_dir(to)?;
+    for name in SAVED_FILES {
+        let (src, dst) = (from.join(name), to.join(name));
+        fs::copy(&src, &dst).map_err(io(&src))?;
+        File::open(&dst)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&dst))?;
+    }
+    File::open(to).and_then(|d| d.sync_all()).map_err(io(to))
+}
