@@ -36,9 +36,6 @@ pub enum ActivateError {
 pub enum PauseError {
     #[error("the device's worker did not reach a request boundary within {0:?}")]
     Timeout(std::time::Duration),
-    /// The device's data path lives in another process that did not stop it (vhost-user).
-    #[error("the device's backend could not stop its rings: {0}")]
-    Backend(String),
 }
 
 /// A virtio device model. The transport calls these in the order the virtio spec's device

@@ -118,6 +118,8 @@ pub struct VhostUserNet {
     active: Option<Active>,
     /// Where the backend stood in each ring when `pause` stopped it; `None` while running.
     parked: Option<RingPositions>,
+    /// Why the last `pause` could not learn the ring positions (the backend did not answer).
+    unknown: Option<String>,
 }
 
 /// An activation's wiring, kept so that the rings can be stopped and started again.
@@ -185,6 +187,7 @@ impl VhostUserNet {
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
             active: None,
             parked: None,
+            unknown: None,
         })
     }
 
@@ -334,6 +337,7 @@ impl VirtioDevice for VhostUserNet {
             }
         }
         self.parked = None;
+        self.unknown = None;
     }
 
     /// Stops every ready ring in the backend (GET_VRING_BASE: it finishes the frame in hand
@@ -348,18 +352,14 @@ impl VirtioDevice for VhostUserNet {
             return Ok(());
         };
         let mut positions = Vec::with_capacity(a.queues.len());
+        self.unknown = None;
         for i in 0..a.queues.len() {
-            if a.queues[i].queue.ready() {
+            if a.queues[i].queue.ready() && self.unknown.is_none() {
                 match self.frontend.get_vring_base(i) {
                     Ok(next_avail) => a.queues[i].queue.set_next_avail(next_avail as u16),
-                    Err(e) => {
-                        // Rings stopped before the failure are started again: the VM keeps
-                        // running as it was, and the pause fails.
-                        let e = self.backend_error(e);
-                        let _ = self.start_rings(&a.mem, &a.queues[..i], &a.calls[..i]);
-                        self.active = Some(a);
-                        return Err(PauseError::Backend(e));
-                    }
+                    // A backend that is gone touches the rings no more either: the pause
+                    // holds (a NIC must not keep the VM from pausing), only a save is refused.
+                    Err(e) => self.unknown = Some(self.backend_error(e)),
                 }
             }
             let q = &a.queues[i].queue;
@@ -380,6 +380,7 @@ impl VirtioDevice for VhostUserNet {
 
     /// Starts the rings again where `pause` stopped them.
     fn resume(&mut self) {
+        self.unknown = None;
         if self.parked.take().is_none() {
             return;
         }
@@ -406,6 +407,11 @@ impl VirtioDevice for VhostUserNet {
             (Some(_), Some(p)) => Some(p.clone()),
             (Some(_), None) => return Err(StateError::NotPaused),
         };
+        if let (Some(_), Some(e)) = (&rings, &self.unknown) {
+            return Err(StateError::Invalid(format!(
+                "the NIC's ring positions are unknown ({e}); restart the switch port's backend and try again"
+            )));
+        }
         Ok(DeviceState::Net(NetState {
             acked_features: self.acked,
             mac: self.mac,

@@ -380,3 +380,28 @@ fn vhost_user_net_pause_stops_the_backend_and_a_restore_continues_the_rings() {
     server.stop().unwrap();
     rt.stop().unwrap();
 }
+
+/// A switch that went away must not keep the VM from pausing; only the save, which would need
+/// the backend's ring positions, is refused, with a message that says why.
+#[test]
+fn vhost_user_net_pauses_without_its_backend_but_refuses_to_save() {
+    let ram = GuestRam::new(16 << 20).unwrap();
+    let mem = ram.memory.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gone.sock");
+    let (_port, server) = VhostUserServer::listen(&socket, "gone").unwrap();
+    let mut dev = VhostUserNet::connect(&socket, MAC).unwrap();
+    dev.ack_features(dev.features());
+    let irqs = Arc::new(Irqs::default());
+    activate(&mut dev, &mem, 0x10_0000, &irqs);
+    server.stop().unwrap();
+    dev.pause(Duration::from_secs(5)).unwrap();
+    match dev.save_state() {
+        Err(vireo_virtio::StateError::Invalid(m)) => {
+            assert!(m.contains("ring positions are unknown"), "{m}")
+        }
+        other => panic!("saved without the backend: {other:?}"),
+    }
+    dev.resume();
+    dev.reset();
+}
