@@ -67,7 +67,7 @@ pub trait VirtioDevice: Send {
     /// VM pause: stop taking requests from the queues at a request boundary and return once
     /// the workers are parked (what they had taken is executed and its used-ring entry
     /// published). The default is for devices without that support: they keep working, and
-    /// say so in their documentation (the vhost-user NIC, whose rings another process serves).
+    /// say so in their documentation.
     fn pause(&mut self, _timeout: std::time::Duration) -> Result<(), PauseError> {
         Ok(())
     }
@@ -76,7 +76,7 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) {}
     /// Save: the device's own state (docs/vm-state.md). Called while the VM is paused, so an
     /// active device's workers are parked and have reported their ring positions. The default
-    /// is for devices that cannot (the vhost-user NIC, whose rings another process serves).
+    /// is for devices that cannot.
     fn save_state(&self) -> Result<DeviceState, StateError> {
         Err(StateError::Unsupported("no save/restore support"))
     }

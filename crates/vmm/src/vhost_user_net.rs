@@ -5,6 +5,13 @@
 //! over its Unix socket, so frames never pass through the VMM. Calls are relayed to the
 //! transport's interrupt because virtio-mmio's interrupt status register must say "used ring".
 //!
+//! Pause and save (docs/vm-state.md): `pause` sends GET_VRING_BASE per ring, which makes the
+//! backend stop the ring at a frame boundary and answer the next available entry it would
+//! take; the used index is what the backend last published in guest memory. `resume` starts
+//! the rings again from there (SET_VRING_NUM/ADDR/BASE/CALL/KICK), and a restored device is
+//! activated with the saved positions the same way, so no frame the guest queued is lost or
+//! sent twice. Frames the switch has for a paused VM are dropped, as by a NIC that is down.
+//!
 //! Not covered: dirty logging of backend writes (live migration would need LOG_ALL) and
 //! reconnecting to a restarted backend.
 
@@ -16,9 +23,12 @@ use std::thread::JoinHandle;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vireo_virtio::{ActivateError, QueueHandle, VirtioDevice, VirtioInterrupt};
+use vireo_virtio::state::{NetState, RingPositions};
+use vireo_virtio::{
+    ActivateError, DeviceState, PauseError, QueueHandle, StateError, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -104,7 +114,34 @@ pub struct VhostUserNet {
     backend_features: u64,
     acked: u64,
     queue_sizes: [u16; NUM_QUEUES],
+    /// Set while the driver has the device active: what a restart of the rings needs.
+    active: Option<Active>,
+    /// Where the backend stood in each ring when `pause` stopped it; `None` while running.
+    parked: Option<RingPositions>,
+    /// Why the last `pause` could not learn the ring positions (the backend did not answer).
+    unknown: Option<String>,
+}
+
+/// An activation's wiring, kept so that the rings can be stopped and started again.
+struct Active {
+    mem: GuestMemory,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// The driver's queues (their `next_avail` is updated at each pause) and kick eventfds.
+    queues: Vec<QueueHandle>,
+    /// Our ends of the backend's call eventfds (the relay holds clones).
+    calls: Vec<EventFd>,
     relay: Option<CallRelay>,
+}
+
+/// `used.idx` as the backend last published it in guest memory (0 if unreadable).
+fn used_idx(mem: &GuestMemory, q: &virtio_queue::Queue) -> u16 {
+    mem.read_obj::<u16>(GuestAddress(q.used_ring() + 2))
+        .map(u16::from_le)
+        .unwrap_or(0)
+}
+
+fn clone_all(fds: &[EventFd]) -> std::io::Result<Vec<EventFd>> {
+    fds.iter().map(EventFd::try_clone).collect()
 }
 
 fn negotiate(path: &Path) -> impl Fn(vhost::Error) -> VhostUserNetError + '_ {
@@ -148,7 +185,9 @@ impl VhostUserNet {
             backend_features,
             acked: 0,
             queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
-            relay: None,
+            active: None,
+            parked: None,
+            unknown: None,
         })
     }
 
@@ -156,6 +195,7 @@ impl VhostUserNet {
         self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 
+    /// Hands the backend the memory table and starts every ready ring.
     fn start(
         &mut self,
         mem: &GuestMemory,
@@ -172,13 +212,26 @@ impl VhostUserNet {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()?;
         self.frontend.set_mem_table(&regions)?;
+        self.start_rings(mem, queues, calls)
+    }
+
+    /// Starts every ready ring at its queue's `next_avail` (0 for a fresh driver, the saved or
+    /// paused position otherwise; the backend reads `used.idx` from guest memory on
+    /// SET_VRING_ADDR). Then kicks each ring once: frames the driver queued before a stop were
+    /// announced by a kick the stopped ring never acted on, and a spurious kick costs nothing.
+    fn start_rings(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &[QueueHandle],
+        calls: &[EventFd],
+    ) -> Result<(), vhost::Error> {
         let host = |gpa: u64| -> Result<u64, vhost::Error> {
             mem.get_host_address(GuestAddress(gpa))
                 .map(|p| p as u64)
                 .map_err(|_| vhost::Error::InvalidGuestMemory)
         };
-        for (i, (q, call)) in queues.iter().zip(calls).enumerate() {
-            let q = &q.queue;
+        for (i, (qh, call)) in queues.iter().zip(calls).enumerate() {
+            let q = &qh.queue;
             if !q.ready() {
                 continue;
             }
@@ -193,14 +246,21 @@ impl VhostUserNet {
                 log_addr: None,
             };
             self.frontend.set_vring_addr(i, &cfg)?;
-            self.frontend.set_vring_base(i, 0)?;
+            self.frontend.set_vring_base(i, q.next_avail())?;
             self.frontend.set_vring_call(i, call)?;
-            self.frontend.set_vring_kick(i, &queues[i].kick)?;
+            self.frontend.set_vring_kick(i, &qh.kick)?;
             if self.protocol_features() {
                 self.frontend.set_vring_enable(i, true)?;
             }
         }
+        for qh in queues.iter().filter(|qh| qh.queue.ready()) {
+            let _ = qh.kick.write(1);
+        }
         Ok(())
+    }
+
+    fn backend_error(&self, e: impl std::fmt::Display) -> String {
+        format!("vhost-user backend {}: {e}", self.path.display())
     }
 }
 
@@ -244,7 +304,7 @@ impl VirtioDevice for VhostUserNet {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<QueueHandle>,
     ) -> Result<(), ActivateError> {
-        if self.relay.is_some() {
+        if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
         if queues.len() != NUM_QUEUES {
@@ -256,13 +316,17 @@ impl VirtioDevice for VhostUserNet {
         let calls = (0..NUM_QUEUES)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()?;
-        self.start(&mem, &queues, &calls).map_err(|e| {
-            ActivateError::Worker(std::io::Error::other(format!(
-                "vhost-user backend {}: {e}",
-                self.path.display()
-            )))
-        })?;
-        self.relay = Some(CallRelay::start(calls, interrupt)?);
+        self.start(&mem, &queues, &calls)
+            .map_err(|e| ActivateError::Worker(std::io::Error::other(self.backend_error(e))))?;
+        let relay = CallRelay::start(clone_all(&calls)?, interrupt.clone())?;
+        self.parked = None;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+            calls,
+            relay: Some(relay),
+        });
         Ok(())
     }
 
@@ -271,16 +335,126 @@ impl VirtioDevice for VhostUserNet {
         for i in 0..NUM_QUEUES {
             let _ = self.frontend.get_vring_base(i);
         }
-        if let Some(r) = self.relay.take() {
-            r.stop();
+        if let Some(mut a) = self.active.take() {
+            if let Some(r) = a.relay.take() {
+                r.stop();
+            }
         }
+        self.parked = None;
+        self.unknown = None;
     }
 
-    /// Not yet (docs/vm-state.md): the rings live in the backend, and saving them means
-    /// GET_VRING_BASE on save and SET_VRING_BASE on restore.
-    fn save_state(&self) -> Result<vireo_virtio::DeviceState, vireo_virtio::StateError> {
-        Err(vireo_virtio::StateError::Unsupported(
-            "a vhost-user NIC's rings are served by its backend; saving them is not built yet",
-        ))
+    /// Stops every ready ring in the backend (GET_VRING_BASE: it finishes the frame in hand
+    /// and touches the ring no more) and records where each stands. Interrupts the backend
+    /// raised before the stop are delivered before this returns, so the transport's interrupt
+    /// status is final.
+    fn pause(&mut self, _timeout: std::time::Duration) -> Result<(), PauseError> {
+        if self.parked.is_some() {
+            return Ok(());
+        }
+        let Some(mut a) = self.active.take() else {
+            return Ok(());
+        };
+        let mut positions = Vec::with_capacity(a.queues.len());
+        self.unknown = None;
+        for i in 0..a.queues.len() {
+            if a.queues[i].queue.ready() && self.unknown.is_none() {
+                match self.frontend.get_vring_base(i) {
+                    Ok(next_avail) => a.queues[i].queue.set_next_avail(next_avail as u16),
+                    // A backend that is gone touches the rings no more either: the pause
+                    // holds (a NIC must not keep the VM from pausing), only a save is refused.
+                    Err(e) => self.unknown = Some(self.backend_error(e)),
+                }
+            }
+            let q = &a.queues[i].queue;
+            positions.push((q.next_avail(), used_idx(&a.mem, q)));
+        }
+        if let Some(r) = a.relay.take() {
+            r.stop();
+        }
+        for (i, c) in a.calls.iter().enumerate() {
+            if c.read().is_ok() {
+                let _ = a.interrupt.notify_queue(i as u16);
+            }
+        }
+        self.active = Some(a);
+        self.parked = Some(RingPositions { queues: positions });
+        Ok(())
+    }
+
+    /// Starts the rings again where `pause` stopped them.
+    fn resume(&mut self) {
+        self.unknown = None;
+        if self.parked.take().is_none() {
+            return;
+        }
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        if let Err(e) = self.start_rings(&a.mem, &a.queues, &a.calls) {
+            // The NIC stays stopped (the guest sees a dead link, nothing worse); say why.
+            tracing::error!("resuming NIC: {}", self.backend_error(e));
+        }
+        if a.relay.is_none() {
+            match clone_all(&a.calls).and_then(|c| CallRelay::start(c, a.interrupt.clone())) {
+                Ok(r) => a.relay = Some(r),
+                Err(e) => tracing::error!("resuming NIC interrupts: {}", self.backend_error(e)),
+            }
+        }
+        self.active = Some(a);
+    }
+
+    /// Features, MAC and, when active, the ring positions `pause` collected from the backend.
+    fn save_state(&self) -> Result<DeviceState, StateError> {
+        let rings = match (&self.active, &self.parked) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p.clone()),
+            (Some(_), None) => return Err(StateError::NotPaused),
+        };
+        if let (Some(_), Some(e)) = (&rings, &self.unknown) {
+            return Err(StateError::Invalid(format!(
+                "the NIC's ring positions are unknown ({e}); restart the switch port's backend and try again"
+            )));
+        }
+        Ok(DeviceState::Net(NetState {
+            acked_features: self.acked,
+            mac: self.mac,
+            link_up: true,
+            rings,
+            rx_frame: None,
+        }))
+    }
+
+    /// Takes the accepted features; the transport then activates the device with queues at
+    /// the saved positions, which `start_rings` hands to the backend with SET_VRING_BASE.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Net(n) = state else {
+            return Err(StateError::WrongDevice {
+                saved: state.kind(),
+                device: "net",
+            });
+        };
+        if n.mac != self.mac {
+            return Err(StateError::Invalid(format!(
+                "saved MAC {:02x?} differs from this NIC's {:02x?}",
+                n.mac, self.mac
+            )));
+        }
+        if n.acked_features & !self.features() != 0 {
+            return Err(StateError::Invalid(format!(
+                "saved features {:#x} include some backend {} does not offer ({:#x})",
+                n.acked_features,
+                self.path.display(),
+                self.features()
+            )));
+        }
+        if n.rx_frame.is_some() {
+            return Err(StateError::Invalid(
+                "the saved NIC held a received frame, which a vhost-user backend cannot take"
+                    .into(),
+            ));
+        }
+        self.acked = n.acked_features;
+        Ok(())
     }
 }

@@ -217,3 +217,191 @@ fn vhost_user_net_device_moves_frames_resets_and_restarts() {
     server.stop().unwrap();
     rt.stop().unwrap();
 }
+
+/// The rings of `dev` as the transport would build them after a restore: at `base`, starting
+/// at the saved positions.
+fn activate_at(
+    dev: &mut VhostUserNet,
+    mem: &GuestMemory,
+    base: u64,
+    irqs: &Arc<Irqs>,
+    next_avail: [u16; 2],
+) -> [EventFd; 2] {
+    let (mut rxq, rxk) = queue(base, 0);
+    let (mut txq, txk) = queue(base, 1);
+    rxq.set_next_avail(next_avail[0]);
+    txq.set_next_avail(next_avail[1]);
+    let kicks = [rxk.try_clone().unwrap(), txk.try_clone().unwrap()];
+    let handles = vec![
+        QueueHandle {
+            queue: rxq,
+            kick: rxk,
+        },
+        QueueHandle {
+            queue: txq,
+            kick: txk,
+        },
+    ];
+    let irq: Arc<dyn VirtioInterrupt> = irqs.clone();
+    dev.activate(mem.clone(), irq, handles).unwrap();
+    kicks
+}
+
+/// Queues a frame on the TX ring without a kick (what a guest has in its ring when it is
+/// paused between writing the avail index and the notification, or whose kick the stopped
+/// ring ignored).
+fn queue_tx(mem: &GuestMemory, base: u64, n: u16, f: &[u8]) {
+    let buf = 0x80_0000 + u64::from(n % 64) * 2048;
+    let mut bytes = vec![0u8; HDR];
+    bytes.extend_from_slice(f);
+    mem.write_slice(&bytes, GuestAddress(buf)).unwrap();
+    post(mem, base, 1, n, buf, bytes.len() as u32, false);
+}
+
+fn rings(state: &vireo_virtio::DeviceState) -> Vec<(u16, u16)> {
+    state
+        .rings()
+        .expect("an active device saves its rings")
+        .queues
+        .clone()
+}
+
+#[test]
+fn vhost_user_net_pause_stops_the_backend_and_a_restore_continues_the_rings() {
+    let ram = GuestRam::new(16 << 20).unwrap();
+    let mem = ram.memory.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nic.sock");
+    let mut sw = Switch::new(SwitchConfig::private("vmm-vhu-save")).unwrap();
+    let p_vm = sw.add_port(PortConfig::access("vm", 1)).unwrap();
+    let p_peer = sw.add_port(PortConfig::access("peer", 1)).unwrap();
+    let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).unwrap();
+    let (port, server) = VhostUserServer::listen(&socket, "vm").unwrap();
+    rt.attach(p_vm, port.clone());
+    let (peer_sw, peer) = channel_pair("peer-sw-save", "peer-save").unwrap();
+    rt.attach(p_peer, Arc::new(peer_sw));
+
+    let mut dev = VhostUserNet::connect(&socket, MAC).unwrap();
+    dev.ack_features(dev.features());
+    // Not active: nothing to stop, and the state has no rings.
+    dev.pause(Duration::from_secs(5)).unwrap();
+    assert!(dev.save_state().unwrap().rings().is_none());
+    dev.resume();
+
+    let irqs = Arc::new(Irqs::default());
+    let base = 0x10_0000;
+    let kicks = activate(&mut dev, &mem, base, &irqs);
+    // Running: positions would be stale the moment they are read.
+    assert_eq!(
+        dev.save_state().unwrap_err(),
+        vireo_virtio::StateError::NotPaused
+    );
+    let f0 = frame(PEER, MAC, 0);
+    transmit(&mem, base, 0, &f0, &kicks[1]);
+    assert_eq!(received(&peer, 10).as_deref(), Some(&f0[..]));
+    assert!(wait_until(|| used_idx(&mem, base, 1) == 1, 10));
+
+    // Paused: the backend answers where it stands and leaves the ring alone, even when kicked.
+    dev.pause(Duration::from_secs(5)).unwrap();
+    assert_eq!(rings(&dev.save_state().unwrap()), vec![(0, 0), (1, 1)]);
+    let f1 = frame(PEER, MAC, 1);
+    transmit(&mem, base, 1, &f1, &kicks[1]);
+    assert!(received(&peer, 1).is_none(), "a paused NIC transmitted");
+    assert_eq!(used_idx(&mem, base, 1), 1);
+    // Resumed: the frame queued while paused goes, once.
+    dev.resume();
+    assert_eq!(received(&peer, 10).as_deref(), Some(&f1[..]));
+    assert!(wait_until(|| used_idx(&mem, base, 1) == 2, 10));
+    assert!(received(&peer, 1).is_none(), "a frame went twice");
+    // RX still works after the restart.
+    post(&mem, base, 0, 0, 0x90_0000, 2048, true);
+    kicks[0].write(1).unwrap();
+    let f2 = frame(MAC, PEER, 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while used_idx(&mem, base, 0) == 0 {
+        // The switch may still be learning where MAC is: resend until it lands.
+        peer.send(&f2).unwrap();
+        assert!(Instant::now() < deadline, "no RX after resume");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut got = vec![0u8; HDR + f2.len()];
+    mem.read_slice(&mut got, GuestAddress(0x90_0000)).unwrap();
+    assert_eq!(&got[HDR..], &f2[..]);
+
+    // Save with two frames queued in the ring that the backend never took, then the VM's
+    // process goes away.
+    dev.pause(Duration::from_secs(5)).unwrap();
+    let saved = dev.save_state().unwrap();
+    assert_eq!(rings(&saved), vec![(1, 1), (2, 2)]);
+    let (f3, f4) = (frame(PEER, MAC, 3), frame(PEER, MAC, 4));
+    queue_tx(&mem, base, 2, &f3);
+    queue_tx(&mem, base, 3, &f4);
+    drop(dev);
+    assert!(wait_until(|| !port.connected(), 10));
+    while peer.recv(&mut [0u8; 2048]).unwrap().is_some() {}
+
+    // A new device (a new VMM) on the same memory restores and starts at the saved positions:
+    // the queued frames go in order, nothing before them is replayed.
+    let mut dev = VhostUserNet::connect(&socket, MAC).unwrap();
+    let mut other = saved.clone();
+    if let vireo_virtio::DeviceState::Net(n) = &mut other {
+        n.mac = PEER;
+    }
+    assert!(
+        dev.restore_state(&other).is_err(),
+        "a foreign MAC was taken"
+    );
+    assert!(matches!(
+        dev.restore_state(&vireo_virtio::DeviceState::Empty),
+        Err(vireo_virtio::StateError::WrongDevice { .. })
+    ));
+    let mut held = saved.clone();
+    if let vireo_virtio::DeviceState::Net(n) = &mut held {
+        n.rx_frame = Some(vec![0; 60]);
+    }
+    assert!(
+        dev.restore_state(&held).is_err(),
+        "a held frame would be lost"
+    );
+    dev.restore_state(&saved).unwrap();
+    let r = rings(&saved);
+    let kicks = activate_at(&mut dev, &mem, base, &irqs, [r[0].0, r[1].0]);
+    assert_eq!(received(&peer, 10).as_deref(), Some(&f3[..]));
+    assert_eq!(received(&peer, 10).as_deref(), Some(&f4[..]));
+    assert!(wait_until(|| used_idx(&mem, base, 1) == 4, 10));
+    assert!(received(&peer, 1).is_none(), "a frame was replayed");
+    let f5 = frame(PEER, MAC, 5);
+    transmit(&mem, base, 4, &f5, &kicks[1]);
+    assert_eq!(received(&peer, 10).as_deref(), Some(&f5[..]));
+
+    dev.reset();
+    drop(dev);
+    assert!(wait_until(|| !port.connected(), 10));
+    server.stop().unwrap();
+    rt.stop().unwrap();
+}
+
+/// A switch that went away must not keep the VM from pausing; only the save, which would need
+/// the backend's ring positions, is refused, with a message that says why.
+#[test]
+fn vhost_user_net_pauses_without_its_backend_but_refuses_to_save() {
+    let ram = GuestRam::new(16 << 20).unwrap();
+    let mem = ram.memory.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gone.sock");
+    let (_port, server) = VhostUserServer::listen(&socket, "gone").unwrap();
+    let mut dev = VhostUserNet::connect(&socket, MAC).unwrap();
+    dev.ack_features(dev.features());
+    let irqs = Arc::new(Irqs::default());
+    activate(&mut dev, &mem, 0x10_0000, &irqs);
+    server.stop().unwrap();
+    dev.pause(Duration::from_secs(5)).unwrap();
+    match dev.save_state() {
+        Err(vireo_virtio::StateError::Invalid(m)) => {
+            assert!(m.contains("ring positions are unknown"), "{m}")
+        }
+        other => panic!("saved without the backend: {other:?}"),
+    }
+    dev.resume();
+    dev.reset();
+}

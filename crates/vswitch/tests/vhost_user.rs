@@ -211,6 +211,17 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     assert_eq!(&got[HDR..], &f2[..]);
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
     assert!(calls[0].read().is_ok(), "guest not notified of RX");
+    // The switch never waits for receive buffers, so it asked the driver not to kick for them.
+    assert!(
+        wait_until(|| mem.read_obj::<u16>(rxq.used_addr()).unwrap() & 1 == 1),
+        "RX kicks still on"
+    );
+    // TX kicks come back on once the switch stops polling the drained ring (the frames below
+    // are kicked then).
+    assert!(
+        wait_until(|| mem.read_obj::<u16>(txq.used_addr()).unwrap() & 1 == 0),
+        "TX kicks stayed off"
+    );
 
     // No receive buffer posted: the frame is dropped and counted, not queued forever.
     let before = lock(&sw).drops(p_vm, DropReason::TxFull);

@@ -150,7 +150,7 @@ pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str
     Ok(())
 }
 
-/// `NET <i> BLAST <size> <count|Ns> <dst mac>` and `NET <i> SINK <seconds>`.
+/// `NET <i> BLAST <size> <count|Ns> <dst mac>` and `NET <i> SINK <seconds> [<idle ms>]`.
 pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str> {
     let i = parse::number(index).ok_or("bad nic index")? as usize;
     if p.nics.get(i).is_none_or(|n| n.is_none()) {
@@ -180,11 +180,16 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
                 out.kicks
             );
         }
-        [b"SINK", secs] => {
+        [b"SINK", secs, rest @ ..] if rest.len() <= 1 => {
             let secs = num(secs)?.min(3600);
+            // A longer idle lets a sink outlast a pause of the sender (a save and restore).
+            let idle_ms = match rest {
+                [ms] => num(ms)?.clamp(1, 3_600_000),
+                _ => SINK_IDLE_MS,
+            };
             let deadline = p.clock().deadline_ms(secs * 1000);
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
-            let o = nic.sink(deadline, SINK_IDLE_MS * khz);
+            let o = nic.sink(deadline, idle_ms * khz);
             let _ = write!(
                 p.reply,
                 "OK frames={} bytes={} frames_s={} bytes_s={} lost={} reordered={} other={} kicks={}",

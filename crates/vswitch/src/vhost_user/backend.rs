@@ -5,7 +5,7 @@ use std::io;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -14,7 +14,7 @@ use vmm_sys_util::event::{
 };
 
 use super::port::Shared;
-use super::{NUM_QUEUES, QUEUE_SIZE, TX_QUEUE};
+use super::{NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// The backend the `vhost-user-backend` daemon drives; shares its state with one
 /// [`super::VhostUserPort`].
@@ -81,8 +81,16 @@ impl VhostUserBackend for NetBackend {
         // The first event after a ring starts hands us the rings; every TX kick wakes the
         // switch thread, which drains the ring itself.
         self.shared.attach_rings(vrings);
-        if device_event as usize == TX_QUEUE {
-            self.shared.wake()?;
+        match device_event as usize {
+            TX_QUEUE => self.shared.wake()?,
+            // The switch never waits for receive buffers (a full ring drops the frame), so
+            // the driver's kicks for new ones only cost it VM exits: turn them off.
+            RX_QUEUE => {
+                if let Some(rx) = vrings.get(RX_QUEUE) {
+                    let _ = rx.disable_notification();
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

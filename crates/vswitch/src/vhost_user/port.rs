@@ -1,9 +1,20 @@
 //! [`VhostUserPort`]: a guest's virtqueues as a [`FramePort`]. `recv` takes the next frame the
 //! guest transmitted (its TX ring), `send` fills the next receive buffer it posted (its RX
 //! ring). Both run on the switch thread.
+//!
+//! Notifications (each one a VM exit for the guest): while the switch drains the TX ring the
+//! driver's kicks are off (VRING_USED_F_NO_NOTIFY); when the ring runs dry the switch can keep
+//! looking for a window of `VIREO_VHU_POLL_US` µs before it turns kicks back on, so a guest that
+//! keeps sending rarely kicks. Polling is off by default ([`POLL_US_DEFAULT`]): on the 2-core
+//! project machine, with both probe vCPUs spinning, the spinning switch thread cost more frames/s
+//! than the kicks it saved (docs/SPECIFICATION.md, guestio). RX kicks are turned off for good
+//! (`backend.rs`): the switch never waits for receive buffers (a full ring drops the frame), so
+//! telling it about new ones is of no use.
 
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use vireo_netport::{FramePort, PortError};
@@ -22,6 +33,8 @@ pub(crate) struct Shared {
     rings: RwLock<Option<Vec<VringRwLock>>>,
     /// Readable while the guest may have transmitted frames not yet taken.
     ready: EventFd,
+    /// The TX ring's kicks are off (the switch is draining or polling it).
+    tx_quiet: AtomicBool,
 }
 
 impl Shared {
@@ -43,6 +56,7 @@ impl Shared {
 
     pub(crate) fn detach_rings(&self) {
         *self.rings.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.tx_quiet.store(false, Ordering::SeqCst);
     }
 
     pub(crate) fn wake(&self) -> std::io::Result<()> {
@@ -55,6 +69,22 @@ impl Shared {
 }
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// How long the switch keeps polling a drained TX ring before it asks for kicks again
+/// (overridden by `VIREO_VHU_POLL_US`, at most 10 ms).
+pub const POLL_US_DEFAULT: u64 = 0;
+
+fn poll_window() -> Duration {
+    static WINDOW: OnceLock<Duration> = OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        let us = std::env::var("VIREO_VHU_POLL_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(POLL_US_DEFAULT)
+            .min(10_000);
+        Duration::from_micros(us)
+    })
+}
 
 /// Tells the guest about used buffers unless it asked not to be told: through EVENT_IDX, or
 /// (which virtio-queue leaves to the device) the avail ring's NO_INTERRUPT flag, which polling
@@ -91,6 +121,7 @@ impl VhostUserPort {
             mem: Mutex::new(None),
             rings: RwLock::new(None),
             ready: EventFd::new(EFD_NONBLOCK)?,
+            tx_quiet: AtomicBool::new(false),
         });
         Ok((
             Arc::new(VhostUserPort {
@@ -119,6 +150,23 @@ impl VhostUserPort {
     /// A backend for the next session of this port.
     pub(crate) fn backend(&self) -> std::io::Result<NetBackend> {
         NetBackend::new(self.shared.clone())
+    }
+
+    /// Turns the driver's TX kicks on or off (VRING_USED_F_NO_NOTIFY, or `avail_event` with
+    /// EVENT_IDX: virtio-queue does both).
+    fn tx_notifications(&self, on: bool) {
+        let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
+        let Some(ring) = rings.as_ref().and_then(|r| r.get(TX_QUEUE)) else {
+            return;
+        };
+        if !ring.get_ref().get_queue().ready() {
+            return;
+        }
+        let _ = if on {
+            ring.enable_notification().map(|_| ())
+        } else {
+            ring.disable_notification()
+        };
     }
 
     /// Takes one frame from the guest's TX ring.
@@ -246,13 +294,35 @@ impl FramePort for VhostUserPort {
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+        // Kicks off while draining. `ready` stays readable until the exit below, so the
+        // switch comes back for frames published meanwhile without a kick.
+        if !self.shared.tx_quiet.swap(true, Ordering::SeqCst) {
+            self.tx_notifications(false);
+        }
         if let Some(n) = self.take(buf)? {
             return Ok(Some(n));
         }
-        // Clear the wake-up before looking again: a kick that lands after this read makes the
-        // fd readable again, so no frame waits unnoticed.
+        let window = poll_window();
+        if !window.is_zero() {
+            let until = Instant::now() + window;
+            while Instant::now() < until {
+                if let Some(n) = self.take(buf)? {
+                    return Ok(Some(n));
+                }
+                std::hint::spin_loop();
+            }
+        }
+        // Kicks back on, then clear the wake-up and look once more: a frame published before
+        // the kicks were on is found here, one published after kicks and makes the fd readable.
+        self.shared.tx_quiet.store(false, Ordering::SeqCst);
+        self.tx_notifications(true);
         let _ = self.shared.ready.read();
-        self.take(buf)
+        let got = self.take(buf)?;
+        if got.is_some() {
+            // More may follow that were published without a kick: keep the fd readable.
+            let _ = self.shared.wake();
+        }
+        Ok(got)
     }
 
     fn rx_fd(&self) -> RawFd {
