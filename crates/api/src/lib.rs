@@ -6,6 +6,7 @@
 //! the daemon, the CLI and tests share exactly the same rules.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod error;
 pub mod identity;
 pub mod job;
@@ -21,6 +22,10 @@ pub mod validate;
 pub mod vm;
 pub mod worker;
 
+pub use checkpoint::{
+    ApplyCheckpointRequest, Checkpoint, CheckpointDisk, CreateCheckpointRequest,
+    UpdateCheckpointRequest,
+};
 pub use error::{ApiError, ApiErrorCode};
 pub use identity::VmIdentity;
 pub use job::{Job, JobKind, JobState};

@@ -303,7 +303,7 @@ fn private_file(path: &Path) -> Result<File, StoreError> {
 
 /// Gives every NIC without a MAC a fresh one unused on this host, refuses a given MAC another
 /// VM has, and fills in disk serials.
-fn assign_identity(
+pub(crate) fn assign_identity(
     tx: &Transaction,
     id: Uuid,
     spec: &mut VmSpec,
@@ -340,7 +340,7 @@ fn mac_in_use(tx: &Transaction, mac: MacAddr) -> Result<bool, StoreError> {
         .is_some())
 }
 
-fn insert_macs(tx: &Transaction, id: Uuid, macs: &[MacAddr]) -> Result<(), StoreError> {
+pub(crate) fn insert_macs(tx: &Transaction, id: Uuid, macs: &[MacAddr]) -> Result<(), StoreError> {
     for mac in macs {
         let r = tx.execute(
             "INSERT INTO nic_macs (mac, vm_id) VALUES (?1, ?2)",
@@ -372,7 +372,7 @@ fn name_clash(e: rusqlite::Error, name: &str) -> StoreError {
     }
 }
 
-fn load(tx: &Transaction, id: Uuid) -> Result<VmRecord, StoreError> {
+pub(crate) fn load(tx: &Transaction, id: Uuid) -> Result<VmRecord, StoreError> {
     let sql = format!("SELECT id, {COLUMNS} FROM vms WHERE id = ?1");
     let row = tx.query_row(&sql, [id.to_string()], read_row).optional()?;
     row.ok_or_else(|| StoreError::NotFound {
@@ -406,7 +406,7 @@ fn read_row(r: &Row) -> rusqlite::Result<Result<VmRecord, StoreError>> {
     })())
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("API types serialize infallibly")
 }
 
