@@ -51,7 +51,7 @@ pub struct Checkpoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCheckpointRequest {
-    /// Default: `<vm name> - <UTC date and time>`, as Hyper-V names them.
+    /// Default: `<vm name>-YYYYMMDD-HHMMSS` (UTC), like Hyper-V's `<vm> - <date time>`.
     #[serde(default)]
     pub name: Option<String>,
 }

@@ -71,7 +71,10 @@ async fn run(
 ) -> Result<(), String> {
     if vm.state.has_worker() {
         if req.save_current {
-            let name = format!("{} - before applying {}", vm.spec.name, cp.name);
+            let name: String = format!("{}-before-{}", vm.spec.name, cp.name)
+                .chars()
+                .take(64)
+                .collect();
             super::create::capture(d, vm, &name, job, false).await?;
         } else {
             lifecycle::turn_off(d, vm)

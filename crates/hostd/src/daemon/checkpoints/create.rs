@@ -19,7 +19,8 @@ use crate::checkpoint_store::{Head, Intent, Top};
 /// How long a capture's save or restart job may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
 
-/// Hyper-V's default name: `<vm> - <UTC date time>`.
+/// The default name, like Hyper-V's (`<vm> - <date time>`) in the characters names allow:
+/// `<vm>-YYYYMMDD-HHMMSS` (UTC; the VM's part shortened to keep within 64).
 fn default_name(vm: &Vm) -> String {
     let secs = (crate::store::now_ms() / 1000) as u64;
     let (d, s) = (secs / 86_400, secs % 86_400);
@@ -33,9 +34,9 @@ fn default_name(vm: &Vm) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    let vm_part: String = vm.spec.name.chars().take(48).collect();
     format!(
-        "{} - {year:04}-{month:02}-{day:02} {:02}.{:02}.{:02}",
-        vm.spec.name,
+        "{vm_part}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
         s / 3600,
         s / 60 % 60,
         s % 60
