@@ -299,7 +299,7 @@ fn vireod_killed_at_each_step_comes_back_consistent() {
         all_clean(&[tmp.path()]);
         let leftovers: Vec<_> = std::fs::read_dir(
             vm_dir
-                .join(d.show("/v1/vms/k")["id"].as_str().unwrap())
+                .join(d.show("/v1/vms/k")["identity"]["id"].as_str().unwrap())
                 .join("checkpoints/disks"),
         )
         .into_iter()
