@@ -357,3 +357,71 @@ fn vireod_killed_at_each_step_comes_back_consistent() {
         d.terminate();
     }
 }
+
+/// A running VM (the fake worker: its save writes `vm.state`/`memory.bin`): the checkpoint
+/// captures its state, the VM runs on from its new disk; apply of a running VM is refused
+/// without save_current/stop; with save_current the current state becomes a checkpoint too;
+/// the applied checkpoint's state is restored by the next start.
+#[test]
+fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let base = base_disk(tmp.path());
+    vm_with_disk(&d, "run", &base);
+    d.start_vm("run");
+    checkpoint(&d, "run", "live");
+    assert_eq!(d.state("run"), "running", "the VM runs on");
+    let c = d.show("/v1/vms/run/checkpoints/live");
+    assert_eq!(c["has_state"], true);
+    let id = d.show("/v1/vms/run")["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cp_dir = d
+        .state_dir
+        .join("vms")
+        .join(&id)
+        .join("checkpoints")
+        .join(c["id"].as_str().unwrap());
+    assert!(cp_dir.join("vm.state").is_file() && cp_dir.join("memory.bin").is_file());
+    assert_ne!(disk_path(&d, "run"), base);
+    let launch: Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("vms").join(&id).join("spec.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        launch["spec"]["disks"][0]["path"],
+        json!(disk_path(&d, "run")),
+        "the restored worker runs on the new child"
+    );
+    // Paused stays paused.
+    assert_eq!(d.post("/v1/vms/run/pause").status, 200);
+    checkpoint(&d, "run", "paused");
+    assert_eq!(d.state("run"), "paused");
+    // Apply on a running VM: refused, then with save_current.
+    let r = d.post("/v1/vms/run/checkpoints/live/apply");
+    assert!(r.assert_error(409, "conflict").contains("save_current"));
+    job(
+        &d,
+        d.post_json(
+            "/v1/vms/run/checkpoints/live/apply",
+            &json!({"save_current": true}),
+        ),
+    );
+    assert_eq!(d.state("run"), "saved");
+    let n = names(&d, "run");
+    assert_eq!(n.len(), 3, "{n:?}");
+    assert!(n[2].0.starts_with("run-before-live"), "{n:?}");
+    assert!(n[0].2, "the VM runs from 'live': {n:?}");
+    d.start_vm("run");
+    let log = d.get("/v1/vms/run/console/log");
+    let text = String::from_utf8_lossy(&log.body);
+    assert!(text.contains("restored"), "{text}");
+    // Deleting a checkpoint another one builds on ('run-before-live' froze its child) while
+    // the VM runs: the record goes, its file stays in the chain, the VM never stops.
+    let r = d.request("DELETE", "/v1/vms/run/checkpoints/paused", None);
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(d.state("run"), "running");
+    all_clean(&[tmp.path()]);
+}
