@@ -148,12 +148,16 @@ fn put_spec(
     state: Option<&VmState>,
 ) -> Result<(), StoreError> {
     let old = load(tx, vm)?;
-    tx.execute("DELETE FROM nic_macs WHERE vm_id = ?1", [vm.to_string()])?;
     let mut spec = spec.clone();
     // The name is the VM's, not the checkpoint's: a VM renamed since keeps its new name.
     spec.name = old.spec.name.clone();
-    let identity = assign_identity(tx, vm, &mut spec)?;
     let state = state.unwrap_or(&old.state);
+    if spec == old.spec && *state == old.state {
+        // Nothing changes (a VM without VHDX disks): the row, and its updated_at, stay.
+        return Ok(());
+    }
+    tx.execute("DELETE FROM nic_macs WHERE vm_id = ?1", [vm.to_string()])?;
+    let identity = assign_identity(tx, vm, &mut spec)?;
     tx.execute(
         "UPDATE vms SET spec = ?2, identity = ?3, state = ?4, state_reason = ?5, updated_at = ?6
          WHERE id = ?1",
