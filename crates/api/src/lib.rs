@@ -6,6 +6,7 @@
 //! the daemon, the CLI and tests share exactly the same rules.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod error;
 pub mod export;
 pub mod host_trust;
@@ -23,6 +24,10 @@ pub mod validate;
 pub mod vm;
 pub mod worker;
 
+pub use checkpoint::{
+    ApplyCheckpointRequest, Checkpoint, CheckpointDisk, CreateCheckpointRequest,
+    UpdateCheckpointRequest,
+};
 pub use error::{ApiError, ApiErrorCode};
 pub use export::{CloneRequest, ExportRequest, ImportReply, ImportRequest};
 pub use host_trust::{HostIdentityInfo, TrustedHost};

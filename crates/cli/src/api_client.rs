@@ -132,6 +132,22 @@ impl Client {
         self.call(Method::POST, path, None).map(drop)
     }
 
+    pub fn patch<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).expect("API types serialize");
+        let answer = self.call(Method::PATCH, path, Some(body))?;
+        self.decode(&answer)
+    }
+
+    /// A DELETE answered with a body (a job).
+    pub fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let answer = self.call(Method::DELETE, path, None)?;
+        self.decode(&answer)
+    }
+
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.call(Method::DELETE, path, None).map(drop)
     }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod api_client;
+mod checkpoint;
 mod completions;
 mod control_client;
 mod disk;
@@ -65,6 +66,10 @@ enum Command {
     /// console.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Checkpoints of a VM through vireod (Hyper-V standard checkpoints): create, list (the
+    /// tree), show, apply, rename, rm.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
     /// Resource pools through vireod: create, list, show, rm, add/remove a VM, and the
     /// pool's metering (the sum of its VMs').
     #[command(subcommand)]
@@ -103,6 +108,9 @@ fn main() -> ExitCode {
         Command::Vm(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| vm::execute(&client, cmd)),
+        Command::Checkpoint(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| checkpoint::execute(&client, cmd)),
         Command::Pool(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| pool::execute(&client, cmd)),

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 mod api_error;
+pub mod checkpoint_store;
 pub mod daemon;
 pub mod error;
 pub mod folders;

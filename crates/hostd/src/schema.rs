@@ -78,6 +78,34 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (switch_id, name)
     ) STRICT;
     "#,
+    // 5: checkpoints (docs/checkpoints.md). `checkpoints`: the tree (parent edge), the spec
+    // and frozen disk files of the moment. `checkpoint_heads`: per VM, the checkpoint it runs
+    // from and the differencing children vireod made for it (`tops`, JSON). `checkpoint_intents`:
+    // at most one create/apply/delete in flight per VM, written before its first file is made,
+    // so a restarted vireod finishes or rolls it back.
+    r#"
+    CREATE TABLE checkpoints (
+        id         TEXT PRIMARY KEY,
+        vm_id      TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        parent     TEXT,
+        created_at INTEGER NOT NULL,
+        spec       TEXT NOT NULL,
+        disks      TEXT NOT NULL,
+        has_state  INTEGER NOT NULL,
+        UNIQUE (vm_id, name)
+    ) STRICT;
+    CREATE TABLE checkpoint_heads (
+        vm_id   TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        current TEXT,
+        tops    TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE checkpoint_intents (
+        vm_id  TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        intent TEXT NOT NULL,
+        phase  TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -380,7 +380,7 @@ pub(crate) fn name_clash(e: rusqlite::Error, name: &str) -> StoreError {
     }
 }
 
-fn load(tx: &Transaction, id: Uuid) -> Result<VmRecord, StoreError> {
+pub(crate) fn load(tx: &Transaction, id: Uuid) -> Result<VmRecord, StoreError> {
     let sql = format!("SELECT id, {COLUMNS} FROM vms WHERE id = ?1");
     let row = tx.query_row(&sql, [id.to_string()], read_row).optional()?;
     row.ok_or_else(|| StoreError::NotFound {

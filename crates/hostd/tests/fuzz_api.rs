@@ -183,7 +183,8 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             .replace("{sw}", if rng.below(2) == 0 { "fsw" } else { &key })
             .replace("{nic}", if rng.below(2) == 0 { "nic0" } else { &key })
             .replace("{port}", &key)
-            .replace("{pool}", &key);
+            .replace("{pool}", &key)
+            .replace("{cp}", &key);
         if rng.below(3) == 0 {
             let q = [
                 "delete_disks=true",
@@ -235,6 +236,16 @@ fn random_requests_for_every_documented_route_never_5xx_and_rejections_change_no
             path = "/v1/pools/base/vms".to_owned();
             body = Some(serde_json::to_vec(&json!({"vm": "base"})).unwrap());
             ct = "application/json";
+        }
+        if method == "DELETE"
+            && template == "/v1/pools/{pool}"
+            && key == "base"
+            && rng.below(2) == 0
+        {
+            // As for the add above: a whole delete (forced: the pool may have members), half
+            // the time, so the success path does not depend on the number of routes.
+            path = "/v1/pools/base?force=true".to_owned();
+            body = None;
         }
         let inventory = |d: &Vireod| (d.get("/v1/vms").body, d.get("/v1/pools").body);
         let before = inventory(&d);

@@ -245,6 +245,41 @@ fn a_live_vireod_answers_only_documented_statuses() {
     let one = "/v1/vms/{vm}/disks/{disk}";
     call("DELETE", one, "/v1/vms/doc/disks/nope", None);
     assert_eq!(call("DELETE", one, "/v1/vms/doc/disks/0", None).status, 200);
+    // Checkpoints of the off VM (no disks left: spec only).
+    let cps = "/v1/vms/{vm}/checkpoints";
+    let cp = "/v1/vms/{vm}/checkpoints/{cp}";
+    let apply = "/v1/vms/{vm}/checkpoints/{cp}/apply";
+    let named = serde_json::to_vec(&json!({"name": "c1"})).unwrap();
+    let renamed = serde_json::to_vec(&json!({"name": "c2"})).unwrap();
+    call("POST", cps, "/v1/vms/none/checkpoints", None);
+    call("POST", cps, "/v1/vms/doc/checkpoints", Some(&bad));
+    let r = call("POST", cps, "/v1/vms/doc/checkpoints", Some(&named));
+    assert_eq!(r.status, 202);
+    d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
+    assert_eq!(
+        call("POST", cps, "/v1/vms/doc/checkpoints", Some(&named)).status,
+        409
+    );
+    call("GET", cps, "/v1/vms/doc/checkpoints", None);
+    call("GET", cps, "/v1/vms/none/checkpoints", None);
+    call("GET", cp, "/v1/vms/doc/checkpoints/c1", None);
+    call("GET", cp, "/v1/vms/doc/checkpoints/nope", None);
+    call("PATCH", cp, "/v1/vms/doc/checkpoints/c1", Some(&bad));
+    assert_eq!(
+        call("PATCH", cp, "/v1/vms/doc/checkpoints/c1", Some(&renamed)).status,
+        200
+    );
+    call("POST", apply, "/v1/vms/doc/checkpoints/nope/apply", None);
+    let r = call("POST", apply, "/v1/vms/doc/checkpoints/c2/apply", None);
+    d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
+    call("DELETE", cp, "/v1/vms/doc/checkpoints/nope", None);
+    let r = call(
+        "DELETE",
+        cp,
+        "/v1/vms/doc/checkpoints/c2?subtree=true",
+        None,
+    );
+    d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
     let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
     let job = r.json()["id"].as_str().unwrap().to_owned();
     d.wait_job(&job, Duration::from_secs(20));

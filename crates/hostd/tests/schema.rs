@@ -97,11 +97,12 @@ fn a_version_1_database_gains_the_metering_table_and_keeps_its_vms() {
         .create_vm(&common::spec("old"))
         .unwrap()
         .id();
-    // Back to what version 1 wrote (step 1 is unchanged): no metering or pool tables.
+    // Back to what version 1 wrote (step 1 is unchanged): no metering, pool, switch or checkpoint tables.
     {
         let conn = Connection::open(&db).unwrap();
         conn.execute_batch(
-            "DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members;
+            "DROP TABLE checkpoint_intents; DROP TABLE checkpoint_heads; DROP TABLE checkpoints;
+             DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members;
              DROP TABLE pools; DROP TABLE vm_metering;
              PRAGMA user_version = 1;",
         )
@@ -139,10 +140,11 @@ fn a_version_2_database_gains_pools_and_keeps_its_vms_and_metering() {
         store.save_metering(id, "{}", 1).unwrap();
         id
     };
-    // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool or switch tables.
+    // Back to what version 2 wrote (steps 1 and 2 are unchanged): no pool, switch or checkpoint tables.
     Connection::open(&db)
         .unwrap()
-        .execute_batch("DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members; DROP TABLE pools;
+        .execute_batch("DROP TABLE checkpoint_intents; DROP TABLE checkpoint_heads; DROP TABLE checkpoints;
+             DROP TABLE switch_ports; DROP TABLE switches; DROP TABLE pool_members; DROP TABLE pools;
              PRAGMA user_version = 2;")
         .unwrap();
     let store = Store::open(dir.path()).unwrap();

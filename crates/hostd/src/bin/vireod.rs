@@ -179,6 +179,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Switches first: a worker adopted or started next needs its NICs' sockets.
         switches::start_all(&daemon).await;
         adopt::adopt_all(&daemon).await;
+        // Checkpoint operations cut short by a crash: finished or rolled back before any
+        // request can touch their VMs' files.
+        vireo_hostd::daemon::checkpoints::recover::recover_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut servers = Vec::new();

@@ -9,6 +9,7 @@
 //! which a turn-off holds while it waits for that exit).
 
 pub mod adopt;
+pub mod checkpoints;
 pub mod exit;
 pub mod export;
 pub mod files;

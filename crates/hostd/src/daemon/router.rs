@@ -12,12 +12,14 @@ use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put, MethodRouter};
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
-use super::routes::{console, disks, host, jobs, metrics, nics, pools, power, switches, vms};
+use super::routes::{
+    checkpoints, console, disks, host, jobs, metrics, nics, pools, power, switches, vms,
+};
 use super::{export, prom, Daemon};
 
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -59,6 +61,36 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::POST, "/v1/vms/{vm}/export", post(export::export)),
         (Method::POST, "/v1/vms/{vm}/clone", post(export::clone)),
         (Method::POST, "/v1/vms/import", post(export::import)),
+        (
+            Method::GET,
+            "/v1/vms/{vm}/checkpoints",
+            get(checkpoints::list),
+        ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/checkpoints",
+            post(checkpoints::create),
+        ),
+        (
+            Method::GET,
+            "/v1/vms/{vm}/checkpoints/{cp}",
+            get(checkpoints::show),
+        ),
+        (
+            Method::PATCH,
+            "/v1/vms/{vm}/checkpoints/{cp}",
+            patch(checkpoints::update),
+        ),
+        (
+            Method::DELETE,
+            "/v1/vms/{vm}/checkpoints/{cp}",
+            delete(checkpoints::remove),
+        ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/checkpoints/{cp}/apply",
+            post(checkpoints::apply),
+        ),
         (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
         (
             Method::POST,

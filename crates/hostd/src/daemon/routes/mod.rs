@@ -1,5 +1,6 @@
 //! The handlers, one module per resource; `router.rs` maps them onto paths.
 
+pub mod checkpoints;
 pub mod console;
 pub mod disks;
 pub mod host;

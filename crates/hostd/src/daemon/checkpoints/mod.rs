@@ -1,0 +1,86 @@
+//! Checkpoints through vireod (Hyper-V standard checkpoints; docs/checkpoints.md).
+//!
+//! A checkpoint freezes each read-write VHDX disk's file of the moment: the VM goes on in a
+//! new differencing child (`<vm-dir>/checkpoints/disks/`), so the frozen file is never written
+//! while the checkpoint exists. It keeps the VM's spec and, for a running, paused or saved VM,
+//! its state and memory (`<vm-dir>/checkpoints/<id>/`).
+//!
+//! Crash safety: every create/apply/delete records an intent (schema step 5) before it makes
+//! its first file, changes the VM's spec, the tree and the intent's phase in one transaction
+//! ("commit"), and only then does the clean-up a commit makes due. `recover` (at startup)
+//! rolls a prepared intent back (its files go, the VM is untouched) and finishes a committed
+//! one. Each step is idempotent, so recovery may itself be cut short and run again.
+//!
+//! Locking: each operation holds the VM's lock for its file work (a start then answers 409
+//! busy); the intent row also keeps a second checkpoint operation of the same VM out.
+
+pub mod apply;
+pub mod create;
+pub mod delete;
+pub mod disks;
+pub mod recover;
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+use vireo_api::{Checkpoint, Vm};
+
+use super::http_error::HttpError;
+use super::Daemon;
+use vireo_api::ApiErrorCode;
+
+/// `<vm-dir>/checkpoints/`.
+pub fn root(daemon: &Daemon, vm: Uuid) -> PathBuf {
+    daemon.store.vm_dir(vm).join("checkpoints")
+}
+
+/// Where a checkpoint keeps the VM's state and memory.
+pub fn state_dir(daemon: &Daemon, vm: Uuid, cp: Uuid) -> PathBuf {
+    root(daemon, vm).join(cp.to_string())
+}
+
+/// A new differencing child's name for disk `serial` (unique per operation `op`).
+pub fn child_path(daemon: &Daemon, vm: Uuid, serial: &str, op: Uuid) -> PathBuf {
+    let short = &op.simple().to_string()[..12];
+    let safe: String = serial
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    root(daemon, vm)
+        .join("disks")
+        .join(format!("{safe}-{short}.avhdx"))
+}
+
+/// Files vireod made itself (children in the VM's folder): the only ones it ever deletes.
+pub fn is_ours(daemon: &Daemon, vm: Uuid, file: &Path) -> bool {
+    file.starts_with(root(daemon, vm).join("disks"))
+}
+
+pub fn find(daemon: &Daemon, vm: &Vm, key: &str) -> Result<Checkpoint, HttpError> {
+    daemon.store.find_checkpoint(vm.id(), key)?.ok_or_else(|| {
+        HttpError::new(
+            ApiErrorCode::NotFound,
+            format!(
+                "VM {:?} has no checkpoint {key:?} (neither an id nor a name); \
+                 `vireo checkpoint list {}` shows them",
+                vm.spec.name, vm.spec.name
+            ),
+        )
+    })
+}
+
+/// Test hook: with `VIREO_CHECKPOINT_FAULT=<point>` vireod dies (abort, like a SIGKILL: no
+/// clean-up runs) when it reaches that point, so the crash tests can stop it anywhere.
+pub fn fault_point(point: &str) {
+    if std::env::var("VIREO_CHECKPOINT_FAULT").is_ok_and(|p| p == point) {
+        tracing::error!("fault injection: dying at {point}");
+        std::process::abort();
+    }
+}
+
+pub fn busy(vm: &Vm) -> HttpError {
+    HttpError::conflict(format!(
+        "VM {:?} has another checkpoint operation in progress; wait for its job",
+        vm.spec.name
+    ))
+}

@@ -1,0 +1,427 @@
+//! Checkpoints through a real vireod (docs/checkpoints.md), on VMs without a worker: the disk
+//! data a checkpoint froze comes back on apply, a tree with branches survives deleting its
+//! middle, deleting the checkpoint the VM runs from merges the VM's data down, bad input is a
+//! clear 4xx, and vireod killed at each step of create/apply/delete comes back consistent
+//! (every disk file passes the VHDX check, the VM's data is the one it had before or after).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::daemon::{spec_json, Vireod};
+use serde_json::{json, Value};
+use vireo_vhdx::{CreateOptions, OpenOptions, Vhdx};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const SIZE: u64 = 8 << 20;
+
+fn base_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("base.vhdx");
+    let opts = CreateOptions {
+        size: SIZE,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&p, &opts).unwrap());
+    p
+}
+
+/// What the guest would write: 64 KiB of `byte` at 1 MiB (and 4 KiB of it at 0).
+fn write(path: &Path, byte: u8) {
+    let v = Vhdx::open(path, &OpenOptions::default()).unwrap();
+    v.write(&vec![byte; 64 << 10], 1 << 20).unwrap();
+    v.write(&[byte; 4096], 0).unwrap();
+    v.flush().unwrap();
+}
+
+fn read(path: &Path) -> (u8, u8) {
+    let v = Vhdx::open(path, &OpenOptions::read_only()).unwrap();
+    let mut a = vec![0u8; 64 << 10];
+    v.read(&mut a, 1 << 20).unwrap();
+    assert!(a.iter().all(|&b| b == a[0]), "torn data at 1 MiB");
+    let mut b = [0u8; 4096];
+    v.read(&mut b, 0).unwrap();
+    (a[0], b[0])
+}
+
+fn disk_path(d: &Vireod, vm: &str) -> PathBuf {
+    PathBuf::from(
+        d.show(&format!("/v1/vms/{vm}"))["spec"]["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+fn job(d: &Vireod, r: common::daemon::Response) -> Value {
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+    assert_eq!(j["state"], "completed", "{j}\n{}", d.log());
+    j
+}
+
+fn checkpoint(d: &Vireod, vm: &str, name: &str) {
+    job(
+        d,
+        d.post_json(
+            &format!("/v1/vms/{vm}/checkpoints"),
+            &json!({ "name": name }),
+        ),
+    );
+}
+
+fn apply(d: &Vireod, vm: &str, cp: &str) {
+    job(d, d.post(&format!("/v1/vms/{vm}/checkpoints/{cp}/apply")));
+}
+
+fn delete(d: &Vireod, vm: &str, cp: &str) {
+    job(
+        d,
+        d.request("DELETE", &format!("/v1/vms/{vm}/checkpoints/{cp}"), None),
+    );
+}
+
+fn names(d: &Vireod, vm: &str) -> Vec<(String, Option<String>, bool)> {
+    let list = d.show(&format!("/v1/vms/{vm}/checkpoints"));
+    let by_id = |id: &Value| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| &c["id"] == id)
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+    };
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                by_id(&c["parent"]),
+                c["current"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every VHDX file under `dirs` passes the check (a valid chain: a broken parent link fails it).
+fn all_clean(dirs: &[&Path]) -> usize {
+    let mut n = 0;
+    for dir in dirs {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path
+                    .extension()
+                    .is_some_and(|x| x == "vhdx" || x == "avhdx")
+                {
+                    let r = Vhdx::check(&path, false).unwrap();
+                    assert!(r.is_clean(), "{}: {r:?}", path.display());
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+fn vm_with_disk(d: &Vireod, name: &str, disk: &Path) {
+    let mut spec = spec_json(name, "");
+    spec["disks"] = json!([{ "path": disk }]);
+    d.create(&spec);
+}
+
+#[test]
+fn apply_brings_the_checkpoint_back_and_the_tree_survives_deletes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let base = base_disk(tmp.path());
+    vm_with_disk(&d, "cp", &base);
+    write(&base, 0xA1);
+    checkpoint(&d, "cp", "c1");
+    let top1 = disk_path(&d, "cp");
+    assert_ne!(top1, base, "the VM runs on a new child");
+    assert_eq!(read(&top1), (0xA1, 0xA1));
+    write(&top1, 0xB2);
+    assert_eq!(read(&base), (0xA1, 0xA1), "the frozen file is untouched");
+    let c1 = d.show("/v1/vms/cp/checkpoints/c1");
+    assert_eq!(c1["disks"][0]["frozen"], json!(base));
+    assert_eq!(c1["has_state"], false);
+    assert_eq!(c1["current"], true);
+
+    // Apply: the checkpoint's data; the discarded child is gone.
+    apply(&d, "cp", "c1");
+    let top2 = disk_path(&d, "cp");
+    assert_ne!(top2, top1);
+    assert!(!top1.exists(), "the discarded state's file is deleted");
+    assert_eq!(read(&top2), (0xA1, 0xA1));
+    assert_eq!(d.state("cp"), "off");
+
+    // Branch one: c2; then back to c1 and branch two: c3.
+    write(&top2, 0xC3);
+    checkpoint(&d, "cp", "c2");
+    apply(&d, "cp", "c1");
+    write(&disk_path(&d, "cp"), 0xD4);
+    checkpoint(&d, "cp", "c3");
+    write(&disk_path(&d, "cp"), 0xE5);
+    assert_eq!(
+        names(&d, "cp"),
+        vec![
+            ("c1".into(), None, false),
+            ("c2".into(), Some("c1".into()), false),
+            ("c3".into(), Some("c1".into()), true),
+        ]
+    );
+    // Deleting the middle: its file stays (two branches build on it), the record goes.
+    delete(&d, "cp", "c1");
+    assert_eq!(
+        names(&d, "cp"),
+        vec![("c2".into(), None, false), ("c3".into(), None, true)]
+    );
+    assert!(base.exists());
+    assert_eq!(read(&disk_path(&d, "cp")), (0xE5, 0xE5));
+    apply(&d, "cp", "c2");
+    assert_eq!(read(&disk_path(&d, "cp")), (0xC3, 0xC3));
+    write(&disk_path(&d, "cp"), 0xF6);
+    // Deleting the one the VM runs from: the VM's data merges down into c2's file.
+    let frozen_c2 = PathBuf::from(
+        d.show("/v1/vms/cp/checkpoints/c2")["disks"][0]["frozen"]
+            .as_str()
+            .unwrap(),
+    );
+    let top = disk_path(&d, "cp");
+    delete(&d, "cp", "c2");
+    assert_eq!(
+        disk_path(&d, "cp"),
+        frozen_c2,
+        "the VM runs on the merged file"
+    );
+    assert!(!top.exists(), "the merged child is deleted");
+    assert_eq!(read(&frozen_c2), (0xF6, 0xF6));
+    // c3 still applies, its branch intact.
+    apply(&d, "cp", "c3");
+    assert_eq!(read(&disk_path(&d, "cp")), (0xD4, 0xD4));
+    let vm_dir = d.state_dir.join("vms");
+    assert!(all_clean(&[tmp.path(), &vm_dir]) >= 3);
+}
+
+#[test]
+fn bad_input_is_a_clear_4xx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let raw = tmp.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    vm_with_disk(&d, "rawvm", &raw);
+    let r = d.post("/v1/vms/rawvm/checkpoints");
+    let m = r.assert_error(422, "invalid");
+    assert!(m.contains("raw.img") && m.contains("not a VHDX"), "{m}");
+    let base = base_disk(tmp.path());
+    vm_with_disk(&d, "ok", &base);
+    checkpoint(&d, "ok", "one");
+    let r = d.post_json("/v1/vms/ok/checkpoints", &json!({"name": "one"}));
+    assert!(r.assert_error(409, "conflict").contains("\"one\""));
+    let r = d.post("/v1/vms/ok/checkpoints/two/apply");
+    assert!(r.assert_error(404, "not_found").contains("\"two\""));
+    let r = d.request("DELETE", "/v1/vms/ok/checkpoints/two", None);
+    r.assert_error(404, "not_found");
+    let r = d.post_json("/v1/vms/ok/checkpoints", &json!({"name": ""}));
+    r.assert_error(422, "invalid");
+    let r = d.post_json("/v1/vms/ok/checkpoints", &json!({"nom": "x"}));
+    r.assert_error(400, "bad_request");
+    // Default name: the VM's and the time.
+    let r = d.post("/v1/vms/ok/checkpoints");
+    job(&d, r);
+    assert!(
+        names(&d, "ok")[1].0.starts_with("ok-20"),
+        "{:?}",
+        names(&d, "ok")
+    );
+}
+
+/// Starts vireod with the fault hook at `point`, sends `req`, waits for it to die.
+fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
+    let worker = PathBuf::from(env!("CARGO_BIN_EXE_vireo-fake-worker"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("vireod.log"))
+        .unwrap();
+    let child = Vireod::command(state, &worker)
+        .env("VIREO_CHECKPOINT_FAULT", point)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut d = Vireod {
+        state_dir: state.to_owned(),
+        sock: state.join("vireod.sock"),
+        worker_bin: worker,
+        child: Some(child),
+    };
+    common::daemon::wait_until(LIMIT, "vireod's socket", || {
+        std::os::unix::net::UnixStream::connect(&d.sock).is_ok()
+    });
+    req(&d);
+    let mut c = d.child.take().unwrap();
+    let start = Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < LIMIT, "vireod did not die at {point}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn vireod_killed_at_each_step_comes_back_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let base = base_disk(tmp.path());
+    {
+        let d = Vireod::start(&state);
+        vm_with_disk(&d, "k", &base);
+        write(&base, 0x11);
+        let mut d = d;
+        d.terminate();
+    }
+    let vm_dir = state.join("vms");
+    // Create, cut short before its commit: rolled back (no checkpoint, disk as before).
+    for point in ["create-intent", "create-child"] {
+        crash_at(&state, point, |d| {
+            let _ = d.post_json("/v1/vms/k/checkpoints", &json!({"name": "x"}));
+        });
+        let mut d = Vireod::start(&state);
+        assert!(names(&d, "k").is_empty(), "{point}: {:?}", names(&d, "k"));
+        assert_eq!(disk_path(&d, "k"), base, "{point}");
+        assert_eq!(read(&base), (0x11, 0x11));
+        all_clean(&[tmp.path()]);
+        let leftovers: Vec<_> = std::fs::read_dir(
+            vm_dir
+                .join(d.show("/v1/vms/k")["identity"]["id"].as_str().unwrap())
+                .join("checkpoints/disks"),
+        )
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+        assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
+        d.terminate();
+    }
+    // Create cut short after its commit: the checkpoint is there.
+    crash_at(&state, "create-commit", |d| {
+        let _ = d.post_json("/v1/vms/k/checkpoints", &json!({"name": "a"}));
+    });
+    let mut d = Vireod::start(&state);
+    assert_eq!(names(&d, "k"), vec![("a".into(), None, true)]);
+    let top_a = disk_path(&d, "k");
+    write(&top_a, 0x22);
+    d.terminate();
+    // Apply, before and after its commit.
+    crash_at(&state, "apply-child", |d| {
+        let _ = d.post("/v1/vms/k/checkpoints/a/apply");
+    });
+    let mut d = Vireod::start(&state);
+    assert_eq!(disk_path(&d, "k"), top_a, "rolled back");
+    assert_eq!(read(&top_a), (0x22, 0x22));
+    d.terminate();
+    crash_at(&state, "apply-commit", |d| {
+        let _ = d.post("/v1/vms/k/checkpoints/a/apply");
+    });
+    let mut d = Vireod::start(&state);
+    let top = disk_path(&d, "k");
+    assert_ne!(top, top_a, "finished");
+    assert!(!top_a.exists(), "the discarded file went during recovery");
+    assert_eq!(read(&top), (0x11, 0x11));
+    write(&top, 0x33);
+    d.terminate();
+    // Delete with its merge, killed right after the commit and after the merge.
+    for point in ["delete-commit", "delete-merged"] {
+        {
+            let mut d = Vireod::start(&state);
+            if names(&d, "k").is_empty() {
+                checkpoint(&d, "k", "a");
+                write(&disk_path(&d, "k"), 0x33);
+            }
+            d.terminate();
+        }
+        crash_at(&state, point, |d| {
+            let _ = d.request("DELETE", "/v1/vms/k/checkpoints/a", None);
+        });
+        let mut d = Vireod::start(&state);
+        common::daemon::wait_until(LIMIT, "the delete to finish", || disk_path(&d, "k") == base);
+        assert!(names(&d, "k").is_empty());
+        assert_eq!(read(&base), (0x33, 0x33), "{point}");
+        all_clean(&[tmp.path()]);
+        d.terminate();
+    }
+}
+
+/// A running VM (the fake worker: its save writes `vm.state`/`memory.bin`): the checkpoint
+/// captures its state, the VM runs on from its new disk; apply of a running VM is refused
+/// without save_current/stop; with save_current the current state becomes a checkpoint too;
+/// the applied checkpoint's state is restored by the next start.
+#[test]
+fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let base = base_disk(tmp.path());
+    vm_with_disk(&d, "run", &base);
+    d.start_vm("run");
+    checkpoint(&d, "run", "live");
+    assert_eq!(d.state("run"), "running", "the VM runs on");
+    let c = d.show("/v1/vms/run/checkpoints/live");
+    assert_eq!(c["has_state"], true);
+    let id = d.show("/v1/vms/run")["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cp_dir = d
+        .state_dir
+        .join("vms")
+        .join(&id)
+        .join("checkpoints")
+        .join(c["id"].as_str().unwrap());
+    assert!(cp_dir.join("vm.state").is_file() && cp_dir.join("memory.bin").is_file());
+    assert_ne!(disk_path(&d, "run"), base);
+    let launch: Value = serde_json::from_slice(
+        &std::fs::read(d.state_dir.join("vms").join(&id).join("spec.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        launch["spec"]["disks"][0]["path"],
+        json!(disk_path(&d, "run")),
+        "the restored worker runs on the new child"
+    );
+    // Paused stays paused.
+    assert_eq!(d.post("/v1/vms/run/pause").status, 200);
+    checkpoint(&d, "run", "paused");
+    assert_eq!(d.state("run"), "paused");
+    // Apply on a running VM: refused, then with save_current.
+    let r = d.post("/v1/vms/run/checkpoints/live/apply");
+    assert!(r.assert_error(409, "conflict").contains("save_current"));
+    job(
+        &d,
+        d.post_json(
+            "/v1/vms/run/checkpoints/live/apply",
+            &json!({"save_current": true}),
+        ),
+    );
+    assert_eq!(d.state("run"), "saved");
+    let n = names(&d, "run");
+    assert_eq!(n.len(), 3, "{n:?}");
+    assert!(n[2].0.starts_with("run-before-live"), "{n:?}");
+    assert!(n[0].2, "the VM runs from 'live': {n:?}");
+    d.start_vm("run");
+    let log = d.get("/v1/vms/run/console/log");
+    let text = String::from_utf8_lossy(&log.body);
+    assert!(text.contains("restored"), "{text}");
+    // Deleting a checkpoint another one builds on ('run-before-live' froze its child) while
+    // the VM runs: the record goes, its file stays in the chain, the VM never stops.
+    let r = d.request("DELETE", "/v1/vms/run/checkpoints/paused", None);
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(d.state("run"), "running");
+    all_clean(&[tmp.path()]);
+}

@@ -1,0 +1,149 @@
+//! Checkpoints of a probe VM under /dev/kvm through vireod: a running VM's checkpoint keeps
+//! its disk data and memory (apply + start → exactly the checkpoint's), and deleting the
+//! checkpoint the running VM hangs from merges live — same worker before and after, data intact.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Vireod, VIREOD};
+use serde_json::{json, Value};
+use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_vhdx::{CreateOptions, Vhdx};
+
+const T: Duration = Duration::from_secs(60);
+
+fn worker_bin() -> Option<PathBuf> {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return None;
+    }
+    let bin = Path::new(VIREOD).with_file_name("vireo-vm");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build --release -p vireo-worker",
+        bin.display()
+    );
+    Some(bin)
+}
+
+fn console(d: &Vireod, vm: &str) -> ProbeConsole {
+    use std::io::{Read, Write};
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let req = format!(
+        "GET /v1/vms/{vm}/console HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: vireo-console\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "closed in the head: {head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    ProbeConsole::new(s.try_clone().unwrap(), s)
+}
+
+fn wait_ready(d: &Vireod, vm: &str) {
+    let start = Instant::now();
+    while !String::from_utf8_lossy(&d.get(&format!("/v1/vms/{vm}/console/log")).body)
+        .contains("PROBE READY")
+    {
+        assert!(start.elapsed() < T, "{vm}: no PROBE READY");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ok(c: &mut ProbeConsole, cmd: &str) -> String {
+    let r = c.command(cmd, T).unwrap();
+    assert!(r.starts_with("OK"), "{cmd}: {r}");
+    r
+}
+
+fn job(d: &Vireod, r: common::daemon::Response) -> Value {
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), T);
+    assert_eq!(j["state"], "completed", "{j}\n{}", d.log());
+    j
+}
+
+fn pid(d: &Vireod, vm: &Value) -> u32 {
+    d.worker_record(vm["identity"]["id"].as_str().unwrap())
+        .unwrap()
+        .pid
+}
+
+#[test]
+fn checkpoint_apply_and_live_delete_of_a_running_probe_vm() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let base = tmp.path().join("kvm-base.vhdx");
+    let opts = CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    let vm = d.create(&json!({
+        "version": 1, "name": "kcp", "vcpus": 1, "memory_bytes": 64 << 20,
+        "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+        "disks": [{ "path": base }],
+    }));
+    d.start_vm("kcp");
+    wait_ready(&d, "kcp");
+    let mut c = console(&d, "kcp");
+    ok(&mut c, "DISK 0 WRITE 0 64 1");
+    ok(&mut c, "MEM FILL 16 4 7");
+    let sum = ok(&mut c, "MEM SUM 16 4");
+    drop(c);
+    job(
+        &d,
+        d.post_json("/v1/vms/kcp/checkpoints", &json!({"name": "c1"})),
+    );
+    assert_eq!(d.state("kcp"), "running");
+    let mut c = console(&d, "kcp");
+    ok(&mut c, "DISK 0 VERIFY 0 64 1");
+    assert_eq!(
+        ok(&mut c, "MEM SUM 16 4"),
+        sum,
+        "memory carried over the capture"
+    );
+    ok(&mut c, "DISK 0 WRITE 0 64 2");
+    ok(&mut c, "MEM FILL 16 4 8");
+    drop(c);
+    // Apply (the VM is turned off first): saved at the checkpoint; start continues there.
+    job(
+        &d,
+        d.post_json("/v1/vms/kcp/checkpoints/c1/apply", &json!({"stop": true})),
+    );
+    assert_eq!(d.state("kcp"), "saved");
+    d.start_vm("kcp");
+    let mut c = console(&d, "kcp");
+    ok(&mut c, "DISK 0 VERIFY 0 64 1");
+    ok(&mut c, "MEM VERIFY 16 4 7");
+    ok(&mut c, "DISK 0 WRITE 128 64 3");
+    // Delete c1 while the VM runs: its child merges live into the base; same worker.
+    let before = pid(&d, &vm);
+    job(&d, d.request("DELETE", "/v1/vms/kcp/checkpoints/c1", None));
+    assert_eq!(d.state("kcp"), "running");
+    assert_eq!(pid(&d, &vm), before, "the VM never stopped");
+    assert_eq!(
+        d.show("/v1/vms/kcp")["spec"]["disks"][0]["path"],
+        json!(base),
+        "the VM runs on the merged base"
+    );
+    ok(&mut c, "DISK 0 VERIFY 0 64 1");
+    ok(&mut c, "DISK 0 VERIFY 128 64 3");
+    ok(&mut c, "DISK 0 WRITE 256 64 4");
+    drop(c);
+    assert_eq!(d.post("/v1/vms/kcp/turn-off").status, 200);
+    let r = Vhdx::check(&base, false).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
