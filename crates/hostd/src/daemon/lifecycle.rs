@@ -281,6 +281,7 @@ pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
     }
     match job.kind {
         JobKind::Start => {}
+        JobKind::MoveStorage => return Ok(super::move_storage::cancel(daemon, &job)),
         JobKind::Stop => {
             return Err(HttpError::conflict(
                 "a stop job cannot be cancelled; turn-off forces a stop",

@@ -48,6 +48,11 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
         (Method::POST, "/v1/vms/{vm}/resume", post(power::resume)),
         (Method::POST, "/v1/vms/{vm}/reset", post(power::reset)),
         (Method::POST, "/v1/vms/{vm}/save", post(power::save_vm)),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/move-storage",
+            post(super::move_storage::route),
+        ),
         (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
         (
             Method::POST,
