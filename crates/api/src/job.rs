@@ -17,6 +17,8 @@ pub enum JobKind {
     Checkpoint,
     Merge,
     Migrate,
+    /// Storage live migration (`POST /v1/vms/{vm}/move-storage`).
+    MoveStorage,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ pub mod pool;
 pub mod rest;
 pub mod spec;
 pub mod state;
+pub mod storage_move;
 pub mod switch;
 pub mod switch_rest;
 pub mod validate;

@@ -121,6 +121,25 @@ pub enum WorkerOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dir: Option<PathBuf>,
     },
+    /// Storage live migration (docs/storage-migration.md): copy every disk into folder `to`
+    /// while the VM runs, mirror the guest's writes, switch each disk to its copy in one step,
+    /// then delete the old files (except those in `keep`, and those another process has open).
+    /// Answered `Ok` at once (the copy runs in the background: `MoveStorageStatus`), or
+    /// `Error` (a move already runs, a live merge runs, a disk's format cannot be moved) with
+    /// nothing started.
+    MoveStorage {
+        to: PathBuf,
+        #[serde(default)]
+        flatten: bool,
+        /// Files not to delete after the switch (parents other VMs' chains use).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keep: Vec<PathBuf>,
+    },
+    /// Where the current (or last) move stands: `MoveStorage`.
+    MoveStorageStatus,
+    /// Stop the running move: disks not yet switched stay on their old files and the
+    /// destination files of those disks are deleted (`Ok`; also when no move runs).
+    MoveStorageCancel,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +167,50 @@ pub enum WorkerReply {
     DiskAdded {
         index: u32,
     },
+    /// Answer to `MoveStorageStatus`.
+    MoveStorage(MoveProgress),
+}
+
+/// How a storage move stands (`MoveStorageStatus`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveProgress {
+    pub state: MoveState,
+    /// One entry per disk, in slot order.
+    #[serde(default)]
+    pub disks: Vec<MoveDiskProgress>,
+    /// Why it failed (or what was left behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveState {
+    /// No move has run in this worker.
+    #[default]
+    Idle,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveDiskProgress {
+    pub serial: Option<String>,
+    /// The file the disk was on when the move started.
+    pub from: PathBuf,
+    /// Its copy (the top file of the copied chain).
+    pub to: PathBuf,
+    /// The file the VM uses for this disk now: `to` once switched, else `from`.
+    pub current: PathBuf,
+    pub bytes_total: u64,
+    pub bytes_copied: u64,
+    /// 0 = the first full copy; then one per round of copying what the guest wrote meanwhile.
+    pub pass: u32,
+    pub switched: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,6 +429,39 @@ mod tests {
         assert!(!serde_json::to_string(&launch)
             .unwrap()
             .contains("restore_from"));
+    }
+
+    #[test]
+    fn move_storage_wire_shapes() {
+        let mv = WorkerRequest::new(WorkerOp::MoveStorage {
+            to: "/new".into(),
+            flatten: true,
+            keep: vec![],
+        });
+        let line = serde_json::to_string(&mv).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"op":"move_storage","to":"/new","flatten":true}"#
+        );
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), mv);
+        let plain = r#"{"version":1,"op":"move_storage","to":"/n"}"#;
+        let WorkerOp::MoveStorage { flatten, keep, .. } =
+            serde_json::from_str::<WorkerRequest>(plain).unwrap().op
+        else {
+            panic!("not a move");
+        };
+        assert!(!flatten && keep.is_empty());
+        let reply = WorkerReply::MoveStorage(MoveProgress {
+            state: MoveState::Running,
+            disks: vec![],
+            message: None,
+        });
+        let text = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            text,
+            r#"{"reply":"move_storage","state":"running","disks":[]}"#
+        );
+        assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
     }
 
     #[test]

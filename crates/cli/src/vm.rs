@@ -8,6 +8,7 @@ mod disk;
 mod disk_arg;
 mod export;
 mod metrics;
+mod move_storage;
 pub mod nic;
 mod power;
 mod set;
@@ -71,6 +72,14 @@ pub enum VmCommand {
     /// is `saved`; `vm start` continues it, `vm turn-off` discards the saved state. Waits with
     /// a progress bar (--no-wait: print the job).
     Save(power::StartArgs),
+    /// Move every disk of a VM into another folder while it runs (storage live migration):
+    /// copies, mirrors the guest's writes, switches in one step, deletes the old files.
+    /// Progress bar; Ctrl-C cancels the move (the VM stays on its old files).
+    ///
+    /// Example:
+    ///   vireo vm move-storage web --to /srv/fast/web
+    #[command(verbatim_doc_comment)]
+    MoveStorage(move_storage::MoveStorageArgs),
     /// Ask a VM's guest to power off (its shutdown line), and turn it off after --timeout;
     /// waits until it is off (--no-wait: print the job).
     Stop(power::StopArgs),
@@ -165,6 +174,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         }
         VmCommand::Start(args) => return power::start(client, args),
         VmCommand::Save(args) => return power::save(client, args),
+        VmCommand::MoveStorage(args) => return move_storage::execute(client, args),
         VmCommand::Stop(args) => return power::stop(client, args),
         VmCommand::TurnOff(args) => power::turn_off(client, args)?,
         VmCommand::Pause(args) => power::vm_op(client, args, "pause")?,

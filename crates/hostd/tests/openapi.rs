@@ -330,6 +330,11 @@ fn a_live_vireod_answers_only_documented_statuses() {
         &format!("/v1/jobs/{job}/cancel"),
         None,
     );
+    let mv = "/v1/vms/{vm}/move-storage";
+    let to = serde_json::to_vec(&json!({ "to": "/nowhere" })).unwrap();
+    call("POST", mv, "/v1/vms/none/move-storage", Some(&to));
+    call("POST", mv, "/v1/vms/doc/move-storage", None);
+    call("POST", mv, "/v1/vms/doc/move-storage", Some(&to));
     let save = "/v1/vms/{vm}/save";
     call("POST", save, "/v1/vms/none/save", None);
     assert_eq!(call("POST", save, "/v1/vms/doc/save", None).status, 409);

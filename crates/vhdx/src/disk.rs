@@ -232,6 +232,12 @@ impl Vhdx {
         self.io()[0].clone()
     }
 
+    /// Every file of the chain, the top file first, then its parent, and so on (what a storage
+    /// move copies).
+    pub fn chain_paths(&self) -> Vec<PathBuf> {
+        self.chain().iter().map(|l| l.path.clone()).collect()
+    }
+
     /// The top file (after a live merge, the parent it was merged into).
     pub fn path(&self) -> PathBuf {
         self.top().path.clone()

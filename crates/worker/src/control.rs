@@ -96,6 +96,9 @@ struct Shared {
     disks: Mutex<Vec<ControlDisk>>,
     /// Cancel flags of running merges, by disk index.
     merges: Mutex<HashMap<usize, Arc<AtomicBool>>>,
+    /// A storage move runs (`move_storage`): merges are refused meanwhile. Set and read
+    /// under the `merges` lock, so a move and a merge never both start.
+    moving: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The VM, for `save` (absent until [`ControlServer::attach_vm`]).
     vm: Mutex<Option<vireo_vmm::VmHandle>>,
@@ -108,6 +111,7 @@ impl Shared {
         Arc::new(Shared {
             disks: Mutex::new(disks),
             merges: Mutex::default(),
+            moving: AtomicBool::new(false),
             threads: Mutex::default(),
             vm: Mutex::default(),
             saved_to: Mutex::default(),
@@ -210,11 +214,38 @@ impl ControlDisks {
         }
     }
 
+    /// A storage move starts: refused while a live merge runs; merges are refused until
+    /// [`Self::end_move`].
+    pub fn begin_move(&self) -> Result<(), String> {
+        let merges = self.0.merges.lock();
+        if let Some(i) = merges.keys().next() {
+            return Err(format!(
+                "a live merge of disk {i} is running; the move is refused (wait for the merge                  or cancel it: disk-merge-cancel {i} on control.sock)"
+            ));
+        }
+        self.0.moving.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn end_move(&self) {
+        let _merges = self.0.merges.lock();
+        self.0.moving.store(false, Ordering::SeqCst);
+    }
+
     /// Puts `disk` at `index` (the end if past it).
     pub fn insert(&self, index: usize, disk: ControlDisk) {
         let mut disks = self.0.disks.lock();
         let at = index.min(disks.len());
         disks.insert(at, disk);
+    }
+
+    /// Points disk `index` at its new file after a storage move switched it (`move_storage`):
+    /// live merge and resize then act on the image the VM now uses.
+    pub fn retarget(&self, index: usize, path: PathBuf, image: Image) {
+        if let Some(d) = self.0.disks.lock().get_mut(index) {
+            d.path = path;
+            d.image = image;
+        }
     }
 
     /// Drops disk `index` (its image reference goes with it).
@@ -527,6 +558,12 @@ fn merge(s: &Arc<Shared>, i: usize, out: &mut UnixStream) -> std::io::Result<()>
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let mut merges = s.merges.lock();
+        if s.moving.load(Ordering::SeqCst) {
+            return writeln!(
+                out,
+                "error a storage move of this VM is running; merge disk {i} after it"
+            );
+        }
         if merges.contains_key(&i) {
             return writeln!(out, "error a merge of disk {i} is already running");
         }

@@ -20,12 +20,16 @@ use crate::control::{ControlDisk, ControlDisks};
 use crate::error::WorkerError;
 use crate::image::{self, DiskArg};
 use crate::metrics::{Meter, MeteredDisk};
+use crate::move_storage::MovableBackend;
 
 /// One disk of a spec, opened and wrapped: the device, its backend, and what the meter and
 /// the control socket keep of it.
 pub struct BuiltDisk {
     pub block: vireo_virtio::Block,
+    /// `movable`, as the device and the exit flush see it.
     pub backend: Arc<dyn BlockBackend>,
+    /// The switchable layer a storage move acts on (`move_storage`).
+    pub movable: Arc<MovableBackend>,
     pub metered: MeteredDisk,
     pub control: ControlDisk,
 }
@@ -43,6 +47,8 @@ pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
         }),
     };
     let image::OpenedDisk { backend, image } = image::open(&arg)?;
+    let movable = Arc::new(MovableBackend::new(backend, d.path.clone(), image.clone()));
+    let backend: Arc<dyn BlockBackend> = movable.clone();
     let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
         max_iops: d.max_iops,
         min_iops: d.min_iops,
@@ -73,16 +79,18 @@ pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
     Ok(BuiltDisk {
         block,
         backend,
+        movable,
         metered,
         control,
     })
 }
 
 /// The disk in a slot, as the worker names it.
-#[derive(Clone, Debug)]
-struct SlotDisk {
-    serial: Option<String>,
-    path: PathBuf,
+#[derive(Clone)]
+pub struct SlotDisk {
+    pub serial: Option<String>,
+    pub path: PathBuf,
+    pub movable: Arc<MovableBackend>,
 }
 
 /// What `AddDisk`/`RemoveDisk` act on.
@@ -102,16 +110,22 @@ fn same_file(a: &Path, b: &Path) -> bool {
 impl Hotplug {
     /// `boot` are the spec's disks, in the filled slots in order (the first slots at a boot;
     /// a restored VM has them where they were at save time, gaps included).
-    pub fn new(vm: VmHandle, boot: &[DiskSpec], control: ControlDisks) -> Self {
-        let mut disks = boot.iter();
+    pub fn new(
+        vm: VmHandle,
+        boot: &[DiskSpec],
+        movable: Vec<Arc<MovableBackend>>,
+        control: ControlDisks,
+    ) -> Self {
+        let mut disks = boot.iter().zip(movable);
         let slots = vm
             .disk_slots()
             .iter()
             .map(|slot| {
                 slot.disk.as_ref()?;
-                disks.next().map(|d| SlotDisk {
+                disks.next().map(|(d, movable)| SlotDisk {
                     serial: d.serial.clone(),
                     path: d.path.clone(),
+                    movable,
                 })
             })
             .collect();
@@ -129,6 +143,40 @@ impl Hotplug {
     /// Holds hot add and remove off while the guard lives (a save keeps the layout fixed).
     pub fn hold(&self) -> impl Drop + '_ {
         self.slots()
+    }
+
+    /// The filled slots' disks, in slot order (a disk's position here is its index).
+    pub fn disks(&self) -> Vec<SlotDisk> {
+        self.slots().iter().flatten().cloned().collect()
+    }
+
+    /// After a storage move switched the disk at `index` to `path`: every list that names
+    /// the disk by path (slots, meter, control socket) names the new file. `image` is what
+    /// the control socket's live merge and resize act on from now on.
+    pub fn retarget(&self, index: usize, path: &Path, image: image::Image, meter: &Meter) {
+        let mut slots = self.slots();
+        if let Some(s) = slots.iter_mut().flatten().nth(index) {
+            s.path = path.to_path_buf();
+        }
+        if let Some(m) = meter
+            .disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            m.path = path.to_path_buf();
+        }
+        self.control.retarget(index, path.to_path_buf(), image);
+    }
+
+    /// A storage move starts: refused while a live merge runs, and live merges are refused
+    /// until [`Self::end_move`] (a move must not copy a chain that changes shape).
+    pub fn begin_move(&self) -> Result<(), String> {
+        self.control.begin_move()
+    }
+
+    pub fn end_move(&self) {
+        self.control.end_move()
     }
 
     /// Opens `d` and attaches it into the first free slot; returns its index. Nothing changes
@@ -169,6 +217,7 @@ impl Hotplug {
         slots[at.slot] = Some(SlotDisk {
             serial: d.serial.clone(),
             path: d.path.clone(),
+            movable: built.movable,
         });
         meter
             .disks

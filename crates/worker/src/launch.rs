@@ -15,6 +15,7 @@ use crate::control::{ControlDisk, ControlServer};
 use crate::error::WorkerError;
 use crate::hotplug::{self, Hotplug};
 use crate::metrics::{Meter, MeteredDisk};
+use crate::move_storage::MovableBackend;
 use crate::{files, server};
 use crate::{CONSOLE_SOCKET, CONTROL_SOCKET, EXIT_FILE, SPEC_FILE, WORKER_SOCKET};
 
@@ -82,19 +83,26 @@ fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
     let mut slots = Vec::new();
     let mut control = Vec::new();
     let mut metered = Vec::new();
+    let mut movable = Vec::new();
     for d in &spec.disks {
         let built = hotplug::build_disk(d)?;
         metered.push(built.metered);
+        movable.push(built.movable);
         control.push(built.control);
         slots.push(VirtioSlot {
             device: Box::new(built.block),
             flush_on_exit: Some(built.backend),
         });
     }
-    Ok((slots, control, metered))
+    Ok((slots, control, metered, movable))
 }
 
-type OpenDisks = (Vec<VirtioSlot>, Vec<ControlDisk>, Vec<MeteredDisk>);
+type OpenDisks = (
+    Vec<VirtioSlot>,
+    Vec<ControlDisk>,
+    Vec<MeteredDisk>,
+    Vec<Arc<MovableBackend>>,
+);
 
 /// One virtio-net NIC per `spec.nics` entry, each the vhost-user frontend of its port on its
 /// switch (`nic_sockets[i]`, served by the switch process), with the NIC's stored MAC.
@@ -135,7 +143,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
     }
     tracing::info!("starting VM {} ({})", spec.name, launch.vm_id);
     vireo_vmm::install_termination_handlers()?;
-    let (mut devices, control_disks, metered) = open_disks(&spec)?;
+    let (mut devices, control_disks, metered, movable) = open_disks(&spec)?;
     devices.extend(connect_nics(&spec, &launch.nic_sockets)?);
     let console_path = dir.join(CONSOLE_SOCKET);
     let ring_bytes = spec.console_ring_bytes as usize;
@@ -192,7 +200,8 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         started_at: AtomicI64::new(0),
         ring_bytes,
         meter: Meter::new(metered, spec.memory_bytes),
-        hotplug: Hotplug::new(vm.handle(), &spec.disks, control.disks()),
+        hotplug: Hotplug::new(vm.handle(), &spec.disks, movable, control.disks()),
+        mover: crate::move_storage::Mover::default(),
     });
     server::start(
         files::bind_private(&dir.join(WORKER_SOCKET))?,

@@ -43,6 +43,8 @@ pub struct State {
     pub meter: crate::metrics::Meter,
     /// Disk hot add and remove.
     pub hotplug: crate::hotplug::Hotplug,
+    /// Storage live migration (`MoveStorage`).
+    pub mover: crate::move_storage::Mover,
 }
 
 /// Serves `listener` on a thread of its own.
@@ -96,7 +98,7 @@ fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>,
     }
 }
 
-fn serve(s: &State, conn: UnixStream) {
+fn serve(s: &Arc<State>, conn: UnixStream) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -152,7 +154,7 @@ pub fn parse(line: &[u8]) -> Result<WorkerOp, String> {
 /// Something to do once the reply has been sent.
 type After = fn(&State);
 
-fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
+fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
     let reply = match op {
         WorkerOp::Hello => WorkerReply::Hello {
             version: WORKER_PROTOCOL_VERSION,
@@ -203,6 +205,14 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
             tracing::info!("reset requested");
             lifecycle("reset", s.vm.reset())
         }
+        WorkerOp::AddDisk { .. } | WorkerOp::RemoveDisk { .. } | WorkerOp::Save { .. }
+            if s.mover.is_running() =>
+        {
+            refused(
+                "disk layout",
+                "a storage move of this VM is running; wait for it or cancel it first".into(),
+            )
+        }
         WorkerOp::AddDisk { disk } => match s.hotplug.add(&disk, &s.meter) {
             Ok(index) => WorkerReply::DiskAdded { index },
             Err(message) => refused("add disk", message),
@@ -211,6 +221,17 @@ fn answer(s: &State, op: WorkerOp) -> (WorkerReply, Option<After>) {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("remove disk", message),
         },
+        WorkerOp::MoveStorage { to, flatten, keep } => {
+            match crate::move_storage::start(s, to, flatten, keep) {
+                Ok(()) => WorkerReply::Ok,
+                Err(message) => refused("move storage", message),
+            }
+        }
+        WorkerOp::MoveStorageStatus => WorkerReply::MoveStorage(s.mover.progress()),
+        WorkerOp::MoveStorageCancel => {
+            s.mover.cancel();
+            WorkerReply::Ok
+        }
         WorkerOp::Save { dir } => {
             let dir = dir.unwrap_or_else(|| s.vm_dir.join(crate::SAVED_DIR));
             match crate::save::save(s, &dir) {

@@ -100,7 +100,9 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
                 // The worker knows whether the VM is paused (vireod may have died between a
                 // worker's pause/resume and the state change).
                 VmState::Running | VmState::Paused => {
-                    reconcile_paused(&d, &worker.socket(), &vm).await
+                    reconcile_paused(&d, &worker.socket(), &vm).await;
+                    // A storage move may have switched files while vireod was away.
+                    super::move_storage::after_adopt(&d, worker.socket(), vm.id());
                 }
                 _ => {}
             }

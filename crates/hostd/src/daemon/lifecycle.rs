@@ -284,6 +284,7 @@ pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
         JobKind::Export | JobKind::Import | JobKind::Clone => {
             return super::export::cancel(daemon, id);
         }
+        JobKind::MoveStorage => return Ok(super::move_storage::cancel(daemon, &job)),
         JobKind::Stop => {
             return Err(HttpError::conflict(
                 "a stop job cannot be cancelled; turn-off forces a stop",

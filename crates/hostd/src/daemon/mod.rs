@@ -17,6 +17,7 @@ pub mod http_error;
 pub mod jobs;
 pub mod lifecycle;
 pub mod meter;
+pub mod move_storage;
 pub mod pause;
 pub mod procfs;
 pub mod prom;

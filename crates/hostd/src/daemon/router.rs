@@ -91,6 +91,11 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             "/v1/vms/{vm}/checkpoints/{cp}/apply",
             post(checkpoints::apply),
         ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/move-storage",
+            post(super::move_storage::route),
+        ),
         (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
         (
             Method::POST,

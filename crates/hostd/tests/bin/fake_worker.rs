@@ -191,6 +191,12 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
         WorkerOp::AddDisk { .. } | WorkerOp::RemoveDisk { .. } => WorkerReply::Error {
             message: "the fake worker does not hot-plug disks".into(),
         },
+        WorkerOp::MoveStorage { .. } | WorkerOp::MoveStorageCancel => WorkerReply::Error {
+            message: "the fake worker does not move storage".into(),
+        },
+        WorkerOp::MoveStorageStatus => {
+            WorkerReply::MoveStorage(vireo_api::worker::MoveProgress::default())
+        }
         WorkerOp::Save { dir: to } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {
