@@ -18,9 +18,12 @@ pub enum HostCommand {
     /// This host's certificate fingerprint: give it to the admin of a host that should
     /// migrate VMs with this one (`vireo host trust add` there)
     Identity {
-        /// text (the fingerprint), pem (the certificate) or json.
-        #[arg(long, default_value = "text", value_parser = ["text", "pem", "json"])]
-        output: String,
+        /// Print the certificate (PEM) instead of its fingerprint.
+        #[arg(long, conflicts_with = "output")]
+        pem: bool,
+        /// text (the fingerprint) or json (fingerprint and certificate).
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
     },
     /// The hosts this one migrates VMs with
     #[command(subcommand)]
@@ -54,12 +57,12 @@ pub enum TrustCommand {
 
 pub fn execute(client: &Client, command: HostCommand) -> Result<ExitCode, Box<dyn Error>> {
     match command {
-        HostCommand::Identity { output } => {
+        HostCommand::Identity { pem, output } => {
             let id: HostIdentityInfo = client.get("/v1/host/identity")?;
-            match output.as_str() {
-                "pem" => emit(&id.certificate_pem)?,
-                "json" => emit(json(&id))?,
-                _ => emit(format!("{}\n", id.fingerprint))?,
+            match (pem, output) {
+                (true, _) => emit(&id.certificate_pem)?,
+                (false, OutputFormat::Json) => emit(json(&id))?,
+                (false, OutputFormat::Text) => emit(format!("{}\n", id.fingerprint))?,
             }
         }
         HostCommand::Trust(TrustCommand::List { output }) => {

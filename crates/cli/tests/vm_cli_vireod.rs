@@ -912,7 +912,7 @@ fn host_identity_and_trust_between_two_daemons() {
         "made once, then kept"
     );
     assert!(a
-        .ok(&["host", "identity", "--output", "pem"])
+        .ok(&["host", "identity", "--pem"])
         .starts_with("-----BEGIN CERTIFICATE-----"));
     let key = a.dir.path().join("state/host/host.key");
     use std::os::unix::fs::PermissionsExt;
