@@ -23,7 +23,10 @@ const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(60);
 const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0a];
 const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x5a, 0x00, 0x0b];
-const FRAMES: u64 = 200_000;
+/// A sends for this long (guest time, which keeps running through the save): long enough
+/// that the blast is still going when the switch stops serving A, however fast the host is (a
+/// fixed frame count finished within the first 300 ms on a quiet machine).
+const BLAST_SECS: u64 = 20;
 
 fn config(socket: &std::path::Path, mac: [u8; 6]) -> (VmConfig, ProbeConsole) {
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -91,7 +94,7 @@ fn kvm_vhost_user_nic_is_saved_and_restored_mid_blast_without_losing_a_frame() {
     con_b.send_line("NET 0 SINK 120 20000").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     con_a
-        .send_line(&format!("NET 0 BLAST 64 {FRAMES} {}", mac_text(MAC_B)))
+        .send_line(&format!("NET 0 BLAST 64 {BLAST_SECS}s {}", mac_text(MAC_B)))
         .unwrap();
 
     // Pause, save the state, resume: the blast goes on (the backend's rings restart).
@@ -140,7 +143,10 @@ fn kvm_vhost_user_nic_is_saved_and_restored_mid_blast_without_losing_a_frame() {
     let blast = con_a.answer(Duration::from_secs(150)).unwrap();
     assert!(blast.starts_with("OK sent="), "{blast}");
     let sent = num(&blast, "sent");
-    assert_eq!(sent, FRAMES, "{blast}");
+    assert!(
+        sent >= pending as u64,
+        "{blast}; {pending} were queued at the save"
+    );
     let sink = con_b.answer(Duration::from_secs(150)).unwrap();
     assert!(sink.starts_with("OK frames="), "{sink}");
     let (frames, lost, reordered, other) = (
