@@ -174,9 +174,13 @@ fn run_ring(
                 continue;
             }
             // The kernel may still own the submitted buffers, so returning them to the guest
-            // (or freeing the vectors) is not safe. Short of a kernel bug this cannot happen;
-            // stopping is better than corrupting guest memory.
-            panic!("io_uring_enter failed with {submitted} requests in flight: {e}");
+            // (or freeing the vectors) is not safe, and neither is unwinding, which frees
+            // them. Short of a kernel bug this cannot happen; ending the process at once is
+            // better than corrupting guest memory (vireod then reports the VM critical,
+            // killed by SIGABRT).
+            tracing::error!(submitted, error = %e, "io_uring_enter failed with requests in flight; aborting");
+            eprintln!("io_uring_enter failed with {submitted} requests in flight: {e}; aborting");
+            std::process::abort();
         }
         for cqe in ring.completion() {
             reaped += 1;
