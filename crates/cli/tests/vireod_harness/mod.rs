@@ -1,0 +1,140 @@
+//! A vireod on a temporary state directory for the CLI end-to-end tests that drive VMs through
+//! it (`vm_cli_save.rs`, `vm_cli_export.rs`). On drop every VM is turned off (workers outlive
+//! vireod by design) and vireod is stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vireo_api::Vm;
+
+pub const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
+
+pub fn binaries() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(VIREO).parent().unwrap();
+    let (vireod, worker) = (dir.join("vireod"), dir.join("vireo-vm"));
+    if vireod.is_file() && worker.is_file() {
+        return Some((vireod, worker));
+    }
+    vireo_testkit::skip("vireod and vireo-vm built beside vireo");
+    None
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+}
+
+impl Daemon {
+    pub fn spawn(dir: &Path) -> Child {
+        let (vireod, worker) = binaries().unwrap();
+        let socket = dir.join("state").join("vireod.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(vireod)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--worker-bin")
+            .arg(worker)
+            .arg("--storage-root")
+            .arg(dir)
+            .arg("--storage-root")
+            .arg(vireo_probe_image::probe_elf().parent().unwrap())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("vireod.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "vireod did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    pub fn start() -> Option<Daemon> {
+        binaries()?;
+        let dir = tempfile::tempdir().unwrap();
+        let child = Daemon::spawn(dir.path());
+        Some(Daemon { dir, child })
+    }
+
+    pub fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Daemon::spawn(self.dir.path());
+    }
+
+    pub fn vireo(&self, args: &[&str]) -> Command {
+        let socket = self.dir.path().join("state").join("vireod.sock");
+        let mut cmd = Command::new(VIREO);
+        cmd.arg("--host")
+            .arg(format!("unix:{}", socket.display()))
+            .args(args)
+            .env_remove("VIREO_HOST")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .vireo(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "vireo {args:?} hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vireo {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn fails(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        assert!(!out.status.success(), "vireo {args:?} succeeded");
+        let err = String::from_utf8(out.stderr).unwrap();
+        (
+            out.status.code().unwrap(),
+            err.lines().last().unwrap_or_default().to_string(),
+        )
+    }
+
+    pub fn vm(&self, name: &str) -> Vm {
+        serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let vms: Vec<Vm> = self
+            .vireo(&["vm", "list", "--output", "json"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default();
+        for vm in vms {
+            let _ = self.vireo(&["vm", "turn-off", &vm.spec.name]).output();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
