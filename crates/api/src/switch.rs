@@ -135,6 +135,11 @@ pub enum SwitchOp {
     },
     /// The policy table, local ports' entries included: `Policies`.
     ListPolicies,
+    /// A VM just arrived on port `name` (live migration): send one gratuitous frame per MAC
+    /// of the port (a RARP broadcast, as QEMU's announce, plus a gratuitous ARP per address
+    /// the switch has seen it use) out of every other port and the uplink, so learning
+    /// tables elsewhere move to this host at once. `Ok`, or `Error` for an unknown port.
+    Announce { name: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

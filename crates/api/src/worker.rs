@@ -46,6 +46,128 @@ pub struct WorkerLaunch {
     /// spec it was saved with (its disks are the ones in the VM at save time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<PathBuf>,
+    /// Receive this VM by live migration instead of booting (docs/migration.md): build the
+    /// VM's skeleton (RAM, vCPUs, devices; disks **not** opened yet, the source still holds
+    /// them), listen for the source worker's streams, apply pages as they come, and at the
+    /// handoff open the disks and run. Exclusive with `restore_from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingMigration>,
+}
+
+/// This host's migration identity, as files (vireod's `<state-dir>/host/`): the worker that
+/// sends or receives a VM authenticates with them (`vireo_migration::hostauth`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The trust store (`sha256:<hex> name` per line): the only peers accepted.
+    pub trusted: PathBuf,
+}
+
+/// `WorkerLaunch::incoming`: where and what to receive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMigration {
+    /// The migration's session: streams of another session are refused.
+    pub session: Uuid,
+    /// How many streams the source opens (1–16).
+    pub streams: u16,
+    /// Where to listen (port 0: any free port). The bound address is in `MigrateStatus`'s
+    /// `listen_addr` once the skeleton is built.
+    pub listen: std::net::SocketAddr,
+    pub tls: MigrationTls,
+}
+
+/// `--compress`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressMode {
+    #[default]
+    Auto,
+    Zstd,
+    Lz4,
+    None,
+}
+
+/// `--postcopy`: switch to post-copy when pre-copy does not converge (`auto`), always after
+/// the first round (`always`), or never (auto-converge throttling instead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostcopyMode {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// `MigrateOut`'s knobs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Switch over once the estimated final copy fits this.
+    pub max_downtime_ms: u32,
+    /// Cap on the link, bytes per second (`None`: as fast as it goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
+    #[serde(default)]
+    pub compress: CompressMode,
+    /// Parallel TLS streams, 1–16.
+    pub streams: u16,
+    #[serde(default)]
+    pub postcopy: PostcopyMode,
+}
+
+/// Where a migration stands, on either side (`MigrateStatus`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrateState {
+    /// No migration in this worker.
+    #[default]
+    Idle,
+    /// Destination: skeleton built, waiting for the source's streams.
+    Listening,
+    /// Memory copy rounds while the guest runs on the source.
+    Precopy,
+    /// The guest is paused: last pages, device state, disk handoff.
+    Switching,
+    /// The guest runs on the destination; missing pages are fetched on fault.
+    Postcopy,
+    /// Source: the VM runs on the destination (the worker exits `MigratedAway`).
+    /// Destination: the VM runs here.
+    Completed,
+    /// Source: the VM runs on here as before. Destination: nothing runs; the worker exits.
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateProgress {
+    pub state: MigrateState,
+    /// Destination: the address the source's streams connect to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_addr: Option<std::net::SocketAddr>,
+    /// Pre-copy rounds done (0 = the first full pass is running).
+    pub round: u32,
+    /// Guest RAM bytes in all.
+    pub memory_bytes: u64,
+    /// Bytes put on (source) or taken off (destination) the wire so far.
+    pub transferred_bytes: u64,
+    /// Dirty bytes still to send (source).
+    pub remaining_bytes: u64,
+    /// The guest's dirty rate over the last round, bytes per second (source).
+    pub dirty_rate: u64,
+    /// The link rate over the last round, bytes per second.
+    pub link_rate: u64,
+    /// What the pause would last if the switch-over began now (source).
+    pub estimated_downtime_ms: u64,
+    /// The pause the guest saw, once switched over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// vireod's record of a worker it spawned (`<vm-dir>/worker.json`).
@@ -140,6 +262,24 @@ pub enum WorkerOp {
     /// Stop the running move: disks not yet switched stay on their old files and the
     /// destination files of those disks are deleted (`Ok`; also when no move runs).
     MoveStorageCancel,
+    /// Live migration, source side (docs/migration.md): connect `streams` mutual-TLS streams to
+    /// the destination worker at `to` (its `listen_addr`), pre-copy memory from the dirty log,
+    /// pause, send the last pages and the device state, hand the disks over, and once the
+    /// destination runs the VM, exit with `MigratedAway`. Answered `Ok` at once (progress:
+    /// `MigrateStatus`), or `Error` (a migration or storage move already runs, the VM is not
+    /// running) with nothing started. Any failure before the destination runs the VM leaves
+    /// it running here, untouched.
+    MigrateOut {
+        to: std::net::SocketAddr,
+        session: Uuid,
+        options: MigrateOptions,
+        tls: MigrationTls,
+    },
+    /// Either side: `Migrate`.
+    MigrateStatus,
+    /// Stop a migration before the switch-over: the VM runs on here (source) / the worker
+    /// exits (destination). `Ok`; `Error` once the switch-over has begun (too late).
+    MigrateCancel,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +309,8 @@ pub enum WorkerReply {
     },
     /// Answer to `MoveStorageStatus`.
     MoveStorage(MoveProgress),
+    /// Answer to `MigrateStatus`.
+    Migrate(MigrateProgress),
 }
 
 /// How a storage move stands (`MoveStorageStatus`).
@@ -300,6 +442,9 @@ pub enum WorkerExitReason {
     VcpuFailed { message: String },
     /// `Save` wrote the VM's state and memory into `dir`; the VM continues from there.
     Saved { dir: PathBuf },
+    /// Live migration completed: the VM runs on the destination (`to`, the destination
+    /// worker's address); the guest was paused `downtime_ms`.
+    MigratedAway { to: String, downtime_ms: u64 },
 }
 
 #[cfg(test)]

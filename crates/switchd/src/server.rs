@@ -198,6 +198,10 @@ fn answer(s: &State, op: SwitchOp) -> SwitchReply {
         SwitchOp::ListPolicies => SwitchReply::Policies {
             entries: ports.policies(),
         },
+        // Contract for live migration (issue 12); the switch side is being built.
+        SwitchOp::Announce { name } => SwitchReply::Error {
+            message: format!("announce on port {name:?}: this switch cannot announce yet"),
+        },
         SwitchOp::Shutdown => {
             tracing::info!("shutdown requested");
             s.shutdown.store(true, Ordering::SeqCst);

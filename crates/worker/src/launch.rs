@@ -26,7 +26,7 @@ pub fn exit_status(reason: &WorkerExitReason) -> u8 {
         WorkerExitReason::PoweredOff { .. }
         | WorkerExitReason::Reset
         | WorkerExitReason::TurnedOff => 0,
-        WorkerExitReason::Saved { .. } => 0,
+        WorkerExitReason::Saved { .. } | WorkerExitReason::MigratedAway { .. } => 0,
         WorkerExitReason::StartFailed { .. } | WorkerExitReason::VcpuFailed { .. } => 1,
     }
 }

@@ -232,6 +232,12 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
             s.mover.cancel();
             WorkerReply::Ok
         }
+        // Contract for live migration (issue 12); the worker side is being built.
+        WorkerOp::MigrateOut { .. } => {
+            refused("migrate", "this worker cannot migrate yet".to_string())
+        }
+        WorkerOp::MigrateStatus => WorkerReply::Migrate(Default::default()),
+        WorkerOp::MigrateCancel => WorkerReply::Ok,
         WorkerOp::Save { dir } => {
             let dir = dir.unwrap_or_else(|| s.vm_dir.join(crate::SAVED_DIR));
             match crate::save::save(s, &dir) {

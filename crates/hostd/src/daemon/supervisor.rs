@@ -173,6 +173,7 @@ impl Supervisor {
             spec: vm.spec.clone(),
             nic_sockets: super::switches::nic_sockets(daemon, vm),
             restore_from,
+            incoming: None,
         };
         let spec_path = files::path(&dir, files::SPEC);
         files::write_json_atomic(&spec_path, &launch)

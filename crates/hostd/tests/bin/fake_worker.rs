@@ -197,6 +197,10 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
         WorkerOp::MoveStorageStatus => {
             WorkerReply::MoveStorage(vireo_api::worker::MoveProgress::default())
         }
+        WorkerOp::MigrateOut { .. } | WorkerOp::MigrateCancel => WorkerReply::Error {
+            message: "the fake worker does not migrate".into(),
+        },
+        WorkerOp::MigrateStatus => WorkerReply::Migrate(Default::default()),
         WorkerOp::Save { dir: to } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {

@@ -71,6 +71,7 @@ impl Worker {
             spec,
             nic_sockets,
             restore_from,
+            incoming: None,
         };
         std::fs::write(
             dir.path().join("spec.json"),
