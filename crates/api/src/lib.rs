@@ -45,5 +45,5 @@ pub use spec::{
     NORMALIZED_IO_BYTES, SPEC_VERSION,
 };
 pub use state::{transition, Action, IllegalTransition, VmState};
-pub use validate::{validate_name, validate_spec, Limits, SpecError};
+pub use validate::{validate_name, validate_spec, validate_vm_name, Limits, SpecError};
 pub use vm::Vm;

@@ -3,7 +3,8 @@
 //!
 //! Names (VMs, switches) are 1–64 bytes of `[A-Za-z0-9._-]`, not starting with '.', without
 //! "..": safe as a path component and in a shell, and equal to what `ls` shows. So no '/', NUL,
-//! spaces or control characters, by construction.
+//! spaces or control characters, by construction. A VM may not be named `import`: that is
+//! the path of the import endpoint under `/v1/vms/`.
 
 use std::path::Path;
 
@@ -67,6 +68,23 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
     Err(err(field, name, problem))
 }
 
+/// Names that are path segments of the API under `/v1/vms/`: a VM so named could not be
+/// addressed (`GET /v1/vms/import` is the import endpoint's path).
+pub const RESERVED_VM_NAMES: &[&str] = &["import"];
+
+/// Checks a VM's name: [`validate_name`]'s rules, and not one of [`RESERVED_VM_NAMES`].
+pub fn validate_vm_name(field: &str, name: &str) -> Result<(), SpecError> {
+    validate_name(field, name)?;
+    if RESERVED_VM_NAMES.contains(&name) {
+        return Err(err(
+            field,
+            name,
+            "this name is reserved (an API path under /v1/vms/); choose another",
+        ));
+    }
+    Ok(())
+}
+
 fn absolute(field: String, path: &Path) -> Result<(), SpecError> {
     if path.is_absolute() {
         Ok(())
@@ -83,7 +101,7 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
             format!("only spec version {SPEC_VERSION} is known"),
         ));
     }
-    validate_name("name", &spec.name)?;
+    validate_vm_name("name", &spec.name)?;
     if !(1..=limits.max_vcpus).contains(&spec.vcpus) {
         return Err(err(
             "vcpus",

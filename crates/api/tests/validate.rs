@@ -78,6 +78,8 @@ fn each_bad_field_is_named() {
     let cases: Vec<(SpecError, &str, &str)> = vec![
         (refused(|s| s.version = 2), "version", "2"),
         (refused(|s| s.name = "../etc".into()), "name", "../etc"),
+        // `/v1/vms/import` is the import endpoint: a VM so named could not be addressed.
+        (refused(|s| s.name = "import".into()), "name", "import"),
         (refused(|s| s.vcpus = 0), "vcpus", "0"),
         (refused(|s| s.vcpus = 9), "vcpus", "9"),
         (
@@ -222,4 +224,14 @@ fn storage_qos_values() {
     s.disks[1].max_iops = Some(0);
     let e = validate_spec(&s, &LIMITS).unwrap_err();
     assert_eq!(e.field, "disks[1].max_iops");
+}
+
+#[test]
+fn vm_names_that_are_api_paths_are_reserved_but_only_for_vms() {
+    let e = vireo_api::validate_vm_name("name", "import").unwrap_err();
+    assert!(e.problem.contains("reserved"), "{e}");
+    vireo_api::validate_vm_name("name", "imports").unwrap();
+    vireo_api::validate_vm_name("name", "Import").unwrap();
+    // A switch, pool or checkpoint may be called so.
+    validate_name("name", "import").unwrap();
 }

@@ -204,7 +204,7 @@ pub fn path(vm: &str) -> Result<String, CliError> {
 }
 
 fn check_new_name(name: &str) -> Result<(), CliError> {
-    vireo_api::validate_name("name", name)
+    vireo_api::validate_vm_name("name", name)
         .map_err(|e| CliError::bad_input(format!("new name {name:?}: {}", e.problem)))
 }
 

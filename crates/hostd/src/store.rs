@@ -21,7 +21,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use uuid::Uuid;
 use vireo_api::{
-    transition, validate_name, validate_spec, Action, Limits, MacAddr, VmIdentity, VmSpec, VmState,
+    transition, validate_spec, validate_vm_name, Action, Limits, MacAddr, VmIdentity, VmSpec,
+    VmState,
 };
 
 use crate::error::{io, StoreError};
@@ -254,7 +255,7 @@ impl Store {
     }
 
     pub fn rename(&self, id: Uuid, new_name: &str) -> Result<VmRecord, StoreError> {
-        validate_name("name", new_name)?;
+        validate_vm_name("name", new_name)?;
         let mut spec = self.get_by_id(id)?.spec;
         spec.name = new_name.to_owned();
         self.update_spec(id, &spec)
