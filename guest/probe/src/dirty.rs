@@ -62,5 +62,6 @@ impl Dirty {
                 status::bump_dirty_passes();
             }
         }
+        status::add_dirty_pages(allowed);
     }
 }
