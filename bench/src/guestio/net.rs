@@ -70,10 +70,16 @@ impl Pair {
             .console
             .answer(long)
             .map_err(|e| format!("NET SINK: {e}"))?;
+        let sent = field(&blast, "sent")?;
+        let frames = field(&sink, "frames")?;
+        // Delivered frames over the blaster's run time (sent / its rate): the sink's own
+        // first-to-last span is shorter, and much shorter when the run stalled at its start or
+        // end, which overstated the rate. The window keeps the two within 64 frames.
+        let blast_secs = sent / field(&blast, "frames_s")?.max(1.0);
         Ok(NetResult {
-            sent: field(&blast, "sent")?,
-            frames: field(&sink, "frames")?,
-            frames_s: field(&sink, "frames_s")?,
+            sent,
+            frames,
+            frames_s: frames / blast_secs.max(1e-9),
             lost: field(&sink, "lost")?,
             timeouts: field(&blast, "timeouts")?,
             tx_kicks: field(&blast, "kicks")? / field(&blast, "sent")?.max(1.0),
