@@ -28,7 +28,10 @@ ex/io and ex/fr: the guest's notifications per request or frame (each one a VM e
 under KVM-PVM), counted by the probe; the device's interrupts are not used by the probe.
 The medians of each column are taken independently over the rounds.
 Net: probe A sends 64 B and 1500 B frames for --seconds (NET 0 BLAST) to probe B (NET 0 SINK),
-which counts frames/s, loss and reordering. Needs root (TAPs, bridge), /dev/kvm, qemu-img.
+which counts frames/s, loss and reordering. Backpressure, the same for both VMMs: B acks every
+16 frames back through the switch/bridge and A keeps at most 64 (B's receive ring) unacked, so
+fr/s is the delivered rate; `lost` should stay 0, `to` counts windows A re-opened after 200 ms
+without an ack. Needs root (TAPs, bridge), /dev/kvm, qemu-img.
 Last line: disk_iops_vs_qemu=<min over 4 KiB cases> disk_p99_vs_qemu=<max p99 ratio at QD 1>
   seq_vs_ceiling=<min over 1 MiB cases> net_pps_vs_qemu=<min over frame sizes>";
 
@@ -205,6 +208,8 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
                 qemu_fps: m(&q[k], |r| r.frames_s),
                 vireo_loss: m(&v[k], |r| (r.sent - r.frames).max(r.lost)),
                 qemu_loss: m(&q[k], |r| (r.sent - r.frames).max(r.lost)),
+                vireo_timeouts: m(&v[k], |r| r.timeouts),
+                qemu_timeouts: m(&q[k], |r| r.timeouts),
                 vireo_kicks: (m(&v[k], |r| r.tx_kicks), m(&v[k], |r| r.rx_kicks)),
                 qemu_kicks: (m(&q[k], |r| r.tx_kicks), m(&q[k], |r| r.rx_kicks)),
             });
@@ -254,6 +259,9 @@ struct NetRow {
     qemu_fps: f64,
     vireo_loss: f64,
     qemu_loss: f64,
+    /// Windows re-opened without an ack (blaster timeouts).
+    vireo_timeouts: f64,
+    qemu_timeouts: f64,
     /// Notifications per frame: (sender tx, sink rx).
     vireo_kicks: (f64, f64),
     qemu_kicks: (f64, f64),
@@ -327,19 +335,30 @@ fn print_tables(disk: &[DiskRow], ceiling: f64, net: &[NetRow]) {
     }
     if !net.is_empty() {
         println!(
-            "{:>6} | {:>12} {:>8} {:>11} | {:>12} {:>8} {:>11} | {:>6}",
-            "frame", "vireo fr/s", "lost", "ex/fr tx/rx", "qemu fr/s", "lost", "ex/fr tx/rx", "x"
+            "{:>6} | {:>12} {:>8} {:>5} {:>11} | {:>12} {:>8} {:>5} {:>11} | {:>6}",
+            "frame",
+            "vireo fr/s",
+            "lost",
+            "to",
+            "ex/fr tx/rx",
+            "qemu fr/s",
+            "lost",
+            "to",
+            "ex/fr tx/rx",
+            "x"
         );
         for r in net {
             println!(
-                "{:>4} B | {:>12.0} {:>8.0} {:>5.2}/{:>5.2} | {:>12.0} {:>8.0} {:>5.2}/{:>5.2} | {:>6.2}",
+                "{:>4} B | {:>12.0} {:>8.0} {:>5.0} {:>5.2}/{:>5.2} | {:>12.0} {:>8.0} {:>5.0} {:>5.2}/{:>5.2} | {:>6.2}",
                 r.size,
                 r.vireo_fps,
                 r.vireo_loss,
+                r.vireo_timeouts,
                 r.vireo_kicks.0,
                 r.vireo_kicks.1,
                 r.qemu_fps,
                 r.qemu_loss,
+                r.qemu_timeouts,
                 r.qemu_kicks.0,
                 r.qemu_kicks.1,
                 r.vireo_fps / r.qemu_fps

@@ -182,10 +182,32 @@ fn kvm_probe_net_blast_to_sink_counts_every_frame() {
     assert!(s > 1000.0 && num(&sent, "frames_s") > 0.0, "{sent}");
     assert!(f > 0.0 && f + num(&got, "lost") <= s, "{sent} / {got}");
     assert_eq!(num(&got, "reordered"), 0.0, "{got}");
-    // Errors: a frame too short for the header, a bad MAC.
+    // The same under backpressure (the benchmark's mode): the sink acks, the blaster keeps at
+    // most a window of the sink's ring size in flight, so every frame sent is delivered.
+    b.console.send_line("NET 0 SINK 20 1000 ack=16").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = a
+        .console
+        .command(&format!("NET 0 BLAST 1500 1s {dst} window=64"), T)
+        .unwrap();
+    let got = b.console.answer(T).unwrap();
+    let (s, f) = (num(&sent, "sent"), num(&got, "frames"));
+    assert!(s > 64.0 && num(&sent, "acks") > 0.0, "{sent}");
+    assert!(num(&got, "acks") > 0.0, "{got}");
+    assert_eq!(num(&got, "reordered"), 0.0, "{got}");
+    if num(&sent, "timeouts") == 0.0 {
+        // No window was re-opened by force: nothing can have been dropped.
+        assert_eq!((f, num(&got, "lost")), (s, 0.0), "{sent} / {got}");
+    } else {
+        assert!(f + num(&got, "lost") <= s, "{sent} / {got}");
+    }
+    // Errors: a frame too short for the header, a bad MAC, an empty window, acks every 0.
     for bad in [
         format!("NET 0 BLAST 20 10 {dst}"),
         "NET 0 BLAST 64 10 52:54:00".to_string(),
+        format!("NET 0 BLAST 64 10 {dst} window=0"),
+        format!("NET 0 BLAST 64 10 {dst} wndow=4"),
+        "NET 0 SINK 1 ack=0".to_string(),
     ] {
         assert!(
             matches!(a.console.command(&bad, T), Err(ProbeError::Err(_))),

@@ -110,6 +110,7 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     let features = fe.get_features().unwrap();
     let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+    assert_ne!(features & (1 << 15), 0, "VIRTIO_NET_F_MRG_RXBUF offered");
     assert_ne!(features & proto, 0);
     fe.get_protocol_features().unwrap();
     fe.set_protocol_features(VhostUserProtocolFeatures::empty())

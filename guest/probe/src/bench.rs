@@ -10,7 +10,7 @@ use crate::parse;
 use crate::reply::Reply;
 use crate::virtio::blk::bench::{Pattern, Spec, MAX_QD};
 use crate::virtio::blk::Error as BlkError;
-use crate::virtio::net::bench::Limit;
+use crate::virtio::net::bench::{Limit, Window, ACK_TIMEOUT_MS};
 
 const MIB: u64 = 1 << 20;
 /// A sink that has seen frames ends after this long without one.
@@ -150,7 +150,8 @@ pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str
     Ok(())
 }
 
-/// `NET <i> BLAST <size> <count|Ns> <dst mac>` and `NET <i> SINK <seconds> [<idle ms>]`.
+/// `NET <i> BLAST <size> <count|Ns> <dst mac> [window=<w>]` and
+/// `NET <i> SINK <seconds> [<idle ms>] [ack=<k>]`.
 pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str> {
     let i = parse::number(index).ok_or("bad nic index")? as usize;
     if p.nics.get(i).is_none_or(|n| n.is_none()) {
@@ -159,7 +160,20 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
     let khz = p.clock().khz();
     let per_s = |n: u64, ticks: u64| (n as u128 * khz as u128 * 1000 / ticks.max(1) as u128) as u64;
     match t {
-        [b"BLAST", frame_size, limit, mac] => {
+        [b"BLAST", frame_size, limit, mac, rest @ ..] if rest.len() <= 1 => {
+            let window = match rest {
+                [w] => {
+                    let w = num(w.strip_prefix(b"window=").ok_or("expected window=<frames>")?)?;
+                    if w == 0 {
+                        return Err("window must be at least 1");
+                    }
+                    Some(Window {
+                        frames: w,
+                        timeout: ACK_TIMEOUT_MS * khz,
+                    })
+                }
+                _ => None,
+            };
             let size = num(frame_size)? as usize;
             let limit = match limit.strip_suffix(b"s") {
                 Some(secs) => Limit::Ticks(num(secs)?.min(3600) * 1000 * khz),
@@ -167,32 +181,45 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
             };
             let dst = parse_mac(mac).ok_or("bad mac")?;
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
-            let out = nic.blast(size, dst, limit).map_err(|e| match e {
+            let out = nic.blast(size, dst, limit, window).map_err(|e| match e {
                 crate::virtio::net::Error::TooLong => "bad frame size",
                 crate::virtio::net::Error::Stalled => "tx stalled",
             })?;
             let _ = write!(
                 p.reply,
-                "OK sent={} frames_s={} bytes_s={} kicks={}",
+                "OK sent={} frames_s={} bytes_s={} kicks={} acks={} timeouts={}",
                 out.sent,
                 per_s(out.sent, out.ticks),
                 per_s(out.sent * size as u64, out.ticks),
-                out.kicks
+                out.kicks,
+                out.acks,
+                out.timeouts
             );
         }
-        [b"SINK", secs, rest @ ..] if rest.len() <= 1 => {
+        [b"SINK", secs, rest @ ..] if rest.len() <= 2 => {
             let secs = num(secs)?.min(3600);
+            let (ack, rest) = match rest.split_last() {
+                Some((a, r)) if a.starts_with(b"ack=") => {
+                    let k = num(&a[4..])?;
+                    if k == 0 {
+                        return Err("ack must be at least 1");
+                    }
+                    (Some(k), r)
+                }
+                _ => (None, rest),
+            };
             // A longer idle lets a sink outlast a pause of the sender (a save and restore).
             let idle_ms = match rest {
                 [ms] => num(ms)?.clamp(1, 3_600_000),
-                _ => SINK_IDLE_MS,
+                [] => SINK_IDLE_MS,
+                _ => return Err("expected SINK <seconds> [<idle ms>] [ack=<k>]"),
             };
             let deadline = p.clock().deadline_ms(secs * 1000);
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
-            let o = nic.sink(deadline, idle_ms * khz);
+            let o = nic.sink(deadline, idle_ms * khz, ack, khz);
             let _ = write!(
                 p.reply,
-                "OK frames={} bytes={} frames_s={} bytes_s={} lost={} reordered={} other={} kicks={}",
+                "OK frames={} bytes={} frames_s={} bytes_s={} lost={} reordered={} other={} kicks={} acks={}",
                 o.frames,
                 o.bytes,
                 per_s(o.frames, o.ticks),
@@ -200,7 +227,8 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
                 o.lost,
                 o.reordered,
                 o.other,
-                o.kicks
+                o.kicks,
+                o.acks
             );
         }
         _ => return Err("unknown NET command"),

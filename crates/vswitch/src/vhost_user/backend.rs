@@ -2,11 +2,13 @@
 //! forwarded to the port.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -47,8 +49,18 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        // No offloads and no mergeable buffers: frames cross the switch whole and plain.
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Mergeable receive buffers (`rx.rs`); no offloads yet: frames cross the switch whole
+        // and plain.
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.shared.mergeable.store(
+            features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            Ordering::Relaxed,
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

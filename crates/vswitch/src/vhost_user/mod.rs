@@ -9,6 +9,7 @@
 
 mod backend;
 mod port;
+mod rx;
 mod server;
 
 pub use backend::NetBackend;

@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::NetBackend;
+use super::rx::{self, RxError};
 use super::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 
 /// State shared by the daemon's threads (which set it up) and the switch thread (which moves
@@ -35,6 +36,8 @@ pub(crate) struct Shared {
     ready: EventFd,
     /// The TX ring's kicks are off (the switch is draining or polling it).
     tx_quiet: AtomicBool,
+    /// The driver accepted VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive chains.
+    pub(crate) mergeable: AtomicBool,
 }
 
 impl Shared {
@@ -122,6 +125,7 @@ impl VhostUserPort {
             rings: RwLock::new(None),
             ready: EventFd::new(EFD_NONBLOCK)?,
             tx_quiet: AtomicBool::new(false),
+            mergeable: AtomicBool::new(false),
         });
         Ok((
             Arc::new(VhostUserPort {
@@ -237,53 +241,29 @@ impl VhostUserPort {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Err(PortError::Disconnected);
         }
-        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
-            return Err(PortError::Full);
-        };
-        let head = chain.head_index();
-        // virtio_net_hdr_v1 with no offload and num_buffers = 1, then the frame.
-        let mut hdr = [0u8; NET_HDR_LEN];
-        hdr[10] = 1;
-        let parts = [&hdr[..], frame];
-        let (mut part, mut off) = (0usize, 0usize);
-        let mut written = 0usize;
-        for desc in chain {
-            if !desc.is_write_only() {
-                continue;
-            }
-            let mut room = desc.len() as usize;
-            let mut addr = desc.addr().0;
-            while room > 0 && part < parts.len() {
-                let src = &parts[part][off..];
-                let n = src.len().min(room);
-                if mem.write_slice(&src[..n], GuestAddress(addr)).is_err() {
-                    part = usize::MAX; // unusable buffer: give it back empty
-                    break;
-                }
-                room -= n;
-                addr += n as u64;
-                off += n;
-                written += n;
-                if off == parts[part].len() {
-                    part += 1;
-                    off = 0;
-                }
-            }
-            if part >= parts.len() {
-                break;
-            }
-        }
-        let complete = part == parts.len();
-        let _ = state.add_used(head, if complete { written as u32 } else { 0 });
+        let mergeable = self.shared.mergeable.load(Ordering::Relaxed);
+        let r = rx::fill(state.get_queue_mut(), &*mem, frame, mergeable);
         drop(state);
-        notify(ring, &mem);
-        if complete {
-            Ok(())
-        } else {
-            Err(PortError::TooLong {
-                len: frame.len() + NET_HDR_LEN,
-                cap: written,
-            })
+        match r {
+            Ok(_) => {
+                notify(ring, &mem);
+                Ok(())
+            }
+            // Nothing consumed: no need to tell the guest anything.
+            Err(RxError::Full) => Err(PortError::Full),
+            Err(RxError::TooLong { cap }) => {
+                notify(ring, &mem);
+                Err(PortError::TooLong {
+                    len: frame.len() + NET_HDR_LEN,
+                    cap,
+                })
+            }
+            Err(RxError::BadBuffer) => {
+                notify(ring, &mem);
+                Err(PortError::Io(std::io::Error::other(
+                    "receive buffer outside guest memory",
+                )))
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ const HDR_LEN: usize = 12;
 const BUF_LEN: usize = 2048;
 pub const FRAME_MAX: usize = BUF_LEN - HDR_LEN;
 const RX_BUFS: usize = 64;
-const TX_BUFS: usize = 16;
+/// As many as the benchmark's window (64), so one publish can carry a whole window.
+const TX_BUFS: usize = 64;
 const STALL_TICKS: u64 = 100_000_000_000;
 
 pub struct Net {
