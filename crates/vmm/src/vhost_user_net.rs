@@ -256,6 +256,13 @@ impl VhostUserNet {
         )
     }
 
+    /// Waits until the backend has acted on every message sent before: SET_FEATURES and
+    /// SET_MEM_TABLE get no reply without REPLY_ACK, but the backend handles messages in order,
+    /// so the reply to GET_FEATURES comes after them (QEMU does the same for LOG_ALL).
+    fn barrier(&self) -> Result<(), vhost::Error> {
+        self.frontend.get_features().map(|_| ())
+    }
+
     fn mem_table(&self, mem: &GuestMemory) -> Result<(), vhost::Error> {
         let regions = mem
             .iter()
@@ -277,6 +284,7 @@ impl VhostUserNet {
     ) -> Result<(), vhost::Error> {
         self.frontend.set_features(self.backend_run_features())?;
         self.mem_table(mem)?;
+        // SET_LOG_BASE has a reply: the backend logs before any ring starts.
         self.send_log_base()?;
         self.start_rings(mem, queues, calls)
     }
@@ -493,9 +501,11 @@ impl VirtioDevice for VhostUserNet {
         }
         self.log = Some((file, log.size));
         if self.active.is_some() {
+            // Logging before this returns: the first copy pass may come right after.
             let sent = self
                 .send_log_base()
-                .and_then(|()| self.frontend.set_features(self.backend_run_features()));
+                .and_then(|()| self.frontend.set_features(self.backend_run_features()))
+                .and_then(|()| self.barrier());
             if let Err(e) = sent {
                 self.log = None;
                 return Err(DirtyLogError(
@@ -517,7 +527,8 @@ impl VirtioDevice for VhostUserNet {
         let sent = self
             .frontend
             .set_features(self.backend_run_features())
-            .and_then(|()| self.mem_table(&a.mem));
+            .and_then(|()| self.mem_table(&a.mem))
+            .and_then(|()| self.barrier());
         if let Err(e) = sent {
             tracing::warn!("stopping the NIC's dirty log: {}", self.backend_error(e));
         }
