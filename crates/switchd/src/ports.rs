@@ -249,6 +249,31 @@ impl Ports {
         Ok(())
     }
 
+    /// Announces the port (`SwitchOp::Announce`, `vireo_vswitch::announce`): a RARP per MAC
+    /// and a gratuitous ARP per address of its ARP guard's list, run through the pipeline as
+    /// if the port had sent them, so they go out of every other port and the uplink in its
+    /// VLAN, under its guards and ACLs, and the local table learns its MACs. Returns how many
+    /// frames were sent (0 for a port with no MAC configured or learned yet).
+    pub fn announce(&self, name: &str) -> Result<usize, SwitchdError> {
+        let a = self
+            .ports
+            .get(name)
+            .ok_or_else(|| SwitchdError::NoSuchPort(name.into()))?;
+        let frames = {
+            let sw = lock(self.rt.switch());
+            let cfg = sw
+                .status(a.id)
+                .map(|st| st.config)
+                .ok_or_else(|| SwitchdError::NoSuchPort(name.into()))?;
+            vireo_vswitch::announce::announce_frames(&cfg, &sw.learned_macs(a.id))
+        };
+        let n = frames.len();
+        if n > 0 {
+            self.rt.inject(a.id, frames);
+        }
+        Ok(n)
+    }
+
     /// Every port with its meters, in port-id order.
     pub fn status(&self) -> Vec<PortReport> {
         let sw = lock(self.rt.switch());

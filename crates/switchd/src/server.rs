@@ -198,10 +198,12 @@ fn answer(s: &State, op: SwitchOp) -> SwitchReply {
         SwitchOp::ListPolicies => SwitchReply::Policies {
             entries: ports.policies(),
         },
-        // Contract for live migration (issue 12); the switch side is being built.
-        SwitchOp::Announce { name } => SwitchReply::Error {
-            message: format!("announce on port {name:?}: this switch cannot announce yet"),
-        },
+        SwitchOp::Announce { name } => {
+            let r = ports.announce(&name).map(|n| {
+                tracing::info!("port {name:?} announced ({n} frames)");
+            });
+            done(&format!("announce port {name:?}"), r)
+        }
         SwitchOp::Shutdown => {
             tracing::info!("shutdown requested");
             s.shutdown.store(true, Ordering::SeqCst);

@@ -38,6 +38,23 @@ pub enum PauseError {
     Timeout(std::time::Duration),
 }
 
+/// The VM's shared dirty log while dirty logging is on (live save, migration): a memfd of
+/// `size` bytes holding one bit per 4 KiB guest-physical page from address 0 (bit `i % 8` of
+/// byte `i / 8` = page `i`, the vhost-user log format). A device whose guest-RAM writes happen
+/// in another process (a vhost-user back end) hands it there; the VMM reads and clears it
+/// with its own dirty log.
+#[derive(Clone, Copy, Debug)]
+pub struct DirtyLog<'a> {
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    pub size: u64,
+}
+
+/// Why a device cannot log the pages it writes: a live save or migration of its VM would
+/// miss them, so it must not go ahead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DirtyLogError(pub String);
+
 /// A virtio device model. The transport calls these in the order the virtio spec's device
 /// initialisation prescribes: features, config, then `activate` once DRIVER_OK is set, and
 /// `reset` when the driver writes 0 to the status register.
@@ -92,4 +109,13 @@ pub trait VirtioDevice: Send {
     fn maps_guest_memory(&self) -> bool {
         false
     }
+    /// Dirty logging starts: from now until [`VirtioDevice::stop_dirty_log`], every page the
+    /// device writes must be marked in `log` or in the VMM's own bitmap. The default suits
+    /// devices that write guest RAM only through this process's `GuestMemory`, whose bitmap
+    /// the VMM reads already. An error means the device's writes would go unseen.
+    fn start_dirty_log(&mut self, _log: DirtyLog<'_>) -> Result<(), DirtyLogError> {
+        Ok(())
+    }
+    /// Dirty logging ended; the device stops marking `log` (best effort: it is not read again).
+    fn stop_dirty_log(&mut self) {}
 }

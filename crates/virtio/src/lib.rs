@@ -19,7 +19,9 @@ pub mod state;
 mod worker;
 
 pub use block::Block;
-pub use device::{ActivateError, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt};
+pub use device::{
+    ActivateError, DirtyLog, DirtyLogError, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt,
+};
 pub use net::Net;
 pub use state::{DeviceState, QueueState, StateError};
 

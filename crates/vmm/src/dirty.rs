@@ -1,14 +1,31 @@
 //! Dirty-page tracking: KVM's log of pages the guest wrote, merged with vm-memory's bitmap of
-//! pages the VMM wrote (virtio rings, device DMA into guest buffers). Migration needs both.
+//! pages the VMM wrote (virtio rings, device DMA into guest buffers) and with the shared log
+//! other processes that write guest RAM mark (vhost-user back ends: the switch writes received
+//! frames and used rings). Migration and live save need all three.
+//!
+//! The shared log ([`SharedLog`]) exists only while logging is on: a memfd with one bit per
+//! 4 KiB guest page from address 0, handed to every device at [`DirtyTracker::start`]
+//! (`VirtioDevice::start_dirty_log`; a vhost-user NIC sends it to its back end with
+//! `SET_LOG_BASE`). Back ends set bits with atomic ORs; we take them with atomic swaps (or
+//! `fetch_and` for a word shared with another region), so a bit set during a fetch lands in
+//! this fetch or the next, never nowhere.
+//!
+//! Locking: `logging` is held across start/stop/fetch; device transports are locked inside it
+//! (nothing locks them in the other order).
 
-use std::sync::Mutex;
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryBackend;
 
+use crate::devices::bus::lock;
 use crate::error::{Result, VmmError};
 use crate::memory::PAGE_SIZE;
+use crate::virtio_mmio::MmioTransport;
 use crate::GuestMemory;
 
 /// One KVM memory slot (one guest RAM region).
@@ -53,18 +70,106 @@ impl DirtyBitmap {
     }
 }
 
-/// Turns logging on and off for all RAM slots and reads/clears the merged log.
+/// The dirty log shared with back ends in other processes (module docs).
+pub struct SharedLog {
+    file: File,
+    map: vm_memory::MmapRegion,
+    words: usize,
+}
+
+impl SharedLog {
+    /// A zeroed log covering guest-physical pages below `end`.
+    pub fn new(end: u64) -> Result<SharedLog> {
+        let words = end.div_ceil(PAGE_SIZE).div_ceil(64).max(1) as usize;
+        let size = words * 8;
+        let err = |what: &str, e: std::io::Error| {
+            VmmError::DirtyLog(format!("creating the shared dirty log: {what}: {e}"))
+        };
+        // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
+        let fd = unsafe { libc::memfd_create(c"vireo-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(err("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a freshly created descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64)
+            .map_err(|e| err("sizing the log memfd", e))?;
+        let map = vm_memory::MmapRegion::from_file(
+            vm_memory::FileOffset::new(file.try_clone().map_err(|e| err("dup", e))?, 0),
+            size,
+        )
+        .map_err(|e| VmmError::DirtyLog(format!("mapping the shared dirty log: {e}")))?;
+        Ok(SharedLog { file, map, words })
+    }
+
+    /// The log as devices get it.
+    pub fn as_dirty_log(&self) -> vireo_virtio::DirtyLog<'_> {
+        vireo_virtio::DirtyLog {
+            fd: self.file.as_fd(),
+            size: (self.words * 8) as u64,
+        }
+    }
+
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is `words * 8` bytes, page-aligned, shared and writable, and
+        // lives as long as `self`; other processes only touch it with atomic operations.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr() as *const AtomicU64, self.words) }
+    }
+}
+
+/// Takes (and clears) the bits of pages `first .. first + count` from `log`, returned as a
+/// bitmap whose bit 0 is page `first`. Bits outside the range, in the same words, stay.
+pub fn take_range(log: &[AtomicU64], first: u64, count: u64) -> Vec<u64> {
+    let mut out = vec![0u64; count.div_ceil(64) as usize];
+    let (mut p, end) = (first, first + count);
+    while p < end {
+        let Some(word) = log.get((p / 64) as usize) else {
+            break;
+        };
+        let bit = p % 64;
+        let n = (64 - bit).min(end - p);
+        let mask = if n == 64 {
+            !0
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        let got = if mask == !0 {
+            word.swap(0, Ordering::AcqRel)
+        } else {
+            word.fetch_and(!mask, Ordering::AcqRel) & mask
+        } >> bit;
+        let rel = p - first;
+        let (w, shift) = ((rel / 64) as usize, rel % 64);
+        out[w] |= got << shift;
+        if shift != 0 && n > 64 - shift {
+            out[w + 1] |= got >> (64 - shift);
+        }
+        p += n;
+    }
+    out
+}
+
+/// Turns logging on and off for all RAM slots and devices and reads/clears the merged log.
 pub struct DirtyTracker {
     slots: Vec<Slot>,
-    logging: Mutex<bool>,
+    /// The devices told when logging starts and stops.
+    devices: Vec<Arc<Mutex<MmioTransport>>>,
+    /// `Some` (the shared log) while logging is on.
+    logging: Mutex<Option<SharedLog>>,
 }
 
 impl DirtyTracker {
     pub fn new(slots: Vec<Slot>) -> Self {
         DirtyTracker {
             slots,
-            logging: Mutex::new(false),
+            devices: Vec::new(),
+            logging: Mutex::new(None),
         }
+    }
+
+    /// The devices whose writes from other processes must be logged too.
+    pub fn set_devices(&mut self, devices: Vec<Arc<Mutex<MmioTransport>>>) {
+        self.devices = devices;
     }
 
     /// Registers every slot with KVM (used at VM creation too).
@@ -85,38 +190,78 @@ impl DirtyTracker {
         Ok(())
     }
 
-    /// Starts logging; the next fetch reports pages written from now on.
+    /// Starts logging; the next fetch reports pages written from now on. Fails, with logging
+    /// off, when a device cannot log its writes (e.g. a vhost-user back end without
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD`): a copy made from this log would miss them.
     pub fn start(&self, vm: &VmFd, mem: &GuestMemory) -> Result<()> {
         let mut logging = self.logging.lock().unwrap_or_else(|p| p.into_inner());
-        self.set_slots(vm, true)?;
+        if logging.is_some() {
+            self.stop_devices();
+        }
+        *logging = None;
+        let end = self
+            .slots
+            .iter()
+            .map(|s| s.guest_addr + s.size)
+            .max()
+            .unwrap_or(0);
+        let shared = SharedLog::new(end)?;
+        for (i, t) in self.devices.iter().enumerate() {
+            if let Err(e) = lock(t).start_dirty_log(shared.as_dirty_log()) {
+                for t in &self.devices[..i] {
+                    lock(t).stop_dirty_log();
+                }
+                return Err(VmmError::DirtyLog(format!(
+                    "virtio device {i} cannot log the memory it writes: {e}"
+                )));
+            }
+        }
+        if let Err(e) = self.set_slots(vm, true) {
+            self.stop_devices();
+            return Err(e);
+        }
         for r in mem.iter() {
             vmm_bitmap(r).reset();
         }
-        *logging = true;
+        *logging = Some(shared);
         Ok(())
+    }
+
+    fn stop_devices(&self) {
+        for t in &self.devices {
+            lock(t).stop_dirty_log();
+        }
     }
 
     pub fn stop(&self, vm: &VmFd) -> Result<()> {
         let mut logging = self.logging.lock().unwrap_or_else(|p| p.into_inner());
+        if logging.take().is_some() {
+            self.stop_devices();
+        }
         self.set_slots(vm, false)?;
-        *logging = false;
         Ok(())
     }
 
-    /// Returns the pages written since the last start/fetch, and clears the log.
+    /// Returns the pages written since the last start/fetch (by the guest, the VMM or a
+    /// device's back end), and clears the log.
     pub fn fetch_and_clear(&self, vm: &VmFd, mem: &GuestMemory) -> Result<DirtyBitmap> {
         let logging = self.logging.lock().unwrap_or_else(|p| p.into_inner());
-        if !*logging {
-            return Err(VmmError::BootSetup(
+        let Some(shared) = logging.as_ref() else {
+            return Err(VmmError::DirtyLog(
                 "dirty logging is not started".to_string(),
             ));
-        }
+        };
         let mut out = DirtyBitmap::default();
         for (s, region) in self.slots.iter().zip(mem.iter()) {
             let mut words = vm
                 .get_dirty_log(s.slot, s.size as usize)
                 .map_err(VmmError::kvm("KVM_GET_DIRTY_LOG"))?;
             merge(&mut words, &vmm_bitmap(region).get_and_reset());
+            let pages = s.size / PAGE_SIZE;
+            merge(
+                &mut words,
+                &take_range(shared.words(), s.guest_addr / PAGE_SIZE, pages),
+            );
             out.regions.push((s.guest_addr, words));
         }
         Ok(out)
@@ -154,6 +299,57 @@ mod tests {
         };
         assert_eq!(b.pages(), vec![0, 2 * 4096, 127 * 4096, 1 << 32]);
         assert_eq!(b.count(), 4);
+    }
+
+    #[test]
+    fn take_range_takes_and_clears_only_the_region_bits() {
+        let log: Vec<AtomicU64> = [u64::MAX, 0b1011, 1 << 63]
+            .into_iter()
+            .map(AtomicU64::new)
+            .collect();
+        // Pages 62..130: the last 2 bits of word 0, all of word 1, bit 0..1 of word 2.
+        let got = take_range(&log, 62, 68);
+        assert_eq!(got.len(), 2);
+        // Region-relative: pages 62, 63 -> bits 0, 1; word 1's 0b1011 -> bits 2, 3, 5.
+        assert_eq!(got[0], 0b11 | (0b1011 << 2));
+        assert_eq!(got[1], 0, "page 191 lies outside the range");
+        assert_eq!(
+            log[0].load(Ordering::Relaxed),
+            u64::MAX >> 2,
+            "pages 0..62 stay"
+        );
+        assert_eq!(log[1].load(Ordering::Relaxed), 0);
+        assert_eq!(log[2].load(Ordering::Relaxed), 1 << 63, "page 191 stays");
+        // Taken once: a second fetch sees nothing, a new bit is seen once.
+        assert_eq!(take_range(&log, 62, 68), vec![0, 0]);
+        log[2].fetch_or(1, Ordering::Relaxed); // page 128 = region page 66
+        assert_eq!(take_range(&log, 62, 68), vec![0, 1 << 2]);
+        // Beyond the end of the log: nothing, no panic.
+        assert_eq!(take_range(&log, 1000, 64), vec![0]);
+    }
+
+    #[test]
+    fn shared_log_bits_merge_into_the_fetched_bitmap() {
+        // A region at 1 MiB (page 256, word 4): what a back end in another process marked
+        // through the memfd shows up at the right guest addresses.
+        let log = SharedLog::new(2 << 20).unwrap();
+        assert_eq!(log.words().len(), 8);
+        let map = vm_memory::MmapRegion::<()>::from_file(
+            vm_memory::FileOffset::new(log.file.try_clone().unwrap(), 0),
+            64,
+        )
+        .unwrap();
+        // SAFETY: a second shared mapping of the same 64 bytes, as the back end has it.
+        let other = unsafe { std::slice::from_raw_parts(map.as_ptr() as *const AtomicU64, 8) };
+        other[4].fetch_or(1 << 3, Ordering::Relaxed); // page 259 = 0x103000
+        other[7].fetch_or(1 << 63, Ordering::Relaxed); // page 511 = 0x1ff000
+        let mut kvm = vec![1u64, 0, 0, 0]; // the guest wrote page 256
+        merge(&mut kvm, &take_range(log.words(), 256, 256));
+        let b = DirtyBitmap {
+            regions: vec![(1 << 20, kvm)],
+        };
+        assert_eq!(b.pages(), vec![0x100000, 0x103000, 0x1ff000]);
+        assert!(other.iter().all(|w| w.load(Ordering::Relaxed) == 0));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum VmmError {
     Cmdline(String),
     #[error("boot setup failed: {0}")]
     BootSetup(String),
+    /// Dirty logging could not start or be read; the message names what and why.
+    #[error("{0}")]
+    DirtyLog(String),
     #[error("too many virtio devices ({0}); at most {1} are supported")]
     TooManyDevices(usize, usize),
     #[error("console: {0}")]

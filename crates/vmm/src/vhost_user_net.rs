@@ -12,9 +12,21 @@
 //! activated with the saved positions the same way, so no frame the guest queued is lost or
 //! sent twice. Frames the switch has for a paused VM are dropped, as by a NIC that is down.
 //!
-//! Not covered: dirty logging of backend writes (live migration would need LOG_ALL) and
-//! reconnecting to a restarted backend.
+//! Dirty log (live save, migration; docs/vm-state.md "The NIC's dirty log"): the backend
+//! writes received frames and used rings into guest RAM behind KVM's back, so while dirty
+//! logging is on it marks those pages in the VM's shared log. We negotiate
+//! `VHOST_USER_PROTOCOL_F_LOG_SHMFD` at connect; `start_dirty_log` sends the log memfd with
+//! `SET_LOG_BASE` and sets `VHOST_F_LOG_ALL` (a driver activating the device meanwhile gets
+//! both after its `SET_MEM_TABLE`); `stop_dirty_log` clears `LOG_ALL` and sends the memory
+//! table again, which detaches the log from backends (vhost-user-backend's among them) that
+//! keep logging regardless of `LOG_ALL`. A backend without both features makes
+//! `start_dirty_log` fail, and so the live save or migration, rather than lose its writes.
+//! The used rings are logged by guest-physical address through the same log (the backend
+//! marks every page it writes), so `VHOST_VRING_F_LOG` is not used.
+//!
+//! Not covered: reconnecting to a restarted backend.
 
+use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,10 +34,11 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vireo_virtio::state::{NetState, RingPositions};
 use vireo_virtio::{
-    ActivateError, DeviceState, PauseError, QueueHandle, StateError, VirtioDevice, VirtioInterrupt,
+    ActivateError, DeviceState, DirtyLog, DirtyLogError, PauseError, QueueHandle, StateError,
+    VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
@@ -120,6 +133,12 @@ pub struct VhostUserNet {
     parked: Option<RingPositions>,
     /// Why the last `pause` could not learn the ring positions (the backend did not answer).
     unknown: Option<String>,
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated.
+    log_shmfd: bool,
+    /// The VM's shared dirty log (our dup of its memfd, size) while logging is on.
+    log: Option<(File, u64)>,
+    /// Test-only: accept dirty logging without telling the backend (shows what is lost).
+    skip_dirty_log: bool,
 }
 
 /// An activation's wiring, kept so that the rings can be stopped and started again.
@@ -168,15 +187,18 @@ impl VhostUserNet {
                 path: socket.to_path_buf(),
             });
         }
+        let mut log_shmfd = false;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            // We use none of the optional protocol features; negotiating the set (even empty)
-            // is what lets us start and stop rings with SET_VRING_ENABLE.
-            frontend
+            // Negotiating the set (even empty) is what lets us start and stop rings with
+            // SET_VRING_ENABLE; LOG_SHMFD is the one optional feature we use (dirty log).
+            let offered = frontend
                 .get_protocol_features()
                 .map_err(negotiate(socket))?;
+            let ours = offered & VhostUserProtocolFeatures::LOG_SHMFD;
             frontend
-                .set_protocol_features(VhostUserProtocolFeatures::empty())
+                .set_protocol_features(ours)
                 .map_err(negotiate(socket))?;
+            log_shmfd = !ours.is_empty();
         }
         Ok(VhostUserNet {
             path: socket.to_path_buf(),
@@ -188,7 +210,65 @@ impl VhostUserNet {
             active: None,
             parked: None,
             unknown: None,
+            log_shmfd,
+            log: None,
+            skip_dirty_log: false,
         })
+    }
+
+    /// Test-only: dirty logging "starts" without the backend being told, so its writes are
+    /// missed. Only for tests that show what the dirty log protects against.
+    #[doc(hidden)]
+    pub fn without_dirty_log_for_tests(mut self) -> Self {
+        self.skip_dirty_log = true;
+        self
+    }
+
+    /// Whether the backend can log its writes (LOG_SHMFD and LOG_ALL both offered).
+    fn can_log(&self) -> bool {
+        self.log_shmfd && self.backend_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0
+    }
+
+    /// The features the backend runs with: the driver's, plus LOG_ALL while logging.
+    fn backend_run_features(&self) -> u64 {
+        let mut features = self.acked & self.backend_features;
+        if self.protocol_features() {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        if self.log.is_some() {
+            features |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        }
+        features
+    }
+
+    /// Hands the backend the shared log (SET_LOG_BASE, after the memory table it covers).
+    fn send_log_base(&self) -> Result<(), vhost::Error> {
+        let Some((file, size)) = &self.log else {
+            return Ok(());
+        };
+        self.frontend.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: *size,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )
+    }
+
+    /// Waits until the backend has acted on every message sent before: SET_FEATURES and
+    /// SET_MEM_TABLE get no reply without REPLY_ACK, but the backend handles messages in order,
+    /// so the reply to GET_FEATURES comes after them (QEMU does the same for LOG_ALL).
+    fn barrier(&self) -> Result<(), vhost::Error> {
+        self.frontend.get_features().map(|_| ())
+    }
+
+    fn mem_table(&self, mem: &GuestMemory) -> Result<(), vhost::Error> {
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend.set_mem_table(&regions).map(|_| ())
     }
 
     fn protocol_features(&self) -> bool {
@@ -202,16 +282,10 @@ impl VhostUserNet {
         queues: &[QueueHandle],
         calls: &[EventFd],
     ) -> Result<(), vhost::Error> {
-        let mut features = self.acked & self.backend_features;
-        if self.protocol_features() {
-            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        }
-        self.frontend.set_features(features)?;
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()?;
-        self.frontend.set_mem_table(&regions)?;
+        self.frontend.set_features(self.backend_run_features())?;
+        self.mem_table(mem)?;
+        // SET_LOG_BASE has a reply: the backend logs before any ring starts.
+        self.send_log_base()?;
         self.start_rings(mem, queues, calls)
     }
 
@@ -278,7 +352,10 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn features(&self) -> u64 {
-        (self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        // PROTOCOL_FEATURES and LOG_ALL are between us and the backend, not for the guest.
+        (self.backend_features
+            & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                | VhostUserVirtioFeatures::LOG_ALL.bits()))
             | VIRTIO_NET_F_MAC
     }
 
@@ -402,6 +479,59 @@ impl VirtioDevice for VhostUserNet {
             }
         }
         self.active = Some(a);
+    }
+
+    /// Hands the backend the VM's log (module docs). Not active yet: the log goes with the
+    /// memory table when the driver activates the device (the backend cannot write before).
+    fn start_dirty_log(&mut self, log: DirtyLog<'_>) -> Result<(), DirtyLogError> {
+        if !self.can_log() {
+            return Err(DirtyLogError(format!(
+                "vhost-user backend {} cannot log the guest memory it writes (it does not offer \
+                 VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL); pause the VM before \
+                 saving it, or use a backend that offers them",
+                self.path.display()
+            )));
+        }
+        let file =
+            log.fd.try_clone_to_owned().map(File::from).map_err(|e| {
+                DirtyLogError(self.backend_error(format!("duplicating the log: {e}")))
+            })?;
+        if self.skip_dirty_log {
+            return Ok(());
+        }
+        self.log = Some((file, log.size));
+        if self.active.is_some() {
+            // Logging before this returns: the first copy pass may come right after.
+            let sent = self
+                .send_log_base()
+                .and_then(|()| self.frontend.set_features(self.backend_run_features()))
+                .and_then(|()| self.barrier());
+            if let Err(e) = sent {
+                self.log = None;
+                return Err(DirtyLogError(
+                    self.backend_error(format!("starting its dirty log: {e}")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the backend's logging: LOG_ALL off, and a fresh memory table without a log.
+    fn stop_dirty_log(&mut self) {
+        if self.log.take().is_none() {
+            return;
+        }
+        let Some(a) = &self.active else {
+            return;
+        };
+        let sent = self
+            .frontend
+            .set_features(self.backend_run_features())
+            .and_then(|()| self.mem_table(&a.mem))
+            .and_then(|()| self.barrier());
+        if let Err(e) = sent {
+            tracing::warn!("stopping the NIC's dirty log: {}", self.backend_error(e));
+        }
     }
 
     /// Features, MAC and, when active, the ring positions `pause` collected from the backend.

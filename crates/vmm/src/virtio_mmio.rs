@@ -191,6 +191,19 @@ impl MmioTransport {
         }
     }
 
+    /// Dirty logging starts (see `VirtioDevice::start_dirty_log`); also for a device the
+    /// driver has not activated yet, which must log from its activation on.
+    pub fn start_dirty_log(
+        &mut self,
+        log: vireo_virtio::DirtyLog<'_>,
+    ) -> Result<(), vireo_virtio::DirtyLogError> {
+        self.device.start_dirty_log(log)
+    }
+
+    pub fn stop_dirty_log(&mut self) {
+        self.device.stop_dirty_log()
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }

@@ -129,7 +129,7 @@ struct Reload {
 pub struct VmHandle(Arc<Shared>);
 
 impl VmHandle {
-    /// Starts KVM dirty logging and clears the VMM-write bitmap.
+    /// Starts dirty logging (KVM's, the VMM's own writes, and devices' back ends: `dirty.rs`).
     pub fn start_dirty_log(&self) -> Result<()> {
         self.0.dirty.start(&self.0.vm_fd, &self.0.ram.memory)
     }
@@ -258,7 +258,7 @@ impl Vm {
             crate::memory::MMIO_HOLE_START,
             crate::memory::MMIO_HOLE_END
         );
-        let dirty = DirtyTracker::new(slots);
+        let mut dirty = DirtyTracker::new(slots);
         dirty.set_slots(&vm_fd, false)?;
 
         let exit = Arc::new(ExitState::default());
@@ -312,6 +312,8 @@ impl Vm {
             cmdline.push_str(&virtio_cmdline_entry(place));
             placements.push(place);
         }
+
+        dirty.set_devices(transports.clone());
 
         let boot = boot::load(
             &ram.memory,

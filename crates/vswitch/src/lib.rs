@@ -6,6 +6,7 @@
 //! (channels, TAPs, AF_PACKET uplinks, later vhost-user VM NICs) and the pipeline.
 
 pub mod acl;
+pub mod announce;
 pub mod config;
 pub mod ext;
 pub mod extension;

@@ -50,6 +50,8 @@ struct Attached {
 enum Control {
     Attach(PortId, Attached),
     Detach(PortId),
+    /// Frames to run through the pipeline as if port `PortId` had sent them.
+    Inject(PortId, Vec<Vec<u8>>),
 }
 
 /// A running switch: the pipeline plus the thread that feeds it.
@@ -150,6 +152,15 @@ impl SwitchRuntime {
                 offload,
             },
         ));
+        let _ = self.wake.write(1);
+    }
+
+    /// Runs `frames` through the pipeline as if port `id` had sent them (ingress policies,
+    /// learning, VLANs, ACLs all apply) and delivers them, on the switch thread. Used to
+    /// announce a port whose VM just arrived (`SwitchOp::Announce`). Frames longer than the
+    /// receive buffer are dropped.
+    pub fn inject(&self, id: PortId, frames: Vec<Vec<u8>>) {
+        let _ = self.ctl.send(Control::Inject(id, frames));
         let _ = self.wake.write(1);
     }
 
@@ -299,9 +310,29 @@ impl Worker {
                     }
                     self.uplink_queues.remove(&id);
                 }
+                Control::Inject(id, frames) => self.inject(id, &frames),
             }
         }
         Ok(())
+    }
+
+    /// Delivers `frames` as if `ingress` had sent them, a batch at a time.
+    fn inject(&mut self, ingress: PortId, frames: &[Vec<u8>]) {
+        for chunk in frames.chunks(BATCH) {
+            let mut lens = [0usize; BATCH];
+            let mut count = 0;
+            for f in chunk.iter().filter(|f| !f.is_empty() && f.len() <= RX_BUF) {
+                let buf = &mut self.rx[count];
+                restore_len(buf);
+                buf[..f.len()].copy_from_slice(f);
+                lens[count] = f.len();
+                self.hdrs[count] = VnetHdr::default();
+                count += 1;
+            }
+            if count > 0 {
+                self.deliver(ingress, false, count, &lens, 0);
+            }
+        }
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -389,6 +420,20 @@ impl Worker {
         if count == 0 && too_long == 0 {
             return;
         }
+        self.deliver(ingress, port.packet.is_some(), count, &lens, too_long);
+    }
+
+    /// Runs the `count` frames in `self.rx` (lengths in `lens`; 0 = consumed and dropped as
+    /// too long) through the pipeline as sent by `ingress` and delivers them. `from_packet`:
+    /// the ingress is an AF_PACKET port (its TCP flows may go to the kernel fast path).
+    fn deliver(
+        &mut self,
+        ingress: PortId,
+        from_packet: bool,
+        count: usize,
+        lens: &[usize; BATCH],
+        too_long: u64,
+    ) {
         let now = self.now();
         let mut sw = lock(&self.switch);
         for _ in 0..too_long {
@@ -407,7 +452,7 @@ impl Worker {
             let hdr = self.hdrs[i];
             let wire = wire_len(frame, &hdr);
             sw.process_sized(ingress, frame, wire, now, d);
-            if let (Some(off), Some(_), [e]) = (&mut self.offload, &port.packet, &d.egress[..]) {
+            if let (Some(off), true, [e]) = (&mut self.offload, from_packet, &d.egress[..]) {
                 let to_packet = self
                     .ports
                     .get(e.port.0 as usize)

@@ -306,19 +306,87 @@ fn connect_guest(
     mem: &GuestMemoryMmap,
     n: u16,
 ) -> (Frontend, Vec<EventFd>, Vec<EventFd>) {
+    connect_guest_logging(socket, mem, n, None)
+}
+
+/// A log memfd covering `MEM` of guest RAM (one bit per 4 KiB page), and its mapping.
+fn dirty_log() -> (File, vm_memory::MmapRegion) {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked and owned.
+    let fd = unsafe { libc::memfd_create(c"vhu-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is fresh and owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len((MEM / 4096 / 8) as u64).unwrap();
+    let map = vm_memory::MmapRegion::from_file(
+        FileOffset::new(file.try_clone().unwrap(), 0),
+        MEM / 4096 / 8,
+    )
+    .unwrap();
+    (file, map)
+}
+
+/// Takes (clears) the logged pages, ascending.
+fn logged_pages(map: &vm_memory::MmapRegion) -> Vec<u64> {
+    // SAFETY: the mapping is MEM/4096/8 bytes, page-aligned, alive for this call; the backend
+    // only touches it with atomic ORs.
+    let words = unsafe {
+        std::slice::from_raw_parts(
+            map.as_ptr() as *const std::sync::atomic::AtomicU64,
+            MEM / 4096 / 64,
+        )
+    };
+    let mut out = Vec::new();
+    for (w, word) in words.iter().enumerate() {
+        let mut bits = word.swap(0, std::sync::atomic::Ordering::AcqRel);
+        while bits != 0 {
+            out.push((w as u64 * 64 + u64::from(bits.trailing_zeros())) * 4096);
+            bits &= bits - 1;
+        }
+    }
+    out
+}
+
+/// [`connect_guest`], with the backend logging into `log` (LOG_SHMFD, SET_LOG_BASE, LOG_ALL)
+/// when one is given.
+fn connect_guest_logging(
+    socket: &std::path::Path,
+    mem: &GuestMemoryMmap,
+    n: u16,
+    log: Option<&File>,
+) -> (Frontend, Vec<EventFd>, Vec<EventFd>) {
     let mut fe = Frontend::connect(socket, 2).unwrap();
     fe.set_owner().unwrap();
     let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    fe.get_features().unwrap();
-    fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(VhostUserProtocolFeatures::empty())
-        .unwrap();
-    fe.set_features((1 << 32) | proto).unwrap();
+    let offered = fe.get_features().unwrap();
+    let offered_proto = fe.get_protocol_features().unwrap();
+    let (want, log_all) = match log {
+        Some(_) => {
+            assert!(offered_proto.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+            let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+            assert_ne!(offered & log_all, 0, "LOG_ALL not offered");
+            (VhostUserProtocolFeatures::LOG_SHMFD, log_all)
+        }
+        None => (VhostUserProtocolFeatures::empty(), 0),
+    };
+    fe.set_protocol_features(want).unwrap();
+    fe.set_features((1 << 32) | proto | log_all).unwrap();
     let regions: Vec<_> = mem
         .iter()
         .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
         .collect();
     fe.set_mem_table(&regions).unwrap();
+    if let Some(file) = log {
+        use std::os::fd::AsRawFd;
+        fe.set_log_base(
+            0,
+            Some(vhost::VhostUserDirtyLogRegion {
+                mmap_size: (MEM / 4096 / 8) as u64,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+    }
     let host = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap() as u64;
     let calls: Vec<EventFd> = (0..2)
         .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -414,12 +482,107 @@ impl<'a> DriverRing<'a> {
     }
 }
 
+/// The dirty log (docs/vm-state.md, "The NIC's dirty log"): with a log handed over, every
+/// page the switch writes into guest RAM is marked — the receive buffer and the RX used ring
+/// for a frame it delivers, the TX used ring for a frame it takes — and nothing it only reads.
+#[test]
+fn the_backend_marks_every_guest_page_it_writes_in_the_dirty_log() {
+    let mem = guest_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("port.sock");
+    let mut sw = Switch::new(SwitchConfig::private("vhu-log")).unwrap();
+    let p_vm = sw.add_port(PortConfig::access("vm", 1)).unwrap();
+    let p_peer = sw.add_port(PortConfig::access("peer", 1)).unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    let (port, server) = VhostUserServer::listen(&socket, "vm").unwrap();
+    rt.attach(p_vm, port.clone());
+    let (peer_sw, peer) = channel_pair("log-peer-sw", "log-peer").unwrap();
+    rt.attach(p_peer, Arc::new(peer_sw));
+    let (log, map) = dirty_log();
+
+    // RX buffers at 0x100000 + i*2048, TX buffers (read only by the switch) at 0x140000.
+    let mut rx = DriverRing::new(&mem, 0, QSIZE, 0x100000, 2048, VRING_DESC_F_WRITE);
+    let f = frame(PEER_MAC, GUEST_MAC, 7);
+    let mut tx_bytes = vec![0u8; HDR];
+    tx_bytes.extend_from_slice(&f);
+    for i in 0..u64::from(QSIZE) {
+        mem.write_slice(&tx_bytes, GuestAddress(0x140000 + i * 2048))
+            .unwrap();
+    }
+    let mut tx = DriverRing::new(&mem, 1, QSIZE, 0x140000, tx_bytes.len() as u32, 0);
+    let (fe, kicks, _calls) = connect_guest_logging(&socket, &mem, QSIZE, Some(&log));
+    assert!(wait_until(|| port.connected()));
+    rx.refill();
+    kicks[0].write(1).unwrap();
+    let (_, _, rx_used) = ring_addrs(0, u64::from(QSIZE));
+    let (_, _, tx_used) = ring_addrs(1, u64::from(QSIZE));
+    // So far at most the used rings' flags (kicks off) were written.
+    std::thread::sleep(Duration::from_millis(50));
+    let early = logged_pages(&map);
+    assert!(
+        early.iter().all(|&p| p == rx_used || p == tx_used),
+        "{early:x?}"
+    );
+
+    // Five frames to the guest: buffers 0..5 lie in pages 0x100000, 0x101000 and 0x102000.
+    for i in 0..5u8 {
+        peer.send(&frame(GUEST_MAC, PEER_MAC, i)).unwrap();
+        assert!(wait_until(|| used_idx_at(&mem, 0) == u16::from(i) + 1));
+    }
+    assert_eq!(
+        logged_pages(&map),
+        vec![rx_used & !0xfff, 0x100000, 0x101000, 0x102000],
+        "RX used ring and the three buffer pages"
+    );
+
+    // One frame from the guest: only the TX used ring is written (the buffer is read).
+    tx.refill();
+    kicks[1].write(1).unwrap();
+    assert_eq!(recv_frame(&peer).as_deref(), Some(&f[..]));
+    // More of the 16 posted TX buffers may have been taken by now: still only the used ring.
+    assert!(wait_until(|| used_idx_at(&mem, 1) == QSIZE));
+    assert_eq!(logged_pages(&map), vec![tx_used & !0xfff]);
+
+    drop(fe);
+    server.stop().unwrap();
+    rt.stop().unwrap();
+}
+
+/// `used.idx` of queue `q` laid out by [`ring_addrs`].
+fn used_idx_at(mem: &GuestMemoryMmap, q: u64) -> u16 {
+    let (_, _, u) = ring_addrs(q, u64::from(QSIZE));
+    mem.read_obj(GuestAddress(u + 2)).unwrap()
+}
+
 /// Not a pass/fail test: frames/s from one guest's TX ring through the switch into another
-/// guest's RX ring, both over vhost-user, 64-byte frames, on whatever cores are free
+/// guest's RX ring, both over vhost-user, 64-byte frames, on whatever cores are free, with the
+/// dirty log off and on, alternating
 /// (`cargo test -p vireo-vswitch --release --test vhost_user -- --ignored --nocapture`).
 #[test]
 #[ignore]
 fn vhost_user_guest_to_guest_frame_rate() {
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..3 {
+        off.push(guest_to_guest_rate(false));
+        on.push(guest_to_guest_rate(true));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (m_off, m_on) = (median(&mut off), median(&mut on));
+    println!(
+        "vhost_user 64b frames/s, dirty log off: {m_off:.0} (runs {off:.0?}); on: {m_on:.0} \
+         (runs {on:.0?}); on/off = {:.3}",
+        m_on / m_off
+    );
+}
+
+/// One 3-second run of [`vhost_user_guest_to_guest_frame_rate`]; with `log` both guests'
+/// backends log into a shared log, as during a live save or migration.
+fn guest_to_guest_rate(log: bool) -> f64 {
     const N: u16 = 256;
     let dir = tempfile::tempdir().unwrap();
     let mut sw = Switch::new(SwitchConfig::private("vhu-rate")).unwrap();
@@ -444,8 +607,13 @@ fn vhost_user_guest_to_guest_frame_rate() {
     }
     let mut a_tx = DriverRing::new(&mem_a, 1, N, 0x40000, tx_bytes.len() as u32, 0);
     let mut b_rx = DriverRing::new(&mem_b, 0, N, 0x40000, 2048, VRING_DESC_F_WRITE);
-    let (fe_a, kicks_a, _calls_a) = connect_guest(&sa, &mem_a, N);
-    let (fe_b, kicks_b, _calls_b) = connect_guest(&sb, &mem_b, N);
+    let logs = (dirty_log(), dirty_log());
+    let (log_a, log_b) = match log {
+        true => (Some(&(logs.0).0), Some(&(logs.1).0)),
+        false => (None, None),
+    };
+    let (fe_a, kicks_a, _calls_a) = connect_guest_logging(&sa, &mem_a, N, log_a);
+    let (fe_b, kicks_b, _calls_b) = connect_guest_logging(&sb, &mem_b, N, log_b);
     assert!(wait_until(|| port_a.connected() && port_b.connected()));
 
     b_rx.refill();
@@ -468,15 +636,22 @@ fn vhost_user_guest_to_guest_frame_rate() {
     let secs = start.elapsed().as_secs_f64();
     let dropped = lock(&sw).drops(pb, DropReason::TxFull);
     println!(
-        "vhost_user_guest_to_guest_64b_fps={:.0} (sent {sent}, delivered {delivered}, \
+        "vhost_user_guest_to_guest_64b_fps={:.0} log={log} (sent {sent}, delivered {delivered}, \
          no-buffer drops {dropped}, {secs:.2} s)",
         delivered as f64 / secs
     );
     assert!(delivered > 0);
+    if log {
+        assert!(
+            !logged_pages(&(logs.1).1).is_empty(),
+            "B's backend logged nothing"
+        );
+    }
     drop((fe_a, fe_b));
     server_a.stop().unwrap();
     server_b.stop().unwrap();
     rt.stop().unwrap();
+    delivered as f64 / secs
 }
 
 #[test]

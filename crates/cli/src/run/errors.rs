@@ -40,6 +40,7 @@ pub fn vm_error(e: VmmError) -> CliError {
         | VmmError::KvmCap(_)
         | VmmError::Kvm { .. }
         | VmmError::BootSetup(_)
+        | VmmError::DirtyLog(_)
         | VmmError::Console(_)
         | VmmError::ConsoleSocketInUse(_)
         | VmmError::Thread(_)

@@ -1,22 +1,33 @@
 //! The `VhostUserBackend` half: feature negotiation and memory updates from the VMM, kicks
 //! forwarded to the port.
+//!
+//! Dirty log (live save and migration, docs/vm-state.md "The NIC's dirty log"): we offer
+//! `VHOST_USER_PROTOCOL_F_LOG_SHMFD` and `VHOST_F_LOG_ALL`. Guest memory is mapped with
+//! [`BitmapMmapRegion`] bitmaps, so once the VMM hands us its log with `SET_LOG_BASE` every
+//! write through `GuestMemoryMmap` (receive buffers, used-ring entries and `used.idx`, both
+//! rings) sets the bit of its guest page in the shared log, in the same call as the write and
+//! so before `add_used` publishes it. Until then the bitmaps are empty and a write costs one
+//! uncontended read lock. vhost-user-backend keeps logging after `SET_FEATURES` drops
+//! `LOG_ALL`; the VMM ends logging by sending the memory table again, which maps fresh
+//! regions without a log.
 
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::port::Shared;
-use super::{NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{GuestMemoryMmap, Vring, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 
 /// The backend the `vhost-user-backend` daemon drives; shares its state with one
 /// [`super::VhostUserPort`].
@@ -37,8 +48,8 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -50,10 +61,11 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         // Mergeable receive buffers (`rx.rs`); no offloads yet: frames cross the switch whole
-        // and plain.
+        // and plain. LOG_ALL: we log our writes (module docs).
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -64,7 +76,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::empty()
+        VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     // The rings apply EVENT_IDX themselves (the daemon configures them); nothing else changes.
@@ -87,7 +99,7 @@ impl VhostUserBackend for NetBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         // The first event after a ring starts hands us the rings; every TX kick wakes the

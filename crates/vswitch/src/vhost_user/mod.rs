@@ -23,3 +23,10 @@ pub(crate) const NUM_QUEUES: usize = 2;
 pub(crate) const QUEUE_SIZE: usize = 256;
 /// `struct virtio_net_hdr_v1`: with VIRTIO_F_VERSION_1 every frame carries these 12 bytes.
 pub(crate) const NET_HDR_LEN: usize = 12;
+
+/// Guest RAM as the backend maps it: with a dirty bitmap the VMM's `SET_LOG_BASE` fills in.
+pub(crate) type GuestMemoryMmap =
+    vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
+/// A ring over that memory.
+pub(crate) type Vring =
+    vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>;

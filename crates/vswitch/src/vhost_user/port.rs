@@ -16,22 +16,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use vireo_netport::{FramePort, PortError};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::NetBackend;
 use super::rx::{self, RxError};
-use super::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use super::{GuestMemoryMmap, Vring, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 
 /// State shared by the daemon's threads (which set it up) and the switch thread (which moves
 /// frames).
 pub(crate) struct Shared {
     name: String,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    rings: RwLock<Option<Vec<VringRwLock>>>,
+    rings: RwLock<Option<Vec<Vring>>>,
     /// Readable while the guest may have transmitted frames not yet taken.
     ready: EventFd,
     /// The TX ring's kicks are off (the switch is draining or polling it).
@@ -45,7 +45,7 @@ impl Shared {
         *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
     }
 
-    pub(crate) fn attach_rings(&self, vrings: &[VringRwLock]) {
+    pub(crate) fn attach_rings(&self, vrings: &[Vring]) {
         if self
             .rings
             .read()
@@ -92,7 +92,7 @@ fn poll_window() -> Duration {
 /// Tells the guest about used buffers unless it asked not to be told: through EVENT_IDX, or
 /// (which virtio-queue leaves to the device) the avail ring's NO_INTERRUPT flag, which polling
 /// drivers set so that every frame does not cost an interrupt.
-fn notify(ring: &VringRwLock, mem: &GuestMemoryMmap) {
+fn notify(ring: &Vring, mem: &GuestMemoryMmap) {
     let (event_idx, avail) = {
         let state = ring.get_ref();
         (

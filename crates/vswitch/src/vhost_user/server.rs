@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
-use super::VhostUserPort;
+use super::{GuestMemoryMmap, VhostUserPort};
 
 /// Serves one vhost-user-net connection on a socket; the session ends when the VMM
 /// disconnects or the server is dropped.
