@@ -29,6 +29,7 @@ fn good() -> VmSpec {
         nics: vec![NicSpec {
             name: None,
             policy: Default::default(),
+            virtual_subnet: None,
             switch: "lan".into(),
             mac: None,
             vlan: Some(10),
@@ -149,6 +150,7 @@ fn duplicates_within_a_spec() {
         s.nics.push(NicSpec {
             name: None,
             policy: Default::default(),
+            virtual_subnet: None,
             mac: s.nics[0].mac,
             ..nic
         });
