@@ -225,3 +225,49 @@ fn storage_qos_values() {
     let e = validate_spec(&s, &LIMITS).unwrap_err();
     assert_eq!(e.field, "disks[1].max_iops");
 }
+
+#[test]
+fn virtual_subnet_membership() {
+    use vireo_api::NicVirtualSubnet;
+    let member = |vsid: u32, ca: &[&str]| {
+        Some(NicVirtualSubnet {
+            vsid,
+            ca: ca.iter().map(|c| c.parse().unwrap()).collect(),
+        })
+    };
+    let mut s = good();
+    s.nics[0].virtual_subnet = member(5001, &["10.0.0.2", "fd00::2"]);
+    validate_spec(&s, &LIMITS).unwrap();
+    let cases: [(u32, &[&str], &str, &str); 6] = [
+        (0, &["10.0.0.2"], "nics[0].virtual_subnet.vsid", "0"),
+        (
+            1 << 24,
+            &["10.0.0.2"],
+            "nics[0].virtual_subnet.vsid",
+            "16777216",
+        ),
+        (5001, &[], "nics[0].virtual_subnet.ca", "0"),
+        (
+            5001,
+            &["224.0.0.1"],
+            "nics[0].virtual_subnet.ca[0]",
+            "224.0.0.1",
+        ),
+        (
+            5001,
+            &["0.0.0.0"],
+            "nics[0].virtual_subnet.ca[0]",
+            "0.0.0.0",
+        ),
+        (
+            5001,
+            &["10.0.0.2", "10.0.0.2"],
+            "nics[0].virtual_subnet.ca[1]",
+            "10.0.0.2",
+        ),
+    ];
+    for (vsid, ca, field, value) in cases {
+        let e = refused(|s| s.nics[0].virtual_subnet = member(vsid, ca));
+        assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
+    }
+}

@@ -29,6 +29,7 @@ pub enum LoadBalance {
     /// Hash of IPs and TCP/UDP ports (falls back to IPs, then MACs).
     AddressHash,
     /// One member per VM network adapter (source MAC).
+    #[value(name = "hyperv-port")]
     HyperVPort,
     /// Flowlets placed on the least-loaded member.
     Dynamic,
