@@ -117,6 +117,7 @@ mod tests {
                 mac: None,
                 vlan: None,
                 policy: Default::default(),
+                virtual_subnet: None,
             },
             NicSpec {
                 switch: "sw".into(),
@@ -124,6 +125,7 @@ mod tests {
                 mac: Some(given),
                 vlan: Some(5),
                 policy: Default::default(),
+                virtual_subnet: None,
             },
         ];
         s.disks = vec![

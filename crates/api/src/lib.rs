@@ -41,7 +41,7 @@ pub use pool::{
 };
 pub use rest::{HostInfo, RenameRequest, StopRequest};
 pub use spec::{
-    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, VmSpec,
+    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, NicVirtualSubnet, VmSpec,
     NORMALIZED_IO_BYTES, SPEC_VERSION,
 };
 pub use state::{transition, Action, IllegalTransition, VmState};

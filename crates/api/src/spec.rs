@@ -116,6 +116,22 @@ pub struct NicSpec {
     /// The port's policies on the switch; changed live while the VM runs.
     #[serde(default)]
     pub policy: NicPolicy,
+    /// Network virtualization: the virtual subnet the NIC belongs to and its customer
+    /// addresses (the switch must have an overlay with that subnet). Its frames are then
+    /// switched by the overlay, and its policy entries come from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_subnet: Option<NicVirtualSubnet>,
+}
+
+/// A VM NIC's membership in a virtual subnet (`vireo_netconfig::PortOverlay` without what the
+/// switch knows: the routing domain follows from the VSID, the MAC is the NIC's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicVirtualSubnet {
+    /// The virtual subnet's 24-bit id (1 to 16777215).
+    pub vsid: u32,
+    /// The VM's customer addresses (CAs) in it, at least one.
+    pub ca: Vec<std::net::IpAddr>,
 }
 
 /// A VM NIC's port policy: `vireo_netconfig::PortConfig` without what vireod derives (the
@@ -164,9 +180,23 @@ impl NicSpec {
             storm_limit_pps: p.storm_limit_pps,
             mac_limit: p.mac_limit,
             mtu: p.mtu,
-            // Virtual-subnet membership is not in the VM spec yet (docs/netvirt.md).
+            // Needs the switch's routing domains: vireod fills it in (`port_overlay`).
             overlay: None,
         }
+    }
+}
+
+impl NicSpec {
+    /// The port's overlay membership, given the routing domain that holds its VSID (`None`
+    /// without a virtual subnet or a MAC).
+    pub fn port_overlay(&self, routing_domain: &str) -> Option<vireo_netconfig::PortOverlay> {
+        let v = self.virtual_subnet.as_ref()?;
+        Some(vireo_netconfig::PortOverlay {
+            routing_domain: routing_domain.to_owned(),
+            vsid: v.vsid,
+            mac: vireo_netconfig::MacAddr(self.mac?.0),
+            cas: v.ca.clone(),
+        })
     }
 }
 

@@ -45,7 +45,20 @@ pub struct SwitchSpec {
     pub port_mac_limit: Option<u32>,
     #[serde(default)]
     pub fast_path: Option<bool>,
+    /// NIC teaming: a team of host interfaces as the switch's uplink (port [`TEAM_PORT`],
+    /// `docs/teaming.md`). Only with kind `private` or `internal`: an `external` switch already
+    /// has its uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<vireo_netconfig::TeamConfig>,
+    /// Network virtualization (`docs/netvirt.md`): provider addresses, routing domains and
+    /// their virtual subnets, fixed at creation. `overlay.policies` holds the entries of remote
+    /// VMs, changed with `/v1/switches/{sw}/policies` (local VMs' entries come from their NICs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<vireo_netconfig::OverlayConfig>,
 }
+
+/// The name of a teamed switch's uplink port (the name an external switch's uplink has too).
+pub const TEAM_PORT: &str = "uplink";
 
 /// What the switch process is started with (`switch.json`). `config.ports` is empty; the
 /// ports to create are `ports`, in order, after the implied ones.
@@ -239,6 +252,11 @@ mod tests {
         let spec: SwitchSpec =
             serde_json::from_str(r#"{"name":"sw","kind":{"type":"private"}}"#).unwrap();
         assert_eq!(spec.fast_path, None);
+        assert_eq!(
+            serde_json::to_string(&spec).unwrap(),
+            r#"{"name":"sw","kind":{"type":"private"},"pvlan_domains":[],"mac_aging_secs":null,"mac_table_limit":null,"port_mac_limit":null,"fast_path":null}"#,
+            "a switch without team or overlay is stored as before"
+        );
         assert!(serde_json::from_str::<SwitchSpec>(
             r#"{"name":"sw","kind":{"type":"private"},"ports":[]}"#
         )

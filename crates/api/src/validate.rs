@@ -225,9 +225,53 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
                 ));
             }
         }
+        if let Some(v) = &nic.virtual_subnet {
+            validate_virtual_subnet(i, v)?;
+        }
     }
     Ok(())
 }
+
+/// A NIC's virtual subnet: a 24-bit VSID and 1 to [`MAX_NIC_CAS`] distinct unicast CAs. Whether
+/// the switch has that subnet, and whether another port holds a CA, the switch decides.
+fn validate_virtual_subnet(i: usize, v: &crate::spec::NicVirtualSubnet) -> Result<(), SpecError> {
+    let max = vireo_netconfig::MAX_VSID;
+    if !(1..=max).contains(&v.vsid) {
+        return Err(err(
+            format!("nics[{i}].virtual_subnet.vsid"),
+            v.vsid,
+            format!("a VSID is 1 to {max} (24 bits)"),
+        ));
+    }
+    if v.ca.is_empty() || v.ca.len() > MAX_NIC_CAS {
+        return Err(err(
+            format!("nics[{i}].virtual_subnet.ca"),
+            v.ca.len(),
+            format!("give 1 to {MAX_NIC_CAS} customer addresses"),
+        ));
+    }
+    for (j, ca) in v.ca.iter().enumerate() {
+        if ca.is_unspecified() || ca.is_multicast() || ca.is_loopback() {
+            return Err(err(
+                format!("nics[{i}].virtual_subnet.ca[{j}]"),
+                ca,
+                "a customer address is a unicast address (not unspecified, loopback or multicast)",
+            ));
+        }
+        if v.ca[..j].contains(ca) {
+            return Err(err(
+                format!("nics[{i}].virtual_subnet.ca[{j}]"),
+                ca,
+                "listed twice",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Most customer addresses one NIC has (a VM with a few aliases fits; the policy table holds
+/// one entry per CA).
+pub const MAX_NIC_CAS: usize = 16;
 
 /// A disk's storage QoS: each value 1 to [`MAX_IOPS`] (leave it out for none), and a minimum no
 /// higher than the maximum (the limiter would make every busy moment an alert).

@@ -29,6 +29,7 @@ fn good() -> VmSpec {
         nics: vec![NicSpec {
             name: None,
             policy: Default::default(),
+            virtual_subnet: None,
             switch: "lan".into(),
             mac: None,
             vlan: Some(10),
@@ -151,6 +152,7 @@ fn duplicates_within_a_spec() {
         s.nics.push(NicSpec {
             name: None,
             policy: Default::default(),
+            virtual_subnet: None,
             mac: s.nics[0].mac,
             ..nic
         });
@@ -234,4 +236,50 @@ fn vm_names_that_are_api_paths_are_reserved_but_only_for_vms() {
     vireo_api::validate_vm_name("name", "Import").unwrap();
     // A switch, pool or checkpoint may be called so.
     validate_name("name", "import").unwrap();
+}
+
+#[test]
+fn virtual_subnet_membership() {
+    use vireo_api::NicVirtualSubnet;
+    let member = |vsid: u32, ca: &[&str]| {
+        Some(NicVirtualSubnet {
+            vsid,
+            ca: ca.iter().map(|c| c.parse().unwrap()).collect(),
+        })
+    };
+    let mut s = good();
+    s.nics[0].virtual_subnet = member(5001, &["10.0.0.2", "fd00::2"]);
+    validate_spec(&s, &LIMITS).unwrap();
+    let cases: [(u32, &[&str], &str, &str); 6] = [
+        (0, &["10.0.0.2"], "nics[0].virtual_subnet.vsid", "0"),
+        (
+            1 << 24,
+            &["10.0.0.2"],
+            "nics[0].virtual_subnet.vsid",
+            "16777216",
+        ),
+        (5001, &[], "nics[0].virtual_subnet.ca", "0"),
+        (
+            5001,
+            &["224.0.0.1"],
+            "nics[0].virtual_subnet.ca[0]",
+            "224.0.0.1",
+        ),
+        (
+            5001,
+            &["0.0.0.0"],
+            "nics[0].virtual_subnet.ca[0]",
+            "0.0.0.0",
+        ),
+        (
+            5001,
+            &["10.0.0.2", "10.0.0.2"],
+            "nics[0].virtual_subnet.ca[1]",
+            "10.0.0.2",
+        ),
+    ];
+    for (vsid, ca, field, value) in cases {
+        let e = refused(|s| s.nics[0].virtual_subnet = member(vsid, ca));
+        assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
+    }
 }

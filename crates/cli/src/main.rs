@@ -11,10 +11,12 @@ mod exit;
 mod host;
 mod hostcmd;
 mod job;
+mod netvirt;
 mod output;
 mod pool;
 mod run;
 mod switch;
+mod switch_team;
 mod table;
 mod vm;
 
@@ -77,6 +79,10 @@ enum Command {
     /// Manage vireod's virtual switches: create, list, show, rm, port add|set|rm, reset-meters.
     #[command(subcommand)]
     Switch(switch::SwitchCommand),
+    /// Network virtualization on a switch with an overlay: the policy table of remote VMs'
+    /// customer addresses (policy add|set|rm|list).
+    #[command(subcommand)]
+    Netvirt(netvirt::NetvirtCommand),
     /// Follow vireod's long operations (start, stop, ...): list, show, cancel.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -117,6 +123,9 @@ fn main() -> ExitCode {
         Command::Switch(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| switch::execute(&client, cmd)),
+        Command::Netvirt(cmd) => connect()
+            .map_err(Into::into)
+            .and_then(|client| netvirt::execute(&client, cmd)),
         Command::Job(cmd) => connect()
             .map_err(Into::into)
             .and_then(|client| job::execute(&client, cmd)),
@@ -181,6 +190,10 @@ mod tests {
             "vireo pool list",
             "vireo pool show",
             "vireo pool metrics",
+            "vireo switch show",
+            "vireo netvirt policy list",
+            "vireo netvirt policy add",
+            "vireo netvirt policy set",
         ] {
             assert!(
                 found.iter().any(|f| f == want),

@@ -32,6 +32,9 @@ pub enum SwitchCommand {
     ///   vireo switch create lan --type private
     ///   vireo switch create hostnet --type internal --host-iface vireo-lan0
     ///   vireo switch create wan --type external --uplink eth1
+    ///   vireo switch create wan --type external --team eth1,eth2 --team-mode lacp
+    ///   vireo switch create nv --type external --team eth1 --overlay-pa 192.0.2.1 \
+    ///       --virtual-subnet red:5001=10.0.0.0/24@10.0.0.1 --encap vxlan
     #[command(verbatim_doc_comment)]
     Create(CreateArgs),
     /// List the switches: name, type, process, NICs, id.
@@ -75,6 +78,10 @@ pub struct CreateArgs {
     /// Internal (required) / external (optional): the host's TAP interface on the switch.
     #[arg(long, value_name = "NAME")]
     pub host_iface: Option<String>,
+    #[command(flatten)]
+    pub team: crate::switch_team::TeamArgs,
+    #[command(flatten)]
+    pub overlay: crate::switch_team::OverlayArgs,
     /// text or json.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
@@ -150,8 +157,15 @@ fn iface_path(sw: &str, iface: &str) -> Result<String, CliError> {
     Ok(format!("{}/ports/{iface}", path(sw)?))
 }
 
-fn kind_name(k: &SwitchKind) -> String {
-    match k {
+fn kind_name(s: &SwitchSpec) -> String {
+    if let Some(t) = &s.team {
+        let host = match &s.kind {
+            SwitchKind::Internal { host_interface } => format!(", host {host_interface}"),
+            _ => String::new(),
+        };
+        return format!("external (team {}{host})", t.members.join(","));
+    }
+    match &s.kind {
         SwitchKind::Private => "private".into(),
         SwitchKind::Internal { host_interface } => format!("internal ({host_interface})"),
         SwitchKind::External { interface, .. } => format!("external ({interface})"),
@@ -172,7 +186,7 @@ fn list_text(switches: &[SwitchInfo]) -> String {
         .map(|s| {
             vec![
                 s.spec.name.clone(),
-                kind_name(&s.spec.kind),
+                kind_name(&s.spec),
                 process_text(s),
                 s.nics.len().to_string(),
                 s.id.to_string(),
@@ -187,7 +201,7 @@ fn show_text(s: &SwitchInfo) -> String {
         "name:     {}\nid:       {}\ntype:     {}\nprocess:  {} (restarts {})\ncreated:  {}\n",
         s.spec.name,
         s.id,
-        kind_name(&s.spec.kind),
+        kind_name(&s.spec),
         process_text(s),
         s.process.restarts,
         utc(s.created_at)
@@ -227,38 +241,53 @@ fn show_text(s: &SwitchInfo) -> String {
             &rows,
         ));
     }
+    out.push_str(&crate::switch_team::team_text(s));
+    out.push_str(&crate::switch_team::overlay_text(s));
     out
 }
 
 pub fn execute(client: &Client, cmd: SwitchCommand) -> Result<ExitCode, Box<dyn Error>> {
     match cmd {
         SwitchCommand::Create(a) => {
-            let kind = match (a.kind, a.uplink, a.host_iface) {
-                (Kind::Private, None, None) => SwitchKind::Private,
-                (Kind::Internal, None, Some(h)) => SwitchKind::Internal { host_interface: h },
-                (Kind::External, Some(u), h) => SwitchKind::External {
-                    interface: u,
-                    binding: UplinkBinding::AfPacket,
-                    host_interface: h,
-                },
-                (Kind::Private, ..) => {
-                    return Err(CliError::bad_input(
-                        "a private switch takes neither --uplink nor --host-iface",
+            let team = a.team.config()?;
+            let kind =
+                match (a.kind, a.uplink, a.host_iface) {
+                    // A team is the uplink: the switch is stored as private (or internal, with a
+                    // host interface) plus its team.
+                    (Kind::External, None, h) if team.is_some() => match h {
+                        None => SwitchKind::Private,
+                        Some(h) => SwitchKind::Internal { host_interface: h },
+                    },
+                    (_, _, _) if team.is_some() => return Err(CliError::bad_input(
+                        "--team makes the uplink: use it with --type external and without --uplink",
                     )
-                    .into())
-                }
-                (Kind::Internal, ..) => {
-                    return Err(CliError::bad_input(
-                        "an internal switch needs --host-iface NAME (and no --uplink)",
-                    )
-                    .into())
-                }
-                (Kind::External, None, _) => {
-                    return Err(
-                        CliError::bad_input("an external switch needs --uplink IFACE").into(),
-                    )
-                }
-            };
+                    .into()),
+                    (Kind::Private, None, None) => SwitchKind::Private,
+                    (Kind::Internal, None, Some(h)) => SwitchKind::Internal { host_interface: h },
+                    (Kind::External, Some(u), h) => SwitchKind::External {
+                        interface: u,
+                        binding: UplinkBinding::AfPacket,
+                        host_interface: h,
+                    },
+                    (Kind::Private, ..) => {
+                        return Err(CliError::bad_input(
+                            "a private switch takes neither --uplink nor --host-iface",
+                        )
+                        .into())
+                    }
+                    (Kind::Internal, ..) => {
+                        return Err(CliError::bad_input(
+                            "an internal switch needs --host-iface NAME (and no --uplink)",
+                        )
+                        .into())
+                    }
+                    (Kind::External, None, _) => {
+                        return Err(CliError::bad_input(
+                            "an external switch needs --uplink IFACE or --team IFACE,IFACE",
+                        )
+                        .into())
+                    }
+                };
             let spec = SwitchSpec {
                 name: a.name,
                 kind,
@@ -267,6 +296,8 @@ pub fn execute(client: &Client, cmd: SwitchCommand) -> Result<ExitCode, Box<dyn 
                 mac_table_limit: None,
                 port_mac_limit: None,
                 fast_path: None,
+                team,
+                overlay: a.overlay.config()?,
             };
             let s: SwitchInfo = client.post("/v1/switches", Some(&spec))?;
             match a.output {

@@ -250,4 +250,19 @@ impl Store {
         }
         Ok(())
     }
+
+    /// Replaces a switch's stored spec (same name: a switch is not renamed here). Its overlay's
+    /// policy entries live in it (`docs/netvirt.md`), so a changed entry is one row update.
+    pub fn set_switch_spec(&self, id: Uuid, spec: &SwitchSpec) -> Result<(), SwitchStoreError> {
+        let conn = self.lock();
+        let text = serde_json::to_string(spec).expect("switch specs serialize");
+        let n = conn.execute(
+            "UPDATE switches SET spec = ?2 WHERE id = ?1 AND name = ?3",
+            params![id.to_string(), text, spec.name],
+        )?;
+        if n == 0 {
+            return Err(SwitchStoreError::NotFound(id.to_string()));
+        }
+        Ok(())
+    }
 }

@@ -460,6 +460,7 @@ fn a_live_vireod_answers_only_documented_statuses() {
     call("DELETE", t, "/v1/vms/doc/nics/n0", None);
     call("DELETE", "/v1/switches/{sw}", "/v1/switches/dsw", None);
     call("DELETE", "/v1/switches/{sw}", "/v1/switches/dsw", None);
+    exercise_policies(&mut call);
     let all: BTreeSet<_> = ops.into_keys().collect();
     let missed: Vec<_> = all.difference(&exercised).collect();
     assert!(missed.is_empty(), "not exercised: {missed:?}");
@@ -527,4 +528,49 @@ fn exercise_pools(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> Resp
     call("DELETE", pool, "/v1/pools/none", None);
     call("DELETE", pool, "/v1/pools/dp?force=true", None);
     assert_eq!(call("DELETE", pool, "/v1/pools/other", None).status, 204);
+}
+
+/// A switch with an overlay and its policy table (docs/netvirt.md).
+fn exercise_policies(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> Response) {
+    let sw = serde_json::to_vec(&json!({"name": "osw", "kind": {"type": "private"},
+        "overlay": {"provider_addresses": ["192.0.2.1"], "provider_mac": "02:00:00:00:01:01",
+            "routing_domains": [{"name": "red", "subnets": [{"vsid": 5001}]}]}}))
+    .unwrap();
+    assert_eq!(
+        call("POST", "/v1/switches", "/v1/switches", Some(&sw)).status,
+        201
+    );
+    let e = serde_json::to_vec(&json!({"routing_domain": "red", "ca": "10.0.0.7",
+        "mac": "02:00:00:00:00:07", "vsid": 5001, "pa": "192.0.2.2"}))
+    .unwrap();
+    let bad_e = serde_json::to_vec(&json!({"routing_domain": "red", "ca": "10.0.0.8",
+        "mac": "02:00:00:00:00:08", "vsid": 16777216, "pa": "192.0.2.2"}))
+    .unwrap();
+    let t = "/v1/switches/{sw}/policies";
+    assert_eq!(
+        call("POST", t, "/v1/switches/osw/policies", Some(&e)).status,
+        201
+    );
+    assert_eq!(
+        call("POST", t, "/v1/switches/osw/policies", Some(&e)).status,
+        422
+    );
+    call("POST", t, "/v1/switches/osw/policies", Some(&bad_e));
+    call("POST", t, "/v1/switches/osw/policies", Some(b"{"));
+    call("POST", t, "/v1/switches/none/policies", Some(&e));
+    call("GET", t, "/v1/switches/osw/policies", None);
+    call("GET", t, "/v1/switches/none/policies", None);
+    let t = "/v1/switches/{sw}/policies/{rd}/{ca}";
+    assert_eq!(
+        call("PUT", t, "/v1/switches/osw/policies/red/10.0.0.7", Some(&e)).status,
+        200
+    );
+    call("PUT", t, "/v1/switches/osw/policies/red/10.0.0.9", Some(&e));
+    call("PUT", t, "/v1/switches/osw/policies/red/nonsense", Some(&e));
+    assert_eq!(
+        call("DELETE", t, "/v1/switches/osw/policies/red/10.0.0.7", None).status,
+        204
+    );
+    call("DELETE", t, "/v1/switches/osw/policies/red/10.0.0.7", None);
+    call("DELETE", "/v1/switches/{sw}", "/v1/switches/osw", None);
 }

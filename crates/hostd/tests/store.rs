@@ -46,6 +46,7 @@ fn crud_round_trip() {
     changed.nics.push(NicSpec {
         name: None,
         policy: Default::default(),
+        virtual_subnet: None,
         switch: "lan".into(),
         mac: None,
         vlan: None,

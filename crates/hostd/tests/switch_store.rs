@@ -18,6 +18,8 @@ fn sw(name: &str) -> SwitchSpec {
         mac_table_limit: None,
         port_mac_limit: None,
         fast_path: None,
+        team: None,
+        overlay: None,
     }
 }
 
@@ -59,6 +61,7 @@ fn names_ports_and_removal_in_use() {
         mac: None,
         vlan: None,
         policy: Default::default(),
+        virtual_subnet: None,
     }];
     let vm = store.create_vm(&spec).unwrap();
     let e = store.remove_switch(lan.id).unwrap_err();

@@ -125,6 +125,18 @@ pub struct AddArgs {
     pub mac: Option<MacAddr>,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// Network virtualization: the virtual subnet (VSID) the NIC joins; the switch must have
+    /// an overlay with it. Needs --ca.
+    #[arg(long, value_name = "VSID", requires = "ca")]
+    pub virtual_subnet: Option<u32>,
+    /// The NIC's customer address in its virtual subnet (repeat or comma-separate for more).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "IP",
+        requires = "virtual_subnet"
+    )]
+    pub ca: Vec<std::net::IpAddr>,
     /// text or json (the NicSpec as stored).
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
@@ -306,6 +318,9 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
                 mac: a.mac,
                 vlan: None,
                 policy,
+                virtual_subnet: a
+                    .virtual_subnet
+                    .map(|vsid| vireo_api::NicVirtualSubnet { vsid, ca: a.ca }),
             };
             let path = format!("{}/nics", super::path(&a.vm)?);
             let added: NicSpec = client.post(&path, Some(&nic))?;

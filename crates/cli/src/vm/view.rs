@@ -154,6 +154,7 @@ pub mod tests {
             nics: vec![NicSpec {
                 name: None,
                 policy: Default::default(),
+                virtual_subnet: None,
                 switch: "sw0".into(),
                 mac: None,
                 vlan: Some(7),

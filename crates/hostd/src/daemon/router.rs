@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
 use super::routes::{
-    checkpoints, console, disks, host, jobs, metrics, nics, pools, power, switches, vms,
+    checkpoints, console, disks, host, jobs, metrics, nics, policies, pools, power, switches, vms,
 };
 use super::{export, prom, Daemon};
 
@@ -148,6 +148,26 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             Method::POST,
             "/v1/switches/{sw}/meters/reset",
             post(switches::reset_meters),
+        ),
+        (
+            Method::GET,
+            "/v1/switches/{sw}/policies",
+            get(policies::list),
+        ),
+        (
+            Method::POST,
+            "/v1/switches/{sw}/policies",
+            post(policies::add),
+        ),
+        (
+            Method::PUT,
+            "/v1/switches/{sw}/policies/{rd}/{ca}",
+            put(policies::set),
+        ),
+        (
+            Method::DELETE,
+            "/v1/switches/{sw}/policies/{rd}/{ca}",
+            delete(policies::remove),
         ),
         (Method::GET, "/v1/jobs", get(jobs::list)),
         (Method::GET, "/v1/jobs/{id}", get(jobs::show)),

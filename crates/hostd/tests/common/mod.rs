@@ -34,6 +34,7 @@ pub fn spec(name: &str) -> VmSpec {
             NicSpec {
                 name: None,
                 policy: Default::default(),
+                virtual_subnet: None,
                 switch: "lan".into(),
                 mac: None,
                 vlan: None,
@@ -41,6 +42,7 @@ pub fn spec(name: &str) -> VmSpec {
             NicSpec {
                 name: None,
                 policy: Default::default(),
+                virtual_subnet: None,
                 switch: "dmz".into(),
                 mac: None,
                 vlan: Some(7),

@@ -7,6 +7,7 @@ pub mod host;
 pub mod jobs;
 pub mod metrics;
 pub mod nics;
+pub mod policies;
 pub mod pools;
 pub mod power;
 pub mod switches;

@@ -103,10 +103,41 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<SwitchInfo>), HttpError> {
     vireo_api::validate_name("name", &spec.name).map_err(|e| invalid(e.to_string()))?;
     check_kind(&spec.kind)?;
+    switches::netvirt::check_team(&spec).map_err(|e| invalid(format!("team: {e}")))?;
+    check_team_members_free(&d, &spec)?;
     launch::check_switch(&spec).map_err(|e| invalid(format!("switch {:?}: {e}", spec.name)))?;
     let row = d.store.create_switch(&spec)?;
     switches::start(&d, &row).await;
     Ok((StatusCode::CREATED, Json(info(&d, row, true).await?)))
+}
+
+/// A team member must not be another switch's uplink, team member or interface port (two
+/// switches reading one interface would each see the other's frames).
+fn check_team_members_free(d: &Daemon, spec: &SwitchSpec) -> Result<(), HttpError> {
+    let Some(team) = &spec.team else {
+        return Ok(());
+    };
+    for row in d.store.list_switches()? {
+        let mut used: Vec<String> = d
+            .store
+            .interface_ports(row.id)?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        if let SwitchKind::External { interface, .. } = &row.spec.kind {
+            used.push(interface.clone());
+        }
+        if let Some(t) = &row.spec.team {
+            used.extend(t.members.iter().cloned());
+        }
+        if let Some(m) = team.members.iter().find(|m| used.contains(m)) {
+            return Err(invalid(format!(
+                "team: member {m:?} is already used by switch {:?}; choose another interface",
+                row.spec.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub async fn remove(State(d): St, ApiPath(key): ApiPath<String>) -> Result<StatusCode, HttpError> {

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
-use vireo_api::switch::{PortAttach, SwitchLaunch, SwitchPort, SwitchSpec};
+use vireo_api::switch::{PortAttach, SwitchLaunch, SwitchPort, SwitchSpec, TEAM_PORT};
 use vireo_api::{NicSpec, Vm};
-use vireo_netconfig::{PortConfig, SwitchConfig};
+use vireo_netconfig::{PortConfig, PortRole, SwitchConfig, TeamConfig};
 
 pub const LAUNCH: &str = "switch.json";
 pub const RECORD: &str = "switch-proc.json";
@@ -42,14 +42,58 @@ pub fn nic_name(nic: &NicSpec) -> &str {
     nic.name.as_deref().unwrap_or("nic")
 }
 
-/// The port a VM NIC stands for on its switch.
-pub fn nic_port(switch_dir: &Path, vm_id: Uuid, nic: &NicSpec) -> SwitchPort {
+/// The routing domain of `spec`'s overlay that holds virtual subnet `vsid`.
+pub fn routing_domain_of(spec: &SwitchSpec, vsid: u32) -> Option<&str> {
+    let o = spec.overlay.as_ref()?;
+    o.routing_domains
+        .iter()
+        .find(|d| d.subnets.iter().any(|s| s.vsid == vsid))
+        .map(|d| d.name.as_str())
+}
+
+/// The policy of a VM NIC's port named `name` on the switch of `spec`, its virtual-subnet
+/// membership included. `Err` names what the switch lacks for it.
+pub fn nic_port_config(spec: &SwitchSpec, name: &str, nic: &NicSpec) -> Result<PortConfig, String> {
+    let mut config = nic.port_config(name);
+    if let Some(v) = &nic.virtual_subnet {
+        let Some(rd) = routing_domain_of(spec, v.vsid) else {
+            return Err(match spec.overlay {
+                None => format!(
+                    "virtual subnet {}: switch {:?} has no overlay (network virtualization is set at `vireo switch create`)",
+                    v.vsid, spec.name
+                ),
+                Some(_) => format!(
+                    "virtual subnet {} is in none of switch {:?}'s routing domains",
+                    v.vsid, spec.name
+                ),
+            });
+        };
+        config.overlay = nic.port_overlay(rd);
+    }
+    Ok(config)
+}
+
+/// The port a VM NIC stands for on its switch (a virtual subnet the switch does not have is
+/// left out here; `nic_port_config` refused it before the NIC was stored).
+pub fn nic_port(spec: &SwitchSpec, switch_dir: &Path, vm_id: Uuid, nic: &NicSpec) -> SwitchPort {
     let name = port_name(vm_id, nic_name(nic));
+    let config = nic_port_config(spec, &name, nic).unwrap_or_else(|_| nic.port_config(&name));
     SwitchPort {
-        config: nic.port_config(&name),
+        config,
         attach: PortAttach::VhostUser {
             socket: port_socket(switch_dir, vm_id, nic_name(nic)),
         },
+    }
+}
+
+/// A teamed switch's uplink port ([`TEAM_PORT`], access VLAN 1 like an external switch's).
+pub fn team_port(team: &TeamConfig) -> SwitchPort {
+    SwitchPort {
+        config: PortConfig {
+            role: PortRole::Uplink,
+            ..PortConfig::access(TEAM_PORT, 1)
+        },
+        attach: PortAttach::Team { team: team.clone() },
     }
 }
 
@@ -81,11 +125,12 @@ pub fn switch_config(spec: &SwitchSpec) -> SwitchConfig {
     if let Some(v) = spec.fast_path {
         c.fast_path = v;
     }
+    c.overlay = spec.overlay.clone();
     c
 }
 
-/// `switch.json`: the switch, one port per NIC of every VM on it (in VM-name order), then the
-/// interface ports.
+/// `switch.json`: the switch, its team uplink if it has one, one port per NIC of every VM on
+/// it (in VM-name order), then the interface ports.
 pub fn launch(
     id: Uuid,
     spec: &SwitchSpec,
@@ -93,10 +138,10 @@ pub fn launch(
     vms: &[Vm],
     interfaces: &[PortConfig],
 ) -> SwitchLaunch {
-    let mut ports = Vec::new();
+    let mut ports: Vec<SwitchPort> = spec.team.iter().map(team_port).collect();
     for vm in vms {
         for nic in vm.spec.nics.iter().filter(|n| n.switch == spec.name) {
-            ports.push(nic_port(dir, vm.id(), nic));
+            ports.push(nic_port(spec, dir, vm.id(), nic));
         }
     }
     ports.extend(interfaces.iter().map(interface_port));

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod launch;
+pub mod netvirt;
 pub mod nic_meter;
 pub mod nics;
 

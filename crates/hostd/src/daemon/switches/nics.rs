@@ -33,7 +33,11 @@ pub fn check(daemon: &Daemon, spec: &VmSpec) -> Result<(), HttpError> {
             Err(e) => return Err(e.into()),
         };
         let name = launch::port_name(Uuid::nil(), nic.name.as_deref().unwrap_or("nic"));
-        launch::check_port(&row.spec, &nic.port_config(&name)).map_err(|reason| {
+        let config = launch::nic_port_config(&row.spec, &name, nic)
+            .map_err(|e| invalid(format!("nics[{i}].virtual_subnet: {e}")))?;
+        super::netvirt::check_nic_cas(daemon, &row, spec, nic)
+            .map_err(|e| invalid(format!("nics[{i}].virtual_subnet: {e}")))?;
+        launch::check_port(&row.spec, &config).map_err(|reason| {
             invalid(format!(
                 "nics[{i}]: switch {:?} refuses the port policy: {reason}",
                 nic.switch
@@ -54,7 +58,7 @@ fn ports(
         let Ok(row) = daemon.store.find_switch(&nic.switch) else {
             continue;
         };
-        let port = launch::nic_port(&switch_dir(daemon, row.id), vm_id, nic);
+        let port = launch::nic_port(&row.spec, &switch_dir(daemon, row.id), vm_id, nic);
         out.insert((row.id, port.config.name.clone()), port);
     }
     out
