@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use vireo_netport::FramePort;
 
-use super::netlink::{self, FilterId, Netlink};
+use super::ebpf::{self, TagAction};
+use super::netlink::{self, Classifier, FilterId, Netlink};
 use super::sockfilter::{classifier, socket_filter, FlowMatch};
 use super::{current_netns, FlowKey, FlowUse};
 use crate::frame::ETH_P_IPV6;
@@ -21,6 +22,10 @@ pub const MAX_FLOWS_PER_PORT: usize = 256;
 /// tc priorities of our filters, one per protocol (a tc priority holds one protocol).
 const PRIO_IPV4: u16 = 0xc000;
 const PRIO_IPV6: u16 = 0xc001;
+/// Tagged flows: tc classifies a frame whose tag is in the skb metadata by the tag's TPID,
+/// not by the EtherType inside (which the program tests).
+const PRIO_VLAN: u16 = 0xc002;
+const ETH_P_8021Q: u16 = 0x8100;
 const ETH_HLEN: u64 = 14;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +73,14 @@ pub struct Engine {
     netns: u64,
 }
 
-fn prio_of(ethertype: u16) -> u16 {
-    if ethertype == ETH_P_IPV6 {
-        PRIO_IPV6
+/// The tc priority and protocol of a flow's filter.
+fn prio_of(k: &FlowKey) -> (u16, u16) {
+    if k.tag.is_some() {
+        (PRIO_VLAN, ETH_P_8021Q)
+    } else if k.ethertype == ETH_P_IPV6 {
+        (PRIO_IPV6, ETH_P_IPV6)
     } else {
-        PRIO_IPV4
+        (PRIO_IPV4, k.ethertype)
     }
 }
 
@@ -81,6 +89,8 @@ fn matcher(k: &FlowKey) -> FlowMatch {
         ethertype: k.ethertype,
         src: k.src,
         dst: k.dst,
+        tag: k.tag,
+        l4: k.l4,
     }
 }
 
@@ -142,7 +152,11 @@ impl Engine {
         let state = match nl.request(&netlink::add_clsact(ifindex)) {
             Ok(()) => Qdisc::Ours,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                for (prio, protocol) in [(PRIO_IPV4, 0x0800), (PRIO_IPV6, ETH_P_IPV6)] {
+                for (prio, protocol) in [
+                    (PRIO_IPV4, 0x0800),
+                    (PRIO_IPV6, ETH_P_IPV6),
+                    (PRIO_VLAN, ETH_P_8021Q),
+                ] {
                     let id = FilterId {
                         prio,
                         protocol,
@@ -188,15 +202,36 @@ impl Engine {
             return Ok(false);
         }
         let ifindex = self.prepare(key.ingress)?;
+        let (prio, protocol) = prio_of(&key);
         let filter = FilterId {
-            prio: prio_of(key.ethertype),
-            protocol: key.ethertype,
+            prio,
+            protocol,
             handle: self.next_handle,
         };
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
-        let prog = classifier(&matcher(&key));
-        self.nl()?
-            .request(&netlink::add_redirect_filter(ifindex, filter, &prog, out))?;
+        let m = matcher(&key);
+        if key.action == TagAction::Keep {
+            let prog = classifier(&m);
+            self.nl()?.request(&netlink::add_redirect_filter(
+                ifindex,
+                filter,
+                Classifier::Classic(&prog),
+                out,
+            ))?;
+        } else {
+            // Tag push/pop needs eBPF helpers; the filter holds the program, our fd closes.
+            let prog = ebpf::load(
+                &ebpf::classifier(&super::checks::checks(&m), key.action),
+                "vireo_flow",
+            )?;
+            use std::os::fd::AsRawFd;
+            self.nl()?.request(&netlink::add_redirect_filter(
+                ifindex,
+                filter,
+                Classifier::Ebpf(prog.as_raw_fd()),
+                out,
+            ))?;
+        }
         self.flows.push(Installed {
             key,
             generation,

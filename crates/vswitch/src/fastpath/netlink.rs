@@ -34,6 +34,7 @@ const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_ACT: u16 = 1;
 const TCA_BPF_OPS_LEN: u16 = 4;
 const TCA_BPF_OPS: u16 = 5;
+const TCA_BPF_FD: u16 = 6;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_FLAGS_GEN: u16 = 9;
 const TCA_CLS_FLAGS_SKIP_HW: u32 = 1;
@@ -177,12 +178,21 @@ pub fn del_clsact(ifindex: u32) -> Msg {
     m
 }
 
-/// An ingress `cls_bpf` filter running `prog` (a classic program; non-zero = match) whose
-/// action redirects matching frames to the egress of device `redirect_to`.
+/// The program of a `cls_bpf` filter.
+#[derive(Clone, Copy, Debug)]
+pub enum Classifier<'a> {
+    /// Classic BPF, passed by value.
+    Classic(&'a [SockFilter]),
+    /// A loaded eBPF program (the filter takes its own reference; the fd may close after).
+    Ebpf(std::os::fd::RawFd),
+}
+
+/// An ingress `cls_bpf` filter running `prog` (non-zero = match; -1 = match, default class)
+/// whose action redirects matching frames to the egress of device `redirect_to`.
 pub fn add_redirect_filter(
     ifindex: u32,
     id: FilterId,
-    prog: &[SockFilter],
+    prog: Classifier<'_>,
     redirect_to: u32,
 ) -> Msg {
     let mut m = Msg::new(
@@ -197,9 +207,16 @@ pub fn add_redirect_filter(
     );
     m.attr_str(TCA_KIND, "bpf");
     let opts = m.nest(TCA_OPTIONS);
-    m.attr(TCA_BPF_OPS_LEN, &(prog.len() as u16).to_ne_bytes());
-    let ops: Vec<u8> = prog.iter().flat_map(|i| i.to_bytes()).collect();
-    m.attr(TCA_BPF_OPS, &ops);
+    match prog {
+        Classifier::Classic(prog) => {
+            m.attr(TCA_BPF_OPS_LEN, &(prog.len() as u16).to_ne_bytes());
+            let ops: Vec<u8> = prog.iter().flat_map(|i| i.to_bytes()).collect();
+            m.attr(TCA_BPF_OPS, &ops);
+        }
+        Classifier::Ebpf(fd) => {
+            m.attr(TCA_BPF_FD, &fd.to_ne_bytes());
+        }
+    }
     m.attr_str(TCA_BPF_NAME, FILTER_NAME);
     m.attr(TCA_BPF_FLAGS_GEN, &TCA_CLS_FLAGS_SKIP_HW.to_ne_bytes());
     let acts = m.nest(TCA_BPF_ACT);
@@ -535,6 +552,8 @@ mod tests {
             ethertype: 0x0800,
             src: [2, 0, 0, 0, 0, 1],
             dst: [2, 0, 0, 0, 0, 2],
+            tag: None,
+            l4: None,
         };
         let prog = classifier(&flow);
         let id = FilterId {
@@ -542,7 +561,7 @@ mod tests {
             protocol: 0x0800,
             handle: 42,
         };
-        let m = add_redirect_filter(3, id, &prog, 9);
+        let m = add_redirect_filter(3, id, Classifier::Classic(&prog), 9);
         let b = body(&m);
         // tcm_info: priority high, protocol in network order low.
         assert_eq!(&b[16..20], &((0xc000u32 << 16) | 0x0008u32).to_ne_bytes());
