@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::acl::AclVerdict;
 use crate::config::{Direction, MirrorRole, PortConfig, PortRole, SwitchConfig};
 use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
-use crate::fastpath::{FlowKey, FlowUse, L4Match, NotOffloadable, OffloadHook, TagAction};
+use crate::fastpath::{FlowKey, FlowUse, L4Match, NotOffloadable, OffloadHook, Shape, TagAction};
 use crate::frame::{
     ethertype_offset, parse, FrameSummary, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, L3,
 };
@@ -710,14 +710,16 @@ impl Switch {
                 .iter()
                 .flatten()
                 .any(|p| p.cfg.qos.min_weight != 1);
-        if a.cfg.qos.max_ingress.is_some()
-            || a.cfg.qos.max_egress.is_some()
-            || b.cfg.qos.max_ingress.is_some()
-            || b.cfg.qos.max_egress.is_some()
-            || weighted
-        {
+        // The sender's ingress limit is a policer (`act_police` is not in this kernel): user
+        // space. The receiver's egress limit becomes a `tbf` on its netdev, which limits the
+        // same bytes at the same long-run rate (it queues where the policer drops).
+        if a.cfg.qos.max_ingress.is_some() || weighted {
             return Err(N::Qos);
         }
+        let shape = b.cfg.qos.max_egress.map(|r| Shape {
+            bytes_per_sec: (r.bits_per_sec / 8).max(1),
+            burst: r.burst_bytes.clamp(1514, u32::MAX as u64) as u32,
+        });
         // ACL verdicts are functions of MACs, addresses, protocol and ports (and, for replies
         // of stateful rules, of the connection table, kept open by the kernel's counters:
         // `account_offloaded`): a flow an ACL decided is offloaded as that one connection.
@@ -768,6 +770,7 @@ impl Switch {
             tag,
             action,
             l4,
+            shape,
         })
     }
 

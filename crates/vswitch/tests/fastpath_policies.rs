@@ -9,8 +9,9 @@
 //! Checked: TCP flows through these ports are offloaded (tag actions and connection in the
 //! key), the kernel's redirect counters carry most of a transfer's frames (they bypassed
 //! the switch threads), every TCP frame on the trunk carries tag 10 (capture), ACL rule meters
-//! count the kernel's traffic, a denied connection stays denied and is never offloaded, and
-//! stopping removes everything. Needs root, `ip netns`, iperf3 and tcpdump.
+//! count the kernel's traffic, a denied connection stays denied and is never offloaded, an
+//! egress rate limit on b holds for offloaded flows (a `tbf` on b's netdev), and stopping
+//! removes everything. Needs root, `ip netns`, iperf3 and tcpdump.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -65,6 +66,11 @@ fn tcp_rule(name: &str, priority: u16, direction: Direction, action: AclAction) 
 
 /// Bytes the receiver got of an `mib` MiB transfer to `port` (0 if it did not complete).
 fn transfer(lab: &Lab, port: u16, mib: u64) -> u64 {
+    transfer_rate(lab, port, mib).0
+}
+
+/// Bytes received and the receiver's bits per second.
+fn transfer_rate(lab: &Lab, port: u16, mib: u64) -> (u64, f64) {
     let mut server = iperf_server(&lab.ns(1), port);
     let out = Command::new("ip")
         .args(["netns", "exec", &lab.ns(0), "timeout", "30", "iperf3", "-J"])
@@ -77,9 +83,13 @@ fn transfer(lab: &Lab, port: u16, mib: u64) -> u64 {
     let _ = server.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     if v["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0) < mib << 20 {
-        return 0;
+        return (0, 0.0);
     }
-    v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+    let r = &v["end"]["sum_received"];
+    (
+        r["bytes"].as_u64().unwrap_or(0),
+        r["bits_per_second"].as_f64().unwrap_or(0.0),
+    )
 }
 
 fn start(ports: &[(PortConfig, &str)]) -> (SwitchRuntime, Vec<PortId>) {
@@ -249,6 +259,6 @@ fn netns_vlan_push_pop_and_acl_verdicts_run_in_the_kernel() {
     rt2.stop().unwrap();
     for dev in [&h0, &x0, &x1, &h1] {
         let q = output(&["tc", "qdisc", "show", "dev", dev]);
-        assert!(!q.contains("clsact"), "{dev}: {q}");
+        assert!(!q.contains("clsact") && !q.contains("tbf"), "{dev}: {q}");
     }
 }

@@ -71,6 +71,8 @@ pub struct Engine {
     generation: Arc<AtomicU64>,
     /// The network namespace our netlink socket talks to (inode).
     netns: u64,
+    /// Netdevs whose root qdisc is our `tbf`, with its rate (see [`super::Shape`]).
+    shaped: HashMap<u32, super::Shape>,
 }
 
 /// The tc priority and protocol of a flow's filter.
@@ -106,6 +108,7 @@ impl Engine {
             flows: Vec::new(),
             next_handle: 1,
             generation,
+            shaped: HashMap::new(),
         }
     }
 
@@ -202,6 +205,9 @@ impl Engine {
             return Ok(false);
         }
         let ifindex = self.prepare(key.ingress)?;
+        if let Some(shape) = key.shape {
+            self.shape(out, shape)?;
+        }
         let (prio, protocol) = prio_of(&key);
         let filter = FilterId {
             prio,
@@ -245,6 +251,48 @@ impl Engine {
             return Err(FastPathError::SocketFilter(e));
         }
         Ok(true)
+    }
+
+    /// Puts a `tbf` with `shape` at the root of `ifindex` unless it is there already. Its
+    /// queue holds 20 ms at the rate (at least 64 KiB): TCP sees delay before drops.
+    fn shape(&mut self, ifindex: u32, shape: super::Shape) -> io::Result<()> {
+        if self.shaped.get(&ifindex) == Some(&shape) {
+            return Ok(());
+        }
+        let limit = (shape.bytes_per_sec / 50).clamp(64 << 10, u32::MAX as u64) as u32;
+        self.nl()?.request(&netlink::replace_tbf(
+            ifindex,
+            shape.bytes_per_sec,
+            shape.burst,
+            limit.max(shape.burst),
+        ))?;
+        self.shaped.insert(ifindex, shape);
+        Ok(())
+    }
+
+    /// Removes our `tbf` from netdevs no installed flow is shaped on any more.
+    fn unshape_unused(&mut self) {
+        let unused: Vec<u32> = self
+            .shaped
+            .keys()
+            .copied()
+            .filter(|i| {
+                !self.flows.iter().any(|f| {
+                    f.key.shape.is_some()
+                        && self.devs.get(&f.key.egress).map(|d| d.ifindex) == Some(*i)
+                })
+            })
+            .collect();
+        for i in unused {
+            self.shaped.remove(&i);
+            if let Ok(nl) = self.nl() {
+                if let Err(e) = nl.request(&netlink::del_tbf(i)) {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        eprintln!("vswitch fast path: removing the tbf of ifindex {i}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Rebuilds the socket filter of an ingress port from its installed flows.
@@ -338,6 +386,7 @@ impl Engine {
                 eprintln!("vswitch fast path: socket filter of port {}: {e}", p.0);
             }
         }
+        self.unshape_unused();
         uses
     }
 

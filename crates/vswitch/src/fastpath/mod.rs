@@ -67,6 +67,15 @@ pub struct FlowKey {
     pub action: TagAction,
     /// The TCP connection, for flows an ACL decided (its verdict holds per connection).
     pub l4: Option<L4Match>,
+    /// The egress port's rate limit, applied by a `tbf` root qdisc on its netdev.
+    pub shape: Option<Shape>,
+}
+
+/// A rate limit the kernel applies to what leaves a port: a token-bucket shaper (`tbf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub bytes_per_sec: u64,
+    pub burst: u32,
 }
 
 /// Traffic the kernel forwarded for a flow since it was last accounted. `bytes` are whole
@@ -99,7 +108,7 @@ pub enum NotOffloadable {
     NoSuchPort,
     #[error("a port is a mirror source or destination")]
     Mirror,
-    #[error("rate limits or uplink weights apply")]
+    #[error("an ingress rate limit or uplink weights apply")]
     Qos,
     #[error("ACL rules apply to a frame without TCP ports (a fragment)")]
     Acl,

@@ -16,6 +16,7 @@ const TCMSG_LEN: usize = 20;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_MULTI: u16 = 0x2;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
@@ -185,6 +186,60 @@ pub enum Classifier<'a> {
     Classic(&'a [SockFilter]),
     /// A loaded eBPF program (the filter takes its own reference; the fd may close after).
     Ebpf(std::os::fd::RawFd),
+}
+
+/// `TC_H_ROOT`: the parent of a device's root qdisc.
+pub const TC_H_ROOT: u32 = 0xffff_ffff;
+/// The handle of the root `tbf` qdisc we put on shaped ports (`7ee1:`), to tell it apart.
+pub const TBF_HANDLE: u32 = 0x7ee1_0000;
+const TCA_TBF_PARMS: u16 = 1;
+const TCA_TBF_RATE64: u16 = 4;
+const TCA_TBF_BURST: u16 = 6;
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+
+/// Makes a `tbf` (rate `bytes_per_sec`, bucket `burst` bytes, queue `limit` bytes) the root
+/// qdisc of a device, replacing what was there.
+pub fn replace_tbf(ifindex: u32, bytes_per_sec: u64, burst: u32, limit: u32) -> Msg {
+    let mut m = Msg::new(
+        RTM_NEWQDISC,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        TcMsg {
+            ifindex: ifindex as i32,
+            handle: TBF_HANDLE,
+            parent: TC_H_ROOT,
+            info: 0,
+        },
+    );
+    m.attr_str(TCA_KIND, "tbf");
+    let opts = m.nest(TCA_OPTIONS);
+    // struct tc_tbf_qopt: rate and peakrate (struct tc_ratespec: cell_log, linklayer,
+    // overhead, cell_align, mpu, rate), limit, buffer, mtu. The buffer comes from
+    // TCA_TBF_BURST, the rate above 4 GB/s from TCA_TBF_RATE64.
+    let mut q = vec![0u8; 36];
+    q[1] = TC_LINKLAYER_ETHERNET;
+    q[8..12].copy_from_slice(&(bytes_per_sec.min(u32::MAX as u64) as u32).to_ne_bytes());
+    q[24..28].copy_from_slice(&limit.to_ne_bytes());
+    m.attr(TCA_TBF_PARMS, &q);
+    if bytes_per_sec >= u32::MAX as u64 {
+        m.attr(TCA_TBF_RATE64, &bytes_per_sec.to_ne_bytes());
+    }
+    m.attr(TCA_TBF_BURST, &burst.to_ne_bytes());
+    m.end(opts);
+    m
+}
+
+/// Deletes our root `tbf` (the device falls back to its default qdisc).
+pub fn del_tbf(ifindex: u32) -> Msg {
+    Msg::new(
+        RTM_DELQDISC,
+        0,
+        TcMsg {
+            ifindex: ifindex as i32,
+            handle: TBF_HANDLE,
+            parent: TC_H_ROOT,
+            info: 0,
+        },
+    )
 }
 
 /// An ingress `cls_bpf` filter running `prog` (non-zero = match; -1 = match, default class)

@@ -81,6 +81,7 @@ fn plain_tcp_between_access_ports_is_offloadable() {
             tag: None,
             action: TagAction::Keep,
             l4: None,
+            shape: None,
         }
     );
     let k6 = verdict(&mut sw, 1, tcp6(MB, MA)).unwrap();
@@ -152,9 +153,8 @@ fn each_disqualifier_refuses() {
         bits_per_sec: 1 << 40,
         burst_bytes: 1 << 30,
     };
+    // The sender's ingress policer stays in user space.
     let mut sw = switch_with(|_, a, _| a.qos.max_ingress = Some(rate));
-    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Qos));
-    let mut sw = switch_with(|_, _, b| b.qos.max_egress = Some(rate));
     assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Qos));
     let mut sw = switch_with(|_, a, b| {
         b.role = PortRole::Uplink;
@@ -306,6 +306,7 @@ fn kernel_traffic_refreshes_the_source_mac_only_where_it_lives() {
         tag: None,
         action: TagAction::Keep,
         l4: None,
+        shape: None,
     };
     let at = 9_000_000_000;
     sw.account_offloaded(
@@ -474,4 +475,30 @@ fn kernel_traffic_of_an_acl_flow_counts_its_rules_and_keeps_a_stateful_connectio
     verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
     assert!(delivered(&mut sw, 100), "open at first");
     assert!(!delivered(&mut sw, ft), "expired");
+}
+
+#[test]
+fn the_receivers_egress_limit_becomes_a_shaper_and_other_limits_do_not_matter() {
+    let rate = RateLimit {
+        bits_per_sec: 8_000_000_000,
+        burst_bytes: 100,
+    };
+    let mut sw = switch_with(|_, _, b| b.qos.max_egress = Some(rate));
+    let k = verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
+    assert_eq!(
+        k.shape,
+        Some(Shape {
+            bytes_per_sec: 1_000_000_000,
+            burst: 1514
+        }),
+        "a burst below one frame is raised to one, as in user space"
+    );
+    // b → a: b's egress limit does not apply; a has none.
+    assert_eq!(verdict(&mut sw, 1, tcp4(MB, MA)).unwrap().shape, None);
+    // Limits that never see a → b frames: a's egress, b's ingress.
+    let mut sw = switch_with(|_, a, b| {
+        a.qos.max_egress = Some(rate);
+        b.qos.max_ingress = Some(rate);
+    });
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)).unwrap().shape, None);
 }
