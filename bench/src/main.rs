@@ -5,6 +5,7 @@ mod boot;
 mod checkpoint;
 mod density;
 mod guestio;
+mod netlab;
 mod overlay;
 mod switch;
 mod team;
