@@ -1,9 +1,15 @@
-//! The `overlay` benchmark: TCP (iperf3) between two "VM" namespaces whose "hosts" are two
-//! more namespaces joined by one veth (the provider network), carried over VXLAN VNI 100 —
-//! once by two Vireo switch instances (an AF_PACKET uplink each, the overlay in user space),
-//! once by the Linux kernel's vxlan devices and bridges on the same veths — alternating, and
-//! prints `overlay_vs_linux_vxlan=<ratio>` of the medians. The VMs' MTU is 1450 in both, so
-//! the encapsulated packets fit the provider's 1500.
+//! The `overlay` benchmark, three parts and one last line:
+//! - TCP (iperf3) between two "VM" namespaces whose "hosts" are two more namespaces joined by
+//!   one veth (the provider network), carried over VXLAN VNI 100 — once by two Vireo switch
+//!   instances (an AF_PACKET uplink each, the overlay in user space), once by the Linux
+//!   kernel's vxlan devices and bridges on the same veths — alternating. The VMs' MTU is 1450
+//!   in both, so the encapsulated packets fit the provider's 1500.
+//! - The policies case (`overlay/policies.rs`): ports with ACLs, a VLAN and a rate limit,
+//!   Vireo's kernel fast path vs a Linux bridge with the same rules in nftables.
+//! - The team benchmark (`team.rs`, its options are accepted here too).
+//!
+//! Last line: `overlay_vs_linux_vxlan=<r> team_aggregation=<r> failover_gap_ms=<n>
+//! policies_vs_bridge_nft=<r>`, ratios of medians.
 
 mod policies;
 
