@@ -8,9 +8,10 @@ cd "$(dirname "$0")"
 # Every tool a test requires (vireo-testkit's `Need`s) and what provides it:
 # qemu-utils: qemu-img/qemu-io (VHDX/VHD interop); qemu-system-x86: QEMU, the peer in the probe
 # and boot tests; iproute2: ip/tc and network namespaces; iputils-ping, iperf3, tcpdump, ethtool:
-# namespace network tests and switch benchmarks; util-linux: setpriv and unshare (the /dev/kvm
+# namespace network tests and switch benchmarks; nftables: the Linux side of the overlay
+# benchmark's policies case; util-linux: setpriv and unshare (the /dev/kvm
 # permission test); procps: sysctl.
-PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps python3-scapy)
+PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps python3-scapy nftables)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

@@ -5,6 +5,7 @@ mod boot;
 mod checkpoint;
 mod density;
 mod guestio;
+mod netlab;
 mod overlay;
 mod switch;
 mod team;
@@ -39,7 +40,9 @@ enum Command {
     Guestio(guestio::GuestioArgs),
     /// VHDX I/O and convert throughput vs `qemu-img bench`/`convert` and a raw file.
     Vhdx(vhdx::VhdxArgs),
-    /// TCP over VXLAN through two Vireo switches vs the kernel's vxlan devices + bridges.
+    /// TCP over VXLAN through two Vireo switches vs the kernel's vxlan devices + bridges; TCP
+    /// through ports with ACLs, a VLAN and a rate limit vs a bridge + nftables; and the team
+    /// figures, on one last line.
     Overlay(overlay::OverlayArgs),
 }
 

@@ -1,13 +1,22 @@
-//! The `overlay` benchmark: TCP (iperf3) between two "VM" namespaces whose "hosts" are two
-//! more namespaces joined by one veth (the provider network), carried over VXLAN VNI 100 —
-//! once by two Vireo switch instances (an AF_PACKET uplink each, the overlay in user space),
-//! once by the Linux kernel's vxlan devices and bridges on the same veths — alternating, and
-//! prints `overlay_vs_linux_vxlan=<ratio>` of the medians. The VMs' MTU is 1450 in both, so
-//! the encapsulated packets fit the provider's 1500.
+//! The `overlay` benchmark, three parts and one last line:
+//! - TCP (iperf3) between two "VM" namespaces whose "hosts" are two more namespaces joined by
+//!   one veth (the provider network), carried over VXLAN VNI 100 — once by two Vireo switch
+//!   instances (an AF_PACKET uplink each, the overlay in user space), once by the Linux
+//!   kernel's vxlan devices and bridges on the same veths — alternating. The VMs' MTU is 1450
+//!   in both, so the encapsulated packets fit the provider's 1500.
+//! - The policies case (`overlay/policies.rs`): ports with ACLs, a VLAN and a rate limit,
+//!   Vireo's kernel fast path vs a Linux bridge with the same rules in nftables.
+//! - The team benchmark (`team.rs`, its options are accepted here too).
+//!
+//! Last line: `overlay_vs_linux_vxlan=<r> team_aggregation=<r> failover_gap_ms=<n>
+//! policies_vs_bridge_nft=<r>`, ratios of medians.
 
-use std::process::{Command, Stdio};
+mod policies;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::netlab::{in_netns, iperf3, median, quiet, sh};
 
 use vireo_vswitch::runtime::SwitchRuntime;
 use vireo_vswitch::uplink::PacketPort;
@@ -21,33 +30,15 @@ pub struct OverlayArgs {
     /// Runs per path (alternating Vireo / Linux); the ratio uses the medians.
     #[arg(long, default_value_t = 3)]
     runs: u32,
+    /// Leave out the team benchmark (its figures are then missing from the last line).
+    #[arg(long)]
+    skip_team: bool,
+    #[command(flatten)]
+    team: crate::team::TeamArgs,
 }
 
 const M0: &str = "02:00:00:00:01:01";
 const M1: &str = "02:00:00:00:01:02";
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn quiet(args: &[&str]) {
-    let _ = Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
 
 /// Namespaces `<p>v0`, `<p>v1` (VMs), `<p>ha`, `<p>hb` (hosts); removed on drop.
 struct Lab {
@@ -177,22 +168,6 @@ impl Lab {
 
     /// iperf3 TCP from v0 to v1, bits/s received.
     fn iperf(&self, secs: u32) -> Result<f64, String> {
-        let mut server = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name("v1"),
-                "iperf3",
-                "-s",
-                "-1",
-                "-p",
-                "5201",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("iperf3 server: {e}"))?;
-        std::thread::sleep(Duration::from_millis(300));
         // Warm-up: ARP for the provider and customer addresses.
         quiet(&[
             "ip",
@@ -208,31 +183,7 @@ impl Lab {
             "1",
             "10.0.0.2",
         ]);
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name("v0"),
-                "timeout",
-                &(secs + 20).to_string(),
-                "iperf3",
-                "-c",
-                "10.0.0.2",
-                "-p",
-                "5201",
-                "-J",
-                "-t",
-                &secs.to_string(),
-            ])
-            .output()
-            .map_err(|e| format!("iperf3 client: {e}"));
-        let _ = server.kill();
-        let _ = server.wait();
-        let v: serde_json::Value =
-            serde_json::from_slice(&out?.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))
+        iperf3(&self.name("v0"), &self.name("v1"), "10.0.0.2", secs, &[]).map(|r| r.bps)
     }
 }
 
@@ -245,20 +196,10 @@ impl Drop for Lab {
 }
 
 /// Binds an AF_PACKET port on `dev` from a thread inside namespace `ns`.
-fn bind_in(ns: &str, dev: &str) -> Result<PacketPort, String> {
-    let (ns, dev) = (ns.to_string(), dev.to_string());
-    std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
-        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&file);
-        // SAFETY: setns on a valid namespace fd; only this short-lived thread changes namespace.
-        if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
-        }
+fn bind_in(ns: &str, dev: String) -> Result<PacketPort, String> {
+    in_netns(ns, move || {
         PacketPort::bind(&dev).map_err(|e| format!("bind {dev}: {e}"))
     })
-    .join()
-    .map_err(|_| "bind thread panicked".to_string())?
 }
 
 fn host_switch(
@@ -325,10 +266,10 @@ fn through_vireo(lab: &Lab, secs: u32) -> Result<f64, String> {
     )?;
     let ra = SwitchRuntime::start(Arc::new(Mutex::new(a))).map_err(|e| e.to_string())?;
     let rb = SwitchRuntime::start(Arc::new(Mutex::new(b))).map_err(|e| e.to_string())?;
-    ra.attach(a_up, Arc::new(bind_in(&lab.name("ha"), &lab.name("wa"))?));
-    ra.attach(a_vm, Arc::new(bind_in(&lab.name("ha"), &lab.name("h0"))?));
-    rb.attach(b_up, Arc::new(bind_in(&lab.name("hb"), &lab.name("wb"))?));
-    rb.attach(b_vm, Arc::new(bind_in(&lab.name("hb"), &lab.name("h1"))?));
+    ra.attach(a_up, Arc::new(bind_in(&lab.name("ha"), lab.name("wa"))?));
+    ra.attach(a_vm, Arc::new(bind_in(&lab.name("ha"), lab.name("h0"))?));
+    rb.attach(b_up, Arc::new(bind_in(&lab.name("hb"), lab.name("wb"))?));
+    rb.attach(b_vm, Arc::new(bind_in(&lab.name("hb"), lab.name("h1"))?));
     std::thread::sleep(Duration::from_millis(100));
     let r = lab.iperf(secs);
     let _ = ra.stop();
@@ -343,9 +284,18 @@ fn through_linux(lab: &Lab, secs: u32) -> Result<f64, String> {
     r
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+fn gbits(v: &[f64]) -> String {
+    v.iter()
+        .map(|b| format!("{:.2}", b / 1e9))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn spread(v: &[f64]) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+    format!("{:.2}–{:.2}", lo / 1e9, hi / 1e9)
 }
 
 pub fn run(args: OverlayArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -355,26 +305,68 @@ pub fn run(args: OverlayArgs) -> Result<(), Box<dyn std::error::Error>> {
         ours.push(through_vireo(&lab, args.iperf_seconds)?);
         linux.push(through_linux(&lab, args.iperf_seconds)?);
     }
-    let g = |v: &[f64]| {
-        v.iter()
-            .map(|b| format!("{:.2}", b / 1e9))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    drop(lab);
     println!(
         "TCP over VXLAN between two hosts, iperf3 -t {}, {} alternating runs (Gbit/s):",
         args.iperf_seconds, args.runs
     );
     println!(
         "  vireo (two switches, AF_PACKET uplinks, user-space overlay): {}",
-        g(&ours)
+        gbits(&ours)
     );
     println!(
         "  linux (vxlan devices + bridges, kernel, TSO/GRO):             {}",
-        g(&linux)
+        gbits(&linux)
     );
     let (o, l) = (median(&mut ours), median(&mut linux));
-    println!("  medians: vireo {:.2} Gbit/s, linux {:.2} Gbit/s (no kernel fast path for overlay flows yet)", o / 1e9, l / 1e9);
-    println!("overlay_vs_linux_vxlan={:.3}", o / l);
+    println!(
+        "  medians: vireo {:.2} Gbit/s, linux {:.2} Gbit/s (overlay flows have no kernel fast path yet)",
+        o / 1e9,
+        l / 1e9
+    );
+    let overlay = o / l;
+
+    let lab = policies::Lab::new()?;
+    let (mut ours, mut bridge, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.runs.max(1) {
+        let (r, n) = policies::through_vireo(&lab, args.iperf_seconds)?;
+        ours.push(r.bps);
+        flows.push(n);
+        bridge.push(policies::through_bridge(&lab, args.iperf_seconds)?.bps);
+    }
+    drop(lab);
+    println!(
+        "TCP through two ports with a stateful ACL set, an access VLAN and a 100 Gbit/s egress \
+         limit, iperf3 -t {}, {} alternating runs (Gbit/s):",
+        args.iperf_seconds, args.runs
+    );
+    println!(
+        "  vireo (kernel fast path: per-connection verdicts, tbf; flows in the kernel {flows:?}): {}",
+        gbits(&ours)
+    );
+    println!(
+        "  linux bridge + nftables (br_netfilter, conntrack) + tbf:                 {}",
+        gbits(&bridge)
+    );
+    println!(
+        "  spread: vireo {}, bridge {}",
+        spread(&ours),
+        spread(&bridge)
+    );
+    let policies = median(&mut ours) / median(&mut bridge);
+
+    let team = if args.skip_team {
+        None
+    } else {
+        println!("NIC teaming (as `vireo-bench team`):");
+        Some(crate::team::measure(&args.team)?)
+    };
+    let (agg, gap) = team.map_or(("skipped".into(), "skipped".into()), |(r, g)| {
+        (format!("{r:.2}"), format!("{g:.0}"))
+    });
+    println!(
+        "overlay_vs_linux_vxlan={overlay:.3} team_aggregation={agg} failover_gap_ms={gap} \
+         policies_vs_bridge_nft={policies:.3}"
+    );
     Ok(())
 }

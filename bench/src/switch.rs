@@ -6,8 +6,8 @@
 
 mod bridge_nf;
 
+use crate::netlab::{iperf3, quiet, sh};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,29 +201,6 @@ fn pipeline_fps(all: bool, size: usize, new_flow_every_frame: bool, secs: f64) -
     fps
 }
 
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn quiet(args: &[&str]) {
-    let _ = Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// One iperf3 run: throughput and where the CPU went.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -301,57 +278,12 @@ impl Pair {
 
     /// iperf3 TCP from namespace 0 to namespace 1.
     fn iperf(&self, secs: u32) -> Result<Run, String> {
-        let mut server = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(1),
-                "iperf3",
-                "-s",
-                "-1",
-                "-p",
-                "5201",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("iperf3 server: {e}"))?;
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(0),
-                "timeout",
-                &(secs + 20).to_string(),
-                "iperf3",
-                "-c",
-                "10.88.0.2",
-                "-p",
-                "5201",
-                "-J",
-                "-t",
-                &secs.to_string(),
-            ])
-            .output()
-            .map_err(|e| format!("iperf3 client: {e}"));
-        let _ = server.kill();
-        let _ = server.wait();
-        let out = out?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))?;
-        let cpu = &v["end"]["cpu_utilization_percent"];
-        let pct = |k: &str| cpu[k].as_f64().unwrap_or(f64::NAN) / 100.0;
+        let r = iperf3(&self.ns(0), &self.ns(1), "10.88.0.2", secs, &[])?;
         Ok(Run {
-            bps,
-            retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-            secs: v["end"]["sum_received"]["seconds"]
-                .as_f64()
-                .unwrap_or(secs as f64),
-            iperf_cpu: pct("host_total") + pct("remote_total"),
+            bps: r.bps,
+            retransmits: r.retransmits,
+            secs: r.secs,
+            iperf_cpu: r.cpu,
             switch_cpu: 0.0,
         })
     }

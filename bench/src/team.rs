@@ -6,7 +6,9 @@
 //! The far end is a Linux bridge over the members' peers (switch-independent teaming; no
 //! bonding driver on this kernel). Last line: `team_aggregation=<ratio> failover_gap_ms=<n>`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::netlab::{iperf3, median, quiet, sh, Reap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,38 +49,6 @@ pub struct TeamArgs {
     /// queueing skew, flowlets reorder and TCP slows down).
     #[arg(long, default_value_t = 25_000)]
     flowlet_gap_us: u32,
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn quiet(args: &[&str]) {
-    let _ = Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Kills and reaps a child on drop.
-struct Reap(Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Namespace `<p>a` (10.77.0.1, the "VM") on the switch's VM port `<p>h1`; namespace `<p>b`
@@ -224,74 +194,13 @@ fn start(lab: &Lab, members: &[String], a: &TeamArgs) -> Result<Running, String>
     Ok(Running { rt: Some(rt), team })
 }
 
-fn iperf_server(lab: &Lab) -> Result<Reap, String> {
-    let c = Command::new("ip")
-        .args(["netns", "exec", &lab.ns('b'), "iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("iperf3 server: {e}"))?;
-    std::thread::sleep(Duration::from_millis(400));
-    Ok(Reap(c))
-}
-
-/// Runs an iperf3 client in namespace a (bounded by a kill after `secs + 15`); bits/s received.
+/// iperf3 TCP from namespace a to b for `secs` s; bits/s received.
 fn iperf(lab: &Lab, extra: &[&str], secs: u32) -> Result<f64, String> {
-    let _srv = iperf_server(lab)?;
-    let (t, ns) = (secs.to_string(), lab.ns('a'));
-    let mut args = vec![
-        "netns",
-        "exec",
-        &ns,
-        "iperf3",
-        "-J",
-        "-c",
-        "10.77.0.2",
-        "-t",
-    ];
-    args.push(t.as_str());
-    args.extend_from_slice(extra);
-    let child = Command::new("ip")
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("iperf3: {e}"))?;
-    let mut child = Reap(child);
-    let end = Instant::now() + Duration::from_secs(secs as u64 + 15);
-    loop {
-        if let Ok(Some(_)) = child.0.try_wait() {
-            break;
-        }
-        if Instant::now() > end {
-            return Err("iperf3 did not finish".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut out = String::new();
-    use std::io::Read;
-    if let Some(mut o) = child.0.stdout.take() {
-        let _ = o.read_to_string(&mut out);
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("iperf3 JSON: {e}"))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or_else(|| format!("iperf3 failed: {}", v["error"]))
+    iperf3(&lab.ns('a'), &lab.ns('b'), "10.77.0.2", secs, extra).map(|r| r.bps)
 }
 
 fn member_tx(s: &TeamStatus) -> Vec<u64> {
     s.members.iter().map(|m| m.tx_bytes).collect()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n.is_multiple_of(2) {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
-    }
 }
 
 /// One failover run: a 200 Mbit/s stream, its member taken down after 1.5 s (`far`: the peer
@@ -395,6 +304,14 @@ fn failover(lab: &Lab, run: &Running, far: bool) -> Result<f64, String> {
 }
 
 pub fn run(a: TeamArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (ratio, gap) = measure(&a)?;
+    println!("team_aggregation={ratio:.2} failover_gap_ms={gap:.0}");
+    Ok(())
+}
+
+/// Runs the aggregation rounds and the failovers, printing each; returns the aggregation
+/// ratio and the near-end failover gap (ms), medians.
+pub fn measure(a: &TeamArgs) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let lab = Lab::new(format!("vbt{}", std::process::id()), a.member_mbit, a.mtu)?;
     let members = [lab.dev('h', 2), lab.dev('h', 3)];
     let streams = a.streams.to_string();
@@ -409,7 +326,7 @@ pub fn run(a: TeamArgs) -> Result<(), Box<dyn std::error::Error>> {
     );
     for r in 0..a.rounds {
         for (k, out) in [(1usize, &mut one), (2, &mut two)] {
-            let run = start(&lab, &members[..k], &a)?;
+            let run = start(&lab, &members[..k], a)?;
             let before = member_tx(&run.team.status());
             let bps = iperf(&lab, &["-P", &streams], a.seconds)?;
             let st = run.team.status();
@@ -433,7 +350,7 @@ pub fn run(a: TeamArgs) -> Result<(), Box<dyn std::error::Error>> {
     let ratio = median(&mut two) / median(&mut one);
     println!("aggregation (2 members / 1 member, medians): {ratio:.2}");
 
-    let run = start(&lab, &members, &a)?;
+    let run = start(&lab, &members, a)?;
     let mut gaps = Vec::new();
     for far in [false, true] {
         let mut g = Vec::new();
@@ -457,6 +374,5 @@ pub fn run(a: TeamArgs) -> Result<(), Box<dyn std::error::Error>> {
         gaps[1],
         run.team.status().failovers
     );
-    println!("team_aggregation={ratio:.2} failover_gap_ms={:.0}", gaps[0]);
-    Ok(())
+    Ok((ratio, gaps[0]))
 }

@@ -407,6 +407,61 @@ impl PortAcl {
         self.flows.insert(k, exp);
     }
 
+    /// Counts traffic the kernel forwarded for one connection this ACL allowed (the fast
+    /// path's flows through ACL ports are single connections): `packets` frames, `bytes` in
+    /// all, against every rule a frame `s` of it matches, as the pipeline would have, and
+    /// keeps a stateful rule's connection open while the kernel carries it (only with `now`:
+    /// a flow's last counters, read when it is removed, leave the table alone).
+    pub fn account_offloaded(
+        &mut self,
+        dir: Direction,
+        s: &FrameSummary,
+        packets: u64,
+        bytes: u64,
+        now: Option<u64>,
+        meters: &mut [Counter],
+    ) {
+        let v = view(s, dir);
+        if dir == Direction::Egress && v.ip != 0 {
+            let k = FlowKey {
+                proto: v.proto,
+                local_ip: v.local_ip,
+                remote_ip: v.remote_ip,
+                lport: v.lport,
+                rport: v.rport,
+            };
+            // A reply of a tracked connection: allowed without counting any rule.
+            if self
+                .flows
+                .get(&k)
+                .is_some_and(|exp| now.is_none_or(|n| *exp >= n))
+            {
+                return;
+            }
+        }
+        let rules = if dir == Direction::Ingress {
+            &self.ingress
+        } else {
+            &self.egress
+        };
+        let mut track = false;
+        for r in rules.iter().filter(|r| r.matches(&v)) {
+            if let Some(m) = meters.get_mut(r.idx as usize) {
+                m.packets += packets;
+                m.bytes += bytes;
+            }
+            match r.action {
+                AclAction::Meter => continue,
+                AclAction::Allow => track = r.stateful,
+                AclAction::Deny => {}
+            }
+            break;
+        }
+        if let Some(now) = now.filter(|_| track && v.ip != 0) {
+            self.track(&v, now);
+        }
+    }
+
     pub fn tracked_flows(&self) -> usize {
         self.flows.len()
     }

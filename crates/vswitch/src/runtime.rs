@@ -223,7 +223,7 @@ struct Worker {
 /// current generation, so each is judged once rather than per frame.
 struct Offload {
     candidates: Candidates,
-    seen: HashSet<(PortId, PortId, u16, Mac, Mac)>,
+    seen: HashSet<(PortId, PortId, Shape, Mac, Mac)>,
     generation: u64,
 }
 
@@ -232,15 +232,38 @@ const SEEN_LIMIT: usize = 4096;
 
 /// The EtherType of an untagged TCP/IPv4 or TCP/IPv6 frame (the only kind the kernel may
 /// forward), checked on the bytes the kernel classifier tests.
-fn offload_shape(frame: &[u8]) -> Option<u16> {
-    let et = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let proto = match et {
-        ETH_P_IPV4 if frame.len() >= 34 => frame[23],
-        ETH_P_IPV6 if frame.len() >= 54 => frame[20],
+/// A frame the fast path might take (TCP over IPv4/IPv6, untagged or with one tag in-band,
+/// as AF_PACKET hands it over): its EtherType and connection (addresses, ports), the part of
+/// the offload candidate's identity beyond ports and MACs. Flows an ACL decides are single
+/// connections, so each new connection is judged once.
+type Shape = (u16, u128, u128, u32);
+
+fn offload_shape(frame: &[u8]) -> Option<Shape> {
+    let mut at = 12;
+    let mut et = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
+    if et == 0x8100 || et == 0x88a8 {
+        at += 4;
+        et = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
+    }
+    let l3 = at + 2;
+    let word = |o: usize, n: usize| -> Option<u128> {
+        let b = frame.get(o..o + n)?;
+        Some(b.iter().fold(0u128, |v, x| v << 8 | *x as u128))
+    };
+    let (src, dst, l4) = match et {
+        ETH_P_IPV4 if *frame.get(l3 + 9)? == IPPROTO_TCP => (
+            word(l3 + 12, 4)?,
+            word(l3 + 16, 4)?,
+            l3 + 4 * (*frame.get(l3)? as usize & 0xf),
+        ),
+        ETH_P_IPV6 if *frame.get(l3 + 6)? == IPPROTO_TCP => {
+            (word(l3 + 8, 16)?, word(l3 + 24, 16)?, l3 + 40)
+        }
         _ => return None,
     };
-    (proto == IPPROTO_TCP).then_some(et)
+    Some((et, src, dst, word(l4, 4).unwrap_or(0) as u32))
 }
+
 impl Worker {
     fn new(
         switch: Arc<Mutex<Switch>>,
@@ -458,7 +481,7 @@ impl Worker {
                     .get(e.port.0 as usize)
                     .and_then(|p| p.as_ref())
                     .is_some_and(|p| p.packet.is_some());
-                if let (true, Some(et)) = (to_packet, offload_shape(frame)) {
+                if let (true, Some(shape)) = (to_packet, offload_shape(frame)) {
                     let g = sw.generation();
                     if g != off.generation || off.seen.len() >= SEEN_LIMIT {
                         off.seen.clear();
@@ -469,7 +492,7 @@ impl Worker {
                         m.copy_from_slice(&frame[at..at + 6]);
                         m
                     };
-                    let id = (ingress, e.port, et, mac(6), mac(0));
+                    let id = (ingress, e.port, shape, mac(6), mac(0));
                     if !off.seen.contains(&id) {
                         match sw.offload_verdict(ingress, frame, d, now) {
                             Ok(key) => {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::acl::AclVerdict;
 use crate::config::{Direction, MirrorRole, PortConfig, PortRole, SwitchConfig};
 use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
-use crate::fastpath::{FlowKey, FlowUse, NotOffloadable, OffloadHook};
+use crate::fastpath::{FlowKey, FlowUse, L4Match, NotOffloadable, OffloadHook, Shape, TagAction};
 use crate::frame::{
     ethertype_offset, parse, FrameSummary, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, L3,
 };
@@ -609,6 +609,37 @@ impl Switch {
             let fid = self.fid[(k.vid & 0xfff) as usize];
             self.table.touch(fid, &k.src, k.ingress, now);
         }
+        if let Some(l4) = k.l4 {
+            // What the ACLs saw of these frames; their rule meters and stateful connections
+            // follow the kernel's traffic.
+            let s = FrameSummary {
+                src: k.src,
+                dst: k.dst,
+                ethertype: k.ethertype,
+                l3: if k.ethertype == ETH_P_IPV6 {
+                    L3::Ipv6
+                } else {
+                    L3::Ipv4
+                },
+                src_ip: l4.src_ip,
+                dst_ip: l4.dst_ip,
+                proto: IPPROTO_TCP,
+                has_l4: true,
+                sport: l4.sport,
+                dport: l4.dport,
+                ..Default::default()
+            };
+            for (id, dir) in [
+                (k.ingress, Direction::Ingress),
+                (k.egress, Direction::Egress),
+            ] {
+                if let Some(p) = self.port_mut(id) {
+                    let p = &mut *p;
+                    p.acl
+                        .account_offloaded(dir, &s, u.packets, u.bytes, now, &mut p.meters.acl);
+                }
+            }
+        }
     }
 
     /// Whether the kernel may forward every later frame of this frame's flow the way the
@@ -639,13 +670,17 @@ impl Switch {
             return Err(N::NotOneDestination);
         }
         let s = parse(frame).map_err(|_| N::NotTcp)?;
-        if s.tags != 0 {
+        // One tag at most, and a real VID: the kernel sees it in the skb metadata, where the
+        // match tests it. A second (inner) tag stays in the bytes and fails the EtherType test.
+        if s.tags > 1 || (s.tags == 1 && s.vid == 0) {
             return Err(N::Tagged);
         }
-        // Exactly the bytes the kernel classifier tests: IPv4 protocol / IPv6 next header.
+        // Offsets the kernel classifier tests are those of the untagged frame (the tag is in
+        // the metadata there); the pipeline sees the tag in-band.
+        let at = if s.tags == 1 { 4 } else { 0 };
         let tcp = match (s.l3, s.ethertype) {
-            (L3::Ipv4, ETH_P_IPV4) => frame.get(23) == Some(&IPPROTO_TCP),
-            (L3::Ipv6, ETH_P_IPV6) => frame.get(20) == Some(&IPPROTO_TCP),
+            (L3::Ipv4, ETH_P_IPV4) => frame.get(23 + at) == Some(&IPPROTO_TCP),
+            (L3::Ipv6, ETH_P_IPV6) => frame.get(20 + at) == Some(&IPPROTO_TCP),
             _ => false,
         };
         if !tcp {
@@ -654,9 +689,15 @@ impl Switch {
         if s.is_multicast_dst() {
             return Err(N::NotUnicast);
         }
-        if !matches!(e.tag, TagOp::Keep | TagOp::Untag) {
-            return Err(N::TagChange);
-        }
+        // Tag push (access → trunk) and pop (trunk → access) are eBPF helpers in the kernel;
+        // a rewrite to another VID keeps the PCP here and is left to user space.
+        let (tag, action) = match (s.tags, e.tag) {
+            (0, TagOp::Keep) => (None, TagAction::Keep),
+            (0, TagOp::Tag(v)) => (None, TagAction::Push(v & 0x0fff)),
+            (1, TagOp::Keep) => (Some(s.vid), TagAction::Keep),
+            (1, TagOp::Untag) => (Some(s.vid), TagAction::Pop),
+            _ => return Err(N::TagChange),
+        };
         let (Some(a), Some(b)) = (self.port(ingress), self.port(e.port)) else {
             return Err(N::NoSuchPort);
         };
@@ -669,25 +710,40 @@ impl Switch {
                 .iter()
                 .flatten()
                 .any(|p| p.cfg.qos.min_weight != 1);
-        if a.cfg.qos.max_ingress.is_some()
-            || a.cfg.qos.max_egress.is_some()
-            || b.cfg.qos.max_ingress.is_some()
-            || b.cfg.qos.max_egress.is_some()
-            || weighted
-        {
+        // The sender's ingress limit is a policer (`act_police` is not in this kernel): user
+        // space. The receiver's egress limit becomes a `tbf` on its netdev, which limits the
+        // same bytes at the same long-run rate (it queues where the policer drops).
+        if a.cfg.qos.max_ingress.is_some() || weighted {
             return Err(N::Qos);
         }
-        if a.cfg
+        let shape = b.cfg.qos.max_egress.map(|r| Shape {
+            bytes_per_sec: (r.bits_per_sec / 8).max(1),
+            burst: r.burst_bytes.clamp(1514, u32::MAX as u64) as u32,
+        });
+        // ACL verdicts are functions of MACs, addresses, protocol and ports (and, for replies
+        // of stateful rules, of the connection table, kept open by the kernel's counters:
+        // `account_offloaded`): a flow an ACL decided is offloaded as that one connection.
+        let acl = a
+            .cfg
             .acls
             .iter()
             .any(|r| r.direction.covers(Direction::Ingress))
             || b.cfg
                 .acls
                 .iter()
-                .any(|r| r.direction.covers(Direction::Egress))
-        {
-            return Err(N::Acl);
-        }
+                .any(|r| r.direction.covers(Direction::Egress));
+        // The kernel's connection match reads ports at fixed offsets: no IPv4 options.
+        let fixed = s.ethertype != ETH_P_IPV4 || frame.get(14 + at) == Some(&0x45);
+        let l4 = match (acl, s.has_l4 && !s.l4_hidden && fixed) {
+            (false, _) => None,
+            (true, true) => Some(L4Match {
+                src_ip: s.src_ip,
+                dst_ip: s.dst_ip,
+                sport: s.sport,
+                dport: s.dport,
+            }),
+            (true, false) => return Err(N::Acl),
+        };
         // Every frame from a guarded port must have its source address checked; the kernel
         // classifier matches MACs only.
         if a.cfg.guard.ip_source_guard {
@@ -711,6 +767,10 @@ impl Switch {
             ethertype: s.ethertype,
             src: s.src,
             dst: s.dst,
+            tag,
+            action,
+            l4,
+            shape,
         })
     }
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use vireo_netport::FramePort;
 
-use super::netlink::{self, FilterId, Netlink};
+use super::ebpf::{self, TagAction};
+use super::netlink::{self, Classifier, FilterId, Netlink};
 use super::sockfilter::{classifier, socket_filter, FlowMatch};
 use super::{current_netns, FlowKey, FlowUse};
 use crate::frame::ETH_P_IPV6;
@@ -21,6 +22,10 @@ pub const MAX_FLOWS_PER_PORT: usize = 256;
 /// tc priorities of our filters, one per protocol (a tc priority holds one protocol).
 const PRIO_IPV4: u16 = 0xc000;
 const PRIO_IPV6: u16 = 0xc001;
+/// Tagged flows: tc classifies a frame whose tag is in the skb metadata by the tag's TPID,
+/// not by the EtherType inside (which the program tests).
+const PRIO_VLAN: u16 = 0xc002;
+const ETH_P_8021Q: u16 = 0x8100;
 const ETH_HLEN: u64 = 14;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +71,18 @@ pub struct Engine {
     generation: Arc<AtomicU64>,
     /// The network namespace our netlink socket talks to (inode).
     netns: u64,
+    /// Netdevs whose root qdisc is our `tbf`, with its rate (see [`super::Shape`]).
+    shaped: HashMap<u32, super::Shape>,
 }
 
-fn prio_of(ethertype: u16) -> u16 {
-    if ethertype == ETH_P_IPV6 {
-        PRIO_IPV6
+/// The tc priority and protocol of a flow's filter.
+fn prio_of(k: &FlowKey) -> (u16, u16) {
+    if k.tag.is_some() {
+        (PRIO_VLAN, ETH_P_8021Q)
+    } else if k.ethertype == ETH_P_IPV6 {
+        (PRIO_IPV6, ETH_P_IPV6)
     } else {
-        PRIO_IPV4
+        (PRIO_IPV4, k.ethertype)
     }
 }
 
@@ -81,6 +91,8 @@ fn matcher(k: &FlowKey) -> FlowMatch {
         ethertype: k.ethertype,
         src: k.src,
         dst: k.dst,
+        tag: k.tag,
+        l4: k.l4,
     }
 }
 
@@ -96,6 +108,7 @@ impl Engine {
             flows: Vec::new(),
             next_handle: 1,
             generation,
+            shaped: HashMap::new(),
         }
     }
 
@@ -142,7 +155,11 @@ impl Engine {
         let state = match nl.request(&netlink::add_clsact(ifindex)) {
             Ok(()) => Qdisc::Ours,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                for (prio, protocol) in [(PRIO_IPV4, 0x0800), (PRIO_IPV6, ETH_P_IPV6)] {
+                for (prio, protocol) in [
+                    (PRIO_IPV4, 0x0800),
+                    (PRIO_IPV6, ETH_P_IPV6),
+                    (PRIO_VLAN, ETH_P_8021Q),
+                ] {
                     let id = FilterId {
                         prio,
                         protocol,
@@ -188,15 +205,39 @@ impl Engine {
             return Ok(false);
         }
         let ifindex = self.prepare(key.ingress)?;
+        if let Some(shape) = key.shape {
+            self.shape(out, shape)?;
+        }
+        let (prio, protocol) = prio_of(&key);
         let filter = FilterId {
-            prio: prio_of(key.ethertype),
-            protocol: key.ethertype,
+            prio,
+            protocol,
             handle: self.next_handle,
         };
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
-        let prog = classifier(&matcher(&key));
-        self.nl()?
-            .request(&netlink::add_redirect_filter(ifindex, filter, &prog, out))?;
+        let m = matcher(&key);
+        if key.action == TagAction::Keep {
+            let prog = classifier(&m);
+            self.nl()?.request(&netlink::add_redirect_filter(
+                ifindex,
+                filter,
+                Classifier::Classic(&prog),
+                out,
+            ))?;
+        } else {
+            // Tag push/pop needs eBPF helpers; the filter holds the program, our fd closes.
+            let prog = ebpf::load(
+                &ebpf::classifier(&super::checks::checks(&m), key.action),
+                "vireo_flow",
+            )?;
+            use std::os::fd::AsRawFd;
+            self.nl()?.request(&netlink::add_redirect_filter(
+                ifindex,
+                filter,
+                Classifier::Ebpf(prog.as_raw_fd()),
+                out,
+            ))?;
+        }
         self.flows.push(Installed {
             key,
             generation,
@@ -210,6 +251,48 @@ impl Engine {
             return Err(FastPathError::SocketFilter(e));
         }
         Ok(true)
+    }
+
+    /// Puts a `tbf` with `shape` at the root of `ifindex` unless it is there already. Its
+    /// queue holds 20 ms at the rate (at least 64 KiB): TCP sees delay before drops.
+    fn shape(&mut self, ifindex: u32, shape: super::Shape) -> io::Result<()> {
+        if self.shaped.get(&ifindex) == Some(&shape) {
+            return Ok(());
+        }
+        let limit = (shape.bytes_per_sec / 50).clamp(64 << 10, u32::MAX as u64) as u32;
+        self.nl()?.request(&netlink::replace_tbf(
+            ifindex,
+            shape.bytes_per_sec,
+            shape.burst,
+            limit.max(shape.burst),
+        ))?;
+        self.shaped.insert(ifindex, shape);
+        Ok(())
+    }
+
+    /// Removes our `tbf` from netdevs no installed flow is shaped on any more.
+    fn unshape_unused(&mut self) {
+        let unused: Vec<u32> = self
+            .shaped
+            .keys()
+            .copied()
+            .filter(|i| {
+                !self.flows.iter().any(|f| {
+                    f.key.shape.is_some()
+                        && self.devs.get(&f.key.egress).map(|d| d.ifindex) == Some(*i)
+                })
+            })
+            .collect();
+        for i in unused {
+            self.shaped.remove(&i);
+            if let Ok(nl) = self.nl() {
+                if let Err(e) = nl.request(&netlink::del_tbf(i)) {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        eprintln!("vswitch fast path: removing the tbf of ifindex {i}: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// Rebuilds the socket filter of an ingress port from its installed flows.
@@ -303,6 +386,7 @@ impl Engine {
                 eprintln!("vswitch fast path: socket filter of port {}: {e}", p.0);
             }
         }
+        self.unshape_unused();
         uses
     }
 

@@ -16,6 +16,8 @@
 //! [`REVALIDATE_EVERY`] and adds them to the ports' meters, and refreshes the source MAC's
 //! age for flows that carried traffic.
 
+pub mod checks;
+pub mod ebpf;
 pub mod flows;
 pub mod netlink;
 pub mod sockfilter;
@@ -34,6 +36,8 @@ use crate::switch::Switch;
 use crate::uplink::PacketPort;
 use crate::PortId;
 
+pub use checks::L4Match;
+pub use ebpf::TagAction;
 pub use flows::Engine;
 
 /// How often the offload thread folds kernel counters into the meters and drops stale flows.
@@ -46,8 +50,9 @@ pub fn current_netns() -> u64 {
     std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
 }
 
-/// One offloaded flow: frames entering `ingress` untagged with this EtherType (IPv4 or IPv6,
-/// TCP) and MAC pair go straight to `egress`.
+/// One offloaded flow: frames entering `ingress` with this tag (or none), EtherType (IPv4 or
+/// IPv6, TCP), MAC pair (and, when ACLs decided, connection) go straight to `egress`, their
+/// tag changed by `action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub ingress: PortId,
@@ -57,6 +62,20 @@ pub struct FlowKey {
     pub ethertype: u16,
     pub src: Mac,
     pub dst: Mac,
+    /// The VID of the tag the frames arrive with; `None`: untagged.
+    pub tag: Option<u16>,
+    pub action: TagAction,
+    /// The TCP connection, for flows an ACL decided (its verdict holds per connection).
+    pub l4: Option<L4Match>,
+    /// The egress port's rate limit, applied by a `tbf` root qdisc on its netdev.
+    pub shape: Option<Shape>,
+}
+
+/// A rate limit the kernel applies to what leaves a port: a token-bucket shaper (`tbf`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub bytes_per_sec: u64,
+    pub burst: u32,
 }
 
 /// Traffic the kernel forwarded for a flow since it was last accounted. `bytes` are whole
@@ -79,19 +98,19 @@ pub enum NotOffloadable {
     NotOneDestination,
     #[error("not TCP over IPv4/IPv6 (guards must see ARP, ND, DHCP, ICMP...)")]
     NotTcp,
-    #[error("the frame carries a VLAN tag")]
+    #[error("the frame carries a priority tag or more than one VLAN tag")]
     Tagged,
     #[error("multicast or broadcast destination")]
     NotUnicast,
-    #[error("the frame would leave with a different tag")]
+    #[error("the frame's tag would be rewritten to another VLAN")]
     TagChange,
     #[error("a port is gone")]
     NoSuchPort,
     #[error("a port is a mirror source or destination")]
     Mirror,
-    #[error("rate limits or uplink weights apply")]
+    #[error("an ingress rate limit or uplink weights apply")]
     Qos,
-    #[error("ACL rules apply")]
+    #[error("ACL rules apply to a frame without TCP ports (a fragment)")]
     Acl,
     #[error("source or destination MAC not learned where the frame went")]
     NotLearned,

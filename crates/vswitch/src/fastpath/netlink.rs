@@ -16,6 +16,7 @@ const TCMSG_LEN: usize = 20;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_MULTI: u16 = 0x2;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
@@ -34,6 +35,7 @@ const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_ACT: u16 = 1;
 const TCA_BPF_OPS_LEN: u16 = 4;
 const TCA_BPF_OPS: u16 = 5;
+const TCA_BPF_FD: u16 = 6;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_FLAGS_GEN: u16 = 9;
 const TCA_CLS_FLAGS_SKIP_HW: u32 = 1;
@@ -177,12 +179,75 @@ pub fn del_clsact(ifindex: u32) -> Msg {
     m
 }
 
-/// An ingress `cls_bpf` filter running `prog` (a classic program; non-zero = match) whose
-/// action redirects matching frames to the egress of device `redirect_to`.
+/// The program of a `cls_bpf` filter.
+#[derive(Clone, Copy, Debug)]
+pub enum Classifier<'a> {
+    /// Classic BPF, passed by value.
+    Classic(&'a [SockFilter]),
+    /// A loaded eBPF program (the filter takes its own reference; the fd may close after).
+    Ebpf(std::os::fd::RawFd),
+}
+
+/// `TC_H_ROOT`: the parent of a device's root qdisc.
+pub const TC_H_ROOT: u32 = 0xffff_ffff;
+/// The handle of the root `tbf` qdisc we put on shaped ports (`7ee1:`), to tell it apart.
+pub const TBF_HANDLE: u32 = 0x7ee1_0000;
+const TCA_TBF_PARMS: u16 = 1;
+const TCA_TBF_RATE64: u16 = 4;
+const TCA_TBF_BURST: u16 = 6;
+const TC_LINKLAYER_ETHERNET: u8 = 1;
+
+/// Makes a `tbf` (rate `bytes_per_sec`, bucket `burst` bytes, queue `limit` bytes) the root
+/// qdisc of a device, replacing what was there.
+pub fn replace_tbf(ifindex: u32, bytes_per_sec: u64, burst: u32, limit: u32) -> Msg {
+    let mut m = Msg::new(
+        RTM_NEWQDISC,
+        NLM_F_CREATE | NLM_F_REPLACE,
+        TcMsg {
+            ifindex: ifindex as i32,
+            handle: TBF_HANDLE,
+            parent: TC_H_ROOT,
+            info: 0,
+        },
+    );
+    m.attr_str(TCA_KIND, "tbf");
+    let opts = m.nest(TCA_OPTIONS);
+    // struct tc_tbf_qopt: rate and peakrate (struct tc_ratespec: cell_log, linklayer,
+    // overhead, cell_align, mpu, rate), limit, buffer, mtu. The buffer comes from
+    // TCA_TBF_BURST, the rate above 4 GB/s from TCA_TBF_RATE64.
+    let mut q = vec![0u8; 36];
+    q[1] = TC_LINKLAYER_ETHERNET;
+    q[8..12].copy_from_slice(&(bytes_per_sec.min(u32::MAX as u64) as u32).to_ne_bytes());
+    q[24..28].copy_from_slice(&limit.to_ne_bytes());
+    m.attr(TCA_TBF_PARMS, &q);
+    if bytes_per_sec >= u32::MAX as u64 {
+        m.attr(TCA_TBF_RATE64, &bytes_per_sec.to_ne_bytes());
+    }
+    m.attr(TCA_TBF_BURST, &burst.to_ne_bytes());
+    m.end(opts);
+    m
+}
+
+/// Deletes our root `tbf` (the device falls back to its default qdisc).
+pub fn del_tbf(ifindex: u32) -> Msg {
+    Msg::new(
+        RTM_DELQDISC,
+        0,
+        TcMsg {
+            ifindex: ifindex as i32,
+            handle: TBF_HANDLE,
+            parent: TC_H_ROOT,
+            info: 0,
+        },
+    )
+}
+
+/// An ingress `cls_bpf` filter running `prog` (non-zero = match; -1 = match, default class)
+/// whose action redirects matching frames to the egress of device `redirect_to`.
 pub fn add_redirect_filter(
     ifindex: u32,
     id: FilterId,
-    prog: &[SockFilter],
+    prog: Classifier<'_>,
     redirect_to: u32,
 ) -> Msg {
     let mut m = Msg::new(
@@ -197,9 +262,16 @@ pub fn add_redirect_filter(
     );
     m.attr_str(TCA_KIND, "bpf");
     let opts = m.nest(TCA_OPTIONS);
-    m.attr(TCA_BPF_OPS_LEN, &(prog.len() as u16).to_ne_bytes());
-    let ops: Vec<u8> = prog.iter().flat_map(|i| i.to_bytes()).collect();
-    m.attr(TCA_BPF_OPS, &ops);
+    match prog {
+        Classifier::Classic(prog) => {
+            m.attr(TCA_BPF_OPS_LEN, &(prog.len() as u16).to_ne_bytes());
+            let ops: Vec<u8> = prog.iter().flat_map(|i| i.to_bytes()).collect();
+            m.attr(TCA_BPF_OPS, &ops);
+        }
+        Classifier::Ebpf(fd) => {
+            m.attr(TCA_BPF_FD, &fd.to_ne_bytes());
+        }
+    }
     m.attr_str(TCA_BPF_NAME, FILTER_NAME);
     m.attr(TCA_BPF_FLAGS_GEN, &TCA_CLS_FLAGS_SKIP_HW.to_ne_bytes());
     let acts = m.nest(TCA_BPF_ACT);
@@ -535,6 +607,8 @@ mod tests {
             ethertype: 0x0800,
             src: [2, 0, 0, 0, 0, 1],
             dst: [2, 0, 0, 0, 0, 2],
+            tag: None,
+            l4: None,
         };
         let prog = classifier(&flow);
         let id = FilterId {
@@ -542,7 +616,7 @@ mod tests {
             protocol: 0x0800,
             handle: 42,
         };
-        let m = add_redirect_filter(3, id, &prog, 9);
+        let m = add_redirect_filter(3, id, Classifier::Classic(&prog), 9);
         let b = body(&m);
         // tcm_info: priority high, protocol in network order low.
         assert_eq!(&b[16..20], &((0xc000u32 << 16) | 0x0008u32).to_ne_bytes());

@@ -9,6 +9,8 @@
 //! (source MAC, destination MAC) pair of one of the flows. Offsets are from the Ethernet
 //! header: both AF_PACKET and `cls_bpf` at ingress run classic programs on the frame as sent.
 
+pub use super::checks::FlowMatch;
+use super::checks::{checks, Check, Load};
 use crate::frame::{Mac, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP};
 
 /// `struct sock_filter`: one classic BPF instruction.
@@ -41,6 +43,14 @@ pub const JMP_JA: u16 = 0x05;
 pub const RET_K: u16 = 0x06;
 /// `SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT`: loads 1 when the skb carries a VLAN tag in metadata.
 pub const LD_VLAN_TAG_PRESENT: u32 = (-0x1000i32 + 48) as u32;
+/// `SKF_AD_OFF + SKF_AD_VLAN_TAG`: loads the metadata tag's TCI.
+pub const LD_VLAN_TAG: u32 = (-0x1000i32 + 44) as u32;
+/// `SKF_AD_OFF + SKF_AD_VLAN_TPID`: loads the metadata tag's TPID (host order).
+pub const LD_VLAN_TPID: u32 = (-0x1000i32 + 60) as u32;
+/// `A = skb->len`.
+pub const LD_W_LEN: u16 = 0x80;
+pub const ALU_AND_K: u16 = 0x54;
+pub const JMP_JGE_K: u16 = 0x35;
 
 /// What a classifier returns on a match: `cls_bpf` reads -1 as "matched, run the actions";
 /// a socket filter reads it as "keep the whole frame".
@@ -49,15 +59,6 @@ pub const MATCH_ALL: u32 = u32::MAX;
 pub const MAX_INSNS: usize = 4096;
 /// Instructions one flow adds to a program.
 pub const INSNS_PER_FLOW: usize = 9;
-
-/// One offloaded flow as the kernel matches it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowMatch {
-    /// ETH_P_IPV4 or ETH_P_IPV6.
-    pub ethertype: u16,
-    pub src: Mac,
-    pub dst: Mac,
-}
 
 fn stmt(code: u16, k: u32) -> SockFilter {
     SockFilter {
@@ -80,15 +81,23 @@ fn jeq(k: u32, jt: u8, jf: u8) -> SockFilter {
 /// A program returning `on_match` for frames of any of `flows` and `otherwise` for all other
 /// frames. `None` when the flows do not fit in one classic program.
 pub fn program(flows: &[FlowMatch], on_match: u32, otherwise: u32) -> Option<Vec<SockFilter>> {
-    if 17 + flows.len() * INSNS_PER_FLOW > MAX_INSNS {
+    // Tagged flows and flows narrowed to a connection (ACLs): one self-contained block each,
+    // first. The plain flows after them keep the compact per-EtherType sections.
+    let mut p = Vec::new();
+    for f in flows.iter().filter(|f| !f.plain()) {
+        p.extend(block(&checks(f), on_match)?);
+    }
+    let plain: Vec<FlowMatch> = flows.iter().filter(|f| f.plain()).copied().collect();
+    let flows = &plain[..];
+    if p.len() + 17 + flows.len() * INSNS_PER_FLOW > MAX_INSNS {
         return None;
     }
-    let mut p = vec![
+    p.extend([
         stmt(LD_W_ABS, LD_VLAN_TAG_PRESENT),
         jeq(0, 1, 0),
         stmt(RET_K, otherwise),
         stmt(LD_H_ABS, 12),
-    ];
+    ]);
     // One section per EtherType; A holds the EtherType on entry to each section's test (the
     // `ja` that skips a section leaves A alone), and every section ends in a `ret`, so the
     // conditional jumps stay short whatever the number of flows.
@@ -124,6 +133,48 @@ pub fn program(flows: &[FlowMatch], on_match: u32, otherwise: u32) -> Option<Vec
     Some(p)
 }
 
+/// One flow's checks as a classic block that returns `on_match` when all pass and falls
+/// through to the instruction after it otherwise. `None` if a jump would not fit in 8 bits.
+fn block(checks: &[Check], on_match: u32) -> Option<Vec<SockFilter>> {
+    let mut b = Vec::new();
+    // Each entry: the index of a conditional jump whose false branch leaves the block.
+    let mut fails = Vec::new();
+    for c in checks {
+        match c.load {
+            Load::VlanPresent => b.push(stmt(LD_W_ABS, LD_VLAN_TAG_PRESENT)),
+            Load::VlanTci => b.push(stmt(LD_W_ABS, LD_VLAN_TAG)),
+            Load::VlanProto => b.push(stmt(LD_W_ABS, LD_VLAN_TPID)),
+            Load::Len => b.push(stmt(LD_W_LEN, 0)),
+            Load::Abs { size, off } => b.push(stmt(ld_code(size), off)),
+        }
+        if c.mask != u32::MAX {
+            b.push(stmt(ALU_AND_K, c.mask));
+        }
+        fails.push(b.len());
+        let code = if c.at_least { JMP_JGE_K } else { JMP_JEQ_K };
+        b.push(SockFilter {
+            code,
+            jt: 0,
+            jf: 0,
+            k: c.value,
+        });
+    }
+    b.push(stmt(RET_K, on_match));
+    let end = b.len();
+    for at in fails {
+        b[at].jf = u8::try_from(end - at - 1).ok()?;
+    }
+    Some(b)
+}
+
+fn ld_code(size: u8) -> u16 {
+    match size {
+        4 => LD_W_ABS,
+        2 => LD_H_ABS,
+        _ => LD_B_ABS,
+    }
+}
+
 /// The tc classifier of one flow: matches exactly its frames.
 pub fn classifier(flow: &FlowMatch) -> Vec<SockFilter> {
     program(std::slice::from_ref(flow), MATCH_ALL, 0).expect("one flow always fits")
@@ -142,6 +193,11 @@ pub(crate) mod interp {
     use super::*;
 
     pub fn run(prog: &[SockFilter], frame: &[u8], vlan_tag_present: bool) -> u32 {
+        run_tci(prog, frame, vlan_tag_present.then_some(0))
+    }
+
+    /// `tci`: the tag the skb carries in its metadata, if any.
+    pub fn run_tci(prog: &[SockFilter], frame: &[u8], tci: Option<u16>) -> u32 {
         let mut a: u32 = 0;
         let mut pc = 0usize;
         for _ in 0..=MAX_INSNS {
@@ -149,29 +205,41 @@ pub(crate) mod interp {
                 panic!("fell off the program at {pc}");
             };
             pc += 1;
-            let load = |n: usize| -> Option<u32> {
-                let at = i.k as usize;
+            let load = |at: usize, n: usize| -> Option<u32> {
                 let b = frame.get(at..at + n)?;
                 Some(b.iter().fold(0u32, |v, x| v << 8 | *x as u32))
             };
-            match i.code {
-                LD_W_ABS if i.k == LD_VLAN_TAG_PRESENT => a = vlan_tag_present as u32,
-                LD_W_ABS => match load(4) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                LD_H_ABS => match load(2) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                LD_B_ABS => match load(1) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                JMP_JEQ_K => pc += if a == i.k { i.jt } else { i.jf } as usize,
-                JMP_JA => pc += i.k as usize,
+            let k = i.k as usize;
+            let loaded = match i.code {
+                LD_W_ABS if i.k == LD_VLAN_TAG_PRESENT => Some(tci.is_some() as u32),
+                LD_W_ABS if i.k == LD_VLAN_TAG => Some(tci.unwrap_or(0) as u32),
+                LD_W_ABS if i.k == LD_VLAN_TPID => Some(if tci.is_some() { 0x8100 } else { 0 }),
+                LD_W_ABS => load(k, 4),
+                LD_H_ABS => load(k, 2),
+                LD_B_ABS => load(k, 1),
+                LD_W_LEN => Some(frame.len() as u32),
+                ALU_AND_K => {
+                    a &= i.k;
+                    continue;
+                }
+                JMP_JEQ_K => {
+                    pc += if a == i.k { i.jt } else { i.jf } as usize;
+                    continue;
+                }
+                JMP_JGE_K => {
+                    pc += if a >= i.k { i.jt } else { i.jf } as usize;
+                    continue;
+                }
+                JMP_JA => {
+                    pc += k;
+                    continue;
+                }
                 RET_K => return i.k,
                 c => panic!("unexpected opcode {c:#x}"),
+            };
+            match loaded {
+                Some(v) => a = v,
+                None => return 0,
             }
         }
         panic!("program did not return");
@@ -211,6 +279,8 @@ mod tests {
             ethertype,
             src,
             dst,
+            tag: None,
+            l4: None,
         }
     }
 

@@ -8,6 +8,7 @@ use etherparse::PacketBuilder;
 use super::*;
 use crate::config::*;
 use crate::ext::ethertype_filter::EtherTypeFilter;
+use crate::fastpath::checks::L4Match;
 use crate::frame::Mac;
 use crate::switch::{Delivery, Switch};
 
@@ -76,7 +77,11 @@ fn plain_tcp_between_access_ports_is_offloadable() {
             vid: 1,
             ethertype: 0x0800,
             src: MA,
-            dst: MB
+            dst: MB,
+            tag: None,
+            action: TagAction::Keep,
+            l4: None,
+            shape: None,
         }
     );
     let k6 = verdict(&mut sw, 1, tcp6(MB, MA)).unwrap();
@@ -116,31 +121,29 @@ fn each_disqualifier_refuses() {
         Err(N::NotLearned)
     );
 
-    // Tagged in on a trunk, out untagged on an access port.
+    // Two tags, or a priority tag (VID 0): left to user space.
     let mut sw = switch_with(|_, a, _| {
         a.vlan = VlanConfig::Trunk {
             allowed: vec![1],
-            native: None,
+            native: Some(1),
         }
     });
-    let mut tagged = tcp4(MA, MB);
-    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x01]);
-    let mut d = Delivery::default();
-    sw.process(PortId(1), &mut udp4(MB, MA), 3, &mut d);
-    let mut f = tagged.clone();
-    sw.process(PortId(0), &mut f, 3, &mut d);
-    assert_eq!(d.ports(), vec![PortId(1)], "setup: delivered");
-    assert_eq!(sw.offload_verdict(PortId(0), &f, &d, 3), Err(N::Tagged));
-
-    // Untagged in, tagged out.
-    let mut sw = switch_with(|_, _, b| {
-        b.vlan = VlanConfig::Trunk {
-            allowed: vec![1],
-            native: None,
-        }
-    });
-    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::TagChange));
-
+    for tags in [
+        &[0x81, 0x00, 0x00, 0x00][..],
+        &[0x81, 0, 0, 1, 0x81, 0, 0, 1][..],
+    ] {
+        let mut f = tcp4(MA, MB);
+        f.splice(12..12, tags.iter().copied());
+        let mut d = Delivery::default();
+        sw.process(PortId(0), &mut f, 3, &mut d);
+        assert!(
+            matches!(
+                sw.offload_verdict(PortId(0), &f, &d, 3),
+                Err(N::Tagged | N::NotOneDestination | N::NotLearned)
+            ),
+            "{tags:?}"
+        );
+    }
     let mut sw = switch_with(|_, a, _| a.mirror = MirrorRole::Source(Direction::Both));
     assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Mirror));
     let mut sw = switch_with(|_, _, b| b.mirror = MirrorRole::Source(Direction::Egress));
@@ -150,9 +153,8 @@ fn each_disqualifier_refuses() {
         bits_per_sec: 1 << 40,
         burst_bytes: 1 << 30,
     };
+    // The sender's ingress policer stays in user space.
     let mut sw = switch_with(|_, a, _| a.qos.max_ingress = Some(rate));
-    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Qos));
-    let mut sw = switch_with(|_, _, b| b.qos.max_egress = Some(rate));
     assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Qos));
     let mut sw = switch_with(|_, a, b| {
         b.role = PortRole::Uplink;
@@ -178,16 +180,17 @@ fn each_disqualifier_refuses() {
         remote_ports: None,
         stateful: false,
     };
+    // A frame an ACL decides without seeing ports (a later fragment): not a connection.
     let mut sw = switch_with(|_, a, _| a.acls = vec![allow(Direction::Ingress)]);
-    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Acl));
-    let mut sw = switch_with(|_, _, b| b.acls = vec![allow(Direction::Both)]);
-    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::Acl));
+    let mut frag = tcp4(MA, MB);
+    frag[20..22].copy_from_slice(&0x0004u16.to_be_bytes()); // offset 32 bytes, last fragment
+    assert_eq!(verdict(&mut sw, 0, frag), Err(N::Acl));
     // Rules that never see a→b traffic do not matter.
     let mut sw = switch_with(|_, a, b| {
         a.acls = vec![allow(Direction::Egress)];
         b.acls = vec![allow(Direction::Ingress)];
     });
-    assert!(verdict(&mut sw, 0, tcp4(MA, MB)).is_ok());
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)).unwrap().l4, None);
 
     // IP source guard on the sender: every frame's source address must be checked.
     let mut sw = switch_with(|_, a, _| {
@@ -300,6 +303,10 @@ fn kernel_traffic_refreshes_the_source_mac_only_where_it_lives() {
         ethertype: 0x0800,
         src: MA,
         dst: MB,
+        tag: None,
+        action: TagAction::Keep,
+        l4: None,
+        shape: None,
     };
     let at = 9_000_000_000;
     sw.account_offloaded(
@@ -314,4 +321,184 @@ fn kernel_traffic_refreshes_the_source_mac_only_where_it_lives() {
     assert_eq!(sw.status(PortId(0)).unwrap().meters.ingress.packets, 2);
     // One flooded copy of the learning frame plus the kernel's.
     assert_eq!(sw.status(PortId(1)).unwrap().meters.egress.packets, 2);
+}
+
+fn trunk(allowed: Vec<u16>) -> VlanConfig {
+    VlanConfig::Trunk {
+        allowed,
+        native: None,
+    }
+}
+
+fn tagged(mut f: Vec<u8>, vid: u16) -> Vec<u8> {
+    f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+    f
+}
+
+#[test]
+fn vlan_pop_push_and_keep_are_offloaded_with_the_tag_in_the_match() {
+    // Trunk in, access out: the kernel matches the tag and pops it.
+    let mut sw = switch_with(|_, a, _| a.vlan = trunk(vec![1]));
+    let k = verdict(&mut sw, 0, tagged(tcp4(MA, MB), 1)).unwrap();
+    assert_eq!((k.tag, k.action, k.vid), (Some(1), TagAction::Pop, 1));
+    // The same frame untagged on the trunk belongs to no VLAN there.
+    assert!(verdict(&mut sw, 0, tcp4(MA, MB)).is_err());
+    // Access in, trunk out: pushed.
+    let k = verdict(&mut sw, 1, tcp4(MB, MA)).unwrap();
+    assert_eq!((k.tag, k.action), (None, TagAction::Push(1)));
+    // Trunk to trunk in the same VLAN: the tag stays and is matched.
+    let mut sw = switch_with(|_, a, b| {
+        a.vlan = trunk(vec![1, 7]);
+        b.vlan = trunk(vec![1, 7]);
+    });
+    let mut d = Delivery::default();
+    sw.process(PortId(1), &mut tagged(udp4(MB, MA), 7), 1, &mut d);
+    sw.process(PortId(0), &mut tagged(udp4(MA, MB), 7), 1, &mut d);
+    let k = verdict(&mut sw, 0, tagged(tcp4(MA, MB), 7)).unwrap();
+    assert_eq!((k.tag, k.action, k.vid), (Some(7), TagAction::Keep, 7));
+    // A VLAN the sender is not in: dropped, never a flow.
+    assert!(verdict(&mut sw, 0, tagged(tcp4(MA, MB), 9)).is_err());
+}
+
+fn acl(direction: Direction, action: AclAction, stateful: bool) -> AclRule {
+    AclRule {
+        name: "r".into(),
+        priority: 1,
+        direction,
+        action,
+        local_mac: None,
+        remote_mac: None,
+        local_ip: None,
+        remote_ip: None,
+        protocol: Some(6),
+        local_ports: None,
+        remote_ports: None,
+        stateful,
+    }
+}
+
+#[test]
+fn acl_allowed_flows_are_offloaded_as_one_connection_and_denied_ones_never() {
+    use NotOffloadable as N;
+    for (a_rules, b_rules) in [
+        (
+            vec![acl(Direction::Ingress, AclAction::Allow, false)],
+            vec![],
+        ),
+        (vec![], vec![acl(Direction::Both, AclAction::Allow, true)]),
+    ] {
+        let mut sw = switch_with(|_, a, b| {
+            a.acls = a_rules.clone();
+            b.acls = b_rules.clone();
+        });
+        let k = verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
+        assert_eq!(
+            k.l4,
+            Some(L4Match {
+                src_ip: u32::from_be_bytes([10, 0, 0, 1]) as u128,
+                dst_ip: u32::from_be_bytes([10, 0, 0, 2]) as u128,
+                sport: 1000,
+                dport: 80
+            })
+        );
+    }
+    let mut sw =
+        switch_with(|_, a, _| a.acls = vec![acl(Direction::Ingress, AclAction::Allow, false)]);
+    let k6 = verdict(&mut sw, 1, tcp6(MB, MA));
+    assert_eq!(
+        k6.unwrap().l4,
+        None,
+        "b has no ACL; a's ingress rules do not see b→a"
+    );
+    let mut sw =
+        switch_with(|_, _, b| b.acls = vec![acl(Direction::Egress, AclAction::Allow, false)]);
+    let l4 = verdict(&mut sw, 0, tcp6(MA, MB)).unwrap().l4.unwrap();
+    assert_eq!(
+        (l4.src_ip, l4.dst_ip),
+        (
+            u128::from_be_bytes([0xfd; 16]),
+            u128::from_be_bytes([0xfe; 16])
+        )
+    );
+    // Denied: dropped in user space, so never a kernel flow.
+    let mut sw =
+        switch_with(|_, a, _| a.acls = vec![acl(Direction::Ingress, AclAction::Deny, false)]);
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)), Err(N::NotOneDestination));
+}
+
+#[test]
+fn kernel_traffic_of_an_acl_flow_counts_its_rules_and_keeps_a_stateful_connection_open() {
+    // a: ingress TCP allowed statefully; egress everything denied but replies.
+    let mut sw = switch_with(|_, a, _| {
+        let mut deny = acl(Direction::Egress, AclAction::Deny, false);
+        deny.protocol = None;
+        deny.priority = 10;
+        a.acls = vec![acl(Direction::Ingress, AclAction::Allow, true), deny];
+    });
+    let k = verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
+    let ft = 400_000_000_000u64; // the first frame's connection (302 s) has expired by then
+    let reply = || {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(MB, MA)
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .tcp(80, 1000, 1, 65535)
+            .write(&mut f, &[0; 20])
+            .unwrap();
+        f
+    };
+    let delivered = |sw: &mut Switch, t| {
+        let mut d = Delivery::default();
+        sw.process(PortId(1), &mut reply(), t, &mut d);
+        d.ports() == vec![PortId(0)]
+    };
+    let before = sw.status(PortId(0)).unwrap().meters.acl[0].1;
+    // The kernel carried the connection's frames at 200 s: it stays open past 400 s.
+    sw.account_offloaded(
+        &FlowUse {
+            key: k,
+            packets: 7,
+            bytes: 700,
+        },
+        Some(200_000_000_000),
+    );
+    let after = sw.status(PortId(0)).unwrap().meters.acl[0].1;
+    assert_eq!(after.packets - before.packets, 7);
+    assert_eq!(after.bytes - before.bytes, 700);
+    assert!(delivered(&mut sw, ft), "kept open by the kernel's traffic");
+    // Without it, the reply after expiry is denied: the test above can fail.
+    let mut sw = switch_with(|_, a, _| {
+        let mut deny = acl(Direction::Egress, AclAction::Deny, false);
+        deny.protocol = None;
+        deny.priority = 10;
+        a.acls = vec![acl(Direction::Ingress, AclAction::Allow, true), deny];
+    });
+    verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
+    assert!(delivered(&mut sw, 100), "open at first");
+    assert!(!delivered(&mut sw, ft), "expired");
+}
+
+#[test]
+fn the_receivers_egress_limit_becomes_a_shaper_and_other_limits_do_not_matter() {
+    let rate = RateLimit {
+        bits_per_sec: 8_000_000_000,
+        burst_bytes: 100,
+    };
+    let mut sw = switch_with(|_, _, b| b.qos.max_egress = Some(rate));
+    let k = verdict(&mut sw, 0, tcp4(MA, MB)).unwrap();
+    assert_eq!(
+        k.shape,
+        Some(Shape {
+            bytes_per_sec: 1_000_000_000,
+            burst: 1514
+        }),
+        "a burst below one frame is raised to one, as in user space"
+    );
+    // b → a: b's egress limit does not apply; a has none.
+    assert_eq!(verdict(&mut sw, 1, tcp4(MB, MA)).unwrap().shape, None);
+    // Limits that never see a → b frames: a's egress, b's ingress.
+    let mut sw = switch_with(|_, a, b| {
+        a.qos.max_egress = Some(rate);
+        b.qos.max_ingress = Some(rate);
+    });
+    assert_eq!(verdict(&mut sw, 0, tcp4(MA, MB)).unwrap().shape, None);
 }
