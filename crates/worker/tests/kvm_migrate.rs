@@ -194,6 +194,9 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     else {
         panic!("source exited {:?}; log:\n{}", exit.reason, src.log());
     };
+    if let Ok(keep) = std::env::var("VIREO_TEST_KEEP_LOG") {
+        std::fs::write(keep, src.log()).unwrap();
+    }
     assert_eq!(code, Some(0));
     assert_eq!(went, to.to_string());
     let p = wait_status(&dst, "destination completed", |p| {
@@ -319,4 +322,34 @@ fn kvm_migrate_to_an_untrusted_destination_is_refused_before_any_page() {
     assert_eq!(status(&dst).transferred_bytes, 0);
     assert_eq!(status(&dst).state, MigrateState::Listening);
     still_running(&src, &mut c);
+}
+
+#[test]
+fn kvm_migrate_destination_that_cannot_open_the_disk_gives_the_vm_back() {
+    if !kvm() {
+        return;
+    }
+    let (a, b) = pair();
+    let (d, disk) = disk_dir();
+    let (mut src, mut c, _) = source(&disk, 16);
+    let session = uuid::Uuid::new_v4();
+    // The destination's spec names a disk file that is not there: it finds out only at the
+    // handoff, after the source released its disk.
+    let dst = destination(&d.path().join("missing.img"), &b, session, 1);
+    let to = listening(&dst);
+    migrate_out(&src, to, session, &a, 1, CompressMode::Lz4, None);
+    let p = wait_status(&src, "failed", |p| p.state == MigrateState::Failed);
+    let msg = p.message.clone().unwrap_or_default();
+    assert!(msg.contains("missing.img"), "{msg}");
+    assert!(
+        src.log().contains("opened again after the failed handoff"),
+        "{}",
+        src.log()
+    );
+    still_running(&src, &mut c);
+    ok(&mut c, "DISK 0 WRITE 1024 8 13");
+    ok(&mut c, "DISK 0 VERIFY 1024 8 13");
+    assert_eq!(src.ask(WorkerOp::TurnOff), WorkerReply::Ok);
+    let (_, exit) = src.wait_exit();
+    assert_eq!(exit.unwrap().reason, WorkerExitReason::TurnedOff);
 }
