@@ -147,3 +147,56 @@ fn load_tls(tls: &MigrationTls) -> Result<(HostIdentity, TrustStore), String> {
     }
     Ok((id, trusted))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_migration_at_a_time_and_cancel_only_before_the_switch_over() {
+        let m = Migration::default();
+        assert_eq!(m.progress().state, MigrateState::Idle);
+        assert!(m.cancel().is_ok(), "nothing to cancel is fine");
+        let shared = m.begin(MigrateState::Precopy).unwrap();
+        assert!(m.is_active());
+        assert!(m.begin(MigrateState::Precopy).is_err());
+        m.set_state(MigrateState::Switching);
+        assert!(m.cancel().unwrap_err().contains("too late"));
+        assert!(!shared.cancelled());
+        m.set_state(MigrateState::Precopy);
+        m.cancel().unwrap();
+        assert!(shared.cancelled());
+        m.finish(&Err("cancelled".into()));
+        let p = m.progress();
+        assert_eq!(p.state, MigrateState::Cancelled);
+        assert_eq!(p.message.as_deref(), Some("cancelled"));
+        assert!(!m.is_active());
+        // A new migration starts clean: not cancelled, no message.
+        let again = m.begin(MigrateState::Listening).unwrap();
+        assert!(!again.cancelled());
+        assert_eq!(m.progress().message, None);
+        m.finish(&Err("stream broke".into()));
+        assert_eq!(m.progress().state, MigrateState::Failed);
+        m.begin(MigrateState::Precopy).unwrap();
+        m.finish(&Ok(()));
+        assert_eq!(m.progress().state, MigrateState::Completed);
+    }
+
+    #[test]
+    fn an_empty_trust_store_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        HostIdentity::load_or_create(dir.path(), "h").unwrap();
+        let tls = MigrationTls {
+            cert: dir.path().join("host.crt"),
+            key: dir.path().join("host.key"),
+            trusted: dir.path().join("trusted"),
+        };
+        let e = load_tls(&tls).unwrap_err();
+        assert!(e.contains("lists no host"), "{e}");
+        let missing = MigrationTls {
+            cert: dir.path().join("nope.crt"),
+            ..tls
+        };
+        assert!(load_tls(&missing).unwrap_err().contains("nope.crt"));
+    }
+}

@@ -46,6 +46,10 @@ pub fn start(
     if s.vm.exited() || s.started_at.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         return Err("the VM is not running".into());
     }
+    if s.vm.is_paused() {
+        // The destination resumes what it receives: a paused VM would wake up there.
+        return Err("the VM is paused; resume it first (or save it instead)".into());
+    }
     let (id, trusted) = load_tls(&tls)?;
     let cfg = hostauth::client_config(&id, &trusted).map_err(|e| e.to_string())?;
     let shared = s.migration.begin(MigrateState::Precopy)?;
