@@ -194,6 +194,7 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     else {
         panic!("source exited {:?}; log:\n{}", exit.reason, src.log());
     };
+    // With VIREO_LOG=vireo_vmm=debug, the source's per-round decisions end up in this file.
     if let Ok(keep) = std::env::var("VIREO_TEST_KEEP_LOG") {
         std::fs::write(keep, src.log()).unwrap();
     }

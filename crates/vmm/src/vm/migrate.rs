@@ -421,7 +421,7 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
 
     fn another_round(
         &mut self,
-        _vm: &VmHandle,
+        vm: &VmHandle,
         dirty: u64,
         rounds: u32,
     ) -> Result<bool, MigrateError> {
@@ -463,7 +463,7 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
             Decision::SwitchOver => Ok(false),
             Decision::Round { throttle } => {
                 if throttle > 0 {
-                    let t = self.throttle.get_or_insert_with(|| Throttle::start(_vm));
+                    let t = self.throttle.get_or_insert_with(|| Throttle::start(vm));
                     t.set(throttle);
                     self.shared.update(|s| s.throttle_percent = throttle);
                 }
