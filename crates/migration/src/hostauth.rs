@@ -28,9 +28,9 @@ use tokio_rustls::rustls::crypto::{
 };
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::{
-    self, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig,
-    SignatureScheme,
+    self, CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
 };
+pub use tokio_rustls::rustls::{ClientConfig, ServerConfig};
 
 pub const CERT_FILE: &str = "host.crt";
 pub const KEY_FILE: &str = "host.key";
@@ -126,6 +126,13 @@ impl HostIdentity {
             write_new(&key_path, ck.signing_key.serialize_pem().as_bytes(), 0o600)?;
             write_new(&cert_path, ck.cert.pem().as_bytes(), 0o644)?;
         }
+        HostIdentity::load(&cert_path, &key_path)
+    }
+
+    /// Loads an identity from its two files (a worker gets them from vireod's launch). A key
+    /// others can read is refused.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<HostIdentity, HostAuthError> {
+        let (cert_path, key_path) = (cert_path.to_path_buf(), key_path.to_path_buf());
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| HostAuthError::Io { path, source }
@@ -418,6 +425,48 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())?;
     Ok(Arc::new(cfg))
+}
+
+/// A migration stream, source end: TLS over TCP, blocking.
+pub type ClientStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+/// A migration stream, destination end.
+pub type ServerStream = rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>;
+
+/// Connects to `addr` and completes the handshake (the server's certificate checked against
+/// the pins); every read and write of the stream then times out after `timeout`.
+pub fn connect(
+    addr: std::net::SocketAddr,
+    cfg: Arc<ClientConfig>,
+    timeout: std::time::Duration,
+) -> std::io::Result<ClientStream> {
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    tcp.set_nodelay(true)?;
+    let conn = rustls::ClientConnection::new(cfg, peer_name()).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
+/// Completes the server side of the handshake on an accepted connection (the client's
+/// certificate checked against the pins), with the same timeouts as [`connect`].
+pub fn accept(
+    tcp: std::net::TcpStream,
+    cfg: Arc<ServerConfig>,
+    timeout: std::time::Duration,
+) -> std::io::Result<ServerStream> {
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    tcp.set_nodelay(true)?;
+    let conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
 }
 
 /// The name a client puts in its hello. Pinning checks the certificate itself, so the name

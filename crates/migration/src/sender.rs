@@ -45,6 +45,12 @@ impl<W: Write> Sender<W> {
         })
     }
 
+    /// The stream itself, e.g. to read the receiver's answer to the preamble. Writing to it
+    /// directly would corrupt the record stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
     /// Sends pages in batches of at most [`MAX_PAGES`].
     pub fn send_pages<'a>(
         &mut self,

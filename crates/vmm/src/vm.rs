@@ -83,11 +83,16 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
     }
 }
 
+pub mod converge;
 pub mod hotplug;
+mod incoming;
 mod live_save;
+mod migrate;
 mod pause_reset;
+mod rounds;
 mod state;
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
+pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
 pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE};
 
 /// The parts of a VM other threads may use while it runs.

@@ -121,6 +121,8 @@ pub enum WorkerError {
         dir: PathBuf,
         source: vireo_vmm::StateError,
     },
+    #[error("incoming migration: {0}")]
+    Incoming(String),
 }
 
 /// A lock error already names the disk and what to do; anything else gets the disk's path.
@@ -160,6 +162,7 @@ impl WorkerError {
             | WorkerError::Vmm(_)
             | WorkerError::Nic { .. }
             | WorkerError::Restore { .. }
+            | WorkerError::Incoming(_)
             | WorkerError::Thread(_) => false,
         }
     }

@@ -34,10 +34,9 @@ pub struct BuiltDisk {
     pub control: ControlDisk,
 }
 
-/// Opens `d` (format by content unless given) and builds its virtio-blk device with its
-/// serial and storage QoS. Boot disks and hot-added ones go through here alike.
-pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
-    let arg = DiskArg {
+/// How `d` is opened.
+pub fn disk_arg(d: &DiskSpec) -> DiskArg {
+    DiskArg {
         path: d.path.clone(),
         read_only: d.read_only,
         format: d.format.map(|f| match f {
@@ -45,8 +44,20 @@ pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
             DiskFormat::Vhd => Format::Vhd,
             DiskFormat::Vhdx => Format::Vhdx,
         }),
-    };
+    }
+}
+
+/// Opens `d` (format by content unless given) and builds its virtio-blk device with its
+/// serial and storage QoS. Boot disks and hot-added ones go through here alike.
+pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
+    let arg = disk_arg(d);
     let image::OpenedDisk { backend, image } = image::open(&arg)?;
+    Ok(wrap_disk(d, backend, image))
+}
+
+/// Builds `d`'s device over an opened `backend` (or, for an incoming migration, over a
+/// placeholder the real disk replaces at the handoff).
+pub fn wrap_disk(d: &DiskSpec, backend: Arc<dyn BlockBackend>, image: image::Image) -> BuiltDisk {
     let movable = Arc::new(MovableBackend::new(backend, d.path.clone(), image.clone()));
     let backend: Arc<dyn BlockBackend> = movable.clone();
     let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
@@ -76,13 +87,13 @@ pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
         image,
         resizer: Some(block.resizer()),
     };
-    Ok(BuiltDisk {
+    BuiltDisk {
         block,
         backend,
         movable,
         metered,
         control,
-    })
+    }
 }
 
 /// The disk in a slot, as the worker names it.

@@ -15,6 +15,8 @@ use crate::control::{ControlDisk, ControlServer};
 use crate::error::WorkerError;
 use crate::hotplug::{self, Hotplug};
 use crate::metrics::{Meter, MeteredDisk};
+use crate::migrate::handoff::PendingDisk;
+use crate::migrate::incoming;
 use crate::move_storage::MovableBackend;
 use crate::{files, server};
 use crate::{CONSOLE_SOCKET, CONTROL_SOCKET, EXIT_FILE, SPEC_FILE, WORKER_SOCKET};
@@ -66,6 +68,8 @@ struct Running {
     vm: Vm,
     state: Arc<server::State>,
     control: ControlServer,
+    /// Receive the VM from a migration source before it runs.
+    incoming: Option<incoming::Incoming>,
 }
 
 fn read_launch(dir: &Path) -> Result<WorkerLaunch, WorkerError> {
@@ -75,6 +79,26 @@ fn read_launch(dir: &Path) -> Result<WorkerLaunch, WorkerError> {
         source,
     })?;
     serde_json::from_slice(&text).map_err(|source| WorkerError::SpecJson { path, source })
+}
+
+/// For an incoming migration: `spec`'s disks as placeholders (the source still holds the
+/// images; they are opened at the handoff, `migrate/incoming.rs`).
+fn pending_disks(spec: &VmSpec) -> (OpenDisks, Vec<Arc<PendingDisk>>) {
+    let (mut slots, mut control, mut metered, mut movable, mut pending) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for d in &spec.disks {
+        let p = Arc::new(PendingDisk::new(d.read_only));
+        let built = hotplug::wrap_disk(d, p.clone(), crate::image::Image::Raw);
+        pending.push(p);
+        metered.push(built.metered);
+        movable.push(built.movable);
+        control.push(built.control);
+        slots.push(VirtioSlot {
+            device: Box::new(built.block),
+            flush_on_exit: Some(built.backend),
+        });
+    }
+    ((slots, control, metered, movable), pending)
 }
 
 /// The disks of `spec` as virtio slots (with their storage QoS), what the control socket needs
@@ -142,8 +166,16 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         });
     }
     tracing::info!("starting VM {} ({})", spec.name, launch.vm_id);
+    if launch.incoming.is_some() && launch.restore_from.is_some() {
+        return Err(WorkerError::Incoming(
+            "a launch cannot both restore and receive a migration; give one of them".into(),
+        ));
+    }
     vireo_vmm::install_termination_handlers()?;
-    let (mut devices, control_disks, metered, movable) = open_disks(&spec)?;
+    let ((mut devices, control_disks, metered, movable), pending) = match &launch.incoming {
+        None => (open_disks(&spec)?, Vec::new()),
+        Some(_) => pending_disks(&spec),
+    };
     devices.extend(connect_nics(&spec, &launch.nic_sockets)?);
     let console_path = dir.join(CONSOLE_SOCKET);
     let ring_bytes = spec.console_ring_bytes as usize;
@@ -202,17 +234,40 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         meter: Meter::new(metered, spec.memory_bytes),
         hotplug: Hotplug::new(vm.handle(), &spec.disks, movable, control.disks()),
         mover: crate::move_storage::Mover::default(),
+        migration: crate::migrate::Migration::default(),
     });
+    // Listening before worker.sock answers, so `MigrateStatus` shows the address at once.
+    let incoming = match &launch.incoming {
+        None => None,
+        Some(m) => Some(
+            incoming::listen(m, &state.migration, pending, spec.disks.clone())
+                .map_err(WorkerError::Incoming)?,
+        ),
+    };
     server::start(
         files::bind_private(&dir.join(WORKER_SOCKET))?,
         state.clone(),
     )
     .map_err(WorkerError::Thread)?;
-    Ok(Running { vm, state, control })
+    Ok(Running {
+        vm,
+        state,
+        control,
+        incoming,
+    })
 }
 
 impl Running {
-    fn run(self) -> WorkerExitReason {
+    fn run(mut self) -> WorkerExitReason {
+        if let Some(inc) = self.incoming.take() {
+            if let Err(why) = incoming::receive(&self.vm, &self.state, inc) {
+                tracing::error!("incoming migration failed: {why}; nothing ran here");
+                self.control.shutdown();
+                return WorkerExitReason::StartFailed {
+                    message: format!("incoming migration: {why}"),
+                };
+            }
+        }
         self.state
             .started_at
             .store(crate::unix_millis(), Ordering::SeqCst);
@@ -231,7 +286,12 @@ impl Running {
         self.state.console.finish(CONSOLE_DRAIN_LIMIT);
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();
+        let migrated = self.state.migration.migrated_to();
         match exit {
+            Ok(VmExit::Stopped) if migrated.is_some() => {
+                let (to, downtime_ms) = migrated.unwrap_or_default();
+                WorkerExitReason::MigratedAway { to, downtime_ms }
+            }
             Ok(VmExit::Stopped) if saved.is_some() => WorkerExitReason::Saved {
                 dir: saved.unwrap_or_default(),
             },

@@ -16,6 +16,7 @@ pub mod hotplug;
 pub mod image;
 pub mod launch;
 pub mod metrics;
+pub mod migrate;
 pub mod move_storage;
 pub mod save;
 pub mod server;

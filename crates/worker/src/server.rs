@@ -45,6 +45,8 @@ pub struct State {
     pub hotplug: crate::hotplug::Hotplug,
     /// Storage live migration (`MoveStorage`).
     pub mover: crate::move_storage::Mover,
+    /// Live migration, either direction (`MigrateOut`, the `incoming` launch).
+    pub migration: crate::migrate::Migration,
 }
 
 /// Serves `listener` on a thread of its own.
@@ -199,6 +201,23 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
             }
         }
         WorkerOp::Metrics => WorkerReply::Metrics(s.meter.read()),
+        // While a migration runs, nothing may change the VM's run state or disk layout under
+        // it (its lifecycle lock covers only the copy; the handoff comes after).
+        WorkerOp::Pause
+        | WorkerOp::Resume
+        | WorkerOp::Reset
+        | WorkerOp::AddDisk { .. }
+        | WorkerOp::RemoveDisk { .. }
+        | WorkerOp::Save { .. }
+        | WorkerOp::MoveStorage { .. }
+        | WorkerOp::MigrateOut { .. }
+            if s.migration.is_active() =>
+        {
+            refused(
+                "migration",
+                "a live migration of this VM is running; wait for it or cancel it first".into(),
+            )
+        }
         WorkerOp::Pause => lifecycle("pause", s.vm.pause()),
         WorkerOp::Resume => lifecycle("resume", s.vm.resume()),
         WorkerOp::Reset => {
@@ -232,12 +251,20 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
             s.mover.cancel();
             WorkerReply::Ok
         }
-        // Contract for live migration (issue 12); the worker side is being built.
-        WorkerOp::MigrateOut { .. } => {
-            refused("migrate", "this worker cannot migrate yet".to_string())
-        }
-        WorkerOp::MigrateStatus => WorkerReply::Migrate(Default::default()),
-        WorkerOp::MigrateCancel => WorkerReply::Ok,
+        WorkerOp::MigrateStatus => WorkerReply::Migrate(s.migration.progress()),
+        WorkerOp::MigrateCancel => match s.migration.cancel() {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("cancel migration", message),
+        },
+        WorkerOp::MigrateOut {
+            to,
+            session,
+            options,
+            tls,
+        } => match crate::migrate::out::start(s, to, session, options, tls) {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("migrate", message),
+        },
         WorkerOp::Save { dir } => {
             let dir = dir.unwrap_or_else(|| s.vm_dir.join(crate::SAVED_DIR));
             match crate::save::save(s, &dir) {

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::rounds::RoundSink;
 use super::state::{MEMORY_FILE, STATE_FILE};
 use super::{lock, VmHandle};
 use crate::dirty::DirtyBitmap;
@@ -85,6 +86,29 @@ pub fn another_round(
     }
 }
 
+/// Live save's side of the shared pre-copy loop: pages go into the memory file.
+struct FileSink<'a> {
+    out: &'a TempFile,
+    opts: &'a LiveSaveOptions,
+    /// Dirty pages before the last round.
+    previous: Option<u64>,
+}
+
+impl RoundSink for FileSink<'_> {
+    type Error = StateError;
+    fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, StateError> {
+        vm.copy_all(self.out)
+    }
+    fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, StateError> {
+        vm.copy_pages(self.out, dirty)
+    }
+    fn another_round(&mut self, _: &VmHandle, dirty: u64, rounds: u32) -> Result<bool, StateError> {
+        let go = another_round(dirty, self.previous, rounds, self.opts);
+        self.previous = Some(dirty);
+        Ok(go)
+    }
+}
+
 impl VmHandle {
     /// Saves the VM into `dir` (created if missing) while it runs: see the module docs. A VM
     /// that is paused already is saved in one pass (nothing can dirty its memory).
@@ -124,7 +148,16 @@ impl VmHandle {
             report.bytes_written = self.copy_all(&out)?;
             None
         } else {
-            Some(self.live_rounds(&out, opts, &mut report)?)
+            let mut sink = FileSink {
+                out: &out,
+                opts,
+                previous: None,
+            };
+            let done = self.precopy_locked(&mut sink)?;
+            report.rounds = done.rounds;
+            report.bytes_written = done.bytes;
+            report.final_pages = done.final_pages;
+            Some(done.paused_at)
         };
         // Paused from here on; any error below resumes a VM that was running.
         let undo = |e: StateError| {
@@ -165,64 +198,6 @@ impl VmHandle {
             report.total.as_millis()
         );
         Ok(report)
-    }
-
-    /// The running part: full pass, dirty rounds, pause, last pages. Returns when the pause
-    /// began; the VM is paused on success, running as before on an error.
-    fn live_rounds(
-        &self,
-        out: &TempFile,
-        opts: &LiveSaveOptions,
-        report: &mut SaveReport,
-    ) -> Result<Instant, StateError> {
-        let s = &self.0;
-        let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
-        s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
-        let result = (|| {
-            report.bytes_written = self.copy_all(out)?;
-            let mut pending = s
-                .dirty
-                .fetch_and_clear(&s.vm_fd, &s.ram.memory)
-                .map_err(kvm)?;
-            let mut previous = None;
-            while another_round(pending.count() as u64, previous, report.rounds, opts) {
-                tracing::debug!(
-                    "live save round {}: {} dirty pages",
-                    report.rounds + 1,
-                    pending.count()
-                );
-                report.bytes_written += self.copy_pages(out, &pending)?;
-                report.rounds += 1;
-                previous = Some(pending.count() as u64);
-                pending = s
-                    .dirty
-                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
-                    .map_err(kvm)?;
-            }
-            self.pause_locked()
-                .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
-            let paused_at = Instant::now();
-            let last = (|| {
-                // Pages dirtied since the last fetch, plus those fetched but not copied.
-                let mut last = s
-                    .dirty
-                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
-                    .map_err(kvm)?;
-                union(&mut last, &pending);
-                report.final_pages = last.count() as u64;
-                report.bytes_written += self.copy_pages(out, &last)?;
-                Ok(())
-            })();
-            if let Err(e) = last {
-                let _ = self.resume_locked();
-                return Err(e);
-            }
-            Ok(paused_at)
-        })();
-        if let Err(e) = s.dirty.stop(&s.vm_fd) {
-            tracing::warn!("stopping the dirty log after a save: {e}");
-        }
-        result
     }
 
     /// Copies all of guest RAM that is not zero (first pass; the guest may be running).
@@ -284,18 +259,6 @@ impl VmHandle {
         Ok(written)
     }
 
-    /// The memfd (and memory file) offset of guest-physical `gpa`.
-    fn file_offset(&self, gpa: u64) -> Option<u64> {
-        let mut file_off = 0;
-        for (start, len) in crate::memory::ram_ranges(self.0.ram.size) {
-            if gpa >= start && gpa < start + len {
-                return Some(file_off + gpa - start);
-            }
-            file_off += len;
-        }
-        None
-    }
-
     /// Waits until a lazy restore has all of memory in (at once if there is none).
     pub(super) fn wait_restored(&self) {
         if let Some(lazy) = lock(&self.0.lazy).as_ref() {
@@ -308,15 +271,6 @@ impl VmHandle {
         lock(&self.0.lazy)
             .as_ref()
             .is_some_and(|l| l.status().is_none())
-    }
-}
-
-/// ORs `b` into `a` (same regions, same sizes).
-fn union(a: &mut DirtyBitmap, b: &DirtyBitmap) {
-    for ((_, wa), (_, wb)) in a.regions.iter_mut().zip(&b.regions) {
-        for (x, y) in wa.iter_mut().zip(wb) {
-            *x |= y;
-        }
     }
 }
 
@@ -395,17 +349,5 @@ mod tests {
             !another_round(16_384, Some(16_384), 1, &o),
             "hot set rewritten"
         );
-    }
-
-    #[test]
-    fn union_ors_bitmaps() {
-        let mut a = DirtyBitmap {
-            regions: vec![(0, vec![1, 0])],
-        };
-        let b = DirtyBitmap {
-            regions: vec![(0, vec![2, 8])],
-        };
-        union(&mut a, &b);
-        assert_eq!(a.regions[0].1, vec![3, 8]);
     }
 }

@@ -206,9 +206,28 @@ impl Vm {
             })?;
             *lock(&s.lazy) = lazy;
         }
+        vm.apply_state(st)?;
+        tracing::info!(
+            "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
+            st.vcpus.len(),
+            st.machine.memory_bytes >> 20,
+            st.virtio.len(),
+            st.clock.down_ns() / 1_000_000
+        );
+        Ok(vm)
+    }
+
+    /// Loads `st` (everything but memory) into this VM, built and never run: vCPUs,
+    /// irqchip, PIT, clock, COM1, every virtio transport and device. The VM is left
+    /// **paused**. Restore uses it after loading memory; an incoming migration after the last
+    /// page arrived. `st` must fit the VM (checked: memory size, vCPUs, device types).
+    pub fn apply_state(&self, st: &VmState) -> Result<(), StateError> {
+        let s = &self.shared;
+        let devices: Vec<u32> = s.transports.iter().map(|t| lock(t).device_type()).collect();
+        st.check_fits(s.ram.size, self.vcpus.len(), &devices)?;
         // How long the VM was down: its clocks move on by that much (docs/vm-state.md, Time).
         let down_ns = st.clock.down_ns();
-        for ((fd, _), saved) in vm.vcpus.iter().zip(&st.vcpus) {
+        for ((fd, _), saved) in self.vcpus.iter().zip(&st.vcpus) {
             let refused = saved.restore(fd, down_ns)?;
             if !refused.is_empty() {
                 tracing::warn!(
@@ -248,16 +267,9 @@ impl Vm {
                 })?;
         }
         // Devices were activated above; park them until the caller resumes.
-        vm.handle()
+        self.handle()
             .pause()
             .map_err(|e| StateError::Kvm(format!("pausing the restored VM: {e}")))?;
-        tracing::info!(
-            "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
-            st.vcpus.len(),
-            st.machine.memory_bytes >> 20,
-            st.virtio.len(),
-            down_ns / 1_000_000
-        );
-        Ok(vm)
+        Ok(())
     }
 }

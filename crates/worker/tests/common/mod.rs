@@ -65,14 +65,19 @@ impl Worker {
         nic_sockets: Vec<PathBuf>,
         restore_from: Option<PathBuf>,
     ) -> Worker {
-        let dir = tempfile::tempdir().unwrap();
-        let launch = WorkerLaunch {
+        Worker::launch_with(WorkerLaunch {
             vm_id,
             spec,
             nic_sockets,
             restore_from,
             incoming: None,
-        };
+        })
+    }
+
+    /// Starts a worker on `launch` as given (e.g. an incoming migration).
+    pub fn launch_with(launch: WorkerLaunch) -> Worker {
+        let vm_id = launch.vm_id;
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("spec.json"),
             serde_json::to_vec(&launch).unwrap(),

@@ -1,0 +1,156 @@
+//! When a live migration switches over, as a pure function of what the last round measured
+//! (docs/migration.md, "Convergence"). No I/O and no clock here, so the policy is tested alone.
+//!
+//! - The pause would last about `dirty bytes / link rate`: once that fits `max_downtime`,
+//!   switch over.
+//! - Rounds that stop shrinking mean the guest dirties about as fast as the link drains:
+//!   more rounds only add work. Then the guest is throttled (auto-converge): its vCPUs are
+//!   parked for a share of every 10 ms slice, starting at [`THROTTLE_START`] % and growing by
+//!   [`THROTTLE_STEP`] each round that still does not fit, up to [`THROTTLE_MAX`] %.
+//! - After `max_rounds` rounds, switch over whatever the estimate: the downtime is then
+//!   longer than asked (reported), but a migration never runs forever.
+
+/// First throttle share, percent of each slice the vCPUs are parked.
+pub const THROTTLE_START: u32 = 20;
+pub const THROTTLE_STEP: u32 = 20;
+pub const THROTTLE_MAX: u32 = 99;
+
+/// What a round measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundFacts {
+    /// Dirty pages pending now, in bytes.
+    pub dirty_bytes: u64,
+    /// Pending before the last round (`None` after the full pass).
+    pub previous_dirty_bytes: Option<u64>,
+    /// Bytes per second the link took (0: unknown yet).
+    pub link_rate: f64,
+    /// Dirty passes done.
+    pub rounds: u32,
+    /// Throttle share in force now (percent).
+    pub throttle: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Pause and send the rest.
+    SwitchOver,
+    /// Another round with the guest running, throttled at this share (0: not throttled).
+    Round { throttle: u32 },
+}
+
+/// The policy's knobs.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_downtime_ms: u64,
+    pub max_rounds: u32,
+    /// Auto-converge allowed (off: only the estimate and `max_rounds` decide).
+    pub throttle: bool,
+}
+
+/// Estimated pause for `bytes` at `rate` bytes/s, in ms (unknown rate: as long as possible).
+pub fn estimate_ms(bytes: u64, rate: f64) -> u64 {
+    if bytes == 0 {
+        return 0;
+    }
+    if rate <= 0.0 {
+        return u64::MAX;
+    }
+    (bytes as f64 / rate * 1000.0).ceil() as u64
+}
+
+pub fn decide(f: &RoundFacts, l: &Limits) -> Decision {
+    if estimate_ms(f.dirty_bytes, f.link_rate) <= l.max_downtime_ms || f.rounds >= l.max_rounds {
+        return Decision::SwitchOver;
+    }
+    // Shrinking by at least a quarter: the guest is slower than the link; keep going as is.
+    let shrinking = f
+        .previous_dirty_bytes
+        .is_none_or(|prev| f.dirty_bytes * 4 < prev * 3);
+    if shrinking || !l.throttle {
+        return Decision::Round {
+            throttle: f.throttle,
+        };
+    }
+    let throttle = if f.throttle == 0 {
+        THROTTLE_START
+    } else {
+        (f.throttle + THROTTLE_STEP).min(THROTTLE_MAX)
+    };
+    Decision::Round { throttle }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        max_downtime_ms: 50,
+        max_rounds: 30,
+        throttle: true,
+    };
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    fn facts(dirty_mib: u64, prev_mib: Option<u64>, rounds: u32, throttle: u32) -> RoundFacts {
+        RoundFacts {
+            dirty_bytes: dirty_mib << 20,
+            previous_dirty_bytes: prev_mib.map(|p| p << 20),
+            link_rate: GIB,
+            rounds,
+            throttle,
+        }
+    }
+
+    #[test]
+    fn switches_over_once_the_estimate_fits() {
+        // 40 MiB at 1 GiB/s: ~40 ms.
+        assert_eq!(
+            decide(&facts(40, Some(100), 2, 0), &L),
+            Decision::SwitchOver
+        );
+        assert_eq!(
+            decide(&facts(60, Some(100), 2, 0), &L),
+            Decision::Round { throttle: 0 }
+        );
+        assert_eq!(estimate_ms(0, 0.0), 0);
+        assert_eq!(estimate_ms(1, 0.0), u64::MAX, "no rate measured yet");
+    }
+
+    #[test]
+    fn throttles_harder_while_rounds_do_not_shrink_and_gives_up_at_max_rounds() {
+        assert_eq!(
+            decide(&facts(64, Some(64), 1, 0), &L),
+            Decision::Round {
+                throttle: THROTTLE_START
+            }
+        );
+        assert_eq!(
+            decide(&facts(64, Some(64), 2, THROTTLE_START), &L),
+            Decision::Round {
+                throttle: THROTTLE_START + THROTTLE_STEP
+            }
+        );
+        assert_eq!(
+            decide(&facts(64, Some(64), 9, 90), &L),
+            Decision::Round {
+                throttle: THROTTLE_MAX
+            }
+        );
+        // Shrinking under a throttle: keep the share.
+        assert_eq!(
+            decide(&facts(64, Some(128), 3, 40), &L),
+            Decision::Round { throttle: 40 }
+        );
+        assert_eq!(
+            decide(&facts(64, Some(64), 30, 99), &L),
+            Decision::SwitchOver
+        );
+        let no = Limits {
+            throttle: false,
+            ..L
+        };
+        assert_eq!(
+            decide(&facts(64, Some(64), 1, 0), &no),
+            Decision::Round { throttle: 0 }
+        );
+    }
+}

@@ -1,0 +1,541 @@
+//! Live migration, source side (docs/migration.md): the pre-copy loop of `rounds.rs` with the
+//! pages going out over `vireo_migration` senders, one per stream, each page on its home
+//! stream (`streams::stream_of`), the streams served in parallel by one thread each. When the
+//! convergence policy (`converge.rs`) says so the VM is paused, the last dirty pages and the
+//! device state (the `vm.state` encoding) go out and every stream gets `Done`. The VM is then
+//! left **paused** for the caller's disk handoff: it stops the VM once the destination runs
+//! it, or resumes it here if the handoff fails.
+//!
+//! Cancellation is a flag checked between batches. Any error or a cancel before this returns
+//! leaves the VM running as before (or paused, if it was) and tells the destination why
+//! (`Abort` on every stream that still works).
+//!
+//! Locking: the lifecycle lock is held for the whole call (as for a live save); the throttle
+//! thread parks only the vCPUs, through `RunControl`, and is stopped before the pause.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vireo_migration::sender::Sender;
+use vireo_migration::{streams, MigrationError};
+
+use super::converge::{self, Decision, Limits, RoundFacts};
+use super::rounds::RoundSink;
+use super::{lock, VmHandle};
+use crate::dirty::DirtyBitmap;
+use crate::memory::PAGE_SIZE;
+use crate::state::{Identity, StateError};
+
+/// Bytes read from guest RAM at a time (stays inside one 2 MiB stream region).
+const CHUNK: u64 = 1 << 20;
+/// The throttle's time slice.
+const SLICE: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("migration stream {stream}: {source}")]
+    Stream {
+        stream: u16,
+        #[source]
+        source: MigrationError,
+    },
+    #[error("the migration was cancelled")]
+    Cancelled,
+}
+
+/// The knobs of one outgoing migration.
+#[derive(Clone, Debug)]
+pub struct MigrateOutOptions {
+    /// Switch over once the estimated final copy fits this.
+    pub max_downtime: Duration,
+    /// Cap on the bytes put on the wire per second, all streams together.
+    pub bandwidth: Option<u64>,
+    /// Switch over after this many dirty rounds whatever the estimate.
+    pub max_rounds: u32,
+    /// Throttle the guest when rounds stop shrinking (auto-converge).
+    pub auto_converge: bool,
+}
+
+impl Default for MigrateOutOptions {
+    fn default() -> Self {
+        MigrateOutOptions {
+            max_downtime: Duration::from_millis(300),
+            bandwidth: None,
+            max_rounds: 30,
+            auto_converge: true,
+        }
+    }
+}
+
+/// Where a migration stands (either side), for status requests from other threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateStats {
+    /// Dirty rounds done (0: the full pass runs).
+    pub round: u32,
+    pub memory_bytes: u64,
+    /// Bytes put on (source) or taken off (destination) the wire.
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    /// Bytes per second the guest dirtied over the last round.
+    pub dirty_rate: u64,
+    /// Bytes of page data per second the link took over the best round.
+    pub link_rate: u64,
+    pub estimated_downtime_ms: u64,
+    /// Share of each 10 ms slice the vCPUs are parked (auto-converge).
+    pub throttle_percent: u32,
+    /// The VM is paused for the switch-over.
+    pub switching: bool,
+}
+
+/// Shared between the migrating thread and status/cancel requests.
+#[derive(Default)]
+pub struct MigrateShared {
+    cancel: AtomicBool,
+    transferred: AtomicU64,
+    stats: Mutex<MigrateStats>,
+}
+
+impl MigrateShared {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+    /// Counts bytes moved (the destination's receivers call this too).
+    pub fn add_transferred(&self, n: u64) {
+        self.transferred.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn stats(&self) -> MigrateStats {
+        let mut s = *lock(&self.stats);
+        s.transferred_bytes = self.transferred.load(Ordering::Relaxed);
+        s
+    }
+    fn update(&self, f: impl FnOnce(&mut MigrateStats)) {
+        f(&mut lock(&self.stats));
+    }
+}
+
+/// The VM paused with everything sent: the caller hands the disks over, then stops the VM
+/// (it runs on the destination) or resumes it (the handoff failed).
+pub struct Handover<W> {
+    /// The streams, in index order, after their `Done` (stream 0 carries the handoff).
+    pub streams: Vec<W>,
+    pub paused_at: Instant,
+    /// Pages sent while paused.
+    pub final_pages: u64,
+    pub stats: MigrateStats,
+    /// Total time from the call to the last `Done`.
+    pub elapsed: Duration,
+}
+
+impl VmHandle {
+    /// Migrates the VM's memory and state out over `senders` (one per stream, in stream
+    /// order, preambles sent). See the module docs.
+    pub fn migrate_out<W: Write + Send>(
+        &self,
+        senders: Vec<Sender<W>>,
+        opts: &MigrateOutOptions,
+        shared: &MigrateShared,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<Handover<W>, MigrateError> {
+        let started = Instant::now();
+        let _op = lock(&self.0.lifecycle);
+        if self.0.exit.is_set() {
+            return Err(StateError::NotRunning.into());
+        }
+        // Memory must be all in before it is read through the memfd.
+        self.wait_restored();
+        let was_paused = self.0.control.paused();
+        shared.update(|s| s.memory_bytes = self.0.ram.size);
+        let mut sink = StreamSink {
+            senders,
+            shared,
+            opts,
+            previous_dirty: None,
+            link_rate: 0.0,
+            last_fetch: Instant::now(),
+            throttle: None,
+        };
+        let precopy = if was_paused {
+            // Nothing can dirty a paused VM's memory: one pass is all.
+            sink.full_pass(self).map(|bytes| (Instant::now(), bytes, 0))
+        } else {
+            self.precopy_locked(&mut sink)
+                .map(|d| (d.paused_at, d.bytes, d.final_pages))
+        };
+        let (paused_at, _bytes, final_pages) = match precopy {
+            Ok(p) => p,
+            Err(e) => {
+                sink.abort(&e.to_string());
+                return Err(e);
+            }
+        };
+        shared.update(|s| {
+            s.switching = true;
+            s.throttle_percent = 0;
+        });
+        let finish = (|| {
+            let state = self.save_state_locked(identity, spec)?;
+            let bytes = crate::state::file::encode(&state);
+            let n = bytes.len() as u64;
+            let sender = &mut sink.senders[0];
+            let before = sender.stats.wire_bytes;
+            sender
+                .device_state(&bytes)
+                .map_err(|source| MigrateError::Stream { stream: 0, source })?;
+            shared.add_transferred(sender.stats.wire_bytes - before);
+            tracing::debug!("device state sent: {n} bytes");
+            let mut out = Vec::with_capacity(sink.senders.len());
+            for (i, s) in std::mem::take(&mut sink.senders).into_iter().enumerate() {
+                let (w, _) = s.done().map_err(|source| MigrateError::Stream {
+                    stream: i as u16,
+                    source,
+                })?;
+                out.push(w);
+            }
+            Ok::<_, MigrateError>(out)
+        })();
+        match finish {
+            Ok(streams) => {
+                let stats = shared.stats();
+                tracing::info!(
+                    "migration sent: {} rounds, {} MiB on the wire, {} pages while paused, \
+                     {:.1} ms paused so far, {} ms in all",
+                    stats.round,
+                    stats.transferred_bytes >> 20,
+                    final_pages,
+                    paused_at.elapsed().as_secs_f64() * 1e3,
+                    started.elapsed().as_millis()
+                );
+                Ok(Handover {
+                    streams,
+                    paused_at,
+                    final_pages,
+                    stats,
+                    elapsed: started.elapsed(),
+                })
+            }
+            Err(e) => {
+                sink.abort(&e.to_string());
+                if !was_paused {
+                    let _ = self.resume_locked();
+                }
+                shared.update(|s| s.switching = false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends `runs` (guest-physical start, length; page-aligned, each inside one stream
+    /// region) over their streams, one thread per stream. Returns the bytes of page data.
+    fn send_runs<W: Write + Send>(
+        &self,
+        senders: &mut [Sender<W>],
+        runs: Vec<Vec<(u64, u64)>>,
+        shared: &MigrateShared,
+        bandwidth: Option<u64>,
+    ) -> Result<u64, MigrateError> {
+        let per_stream = bandwidth.map(|b| (b / senders.len().max(1) as u64).max(1));
+        // One stream failed: the others stop at their next batch.
+        let stop = &AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let mut threads = Vec::new();
+            for (i, (sender, runs)) in senders.iter_mut().zip(runs).enumerate() {
+                if runs.is_empty() {
+                    continue;
+                }
+                threads.push(scope.spawn(move || {
+                    let r = self.send_stream(i as u16, sender, &runs, shared, stop, per_stream);
+                    if r.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    r
+                }));
+            }
+            let mut total = 0;
+            let mut first_err = None;
+            for t in threads {
+                match t.join() {
+                    Ok(Ok(n)) => total += n,
+                    // The stream that failed first names the error, not those it stopped.
+                    Ok(Err(MigrateError::Cancelled)) if !shared.cancelled() => {}
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(MigrateError::State(StateError::Kvm(
+                            "a migration stream thread panicked".into(),
+                        )));
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None if stop.load(Ordering::SeqCst) => Err(MigrateError::Cancelled),
+                None => Ok(total),
+            }
+        })
+    }
+
+    fn send_stream<W: Write>(
+        &self,
+        stream: u16,
+        sender: &mut Sender<W>,
+        runs: &[(u64, u64)],
+        shared: &MigrateShared,
+        stop: &AtomicBool,
+        rate: Option<u64>,
+    ) -> Result<u64, MigrateError> {
+        let mut buf = vec![0u8; CHUNK as usize];
+        let started = Instant::now();
+        let wire_at_start = sender.stats.wire_bytes;
+        let mut sent = 0u64;
+        for &(gpa, len) in runs {
+            if shared.cancelled() || stop.load(Ordering::SeqCst) {
+                return Err(MigrateError::Cancelled);
+            }
+            let Some(off) = self.file_offset(gpa) else {
+                continue;
+            };
+            let b = &mut buf[..len as usize];
+            self.0
+                .ram
+                .memfd
+                .read_exact_at(b, off)
+                .map_err(|e| StateError::Kvm(format!("reading guest RAM at {gpa:#x}: {e}")))?;
+            let before = sender.stats.wire_bytes;
+            sender
+                .send_pages(
+                    b.chunks_exact(PAGE_SIZE as usize)
+                        .enumerate()
+                        .map(|(i, p)| (gpa + i as u64 * PAGE_SIZE, p)),
+                )
+                .map_err(|source| MigrateError::Stream { stream, source })?;
+            shared.add_transferred(sender.stats.wire_bytes - before);
+            sent += len;
+            if let Some(rate) = rate {
+                // Stay at or under the cap: sleep until the bytes sent so far are due.
+                let due = Duration::from_secs_f64(
+                    (sender.stats.wire_bytes - wire_at_start) as f64 / rate as f64,
+                );
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Kicks every running vCPU out of KVM_RUN (for the throttle's parking).
+    fn kick_vcpus(&self) {
+        for &t in lock(&self.0.vcpu_threads).iter() {
+            // SAFETY: the list holds only threads not yet joined (it is emptied, under its
+            // lock, before they are), so each pthread_t is valid.
+            unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+        }
+    }
+}
+
+/// Migration's side of the shared pre-copy loop.
+struct StreamSink<'a, W: Write + Send> {
+    senders: Vec<Sender<W>>,
+    shared: &'a MigrateShared,
+    opts: &'a MigrateOutOptions,
+    previous_dirty: Option<u64>,
+    /// Best page-data rate the link has shown (bytes/s).
+    link_rate: f64,
+    /// When the dirty log was last read (the dirty rate is measured since then).
+    last_fetch: Instant,
+    throttle: Option<Throttle>,
+}
+
+impl<W: Write + Send> StreamSink<'_, W> {
+    /// Sends `runs` and folds the pass's rate into the link estimate.
+    fn pass(&mut self, vm: &VmHandle, runs: Vec<Vec<(u64, u64)>>) -> Result<u64, MigrateError> {
+        let t = Instant::now();
+        let raw_before: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum();
+        let bytes = vm.send_runs(&mut self.senders, runs, self.shared, self.opts.bandwidth)?;
+        let raw: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum::<u64>() - raw_before;
+        let secs = t.elapsed().as_secs_f64();
+        // A pass of a few pages measures latency, not the link.
+        if raw >= 4 << 20 && secs > 0.0 {
+            self.link_rate = self.link_rate.max(raw as f64 / secs);
+        }
+        Ok(bytes)
+    }
+
+    fn abort(&mut self, why: &str) {
+        self.throttle = None;
+        for s in std::mem::take(&mut self.senders) {
+            let _ = s.abort(why);
+        }
+    }
+}
+
+impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
+    type Error = MigrateError;
+
+    fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, MigrateError> {
+        let n = self.senders.len() as u16;
+        let mut runs = vec![Vec::new(); n as usize];
+        for (start, len) in crate::memory::ram_ranges(vm.0.ram.size) {
+            let mut gpa = start;
+            while gpa < start + len {
+                let l = CHUNK.min(start + len - gpa);
+                runs[streams::stream_of(gpa, n) as usize].push((gpa, l));
+                gpa += l;
+            }
+        }
+        self.last_fetch = Instant::now();
+        self.pass(vm, runs)
+    }
+
+    fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
+        let n = self.senders.len() as u16;
+        let mut runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n as usize];
+        for (s, pages) in streams::split(&dirty.pages(), n).into_iter().enumerate() {
+            let out = &mut runs[s];
+            for gpa in pages {
+                match out.last_mut() {
+                    // Contiguous and inside the same chunk: one read.
+                    Some((start, len))
+                        if *start + *len == gpa
+                            && *len < CHUNK
+                            && gpa / CHUNK == *start / CHUNK =>
+                    {
+                        *len += PAGE_SIZE
+                    }
+                    _ => out.push((gpa, PAGE_SIZE)),
+                }
+            }
+        }
+        self.pass(vm, runs)
+    }
+
+    fn another_round(
+        &mut self,
+        vm: &VmHandle,
+        dirty: u64,
+        rounds: u32,
+    ) -> Result<bool, MigrateError> {
+        if self.shared.cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let dirty_bytes = dirty * PAGE_SIZE;
+        let since = self.last_fetch.elapsed().as_secs_f64();
+        self.last_fetch = Instant::now();
+        let throttle_now = self.throttle.as_ref().map_or(0, Throttle::share);
+        let facts = RoundFacts {
+            dirty_bytes,
+            previous_dirty_bytes: self.previous_dirty,
+            link_rate: self.link_rate,
+            rounds,
+            throttle: throttle_now,
+        };
+        self.previous_dirty = Some(dirty_bytes);
+        let limits = Limits {
+            max_downtime_ms: self.opts.max_downtime.as_millis() as u64,
+            max_rounds: self.opts.max_rounds,
+            throttle: self.opts.auto_converge,
+        };
+        let decision = converge::decide(&facts, &limits);
+        let estimate = converge::estimate_ms(dirty_bytes, self.link_rate);
+        self.shared.update(|s| {
+            s.round = rounds;
+            s.remaining_bytes = dirty_bytes;
+            s.dirty_rate = if since > 0.0 {
+                (dirty_bytes as f64 / since) as u64
+            } else {
+                0
+            };
+            s.link_rate = self.link_rate as u64;
+            s.estimated_downtime_ms = estimate;
+        });
+        tracing::debug!("migration after round {rounds}: {facts:?} -> {decision:?}");
+        match decision {
+            Decision::SwitchOver => Ok(false),
+            Decision::Round { throttle } => {
+                if throttle > 0 {
+                    let t = self.throttle.get_or_insert_with(|| Throttle::start(vm));
+                    t.set(throttle);
+                    self.shared.update(|s| s.throttle_percent = throttle);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn before_pause(&mut self) {
+        // Joined here: its parking must not overlap the real pause.
+        self.throttle = None;
+    }
+}
+
+/// Auto-converge: a thread that parks the vCPUs for `share` % of every 10 ms slice.
+struct Throttle {
+    share: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(vm: &VmHandle) -> Throttle {
+        let share = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (vm, sh, st) = (vm.clone(), share.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn(move || {
+                while !st.load(Ordering::SeqCst) {
+                    let p = sh.load(Ordering::Relaxed).min(converge::THROTTLE_MAX);
+                    let parked = SLICE * p / 100;
+                    if p == 0 {
+                        std::thread::sleep(SLICE);
+                        continue;
+                    }
+                    let control = &vm.0.control;
+                    if control
+                        .pause_vcpus(Duration::from_secs(1), || vm.kick_vcpus())
+                        .is_err()
+                    {
+                        // The VM is ending (or a vCPU would not park): stop throttling.
+                        control.resume_vcpus();
+                        return;
+                    }
+                    std::thread::sleep(parked);
+                    control.resume_vcpus();
+                    std::thread::sleep(SLICE - parked);
+                }
+            })
+            .ok();
+        Throttle {
+            share,
+            stop,
+            thread,
+        }
+    }
+
+    fn set(&self, percent: u32) {
+        self.share.store(percent, Ordering::Relaxed);
+    }
+
+    fn share(&self) -> u32 {
+        self.share.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The pre-copy loop that live save (`live_save.rs`) and live migration (`migrate.rs`) share:
+//! turn on the dirty log, copy all of RAM while the guest runs, copy what it dirtied meanwhile
+//! in rounds for as long as the caller's policy says so, pause, copy the last dirty pages.
+//! Where the pages go (a file, migration streams) and when to stop (a page count, an estimated
+//! downtime) is the [`RoundSink`]'s; the order of the steps, the dirty-log bookkeeping and the
+//! "running as before on any error" rule live here once.
+//!
+//! Locking: the caller holds the VM's lifecycle lock for the whole loop (no pause, resume or
+//! reset by anyone else can come in between); the loop pauses with `pause_locked`.
+
+use std::time::Instant;
+
+use super::VmHandle;
+use crate::dirty::DirtyBitmap;
+use crate::state::StateError;
+
+/// Where a pre-copy puts pages, and when it stops copying while the guest runs.
+pub(super) trait RoundSink {
+    type Error: From<StateError>;
+    /// Copies all of guest RAM (the first pass; the guest runs). Returns bytes copied.
+    fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, Self::Error>;
+    /// Copies the pages in `dirty`. Returns bytes copied.
+    fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, Self::Error>;
+    /// After a pass: `dirty` pages are pending and `rounds` dirty passes are done. Whether
+    /// to copy them while the guest runs (`true`) or pause now.
+    fn another_round(
+        &mut self,
+        vm: &VmHandle,
+        dirty: u64,
+        rounds: u32,
+    ) -> Result<bool, Self::Error>;
+    /// Right before the pause (a migration stops throttling the guest here).
+    fn before_pause(&mut self) {}
+}
+
+/// What [`VmHandle::precopy_locked`] did.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Precopied {
+    /// When the VM was paused.
+    pub paused_at: Instant,
+    /// Dirty passes while the guest ran (the full pass not counted).
+    pub rounds: u32,
+    /// Bytes the sink copied, all passes together.
+    pub bytes: u64,
+    /// Pages copied while paused.
+    pub final_pages: u64,
+}
+
+impl VmHandle {
+    /// Full pass, dirty rounds, pause, last pages. The VM must be running and the lifecycle
+    /// lock held. On success the VM is paused; on an error it runs as before.
+    pub(super) fn precopy_locked<S: RoundSink>(&self, sink: &mut S) -> Result<Precopied, S::Error> {
+        let s = &self.0;
+        let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
+        s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
+        let result = (|| {
+            let mut bytes = sink.full_pass(self)?;
+            let mut pending = s
+                .dirty
+                .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                .map_err(kvm)?;
+            let mut rounds = 0;
+            while sink.another_round(self, pending.count() as u64, rounds)? {
+                tracing::debug!(
+                    "pre-copy round {}: {} dirty pages",
+                    rounds + 1,
+                    pending.count()
+                );
+                bytes += sink.dirty_pass(self, &pending)?;
+                rounds += 1;
+                pending = s
+                    .dirty
+                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                    .map_err(kvm)?;
+            }
+            sink.before_pause();
+            self.pause_locked()
+                .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
+            let paused_at = Instant::now();
+            let last = (|| {
+                // Pages dirtied since the last fetch, plus those fetched but not copied.
+                let mut last = s
+                    .dirty
+                    .fetch_and_clear(&s.vm_fd, &s.ram.memory)
+                    .map_err(kvm)?;
+                union(&mut last, &pending);
+                let n = last.count() as u64;
+                Ok::<_, S::Error>((n, sink.dirty_pass(self, &last)?))
+            })();
+            match last {
+                Ok((final_pages, b)) => Ok(Precopied {
+                    paused_at,
+                    rounds,
+                    bytes: bytes + b,
+                    final_pages,
+                }),
+                Err(e) => {
+                    let _ = self.resume_locked();
+                    Err(e)
+                }
+            }
+        })();
+        if let Err(e) = s.dirty.stop(&s.vm_fd) {
+            tracing::warn!("stopping the dirty log after pre-copy: {e}");
+        }
+        result
+    }
+
+    /// The memfd offset of guest-physical `gpa` (`None`: not RAM).
+    pub(super) fn file_offset(&self, gpa: u64) -> Option<u64> {
+        file_offset(self.0.ram.size, gpa)
+    }
+}
+
+/// The memfd (and memory file) offset of guest-physical `gpa` in RAM of `size` bytes.
+pub(crate) fn file_offset(size: u64, gpa: u64) -> Option<u64> {
+    let mut file_off = 0;
+    for (start, len) in crate::memory::ram_ranges(size) {
+        if gpa >= start && gpa < start + len {
+            return Some(file_off + gpa - start);
+        }
+        file_off += len;
+    }
+    None
+}
+
+/// ORs `b` into `a` (same regions, same sizes).
+pub(super) fn union(a: &mut DirtyBitmap, b: &DirtyBitmap) {
+    for ((_, wa), (_, wb)) in a.regions.iter_mut().zip(&b.regions) {
+        for (x, y) in wa.iter_mut().zip(wb) {
+            *x |= y;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn union_ors_bitmaps() {
+        let mut a = DirtyBitmap {
+            regions: vec![(0, vec![1, 0])],
+        };
+        let b = DirtyBitmap {
+            regions: vec![(0, vec![2, 8])],
+        };
+        union(&mut a, &b);
+        assert_eq!(a.regions[0].1, vec![3, 8]);
+    }
+
+    #[test]
+    fn file_offsets_skip_the_mmio_hole() {
+        use crate::memory::{MMIO_HOLE_END, MMIO_HOLE_START};
+        assert_eq!(file_offset(64 << 20, 0x1000), Some(0x1000));
+        assert_eq!(file_offset(64 << 20, 64 << 20), None);
+        let big = MMIO_HOLE_START + (1 << 30);
+        assert_eq!(file_offset(big, MMIO_HOLE_END), Some(MMIO_HOLE_START));
+        assert_eq!(file_offset(big, MMIO_HOLE_START), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! The `incoming` launch mode: the destination worker's side of a live migration. `launch.rs`
+//! builds the VM's skeleton first (RAM, vCPUs, devices; every disk a [`PendingDisk`]) and
+//! calls [`listen`]; once the worker's sockets are served, [`receive`] accepts the source's
+//! streams (mutual TLS, this session only, a bounded wait), lets the VMM apply pages and then
+//! the device state, and does the destination's part of the disk handoff: open the disks once
+//! the source has released them, resume the VM, say `RUNNING`. Any failure before that ends
+//! the worker with nothing run (the source keeps the VM).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vireo_api::worker::{IncomingMigration, MigrateState};
+use vireo_migration::hostauth::{self, ServerConfig, ServerStream};
+use vireo_migration::Receiver;
+use vireo_vmm::{MigrateShared, Vm};
+
+use super::handoff::{self, DiskGeometry, PendingDisk};
+use super::{load_tls, Migration};
+use crate::server::State;
+
+/// How long the destination waits for all of the source's streams.
+pub const WAIT_FOR_SOURCE: Duration = Duration::from_secs(120);
+
+/// A destination ready to receive: the bound listener and what it checks.
+pub struct Incoming {
+    session: uuid::Uuid,
+    streams: u16,
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    shared: Arc<MigrateShared>,
+    /// The skeleton's disks, in slot order.
+    pub pending: Vec<Arc<PendingDisk>>,
+    pub disks: Vec<vireo_api::DiskSpec>,
+}
+
+/// Binds the listener and publishes its address (`MigrateStatus`: `Listening`).
+pub fn listen(
+    m: &IncomingMigration,
+    migration: &Migration,
+    pending: Vec<Arc<PendingDisk>>,
+    disks: Vec<vireo_api::DiskSpec>,
+) -> Result<Incoming, String> {
+    if m.streams == 0 || m.streams > vireo_migration::preamble::MAX_STREAMS {
+        return Err(format!(
+            "incoming streams {} is out of range (1-16)",
+            m.streams
+        ));
+    }
+    let (id, trusted) = load_tls(&m.tls)?;
+    let cfg = hostauth::server_config(&id, &trusted).map_err(|e| e.to_string())?;
+    let listener =
+        TcpListener::bind(m.listen).map_err(|e| format!("listening on {}: {e}", m.listen))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listening on {}: {e}", m.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("listening on {}: {e}", m.listen))?;
+    let shared = migration.begin(MigrateState::Listening)?;
+    migration.update(|p| p.listen_addr = Some(addr));
+    tracing::info!(
+        "waiting for the migration source on {addr} (session {})",
+        m.session
+    );
+    Ok(Incoming {
+        session: m.session,
+        streams: m.streams,
+        listener,
+        cfg,
+        shared,
+        pending,
+        disks,
+    })
+}
+
+/// Receives the VM into `vm` and runs the handoff; on `Ok` the VM is resumed (its vCPUs
+/// start with `Vm::run`).
+pub fn receive(vm: &Vm, s: &State, inc: Incoming) -> Result<(), String> {
+    let result = receive_inner(vm, s, &inc);
+    s.migration.finish(&result);
+    result
+}
+
+fn receive_inner(vm: &Vm, s: &State, inc: &Incoming) -> Result<(), String> {
+    let streams = accept_all(s, inc)?;
+    s.migration.set_state(MigrateState::Precopy);
+    let started = Instant::now();
+    let (mut streams, state) = vm
+        .receive_migration(streams, &inc.shared)
+        .map_err(|e| e.to_string())?;
+    s.migration.set_state(MigrateState::Switching);
+    let ctl = &mut streams[0];
+    let fail = |ctl: &mut ServerStream, why: String| {
+        let _ = handoff::send(ctl, &format!("FAILED {why}"));
+        why
+    };
+    let line = handoff::recv(ctl).map_err(|e| format!("waiting for DISKS: {e}"))?;
+    let geometry: Vec<DiskGeometry> = line
+        .strip_prefix("DISKS ")
+        .and_then(|j| serde_json::from_str(j).ok())
+        .ok_or_else(|| format!("expected DISKS, got {line:?}"))?;
+    if geometry.len() != inc.pending.len() {
+        return Err(fail(
+            ctl,
+            format!(
+                "the source has {} disks, this VM's spec {}",
+                geometry.len(),
+                inc.pending.len()
+            ),
+        ));
+    }
+    for (p, g) in inc.pending.iter().zip(&geometry) {
+        p.set_geometry(*g);
+    }
+    vm.apply_state(&state)
+        .map_err(|e| fail(ctl, format!("applying the device state: {e}")))?;
+    handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
+    handoff::expect(ctl, "RELEASED")?;
+    attach_disks(s, inc).map_err(|e| fail(ctl, e))?;
+    vm.handle()
+        .resume()
+        .map_err(|e| fail(ctl, format!("resuming: {e}")))?;
+    // The VM runs here now, whether or not this line arrives (see docs/migration.md).
+    if let Err(e) = handoff::send(ctl, "RUNNING") {
+        tracing::warn!("the VM runs here, but telling the source failed: {e}");
+    }
+    tracing::info!(
+        "migration received: {} MiB, {} ms from the first stream to running",
+        inc.shared.stats().transferred_bytes >> 20,
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// Opens the disks the source released and puts them under the waiting devices.
+fn attach_disks(s: &State, inc: &Incoming) -> Result<(), String> {
+    let slots = s.hotplug.disks();
+    for (i, ((d, p), slot)) in inc.disks.iter().zip(&inc.pending).zip(slots).enumerate() {
+        let opened = crate::image::open(&crate::hotplug::disk_arg(d))
+            .map_err(|e| format!("opening disk {}: {e}", d.path.display()))?;
+        // Requests the restored device took before this go on to the real disk first.
+        p.attach(opened.backend.clone());
+        slot.movable
+            .park()
+            .switch(opened.backend, d.path.clone(), opened.image.clone());
+        s.hotplug.retarget(i, &d.path, opened.image, &s.meter);
+        tracing::info!("disk {} attached after the handoff", d.path.display());
+    }
+    Ok(())
+}
+
+/// Waits (bounded, cancellable) for every stream of the session. Connections that fail the
+/// handshake (an untrusted host) or belong to another session are refused and waited past.
+fn accept_all(s: &State, inc: &Incoming) -> Result<Vec<(Receiver, ServerStream)>, String> {
+    let n = usize::from(inc.streams);
+    let mut got: Vec<Option<(Receiver, ServerStream)>> = (0..n).map(|_| None).collect();
+    let deadline = Instant::now() + WAIT_FOR_SOURCE;
+    while got.iter().any(Option::is_none) {
+        if inc.shared.cancelled() {
+            return Err("cancelled".into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the source did not connect all {n} streams within {} s",
+                WAIT_FOR_SOURCE.as_secs()
+            ));
+        }
+        let (tcp, peer) = match inc.listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(format!("accepting a migration stream: {e}")),
+        };
+        let _ = tcp.set_nonblocking(false);
+        s.migration.add_socket(&tcp);
+        let mut stream = match hostauth::accept(tcp, inc.cfg.clone(), super::IO_TIMEOUT) {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::warn!("migration connection from {peer} refused: {e}");
+                continue;
+            }
+        };
+        let rx = match Receiver::start(&mut stream, Some(inc.session)) {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::warn!("migration stream from {peer} refused: {e}");
+                let _ = handoff::send(&mut stream, &format!("FAILED {e}"));
+                continue;
+            }
+        };
+        let i = usize::from(rx.preamble.stream);
+        if rx.preamble.streams != inc.streams || i >= n || got[i].is_some() {
+            let why = format!(
+                "stream {} of {} does not fit this migration of {} streams",
+                rx.preamble.stream, rx.preamble.streams, inc.streams
+            );
+            tracing::warn!("migration stream from {peer} refused: {why}");
+            let _ = handoff::send(&mut stream, &format!("FAILED {why}"));
+            continue;
+        }
+        handoff::send(&mut stream, "OK").map_err(|e| format!("answering stream {i}: {e}"))?;
+        got[i] = Some((rx, stream));
+    }
+    Ok(got.into_iter().flatten().collect())
+}

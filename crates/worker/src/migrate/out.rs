@@ -1,0 +1,248 @@
+//! `MigrateOut`: the source worker's side. On a thread of its own: connect the streams
+//! (mutual TLS; the destination answers `OK` to each preamble or says why not), run the VMM's
+//! pre-copy (`VmHandle::migrate_out`), then hand the disks over on stream 0 (`handoff.rs`).
+//! Until the destination says `RUNNING` the VM can always run here again: on any failure the
+//! disks are opened again (if they had been released) and the VM resumes. Once it runs there
+//! the worker records where it went and stops the VM; the worker exits `MigratedAway`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use uuid::Uuid;
+use vireo_api::worker::{CompressMode, MigrateOptions, MigrateState, MigrationTls};
+use vireo_migration::auto::AutoCompress;
+use vireo_migration::hostauth::{self, ClientStream};
+use vireo_migration::preamble::{Preamble, MAX_STREAMS};
+use vireo_migration::sender::{Compression, Sender};
+use vireo_migration::Codec;
+use vireo_vmm::state::Identity;
+use vireo_vmm::{MigrateError, MigrateOutOptions, MigrateShared};
+
+use super::handoff::{self, DiskGeometry, ReleasedDisk};
+use super::{load_tls, lock, IO_TIMEOUT};
+use crate::hotplug::SlotDisk;
+use crate::image::{self, DiskArg};
+use crate::server::State;
+
+/// Starts the migration (`Err`: refused, nothing started).
+pub fn start(
+    s: &Arc<State>,
+    to: SocketAddr,
+    session: Uuid,
+    options: MigrateOptions,
+    tls: MigrationTls,
+) -> Result<(), String> {
+    if options.streams == 0 || options.streams > MAX_STREAMS {
+        return Err(format!(
+            "streams {} is out of range; use 1 to {MAX_STREAMS}",
+            options.streams
+        ));
+    }
+    if s.mover.is_running() {
+        return Err("a storage move of this VM is running; wait for it or cancel it".into());
+    }
+    if s.vm.exited() || s.started_at.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        return Err("the VM is not running".into());
+    }
+    if s.vm.is_paused() {
+        // The destination resumes what it receives: a paused VM would wake up there.
+        return Err("the VM is paused; resume it first (or save it instead)".into());
+    }
+    let (id, trusted) = load_tls(&tls)?;
+    let cfg = hostauth::client_config(&id, &trusted).map_err(|e| e.to_string())?;
+    let shared = s.migration.begin(MigrateState::Precopy)?;
+    let st = s.clone();
+    std::thread::Builder::new()
+        .name("migrate-out".into())
+        .spawn(move || {
+            let result = run(&st, to, session, &options, cfg, &shared);
+            if let Err(e) = &result {
+                tracing::warn!("migration to {to} failed: {e}; the VM runs on here");
+            }
+            st.migration.finish(&result.map(|_| ()));
+        })
+        .map_err(|e| {
+            s.migration
+                .finish(&Err(format!("cannot start the thread: {e}")));
+            format!("cannot start the migration thread: {e}")
+        })?;
+    Ok(())
+}
+
+fn compression(mode: CompressMode) -> Compression {
+    match mode {
+        CompressMode::Auto => Compression::Auto(AutoCompress::default()),
+        CompressMode::Zstd => Compression::Fixed(Codec::Zstd),
+        CompressMode::Lz4 => Compression::Fixed(Codec::Lz4),
+        CompressMode::None => Compression::Fixed(Codec::None),
+    }
+}
+
+/// Connects every stream and waits for the destination's `OK` to its preamble.
+fn connect(
+    s: &State,
+    to: SocketAddr,
+    session: Uuid,
+    options: &MigrateOptions,
+    cfg: Arc<vireo_migration::hostauth::ClientConfig>,
+) -> Result<Vec<Sender<ClientStream>>, String> {
+    let n = options.streams;
+    let mut senders = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let stream = hostauth::connect(to, cfg.clone(), IO_TIMEOUT)
+            .map_err(|e| format!("stream {i} to {to}: {e}"))?;
+        s.migration.add_socket(&stream.sock);
+        let mut sender = Sender::start(
+            stream,
+            Preamble::new(session, i, n),
+            compression(options.compress),
+        )
+        .map_err(|e| format!("stream {i} to {to}: {e}"))?;
+        // TLS 1.3 reports a refused client certificate only on the first read: the answer
+        // to the preamble is that read, before any page is sent.
+        handoff::expect(sender.get_mut(), "OK")
+            .map_err(|e| format!("stream {i} to {to}: the destination refused it: {e}"))?;
+        senders.push(sender);
+    }
+    Ok(senders)
+}
+
+fn run(
+    s: &Arc<State>,
+    to: SocketAddr,
+    session: Uuid,
+    options: &MigrateOptions,
+    cfg: Arc<vireo_migration::hostauth::ClientConfig>,
+    shared: &MigrateShared,
+) -> Result<u64, String> {
+    let started = Instant::now();
+    let senders = connect(s, to, session, options, cfg)?;
+    let opts = MigrateOutOptions {
+        max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
+        bandwidth: options.bandwidth,
+        ..Default::default()
+    };
+    let identity = Identity {
+        id: Some(s.vm_id.to_string()),
+        name: Some(s.spec_name.clone()),
+    };
+    let handover =
+        s.vm.migrate_out(senders, &opts, shared, identity, Some(s.spec_json.clone()))
+            .map_err(|e| match e {
+                MigrateError::Cancelled => "cancelled".to_string(),
+                e => e.to_string(),
+            })?;
+    s.migration.set_state(MigrateState::Switching);
+    let paused_at = handover.paused_at;
+    let mut streams = handover.streams.into_iter();
+    let mut ctl = streams.next().expect("at least one stream");
+    drop(streams);
+    match hand_over(s, &mut ctl) {
+        Ok(()) => {
+            let downtime_ms = paused_at.elapsed().as_millis() as u64;
+            tracing::info!(
+                "migrated to {to}: the guest was paused {downtime_ms} ms, {} ms in all",
+                started.elapsed().as_millis()
+            );
+            s.migration.update(|p| p.downtime_ms = Some(downtime_ms));
+            *lock(&s.migration.migrated_to) = Some((to.to_string(), downtime_ms));
+            s.vm.request_stop();
+            Ok(downtime_ms)
+        }
+        Err((why, released)) => {
+            let _ = handoff::send(&mut ctl, &format!("FAILED {why}"));
+            drop(ctl);
+            if let Some(disks) = released {
+                reopen(s, disks).map_err(|e| {
+                    format!(
+                        "{why}; then reopening the disks here failed: {e} (the VM stays paused)"
+                    )
+                })?;
+            }
+            s.vm.resume()
+                .map_err(|e| format!("{why}; then resuming here failed: {e}"))?;
+            Err(why)
+        }
+    }
+}
+
+/// What a released disk needs to be opened again.
+struct Released {
+    index: usize,
+    disk: SlotDisk,
+    arg: DiskArg,
+}
+
+/// The handoff on stream 0. `Err((why, Some(disks)))` when the disks had been released.
+#[allow(clippy::type_complexity)]
+fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Vec<Released>>)> {
+    let disks = s.hotplug.disks();
+    let geometry: Vec<DiskGeometry> = disks
+        .iter()
+        .map(|d| DiskGeometry::of(d.movable.as_ref()))
+        .collect();
+    let json = serde_json::to_string(&geometry).expect("geometry serializes");
+    handoff::send(ctl, &format!("DISKS {json}")).map_err(|e| (e.to_string(), None))?;
+    handoff::expect(ctl, "APPLIED").map_err(|e| (e, None))?;
+    let released = release(s, disks, &geometry);
+    if let Err(e) = handoff::send(ctl, "RELEASED") {
+        return Err((e.to_string(), Some(released)));
+    }
+    // Released: from here on a failure means opening the disks again. A destination that ran
+    // the VM and died before its line arrived holds the disk locks until it is gone, so that
+    // reopen then fails and the VM stays paused here rather than running twice.
+    match handoff::expect(ctl, "RUNNING") {
+        Ok(()) => Ok(()),
+        Err(e) => Err((e, Some(released))),
+    }
+}
+
+/// Flushes and closes every disk (its lock goes with the last handle), leaving a placeholder.
+fn release(s: &State, disks: Vec<SlotDisk>, geometry: &[DiskGeometry]) -> Vec<Released> {
+    let mut out = Vec::new();
+    for (index, (d, g)) in disks.into_iter().zip(geometry).enumerate() {
+        let (path, img) = d.movable.image();
+        let arg = DiskArg {
+            path: path.clone(),
+            read_only: g.read_only,
+            format: Some(img.format()),
+        };
+        let parked = d.movable.park();
+        if let Err(e) = parked.source().flush() {
+            tracing::warn!("flushing {} before the handoff: {e}", path.display());
+        }
+        let old = parked.switch(Arc::new(ReleasedDisk(*g)), path.clone(), image::Image::Raw);
+        // The control socket's handle on the image goes too, so nothing keeps it open.
+        s.hotplug
+            .retarget(index, &path, image::Image::Raw, &s.meter);
+        drop(img);
+        drop(old);
+        tracing::info!("disk {} released for the migration", path.display());
+        out.push(Released {
+            index,
+            disk: d,
+            arg,
+        });
+    }
+    out
+}
+
+/// Opens the released disks again and puts them back under the VM.
+fn reopen(s: &State, disks: Vec<Released>) -> Result<(), String> {
+    for r in disks {
+        let opened = image::open(&r.arg).map_err(|e| e.to_string())?;
+        let path: PathBuf = r.arg.path.clone();
+        r.disk
+            .movable
+            .park()
+            .switch(opened.backend, path.clone(), opened.image.clone());
+        s.hotplug.retarget(r.index, &path, opened.image, &s.meter);
+        tracing::info!(
+            "disk {} opened again after the failed handoff",
+            path.display()
+        );
+    }
+    Ok(())
+}
