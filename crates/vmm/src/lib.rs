@@ -33,7 +33,7 @@ pub use state::{StateError, VmState};
 pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
     install_termination_handlers, max_vcpus, termination_signal, AfterSave, LiveSaveOptions,
-    RestoreFrom, SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE,
+    RestoreFrom, SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE, WORKING_SET_FILE,
 };
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).

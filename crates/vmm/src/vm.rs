@@ -88,7 +88,7 @@ mod live_save;
 mod pause_reset;
 mod state;
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
-pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE};
+pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
 
 /// The parts of a VM other threads may use while it runs.
 struct Shared {
@@ -218,6 +218,7 @@ impl Vm {
             return Err(VmmError::TooManyDevices(devices.len(), MAX_VIRTIO_DEVICES));
         }
         let ram = GuestRam::new(config.memory)?;
+        crate::state::trace::mark("  guest RAM allocated");
         let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -258,8 +259,10 @@ impl Vm {
             crate::memory::MMIO_HOLE_START,
             crate::memory::MMIO_HOLE_END
         );
+        crate::state::trace::mark("  KVM VM, irqchip, PIT created");
         let dirty = DirtyTracker::new(slots);
         dirty.set_slots(&vm_fd, false)?;
+        crate::state::trace::mark("  memory slots set");
 
         let exit = Arc::new(ExitState::default());
         let mut mmio = Bus::default();
@@ -313,6 +316,7 @@ impl Vm {
             placements.push(place);
         }
 
+        crate::state::trace::mark("  devices wired");
         let boot = boot::load(
             &ram.memory,
             &BootSpec {
@@ -368,6 +372,7 @@ impl Vm {
         )
         .map_err(bus_err)?;
 
+        crate::state::trace::mark("  kernel loaded, COM1 wired");
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -384,6 +389,7 @@ impl Vm {
             }
             vcpus.push((vcpu, boot_state));
         }
+        crate::state::trace::mark("  vCPUs created");
         let boot_state = VmBootState::capture(&vm_fd).map_err(|e| e.to_string());
         if let Err(e) = &boot_state {
             tracing::warn!("irqchip/PIT boot state not captured, reset will fail: {e}");

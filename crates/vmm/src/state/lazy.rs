@@ -21,13 +21,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::working_set::WorkingSet;
 use crate::memory::PAGE_SIZE;
 use crate::uffd::{Copied, Uffd};
 
 /// Bytes the populate thread reads and copies at a time.
-const POPULATE_CHUNK: usize = 1 << 20;
+const POPULATE_CHUNK: usize = 2 << 20;
 /// Bytes the fault thread fills around a faulting page (aligned).
-const FAULT_BLOCK: u64 = 256 << 10;
+/// 1 MiB rather than less: each fault is a round trip (a VM exit, waking this thread, waking
+/// the vCPU) that costs more than the copy on a busy host; measured against 256 KiB and 2 MiB
+/// in docs/vm-state.md, "Restore timing".
+const FAULT_BLOCK: u64 = 1 << 20;
 /// How long the fault thread waits for an event before checking whether it may end.
 const POLL_MS: i32 = 20;
 
@@ -64,15 +68,19 @@ impl LazyRestore {
     /// Registers `maps` with a new userfaultfd and starts the two threads. The mappings must be
     /// empty (every page missing) and stay mapped while this lives. `on_error` is called
     /// (once) if a page cannot be read from `file`: the VM cannot continue correctly then.
+    ///
+    /// The populate thread copies `hot` (the save's working set) first, then everything else.
     pub fn start(
         file: File,
         maps: Vec<Mapping>,
+        hot: WorkingSet,
         on_error: Box<dyn Fn(String) + Send + Sync>,
     ) -> std::io::Result<LazyRestore> {
         let uffd = Arc::new(Uffd::new()?);
         for m in &maps {
             uffd.register(m.host, m.len)?;
         }
+        super::trace::mark("  userfaultfd registered");
         let file = Arc::new(file);
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
@@ -99,7 +107,11 @@ impl LazyRestore {
                 .name("restore-populate".into())
                 .spawn(move || {
                     let started = Instant::now();
-                    let result = match populate(&uffd, &file, &maps, &cancel) {
+                    let hot_result = prefetch(&uffd, &file, &maps, &hot, &cancel);
+                    super::trace::mark("working set in");
+                    let result = match hot_result.and_then(|hot_bytes| {
+                        populate(&uffd, &file, &maps, &cancel).map(|b| b + hot_bytes)
+                    }) {
                         Ok(_) if cancel.load(Ordering::Relaxed) => Populated::Cancelled,
                         Ok(bytes) => Populated::Done {
                             bytes,
@@ -116,6 +128,7 @@ impl LazyRestore {
                         let _ = uffd.unregister(m.host, m.len);
                     }
                     done.store(true, Ordering::Release);
+                    super::trace::mark("background copy done");
                     tracing::info!("lazy restore: {result:?}");
                     *progress.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
                     progress.cv.notify_all();
@@ -190,6 +203,7 @@ fn serve_faults(
         else {
             continue;
         };
+        let t = Instant::now();
         let start = m.host + (addr - m.host) / FAULT_BLOCK * FAULT_BLOCK;
         let len = FAULT_BLOCK.min(m.host + m.len - start) as usize;
         let offset = m.file_offset + (start - m.host);
@@ -209,7 +223,57 @@ fn serve_faults(
         let _ = copy_all(uffd, start, buf);
         // The faulting page may have been among the skipped ones: its waiter needs waking.
         let _ = uffd.wake(addr, PAGE_SIZE);
+        super::trace::fault_served(t.elapsed().as_nanos() as u64);
     }
+}
+
+/// The populate thread's first part: copy the working set's runs, **last page first**. A
+/// guest that resumes tends to go on through memory in order from where it stopped, and the
+/// fault thread serves it there; starting at the far end keeps the two from filling the same
+/// pages and each waiting for the other (measured: docs/vm-state.md, "Restore timing").
+/// Returns the bytes copied.
+fn prefetch(
+    uffd: &Uffd,
+    file: &File,
+    maps: &[Mapping],
+    hot: &WorkingSet,
+    cancel: &AtomicBool,
+) -> Result<u64, String> {
+    // (file offset, host address, length) of each piece, each inside one mapping.
+    let mut pieces = Vec::new();
+    for &(run, run_len) in &hot.runs {
+        let mut at = run;
+        let end = run + run_len;
+        while at < end {
+            // A run may cross from one mapping into the next (they follow each other in
+            // the file); a run past them all (not this VM's) is ignored.
+            let Some(m) = maps
+                .iter()
+                .find(|m| at >= m.file_offset && at < m.file_offset + m.len)
+            else {
+                break;
+            };
+            let n = (POPULATE_CHUNK as u64)
+                .min(end - at)
+                .min(m.file_offset + m.len - at);
+            pieces.push((at, m.host + (at - m.file_offset), n));
+            at += n;
+        }
+    }
+    let mut buf = vec![0u8; POPULATE_CHUNK];
+    let mut copied = 0u64;
+    for &(at, host, n) in pieces.iter().rev() {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(copied);
+        }
+        let n = n as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
+        copy_all(uffd, host, &buf[..n])?;
+        copied += n as u64;
+        super::trace::prefetched(n as u64);
+    }
+    Ok(copied)
 }
 
 /// The populate thread: copy every non-zero chunk of the file's data extents into place.
@@ -241,6 +305,7 @@ fn populate(
                 if buf[..n].iter().any(|&b| b != 0) {
                     copy_all(uffd, m.host + (at - m.file_offset), &buf[..n])?;
                     copied += n as u64;
+                    super::trace::populated(n as u64);
                 }
                 at += n as u64;
             }

@@ -14,10 +14,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::state::{MEMORY_FILE, STATE_FILE};
+use super::state::{MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
 use super::{lock, VmHandle};
 use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
+use crate::state::working_set::WorkingSet;
 use crate::state::{self, Identity, StateError};
 
 /// What the VM does once its state is on disk.
@@ -113,18 +114,25 @@ impl VmHandle {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         // Saving over an older save: its state file goes first (see the module docs).
-        match std::fs::remove_file(dir.join(STATE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
-            _ => {}
+        // The working set goes with it: a stale one would only be a wrong hint, but a save
+        // of a paused VM writes none.
+        for name in [STATE_FILE, WORKING_SET_FILE] {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
+                _ => {}
+            }
         }
         let tmp = dir.join(format!(".{MEMORY_FILE}.tmp-{}", std::process::id()));
         let out = TempFile::create(&tmp, self.0.ram.size)?;
         let mut report = SaveReport::default();
+        let mut hot = None;
         let paused_at = if was_paused {
             report.bytes_written = self.copy_all(&out)?;
             None
         } else {
-            Some(self.live_rounds(&out, opts, &mut report)?)
+            let (at, written) = self.live_rounds(&out, opts, &mut report)?;
+            hot = Some(written);
+            Some(at)
         };
         // Paused from here on; any error below resumes a VM that was running.
         let undo = |e: StateError| {
@@ -141,6 +149,14 @@ impl VmHandle {
         let pause_end = Instant::now();
         // The bytes are in the page cache already; making them durable needs no pause.
         let finish = || -> Result<(), StateError> {
+            if let Some(hot) = &hot {
+                // What the guest wrote while the save ran: a restore fetches it first.
+                let ranges = crate::memory::ram_ranges(self.0.ram.size);
+                let path = dir.join(WORKING_SET_FILE);
+                WorkingSet::from_dirty(hot, &ranges)
+                    .write(&path, self.0.ram.size)
+                    .map_err(io(&path))?;
+            }
             out.commit(&dir.join(MEMORY_FILE))?;
             state::write_state(&dir.join(STATE_FILE), &state)
         };
@@ -174,7 +190,7 @@ impl VmHandle {
         out: &TempFile,
         opts: &LiveSaveOptions,
         report: &mut SaveReport,
-    ) -> Result<Instant, StateError> {
+    ) -> Result<(Instant, DirtyBitmap), StateError> {
         let s = &self.0;
         let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
         s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
@@ -184,6 +200,8 @@ impl VmHandle {
                 .dirty
                 .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                 .map_err(kvm)?;
+            // Every page written while the save ran: the guest's working set.
+            let mut hot = pending.clone();
             let mut previous = None;
             while another_round(pending.count() as u64, previous, report.rounds, opts) {
                 tracing::debug!(
@@ -198,6 +216,7 @@ impl VmHandle {
                     .dirty
                     .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                     .map_err(kvm)?;
+                union(&mut hot, &pending);
             }
             self.pause_locked()
                 .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
@@ -209,6 +228,7 @@ impl VmHandle {
                     .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                     .map_err(kvm)?;
                 union(&mut last, &pending);
+                union(&mut hot, &last);
                 report.final_pages = last.count() as u64;
                 report.bytes_written += self.copy_pages(out, &last)?;
                 Ok(())
@@ -217,7 +237,7 @@ impl VmHandle {
                 let _ = self.resume_locked();
                 return Err(e);
             }
-            Ok(paused_at)
+            Ok((paused_at, hot))
         })();
         if let Err(e) = s.dirty.stop(&s.vm_fd) {
             tracing::warn!("stopping the dirty log after a save: {e}");
