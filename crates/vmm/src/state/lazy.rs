@@ -16,17 +16,20 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::readahead::Hint;
 use super::working_set::WorkingSet;
 use crate::memory::PAGE_SIZE;
 use crate::uffd::{Copied, Uffd};
 
 /// Bytes the populate thread reads and copies at a time.
 const POPULATE_CHUNK: usize = 2 << 20;
+/// The most threads copying the working set at once (fewer on a host with fewer CPUs).
+const PREFETCH_THREADS: usize = 4;
 /// Bytes the fault thread fills around a faulting page (aligned).
 /// 1 MiB rather than less: each fault is a round trip (a VM exit, waking this thread, waking
 /// the vCPU) that costs more than the copy on a busy host; measured against 256 KiB and 2 MiB
@@ -89,23 +92,38 @@ impl LazyRestore {
             cv: Condvar::new(),
         });
         let on_error: Arc<dyn Fn(String) + Send + Sync> = Arc::from(on_error);
+        let hint = Arc::new(Hint::default());
         let faults = {
-            let (uffd, file, maps, done, on_error) = (
+            let (uffd, file, maps, hint, done, on_error) = (
                 uffd.clone(),
                 file.clone(),
                 maps.clone(),
+                hint.clone(),
                 done.clone(),
                 on_error.clone(),
             );
             std::thread::Builder::new()
                 .name("restore-faults".into())
-                .spawn(move || serve_faults(&uffd, &file, &maps, &done, &*on_error))?
+                .spawn(move || serve_faults(&uffd, &file, &maps, &hint, &done, &*on_error))?
+        };
+        let readahead = {
+            let (uffd, file, maps, done, cancel) = (
+                uffd.clone(),
+                file.clone(),
+                maps.clone(),
+                done.clone(),
+                cancel.clone(),
+            );
+            std::thread::Builder::new()
+                .name("restore-readahead".into())
+                .spawn(move || super::readahead::run(&uffd, &file, &maps, &hint, &done, &cancel))?
         };
         let populate = {
             let (cancel, progress) = (cancel.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("restore-populate".into())
                 .spawn(move || {
+                    background_priority();
                     let started = Instant::now();
                     let hot_result = prefetch(&uffd, &file, &maps, &hot, &cancel);
                     super::trace::mark("working set in");
@@ -137,7 +155,7 @@ impl LazyRestore {
         Ok(LazyRestore {
             cancel,
             progress,
-            threads: vec![faults, populate],
+            threads: vec![faults, readahead, populate],
         })
     }
 
@@ -182,6 +200,7 @@ fn serve_faults(
     uffd: &Uffd,
     file: &File,
     maps: &[Mapping],
+    readahead: &Hint,
     done: &AtomicBool,
     on_error: &dyn Fn(String),
 ) {
@@ -223,23 +242,28 @@ fn serve_faults(
         let _ = copy_all(uffd, start, buf);
         // The faulting page may have been among the skipped ones: its waiter needs waking.
         let _ = uffd.wake(addr, PAGE_SIZE);
+        if start + (len as u64) < m.host + m.len {
+            readahead.post(start + len as u64);
+        }
         super::trace::fault_served(t.elapsed().as_nanos() as u64);
     }
 }
 
-/// The populate thread's first part: copy the working set's runs, **last page first**. A
-/// guest that resumes tends to go on through memory in order from where it stopped, and the
-/// fault thread serves it there; starting at the far end keeps the two from filling the same
-/// pages and each waiting for the other (measured: docs/vm-state.md, "Restore timing").
+/// The populate thread's first part: copy the working set's runs, **last page first**, with
+/// up to [`PREFETCH_THREADS`] threads taking 2 MiB pieces in turn (filling a page costs more in
+/// allocating it than in copying, and allocations on several CPUs run in parallel). A guest
+/// that resumes tends to go on through memory in order from where it stopped, and the fault
+/// thread serves it there; starting at the far end keeps the two from filling the same pages
+/// and each waiting for the other (measured: docs/vm-state.md, "Restore timing").
 /// Returns the bytes copied.
 fn prefetch(
-    uffd: &Uffd,
-    file: &File,
+    uffd: &Arc<Uffd>,
+    file: &Arc<File>,
     maps: &[Mapping],
     hot: &WorkingSet,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<u64, String> {
-    // (file offset, host address, length) of each piece, each inside one mapping.
+    // (file offset, host address, length) of each piece, each inside one mapping; last first.
     let mut pieces = Vec::new();
     for &(run, run_len) in &hot.runs {
         let mut at = run;
@@ -260,20 +284,58 @@ fn prefetch(
             at += n;
         }
     }
-    let mut buf = vec![0u8; POPULATE_CHUNK];
-    let mut copied = 0u64;
-    for &(at, host, n) in pieces.iter().rev() {
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(copied);
+    pieces.reverse();
+    let pieces = Arc::new(pieces);
+    let next = Arc::new(AtomicUsize::new(0));
+    let work = {
+        let (uffd, file, pieces, next, cancel) = (
+            uffd.clone(),
+            file.clone(),
+            pieces.clone(),
+            next.clone(),
+            cancel.clone(),
+        );
+        move || -> Result<u64, String> {
+            background_priority();
+            let mut buf = vec![0u8; POPULATE_CHUNK];
+            let mut copied = 0u64;
+            while let Some(&(at, host, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                if cancel.load(Ordering::Relaxed) {
+                    break;
+                }
+                let n = n as usize;
+                file.read_exact_at(&mut buf[..n], at)
+                    .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
+                copy_all(&uffd, host, &buf[..n])?;
+                copied += n as u64;
+                super::trace::prefetched(n as u64);
+            }
+            Ok(copied)
         }
-        let n = n as usize;
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
-        copy_all(uffd, host, &buf[..n])?;
-        copied += n as u64;
-        super::trace::prefetched(n as u64);
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, PREFETCH_THREADS);
+    // Helpers are best effort: if one cannot start, the others take its pieces.
+    let helpers: Vec<_> = (1..threads)
+        .filter_map(|_| {
+            std::thread::Builder::new()
+                .name("restore-prefetch".into())
+                .spawn(work.clone())
+                .ok()
+        })
+        .collect();
+    let mut result = work();
+    for h in helpers {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err("a prefetch thread panicked".into()));
+        result = match (result, r) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
     }
-    Ok(copied)
+    result
 }
 
 /// The populate thread: copy every non-zero chunk of the file's data extents into place.
@@ -315,23 +377,42 @@ fn populate(
     Ok(copied)
 }
 
-/// Copies `src` to `dst`, skipping pages already filled by the fault thread.
-fn copy_all(uffd: &Uffd, mut dst: u64, mut src: &[u8]) -> Result<(), String> {
+/// Lowers the calling thread's priority a little (nice +5): the background copy and the
+/// working set are guesses, the fault and readahead threads serve what the guest waits for now,
+/// and on a busy host they should get the CPU first. An idle host runs both at full speed.
+fn background_priority() {
+    // SAFETY: plain syscalls on the calling thread (a Linux thread id is a valid `who` for
+    // PRIO_PROCESS); failure only leaves the priority as it was.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if *libc::__errno_location() == 0 {
+            libc::setpriority(libc::PRIO_PROCESS, tid, (now + 5).min(19));
+        }
+    }
+}
+
+/// Copies `src` to `dst`, skipping pages already filled by another thread. Returns the bytes
+/// this call filled.
+pub(super) fn copy_all(uffd: &Uffd, mut dst: u64, mut src: &[u8]) -> Result<u64, String> {
+    let mut copied = 0;
     while !src.is_empty() {
         match uffd
             .copy(dst, src)
             .map_err(|e| format!("UFFDIO_COPY at {dst:#x}: {e}"))?
         {
-            Copied::All => return Ok(()),
+            Copied::All => return Ok(copied + src.len() as u64),
             Copied::Exists { done } => {
                 // `done` bytes went in, the next page was there already: skip it.
+                copied += done;
                 let skip = (done + PAGE_SIZE).min(src.len() as u64);
                 dst += skip;
                 src = &src[skip as usize..];
             }
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// The next data extent of `file` in `[from, end)`, page-aligned, or `None` if only holes

@@ -9,6 +9,7 @@
 pub mod file;
 pub mod kvm_blob;
 pub mod lazy;
+mod readahead;
 pub mod trace;
 pub mod vcpu;
 pub mod working_set;
