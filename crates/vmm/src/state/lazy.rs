@@ -449,6 +449,64 @@ fn next_data(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, Str
 mod tests {
     use super::*;
 
+    /// Every path that fills pages (faults in 1 MiB blocks, readahead after them, the working
+    /// set from its last page, the background copy) against one file: what a reader sees
+    /// through the mapping is the file, byte for byte, holes as zeros, and population ends.
+    #[test]
+    fn every_byte_read_through_the_mapping_is_the_files() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        const SIZE: u64 = 24 << 20;
+        let Ok(probe) = Uffd::new() else {
+            vireo_testkit::skip_env("userfaultfd (CAP_SYS_PTRACE or /dev/userfaultfd)");
+            return;
+        };
+        drop(probe);
+        let ram = crate::memory::GuestRam::new(SIZE).unwrap();
+        let host = crate::memory::regions(&ram.memory)[0].2;
+        // Data with a page-varying pattern, and a 4 MiB hole at 10 MiB.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(SIZE).unwrap();
+        let mut want = vec![0u8; SIZE as usize];
+        for (i, chunk) in want.chunks_mut(4096).enumerate() {
+            if !(10 * 256..14 * 256).contains(&i) {
+                chunk.fill((i % 251) as u8 + 1);
+            }
+        }
+        for (at, chunk) in want.chunks(1 << 20).enumerate() {
+            if chunk.iter().any(|&b| b != 0) {
+                file.write_all_at(chunk, (at as u64) << 20).unwrap();
+            }
+        }
+        let hot = WorkingSet {
+            runs: vec![(2 << 20, 3 << 20), (16 << 20, 1 << 20)],
+        };
+        let maps = vec![Mapping {
+            host,
+            len: SIZE,
+            file_offset: 0,
+        }];
+        let lazy = LazyRestore::start(file, maps, hot, Box::new(|e| panic!("{e}"))).unwrap();
+        // Read from the middle on (faults and readahead), then from the start.
+        let mut got = vec![0u8; SIZE as usize];
+        let order = (12u64..24).chain(0..12);
+        for mib in order {
+            let at = (mib << 20) as usize;
+            ram.memory
+                .read_slice(
+                    &mut got[at..at + (1 << 20)],
+                    vm_memory::GuestAddress(mib << 20),
+                )
+                .unwrap();
+        }
+        assert!(got == want, "restored memory differs from the file");
+        assert!(
+            matches!(lazy.wait(), Populated::Done { .. }),
+            "{:?}",
+            lazy.status()
+        );
+    }
+
     #[test]
     fn next_data_skips_holes() {
         use std::os::unix::fs::FileExt;

@@ -93,3 +93,61 @@ pub fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    /// A stream posted at 4 MiB fills from there to the end of the mapping with the file's
+    /// bytes (read back through the memfd, which no fault path serves) and nothing before it.
+    #[test]
+    fn a_stream_fills_what_follows_the_hint_from_the_file() {
+        const SIZE: u64 = 16 << 20;
+        let Ok(uffd) = Uffd::new() else {
+            vireo_testkit::skip_env("userfaultfd (CAP_SYS_PTRACE or /dev/userfaultfd)");
+            return;
+        };
+        let ram = crate::memory::GuestRam::new(SIZE).unwrap();
+        let host = crate::memory::regions(&ram.memory)[0].2;
+        uffd.register(host, SIZE).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let want: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+        file.write_all_at(&want, 0).unwrap();
+        let maps = vec![Mapping {
+            host,
+            len: SIZE,
+            file_offset: 0,
+        }];
+        let (hint, done, cancel) = (
+            Arc::new(Hint::default()),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let t = {
+            let (hint, cancel) = (hint.clone(), cancel.clone());
+            std::thread::spawn(move || run(&uffd, &file, &maps, &hint, &done, &cancel))
+        };
+        hint.post(host + (4 << 20));
+        let mut got = vec![0u8; SIZE as usize];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            ram.memfd.read_exact_at(&mut got, 0).unwrap();
+            if got[4 << 20..] == want[4 << 20..] || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cancel.store(true, Ordering::Relaxed);
+        t.join().unwrap();
+        assert!(
+            got[4 << 20..] == want[4 << 20..],
+            "the stream did not fill 4..16 MiB"
+        );
+        assert!(
+            got[..4 << 20].iter().all(|&b| b == 0),
+            "filled before the hint"
+        );
+    }
+}
