@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use vireo_probe_image::qemu::{find_qemu, QemuProbe, QemuProbeConfig};
 use vireo_probe_image::ProbeConsole;
-use vireo_vmm::state::Identity;
+use vireo_vmm::state::{trace, Identity};
 use vireo_vmm::{AfterSave, ConsoleConfig, LiveSaveOptions, RestoreFrom, Vm, VmConfig, VmHandle};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -38,7 +38,8 @@ Checkpoint of a 256 MiB probe VM rewriting a 64 MiB hot set, Vireo (live save + 
 restore) vs QEMU (savevm/loadvm on a qcow2, and migrate to file / -incoming). Needs /dev/kvm,
 qemu-system-x86_64 and qemu-img.
 Last line: checkpoint_pause_ms=<n> qemu_savevm_ms=<n> ratio=<n> restore_ms=<n>
-  qemu_loadvm_ms=<n> restore_ratio=<n> (medians)";
+  qemu_loadvm_ms=<n> restore_ratio=<n> (medians)
+VIREO_RESTORE_TRACE=1 prints each step of Vireo's restores (docs/vm-state.md, Restore timing).";
 
 #[derive(Args)]
 #[command(about = ABOUT, long_about = ABOUT)]
@@ -49,6 +50,14 @@ pub struct CheckpointArgs {
     /// The QEMU binary [default: qemu-system-x86_64 from PATH].
     #[arg(long)]
     qemu: Option<PathBuf>,
+    /// Restore Vireo's VM eagerly (all of memory.bin read before it runs) instead of lazily,
+    /// to compare the two.
+    #[arg(long)]
+    eager: bool,
+    /// Restore lazily without fetching the save's working set first (every page faults in or
+    /// comes with the background copy), to see what the working set buys.
+    #[arg(long, conflicts_with = "eager")]
+    no_working_set: bool,
 }
 
 #[derive(Default)]
@@ -74,7 +83,7 @@ pub fn run(args: CheckpointArgs) -> Result<(), String> {
     for i in 0..args.runs {
         let dir = work.path().join(format!("run{i}"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        vireo_run(&dir, i as u64, &mut v)?;
+        vireo_run(&dir, i as u64, &args, &mut v)?;
         qemu_savevm(&qemu, &dir, i as u64, &mut q)?;
         qemu_migrate(&qemu, &dir, i as u64, &mut m)?;
         eprintln!(
@@ -194,7 +203,7 @@ fn stop(h: &VmHandle, run: std::thread::JoinHandle<vireo_vmm::error::Result<vire
     let _ = run.join();
 }
 
-fn vireo_run(dir: &Path, seed: u64, out: &mut Series) -> Result<(), String> {
+fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> Result<(), String> {
     let (config, ours) = vireo_config();
     let vm = Vm::new(config).map_err(|e| format!("vireo: {e}"))?;
     let h = vm.handle();
@@ -224,16 +233,27 @@ fn vireo_run(dir: &Path, seed: u64, out: &mut Series) -> Result<(), String> {
     // Restore: from the call to the counter moving in the new VM.
     let (config, _ours) = vireo_config();
     let started = Instant::now();
-    let from = RestoreFrom::dir(&snap).map_err(|e| format!("vireo restore: {e}"))?;
+    trace::begin();
+    let mut from = RestoreFrom::dir(&snap).map_err(|e| format!("vireo restore: {e}"))?;
+    from.eager = args.eager;
+    if args.no_working_set {
+        from.working_set = None;
+    }
+    trace::mark("state file read");
     let vm = Vm::restore(config, &from).map_err(|e| format!("vireo restore: {e}"))?;
     let h = vm.handle();
     let saved = counter(&h)?;
+    trace::mark("counter read");
     let run = std::thread::spawn(move || vm.run());
     let result = h
         .resume()
         .map_err(|e| format!("vireo resume: {e}"))
-        .and_then(|()| until_above(|| counter(&h), saved, "vireo restore"));
+        .and_then(|()| {
+            trace::mark("resumed");
+            until_above(|| counter(&h), saved, "vireo restore")
+        });
     let elapsed = started.elapsed();
+    trace::mark("counter advanced");
     stop(&h, run);
     result?;
     out.restore.push(ms(elapsed));

@@ -267,6 +267,7 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
             });
             continue;
         }
+        crate::state::trace::vcpu_entering();
         let outcome = match vcpu.run() {
             Ok(exit) => {
                 exits.count(&exit);

@@ -93,7 +93,7 @@ mod rounds;
 mod state;
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
-pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE};
+pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
 
 /// The parts of a VM other threads may use while it runs.
 struct Shared {
@@ -223,6 +223,7 @@ impl Vm {
             return Err(VmmError::TooManyDevices(devices.len(), MAX_VIRTIO_DEVICES));
         }
         let ram = GuestRam::new(config.memory)?;
+        crate::state::trace::mark("  guest RAM allocated");
         let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
@@ -263,8 +264,10 @@ impl Vm {
             crate::memory::MMIO_HOLE_START,
             crate::memory::MMIO_HOLE_END
         );
+        crate::state::trace::mark("  KVM VM, irqchip, PIT created");
         let mut dirty = DirtyTracker::new(slots);
         dirty.set_slots(&vm_fd, false)?;
+        crate::state::trace::mark("  memory slots set");
 
         let exit = Arc::new(ExitState::default());
         let mut mmio = Bus::default();
@@ -319,6 +322,7 @@ impl Vm {
         }
 
         dirty.set_devices(transports.clone());
+        crate::state::trace::mark("  devices wired");
 
         let boot = boot::load(
             &ram.memory,
@@ -375,6 +379,7 @@ impl Vm {
         )
         .map_err(bus_err)?;
 
+        crate::state::trace::mark("  kernel loaded, COM1 wired");
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
@@ -391,6 +396,7 @@ impl Vm {
             }
             vcpus.push((vcpu, boot_state));
         }
+        crate::state::trace::mark("  vCPUs created");
         let boot_state = VmBootState::capture(&vm_fd).map_err(|e| e.to_string());
         if let Err(e) = &boot_state {
             tracing::warn!("irqchip/PIT boot state not captured, reset will fail: {e}");

@@ -2,13 +2,16 @@
 //! probe runs its DIRTY workload while its memory is written; the VM restored from that save
 //! holds exactly the memory the original had at the pause, byte for byte, and carries on; a
 //! snapshot leaves the original running; a large VM restores lazily and its memory verifies;
-//! a damaged memory file and a full disk are clear errors that change nothing.
+//! a damaged memory file and a full disk are clear errors that change nothing; the working set a
+//! live save records is what the guest was writing, and a restore fetching it first (or given a
+//! damaged or wrong one) still holds exactly the saved memory.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_vmm::state::working_set::WorkingSet;
 use vireo_vmm::state::Identity;
 use vireo_vmm::{
     AfterSave, ConsoleConfig, LiveSaveOptions, RestoreFrom, StateError, Vm, VmConfig, VmExit,
@@ -131,11 +134,27 @@ fn kvm_live_save_under_dirty_workload_restores_memory_as_at_the_pause() {
     assert!(report.pause <= report.total, "{report:?}");
     let passes_saved = read(&a.h, PASSES);
     let want = host_sum(&a.h, 0, mem);
-    let files: Vec<_> = std::fs::read_dir(&save)
+    let mut files: Vec<_> = std::fs::read_dir(&save)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(files.len(), 2, "only memory.bin and vm.state: {files:?}");
+    files.sort();
+    assert_eq!(files, ["memory.bin", "vm.state", "working-set.bin"]);
+    // The working set is what the guest wrote during the save: the DIRTY range, plus the
+    // probe's own stack and status page below 8 MiB.
+    let ws = WorkingSet::read(&save.join(vireo_vmm::WORKING_SET_FILE), mem).unwrap();
+    let in_hot: u64 = ws
+        .runs
+        .iter()
+        .map(|&(off, len)| overlap(off, len, 16 * MIB, 32 * MIB))
+        .sum();
+    let low: u64 = ws
+        .runs
+        .iter()
+        .map(|&(off, len)| overlap(off, len, 0, 8 * MIB))
+        .sum();
+    assert!(in_hot >= MIB, "{} bytes of the DIRTY range", in_hot);
+    assert_eq!(in_hot + low, ws.bytes(), "outside what was written: {ws:?}");
 
     let mut b = Running::restore(mem, &save);
     assert!(b.h.is_paused());
@@ -148,6 +167,57 @@ fn kvm_live_save_under_dirty_workload_restores_memory_as_at_the_pause() {
     assert!(stop.starts_with("OK passes="), "{stop}");
     b.console.command("MEM VERIFY 60 8 6", T).unwrap();
     b.stop();
+}
+
+/// Bytes of `[off, off+len)` inside `[start, start+size)`.
+fn overlap(off: u64, len: u64, start: u64, size: u64) -> u64 {
+    (off + len).min(start + size).saturating_sub(off.max(start))
+}
+
+#[test]
+fn kvm_working_set_is_only_a_hint() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let save = dir.path().join("save");
+    let mem = 64 * MIB;
+    let mut a = Running::boot(mem);
+    a.console.command("MEM FILL 12 8 21", T).unwrap();
+    a.console.command("DIRTY START 24 16 0", T).unwrap();
+    wait_above(&a.h, PASSES, 0);
+    a.h.save_live(
+        &save,
+        Identity::default(),
+        None,
+        &live(AfterSave::StayPaused),
+    )
+    .unwrap();
+    let want = host_sum(&a.h, 0, mem);
+    a.stop();
+    let ws_file = save.join(vireo_vmm::WORKING_SET_FILE);
+    assert!(WorkingSet::read(&ws_file, mem).is_some_and(|w| w.bytes() > 0));
+    let all = WorkingSet {
+        runs: vec![(0, mem)],
+    };
+    let garbage = b"VIREOWS1 but nothing after".to_vec();
+    // Damaged, for another memory size, everything, and none at all: the same memory.
+    for (what, bytes) in [
+        ("damaged", Some(garbage)),
+        ("foreign", Some(all.encode(2 * mem))),
+        ("all of memory", Some(all.encode(mem))),
+        ("missing", None),
+    ] {
+        match bytes {
+            Some(b) => std::fs::write(&ws_file, b).unwrap(),
+            None => std::fs::remove_file(&ws_file).unwrap(),
+        }
+        let mut b = Running::restore(mem, &save);
+        assert_eq!(host_sum(&b.h, 0, mem), want, "working set {what}");
+        b.h.resume().unwrap();
+        b.console.command("MEM VERIFY 12 8 21", T).unwrap();
+        b.stop();
+    }
 }
 
 #[test]

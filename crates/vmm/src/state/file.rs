@@ -187,11 +187,13 @@ pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError>
 }
 
 /// Starts a lazy restore of `path` into guest RAM (`lazy.rs`): the length is checked, RAM
-/// emptied and registered, pages come in on first touch and in the background. Returns
+/// emptied and registered, pages come in on first touch and in the background (`hot`, the
+/// save's working set, first). Returns
 /// `None` after loading eagerly instead, when this host refuses userfaultfd.
 pub(crate) fn restore_memory_lazily(
     path: &Path,
     ram: &GuestRam,
+    hot: super::working_set::WorkingSet,
     on_error: Box<dyn Fn(String) + Send + Sync>,
 ) -> Result<Option<super::lazy::LazyRestore>, StateError> {
     let f = File::open(path).map_err(io_err(path))?;
@@ -207,6 +209,7 @@ pub(crate) fn restore_memory_lazily(
     }
     // The new VM's loader wrote the kernel; every page must be missing for the fault path.
     crate::reset::wipe_ram(ram)?;
+    super::trace::mark("  RAM emptied");
     let mut maps = Vec::new();
     let mut file_offset = 0;
     for (_, len, host) in crate::memory::regions(&ram.memory) {
@@ -217,7 +220,7 @@ pub(crate) fn restore_memory_lazily(
         });
         file_offset += len;
     }
-    match super::lazy::LazyRestore::start(f, maps, on_error) {
+    match super::lazy::LazyRestore::start(f, maps, hot, on_error) {
         Ok(l) => Ok(Some(l)),
         Err(e) => {
             tracing::warn!("lazy restore unavailable ({e}); reading all of memory first");

@@ -9,7 +9,10 @@
 pub mod file;
 pub mod kvm_blob;
 pub mod lazy;
+mod readahead;
+pub mod trace;
 pub mod vcpu;
+pub mod working_set;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,

@@ -14,11 +14,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::rounds::RoundSink;
-use super::state::{MEMORY_FILE, STATE_FILE};
+use super::rounds::{union, RoundSink};
+use super::state::{MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
 use super::{lock, VmHandle};
 use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
+use crate::state::working_set::WorkingSet;
 use crate::state::{self, Identity, StateError};
 
 /// What the VM does once its state is on disk.
@@ -92,6 +93,9 @@ struct FileSink<'a> {
     opts: &'a LiveSaveOptions,
     /// Dirty pages before the last round.
     previous: Option<u64>,
+    /// Every page copied again because the guest wrote it while the save ran: its working
+    /// set, which a restore fetches first.
+    hot: Option<DirtyBitmap>,
 }
 
 impl RoundSink for FileSink<'_> {
@@ -100,6 +104,10 @@ impl RoundSink for FileSink<'_> {
         vm.copy_all(self.out)
     }
     fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, StateError> {
+        match &mut self.hot {
+            Some(hot) => union(hot, dirty),
+            None => self.hot = Some(dirty.clone()),
+        }
         vm.copy_pages(self.out, dirty)
     }
     fn another_round(&mut self, _: &VmHandle, dirty: u64, rounds: u32) -> Result<bool, StateError> {
@@ -137,13 +145,18 @@ impl VmHandle {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         // Saving over an older save: its state file goes first (see the module docs).
-        match std::fs::remove_file(dir.join(STATE_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
-            _ => {}
+        // The working set goes with it: a stale one would only be a wrong hint, but a save
+        // of a paused VM writes none.
+        for name in [STATE_FILE, WORKING_SET_FILE] {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(dir)(e)),
+                _ => {}
+            }
         }
         let tmp = dir.join(format!(".{MEMORY_FILE}.tmp-{}", std::process::id()));
         let out = TempFile::create(&tmp, self.0.ram.size)?;
         let mut report = SaveReport::default();
+        let mut hot = None;
         let paused_at = if was_paused {
             report.bytes_written = self.copy_all(&out)?;
             None
@@ -152,11 +165,13 @@ impl VmHandle {
                 out: &out,
                 opts,
                 previous: None,
+                hot: None,
             };
             let done = self.precopy_locked(&mut sink)?;
             report.rounds = done.rounds;
             report.bytes_written = done.bytes;
             report.final_pages = done.final_pages;
+            hot = sink.hot.take();
             Some(done.paused_at)
         };
         // Paused from here on; any error below resumes a VM that was running.
@@ -174,6 +189,14 @@ impl VmHandle {
         let pause_end = Instant::now();
         // The bytes are in the page cache already; making them durable needs no pause.
         let finish = || -> Result<(), StateError> {
+            if let Some(hot) = &hot {
+                // What the guest wrote while the save ran: a restore fetches it first.
+                let ranges = crate::memory::ram_ranges(self.0.ram.size);
+                let path = dir.join(WORKING_SET_FILE);
+                WorkingSet::from_dirty(hot, &ranges)
+                    .write(&path, self.0.ram.size)
+                    .map_err(io(&path))?;
+            }
             out.commit(&dir.join(MEMORY_FILE))?;
             state::write_state(&dir.join(STATE_FILE), &state)
         };

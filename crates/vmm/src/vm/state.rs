@@ -7,9 +7,10 @@ use std::time::Duration;
 use super::{lock, Vm, VmHandle};
 use crate::config::VmConfig;
 use crate::lifecycle::{Job, ParkError};
+use crate::state::working_set::WorkingSet;
 use crate::state::{
-    self, ClockState, I8042State, Identity, IrqchipState, MachineState, PowerOffState, SerialState,
-    StateError, VmState,
+    self, trace, ClockState, I8042State, Identity, IrqchipState, MachineState, PowerOffState,
+    SerialState, StateError, VmState,
 };
 
 /// How long the parked vCPUs get to hand over their state.
@@ -17,6 +18,8 @@ const VCPU_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// File names inside a save directory.
 pub const STATE_FILE: &str = "vm.state";
 pub const MEMORY_FILE: &str = "memory.bin";
+/// The pages the guest wrote while a live save ran (a hint for the restore, `working_set.rs`).
+pub const WORKING_SET_FILE: &str = "working-set.bin";
 
 impl VmHandle {
     /// The complete state of the paused VM (everything but memory). `identity` and `spec`
@@ -159,6 +162,9 @@ pub struct RestoreFrom {
     /// Read all of memory before the VM runs instead of faulting it in lazily (the default
     /// is lazy; a VM with a vhost-user device is always restored eagerly).
     pub eager: bool,
+    /// The save's working set, fetched before everything else on a lazy restore (a missing
+    /// or unusable file only makes those pages fault in).
+    pub working_set: Option<PathBuf>,
 }
 
 impl RestoreFrom {
@@ -168,6 +174,7 @@ impl RestoreFrom {
             state: state::read_state(&dir.join(STATE_FILE))?,
             memory: dir.join(MEMORY_FILE),
             eager: false,
+            working_set: Some(dir.join(WORKING_SET_FILE)),
         })
     }
 }
@@ -190,14 +197,21 @@ impl Vm {
             .map(|d| d.device.device_type())
             .collect();
         st.check_fits(config.memory, config.vcpus, &devices)?;
+        trace::mark("checked");
         // Another process mapping RAM would not see pages a lazy restore has not filled yet.
         let eager = from.eager || config.devices.iter().any(|d| d.device.maps_guest_memory());
         let vm = Vm::new(config)?;
+        trace::mark("VM built (Vm::new)");
         let s = &vm.shared;
         if eager {
             state::file::read_memory(&from.memory, &s.ram)?;
         } else {
-            let lazy = state::file::restore_memory_lazily(&from.memory, &s.ram, {
+            let hot = from
+                .working_set
+                .as_deref()
+                .and_then(|p| WorkingSet::read(p, s.ram.size))
+                .unwrap_or_default();
+            let lazy = state::file::restore_memory_lazily(&from.memory, &s.ram, hot, {
                 let exit = s.exit.clone();
                 Box::new(move |why: String| {
                     tracing::error!("{why}; stopping the restored VM");
@@ -206,6 +220,7 @@ impl Vm {
             })?;
             *lock(&s.lazy) = lazy;
         }
+        trace::mark("memory set up");
         vm.apply_state(st)?;
         tracing::info!(
             "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
@@ -236,11 +251,13 @@ impl Vm {
                 );
             }
         }
+        trace::mark("vCPU state loaded");
         st.irqchip.restore(&s.vm_fd)?;
         s.vm_fd
             .set_pit2(&st.pit.0)
             .map_err(|e| StateError::Kvm(format!("KVM_SET_PIT2: {e}")))?;
         st.clock.restore(&s.vm_fd, down_ns)?;
+        trace::mark("irqchip, PIT, clock loaded");
         let serial = &st.serial;
         lock(&s.serial)
             .load_registers(&vm_superio::SerialState {
@@ -266,10 +283,12 @@ impl Vm {
                     source,
                 })?;
         }
+        trace::mark("devices loaded");
         // Devices were activated above; park them until the caller resumes.
         self.handle()
             .pause()
             .map_err(|e| StateError::Kvm(format!("pausing the restored VM: {e}")))?;
+        trace::mark("restored, paused");
         Ok(())
     }
 }
