@@ -202,6 +202,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         meter: Meter::new(metered, spec.memory_bytes),
         hotplug: Hotplug::new(vm.handle(), &spec.disks, movable, control.disks()),
         mover: crate::move_storage::Mover::default(),
+        checkpointing: std::sync::atomic::AtomicBool::new(false),
     });
     server::start(
         files::bind_private(&dir.join(WORKER_SOCKET))?,

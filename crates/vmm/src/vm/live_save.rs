@@ -96,6 +96,35 @@ impl VmHandle {
         spec: Option<String>,
         opts: &LiveSaveOptions,
     ) -> Result<SaveReport, StateError> {
+        self.save_live_with(dir, identity, spec, opts, None)
+    }
+
+    /// A checkpoint of the running (or paused) VM (docs/checkpoints.md, "Live capture"): as
+    /// [`Self::save_live`], but `memory.bin` and `vm.state` are made durable while the VM is
+    /// still paused, then `between` runs with the VM paused and the lifecycle lock still held
+    /// (the worker swaps its disks onto new differencing children there), then a VM that was
+    /// running resumes (`opts.then` is ignored). If `between` fails, both files are removed
+    /// before the VM resumes, so no `vm.state` is left that no disk matches. The report's
+    /// `pause` covers the whole stop, `between` included.
+    pub fn checkpoint_live(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+        between: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<SaveReport, StateError> {
+        self.save_live_with(dir, identity, spec, opts, Some(between))
+    }
+
+    fn save_live_with(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+        between: Option<&mut dyn FnMut() -> Result<(), String>>,
+    ) -> Result<SaveReport, StateError> {
         let started = Instant::now();
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
@@ -124,7 +153,7 @@ impl VmHandle {
             report.bytes_written = self.copy_all(&out)?;
             None
         } else {
-            Some(self.live_rounds(&out, opts, &mut report)?)
+            Some(self.live_rounds(&out, opts, &mut report, between.is_some())?)
         };
         // Paused from here on; any error below resumes a VM that was running.
         let undo = |e: StateError| {
@@ -134,6 +163,35 @@ impl VmHandle {
             e
         };
         let state = self.save_state_locked(identity, spec).map_err(undo)?;
+        if let Some(between) = between {
+            // A checkpoint: durable files, then the caller's step, all before the resume.
+            let done = (|| {
+                out.commit(&dir.join(MEMORY_FILE))?;
+                state::write_state(&dir.join(STATE_FILE), &state)?;
+                between().map_err(StateError::Checkpoint)
+            })();
+            if let Err(e) = done {
+                let _ = std::fs::remove_file(dir.join(STATE_FILE));
+                let _ = std::fs::remove_file(dir.join(MEMORY_FILE));
+                return Err(undo(e));
+            }
+            if !was_paused {
+                self.resume_locked()
+                    .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
+            }
+            report.pause = paused_at.map_or(Duration::ZERO, |at| at.elapsed());
+            report.total = started.elapsed();
+            tracing::info!(
+                "VM checkpointed live to {}: {} rounds, {} MiB written, {} pages while paused, paused {:.1} ms, total {} ms",
+                dir.display(),
+                report.rounds,
+                report.bytes_written >> 20,
+                report.final_pages,
+                report.pause.as_secs_f64() * 1e3,
+                report.total.as_millis()
+            );
+            return Ok(report);
+        }
         if !was_paused && opts.then == AfterSave::Resume {
             self.resume_locked()
                 .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
@@ -174,6 +232,7 @@ impl VmHandle {
         out: &TempFile,
         opts: &LiveSaveOptions,
         report: &mut SaveReport,
+        presync: bool,
     ) -> Result<Instant, StateError> {
         let s = &self.0;
         let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
@@ -198,6 +257,11 @@ impl VmHandle {
                     .dirty
                     .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                     .map_err(kvm)?;
+            }
+            if presync {
+                // A checkpoint syncs the file before its resume: most of it now, while the
+                // guest still runs, so the sync in the pause has only the last pages.
+                out.sync()?;
             }
             self.pause_locked()
                 .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
@@ -350,6 +414,13 @@ impl TempFile {
                 path: self.path.display().to_string(),
                 source,
             })
+    }
+
+    fn sync(&self) -> Result<(), StateError> {
+        self.file.sync_data().map_err(|source| StateError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// Syncs and renames to `to` (and syncs the directory).
