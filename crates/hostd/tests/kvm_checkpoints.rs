@@ -178,7 +178,11 @@ fn with_fault(state: &Path, bin: &Path, point: &str) -> Vireod {
         worker_bin: bin.to_owned(),
         child: Some(child),
     };
-    common::daemon::wait_until(T, "vireod's socket", || d.get("/v1/host").status == 200);
+    common::daemon::wait_until(T, "vireod's socket", || {
+        UnixStream::connect(&d.sock).is_ok()
+    });
+    // The first answer means start-up (re-adoption, recovery) is over.
+    assert_eq!(d.get("/v1/host").status, 200, "{}", d.log());
     d
 }
 
@@ -291,6 +295,8 @@ fn live_checkpoint_while_the_guest_dirties_and_worker_killed_at_each_step() {
         let mut c = console(&f, "kdirty");
         let seed = 10 + n;
         ok(&mut c, &format!("DISK 0 WRITE 0 64 {seed}"));
+        // Durable for the guest: what a worker killed before its own flush must keep.
+        ok(&mut c, "DISK 0 FLUSH");
         drop(c);
         let name = format!("f{n}");
         let r = f.post_json("/v1/vms/kdirty/checkpoints", &json!({ "name": name }));
