@@ -45,6 +45,23 @@ pub struct Checkpoint {
     /// The VM runs from this checkpoint now ("now" hangs below it in the tree).
     #[serde(default)]
     pub current: bool,
+    /// How a running or paused VM's state was captured (absent for an off or saved VM, and
+    /// for checkpoints taken before this was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CheckpointCapture>,
+}
+
+/// `Checkpoint::capture`: what the guest saw of the checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointCapture {
+    /// Taken by the VM's own worker while it ran on (the live capture); `false`: by a save
+    /// and a restore (a new worker).
+    pub live: bool,
+    /// The pause the guest saw, microseconds.
+    pub pause_us: u64,
+    /// The whole capture, milliseconds.
+    pub total_ms: u64,
 }
 
 /// `POST /v1/vms/{vm}/checkpoints` (the body is optional).
@@ -119,6 +136,7 @@ mod tests {
             disks: vec![],
             has_state: false,
             current: false,
+            capture: None,
         }
     }
 

@@ -14,7 +14,8 @@ use crate::job::Job;
 pub struct ExportRequest {
     /// An existing directory inside vireod's storage roots.
     pub dir: PathBuf,
-    /// Export from this checkpoint (reserved: checkpoints are not built yet; refused if set).
+    /// Export this checkpoint (id or name) instead of the VM as it is now. Without it a
+    /// running or paused VM is exported from a temporary live checkpoint.
     #[serde(default)]
     pub checkpoint: Option<String>,
 }

@@ -26,7 +26,7 @@ pub mod vm;
 pub mod worker;
 
 pub use checkpoint::{
-    ApplyCheckpointRequest, Checkpoint, CheckpointDisk, CreateCheckpointRequest,
+    ApplyCheckpointRequest, Checkpoint, CheckpointCapture, CheckpointDisk, CreateCheckpointRequest,
     UpdateCheckpointRequest,
 };
 pub use error::{ApiError, ApiErrorCode};

@@ -280,6 +280,29 @@ pub enum WorkerOp {
     /// Stop a migration before the switch-over: the VM runs on here (source) / the worker
     /// exits (destination). `Ok`; `Error` once the switch-over has begun (too late).
     MigrateCancel,
+    /// A checkpoint of the running or paused VM, the worker kept (docs/checkpoints.md, "Live
+    /// capture"): memory goes into `dir` while the guest runs (a live save); the VM is paused
+    /// for the last pages and its state; `memory.bin` and `vm.state` are made durable; every
+    /// disk is flushed, and each disk named in `children` (by serial) gets the new
+    /// differencing VHDX `path` on top of its current file and goes on in it; then a VM that
+    /// was running resumes (a paused one stays paused). Answered `Checkpointed` with the
+    /// guest-visible pause, or `Error` with everything as before: no child file, every disk
+    /// on its old file, no `vm.state` in `dir`, the VM running (or paused) as before. Refused
+    /// while a storage move, a live merge or a migration runs.
+    Checkpoint {
+        dir: PathBuf,
+        children: Vec<CheckpointChild>,
+    },
+}
+
+/// `Checkpoint`: the new top file of the disk with this serial.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointChild {
+    pub serial: String,
+    /// Created by the worker (it must not exist), a differencing VHDX whose parent is the
+    /// file the disk uses now.
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +334,22 @@ pub enum WorkerReply {
     MoveStorage(MoveProgress),
     /// Answer to `MigrateStatus`.
     Migrate(MigrateProgress),
+    /// `Checkpoint` done: the state is in its `dir`, the disks run on their children.
+    Checkpointed(CheckpointReport),
+}
+
+/// What a `Checkpoint` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointReport {
+    /// The pause the guest saw, microseconds (0 for a VM that was paused already).
+    pub pause_us: u64,
+    /// The whole operation, milliseconds.
+    pub total_ms: u64,
+    /// Memory copy rounds while the guest ran (the first full pass not counted).
+    pub rounds: u32,
+    /// Bytes of memory written, all passes together.
+    pub memory_written_bytes: u64,
 }
 
 /// How a storage move stands (`MoveStorageStatus`).
@@ -367,6 +406,10 @@ pub struct WorkerStatus {
     /// Paused by `Pause` and not resumed since (`running` stays true while paused).
     #[serde(default)]
     pub paused: bool,
+    /// A `Checkpoint` is in progress (a restarted vireod waits for it to end before it
+    /// recovers the checkpoint's intent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkpointing: bool,
 }
 
 /// What a worker has counted since it started (Hyper-V's Measure-VM, the worker's part).
@@ -512,6 +555,7 @@ mod tests {
             started_at: Some(1),
             console_socket: "/vm/console.sock".into(),
             paused: false,
+            checkpointing: false,
         });
         assert_eq!(
             serde_json::to_string(&status).unwrap(),
@@ -605,6 +649,35 @@ mod tests {
         assert_eq!(
             text,
             r#"{"reply":"move_storage","state":"running","disks":[]}"#
+        );
+        assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
+    }
+
+    #[test]
+    fn checkpoint_wire_shapes() {
+        let op = WorkerRequest::new(WorkerOp::Checkpoint {
+            dir: "/vm/cp".into(),
+            children: vec![CheckpointChild {
+                serial: "S1".into(),
+                path: "/vm/c.avhdx".into(),
+            }],
+        });
+        let line = serde_json::to_string(&op).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"op":"checkpoint","dir":"/vm/cp","children":[{"serial":"S1","path":"/vm/c.avhdx"}]}"#
+        );
+        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), op);
+        let reply = WorkerReply::Checkpointed(CheckpointReport {
+            pause_us: 1500,
+            total_ms: 40,
+            rounds: 2,
+            memory_written_bytes: 4096,
+        });
+        let text = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            text,
+            r#"{"reply":"checkpointed","pause_us":1500,"total_ms":40,"rounds":2,"memory_written_bytes":4096}"#
         );
         assert_eq!(serde_json::from_str::<WorkerReply>(&text).unwrap(), reply);
     }

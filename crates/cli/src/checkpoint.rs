@@ -252,6 +252,18 @@ fn show(c: &Checkpoint, output: OutputFormat) -> String {
         c.spec.memory_bytes >> 20,
         c.spec.vcpus
     );
+    if let Some(cap) = &c.capture {
+        out.push_str(&format!(
+            "capture:   {}, guest paused {:.1} ms ({} ms in all)\n",
+            if cap.live {
+                "live (the VM kept its worker)"
+            } else {
+                "save and restore"
+            },
+            cap.pause_us as f64 / 1e3,
+            cap.total_ms
+        ));
+    }
     for d in &c.disks {
         out.push_str(&format!("disk {}:  {}\n", d.serial, d.frozen.display()));
     }
@@ -277,6 +289,7 @@ mod tests {
             disks: vec![],
             has_state: n == 2,
             current,
+            capture: None,
         }
     }
 

@@ -52,6 +52,11 @@ pub enum Intent {
         /// Files this create makes (removed on roll-back unless the VM's spec uses them).
         children: Vec<PathBuf>,
         state_dir: PathBuf,
+        /// A live capture (the VM's worker makes the children and the state): the checkpoint
+        /// as it will be committed, so that recovery can finish it when the worker did its
+        /// part (docs/checkpoints.md, "Crash safety").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<Box<Checkpoint>>,
     },
     Apply {
         checkpoint: Uuid,
@@ -103,6 +108,7 @@ fn to_checkpoint(vm: Uuid, current: Option<Uuid>, r: Row) -> Result<Checkpoint, 
             .map_err(|e| corrupt(format!("disks: {e}")))?,
         has_state: has_state != 0,
         current: current == Some(id),
+        capture: None,
     })
 }
 

@@ -241,6 +241,26 @@ fn bad_input_is_a_clear_4xx() {
     );
 }
 
+/// A running VM whose fake worker refuses `Checkpoint`; its name.
+fn refusing_vm(d: &Vireod, dir: &Path) -> String {
+    let disk = dir.join("refusing.vhdx");
+    drop(
+        Vhdx::create(
+            &disk,
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut spec = common::daemon::spec_json("refusing", "fake.refuse=checkpoint");
+    spec["disks"] = json!([{ "path": disk }]);
+    d.create(&spec);
+    d.start_vm("refusing");
+    "refusing".into()
+}
+
 /// Starts vireod with the fault hook at `point`, sends `req`, waits for it to die.
 fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_vireo-fake-worker"));
@@ -369,14 +389,22 @@ fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
     let base = base_disk(tmp.path());
     vm_with_disk(&d, "run", &base);
     d.start_vm("run");
-    checkpoint(&d, "run", "live");
-    assert_eq!(d.state("run"), "running", "the VM runs on");
-    let c = d.show("/v1/vms/run/checkpoints/live");
-    assert_eq!(c["has_state"], true);
     let id = d.show("/v1/vms/run")["identity"]["id"]
         .as_str()
         .unwrap()
         .to_owned();
+    let pid = d.worker_record(&id).unwrap().pid;
+    checkpoint(&d, "run", "live");
+    assert_eq!(d.state("run"), "running", "the VM runs on");
+    assert_eq!(
+        d.worker_record(&id).unwrap().pid,
+        pid,
+        "taken live: the same worker"
+    );
+    let c = d.show("/v1/vms/run/checkpoints/live");
+    assert_eq!(c["has_state"], true);
+    assert_eq!(c["capture"]["live"], true, "{c}");
+    assert_eq!(c["capture"]["pause_us"], 1000, "the worker's report: {c}");
     let cp_dir = d
         .state_dir
         .join("vms")
@@ -384,16 +412,23 @@ fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
         .join("checkpoints")
         .join(c["id"].as_str().unwrap());
     assert!(cp_dir.join("vm.state").is_file() && cp_dir.join("memory.bin").is_file());
-    assert_ne!(disk_path(&d, "run"), base);
-    let launch: Value = serde_json::from_slice(
-        &std::fs::read(d.state_dir.join("vms").join(&id).join("spec.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        launch["spec"]["disks"][0]["path"],
-        json!(disk_path(&d, "run")),
-        "the restored worker runs on the new child"
+    let child = disk_path(&d, "run");
+    assert_ne!(child, base);
+    assert!(child.is_file(), "the worker made the child");
+    // A worker that refuses: nothing of the checkpoint is left, the VM runs on its file.
+    let refused = refusing_vm(&d, tmp.path());
+    let r = d.post_json(
+        &format!("/v1/vms/{refused}/checkpoints"),
+        &json!({"name": "no"}),
     );
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("refuses checkpoint"),
+        "{j}"
+    );
+    assert!(names(&d, &refused).is_empty());
+    assert_eq!(d.state(&refused), "running");
     // Paused stays paused.
     assert_eq!(d.post("/v1/vms/run/pause").status, 200);
     checkpoint(&d, "run", "paused");

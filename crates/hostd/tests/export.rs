@@ -245,11 +245,13 @@ fn a_saved_vm_imports_saved_and_start_restores_it() {
     d.start_vm("s1");
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    // Running: refused until saved.
-    let e = d
-        .post_json("/v1/vms/s1/export", &json!({ "dir": out }))
-        .assert_error(409, "conflict");
-    assert!(e.contains("save or turn off the VM first"), "{e}");
+    // Running: exported from a temporary live checkpoint (state included), which goes after.
+    let live_out = tmp.path().join("live-out");
+    std::fs::create_dir(&live_out).unwrap();
+    export(&d, "s1", &live_out);
+    assert!(live_out.join("s1/saved/vm.state").is_file());
+    assert_eq!(d.state("s1"), "running", "the VM ran on");
+    assert_eq!(d.show("/v1/vms/s1/checkpoints"), json!([]), "temporary");
     let r = d.post("/v1/vms/s1/save");
     job_of(&d, &r);
     assert_eq!(d.state("s1"), "saved");
@@ -308,11 +310,22 @@ fn clone_gives_an_independent_vm_with_a_new_identity() {
     assert_eq!(read_tag(&disk, MIB), b"CHILD");
     d.start_vm("c1");
     d.start_vm("c2");
-    // A running VM cannot be cloned yet; a taken name is reported.
-    let e = d
-        .post_json("/v1/vms/c1/clone", &json!({ "name": "c3", "to": to }))
-        .assert_error(409, "conflict");
-    assert!(e.contains("checkpoints"), "{e}");
+    // A running VM is cloned from a temporary live checkpoint: the clone starts off with the
+    // same data, the VM runs on with no checkpoint left.
+    let r = d.post_json("/v1/vms/c1/clone", &json!({ "name": "c3", "to": to }));
+    assert!(
+        r.json()["warnings"][0].as_str().unwrap().contains("runs"),
+        "{:?}",
+        r.json()
+    );
+    job_of(&d, &r);
+    let c3 = d.show("/v1/vms/c3");
+    assert_eq!(c3["state"], "off");
+    assert_ne!(c3["identity"]["id"], c1["identity"]["id"]);
+    let disk = PathBuf::from(c3["spec"]["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(read_tag(&disk, MIB), b"CHILD");
+    assert_eq!(d.state("c1"), "running");
+    assert_eq!(d.show("/v1/vms/c1/checkpoints"), json!([]), "temporary");
     let e = d
         .post_json("/v1/vms/c1/clone", &json!({ "name": "c2", "to": to }))
         .assert_error(422, "invalid");

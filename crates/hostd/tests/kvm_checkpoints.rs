@@ -1,6 +1,8 @@
-//! Checkpoints of a probe VM under /dev/kvm through vireod: a running VM's checkpoint keeps
-//! its disk data and memory (apply + start → exactly the checkpoint's), and deleting the
-//! checkpoint the running VM hangs from merges live — same worker before and after, data intact.
+//! Checkpoints of a probe VM under /dev/kvm through vireod: a running VM's checkpoint is taken
+//! live (same worker) and keeps its disk data and memory (apply + start → exactly the
+//! checkpoint's), also while the guest dirties memory; deleting the checkpoint the running VM
+//! hangs from merges live — same worker before and after, data intact; a worker killed at each
+//! step of the live capture leaves a VM whose chain checks clean and whose data is there.
 
 mod common;
 
@@ -103,11 +105,19 @@ fn checkpoint_apply_and_live_delete_of_a_running_probe_vm() {
     ok(&mut c, "MEM FILL 16 4 7");
     let sum = ok(&mut c, "MEM SUM 16 4");
     drop(c);
+    let first = pid(&d, &vm);
     job(
         &d,
         d.post_json("/v1/vms/kcp/checkpoints", &json!({"name": "c1"})),
     );
     assert_eq!(d.state("kcp"), "running");
+    assert_eq!(
+        pid(&d, &vm),
+        first,
+        "taken live: the worker never restarted"
+    );
+    let shown = d.show("/v1/vms/kcp/checkpoints/c1");
+    assert_eq!(shown["capture"]["live"], true, "{shown}");
     let mut c = console(&d, "kcp");
     ok(&mut c, "DISK 0 VERIFY 0 64 1");
     assert_eq!(
@@ -146,4 +156,170 @@ fn checkpoint_apply_and_live_delete_of_a_running_probe_vm() {
     assert_eq!(d.post("/v1/vms/kcp/turn-off").status, 200);
     let r = Vhdx::check(&base, false).unwrap();
     assert!(r.is_clean(), "{r:?}");
+}
+
+/// vireod with the fault hook `VIREO_CHECKPOINT_FAULT=point` (its workers inherit it).
+fn with_fault(state: &Path, bin: &Path, point: &str) -> Vireod {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("vireod.log"))
+        .unwrap();
+    let child = Vireod::command(state, bin)
+        .env("VIREO_CHECKPOINT_FAULT", point)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Vireod {
+        state_dir: state.to_owned(),
+        sock: state.join("vireod.sock"),
+        worker_bin: bin.to_owned(),
+        child: Some(child),
+    };
+    common::daemon::wait_until(T, "vireod's socket", || {
+        UnixStream::connect(&d.sock).is_ok()
+    });
+    // The first answer means start-up (re-adoption, recovery) is over.
+    assert_eq!(d.get("/v1/host").status, 200, "{}", d.log());
+    d
+}
+
+/// Every file of the VM's disk chain passes the VHDX check (`vireo disk check`).
+fn chain_clean(d: &Vireod, vm: &str) {
+    let top = PathBuf::from(
+        d.show(&format!("/v1/vms/{vm}"))["spec"]["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    let chain = Vhdx::open(&top, &vireo_vhdx::OpenOptions::read_only())
+        .unwrap()
+        .chain_paths();
+    for f in chain {
+        let r = Vhdx::check(&f, false).unwrap();
+        assert!(r.is_clean(), "{}: {r:?}", f.display());
+    }
+}
+
+#[test]
+fn live_checkpoint_while_the_guest_dirties_and_worker_killed_at_each_step() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut d = Vireod::start_with(&state, &bin);
+    let base = tmp.path().join("kvm-dirty.vhdx");
+    let opts = CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    let vm = d.create(&json!({
+        "version": 1, "name": "kdirty", "vcpus": 1, "memory_bytes": 64 << 20,
+        "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+        "disks": [{ "path": base }],
+    }));
+    d.start_vm("kdirty");
+    wait_ready(&d, "kdirty");
+    let mut c = console(&d, "kdirty");
+    ok(&mut c, "DISK 0 WRITE 0 64 1");
+    ok(&mut c, "MEM FILL 16 4 7");
+    let sum = ok(&mut c, "MEM SUM 16 4");
+    // The guest rewrites 16 MiB as fast as it can while the checkpoint is taken.
+    ok(&mut c, "DIRTY START 32 16 0");
+    let first = pid(&d, &vm);
+    let started = Instant::now();
+    job(
+        &d,
+        d.post_json("/v1/vms/kdirty/checkpoints", &json!({"name": "hot"})),
+    );
+    let took = started.elapsed();
+    let stop = ok(&mut c, "DIRTY STOP");
+    assert_eq!(pid(&d, &vm), first, "the worker never restarted");
+    let cp = d.show("/v1/vms/kdirty/checkpoints/hot");
+    assert_eq!(cp["capture"]["live"], true, "{cp}");
+    let pause_us = cp["capture"]["pause_us"].as_u64().unwrap();
+    eprintln!(
+        "live checkpoint of a dirtying probe: guest paused {:.1} ms, job {} ms, {stop}",
+        pause_us as f64 / 1e3,
+        took.as_millis()
+    );
+    assert!(
+        (pause_us as u128) < took.as_micros(),
+        "the pause is part of the job"
+    );
+    let passes: u64 = stop
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("passes="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(passes > 0, "the guest kept running: {stop}");
+    ok(&mut c, "DISK 0 VERIFY 0 64 1");
+    assert_eq!(ok(&mut c, "MEM SUM 16 4"), sum);
+    ok(&mut c, "DISK 0 WRITE 0 64 2");
+    ok(&mut c, "MEM FILL 16 4 8");
+    drop(c);
+    // Apply (turning it off): exactly the checkpoint's memory and disk.
+    job(
+        &d,
+        d.post_json(
+            "/v1/vms/kdirty/checkpoints/hot/apply",
+            &json!({"stop": true}),
+        ),
+    );
+    d.start_vm("kdirty");
+    let mut c = console(&d, "kdirty");
+    ok(&mut c, "DISK 0 VERIFY 0 64 1");
+    ok(&mut c, "MEM VERIFY 16 4 7");
+    drop(c);
+    assert_eq!(d.post("/v1/vms/kdirty/turn-off").status, 200);
+    d.wait_state("kdirty", "off", T);
+    // The worker killed at each step: the VM is critical, the checkpoint kept exactly when the
+    // worker had passed its durable point, the chain checks clean, the data written before is
+    // there.
+    for (n, (point, kept)) in [
+        ("worker-saved", false),
+        ("worker-child", true),
+        ("worker-switched", true),
+        ("worker-resumed", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        d.terminate();
+        let mut f = with_fault(&state, &bin, point);
+        f.start_vm("kdirty");
+        wait_ready(&f, "kdirty");
+        let mut c = console(&f, "kdirty");
+        let seed = 10 + n;
+        ok(&mut c, &format!("DISK 0 WRITE 0 64 {seed}"));
+        // Durable for the guest: what a worker killed before its own flush must keep.
+        ok(&mut c, "DISK 0 FLUSH");
+        drop(c);
+        let name = format!("f{n}");
+        let r = f.post_json("/v1/vms/kdirty/checkpoints", &json!({ "name": name }));
+        let j = f.wait_job(r.json()["id"].as_str().unwrap(), T);
+        assert_eq!(j["state"], "failed", "{point}: {j}");
+        f.wait_state("kdirty", "critical", T);
+        f.terminate();
+        d = Vireod::start_with(&state, &bin);
+        let names: Vec<String> = d
+            .show("/v1/vms/kdirty/checkpoints")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names.contains(&name), kept, "{point}: {names:?}");
+        chain_clean(&d, "kdirty");
+        d.start_vm("kdirty");
+        wait_ready(&d, "kdirty");
+        let mut c = console(&d, "kdirty");
+        ok(&mut c, &format!("DISK 0 VERIFY 0 64 {seed}"));
+        drop(c);
+        assert_eq!(d.post("/v1/vms/kdirty/turn-off").status, 200);
+        d.wait_state("kdirty", "off", T);
+    }
 }

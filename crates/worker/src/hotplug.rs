@@ -161,11 +161,29 @@ impl Hotplug {
         self.slots().iter().flatten().cloned().collect()
     }
 
+    /// Holds hot add and remove off and gives the slots to change (a checkpoint retargets
+    /// disks under it with [`Self::retarget_held`]).
+    pub fn hold_slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<SlotDisk>>> {
+        self.slots()
+    }
+
     /// After a storage move switched the disk at `index` to `path`: every list that names
     /// the disk by path (slots, meter, control socket) names the new file. `image` is what
     /// the control socket's live merge and resize act on from now on.
     pub fn retarget(&self, index: usize, path: &Path, image: image::Image, meter: &Meter) {
         let mut slots = self.slots();
+        self.retarget_held(&mut slots, index, path, image, meter);
+    }
+
+    /// [`Self::retarget`] with the slots already held.
+    pub fn retarget_held(
+        &self,
+        slots: &mut [Option<SlotDisk>],
+        index: usize,
+        path: &Path,
+        image: image::Image,
+        meter: &Meter,
+    ) {
         if let Some(s) = slots.iter_mut().flatten().nth(index) {
             s.path = path.to_path_buf();
         }

@@ -235,6 +235,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         hotplug: Hotplug::new(vm.handle(), &spec.disks, movable, control.disks()),
         mover: crate::move_storage::Mover::default(),
         migration: crate::migrate::Migration::default(),
+        checkpointing: std::sync::atomic::AtomicBool::new(false),
     });
     // Listening before worker.sock answers, so `MigrateStatus` shows the address at once.
     let incoming = match &launch.incoming {

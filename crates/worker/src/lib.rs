@@ -8,6 +8,7 @@
 //! The worker stays small: std threads only, a handful of them besides the vCPUs.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod console;
 pub mod control;
 pub mod error;

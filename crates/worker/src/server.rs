@@ -47,6 +47,8 @@ pub struct State {
     pub mover: crate::move_storage::Mover,
     /// Live migration, either direction (`MigrateOut`, the `incoming` launch).
     pub migration: crate::migrate::Migration,
+    /// A `Checkpoint` runs (`checkpoint.rs`); `Status` shows it.
+    pub checkpointing: std::sync::atomic::AtomicBool,
 }
 
 /// Serves `listener` on a thread of its own.
@@ -170,6 +172,7 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
                 started_at: (started != 0).then_some(started),
                 console_socket: s.console_socket.clone(),
                 paused: s.vm.is_paused(),
+                checkpointing: s.checkpointing.load(Ordering::SeqCst),
             })
         }
         WorkerOp::Shutdown => match &s.shutdown_line {
@@ -231,6 +234,28 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
                 "disk layout",
                 "a storage move of this VM is running; wait for it or cancel it first".into(),
             )
+        }
+        WorkerOp::Checkpoint { .. } if s.mover.is_running() => refused(
+            "checkpoint",
+            "a storage move of this VM is running; wait for it or cancel it first".into(),
+        ),
+        WorkerOp::MoveStorage { .. } if s.checkpointing.load(Ordering::SeqCst) => refused(
+            "move storage",
+            "a checkpoint of this VM is being taken; move it after that".into(),
+        ),
+        WorkerOp::Checkpoint { dir, children } => {
+            match crate::checkpoint::checkpoint(s, &dir, &children) {
+                Ok(r) => {
+                    tracing::info!(
+                        "checkpoint into {}: paused {:.1} ms, total {} ms",
+                        dir.display(),
+                        r.pause_us as f64 / 1e3,
+                        r.total_ms
+                    );
+                    WorkerReply::Checkpointed(r)
+                }
+                Err(message) => refused("checkpoint", message),
+            }
         }
         WorkerOp::AddDisk { disk } => match s.hotplug.add(&disk, &s.meter) {
             Ok(index) => WorkerReply::DiskAdded { index },

@@ -77,6 +77,7 @@ pub fn restore_error(e: StateError, dir: &std::path::Path) -> CliError {
         | StateError::NotRunning
         | StateError::Kvm(_)
         | StateError::Vcpus(_)
+        | StateError::Checkpoint(_)
         | StateError::Io { .. } => CliError::failed(message),
     }
 }

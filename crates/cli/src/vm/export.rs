@@ -17,11 +17,12 @@ use crate::output::{emit, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The VM's name or id (off or saved).
+    /// The VM's name or id (a running or paused VM is exported from a temporary live
+    /// checkpoint, deleted afterwards).
     pub vm: String,
     /// An existing directory inside vireod's storage roots; the VM goes to DIR/<name>/.
     pub dir: PathBuf,
-    /// Export from this checkpoint (needs checkpoints, not built yet).
+    /// Export this checkpoint (name or id) instead of the VM as it is now.
     #[arg(long, value_name = "CP")]
     pub checkpoint: Option<String>,
     /// text, or json (the API's job object as it ended).
@@ -58,7 +59,7 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug)]
 pub struct CloneArgs {
-    /// The VM to clone (off or saved).
+    /// The VM to clone (a running or paused one from a temporary live checkpoint).
     pub vm: String,
     /// The clone's name.
     pub new_name: String,

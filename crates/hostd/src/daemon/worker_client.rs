@@ -62,6 +62,16 @@ impl WorkerConn {
 
     /// Sends `op`; a worker's `Error` reply is `Refused`.
     pub async fn call(&mut self, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
+        self.call_within(op, CALL_TIMEOUT).await
+    }
+
+    /// [`Self::call`] for an operation that takes long (a checkpoint writes guest memory):
+    /// the reply may take up to `limit`.
+    pub async fn call_within(
+        &mut self,
+        op: WorkerOp,
+        limit: Duration,
+    ) -> Result<WorkerReply, WorkerCallError> {
         let path = self.path.clone();
         let io = |source| WorkerCallError::Io {
             path: path.clone(),
@@ -79,7 +89,7 @@ impl WorkerConn {
                 .map_err(io)?;
             Ok::<_, WorkerCallError>((n, reply))
         };
-        let (n, reply) = timeout(CALL_TIMEOUT, exchange)
+        let (n, reply) = timeout(limit, exchange)
             .await
             .map_err(|_| WorkerCallError::Timeout { path: path.clone() })??;
         let protocol = |detail: String| WorkerCallError::Protocol {

@@ -14,6 +14,10 @@
 //! - `fake.wrong_id`: `Hello` answers another VM's id;
 //! - `fake.refuse=OP`: `Pause`, `Resume`, `Reset` or `Save` (OP lower case) answers `Error`.
 //!
+//! `Checkpoint` writes the same two files into its directory and makes each child (a real
+//! differencing VHDX of the spec's disk with that serial; the fake holds no disk open), then
+//! answers a pause of 1 ms (`fake.refuse=checkpoint`: `Error`, nothing made).
+//!
 //! `Save` writes `vm.state` (the text `fake-state`) and `memory.bin` into the save directory
 //! and exits `Saved`; a launch with `restore_from` whose `vm.state` is not exactly that exits
 //! `StartFailed` naming the file, and otherwise prints `fake guest NAME restored`.
@@ -36,8 +40,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use vireo_api::worker::{
-    WorkerExit, WorkerExitReason, WorkerLaunch, WorkerMetrics, WorkerOp, WorkerReply,
-    WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
+    CheckpointChild, CheckpointReport, WorkerExit, WorkerExitReason, WorkerLaunch, WorkerMetrics,
+    WorkerOp, WorkerReply, WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
 };
 
 struct Guest {
@@ -152,6 +156,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 started_at,
                 console_socket: dir.join("console.sock"),
                 paused,
+                checkpointing: false,
             })
         }
         WorkerOp::Shutdown => match &launch.spec.shutdown_line {
@@ -216,6 +221,14 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 exit_with(&dir, WorkerExitReason::Saved { dir: to }, 0)
             });
             WorkerReply::Ok
+        }
+        WorkerOp::Checkpoint { dir: to, children } => {
+            if word(&launch, "fake.refuse") == Some("checkpoint") {
+                return WorkerReply::Error {
+                    message: "fake worker refuses checkpoint".into(),
+                };
+            }
+            fake_checkpoint(&launch, &to, &children)
         }
         WorkerOp::Pause | WorkerOp::Resume | WorkerOp::Reset => {
             let name = match op {
@@ -368,5 +381,49 @@ fn main() {
     for s in control.incoming().flatten() {
         let g = g.clone();
         thread::spawn(move || handle_control(g, s));
+    }
+}
+
+/// `Checkpoint`: state files, then the children on top of the spec's disks (all or nothing).
+fn fake_checkpoint(launch: &WorkerLaunch, to: &Path, children: &[CheckpointChild]) -> WorkerReply {
+    let made = (|| -> Result<(), String> {
+        std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
+        std::fs::write(to.join("memory.bin"), b"fake-memory").map_err(|e| e.to_string())?;
+        std::fs::write(to.join("vm.state"), FAKE_STATE).map_err(|e| e.to_string())?;
+        for c in children {
+            let Some(d) = launch
+                .spec
+                .disks
+                .iter()
+                .find(|d| d.serial.as_deref() == Some(c.serial.as_str()))
+            else {
+                return Err(format!("no disk with serial {}", c.serial));
+            };
+            if let Some(p) = c.path.parent() {
+                std::fs::create_dir_all(p).map_err(|e| e.to_string())?;
+            }
+            let opts = vireo_vhdx::CreateOptions {
+                disk_type: vireo_vhdx::DiskType::Differencing,
+                parent: Some(d.path.clone()),
+                ..Default::default()
+            };
+            vireo_vhdx::Vhdx::create(&c.path, &opts).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })();
+    match made {
+        Ok(()) => WorkerReply::Checkpointed(CheckpointReport {
+            pause_us: 1000,
+            total_ms: 1,
+            rounds: 0,
+            memory_written_bytes: 11,
+        }),
+        Err(message) => {
+            for c in children {
+                let _ = std::fs::remove_file(&c.path);
+            }
+            let _ = std::fs::remove_file(to.join("vm.state"));
+            WorkerReply::Error { message }
+        }
     }
 }

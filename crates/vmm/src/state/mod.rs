@@ -76,6 +76,9 @@ pub enum StateError {
     },
     #[error("building the VM to restore into: {0}")]
     Vm(#[from] crate::VmmError),
+    /// A checkpoint's own step (the worker's disk swap) failed; the VM resumed as before.
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 /// Who the VM is, as its owner (the daemon) named it; carried through save and restore.

@@ -96,6 +96,9 @@ struct FileSink<'a> {
     /// Every page copied again because the guest wrote it while the save ran: its working
     /// set, which a restore fetches first.
     hot: Option<DirtyBitmap>,
+    /// A checkpoint syncs the file before its resume: most of it before the pause, while the
+    /// guest still runs, so the sync in the pause has only the last pages.
+    presync: bool,
 }
 
 impl RoundSink for FileSink<'_> {
@@ -115,6 +118,14 @@ impl RoundSink for FileSink<'_> {
         self.previous = Some(dirty);
         Ok(go)
     }
+    fn before_pause(&mut self) {
+        if self.presync {
+            // A failure here shows again in the sync during the pause, which fails the save.
+            if let Err(e) = self.out.sync() {
+                tracing::warn!("syncing the memory file before the pause: {e}");
+            }
+        }
+    }
 }
 
 impl VmHandle {
@@ -127,6 +138,35 @@ impl VmHandle {
         identity: Identity,
         spec: Option<String>,
         opts: &LiveSaveOptions,
+    ) -> Result<SaveReport, StateError> {
+        self.save_live_with(dir, identity, spec, opts, None)
+    }
+
+    /// A checkpoint of the running (or paused) VM (docs/checkpoints.md, "Live capture"): as
+    /// [`Self::save_live`], but `memory.bin` and `vm.state` are made durable while the VM is
+    /// still paused, then `between` runs with the VM paused and the lifecycle lock still held
+    /// (the worker swaps its disks onto new differencing children there), then a VM that was
+    /// running resumes (`opts.then` is ignored). If `between` fails, both files are removed
+    /// before the VM resumes, so no `vm.state` is left that no disk matches. The report's
+    /// `pause` covers the whole stop, `between` included.
+    pub fn checkpoint_live(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+        between: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<SaveReport, StateError> {
+        self.save_live_with(dir, identity, spec, opts, Some(between))
+    }
+
+    fn save_live_with(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+        between: Option<&mut dyn FnMut() -> Result<(), String>>,
     ) -> Result<SaveReport, StateError> {
         let started = Instant::now();
         let _op = lock(&self.0.lifecycle);
@@ -166,6 +206,7 @@ impl VmHandle {
                 opts,
                 previous: None,
                 hot: None,
+                presync: between.is_some(),
             };
             let done = self.precopy_locked(&mut sink)?;
             report.rounds = done.rounds;
@@ -182,6 +223,35 @@ impl VmHandle {
             e
         };
         let state = self.save_state_locked(identity, spec).map_err(undo)?;
+        if let Some(between) = between {
+            // A checkpoint: durable files, then the caller's step, all before the resume.
+            let done = (|| {
+                out.commit(&dir.join(MEMORY_FILE))?;
+                state::write_state(&dir.join(STATE_FILE), &state)?;
+                between().map_err(StateError::Checkpoint)
+            })();
+            if let Err(e) = done {
+                let _ = std::fs::remove_file(dir.join(STATE_FILE));
+                let _ = std::fs::remove_file(dir.join(MEMORY_FILE));
+                return Err(undo(e));
+            }
+            if !was_paused {
+                self.resume_locked()
+                    .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
+            }
+            report.pause = paused_at.map_or(Duration::ZERO, |at| at.elapsed());
+            report.total = started.elapsed();
+            tracing::info!(
+                "VM checkpointed live to {}: {} rounds, {} MiB written, {} pages while paused, paused {:.1} ms, total {} ms",
+                dir.display(),
+                report.rounds,
+                report.bytes_written >> 20,
+                report.final_pages,
+                report.pause.as_secs_f64() * 1e3,
+                report.total.as_millis()
+            );
+            return Ok(report);
+        }
         if !was_paused && opts.then == AfterSave::Resume {
             self.resume_locked()
                 .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
@@ -327,6 +397,13 @@ impl TempFile {
                 path: self.path.display().to_string(),
                 source,
             })
+    }
+
+    fn sync(&self) -> Result<(), StateError> {
+        self.file.sync_data().map_err(|source| StateError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// Syncs and renames to `to` (and syncs the directory).

@@ -167,6 +167,19 @@ impl Parked<'_> {
         self.owner.take_dirty()
     }
 
+    /// Puts `new` in place of the current image and keeps the disk parked; returns the old
+    /// backend (the old image reference kept here goes at once). A checkpoint swaps in steps
+    /// under one park: the old file must be closed before its child can be opened.
+    pub fn replace(
+        &mut self,
+        new: Arc<dyn BlockBackend>,
+        path: PathBuf,
+        image: Image,
+    ) -> Arc<dyn BlockBackend> {
+        *self.owner.image.lock() = (path, image);
+        std::mem::replace(&mut *self.guard, new)
+    }
+
     /// Puts `new` in place of the current image and stops tracking; returns the old backend.
     /// Requests resume (on `new`) when the parked guard goes.
     pub fn switch(

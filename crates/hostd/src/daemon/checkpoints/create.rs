@@ -1,7 +1,6 @@
 //! `POST /v1/vms/{vm}/checkpoints`: a job. An off or saved VM is checkpointed in place (a saved
-//! VM's state files are linked into the checkpoint). A running or paused VM is captured first
-//! (`capture`: today save → swap disks → restore, the one place to switch to a live
-//! capture), then it runs on (or stays paused) from its new children.
+//! VM's state files are linked into the checkpoint). A running or paused VM is captured live
+//! by its own worker (`live.rs`) and runs on (or stays paused) from its new children.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,7 +105,7 @@ pub async fn create(
 }
 
 /// Waits for a job of this daemon to end.
-async fn wait_job(daemon: &Daemon, id: Uuid) -> Result<(), String> {
+pub async fn wait_job(daemon: &Daemon, id: Uuid) -> Result<(), String> {
     let until = tokio::time::Instant::now() + STEP_LIMIT;
     while tokio::time::Instant::now() < until {
         match daemon.store.get_job(id) {
@@ -125,11 +124,10 @@ async fn wait_job(daemon: &Daemon, id: Uuid) -> Result<(), String> {
     ))
 }
 
-/// A running or paused VM: capture its state and memory, checkpoint it, let it go on. Today's
-/// capture is the plain save (the worker pauses, writes `saved/`, exits) and the VM continues
-/// by a restore onto its new children; the guest sees only the pause. This is the one place
-/// a live capture (VM keeps its worker) replaces. With `resume` the VM continues afterwards
-/// (even when the checkpoint failed); without, it stays `saved` (apply with save_current).
+/// A running or paused VM: capture its state and memory, checkpoint it, let it go on. With
+/// `resume` the VM's own worker takes it live (`live.rs`: one short pause, same worker).
+/// Without (apply with save_current, which wants the VM stopped anyway) it is saved (the
+/// worker pauses, writes `saved/`, exits) and checkpointed as a saved VM; it stays `saved`.
 pub async fn capture(
     daemon: &Arc<Daemon>,
     vm: &Vm,
@@ -137,6 +135,11 @@ pub async fn capture(
     job: Uuid,
     resume: bool,
 ) -> Result<Checkpoint, String> {
+    if resume {
+        // The VM keeps its worker: one pause, no restart (live.rs).
+        let _g = daemon.lock_vm(vm.id()).await;
+        return super::live::capture(daemon, vm.id(), name, job).await;
+    }
     let was_paused = vm.state == VmState::Paused;
     let save_job = save::save(daemon, vm).await.map_err(|e| e.body.message)?;
     wait_job(daemon, save_job.id)
@@ -211,6 +214,7 @@ pub async fn in_place(
         checkpoint: cp_id,
         children: plan.iter().map(|p| p.2.clone()).collect(),
         state_dir: sdir.clone(),
+        live: None,
     };
     if !daemon
         .store
@@ -280,6 +284,7 @@ pub async fn in_place(
         disks: cp_disks,
         has_state,
         current: true,
+        capture: None,
     };
     let new_head = Head {
         current: Some(cp_id),

@@ -48,6 +48,17 @@ pub fn parent_of(path: &Path) -> Result<Option<PathBuf>, String> {
     Ok(v.info().parent.map(|p| p.path))
 }
 
+/// [`parent_of`] for a file a worker has open read-write (locked): its header is read
+/// without a lock (the parent locator does not change while the VM runs).
+pub fn parent_of_in_use(path: &Path) -> Result<Option<PathBuf>, String> {
+    let opts = OpenOptions {
+        no_lock: true,
+        ..OpenOptions::read_only()
+    };
+    let v = Vhdx::open(path, &opts).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    Ok(v.info().parent.map(|p| p.path))
+}
+
 /// Creates `child`, a differencing VHDX of `parent` (complete on disk or absent).
 pub fn make_child(parent: &Path, child: &Path) -> Result<(), String> {
     if let Some(dir) = child.parent() {

@@ -18,6 +18,7 @@ pub mod apply;
 pub mod create;
 pub mod delete;
 pub mod disks;
+pub mod live;
 pub mod recover;
 
 use std::path::{Path, PathBuf};

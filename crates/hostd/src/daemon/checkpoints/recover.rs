@@ -88,6 +88,13 @@ pub async fn recover_all(daemon: &Arc<Daemon>) {
         }
         let _g = daemon.lock_vm(vm).await;
         match (phase, &intent) {
+            // A live capture: what the worker did decides (live.rs).
+            (Phase::Prepared, Intent::Create { live: Some(_), .. }) => {
+                match super::live::settle(daemon, vm, &intent).await {
+                    Ok(kept) => tracing::warn!(vm = %vm, kept, "interrupted live checkpoint"),
+                    Err(m) => tracing::error!(vm = %vm, "finishing a live checkpoint: {m}"),
+                }
+            }
             (Phase::Prepared, _) => roll_back(daemon, vm, &intent),
             (Phase::Committed, Intent::Create { .. }) => {
                 let _ = daemon.store.clear_checkpoint_intent(vm);

@@ -92,38 +92,109 @@ pub async fn export(
     ApiPath(key): ApiPath<String>,
     ApiJson(req): ApiJson<ExportRequest>,
 ) -> Result<(StatusCode, Json<Job>), HttpError> {
-    if let Some(cp) = &req.checkpoint {
-        return Err(HttpError::conflict(format!(
-            "cannot export checkpoint {cp:?}: checkpoints are not built yet; export the VM as \
-             it is (off or saved)"
-        )));
-    }
     let vm = d.find(&key)?;
     let dir = checked_dir(&d, "dir", &req.dir)?;
-    let guard = d.try_lock_vm(&vm)?;
-    let source = Source::of_vm(&d, vm.id())?;
-    let dest = dir.join(&source.spec.name);
+    let dest = dir.join(&vm.spec.name);
     if dest.exists() {
         return Err(HttpError::conflict(format!(
             "{} already exists; export to another folder or remove it",
             dest.display()
         )));
     }
+    let guard = d.try_lock_vm(&vm)?;
+    let source = match &req.checkpoint {
+        // A checkpoint's files do not change: exported as they are, whatever the VM does.
+        Some(key) => {
+            let cp = crate::daemon::checkpoints::find(&d, &vm, key)?;
+            Some(Source::of_checkpoint(&d, &vm, &cp).map_err(HttpError::conflict)?)
+        }
+        // Running or paused: from a checkpoint taken for it, live (`live_source`).
+        None if live(&vm) => {
+            crate::daemon::checkpoints::disks::checkpointed(&vm.spec)
+                .map_err(|m| HttpError::new(vireo_api::ApiErrorCode::Invalid, m))?;
+            None
+        }
+        None => Some(Source::of_vm(&d, vm.id())?),
+    };
     let job = d.store.create_job(Some(vm.id()), JobKind::Export)?;
-    spawn_export(d.clone(), guard, source, dest, job.id);
+    spawn_export(d.clone(), guard, vm.id(), source, dest, job.id);
     Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+/// A VM exported and cloned through a temporary live checkpoint.
+fn live(vm: &vireo_api::Vm) -> bool {
+    matches!(
+        vm.state,
+        vireo_api::VmState::Running | vireo_api::VmState::Paused
+    )
+}
+
+/// The temporary checkpoint's name: `<vm>-export-<job>` (within 64 characters).
+fn temp_name(vm: &vireo_api::Vm, what: &str, job: Uuid) -> String {
+    let vm_part: String = vm.spec.name.chars().take(40).collect();
+    format!("{vm_part}-{what}-{}", &job.simple().to_string()[..8])
+}
+
+/// A running VM's point-in-time source: a live checkpoint (one short pause; the caller holds
+/// the VM's lock). `drop_checkpoint` removes it afterwards.
+async fn live_source(
+    d: &Arc<Daemon>,
+    id: Uuid,
+    what: &str,
+    job: Uuid,
+) -> Result<(Source, vireo_api::Checkpoint), String> {
+    let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
+    let name = temp_name(&vm, what, job);
+    let cp = crate::daemon::checkpoints::live::capture(d, id, &name, job).await?;
+    let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
+    match Source::of_checkpoint(d, &vm, &cp) {
+        Ok(s) => Ok((s, cp)),
+        Err(m) => {
+            // After the caller lets go of the VM's lock (the delete takes it).
+            let (d, cp) = (d.clone(), cp.clone());
+            tokio::spawn(async move { drop_checkpoint(&d, id, &cp).await });
+            Err(m)
+        }
+    }
+}
+
+/// Deletes the temporary checkpoint (its child merges back live; the VM's lock must be free).
+async fn drop_checkpoint(d: &Arc<Daemon>, id: Uuid, cp: &vireo_api::Checkpoint) {
+    let deleted = async {
+        let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
+        let job = crate::daemon::checkpoints::delete::delete(d, &vm, &cp.id.to_string(), false)
+            .await
+            .map_err(|e| e.body.message)?;
+        crate::daemon::checkpoints::create::wait_job(d, job.id).await
+    };
+    if let Err(m) = deleted.await {
+        tracing::warn!(vm = %id, checkpoint = %cp.name, "removing the temporary checkpoint: {m}");
+    }
 }
 
 fn spawn_export(
     d: Arc<Daemon>,
     guard: OwnedMutexGuard<()>,
-    source: Source,
+    id: Uuid,
+    source: Option<Source>,
     dest: PathBuf,
     job: Uuid,
 ) {
     let (flag, watcher) = cancel_flag(&d, job);
     tokio::spawn(async move {
         let dd = d.clone();
+        let (source, temp) = match source {
+            Some(s) => (s, None),
+            None => match live_source(&d, id, "export", job).await {
+                Ok((s, cp)) => (s, Some(cp)),
+                Err(m) => {
+                    watcher.abort();
+                    drop(guard);
+                    finish(&d, job, Err(m));
+                    return;
+                }
+            },
+        };
         let r = tokio::task::spawn_blocking(move || {
             let parent = dest.parent().unwrap_or(std::path::Path::new("/"));
             let tag = job.simple().to_string();
@@ -134,8 +205,11 @@ fn spawn_export(
         .await
         .unwrap_or_else(|e| Err(CopyError::Failed(format!("export task: {e}"))));
         watcher.abort();
-        finish(&d, job, outcome(r));
         drop(guard);
+        if let Some(cp) = temp {
+            drop_checkpoint(&d, id, &cp).await;
+        }
+        finish(&d, job, outcome(r));
     });
 }
 
@@ -194,8 +268,9 @@ fn remove_copy(plan: &import::Plan) {
     }
 }
 
-/// `POST /v1/vms/{vm}/clone` → 202: a copy of an off or saved VM's files into `<to>/<name>/`
-/// (an export folder), registered in place with a new identity. A saved state is not cloned.
+/// `POST /v1/vms/{vm}/clone` → 202: a copy of a VM's files into `<to>/<name>/` (an export
+/// folder), registered in place with a new identity. A saved state is not cloned; a running
+/// or paused VM's disks are copied from a temporary live checkpoint, deleted afterwards.
 pub async fn clone(
     State(d): St,
     ApiPath(key): ApiPath<String>,
@@ -224,9 +299,21 @@ pub async fn clone(
         return Err(import::report(&what, &problems));
     }
     let guard = d.try_lock_vm(&vm)?;
-    let source = Source::of_vm(&d, vm.id())?;
+    let source = if live(&vm) {
+        crate::daemon::checkpoints::disks::checkpointed(&vm.spec)
+            .map_err(|m| HttpError::new(vireo_api::ApiErrorCode::Invalid, m))?;
+        None
+    } else {
+        Some(Source::of_vm(&d, vm.id())?)
+    };
     let mut warnings = Vec::new();
-    if source.saved.is_some() {
+    if live(&vm) {
+        warnings.push(format!(
+            "the clone starts off: {:?} runs, its disks are cloned as of a checkpoint taken \
+             now (its memory is not: a new identity has new MACs)",
+            vm.spec.name
+        ));
+    } else if source.as_ref().is_some_and(|s| s.saved.is_some()) {
         warnings.push(format!(
             "the clone starts off: {:?}'s saved state is not cloned (a new identity has new MACs, \
              which a saved state cannot take)",
@@ -243,8 +330,22 @@ pub async fn clone(
     let (flag, watcher) = cancel_flag(&d, job.id);
     let dd = d.clone();
     let name = req.name.clone();
+    let id = vm.id();
     tokio::spawn(async move {
         let job = job.id;
+        let (source, temp) = match source {
+            Some(s) => (s, None),
+            None => match live_source(&dd, id, "clone", job).await {
+                // Only the disks: a clone starts off.
+                Ok((s, cp)) => (Source { saved: None, ..s }, Some(cp)),
+                Err(m) => {
+                    watcher.abort();
+                    drop(guard);
+                    finish(&dd, job, Err(m));
+                    return;
+                }
+            },
+        };
         let d2 = dd.clone();
         let dest2 = dest.clone();
         let f2 = flag.clone();
@@ -260,6 +361,9 @@ pub async fn clone(
         .await
         .unwrap_or_else(|e| Err(CopyError::Failed(format!("clone task: {e}"))));
         drop(guard);
+        if let Some(cp) = temp {
+            drop_checkpoint(&dd, id, &cp).await;
+        }
         let r = match outcome(written) {
             Err(e) => Err(e),
             Ok(()) => {

@@ -27,15 +27,40 @@ pub struct Source {
     pub saved: Option<PathBuf>,
 }
 
-/// The answer for a VM that runs (no point-in-time source without checkpoints yet).
+/// The answer for a VM in a state nothing can be exported from (starting, stopping, saving).
 pub fn not_while_running(name: &str, state: &VmState) -> HttpError {
     HttpError::conflict(format!(
-        "VM {name:?} is {state}; save or turn off the VM first (live export and clone come \
-         with checkpoints)"
+        "VM {name:?} is {state}; retry once it is running, paused, saved or off"
     ))
 }
 
 impl Source {
+    /// The source of checkpoint `cp` of VM `vm`: the checkpoint's spec (its disks are the
+    /// frozen files, never written while the checkpoint exists, so they may be copied while
+    /// the VM runs on its children) and its state, if it has one.
+    pub fn of_checkpoint(
+        daemon: &Daemon,
+        vm: &vireo_api::Vm,
+        cp: &vireo_api::Checkpoint,
+    ) -> Result<Source, String> {
+        let disks = cp
+            .spec
+            .disks
+            .iter()
+            .map(|d| files::chain(&d.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sdir = crate::daemon::checkpoints::state_dir(daemon, vm.id(), cp.id);
+        Ok(Source {
+            spec: VmSpec {
+                name: vm.spec.name.clone(),
+                ..cp.spec.clone()
+            },
+            identity: vm.identity.clone(),
+            disks,
+            saved: cp.has_state.then_some(sdir),
+        })
+    }
+
     /// The source of an off or saved VM (the caller holds the VM's lock, so it cannot start).
     pub fn of_vm(daemon: &Daemon, id: Uuid) -> Result<Source, HttpError> {
         let vm = daemon.store.get_by_id(id)?;

@@ -21,7 +21,10 @@ pub async fn list(
     ApiPath(key): ApiPath<String>,
 ) -> Result<Json<Vec<Checkpoint>>, HttpError> {
     let vm = d.find(&key)?;
-    Ok(Json(d.store.list_checkpoints(vm.id())?))
+    let mut cps = d.store.list_checkpoints(vm.id())?;
+    cps.iter_mut()
+        .for_each(|c| checkpoints::live::read_capture(&d, c));
+    Ok(Json(cps))
 }
 
 pub async fn create(
@@ -41,7 +44,9 @@ pub async fn show(
     ApiPath((key, cp)): ApiPath<(String, String)>,
 ) -> Result<Json<Checkpoint>, HttpError> {
     let vm = d.find(&key)?;
-    Ok(Json(checkpoints::find(&d, &vm, &cp)?))
+    let mut found = checkpoints::find(&d, &vm, &cp)?;
+    checkpoints::live::read_capture(&d, &mut found);
+    Ok(Json(found))
 }
 
 /// `PATCH /v1/vms/{vm}/checkpoints/{cp}`: rename.
