@@ -117,13 +117,15 @@ fn live_migration_moves_the_vm_with_its_identity_and_reports_progress() {
     let start = Instant::now();
     let job = loop {
         let j = p.a.show(&format!("/v1/jobs/{id}"));
-        if j["migration"]["round"].as_u64().unwrap_or(0) > 0 && j["state"] == "running" {
+        // (Once the worker completed, the job still runs while the record here goes.)
+        if j["migration"]["round"].as_u64().unwrap_or(0) > 0 && j["migration"]["state"] == "precopy"
+        {
             saw_round = true;
             assert!(
                 j["migration"]["transferred_bytes"].as_u64().unwrap() > 0,
                 "{j}"
             );
-            assert_eq!(j["migration"]["state"], "precopy", "{j}");
+            assert!(j["progress"].as_u64().unwrap() < 100, "{j}");
         }
         if j["state"] != "running" {
             break j;
@@ -145,7 +147,7 @@ fn live_migration_moves_the_vm_with_its_identity_and_reports_progress() {
     assert_eq!(p.a.get("/v1/vms/m1").status, 404);
     wait_until(T, "the source worker gone", || !alive(src_pid));
     let there = p.b.show("/v1/vms/m1");
-    assert_eq!(there["state"]["state"], "running", "{there}");
+    assert_eq!(there["state"], "running", "{there}");
     assert_eq!(there["identity"], vm["identity"]);
     let log = p.b.get("/v1/vms/m1/console/log");
     assert!(String::from_utf8_lossy(&log.body).contains("fake guest m1 arrived"));

@@ -184,8 +184,27 @@ async fn run(
         streams,
         quick: req.quick,
     };
+    // In TLS 1.3 the server checks our certificate after our side finished the handshake:
+    // a destination that does not trust this host answers the first message with an alert.
+    let refused_us = |e: String| {
+        if e.contains("alert") {
+            format!(
+                "the TLS handshake with {to} failed ({e}): the destination does not trust this \
+                 host; run `vireo host trust add` there with this host's fingerprint (`vireo \
+                 host identity`)"
+            )
+        } else if e.contains("closed the connection") {
+            format!(
+                "{e} at the offer: the TLS handshake may have failed there (a destination that \
+                 does not trust this host); run `vireo host trust add` there with this host's \
+                 fingerprint (`vireo host identity`)"
+            )
+        } else {
+            e
+        }
+    };
     if let Err(e) = peer.send(&offer).await {
-        return End::Failed(e);
+        return End::Failed(refused_us(e));
     }
     let listen_addr = match peer.recv(OFFER_LIMIT).await {
         Ok(PeerMsg::Accepted { listen_addr }) => listen_addr,
@@ -193,7 +212,7 @@ async fn run(
             return End::Failed(format!("the destination {to} refused the VM: {reason}"))
         }
         Ok(other) => return End::Failed(format!("{to} answered the offer with {other:?}")),
-        Err(e) => return End::Failed(e),
+        Err(e) => return End::Failed(refused_us(e)),
     };
     let _ = d.store.set_job_progress(job, 5);
     if req.quick {
@@ -381,7 +400,7 @@ async fn live(
                 if dest_failed.is_none() {
                     abort(peer, &why).await;
                 }
-                if asked_cancel && dest_failed.is_none() {
+                if asked_cancel && state == MigrateState::Cancelled {
                     return End::Cancelled;
                 }
                 return End::Failed(format!(
