@@ -69,7 +69,7 @@ pub enum PeerMsg {
         vm_id: Uuid,
         /// Normalized (MACs, NIC names and disk serials filled in): the VM's identity moves
         /// with it.
-        spec: VmSpec,
+        spec: Box<VmSpec>,
         storage: StorageMode,
         session: Uuid,
         streams: u16,

@@ -1,6 +1,8 @@
 //! A vireod on a temporary state directory for the CLI end-to-end tests that drive VMs through
 //! it (`vm_cli_save.rs`, `vm_cli_export.rs`). On drop every VM is turned off (workers outlive
 //! vireod by design) and vireod is stopped.
+// Each test binary uses a different part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -28,10 +30,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn spawn(dir: &Path) -> Child {
-        Self::spawn_args(dir, &[])
-    }
-
     pub fn spawn_args(dir: &Path, args: &[String]) -> Child {
         let (vireod, worker) = binaries().unwrap();
         let socket = dir.join("state").join("vireod.sock");

@@ -178,7 +178,7 @@ async fn run(
     let offer = PeerMsg::Offer {
         version: PEER_PROTOCOL_VERSION,
         vm_id: vm.id(),
-        spec: vm.spec.clone(),
+        spec: Box::new(vm.spec.clone()),
         storage: StorageMode::Shared,
         session,
         streams,
