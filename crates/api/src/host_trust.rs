@@ -11,6 +11,10 @@ pub struct HostIdentityInfo {
     pub fingerprint: String,
     /// The certificate, PEM.
     pub certificate_pem: String,
+    /// Where this vireod accepts migrations (`vireod --migration-listen`, the bound address
+    /// when port 0 was asked); absent when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_listen: Option<String>,
 }
 
 /// One trusted host; also the body of `POST /v1/host/trusted`.

@@ -44,4 +44,8 @@ pub struct Job {
     pub error: Option<String>,
     /// Unix time, milliseconds.
     pub created_at: i64,
+    /// A `migrate` job's progress (rounds, dirty rate, remaining, estimated and measured
+    /// downtime); live only, while the vireod that runs it serves the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::worker::MigrateProgress>,
 }

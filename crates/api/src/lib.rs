@@ -14,6 +14,7 @@ pub mod identity;
 pub mod job;
 pub mod mac;
 pub mod metering;
+pub mod migrate;
 pub mod pool;
 pub mod rest;
 pub mod spec;

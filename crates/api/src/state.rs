@@ -21,7 +21,13 @@ pub enum VmState {
     Stopping,
     Saving,
     Saved,
-    Critical { reason: String },
+    /// Arriving by migration from another host: the record exists here, the VM does not run
+    /// here (yet). Ends `running` (it arrived), `saved` (a quick migration's state arrived) or
+    /// with the record removed (the migration failed: the VM stays on its source).
+    Incoming,
+    Critical {
+        reason: String,
+    },
 }
 
 impl VmState {
@@ -35,6 +41,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Saving => "saving",
             VmState::Saved => "saved",
+            VmState::Incoming => "incoming",
             VmState::Critical { .. } => "critical",
         }
     }
@@ -49,6 +56,7 @@ impl VmState {
             "stopping" => VmState::Stopping,
             "saving" => VmState::Saving,
             "saved" => VmState::Saved,
+            "incoming" => VmState::Incoming,
             "critical" => VmState::Critical {
                 reason: reason.unwrap_or_default(),
             },
@@ -115,6 +123,8 @@ pub enum Action {
     WorkerExited {
         reason: String,
     },
+    /// Quick migration: the saved state of an incoming VM is complete here.
+    Arrived,
 }
 
 impl Action {
@@ -134,6 +144,7 @@ impl Action {
             Action::SaveFailed { .. } => "save_failed",
             Action::RestoreFailed => "restore_failed",
             Action::WorkerExited { .. } => "worker_exited",
+            Action::Arrived => "arrived",
         }
     }
 }
@@ -151,7 +162,8 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
     use VmState::*;
     let next = match (from, action) {
         (Off | Saved | Critical { .. }, Action::Start) => Starting,
-        (Starting, Action::Started) => Running,
+        (Starting | Incoming, Action::Started) => Running,
+        (Incoming, Action::Arrived) => Saved,
         (Starting, Action::StartFailed) => Off,
         (Running, Action::Stop) => Stopping,
         (Running | Stopping, Action::PoweredOff) => Off,

@@ -19,6 +19,7 @@ fn all_states() -> Vec<VmState> {
         Stopping,
         Saving,
         Saved,
+        Incoming,
         crit(),
     ]
 }
@@ -43,6 +44,7 @@ fn all_actions() -> Vec<Action> {
         WorkerExited {
             reason: "killed by signal 9".into(),
         },
+        Arrived,
     ]
 }
 
@@ -57,6 +59,7 @@ fn lists_are_complete(s: VmState, a: Action) {
         | VmState::Stopping
         | VmState::Saving
         | VmState::Saved
+        | VmState::Incoming
         | VmState::Critical { .. } => {}
     }
     match a {
@@ -73,7 +76,8 @@ fn lists_are_complete(s: VmState, a: Action) {
         | Action::Saved
         | Action::SaveFailed { .. }
         | Action::RestoreFailed
-        | Action::WorkerExited { .. } => {}
+        | Action::WorkerExited { .. }
+        | Action::Arrived => {}
     }
 }
 
@@ -112,6 +116,9 @@ fn legal() -> Vec<(VmState, &'static str, VmState)> {
         (Paused, "worker_exited", died.clone()),
         (Stopping, "worker_exited", died.clone()),
         (Saving, "worker_exited", died),
+        // Migration: an arriving VM runs (live) or its saved state is complete (quick).
+        (Incoming, "started", Running),
+        (Incoming, "arrived", Saved),
     ]
 }
 
@@ -140,7 +147,7 @@ fn every_state_and_action_matches_the_table() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8 * 14);
+    assert_eq!(checked, 9 * 15);
     // Each table row names a real (state, action) pair.
     for (s, a, _) in &table {
         assert!(all_actions().iter().any(|x| x.name() == *a), "{a}");

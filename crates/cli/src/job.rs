@@ -1,7 +1,7 @@
 //! `vireo job ...`: the long operations vireod runs (start, stop; later save, export, ...) —
 //! list, show, cancel — and [`wait::wait`], which `vm start`/`vm stop` use to follow theirs.
 
-mod view;
+pub mod view;
 pub mod wait;
 
 use std::collections::HashMap;

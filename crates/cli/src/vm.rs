@@ -8,6 +8,7 @@ mod disk;
 mod disk_arg;
 mod export;
 mod metrics;
+mod migrate;
 mod move_storage;
 pub mod nic;
 mod power;
@@ -80,6 +81,14 @@ pub enum VmCommand {
     ///   vireo vm move-storage web --to /srv/fast/web
     #[command(verbatim_doc_comment)]
     MoveStorage(move_storage::MoveStorageArgs),
+    /// Move a running VM to another vireod (live migration; --quick: save, send, restore).
+    /// Both hosts must trust each other (`vireo host trust add`) and reach the VM's disks at
+    /// the same paths. Progress bar; Ctrl-C cancels (the VM keeps running here).
+    ///
+    /// Example:
+    ///   vireo vm migrate web --to 192.0.2.7:7070 --max-downtime 50ms --streams 2
+    #[command(verbatim_doc_comment)]
+    Migrate(migrate::MigrateArgs),
     /// Ask a VM's guest to power off (its shutdown line), and turn it off after --timeout;
     /// waits until it is off (--no-wait: print the job).
     Stop(power::StopArgs),
@@ -175,6 +184,7 @@ pub fn execute(client: &Client, command: VmCommand) -> Result<ExitCode, Box<dyn 
         VmCommand::Start(args) => return power::start(client, args),
         VmCommand::Save(args) => return power::save(client, args),
         VmCommand::MoveStorage(args) => return move_storage::execute(client, args),
+        VmCommand::Migrate(args) => return migrate::execute(client, args),
         VmCommand::Stop(args) => return power::stop(client, args),
         VmCommand::TurnOff(args) => power::turn_off(client, args)?,
         VmCommand::Pause(args) => power::vm_op(client, args, "pause")?,

@@ -82,3 +82,16 @@ fn host_name() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "vireo-host".into())
 }
+
+impl HostTrust {
+    /// The identity and trust files as a worker opens them (`MigrateOut`, `incoming`). The
+    /// identity is made first if needed.
+    pub fn worker_tls(&self) -> Result<vireo_api::worker::MigrationTls, HostTrustError> {
+        self.identity()?;
+        Ok(vireo_api::worker::MigrationTls {
+            cert: self.dir.join(vireo_migration::hostauth::CERT_FILE),
+            key: self.dir.join(vireo_migration::hostauth::KEY_FILE),
+            trusted: self.dir.join(TRUST_FILE),
+        })
+    }
+}

@@ -24,6 +24,7 @@ impl Store {
             progress: 0,
             error: None,
             created_at: now_ms(),
+            migration: None,
         };
         let conn = self.lock();
         let r = conn.execute(
@@ -162,6 +163,7 @@ fn read(r: &Row) -> rusqlite::Result<Result<Job, StoreError>> {
                 .map_err(|_| corrupt(format!("progress {progress}")))?,
             error,
             created_at,
+            migration: None,
         })
     })())
 }

@@ -142,17 +142,35 @@ impl Store {
         spec: &VmSpec,
         pool: Option<&str>,
     ) -> Result<VmRecord, StoreError> {
+        self.insert_vm(spec, pool, Uuid::new_v4(), VmState::Off)
+    }
+
+    /// A VM arriving by migration: the source's id and normalized spec (its MACs and serials),
+    /// state `incoming`. Refused like a create when the name, the id or a MAC is taken here.
+    pub fn create_incoming(&self, id: Uuid, spec: &VmSpec) -> Result<VmRecord, StoreError> {
+        if self.get_by_id(id).is_ok() {
+            return Err(StoreError::IdTaken { id });
+        }
+        self.insert_vm(spec, None, id, VmState::Incoming)
+    }
+
+    fn insert_vm(
+        &self,
+        spec: &VmSpec,
+        pool: Option<&str>,
+        id: Uuid,
+        state: VmState,
+    ) -> Result<VmRecord, StoreError> {
         validate_spec(spec, &self.limits)?;
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let id = Uuid::new_v4();
         let mut spec = spec.clone();
         let identity = assign_identity(&tx, id, &mut spec)?;
         let now = now_ms();
         let inserted = tx.execute(
             "INSERT INTO vms (id, name, spec, identity, state, state_reason, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?6)",
-            params![id.to_string(), spec.name, to_json(&spec), to_json(&identity), "off", now],
+            params![id.to_string(), spec.name, to_json(&spec), to_json(&identity), state.name(), now],
         );
         inserted.map_err(|e| name_clash(e, &spec.name))?;
         insert_macs(&tx, id, &identity.macs)?;
@@ -170,7 +188,7 @@ impl Store {
         let record = VmRecord {
             spec,
             identity,
-            state: VmState::Off,
+            state,
             created_at: now,
             updated_at: now,
         };

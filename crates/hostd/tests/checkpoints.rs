@@ -281,6 +281,7 @@ fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
         sock: state.join("vireod.sock"),
         worker_bin: worker,
         child: Some(child),
+        extra_args: Vec::new(),
     };
     common::daemon::wait_until(LIMIT, "vireod's socket", || {
         std::os::unix::net::UnixStream::connect(&d.sock).is_ok()

@@ -335,12 +335,34 @@ fn a_live_vireod_answers_only_documented_statuses() {
     call("POST", mv, "/v1/vms/none/move-storage", Some(&to));
     call("POST", mv, "/v1/vms/doc/move-storage", None);
     call("POST", mv, "/v1/vms/doc/move-storage", Some(&to));
+    let mig = "/v1/vms/{vm}/migrate";
+    let nowhere = serde_json::to_vec(&json!({ "to": "127.0.0.1:1" })).unwrap();
+    let bad_to = serde_json::to_vec(&json!({ "to": "nowhere" })).unwrap();
+    assert_eq!(
+        call("POST", mig, "/v1/vms/none/migrate", Some(&nowhere)).status,
+        404
+    );
+    assert_eq!(call("POST", mig, "/v1/vms/doc/migrate", None).status, 400);
+    assert_eq!(
+        call("POST", mig, "/v1/vms/doc/migrate", Some(&bad_to)).status,
+        422
+    );
+    // Off: nothing to migrate.
+    assert_eq!(
+        call("POST", mig, "/v1/vms/doc/migrate", Some(&nowhere)).status,
+        409
+    );
     let save = "/v1/vms/{vm}/save";
     call("POST", save, "/v1/vms/none/save", None);
     assert_eq!(call("POST", save, "/v1/vms/doc/save", None).status, 409);
     let r = call("POST", "/v1/vms/{vm}/start", "/v1/vms/doc/start", None);
     let start = r.json()["id"].as_str().unwrap().to_owned();
     d.wait_job(&start, Duration::from_secs(20));
+    // Running: a job, which fails at once (nothing listens there); the VM runs on.
+    let r = call("POST", mig, "/v1/vms/doc/migrate", Some(&nowhere));
+    assert_eq!(r.status, 202);
+    let m = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));
+    assert_eq!(m["state"], "failed", "{m}");
     let r = call("POST", save, "/v1/vms/doc/save", None);
     assert_eq!(r.status, 202);
     let saved = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(20));

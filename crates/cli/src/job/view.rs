@@ -52,10 +52,40 @@ pub fn show(job: &Job, names: &HashMap<Uuid, String>, output: OutputFormat) -> S
         ("error", job.error.clone().unwrap_or_else(|| "-".into())),
         ("created", utc(job.created_at)),
     ];
-    lines
+    let mut text: String = lines
         .iter()
         .map(|(k, v)| format!("{:9} {v}\n", format!("{k}:")))
-        .collect()
+        .collect();
+    if let Some(m) = &job.migration {
+        text.push_str(&migration_lines(m));
+    }
+    text
+}
+
+/// A migration job's progress: `vireo job show` and `vireo vm migrate` print it.
+pub fn migration_lines(m: &vireo_api::worker::MigrateProgress) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let state = match serde_json::to_value(m.state) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{:?}", m.state),
+    };
+    let mut out = format!(
+        "migration: {state}, round {}, sent {} of {} memory, remaining {}, dirty rate {}/s, \
+         estimated downtime {} ms\n",
+        m.round,
+        mib(m.transferred_bytes),
+        mib(m.memory_bytes),
+        mib(m.remaining_bytes),
+        mib(m.dirty_rate),
+        m.estimated_downtime_ms
+    );
+    if let Some(d) = m.downtime_ms {
+        out.push_str(&format!("downtime:  {d} ms\n"));
+    }
+    if let Some(msg) = &m.message {
+        out.push_str(&format!("message:   {msg}\n"));
+    }
+    out
 }
 
 /// The VM's name if it is known, else its id; `-` once the VM is removed.
@@ -88,6 +118,7 @@ mod tests {
             progress: if state == JobState::Running { 40 } else { 100 },
             error: error.map(Into::into),
             created_at: 1_796_398_971_000,
+            migration: None,
         }
     }
 

@@ -256,6 +256,7 @@ fn job_at(id: Uuid, vm: &str, kind: JobKind, polls: u32) -> Job {
         progress,
         error,
         created_at: 1_796_398_971_000,
+        migration: None,
     }
 }
 

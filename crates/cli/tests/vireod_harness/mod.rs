@@ -1,6 +1,8 @@
 //! A vireod on a temporary state directory for the CLI end-to-end tests that drive VMs through
 //! it (`vm_cli_save.rs`, `vm_cli_export.rs`). On drop every VM is turned off (workers outlive
 //! vireod by design) and vireod is stopped.
+// Each test binary uses a different part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -23,10 +25,12 @@ pub fn binaries() -> Option<(PathBuf, PathBuf)> {
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Child,
+    /// More vireod arguments, on every (re)start.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
-    pub fn spawn(dir: &Path) -> Child {
+    pub fn spawn_args(dir: &Path, args: &[String]) -> Child {
         let (vireod, worker) = binaries().unwrap();
         let socket = dir.join("state").join("vireod.sock");
         let _ = std::fs::remove_file(&socket);
@@ -39,6 +43,7 @@ impl Daemon {
             .arg(dir)
             .arg("--storage-root")
             .arg(vireo_probe_image::probe_elf().parent().unwrap())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -58,16 +63,21 @@ impl Daemon {
     }
 
     pub fn start() -> Option<Daemon> {
+        Self::start_args(&[])
+    }
+
+    pub fn start_args(args: &[&str]) -> Option<Daemon> {
         binaries()?;
         let dir = tempfile::tempdir().unwrap();
-        let child = Daemon::spawn(dir.path());
-        Some(Daemon { dir, child })
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Daemon::spawn_args(dir.path(), &args);
+        Some(Daemon { dir, child, args })
     }
 
     pub fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        self.child = Daemon::spawn(self.dir.path());
+        self.child = Daemon::spawn_args(self.dir.path(), &self.args);
     }
 
     pub fn vireo(&self, args: &[&str]) -> Command {

@@ -1,6 +1,6 @@
 //! `vireod --state-dir DIR [--listen unix:PATH|tcp:ADDR:PORT]... [--tls-cert F --tls-key F
 //! --token-file F] [--storage-root DIR]... [--worker-bin PATH] [--switch-bin PATH]
-//! [--worker-nice N]`: the host
+//! [--worker-nice N] [--migration-listen ADDR:PORT] [--max-migrations N]`: the host
 //! daemon. Serves the REST API (docs/api.md) until SIGTERM or SIGINT, then exits 0 leaving the
 //! workers running (a restarted vireod re-adopts them). Exit 1: could not start (the store is
 //! locked by another vireod, the socket is in use, ...); 2: bad arguments (including a TCP
@@ -14,7 +14,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use vireo_hostd::daemon::server::Listener;
 use vireo_hostd::daemon::storage::StorageRoots;
-use vireo_hostd::daemon::{adopt, router, server, switches, tls, Daemon};
+use vireo_hostd::daemon::{adopt, migrate, router, server, switches, tls, Daemon};
 use vireo_hostd::{host_limits, Store};
 
 #[derive(Parser)]
@@ -52,6 +52,15 @@ struct Args {
     /// the CPUs among themselves while the API stays responsive; 0 treats them as equals.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     worker_nice: i32,
+    /// Accept VMs migrated from trusted hosts here (mutual TLS with this host's identity;
+    /// `vireo host trust add`). A literal IP; port 0 picks a free port (logged, and shown by
+    /// `vireo host identity --output json`). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    migration_listen: Option<SocketAddr>,
+    /// Migrations this host runs at once, in and out; more queue (outgoing) or are refused
+    /// (incoming, the source retries).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_migrations: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -176,13 +185,23 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut int = signal(SignalKind::interrupt())?;
         let daemon = Daemon::configured(store, limits, worker_bin, args.worker_nice, storage);
         daemon.switches.set_bin(switch_bin);
+        daemon.migrations.set_max(args.max_migrations.into());
+        let migration_listener = match args.migration_listen {
+            Some(a) => Some(migrate::listener::bind(&daemon, a).await?),
+            None => None,
+        };
         // Switches first: a worker adopted or started next needs its NICs' sockets.
         switches::start_all(&daemon).await;
         adopt::adopt_all(&daemon).await;
+        // VMs a migration left half-arrived: kept if their worker runs them, else removed.
+        migrate::recover::recover_all(&daemon).await;
         // Checkpoint operations cut short by a crash: finished or rolled back before any
         // request can touch their VMs' files.
         vireo_hostd::daemon::checkpoints::recover::recover_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
+        if let Some(l) = migration_listener {
+            tokio::spawn(migrate::listener::serve(daemon.clone(), l));
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut servers = Vec::new();
         for (l, listener) in listen.iter().zip(listeners) {

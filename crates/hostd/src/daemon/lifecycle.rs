@@ -26,6 +26,11 @@ const POLL: Duration = Duration::from_millis(50);
 /// `POST /vms/{vm}/start`: Starting, spawn, and a job that completes when the vCPUs run.
 pub async fn start(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
     let _guard = daemon.try_lock_vm(vm)?;
+    start_locked(daemon, vm).await
+}
+
+/// `start`, for a caller that holds the VM's lock (a migration restoring its VM here).
+pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
     // A saved VM continues from its saved state (docs/vm-state.md, "Through vireod").
     let restore = (daemon.store.get_by_id(vm.id())?.state == VmState::Saved)
         .then(|| save::saved_dir(daemon, vm.id()));
@@ -285,6 +290,7 @@ pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
             return super::export::cancel(daemon, id);
         }
         JobKind::MoveStorage => return Ok(super::move_storage::cancel(daemon, &job)),
+        JobKind::Migrate => return super::migrate::source::cancel(daemon, &job),
         JobKind::Stop => {
             return Err(HttpError::conflict(
                 "a stop job cannot be cancelled; turn-off forces a stop",

@@ -17,6 +17,7 @@ pub mod http_error;
 pub mod jobs;
 pub mod lifecycle;
 pub mod meter;
+pub mod migrate;
 pub mod move_storage;
 pub mod pause;
 pub mod procfs;
@@ -61,6 +62,8 @@ pub struct Daemon {
     pub switches: switches::Switches,
     /// The host identity and trusted hosts for migration (`host_trust`).
     pub host: crate::host_trust::HostTrust,
+    /// Migrations between vireods (`migrate`).
+    pub migrations: migrate::Migrations,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -106,6 +109,7 @@ impl Daemon {
             meters: sampler::Meters::default(),
             prom: prom::RequestCounts::default(),
             switches,
+            migrations: migrate::Migrations::default(),
             vm_locks: Mutex::new(HashMap::new()),
         });
         // Metering samples the workers from here on (inside a runtime, as vireod and the

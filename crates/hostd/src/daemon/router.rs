@@ -96,6 +96,11 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             "/v1/vms/{vm}/move-storage",
             post(super::move_storage::route),
         ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/migrate",
+            post(super::migrate::source::route),
+        ),
         (Method::GET, "/v1/vms/{vm}/metrics", get(metrics::show)),
         (
             Method::POST,

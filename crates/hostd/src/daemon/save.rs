@@ -75,7 +75,12 @@ pub async fn save(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpError> {
     Ok(job)
 }
 
-async fn run_save(daemon: &Daemon, worker: &Worker, job: Uuid, paused: bool) -> Result<(), String> {
+pub(crate) async fn run_save(
+    daemon: &Daemon,
+    worker: &Worker,
+    job: Uuid,
+    paused: bool,
+) -> Result<(), String> {
     let _ = daemon.store.set_job_progress(job, 10);
     match call_once(&worker.socket(), WorkerOp::Save { dir: None }).await {
         Ok(WorkerReply::Ok) => {}

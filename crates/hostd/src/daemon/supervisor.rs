@@ -165,6 +165,18 @@ impl Supervisor {
         vm: &Vm,
         restore_from: Option<PathBuf>,
     ) -> Result<Arc<Worker>, String> {
+        self.spawn_with(daemon, vm, restore_from, None)
+    }
+
+    /// `spawn`, for a VM arriving by live migration when `incoming` is given (its state is
+    /// `incoming`, not `starting`: docs/migration.md).
+    pub fn spawn_with(
+        &self,
+        daemon: &Arc<Daemon>,
+        vm: &Vm,
+        restore_from: Option<PathBuf>,
+        incoming: Option<vireo_api::worker::IncomingMigration>,
+    ) -> Result<Arc<Worker>, String> {
         let dir = daemon.store.vm_dir(vm.id());
         files::remove(&files::path(&dir, files::EXIT));
         files::remove(&files::path(&dir, files::RECORD));
@@ -173,7 +185,7 @@ impl Supervisor {
             spec: vm.spec.clone(),
             nic_sockets: super::switches::nic_sockets(daemon, vm),
             restore_from,
-            incoming: None,
+            incoming,
         };
         let spec_path = files::path(&dir, files::SPEC);
         files::write_json_atomic(&spec_path, &launch)

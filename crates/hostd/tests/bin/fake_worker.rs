@@ -22,6 +22,18 @@
 //! and exits `Saved`; a launch with `restore_from` whose `vm.state` is not exactly that exits
 //! `StartFailed` naming the file, and otherwise prints `fake guest NAME restored`.
 //!
+//! Live migration (the contract of `vireo_api::worker`, played over plain TCP instead of the
+//! real streams): a launch with `incoming` binds its `listen` address and reports `listening`
+//! with the bound `listen_addr`, not running. `MigrateOut {to}` on a running fake connects
+//! there, sends `session <uuid>`, reports `precopy` rounds (one per 100 ms, growing
+//! `transferred_bytes`) for `fake.migrate_ms=N` ms (default 300), then `switching`: it sends
+//! `switch`, the destination answers `running` (now running, printing `fake guest NAME
+//! arrived`) and the source reports `completed` and exits `MigratedAway`. `MigrateCancel`
+//! before the switch sends `cancel` (the destination exits `TurnedOff`), the source runs on
+//! (`cancelled`). A cut connection fails the migration on both sides (the source runs on).
+//! Words: `fake.refuse=migrate` (`MigrateOut` answers `Error`), `fake.dest_dies` (the
+//! destination exits with status 3, no record, when the source connects).
+//!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
 //! `Pause`/`Resume` set and clear `paused` in `Status`; `Reset` restarts the "guest" (the
@@ -40,7 +52,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use vireo_api::worker::{
-    CheckpointChild, CheckpointReport, WorkerExit, WorkerExitReason, WorkerLaunch, WorkerMetrics,
+    CheckpointChild, CheckpointReport, MigrateProgress, MigrateState, WorkerExit,
+    WorkerExitReason, WorkerLaunch, WorkerMetrics,
     WorkerOp, WorkerReply, WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
 };
 
@@ -53,6 +66,10 @@ struct Guest {
     paused: bool,
     /// One client at a time, as in `vireo-vm`: a new one replaces (closes) the attached one.
     console: Option<UnixStream>,
+    /// Where a migration (either side) stands.
+    mig: MigrateProgress,
+    /// Source: `MigrateCancel` asked.
+    mig_cancel: bool,
 }
 
 type Shared = Arc<Mutex<Guest>>;
@@ -202,10 +219,47 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
         WorkerOp::MoveStorageStatus => {
             WorkerReply::MoveStorage(vireo_api::worker::MoveProgress::default())
         }
-        WorkerOp::MigrateOut { .. } | WorkerOp::MigrateCancel => WorkerReply::Error {
-            message: "the fake worker does not migrate".into(),
-        },
-        WorkerOp::MigrateStatus => WorkerReply::Migrate(Default::default()),
+        WorkerOp::MigrateOut { to, session, .. } => {
+            if word(&launch, "fake.refuse") == Some("migrate") {
+                return WorkerReply::Error {
+                    message: "fake worker refuses migrate".into(),
+                };
+            }
+            let mut guard = g.lock().unwrap();
+            if guard.started_at.is_none()
+                || matches!(
+                    guard.mig.state,
+                    MigrateState::Precopy | MigrateState::Switching
+                )
+            {
+                return WorkerReply::Error {
+                    message: "not running, or a migration runs already".into(),
+                };
+            }
+            guard.mig = MigrateProgress {
+                state: MigrateState::Precopy,
+                memory_bytes: launch.spec.memory_bytes,
+                ..Default::default()
+            };
+            guard.mig_cancel = false;
+            drop(guard);
+            let g = g.clone();
+            thread::spawn(move || migrate_out(g, to, session));
+            WorkerReply::Ok
+        }
+        WorkerOp::MigrateCancel => {
+            let mut guard = g.lock().unwrap();
+            match guard.mig.state {
+                MigrateState::Switching | MigrateState::Completed => WorkerReply::Error {
+                    message: "too late: the switch-over has begun".into(),
+                },
+                _ => {
+                    guard.mig_cancel = true;
+                    WorkerReply::Ok
+                }
+            }
+        }
+        WorkerOp::MigrateStatus => WorkerReply::Migrate(g.lock().unwrap().mig.clone()),
         WorkerOp::Save { dir: to } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {
@@ -259,6 +313,122 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             WorkerReply::Ok
         }
     }
+}
+
+fn set_mig(g: &Shared, f: impl FnOnce(&mut MigrateProgress)) {
+    f(&mut g.lock().unwrap().mig);
+}
+
+/// Source side of the fake migration.
+fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
+    let fail = |g: &Shared, m: String| {
+        set_mig(g, |p| {
+            p.state = MigrateState::Failed;
+            p.message = Some(m);
+        })
+    };
+    let launch = g.lock().unwrap().launch.clone();
+    let ms: u64 = word(&launch, "fake.migrate_ms").map_or(300, |v| v.parse().unwrap());
+    let mut conn = match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => return fail(&g, format!("connecting to {to}: {e}")),
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    if writeln!(conn, "session {session}").is_err() {
+        return fail(&g, "the destination closed the connection".into());
+    }
+    let start = std::time::Instant::now();
+    let mem = launch.spec.memory_bytes;
+    while start.elapsed() < Duration::from_millis(ms) {
+        thread::sleep(Duration::from_millis(100));
+        if g.lock().unwrap().mig_cancel {
+            let _ = writeln!(conn, "cancel");
+            return set_mig(&g, |p| {
+                p.state = MigrateState::Cancelled;
+                p.message = Some("cancelled".into());
+            });
+        }
+        set_mig(&g, |p| {
+            p.round += 1;
+            p.transferred_bytes = (p.transferred_bytes + mem / 4).min(mem * 2);
+            p.remaining_bytes = mem / (4 * u64::from(p.round));
+            p.dirty_rate = 64 << 20;
+            p.link_rate = 1 << 30;
+            p.estimated_downtime_ms = 1000 / u64::from(p.round);
+        });
+    }
+    set_mig(&g, |p| p.state = MigrateState::Switching);
+    let mut answer = String::new();
+    let ok = writeln!(conn, "switch").is_ok()
+        && BufReader::new(&conn).read_line(&mut answer).is_ok()
+        && answer.trim() == "running";
+    if !ok {
+        return fail(&g, "the destination did not take the VM".into());
+    }
+    set_mig(&g, |p| {
+        p.state = MigrateState::Completed;
+        p.downtime_ms = Some(7);
+    });
+    let dir = g.lock().unwrap().dir.clone();
+    thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        exit_with(
+            &dir,
+            WorkerExitReason::MigratedAway {
+                to: to.to_string(),
+                downtime_ms: 7,
+            },
+            0,
+        )
+    });
+}
+
+/// Destination side: one source connection; the VM runs here once it says `switch`.
+fn migrate_in(g: Shared, listener: std::net::TcpListener) {
+    let launch = g.lock().unwrap().launch.clone();
+    let session = launch.incoming.as_ref().unwrap().session;
+    let dir = g.lock().unwrap().dir.clone();
+    let Ok((conn, _)) = listener.accept() else {
+        return;
+    };
+    if word(&launch, "fake.dest_dies").is_some() {
+        eprintln!("fake worker: destination dying");
+        std::process::exit(3);
+    }
+    let mut w = conn.try_clone().unwrap();
+    let mut lines = BufReader::new(conn).lines();
+    let fail = |g: &Shared, m: &str| {
+        set_mig(g, |p| {
+            p.state = MigrateState::Failed;
+            p.message = Some(m.into());
+        });
+        thread::sleep(Duration::from_millis(500));
+        exit_with(&dir, WorkerExitReason::TurnedOff, 1)
+    };
+    match lines.next() {
+        Some(Ok(l)) if l == format!("session {session}") => {}
+        _ => fail(&g, "a stream of another session"),
+    }
+    set_mig(&g, |p| p.state = MigrateState::Precopy);
+    match lines.next() {
+        Some(Ok(l)) if l == "switch" => {}
+        Some(Ok(l)) if l == "cancel" => {
+            set_mig(&g, |p| p.state = MigrateState::Cancelled);
+            thread::sleep(Duration::from_millis(300));
+            exit_with(&dir, WorkerExitReason::TurnedOff, 0)
+        }
+        _ => fail(&g, "the source's stream ended before the switch-over"),
+    }
+    g.lock().unwrap().started_at = Some(now_ms());
+    set_mig(&g, |p| {
+        p.state = MigrateState::Completed;
+        p.downtime_ms = Some(7);
+    });
+    let _ = writeln!(w, "running");
+    output(
+        &g,
+        format!("fake guest {} arrived\n", launch.spec.name).as_bytes(),
+    );
 }
 
 fn metrics(g: &Shared, dir: &Path) -> WorkerReply {
@@ -350,6 +520,8 @@ fn main() {
         started_at: None,
         paused: false,
         console: None,
+        mig: MigrateProgress::default(),
+        mig_cancel: false,
     }));
     if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
         thread::sleep(Duration::from_millis(ms.parse().unwrap()));
@@ -363,7 +535,17 @@ fn main() {
             thread::spawn(move || handle_console(g, s));
         }
     });
-    if !never_runs {
+    let incoming = g.lock().unwrap().launch.incoming.clone();
+    if let Some(inc) = incoming {
+        let listener = std::net::TcpListener::bind(inc.listen).unwrap();
+        let addr = listener.local_addr().unwrap();
+        set_mig(&g, |p| {
+            p.state = MigrateState::Listening;
+            p.listen_addr = Some(addr);
+        });
+        let gm = g.clone();
+        thread::spawn(move || migrate_in(gm, listener));
+    } else if !never_runs {
         let gb = g.clone();
         thread::spawn(move || {
             thread::sleep(Duration::from_millis(boot_ms));

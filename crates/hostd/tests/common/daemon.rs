@@ -71,6 +71,8 @@ pub struct Vireod {
     pub sock: PathBuf,
     pub worker_bin: PathBuf,
     pub child: Option<Child>,
+    /// More vireod arguments (e.g. `--migration-listen`), on every (re)start.
+    pub extra_args: Vec<String>,
 }
 
 impl Vireod {
@@ -79,12 +81,17 @@ impl Vireod {
     }
 
     pub fn start_with(state_dir: &Path, worker_bin: &Path) -> Vireod {
+        Self::start_args(state_dir, worker_bin, &[])
+    }
+
+    pub fn start_args(state_dir: &Path, worker_bin: &Path, args: &[&str]) -> Vireod {
         let sock = state_dir.join("vireod.sock");
         let mut d = Vireod {
             state_dir: state_dir.to_owned(),
             sock,
             worker_bin: worker_bin.to_owned(),
             child: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn();
         d
@@ -111,6 +118,7 @@ impl Vireod {
             .open(self.state_dir.with_extension("vireod.log"))
             .unwrap();
         let child = Self::command(&self.state_dir, &self.worker_bin)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

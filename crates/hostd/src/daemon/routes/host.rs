@@ -35,6 +35,7 @@ pub async fn identity(State(d): St) -> Result<Json<HostIdentityInfo>, HttpError>
     Ok(Json(HostIdentityInfo {
         fingerprint: id.fingerprint().to_string(),
         certificate_pem: id.cert_pem(),
+        migration_listen: d.migrations.listen_addr().map(|a| a.to_string()),
     }))
 }
 

@@ -37,7 +37,11 @@ pub fn no_job(key: &str) -> HttpError {
 pub async fn show(State(d): St, ApiPath(key): ApiPath<String>) -> Result<Json<Job>, HttpError> {
     match d.store.get_job(job_id(&key)?) {
         Err(StoreError::NotFound { .. }) => Err(no_job(&key)),
-        r => Ok(Json(r?)),
+        r => {
+            let mut job = r?;
+            job.migration = d.migrations.progress(job.id);
+            Ok(Json(job))
+        }
     }
 }
 

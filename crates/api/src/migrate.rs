@@ -1,0 +1,105 @@
+//! Live and quick migration between vireods (docs/migration.md): the REST request that starts
+//! a `migrate` job, the progress a job shows, and the small JSON-lines protocol the two
+//! vireods speak on the migration listener's mutual-TLS connection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::spec::VmSpec;
+use crate::worker::{CompressMode, MigrateProgress, PostcopyMode};
+
+/// Default `max_downtime_ms`.
+pub const DEFAULT_MAX_DOWNTIME_MS: u32 = 300;
+/// Streams at most (the wire format's limit).
+pub const MAX_STREAMS: u16 = 16;
+
+/// `POST /v1/vms/{vm}/migrate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination vireod's migration listener, `ADDR:PORT` (a literal IP).
+    pub to: String,
+    /// Live: switch over once the final copy is estimated to fit this (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u32>,
+    /// Live: cap on the link, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
+    #[serde(default)]
+    pub compress: CompressMode,
+    /// Live: parallel TLS streams, 1-16 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u16>,
+    #[serde(default)]
+    pub postcopy: PostcopyMode,
+    /// Quick migration: save, send the saved state, restore on the destination.
+    #[serde(default)]
+    pub quick: bool,
+    /// Shared-nothing migration (copy the disks too): not built, refused.
+    #[serde(default)]
+    pub with_storage: bool,
+}
+
+/// How the destination reaches the VM's disks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageMode {
+    /// Both hosts see the same disk files at the same paths.
+    Shared,
+    /// The disks are copied with the VM (shared-nothing; not built).
+    Copied,
+}
+
+/// The version of the vireod-to-vireod protocol below.
+pub const PEER_PROTOCOL_VERSION: u32 = 1;
+
+/// One line of the vireod-to-vireod protocol (one JSON object per line).
+///
+/// Source → destination: `Offer`; then (quick) `File`s and `Commit`, or (either) `Abort`.
+/// Destination → source: `Accepted` or `Refused`; then `Running` (the VM runs here) or
+/// `Failed` (it does not; the source keeps it), or `Aborted` (after an `Abort`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PeerMsg {
+    Offer {
+        version: u32,
+        vm_id: Uuid,
+        /// Normalized (MACs, NIC names and disk serials filled in): the VM's identity moves
+        /// with it.
+        spec: Box<VmSpec>,
+        storage: StorageMode,
+        session: Uuid,
+        streams: u16,
+        quick: bool,
+    },
+    /// Live: `listen_addr` is the destination worker's address for `MigrateOut`.
+    Accepted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen_addr: Option<SocketAddr>,
+    },
+    Refused {
+        reason: String,
+    },
+    /// Quick: a file of the saved state; exactly `len` raw bytes follow the line.
+    File {
+        name: PathBuf,
+        len: u64,
+    },
+    /// Quick: every file was sent; restore and run.
+    Commit,
+    Abort {
+        reason: String,
+    },
+    Aborted,
+    Running,
+    Failed {
+        reason: String,
+    },
+}
+
+/// The live view of a `migrate` job (`Job::migration`): where the worker's copy stands, plus
+/// what the daemons add.
+pub type MigrationStatus = MigrateProgress;

@@ -1,0 +1,273 @@
+//! `vireo vm migrate NAME --to HOST:PORT [--quick] ...`: move a running VM to another vireod
+//! (docs/migration.md). Follows the daemon's `migrate` job with a progress bar showing the
+//! pre-copy round, what remains and the estimated downtime; Ctrl-C *cancels* the migration
+//! (before the switch-over the VM keeps running here), a second Ctrl-C stops waiting.
+
+use std::error::Error;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use vireo_api::migrate::MigrateRequest;
+use vireo_api::worker::{CompressMode, PostcopyMode};
+use vireo_api::{Job, JobState};
+
+use crate::api_client::Client;
+use crate::exit::CliError;
+use crate::output::{emit, OutputFormat};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Compress {
+    Auto,
+    Zstd,
+    Lz4,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Postcopy {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The VM's name or id (running; --quick also takes a paused one).
+    pub vm: String,
+    /// The destination vireod's migration listener, ADDR:PORT (its `vireod
+    /// --migration-listen`; `vireo host identity --output json` there shows it). Each host
+    /// must trust the other (`vireo host trust add`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub to: String,
+    /// Live: switch over once the final pause is estimated to fit this (e.g. 10ms, 1s;
+    /// default 300ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ms)]
+    pub max_downtime: Option<u32>,
+    /// Live: cap on the link, bytes per second (suffixes K, M, G: 1024-based).
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_bytes)]
+    pub bandwidth: Option<u64>,
+    /// Live: compression of memory pages.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub compress: Compress,
+    /// Live: parallel TLS streams (1-16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub streams: u16,
+    /// Live: switch to post-copy when pre-copy does not converge (auto), always, or never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub postcopy: Postcopy,
+    /// Quick migration: save the VM, send its saved state, restore it there (a pause of
+    /// seconds; needs no live-migration support in the workers).
+    #[arg(long)]
+    pub quick: bool,
+    /// Shared-nothing migration (copy the disks too). Not built yet: refused.
+    #[arg(long)]
+    pub with_storage: bool,
+    /// Print the job and return at once; `vireo job show ID` follows it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// text, or json (the job as it ended).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+/// `10ms`, `2s`, or a plain number of milliseconds.
+fn parse_ms(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?}: expected a duration such as 10ms or 1s");
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    let v: u32 = num.trim().parse().map_err(|_| bad())?;
+    v.checked_mul(mult).filter(|v| *v > 0).ok_or_else(bad)
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?}: expected bytes per second such as 500M or 1G");
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let v: u64 = num.parse().map_err(|_| bad())?;
+    v.checked_mul(mult).filter(|v| *v > 0).ok_or_else(bad)
+}
+
+const POLL: Duration = Duration::from_millis(200);
+static CTRL_C: AtomicU32 = AtomicU32::new(0);
+
+pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn Error>> {
+    let path = super::path(&args.vm)?;
+    if args.with_storage {
+        return Err(CliError::bad_input(
+            "--with-storage (shared-nothing migration) is not built yet; migrate VMs whose \
+             disks both hosts reach at the same paths",
+        )
+        .into());
+    }
+    let body = MigrateRequest {
+        to: args.to.clone(),
+        max_downtime_ms: args.max_downtime,
+        bandwidth: args.bandwidth,
+        compress: match args.compress {
+            Compress::Auto => CompressMode::Auto,
+            Compress::Zstd => CompressMode::Zstd,
+            Compress::Lz4 => CompressMode::Lz4,
+            Compress::None => CompressMode::None,
+        },
+        streams: Some(args.streams),
+        postcopy: match args.postcopy {
+            Postcopy::Auto => PostcopyMode::Auto,
+            Postcopy::Always => PostcopyMode::Always,
+            Postcopy::Never => PostcopyMode::Never,
+        },
+        quick: args.quick,
+        with_storage: false,
+    };
+    let mut job: Job = client.post(&format!("{path}/migrate"), Some(&body))?;
+    if args.no_wait {
+        if args.output == OutputFormat::Json {
+            emit(super::view::json(&job))?;
+        } else {
+            emit(format!(
+                "job {} (migration of {} to {}) is running; `vireo job show {}` follows it\n",
+                job.id, args.vm, args.to, job.id
+            ))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = ctrlc::set_handler(|| {
+        CTRL_C.fetch_add(1, Ordering::SeqCst);
+    });
+    let bar = bar(&args.vm);
+    let mut asked_cancel = false;
+    let mut last_line = None;
+    while job.state == JobState::Running {
+        let detail = job.migration.as_ref().map(|m| {
+            format!(
+                "round {}, remaining {} MiB, est. downtime {} ms",
+                m.round,
+                m.remaining_bytes >> 20,
+                m.estimated_downtime_ms
+            )
+        });
+        match &bar {
+            Some(b) => {
+                b.set_position(job.progress.min(100).into());
+                if let (Some(d), false) = (&detail, asked_cancel) {
+                    b.set_message(format!("migrate {} ({d})", args.vm));
+                }
+            }
+            None if last_line != Some(job.progress) => {
+                eprintln!(
+                    "migration of {}: {}%{}",
+                    args.vm,
+                    job.progress,
+                    detail.map(|d| format!(" ({d})")).unwrap_or_default()
+                );
+                last_line = Some(job.progress);
+            }
+            None => {}
+        }
+        let next = Instant::now() + POLL;
+        while Instant::now() < next {
+            let presses = CTRL_C.load(Ordering::SeqCst);
+            if presses >= 2 {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return Err(CliError::interrupted(format!(
+                    "stopped waiting; job {} is being cancelled: `vireo job show {}` follows it",
+                    job.id, job.id
+                ))
+                .into());
+            }
+            if presses == 1 && !asked_cancel {
+                asked_cancel = true;
+                let msg = "cancelling: before the switch-over the VM keeps running here \
+                           (Ctrl-C again to stop waiting)";
+                match &bar {
+                    Some(b) => b.set_message(msg),
+                    None => eprintln!("{msg}"),
+                }
+                let _: Job = client.post(&format!("/v1/jobs/{}/cancel", job.id), None::<&()>)?;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        job = client.get(&format!("/v1/jobs/{}", job.id))?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if args.output == OutputFormat::Json {
+        emit(super::view::json(&job))?;
+    }
+    match job.state {
+        JobState::Completed => {
+            if args.output == OutputFormat::Text {
+                let downtime = job
+                    .migration
+                    .as_ref()
+                    .and_then(|m| m.downtime_ms)
+                    .map(|d| format!(" (paused {d} ms)"))
+                    .unwrap_or_default();
+                emit(format!(
+                    "migrated VM {} to {}{downtime}\n",
+                    args.vm, args.to
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobState::Cancelled => Err(CliError::failed(format!(
+            "the migration of VM {} was cancelled; it runs here (job {})",
+            args.vm, job.id
+        ))
+        .into()),
+        _ => Err(CliError::failed(format!(
+            "the migration of VM {} failed: {} (job {})",
+            args.vm,
+            job.error.as_deref().unwrap_or("no reason given"),
+            job.id
+        ))
+        .into()),
+    }
+}
+
+fn bar(vm: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos:>3}% {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("migrate {vm}"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates() {
+        assert_eq!(parse_ms("10ms"), Ok(10));
+        assert_eq!(parse_ms("2s"), Ok(2000));
+        assert_eq!(parse_ms("40"), Ok(40));
+        assert!(parse_ms("0ms").is_err() && parse_ms("fast").is_err());
+        assert_eq!(parse_bytes("500M"), Ok(500 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("0").is_err() && parse_bytes("xM").is_err());
+    }
+}

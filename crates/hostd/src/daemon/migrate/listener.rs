@@ -1,0 +1,427 @@
+//! The destination side: `vireod --migration-listen ADDR:PORT`. Each connection must complete
+//! a mutual-TLS handshake with a trusted host (refused before a byte of VM data otherwise),
+//! then offers one VM. The offer is checked (name and id free, memory within this host's
+//! limits, every NIC's switch here, every disk and kernel file reachable under a storage root:
+//! shared storage) and refused with one line naming the value, or accepted: the VM's record is
+//! created `incoming`, with its NIC ports on the switches, and
+//! - live: a worker is spawned with `incoming` set; its `listen_addr` is the answer; when it
+//!   reports the VM running, the VM becomes `running`, its ports are announced and the source
+//!   is told `Running`;
+//! - quick: the saved state's files are received into the VM's `saved/` folder; on `Commit`
+//!   the VM becomes `saved` and is started from it (the ordinary restore); `Running` or
+//!   `Failed` is the answer.
+//!
+//! Whatever fails before the VM runs here removes the record and its ports again (the source
+//! keeps the VM). The record's lock is held throughout (a quick migration's restore takes it
+//! itself), so no request changes the VM meanwhile.
+
+use std::net::SocketAddr;
+use std::path::{Component, Path};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use uuid::Uuid;
+use vireo_api::migrate::{PeerMsg, StorageMode, MAX_STREAMS, PEER_PROTOCOL_VERSION};
+use vireo_api::switch::SwitchOp;
+use vireo_api::worker::{IncomingMigration, MigrateState, WorkerOp, WorkerReply};
+use vireo_api::{Action, JobState, Vm, VmSpec};
+
+use super::peer::{self, Peer};
+use crate::daemon::supervisor::Worker;
+use crate::daemon::switches::nics;
+use crate::daemon::worker_client::call_once;
+use crate::daemon::{lifecycle, save, Daemon};
+
+/// The source has this long between two messages before the destination gives up (a quick
+/// migration's save of a large VM happens in between).
+const SOURCE_SILENCE: Duration = Duration::from_secs(600);
+/// The destination worker must be listening within this.
+const LISTEN_LIMIT: Duration = Duration::from_secs(15);
+/// A quick migration's restore must run within this.
+const RESTORE_LIMIT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(100);
+
+/// Binds the listener and logs (and records) its address; port 0 picks a free one.
+pub async fn bind(daemon: &Daemon, addr: SocketAddr) -> Result<TcpListener, String> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--migration-listen {addr}: {e}"))?;
+    let bound = l.local_addr().map_err(|e| e.to_string())?;
+    // The identity exists before the first peer connects.
+    daemon.host.identity().map_err(|e| e.to_string())?;
+    daemon.migrations.set_listen(bound);
+    tracing::info!(migration_listen = %bound, "accepting migrations from trusted hosts");
+    Ok(l)
+}
+
+pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            // Read per connection: a host trusted or revoked a moment ago counts at once.
+            let cfg = match peer::server_config(&d.host) {
+                Ok(c) => c,
+                Err(e) => return tracing::error!("migration listener: {e}"),
+            };
+            match Peer::accept(cfg, tcp).await {
+                Ok(p) => incoming(&d, p).await,
+                Err(e) => tracing::warn!(%from, "migration connection refused: {e}"),
+            }
+        });
+    }
+}
+
+/// The offer's checks; `Err` is the one-line reason sent back.
+fn check_offer(
+    d: &Daemon,
+    vm_id: Uuid,
+    spec: &VmSpec,
+    storage: StorageMode,
+) -> Result<VmSpec, String> {
+    if storage != StorageMode::Shared {
+        return Err(
+            "shared-nothing migration (the disks copied) is not built on this host; \
+                    use storage both hosts reach at the same paths"
+                .into(),
+        );
+    }
+    if d.store.get_by_id(vm_id).is_ok() {
+        return Err(format!("a VM with id {vm_id} exists on this host already"));
+    }
+    if d.store.get_by_name(&spec.name).is_ok() {
+        return Err(format!(
+            "a VM named {:?} exists on this host already; rename one of them",
+            spec.name
+        ));
+    }
+    vireo_api::validate_spec(spec, &d.limits).map_err(|e| format!("on this host: {e}"))?;
+    nics::check(d, spec).map_err(|e| e.body.message)?;
+    // Shared storage: the same files, inside this host's storage roots.
+    let spec = d.storage.confine(spec).map_err(|e| e.body.message)?;
+    if spec.disks.iter().any(|disk| !disk.path.is_file()) {
+        return Err("a disk is not a file on this host".into());
+    }
+    Ok(spec)
+}
+
+async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
+    let offer = match peer.recv(peer::CONNECT_LIMIT).await {
+        Ok(m) => m,
+        Err(e) => return tracing::warn!("migration: {e}"),
+    };
+    let PeerMsg::Offer {
+        version,
+        vm_id,
+        spec,
+        storage,
+        session,
+        streams,
+        quick,
+    } = offer
+    else {
+        let _ = peer
+            .send(&PeerMsg::Refused {
+                reason: "expected an offer".into(),
+            })
+            .await;
+        return;
+    };
+    let refuse = |reason: String| PeerMsg::Refused { reason };
+    if version != PEER_PROTOCOL_VERSION {
+        let _ = peer
+            .send(&refuse(format!(
+                "this host speaks migration protocol {PEER_PROTOCOL_VERSION}, not {version}; \
+                 upgrade the older host"
+            )))
+            .await;
+        return;
+    }
+    if !(1..=MAX_STREAMS).contains(&streams) {
+        let _ = peer
+            .send(&refuse(format!("streams {streams}: 1 to {MAX_STREAMS}")))
+            .await;
+        return;
+    }
+    let Ok(permit) = d.migrations.slots().try_acquire_owned() else {
+        let _ = peer
+            .send(&refuse(
+                "this host runs as many migrations as --max-migrations allows; retry later".into(),
+            ))
+            .await;
+        return;
+    };
+    let _permit = permit;
+    let spec = match check_offer(d, vm_id, &spec, storage) {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::info!(from = %peer.who, vm = %vm_id, "migration refused: {reason}");
+            let _ = peer.send(&refuse(reason)).await;
+            return;
+        }
+    };
+    let vm = match create_record(d, vm_id, &spec).await {
+        Ok(vm) => vm,
+        Err(reason) => {
+            let _ = peer.send(&refuse(reason)).await;
+            return;
+        }
+    };
+    tracing::info!(from = %peer.who, vm = %vm_id, name = %spec.name, quick, "VM incoming");
+    let guard = d.lock_vm(vm_id).await;
+    let result = if quick {
+        receive_quick(d, &mut peer, &vm, guard).await
+    } else {
+        receive_live(d, &mut peer, &vm, session, streams).await
+    };
+    match result {
+        Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
+        Err(reason) => {
+            tracing::warn!(vm = %vm_id, "incoming migration failed: {reason}");
+            remove_incoming(d, vm_id).await;
+            let _ = peer.send(&PeerMsg::Failed { reason }).await;
+        }
+    }
+}
+
+/// The record, `incoming`, and its NIC ports (as a create does).
+async fn create_record(d: &Daemon, id: Uuid, spec: &VmSpec) -> Result<Vm, String> {
+    let _guards = nics::lock_switches(d, &[Some(spec)]).await;
+    let vm = d
+        .store
+        .create_incoming(id, spec)
+        .map_err(|e| e.to_string())?;
+    if let Err(reason) = nics::apply(d, id, None, Some(&vm.spec)).await {
+        let _ = nics::apply(d, id, Some(&vm.spec), None).await;
+        let _ = d.store.remove(id);
+        return Err(format!("a switch here refused the VM's NIC: {reason}"));
+    }
+    Ok(vm)
+}
+
+/// Removes an arrival that did not make it: its worker (if any) is turned off, the record
+/// and its ports go. A VM that runs here by now is left alone.
+pub async fn remove_incoming(d: &Daemon, id: Uuid) {
+    if let Some(w) = d.sup.get(id) {
+        let _ = call_once(&w.socket(), WorkerOp::MigrateCancel).await;
+        w.force_off().await;
+    }
+    let Ok(vm) = d.store.get_by_id(id) else {
+        return;
+    };
+    if !matches!(
+        vm.state,
+        vireo_api::VmState::Incoming | vireo_api::VmState::Saved
+    ) {
+        return;
+    }
+    if let Err(e) = nics::remove_vm(d, &vm).await {
+        tracing::error!(vm = %id, "removing a failed arrival: {}", e.body.message);
+    }
+    d.forget_vm_lock(id);
+}
+
+async fn receive_live(
+    d: &Arc<Daemon>,
+    peer: &mut Peer,
+    vm: &Vm,
+    session: Uuid,
+    streams: u16,
+) -> Result<(), String> {
+    let listen_ip = d
+        .migrations
+        .listen_addr()
+        .map_or([127, 0, 0, 1].into(), |a| a.ip());
+    let tls = d.host.worker_tls().map_err(|e| e.to_string())?;
+    let incoming = IncomingMigration {
+        session,
+        streams,
+        listen: SocketAddr::new(listen_ip, 0),
+        tls,
+    };
+    let worker = d.sup.spawn_with(d, vm, None, Some(incoming))?;
+    let addr = wait_listening(&worker).await?;
+    peer.send(&PeerMsg::Accepted {
+        listen_addr: Some(addr),
+    })
+    .await?;
+    loop {
+        enum Ev {
+            Msg(Result<PeerMsg, String>),
+            Tick,
+        }
+        let ev = tokio::select! {
+            m = peer.recv(SOURCE_SILENCE) => Ev::Msg(m),
+            () = tokio::time::sleep(POLL) => Ev::Tick,
+        };
+        match ev {
+            Ev::Msg(Ok(PeerMsg::Abort { reason })) => {
+                tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
+                remove_incoming(d, vm.id()).await;
+                let _ = peer.send(&PeerMsg::Aborted).await;
+                return Ok(());
+            }
+            Ev::Msg(Ok(other)) => {
+                return Err(format!("unexpected {other:?} from the source"));
+            }
+            // The source vireod is gone: the workers decide. A VM already running here
+            // stays; otherwise nothing runs here.
+            Ev::Msg(Err(e)) => {
+                return match migrate_state(&worker).await {
+                    Some(MigrateState::Completed) => arrived(d, vm, peer).await,
+                    _ => Err(format!("the source went away: {e}")),
+                }
+            }
+            Ev::Tick => {}
+        }
+        if !worker.is_alive() {
+            let o = worker.exited().await;
+            return Err(format!("the destination worker ended: {}", o.message));
+        }
+        match migrate_state(&worker).await {
+            Some(MigrateState::Completed) => return arrived(d, vm, peer).await,
+            Some(MigrateState::Failed | MigrateState::Cancelled) => {
+                let msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
+                    Ok(WorkerReply::Migrate(p)) => p.message.unwrap_or_default(),
+                    _ => String::new(),
+                };
+                return Err(format!("the destination worker gave up: {msg}"));
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn migrate_state(w: &Worker) -> Option<MigrateState> {
+    match call_once(&w.socket(), WorkerOp::MigrateStatus).await {
+        Ok(WorkerReply::Migrate(p)) => Some(p.state),
+        _ => None,
+    }
+}
+
+async fn wait_listening(worker: &Worker) -> Result<SocketAddr, String> {
+    let deadline = tokio::time::Instant::now() + LISTEN_LIMIT;
+    while tokio::time::Instant::now() < deadline {
+        if !worker.is_alive() {
+            let o = worker.exited().await;
+            return Err(format!("the destination worker ended: {}", o.message));
+        }
+        if let Ok(WorkerReply::Migrate(p)) =
+            call_once(&worker.socket(), WorkerOp::MigrateStatus).await
+        {
+            if let Some(a) = p.listen_addr {
+                return Ok(a);
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Err(format!(
+        "the destination worker was not listening within {}s",
+        LISTEN_LIMIT.as_secs()
+    ))
+}
+
+/// The VM runs here: `running`, its ports announced, the source told.
+async fn arrived(d: &Daemon, vm: &Vm, peer: &mut Peer) -> Result<(), String> {
+    d.store
+        .set_state(vm.id(), &Action::Started)
+        .map_err(|e| e.to_string())?;
+    announce(d, vm).await;
+    if let Err(e) = peer.send(&PeerMsg::Running).await {
+        tracing::warn!(vm = %vm.id(), "telling the source the VM runs here: {e}");
+    }
+    Ok(())
+}
+
+/// `Announce` for each NIC port, so the network learns where the VM is now. A switch that
+/// cannot is logged: frames find the VM once it sends.
+pub async fn announce(d: &Daemon, vm: &Vm) {
+    for nic in &vm.spec.nics {
+        let Ok(row) = d.store.find_switch(&nic.switch) else {
+            continue;
+        };
+        let name = crate::daemon::switches::launch::port_name(
+            vm.id(),
+            crate::daemon::switches::launch::nic_name(nic),
+        );
+        if let Err(e) = d
+            .switches
+            .call(row.id, SwitchOp::Announce { name: name.clone() })
+            .await
+        {
+            tracing::info!(vm = %vm.id(), port = %name, "announce not sent: {e}");
+        }
+    }
+}
+
+/// A plain file name (no folders, no `..`): what a quick migration may write.
+fn plain_name(name: &Path) -> bool {
+    let mut parts = name.components();
+    matches!(parts.next(), Some(Component::Normal(_))) && parts.next().is_none()
+}
+
+async fn receive_quick(
+    d: &Arc<Daemon>,
+    peer: &mut Peer,
+    vm: &Vm,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) -> Result<(), String> {
+    peer.send(&PeerMsg::Accepted { listen_addr: None }).await?;
+    let dir = save::saved_dir(d, vm.id());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    loop {
+        match peer.recv(SOURCE_SILENCE).await? {
+            PeerMsg::File { name, len } => {
+                if !plain_name(&name) {
+                    return Err(format!("file name {} refused", name.display()));
+                }
+                peer.recv_file(&dir.join(&name), len).await?;
+            }
+            PeerMsg::Commit => break,
+            PeerMsg::Abort { reason } => {
+                tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
+                remove_incoming(d, vm.id()).await;
+                let _ = peer.send(&PeerMsg::Aborted).await;
+                return Ok(());
+            }
+            other => return Err(format!("unexpected {other:?} from the source")),
+        }
+    }
+    if !save::has_saved_state(d, vm.id()) {
+        return Err("the saved state arrived without its vm.state".into());
+    }
+    let vm = d
+        .store
+        .set_state(vm.id(), &Action::Arrived)
+        .map_err(|e| e.to_string())?;
+    // The ordinary start of a saved VM: it restores from the files and deletes them.
+    drop(guard);
+    let job = lifecycle::start(d, &vm).await.map_err(|e| e.body.message)?;
+    let deadline = tokio::time::Instant::now() + RESTORE_LIMIT;
+    let job = loop {
+        let j = d.store.get_job(job.id).map_err(|e| e.to_string())?;
+        if j.state != JobState::Running {
+            break j;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the restore did not run within {}s",
+                RESTORE_LIMIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    if job.state != JobState::Completed {
+        return Err(format!(
+            "the restore failed: {}",
+            job.error.unwrap_or_default()
+        ));
+    }
+    announce(d, &vm).await;
+    peer.send(&PeerMsg::Running).await?;
+    Ok(())
+}

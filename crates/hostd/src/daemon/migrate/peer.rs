@@ -1,0 +1,195 @@
+//! The vireod-to-vireod connection (docs/migration.md, "Between the vireods"): mutual TLS 1.3
+//! with pinned host certificates (`vireo_migration::hostauth`), then JSON lines
+//! (`vireo_api::migrate::PeerMsg`), with a quick migration's files as raw bytes after their
+//! `File` line. Every read is bounded in size and time, so a peer cannot make this side
+//! allocate without limit or wait forever.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{ClientConfig, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use vireo_api::migrate::PeerMsg;
+use vireo_migration::hostauth;
+
+use crate::host_trust::HostTrust;
+
+/// A protocol line at most (an offer carries a spec: a few KiB).
+const MAX_LINE: u64 = 1 << 20;
+/// Connect plus handshake.
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+/// A saved-state file at most (guest RAM is bounded by the host's limits long before this).
+pub const MAX_FILE: u64 = 1 << 40;
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub struct Peer {
+    io: BufReader<Box<dyn Io>>,
+    /// A line read in part: `recv` may be cancelled (a `select!`) and resumes here.
+    pending: Vec<u8>,
+    /// Who is on the other end (a name from the trust store, or the address).
+    pub who: String,
+}
+
+pub fn server_config(host: &HostTrust) -> Result<Arc<ServerConfig>, String> {
+    let id = host.identity().map_err(|e| e.to_string())?;
+    let trusted = host.trusted().map_err(|e| e.to_string())?;
+    hostauth::server_config(&id, &trusted).map_err(|e| e.to_string())
+}
+
+fn client_config(host: &HostTrust) -> Result<Arc<ClientConfig>, String> {
+    let id = host.identity().map_err(|e| e.to_string())?;
+    let trusted = host.trusted().map_err(|e| e.to_string())?;
+    hostauth::client_config(&id, &trusted).map_err(|e| e.to_string())
+}
+
+impl Peer {
+    /// The source's side: TCP, then TLS presenting this host's certificate and accepting only
+    /// a trusted one. Every failure is one line naming `to` and the way out.
+    pub async fn connect(host: &HostTrust, to: SocketAddr) -> Result<Peer, String> {
+        let cfg = client_config(host)?;
+        let work = async {
+            let tcp = TcpStream::connect(to)
+                .await
+                .map_err(|e| format!("cannot reach the destination {to}: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            TlsConnector::from(cfg)
+                .connect(hostauth::peer_name(), tcp)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "the TLS handshake with {to} failed ({e}): each host must trust the \
+                         other (`vireo host trust add` with the fingerprint `vireo host \
+                         identity` prints on the other host)"
+                    )
+                })
+        };
+        let tls = tokio::time::timeout(CONNECT_LIMIT, work)
+            .await
+            .map_err(|_| format!("no answer from {to} within {}s", CONNECT_LIMIT.as_secs()))??;
+        Ok(Peer {
+            io: BufReader::new(Box::new(tls)),
+            pending: Vec::new(),
+            who: to.to_string(),
+        })
+    }
+
+    /// The destination's side of an accepted connection: the handshake refuses an untrusted
+    /// client before anything is read.
+    pub async fn accept(cfg: Arc<ServerConfig>, tcp: TcpStream) -> Result<Peer, String> {
+        let from = tcp
+            .peer_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string());
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(CONNECT_LIMIT, TlsAcceptor::from(cfg).accept(tcp))
+            .await
+            .map_err(|_| {
+                format!(
+                    "{from}: no TLS handshake within {}s",
+                    CONNECT_LIMIT.as_secs()
+                )
+            })?
+            .map_err(|e| format!("{from}: TLS handshake refused: {e}"))?;
+        Ok(Peer {
+            io: BufReader::new(Box::new(tls)),
+            pending: Vec::new(),
+            who: from,
+        })
+    }
+
+    pub async fn send(&mut self, msg: &PeerMsg) -> Result<(), String> {
+        let mut line = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let w = self.io.get_mut();
+        w.write_all(&line)
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.who))?;
+        w.flush()
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.who))
+    }
+
+    /// The next message, waiting at most `limit`. The connection closing is an error.
+    /// Cancel-safe: a line read in part is kept for the next call.
+    pub async fn recv(&mut self, limit: Duration) -> Result<PeerMsg, String> {
+        let room = MAX_LINE.saturating_sub(self.pending.len() as u64);
+        let mut limited = (&mut self.io).take(room);
+        let read = limited.read_until(b'\n', &mut self.pending);
+        tokio::time::timeout(limit, read)
+            .await
+            .map_err(|_| format!("{} said nothing for {}s", self.who, limit.as_secs()))?
+            .map_err(|e| format!("reading from {}: {e}", self.who))?;
+        if self.pending.last() != Some(&b'\n') {
+            if self.pending.len() as u64 >= MAX_LINE {
+                return Err(format!(
+                    "{} sent a line longer than {MAX_LINE} bytes",
+                    self.who
+                ));
+            }
+            return Err(format!("{} closed the connection", self.who));
+        }
+        let line = std::mem::take(&mut self.pending);
+        serde_json::from_slice(&line).map_err(|e| format!("{} sent a bad message: {e}", self.who))
+    }
+
+    /// `File` then the bytes of `path`.
+    pub async fn send_file(&mut self, name: &Path, path: &Path) -> Result<u64, String> {
+        let mut f = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        self.send(&PeerMsg::File {
+            name: name.to_owned(),
+            len,
+        })
+        .await?;
+        let w = self.io.get_mut();
+        let copied = tokio::io::copy(&mut (&mut f).take(len), w)
+            .await
+            .map_err(|e| format!("sending {} to {}: {e}", path.display(), self.who))?;
+        if copied != len {
+            return Err(format!("{} shrank while being sent", path.display()));
+        }
+        w.flush()
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.who))?;
+        Ok(len)
+    }
+
+    /// The `len` bytes after a `File` line, into `path` (created; synced).
+    pub async fn recv_file(&mut self, path: &Path, len: u64) -> Result<(), String> {
+        if len > MAX_FILE {
+            return Err(format!(
+                "a file of {len} bytes is more than this host takes"
+            ));
+        }
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let copied = tokio::io::copy(&mut (&mut self.io).take(len), &mut f)
+            .await
+            .map_err(|e| format!("receiving {} from {}: {e}", path.display(), self.who))?;
+        if copied != len {
+            return Err(format!(
+                "{} closed the connection after {copied} of {len} bytes of {}",
+                self.who,
+                path.display()
+            ));
+        }
+        f.sync_all()
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+}

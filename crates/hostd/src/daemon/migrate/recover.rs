@@ -1,0 +1,65 @@
+//! Start-up: VMs left `incoming` by a vireod that died while receiving them. The connection
+//! to the source died with it, so the source's side has ended too (its job failed or its
+//! worker handed the VM over). What the worker here says decides:
+//! - it runs the VM (its migration `completed`): adopted, `running`, ports announced;
+//! - anything else (no worker, a worker still waiting, one that failed): the worker is
+//!   killed and the record and its ports removed; the VM is the source's.
+//!
+//! And on the source side: a VM whose worker exited `MigratedAway` while no job was there to
+//! remove its record (vireod died mid-migration, the workers finished the hand-over) is found
+//! `off` with that `exit.json`; it runs on the destination, so its record and ports go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vireo_api::worker::{
+    MigrateState, WorkerExit, WorkerExitReason, WorkerOp, WorkerRecord, WorkerReply,
+};
+use vireo_api::{Action, VmState};
+
+use crate::daemon::switches::nics;
+use crate::daemon::worker_client::call_once;
+use crate::daemon::{files, procfs, sys, Daemon};
+
+pub async fn recover_all(d: &Arc<Daemon>) {
+    let Ok(vms) = d.store.list() else { return };
+    for vm in vms.iter().filter(|v| v.state == VmState::Off) {
+        let dir = d.store.vm_dir(vm.id());
+        let exit = files::read_json::<WorkerExit>(&files::path(&dir, files::EXIT));
+        if let Some(WorkerExitReason::MigratedAway { to, .. }) = exit.map(|e| e.reason) {
+            tracing::warn!(vm = %vm.id(), name = %vm.spec.name, %to, "VM migrated away while vireod was down; removing its record");
+            if let Err(e) = nics::remove_vm(d, vm).await {
+                tracing::error!(vm = %vm.id(), "{}", e.body.message);
+            }
+        }
+    }
+    for vm in vms.into_iter().filter(|v| v.state == VmState::Incoming) {
+        let dir = d.store.vm_dir(vm.id());
+        let record = files::read_json::<WorkerRecord>(&files::path(&dir, files::RECORD))
+            .filter(|r| r.vm_id == vm.id() && procfs::alive(r.pid, r.start_time_ticks));
+        if let Some(r) = record {
+            let sock = files::path(&dir, files::SOCKET);
+            let status = tokio::time::timeout(
+                Duration::from_secs(5),
+                call_once(&sock, WorkerOp::MigrateStatus),
+            )
+            .await;
+            if let Ok(Ok(WorkerReply::Migrate(p))) = status {
+                if p.state == MigrateState::Completed
+                    && d.store.set_state(vm.id(), &Action::Started).is_ok()
+                {
+                    tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
+                    d.sup.adopt(d, r, &dir);
+                    super::listener::announce(d, &vm).await;
+                    continue;
+                }
+            }
+            tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
+            let _ = sys::kill(r.pid, libc::SIGKILL);
+        }
+        tracing::warn!(vm = %vm.id(), name = %vm.spec.name, "removing an incoming VM left by a migration cut short");
+        if let Err(e) = nics::remove_vm(d, &vm).await {
+            tracing::error!(vm = %vm.id(), "{}", e.body.message);
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The source side: `POST /v1/vms/{vm}/migrate` → a `migrate` job.
+//!
+//! - **Live**: connect to the destination vireod (mutual TLS), offer the VM, and once it
+//!   accepted (its worker listens), tell our worker `MigrateOut`; its `MigrateStatus` is the
+//!   job's progress. The VM has moved when our worker exits `MigratedAway` and the
+//!   destination says `Running`: then the record here is removed (the disks stay: shared
+//!   storage). Before the switch-over a cancel is `MigrateCancel` + `Abort`: the VM runs on
+//!   here and the destination removes its record.
+//! - **Quick**: offer, save the VM (the ordinary save), send the saved files, `Commit`; the
+//!   destination restores it. `Running` → the record here goes; `Failed` → the VM is started
+//!   here again from its saved state. The downtime (save start → running there) is measured.
+//!
+//! The VM's lock is held for the whole job; the host's migration slots (`--max-migrations`)
+//! are taken first, so extra migrations queue (progress 0) until one ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OwnedMutexGuard;
+use uuid::Uuid;
+use vireo_api::migrate::{
+    MigrateRequest, PeerMsg, StorageMode, DEFAULT_MAX_DOWNTIME_MS, MAX_STREAMS,
+    PEER_PROTOCOL_VERSION,
+};
+use vireo_api::worker::{
+    MigrateOptions, MigrateProgress, MigrateState, WorkerExit, WorkerExitReason, WorkerOp,
+    WorkerReply,
+};
+use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
+
+use super::peer::Peer;
+use crate::daemon::http_error::HttpError;
+use crate::daemon::jobs::cancelled;
+use crate::daemon::supervisor::Worker;
+use crate::daemon::switches::nics;
+use crate::daemon::worker_client::{call_once, WorkerCallError};
+use crate::daemon::{files, lifecycle, save, Daemon};
+
+const POLL: Duration = Duration::from_millis(200);
+/// The destination's answer to an offer (it may spawn a worker first).
+const OFFER_LIMIT: Duration = Duration::from_secs(30);
+/// From our worker's hand-over (or the last file) to the destination's `Running`.
+const ARRIVAL_LIMIT: Duration = Duration::from_secs(120);
+/// Consecutive unanswered status polls before our worker is given up on.
+const MAX_SILENT_POLLS: u32 = 50;
+
+fn invalid(message: String) -> HttpError {
+    HttpError::new(ApiErrorCode::Invalid, message)
+}
+
+/// `POST /v1/vms/{vm}/migrate`: checked here, then 202 with the job.
+pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result<Job, HttpError> {
+    if req.with_storage {
+        return Err(invalid(
+            "shared-nothing migration (with_storage, --with-storage) is not built yet; \
+             migrate VMs whose disks both hosts reach at the same paths"
+                .into(),
+        ));
+    }
+    let to: SocketAddr = req.to.parse().map_err(|_| {
+        invalid(format!(
+            "to {:?}: expected the destination's migration listener as ADDR:PORT with a \
+             literal IP, e.g. 192.0.2.7:7070",
+            req.to
+        ))
+    })?;
+    let streams = req.streams.unwrap_or(1);
+    if !(1..=MAX_STREAMS).contains(&streams) {
+        return Err(invalid(format!("streams {streams}: 1 to {MAX_STREAMS}")));
+    }
+    if req.bandwidth == Some(0) {
+        return Err(invalid(
+            "bandwidth 0: give bytes per second, or leave it out for no cap".into(),
+        ));
+    }
+    let guard = daemon.try_lock_vm(vm)?;
+    let vm = daemon.store.get_by_id(vm.id())?;
+    let name = vm.spec.name.clone();
+    let movable = match req.quick {
+        true => transition(&vm.state, &Action::Save).is_ok(),
+        false => vm.state == VmState::Running,
+    };
+    if !movable {
+        let want = if req.quick {
+            "running or paused"
+        } else {
+            "running"
+        };
+        return Err(HttpError::conflict(format!(
+            "cannot migrate VM {name:?} while it is {}; it must be {want}",
+            vm.state
+        )));
+    }
+    if daemon.sup.get(vm.id()).is_none() {
+        return Err(HttpError::conflict(format!(
+            "VM {name:?} has no worker now (it is ending); retry"
+        )));
+    }
+    let job = daemon.store.create_job(Some(vm.id()), JobKind::Migrate)?;
+    let cancel = daemon.jobs.register(job.id);
+    daemon.migrations.set_progress(
+        job.id,
+        MigrateProgress {
+            memory_bytes: vm.spec.memory_bytes,
+            ..Default::default()
+        },
+    );
+    let d = daemon.clone();
+    let job_id = job.id;
+    tokio::spawn(async move {
+        let end = run(&d, &vm, to, req, streams, job_id, cancel, guard).await;
+        match end {
+            End::Done => {
+                let _ = d.store.finish_job(job_id, Ok(()));
+            }
+            End::Cancelled => {
+                let _ = d.store.cancel_job(job_id);
+            }
+            End::Failed(m) => {
+                tracing::warn!(vm = %vm.id(), "migration failed: {m}");
+                d.migrations.update_progress(job_id, |p| {
+                    p.state = MigrateState::Failed;
+                    p.message = Some(m.clone());
+                });
+                let _ = d.store.finish_job(job_id, Err(m));
+            }
+        }
+        d.jobs.finished(job_id);
+    });
+    Ok(job)
+}
+
+enum End {
+    Done,
+    Cancelled,
+    Failed(String),
+}
+
+/// `POST /v1/jobs/{id}/cancel` of a migration: passed on to its task, which ends the job as
+/// cancelled (the VM runs on here) or, past the switch-over, as completed.
+pub fn cancel(daemon: &Daemon, job: &Job) -> Result<Job, HttpError> {
+    if !daemon.jobs.cancel(job.id) {
+        return Err(HttpError::conflict(
+            "this migration is not run by this vireod (it restarted); nothing to cancel",
+        ));
+    }
+    Ok(job.clone())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    d: &Arc<Daemon>,
+    vm: &Vm,
+    to: SocketAddr,
+    req: MigrateRequest,
+    streams: u16,
+    job: Uuid,
+    cancel: tokio::sync::watch::Receiver<bool>,
+    guard: OwnedMutexGuard<()>,
+) -> End {
+    let mut cancel_wait = Box::pin(cancelled(cancel));
+    // Queued behind the host's other migrations; a cancel meanwhile ends it here.
+    let slots = d.migrations.slots();
+    let _permit = tokio::select! {
+        p = slots.acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return End::Failed("vireod is shutting down".into()),
+        },
+        () = &mut cancel_wait => return End::Cancelled,
+    };
+    let _ = d.store.set_job_progress(job, 1);
+    let mut peer = match Peer::connect(&d.host, to).await {
+        Ok(p) => p,
+        Err(e) => return End::Failed(format!("{e}; VM {:?} runs on here", vm.spec.name)),
+    };
+    let session = Uuid::new_v4();
+    let offer = PeerMsg::Offer {
+        version: PEER_PROTOCOL_VERSION,
+        vm_id: vm.id(),
+        spec: Box::new(vm.spec.clone()),
+        storage: StorageMode::Shared,
+        session,
+        streams,
+        quick: req.quick,
+    };
+    // In TLS 1.3 the server checks our certificate after our side finished the handshake:
+    // a destination that does not trust this host answers the first message with an alert.
+    let refused_us = |e: String| {
+        if e.contains("alert") {
+            format!(
+                "the TLS handshake with {to} failed ({e}): the destination does not trust this \
+                 host; run `vireo host trust add` there with this host's fingerprint (`vireo \
+                 host identity`)"
+            )
+        } else if e.contains("closed the connection") {
+            format!(
+                "{e} at the offer: the TLS handshake may have failed there (a destination that \
+                 does not trust this host); run `vireo host trust add` there with this host's \
+                 fingerprint (`vireo host identity`)"
+            )
+        } else {
+            e
+        }
+    };
+    if let Err(e) = peer.send(&offer).await {
+        return End::Failed(refused_us(e));
+    }
+    let listen_addr = match peer.recv(OFFER_LIMIT).await {
+        Ok(PeerMsg::Accepted { listen_addr }) => listen_addr,
+        Ok(PeerMsg::Refused { reason }) => {
+            return End::Failed(format!("the destination {to} refused the VM: {reason}"))
+        }
+        Ok(other) => return End::Failed(format!("{to} answered the offer with {other:?}")),
+        Err(e) => return End::Failed(refused_us(e)),
+    };
+    let _ = d.store.set_job_progress(job, 5);
+    if req.quick {
+        return quick(d, vm, &mut peer, job, &mut cancel_wait, guard).await;
+    }
+    let Some(listen_addr) = listen_addr else {
+        return End::Failed(format!("{to} accepted without a worker address"));
+    };
+    live(
+        d,
+        vm,
+        &mut peer,
+        &req,
+        streams,
+        session,
+        listen_addr,
+        job,
+        &mut cancel_wait,
+    )
+    .await
+}
+
+async fn abort(peer: &mut Peer, reason: &str) {
+    if peer
+        .send(&PeerMsg::Abort {
+            reason: reason.to_string(),
+        })
+        .await
+        .is_ok()
+    {
+        // Its answer says the record is gone there; the connection closing is as good.
+        let _ = peer.recv(Duration::from_secs(30)).await;
+    }
+}
+
+/// The worker's `exit.json`, if it wrote one for its pid.
+fn exit_of(w: &Worker) -> Option<WorkerExitReason> {
+    files::read_json::<WorkerExit>(&files::path(&w.dir, files::EXIT))
+        .filter(|e| e.pid == w.pid)
+        .map(|e| e.reason)
+}
+
+fn percent(p: &MigrateProgress) -> u8 {
+    if p.memory_bytes == 0 {
+        return 5;
+    }
+    (5 + (p.transferred_bytes.min(p.memory_bytes) * 90 / p.memory_bytes)) as u8
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn live(
+    d: &Arc<Daemon>,
+    vm: &Vm,
+    peer: &mut Peer,
+    req: &MigrateRequest,
+    streams: u16,
+    session: Uuid,
+    listen_addr: SocketAddr,
+    job: Uuid,
+    cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+) -> End {
+    let name = &vm.spec.name;
+    let Some(worker) = d.sup.get(vm.id()) else {
+        abort(peer, "the VM ended on the source").await;
+        return End::Failed(format!("VM {name:?} ended before the migration began"));
+    };
+    let tls = match d.host.worker_tls() {
+        Ok(t) => t,
+        Err(e) => {
+            abort(peer, "source configuration").await;
+            return End::Failed(e.to_string());
+        }
+    };
+    let op = WorkerOp::MigrateOut {
+        to: listen_addr,
+        session,
+        options: MigrateOptions {
+            max_downtime_ms: req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS),
+            bandwidth: req.bandwidth,
+            compress: req.compress,
+            streams,
+            postcopy: req.postcopy,
+        },
+        tls,
+    };
+    match call_once(&worker.socket(), op).await {
+        Ok(WorkerReply::Ok) => {}
+        Ok(other) => {
+            abort(peer, "the source worker did not start").await;
+            return End::Failed(format!("the worker of VM {name:?} answered {other:?}"));
+        }
+        Err(WorkerCallError::Refused(m)) => {
+            abort(peer, &m).await;
+            return End::Failed(format!("the worker of VM {name:?} cannot migrate: {m}"));
+        }
+        Err(e) => {
+            abort(peer, "the source worker did not answer").await;
+            return End::Failed(format!("the worker of VM {name:?} did not answer: {e}"));
+        }
+    }
+    let mut asked_cancel = false;
+    let mut silent = 0;
+    let mut dest_running = false;
+    let mut dest_failed: Option<String> = None;
+    let downtime = loop {
+        enum Ev {
+            Msg(Result<PeerMsg, String>),
+            Cancel,
+            Tick,
+        }
+        let ev = tokio::select! {
+            m = peer.recv(Duration::from_secs(3600)), if !dest_running && dest_failed.is_none() => Ev::Msg(m),
+            () = &mut *cancel_wait, if !asked_cancel => Ev::Cancel,
+            () = tokio::time::sleep(POLL) => Ev::Tick,
+        };
+        match ev {
+            Ev::Msg(Ok(PeerMsg::Running)) => dest_running = true,
+            Ev::Msg(Ok(PeerMsg::Failed { reason })) => {
+                // Our worker sees its streams fail too; make sure it stops trying.
+                let _ = call_once(&worker.socket(), WorkerOp::MigrateCancel).await;
+                dest_failed = Some(reason);
+            }
+            Ev::Msg(Ok(other)) => {
+                tracing::warn!(vm = %vm.id(), "unexpected {other:?} from the destination")
+            }
+            Ev::Msg(Err(e)) => {
+                // The destination vireod is gone: our worker's own streams decide.
+                let _ = call_once(&worker.socket(), WorkerOp::MigrateCancel).await;
+                dest_failed = Some(e);
+            }
+            Ev::Cancel => {
+                asked_cancel = true;
+                match call_once(&worker.socket(), WorkerOp::MigrateCancel).await {
+                    Ok(WorkerReply::Ok) => {}
+                    // Too late: the switch-over has begun; the migration completes.
+                    r => tracing::info!(vm = %vm.id(), "cancel not taken by the worker: {r:?}"),
+                }
+            }
+            Ev::Tick => {}
+        }
+        if !worker.is_alive() {
+            match exit_of(&worker) {
+                Some(WorkerExitReason::MigratedAway { downtime_ms, .. }) => break downtime_ms,
+                _ => {
+                    let o = worker.exited().await;
+                    abort(peer, "the VM ended on the source").await;
+                    return End::Failed(format!(
+                        "VM {name:?} ended on the source during the migration: {}",
+                        o.message
+                    ));
+                }
+            }
+        }
+        let p = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
+            Ok(WorkerReply::Migrate(p)) => p,
+            _ => {
+                silent += 1;
+                if silent >= MAX_SILENT_POLLS {
+                    abort(peer, "the source worker stopped answering").await;
+                    return End::Failed(format!(
+                        "the worker of VM {name:?} stopped answering during the migration"
+                    ));
+                }
+                continue;
+            }
+        };
+        silent = 0;
+        let state = p.state;
+        let message = p.message.clone();
+        let _ = d.store.set_job_progress(job, percent(&p));
+        d.migrations.set_progress(job, p.clone());
+        match state {
+            MigrateState::Completed => {
+                // The worker exits MigratedAway next.
+                if let Some(o) = worker.exited_within(Duration::from_secs(30)).await {
+                    tracing::info!(vm = %vm.id(), "source worker: {}", o.message);
+                }
+                break p.downtime_ms.unwrap_or(0);
+            }
+            MigrateState::Failed | MigrateState::Cancelled => {
+                let why = dest_failed
+                    .clone()
+                    .or(message)
+                    .unwrap_or_else(|| "no reason given".into());
+                if dest_failed.is_none() {
+                    abort(peer, &why).await;
+                }
+                if asked_cancel && state == MigrateState::Cancelled {
+                    return End::Cancelled;
+                }
+                return End::Failed(format!(
+                    "the migration of VM {name:?} failed: {why}; it runs on here"
+                ));
+            }
+            _ => {}
+        }
+    };
+    // Switched over: the VM runs there. Wait for the destination's word, then forget it here.
+    if !dest_running && dest_failed.is_none() {
+        match peer.recv(ARRIVAL_LIMIT).await {
+            Ok(PeerMsg::Running) => {}
+            other => tracing::warn!(vm = %vm.id(), "the destination did not confirm: {other:?}"),
+        }
+    }
+    finish_moved(d, vm, job, downtime).await
+}
+
+/// The VM runs on the destination: its record (and ports) go here; the disks stay.
+async fn finish_moved(d: &Daemon, vm: &Vm, job: Uuid, downtime_ms: u64) -> End {
+    d.migrations.update_progress(job, |p| {
+        p.state = MigrateState::Completed;
+        p.downtime_ms = Some(downtime_ms);
+    });
+    if let Some(w) = d.sup.get(vm.id()) {
+        let _ = w.exited_within(Duration::from_secs(30)).await;
+    }
+    let current = d.store.get_by_id(vm.id()).unwrap_or_else(|_| vm.clone());
+    if let Err(e) = nics::remove_vm(d, &current).await {
+        return End::Failed(format!(
+            "VM {:?} runs on the destination, but its record here could not be removed: {}",
+            vm.spec.name, e.body.message
+        ));
+    }
+    d.meters.forget(vm.id());
+    tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
+    End::Done
+}
+
+async fn quick(
+    d: &Arc<Daemon>,
+    vm: &Vm,
+    peer: &mut Peer,
+    job: Uuid,
+    cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+    guard: OwnedMutexGuard<()>,
+) -> End {
+    let name = &vm.spec.name;
+    // Last moment a cancel is taken: after this the VM is being saved.
+    if futures_ready(cancel_wait).await {
+        abort(peer, "cancelled").await;
+        return End::Cancelled;
+    }
+    let current = match d.store.get_by_id(vm.id()) {
+        Ok(v) => v,
+        Err(e) => {
+            abort(peer, "the VM is gone on the source").await;
+            return End::Failed(e.to_string());
+        }
+    };
+    let paused = current.state == VmState::Paused;
+    let Some(worker) = d.sup.get(vm.id()) else {
+        abort(peer, "the VM ended on the source").await;
+        return End::Failed(format!("VM {name:?} has no worker now"));
+    };
+    let t0 = Instant::now();
+    if let Err(e) = d.store.set_state(vm.id(), &Action::Save) {
+        abort(peer, "the VM cannot be saved").await;
+        return End::Failed(format!("VM {name:?}: {e}"));
+    }
+    d.migrations
+        .update_progress(job, |p| p.state = MigrateState::Switching);
+    let _ = d.store.set_job_progress(job, 10);
+    if let Err(e) = save::run_save(d, &worker, job, paused).await {
+        abort(peer, "the save failed").await;
+        return End::Failed(format!("saving VM {name:?} failed: {e}"));
+    }
+    let _ = d.store.set_job_progress(job, 50);
+    let dir = save::saved_dir(d, vm.id());
+    let sent = send_saved(peer, &dir, job, d).await;
+    let answer = match sent {
+        Ok(()) => match peer.send(&PeerMsg::Commit).await {
+            Ok(()) => peer.recv(ARRIVAL_LIMIT).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => {
+            abort(peer, &e).await;
+            Err(e)
+        }
+    };
+    let downtime_ms = t0.elapsed().as_millis() as u64;
+    match answer {
+        Ok(PeerMsg::Running) => {
+            let _ = d.store.set_job_progress(job, 95);
+            drop(guard);
+            finish_moved(d, vm, job, downtime_ms).await
+        }
+        other => {
+            let why = match other {
+                Ok(PeerMsg::Failed { reason }) => reason,
+                Ok(m) => format!("unexpected {m:?}"),
+                Err(e) => e,
+            };
+            // Not there: continue it here from its saved state.
+            let restarted = match d.store.get_by_id(vm.id()) {
+                Ok(v) => lifecycle::start_locked(d, &v)
+                    .await
+                    .map(|_| "it is restored here".to_string())
+                    .unwrap_or_else(|e| {
+                        format!("restoring it here failed too: {}", e.body.message)
+                    }),
+                Err(e) => format!("its record here: {e}"),
+            };
+            End::Failed(format!(
+                "the destination did not take VM {name:?}: {why}; {restarted}"
+            ))
+        }
+    }
+}
+
+async fn send_saved(
+    peer: &mut Peer,
+    dir: &std::path::Path,
+    job: Uuid,
+    d: &Daemon,
+) -> Result<(), String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name())
+        .collect();
+    // vm.state last: the destination's "complete" marker, as in a local save.
+    names.sort_by_key(|n| (n == "vm.state", n.clone()));
+    let mut total = 0;
+    for n in names {
+        let name = std::path::PathBuf::from(&n);
+        total += peer.send_file(&name, &dir.join(&name)).await?;
+        d.migrations
+            .update_progress(job, |p| p.transferred_bytes = total);
+    }
+    Ok(())
+}
+
+/// Whether the cancel has fired, without waiting.
+async fn futures_ready(f: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>) -> bool {
+    tokio::select! {
+        biased;
+        () = f.as_mut() => true,
+        () = std::future::ready(()) => false,
+    }
+}
+
+/// The route: 202 with the job.
+pub async fn route(
+    axum::extract::State(d): axum::extract::State<Arc<Daemon>>,
+    crate::daemon::http_error::ApiPath(key): crate::daemon::http_error::ApiPath<String>,
+    crate::daemon::http_error::ApiJson(req): crate::daemon::http_error::ApiJson<MigrateRequest>,
+) -> Result<(axum::http::StatusCode, axum::Json<Job>), HttpError> {
+    let vm = d.find(&key)?;
+    let job = start(&d, &vm, req).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
+}
