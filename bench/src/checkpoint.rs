@@ -9,7 +9,7 @@
 //! to a `file:` URI (live, QEMU's own downtime figure) and a new QEMU with `-incoming defer`
 //! then `migrate-incoming`, timed from that command to the counter moving.
 
-mod qmp;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

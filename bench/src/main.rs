@@ -5,6 +5,7 @@ mod boot;
 mod checkpoint;
 mod density;
 mod guestio;
+mod migrate;
 mod netlab;
 mod overlay;
 mod switch;
@@ -44,6 +45,8 @@ enum Command {
     /// through ports with ACLs, a VLAN and a rate limit vs a bridge + nftables; and the team
     /// figures, on one last line.
     Overlay(overlay::OverlayArgs),
+    /// Live migration of a 256 MiB probe with a hot set, worker to worker vs QEMU multifd.
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Density(args) => density::run(args),
         Command::Overlay(args) => overlay::run(args),
         Command::Team(args) => team::run(args),
+        Command::Migrate(args) => migrate::run(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

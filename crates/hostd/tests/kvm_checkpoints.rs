@@ -177,6 +177,7 @@ fn with_fault(state: &Path, bin: &Path, point: &str) -> Vireod {
         sock: state.join("vireod.sock"),
         worker_bin: bin.to_owned(),
         child: Some(child),
+        extra_args: Vec::new(),
     };
     common::daemon::wait_until(T, "vireod's socket", || {
         UnixStream::connect(&d.sock).is_ok()

@@ -52,9 +52,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use vireo_api::worker::{
-    CheckpointChild, CheckpointReport, MigrateProgress, MigrateState, WorkerExit,
-    WorkerExitReason, WorkerLaunch, WorkerMetrics,
-    WorkerOp, WorkerReply, WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
+    CheckpointChild, CheckpointReport, MigrateProgress, MigrateState, WorkerExit, WorkerExitReason,
+    WorkerLaunch, WorkerMetrics, WorkerOp, WorkerReply, WorkerRequest, WorkerStatus,
+    WORKER_PROTOCOL_VERSION,
 };
 
 struct Guest {

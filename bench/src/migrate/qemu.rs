@@ -1,0 +1,103 @@
+//! QEMU's side of the `migrate` benchmark, with the settings the issue names as its best here:
+//! multifd with 2 channels, `-incoming defer`, a low `downtime-limit`, no bandwidth cap, over
+//! loopback TCP, on the same probe guest and workload.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vireo_probe_image::qemu::{QemuProbe, QemuProbeConfig};
+
+use super::watch::{gap_ms, Watch, DIRTY_PAGES};
+use super::{Case, Sample, MEMORY_MIB, T};
+use crate::checkpoint::qmp::Qmp;
+
+/// A QEMU probe with two QMP sockets: one to drive it, one for the counter watcher.
+fn spawn(
+    qemu: &Path,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Result<(QemuProbe, Qmp, Qmp), String> {
+    let socks = [0, 1].map(|i| dir.join(format!("{name}-{i}.qmp")));
+    let mut c = QemuProbeConfig::new(qemu, MEMORY_MIB as u32);
+    for s in &socks {
+        c.extra_args.push("-qmp".into());
+        c.extra_args
+            .push(format!("unix:{},server=on,wait=off", s.display()));
+    }
+    c.extra_args.extend(extra.iter().map(|s| s.to_string()));
+    let p = c
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", qemu.display()))?;
+    let a = Qmp::connect(&socks[0], T)?;
+    let b = Qmp::connect(&socks[1], T)?;
+    Ok((p, a, b))
+}
+
+fn multifd(q: &mut Qmp) -> Result<(), String> {
+    q.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    )?;
+    q.execute("migrate-set-parameters", json!({"multifd-channels": 2}))?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("port: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    let (_dst, mut dq, mut dwatch) = spawn(qemu, dir, "dst", &["-incoming", "defer"])?;
+    multifd(&mut dq)?;
+    dq.execute("migrate-incoming", json!({ "uri": uri }))?;
+    let (mut src, mut sq, mut swatch) = spawn(qemu, dir, "src", &[])?;
+    src.console
+        .wait_ready(T)
+        .map_err(|e| format!("qemu: {e}"))?;
+    super::prepare(&mut src.console, case, seed)?;
+    multifd(&mut sq)?;
+    sq.execute(
+        "migrate-set-parameters",
+        json!({"downtime-limit": case.max_downtime_ms, "max-bandwidth": 100u64 << 30}),
+    )?;
+    let source = Watch::start(move || swatch.read_u64(DIRTY_PAGES).map(Some), T);
+    let dest = Watch::start(
+        move || {
+            if dwatch.status()? != "running" {
+                return Ok(None);
+            }
+            dwatch.read_u64(DIRTY_PAGES).map(Some)
+        },
+        T,
+    );
+    let t = Instant::now();
+    sq.execute("migrate", json!({ "uri": uri }))?;
+    let deadline = Instant::now() + T;
+    let info = loop {
+        let info = sq.execute("query-migrate", json!({}))?;
+        match info["status"].as_str() {
+            Some("completed") => break info,
+            Some("failed") | Some("cancelled") => return Err(format!("qemu migrate: {info}")),
+            _ if Instant::now() > deadline => {
+                let _ = sq.execute("migrate_cancel", json!({}));
+                return Err(format!("qemu migrate did not complete in {T:?}: {info}"));
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let total = t.elapsed();
+    // The destination's guest runs by now or very soon: wait until its watcher sees it move.
+    dest.wait_moved(Duration::from_secs(10));
+    let (s, d) = (source.finish()?, dest.finish()?);
+    Ok(Sample {
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        guest_gap_ms: gap_ms(&s, &d).map_err(|e| format!("qemu: {e}"))?,
+        total_ms: total.as_secs_f64() * 1e3,
+        rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+        transferred_mib: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64,
+    })
+}

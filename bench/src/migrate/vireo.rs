@@ -1,0 +1,372 @@
+//! Vireo's side of the `migrate` benchmark: two `vireo-vm` worker processes (the binary beside
+//! this one), driven as vireod drives them (`spec.json`, `worker.sock`), with host identities
+//! made in temporary folders and trusting each other; the destination listens on 127.0.0.1.
+//! The counter watchers read the guest's status page straight from each worker's RAM memfd
+//! (`/proc/<pid>/fd`), so they disturb neither VMM.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use vireo_api::worker::{
+    CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrateState, MigrationTls,
+    PostcopyMode, WorkerExit, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply, WorkerRequest,
+};
+use vireo_api::{AutoStart, VmSpec, SPEC_VERSION};
+use vireo_migration::hostauth::{HostIdentity, TrustStore};
+use vireo_probe_image::ProbeConsole;
+
+use super::watch::{gap_ms, Watch, DIRTY_PAGES};
+use super::{Case, Sample, MEMORY_MIB, T};
+
+/// A worker's folder: its sockets and log.
+#[derive(Clone)]
+struct Control {
+    dir: PathBuf,
+}
+
+struct Worker {
+    child: Child,
+    ctl: Control,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn worker_bin() -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = me.with_file_name("vireo-vm");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: build it first (cargo build --release -p vireo-worker)",
+            bin.display()
+        ))
+    }
+}
+
+fn spawn(dir: &Path, launch: &WorkerLaunch) -> Result<Worker, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let spec = serde_json::to_vec(launch).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("spec.json"), spec).map_err(|e| e.to_string())?;
+    let log = File::create(dir.join("worker.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(worker_bin()?)
+        .arg("--vm-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("vireo-vm: {e}"))?;
+    Ok(Worker {
+        child,
+        ctl: Control {
+            dir: dir.to_path_buf(),
+        },
+    })
+}
+
+impl Control {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+
+    /// Connects to `name`, retrying for `limit` while the worker has not created it yet.
+    fn connect(&self, name: &str, limit: Duration) -> Result<UnixStream, String> {
+        let path = self.dir.join(name);
+        let deadline = Instant::now() + limit;
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
+                    return Ok(s);
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("{}: {e}; log:\n{}", path.display(), self.log()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    fn ask(&self, op: WorkerOp) -> Result<WorkerReply, String> {
+        self.ask_within(op, T)
+    }
+
+    fn ask_within(&self, op: WorkerOp, limit: Duration) -> Result<WorkerReply, String> {
+        let s = self.connect("worker.sock", limit)?;
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let line = serde_json::to_string(&WorkerRequest::new(op)).map_err(|e| e.to_string())?;
+        writeln!(w, "{line}").map_err(|e| format!("worker.sock: {e}"))?;
+        let mut answer = String::new();
+        BufReader::new(s)
+            .read_line(&mut answer)
+            .map_err(|e| format!("worker.sock: {e}"))?;
+        serde_json::from_str(&answer).map_err(|e| format!("worker answered {answer:?}: {e}"))
+    }
+
+    /// One `MigrateStatus`; an error at once when the worker is gone (polling loops must
+    /// notice its exit, not wait for it).
+    fn status(&self) -> Result<MigrateProgress, String> {
+        match self.ask_within(WorkerOp::MigrateStatus, Duration::from_millis(200))? {
+            WorkerReply::Migrate(p) => Ok(p),
+            other => Err(format!("MigrateStatus answered {other:?}")),
+        }
+    }
+
+    fn wait_status(
+        &self,
+        what: &str,
+        done: impl Fn(&MigrateProgress) -> bool,
+    ) -> Result<MigrateProgress, String> {
+        let deadline = Instant::now() + T;
+        loop {
+            let p = match self.status() {
+                Ok(p) => p,
+                // Its socket may not exist yet.
+                Err(e) if Instant::now() > deadline => return Err(format!("{what}: {e}")),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            if done(&p) {
+                return Ok(p);
+            }
+            if matches!(p.state, MigrateState::Failed | MigrateState::Cancelled) {
+                return Err(format!("{what}: {p:?}; log:\n{}", self.log()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{what}: still {p:?} after {T:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The probe's console, once it said `PROBE READY`.
+    fn probe(&self) -> Result<ProbeConsole, String> {
+        let deadline = Instant::now() + T;
+        loop {
+            if let WorkerReply::ConsoleLog { data_base64, .. } =
+                self.ask(WorkerOp::ConsoleLog { max_bytes: 1 << 16 })?
+            {
+                let text = base64::engine::general_purpose::STANDARD
+                    .decode(&data_base64)
+                    .unwrap_or_default();
+                if String::from_utf8_lossy(&text).contains("PROBE READY") {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the probe never came up; log:\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let s = self.connect("console.sock", T)?;
+        Ok(ProbeConsole::new(
+            s.try_clone().map_err(|e| e.to_string())?,
+            s,
+        ))
+    }
+}
+
+impl Worker {
+    /// The guest's RAM, reopened through `/proc/<pid>/fd` (the worker's memfd).
+    fn ram(&self) -> Result<File, String> {
+        let fds = format!("/proc/{}/fd", self.child.id());
+        let deadline = Instant::now() + T;
+        loop {
+            for e in std::fs::read_dir(&fds).map_err(|e| format!("{fds}: {e}"))? {
+                let path = e.map_err(|e| e.to_string())?.path();
+                let is_ram = std::fs::read_link(&path)
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:vireo-guest-ram"));
+                if is_ram {
+                    return File::open(&path).map_err(|e| format!("{}: {e}", path.display()));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no guest RAM memfd in {fds}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn read_counter(ram: &File) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    ram.read_exact_at(&mut b, DIRTY_PAGES)
+        .map_err(|e| format!("reading guest RAM: {e}"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+struct Host {
+    dir: tempfile::TempDir,
+    id: HostIdentity,
+}
+
+impl Host {
+    fn new(name: &str) -> Result<Host, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let id = HostIdentity::load_or_create(dir.path(), name).map_err(|e| e.to_string())?;
+        Ok(Host { dir, id })
+    }
+    fn trust(&self, other: &Host) -> Result<(), String> {
+        let mut t = TrustStore::new();
+        t.trust(other.id.fingerprint(), "peer");
+        t.save(&self.dir.path().join("trusted"))
+            .map_err(|e| e.to_string())
+    }
+    fn tls(&self) -> MigrationTls {
+        MigrationTls {
+            cert: self.dir.path().join("host.crt"),
+            key: self.dir.path().join("host.key"),
+            trusted: self.dir.path().join("trusted"),
+        }
+    }
+}
+
+fn spec() -> VmSpec {
+    VmSpec {
+        version: SPEC_VERSION,
+        name: "migrate-bench".into(),
+        vcpus: 1,
+        memory_bytes: MEMORY_MIB << 20,
+        kernel: vireo_probe_image::probe_elf().to_path_buf(),
+        cmdline: "console=ttyS0".into(),
+        initrd: None,
+        disks: vec![],
+        nics: vec![],
+        console_ring_bytes: 64 * 1024,
+        auto_start: AutoStart::default(),
+        shutdown_line: Some("POWEROFF".into()),
+    }
+}
+
+pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
+    let (a, b) = (Host::new("source")?, Host::new("destination")?);
+    a.trust(&b)?;
+    b.trust(&a)?;
+    let vm_id = uuid::Uuid::new_v4();
+    let session = uuid::Uuid::new_v4();
+    let options = MigrateOptions {
+        max_downtime_ms: case.max_downtime_ms,
+        bandwidth: None,
+        compress: CompressMode::Auto,
+        streams: 2,
+        postcopy: PostcopyMode::Never,
+    };
+    let mut src = spawn(
+        &dir.join("vireo-src"),
+        &WorkerLaunch {
+            vm_id,
+            spec: spec(),
+            nic_sockets: vec![],
+            restore_from: None,
+            incoming: None,
+        },
+    )?;
+    let mut console = src.ctl.probe()?;
+    super::prepare(&mut console, case, seed)?;
+    let dst = spawn(
+        &dir.join("vireo-dst"),
+        &WorkerLaunch {
+            vm_id,
+            spec: spec(),
+            nic_sockets: vec![],
+            restore_from: None,
+            incoming: Some(IncomingMigration {
+                session,
+                streams: options.streams,
+                listen: "127.0.0.1:0".parse().expect("address"),
+                tls: b.tls(),
+            }),
+        },
+    )?;
+    let listening = dst
+        .ctl
+        .wait_status("destination listening", |p| p.listen_addr.is_some())?;
+    let to = listening.listen_addr.expect("checked");
+    let src_ram = src.ram()?;
+    let dst_ram = dst.ram()?;
+    let source = Watch::start(move || read_counter(&src_ram).map(Some), T);
+    // The destination's guest runs once its worker says so; before, its RAM changes only
+    // because pages arrive.
+    let dst_ctl = dst.ctl.clone();
+    let dest = Watch::start(
+        move || {
+            if dst_ctl.status()?.state == MigrateState::Completed {
+                read_counter(&dst_ram).map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+        T,
+    );
+    let t = Instant::now();
+    match src.ctl.ask(WorkerOp::MigrateOut {
+        to,
+        session,
+        options,
+        tls: a.tls(),
+    })? {
+        WorkerReply::Ok => {}
+        other => return Err(format!("MigrateOut answered {other:?}")),
+    }
+    let deadline = Instant::now() + T;
+    let mut last = MigrateProgress::default();
+    let exit = loop {
+        if let Ok(Some(_)) = src.child.try_wait() {
+            break std::fs::read(src.ctl.dir.join("exit.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<WorkerExit>(&b).ok());
+        }
+        if let Ok(p) = src.ctl.status() {
+            if p.state == MigrateState::Failed {
+                return Err(format!(
+                    "vireo migration failed: {p:?}; log:\n{}",
+                    src.ctl.log()
+                ));
+            }
+            last = p;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "vireo migration did not complete in {T:?}: {last:?}; source log:\n{}",
+                src.ctl.log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let total = t.elapsed();
+    let own = match exit.map(|e| e.reason) {
+        Some(WorkerExitReason::MigratedAway { downtime_ms, .. }) => downtime_ms as f64,
+        other => {
+            return Err(format!(
+                "the source ended with {other:?}; log:\n{}",
+                src.ctl.log()
+            ))
+        }
+    };
+    dest.wait_moved(Duration::from_secs(10));
+    let (s, d) = (source.finish()?, dest.finish()?);
+    let _ = dst.ctl.ask(WorkerOp::TurnOff);
+    Ok(Sample {
+        downtime_ms: own,
+        guest_gap_ms: gap_ms(&s, &d).map_err(|e| format!("vireo: {e}"))?,
+        total_ms: total.as_secs_f64() * 1e3,
+        rounds: last.round as f64,
+        transferred_mib: last.transferred_bytes as f64 / (1 << 20) as f64,
+    })
+}
