@@ -5,85 +5,22 @@
 //! workload (a counter); after the migration the VM is gone from the source and runs on the
 //! destination with the same id, the workload still running (no second `PROBE READY`), memory
 //! and disk verifying. Before trust is set up the migration is refused in the TLS handshake
-//! and the VM keeps running on the source. Live migration is refused while the workers lack it
-//! only by the workers (not tested here: branch migworker).
+//! and the VM keeps running on the source. Then the VM is live-migrated back (`vireo vm migrate`
+//! without `--quick`: pre-copy between the workers while the guest dirties memory), and on the
+//! first host again its workload, memory and disk carry on the same way.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod vireod_harness;
+use vireod_harness::console::Console;
 use vireod_harness::Daemon;
-
-struct Console {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Console {
-    fn attach(d: &Daemon, name: &str) -> Console {
-        let mut child = d
-            .vireo(&["vm", "console", name])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Console {
-            stdin: child.stdin.take().unwrap(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn ok(&mut self, command: &str) -> String {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .unwrap();
-        self.stdin.flush().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no answer to {command}; saw {:?}", self.seen));
-            self.seen.push(line.clone());
-            if line.starts_with("OK") || line.starts_with("ERR") {
-                assert!(line.starts_with("OK"), "{command}: {line}");
-                return line;
-            }
-        }
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn identity(d: &Daemon) -> serde_json::Value {
     serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
 }
 
 #[test]
-fn probe_guest_quick_migrates_between_two_vireods_and_keeps_running() {
+fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
@@ -151,5 +88,53 @@ fn probe_guest_quick_migrates_between_two_vireods_and_keeps_running() {
     assert!(
         !log.contains("PROBE READY"),
         "the guest booted again: {log}"
+    );
+
+    // Live, back to A, while the guest dirties memory and has written more to its disk.
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 WRITE 64 64 6");
+    c.ok("DIRTY START 8 4 0");
+    drop(c);
+    let to_a = identity(&a)["migration_listen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = b.ok(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to_a,
+        "--max-downtime",
+        "50ms",
+        "--output",
+        "json",
+    ]);
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["state"], "completed", "{job}");
+    eprintln!(
+        "live migration back: downtime {} ms, {} rounds, {} bytes sent",
+        job["migration"]["downtime_ms"],
+        job["migration"]["round"],
+        job["migration"]["transferred_bytes"]
+    );
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let here = a.vm("m");
+    assert_eq!(here.state.name(), "running");
+    assert_eq!(here.identity.id, id);
+    let mut c = Console::attach(&a, "m");
+    let stop = c.ok("DIRTY STOP");
+    assert!(stop.contains("passes="), "{stop}");
+    c.ok("MEM VERIFY 16 8 9");
+    c.ok("DISK 0 VERIFY 0 64 5");
+    c.ok("DISK 0 VERIFY 64 64 6");
+    c.ok("DISK 0 WRITE 128 8 7");
+    c.ok("DISK 0 VERIFY 128 8 7");
+    drop(c);
+    let log = a.ok(&["vm", "console", "m", "--log"]);
+    assert!(
+        !log.contains("PROBE READY"),
+        "the guest booted again on A: {log}"
     );
 }

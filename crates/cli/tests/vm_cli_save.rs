@@ -5,82 +5,12 @@
 //! memory and disk verify, no second `PROBE READY`). A damaged state file fails the start
 //! with one line naming it and keeps the VM saved; saving an off VM fails (409 → exit 1).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod vireod_harness;
+use vireod_harness::console::Console;
 use vireod_harness::Daemon;
-
-/// `vireo vm console` through pipes.
-struct Console {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Console {
-    fn attach(d: &Daemon, name: &str) -> Console {
-        let mut child = d
-            .vireo(&["vm", "console", name])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Console {
-            stdin: child.stdin.take().unwrap(),
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .unwrap();
-        self.stdin.flush().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no answer to {command}; saw {:?}", self.seen));
-            self.seen.push(line.clone());
-            if line.starts_with("OK") || line.starts_with("ERR") {
-                return line;
-            }
-        }
-    }
-
-    fn ok(&mut self, command: &str) -> String {
-        let a = self.ask(command);
-        assert!(a.starts_with("OK"), "{command}: {a}");
-        a
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn probe_guest_save_survives_a_vireod_kill_and_start_continues_it() {

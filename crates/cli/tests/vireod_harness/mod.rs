@@ -4,6 +4,8 @@
 // Each test binary uses a different part of it.
 #![allow(dead_code)]
 
+pub mod console;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -130,6 +132,20 @@ impl Daemon {
 
     pub fn vm(&self, name: &str) -> Vm {
         serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
+    }
+
+    /// The pid of the VM's worker, from vireod's record of it (`<vm-dir>/worker.json`).
+    pub fn worker_pid(&self, name: &str) -> u64 {
+        let id = self.vm(name).identity.id.to_string();
+        let record = self
+            .dir
+            .path()
+            .join("state/vms")
+            .join(id)
+            .join("worker.json");
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+        rec["pid"].as_u64().unwrap()
     }
 }
 

@@ -1,0 +1,78 @@
+//! `vireo vm console NAME` through pipes, for tests that talk to the probe guest the way a
+//! user's terminal would: one command line in, lines out until the probe's `OK`/`ERR`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::Daemon;
+
+pub struct Console {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Console {
+    pub fn attach(d: &Daemon, name: &str) -> Console {
+        let mut child = d
+            .vireo(&["vm", "console", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Console {
+            stdin: child.stdin.take().unwrap(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Sends `command` and returns the probe's answer line (`OK ...` or `ERR ...`).
+    pub fn ask(&mut self, command: &str) -> String {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .unwrap();
+        self.stdin.flush().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {command}; saw {:?}", self.seen));
+            self.seen.push(line.clone());
+            if line.starts_with("OK") || line.starts_with("ERR") {
+                return line;
+            }
+        }
+    }
+
+    /// As `ask`, insisting on `OK`.
+    pub fn ok(&mut self, command: &str) -> String {
+        let a = self.ask(command);
+        assert!(a.starts_with("OK"), "{command}: {a}");
+        a
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
