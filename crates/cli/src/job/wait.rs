@@ -29,16 +29,48 @@ fn interrupted() -> &'static AtomicBool {
     &INTERRUPTED
 }
 
+/// What Ctrl-C does while a job is followed.
+#[derive(Clone, Copy)]
+enum OnCtrlC<'a> {
+    /// Stop waiting; the job goes on.
+    StopWaiting,
+    /// Cancel the job and exit 130 at once.
+    Cancel,
+    /// Cancel the job, say `note` (what becomes of the VM), and keep following it to its end,
+    /// which the caller reports; a second Ctrl-C stops waiting.
+    CancelAndFollow(&'a str),
+}
+
 /// Polls `job` until it is no longer running and returns its last state. `what` labels the
 /// progress ("start web").
 pub fn wait(client: &Client, job: Job, what: &str) -> Result<Job, CliError> {
-    follow(client, job, what, false)
+    follow(client, job, what, OnCtrlC::StopWaiting, &|_| None)
 }
 
 /// [`wait`], but Ctrl-C cancels the job (export, import, clone: a cancelled one removes what
 /// it wrote) and waits for the cancel to be acknowledged.
 pub fn wait_or_cancel(client: &Client, job: Job, what: &str) -> Result<Job, CliError> {
-    follow(client, job, what, true)
+    follow(client, job, what, OnCtrlC::Cancel, &|_| None)
+}
+
+/// [`wait`] for jobs whose cancel takes effect at a safe point (storage move, migration):
+/// Ctrl-C asks for the cancel, prints `cancelling` (what becomes of the VM) and follows the
+/// job to its end (cancelled, or completed when it was too late), which the caller reports;
+/// Ctrl-C again stops waiting. `detail` adds the job's own figures to the progress line.
+pub fn follow_cancellable(
+    client: &Client,
+    job: Job,
+    what: &str,
+    cancelling: &str,
+    detail: &dyn Fn(&Job) -> Option<String>,
+) -> Result<Job, CliError> {
+    follow(
+        client,
+        job,
+        what,
+        OnCtrlC::CancelAndFollow(cancelling),
+        detail,
+    )
 }
 
 /// Cancels `job` after Ctrl-C and reports it (exit 130).
@@ -60,27 +92,47 @@ fn follow(
     client: &Client,
     mut job: Job,
     what: &str,
-    cancel_on_interrupt: bool,
+    on_ctrl_c: OnCtrlC,
+    detail: &dyn Fn(&Job) -> Option<String>,
 ) -> Result<Job, CliError> {
     let stop = interrupted();
     let mut shown = Progress::new(what, &job);
+    let mut cancel_asked = false;
     loop {
-        shown.update(&job);
+        shown.update(&job, detail(&job), what, cancel_asked);
         if job.state != JobState::Running {
             shown.finish();
             return Ok(job);
         }
         let next = Instant::now() + POLL;
         while Instant::now() < next {
-            if stop.load(Ordering::SeqCst) {
-                shown.finish();
-                if cancel_on_interrupt {
-                    return cancel(client, &job, what);
+            if stop.swap(false, Ordering::SeqCst) {
+                match on_ctrl_c {
+                    OnCtrlC::CancelAndFollow(note) if !cancel_asked => {
+                        cancel_asked = true;
+                        shown.say(&format!(
+                            "cancelling: {note} (Ctrl-C again to stop waiting)"
+                        ));
+                        let _: Job =
+                            client.post(&format!("/v1/jobs/{}/cancel", job.id), None::<&()>)?;
+                    }
+                    OnCtrlC::Cancel => {
+                        shown.finish();
+                        return cancel(client, &job, what);
+                    }
+                    _ => {
+                        shown.finish();
+                        let goes_on = if cancel_asked {
+                            "is being cancelled"
+                        } else {
+                            "goes on"
+                        };
+                        return Err(CliError::interrupted(format!(
+                            "stopped waiting; job {id} ({what}) {goes_on}: `vireo job show {id}` follows it",
+                            id = job.id
+                        )));
+                    }
                 }
-                return Err(CliError::interrupted(format!(
-                    "stopped waiting; job {id} ({what}) goes on: `vireo job show {id}` follows it",
-                    id = job.id
-                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -114,16 +166,33 @@ impl Progress {
         Progress::Bar(bar)
     }
 
-    fn update(&mut self, job: &Job) {
+    /// Shows the job's progress; `detail` beside it (not once a cancel was asked: the bar
+    /// then keeps saying so).
+    fn update(&mut self, job: &Job, detail: Option<String>, what: &str, cancel_asked: bool) {
+        let detail = detail.filter(|_| !cancel_asked);
         match self {
-            Progress::Bar(bar) => bar.set_position(job.progress.min(100).into()),
+            Progress::Bar(bar) => {
+                bar.set_position(job.progress.min(100).into());
+                if let Some(d) = detail {
+                    bar.set_message(format!("{what} ({d})"));
+                }
+            }
             Progress::Lines { label, last } => {
                 let now = (job.state, job.progress);
                 if *last != Some(now) {
-                    eprintln!("{label}: {} {}%", state_name(job.state), job.progress);
+                    let d = detail.map(|d| format!(" ({d})")).unwrap_or_default();
+                    eprintln!("{label}: {} {}%{d}", state_name(job.state), job.progress);
                     *last = Some(now);
                 }
             }
+        }
+    }
+
+    /// A message for the person: on the bar, or a line of its own.
+    fn say(&self, msg: &str) {
+        match self {
+            Progress::Bar(bar) => bar.set_message(msg.to_string()),
+            Progress::Lines { .. } => eprintln!("{msg}"),
         }
     }
 

@@ -4,13 +4,9 @@
 //! (before the switch-over the VM keeps running here), a second Ctrl-C stops waiting.
 
 use std::error::Error;
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vireo_api::migrate::MigrateRequest;
 use vireo_api::worker::{CompressMode, PostcopyMode};
 use vireo_api::{Job, JobState};
@@ -100,9 +96,6 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     v.checked_mul(mult).filter(|v| *v > 0).ok_or_else(bad)
 }
 
-const POLL: Duration = Duration::from_millis(200);
-static CTRL_C: AtomicU32 = AtomicU32::new(0);
-
 pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn Error>> {
     let path = super::path(&args.vm)?;
     if args.with_storage {
@@ -131,7 +124,7 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
         quick: args.quick,
         with_storage: false,
     };
-    let mut job: Job = client.post(&format!("{path}/migrate"), Some(&body))?;
+    let job: Job = client.post(&format!("{path}/migrate"), Some(&body))?;
     if args.no_wait {
         if args.output == OutputFormat::Json {
             emit(super::view::json(&job))?;
@@ -143,69 +136,22 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let _ = ctrlc::set_handler(|| {
-        CTRL_C.fetch_add(1, Ordering::SeqCst);
-    });
-    let bar = bar(&args.vm);
-    let mut asked_cancel = false;
-    let mut last_line = None;
-    while job.state == JobState::Running {
-        let detail = job.migration.as_ref().map(|m| {
-            format!(
-                "round {}, remaining {} MiB, est. downtime {} ms",
-                m.round,
-                m.remaining_bytes >> 20,
-                m.estimated_downtime_ms
-            )
-        });
-        match &bar {
-            Some(b) => {
-                b.set_position(job.progress.min(100).into());
-                if let (Some(d), false) = (&detail, asked_cancel) {
-                    b.set_message(format!("migrate {} ({d})", args.vm));
-                }
-            }
-            None if last_line != Some(job.progress) => {
-                eprintln!(
-                    "migration of {}: {}%{}",
-                    args.vm,
-                    job.progress,
-                    detail.map(|d| format!(" ({d})")).unwrap_or_default()
-                );
-                last_line = Some(job.progress);
-            }
-            None => {}
-        }
-        let next = Instant::now() + POLL;
-        while Instant::now() < next {
-            let presses = CTRL_C.load(Ordering::SeqCst);
-            if presses >= 2 {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                return Err(CliError::interrupted(format!(
-                    "stopped waiting; job {} is being cancelled: `vireo job show {}` follows it",
-                    job.id, job.id
-                ))
-                .into());
-            }
-            if presses == 1 && !asked_cancel {
-                asked_cancel = true;
-                let msg = "cancelling: before the switch-over the VM keeps running here \
-                           (Ctrl-C again to stop waiting)";
-                match &bar {
-                    Some(b) => b.set_message(msg),
-                    None => eprintln!("{msg}"),
-                }
-                let _: Job = client.post(&format!("/v1/jobs/{}/cancel", job.id), None::<&()>)?;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        job = client.get(&format!("/v1/jobs/{}", job.id))?;
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let job = crate::job::wait::follow_cancellable(
+        client,
+        job,
+        &format!("migrate {}", args.vm),
+        "before the switch-over the VM keeps running here",
+        &|job: &Job| {
+            job.migration.as_ref().map(|m| {
+                format!(
+                    "round {}, remaining {} MiB, est. downtime {} ms",
+                    m.round,
+                    m.remaining_bytes >> 20,
+                    m.estimated_downtime_ms
+                )
+            })
+        },
+    )?;
     if args.output == OutputFormat::Json {
         emit(super::view::json(&job))?;
     }
@@ -238,21 +184,6 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
         ))
         .into()),
     }
-}
-
-fn bar(vm: &str) -> Option<ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos:>3}% {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("migrate {vm}"));
-    bar.enable_steady_tick(Duration::from_millis(200));
-    Some(bar)
 }
 
 #[cfg(test)]

@@ -4,14 +4,10 @@
 //! copies are removed), then waits for the job to end; a second Ctrl-C stops waiting.
 
 use std::error::Error;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vireo_api::storage_move::MoveStorageRequest;
 use vireo_api::{Job, JobState};
 
@@ -39,9 +35,6 @@ pub struct MoveStorageArgs {
     pub output: OutputFormat,
 }
 
-const POLL: Duration = Duration::from_millis(200);
-static CTRL_C: AtomicU32 = AtomicU32::new(0);
-
 pub fn execute(client: &Client, args: MoveStorageArgs) -> Result<ExitCode, Box<dyn Error>> {
     let path = super::path(&args.vm)?;
     let to = if args.to.is_absolute() {
@@ -53,7 +46,7 @@ pub fn execute(client: &Client, args: MoveStorageArgs) -> Result<ExitCode, Box<d
         to,
         flatten: args.flatten,
     };
-    let mut job: Job = client.post(&format!("{path}/move-storage"), Some(&body))?;
+    let job: Job = client.post(&format!("{path}/move-storage"), Some(&body))?;
     if args.no_wait {
         if args.output == OutputFormat::Json {
             emit(super::view::json(&job))?;
@@ -65,51 +58,13 @@ pub fn execute(client: &Client, args: MoveStorageArgs) -> Result<ExitCode, Box<d
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let _ = ctrlc::set_handler(|| {
-        CTRL_C.fetch_add(1, Ordering::SeqCst);
-    });
-    let bar = bar(&args.vm);
-    let mut asked_cancel = false;
-    let mut last_line = None;
-    while job.state == JobState::Running {
-        match &bar {
-            Some(b) => b.set_position(job.progress.min(100).into()),
-            None if last_line != Some(job.progress) => {
-                eprintln!("move storage of {}: {}%", args.vm, job.progress);
-                last_line = Some(job.progress);
-            }
-            None => {}
-        }
-        let next = Instant::now() + POLL;
-        while Instant::now() < next {
-            let presses = CTRL_C.load(Ordering::SeqCst);
-            if presses >= 2 {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                return Err(CliError::interrupted(format!(
-                    "stopped waiting; job {} is being cancelled: `vireo job show {}` follows it",
-                    job.id, job.id
-                ))
-                .into());
-            }
-            if presses == 1 && !asked_cancel {
-                asked_cancel = true;
-                let msg = "cancelling: the VM stays on its old files, the copies are removed \
-                           (Ctrl-C again to stop waiting)";
-                match &bar {
-                    Some(b) => b.set_message(msg),
-                    None => eprintln!("{msg}"),
-                }
-                let _: Job = client.post(&format!("/v1/jobs/{}/cancel", job.id), None::<&()>)?;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        job = client.get(&format!("/v1/jobs/{}", job.id))?;
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let job = crate::job::wait::follow_cancellable(
+        client,
+        job,
+        &format!("move storage of {}", args.vm),
+        "the VM stays on its old files, the copies are removed",
+        &|_: &Job| None,
+    )?;
     if args.output == OutputFormat::Json {
         emit(super::view::json(&job))?;
     }
@@ -137,19 +92,4 @@ pub fn execute(client: &Client, args: MoveStorageArgs) -> Result<ExitCode, Box<d
         ))
         .into()),
     }
-}
-
-fn bar(vm: &str) -> Option<ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos:>3}% {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("move storage of {vm}"));
-    bar.enable_steady_tick(Duration::from_millis(200));
-    Some(bar)
 }
