@@ -3,7 +3,7 @@
 //! turn. A malformed line, an over-long line or a request of another protocol version gets
 //! `Error` and the connection stays usable.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -51,55 +51,9 @@ pub struct State {
     pub checkpointing: std::sync::atomic::AtomicBool,
 }
 
-/// Serves `listener` on a thread of its own.
+/// Serves `listener` on a thread of its own, a thread per connection.
 pub fn start(listener: UnixListener, state: Arc<State>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("worker-sock".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let s = state.clone();
-                if let Err(e) = std::thread::Builder::new()
-                    .name("worker-conn".into())
-                    .spawn(move || serve(&s, conn))
-                {
-                    tracing::warn!("worker.sock: cannot serve a connection: {e}");
-                }
-            }
-        })
-        .map(|_| ())
-}
-
-/// Reads one line of at most [`MAX_REQUEST`] bytes, without its newline: `Ok(None)` at the end
-/// of the stream, `Some(Err(()))` for a longer line (read to its end and dropped).
-fn read_line(input: &mut impl BufRead) -> std::io::Result<Option<Result<Vec<u8>, ()>>> {
-    let mut line = Vec::new();
-    let n = input
-        .by_ref()
-        .take(MAX_REQUEST as u64 + 1)
-        .read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if line.last() == Some(&b'\n') {
-        line.pop();
-        return Ok(Some(Ok(line)));
-    }
-    if line.len() <= MAX_REQUEST {
-        // The stream ended without a newline: take the last line as it is.
-        return Ok(Some(Ok(line)));
-    }
-    // Too long: skip the rest of it, a bounded piece at a time.
-    loop {
-        line.clear();
-        let n = input
-            .by_ref()
-            .take(MAX_REQUEST as u64)
-            .read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() == Some(&b'\n') {
-            return Ok(Some(Err(())));
-        }
-    }
+    vireo_linesock::start(listener, "worker", move |conn| serve(&state, conn))
 }
 
 fn serve(s: &Arc<State>, conn: UnixStream) {
@@ -108,9 +62,9 @@ fn serve(s: &Arc<State>, conn: UnixStream) {
     };
     let mut input = BufReader::new(conn);
     loop {
-        let (reply, then) = match read_line(&mut input) {
+        let (reply, then) = match vireo_linesock::read_line(&mut input, MAX_REQUEST) {
             Ok(None) | Err(_) => return,
-            Ok(Some(Err(()))) => (
+            Ok(Some(Err(vireo_linesock::TooLong))) => (
                 WorkerReply::Error {
                     message: format!("request longer than {MAX_REQUEST} bytes"),
                 },
@@ -354,19 +308,5 @@ mod tests {
         assert!(parse(b"hello").unwrap_err().contains("not JSON"));
         let e = parse(br#"{"version":1,"op":"reboot"}"#).unwrap_err();
         assert!(e.starts_with("malformed request"), "{e}");
-    }
-
-    #[test]
-    fn long_lines_are_refused_and_skipped_whole() {
-        let mut text = vec![b'x'; MAX_REQUEST * 3];
-        text.extend_from_slice(b"\n{\"a\":1}\nlast");
-        let mut input = &text[..];
-        assert_eq!(read_line(&mut input).unwrap(), Some(Err(())));
-        assert_eq!(
-            read_line(&mut input).unwrap(),
-            Some(Ok(b"{\"a\":1}".to_vec()))
-        );
-        assert_eq!(read_line(&mut input).unwrap(), Some(Ok(b"last".to_vec())));
-        assert_eq!(read_line(&mut input).unwrap(), None);
     }
 }
