@@ -18,6 +18,8 @@
 //! host kernel, never for something `./setup.sh` could install.
 #![forbid(unsafe_code)]
 
+pub mod cmd;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;

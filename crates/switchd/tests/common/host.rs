@@ -1,29 +1,8 @@
 //! Host commands (`ip`, `ping`) for the namespace test.
 
-use std::process::{Command, Stdio};
-
-/// Runs a command quietly; whether it succeeded.
-pub fn run(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs a command that must succeed (the test fails with its stderr otherwise).
-pub fn must(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+// Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use vireo_testkit::cmd::{must, run};
 
 /// Namespaces `<prefix>n<k>`, each on a veth pair whose host end `<prefix>h<k>` stays here;
 /// all removed on drop, even when an assert failed.

@@ -3,37 +3,9 @@
 
 use std::process::{Command, Stdio};
 
-/// Runs a command quietly; whether it succeeded.
-pub fn run(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs a command that must succeed (the test fails with its stderr otherwise).
-pub fn must(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A command's stdout (empty if it could not run).
-pub fn output(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
+// Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use vireo_testkit::cmd::{must, output, run};
 
 /// Whether this host lets us create namespaces (root, iproute2) and has the tools the namespace
 /// tests use (ping; ethtool for veth ports): a recorded skip if not, a failure under CI.
