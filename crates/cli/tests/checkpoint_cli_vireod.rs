@@ -1,98 +1,12 @@
 //! `vireo checkpoint ...` against a real vireod (off VM, no KVM needed): create, list (the
 //! tree with "now"), show, rename, apply, rm, `--output json`, and bad input as one line.
 
+mod vireod_harness;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use vireo_api::Checkpoint;
-
-const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
-
-struct Daemon {
-    dir: tempfile::TempDir,
-    host: String,
-    child: Child,
-}
-
-impl Daemon {
-    fn start() -> Option<Daemon> {
-        let bin = Path::new(VIREO).parent().unwrap();
-        let (vireod, worker) = (bin.join("vireod"), bin.join("vireo-vm"));
-        if !vireod.is_file() {
-            vireo_testkit::skip("vireod built beside vireo (cargo build --release -p vireo-hostd)");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let socket = state.join("vireod.sock");
-        let child = Command::new(vireod)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--worker-bin")
-            .arg(worker)
-            .arg("--storage-root")
-            .arg(dir.path())
-            .arg("--storage-root")
-            .arg(vireo_probe_image::probe_elf().parent().unwrap())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("vireod.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vireod did not listen within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Daemon {
-            host: format!("unix:{}", socket.display()),
-            dir,
-            child,
-        })
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(VIREO)
-            .arg("--host")
-            .arg(&self.host)
-            .args(args)
-            .env_remove("VIREO_HOST")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vireo {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> (i32, String) {
-        let out = self.run(args);
-        assert!(!out.status.success(), "vireo {args:?} succeeded");
-        let err = String::from_utf8(out.stderr).unwrap();
-        (
-            out.status.code().unwrap(),
-            err.lines().last().unwrap_or_default().to_owned(),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use vireod_harness::Daemon;
 
 fn vhdx(dir: &Path) -> PathBuf {
     let p = dir.join("cli-cp.vhdx");

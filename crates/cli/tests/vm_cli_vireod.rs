@@ -6,158 +6,16 @@
 //! test is a recorded skip (a failure under CI).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vireo_api::{Job, JobKind, JobState, Vm};
 
-const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
+mod vireod_harness;
 
-/// vireod and vireo-vm beside `vireo`, if built.
-fn daemon_binaries() -> Option<(PathBuf, PathBuf)> {
-    let dir = Path::new(VIREO).parent().unwrap();
-    let (vireod, worker) = (dir.join("vireod"), dir.join("vireo-vm"));
-    if vireod.is_file() && worker.is_file() {
-        return Some((vireod, worker));
-    }
-    vireo_testkit::skip(&format!(
-        "vireod and vireo-vm built in {} (cargo build --release -p vireo-hostd -p vireo-worker; \
-         ./test.sh builds them)",
-        dir.display()
-    ));
-    None
-}
-
-/// A vireod on a temporary state directory; on drop every VM is turned off (workers outlive
-/// vireod by design) and vireod is stopped.
-struct Daemon {
-    dir: tempfile::TempDir,
-    host: String,
-    child: Child,
-}
-
-impl Daemon {
-    fn start() -> Option<Daemon> {
-        let (vireod, worker) = daemon_binaries()?;
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let socket = state.join("vireod.sock");
-        let child = Command::new(vireod)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--worker-bin")
-            .arg(worker)
-            // Kernels and disks of these tests: the temp dir and the probe image.
-            .arg("--storage-root")
-            .arg(dir.path())
-            .arg("--storage-root")
-            .arg(vireo_probe_image::probe_elf().parent().unwrap())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("vireod.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vireod did not listen within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Daemon {
-            host: format!("unix:{}", socket.display()),
-            dir,
-            child,
-        })
-    }
-
-    fn vireo(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(VIREO);
-        cmd.arg("--host").arg(&self.host).args(args);
-        cmd.env_remove("VIREO_HOST").current_dir(self.dir.path());
-        cmd
-    }
-
-    /// Runs `vireo args` (stdin empty), killed and failed after 60 s.
-    fn run(&self, args: &[&str]) -> Output {
-        run(self.vireo(args), Duration::from_secs(60))
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vireo {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// The exit status and the single stderr line of a failing command.
-    fn fails(&self, args: &[&str]) -> (i32, String) {
-        let out = self.run(args);
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert!(!out.status.success(), "vireo {args:?} succeeded");
-        let last = err.lines().last().unwrap_or_default().to_string();
-        assert!(last.starts_with("vireo: error: "), "{err}");
-        (out.status.code().unwrap(), last)
-    }
-
-    fn vms(&self) -> Vec<Vm> {
-        serde_json::from_str(&self.ok(&["vm", "list", "--output", "json"])).unwrap()
-    }
-
-    fn vm(&self, name: &str) -> Vm {
-        serde_json::from_str(&self.ok(&["vm", "show", name, "--output", "json"])).unwrap()
-    }
-
-    /// A file the daemon may use: under the state dir (its default storage root).
-    fn state_file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.dir.path().join("state").join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(out) = self.vireo(&["vm", "list", "--output", "json"]).output() {
-            let vms: Vec<Vm> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            for vm in vms.iter().filter(|vm| vm.state.has_worker()) {
-                let _ = self.vireo(&["vm", "turn-off", &vm.spec.name]).output();
-            }
-        }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
+use vireod_harness::console::Console;
+use vireod_harness::Daemon;
 
 /// Creates a probe VM (32 MiB, shutdown line POWEROFF unless `shutdown_line` is false).
 fn create_probe(d: &Daemon, name: &str, shutdown_line: bool) -> Vm {
@@ -183,73 +41,6 @@ fn pty() -> (std::fs::File, std::fs::File) {
         .open(name.to_str().unwrap())
         .unwrap();
     (std::fs::File::from(master), tty)
-}
-
-/// A `vireo vm console` through pipes, its stdout read line by line.
-struct Console {
-    child: Child,
-    stdin: Option<std::process::ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Console {
-    fn attach(d: &Daemon, name: &str) -> Console {
-        let mut child = d
-            .vireo(&["vm", "console", name])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Console {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-        }
-    }
-
-    /// Sends `command` and returns the first line starting with `OK` or `ERR`.
-    fn ask(&mut self, command: &str) -> String {
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no answer to {command} within 20 s"));
-            if line.starts_with("OK") || line.starts_with("ERR") {
-                return line;
-            }
-        }
-    }
-
-    /// Waits (bounded) for vireo to exit; returns its status and stderr.
-    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + limit;
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                self.child.kill().unwrap();
-                panic!("vireo vm console did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = self.child.wait_with_output().unwrap();
-        (out.status, String::from_utf8(out.stderr).unwrap())
-    }
 }
 
 #[test]

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use super::Daemon;
 
 pub struct Console {
-    child: Child,
-    stdin: std::process::ChildStdin,
-    lines: mpsc::Receiver<String>,
+    pub child: Child,
+    pub stdin: Option<std::process::ChildStdin>,
+    pub lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
@@ -21,7 +21,7 @@ impl Console {
             .vireo(&["vm", "console", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -35,7 +35,7 @@ impl Console {
             }
         });
         Console {
-            stdin: child.stdin.take().unwrap(),
+            stdin: child.stdin.take(),
             child,
             lines,
             seen: Vec::new(),
@@ -44,10 +44,9 @@ impl Console {
 
     /// Sends `command` and returns the probe's answer line (`OK ...` or `ERR ...`).
     pub fn ask(&mut self, command: &str) -> String {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .unwrap();
-        self.stdin.flush().unwrap();
+        let stdin = self.stdin.as_mut().expect("console finished");
+        stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -67,6 +66,27 @@ impl Console {
         let a = self.ask(command);
         assert!(a.starts_with("OK"), "{command}: {a}");
         a
+    }
+}
+
+impl Console {
+    /// Closes the console's input and waits (bounded) for `vireo` to exit: its status and
+    /// stderr.
+    pub fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("vireo vm console did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+        }
+        (self.child.wait().unwrap(), err)
     }
 }
 

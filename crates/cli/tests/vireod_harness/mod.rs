@@ -1,6 +1,6 @@
 //! A vireod on a temporary state directory for the CLI end-to-end tests that drive VMs through
-//! it (`vm_cli_save.rs`, `vm_cli_export.rs`). On drop every VM is turned off (workers outlive
-//! vireod by design) and vireod is stopped.
+//! it (`vm_cli_vireod.rs`, `vm_cli_save.rs`, `vm_cli_export.rs`, `migrate_cli.rs`, ...). On
+//! drop every VM is turned off (workers outlive vireod by design) and vireod is stopped.
 // Each test binary uses a different part of it.
 #![allow(dead_code)]
 
@@ -124,10 +124,20 @@ impl Daemon {
         let out = self.run(args);
         assert!(!out.status.success(), "vireo {args:?} succeeded");
         let err = String::from_utf8(out.stderr).unwrap();
-        (
-            out.status.code().unwrap(),
-            err.lines().last().unwrap_or_default().to_string(),
-        )
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(last.starts_with("vireo: error: "), "{err}");
+        (out.status.code().unwrap(), last)
+    }
+
+    pub fn vms(&self) -> Vec<Vm> {
+        serde_json::from_str(&self.ok(&["vm", "list", "--output", "json"])).unwrap()
+    }
+
+    /// A file the daemon may use: under the state dir (its default storage root).
+    pub fn state_file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.path().join("state").join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
     }
 
     pub fn vm(&self, name: &str) -> Vm {
