@@ -71,6 +71,31 @@ pub fn write_vectored_by_copy<B: BlockBackend + ?Sized>(
     Ok(())
 }
 
+/// Total bytes of `bufs`, or `None` if it overflows (for backends mapping a request).
+pub fn guest_bufs_len(bufs: &[GuestBuf<'_>]) -> Option<u64> {
+    total_len(bufs)
+}
+
+/// `preadv` of `bufs` from `fd` at `file_offset`, for a backend that mapped the request to one
+/// extent of its file (a VHDX payload block). Resumed after short reads; the file ending early
+/// is an error. Pages read into are marked dirty.
+pub fn read_file_vectored(
+    fd: RawFd,
+    bufs: &[GuestBuf<'_>],
+    file_offset: u64,
+) -> Result<(), BlockError> {
+    transfer(fd, Dir::Read, bufs, file_offset, u64::MAX)
+}
+
+/// `pwritev` of `bufs` to `fd` at `file_offset`; the write twin of [`read_file_vectored`].
+pub fn write_file_vectored(
+    fd: RawFd,
+    bufs: &[GuestBuf<'_>],
+    file_offset: u64,
+) -> Result<(), BlockError> {
+    transfer(fd, Dir::Write, bufs, file_offset, u64::MAX)
+}
+
 /// Direction of a vectored transfer.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dir {

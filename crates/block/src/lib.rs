@@ -11,7 +11,10 @@ mod raw;
 mod uring;
 
 pub use error::{locked_message, BlockError};
-pub use iov::{read_vectored_by_copy, write_vectored_by_copy, GuestBuf};
+pub use iov::{
+    guest_bufs_len, read_file_vectored, read_vectored_by_copy, write_file_vectored,
+    write_vectored_by_copy, GuestBuf,
+};
 pub use lock::{downgrade_for_handover, lock, unlock, LockError, LockKind};
 pub use raw::RawFile;
 pub use uring::{Batcher, VecOp};

@@ -1,6 +1,7 @@
 //! The VMM's view of a VHDX disk.
 
-use vireo_block::{BlockBackend, BlockError};
+use vireo_block::{read_vectored_by_copy, write_vectored_by_copy};
+use vireo_block::{BlockBackend, BlockError, GuestBuf};
 
 use crate::Vhdx;
 
@@ -11,6 +12,22 @@ impl BlockBackend for Vhdx {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         Ok(self.write(buf, offset)?)
+    }
+
+    /// One `preadv` into guest memory when the request lies in one fully present block
+    /// (`vectored.rs`), else staged through `read`.
+    fn read_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        if self.read_direct(bufs, offset) {
+            return Ok(());
+        }
+        read_vectored_by_copy(self, bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        if self.write_direct(bufs, offset)? {
+            return Ok(());
+        }
+        write_vectored_by_copy(self, bufs, offset)
     }
 
     fn flush(&self) -> Result<(), BlockError> {

@@ -156,6 +156,14 @@ impl FileIo {
         Ok(self.file.metadata()?.len())
     }
 
+    /// The file's descriptor for vectored I/O straight into guest memory, when that is
+    /// exactly what `read_at`/`write_at` would do: no fault injector to tick and no read-only
+    /// log overlay to apply.
+    pub fn direct_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        (self.fault.is_none() && !self.has_overlay.load(Ordering::Acquire))
+            .then(|| self.file.as_raw_fd())
+    }
+
     /// Reads `buf.len()` bytes; bytes past the end of the file read as zero (sparse tails).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdxError> {
         if let Some(f) = &self.fault {

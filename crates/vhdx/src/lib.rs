@@ -18,6 +18,7 @@ mod layer;
 pub mod newfile;
 
 mod ops;
+mod vectored;
 
 pub mod convert;
 pub mod vhd;

@@ -25,7 +25,7 @@ use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
 use crate::poll::PollWindow;
-use crate::queue::{add_used_logged, suppress_kicks};
+use crate::queue::{add_used_logged, serve_in_batches, QueueRing};
 use crate::queue::{notify_if_needed, poll_avail, serve_queue_gated, Served};
 use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
@@ -237,7 +237,7 @@ impl BlockWorker {
     /// A serve pass without QoS: every look at the ring takes what is there (up to
     /// [`MAX_BATCH`]) and runs it as one batch; a pause request stops the pass between batches
     /// with the rest left in the ring. Notifications are re-enabled at the end, looking once
-    /// more for chains that came meanwhile, as [`crate::queue::serve_queue`] does.
+    /// more for chains that came meanwhile ([`serve_in_batches`]).
     fn serve_batched(&mut self) -> Pass {
         let mem = &self.mem;
         let counters = &*self.counters;
@@ -251,54 +251,31 @@ impl BlockWorker {
             counters,
             serial: self.serial.as_deref(),
         };
-        let queue = &mut self.queue;
-        let mut used = 0;
-        let mut held = false;
-        let mut heads = Vec::with_capacity(MAX_BATCH);
-        let mut chains = Vec::with_capacity(MAX_BATCH);
-        'pass: loop {
-            if let Err(e) = suppress_kicks(queue, mem) {
-                tracing::warn!("virtio-blk: cannot disable notifications: {e}");
-                break;
-            }
-            let mut popped = false;
-            loop {
-                if pause.requested() {
-                    // Like a deferred chain: notifications stay off, the pause decides next.
-                    held = true;
-                    break 'pass;
-                }
-                heads.clear();
-                chains.clear();
-                while heads.len() < MAX_BATCH {
-                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                        break;
-                    };
-                    heads.push(chain.head_index());
-                    chains.push(ChainBuffers::collect(mem, chain));
-                }
-                if heads.is_empty() {
-                    break;
-                }
-                popped = true;
+        let mut ring = QueueRing {
+            queue: &mut self.queue,
+            mem,
+        };
+        // A pause request stops the pass like a deferred chain: notifications stay off and
+        // the pause decides what comes next.
+        let (used, held) = serve_in_batches(
+            &mut ring,
+            MAX_BATCH,
+            || pause.requested(),
+            |ring, batch| {
+                let heads: Vec<u16> = batch.iter().map(|c| c.head_index()).collect();
+                let chains: Vec<_> = batch
+                    .drain(..)
+                    .map(|c| ChainBuffers::collect(mem, c))
+                    .collect();
                 let lens = run_batch(&mut ctx, batcher, &chains);
-                for (&head, len) in heads.iter().zip(lens) {
-                    if add_used_logged(queue, mem, head, len) {
-                        used += 1;
-                    }
-                }
-            }
-            match queue.enable_notification(mem) {
-                // Chains came while notifications were being re-enabled (and the ring is not
-                // bad: the last pass popped something).
-                Ok(true) if popped => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+                heads
+                    .iter()
+                    .zip(lens)
+                    .filter(|&(&head, len)| add_used_logged(ring.queue, mem, head, len))
+                    .count()
+            },
+        );
+        let queue = &mut self.queue;
         notify_if_needed(queue, mem, &*self.interrupt, 0, used);
         Pass { used, held }
     }
