@@ -80,34 +80,50 @@ impl Shared {
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// Turns the driver's kicks for `ring` off until [`VringT::enable_notification`]: the
-/// VRING_USED_F_NO_NOTIFY flag, or with EVENT_IDX `avail_event = next_avail - 1`. The driver
-/// kicks when an index it publishes passes `avail_event`; every index it can still publish lies
-/// after `next_avail`, so it would have to go round the whole 16-bit index space (65,535
-/// entries not taken) to cross it. Enabling writes `avail_event = next_avail` again and looks at
-/// the ring once more, so no frame is left waiting without a kick.
+/// Turns the driver's kicks for `ring` off until [`wake_kicks`]: the VRING_USED_F_NO_NOTIFY
+/// flag, or with EVENT_IDX `avail_event = next_avail - 1`. The driver kicks when an index it
+/// publishes passes `avail_event`; every index it can still publish lies after `next_avail`, so
+/// it would have to go round the whole 16-bit index space (65,535 entries not taken) to cross
+/// it. The ring lock is held from the `ready` check to the write, so nothing is written into a
+/// ring that GET_VRING_BASE stopped (a pause or save has already read guest memory by then).
 pub(crate) fn quiet_kicks(ring: &Vring, mem: &GuestMemoryMmap) {
-    let (event_idx, used, size, next) = {
-        let state = ring.get_ref();
-        let q = state.get_queue();
-        (
-            q.event_idx_enabled(),
-            q.used_ring(),
-            q.size(),
-            q.next_avail(),
-        )
-    };
-    if !event_idx {
-        let _ = ring.disable_notification();
+    let mut state = ring.get_mut();
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return;
+    }
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
         return;
     }
     // `avail_event` is the used ring's last word, after the flags, idx and `size` elements.
-    let at = used + 4 + 8 * u64::from(size);
+    let at = GuestAddress(q.used_ring() + 4 + 8 * u64::from(q.size()));
+    // Already behind the driver's index (it crossed it, which is why it kicked): it cannot
+    // kick again before publishing ~65,536 more entries, so leave the word alone. Writing only
+    // when it matters keeps an idle ring's page clean for the dirty log, and leaves the rings
+    // of a restored, paused VM exactly as saved.
+    let driver = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire);
+    let event = mem.load::<u16>(at, std::sync::atomic::Ordering::Acquire);
+    if let (Ok(idx), Ok(event)) = (driver, event) {
+        if (idx.0.wrapping_sub(u16::from_le(event)) as i16) > 0 {
+            return;
+        }
+    }
     let _ = mem.store(
-        next.wrapping_sub(1).to_le(),
-        GuestAddress(at),
+        q.next_avail().wrapping_sub(1).to_le(),
+        at,
         std::sync::atomic::Ordering::Release,
     );
+}
+
+/// Turns the driver's kicks back on (`avail_event = next_avail` under EVENT_IDX), under the
+/// ring lock like [`quiet_kicks`]. The caller looks at the ring once more afterwards.
+fn wake_kicks(ring: &Vring, mem: &GuestMemoryMmap) {
+    let mut state = ring.get_mut();
+    let q = state.get_queue_mut();
+    if q.ready() {
+        let _ = q.enable_notification(mem);
+    }
 }
 
 /// How long the switch keeps polling a drained TX ring before it asks for kicks again
@@ -200,12 +216,12 @@ impl VhostUserPort {
         let Some(ring) = rings.as_ref().and_then(|r| r.get(TX_QUEUE)) else {
             return;
         };
-        if !ring.get_ref().get_queue().ready() {
+        let Some(mem) = self.shared.memory() else {
             return;
-        }
+        };
         if on {
-            let _ = ring.enable_notification();
-        } else if let Some(mem) = self.shared.memory() {
+            wake_kicks(ring, &mem.memory());
+        } else {
             quiet_kicks(ring, &mem.memory());
         }
     }
