@@ -16,6 +16,20 @@ use std::os::unix::io::RawFd;
 /// Largest frame any port carries: 9014-byte jumbo frames plus a VLAN tag, rounded up.
 pub const MAX_FRAME: usize = 9216;
 
+/// Length of the legacy `struct virtio_net_hdr` (flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset; little endian) that offloaded frames carry beside them.
+pub const VNET_HDR_LEN: usize = 10;
+
+/// What a port's far side takes with a virtio-net header ([`FramePort::send_vnet`]): a frame
+/// whose checksum is still partial (`csum`), TCP super-frames to be segmented over IPv4
+/// (`tso4`) or IPv6 (`tso6`). A port that takes nothing gets whole, plain frames only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offloads {
+    pub csum: bool,
+    pub tso4: bool,
+    pub tso6: bool,
+}
+
 /// A bidirectional, non-blocking Ethernet frame port. Frames carry no virtio-net header.
 ///
 /// Methods take `&self` so one thread can receive while another sends.
@@ -30,4 +44,30 @@ pub trait FramePort: Send + Sync {
     fn rx_fd(&self) -> RawFd;
     /// A human-readable name (interface name, "chan-3", ...) for logs and status.
     fn name(&self) -> &str;
+
+    /// The offloads [`FramePort::send_vnet`] accepts now (for a VM's NIC: what its driver
+    /// negotiated, so it may change when the driver resets). Default: none.
+    fn offloads(&self) -> Offloads {
+        Offloads::default()
+    }
+
+    /// Sends one frame with its virtio-net header `hdr`. Callers only pass headers that
+    /// [`FramePort::offloads`] permits (others they resolve first: finish the checksum, cut
+    /// the segments). The default, for ports without offloads, sends the frame alone.
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), PortError> {
+        let _ = hdr;
+        self.send(frame)
+    }
+
+    /// Receives one frame and its virtio-net header (all zero for a plain frame): from a port
+    /// with offloads, TCP may arrive as a super-frame with a partial checksum. The default
+    /// receives a plain frame.
+    fn recv_vnet(
+        &self,
+        hdr: &mut [u8; VNET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, PortError> {
+        *hdr = [0; VNET_HDR_LEN];
+        self.recv(buf)
+    }
 }

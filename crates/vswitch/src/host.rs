@@ -29,8 +29,10 @@ pub enum HostPortError {
 pub const HOST_PORT: &str = "host";
 pub const UPLINK_PORT: &str = "uplink";
 
+/// A host TAP with checksum/TSO offloads (virtio-net headers), so a VM's TCP super-frame goes
+/// to the host stack as one write (docs/datapath.md, "Offloads").
 fn tap(name: &str) -> Result<TapPort, HostPortError> {
-    let t = TapPort::open(name).map_err(|source| HostPortError::Tap {
+    let t = TapPort::open_offload(name).map_err(|source| HostPortError::Tap {
         name: name.into(),
         source,
     })?;

@@ -25,7 +25,7 @@ use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
 use crate::uplink::gro::coalesce_batch;
-use crate::uplink::offload::{resolve, wire_len, VnetHdr};
+use crate::uplink::offload::{accepted_by, fits, resolve, wire_len, VnetHdr};
 use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
 use crate::PortId;
@@ -421,8 +421,12 @@ impl Worker {
             let got = match &port.offload {
                 Some(p) => p.recv_offload(&mut self.hdrs[count], buf),
                 None => {
-                    self.hdrs[count] = VnetHdr::default();
-                    port.port.recv(buf)
+                    // A VM's NIC (or a TAP with vnet headers) hands over its guest's offload
+                    // request; plain ports give an all-zero header.
+                    let mut raw = [0u8; vireo_netport::VNET_HDR_LEN];
+                    let got = port.port.recv_vnet(&mut raw, buf);
+                    self.hdrs[count] = VnetHdr::from_bytes(&raw);
+                    got
                 }
             };
             match got {
@@ -473,6 +477,11 @@ impl Worker {
             let frame = &mut self.rx[i];
             frame.truncate(*len);
             let hdr = self.hdrs[i];
+            if !fits(frame, &hdr) {
+                // Offsets outside the frame: no receiver may be handed it, no segmenter can cut it.
+                sw.count_drop(ingress, DropReason::Malformed);
+                continue;
+            }
             let wire = wire_len(frame, &hdr);
             sw.process_sized(ingress, frame, wire, now, d);
             if let (Some(off), true, [e]) = (&mut self.offload, from_packet, &d.egress[..]) {
@@ -525,6 +534,22 @@ impl Worker {
                 if let (Some(p), false) = (&out.offload, backlogged) {
                     // Offload to offload: the super-frame goes out whole.
                     match p.send_offload(&hdr, bytes) {
+                        Ok(()) => continue,
+                        Err(PortError::Full) if uplink => {}
+                        Err(_) => {
+                            sw.count_drop(e.port, DropReason::TxFull);
+                            continue;
+                        }
+                    }
+                }
+                if hdr.needs_work()
+                    && !backlogged
+                    && out.offload.is_none()
+                    && accepted_by(out.port.offloads(), &hdr)
+                {
+                    // The receiver (a VM that negotiated the offloads, a TAP with vnet headers)
+                    // takes the frame as the sender made it: not segmented, not checksummed.
+                    match out.port.send_vnet(&hdr.to_bytes(), bytes) {
                         Ok(()) => continue,
                         Err(PortError::Full) if uplink => {}
                         Err(_) => {

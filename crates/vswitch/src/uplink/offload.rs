@@ -68,6 +68,33 @@ impl VnetHdr {
     }
 }
 
+/// Whether a port taking `o` can be handed `h` as it is (no software work first). ECN-marked
+/// super-frames are never offered (no port negotiates TSO_ECN), so they are segmented.
+pub fn accepted_by(o: vireo_netport::Offloads, h: &VnetHdr) -> bool {
+    let csum_ok = h.flags & F_NEEDS_CSUM == 0 || o.csum;
+    let gso_ok = match h.gso_type {
+        GSO_NONE => true,
+        GSO_TCPV4 => o.tso4,
+        GSO_TCPV6 => o.tso6,
+        _ => false,
+    };
+    csum_ok && gso_ok
+}
+
+/// Whether the offsets of a header asking for work lie inside `frame` (a guest or the kernel
+/// may hand over anything; a receiver must never be given a checksum field past the end).
+/// Headers asking for nothing always fit.
+pub fn fits(frame: &[u8], h: &VnetHdr) -> bool {
+    if !h.needs_work() {
+        return true;
+    }
+    let field = h.csum_start as usize + h.csum_offset as usize + 2;
+    let csum_ok = h.flags & F_NEEDS_CSUM == 0 || (field <= frame.len() && h.csum_offset >= 6);
+    let gso_ok = h.gso_type & !GSO_ECN == GSO_NONE
+        || (h.gso_size > 0 && (h.csum_start as usize) + 20 <= frame.len());
+    csum_ok && gso_ok
+}
+
 /// Ones' complement sum of `data` (as big-endian 16-bit words), added to `acc`, not yet folded.
 pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
     // Eight bytes at a time: the four words of each are added separately, so no carry is lost

@@ -17,17 +17,36 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use vm_memory::GuestMemoryAtomic;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::port::Shared;
+use super::port::{quiet_kicks, Shared};
 use super::{GuestMemoryMmap, Vring, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+
+/// The offload features offered: checksum and TSO for IPv4 and IPv6, guest to switch (`HOST_*`,
+/// `CSUM`) and switch to guest (`GUEST_*`). No UFO and no ECN: a frame the receiver cannot take
+/// is finished in software (`crate::uplink::offload`), which segments TCP only.
+pub(crate) const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6);
+
+/// A feature switch read once from the environment: on unless set to `0`.
+fn env_on(var: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v.trim() != "0")
+}
 
 /// The backend the `vhost-user-backend` daemon drives; shares its state with one
 /// [`super::VhostUserPort`].
@@ -60,12 +79,22 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        // Mergeable receive buffers (`rx.rs`); no offloads yet: frames cross the switch whole
-        // and plain. LOG_ALL: we log our writes (module docs).
-        (1 << VIRTIO_F_VERSION_1)
+        // Mergeable receive buffers (`rx.rs`); EVENT_IDX (`port.rs` keeps both rings quiet
+        // with it); checksum and TSO offloads both ways: the guest's virtio_net_hdr crosses
+        // the switch with the frame (docs/datapath.md, "Offloads"). LOG_ALL: we log our writes
+        // (module docs). `VIREO_VHU_EVENT_IDX=0` / `VIREO_VHU_OFFLOAD=0` leave the feature
+        // out, for before/after measurements.
+        let mut f = (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | VhostUserVirtioFeatures::LOG_ALL.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
+        if env_on("VIREO_VHU_EVENT_IDX") {
+            f |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        if env_on("VIREO_VHU_OFFLOAD") {
+            f |= OFFLOAD_FEATURES;
+        }
+        f
     }
 
     fn acked_features(&self, features: u64) {
@@ -73,6 +102,7 @@ impl VhostUserBackend for NetBackend {
             features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             Ordering::Relaxed,
         );
+        self.shared.acked.store(features, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -110,8 +140,8 @@ impl VhostUserBackend for NetBackend {
             // The switch never waits for receive buffers (a full ring drops the frame), so
             // the driver's kicks for new ones only cost it VM exits: turn them off.
             RX_QUEUE => {
-                if let Some(rx) = vrings.get(RX_QUEUE) {
-                    let _ = rx.disable_notification();
+                if let (Some(rx), Some(mem)) = (vrings.get(RX_QUEUE), self.shared.memory()) {
+                    quiet_kicks(rx, &mem.memory());
                 }
             }
             _ => {}

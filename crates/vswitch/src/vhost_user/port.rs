@@ -3,7 +3,9 @@
 //! ring). Both run on the switch thread.
 //!
 //! Notifications (each one a VM exit for the guest): while the switch drains the TX ring the
-//! driver's kicks are off (VRING_USED_F_NO_NOTIFY); when the ring runs dry the switch can keep
+//! driver's kicks are off (VRING_USED_F_NO_NOTIFY, or with EVENT_IDX `avail_event` parked one
+//! behind the next entry the switch will take, an index the driver cannot cross: virtio-queue's
+//! `disable_notification` does nothing under EVENT_IDX); when the ring runs dry the switch can keep
 //! looking for a window of `VIREO_VHU_POLL_US` µs before it turns kicks back on, so a guest that
 //! keeps sending rarely kicks. Polling is off by default ([`POLL_US_DEFAULT`]): on the 2-core
 //! project machine, with both probe vCPUs spinning, the spinning switch thread cost more frames/s
@@ -12,12 +14,15 @@
 //! telling it about new ones is of no use.
 
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
-use vireo_netport::{FramePort, PortError};
+use vireo_netport::{FramePort, Offloads, PortError, VNET_HDR_LEN};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -38,6 +43,8 @@ pub(crate) struct Shared {
     tx_quiet: AtomicBool,
     /// The driver accepted VIRTIO_NET_F_MRG_RXBUF: a frame may span several receive chains.
     pub(crate) mergeable: AtomicBool,
+    /// The features the driver accepted (offloads it takes on receive).
+    pub(crate) acked: AtomicU64,
 }
 
 impl Shared {
@@ -66,12 +73,58 @@ impl Shared {
         self.ready.write(1)
     }
 
-    fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+    pub(crate) fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Turns the driver's kicks for `ring` off until [`wake_kicks`]: the VRING_USED_F_NO_NOTIFY
+/// flag, or with EVENT_IDX `avail_event = next_avail - 1`. The driver kicks when an index it
+/// publishes passes `avail_event`; every index it can still publish lies after `next_avail`, so
+/// it would have to go round the whole 16-bit index space (65,535 entries not taken) to cross
+/// it. The ring lock is held from the `ready` check to the write, so nothing is written into a
+/// ring that GET_VRING_BASE stopped (a pause or save has already read guest memory by then).
+pub(crate) fn quiet_kicks(ring: &Vring, mem: &GuestMemoryMmap) {
+    let mut state = ring.get_mut();
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return;
+    }
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(mem);
+        return;
+    }
+    // `avail_event` is the used ring's last word, after the flags, idx and `size` elements.
+    let at = GuestAddress(q.used_ring() + 4 + 8 * u64::from(q.size()));
+    // Already behind the driver's index (it crossed it, which is why it kicked): it cannot
+    // kick again before publishing ~65,536 more entries, so leave the word alone. Writing only
+    // when it matters keeps an idle ring's page clean for the dirty log, and leaves the rings
+    // of a restored, paused VM exactly as saved.
+    let driver = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire);
+    let event = mem.load::<u16>(at, std::sync::atomic::Ordering::Acquire);
+    if let (Ok(idx), Ok(event)) = (driver, event) {
+        if (idx.0.wrapping_sub(u16::from_le(event)) as i16) > 0 {
+            return;
+        }
+    }
+    let _ = mem.store(
+        q.next_avail().wrapping_sub(1).to_le(),
+        at,
+        std::sync::atomic::Ordering::Release,
+    );
+}
+
+/// Turns the driver's kicks back on (`avail_event = next_avail` under EVENT_IDX), under the
+/// ring lock like [`quiet_kicks`]. The caller looks at the ring once more afterwards.
+fn wake_kicks(ring: &Vring, mem: &GuestMemoryMmap) {
+    let mut state = ring.get_mut();
+    let q = state.get_queue_mut();
+    if q.ready() {
+        let _ = q.enable_notification(mem);
+    }
+}
 
 /// How long the switch keeps polling a drained TX ring before it asks for kicks again
 /// (overridden by `VIREO_VHU_POLL_US`, at most 10 ms).
@@ -126,6 +179,7 @@ impl VhostUserPort {
             ready: EventFd::new(EFD_NONBLOCK)?,
             tx_quiet: AtomicBool::new(false),
             mergeable: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
         });
         Ok((
             Arc::new(VhostUserPort {
@@ -156,25 +210,29 @@ impl VhostUserPort {
         NetBackend::new(self.shared.clone())
     }
 
-    /// Turns the driver's TX kicks on or off (VRING_USED_F_NO_NOTIFY, or `avail_event` with
-    /// EVENT_IDX: virtio-queue does both).
+    /// Turns the driver's TX kicks on or off ([`quiet_kicks`]).
     fn tx_notifications(&self, on: bool) {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
         let Some(ring) = rings.as_ref().and_then(|r| r.get(TX_QUEUE)) else {
             return;
         };
-        if !ring.get_ref().get_queue().ready() {
+        let Some(mem) = self.shared.memory() else {
             return;
-        }
-        let _ = if on {
-            ring.enable_notification().map(|_| ())
-        } else {
-            ring.disable_notification()
         };
+        if on {
+            wake_kicks(ring, &mem.memory());
+        } else {
+            quiet_kicks(ring, &mem.memory());
+        }
     }
 
-    /// Takes one frame from the guest's TX ring.
-    fn take(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+    /// Takes one frame from the guest's TX ring; `hdr` gets the first 10 bytes of its
+    /// virtio_net_hdr_v1 (the offload request; `num_buffers` means nothing on transmit).
+    fn take(
+        &self,
+        hdr: &mut [u8; VNET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, PortError> {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
         let (Some(rings), Some(mem)) = (rings.as_ref(), self.shared.memory()) else {
             return Ok(None);
@@ -191,6 +249,7 @@ impl VhostUserPort {
             return Ok(None);
         };
         let head = chain.head_index();
+        let mut raw = [0u8; NET_HDR_LEN];
         let mut skip = NET_HDR_LEN;
         let mut len = 0usize;
         let mut result = Ok(());
@@ -201,6 +260,14 @@ impl VhostUserPort {
             let mut addr = desc.addr();
             let mut n = desc.len() as usize;
             let s = skip.min(n);
+            if s > 0 {
+                // The header may be split over descriptors like any other bytes.
+                let at = NET_HDR_LEN - skip;
+                if let Err(e) = mem.read_slice(&mut raw[at..at + s], addr) {
+                    result = Err(PortError::Io(std::io::Error::other(e.to_string())));
+                    break;
+                }
+            }
             skip -= s;
             n -= s;
             addr = GuestAddress(addr.0 + s as u64);
@@ -224,11 +291,12 @@ impl VhostUserPort {
         let _ = state.add_used(head, 0);
         drop(state);
         notify(ring, &mem);
+        hdr.copy_from_slice(&raw[..VNET_HDR_LEN]);
         result.map(|()| Some(len))
     }
 
-    /// Puts one frame in the guest's next receive buffer.
-    fn put(&self, frame: &[u8]) -> Result<(), PortError> {
+    /// Puts one frame with header `hdr` in the guest's next receive buffer.
+    fn put(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), PortError> {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
         let (Some(rings), Some(mem)) = (rings.as_ref(), self.shared.memory()) else {
             return Err(PortError::Disconnected);
@@ -242,7 +310,7 @@ impl VhostUserPort {
             return Err(PortError::Disconnected);
         }
         let mergeable = self.shared.mergeable.load(Ordering::Relaxed);
-        let r = rx::fill(state.get_queue_mut(), &*mem, frame, mergeable);
+        let r = rx::fill(state.get_queue_mut(), &*mem, hdr, frame, mergeable);
         drop(state);
         match r {
             Ok(_) => {
@@ -270,23 +338,57 @@ impl VhostUserPort {
 
 impl FramePort for VhostUserPort {
     fn send(&self, frame: &[u8]) -> Result<(), PortError> {
-        self.put(frame)
+        self.put(&[0; VNET_HDR_LEN], frame)
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+        // A caller that cannot carry the header must not get a frame whose checksum or
+        // segmentation is still to be done: such a frame is consumed and refused. The switch
+        // uses `recv_vnet`.
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        match self.recv_vnet(&mut hdr, buf)? {
+            Some(n) if hdr[0] & 1 == 0 && hdr[1] == 0 => Ok(Some(n)),
+            Some(_) => Err(PortError::Io(std::io::Error::other(
+                "the guest sent an offloaded frame (partial checksum or TSO) to a plain receive",
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn offloads(&self) -> Offloads {
+        let acked = self.shared.acked.load(Ordering::Relaxed);
+        let has = |bit: u32| acked & (1 << bit) != 0;
+        let csum = has(VIRTIO_NET_F_GUEST_CSUM);
+        Offloads {
+            csum,
+            // TSO without GUEST_CSUM is not a valid negotiation (virtio 1.2, 5.1.3.1).
+            tso4: csum && has(VIRTIO_NET_F_GUEST_TSO4),
+            tso6: csum && has(VIRTIO_NET_F_GUEST_TSO6),
+        }
+    }
+
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), PortError> {
+        self.put(hdr, frame)
+    }
+
+    fn recv_vnet(
+        &self,
+        hdr: &mut [u8; VNET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, PortError> {
         // Kicks off while draining. `ready` stays readable until the exit below, so the
         // switch comes back for frames published meanwhile without a kick.
         if !self.shared.tx_quiet.swap(true, Ordering::SeqCst) {
             self.tx_notifications(false);
         }
-        if let Some(n) = self.take(buf)? {
+        if let Some(n) = self.take(hdr, buf)? {
             return Ok(Some(n));
         }
         let window = poll_window();
         if !window.is_zero() {
             let until = Instant::now() + window;
             while Instant::now() < until {
-                if let Some(n) = self.take(buf)? {
+                if let Some(n) = self.take(hdr, buf)? {
                     return Ok(Some(n));
                 }
                 std::hint::spin_loop();
@@ -297,7 +399,7 @@ impl FramePort for VhostUserPort {
         self.shared.tx_quiet.store(false, Ordering::SeqCst);
         self.tx_notifications(true);
         let _ = self.shared.ready.read();
-        let got = self.take(buf)?;
+        let got = self.take(hdr, buf)?;
         if got.is_some() {
             // More may follow that were published without a kick: keep the fd readable.
             let _ = self.shared.wake();

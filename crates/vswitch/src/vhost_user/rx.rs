@@ -7,6 +7,8 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
+use vireo_netport::VNET_HDR_LEN;
+
 use super::NET_HDR_LEN;
 
 /// Offset of `num_buffers` (u16 LE) in `virtio_net_hdr_v1`.
@@ -44,11 +46,13 @@ fn pop<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Option<Chain> {
     Some(Chain { head, pieces, room })
 }
 
-/// Puts header + `frame` in the receive ring; returns the number of chains used. `used` entries
+/// Puts `hdr` (the offload part of the header: all zero for a plain frame) and `frame` in the
+/// receive ring; returns the number of chains used. `used` entries
 /// are added (one per chain, with the bytes written into it); the caller notifies.
 pub(crate) fn fill<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
+    vnet: &[u8; VNET_HDR_LEN],
     frame: &[u8],
     mergeable: bool,
 ) -> Result<u16, RxError> {
@@ -79,8 +83,9 @@ pub(crate) fn fill<M: GuestMemory>(
         }
         return Err(RxError::TooLong { cap: room });
     }
-    // virtio_net_hdr_v1 with no offload; num_buffers = chains used (1 without merging).
+    // virtio_net_hdr_v1: the offload fields, num_buffers = chains used (1 without merging).
     let mut hdr = [0u8; NET_HDR_LEN];
+    hdr[..VNET_HDR_LEN].copy_from_slice(vnet);
     hdr[NUM_BUFFERS_AT..NUM_BUFFERS_AT + 2].copy_from_slice(&(chains.len() as u16).to_le_bytes());
     let parts = [&hdr[..], frame];
     let (mut part, mut off) = (0usize, 0usize);
@@ -221,7 +226,7 @@ mod tests {
                     .iter()
                     .map(|c| c.iter().sum::<u32>() as usize)
                     .sum();
-                match fill(&mut queue, &mem, &frame, true) {
+                match fill(&mut queue, &mem, &[0; VNET_HDR_LEN], &frame, true) {
                     Ok(count) => {
                         let count = count as usize;
                         let mut got = Vec::new();
@@ -265,13 +270,19 @@ mod tests {
         let mut queue: Queue = q.create_queue().unwrap();
         let frame = vec![7u8; 200];
         assert_eq!(
-            fill(&mut queue, &mem, &frame, false),
+            fill(&mut queue, &mem, &[0; VNET_HDR_LEN], &frame, false),
             Err(RxError::TooLong { cap: 100 })
         );
         assert_eq!(used(&mem, &q, 0), (0, 0));
-        assert_eq!(fill(&mut queue, &mem, &frame, false), Ok(1));
+        assert_eq!(
+            fill(&mut queue, &mem, &[0; VNET_HDR_LEN], &frame, false),
+            Ok(1)
+        );
         assert_eq!(used(&mem, &q, 1), (1, 212));
-        assert_eq!(fill(&mut queue, &mem, &frame, false), Err(RxError::Full));
+        assert_eq!(
+            fill(&mut queue, &mem, &[0; VNET_HDR_LEN], &frame, false),
+            Err(RxError::Full)
+        );
     }
 
     #[test]
@@ -281,7 +292,7 @@ mod tests {
         let d = SplitDescriptor::new(8 << 20, 2048, F_WRITE, 0);
         q.add_desc_chains(&[RawDescriptor::from(d)], 0).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
-        let r = fill(&mut queue, &mem, &[1u8; 64], true);
+        let r = fill(&mut queue, &mem, &[0; VNET_HDR_LEN], &[1u8; 64], true);
         // virtio-queue may refuse the chain itself (then nothing is popped: Full) or hand it
         // over and the write fails; either way nothing is written and nothing panics.
         assert!(

@@ -10,6 +10,9 @@ use crate::arena;
 pub mod bench;
 
 const F_MAC: u64 = 1 << 5;
+/// VIRTIO_RING_F_EVENT_IDX: the device names the avail index it wants a kick at, so a blast
+/// kicks once per refill of a drained ring, not per frame.
+const F_EVENT_IDX: u64 = 1 << 29;
 /// virtio_net_hdr with num_buffers: always 12 bytes with VIRTIO_F_VERSION_1.
 const HDR_LEN: usize = 12;
 const BUF_LEN: usize = 2048;
@@ -39,20 +42,24 @@ pub enum Error {
 
 impl Net {
     pub fn new(transport: Transport) -> Option<Self> {
-        let features = transport.begin_init(F_MAC)?;
+        let features = transport.begin_init(F_MAC | F_EVENT_IDX)?;
         let mut mac = [0u8; 6];
         if features & F_MAC != 0 {
             for (i, b) in mac.iter_mut().enumerate() {
                 *b = transport.config_read8(i as u64);
             }
         }
-        let (Some(mut rx), Some(tx)) = (
+        let (Some(mut rx), Some(mut tx)) = (
             Virtqueue::new(transport, 0, RX_BUFS as u16),
             Virtqueue::new(transport, 1, TX_BUFS as u16),
         ) else {
             transport.fail();
             return None;
         };
+        if features & F_EVENT_IDX != 0 {
+            rx.set_event_idx();
+            tx.set_event_idx();
+        }
         let rx_count = (rx.size() as usize).min(RX_BUFS);
         let rx_bufs = arena::alloc(BUF_LEN * rx_count, 4096)?;
         let tx_bufs = arena::alloc(BUF_LEN * TX_BUFS, 4096)?;
