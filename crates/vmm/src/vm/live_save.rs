@@ -246,6 +246,18 @@ impl VmHandle {
                     .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
             }
             report.pause = paused_at.map_or(Duration::ZERO, |at| at.elapsed());
+            // The working set is only a hint for a restore: written after the resume (outside
+            // the guest's pause); a checkpoint without one (a crash here) restores the same.
+            if let Some(hot) = &hot {
+                let ranges = crate::memory::ram_ranges(self.0.ram.size);
+                let path = dir.join(WORKING_SET_FILE);
+                if let Err(e) = WorkingSet::from_dirty(hot, &ranges).write(&path, self.0.ram.size) {
+                    tracing::warn!(
+                        "writing {}: {e}; restores from it fault those pages in",
+                        path.display()
+                    );
+                }
+            }
             report.total = started.elapsed();
             tracing::info!(
                 "VM checkpointed live to {}: {} rounds, {} MiB written, {} pages while paused, paused {:.1} ms, total {} ms",
