@@ -412,7 +412,9 @@ fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
         .join(&id)
         .join("checkpoints")
         .join(c["id"].as_str().unwrap());
-    assert!(cp_dir.join("vm.state").is_file() && cp_dir.join("memory.bin").is_file());
+    for f in ["vm.state", "memory.bin", "memory.crc", "working-set.bin"] {
+        assert!(cp_dir.join(f).is_file(), "{f} missing from the checkpoint");
+    }
     let child = disk_path(&d, "run");
     assert_ne!(child, base);
     assert!(child.is_file(), "the worker made the child");

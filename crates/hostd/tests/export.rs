@@ -249,14 +249,21 @@ fn a_saved_vm_imports_saved_and_start_restores_it() {
     let live_out = tmp.path().join("live-out");
     std::fs::create_dir(&live_out).unwrap();
     export(&d, "s1", &live_out);
-    assert!(live_out.join("s1/saved/vm.state").is_file());
+    for f in ["vm.state", "memory.bin", "memory.crc", "working-set.bin"] {
+        assert!(
+            live_out.join("s1/saved").join(f).is_file(),
+            "{f} not exported"
+        );
+    }
     assert_eq!(d.state("s1"), "running", "the VM ran on");
     assert_eq!(d.show("/v1/vms/s1/checkpoints"), json!([]), "temporary");
     let r = d.post("/v1/vms/s1/save");
     job_of(&d, &r);
     assert_eq!(d.state("s1"), "saved");
     export(&d, "s1", &out);
-    assert!(out.join("s1/saved/vm.state").is_file());
+    for f in ["vm.state", "memory.bin", "memory.crc", "working-set.bin"] {
+        assert!(out.join("s1/saved").join(f).is_file(), "{f} not exported");
+    }
     assert_eq!(d.state("s1"), "saved", "export does not change the VM");
 
     // With a new id the saved state is dropped, with a warning.

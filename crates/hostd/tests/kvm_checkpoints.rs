@@ -2,7 +2,9 @@
 //! live (same worker) and keeps its disk data and memory (apply + start → exactly the
 //! checkpoint's), also while the guest dirties memory; deleting the checkpoint the running VM
 //! hangs from merges live — same worker before and after, data intact; a worker killed at each
-//! step of the live capture leaves a VM whose chain checks clean and whose data is there.
+//! step of the live capture leaves a VM whose chain checks clean and whose data is there;
+//! vireod killed at each step of a live capture leaves the VM running on, and after its
+//! restart the checkpoint is complete or gone, with no stray AVHDX.
 
 mod common;
 
@@ -323,4 +325,147 @@ fn live_checkpoint_while_the_guest_dirties_and_worker_killed_at_each_step() {
         assert_eq!(d.post("/v1/vms/kdirty/turn-off").status, 200);
         d.wait_state("kdirty", "off", T);
     }
+}
+
+/// Every `.avhdx` in the VM's folder is in use: the disk the VM runs on or a checkpoint's
+/// frozen file. Anything else is an orphan a crash left behind.
+fn no_orphans(d: &Vireod, vm: &str, id: &str) {
+    let mut used: Vec<PathBuf> = vec![PathBuf::from(
+        d.show(&format!("/v1/vms/{vm}"))["spec"]["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    )];
+    for c in d
+        .show(&format!("/v1/vms/{vm}/checkpoints"))
+        .as_array()
+        .unwrap()
+    {
+        for disk in c["disks"].as_array().unwrap() {
+            used.push(PathBuf::from(disk["frozen"].as_str().unwrap()));
+        }
+    }
+    let folder = d.state_dir.join("vms").join(id);
+    let mut stack = vec![folder];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "avhdx") {
+                assert!(
+                    used.contains(&p),
+                    "orphan {} (in use: {used:?})",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+/// vireod killed (the fault hook aborts it: no clean-up runs, as with SIGKILL) at each step of
+/// a live checkpoint of a running VM: before the worker is asked (intent recorded), after the
+/// worker answered (children in use, nothing committed), after the commit (intent not yet
+/// cleared). The VM's worker runs on through it; the restarted vireod re-adopts it and
+/// settles the intent: the checkpoint is complete (listed, its state there) or gone, every
+/// AVHDX in the VM's folder is in use and the guest still answers and still has its data; at
+/// the end (the VM off) the chain checks clean.
+#[test]
+fn vireod_killed_during_a_live_checkpoint_leaves_it_complete_or_gone() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut d = Vireod::start_with(&state, &bin);
+    let base = tmp.path().join("kvm-vkill.vhdx");
+    let opts = CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    let vm = d.create(&json!({
+        "version": 1, "name": "kvk", "vcpus": 1, "memory_bytes": 32 << 20,
+        "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+        "disks": [{ "path": base }],
+    }));
+    let id = vm["identity"]["id"].as_str().unwrap().to_owned();
+    d.terminate();
+    for (n, (point, kept)) in [
+        ("create-intent", false),
+        ("create-answered", true),
+        ("create-commit", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = with_fault(&state, &bin, point);
+        if n == 0 {
+            f.start_vm("kvk");
+            wait_ready(&f, "kvk");
+        }
+        assert_eq!(f.state("kvk"), "running", "{point}");
+        let worker = pid(&f, &vm);
+        let seed = 20 + n;
+        let mut c = console(&f, "kvk");
+        ok(&mut c, &format!("DISK 0 WRITE 0 64 {seed}"));
+        ok(&mut c, "DISK 0 FLUSH");
+        drop(c);
+        let name = format!("k{n}");
+        let r = f.post_json("/v1/vms/kvk/checkpoints", &json!({ "name": name }));
+        assert_eq!(r.status, 202, "{point}");
+        // vireod dies at the point; its worker must not.
+        let mut child = f.child.take().unwrap();
+        let died = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(died.elapsed() < T, "{point}: vireod did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Neither is dropped: a harness's Drop kills the VM's worker, which must live on.
+        std::mem::forget(f);
+        std::mem::forget(std::mem::replace(&mut d, Vireod::start_with(&state, &bin)));
+        assert_eq!(d.state("kvk"), "running", "{point}: {}", d.log());
+        assert_eq!(pid(&d, &vm), worker, "{point}: the same worker ran on");
+        let cps = d.show("/v1/vms/kvk/checkpoints");
+        let found = cps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name.as_str())
+            .cloned();
+        assert_eq!(found.is_some(), kept, "{point}: {cps}");
+        if let Some(cp) = found {
+            let dir = d
+                .state_dir
+                .join("vms")
+                .join(&id)
+                .join("checkpoints")
+                .join(cp["id"].as_str().unwrap());
+            for f in ["vm.state", "memory.bin", "memory.crc"] {
+                assert!(
+                    dir.join(f).is_file(),
+                    "{point}: {f} missing from the checkpoint"
+                );
+            }
+        }
+        no_orphans(&d, "kvk", &id);
+        let mut c = console(&d, "kvk");
+        ok(&mut c, &format!("DISK 0 VERIFY 0 64 {seed}"));
+        drop(c);
+        d.terminate();
+    }
+    // The kept checkpoints restore: apply the last one (stopping the VM) and start.
+    std::mem::forget(std::mem::replace(&mut d, Vireod::start_with(&state, &bin)));
+    job(
+        &d,
+        d.post_json("/v1/vms/kvk/checkpoints/k2/apply", &json!({"stop": true})),
+    );
+    d.start_vm("kvk");
+    let mut c = console(&d, "kvk");
+    ok(&mut c, "DISK 0 VERIFY 0 64 22");
+    drop(c);
+    assert_eq!(d.post("/v1/vms/kvk/turn-off").status, 200);
+    d.wait_state("kvk", "off", T);
+    // Off now (the running worker holds the chain locked): every file of it checks clean.
+    chain_clean(&d, "kvk");
+    no_orphans(&d, "kvk", &id);
+    d.terminate();
 }

@@ -34,7 +34,7 @@ pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
     install_termination_handlers, max_vcpus, termination_signal, AfterSave, Handover,
     LiveSaveOptions, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats, RestoreFrom,
-    SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE, WORKING_SET_FILE,
+    SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE,
 };
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).

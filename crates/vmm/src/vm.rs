@@ -93,7 +93,7 @@ mod rounds;
 mod state;
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
-pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
+pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE};
 
 /// The parts of a VM other threads may use while it runs.
 struct Shared {

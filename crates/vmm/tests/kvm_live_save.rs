@@ -139,7 +139,10 @@ fn kvm_live_save_under_dirty_workload_restores_memory_as_at_the_pause() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     files.sort();
-    assert_eq!(files, ["memory.bin", "vm.state", "working-set.bin"]);
+    assert_eq!(
+        files,
+        ["memory.bin", "memory.crc", "vm.state", "working-set.bin"]
+    );
     // The working set is what the guest wrote during the save: the DIRTY range, plus the
     // probe's own stack and status page below 8 MiB.
     let ws = WorkingSet::read(&save.join(vireo_vmm::WORKING_SET_FILE), mem).unwrap();

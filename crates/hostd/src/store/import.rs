@@ -15,8 +15,17 @@ use crate::error::{io, StoreError};
 use crate::folders;
 
 /// The saved-state files, in the order they are copied (the state file last: a `saved/` with
-/// a state file is complete, as after a save).
-pub const SAVED_FILES: [&str; 2] = ["memory.bin", "vm.state"];
+/// a state file is complete, as after a save). Everything that goes where `memory.bin` goes
+/// (checkpoints, export, import) uses this list (docs/vm-state.md, "Files").
+pub const SAVED_FILES: [&str; 4] = ["working-set.bin", "memory.crc", "memory.bin", "vm.state"];
+
+/// Whether a save may lack `name`: the working set (only a live save writes one, and it is
+/// only a hint) and the checksum table (saves from before it existed; a save whose state file
+/// names a table is refused by the restore without it, so skipping a missing one here never
+/// hides damage).
+pub fn saved_file_optional(name: &str) -> bool {
+    matches!(name, "working-set.bin" | "memory.crc")
+}
 
 impl Store {
     /// Stores `spec` as VM `id` (`off`, or `saved` when `saved_from` holds a saved state that
@@ -82,6 +91,9 @@ fn copy_saved(from: &Path, to: &Path) -> Result<(), StoreError> {
     folders::ensure_private_dir(to)?;
     for name in SAVED_FILES {
         let (src, dst) = (from.join(name), to.join(name));
+        if saved_file_optional(name) && !src.exists() {
+            continue;
+        }
         fs::copy(&src, &dst).map_err(io(&src))?;
         File::open(&dst)
             .and_then(|f| f.sync_all())

@@ -268,8 +268,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             }
             let to = to.unwrap_or_else(|| dir.join("saved"));
             std::fs::create_dir_all(&to).unwrap();
-            std::fs::write(to.join("memory.bin"), b"fake-memory").unwrap();
-            std::fs::write(to.join("vm.state"), FAKE_STATE).unwrap();
+            write_fake_save(&to).unwrap();
             thread::spawn(move || {
                 thread::sleep(Duration::from_millis(50));
                 exit_with(&dir, WorkerExitReason::Saved { dir: to }, 0)
@@ -479,6 +478,22 @@ fn bind(path: &Path) -> UnixListener {
 
 /// What the fake writes as a saved state.
 const FAKE_STATE: &[u8] = b"fake-state";
+/// The rest of a save, as a real live save writes it: the working set and the memory
+/// checksum table. A restore refuses a save that lost either, so every path that carries a
+/// save (checkpoints, export, import, migration) is checked to carry them too.
+const FAKE_EXTRAS: [(&str, &[u8]); 2] = [
+    ("working-set.bin", b"fake-working-set"),
+    ("memory.crc", b"fake-sums"),
+];
+
+/// A save into `to`, in a real save's order: extras, memory, the state file last.
+fn write_fake_save(to: &Path) -> std::io::Result<()> {
+    for (name, bytes) in FAKE_EXTRAS {
+        std::fs::write(to.join(name), bytes)?;
+    }
+    std::fs::write(to.join("memory.bin"), b"fake-memory")?;
+    std::fs::write(to.join("vm.state"), FAKE_STATE)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -501,6 +516,13 @@ fn main() {
         if std::fs::read(&state).ok().as_deref() != Some(FAKE_STATE) {
             let message = format!("restoring the saved VM: {} is damaged", state.display());
             exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);
+        }
+        for (name, bytes) in FAKE_EXTRAS {
+            let p = from.join(name);
+            if std::fs::read(&p).ok().as_deref() != Some(bytes) {
+                let message = format!("restoring the saved VM: {} is missing", p.display());
+                exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);
+            }
         }
     }
     if word(&launch, "fake.crash_start").is_some() {
@@ -570,8 +592,7 @@ fn main() {
 fn fake_checkpoint(launch: &WorkerLaunch, to: &Path, children: &[CheckpointChild]) -> WorkerReply {
     let made = (|| -> Result<(), String> {
         std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
-        std::fs::write(to.join("memory.bin"), b"fake-memory").map_err(|e| e.to_string())?;
-        std::fs::write(to.join("vm.state"), FAKE_STATE).map_err(|e| e.to_string())?;
+        write_fake_save(to).map_err(|e| e.to_string())?;
         for c in children {
             let Some(d) = launch
                 .spec

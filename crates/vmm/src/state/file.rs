@@ -8,13 +8,15 @@
 //! the old file or the new one.
 //!
 //! Memory file: guest RAM as the memfd holds it (RAM below the MMIO hole, then above it), its
-//! length exactly the VM's memory size; all-zero 1 MiB chunks are left as holes.
+//! length exactly the VM's memory size; all-zero 1 MiB chunks are left as holes. Its per-page
+//! checksums go to `memory.crc` (`checksums.rs`), and every read of it here checks them.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use super::checksums::{MemorySums, SumsBuilder};
 use super::{StateError, VmState};
 use crate::memory::GuestRam;
 
@@ -116,7 +118,7 @@ pub fn read_state(path: &Path) -> Result<VmState, StateError> {
     decode(&bytes, path)
 }
 
-fn write_atomically(
+pub(crate) fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> Result<(), StateError> {
@@ -141,8 +143,10 @@ fn write_atomically(
     result.map_err(io_err(path))
 }
 
-/// Writes guest RAM to `path` (the VM must be paused, or the copy is torn).
-pub(crate) fn write_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError> {
+/// Writes guest RAM to `path` (the VM must be paused, or the copy is torn); returns the
+/// checksums of what it wrote.
+pub(crate) fn write_memory(path: &Path, ram: &GuestRam) -> Result<MemorySums, StateError> {
+    let sums = SumsBuilder::new(ram.size);
     write_atomically(path, |out| {
         let mut buf = vec![0u8; CHUNK];
         let mut off = 0u64;
@@ -151,15 +155,27 @@ pub(crate) fn write_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError
             ram.memfd.read_exact_at(&mut buf[..n], off)?;
             if buf[..n].iter().any(|&b| b != 0) {
                 out.write_all_at(&buf[..n], off)?;
+                sums.wrote(off, &buf[..n]);
             }
             off += n as u64;
         }
         out.set_len(ram.size)
-    })
+    })?;
+    Ok(sums.finish())
 }
 
-/// Loads a memory file into guest RAM, replacing everything in it.
-pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError> {
+/// Writes a memory file's checksum table to `path` (temporary file, fsync, rename).
+pub(crate) fn write_sums(path: &Path, sums: &MemorySums) -> Result<(), StateError> {
+    write_atomically(path, |f| f.write_all(&sums.encode()))
+}
+
+/// Loads a memory file into guest RAM, replacing everything in it; every chunk is checked
+/// against `sums` (when the save has them) before it goes in.
+pub(crate) fn read_memory(
+    path: &Path,
+    ram: &GuestRam,
+    sums: Option<&MemorySums>,
+) -> Result<(), StateError> {
     let f = File::open(path).map_err(io_err(path))?;
     let len = f.metadata().map_err(io_err(path))?.len();
     if len != ram.size {
@@ -176,6 +192,9 @@ pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError>
     while off < ram.size {
         let n = CHUNK.min((ram.size - off) as usize);
         f.read_exact_at(&mut buf[..n], off).map_err(io_err(path))?;
+        if let Some(sums) = sums {
+            sums.verify(off, &buf[..n]).map_err(|e| corrupt(path, e))?;
+        }
         if buf[..n].iter().any(|&b| b != 0) {
             ram.memfd
                 .write_all_at(&buf[..n], off)
@@ -186,6 +205,13 @@ pub(crate) fn read_memory(path: &Path, ram: &GuestRam) -> Result<(), StateError>
     Ok(())
 }
 
+fn corrupt(path: &Path, e: super::checksums::Corrupt) -> StateError {
+    StateError::Corrupt {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    }
+}
+
 /// Starts a lazy restore of `path` into guest RAM (`lazy.rs`): the length is checked, RAM
 /// emptied and registered, pages come in on first touch and in the background (`hot`, the
 /// save's working set, first). Returns
@@ -194,6 +220,7 @@ pub(crate) fn restore_memory_lazily(
     path: &Path,
     ram: &GuestRam,
     hot: super::working_set::WorkingSet,
+    sums: Option<std::sync::Arc<MemorySums>>,
     on_error: Box<dyn Fn(String) + Send + Sync>,
 ) -> Result<Option<super::lazy::LazyRestore>, StateError> {
     let f = File::open(path).map_err(io_err(path))?;
@@ -220,11 +247,11 @@ pub(crate) fn restore_memory_lazily(
         });
         file_offset += len;
     }
-    match super::lazy::LazyRestore::start(f, maps, hot, on_error) {
+    match super::lazy::LazyRestore::start(f, maps, hot, sums.clone(), on_error) {
         Ok(l) => Ok(Some(l)),
         Err(e) => {
             tracing::warn!("lazy restore unavailable ({e}); reading all of memory first");
-            read_memory(path, ram)?;
+            read_memory(path, ram, sums.as_deref())?;
             Ok(None)
         }
     }

@@ -8,6 +8,11 @@
 //! first wins, the other gets EEXIST and (the fault thread) wakes the waiters. Neither thread
 //! touches guest RAM through a Rust reference, only through the kernel.
 //!
+//! Every range read from the file is checked against the save's page checksums
+//! ([`Source::read`], `checksums.rs`) before it is copied in, and a hole the background copy
+//! skips is checked to have been zeros: a corrupt page stops the VM (`on_error`) instead of
+//! reaching the guest.
+//!
 //! Only this process's mappings are covered: another process mapping the memfd (a vhost-user
 //! back end) would see zeros where pages are not populated yet. `Vm::restore` therefore
 //! restores eagerly when the VM has a vhost-user device, and anything reading RAM through the
@@ -21,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::checksums::MemorySums;
 use super::readahead::Hint;
 use super::working_set::WorkingSet;
 use crate::memory::PAGE_SIZE;
@@ -44,6 +50,33 @@ pub struct Mapping {
     pub host: u64,
     pub len: u64,
     pub file_offset: u64,
+}
+
+/// The memory file and, when the save has them, its page checksums.
+pub struct Source {
+    pub file: File,
+    pub sums: Option<Arc<MemorySums>>,
+}
+
+impl Source {
+    /// Reads `buf.len()` bytes at `offset` (page-aligned, whole pages) and checks them.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| format!("reading {} bytes at {offset:#x}: {e}", buf.len()))?;
+        match &self.sums {
+            Some(sums) => sums.verify(offset, buf).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that `[offset, offset+len)`, a hole in the file, was zeros when saved.
+    fn check_hole(&self, offset: u64, len: u64) -> Result<(), String> {
+        match &self.sums {
+            Some(sums) => sums.verify_zeros(offset, len).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How the population ended.
@@ -70,13 +103,15 @@ pub struct LazyRestore {
 impl LazyRestore {
     /// Registers `maps` with a new userfaultfd and starts the two threads. The mappings must be
     /// empty (every page missing) and stay mapped while this lives. `on_error` is called
-    /// (once) if a page cannot be read from `file`: the VM cannot continue correctly then.
+    /// (once) if a page cannot be read from `file` or fails its checksum (`sums`): the VM
+    /// cannot continue correctly then.
     ///
     /// The populate thread copies `hot` (the save's working set) first, then everything else.
     pub fn start(
         file: File,
         maps: Vec<Mapping>,
         hot: WorkingSet,
+        sums: Option<Arc<MemorySums>>,
         on_error: Box<dyn Fn(String) + Send + Sync>,
     ) -> std::io::Result<LazyRestore> {
         let uffd = Arc::new(Uffd::new()?);
@@ -84,7 +119,7 @@ impl LazyRestore {
             uffd.register(m.host, m.len)?;
         }
         super::trace::mark("  userfaultfd registered");
-        let file = Arc::new(file);
+        let file = Arc::new(Source { file, sums });
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress {
@@ -198,7 +233,7 @@ impl Drop for LazyRestore {
 /// round trip through this thread (and on KVM a VM exit).
 fn serve_faults(
     uffd: &Uffd,
-    file: &File,
+    file: &Source,
     maps: &[Mapping],
     readahead: &Hint,
     done: &AtomicBool,
@@ -227,14 +262,13 @@ fn serve_faults(
         let len = FAULT_BLOCK.min(m.host + m.len - start) as usize;
         let offset = m.file_offset + (start - m.host);
         let buf = &mut block[..len];
-        if let Err(e) = file.read_exact_at(buf, offset) {
+        if let Err(e) = file.read(buf, offset) {
             if !failed {
-                on_error(format!(
-                    "restoring guest memory: reading {len} bytes at {offset:#x}: {e}"
-                ));
+                on_error(format!("restoring guest memory: {e}"));
                 failed = true;
             }
-            // The VM is being stopped; give the waiter zero pages so it can get there.
+            // The VM is being stopped; give the waiter zero pages (never the bad ones) so it
+            // can get there.
             buf.fill(0);
         }
         // Pages of the block already filled (by the populate thread) are skipped; an error
@@ -258,7 +292,7 @@ fn serve_faults(
 /// Returns the bytes copied.
 fn prefetch(
     uffd: &Arc<Uffd>,
-    file: &Arc<File>,
+    file: &Arc<Source>,
     maps: &[Mapping],
     hot: &WorkingSet,
     cancel: &Arc<AtomicBool>,
@@ -304,8 +338,7 @@ fn prefetch(
                     break;
                 }
                 let n = n as usize;
-                file.read_exact_at(&mut buf[..n], at)
-                    .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
+                file.read(&mut buf[..n], at)?;
                 copy_all(&uffd, host, &buf[..n])?;
                 copied += n as u64;
                 super::trace::prefetched(n as u64);
@@ -342,7 +375,7 @@ fn prefetch(
 /// Returns the bytes copied.
 fn populate(
     uffd: &Uffd,
-    file: &File,
+    file: &Source,
     maps: &[Mapping],
     cancel: &AtomicBool,
 ) -> Result<u64, String> {
@@ -356,14 +389,15 @@ fn populate(
                 return Ok(copied);
             }
             // Holes in the file are zero pages: nothing to copy (a fault there gets zeros).
-            let Some((data, data_end)) = next_data(file, off, end)? else {
+            let Some((data, data_end)) = next_data(&file.file, off, end)? else {
+                file.check_hole(off, end - off)?;
                 break;
             };
+            file.check_hole(off, data - off)?;
             let mut at = data;
             while at < data_end {
                 let n = (POPULATE_CHUNK as u64).min(data_end - at) as usize;
-                file.read_exact_at(&mut buf[..n], at)
-                    .map_err(|e| format!("reading {n} bytes at {at:#x}: {e}"))?;
+                file.read(&mut buf[..n], at)?;
                 if buf[..n].iter().any(|&b| b != 0) {
                     copy_all(uffd, m.host + (at - m.file_offset), &buf[..n])?;
                     copied += n as u64;
@@ -486,7 +520,7 @@ mod tests {
             len: SIZE,
             file_offset: 0,
         }];
-        let lazy = LazyRestore::start(file, maps, hot, Box::new(|e| panic!("{e}"))).unwrap();
+        let lazy = LazyRestore::start(file, maps, hot, None, Box::new(|e| panic!("{e}"))).unwrap();
         // Read from the middle on (faults and readahead), then from the start.
         let mut got = vec![0u8; SIZE as usize];
         let order = (12u64..24).chain(0..12);
@@ -505,6 +539,86 @@ mod tests {
             "{:?}",
             lazy.status()
         );
+    }
+
+    /// A page of the file changed after the save: the guest touching it never sees the bad
+    /// bytes (it gets zeros while the VM is stopped), `on_error` names the page, and the
+    /// background copy ends `Failed`. A data page punched into a hole is caught the same way.
+    #[test]
+    fn a_page_that_fails_its_checksum_stops_the_restore() {
+        use crate::state::checksums::SumsBuilder;
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        const SIZE: u64 = 16 << 20;
+        let Ok(probe) = Uffd::new() else {
+            vireo_testkit::skip_env("userfaultfd (CAP_SYS_PTRACE or /dev/userfaultfd)");
+            return;
+        };
+        drop(probe);
+        for (damage, at) in [("flip", 0x30_0010u64), ("punch", 0x50_0000)] {
+            let ram = crate::memory::GuestRam::new(SIZE).unwrap();
+            let host = crate::memory::regions(&ram.memory)[0].2;
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(SIZE).unwrap();
+            let data: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 200) as u8 + 1).collect();
+            file.write_all_at(&data, 0).unwrap();
+            let sums = SumsBuilder::new(SIZE);
+            sums.wrote(0, &data);
+            let sums = Arc::new(sums.finish());
+            if damage == "flip" {
+                file.write_all_at(&[data[at as usize] ^ 0x80], at).unwrap();
+            } else {
+                // SAFETY: fallocate on our own temporary file.
+                let r = unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        at as i64,
+                        1 << 20,
+                    )
+                };
+                assert_eq!(r, 0, "punching a hole");
+            }
+            let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+            let maps = vec![Mapping {
+                host,
+                len: SIZE,
+                file_offset: 0,
+            }];
+            let lazy = {
+                let errors = errors.clone();
+                LazyRestore::start(
+                    file,
+                    maps,
+                    WorkingSet::default(),
+                    Some(sums),
+                    Box::new(move |e| errors.lock().unwrap().push(e)),
+                )
+                .unwrap()
+            };
+            let mut page = [0u8; 4096];
+            ram.memory
+                .read_slice(&mut page, vm_memory::GuestAddress(at & !0xfff))
+                .unwrap();
+            let want = &data[(at & !0xfff) as usize..][..4096];
+            assert!(
+                page == [0u8; 4096] || page == want,
+                "{damage}: bad bytes reached RAM"
+            );
+            assert!(
+                matches!(lazy.wait(), Populated::Failed(_)),
+                "{damage}: {:?}",
+                lazy.status()
+            );
+            let errors = errors.lock().unwrap().clone();
+            let where_ = format!("{:#x}", at & !0xfff);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains("corrupt") && e.contains(&where_)),
+                "{damage}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! [`VmHandle::save_state`](crate::VmHandle::save_state) captures it from a paused VM and
 //! [`Vm::restore`](crate::Vm::restore) builds a new VM from it.
 
+pub mod checksums;
 pub mod file;
 pub mod kvm_blob;
 pub mod lazy;
@@ -64,6 +65,9 @@ pub enum StateError {
         stored: u32,
         computed: u32,
     },
+    /// Guest memory read from a save failed its checksum (`checksums.rs`).
+    #[error("{path}: {why}")]
+    Corrupt { path: String, why: String },
     #[error("{path}: cannot decode the state: {why}")]
     Decode { path: String, why: String },
     #[error("the saved state does not fit this VM: {0}")]
@@ -175,6 +179,12 @@ pub struct VmState {
     pub i8042: I8042State,
     pub poweroff: PowerOffState,
     pub virtio: Vec<TransportState>,
+    /// The trailer of the save's memory checksum table (`memory.crc`, `checksums.rs`), which
+    /// must be beside `memory.bin` and match. `None`: a save written before the table existed
+    /// (restored unchecked, with a warning) or a state sent over a migration stream.
+    /// Added without a version bump: older readers ignore it, and its absence reads as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_sums: Option<u32>,
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {

@@ -9,13 +9,11 @@
 //! after [`READAHEAD`] bytes, at the end of its mapping, or where it finds memory already filled
 //! (it caught up with the populate thread or an earlier stream).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use super::lazy::{copy_all, Mapping};
+use super::lazy::{copy_all, Mapping, Source};
 use crate::uffd::Uffd;
 
 /// How far one stream reads ahead of the fault that started it.
@@ -54,10 +52,11 @@ impl Hint {
 }
 
 /// The readahead thread: follow hints until population is `done` or `cancel`led. Read errors
-/// end a stream quietly: the fault thread reports them when the guest gets there.
+/// and checksum mismatches end a stream quietly, with nothing copied: the fault thread (or
+/// the background copy) reports them when it gets there.
 pub fn run(
     uffd: &Uffd,
-    file: &File,
+    file: &Source,
     maps: &[Mapping],
     hint: &Hint,
     done: &AtomicBool,
@@ -75,10 +74,7 @@ pub fn run(
         while at < end && !hint.pending() && !cancel.load(Ordering::Relaxed) {
             let n = (CHUNK as u64).min(end - at) as usize;
             let b = &mut buf[..n];
-            if file
-                .read_exact_at(b, m.file_offset + (at - m.host))
-                .is_err()
-            {
+            if file.read(b, m.file_offset + (at - m.host)).is_err() {
                 break;
             }
             // A hole in the file: those pages are zeros, whoever touches them gets zeros.
@@ -115,6 +111,7 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let want: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8 + 1).collect();
         file.write_all_at(&want, 0).unwrap();
+        let file = Source { file, sums: None };
         let maps = vec![Mapping {
             host,
             len: SIZE,

@@ -153,6 +153,8 @@ fn sample() -> VmState {
                 }),
             },
         ],
+        // The version 1 fixture was written before the field existed; it must read as None.
+        memory_sums: None,
     }
 }
 
@@ -296,7 +298,7 @@ fn guest_memory_goes_to_its_file_and_back() {
     ram.memory
         .write_obj(0xfeed_u64, GuestAddress((32 << 20) - 8))
         .unwrap();
-    file::write_memory(&path, &ram).unwrap();
+    let sums = file::write_memory(&path, &ram).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 32 << 20);
 
     // Loaded into RAM holding other data: that is all replaced.
@@ -305,13 +307,50 @@ fn guest_memory_goes_to_its_file_and_back() {
         .memory
         .write_obj(0xdead_u64, GuestAddress(0x50_0000))
         .unwrap();
-    file::read_memory(&path, &other).unwrap();
+    file::read_memory(&path, &other, Some(&sums)).unwrap();
     let at = |a: u64| other.memory.read_obj::<u64>(GuestAddress(a)).unwrap();
     assert_eq!(at(0x10_0000), 0x1122_3344_5566_7788);
     assert_eq!(at((32 << 20) - 8), 0xfeed);
     assert_eq!(at(0x50_0000), 0);
 
     let small = crate::memory::GuestRam::new(16 << 20).unwrap();
-    let e = file::read_memory(&path, &small).unwrap_err();
+    let e = file::read_memory(&path, &small, None).unwrap_err();
     assert!(matches!(e, StateError::Mismatch(_)), "{e}");
+}
+
+/// One flipped bit anywhere in memory.bin (inside data, or data where a hole was) is refused
+/// by the eager load, naming the file and the page, before the VM could run on it.
+#[test]
+fn a_corrupt_memory_file_is_refused_by_its_checksums() {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("memory.bin");
+    let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
+    ram.memory
+        .write_slice(&[0x5a; 8192], GuestAddress(0x20_0000))
+        .unwrap();
+    let sums = file::write_memory(&path, &ram).unwrap();
+    let into = crate::memory::GuestRam::new(16 << 20).unwrap();
+    file::read_memory(&path, &into, Some(&sums)).unwrap();
+    for at in [0x20_1003u64, 0x70_0000] {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x04], at).unwrap();
+        let e = file::read_memory(&path, &into, Some(&sums)).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        let page = format!("{:#x}", at & !0xfff);
+        assert!(
+            e.to_string().contains(&page) && e.to_string().contains("memory.bin"),
+            "{e}"
+        );
+        f.write_all_at(&b, at).unwrap();
+    }
+    // Without the table (a save from before it existed) the same damage goes unnoticed.
+    file::read_memory(&path, &into, None).unwrap();
 }

@@ -5,8 +5,9 @@
 //!
 //! Locking: the lifecycle lock is held from start to end, so no pause, resume or reset by
 //! anyone else can come in between (they wait); the rounds run with the guest running.
-//! Files: memory goes to a temporary name and is renamed, then `vm.state` is written; an old
-//! `vm.state` is removed first. So a failure at any point leaves no `vm.state` beside memory it
+//! Files: memory goes to a temporary name and is renamed, its page checksums (`memory.crc`,
+//! summed from the bytes as they are written, so the pause adds only the last pages' sums)
+//! beside it, then `vm.state` is written; an old `vm.state` is removed first. So a failure at any point leaves no `vm.state` beside memory it
 //! does not describe, and the VM runs (or stays paused) as before.
 
 use std::fs::File;
@@ -15,10 +16,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::rounds::{union, RoundSink};
-use super::state::{MEMORY_FILE, STATE_FILE, WORKING_SET_FILE};
+use super::state::{MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE};
 use super::{lock, VmHandle};
 use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
+use crate::state::checksums::SumsBuilder;
 use crate::state::working_set::WorkingSet;
 use crate::state::{self, Identity, StateError};
 
@@ -222,10 +224,14 @@ impl VmHandle {
             }
             e
         };
-        let state = self.save_state_locked(identity, spec).map_err(undo)?;
+        let mut state = self.save_state_locked(identity, spec).map_err(undo)?;
+        // Memory is final now (paused); its table binds it to this state.
+        let sums = out.sums.finish();
+        state.memory_sums = Some(sums.table_sum());
         if let Some(between) = between {
             // A checkpoint: durable files, then the caller's step, all before the resume.
             let done = (|| {
+                state::file::write_sums(&dir.join(SUMS_FILE), &sums)?;
                 out.commit(&dir.join(MEMORY_FILE))?;
                 state::write_state(&dir.join(STATE_FILE), &state)?;
                 between().map_err(StateError::Checkpoint)
@@ -240,6 +246,18 @@ impl VmHandle {
                     .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
             }
             report.pause = paused_at.map_or(Duration::ZERO, |at| at.elapsed());
+            // The working set is only a hint for a restore: written after the resume (outside
+            // the guest's pause); a checkpoint without one (a crash here) restores the same.
+            if let Some(hot) = &hot {
+                let ranges = crate::memory::ram_ranges(self.0.ram.size);
+                let path = dir.join(WORKING_SET_FILE);
+                if let Err(e) = WorkingSet::from_dirty(hot, &ranges).write(&path, self.0.ram.size) {
+                    tracing::warn!(
+                        "writing {}: {e}; restores from it fault those pages in",
+                        path.display()
+                    );
+                }
+            }
             report.total = started.elapsed();
             tracing::info!(
                 "VM checkpointed live to {}: {} rounds, {} MiB written, {} pages while paused, paused {:.1} ms, total {} ms",
@@ -267,6 +285,7 @@ impl VmHandle {
                     .write(&path, self.0.ram.size)
                     .map_err(io(&path))?;
             }
+            state::file::write_sums(&dir.join(SUMS_FILE), &sums)?;
             out.commit(&dir.join(MEMORY_FILE))?;
             state::write_state(&dir.join(STATE_FILE), &state)
         };
@@ -367,11 +386,13 @@ impl VmHandle {
     }
 }
 
-/// The memory file being written; removed on drop unless committed.
+/// The memory file being written, with the checksums of every page written to it; removed
+/// on drop unless committed.
 struct TempFile {
     file: File,
     path: PathBuf,
     committed: std::cell::Cell<bool>,
+    sums: SumsBuilder,
 }
 
 impl TempFile {
@@ -385,18 +406,22 @@ impl TempFile {
             file,
             path: path.to_path_buf(),
             committed: false.into(),
+            sums: SumsBuilder::new(size),
         };
         t.file.set_len(size).map_err(err)?;
         Ok(t)
     }
 
+    /// Writes whole pages at `off` (page-aligned) and records their sums.
     fn write(&self, buf: &[u8], off: u64) -> Result<(), StateError> {
         self.file
             .write_all_at(buf, off)
             .map_err(|source| StateError::Io {
                 path: self.path.display().to_string(),
                 source,
-            })
+            })?;
+        self.sums.wrote(off, buf);
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), StateError> {

@@ -2,11 +2,13 @@
 //! [`VmHandle::save`] on a paused VM, [`Vm::restore`] into a new one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{lock, Vm, VmHandle};
 use crate::config::VmConfig;
 use crate::lifecycle::{Job, ParkError};
+use crate::state::checksums::MemorySums;
 use crate::state::working_set::WorkingSet;
 use crate::state::{
     self, trace, ClockState, I8042State, Identity, IrqchipState, MachineState, PowerOffState,
@@ -20,6 +22,8 @@ pub const STATE_FILE: &str = "vm.state";
 pub const MEMORY_FILE: &str = "memory.bin";
 /// The pages the guest wrote while a live save ran (a hint for the restore, `working_set.rs`).
 pub const WORKING_SET_FILE: &str = "working-set.bin";
+/// The page checksums of `memory.bin` (`state/checksums.rs`).
+pub const SUMS_FILE: &str = "memory.crc";
 
 impl VmHandle {
     /// The complete state of the paused VM (everything but memory). `identity` and `spec`
@@ -108,11 +112,14 @@ impl VmHandle {
             i8042: I8042State {},
             poweroff: PowerOffState {},
             virtio,
+            // Set by the save that writes the memory file and its table.
+            memory_sums: None,
         })
     }
 
     /// Writes guest RAM to `path`. The VM must be paused (and stays so while this runs).
-    pub fn save_memory(&self, path: &Path) -> Result<(), StateError> {
+    /// A raw dump: its checksums are returned, not written (a save writes `memory.crc`).
+    pub fn save_memory(&self, path: &Path) -> Result<MemorySums, StateError> {
         let _op = lock(&self.0.lifecycle);
         self.check_paused()?;
         self.wait_restored();
@@ -165,16 +172,37 @@ pub struct RestoreFrom {
     /// The save's working set, fetched before everything else on a lazy restore (a missing
     /// or unusable file only makes those pages fault in).
     pub working_set: Option<PathBuf>,
+    /// The page checksums every read of `memory` is checked against; `None` only for a save
+    /// written before they existed (`VmState::memory_sums` unset), which is restored unchecked.
+    pub sums: Option<Arc<MemorySums>>,
 }
 
 impl RestoreFrom {
-    /// Reads and checks `dir`'s state file (the memory file is read by the restore).
+    /// Reads and checks `dir`'s state file and the memory checksum table it names (the
+    /// memory file itself is read, and checked, by the restore). A save that should have a
+    /// table and has none, or a table of another save, is refused here.
     pub fn dir(dir: &Path) -> Result<RestoreFrom, StateError> {
+        let state = state::read_state(&dir.join(STATE_FILE))?;
+        let sums = match state.memory_sums {
+            Some(expected) => Some(Arc::new(MemorySums::read(
+                &dir.join(SUMS_FILE),
+                state.machine.memory_bytes,
+                expected,
+            )?)),
+            None => {
+                tracing::warn!(
+                    "{}: saved before memory checksums existed; memory.bin is restored unchecked",
+                    dir.display()
+                );
+                None
+            }
+        };
         Ok(RestoreFrom {
-            state: state::read_state(&dir.join(STATE_FILE))?,
+            state,
             memory: dir.join(MEMORY_FILE),
             eager: false,
             working_set: Some(dir.join(WORKING_SET_FILE)),
+            sums,
         })
     }
 }
@@ -204,20 +232,26 @@ impl Vm {
         trace::mark("VM built (Vm::new)");
         let s = &vm.shared;
         if eager {
-            state::file::read_memory(&from.memory, &s.ram)?;
+            state::file::read_memory(&from.memory, &s.ram, from.sums.as_deref())?;
         } else {
             let hot = from
                 .working_set
                 .as_deref()
                 .and_then(|p| WorkingSet::read(p, s.ram.size))
                 .unwrap_or_default();
-            let lazy = state::file::restore_memory_lazily(&from.memory, &s.ram, hot, {
-                let exit = s.exit.clone();
-                Box::new(move |why: String| {
-                    tracing::error!("{why}; stopping the restored VM");
-                    exit.set(crate::exit::VmExit::Error(why));
-                })
-            })?;
+            let lazy = state::file::restore_memory_lazily(
+                &from.memory,
+                &s.ram,
+                hot,
+                from.sums.clone(),
+                {
+                    let exit = s.exit.clone();
+                    Box::new(move |why: String| {
+                        tracing::error!("{why}; stopping the restored VM");
+                        exit.set(crate::exit::VmExit::Error(why));
+                    })
+                },
+            )?;
             *lock(&s.lazy) = lazy;
         }
         trace::mark("memory set up");

@@ -96,13 +96,17 @@ pub fn remove(path: &Path) {
     }
 }
 
-/// Links (or copies, across file systems) a save's `memory.bin` then `vm.state` from `from`
-/// into `to`: the state file last, so a folder with a state file is complete.
+/// Links (or copies, across file systems) a save's files (`store::SAVED_FILES`: working set,
+/// checksum table, `memory.bin`, then `vm.state`) from `from` into `to`: the state file last,
+/// so a folder with a state file is complete. The optional ones are skipped when missing.
 pub fn link_state(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
-    for name in ["memory.bin", "vm.state"] {
+    for name in crate::store::SAVED_FILES {
         let (src, dst) = (from.join(name), to.join(name));
         let _ = std::fs::remove_file(&dst);
+        if crate::store::saved_file_optional(name) && !src.exists() {
+            continue;
+        }
         if std::fs::hard_link(&src, &dst).is_err() {
             std::fs::copy(&src, &dst)
                 .map_err(|e| format!("copying {} to {}: {e}", src.display(), dst.display()))?;

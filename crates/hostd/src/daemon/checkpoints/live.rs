@@ -122,6 +122,8 @@ pub async fn capture(
     let _ = d.store.set_job_progress(job, 80);
     match answer {
         Ok(WorkerReply::Checkpointed(r)) => {
+            // The worker is on the children; nothing committed yet (settle commits).
+            fault_point("create-answered");
             let capture = CheckpointCapture {
                 live: true,
                 pause_us: r.pause_us,

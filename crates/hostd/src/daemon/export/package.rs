@@ -217,6 +217,9 @@ fn write_partial(
     let mut saved = Vec::new();
     if let (true, Some(dir)) = (with_saved, &source.saved) {
         for f in crate::store::SAVED_FILES {
+            if crate::store::saved_file_optional(f) && !dir.join(f).exists() {
+                continue;
+            }
             saved.push(put(
                 &dir.join(f),
                 root,
