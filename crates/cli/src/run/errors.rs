@@ -63,6 +63,7 @@ pub fn restore_error(e: StateError, dir: &std::path::Path) -> CliError {
         | StateError::UnsupportedVersion { .. }
         | StateError::Truncated { .. }
         | StateError::Checksum { .. }
+        | StateError::Corrupt { .. }
         | StateError::Decode { .. } => CliError::bad_input(message),
         StateError::Mismatch(_) | StateError::Device { .. } => CliError::bad_input(format!(
             "{message} (give the options the saved VM ran with: --memory, --vcpus, the same \
