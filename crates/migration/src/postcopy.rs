@@ -177,7 +177,7 @@ mod tests {
         assert_eq!(decode_missing(&rec.body, 2 << 20).unwrap(), runs);
         // A run past the end of RAM, an unaligned one and an empty one are refused.
         assert!(decode_missing(&rec.body, 0x10_0000).is_err());
-        for bad in [(0x1001, 1), (0, 0), (u64::MAX & !0xfff, u64::MAX)] {
+        for bad in [(0x1001, 1), (0, 0), (!0xfff, u64::MAX)] {
             let mut w = Vec::new();
             send_missing(&mut w, &[bad]).unwrap();
             let rec = read_record(&mut w.as_slice()).unwrap().unwrap();
