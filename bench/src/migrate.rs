@@ -46,6 +46,10 @@ pub struct MigrateArgs {
     /// The QEMU binary [default: qemu-system-x86_64 from PATH].
     #[arg(long)]
     qemu: Option<PathBuf>,
+    /// Vireo's post-copy mode (QEMU stays pre-copy): `always` or `auto` measure post-copy's
+    /// downtime (the guest's gap includes its first faults on missing pages).
+    #[arg(long, default_value = "never", value_parser = ["never", "auto", "always"])]
+    postcopy: String,
 }
 
 pub struct Case {
@@ -53,6 +57,8 @@ pub struct Case {
     /// 0 = as fast as the guest can.
     pub rate_mib_s: u64,
     pub max_downtime_ms: u32,
+    /// Vireo's `--postcopy`.
+    pub postcopy: vireo_api::worker::PostcopyMode,
 }
 
 /// One migration as measured.
@@ -90,16 +96,23 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
         .clone()
         .or_else(find_qemu)
         .ok_or("qemu-system-x86_64 not found (pass --qemu PATH)")?;
+    let postcopy = match args.postcopy.as_str() {
+        "always" => vireo_api::worker::PostcopyMode::Always,
+        "auto" => vireo_api::worker::PostcopyMode::Auto,
+        _ => vireo_api::worker::PostcopyMode::Never,
+    };
     let cases = [
         Case {
             name: "hot 64 MiB, full speed",
             rate_mib_s: 0,
             max_downtime_ms: args.max_downtime,
+            postcopy,
         },
         Case {
             name: "64 MiB at 64 MiB/s",
             rate_mib_s: 64,
             max_downtime_ms: args.max_downtime,
+            postcopy,
         },
     ];
     let work = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use vireo_api::worker::{
     CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrateState, MigrationTls,
-    PostcopyMode, WorkerExit, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply, WorkerRequest,
+    WorkerExit, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply, WorkerRequest,
 };
 use vireo_api::{AutoStart, VmSpec, SPEC_VERSION};
 use vireo_migration::hostauth::{HostIdentity, TrustStore};
@@ -265,7 +265,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         bandwidth: None,
         compress: CompressMode::Auto,
         streams: 2,
-        postcopy: PostcopyMode::Never,
+        postcopy: case.postcopy,
     };
     let mut src = spawn(
         &dir.join("vireo-src"),

@@ -488,6 +488,10 @@ pub enum WorkerExitReason {
     /// Live migration completed: the VM runs on the destination (`to`, the destination
     /// worker's address); the guest was paused `downtime_ms`.
     MigratedAway { to: String, downtime_ms: u64 },
+    /// Post-copy failed after the switch-over (the other side or the link died while pages
+    /// were still missing here, or the destination died while this source still served
+    /// them): the VM cannot continue anywhere; `message` says why (docs/migration.md).
+    MigrationLost { message: String },
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ fn identity(d: &Daemon) -> serde_json::Value {
 }
 
 #[test]
-fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back() {
+fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_forth() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
@@ -137,4 +137,34 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back() {
         !log.contains("PROBE READY"),
         "the guest booted again on A: {log}"
     );
+
+    // And to B again in post-copy: the VM runs there at once, the rest of its pages follow.
+    let mut c = Console::attach(&a, "m");
+    c.ok("DIRTY START 8 4 0");
+    drop(c);
+    let out = a.ok(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--postcopy",
+        "always",
+        "--output",
+        "json",
+    ]);
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["state"], "completed", "{job}");
+    eprintln!(
+        "post-copy migration: downtime {} ms, {} bytes sent",
+        job["migration"]["downtime_ms"], job["migration"]["transferred_bytes"]
+    );
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    assert_eq!(b.vm("m").state.name(), "running");
+    let mut c = Console::attach(&b, "m");
+    let stop = c.ok("DIRTY STOP");
+    assert!(stop.contains("passes="), "{stop}");
+    c.ok("MEM VERIFY 16 8 9");
+    c.ok("DISK 0 VERIFY 128 8 7");
 }

@@ -11,6 +11,7 @@
 //! - [`hostauth`]: host identities and pinned mutual TLS for migration channels.
 //! - [`streams`]: which stream carries which page, so a page's versions never overtake each
 //!   other across streams.
+//! - [`postcopy`]: the missing-page list, page requests and the end of post-copy.
 //! - [`sender`] / [`receiver`]: one stream's two ends; the receiver checks every record
 //!   before it applies anything of it to guest RAM.
 
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod error;
 pub mod hostauth;
 pub mod pages;
+pub mod postcopy;
 pub mod preamble;
 pub mod receiver;
 pub mod record;

@@ -1,6 +1,10 @@
 //! The first 36 bytes of every migration stream. The version comes right after the magic so
 //! a host can refuse a peer it does not understand before reading anything else (an old or a
 //! newer vireod on the other side is a clear error, never a misread VM).
+//!
+//! Version 2 (post-copy): the last four bytes are flags; [`FLAG_REQUESTS`] marks the one extra
+//! connection a source opens when it may switch to post-copy, on which the destination asks
+//! for pages (`crate::postcopy`). A version-1 reader refuses such a preamble (non-zero bytes).
 
 use std::io::{Read, Write};
 
@@ -12,12 +16,15 @@ use crate::MigrationError;
 pub const MAGIC: [u8; 8] = *b"VIREOMIG";
 /// The format this build writes. Bump it when a reader of the current version would misread
 /// a stream; keep reading older ones as long as they can be converted.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const OLDEST_VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 36;
 /// More streams than this gains nothing on the links Vireo targets and costs a TLS session
 /// each.
 pub const MAX_STREAMS: u16 = 16;
+/// Preamble flag: this connection is a post-copy request channel, not a page stream (its
+/// `stream` is 0 and `streams` the count of page streams).
+pub const FLAG_REQUESTS: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Preamble {
@@ -26,6 +33,8 @@ pub struct Preamble {
     pub session: Uuid,
     pub stream: u16,
     pub streams: u16,
+    /// [`FLAG_REQUESTS`] or 0 (version 2 on).
+    pub flags: u32,
 }
 
 impl Preamble {
@@ -35,7 +44,20 @@ impl Preamble {
             session,
             stream,
             streams,
+            flags: 0,
         }
+    }
+
+    /// The preamble of a post-copy request channel beside `streams` page streams.
+    pub fn requests(session: Uuid, streams: u16) -> Preamble {
+        Preamble {
+            flags: FLAG_REQUESTS,
+            ..Preamble::new(session, 0, streams)
+        }
+    }
+
+    pub fn is_request_channel(&self) -> bool {
+        self.flags & FLAG_REQUESTS != 0
     }
 
     pub fn write(&self, w: &mut impl Write) -> Result<(), MigrationError> {
@@ -45,6 +67,7 @@ impl Preamble {
         b[12..28].copy_from_slice(self.session.as_bytes());
         b[28..30].copy_from_slice(&self.stream.to_le_bytes());
         b[30..32].copy_from_slice(&self.streams.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
         w.write_all(&b)?;
         Ok(())
     }
@@ -74,7 +97,9 @@ impl Preamble {
                 "stream index or count out of range",
             ));
         }
-        if b[32..].iter().any(|&x| x != 0) {
+        let flags = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
+        // Version 1 had no flags; unknown flags are refused rather than ignored.
+        if (version < 2 && flags != 0) || flags & !FLAG_REQUESTS != 0 {
             return Err(MigrationError::Malformed(
                 "reserved preamble bytes are not zero",
             ));
@@ -84,6 +109,7 @@ impl Preamble {
             session,
             stream,
             streams,
+            flags,
         })
     }
 }
@@ -115,5 +141,20 @@ mod tests {
         idx[28..30].copy_from_slice(&2u16.to_le_bytes());
         assert!(Preamble::read(&mut idx.as_slice()).is_err());
         assert!(Preamble::read(&mut &b[..10]).is_err());
+
+        let r = Preamble::requests(p.session, 2);
+        let mut rb = Vec::new();
+        r.write(&mut rb).unwrap();
+        let back = Preamble::read(&mut rb.as_slice()).unwrap();
+        assert!(back.is_request_channel() && !p.is_request_channel());
+        let mut unknown = rb.clone();
+        unknown[32] = 2;
+        assert!(Preamble::read(&mut unknown.as_slice()).is_err());
+        let mut v1 = rb.clone();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(
+            Preamble::read(&mut v1.as_slice()).is_err(),
+            "v1 had no flags"
+        );
     }
 }

@@ -50,6 +50,8 @@ pub enum Event {
         dirty_remaining: u64,
     },
     DeviceState,
+    /// Post-copy: this many runs of pages will come after the switch-over.
+    Missing(usize),
     Done,
 }
 
@@ -57,6 +59,8 @@ pub struct Receiver {
     pub preamble: Preamble,
     pub stats: RecvStats,
     device_state: Option<Vec<u8>>,
+    /// Post-copy: the runs (gpa, pages) still to come, from `Missing` records.
+    missing: Option<Vec<(u64, u64)>>,
     done: bool,
 }
 
@@ -76,6 +80,7 @@ impl Receiver {
             preamble,
             stats: RecvStats::default(),
             device_state: None,
+            missing: None,
             done: false,
         })
     }
@@ -134,6 +139,17 @@ impl Receiver {
                     String::from_utf8_lossy(&record.body).into_owned(),
                 ))
             }
+            Kind::Missing => {
+                let runs = crate::postcopy::decode_missing(&record.body, ram.size())?;
+                let n = runs.len();
+                self.missing.get_or_insert_with(Vec::new).extend(runs);
+                Event::Missing(n)
+            }
+            Kind::PageRequest | Kind::PostcopyDone => {
+                return Err(MigrationError::Malformed(
+                    "a post-copy record before the switch-over",
+                ))
+            }
         })
     }
 
@@ -149,6 +165,11 @@ impl Receiver {
 
     pub fn device_state(&self) -> Option<&[u8]> {
         self.device_state.as_deref()
+    }
+
+    /// Post-copy: the runs of pages the source still has to send (`None`: pre-copy only).
+    pub fn take_missing(&mut self) -> Option<Vec<(u64, u64)>> {
+        self.missing.take()
     }
 
     pub fn take_device_state(&mut self) -> Option<Vec<u8>> {

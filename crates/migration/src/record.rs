@@ -30,6 +30,12 @@ pub enum Kind {
     Done = 4,
     /// The sender gave up; the body is a UTF-8 reason.
     Abort = 5,
+    /// Post-copy: pages the destination does not have yet, as runs ([`crate::postcopy`]).
+    Missing = 6,
+    /// Post-copy, destination to source on the request channel: pages wanted now.
+    PageRequest = 7,
+    /// Post-copy: every missing page has been sent on this stream.
+    PostcopyDone = 8,
 }
 
 impl Kind {
@@ -40,6 +46,9 @@ impl Kind {
             3 => Kind::RoundEnd,
             4 => Kind::Done,
             5 => Kind::Abort,
+            6 => Kind::Missing,
+            7 => Kind::PageRequest,
+            8 => Kind::PostcopyDone,
             other => return Err(MigrationError::UnknownKind(other)),
         })
     }

@@ -36,6 +36,7 @@ pub use vm::{
     LiveSaveOptions, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats, RestoreFrom,
     SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE,
 };
+pub use vm::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
 
 /// Guest RAM as the VMM and devices see it (the same type `vireo-virtio` uses).
 pub type GuestMemory = vireo_virtio::GuestMemory;

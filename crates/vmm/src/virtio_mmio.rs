@@ -185,6 +185,12 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Whether another process maps guest RAM for this device (a vhost-user back end): it
+    /// would not see pages a post-copy destination has not received yet.
+    pub fn maps_guest_memory(&self) -> bool {
+        self.device.maps_guest_memory()
+    }
+
     pub fn resume(&mut self) {
         if self.active {
             self.device.resume();

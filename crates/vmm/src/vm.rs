@@ -89,10 +89,12 @@ mod incoming;
 mod live_save;
 mod migrate;
 mod pause_reset;
+pub mod postcopy;
 mod rounds;
 mod state;
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
+pub use postcopy::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
 pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE};
 
 /// The parts of a VM other threads may use while it runs.

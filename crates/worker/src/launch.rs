@@ -29,7 +29,9 @@ pub fn exit_status(reason: &WorkerExitReason) -> u8 {
         | WorkerExitReason::Reset
         | WorkerExitReason::TurnedOff => 0,
         WorkerExitReason::Saved { .. } | WorkerExitReason::MigratedAway { .. } => 0,
-        WorkerExitReason::StartFailed { .. } | WorkerExitReason::VcpuFailed { .. } => 1,
+        WorkerExitReason::StartFailed { .. }
+        | WorkerExitReason::VcpuFailed { .. }
+        | WorkerExitReason::MigrationLost { .. } => 1,
     }
 }
 
@@ -260,13 +262,18 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
 
 impl Running {
     fn run(mut self) -> WorkerExitReason {
+        // A post-copy still placing pages lives until the VM has stopped.
+        let mut _postcopy = None;
         if let Some(inc) = self.incoming.take() {
-            if let Err(why) = incoming::receive(&self.vm, &self.state, inc) {
-                tracing::error!("incoming migration failed: {why}; nothing ran here");
-                self.control.shutdown();
-                return WorkerExitReason::StartFailed {
-                    message: format!("incoming migration: {why}"),
-                };
+            match incoming::receive(&self.vm, &self.state, inc) {
+                Ok(pc) => _postcopy = pc,
+                Err(why) => {
+                    tracing::error!("incoming migration failed: {why}; nothing ran here");
+                    self.control.shutdown();
+                    return WorkerExitReason::StartFailed {
+                        message: format!("incoming migration: {why}"),
+                    };
+                }
             }
         }
         self.state
@@ -288,6 +295,9 @@ impl Running {
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();
         let migrated = self.state.migration.migrated_to();
+        if let Some(message) = self.state.migration.lost() {
+            return WorkerExitReason::MigrationLost { message };
+        }
         match exit {
             Ok(VmExit::Stopped) if migrated.is_some() => {
                 let (to, downtime_ms) = migrated.unwrap_or_default();

@@ -52,7 +52,10 @@ pub struct MigrateArgs {
     /// Live: parallel TLS streams (1-16).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub streams: u16,
-    /// Live: switch to post-copy when pre-copy does not converge (auto), always, or never.
+    /// Live: post-copy runs the VM on the destination at once and fetches its missing pages
+    /// on fault: `auto` switches to it instead of throttling a guest that pre-copy cannot
+    /// catch up with, `always` after the first pass, `never` throttles instead. Risk: if the
+    /// source host dies during post-copy, the VM is lost (docs/migration.md).
     #[arg(long, value_enum, default_value = "auto")]
     pub postcopy: Postcopy,
     /// Quick migration: save the VM, send its saved state, restore it there (a pause of

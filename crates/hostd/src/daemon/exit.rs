@@ -38,6 +38,9 @@ pub fn describe(reason: &WorkerExitReason) -> String {
         WorkerExitReason::TurnedOff => "the VM was turned off".into(),
         WorkerExitReason::StartFailed { message } => message.clone(),
         WorkerExitReason::VcpuFailed { message } => format!("a vCPU failed: {message}"),
+        WorkerExitReason::MigrationLost { message } => {
+            format!("the VM was lost in a post-copy migration: {message}")
+        }
         WorkerExitReason::Saved { dir } => format!("the VM was saved to {}", dir.display()),
         WorkerExitReason::MigratedAway { to, downtime_ms } => {
             format!("the VM was migrated to {to} (paused {downtime_ms} ms)")
@@ -87,7 +90,8 @@ pub fn decide(
     let candidates = match (state, exit) {
         // Gone with no trace while nobody watched: that is a crash, even mid-start.
         (_, None) if death == Death::GoneWhileDown => vec![crashed],
-        (_, Some(WorkerExitReason::VcpuFailed { .. })) => vec![crashed],
+        (_, Some(WorkerExitReason::VcpuFailed { .. }))
+        | (_, Some(WorkerExitReason::MigrationLost { .. })) => vec![crashed],
         (VmState::Saving, Some(WorkerExitReason::Saved { .. })) => vec![Action::Saved],
         (VmState::Starting, Some(WorkerExitReason::PoweredOff { .. }))
         | (VmState::Starting, Some(WorkerExitReason::Reset))

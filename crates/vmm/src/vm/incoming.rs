@@ -142,6 +142,9 @@ impl Vm {
                                 break;
                             }
                         }
+                        if let Some(runs) = rx.take_missing() {
+                            shared.add_postcopy_missing(runs);
+                        }
                         Ok((r, rx.take_device_state()))
                     })
                 })

@@ -59,6 +59,8 @@ pub struct MigrateOutOptions {
     pub max_rounds: u32,
     /// Throttle the guest when rounds stop shrinking (auto-converge).
     pub auto_converge: bool,
+    /// When to switch to post-copy instead (`postcopy/policy.rs`).
+    pub postcopy: super::postcopy::PostcopyPolicy,
 }
 
 impl Default for MigrateOutOptions {
@@ -68,6 +70,7 @@ impl Default for MigrateOutOptions {
             bandwidth: None,
             max_rounds: 30,
             auto_converge: true,
+            postcopy: Default::default(),
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct MigrateShared {
     cancel: AtomicBool,
     transferred: AtomicU64,
     stats: Mutex<MigrateStats>,
+    /// Destination: the runs (gpa, pages) the source listed for post-copy.
+    postcopy_missing: Mutex<Option<Vec<(u64, u64)>>>,
 }
 
 impl MigrateShared {
@@ -111,12 +116,21 @@ impl MigrateShared {
     pub fn add_transferred(&self, n: u64) {
         self.transferred.fetch_add(n, Ordering::Relaxed);
     }
+    /// Destination: the source switched to post-copy and still has these runs of pages.
+    pub fn take_postcopy_missing(&self) -> Option<Vec<(u64, u64)>> {
+        lock(&self.postcopy_missing).take()
+    }
+    pub(crate) fn add_postcopy_missing(&self, runs: Vec<(u64, u64)>) {
+        lock(&self.postcopy_missing)
+            .get_or_insert_with(Vec::new)
+            .extend(runs);
+    }
     pub fn stats(&self) -> MigrateStats {
         let mut s = *lock(&self.stats);
         s.transferred_bytes = self.transferred.load(Ordering::Relaxed);
         s
     }
-    fn update(&self, f: impl FnOnce(&mut MigrateStats)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrateStats)) {
         f(&mut lock(&self.stats));
     }
 }
@@ -132,6 +146,9 @@ pub struct Handover<W> {
     pub stats: MigrateStats,
     /// Total time from the call to the last `Done`.
     pub elapsed: Duration,
+    /// Post-copy: the pages still here (listed to the destination); serve them with
+    /// `VmHandle::serve_postcopy` once the destination runs the VM.
+    pub postcopy: Option<DirtyBitmap>,
 }
 
 impl VmHandle {
@@ -162,6 +179,10 @@ impl VmHandle {
             link_rate: 0.0,
             last_fetch: Instant::now(),
             throttle: None,
+            postcopy_chosen: false,
+            postcopy: (opts.postcopy != super::postcopy::PostcopyPolicy::Never
+                && !self.devices_map_memory())
+            .then_some(None),
         };
         let precopy = if was_paused {
             // Nothing can dirty a paused VM's memory: one pass is all.
@@ -181,7 +202,16 @@ impl VmHandle {
             s.switching = true;
             s.throttle_percent = 0;
         });
+        let missing = sink.postcopy.take().flatten();
         let finish = (|| {
+            if let Some(m) = &missing {
+                let runs = super::postcopy::runs_of(m);
+                let wire =
+                    vireo_migration::postcopy::send_missing(sink.senders[0].get_mut(), &runs)
+                        .map_err(|source| MigrateError::Stream { stream: 0, source })?;
+                shared.add_transferred(wire);
+                tracing::info!("post-copy: {} pages left on the source", m.count());
+            }
             let state = self.save_state_locked(identity, spec)?;
             let bytes = crate::state::file::encode(&state);
             let n = bytes.len() as u64;
@@ -220,6 +250,7 @@ impl VmHandle {
                     final_pages,
                     stats,
                     elapsed: started.elapsed(),
+                    postcopy: missing,
                 })
             }
             Err(e) => {
@@ -354,6 +385,11 @@ struct StreamSink<'a, W: Write + Send> {
     /// When the dirty log was last read (the dirty rate is measured since then).
     last_fetch: Instant,
     throttle: Option<Throttle>,
+    /// `None`: post-copy not allowed; `Some(None)`: allowed, not chosen; `Some(Some(pages))`:
+    /// chosen, these pages are left for post-copy.
+    postcopy: Option<Option<DirtyBitmap>>,
+    /// Post-copy was chosen: the final pass lists pages instead of copying them.
+    postcopy_chosen: bool,
 }
 
 impl<W: Write + Send> StreamSink<'_, W> {
@@ -445,6 +481,13 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
             max_rounds: self.opts.max_rounds,
             throttle: self.opts.auto_converge,
         };
+        if self.postcopy.is_some()
+            && super::postcopy::policy::switch_to_postcopy(&facts, &limits, self.opts.postcopy)
+        {
+            tracing::info!("migration: switching to post-copy after round {rounds} ({facts:?})");
+            self.postcopy_chosen = true;
+            return Ok(false);
+        }
         let decision = converge::decide(&facts, &limits);
         let estimate = converge::estimate_ms(dirty_bytes, self.link_rate);
         self.shared.update(|s| {
@@ -475,6 +518,14 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
     fn before_pause(&mut self) {
         // Joined here: its parking must not overlap the real pause.
         self.throttle = None;
+    }
+
+    fn final_pass(&mut self, vm: &VmHandle, last: &DirtyBitmap) -> Result<u64, MigrateError> {
+        if self.postcopy_chosen {
+            self.postcopy = Some(Some(last.clone()));
+            return Ok(0);
+        }
+        self.dirty_pass(vm, last)
     }
 }
 

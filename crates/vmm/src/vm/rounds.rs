@@ -31,6 +31,10 @@ pub(super) trait RoundSink {
     ) -> Result<bool, Self::Error>;
     /// Right before the pause (a migration stops throttling the guest here).
     fn before_pause(&mut self) {}
+    /// The pages left once paused (a post-copy migration lists them instead of copying).
+    fn final_pass(&mut self, vm: &VmHandle, last: &DirtyBitmap) -> Result<u64, Self::Error> {
+        self.dirty_pass(vm, last)
+    }
 }
 
 /// What [`VmHandle::precopy_locked`] did.
@@ -85,7 +89,7 @@ impl VmHandle {
                     .map_err(kvm)?;
                 union(&mut last, &pending);
                 let n = last.count() as u64;
-                Ok::<_, S::Error>((n, sink.dirty_pass(self, &last)?))
+                Ok::<_, S::Error>((n, sink.final_pass(self, &last)?))
             })();
             match last {
                 Ok((final_pages, b)) => Ok(Precopied {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use vireo_api::worker::{IncomingMigration, MigrateState};
 use vireo_migration::hostauth::{self, ServerConfig, ServerStream};
 use vireo_migration::Receiver;
-use vireo_vmm::{MigrateShared, Vm};
+use vireo_vmm::{MigrateShared, PostcopyIncoming, Vm};
 
 use super::handoff::{self, DiskGeometry, PendingDisk};
-use super::{load_tls, Migration};
+use super::{load_tls, postcopy, Migration};
 use crate::server::State;
 
 /// How long the destination waits for all of the source's streams.
@@ -75,15 +75,24 @@ pub fn listen(
 }
 
 /// Receives the VM into `vm` and runs the handoff; on `Ok` the VM is resumed (its vCPUs
-/// start with `Vm::run`).
-pub fn receive(vm: &Vm, s: &State, inc: Incoming) -> Result<(), String> {
+/// start with `Vm::run`). With post-copy the result is running, and must be kept until the
+/// VM has stopped: it completes the migration (or loses the VM) on its own.
+pub fn receive(vm: &Vm, s: &Arc<State>, inc: Incoming) -> Result<Option<PostcopyIncoming>, String> {
     let result = receive_inner(vm, s, &inc);
-    s.migration.finish(&result);
+    match &result {
+        Ok(Some(_)) => {}
+        Ok(None) => s.migration.finish(&Ok(())),
+        Err(e) => s.migration.finish(&Err(e.clone())),
+    }
     result
 }
 
-fn receive_inner(vm: &Vm, s: &State, inc: &Incoming) -> Result<(), String> {
-    let streams = accept_all(s, inc)?;
+fn receive_inner(
+    vm: &Vm,
+    s: &Arc<State>,
+    inc: &Incoming,
+) -> Result<Option<PostcopyIncoming>, String> {
+    let (streams, requests) = accept_all(s, inc)?;
     s.migration.set_state(MigrateState::Precopy);
     let started = Instant::now();
     let (mut streams, state) = vm
@@ -113,11 +122,25 @@ fn receive_inner(vm: &Vm, s: &State, inc: &Incoming) -> Result<(), String> {
     for (p, g) in inc.pending.iter().zip(&geometry) {
         p.set_geometry(*g);
     }
+    let missing = inc.shared.take_postcopy_missing();
+    if missing.is_some() && vm.devices_map_memory() {
+        return Err(fail(
+            ctl,
+            "post-copy is not possible here: a vhost-user NIC maps guest RAM in another \
+             process; migrate with --postcopy never"
+                .into(),
+        ));
+    }
     vm.apply_state(&state)
         .map_err(|e| fail(ctl, format!("applying the device state: {e}")))?;
     handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
     handoff::expect(ctl, "RELEASED")?;
     attach_disks(s, inc).map_err(|e| fail(ctl, e))?;
+    // Post-copy: missing pages registered before anything of the guest runs.
+    let mut pc = match &missing {
+        Some(runs) => Some(postcopy::start(vm, s, runs, requests).map_err(|e| fail(ctl, e))?),
+        None => None,
+    };
     vm.handle()
         .resume()
         .map_err(|e| fail(ctl, format!("resuming: {e}")))?;
@@ -125,12 +148,19 @@ fn receive_inner(vm: &Vm, s: &State, inc: &Incoming) -> Result<(), String> {
     if let Err(e) = handoff::send(ctl, "RUNNING") {
         tracing::warn!("the VM runs here, but telling the source failed: {e}");
     }
+    if let Some(pc) = &mut pc {
+        s.migration.set_state(MigrateState::Postcopy);
+        let stream0 = streams.swap_remove(0);
+        if let Err(e) = pc.place_from(stream0, inc.shared.clone()) {
+            postcopy::lose(s, &format!("starting the post-copy placement thread: {e}"));
+        }
+    }
     tracing::info!(
         "migration received: {} MiB, {} ms from the first stream to running",
         inc.shared.stats().transferred_bytes >> 20,
         started.elapsed().as_millis()
     );
-    Ok(())
+    Ok(pc)
 }
 
 /// Opens the disks the source released and puts them under the waiting devices.
@@ -150,10 +180,16 @@ fn attach_disks(s: &State, inc: &Incoming) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits (bounded, cancellable) for every stream of the session. Connections that fail the
+/// Waits (bounded, cancellable) for every stream of the session, and takes the post-copy
+/// request channel if the source opens one (it does so first). Connections that fail the
 /// handshake (an untrusted host) or belong to another session are refused and waited past.
-fn accept_all(s: &State, inc: &Incoming) -> Result<Vec<(Receiver, ServerStream)>, String> {
+#[allow(clippy::type_complexity)]
+fn accept_all(
+    s: &State,
+    inc: &Incoming,
+) -> Result<(Vec<(Receiver, ServerStream)>, Option<ServerStream>), String> {
     let n = usize::from(inc.streams);
+    let mut requests = None;
     let mut got: Vec<Option<(Receiver, ServerStream)>> = (0..n).map(|_| None).collect();
     let deadline = Instant::now() + WAIT_FOR_SOURCE;
     while got.iter().any(Option::is_none) {
@@ -191,8 +227,23 @@ fn accept_all(s: &State, inc: &Incoming) -> Result<Vec<(Receiver, ServerStream)>
                 continue;
             }
         };
+        if rx.preamble.is_request_channel() && rx.preamble.streams == inc.streams {
+            if requests.is_some() {
+                tracing::warn!("a second post-copy request channel from {peer} refused");
+                let _ = handoff::send(&mut stream, "FAILED a request channel is open already");
+                continue;
+            }
+            handoff::send(&mut stream, "OK")
+                .map_err(|e| format!("answering the request channel: {e}"))?;
+            requests = Some(stream);
+            continue;
+        }
         let i = usize::from(rx.preamble.stream);
-        if rx.preamble.streams != inc.streams || i >= n || got[i].is_some() {
+        if rx.preamble.is_request_channel()
+            || rx.preamble.streams != inc.streams
+            || i >= n
+            || got[i].is_some()
+        {
             let why = format!(
                 "stream {} of {} does not fit this migration of {} streams",
                 rx.preamble.stream, rx.preamble.streams, inc.streams
@@ -204,5 +255,5 @@ fn accept_all(s: &State, inc: &Incoming) -> Result<Vec<(Receiver, ServerStream)>
         handoff::send(&mut stream, "OK").map_err(|e| format!("answering stream {i}: {e}"))?;
         got[i] = Some((rx, stream));
     }
-    Ok(got.into_iter().flatten().collect())
+    Ok((got.into_iter().flatten().collect(), requests))
 }

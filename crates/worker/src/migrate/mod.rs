@@ -8,6 +8,7 @@
 pub mod handoff;
 pub mod incoming;
 pub mod out;
+pub mod postcopy;
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +31,9 @@ pub struct Migration {
     sockets: Mutex<Vec<TcpStream>>,
     /// Source: the VM runs on the destination: (its address, downtime ms).
     migrated_to: Mutex<Option<(String, u64)>>,
+    /// Post-copy failed after the switch-over: why the VM is lost (the worker exits
+    /// `MigrationLost`).
+    lost: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,11 +57,14 @@ impl Migration {
         p
     }
 
-    /// Listening, pre-copy or switching.
+    /// Listening, pre-copy, switching or post-copy.
     pub fn is_active(&self) -> bool {
         matches!(
             lock(&self.progress).state,
-            MigrateState::Listening | MigrateState::Precopy | MigrateState::Switching
+            MigrateState::Listening
+                | MigrateState::Precopy
+                | MigrateState::Switching
+                | MigrateState::Postcopy
         )
     }
 
@@ -66,7 +73,10 @@ impl Migration {
         let mut p = lock(&self.progress);
         if matches!(
             p.state,
-            MigrateState::Listening | MigrateState::Precopy | MigrateState::Switching
+            MigrateState::Listening
+                | MigrateState::Precopy
+                | MigrateState::Switching
+                | MigrateState::Postcopy
         ) {
             return Err("a migration of this VM is running already".into());
         }
@@ -115,7 +125,7 @@ impl Migration {
     pub fn cancel(&self) -> Result<(), String> {
         let p = lock(&self.progress);
         match p.state {
-            MigrateState::Switching => {
+            MigrateState::Switching | MigrateState::Postcopy => {
                 Err("the switch-over has begun; it is too late to cancel".into())
             }
             MigrateState::Listening | MigrateState::Precopy => {
@@ -127,6 +137,11 @@ impl Migration {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Why the VM was lost in post-copy, if it was.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
     }
 
     /// Source: where the VM went, once it runs there.

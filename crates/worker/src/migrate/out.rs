@@ -4,6 +4,8 @@
 //! Until the destination says `RUNNING` the VM can always run here again: on any failure the
 //! disks are opened again (if they had been released) and the VM resumes. Once it runs there
 //! the worker records where it went and stops the VM; the worker exits `MigratedAway`.
+//! With post-copy (`postcopy.rs`) the VM stays paused here after `RUNNING` while the missing
+//! pages are served, and only then stops; a failure then loses the VM (`MigrationLost`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use uuid::Uuid;
-use vireo_api::worker::{CompressMode, MigrateOptions, MigrateState, MigrationTls};
+use vireo_api::worker::{CompressMode, MigrateOptions, MigrateState, MigrationTls, PostcopyMode};
 use vireo_migration::auto::AutoCompress;
 use vireo_migration::hostauth::{self, ClientStream};
 use vireo_migration::preamble::{Preamble, MAX_STREAMS};
@@ -21,6 +23,7 @@ use vireo_vmm::state::Identity;
 use vireo_vmm::{MigrateError, MigrateOutOptions, MigrateShared};
 
 use super::handoff::{self, DiskGeometry, ReleasedDisk};
+use super::postcopy;
 use super::{load_tls, lock, IO_TIMEOUT};
 use crate::hotplug::SlotDisk;
 use crate::image::{self, DiskArg};
@@ -80,15 +83,25 @@ fn compression(mode: CompressMode) -> Compression {
     }
 }
 
-/// Connects every stream and waits for the destination's `OK` to its preamble.
+/// Connects every stream and waits for the destination's `OK` to its preamble; with post-copy
+/// allowed, the request channel first (`postcopy.rs`).
+#[allow(clippy::type_complexity)]
 fn connect(
     s: &State,
     to: SocketAddr,
     session: Uuid,
     options: &MigrateOptions,
     cfg: Arc<vireo_migration::hostauth::ClientConfig>,
-) -> Result<Vec<Sender<ClientStream>>, String> {
+) -> Result<(Vec<Sender<ClientStream>>, Option<ClientStream>), String> {
     let n = options.streams;
+    let requests = match options.postcopy {
+        PostcopyMode::Never => None,
+        _ => {
+            let c = postcopy::connect_requests(to, cfg.clone(), session, n)?;
+            s.migration.add_socket(&c.sock);
+            Some(c)
+        }
+    };
     let mut senders = Vec::with_capacity(n as usize);
     for i in 0..n {
         let stream = hostauth::connect(to, cfg.clone(), IO_TIMEOUT)
@@ -106,7 +119,7 @@ fn connect(
             .map_err(|e| format!("stream {i} to {to}: the destination refused it: {e}"))?;
         senders.push(sender);
     }
-    Ok(senders)
+    Ok((senders, requests))
 }
 
 fn run(
@@ -118,10 +131,14 @@ fn run(
     shared: &MigrateShared,
 ) -> Result<u64, String> {
     let started = Instant::now();
-    let senders = connect(s, to, session, options, cfg)?;
+    let (senders, requests) = connect(s, to, session, options, cfg)?;
     let opts = MigrateOutOptions {
         max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
         bandwidth: options.bandwidth,
+        postcopy: match requests {
+            Some(_) => postcopy::policy(options.postcopy),
+            None => vireo_vmm::PostcopyPolicy::Never,
+        },
         ..Default::default()
     };
     let identity = Identity {
@@ -136,6 +153,7 @@ fn run(
             })?;
     s.migration.set_state(MigrateState::Switching);
     let paused_at = handover.paused_at;
+    let missing = handover.postcopy;
     let mut streams = handover.streams.into_iter();
     let mut ctl = streams.next().expect("at least one stream");
     drop(streams);
@@ -147,6 +165,10 @@ fn run(
                 started.elapsed().as_millis()
             );
             s.migration.update(|p| p.downtime_ms = Some(downtime_ms));
+            if let (Some(missing), Some(requests)) = (&missing, requests) {
+                // The VM runs there now; it is complete once every page is there.
+                postcopy::serve(s, &mut ctl, requests, missing, shared, options.bandwidth)?;
+            }
             *lock(&s.migration.migrated_to) = Some((to.to_string(), downtime_ms));
             s.vm.request_stop();
             Ok(downtime_ms)

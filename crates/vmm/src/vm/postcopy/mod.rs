@@ -1,0 +1,51 @@
+//! Post-copy live migration (docs/migration.md, "Post-copy"): the VM switches over with pages
+//! still on the source, runs on the destination at once, and pages it touches are fetched on
+//! fault through a userfaultfd (`crate::uffd`, as lazy restore does) while the source streams
+//! all the rest.
+//!
+//! - [`policy`]: when to switch to post-copy (`--postcopy auto|always|never`), pure.
+//! - [`tracker`]: which pages the destination still lacks; each placed exactly once, pure.
+//! - [`source`]: the source's serving loop (requests first, the rest in address order).
+//! - [`dest`]: the destination's fault and placement threads, and the "lost" path.
+
+pub mod dest;
+pub mod policy;
+pub mod source;
+pub mod tracker;
+
+pub use dest::{PostcopyIncoming, PostcopyOutcome};
+pub use policy::PostcopyPolicy;
+pub use source::PostcopyServed;
+
+use crate::dirty::DirtyBitmap;
+use crate::memory::PAGE_SIZE;
+
+/// The missing pages as runs `(gpa, pages)`, in address order.
+pub fn runs_of(bitmap: &DirtyBitmap) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for gpa in bitmap.pages() {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE_SIZE == gpa => *n += 1,
+            _ => runs.push((gpa, 1)),
+        }
+    }
+    runs
+}
+
+impl super::VmHandle {
+    /// Whether a device's back end maps guest RAM in another process (vhost-user): such a
+    /// VM cannot use post-copy, whose missing pages exist only in this process's mapping.
+    pub fn devices_map_memory(&self) -> bool {
+        self.0
+            .transports
+            .iter()
+            .any(|t| super::lock(t).maps_guest_memory())
+    }
+}
+
+impl super::Vm {
+    /// See [`super::VmHandle::devices_map_memory`].
+    pub fn devices_map_memory(&self) -> bool {
+        self.handle().devices_map_memory()
+    }
+}

@@ -1,0 +1,280 @@
+//! Post-copy live migration between two `vireo-vm` processes (docs/migration.md,
+//! "Post-copy"): the probe rewrites a 64 MiB hot set of 256 MiB while it moves. `always`
+//! switches after the first pass and the destination runs with the hot set still on the
+//! source; `auto` picks post-copy when a full-speed hot set does not converge; a source
+//! SIGKILLed in the middle of post-copy makes the destination stop with the lost reason in
+//! bounded time, never run on without its pages.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{kvm, probe_spec, raw_disk, Worker, T};
+use vireo_api::worker::{
+    CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrateState, MigrationTls,
+    PostcopyMode, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply,
+};
+use vireo_api::{DiskSpec, VmSpec};
+use vireo_migration::hostauth::{HostIdentity, TrustStore};
+use vireo_probe_image::ProbeConsole;
+
+struct Host {
+    dir: tempfile::TempDir,
+    id: HostIdentity,
+}
+
+impl Host {
+    fn new(name: &str) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let id = HostIdentity::load_or_create(dir.path(), name).unwrap();
+        Host { dir, id }
+    }
+    fn tls(&self) -> MigrationTls {
+        MigrationTls {
+            cert: self.dir.path().join("host.crt"),
+            key: self.dir.path().join("host.key"),
+            trusted: self.dir.path().join("trusted"),
+        }
+    }
+}
+
+fn pair() -> (Host, Host) {
+    let (a, b) = (Host::new("source.test"), Host::new("destination.test"));
+    for (me, peer) in [(&a, &b), (&b, &a)] {
+        let mut t = TrustStore::new();
+        t.trust(peer.id.fingerprint(), "peer");
+        t.save(&me.dir.path().join("trusted")).unwrap();
+    }
+    (a, b)
+}
+
+fn spec(disk: &Path) -> VmSpec {
+    VmSpec {
+        memory_bytes: 256 << 20,
+        disks: vec![DiskSpec {
+            path: disk.to_path_buf(),
+            read_only: false,
+            format: None,
+            serial: Some("PC0".into()),
+            max_iops: None,
+            min_iops: None,
+        }],
+        ..probe_spec()
+    }
+}
+
+fn status(w: &Worker) -> MigrateProgress {
+    match w.ask(WorkerOp::MigrateStatus) {
+        WorkerReply::Migrate(p) => p,
+        other => panic!("MigrateStatus answered {other:?}"),
+    }
+}
+
+fn wait_status(w: &Worker, what: &str, done: impl Fn(&MigrateProgress) -> bool) -> MigrateProgress {
+    let deadline = Instant::now() + T;
+    loop {
+        let p = status(w);
+        if done(&p) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: stuck at {p:?}; log:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ok(c: &mut ProbeConsole, cmd: &str) -> String {
+    let a = c.command(cmd, T).unwrap();
+    assert!(a.starts_with("OK"), "{cmd}: {a}");
+    a
+}
+
+struct Setup {
+    a: Host,
+    _b: Host,
+    _d: tempfile::TempDir,
+    src: Worker,
+    dst: Worker,
+    to: std::net::SocketAddr,
+    session: uuid::Uuid,
+    sum: String,
+}
+
+/// A source running the DIRTY workload over 64 MiB at full speed (a 16 MiB region filled
+/// and summed first, a disk written), and its destination listening.
+fn setup() -> Setup {
+    let (a, b) = pair();
+    let d = tempfile::tempdir().unwrap();
+    let disk: PathBuf = raw_disk(d.path(), "disk.img", 64 << 20);
+    let src = Worker::start(spec(&disk));
+    src.wait_console("PROBE READY");
+    let mut c = src.probe_console();
+    ok(&mut c, "DISK 0 WRITE 0 256 11");
+    ok(&mut c, "DISK 0 FLUSH");
+    ok(&mut c, "MEM FILL 100 16 7");
+    let sum = ok(&mut c, "MEM SUM 100 16");
+    ok(&mut c, "DIRTY START 16 64 0");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    let session = uuid::Uuid::new_v4();
+    let dst = Worker::launch_with(WorkerLaunch {
+        vm_id: uuid::Uuid::new_v4(),
+        spec: spec(&disk),
+        nic_sockets: vec![],
+        restore_from: None,
+        incoming: Some(IncomingMigration {
+            session,
+            streams: 1,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: b.tls(),
+        }),
+    });
+    let to = wait_status(&dst, "listening", |p| p.listen_addr.is_some())
+        .listen_addr
+        .unwrap();
+    Setup {
+        a,
+        _b: b,
+        _d: d,
+        src,
+        dst,
+        to,
+        session,
+        sum,
+    }
+}
+
+fn migrate(s: &Setup, postcopy: PostcopyMode, max_downtime_ms: u32, bandwidth: Option<u64>) {
+    let r = s.src.ask(WorkerOp::MigrateOut {
+        to: s.to,
+        session: s.session,
+        options: MigrateOptions {
+            max_downtime_ms,
+            bandwidth,
+            compress: CompressMode::None,
+            streams: 1,
+            postcopy,
+        },
+        tls: s.a.tls(),
+    });
+    assert_eq!(
+        r,
+        WorkerReply::Ok,
+        "MigrateOut refused; log:\n{}",
+        s.src.log()
+    );
+}
+
+/// The source handed the VM over and the destination runs it complete: the workload's pass
+/// counter and page count agree, the filled region's sum and the disk are the source's.
+fn check_arrived(s: &mut Setup) -> u64 {
+    let (code, exit) = s.src.wait_exit();
+    let exit = exit.unwrap_or_else(|| panic!("no exit.json; log:\n{}", s.src.log()));
+    let WorkerExitReason::MigratedAway { downtime_ms, .. } = exit.reason else {
+        panic!("source exited {:?}; log:\n{}", exit.reason, s.src.log());
+    };
+    assert_eq!(code, Some(0));
+    let p = wait_status(&s.dst, "destination completed", |p| {
+        p.state == MigrateState::Completed
+    });
+    assert_eq!(p.remaining_bytes, 0, "{p:?}");
+    let mut c = s.dst.probe_console();
+    let stop = ok(&mut c, "DIRTY STOP");
+    let field = |name: &str| -> u64 {
+        stop.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{stop}"))
+            .parse()
+            .unwrap()
+    };
+    let (passes, pages) = (field("passes="), field("pages="));
+    assert!(passes >= 1, "{stop}");
+    // Each pass writes all 16384 pages: a lost or repeated page write breaks the ratio.
+    assert_eq!(pages / (64 * 256), passes, "{stop}");
+    assert_eq!(ok(&mut c, "MEM SUM 100 16"), s.sum);
+    ok(&mut c, "DISK 0 VERIFY 0 256 11");
+    ok(&mut c, "DISK 0 WRITE 512 8 12");
+    ok(&mut c, "DISK 0 VERIFY 512 8 12");
+    assert_eq!(s.dst.ask(WorkerOp::TurnOff), WorkerReply::Ok);
+    let (_, exit) = s.dst.wait_exit();
+    assert_eq!(exit.unwrap().reason, WorkerExitReason::TurnedOff);
+    downtime_ms
+}
+
+#[test]
+fn kvm_postcopy_always_the_guest_runs_on_with_its_hot_set_fetched() {
+    if !kvm() {
+        return;
+    }
+    let mut s = setup();
+    let started = Instant::now();
+    migrate(&s, PostcopyMode::Always, 50, None);
+    let downtime = check_arrived(&mut s);
+    let log = s.src.log();
+    assert!(
+        log.contains("switching to post-copy after round 0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("post-copy: ") && log.contains("pages sent"),
+        "{log}"
+    );
+    eprintln!(
+        "post-copy always, 64 MiB hot set: downtime {downtime} ms, total {} ms",
+        started.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn kvm_postcopy_auto_switches_when_a_full_speed_hot_set_does_not_converge() {
+    if !kvm() {
+        return;
+    }
+    let mut s = setup();
+    // 1 ms cannot hold a 64 MiB hot set rewritten at full speed: rounds stop shrinking.
+    migrate(&s, PostcopyMode::Auto, 1, None);
+    check_arrived(&mut s);
+    let log = s.src.log();
+    assert!(log.contains("switching to post-copy"), "{log}");
+    assert!(
+        !log.contains("throttle: 20"),
+        "auto must not throttle the guest: {log}"
+    );
+}
+
+#[test]
+fn kvm_postcopy_source_killed_midway_the_destination_stops_lost() {
+    if !kvm() {
+        return;
+    }
+    let mut s = setup();
+    // A capped background stream keeps post-copy going long enough to kill the source in it.
+    migrate(&s, PostcopyMode::Always, 50, Some(32 << 20));
+    wait_status(&s.src, "source in post-copy", |p| {
+        p.state == MigrateState::Postcopy
+    });
+    s.src.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    s.src.wait_exit();
+    let (code, exit) = s.dst.wait_exit();
+    let waited = killed.elapsed();
+    let exit = exit.unwrap_or_else(|| panic!("no exit.json; log:\n{}", s.dst.log()));
+    let WorkerExitReason::MigrationLost { message } = &exit.reason else {
+        panic!(
+            "destination exited {:?}; log:\n{}",
+            exit.reason,
+            s.dst.log()
+        );
+    };
+    assert!(message.contains("pages"), "{message}");
+    assert_eq!(code, Some(1));
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+    eprintln!(
+        "destination stopped {} ms after the source died: {message}",
+        waited.as_millis()
+    );
+}
