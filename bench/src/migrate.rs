@@ -6,6 +6,7 @@
 //! between the last move of the probe's page counter on the source and its first move on the
 //! destination, watched from outside (`migrate/watch.rs`).
 
+mod link;
 mod qemu;
 mod vireo;
 mod watch;
@@ -50,6 +51,10 @@ pub struct MigrateArgs {
     /// downtime (the guest's gap includes its first faults on missing pages).
     #[arg(long, default_value = "never", value_parser = ["never", "auto", "always"])]
     postcopy: String,
+    /// Measure the migration link alone (framing, compression, TLS; no VM): rate and CPU
+    /// per MiB for 1 and 2 streams and each codec, then stop.
+    #[arg(long)]
+    link: bool,
 }
 
 pub struct Case {
@@ -90,6 +95,9 @@ pub fn prepare(console: &mut ProbeConsole, case: &Case, seed: u64) -> Result<(),
 pub fn run(args: MigrateArgs) -> Result<(), String> {
     if args.runs == 0 {
         return Err("--runs must be at least 1".into());
+    }
+    if args.link {
+        return link::run(args.runs);
     }
     let qemu = args
         .qemu

@@ -360,6 +360,19 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         }
     };
     dest.wait_moved(Duration::from_secs(10));
+    // Where the pause went, as each side logged it.
+    for (side, log) in [("source", src.ctl.log()), ("destination", dst.ctl.log())] {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("switch-over") || l.contains("pre-copy round"))
+        {
+            let at = line
+                .find("switch-over")
+                .or_else(|| line.find("pre-copy round"))
+                .unwrap_or(0);
+            eprintln!("  {side}: {}", &line[at..]);
+        }
+    }
     let (s, d) = (source.finish()?, dest.finish()?);
     let _ = dst.ctl.ask(WorkerOp::TurnOff);
     Ok(Sample {

@@ -16,13 +16,53 @@ pub const MAX_PAGES: usize = 2048;
 const ZERO: u64 = 1;
 
 pub fn is_zero_page(page: &[u8]) -> bool {
-    // Compare in 8-byte words: this runs over every page of the VM.
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned
-        // middle of an initialised byte slice.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+    // This runs over every page of the VM, so it must be cheap both ways: a page with data
+    // usually shows it in its first bytes (early exit after 64 bytes), and an all-zero page
+    // is scanned in 64-byte blocks whose words are ORed together (the compiler vectorises
+    // the OR; a word-by-word `all` with an exit per word does not).
+    let mut blocks = page.chunks_exact(64);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Turns `n` pages read into `buf[data_at..data_at + n * 4 KiB]` into a batch body in place:
+/// the caller reserved `4 + 8 * n` bytes before `data_at` (at `data_at - 4 - 8 * n`) for the
+/// count and the entries; zero pages are dropped from the data (later pages move down). The
+/// pages are consecutive guest pages starting at `gpa`. Returns the body's length (it starts
+/// at `data_at - 4 - 8 * n`) and the number of zero pages.
+///
+/// This is how the sender avoids copying page data: it reads guest RAM straight into the
+/// record buffer and frames it where it lies.
+pub fn frame_in_place(buf: &mut [u8], data_at: usize, gpa: u64, n: usize) -> (usize, usize) {
+    assert!(n <= MAX_PAGES && gpa.is_multiple_of(PAGE_SIZE as u64));
+    let body_at = data_at - 4 - 8 * n;
+    let mut kept = 0;
+    for i in 0..n {
+        let from = data_at + i * PAGE_SIZE;
+        let zero = is_zero_page(&buf[from..from + PAGE_SIZE]);
+        let entry = gpa + (i * PAGE_SIZE) as u64;
+        let entry = if zero {
+            entry | ZERO
+        } else {
+            if kept != i {
+                buf.copy_within(from..from + PAGE_SIZE, data_at + kept * PAGE_SIZE);
+            }
+            kept += 1;
+            entry
+        };
+        let e = body_at + 4 + 8 * i;
+        buf[e..e + 8].copy_from_slice(&entry.to_le_bytes());
+    }
+    buf[body_at..body_at + 4].copy_from_slice(&(n as u32).to_le_bytes());
+    (4 + 8 * n + kept * PAGE_SIZE, n - kept)
 }
 
 /// Builds one batch body from `(gpa, page)` pairs (at most [`MAX_PAGES`]).
@@ -125,6 +165,32 @@ mod tests {
         assert_eq!(body.len(), 4 + 16 + PAGE_SIZE);
         let pages = decode(&body, 0x10_0000).unwrap();
         assert_eq!(pages, vec![(0x1000, None), (0x5000, Some(full.as_slice()))]);
+    }
+
+    #[test]
+    fn zero_check_and_in_place_framing_agree_with_encode() {
+        let mut pages = vec![vec![0u8; PAGE_SIZE]; 5];
+        pages[1][0] = 1;
+        pages[3][4095] = 2;
+        pages[4][2000] = 3;
+        assert!(is_zero_page(&pages[0]) && is_zero_page(&pages[2]));
+        assert!(!is_zero_page(&pages[1]) && !is_zero_page(&pages[3]));
+        let gpa = 0x20_0000;
+        let expected = encode(
+            pages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (gpa + (i * PAGE_SIZE) as u64, p.as_slice())),
+        )
+        .unwrap();
+        let data_at = 100 + 4 + 8 * pages.len();
+        let mut buf = vec![0xeeu8; data_at + pages.len() * PAGE_SIZE];
+        for (i, p) in pages.iter().enumerate() {
+            buf[data_at + i * PAGE_SIZE..][..PAGE_SIZE].copy_from_slice(p);
+        }
+        let (len, zeros) = frame_in_place(&mut buf, data_at, gpa, pages.len());
+        assert_eq!(zeros, 2);
+        assert_eq!(&buf[100..100 + len], expected.as_slice());
     }
 
     #[test]

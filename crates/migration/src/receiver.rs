@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::pages;
 use crate::preamble::Preamble;
-use crate::record::{read_record, Kind};
+use crate::record::{read_record_into, Kind, RecordBuf};
 use crate::{MigrationError, PAGE_SIZE};
 
 /// Where received pages go: the destination VM's RAM (or a test's buffer).
@@ -16,6 +16,13 @@ pub trait GuestRam {
     fn size(&self) -> u64;
     fn write_page(&mut self, gpa: u64, data: &[u8]);
     fn zero_page(&mut self, gpa: u64);
+    /// Writes consecutive pages starting at `gpa` (`data` a multiple of 4 KiB, checked to lie
+    /// inside RAM). The receiver hands over whole runs so RAM can take them in one write.
+    fn write_run(&mut self, gpa: u64, data: &[u8]) {
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            self.write_page(gpa + (i * PAGE_SIZE) as u64, page);
+        }
+    }
 }
 
 impl GuestRam for Vec<u8> {
@@ -29,6 +36,10 @@ impl GuestRam for Vec<u8> {
     fn zero_page(&mut self, gpa: u64) {
         let at = gpa as usize;
         self[at..at + PAGE_SIZE].fill(0);
+    }
+    fn write_run(&mut self, gpa: u64, data: &[u8]) {
+        let at = gpa as usize;
+        self[at..at + data.len()].copy_from_slice(data);
     }
 }
 
@@ -62,6 +73,7 @@ pub struct Receiver {
     /// Post-copy: the runs (gpa, pages) still to come, from `Missing` records.
     missing: Option<Vec<(u64, u64)>>,
     done: bool,
+    buf: RecordBuf,
 }
 
 impl Receiver {
@@ -82,6 +94,7 @@ impl Receiver {
             device_state: None,
             missing: None,
             done: false,
+            buf: RecordBuf::default(),
         })
     }
 
@@ -91,28 +104,23 @@ impl Receiver {
         r: &mut impl Read,
         ram: &mut impl GuestRam,
     ) -> Result<Event, MigrationError> {
-        let record = read_record(r)?.ok_or(MigrationError::Truncated)?;
+        let (kind, wire_len) =
+            read_record_into(r, &mut self.buf)?.ok_or(MigrationError::Truncated)?;
         if self.done {
             return Err(MigrationError::AfterDone("a record"));
         }
-        self.stats.wire_bytes += record.wire_len as u64;
-        Ok(match record.kind {
+        self.stats.wire_bytes += wire_len as u64;
+        let body = self.buf.body();
+        Ok(match kind {
             Kind::Pages => {
-                let batch = pages::decode(&record.body, ram.size())?;
-                for (gpa, data) in &batch {
-                    match data {
-                        Some(d) => ram.write_page(*gpa, d),
-                        None => {
-                            ram.zero_page(*gpa);
-                            self.stats.zero_pages += 1;
-                        }
-                    }
-                }
+                let batch = pages::decode(body, ram.size())?;
+                let zeros = apply_pages(body, &batch, ram);
+                self.stats.zero_pages += zeros;
                 self.stats.pages += batch.len() as u64;
                 Event::Pages(batch.len())
             }
             Kind::RoundEnd => {
-                let b = &record.body;
+                let b = body;
                 if b.len() != 20 {
                     return Err(MigrationError::Malformed("round end of the wrong size"));
                 }
@@ -127,7 +135,7 @@ impl Receiver {
                 if self.device_state.is_some() {
                     return Err(MigrationError::Malformed("device state sent twice"));
                 }
-                self.device_state = Some(record.body);
+                self.device_state = Some(body.to_vec());
                 Event::DeviceState
             }
             Kind::Done => {
@@ -136,7 +144,7 @@ impl Receiver {
             }
             Kind::Abort => {
                 return Err(MigrationError::Aborted(
-                    String::from_utf8_lossy(&record.body).into_owned(),
+                    String::from_utf8_lossy(body).into_owned(),
                 ))
             }
             Kind::Missing => {
@@ -175,4 +183,39 @@ impl Receiver {
     pub fn take_device_state(&mut self) -> Option<Vec<u8>> {
         self.device_state.take()
     }
+}
+
+/// Applies a checked batch in entry order: runs of consecutive non-zero pages (their data
+/// lies back to back in `body`) go to RAM in one `write_run` each. Returns the number of zero
+/// pages.
+fn apply_pages(body: &[u8], batch: &[pages::Page<'_>], ram: &mut impl GuestRam) -> u64 {
+    let mut zeros = 0;
+    // The run being gathered: its first address, and where its data lies in `body`.
+    let mut run: Option<(u64, usize, usize)> = None;
+    for &(gpa, data) in batch {
+        if let Some(d) = data {
+            // Where `d` lies in `body` (decode hands out sub-slices of it).
+            let at = d.as_ptr() as usize - body.as_ptr() as usize;
+            if let Some((start, rat, len)) = &mut run {
+                if *start + *len as u64 == gpa && *rat + *len == at {
+                    *len += d.len();
+                    continue;
+                }
+            }
+        }
+        if let Some((start, at, len)) = run.take() {
+            ram.write_run(start, &body[at..at + len]);
+        }
+        match data {
+            Some(d) => run = Some((gpa, d.as_ptr() as usize - body.as_ptr() as usize, d.len())),
+            None => {
+                ram.zero_page(gpa);
+                zeros += 1;
+            }
+        }
+    }
+    if let Some((start, at, len)) = run {
+        ram.write_run(start, &body[at..at + len]);
+    }
+    zeros
 }

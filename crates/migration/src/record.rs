@@ -78,14 +78,20 @@ pub fn encode_record(kind: Kind, codec: Codec, body: &[u8]) -> Result<Vec<u8>, M
         _ => (Codec::None, body),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.push(kind as u8);
-    out.push(codec as u8);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&header(kind, codec, payload, body.len()));
     out.extend_from_slice(payload);
     Ok(out)
+}
+
+/// The 16 header bytes of a record carrying `payload` (`body_len` once decompressed).
+pub fn header(kind: Kind, codec: Codec, payload: &[u8], body_len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = kind as u8;
+    h[1] = codec as u8;
+    h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    h
 }
 
 /// [`encode_record`] and write it; returns the bytes written.
@@ -102,6 +108,45 @@ pub fn write_record(
 
 /// Reads one record; `Ok(None)` at a clean end of stream (between records).
 pub fn read_record(r: &mut impl Read) -> Result<Option<Record>, MigrationError> {
+    let mut rb = RecordBuf::default();
+    Ok(
+        read_record_into(r, &mut rb)?.map(|(kind, wire_len)| Record {
+            kind,
+            body: rb.body().to_vec(),
+            wire_len,
+        }),
+    )
+}
+
+/// A receiver's buffers, kept from record to record: a stream allocates them once (they grow
+/// to the largest record seen, at most [`MAX_BODY`] each), never per batch.
+#[derive(Default)]
+pub struct RecordBuf {
+    payload: Vec<u8>,
+    body: Vec<u8>,
+    /// The last record's body is `payload[..len]` (raw) or `body` (decompressed).
+    raw: bool,
+    len: usize,
+    coder: crate::codec::Coder,
+}
+
+impl RecordBuf {
+    /// The last record's body, decompressed.
+    pub fn body(&self) -> &[u8] {
+        if self.raw {
+            &self.payload[..self.len]
+        } else {
+            &self.body
+        }
+    }
+}
+
+/// [`read_record`] into reusable buffers: the kind and the bytes the record took on the
+/// wire; the body is then `rb.body()`.
+pub fn read_record_into(
+    r: &mut impl Read,
+    rb: &mut RecordBuf,
+) -> Result<Option<(Kind, usize)>, MigrationError> {
     let mut header = [0u8; HEADER_LEN];
     if !read_exact_or_eof(r, &mut header)? {
         return Ok(None);
@@ -129,24 +174,26 @@ pub fn read_record(r: &mut impl Read) -> Result<Option<Record>, MigrationError> 
             "raw record with two different lengths",
         ));
     }
-    let mut payload = vec![0u8; payload_len];
-    r.read_exact(&mut payload).map_err(|e| match e.kind() {
+    // Grown, never shrunk: resizing down and up again would zero the bytes each time.
+    if rb.payload.len() < payload_len {
+        rb.payload.resize(payload_len, 0);
+    }
+    let payload = &mut rb.payload[..payload_len];
+    r.read_exact(payload).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => MigrationError::Truncated,
         _ => MigrationError::Io(e),
     })?;
-    let computed = crc32c::crc32c(&payload);
+    let computed = crc32c::crc32c(payload);
     if computed != stored {
         return Err(MigrationError::Checksum { stored, computed });
     }
-    let body = match codec {
-        Codec::None => payload,
-        c => c.decompress(&payload, body_len)?,
-    };
-    Ok(Some(Record {
-        kind,
-        body,
-        wire_len: HEADER_LEN + payload_len,
-    }))
+    rb.raw = codec == Codec::None;
+    rb.len = payload_len;
+    if !rb.raw {
+        rb.coder
+            .decompress_into(codec, payload, body_len, &mut rb.body)?;
+    }
+    Ok(Some((kind, HEADER_LEN + payload_len)))
 }
 
 /// Fills `buf`, or reports a clean end of stream when not a single byte came; a stream that

@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use tokio_rustls::rustls::{ClientConnection, ServerConnection, StreamOwned};
+use tokio_rustls::rustls::{self, ClientConnection, ServerConnection, StreamOwned};
 use vireo_migration::hostauth::{
     client_config, peer_name, server_config, HostIdentity, TrustStore,
 };
@@ -52,6 +52,11 @@ fn exchange(
     let client = (|| {
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+        }
+        // Every byte of guest RAM goes through this cipher: the cheaper AES-128-GCM.
+        let suite = s.conn.negotiated_cipher_suite().map(|c| c.suite());
+        if suite != Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256) {
+            return Err(format!("negotiated {suite:?}, not AES-128-GCM"));
         }
         s.write_all(b"vm pages").map_err(|e| e.to_string())?;
         s.flush().map_err(|e| e.to_string())?;

@@ -88,11 +88,31 @@ fn migrate(compression: impl Fn() -> Compression) {
     let mut to_send: Vec<u64> = (0..RAM as u64).step_by(PAGE_SIZE).collect();
     for round in 0..4u32 {
         for (s, part) in split(&to_send, STREAMS).into_iter().enumerate() {
-            let pages = part
-                .iter()
-                .map(|&g| (g, &src[g as usize..g as usize + PAGE_SIZE]))
-                .collect::<Vec<_>>();
-            senders[s].send_pages(pages).unwrap();
+            if round == 0 {
+                // The full pass as the VMM sends it: runs of consecutive pages read straight
+                // into the record (`send_run_with`), here from `src`.
+                let mut runs: Vec<(u64, usize)> = Vec::new();
+                for &g in &part {
+                    match runs.last_mut() {
+                        Some((start, len)) if *start + *len as u64 == g => *len += PAGE_SIZE,
+                        _ => runs.push((g, PAGE_SIZE)),
+                    }
+                }
+                for (gpa, len) in runs {
+                    senders[s]
+                        .send_run_with(gpa, len, |g, buf| {
+                            buf.copy_from_slice(&src[g as usize..g as usize + buf.len()]);
+                            Ok(())
+                        })
+                        .unwrap();
+                }
+            } else {
+                let pages = part
+                    .iter()
+                    .map(|&g| (g, &src[g as usize..g as usize + PAGE_SIZE]))
+                    .collect::<Vec<_>>();
+                senders[s].send_pages(pages).unwrap();
+            }
             senders[s].round_end(round, part.len() as u64, 0).unwrap();
         }
         let shrinking = 1500 >> round;

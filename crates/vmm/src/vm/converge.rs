@@ -7,6 +7,11 @@
 //!   more rounds only add work. Then the guest is throttled (auto-converge): its vCPUs are
 //!   parked for a share of every 10 ms slice, starting at [`THROTTLE_START`] % and growing by
 //!   [`THROTTLE_STEP`] each round that still does not fit, up to [`THROTTLE_MAX`] %.
+//! - A guest that dirties memory clearly faster than the link drains it (its dirty rate,
+//!   corrected for the throttle in force, at least the link rate) is throttled at once,
+//!   without waiting for a round that fails to shrink, and hard enough to bring its dirty
+//!   rate under half the link's: each round it runs unthrottled there only re-sends the same
+//!   hot pages.
 //! - After `max_rounds` rounds, switch over whatever the estimate: the downtime is then
 //!   longer than asked (reported), but a migration never runs forever.
 
@@ -28,6 +33,8 @@ pub struct RoundFacts {
     pub rounds: u32,
     /// Throttle share in force now (percent).
     pub throttle: u32,
+    /// Bytes per second the guest dirtied over the last pass, under `throttle` (0: unknown).
+    pub dirty_rate: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,20 +69,36 @@ pub fn decide(f: &RoundFacts, l: &Limits) -> Decision {
     if estimate_ms(f.dirty_bytes, f.link_rate) <= l.max_downtime_ms || f.rounds >= l.max_rounds {
         return Decision::SwitchOver;
     }
-    // Shrinking by at least a quarter: the guest is slower than the link; keep going as is.
-    let shrinking = f
-        .previous_dirty_bytes
-        .is_none_or(|prev| f.dirty_bytes * 4 < prev * 3);
-    if shrinking || !l.throttle {
+    if !l.throttle {
         return Decision::Round {
             throttle: f.throttle,
         };
     }
-    let throttle = if f.throttle == 0 {
+    // Shrinking by at least a quarter: the guest is slower than the link; keep going as is.
+    let shrinking = f
+        .previous_dirty_bytes
+        .is_none_or(|prev| f.dirty_bytes * 4 < prev * 3);
+    // What the guest would dirty unthrottled: the measured rate ran under `throttle`.
+    let running = (1.0 - f64::from(f.throttle.min(THROTTLE_MAX)) / 100.0).max(0.01);
+    let unthrottled = f.dirty_rate / running;
+    let outruns = f.link_rate > 0.0 && unthrottled >= f.link_rate;
+    if shrinking && !outruns {
+        return Decision::Round {
+            throttle: f.throttle,
+        };
+    }
+    let mut throttle = if shrinking {
+        f.throttle
+    } else if f.throttle == 0 {
         THROTTLE_START
     } else {
         (f.throttle + THROTTLE_STEP).min(THROTTLE_MAX)
     };
+    if outruns {
+        // The share that leaves the guest half the link's rate: (1 - p) * unthrottled = link / 2.
+        let needed = ((1.0 - f.link_rate / (2.0 * unthrottled)) * 100.0).ceil() as u32;
+        throttle = throttle.max(needed.clamp(THROTTLE_START, THROTTLE_MAX));
+    }
     Decision::Round { throttle }
 }
 
@@ -97,6 +120,7 @@ mod tests {
             link_rate: GIB,
             rounds,
             throttle,
+            dirty_rate: 0.0,
         }
     }
 
@@ -113,6 +137,39 @@ mod tests {
         );
         assert_eq!(estimate_ms(0, 0.0), 0);
         assert_eq!(estimate_ms(1, 0.0), u64::MAX, "no rate measured yet");
+    }
+
+    #[test]
+    fn a_guest_that_outruns_the_link_is_throttled_at_once_and_hard_enough() {
+        // Dirtying 4 GiB/s against a 1 GiB/s link, after the full pass: no round can shrink
+        // the set, so the throttle starts now, at the share leaving the guest 0.5 GiB/s.
+        let f = RoundFacts {
+            dirty_rate: 4.0 * GIB,
+            ..facts(64, None, 0, 0)
+        };
+        assert_eq!(decide(&f, &L), Decision::Round { throttle: 88 });
+        // Measured under 50 %: the guest would do 2 GiB/s unthrottled; 75 % is needed.
+        let f = RoundFacts {
+            dirty_rate: GIB,
+            ..facts(64, Some(128), 1, 50)
+        };
+        assert_eq!(decide(&f, &L), Decision::Round { throttle: 75 });
+        // Slower than the link and shrinking: left alone.
+        let f = RoundFacts {
+            dirty_rate: 0.5 * GIB,
+            ..facts(64, Some(128), 1, 0)
+        };
+        assert_eq!(decide(&f, &L), Decision::Round { throttle: 0 });
+        // Auto-converge off: never throttled.
+        let no = Limits {
+            throttle: false,
+            ..L
+        };
+        let f = RoundFacts {
+            dirty_rate: 4.0 * GIB,
+            ..facts(64, None, 0, 0)
+        };
+        assert_eq!(decide(&f, &no), Decision::Round { throttle: 0 });
     }
 
     #[test]

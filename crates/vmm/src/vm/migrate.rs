@@ -29,8 +29,9 @@ use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
 use crate::state::{Identity, StateError};
 
-/// Bytes read from guest RAM at a time (stays inside one 2 MiB stream region).
-const CHUNK: u64 = 1 << 20;
+/// Bytes read from guest RAM and sent as one record at most: one whole 2 MiB stream region
+/// (`streams::REGION_SHIFT`), so a run never spans two streams' regions.
+const CHUNK: u64 = 1 << streams::REGION_SHIFT;
 /// The throttle's time slice.
 const SLICE: Duration = Duration::from_millis(10);
 
@@ -203,6 +204,7 @@ impl VmHandle {
             s.throttle_percent = 0;
         });
         let missing = sink.postcopy.take().flatten();
+        let last_sent = paused_at.elapsed();
         let finish = (|| {
             if let Some(m) = &missing {
                 let runs = super::postcopy::runs_of(m);
@@ -214,6 +216,7 @@ impl VmHandle {
             }
             let state = self.save_state_locked(identity, spec)?;
             let bytes = crate::state::file::encode(&state);
+            let state_saved = paused_at.elapsed();
             let n = bytes.len() as u64;
             let sender = &mut sink.senders[0];
             let before = sender.stats.wire_bytes;
@@ -222,6 +225,7 @@ impl VmHandle {
                 .map_err(|source| MigrateError::Stream { stream: 0, source })?;
             shared.add_transferred(sender.stats.wire_bytes - before);
             tracing::debug!("device state sent: {n} bytes");
+            let state_sent = paused_at.elapsed();
             let mut out = Vec::with_capacity(sink.senders.len());
             for (i, s) in std::mem::take(&mut sink.senders).into_iter().enumerate() {
                 let (w, _) = s.done().map_err(|source| MigrateError::Stream {
@@ -230,6 +234,15 @@ impl VmHandle {
                 })?;
                 out.push(w);
             }
+            // Where the pause goes, for `vireo-bench migrate` and anyone tuning it.
+            tracing::info!(
+                "switch-over (source VMM): last {final_pages} pages sent +{:.2} ms, state \
+                 saved +{:.2} ms ({n} bytes), sent +{:.2} ms, streams done +{:.2} ms",
+                ms(last_sent),
+                ms(state_saved),
+                ms(state_sent),
+                ms(paused_at.elapsed())
+            );
             Ok::<_, MigrateError>(out)
         })();
         match finish {
@@ -324,10 +337,10 @@ impl VmHandle {
         stop: &AtomicBool,
         rate: Option<u64>,
     ) -> Result<u64, MigrateError> {
-        let mut buf = vec![0u8; CHUNK as usize];
         let started = Instant::now();
         let wire_at_start = sender.stats.wire_bytes;
         let mut sent = 0u64;
+        let memfd = &self.0.ram.memfd;
         for &(gpa, len) in runs {
             if shared.cancelled() || stop.load(Ordering::SeqCst) {
                 return Err(MigrateError::Cancelled);
@@ -335,19 +348,13 @@ impl VmHandle {
             let Some(off) = self.file_offset(gpa) else {
                 continue;
             };
-            let b = &mut buf[..len as usize];
-            self.0
-                .ram
-                .memfd
-                .read_exact_at(b, off)
-                .map_err(|e| StateError::Kvm(format!("reading guest RAM at {gpa:#x}: {e}")))?;
             let before = sender.stats.wire_bytes;
+            // Guest RAM is read straight into the record being built (one copy before TLS);
+            // a run never crosses the MMIO hole (runs stay inside one 2 MiB region).
             sender
-                .send_pages(
-                    b.chunks_exact(PAGE_SIZE as usize)
-                        .enumerate()
-                        .map(|(i, p)| (gpa + i as u64 * PAGE_SIZE, p)),
-                )
+                .send_run_with(gpa, len as usize, |g, buf| {
+                    memfd.read_exact_at(buf, off + (g - gpa))
+                })
                 .map_err(|source| MigrateError::Stream { stream, source })?;
             shared.add_transferred(sender.stats.wire_bytes - before);
             sent += len;
@@ -372,6 +379,10 @@ impl VmHandle {
             unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
         }
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Migration's side of the shared pre-copy loop.
@@ -468,12 +479,18 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
         let since = self.last_fetch.elapsed().as_secs_f64();
         self.last_fetch = Instant::now();
         let throttle_now = self.throttle.as_ref().map_or(0, Throttle::share);
+        let dirty_rate = if since > 0.0 {
+            dirty_bytes as f64 / since
+        } else {
+            0.0
+        };
         let facts = RoundFacts {
             dirty_bytes,
             previous_dirty_bytes: self.previous_dirty,
             link_rate: self.link_rate,
             rounds,
             throttle: throttle_now,
+            dirty_rate,
         };
         self.previous_dirty = Some(dirty_bytes);
         let limits = Limits {
@@ -493,15 +510,17 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
         self.shared.update(|s| {
             s.round = rounds;
             s.remaining_bytes = dirty_bytes;
-            s.dirty_rate = if since > 0.0 {
-                (dirty_bytes as f64 / since) as u64
-            } else {
-                0
-            };
+            s.dirty_rate = dirty_rate as u64;
             s.link_rate = self.link_rate as u64;
             s.estimated_downtime_ms = estimate;
         });
-        tracing::debug!("migration after round {rounds}: {facts:?} -> {decision:?}");
+        tracing::info!(
+            "pre-copy round {rounds}: {:.1} MiB dirty, dirty rate {:.0} MB/s, link {:.0} MB/s, \
+             throttle {throttle_now}% -> {decision:?}",
+            dirty_bytes as f64 / (1 << 20) as f64,
+            dirty_rate / 1e6,
+            self.link_rate / 1e6
+        );
         match decision {
             Decision::SwitchOver => Ok(false),
             Decision::Round { throttle } => {
@@ -529,11 +548,24 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
     }
 }
 
-/// Auto-converge: a thread that parks the vCPUs for `share` % of every 10 ms slice.
+/// Auto-converge: a thread that parks the vCPUs for `share` % of every 10 ms slice. Its
+/// sleeps are `park_timeout`s, so stopping it (right before the switch-over pause) takes
+/// effect at once instead of after the rest of a slice.
 struct Throttle {
     share: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Sleeps `d` or until unparked with `stop` set.
+fn nap(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::park_timeout(left);
+    }
 }
 
 impl Throttle {
@@ -548,7 +580,7 @@ impl Throttle {
                     let p = sh.load(Ordering::Relaxed).min(converge::THROTTLE_MAX);
                     let parked = SLICE * p / 100;
                     if p == 0 {
-                        std::thread::sleep(SLICE);
+                        nap(SLICE, &st);
                         continue;
                     }
                     let control = &vm.0.control;
@@ -560,9 +592,9 @@ impl Throttle {
                         control.resume_vcpus();
                         return;
                     }
-                    std::thread::sleep(parked);
+                    nap(parked, &st);
                     control.resume_vcpus();
-                    std::thread::sleep(SLICE - parked);
+                    nap(SLICE - parked, &st);
                 }
             })
             .ok();
@@ -586,6 +618,7 @@ impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }

@@ -99,6 +99,9 @@ fn receive_inner(
         .receive_migration(streams, &inc.shared)
         .map_err(|e| e.to_string())?;
     s.migration.set_state(MigrateState::Switching);
+    // Timings of the switch-over from the moment every stream ended (`Done`).
+    let t = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let ctl = &mut streams[0];
     let fail = |ctl: &mut ServerStream, why: String| {
         let _ = handoff::send(ctl, &format!("FAILED {why}"));
@@ -131,10 +134,13 @@ fn receive_inner(
                 .into(),
         ));
     }
+    let disks_at = ms(t);
     vm.apply_state(&state)
         .map_err(|e| fail(ctl, format!("applying the device state: {e}")))?;
+    let applied = ms(t);
     handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
     handoff::expect(ctl, "RELEASED")?;
+    let released = ms(t);
     attach_disks(s, inc).map_err(|e| fail(ctl, e))?;
     // Post-copy: missing pages registered before anything of the guest runs.
     let mut pc = match &missing {
@@ -144,6 +150,7 @@ fn receive_inner(
     vm.handle()
         .resume()
         .map_err(|e| fail(ctl, format!("resuming: {e}")))?;
+    let resumed = ms(t);
     // The VM runs here now, whether or not this line arrives (see docs/migration.md).
     if let Err(e) = handoff::send(ctl, "RUNNING") {
         tracing::warn!("the VM runs here, but telling the source failed: {e}");
@@ -155,6 +162,12 @@ fn receive_inner(
             postcopy::lose(s, &format!("starting the post-copy placement thread: {e}"));
         }
     }
+    tracing::info!(
+        "switch-over (destination, from the streams' end): DISKS +{disks_at:.2} ms, state \
+         applied +{applied:.2} ms, RELEASED +{released:.2} ms, resumed +{resumed:.2} ms, \
+         RUNNING sent +{:.2} ms",
+        ms(t)
+    );
     tracing::info!(
         "migration received: {} MiB, {} ms from the first stream to running",
         inc.shared.stats().transferred_bytes >> 20,

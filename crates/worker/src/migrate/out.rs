@@ -106,7 +106,7 @@ fn connect(
     for i in 0..n {
         let stream = hostauth::connect(to, cfg.clone(), IO_TIMEOUT)
             .map_err(|e| format!("stream {i} to {to}: {e}"))?;
-        s.migration.add_socket(&stream.sock);
+        s.migration.add_socket(stream.sock.tcp());
         let mut sender = Sender::start(
             stream,
             Preamble::new(session, i, n),
@@ -200,6 +200,8 @@ struct Released {
 /// The handoff on stream 0. `Err((why, Some(disks)))` when the disks had been released.
 #[allow(clippy::type_complexity)]
 fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Vec<Released>>)> {
+    let t = Instant::now();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let disks = s.hotplug.disks();
     let geometry: Vec<DiskGeometry> = disks
         .iter()
@@ -208,15 +210,24 @@ fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Ve
     let json = serde_json::to_string(&geometry).expect("geometry serializes");
     handoff::send(ctl, &format!("DISKS {json}")).map_err(|e| (e.to_string(), None))?;
     handoff::expect(ctl, "APPLIED").map_err(|e| (e, None))?;
+    let applied = ms(t);
     let released = release(s, disks, &geometry);
     if let Err(e) = handoff::send(ctl, "RELEASED") {
         return Err((e.to_string(), Some(released)));
     }
+    let released_at = ms(t);
     // Released: from here on a failure means opening the disks again. A destination that ran
     // the VM and died before its line arrived holds the disk locks until it is gone, so that
     // reopen then fails and the VM stays paused here rather than running twice.
     match handoff::expect(ctl, "RUNNING") {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            tracing::info!(
+                "switch-over (source handoff, from DISKS): APPLIED +{applied:.2} ms, \
+                 RELEASED +{released_at:.2} ms, RUNNING +{:.2} ms",
+                ms(t)
+            );
+            Ok(())
+        }
         Err(e) => Err((e, Some(released))),
     }
 }
