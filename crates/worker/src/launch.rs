@@ -291,7 +291,11 @@ impl Running {
         match exit {
             Ok(VmExit::Stopped) if migrated.is_some() => {
                 let (to, downtime_ms) = migrated.unwrap_or_default();
-                WorkerExitReason::MigratedAway { to, downtime_ms }
+                WorkerExitReason::MigratedAway {
+                    to,
+                    downtime_ms,
+                    progress: Some(Box::new(self.state.migration.progress())),
+                }
             }
             Ok(VmExit::Stopped) if saved.is_some() => WorkerExitReason::Saved {
                 dir: saved.unwrap_or_default(),

@@ -39,7 +39,9 @@ pub fn describe(reason: &WorkerExitReason) -> String {
         WorkerExitReason::StartFailed { message } => message.clone(),
         WorkerExitReason::VcpuFailed { message } => format!("a vCPU failed: {message}"),
         WorkerExitReason::Saved { dir } => format!("the VM was saved to {}", dir.display()),
-        WorkerExitReason::MigratedAway { to, downtime_ms } => {
+        WorkerExitReason::MigratedAway {
+            to, downtime_ms, ..
+        } => {
             format!("the VM was migrated to {to} (paused {downtime_ms} ms)")
         }
     }
