@@ -29,8 +29,7 @@ use proxy::{Proxy, Target};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-/// Runs of this file in all (counted, and checked against docs/migration.md's figure by
-/// `fault_runs_are_counted`... each test prints its own count).
+/// Runs whose invariants were asserted so far in this process (printed with each run).
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 
 struct Pair {
@@ -144,6 +143,7 @@ fn lock_held(run: &Run) -> bool {
     // SAFETY: flock(2) on a file this test opened; released at once.
     let got = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
     if got {
+        // SAFETY: as above; the test's own lock goes again.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
     }
     !got
@@ -179,7 +179,11 @@ fn settled(p: &Pair, run: &Run, job_id: &str, expect: Expect, fenced: bool) -> W
     let place = match (&on_a, &on_b) {
         (Some(_), None) => Where::Source,
         (None, Some(_)) => Where::Destination,
-        (a, b) => panic!("the VM is in {} places: {a:?} {b:?}\n{}", a.is_some() as u8 + b.is_some() as u8, ctx()),
+        (a, b) => panic!(
+            "the VM is in {} places: {a:?} {b:?}\n{}",
+            a.is_some() as u8 + b.is_some() as u8,
+            ctx()
+        ),
     };
     assert_eq!(
         j["state"] == "completed",
@@ -197,7 +201,11 @@ fn settled(p: &Pair, run: &Run, job_id: &str, expect: Expect, fenced: bool) -> W
             assert!(!alive(run.pid));
             assert_ne!(vm["state"], "running", "{vm}\n{}", ctx());
             if fenced {
-                assert!(!lock_held(run), "the lock is held by nobody's VM\n{}", ctx());
+                assert!(
+                    !lock_held(run),
+                    "the lock is held by nobody's VM\n{}",
+                    ctx()
+                );
             }
         }
         _ => {
@@ -219,14 +227,26 @@ fn settled(p: &Pair, run: &Run, job_id: &str, expect: Expect, fenced: bool) -> W
     }
     // Nothing left on the other side: no record, no directory, no worker.
     let dir = there.state_dir.join("vms").join(&run.id);
-    wait_until(T, "no VM directory left on the other side", || !dir.exists());
+    wait_until(T, "no VM directory left on the other side", || {
+        !dir.exists()
+    });
     // Remove the VM where it is, for the next run.
     let _ = here.post(&format!("/v1/vms/{}/turn-off", run.id));
     wait_until(T, "the VM off", || {
         record(here, run).is_none_or(|v| v["state"] != "running" && v["state"] != "stopping")
     });
+    eprintln!(
+        "fault run {} ({}): the VM is on the {place:?}",
+        RUNS.load(Ordering::SeqCst),
+        run.name
+    );
     let r = here.request("DELETE", &format!("/v1/vms/{}", run.id), None);
-    assert!(r.status < 300, "delete: {} {}", r.status, String::from_utf8_lossy(&r.body));
+    assert!(
+        r.status < 300,
+        "delete: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
     place
 }
 
@@ -280,9 +300,14 @@ fn the_vireods_link_cut_after_n_bytes() {
 fn the_vireods_link_cut_at_a_phase() {
     let p = pair(true, true);
     let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
-    for (i, phase) in [Phase::Precopy, Phase::Switching, Phase::Precopy, Phase::Switching]
-        .into_iter()
-        .enumerate()
+    for (i, phase) in [
+        Phase::Precopy,
+        Phase::Switching,
+        Phase::Precopy,
+        Phase::Switching,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let px = Proxy::start(Target::Fixed(b), u64::MAX);
         let run = start_vm(&p, &format!("lp{i}"), words(phase), true);
@@ -384,9 +409,14 @@ fn at_phase(p: &Pair, job_id: &str, phase: Phase) {
 #[test]
 fn the_destination_worker_killed() {
     let p = pair(true, true);
-    for (i, phase) in [Phase::Precopy, Phase::Switching, Phase::Precopy, Phase::Switching]
-        .into_iter()
-        .enumerate()
+    for (i, phase) in [
+        Phase::Precopy,
+        Phase::Switching,
+        Phase::Precopy,
+        Phase::Switching,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let run = start_vm(&p, &format!("dw{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
@@ -402,9 +432,14 @@ fn the_destination_worker_killed() {
 #[test]
 fn the_destination_vireod_killed_and_restarted() {
     let mut p = pair(true, true);
-    for (i, phase) in [Phase::Precopy, Phase::Switching, Phase::Precopy, Phase::Switching]
-        .into_iter()
-        .enumerate()
+    for (i, phase) in [
+        Phase::Precopy,
+        Phase::Switching,
+        Phase::Precopy,
+        Phase::Switching,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let run = start_vm(&p, &format!("dv{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
@@ -431,9 +466,14 @@ fn the_destination_vireod_killed_and_restarted() {
 #[test]
 fn the_source_worker_killed() {
     let p = pair(true, true);
-    for (i, phase) in [Phase::Precopy, Phase::Switching, Phase::Precopy, Phase::Switching]
-        .into_iter()
-        .enumerate()
+    for (i, phase) in [
+        Phase::Precopy,
+        Phase::Switching,
+        Phase::Precopy,
+        Phase::Switching,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let run = start_vm(&p, &format!("sw{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
@@ -453,9 +493,14 @@ fn the_source_worker_killed() {
 #[test]
 fn the_source_vireod_killed_and_restarted() {
     let mut p = pair(true, true);
-    for (i, phase) in [Phase::Precopy, Phase::Switching, Phase::Precopy, Phase::Switching]
-        .into_iter()
-        .enumerate()
+    for (i, phase) in [
+        Phase::Precopy,
+        Phase::Switching,
+        Phase::Precopy,
+        Phase::Switching,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let run = start_vm(&p, &format!("sv{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
@@ -522,7 +567,10 @@ fn untrusted_either_way_changes_nothing() {
 }
 
 fn job_error_when_ended(d: &Vireod, id: &str) -> String {
-    ended(d, id)["error"].as_str().unwrap_or_default().to_owned()
+    ended(d, id)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn job_error(d: &Vireod, id: &str) -> String {
@@ -543,7 +591,12 @@ fn another_protocol_version_is_refused_before_anything_is_made() {
             "{answer}"
         );
         assert_eq!(p.b.show("/v1/vms"), json!([]));
-        assert!(!p.b.state_dir.join("vms").read_dir().is_ok_and(|mut d| d.next().is_some()));
+        assert!(!p
+            .b
+            .state_dir
+            .join("vms")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()));
     }
 }
 

@@ -373,13 +373,11 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
     let round_bytes = word_ms(&launch, "fake.round_bytes", 4096) as usize;
     // A test's fault-injecting proxy: told the real address in its first line.
     let proxy = word(&launch, "fake.stream_proxy").map(|a| a.parse().unwrap());
-    let mut conn = match std::net::TcpStream::connect_timeout(
-        &proxy.unwrap_or(to),
-        Duration::from_secs(5),
-    ) {
-        Ok(c) => c,
-        Err(e) => return fail(&g, format!("connecting to {to}: {e}")),
-    };
+    let mut conn =
+        match std::net::TcpStream::connect_timeout(&proxy.unwrap_or(to), Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => return fail(&g, format!("connecting to {to}: {e}")),
+        };
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     if proxy.is_some() && writeln!(conn, "to {to}").is_err() {
         return fail(&g, "the proxy closed the connection".into());

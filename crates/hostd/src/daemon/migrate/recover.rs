@@ -13,8 +13,8 @@ use std::sync::Arc;
 use vireo_api::worker::{WorkerExit, WorkerExitReason, WorkerRecord};
 use vireo_api::{Action, VmState};
 
-use crate::daemon::switches::nics;
 use super::listener::{settle_at, Settled};
+use crate::daemon::switches::nics;
 use crate::daemon::{files, procfs, sys, Daemon};
 
 pub async fn recover_all(d: &Arc<Daemon>) {
@@ -37,14 +37,14 @@ pub async fn recover_all(d: &Arc<Daemon>) {
             let sock = files::path(&dir, files::SOCKET);
             // A worker caught in the switch-over is waited for (killing it then could lose
             // the VM in both places); one that has not begun it is cancelled.
-            let settled = settle_at(&sock, r.pid, || procfs::alive(r.pid, r.start_time_ticks)).await;
-            if settled == Settled::RunsHere {
-                if d.store.set_state(vm.id(), &Action::Started).is_ok() {
-                    tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
-                    d.sup.adopt(d, r, &dir);
-                    super::listener::announce(d, &vm).await;
-                    continue;
-                }
+            let settled =
+                settle_at(&sock, r.pid, || procfs::alive(r.pid, r.start_time_ticks)).await;
+            if settled == Settled::RunsHere && d.store.set_state(vm.id(), &Action::Started).is_ok()
+            {
+                tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
+                d.sup.adopt(d, r, &dir);
+                super::listener::announce(d, &vm).await;
+                continue;
             }
             tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
             let _ = sys::kill(r.pid, libc::SIGKILL);

@@ -377,7 +377,8 @@ async fn live(
                     // Died during the switch-over: the destination's worker may have resumed
                     // the VM (it had everything); then the VM is there, not lost.
                     if dest_running
-                        || (dest_failed.is_none() && abort(peer, "the VM ended on the source").await)
+                        || (dest_failed.is_none()
+                            && abort(peer, "the VM ended on the source").await)
                     {
                         tracing::warn!(vm = %vm.id(), "the source worker died ({}), but the VM runs on the destination", o.message);
                         break 0;
