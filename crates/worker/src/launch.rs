@@ -291,10 +291,15 @@ impl Running {
         match exit {
             Ok(VmExit::Stopped) if migrated.is_some() => {
                 let (to, downtime_ms) = migrated.unwrap_or_default();
+                // The VM stops before the migration thread marks itself completed: the exit
+                // is the proof that it did.
+                let mut last = self.state.migration.progress();
+                last.state = vireo_api::worker::MigrateState::Completed;
+                last.downtime_ms = Some(downtime_ms);
                 WorkerExitReason::MigratedAway {
                     to,
                     downtime_ms,
-                    progress: Some(Box::new(self.state.migration.progress())),
+                    progress: Some(Box::new(last)),
                 }
             }
             Ok(VmExit::Stopped) if saved.is_some() => WorkerExitReason::Saved {
