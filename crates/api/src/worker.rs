@@ -486,8 +486,15 @@ pub enum WorkerExitReason {
     /// `Save` wrote the VM's state and memory into `dir`; the VM continues from there.
     Saved { dir: PathBuf },
     /// Live migration completed: the VM runs on the destination (`to`, the destination
-    /// worker's address); the guest was paused `downtime_ms`.
-    MigratedAway { to: String, downtime_ms: u64 },
+    /// worker's address); the guest was paused `downtime_ms`. `progress` is the migration's
+    /// last `MigrateStatus` (rounds, bytes moved, downtime), so vireod can show the final
+    /// figures even when the worker finished between two of its polls.
+    MigratedAway {
+        to: String,
+        downtime_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<Box<MigrateProgress>>,
+    },
     /// Post-copy failed after the switch-over (the other side or the link died while pages
     /// were still missing here, or the destination died while this source still served
     /// them): the VM cannot continue anywhere; `message` says why (docs/migration.md).

@@ -301,7 +301,16 @@ impl Running {
         match exit {
             Ok(VmExit::Stopped) if migrated.is_some() => {
                 let (to, downtime_ms) = migrated.unwrap_or_default();
-                WorkerExitReason::MigratedAway { to, downtime_ms }
+                // The VM stops before the migration thread marks itself completed: the exit
+                // is the proof that it did.
+                let mut last = self.state.migration.progress();
+                last.state = vireo_api::worker::MigrateState::Completed;
+                last.downtime_ms = Some(downtime_ms);
+                WorkerExitReason::MigratedAway {
+                    to,
+                    downtime_ms,
+                    progress: Some(Box::new(last)),
+                }
             }
             Ok(VmExit::Stopped) if saved.is_some() => WorkerExitReason::Saved {
                 dir: saved.unwrap_or_default(),

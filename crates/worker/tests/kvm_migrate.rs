@@ -190,6 +190,7 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     let WorkerExitReason::MigratedAway {
         to: went,
         downtime_ms,
+        progress,
     } = exit.reason
     else {
         panic!("source exited {:?}; log:\n{}", exit.reason, src.log());
@@ -200,6 +201,12 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     }
     assert_eq!(code, Some(0));
     assert_eq!(went, to.to_string());
+    // The exit record carries the migration's final figures (vireod's job shows them even
+    // when the worker finished between two polls).
+    let last = progress.expect("MigratedAway carries the final progress");
+    assert_eq!(last.state, MigrateState::Completed, "{last:?}");
+    assert_eq!(last.downtime_ms, Some(downtime_ms), "{last:?}");
+    assert!(last.round >= 1 && last.transferred_bytes > 0, "{last:?}");
     let p = wait_status(&dst, "destination completed", |p| {
         p.state == MigrateState::Completed
     });

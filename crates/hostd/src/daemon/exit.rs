@@ -42,7 +42,9 @@ pub fn describe(reason: &WorkerExitReason) -> String {
             format!("the VM was lost in a post-copy migration: {message}")
         }
         WorkerExitReason::Saved { dir } => format!("the VM was saved to {}", dir.display()),
-        WorkerExitReason::MigratedAway { to, downtime_ms } => {
+        WorkerExitReason::MigratedAway {
+            to, downtime_ms, ..
+        } => {
             format!("the VM was migrated to {to} (paused {downtime_ms} ms)")
         }
     }

@@ -25,14 +25,22 @@
 //! Live migration (the contract of `vireo_api::worker`, played over plain TCP instead of the
 //! real streams): a launch with `incoming` binds its `listen` address and reports `listening`
 //! with the bound `listen_addr`, not running. `MigrateOut {to}` on a running fake connects
-//! there, sends `session <uuid>`, reports `precopy` rounds (one per 100 ms, growing
-//! `transferred_bytes`) for `fake.migrate_ms=N` ms (default 300), then `switching`: it sends
-//! `switch`, the destination answers `running` (now running, printing `fake guest NAME
-//! arrived`) and the source reports `completed` and exits `MigratedAway`. `MigrateCancel`
-//! before the switch sends `cancel` (the destination exits `TurnedOff`), the source runs on
-//! (`cancelled`). A cut connection fails the migration on both sides (the source runs on).
-//! Words: `fake.refuse=migrate` (`MigrateOut` answers `Error`), `fake.dest_dies` (the
-//! destination exits with status 3, no record, when the source connects).
+//! there, sends `session <uuid>`, reports `precopy` rounds (one per 100 ms, each sending
+//! `pages N` and `fake.round_bytes=N` bytes, default 4096) for `fake.migrate_ms=N` ms (default
+//! 300), then `switching` (paused), and hands over as the real workers do: `switch` →
+//! `applied` → the source lets go of its "disk" → `released` → the destination takes it
+//! (after `fake.switch_ms`, default 0, in state `switching`), runs (printing `fake guest NAME
+//! arrived`) → `running`; the source reports `completed` and exits `MigratedAway` (with its
+//! last progress) `fake.exit_ms` later (default 100). The "disk" is `fake.lock=PATH`, an
+//! exclusive flock held while the VM may run (taken at start). A stream that ends before
+//! `released` resumes the source; one that ends after it without `running` resumes it only if
+//! it can take the lock back (else it stays paused, `failed`), as docs/migration.md's
+//! "remaining window". `MigrateCancel` before the switch-over sends `cancel` (the
+//! destination exits `TurnedOff`), the source runs on (`cancelled`); on the destination it
+//! shuts the stream down. Words: `fake.refuse=migrate` (`MigrateOut` answers `Error`),
+//! `fake.dest_dies` (the destination exits with status 3, no record, when the source
+//! connects), `fake.stream_proxy=ADDR` (the source connects there and names the real address
+//! in a first line `to ADDR`: the fault tests' proxy).
 //!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
@@ -68,8 +76,12 @@ struct Guest {
     console: Option<UnixStream>,
     /// Where a migration (either side) stands.
     mig: MigrateProgress,
-    /// Source: `MigrateCancel` asked.
+    /// `MigrateCancel` asked (either side).
     mig_cancel: bool,
+    /// Destination: the source's connection, shut down by a cancel.
+    mig_conn: Option<std::net::TcpStream>,
+    /// `fake.lock`: held while the VM may run here.
+    disk_lock: Option<std::fs::File>,
 }
 
 type Shared = Arc<Mutex<Guest>>;
@@ -255,6 +267,10 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 },
                 _ => {
                     guard.mig_cancel = true;
+                    // Destination: the source's stream ends here, so no hand-over follows.
+                    if let Some(c) = guard.mig_conn.take() {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
                     WorkerReply::Ok
                 }
             }
@@ -318,7 +334,32 @@ fn set_mig(g: &Shared, f: impl FnOnce(&mut MigrateProgress)) {
     f(&mut g.lock().unwrap().mig);
 }
 
-/// Source side of the fake migration.
+/// The fake's stand-in for a disk's lock (`fake.lock=PATH`): an exclusive `flock` on PATH,
+/// held while the VM may run, as the real worker's disks' OFD locks are.
+fn take_lock(launch: &WorkerLaunch) -> Result<Option<std::fs::File>, String> {
+    let Some(path) = word(launch, "fake.lock") else {
+        return Ok(None);
+    };
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: flock(2) on a file this process opened.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!("{path} is locked by another process"));
+    }
+    Ok(Some(f))
+}
+
+fn word_ms(launch: &WorkerLaunch, key: &str, default: u64) -> u64 {
+    word(launch, key).map_or(default, |v| v.parse().unwrap())
+}
+
+/// Source side of the fake migration: `session`, `pages N` + N bytes per round, then the
+/// hand-over `switch` → `applied` → (lock let go) `released` → `running`.
 fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
     let fail = |g: &Shared, m: String| {
         set_mig(g, |p| {
@@ -327,17 +368,25 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
         })
     };
     let launch = g.lock().unwrap().launch.clone();
-    let ms: u64 = word(&launch, "fake.migrate_ms").map_or(300, |v| v.parse().unwrap());
-    let mut conn = match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
-        Ok(c) => c,
-        Err(e) => return fail(&g, format!("connecting to {to}: {e}")),
-    };
+    let ms = word_ms(&launch, "fake.migrate_ms", 300);
+    let round_bytes = word_ms(&launch, "fake.round_bytes", 4096) as usize;
+    // A test's fault-injecting proxy: told the real address in its first line.
+    let proxy = word(&launch, "fake.stream_proxy").map(|a| a.parse().unwrap());
+    let mut conn =
+        match std::net::TcpStream::connect_timeout(&proxy.unwrap_or(to), Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => return fail(&g, format!("connecting to {to}: {e}")),
+        };
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    if proxy.is_some() && writeln!(conn, "to {to}").is_err() {
+        return fail(&g, "the proxy closed the connection".into());
+    }
     if writeln!(conn, "session {session}").is_err() {
         return fail(&g, "the destination closed the connection".into());
     }
     let start = std::time::Instant::now();
     let mem = launch.spec.memory_bytes;
+    let page = vec![b'p'; round_bytes];
     while start.elapsed() < Duration::from_millis(ms) {
         thread::sleep(Duration::from_millis(100));
         if g.lock().unwrap().mig_cancel {
@@ -347,42 +396,90 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
                 p.message = Some("cancelled".into());
             });
         }
+        let sent = writeln!(conn, "pages {round_bytes}").and_then(|_| conn.write_all(&page));
+        if let Err(e) = sent {
+            return fail(&g, format!("stream: {e}"));
+        }
         set_mig(&g, |p| {
             p.round += 1;
-            p.transferred_bytes = (p.transferred_bytes + mem / 4).min(mem * 2);
+            p.transferred_bytes += round_bytes as u64;
             p.remaining_bytes = mem / (4 * u64::from(p.round));
             p.dirty_rate = 64 << 20;
             p.link_rate = 1 << 30;
             p.estimated_downtime_ms = 1000 / u64::from(p.round);
         });
     }
-    set_mig(&g, |p| p.state = MigrateState::Switching);
-    let mut answer = String::new();
-    let ok = writeln!(conn, "switch").is_ok()
-        && BufReader::new(&conn).read_line(&mut answer).is_ok()
-        && answer.trim() == "running";
-    if !ok {
-        return fail(&g, "the destination did not take the VM".into());
+    {
+        let mut guard = g.lock().unwrap();
+        if guard.mig_cancel {
+            drop(guard);
+            let _ = writeln!(conn, "cancel");
+            return set_mig(&g, |p| {
+                p.state = MigrateState::Cancelled;
+                p.message = Some("cancelled".into());
+            });
+        }
+        guard.mig.state = MigrateState::Switching;
+        guard.paused = true;
+    }
+    let mut lines = BufReader::new(conn.try_clone().unwrap());
+    let line = |lines: &mut BufReader<std::net::TcpStream>| {
+        let mut l = String::new();
+        match lines.read_line(&mut l) {
+            Ok(n) if n > 0 => Some(l.trim().to_owned()),
+            _ => None,
+        }
+    };
+    // Before `released` the source still holds everything: any failure resumes it here.
+    let resume = |g: &Shared, why: &str| {
+        g.lock().unwrap().paused = false;
+        fail(g, format!("{why}; resumed here"))
+    };
+    if writeln!(conn, "switch").is_err() || line(&mut lines).as_deref() != Some("applied") {
+        return resume(&g, "the destination did not apply the state");
+    }
+    // Let go of the "disk" (the real worker closes its disks here).
+    drop(g.lock().unwrap().disk_lock.take());
+    if writeln!(conn, "released").is_err() {
+        // It may still have read it: decided below like a lost `running`.
+    }
+    if line(&mut lines).as_deref() != Some("running") {
+        // The remaining window: take the "disk" back if nobody holds it.
+        return match take_lock(&launch) {
+            Ok(l) => {
+                g.lock().unwrap().disk_lock = l;
+                resume(&g, "the destination did not confirm")
+            }
+            Err(e) => fail(
+                &g,
+                format!("the destination did not confirm and {e}: left paused"),
+            ),
+        };
     }
     set_mig(&g, |p| {
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(7);
     });
-    let dir = g.lock().unwrap().dir.clone();
+    let (dir, last) = {
+        let guard = g.lock().unwrap();
+        (guard.dir.clone(), guard.mig.clone())
+    };
+    let exit_ms = word_ms(&launch, "fake.exit_ms", 100);
     thread::spawn(move || {
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(Duration::from_millis(exit_ms));
         exit_with(
             &dir,
             WorkerExitReason::MigratedAway {
                 to: to.to_string(),
                 downtime_ms: 7,
+                progress: Some(Box::new(last)),
             },
             0,
         )
     });
 }
 
-/// Destination side: one source connection; the VM runs here once it says `switch`.
+/// Destination side: one source connection; the VM runs here once the hand-over is done.
 fn migrate_in(g: Shared, listener: std::net::TcpListener) {
     let launch = g.lock().unwrap().launch.clone();
     let session = launch.incoming.as_ref().unwrap().session;
@@ -395,8 +492,9 @@ fn migrate_in(g: Shared, listener: std::net::TcpListener) {
         std::process::exit(3);
     }
     let mut w = conn.try_clone().unwrap();
-    let mut lines = BufReader::new(conn).lines();
-    let fail = |g: &Shared, m: &str| {
+    g.lock().unwrap().mig_conn = conn.try_clone().ok();
+    let mut lines = BufReader::new(conn);
+    let fail = |g: &Shared, m: &str| -> ! {
         set_mig(g, |p| {
             p.state = MigrateState::Failed;
             p.message = Some(m.into());
@@ -404,25 +502,66 @@ fn migrate_in(g: Shared, listener: std::net::TcpListener) {
         thread::sleep(Duration::from_millis(500));
         exit_with(&dir, WorkerExitReason::TurnedOff, 1)
     };
-    match lines.next() {
-        Some(Ok(l)) if l == format!("session {session}") => {}
+    let line = |lines: &mut BufReader<std::net::TcpStream>| {
+        let mut l = String::new();
+        match lines.read_line(&mut l) {
+            Ok(n) if n > 0 => Some(l.trim().to_owned()),
+            _ => None,
+        }
+    };
+    match line(&mut lines) {
+        Some(l) if l == format!("session {session}") => {}
         _ => fail(&g, "a stream of another session"),
     }
     set_mig(&g, |p| p.state = MigrateState::Precopy);
-    match lines.next() {
-        Some(Ok(l)) if l == "switch" => {}
-        Some(Ok(l)) if l == "cancel" => {
-            set_mig(&g, |p| p.state = MigrateState::Cancelled);
-            thread::sleep(Duration::from_millis(300));
-            exit_with(&dir, WorkerExitReason::TurnedOff, 0)
+    loop {
+        match line(&mut lines) {
+            Some(l) if l.starts_with("pages ") => {
+                let n: usize = l[6..].parse().unwrap_or(0);
+                let mut buf = vec![0; n];
+                if std::io::Read::read_exact(&mut lines, &mut buf).is_err() {
+                    fail(&g, "the source's stream ended in a page batch");
+                }
+                set_mig(&g, |p| p.transferred_bytes += n as u64);
+            }
+            Some(l) if l == "switch" => break,
+            Some(l) if l == "cancel" => {
+                set_mig(&g, |p| p.state = MigrateState::Cancelled);
+                thread::sleep(Duration::from_millis(300));
+                exit_with(&dir, WorkerExitReason::TurnedOff, 0)
+            }
+            _ => fail(&g, "the source's stream ended before the switch-over"),
         }
-        _ => fail(&g, "the source's stream ended before the switch-over"),
+    }
+    if writeln!(w, "applied").is_err() {
+        fail(&g, "the source's stream ended at the hand-over");
+    }
+    // Our own `MigrateCancel` (vireod) is taken until the source released the VM.
+    if line(&mut lines).as_deref() != Some("released") {
+        fail(&g, "the source's stream ended before it released the VM");
+    }
+    {
+        let mut guard = g.lock().unwrap();
+        if guard.mig_cancel {
+            drop(guard);
+            fail(&g, "cancelled");
+        }
+        guard.mig.state = MigrateState::Switching;
+    }
+    thread::sleep(Duration::from_millis(word_ms(&launch, "fake.switch_ms", 0)));
+    match take_lock(&launch) {
+        Ok(l) => g.lock().unwrap().disk_lock = l,
+        Err(e) => {
+            let _ = writeln!(w, "failed {e}");
+            fail(&g, &e)
+        }
     }
     g.lock().unwrap().started_at = Some(now_ms());
     set_mig(&g, |p| {
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(7);
     });
+    // The VM runs here whether or not this line arrives.
     let _ = writeln!(w, "running");
     output(
         &g,
@@ -544,6 +683,8 @@ fn main() {
         console: None,
         mig: MigrateProgress::default(),
         mig_cancel: false,
+        mig_conn: None,
+        disk_lock: None,
     }));
     if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
         thread::sleep(Duration::from_millis(ms.parse().unwrap()));
@@ -571,6 +712,14 @@ fn main() {
         let gb = g.clone();
         thread::spawn(move || {
             thread::sleep(Duration::from_millis(boot_ms));
+            let lock = take_lock(&gb.lock().unwrap().launch);
+            match lock {
+                Ok(l) => gb.lock().unwrap().disk_lock = l,
+                Err(message) => {
+                    let dir = gb.lock().unwrap().dir.clone();
+                    exit_with(&dir, WorkerExitReason::StartFailed { message }, 1)
+                }
+            }
             gb.lock().unwrap().started_at = Some(now_ms());
             let how = if restored { "restored" } else { "running" };
             output(&gb, format!("fake guest {name} {how}\n").as_bytes());

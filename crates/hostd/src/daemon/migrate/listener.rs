@@ -41,6 +41,9 @@ const LISTEN_LIMIT: Duration = Duration::from_secs(15);
 /// A quick migration's restore must run within this.
 const RESTORE_LIMIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
+/// A worker caught in the switch-over has this long to run the VM or give up (opening the
+/// disks and resuming take milliseconds; this only bounds a hung worker).
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Binds the listener and logs (and records) its address; port 0 picks a free one.
 pub async fn bind(daemon: &Daemon, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -182,7 +185,11 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
         Err(reason) => {
             tracing::warn!(vm = %vm_id, "incoming migration failed: {reason}");
-            remove_incoming(d, vm_id).await;
+            if remove_incoming(d, vm_id).await == Settled::RunsHere {
+                tracing::warn!(vm = %vm_id, "but the worker here had already resumed the VM: it stays");
+                let _ = arrived(d, &vm, &mut peer).await;
+                return;
+            }
             let _ = peer.send(&PeerMsg::Failed { reason }).await;
         }
     }
@@ -203,26 +210,88 @@ async fn create_record(d: &Daemon, id: Uuid, spec: &VmSpec) -> Result<Vm, String
     Ok(vm)
 }
 
+/// What the destination worker's migration came to, once it can no longer change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// It resumed the VM: the VM runs here (the source's worker may have exited
+    /// `MigratedAway` already, so this worker must not be killed).
+    RunsHere,
+    /// It never will: cancelled before the switch-over, failed, or gone.
+    NotHere,
+}
+
+/// The switch-over may be under way between the two workers (the source released its disks,
+/// this worker is opening them, `RUNNING` may be on the wire) while the daemons' own
+/// connection is lost, or the source aborts, or vireod restarts. Killing the worker in that
+/// window loses the VM in both places (found by `tests/migrate_faults.rs`: a cut of the
+/// daemons' link during the switch-over). So the worker is asked to cancel, which it takes
+/// only before the switch-over (atomically with its state: after an accepted cancel it can no
+/// longer resume the VM), and is otherwise waited for until it either runs the VM or failed.
+pub async fn settle(w: &Worker) -> Settled {
+    settle_at(&w.socket(), w.pid, || w.is_alive()).await
+}
+
+/// `settle` for a worker known by its socket (at start-up, before it is adopted).
+pub async fn settle_at(sock: &Path, pid: u32, alive: impl Fn() -> bool) -> Settled {
+    let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+    loop {
+        if !alive() {
+            return Settled::NotHere;
+        }
+        // Refused once switching: then the status below decides, or we wait.
+        let cancel = call_once(sock, WorkerOp::MigrateCancel).await;
+        let status = call_once(sock, WorkerOp::MigrateStatus).await;
+        match (status, cancel) {
+            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Completed => {
+                return Settled::RunsHere
+            }
+            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Switching => {}
+            // Listening or pre-copy with the cancel taken, failed, cancelled.
+            (Ok(WorkerReply::Migrate(_)), Ok(WorkerReply::Ok)) => return Settled::NotHere,
+            (Ok(WorkerReply::Migrate(p)), _)
+                if matches!(p.state, MigrateState::Failed | MigrateState::Cancelled) =>
+            {
+                return Settled::NotHere
+            }
+            // Not answering (ending, or busy): ask again until the limit.
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(
+                pid,
+                "the destination worker neither ran the VM nor gave up within {}s; stopping it",
+                SETTLE_LIMIT.as_secs()
+            );
+            return Settled::NotHere;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Removes an arrival that did not make it: its worker (if any) is turned off, the record
-/// and its ports go. A VM that runs here by now is left alone.
-pub async fn remove_incoming(d: &Daemon, id: Uuid) {
+/// and its ports go. A VM that runs here by now is left alone: `RunsHere` (then it is made
+/// `running`, announced, and the caller tells the source).
+pub async fn remove_incoming(d: &Daemon, id: Uuid) -> Settled {
     if let Some(w) = d.sup.get(id) {
-        let _ = call_once(&w.socket(), WorkerOp::MigrateCancel).await;
+        if w.is_alive() && settle(&w).await == Settled::RunsHere {
+            return Settled::RunsHere;
+        }
         w.force_off().await;
     }
     let Ok(vm) = d.store.get_by_id(id) else {
-        return;
+        return Settled::NotHere;
     };
     if !matches!(
         vm.state,
         vireo_api::VmState::Incoming | vireo_api::VmState::Saved
     ) {
-        return;
+        return Settled::NotHere;
     }
     if let Err(e) = nics::remove_vm(d, &vm).await {
         tracing::error!(vm = %id, "removing a failed arrival: {}", e.body.message);
     }
     d.forget_vm_lock(id);
+    Settled::NotHere
 }
 
 async fn receive_live(
@@ -259,21 +328,27 @@ async fn receive_live(
             () = tokio::time::sleep(POLL) => Ev::Tick,
         };
         match ev {
+            // Too late if the worker here resumed the VM already (the source's worker died
+            // after releasing its disks): then the answer is `Running`, not `Aborted`.
             Ev::Msg(Ok(PeerMsg::Abort { reason })) => {
                 tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
-                remove_incoming(d, vm.id()).await;
+                if remove_incoming(d, vm.id()).await == Settled::RunsHere {
+                    tracing::warn!(vm = %vm.id(), "the abort came after the VM resumed here: it stays");
+                    return arrived(d, vm, peer).await;
+                }
                 let _ = peer.send(&PeerMsg::Aborted).await;
                 return Ok(());
             }
             Ev::Msg(Ok(other)) => {
                 return Err(format!("unexpected {other:?} from the source"));
             }
-            // The source vireod is gone: the workers decide. A VM already running here
-            // stays; otherwise nothing runs here.
+            // The source vireod is gone or the link cut: the workers decide between them. A
+            // VM running here stays; one mid-switch-over is waited for; otherwise nothing runs
+            // here.
             Ev::Msg(Err(e)) => {
-                return match migrate_state(&worker).await {
-                    Some(MigrateState::Completed) => arrived(d, vm, peer).await,
-                    _ => Err(format!("the source went away: {e}")),
+                return match settle(&worker).await {
+                    Settled::RunsHere => arrived(d, vm, peer).await,
+                    Settled::NotHere => Err(format!("the source went away: {e}")),
                 }
             }
             Ev::Tick => {}

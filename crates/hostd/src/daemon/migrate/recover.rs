@@ -10,15 +10,11 @@
 //! `off` with that `exit.json`; it runs on the destination, so its record and ports go.
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use vireo_api::worker::{
-    MigrateState, WorkerExit, WorkerExitReason, WorkerOp, WorkerRecord, WorkerReply,
-};
+use vireo_api::worker::{WorkerExit, WorkerExitReason, WorkerRecord};
 use vireo_api::{Action, VmState};
 
+use super::listener::{settle_at, Settled};
 use crate::daemon::switches::nics;
-use crate::daemon::worker_client::call_once;
 use crate::daemon::{files, procfs, sys, Daemon};
 
 pub async fn recover_all(d: &Arc<Daemon>) {
@@ -39,20 +35,16 @@ pub async fn recover_all(d: &Arc<Daemon>) {
             .filter(|r| r.vm_id == vm.id() && procfs::alive(r.pid, r.start_time_ticks));
         if let Some(r) = record {
             let sock = files::path(&dir, files::SOCKET);
-            let status = tokio::time::timeout(
-                Duration::from_secs(5),
-                call_once(&sock, WorkerOp::MigrateStatus),
-            )
-            .await;
-            if let Ok(Ok(WorkerReply::Migrate(p))) = status {
-                if p.state == MigrateState::Completed
-                    && d.store.set_state(vm.id(), &Action::Started).is_ok()
-                {
-                    tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
-                    d.sup.adopt(d, r, &dir);
-                    super::listener::announce(d, &vm).await;
-                    continue;
-                }
+            // A worker caught in the switch-over is waited for (killing it then could lose
+            // the VM in both places); one that has not begun it is cancelled.
+            let settled =
+                settle_at(&sock, r.pid, || procfs::alive(r.pid, r.start_time_ticks)).await;
+            if settled == Settled::RunsHere && d.store.set_state(vm.id(), &Action::Started).is_ok()
+            {
+                tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
+                d.sup.adopt(d, r, &dir);
+                super::listener::announce(d, &vm).await;
+                continue;
             }
             tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
             let _ = sys::kill(r.pid, libc::SIGKILL);

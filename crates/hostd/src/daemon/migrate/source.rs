@@ -235,7 +235,9 @@ async fn run(
     .await
 }
 
-async fn abort(peer: &mut Peer, reason: &str) {
+/// Tells the destination to drop the VM. `true`: it answered `Running` instead — its worker
+/// had resumed the VM already (ours died after releasing its disks), so the VM is there.
+async fn abort(peer: &mut Peer, reason: &str) -> bool {
     if peer
         .send(&PeerMsg::Abort {
             reason: reason.to_string(),
@@ -244,8 +246,12 @@ async fn abort(peer: &mut Peer, reason: &str) {
         .is_ok()
     {
         // Its answer says the record is gone there; the connection closing is as good.
-        let _ = peer.recv(Duration::from_secs(30)).await;
+        return matches!(
+            peer.recv(Duration::from_secs(90)).await,
+            Ok(PeerMsg::Running)
+        );
     }
+    false
 }
 
 /// The worker's `exit.json`, if it wrote one for its pid.
@@ -355,10 +361,28 @@ async fn live(
         }
         if !worker.is_alive() {
             match exit_of(&worker) {
-                Some(WorkerExitReason::MigratedAway { downtime_ms, .. }) => break downtime_ms,
+                Some(WorkerExitReason::MigratedAway {
+                    downtime_ms,
+                    progress,
+                    ..
+                }) => {
+                    // Its last figures, even if it finished between two polls.
+                    if let Some(p) = progress {
+                        d.migrations.set_progress(job, *p);
+                    }
+                    break downtime_ms;
+                }
                 _ => {
                     let o = worker.exited().await;
-                    abort(peer, "the VM ended on the source").await;
+                    // Died during the switch-over: the destination's worker may have resumed
+                    // the VM (it had everything); then the VM is there, not lost.
+                    if dest_running
+                        || (dest_failed.is_none()
+                            && abort(peer, "the VM ended on the source").await)
+                    {
+                        tracing::warn!(vm = %vm.id(), "the source worker died ({}), but the VM runs on the destination", o.message);
+                        break 0;
+                    }
                     return End::Failed(format!(
                         "VM {name:?} ended on the source during the migration: {}",
                         o.message
@@ -397,8 +421,14 @@ async fn live(
                     .clone()
                     .or(message)
                     .unwrap_or_else(|| "no reason given".into());
-                if dest_failed.is_none() {
-                    abort(peer, &why).await;
+                // The destination's worker may have resumed the VM while ours lost the
+                // `RUNNING` line (docs/migration.md, "The remaining window"): then the VM is
+                // there, and ours (paused, or resumed without disks to fence it) must stop.
+                let there = dest_running || (dest_failed.is_none() && abort(peer, &why).await);
+                if there {
+                    tracing::warn!(vm = %vm.id(), "our worker failed the hand-over ({why}), but the VM runs on the destination; stopping ours");
+                    worker.force_off().await;
+                    break 0;
                 }
                 if asked_cancel && state == MigrateState::Cancelled {
                     return End::Cancelled;

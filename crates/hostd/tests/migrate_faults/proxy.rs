@@ -1,0 +1,146 @@
+//! A TCP proxy for fault injection: forwards connections and cuts them (both directions, every
+//! connection it carries) once `cut_after` bytes in all have passed, counting both directions.
+//! `Target::Fixed` forwards to one address (the vireods' link); `Target::Named` reads the
+//! address from the connection's first line `to ADDR` (the fake worker's stream, whose
+//! destination is only known once the destination worker listens).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+#[derive(Clone, Copy)]
+pub enum Target {
+    Fixed(SocketAddr),
+    Named,
+}
+
+struct Shared {
+    /// Bytes forwarded so far, both directions, all connections.
+    passed: AtomicU64,
+    cut_after: AtomicU64,
+    cut: AtomicBool,
+    stop: AtomicBool,
+    /// Every socket, so a cut ends all of them at once.
+    socks: Mutex<Vec<TcpStream>>,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn start(target: Target, cut_after: u64) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            passed: AtomicU64::new(0),
+            cut_after: AtomicU64::new(cut_after),
+            cut: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            socks: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        thread::spawn(move || {
+            for c in l.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(c) = c else { continue };
+                let s = s.clone();
+                thread::spawn(move || connect(s, c, target));
+            }
+        });
+        Proxy { addr, shared }
+    }
+
+    pub fn passed(&self) -> u64 {
+        self.shared.passed.load(Ordering::SeqCst)
+    }
+
+    /// Cuts every connection now, and any later one at once.
+    pub fn cut_now(&self) {
+        self.shared.cut_after.store(0, Ordering::SeqCst);
+        cut(&self.shared);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        for s in self.shared.socks.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn cut(s: &Shared) {
+    s.cut.store(true, Ordering::SeqCst);
+    for sock in s.socks.lock().unwrap().iter() {
+        let _ = sock.shutdown(Shutdown::Both);
+    }
+}
+
+fn connect(s: Arc<Shared>, client: TcpStream, target: Target) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(120)));
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let to = match target {
+        Target::Fixed(a) => a,
+        Target::Named => {
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            match line.trim().strip_prefix("to ").and_then(|a| a.parse().ok()) {
+                Some(a) => a,
+                None => return,
+            }
+        }
+    };
+    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let _ = server.set_read_timeout(Some(Duration::from_secs(120)));
+    {
+        let mut socks = s.socks.lock().unwrap();
+        socks.push(client.try_clone().unwrap());
+        socks.push(server.try_clone().unwrap());
+    }
+    if s.cut.load(Ordering::SeqCst) || s.cut_after.load(Ordering::SeqCst) == 0 {
+        cut(&s);
+        return;
+    }
+    let (s2, server2, client2) = (s.clone(), server.try_clone().unwrap(), client);
+    // What the reader buffered past the first line goes first.
+    let up = thread::spawn(move || pump(&s2, reader, server2));
+    pump(&s, server, client2);
+    let _ = up.join();
+}
+
+/// Copies `from` to `to` until either ends or the byte budget is spent (then cuts all).
+fn pump(s: &Shared, mut from: impl Read, mut to: TcpStream) {
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let limit = s.cut_after.load(Ordering::SeqCst);
+        let before = s.passed.fetch_add(n as u64, Ordering::SeqCst);
+        let allowed = limit.saturating_sub(before).min(n as u64) as usize;
+        if allowed > 0 && to.write_all(&buf[..allowed]).is_err() {
+            break;
+        }
+        if allowed < n {
+            s.passed.fetch_sub((n - allowed) as u64, Ordering::SeqCst);
+            cut(s);
+            return;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
