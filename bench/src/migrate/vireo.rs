@@ -266,6 +266,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         compress: CompressMode::Auto,
         streams: 2,
         postcopy: PostcopyMode::Never,
+        storage: None,
     };
     let mut src = spawn(
         &dir.join("vireo-src"),
