@@ -266,6 +266,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         compress: CompressMode::Auto,
         streams: 2,
         postcopy: case.postcopy,
+        storage: None,
     };
     let mut src = spawn(
         &dir.join("vireo-src"),

@@ -38,9 +38,34 @@ pub struct MigrateRequest {
     /// Quick migration: save, send the saved state, restore on the destination.
     #[serde(default)]
     pub quick: bool,
-    /// Shared-nothing migration (copy the disks too): not built, refused.
+    /// Shared-nothing migration: the disks are copied to the destination over the same
+    /// authenticated channel (docs/migration.md, "Shared-nothing migration"). Live only.
     #[serde(default)]
     pub with_storage: bool,
+    /// With `with_storage`: the folder on the destination the copies are created in (inside
+    /// its storage roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_dir: Option<PathBuf>,
+}
+
+/// A disk a shared-nothing migration copies, as the offer describes it: enough for the
+/// destination to check its space and create the empty copy before any data moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiedDisk {
+    /// The copy's file name in `dest_dir` (the source's top file name).
+    pub file_name: String,
+    /// The virtual size the guest sees.
+    pub size: u64,
+    /// `raw` stays raw; any VHDX chain (or VHD) becomes one dynamic VHDX.
+    pub format: crate::spec::DiskFormat,
+    /// VHDX block size of the copy (0 for raw).
+    #[serde(default)]
+    pub block_size: u32,
+    pub logical_sector: u32,
+    pub physical_sector: u32,
+    /// Bytes the source's files take on disk: the space the destination asks for.
+    pub allocated: u64,
 }
 
 /// How the destination reaches the VM's disks.
@@ -49,12 +74,13 @@ pub struct MigrateRequest {
 pub enum StorageMode {
     /// Both hosts see the same disk files at the same paths.
     Shared,
-    /// The disks are copied with the VM (shared-nothing; not built).
+    /// The disks are copied with the VM (shared-nothing).
     Copied,
 }
 
 /// The version of the vireod-to-vireod protocol below.
-pub const PEER_PROTOCOL_VERSION: u32 = 1;
+/// 2: shared-nothing migration (`Offer.dest_dir`/`disks`, `DiskData`).
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
 
 /// One line of the vireod-to-vireod protocol (one JSON object per line).
 ///
@@ -74,6 +100,17 @@ pub enum PeerMsg {
         session: Uuid,
         streams: u16,
         quick: bool,
+        /// `Copied`: where the copies go on the destination, and the disks (slot order).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dest_dir: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        disks: Vec<CopiedDisk>,
+    },
+    /// The first line of a second connection a shared-nothing migration's source worker
+    /// opens to the destination vireod: the disk data of `session` follows
+    /// (`vireo_migration::disk` records). Answered `Accepted` or `Refused`.
+    DiskData {
+        session: Uuid,
     },
     /// Live: `listen_addr` is the destination worker's address for `MigrateOut`.
     Accepted {

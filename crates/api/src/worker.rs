@@ -116,6 +116,20 @@ pub struct MigrateOptions {
     pub streams: u16,
     #[serde(default)]
     pub postcopy: PostcopyMode,
+    /// Shared-nothing migration: copy every disk to this destination first (and its last
+    /// writes at the switch-over). Additive: absent means shared storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<DiskTransfer>,
+}
+
+/// Where a shared-nothing migration's disk data goes: the destination vireod's migration
+/// listener, which takes it for `session` (mutual TLS with this host's identity, as the
+/// memory streams).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskTransfer {
+    pub to: std::net::SocketAddr,
+    pub session: Uuid,
 }
 
 /// Where a migration stands, on either side (`MigrateStatus`).
@@ -168,6 +182,15 @@ pub struct MigrateProgress {
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Shared-nothing: disk bytes known to send so far (grows as the guest writes) and sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_bytes_total: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_bytes_copied: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// vireod's record of a worker it spawned (`<vm-dir>/worker.json`).

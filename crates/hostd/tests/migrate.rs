@@ -250,7 +250,22 @@ fn refused_offers_and_bad_requests_leave_the_vm_where_it_is() {
     bad(
         json!({"to": p.b_addr, "with_storage": true}),
         422,
-        "not built",
+        "needs dest_dir",
+    );
+    bad(
+        json!({"to": p.b_addr, "with_storage": true, "dest_dir": "rel"}),
+        422,
+        "absolute",
+    );
+    bad(
+        json!({"to": p.b_addr, "with_storage": true, "dest_dir": "/x", "quick": true}),
+        422,
+        "live",
+    );
+    bad(
+        json!({"to": p.b_addr, "dest_dir": "/x"}),
+        422,
+        "with_storage",
     );
     bad(json!({"to": p.b_addr, "streams": 17}), 422, "streams 17");
     let r =

@@ -8,6 +8,7 @@
 //! - [`record`]: framing — kind, codec, length, CRC-32C; bounded sizes.
 //! - [`pages`]: page batches with zero-page markers, compressed per batch ([`codec`]).
 //! - [`auto`]: when compression pays (Hyper-V picks it automatically, so do we).
+//! - [`disk`]: disk data of a shared-nothing migration (source worker → destination vireod).
 //! - [`hostauth`]: host identities and pinned mutual TLS for migration channels.
 //! - [`streams`]: which stream carries which page, so a page's versions never overtake each
 //!   other across streams.
@@ -17,6 +18,7 @@
 
 pub mod auto;
 pub mod codec;
+pub mod disk;
 pub mod error;
 pub mod hostauth;
 pub mod pages;

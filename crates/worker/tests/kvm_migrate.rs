@@ -139,6 +139,7 @@ fn migrate_out(
             compress,
             streams,
             postcopy: PostcopyMode::Never,
+            storage: None,
         },
         tls: host.tls(),
     });

@@ -62,9 +62,16 @@ pub struct MigrateArgs {
     /// seconds; needs no live-migration support in the workers).
     #[arg(long)]
     pub quick: bool,
-    /// Shared-nothing migration (copy the disks too). Not built yet: refused.
-    #[arg(long)]
+    /// Shared-nothing migration: copy the disks too, over the same authenticated channel,
+    /// for a destination that cannot reach this host's files. Each disk arrives as one file
+    /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). The files here
+    /// are kept.
+    #[arg(long, requires = "dest_dir", conflicts_with = "quick")]
     pub with_storage: bool,
+    /// With --with-storage: the folder on the destination (inside its storage roots) the
+    /// disk copies are created in.
+    #[arg(long, value_name = "DIR", requires = "with_storage")]
+    pub dest_dir: Option<std::path::PathBuf>,
     /// Print the job and return at once; `vireo job show ID` follows it.
     #[arg(long)]
     pub no_wait: bool,
@@ -101,13 +108,6 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn Error>> {
     let path = super::path(&args.vm)?;
-    if args.with_storage {
-        return Err(CliError::bad_input(
-            "--with-storage (shared-nothing migration) is not built yet; migrate VMs whose \
-             disks both hosts reach at the same paths",
-        )
-        .into());
-    }
     let body = MigrateRequest {
         to: args.to.clone(),
         max_downtime_ms: args.max_downtime,
@@ -125,7 +125,8 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
             Postcopy::Never => PostcopyMode::Never,
         },
         quick: args.quick,
-        with_storage: false,
+        with_storage: args.with_storage,
+        dest_dir: args.dest_dir.clone(),
     };
     let job: Job = client.post(&format!("{path}/migrate"), Some(&body))?;
     if args.no_wait {
@@ -146,6 +147,13 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
         "before the switch-over the VM keeps running here",
         &|job: &Job| {
             job.migration.as_ref().map(|m| {
+                if m.disk_bytes_total > 0 && m.round == 0 && m.transferred_bytes == 0 {
+                    return format!(
+                        "disks {} / {} MiB",
+                        m.disk_bytes_copied >> 20,
+                        m.disk_bytes_total >> 20
+                    );
+                }
                 format!(
                     "round {}, remaining {} MiB, est. downtime {} ms",
                     m.round,

@@ -61,6 +61,25 @@ impl Console {
         }
     }
 
+    /// As `ask`, but `None` when no answer came within `limit` or the console ended (the VM
+    /// moved away under the command).
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn try_ask(&mut self, command: &str, limit: Duration) -> Option<String> {
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .ok()?;
+        self.stdin.flush().ok()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if line.starts_with("OK") || line.starts_with("ERR") {
+                return Some(line);
+            }
+        }
+    }
+
     /// As `ask`, insisting on `OK`.
     pub fn ok(&mut self, command: &str) -> String {
         let a = self.ask(command);

@@ -1,6 +1,7 @@
 //! Live migration between two workers (docs/migration.md, docs/worker.md): `MigrateOut` on
 //! the source ([`out`]), the `incoming` launch mode on the destination ([`incoming`]), the
-//! disk handoff between them ([`handoff`]), and `MigrateStatus`/`MigrateCancel` on both.
+//! disk handoff between them ([`handoff`]), the disk copy of a shared-nothing migration
+//! ([`storage`]), and `MigrateStatus`/`MigrateCancel` on both.
 //!
 //! Locking: [`Migration`]'s mutexes are leaves (nothing else is taken while one is held). The
 //! VM's own locking is the VMM's (`migrate_out` holds the VM's lifecycle lock while it runs).
@@ -9,6 +10,7 @@ pub mod handoff;
 pub mod incoming;
 pub mod out;
 pub mod postcopy;
+pub mod storage;
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -24,6 +24,7 @@ use vireo_vmm::{MigrateError, MigrateOutOptions, MigrateShared};
 
 use super::handoff::{self, DiskGeometry, ReleasedDisk};
 use super::postcopy;
+use super::storage;
 use super::{load_tls, lock, IO_TIMEOUT};
 use crate::hotplug::SlotDisk;
 use crate::image::{self, DiskArg};
@@ -131,6 +132,11 @@ fn run(
     shared: &MigrateShared,
 ) -> Result<u64, String> {
     let started = Instant::now();
+    // Shared-nothing: the disks first (the VM runs on; their writes stay tracked).
+    let mut disks_out = match &options.storage {
+        Some(t) => Some(storage::precopy(s, t, cfg.clone(), shared)?),
+        None => None,
+    };
     let (senders, requests) = connect(s, to, session, options, cfg)?;
     let opts = MigrateOutOptions {
         max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
@@ -157,7 +163,7 @@ fn run(
     let mut streams = handover.streams.into_iter();
     let mut ctl = streams.next().expect("at least one stream");
     drop(streams);
-    match hand_over(s, &mut ctl) {
+    match hand_over(s, &mut ctl, &mut disks_out) {
         Ok(()) => {
             let downtime_ms = paused_at.elapsed().as_millis() as u64;
             tracing::info!(
@@ -199,7 +205,11 @@ struct Released {
 
 /// The handoff on stream 0. `Err((why, Some(disks)))` when the disks had been released.
 #[allow(clippy::type_complexity)]
-fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Vec<Released>>)> {
+fn hand_over(
+    s: &State,
+    ctl: &mut ClientStream,
+    disks_out: &mut Option<storage::DiskSender>,
+) -> Result<(), (String, Option<Vec<Released>>)> {
     let t = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let disks = s.hotplug.disks();
@@ -211,7 +221,13 @@ fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Ve
     handoff::send(ctl, &format!("DISKS {json}")).map_err(|e| (e.to_string(), None))?;
     handoff::expect(ctl, "APPLIED").map_err(|e| (e, None))?;
     let applied = ms(t);
-    let released = release(s, disks, &geometry);
+    let (released, last_copy) = release(s, disks, &geometry, disks_out);
+    // Shared-nothing: the copies must be complete and closed before the destination opens
+    // them; a failure here keeps the VM (its disks are opened again here).
+    let last_copy = last_copy.and_then(|()| disks_out.take().map_or(Ok(()), |o| o.finish()));
+    if let Err(e) = last_copy {
+        return Err((e, Some(released)));
+    }
     if let Err(e) = handoff::send(ctl, "RELEASED") {
         return Err((e.to_string(), Some(released)));
     }
@@ -233,8 +249,16 @@ fn hand_over(s: &State, ctl: &mut ClientStream) -> Result<(), (String, Option<Ve
 }
 
 /// Flushes and closes every disk (its lock goes with the last handle), leaving a placeholder.
-fn release(s: &State, disks: Vec<SlotDisk>, geometry: &[DiskGeometry]) -> Vec<Released> {
+/// Shared-nothing: each disk's last dirty chunks go to the destination while it is parked
+/// (the second value: the first error of that).
+fn release(
+    s: &State,
+    disks: Vec<SlotDisk>,
+    geometry: &[DiskGeometry],
+    disks_out: &mut Option<storage::DiskSender>,
+) -> (Vec<Released>, Result<(), String>) {
     let mut out = Vec::new();
+    let mut last_copy = Ok(());
     for (index, (d, g)) in disks.into_iter().zip(geometry).enumerate() {
         let (path, img) = d.movable.image();
         let arg = DiskArg {
@@ -245,6 +269,9 @@ fn release(s: &State, disks: Vec<SlotDisk>, geometry: &[DiskGeometry]) -> Vec<Re
         let parked = d.movable.park();
         if let Err(e) = parked.source().flush() {
             tracing::warn!("flushing {} before the handoff: {e}", path.display());
+        }
+        if let (Some(o), Ok(())) = (disks_out.as_mut(), &last_copy) {
+            last_copy = o.send_parked(s, index, &parked);
         }
         let old = parked.switch(Arc::new(ReleasedDisk(*g)), path.clone(), image::Image::Raw);
         // The control socket's handle on the image goes too, so nothing keeps it open.
@@ -259,7 +286,7 @@ fn release(s: &State, disks: Vec<SlotDisk>, geometry: &[DiskGeometry]) -> Vec<Re
             arg,
         });
     }
-    out
+    (out, last_copy)
 }
 
 /// Opens the released disks again and puts them back under the VM.

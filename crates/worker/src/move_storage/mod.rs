@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use vireo_api::worker::{MoveDiskProgress, MoveProgress, MoveState};
 use vireo_block::BlockBackend;
 
-pub use mirror::{DirtyMap, MovableBackend};
+pub use mirror::{DirtyMap, MovableBackend, Parked};
 pub use prepare::{prepare, remove_created, Prepared};
 
 use crate::server::State;

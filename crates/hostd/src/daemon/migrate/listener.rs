@@ -86,13 +86,6 @@ fn check_offer(
     spec: &VmSpec,
     storage: StorageMode,
 ) -> Result<VmSpec, String> {
-    if storage != StorageMode::Shared {
-        return Err(
-            "shared-nothing migration (the disks copied) is not built on this host; \
-                    use storage both hosts reach at the same paths"
-                .into(),
-        );
-    }
     if d.store.get_by_id(vm_id).is_ok() {
         return Err(format!("a VM with id {vm_id} exists on this host already"));
     }
@@ -104,6 +97,17 @@ fn check_offer(
     }
     vireo_api::validate_spec(spec, &d.limits).map_err(|e| format!("on this host: {e}"))?;
     nics::check(d, spec).map_err(|e| e.body.message)?;
+    if storage == StorageMode::Copied {
+        // The disks are copied (`storage::create_copies` checks where); the kernel and initrd
+        // must be here already, inside a storage root, as for shared storage.
+        let mut boot = spec.clone();
+        boot.disks.clear();
+        let boot = d.storage.confine(&boot).map_err(|e| e.body.message)?;
+        let mut out = spec.clone();
+        out.kernel = boot.kernel;
+        out.initrd = boot.initrd;
+        return Ok(out);
+    }
     // Shared storage: the same files, inside this host's storage roots.
     let spec = d.storage.confine(spec).map_err(|e| e.body.message)?;
     if spec.disks.iter().any(|disk| !disk.path.is_file()) {
@@ -117,6 +121,9 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         Ok(m) => m,
         Err(e) => return tracing::warn!("migration: {e}"),
     };
+    if let PeerMsg::DiskData { session } = offer {
+        return super::storage::receive(d, peer, session).await;
+    }
     let PeerMsg::Offer {
         version,
         vm_id,
@@ -125,6 +132,8 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         session,
         streams,
         quick,
+        dest_dir,
+        disks,
     } = offer
     else {
         let _ = peer
@@ -159,7 +168,18 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         return;
     };
     let _permit = permit;
-    let spec = match check_offer(d, vm_id, &spec, storage) {
+    let checked = check_offer(d, vm_id, &spec, storage).and_then(|spec| match storage {
+        StorageMode::Shared => Ok((spec, None)),
+        StorageMode::Copied if quick => {
+            Err("a shared-nothing migration is live only (not --quick)".into())
+        }
+        // The copies exist (empty) from here on; every failure below removes them.
+        StorageMode::Copied => {
+            super::storage::create_copies(d, vm_id, &spec, dest_dir.as_deref(), &disks)
+                .map(|(spec, target)| (spec, Some(target)))
+        }
+    });
+    let (spec, copies) = match checked {
         Ok(s) => s,
         Err(reason) => {
             tracing::info!(from = %peer.who, vm = %vm_id, "migration refused: {reason}");
@@ -167,9 +187,13 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             return;
         }
     };
+    if let Some(t) = copies {
+        super::storage::register(d, session, t);
+    }
     let vm = match create_record(d, vm_id, &spec).await {
         Ok(vm) => vm,
         Err(reason) => {
+            super::storage::discard(d, vm_id);
             let _ = peer.send(&refuse(reason)).await;
             return;
         }
@@ -279,6 +303,7 @@ pub async fn remove_incoming(d: &Daemon, id: Uuid) -> Settled {
         w.force_off().await;
     }
     let Ok(vm) = d.store.get_by_id(id) else {
+        super::storage::discard(d, id);
         return Settled::NotHere;
     };
     if !matches!(
@@ -287,6 +312,8 @@ pub async fn remove_incoming(d: &Daemon, id: Uuid) -> Settled {
     ) {
         return Settled::NotHere;
     }
+    // Shared-nothing: the copies made for it (after its worker, which may have them open).
+    super::storage::discard(d, id);
     if let Err(e) = nics::remove_vm(d, &vm).await {
         tracing::error!(vm = %id, "removing a failed arrival: {}", e.body.message);
     }
@@ -405,6 +432,7 @@ async fn arrived(d: &Daemon, vm: &Vm, peer: &mut Peer) -> Result<(), String> {
     d.store
         .set_state(vm.id(), &Action::Started)
         .map_err(|e| e.to_string())?;
+    super::storage::keep(d, vm.id());
     announce(d, vm).await;
     if let Err(e) = peer.send(&PeerMsg::Running).await {
         tracing::warn!(vm = %vm.id(), "telling the source the VM runs here: {e}");

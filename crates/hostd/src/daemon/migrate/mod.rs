@@ -3,7 +3,8 @@
 //!   trusted hosts only), one task per offered VM;
 //! - `source`: the `migrate` job (`POST /v1/vms/{vm}/migrate`), live or quick;
 //! - `peer`: the connection and its JSON-lines protocol;
-//! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration.
+//! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
+//! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove).
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
 //! the listener's task on the destination for the whole migration, so no other request
@@ -15,6 +16,7 @@ pub mod listener;
 pub mod peer;
 pub mod recover;
 pub mod source;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +34,8 @@ pub struct Migrations {
     slots: Mutex<Arc<Semaphore>>,
     progress: Mutex<HashMap<Uuid, MigrateProgress>>,
     listen: Mutex<Option<SocketAddr>>,
+    /// Destination: the disk copies of shared-nothing migrations arriving here.
+    pub disk_targets: storage::Targets,
 }
 
 impl Default for Migrations {
@@ -40,6 +44,7 @@ impl Default for Migrations {
             slots: Mutex::new(Arc::new(Semaphore::new(DEFAULT_MAX_MIGRATIONS))),
             progress: Mutex::new(HashMap::new()),
             listen: Mutex::new(None),
+            disk_targets: storage::Targets::default(),
         }
     }
 }

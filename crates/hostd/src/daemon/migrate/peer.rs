@@ -137,6 +137,27 @@ impl Peer {
         serde_json::from_slice(&line).map_err(|e| format!("{} sent a bad message: {e}", self.who))
     }
 
+    /// Exactly `buf.len()` raw bytes (a shared-nothing migration's disk records), within
+    /// `limit`.
+    pub async fn read_exact(&mut self, buf: &mut [u8], limit: Duration) -> Result<(), String> {
+        tokio::time::timeout(limit, self.io.read_exact(buf))
+            .await
+            .map_err(|_| format!("{} said nothing for {}s", self.who, limit.as_secs()))?
+            .map(|_| ())
+            .map_err(|e| format!("reading from {}: {e}", self.who))
+    }
+
+    /// Raw bytes, flushed.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let w = self.io.get_mut();
+        w.write_all(bytes)
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.who))?;
+        w.flush()
+            .await
+            .map_err(|e| format!("sending to {}: {e}", self.who))
+    }
+
     /// `File` then the bytes of `path`.
     pub async fn send_file(&mut self, name: &Path, path: &Path) -> Result<u64, String> {
         let mut f = tokio::fs::File::open(path)

@@ -52,9 +52,31 @@ fn invalid(message: String) -> HttpError {
 /// `POST /v1/vms/{vm}/migrate`: checked here, then 202 with the job.
 pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result<Job, HttpError> {
     if req.with_storage {
+        if req.quick {
+            return Err(invalid(
+                "with_storage (--with-storage) is a live migration; leave out quick".into(),
+            ));
+        }
+        match &req.dest_dir {
+            Some(d) if d.is_absolute() => {}
+            Some(d) => {
+                return Err(invalid(format!(
+                    "dest_dir {}: give an absolute folder on the destination",
+                    d.display()
+                )))
+            }
+            None => {
+                return Err(invalid(
+                    "with_storage (--with-storage) needs dest_dir (--dest-dir), the folder on \
+                     the destination the disk copies are created in"
+                        .into(),
+                ))
+            }
+        }
+    } else if req.dest_dir.is_some() {
         return Err(invalid(
-            "shared-nothing migration (with_storage, --with-storage) is not built yet; \
-             migrate VMs whose disks both hosts reach at the same paths"
+            "dest_dir (--dest-dir) is for a shared-nothing migration; add with_storage \
+             (--with-storage)"
                 .into(),
         ));
     }
@@ -97,6 +119,12 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             "VM {name:?} has no worker now (it is ending); retry"
         )));
     }
+    // Shared-nothing: what each disk is, for the destination's checks (refused here, before
+    // a job, if a disk cannot be copied).
+    let disks = match req.with_storage {
+        true => super::storage::describe(&vm.spec).map_err(invalid)?,
+        false => Vec::new(),
+    };
     let job = daemon.store.create_job(Some(vm.id()), JobKind::Migrate)?;
     let cancel = daemon.jobs.register(job.id);
     daemon.migrations.set_progress(
@@ -109,7 +137,7 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     let d = daemon.clone();
     let job_id = job.id;
     tokio::spawn(async move {
-        let end = run(&d, &vm, to, req, streams, job_id, cancel, guard).await;
+        let end = run(&d, &vm, to, req, disks, streams, job_id, cancel, guard).await;
         match end {
             End::Done => {
                 let _ = d.store.finish_job(job_id, Ok(()));
@@ -154,6 +182,7 @@ async fn run(
     vm: &Vm,
     to: SocketAddr,
     req: MigrateRequest,
+    disks: Vec<vireo_api::migrate::CopiedDisk>,
     streams: u16,
     job: Uuid,
     cancel: tokio::sync::watch::Receiver<bool>,
@@ -179,10 +208,15 @@ async fn run(
         version: PEER_PROTOCOL_VERSION,
         vm_id: vm.id(),
         spec: Box::new(vm.spec.clone()),
-        storage: StorageMode::Shared,
+        storage: match req.with_storage {
+            true => StorageMode::Copied,
+            false => StorageMode::Shared,
+        },
         session,
         streams,
         quick: req.quick,
+        dest_dir: req.dest_dir.clone(),
+        disks,
     };
     // In TLS 1.3 the server checks our certificate after our side finished the handshake:
     // a destination that does not trust this host answers the first message with an alert.
@@ -228,7 +262,7 @@ async fn run(
         &req,
         streams,
         session,
-        listen_addr,
+        (to, listen_addr),
         job,
         &mut cancel_wait,
     )
@@ -262,10 +296,21 @@ fn exit_of(w: &Worker) -> Option<WorkerExitReason> {
 }
 
 fn percent(p: &MigrateProgress) -> u8 {
+    // Shared-nothing: the disks' copy is the first half.
+    let (base, span) = match p.disk_bytes_total {
+        0 => (5, 90),
+        t => {
+            let disks = 5 + p.disk_bytes_copied.min(t) * 45 / t;
+            if p.round == 0 && p.transferred_bytes == 0 {
+                return disks as u8;
+            }
+            (50, 45)
+        }
+    };
     if p.memory_bytes == 0 {
-        return 5;
+        return base as u8;
     }
-    (5 + (p.transferred_bytes.min(p.memory_bytes) * 90 / p.memory_bytes)) as u8
+    (base + (p.transferred_bytes.min(p.memory_bytes) * span / p.memory_bytes)) as u8
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -276,7 +321,7 @@ async fn live(
     req: &MigrateRequest,
     streams: u16,
     session: Uuid,
-    listen_addr: SocketAddr,
+    (to, listen_addr): (SocketAddr, SocketAddr),
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
 ) -> End {
@@ -301,6 +346,10 @@ async fn live(
             compress: req.compress,
             streams,
             postcopy: req.postcopy,
+            // Shared-nothing: the worker sends the disks to the destination vireod first.
+            storage: req
+                .with_storage
+                .then_some(vireo_api::worker::DiskTransfer { to, session }),
         },
         tls,
     };

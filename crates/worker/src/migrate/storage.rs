@@ -1,0 +1,227 @@
+//! Shared-nothing migration, the source worker's disk copy (docs/migration.md,
+//! "Shared-nothing migration"): before the memory pre-copy, every disk is sent to the
+//! destination vireod (one more mutual-TLS connection to its migration listener, records of
+//! `vireo_migration::disk`), which writes them into the copies it created.
+//!
+//! The copy uses the storage move's dirty tracking (`MovableBackend::track`): a write is
+//! marked after it reached the source and a chunk's mark is cleared before the chunk is read,
+//! so every write is either in what was read or marked for a later pass. Pass 0 sends what
+//! the disk holds (what the guest sees: a VHDX chain or a VHD arrives flattened), passes 1..
+//! what the guest wrote meanwhile; tracking goes on through the memory pre-copy, and at the
+//! switch-over each disk's last dirty chunks are sent while it is parked, just before it is
+//! released (`out.rs`). `Done` is answered once the destination flushed and closed every copy,
+//! so the destination worker opens complete files.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vireo_api::migrate::PeerMsg;
+use vireo_api::worker::DiskTransfer;
+use vireo_block::BlockBackend;
+use vireo_migration::disk::{self, DiskRecord, MAX_DATA};
+use vireo_migration::hostauth::{self, ClientConfig, ClientStream};
+use vireo_vmm::MigrateShared;
+
+use super::{handoff, IO_TIMEOUT};
+use crate::image::Image;
+use crate::move_storage::{MovableBackend, Parked, CHUNK, FINAL_CHUNKS, MAX_PASSES};
+use crate::server::State;
+
+// Records carry at most one copy chunk.
+const _: () = assert!(CHUNK <= MAX_DATA as u64);
+
+/// The disk connection after the pre-copy; dropping it stops the tracking.
+pub struct DiskSender {
+    stream: ClientStream,
+    disks: Vec<Arc<MovableBackend>>,
+}
+
+impl Drop for DiskSender {
+    fn drop(&mut self) {
+        for d in &self.disks {
+            d.untrack();
+        }
+    }
+}
+
+/// Connects, then copies every disk and the writes made meanwhile until few are left.
+/// Tracking stays on: the rest goes at the switch-over ([`DiskSender::send_parked`]).
+pub fn precopy(
+    s: &State,
+    t: &DiskTransfer,
+    cfg: Arc<ClientConfig>,
+    shared: &MigrateShared,
+) -> Result<DiskSender, String> {
+    let mut stream = hostauth::connect(t.to, cfg, IO_TIMEOUT)
+        .map_err(|e| format!("disk stream to {}: {e}", t.to))?;
+    s.migration.add_socket(&stream.sock);
+    let hello = serde_json::to_string(&PeerMsg::DiskData { session: t.session })
+        .expect("a message serializes");
+    handoff::send(&mut stream, &hello).map_err(|e| format!("disk stream to {}: {e}", t.to))?;
+    let answer = handoff::recv(&mut stream).map_err(|e| {
+        format!(
+            "disk stream to {}: no answer ({e}); the destination may not trust this host",
+            t.to
+        )
+    })?;
+    match serde_json::from_str::<PeerMsg>(&answer) {
+        Ok(PeerMsg::Accepted { .. }) => {}
+        Ok(PeerMsg::Refused { reason }) => {
+            return Err(format!("the destination refused the disk data: {reason}"))
+        }
+        _ => {
+            return Err(format!(
+                "the destination answered the disk stream {answer:?}"
+            ))
+        }
+    }
+    let disks: Vec<Arc<MovableBackend>> =
+        s.hotplug.disks().into_iter().map(|d| d.movable).collect();
+    if disks.len() > usize::from(u8::MAX) + 1 {
+        return Err("more than 256 disks cannot be copied".into());
+    }
+    // Tracking starts before the first read of any disk: no write is missed.
+    for d in &disks {
+        d.track(CHUNK);
+    }
+    let mut out = DiskSender { stream, disks };
+    out.first_pass(s, shared)?;
+    out.dirty_passes(s, shared)?;
+    Ok(out)
+}
+
+fn cancelled(shared: &MigrateShared) -> Result<(), String> {
+    if shared.cancelled() {
+        return Err("cancelled".into());
+    }
+    Ok(())
+}
+
+/// Virtual ranges that may hold data: a VHDX's allocated runs, anything else whole.
+fn data_ranges(d: &MovableBackend) -> Result<Vec<(u64, u64)>, String> {
+    let (path, image) = d.image();
+    match image {
+        Image::Vhdx(v) => Ok(v
+            .map()
+            .map_err(|e| format!("mapping {}: {e}", path.display()))?
+            .into_iter()
+            .filter(|e| e.data)
+            .map(|e| (e.start, e.length))
+            .collect()),
+        _ => Ok(vec![(0, d.size())]),
+    }
+}
+
+impl DiskSender {
+    fn progress(s: &State, total: u64, copied: u64) {
+        s.migration.update(|p| {
+            p.disk_bytes_total += total;
+            p.disk_bytes_copied += copied;
+        });
+    }
+
+    /// Sends `len` bytes at `pos` of disk `i` read from `src`; `skip_zero`: the copy reads
+    /// zeroes there already (pass 0), else zeroes are sent as a `Zero` record.
+    fn send_range(
+        &mut self,
+        i: usize,
+        src: &dyn BlockBackend,
+        pos: u64,
+        len: u64,
+        skip_zero: bool,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; len as usize];
+        src.read_at(&mut buf, pos)
+            .map_err(|e| format!("reading disk {i} at {pos}: {e}"))?;
+        let sent = if buf.iter().all(|&b| b == 0) {
+            if skip_zero {
+                Ok(())
+            } else {
+                disk::write_zero(&mut self.stream, i as u8, pos, len as u32)
+            }
+        } else {
+            disk::write_data(&mut self.stream, i as u8, pos, &buf)
+        };
+        sent.map_err(|e| format!("sending disk {i} data: {e}"))
+    }
+
+    fn first_pass(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
+        for i in 0..self.disks.len() {
+            let d = self.disks[i].clone();
+            let ranges = data_ranges(&d)?;
+            Self::progress(s, ranges.iter().map(|r| r.1).sum(), 0);
+            for (start, len) in ranges {
+                let mut pos = start;
+                while pos < start + len {
+                    cancelled(shared)?;
+                    let n = (start + len - pos).min(CHUNK - pos % CHUNK);
+                    self.send_range(i, &*d, pos, n, true)?;
+                    Self::progress(s, 0, n);
+                    pos += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk `c` of disk `i` from `src`, in full (the guest may have zeroed it).
+    fn send_chunk(&mut self, i: usize, src: &dyn BlockBackend, c: u64) -> Result<u64, String> {
+        let start = c * CHUNK;
+        let size = src.size();
+        if start >= size {
+            return Ok(0);
+        }
+        let n = CHUNK.min(size - start);
+        self.send_range(i, src, start, n, false)?;
+        Ok(n)
+    }
+
+    fn dirty_passes(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
+        for _ in 0..MAX_PASSES {
+            let dirty: usize = self.disks.iter().map(|d| d.dirty_count()).sum();
+            if dirty <= FINAL_CHUNKS {
+                break;
+            }
+            for i in 0..self.disks.len() {
+                let d = self.disks[i].clone();
+                let chunks = d.take_dirty();
+                Self::progress(s, chunks.len() as u64 * CHUNK, 0);
+                for c in chunks {
+                    cancelled(shared)?;
+                    let n = self.send_chunk(i, &*d, c)?;
+                    Self::progress(s, 0, n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At the switch-over, disk `i` parked (no request runs): its last dirty chunks.
+    pub fn send_parked(&mut self, s: &State, i: usize, parked: &Parked) -> Result<(), String> {
+        let chunks = parked.take_dirty();
+        Self::progress(s, chunks.len() as u64 * CHUNK, 0);
+        for c in chunks {
+            let n = self.send_chunk(i, &**parked.source(), c)?;
+            Self::progress(s, 0, n);
+        }
+        Ok(())
+    }
+
+    /// Ends the stream; `Ok` once the destination answered that every copy is flushed and
+    /// closed.
+    pub fn finish(mut self) -> Result<(), String> {
+        disk::write_done(&mut self.stream).map_err(|e| format!("ending the disk stream: {e}"))?;
+        self.stream
+            .flush()
+            .map_err(|e| format!("ending the disk stream: {e}"))?;
+        match disk::read_record(&mut self.stream, &[]) {
+            Ok(DiskRecord::Done) => Ok(()),
+            Ok(other) => Err(format!(
+                "the destination answered the disk data with {other:?}"
+            )),
+            Err(e) => Err(format!(
+                "the destination did not confirm the disk copies: {e}"
+            )),
+        }
+    }
+}
