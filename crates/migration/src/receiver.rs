@@ -148,7 +148,7 @@ impl Receiver {
                 ))
             }
             Kind::Missing => {
-                let runs = crate::postcopy::decode_missing(&record.body, ram.size())?;
+                let runs = crate::postcopy::decode_missing(body, ram.size())?;
                 let n = runs.len();
                 self.missing.get_or_insert_with(Vec::new).extend(runs);
                 Event::Missing(n)

@@ -158,6 +158,7 @@ fn migrate(s: &Setup, postcopy: PostcopyMode, max_downtime_ms: u32, bandwidth: O
             compress: CompressMode::None,
             streams: 1,
             postcopy,
+            storage: None,
         },
         tls: s.a.tls(),
     });

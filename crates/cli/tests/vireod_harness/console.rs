@@ -63,12 +63,10 @@ impl Console {
 
     /// As `ask`, but `None` when no answer came within `limit` or the console ended (the VM
     /// moved away under the command).
-    #[allow(dead_code)] // not every test binary uses it
     pub fn try_ask(&mut self, command: &str, limit: Duration) -> Option<String> {
-        self.stdin
-            .write_all(format!("{command}\n").as_bytes())
-            .ok()?;
-        self.stdin.flush().ok()?;
+        let stdin = self.stdin.as_mut()?;
+        stdin.write_all(format!("{command}\n").as_bytes()).ok()?;
+        stdin.flush().ok()?;
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

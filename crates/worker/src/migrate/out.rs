@@ -99,7 +99,7 @@ fn connect(
         PostcopyMode::Never => None,
         _ => {
             let c = postcopy::connect_requests(to, cfg.clone(), session, n)?;
-            s.migration.add_socket(&c.sock);
+            s.migration.add_socket(c.sock.tcp());
             Some(c)
         }
     };

@@ -47,7 +47,7 @@ pub fn connect_requests(
     handoff::expect(&mut c, "OK").map_err(|e| {
         format!("post-copy request channel to {to}: the destination refused it: {e}")
     })?;
-    let _ = c.sock.set_read_timeout(None);
+    let _ = c.sock.tcp().set_read_timeout(None);
     Ok(c)
 }
 

@@ -29,7 +29,10 @@ pub fn switch_to_postcopy(f: &RoundFacts, l: &Limits, p: PostcopyPolicy) -> bool
             let stalled = f
                 .previous_dirty_bytes
                 .is_some_and(|prev| f.dirty_bytes * 4 >= prev * 3);
-            stalled || f.rounds >= l.max_rounds
+            // The guest dirties faster than the link moves pages: no round can shrink the
+            // set, and auto-converge would throttle it at once (converge.rs).
+            let outruns = f.link_rate > 0.0 && f.dirty_rate >= f.link_rate;
+            stalled || outruns || f.rounds >= l.max_rounds
         }
     }
 }
@@ -51,6 +54,7 @@ mod tests {
             link_rate: (1u64 << 30) as f64,
             rounds,
             throttle: 0,
+            dirty_rate: 0.0,
         }
     }
 
@@ -67,6 +71,12 @@ mod tests {
         assert!(!switch_to_postcopy(&facts(10, Some(10), 1), &L, Auto));
         // Out of rounds and still too big.
         assert!(switch_to_postcopy(&facts(64, Some(128), 30), &L, Auto));
+        // Dirtying faster than the link, right after the full pass: post-copy at once.
+        let outrun = RoundFacts {
+            dirty_rate: 2.0 * (1u64 << 30) as f64,
+            ..facts(64, None, 0)
+        };
+        assert!(switch_to_postcopy(&outrun, &L, Auto));
         assert!(switch_to_postcopy(&facts(1, None, 0), &L, Always));
         assert!(!switch_to_postcopy(&facts(64, Some(64), 30), &L, Never));
     }
