@@ -192,6 +192,7 @@ impl OverlayArgs {
             provider_neighbors: Vec::new(),
             routing_domains: domains,
             policies: Vec::new(),
+            gateways: Vec::new(),
         }))
     }
 }

@@ -98,6 +98,9 @@ pub struct OverlayConfig {
     /// Entries of remote CAs (and local ones not on a port of this switch).
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
+    /// Gateways from routing domains to physical networks on the uplink (`gateway.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<crate::GatewayConfig>,
 }
 
 fn default_provider_mtu() -> u32 {
@@ -159,6 +162,12 @@ impl OverlayConfig {
                 }
             }
         }
+        let names: Vec<&str> = self
+            .routing_domains
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        crate::validate_gateways(&self.gateways, &names, &self.provider_addresses)?;
         let mut seen: HashMap<(&str, IpAddr), &PolicyEntry> = HashMap::new();
         for e in &self.policies {
             self.check_entry(e)?;

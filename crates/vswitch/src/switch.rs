@@ -829,6 +829,18 @@ impl Switch {
             frame.resize(ETH_MIN_FRAME, 0);
         }
         let len = frame.len();
+        // Stage 0: a tagged frame on the uplink in a VLAN an overlay gateway serves belongs
+        // to the gateway (the physical network), whatever VLANs the uplink carries for L2.
+        if p.cfg.role == PortRole::Uplink && s.tags == 1 {
+            if let Some(o) = &mut self.overlay {
+                if o.gateway_vlan(s.vid) {
+                    let v = o.from_uplink(&s, frame, now);
+                    if v != crate::overlay::Verdict::Pass {
+                        return self.overlay_send(ingress, v, frame, now, out);
+                    }
+                }
+            }
+        }
         // Stage 1: ingress policies.
         let vid = match ingress_policies(p, &s, len, now) {
             Ok(v) => v,
@@ -842,9 +854,9 @@ impl Switch {
         // Stage 1b: network virtualization. Customer frames never reach the L2 table.
         if let Some(o) = &mut self.overlay {
             let v = if in_overlay {
-                o.from_vm(ingress, &s, frame)
+                o.from_vm(ingress, &s, frame, now)
             } else if uplink {
-                o.from_uplink(&s, frame)
+                o.from_uplink(&s, frame, now)
             } else {
                 crate::overlay::Verdict::Pass
             };

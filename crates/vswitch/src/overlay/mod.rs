@@ -11,6 +11,8 @@
 //! switch, under the switch's lock like every other policy.
 
 pub mod encap;
+pub mod gateway;
+pub mod nat;
 pub mod policy;
 pub mod reply;
 pub mod wire;
@@ -94,6 +96,8 @@ pub struct Overlay {
     local: FxHashMap<(u32, Mac), PortId>,
     neighbors: FxHashMap<IpAddr, Mac>,
     lookup: Option<Arc<dyn PolicyLookup>>,
+    /// Gateways to physical networks (`gateway.rs`), with their NAT tables.
+    gateways: gateway::Gateways,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -125,8 +129,11 @@ impl Overlay {
                 .map(|n| (n.ip, n.mac.0))
                 .collect(),
             lookup: None,
+            gateways: gateway::Gateways::default(),
             cfg,
         };
+        let gws = gateway::Gateways::new(&o.cfg.gateways, |n| o.rd_index(n));
+        o.gateways = gws;
         for (i, d) in o.cfg.routing_domains.iter().enumerate() {
             for s in &d.subnets {
                 o.subnets.insert(
@@ -322,7 +329,13 @@ impl Overlay {
     }
 
     /// A frame from VM port `port` (its ingress policies passed).
-    pub fn from_vm(&mut self, port: PortId, s: &FrameSummary, frame: &mut Vec<u8>) -> Verdict {
+    pub fn from_vm(
+        &mut self,
+        port: PortId,
+        s: &FrameSummary,
+        frame: &mut Vec<u8>,
+        now: u64,
+    ) -> Verdict {
         let Some(p) = self.ports.get(&port) else {
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
@@ -384,10 +397,14 @@ impl Overlay {
             return Verdict::Drop(DropReason::OverlaySpoof);
         }
         let dst_ip = u128_to_ip(s.dst_ip, v6);
+        let routed = s.dst == gw_mac;
         let Some(dst) = self.resolve(rd, dst_ip) else {
+            // Outside the domain: its gateway, if it has one here.
+            if routed && !v6 && !self.in_domain(rd, dst_ip) && self.has_gateway(rd) {
+                return self.gateway_out(rd, vsid, s, frame, now);
+            }
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
-        let routed = s.dst == gw_mac;
         if routed {
             // Distributed routing: rewrite as the router on the far subnet would.
             let Some(to_subnet) = self.subnets.get(&dst.vsid) else {
@@ -595,7 +612,12 @@ impl Overlay {
 
     /// A frame from the uplink: ARP for our provider addresses, tunnel packets to them.
     /// Everything else passes to the L2 pipeline.
-    pub fn from_uplink(&mut self, s: &FrameSummary, frame: &mut Vec<u8>) -> Verdict {
+    pub fn from_uplink(&mut self, s: &FrameSummary, frame: &mut Vec<u8>, now: u64) -> Verdict {
+        if !self.gateways.list.is_empty() {
+            if let Some(v) = self.gateway_in(s, frame, now) {
+                return v;
+            }
+        }
         if s.tags != 0 {
             return Verdict::Pass;
         }
