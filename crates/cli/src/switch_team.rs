@@ -178,6 +178,7 @@ impl OverlayArgs {
                     name,
                     encap,
                     subnets: vec![subnet],
+                    gateway_pa: None,
                 }),
             }
         }

@@ -437,3 +437,98 @@ fn a_forward_gateway_routes_cas_as_they_are_via_its_next_hop() {
     let (out, _) = run(&mut h.sw, up, &r, 3);
     assert!(out.iter().all(|(p, _)| *p != green), "{out:?}");
 }
+
+/// Host A runs red's VM; host G (another PA) runs red's NAT gateway: A tunnels outside
+/// traffic to G, G NATs it out and tunnels the replies back; A accepts routed packets with
+/// outside sources only from G.
+#[test]
+fn a_vm_on_another_host_goes_out_through_the_gateway_host() {
+    const PMAC_G: Mac = [2, 0xaa, 0, 0, 0, 7];
+    let cfg = |pa: &str, pmac: Mac, other: (&str, Mac), gw: bool| -> OverlayConfig {
+        let mut j = serde_json::json!({
+            "provider_addresses": [pa],
+            "provider_mac": MacAddr(pmac).to_string(),
+            "provider_neighbors": [{"ip": other.0, "mac": MacAddr(other.1).to_string()}],
+            "routing_domains": [{"name": "red", "subnets": [{"vsid": 100,
+                "prefixes": ["10.0.0.0/24"], "gateway_ips": ["10.0.0.254"]}]}],
+            "policies": [],
+        });
+        if gw {
+            j["gateways"] = serde_json::json!([{"name": "out", "mode": "nat",
+                "routing_domains": ["red"], "address": "198.51.100.1/24"}]);
+            j["policies"] = serde_json::json!([{"routing_domain": "red", "ca": "10.0.0.1",
+                "mac": MacAddr(VM1).to_string(), "vsid": 100, "pa": "192.168.50.1"}]);
+        } else {
+            j["routing_domains"][0]["gateway_pa"] = "192.168.50.7".into();
+        }
+        serde_json::from_value(j).unwrap()
+    };
+    let up = || PortConfig {
+        role: PortRole::Uplink,
+        ..PortConfig::access("up", 1)
+    };
+    let mut c = SwitchConfig::private("a");
+    c.overlay = Some(cfg("192.168.50.1", PMAC, ("192.168.50.7", PMAC_G), false));
+    let mut a = Switch::new(c).unwrap();
+    let a_up = a.add_port(up()).unwrap();
+    let a_red = a.add_port(vm_port("red", "red", 100, "10.0.0.1")).unwrap();
+    let mut c = SwitchConfig::private("g");
+    c.overlay = Some(cfg("192.168.50.7", PMAC_G, ("192.168.50.1", PMAC), true));
+    let mut g = Switch::new(c).unwrap();
+    let g_up = g.add_port(up()).unwrap();
+
+    // A → tunnel to G.
+    let q = udp(VM1, RED_GW, None, CA, PEER, 5000, 53);
+    let (out, _) = run(&mut a, a_red, &q, 1);
+    let [(p, tunnelled)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*p, &tunnelled[..6]), (a_up, &PMAC_G[..]));
+    // G: first the ARP for the physical peer (untagged), then NAT out.
+    let (out, d) = run(&mut g, g_up, tunnelled, 1);
+    assert_eq!(d, Some(DropReason::OverlayNoNeighbor), "{out:?}");
+    let mut reply = arp(PHYS, 1, 2, PEER, NAT_IP, NAT_MAC);
+    reply.drain(12..16);
+    assert!(run(&mut g, g_up, &reply, 1).0.is_empty());
+    let (out, _) = run(&mut a, a_red, &q, 2);
+    let (out, d) = run(&mut g, g_up, &out[0].1, 2);
+    assert_eq!(d, None);
+    let [(_, f)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    let s = parse(f).unwrap();
+    assert_eq!((s.tags, s.src_ip), (0, u32::from_be_bytes(NAT_IP) as u128));
+    assert!(checksums_ok(f));
+    // The reply: G tunnels it back to A, A delivers it to the VM.
+    let r = udp(PHYS, NAT_MAC, None, PEER, NAT_IP, 53, s.sport);
+    let (out, _) = run(&mut g, g_up, &r, 3);
+    let [(p, back)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*p, &back[..6]), (g_up, &PMAC[..]));
+    let (out, d) = run(&mut a, a_up, back, 3);
+    assert_eq!(d, None);
+    let [(p, f)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, a_red);
+    let s = parse(f).unwrap();
+    assert_eq!(
+        (s.src_ip, s.dst_ip, s.dport),
+        (
+            u32::from_be_bytes(PEER) as u128,
+            u32::from_be_bytes(CA) as u128,
+            5000
+        )
+    );
+    assert_eq!(&f[6..12], &RED_GW);
+    // The same packet from another PA is a spoof at A.
+    let mut forged = back.clone();
+    forged[26..30].copy_from_slice(&[192, 168, 50, 9]);
+    let c = vireo_vswitch::overlay::wire::ipv4_header_checksum(&forged[14..34]);
+    forged[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        run(&mut a, a_up, &forged, 3),
+        (vec![], Some(DropReason::OverlaySpoof))
+    );
+}

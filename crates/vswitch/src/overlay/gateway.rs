@@ -213,6 +213,13 @@ impl Overlay {
         self.gateways.list.iter().any(|g| g.cfg.vlan == v)
     }
 
+    /// The PA of another host whose gateway serves domain `rd`.
+    pub(super) fn remote_gateway(&self, rd: u16) -> Option<IpAddr> {
+        self.cfg.routing_domains[rd as usize]
+            .gateway_pa
+            .filter(|pa| !self.is_ours(*pa))
+    }
+
     pub(super) fn has_gateway(&self, rd: u16) -> bool {
         self.gateways.by_rd.contains_key(&rd)
     }

@@ -400,8 +400,21 @@ impl Overlay {
         let routed = s.dst == gw_mac;
         let Some(dst) = self.resolve(rd, dst_ip) else {
             // Outside the domain: its gateway, if it has one here.
-            if routed && !v6 && !self.in_domain(rd, dst_ip) && self.has_gateway(rd) {
-                return self.gateway_out(rd, vsid, s, frame, now);
+            if routed && !v6 && !self.in_domain(rd, dst_ip) {
+                if self.has_gateway(rd) {
+                    return self.gateway_out(rd, vsid, s, frame, now);
+                }
+                if let Some(pa) = self.remote_gateway(rd) {
+                    // The gateway host routes it: tunnelled there as sent, to the
+                    // subnet's gateway MAC.
+                    let e = Entry {
+                        vsid,
+                        mac: gw_mac,
+                        pa,
+                        origin: Origin::Policy,
+                    };
+                    return self.deliver(rd, e, frame, s, gw_mac);
+                }
             }
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
@@ -683,7 +696,13 @@ impl Overlay {
                     && ((e.vsid == t.vsid && e.mac == is.src)
                         || (is.src == gw_mac && is.l3 != L3::Arp))
             }
-            None => false,
+            // A routed packet from outside, through the domain's gateway on that host.
+            None => {
+                is.src == gw_mac
+                    && is.l3 == L3::Ipv4
+                    && self.remote_gateway(rd) == Some(t.outer_src)
+                    && !self.in_domain(rd, src_ca)
+            }
         };
         if !ok || is.tags != 0 {
             return Verdict::Drop(DropReason::OverlaySpoof);
@@ -707,9 +726,25 @@ impl Overlay {
                 counted: None,
             };
         }
+        // A VM on another host going outside through our gateway.
+        let dst_ca = u128_to_ip(is.dst_ip, is.l3 == L3::Ipv6);
+        if is.dst == gw_mac
+            && is.l3 == L3::Ipv4
+            && self.has_gateway(rd)
+            && self.table.get(rd, dst_ca).is_none()
+            && !self.in_domain(rd, dst_ca)
+        {
+            return match self.gateway_out(rd, vsid, &is, frame, now) {
+                // An ICMP answer cannot go "back" over the provider network: count it.
+                Verdict::Send {
+                    to: Target::Back,
+                    counted: Some(r),
+                } => Verdict::Drop(r),
+                v => v,
+            };
+        }
         // Not here (any more): a VM that moved away. Forward to where the table says it
         // is now, so the sender's stale entry costs a detour, not the connection.
-        let dst_ca = u128_to_ip(is.dst_ip, is.l3 == L3::Ipv6);
         match (is.l3, self.table.get(rd, dst_ca).copied()) {
             (L3::Ipv4 | L3::Ipv6, Some(e))
                 if e.vsid == vsid && e.mac == is.dst && !self.is_ours(e.pa) =>
