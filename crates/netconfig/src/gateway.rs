@@ -236,6 +236,35 @@ impl GatewayConfig {
     }
 }
 
+/// One live NAT connection, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatConnection {
+    pub routing_domain: String,
+    /// IP protocol number (1 ICMP echo, 6 TCP, 17 UDP).
+    pub proto: u8,
+    pub ca: Ipv4Addr,
+    /// The CA's port (or ICMP echo id).
+    pub port: u16,
+    pub peer: Ipv4Addr,
+    pub peer_port: u16,
+    /// The port (or echo id) it has at the gateway's address.
+    pub outside_port: u16,
+    /// Seconds since its last packet (as of the switch's last frame).
+    pub idle_secs: u64,
+}
+
+/// A gateway as the switch runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub config: GatewayConfig,
+    /// The MAC in force.
+    pub mac: MacAddr,
+    /// Physical-side neighbours resolved on its VLAN.
+    pub neighbors: usize,
+    /// Live NAT connections (`nat` mode; empty for `forward`).
+    pub connections: Vec<NatConnection>,
+}
+
 /// Checks a switch's gateways together: each valid, names unique, a routing domain served by
 /// one gateway at most, no two gateways with one address or MAC on one VLAN.
 pub fn validate_gateways(

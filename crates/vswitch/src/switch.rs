@@ -419,6 +419,23 @@ impl Switch {
             .map_err(SwitchError::Overlay)
     }
 
+    /// Adds or replaces an overlay gateway (`overlay/gateway.rs`).
+    pub fn set_gateway(&mut self, g: vireo_netconfig::GatewayConfig) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.set_gateway(g).map_err(SwitchError::Overlay)
+    }
+
+    pub fn remove_gateway(&mut self, name: &str) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.remove_gateway(name).map_err(SwitchError::Overlay)
+    }
+
     /// Installs the hook asked on a policy-table miss.
     pub fn set_policy_lookup(&mut self, hook: Option<Arc<dyn crate::overlay::PolicyLookup>>) {
         if let Some(o) = &mut self.overlay {

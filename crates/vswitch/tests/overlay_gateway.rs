@@ -532,3 +532,49 @@ fn a_vm_on_another_host_goes_out_through_the_gateway_host() {
         (vec![], Some(DropReason::OverlaySpoof))
     );
 }
+
+#[test]
+fn gateways_are_added_replaced_and_removed_on_a_running_switch() {
+    let mut h = host(10);
+    let red = h.red;
+    // Removing "out" leaves red and blue with no way out.
+    h.sw.remove_gateway("out").unwrap();
+    let q = udp(VM1, RED_GW, None, CA, PEER, 5000, 53);
+    assert_eq!(
+        run(&mut h.sw, red, &q, 1).1,
+        Some(DropReason::OverlayUnknown)
+    );
+    let e = h.sw.remove_gateway("out").unwrap_err().to_string();
+    assert!(e.contains("no gateway \"out\""), "{e}");
+    // A gateway for a domain another one serves is refused, naming it.
+    let mut g: GatewayConfig = serde_json::from_value(serde_json::json!({"name": "n2",
+        "mode": "nat", "routing_domains": ["red", "green"], "address": "192.0.2.1/24"}))
+    .unwrap();
+    let e = h.sw.set_gateway(g.clone()).unwrap_err().to_string();
+    assert!(e.contains("\"green\"") && e.contains("two gateways"), "{e}");
+    g.routing_domains = vec!["red".into()];
+    // Off-link and no next hop: unreachable.
+    h.sw.set_gateway(g.clone()).unwrap();
+    assert_eq!(
+        run(&mut h.sw, red, &q, 2).1,
+        Some(DropReason::OverlayUnknown)
+    );
+    g.next_hop = Some("192.0.2.254".parse().unwrap());
+    h.sw.set_gateway(g).unwrap();
+    let (out, d) = run(&mut h.sw, red, &q, 2);
+    assert_eq!(d, Some(DropReason::OverlayNoNeighbor));
+    let s = parse(&out[0].1).unwrap();
+    let a = s.arp.unwrap();
+    assert_eq!(
+        (s.tags, a.sender_ip, a.target_ip),
+        (0, [192, 0, 2, 1], [192, 0, 2, 254])
+    );
+    let st = h.sw.overlay().unwrap().gateways();
+    assert_eq!(
+        st.iter()
+            .map(|g| g.config.name.as_str())
+            .collect::<Vec<_>>(),
+        ["fwd", "n2"]
+    );
+    assert_eq!(h.sw.config().overlay.unwrap().gateways.len(), 2);
+}

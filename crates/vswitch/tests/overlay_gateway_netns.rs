@@ -237,7 +237,7 @@ fn netns_tenants_reach_the_physical_network_through_nat_and_forwarding() {
         g.drops(up, DropReason::NatNoMapping) >= 1,
         "the probe was not refused by NAT"
     );
-    let st = g.overlay().unwrap().gateways(0);
+    let st = g.overlay().unwrap().gateways();
     assert_eq!(st.len(), 2);
     assert!(
         st[0].connections.iter().any(|c| c.routing_domain == "red")

@@ -17,9 +17,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use rustc_hash::FxHashMap;
-use vireo_netconfig::{GatewayConfig, GatewayMode, IpPrefix};
+use vireo_netconfig::{GatewayConfig, GatewayMode, GatewayStatus, IpPrefix, MacAddr};
 
-use super::nat::{Inside, NatConnection, NatError, NatTable};
+use super::nat::{Inside, NatError, NatTable};
 use super::wire::{fold, u128_to_ip};
 use super::{decrement_ttl, reply, Overlay, Target, Verdict};
 use crate::frame::{parse, FrameSummary, Mac, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L3};
@@ -74,17 +74,6 @@ impl Gateways {
         }
         self.neighbors.insert((vlan, ip), mac);
     }
-}
-
-/// A gateway's state for listings.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct GatewayStatus {
-    pub config: GatewayConfig,
-    pub mac: String,
-    /// Physical neighbours resolved on its VLAN.
-    pub neighbors: usize,
-    /// Live NAT connections (`nat` mode).
-    pub connections: Vec<NatConnection>,
 }
 
 /// RFC 1624: a checksum after 16-bit-aligned bytes `old` became `new`.
@@ -418,14 +407,15 @@ impl Overlay {
         Some(self.deliver(rd, e, frame, &s, to_gw))
     }
 
-    /// The gateways and their state, for listings.
-    pub fn gateways(&self, now: u64) -> Vec<GatewayStatus> {
+    /// The gateways and their state, for listings (connection ages as of the last frame).
+    pub fn gateways(&self) -> Vec<GatewayStatus> {
+        let now = self.clock;
         self.gateways
             .list
             .iter()
             .map(|g| GatewayStatus {
                 config: g.cfg.clone(),
-                mac: vireo_netconfig::MacAddr(g.mac).to_string(),
+                mac: MacAddr(g.mac),
                 neighbors: self
                     .gateways
                     .neighbors
@@ -437,6 +427,47 @@ impl Overlay {
                 }),
             })
             .collect()
+    }
+
+    /// Adds a gateway, or replaces the one of that name. A changed gateway starts with an
+    /// empty NAT table (its connections end); the others keep theirs.
+    pub fn set_gateway(&mut self, g: GatewayConfig) -> Result<(), String> {
+        let mut cfg = self.cfg.clone();
+        cfg.policies.clear();
+        match cfg.gateways.iter_mut().find(|o| o.name == g.name) {
+            Some(o) => *o = g,
+            None => cfg.gateways.push(g),
+        }
+        cfg.validate()?;
+        self.install_gateways(cfg.gateways);
+        Ok(())
+    }
+
+    /// Removes a gateway (its NAT connections end).
+    pub fn remove_gateway(&mut self, name: &str) -> Result<(), String> {
+        let mut gws = self.cfg.gateways.clone();
+        let n = gws.len();
+        gws.retain(|g| g.name != name);
+        if gws.len() == n {
+            return Err(format!("no gateway {name:?}"));
+        }
+        self.install_gateways(gws);
+        Ok(())
+    }
+
+    /// Compiles `gws` (validated) in place of the current gateways; unchanged gateways keep
+    /// their NAT tables, physical neighbours stay.
+    fn install_gateways(&mut self, gws: Vec<GatewayConfig>) {
+        let mut fresh = Gateways::new(&gws, |n| self.rd_index(n));
+        let mut old = std::mem::take(&mut self.gateways);
+        for g in &mut fresh.list {
+            if let Some(o) = old.list.iter_mut().find(|o| o.cfg == g.cfg) {
+                g.nat = o.nat.take();
+            }
+        }
+        fresh.neighbors = old.neighbors;
+        self.gateways = fresh;
+        self.cfg.gateways = gws;
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Overlay {
     lookup: Option<Arc<dyn PolicyLookup>>,
     /// Gateways to physical networks (`gateway.rs`), with their NAT tables.
     gateways: gateway::Gateways,
+    /// The `now` of the last frame (for listings).
+    clock: u64,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -130,6 +132,7 @@ impl Overlay {
                 .collect(),
             lookup: None,
             gateways: gateway::Gateways::default(),
+            clock: 0,
             cfg,
         };
         let gws = gateway::Gateways::new(&o.cfg.gateways, |n| o.rd_index(n));
@@ -336,6 +339,7 @@ impl Overlay {
         frame: &mut Vec<u8>,
         now: u64,
     ) -> Verdict {
+        self.clock = now;
         let Some(p) = self.ports.get(&port) else {
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
@@ -626,6 +630,7 @@ impl Overlay {
     /// A frame from the uplink: ARP for our provider addresses, tunnel packets to them.
     /// Everything else passes to the L2 pipeline.
     pub fn from_uplink(&mut self, s: &FrameSummary, frame: &mut Vec<u8>, now: u64) -> Verdict {
+        self.clock = now;
         if !self.gateways.list.is_empty() {
             if let Some(v) = self.gateway_in(s, frame, now) {
                 return v;

@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 
 use rustc_hash::FxHashMap;
-use vireo_netconfig::NatSettings;
+use vireo_netconfig::{NatConnection, NatSettings};
 
 use crate::frame::{IPPROTO_ICMP, IPPROTO_TCP};
 
@@ -43,19 +43,6 @@ struct Conn {
 pub enum NatError {
     /// No free outside port, or `max_connections` live connections.
     Full,
-}
-
-/// One listed connection (for `vireo netvirt gateway show`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NatConnection {
-    pub routing_domain: String,
-    pub proto: u8,
-    pub ca: Ipv4Addr,
-    pub port: u16,
-    pub peer: Ipv4Addr,
-    pub peer_port: u16,
-    pub outside_port: u16,
-    pub idle_secs: u64,
 }
 
 pub struct NatTable {
