@@ -148,6 +148,16 @@ pub enum SwitchOp {
     },
     /// The policy table, local ports' entries included: `Policies`.
     ListPolicies,
+    /// Overlay gateway (`docs/netvirt.md`, "Gateway"): add one, or replace the one of that
+    /// name (a changed gateway's NAT connections end). `Ok`; `Error` when the switch refuses
+    /// it (no overlay, unknown domain, a domain served twice, ...).
+    SetGateway {
+        gateway: vireo_netconfig::GatewayConfig,
+    },
+    /// Remove a gateway by name (`Ok`, or `Error` when there is none).
+    RemoveGateway { name: String },
+    /// The gateways with their NAT connections: `Gateways`.
+    ListGateways,
     /// A VM just arrived on port `name` (live migration): send one gratuitous frame per MAC
     /// of the port (a RARP broadcast, as QEMU's announce, plus a gratuitous ARP per address
     /// the switch has seen it use) out of every other port and the uplink, so learning
@@ -169,6 +179,9 @@ pub enum SwitchReply {
     },
     Policies {
         entries: Vec<vireo_netconfig::PolicyEntry>,
+    },
+    Gateways {
+        gateways: Vec<vireo_netconfig::GatewayStatus>,
     },
     Error {
         message: String,

@@ -12,6 +12,7 @@ mod host;
 mod hostcmd;
 mod job;
 mod netvirt;
+mod netvirt_gateway;
 mod output;
 mod pool;
 mod run;

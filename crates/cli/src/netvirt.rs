@@ -22,6 +22,9 @@ pub enum NetvirtCommand {
     /// The policy table of a switch with an overlay.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Gateways from routing domains to a physical network on the uplink (forward or NAT).
+    #[command(subcommand)]
+    Gateway(crate::netvirt_gateway::GatewayCommand),
 }
 
 #[derive(Subcommand)]
@@ -140,7 +143,10 @@ fn table_text(entries: &[PolicyEntry]) -> String {
 }
 
 pub fn execute(client: &Client, cmd: NetvirtCommand) -> Result<ExitCode, Box<dyn Error>> {
-    let NetvirtCommand::Policy(cmd) = cmd;
+    let cmd = match cmd {
+        NetvirtCommand::Policy(c) => c,
+        NetvirtCommand::Gateway(c) => return crate::netvirt_gateway::execute(client, c),
+    };
     match cmd {
         PolicyCommand::Add(a) => {
             let e: PolicyEntry = client.post(&policies_path(&a.switch)?, Some(&a.entry()))?;

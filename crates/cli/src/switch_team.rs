@@ -178,6 +178,7 @@ impl OverlayArgs {
                     name,
                     encap,
                     subnets: vec![subnet],
+                    gateway_pa: None,
                 }),
             }
         }
@@ -192,6 +193,7 @@ impl OverlayArgs {
             provider_neighbors: Vec::new(),
             routing_domains: domains,
             policies: Vec::new(),
+            gateways: Vec::new(),
         }))
     }
 }

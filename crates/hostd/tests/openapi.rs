@@ -594,5 +594,50 @@ fn exercise_policies(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> R
         204
     );
     call("DELETE", t, "/v1/switches/osw/policies/red/10.0.0.7", None);
+    exercise_gateways(call);
     call("DELETE", "/v1/switches/{sw}", "/v1/switches/osw", None);
+}
+
+/// The overlay gateways of switch "osw" (routing domain "red"; docs/netvirt.md).
+fn exercise_gateways(call: &mut impl FnMut(&str, &str, &str, Option<&[u8]>) -> Response) {
+    let body = |v: Value| serde_json::to_vec(&v).unwrap();
+    let g = body(
+        json!({"name": "out", "mode": "nat", "routing_domains": ["red"],
+        "vlan": 30, "address": "198.51.100.1/24"}),
+    );
+    let (all, one) = (
+        "/v1/switches/{sw}/gateways",
+        "/v1/switches/{sw}/gateways/{name}",
+    );
+    let p = "/v1/switches/osw/gateways";
+    assert_eq!(call("POST", all, p, Some(&g)).status, 201);
+    assert_eq!(call("POST", all, p, Some(&g)).status, 422);
+    let bad =
+        body(json!({"name": "x", "routing_domains": ["green"], "address": "198.51.100.2/24"}));
+    assert_eq!(call("POST", all, p, Some(&bad)).status, 422);
+    call("POST", all, p, Some(b"{"));
+    call("POST", all, "/v1/switches/none/gateways", Some(&g));
+    let listed = call("GET", all, p, None);
+    assert_eq!(listed.status, 200);
+    call("GET", all, "/v1/switches/none/gateways", None);
+    let fwd = body(
+        json!({"name": "out", "mode": "forward", "routing_domains": ["red"],
+        "address": "198.51.100.1/24", "next_hop": "198.51.100.254"}),
+    );
+    assert_eq!(
+        call("PUT", one, "/v1/switches/osw/gateways/out", Some(&fwd)).status,
+        200
+    );
+    assert_eq!(
+        call("PUT", one, "/v1/switches/osw/gateways/other", Some(&fwd)).status,
+        422
+    );
+    assert_eq!(
+        call("DELETE", one, "/v1/switches/osw/gateways/out", None).status,
+        204
+    );
+    assert_eq!(
+        call("DELETE", one, "/v1/switches/osw/gateways/out", None).status,
+        404
+    );
 }

@@ -8,7 +8,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod gateway;
 mod overlay;
+pub use gateway::*;
 pub use overlay::*;
 
 /// A MAC address's six bytes.

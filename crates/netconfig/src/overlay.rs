@@ -60,6 +60,11 @@ pub struct RoutingDomain {
     #[serde(default)]
     pub encap: Encap,
     pub subnets: Vec<VirtualSubnet>,
+    /// The provider address of the host whose gateway serves this domain, when that is
+    /// another host: routed traffic to outside addresses is tunnelled there, and routed
+    /// packets from there with outside sources are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_pa: Option<IpAddr>,
 }
 
 /// A policy-table entry: where customer address `ca` of `routing_domain` lives.
@@ -98,6 +103,9 @@ pub struct OverlayConfig {
     /// Entries of remote CAs (and local ones not on a port of this switch).
     #[serde(default)]
     pub policies: Vec<PolicyEntry>,
+    /// Gateways from routing domains to physical networks on the uplink (`gateway.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<crate::GatewayConfig>,
 }
 
 fn default_provider_mtu() -> u32 {
@@ -157,6 +165,33 @@ impl OverlayConfig {
                         s.vsid, d.name
                     ));
                 }
+            }
+        }
+        let names: Vec<&str> = self
+            .routing_domains
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        crate::validate_gateways(&self.gateways, &names, &self.provider_addresses)?;
+        for d in &self.routing_domains {
+            let local = self
+                .gateways
+                .iter()
+                .any(|g| g.routing_domains.contains(&d.name));
+            match d.gateway_pa {
+                Some(pa) if local && !self.provider_addresses.contains(&pa) => {
+                    return Err(format!(
+                        "routing domain {:?} has a gateway on this switch and gateway_pa {pa} elsewhere; keep one",
+                        d.name
+                    ))
+                }
+                Some(pa) if pa.is_unspecified() || pa.is_multicast() => {
+                    return Err(format!(
+                        "gateway_pa {pa} of routing domain {:?} is not a unicast address",
+                        d.name
+                    ))
+                }
+                _ => {}
             }
         }
         let mut seen: HashMap<(&str, IpAddr), &PolicyEntry> = HashMap::new();

@@ -322,6 +322,23 @@ impl Ports {
             .unwrap_or_default()
     }
 
+    /// Overlay gateway: add or replace (by name).
+    pub fn set_gateway(&self, g: vireo_vswitch::GatewayConfig) -> Result<(), SwitchdError> {
+        Ok(lock(self.rt.switch()).set_gateway(g)?)
+    }
+
+    pub fn remove_gateway(&self, name: &str) -> Result<(), SwitchdError> {
+        Ok(lock(self.rt.switch()).remove_gateway(name)?)
+    }
+
+    /// The gateways with their NAT connections (empty without an overlay).
+    pub fn gateways(&self) -> Vec<vireo_vswitch::GatewayStatus> {
+        lock(self.rt.switch())
+            .overlay()
+            .map(|o| o.gateways())
+            .unwrap_or_default()
+    }
+
     /// Detaches every port, removes the vhost-user sockets and stops the switch thread.
     pub fn shutdown(mut self) {
         for (_, a) in std::mem::take(&mut self.ports) {

@@ -152,6 +152,17 @@ fn answer(s: &State, op: SwitchOp) -> SwitchReply {
         SwitchOp::ListPolicies => SwitchReply::Policies {
             entries: ports.policies(),
         },
+        SwitchOp::SetGateway { gateway } => {
+            let what = format!("set gateway {:?}", gateway.name);
+            done(&what, ports.set_gateway(gateway))
+        }
+        SwitchOp::RemoveGateway { name } => done(
+            &format!("remove gateway {name:?}"),
+            ports.remove_gateway(&name),
+        ),
+        SwitchOp::ListGateways => SwitchReply::Gateways {
+            gateways: ports.gateways(),
+        },
         SwitchOp::Announce { name } => {
             let r = ports.announce(&name).map(|n| {
                 tracing::info!("port {name:?} announced ({n} frames)");

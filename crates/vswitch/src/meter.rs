@@ -55,10 +55,15 @@ pub enum DropReason {
     /// Overlay: the encapsulated packet would exceed the provider MTU; an ICMP "too big" /
     /// "fragmentation needed" went back to the sender instead.
     TooBig,
+    /// Gateway NAT: nothing to translate — a packet to the NAT address no connection
+    /// expects (or from another peer), a fragment, a protocol NAT does not carry.
+    NatNoMapping,
+    /// Gateway NAT: the connection table (or the outside port range) is full.
+    NatTableFull,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 27;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::VlanNotAllowed,
@@ -85,6 +90,8 @@ impl DropReason {
         DropReason::OverlayNoNeighbor,
         DropReason::TtlExceeded,
         DropReason::TooBig,
+        DropReason::NatNoMapping,
+        DropReason::NatTableFull,
     ];
 }
 

@@ -419,6 +419,23 @@ impl Switch {
             .map_err(SwitchError::Overlay)
     }
 
+    /// Adds or replaces an overlay gateway (`overlay/gateway.rs`).
+    pub fn set_gateway(&mut self, g: vireo_netconfig::GatewayConfig) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.set_gateway(g).map_err(SwitchError::Overlay)
+    }
+
+    pub fn remove_gateway(&mut self, name: &str) -> Result<(), SwitchError> {
+        let o = self
+            .overlay
+            .as_mut()
+            .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
+        o.remove_gateway(name).map_err(SwitchError::Overlay)
+    }
+
     /// Installs the hook asked on a policy-table miss.
     pub fn set_policy_lookup(&mut self, hook: Option<Arc<dyn crate::overlay::PolicyLookup>>) {
         if let Some(o) = &mut self.overlay {
@@ -829,6 +846,18 @@ impl Switch {
             frame.resize(ETH_MIN_FRAME, 0);
         }
         let len = frame.len();
+        // Stage 0: a tagged frame on the uplink in a VLAN an overlay gateway serves belongs
+        // to the gateway (the physical network), whatever VLANs the uplink carries for L2.
+        if p.cfg.role == PortRole::Uplink && s.tags == 1 {
+            if let Some(o) = &mut self.overlay {
+                if o.gateway_vlan(s.vid) {
+                    let v = o.from_uplink(&s, frame, now);
+                    if v != crate::overlay::Verdict::Pass {
+                        return self.overlay_send(ingress, v, frame, now, out);
+                    }
+                }
+            }
+        }
         // Stage 1: ingress policies.
         let vid = match ingress_policies(p, &s, len, now) {
             Ok(v) => v,
@@ -842,9 +871,9 @@ impl Switch {
         // Stage 1b: network virtualization. Customer frames never reach the L2 table.
         if let Some(o) = &mut self.overlay {
             let v = if in_overlay {
-                o.from_vm(ingress, &s, frame)
+                o.from_vm(ingress, &s, frame, now)
             } else if uplink {
-                o.from_uplink(&s, frame)
+                o.from_uplink(&s, frame, now)
             } else {
                 crate::overlay::Verdict::Pass
             };

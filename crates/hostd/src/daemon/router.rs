@@ -18,7 +18,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
 use super::routes::{
-    checkpoints, console, disks, host, jobs, metrics, nics, policies, pools, power, switches, vms,
+    checkpoints, console, disks, gateways, host, jobs, metrics, nics, policies, pools, power,
+    switches, vms,
 };
 use super::{export, prom, Daemon};
 
@@ -173,6 +174,26 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             Method::DELETE,
             "/v1/switches/{sw}/policies/{rd}/{ca}",
             delete(policies::remove),
+        ),
+        (
+            Method::GET,
+            "/v1/switches/{sw}/gateways",
+            get(gateways::list),
+        ),
+        (
+            Method::POST,
+            "/v1/switches/{sw}/gateways",
+            post(gateways::add),
+        ),
+        (
+            Method::PUT,
+            "/v1/switches/{sw}/gateways/{name}",
+            put(gateways::set),
+        ),
+        (
+            Method::DELETE,
+            "/v1/switches/{sw}/gateways/{name}",
+            delete(gateways::remove),
         ),
         (Method::GET, "/v1/jobs", get(jobs::list)),
         (Method::GET, "/v1/jobs/{id}", get(jobs::show)),

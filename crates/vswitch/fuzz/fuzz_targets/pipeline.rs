@@ -151,6 +151,7 @@ fn overlay_switch() -> Switch {
             name: name.into(),
             encap,
             subnets: vec![VirtualSubnet { vsid, prefixes: vec![], gateway_ips: vec!["10.0.0.254".parse().unwrap()], gateway_mac: None }],
+            gateway_pa: None,
         });
         o.policies.push(PolicyEntry { routing_domain: name.into(), ca: "10.0.0.2".parse().unwrap(), mac: MacAddr([2, 0, 0, 0, 0, 2]), vsid, pa: "192.168.0.2".parse().unwrap() });
     }

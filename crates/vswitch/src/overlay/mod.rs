@@ -11,6 +11,8 @@
 //! switch, under the switch's lock like every other policy.
 
 pub mod encap;
+pub mod gateway;
+pub mod nat;
 pub mod policy;
 pub mod reply;
 pub mod wire;
@@ -94,6 +96,10 @@ pub struct Overlay {
     local: FxHashMap<(u32, Mac), PortId>,
     neighbors: FxHashMap<IpAddr, Mac>,
     lookup: Option<Arc<dyn PolicyLookup>>,
+    /// Gateways to physical networks (`gateway.rs`), with their NAT tables.
+    gateways: gateway::Gateways,
+    /// The `now` of the last frame (for listings).
+    clock: u64,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -125,8 +131,12 @@ impl Overlay {
                 .map(|n| (n.ip, n.mac.0))
                 .collect(),
             lookup: None,
+            gateways: gateway::Gateways::default(),
+            clock: 0,
             cfg,
         };
+        let gws = gateway::Gateways::new(&o.cfg.gateways, |n| o.rd_index(n));
+        o.gateways = gws;
         for (i, d) in o.cfg.routing_domains.iter().enumerate() {
             for s in &d.subnets {
                 o.subnets.insert(
@@ -322,7 +332,14 @@ impl Overlay {
     }
 
     /// A frame from VM port `port` (its ingress policies passed).
-    pub fn from_vm(&mut self, port: PortId, s: &FrameSummary, frame: &mut Vec<u8>) -> Verdict {
+    pub fn from_vm(
+        &mut self,
+        port: PortId,
+        s: &FrameSummary,
+        frame: &mut Vec<u8>,
+        now: u64,
+    ) -> Verdict {
+        self.clock = now;
         let Some(p) = self.ports.get(&port) else {
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
@@ -384,10 +401,27 @@ impl Overlay {
             return Verdict::Drop(DropReason::OverlaySpoof);
         }
         let dst_ip = u128_to_ip(s.dst_ip, v6);
+        let routed = s.dst == gw_mac;
         let Some(dst) = self.resolve(rd, dst_ip) else {
+            // Outside the domain: its gateway, if it has one here.
+            if routed && !v6 && !self.in_domain(rd, dst_ip) {
+                if self.has_gateway(rd) {
+                    return self.gateway_out(rd, vsid, s, frame, now);
+                }
+                if let Some(pa) = self.remote_gateway(rd) {
+                    // The gateway host routes it: tunnelled there as sent, to the
+                    // subnet's gateway MAC.
+                    let e = Entry {
+                        vsid,
+                        mac: gw_mac,
+                        pa,
+                        origin: Origin::Policy,
+                    };
+                    return self.deliver(rd, e, frame, s, gw_mac);
+                }
+            }
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
-        let routed = s.dst == gw_mac;
         if routed {
             // Distributed routing: rewrite as the router on the far subnet would.
             let Some(to_subnet) = self.subnets.get(&dst.vsid) else {
@@ -595,7 +629,13 @@ impl Overlay {
 
     /// A frame from the uplink: ARP for our provider addresses, tunnel packets to them.
     /// Everything else passes to the L2 pipeline.
-    pub fn from_uplink(&mut self, s: &FrameSummary, frame: &mut Vec<u8>) -> Verdict {
+    pub fn from_uplink(&mut self, s: &FrameSummary, frame: &mut Vec<u8>, now: u64) -> Verdict {
+        self.clock = now;
+        if !self.gateways.list.is_empty() {
+            if let Some(v) = self.gateway_in(s, frame, now) {
+                return v;
+            }
+        }
         if s.tags != 0 {
             return Verdict::Pass;
         }
@@ -661,7 +701,13 @@ impl Overlay {
                     && ((e.vsid == t.vsid && e.mac == is.src)
                         || (is.src == gw_mac && is.l3 != L3::Arp))
             }
-            None => false,
+            // A routed packet from outside, through the domain's gateway on that host.
+            None => {
+                is.src == gw_mac
+                    && is.l3 == L3::Ipv4
+                    && self.remote_gateway(rd) == Some(t.outer_src)
+                    && !self.in_domain(rd, src_ca)
+            }
         };
         if !ok || is.tags != 0 {
             return Verdict::Drop(DropReason::OverlaySpoof);
@@ -685,9 +731,25 @@ impl Overlay {
                 counted: None,
             };
         }
+        // A VM on another host going outside through our gateway.
+        let dst_ca = u128_to_ip(is.dst_ip, is.l3 == L3::Ipv6);
+        if is.dst == gw_mac
+            && is.l3 == L3::Ipv4
+            && self.has_gateway(rd)
+            && self.table.get(rd, dst_ca).is_none()
+            && !self.in_domain(rd, dst_ca)
+        {
+            return match self.gateway_out(rd, vsid, &is, frame, now) {
+                // An ICMP answer cannot go "back" over the provider network: count it.
+                Verdict::Send {
+                    to: Target::Back,
+                    counted: Some(r),
+                } => Verdict::Drop(r),
+                v => v,
+            };
+        }
         // Not here (any more): a VM that moved away. Forward to where the table says it
         // is now, so the sender's stale entry costs a detour, not the connection.
-        let dst_ca = u128_to_ip(is.dst_ip, is.l3 == L3::Ipv6);
         match (is.l3, self.table.get(rd, dst_ca).copied()) {
             (L3::Ipv4 | L3::Ipv6, Some(e))
                 if e.vsid == vsid && e.mac == is.dst && !self.is_ours(e.pa) =>

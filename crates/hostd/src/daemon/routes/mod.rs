@@ -3,6 +3,7 @@
 pub mod checkpoints;
 pub mod console;
 pub mod disks;
+pub mod gateways;
 pub mod host;
 pub mod jobs;
 pub mod metrics;

@@ -23,12 +23,12 @@ use crate::daemon::switches::netvirt;
 use crate::daemon::Daemon;
 use crate::switch_store::SwitchRow;
 
-fn invalid(message: String) -> HttpError {
+pub(super) fn invalid(message: String) -> HttpError {
     HttpError::new(ApiErrorCode::Invalid, message)
 }
 
 /// The switch's refusal is the user's (422); a process that does not answer is a conflict.
-fn call_error(row: &SwitchRow, e: SwitchCallError) -> HttpError {
+pub(super) fn call_error(row: &SwitchRow, e: SwitchCallError) -> HttpError {
     match e {
         SwitchCallError::Refused(m) => invalid(format!("switch {:?} refused: {m}", row.spec.name)),
         other => HttpError::conflict(format!(
