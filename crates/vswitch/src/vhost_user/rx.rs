@@ -286,6 +286,29 @@ mod tests {
     }
 
     #[test]
+    fn the_offload_header_lands_in_front_of_the_frame() {
+        let mem = memory();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
+        let layout = post(&q, &[vec![6], vec![2048]]);
+        let mut queue: Queue = q.create_queue().unwrap();
+        // NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 1448, csum_start 34, csum_offset 16.
+        let vnet = [1, 1, 54, 0, 0xa8, 0x05, 34, 0, 16, 0];
+        let frame: Vec<u8> = (0..2000u32).map(|i| i as u8).collect();
+        assert_eq!(fill(&mut queue, &mem, &vnet, &frame, true), Ok(2));
+        let (_, l0) = used(&mem, &q, 0);
+        let (_, l1) = used(&mem, &q, 1);
+        let mut got = read_back(&mem, &layout, 0, l0 as usize);
+        got.extend(read_back(&mem, &layout, 1, l1 as usize));
+        assert_eq!(
+            &got[..VNET_HDR_LEN],
+            &vnet,
+            "split across the first two chains"
+        );
+        assert_eq!(&got[NUM_BUFFERS_AT..NET_HDR_LEN], &[2, 0]);
+        assert_eq!(&got[NET_HDR_LEN..], &frame[..]);
+    }
+
+    #[test]
     fn a_buffer_outside_memory_is_returned_empty() {
         let mem = memory();
         let q = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
