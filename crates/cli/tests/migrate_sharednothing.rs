@@ -162,7 +162,8 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
         vireo_testkit::skip("the dest-dir-too-small case (mounting a tmpfs needs root)");
     }
 
-    // Cancelled while the disks are copied: no file left there, the VM runs on here.
+    // Cancelled while the disks are copied (held to 4 MiB/s so the copy outlasts a poll on a
+    // quiet machine): no file left there, the VM runs on here.
     let out = a.ok(&[
         "vm",
         "migrate",
@@ -174,6 +175,8 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
         &dest_s,
         "--max-downtime",
         "1ms",
+        "--bandwidth",
+        "4M",
         "--no-wait",
         "--output",
         "json",

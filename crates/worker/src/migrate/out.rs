@@ -134,7 +134,13 @@ fn run(
     let started = Instant::now();
     // Shared-nothing: the disks first (the VM runs on; their writes stay tracked).
     let mut disks_out = match &options.storage {
-        Some(t) => Some(storage::precopy(s, t, cfg.clone(), shared)?),
+        Some(t) => Some(storage::precopy(
+            s,
+            t,
+            cfg.clone(),
+            shared,
+            options.bandwidth,
+        )?),
         None => None,
     };
     let (senders, requests) = connect(s, to, session, options, cfg)?;

@@ -34,6 +34,35 @@ const _: () = assert!(CHUNK <= MAX_DATA as u64);
 pub struct DiskSender {
     stream: ClientStream,
     disks: Vec<Arc<MovableBackend>>,
+    /// `--bandwidth` for the copy while the VM runs (the parked disks' last chunks at the
+    /// switch-over are not held back: that time is the guest's pause).
+    pace: Pace,
+}
+
+/// Holds a sender to `rate` bytes per second on average since its start.
+struct Pace {
+    rate: Option<u64>,
+    start: std::time::Instant,
+    sent: u64,
+}
+
+impl Pace {
+    /// Counts `n` bytes sent and sleeps until they fit the rate, in slices short enough that
+    /// a cancel is seen within 50 ms.
+    fn sent(&mut self, n: u64, shared: &MigrateShared) -> Result<(), String> {
+        self.sent += n;
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return Ok(());
+        };
+        let due = std::time::Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        loop {
+            cancelled(shared)?;
+            let Some(wait) = due.checked_sub(self.start.elapsed()) else {
+                return Ok(());
+            };
+            std::thread::sleep(wait.min(std::time::Duration::from_millis(50)));
+        }
+    }
 }
 
 impl Drop for DiskSender {
@@ -51,6 +80,7 @@ pub fn precopy(
     t: &DiskTransfer,
     cfg: Arc<ClientConfig>,
     shared: &MigrateShared,
+    bandwidth: Option<u64>,
 ) -> Result<DiskSender, String> {
     let mut stream = hostauth::connect(t.to, cfg, IO_TIMEOUT)
         .map_err(|e| format!("disk stream to {}: {e}", t.to))?;
@@ -84,7 +114,16 @@ pub fn precopy(
     for d in &disks {
         d.track(CHUNK);
     }
-    let mut out = DiskSender { stream, disks };
+    let pace = Pace {
+        rate: bandwidth,
+        start: std::time::Instant::now(),
+        sent: 0,
+    };
+    let mut out = DiskSender {
+        stream,
+        disks,
+        pace,
+    };
     out.first_pass(s, shared)?;
     out.dirty_passes(s, shared)?;
     Ok(out)
@@ -157,6 +196,7 @@ impl DiskSender {
                     let n = (start + len - pos).min(CHUNK - pos % CHUNK);
                     self.send_range(i, &*d, pos, n, true)?;
                     Self::progress(s, 0, n);
+                    self.pace.sent(n, shared)?;
                     pos += n;
                 }
             }
@@ -190,6 +230,7 @@ impl DiskSender {
                     cancelled(shared)?;
                     let n = self.send_chunk(i, &*d, c)?;
                     Self::progress(s, 0, n);
+                    self.pace.sent(n, shared)?;
                 }
             }
         }
