@@ -10,92 +10,18 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{kvm, probe_spec, raw_disk, Worker, T};
+use common::migration::{ok, pair, spec, status, wait_status, Host};
+use common::{kvm, raw_disk, Worker};
 use vireo_api::worker::{
-    CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrateState, MigrationTls,
-    PostcopyMode, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply,
+    CompressMode, IncomingMigration, MigrateOptions, MigrateState, PostcopyMode, WorkerExitReason,
+    WorkerLaunch, WorkerOp, WorkerReply,
 };
-use vireo_api::{DiskSpec, VmSpec};
-use vireo_migration::hostauth::{HostIdentity, TrustStore};
 use vireo_probe_image::ProbeConsole;
-
-/// A host identity in its own temp dir, trusting the given fingerprints.
-struct Host {
-    dir: tempfile::TempDir,
-    id: HostIdentity,
-}
-
-impl Host {
-    fn new(name: &str) -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let id = HostIdentity::load_or_create(dir.path(), name).unwrap();
-        Host { dir, id }
-    }
-    fn trust(&self, others: &[&Host]) {
-        let mut t = TrustStore::new();
-        for (i, o) in others.iter().enumerate() {
-            t.trust(o.id.fingerprint(), &format!("peer{i}"));
-        }
-        t.save(&self.dir.path().join("trusted")).unwrap();
-    }
-    fn tls(&self) -> MigrationTls {
-        MigrationTls {
-            cert: self.dir.path().join("host.crt"),
-            key: self.dir.path().join("host.key"),
-            trusted: self.dir.path().join("trusted"),
-        }
-    }
-}
-
-fn spec(disk: &Path) -> VmSpec {
-    VmSpec {
-        memory_bytes: 256 << 20,
-        disks: vec![DiskSpec {
-            path: disk.to_path_buf(),
-            read_only: false,
-            format: None,
-            serial: Some("MIG0".into()),
-            max_iops: None,
-            min_iops: None,
-        }],
-        ..probe_spec()
-    }
-}
-
-fn status(w: &Worker) -> MigrateProgress {
-    match w.ask(WorkerOp::MigrateStatus) {
-        WorkerReply::Migrate(p) => p,
-        other => panic!("MigrateStatus answered {other:?}"),
-    }
-}
-
-/// Polls `MigrateStatus` until `done` holds (bounded).
-fn wait_status(w: &Worker, what: &str, done: impl Fn(&MigrateProgress) -> bool) -> MigrateProgress {
-    let deadline = Instant::now() + T;
-    loop {
-        let p = status(w);
-        if done(&p) {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: migration status stuck at {p:?}; log:\n{}",
-            w.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn ok(c: &mut ProbeConsole, cmd: &str) -> String {
-    let a = c.command(cmd, T).unwrap();
-    assert!(a.starts_with("OK"), "{cmd}: {a}");
-    a
-}
 
 /// A running source with the DIRTY workload on 64 MiB, its disk written; returns the probe
 /// console and the sum of a filled region.
 fn source(disk: &Path, fill_mib: u64) -> (Worker, ProbeConsole, String) {
-    let src = Worker::start(spec(disk));
+    let src = Worker::start(spec(disk, "MIG0"));
     src.wait_console("PROBE READY");
     let mut c = src.probe_console();
     ok(&mut c, "DISK 0 WRITE 0 256 11");
@@ -109,7 +35,7 @@ fn source(disk: &Path, fill_mib: u64) -> (Worker, ProbeConsole, String) {
 fn destination(disk: &Path, host: &Host, session: uuid::Uuid, streams: u16) -> Worker {
     Worker::launch_with(WorkerLaunch {
         vm_id: uuid::Uuid::new_v4(),
-        spec: spec(disk),
+        spec: spec(disk, "MIG0"),
         nic_sockets: vec![],
         restore_from: None,
         incoming: Some(IncomingMigration {
@@ -155,13 +81,6 @@ fn listening(dst: &Worker) -> std::net::SocketAddr {
     wait_status(dst, "destination listening", |p| p.listen_addr.is_some())
         .listen_addr
         .unwrap()
-}
-
-fn pair() -> (Host, Host) {
-    let (a, b) = (Host::new("source.test"), Host::new("destination.test"));
-    a.trust(&[&b]);
-    b.trust(&[&a]);
-    (a, b)
 }
 
 fn disk_dir() -> (tempfile::TempDir, PathBuf) {

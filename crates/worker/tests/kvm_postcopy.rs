@@ -7,91 +7,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{kvm, probe_spec, raw_disk, Worker, T};
+use common::migration::{ok, pair, spec, wait_status, Host};
+use common::{kvm, raw_disk, Worker};
 use vireo_api::worker::{
-    CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrateState, MigrationTls,
-    PostcopyMode, WorkerExitReason, WorkerLaunch, WorkerOp, WorkerReply,
+    CompressMode, IncomingMigration, MigrateOptions, MigrateState, PostcopyMode, WorkerExitReason,
+    WorkerLaunch, WorkerOp, WorkerReply,
 };
-use vireo_api::{DiskSpec, VmSpec};
-use vireo_migration::hostauth::{HostIdentity, TrustStore};
-use vireo_probe_image::ProbeConsole;
-
-struct Host {
-    dir: tempfile::TempDir,
-    id: HostIdentity,
-}
-
-impl Host {
-    fn new(name: &str) -> Host {
-        let dir = tempfile::tempdir().unwrap();
-        let id = HostIdentity::load_or_create(dir.path(), name).unwrap();
-        Host { dir, id }
-    }
-    fn tls(&self) -> MigrationTls {
-        MigrationTls {
-            cert: self.dir.path().join("host.crt"),
-            key: self.dir.path().join("host.key"),
-            trusted: self.dir.path().join("trusted"),
-        }
-    }
-}
-
-fn pair() -> (Host, Host) {
-    let (a, b) = (Host::new("source.test"), Host::new("destination.test"));
-    for (me, peer) in [(&a, &b), (&b, &a)] {
-        let mut t = TrustStore::new();
-        t.trust(peer.id.fingerprint(), "peer");
-        t.save(&me.dir.path().join("trusted")).unwrap();
-    }
-    (a, b)
-}
-
-fn spec(disk: &Path) -> VmSpec {
-    VmSpec {
-        memory_bytes: 256 << 20,
-        disks: vec![DiskSpec {
-            path: disk.to_path_buf(),
-            read_only: false,
-            format: None,
-            serial: Some("PC0".into()),
-            max_iops: None,
-            min_iops: None,
-        }],
-        ..probe_spec()
-    }
-}
-
-fn status(w: &Worker) -> MigrateProgress {
-    match w.ask(WorkerOp::MigrateStatus) {
-        WorkerReply::Migrate(p) => p,
-        other => panic!("MigrateStatus answered {other:?}"),
-    }
-}
-
-fn wait_status(w: &Worker, what: &str, done: impl Fn(&MigrateProgress) -> bool) -> MigrateProgress {
-    let deadline = Instant::now() + T;
-    loop {
-        let p = status(w);
-        if done(&p) {
-            return p;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: stuck at {p:?}; log:\n{}",
-            w.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn ok(c: &mut ProbeConsole, cmd: &str) -> String {
-    let a = c.command(cmd, T).unwrap();
-    assert!(a.starts_with("OK"), "{cmd}: {a}");
-    a
-}
 
 struct Setup {
     a: Host,
@@ -110,7 +34,7 @@ fn setup() -> Setup {
     let (a, b) = pair();
     let d = tempfile::tempdir().unwrap();
     let disk: PathBuf = raw_disk(d.path(), "disk.img", 64 << 20);
-    let src = Worker::start(spec(&disk));
+    let src = Worker::start(spec(&disk, "PC0"));
     src.wait_console("PROBE READY");
     let mut c = src.probe_console();
     ok(&mut c, "DISK 0 WRITE 0 256 11");
@@ -123,7 +47,7 @@ fn setup() -> Setup {
     let session = uuid::Uuid::new_v4();
     let dst = Worker::launch_with(WorkerLaunch {
         vm_id: uuid::Uuid::new_v4(),
-        spec: spec(&disk),
+        spec: spec(&disk, "PC0"),
         nic_sockets: vec![],
         restore_from: None,
         incoming: Some(IncomingMigration {

@@ -2,6 +2,8 @@
 //! `worker.sock`, the console on `console.sock`, the outcome in `exit.json`.
 #![allow(dead_code)]
 
+pub mod migration;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
