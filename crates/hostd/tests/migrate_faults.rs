@@ -268,6 +268,14 @@ fn link_cut_run(p: &Pair, i: usize, n: u64) -> (Where, u64) {
     (place, px.passed())
 }
 
+/// Every fault that can hit before or during the switch-over is tried at each, twice.
+const EACH_PHASE_TWICE: [Phase; 4] = [
+    Phase::Precopy,
+    Phase::Switching,
+    Phase::Precopy,
+    Phase::Switching,
+];
+
 #[test]
 fn the_vireods_link_cut_after_n_bytes() {
     let p = pair(true, true);
@@ -300,15 +308,7 @@ fn the_vireods_link_cut_after_n_bytes() {
 fn the_vireods_link_cut_at_a_phase() {
     let p = pair(true, true);
     let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
-    for (i, phase) in [
-        Phase::Precopy,
-        Phase::Switching,
-        Phase::Precopy,
-        Phase::Switching,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, phase) in EACH_PHASE_TWICE.into_iter().enumerate() {
         let px = Proxy::start(Target::Fixed(b), u64::MAX);
         let run = start_vm(&p, &format!("lp{i}"), words(phase), true);
         let job = migrate(&p, &run, &px.addr.to_string());
@@ -409,15 +409,7 @@ fn at_phase(p: &Pair, job_id: &str, phase: Phase) {
 #[test]
 fn the_destination_worker_killed() {
     let p = pair(true, true);
-    for (i, phase) in [
-        Phase::Precopy,
-        Phase::Switching,
-        Phase::Precopy,
-        Phase::Switching,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, phase) in EACH_PHASE_TWICE.into_iter().enumerate() {
         let run = start_vm(&p, &format!("dw{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
         let pid = dest_pid(&p, &run);
@@ -432,15 +424,7 @@ fn the_destination_worker_killed() {
 #[test]
 fn the_destination_vireod_killed_and_restarted() {
     let mut p = pair(true, true);
-    for (i, phase) in [
-        Phase::Precopy,
-        Phase::Switching,
-        Phase::Precopy,
-        Phase::Switching,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, phase) in EACH_PHASE_TWICE.into_iter().enumerate() {
         let run = start_vm(&p, &format!("dv{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
         at_phase(&p, &job, phase);
@@ -466,15 +450,7 @@ fn the_destination_vireod_killed_and_restarted() {
 #[test]
 fn the_source_worker_killed() {
     let p = pair(true, true);
-    for (i, phase) in [
-        Phase::Precopy,
-        Phase::Switching,
-        Phase::Precopy,
-        Phase::Switching,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, phase) in EACH_PHASE_TWICE.into_iter().enumerate() {
         let run = start_vm(&p, &format!("sw{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
         at_phase(&p, &job, phase);
@@ -493,15 +469,7 @@ fn the_source_worker_killed() {
 #[test]
 fn the_source_vireod_killed_and_restarted() {
     let mut p = pair(true, true);
-    for (i, phase) in [
-        Phase::Precopy,
-        Phase::Switching,
-        Phase::Precopy,
-        Phase::Switching,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, phase) in EACH_PHASE_TWICE.into_iter().enumerate() {
         let run = start_vm(&p, &format!("sv{i}"), words(phase), true);
         let job = migrate(&p, &run, &p.b_addr);
         at_phase(&p, &job, phase);
