@@ -139,6 +139,9 @@ pub struct VhostUserNet {
     log: Option<(File, u64)>,
     /// Test-only: accept dirty logging without telling the backend (shows what is lost).
     skip_dirty_log: bool,
+    /// Loaded from a save: the next activation sets the backend up but leaves the rings
+    /// stopped until `resume`, so nothing writes the RAM of a VM restored paused.
+    restored: bool,
 }
 
 /// An activation's wiring, kept so that the rings can be stopped and started again.
@@ -213,6 +216,7 @@ impl VhostUserNet {
             log_shmfd,
             log: None,
             skip_dirty_log: false,
+            restored: false,
         })
     }
 
@@ -282,11 +286,16 @@ impl VhostUserNet {
         queues: &[QueueHandle],
         calls: &[EventFd],
     ) -> Result<(), vhost::Error> {
+        self.prepare(mem)?;
+        self.start_rings(mem, queues, calls)
+    }
+
+    /// Features, memory table and (while logging) the log: all but the rings.
+    fn prepare(&mut self, mem: &GuestMemory) -> Result<(), vhost::Error> {
         self.frontend.set_features(self.backend_run_features())?;
         self.mem_table(mem)?;
         // SET_LOG_BASE has a reply: the backend logs before any ring starts.
-        self.send_log_base()?;
-        self.start_rings(mem, queues, calls)
+        self.send_log_base()
     }
 
     /// Starts every ready ring at its queue's `next_avail` (0 for a fresh driver, the saved or
@@ -393,8 +402,33 @@ impl VirtioDevice for VhostUserNet {
         let calls = (0..NUM_QUEUES)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()?;
-        self.start(&mem, &queues, &calls)
-            .map_err(|e| ActivateError::Worker(std::io::Error::other(self.backend_error(e))))?;
+        let path = self.path.clone();
+        let fail = move |e: vhost::Error| {
+            ActivateError::Worker(std::io::Error::other(format!(
+                "vhost-user backend {}: {e}",
+                path.display()
+            )))
+        };
+        if std::mem::take(&mut self.restored) {
+            // A restored VM is paused: the rings start at `resume`. Started here, the backend
+            // would act on the kick that starts them (e.g. move `avail_event`) before the VM's
+            // pause stops them again, and the paused VM's RAM would no longer be the save's.
+            self.prepare(&mem).map_err(fail)?;
+            let positions = queues
+                .iter()
+                .map(|qh| (qh.queue.next_avail(), used_idx(&mem, &qh.queue)))
+                .collect();
+            self.parked = Some(RingPositions { queues: positions });
+            self.active = Some(Active {
+                mem,
+                interrupt,
+                queues,
+                calls,
+                relay: None,
+            });
+            return Ok(());
+        }
+        self.start(&mem, &queues, &calls).map_err(fail)?;
         let relay = CallRelay::start(clone_all(&calls)?, interrupt.clone())?;
         self.parked = None;
         self.active = Some(Active {
@@ -419,6 +453,7 @@ impl VirtioDevice for VhostUserNet {
         }
         self.parked = None;
         self.unknown = None;
+        self.restored = false;
     }
 
     /// Stops every ready ring in the backend (GET_VRING_BASE: it finishes the frame in hand
@@ -585,6 +620,7 @@ impl VirtioDevice for VhostUserNet {
             ));
         }
         self.acked = n.acked_features;
+        self.restored = n.rings.is_some();
         Ok(())
     }
 }

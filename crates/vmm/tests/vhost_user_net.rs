@@ -370,6 +370,13 @@ fn vhost_user_net_pause_stops_the_backend_and_a_restore_continues_the_rings() {
     dev.restore_state(&saved).unwrap();
     let r = rings(&saved);
     let kicks = activate_at(&mut dev, &mem, base, &irqs, [r[0].0, r[1].0]);
+    // A restored device comes up parked (its VM is paused): nothing moves before the resume.
+    assert!(
+        received(&peer, 1).is_none(),
+        "a restored, paused NIC transmitted"
+    );
+    assert_eq!(used_idx(&mem, base, 1), 2);
+    dev.resume();
     assert_eq!(received(&peer, 10).as_deref(), Some(&f3[..]));
     assert_eq!(received(&peer, 10).as_deref(), Some(&f4[..]));
     assert!(wait_until(|| used_idx(&mem, base, 1) == 4, 10));
