@@ -8,8 +8,8 @@ use common::Netns;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vireo_probe_image::console::{decode_hex, encode_hex};
-use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_probe_image::console::encode_hex;
+use vireo_probe_image::{probe_elf, tagged_frame, ProbeConsole};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -42,31 +42,20 @@ fn start_vm(ns: &str, tap: &str, mac: &str) -> Vm {
     vm
 }
 
-fn mac_bytes(s: &str) -> Vec<u8> {
-    s.split(':')
+fn mac_bytes(s: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = s
+        .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect()
-}
-
-fn frame(dst: &[u8], src: &[u8], tag: u8) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(dst);
-    f.extend_from_slice(src);
-    f.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
-    f.extend((0..50u8).map(|i| i ^ tag));
-    f
+        .collect();
+    bytes.try_into().unwrap()
 }
 
 /// Receives frames until one equals `want` (the bridge may deliver unrelated frames first).
 fn recv_expect(vm: &mut Vm, want: &[u8]) {
-    for _ in 0..10 {
-        let answer = vm.console.command("NET 0 RECV 5000", T).expect("NET RECV");
-        let hex = answer.trim_start_matches("OK").trim();
-        if decode_hex(hex).as_deref() == Some(want) {
-            return;
-        }
-    }
-    panic!("frame {} never arrived", encode_hex(want));
+    let got = vm
+        .console
+        .net_receive(0, Duration::from_secs(50), |f| f == want);
+    assert!(got.unwrap(), "frame {} never arrived", encode_hex(want));
 }
 
 #[test]
@@ -120,10 +109,8 @@ fn kvm_two_probes_exchange_frames_over_a_bridge() {
 
     // A -> B.
     let (ma, mb) = (mac_bytes(mac_a), mac_bytes(mac_b));
-    let f1 = frame(&mb, &ma, 1);
-    a.console
-        .command(&format!("NET 0 SEND {}", encode_hex(&f1)), T)
-        .unwrap();
+    let f1 = tagged_frame(mb, ma, 1);
+    a.console.net_send(0, &f1).unwrap();
     recv_expect(&mut b, &f1);
 
     // B echoes what A sends, with the MACs swapped, so it comes back to A. The host stack's own
@@ -131,11 +118,8 @@ fn kvm_two_probes_exchange_frames_over_a_bridge() {
     // so B echoes everything for a few seconds rather than just one frame.
     b.console.send_line("NET 0 ECHO 32 3000").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let f2 = frame(&mb, &ma, 2);
-    a.console
-        .command(&format!("NET 0 SEND {}", encode_hex(&f2)), T)
-        .unwrap();
-    recv_expect(&mut a, &frame(&ma, &mb, 2));
+    a.console.net_send(0, &tagged_frame(mb, ma, 2)).unwrap();
+    recv_expect(&mut a, &tagged_frame(ma, mb, 2));
     let echoed = b.console.answer(T).unwrap();
     let n: u32 = echoed
         .strip_prefix("OK echoed=")

@@ -13,11 +13,10 @@ use std::net::Ipv4Addr;
 use std::os::unix::io::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder};
-use vireo_probe_image::console::{decode_hex, encode_hex};
-use vireo_probe_image::{probe_elf, ProbeConsole, ProbeError};
+use vireo_probe_image::{probe_elf, ProbeConsole};
 use vireo_vswitch::runtime::{lock, SwitchRuntime};
 use vireo_vswitch::uplink::PacketPort;
 use vireo_vswitch::{
@@ -116,11 +115,7 @@ fn garp(src_mac: [u8; 6], claimed: Ipv4Addr) -> Vec<u8> {
 }
 
 fn send(vm: &mut Vm, f: &[u8]) {
-    let a = vm
-        .console
-        .command(&format!("NET 0 SEND {}", encode_hex(f)), T)
-        .unwrap();
-    assert_eq!(a, "OK", "SEND answered {a:?}");
+    vm.console.net_send(0, f).unwrap();
 }
 
 /// Whether `got` is `sent` as the switch delivers it: frames shorter than the Ethernet minimum
@@ -136,28 +131,9 @@ fn same_frame(got: &[u8], sent: &[u8]) -> bool {
 /// Receives for up to `window`, skipping unrelated frames (the host stack's own frames on the
 /// TAP); true when `want` arrived.
 fn received(vm: &mut Vm, want: &[u8], window: Duration) -> bool {
-    let deadline = Instant::now() + window;
-    for _ in 0..64 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let answer = match vm
-            .console
-            .command(&format!("NET 0 RECV {}", left.as_millis().max(1)), T)
-        {
-            Ok(a) => a,
-            Err(ProbeError::Err(e)) if e == "timeout" => return false,
-            Err(e) => panic!("NET RECV: {e}"),
-        };
-        let hex = answer
-            .strip_prefix("OK")
-            .unwrap_or_else(|| panic!("{answer}"));
-        if decode_hex(hex.trim()).is_some_and(|got| same_frame(&got, want)) {
-            return true;
-        }
-    }
-    false
+    vm.console
+        .net_receive(0, window, |got| same_frame(got, want))
+        .unwrap()
 }
 
 const PASS: Duration = Duration::from_secs(10);

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use vireo_api::switch_rest::SwitchInfo;
 use vireo_api::{NicSpec, Vm, VmMetrics};
-use vireo_probe_image::console::{decode_hex, encode_hex, ProbeConsole, ProbeError};
+use vireo_probe_image::console::{decode_hex, ProbeConsole, ProbeError};
+use vireo_probe_image::tagged_frame as frame;
 
 const VIREO: &str = env!("CARGO_BIN_EXE_vireo");
 const T: Duration = Duration::from_secs(20);
@@ -226,35 +227,12 @@ impl Console {
     }
 
     fn send(&mut self, f: &[u8]) {
-        let a = self
-            .probe
-            .command(&format!("NET 0 SEND {}", encode_hex(f)), T)
-            .unwrap();
-        assert_eq!(a, "OK");
+        self.probe.net_send(0, f).unwrap();
     }
 
-    /// True when `want` arrives within `window` (other frames are skipped).
-    fn received(&mut self, want: &[u8], window: Duration) -> bool {
-        let deadline = Instant::now() + window;
-        for _ in 0..64 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            let cmd = format!("NET 0 RECV {}", left.as_millis().max(1));
-            let answer = match self.probe.command(&cmd, T) {
-                Ok(a) => a,
-                Err(ProbeError::Err(e)) if e == "timeout" => return false,
-                Err(e) => panic!("NET RECV: {e}"),
-            };
-            let hex = answer
-                .strip_prefix("OK")
-                .unwrap_or_else(|| panic!("{answer}"));
-            if decode_hex(hex.trim()).as_deref() == Some(want) {
-                return true;
-            }
-        }
-        false
+    /// True when `f` arrives within `window` (other frames are skipped).
+    fn received(&mut self, f: &[u8], window: Duration) -> bool {
+        self.probe.net_receive(0, window, |got| got == f).unwrap()
     }
 }
 
@@ -263,16 +241,6 @@ impl Drop for Console {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A 64-byte frame of the local experimental EtherType, marked by `tag`.
-fn frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x88, 0xb5]);
-    f.extend((0..50u8).map(|i| i ^ tag));
-    f
 }
 
 fn mac_of(d: &Daemon, vm: &str) -> [u8; 6] {

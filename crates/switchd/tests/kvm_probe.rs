@@ -11,12 +11,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use vireo_api::switch::SwitchOp;
-use vireo_probe_image::console::{decode_hex, encode_hex};
-use vireo_probe_image::{probe_elf, ProbeConsole, ProbeError};
+use vireo_probe_image::{probe_elf, tagged_frame as frame, ProbeConsole};
 use vireo_vswitch::{MacAddr, PortConfig, SwitchConfig};
 
 const T: Duration = Duration::from_secs(60);
@@ -64,46 +63,13 @@ fn start_vm(vireo: &Path, socket: &Path, mac: [u8; 6]) -> Vm {
     vm
 }
 
-/// A 64-byte frame of the local experimental EtherType, its payload marked by `tag`.
-fn frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x88, 0xb5]);
-    f.extend((0..50u8).map(|i| i ^ tag));
-    f
-}
-
 fn send(vm: &mut Vm, f: &[u8]) {
-    let a = vm
-        .console
-        .command(&format!("NET 0 SEND {}", encode_hex(f)), T)
-        .unwrap();
-    assert_eq!(a, "OK");
+    vm.console.net_send(0, f).unwrap();
 }
 
-/// Receives for up to `window`; true when `want` arrived (other frames are skipped).
-fn received(vm: &mut Vm, want: &[u8], window: Duration) -> bool {
-    let deadline = Instant::now() + window;
-    for _ in 0..64 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let cmd = format!("NET 0 RECV {}", left.as_millis().max(1));
-        let answer = match vm.console.command(&cmd, T) {
-            Ok(a) => a,
-            Err(ProbeError::Err(e)) if e == "timeout" => return false,
-            Err(e) => panic!("NET RECV: {e}"),
-        };
-        let hex = answer
-            .strip_prefix("OK")
-            .unwrap_or_else(|| panic!("{answer}"));
-        if decode_hex(hex.trim()).as_deref() == Some(want) {
-            return true;
-        }
-    }
-    false
+/// Receives for up to `window`; true when `f` arrived (other frames are skipped).
+fn received(vm: &mut Vm, f: &[u8], window: Duration) -> bool {
+    vm.console.net_receive(0, window, |got| got == f).unwrap()
 }
 
 #[test]

@@ -3,14 +3,17 @@
 //! The build script compiles `guest/probe` (a no_std PVH guest, see docs/probe-protocol.md) and
 //! [`PROBE_ELF`] is the absolute path of the resulting ELF. [`pattern`] reproduces the probe's
 //! disk/memory test pattern on the host, [`console`] speaks the COM1 line protocol over any
-//! byte stream, and [`qemu`] boots the probe under QEMU microvm as a peer baseline.
+//! byte stream ([`net`] adds the NIC's commands), and [`qemu`] boots the probe under QEMU
+//! microvm as a peer baseline.
 #![forbid(unsafe_code)]
 
 pub mod console;
+pub mod net;
 pub mod pattern;
 pub mod qemu;
 
 pub use console::{ProbeConsole, ProbeError};
+pub use net::tagged_frame;
 
 /// Absolute path of the probe ELF built by this crate's build script.
 pub const PROBE_ELF: &str = env!("VIREO_PROBE_ELF");

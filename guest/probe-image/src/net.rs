@@ -1,0 +1,65 @@
+//! The probe's NIC as tests drive it: a marked test frame, and `NET i SEND` / `NET i RECV`
+//! (docs/probe-protocol.md) as console calls, so each network test does not carry its own copy
+//! of the receive loop.
+
+use std::time::{Duration, Instant};
+
+use crate::console::{decode_hex, encode_hex, ProbeConsole, ProbeError};
+
+/// A 64-byte frame of the local experimental EtherType (0x88b5) whose 50-byte payload is marked
+/// by `tag`, so frames of one test tell apart.
+pub fn tagged_frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(64);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend((0..50u8).map(|i| i ^ tag));
+    f
+}
+
+/// How long a console command may take beyond the time the probe was told to wait.
+const ANSWER_SLACK: Duration = Duration::from_secs(10);
+/// The most frames one receive looks at: bounds the loop when unrelated frames keep coming.
+const MAX_FRAMES: usize = 64;
+
+impl ProbeConsole {
+    /// NIC `nic` transmits `frame`; an error unless the probe answers `OK`.
+    pub fn net_send(&mut self, nic: usize, frame: &[u8]) -> Result<(), ProbeError> {
+        let cmd = format!("NET {nic} SEND {}", encode_hex(frame));
+        match self.command(&cmd, ANSWER_SLACK)?.as_str() {
+            "OK" => Ok(()),
+            other => Err(ProbeError::Err(format!("NET SEND answered {other:?}"))),
+        }
+    }
+
+    /// Receives on NIC `nic` for up to `window`, skipping frames for which `wanted` is false
+    /// (a bridge or the host stack may deliver unrelated ones first). True once a wanted frame
+    /// arrived; false when the window (or [`MAX_FRAMES`] frames) passed without one.
+    pub fn net_receive(
+        &mut self,
+        nic: usize,
+        window: Duration,
+        wanted: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, ProbeError> {
+        let deadline = Instant::now() + window;
+        for _ in 0..MAX_FRAMES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let cmd = format!("NET {nic} RECV {}", left.as_millis().max(1));
+            let answer = match self.command(&cmd, left + ANSWER_SLACK) {
+                Ok(a) => a,
+                Err(ProbeError::Err(e)) if e == "timeout" => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let hex = answer
+                .strip_prefix("OK")
+                .ok_or_else(|| ProbeError::Err(format!("NET RECV answered {answer:?}")))?;
+            if decode_hex(hex.trim()).is_some_and(|got| wanted(&got)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
