@@ -6,6 +6,10 @@
 //! live save records is what the guest was writing, and a restore fetching it first (or given a
 //! damaged or wrong one) still holds exactly the saved memory.
 
+mod common;
+
+use common::{read, wait_above};
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,23 +27,6 @@ const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(30);
 const STATUS_PAGE: u64 = 0x80000;
 const PASSES: u64 = STATUS_PAGE + 8;
-
-fn read(h: &VmHandle, at: u64) -> u64 {
-    h.memory().read_obj(GuestAddress(at)).unwrap()
-}
-
-/// Waits until the u64 at `at` in guest memory passes `from`.
-fn wait_above(h: &VmHandle, at: u64, from: u64) -> u64 {
-    let deadline = Instant::now() + T;
-    loop {
-        let v = read(h, at);
-        if v > from {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "value at {at:#x} stuck at {v}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 fn config(mem: u64) -> (VmConfig, UnixStream) {
     let (ours, theirs) = UnixStream::pair().unwrap();

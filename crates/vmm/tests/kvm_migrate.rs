@@ -4,6 +4,10 @@
 //! destination runs on from there. A cancel leaves the source running.
 //! (TLS, the disk handoff and the worker processes are `crates/worker/tests/kvm_migrate.rs`.)
 
+mod common;
+
+use common::{read, wait_above};
+
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -21,22 +25,6 @@ use vm_memory::{Bytes, GuestAddress};
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(60);
 const PASSES: u64 = 0x80000 + 8;
-
-fn read(h: &VmHandle, at: u64) -> u64 {
-    h.memory().read_obj(GuestAddress(at)).unwrap()
-}
-
-fn wait_above(h: &VmHandle, at: u64, from: u64) -> u64 {
-    let deadline = Instant::now() + T;
-    loop {
-        let v = read(h, at);
-        if v > from {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "value at {at:#x} stuck at {v}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// FNV-1a over all guest RAM as the host reads it.
 fn host_sum(h: &VmHandle, len: u64) -> u64 {

@@ -2,6 +2,10 @@
 //! at boot and then stores its TSC and a loop counter at 2 MiB forever; the test reads both
 //! straight from guest memory through the VmHandle.
 
+mod common;
+
+use common::read;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -27,10 +31,6 @@ fn tsc_loop() -> Vec<u8> {
         0xff, 0x05, 0x08, 0x00, 0x20, 0x00, // inc dword [0x200008]
         0xeb, 0xeb, // jmp loop
     ]
-}
-
-fn read(h: &VmHandle, at: u64) -> u64 {
-    h.memory().read_obj(GuestAddress(at)).unwrap()
 }
 
 fn counter(h: &VmHandle) -> u64 {

@@ -4,6 +4,10 @@
 //! the save carries on: it answers commands, its pass counter and the AP's heartbeat continue,
 //! its memory and disk verify, disk I/O and the NIC work.
 
+mod common;
+
+use common::{read, wait_above};
+
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,8 +17,7 @@ use vireo_block::RawFile;
 use vireo_netport::{channel_pair, ChannelPort, FramePort};
 use vireo_probe_image::{probe_elf, ProbeConsole};
 use vireo_vmm::state::Identity;
-use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit, VmHandle};
-use vm_memory::{Bytes, GuestAddress};
+use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(30);
@@ -23,23 +26,6 @@ const PASSES: u64 = STATUS_PAGE + 8;
 const HEARTBEAT_AP1: u64 = STATUS_PAGE + 64 + 8;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
-
-fn read(h: &VmHandle, at: u64) -> u64 {
-    h.memory().read_obj(GuestAddress(at)).unwrap()
-}
-
-/// Waits until the u64 at `at` in guest memory passes `from`.
-fn wait_above(h: &VmHandle, at: u64, from: u64) -> u64 {
-    let deadline = Instant::now() + T;
-    loop {
-        let v = read(h, at);
-        if v > from {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "value at {at:#x} stuck at {v}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// An Ethernet frame from the host to the guest's MAC with `tag` in its payload.
 fn frame(tag: u8) -> Vec<u8> {
