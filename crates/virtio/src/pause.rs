@@ -55,6 +55,15 @@ impl PauseCtl {
         })
     }
 
+    /// A controller whose thread parks at its first request boundary, before it serves
+    /// anything: a device restored into a paused VM serves from the resume on.
+    pub fn parked_from_start() -> std::io::Result<PauseCtl> {
+        let ctl = PauseCtl::new()?;
+        ctl.lock().requested = true;
+        ctl.requested.store(true, Ordering::SeqCst);
+        Ok(ctl)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

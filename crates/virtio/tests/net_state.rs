@@ -1,6 +1,7 @@
 //! virtio-net save/restore at the device level: a frame the device took from the port but had
-//! no rx buffer for is in the saved state and reaches the driver of the restored device, and
-//! a state that does not fit the device is refused without changing it.
+//! no rx buffer for is in the saved state and reaches the driver of the restored device (once
+//! it is resumed: a restored device starts parked), and a state that does not fit the device
+//! is refused without changing it.
 
 mod common;
 
@@ -86,6 +87,19 @@ fn a_frame_held_without_rx_buffers_survives_save_and_restore() {
     let rx = &mut queues[0];
     rx.add_chain(&mem, &[wo(DATA_BASE, 2048)]);
     rx.notify();
+    // Restored means paused (the VM resumes it): the buffer stays empty until the resume.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        rx.used_idx(&mem),
+        0,
+        "a restored device served before its resume"
+    );
+    dev.pause(Duration::from_secs(10)).unwrap();
+    assert!(matches!(
+        dev.save_state().unwrap(),
+        DeviceState::Net(n) if n.rx_frame.as_deref() == Some(&held[..])
+    ));
+    dev.resume();
     let used = rx.wait_used(&mem, 1);
     assert_eq!(used[0].1 as usize, NET_HDR_LEN + held.len());
     let mut got = vec![0u8; held.len()];

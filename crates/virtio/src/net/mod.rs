@@ -78,6 +78,9 @@ pub struct Net {
     worker: Option<Worker>,
     /// A frame from a restored state, handed to the worker on activation.
     restored_rx_frame: Option<Vec<u8>>,
+    /// Loaded from a save: the next activation starts the worker parked, so nothing moves
+    /// between the port and the RAM of a VM restored paused until it resumes.
+    restored: bool,
 }
 
 /// Sets a NIC's link state (the config space's LINK_UP bit) while the transport owns it.
@@ -115,6 +118,7 @@ impl Net {
             notifier: ConfigNotifier::default(),
             worker: None,
             restored_rx_frame: None,
+            restored: false,
         }
     }
 
@@ -216,7 +220,7 @@ impl VirtioDevice for Net {
             Some(frame) => worker.with_pending_frame(&frame),
             None => worker,
         };
-        self.worker = Some(worker.start()?);
+        self.worker = Some(worker.start(std::mem::take(&mut self.restored))?);
         Ok(())
     }
 
@@ -226,6 +230,7 @@ impl VirtioDevice for Net {
         }
         self.notifier.set(None);
         self.acked_features = 0;
+        self.restored = false;
     }
 
     /// The worker finishes the pass it is in (the transmit or receive batch it took, used
@@ -294,6 +299,7 @@ impl VirtioDevice for Net {
         self.acked_features = s.acked_features;
         self.link_up.store(s.link_up, Ordering::Release);
         self.restored_rx_frame = s.rx_frame.clone();
+        self.restored = s.rings.is_some();
         Ok(())
     }
 }

@@ -88,15 +88,20 @@ impl NetWorker {
         self
     }
 
-    /// Registers the fds (so setup errors reach `activate`) and starts the thread.
-    pub fn start(mut self) -> std::io::Result<Worker> {
+    /// Registers the fds (so setup errors reach `activate`) and starts the thread; `parked`:
+    /// it serves nothing until the first resume (a device restored into a paused VM).
+    pub fn start(mut self, parked: bool) -> std::io::Result<Worker> {
         let stop = Worker::stop_fd()?;
         let events = EventLoop::new()?;
         events.add(self.rx_kick.as_raw_fd(), TOKEN_RX_KICK)?;
         events.add(self.tx_kick.as_raw_fd(), TOKEN_TX_KICK)?;
         events.add(self.port.rx_fd(), TOKEN_PORT)?;
         events.add(stop.as_raw_fd(), TOKEN_STOP)?;
-        let pause = Arc::new(PauseCtl::new()?);
+        let pause = Arc::new(if parked {
+            PauseCtl::parked_from_start()?
+        } else {
+            PauseCtl::new()?
+        });
         events.add(pause.wake_fd(), TOKEN_PAUSE)?;
         self.port_watched = true;
         let ctl = pause.clone();
@@ -109,9 +114,12 @@ impl NetWorker {
     }
 
     fn run(mut self, events: EventLoop, pause: &PauseCtl) {
-        // The driver may have queued frames before activation.
-        self.transmit();
-        self.receive(&events);
+        // The driver may have queued frames before activation. A worker asked to park from
+        // the start leaves them (and the port) for the resume.
+        if !pause.requested() {
+            self.transmit();
+            self.receive(&events);
+        }
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a pass boundary: every chain taken is used and published.
