@@ -80,13 +80,29 @@ pub enum StorageMode {
 
 /// The version of the vireod-to-vireod protocol below.
 /// 2: shared-nothing migration (`Offer.dest_dir`/`disks`, `DiskData`).
-pub const PEER_PROTOCOL_VERSION: u32 = 2;
+/// 3: `WhereIs`/`Whereabouts` (a quick migration's source asks after a lost commit answer).
+pub const PEER_PROTOCOL_VERSION: u32 = 3;
+
+/// Where a VM stands on a destination, as `Whereabouts` tells a source that lost the answer to
+/// its quick migration's `Commit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmWhereabouts {
+    /// It arrived: it runs (or ran) here, so its disks are this host's now; the source must
+    /// not run it again.
+    Here,
+    /// Its arrival is under way (files in, restore not finished): ask again.
+    Arriving,
+    /// No record of it: it never arrived, or its arrival was undone; the source keeps it.
+    Absent,
+}
 
 /// One line of the vireod-to-vireod protocol (one JSON object per line).
 ///
 /// Source → destination: `Offer`; then (quick) `File`s and `Commit`, or (either) `Abort`.
 /// Destination → source: `Accepted` or `Refused`; then `Running` (the VM runs here) or
-/// `Failed` (it does not; the source keeps it), or `Aborted` (after an `Abort`).
+/// `Failed` (it does not; the source keeps it), or `Aborted` (after an `Abort`). A quick
+/// migration's source that lost the answer to `Commit` asks on a new connection (`WhereIs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerMsg {
@@ -134,6 +150,15 @@ pub enum PeerMsg {
     Running,
     Failed {
         reason: String,
+    },
+    /// The first line of a connection from a quick migration's source whose connection
+    /// ended after it sent `Commit` without an answer: where is `vm_id`? Answered
+    /// `Whereabouts`.
+    WhereIs {
+        vm_id: Uuid,
+    },
+    Whereabouts {
+        here: VmWhereabouts,
     },
 }
 

@@ -2,7 +2,9 @@
 //! connection it carries) once `cut_after` bytes in all have passed, counting both directions.
 //! `Target::Fixed` forwards to one address (the vireods' link); `Target::Named` reads the
 //! address from the connection's first line `to ADDR` (the fake worker's stream, whose
-//! destination is only known once the destination worker listens).
+//! destination is only known once the destination worker listens). A healing proxy
+//! ([`Proxy::start_healing`]) cuts the connections it carries at that point once, and lets
+//! later ones through: a network blip rather than a partition.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -22,6 +24,8 @@ struct Shared {
     passed: AtomicU64,
     cut_after: AtomicU64,
     cut: AtomicBool,
+    /// After the cut, new connections pass (and are never cut).
+    heals: bool,
     stop: AtomicBool,
     /// Every socket, so a cut ends all of them at once.
     socks: Mutex<Vec<TcpStream>>,
@@ -34,12 +38,22 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: Target, cut_after: u64) -> Proxy {
+        Self::start_with(target, cut_after, false)
+    }
+
+    /// Cuts what it carries after `cut_after` bytes, then carries new connections uncut.
+    pub fn start_healing(target: Target, cut_after: u64) -> Proxy {
+        Self::start_with(target, cut_after, true)
+    }
+
+    fn start_with(target: Target, cut_after: u64, heals: bool) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let shared = Arc::new(Shared {
             passed: AtomicU64::new(0),
             cut_after: AtomicU64::new(cut_after),
             cut: AtomicBool::new(false),
+            heals,
             stop: AtomicBool::new(false),
             socks: Mutex::new(Vec::new()),
         });
@@ -79,8 +93,13 @@ impl Drop for Proxy {
 }
 
 fn cut(s: &Shared) {
-    s.cut.store(true, Ordering::SeqCst);
-    for sock in s.socks.lock().unwrap().iter() {
+    let mut socks = s.socks.lock().unwrap();
+    if s.heals {
+        s.cut_after.store(u64::MAX, Ordering::SeqCst);
+    } else {
+        s.cut.store(true, Ordering::SeqCst);
+    }
+    for sock in socks.drain(..) {
         let _ = sock.shutdown(Shutdown::Both);
     }
 }

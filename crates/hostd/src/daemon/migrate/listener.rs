@@ -9,7 +9,8 @@
 //!   is told `Running`;
 //! - quick: the saved state's files are received into the VM's `saved/` folder; on `Commit`
 //!   the VM becomes `saved` and is started from it (the ordinary restore); `Running` or
-//!   `Failed` is the answer.
+//!   `Failed` is the answer. Once it runs it stays, even if the answer cannot be sent
+//!   (`whereabouts.rs`).
 //!
 //! Whatever fails before the VM runs here removes the record and its ports again (the source
 //! keeps the VM). The record's lock is held throughout (a quick migration's restore takes it
@@ -123,6 +124,9 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     };
     if let PeerMsg::DiskData { session } = offer {
         return super::storage::receive(d, peer, session).await;
+    }
+    if let PeerMsg::WhereIs { vm_id } = offer {
+        return super::whereabouts::answer(d, peer, vm_id).await;
     }
     let PeerMsg::Offer {
         version,
@@ -525,6 +529,9 @@ async fn receive_quick(
         ));
     }
     announce(d, &vm).await;
-    peer.send(&PeerMsg::Running).await?;
+    // The VM is ours now, told or not: a source that misses this asks (`whereabouts`).
+    if let Err(e) = peer.send(&PeerMsg::Running).await {
+        tracing::warn!(vm = %vm.id(), "the VM runs here, but the source was not told: {e}");
+    }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! - `source`: the `migrate` job (`POST /v1/vms/{vm}/migrate`), live or quick;
 //! - `peer`: the connection and its JSON-lines protocol;
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
-//! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove).
+//! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
+//! - `whereabouts`: a quick migration's source asking where the VM is after a lost answer.
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
 //! the listener's task on the destination for the whole migration, so no other request
@@ -17,6 +18,7 @@ pub mod peer;
 pub mod recover;
 pub mod source;
 pub mod storage;
+pub mod whereabouts;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

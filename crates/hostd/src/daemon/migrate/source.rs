@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use vireo_api::migrate::{
-    MigrateRequest, PeerMsg, StorageMode, DEFAULT_MAX_DOWNTIME_MS, MAX_STREAMS,
+    MigrateRequest, PeerMsg, StorageMode, VmWhereabouts, DEFAULT_MAX_DOWNTIME_MS, MAX_STREAMS,
     PEER_PROTOCOL_VERSION,
 };
 use vireo_api::worker::{
@@ -250,7 +250,7 @@ async fn run(
     };
     let _ = d.store.set_job_progress(job, 5);
     if req.quick {
-        return quick(d, vm, &mut peer, job, &mut cancel_wait, guard).await;
+        return quick(d, vm, (&mut peer, to), job, &mut cancel_wait, guard).await;
     }
     let Some(listen_addr) = listen_addr else {
         return End::Failed(format!("{to} accepted without a worker address"));
@@ -523,7 +523,7 @@ async fn finish_moved(d: &Daemon, vm: &Vm, job: Uuid, downtime_ms: u64) -> End {
 async fn quick(
     d: &Arc<Daemon>,
     vm: &Vm,
-    peer: &mut Peer,
+    (peer, to): (&mut Peer, SocketAddr),
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
     guard: OwnedMutexGuard<()>,
@@ -560,16 +560,28 @@ async fn quick(
     }
     let _ = d.store.set_job_progress(job, 50);
     let dir = save::saved_dir(d, vm.id());
-    let sent = send_saved(peer, &dir, job, d).await;
-    let answer = match sent {
-        Ok(()) => match peer.send(&PeerMsg::Commit).await {
-            Ok(()) => peer.recv(ARRIVAL_LIMIT).await,
-            Err(e) => Err(e),
-        },
+    let answer = match send_saved(peer, &dir, job, d).await {
         Err(e) => {
             abort(peer, &e).await;
             Err(e)
         }
+        Ok(()) => match commit(peer).await {
+            Ok(answer) => Ok(answer),
+            // From the commit on the VM may run there: an answer that did not come is asked
+            // for, never guessed (`whereabouts.rs`).
+            Err(lost) => {
+                tracing::warn!(vm = %vm.id(), "no answer to the commit ({lost}); asking {to}");
+                match super::whereabouts::ask(d, to, vm.id()).await {
+                    Ok(VmWhereabouts::Here) => Ok(PeerMsg::Running),
+                    Ok(_) => Err(format!("{lost}; it is not there")),
+                    Err(e) => {
+                        return End::Failed(format!(
+                            "the answer of {to} to the commit was lost ({lost}) and it could                              not be asked since ({e}): VM {name:?} may be running there, so it                              stays saved here. Look on {to} (`vireo vm list`) and run `vireo vm                              start {name}` here only if it is not there"
+                        ))
+                    }
+                }
+            }
+        },
     };
     let downtime_ms = t0.elapsed().as_millis() as u64;
     match answer {
@@ -599,6 +611,12 @@ async fn quick(
             ))
         }
     }
+}
+
+/// Tells the destination to restore the VM; its answer.
+async fn commit(peer: &mut Peer) -> Result<PeerMsg, String> {
+    peer.send(&PeerMsg::Commit).await?;
+    peer.recv(ARRIVAL_LIMIT).await
 }
 
 async fn send_saved(

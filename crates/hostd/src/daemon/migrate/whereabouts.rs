@@ -1,0 +1,72 @@
+//! After a quick migration's `Commit`, the VM belongs to the destination: it restores it from
+//! the files and keeps it, whether or not its `Running` reaches the source. A source whose
+//! connection ended after it sent `Commit` therefore cannot tell "it runs there" from "it
+//! never arrived", and restoring the VM here on a guess could run it on both hosts at once,
+//! both writing its disks. So it asks, on a new connection (`WhereIs`), until the answer is
+//! final or its time is up; with no answer the VM stays saved here and the job says where it
+//! may be (docs/migration.md, "Quick migration after a lost answer").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+use vireo_api::migrate::{PeerMsg, VmWhereabouts};
+use vireo_api::VmState;
+
+use super::peer::Peer;
+use crate::daemon::Daemon;
+
+/// How long the source keeps asking: the destination's restore limit and then some.
+const ASK_LIMIT: Duration = Duration::from_secs(150);
+/// Between two questions (the destination is restoring, or unreachable).
+const ASK_EVERY: Duration = Duration::from_secs(1);
+/// One question's answer.
+const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+
+/// Destination: answers a `WhereIs` for `vm_id` from this host's record of it.
+pub async fn answer(d: &Arc<Daemon>, mut peer: Peer, vm_id: Uuid) {
+    let here = match d.store.get_by_id(vm_id) {
+        Err(_) => VmWhereabouts::Absent,
+        // The files are here and the restore is taken or under way (`saved` is the state the
+        // arrival's start begins from; a failed start removes the record).
+        Ok(vm)
+            if matches!(
+                vm.state,
+                VmState::Incoming | VmState::Saved | VmState::Starting
+            ) =>
+        {
+            VmWhereabouts::Arriving
+        }
+        Ok(_) => VmWhereabouts::Here,
+    };
+    tracing::info!(from = %peer.who, vm = %vm_id, ?here, "asked where a VM is");
+    let _ = peer.send(&PeerMsg::Whereabouts { here }).await;
+}
+
+/// Source: asks `to` where `vm_id` is until the answer is `Here` or `Absent`, or [`ASK_LIMIT`]
+/// passed (`Err` with the last reason it could not tell).
+pub async fn ask(d: &Daemon, to: SocketAddr, vm_id: Uuid) -> Result<VmWhereabouts, String> {
+    let deadline = tokio::time::Instant::now() + ASK_LIMIT;
+    loop {
+        let why = match ask_once(d, to, vm_id).await {
+            Ok(VmWhereabouts::Arriving) => "its restore there is still under way".to_string(),
+            Ok(final_answer) => return Ok(final_answer),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + ASK_EVERY >= deadline {
+            return Err(why);
+        }
+        tracing::info!(vm = %vm_id, "asking {to} again where the VM is: {why}");
+        tokio::time::sleep(ASK_EVERY).await;
+    }
+}
+
+async fn ask_once(d: &Daemon, to: SocketAddr, vm_id: Uuid) -> Result<VmWhereabouts, String> {
+    let mut peer = Peer::connect(&d.host, to).await?;
+    peer.send(&PeerMsg::WhereIs { vm_id }).await?;
+    match peer.recv(ANSWER_LIMIT).await? {
+        PeerMsg::Whereabouts { here } => Ok(here),
+        other => Err(format!("{to} answered WhereIs with {other:?}")),
+    }
+}
