@@ -6,6 +6,7 @@
 
 mod disk;
 mod net;
+mod queues;
 mod vm;
 
 use std::path::PathBuf;
@@ -63,9 +64,14 @@ pub struct GuestioArgs {
     /// The QEMU binary [default: qemu-system-x86_64 from PATH].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
+    /// Instead of the comparison with QEMU: Vireo alone, its disk with each of these request
+    /// queue counts (e.g. `--queues 1,2`), 4 KiB random I/O at QD 32 spread over the queues.
+    #[arg(long, value_name = "N,N..", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..=4))]
+    queues: Vec<u16>,
 }
 
-const MEMORY_MIB: u32 = 256;
+pub(crate) const MEMORY_MIB: u32 = 256;
 const FRAME_SIZES: [u32; 2] = [64, 1500];
 
 pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -80,6 +86,20 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::Builder::new()
         .prefix("vireo-guestio")
         .tempdir_in("/var/tmp")?;
+    if !args.queues.is_empty() {
+        println!(
+            "guestio --queues: probe guest, 1 vCPU, {MEMORY_MIB} MiB, {} round(s), {} s per case",
+            args.rounds, args.seconds
+        );
+        return Ok(queues::run(queues::QueuesArgs {
+            vireo: &vireo,
+            dir: dir.path(),
+            disk_mib: args.disk_mib,
+            rounds: args.rounds,
+            seconds: args.seconds,
+            counts: &args.queues,
+        })?);
+    }
     println!(
         "guestio: probe guest, {MEMORY_MIB} MiB, {} round(s), {} s per case",
         args.rounds, args.seconds
@@ -281,7 +301,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Field-wise medians over rounds.
-fn median_result(rs: &[Result1]) -> Result1 {
+pub(crate) fn median_result(rs: &[Result1]) -> Result1 {
     let m = |f: fn(&Result1) -> f64| median(rs.iter().map(f).collect());
     Result1 {
         iops: m(|r| r.iops),

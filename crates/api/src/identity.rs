@@ -102,6 +102,7 @@ mod tests {
             serial: serial.map(Into::into),
             max_iops: None,
             min_iops: None,
+            queues: None,
         }
     }
 

@@ -77,6 +77,10 @@ pub struct DiskSpec {
     /// metrics, logged). `None`: no alert.
     #[serde(default)]
     pub min_iops: Option<u32>,
+    /// virtio-blk request queues (VIRTIO_BLK_F_MQ), each served by its own host thread.
+    /// `None`: one per vCPU. A disk with storage QoS has one queue whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// Bytes one normalized IO stands for (storage QoS counts in 8 KiB IOs, as Hyper-V does).

@@ -181,6 +181,18 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
     }
     for (i, disk) in spec.disks.iter().enumerate() {
         validate_qos(i, disk.max_iops, disk.min_iops)?;
+        if let Some(q) = disk.queues {
+            if !(1..=MAX_DISK_QUEUES).contains(&q) {
+                return Err(err(
+                    format!("disks[{i}].queues"),
+                    q,
+                    format!(
+                        "a disk has 1 to {MAX_DISK_QUEUES} request queues; leave the field \
+                         out for one per vCPU"
+                    ),
+                ));
+            }
+        }
     }
     if spec.nics.len() > MAX_NICS {
         return Err(err(
@@ -268,6 +280,10 @@ fn validate_virtual_subnet(i: usize, v: &crate::spec::NicVirtualSubnet) -> Resul
     }
     Ok(())
 }
+
+/// Most virtio-blk request queues one disk has (the device's limit, `vireo_virtio`'s
+/// `MAX_QUEUES`; this crate sits below it and keeps its own copy).
+pub const MAX_DISK_QUEUES: u16 = 16;
 
 /// Most customer addresses one NIC has (a VM with a few aliases fits; the policy table holds
 /// one entry per CA).

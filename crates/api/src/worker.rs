@@ -607,6 +607,7 @@ mod tests {
                 serial: Some("S1".into()),
                 max_iops: Some(100),
                 min_iops: None,
+                queues: None,
             },
         });
         let line = serde_json::to_string(&add).unwrap();

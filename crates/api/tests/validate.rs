@@ -25,6 +25,7 @@ fn good() -> VmSpec {
             serial: None,
             max_iops: None,
             min_iops: None,
+            queues: None,
         }],
         nics: vec![NicSpec {
             name: None,

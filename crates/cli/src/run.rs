@@ -61,8 +61,14 @@ pub struct RunArgs {
     /// image, recognised by its content. Other image formats (qcow2, VMDK, VDI, ...) are
     /// refused: convert them first. A file with no known signature is raw; ",format=raw"
     /// attaches any file as raw, ",format=vhdx|vhd" insists on that format. ",ro" makes the
-    /// disk read-only. Repeatable.
-    #[arg(long, value_name = "PATH[,ro][,format=raw|vhd|vhdx]", value_parser = parse_disk)]
+    /// disk read-only. ",queues=N" gives it N virtio-blk request queues (1-16, default one per
+    /// vCPU), each served by its own host thread; a guest without multiqueue support uses the
+    /// first. Repeatable.
+    #[arg(
+        long,
+        value_name = "PATH[,ro][,format=raw|vhd|vhdx][,queues=N]",
+        value_parser = parse_disk
+    )]
     disk: Vec<DiskArg>,
     /// A virtio-net NIC on a host TAP interface (created if missing) or on a vhost-user-net
     /// backend listening on a Unix socket (e.g. a Vireo switch port), with an optional
@@ -241,7 +247,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let image::OpenedDisk { backend, image } = image::open(d).map_err(worker_error)?;
         // The control socket resizes through the device's resizer: the transport owns the
         // device once the VM starts, and the resizer is how a size change reaches the driver.
-        let block = vireo_virtio::Block::new(backend.clone());
+        let queues = d
+            .queues
+            .unwrap_or_else(|| u16::try_from(args.vcpus).unwrap_or(u16::MAX));
+        let block = vireo_virtio::Block::new(backend.clone()).with_queues(queues);
         control_disks.push(ControlDisk {
             path: d.path.clone(),
             read_only: d.read_only,

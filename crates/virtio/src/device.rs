@@ -103,6 +103,12 @@ pub trait VirtioDevice: Send {
     fn restore_state(&mut self, _state: &DeviceState) -> Result<(), StateError> {
         Err(StateError::Unsupported("no save/restore support"))
     }
+    /// Before the transport is built for a restore: a device whose queue count is a setting
+    /// (virtio-blk's `num_queues`) takes the count `state` was saved with, since the guest's
+    /// driver set up exactly those queues. The default is for fixed shapes: nothing to adopt.
+    fn adopt_saved_shape(&mut self, _state: &DeviceState) -> Result<(), StateError> {
+        Ok(())
+    }
     /// Whether another process maps guest RAM for this device (a vhost-user back end): such
     /// a process does not see the pages a lazy restore has not filled yet, so a VM with one
     /// is restored eagerly (docs/vm-state.md, "Lazy restore").

@@ -78,6 +78,15 @@ impl PauseCtl {
         self.requested.load(Ordering::SeqCst)
     }
 
+    /// Controller: asks the thread to park without waiting (so several threads can be asked
+    /// before [`PauseCtl::pause`] waits for each).
+    pub fn request(&self) {
+        let mut s = self.lock();
+        s.requested = true;
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+    }
+
     /// Controller: asks the thread to park and waits until it has, at most `timeout`.
     /// False when it did not park in time (it still will at its next request boundary).
     pub fn pause(&self, timeout: Duration) -> bool {

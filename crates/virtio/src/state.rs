@@ -94,6 +94,14 @@ impl ParkedReport {
 pub struct BlockState {
     pub acked_features: u64,
     pub rings: Option<RingPositions>,
+    /// Request queues the device offered (VIRTIO_BLK_F_MQ). Added without a format version
+    /// bump: a state written before multiqueue has no such field and had one queue.
+    #[serde(default = "one_queue")]
+    pub num_queues: u16,
+}
+
+fn one_queue() -> u16 {
+    1
 }
 
 /// virtio-net beyond the transport.
@@ -193,8 +201,9 @@ mod tests {
             DeviceState::Block(BlockState {
                 acked_features: 1 << 32 | 1 << 29,
                 rings: Some(RingPositions {
-                    queues: vec![(7, 7)],
+                    queues: vec![(7, 7), (3, 1)],
                 }),
+                num_queues: 2,
             }),
             DeviceState::Net(NetState {
                 acked_features: 1 << 32,
@@ -210,5 +219,15 @@ mod tests {
             let text = serde_json::to_string(&s).unwrap();
             assert_eq!(serde_json::from_str::<DeviceState>(&text).unwrap(), s);
         }
+    }
+
+    #[test]
+    fn a_block_state_from_before_multiqueue_reads_as_one_queue() {
+        let old = r#"{"type":"block","acked_features":4294967296,"rings":{"queues":[[4,4]]}}"#;
+        let DeviceState::Block(b) = serde_json::from_str::<DeviceState>(old).unwrap() else {
+            panic!("not a block state");
+        };
+        assert_eq!(b.num_queues, 1);
+        assert_eq!(b.rings.unwrap().queues, vec![(4, 4)]);
     }
 }

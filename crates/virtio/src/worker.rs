@@ -48,6 +48,13 @@ impl Worker {
         self
     }
 
+    /// Asks the thread to park at its next request boundary without waiting for it.
+    pub fn request_pause(&self) {
+        if let Some(p) = &self.pause {
+            p.request();
+        }
+    }
+
     /// Parks the thread at its next request boundary; false if it did not within `timeout`.
     /// A thread without pause support has nothing to quiesce and returns true.
     pub fn pause(&self, timeout: Duration) -> bool {

@@ -231,6 +231,7 @@ fn open(path: &Path, format: Format, read_only: bool) -> Result<image::OpenedDis
         path: path.to_path_buf(),
         read_only,
         format: Some(format),
+        queues: None,
     })
     .map_err(|e| e.to_string())
 }

@@ -44,26 +44,42 @@ pub fn disk_arg(d: &DiskSpec) -> DiskArg {
             DiskFormat::Vhd => Format::Vhd,
             DiskFormat::Vhdx => Format::Vhdx,
         }),
+        queues: d.queues,
     }
 }
 
 /// Opens `d` (format by content unless given) and builds its virtio-blk device with its
-/// serial and storage QoS. Boot disks and hot-added ones go through here alike.
-pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
+/// serial, storage QoS and request queues (`d.queues`, else one per vCPU of a VM with
+/// `vcpus`). Boot disks and hot-added ones go through here alike.
+pub fn build_disk(d: &DiskSpec, vcpus: u32) -> Result<BuiltDisk, WorkerError> {
     let arg = disk_arg(d);
     let image::OpenedDisk { backend, image } = image::open(&arg)?;
-    Ok(wrap_disk(d, backend, image))
+    Ok(wrap_disk(d, backend, image, vcpus))
+}
+
+/// The request queues `d` gets in a VM with `vcpus`: what it asks for, else one per vCPU.
+pub fn disk_queues(d: &DiskSpec, vcpus: u32) -> u16 {
+    d.queues
+        .unwrap_or_else(|| u16::try_from(vcpus).unwrap_or(u16::MAX))
+        .clamp(1, image::MAX_DISK_QUEUES)
 }
 
 /// Builds `d`'s device over an opened `backend` (or, for an incoming migration, over a
 /// placeholder the real disk replaces at the handoff).
-pub fn wrap_disk(d: &DiskSpec, backend: Arc<dyn BlockBackend>, image: image::Image) -> BuiltDisk {
+pub fn wrap_disk(
+    d: &DiskSpec,
+    backend: Arc<dyn BlockBackend>,
+    image: image::Image,
+    vcpus: u32,
+) -> BuiltDisk {
     let movable = Arc::new(MovableBackend::new(backend, d.path.clone(), image.clone()));
     let backend: Arc<dyn BlockBackend> = movable.clone();
-    let mut block = vireo_virtio::Block::new(backend.clone()).with_qos(QosConfig {
-        max_iops: d.max_iops,
-        min_iops: d.min_iops,
-    });
+    let mut block = vireo_virtio::Block::new(backend.clone())
+        .with_queues(disk_queues(d, vcpus))
+        .with_qos(QosConfig {
+            max_iops: d.max_iops,
+            min_iops: d.min_iops,
+        });
     if let Some(serial) = &d.serial {
         block = block.with_serial(serial.clone());
     }
@@ -110,6 +126,8 @@ pub struct Hotplug {
     /// One entry per VM disk slot, in slot order.
     slots: Mutex<Vec<Option<SlotDisk>>>,
     control: ControlDisks,
+    /// The VM's vCPUs: a hot-added disk gets one queue per vCPU unless it asks otherwise.
+    vcpus: u32,
 }
 
 /// The same file, however it was named (falls back to the path as given).
@@ -126,6 +144,7 @@ impl Hotplug {
         boot: &[DiskSpec],
         movable: Vec<Arc<MovableBackend>>,
         control: ControlDisks,
+        vcpus: u32,
     ) -> Self {
         let mut disks = boot.iter().zip(movable);
         let slots = vm
@@ -144,6 +163,7 @@ impl Hotplug {
             vm,
             slots: Mutex::new(slots),
             control,
+            vcpus,
         }
     }
 
@@ -238,7 +258,7 @@ impl Hotplug {
             ));
         }
         self.control.check_idle()?;
-        let built = build_disk(d).map_err(|e| e.to_string())?;
+        let built = build_disk(d, self.vcpus).map_err(|e| e.to_string())?;
         let at = self
             .vm
             .attach_disk(built.block, built.backend)

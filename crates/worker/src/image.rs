@@ -23,9 +23,14 @@ pub struct DiskArg {
     pub read_only: bool,
     /// Given with `format=`; `None` means "detect by content".
     pub format: Option<Format>,
+    /// virtio-blk request queues (`queues=N`); `None`: one per vCPU.
+    pub queues: Option<u16>,
 }
 
-/// `PATH[,ro|,rw][,format=raw|vhd|vhdx]`: options follow the path, in any order.
+/// Most request queues `queues=` accepts (the device's own limit).
+pub const MAX_DISK_QUEUES: u16 = vireo_virtio::block::MAX_QUEUES;
+
+/// `PATH[,ro|,rw][,format=raw|vhd|vhdx][,queues=N]`: options follow the path, in any order.
 pub fn parse_disk(s: &str) -> Result<DiskArg, String> {
     let mut parts = s.split(',');
     let path = parts.next().unwrap_or_default();
@@ -36,6 +41,7 @@ pub fn parse_disk(s: &str) -> Result<DiskArg, String> {
         path: path.into(),
         read_only: false,
         format: None,
+        queues: None,
     };
     for opt in parts {
         match opt.split_once('=') {
@@ -46,14 +52,25 @@ pub fn parse_disk(s: &str) -> Result<DiskArg, String> {
                     format!("unknown disk format '{f}' (format=raw, format=vhd or format=vhdx)")
                 })?)
             }
+            Some(("queues", n)) => arg.queues = Some(parse_queues(n)?),
             _ => {
                 return Err(format!(
-                    "unknown disk option '{opt}' (options: ro, format=raw|vhd|vhdx)"
+                    "unknown disk option '{opt}' (options: ro, format=raw|vhd|vhdx, queues=N)"
                 ))
             }
         }
     }
     Ok(arg)
+}
+
+/// `queues=N`: 1 to [`MAX_DISK_QUEUES`] virtio-blk request queues.
+pub fn parse_queues(n: &str) -> Result<u16, String> {
+    match n.parse::<u16>() {
+        Ok(q) if (1..=MAX_DISK_QUEUES).contains(&q) => Ok(q),
+        _ => Err(format!(
+            "queues={n} is not a queue count; give 1 to {MAX_DISK_QUEUES} (default: one per vCPU)"
+        )),
+    }
 }
 
 /// What a file's content says it is.
@@ -278,6 +295,7 @@ mod tests {
                 path: "a.img".into(),
                 read_only: true,
                 format: None,
+                queues: None,
             })
         );
         let d = parse_disk("a.vhd,format=vhd,ro").unwrap();
@@ -292,6 +310,12 @@ mod tests {
             .unwrap_err()
             .contains("unknown disk format"));
         assert!(parse_disk(",ro").is_err());
+        assert_eq!(parse_disk("a.img,queues=2").unwrap().queues, Some(2));
+        assert_eq!(parse_disk("a.img").unwrap().queues, None);
+        for bad in ["0", "17", "two", "-1", ""] {
+            let e = parse_disk(&format!("a.img,queues={bad}")).unwrap_err();
+            assert!(e.contains(&format!("queues={bad} ")), "{e}");
+        }
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn pending_disks(spec: &VmSpec) -> (OpenDisks, Vec<Arc<PendingDisk>>) {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for d in &spec.disks {
         let p = Arc::new(PendingDisk::new(d.read_only));
-        let built = hotplug::wrap_disk(d, p.clone(), crate::image::Image::Raw);
+        let built = hotplug::wrap_disk(d, p.clone(), crate::image::Image::Raw, spec.vcpus);
         pending.push(p);
         metered.push(built.metered);
         movable.push(built.movable);
@@ -111,7 +111,7 @@ fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
     let mut metered = Vec::new();
     let mut movable = Vec::new();
     for d in &spec.disks {
-        let built = hotplug::build_disk(d)?;
+        let built = hotplug::build_disk(d, spec.vcpus)?;
         metered.push(built.metered);
         movable.push(built.movable);
         control.push(built.control);
@@ -234,7 +234,13 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
         started_at: AtomicI64::new(0),
         ring_bytes,
         meter: Meter::new(metered, spec.memory_bytes),
-        hotplug: Hotplug::new(vm.handle(), &spec.disks, movable, control.disks()),
+        hotplug: Hotplug::new(
+            vm.handle(),
+            &spec.disks,
+            movable,
+            control.disks(),
+            spec.vcpus,
+        ),
         mover: crate::move_storage::Mover::default(),
         migration: crate::migrate::Migration::default(),
         checkpointing: std::sync::atomic::AtomicBool::new(false),

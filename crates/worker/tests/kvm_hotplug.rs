@@ -22,6 +22,7 @@ fn disk(path: &Path, serial: &str, max_iops: Option<u32>) -> DiskSpec {
         serial: Some(serial.into()),
         max_iops,
         min_iops: None,
+        queues: None,
     }
 }
 

@@ -77,6 +77,7 @@ fn with_disk(spec: &mut vireo_api::VmSpec, dir: &std::path::Path) -> std::path::
         serial: None,
         max_iops: None,
         min_iops: None,
+        queues: None,
     });
     path
 }

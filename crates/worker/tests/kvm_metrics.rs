@@ -21,6 +21,7 @@ fn disk(dir: &Path, name: &str, max_iops: Option<u32>, min_iops: Option<u32>) ->
         serial: Some(name.replace('.', "-")),
         max_iops,
         min_iops,
+        queues: None,
     }
 }
 

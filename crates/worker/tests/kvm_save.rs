@@ -20,6 +20,7 @@ fn disk(path: &Path, serial: &str) -> DiskSpec {
         serial: Some(serial.into()),
         max_iops: None,
         min_iops: None,
+        queues: None,
     }
 }
 

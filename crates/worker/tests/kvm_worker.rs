@@ -121,6 +121,7 @@ fn a_missing_disk_or_a_nic_is_start_failed_naming_it() {
         serial: None,
         max_iops: None,
         min_iops: None,
+        queues: None,
     });
     let mut w = Worker::start(spec);
     let (code, exit) = w.wait_exit();
@@ -285,6 +286,7 @@ fn disks_get_their_serial_and_the_control_socket_lists_them() {
         serial: Some("vireo-serial-0".into()),
         max_iops: None,
         min_iops: None,
+        queues: None,
     });
     spec.disks.push(DiskSpec {
         path: ro.clone(),
@@ -293,6 +295,7 @@ fn disks_get_their_serial_and_the_control_socket_lists_them() {
         serial: Some("vireo-serial-1".into()),
         max_iops: None,
         min_iops: None,
+        queues: None,
     });
     let mut w = Worker::start(spec);
     w.wait_console("PROBE READY");
@@ -347,6 +350,7 @@ fn a_disk_given_the_wrong_format_is_start_failed() {
         serial: None,
         max_iops: None,
         min_iops: None,
+        queues: None,
     });
     let mut w = Worker::start(spec);
     let (code, exit) = w.wait_exit();

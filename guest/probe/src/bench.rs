@@ -82,11 +82,22 @@ fn bucket_range(i: usize) -> (u64, u64) {
 
 /// `DISK <i> BENCH read|write|randread|randwrite <bs> <qd> <seconds> [seed]`.
 pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str> {
-    let (op, bs, qd, secs, seed) = match t {
-        [op, bs, qd, secs] => (*op, size(bs)?, num(qd)?, num(secs)?, None),
-        [op, bs, qd, secs, seed] => (*op, size(bs)?, num(qd)?, num(secs)?, Some(num(seed)?)),
-        _ => return Err("usage: DISK i BENCH read|write|randread|randwrite bs qd seconds [seed]"),
+    const USAGE: &str =
+        "usage: DISK i BENCH read|write|randread|randwrite bs qd seconds [seed] [queues=N]";
+    let [op, bs, qd, secs, extra @ ..] = t else {
+        return Err(USAGE);
     };
+    let (op, bs, qd, secs) = (*op, size(bs)?, num(qd)?, num(secs)?);
+    // Optional, in any order: a pattern seed and `queues=N` (the queue depth is spread over
+    // the disk's first N request queues).
+    let (mut seed, mut queues) = (None, 1u64);
+    for arg in extra {
+        match arg.strip_prefix(b"queues=") {
+            Some(n) => queues = num(n)?,
+            None if seed.is_none() => seed = Some(num(arg)?),
+            None => return Err(USAGE),
+        }
+    }
     let (write, pattern) = match op {
         b"read" => (false, Pattern::Sequential),
         b"write" => (true, Pattern::Sequential),
@@ -94,7 +105,15 @@ pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str
         b"randwrite" => (true, Pattern::Random),
         _ => return Err("bad BENCH operation"),
     };
-    if qd == 0 || qd > MAX_QD as u64 || bs == 0 || bs > 64 * MIB || secs == 0 || secs > 3600 {
+    if qd == 0
+        || qd > MAX_QD as u64
+        || bs == 0
+        || bs > 64 * MIB
+        || secs == 0
+        || secs > 3600
+        || queues == 0
+        || queues > qd
+    {
         return Err("range");
     }
     let i = parse::number(index).ok_or("bad disk index")? as usize;
@@ -117,6 +136,7 @@ pub fn disk(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str
         ticks: secs * 1000 * khz,
         buffers,
         seed,
+        queues: queues as usize,
     };
     let disk = p.disks[i].as_mut().ok_or("no such disk")?;
     let out = match disk.bench(&spec) {

@@ -13,7 +13,7 @@ use crate::{arch, memory, parse, status};
 
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NICS: usize = 4;
-const MAX_TOKENS: usize = 8;
+const MAX_TOKENS: usize = 10;
 
 pub struct Probe {
     pub com: Com1,

@@ -23,7 +23,7 @@ pub enum DiskCommand {
     Add {
         /// The VM's name or id.
         vm: String,
-        /// PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N]
+        /// PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N][,queues=N]
         #[arg(value_parser = disk_arg::parse, value_name = "DISK")]
         disk: DiskArg,
         /// text, or json (the VM object with the disk in its spec).
@@ -181,6 +181,7 @@ mod tests {
             serial: Some("S1".into()),
             max_iops: Some(500),
             min_iops: None,
+            queues: None,
         };
         let text = list(std::slice::from_ref(&d), OutputFormat::Text);
         assert!(text.starts_with("INDEX"), "{text}");

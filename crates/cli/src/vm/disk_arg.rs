@@ -1,4 +1,4 @@
-//! `--disk PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N]` (and `vm set --add-disk`): one disk of a VM spec.
+//! `--disk PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N][,queues=N]` (and `vm set --add-disk`): one disk of a VM spec.
 //!
 //! A relative path is made absolute against the current directory, because the daemon runs
 //! elsewhere and requires absolute paths. Paths containing ',' cannot be given this way.
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use vireo_api::{DiskFormat, DiskSpec};
 
-pub const FORM: &str = "PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N]";
+pub const FORM: &str = "PATH[,ro][,format=raw|vhd|vhdx][,max-iops=N][,min-iops=N][,queues=N]";
 
 /// A parsed `--disk`; the path is still as typed (see [`DiskArg::to_spec`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct DiskArg {
     /// Storage QoS in IOPS normalized to 8 KiB (the daemon validates the values).
     pub max_iops: Option<u32>,
     pub min_iops: Option<u32>,
+    /// virtio-blk request queues; `None`: one per vCPU.
+    pub queues: Option<u16>,
 }
 
 /// clap's value parser: the error names the value and shows the form.
@@ -33,6 +35,7 @@ pub fn parse(text: &str) -> Result<DiskArg, String> {
         format: None,
         max_iops: None,
         min_iops: None,
+        queues: None,
     };
     for option in parts {
         match option {
@@ -51,6 +54,12 @@ pub fn parse(text: &str) -> Result<DiskArg, String> {
                 } else {
                     disk.min_iops = Some(n);
                 }
+            }
+            other if other.starts_with("queues=") => {
+                let n = &other["queues=".len()..];
+                disk.queues = Some(
+                    vireo_worker::image::parse_queues(n).map_err(|e| format!("{text:?}: {e}"))?,
+                );
             }
             other => {
                 return Err(format!(
@@ -73,6 +82,7 @@ impl DiskArg {
             serial: None,
             max_iops: self.max_iops,
             min_iops: self.min_iops,
+            queues: self.queues,
         })
     }
 }
@@ -99,6 +109,15 @@ mod tests {
         let e = parse("/d/a,max-iops=lots").unwrap_err();
         assert!(e.contains("max-iops takes a whole number"), "{e}");
         assert!(parse("/d/a,max-iops=-1").is_err());
+    }
+
+    #[test]
+    fn queue_count_option() {
+        let d = parse("/d/a.vhdx,queues=2").unwrap();
+        assert_eq!(d.to_spec().unwrap().queues, Some(2));
+        assert_eq!(parse("/d/a.vhdx").unwrap().queues, None);
+        let e = parse("/d/a,queues=0").unwrap_err();
+        assert!(e.contains("queues=0 is not a queue count"), "{e}");
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub mod tests {
                 serial: None,
                 max_iops: None,
                 min_iops: None,
+                queues: None,
             }],
             nics: vec![NicSpec {
                 name: None,

@@ -322,6 +322,7 @@ async fn move_offline(
                     vireo_api::DiskFormat::Vhd => vireo_vhdx::convert::Format::Vhd,
                     vireo_api::DiskFormat::Vhdx => vireo_vhdx::convert::Format::Vhdx,
                 }),
+                queues: None,
             };
             let opened = vireo_worker::image::open(&arg).map_err(|e| e.to_string())?;
             moving.push(Disk {

@@ -20,6 +20,7 @@ pub fn spec(name: &str) -> VmSpec {
                 serial: None,
                 max_iops: None,
                 min_iops: None,
+                queues: None,
             },
             DiskSpec {
                 path: "/srv/b.raw".into(),
@@ -28,6 +29,7 @@ pub fn spec(name: &str) -> VmSpec {
                 serial: None,
                 max_iops: None,
                 min_iops: None,
+                queues: None,
             },
         ],
         nics: vec![

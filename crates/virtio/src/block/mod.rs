@@ -1,4 +1,11 @@
-//! virtio-blk over any [`BlockBackend`]: one request queue served by one worker thread.
+//! virtio-blk over any [`BlockBackend`]: one or more request queues (VIRTIO_BLK_F_MQ), each
+//! served by its own worker thread.
+//!
+//! Sharing: every queue's worker holds the same `Arc<dyn BlockBackend>` and `BlockCounters`;
+//! backends are `Send + Sync` and lock internally (`vireo_block`'s contract: VHDX and VHD
+//! allocate blocks under their allocation lock and re-check the BAT entry there, so two queues
+//! writing one new block at once allocate it once). Workers share nothing else: each has its
+//! own ring, io_uring batcher, poll window and pause control, so no lock sits between queues.
 
 mod config;
 mod gate;
@@ -14,10 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vireo_block::{BlockBackend, BlockError};
+use virtio_queue::QueueT;
 
 use crate::notifier::ConfigNotifier;
 use crate::pause::PauseCtl;
-use crate::state::{BlockState, DeviceState, StateError};
+use crate::state::{BlockState, DeviceState, RingPositions, StateError};
 use crate::worker::Worker;
 use crate::{
     device_type, ActivateError, GuestMemory, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt,
@@ -25,6 +33,9 @@ use crate::{
 
 /// Queue size offered when the caller does not choose one.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// Most request queues a disk offers: each is a host thread, and more than the host has
+/// cores only makes them take turns.
+pub const MAX_QUEUES: u16 = 16;
 
 /// Running totals of what the device did, for metering and tests.
 #[derive(Debug, Default)]
@@ -88,11 +99,15 @@ impl BlockCounters {
 /// A virtio-blk device.
 pub struct Block {
     backend: Arc<dyn BlockBackend>,
-    queue_sizes: [u16; 1],
+    /// One entry per request queue (all the same size).
+    queue_sizes: Vec<u16>,
+    /// Queues asked for with [`Block::with_queues`]; QoS may hold the device to one.
+    wanted_queues: u16,
     acked_features: u64,
     counters: Arc<BlockCounters>,
     notifier: ConfigNotifier,
-    worker: Option<Worker>,
+    /// Per queue while active, in queue order.
+    queues: Option<Vec<ActiveQueue>>,
     /// What VIRTIO_BLK_T_GET_ID answers instead of the backend's own id (a VM spec's serial).
     serial: Option<String>,
     /// Storage QoS; off (the default) costs nothing per request.
@@ -147,14 +162,39 @@ impl Block {
         let size = 1u16 << (15 - size.leading_zeros() as u16);
         Block {
             backend,
-            queue_sizes: [size],
+            queue_sizes: vec![size],
+            wanted_queues: 1,
             acked_features: 0,
             counters: Arc::default(),
             notifier: ConfigNotifier::default(),
-            worker: None,
+            queues: None,
             serial: None,
             qos: QosConfig::default(),
         }
+    }
+
+    /// Offers `queues` request queues (VIRTIO_BLK_F_MQ when more than one), each with its own
+    /// worker thread; clamped to 1..=[`MAX_QUEUES`]. A disk with storage QoS keeps one queue:
+    /// its limiter and monitor count the disk's requests in one place.
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        self.wanted_queues = queues.clamp(1, MAX_QUEUES);
+        self.shape_queues();
+        self
+    }
+
+    /// The number of request queues the device offers.
+    pub fn num_queues(&self) -> u16 {
+        self.queue_sizes.len() as u16
+    }
+
+    fn shape_queues(&mut self) {
+        let n = if self.qos.is_off() {
+            self.wanted_queues
+        } else {
+            1
+        };
+        let size = self.queue_sizes[0];
+        self.queue_sizes = vec![size; usize::from(n)];
     }
 
     /// The device id the guest reads (VIRTIO_BLK_T_GET_ID, `/sys/block/*/serial`) instead of
@@ -172,6 +212,7 @@ impl Block {
             max_iops: qos.max_iops.filter(|&n| n > 0),
             min_iops: qos.min_iops.filter(|&n| n > 0),
         };
+        self.shape_queues();
         self
     }
 
@@ -204,7 +245,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        config::features(self.backend.read_only(), self.topology())
+        config::features(
+            self.backend.read_only(),
+            self.topology(),
+            self.queue_sizes.len() > 1,
+        )
     }
 
     fn ack_features(&mut self, acked: u64) {
@@ -218,6 +263,7 @@ impl VirtioDevice for Block {
             u32::from(self.queue_sizes[0]) - 2,
             self.backend.logical_sector_size(),
             self.backend.physical_sector_size(),
+            self.num_queues(),
         );
         crate::read_config_bytes(&space, offset, data);
     }
@@ -235,69 +281,138 @@ impl VirtioDevice for Block {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<QueueHandle>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.queues.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        let [queue]: [QueueHandle; 1] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<QueueHandle>| ActivateError::QueueCount {
-                    want: 1,
-                    got: q.len(),
-                })?;
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                want: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
         let event_idx = crate::has_event_idx(self.acked_features);
         self.notifier.set(Some(interrupt.clone()));
-        let worker = worker::BlockWorker::new(
-            mem,
-            interrupt,
-            queue,
-            event_idx,
-            worker::Disk {
-                backend: self.backend.clone(),
-                counters: self.counters.clone(),
-                serial: self.serial.clone(),
-                qos: self.qos,
-            },
-            Arc::new(PauseCtl::new()?),
-        );
-        self.worker = Some(worker.start()?);
+        let mut active = Vec::with_capacity(queues.len());
+        for (index, handle) in queues.into_iter().enumerate() {
+            // A driver without VIRTIO_BLK_F_MQ (or one using fewer queues) leaves the others
+            // unready: no thread for them, and their positions stay what the transport set.
+            if !handle.queue.ready() {
+                active.push(ActiveQueue::Idle((
+                    handle.queue.next_avail(),
+                    handle.queue.next_used(),
+                )));
+                continue;
+            }
+            let worker = worker::BlockWorker::new(
+                mem.clone(),
+                interrupt.clone(),
+                handle,
+                index as u16,
+                event_idx,
+                worker::Disk {
+                    backend: self.backend.clone(),
+                    counters: self.counters.clone(),
+                    serial: self.serial.clone(),
+                    qos: self.qos,
+                },
+                Arc::new(PauseCtl::new()?),
+            );
+            // On an error the workers started so far stop when `active` is dropped.
+            active.push(ActiveQueue::Serving(worker.start()?));
+        }
+        self.queues = Some(active);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+        for queue in self.queues.take().into_iter().flatten() {
+            if let ActiveQueue::Serving(worker) = queue {
+                worker.stop();
+            }
         }
         self.notifier.set(None);
         self.acked_features = 0;
     }
 
-    /// The worker executes requests one at a time, so "in flight" is the one it is executing:
-    /// it finishes it, publishes the used entries of the pass (and interrupts the driver if
-    /// asked), puts back what it had not started, and parks. Requests waiting in the ring
-    /// (held by `max_iops` or not yet reached) stay there untouched until [`Block::resume`].
+    /// Each queue's worker finishes the batch it is executing, publishes its used entries (and
+    /// interrupts the driver if asked), puts back what it had not started, and parks. Requests
+    /// waiting in a ring (held by `max_iops` or not yet reached) stay there untouched until
+    /// [`Block::resume`]. All workers are asked first, then waited for, so the queues quiesce
+    /// together rather than one after another.
     fn pause(&mut self, timeout: Duration) -> Result<(), PauseError> {
-        match &self.worker {
-            Some(w) if !w.pause(timeout) => Err(PauseError::Timeout(timeout)),
-            _ => Ok(()),
+        let workers: Vec<&Worker> = self.workers().collect();
+        for w in &workers {
+            w.request_pause();
         }
+        let deadline = std::time::Instant::now() + timeout;
+        for w in &workers {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !w.pause(left) {
+                return Err(PauseError::Timeout(timeout));
+            }
+        }
+        Ok(())
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
+        for w in self.workers() {
             w.resume();
         }
     }
 
     fn save_state(&self) -> Result<DeviceState, StateError> {
-        let rings = match &self.worker {
-            Some(w) => Some(w.parked_report().ok_or(StateError::NotPaused)?.rings),
+        let rings = match &self.queues {
+            Some(queues) => {
+                let mut positions = Vec::with_capacity(queues.len());
+                for queue in queues {
+                    match queue {
+                        ActiveQueue::Serving(w) => {
+                            let report = w.parked_report().ok_or(StateError::NotPaused)?;
+                            positions.extend(report.rings.queues);
+                        }
+                        ActiveQueue::Idle(at) => positions.push(*at),
+                    }
+                }
+                Some(RingPositions { queues: positions })
+            }
             None => None,
         };
         Ok(DeviceState::Block(BlockState {
             acked_features: self.acked_features,
             rings,
+            num_queues: self.num_queues(),
         }))
+    }
+
+    /// A state saved with another queue count than this device was built with (an older
+    /// Vireo's one queue; a spec whose `queues=` or vCPU count changed since): the driver in
+    /// the guest set up the saved count, so the device takes it.
+    fn adopt_saved_shape(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        let DeviceState::Block(s) = state else {
+            return Ok(()); // restore_state names the mismatch
+        };
+        if s.num_queues == self.num_queues() {
+            return Ok(());
+        }
+        if self.queues.is_some() {
+            return Err(StateError::Invalid("the device is active".into()));
+        }
+        if s.num_queues == 0 || s.num_queues > MAX_QUEUES {
+            return Err(StateError::Invalid(format!(
+                "{} request queues saved; a disk has 1 to {MAX_QUEUES}",
+                s.num_queues
+            )));
+        }
+        if s.num_queues > 1 && !self.qos.is_off() {
+            return Err(StateError::Invalid(format!(
+                "saved with {} request queues, but this disk now has storage QoS, which \
+                 runs on one queue; restore without max-iops/min-iops, then set them",
+                s.num_queues
+            )));
+        }
+        self.wanted_queues = s.num_queues;
+        self.shape_queues();
+        Ok(())
     }
 
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
@@ -307,8 +422,15 @@ impl VirtioDevice for Block {
                 device: "block",
             });
         };
-        if self.worker.is_some() {
+        if self.queues.is_some() {
             return Err(StateError::Invalid("the device is active".into()));
+        }
+        if s.num_queues != self.num_queues() {
+            return Err(StateError::Invalid(format!(
+                "{} request queues saved, the disk has {}",
+                s.num_queues,
+                self.num_queues()
+            )));
         }
         let extra = s.acked_features & !self.features();
         if extra != 0 {
@@ -319,5 +441,21 @@ impl VirtioDevice for Block {
         }
         self.acked_features = s.acked_features;
         Ok(())
+    }
+}
+
+/// One request queue of an active device.
+enum ActiveQueue {
+    Serving(Worker),
+    /// Not set up by the driver: `(next_avail, next_used)` as activation found them.
+    Idle((u16, u16)),
+}
+
+impl Block {
+    fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.queues.iter().flatten().filter_map(|q| match q {
+            ActiveQueue::Serving(w) => Some(w),
+            ActiveQueue::Idle(_) => None,
+        })
     }
 }

@@ -1,4 +1,5 @@
-//! The thread serving a virtio-blk queue: wakes on the driver's kick, executes every available
+//! The thread serving one virtio-blk queue (a multiqueue disk has one such thread per queue,
+//! sharing only the backend and the counters): wakes on the driver's kick, executes every available
 //! request, then interrupts the driver if (per EVENT_IDX) it asked to be told. After a batch it
 //! polls the ring for a short adaptive window with notifications off ([`PollWindow`]), so a
 //! driver that queues its next request quickly does not pay a VM exit to kick.
@@ -39,6 +40,8 @@ pub(crate) struct BlockWorker {
     mem: GuestMemory,
     interrupt: Arc<dyn VirtioInterrupt>,
     queue: Queue,
+    /// This queue's number (for the interrupt and the thread's name).
+    index: u16,
     kick: EventFd,
     backend: Arc<dyn BlockBackend>,
     counters: Arc<BlockCounters>,
@@ -68,6 +71,7 @@ impl BlockWorker {
         mem: GuestMemory,
         interrupt: Arc<dyn VirtioInterrupt>,
         handle: QueueHandle,
+        index: u16,
         event_idx: bool,
         disk: Disk,
         pause: Arc<PauseCtl>,
@@ -88,6 +92,7 @@ impl BlockWorker {
             mem,
             interrupt,
             queue,
+            index,
             kick,
             backend,
             counters,
@@ -105,7 +110,12 @@ impl BlockWorker {
         events.add(stop.as_raw_fd(), TOKEN_STOP)?;
         events.add(self.pause.wake_fd(), TOKEN_PAUSE)?;
         let pause = self.pause.clone();
-        Ok(Worker::spawn("virtio-blk".into(), &stop, move || self.run(events))?.with_pause(pause))
+        Ok(
+            Worker::spawn(format!("virtio-blk-q{}", self.index), &stop, move || {
+                self.run(events)
+            })?
+            .with_pause(pause),
+        )
     }
 
     fn run(mut self, events: EventLoop) {
@@ -225,7 +235,7 @@ impl BlockWorker {
             g.completed(cost, counters);
             Served::Used(len)
         });
-        notify_if_needed(&mut self.queue, mem, &*self.interrupt, 0, used);
+        notify_if_needed(&mut self.queue, mem, &*self.interrupt, self.index, used);
         if let Some(g) = gate.as_mut() {
             g.serve_ended(held, counters);
         }
@@ -276,7 +286,7 @@ impl BlockWorker {
             },
         );
         let queue = &mut self.queue;
-        notify_if_needed(queue, mem, &*self.interrupt, 0, used);
+        notify_if_needed(queue, mem, &*self.interrupt, self.index, used);
         Pass { used, held }
     }
 }

@@ -142,6 +142,31 @@ impl DriverQueue {
         (driver, handle)
     }
 
+    /// The handle a restored transport would give a device for this same ring: the addresses
+    /// the driver set up, the device's saved positions, and a new kick eventfd that this driver
+    /// side signals from then on (what a new VM's ioeventfd is).
+    pub fn restored_handle(&mut self, next_avail: u16, next_used: u16) -> QueueHandle {
+        let mut queue = Queue::new(self.size).unwrap();
+        queue.set_size(self.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
+        queue.set_next_avail(next_avail);
+        queue.set_next_used(next_used);
+        queue.set_ready(true);
+        self.kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        QueueHandle {
+            queue,
+            kick: self.kick.try_clone().unwrap(),
+        }
+    }
+
     /// Writes the descriptors of a chain (without publishing it) and returns its head.
     pub fn write_chain(&mut self, mem: &GuestMemory, bufs: &[Buf]) -> u16 {
         let head = self.next_desc;

@@ -129,6 +129,9 @@ fn sample() -> VmState {
                     rings: Some(RingPositions {
                         queues: vec![(65535, 65534)],
                     }),
+                    // Not in the version-1 fixture: a state from before multiqueue reads as
+                    // one queue.
+                    num_queues: 1,
                 }),
             },
             TransportState {

@@ -225,6 +225,17 @@ impl Vm {
             .map(|d| d.device.device_type())
             .collect();
         st.check_fits(config.memory, config.vcpus, &devices)?;
+        // A disk's queue count is fixed once its transport exists: take the saved one now.
+        for (index, (slot, saved)) in config.devices.iter_mut().zip(&st.virtio).enumerate() {
+            let kind = saved.device.kind();
+            slot.device
+                .adopt_saved_shape(&saved.device)
+                .map_err(|source| StateError::Device {
+                    index,
+                    kind,
+                    source,
+                })?;
+        }
         trace::mark("checked");
         // Another process mapping RAM would not see pages a lazy restore has not filled yet.
         let eager = from.eager || config.devices.iter().any(|d| d.device.maps_guest_memory());

@@ -271,6 +271,7 @@ fn release(
             path: path.clone(),
             read_only: g.read_only,
             format: Some(img.format()),
+            queues: None,
         };
         let parked = d.movable.park();
         if let Err(e) = parked.source().flush() {

@@ -60,6 +60,7 @@ pub fn spec(disk: &Path, serial: &str) -> VmSpec {
             serial: Some(serial.into()),
             max_iops: None,
             min_iops: None,
+            queues: None,
         }],
         ..probe_spec()
     }

@@ -14,6 +14,8 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_BLK_F_MQ: `num_queues` request queues; without it only queue 0 exists.
+const F_MQ: u64 = 1 << 12;
 /// VIRTIO_RING_F_EVENT_IDX: kick only at the avail index the device names.
 const F_EVENT_IDX: u64 = 1 << 29;
 
@@ -27,6 +29,11 @@ pub const SECTOR: u64 = 512;
 const SLOT_BYTES: usize = 512 << 10;
 const SLOTS: usize = 4;
 const MAX_SEGS_PER_REQ: usize = 64;
+/// Most request queues the probe sets up on one disk (BENCH `queues=`); a device offering
+/// more gets its first MAX_QUEUES used.
+pub const MAX_QUEUES: usize = 4;
+/// Entries per extra request queue: enough for BENCH's queue depth spread over them.
+const EXTRA_QUEUE_SIZE: u16 = 256;
 /// A request the device has not completed after this many TSC ticks (tens of seconds at any
 /// plausible frequency) is reported as a timeout instead of hanging the probe.
 const STALL_TICKS: u64 = 100_000_000_000;
@@ -58,7 +65,10 @@ pub enum Op {
 }
 
 pub struct Blk {
+    /// Request queue 0: pattern I/O, flush, get-id and single-queue BENCH use it.
     vq: Virtqueue,
+    /// Request queues 1.. (VIRTIO_BLK_F_MQ), used by BENCH `queues=N` only.
+    more: [Option<Virtqueue>; MAX_QUEUES - 1],
     /// Kept for config-space reads: the capacity is never cached (see [`Blk::sectors`]).
     transport: Transport,
     pub ro: bool,
@@ -86,7 +96,7 @@ struct Inflight {
 impl Blk {
     pub fn new(transport: Transport) -> Option<Self> {
         let features = transport
-            .begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX)?;
+            .begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX | F_MQ)?;
         let size_max = if features & F_SIZE_MAX != 0 {
             transport.config_read32(8)
         } else {
@@ -108,6 +118,28 @@ impl Blk {
         };
         if features & F_EVENT_IDX != 0 {
             vq.set_event_idx();
+        }
+        // num_queues is the u16 at config offset 34, read as the upper half of the aligned
+        // 32-bit word at 32.
+        let num_queues = if features & F_MQ != 0 {
+            (transport.config_read32(32) >> 16) as usize
+        } else {
+            1
+        };
+        let mut more = [const { None }; MAX_QUEUES - 1];
+        for (i, slot) in more
+            .iter_mut()
+            .enumerate()
+            .take(num_queues.clamp(1, MAX_QUEUES) - 1)
+        {
+            let Some(mut q) = Virtqueue::new(transport, i as u16 + 1, EXTRA_QUEUE_SIZE) else {
+                transport.fail();
+                return None;
+            };
+            if features & F_EVENT_IDX != 0 {
+                q.set_event_idx();
+            }
+            *slot = Some(q);
         }
         let mut seg_bytes = if size_max >= 4096 {
             (size_max as usize) & !4095
@@ -139,6 +171,7 @@ impl Blk {
         transport.finish_init();
         Some(Blk {
             vq,
+            more,
             transport,
             ro: features & F_RO != 0,
             blk_size,
@@ -149,6 +182,19 @@ impl Blk {
             seg_limit,
             meta,
         })
+    }
+
+    /// Request queues set up (1 without VIRTIO_BLK_F_MQ).
+    pub fn queues(&self) -> usize {
+        1 + self.more.iter().filter(|q| q.is_some()).count()
+    }
+
+    /// Request queue `index` (below [`Blk::queues`]).
+    fn queue(&mut self, index: usize) -> Option<&mut Virtqueue> {
+        match index {
+            0 => Some(&mut self.vq),
+            i => self.more.get_mut(i - 1)?.as_mut(),
+        }
     }
 
     /// The window the device sits in.

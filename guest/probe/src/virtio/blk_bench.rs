@@ -1,7 +1,8 @@
-//! `DISK i BENCH`: keeps `qd` requests of `bs` bytes in flight on the disk's one virtqueue for a
-//! given time and records each request's latency from the TSC. Completions are reaped in
-//! batches and the refills published with one notification, so the probe itself adds at most
-//! one kick per batch. Data buffers live in guest RAM above the probe's 8 MiB (caller-checked).
+//! `DISK i BENCH`: keeps `qd` requests of `bs` bytes in flight on the disk's first `queues`
+//! request queues (slot `i` on queue `i % queues`) for a given time and records each
+//! request's latency from the TSC. Completions are reaped in batches and the refills published
+//! with one notification per queue, so the probe itself adds at most one kick per queue and
+//! batch. Data buffers live in guest RAM above the probe's 8 MiB (caller-checked).
 
 use super::{Blk, Error, MAX_SEGS_PER_REQ, SECTOR, T_IN, T_OUT};
 use crate::arch::rdtsc;
@@ -29,6 +30,8 @@ pub struct Spec {
     /// Writes carry the disk pattern for this seed (so VERIFY can check them), reads are
     /// verified against it; None moves the bytes unchecked (the fast, measuring mode).
     pub seed: Option<u64>,
+    /// Request queues to spread the `qd` requests over (1: queue 0 only, as before MQ).
+    pub queues: usize,
 }
 
 pub struct Outcome {
@@ -48,6 +51,7 @@ static mut META: Meta = Meta([[0; 32]; MAX_QD]);
 #[derive(Clone, Copy, Default)]
 struct Slot {
     busy: bool,
+    queue: usize,
     head: u16,
     offset: u64,
     started: u64,
@@ -58,7 +62,16 @@ impl Blk {
     pub fn bench(&mut self, spec: &Spec) -> Result<Outcome, Error> {
         let disk_bytes = self.sectors() * SECTOR;
         let segs = spec.bs.div_ceil(self.seg_bytes as u64) as usize;
-        if spec.bs == 0
+        let nq = spec.queues;
+        let per_queue = spec.qd.div_ceil(nq.max(1));
+        let smallest = (0..nq)
+            .filter_map(|q| self.queue(q).map(|v| v.size() as usize))
+            .min()
+            .unwrap_or(0);
+        if nq == 0
+            || nq > self.queues()
+            || per_queue * (segs + 2) > smallest
+            || spec.bs == 0
             || !spec.bs.is_multiple_of(SECTOR)
             || spec.bs > disk_bytes
             || segs > self.seg_limit
@@ -79,7 +92,7 @@ impl Blk {
             hist: Histogram::new(),
             kicks: 0,
         };
-        let kicks_before = self.vq.kicks;
+        let kicks_before = self.kicks(nq);
         let mut first_error = None;
         let start = rdtsc();
         let end = start.saturating_add(spec.ticks);
@@ -87,7 +100,7 @@ impl Blk {
         let mut last_done = start;
         loop {
             let now = rdtsc();
-            let mut added = false;
+            let mut added = [false; super::MAX_QUEUES];
             if now < end && first_error.is_none() {
                 for (i, slot) in slots[..spec.qd].iter_mut().enumerate() {
                     if slot.busy {
@@ -110,21 +123,26 @@ impl Blk {
                         };
                         pattern::fill(words, seed, offset);
                     }
-                    let Some(head) = self.bench_submit(i, spec, offset / SECTOR, data) else {
+                    let queue = i % nq;
+                    let Some(head) = self.bench_submit(queue, i, spec, offset / SECTOR, data)
+                    else {
                         break;
                     };
                     *slot = Slot {
                         busy: true,
+                        queue,
                         head,
                         offset,
                         started: rdtsc(),
                     };
                     busy += 1;
-                    added = true;
+                    added[queue] = true;
                 }
             }
-            if added {
-                self.vq.publish();
+            for (q, _) in added.iter().enumerate().filter(|(_, &a)| a) {
+                if let Some(vq) = self.queue(q) {
+                    vq.publish();
+                }
             }
             if busy == 0 {
                 break;
@@ -133,11 +151,11 @@ impl Blk {
             let mut reaped = 0;
             let wait_from = rdtsc();
             loop {
-                while let Some((head, _)) = self.vq.pop_used() {
+                for (q, head) in (0..nq).flat_map(|q| self.drain_queue(q).map(move |h| (q, h))) {
                     let done = rdtsc();
                     let Some(i) = slots[..spec.qd]
                         .iter()
-                        .position(|s| s.busy && s.head == head)
+                        .position(|s| s.busy && s.queue == q && s.head == head)
                     else {
                         continue;
                     };
@@ -173,14 +191,42 @@ impl Blk {
             }
         }
         out.ticks = last_done.wrapping_sub(start).max(1);
-        out.kicks = self.vq.kicks - kicks_before;
+        out.kicks = self.kicks(nq) - kicks_before;
         match first_error {
             Some(e) => Err(e),
             None => Ok(out),
         }
     }
 
-    fn bench_submit(&mut self, i: usize, spec: &Spec, sector: u64, data: u64) -> Option<u16> {
+    /// Notifications sent so far on the first `nq` queues.
+    fn kicks(&mut self, nq: usize) -> u64 {
+        (0..nq).filter_map(|q| self.queue(q).map(|v| v.kicks)).sum()
+    }
+
+    /// Heads completed on queue `q` since the last look (at most one ring's worth).
+    fn drain_queue(&mut self, q: usize) -> impl Iterator<Item = u16> + use<> {
+        let mut heads = [0u16; MAX_QD];
+        let mut n = 0;
+        if let Some(vq) = self.queue(q) {
+            while n < MAX_QD {
+                let Some((head, _)) = vq.pop_used() else {
+                    break;
+                };
+                heads[n] = head;
+                n += 1;
+            }
+        }
+        heads.into_iter().take(n)
+    }
+
+    fn bench_submit(
+        &mut self,
+        queue: usize,
+        i: usize,
+        spec: &Spec,
+        sector: u64,
+        data: u64,
+    ) -> Option<u16> {
         let hdr = meta(i);
         let kind = if spec.write { T_OUT } else { T_IN };
         // SAFETY: slot `i`'s header and status are not in flight (the caller checked `busy`).
@@ -217,7 +263,7 @@ impl Blk {
             len: 1,
             device_writes: true,
         };
-        self.vq.add(&bufs[..n + 1])
+        self.queue(queue)?.add(&bufs[..n + 1])
     }
 }
 
