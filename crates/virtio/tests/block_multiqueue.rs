@@ -423,5 +423,11 @@ fn save_and_restore(
         .collect();
     let irq = Arc::new(RecordingInterrupt::default());
     dev.activate(mem.clone(), irq, handles).unwrap();
+    // A restored device comes up parked (its VM is paused): the requests queued before the
+    // save wait for the resume.
+    std::thread::sleep(Duration::from_millis(20));
+    let now: Vec<u16> = qs.iter().map(|q| q.used_idx(mem)).collect();
+    assert_eq!(now, published, "a restored disk served before its resume");
+    dev.resume();
     dev
 }

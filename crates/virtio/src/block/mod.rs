@@ -112,6 +112,9 @@ pub struct Block {
     serial: Option<String>,
     /// Storage QoS; off (the default) costs nothing per request.
     qos: QosConfig,
+    /// Loaded from a save: the next activation starts the workers parked, so nothing is
+    /// served for a VM restored paused until it resumes.
+    restored: bool,
 }
 
 /// Resizes a disk while its device is owned by the transport, telling the driver.
@@ -170,6 +173,7 @@ impl Block {
             queues: None,
             serial: None,
             qos: QosConfig::default(),
+            restored: false,
         }
     }
 
@@ -292,6 +296,7 @@ impl VirtioDevice for Block {
         }
         let event_idx = crate::has_event_idx(self.acked_features);
         self.notifier.set(Some(interrupt.clone()));
+        let parked = std::mem::take(&mut self.restored);
         let mut active = Vec::with_capacity(queues.len());
         for (index, handle) in queues.into_iter().enumerate() {
             // A driver without VIRTIO_BLK_F_MQ (or one using fewer queues) leaves the others
@@ -315,7 +320,11 @@ impl VirtioDevice for Block {
                     serial: self.serial.clone(),
                     qos: self.qos,
                 },
-                Arc::new(PauseCtl::new()?),
+                Arc::new(if parked {
+                    PauseCtl::parked_from_start()?
+                } else {
+                    PauseCtl::new()?
+                }),
             );
             // On an error the workers started so far stop when `active` is dropped.
             active.push(ActiveQueue::Serving(worker.start()?));
@@ -332,6 +341,7 @@ impl VirtioDevice for Block {
         }
         self.notifier.set(None);
         self.acked_features = 0;
+        self.restored = false;
     }
 
     /// Each queue's worker finishes the batch it is executing, publishes its used entries (and
@@ -440,6 +450,7 @@ impl VirtioDevice for Block {
             )));
         }
         self.acked_features = s.acked_features;
+        self.restored = s.rings.is_some();
         Ok(())
     }
 }

@@ -119,8 +119,13 @@ impl BlockWorker {
     }
 
     fn run(mut self, events: EventLoop) {
-        // A driver may have queued requests before the device was activated.
-        let mut last = self.serve();
+        // A driver may have queued requests before the device was activated; a worker asked
+        // to park from the start (a restored device) leaves them for the resume.
+        let mut last = if self.pause.requested() {
+            Pass::default()
+        } else {
+            self.serve()
+        };
         let mut ready = Vec::new();
         loop {
             // The top of the loop is a request boundary: nothing taken from the ring is
