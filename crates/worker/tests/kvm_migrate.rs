@@ -10,12 +10,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::migration::{ok, pair, spec, status, wait_status, Host};
-use common::{kvm, raw_disk, Worker};
-use vireo_api::worker::{
-    CompressMode, IncomingMigration, MigrateOptions, MigrateState, PostcopyMode, WorkerExitReason,
-    WorkerLaunch, WorkerOp, WorkerReply,
+use common::migration::{
+    incoming, listening, migrate_out, ok, pair, spec, status, wait_status, Host,
 };
+use common::{kvm, raw_disk, Worker};
+use vireo_api::worker::{CompressMode, MigrateState, WorkerExitReason, WorkerOp, WorkerReply};
 use vireo_probe_image::ProbeConsole;
 
 /// A running source with the DIRTY workload on 64 MiB, its disk written; returns the probe
@@ -33,54 +32,7 @@ fn source(disk: &Path, fill_mib: u64) -> (Worker, ProbeConsole, String) {
 }
 
 fn destination(disk: &Path, host: &Host, session: uuid::Uuid, streams: u16) -> Worker {
-    Worker::launch_with(WorkerLaunch {
-        vm_id: uuid::Uuid::new_v4(),
-        spec: spec(disk, "MIG0"),
-        nic_sockets: vec![],
-        restore_from: None,
-        incoming: Some(IncomingMigration {
-            session,
-            streams,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: host.tls(),
-        }),
-    })
-}
-
-fn migrate_out(
-    src: &Worker,
-    to: std::net::SocketAddr,
-    session: uuid::Uuid,
-    host: &Host,
-    streams: u16,
-    compress: CompressMode,
-    bandwidth: Option<u64>,
-) {
-    let r = src.ask(WorkerOp::MigrateOut {
-        to,
-        session,
-        options: MigrateOptions {
-            max_downtime_ms: 50,
-            bandwidth,
-            compress,
-            streams,
-            postcopy: PostcopyMode::Never,
-            storage: None,
-        },
-        tls: host.tls(),
-    });
-    assert_eq!(
-        r,
-        WorkerReply::Ok,
-        "MigrateOut refused; log:\n{}",
-        src.log()
-    );
-}
-
-fn listening(dst: &Worker) -> std::net::SocketAddr {
-    wait_status(dst, "destination listening", |p| p.listen_addr.is_some())
-        .listen_addr
-        .unwrap()
+    incoming(spec(disk, "MIG0"), host, session, streams)
 }
 
 fn disk_dir() -> (tempfile::TempDir, PathBuf) {
