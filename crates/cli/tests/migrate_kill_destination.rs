@@ -80,10 +80,8 @@ fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
     }
     let destination_pid = b.worker_pid("m");
     // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
-    assert_eq!(
-        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let j = loop {
