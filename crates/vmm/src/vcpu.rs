@@ -249,6 +249,11 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
             break;
         }
         if ctx.control.pause_requested() {
+            if let Err(reason) = complete_pending_io(&mut vcpu, &ctx) {
+                ctx.exit
+                    .set(VmExit::Error(format!("vCPU {index}: {reason}")));
+                continue;
+            }
             // A kick that arrives from here on is for a later request, which the checks
             // above see on the way out of the park.
             vcpu.set_kvm_immediate_exit(0);
@@ -293,6 +298,26 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     ctx.control.vcpu_ended();
     tracing::debug!("vCPU {index} stopped; exits: {exits}");
+}
+
+/// Finishes the I/O exit handled last before the vCPU parks. KVM completes a port or MMIO
+/// access only on the next KVM_RUN (an IN's value goes into the guest's register and RIP moves
+/// past the instruction there). State captured before that has the guest execute the access
+/// again after a restore or migration: the COM1 byte popped for an IN is lost (a console
+/// command line arrived one character short on the destination), an OUT is repeated. KVM_RUN
+/// with `immediate_exit` set completes the access and returns EINTR without running guest
+/// code; a string access may need more than one exit to complete, so loop until EINTR.
+fn complete_pending_io(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> std::result::Result<(), String> {
+    vcpu.set_kvm_immediate_exit(1);
+    let outcome = loop {
+        match vcpu.run() {
+            Ok(exit) => handle_exit(exit, ctx)?,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break Ok(()),
+            Err(e) => break Err(format!("KVM_RUN to complete the last I/O failed: {e}")),
+        }
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    outcome
 }
 
 /// How often each kind of exit brought a vCPU back to us, for the log line at its end.

@@ -10,12 +10,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::migration::{ok, pair, spec, status, wait_status, Host};
-use common::{kvm, raw_disk, Worker};
-use vireo_api::worker::{
-    CompressMode, IncomingMigration, MigrateOptions, MigrateState, PostcopyMode, WorkerExitReason,
-    WorkerLaunch, WorkerOp, WorkerReply,
+use common::migration::{
+    incoming, listening, migrate_out, ok, pair, spec, status, wait_status, Host,
 };
+use common::{kvm, raw_disk, Worker};
+use vireo_api::worker::{CompressMode, MigrateState, WorkerExitReason, WorkerOp, WorkerReply};
 use vireo_probe_image::ProbeConsole;
 
 /// A running source with the DIRTY workload on 64 MiB, its disk written; returns the probe
@@ -33,54 +32,7 @@ fn source(disk: &Path, fill_mib: u64) -> (Worker, ProbeConsole, String) {
 }
 
 fn destination(disk: &Path, host: &Host, session: uuid::Uuid, streams: u16) -> Worker {
-    Worker::launch_with(WorkerLaunch {
-        vm_id: uuid::Uuid::new_v4(),
-        spec: spec(disk, "MIG0"),
-        nic_sockets: vec![],
-        restore_from: None,
-        incoming: Some(IncomingMigration {
-            session,
-            streams,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: host.tls(),
-        }),
-    })
-}
-
-fn migrate_out(
-    src: &Worker,
-    to: std::net::SocketAddr,
-    session: uuid::Uuid,
-    host: &Host,
-    streams: u16,
-    compress: CompressMode,
-    bandwidth: Option<u64>,
-) {
-    let r = src.ask(WorkerOp::MigrateOut {
-        to,
-        session,
-        options: MigrateOptions {
-            max_downtime_ms: 50,
-            bandwidth,
-            compress,
-            streams,
-            postcopy: PostcopyMode::Never,
-            storage: None,
-        },
-        tls: host.tls(),
-    });
-    assert_eq!(
-        r,
-        WorkerReply::Ok,
-        "MigrateOut refused; log:\n{}",
-        src.log()
-    );
-}
-
-fn listening(dst: &Worker) -> std::net::SocketAddr {
-    wait_status(dst, "destination listening", |p| p.listen_addr.is_some())
-        .listen_addr
-        .unwrap()
+    incoming(spec(disk, "MIG0"), host, session, streams)
 }
 
 fn disk_dir() -> (tempfile::TempDir, PathBuf) {
@@ -126,7 +78,9 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
     let last = progress.expect("MigratedAway carries the final progress");
     assert_eq!(last.state, MigrateState::Completed, "{last:?}");
     assert_eq!(last.downtime_ms, Some(downtime_ms), "{last:?}");
-    assert!(last.round >= 1 && last.transferred_bytes > 0, "{last:?}");
+    // Round 0 is possible: on a loaded machine the guest may dirty so little during the full
+    // pass that the rest fits the pause at once.
+    assert!(last.transferred_bytes > 0, "{last:?}");
     let p = wait_status(&dst, "destination completed", |p| {
         p.state == MigrateState::Completed
     });
@@ -148,7 +102,8 @@ fn kvm_migrate_two_streams_zstd_the_guest_runs_on_at_the_destination() {
             .unwrap()
     };
     let (passes, pages) = (field("passes="), field("pages="));
-    assert!(passes >= 1, "{stop}");
+    // Whole passes need guest speed a loaded machine may not give; pages written do not.
+    assert!(pages > 0, "{stop}");
     // Every pass writes all 16384 pages of the range: counter and page count moved together.
     assert_eq!(pages / (64 * 256), passes, "{stop}");
     assert_eq!(ok(&mut c, "MEM SUM 100 16"), sum);
@@ -185,7 +140,7 @@ fn still_running(src: &Worker, c: &mut ProbeConsole) {
     std::thread::sleep(Duration::from_millis(100));
     let stop = ok(c, "DIRTY STOP");
     assert!(
-        !stop.contains("passes=0 "),
+        !stop.ends_with(" pages=0"),
         "the workload did not advance: {stop}"
     );
     ok(c, "DISK 0 VERIFY 0 256 11");

@@ -1,10 +1,14 @@
 //! What the live-migration tests between two workers share: two host identities trusting
-//! each other, the 256 MiB probe spec with one disk, and `MigrateStatus` polling.
+//! each other, the 256 MiB probe spec with one disk, the destination's `incoming` launch,
+//! `MigrateOut` and `MigrateStatus` polling.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vireo_api::worker::{MigrateProgress, MigrationTls, WorkerOp, WorkerReply};
+use vireo_api::worker::{
+    CompressMode, IncomingMigration, MigrateOptions, MigrateProgress, MigrationTls, PostcopyMode,
+    WorkerLaunch, WorkerOp, WorkerReply,
+};
 use vireo_api::{DiskSpec, VmSpec};
 use vireo_migration::hostauth::{HostIdentity, TrustStore};
 use vireo_probe_image::ProbeConsole;
@@ -99,4 +103,58 @@ pub fn ok(c: &mut ProbeConsole, cmd: &str) -> String {
     let a = c.command(cmd, T).unwrap();
     assert!(a.starts_with("OK"), "{cmd}: {a}");
     a
+}
+
+/// A destination worker for `spec`, listening on 127.0.0.1 port 0 for session `session`.
+pub fn incoming(spec: VmSpec, host: &Host, session: uuid::Uuid, streams: u16) -> Worker {
+    Worker::launch_with(WorkerLaunch {
+        vm_id: uuid::Uuid::new_v4(),
+        spec,
+        nic_sockets: vec![],
+        restore_from: None,
+        incoming: Some(IncomingMigration {
+            session,
+            streams,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: host.tls(),
+        }),
+    })
+}
+
+/// Where the destination listens, once it does.
+pub fn listening(dst: &Worker) -> std::net::SocketAddr {
+    wait_status(dst, "destination listening", |p| p.listen_addr.is_some())
+        .listen_addr
+        .unwrap()
+}
+
+/// Starts a pre-copy migration of `src` to `to` (50 ms target downtime).
+pub fn migrate_out(
+    src: &Worker,
+    to: std::net::SocketAddr,
+    session: uuid::Uuid,
+    host: &Host,
+    streams: u16,
+    compress: CompressMode,
+    bandwidth: Option<u64>,
+) {
+    let r = src.ask(WorkerOp::MigrateOut {
+        to,
+        session,
+        options: MigrateOptions {
+            max_downtime_ms: 50,
+            bandwidth,
+            compress,
+            streams,
+            postcopy: PostcopyMode::Never,
+            storage: None,
+        },
+        tls: host.tls(),
+    });
+    assert_eq!(
+        r,
+        WorkerReply::Ok,
+        "MigrateOut refused; log:\n{}",
+        src.log()
+    );
 }

@@ -1,0 +1,272 @@
+//! End to end, under KVM and as root: `vireo vm migrate` of a probe VM whose NIC is a
+//! vhost-user port of a switch, while frames flow to it. Two vireods on loopback, each with an
+//! external switch `lan` whose uplinks are the two ends of one veth pair (the wire between
+//! two hosts). A second probe VM on the source's switch blasts sequence-numbered frames at the
+//! migrating VM (`NET BLAST ... window=64`, the sink acknowledging: docs/probe-protocol.md), the
+//! migrating VM's `NET SINK` runs through the move and answers on the destination.
+//!
+//! Checked: the blast outlasts the migration, so frames were sent before, during and after it;
+//! the sink, now on the destination, counted them, and the frames it lost are bounded by what
+//! the blaster can have in flight (its window, once more for every time its window reopened
+//! after acks stopped); the destination's port is connected and delivered frames, the source's
+//! port is gone; and a second run, wholly after the move, loses nothing.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vireo_api::switch_rest::SwitchInfo;
+use vireo_api::NicSpec;
+
+mod vireod_harness;
+use vireod_harness::console::Console;
+use vireod_harness::Daemon;
+
+const WINDOW: u64 = 64;
+
+fn identity(d: &Daemon) -> serde_json::Value {
+    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
+}
+
+/// A veth pair in this namespace, deleted on drop.
+struct Wire([String; 2]);
+
+impl Wire {
+    fn new() -> Wire {
+        let tag = std::process::id() % 100_000;
+        let ends = [format!("vmA{tag}"), format!("vmB{tag}")];
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&[
+            "link", "add", &ends[0], "type", "veth", "peer", "name", &ends[1],
+        ]);
+        for end in &ends {
+            ip(&["link", "set", end, "up"]);
+        }
+        Wire(ends)
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.0[0]])
+            .status();
+    }
+}
+
+/// Switch processes outlive vireod by design: on the way out (also when an assertion fails)
+/// the VMs are turned off and removed, then the switches.
+struct RemoveAll<'a>([&'a Daemon; 2]);
+
+impl Drop for RemoveAll<'_> {
+    fn drop(&mut self) {
+        for d in self.0 {
+            for vm in ["m", "blaster"] {
+                let _ = d.vireo(&["vm", "turn-off", vm]).output();
+                let _ = d.vireo(&["vm", "rm", vm]).output();
+            }
+            let _ = d.vireo(&["switch", "rm", "lan"]).output();
+        }
+    }
+}
+
+fn mac_of(d: &Daemon, vm: &str) -> String {
+    let nics: Vec<NicSpec> =
+        serde_json::from_str(&d.ok(&["vm", "nic", "list", vm, "--output", "json"])).unwrap();
+    nics[0].mac.unwrap().to_string()
+}
+
+fn switch(d: &Daemon) -> SwitchInfo {
+    serde_json::from_str(&d.ok(&["switch", "show", "lan", "--output", "json"])).unwrap()
+}
+
+/// `key=<n>` of a probe answer.
+fn field(answer: &str, key: &str) -> u64 {
+    vireo_probe_image::console::field(answer, key)
+        .unwrap_or_else(|| panic!("no {key} in {answer}"))
+        .parse()
+        .unwrap()
+}
+
+/// The sink's answer, once it appears in the VM's console log on `d`.
+fn sink_answer(d: &Daemon, vm: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = d.ok(&["vm", "console", vm, "--log"]);
+        if let Some(line) = log.lines().find(|l| l.starts_with("OK frames=")) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "the sink never answered: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs `command` on `vm`'s console on a thread: its answer when it comes.
+fn ask_in_background(
+    d: &Daemon,
+    vm: &str,
+    command: String,
+) -> std::thread::JoinHandle<Option<String>> {
+    let mut c = Console::attach(d, vm);
+    c.ok("PING");
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let answer = c.try_ask(&command, Duration::from_secs(180));
+        eprintln!("{command}: {answer:?} after {:?}", started.elapsed());
+        answer
+    })
+}
+
+#[test]
+fn probe_guest_with_a_switch_nic_migrates_while_frames_flow_to_it() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm)
+        || !vireo_testkit::require(vireo_testkit::Need::Netns)
+    {
+        return;
+    }
+    let switch_bin = std::path::Path::new(vireod_harness::VIREO)
+        .parent()
+        .unwrap()
+        .join("vireo-switch");
+    if !switch_bin.is_file() {
+        vireo_testkit::skip(
+            "vireo-switch built beside vireo (cargo build --release -p vireo-switchd)",
+        );
+        return;
+    }
+    let wire = Wire::new();
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let Some(a) = Daemon::start_args(&listen) else {
+        return;
+    };
+    let Some(b) = Daemon::start_args(&listen) else {
+        return;
+    };
+    let _remove = RemoveAll([&a, &b]);
+    for (d, uplink) in [(&a, &wire.0[0]), (&b, &wire.0[1])] {
+        d.ok(&[
+            "switch", "create", "lan", "--type", "external", "--uplink", uplink,
+        ]);
+    }
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    for vm in ["m", "blaster"] {
+        a.ok(&["vm", "create", vm, "--kernel", &kernel, "--memory", "32M"]);
+        a.ok(&["vm", "nic", "add", vm, "--switch", "lan"]);
+        a.ok(&["vm", "start", vm]);
+    }
+    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
+    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
+    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
+    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
+    let to = identity(&b)["migration_listen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m_mac = mac_of(&a, "m");
+    let m_port = switch(&a)
+        .nics
+        .iter()
+        .find(|n| n.vm == "m")
+        .expect("m's port on the source switch")
+        .port
+        .clone();
+
+    // The sink runs through the move: it answers on the destination (idle 5 s: the move's
+    // pause must not end it).
+    let mut sink = Console::attach(&a, "m");
+    sink.ok("PING");
+    {
+        use std::io::Write;
+        let stdin = sink.stdin.as_mut().unwrap();
+        writeln!(stdin, "NET 0 SINK 170 5000 ack=16").unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let blast = ask_in_background(
+        &a,
+        "blaster",
+        format!("NET 0 BLAST 64 20s {m_mac} window={WINDOW}"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let out = a.ok(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--max-downtime",
+        "50ms",
+        "--output",
+        "json",
+    ]);
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["state"], "completed", "{job}");
+    assert!(
+        !blast.is_finished(),
+        "the blast ended before the migration did: nothing was sent after the move (a slower \
+         machine than this test allows for)"
+    );
+    drop(sink);
+
+    // The source's port is gone, the destination's is connected.
+    let here = switch(&a);
+    assert!(here.nics.iter().all(|n| n.vm != "m"), "{:?}", here.nics);
+    assert!(
+        here.ports.iter().all(|p| p.config.name != m_port),
+        "{:?}",
+        here.ports
+    );
+    let there = switch(&b);
+    let nic = there
+        .nics
+        .iter()
+        .find(|n| n.vm == "m")
+        .unwrap_or_else(|| panic!("no port for m on the destination: {:?}", there.nics));
+    let port = there
+        .ports
+        .iter()
+        .find(|p| p.config.name == nic.port)
+        .unwrap_or_else(|| panic!("{} not reported: {:?}", nic.port, there.ports));
+    assert!(port.connected, "{port:?}");
+
+    let blasted = blast.join().unwrap().expect("the blaster's answer");
+    assert!(blasted.starts_with("OK"), "{blasted}");
+    let sunk = sink_answer(&b, "m");
+    eprintln!(
+        "frames through the migration (downtime {} ms): blaster {blasted}; sink {sunk}",
+        job["migration"]["downtime_ms"]
+    );
+    let (sent, timeouts) = (field(&blasted, "sent"), field(&blasted, "timeouts"));
+    let (frames, lost) = (field(&sunk, "frames"), field(&sunk, "lost"));
+    // Frames reached the VM on the destination's port (the switch delivered them there).
+    let there = switch(&b);
+    let port = there
+        .ports
+        .iter()
+        .find(|p| p.config.name == nic.port)
+        .unwrap();
+    assert!(port.meters.packets_out > 0, "{port:?}");
+    // What the blaster can have had in flight when the path broke, and again each time its
+    // window reopened without acks, is all a move may cost.
+    let bound = WINDOW * (timeouts + 1);
+    assert!(frames <= sent, "{sunk} / {blasted}");
+    assert!(
+        sent - frames <= bound,
+        "{} frames missing, more than {bound}: {sunk} / {blasted}",
+        sent - frames
+    );
+    assert!(lost <= bound, "{sunk} / {blasted}");
+
+    // Wholly after the move: nothing lost.
+    let sink = ask_in_background(&b, "m", "NET 0 SINK 170 2000 ack=16".into());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut blaster = Console::attach(&a, "blaster");
+    let blasted = blaster.ok(&format!("NET 0 BLAST 64 5000 {m_mac} window={WINDOW}"));
+    let sunk = sink.join().unwrap().expect("the sink's answer");
+    eprintln!("after the move: blaster {blasted}; sink {sunk}");
+    assert_eq!(field(&blasted, "sent"), 5000, "{blasted}");
+    assert_eq!(field(&sunk, "frames"), 5000, "{sunk}");
+    assert_eq!(field(&sunk, "lost"), 0, "{sunk}");
+}
