@@ -36,6 +36,7 @@ fn good() -> VmSpec {
         }],
         console_ring_bytes: 65536,
         auto_start: Default::default(),
+        auto_checkpoint: Default::default(),
         shutdown_line: None,
     }
 }
