@@ -42,8 +42,9 @@ pub use pool::{
 };
 pub use rest::{HostInfo, RenameRequest, ResizeDiskReply, ResizeDiskRequest, StopRequest};
 pub use spec::{
-    normalized_ios, AutoCheckpoint, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, NicVirtualSubnet, VmSpec,
-    DEFAULT_AUTO_CHECKPOINT_KEEP, MAX_AUTO_CHECKPOINT_KEEP, NORMALIZED_IO_BYTES, SPEC_VERSION,
+    normalized_ios, AutoCheckpoint, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec,
+    NicVirtualSubnet, VmSpec, DEFAULT_AUTO_CHECKPOINT_KEEP, MAX_AUTO_CHECKPOINT_KEEP,
+    NORMALIZED_IO_BYTES, SPEC_VERSION,
 };
 pub use state::{transition, Action, IllegalTransition, VmState};
 pub use validate::{validate_name, validate_spec, validate_vm_name, Limits, SpecError};

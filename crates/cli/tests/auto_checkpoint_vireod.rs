@@ -61,8 +61,7 @@ fn idle(d: &Daemon, vm: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let jobs: Vec<Job> =
-            serde_json::from_str(&d.ok(&["job", "list", "--vm", vm, "--output", "json"]))
-                .unwrap();
+            serde_json::from_str(&d.ok(&["job", "list", "--vm", vm, "--output", "json"])).unwrap();
         if jobs.iter().all(|j| j.state != JobState::Running) {
             assert!(
                 jobs.iter().all(|j| j.state == JobState::Completed),
@@ -111,10 +110,17 @@ fn apply_and_resize_are_checkpointed_first_and_the_checkpoint_brings_the_data_ba
     assert_eq!(byte_at(&d, "a", 0), 0xA1);
     let autos = automatic(&d, "a");
     assert_eq!(autos.len(), 1, "{autos:?}");
-    assert!(autos[0].name.starts_with("auto-apply-"), "{}", autos[0].name);
+    assert!(
+        autos[0].name.starts_with("auto-apply-"),
+        "{}",
+        autos[0].name
+    );
     let tree = d.ok(&["checkpoint", "list", "a"]);
     assert!(tree.contains(", automatic)"), "{tree}");
-    let base_line = tree.lines().find(|l| l.trim_start().starts_with("base  (")).unwrap();
+    let base_line = tree
+        .lines()
+        .find(|l| l.trim_start().starts_with("base  ("))
+        .unwrap();
     assert!(!base_line.contains("automatic"), "{tree}");
     d.ok(&["checkpoint", "apply", "a", &autos[0].name]);
     assert_eq!(byte_at(&d, "a", 0), 0xB2, "the automatic checkpoint kept B");
@@ -124,7 +130,9 @@ fn apply_and_resize_are_checkpointed_first_and_the_checkpoint_brings_the_data_ba
     write(&d, "a", 7 * MIB, 0xC3);
     let out = d.ok(&["vm", "disk", "resize", "a", "0", "--size", "4M", "--force"]);
     assert!(
-        out.contains("resized disk 0 of VM a to 4194304 bytes (automatic checkpoint auto-disk-resize-"),
+        out.contains(
+            "resized disk 0 of VM a to 4194304 bytes (automatic checkpoint auto-disk-resize-"
+        ),
         "{out}"
     );
     assert_eq!(open_disk(&d, "a").size(), 4 * MIB);
@@ -139,7 +147,9 @@ fn apply_and_resize_are_checkpointed_first_and_the_checkpoint_brings_the_data_ba
     assert_eq!(byte_at(&d, "a", 0), 0xB2);
     idle(&d, "a");
     // The user's checkpoint is still there after all of it; the chain is sound.
-    assert!(checkpoints(&d, "a").iter().any(|c| c.name == "base" && !c.automatic));
+    assert!(checkpoints(&d, "a")
+        .iter()
+        .any(|c| c.name == "base" && !c.automatic));
     let vm_disk = d.vm("a").spec.disks[0].path.clone();
     let report = vireo_vhdx::Vhdx::check(&vm_disk, false).unwrap();
     assert!(report.clean, "{:?}", report.problems);
@@ -170,7 +180,10 @@ fn retention_deletes_the_oldest_automatic_checkpoints_only() {
         assert_eq!(newest.spec.memory_bytes, memory_before);
         let vm = d.vm("r");
         memory_before = vm.spec.memory_bytes;
-        assert_eq!(memory_before >> 20, mem.trim_end_matches('M').parse::<u64>().unwrap());
+        assert_eq!(
+            memory_before >> 20,
+            mem.trim_end_matches('M').parse::<u64>().unwrap()
+        );
         assert_ne!(vm.spec.disks[0].path, newest.disks[0].frozen);
         names.push(newest.name.clone());
         assert_eq!(autos.len(), (i + 1).min(2), "{autos:?}");
@@ -187,7 +200,11 @@ fn retention_deletes_the_oldest_automatic_checkpoints_only() {
     assert_eq!(byte_at(&d, "r", 0), 0x13);
     d.ok(&["checkpoint", "apply", "r", &names[2]]);
     assert_eq!(byte_at(&d, "r", 0), 0x12);
-    assert_eq!(d.vm("r").spec.memory_bytes, 64 * MIB, "the spec of before the set");
+    assert_eq!(
+        d.vm("r").spec.memory_bytes,
+        64 * MIB,
+        "the spec of before the set"
+    );
 }
 
 #[test]
@@ -223,13 +240,19 @@ fn a_checkpoint_that_cannot_be_taken_blocks_the_operation() {
     }
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), 2 * MIB);
     let (_, line) = d.fails(&["vm", "set", "w", "--memory", "64M"]);
-    assert!(line.contains("before set failed") && line.contains("was not changed"), "{line}");
+    assert!(
+        line.contains("before set failed") && line.contains("was not changed"),
+        "{line}"
+    );
     assert_eq!(d.vm("w").spec.memory_bytes, 32 * MIB);
     assert!(checkpoints(&d, "w").is_empty());
     // Turned off, the same operation goes through (and its value is checked).
     d.ok(&["vm", "set", "w", "--auto-checkpoint", "off"]);
     let (code, line) = d.fails(&["vm", "set", "w", "--auto-checkpoint-keep", "0"]);
-    assert!(line.contains("auto_checkpoint.keep") && line.contains("1 to 64"), "{code} {line}");
+    assert!(
+        line.contains("auto_checkpoint.keep") && line.contains("1 to 64"),
+        "{code} {line}"
+    );
     d.ok(&["vm", "disk", "resize", "w", "0", "--size", "1M", "--force"]);
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), MIB);
 }
@@ -252,15 +275,26 @@ fn a_running_vm_is_checkpointed_live_before_a_resize() {
     // The setting alone may change while the VM runs.
     d.ok(&["vm", "set", "l", "--auto-checkpoint", "on"]);
     let out = d.ok(&["vm", "disk", "resize", "l", "0", "--size", "16M"]);
-    assert!(out.contains("to 16777216 bytes (automatic checkpoint auto-disk-resize-"), "{out}");
+    assert!(
+        out.contains("to 16777216 bytes (automatic checkpoint auto-disk-resize-"),
+        "{out}"
+    );
     assert_eq!(d.worker_pid("l"), pid, "the VM kept its worker");
     assert_eq!(d.vm("l").state.name(), "running");
     let autos = automatic(&d, "l");
     assert_eq!(autos.len(), 1);
     assert!(autos[0].has_state, "a live checkpoint keeps the VM's state");
-    assert!(autos[0].capture.as_ref().is_some_and(|c| c.live), "{:?}", autos[0].capture);
+    assert!(
+        autos[0].capture.as_ref().is_some_and(|c| c.live),
+        "{:?}",
+        autos[0].capture
+    );
     d.ok(&["vm", "turn-off", "l"]);
     d.ok(&["checkpoint", "apply", "l", &autos[0].name]);
     assert_eq!(d.vm("l").state.name(), "saved");
-    assert_eq!(open_disk(&d, "l").size(), 8 * MIB, "the size of before the resize");
+    assert_eq!(
+        open_disk(&d, "l").size(),
+        8 * MIB,
+        "the size of before the resize"
+    );
 }

@@ -88,7 +88,16 @@ impl Phase {
     }
 }
 
-type Row = (String, String, Option<String>, i64, String, String, i64, i64);
+type Row = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+);
 
 fn to_checkpoint(vm: Uuid, current: Option<Uuid>, r: Row) -> Result<Checkpoint, StoreError> {
     let (id, name, parent, created_at, spec, disks, has_state, automatic) = r;

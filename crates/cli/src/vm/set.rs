@@ -228,7 +228,14 @@ mod tests {
         );
         assert!(parse(&["web"]).unwrap().changes_nothing());
         assert!(!parse(&["web", "--vcpus", "2"]).unwrap().changes_nothing());
-        let on = parse(&["web", "--auto-checkpoint", "on", "--auto-checkpoint-keep", "5"]).unwrap();
+        let on = parse(&[
+            "web",
+            "--auto-checkpoint",
+            "on",
+            "--auto-checkpoint-keep",
+            "5",
+        ])
+        .unwrap();
         assert!(!on.changes_nothing());
         let spec = on.apply(two_disks()).unwrap();
         assert!(spec.auto_checkpoint.enabled && spec.auto_checkpoint.keep == 5);

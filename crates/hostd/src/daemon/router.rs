@@ -18,8 +18,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
 use super::routes::{
-    checkpoints, console, disk_resize, disks, gateways, host, jobs, metrics, nics, policies, pools, power,
-    switches, vms,
+    checkpoints, console, disk_resize, disks, gateways, host, jobs, metrics, nics, policies, pools,
+    power, switches, vms,
 };
 use super::{export, prom, Daemon};
 

@@ -114,7 +114,10 @@ pub fn follow_moved_disks(before: &VmSpec, after: &VmSpec, mut new: VmSpec) -> V
             .disks
             .iter()
             .any(|d| d.serial.as_deref() == Some(serial) && d.path == disk.path);
-        let now = after.disks.iter().find(|d| d.serial.as_deref() == Some(serial));
+        let now = after
+            .disks
+            .iter()
+            .find(|d| d.serial.as_deref() == Some(serial));
         if let (true, Some(now)) = (was, now) {
             disk.path = now.path.clone();
         }
@@ -179,10 +182,12 @@ pub fn precheck(d: &Daemon, vm_id: Uuid, op: RiskyOp) -> Result<(), HttpError> {
     if !vm.spec.auto_checkpoint.enabled {
         return Ok(());
     }
-    create::check(d, &vm, Some("auto-check".into())).map(|_| ()).map_err(|mut e| {
-        e.body.message = blocked(&vm.spec.name, op, &e.body.message);
-        e
-    })
+    create::check(d, &vm, Some("auto-check".into()))
+        .map(|_| ())
+        .map_err(|mut e| {
+            e.body.message = blocked(&vm.spec.name, op, &e.body.message);
+            e
+        })
 }
 
 /// Takes the VM's automatic checkpoint before `op` when its setting is on; the caller holds
@@ -198,7 +203,9 @@ pub async fn before(
         return Ok(None);
     }
     let cps = d.store.list_checkpoints(vm_id)?;
-    let name = auto_name(op, crate::store::now_ms(), |n| cps.iter().any(|c| c.name == n));
+    let name = auto_name(op, crate::store::now_ms(), |n| {
+        cps.iter().any(|c| c.name == n)
+    });
     let refuse = |mut e: HttpError| {
         e.body.message = blocked(&vm.spec.name, op, &e.body.message);
         e
@@ -210,7 +217,9 @@ pub async fn before(
     } else {
         create::in_place(d, vm_id, &name, job.id, true).await
     };
-    let _ = d.store.finish_job(job.id, made.as_ref().map(|_| ()).map_err(|m| m.clone()));
+    let _ = d
+        .store
+        .finish_job(job.id, made.as_ref().map(|_| ()).map_err(|m| m.clone()));
     match made {
         Ok(checkpoint) => {
             tracing::info!(vm = %vm_id, name, "automatic checkpoint before {}", op.name());

@@ -97,7 +97,9 @@ pub async fn create(
         let outcome = if live {
             capture(&d, &vm, &name, job_id, true).await.map(|_| ())
         } else {
-            let r = in_place(&d, vm.id(), &name, job_id, false).await.map(|_| ());
+            let r = in_place(&d, vm.id(), &name, job_id, false)
+                .await
+                .map(|_| ());
             drop(guard);
             r
         };

@@ -122,7 +122,8 @@ fn resize_file(path: &PathBuf, size: u64, force: bool) -> Result<u64, String> {
     let format = Format::detect(path).map_err(|e| format!("{shown}: {e}"))?;
     match format {
         Format::Vhdx => {
-            let v = Vhdx::open(path, &OpenOptions::default()).map_err(|e| format!("{shown}: {e}"))?;
+            let v =
+                Vhdx::open(path, &OpenOptions::default()).map_err(|e| format!("{shown}: {e}"))?;
             v.resize(size, force).map_err(|e| match e {
                 VhdxError::ShrinkOverData { data_at, .. } => format!(
                     "shrinking to {size} would discard data at virtual offset {data_at}; \
@@ -135,7 +136,8 @@ fn resize_file(path: &PathBuf, size: u64, force: bool) -> Result<u64, String> {
         }
         Format::Vhd => {
             let v = vireo_vhdx::vhd::Vhd::open(path, false).map_err(|e| format!("{shown}: {e}"))?;
-            v.resize_to(size, force).map_err(|e| format!("{shown}: {e}"))?;
+            v.resize_to(size, force)
+                .map_err(|e| format!("{shown}: {e}"))?;
             v.flush().map_err(|e| format!("{shown}: {e}"))?;
             Ok(v.size())
         }
