@@ -98,7 +98,7 @@ fn apply_and_resize_are_checkpointed_first_and_the_checkpoint_brings_the_data_ba
     create(&d, "a", &disk, &["--auto-checkpoint", "on"]);
     let show = d.ok(&["vm", "show", "a"]);
     assert!(
-        show.contains("auto checkpoint: on, before risky operations (the newest 3 kept)"),
+        show.contains("checkpoints:   automatic on, before risky operations (the newest 3 kept)"),
         "{show}"
     );
     write(&d, "a", 0, 0xA1);
@@ -212,7 +212,9 @@ fn with_the_option_off_nothing_is_taken() {
     let Some(d) = Daemon::start() else { return };
     let disk = vhdx(d.dir.path(), "o.vhdx");
     create(&d, "o", &disk, &[]);
-    assert!(d.ok(&["vm", "show", "o"]).contains("auto checkpoint: off"));
+    assert!(d
+        .ok(&["vm", "show", "o"])
+        .contains("checkpoints:   automatic off\n"));
     d.ok(&["checkpoint", "create", "o", "mine"]);
     d.ok(&["vm", "set", "o", "--memory", "64M"]);
     d.ok(&["vm", "disk", "resize", "o", "0", "--size", "16M"]);

@@ -25,11 +25,11 @@ pub fn apply(mut setting: AutoCheckpoint, on: Option<OnOff>, keep: Option<u32>) 
 pub fn text(setting: &AutoCheckpoint) -> String {
     if setting.enabled {
         format!(
-            "on, before risky operations (the newest {} kept)",
+            "automatic on, before risky operations (the newest {} kept)",
             setting.keep
         )
     } else {
-        "off".into()
+        "automatic off".into()
     }
 }
 
@@ -46,7 +46,10 @@ mod tests {
         let kept = apply(on.clone(), None, Some(5));
         assert!(kept.enabled && kept.keep == 5);
         assert!(!apply(kept, Some(OnOff::Off), None).enabled);
-        assert_eq!(text(&base), "off");
-        assert_eq!(text(&on), "on, before risky operations (the newest 3 kept)");
+        assert_eq!(text(&base), "automatic off");
+        assert_eq!(
+            text(&on),
+            "automatic on, before risky operations (the newest 3 kept)"
+        );
     }
 }

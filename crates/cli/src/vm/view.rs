@@ -100,7 +100,8 @@ pub fn show(vm: &Vm, output: OutputFormat) -> String {
         },
     ));
     lines.push((
-        "auto checkpoint",
+        // Not "auto checkpoint": a label longer than the others would shift every line.
+        "checkpoints",
         super::auto_checkpoint::text(&spec.auto_checkpoint),
     ));
     lines.push((
