@@ -45,6 +45,10 @@ pub struct Checkpoint {
     /// The VM runs from this checkpoint now ("now" hangs below it in the tree).
     #[serde(default)]
     pub current: bool,
+    /// Taken by vireod before a risky operation (the VM's `auto_checkpoint` setting); the
+    /// newest `keep` of these are kept, older ones are deleted automatically.
+    #[serde(default)]
+    pub automatic: bool,
     /// How a running or paused VM's state was captured (absent for an off or saved VM, and
     /// for checkpoints taken before this was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,6 +140,7 @@ mod tests {
             disks: vec![],
             has_state: false,
             current: false,
+            automatic: false,
             capture: None,
         }
     }

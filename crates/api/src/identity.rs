@@ -90,6 +90,7 @@ mod tests {
             nics: vec![],
             console_ring_bytes: 4096,
             auto_start: Default::default(),
+            auto_checkpoint: Default::default(),
             shutdown_line: None,
         }
     }

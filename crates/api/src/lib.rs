@@ -40,9 +40,10 @@ pub use metering::{CpuUsage, DiskUsage, MemoryUsage, NicUsage, VmMetrics};
 pub use pool::{
     AddPoolMemberRequest, CreatePoolRequest, Pool, PoolMember, PoolMemberMetrics, PoolMetrics,
 };
-pub use rest::{HostInfo, RenameRequest, StopRequest};
+pub use rest::{HostInfo, RenameRequest, ResizeDiskReply, ResizeDiskRequest, StopRequest};
 pub use spec::{
-    normalized_ios, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec, NicVirtualSubnet, VmSpec,
+    normalized_ios, AutoCheckpoint, AutoStart, DiskFormat, DiskSpec, NicPolicy, NicSpec,
+    NicVirtualSubnet, VmSpec, DEFAULT_AUTO_CHECKPOINT_KEEP, MAX_AUTO_CHECKPOINT_KEEP,
     NORMALIZED_IO_BYTES, SPEC_VERSION,
 };
 pub use state::{transition, Action, IllegalTransition, VmState};

@@ -36,3 +36,27 @@ pub struct StopRequest {
 
 pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
 pub const MAX_STOP_TIMEOUT_SECS: u32 = 3600;
+
+/// `POST /v1/vms/{vm}/disks/{disk}/resize`: the disk's new virtual size. A running or paused
+/// VM's disk is resized online (the guest is told); a VM that is off has its file resized.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDiskRequest {
+    pub size_bytes: u64,
+    /// Shrink even over data (that data is lost); only while the VM is off.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to [`ResizeDiskRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDiskReply {
+    /// The disk's index in the VM's spec.
+    pub index: usize,
+    pub serial: Option<String>,
+    pub size_bytes: u64,
+    /// The automatic checkpoint taken before the resize (the VM's `auto_checkpoint` setting).
+    #[serde(default)]
+    pub automatic_checkpoint: Option<String>,
+}

@@ -41,6 +41,10 @@ pub struct VmSpec {
     pub console_ring_bytes: u32,
     #[serde(default)]
     pub auto_start: AutoStart,
+    /// Hyper-V's automatic checkpoints: vireod checkpoints the VM before each risky operation
+    /// (docs/checkpoints.md, "Automatic checkpoints"). Off unless asked for.
+    #[serde(default)]
+    pub auto_checkpoint: AutoCheckpoint,
     /// A line written to COM1 to ask the guest to power off (`vireo vm stop`): `POWEROFF` for
     /// the probe guest, `poweroff` for a guest with a root shell on ttyS0. Vireo has no ACPI
     /// power button yet, so without one a stop waits for the guest to power off by itself
@@ -211,6 +215,36 @@ pub struct AutoStart {
     pub enabled: bool,
     #[serde(default)]
     pub delay_secs: u32,
+}
+
+/// `VmSpec::auto_checkpoint`: take a checkpoint before each risky operation, keep the newest
+/// `keep` of those (older automatic ones are deleted; a user's checkpoints never are).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoCheckpoint {
+    pub enabled: bool,
+    #[serde(default = "default_auto_checkpoint_keep")]
+    pub keep: u32,
+}
+
+/// As many as a user undoing the last few risky steps needs, without a chain of differencing
+/// disks growing with every `vm set`.
+pub const DEFAULT_AUTO_CHECKPOINT_KEEP: u32 = 3;
+/// One is the least that still protects the next operation; more than this is a long chain of
+/// differencing disks under the VM's every read.
+pub const MAX_AUTO_CHECKPOINT_KEEP: u32 = 64;
+
+fn default_auto_checkpoint_keep() -> u32 {
+    DEFAULT_AUTO_CHECKPOINT_KEEP
+}
+
+impl Default for AutoCheckpoint {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            keep: DEFAULT_AUTO_CHECKPOINT_KEEP,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use crate::identity::MAX_SERIAL_BYTES;
-use crate::spec::{VmSpec, SPEC_VERSION};
+use crate::spec::{VmSpec, MAX_AUTO_CHECKPOINT_KEEP, SPEC_VERSION};
 
 pub const MAX_NAME_BYTES: usize = 64;
 pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
@@ -127,6 +127,14 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
     }
     if spec.cmdline.len() > MAX_CMDLINE_BYTES || spec.cmdline.contains('\0') {
         return Err(err("cmdline", &spec.cmdline, "at most 4096 bytes, no NUL"));
+    }
+    let keep = spec.auto_checkpoint.keep;
+    if !(1..=MAX_AUTO_CHECKPOINT_KEEP).contains(&keep) {
+        return Err(err(
+            "auto_checkpoint.keep",
+            keep,
+            format!("must be 1 to {MAX_AUTO_CHECKPOINT_KEEP}"),
+        ));
     }
     if spec.console_ring_bytes > MAX_CONSOLE_RING_BYTES {
         return Err(err(

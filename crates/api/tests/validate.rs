@@ -37,6 +37,7 @@ fn good() -> VmSpec {
         }],
         console_ring_bytes: 65536,
         auto_start: Default::default(),
+        auto_checkpoint: Default::default(),
         shutdown_line: None,
     }
 }

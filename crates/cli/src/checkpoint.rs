@@ -216,10 +216,11 @@ fn tree(cps: &[Checkpoint]) -> String {
     for (depth, c) in tree_order(cps) {
         let pad = "  ".repeat(depth);
         out.push_str(&format!(
-            "{pad}{}  ({}{})\n",
+            "{pad}{}  ({}{}{})\n",
             c.name,
             utc(c.created_at),
-            if c.has_state { ", with state" } else { "" }
+            if c.has_state { ", with state" } else { "" },
+            if c.automatic { ", automatic" } else { "" }
         ));
         if c.current {
             out.push_str(&format!("{pad}  └─ now\n"));
@@ -252,6 +253,9 @@ fn show(c: &Checkpoint, output: OutputFormat) -> String {
         c.spec.memory_bytes >> 20,
         c.spec.vcpus
     );
+    if c.automatic {
+        out.push_str("taken:     automatically, before a risky operation (deleted when older than the VM keeps)\n");
+    }
     if let Some(cap) = &c.capture {
         out.push_str(&format!(
             "capture:   {}, guest paused {:.1} ms ({} ms in all)\n",
@@ -289,6 +293,7 @@ mod tests {
             disks: vec![],
             has_state: n == 2,
             current,
+            automatic: n == 3,
             capture: None,
         }
     }
@@ -304,7 +309,7 @@ mod tests {
         assert!(lines[0].starts_with("c1  ("), "{text}");
         assert!(lines[1].starts_with("  c2  (") && lines[1].ends_with(", with state)"));
         assert_eq!(lines[2], "    └─ now");
-        assert!(lines[3].starts_with("  c3  ("), "{text}");
+        assert!(lines[3].starts_with("  c3  (") && lines[3].ends_with(", automatic)"));
         assert_eq!(tree(&[]), "no checkpoints\n");
     }
 

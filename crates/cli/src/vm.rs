@@ -2,6 +2,7 @@
 //! stop, turn-off, pause, resume, reset, metrics, console, disk — over its REST API (docs/api.md). Each verb that needs more than a
 //! request and a print lives in its own file under `vm/`.
 
+mod auto_checkpoint;
 mod console;
 mod create;
 mod disk;

@@ -88,10 +88,19 @@ impl Phase {
     }
 }
 
-type Row = (String, String, Option<String>, i64, String, String, i64);
+type Row = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+);
 
 fn to_checkpoint(vm: Uuid, current: Option<Uuid>, r: Row) -> Result<Checkpoint, StoreError> {
-    let (id, name, parent, created_at, spec, disks, has_state) = r;
+    let (id, name, parent, created_at, spec, disks, has_state, automatic) = r;
     let corrupt = |detail: String| StoreError::Corrupt {
         id: format!("checkpoint {id}"),
         detail,
@@ -108,6 +117,7 @@ fn to_checkpoint(vm: Uuid, current: Option<Uuid>, r: Row) -> Result<Checkpoint, 
             .map_err(|e| corrupt(format!("disks: {e}")))?,
         has_state: has_state != 0,
         current: current == Some(id),
+        automatic: automatic != 0,
         capture: None,
     })
 }
@@ -157,6 +167,9 @@ fn put_spec(
     let mut spec = spec.clone();
     // The name is the VM's, not the checkpoint's: a VM renamed since keeps its new name.
     spec.name = old.spec.name.clone();
+    // So is the automatic checkpoint setting: applying an older checkpoint must not turn off
+    // the protection the user set since (or turn on one they turned off).
+    spec.auto_checkpoint = old.spec.auto_checkpoint.clone();
     let state = state.unwrap_or(&old.state);
     if spec == old.spec && *state == old.state {
         // Nothing changes (a VM without VHDX disks): the row, and its updated_at, stay.
@@ -194,7 +207,7 @@ impl Store {
         let conn = self.lock();
         let current = head_tx(&conn, vm)?.current;
         let mut stmt = conn.prepare(
-            "SELECT id, name, parent, created_at, spec, disks, has_state FROM checkpoints
+            "SELECT id, name, parent, created_at, spec, disks, has_state, automatic FROM checkpoints
              WHERE vm_id = ?1 ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([vm.to_string()], |r| {
@@ -206,6 +219,7 @@ impl Store {
                 r.get(4)?,
                 r.get(5)?,
                 r.get(6)?,
+                r.get(7)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -289,8 +303,9 @@ impl Store {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let r = tx.execute(
-            "INSERT INTO checkpoints (id, vm_id, name, parent, created_at, spec, disks, has_state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO checkpoints
+             (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 cp.id.to_string(),
                 cp.vm_id.to_string(),
@@ -299,7 +314,8 @@ impl Store {
                 cp.created_at,
                 to_json(&cp.spec),
                 to_json(&cp.disks),
-                cp.has_state as i64
+                cp.has_state as i64,
+                cp.automatic as i64
             ],
         );
         if let Err(rusqlite::Error::SqliteFailure(f, _)) = &r {

@@ -106,6 +106,11 @@ pub const MIGRATIONS: &[&str] = &[
         phase  TEXT NOT NULL
     ) STRICT;
     "#,
+    // 6: automatic checkpoints (docs/checkpoints.md): vireod took it before a risky operation,
+    // so its retention may delete it; a user's checkpoint (0) is never deleted automatically.
+    r#"
+    ALTER TABLE checkpoints ADD COLUMN automatic INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this code writes.

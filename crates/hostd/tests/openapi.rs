@@ -242,6 +242,23 @@ fn a_live_vireod_answers_only_documented_statuses() {
         call("POST", disks, "/v1/vms/doc/disks", Some(&disk)).status,
         409
     );
+    let resize = "/v1/vms/{vm}/disks/{disk}/resize";
+    let grow = serde_json::to_vec(&json!({"size_bytes": 8192})).unwrap();
+    let odd = serde_json::to_vec(&json!({"size_bytes": 1000})).unwrap();
+    let shrink = serde_json::to_vec(&json!({"size_bytes": 512})).unwrap();
+    call("POST", resize, "/v1/vms/none/disks/0/resize", Some(&grow));
+    call("POST", resize, "/v1/vms/doc/disks/7/resize", Some(&grow));
+    call("POST", resize, "/v1/vms/doc/disks/0/resize", Some(&bad));
+    call("POST", resize, "/v1/vms/doc/disks/0/resize", Some(&odd));
+    // A raw file has no map of its data: a shrink needs force.
+    assert_eq!(
+        call("POST", resize, "/v1/vms/doc/disks/0/resize", Some(&shrink)).status,
+        422
+    );
+    let r = call("POST", resize, "/v1/vms/doc/disks/0/resize", Some(&grow));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["size_bytes"], 8192);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 8192);
     let one = "/v1/vms/{vm}/disks/{disk}";
     call("DELETE", one, "/v1/vms/doc/disks/nope", None);
     assert_eq!(call("DELETE", one, "/v1/vms/doc/disks/0", None).status, 200);

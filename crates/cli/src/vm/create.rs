@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use vireo_api::{AutoStart, VmSpec, SPEC_VERSION};
 
+use super::auto_checkpoint::{self, OnOff};
 use super::disk_arg::{self, DiskArg};
 use crate::exit::CliError;
 use crate::output::OutputFormat;
@@ -52,6 +53,15 @@ pub struct CreateArgs {
         default_missing_value = "0"
     )]
     pub auto_start: Option<u32>,
+    /// Checkpoint the VM automatically before risky operations (applying a checkpoint,
+    /// `vm set` of memory/vCPUs/disks/NICs, disk add/rm/resize) [default: off]. Needs VHDX
+    /// disks (docs/checkpoints.md).
+    #[arg(long, value_name = "on|off", value_enum)]
+    pub auto_checkpoint: Option<OnOff>,
+    /// How many automatic checkpoints to keep (1-64; older ones are deleted, yours never)
+    /// [default: 3].
+    #[arg(long, value_name = "N")]
+    pub auto_checkpoint_keep: Option<u32>,
     /// The resource pool (name or id) the VM joins as it is created (`vireo pool create`).
     #[arg(long)]
     pub pool: Option<String>,
@@ -93,6 +103,11 @@ impl CreateArgs {
             nics: vec![],
             console_ring_bytes,
             auto_start: auto_start(self.auto_start),
+            auto_checkpoint: auto_checkpoint::apply(
+                Default::default(),
+                self.auto_checkpoint,
+                self.auto_checkpoint_keep,
+            ),
             shutdown_line: self.shutdown_line.clone(),
         })
     }

@@ -1,9 +1,9 @@
-//! `vireo vm disk add|rm|list`: a VM's disks through `/v1/vms/{vm}/disks` (docs/api.md). On a
+//! `vireo vm disk add|rm|resize|list`: a VM's disks through `/v1/vms/{vm}/disks` (docs/api.md). On a
 //! running or paused VM vireod hot-adds or hot-removes the disk (the guest must probe its disk
 //! slots again to see the change); on a VM that is off only its configuration changes.
 
 use clap::Subcommand;
-use vireo_api::{DiskFormat, DiskSpec, Vm};
+use vireo_api::{DiskFormat, DiskSpec, ResizeDiskReply, ResizeDiskRequest, Vm};
 
 use super::disk_arg::{self, DiskArg};
 use crate::api_client::Client;
@@ -44,6 +44,28 @@ pub enum DiskCommand {
         #[arg(long, value_enum, default_value = "text")]
         output: OutputFormat,
     },
+    /// Resize a disk by serial or index (online while the VM runs: the guest is told)
+    ///
+    /// With automatic checkpoints on (`vm set --auto-checkpoint on`) the VM is checkpointed
+    /// first, so `vireo checkpoint apply` brings the old size and data back.
+    ///   vireo vm disk resize web 0 --size 20G
+    ///   vireo vm disk resize web 0 --size 1G --force   # VM off: shrink over data
+    #[command(verbatim_doc_comment)]
+    Resize {
+        /// The VM's name or id.
+        vm: String,
+        /// The disk's serial, or its index as `vireo vm disk list` shows it.
+        disk: String,
+        /// New virtual size, e.g. 20G (a multiple of 512 bytes).
+        #[arg(long, value_parser = crate::disk::parse_size)]
+        size: u64,
+        /// Shrink even over data, which is lost (only while the VM is off).
+        #[arg(long)]
+        force: bool,
+        /// text, or json (the API's answer).
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputFormat,
+    },
     /// List a VM's disks: index (the guest's disk order), serial, path, format, QoS.
     List {
         /// The VM's name or id.
@@ -58,6 +80,13 @@ pub fn execute(client: &Client, command: DiskCommand) -> Result<(), CliError> {
     match command {
         DiskCommand::Add { vm, disk, output } => add(client, &vm, &disk, output),
         DiskCommand::Rm { vm, disk, output } => remove(client, &vm, &disk, output),
+        DiskCommand::Resize {
+            vm,
+            disk,
+            size,
+            force,
+            output,
+        } => resize(client, &vm, &disk, size, force, output),
         DiskCommand::List { vm, output } => {
             let disks: Vec<DiskSpec> = client.get(&format!("{}/disks", super::path(&vm)?))?;
             emit(list(&disks, output))
@@ -109,6 +138,37 @@ fn remove(client: &Client, vm: &str, which: &str, output: OutputFormat) -> Resul
         "removed disk {which} from VM {} (the file stays); {} disk(s) left\n",
         after.spec.name,
         after.spec.disks.len()
+    ))
+}
+
+fn resize(
+    client: &Client,
+    vm: &str,
+    which: &str,
+    size_bytes: u64,
+    force: bool,
+    output: OutputFormat,
+) -> Result<(), CliError> {
+    let path = super::path(vm)?;
+    if which.is_empty() {
+        return Err(CliError::bad_input(
+            "no disk given; name it by serial or index (`vireo vm disk list VM`)",
+        ));
+    }
+    let reply: ResizeDiskReply = client.post(
+        &format!("{path}/disks/{}/resize", encode(which)),
+        Some(&ResizeDiskRequest { size_bytes, force }),
+    )?;
+    if output == OutputFormat::Json {
+        return emit(super::view::json(&reply));
+    }
+    let before = reply
+        .automatic_checkpoint
+        .map(|c| format!(" (automatic checkpoint {c} taken first)"))
+        .unwrap_or_default();
+    emit(format!(
+        "resized disk {} of VM {vm} to {} bytes{before}\n",
+        reply.index, reply.size_bytes
     ))
 }
 

@@ -1,11 +1,12 @@
 //! `vireo vm set`: read the VM's spec, change what the options say, write it back
 //! (GET `/v1/vms/{vm}`, then PUT `/v1/vms/{vm}/spec`). The daemon refuses it while the VM runs
-//! (409). Disks that stay keep their serials; removed disks go before added ones are appended,
+//! (409), except a change of the automatic checkpoint options alone. Disks that stay keep their serials; removed disks go before added ones are appended,
 //! so `--rm-disk` numbers are the ones `vm show` printed.
 
 use clap::Args;
 use vireo_api::{Vm, VmSpec};
 
+use super::auto_checkpoint::{self, OnOff};
 use super::create::auto_start;
 use super::disk_arg::{self, DiskArg};
 use crate::api_client::Client;
@@ -41,6 +42,13 @@ pub struct SetArgs {
     /// Do not start the VM when vireod starts.
     #[arg(long)]
     pub no_auto_start: bool,
+    /// Checkpoint the VM automatically before risky operations (also while it runs; a
+    /// change of this alone is allowed in any state).
+    #[arg(long, value_name = "on|off", value_enum)]
+    pub auto_checkpoint: Option<OnOff>,
+    /// How many automatic checkpoints to keep (1-64; older ones are deleted, yours never).
+    #[arg(long, value_name = "N")]
+    pub auto_checkpoint_keep: Option<u32>,
     /// Add a disk (after the existing ones); repeat for more.
     #[arg(long, value_name = disk_arg::FORM, value_parser = disk_arg::parse)]
     pub add_disk: Vec<DiskArg>,
@@ -60,6 +68,8 @@ impl SetArgs {
             && self.shutdown_line.is_none()
             && self.auto_start.is_none()
             && !self.no_auto_start
+            && self.auto_checkpoint.is_none()
+            && self.auto_checkpoint_keep.is_none()
             && self.add_disk.is_empty()
             && self.rm_disk.is_empty()
     }
@@ -84,6 +94,11 @@ impl SetArgs {
         if self.no_auto_start {
             spec.auto_start = auto_start(None);
         }
+        spec.auto_checkpoint = auto_checkpoint::apply(
+            spec.auto_checkpoint,
+            self.auto_checkpoint,
+            self.auto_checkpoint_keep,
+        );
         let mut remove = self.rm_disk.clone();
         remove.sort_unstable();
         remove.dedup();
@@ -213,5 +228,17 @@ mod tests {
         );
         assert!(parse(&["web"]).unwrap().changes_nothing());
         assert!(!parse(&["web", "--vcpus", "2"]).unwrap().changes_nothing());
+        let on = parse(&[
+            "web",
+            "--auto-checkpoint",
+            "on",
+            "--auto-checkpoint-keep",
+            "5",
+        ])
+        .unwrap();
+        assert!(!on.changes_nothing());
+        let spec = on.apply(two_disks()).unwrap();
+        assert!(spec.auto_checkpoint.enabled && spec.auto_checkpoint.keep == 5);
+        assert!(parse(&["web", "--auto-checkpoint", "maybe"]).is_err());
     }
 }

@@ -100,6 +100,11 @@ pub fn show(vm: &Vm, output: OutputFormat) -> String {
         },
     ));
     lines.push((
+        // Not "auto checkpoint": a label longer than the others would shift every line.
+        "checkpoints",
+        super::auto_checkpoint::text(&spec.auto_checkpoint),
+    ));
+    lines.push((
         "shutdown line",
         spec.shutdown_line.clone().unwrap_or_else(|| "-".into()),
     ));
@@ -162,6 +167,7 @@ pub mod tests {
             }],
             console_ring_bytes: 64 << 10,
             auto_start: Default::default(),
+            auto_checkpoint: Default::default(),
             shutdown_line: Some("POWEROFF".into()),
         };
         let id = Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);

@@ -18,8 +18,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::http_error::HttpError;
 use super::routes::{
-    checkpoints, console, disks, gateways, host, jobs, metrics, nics, policies, pools, power,
-    switches, vms,
+    checkpoints, console, disk_resize, disks, gateways, host, jobs, metrics, nics, policies, pools,
+    power, switches, vms,
 };
 use super::{export, prom, Daemon};
 
@@ -51,6 +51,11 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             Method::DELETE,
             "/v1/vms/{vm}/disks/{disk}",
             delete(disks::remove),
+        ),
+        (
+            Method::POST,
+            "/v1/vms/{vm}/disks/{disk}/resize",
+            post(disk_resize::resize),
         ),
         (Method::POST, "/v1/vms/{vm}/start", post(power::start)),
         (Method::POST, "/v1/vms/{vm}/stop", post(power::stop)),

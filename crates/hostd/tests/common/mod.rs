@@ -52,6 +52,7 @@ pub fn spec(name: &str) -> VmSpec {
         ],
         console_ring_bytes: 4096,
         auto_start: Default::default(),
+        auto_checkpoint: Default::default(),
         shutdown_line: None,
     }
 }

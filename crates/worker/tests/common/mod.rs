@@ -37,6 +37,7 @@ pub fn probe_spec() -> VmSpec {
         nics: vec![],
         console_ring_bytes: 64 * 1024,
         auto_start: AutoStart::default(),
+        auto_checkpoint: Default::default(),
         shutdown_line: Some("POWEROFF".into()),
     }
 }

@@ -13,6 +13,7 @@ use vireo_api::{ApplyCheckpointRequest, Checkpoint, JobKind, Vm, VmState};
 
 use super::super::http_error::HttpError;
 use super::super::{lifecycle, save, Daemon};
+use super::auto::{self, RiskyOp};
 use super::{disks, fault_point, is_ours};
 use crate::checkpoint_store::{Head, Intent, Top};
 
@@ -46,6 +47,10 @@ pub async fn apply(
     if req.save_current && vm.state.has_worker() {
         disks::checkpointed(&vm.spec)
             .map_err(|m| HttpError::new(vireo_api::ApiErrorCode::Invalid, m))?;
+    } else {
+        // Refused now rather than as the job's error: what would block the automatic
+        // checkpoint is known before it starts.
+        auto::precheck(daemon, vm.id(), RiskyOp::Apply)?;
     }
     let job = daemon
         .store
@@ -69,6 +74,18 @@ async fn run(
     req: ApplyCheckpointRequest,
     job: Uuid,
 ) -> Result<(), String> {
+    // save_current keeps the current state already (as `<vm>-before-<cp>`).
+    let _taken = if req.save_current && vm.state.has_worker() {
+        None
+    } else {
+        // Before a stop too, so the running VM's state is what the checkpoint keeps; live,
+        // so the VM is still running should the checkpoint fail.
+        let g = d.lock_vm(vm.id()).await;
+        auto::before(d, vm.id(), RiskyOp::Apply, &g)
+            .await
+            .map_err(|e| e.body.message)?
+    };
+    let vm = &d.store.get_by_id(vm.id()).map_err(|e| e.to_string())?;
     if vm.state.has_worker() {
         if req.save_current {
             let name: String = format!("{}-before-{}", vm.spec.name, cp.name)

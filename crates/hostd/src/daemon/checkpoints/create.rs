@@ -21,7 +21,13 @@ const STEP_LIMIT: Duration = Duration::from_secs(600);
 /// The default name, like Hyper-V's (`<vm> - <date time>`) in the characters names allow:
 /// `<vm>-YYYYMMDD-HHMMSS` (UTC; the VM's part shortened to keep within 64).
 fn default_name(vm: &Vm) -> String {
-    let secs = (crate::store::now_ms() / 1000) as u64;
+    let vm_part: String = vm.spec.name.chars().take(48).collect();
+    format!("{vm_part}-{}", utc_stamp(crate::store::now_ms()))
+}
+
+/// `YYYYMMDD-HHMMSS` (UTC) of Unix time `ms`, in the characters checkpoint names allow.
+pub fn utc_stamp(ms: i64) -> String {
+    let secs = (ms.max(0) / 1000) as u64;
     let (d, s) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970 (Howard Hinnant's algorithm).
     let z = d as i64 + 719_468;
@@ -33,9 +39,8 @@ fn default_name(vm: &Vm) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let vm_part: String = vm.spec.name.chars().take(48).collect();
     format!(
-        "{vm_part}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
         s / 3600,
         s / 60 % 60,
         s % 60
@@ -43,7 +48,7 @@ fn default_name(vm: &Vm) -> String {
 }
 
 /// Checks the request; returns the name to use.
-fn check(daemon: &Daemon, vm: &Vm, name: Option<String>) -> Result<String, HttpError> {
+pub(super) fn check(daemon: &Daemon, vm: &Vm, name: Option<String>) -> Result<String, HttpError> {
     let name = match name {
         Some(n) => {
             validate_name("name", &n).map_err(|e| HttpError::from(vireo_api::ApiError::from(e)))?;
@@ -92,7 +97,9 @@ pub async fn create(
         let outcome = if live {
             capture(&d, &vm, &name, job_id, true).await.map(|_| ())
         } else {
-            let r = in_place(&d, vm.id(), &name, job_id).await.map(|_| ());
+            let r = in_place(&d, vm.id(), &name, job_id, false)
+                .await
+                .map(|_| ());
             drop(guard);
             r
         };
@@ -138,7 +145,7 @@ pub async fn capture(
     if resume {
         // The VM keeps its worker: one pause, no restart (live.rs).
         let _g = daemon.lock_vm(vm.id()).await;
-        return super::live::capture(daemon, vm.id(), name, job).await;
+        return super::live::capture(daemon, vm.id(), name, job, false).await;
     }
     let was_paused = vm.state == VmState::Paused;
     let save_job = save::save(daemon, vm).await.map_err(|e| e.body.message)?;
@@ -148,7 +155,7 @@ pub async fn capture(
     let _ = daemon.store.set_job_progress(job, 50);
     let made = {
         let _g = daemon.lock_vm(vm.id()).await;
-        in_place(daemon, vm.id(), name, job).await
+        in_place(daemon, vm.id(), name, job, false).await
     };
     let _ = daemon.store.set_job_progress(job, 80);
     if !resume {
@@ -187,6 +194,7 @@ pub async fn in_place(
     id: Uuid,
     name: &str,
     job: Uuid,
+    automatic: bool,
 ) -> Result<Checkpoint, String> {
     let vm = daemon.store.get_by_id(id).map_err(|e| e.to_string())?;
     if vm.state.has_worker() {
@@ -284,6 +292,7 @@ pub async fn in_place(
         disks: cp_disks,
         has_state,
         current: true,
+        automatic,
         capture: None,
     };
     let new_head = Head {

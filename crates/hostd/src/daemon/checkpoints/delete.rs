@@ -38,6 +38,22 @@ pub async fn delete(
 ) -> Result<vireo_api::Job, HttpError> {
     let vm = daemon.store.get_by_id(vm.id())?;
     let cp = super::find(daemon, &vm, key)?;
+    let order = if subtree {
+        post_order(&daemon.store.list_checkpoints(vm.id())?, cp.id)
+    } else {
+        vec![cp.id]
+    };
+    delete_ids(daemon, &vm, order).await
+}
+
+/// Deletes the checkpoints `order` of `vm`, one after the other, in one job (`merge`); the
+/// automatic checkpoints' retention uses it too.
+pub async fn delete_ids(
+    daemon: &Arc<Daemon>,
+    vm: &Vm,
+    order: Vec<Uuid>,
+) -> Result<vireo_api::Job, HttpError> {
+    let vm = daemon.store.get_by_id(vm.id())?;
     if matches!(
         vm.state,
         VmState::Starting | VmState::Stopping | VmState::Saving
@@ -47,12 +63,6 @@ pub async fn delete(
             vm.spec.name, vm.state
         )));
     }
-    let all = daemon.store.list_checkpoints(vm.id())?;
-    let order = if subtree {
-        post_order(&all, cp.id)
-    } else {
-        vec![cp.id]
-    };
     let job = daemon.store.create_job(Some(vm.id()), JobKind::Merge)?;
     let d = daemon.clone();
     let job_id = job.id;

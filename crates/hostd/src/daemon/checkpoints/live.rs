@@ -36,6 +36,7 @@ pub async fn capture(
     id: Uuid,
     name: &str,
     job: Uuid,
+    automatic: bool,
 ) -> Result<Checkpoint, String> {
     let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
     if !vm.state.has_worker() {
@@ -85,6 +86,7 @@ pub async fn capture(
         disks: plan.iter().map(|p| p.0.clone()).collect(),
         has_state: true,
         current: true,
+        automatic,
         capture: None,
     };
     let intent = Intent::Create {

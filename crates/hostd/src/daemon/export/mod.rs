@@ -145,7 +145,7 @@ async fn live_source(
 ) -> Result<(Source, vireo_api::Checkpoint), String> {
     let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
     let name = temp_name(&vm, what, job);
-    let cp = crate::daemon::checkpoints::live::capture(d, id, &name, job).await?;
+    let cp = crate::daemon::checkpoints::live::capture(d, id, &name, job, false).await?;
     let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
     match Source::of_checkpoint(d, &vm, &cp) {
         Ok(s) => Ok((s, cp)),

@@ -15,6 +15,7 @@ use vireo_api::worker::{WorkerOp, WorkerReply, WORKER_DISK_SLOTS};
 use vireo_api::{validate_spec, ApiErrorCode, DiskSpec, Vm, VmIdentity, VmState};
 
 use super::St;
+use crate::daemon::checkpoints::auto::{self, RiskyOp};
 use crate::daemon::http_error::{ApiJson, ApiPath, HttpError};
 use crate::daemon::worker_client::{call_once, WorkerCallError};
 use crate::daemon::Daemon;
@@ -75,12 +76,16 @@ pub async fn add(
     ApiJson(disk): ApiJson<DiskSpec>,
 ) -> Result<(StatusCode, Json<Vm>), HttpError> {
     let vm = d.find(&key)?;
-    let _guard = d.try_lock_vm(&vm)?;
+    let guard = d.try_lock_vm(&vm)?;
+    let vm = d.store.get_by_id(vm.id())?;
+    mode(&vm, "add")?;
+    let mut disk = disk;
+    disk.path = checked_path(&d, &disk.path)?;
+    let _taken = auto::before(&d, vm.id(), RiskyOp::DiskAdd, &guard).await?;
+    // The checkpoint put the VM's disks on new files (and a live one may have changed state).
     let vm = d.store.get_by_id(vm.id())?;
     let mode = mode(&vm, "add")?;
     let name = &vm.spec.name;
-    let mut disk = disk;
-    disk.path = checked_path(&d, &disk.path)?;
     if let Some((i, other)) = vm
         .spec
         .disks
@@ -146,23 +151,12 @@ pub async fn remove(
     ApiPath((key, which)): ApiPath<(String, String)>,
 ) -> Result<Json<Vm>, HttpError> {
     let vm = d.find(&key)?;
-    let _guard = d.try_lock_vm(&vm)?;
+    let guard = d.try_lock_vm(&vm)?;
     let vm = d.store.get_by_id(vm.id())?;
-    let disks = &vm.spec.disks;
-    let index = disks
-        .iter()
-        .position(|x| x.serial.as_deref() == Some(which.as_str()))
-        .or_else(|| which.parse::<usize>().ok().filter(|&i| i < disks.len()))
-        .ok_or_else(|| {
-            HttpError::new(
-                ApiErrorCode::NotFound,
-                format!(
-                    "VM {:?} has no disk {which:?} (give a serial or an index below {})",
-                    vm.spec.name,
-                    disks.len()
-                ),
-            )
-        })?;
+    let index = disk_index(&vm, &which)?;
+    mode(&vm, "remove")?;
+    let _taken = auto::before(&d, vm.id(), RiskyOp::DiskRemove, &guard).await?;
+    let vm = d.store.get_by_id(vm.id())?;
     let mode = mode(&vm, "remove")?;
     let mut spec = vm.spec.clone();
     let disk = spec.disks.remove(index);
@@ -184,6 +178,25 @@ pub async fn remove(
         }
     }
     Ok(Json(d.store.update_spec(vm.id(), &spec)?))
+}
+
+/// `which` (a serial, or an index) as the disk's index in the VM's spec.
+pub(super) fn disk_index(vm: &Vm, which: &str) -> Result<usize, HttpError> {
+    let disks = &vm.spec.disks;
+    disks
+        .iter()
+        .position(|x| x.serial.as_deref() == Some(which))
+        .or_else(|| which.parse::<usize>().ok().filter(|&i| i < disks.len()))
+        .ok_or_else(|| {
+            HttpError::new(
+                ApiErrorCode::NotFound,
+                format!(
+                    "VM {:?} has no disk {which:?} (give a serial or an index below {})",
+                    vm.spec.name,
+                    disks.len()
+                ),
+            )
+        })
 }
 
 /// One op on the VM's worker; a refusal is 422 with the worker's reason (the checks above

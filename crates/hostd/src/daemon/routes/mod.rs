@@ -2,6 +2,7 @@
 
 pub mod checkpoints;
 pub mod console;
+pub mod disk_resize;
 pub mod disks;
 pub mod gateways;
 pub mod host;

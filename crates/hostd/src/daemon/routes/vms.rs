@@ -7,9 +7,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use vireo_api::{RenameRequest, Vm, VmSpec, VmState};
+use vireo_api::{validate_spec, RenameRequest, Vm, VmSpec, VmState};
 
 use super::St;
+use crate::daemon::checkpoints::auto::{self, RiskyOp};
 use crate::daemon::http_error::{ApiJson, ApiPath, ApiQuery, HttpError};
 
 pub async fn list(State(d): St) -> Result<Json<Vec<Vm>>, HttpError> {
@@ -43,8 +44,11 @@ pub async fn put_spec(
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<Json<Vm>, HttpError> {
     let vm = d.find(&key)?;
-    let _guard = d.try_lock_vm(&vm)?;
+    let guard = d.try_lock_vm(&vm)?;
     let vm = d.store.get_by_id(vm.id())?;
+    if auto::only_setting_changes(&vm.spec, &spec) {
+        return Ok(Json(d.store.update_spec(vm.id(), &spec)?));
+    }
     if !matches!(vm.state, VmState::Off | VmState::Critical { .. }) {
         let what = if vm.state == VmState::Saved {
             "turn it off first (that discards the saved state)"
@@ -57,6 +61,19 @@ pub async fn put_spec(
         )));
     }
     let spec = d.storage.confine(&spec)?;
+    let mut spec = spec;
+    // Only a change that would be accepted is worth a checkpoint.
+    validate_spec(&spec, &d.limits).map_err(|e| HttpError::from(vireo_api::ApiError::from(e)))?;
+    let _taken = if auto::changes_hardware(&vm.spec, &spec) {
+        auto::before(&d, vm.id(), RiskyOp::Set, &guard).await?
+    } else {
+        None
+    };
+    if _taken.is_some() {
+        let now = d.store.get_by_id(vm.id())?;
+        spec = auto::follow_moved_disks(&vm.spec, &now.spec, spec);
+    }
+    let vm = d.store.get_by_id(vm.id())?;
     Ok(Json(
         crate::daemon::switches::nics::update_spec(&d, &vm, &spec).await?,
     ))
