@@ -50,8 +50,17 @@ pub fn disk_arg(d: &DiskSpec) -> DiskArg {
 /// Opens `d` (format by content unless given) and builds its virtio-blk device with its
 /// serial and storage QoS. Boot disks and hot-added ones go through here alike.
 pub fn build_disk(d: &DiskSpec) -> Result<BuiltDisk, WorkerError> {
+    build_disk_from(d, None)
+}
+
+/// [`build_disk`] from `held`, the disk's file already open and locked, when given
+/// ([`image::open_from`]).
+pub fn build_disk_from(
+    d: &DiskSpec,
+    held: Option<std::fs::File>,
+) -> Result<BuiltDisk, WorkerError> {
     let arg = disk_arg(d);
-    let image::OpenedDisk { backend, image } = image::open(&arg)?;
+    let image::OpenedDisk { backend, image } = image::open_from(&arg, held)?;
     Ok(wrap_disk(d, backend, image))
 }
 

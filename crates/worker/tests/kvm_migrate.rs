@@ -38,6 +38,7 @@ fn destination(disk: &Path, host: &Host, session: uuid::Uuid, streams: u16) -> W
         spec: spec(disk, "MIG0"),
         nic_sockets: vec![],
         restore_from: None,
+        inherited_disks: Vec::new(),
         incoming: Some(IncomingMigration {
             session,
             streams,

@@ -276,7 +276,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             }
         }
         WorkerOp::MigrateStatus => WorkerReply::Migrate(g.lock().unwrap().mig.clone()),
-        WorkerOp::Save { dir: to } => {
+        WorkerOp::Save { dir: to, .. } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {
                     message: "fake worker refuses save".into(),

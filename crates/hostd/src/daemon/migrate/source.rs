@@ -561,6 +561,9 @@ async fn quick(
     let _ = d.store.set_job_progress(job, 50);
     let dir = save::saved_dir(d, vm.id());
     let sent = send_saved(peer, &dir, job, d).await;
+    // The destination opens the disks (shared storage) as it restores: the locks this host
+    // kept since the save cannot travel there. A restore here takes them again.
+    d.disk_locks.release(vm.id());
     let answer = match sent {
         Ok(()) => match peer.send(&PeerMsg::Commit).await {
             Ok(()) => peer.recv(ARRIVAL_LIMIT).await,
