@@ -52,6 +52,30 @@ pub struct WorkerLaunch {
     /// handoff open the disks and run. Exclusive with `restore_from`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming: Option<IncomingMigration>,
+    /// Disks whose open, locked file the worker inherits as a descriptor instead of opening
+    /// the path (a restore of a VM whose disks vireod kept locked while it was saved,
+    /// docs/vm-state.md). The worker checks each is the file its path names now and opens the
+    /// disk from it, so the lock is never let go. Disks not named here are opened by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inherited_disks: Vec<InheritedDisk>,
+}
+
+/// A disk's file handed to the worker as an inherited descriptor (`WorkerLaunch`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InheritedDisk {
+    /// The spec disk's path (`spec.disks[..].path`) this descriptor is the file of.
+    pub path: PathBuf,
+    /// The descriptor number in the worker process.
+    pub fd: i32,
+}
+
+/// A disk whose locked file a saving worker sent along with its `DisksHandedOver` reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedOverDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
 }
 
 /// This host's migration identity, as files (vireod's `<state-dir>/host/`): the worker that
@@ -262,9 +286,15 @@ pub enum WorkerOp {
     /// worker exits with `Saved`. `Ok` once the state is complete on disk; the disks stay
     /// open (locked) until the process exits. `Error` with the VM as it was before (running,
     /// or paused if it was) when the save failed.
+    ///
+    /// With `hand_over_disks` the answer is `DisksHandedOver` instead of `Ok`, and its line
+    /// carries, as SCM_RIGHTS descriptors in the same order, the open locked file of every
+    /// disk: the caller keeps the locks from there on, so the worker's exit frees nothing.
     Save {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dir: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hand_over_disks: bool,
     },
     /// Storage live migration (docs/storage-migration.md): copy every disk into folder `to`
     /// while the VM runs, mirror the guest's writes, switch each disk to its copy in one step,
@@ -359,6 +389,12 @@ pub enum WorkerReply {
     Migrate(MigrateProgress),
     /// `Checkpoint` done: the state is in its `dir`, the disks run on their children.
     Checkpointed(CheckpointReport),
+    /// `Save` with `hand_over_disks` done: the state is complete on disk, and the line came
+    /// with one descriptor per entry here, in this order (disks that are not one locked file
+    /// are left out and locked again by path).
+    DisksHandedOver {
+        disks: Vec<HandedOverDisk>,
+    },
 }
 
 /// What a `Checkpoint` did.
@@ -628,16 +664,40 @@ mod tests {
 
     #[test]
     fn save_and_restore_wire_shapes() {
-        let save = WorkerRequest::new(WorkerOp::Save { dir: None });
+        let save = WorkerRequest::new(WorkerOp::Save {
+            dir: None,
+            hand_over_disks: false,
+        });
         let line = serde_json::to_string(&save).unwrap();
         assert_eq!(line, r#"{"version":1,"op":"save"}"#);
         assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), save);
         let to = WorkerRequest::new(WorkerOp::Save {
             dir: Some("/vm/s".into()),
+            hand_over_disks: false,
         });
         let line = serde_json::to_string(&to).unwrap();
         assert_eq!(line, r#"{"version":1,"op":"save","dir":"/vm/s"}"#);
         assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), to);
+        let handing = WorkerRequest::new(WorkerOp::Save {
+            dir: None,
+            hand_over_disks: true,
+        });
+        let line = serde_json::to_string(&handing).unwrap();
+        assert_eq!(line, r#"{"version":1,"op":"save","hand_over_disks":true}"#);
+        assert_eq!(
+            serde_json::from_str::<WorkerRequest>(&line).unwrap(),
+            handing
+        );
+        let reply = WorkerReply::DisksHandedOver {
+            disks: vec![HandedOverDisk {
+                path: "/d.vhdx".into(),
+                read_only: false,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"reply":"disks_handed_over","disks":[{"path":"/d.vhdx","read_only":false}]}"#
+        );
         let exit = WorkerExitReason::Saved {
             dir: "/vm/s".into(),
         };

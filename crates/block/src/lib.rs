@@ -5,6 +5,7 @@
 //! threads (`&self` methods, `Send + Sync`), so each one does its own fine-grained locking.
 
 mod error;
+pub mod handover;
 mod iov;
 mod lock;
 mod raw;
@@ -79,6 +80,13 @@ pub trait BlockBackend: Send + Sync {
     }
     /// A stable identifier the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes are used).
     fn id(&self) -> String;
+    /// A new descriptor of the open file that holds this disk's lock (the top file of a
+    /// chain), so the lock can outlive the backend: a saved VM's disks stay locked by vireod
+    /// until the restored worker opens them from these descriptors ([`handover`]). `None`
+    /// when the disk is not one locked file (a placeholder, a disk mid-move).
+    fn dup_locked_file(&self) -> Option<std::io::Result<std::fs::File>> {
+        None
+    }
 }
 
 /// Checks `offset..offset+len` against a disk of `size` bytes.

@@ -24,6 +24,13 @@ impl RawFile {
     /// Opens `path`; with `read_only` the file is opened O_RDONLY and writes are refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        Self::from_file(file, path, read_only)
+    }
+
+    /// [`RawFile::open`] on a file opened elsewhere (one handed over with its lock, see
+    /// [`crate::handover`]). Its lock is taken again: on the same open file that is a no-op
+    /// that proves the lock is there, on another one it is the usual open's lock.
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, BlockError> {
         // Two VMs (or a VM and a tool) writing one image corrupt it: writers are exclusive.
         let kind = if read_only {
             LockKind::Shared
@@ -75,6 +82,10 @@ impl BlockBackend for RawFile {
             return Err(BlockError::ReadOnly);
         }
         transfer(self.file.as_raw_fd(), Dir::Write, bufs, offset, self.size())
+    }
+
+    fn dup_locked_file(&self) -> Option<std::io::Result<File>> {
+        Some(self.file.try_clone())
     }
 
     fn vectored_fd(&self) -> Option<std::os::unix::io::RawFd> {

@@ -71,8 +71,9 @@ pub enum VmCommand {
     /// with a progress bar (--no-wait: print the job).
     Start(power::StartArgs),
     /// Save a running or paused VM: its memory and state go to its folder, its worker ends, it
-    /// is `saved`; `vm start` continues it, `vm turn-off` discards the saved state. Waits with
-    /// a progress bar (--no-wait: print the job).
+    /// is `saved`; `vm start` continues it, `vm turn-off` discards the saved state. vireod
+    /// keeps its disks locked meanwhile (another process cannot open them for writing). Waits
+    /// with a progress bar (--no-wait: print the job).
     Save(power::StartArgs),
     /// Move every disk of a VM into another folder while it runs (storage live migration):
     /// copies, mirrors the guest's writes, switches in one step, deletes the old files.

@@ -34,6 +34,10 @@ impl BlockBackend for Vhdx {
         Ok(Vhdx::flush(self)?)
     }
 
+    fn dup_locked_file(&self) -> Option<std::io::Result<std::fs::File>> {
+        Some(self.top().io.file().try_clone())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         Ok(Vhdx::discard(self, offset, len)?)
     }

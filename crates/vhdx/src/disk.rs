@@ -1,7 +1,7 @@
 //! [`Vhdx`]: an open disk (a chain of layers, top first) and its I/O paths.
 
 use std::collections::HashSet;
-use std::fs;
+use std::fs::{self, File};
 use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -120,10 +120,27 @@ impl Vhdx {
         Self::open_chain(path, opts, false)
     }
 
+    /// [`Vhdx::open`] with `file` as the top file: the already open (and normally already
+    /// locked) file `path` names, a disk handed over with its lock (`vireo_block::handover`).
+    /// Its lock is taken again unless `no_lock` (a no-op when it holds it already); parents
+    /// are opened by path as usual.
+    pub fn open_file(file: File, path: &Path, opts: &OpenOptions) -> Result<Vhdx, VhdxError> {
+        Self::open_chain_from(path, Some(file), opts, false)
+    }
+
     /// [`Vhdx::open`]; with `unlocked_parent` the direct parent is opened without a lock
     /// because the caller (merge) is about to lock it exclusively itself.
     pub(crate) fn open_chain(
         path: &Path,
+        opts: &OpenOptions,
+        unlocked_parent: bool,
+    ) -> Result<Vhdx, VhdxError> {
+        Self::open_chain_from(path, None, opts, unlocked_parent)
+    }
+
+    fn open_chain_from(
+        path: &Path,
+        top_file: Option<File>,
         opts: &OpenOptions,
         unlocked_parent: bool,
     ) -> Result<Vhdx, VhdxError> {
@@ -132,15 +149,21 @@ impl Vhdx {
             (false, true) => Some(LockKind::Shared),
             (false, false) => Some(LockKind::Exclusive),
         };
-        let top = Arc::new(Layer::open(
-            path,
-            &LayerOptions {
-                read_only: opts.read_only,
-                lock: top_lock,
-                replay: opts.replay,
-                fault: opts.fault.clone(),
-            },
-        )?);
+        let top_opts = LayerOptions {
+            read_only: opts.read_only,
+            lock: top_lock,
+            replay: opts.replay,
+            fault: opts.fault.clone(),
+        };
+        let top = Arc::new(match top_file {
+            None => Layer::open(path, &top_opts)?,
+            Some(file) => {
+                if let Some(kind) = top_lock {
+                    vireo_block::lock(&file, path, kind)?;
+                }
+                Layer::from_file(file, path, &top_opts)?
+            }
+        });
         let mut seen = HashSet::new();
         let meta = fs::metadata(path)?;
         seen.insert((meta.dev(), meta.ino()));

@@ -123,6 +123,11 @@ pub enum WorkerError {
     },
     #[error("incoming migration: {0}")]
     Incoming(String),
+    /// A disk's inherited locked file (`WorkerLaunch::inherited_disks`) cannot be used.
+    #[error("{0}")]
+    Inherited(#[from] vireo_block::handover::HandoverError),
+    #[error("the launch spec hands over {0}")]
+    InheritedSpec(String),
 }
 
 /// A lock error already names the disk and what to do; anything else gets the disk's path.
@@ -163,6 +168,8 @@ impl WorkerError {
             | WorkerError::Nic { .. }
             | WorkerError::Restore { .. }
             | WorkerError::Incoming(_)
+            | WorkerError::Inherited(_)
+            | WorkerError::InheritedSpec(_)
             | WorkerError::Thread(_) => false,
         }
     }

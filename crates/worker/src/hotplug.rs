@@ -52,8 +52,18 @@ pub fn disk_arg(d: &DiskSpec) -> DiskArg {
 /// serial, storage QoS and request queues (`d.queues`, else one per vCPU of a VM with
 /// `vcpus`). Boot disks and hot-added ones go through here alike.
 pub fn build_disk(d: &DiskSpec, vcpus: u32) -> Result<BuiltDisk, WorkerError> {
+    build_disk_from(d, vcpus, None)
+}
+
+/// [`build_disk`] from `held`, the disk's file already open and locked, when given
+/// ([`image::open_from`]).
+pub fn build_disk_from(
+    d: &DiskSpec,
+    vcpus: u32,
+    held: Option<std::fs::File>,
+) -> Result<BuiltDisk, WorkerError> {
     let arg = disk_arg(d);
-    let image::OpenedDisk { backend, image } = image::open(&arg)?;
+    let image::OpenedDisk { backend, image } = image::open_from(&arg, held)?;
     Ok(wrap_disk(d, backend, image, vcpus))
 }
 

@@ -159,24 +159,36 @@ pub struct OpenedDisk {
 /// Opens `d` as the format its content (or its `format=`) names; refuses formats it does not
 /// serve and a `format=` the content contradicts. Errors are one line naming the file.
 pub fn open(d: &DiskArg) -> Result<OpenedDisk, WorkerError> {
+    open_from(d, None)
+}
+
+/// [`open`]; with `held` the disk is opened from that file, already open and locked (a disk
+/// handed over with its lock, `vireo_block::handover`), instead of from its path, so its
+/// lock is never let go. The caller has checked it is the file `d.path` names.
+pub fn open_from(d: &DiskArg, held: Option<File>) -> Result<OpenedDisk, WorkerError> {
     let path = &d.path;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|source| WorkerError::DiskMissing {
-        path: path.clone(),
-        source,
-    })?;
-    if meta.is_dir() {
-        return Err(WorkerError::DiskIsDirectory { path: path.clone() });
+    let content = match &held {
+        Some(file) => detect(file),
+        None => {
+            let meta = std::fs::metadata(path).map_err(|source| WorkerError::DiskMissing {
+                path: path.clone(),
+                source,
+            })?;
+            if meta.is_dir() {
+                return Err(WorkerError::DiskIsDirectory { path: path.clone() });
+            }
+            let file = File::open(path).map_err(|source| WorkerError::DiskUnreadable {
+                path: path.clone(),
+                source,
+            })?;
+            detect(&file)
+        }
     }
-    let file = File::open(path).map_err(|source| WorkerError::DiskUnreadable {
+    .map_err(|source| WorkerError::DiskRead {
         path: path.clone(),
         source,
     })?;
-    let content = detect(&file).map_err(|source| WorkerError::DiskRead {
-        path: path.clone(),
-        source,
-    })?;
-    drop(file);
     let format = match (d.format, content) {
         // The user's word: a raw disk whose guest data happens to start with a signature.
         (Some(Format::Raw), _) => {
@@ -207,7 +219,11 @@ pub fn open(d: &DiskArg) -> Result<OpenedDisk, WorkerError> {
     };
     match format {
         Format::Raw => {
-            let raw = RawFile::open(path, d.read_only).map_err(|source| WorkerError::Raw {
+            let raw = match held {
+                Some(file) => RawFile::from_file(file, path, d.read_only),
+                None => RawFile::open(path, d.read_only),
+            }
+            .map_err(|source| WorkerError::Raw {
                 path: path.clone(),
                 source,
             })?;
@@ -217,7 +233,11 @@ pub fn open(d: &DiskArg) -> Result<OpenedDisk, WorkerError> {
             })
         }
         Format::Vhd => {
-            let vhd = Vhd::open(path, d.read_only).map_err(|source| WorkerError::Vhd {
+            let vhd = match held {
+                Some(file) => Vhd::open_file(file, path, d.read_only),
+                None => Vhd::open(path, d.read_only),
+            }
+            .map_err(|source| WorkerError::Vhd {
                 path: path.clone(),
                 source,
             })?;
@@ -232,7 +252,11 @@ pub fn open(d: &DiskArg) -> Result<OpenedDisk, WorkerError> {
                 read_only: d.read_only,
                 ..Default::default()
             };
-            let vhdx = Vhdx::open(path, &opts).map_err(|source| WorkerError::Vhdx {
+            let vhdx = match held {
+                Some(file) => Vhdx::open_file(file, path, &opts),
+                None => Vhdx::open(path, &opts),
+            }
+            .map_err(|source| WorkerError::Vhdx {
                 path: path.clone(),
                 source,
             })?;

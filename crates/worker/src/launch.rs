@@ -1,11 +1,12 @@
 //! One worker's life: read `spec.json`, build the VM, serve its sockets, run it, and record why
 //! it ended in `exit.json`.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use vireo_api::worker::{WorkerExitReason, WorkerLaunch};
+use vireo_api::worker::{InheritedDisk, WorkerExitReason, WorkerLaunch};
 use vireo_api::{VmSpec, SPEC_VERSION};
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
@@ -105,13 +106,16 @@ fn pending_disks(spec: &VmSpec) -> (OpenDisks, Vec<Arc<PendingDisk>>) {
 
 /// The disks of `spec` as virtio slots (with their storage QoS), what the control socket needs
 /// of them, and their counters for metering.
-fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
+/// Disks named in `inherited` are opened from their inherited locked files (after checking each
+/// is the file its path names), the others by path.
+fn open_disks(spec: &VmSpec, inherited: &[InheritedDisk]) -> Result<OpenDisks, WorkerError> {
+    let mut held = claim_inherited(spec, inherited)?;
     let mut slots = Vec::new();
     let mut control = Vec::new();
     let mut metered = Vec::new();
     let mut movable = Vec::new();
     for d in &spec.disks {
-        let built = hotplug::build_disk(d, spec.vcpus)?;
+        let built = hotplug::build_disk_from(d, spec.vcpus, held.remove(&d.path))?;
         metered.push(built.metered);
         movable.push(built.movable);
         control.push(built.control);
@@ -121,6 +125,41 @@ fn open_disks(spec: &VmSpec) -> Result<OpenDisks, WorkerError> {
         });
     }
     Ok((slots, control, metered, movable))
+}
+
+/// Takes every inherited disk file as this process's own, keyed by its spec path. Each
+/// descriptor and each path may be named once, and only for a disk of the spec: anything else
+/// would be a descriptor closed twice or a lock held for nothing.
+fn claim_inherited(
+    spec: &VmSpec,
+    inherited: &[InheritedDisk],
+) -> Result<HashMap<PathBuf, std::fs::File>, WorkerError> {
+    let mut fds = HashSet::new();
+    let mut held = HashMap::new();
+    for i in inherited {
+        let Some(disk) = spec.disks.iter().find(|d| d.path == i.path) else {
+            return Err(WorkerError::InheritedSpec(format!(
+                "descriptor {} for {}, which is not one of the VM's disks",
+                i.fd,
+                i.path.display()
+            )));
+        };
+        if !fds.insert(i.fd) || held.contains_key(&i.path) {
+            return Err(WorkerError::InheritedSpec(format!(
+                "descriptor {} for {} twice",
+                i.fd,
+                i.path.display()
+            )));
+        }
+        let file = vireo_block::handover::claim_inherited(i.fd, &i.path, disk.read_only)?;
+        tracing::info!(
+            "disk {}: opened from its inherited locked file (descriptor {})",
+            i.path.display(),
+            i.fd
+        );
+        held.insert(i.path.clone(), file);
+    }
+    Ok(held)
 }
 
 type OpenDisks = (
@@ -173,9 +212,16 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
             "a launch cannot both restore and receive a migration; give one of them".into(),
         ));
     }
+    if launch.incoming.is_some() && !launch.inherited_disks.is_empty() {
+        return Err(WorkerError::Incoming(
+            "a launch receiving a migration opens its disks at the handoff; it cannot inherit \
+             them"
+                .into(),
+        ));
+    }
     vireo_vmm::install_termination_handlers()?;
     let ((mut devices, control_disks, metered, movable), pending) = match &launch.incoming {
-        None => (open_disks(&spec)?, Vec::new()),
+        None => (open_disks(&spec, &launch.inherited_disks)?, Vec::new()),
         Some(_) => pending_disks(&spec),
     };
     devices.extend(connect_nics(&spec, &launch.nic_sockets)?);

@@ -62,27 +62,42 @@ fn serve(s: &Arc<State>, conn: UnixStream) {
     };
     let mut input = BufReader::new(conn);
     loop {
-        let (reply, then) = match vireo_linesock::read_line(&mut input, MAX_REQUEST) {
+        let (reply, then, files) = match vireo_linesock::read_line(&mut input, MAX_REQUEST) {
             Ok(None) | Err(_) => return,
             Ok(Some(Err(vireo_linesock::TooLong))) => (
                 WorkerReply::Error {
                     message: format!("request longer than {MAX_REQUEST} bytes"),
                 },
                 None,
+                Vec::new(),
             ),
             Ok(Some(Ok(line))) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(Ok(line))) => match parse(&line) {
                 Ok(op) => answer(s, op),
-                Err(message) => (WorkerReply::Error { message }, None),
+                Err(message) => (WorkerReply::Error { message }, None, Vec::new()),
             },
         };
         let mut text = serde_json::to_string(&reply).unwrap_or_else(|e| {
             format!(r#"{{"reply":"error","message":"encoding the reply: {e}"}}"#)
         });
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let sent = if files.is_empty() {
+            out.write_all(text.as_bytes())
+        } else {
+            vireo_block::handover::send_line_with_files(&out, text.as_bytes(), &files)
+        };
+        if let Err(e) = sent {
+            if !files.is_empty() {
+                tracing::warn!("the disks' locked files could not be handed over: {e}");
+                // The state is complete: the VM still stops, its disks unlocked by the exit.
+                if let Some(after) = then {
+                    after(s);
+                }
+            }
             return;
         }
+        // Ours are copies: the disks stay open here until the process ends.
+        drop(files);
         if let Some(after) = then {
             after(s);
         }
@@ -112,7 +127,10 @@ pub fn parse(line: &[u8]) -> Result<WorkerOp, String> {
 /// Something to do once the reply has been sent.
 type After = fn(&State);
 
-fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
+/// A reply, what to do after it is sent, and the files that go with it (SCM_RIGHTS).
+type Answer = (WorkerReply, Option<After>, Vec<std::fs::File>);
+
+fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
     let reply = match op {
         WorkerOp::Hello => WorkerReply::Hello {
             version: WORKER_PROTOCOL_VERSION,
@@ -148,7 +166,11 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
         WorkerOp::TurnOff => {
             tracing::info!("turn off requested");
             // The reply goes out first: the worker exits soon after the stop.
-            return (WorkerReply::Ok, Some(|s: &State| s.vm.request_stop()));
+            return (
+                WorkerReply::Ok,
+                Some(|s: &State| s.vm.request_stop()),
+                Vec::new(),
+            );
         }
         WorkerOp::ConsoleLog { max_bytes } => {
             let (bytes, total) = s.console.log((max_bytes as usize).min(s.ring_bytes));
@@ -244,19 +266,27 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> (WorkerReply, Option<After>) {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("migrate", message),
         },
-        WorkerOp::Save { dir } => {
+        WorkerOp::Save {
+            dir,
+            hand_over_disks,
+        } => {
             let dir = dir.unwrap_or_else(|| s.vm_dir.join(crate::SAVED_DIR));
-            match crate::save::save(s, &dir) {
-                Ok(()) => {
-                    // The state is complete on disk; the disks close (and unlock) only as
-                    // the process ends, after this reply.
-                    return (WorkerReply::Ok, Some(|s: &State| s.vm.request_stop()));
+            match crate::save::save(s, &dir, hand_over_disks) {
+                Ok(handed) => {
+                    // The state is complete on disk; the disks close only as the process
+                    // ends, after this reply: they unlock then unless handed over with it.
+                    let stop: After = |s: &State| s.vm.request_stop();
+                    if !hand_over_disks {
+                        return (WorkerReply::Ok, Some(stop), Vec::new());
+                    }
+                    let (disks, files) = handed.into_iter().unzip();
+                    return (WorkerReply::DisksHandedOver { disks }, Some(stop), files);
                 }
                 Err(message) => refused("save", message),
             }
         }
     };
-    (reply, None)
+    (reply, None, Vec::new())
 }
 
 fn refused(what: &str, message: String) -> WorkerReply {

@@ -29,6 +29,7 @@ fn start_niced() -> Worker {
         spec: probe_spec(),
         nic_sockets: vec![],
         restore_from: None,
+        inherited_disks: Vec::new(),
         incoming: None,
     };
     std::fs::write(

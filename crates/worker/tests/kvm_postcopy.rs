@@ -50,6 +50,7 @@ fn setup() -> Setup {
         spec: spec(&disk, "PC0"),
         nic_sockets: vec![],
         restore_from: None,
+        inherited_disks: Vec::new(),
         incoming: Some(IncomingMigration {
             session,
             streams: 1,

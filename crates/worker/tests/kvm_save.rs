@@ -68,7 +68,8 @@ fn save_and_restore_with_a_hot_added_disk_and_an_empty_slot_between() {
     let mut w = w;
     assert_eq!(
         w.ask(WorkerOp::Save {
-            dir: Some(saved.clone())
+            dir: Some(saved.clone()),
+            hand_over_disks: false,
         }),
         WorkerReply::Ok
     );
@@ -117,7 +118,8 @@ fn a_damaged_save_is_refused_at_start_and_nothing_runs() {
     let saved = files.path().join("saved");
     assert_eq!(
         w.ask(WorkerOp::Save {
-            dir: Some(saved.clone())
+            dir: Some(saved.clone()),
+            hand_over_disks: false,
         }),
         WorkerReply::Ok
     );
@@ -147,6 +149,7 @@ fn save_of_a_relative_dir_is_refused_and_the_vm_runs_on() {
     w.wait_console("PROBE READY");
     let WorkerReply::Error { message } = w.ask(WorkerOp::Save {
         dir: Some("rel/dir".into()),
+        hand_over_disks: false,
     }) else {
         panic!("a relative save dir was accepted")
     };

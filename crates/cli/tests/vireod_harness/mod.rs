@@ -77,8 +77,18 @@ impl Daemon {
     }
 
     pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.restart();
+    }
+
+    /// SIGKILL; vireod stays down until [`Self::restart`].
+    pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Starts vireod again on the same state (after [`Self::kill9`]).
+    pub fn restart(&mut self) {
         self.child = Daemon::spawn_args(self.dir.path(), &self.args);
     }
 

@@ -11,6 +11,7 @@ use vireo_api::rest::{DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS};
 use vireo_api::worker::WorkerOp;
 use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
 
+use super::disk_locks;
 use super::http_error::HttpError;
 use super::jobs::cancelled;
 use super::save;
@@ -38,7 +39,28 @@ pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpErro
         Some(_) => Action::RestoreFailed,
         None => Action::StartFailed,
     };
-    let vm = daemon.store.set_state(vm.id(), &Action::Start)?;
+    // A restore gets its disks' locks from vireod, which has held them since the save (or
+    // takes them now); a disk locked by someone else stops it here, the VM still saved.
+    let held = match restore {
+        None => Vec::new(),
+        Some(_) => {
+            let current = daemon.store.get_by_id(vm.id())?;
+            match disk_locks::acquire_missing(&current, daemon.disk_locks.take(vm.id())) {
+                Ok(held) => held,
+                Err((message, held)) => {
+                    daemon.disk_locks.keep(vm.id(), held);
+                    return Err(HttpError::conflict(message));
+                }
+            }
+        }
+    };
+    let vm = match daemon.store.set_state(vm.id(), &Action::Start) {
+        Ok(vm) => vm,
+        Err(e) => {
+            daemon.disk_locks.keep(vm.id(), held);
+            return Err(e.into());
+        }
+    };
     if restore.is_none() {
         // Leftovers of a restore whose clean-up was cut short are never used.
         save::discard(daemon, vm.id());
@@ -48,11 +70,18 @@ pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpErro
         Err(e) => {
             // No job, no worker: the VM must not stay `starting`.
             let _ = daemon.store.set_state(vm.id(), &failed);
+            daemon.disk_locks.keep(vm.id(), held);
             return Err(e.into());
         }
     };
     let restoring = restore.is_some();
-    let worker = match daemon.sup.spawn(daemon, &vm, restore) {
+    let spawned = daemon.sup.spawn_inheriting(daemon, &vm, restore, &held);
+    // vireod keeps its copies until the restored VM runs (`save::discard`): a restore that
+    // fails leaves the VM saved with its disks still locked.
+    if restoring {
+        daemon.disk_locks.keep(vm.id(), held);
+    }
+    let worker = match spawned {
         Ok(w) => w,
         Err(message) => {
             tracing::error!(vm = %vm.id(), %message, "start failed");

@@ -10,6 +10,7 @@
 
 pub mod adopt;
 pub mod checkpoints;
+pub mod disk_locks;
 pub mod exit;
 pub mod export;
 pub mod files;
@@ -64,6 +65,8 @@ pub struct Daemon {
     pub host: crate::host_trust::HostTrust,
     /// Migrations between vireods (`migrate`).
     pub migrations: migrate::Migrations,
+    /// Saved VMs' disk locks, held while no worker holds them (`disk_locks`).
+    pub disk_locks: disk_locks::DiskLocks,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -110,6 +113,7 @@ impl Daemon {
             prom: prom::RequestCounts::default(),
             switches,
             migrations: migrate::Migrations::default(),
+            disk_locks: disk_locks::DiskLocks::default(),
             vm_locks: Mutex::new(HashMap::new()),
         });
         // Metering samples the workers from here on (inside a runtime, as vireod and the

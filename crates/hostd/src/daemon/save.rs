@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
-use vireo_api::worker::{WorkerOp, WorkerReply};
+use vireo_api::worker::WorkerReply;
 use vireo_api::{transition, Action, Job, JobKind, Vm, VmState};
 
+use super::disk_locks::{self, HeldDisk};
 use super::http_error::HttpError;
 use super::supervisor::Worker;
-use super::worker_client::{call_once, WorkerCallError};
+use super::worker_client::{save_handing_over, WorkerCallError};
 use super::Daemon;
 
 /// The save directory inside a VM's folder (the worker's default for `Save`).
@@ -30,8 +31,10 @@ pub fn has_saved_state(daemon: &Daemon, id: Uuid) -> bool {
     saved_dir(daemon, id).join("vm.state").is_file()
 }
 
-/// Deletes the VM's saved state (after a restore ran, or to discard it).
+/// Deletes the VM's saved state (after a restore ran, or to discard it), and lets go of the
+/// disk locks vireod held for it (a restored worker holds its own).
 pub fn discard(daemon: &Daemon, id: Uuid) {
+    daemon.disk_locks.release(id);
     let dir = saved_dir(daemon, id);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => tracing::info!(vm = %id, "saved state {} deleted", dir.display()),
@@ -82,8 +85,31 @@ pub(crate) async fn run_save(
     paused: bool,
 ) -> Result<(), String> {
     let _ = daemon.store.set_job_progress(job, 10);
-    match call_once(&worker.socket(), WorkerOp::Save { dir: None }).await {
-        Ok(WorkerReply::Ok) => {}
+    // The worker's disk locks come back with its reply and are kept from there on, so its
+    // exit frees none of them (docs/vm-state.md, "Disk locks across a save").
+    let mut handed_over = false;
+    match save_handing_over(&worker.socket(), SAVE_LIMIT).await {
+        Ok((WorkerReply::DisksHandedOver { disks }, files)) if disks.len() == files.len() => {
+            let held = disks
+                .into_iter()
+                .zip(files)
+                .map(|(d, file)| HeldDisk {
+                    path: d.path,
+                    read_only: d.read_only,
+                    file,
+                })
+                .collect();
+            daemon.disk_locks.keep(worker.vm_id, held);
+            handed_over = true;
+        }
+        Ok((WorkerReply::DisksHandedOver { disks }, files)) => tracing::warn!(
+            vm = %worker.vm_id,
+            "save handed over {} files for {} disks; locking them again by path",
+            files.len(),
+            disks.len()
+        ),
+        // A worker with nothing to hand over (or an older one).
+        Ok((WorkerReply::Ok, _)) => {}
         Err(WorkerCallError::Refused(message)) => {
             // The worker said no and the VM is as it was.
             let _ = daemon
@@ -93,7 +119,7 @@ pub(crate) async fn run_save(
         }
         // No answer in time (a large memory), or an odd one: the worker's exit says how it
         // ended.
-        Ok(other) => tracing::warn!(vm = %worker.vm_id, "save answered {other:?}"),
+        Ok((other, _)) => tracing::warn!(vm = %worker.vm_id, "save answered {other:?}"),
         Err(e) => tracing::info!(vm = %worker.vm_id, "save: {e}; waiting for the worker"),
     }
     let _ = daemon.store.set_job_progress(job, 90);
@@ -105,8 +131,27 @@ pub(crate) async fn run_save(
         ));
     };
     match end.state {
-        Some(VmState::Saved) => Ok(()),
-        Some(s) => Err(format!("{}; the VM is {s}", end.message)),
-        None => Err(end.message),
+        Some(VmState::Saved) => {
+            if !handed_over {
+                // The worker's exit let them go: take them back now rather than at the restore.
+                relock(daemon, worker.vm_id);
+            }
+            Ok(())
+        }
+        Some(s) => {
+            daemon.disk_locks.release(worker.vm_id);
+            Err(format!("{}; the VM is {s}", end.message))
+        }
+        None => {
+            daemon.disk_locks.release(worker.vm_id);
+            Err(end.message)
+        }
+    }
+}
+
+/// Locks the saved VM `id`'s disks that vireod does not hold yet (`disk_locks::relock`).
+fn relock(daemon: &Daemon, id: Uuid) {
+    if let Ok(vm) = daemon.store.get_by_id(id) {
+        disk_locks::relock(daemon, &vm);
     }
 }

@@ -7,6 +7,7 @@
 //! gone (and removal checks it is the same worker).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use uuid::Uuid;
-use vireo_api::worker::{WorkerExit, WorkerLaunch, WorkerOp, WorkerRecord};
+use vireo_api::worker::{InheritedDisk, WorkerExit, WorkerLaunch, WorkerOp, WorkerRecord};
 use vireo_api::{Action, Vm, VmState};
 
 use super::exit::{decide, Death};
@@ -168,6 +169,19 @@ impl Supervisor {
         self.spawn_with(daemon, vm, restore_from, None)
     }
 
+    /// `spawn` of a restore that inherits `held`, its disks' open locked files: the worker
+    /// gets them as descriptors (named in `WorkerLaunch::inherited_disks`) and opens its disks
+    /// from them. They stay close-on-exec for every other child.
+    pub fn spawn_inheriting(
+        &self,
+        daemon: &Arc<Daemon>,
+        vm: &Vm,
+        restore_from: Option<PathBuf>,
+        held: &[super::disk_locks::HeldDisk],
+    ) -> Result<Arc<Worker>, String> {
+        self.spawn_full(daemon, vm, restore_from, None, held)
+    }
+
     /// `spawn`, for a VM arriving by live migration when `incoming` is given (its state is
     /// `incoming`, not `starting`: docs/migration.md).
     pub fn spawn_with(
@@ -177,6 +191,17 @@ impl Supervisor {
         restore_from: Option<PathBuf>,
         incoming: Option<vireo_api::worker::IncomingMigration>,
     ) -> Result<Arc<Worker>, String> {
+        self.spawn_full(daemon, vm, restore_from, incoming, &[])
+    }
+
+    fn spawn_full(
+        &self,
+        daemon: &Arc<Daemon>,
+        vm: &Vm,
+        restore_from: Option<PathBuf>,
+        incoming: Option<vireo_api::worker::IncomingMigration>,
+        held: &[super::disk_locks::HeldDisk],
+    ) -> Result<Arc<Worker>, String> {
         let dir = daemon.store.vm_dir(vm.id());
         files::remove(&files::path(&dir, files::EXIT));
         files::remove(&files::path(&dir, files::RECORD));
@@ -185,6 +210,13 @@ impl Supervisor {
             spec: vm.spec.clone(),
             nic_sockets: super::switches::nic_sockets(daemon, vm),
             restore_from,
+            inherited_disks: held
+                .iter()
+                .map(|h| InheritedDisk {
+                    path: h.path.clone(),
+                    fd: h.file.as_raw_fd(),
+                })
+                .collect(),
             incoming,
         };
         let spec_path = files::path(&dir, files::SPEC);
@@ -200,7 +232,8 @@ impl Supervisor {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        sys::worker_process_group(&mut cmd, self.worker_nice);
+        let inherit: Vec<RawFd> = held.iter().map(|h| h.file.as_raw_fd()).collect();
+        sys::worker_process_group(&mut cmd, self.worker_nice, inherit);
         let child = cmd.spawn().map_err(|e| {
             format!(
                 "cannot run the worker {}: {e}; pass --worker-bin",

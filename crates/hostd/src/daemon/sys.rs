@@ -26,11 +26,20 @@ pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
 /// so fifty busy VMs in fifty sessions left vireod one fifty-first of the host and API calls
 /// took hundreds of milliseconds. In vireod's session the workers' nice value does its job:
 /// guests share the CPUs among themselves, and the management plane still gets its turn.
-pub fn worker_process_group(cmd: &mut tokio::process::Command, nice: i32) {
-    // SAFETY: the closure runs in the forked child before exec and calls only setpgid(2) and
-    // setpriority(2), which are async-signal-safe; it allocates nothing and touches no lock.
+///
+/// `inherit` are descriptors the worker keeps across its exec (a restore's disk files, named
+/// in its launch); they stay close-on-exec in vireod, so no other child ever gets them.
+pub fn worker_process_group(cmd: &mut tokio::process::Command, nice: i32, inherit: Vec<i32>) {
+    // SAFETY: the closure runs in the forked child before exec and calls only setpgid(2),
+    // setpriority(2) and fcntl(2), which are async-signal-safe; it allocates nothing (the
+    // descriptor list was built before the fork) and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }

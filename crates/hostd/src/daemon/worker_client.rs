@@ -133,3 +133,64 @@ impl WorkerConn {
 pub async fn call_once(sock: &Path, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
     WorkerConn::connect(sock).await?.call(op).await
 }
+
+/// `Save` asking the worker to hand over its disks' locked files: the reply
+/// (`DisksHandedOver`, or `Ok` from a worker that has none to give) and the files that came
+/// with it, in the reply's order. Blocking socket work on a blocking thread: the descriptors
+/// arrive with the reply's bytes (SCM_RIGHTS), which tokio's reads would drop.
+pub async fn save_handing_over(
+    sock: &Path,
+    limit: Duration,
+) -> Result<(WorkerReply, Vec<std::fs::File>), WorkerCallError> {
+    let path = sock.to_path_buf();
+    let exchange = tokio::task::spawn_blocking(move || save_exchange(&path, limit));
+    match exchange.await {
+        Ok(r) => r,
+        Err(e) => Err(WorkerCallError::Io {
+            path: sock.into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+fn save_exchange(
+    path: &Path,
+    limit: Duration,
+) -> Result<(WorkerReply, Vec<std::fs::File>), WorkerCallError> {
+    use std::io::Write;
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+        WorkerCallError::Connect {
+            path: path.into(),
+            source,
+        }
+    })?;
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            WorkerCallError::Timeout { path: path.into() }
+        }
+        _ => WorkerCallError::Io {
+            path: path.into(),
+            source,
+        },
+    };
+    stream.set_read_timeout(Some(limit)).map_err(io)?;
+    stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
+    let op = WorkerOp::Save {
+        dir: None,
+        hand_over_disks: true,
+    };
+    let mut line = serde_json::to_vec(&WorkerRequest::new(op)).expect("requests serialize");
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let (reply, files) =
+        vireo_block::handover::recv_line_with_files(&stream, MAX_REPLY_BYTES as usize)
+            .map_err(io)?;
+    match serde_json::from_slice(&reply) {
+        Ok(WorkerReply::Error { message }) => Err(WorkerCallError::Refused(message)),
+        Ok(reply) => Ok((reply, files)),
+        Err(e) => Err(WorkerCallError::Protocol {
+            path: path.into(),
+            detail: e.to_string(),
+        }),
+    }
+}

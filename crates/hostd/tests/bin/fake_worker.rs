@@ -276,7 +276,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             }
         }
         WorkerOp::MigrateStatus => WorkerReply::Migrate(g.lock().unwrap().mig.clone()),
-        WorkerOp::Save { dir: to } => {
+        WorkerOp::Save { dir: to, .. } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {
                     message: "fake worker refuses save".into(),
@@ -646,6 +646,13 @@ fn main() {
     let launch: WorkerLaunch =
         serde_json::from_slice(&std::fs::read(dir.join("spec.json")).unwrap()).unwrap();
     eprintln!("fake worker {} for {}", std::process::id(), launch.vm_id);
+    // It opens no disks: the locked files vireod hands a restore are let go at once, as a
+    // real worker's would be when its VM ends (tests then read the disks of a running VM).
+    for d in &launch.inherited_disks {
+        // SAFETY: vireod passed this descriptor to this process for this disk alone; nothing
+        // here uses or owns it.
+        unsafe { libc::close(d.fd) };
+    }
     if let Some(msg) = word(&launch, "fake.fail_start") {
         let message = msg.replace('_', " ");
         exit_with(&dir, WorkerExitReason::StartFailed { message }, 1);

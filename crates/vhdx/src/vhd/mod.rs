@@ -112,11 +112,20 @@ impl Vhd {
     /// Opens `path`. Differencing disks are always opened read-only, with their parents.
     pub fn open(path: &Path, read_only: bool) -> Result<Vhd, VhdError> {
         let mut visited = HashSet::new();
-        Self::open_chain(path, read_only, 0, &mut visited)
+        Self::open_chain(path, None, read_only, 0, &mut visited)
+    }
+
+    /// [`Vhd::open`] on `file`, the already open (and normally already locked) file `path`
+    /// names: a disk handed over with its lock (`vireo_block::handover`). The lock is taken
+    /// again on it, a no-op when it holds it already.
+    pub fn open_file(file: File, path: &Path, read_only: bool) -> Result<Vhd, VhdError> {
+        let mut visited = HashSet::new();
+        Self::open_chain(path, Some(file), read_only, 0, &mut visited)
     }
 
     fn open_chain(
         path: &Path,
+        file: Option<File>,
         read_only: bool,
         depth: usize,
         visited: &mut HashSet<PathBuf>,
@@ -128,7 +137,10 @@ impl Vhd {
         if !visited.insert(canonical) {
             return Err(VhdError::ChainTooDeep(depth, path.to_path_buf()));
         }
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let file = match file {
+            Some(f) => f,
+            None => OpenOptions::new().read(true).write(!read_only).open(path)?,
+        };
         // The same image locks as VHDX and raw disks: one writer, or any number of readers.
         let kind = if read_only {
             vireo_block::LockKind::Shared
@@ -431,6 +443,10 @@ impl BlockBackend for Vhd {
         Ok(())
     }
 
+    fn dup_locked_file(&self) -> Option<std::io::Result<File>> {
+        Some(self.file.try_clone())
+    }
+
     fn flush(&self) -> Result<(), BlockError> {
         if !self.read_only {
             self.file.sync_data()?;
@@ -581,7 +597,7 @@ fn open_parent(
         if !candidate.is_file() {
             continue;
         }
-        let parent = Vhd::open_chain(candidate, true, depth + 1, visited)?;
+        let parent = Vhd::open_chain(candidate, None, true, depth + 1, visited)?;
         let found = parent.footer.lock().unique_id;
         if found != header.parent_unique_id {
             return Err(VhdError::ParentMismatch {

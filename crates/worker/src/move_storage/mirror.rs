@@ -254,6 +254,10 @@ impl BlockBackend for MovableBackend {
     fn id(&self) -> String {
         self.current().id()
     }
+
+    fn dup_locked_file(&self) -> Option<std::io::Result<std::fs::File>> {
+        self.current().dup_locked_file()
+    }
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ pub fn incoming(spec: VmSpec, host: &Host, session: uuid::Uuid, streams: u16) ->
         spec,
         nic_sockets: vec![],
         restore_from: None,
+        inherited_disks: Vec::new(),
         incoming: Some(IncomingMigration {
             session,
             streams,

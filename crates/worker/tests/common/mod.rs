@@ -73,6 +73,7 @@ impl Worker {
             spec,
             nic_sockets,
             restore_from,
+            inherited_disks: Vec::new(),
             incoming: None,
         })
     }

@@ -105,6 +105,8 @@ async fn run(
 
 /// Applies `cp` to a VM without a worker; the caller holds the VM's lock.
 pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), String> {
+    // A saved VM's disks change here; vireod's own locks on them step aside meanwhile.
+    let _aside = crate::daemon::disk_locks::set_aside(d, id);
     let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
     if vm.state.has_worker() {
         return Err(format!("VM {:?} is {} again", vm.spec.name, vm.state));

@@ -200,6 +200,8 @@ pub async fn in_place(
     if vm.state.has_worker() {
         return Err(format!("VM {:?} is {} again", vm.spec.name, vm.state));
     }
+    // A saved VM's disks get children here; vireod's own locks on them step aside meanwhile.
+    let _aside = crate::daemon::disk_locks::set_aside(daemon, id);
     let head = daemon
         .store
         .checkpoint_head(id)

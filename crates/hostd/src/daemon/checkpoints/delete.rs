@@ -104,6 +104,8 @@ fn post_order(all: &[Checkpoint], root: Uuid) -> Vec<Uuid> {
 
 async fn delete_one(d: &Arc<Daemon>, vm_id: Uuid, id: Uuid, job: Uuid) -> Result<(), String> {
     let _g = d.lock_vm(vm_id).await;
+    // A saved VM's disks change here; vireod's own locks on them step aside meanwhile.
+    let _aside = crate::daemon::disk_locks::set_aside(d, vm_id);
     let err = |e: crate::StoreError| e.to_string();
     let vm = d.store.get_by_id(vm_id).map_err(err)?;
     let all = d.store.list_checkpoints(vm_id).map_err(err)?;

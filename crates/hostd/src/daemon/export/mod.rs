@@ -23,7 +23,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use vireo_api::{
     validate_name, CloneRequest, ExportRequest, ImportReply, ImportRequest, Job, JobKind,
@@ -101,7 +100,11 @@ pub async fn export(
             dest.display()
         )));
     }
-    let guard = d.try_lock_vm(&vm)?;
+    // A saved VM's disks are read here; vireod's own locks on them step aside meanwhile.
+    let guard = (
+        d.try_lock_vm(&vm)?,
+        crate::daemon::disk_locks::set_aside(&d, vm.id()),
+    );
     let source = match &req.checkpoint {
         // A checkpoint's files do not change: exported as they are, whatever the VM does.
         Some(key) => {
@@ -174,7 +177,7 @@ async fn drop_checkpoint(d: &Arc<Daemon>, id: Uuid, cp: &vireo_api::Checkpoint) 
 
 fn spawn_export(
     d: Arc<Daemon>,
-    guard: OwnedMutexGuard<()>,
+    guard: impl Send + 'static,
     id: Uuid,
     source: Option<Source>,
     dest: PathBuf,
@@ -298,7 +301,10 @@ pub async fn clone(
     if !problems.is_empty() {
         return Err(import::report(&what, &problems));
     }
-    let guard = d.try_lock_vm(&vm)?;
+    let guard = (
+        d.try_lock_vm(&vm)?,
+        crate::daemon::disk_locks::set_aside(&d, vm.id()),
+    );
     let source = if live(&vm) {
         crate::daemon::checkpoints::disks::checkpointed(&vm.spec)
             .map_err(|m| HttpError::new(vireo_api::ApiErrorCode::Invalid, m))?;

@@ -560,7 +560,11 @@ async fn quick(
     }
     let _ = d.store.set_job_progress(job, 50);
     let dir = save::saved_dir(d, vm.id());
-    let answer = match send_saved(peer, &dir, job, d).await {
+    let sent = send_saved(peer, &dir, job, d).await;
+    // The destination opens the disks (shared storage) as it restores: the locks this host
+    // kept since the save cannot travel there. A restore here takes them again.
+    d.disk_locks.release(vm.id());
+    let answer = match sent {
         Err(e) => {
             abort(peer, &e).await;
             Err(e)
@@ -576,7 +580,10 @@ async fn quick(
                     Ok(_) => Err(format!("{lost}; it is not there")),
                     Err(e) => {
                         return End::Failed(format!(
-                            "the answer of {to} to the commit was lost ({lost}) and it could                              not be asked since ({e}): VM {name:?} may be running there, so it                              stays saved here. Look on {to} (`vireo vm list`) and run `vireo vm                              start {name}` here only if it is not there"
+                            "the answer of {to} to the commit was lost ({lost}) and it could \
+                             not be asked since ({e}): VM {name:?} may be running there, so it \
+                             stays saved here. Look on {to} (`vireo vm list`) and run `vireo vm \
+                             start {name}` here only if it is not there"
                         ))
                     }
                 }

@@ -127,6 +127,7 @@ pub async fn remove(
         }
     }
     crate::daemon::switches::nics::remove_vm(&d, &vm).await?;
+    d.disk_locks.release(vm.id());
     d.forget_vm_lock(vm.id());
     d.meters.forget(vm.id());
     if q.delete_disks {

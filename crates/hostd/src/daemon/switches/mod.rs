@@ -324,7 +324,7 @@ fn spawn(
         .kill_on_drop(false);
     // Its own process group, like a worker (it outlives vireod); not niced: it carries every
     // VM's traffic on the switch.
-    sys::worker_process_group(&mut cmd, 0);
+    sys::worker_process_group(&mut cmd, 0, Vec::new());
     let child = cmd.spawn().map_err(|e| {
         format!(
             "cannot run the switch process {}: {e}; pass --switch-bin",
