@@ -55,3 +55,4 @@ pub fn spec(name: &str) -> VmSpec {
 }
 
 pub mod daemon;
+pub mod probe;

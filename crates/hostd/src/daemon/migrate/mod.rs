@@ -4,7 +4,8 @@
 //! - `source`: the `migrate` job (`POST /v1/vms/{vm}/migrate`), live or quick;
 //! - `peer`: the connection and its JSON-lines protocol;
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
-//! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove).
+//! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
+//! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
 //! the listener's task on the destination for the whole migration, so no other request
@@ -13,6 +14,7 @@
 //! listener's bound address.
 
 pub mod listener;
+pub mod netvirt_peers;
 pub mod peer;
 pub mod recover;
 pub mod source;
@@ -34,6 +36,9 @@ pub struct Migrations {
     slots: Mutex<Arc<Semaphore>>,
     progress: Mutex<HashMap<Uuid, MigrateProgress>>,
     listen: Mutex<Option<SocketAddr>>,
+    /// `vireod --netvirt-peer`: the migration listeners of the hosts sharing virtual
+    /// networks with this one (told where a VM that arrived here is now).
+    netvirt_peers: Mutex<Vec<SocketAddr>>,
     /// Destination: the disk copies of shared-nothing migrations arriving here.
     pub disk_targets: storage::Targets,
 }
@@ -44,6 +49,7 @@ impl Default for Migrations {
             slots: Mutex::new(Arc::new(Semaphore::new(DEFAULT_MAX_MIGRATIONS))),
             progress: Mutex::new(HashMap::new()),
             listen: Mutex::new(None),
+            netvirt_peers: Mutex::new(Vec::new()),
             disk_targets: storage::Targets::default(),
         }
     }
@@ -69,6 +75,15 @@ impl Migrations {
 
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         *lock(&self.listen)
+    }
+
+    /// At startup.
+    pub fn set_netvirt_peers(&self, peers: Vec<SocketAddr>) {
+        *lock(&self.netvirt_peers) = peers;
+    }
+
+    pub fn netvirt_peers(&self) -> Vec<SocketAddr> {
+        lock(&self.netvirt_peers).clone()
     }
 
     pub fn set_progress(&self, job: Uuid, p: MigrateProgress) {
