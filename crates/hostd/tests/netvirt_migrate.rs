@@ -421,9 +421,12 @@ fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
         .iter()
         .filter(|t| t.outer_src == pa(0) && t.outer_dst == pa(1) && seq_of(&t.inner).is_some())
         .count();
+    let last_to_a = from_c.iter().filter(|(_, d)| *d == pa(0)).map(|(s, _)| *s).max();
+    let first_to_b = from_c.iter().filter(|(_, d)| *d == pa(1)).map(|(s, _)| *s).min();
     eprintln!(
         "moved while frames {moving_from}..{moved_at} were sent: {during} of them on the wire \
-         from C, {forwarded} forwarded by A to B; after the move {} of {} went to B",
+         from C, {forwarded} forwarded by A to B; last frame to A {last_to_a:?}, first to B \
+         {first_to_b:?}; after the move {} of {} went to B",
         to(1, after.clone()),
         after.count()
     );

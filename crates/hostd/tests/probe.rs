@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{alive, signal, wait_until, Vireod, VIREOD};
 use common::probe::{console, wait_ready};
 use serde_json::{json, Value};
-use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_probe_image::probe_elf;
 
 const T: Duration = Duration::from_secs(60);
 
