@@ -2,7 +2,7 @@
 //! a `migrate` job, the progress a job shows, and the small JSON-lines protocol the two
 //! vireods speak on the migration listener's mutual-TLS connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -80,8 +80,21 @@ pub enum StorageMode {
 
 /// The version of the vireod-to-vireod protocol below.
 /// 2: shared-nothing migration (`Offer.dest_dir`/`disks`, `DiskData`).
-/// 3: `WhereIs`/`Whereabouts` (a quick migration's source asks after a lost commit answer).
+/// 3: network virtualization follows a move (`Accepted.provider_addresses`, `PolicyMoved`);
+///    `WhereIs`/`Whereabouts` (a quick migration's source asks after a lost commit answer).
 pub const PEER_PROTOCOL_VERSION: u32 = 3;
+
+/// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
+pub const MAX_MOVED_ENTRIES: usize = 1024;
+
+/// The destination's provider addresses on one of its overlay switches (the switch the
+/// VM's NIC names, which has the same name on both hosts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchProviderAddresses {
+    pub switch: String,
+    pub provider_addresses: Vec<IpAddr>,
+}
 
 /// Where a VM stands on a destination, as `Whereabouts` tells a source that lost the answer to
 /// its quick migration's `Commit`.
@@ -129,9 +142,24 @@ pub enum PeerMsg {
         session: Uuid,
     },
     /// Live: `listen_addr` is the destination worker's address for `MigrateOut`.
+    /// `provider_addresses`: the destination's PAs on each overlay switch of the VM's NICs,
+    /// so the source can point the VM's CAs there once it moved (docs/netvirt.md).
     Accepted {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         listen_addr: Option<SocketAddr>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        provider_addresses: Vec<SwitchProviderAddresses>,
+    },
+    /// The first line of a connection from a host a VM just moved to (`vireod
+    /// --netvirt-peer`): where the VM's CAs are now. The receiver moves the entries it holds
+    /// for those CAs (same routing domain and MAC) and answers `PolicyUpdated` or `Refused`.
+    PolicyMoved {
+        version: u32,
+        entries: Vec<vireo_netconfig::PolicyEntry>,
+    },
+    /// How many stored entries the receiver of `PolicyMoved` changed.
+    PolicyUpdated {
+        updated: u32,
     },
     Refused {
         reason: String,

@@ -8,13 +8,13 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{alive, signal, wait_until, Vireod, VIREOD};
+use common::probe::{console, wait_ready};
 use serde_json::{json, Value};
-use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_probe_image::probe_elf;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -45,47 +45,6 @@ fn probe(name: &str) -> Value {
 
 fn id_of(vm: &Value) -> String {
     vm["identity"]["id"].as_str().unwrap().to_owned()
-}
-
-/// Polls the console log until it shows `PROBE READY`.
-fn wait_ready(d: &Vireod, vm: &str) {
-    let start = Instant::now();
-    loop {
-        let r = d.get(&format!("/v1/vms/{vm}/console/log"));
-        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-        if String::from_utf8_lossy(&r.body).contains("PROBE READY") {
-            return;
-        }
-        assert!(
-            start.elapsed() < T,
-            "{vm}: no PROBE READY: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The console through vireod's upgrade, as a probe console.
-fn console(d: &Vireod, vm: &str) -> ProbeConsole {
-    use std::io::{Read, Write};
-    let mut s = UnixStream::connect(&d.sock).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    let req = format!(
-        "GET /v1/vms/{vm}/console HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: vireo-console\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "closed in the head: {head:?}");
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    ProbeConsole::new(s.try_clone().unwrap(), s)
 }
 
 #[test]

@@ -252,8 +252,10 @@ impl Ports {
     /// Announces the port (`SwitchOp::Announce`, `vireo_vswitch::announce`): a RARP per MAC
     /// and a gratuitous ARP per address of its ARP guard's list, run through the pipeline as
     /// if the port had sent them, so they go out of every other port and the uplink in its
-    /// VLAN, under its guards and ACLs, and the local table learns its MACs. Returns how many
-    /// frames were sent (0 for a port with no MAC configured or learned yet).
+    /// VLAN, under its guards and ACLs, and the local table learns its MACs. A port in a
+    /// virtual subnet instead tells each peer VM of its subnet its CAs (unicast ARP replies /
+    /// NAs the overlay tunnels to the peers' hosts). Returns how many frames were sent (0 for
+    /// a port with no MAC configured or learned yet, or an overlay port without peers).
     pub fn announce(&self, name: &str) -> Result<usize, SwitchdError> {
         let a = self
             .ports
@@ -265,7 +267,14 @@ impl Ports {
                 .status(a.id)
                 .map(|st| st.config)
                 .ok_or_else(|| SwitchdError::NoSuchPort(name.into()))?;
-            vireo_vswitch::announce::announce_frames(&cfg, &sw.learned_macs(a.id))
+            match (&cfg.overlay, sw.overlay()) {
+                (Some(p), Some(o)) => {
+                    let peers =
+                        o.subnet_peers(p.vsid, p.mac.0, vireo_vswitch::announce::MAX_OVERLAY_PEERS);
+                    vireo_vswitch::announce::overlay_frames(p, &peers)
+                }
+                _ => vireo_vswitch::announce::announce_frames(&cfg, &sw.learned_macs(a.id)),
+            }
         };
         let n = frames.len();
         if n > 0 {

@@ -4,8 +4,14 @@
 //! Pure: [`announce_frames`] builds them; the runtime injects them as if the port had sent
 //! them (`SwitchRuntime::inject`), so the port's VLAN, guards and ACLs apply and the local
 //! table learns the MACs too.
+//!
+//! A port in a virtual subnet announces differently ([`overlay_frames`]): the overlay never
+//! floods, so it tells each peer VM of its subnet directly, and the tunnel carries that to
+//! the peer's host from this host's provider address (docs/netvirt.md, "A VM that moves").
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use vireo_netconfig::PortOverlay;
 
 use crate::config::{PortConfig, VlanConfig};
 use crate::frame::Mac;
@@ -81,6 +87,35 @@ pub fn announce_frames(cfg: &PortConfig, learned: &[Mac]) -> Vec<Vec<u8>> {
             out
         }
     }
+}
+
+/// Peers an overlay port announces itself to at most (one injected batch).
+pub const MAX_OVERLAY_PEERS: usize = 256;
+
+/// An overlay port's announcement: for each of its CAs and each peer (CA, MAC) of its
+/// virtual subnet of the same family, an unsolicited ARP reply (IPv4: "CA is at MAC") or
+/// unsolicited neighbor advertisement (IPv6), unicast to that peer. The overlay routes each
+/// like the VM's own traffic — to a local port, or tunnelled to the peer's host — where it
+/// passes the source check only if that host's table already names this host for the CA.
+pub fn overlay_frames(p: &PortOverlay, peers: &[(IpAddr, Mac)]) -> Vec<Vec<u8>> {
+    let mac = p.mac.0;
+    let mut out = Vec::new();
+    for ca in &p.cas {
+        for &(peer, peer_mac) in peers.iter().take(MAX_OVERLAY_PEERS) {
+            let mut f = Vec::new();
+            match (ca, peer) {
+                (IpAddr::V4(me), IpAddr::V4(them)) if *me != them => {
+                    crate::overlay::reply::arp(&mut f, peer_mac, mac, 2, mac, *me, peer_mac, them);
+                }
+                (IpAddr::V6(me), IpAddr::V6(them)) if *me != them => {
+                    crate::overlay::reply::unsolicited_advert(&mut f, peer_mac, them, *me, mac);
+                }
+                _ => continue,
+            }
+            out.push(f);
+        }
+    }
+    out
 }
 
 fn eth(dst: Mac, src: Mac, ethertype: u16) -> Vec<u8> {
@@ -164,6 +199,44 @@ mod tests {
         assert_eq!(frames[2], gratuitous_arp(M1, Ipv4Addr::new(10, 0, 0, 7)));
         // No MAC at all: nothing to announce.
         assert!(announce_frames(&PortConfig::access("x", 1), &[]).is_empty());
+    }
+
+    #[test]
+    fn an_overlay_port_tells_each_peer_of_its_family_directly() {
+        let p = PortOverlay {
+            routing_domain: "red".into(),
+            vsid: 5001,
+            mac: MacAddr(M1),
+            cas: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+        };
+        let peers = [
+            ("10.0.0.3".parse().unwrap(), M2),
+            ("fd00::3".parse().unwrap(), M2),
+        ];
+        let frames = overlay_frames(&p, &peers);
+        assert_eq!(frames.len(), 2, "one per CA and peer of its family");
+        let arp = &frames[0];
+        assert_eq!(&arp[0..6], &M2, "unicast to the peer");
+        assert_eq!(&arp[6..12], &M1);
+        assert_eq!(&arp[12..14], &[0x08, 0x06]);
+        assert_eq!(&arp[20..22], &[0, 2], "a reply: CA is at MAC");
+        assert_eq!(&arp[22..28], &M1);
+        assert_eq!(&arp[28..32], &[10, 0, 0, 5]);
+        assert_eq!(&arp[32..38], &M2);
+        assert_eq!(&arp[38..42], &[10, 0, 0, 3]);
+        let na = &frames[1];
+        assert_eq!(&na[12..14], &[0x86, 0xdd]);
+        assert_eq!(na[54], 136, "neighbor advertisement");
+        assert_eq!(na[58], 0x20, "override, not solicited, not a router");
+        // The ICMPv6 checksum over the pseudo-header verifies.
+        let (src, dst) = (&na[22..38], &na[38..54]);
+        let c = crate::overlay::wire::fold(crate::overlay::wire::sum(
+            crate::overlay::wire::pseudo(src, dst, 58, 32),
+            &na[54..86],
+        ));
+        assert_eq!(c, 0, "checksum");
+        // No peer of its subnet: nothing to say.
+        assert!(overlay_frames(&p, &[]).is_empty());
     }
 
     #[test]

@@ -61,6 +61,13 @@ struct Args {
     /// (incoming, the source retries).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     max_migrations: u16,
+    /// Another host's migration listener (its `--migration-listen`), repeatable: the hosts
+    /// that share virtual networks with this one. When a VM on an overlay switch arrives
+    /// here, each is told its customer addresses' new provider address over mutual TLS (both
+    /// hosts must trust each other: `vireo host trust add`), and moves the policy entries it
+    /// holds for them (docs/netvirt.md, "A VM that moves").
+    #[arg(long, value_name = "ADDR:PORT")]
+    netvirt_peer: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +193,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let daemon = Daemon::configured(store, limits, worker_bin, args.worker_nice, storage);
         daemon.switches.set_bin(switch_bin);
         daemon.migrations.set_max(args.max_migrations.into());
+        daemon
+            .migrations
+            .set_netvirt_peers(args.netvirt_peer.clone());
         let migration_listener = match args.migration_listen {
             Some(a) => Some(migrate::listener::bind(&daemon, a).await?),
             None => None,

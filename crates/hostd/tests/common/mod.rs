@@ -58,3 +58,4 @@ pub fn spec(name: &str) -> VmSpec {
 }
 
 pub mod daemon;
+pub mod probe;

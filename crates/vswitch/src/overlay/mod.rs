@@ -317,6 +317,21 @@ impl Overlay {
             .map(|(id, _)| *id)
     }
 
+    /// The other VMs of virtual subnet `vsid` the table knows (here or on other hosts), as
+    /// (CA, MAC), at most `limit`, in address order: whom a port that arrived announces
+    /// itself to (`announce::overlay_frames`).
+    pub fn subnet_peers(&self, vsid: u32, except: Mac, limit: usize) -> Vec<(IpAddr, Mac)> {
+        let mut v: Vec<_> = self
+            .table
+            .iter()
+            .filter(|(_, _, e)| e.vsid == vsid && e.mac != except)
+            .map(|(_, ca, e)| (ca, e.mac))
+            .collect();
+        v.sort();
+        v.truncate(limit);
+        v
+    }
+
     /// The provider MAC of `ip`, if known.
     pub fn neighbor(&self, ip: IpAddr) -> Option<Mac> {
         self.neighbors.get(&ip).copied()

@@ -59,6 +59,31 @@ pub fn neighbor_advert(
     } else {
         Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
     };
+    advert(frame, to_mac, dst, target, target_mac, router, solicited);
+}
+
+/// An unsolicited neighbor advertisement (override set, solicited clear: RFC 4861 §7.2.6)
+/// of `target` at `target_mac`, sent to one neighbour `to`/`to_mac` rather than all-nodes:
+/// what a VM that moved tells its peers across the overlay.
+pub fn unsolicited_advert(
+    frame: &mut Vec<u8>,
+    to_mac: Mac,
+    to: Ipv6Addr,
+    target: Ipv6Addr,
+    target_mac: Mac,
+) {
+    advert(frame, to_mac, to, target, target_mac, false, false);
+}
+
+fn advert(
+    frame: &mut Vec<u8>,
+    to_mac: Mac,
+    dst: Ipv6Addr,
+    target: Ipv6Addr,
+    target_mac: Mac,
+    router: bool,
+    solicited: bool,
+) {
     eth(frame, to_mac, target_mac, ETH_P_IPV6);
     let body_len = 32;
     frame.extend_from_slice(&[0x60, 0, 0, 0]);

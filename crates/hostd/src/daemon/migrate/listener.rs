@@ -30,7 +30,7 @@ use vireo_api::{Action, JobState, Vm, VmSpec};
 
 use super::peer::{self, Peer};
 use crate::daemon::supervisor::Worker;
-use crate::daemon::switches::nics;
+use crate::daemon::switches::{netvirt_move, nics};
 use crate::daemon::worker_client::call_once;
 use crate::daemon::{lifecycle, save, Daemon};
 
@@ -45,6 +45,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// A worker caught in the switch-over has this long to run the VM or give up (opening the
 /// disks and resuming take milliseconds; this only bounds a hung worker).
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// The arrival's announcement is repeated after each of these (see `take_over_network`).
+const ANNOUNCE_AGAIN: [Duration; 2] = [Duration::from_millis(150), Duration::from_millis(500)];
 
 /// Binds the listener and logs (and records) its address; port 0 picks a free one.
 pub async fn bind(daemon: &Daemon, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -127,6 +129,9 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     }
     if let PeerMsg::WhereIs { vm_id } = offer {
         return super::whereabouts::answer(d, peer, vm_id).await;
+    }
+    if let PeerMsg::PolicyMoved { version, entries } = offer {
+        return super::netvirt_peers::receive(d, peer, version, entries).await;
     }
     let PeerMsg::Offer {
         version,
@@ -347,6 +352,7 @@ async fn receive_live(
     let addr = wait_listening(&worker).await?;
     peer.send(&PeerMsg::Accepted {
         listen_addr: Some(addr),
+        provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
     })
     .await?;
     loop {
@@ -431,17 +437,38 @@ async fn wait_listening(worker: &Worker) -> Result<SocketAddr, String> {
     ))
 }
 
-/// The VM runs here: `running`, its ports announced, the source told.
-async fn arrived(d: &Daemon, vm: &Vm, peer: &mut Peer) -> Result<(), String> {
+/// The VM runs here: `running`, the network told, the source told.
+async fn arrived(d: &Arc<Daemon>, vm: &Vm, peer: &mut Peer) -> Result<(), String> {
     d.store
         .set_state(vm.id(), &Action::Started)
         .map_err(|e| e.to_string())?;
     super::storage::keep(d, vm.id());
-    announce(d, vm).await;
+    take_over_network(d, vm).await;
     if let Err(e) = peer.send(&PeerMsg::Running).await {
         tracing::warn!(vm = %vm.id(), "telling the source the VM runs here: {e}");
     }
     Ok(())
+}
+
+/// The network learns that the VM runs here, before the source hears `Running` (and forgets
+/// it): stale stored entries for its CAs go, the peer hosts (`--netvirt-peer`) move theirs
+/// to this host's PAs, and only then are its ports announced — a peer drops an overlay
+/// announcement from a PA its table does not name for the CA (docs/netvirt.md).
+async fn take_over_network(d: &Arc<Daemon>, vm: &Vm) {
+    netvirt_move::vm_arrived(d, &vm.spec).await;
+    let moved = netvirt_move::arrival_entries(d, &vm.spec);
+    super::netvirt_peers::push(d, &moved).await;
+    announce(d, vm).await;
+    // Again a little later, as QEMU's announce repeats: a first round may have been spent
+    // resolving provider neighbours (an overlay frame to a PA whose MAC the switch lacks
+    // becomes an ARP request for it), and a frame lost on the wire costs a peer its update.
+    let (d, vm) = (d.clone(), vm.clone());
+    tokio::spawn(async move {
+        for wait in ANNOUNCE_AGAIN {
+            tokio::time::sleep(wait).await;
+            announce(&d, &vm).await;
+        }
+    });
 }
 
 /// `Announce` for each NIC port, so the network learns where the VM is now. A switch that
@@ -477,7 +504,11 @@ async fn receive_quick(
     vm: &Vm,
     guard: tokio::sync::OwnedMutexGuard<()>,
 ) -> Result<(), String> {
-    peer.send(&PeerMsg::Accepted { listen_addr: None }).await?;
+    peer.send(&PeerMsg::Accepted {
+        listen_addr: None,
+        provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
+    })
+    .await?;
     let dir = save::saved_dir(d, vm.id());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     loop {
@@ -528,7 +559,7 @@ async fn receive_quick(
             job.error.unwrap_or_default()
         ));
     }
-    announce(d, &vm).await;
+    take_over_network(d, &vm).await;
     // The VM is ours now, told or not: a source that misses this asks (`whereabouts`).
     if let Err(e) = peer.send(&PeerMsg::Running).await {
         tracing::warn!(vm = %vm.id(), "the VM runs here, but the source was not told: {e}");

@@ -5,6 +5,7 @@
 //! - `peer`: the connection and its JSON-lines protocol;
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
 //! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
+//! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
 //! - `whereabouts`: a quick migration's source asking where the VM is after a lost answer.
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
@@ -14,6 +15,7 @@
 //! listener's bound address.
 
 pub mod listener;
+pub mod netvirt_peers;
 pub mod peer;
 pub mod recover;
 pub mod source;
@@ -36,6 +38,9 @@ pub struct Migrations {
     slots: Mutex<Arc<Semaphore>>,
     progress: Mutex<HashMap<Uuid, MigrateProgress>>,
     listen: Mutex<Option<SocketAddr>>,
+    /// `vireod --netvirt-peer`: the migration listeners of the hosts sharing virtual
+    /// networks with this one (told where a VM that arrived here is now).
+    netvirt_peers: Mutex<Vec<SocketAddr>>,
     /// Destination: the disk copies of shared-nothing migrations arriving here.
     pub disk_targets: storage::Targets,
 }
@@ -46,6 +51,7 @@ impl Default for Migrations {
             slots: Mutex::new(Arc::new(Semaphore::new(DEFAULT_MAX_MIGRATIONS))),
             progress: Mutex::new(HashMap::new()),
             listen: Mutex::new(None),
+            netvirt_peers: Mutex::new(Vec::new()),
             disk_targets: storage::Targets::default(),
         }
     }
@@ -71,6 +77,15 @@ impl Migrations {
 
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         *lock(&self.listen)
+    }
+
+    /// At startup.
+    pub fn set_netvirt_peers(&self, peers: Vec<SocketAddr>) {
+        *lock(&self.netvirt_peers) = peers;
+    }
+
+    pub fn netvirt_peers(&self) -> Vec<SocketAddr> {
+        lock(&self.netvirt_peers).clone()
     }
 
     pub fn set_progress(&self, job: Uuid, p: MigrateProgress) {

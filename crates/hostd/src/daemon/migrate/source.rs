@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 use vireo_api::migrate::{
-    MigrateRequest, PeerMsg, StorageMode, VmWhereabouts, DEFAULT_MAX_DOWNTIME_MS, MAX_STREAMS,
-    PEER_PROTOCOL_VERSION,
+    MigrateRequest, PeerMsg, StorageMode, SwitchProviderAddresses, VmWhereabouts,
+    DEFAULT_MAX_DOWNTIME_MS, MAX_STREAMS, PEER_PROTOCOL_VERSION,
 };
 use vireo_api::worker::{
     MigrateOptions, MigrateProgress, MigrateState, WorkerExit, WorkerExitReason, WorkerOp,
@@ -33,7 +33,7 @@ use super::peer::Peer;
 use crate::daemon::http_error::HttpError;
 use crate::daemon::jobs::cancelled;
 use crate::daemon::supervisor::Worker;
-use crate::daemon::switches::nics;
+use crate::daemon::switches::{netvirt_move, nics};
 use crate::daemon::worker_client::{call_once, WorkerCallError};
 use crate::daemon::{files, lifecycle, save, Daemon};
 
@@ -240,8 +240,11 @@ async fn run(
     if let Err(e) = peer.send(&offer).await {
         return End::Failed(refused_us(e));
     }
-    let listen_addr = match peer.recv(OFFER_LIMIT).await {
-        Ok(PeerMsg::Accepted { listen_addr }) => listen_addr,
+    let (listen_addr, dest_pas) = match peer.recv(OFFER_LIMIT).await {
+        Ok(PeerMsg::Accepted {
+            listen_addr,
+            provider_addresses,
+        }) => (listen_addr, provider_addresses),
         Ok(PeerMsg::Refused { reason }) => {
             return End::Failed(format!("the destination {to} refused the VM: {reason}"))
         }
@@ -250,7 +253,16 @@ async fn run(
     };
     let _ = d.store.set_job_progress(job, 5);
     if req.quick {
-        return quick(d, vm, (&mut peer, to), job, &mut cancel_wait, guard).await;
+        return quick(
+            d,
+            vm,
+            (&mut peer, to),
+            job,
+            &mut cancel_wait,
+            guard,
+            &dest_pas,
+        )
+        .await;
     }
     let Some(listen_addr) = listen_addr else {
         return End::Failed(format!("{to} accepted without a worker address"));
@@ -265,6 +277,7 @@ async fn run(
         (to, listen_addr),
         job,
         &mut cancel_wait,
+        &dest_pas,
     )
     .await
 }
@@ -324,6 +337,7 @@ async fn live(
     (to, listen_addr): (SocketAddr, SocketAddr),
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+    dest_pas: &[SwitchProviderAddresses],
 ) -> End {
     let name = &vm.spec.name;
     let Some(worker) = d.sup.get(vm.id()) else {
@@ -496,11 +510,19 @@ async fn live(
             other => tracing::warn!(vm = %vm.id(), "the destination did not confirm: {other:?}"),
         }
     }
-    finish_moved(d, vm, job, downtime).await
+    finish_moved(d, vm, job, downtime, dest_pas).await
 }
 
-/// The VM runs on the destination: its record (and ports) go here; the disks stay.
-async fn finish_moved(d: &Daemon, vm: &Vm, job: Uuid, downtime_ms: u64) -> End {
+/// The VM runs on the destination: its record (and ports) go here; the disks stay. Its CAs
+/// then point at the destination's PAs here, so frames from hosts not yet updated are
+/// forwarded there.
+async fn finish_moved(
+    d: &Daemon,
+    vm: &Vm,
+    job: Uuid,
+    downtime_ms: u64,
+    dest_pas: &[SwitchProviderAddresses],
+) -> End {
     d.migrations.update_progress(job, |p| {
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(downtime_ms);
@@ -516,6 +538,13 @@ async fn finish_moved(d: &Daemon, vm: &Vm, job: Uuid, downtime_ms: u64) -> End {
         ));
     }
     d.meters.forget(vm.id());
+    // The VM has moved whatever happens here: a failure costs stale senders' frames, not
+    // the migration.
+    match netvirt_move::vm_moved_away(d, &current.spec, dest_pas).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(vm = %vm.id(), entries = n, "its CAs point at the destination"),
+        Err(e) => tracing::warn!(vm = %vm.id(), "pointing its CAs at the destination: {e}"),
+    }
     tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
     End::Done
 }
@@ -527,6 +556,7 @@ async fn quick(
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
     guard: OwnedMutexGuard<()>,
+    dest_pas: &[SwitchProviderAddresses],
 ) -> End {
     let name = &vm.spec.name;
     // Last moment a cancel is taken: after this the VM is being saved.
@@ -595,7 +625,7 @@ async fn quick(
         Ok(PeerMsg::Running) => {
             let _ = d.store.set_job_progress(job, 95);
             drop(guard);
-            finish_moved(d, vm, job, downtime_ms).await
+            finish_moved(d, vm, job, downtime_ms, dest_pas).await
         }
         other => {
             let why = match other {

@@ -330,7 +330,10 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
         return;
     };
     if peer
-        .send(&PeerMsg::Accepted { listen_addr: None })
+        .send(&PeerMsg::Accepted {
+            listen_addr: None,
+            provider_addresses: Vec::new(),
+        })
         .await
         .is_err()
     {

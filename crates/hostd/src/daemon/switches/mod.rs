@@ -13,6 +13,7 @@
 pub mod client;
 pub mod launch;
 pub mod netvirt;
+pub mod netvirt_move;
 pub mod nic_meter;
 pub mod nics;
 

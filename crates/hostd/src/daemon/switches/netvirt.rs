@@ -19,16 +19,19 @@ use crate::daemon::Daemon;
 use crate::switch_store::SwitchRow;
 
 /// One CA of a VM NIC on this host: which VM and NIC hold it.
-struct LocalCa {
-    vm: String,
-    nic: String,
-    routing_domain: String,
-    ca: IpAddr,
-    vsid: u32,
-    mac: Option<MacAddr>,
+pub(super) struct LocalCa {
+    pub(super) vm: String,
+    pub(super) nic: String,
+    pub(super) routing_domain: String,
+    pub(super) ca: IpAddr,
+    pub(super) vsid: u32,
+    pub(super) mac: Option<MacAddr>,
 }
 
-fn local_cas<'a>(spec: &SwitchSpec, vms: impl Iterator<Item = &'a VmSpec>) -> Vec<LocalCa> {
+pub(super) fn local_cas<'a>(
+    spec: &SwitchSpec,
+    vms: impl Iterator<Item = &'a VmSpec>,
+) -> Vec<LocalCa> {
     vms.flat_map(|vm| {
         vm.nics
             .iter()
@@ -38,7 +41,7 @@ fn local_cas<'a>(spec: &SwitchSpec, vms: impl Iterator<Item = &'a VmSpec>) -> Ve
     .collect()
 }
 
-fn nic_cas(spec: &SwitchSpec, vm: &str, n: &NicSpec) -> Vec<LocalCa> {
+pub(super) fn nic_cas(spec: &SwitchSpec, vm: &str, n: &NicSpec) -> Vec<LocalCa> {
     let Some(v) = &n.virtual_subnet else {
         return Vec::new();
     };
@@ -220,71 +223,4 @@ pub fn check_team(spec: &SwitchSpec) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Live migration (issue 11, item 6): VM `vm` left this host for the host whose provider
-/// addresses are `new_pas`. For each of its NICs in a virtual subnet, every CA gets a
-/// policy entry at the new PA (of the CA's family) on that switch — told to the switch
-/// process and stored, under the switch's ops lock — so traffic still arriving here from
-/// hosts with a stale table is forwarded to the new host (`docs/netvirt.md`, "Packet flow")
-/// instead of dropped, and `vireo netvirt policy list` shows where the VM went.
-///
-/// The migration source calls it once the VM's NIC ports are gone (after `nics::remove_vm`:
-/// before that the CAs belong to local ports and the switch refuses the entry). The other
-/// hosts are updated by whoever pushes the table (`PUT /v1/switches/{sw}/policies/{rd}/{ca}`
-/// on each); there is no cluster store yet. Returns how many entries were set; the first
-/// failure ends it with a message naming the switch and CA.
-pub async fn vm_moved_away(
-    daemon: &Daemon,
-    vm: &VmSpec,
-    new_pas: &[IpAddr],
-) -> Result<usize, String> {
-    use vireo_api::switch::SwitchOp;
-    let mut n = 0;
-    for nic in vm.nics.iter().filter(|n| n.virtual_subnet.is_some()) {
-        let Ok(row) = daemon.store.find_switch(&nic.switch) else {
-            continue;
-        };
-        let _ops = daemon.switches.lock_ops(row.id).await;
-        let mut row = daemon
-            .store
-            .find_switch(&row.id.to_string())
-            .map_err(|e| e.to_string())?;
-        for l in nic_cas(&row.spec, &vm.name, nic) {
-            let (Some(mac), Some(&pa)) = (
-                l.mac,
-                new_pas.iter().find(|pa| pa.is_ipv4() == l.ca.is_ipv4()),
-            ) else {
-                continue;
-            };
-            let entry = PolicyEntry {
-                routing_domain: l.routing_domain,
-                ca: l.ca,
-                mac,
-                vsid: l.vsid,
-                pa,
-            };
-            let what = format!(
-                "switch {:?}: moving CA {} of {:?} to PA {pa}",
-                row.spec.name, entry.ca, entry.routing_domain
-            );
-            daemon
-                .switches
-                .call(
-                    row.id,
-                    SwitchOp::SetPolicy {
-                        entry: entry.clone(),
-                    },
-                )
-                .await
-                .map_err(|e| format!("{what}: {e}"))?;
-            row.spec = with_entry(&row.spec, &entry);
-            daemon
-                .store
-                .set_switch_spec(row.id, &row.spec)
-                .map_err(|e| format!("{what}: {e}"))?;
-            n += 1;
-        }
-    }
-    Ok(n)
 }
