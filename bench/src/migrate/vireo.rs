@@ -251,6 +251,7 @@ fn spec() -> VmSpec {
         console_ring_bytes: 64 * 1024,
         auto_start: AutoStart::default(),
         shutdown_line: Some("POWEROFF".into()),
+        auto_checkpoint: Default::default(),
     }
 }
 
@@ -275,6 +276,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             spec: spec(),
             nic_sockets: vec![],
             restore_from: None,
+            inherited_disks: Vec::new(),
             incoming: None,
         },
     )?;
@@ -287,6 +289,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             spec: spec(),
             nic_sockets: vec![],
             restore_from: None,
+            inherited_disks: Vec::new(),
             incoming: Some(IncomingMigration {
                 session,
                 streams: options.streams,

@@ -308,10 +308,22 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
 /// with `immediate_exit` set completes the access and returns EINTR without running guest
 /// code; a string access may need more than one exit to complete, so loop until EINTR.
 fn complete_pending_io(vcpu: &mut VcpuFd, ctx: &VcpuContext) -> std::result::Result<(), String> {
+    /// A `rep ins/outs` of a whole page of bytes, one exit each, and then some: a bound, so a
+    /// broken guest cannot keep the pause from happening.
+    const MAX_EXITS: u32 = 8192;
     vcpu.set_kvm_immediate_exit(1);
+    let mut exits = 0;
     let outcome = loop {
         match vcpu.run() {
-            Ok(exit) => handle_exit(exit, ctx)?,
+            Ok(_) if exits == MAX_EXITS => {
+                break Err(format!(
+                    "the last I/O did not complete in {MAX_EXITS} exits"
+                ))
+            }
+            Ok(exit) => {
+                exits += 1;
+                handle_exit(exit, ctx)?
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break Ok(()),
             Err(e) => break Err(format!("KVM_RUN to complete the last I/O failed: {e}")),
         }

@@ -209,6 +209,7 @@ mod tests {
             serial: None,
             max_iops: None,
             min_iops: None,
+            queues: None,
         }
     }
 

@@ -320,6 +320,7 @@ mod tests {
             serial: Some(serial.into()),
             max_iops: None,
             min_iops: None,
+            queues: None,
         };
         let mut before = cp(1, 0, false).spec;
         before.disks = vec![disk("/s/a.vhdx", "sa"), disk("/s/b.vhdx", "sb")];
