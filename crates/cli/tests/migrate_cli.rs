@@ -13,11 +13,8 @@ use std::time::Instant;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::migration::{migration_address, trust_each_other};
 use vireod_harness::Daemon;
-
-fn identity(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
-}
 
 #[test]
 fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_forth() {
@@ -46,19 +43,13 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     c.ok("DIRTY START 8 4 0");
     drop(c);
 
-    let to = identity(&b)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let to = migration_address(&b);
     // Not trusted yet: refused in the handshake, the VM runs on here.
     let (code, line) = a.fails(&["vm", "migrate", "m", "--to", &to, "--quick"]);
     assert_eq!(code, 1, "{line}");
     assert!(line.contains("TLS handshake"), "{line}");
     assert_eq!(a.vm("m").state.name(), "running");
-    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
-    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
-    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
-    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
+    trust_each_other(&a, &b);
 
     let started = Instant::now();
     let out = a.ok(&[
@@ -95,10 +86,7 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     c.ok("DISK 0 WRITE 64 64 6");
     c.ok("DIRTY START 8 4 0");
     drop(c);
-    let to_a = identity(&a)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let to_a = migration_address(&a);
     let out = b.ok(&[
         "vm",
         "migrate",

@@ -10,15 +10,8 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::migration::{job, migration_address, trust_each_other};
 use vireod_harness::Daemon;
-
-fn identity(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
-}
-
-fn job(d: &Daemon, id: &str) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["job", "show", id, "--output", "json"])).unwrap()
-}
 
 #[test]
 fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
@@ -45,14 +38,8 @@ fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
     c.ok("MEM FILL 16 32 9");
     let sum = c.ok("MEM SUM 16 32");
     c.ok("DIRTY START 8 4 0");
-    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
-    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
-    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
-    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
-    let to = identity(&b)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
 
     let out = a.ok(&[
         "vm",

@@ -19,13 +19,10 @@ use vireo_api::NicSpec;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::migration::{migration_address, trust_each_other};
 use vireod_harness::Daemon;
 
 const WINDOW: u64 = 64;
-
-fn identity(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
-}
 
 /// A veth pair in this namespace, deleted on drop.
 struct Wire([String; 2]);
@@ -156,14 +153,8 @@ fn probe_guest_with_a_switch_nic_migrates_while_frames_flow_to_it() {
         a.ok(&["vm", "nic", "add", vm, "--switch", "lan"]);
         a.ok(&["vm", "start", vm]);
     }
-    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
-    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
-    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
-    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
-    let to = identity(&b)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
     let m_mac = mac_of(&a, "m");
     let m_port = switch(&a)
         .nics

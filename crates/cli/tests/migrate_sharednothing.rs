@@ -19,11 +19,8 @@ use vireo_block::BlockBackend;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::migration::{job, migration_address, trust_each_other};
 use vireod_harness::Daemon;
-
-fn identity(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
-}
 
 /// The probe's pattern (docs/probe-protocol.md): byte offset `o` holds splitmix64(seed ^ o).
 fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
@@ -42,10 +39,6 @@ fn files_in(dir: &std::path::Path) -> Vec<String> {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
-}
-
-fn job(d: &Daemon, id: &str) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["job", "show", id, "--output", "json"])).unwrap()
 }
 
 /// Unmounts the tmpfs even when the test fails.
@@ -100,14 +93,8 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
     c.ok("MEM FILL 16 8 9");
     c.ok("DIRTY START 8 4 0");
 
-    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
-    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
-    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
-    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
-    let to = identity(&b)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
     let dest = b.dir.path().join("copies");
     std::fs::create_dir(&dest).unwrap();
     let dest_s = dest.to_str().unwrap().to_owned();

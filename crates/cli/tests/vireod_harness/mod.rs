@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod console;
+pub mod migration;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

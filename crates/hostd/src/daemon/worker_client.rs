@@ -77,8 +77,7 @@ impl WorkerConn {
             path: path.clone(),
             source,
         };
-        let mut line = serde_json::to_vec(&WorkerRequest::new(op)).expect("requests serialize");
-        line.push(b'\n');
+        let line = request_line(op);
         let exchange = async {
             self.writer.write_all(&line).await.map_err(io)?;
             let mut reply = String::new();
@@ -92,18 +91,13 @@ impl WorkerConn {
         let (n, reply) = timeout(limit, exchange)
             .await
             .map_err(|_| WorkerCallError::Timeout { path: path.clone() })??;
-        let protocol = |detail: String| WorkerCallError::Protocol {
-            path: path.clone(),
-            detail,
-        };
         if n == 0 || !reply.ends_with('\n') {
-            return Err(protocol("the connection closed before a full reply".into()));
+            return Err(WorkerCallError::Protocol {
+                path,
+                detail: "the connection closed before a full reply".into(),
+            });
         }
-        match serde_json::from_str(&reply) {
-            Ok(WorkerReply::Error { message }) => Err(WorkerCallError::Refused(message)),
-            Ok(reply) => Ok(reply),
-            Err(e) => Err(protocol(e.to_string())),
-        }
+        parse_reply(&path, reply.as_bytes())
     }
 
     /// `Hello`: the VM id and pid the worker says it has.
@@ -179,15 +173,26 @@ fn save_exchange(
         dir: None,
         hand_over_disks: true,
     };
-    let mut line = serde_json::to_vec(&WorkerRequest::new(op)).expect("requests serialize");
-    line.push(b'\n');
-    (&stream).write_all(&line).map_err(io)?;
+    (&stream).write_all(&request_line(op)).map_err(io)?;
     let (reply, files) =
         vireo_block::handover::recv_line_with_files(&stream, MAX_REPLY_BYTES as usize)
             .map_err(io)?;
-    match serde_json::from_slice(&reply) {
+    Ok((parse_reply(path, &reply)?, files))
+}
+
+/// One request as the worker reads it: a JSON line.
+fn request_line(op: WorkerOp) -> Vec<u8> {
+    // Our own request types always serialize; a failure would be a bug in them.
+    let mut line = serde_json::to_vec(&WorkerRequest::new(op)).expect("requests serialize");
+    line.push(b'\n');
+    line
+}
+
+/// A worker's reply line; its `Error` reply is `Refused`.
+fn parse_reply(path: &Path, reply: &[u8]) -> Result<WorkerReply, WorkerCallError> {
+    match serde_json::from_slice(reply) {
         Ok(WorkerReply::Error { message }) => Err(WorkerCallError::Refused(message)),
-        Ok(reply) => Ok((reply, files)),
+        Ok(reply) => Ok(reply),
         Err(e) => Err(WorkerCallError::Protocol {
             path: path.into(),
             detail: e.to_string(),

@@ -146,16 +146,7 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
         discard,
         staged: staged.clone(),
     };
-    if !d
-        .store
-        .begin_checkpoint_intent(id, &intent)
-        .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "VM {:?} has another checkpoint operation in progress",
-            vm.spec.name
-        ));
-    }
+    super::begin_intent(d, &vm, &intent)?;
     fault_point("apply-intent");
     let from = super::state_dir(d, id, cp.id);
     let plan2 = plan.clone();

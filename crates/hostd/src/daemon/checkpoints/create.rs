@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 use vireo_api::{
-    validate_name, Action, Checkpoint, CheckpointDisk, JobKind, JobState, Vm, VmState,
+    validate_name, Action, Checkpoint, CheckpointDisk, JobKind, JobState, Vm, VmSpec, VmState,
 };
 
 use super::super::http_error::HttpError;
@@ -226,16 +226,7 @@ pub async fn in_place(
         state_dir: sdir.clone(),
         live: None,
     };
-    if !daemon
-        .store
-        .begin_checkpoint_intent(id, &intent)
-        .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "VM {:?} has another checkpoint operation in progress",
-            vm.spec.name
-        ));
-    }
+    super::begin_intent(daemon, &vm, &intent)?;
     fault_point("create-intent");
     let d = daemon.clone();
     let saved = save::saved_dir(daemon, id);
@@ -267,23 +258,6 @@ pub async fn in_place(
             return Err(m);
         }
     };
-    let mut spec = vm.spec.clone();
-    let mut tops = head.tops.clone();
-    for cd in &cp_disks {
-        let child = super::child_path(&d, id, &cd.serial, cp_id);
-        for disk in spec.disks.iter_mut() {
-            if disk.serial.as_deref() == Some(&cd.serial) {
-                disk.path = child.clone();
-            }
-        }
-        tops.insert(
-            cd.serial.clone(),
-            Top {
-                file: child,
-                parent: cd.frozen.clone(),
-            },
-        );
-    }
     let cp = Checkpoint {
         id: cp_id,
         vm_id: id,
@@ -297,26 +271,57 @@ pub async fn in_place(
         automatic,
         capture: None,
     };
+    let cp = commit(&d, id, &cp, &vm.spec, &head, &intent)?;
+    tracing::info!(vm = %id, checkpoint = %cp_id, name, "checkpoint created");
+    Ok(cp)
+}
+
+/// One transaction: the checkpoint, the VM's spec on the children, the new head; then the
+/// intent goes. `spec` is the VM's spec before (its disks on the frozen files).
+pub fn commit(
+    d: &Arc<Daemon>,
+    id: Uuid,
+    cp: &Checkpoint,
+    spec: &VmSpec,
+    head: &Head,
+    intent: &Intent,
+) -> Result<Checkpoint, String> {
+    let mut spec = spec.clone();
+    let mut tops = head.tops.clone();
+    for cd in &cp.disks {
+        let child = super::child_path(d, id, &cd.serial, cp.id);
+        for disk in spec.disks.iter_mut() {
+            if disk.serial.as_deref() == Some(&cd.serial) {
+                disk.path = child.clone();
+            }
+        }
+        tops.insert(
+            cd.serial.clone(),
+            Top {
+                file: child,
+                parent: cd.frozen.clone(),
+            },
+        );
+    }
     let new_head = Head {
-        current: Some(cp_id),
+        current: Some(cp.id),
         tops,
     };
-    match d.store.commit_checkpoint_create(&cp, &spec, &new_head) {
+    match d.store.commit_checkpoint_create(cp, &spec, &new_head) {
         Ok(true) => {}
         Ok(false) => {
-            super::recover::roll_back(&d, id, &intent);
+            super::recover::roll_back(d, id, intent);
             return Err(format!(
-                "VM {:?} already has a checkpoint named {name:?}; choose another name",
-                vm.spec.name
+                "VM {:?} already has a checkpoint named {:?}; choose another name",
+                spec.name, cp.name
             ));
         }
         Err(e) => {
-            super::recover::roll_back(&d, id, &intent);
+            super::recover::roll_back(d, id, intent);
             return Err(e.to_string());
         }
     }
     fault_point("create-commit");
     let _ = d.store.clear_checkpoint_intent(id);
-    tracing::info!(vm = %id, checkpoint = %cp_id, name, "checkpoint created");
-    Ok(cp)
+    Ok(cp.clone())
 }

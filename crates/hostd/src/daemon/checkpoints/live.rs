@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use uuid::Uuid;
 use vireo_api::worker::{CheckpointChild, WorkerOp, WorkerReply};
-use vireo_api::{Checkpoint, CheckpointCapture, CheckpointDisk, VmSpec};
+use vireo_api::{Checkpoint, CheckpointCapture, CheckpointDisk};
 
 use super::super::worker_client::{WorkerCallError, WorkerConn};
 use super::super::Daemon;
 use super::{disks, fault_point, state_dir};
-use crate::checkpoint_store::{Head, Intent, Top};
+use crate::checkpoint_store::Intent;
 
 /// How long the worker's checkpoint may take (memory is written while the guest runs).
 pub const CAPTURE_LIMIT: Duration = Duration::from_secs(600);
@@ -95,16 +95,7 @@ pub async fn capture(
         state_dir: sdir.clone(),
         live: Some(Box::new(cp.clone())),
     };
-    if !d
-        .store
-        .begin_checkpoint_intent(id, &intent)
-        .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "VM {:?} has another checkpoint operation in progress",
-            vm.spec.name
-        ));
-    }
+    super::begin_intent(d, &vm, &intent)?;
     fault_point("create-intent");
     let _ = d.store.set_job_progress(job, 20);
     let op = WorkerOp::Checkpoint {
@@ -132,7 +123,7 @@ pub async fn capture(
                 total_ms: r.total_ms,
             };
             write_capture(&sdir, &capture);
-            let mut cp = commit(d, id, &cp, &vm.spec, &head, &intent)?;
+            let mut cp = super::create::commit(d, id, &cp, &vm.spec, &head, &intent)?;
             cp.capture = Some(capture);
             tracing::info!(
                 vm = %id, checkpoint = %cp_id, name,
@@ -198,56 +189,6 @@ pub fn read_capture(d: &Daemon, cp: &mut Checkpoint) {
     }
 }
 
-/// One transaction: the checkpoint, the VM's spec on the children, the new head; then the
-/// intent goes. `spec` is the VM's spec before (its disks on the frozen files).
-pub fn commit(
-    d: &Arc<Daemon>,
-    id: Uuid,
-    cp: &Checkpoint,
-    spec: &VmSpec,
-    head: &Head,
-    intent: &Intent,
-) -> Result<Checkpoint, String> {
-    let mut spec = spec.clone();
-    let mut tops = head.tops.clone();
-    for cd in &cp.disks {
-        let child = super::child_path(d, id, &cd.serial, cp.id);
-        for disk in spec.disks.iter_mut() {
-            if disk.serial.as_deref() == Some(&cd.serial) {
-                disk.path = child.clone();
-            }
-        }
-        tops.insert(
-            cd.serial.clone(),
-            Top {
-                file: child,
-                parent: cd.frozen.clone(),
-            },
-        );
-    }
-    let new_head = Head {
-        current: Some(cp.id),
-        tops,
-    };
-    match d.store.commit_checkpoint_create(cp, &spec, &new_head) {
-        Ok(true) => {}
-        Ok(false) => {
-            super::recover::roll_back(d, id, intent);
-            return Err(format!(
-                "the VM already has a checkpoint named {:?}; choose another name",
-                cp.name
-            ));
-        }
-        Err(e) => {
-            super::recover::roll_back(d, id, intent);
-            return Err(e.to_string());
-        }
-    }
-    fault_point("create-commit");
-    let _ = d.store.clear_checkpoint_intent(id);
-    Ok(cp.clone())
-}
-
 /// Finishes a live create whose outcome is unknown (module docs): `Ok(true)` committed,
 /// `Ok(false)` rolled back. The caller holds the VM's lock.
 pub async fn settle(d: &Arc<Daemon>, id: Uuid, intent: &Intent) -> Result<bool, String> {
@@ -284,7 +225,7 @@ pub async fn settle(d: &Arc<Daemon>, id: Uuid, intent: &Intent) -> Result<bool, 
         return Ok(false);
     }
     let head = d.store.checkpoint_head(id).map_err(|e| e.to_string())?;
-    commit(d, id, cp, &cp.spec, &head, intent)?;
+    super::create::commit(d, id, cp, &cp.spec, &head, intent)?;
     tracing::warn!(vm = %id, checkpoint = %cp.id, "interrupted live checkpoint kept");
     Ok(true)
 }

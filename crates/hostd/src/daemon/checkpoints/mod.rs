@@ -80,6 +80,27 @@ pub fn fault_point(point: &str) {
     }
 }
 
+/// Records `intent` as the VM's one checkpoint operation under way (what a restart finishes or
+/// rolls back); another one already recorded is refused.
+pub fn begin_intent(
+    daemon: &Daemon,
+    vm: &Vm,
+    intent: &crate::checkpoint_store::Intent,
+) -> Result<(), String> {
+    if daemon
+        .store
+        .begin_checkpoint_intent(vm.id(), intent)
+        .map_err(|e| e.to_string())?
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "VM {:?} has another checkpoint operation in progress",
+            vm.spec.name
+        ))
+    }
+}
+
 pub fn busy(vm: &Vm) -> HttpError {
     HttpError::conflict(format!(
         "VM {:?} has another checkpoint operation in progress; wait for its job",
