@@ -20,6 +20,7 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{job, migration_address, trust_each_other};
+use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
 
 /// The probe's pattern (docs/probe-protocol.md): byte offset `o` holds splitmix64(seed ^ o).
@@ -39,17 +40,6 @@ fn files_in(dir: &std::path::Path) -> Vec<String> {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
-}
-
-/// Unmounts the tmpfs even when the test fails.
-struct Mount(std::path::PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]
@@ -123,14 +113,7 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
 
     // Too small: a 1 MiB tmpfs inside B's root (root only: mounting).
     let tiny = b.dir.path().join("tiny");
-    std::fs::create_dir(&tiny).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
-        .arg(&tiny)
-        .status()
-        .is_ok_and(|s| s.success());
-    if mounted {
-        let _m = Mount(tiny.clone());
+    if let Some(_mounted) = Tmpfs::mount(&tiny, "1M") {
         let (code, line) = a.fails(&[
             "vm",
             "migrate",

@@ -6,6 +6,7 @@
 
 pub mod console;
 pub mod migration;
+pub mod tmpfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
