@@ -471,3 +471,88 @@ fn vireod_killed_during_a_live_checkpoint_leaves_it_complete_or_gone() {
     no_orphans(&d, "kvk", &id);
     d.terminate();
 }
+
+/// The "delete a checkpoint while the guest writes": the guest streams sequential
+/// writes (each 4 KiB written once, no wrap on a 1 GiB disk) while the checkpoint its running
+/// file hangs from is deleted, so its child merges live under the writes. Every write the
+/// guest saw completed is on the merged disk, the rest of the disk holds what it held before,
+/// the worker never changed, and the merged base checks clean.
+#[test]
+fn deleting_a_checkpoint_while_the_guest_writes_loses_no_write() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let base = tmp.path().join("kvm-busy.vhdx");
+    let opts = CreateOptions {
+        size: 1 << 30,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    let vm = d.create(&json!({
+        "version": 1, "name": "kbusy", "vcpus": 1, "memory_bytes": 64 << 20,
+        "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+        "disks": [{ "path": base }],
+    }));
+    d.start_vm("kbusy");
+    wait_ready(&d, "kbusy");
+    let mut c = console(&d, "kbusy");
+    // 32 MiB of seed 1 in the base, then a checkpoint: the VM runs on a child from here.
+    ok(&mut c, "DISK 0 WRITE 0 65536 1");
+    job(
+        &d,
+        d.post_json("/v1/vms/kbusy/checkpoints", &json!({"name": "c1"})),
+    );
+    let worker = pid(&d, &vm);
+    // Seed 2 over the first 16 MiB, in the child: data the merge must carry.
+    ok(&mut c, "DISK 0 WRITE 0 32768 2");
+
+    // Seed 9 streamed from sector 0 for 3 s while c1 is deleted.
+    c.send_line("DISK 0 BENCH write 4K 4 3 9").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    job(
+        &d,
+        d.request("DELETE", "/v1/vms/kbusy/checkpoints/c1", None),
+    );
+    let merged_after = asked.elapsed();
+    let bench = c.answer(T).unwrap();
+    assert!(bench.starts_with("OK"), "{bench}");
+    let ios: u64 = vireo_probe_image::console::field(&bench, "ios")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no ios in {bench}"));
+    eprintln!("merged {merged_after:?} after the delete was asked; the guest wrote {ios} x 4 KiB");
+    assert!(ios > 0, "{bench}");
+    assert_eq!(d.state("kbusy"), "running");
+    assert_eq!(pid(&d, &vm), worker, "the VM never stopped");
+    assert_eq!(
+        d.show("/v1/vms/kbusy")["spec"]["disks"][0]["path"],
+        json!(base),
+        "the VM runs on the merged base"
+    );
+
+    let written = ios * 8; // sectors
+    assert!(written < (1 << 30) / 512, "the stream wrapped: {bench}");
+    ok(&mut c, &format!("DISK 0 VERIFY 0 {written} 9"));
+    // What the stream did not reach: the child's seed 2, then the base's seed 1.
+    if written < 32768 {
+        ok(
+            &mut c,
+            &format!("DISK 0 VERIFY {written} {} 2", 32768 - written),
+        );
+    }
+    if written < 65536 {
+        let from = written.max(32768);
+        ok(&mut c, &format!("DISK 0 VERIFY {from} {} 1", 65536 - from));
+    }
+    drop(c);
+    assert_eq!(d.post("/v1/vms/kbusy/turn-off").status, 200);
+    let r = Vhdx::check(&base, false).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    let files: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("vhdx"))
+        .collect();
+    assert_eq!(files, ["kvm-busy.vhdx"], "the merged child is gone");
+}
