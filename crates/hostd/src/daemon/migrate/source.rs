@@ -119,6 +119,7 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             "VM {name:?} has no worker now (it is ending); retry"
         )));
     }
+    refuse_checkpointed(&daemon, &vm)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
     // a job, if a disk cannot be copied).
     let disks = match req.with_storage {
@@ -157,6 +158,36 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
         d.jobs.finished(job_id);
     });
     Ok(job)
+}
+
+/// Migration does not carry a VM's checkpoint tree (records, memory, frozen files) yet, and a
+/// checkpointed VM runs on a differencing child inside vireod's own folder for it, which the
+/// source removes with the VM's record: refused before anything moves, saying what to do.
+fn refuse_checkpointed(daemon: &Daemon, vm: &Vm) -> Result<(), HttpError> {
+    let name = &vm.spec.name;
+    let checkpoints = daemon.store.list_checkpoints(vm.id())?;
+    if !checkpoints.is_empty() {
+        let names: Vec<&str> = checkpoints.iter().map(|c| c.name.as_str()).collect();
+        return Err(HttpError::conflict(format!(
+            "VM {name:?} has checkpoints ({}); migration does not carry checkpoints yet: \
+             delete them first (`vireo checkpoint rm {name} CHECKPOINT`, their data merges \
+             into the running disk)",
+            names.join(", ")
+        )));
+    }
+    if let Some(disk) = vm
+        .spec
+        .disks
+        .iter()
+        .find(|disk| crate::daemon::checkpoints::is_ours(daemon, vm.id(), &disk.path))
+    {
+        return Err(HttpError::conflict(format!(
+            "VM {name:?} runs on {}, a file in vireod's own folder for the VM, which does not \
+             move with it; move its storage first (`vireo vm move-storage {name} --to DIR`)",
+            disk.path.display()
+        )));
+    }
+    Ok(())
 }
 
 enum End {
