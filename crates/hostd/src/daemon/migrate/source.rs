@@ -119,7 +119,7 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             "VM {name:?} has no worker now (it is ending); retry"
         )));
     }
-    refuse_checkpointed(&daemon, &vm)?;
+    refuse_checkpointed(daemon, &vm)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
     // a job, if a disk cannot be copied).
     let disks = match req.with_storage {
