@@ -217,7 +217,13 @@ struct Worker {
     tx: Vec<u8>,
     start: Instant,
     offload: Option<Offload>,
+    /// The head of the frame being processed, as it arrived (overlay switches only).
+    arrived: Vec<u8>,
 }
+
+/// Bytes of an arriving overlay frame kept for the tunnel offload verdict: the outer headers
+/// and the inner ones it reads.
+const ARRIVED_KEPT: usize = 160;
 
 /// The switch thread's side of the fast path: flows already offered (or refused) under the
 /// current generation, so each is judged once rather than per frame.
@@ -293,6 +299,7 @@ impl Worker {
             tx: Vec::with_capacity(MAX_FRAME),
             start: Instant::now(),
             offload: None,
+            arrived: Vec::with_capacity(ARRIVED_KEPT),
         })
     }
 
@@ -483,6 +490,14 @@ impl Worker {
                 continue;
             }
             let wire = wire_len(frame, &hdr);
+            // Overlay frames are rewritten in place: the tunnel verdict needs the outer
+            // headers a decapsulated frame arrived with.
+            let overlay = self.offload.is_some() && from_packet && sw.overlay().is_some();
+            if overlay {
+                let n = frame.len().min(ARRIVED_KEPT);
+                self.arrived.clear();
+                self.arrived.extend_from_slice(&frame[..n]);
+            }
             sw.process_sized(ingress, frame, wire, now, d);
             if let (Some(off), true, [e]) = (&mut self.offload, from_packet, &d.egress[..]) {
                 let to_packet = self
@@ -490,7 +505,14 @@ impl Worker {
                     .get(e.port.0 as usize)
                     .and_then(|p| p.as_ref())
                     .is_some_and(|p| p.packet.is_some());
-                if let (true, Some(shape)) = (to_packet, offload_shape(frame)) {
+                // An encapsulated frame's connection is the inner one.
+                let shape = offload_shape(frame).or_else(|| {
+                    overlay
+                        .then(|| frame.get(crate::fastpath::tunnel::VXLAN_OVERHEAD..))
+                        .flatten()
+                        .and_then(offload_shape)
+                });
+                if let (true, Some(shape)) = (to_packet, shape) {
                     let g = sw.generation();
                     if g != off.generation || off.seen.len() >= SEEN_LIMIT {
                         off.seen.clear();
@@ -503,7 +525,12 @@ impl Worker {
                     };
                     let id = (ingress, e.port, shape, mac(6), mac(0));
                     if !off.seen.contains(&id) {
-                        match sw.offload_verdict(ingress, frame, d, now) {
+                        let verdict = if overlay {
+                            sw.tunnel_offload_verdict(ingress, &self.arrived, frame, d)
+                        } else {
+                            sw.offload_verdict(ingress, frame, d, now)
+                        };
+                        match verdict {
                             Ok(key) => {
                                 off.seen.insert(id);
                                 off.candidates.offer(key, g);

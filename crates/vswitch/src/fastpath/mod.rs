@@ -21,6 +21,7 @@ pub mod ebpf;
 pub mod flows;
 pub mod netlink;
 pub mod sockfilter;
+pub mod tunnel;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +70,9 @@ pub struct FlowKey {
     pub l4: Option<L4Match>,
     /// The egress port's rate limit, applied by a `tbf` root qdisc on its netdev.
     pub shape: Option<Shape>,
+    /// Overlay flows: the encapsulation the kernel adds or removes (`tunnel.rs`); the MACs
+    /// and `l4` above are the customer frame's.
+    pub tunnel: Option<tunnel::Tunnel>,
 }
 
 /// A rate limit the kernel applies to what leaves a port: a token-bucket shaper (`tbf`).
@@ -120,6 +124,11 @@ pub enum NotOffloadable {
     Mtu,
     #[error("the switch carries an overlay (frames are rewritten, not forwarded as they are)")]
     Overlay,
+    #[error(
+        "not a bridged TCP/IPv4 connection over VXLAN/IPv4 the policy table vouches for \
+         (routed, gateway, NVGRE, IPv6 provider or customer traffic stays in user space)"
+    )]
+    OverlayFlow,
 }
 
 /// What the switch calls when offloaded flows must go (implemented by the runtime's fast path).
