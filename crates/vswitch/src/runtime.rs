@@ -25,7 +25,9 @@ use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
 use crate::uplink::gro::coalesce_batch;
-use crate::uplink::offload::{accepted_by, fits, resolve, wire_len, VnetHdr};
+use crate::uplink::offload::{
+    accepted_by, finish_checksum, fits, resolve, segment, wire_len, VnetHdr, GSO_ECN, GSO_NONE,
+};
 use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
 use crate::PortId;
@@ -348,6 +350,11 @@ impl Worker {
 
     /// Delivers `frames` as if `ingress` had sent them, a batch at a time.
     fn inject(&mut self, ingress: PortId, frames: &[Vec<u8>]) {
+        self.inject_from(ingress, frames, false)
+    }
+
+    /// [`Worker::inject`]; `from_packet` as for [`Worker::deliver`].
+    fn inject_from(&mut self, ingress: PortId, frames: &[Vec<u8>], from_packet: bool) {
         for chunk in frames.chunks(BATCH) {
             let mut lens = [0usize; BATCH];
             let mut count = 0;
@@ -360,7 +367,7 @@ impl Worker {
                 count += 1;
             }
             if count > 0 {
-                self.deliver(ingress, false, count, &lens, 0);
+                self.deliver(ingress, from_packet, count, &lens, 0);
             }
         }
     }
@@ -476,6 +483,8 @@ impl Worker {
         let d = &mut self.delivery;
         // Only filter extensions can touch a frame's Vec beyond its bytes (e.g. reallocate it).
         let untouched = !sw.has_filters();
+        let has_overlay = sw.overlay().is_some();
+        let mut segments: Vec<Vec<u8>> = Vec::new();
         for (i, len) in lens.iter().enumerate().take(count) {
             if *len == 0 {
                 // Too long for the buffer: the port consumed and dropped it.
@@ -483,11 +492,28 @@ impl Worker {
             }
             let frame = &mut self.rx[i];
             frame.truncate(*len);
-            let hdr = self.hdrs[i];
+            let mut hdr = self.hdrs[i];
             if !fits(frame, &hdr) {
                 // Offsets outside the frame: no receiver may be handed it, no segmenter can cut it.
                 sw.count_drop(ingress, DropReason::Malformed);
                 continue;
+            }
+            if has_overlay && hdr.needs_work() {
+                // The overlay rewrites frames in place (50 bytes more or less in front), which
+                // the header's offsets would not follow: it gets finished frames. Super-frames
+                // (a connection's first data, before the kernel carries it) go as segments.
+                if hdr.gso_type & !GSO_ECN != GSO_NONE {
+                    let (_, seg) = &mut self.scratch;
+                    if !segment(frame, &hdr, seg, |f| segments.push(f.to_vec())) {
+                        sw.count_drop(ingress, DropReason::Malformed);
+                    }
+                    continue;
+                }
+                if !finish_checksum(frame, &hdr) {
+                    sw.count_drop(ingress, DropReason::Malformed);
+                    continue;
+                }
+                hdr = VnetHdr::default();
             }
             let wire = wire_len(frame, &hdr);
             // Overlay frames are rewritten in place: the tunnel verdict needs the outer
@@ -622,6 +648,10 @@ impl Worker {
             for buf in &mut self.rx[..count] {
                 restore_len(buf);
             }
+        }
+        drop(sw);
+        if !segments.is_empty() {
+            self.inject_from(ingress, &segments, from_packet);
         }
     }
 

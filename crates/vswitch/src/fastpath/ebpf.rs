@@ -234,7 +234,10 @@ pub fn test_run_data(prog: &OwnedFd, frame: &[u8]) -> io::Result<(u32, Vec<u8>)>
     }
     let n = u32::from_ne_bytes([attr[12], attr[13], attr[14], attr[15]]) as usize;
     out.truncate(n);
-    Ok((u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]), out))
+    Ok((
+        u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]),
+        out,
+    ))
 }
 
 #[cfg(test)]

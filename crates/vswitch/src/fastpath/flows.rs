@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use vireo_netport::FramePort;
 
+use super::checks::Check;
 use super::ebpf::{self, TagAction};
 use super::netlink::{self, Classifier, FilterId, Netlink};
-use super::checks::Check;
 use super::sockfilter::{classifier, socket_filter_with, FlowMatch};
 use super::tunnel::{tunnel_checks, tunnel_classifier};
 use super::{current_netns, FlowKey, FlowUse};
@@ -356,14 +356,23 @@ impl Engine {
                 let bytes = st.bytes.saturating_sub(f.bytes);
                 f.packets = f.packets.max(st.packets);
                 f.bytes = f.bytes.max(st.bytes);
+                // tc counts a tunnel flow's frames as they arrived (outer headers included
+                // for decap) and a super-frame whose headers the program changed as no
+                // packet at all (bpf_skb_adjust_room resets its segment count): the
+                // segments are then estimated from the bytes, at least one per full frame.
+                let (packets, strip) = match f.key.tunnel {
+                    Some(t) => (
+                        packets.max(bytes.div_ceil(t.arrived_ip_max().max(1))),
+                        (-t.growth()).max(0) as u64,
+                    ),
+                    None => (packets, 0),
+                };
                 if packets > 0 {
-                    // tc counts what the program left (an encapsulated frame); the meters
-                    // count customer frames.
-                    let added = f.key.tunnel.map_or(0, |t| t.growth().max(0) as u64);
+                    // The meters count customer frames.
                     out.push(FlowUse {
                         key: f.key,
                         packets,
-                        bytes: (bytes + packets * ETH_HLEN).saturating_sub(packets * added),
+                        bytes: (bytes + packets * ETH_HLEN).saturating_sub(packets * strip),
                     });
                 }
             }

@@ -21,9 +21,9 @@ pub mod ebpf;
 pub mod flows;
 pub mod netlink;
 pub mod sockfilter;
-pub mod tunnel;
 #[cfg(test)]
 mod tests;
+pub mod tunnel;
 
 use std::io;
 use std::sync::mpsc::{self, RecvTimeoutError};

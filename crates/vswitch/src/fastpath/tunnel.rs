@@ -41,16 +41,30 @@ pub enum Tunnel {
         max_ip_len: u16,
     },
     /// Strip the outer headers of packets from `peer_pa` to `our_pa`/`our_mac` in `vni`.
+    /// `max_ip_len`: the VM port's MTU; `provider_mtu`: the outer packets' (for counting).
     Decap {
         our_mac: Mac,
         our_pa: u32,
         peer_pa: u32,
         vni: u32,
         max_ip_len: u16,
+        provider_mtu: u16,
     },
 }
 
 impl Tunnel {
+    /// The largest IP packet (as tc sees it arrive: outer for decap) of one segment.
+    pub fn arrived_ip_max(&self) -> u64 {
+        match *self {
+            Tunnel::Encap { max_ip_len, .. } => max_ip_len as u64,
+            Tunnel::Decap {
+                max_ip_len,
+                provider_mtu,
+                ..
+            } => (max_ip_len as u64 + VXLAN_OVERHEAD as u64).min(provider_mtu as u64),
+        }
+    }
+
     /// Bytes a frame gains (encap) or loses (decap, negative) in the kernel.
     pub fn growth(&self) -> i64 {
         match self {
@@ -89,7 +103,10 @@ pub fn tunnel_checks(inner: &FlowMatch, t: &Tunnel) -> Vec<Check> {
     let half = u16::from_be_bytes([our_mac[4], our_mac[5]]) as u32;
     // The inner list starts with "no VLAN tag" and its length floor: both hold for the
     // outer frame too once shifted.
-    for ic in c.iter().take_while(|c| matches!(c.load, Load::VlanPresent | Load::Len)) {
+    for ic in c
+        .iter()
+        .take_while(|c| matches!(c.load, Load::VlanPresent | Load::Len))
+    {
         let mut ic = *ic;
         if ic.load == Load::Len {
             ic.value += o;
@@ -125,7 +142,10 @@ pub fn tunnel_checks(inner: &FlowMatch, t: &Tunnel) -> Vec<Check> {
             at_least: false,
         },
     ]);
-    for ic in c.iter().skip_while(|c| matches!(c.load, Load::VlanPresent | Load::Len)) {
+    for ic in c
+        .iter()
+        .skip_while(|c| matches!(c.load, Load::VlanPresent | Load::Len))
+    {
         let mut ic = *ic;
         if let Load::Abs { size, off } = ic.load {
             ic.load = Load::Abs { size, off: off + o };
@@ -189,7 +209,13 @@ fn length_limit(p: &mut Vec<Insn>, fails: &mut Vec<usize>, outer: u32, max_ip_le
     p.push(ins(JA, 0, 0, 2, 0));
     p.push(ins(LDX_W, R0, R6, super::ebpf::SKB_LEN, 0));
     fails.push(p.len());
-    p.push(ins(JGT_K, R0, 0, 0, (max_ip_len as u32 + 14 + outer) as i32));
+    p.push(ins(
+        JGT_K,
+        R0,
+        0,
+        0,
+        (max_ip_len as u32 + 14 + outer) as i32,
+    ));
 }
 
 /// Stores `bytes` (a multiple of 4 long) at the top of the stack, `r10 - len`.
@@ -262,8 +288,7 @@ pub fn tunnel_classifier(checks: &[Check], t: &Tunnel) -> Vec<Insn> {
     match *t {
         Tunnel::Encap { header, max_ip_len } => {
             length_limit(&mut p, &mut fails, 0, max_ip_len);
-            let flags =
-                F_ENCAP_L3_IPV4 | F_ENCAP_L4_UDP | F_ENCAP_L2_ETH | f_encap_l2(14);
+            let flags = F_ENCAP_L3_IPV4 | F_ENCAP_L4_UDP | F_ENCAP_L2_ETH | f_encap_l2(14);
             adjust_room(&mut p, &mut fails, VXLAN_OVERHEAD as i32, flags);
             let top = -(ENCAP_HEADER as i16);
             stack_bytes(&mut p, &header);
@@ -302,12 +327,7 @@ pub fn tunnel_classifier(checks: &[Check], t: &Tunnel) -> Vec<Insn> {
             eth[..6].copy_from_slice(&dst);
             eth[6..12].copy_from_slice(&src);
             eth[12..14].copy_from_slice(&crate::frame::ETH_P_IPV4.to_be_bytes());
-            adjust_room(
-                &mut p,
-                &mut fails,
-                -(VXLAN_OVERHEAD as i32),
-                F_FIXED_GSO,
-            );
+            adjust_room(&mut p, &mut fails, -(VXLAN_OVERHEAD as i32), F_FIXED_GSO);
             stack_bytes(&mut p, &eth);
             store_front(&mut p, &mut fails, 16, 14);
         }
@@ -412,11 +432,16 @@ mod tests {
             peer_pa: u32::from_be_bytes(PA_US),
             vni: 100,
             max_ip_len: 1450,
+            provider_mtu: 1500,
         }
     }
 
     fn run(t: &Tunnel, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog = load(&tunnel_classifier(&tunnel_checks(&conn(), t), t), "vireo_test").unwrap();
+        let prog = load(
+            &tunnel_classifier(&tunnel_checks(&conn(), t), t),
+            "vireo_test",
+        )
+        .unwrap();
         test_run_data(&prog, frame).unwrap()
     }
 
@@ -430,7 +455,11 @@ mod tests {
             let inner = tcp(1000, payload);
             let (r, out) = run(&t, &inner);
             assert_eq!(r, u32::MAX, "payload {payload}: matched");
-            assert_eq!(out, user_space_encap(&inner, PA_US, 100), "payload {payload}");
+            assert_eq!(
+                out,
+                user_space_encap(&inner, PA_US, 100),
+                "payload {payload}"
+            );
         }
         for (what, frame) in [
             ("another connection", tcp(1001, 100)),

@@ -81,8 +81,7 @@ impl Overlay {
         let n = NotOffloadable::OverlayFlow;
         let p = self.ports.get(&port).ok_or(n)?;
         let t = decapsulate(sent).map_err(|_| n)?;
-        if t.encap != Encap::Vxlan || t.inner.0 != VXLAN_OVERHEAD || !self.is_ours(t.outer_src)
-        {
+        if t.encap != Encap::Vxlan || t.inner.0 != VXLAN_OVERHEAD || !self.is_ours(t.outer_src) {
             return Err(n);
         }
         let inner = &sent[t.inner.0..t.inner.1];
@@ -157,6 +156,7 @@ impl Overlay {
                 peer_pa,
                 vni: t.vsid,
                 max_ip_len: port_mtu.min(u16::MAX as usize) as u16,
+                provider_mtu: self.cfg.provider_mtu.min(u16::MAX as u32) as u16,
             },
         })
     }

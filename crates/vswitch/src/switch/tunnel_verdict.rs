@@ -50,7 +50,11 @@ impl Switch {
             _ => return Err(N::OverlayFlow),
         };
         // The uplink's own policies act on provider frames in user space; none may apply.
-        let weighted = self.ports.iter().flatten().any(|p| p.cfg.qos.min_weight != 1);
+        let weighted = self
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.cfg.qos.min_weight != 1);
         if uplink.cfg.qos.max_ingress.is_some()
             || uplink.cfg.qos.max_egress.is_some()
             || weighted
