@@ -374,6 +374,19 @@ fn transfer_through_the_kernel(tag: &str, tso: bool) {
     });
     assert_eq!(spoofs(&b), spoof0 + 5);
 
+    // A policy change removes the overlay flows before it returns (they hold PAs and MACs
+    // from the table).
+    let moved = PolicyEntry {
+        routing_domain: "red".into(),
+        ca: "10.0.0.2".parse().unwrap(),
+        mac: mac(M2),
+        vsid: 100,
+        pa: "192.168.81.7".parse().unwrap(),
+    };
+    lock(&a).set_policy(&moved).unwrap();
+    assert_eq!(ra.offloaded_flows(), vec![]);
+    assert!(!filters(&h1).contains("vireo"), "{}", filters(&h1));
+
     ra.stop().unwrap();
     rb.stop().unwrap();
     for d in [&h1, &h2, &wa, &wb] {
