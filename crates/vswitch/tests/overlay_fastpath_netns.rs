@@ -97,10 +97,8 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
         let file = std::fs::File::open(path).unwrap();
         use std::os::fd::AsRawFd;
         // SAFETY: setns on a namespace fd we hold; only this thread moves.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     })
     .join()
