@@ -7,6 +7,9 @@
 //! classifier for exactly those frames with a `mirred egress redirect` to the destination
 //! netdev, then a socket filter on the switch's AF_PACKET socket that hides them from the
 //! switch (taps see frames before tc ingress, so it would forward them a second time).
+//! Overlay switches offload bridged VXLAN/IPv4 TCP connections the same way, with classifiers
+//! that push or strip the tunnel headers (`tunnel.rs`, judged by
+//! [`crate::Switch::tunnel_offload_verdict`]).
 //!
 //! Correctness rests on one generation counter in the [`crate::Switch`]: every change that
 //! could change a verdict bumps it. Policy changes (port config, ports, extensions, meter
