@@ -25,7 +25,9 @@ use crate::meter::DropReason;
 use crate::rate::TokenBucket;
 use crate::switch::{render, Delivery, Switch};
 use crate::uplink::gro::coalesce_batch;
-use crate::uplink::offload::{accepted_by, fits, resolve, wire_len, VnetHdr};
+use crate::uplink::offload::{
+    accepted_by, finish_checksum, fits, resolve, segment, wire_len, VnetHdr, GSO_ECN, GSO_NONE,
+};
 use crate::uplink::PacketPort;
 use crate::wfq::WeightedFairQueue;
 use crate::PortId;
@@ -217,7 +219,13 @@ struct Worker {
     tx: Vec<u8>,
     start: Instant,
     offload: Option<Offload>,
+    /// The head of the frame being processed, as it arrived (overlay switches only).
+    arrived: Vec<u8>,
 }
+
+/// Bytes of an arriving overlay frame kept for the tunnel offload verdict: the outer headers
+/// and the inner ones it reads.
+const ARRIVED_KEPT: usize = 160;
 
 /// The switch thread's side of the fast path: flows already offered (or refused) under the
 /// current generation, so each is judged once rather than per frame.
@@ -293,6 +301,7 @@ impl Worker {
             tx: Vec::with_capacity(MAX_FRAME),
             start: Instant::now(),
             offload: None,
+            arrived: Vec::with_capacity(ARRIVED_KEPT),
         })
     }
 
@@ -341,6 +350,11 @@ impl Worker {
 
     /// Delivers `frames` as if `ingress` had sent them, a batch at a time.
     fn inject(&mut self, ingress: PortId, frames: &[Vec<u8>]) {
+        self.inject_from(ingress, frames, false)
+    }
+
+    /// [`Worker::inject`]; `from_packet` as for [`Worker::deliver`].
+    fn inject_from(&mut self, ingress: PortId, frames: &[Vec<u8>], from_packet: bool) {
         for chunk in frames.chunks(BATCH) {
             let mut lens = [0usize; BATCH];
             let mut count = 0;
@@ -353,7 +367,7 @@ impl Worker {
                 count += 1;
             }
             if count > 0 {
-                self.deliver(ingress, false, count, &lens, 0);
+                self.deliver(ingress, from_packet, count, &lens, 0);
             }
         }
     }
@@ -469,6 +483,8 @@ impl Worker {
         let d = &mut self.delivery;
         // Only filter extensions can touch a frame's Vec beyond its bytes (e.g. reallocate it).
         let untouched = !sw.has_filters();
+        let has_overlay = sw.overlay().is_some();
+        let mut segments: Vec<Vec<u8>> = Vec::new();
         for (i, len) in lens.iter().enumerate().take(count) {
             if *len == 0 {
                 // Too long for the buffer: the port consumed and dropped it.
@@ -476,13 +492,38 @@ impl Worker {
             }
             let frame = &mut self.rx[i];
             frame.truncate(*len);
-            let hdr = self.hdrs[i];
+            let mut hdr = self.hdrs[i];
             if !fits(frame, &hdr) {
                 // Offsets outside the frame: no receiver may be handed it, no segmenter can cut it.
                 sw.count_drop(ingress, DropReason::Malformed);
                 continue;
             }
+            if has_overlay && hdr.needs_work() {
+                // The overlay rewrites frames in place (50 bytes more or less in front), which
+                // the header's offsets would not follow: it gets finished frames. Super-frames
+                // (a connection's first data, before the kernel carries it) go as segments.
+                if hdr.gso_type & !GSO_ECN != GSO_NONE {
+                    let (_, seg) = &mut self.scratch;
+                    if !segment(frame, &hdr, seg, |f| segments.push(f.to_vec())) {
+                        sw.count_drop(ingress, DropReason::Malformed);
+                    }
+                    continue;
+                }
+                if !finish_checksum(frame, &hdr) {
+                    sw.count_drop(ingress, DropReason::Malformed);
+                    continue;
+                }
+                hdr = VnetHdr::default();
+            }
             let wire = wire_len(frame, &hdr);
+            // Overlay frames are rewritten in place: the tunnel verdict needs the outer
+            // headers a decapsulated frame arrived with.
+            let overlay = self.offload.is_some() && from_packet && sw.overlay().is_some();
+            if overlay {
+                let n = frame.len().min(ARRIVED_KEPT);
+                self.arrived.clear();
+                self.arrived.extend_from_slice(&frame[..n]);
+            }
             sw.process_sized(ingress, frame, wire, now, d);
             if let (Some(off), true, [e]) = (&mut self.offload, from_packet, &d.egress[..]) {
                 let to_packet = self
@@ -490,7 +531,14 @@ impl Worker {
                     .get(e.port.0 as usize)
                     .and_then(|p| p.as_ref())
                     .is_some_and(|p| p.packet.is_some());
-                if let (true, Some(shape)) = (to_packet, offload_shape(frame)) {
+                // An encapsulated frame's connection is the inner one.
+                let shape = offload_shape(frame).or_else(|| {
+                    overlay
+                        .then(|| frame.get(crate::fastpath::tunnel::VXLAN_OVERHEAD..))
+                        .flatten()
+                        .and_then(offload_shape)
+                });
+                if let (true, Some(shape)) = (to_packet, shape) {
                     let g = sw.generation();
                     if g != off.generation || off.seen.len() >= SEEN_LIMIT {
                         off.seen.clear();
@@ -503,7 +551,12 @@ impl Worker {
                     };
                     let id = (ingress, e.port, shape, mac(6), mac(0));
                     if !off.seen.contains(&id) {
-                        match sw.offload_verdict(ingress, frame, d, now) {
+                        let verdict = if overlay {
+                            sw.tunnel_offload_verdict(ingress, &self.arrived, frame, d)
+                        } else {
+                            sw.offload_verdict(ingress, frame, d, now)
+                        };
+                        match verdict {
                             Ok(key) => {
                                 off.seen.insert(id);
                                 off.candidates.offer(key, g);
@@ -595,6 +648,10 @@ impl Worker {
             for buf in &mut self.rx[..count] {
                 restore_len(buf);
             }
+        }
+        drop(sw);
+        if !segments.is_empty() {
+            self.inject_from(ingress, &segments, from_packet);
         }
     }
 

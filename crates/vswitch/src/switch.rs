@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod tunnel_verdict;
+
 use crate::acl::AclVerdict;
 use crate::config::{Direction, MirrorRole, PortConfig, PortRole, SwitchConfig};
 use crate::extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
@@ -403,7 +405,10 @@ impl Switch {
             .overlay
             .as_mut()
             .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
-        o.set_policy(e).map_err(SwitchError::Overlay)
+        o.set_policy(e).map_err(SwitchError::Overlay)?;
+        // Kernel overlay flows hold PAs and MACs from the table.
+        self.invalidate_offloads();
+        Ok(())
     }
 
     pub fn remove_policy(
@@ -416,7 +421,9 @@ impl Switch {
             .as_mut()
             .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
         o.remove_policy(routing_domain, ca)
-            .map_err(SwitchError::Overlay)
+            .map_err(SwitchError::Overlay)?;
+        self.invalidate_offloads();
+        Ok(())
     }
 
     /// Adds or replaces an overlay gateway (`overlay/gateway.rs`).
@@ -425,7 +432,9 @@ impl Switch {
             .overlay
             .as_mut()
             .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
-        o.set_gateway(g).map_err(SwitchError::Overlay)
+        o.set_gateway(g).map_err(SwitchError::Overlay)?;
+        self.invalidate_offloads();
+        Ok(())
     }
 
     pub fn remove_gateway(&mut self, name: &str) -> Result<(), SwitchError> {
@@ -433,7 +442,9 @@ impl Switch {
             .overlay
             .as_mut()
             .ok_or_else(|| SwitchError::Overlay("the switch has no overlay configured".into()))?;
-        o.remove_gateway(name).map_err(SwitchError::Overlay)
+        o.remove_gateway(name).map_err(SwitchError::Overlay)?;
+        self.invalidate_offloads();
+        Ok(())
     }
 
     /// Installs the hook asked on a policy-table miss.
@@ -441,6 +452,7 @@ impl Switch {
         if let Some(o) = &mut self.overlay {
             o.set_lookup(hook);
         }
+        self.invalidate_offloads();
     }
 
     pub fn register_extension(&mut self, ext: Box<dyn Extension>) -> Result<(), SwitchError> {
@@ -596,7 +608,8 @@ impl Switch {
     /// A MAC moved or aged out: flows towards or from it may now be wrong. The data path
     /// cannot wait for netlink, so the fast path removes them from its own thread.
     fn note_table_changes(&mut self) {
-        let c = self.table.changes();
+        // A provider neighbour's new MAC is as much a move as a customer MAC's.
+        let c = self.table.changes() + self.overlay.as_ref().map_or(0, |o| o.neighbor_changes());
         if c != self.table_changes {
             self.table_changes = c;
             self.generation.fetch_add(1, Ordering::SeqCst);
@@ -622,7 +635,7 @@ impl Switch {
             p.meters.egress.packets += u.packets;
             p.meters.egress.bytes += u.bytes;
         }
-        if let Some(now) = now {
+        if let (Some(now), None) = (now, k.tunnel) {
             let fid = self.fid[(k.vid & 0xfff) as usize];
             self.table.touch(fid, &k.src, k.ingress, now);
         }
@@ -788,6 +801,7 @@ impl Switch {
             action,
             l4,
             shape,
+            tunnel: None,
         })
     }
 
@@ -877,6 +891,7 @@ impl Switch {
             } else {
                 crate::overlay::Verdict::Pass
             };
+            self.note_table_changes();
             if v != crate::overlay::Verdict::Pass {
                 return self.overlay_send(ingress, v, frame, now, out);
             }
@@ -900,9 +915,7 @@ impl Switch {
         if self.table.learn(fid, &s.src, ingress, limit, now) == Learn::LimitReached {
             return self.drop_at(ingress, DropReason::MacLimit, out);
         }
-        if self.table.changes() != self.table_changes {
-            self.note_table_changes();
-        }
+        self.note_table_changes();
         // Stage 3: forwarding.
         let mut cands = std::mem::take(&mut self.candidates);
         cands.clear();

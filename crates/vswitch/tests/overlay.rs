@@ -570,3 +570,68 @@ fn ipv6_and_ipv4_customers_over_an_ipv6_provider_network() {
         assert_eq!(&got[..inner.len()], &inner[..]);
     }
 }
+
+/// The kernel fast path's verdict on a frame: what the pipeline did with it, judged.
+fn tunnel_verdict(
+    sw: &mut Switch,
+    port: PortId,
+    frame: &[u8],
+) -> (
+    Vec<u8>,
+    Result<vireo_vswitch::fastpath::FlowKey, vireo_vswitch::fastpath::NotOffloadable>,
+) {
+    let mut f = frame.to_vec();
+    let mut d = Delivery::default();
+    sw.process(port, &mut f, 1_000_000, &mut d);
+    let v = sw.tunnel_offload_verdict(port, frame, &f, &d);
+    (f, v)
+}
+
+#[test]
+fn bridged_vxlan_tcp_is_offered_to_the_kernel_and_nothing_else() {
+    use vireo_vswitch::fastpath::tunnel::Tunnel;
+    use vireo_vswitch::fastpath::NotOffloadable as N;
+    let (mut a, mut b) = (host(true), host(false));
+    resolve(&mut a, &mut b, &ping(VM1, VM2, IP1, IP2, 8));
+    let tcp = tcp4(VM1, VM2, IP1, IP2, 40000, 80);
+    let (outer, v) = tunnel_verdict(&mut a.sw, a.red, &tcp);
+    let k = v.unwrap();
+    assert_eq!((k.ingress, k.egress, k.src, k.dst), (a.red, a.up, VM1, VM2));
+    let Some(Tunnel::Encap { header, max_ip_len }) = k.tunnel else {
+        panic!("{k:?}")
+    };
+    assert_eq!(&header[..], &outer[..64], "the header user space sent");
+    assert_eq!(max_ip_len, 1450, "provider MTU 1500 − 50");
+    let (_, v) = tunnel_verdict(&mut b.sw, b.up, &outer);
+    let k = v.unwrap();
+    assert_eq!((k.ingress, k.egress), (b.up, b.red));
+    assert!(matches!(
+        k.tunnel,
+        Some(Tunnel::Decap { peer_pa, vni: 100, .. }) if peer_pa == u32::from_be_bytes([192, 168, 50, 1])
+    ));
+    // The same connection from another PA: user space drops it, nothing to offload.
+    let mut spoofed = outer.clone();
+    spoofed[29] = 9;
+    let c = vireo_vswitch::overlay::wire::ipv4_header_checksum(&spoofed[14..34]);
+    spoofed[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        tunnel_verdict(&mut b.sw, b.up, &spoofed).1,
+        Err(N::NotOneDestination)
+    );
+    // Not TCP, or NVGRE: user space.
+    let (_, v) = tunnel_verdict(&mut a.sw, a.red, &ping(VM1, VM2, IP1, IP2, 8));
+    assert_eq!(v, Err(N::NotTcp));
+    let (_, v) = tunnel_verdict(&mut a.sw, a.blue, &tcp);
+    assert_eq!(v, Err(N::OverlayFlow));
+    // A policy change invalidates what was approved.
+    let g = a.sw.generation();
+    a.sw.set_policy(&PolicyEntry {
+        routing_domain: "red".into(),
+        ca: "10.0.0.2".parse().unwrap(),
+        mac: MacAddr(VM2),
+        vsid: 100,
+        pa: "192.168.50.7".parse().unwrap(),
+    })
+    .unwrap();
+    assert!(a.sw.generation() > g);
+}

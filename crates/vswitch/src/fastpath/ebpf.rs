@@ -49,11 +49,11 @@ impl Insn {
     }
 }
 
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R6: u8 = 6;
+pub(crate) const R0: u8 = 0;
+pub(crate) const R1: u8 = 1;
+pub(crate) const R2: u8 = 2;
+pub(crate) const R3: u8 = 3;
+pub(crate) const R6: u8 = 6;
 
 pub const MOV64_X: u8 = 0xbf;
 pub const MOV64_K: u8 = 0xb7;
@@ -79,7 +79,7 @@ pub const SKB_VLAN_PRESENT: i16 = 20;
 pub const SKB_VLAN_TCI: i16 = 24;
 pub const SKB_VLAN_PROTO: i16 = 28;
 
-fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+pub(crate) fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
     Insn {
         code,
         regs: src << 4 | dst,
@@ -91,6 +91,39 @@ fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 /// The classifier of one flow: all `checks` pass ⇒ apply `tag`, return -1; else return 0.
 pub fn classifier(checks: &[Check], tag: TagAction) -> Vec<Insn> {
     let mut p = vec![ins(MOV64_X, R6, R1, 0, 0)];
+    let fails = emit_checks(&mut p, checks);
+    match tag {
+        TagAction::Keep => {}
+        TagAction::Pop => p.extend([
+            ins(MOV64_X, R1, R6, 0, 0),
+            ins(CALL, 0, 0, 0, FN_SKB_VLAN_POP),
+        ]),
+        TagAction::Push(vid) => p.extend([
+            ins(MOV64_X, R1, R6, 0, 0),
+            // vlan_proto is big-endian: 0x8100 on the wire.
+            ins(MOV64_K, R2, 0, 0, 0x8100u16.to_be() as i32),
+            ins(MOV64_K, R3, 0, 0, (vid & 0x0fff) as i32),
+            ins(CALL, 0, 0, 0, FN_SKB_VLAN_PUSH),
+        ]),
+    }
+    finish(p, fails)
+}
+
+/// Ends a program: the success path (already emitted) returns -1, and every jump in `fails`
+/// goes to a tail that returns 0.
+pub(crate) fn finish(mut p: Vec<Insn>, fails: Vec<usize>) -> Vec<Insn> {
+    p.extend([ins(MOV64_K, R0, 0, 0, -1), ins(EXIT, 0, 0, 0, 0)]);
+    let fail = p.len();
+    p.extend([ins(MOV64_K, R0, 0, 0, 0), ins(EXIT, 0, 0, 0, 0)]);
+    for at in fails {
+        p[at].off = (fail - at - 1) as i16;
+    }
+    p
+}
+
+/// Appends the tests of `checks` (the context in r6); returns the jumps that must go to the
+/// "no match" tail.
+pub(crate) fn emit_checks(p: &mut Vec<Insn>, checks: &[Check]) -> Vec<usize> {
     let mut fails = Vec::new();
     for c in checks {
         match c.load {
@@ -120,27 +153,7 @@ pub fn classifier(checks: &[Check], tag: TagAction) -> Vec<Insn> {
         };
         p.push(ins(code, R0, 0, 0, value as i32));
     }
-    match tag {
-        TagAction::Keep => {}
-        TagAction::Pop => p.extend([
-            ins(MOV64_X, R1, R6, 0, 0),
-            ins(CALL, 0, 0, 0, FN_SKB_VLAN_POP),
-        ]),
-        TagAction::Push(vid) => p.extend([
-            ins(MOV64_X, R1, R6, 0, 0),
-            // vlan_proto is big-endian: 0x8100 on the wire.
-            ins(MOV64_K, R2, 0, 0, 0x8100u16.to_be() as i32),
-            ins(MOV64_K, R3, 0, 0, (vid & 0x0fff) as i32),
-            ins(CALL, 0, 0, 0, FN_SKB_VLAN_PUSH),
-        ]),
-    }
-    p.extend([ins(MOV64_K, R0, 0, 0, -1), ins(EXIT, 0, 0, 0, 0)]);
-    let fail = p.len();
-    p.extend([ins(MOV64_K, R0, 0, 0, 0), ins(EXIT, 0, 0, 0, 0)]);
-    for at in fails {
-        p[at].off = (fail - at - 1) as i16;
-    }
-    p
+    fails
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -191,6 +204,11 @@ pub fn load(prog: &[Insn], name: &str) -> io::Result<OwnedFd> {
 /// Runs a loaded program once on `frame` in the kernel (`BPF_PROG_TEST_RUN`, the skb built
 /// as tc would see it, untagged) and returns its return value.
 pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
+    test_run_data(prog, frame).map(|(r, _)| r)
+}
+
+/// [`test_run`], also returning the frame as the program left it.
+pub fn test_run_data(prog: &OwnedFd, frame: &[u8]) -> io::Result<(u32, Vec<u8>)> {
     use std::os::fd::AsRawFd;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     let mut out = vec![0u8; frame.len() + 256];
@@ -214,7 +232,12 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]))
+    let n = u32::from_ne_bytes([attr[12], attr[13], attr[14], attr[15]]) as usize;
+    out.truncate(n);
+    Ok((
+        u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]),
+        out,
+    ))
 }
 
 #[cfg(test)]

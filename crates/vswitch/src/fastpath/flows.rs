@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use vireo_netport::FramePort;
 
+use super::checks::Check;
 use super::ebpf::{self, TagAction};
 use super::netlink::{self, Classifier, FilterId, Netlink};
-use super::sockfilter::{classifier, socket_filter, FlowMatch};
+use super::sockfilter::{classifier, socket_filter_with, FlowMatch};
+use super::tunnel::{tunnel_checks, tunnel_classifier};
 use super::{current_netns, FlowKey, FlowUse};
 use crate::frame::ETH_P_IPV6;
 use crate::uplink::PacketPort;
@@ -216,7 +218,16 @@ impl Engine {
         };
         self.next_handle = self.next_handle.wrapping_add(1).max(1);
         let m = matcher(&key);
-        if key.action == TagAction::Keep {
+        if let Some(t) = &key.tunnel {
+            let prog = ebpf::load(&tunnel_classifier(&tunnel_checks(&m, t), t), "vireo_tunnel")?;
+            use std::os::fd::AsRawFd;
+            self.nl()?.request(&netlink::add_redirect_filter(
+                ifindex,
+                filter,
+                Classifier::Ebpf(prog.as_raw_fd()),
+                out,
+            ))?;
+        } else if key.action == TagAction::Keep {
             let prog = classifier(&m);
             self.nl()?.request(&netlink::add_redirect_filter(
                 ifindex,
@@ -300,16 +311,18 @@ impl Engine {
         let Some(dev) = self.devs.get(&port) else {
             return Ok(());
         };
-        let flows: Vec<FlowMatch> = self
-            .flows
-            .iter()
-            .filter(|f| f.key.ingress == port)
+        let mine = || self.flows.iter().filter(|f| f.key.ingress == port);
+        let flows: Vec<FlowMatch> = mine()
+            .filter(|f| f.key.tunnel.is_none())
             .map(|f| matcher(&f.key))
             .collect();
-        if flows.is_empty() {
+        let lists: Vec<Vec<Check>> = mine()
+            .filter_map(|f| Some(tunnel_checks(&matcher(&f.key), f.key.tunnel.as_ref()?)))
+            .collect();
+        if flows.is_empty() && lists.is_empty() {
             return dev.packet.clear_filter();
         }
-        let prog = socket_filter(&flows)
+        let prog = socket_filter_with(&flows, &lists)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many flows"))?;
         dev.packet.set_filter(&prog)
     }
@@ -343,11 +356,23 @@ impl Engine {
                 let bytes = st.bytes.saturating_sub(f.bytes);
                 f.packets = f.packets.max(st.packets);
                 f.bytes = f.bytes.max(st.bytes);
+                // tc counts a tunnel flow's frames as they arrived (outer headers included
+                // for decap) and a super-frame whose headers the program changed as no
+                // packet at all (bpf_skb_adjust_room resets its segment count): the
+                // segments are then estimated from the bytes, at least one per full frame.
+                let (packets, strip) = match f.key.tunnel {
+                    Some(t) => (
+                        packets.max(bytes.div_ceil(t.arrived_ip_max().max(1))),
+                        (-t.growth()).max(0) as u64,
+                    ),
+                    None => (packets, 0),
+                };
                 if packets > 0 {
+                    // The meters count customer frames.
                     out.push(FlowUse {
                         key: f.key,
                         packets,
-                        bytes: bytes + packets * ETH_HLEN,
+                        bytes: (bytes + packets * ETH_HLEN).saturating_sub(packets * strip),
                     });
                 }
             }

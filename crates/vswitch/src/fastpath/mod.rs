@@ -7,6 +7,9 @@
 //! classifier for exactly those frames with a `mirred egress redirect` to the destination
 //! netdev, then a socket filter on the switch's AF_PACKET socket that hides them from the
 //! switch (taps see frames before tc ingress, so it would forward them a second time).
+//! Overlay switches offload bridged VXLAN/IPv4 TCP connections the same way, with classifiers
+//! that push or strip the tunnel headers (`tunnel.rs`, judged by
+//! [`crate::Switch::tunnel_offload_verdict`]).
 //!
 //! Correctness rests on one generation counter in the [`crate::Switch`]: every change that
 //! could change a verdict bumps it. Policy changes (port config, ports, extensions, meter
@@ -23,6 +26,7 @@ pub mod netlink;
 pub mod sockfilter;
 #[cfg(test)]
 mod tests;
+pub mod tunnel;
 
 use std::io;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -69,6 +73,9 @@ pub struct FlowKey {
     pub l4: Option<L4Match>,
     /// The egress port's rate limit, applied by a `tbf` root qdisc on its netdev.
     pub shape: Option<Shape>,
+    /// Overlay flows: the encapsulation the kernel adds or removes (`tunnel.rs`); the MACs
+    /// and `l4` above are the customer frame's.
+    pub tunnel: Option<tunnel::Tunnel>,
 }
 
 /// A rate limit the kernel applies to what leaves a port: a token-bucket shaper (`tbf`).
@@ -120,6 +127,11 @@ pub enum NotOffloadable {
     Mtu,
     #[error("the switch carries an overlay (frames are rewritten, not forwarded as they are)")]
     Overlay,
+    #[error(
+        "not a bridged TCP/IPv4 connection over VXLAN/IPv4 the policy table vouches for \
+         (routed, gateway, NVGRE, IPv6 provider or customer traffic stays in user space)"
+    )]
+    OverlayFlow,
 }
 
 /// What the switch calls when offloaded flows must go (implemented by the runtime's fast path).

@@ -186,6 +186,21 @@ pub fn socket_filter(flows: &[FlowMatch]) -> Option<Vec<SockFilter>> {
     program(flows, 0, MATCH_ALL)
 }
 
+/// [`socket_filter`] that also drops the frames of flows given as check lists (overlay flows,
+/// whose match on the uplink reads outer and inner headers: `tunnel.rs`).
+pub fn socket_filter_with(flows: &[FlowMatch], lists: &[Vec<Check>]) -> Option<Vec<SockFilter>> {
+    let mut p = Vec::new();
+    for c in lists {
+        p.extend(block(c, 0)?);
+    }
+    let rest = program(flows, 0, MATCH_ALL)?;
+    if p.len() + rest.len() > MAX_INSNS {
+        return None;
+    }
+    p.extend(rest);
+    Some(p)
+}
+
 #[cfg(test)]
 pub(crate) mod interp {
     //! A classic BPF interpreter for the instructions [`super::program`] emits, with the

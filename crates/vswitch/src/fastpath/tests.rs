@@ -82,6 +82,7 @@ fn plain_tcp_between_access_ports_is_offloadable() {
             action: TagAction::Keep,
             l4: None,
             shape: None,
+            tunnel: None,
         }
     );
     let k6 = verdict(&mut sw, 1, tcp6(MB, MA)).unwrap();
@@ -307,6 +308,7 @@ fn kernel_traffic_refreshes_the_source_mac_only_where_it_lives() {
         action: TagAction::Keep,
         l4: None,
         shape: None,
+        tunnel: None,
     };
     let at = 9_000_000_000;
     sw.account_offloaded(

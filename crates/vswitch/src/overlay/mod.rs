@@ -13,6 +13,7 @@
 pub mod encap;
 pub mod gateway;
 pub mod nat;
+pub mod offload;
 pub mod policy;
 pub mod reply;
 pub mod wire;
@@ -100,6 +101,8 @@ pub struct Overlay {
     gateways: gateway::Gateways,
     /// The `now` of the last frame (for listings).
     clock: u64,
+    /// Provider neighbours learned or changed (kernel encap flows carry a neighbour's MAC).
+    neighbor_changes: u64,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -133,6 +136,7 @@ impl Overlay {
             lookup: None,
             gateways: gateway::Gateways::default(),
             clock: 0,
+            neighbor_changes: 0,
             cfg,
         };
         let gws = gateway::Gateways::new(&o.cfg.gateways, |n| o.rd_index(n));
@@ -343,7 +347,16 @@ impl Overlay {
         {
             return;
         }
-        self.neighbors.insert(ip, mac);
+        // A new neighbour counts too: a connection refused while it was unresolved may be
+        // judged again.
+        if self.neighbors.insert(ip, mac) != Some(mac) {
+            self.neighbor_changes += 1;
+        }
+    }
+
+    /// How many times a provider neighbour was learned or its MAC changed so far.
+    pub fn neighbor_changes(&self) -> u64 {
+        self.neighbor_changes
     }
 
     /// A frame from VM port `port` (its ingress policies passed).
