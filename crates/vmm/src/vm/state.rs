@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::{lock, Prefilled, Vm, VmHandle};
 use crate::config::VmConfig;
 use crate::exit::ExitState;
-use crate::memory::GuestRam;
 use crate::lifecycle::{Job, ParkError};
+use crate::memory::GuestRam;
 use crate::state::checksums::MemorySums;
 use crate::state::working_set::WorkingSet;
 use crate::state::{
@@ -257,19 +257,14 @@ impl Vm {
                 .as_deref()
                 .and_then(|p| WorkingSet::read(p, ram.size))
                 .unwrap_or_default();
-            let lazy = state::file::restore_memory_lazily(
-                &from.memory,
-                &ram,
-                hot,
-                from.sums.clone(),
-                {
+            let lazy =
+                state::file::restore_memory_lazily(&from.memory, &ram, hot, from.sums.clone(), {
                     let exit = exit.clone();
                     Box::new(move |why: String| {
                         tracing::error!("{why}; stopping the restored VM");
                         exit.set(crate::exit::VmExit::Error(why));
                     })
-                },
-            )?;
+                })?;
             // Keeps the mappings alive if the build fails, so the fill threads stop (below)
             // before the registered range can be unmapped and reused.
             let mapped = ram.memory.clone();
@@ -286,7 +281,21 @@ impl Vm {
             vm
         };
         trace::mark("memory set up");
-        vm.apply_state(st)?;
+        // The fill runs from before the build: a page that failed its checksum (or could not
+        // be read) may already have stopped the VM, and is then this call's error.
+        let fill_failed = |vm: &Vm| match vm.shared.exit.wait(Duration::ZERO) {
+            Some(crate::exit::VmExit::Error(why)) => Some(StateError::Corrupt {
+                path: from.memory.display().to_string(),
+                why,
+            }),
+            _ => None,
+        };
+        if let Some(e) = fill_failed(&vm) {
+            return Err(e);
+        }
+        if let Err(e) = vm.apply_state(st) {
+            return Err(fill_failed(&vm).unwrap_or(e));
+        }
         tracing::info!(
             "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
             st.vcpus.len(),
