@@ -202,9 +202,25 @@ pub fn max_vcpus() -> Result<usize> {
     Ok(open_kvm()?.get_max_vcpus())
 }
 
+/// Guest RAM a restore is filling while the VM is built ([`Vm::build`]), and the exit state
+/// the fill reports a bad page to (the VM does not exist yet when the fill starts).
+pub(crate) struct Prefilled {
+    pub ram: GuestRam,
+    pub exit: Arc<ExitState>,
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel and wires every device. Nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Vm> {
+        Vm::build(config, None)
+    }
+
+    /// [`Vm::new`], or with `filled` the guest RAM a restore has already started filling
+    /// (registered with its userfaultfd, so that filling overlaps building the VM) and the
+    /// exit state its fill errors go to. The loader then writes into a scratch RAM of the
+    /// same size instead: its entry point and boot state are still needed (the vCPUs' boot
+    /// state, which a reset puts back), but its bytes would land on the restored memory.
+    pub(crate) fn build(config: VmConfig, filled: Option<Prefilled>) -> Result<Vm> {
         // Cheap checks first, so bad input gets its own message even without KVM.
         if config.vcpus == 0 {
             return Err(VmmError::NoVcpus);
@@ -224,7 +240,24 @@ impl Vm {
         if devices.len() > MAX_VIRTIO_DEVICES {
             return Err(VmmError::TooManyDevices(devices.len(), MAX_VIRTIO_DEVICES));
         }
-        let ram = GuestRam::new(config.memory)?;
+        let (ram, scratch, exit) = match filled {
+            Some(Prefilled { ram, exit }) if ram.size == config.memory => {
+                let scratch = GuestRam::new(config.memory)?;
+                (ram, Some(scratch), exit)
+            }
+            Some(Prefilled { ram, .. }) => {
+                return Err(VmmError::MemoryAlloc(format!(
+                    "restored RAM holds {} bytes, the VM has {}",
+                    ram.size, config.memory
+                )))
+            }
+            None => (
+                GuestRam::new(config.memory)?,
+                None,
+                Arc::new(ExitState::default()),
+            ),
+        };
+        let load_into = scratch.as_ref().unwrap_or(&ram);
         crate::state::trace::mark("  guest RAM allocated");
         let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         vm_fd
@@ -271,7 +304,6 @@ impl Vm {
         dirty.set_slots(&vm_fd, false)?;
         crate::state::trace::mark("  memory slots set");
 
-        let exit = Arc::new(ExitState::default());
         let mut mmio = Bus::default();
         let mut transports = Vec::new();
         let mut flush_on_exit = Vec::new();
@@ -327,7 +359,7 @@ impl Vm {
         crate::state::trace::mark("  devices wired");
 
         let boot = boot::load(
-            &ram.memory,
+            &load_into.memory,
             &BootSpec {
                 kernel: &config.kernel,
                 initrd: config.initrd.as_deref(),
@@ -356,7 +388,8 @@ impl Vm {
             tracing::info!("initrd: {size} bytes at {at:#x}");
         }
         tracing::debug!("kernel command line: {cmdline}");
-        boot::mptable::write(&ram.memory, config.vcpus)?;
+        boot::mptable::write(&load_into.memory, config.vcpus)?;
+        drop(scratch);
 
         let (out, input, console_socket) = console::open(config.console)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;

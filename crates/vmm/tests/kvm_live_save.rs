@@ -210,6 +210,45 @@ fn kvm_working_set_is_only_a_hint() {
     }
 }
 
+/// A restore builds its VM while memory is already being filled (docs/vm-state.md, "Restore
+/// timing"), so the new VM's loader must write elsewhere: bytes the saved guest had where
+/// the loader puts the PVH start info and the kernel come back as saved, not as loaded.
+#[test]
+fn kvm_restore_keeps_saved_bytes_where_the_loader_writes() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    const START_INFO: u64 = 0x6000;
+    const KERNEL: u64 = 0x10_0000;
+    let dir = tempfile::tempdir().unwrap();
+    let save = dir.path().join("save");
+    let mem = 64 * MIB;
+    let a = Running::boot(mem);
+    a.h.pause().unwrap();
+    let marker: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    for at in [START_INFO, KERNEL] {
+        a.h.memory().write_slice(&marker, GuestAddress(at)).unwrap();
+    }
+    a.h.save_live(
+        &save,
+        Identity::default(),
+        None,
+        &live(AfterSave::StayPaused),
+    )
+    .unwrap();
+    let want = host_sum(&a.h, 0, mem);
+    a.stop();
+
+    let b = Running::restore(mem, &save);
+    for at in [START_INFO, KERNEL] {
+        let mut got = vec![0u8; marker.len()];
+        b.h.memory().read_slice(&mut got, GuestAddress(at)).unwrap();
+        assert!(got == marker, "the page at {at:#x} is not the saved one");
+    }
+    assert_eq!(host_sum(&b.h, 0, mem), want);
+    b.stop();
+}
+
 #[test]
 fn kvm_snapshot_leaves_the_original_running() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {

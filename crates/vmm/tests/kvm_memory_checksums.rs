@@ -83,27 +83,21 @@ fn kvm_a_flipped_byte_in_memory_bin_stops_or_refuses_the_restore() {
     mem_file.write_all_at(&[b[0] ^ 0x01], at).unwrap();
     let page = format!("{:#x}", at & !0xfff);
 
-    // Lazy (the default): the VM is built, then stops with the reason once the page is
-    // needed (the guest's MEM SUM or the background copy, whichever gets there first).
+    // Lazy (the default): the VM stops with the reason once the page is needed (the guest's
+    // MEM SUM or the background copy, whichever gets there first); if the background copy
+    // gets there while the VM is still being built, the restore itself is refused with it.
     {
         let (cfg, ours) = config();
-        let vm = Vm::restore(cfg, &RestoreFrom::dir(&save).unwrap()).unwrap();
-        let h = vm.handle();
-        let run = std::thread::spawn(move || vm.run());
-        h.resume().unwrap();
-        // The guest may never answer: its VM is stopped under it.
-        let answer = console(ours).command("MEM SUM 16 8", Duration::from_secs(10));
-        assert!(
-            answer.as_ref().map_or(true, |a| *a != sum),
-            "the guest summed the corrupt memory as the original: {answer:?}"
-        );
-        h.request_stop();
-        match run.join().unwrap().unwrap() {
-            VmExit::Error(why) => assert!(
-                why.contains("corrupt") && why.contains(&page),
-                "reason does not name the page: {why}"
-            ),
-            other => panic!("a corrupt memory file ran on: {other:?}"),
+        match Vm::restore(cfg, &RestoreFrom::dir(&save).unwrap()) {
+            Ok(vm) => lazy_restore_stops_naming(vm, ours, &sum, &page),
+            Err(e) => {
+                assert!(matches!(e, StateError::Corrupt { .. }), "{e:?}");
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("corrupt") && msg.contains(&page),
+                    "reason does not name the page: {msg}"
+                );
+            }
         }
     }
 
@@ -128,4 +122,26 @@ fn kvm_a_flipped_byte_in_memory_bin_stops_or_refuses_the_restore() {
         Ok(_) => panic!("a save without its checksum table was accepted"),
     };
     assert!(err.to_string().contains("memory.crc"), "{err}");
+}
+
+/// A lazily restored VM from a corrupt memory file: run, it stops naming `page`, and the guest
+/// never sums the corrupt memory as the original (`sum`).
+fn lazy_restore_stops_naming(vm: Vm, ours: UnixStream, sum: &str, page: &str) {
+    let h = vm.handle();
+    let run = std::thread::spawn(move || vm.run());
+    h.resume().unwrap();
+    // The guest may never answer: its VM is stopped under it.
+    let answer = console(ours).command("MEM SUM 16 8", Duration::from_secs(10));
+    assert!(
+        answer.as_ref().map_or(true, |a| *a != sum),
+        "the guest summed the corrupt memory as the original: {answer:?}"
+    );
+    h.request_stop();
+    match run.join().unwrap().unwrap() {
+        VmExit::Error(why) => assert!(
+            why.contains("corrupt") && why.contains(page),
+            "reason does not name the page: {why}"
+        ),
+        other => panic!("a corrupt memory file ran on: {other:?}"),
+    }
 }

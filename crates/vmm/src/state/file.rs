@@ -213,9 +213,10 @@ fn corrupt(path: &Path, e: super::checksums::Corrupt) -> StateError {
 }
 
 /// Starts a lazy restore of `path` into guest RAM (`lazy.rs`): the length is checked, RAM
-/// emptied and registered, pages come in on first touch and in the background (`hot`, the
-/// save's working set, first). Returns
-/// `None` after loading eagerly instead, when this host refuses userfaultfd.
+/// registered, pages come in on first touch and in the background (`hot`, the save's working
+/// set, first). `ram` must be fresh (no page written: the loader of the VM being built writes
+/// elsewhere, `Vm::build`), since only missing pages are filled. Returns `None` after loading
+/// eagerly instead, when this host refuses userfaultfd.
 pub(crate) fn restore_memory_lazily(
     path: &Path,
     ram: &GuestRam,
@@ -234,9 +235,6 @@ pub(crate) fn restore_memory_lazily(
             ram.size
         )));
     }
-    // The new VM's loader wrote the kernel; every page must be missing for the fault path.
-    crate::reset::wipe_ram(ram)?;
-    super::trace::mark("  RAM emptied");
     let mut maps = Vec::new();
     let mut file_offset = 0;
     for (_, len, host) in crate::memory::regions(&ram.memory) {

@@ -271,9 +271,17 @@ fn serve_faults(
             // can get there.
             buf.fill(0);
         }
-        // Pages of the block already filled (by the populate thread) are skipped; an error
-        // means the range was unregistered meanwhile (population done), which woke everyone.
-        let _ = copy_all(uffd, start, buf);
+        // The faulting page goes in first and alone, which wakes its waiter at once (a
+        // UFFDIO_COPY wakes the range it filled): the rest of the block costs ~1 ms of page
+        // allocation the waiter need not sit through. Then the pages after it (a guest going
+        // on in order needs those next), then those before. Pages already filled (by the
+        // other threads) are skipped; an error means the range was unregistered meanwhile
+        // (population done), which woke everyone.
+        let page = ((addr & !(PAGE_SIZE - 1)) - start) as usize;
+        let after = page + PAGE_SIZE as usize;
+        let _ = copy_all(uffd, start + page as u64, &buf[page..after]);
+        let _ = copy_all(uffd, start + after as u64, &buf[after..]);
+        let _ = copy_all(uffd, start, &buf[..page]);
         // The faulting page may have been among the skipped ones: its waiter needs waking.
         let _ = uffd.wake(addr, PAGE_SIZE);
         if start + (len as u64) < m.host + m.len {

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{lock, Vm, VmHandle};
+use super::{lock, Prefilled, Vm, VmHandle};
 use crate::config::VmConfig;
+use crate::exit::ExitState;
 use crate::lifecycle::{Job, ParkError};
+use crate::memory::GuestRam;
 use crate::state::checksums::MemorySums;
 use crate::state::working_set::WorkingSet;
 use crate::state::{
@@ -239,34 +241,61 @@ impl Vm {
         trace::mark("checked");
         // Another process mapping RAM would not see pages a lazy restore has not filled yet.
         let eager = from.eager || config.devices.iter().any(|d| d.device.maps_guest_memory());
-        let vm = Vm::new(config)?;
-        trace::mark("VM built (Vm::new)");
-        let s = &vm.shared;
-        if eager {
-            state::file::read_memory(&from.memory, &s.ram, from.sums.as_deref())?;
+        let vm = if eager {
+            let vm = Vm::new(config)?;
+            trace::mark("VM built (Vm::new)");
+            state::file::read_memory(&from.memory, &vm.shared.ram, from.sums.as_deref())?;
+            vm
         } else {
+            // Memory first: its fill (working set, then faults and readahead) runs on other
+            // threads while this one builds the VM, so the two use both CPUs (measured:
+            // docs/vm-state.md, "Restore timing").
+            let ram = GuestRam::new(config.memory)?;
+            let exit = Arc::new(ExitState::default());
             let hot = from
                 .working_set
                 .as_deref()
-                .and_then(|p| WorkingSet::read(p, s.ram.size))
+                .and_then(|p| WorkingSet::read(p, ram.size))
                 .unwrap_or_default();
-            let lazy = state::file::restore_memory_lazily(
-                &from.memory,
-                &s.ram,
-                hot,
-                from.sums.clone(),
-                {
-                    let exit = s.exit.clone();
+            let lazy =
+                state::file::restore_memory_lazily(&from.memory, &ram, hot, from.sums.clone(), {
+                    let exit = exit.clone();
                     Box::new(move |why: String| {
                         tracing::error!("{why}; stopping the restored VM");
                         exit.set(crate::exit::VmExit::Error(why));
                     })
-                },
-            )?;
-            *lock(&s.lazy) = lazy;
-        }
+                })?;
+            // Keeps the mappings alive if the build fails, so the fill threads stop (below)
+            // before the registered range can be unmapped and reused.
+            let mapped = ram.memory.clone();
+            let vm = match Vm::build(config, Some(Prefilled { ram, exit })) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    drop(lazy);
+                    drop(mapped);
+                    return Err(e.into());
+                }
+            };
+            trace::mark("VM built (Vm::build)");
+            *lock(&vm.shared.lazy) = lazy;
+            vm
+        };
         trace::mark("memory set up");
-        vm.apply_state(st)?;
+        // The fill runs from before the build: a page that failed its checksum (or could not
+        // be read) may already have stopped the VM, and is then this call's error.
+        let fill_failed = |vm: &Vm| match vm.shared.exit.wait(Duration::ZERO) {
+            Some(crate::exit::VmExit::Error(why)) => Some(StateError::Corrupt {
+                path: from.memory.display().to_string(),
+                why,
+            }),
+            _ => None,
+        };
+        if let Some(e) = fill_failed(&vm) {
+            return Err(e);
+        }
+        if let Err(e) = vm.apply_state(st) {
+            return Err(fill_failed(&vm).unwrap_or(e));
+        }
         tracing::info!(
             "VM restored: {} vCPUs, {} MiB, {} virtio devices, down for {} ms",
             st.vcpus.len(),
