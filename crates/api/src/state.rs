@@ -28,6 +28,12 @@ pub enum VmState {
     Critical {
         reason: String,
     },
+    /// A post-copy migration broke after the VM resumed on the destination: neither host has
+    /// a whole VM any more (docs/migration.md, "Post-copy"). Like `critical` it can be started
+    /// again (a cold boot from its disks) or turned off; `reason` says what broke.
+    Lost {
+        reason: String,
+    },
 }
 
 impl VmState {
@@ -43,6 +49,7 @@ impl VmState {
             VmState::Saved => "saved",
             VmState::Incoming => "incoming",
             VmState::Critical { .. } => "critical",
+            VmState::Lost { .. } => "lost",
         }
     }
 
@@ -60,13 +67,16 @@ impl VmState {
             "critical" => VmState::Critical {
                 reason: reason.unwrap_or_default(),
             },
+            "lost" => VmState::Lost {
+                reason: reason.unwrap_or_default(),
+            },
             _ => return None,
         })
     }
 
     pub fn reason(&self) -> Option<&str> {
         match self {
-            VmState::Critical { reason } => Some(reason),
+            VmState::Critical { reason } | VmState::Lost { reason } => Some(reason),
             _ => None,
         }
     }
@@ -88,6 +98,7 @@ impl fmt::Display for VmState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmState::Critical { reason } => write!(f, "critical ({reason})"),
+            VmState::Lost { reason } => write!(f, "lost ({reason})"),
             other => f.write_str(other.name()),
         }
     }
@@ -125,6 +136,10 @@ pub enum Action {
     },
     /// Quick migration: the saved state of an incoming VM is complete here.
     Arrived,
+    /// The worker exited `migration_lost`: a post-copy migration broke after the switch-over.
+    MigrationLost {
+        reason: String,
+    },
 }
 
 impl Action {
@@ -145,6 +160,7 @@ impl Action {
             Action::RestoreFailed => "restore_failed",
             Action::WorkerExited { .. } => "worker_exited",
             Action::Arrived => "arrived",
+            Action::MigrationLost { .. } => "migration_lost",
         }
     }
 }
@@ -161,7 +177,7 @@ pub struct IllegalTransition {
 pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTransition> {
     use VmState::*;
     let next = match (from, action) {
-        (Off | Saved | Critical { .. }, Action::Start) => Starting,
+        (Off | Saved | Critical { .. } | Lost { .. }, Action::Start) => Starting,
         (Starting | Incoming, Action::Started) => Running,
         (Incoming, Action::Arrived) => Saved,
         (Starting, Action::StartFailed) => Off,
@@ -169,7 +185,10 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
         (Running | Stopping, Action::PoweredOff) => Off,
         // Forced: pulls the plug in any state with a worker, discards a saved state, and
         // acknowledges a crash. Not while saving: the save job must finish or fail first.
-        (Starting | Running | Paused | Stopping | Saved | Critical { .. }, Action::TurnOff) => Off,
+        (
+            Starting | Running | Paused | Stopping | Saved | Critical { .. } | Lost { .. },
+            Action::TurnOff,
+        ) => Off,
         (Running, Action::Pause) => Paused,
         (Paused, Action::Resume) => Running,
         (Running | Paused, Action::Reset) => Running,
@@ -179,6 +198,9 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
         (Saving, Action::SaveFailed { paused: true }) => Paused,
         (Starting, Action::RestoreFailed) => Saved,
         (s, Action::WorkerExited { reason }) if s.has_worker() => Critical {
+            reason: reason.clone(),
+        },
+        (s, Action::MigrationLost { reason }) if s.has_worker() => Lost {
             reason: reason.clone(),
         },
         _ => {
@@ -212,5 +234,29 @@ mod tests {
         assert!(transition(&Running, &Action::RestoreFailed).is_err());
         assert_eq!(transition(&Saved, &Action::TurnOff), Ok(Off));
         assert!(transition(&Saving, &Action::TurnOff).is_err());
+    }
+
+    #[test]
+    fn a_migration_lost_in_post_copy_is_its_own_state_with_the_reason() {
+        use VmState::*;
+        let lost = Action::MigrationLost {
+            reason: "the source's stream ended".into(),
+        };
+        let state = transition(&Running, &lost).unwrap();
+        assert_eq!(state.name(), "lost");
+        assert_eq!(state.reason(), Some("the source's stream ended"));
+        assert_eq!(state.to_string(), "lost (the source's stream ended)");
+        assert_eq!(
+            VmState::from_parts("lost", Some("the source's stream ended".into())),
+            Some(state.clone())
+        );
+        // Without a worker there is nothing to lose.
+        assert!(transition(&Off, &lost).is_err());
+        // Acknowledged by a turn-off, or booted again from its disks.
+        assert_eq!(transition(&state, &Action::TurnOff), Ok(Off));
+        assert_eq!(transition(&state, &Action::Start), Ok(Starting));
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["state"], "lost");
+        assert_eq!(json["reason"], "the source's stream ended");
     }
 }

@@ -9,6 +9,12 @@ fn crit() -> VmState {
     }
 }
 
+fn lost() -> VmState {
+    VmState::Lost {
+        reason: "old".into(),
+    }
+}
+
 fn all_states() -> Vec<VmState> {
     use VmState::*;
     vec![
@@ -21,6 +27,7 @@ fn all_states() -> Vec<VmState> {
         Saved,
         Incoming,
         crit(),
+        lost(),
     ]
 }
 
@@ -45,6 +52,9 @@ fn all_actions() -> Vec<Action> {
             reason: "killed by signal 9".into(),
         },
         Arrived,
+        MigrationLost {
+            reason: "stream 0 ended".into(),
+        },
     ]
 }
 
@@ -60,7 +70,8 @@ fn lists_are_complete(s: VmState, a: Action) {
         | VmState::Saving
         | VmState::Saved
         | VmState::Incoming
-        | VmState::Critical { .. } => {}
+        | VmState::Critical { .. }
+        | VmState::Lost { .. } => {}
     }
     match a {
         Action::Start
@@ -77,7 +88,8 @@ fn lists_are_complete(s: VmState, a: Action) {
         | Action::SaveFailed { .. }
         | Action::RestoreFailed
         | Action::WorkerExited { .. }
-        | Action::Arrived => {}
+        | Action::Arrived
+        | Action::MigrationLost { .. } => {}
     }
 }
 
@@ -86,6 +98,9 @@ fn legal() -> Vec<(VmState, &'static str, VmState)> {
     use VmState::*;
     let died = Critical {
         reason: "killed by signal 9".into(),
+    };
+    let gone = Lost {
+        reason: "stream 0 ended".into(),
     };
     vec![
         (Off, "start", Starting),
@@ -116,6 +131,14 @@ fn legal() -> Vec<(VmState, &'static str, VmState)> {
         (Paused, "worker_exited", died.clone()),
         (Stopping, "worker_exited", died.clone()),
         (Saving, "worker_exited", died),
+        // A post-copy that broke after the switch-over: whole nowhere, not crashed.
+        (Starting, "migration_lost", gone.clone()),
+        (Running, "migration_lost", gone.clone()),
+        (Paused, "migration_lost", gone.clone()),
+        (Stopping, "migration_lost", gone.clone()),
+        (Saving, "migration_lost", gone),
+        (lost(), "start", Starting),
+        (lost(), "turn_off", Off),
         // Migration: an arriving VM runs (live) or its saved state is complete (quick).
         (Incoming, "started", Running),
         (Incoming, "arrived", Saved),
@@ -147,7 +170,7 @@ fn every_state_and_action_matches_the_table() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 9 * 15);
+    assert_eq!(checked, 10 * 16);
     // Each table row names a real (state, action) pair.
     for (s, a, _) in &table {
         assert!(all_actions().iter().any(|x| x.name() == *a), "{a}");

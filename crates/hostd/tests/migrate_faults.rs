@@ -685,3 +685,140 @@ fn a_migration_faster_than_a_poll_still_shows_its_figures() {
     assert_eq!(m["downtime_ms"], 7, "{j}");
     settled(&p, &run, &job_id, Expect::Runs, true);
 }
+
+/// A live migration whose destination resumed the VM while its `running` never reached the
+/// source (`fake.running_lost`: the workers' stream ends in that instant), with the vireods'
+/// link through a proxy that cuts it once after `n` bytes and then heals: the source must ask
+/// where the VM is (`where_is`) rather than keep a VM the destination runs.
+fn running_lost_run(p: &Pair, i: usize, n: u64, fenced: bool) -> (Where, u64) {
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    let px = Proxy::start_healing(Target::Fixed(b), n);
+    let words = "fake.migrate_ms=300 fake.running_lost";
+    let run = start_vm(p, &format!("r{}{i}", fenced as u8), words, fenced);
+    let job = migrate(p, &run, &px.addr.to_string());
+    let err = job_error_when_ended(&p.a, &job);
+    let place = settled(p, &run, &job, Expect::Runs, fenced);
+    eprintln!("running lost, link cut after {n} bytes (fenced {fenced}): {place:?} {err}");
+    (place, px.passed())
+}
+
+#[test]
+fn a_live_migration_whose_running_is_lost_runs_the_vm_in_one_place() {
+    let p = pair(true, true);
+    for fenced in [true, false] {
+        // Uncut link: the source's `abort` is answered `running` (the destination's worker
+        // had resumed the VM), so the VM is there even without a disk lock to fence it.
+        let (place, total) = running_lost_run(&p, 0, u64::MAX, fenced);
+        assert_eq!(place, Where::Destination);
+        // The link's last bytes: the `accepted`, the source's `abort` and the answer (one TLS
+        // record each), every 15th byte of the last 240, and the last byte.
+        let mut ns: Vec<u64> = (1..=16).map(|k| total.saturating_sub(k * 15)).collect();
+        ns.push(total - 1);
+        let mut seen = [0; 2];
+        for (i, n) in ns.iter().enumerate() {
+            let (place, _) = running_lost_run(&p, i + 1, *n, fenced);
+            seen[place as usize] += 1;
+        }
+        eprintln!(
+            "running lost (fenced {fenced}): {} runs over the last bytes of {total}; source {}, \
+             destination {}",
+            ns.len() + 1,
+            seen[0],
+            seen[1]
+        );
+        assert!(seen[1] > 0, "{seen:?}");
+    }
+}
+
+/// The vireods' link cut in the hand-over (after the source released the VM) and the
+/// destination's `running` lost on the workers' stream: the source's worker fails the
+/// hand-over (left paused: the destination holds the "disk"), its vireod has no link to ask
+/// on, so it asks on a new connection and finds the VM there. Before `where_is` was asked here
+/// the job failed and the VM had a record on both hosts.
+#[test]
+fn the_link_cut_in_the_hand_over_and_running_lost_finds_the_vm_there() {
+    let p = pair(true, true);
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    for i in 0..2 {
+        let px = Proxy::start_healing(Target::Fixed(b), u64::MAX);
+        let words = "fake.migrate_ms=200 fake.switch_ms=1500 fake.running_lost";
+        let run = start_vm(&p, &format!("rl{i}"), words, true);
+        let job = migrate(&p, &run, &px.addr.to_string());
+        at_phase(&p, &job, Phase::Switching);
+        px.cut_now();
+        let place = settled(&p, &run, &job, Expect::Runs, true);
+        assert_eq!(place, Where::Destination);
+    }
+}
+
+/// The source vireod SIGKILLed in the hand-over and back before its worker finished it: the
+/// re-adopted worker exits `MigratedAway` while this vireod has no job for it, and the record
+/// here must go then (not stay `off` until the next start).
+#[test]
+fn a_re_adopted_source_worker_that_hands_over_takes_the_record_with_it() {
+    let mut p = pair(true, true);
+    for i in 0..2 {
+        let words = "fake.migrate_ms=200 fake.switch_ms=1500 fake.exit_ms=3000";
+        let run = start_vm(&p, &format!("ra{i}"), words, true);
+        let job = migrate(&p, &run, &p.b_addr);
+        at_phase(&p, &job, Phase::Switching);
+        p.a.kill9();
+        p.a.restart();
+        assert!(
+            alive(run.pid),
+            "the worker exited before vireod was back: this run shows nothing"
+        );
+        wait_until(T, "the source worker handed over", || !alive(run.pid));
+        wait_until(T, "the source's record removed", || {
+            record(&p.a, &run).is_none()
+        });
+        let place = settled_after_source_restart(&p, &run, &job);
+        assert_eq!(place, Where::Destination);
+        let dir = p.a.state_dir.join("vms").join(&run.id);
+        assert!(!dir.exists(), "{}", dir.display());
+    }
+}
+
+/// A post-copy that breaks after the switch-over (`fake.postcopy_lost_ms`: the destination
+/// worker exits `migration_lost`, as when the source died with pages still there): the VM is
+/// whole nowhere. The destination's record says `lost` with the worker's reason (not a crash),
+/// the source has nothing left, and nobody holds the "disk".
+#[test]
+fn a_post_copy_lost_after_the_switch_over_is_lost_with_its_reason() {
+    let p = pair(true, true);
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let run = start_vm(
+        &p,
+        "pl",
+        "fake.migrate_ms=200 fake.postcopy_lost_ms=800",
+        true,
+    );
+    let job_id = migrate(&p, &run, &p.b_addr);
+    let j = ended(&p.a, &job_id);
+    assert_eq!(j["state"], "completed", "{j}");
+    wait_until(T, "the VM lost on the destination", || {
+        record(&p.b, &run).is_some_and(|v| v["state"] == "lost")
+    });
+    let vm = record(&p.b, &run).unwrap();
+    let reason = vm["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("lost in a post-copy migration") && reason.contains("12 pages"),
+        "{vm}"
+    );
+    let listed = p.b.show("/v1/vms");
+    assert_eq!(listed[0]["state"], "lost", "{listed}");
+    assert_eq!(listed[0]["reason"], reason, "{listed}");
+    // Nothing on the source, and nothing runs anywhere.
+    assert!(record(&p.a, &run).is_none());
+    wait_until(T, "the source worker gone", || !alive(run.pid));
+    assert!(!p.a.state_dir.join("vms").join(&run.id).exists());
+    wait_until(T, "nobody holds the disk lock", || !lock_held(&run));
+    // Turning it off acknowledges the loss; it can then be removed.
+    let r = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
+    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    wait_until(T, "the VM off", || {
+        record(&p.b, &run).is_some_and(|v| v["state"] == "off")
+    });
+    let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
+    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+}

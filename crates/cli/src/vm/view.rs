@@ -7,7 +7,7 @@ use crate::disk::human;
 use crate::output::OutputFormat;
 use crate::table::{render, utc};
 
-/// `vm list`: NAME STATE VCPUS MEMORY ID (and REASON when a VM is critical).
+/// `vm list`: NAME STATE VCPUS MEMORY ID (and REASON when a VM is critical or lost).
 pub fn list(vms: &[Vm], output: OutputFormat) -> String {
     if output == OutputFormat::Json {
         return json(&vms);
@@ -202,6 +202,25 @@ pub mod tests {
         assert!(text.lines().next().unwrap().ends_with("  REASON"), "{text}");
         assert!(text.contains("critical  2"), "{text}");
         assert!(text.ends_with("killed by signal 9\n"), "{text}");
+    }
+
+    #[test]
+    fn a_vm_lost_in_post_copy_shows_the_state_and_why() {
+        let why = "the VM was lost in a post-copy migration: stream 0 ended";
+        let lost = [sample("p", VmState::Lost { reason: why.into() })];
+        let text = list(&lost, OutputFormat::Text);
+        assert!(text.lines().next().unwrap().ends_with("  REASON"), "{text}");
+        assert!(text.contains("lost   2"), "{text}");
+        assert!(text.ends_with(&format!("{why}\n")), "{text}");
+        let shown = show(&lost[0], OutputFormat::Text);
+        assert!(
+            shown.contains(&format!("state:         lost ({why})\n")),
+            "{shown}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&show(&lost[0], OutputFormat::Json)).unwrap();
+        assert_eq!(v["state"], "lost");
+        assert_eq!(v["reason"], why);
     }
 
     #[test]

@@ -92,8 +92,14 @@ pub fn decide(
     let candidates = match (state, exit) {
         // Gone with no trace while nobody watched: that is a crash, even mid-start.
         (_, None) if death == Death::GoneWhileDown => vec![crashed],
-        (_, Some(WorkerExitReason::VcpuFailed { .. }))
-        | (_, Some(WorkerExitReason::MigrationLost { .. })) => vec![crashed],
+        (_, Some(WorkerExitReason::VcpuFailed { .. })) => vec![crashed],
+        // Not a crash: a post-copy broke after the switch-over, the VM is whole nowhere.
+        (_, Some(WorkerExitReason::MigrationLost { .. })) => vec![
+            Action::MigrationLost {
+                reason: message.clone(),
+            },
+            crashed,
+        ],
         (VmState::Saving, Some(WorkerExitReason::Saved { .. })) => vec![Action::Saved],
         (VmState::Starting, Some(WorkerExitReason::PoweredOff { .. }))
         | (VmState::Starting, Some(WorkerExitReason::Reset))
@@ -186,6 +192,20 @@ mod tests {
             gone.action,
             Some(Action::WorkerExited {
                 reason: "worker pid 7 gone while vireod was down".into()
+            })
+        );
+        let lost = run(
+            VmState::Running,
+            Some(R::MigrationLost {
+                message: "stream 0 ended".into(),
+            }),
+            Death::Code(1),
+            false,
+        );
+        assert_eq!(
+            lost.action,
+            Some(Action::MigrationLost {
+                reason: "the VM was lost in a post-copy migration: stream 0 ended".into()
             })
         );
         let forced = run(VmState::Running, None, Death::Signal(9), true);

@@ -56,8 +56,8 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-const STATES: [&str; 8] = [
-    "off", "starting", "running", "paused", "stopping", "saving", "saved", "critical",
+const STATES: [&str; 9] = [
+    "off", "starting", "running", "paused", "stopping", "saving", "saved", "critical", "lost",
 ];
 
 pub async fn scrape(State(d): St) -> Result<Response, HttpError> {

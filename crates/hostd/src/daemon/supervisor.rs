@@ -290,6 +290,7 @@ impl Supervisor {
         let daemon = daemon.clone();
         let w = worker.clone();
         tokio::spawn(async move {
+            let adopted = matches!(waiter, Waiter::Adopted);
             let death = match waiter {
                 Waiter::Child(mut child) => match child.wait().await {
                     Ok(status) => death_of(status),
@@ -305,6 +306,18 @@ impl Supervisor {
             let outcome = daemon.sup.apply_exit(&daemon, &w, death);
             tracing::info!(vm = %w.vm_id, pid = w.pid, message = %outcome.message, state = ?outcome.state, "worker ended");
             let _ = tx.send(Some(outcome));
+            let migrated_away = files::read_json::<WorkerExit>(&files::path(&w.dir, files::EXIT))
+                .is_some_and(|e| {
+                    e.pid == w.pid
+                        && matches!(
+                            e.reason,
+                            vireo_api::worker::WorkerExitReason::MigratedAway { .. }
+                        )
+                });
+            if adopted && migrated_away {
+                crate::daemon::migrate::recover::adopted_worker_migrated_away(&daemon, w.vm_id)
+                    .await;
+            }
         });
         worker
     }

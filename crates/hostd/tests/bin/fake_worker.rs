@@ -40,7 +40,10 @@
 //! shuts the stream down. Words: `fake.refuse=migrate` (`MigrateOut` answers `Error`),
 //! `fake.dest_dies` (the destination exits with status 3, no record, when the source
 //! connects), `fake.stream_proxy=ADDR` (the source connects there and names the real address
-//! in a first line `to ADDR`: the fault tests' proxy).
+//! in a first line `to ADDR`: the fault tests' proxy), `fake.running_lost` (the destination
+//! resumes the VM but its `running` line is lost: the stream is shut down instead),
+//! `fake.postcopy_lost_ms=N` (the destination exits `MigrationLost` N ms after it resumed the
+//! VM, as a post-copy whose source died).
 //!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
@@ -561,12 +564,22 @@ fn migrate_in(g: Shared, listener: std::net::TcpListener) {
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(7);
     });
-    // The VM runs here whether or not this line arrives.
-    let _ = writeln!(w, "running");
+    // The VM runs here whether or not this line arrives; `fake.running_lost` loses it (the
+    // stream cut in the instant the VM resumed).
+    if word(&launch, "fake.running_lost").is_some() {
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    } else {
+        let _ = writeln!(w, "running");
+    }
     output(
         &g,
         format!("fake guest {} arrived\n", launch.spec.name).as_bytes(),
     );
+    if let Some(ms) = word(&launch, "fake.postcopy_lost_ms") {
+        thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+        let message = "the source's stream ended with 12 pages still there (fake)".to_string();
+        exit_with(&dir, WorkerExitReason::MigrationLost { message }, 1);
+    }
 }
 
 fn metrics(g: &Shared, dir: &Path) -> WorkerReply {

@@ -26,7 +26,7 @@ pub async fn apply(
     let vm = daemon.store.get_by_id(vm.id())?;
     let cp = super::find(daemon, &vm, key)?;
     match vm.state {
-        VmState::Off | VmState::Saved | VmState::Critical { .. } => {}
+        VmState::Off | VmState::Saved | VmState::Critical { .. } | VmState::Lost { .. } => {}
         VmState::Running | VmState::Paused if req.save_current || req.stop => {}
         VmState::Running | VmState::Paused => {
             return Err(HttpError::conflict(format!(

@@ -65,7 +65,7 @@ impl Source {
     pub fn of_vm(daemon: &Daemon, id: Uuid) -> Result<Source, HttpError> {
         let vm = daemon.store.get_by_id(id)?;
         let saved = match vm.state {
-            VmState::Off | VmState::Critical { .. } => None,
+            VmState::Off | VmState::Critical { .. } | VmState::Lost { .. } => None,
             VmState::Saved if save::has_saved_state(daemon, id) => {
                 Some(save::saved_dir(daemon, id))
             }

@@ -369,11 +369,17 @@ async fn receive_live(
             // after releasing its disks): then the answer is `Running`, not `Aborted`.
             Ev::Msg(Ok(PeerMsg::Abort { reason })) => {
                 tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
+                // A failure here (a full dest_dir) is why the source's worker gave up: say so.
+                let failure = super::storage::failure(d, vm.id());
                 if remove_incoming(d, vm.id()).await == Settled::RunsHere {
                     tracing::warn!(vm = %vm.id(), "the abort came after the VM resumed here: it stays");
                     return arrived(d, vm, peer).await;
                 }
-                let _ = peer.send(&PeerMsg::Aborted).await;
+                let answer = match failure {
+                    Some(reason) => PeerMsg::Failed { reason },
+                    None => PeerMsg::Aborted,
+                };
+                let _ = peer.send(&answer).await;
                 return Ok(());
             }
             Ev::Msg(Ok(other)) => {
@@ -393,6 +399,11 @@ async fn receive_live(
         if !worker.is_alive() {
             let o = worker.exited().await;
             return Err(format!("the destination worker ended: {}", o.message));
+        }
+        // Shared-nothing: a disk copy that failed here (a full dest_dir) is the reason the
+        // source hears, not its worker's broken disk stream.
+        if let Some(why) = super::storage::failure(d, vm.id()) {
+            return Err(why);
         }
         match migrate_state(&worker).await {
             Some(MigrateState::Completed) => return arrived(d, vm, peer).await,

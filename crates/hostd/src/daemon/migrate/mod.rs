@@ -6,7 +6,7 @@
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
 //! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
 //! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
-//! - `whereabouts`: a quick migration's source asking where the VM is after a lost answer.
+//! - `whereabouts`: a source (quick or live) asking where the VM is after a lost answer.
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
 //! the listener's task on the destination for the whole migration, so no other request

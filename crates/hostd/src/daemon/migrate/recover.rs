@@ -7,11 +7,15 @@
 //!
 //! And on the source side: a VM whose worker exited `MigratedAway` while no job was there to
 //! remove its record (vireod died mid-migration, the workers finished the hand-over) is found
-//! `off` with that `exit.json`; it runs on the destination, so its record and ports go.
+//! `off` with that `exit.json`; it runs on the destination, so its record and ports go. The
+//! same holds while vireod runs: a worker it re-adopted at start-up in the middle of a
+//! hand-over, which then exits `MigratedAway`, had no job here to remove its record
+//! (`adopted_worker_migrated_away`).
 
 use std::sync::Arc;
+use uuid::Uuid;
 use vireo_api::worker::{WorkerExit, WorkerExitReason, WorkerRecord};
-use vireo_api::{Action, VmState};
+use vireo_api::{Action, JobKind, JobState, VmState};
 
 use super::listener::{settle_at, Settled};
 use crate::daemon::switches::nics;
@@ -54,4 +58,27 @@ pub async fn recover_all(d: &Arc<Daemon>) {
             tracing::error!(vm = %vm.id(), "{}", e.body.message);
         }
     }
+}
+
+/// An adopted worker (vireod restarted while it migrated) exited `MigratedAway`: the job that
+/// started it died with the old vireod, so nothing else would remove the record, which would
+/// stay `off` here while the VM runs on the destination. The worker said `MigratedAway` only
+/// after the destination's `RUNNING`, so there is nothing to ask. A migration job of this
+/// vireod (the VM migrated again after the restart) removes the record itself.
+pub async fn adopted_worker_migrated_away(d: &Daemon, vm_id: Uuid) {
+    let owned = d.store.list_jobs(Some(vm_id)).is_ok_and(|jobs| {
+        jobs.iter()
+            .any(|j| j.kind == JobKind::Migrate && j.state == JobState::Running)
+    });
+    let Ok(vm) = d.store.get_by_id(vm_id) else {
+        return;
+    };
+    if owned || vm.state != VmState::Off {
+        return;
+    }
+    tracing::warn!(vm = %vm_id, name = %vm.spec.name, "a re-adopted worker handed the VM over; removing its record");
+    if let Err(e) = nics::remove_vm(d, &vm).await {
+        tracing::error!(vm = %vm_id, "{}", e.body.message);
+    }
+    d.meters.forget(vm_id);
 }

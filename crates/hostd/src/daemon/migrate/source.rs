@@ -313,23 +313,80 @@ async fn run(
     .await
 }
 
-/// Tells the destination to drop the VM. `true`: it answered `Running` instead — its worker
-/// had resumed the VM already (ours died after releasing its disks), so the VM is there.
-async fn abort(peer: &mut Peer, reason: &str) -> bool {
-    if peer
+/// The destination's answer to an `abort`.
+enum AbortAnswer {
+    /// Its worker had resumed the VM already (ours died or lost the `RUNNING` line after
+    /// releasing its disks): the VM is there.
+    Running,
+    /// The arrival is gone there (`aborted`, or `failed` with the destination's reason).
+    Removed(Option<String>),
+    /// No answer came (the link went): only asking tells where the VM is.
+    Lost(String),
+}
+
+/// Tells the destination to drop the VM, and what it answered.
+async fn abort(peer: &mut Peer, reason: &str) -> AbortAnswer {
+    if let Err(e) = peer
         .send(&PeerMsg::Abort {
             reason: reason.to_string(),
         })
         .await
-        .is_ok()
     {
-        // Its answer says the record is gone there; the connection closing is as good.
-        return matches!(
-            peer.recv(Duration::from_secs(90)).await,
-            Ok(PeerMsg::Running)
-        );
+        return AbortAnswer::Lost(e);
     }
-    false
+    match peer.recv(Duration::from_secs(90)).await {
+        Ok(PeerMsg::Running) => AbortAnswer::Running,
+        Ok(PeerMsg::Aborted) => AbortAnswer::Removed(None),
+        Ok(PeerMsg::Failed { reason }) => AbortAnswer::Removed(Some(reason)),
+        Ok(other) => AbortAnswer::Lost(format!("it answered the abort with {other:?}")),
+        Err(e) => AbortAnswer::Lost(e),
+    }
+}
+
+/// Our worker failed or died with the destination's word on the VM not in (its `running` or
+/// the answer to our `abort` lost with the link, docs/migration.md "Live migration after a
+/// lost answer"). The destination's worker may have resumed the VM, so this is asked, never
+/// guessed: `abort` while the link lives, then `where_is` on new connections
+/// (`whereabouts.rs`). `Err`: no final answer came. `Ok(Here(reason))`: the VM is here, with
+/// the destination's reason for its failure if it gave one.
+async fn runs_there(
+    d: &Daemon,
+    peer: &mut Peer,
+    to: SocketAddr,
+    vm_id: Uuid,
+    why: &str,
+    link_lost: bool,
+) -> Result<Place, String> {
+    if !link_lost {
+        match abort(peer, why).await {
+            AbortAnswer::Running => return Ok(Place::There),
+            AbortAnswer::Removed(reason) => return Ok(Place::Here(reason)),
+            AbortAnswer::Lost(e) => {
+                tracing::warn!(vm = %vm_id, "no answer to the abort ({e}); asking {to}")
+            }
+        }
+    }
+    match super::whereabouts::ask(d, to, vm_id).await? {
+        VmWhereabouts::Here => Ok(Place::There),
+        VmWhereabouts::Absent | VmWhereabouts::Arriving => Ok(Place::Here(None)),
+    }
+}
+
+/// Where `runs_there` found the VM.
+enum Place {
+    There,
+    Here(Option<String>),
+}
+
+/// The job's error when `runs_there` got no final answer: where the VM may run, and what to do.
+fn unknown_place(name: &str, to: SocketAddr, why: &str, asked: &str) -> End {
+    End::Failed(format!(
+        "the migration of VM {name:?} broke in the switch-over ({why}) and {to} could not be \
+         asked where the VM is ({asked}): it may be running there. Here its worker is left as \
+         it is (paused if the destination held its disks). Look on {to} (`vireo vm list`): if \
+         it runs there, turn it off here (`vireo vm turn-off {name}`), else resume it here \
+         (`vireo vm resume {name}`)"
+    ))
 }
 
 /// The worker's `exit.json`, if it wrote one for its pid.
@@ -417,6 +474,13 @@ async fn live(
     let mut silent = 0;
     let mut dest_running = false;
     let mut dest_failed: Option<String> = None;
+    // Only the destination's own `failed` is its word; a broken link says nothing of the VM.
+    let mut dest_said_failed = false;
+    let mut link_lost = false;
+    // A cancel our worker took, and then reported `cancelled`, ended its migration before the
+    // switch-over: the VM stays here. (A worker that had failed on its own may take a cancel
+    // too, so the answer alone proves nothing; found by the fault suite.)
+    let mut cancel_taken = false;
     let downtime = loop {
         enum Ev {
             Msg(Result<PeerMsg, String>),
@@ -432,24 +496,23 @@ async fn live(
             Ev::Msg(Ok(PeerMsg::Running)) => dest_running = true,
             Ev::Msg(Ok(PeerMsg::Failed { reason })) => {
                 // Our worker sees its streams fail too; make sure it stops trying.
-                let _ = call_once(&worker.socket(), WorkerOp::MigrateCancel).await;
+                cancel_taken |= cancel_worker(&worker).await;
                 dest_failed = Some(reason);
+                dest_said_failed = true;
             }
             Ev::Msg(Ok(other)) => {
                 tracing::warn!(vm = %vm.id(), "unexpected {other:?} from the destination")
             }
             Ev::Msg(Err(e)) => {
                 // The destination vireod is gone: our worker's own streams decide.
-                let _ = call_once(&worker.socket(), WorkerOp::MigrateCancel).await;
+                cancel_taken |= cancel_worker(&worker).await;
                 dest_failed = Some(e);
+                link_lost = true;
             }
             Ev::Cancel => {
                 asked_cancel = true;
-                match call_once(&worker.socket(), WorkerOp::MigrateCancel).await {
-                    Ok(WorkerReply::Ok) => {}
-                    // Too late: the switch-over has begun; the migration completes.
-                    r => tracing::info!(vm = %vm.id(), "cancel not taken by the worker: {r:?}"),
-                }
+                // Not taken once the switch-over has begun: the migration completes.
+                cancel_taken |= cancel_worker(&worker).await;
             }
             Ev::Tick => {}
         }
@@ -470,12 +533,19 @@ async fn live(
                     let o = worker.exited().await;
                     // Died during the switch-over: the destination's worker may have resumed
                     // the VM (it had everything); then the VM is there, not lost.
-                    if dest_running
-                        || (dest_failed.is_none()
-                            && abort(peer, "the VM ended on the source").await)
-                    {
-                        tracing::warn!(vm = %vm.id(), "the source worker died ({}), but the VM runs on the destination", o.message);
-                        break 0;
+                    let why = "the VM ended on the source";
+                    let there = match (dest_running, dest_said_failed) {
+                        (true, _) => Ok(Place::There),
+                        (false, true) => Ok(Place::Here(None)),
+                        (false, false) => runs_there(d, peer, to, vm.id(), why, link_lost).await,
+                    };
+                    match there {
+                        Ok(Place::There) => {
+                            tracing::warn!(vm = %vm.id(), "the source worker died ({}), but the VM runs on the destination", o.message);
+                            break 0;
+                        }
+                        Ok(Place::Here(_)) => {}
+                        Err(asked) => return unknown_place(name, to, &o.message, &asked),
                     }
                     return End::Failed(format!(
                         "VM {name:?} ended on the source during the migration: {}",
@@ -511,14 +581,30 @@ async fn live(
                 break p.downtime_ms.unwrap_or(0);
             }
             MigrateState::Failed | MigrateState::Cancelled => {
-                let why = dest_failed
+                let mut why = dest_failed
                     .clone()
                     .or(message)
                     .unwrap_or_else(|| "no reason given".into());
                 // The destination's worker may have resumed the VM while ours lost the
                 // `RUNNING` line (docs/migration.md, "The remaining window"): then the VM is
                 // there, and ours (paused, or resumed without disks to fence it) must stop.
-                let there = dest_running || (dest_failed.is_none() && abort(peer, &why).await);
+                let cancelled = cancel_taken && state == MigrateState::Cancelled;
+                let there = match (dest_running, dest_said_failed || cancelled) {
+                    (true, _) => true,
+                    (false, true) => false,
+                    (false, false) => match runs_there(d, peer, to, vm.id(), &why, link_lost).await
+                    {
+                        Ok(Place::There) => true,
+                        Ok(Place::Here(reason)) => {
+                            // The destination's reason explains our worker's broken stream.
+                            if let Some(r) = reason {
+                                why = r;
+                            }
+                            false
+                        }
+                        Err(asked) => return unknown_place(name, to, &why, &asked),
+                    },
+                };
                 if there {
                     tracing::warn!(vm = %vm.id(), "our worker failed the hand-over ({why}), but the VM runs on the destination; stopping ours");
                     worker.force_off().await;
@@ -542,6 +628,17 @@ async fn live(
         }
     }
     finish_moved(d, vm, job, downtime, dest_pas).await
+}
+
+/// `MigrateCancel` to our worker; whether it took it (it refuses once switching).
+async fn cancel_worker(worker: &Worker) -> bool {
+    match call_once(&worker.socket(), WorkerOp::MigrateCancel).await {
+        Ok(WorkerReply::Ok) => true,
+        r => {
+            tracing::info!(vm = %worker.vm_id, "cancel not taken by the worker: {r:?}");
+            false
+        }
+    }
 }
 
 /// The VM runs on the destination: its record (and ports) go here; the disks stay. Its CAs

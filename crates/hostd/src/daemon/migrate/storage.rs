@@ -41,6 +41,12 @@ pub struct Target {
     /// Open until `Done`; taken by the disk connection.
     backends: Mutex<Option<Vec<Arc<dyn BlockBackend>>>>,
     created: Vec<PathBuf>,
+    /// `dest_dir` and the space the copies need at most (for the disk-full message).
+    dir: PathBuf,
+    need: u64,
+    /// Why the disk stream failed here, for the arrival's task to tell the source (the source
+    /// worker only sees its disk stream end).
+    failure: Mutex<Option<String>>,
 }
 
 /// The copies of the migrations arriving here, by session.
@@ -232,6 +238,9 @@ pub fn create_copies(
             sizes: disks.iter().map(|c| c.size).collect(),
             backends: Mutex::new(Some(backends)),
             created,
+            dir,
+            need,
+            failure: Mutex::new(None),
         },
     ))
 }
@@ -339,10 +348,43 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
     {
         return;
     }
-    match write_records(&mut peer, &target.sizes, backends).await {
-        Ok(()) => tracing::info!(vm = %target.vm_id, "disk copies complete"),
-        // The source fails too (no `Done` answer) and aborts; `discard` removes the copies.
-        Err(e) => tracing::warn!(vm = %target.vm_id, "disk data: {e}"),
+    let why = match write_records(&mut peer, &target.sizes, backends).await {
+        Ok(()) => return tracing::info!(vm = %target.vm_id, "disk copies complete"),
+        Err(CopyFailure::NoSpace) => {
+            let free = free_bytes(&target.dir).map_or_else(|e| e, |f| format!("{f} bytes"));
+            format!(
+                "dest_dir {} ran out of space on the destination while the disks were copied: \
+                 they need up to {} bytes (the guest's writes during the copy included), {free} \
+                 free now; free space there or choose another dest_dir",
+                target.dir.display(),
+                target.need
+            )
+        }
+        Err(CopyFailure::Other(e)) => format!("the disk copy failed on the destination: {e}"),
+    };
+    // The source's worker fails too (no `Done` answer); the arrival's task tells the source
+    // why, and `discard` removes the copies.
+    tracing::warn!(vm = %target.vm_id, "disk data: {why}");
+    *target.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+}
+
+/// Destination: why the disk copy of an arriving VM failed, once it did.
+pub fn failure(d: &Daemon, vm_id: Uuid) -> Option<String> {
+    let m = d.migrations.disk_targets.lock();
+    m.values()
+        .filter(|t| t.vm_id == vm_id)
+        .find_map(|t| t.failure.lock().unwrap_or_else(|p| p.into_inner()).clone())
+}
+
+/// How writing the copies failed: a full file system gets its own message.
+enum CopyFailure {
+    NoSpace,
+    Other(String),
+}
+
+impl From<String> for CopyFailure {
+    fn from(e: String) -> Self {
+        CopyFailure::Other(e)
     }
 }
 
@@ -350,7 +392,7 @@ async fn write_records(
     peer: &mut Peer,
     sizes: &[u64],
     backends: Vec<Arc<dyn BlockBackend>>,
-) -> Result<(), String> {
+) -> Result<(), CopyFailure> {
     loop {
         let mut h = [0u8; HEADER_LEN];
         peer.read_exact(&mut h, RECORD_LIMIT).await?;
@@ -370,10 +412,10 @@ async fn write_records(
             Kind::Abort => {
                 let mut reason = vec![0u8; h.len as usize];
                 peer.read_exact(&mut reason, RECORD_LIMIT).await?;
-                return Err(format!(
+                return Err(CopyFailure::Other(format!(
                     "the source gave up: {}",
                     String::from_utf8_lossy(&reason)
-                ));
+                )));
             }
             Kind::Done => {
                 // Durable and closed (locks gone) before the source hears `Done`.
@@ -387,7 +429,7 @@ async fn write_records(
                 .await?;
                 let mut done = Vec::new();
                 disk::write_done(&mut done).map_err(|e| e.to_string())?;
-                return peer.write_all(&done).await;
+                return Ok(peer.write_all(&done).await?);
             }
         }
     }
@@ -395,9 +437,18 @@ async fn write_records(
 
 async fn blocking(
     f: impl FnOnce() -> Result<(), vireo_block::BlockError> + Send + 'static,
-) -> Result<(), String> {
-    tokio::task::spawn_blocking(f)
+) -> Result<(), CopyFailure> {
+    match tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("writing a disk copy: {e}"))
+    {
+        Ok(()) => Ok(()),
+        Err(vireo_block::BlockError::Io(e))
+            if e.raw_os_error() == Some(libc::ENOSPC)
+                || e.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            Err(CopyFailure::NoSpace)
+        }
+        Err(e) => Err(CopyFailure::Other(format!("writing a disk copy: {e}"))),
+    }
 }

@@ -5,6 +5,10 @@
 //! both writing its disks. So it asks, on a new connection (`WhereIs`), until the answer is
 //! final or its time is up; with no answer the VM stays saved here and the job says where it
 //! may be (docs/migration.md, "Quick migration after a lost answer").
+//!
+//! A live migration asks too when its worker failed or died in the switch-over and the
+//! destination's word (`running`, or the answer to the source's `abort`) was lost with the
+//! link: the destination's worker may have resumed the VM (`source::runs_there`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -48,7 +48,7 @@ pub async fn resize(
         )));
     }
     let online = match vm.state {
-        VmState::Off | VmState::Critical { .. } => false,
+        VmState::Off | VmState::Critical { .. } | VmState::Lost { .. } => false,
         VmState::Running | VmState::Paused if req.force => {
             return Err(invalid(format!(
                 "force (shrinking over data) is refused while VM {name:?} is {}; stop it first",

@@ -36,7 +36,7 @@ enum Mode {
 
 fn mode(vm: &Vm, verb: &str) -> Result<Mode, HttpError> {
     match vm.state {
-        VmState::Off | VmState::Critical { .. } => Ok(Mode::SpecOnly),
+        VmState::Off | VmState::Critical { .. } | VmState::Lost { .. } => Ok(Mode::SpecOnly),
         VmState::Running | VmState::Paused => Ok(Mode::Live),
         ref s => Err(HttpError::conflict(format!(
             "cannot {verb} a disk while VM {:?} is {s}; wait until it is running or off",

@@ -49,7 +49,10 @@ pub async fn put_spec(
     if auto::only_setting_changes(&vm.spec, &spec) {
         return Ok(Json(d.store.update_spec(vm.id(), &spec)?));
     }
-    if !matches!(vm.state, VmState::Off | VmState::Critical { .. }) {
+    if !matches!(
+        vm.state,
+        VmState::Off | VmState::Critical { .. } | VmState::Lost { .. }
+    ) {
         let what = if vm.state == VmState::Saved {
             "turn it off first (that discards the saved state)"
         } else {

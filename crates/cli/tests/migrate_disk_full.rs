@@ -1,0 +1,169 @@
+//! End to end, under KVM and as root: a shared-nothing migration (`--with-storage --dest-dir`)
+//! whose destination file system fills up while the disks are copied (docs/migration.md,
+//! "Fault injection"). The dest-dir is a tmpfs made for the test, with room for the copy when
+//! the offer is checked; once the copy has begun the test fills it. The job fails naming the
+//! dest-dir and the space the copy needs, the VM runs on the source with the same worker and
+//! its disk data, and every file the migration created on the destination is gone (the test's
+//! own filler stays); the destination has no record of the VM.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+mod vireod_harness;
+use vireod_harness::console::Console;
+use vireod_harness::Daemon;
+
+fn identity(d: &Daemon) -> serde_json::Value {
+    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
+}
+
+fn job(d: &Daemon, id: &str) -> serde_json::Value {
+    serde_json::from_str(&d.ok(&["job", "show", id, "--output", "json"])).unwrap()
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Unmounts the tmpfs even when the test fails.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes zeros into `path` until the file system is full (ENOSPC is the point).
+fn fill(path: &std::path::Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 256 << 10];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+            return;
+        }
+    }
+}
+
+#[test]
+fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm)
+        || !vireo_testkit::require(vireo_testkit::Need::Root)
+    {
+        return;
+    }
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let Some(a) = Daemon::start_args(&listen) else {
+        return;
+    };
+    let Some(b) = Daemon::start_args(&listen) else {
+        return;
+    };
+    // A raw disk of which the guest writes 16 MiB: the offer asks for 16 MiB of room.
+    std::fs::File::create(a.dir.path().join("m.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    a.ok(&[
+        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img",
+    ]);
+    a.ok(&["vm", "start", "m"]);
+    let pid = a.worker_pid("m");
+    let mut c = Console::attach(&a, "m");
+    c.ok("DISK 0 WRITE 8192 32768 5");
+
+    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
+    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
+    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
+    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
+    let to = identity(&b)["migration_listen"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // 24 MiB: room for the 16 MiB copy when the offer is checked.
+    let dest = b.dir.path().join("small");
+    std::fs::create_dir(&dest).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24M", "tmpfs"])
+        .arg(&dest)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "mounting a tmpfs as root failed");
+    let _m = Mount(dest.clone());
+    let dest_s = dest.to_str().unwrap().to_owned();
+
+    // Held to 2 MiB/s so the copy is still running when the file system fills.
+    let out = a.ok(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--with-storage",
+        "--dest-dir",
+        &dest_s,
+        "--bandwidth",
+        "2M",
+        "--no-wait",
+        "--output",
+        "json",
+    ]);
+    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let job_id = started["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(&a, &job_id);
+        assert_eq!(j["state"], "running", "ended before the copy was seen: {j}");
+        if j["migration"]["disk_bytes_copied"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the disk copy never began: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fill(&dest.join("filler"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let j = loop {
+        let j = job(&a, &job_id);
+        if j["state"] != "running" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("the job's error: {error}");
+    assert!(
+        error.contains(&dest_s)
+            && error.contains("ran out of space")
+            && error.contains("need up to"),
+        "{error}"
+    );
+    assert!(error.contains("runs on here"), "{error}");
+
+    // The VM: here, the same worker, running, its disk as written; nothing of it on B.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    c.ok("DISK 0 VERIFY 8192 32768 5");
+    c.ok("DISK 0 WRITE 40960 256 6");
+    c.ok("DISK 0 VERIFY 40960 256 6");
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    // Every file the migration made is gone; the filler is the test's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while files_in(&dest) != ["filler"] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(files_in(&dest), ["filler"]);
+    a.ok(&["vm", "turn-off", "m"]);
+}
