@@ -11,15 +11,9 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::migration::{job, migration_address, trust_each_other};
+use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
-
-fn identity(d: &Daemon) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["host", "identity", "--output", "json"])).unwrap()
-}
-
-fn job(d: &Daemon, id: &str) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["job", "show", id, "--output", "json"])).unwrap()
-}
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -28,17 +22,6 @@ fn files_in(dir: &std::path::Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// Unmounts the tmpfs even when the test fails.
-struct Mount(std::path::PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// Writes zeros into `path` until the file system is full (ENOSPC is the point).
@@ -81,25 +64,12 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
     let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 WRITE 8192 32768 5");
 
-    let fp_a = identity(&a)["fingerprint"].as_str().unwrap().to_owned();
-    let fp_b = identity(&b)["fingerprint"].as_str().unwrap().to_owned();
-    a.ok(&["host", "trust", "add", &fp_b, "host-b"]);
-    b.ok(&["host", "trust", "add", &fp_a, "host-a"]);
-    let to = identity(&b)["migration_listen"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
 
     // 24 MiB: room for the 16 MiB copy when the offer is checked.
     let dest = b.dir.path().join("small");
-    std::fs::create_dir(&dest).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24M", "tmpfs"])
-        .arg(&dest)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(mounted, "mounting a tmpfs as root failed");
-    let _m = Mount(dest.clone());
+    let _mounted = Tmpfs::mount(&dest, "24M").expect("mounting a tmpfs as root failed");
     let dest_s = dest.to_str().unwrap().to_owned();
 
     // Held to 2 MiB/s so the copy is still running when the file system fills.
