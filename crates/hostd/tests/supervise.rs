@@ -365,7 +365,9 @@ fn workers_run_in_their_own_group_in_vireods_session_at_a_lower_priority() {
     // vireod's session, so autogroup scheduling puts daemon and guests in one group where
     // the nice value counts (a session per worker gave each busy guest vireod's share).
     assert_eq!(session, vireod_session);
-    assert_eq!(nice, vireod_nice + 10);
+    // 19 is the lowest priority there is: a vireod already at nice 10 or more (the tests run
+    // under `nice`) puts its workers there.
+    assert_eq!(nice, (vireod_nice + 10).min(19));
     // And it still outlives vireod.
     let mut d = d;
     d.kill9();
