@@ -64,14 +64,13 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
         "migrate-set-parameters",
         json!({"downtime-limit": case.max_downtime_ms, "max-bandwidth": 100u64 << 30}),
     )?;
-    let source = Watch::start(move || swatch.read_u64(DIRTY_PAGES).map(Some), T);
+    let source = Watch::start(move || swatch.read_u64(DIRTY_PAGES).map(Some), None, T);
+    // Read whatever its state: before its guest runs, the destination's counter holds only
+    // values the source had (see `watch.rs`); an incoming QEMU that cannot answer yet is
+    // read again.
     let dest = Watch::start(
-        move || {
-            if dwatch.status()? != "running" {
-                return Ok(None);
-            }
-            dwatch.read_u64(DIRTY_PAGES).map(Some)
-        },
+        move || Ok(dwatch.read_u64(DIRTY_PAGES).ok()),
+        Some(source.current()),
         T,
     );
     let t = Instant::now();
