@@ -304,13 +304,9 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     let to = listening.listen_addr.expect("checked");
     let src_ram = src.ram()?;
     let dst_ram = dst.ram()?;
-    let source = Watch::start(move || read_counter(&src_ram).map(Some), None, T);
+    let source = Watch::start(move || read_counter(&src_ram).map(Some), T);
     // Read straight from the destination's RAM, whatever its state (see `watch.rs`).
-    let dest = Watch::start(
-        move || read_counter(&dst_ram).map(Some),
-        Some(source.current()),
-        T,
-    );
+    let dest = Watch::start(move || read_counter(&dst_ram).map(Some), T);
     let t = Instant::now();
     match src.ctl.ask(WorkerOp::MigrateOut {
         to,
@@ -356,7 +352,8 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             ))
         }
     };
-    dest.wait_moved(Duration::from_secs(10));
+    // The source's counter is final now: wait until the destination's guest went past it.
+    dest.wait_above(source.settled(T), Duration::from_secs(10));
     // Where the pause went, as each side logged it.
     for (side, log) in [("source", src.ctl.log()), ("destination", dst.ctl.log())] {
         for line in log

@@ -16,8 +16,8 @@ pub const DIRTY_PAGES: u64 = 0x80000 + 24;
 
 pub struct Watch {
     stop: Arc<AtomicBool>,
-    moved: Arc<AtomicBool>,
     current: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
     thread: JoinHandle<Result<Seen, String>>,
 }
 
@@ -37,19 +37,16 @@ impl Seen {
 
 impl Watch {
     /// Reads `read` in a loop until stopped (or `limit` passes). `read` answers `None` while
-    /// its side cannot be read. `moved_above` (destination) is the source's current value:
-    /// `wait_moved` returns once this side has gone above it.
+    /// its side cannot be read.
     pub fn start(
         mut read: impl FnMut() -> Result<Option<u64>, String> + Send + 'static,
-        moved_above: Option<Arc<AtomicU64>>,
         limit: Duration,
     ) -> Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let moved = Arc::new(AtomicBool::new(false));
-        let moved_flag = moved.clone();
         let current = Arc::new(AtomicU64::new(0));
-        let current_out = current.clone();
+        let reads = Arc::new(AtomicU64::new(0));
+        let (current_out, reads_out) = (current.clone(), reads.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             let mut seen = Seen::default();
@@ -62,36 +59,38 @@ impl Watch {
                 seen.reads += 1;
                 if seen.last().is_none_or(|(_, l)| l != v) {
                     seen.moves.push((now, v));
-                    current.store(v, Ordering::Relaxed);
                 }
-                if let Some(above) = &moved_above {
-                    // 0: the source's watcher has not read yet (a destination's RAM can hold
-                    // anything before the migration, e.g. its firmware's data).
-                    let above = above.load(Ordering::Relaxed);
-                    if above > 0 && v > above {
-                        moved_flag.store(true, Ordering::Relaxed);
-                    }
-                }
+                current.store(v, Ordering::Relaxed);
+                reads.fetch_add(1, Ordering::Release);
             }
             Ok(seen)
         });
         Watch {
             stop,
-            moved,
             current: current_out,
+            reads: reads_out,
             thread,
         }
     }
 
-    /// The last value this watcher read (for the other side's `moved_above`).
-    pub fn current(&self) -> Arc<AtomicU64> {
-        self.current.clone()
+    /// The value of a side that no longer moves (the source, once the migration is over):
+    /// read twice more after this call, so it is not a value from before the pause.
+    pub fn settled(&self, limit: Duration) -> u64 {
+        let from = self.reads.load(Ordering::Acquire);
+        let deadline = Instant::now() + limit;
+        while self.reads.load(Ordering::Acquire) < from + 2
+            && Instant::now() < deadline
+            && !self.thread.is_finished()
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.current.load(Ordering::Relaxed)
     }
 
-    /// Waits (at most `limit`) until the counter has moved since `read` first answered.
-    pub fn wait_moved(&self, limit: Duration) -> bool {
+    /// Waits (at most `limit`) until this side has read a value above `value`.
+    pub fn wait_above(&self, value: u64, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
-        while !self.moved.load(Ordering::Relaxed) {
+        while self.current.load(Ordering::Relaxed) <= value {
             if Instant::now() > deadline || self.thread.is_finished() {
                 return false;
             }
@@ -166,7 +165,13 @@ mod tests {
         // Older copies (pages of earlier rounds) and the source's own last value arrive
         // before the guest runs there: they do not end the gap.
         let dest = Seen {
-            moves: vec![(at(1), 0), (at(3), 10), (at(8), 20), (at(12), 21), (at(13), 30)],
+            moves: vec![
+                (at(1), 0),
+                (at(3), 10),
+                (at(8), 20),
+                (at(12), 21),
+                (at(13), 30),
+            ],
             reads: 9,
         };
         assert_eq!(gap_ms(&source, &dest).unwrap(), 7.0);
