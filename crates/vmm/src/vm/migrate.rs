@@ -323,8 +323,10 @@ impl VmHandle {
             let threads: Vec<_> = busy
                 .map(|(i, (sender, runs))| scope.spawn(move || send(i, sender, runs)))
                 .collect();
-            let mut results: Vec<std::thread::Result<Result<u64, MigrateError>>> =
-                here.map(|(i, (sender, runs))| Ok(send(i, sender, runs))).into_iter().collect();
+            let mut results: Vec<std::thread::Result<Result<u64, MigrateError>>> = here
+                .map(|(i, (sender, runs))| Ok(send(i, sender, runs)))
+                .into_iter()
+                .collect();
             results.extend(threads.into_iter().map(|t| t.join()));
             let mut total = 0;
             let mut first_err = None;
