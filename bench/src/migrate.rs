@@ -31,7 +31,8 @@ const ABOUT: &str = "\
 Live migration of a 256 MiB probe VM rewriting a 64 MiB hot set (full speed, and bounded to
 64 MiB/s), Vireo worker to worker over mutual TLS vs QEMU (multifd 2 channels, -incoming defer,
 downtime-limit = --max-downtime) over loopback. Needs /dev/kvm and qemu-system-x86_64.
-Downtime is the guest's: the gap in its page counter between source and destination.
+Downtime is the guest's: from its page counter's last move on the source to the first value
+past it on the destination (both read from outside).
 Last line (medians, the worse case of the two): downtime_ms=<n> qemu_downtime_ms=<n> ratio=<n>
   total_ms=<n> qemu_total_ms=<n>";
 

@@ -65,15 +65,10 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
         json!({"downtime-limit": case.max_downtime_ms, "max-bandwidth": 100u64 << 30}),
     )?;
     let source = Watch::start(move || swatch.read_u64(DIRTY_PAGES).map(Some), T);
-    let dest = Watch::start(
-        move || {
-            if dwatch.status()? != "running" {
-                return Ok(None);
-            }
-            dwatch.read_u64(DIRTY_PAGES).map(Some)
-        },
-        T,
-    );
+    // Read whatever its state: before its guest runs, the destination's counter holds only
+    // values the source had (see `watch.rs`); an incoming QEMU that cannot answer yet is
+    // read again.
+    let dest = Watch::start(move || Ok(dwatch.read_u64(DIRTY_PAGES).ok()), T);
     let t = Instant::now();
     sq.execute("migrate", json!({ "uri": uri }))?;
     let deadline = Instant::now() + T;
@@ -91,7 +86,8 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
     };
     let total = t.elapsed();
     // The destination's guest runs by now or very soon: wait until its watcher sees it move.
-    dest.wait_moved(Duration::from_secs(10));
+    // The source's counter is final now: wait until the destination's guest went past it.
+    dest.wait_above(source.settled(T), Duration::from_secs(10));
     let (s, d) = (source.finish()?, dest.finish()?);
     Ok(Sample {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),

@@ -305,19 +305,8 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     let src_ram = src.ram()?;
     let dst_ram = dst.ram()?;
     let source = Watch::start(move || read_counter(&src_ram).map(Some), T);
-    // The destination's guest runs once its worker says so; before, its RAM changes only
-    // because pages arrive.
-    let dst_ctl = dst.ctl.clone();
-    let dest = Watch::start(
-        move || {
-            if dst_ctl.status()?.state == MigrateState::Completed {
-                read_counter(&dst_ram).map(Some)
-            } else {
-                Ok(None)
-            }
-        },
-        T,
-    );
+    // Read straight from the destination's RAM, whatever its state (see `watch.rs`).
+    let dest = Watch::start(move || read_counter(&dst_ram).map(Some), T);
     let t = Instant::now();
     match src.ctl.ask(WorkerOp::MigrateOut {
         to,
@@ -363,7 +352,8 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             ))
         }
     };
-    dest.wait_moved(Duration::from_secs(10));
+    // The source's counter is final now: wait until the destination's guest went past it.
+    dest.wait_above(source.settled(T), Duration::from_secs(10));
     // Where the pause went, as each side logged it.
     for (side, log) in [("source", src.ctl.log()), ("destination", dst.ctl.log())] {
         for line in log
@@ -374,10 +364,17 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
                 .find("switch-over")
                 .or_else(|| line.find("pre-copy round"))
                 .unwrap_or(0);
-            eprintln!("  {side}: {}", &line[at..]);
+            // The log's own timestamp (wall clock, both processes on one host) lines the
+            // two sides up: the source pauses before the destination's steps begin.
+            let stamp = line.get(11..26).filter(|t| t.contains(':')).unwrap_or("");
+            eprintln!("  {stamp} {side}: {}", &line[at..]);
         }
     }
     let (s, d) = (source.finish()?, dest.finish()?);
+    if let Some((stopped, resumed)) = super::watch::gap_ends(&s, &d) {
+        eprintln!("  {stopped} guest: last move on the source");
+        eprintln!("  {resumed} guest: first move on the destination");
+    }
     let _ = dst.ctl.ask(WorkerOp::TurnOff);
     Ok(Sample {
         downtime_ms: own,

@@ -1,10 +1,12 @@
 //! The guest's side of a migration's pause: a thread reads the probe's dirty-page counter
 //! (status page + 24, bumped every ≤ 512 pages, ~0.1 ms) on one side as fast as it can and
-//! remembers when it last saw it move (source) or first saw it move (destination). The gap
-//! between the source's last move and the destination's first is the pause the guest lived,
-//! whatever either VMM's own clock says.
+//! remembers every move. The counter only grows, and before the destination's guest runs its
+//! copy of the counter can only hold values the source had: so the gap is from the source's
+//! last move to the first time the destination shows a value **above the source's last
+//! one**. That needs no "is it running yet" question to either VMM (whose round trip, several
+//! ms on a busy host, would add to the gap) and no arming read.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,37 +16,40 @@ pub const DIRTY_PAGES: u64 = 0x80000 + 24;
 
 pub struct Watch {
     stop: Arc<AtomicBool>,
-    moved: Arc<AtomicBool>,
+    current: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
     thread: JoinHandle<Result<Seen, String>>,
 }
 
 /// What a watcher saw.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Seen {
-    /// The last time the counter moved (source side).
-    pub last_move: Option<Instant>,
-    /// The first time it moved after `read` first answered (destination side).
-    pub first_move: Option<Instant>,
+    /// Every value read that differed from the one before, with when it was read.
+    pub moves: Vec<(Instant, u64)>,
     pub reads: u64,
+}
+
+impl Seen {
+    fn last(&self) -> Option<(Instant, u64)> {
+        self.moves.last().copied()
+    }
 }
 
 impl Watch {
     /// Reads `read` in a loop until stopped (or `limit` passes). `read` answers `None` while
-    /// its side's guest does not run (the destination's counter changes while pages arrive,
-    /// before its guest runs: those changes must not count as the guest moving).
+    /// its side cannot be read.
     pub fn start(
         mut read: impl FnMut() -> Result<Option<u64>, String> + Send + 'static,
         limit: Duration,
     ) -> Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let moved = Arc::new(AtomicBool::new(false));
-        let moved_flag = moved.clone();
+        let current = Arc::new(AtomicU64::new(0));
+        let reads = Arc::new(AtomicU64::new(0));
+        let (current_out, reads_out) = (current.clone(), reads.clone());
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             let mut seen = Seen::default();
-            let mut last: Option<u64> = None;
-            let mut armed_at: Option<u64> = None;
             while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
                 let Some(v) = read()? else {
                     std::thread::sleep(Duration::from_micros(50));
@@ -52,32 +57,40 @@ impl Watch {
                 };
                 let now = Instant::now();
                 seen.reads += 1;
-                if last.is_some_and(|l| l != v) {
-                    seen.last_move = Some(now);
+                if seen.last().is_none_or(|(_, l)| l != v) {
+                    seen.moves.push((now, v));
                 }
-                last = Some(v);
-                match armed_at {
-                    None => armed_at = Some(v),
-                    Some(a) if v != a && seen.first_move.is_none() => {
-                        seen.first_move = Some(now);
-                        moved_flag.store(true, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
+                current.store(v, Ordering::Relaxed);
+                reads.fetch_add(1, Ordering::Release);
             }
             Ok(seen)
         });
         Watch {
             stop,
-            moved,
+            current: current_out,
+            reads: reads_out,
             thread,
         }
     }
 
-    /// Waits (at most `limit`) until the counter has moved since `read` first answered.
-    pub fn wait_moved(&self, limit: Duration) -> bool {
+    /// The value of a side that no longer moves (the source, once the migration is over):
+    /// read twice more after this call, so it is not a value from before the pause.
+    pub fn settled(&self, limit: Duration) -> u64 {
+        let from = self.reads.load(Ordering::Acquire);
         let deadline = Instant::now() + limit;
-        while !self.moved.load(Ordering::Relaxed) {
+        while self.reads.load(Ordering::Acquire) < from + 2
+            && Instant::now() < deadline
+            && !self.thread.is_finished()
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// Waits (at most `limit`) until this side has read a value above `value`.
+    pub fn wait_above(&self, value: u64, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.current.load(Ordering::Relaxed) <= value {
             if Instant::now() > deadline || self.thread.is_finished() {
                 return false;
             }
@@ -94,16 +107,78 @@ impl Watch {
     }
 }
 
-/// The guest-visible gap, milliseconds.
+/// The source's last move and the destination's first move past it, as wall-clock times
+/// (`HH:MM:SS.micros` UTC, the workers' log format), to line the gap up with their logs.
+pub fn gap_ends(source: &Seen, dest: &Seen) -> Option<(String, String)> {
+    let (stopped, last) = source.last()?;
+    let &(resumed, _) = dest.moves.iter().find(|(_, v)| *v > last)?;
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let clock = |t: Instant| {
+        let at = wall - now.duration_since(t);
+        let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let s = d.as_secs() % 86_400;
+        format!(
+            "{:02}:{:02}:{:02}.{:06}",
+            s / 3600,
+            s / 60 % 60,
+            s % 60,
+            d.subsec_micros()
+        )
+    };
+    Some((clock(stopped), clock(resumed)))
+}
+
+/// The guest-visible gap, milliseconds: from the source's last move to the destination's
+/// first value above the source's last.
 pub fn gap_ms(source: &Seen, dest: &Seen) -> Result<f64, String> {
-    match (source.last_move, dest.first_move) {
-        (Some(a), Some(b)) if b >= a => Ok((b - a).as_secs_f64() * 1e3),
-        (Some(_), Some(_)) => {
-            Err("the destination's counter moved before the source's stopped".into())
-        }
-        _ => Err(format!(
-            "the counter was not seen moving (source {} reads, destination {} reads)",
-            source.reads, dest.reads
-        )),
+    let Some((stopped, last)) = source.last() else {
+        return Err(format!(
+            "the source's counter was never read ({} reads)",
+            source.reads
+        ));
+    };
+    let Some(&(resumed, _)) = dest.moves.iter().find(|(_, v)| *v > last) else {
+        return Err(format!(
+            "the destination's counter never went past the source's last value {last} \
+             ({} reads)",
+            dest.reads
+        ));
+    };
+    if resumed < stopped {
+        return Err("the destination's counter moved on before the source's stopped".into());
+    }
+    Ok((resumed - stopped).as_secs_f64() * 1e3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gap_ends_at_the_first_value_past_the_sources_last() {
+        let t = Instant::now();
+        let at = |ms| t + Duration::from_millis(ms);
+        let source = Seen {
+            moves: vec![(at(0), 10), (at(5), 20)],
+            reads: 9,
+        };
+        // Older copies (pages of earlier rounds) and the source's own last value arrive
+        // before the guest runs there: they do not end the gap.
+        let dest = Seen {
+            moves: vec![
+                (at(1), 0),
+                (at(3), 10),
+                (at(8), 20),
+                (at(12), 21),
+                (at(13), 30),
+            ],
+            reads: 9,
+        };
+        assert_eq!(gap_ms(&source, &dest).unwrap(), 7.0);
+        let never = Seen {
+            moves: vec![(at(8), 20)],
+            reads: 3,
+        };
+        assert!(gap_ms(&source, &never).is_err());
     }
 }

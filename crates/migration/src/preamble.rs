@@ -5,6 +5,11 @@
 //! Version 2 (post-copy): the last four bytes are flags; [`FLAG_REQUESTS`] marks the one extra
 //! connection a source opens when it may switch to post-copy, on which the destination asks
 //! for pages (`crate::postcopy`). A version-1 reader refuses such a preamble (non-zero bytes).
+//!
+//! Version 3: the destination answers every `RoundEnd` record with the 8 bytes `DRAINED\n`
+//! on the same stream once everything before it is applied, and a source waits for that at
+//! the end of each pre-copy pass. The stream format is unchanged; the version tells a
+//! version-2 destination (which would never answer) to refuse the source at once.
 
 use std::io::{Read, Write};
 
@@ -16,7 +21,7 @@ use crate::MigrationError;
 pub const MAGIC: [u8; 8] = *b"VIREOMIG";
 /// The format this build writes. Bump it when a reader of the current version would misread
 /// a stream; keep reading older ones as long as they can be converted.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const OLDEST_VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 36;
 /// More streams than this gains nothing on the links Vireo targets and costs a TLS session

@@ -5,7 +5,7 @@
 //! until the caller resumes it after the disk handoff.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use vireo_migration::receiver::Event;
 use vireo_migration::{GuestRam, Receiver};
 
-use super::migrate::{MigrateError, MigrateShared};
+use super::migrate::{MigrateError, MigrateShared, DRAINED};
 use super::rounds::file_offset;
 use super::Vm;
 use crate::memory::PAGE_SIZE;
@@ -133,7 +133,7 @@ impl Vm {
     /// read and checked) into this VM, built and never run. Returns the streams (stream 0
     /// carries the handoff next) and the device state, decoded and checked. On an error the
     /// VM must be dropped: its memory is partly written.
-    pub fn receive_migration<R: Read + Send>(
+    pub fn receive_migration<R: Read + Write + Send>(
         &self,
         streams: Vec<(Receiver, R)>,
         shared: &MigrateShared,
@@ -161,8 +161,15 @@ impl Vm {
                             if shared.cancelled() {
                                 return Err(MigrateError::Cancelled);
                             }
-                            if ev == Event::Done {
-                                break;
+                            match ev {
+                                Event::Done => break,
+                                // Everything before it is in guest RAM: the source's pass
+                                // is over only now (`StreamSink::drain`).
+                                Event::RoundEnd { .. } => r
+                                    .write_all(DRAINED)
+                                    .and_then(|()| r.flush())
+                                    .map_err(|e| err(e.into()))?,
+                                _ => {}
                             }
                         }
                         if let Some(runs) = rx.take_missing() {

@@ -13,7 +13,7 @@
 //! Locking: the lifecycle lock is held for the whole call (as for a live save); the throttle
 //! thread parks only the vCPUs, through `RunControl`, and is stopped before the pause.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use vireo_migration::sender::Sender;
 use vireo_migration::{streams, MigrationError};
 
 use super::converge::{self, Decision, Limits, RoundFacts};
-use super::rounds::RoundSink;
+use super::rounds::{PauseSteps, RoundSink};
 use super::{lock, VmHandle};
 use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
@@ -34,6 +34,8 @@ use crate::state::{Identity, StateError};
 const CHUNK: u64 = 1 << streams::REGION_SHIFT;
 /// The throttle's time slice.
 const SLICE: Duration = Duration::from_millis(10);
+/// The destination's answer to a `RoundEnd` (see `StreamSink::drain`).
+pub(crate) const DRAINED: &[u8; 8] = b"DRAINED\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -155,7 +157,7 @@ pub struct Handover<W> {
 impl VmHandle {
     /// Migrates the VM's memory and state out over `senders` (one per stream, in stream
     /// order, preambles sent). See the module docs.
-    pub fn migrate_out<W: Write + Send>(
+    pub fn migrate_out<W: Read + Write + Send>(
         &self,
         senders: Vec<Sender<W>>,
         opts: &MigrateOutOptions,
@@ -181,18 +183,22 @@ impl VmHandle {
             last_fetch: Instant::now(),
             throttle: None,
             postcopy_chosen: false,
+            identity: identity.clone(),
+            spec: spec.clone(),
+            state: None,
             postcopy: (opts.postcopy != super::postcopy::PostcopyPolicy::Never
                 && !self.devices_map_memory())
             .then_some(None),
         };
         let precopy = if was_paused {
             // Nothing can dirty a paused VM's memory: one pass is all.
-            sink.full_pass(self).map(|bytes| (Instant::now(), bytes, 0))
+            sink.full_pass(self)
+                .map(|bytes| (Instant::now(), bytes, 0, PauseSteps::default()))
         } else {
             self.precopy_locked(&mut sink)
-                .map(|d| (d.paused_at, d.bytes, d.final_pages))
+                .map(|d| (d.paused_at, d.bytes, d.final_pages, d.steps))
         };
-        let (paused_at, _bytes, final_pages) = match precopy {
+        let (paused_at, _bytes, final_pages, steps) = match precopy {
             Ok(p) => p,
             Err(e) => {
                 sink.abort(&e.to_string());
@@ -214,7 +220,10 @@ impl VmHandle {
                 shared.add_transferred(wire);
                 tracing::info!("post-copy: {} pages left on the source", m.count());
             }
-            let state = self.save_state_locked(identity, spec)?;
+            let state = match sink.state.take() {
+                Some(saved) => saved?,
+                None => self.save_state_locked(identity.clone(), spec.clone())?,
+            };
             let bytes = crate::state::file::encode(&state);
             let state_saved = paused_at.elapsed();
             let n = bytes.len() as u64;
@@ -236,8 +245,14 @@ impl VmHandle {
             }
             // Where the pause goes, for `vireo-bench migrate` and anyone tuning it.
             tracing::info!(
-                "switch-over (source VMM): last {final_pages} pages sent +{:.2} ms, state \
-                 saved +{:.2} ms ({n} bytes), sent +{:.2} ms, streams done +{:.2} ms",
+                "switch-over (source VMM, from the pause request): throttle stopped before \
+                 in {:.2} ms, vCPUs parked +{:.2} ms, devices +{:.2} ms, dirty log +{:.2} ms, \
+                 last {final_pages} pages sent +{:.2} ms, state saved +{:.2} ms ({n} bytes), \
+                 sent +{:.2} ms, streams done +{:.2} ms",
+                ms(steps.throttle_stop),
+                ms(steps.vcpus_parked),
+                ms(steps.devices_parked),
+                ms(steps.dirty_fetched),
                 ms(last_sent),
                 ms(state_saved),
                 ms(state_sent),
@@ -290,23 +305,33 @@ impl VmHandle {
         // One stream failed: the others stop at their next batch.
         let stop = &AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let mut threads = Vec::new();
-            for (i, (sender, runs)) in senders.iter_mut().zip(runs).enumerate() {
-                if runs.is_empty() {
-                    continue;
+            let send = move |i: usize, sender: &mut Sender<W>, runs: Vec<(u64, u64)>| {
+                let r = self.send_stream(i as u16, sender, &runs, shared, stop, per_stream);
+                if r.is_err() {
+                    stop.store(true, Ordering::SeqCst);
                 }
-                threads.push(scope.spawn(move || {
-                    let r = self.send_stream(i as u16, sender, &runs, shared, stop, per_stream);
-                    if r.is_err() {
-                        stop.store(true, Ordering::SeqCst);
-                    }
-                    r
-                }));
-            }
+                r
+            };
+            let mut busy = senders
+                .iter_mut()
+                .zip(runs)
+                .enumerate()
+                .filter(|(_, (_, runs))| !runs.is_empty());
+            // The first stream is served on this thread: in the pause's last pass, a thread
+            // fewer to start and to wake is a scheduling delay fewer on a busy host.
+            let here = busy.next();
+            let threads: Vec<_> = busy
+                .map(|(i, (sender, runs))| scope.spawn(move || send(i, sender, runs)))
+                .collect();
+            let mut results: Vec<std::thread::Result<Result<u64, MigrateError>>> = here
+                .map(|(i, (sender, runs))| Ok(send(i, sender, runs)))
+                .into_iter()
+                .collect();
+            results.extend(threads.into_iter().map(|t| t.join()));
             let mut total = 0;
             let mut first_err = None;
-            for t in threads {
-                match t.join() {
+            for r in results {
+                match r {
                     Ok(Ok(n)) => total += n,
                     // The stream that failed first names the error, not those it stopped.
                     Ok(Err(MigrateError::Cancelled)) if !shared.cancelled() => {}
@@ -386,7 +411,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Migration's side of the shared pre-copy loop.
-struct StreamSink<'a, W: Write + Send> {
+struct StreamSink<'a, W: Read + Write + Send> {
     senders: Vec<Sender<W>>,
     shared: &'a MigrateShared,
     opts: &'a MigrateOutOptions,
@@ -401,14 +426,20 @@ struct StreamSink<'a, W: Write + Send> {
     postcopy: Option<Option<DirtyBitmap>>,
     /// Post-copy was chosen: the final pass lists pages instead of copying them.
     postcopy_chosen: bool,
+    /// What the device state is saved with, and the state the final pass saved.
+    identity: Identity,
+    spec: Option<String>,
+    state: Option<Result<crate::state::VmState, StateError>>,
 }
 
-impl<W: Write + Send> StreamSink<'_, W> {
-    /// Sends `runs` and folds the pass's rate into the link estimate.
+impl<W: Read + Write + Send> StreamSink<'_, W> {
+    /// Sends `runs`, waits until the destination has applied them (`drain`), and folds the
+    /// pass's rate into the link estimate.
     fn pass(&mut self, vm: &VmHandle, runs: Vec<Vec<(u64, u64)>>) -> Result<u64, MigrateError> {
         let t = Instant::now();
         let raw_before: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum();
         let bytes = vm.send_runs(&mut self.senders, runs, self.shared, self.opts.bandwidth)?;
+        self.drain()?;
         let raw: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum::<u64>() - raw_before;
         let secs = t.elapsed().as_secs_f64();
         // A pass of a few pages measures latency, not the link.
@@ -418,33 +449,43 @@ impl<W: Write + Send> StreamSink<'_, W> {
         Ok(bytes)
     }
 
-    fn abort(&mut self, why: &str) {
-        self.throttle = None;
-        for s in std::mem::take(&mut self.senders) {
-            let _ = s.abort(why);
+    /// Ends the pass on every stream with `RoundEnd` and waits for each destination thread's
+    /// `DRAINED` (sent once everything before it is in guest RAM there). Without this a pass
+    /// "ends" when its bytes are in the TLS and socket buffers — several MiB per stream —
+    /// so the link looked faster than it is and the switch-over's last pages queued behind
+    /// a backlog while the guest was paused (30–50 ms on a busy host). The wait happens
+    /// while the guest runs; what it dirties meanwhile goes into the next pass.
+    fn drain(&mut self) -> Result<(), MigrateError> {
+        let round = self.shared.stats().round;
+        for (i, s) in self.senders.iter_mut().enumerate() {
+            let stream = i as u16;
+            s.round_end(round, 0, 0)
+                .and_then(|()| s.get_mut().flush().map_err(MigrationError::from))
+                .map_err(|source| MigrateError::Stream { stream, source })?;
         }
-    }
-}
-
-impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
-    type Error = MigrateError;
-
-    fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, MigrateError> {
-        let n = self.senders.len() as u16;
-        let mut runs = vec![Vec::new(); n as usize];
-        for (start, len) in crate::memory::ram_ranges(vm.0.ram.size) {
-            let mut gpa = start;
-            while gpa < start + len {
-                let l = CHUNK.min(start + len - gpa);
-                runs[streams::stream_of(gpa, n) as usize].push((gpa, l));
-                gpa += l;
+        for (i, s) in self.senders.iter_mut().enumerate() {
+            let mut ack = [0u8; DRAINED.len()];
+            let got = s.get_mut().read_exact(&mut ack);
+            if self.shared.cancelled() {
+                return Err(MigrateError::Cancelled);
+            }
+            let stream = i as u16;
+            got.map_err(|e| MigrateError::Stream {
+                stream,
+                source: MigrationError::from(e),
+            })?;
+            if ack != *DRAINED {
+                return Err(MigrateError::Stream {
+                    stream,
+                    source: MigrationError::Malformed("the destination's answer to a round end"),
+                });
             }
         }
-        self.last_fetch = Instant::now();
-        self.pass(vm, runs)
+        Ok(())
     }
 
-    fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
+    /// The pages of `dirty`, per stream, in runs of at most one chunk.
+    fn dirty_runs(&self, dirty: &DirtyBitmap) -> Vec<Vec<(u64, u64)>> {
         let n = self.senders.len() as u16;
         let mut runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n as usize];
         for (s, pages) in streams::split(&dirty.pages(), n).into_iter().enumerate() {
@@ -463,6 +504,37 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
                 }
             }
         }
+        runs
+    }
+
+    fn abort(&mut self, why: &str) {
+        self.throttle = None;
+        for s in std::mem::take(&mut self.senders) {
+            let _ = s.abort(why);
+        }
+    }
+}
+
+impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
+    type Error = MigrateError;
+
+    fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, MigrateError> {
+        let n = self.senders.len() as u16;
+        let mut runs = vec![Vec::new(); n as usize];
+        for (start, len) in crate::memory::ram_ranges(vm.0.ram.size) {
+            let mut gpa = start;
+            while gpa < start + len {
+                let l = CHUNK.min(start + len - gpa);
+                runs[streams::stream_of(gpa, n) as usize].push((gpa, l));
+                gpa += l;
+            }
+        }
+        self.last_fetch = Instant::now();
+        self.pass(vm, runs)
+    }
+
+    fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
+        let runs = self.dirty_runs(dirty);
         self.pass(vm, runs)
     }
 
@@ -544,7 +616,23 @@ impl<W: Write + Send> RoundSink for StreamSink<'_, W> {
             self.postcopy = Some(Some(last.clone()));
             return Ok(0);
         }
-        self.dirty_pass(vm, last)
+        // No drain: the device state follows the last pages at once, and the handoff's
+        // first answer comes only after the destination applied everything.
+        let runs = self.dirty_runs(last);
+        let (senders, shared, bandwidth) = (&mut self.senders, self.shared, self.opts.bandwidth);
+        let (identity, spec) = (&self.identity, &self.spec);
+        // The device state is final once paused: it is saved (the vCPUs' threads each report
+        // theirs) while the last pages go out, not after them.
+        let (sent, state) = std::thread::scope(|scope| {
+            let saving = scope.spawn(|| vm.save_state_locked(identity.clone(), spec.clone()));
+            let sent = vm.send_runs(senders, runs, shared, bandwidth);
+            let state = saving.join().unwrap_or_else(|_| {
+                Err(StateError::Kvm("the device state's thread panicked".into()))
+            });
+            (sent, state)
+        });
+        self.state = Some(state);
+        sent
     }
 }
 

@@ -35,6 +35,15 @@ impl VmHandle {
     }
 
     pub(super) fn pause_locked(&self) -> Result {
+        self.pause_vcpus_locked()?;
+        self.pause_devices_locked()?;
+        tracing::info!("VM paused");
+        Ok(())
+    }
+
+    /// The first half of a pause: every vCPU out of KVM_RUN and parked (the guest stops
+    /// here). Split from the devices' half so a switch-over can time each.
+    pub(super) fn pause_vcpus_locked(&self) -> Result {
         if self.0.exit.is_set() {
             return Err(LifecycleError::NotRunning);
         }
@@ -56,6 +65,12 @@ impl VmHandle {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The second half of a pause, with the vCPUs parked: each device finishes the request
+    /// it is executing and parks. On an error the VM (devices and vCPUs) runs on.
+    pub(super) fn pause_devices_locked(&self) -> Result {
         for (i, t) in self.0.transports.iter().enumerate() {
             if let Err(source) = lock(t).pause(DEVICE_PAUSE_TIMEOUT) {
                 for t in &self.0.transports[..=i] {
@@ -65,7 +80,6 @@ impl VmHandle {
                 return Err(LifecycleError::DevicePause { device: i, source });
             }
         }
-        tracing::info!("VM paused");
         Ok(())
     }
 

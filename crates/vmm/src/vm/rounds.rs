@@ -8,7 +8,7 @@
 //! Locking: the caller holds the VM's lifecycle lock for the whole loop (no pause, resume or
 //! reset by anyone else can come in between); the loop pauses with `pause_locked`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::VmHandle;
 use crate::dirty::DirtyBitmap;
@@ -48,6 +48,22 @@ pub(super) struct Precopied {
     pub bytes: u64,
     /// Pages copied while paused.
     pub final_pages: u64,
+    /// Where the pause's first part went.
+    pub steps: PauseSteps,
+}
+
+/// The pause's steps up to the last pages, each as the time since `paused_at` (the pause
+/// request: the guest's gap starts there, give or take the vCPUs' way out of KVM_RUN).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PauseSteps {
+    /// Stopping the throttle, before the pause request (not part of the pause).
+    pub throttle_stop: Duration,
+    pub vcpus_parked: Duration,
+    pub devices_parked: Duration,
+    /// The last dirty log (KVM's, the VMM's, the back ends') fetched and cleared.
+    pub dirty_fetched: Duration,
+    /// The last pages handed to the streams.
+    pub last_pages: Duration,
 }
 
 impl VmHandle {
@@ -77,10 +93,16 @@ impl VmHandle {
                     .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                     .map_err(kvm)?;
             }
+            let mut steps = PauseSteps::default();
+            let t = Instant::now();
             sink.before_pause();
-            self.pause_locked()
-                .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
+            steps.throttle_stop = t.elapsed();
             let paused_at = Instant::now();
+            let pausing = |e| StateError::Kvm(format!("pausing: {e}"));
+            self.pause_vcpus_locked().map_err(pausing)?;
+            steps.vcpus_parked = paused_at.elapsed();
+            self.pause_devices_locked().map_err(pausing)?;
+            steps.devices_parked = paused_at.elapsed();
             let last = (|| {
                 // Pages dirtied since the last fetch, plus those fetched but not copied.
                 let mut last = s
@@ -88,8 +110,11 @@ impl VmHandle {
                     .fetch_and_clear(&s.vm_fd, &s.ram.memory)
                     .map_err(kvm)?;
                 union(&mut last, &pending);
+                steps.dirty_fetched = paused_at.elapsed();
                 let n = last.count() as u64;
-                Ok::<_, S::Error>((n, sink.final_pass(self, &last)?))
+                let b = sink.final_pass(self, &last)?;
+                steps.last_pages = paused_at.elapsed();
+                Ok::<_, S::Error>((n, b))
             })();
             match last {
                 Ok((final_pages, b)) => Ok(Precopied {
@@ -97,6 +122,7 @@ impl VmHandle {
                     rounds,
                     bytes: bytes + b,
                     final_pages,
+                    steps,
                 }),
                 Err(e) => {
                     let _ = self.resume_locked();

@@ -9,6 +9,9 @@
 //! either way             FAILED <why>            (the source keeps or takes back the VM)
 //! ```
 //!
+//! A source with no disk to let go of sends `RELEASED` right behind `DISKS` (the destination
+//! reads the lines in the same order either way, so it resumes without a round trip more).
+//!
 //! Until `RELEASED` the destination's disks are [`PendingDisk`]s: placeholders that answer
 //! the geometry the source announced (the device state's features are checked against it)
 //! and hold any request back until the real image is attached.
