@@ -1,8 +1,9 @@
-//! Several reads and writes of one virtqueue pass in flight at once: the batch goes to the
-//! kernel through io_uring in one `io_uring_enter`, instead of one `preadv`/`pwritev` each.
-//! Page-cache hits complete inside that call; misses and writes the kernel cannot finish inline
-//! run in its workers concurrently. Backends that are not a plain file (VHDX maps blocks) and
-//! hosts without io_uring get the same results one request at a time.
+//! The reads and writes of one virtqueue pass, run together: small reads go to the kernel
+//! through io_uring in one `io_uring_enter` (page-cache hits complete inside that call, misses
+//! in the kernel's workers), and while they are there the writes and large reads run one by
+//! one with `pwritev`/`preadv`. Each op is reported as soon as it is finished, so the device
+//! can hand it back to the guest before the rest of the pass ends. Backends that are not a
+//! plain file (VHDX maps blocks) and hosts without io_uring run everything one at a time.
 //!
 //! Owned by one queue's worker thread; no locking.
 
@@ -57,32 +58,40 @@ impl Batcher {
         self.ring.is_some()
     }
 
-    /// Executes every op and returns their results in order. All ops have finished (or failed)
-    /// when it returns, so nothing is left in flight: a worker may park right after.
-    pub fn run(
+    /// Executes every op and calls `done(i, result)` for op `i` as soon as it has finished,
+    /// so a caller can hand each completion to the guest while the rest still run. All ops have
+    /// finished (or failed) when it returns, so nothing is left in flight: a worker may park
+    /// right after.
+    ///
+    /// Small reads go through the ring, submitted first without waiting; then writes and large
+    /// reads run synchronously, each reported at once; then the ring's completions are reaped
+    /// as they come. Writes never go through the ring: buffered writes on ext4 (this host's
+    /// filesystem) cannot complete inline, so io_uring hands each to an io-wq thread, and its
+    /// buffered writes to one file run one after the other there anyway (docs/datapath.md).
+    pub fn run_each(
         &mut self,
         backend: &dyn BlockBackend,
         ops: &[&VecOp<'_>],
-    ) -> Vec<Result<(), BlockError>> {
-        let small = |op: &VecOp<'_>| total_len(&op.bufs).is_some_and(|n| n <= RING_MAX_BYTES);
+        mut done: impl FnMut(usize, Result<(), BlockError>),
+    ) {
+        let via_ring =
+            |op: &VecOp<'_>| !op.write && total_len(&op.bufs).is_some_and(|n| n <= RING_MAX_BYTES);
         match (&mut self.ring, backend.vectored_fd()) {
-            (Some(ring), Some(fd)) if ops.iter().filter(|op| small(op)).count() > 1 => {
-                let (batched, alone): (Vec<_>, Vec<_>) =
-                    (0..ops.len()).partition(|&i| small(ops[i]));
-                let mut out: Vec<Option<Result<(), BlockError>>> =
-                    (0..ops.len()).map(|_| None).collect();
-                for chunk in batched.chunks(self.depth) {
-                    let chunk_ops: Vec<&VecOp<'_>> = chunk.iter().map(|&i| ops[i]).collect();
-                    for (&i, r) in chunk.iter().zip(run_ring(ring, fd, backend, &chunk_ops)) {
-                        out[i] = Some(r);
-                    }
+            (Some(ring), Some(fd)) if ops.iter().filter(|op| via_ring(op)).count() > 1 => {
+                let (ringed, alone): (Vec<_>, Vec<_>) =
+                    (0..ops.len()).partition(|&i| via_ring(ops[i]));
+                let mut alone = Some(alone);
+                for chunk in ringed.chunks(self.depth) {
+                    // The synchronous ones run once, while the first chunk is in the kernel.
+                    let alone = alone.take().unwrap_or_default();
+                    run_ring(ring, fd, backend, ops, chunk, &alone, &mut done);
                 }
-                for i in alone {
-                    out[i] = Some(run_one(backend, ops[i]));
-                }
-                out.into_iter().map(|r| r.expect("every op ran")).collect()
             }
-            _ => ops.iter().map(|op| run_one(backend, op)).collect(),
+            _ => {
+                for (i, op) in ops.iter().enumerate() {
+                    done(i, run_one(backend, op));
+                }
+            }
         }
     }
 }
@@ -95,117 +104,118 @@ fn run_one(backend: &dyn BlockBackend, op: &VecOp<'_>) -> Result<(), BlockError>
     }
 }
 
-/// One chunk (at most the ring's depth) through the ring. Anything the ring did not finish in
-/// full (short transfer, error, a full submission queue) is done again synchronously, which is
-/// harmless for reads and for writes of the same bytes, and reports the real error.
+/// The reads `chunk` (indices into `ops`, at most the ring's depth) through the ring, and the
+/// ops `alone` synchronously once the chunk is submitted; `done` hears of each as it finishes.
+/// A read the ring did not finish in full (short, failed, no room in the submission queue) is
+/// done again synchronously, which reports the real error.
 fn run_ring(
     ring: &mut IoUring,
     fd: RawFd,
     backend: &dyn BlockBackend,
     ops: &[&VecOp<'_>],
-) -> Vec<Result<(), BlockError>> {
+    chunk: &[usize],
+    alone: &[usize],
+    done: &mut impl FnMut(usize, Result<(), BlockError>),
+) {
     let size = backend.size();
-    let mut results: Vec<Option<Result<(), BlockError>>> = Vec::with_capacity(ops.len());
     // Kept alive until every completion is reaped: the kernel reads the vectors and writes
     // through the pointers in them.
-    let mut iovs: Vec<Vec<libc::iovec>> = Vec::with_capacity(ops.len());
+    let mut iovs: Vec<Vec<libc::iovec>> = vec![Vec::new(); chunk.len()];
     let mut guards = Vec::new();
-    let mut expect: Vec<u64> = Vec::with_capacity(ops.len());
+    let mut expect = vec![0u64; chunk.len()];
     let mut submitted = 0usize;
-    for (i, op) in ops.iter().enumerate() {
+    for (k, &i) in chunk.iter().enumerate() {
+        let op = ops[i];
         let len = total_len(&op.bufs).unwrap_or(u64::MAX);
-        expect.push(len);
-        iovs.push(Vec::new());
-        if op.write && backend.read_only() {
-            results.push(Some(Err(BlockError::ReadOnly)));
-            continue;
-        }
+        expect[k] = len;
         if let Err(e) = check_range(op.offset, len, size) {
-            results.push(Some(Err(e)));
+            done(i, Err(e));
             continue;
         }
         if op.bufs.len() > 1024 || len == 0 {
             // Past IOV_MAX, or nothing to move: the synchronous path handles it.
-            results.push(None);
+            done(i, run_one(backend, op));
             continue;
         }
         for b in &op.bufs {
             let g = b.ptr_guard_mut();
-            iovs[i].push(libc::iovec {
+            iovs[k].push(libc::iovec {
                 iov_base: g.as_ptr().cast(),
                 iov_len: b.len(),
             });
             guards.push(g);
         }
-        let (ptr, n) = (iovs[i].as_ptr(), iovs[i].len() as u32);
-        let sqe = if op.write {
-            opcode::Writev::new(types::Fd(fd), ptr, n)
-                .offset(op.offset)
-                .build()
-        } else {
-            opcode::Readv::new(types::Fd(fd), ptr, n)
-                .offset(op.offset)
-                .build()
-        }
-        .user_data(i as u64);
+        let (ptr, n) = (iovs[k].as_ptr(), iovs[k].len() as u32);
+        let sqe = opcode::Readv::new(types::Fd(fd), ptr, n)
+            .offset(op.offset)
+            .build()
+            .user_data(k as u64);
         // SAFETY: the iovec array and the guest memory it points to (held by `guards` and the
         // borrowed `ops`) outlive the operation: this function reaps every submitted
         // completion before returning.
         match unsafe { ring.submission().push(&sqe) } {
-            Ok(()) => {
-                submitted += 1;
-                results.push(Some(Ok(())));
-            }
-            Err(_) => results.push(None),
+            Ok(()) => submitted += 1,
+            Err(_) => done(i, run_one(backend, op)),
         }
+    }
+    // Page-cache hits complete inside this call; misses go on in the kernel meanwhile.
+    if submitted > 0 {
+        enter(ring, submitted, 0);
+    }
+    for &i in alone {
+        done(i, run_one(backend, ops[i]));
     }
     let mut reaped = 0usize;
-    let mut retries = 0u32;
-    // Bounded: each pass reaps completions, or retries a transient failure at most ~1 s.
-    while reaped < submitted {
-        if let Err(e) = ring.submit_and_wait(1) {
-            let transient = matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-            );
-            if transient && retries < 10_000 {
-                retries += 1;
-                std::thread::sleep(std::time::Duration::from_micros(100));
-                continue;
-            }
-            // The kernel may still own the submitted buffers, so returning them to the guest
-            // (or freeing the vectors) is not safe, and neither is unwinding, which frees
-            // them. Short of a kernel bug this cannot happen; ending the process at once is
-            // better than corrupting guest memory (vireod then reports the VM critical,
-            // killed by SIGABRT).
-            tracing::error!(submitted, error = %e, "io_uring_enter failed with requests in flight; aborting");
-            eprintln!("io_uring_enter failed with {submitted} requests in flight: {e}; aborting");
-            std::process::abort();
-        }
+    loop {
         for cqe in ring.completion() {
             reaped += 1;
-            let i = cqe.user_data() as usize;
-            let full = cqe.result() >= 0 && cqe.result() as u64 == expect[i];
-            if !full {
-                results[i] = None;
+            let k = cqe.user_data() as usize;
+            let (i, op) = (chunk[k], ops[chunk[k]]);
+            if cqe.result() >= 0 && cqe.result() as u64 == expect[k] {
+                for b in &op.bufs {
+                    b.bitmap().mark_dirty(0, b.len());
+                }
+                done(i, Ok(()));
+            } else {
+                done(i, run_one(backend, op));
+            }
+        }
+        if reaped == submitted {
+            break;
+        }
+        enter(ring, submitted - reaped, 1);
+    }
+    drop(guards);
+}
+
+/// `io_uring_enter` submitting what is queued and waiting for `want` completions. Bounded:
+/// a transient failure is retried for at most ~1 s.
+fn enter(ring: &mut IoUring, in_flight: usize, want: usize) {
+    let mut retries = 0u32;
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(_) => return,
+            Err(e) => {
+                let transient = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                );
+                if transient && retries < 10_000 {
+                    retries += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                    continue;
+                }
+                // The kernel may still own the submitted buffers, so returning them to the
+                // guest (or freeing the vectors) is not safe, and neither is unwinding, which
+                // frees them. Short of a kernel bug this cannot happen; ending the process at
+                // once is better than corrupting guest memory (vireod then reports the VM
+                // critical, killed by SIGABRT).
+                tracing::error!(in_flight, error = %e, "io_uring_enter failed with requests in flight; aborting");
+                eprintln!(
+                    "io_uring_enter failed with {in_flight} requests in flight: {e}; aborting"
+                );
+                std::process::abort();
             }
         }
     }
-    drop(guards);
-    results
-        .into_iter()
-        .zip(ops)
-        .map(|(r, op)| match r {
-            Some(Ok(())) => {
-                if !op.write {
-                    for b in &op.bufs {
-                        b.bitmap().mark_dirty(0, b.len());
-                    }
-                }
-                Ok(())
-            }
-            Some(Err(e)) => Err(e),
-            None => run_one(backend, op),
-        })
-        .collect()
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::writeback::WritebackThread;
 use crate::VhdxError;
 
 /// Simulates power loss: after `n` more mutating operations (write, fsync, truncate) every
@@ -124,6 +125,8 @@ struct Overlay {
 
 #[derive(Debug)]
 pub struct FileIo {
+    /// Declared before `file`: dropped (its thread joined) while the descriptor is still open.
+    writeback: WritebackThread,
     file: File,
     fault: Option<Arc<FaultInjector>>,
     overlay: RwLock<Overlay>,
@@ -133,6 +136,7 @@ pub struct FileIo {
 impl FileIo {
     pub fn new(file: File, fault: Option<Arc<FaultInjector>>) -> FileIo {
         FileIo {
+            writeback: WritebackThread::default(),
             file,
             fault,
             overlay: RwLock::default(),
@@ -275,14 +279,11 @@ impl FileIo {
     }
 
     /// Starts write-back of the file's dirty pages without waiting for it (not a durability
-    /// point: the data is only safe after [`FileIo::sync`]). The kernel may write dirty pages
+    /// point: the data is only safe after [`FileIo::sync`]), from a thread of its own so the
+    /// caller does not pay for queueing it (`writeback.rs`). The kernel may write dirty pages
     /// at any time anyway, so this changes when the disk works, never what a crash can leave.
     pub fn start_writeback(&self) {
-        // SAFETY: sync_file_range on our own descriptor; offset 0 and length 0 mean the whole
-        // file; SYNC_FILE_RANGE_WRITE only queues dirty pages that are not already queued.
-        unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        self.writeback.request(self.file.as_raw_fd());
     }
 
     /// Gives the new (zero-reading) range real space, as a fixed disk promises; see

@@ -19,6 +19,7 @@ pub mod newfile;
 
 mod ops;
 mod vectored;
+mod writeback;
 
 pub mod convert;
 pub mod vhd;

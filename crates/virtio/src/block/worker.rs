@@ -5,10 +5,12 @@
 //! driver that queues its next request quickly does not pay a VM exit to kick.
 //!
 //! Without QoS the requests found in one look at the ring run as a batch: their reads and
-//! writes go to the backend together (io_uring on a raw file, [`Batcher`]), straight between
-//! the file and guest memory, and their used entries are published together with one
-//! interrupt. A batch is finished before the worker looks at pause requests again, so a parked
-//! worker has nothing in flight. With QoS requests run one by one, each admitted by the gate.
+//! writes go to the backend together (small reads through io_uring on a raw file, writes one by
+//! one meanwhile, [`Batcher`]), straight between the file and guest memory. Each request's used
+//! entry is published as soon as it is finished, so a driver polling the used ring refills its
+//! queue while the batch still runs; the interrupt (if asked for) comes once, after the batch.
+//! A batch is finished before the worker looks at pause requests again, so a parked worker has
+//! nothing in flight. With QoS requests run one by one, each admitted by the gate.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -282,12 +284,15 @@ impl BlockWorker {
                     .drain(..)
                     .map(|c| ChainBuffers::collect(mem, c))
                     .collect();
-                let lens = run_batch(&mut ctx, batcher, &chains);
-                heads
-                    .iter()
-                    .zip(lens)
-                    .filter(|&(&head, len)| add_used_logged(ring.queue, mem, head, len))
-                    .count()
+                // Each chain goes to the used ring as soon as it is finished, so a driver
+                // polling the used ring refills its queue while the rest of the batch runs.
+                let mut used = 0;
+                run_batch(&mut ctx, batcher, &chains, |i, len| {
+                    if add_used_logged(ring.queue, mem, heads[i], len) {
+                        used += 1;
+                    }
+                });
+                used
             },
         );
         let queue = &mut self.queue;
@@ -297,13 +302,14 @@ impl BlockWorker {
 }
 
 /// Runs one batch: reads and writes together through `batcher`, everything else as it comes.
-/// Returns each chain's used length, in order.
+/// `publish(i, len)` hands chain `i`'s used length over as soon as it is known; every chain is
+/// published once before this returns.
 fn run_batch(
     ctx: &mut RequestContext<'_>,
     batcher: &mut Batcher,
     chains: &[Result<ChainBuffers, crate::chain::ChainError>],
-) -> Vec<u32> {
-    let mut lens = vec![0u32; chains.len()];
+    mut publish: impl FnMut(usize, u32),
+) {
     let mut pending = Vec::new();
     let mut owners = Vec::new();
     for (i, chain) in chains.iter().enumerate() {
@@ -314,6 +320,7 @@ fn run_batch(
                 // chain is returned unused so the driver does not lose it.
                 tracing::warn!("virtio-blk: malformed request: {e}");
                 ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                publish(i, 0);
                 continue;
             }
         };
@@ -322,20 +329,20 @@ fn run_batch(
                 pending.push(io);
                 owners.push(i);
             }
-            Err(len) => lens[i] = len,
+            Err(len) => publish(i, len),
         }
     }
     if pending.is_empty() {
-        return lens;
+        return;
     }
     let ops: Vec<_> = pending.iter().map(|p| &p.op).collect();
-    let results = batcher.run(ctx.backend, &ops);
-    for ((io, &i), result) in pending.iter().zip(&owners).zip(results) {
+    let backend = ctx.backend;
+    batcher.run_each(backend, &ops, |k, result| {
+        let i = owners[k];
         if let Ok(chain) = &chains[i] {
-            lens[i] = ctx.complete(chain, io, result);
+            publish(i, ctx.complete(chain, &pending[k], result));
         }
-    }
-    lens
+    });
 }
 
 /// Whether reads and writes run in batches: yes unless `VIREO_BLK_BATCH=0` (for comparing).
