@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{job, migration_address, trust_each_other};
+use vireod_harness::migration::{
+    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+};
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
 
@@ -73,33 +75,20 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
     let dest_s = dest.to_str().unwrap().to_owned();
 
     // Held to 2 MiB/s so the copy is still running when the file system fills.
-    let out = a.ok(&[
-        "vm",
-        "migrate",
-        "m",
-        "--to",
-        &to,
-        "--with-storage",
-        "--dest-dir",
-        &dest_s,
-        "--bandwidth",
-        "2M",
-        "--no-wait",
-        "--output",
-        "json",
-    ]);
-    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let job_id = started["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = job(&a, &job_id);
-        assert_eq!(j["state"], "running", "ended before the copy was seen: {j}");
-        if j["migration"]["disk_bytes_copied"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the disk copy never began: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let job_id = start_migration(
+        &a,
+        &[
+            "m",
+            "--to",
+            &to,
+            "--with-storage",
+            "--dest-dir",
+            &dest_s,
+            "--bandwidth",
+            "2M",
+        ],
+    );
+    wait_for_progress(&a, &job_id, "disk_bytes_copied");
     fill(&dest.join("filler"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let j = loop {

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{job, migration_address, trust_each_other};
+use vireod_harness::migration::{
+    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+};
 use vireod_harness::Daemon;
 
 #[test]
@@ -41,30 +43,8 @@ fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
     trust_each_other(&a, &b);
     let to = migration_address(&b);
 
-    let out = a.ok(&[
-        "vm",
-        "migrate",
-        "m",
-        "--to",
-        &to,
-        "--bandwidth",
-        "1M",
-        "--no-wait",
-        "--output",
-        "json",
-    ]);
-    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let job_id = started["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = job(&a, &job_id);
-        assert_eq!(j["state"], "running", "ended before pages moved: {j}");
-        if j["migration"]["transferred_bytes"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no page ever moved: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    wait_for_progress(&a, &job_id, "transferred_bytes");
     let destination_pid = b.worker_pid("m");
     // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
     let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };

@@ -19,7 +19,9 @@ use vireo_block::BlockBackend;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{job, migration_address, trust_each_other};
+use vireod_harness::migration::{
+    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+};
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
 
@@ -134,35 +136,22 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
 
     // Cancelled while the disks are copied (held to 4 MiB/s so the copy outlasts a poll on a
     // quiet machine): no file left there, the VM runs on here.
-    let out = a.ok(&[
-        "vm",
-        "migrate",
-        "m",
-        "--to",
-        &to,
-        "--with-storage",
-        "--dest-dir",
-        &dest_s,
-        "--max-downtime",
-        "1ms",
-        "--bandwidth",
-        "4M",
-        "--no-wait",
-        "--output",
-        "json",
-    ]);
-    let started: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let job_id = started["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = job(&a, &job_id);
-        assert_eq!(j["state"], "running", "ended before the copy was seen: {j}");
-        if j["migration"]["disk_bytes_total"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the disk copy never began: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let job_id = start_migration(
+        &a,
+        &[
+            "m",
+            "--to",
+            &to,
+            "--with-storage",
+            "--dest-dir",
+            &dest_s,
+            "--max-downtime",
+            "1ms",
+            "--bandwidth",
+            "4M",
+        ],
+    );
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
     a.ok(&["job", "cancel", &job_id]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let j = loop {

@@ -1,5 +1,7 @@
 //! Two vireods that migrate VMs between them: host identities, mutual trust, migration jobs.
 
+use std::time::{Duration, Instant};
+
 use super::Daemon;
 
 /// `vireo host identity --output json`.
@@ -26,4 +28,28 @@ pub fn trust_each_other(a: &Daemon, b: &Daemon) {
 /// `vireo job show ID --output json`.
 pub fn job(d: &Daemon, id: &str) -> serde_json::Value {
     serde_json::from_str(&d.ok(&["job", "show", id, "--output", "json"])).unwrap()
+}
+
+/// `vireo vm migrate ARGS... --no-wait --output json` on `d`: the job's id.
+pub fn start_migration(d: &Daemon, args: &[&str]) -> String {
+    let mut all = vec!["vm", "migrate"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--no-wait", "--output", "json"]);
+    let started: serde_json::Value = serde_json::from_str(&d.ok(&all)).unwrap();
+    started["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits (at most 60 s) until the migration job's `migration.<counter>` is above 0, e.g.
+/// `transferred_bytes` or `disk_bytes_copied`; the job must still be running meanwhile.
+pub fn wait_for_progress(d: &Daemon, job_id: &str, counter: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(d, job_id);
+        assert_eq!(j["state"], "running", "ended before {counter} moved: {j}");
+        if j["migration"][counter].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{counter} never moved: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
