@@ -25,6 +25,8 @@ Disk: each VM boots once per round and image and runs, for --seconds each,
 (aio, cache) in {io_uring, threads} x {none, writeback} with -object iothread and
 virtio-blk-device,iothread=...; per case its best median IOPS (and best p99) is compared.
 The 1 MiB cases are also compared with the host's memcpy of 1 MiB blocks (the ceiling).
+Before every boot the image is written back, dropped from the page cache and read once, so
+each VMM starts from the same cache state (not from what the previous VM's writes left).
 ex/io and ex/fr: the guest's notifications per request or frame (each one a VM exit, ~25 us
 under KVM-PVM), counted by the probe; the device's interrupts are not used by the probe.
 The medians of each column are taken independently over the rounds.
@@ -136,6 +138,7 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
         for round in 0..args.rounds {
             for (ii, image) in images.iter().enumerate() {
                 for (si, setup) in setups.iter().enumerate() {
+                    disk::same_cache_state(&image.path)?;
                     let vm = match setup {
                         Setup::Vireo => Vm::vireo(
                             &vireo,

@@ -111,6 +111,26 @@ pub struct Image {
     pub format: &'static str,
 }
 
+/// Puts `image` in the same page-cache state before every VM boots: written back, dropped,
+/// then read once in 1 MiB pieces. Without it each VMM inherits whatever the previous one left
+/// (dirty pages, and page-cache folios of the sizes its writes made), and 4 KiB cases swung
+/// 10 x between runs for that reason alone (docs/datapath.md, "What bounds it").
+pub fn same_cache_state(image: &Path) -> Result<(), String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let err = |e: std::io::Error| format!("{}: {e}", image.display());
+    let mut f = File::open(image).map_err(err)?;
+    f.sync_data().map_err(err)?;
+    // SAFETY: posix_fadvise on a descriptor we own; it only drops clean cached pages.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(err(std::io::Error::from_raw_os_error(r)));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf).map_err(err)? > 0 {}
+    Ok(())
+}
+
 /// A raw file filled with data (so nothing reads holes) and a VHDX converted from it.
 pub fn make_images(dir: &Path, mib: u64) -> Result<Vec<Image>, String> {
     let raw = dir.join("disk.raw");
