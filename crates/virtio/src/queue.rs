@@ -119,6 +119,9 @@ impl<'m> BatchRing for QueueRing<'_, 'm> {
 
 /// Serves the ring in batches of at most `max` chains with kicks suppressed: `run` gets each
 /// batch (and the ring, to return the chains to the used ring) and says how many it used.
+/// When a look finds the ring empty after chains were served, `idle(ring, used)` may wait for
+/// more with kicks still off (a poll) and say whether chains came: then the pass goes on
+/// without the driver ever having been asked to kick; otherwise kicks are re-enabled as below.
 /// `stop` is asked before each look; when it says yes the pass ends with kicks still off and
 /// the second value true (the caller decides what comes next and must serve again before it
 /// waits for a kick). Otherwise kicks are re-enabled at the end and the ring looked at once
@@ -128,6 +131,7 @@ pub(crate) fn serve_in_batches<R: BatchRing>(
     max: usize,
     mut stop: impl FnMut() -> bool,
     mut run: impl FnMut(&mut R, &mut Vec<R::Chain>) -> usize,
+    mut idle: impl FnMut(&mut R, usize) -> bool,
 ) -> (usize, bool) {
     let mut used = 0;
     let mut batch = Vec::with_capacity(max);
@@ -138,6 +142,9 @@ pub(crate) fn serve_in_batches<R: BatchRing>(
             return (used, false);
         }
         let mut popped = false;
+        // After a poll that saw chains, an empty look means a bad ring, not a quiet driver:
+        // no second poll then (it would spin on the same avail index).
+        let mut after_poll = false;
         loop {
             if stop() {
                 return (used, true);
@@ -148,9 +155,14 @@ pub(crate) fn serve_in_batches<R: BatchRing>(
                 batch.push(chain);
             }
             if batch.is_empty() {
+                if popped && !after_poll && idle(ring, used) {
+                    after_poll = true;
+                    continue;
+                }
                 break;
             }
             popped = true;
+            after_poll = false;
             used += run(ring, &mut batch);
         }
         match ring.enable() {
@@ -208,6 +220,13 @@ pub(crate) fn suppress_kicks(
 /// serve pass re-enables notifications). When it returns false notifications are enabled again
 /// and the ring was looked at once more after that, so a chain published while polling ended is
 /// never left waiting for a kick the driver was told not to send.
+/// Whether the driver has published chains the device has not taken yet.
+pub(crate) fn avail_waiting(queue: &Queue, mem: &GuestMemory) -> bool {
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 pub(crate) fn poll_avail(
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -218,10 +237,7 @@ pub(crate) fn poll_avail(
         return false;
     }
     loop {
-        let waiting = queue
-            .avail_idx(mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != queue.next_avail());
-        if waiting {
+        if avail_waiting(queue, mem) {
             return true;
         }
         if !keep_polling() {
@@ -383,9 +399,11 @@ mod tests {
             4,
             || false,
             |_, batch| {
+                let n = batch.len();
                 served.append(batch);
-                served.len()
+                n
             },
+            |_, _| false,
         );
         assert!(!held);
         let _ = used;
@@ -408,6 +426,64 @@ mod tests {
             }
             assert!(ring.kicks_on, "a finished pass leaves kicks on");
         }
+    }
+
+    #[test]
+    fn chains_published_while_the_pass_polls_are_served_without_a_kick() {
+        // A QD 1 driver: one chain, then each next one while the device polls after it.
+        let mut ring = ScriptedRing::new(1, Vec::new());
+        let mut served = Vec::new();
+        let mut polls = 0;
+        let (used, held) = serve_in_batches(
+            &mut ring,
+            4,
+            || false,
+            |_, batch| {
+                let n = batch.len();
+                served.append(batch);
+                n
+            },
+            |ring, _| {
+                polls += 1;
+                if polls > 5 {
+                    return false;
+                }
+                assert!(!ring.kicks_on, "kicks stay off while the pass polls");
+                ring.published += 1;
+                true
+            },
+        );
+        assert_eq!((used, held), (6, false));
+        assert_eq!(served, (0..6).collect::<Vec<_>>());
+        assert!(ring.kicked_for.is_empty(), "{:?}", ring.kicked_for);
+        assert!(ring.kicks_on, "a finished pass leaves kicks on");
+    }
+
+    #[test]
+    fn a_poll_that_claims_chains_on_a_bad_ring_does_not_spin() {
+        let mut ring = ScriptedRing::new(1, Vec::new());
+        let mut polls = 0;
+        let (used, _) = serve_in_batches(
+            &mut ring,
+            4,
+            || false,
+            |_, batch| {
+                let n = batch.len();
+                batch.clear();
+                n
+            },
+            |ring, _| {
+                polls += 1;
+                assert!(
+                    polls < 100,
+                    "the pass spins on a poll that finds nothing to pop"
+                );
+                ring.broken = true;
+                true
+            },
+        );
+        assert_eq!(used, 1);
+        assert!(ring.enables <= 3, "{} re-enables", ring.enables);
     }
 
     #[test]
@@ -434,6 +510,7 @@ mod tests {
                 batch.clear();
                 n
             },
+            |_, _| false,
         );
         assert_eq!((used, held), (8, true));
         assert!(

@@ -28,7 +28,7 @@ use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
 use crate::poll::PollWindow;
-use crate::queue::{add_used_logged, serve_in_batches, QueueRing};
+use crate::queue::{add_used_logged, avail_waiting, serve_in_batches, QueueRing};
 use crate::queue::{notify_if_needed, poll_avail, serve_queue_gated, Served};
 use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
@@ -150,9 +150,14 @@ impl BlockWorker {
             };
             // Poll only after a pass that used chains (an idle guest or a bad ring never makes
             // the thread spin) and not while QoS holds a request (its timer brings it back).
-            let mut polled = Duration::ZERO;
+            let mut polled = last.polled.unwrap_or(Duration::ZERO);
             let mut found = false;
-            if !parked && last.used > 0 && !last.held && !self.poll.window().is_zero() {
+            if !parked
+                && last.used > 0
+                && !last.held
+                && last.polled.is_none()
+                && !self.poll.window().is_zero()
+            {
                 let start = Instant::now();
                 let window = self.poll.window();
                 let pause = &*self.pause;
@@ -246,7 +251,11 @@ impl BlockWorker {
         if let Some(g) = gate.as_mut() {
             g.serve_ended(held, counters);
         }
-        Pass { used, held }
+        Pass {
+            used,
+            held,
+            polled: None,
+        }
     }
 }
 
@@ -272,6 +281,11 @@ impl BlockWorker {
             queue: &mut self.queue,
             mem,
         };
+        let interrupt = &*self.interrupt;
+        let index = self.index;
+        let window = self.poll.window();
+        let mut notified = 0;
+        let mut polled = None;
         // A pause request stops the pass like a deferred chain: notifications stay off and
         // the pause decides what comes next.
         let (used, held) = serve_in_batches(
@@ -294,10 +308,35 @@ impl BlockWorker {
                 });
                 used
             },
+            // The ring ran dry: interrupt for what is done, then poll with kicks still off, so
+            // a driver that queues its next request at once (QD 1) never finds kicks asked
+            // for. Polling after re-enabling them instead cost such a guest an exit on about
+            // every second request.
+            |ring, used| {
+                notify_if_needed(ring.queue, mem, interrupt, index, used - notified);
+                notified = used;
+                if window.is_zero() {
+                    return false;
+                }
+                let start = Instant::now();
+                let found = loop {
+                    if avail_waiting(ring.queue, mem) {
+                        break true;
+                    }
+                    if start.elapsed() >= window || pause.requested() {
+                        break false;
+                    }
+                    std::hint::spin_loop();
+                };
+                if !found {
+                    polled = Some(start.elapsed());
+                }
+                found
+            },
         );
         let queue = &mut self.queue;
-        notify_if_needed(queue, mem, &*self.interrupt, self.index, used);
-        Pass { used, held }
+        notify_if_needed(queue, mem, interrupt, index, used - notified);
+        Pass { used, held, polled }
     }
 }
 
@@ -355,4 +394,7 @@ fn batching_enabled() -> bool {
 struct Pass {
     used: usize,
     held: bool,
+    /// How long the pass polled the empty ring at its end, when it did (the batched pass
+    /// polls itself, with kicks off; the worker loop then does not poll again).
+    polled: Option<Duration>,
 }
