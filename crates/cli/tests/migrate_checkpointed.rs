@@ -7,22 +7,16 @@
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{migration_address, trust_each_other};
-use vireod_harness::Daemon;
+use vireod_harness::migration::{migration_address, trust_each_other, two_hosts, Storage};
 
 #[test]
 fn a_vm_with_checkpoints_is_refused_and_migrates_once_they_are_deleted() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
     // B reaches all of A's folder, vireod's own state included: nothing but the checkpoint
     // rule stands in the way.
-    let a_dir = a.dir.path().to_str().unwrap().to_owned();
-    let Some(b) = Daemon::start_args(&[listen[0], listen[1], "--storage-root", &a_dir]) else {
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
         return;
     };
     trust_each_other(&a, &b);

@@ -13,21 +13,15 @@ use std::time::Instant;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{migration_address, trust_each_other};
-use vireod_harness::Daemon;
+use vireod_harness::migration::{migration_address, trust_each_other, two_hosts, Storage};
 
 #[test]
 fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_forth() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
     // B reaches A's folder: the disk is on storage both hosts share.
-    let a_dir = a.dir.path().to_str().unwrap().to_owned();
-    let Some(b) = Daemon::start_args(&[listen[0], listen[1], "--storage-root", &a_dir]) else {
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
         return;
     };
     std::fs::write(a.dir.path().join("m.img"), vec![0u8; 1 << 20]).unwrap();

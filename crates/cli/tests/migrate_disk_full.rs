@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
+    Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
-use vireod_harness::Daemon;
 
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -45,11 +45,7 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
     {
         return;
     }
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
-    let Some(b) = Daemon::start_args(&listen) else {
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
         return;
     };
     // A raw disk of which the guest writes 16 MiB: the offer asks for 16 MiB of room.

@@ -11,21 +11,16 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
+    Storage,
 };
-use vireod_harness::Daemon;
 
 #[test]
 fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
-    let a_dir = a.dir.path().to_str().unwrap().to_owned();
-    let Some(b) = Daemon::start_args(&[listen[0], listen[1], "--storage-root", &a_dir]) else {
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
         return;
     };
     std::fs::write(a.dir.path().join("m.img"), vec![0u8; 4 << 20]).unwrap();

@@ -19,7 +19,7 @@ use vireo_api::NicSpec;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{migration_address, trust_each_other};
+use vireod_harness::migration::{migration_address, trust_each_other, two_hosts, Storage};
 use vireod_harness::Daemon;
 
 const WINDOW: u64 = 64;
@@ -134,11 +134,7 @@ fn probe_guest_with_a_switch_nic_migrates_while_frames_flow_to_it() {
         return;
     }
     let wire = Wire::new();
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
-    let Some(b) = Daemon::start_args(&listen) else {
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
         return;
     };
     let _remove = RemoveAll([&a, &b]);

@@ -20,10 +20,10 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, wait_for_progress,
+    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
+    Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
-use vireod_harness::Daemon;
 
 /// The probe's pattern (docs/probe-protocol.md): byte offset `o` holds splitmix64(seed ^ o).
 fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
@@ -49,11 +49,7 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let Some(a) = Daemon::start_args(&listen) else {
-        return;
-    };
-    let Some(b) = Daemon::start_args(&listen) else {
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
         return;
     };
     // A chain: the parent holds 8 MiB of pattern 3 written by the host; the VM runs on the

@@ -53,3 +53,25 @@ pub fn wait_for_progress(d: &Daemon, job_id: &str, counter: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether the second host of [`two_hosts`] sees the first one's folder.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// B's `--storage-root` is A's folder: disks live where both hosts reach them.
+    Shared,
+    /// Each host sees only its own folder (shared-nothing).
+    Separate,
+}
+
+/// Two vireods listening for migrations on loopback ports (`--migration-listen 127.0.0.1:0`),
+/// not yet trusting each other; `None` when vireod cannot start here (already reported).
+pub fn two_hosts(storage: Storage) -> Option<(Daemon, Daemon)> {
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let a = Daemon::start_args(&listen)?;
+    let a_dir = a.dir.path().to_str().unwrap().to_owned();
+    let b = match storage {
+        Storage::Shared => Daemon::start_args(&[listen[0], listen[1], "--storage-root", &a_dir]),
+        Storage::Separate => Daemon::start_args(&listen),
+    }?;
+    Some((a, b))
+}
