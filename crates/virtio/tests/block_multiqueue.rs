@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::stress::*;
 use common::*;
 use vireo_block::{BlockBackend, RawFile};
 use vireo_vhdx::vhd::{DiskType as VhdType, Vhd, VhdCreateOptions};
@@ -41,20 +42,6 @@ const RACES_PER_ROUND: usize = 2;
 const RANDOM_PER_ROUND: usize = 18;
 const MAX_LEN: u64 = 64 << 10;
 const SLOT_STRIDE: u64 = 68 << 10;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
@@ -177,23 +164,9 @@ fn reread(kind: Kind, dir: &Path) -> Vec<u8> {
     out
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
-}
-
 #[test]
 fn three_queues_racing_for_new_blocks_keep_every_byte_across_a_save_and_restore() {
-    let seed = std::env::var("VIREO_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("multiqueue stress seed {seed} (VIREO_STRESS_SEED={seed} replays it)");
+    let seed = stress_seed("multiqueue stress");
     for (i, kind) in [Kind::Raw, Kind::Vhd, Kind::Vhdx, Kind::VhdxChild]
         .into_iter()
         .enumerate()

@@ -11,9 +11,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::stress::*;
 use common::*;
 use vireo_block::{BlockBackend, RawFile};
-use vireo_virtio::{Block, VirtioDevice};
+use vireo_virtio::Block;
 use vm_memory::{Bytes, GuestAddress};
 
 const T_IN: u32 = 0;
@@ -29,21 +30,6 @@ const MAX_SECTORS: u64 = 256;
 const SLOT_STRIDE: u64 = 160 << 10;
 const DISK_SIZE: u64 = 4 << 20;
 const BATCHES: usize = 60;
-
-/// xorshift64*: small, seedable, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Op {
@@ -89,23 +75,9 @@ fn scatter(rng: &mut Rng, base: u64, len: u64) -> Vec<(u64, u32)> {
     pieces
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
-}
-
 #[test]
 fn random_mixed_load_keeps_every_byte() {
-    let seed = std::env::var("VIREO_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("block stress seed {seed} (VIREO_STRESS_SEED={seed} replays it)");
+    let seed = stress_seed("block stress");
     let mut rng = Rng(seed);
 
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -226,17 +198,7 @@ fn random_mixed_load_keeps_every_byte() {
         if batch == BATCHES / 2 {
             // A VM pause in the middle of a batch: whatever was in flight is finished and
             // published, the state can be taken, and resume serves the rest.
-            dev.pause(Duration::from_secs(10)).unwrap();
-            let published = q.used_idx(&mem);
-            dev.save_state()
-                .expect("a paused disk's state can be saved");
-            std::thread::sleep(Duration::from_millis(20));
-            assert_eq!(
-                q.used_idx(&mem),
-                published,
-                "a paused disk completed requests"
-            );
-            dev.resume();
+            pause_quietly_then_resume(&mut dev, q, &mem, Duration::from_secs(10));
         }
         let used = q.wait_used(&mem, reqs.len() as u16);
         assert_eq!(used.len(), reqs.len(), "seed {seed} batch {batch}");

@@ -18,6 +18,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::stress::*;
 use common::*;
 use vireo_block::{BlockBackend, BlockError, GuestBuf, RawFile};
 use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
@@ -34,35 +35,6 @@ const MAX_LEN: u64 = 3 * MIB / 2;
 const MAX_QD: usize = 6;
 const SLOT_STRIDE: u64 = MAX_LEN + (16 << 10);
 const BATCHES: usize = 40;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("VIREO_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("block write path seed {seed} (VIREO_STRESS_SEED={seed} replays it)");
-    seed
-}
 
 /// A request header at `hdr` and its status byte after it.
 fn header(mem: &GuestMemory, hdr: u64, kind: u32, sector: u64) -> u64 {
@@ -95,7 +67,7 @@ struct Req {
 
 /// Runs the random batches and returns the model of the disk at the end.
 fn run_random_load(backend: Arc<dyn BlockBackend>, initial: Vec<u8>) -> Vec<u8> {
-    let seed = seed();
+    let seed = stress_seed("block write path");
     let mut rng = Rng(seed);
     let mut model = initial;
     let mut dev = Block::with_queue_size(backend.clone(), QSIZE);
@@ -168,17 +140,7 @@ fn run_random_load(backend: Arc<dyn BlockBackend>, initial: Vec<u8>) -> Vec<u8> 
         if batch % 7 == 3 {
             // A pause while the batch may be running: it finishes what it took, publishes it,
             // and publishes nothing more until resumed.
-            dev.pause(DEVICE_TIMEOUT).unwrap();
-            let published = q.used_idx(&mem);
-            dev.save_state()
-                .expect("a paused disk's state can be saved");
-            std::thread::sleep(Duration::from_millis(20));
-            assert_eq!(
-                q.used_idx(&mem),
-                published,
-                "a paused disk completed requests"
-            );
-            dev.resume();
+            pause_quietly_then_resume(&mut dev, q, &mem, DEVICE_TIMEOUT);
         }
         let used = q.wait_used(&mem, reqs.len() as u16);
         assert_eq!(used.len(), reqs.len(), "seed {seed} batch {batch}");

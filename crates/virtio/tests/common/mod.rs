@@ -13,6 +13,8 @@ use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod stress;
+
 pub const MEM_SIZE: usize = 16 << 20;
 /// Where test data buffers live (queues sit below).
 pub const DATA_BASE: u64 = 1 << 20;
