@@ -28,7 +28,7 @@ use vireo_api::switch::SwitchOp;
 use vireo_api::worker::{IncomingMigration, MigrateState, WorkerOp, WorkerReply};
 use vireo_api::{Action, JobState, Vm, VmSpec};
 
-use super::peer::{self, Peer};
+use super::peer::{self, FileError, Peer};
 use crate::daemon::supervisor::Worker;
 use crate::daemon::switches::{netvirt_move, nics};
 use crate::daemon::worker_client::call_once;
@@ -522,15 +522,30 @@ async fn receive_quick(
     .await?;
     let dir = save::saved_dir(d, vm.id());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A file this host cannot store (a full disk) fails the arrival, but only at the commit:
+    // the rest is read and dropped so the source hears why instead of a reset connection.
+    let mut not_stored: Option<String> = None;
     loop {
         match peer.recv(SOURCE_SILENCE).await? {
             PeerMsg::File { name, len } => {
                 if !plain_name(&name) {
                     return Err(format!("file name {} refused", name.display()));
                 }
-                peer.recv_file(&dir.join(&name), len).await?;
+                let path = dir.join(&name);
+                let into = not_stored.is_none().then_some(path.as_path());
+                match peer.recv_file(into, len, SOURCE_SILENCE).await {
+                    Ok(()) => {}
+                    Err(FileError::Store(e)) => {
+                        tracing::warn!(vm = %vm.id(), "the saved state cannot be stored here: {e}");
+                        not_stored = Some(e);
+                    }
+                    Err(FileError::Link(e)) => return Err(e),
+                }
             }
-            PeerMsg::Commit => break,
+            PeerMsg::Commit => match not_stored {
+                Some(e) => return Err(e),
+                None => break,
+            },
             PeerMsg::Abort { reason } => {
                 tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
                 remove_incoming(d, vm.id()).await;

@@ -25,6 +25,19 @@ pub const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// A saved-state file at most (guest RAM is bounded by the host's limits long before this).
 pub const MAX_FILE: u64 = 1 << 40;
 
+/// Why a file sent after a `File` line was not taken.
+#[derive(Debug)]
+pub enum FileError {
+    /// This host could not store it; the connection is still in step.
+    Store(String),
+    /// The connection failed or the peer broke the protocol; it cannot be used further.
+    Link(String),
+}
+
+fn store_error(path: &Path, e: std::io::Error) -> String {
+    format!("storing {} on this host: {e}", path.display())
+}
+
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -186,31 +199,74 @@ impl Peer {
         Ok(len)
     }
 
-    /// The `len` bytes after a `File` line, into `path` (created; synced).
-    pub async fn recv_file(&mut self, path: &Path, len: u64) -> Result<(), String> {
+    /// The `len` bytes after a `File` line, into `path` (created; synced), or discarded when
+    /// `path` is `None`; each read waits at most `silence`. A failure to store them (the file
+    /// cannot be created or written: a full disk) still reads every byte, so the connection
+    /// stays in step and the source gets this side's answer to its commit instead of a reset
+    /// connection: that is [`FileError::Store`].
+    pub async fn recv_file(
+        &mut self,
+        path: Option<&Path>,
+        len: u64,
+        silence: Duration,
+    ) -> Result<(), FileError> {
         if len > MAX_FILE {
-            return Err(format!(
+            return Err(FileError::Link(format!(
                 "a file of {len} bytes is more than this host takes"
-            ));
+            )));
         }
-        let mut f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let copied = tokio::io::copy(&mut (&mut self.io).take(len), &mut f)
-            .await
-            .map_err(|e| format!("receiving {} from {}: {e}", path.display(), self.who))?;
-        if copied != len {
-            return Err(format!(
-                "{} closed the connection after {copied} of {len} bytes of {}",
-                self.who,
-                path.display()
-            ));
+        let mut stored: Result<Option<tokio::fs::File>, String> = match path {
+            None => Ok(None),
+            Some(p) => tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .await
+                .map(Some)
+                .map_err(|e| store_error(p, e)),
+        };
+        let mut buf = vec![0u8; (256 << 10).min(len.max(1) as usize)];
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = match tokio::time::timeout(silence, self.io.read(&mut buf[..want])).await {
+                Err(_) => {
+                    return Err(FileError::Link(format!(
+                        "{} sent nothing for {}s with {left} of {len} bytes of a file to come",
+                        self.who,
+                        silence.as_secs()
+                    )))
+                }
+                Ok(Err(e)) => {
+                    return Err(FileError::Link(format!("reading from {}: {e}", self.who)))
+                }
+                Ok(Ok(0)) => {
+                    return Err(FileError::Link(format!(
+                        "{} closed the connection after {} of {len} bytes of a file",
+                        self.who,
+                        len - left
+                    )))
+                }
+                Ok(Ok(n)) => n,
+            };
+            left -= n as u64;
+            if let (Ok(Some(f)), Some(p)) = (&mut stored, path) {
+                if let Err(e) = f.write_all(&buf[..n]).await {
+                    stored = Err(store_error(p, e));
+                }
+            }
         }
-        f.sync_all()
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))
+        match (stored, path) {
+            (Ok(Some(mut f)), Some(p)) => {
+                // tokio's file hands writes to a thread: their errors surface here at the latest.
+                let synced = match f.flush().await {
+                    Ok(()) => f.sync_all().await,
+                    Err(e) => Err(e),
+                };
+                synced.map_err(|e| FileError::Store(store_error(p, e)))
+            }
+            (Err(e), _) => Err(FileError::Store(e)),
+            _ => Ok(()),
+        }
     }
 }
