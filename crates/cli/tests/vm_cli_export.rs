@@ -2,7 +2,7 @@
 //! through a real vireod and its `vireo-vm` workers: a VM on a differencing VHDX writes a disk
 //! pattern and is exported (off), imported with `--copy --new-id`, and both VMs run side by side
 //! reading the same data, then diverge independently; every copied file passes `vireo disk
-//! check`; a clone runs too; an import that cannot be done lists every problem and stores
+//! check`; clones of the running and of the stopped copy run beside it; an import that cannot be done lists every problem and stores
 //! nothing; a saved VM exported and imported (moved) continues its workload when started.
 
 use std::path::Path;
@@ -92,14 +92,38 @@ fn export_import_new_id_side_by_side_clone_and_a_moved_saved_vm() {
     }
     assert_eq!(d.ok(&["vm", "list"]), before);
 
-    // A clone of the (off) copy.
-    d.ok(&["vm", "turn-off", "b"]);
+    // A clone of the running copy (from a temporary live checkpoint: b keeps its worker and
+    // no checkpoint is left), then one of it turned off; each clone runs beside the others
+    // with b's data and its own identity.
+    let pid_b = d.worker_pid("b");
     d.ok(&["vm", "clone", "b", "c", "--to", "imp"]);
-    d.ok(&["vm", "start", "c"]);
+    assert_eq!(d.vm("b").state.name(), "running");
+    assert_eq!(d.worker_pid("b"), pid_b, "the worker was not restarted");
+    assert_eq!(d.ok(&["checkpoint", "list", "b"]), "no checkpoints\n");
+    assert_eq!(
+        d.vm("c").state.name(),
+        "off",
+        "a running VM's memory is not cloned"
+    );
+    d.ok(&["vm", "turn-off", "b"]);
+    d.ok(&["vm", "clone", "b", "c2", "--to", "imp"]);
+    for clone in ["c", "c2"] {
+        assert_ne!(d.vm(clone).identity.id, d.vm("b").identity.id);
+        d.ok(&["vm", "start", clone]);
+        let mut cc = Console::attach(&d, clone);
+        cc.ok("DISK 0 VERIFY 0 64 7");
+        assert_ne!(cc.ok("DISK 0 ID"), id_b, "{clone} has its own disk serial");
+        drop(cc);
+    }
     let mut cc = Console::attach(&d, "c");
-    cc.ok("DISK 0 VERIFY 0 64 7");
+    cc.ok("DISK 0 WRITE 0 64 8");
+    cc.ok("DISK 0 FLUSH");
     drop(cc);
+    let mut cc2 = Console::attach(&d, "c2");
+    cc2.ok("DISK 0 VERIFY 0 64 7");
+    drop(cc2);
     d.ok(&["vm", "turn-off", "c"]);
+    d.ok(&["vm", "turn-off", "c2"]);
 
     // A saved VM moves: export, remove, import in place; start continues its workload.
     let mut ca = Console::attach(&d, "a");
