@@ -227,6 +227,14 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// Whether logging is on (started and not stopped since).
+    pub fn is_logging(&self) -> bool {
+        self.logging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     fn stop_devices(&self) {
         for t in &self.devices {
             lock(t).stop_dirty_log();

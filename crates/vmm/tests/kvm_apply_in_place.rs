@@ -1,0 +1,210 @@
+//! In-place apply of a save to the VM that runs (docs/vm-state.md, "In-place apply"): a
+//! 2-vCPU probe with a disk and a NIC is snapshotted live while it rewrites memory; after the
+//! snapshot the guest rewrites more memory and a virtio-blk read lands in guest RAM (written by
+//! the VMM, not the guest); the apply makes every byte of guest RAM the snapshot's again, the
+//! pass counter continues from the saved value, serial, disk, NIC and both vCPUs work. Applied
+//! twice (both times copying only the changed pages), then after a later snapshot moved the
+//! tracking away (every page compared), then tracked again. A save that does not fit is refused
+//! with the VM running on.
+
+mod common;
+
+use common::{read, wait_above};
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vireo_block::RawFile;
+use vireo_netport::{channel_pair, ChannelPort};
+use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_vmm::state::Identity;
+use vireo_vmm::{
+    AfterApply, AfterSave, ConsoleConfig, LiveSaveOptions, StateError, VirtioSlot, Vm, VmConfig,
+    VmExit, VmHandle,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+const MIB: u64 = 1 << 20;
+const MEM: u64 = 64 * MIB;
+const T: Duration = Duration::from_secs(30);
+const PASSES: u64 = 0x80000 + 8;
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+struct Machine {
+    h: VmHandle,
+    console: ProbeConsole,
+    run: std::thread::JoinHandle<vireo_vmm::error::Result<VmExit>>,
+    _host_port: ChannelPort,
+}
+
+fn boot(disk: &Path, mem: u64) -> Machine {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut config = VmConfig::new(probe_elf(), mem, 2);
+    config.console = ConsoleConfig::Stream(theirs);
+    let backend = Arc::new(RawFile::open(disk, false).unwrap());
+    config.devices.push(VirtioSlot {
+        device: Box::new(vireo_virtio::Block::new(backend.clone())),
+        flush_on_exit: Some(backend),
+    });
+    let (guest_port, host_port) = channel_pair("guest", "host").unwrap();
+    config
+        .devices
+        .push(VirtioSlot::net(Arc::new(guest_port), MAC));
+    let vm = Vm::new(config).unwrap();
+    let h = vm.handle();
+    let mut console = ProbeConsole::new(ours.try_clone().unwrap(), ours);
+    let run = std::thread::spawn(move || vm.run());
+    console.wait_ready(T).unwrap();
+    Machine {
+        h,
+        console,
+        run,
+        _host_port: host_port,
+    }
+}
+
+impl Machine {
+    fn cmd(&mut self, line: &str) -> String {
+        self.console
+            .command(line, T)
+            .unwrap_or_else(|e| panic!("`{line}`: {e}"))
+    }
+
+    fn snapshot(&self, dir: &Path) {
+        let opts = LiveSaveOptions {
+            then: AfterSave::Resume,
+            ..Default::default()
+        };
+        self.h
+            .save_live(dir, Identity::default(), None, &opts)
+            .unwrap();
+        assert!(!self.h.is_paused());
+        assert!(self.h.tracking_changes(), "a snapshot tracks its changes");
+    }
+
+    fn stop(self) {
+        self.h.request_stop();
+        assert_eq!(self.run.join().unwrap().unwrap(), VmExit::Stopped);
+    }
+}
+
+/// Every byte of guest RAM equals the save's `memory.bin`; returns the saved pass counter.
+fn assert_ram_is(h: &VmHandle, save: &Path) -> u64 {
+    let file = std::fs::File::open(save.join(vireo_vmm::MEMORY_FILE)).unwrap();
+    let (mut want, mut got) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    let mut at = 0;
+    while at < MEM {
+        file.read_exact_at(&mut want, at).unwrap();
+        h.memory().read_slice(&mut got, GuestAddress(at)).unwrap();
+        if want != got {
+            let i = want.iter().zip(&got).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "guest RAM differs from {} at {:#x}",
+                save.display(),
+                at + i as u64
+            );
+        }
+        at += MIB;
+    }
+    let mut passes = [0u8; 8];
+    file.read_exact_at(&mut passes, PASSES).unwrap();
+    u64::from_le_bytes(passes)
+}
+
+/// After an apply that stayed paused: RAM is the save's, then the guest carries on from it.
+fn check_and_resume(m: &mut Machine, save: &Path) {
+    assert!(m.h.is_paused());
+    let saved = assert_ram_is(&m.h, save);
+    assert_eq!(read(&m.h, PASSES), saved, "the counter is the saved one");
+    m.h.resume().unwrap();
+    wait_above(&m.h, PASSES, saved);
+    assert_eq!(m.cmd("PING"), "OK PONG");
+    assert_eq!(m.cmd("DISK 0 VERIFY 0 2048 7"), "OK");
+    assert_eq!(m.cmd("NET 0 MAC"), "OK mac=52:54:00:12:34:56");
+    assert_eq!(m.cmd("CPUS"), "OK online=2");
+}
+
+#[test]
+fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let (snap_a, snap_b) = (dir.path().join("a"), dir.path().join("b"));
+    let mut m = boot(&disk, MEM);
+    assert_eq!(m.cmd("DISK 0 WRITE 0 2048 7"), "OK");
+    assert_eq!(m.cmd("DISK 0 WRITE 4096 2048 8"), "OK");
+    assert_eq!(m.cmd("DISK 0 VERIFY 4096 2048 8"), "OK");
+    assert_eq!(m.cmd("MEM FILL 16 16 1"), "OK");
+    assert_eq!(m.cmd("DIRTY START 16 8 0"), "OK");
+    let p = wait_above(&m.h, PASSES, 0);
+    wait_above(&m.h, PASSES, p);
+    m.snapshot(&snap_a);
+
+    // After the snapshot: the guest rewrites memory, and the disk read's data lands in the
+    // probe's buffers through the VMM (pattern 7 where pattern 8 was read before).
+    assert_eq!(m.cmd("MEM FILL 24 8 2"), "OK");
+    assert_eq!(m.cmd("DISK 0 VERIFY 0 2048 7"), "OK");
+    std::thread::sleep(Duration::from_millis(50));
+    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    eprintln!("first apply: {r:?}");
+    assert!(r.tracked && r.tracking_now, "{r:?}");
+    assert_eq!(r.pages_compared, 0);
+    assert!(r.pages_copied >= 2048, "the 8 MiB MEM FILL at least: {r:?}");
+    assert!(r.pages_copied < MEM / 4096, "only what changed: {r:?}");
+    check_and_resume(&mut m, &snap_a);
+
+    // Applied again after more changes: again only the changed pages.
+    assert_eq!(m.cmd("MEM FILL 40 4 3"), "OK");
+    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    eprintln!("second apply: {r:?}");
+    assert!(r.tracked && r.pages_copied >= 1024, "{r:?}");
+    check_and_resume(&mut m, &snap_a);
+
+    // A later snapshot takes the tracking: applying A now compares every page.
+    assert_eq!(m.cmd("MEM FILL 44 4 4"), "OK");
+    m.snapshot(&snap_b);
+    assert_eq!(m.cmd("MEM FILL 24 4 5"), "OK");
+    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    eprintln!("apply of an untracked snapshot: {r:?}");
+    assert!(!r.tracked && r.tracking_now, "{r:?}");
+    assert_eq!(r.pages_compared, MEM / 4096);
+    assert!(r.pages_copied >= 1024 + 1024, "{r:?}");
+    check_and_resume(&mut m, &snap_a);
+    // ... and it is tracked from then on.
+    assert_eq!(m.cmd("MEM FILL 24 4 6"), "OK");
+    let r = m.h.apply_in_place(&snap_a, AfterApply::Resume).unwrap();
+    assert!(r.tracked, "{r:?}");
+    assert!(!m.h.is_paused(), "Resume runs the VM");
+    assert_eq!(m.cmd("PING"), "OK PONG");
+    // B is applied as well (compared), and the disk read in between is undone too.
+    let r = m.h.apply_in_place(&snap_b, AfterApply::StayPaused).unwrap();
+    assert!(!r.tracked, "{r:?}");
+    check_and_resume(&mut m, &snap_b);
+
+    // A save of another machine is refused before anything changes; the VM runs on.
+    let other_dir = dir.path().join("other");
+    let other_disk = dir.path().join("other.raw");
+    std::fs::File::create(&other_disk)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let other = boot(&other_disk, 32 * MIB);
+    other.snapshot(&other_dir);
+    other.stop();
+    let e =
+        m.h.apply_in_place(&other_dir, AfterApply::Resume)
+            .unwrap_err();
+    assert!(matches!(e, StateError::Mismatch(_)), "{e}");
+    assert!(!m.h.is_paused());
+    assert_eq!(m.cmd("PING"), "OK PONG");
+    m.stop();
+}
