@@ -93,7 +93,7 @@ mod pause_reset;
 pub mod postcopy;
 mod rounds;
 mod state;
-pub use apply::{AfterApply, ApplyReport};
+pub use apply::{AfterApply, ApplyOptions, ApplyReport};
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
 pub use postcopy::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};

@@ -22,8 +22,8 @@ use vireo_netport::{channel_pair, ChannelPort};
 use vireo_probe_image::{probe_elf, ProbeConsole};
 use vireo_vmm::state::Identity;
 use vireo_vmm::{
-    AfterApply, AfterSave, ConsoleConfig, LiveSaveOptions, StateError, VirtioSlot, Vm, VmConfig,
-    VmExit, VmHandle,
+    AfterApply, AfterSave, ApplyOptions, ConsoleConfig, LiveSaveOptions, StateError, VirtioSlot,
+    Vm, VmConfig, VmExit, VmHandle,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -32,6 +32,11 @@ const MEM: u64 = 64 * MIB;
 const T: Duration = Duration::from_secs(30);
 const PASSES: u64 = 0x80000 + 8;
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+/// Stay paused (to compare RAM), keeping the changes tracked.
+const TRACKED: ApplyOptions = ApplyOptions {
+    then: AfterApply::StayPaused,
+    track: true,
+};
 
 struct Machine {
     h: VmHandle,
@@ -154,7 +159,7 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     assert_eq!(m.cmd("MEM FILL 24 8 2"), "OK");
     assert_eq!(m.cmd("DISK 0 VERIFY 0 2048 7"), "OK");
     std::thread::sleep(Duration::from_millis(50));
-    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    let r = m.h.apply_in_place(&snap_a, &TRACKED).unwrap();
     eprintln!("first apply: {r:?}");
     assert!(r.tracked && r.tracking_now, "{r:?}");
     assert_eq!(r.pages_compared, 0);
@@ -164,7 +169,7 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
 
     // Applied again after more changes: again only the changed pages.
     assert_eq!(m.cmd("MEM FILL 40 4 3"), "OK");
-    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    let r = m.h.apply_in_place(&snap_a, &TRACKED).unwrap();
     eprintln!("second apply: {r:?}");
     assert!(r.tracked && r.pages_copied >= 1024, "{r:?}");
     check_and_resume(&mut m, &snap_a);
@@ -173,7 +178,7 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     assert_eq!(m.cmd("MEM FILL 44 4 4"), "OK");
     m.snapshot(&snap_b);
     assert_eq!(m.cmd("MEM FILL 24 4 5"), "OK");
-    let r = m.h.apply_in_place(&snap_a, AfterApply::StayPaused).unwrap();
+    let r = m.h.apply_in_place(&snap_a, &TRACKED).unwrap();
     eprintln!("apply of an untracked snapshot: {r:?}");
     assert!(!r.tracked && r.tracking_now, "{r:?}");
     assert_eq!(r.pages_compared, MEM / 4096);
@@ -181,14 +186,27 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     check_and_resume(&mut m, &snap_a);
     // ... and it is tracked from then on.
     assert_eq!(m.cmd("MEM FILL 24 4 6"), "OK");
-    let r = m.h.apply_in_place(&snap_a, AfterApply::Resume).unwrap();
-    assert!(r.tracked, "{r:?}");
+    // The default: resume, and no tracking afterwards (the log goes off).
+    let r =
+        m.h.apply_in_place(&snap_a, &ApplyOptions::default())
+            .unwrap();
+    assert!(r.tracked && !r.tracking_now, "{r:?}");
     assert!(!m.h.is_paused(), "Resume runs the VM");
+    assert!(!m.h.tracking_changes());
     assert_eq!(m.cmd("PING"), "OK PONG");
     // B is applied as well (compared), and the disk read in between is undone too.
-    let r = m.h.apply_in_place(&snap_b, AfterApply::StayPaused).unwrap();
-    assert!(!r.tracked, "{r:?}");
+    let untracked = ApplyOptions {
+        then: AfterApply::StayPaused,
+        track: false,
+    };
+    let r = m.h.apply_in_place(&snap_b, &untracked).unwrap();
+    assert!(!r.tracked && !r.tracking_now, "{r:?}");
     check_and_resume(&mut m, &snap_b);
+    // ... and A after it, with nothing tracked at all.
+    assert_eq!(m.cmd("MEM FILL 24 4 7"), "OK");
+    let r = m.h.apply_in_place(&snap_a, &untracked).unwrap();
+    assert!(!r.tracked && r.pages_copied > 0, "{r:?}");
+    check_and_resume(&mut m, &snap_a);
 
     // A save of another machine is refused before anything changes; the VM runs on.
     let other_dir = dir.path().join("other");
@@ -201,7 +219,7 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     other.snapshot(&other_dir);
     other.stop();
     let e =
-        m.h.apply_in_place(&other_dir, AfterApply::Resume)
+        m.h.apply_in_place(&other_dir, &ApplyOptions::default())
             .unwrap_err();
     assert!(matches!(e, StateError::Mismatch(_)), "{e}");
     assert!(!m.h.is_paused());
