@@ -5,7 +5,8 @@
 //! pass counter continues from the saved value, serial, disk, NIC and both vCPUs work. Applied
 //! twice (both times copying only the changed pages), then after a later snapshot moved the
 //! tracking away (every page compared), then tracked again. A save that does not fit is refused
-//! with the VM running on.
+//! with the VM running on; a save whose memory fails its checksum stops the VM (never runs it
+//! on memory that is neither its own nor the save's).
 
 mod common;
 
@@ -225,4 +226,46 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     assert!(!m.h.is_paused());
     assert_eq!(m.cmd("PING"), "OK PONG");
     m.stop();
+}
+
+#[test]
+fn kvm_apply_in_place_of_a_damaged_save_stops_the_vm_instead_of_running_it() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(MIB).unwrap();
+    let snap = dir.path().join("snap");
+    let mut m = boot(&disk, MEM);
+    assert_eq!(m.cmd("MEM FILL 16 8 1"), "OK");
+    m.snapshot(&snap);
+    // One flipped byte in a page the guest filled; its checksum no longer matches.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(snap.join(vireo_vmm::MEMORY_FILE))
+        .unwrap();
+    let at = 20 * MIB + 123;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, at).unwrap();
+    file.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    drop(file);
+    // Untracked: every page is read, the damaged one among them.
+    let opts = ApplyOptions {
+        then: AfterApply::Resume,
+        track: false,
+    };
+    m.h.stop_dirty_log().unwrap();
+    let e = m.h.apply_in_place(&snap, &opts).unwrap_err();
+    assert!(
+        matches!(&e, StateError::Corrupt { why, .. } if why.contains("0x1400000")),
+        "{e}"
+    );
+    // The guest never runs on memory that is neither its own nor the save's.
+    let exit = m.run.join().unwrap().unwrap();
+    assert!(
+        matches!(&exit, VmExit::Error(why) if why.contains("in-place apply")),
+        "{exit:?}"
+    );
 }
