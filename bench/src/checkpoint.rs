@@ -2,8 +2,12 @@
 //! checkpointed and restored, Vireo vs QEMU on the same guest, alternating, ≥ 5 runs each.
 //!
 //! Vireo (in process, through `vireo-vmm`): `save_live` with `AfterSave::Resume` (the snapshot
-//! a checkpoint takes); its guest-visible pause and its whole duration; then `Vm::restore`
-//! (lazy) into a new VM, timed from the call to the guest's pass counter moving again.
+//! a checkpoint takes); its guest-visible pause and its whole duration; then, after the same
+//! 100 ms of guest work QEMU gets between savevm and loadvm, `apply_in_place` of the snapshot
+//! to the VM that took it (what loadvm does in its running QEMU), timed from the call to the
+//! guest's pass counter moving again: that is `restore_ms`. A second row, not hidden: the
+//! snapshot restored (lazily) into a new VM whose RAM is freshly allocated, as a new worker
+//! process would (`new_vm_restore_ms`).
 //! QEMU: HMP `savevm` (qcow2 drive, stop-the-world: the whole command is the guest's pause) and
 //! `loadvm` (timed to the counter moving, read with HMP `xp`), and as its fast save `migrate`
 //! to a `file:` URI (live, QEMU's own downtime figure) and a new QEMU with `-incoming defer`
@@ -18,7 +22,9 @@ use clap::Args;
 use vireo_probe_image::qemu::{find_qemu, QemuProbe, QemuProbeConfig};
 use vireo_probe_image::ProbeConsole;
 use vireo_vmm::state::{trace, Identity};
-use vireo_vmm::{AfterSave, ConsoleConfig, LiveSaveOptions, RestoreFrom, Vm, VmConfig, VmHandle};
+use vireo_vmm::{
+    AfterSave, ApplyOptions, ConsoleConfig, LiveSaveOptions, RestoreFrom, Vm, VmConfig, VmHandle,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::stats::{summarize, Summary};
@@ -34,11 +40,13 @@ const T: Duration = Duration::from_secs(30);
 const WARM: Duration = Duration::from_millis(300);
 
 const ABOUT: &str = "\
-Checkpoint of a 256 MiB probe VM rewriting a 64 MiB hot set, Vireo (live save + resume, lazy
-restore) vs QEMU (savevm/loadvm on a qcow2, and migrate to file / -incoming). Needs /dev/kvm,
+Checkpoint of a 256 MiB probe VM rewriting a 64 MiB hot set, Vireo (live save + resume; the
+checkpoint applied in place to the running VM, and restored into a new VM) vs QEMU
+(savevm/loadvm on a qcow2, and migrate to file / -incoming). Needs /dev/kvm,
 qemu-system-x86_64 and qemu-img.
 Last line: checkpoint_pause_ms=<n> qemu_savevm_ms=<n> ratio=<n> restore_ms=<n>
-  qemu_loadvm_ms=<n> restore_ratio=<n> (medians)
+  qemu_loadvm_ms=<n> restore_ratio=<n> new_vm_restore_ms=<n> new_vm_restore_ratio=<n>
+  (medians; restore_ms is the in-place apply, as loadvm is)
 VIREO_RESTORE_TRACE=1 prints each step of Vireo's restores (docs/vm-state.md, Restore timing).";
 
 #[derive(Args)]
@@ -58,6 +66,12 @@ pub struct CheckpointArgs {
     /// comes with the background copy), to see what the working set buys.
     #[arg(long, conflicts_with = "eager")]
     no_working_set: bool,
+    /// Instead of the comparison: what the dirty log a checkpoint keeps on costs the guest.
+    /// Prints the DIRTY pass rate over 1 s windows: before any snapshot, after a snapshot
+    /// without tracking, after one with tracking (the default), after an in-place apply (which
+    /// turns the log off and rebuilds the mappings).
+    #[arg(long)]
+    log_cost: bool,
 }
 
 #[derive(Default)]
@@ -65,6 +79,10 @@ struct Series {
     pause: Vec<f64>,
     save: Vec<f64>,
     restore: Vec<f64>,
+    /// Vireo only: the restore into a new VM (fresh RAM).
+    new_vm: Vec<f64>,
+    /// Vireo only: pages the in-place apply copied back.
+    applied_pages: Vec<f64>,
     rounds: Vec<f64>,
     written_mib: Vec<f64>,
 }
@@ -72,6 +90,9 @@ struct Series {
 pub fn run(args: CheckpointArgs) -> Result<(), String> {
     if args.runs == 0 {
         return Err("--runs must be at least 1".into());
+    }
+    if args.log_cost {
+        return log_cost(args.runs);
     }
     let qemu = args
         .qemu
@@ -87,11 +108,13 @@ pub fn run(args: CheckpointArgs) -> Result<(), String> {
         qemu_savevm(&qemu, &dir, i as u64, &mut q)?;
         qemu_migrate(&qemu, &dir, i as u64, &mut m)?;
         eprintln!(
-            "run {}: vireo pause {:.1} ms save {:.1} ms restore {:.1} ms | qemu savevm {:.1} ms loadvm {:.1} ms | migrate downtime {:.1} ms total {:.1} ms incoming {:.1} ms",
+            "run {}: vireo pause {:.1} ms save {:.1} ms apply in place {:.1} ms ({:.0} pages) new VM {:.1} ms | qemu savevm {:.1} ms loadvm {:.1} ms | migrate downtime {:.1} ms total {:.1} ms incoming {:.1} ms",
             i + 1,
             v.pause[i],
             v.save[i],
             v.restore[i],
+            v.applied_pages[i],
+            v.new_vm[i],
             q.save[i],
             q.restore[i],
             m.pause[i],
@@ -129,6 +152,17 @@ pub fn run(args: CheckpointArgs) -> Result<(), String> {
         show(s(&m.restore))
     );
     println!(
+        "{:<34} {:>24} {:>24} {:>24}",
+        "restore in a new VM (fresh RAM)",
+        show(s(&v.new_vm)),
+        "-",
+        "-"
+    );
+    println!(
+        "Vireo's restore row is the checkpoint applied in place to the VM that took it ({:.0} pages copied back, median), as QEMU's loadvm is; the new-VM row is what a new worker process pays",
+        s(&v.applied_pages).median
+    );
+    println!(
         "Vireo live save: {:.0} copy rounds, {:.0} MiB written (medians); QEMU's migrate pause is its own downtime figure",
         s(&v.rounds).median,
         s(&v.written_mib).median
@@ -136,16 +170,18 @@ pub fn run(args: CheckpointArgs) -> Result<(), String> {
     println!(
         "Peers measured elsewhere: Firecracker full snapshot of 256 MiB 180 ms (its CI baseline)"
     );
-    let (vp, qs, vr, ql) = (
+    let (vp, qs, vr, ql, vn) = (
         s(&v.pause).median,
         s(&q.pause).median,
         s(&v.restore).median,
         s(&q.restore).median,
+        s(&v.new_vm).median,
     );
     println!(
-        "checkpoint_pause_ms={vp:.1} qemu_savevm_ms={qs:.1} ratio={:.3} restore_ms={vr:.1} qemu_loadvm_ms={ql:.1} restore_ratio={:.3}",
+        "checkpoint_pause_ms={vp:.1} qemu_savevm_ms={qs:.1} ratio={:.3} restore_ms={vr:.1} qemu_loadvm_ms={ql:.1} restore_ratio={:.3} new_vm_restore_ms={vn:.1} new_vm_restore_ratio={:.3}",
         vp / qs,
-        vr / ql
+        vr / ql,
+        vn / ql
     );
     Ok(())
 }
@@ -224,6 +260,21 @@ fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> 
         out.save.push(ms(r.total));
         out.rounds.push(r.rounds as f64);
         out.written_mib.push((r.bytes_written >> 20) as f64);
+        // QEMU's loadvm comes 100 ms after its savevm; the guest runs meanwhile here too.
+        std::thread::sleep(Duration::from_millis(100));
+        let saved = saved_counter(&snap)?;
+        let started = Instant::now();
+        trace::begin();
+        let applied = h
+            .apply_in_place(&snap, &ApplyOptions::default())
+            .map_err(|e| format!("vireo apply in place: {e}"))?;
+        until_above(|| counter(&h), saved, "vireo apply in place")?;
+        out.restore.push(ms(started.elapsed()));
+        trace::mark("counter advanced (in place)");
+        out.applied_pages.push(applied.pages_copied as f64);
+        if !applied.tracked {
+            return Err("vireo apply in place: the snapshot was not tracked".into());
+        }
         Ok::<_, String>(snap)
     })();
     stop(&h, run);
@@ -256,8 +307,20 @@ fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> 
     trace::mark("counter advanced");
     stop(&h, run);
     result?;
-    out.restore.push(ms(elapsed));
+    out.new_vm.push(ms(elapsed));
     Ok(())
+}
+
+/// The pass counter as the snapshot holds it (read before the timed apply, so a guest that
+/// moves it quickly is not measured against a later value).
+fn saved_counter(snap: &Path) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(snap.join(vireo_vmm::MEMORY_FILE))
+        .map_err(|e| format!("{}: {e}", snap.display()))?;
+    let mut b = [0u8; 8];
+    file.read_exact_at(&mut b, PASSES)
+        .map_err(|e| format!("{}: {e}", snap.display()))?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// A QEMU probe with a QMP socket and `extra` arguments.
@@ -364,5 +427,72 @@ fn qemu_migrate(qemu: &Path, dir: &Path, seed: u64, out: &mut Series) -> Result<
     let saved = q.read_u64(PASSES)?;
     until_above(|| q.read_u64(PASSES), saved, "qemu incoming")?;
     out.restore.push(ms(t.elapsed()));
+    Ok(())
+}
+
+/// Passes of the hot set per second over `window`.
+fn pass_rate(h: &VmHandle, window: Duration) -> Result<f64, String> {
+    let (from, t) = (counter(h)?, Instant::now());
+    std::thread::sleep(window);
+    Ok((counter(h)? - from) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `--log-cost`: the guest's DIRTY pass rate in the 1 s after each step, `runs` times.
+fn log_cost(runs: usize) -> Result<(), String> {
+    let work = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let window = Duration::from_secs(1);
+    let steps = [
+        "no snapshot",
+        "after a snapshot, untracked",
+        "after a snapshot, tracked",
+        "after an in-place apply (log off)",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    for i in 0..runs {
+        let (config, ours) = vireo_config();
+        let vm = Vm::new(config).map_err(|e| format!("vireo: {e}"))?;
+        let h = vm.handle();
+        let run = std::thread::spawn(move || vm.run());
+        let mut console = ProbeConsole::new(ours.try_clone().map_err(|e| e.to_string())?, ours);
+        let result = (|| {
+            console.wait_ready(T).map_err(|e| format!("vireo: {e}"))?;
+            prepare(&mut console, i as u64)?;
+            rates[0].push(pass_rate(&h, window)?);
+            for (track, step) in [(false, 1), (true, 2)] {
+                let opts = LiveSaveOptions {
+                    then: AfterSave::Resume,
+                    track_changes: track,
+                    ..Default::default()
+                };
+                let snap = work.path().join(format!("snap{i}-{step}"));
+                h.save_live(&snap, Identity::default(), None, &opts)
+                    .map_err(|e| format!("vireo snapshot: {e}"))?;
+                rates[step].push(pass_rate(&h, window)?);
+                if track {
+                    h.apply_in_place(&snap, &ApplyOptions::default())
+                        .map_err(|e| format!("vireo apply in place: {e}"))?;
+                    rates[3].push(pass_rate(&h, window)?);
+                }
+                let _ = std::fs::remove_dir_all(&snap);
+            }
+            Ok::<_, String>(())
+        })();
+        stop(&h, run);
+        result?;
+        eprintln!(
+            "run {}: passes/s {}",
+            i + 1,
+            rates
+                .iter()
+                .map(|r| format!("{:.1}", r[i]))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!("DIRTY passes/s over {HOT_MIB} MiB in the 1 s after each step, median (min–max):");
+    for (step, r) in steps.iter().zip(&rates) {
+        let x = summarize(r).expect("at least one run");
+        println!("{step:<32} {:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
+    }
     Ok(())
 }

@@ -227,6 +227,37 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// Stops logging and registers every slot anew (deleted, then added without the log), so
+    /// KVM drops every mapping the log had write-protected: the guest's next access to each
+    /// page is an ordinary fault, which KVM serves for several neighbouring pages at once.
+    pub fn stop_and_remap(&self, vm: &VmFd) -> Result<()> {
+        let mut logging = self.logging.lock().unwrap_or_else(|p| p.into_inner());
+        if logging.take().is_some() {
+            self.stop_devices();
+        }
+        for s in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.slot,
+                flags: 0,
+                guest_phys_addr: s.guest_addr,
+                memory_size: 0,
+                userspace_addr: s.host_addr,
+            };
+            // SAFETY: size 0 deletes the slot; nothing is mapped by it.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        }
+        self.set_slots(vm, false)
+    }
+
+    /// Whether logging is on (started and not stopped since).
+    pub fn is_logging(&self) -> bool {
+        self.logging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     fn stop_devices(&self) {
         for t in &self.devices {
             lock(t).stop_dirty_log();

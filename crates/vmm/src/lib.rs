@@ -32,9 +32,10 @@ pub use exit::VmExit;
 pub use state::{StateError, VmState};
 pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
-    install_termination_handlers, max_vcpus, termination_signal, AfterSave, Handover,
-    LiveSaveOptions, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats, RestoreFrom,
-    SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE,
+    install_termination_handlers, max_vcpus, termination_signal, AfterApply, AfterSave,
+    ApplyOptions, ApplyReport, Handover, LiveSaveOptions, MigrateError, MigrateOutOptions,
+    MigrateShared, MigrateStats, RestoreFrom, SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE,
+    SUMS_FILE, WORKING_SET_FILE,
 };
 pub use vm::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
 

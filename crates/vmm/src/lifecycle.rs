@@ -32,13 +32,24 @@ struct State {
 }
 
 /// Work a parked vCPU does on its own thread (only that thread may use its fd).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub enum Job {
     /// Load the boot state (host reset).
     #[default]
     Reset,
     /// Read the complete state (save).
     Save,
+    /// Load a saved state (in-place apply of a checkpoint, `vm/apply.rs`).
+    Load(std::sync::Arc<LoadJob>),
+}
+
+/// What each vCPU loads for [`Job::Load`].
+#[derive(Debug)]
+pub struct LoadJob {
+    /// Indexed by vCPU id.
+    pub vcpus: Vec<VcpuState>,
+    /// How long the VM was down since the save: its clocks move on by that much.
+    pub down_ns: u64,
 }
 
 /// What a vCPU hands back from a [`Job`].
@@ -82,6 +93,11 @@ impl RunControl {
 
     pub fn paused(&self) -> bool {
         self.lock().paused
+    }
+
+    /// vCPU threads started and not yet ended.
+    pub fn alive(&self) -> usize {
+        self.lock().alive
     }
 
     /// A vCPU thread is about to start (called before it is spawned).
@@ -197,7 +213,7 @@ impl RunControl {
         while s.paused && !s.released {
             if s.job_epoch != epoch {
                 epoch = s.job_epoch;
-                let job = s.job;
+                let job = s.job.clone();
                 drop(s);
                 let result = work(job);
                 s = self.lock();
@@ -243,7 +259,7 @@ mod tests {
                         }
                         if ctl.pause_requested() {
                             ctl.park(|job| {
-                                assert_eq!(job, Job::Reset);
+                                assert!(matches!(job, Job::Reset));
                                 resets.fetch_add(1, Ordering::SeqCst);
                                 Ok(JobOutput::Done)
                             });
@@ -318,7 +334,7 @@ mod tests {
                     ctl.park(|job| match (job, id) {
                         (Job::Save, 2) => Err("vCPU 2: KVM_GET_REGS failed".into()),
                         (Job::Save, _) => Ok(JobOutput::Saved(Box::new(saved(id)))),
-                        (Job::Reset, _) => Ok(JobOutput::Done),
+                        (Job::Reset | Job::Load(_), _) => Ok(JobOutput::Done),
                     });
                     ctl.vcpu_ended();
                 })

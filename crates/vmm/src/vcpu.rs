@@ -235,6 +235,27 @@ pub struct VcpuContext {
     pub boot: std::result::Result<VcpuBootState, String>,
 }
 
+/// [`Job::Load`] on vCPU `index`'s own thread.
+fn load_saved(
+    vcpu: &VcpuFd,
+    index: usize,
+    load: &crate::lifecycle::LoadJob,
+) -> std::result::Result<JobOutput, String> {
+    let saved = load
+        .vcpus
+        .get(index)
+        .ok_or_else(|| format!("vCPU {index}: the saved state has no such vCPU"))?;
+    let refused = saved
+        .restore(vcpu, load.down_ns)
+        .map_err(|e| format!("vCPU {index}: {e}"))?;
+    if !refused.is_empty() {
+        tracing::warn!(
+            "vCPU {index}: KVM refused to load MSRs {refused:#x?}; they keep their current value"
+        );
+    }
+    Ok(JobOutput::Done)
+}
+
 /// Runs vCPU `index` until the VM has an exit reason. The caller has counted the thread in
 /// (`RunControl::vcpu_started`); it counts itself out when it ends.
 pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
@@ -269,6 +290,7 @@ pub fn run(mut vcpu: VcpuFd, index: usize, ctx: VcpuContext) {
                 (Job::Save, _) => VcpuState::capture(&vcpu, index as u32)
                     .map(|s| JobOutput::Saved(Box::new(s)))
                     .map_err(|e| format!("vCPU {index}: {e}")),
+                (Job::Load(load), _) => load_saved(&vcpu, index, &load),
             });
             continue;
         }

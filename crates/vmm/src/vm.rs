@@ -83,6 +83,7 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
     }
 }
 
+mod apply;
 pub mod converge;
 pub mod hotplug;
 mod incoming;
@@ -92,6 +93,7 @@ mod pause_reset;
 pub mod postcopy;
 mod rounds;
 mod state;
+pub use apply::{AfterApply, ApplyOptions, ApplyReport};
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
 pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
 pub use postcopy::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
@@ -120,6 +122,9 @@ struct Shared {
     boot_state: std::result::Result<VmBootState, String>,
     /// Disk slots for hot add and remove (`vm/hotplug.rs`).
     disk_slots: hotplug::DiskSlots,
+    /// The snapshot whose changes the dirty log is tracking for an in-place apply
+    /// (`vm/apply.rs`); `None` when the log is off or holds anything else.
+    tracking: Mutex<Option<apply::Tracked>>,
 }
 
 /// What `Vm::new` loaded into guest RAM, to do it again on reset.
@@ -138,9 +143,11 @@ pub struct VmHandle(Arc<Shared>);
 impl VmHandle {
     /// Starts dirty logging (KVM's, the VMM's own writes, and devices' back ends: `dirty.rs`).
     pub fn start_dirty_log(&self) -> Result<()> {
+        *lock(&self.0.tracking) = None;
         self.0.dirty.start(&self.0.vm_fd, &self.0.ram.memory)
     }
     pub fn stop_dirty_log(&self) -> Result<()> {
+        *lock(&self.0.tracking) = None;
         self.0.dirty.stop(&self.0.vm_fd)
     }
     /// Pages written by the guest or the VMM since logging started or the last fetch.
@@ -457,6 +464,7 @@ impl Vm {
                 },
                 boot_state,
                 disk_slots: hotplug::DiskSlots(Mutex::new(disk_slots)),
+                tracking: Mutex::default(),
             }),
             vcpus,
             pio: Arc::new(pio),

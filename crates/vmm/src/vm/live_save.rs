@@ -41,6 +41,10 @@ pub struct LiveSaveOptions {
     pub max_rounds: u32,
     /// Pause as soon as at most this many pages are dirty.
     pub pause_at_pages: u64,
+    /// A save after which the VM runs on (a snapshot, a checkpoint) keeps the dirty log on,
+    /// so that [`VmHandle::apply_in_place`] of this save copies back only the pages written
+    /// since (`apply.rs`). Costs the guest one write fault per page it writes afterwards.
+    pub track_changes: bool,
 }
 
 impl Default for LiveSaveOptions {
@@ -49,6 +53,7 @@ impl Default for LiveSaveOptions {
             then: AfterSave::StayPaused,
             max_rounds: 8,
             pause_at_pages: 256,
+            track_changes: true,
         }
     }
 }
@@ -101,6 +106,8 @@ struct FileSink<'a> {
     /// A checkpoint syncs the file before its resume: most of it before the pause, while the
     /// guest still runs, so the sync in the pause has only the last pages.
     presync: bool,
+    /// The dirty log stays on after the pause (tracking changes since this save).
+    keep_log: bool,
 }
 
 impl RoundSink for FileSink<'_> {
@@ -119,6 +126,9 @@ impl RoundSink for FileSink<'_> {
         let go = another_round(dirty, self.previous, rounds, self.opts);
         self.previous = Some(dirty);
         Ok(go)
+    }
+    fn keep_dirty_log(&self) -> bool {
+        self.keep_log
     }
     fn before_pause(&mut self) {
         if self.presync {
@@ -170,13 +180,36 @@ impl VmHandle {
         opts: &LiveSaveOptions,
         between: Option<&mut dyn FnMut() -> Result<(), String>>,
     ) -> Result<SaveReport, StateError> {
-        let started = Instant::now();
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
             return Err(StateError::NotRunning);
         }
         // Memory must be all in before it is read through the memfd.
         self.wait_restored();
+        let was_paused = self.0.control.paused();
+        let runs_on = !was_paused && (between.is_some() || opts.then == AfterSave::Resume);
+        let track = opts.track_changes && runs_on;
+        let result = self.save_live_locked(dir, identity, spec, opts, between, track);
+        match &result {
+            Ok((_, snapshot)) if track => self.track_snapshot(dir, *snapshot),
+            Err(_) if track => self.stop_tracking(),
+            _ => {}
+        }
+        result.map(|(report, _)| report)
+    }
+
+    /// The save, with the lifecycle lock held; also returns the save's memory identity (its
+    /// checksum table's sum). With `track`, the dirty log is left on once the VM runs on.
+    fn save_live_locked(
+        &self,
+        dir: &Path,
+        identity: Identity,
+        spec: Option<String>,
+        opts: &LiveSaveOptions,
+        between: Option<&mut dyn FnMut() -> Result<(), String>>,
+        track: bool,
+    ) -> Result<(SaveReport, u32), StateError> {
+        let started = Instant::now();
         let was_paused = self.0.control.paused();
         let io = |path: &Path| {
             let path = path.display().to_string();
@@ -209,6 +242,7 @@ impl VmHandle {
                 previous: None,
                 hot: None,
                 presync: between.is_some(),
+                keep_log: track,
             };
             let done = self.precopy_locked(&mut sink)?;
             report.rounds = done.rounds;
@@ -268,7 +302,7 @@ impl VmHandle {
                 report.pause.as_secs_f64() * 1e3,
                 report.total.as_millis()
             );
-            return Ok(report);
+            return Ok((report, sums.table_sum()));
         }
         if !was_paused && opts.then == AfterSave::Resume {
             self.resume_locked()
@@ -309,7 +343,7 @@ impl VmHandle {
             report.pause.as_secs_f64() * 1e3,
             report.total.as_millis()
         );
-        Ok(report)
+        Ok((report, sums.table_sum()))
     }
 
     /// Copies all of guest RAM that is not zero (first pass; the guest may be running).

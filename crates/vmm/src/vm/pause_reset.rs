@@ -130,6 +130,8 @@ impl VmHandle {
             }
         }
         self.pause_locked()?;
+        // The wipe below is no guest write: the log would not show what it changed.
+        self.stop_tracking();
         match self.reload(boot_state) {
             Ok(()) => {
                 self.0.control.resume_vcpus();

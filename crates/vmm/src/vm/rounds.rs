@@ -31,6 +31,11 @@ pub(super) trait RoundSink {
     ) -> Result<bool, Self::Error>;
     /// Right before the pause (a migration stops throttling the guest here).
     fn before_pause(&mut self) {}
+    /// Whether the dirty log stays on after a successful pre-copy: its log then holds the
+    /// pages written since the copy was complete (a snapshot tracked for an in-place apply).
+    fn keep_dirty_log(&self) -> bool {
+        false
+    }
     /// The pages left once paused (a post-copy migration lists them instead of copying).
     fn final_pass(&mut self, vm: &VmHandle, last: &DirtyBitmap) -> Result<u64, Self::Error> {
         self.dirty_pass(vm, last)
@@ -72,6 +77,8 @@ impl VmHandle {
     pub(super) fn precopy_locked<S: RoundSink>(&self, sink: &mut S) -> Result<Precopied, S::Error> {
         let s = &self.0;
         let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
+        // A new pre-copy restarts the log: changes since an earlier snapshot are lost with it.
+        *super::lock(&s.tracking) = None;
         s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
         let result = (|| {
             let mut bytes = sink.full_pass(self)?;
@@ -130,8 +137,10 @@ impl VmHandle {
                 }
             }
         })();
-        if let Err(e) = s.dirty.stop(&s.vm_fd) {
-            tracing::warn!("stopping the dirty log after pre-copy: {e}");
+        if result.is_err() || !sink.keep_dirty_log() {
+            if let Err(e) = s.dirty.stop(&s.vm_fd) {
+                tracing::warn!("stopping the dirty log after pre-copy: {e}");
+            }
         }
         result
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{lock, Prefilled, Vm, VmHandle};
+use super::{lock, Prefilled, Shared, Vm, VmHandle};
 use crate::config::VmConfig;
 use crate::exit::ExitState;
 use crate::lifecycle::{Job, ParkError};
@@ -326,37 +326,9 @@ impl Vm {
             }
         }
         trace::mark("vCPU state loaded");
-        st.irqchip.restore(&s.vm_fd)?;
-        s.vm_fd
-            .set_pit2(&st.pit.0)
-            .map_err(|e| StateError::Kvm(format!("KVM_SET_PIT2: {e}")))?;
-        st.clock.restore(&s.vm_fd, down_ns)?;
+        load_machine(s, st, down_ns)?;
         trace::mark("irqchip, PIT, clock loaded");
-        let serial = &st.serial;
-        lock(&s.serial)
-            .load_registers(&vm_superio::SerialState {
-                baud_divisor_low: serial.baud_divisor_low,
-                baud_divisor_high: serial.baud_divisor_high,
-                interrupt_enable: serial.interrupt_enable,
-                interrupt_identification: serial.interrupt_identification,
-                line_control: serial.line_control,
-                line_status: serial.line_status,
-                modem_control: serial.modem_control,
-                modem_status: serial.modem_status,
-                scratch: serial.scratch,
-                in_buffer: serial.rx_fifo.clone(),
-            })
-            .map_err(|e| StateError::Mismatch(format!("COM1: {e}")))?;
-        for (index, (t, saved)) in s.transports.iter().zip(&st.virtio).enumerate() {
-            let mut t = lock(t);
-            let kind = crate::virtio_mmio::device_name(t.device_type());
-            t.restore_state(saved)
-                .map_err(|source| StateError::Device {
-                    index,
-                    kind,
-                    source,
-                })?;
-        }
+        load_devices(s, st)?;
         trace::mark("devices loaded");
         // Devices were activated above; park them until the caller resumes.
         self.handle()
@@ -365,4 +337,45 @@ impl Vm {
         trace::mark("restored, paused");
         Ok(())
     }
+}
+
+/// Loads the VM-wide state (irqchip, PIT, kvmclock, COM1) of `st` into a VM whose vCPUs are
+/// not running (never run, or parked).
+pub(super) fn load_machine(s: &Shared, st: &VmState, down_ns: u64) -> Result<(), StateError> {
+    st.irqchip.restore(&s.vm_fd)?;
+    s.vm_fd
+        .set_pit2(&st.pit.0)
+        .map_err(|e| StateError::Kvm(format!("KVM_SET_PIT2: {e}")))?;
+    st.clock.restore(&s.vm_fd, down_ns)?;
+    let serial = &st.serial;
+    lock(&s.serial)
+        .load_registers(&vm_superio::SerialState {
+            baud_divisor_low: serial.baud_divisor_low,
+            baud_divisor_high: serial.baud_divisor_high,
+            interrupt_enable: serial.interrupt_enable,
+            interrupt_identification: serial.interrupt_identification,
+            line_control: serial.line_control,
+            line_status: serial.line_status,
+            modem_control: serial.modem_control,
+            modem_status: serial.modem_status,
+            scratch: serial.scratch,
+            in_buffer: serial.rx_fifo.clone(),
+        })
+        .map_err(|e| StateError::Mismatch(format!("COM1: {e}")))
+}
+
+/// Loads every virtio transport and device from `st`; each transport must be fresh (never
+/// activated, or reset). Devices that were active come back activated, their workers parked.
+pub(super) fn load_devices(s: &Shared, st: &VmState) -> Result<(), StateError> {
+    for (index, (t, saved)) in s.transports.iter().zip(&st.virtio).enumerate() {
+        let mut t = lock(t);
+        let kind = crate::virtio_mmio::device_name(t.device_type());
+        t.restore_state(saved)
+            .map_err(|source| StateError::Device {
+                index,
+                kind,
+                source,
+            })?;
+    }
+    Ok(())
 }
