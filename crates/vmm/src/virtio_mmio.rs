@@ -82,8 +82,8 @@ impl MmioInterrupt {
     /// which acknowledges before it looks at the rings or config, will see this one too (the
     /// virtio-mmio line is level-triggered in the spec; the irqfd only carries its rising
     /// edges). Signalling anyway cost a driver that polls and never acknowledges (the probe;
-    /// Linux while NAPI-style polling) an eventfd write per completion, each scheduling
-    /// KVM's irqfd work on a kworker that then competed with the polling threads for the CPU.
+    /// Linux while NAPI-style polling) an eventfd write per completion, each also waking the
+    /// kworker through which KVM injects an irqfd into the IOAPIC.
     fn raise(&self, bit: u32) -> std::io::Result<()> {
         if self.status.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
             return Ok(());
