@@ -77,8 +77,27 @@ pub struct MmioInterrupt {
 }
 
 impl MmioInterrupt {
+    /// Sets `bit` in InterruptStatus and signals the line, unless `bit` was still set: then
+    /// the driver has not acknowledged the last interrupt for that reason, and its handler,
+    /// which acknowledges before it looks at the rings or config, will see this one too (the
+    /// virtio-mmio line is level-triggered in the spec; the irqfd only carries its rising
+    /// edges). Signalling anyway cost a driver that polls and never acknowledges (the probe;
+    /// Linux while NAPI-style polling) an eventfd write per completion, each also waking the
+    /// kworker through which KVM injects an irqfd into the IOAPIC.
     fn raise(&self, bit: u32) -> std::io::Result<()> {
-        self.status.fetch_or(bit, Ordering::SeqCst);
+        if self.status.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+            return Ok(());
+        }
+        self.irq.write(1)
+    }
+
+    /// Signals the line once more if any status bit is set: an edge sent before a save may
+    /// never have reached the restored guest, and [`MmioInterrupt::raise`] sends none while
+    /// the bit stays set.
+    fn reassert(&self) -> std::io::Result<()> {
+        if self.status.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
         self.irq.write(1)
     }
 }

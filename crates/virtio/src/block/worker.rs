@@ -28,7 +28,7 @@ use super::BlockCounters;
 use crate::chain::ChainBuffers;
 use crate::pause::{Park, PauseCtl};
 use crate::poll::PollWindow;
-use crate::queue::{add_used_logged, avail_waiting, serve_in_batches, QueueRing};
+use crate::queue::{add_used_logged, serve_in_batches, spin_for_avail, QueueRing};
 use crate::queue::{notify_if_needed, poll_avail, serve_queue_gated, Served};
 use crate::state::ParkedReport;
 use crate::worker::{drain, EventLoop, Worker};
@@ -319,15 +319,9 @@ impl BlockWorker {
                     return false;
                 }
                 let start = Instant::now();
-                let found = loop {
-                    if avail_waiting(ring.queue, mem) {
-                        break true;
-                    }
-                    if start.elapsed() >= window || pause.requested() {
-                        break false;
-                    }
-                    std::hint::spin_loop();
-                };
+                let found = spin_for_avail(ring.queue, mem, || {
+                    start.elapsed() < window && !pause.requested()
+                });
                 if !found {
                     polled = Some(start.elapsed());
                 }

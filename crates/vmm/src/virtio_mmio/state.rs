@@ -102,6 +102,9 @@ impl MmioTransport {
         self.interrupt
             .config_generation
             .store(state.config_generation, Ordering::SeqCst);
+        if let Err(e) = self.interrupt.reassert() {
+            tracing::warn!("virtio-mmio: cannot re-signal the restored interrupt: {e}");
+        }
         if state.active {
             self.activate();
             if !self.active {
@@ -225,6 +228,8 @@ mod tests {
         // The driver sees its registers as it left them.
         assert_eq!(rd(&mut t2, reg::STATUS), saved.status);
         assert_eq!(rd(&mut t2, reg::INTERRUPT_STATUS), 1);
+        // The unacknowledged interrupt is signalled again: its edge stayed with the source.
+        assert_eq!(t2.interrupt.irq.read().unwrap(), 1);
         assert_eq!(rd(&mut t2, reg::CONFIG_GENERATION), 3);
         wr(&mut t2, reg::QUEUE_SEL, 0);
         assert_eq!(rd(&mut t2, reg::QUEUE_READY), 1);

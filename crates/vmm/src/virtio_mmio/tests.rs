@@ -217,6 +217,32 @@ fn full_initialisation_activates_with_the_queue_layout() {
 }
 
 #[test]
+fn an_unacknowledged_interrupt_is_signalled_once_per_reason() {
+    let (mut t, seen, irq) = transport();
+    assert_eq!(negotiate(&mut t, FAKE_FEATURES), 1 | 2 | 8);
+    setup_queue(&mut t, 0, 16, 0x10000);
+    setup_queue(&mut t, 1, 16, 0x20000);
+    wr(&mut t, reg::STATUS, 1 | 2 | 4 | 8);
+    let interrupt = seen.lock().unwrap().interrupt.clone().unwrap();
+    // A polling driver that never acknowledges: one edge, however many completions.
+    for _ in 0..5 {
+        interrupt.notify_queue(0).unwrap();
+        interrupt.notify_queue(1).unwrap();
+    }
+    assert_eq!(irq.read().unwrap(), 1);
+    // Another reason while the first is pending gets its own edge.
+    interrupt.notify_config().unwrap();
+    assert_eq!(irq.read().unwrap(), 1);
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+    // Once the driver acknowledged, the next completion signals again.
+    wr(&mut t, reg::INTERRUPT_ACK, INT_VRING);
+    assert!(irq.read().is_err(), "the acknowledgement signals nothing");
+    interrupt.notify_queue(0).unwrap();
+    assert_eq!(irq.read().unwrap(), 1);
+    assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+}
+
+#[test]
 fn queue_registers_ignored_before_features_ok() {
     let (mut t, _, _) = transport();
     wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
