@@ -2,8 +2,8 @@
 //! (VRING_AVAIL_F_NO_INTERRUPT) and watches the used ring in memory, which costs no VM exit;
 //! it kicks only when the device has not suppressed notifications. With EVENT_IDX (negotiated
 //! per device, see `set_event_idx`) the device says which avail index it wants a kick at
-//! (avail_event) and the probe keeps used_event just behind what it has consumed, so the device
-//! never interrupts.
+//! (avail_event) and the probe keeps used_event half the index space ahead of what it has
+//! consumed, so the device never interrupts.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
@@ -102,15 +102,18 @@ impl Virtqueue {
         self.set_used_event();
     }
 
-    /// used_event just behind the last entry consumed: the device interrupts only when its
-    /// used index passes it, which it cannot do without first overtaking entries the probe has
-    /// already seen, so it never does. (The probe polls; it has no interrupt handler.)
+    /// used_event half the index space ahead of the last entry consumed: a device interrupts
+    /// when the entries it just published cross used_event, and these never can (a ring holds
+    /// at most 32768 entries in flight). Just behind the last entry consumed was not enough: a
+    /// polling guest that takes an entry before the device looks moves used_event to
+    /// `new - 1`, which asks for an interrupt for that very entry, and the device then paid an
+    /// interrupt write per request. (The probe polls; it has no interrupt handler.)
     fn set_used_event(&mut self) {
         // SAFETY: used_event is the avail ring's last word, after the `size` entries.
         unsafe {
             write_volatile(
                 self.avail.add(2 + self.size as usize),
-                self.last_used.wrapping_sub(1),
+                self.last_used.wrapping_add(0x7fff),
             )
         };
     }
