@@ -191,7 +191,7 @@ impl Worker {
             for e in std::fs::read_dir(&fds).map_err(|e| format!("{fds}: {e}"))? {
                 let path = e.map_err(|e| e.to_string())?.path();
                 let is_ram = std::fs::read_link(&path)
-                    .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:vireo-guest-ram"));
+                    .is_ok_and(|l| l.to_string_lossy().contains("vireo-guest-ram (deleted)"));
                 if is_ram {
                     return File::open(&path).map_err(|e| format!("{}: {e}", path.display()));
                 }

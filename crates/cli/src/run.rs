@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use crate::exit::CliError;
 use errors::{restore_error, vhost_user_error, vm_error, worker_error};
 use vireo_vmm::vhost_user_net::VhostUserNet;
-use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
+use vireo_vmm::{ConsoleConfig, RamBacking, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit};
 use vireo_worker::control::{ControlDisk, ControlServer};
 use vireo_worker::image::{self, parse_disk, DiskArg};
 
@@ -297,6 +297,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         devices,
         disk_slots: 0,
         console,
+        ram_backing: RamBacking::Memfd,
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;
     let vm = match &args.restore {

@@ -4,6 +4,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::memory::RamBacking;
 use vireo_block::BlockBackend;
 use vireo_virtio::VirtioDevice;
 
@@ -44,6 +45,8 @@ pub struct VmConfig {
     /// (`VmHandle::attach_disk`), listed right after the boot disks. 0: none reserved.
     pub disk_slots: usize,
     pub console: ConsoleConfig,
+    /// What backs guest RAM (`RamBacking::Huge` for a migration's destination).
+    pub ram_backing: RamBacking,
 }
 
 impl VmConfig {
@@ -58,6 +61,7 @@ impl VmConfig {
             devices: Vec::new(),
             disk_slots: 0,
             console: ConsoleConfig::Null,
+            ram_backing: RamBacking::Memfd,
         }
     }
 }

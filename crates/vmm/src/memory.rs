@@ -1,6 +1,8 @@
-//! Guest RAM: one memfd mapped shared (so it can later be handed to vhost-user back ends,
+//! Guest RAM: one shmem file mapped shared (so it can be handed to vhost-user back ends,
 //! snapshotted or migrated), split around the 32-bit MMIO hole, with vm-memory's per-page bitmap
-//! recording every byte the VMM itself writes.
+//! recording every byte the VMM itself writes. The file is a memfd, or for RAM that arrives
+//! whole (a migration's destination) a file on a private huge-page tmpfs (`huge_tmpfs.rs`);
+//! everything else sees the same `File` either way and calls it the memfd.
 
 use std::fs::File;
 use std::os::unix::io::FromRawFd;
@@ -10,6 +12,22 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Result, VmmError};
 use crate::GuestMemory;
+
+mod huge_tmpfs;
+
+/// What guest RAM is backed by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RamBacking {
+    /// A memfd: host pages of 4 KiB unless the host enables shmem huge pages, allocated one by
+    /// one as the guest touches them — the least memory for a guest that boots here.
+    #[default]
+    Memfd,
+    /// 2 MiB host pages wherever the file holds data, so KVM maps 2 MiB at a time: for RAM
+    /// that arrives in bulk and is touched right away (docs/migration.md, "The guest after
+    /// the resume"). A region with a single page written costs 2 MiB. Needs CAP_SYS_ADMIN
+    /// (a private tmpfs); without it, a memfd.
+    Huge,
+}
 
 /// Start of the hole below 4 GiB that holds device MMIO (virtio-mmio, IOAPIC, LAPIC).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
@@ -92,10 +110,30 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Allocates `size` bytes of guest RAM (nothing is touched until the guest uses it).
+    /// Allocates `size` bytes of guest RAM in a memfd (nothing is touched until the guest
+    /// uses it).
     pub fn new(size: u64) -> Result<GuestRam> {
+        GuestRam::with_backing(size, RamBacking::Memfd)
+    }
+
+    /// Allocates `size` bytes of guest RAM backed as `backing` asks, or by a memfd where the
+    /// host cannot give that (logged).
+    pub fn with_backing(size: u64, backing: RamBacking) -> Result<GuestRam> {
         check_size(size)?;
-        let memfd = Arc::new(create_memfd(size)?);
+        let file = match backing {
+            RamBacking::Memfd => create_memfd(size)?,
+            RamBacking::Huge => match huge_tmpfs::create(size) {
+                Ok(f) => {
+                    tracing::debug!("guest RAM: {} MiB on a private huge-page tmpfs", size >> 20);
+                    f
+                }
+                Err(e) => {
+                    tracing::info!("guest RAM in 4 KiB pages (a memfd): no huge-page tmpfs: {e}");
+                    create_memfd(size)?
+                }
+            },
+        };
+        let memfd = Arc::new(file);
         let mut regions = Vec::new();
         let mut file_offset = 0u64;
         for (start, len) in ram_ranges(size) {

@@ -259,7 +259,7 @@ impl Vm {
                 )))
             }
             None => (
-                GuestRam::new(config.memory)?,
+                GuestRam::with_backing(config.memory, config.ram_backing)?,
                 None,
                 Arc::new(ExitState::default()),
             ),

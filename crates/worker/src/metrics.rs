@@ -13,8 +13,10 @@ use vireo_api::worker::{DiskMetrics, WorkerMetrics};
 use vireo_virtio::block::BlockCounters;
 
 /// What names the guest-RAM mapping in smaps: vireo-vmm's memfd (`memory.rs`,
-/// `memfd_create("vireo-guest-ram")`), shown as `/memfd:vireo-guest-ram (deleted)`.
-pub const GUEST_RAM_MAPPING: &str = "/memfd:vireo-guest-ram";
+/// `memfd_create("vireo-guest-ram")`), shown as `/memfd:vireo-guest-ram (deleted)`, or on a
+/// migration's destination its huge-page file (`memory/huge_tmpfs.rs`), shown as
+/// `/vireo-guest-ram (deleted)`.
+pub const GUEST_RAM_MAPPING: &str = "vireo-guest-ram (deleted)";
 
 /// `AT_CLKTCK` in the auxiliary vector: the unit of the CPU times in `/proc/*/stat`.
 const AT_CLKTCK: u64 = 17;
@@ -219,8 +221,11 @@ Rss:                 132 kB
 Private_Dirty:       132 kB
 7f0030000000-7f0030001000 rw-s 00000000 00:01 99 /memfd:vireo-guest-ram (deleted)
 Rss:                   4 kB
+7f0040000000-7f0040400000 rw-s 00000000 00:2f 3 /vireo-guest-ram (deleted)
+Rss:                2048 kB
+Private_Dirty:      2048 kB
 ";
-        assert_eq!(memory_from_smaps(smaps), (8196 * 1024, (12 + 132) * 1024));
+        assert_eq!(memory_from_smaps(smaps), (10244 * 1024, (12 + 132) * 1024));
         assert_eq!(memory_from_smaps(""), (0, 0));
     }
 
