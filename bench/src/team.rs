@@ -49,6 +49,9 @@ pub struct TeamArgs {
     /// queueing skew, flowlets reorder and TCP slows down).
     #[arg(long, default_value_t = 25_000)]
     flowlet_gap_us: u32,
+    /// Send every frame with the VM's MAC (the team's source-MAC rewrite off), for A/B runs.
+    #[arg(long)]
+    no_mac_rewrite: bool,
 }
 
 /// Namespace `<p>a` (10.77.0.1, the "VM") on the switch's VM port `<p>h1`; namespace `<p>b`
@@ -169,6 +172,7 @@ fn start(lab: &Lab, members: &[String], a: &TeamArgs) -> Result<Running, String>
         d => return Err(format!("unknown distribution {d:?}; use l4 or dynamic")),
     };
     tc.flowlet_gap_us = a.flowlet_gap_us;
+    tc.source_mac_rewrite = !a.no_mac_rewrite;
     let team = Arc::new(TeamPort::new("uplink", tc).map_err(|e| e.to_string())?);
     let sw = Switch::new(sc).map_err(|e| e.to_string())?;
     let rt = SwitchRuntime::start(Arc::new(Mutex::new(sw))).map_err(|e| e.to_string())?;
@@ -317,8 +321,13 @@ pub fn measure(a: &TeamArgs) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let streams = a.streams.to_string();
     let (mut one, mut two) = (Vec::new(), Vec::new());
     println!(
-        "{} iperf3 streams, {} s, members tbf-capped to {} Mbit/s, MTU {}, distribution {}",
-        a.streams, a.seconds, a.member_mbit, a.mtu, a.distribution
+        "{} iperf3 streams, {} s, members tbf-capped to {} Mbit/s, MTU {}, distribution {}, source-MAC rewrite {}",
+        a.streams,
+        a.seconds,
+        a.member_mbit,
+        a.mtu,
+        a.distribution,
+        if a.no_mac_rewrite { "off" } else { "on" }
     );
     println!(
         "{:<28} {:>12} {:>26} {:>9} {:>6}",

@@ -49,6 +49,12 @@ pub struct TeamArgs {
     /// Switch-independent teams: this member carries traffic only when no other is up.
     #[arg(long, value_name = "IFACE", requires = "team")]
     pub standby: Option<String>,
+    /// Send every frame with the VM's own MAC on whichever member carries it. By default a
+    /// switch-independent address-hash or dynamic team sends frames on non-primary members
+    /// with the member's MAC (ARP/ND and broadcasts on the primary with the VM's), so the
+    /// physical switch sees each VM MAC on one port only (docs/teaming.md).
+    #[arg(long, requires = "team")]
+    pub no_mac_rewrite: bool,
 }
 
 impl TeamArgs {
@@ -73,6 +79,7 @@ impl TeamArgs {
             };
         }
         t.standby = self.standby.clone();
+        t.source_mac_rewrite = !self.no_mac_rewrite;
         Ok(Some(t))
     }
 }
@@ -332,16 +339,27 @@ mod tests {
             team_mode: Some(Mode::Lacp),
             load_balance: Some(LoadBalance::HyperVPort),
             standby: None,
+            no_mac_rewrite: false,
         };
         let t = a.config().unwrap().unwrap();
         assert_eq!(t.members, ["a", "b"]);
         assert_eq!(t.mode, TeamMode::Lacp);
         assert_eq!(t.distribution, Distribution::HyperVPort);
+        assert!(t.source_mac_rewrite);
+        let off = TeamArgs {
+            team: vec!["a".into(), "b".into()],
+            team_mode: None,
+            load_balance: Some(LoadBalance::Dynamic),
+            standby: None,
+            no_mac_rewrite: true,
+        };
+        assert!(!off.config().unwrap().unwrap().source_mac_rewrite);
         let none = TeamArgs {
             team: vec![],
             team_mode: None,
             load_balance: None,
             standby: None,
+            no_mac_rewrite: false,
         };
         assert!(none.config().unwrap().is_none());
     }

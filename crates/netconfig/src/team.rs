@@ -34,6 +34,18 @@ pub struct TeamConfig {
     /// members, 0.5 ms gave 1.15x aggregation (thousands of moves), 5 ms 1.57x, 25 ms 2.06x.
     #[serde(default = "default_flowlet_gap_us")]
     pub flowlet_gap_us: u32,
+    /// Switch-independent teams with address-hash or dynamic distribution: frames a
+    /// non-primary member sends carry that member's MAC as source, and what peers learn
+    /// from (ARP, ND, broadcast/multicast) leaves by the primary with the VM's MAC, so the
+    /// physical switch sees each VM MAC on one port only (Hyper-V's rule). On by default;
+    /// `false` sends every frame with the VM's MAC on whichever member carries it. Ignored
+    /// in other modes and with `hyper_v_port` (a VM's frames use one member there).
+    #[serde(default = "default_source_mac_rewrite")]
+    pub source_mac_rewrite: bool,
+}
+
+fn default_source_mac_rewrite() -> bool {
+    true
 }
 
 fn default_system_priority() -> u16 {
@@ -147,7 +159,16 @@ impl TeamConfig {
             lacp_rate: LacpRate::default(),
             system_priority: default_system_priority(),
             flowlet_gap_us: default_flowlet_gap_us(),
+            source_mac_rewrite: default_source_mac_rewrite(),
         }
+    }
+
+    /// Whether the team rewrites source MACs (see `source_mac_rewrite`): asked for, and a
+    /// switch-independent team whose distribution spreads one VM over several members.
+    pub fn rewrites_source_macs(&self) -> bool {
+        self.source_mac_rewrite
+            && self.mode == TeamMode::SwitchIndependent
+            && self.distribution != Distribution::HyperVPort
     }
 
     pub fn validate(&self) -> Result<(), TeamConfigError> {

@@ -62,6 +62,17 @@ pub struct MemberStatus {
     pub rx_not_collecting: u64,
     /// Dropped: our own frames reflected back by a far end that is not an aggregate.
     pub rx_reflected: u64,
+    /// Frames sent with this member's MAC as source instead of the VM's (source-MAC
+    /// rewrite, non-primary members).
+    #[serde(default)]
+    pub tx_mac_rewritten: u64,
+    /// Frames addressed to this member's MAC given back to the VM behind that peer.
+    #[serde(default)]
+    pub rx_mac_restored: u64,
+    /// Frames addressed to a non-primary member's MAC that no VM is behind (host traffic,
+    /// or a copy flooded onto another member): not passed to the switch.
+    #[serde(default)]
+    pub rx_member_mac: u64,
     pub link_downs: u64,
     pub lacp: Option<LacpStatus>,
 }
@@ -71,6 +82,9 @@ pub struct TeamStatus {
     pub name: String,
     pub mode: TeamMode,
     pub distribution: Distribution,
+    /// Source-MAC rewrite in force (`TeamConfig::rewrites_source_macs`).
+    #[serde(default)]
+    pub source_mac_rewrite: bool,
     pub members: Vec<MemberStatus>,
     pub tx_frames: u64,
     pub rx_frames: u64,

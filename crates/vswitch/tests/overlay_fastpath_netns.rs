@@ -71,14 +71,16 @@ fn host(name: &str, ov: OverlayConfig, ca: &str, m: &str) -> (Switch, PortId, Po
     (sw, up, vm)
 }
 
-/// A VM namespace on veth `k` with `ca`/24 and MAC `m`; its host end for the switch. `tso`:
-/// the guest sends super-frames with partial checksums and the port takes vnet headers;
-/// otherwise it sends complete MTU-sized frames through a plain socket.
-fn vm(lab: &mut Lab, k: usize, ca: &str, m: &str, tso: bool) -> PacketPort {
+/// A VM namespace on veth `k` with `ca`/24, MAC `m` and `mtu` (both veth ends); its host end
+/// for the switch. `tso`: the guest sends super-frames with partial checksums and the port
+/// takes vnet headers; otherwise it sends complete MTU-sized frames through a plain socket.
+fn vm(lab: &mut Lab, k: usize, ca: &str, m: &str, tso: bool, mtu: u32) -> PacketPort {
     let host = lab.veth_ns(k, false, &[]);
     let (ns, g) = (lab.ns(k), lab.guest(k));
+    let mtu = mtu.to_string();
+    must(&["ip", "link", "set", &host, "mtu", &mtu]);
     must(&[
-        "ip", "-n", &ns, "link", "set", &g, "address", m, "mtu", "1450",
+        "ip", "-n", &ns, "link", "set", &g, "address", m, "mtu", &mtu,
     ]);
     configure(&ns, &g, &[ca]);
     let tx = if tso { "on" } else { "off" };
@@ -162,7 +164,23 @@ fn netns_overlay_tcp_super_frames_cross_the_kernel_whole() {
     }
 }
 
-fn transfer_through_the_kernel(tag: &str, tso: bool) {
+/// Two hosts whose uplinks are the ends of veth `wa`/`wb`, each with a VM namespace (1: A,
+/// 10.0.0.1; 2: B, 10.0.0.2) on its VM port, and the customer ARP resolved.
+struct TwoHosts {
+    lab: Lab,
+    wa: String,
+    wb: String,
+    a: Arc<Mutex<Switch>>,
+    b: Arc<Mutex<Switch>>,
+    ra: SwitchRuntime,
+    rb: SwitchRuntime,
+    a_up: PortId,
+    a_vm: PortId,
+    b_up: PortId,
+    b_vm: PortId,
+}
+
+fn two_hosts(tag: &str, tso: bool, vm_mtu: u32) -> TwoHosts {
     let mut lab = Lab::new("ov", tag);
     let (wa, wb) = (format!("{}wa", lab.prefix), format!("{}wb", lab.prefix));
     must(&[
@@ -194,22 +212,53 @@ fn transfer_through_the_kernel(tag: &str, tso: bool) {
     let rb = SwitchRuntime::start(b.clone()).unwrap();
     ra.attach_packet(a_up, Arc::new(PacketPort::bind(&wa).unwrap()));
     rb.attach_packet(b_up, Arc::new(PacketPort::bind(&wb).unwrap()));
-    ra.attach_packet(a_vm, Arc::new(vm(&mut lab, 1, "10.0.0.1", M1, tso)));
-    rb.attach_packet(b_vm, Arc::new(vm(&mut lab, 2, "10.0.0.2", M2, tso)));
+    let port = vm(&mut lab, 1, "10.0.0.1", M1, tso, vm_mtu);
+    ra.attach_packet(a_vm, Arc::new(port));
+    let port = vm(&mut lab, 2, "10.0.0.2", M2, tso, vm_mtu);
+    rb.attach_packet(b_vm, Arc::new(port));
     std::thread::sleep(Duration::from_millis(100));
     // Resolves the provider neighbours and the customer ARP (user space).
     assert!(ping(&lab.ns(1), 3, 10, &["10.0.0.2"]), "VM A → VM B");
+    TwoHosts {
+        lab,
+        wa,
+        wb,
+        a,
+        b,
+        ra,
+        rb,
+        a_up,
+        a_vm,
+        b_up,
+        b_vm,
+    }
+}
 
-    let listener = in_ns(&lab.ns(2), || TcpListener::bind("10.0.0.2:5301").unwrap());
-    let server = std::thread::spawn(move || {
+/// Drops counted for `reason` on `port`.
+fn drops(sw: &Arc<Mutex<Switch>>, port: PortId, reason: DropReason) -> u64 {
+    lock(sw)
+        .status(port)
+        .unwrap()
+        .meters
+        .drops
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// B's side of a test stream: reads until EOF (or 20 s of silence: a stalled connection
+/// fails the test rather than hanging it) and returns (bytes, bytes not as sent).
+fn receive_pattern(listener: TcpListener) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let (mut n, mut bad) = (0usize, 0usize);
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let k = c.read(&mut buf).unwrap();
-            if k == 0 {
-                break;
-            }
+            let k = match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => k,
+            };
             bad += buf[..k]
                 .iter()
                 .enumerate()
@@ -218,7 +267,113 @@ fn transfer_through_the_kernel(tag: &str, tso: bool) {
             n += k;
         }
         (n, bad)
+    })
+}
+
+/// MTU honesty on the fast path: the VMs' MTU is 9000 (ports and guests), the provider's
+/// 1500, so the limit of an offloaded connection's frames is 1450 bytes of IP. Once the
+/// connection is in the kernel, A's first 9000-byte segments (or super-frames of 8948-byte
+/// segments, with TSO) are over it: the classifier hands them to user space, which answers
+/// ICMP "fragmentation needed" with MTU 1450 (counted `too_big`); A's TCP lowers its segment
+/// size and the stream completes intact, carried on by the kernel.
+#[test]
+fn netns_overlay_oversized_frames_of_an_offloaded_connection_get_icmp_too_big() {
+    if netns_available("ovm") {
+        oversized_frames_get_icmp_too_big("m", false);
+    }
+}
+
+#[test]
+fn netns_overlay_oversized_super_frames_of_an_offloaded_connection_get_icmp_too_big() {
+    if netns_available("ovt") {
+        oversized_frames_get_icmp_too_big("t", true);
+    }
+}
+
+fn oversized_frames_get_icmp_too_big(tag: &str, tso: bool) {
+    let h = two_hosts(tag, tso, 9000);
+    let (ns1, h1) = (h.lab.ns(1), h.lab.host(1));
+    let listener = in_ns(&h.lab.ns(2), || TcpListener::bind("10.0.0.2:5302").unwrap());
+    let server = receive_pattern(listener);
+    let mut client = in_ns(&ns1, || {
+        TcpStream::connect_timeout(&"10.0.0.2:5302".parse().unwrap(), Duration::from_secs(5))
+            .unwrap()
     });
+    client.set_nodelay(true).unwrap();
+    // A stalled connection fails the test rather than hanging it.
+    client
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Small writes until A's encap classifier carries the connection.
+    let mut sent = 0usize;
+    wait_for("the connection's encap flow in the kernel", 20, || {
+        let small: Vec<u8> = (sent..sent + 100).map(pattern).collect();
+        client.write_all(&small).unwrap();
+        sent += small.len();
+        redirected(&h1) > 0
+    });
+    let route = || output(&["ip", "-n", &ns1, "route", "get", "10.0.0.2"]);
+    assert!(!route().contains("mtu 1450"), "{}", route());
+    let too_big0 = drops(&h.a, h.a_vm, DropReason::TooBig);
+    let kernel0 = redirected(&h1);
+
+    let big: Vec<u8> = (sent..sent + BYTES / 4).map(pattern).collect();
+    if let Err(e) = client.write_all(&big) {
+        panic!(
+            "the stream stalled ({e}): too_big {} -> {}, route {}, A's filters:\n{}",
+            too_big0,
+            drops(&h.a, h.a_vm, DropReason::TooBig),
+            route(),
+            filters(&h1)
+        );
+    }
+    sent += big.len();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let (n, bad) = server.join().unwrap();
+    assert_eq!((n, bad), (sent, 0), "the stream completes intact");
+
+    let too_big = drops(&h.a, h.a_vm, DropReason::TooBig) - too_big0;
+    assert!(too_big > 0, "no too_big counted on A's VM port");
+    assert!(
+        route().contains("mtu 1450"),
+        "A learned no path MTU from an ICMP fragmentation-needed: {}",
+        route()
+    );
+    // After the ICMP the connection went on through the kernel.
+    assert!(
+        redirected_bytes(&h1) > (BYTES / 4) as u64 * 8 / 10 && redirected(&h1) > kernel0,
+        "{}",
+        filters(&h1)
+    );
+    assert!(
+        h.ra.offloaded_flows()
+            .iter()
+            .any(|k| k.ingress == h.a_vm && matches!(k.tunnel, Some(Tunnel::Encap { .. }))),
+        "{:?}",
+        h.ra.offloaded_flows()
+    );
+    let _ = (&h.b, h.b_up, h.b_vm, &h.wa, &h.wb, h.a_up);
+    h.ra.stop().unwrap();
+    h.rb.stop().unwrap();
+}
+
+fn transfer_through_the_kernel(tag: &str, tso: bool) {
+    let TwoHosts {
+        lab,
+        wa,
+        wb,
+        a,
+        b,
+        ra,
+        rb,
+        a_up,
+        a_vm,
+        b_up,
+        b_vm,
+    } = two_hosts(tag, tso, 1450);
+
+    let listener = in_ns(&lab.ns(2), || TcpListener::bind("10.0.0.2:5301").unwrap());
+    let server = receive_pattern(listener);
     let client = in_ns(&lab.ns(1), || {
         TcpStream::connect_timeout(&"10.0.0.2:5301".parse().unwrap(), Duration::from_secs(5))
             .unwrap()
@@ -340,16 +495,7 @@ fn transfer_through_the_kernel(tag: &str, tso: bool) {
         encapsulate(&mut f, vireo_netconfig::Encap::Vxlan, 100, 7, &o);
         f
     };
-    let spoofs = |sw: &Arc<Mutex<Switch>>| {
-        lock(sw)
-            .status(b_up)
-            .unwrap()
-            .meters
-            .drops
-            .iter()
-            .find(|(r, _)| *r == DropReason::OverlaySpoof)
-            .map_or(0, |(_, n)| *n)
-    };
+    let spoofs = |sw: &Arc<Mutex<Switch>>| drops(sw, b_up, DropReason::OverlaySpoof);
     let injector = PacketPort::bind(&wa).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (kernel0, spoof0) = (redirected(&wb), spoofs(&b));

@@ -266,6 +266,136 @@ fn switch_independent_dynamic_spreads_fails_over_and_rejoins() {
     assert!(ping(&t.a, 3, 6, &["10.9.0.2"]), "ping after rejoin");
 }
 
+/// The ports of the far-end bridge on which its forwarding table shows `mac`, sampled every
+/// 50 ms while `busy` runs (and once after).
+fn fdb_ports_while(t: &Topo, mac: &str, mut busy: Child, secs: u64) -> (Vec<String>, bool, String) {
+    let mut ports: Vec<String> = Vec::new();
+    let mut both_at_once = false;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let sample = |ports: &mut Vec<String>| {
+        let fdb = output(&["bridge", "-n", &t.b, "fdb", "show", "br", "br0"]);
+        let now: Vec<String> = fdb
+            .lines()
+            .filter(|l| l.starts_with(mac) && !l.contains("permanent"))
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .collect();
+        for p in &now {
+            if !ports.contains(p) {
+                ports.push(p.clone());
+            }
+        }
+        now.len() > 1
+    };
+    while Instant::now() < end && busy.try_wait().ok().flatten().is_none() {
+        both_at_once |= sample(&mut ports);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    both_at_once |= sample(&mut ports);
+    // `finish` reaps (and kills, past the deadline) the child.
+    let out = match finish(busy, 1) {
+        Some((true, _)) => String::new(),
+        Some((false, out)) => out,
+        None => "timed out".into(),
+    };
+    (ports, both_at_once, out)
+}
+
+/// Source-MAC rewrite (on by default for a switch-independent dynamic team): while 4 TCP
+/// streams spread over both members with flowlets moving between them, the far-end bridge
+/// learns the VM's MAC only on the primary's port (the other member's frames carry that
+/// member's MAC); both members carry traffic and the streams complete. With the rewrite off
+/// the same run shows the bridge the VM's MAC on both ports.
+#[test]
+fn switch_independent_dynamic_rewrites_source_macs_so_a_vm_mac_never_moves() {
+    if !available("r") {
+        return;
+    }
+    const VM_MAC: &str = "02:00:00:00:09:01";
+    for rewrite in [true, false] {
+        let t = topo(if rewrite { "r" } else { "o" }, |c| {
+            c.distribution = Distribution::Dynamic;
+            // Short gaps: many flowlet moves, the case the rewrite exists for.
+            c.flowlet_gap_us = 2_000;
+            c.source_mac_rewrite = rewrite;
+        });
+        must(&[
+            "ip",
+            "-n",
+            &t.a,
+            "link",
+            "set",
+            &t.lab.guest(1),
+            "address",
+            VM_MAC,
+        ]);
+        assert!(ping(&t.a, 3, 6, &["10.9.0.2"]), "ping across the team");
+        assert_eq!(t.status().source_mac_rewrite, rewrite);
+        let srv = Reap(iperf_server(&t.b, 5201));
+        let before = t.status();
+        let client = t.iperf(&["-P", "4", "-t", "3"]);
+        let (ports, both_at_once, failed) = fdb_ports_while(&t, VM_MAC, client, 20);
+        drop(srv);
+        assert_eq!(failed, "", "iperf3 -P 4 (rewrite {rewrite})");
+        let s = t.status();
+        let sent = |k: usize| s.members[k].tx_frames - before.members[k].tx_frames;
+        assert!(
+            sent(0) > 1000 && sent(1) > 1000,
+            "both members carry traffic: {s:#?}"
+        );
+        assert!(s.flowlet_moves > before.flowlet_moves, "{s:#?}");
+        if rewrite {
+            assert_eq!(
+                ports,
+                vec![t.lab.guest(2)],
+                "the bridge learned the VM's MAC on the primary's port only"
+            );
+            assert!(!both_at_once);
+            assert_eq!(s.members[0].tx_mac_rewritten, 0, "{s:#?}");
+            assert!(
+                s.members[1].tx_mac_rewritten > 1000,
+                "member 1 sends with its own MAC: {s:#?}"
+            );
+            let m1 = output(&["cat", &format!("/sys/class/net/{}/address", t.member(1))]);
+            let fdb = output(&["bridge", "-n", &t.b, "fdb", "show", "br", "br0"]);
+            assert!(
+                fdb.lines()
+                    .any(|l| l.starts_with(m1.trim()) && l.contains(&t.lab.guest(3))),
+                "member 1's MAC learned behind its port:\n{fdb}"
+            );
+            // A peer that answers the L2 source (here: a neighbour entry pinned to member
+            // 1's MAC) reaches the VM: the team gives the frames back to the VM that talks
+            // to that peer through member 1.
+            must(&[
+                "ip",
+                "-n",
+                &t.b,
+                "neigh",
+                "replace",
+                "10.9.0.1",
+                "lladdr",
+                m1.trim(),
+                "dev",
+                "br0",
+                "nud",
+                "permanent",
+            ]);
+            assert!(
+                ping(&t.b, 3, 6, &["10.9.0.1"]),
+                "ping to the VM via member 1's MAC"
+            );
+            let s = t.status();
+            assert!(s.members[1].rx_mac_restored >= 3, "{s:#?}");
+        } else {
+            assert_eq!(
+                ports.len(),
+                2,
+                "without rewrite the VM's MAC moves: {ports:?}"
+            );
+            assert_eq!(s.members[1].tx_mac_rewritten, 0);
+        }
+    }
+}
+
 #[test]
 fn switch_independent_standby_takes_over_only_when_needed() {
     if !available("s") {

@@ -52,6 +52,9 @@ pub enum Load {
     VlanProto,
     /// The frame's length from the Ethernet header on.
     Len,
+    /// The skb's mark (`skb->mark`): lets a classifier hand a frame back to user space by
+    /// re-injecting a marked copy that its own checks (and the socket filter's) refuse.
+    Mark,
     /// `size` bytes (1, 2 or 4, big-endian) at `off` from the Ethernet header.
     Abs { size: u8, off: u32 },
 }
@@ -170,6 +173,11 @@ pub fn checks(f: &FlowMatch) -> Vec<Check> {
 /// follow): a load past the end fails the flow, as in the kernel. `tci`: the metadata tag,
 /// an 802.1Q one.
 pub fn eval(checks: &[Check], frame: &[u8], tci: Option<u16>) -> bool {
+    eval_marked(checks, frame, tci, 0)
+}
+
+/// [`eval`] of a frame whose skb carries `mark`.
+pub fn eval_marked(checks: &[Check], frame: &[u8], tci: Option<u16>, mark: u32) -> bool {
     let get = |at: usize, n: u8| -> Option<u32> {
         let b = frame.get(at..at + n as usize)?;
         Some(b.iter().fold(0u32, |v, x| v << 8 | *x as u32))
@@ -180,6 +188,7 @@ pub fn eval(checks: &[Check], frame: &[u8], tci: Option<u16>) -> bool {
             Load::VlanTci => Some(tci.unwrap_or(0) as u32),
             Load::VlanProto => Some(if tci.is_some() { 0x8100 } else { 0 }),
             Load::Len => Some(frame.len() as u32),
+            Load::Mark => Some(mark),
             Load::Abs { size, off } => get(off as usize, size),
         };
         v.is_some_and(|v| {

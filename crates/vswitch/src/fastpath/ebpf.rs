@@ -75,6 +75,8 @@ pub const FN_SKB_VLAN_POP: i32 = 19;
 
 /// `struct __sk_buff` offsets the program reads.
 pub const SKB_LEN: i16 = 0;
+pub const SKB_MARK: i16 = 8;
+pub const SKB_IFINDEX: i16 = 40;
 pub const SKB_VLAN_PRESENT: i16 = 20;
 pub const SKB_VLAN_TCI: i16 = 24;
 pub const SKB_VLAN_PROTO: i16 = 28;
@@ -132,6 +134,7 @@ pub(crate) fn emit_checks(p: &mut Vec<Insn>, checks: &[Check]) -> Vec<usize> {
             // __sk_buff.vlan_proto is the raw (network-order) TPID: compared swapped below.
             Load::VlanProto => p.push(ins(LDX_W, R0, R6, SKB_VLAN_PROTO, 0)),
             Load::Len => p.push(ins(LDX_W, R0, R6, SKB_LEN, 0)),
+            Load::Mark => p.push(ins(LDX_W, R0, R6, SKB_MARK, 0)),
             Load::Abs { size, off } => {
                 let code = match size {
                     4 => LD_ABS_W,
@@ -209,8 +212,40 @@ pub fn test_run(prog: &OwnedFd, frame: &[u8]) -> io::Result<u32> {
 
 /// [`test_run`], also returning the frame as the program left it.
 pub fn test_run_data(prog: &OwnedFd, frame: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+    test_run_skb(prog, frame, SkbIn::default()).map(|r| (r.retval, r.frame))
+}
+
+/// The `struct __sk_buff` fields a test run sets besides the frame.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkbIn {
+    pub mark: u32,
+    /// Non-zero: the skb is a GSO super-frame of segments this long.
+    pub gso_size: u32,
+}
+
+/// What a test run leaves: the return value, the frame and the skb's mark.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkbOut {
+    pub retval: u32,
+    pub frame: Vec<u8>,
+    pub mark: u32,
+}
+
+/// Runs a loaded program once on `frame` with the skb metadata `skb` (`BPF_PROG_TEST_RUN`
+/// with a `__sk_buff` context in and out).
+pub fn test_run_skb(prog: &OwnedFd, frame: &[u8], skb: SkbIn) -> io::Result<SkbOut> {
     use std::os::fd::AsRawFd;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    /// `sizeof(struct __sk_buff)` on 6.x kernels.
+    const SK_BUFF_LEN: usize = 192;
+    let mut ctx_in = [0u8; SK_BUFF_LEN];
+    ctx_in[SKB_MARK as usize..][..4].copy_from_slice(&skb.mark.to_ne_bytes());
+    ctx_in[SKB_GSO_SIZE..][..4].copy_from_slice(&skb.gso_size.to_ne_bytes());
+    if skb.gso_size != 0 {
+        // gso_segs: the kernel wants a super-frame to claim more than one segment.
+        ctx_in[SKB_GSO_SEGS..][..4].copy_from_slice(&2u32.to_ne_bytes());
+    }
+    let mut ctx_out = [0u8; SK_BUFF_LEN];
     let mut out = vec![0u8; frame.len() + 256];
     let mut attr = [0u8; 80];
     attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
@@ -219,8 +254,13 @@ pub fn test_run_data(prog: &OwnedFd, frame: &[u8]) -> io::Result<(u32, Vec<u8>)>
     attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
     attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
     attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    attr[40..44].copy_from_slice(&(SK_BUFF_LEN as u32).to_ne_bytes());
+    attr[44..48].copy_from_slice(&(SK_BUFF_LEN as u32).to_ne_bytes());
+    attr[48..56].copy_from_slice(&(ctx_in.as_ptr() as u64).to_ne_bytes());
+    attr[56..64].copy_from_slice(&(ctx_out.as_mut_ptr() as u64).to_ne_bytes());
     // SAFETY: bpf(2) reads the attr, whose pointers refer to live buffers of the stated
-    // lengths, and writes the retval into it and the frame into `out`.
+    // lengths, and writes the retval into it, the frame into `out`, the context into
+    // `ctx_out`.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -234,11 +274,16 @@ pub fn test_run_data(prog: &OwnedFd, frame: &[u8]) -> io::Result<(u32, Vec<u8>)>
     }
     let n = u32::from_ne_bytes([attr[12], attr[13], attr[14], attr[15]]) as usize;
     out.truncate(n);
-    Ok((
-        u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]),
-        out,
-    ))
+    let word = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    Ok(SkbOut {
+        retval: word(&attr, 4),
+        frame: out,
+        mark: word(&ctx_out, SKB_MARK as usize),
+    })
 }
+
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
 
 #[cfg(test)]
 pub(crate) mod interp {
@@ -273,6 +318,7 @@ pub(crate) mod interp {
                     assert_eq!(src, R6 as usize, "ctx loads only");
                     r[dst] = match i.off {
                         SKB_LEN => frame.len() as u64,
+                        SKB_MARK => 0,
                         SKB_VLAN_PRESENT => tci.is_some() as u64,
                         SKB_VLAN_TCI => tci.unwrap_or(0) as u64,
                         SKB_VLAN_PROTO => tci.map_or(0, |_| 0x8100u16.to_be()) as u64,

@@ -47,6 +47,8 @@ pub const LD_VLAN_TAG_PRESENT: u32 = (-0x1000i32 + 48) as u32;
 pub const LD_VLAN_TAG: u32 = (-0x1000i32 + 44) as u32;
 /// `SKF_AD_OFF + SKF_AD_VLAN_TPID`: loads the metadata tag's TPID (host order).
 pub const LD_VLAN_TPID: u32 = (-0x1000i32 + 60) as u32;
+/// `SKF_AD_OFF + SKF_AD_MARK`: loads `skb->mark`.
+pub const LD_MARK: u32 = (-0x1000i32 + 20) as u32;
 /// `A = skb->len`.
 pub const LD_W_LEN: u16 = 0x80;
 pub const ALU_AND_K: u16 = 0x54;
@@ -145,6 +147,7 @@ fn block(checks: &[Check], on_match: u32) -> Option<Vec<SockFilter>> {
             Load::VlanTci => b.push(stmt(LD_W_ABS, LD_VLAN_TAG)),
             Load::VlanProto => b.push(stmt(LD_W_ABS, LD_VLAN_TPID)),
             Load::Len => b.push(stmt(LD_W_LEN, 0)),
+            Load::Mark => b.push(stmt(LD_W_ABS, LD_MARK)),
             Load::Abs { size, off } => b.push(stmt(ld_code(size), off)),
         }
         if c.mask != u32::MAX {
@@ -213,6 +216,11 @@ pub(crate) mod interp {
 
     /// `tci`: the tag the skb carries in its metadata, if any.
     pub fn run_tci(prog: &[SockFilter], frame: &[u8], tci: Option<u16>) -> u32 {
+        run_marked(prog, frame, tci, 0)
+    }
+
+    /// [`run_tci`] of a frame whose skb carries `mark`.
+    pub fn run_marked(prog: &[SockFilter], frame: &[u8], tci: Option<u16>, mark: u32) -> u32 {
         let mut a: u32 = 0;
         let mut pc = 0usize;
         for _ in 0..=MAX_INSNS {
@@ -229,6 +237,7 @@ pub(crate) mod interp {
                 LD_W_ABS if i.k == LD_VLAN_TAG_PRESENT => Some(tci.is_some() as u32),
                 LD_W_ABS if i.k == LD_VLAN_TAG => Some(tci.unwrap_or(0) as u32),
                 LD_W_ABS if i.k == LD_VLAN_TPID => Some(if tci.is_some() { 0x8100 } else { 0 }),
+                LD_W_ABS if i.k == LD_MARK => Some(mark),
                 LD_W_ABS => load(k, 4),
                 LD_H_ABS => load(k, 2),
                 LD_B_ABS => load(k, 1),

@@ -16,12 +16,16 @@
 //!
 //! Both return -1 ("match") so the filter's `mirred` redirects and counts, as for plain flows.
 //! A frame of the connection whose IP packet exceeds the path's limit (non-GSO: its length;
-//! GSO: segment size plus headers) is not redirected: the socket filter (classic BPF, which
-//! cannot read the GSO size) still hides it from the switch, so it is lost and TCP resends.
+//! GSO: segment size plus headers) is handed back to user space, which answers ICMP "too big"
+//! as for any other flow. The socket filter (classic BPF, which cannot read the GSO size) has
+//! already hidden it, and taps run before tc, so the classifier re-injects a copy into the
+//! device's ingress (`bpf_clone_redirect`) with [`PUNT_MARK`] set; every tunnel check list
+//! starts with "mark bit clear", so the socket filter lets the copy through and no classifier
+//! takes it. The original goes on unredirected, to a stack that does not want it.
 
 use super::checks::{checks, Check, FlowMatch, Load};
 use super::ebpf::{emit_checks, finish, ins, Insn, CALL, LDX_W, LD_ABS_B, MOV64_K, MOV64_X};
-use super::ebpf::{R0, R1, R2, R3, R6};
+use super::ebpf::{EXIT, R0, R1, R2, R3, R6, SKB_IFINDEX, SKB_MARK};
 use crate::frame::Mac;
 
 /// Outer Ethernet + IPv4 + UDP + VXLAN.
@@ -29,6 +33,10 @@ pub const VXLAN_OVERHEAD: usize = 50;
 /// The bytes an encap program writes: the outer headers and the inner Ethernet header.
 pub const ENCAP_HEADER: usize = VXLAN_OVERHEAD + 14;
 const VXLAN_PORT: u16 = 4789;
+/// The `skb->mark` bit of frames a tunnel classifier hands back to user space. A frame that
+/// arrives with it set is never offloaded (it reaches user space), so a clash with another
+/// user of the bit costs speed, never a frame.
+pub const PUNT_MARK: u32 = 0x4000_0000;
 
 /// What the kernel does to an overlay flow's frames besides redirecting them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -86,6 +94,17 @@ fn abs(size: u8, off: u32, value: u32) -> Check {
 /// The checks an overlay flow's frames pass where they enter (the same list feeds the socket
 /// filter that hides them from the switch). `inner`: the customer connection (with `l4`).
 pub fn tunnel_checks(inner: &FlowMatch, t: &Tunnel) -> Vec<Check> {
+    let mut out = vec![Check {
+        load: Load::Mark,
+        mask: PUNT_MARK,
+        value: 0,
+        at_least: false,
+    }];
+    out.extend(connection_checks(inner, t));
+    out
+}
+
+fn connection_checks(inner: &FlowMatch, t: &Tunnel) -> Vec<Check> {
     let c = checks(inner);
     let Tunnel::Decap {
         our_mac,
@@ -161,6 +180,7 @@ const ALU64_AND_K: u8 = 0x57;
 const ALU64_XOR_K: u8 = 0xa7;
 const ALU64_RSH_K: u8 = 0x77;
 const ALU_AND_K: u8 = 0x54;
+const ALU_OR_K: u8 = 0x44;
 const ALU_RSH_K: u8 = 0x74;
 /// `BPF_ALU | BPF_END | BPF_TO_BE`: the low `imm` bits in network order.
 const TO_BE: u8 = 0xdc;
@@ -170,6 +190,7 @@ const JGT_K: u8 = 0x25;
 const JA: u8 = 0x05;
 const LD_IMM64: u8 = 0x18;
 const ST_W: u8 = 0x62;
+const STX_W: u8 = 0x63;
 const STX_H: u8 = 0x6b;
 const R4: u8 = 4;
 const R5: u8 = 5;
@@ -177,6 +198,9 @@ const R7: u8 = 7;
 const R10: u8 = 10;
 
 const FN_SKB_STORE_BYTES: i32 = 9;
+const FN_CLONE_REDIRECT: i32 = 13;
+/// `BPF_F_INGRESS`: the redirected copy is received by the device rather than sent.
+const F_INGRESS: i32 = 1;
 const FN_SKB_ADJUST_ROOM: i32 = 50;
 const ADJ_ROOM_MAC: i32 = 1;
 const F_FIXED_GSO: u64 = 1;
@@ -190,7 +214,7 @@ const fn f_encap_l2(len: u64) -> u64 {
 const F_RECOMPUTE_CSUM: i32 = 1;
 const SKB_GSO_SIZE: i16 = 176;
 
-/// Rejects (jumps to the fail tail) frames whose IP packet — each segment's, for a GSO
+/// Punts (jumps to [`punt_tail`]) frames whose IP packet — each segment's, for a GSO
 /// super-frame — would exceed `max_ip_len`. `outer`: bytes in front of the inner Ethernet
 /// header. The inner IPv4 header is 20 bytes (the checks require it).
 fn length_limit(p: &mut Vec<Insn>, fails: &mut Vec<usize>, outer: u32, max_ip_len: u16) {
@@ -216,6 +240,27 @@ fn length_limit(p: &mut Vec<Insn>, fails: &mut Vec<usize>, outer: u32, max_ip_le
         0,
         (max_ip_len as u32 + 14 + outer) as i32,
     ));
+}
+
+/// Appends the tail the jumps in `punts` go to: the frame's mark gets [`PUNT_MARK`], a copy
+/// re-enters this device's ingress (where taps, and so the switch's socket, see it again) and
+/// the program returns "no match" for the original.
+fn punt_tail(p: &mut Vec<Insn>, punts: Vec<usize>) {
+    let at = p.len();
+    for j in punts {
+        p[j].off = (at - j - 1) as i16;
+    }
+    p.extend([
+        ins(LDX_W, R0, R6, SKB_MARK, 0),
+        ins(ALU_OR_K, R0, 0, 0, PUNT_MARK as i32),
+        ins(STX_W, R6, R0, SKB_MARK, 0),
+        ins(MOV64_X, R1, R6, 0, 0),
+        ins(LDX_W, R2, R6, SKB_IFINDEX, 0),
+        ins(MOV64_K, R3, 0, 0, F_INGRESS),
+        ins(CALL, 0, 0, 0, FN_CLONE_REDIRECT),
+        ins(MOV64_K, R0, 0, 0, 0),
+        ins(EXIT, 0, 0, 0, 0),
+    ]);
 }
 
 /// Stores `bytes` (a multiple of 4 long) at the top of the stack, `r10 - len`.
@@ -285,9 +330,10 @@ fn store_len(p: &mut Vec<Insn>, add: i32, at: i16) {
 pub fn tunnel_classifier(checks: &[Check], t: &Tunnel) -> Vec<Insn> {
     let mut p = vec![ins(MOV64_X, R6, R1, 0, 0)];
     let mut fails = emit_checks(&mut p, checks);
+    let mut punts = Vec::new();
     match *t {
         Tunnel::Encap { header, max_ip_len } => {
-            length_limit(&mut p, &mut fails, 0, max_ip_len);
+            length_limit(&mut p, &mut punts, 0, max_ip_len);
             let flags = F_ENCAP_L3_IPV4 | F_ENCAP_L4_UDP | F_ENCAP_L2_ETH | f_encap_l2(14);
             adjust_room(&mut p, &mut fails, VXLAN_OVERHEAD as i32, flags);
             let top = -(ENCAP_HEADER as i16);
@@ -317,7 +363,7 @@ pub fn tunnel_classifier(checks: &[Check], t: &Tunnel) -> Vec<Insn> {
             store_front(&mut p, &mut fails, ENCAP_HEADER as i32, ENCAP_HEADER as i32);
         }
         Tunnel::Decap { max_ip_len, .. } => {
-            length_limit(&mut p, &mut fails, VXLAN_OVERHEAD as u32, max_ip_len);
+            length_limit(&mut p, &mut punts, VXLAN_OVERHEAD as u32, max_ip_len);
             // The inner Ethernet header, read before the outer headers go.
             let mut eth = [0u8; 16];
             let inner = VXLAN_OVERHEAD as u32;
@@ -332,7 +378,9 @@ pub fn tunnel_classifier(checks: &[Check], t: &Tunnel) -> Vec<Insn> {
             store_front(&mut p, &mut fails, 16, 14);
         }
     }
-    finish(p, fails)
+    let mut p = finish(p, fails);
+    punt_tail(&mut p, punts);
+    p
 }
 
 /// The MAC the checks require at `off` (a 4-byte and a 2-byte check, as `checks` emits).
@@ -352,8 +400,8 @@ mod tests {
     //! The kernel runs each program (BPF_PROG_TEST_RUN) and its output is held against what
     //! the user-space overlay makes of the same frame.
     use super::*;
-    use crate::fastpath::checks::{eval, L4Match};
-    use crate::fastpath::ebpf::{load, test_run_data};
+    use crate::fastpath::checks::{eval, eval_marked, L4Match};
+    use crate::fastpath::ebpf::{load, test_run_data, test_run_skb, SkbIn, SkbOut};
     use crate::fastpath::sockfilter::{interp, socket_filter_with};
     use crate::overlay::encap::{encapsulate, Outer};
     use crate::overlay::wire::ipv4_header_checksum;
@@ -461,13 +509,80 @@ mod tests {
                 "payload {payload}"
             );
         }
-        for (what, frame) in [
-            ("another connection", tcp(1001, 100)),
-            ("over the provider MTU", tcp(1000, 1411)),
-        ] {
-            let (r, out) = run(&t, &frame);
-            assert_eq!((r, &out), (0, &frame), "{what}: left alone");
+        let (r, out) = run(&t, &tcp(1001, 100));
+        assert_eq!(
+            (r, out),
+            (0, tcp(1001, 100)),
+            "another connection: left alone"
+        );
+    }
+
+    fn run_skb(t: &Tunnel, frame: &[u8], skb: SkbIn) -> SkbOut {
+        let prog = load(
+            &tunnel_classifier(&tunnel_checks(&conn(), t), t),
+            "vireo_test",
+        )
+        .unwrap();
+        test_run_skb(&prog, frame, skb).unwrap()
+    }
+
+    /// A frame over the limit is not redirected but marked (and a marked copy re-injected,
+    /// which the kernel's test run does not show); a frame that already carries the mark is
+    /// not taken at all, so the copy never loops.
+    #[test]
+    fn frames_over_the_limit_are_punted_with_the_mark() {
+        if !vireo_testkit::require(vireo_testkit::Need::Root) {
+            return;
         }
+        let punted = |frame: &[u8]| SkbOut {
+            retval: 0,
+            frame: frame.to_vec(),
+            mark: PUNT_MARK | 7,
+        };
+        let big = tcp(1000, 1411);
+        let marked = SkbIn {
+            mark: 7,
+            gso_size: 0,
+        };
+        assert_eq!(
+            run_skb(&encap_flow(), &big, marked),
+            punted(&big),
+            "encap, 1451 bytes"
+        );
+        // A super-frame whose segments (gso_size + 40) would be 1451 bytes.
+        let sup = tcp(1000, 2000);
+        let gso = SkbIn {
+            mark: 7,
+            gso_size: 1411,
+        };
+        assert_eq!(run_skb(&encap_flow(), &sup, gso), punted(&sup), "GSO 1411");
+        let fits = SkbIn {
+            mark: 7,
+            gso_size: 1410,
+        };
+        assert_eq!(
+            run_skb(&encap_flow(), &sup, fits).mark,
+            7,
+            "GSO 1410: not punted"
+        );
+        let outer = user_space_encap(&tcp(1000, 1411), PA_US, 100);
+        assert_eq!(
+            run_skb(&decap_flow(), &outer, marked),
+            punted(&outer),
+            "decap"
+        );
+        let small = tcp(1000, 100);
+        let again = SkbIn {
+            mark: PUNT_MARK,
+            gso_size: 0,
+        };
+        let r = run_skb(&encap_flow(), &small, again);
+        assert_eq!(
+            (r.retval, r.mark),
+            (0, PUNT_MARK),
+            "a punted copy is not taken"
+        );
+        assert_eq!(r.frame, small);
     }
 
     #[test]
@@ -521,6 +636,12 @@ mod tests {
             for (f, e) in frames.iter().zip(expect) {
                 assert_eq!(eval(&c, f, None), e, "{t:?} {f:02x?}");
                 assert_eq!(interp::run_tci(&hide, f, None) == 0, e, "{t:?} {f:02x?}");
+                // A punted copy reaches the switch, whatever else its mark holds.
+                for mark in [PUNT_MARK, PUNT_MARK | 0x55] {
+                    assert!(!eval_marked(&c, f, None, mark), "{t:?} {f:02x?}");
+                    assert_ne!(interp::run_marked(&hide, f, None, mark), 0, "{f:02x?}");
+                }
+                assert_eq!(eval_marked(&c, f, None, 0x55), e, "other mark bits");
             }
         }
     }

@@ -18,6 +18,9 @@ pub struct MemberCounters {
     /// duplicate broadcast on a non-primary switch-independent member).
     pub rx_not_collecting: AtomicU64,
     pub rx_reflected: AtomicU64,
+    pub tx_mac_rewritten: AtomicU64,
+    pub rx_mac_restored: AtomicU64,
+    pub rx_member_mac: AtomicU64,
     /// Slow-protocol frames that did not decode as LACPDUs (truncated, bad TLVs, ...).
     pub bad_lacpdus: AtomicU64,
     pub link_downs: AtomicU64,

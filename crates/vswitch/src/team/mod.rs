@@ -7,6 +7,7 @@
 pub mod distribute;
 pub mod lacp;
 pub mod lacpdu;
+pub mod mac_rewrite;
 mod member;
 
 use std::io;
@@ -27,6 +28,7 @@ use crate::frame::Mac;
 use distribute::Distributor;
 use lacp::LacpMember;
 use lacpdu::{is_slow_protocol, state, LacpInfo, Lacpdu};
+use mac_rewrite::{Inbound, MacRewrite};
 use member::{bump, get, Member};
 
 /// How often the monitor looks at carrier and LACP timers. Carrier loss is also seen at once
@@ -58,6 +60,8 @@ struct TeamState {
     /// bridge back through another member) and would make the switch learn the VM's MAC on
     /// the uplink. Bounded by [`SENT_MACS`].
     sent: rustc_hash::FxHashMap<Mac, u64>,
+    /// Source-MAC rewrite state; `None` when the team does not rewrite.
+    rewrite: Option<MacRewrite>,
 }
 
 /// Source MACs remembered for reflection checks; a full table is cleared (a missed reflection
@@ -70,6 +74,7 @@ struct Inner {
     cfg: TeamConfig,
     name: String,
     members: Vec<Member>,
+    member_macs: Vec<Mac>,
     state: Mutex<TeamState>,
     stop: AtomicBool,
     next_rx: AtomicUsize,
@@ -261,10 +266,12 @@ impl TeamPort {
             primary: None,
             failovers: 0,
             sent: Default::default(),
+            rewrite: cfg.rewrites_source_macs().then(MacRewrite::default),
         };
         let inner = Arc::new(Inner {
             name: name.to_string(),
             cfg,
+            member_macs: members.iter().map(|m| m.mac).collect(),
             members,
             state: Mutex::new(st),
             stop: AtomicBool::new(false),
@@ -322,6 +329,9 @@ impl TeamPort {
                     rx_bytes: get(&c.rx_bytes),
                     rx_not_collecting: get(&c.rx_not_collecting),
                     rx_reflected: get(&c.rx_reflected),
+                    tx_mac_rewritten: get(&c.tx_mac_rewritten),
+                    rx_mac_restored: get(&c.rx_mac_restored),
+                    rx_member_mac: get(&c.rx_member_mac),
                     link_downs: get(&c.link_downs),
                     lacp: (i.cfg.mode == TeamMode::Lacp).then(|| LacpStatus {
                         rx_state: l.rx,
@@ -341,6 +351,7 @@ impl TeamPort {
             name: i.name.clone(),
             mode: i.cfg.mode,
             distribution: i.cfg.distribution,
+            source_mac_rewrite: st.rewrite.is_some(),
             members,
             tx_frames: get(&i.tx_frames),
             rx_frames: get(&i.rx_frames),
@@ -372,6 +383,11 @@ impl Drop for TeamPort {
     }
 }
 
+thread_local! {
+    /// The rewritten copy of a frame (one per sending thread, so no allocation per frame).
+    static REWRITE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A send error that means the member's link is gone (admin down, or the device went away).
 fn link_gone(e: &PortError) -> bool {
     matches!(e, PortError::Io(e) if matches!(e.raw_os_error(), Some(libc::ENETDOWN | libc::ENXIO | libc::ENODEV)))
@@ -382,37 +398,65 @@ impl FramePort for TeamPort {
         let i = &self.inner;
         // Bounded: each failed attempt removes a member from the eligible set.
         for _ in 0..=i.members.len() {
-            let k = {
+            let (k, rewritten) = {
                 let mut st = i.lock();
                 if st.tx.is_empty() {
                     break;
                 }
                 let now = i.now();
-                if frame.len() >= 12 {
-                    if st.sent.len() >= SENT_MACS {
-                        st.sent.clear();
-                    }
-                    let mut src = [0u8; 6];
-                    src.copy_from_slice(&frame[6..12]);
-                    st.sent.insert(src, now);
-                }
                 // Switch-independent: broadcast/multicast leave by the primary only, the one
-                // member that takes them in (a plain switch floods them back to the others).
-                match st.primary {
-                    Some(p) if frame.first().is_some_and(|b| b & 1 == 1) => p,
+                // member that takes them in (a plain switch floods them back to the others);
+                // with source-MAC rewrite, so does everything peers learn addresses from.
+                let to_primary = frame.first().is_some_and(|b| b & 1 == 1)
+                    || (st.rewrite.is_some() && mac_rewrite::peers_learn_from(frame));
+                let k = match st.primary {
+                    Some(p) if to_primary => p,
                     _ => {
                         let tx = std::mem::take(&mut st.tx);
                         let k = st.dist.pick(frame, &tx, now);
                         st.tx = tx;
                         k
                     }
+                };
+                let primary = st.primary;
+                let rewritten = match st.rewrite.as_mut() {
+                    Some(r) if Some(k) != primary && frame.len() >= 12 => {
+                        r.on_rewritten_send(k, frame);
+                        true
+                    }
+                    _ => false,
+                };
+                if frame.len() >= 12 {
+                    if st.sent.len() >= SENT_MACS {
+                        st.sent.clear();
+                    }
+                    // The source as it goes on the wire: that is what a far end reflects.
+                    let src = if rewritten {
+                        i.member_macs[k]
+                    } else {
+                        frame[6..12].try_into().unwrap_or_default()
+                    };
+                    st.sent.insert(src, now);
                 }
+                (k, rewritten)
             };
             let m = &i.members[k];
-            match m.port.send(frame) {
+            let sent = if rewritten {
+                REWRITE_BUF.with(|b| {
+                    let mut b = b.borrow_mut();
+                    mac_rewrite::rewrite(frame, &m.mac, &mut b);
+                    m.port.send(&b)
+                })
+            } else {
+                m.port.send(frame)
+            };
+            match sent {
                 Ok(()) => {
                     bump(&m.counters.tx_frames, 1);
                     bump(&m.counters.tx_bytes, frame.len() as u64);
+                    if rewritten {
+                        bump(&m.counters.tx_mac_rewritten, 1);
+                    }
                     bump(&i.tx_frames, 1);
                     return Ok(());
                 }
@@ -449,14 +493,20 @@ impl FramePort for TeamPort {
                         i.on_slow_frame(k, f);
                         continue;
                     }
-                    let (collecting, primary, reflected) = {
+                    let (collecting, primary, reflected, inbound) = {
                         let st = i.lock();
                         let reflected = len >= 12
                             && st
                                 .sent
                                 .get(&f[6..12])
                                 .is_some_and(|t| i.now().saturating_sub(*t) < SENT_MAC_TTL_NS);
-                        (st.collecting[k], st.primary, reflected)
+                        let inbound = match &st.rewrite {
+                            Some(r) if !reflected => {
+                                r.on_recv(k, &mut buf[..len], &i.member_macs, st.primary)
+                            }
+                            _ => Inbound::Pass,
+                        };
+                        (st.collecting[k], st.primary, reflected, inbound)
                     };
                     let group = len >= 6 && buf[0] & 1 == 1;
                     if reflected {
@@ -466,6 +516,14 @@ impl FramePort for TeamPort {
                     if !collecting || (group && primary.is_some_and(|p| p != k)) {
                         bump(&m.counters.rx_not_collecting, 1);
                         continue;
+                    }
+                    match inbound {
+                        Inbound::Pass => {}
+                        Inbound::Restored => bump(&m.counters.rx_mac_restored, 1),
+                        Inbound::NotOurs => {
+                            bump(&m.counters.rx_member_mac, 1);
+                            continue;
+                        }
                     }
                     bump(&m.counters.rx_frames, 1);
                     bump(&m.counters.rx_bytes, len as u64);
