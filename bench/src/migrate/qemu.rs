@@ -51,9 +51,11 @@ fn free_port() -> Result<u16, String> {
 
 pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    let dst_spawned = Instant::now();
     let (_dst, mut dq, mut dwatch) = spawn(qemu, dir, "dst", &["-incoming", "defer"])?;
     multifd(&mut dq)?;
     dq.execute("migrate-incoming", json!({ "uri": uri }))?;
+    let dst_start = dst_spawned.elapsed();
     let (mut src, mut sq, mut swatch) = spawn(qemu, dir, "src", &[])?;
     src.console
         .wait_ready(T)
@@ -93,6 +95,9 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         guest_gap_ms: gap_ms(&s, &d).map_err(|e| format!("qemu: {e}"))?,
         total_ms: total.as_secs_f64() * 1e3,
+        // QEMU's source process outlives `completed` (it is told to quit): its end is that.
+        total_to_exit_ms: total.as_secs_f64() * 1e3,
+        destination_start_ms: dst_start.as_secs_f64() * 1e3,
         rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
         transferred_mib: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN) / (1 << 20) as f64,
     })

@@ -21,7 +21,7 @@ use vireo_api::{AutoStart, VmSpec, SPEC_VERSION};
 use vireo_migration::hostauth::{HostIdentity, TrustStore};
 use vireo_probe_image::ProbeConsole;
 
-use super::watch::{gap_ms, Watch, DIRTY_PAGES};
+use super::watch::{gap_ms, wall_clock, Watch, DIRTY_PAGES};
 use super::{Case, Sample, MEMORY_MIB, T};
 
 /// A worker's folder: its sockets and log.
@@ -117,10 +117,11 @@ impl Control {
         serde_json::from_str(&answer).map_err(|e| format!("worker answered {answer:?}: {e}"))
     }
 
-    /// One `MigrateStatus`; an error at once when the worker is gone (polling loops must
-    /// notice its exit, not wait for it).
+    /// One `MigrateStatus`; an error at once when the worker's socket is not there (polling
+    /// loops must notice its exit, not wait for it: a worker removes its sockets as it ends,
+    /// and retrying the connection for 200 ms here once added those to the source's end).
     fn status(&self) -> Result<MigrateProgress, String> {
-        match self.ask_within(WorkerOp::MigrateStatus, Duration::from_millis(200))? {
+        match self.ask_within(WorkerOp::MigrateStatus, Duration::ZERO)? {
             WorkerReply::Migrate(p) => Ok(p),
             other => Err(format!("MigrateStatus answered {other:?}")),
         }
@@ -282,6 +283,9 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     )?;
     let mut console = src.ctl.probe()?;
     super::prepare(&mut console, case, seed)?;
+    // QEMU's destination is started (and listening) before its clock starts too; Vireo's
+    // start-up is timed apart and reported beside the like-for-like total.
+    let dst_spawned = Instant::now();
     let dst = spawn(
         &dir.join("vireo-dst"),
         &WorkerLaunch {
@@ -302,6 +306,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         .ctl
         .wait_status("destination listening", |p| p.listen_addr.is_some())?;
     let to = listening.listen_addr.expect("checked");
+    let dst_start = dst_spawned.elapsed();
     let src_ram = src.ram()?;
     let dst_ram = dst.ram()?;
     let source = Watch::start(move || read_counter(&src_ram).map(Some), T);
@@ -317,8 +322,12 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         WorkerReply::Ok => {}
         other => return Err(format!("MigrateOut answered {other:?}")),
     }
+    eprintln!("  {} bench: MigrateOut sent", wall_clock(t));
     let deadline = Instant::now() + T;
     let mut last = MigrateProgress::default();
+    // When the source first said `completed` (the destination runs the VM): the moment
+    // QEMU's `query-migrate` says `completed` is the one compared.
+    let mut completed = None;
     let exit = loop {
         if let Ok(Some(_)) = src.child.try_wait() {
             break std::fs::read(src.ctl.dir.join("exit.json"))
@@ -332,6 +341,9 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
                     src.ctl.log()
                 ));
             }
+            if p.state == MigrateState::Completed && completed.is_none() {
+                completed = Some(t.elapsed());
+            }
             last = p;
         }
         if Instant::now() > deadline {
@@ -342,9 +354,20 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let total = t.elapsed();
-    let own = match exit.map(|e| e.reason) {
-        Some(WorkerExitReason::MigratedAway { downtime_ms, .. }) => downtime_ms as f64,
+    let exited = t.elapsed();
+    eprintln!(
+        "  {} bench: the source worker exited",
+        wall_clock(Instant::now())
+    );
+    let (own, phases) = match exit.map(|e| e.reason) {
+        Some(WorkerExitReason::MigratedAway {
+            downtime_ms,
+            progress,
+            ..
+        }) => (
+            downtime_ms as f64,
+            progress.map(|p| p.phases).unwrap_or_default(),
+        ),
         other => {
             return Err(format!(
                 "the source ended with {other:?}; log:\n{}",
@@ -352,17 +375,29 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             ))
         }
     };
+    // A status poll can miss the short `completed` before the process ends: then the
+    // source's own mark of `RUNNING` (from its receipt of MigrateOut) stands in.
+    let total = completed
+        .or_else(|| {
+            phases
+                .iter()
+                .find(|p| p.name == "RUNNING there")
+                .map(|p| Duration::from_micros(p.at_us))
+        })
+        .unwrap_or(exited);
     // The source's counter is final now: wait until the destination's guest went past it.
     dest.wait_above(source.settled(T), Duration::from_secs(10));
     // Where the pause went, as each side logged it.
     for (side, log) in [("source", src.ctl.log()), ("destination", dst.ctl.log())] {
-        for line in log
-            .lines()
-            .filter(|l| l.contains("switch-over") || l.contains("pre-copy round"))
-        {
+        for line in log.lines().filter(|l| {
+            l.contains("switch-over")
+                || l.contains("pre-copy round")
+                || l.contains("migration timeline")
+        }) {
             let at = line
                 .find("switch-over")
                 .or_else(|| line.find("pre-copy round"))
+                .or_else(|| line.find("migration timeline"))
                 .unwrap_or(0);
             // The log's own timestamp (wall clock, both processes on one host) lines the
             // two sides up: the source pauses before the destination's steps begin.
@@ -380,6 +415,8 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         downtime_ms: own,
         guest_gap_ms: gap_ms(&s, &d).map_err(|e| format!("vireo: {e}"))?,
         total_ms: total.as_secs_f64() * 1e3,
+        total_to_exit_ms: exited.as_secs_f64() * 1e3,
+        destination_start_ms: dst_start.as_secs_f64() * 1e3,
         rounds: last.round as f64,
         transferred_mib: last.transferred_bytes as f64 / (1 << 20) as f64,
     })

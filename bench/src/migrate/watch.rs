@@ -112,20 +112,22 @@ impl Watch {
 pub fn gap_ends(source: &Seen, dest: &Seen) -> Option<(String, String)> {
     let (stopped, last) = source.last()?;
     let &(resumed, _) = dest.moves.iter().find(|(_, v)| *v > last)?;
+    Some((wall_clock(stopped), wall_clock(resumed)))
+}
+
+/// `t` as the workers' logs stamp it (`HH:MM:SS.micros` UTC).
+pub fn wall_clock(t: Instant) -> String {
     let (now, wall) = (Instant::now(), std::time::SystemTime::now());
-    let clock = |t: Instant| {
-        let at = wall - now.duration_since(t);
-        let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let s = d.as_secs() % 86_400;
-        format!(
-            "{:02}:{:02}:{:02}.{:06}",
-            s / 3600,
-            s / 60 % 60,
-            s % 60,
-            d.subsec_micros()
-        )
-    };
-    Some((clock(stopped), clock(resumed)))
+    let at = wall - now.duration_since(t);
+    let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_micros()
+    )
 }
 
 /// The guest-visible gap, milliseconds: from the source's last move to the destination's

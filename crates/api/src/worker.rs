@@ -211,6 +211,20 @@ pub struct MigrateProgress {
     pub disk_bytes_total: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_bytes_copied: u64,
+    /// The set-up and end of the migration as they happened on this side (connections,
+    /// skeleton, first page, ...), in order; vireod puts its own (offer, destination worker)
+    /// in front in a job's progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<MigratePhase>,
+}
+
+/// One step of a migration's set-up or end: its name and when it happened, in microseconds
+/// since the migration began on that side (the job's start in a job's progress).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigratePhase {
+    pub name: String,
+    pub at_us: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -100,6 +100,22 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
         job["migration"]["round"],
         job["migration"]["transferred_bytes"]
     );
+    // The job's timeline: vireod's steps with its worker's in between, in order.
+    let phases = job["migration"]["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
+    for want in [
+        "peer connected (TLS)",
+        "offer accepted",
+        "worker: stream 0 OK",
+        "worker: pre-copy",
+        "worker: RUNNING there",
+        "record removed",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let at: Vec<u64> = phases.iter().filter_map(|p| p["at_us"].as_u64()).collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "{phases:?}");
+    eprintln!("live migration back, phases: {names:?} at {at:?} µs");
     let (_, line) = b.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
     let here = a.vm("m");

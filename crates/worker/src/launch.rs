@@ -45,7 +45,9 @@ pub fn run(dir: &Path) -> std::io::Result<WorkerExitReason> {
     // A record from an earlier run of this VM must not be taken for this one's.
     let _ = std::fs::remove_file(dir.join(EXIT_FILE));
     let sockets = [WORKER_SOCKET, CONSOLE_SOCKET, CONTROL_SOCKET].map(|s| dir.join(s));
-    let reason = match start(dir) {
+    // Where an incoming migration's timeline begins: the worker's own start-up is part of it.
+    let launched = std::time::Instant::now();
+    let reason = match start(dir, launched) {
         Ok(running) => running.run(),
         Err(e) => {
             tracing::error!("the VM could not be started: {e}");
@@ -211,7 +213,7 @@ fn connect_nics(spec: &VmSpec, sockets: &[PathBuf]) -> Result<Vec<VirtioSlot>, W
     Ok(slots)
 }
 
-fn start(dir: &Path) -> Result<Running, WorkerError> {
+fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerError> {
     let launch = read_launch(dir)?;
     let spec = launch.spec;
     if spec.version != SPEC_VERSION {
@@ -309,7 +311,7 @@ fn start(dir: &Path) -> Result<Running, WorkerError> {
     let incoming = match &launch.incoming {
         None => None,
         Some(m) => Some(
-            incoming::listen(m, &state.migration, pending, spec.disks.clone())
+            incoming::listen(m, &state.migration, pending, spec.disks.clone(), launched)
                 .map_err(WorkerError::Incoming)?,
         ),
     };
@@ -347,6 +349,10 @@ impl Running {
             .store(crate::unix_millis(), Ordering::SeqCst);
         let _ = self.state.meter.started.set(std::time::Instant::now());
         let exit = self.vm.run();
+        let migrated_away = self.state.migration.migrated_to().is_some();
+        if migrated_away {
+            self.state.migration.mark("VM stopped");
+        }
         // A save (worker.sock's or control.sock's) stopped the VM: the state is complete.
         let saved = self
             .state
@@ -360,6 +366,12 @@ impl Running {
         self.state.console.finish(CONSOLE_DRAIN_LIMIT);
         // Cancels running merges and lets go of the disks before the process ends.
         self.control.shutdown();
+        if migrated_away {
+            self.state.migration.mark("worker done");
+            if let Some(line) = self.state.migration.timeline_line() {
+                tracing::info!("migration timeline (source worker, to its end): {line}");
+            }
+        }
         let migrated = self.state.migration.migrated_to();
         if let Some(message) = self.state.migration.lost() {
             return WorkerExitReason::MigrationLost { message };

@@ -85,6 +85,19 @@ pub fn migration_lines(m: &vireo_api::worker::MigrateProgress) -> String {
     if let Some(msg) = &m.message {
         out.push_str(&format!("message:   {msg}\n"));
     }
+    // Where the time went outside pre-copy: each step with its time since the job began and
+    // since the step before.
+    let mut before = 0;
+    for (i, p) in m.phases.iter().enumerate() {
+        let head = if i == 0 { "phases:" } else { "" };
+        out.push_str(&format!(
+            "{head:10} +{:>8.1} ms  ({:>+7.1} ms)  {}\n",
+            p.at_us as f64 / 1e3,
+            p.at_us.saturating_sub(before) as f64 / 1e3,
+            p.name
+        ));
+        before = p.at_us;
+    }
     out
 }
 
@@ -161,5 +174,29 @@ mod tests {
             "{text}"
         );
         assert_eq!(kind_name(JobKind::Checkpoint), "checkpoint");
+    }
+
+    #[test]
+    fn a_migrations_phases_show_with_their_steps() {
+        let phase = |name: &str, at_us| vireo_api::worker::MigratePhase {
+            name: name.into(),
+            at_us,
+        };
+        let m = vireo_api::worker::MigrateProgress {
+            phases: vec![
+                phase("peer connected (TLS)", 1_500),
+                phase("offer accepted", 21_500),
+            ],
+            ..Default::default()
+        };
+        let text = migration_lines(&m);
+        assert!(
+            text.contains("phases:    +     1.5 ms  (   +1.5 ms)  peer connected (TLS)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("           +    21.5 ms  (  +20.0 ms)  offer accepted\n"),
+            "{text}"
+        );
     }
 }

@@ -16,6 +16,7 @@ use vireo_migration::Receiver;
 use vireo_vmm::{MigrateShared, PostcopyIncoming, Vm};
 
 use super::handoff::{self, DiskGeometry, PendingDisk};
+use super::timeline::Timeline;
 use super::{load_tls, postcopy, Migration};
 use crate::server::State;
 
@@ -29,6 +30,7 @@ pub struct Incoming {
     listener: TcpListener,
     cfg: Arc<ServerConfig>,
     shared: Arc<MigrateShared>,
+    timeline: Arc<Timeline>,
     /// The skeleton's disks, in slot order.
     pub pending: Vec<Arc<PendingDisk>>,
     pub disks: Vec<vireo_api::DiskSpec>,
@@ -40,6 +42,7 @@ pub fn listen(
     migration: &Migration,
     pending: Vec<Arc<PendingDisk>>,
     disks: Vec<vireo_api::DiskSpec>,
+    launched: Instant,
 ) -> Result<Incoming, String> {
     if m.streams == 0 || m.streams > vireo_migration::preamble::MAX_STREAMS {
         return Err(format!(
@@ -57,7 +60,8 @@ pub fn listen(
     let addr = listener
         .local_addr()
         .map_err(|e| format!("listening on {}: {e}", m.listen))?;
-    let shared = migration.begin(MigrateState::Listening)?;
+    let (shared, timeline) = migration.begin(MigrateState::Listening, launched)?;
+    timeline.mark("listening (VM built)");
     migration.update(|p| p.listen_addr = Some(addr));
     tracing::info!(
         "waiting for the migration source on {addr} (session {})",
@@ -69,6 +73,7 @@ pub fn listen(
         listener,
         cfg,
         shared,
+        timeline,
         pending,
         disks,
     })
@@ -93,12 +98,14 @@ fn receive_inner(
     inc: &Incoming,
 ) -> Result<Option<PostcopyIncoming>, String> {
     let (streams, requests) = accept_all(s, inc)?;
+    inc.timeline.mark("streams accepted");
     s.migration.set_state(MigrateState::Precopy);
     let started = Instant::now();
     let (mut streams, state) = vm
         .receive_migration(streams, &inc.shared)
         .map_err(|e| e.to_string())?;
     s.migration.set_state(MigrateState::Switching);
+    inc.timeline.mark("streams done");
     // Timings of the switch-over from the moment every stream ended (`Done`).
     let t = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -155,6 +162,7 @@ fn receive_inner(
     if let Err(e) = handoff::send(ctl, "RUNNING") {
         tracing::warn!("the VM runs here, but telling the source failed: {e}");
     }
+    inc.timeline.mark("RUNNING sent");
     if let Some(pc) = &mut pc {
         s.migration.set_state(MigrateState::Postcopy);
         let stream0 = streams.swap_remove(0);
@@ -167,6 +175,10 @@ fn receive_inner(
          applied +{applied:.2} ms, RELEASED +{released:.2} ms, resumed +{resumed:.2} ms, \
          RUNNING sent +{:.2} ms",
         ms(t)
+    );
+    tracing::info!(
+        "migration timeline (destination worker, from its start): {}",
+        inc.timeline.line()
     );
     tracing::info!(
         "migration received: {} MiB, {} ms from the first stream to running",
@@ -191,6 +203,22 @@ fn attach_disks(s: &State, inc: &Incoming) -> Result<(), String> {
         tracing::info!("disk {} attached after the handoff", d.path.display());
     }
     Ok(())
+}
+
+/// How often a destination waiting for its source looks at its cancel flag and deadline.
+const ACCEPT_CHECK: Duration = Duration::from_millis(100);
+
+/// Sleeps until a connection is pending on `l` (at once, not at the next tick of a timer:
+/// the source's streams are waited for on the critical path) or `ACCEPT_CHECK` passed.
+fn wait_for_connection(l: &TcpListener) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(l, PollFlags::IN)];
+    let check = Timespec {
+        tv_sec: 0,
+        tv_nsec: ACCEPT_CHECK.as_nanos() as _,
+    };
+    // An error (EINTR) is one more turn of the caller's loop.
+    let _ = poll(&mut fds, Some(&check));
 }
 
 /// Waits (bounded, cancellable) for every stream of the session, and takes the post-copy
@@ -218,7 +246,7 @@ fn accept_all(
         let (tcp, peer) = match inc.listener.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                wait_for_connection(&inc.listener);
                 continue;
             }
             Err(e) => return Err(format!("accepting a migration stream: {e}")),
@@ -266,6 +294,7 @@ fn accept_all(
             continue;
         }
         handoff::send(&mut stream, "OK").map_err(|e| format!("answering stream {i}: {e}"))?;
+        inc.timeline.mark(&format!("stream {i} accepted"));
         got[i] = Some((rx, stream));
     }
     Ok((got.into_iter().flatten().collect(), requests))

@@ -11,14 +11,17 @@ pub mod incoming;
 pub mod out;
 pub mod postcopy;
 pub mod storage;
+pub mod timeline;
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vireo_api::worker::{MigrateProgress, MigrateState, MigrationTls};
 use vireo_migration::hostauth::{HostIdentity, TrustStore};
 use vireo_vmm::MigrateShared;
+
+use timeline::Timeline;
 
 /// Every read and write on a migration stream times out after this: a peer that died or
 /// hangs ends the migration instead of holding it forever.
@@ -36,6 +39,8 @@ pub struct Migration {
     /// Post-copy failed after the switch-over: why the VM is lost (the worker exits
     /// `MigrationLost`).
     lost: Mutex<Option<String>>,
+    /// The current (or last) migration's phases.
+    timeline: Mutex<Option<Arc<Timeline>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -56,6 +61,9 @@ impl Migration {
             p.link_rate = s.link_rate;
             p.estimated_downtime_ms = s.estimated_downtime_ms;
         }
+        if let Some(t) = lock(&self.timeline).as_ref() {
+            p.phases = t.phases();
+        }
         p
     }
 
@@ -70,8 +78,13 @@ impl Migration {
         )
     }
 
-    /// Starts a migration in `state`: refused if one is active.
-    fn begin(&self, state: MigrateState) -> Result<Arc<MigrateShared>, String> {
+    /// Starts a migration in `state`: refused if one is active. Its phases are timed from
+    /// `start`.
+    fn begin(
+        &self,
+        state: MigrateState,
+        start: Instant,
+    ) -> Result<(Arc<MigrateShared>, Arc<Timeline>), String> {
         let mut p = lock(&self.progress);
         if matches!(
             p.state,
@@ -89,7 +102,9 @@ impl Migration {
         let shared = Arc::new(MigrateShared::default());
         *lock(&self.shared) = shared.clone();
         lock(&self.sockets).clear();
-        Ok(shared)
+        let timeline = Arc::new(Timeline::starting_at(start));
+        *lock(&self.timeline) = Some(timeline.clone());
+        Ok((shared, timeline))
     }
 
     fn set_state(&self, state: MigrateState) {
@@ -141,6 +156,19 @@ impl Migration {
         }
     }
 
+    /// Marks a phase on the current migration's timeline (the worker's own steps around it:
+    /// its VM torn down after the VM left).
+    pub fn mark(&self, name: &str) {
+        if let Some(t) = lock(&self.timeline).as_ref() {
+            t.mark(name);
+        }
+    }
+
+    /// The current migration's timeline as one line.
+    pub fn timeline_line(&self) -> Option<String> {
+        lock(&self.timeline).as_ref().map(|t| t.line())
+    }
+
     /// Why the VM was lost in post-copy, if it was.
     pub fn lost(&self) -> Option<String> {
         lock(&self.lost).clone()
@@ -174,9 +202,9 @@ mod tests {
         let m = Migration::default();
         assert_eq!(m.progress().state, MigrateState::Idle);
         assert!(m.cancel().is_ok(), "nothing to cancel is fine");
-        let shared = m.begin(MigrateState::Precopy).unwrap();
+        let (shared, _) = m.begin(MigrateState::Precopy, Instant::now()).unwrap();
         assert!(m.is_active());
-        assert!(m.begin(MigrateState::Precopy).is_err());
+        assert!(m.begin(MigrateState::Precopy, Instant::now()).is_err());
         m.set_state(MigrateState::Switching);
         assert!(m.cancel().unwrap_err().contains("too late"));
         assert!(!shared.cancelled());
@@ -189,12 +217,12 @@ mod tests {
         assert_eq!(p.message.as_deref(), Some("cancelled"));
         assert!(!m.is_active());
         // A new migration starts clean: not cancelled, no message.
-        let again = m.begin(MigrateState::Listening).unwrap();
+        let (again, _) = m.begin(MigrateState::Listening, Instant::now()).unwrap();
         assert!(!again.cancelled());
         assert_eq!(m.progress().message, None);
         m.finish(&Err("stream broke".into()));
         assert_eq!(m.progress().state, MigrateState::Failed);
-        m.begin(MigrateState::Precopy).unwrap();
+        m.begin(MigrateState::Precopy, Instant::now()).unwrap();
         m.finish(&Ok(()));
         assert_eq!(m.progress().state, MigrateState::Completed);
     }

@@ -26,6 +26,7 @@ use vireo_vmm::{MigrateError, MigrateOutOptions, MigrateShared};
 use super::handoff::{self, DiskGeometry, ReleasedDisk};
 use super::postcopy;
 use super::storage;
+use super::timeline::Timeline;
 use super::{load_tls, lock, IO_TIMEOUT};
 use crate::hotplug::SlotDisk;
 use crate::image::{self, DiskArg};
@@ -39,6 +40,7 @@ pub fn start(
     options: MigrateOptions,
     tls: MigrationTls,
 ) -> Result<(), String> {
+    let requested = Instant::now();
     if options.streams == 0 || options.streams > MAX_STREAMS {
         return Err(format!(
             "streams {} is out of range; use 1 to {MAX_STREAMS}",
@@ -57,12 +59,13 @@ pub fn start(
     }
     let (id, trusted) = load_tls(&tls)?;
     let cfg = hostauth::client_config(&id, &trusted).map_err(|e| e.to_string())?;
-    let shared = s.migration.begin(MigrateState::Precopy)?;
+    let (shared, timeline) = s.migration.begin(MigrateState::Precopy, requested)?;
+    timeline.mark("checked");
     let st = s.clone();
     std::thread::Builder::new()
         .name("migrate-out".into())
         .spawn(move || {
-            let result = run(&st, to, session, &options, cfg, &shared);
+            let result = run(&st, to, session, &options, cfg, &shared, &timeline);
             if let Err(e) = &result {
                 tracing::warn!("migration to {to} failed: {e}; the VM runs on here");
             }
@@ -86,7 +89,9 @@ fn compression(mode: CompressMode) -> Compression {
 }
 
 /// Connects every stream and waits for the destination's `OK` to its preamble; with post-copy
-/// allowed, the request channel first (`postcopy.rs`).
+/// allowed, the request channel first (`postcopy.rs`). The page streams connect at the same
+/// time, each on its own thread: their handshakes and the destination's answers overlap
+/// instead of adding up.
 #[allow(clippy::type_complexity)]
 fn connect(
     s: &State,
@@ -94,6 +99,7 @@ fn connect(
     session: Uuid,
     options: &MigrateOptions,
     cfg: Arc<vireo_migration::hostauth::ClientConfig>,
+    timeline: &Timeline,
 ) -> Result<(Vec<Sender<ClientStream>>, Option<ClientStream>), String> {
     let n = options.streams;
     let requests = match options.postcopy {
@@ -101,14 +107,15 @@ fn connect(
         _ => {
             let c = postcopy::connect_requests(to, cfg.clone(), session, n)?;
             s.migration.add_socket(c.sock.tcp());
+            timeline.mark("request channel");
             Some(c)
         }
     };
-    let mut senders = Vec::with_capacity(n as usize);
-    for i in 0..n {
+    let one = |i: u16| -> Result<Sender<ClientStream>, String> {
         let stream = hostauth::connect(to, cfg.clone(), IO_TIMEOUT)
             .map_err(|e| format!("stream {i} to {to}: {e}"))?;
         s.migration.add_socket(stream.sock.tcp());
+        timeline.mark(&format!("stream {i} TLS"));
         let mut sender = Sender::start(
             stream,
             Preamble::new(session, i, n),
@@ -119,8 +126,31 @@ fn connect(
         // to the preamble is that read, before any page is sent.
         handoff::expect(sender.get_mut(), "OK")
             .map_err(|e| format!("stream {i} to {to}: the destination refused it: {e}"))?;
-        senders.push(sender);
-    }
+        timeline.mark(&format!("stream {i} OK"));
+        Ok(sender)
+    };
+    let one = &one;
+    let results: Vec<Result<Sender<ClientStream>, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (1..n)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("migrate-connect-{i}"))
+                    .spawn_scoped(scope, move || one(i))
+            })
+            .collect();
+        let mut results = vec![one(0)];
+        for t in threads {
+            results.push(match t {
+                Ok(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err("a connecting thread panicked".into())),
+                Err(e) => Err(format!("cannot start a connecting thread: {e}")),
+            });
+        }
+        results
+    });
+    // The first failure in stream order; the other streams close as they drop.
+    let senders = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok((senders, requests))
 }
 
@@ -131,6 +161,7 @@ fn run(
     options: &MigrateOptions,
     cfg: Arc<vireo_migration::hostauth::ClientConfig>,
     shared: &MigrateShared,
+    timeline: &Timeline,
 ) -> Result<u64, String> {
     let started = Instant::now();
     // Shared-nothing: the disks first (the VM runs on; their writes stay tracked).
@@ -144,7 +175,10 @@ fn run(
         )?),
         None => None,
     };
-    let (senders, requests) = connect(s, to, session, options, cfg)?;
+    if disks_out.is_some() {
+        timeline.mark("disks copied");
+    }
+    let (senders, requests) = connect(s, to, session, options, cfg, timeline)?;
     let opts = MigrateOutOptions {
         max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
         bandwidth: options.bandwidth,
@@ -158,6 +192,7 @@ fn run(
         id: Some(s.vm_id.to_string()),
         name: Some(s.spec_name.clone()),
     };
+    timeline.mark("pre-copy");
     let handover =
         s.vm.migrate_out(senders, &opts, shared, identity, Some(s.spec_json.clone()))
             .map_err(|e| match e {
@@ -165,6 +200,7 @@ fn run(
                 e => e.to_string(),
             })?;
     s.migration.set_state(MigrateState::Switching);
+    timeline.mark("streams done");
     let paused_at = handover.paused_at;
     let missing = handover.postcopy;
     let mut streams = handover.streams.into_iter();
@@ -172,6 +208,7 @@ fn run(
     drop(streams);
     match hand_over(s, &mut ctl, &mut disks_out) {
         Ok(()) => {
+            timeline.mark("RUNNING there");
             let downtime_ms = paused_at.elapsed().as_millis() as u64;
             tracing::info!(
                 "migrated to {to}: the guest was paused {downtime_ms} ms, {} ms in all",
@@ -183,6 +220,10 @@ fn run(
                 postcopy::serve(s, &mut ctl, requests, missing, shared, options.bandwidth)?;
             }
             *lock(&s.migration.migrated_to) = Some((to.to_string(), downtime_ms));
+            tracing::info!(
+                "migration timeline (source worker, from MigrateOut): {}",
+                timeline.line()
+            );
             s.vm.request_stop();
             Ok(downtime_ms)
         }

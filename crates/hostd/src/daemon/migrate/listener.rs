@@ -41,7 +41,13 @@ const SOURCE_SILENCE: Duration = Duration::from_secs(600);
 const LISTEN_LIMIT: Duration = Duration::from_secs(15);
 /// A quick migration's restore must run within this.
 const RESTORE_LIMIT: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(100);
+/// How often the worker is asked how its migration goes. Short: the VM's `running` here, and
+/// so the source's job, waits for the poll that sees the worker's `completed`; a status over
+/// the worker's socket costs well under a millisecond.
+const POLL: Duration = Duration::from_millis(10);
+/// How often a new destination worker is asked for its address: it listens within
+/// milliseconds of its start, and the source waits for the answer.
+const LISTEN_POLL: Duration = Duration::from_millis(2);
 /// A worker caught in the switch-over has this long to run the VM or give up (opening the
 /// disks and resuming take milliseconds; this only bounds a hung worker).
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
@@ -348,8 +354,16 @@ async fn receive_live(
         listen: SocketAddr::new(listen_ip, 0),
         tls,
     };
+    let t = std::time::Instant::now();
     let worker = d.sup.spawn_with(d, vm, None, Some(incoming))?;
+    let spawned = t.elapsed();
     let addr = wait_listening(&worker).await?;
+    tracing::info!(
+        vm = %vm.id(),
+        "migration timeline (destination vireod): worker spawned +{:.1} ms, listening +{:.1} ms",
+        spawned.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3
+    );
     peer.send(&PeerMsg::Accepted {
         listen_addr: Some(addr),
         provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
@@ -440,7 +454,7 @@ async fn wait_listening(worker: &Worker) -> Result<SocketAddr, String> {
                 return Ok(a);
             }
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(LISTEN_POLL).await;
     }
     Err(format!(
         "the destination worker was not listening within {}s",

@@ -25,10 +25,11 @@ pub mod whereabouts;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::Semaphore;
 use uuid::Uuid;
-use vireo_api::worker::MigrateProgress;
+use vireo_api::worker::{MigratePhase, MigrateProgress};
 
 /// `vireod --max-migrations` default.
 pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
@@ -37,6 +38,8 @@ pub struct Migrations {
     /// One permit per migration running on this host (either direction).
     slots: Mutex<Arc<Semaphore>>,
     progress: Mutex<HashMap<Uuid, MigrateProgress>>,
+    /// Each job's own phases, shown in front of its worker's (`progress`).
+    phases: Mutex<HashMap<Uuid, JobPhases>>,
     listen: Mutex<Option<SocketAddr>>,
     /// `vireod --netvirt-peer`: the migration listeners of the hosts sharing virtual
     /// networks with this one (told where a VM that arrived here is now).
@@ -50,6 +53,7 @@ impl Default for Migrations {
         Migrations {
             slots: Mutex::new(Arc::new(Semaphore::new(DEFAULT_MAX_MIGRATIONS))),
             progress: Mutex::new(HashMap::new()),
+            phases: Mutex::new(HashMap::new()),
             listen: Mutex::new(None),
             netvirt_peers: Mutex::new(Vec::new()),
             disk_targets: storage::Targets::default(),
@@ -96,7 +100,117 @@ impl Migrations {
         f(lock(&self.progress).entry(job).or_default());
     }
 
+    /// The job's progress; its phases are vireod's (from the job's start) with the source
+    /// worker's in between, moved onto the job's clock.
     pub fn progress(&self, job: Uuid) -> Option<MigrateProgress> {
-        lock(&self.progress).get(&job).cloned()
+        let mut p = lock(&self.progress).get(&job).cloned()?;
+        if let Some(j) = lock(&self.phases).get(&job) {
+            p.phases = j.merged(std::mem::take(&mut p.phases));
+        }
+        Some(p)
+    }
+
+    /// The job's clock starts (its phases are timed from here).
+    pub fn start_phases(&self, job: Uuid) {
+        lock(&self.phases).insert(
+            job,
+            JobPhases {
+                start: Instant::now(),
+                own: Vec::new(),
+                worker_from_us: None,
+            },
+        );
+    }
+
+    /// `name` happened now in the job.
+    pub fn mark(&self, job: Uuid, name: &str) {
+        if let Some(j) = lock(&self.phases).get_mut(&job) {
+            let at_us = j.start.elapsed().as_micros() as u64;
+            j.own.push(MigratePhase {
+                name: name.to_string(),
+                at_us,
+            });
+        }
+    }
+
+    /// The worker's phases count from now (it was just asked to migrate).
+    pub fn worker_clock_starts(&self, job: Uuid) {
+        if let Some(j) = lock(&self.phases).get_mut(&job) {
+            j.worker_from_us = Some(j.start.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// The job's phases as one line (for the log once it ended; they stay in its progress,
+    /// as its other figures do).
+    pub fn phases_line(&self, job: Uuid) -> Option<String> {
+        Some(
+            self.progress(job)?
+                .phases
+                .iter()
+                .map(|p| format!("{} +{:.1} ms", p.name, p.at_us as f64 / 1e3))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }
+}
+
+/// A migration job's phases on its own clock.
+struct JobPhases {
+    start: Instant,
+    own: Vec<MigratePhase>,
+    /// When the worker's clock started on the job's (its phases are shifted by it).
+    worker_from_us: Option<u64>,
+}
+
+impl JobPhases {
+    fn merged(&self, worker: Vec<MigratePhase>) -> Vec<MigratePhase> {
+        let mut all = self.own.clone();
+        if let Some(from) = self.worker_from_us {
+            all.extend(worker.into_iter().map(|p| MigratePhase {
+                name: format!("worker: {}", p.name),
+                at_us: from + p.at_us,
+            }));
+        }
+        // Stable: a worker's phase and vireod's at the same microsecond keep their order.
+        all.sort_by_key(|p| p.at_us);
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jobs_phases_put_the_workers_on_the_jobs_clock() {
+        let m = Migrations::default();
+        let job = Uuid::new_v4();
+        m.set_progress(job, MigrateProgress::default());
+        m.start_phases(job);
+        m.mark(job, "peer connected");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        m.worker_clock_starts(job);
+        m.set_progress(
+            job,
+            MigrateProgress {
+                phases: vec![MigratePhase {
+                    name: "pre-copy".into(),
+                    at_us: 500,
+                }],
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        m.mark(job, "destination running");
+        let p = m.progress(job).unwrap().phases;
+        let names: Vec<_> = p.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["peer connected", "worker: pre-copy", "destination running"]
+        );
+        assert!(p[1].at_us >= 2000 + 500, "{p:?}");
+        let line = m.phases_line(job).unwrap();
+        assert!(line.starts_with("peer connected +0."), "{line}");
+        assert!(line.contains(", worker: pre-copy +"), "{line}");
     }
 }

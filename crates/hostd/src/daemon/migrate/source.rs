@@ -37,7 +37,10 @@ use crate::daemon::switches::{netvirt_move, nics};
 use crate::daemon::worker_client::{call_once, WorkerCallError};
 use crate::daemon::{files, lifecycle, save, Daemon};
 
-const POLL: Duration = Duration::from_millis(200);
+/// How often the job asks its worker how the migration goes. Short: the job's end (and so
+/// `vireo vm migrate`'s) waits for the poll that sees the worker's `completed`, and a status
+/// over the worker's socket costs well under a millisecond.
+const POLL: Duration = Duration::from_millis(10);
 /// The destination's answer to an offer (it may spawn a worker first).
 const OFFER_LIMIT: Duration = Duration::from_secs(30);
 /// From our worker's hand-over (or the last file) to the destination's `Running`.
@@ -137,8 +140,12 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     );
     let d = daemon.clone();
     let job_id = job.id;
+    daemon.migrations.start_phases(job_id);
     tokio::spawn(async move {
         let end = run(&d, &vm, to, req, disks, streams, job_id, cancel, guard).await;
+        if let Some(line) = d.migrations.phases_line(job_id) {
+            tracing::info!(vm = %vm.id(), "migration timeline (source vireod, from the job's start): {line}");
+        }
         match end {
             End::Done => {
                 let _ = d.store.finish_job(job_id, Ok(()));
@@ -230,10 +237,12 @@ async fn run(
         () = &mut cancel_wait => return End::Cancelled,
     };
     let _ = d.store.set_job_progress(job, 1);
+    d.migrations.mark(job, "slot taken");
     let mut peer = match Peer::connect(&d.host, to).await {
         Ok(p) => p,
         Err(e) => return End::Failed(format!("{e}; VM {:?} runs on here", vm.spec.name)),
     };
+    d.migrations.mark(job, "peer connected (TLS)");
     let session = Uuid::new_v4();
     let offer = PeerMsg::Offer {
         version: PEER_PROTOCOL_VERSION,
@@ -282,6 +291,7 @@ async fn run(
         Ok(other) => return End::Failed(format!("{to} answered the offer with {other:?}")),
         Err(e) => return End::Failed(refused_us(e)),
     };
+    d.migrations.mark(job, "offer accepted");
     let _ = d.store.set_job_progress(job, 5);
     if req.quick {
         return quick(
@@ -455,6 +465,7 @@ async fn live(
         },
         tls,
     };
+    d.migrations.worker_clock_starts(job);
     match call_once(&worker.socket(), op).await {
         Ok(WorkerReply::Ok) => {}
         Ok(other) => {
@@ -493,7 +504,10 @@ async fn live(
             () = tokio::time::sleep(POLL) => Ev::Tick,
         };
         match ev {
-            Ev::Msg(Ok(PeerMsg::Running)) => dest_running = true,
+            Ev::Msg(Ok(PeerMsg::Running)) => {
+                d.migrations.mark(job, "destination said running");
+                dest_running = true;
+            }
             Ev::Msg(Ok(PeerMsg::Failed { reason })) => {
                 // Our worker sees its streams fail too; make sure it stops trying.
                 cancel_taken |= cancel_worker(&worker).await;
@@ -574,6 +588,7 @@ async fn live(
         d.migrations.set_progress(job, p.clone());
         match state {
             MigrateState::Completed => {
+                d.migrations.mark(job, "worker completed");
                 // The worker exits MigratedAway next.
                 if let Some(o) = worker.exited_within(Duration::from_secs(30)).await {
                     tracing::info!(vm = %vm.id(), "source worker: {}", o.message);
@@ -621,9 +636,10 @@ async fn live(
         }
     };
     // Switched over: the VM runs there. Wait for the destination's word, then forget it here.
+    d.migrations.mark(job, "worker exited");
     if !dest_running && dest_failed.is_none() {
         match peer.recv(ARRIVAL_LIMIT).await {
-            Ok(PeerMsg::Running) => {}
+            Ok(PeerMsg::Running) => d.migrations.mark(job, "destination said running"),
             other => tracing::warn!(vm = %vm.id(), "the destination did not confirm: {other:?}"),
         }
     }
@@ -673,6 +689,7 @@ async fn finish_moved(
         Ok(n) => tracing::info!(vm = %vm.id(), entries = n, "its CAs point at the destination"),
         Err(e) => tracing::warn!(vm = %vm.id(), "pointing its CAs at the destination: {e}"),
     }
+    d.migrations.mark(job, "record removed");
     tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
     End::Done
 }
