@@ -52,10 +52,16 @@ fn trust(d: &Vireod, other: &Vireod, name: &str) {
 }
 
 fn pair(a_trusts_b: bool, b_trusts_a: bool) -> Pair {
+    pair_with(a_trusts_b, b_trusts_a, &[])
+}
+
+/// [`pair`] with more vireod arguments for A (the source).
+fn pair_with(a_trusts_b: bool, b_trusts_a: bool, a_args: &[&str]) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
     let fake = Path::new(env!("CARGO_BIN_EXE_vireo-fake-worker"));
     let listen = ["--migration-listen", "127.0.0.1:0"];
-    let a = Vireod::start_args(&tmp.path().join("a"), fake, &listen);
+    let a_all: Vec<&str> = listen.iter().chain(a_args).copied().collect();
+    let a = Vireod::start_args(&tmp.path().join("a"), fake, &a_all);
     let b = Vireod::start_args(&tmp.path().join("b"), fake, &listen);
     if a_trusts_b {
         trust(&a, &b, "host-b");
@@ -325,6 +331,50 @@ fn a_quick_migration_cut_after_n_bytes_runs_the_vm_in_one_place() {
         seen[1]
     );
     assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
+}
+
+/// The source loses the destination's answer to its commit and cannot reach it again (the
+/// link stays cut): it asks for `--migration-answer-wait` (2 s here, 150 s by default), then
+/// gives up with the VM **saved** here, never started on a guess, and the job says where it
+/// may be. The destination, which had the commit, runs it: one VM running, in one place.
+#[test]
+fn a_quick_migration_whose_answer_is_lost_for_good_leaves_the_vm_saved_at_the_source() {
+    let p = pair_with(true, true, &["--migration-answer-wait", "2"]);
+    // The bytes of a whole quick migration, to cut inside the destination's last answer.
+    let (place, total) = quick_cut_run(&p, 100, u64::MAX);
+    assert_eq!(place, Where::Destination);
+
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    let px = Proxy::start(Target::Fixed(b), total - 10);
+    let run = start_vm(&p, "lost", "", true);
+    let r = p.a.post_json(
+        &format!("/v1/vms/{}/migrate", run.name),
+        &json!({"to": px.addr.to_string(), "quick": true}),
+    );
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let job_id = r.json()["id"].as_str().unwrap().to_owned();
+    let asked = Instant::now();
+    let j = ended(&p.a, &job_id);
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("answer lost for good, after {:?}: {error}", asked.elapsed());
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        error.contains("could not be asked since") && error.contains("stays saved here"),
+        "{error}"
+    );
+    assert!(error.contains("vireo vm start"), "{error}");
+    // Here: the record, saved, no worker. There: running, in the worker that restored it.
+    let here = record(&p.a, &run).expect("the source keeps its record");
+    assert_eq!(here["state"], "saved", "{here}");
+    assert!(
+        p.a.worker_record(&run.id).is_none(),
+        "a worker runs it on the source"
+    );
+    wait_until(T, "the VM running on the destination", || {
+        record(&p.b, &run).is_some_and(|v| v["state"] == "running")
+    });
+    assert!(lock_held(&run), "the destination's worker holds the disk");
 }
 
 /// Every fault that can hit before or during the switch-over is tried at each, twice.

@@ -61,6 +61,13 @@ struct Args {
     /// (incoming, the source retries).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     max_migrations: u16,
+    /// Seconds a source keeps asking a destination where a VM is when the destination's
+    /// word on it was lost with the link (a quick migration's answer to the commit, a live
+    /// one's switch-over): after that the VM stays saved (quick) or stopped here and the job
+    /// says where it may be; it is never started here on a guess.
+    #[arg(long, value_name = "SECONDS", default_value_t = 150,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    migration_answer_wait: u64,
     /// Another host's migration listener (its `--migration-listen`), repeatable: the hosts
     /// that share virtual networks with this one. When a VM on an overlay switch arrives
     /// here, each is told its customer addresses' new provider address over mutual TLS (both
@@ -193,6 +200,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let daemon = Daemon::configured(store, limits, worker_bin, args.worker_nice, storage);
         daemon.switches.set_bin(switch_bin);
         daemon.migrations.set_max(args.max_migrations.into());
+        daemon
+            .migrations
+            .set_answer_wait(std::time::Duration::from_secs(args.migration_answer_wait));
         daemon
             .migrations
             .set_netvirt_peers(args.netvirt_peer.clone());

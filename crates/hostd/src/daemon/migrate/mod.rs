@@ -25,7 +25,7 @@ pub mod whereabouts;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -33,6 +33,8 @@ use vireo_api::worker::{MigratePhase, MigrateProgress};
 
 /// `vireod --max-migrations` default.
 pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
+/// `vireod --migration-answer-wait` default: the destination's restore limit and then some.
+pub const DEFAULT_ANSWER_WAIT: Duration = Duration::from_secs(150);
 
 pub struct Migrations {
     /// One permit per migration running on this host (either direction).
@@ -44,6 +46,9 @@ pub struct Migrations {
     /// `vireod --netvirt-peer`: the migration listeners of the hosts sharing virtual
     /// networks with this one (told where a VM that arrived here is now).
     netvirt_peers: Mutex<Vec<SocketAddr>>,
+    /// `vireod --migration-answer-wait`: how long a source that lost the destination's word
+    /// asks where the VM is before it gives up (`whereabouts::ask`).
+    answer_wait: Mutex<Duration>,
     /// Destination: the disk copies of shared-nothing migrations arriving here.
     pub disk_targets: storage::Targets,
 }
@@ -56,6 +61,7 @@ impl Default for Migrations {
             phases: Mutex::new(HashMap::new()),
             listen: Mutex::new(None),
             netvirt_peers: Mutex::new(Vec::new()),
+            answer_wait: Mutex::new(DEFAULT_ANSWER_WAIT),
             disk_targets: storage::Targets::default(),
         }
     }
@@ -90,6 +96,15 @@ impl Migrations {
 
     pub fn netvirt_peers(&self) -> Vec<SocketAddr> {
         lock(&self.netvirt_peers).clone()
+    }
+
+    /// At startup.
+    pub fn set_answer_wait(&self, wait: Duration) {
+        *lock(&self.answer_wait) = wait;
+    }
+
+    pub fn answer_wait(&self) -> Duration {
+        *lock(&self.answer_wait)
     }
 
     pub fn set_progress(&self, job: Uuid, p: MigrateProgress) {

@@ -21,8 +21,6 @@ use vireo_api::VmState;
 use super::peer::Peer;
 use crate::daemon::Daemon;
 
-/// How long the source keeps asking: the destination's restore limit and then some.
-const ASK_LIMIT: Duration = Duration::from_secs(150);
 /// Between two questions (the destination is restoring, or unreachable).
 const ASK_EVERY: Duration = Duration::from_secs(1);
 /// One question's answer.
@@ -48,10 +46,10 @@ pub async fn answer(d: &Arc<Daemon>, mut peer: Peer, vm_id: Uuid) {
     let _ = peer.send(&PeerMsg::Whereabouts { here }).await;
 }
 
-/// Source: asks `to` where `vm_id` is until the answer is `Here` or `Absent`, or [`ASK_LIMIT`]
-/// passed (`Err` with the last reason it could not tell).
+/// Source: asks `to` where `vm_id` is until the answer is `Here` or `Absent`, or
+/// `vireod --migration-answer-wait` passed (`Err` with the last reason it could not tell).
 pub async fn ask(d: &Daemon, to: SocketAddr, vm_id: Uuid) -> Result<VmWhereabouts, String> {
-    let deadline = tokio::time::Instant::now() + ASK_LIMIT;
+    let deadline = tokio::time::Instant::now() + d.migrations.answer_wait();
     loop {
         let why = match ask_once(d, to, vm_id).await {
             Ok(VmWhereabouts::Arriving) => "its restore there is still under way".to_string(),
