@@ -587,6 +587,7 @@ impl VirtioDevice for VhostUserNet {
             link_up: true,
             rings,
             rx_frame: None,
+            rx_frame_vnet_hdr: Default::default(),
         }))
     }
 
