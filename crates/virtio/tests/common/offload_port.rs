@@ -15,11 +15,13 @@ pub const ALL_OFFLOADS: Offloads = Offloads {
     tso6: true,
 };
 
+/// A frame the device sent: its header (`None` for a plain `send`) and bytes.
+pub type Sent = (Option<[u8; VNET_HDR_LEN]>, Vec<u8>);
+
 pub struct OffloadPort {
     incoming: Mutex<VecDeque<([u8; VNET_HDR_LEN], Vec<u8>)>>,
     incoming_event: EventFd,
-    /// Every frame the device sent: its header (`None` for a plain `send`) and bytes.
-    pub sent: Mutex<Vec<(Option<[u8; VNET_HDR_LEN]>, Vec<u8>)>>,
+    pub sent: Mutex<Vec<Sent>>,
     /// The last `set_recv_offloads`.
     pub recv_offloads: Mutex<Option<Offloads>>,
 }
