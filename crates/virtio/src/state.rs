@@ -124,6 +124,10 @@ pub struct NetState {
     /// and its frame was plain.
     #[serde(default)]
     pub rx_frame_vnet_hdr: [u8; VNET_HDR_LEN],
+    /// Queue pairs the driver had in use (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`) on a multiqueue
+    /// NIC; 0 in states from before multiqueue and from NICs without it, which means one.
+    #[serde(default)]
+    pub queue_pairs: u16,
 }
 
 /// A device model's own state, by device type.
@@ -224,6 +228,7 @@ mod tests {
                 }),
                 rx_frame: Some(vec![0; 12 + 60]),
                 rx_frame_vnet_hdr: [1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0],
+                queue_pairs: 2,
             }),
         ];
         for s in states {

@@ -281,6 +281,7 @@ impl VirtioDevice for Net {
             rings,
             rx_frame,
             rx_frame_vnet_hdr,
+            queue_pairs: 0,
         }))
     }
 

@@ -154,6 +154,7 @@ fn sample() -> VmState {
                     }),
                     rx_frame: Some(vec![0xff; 60]),
                     rx_frame_vnet_hdr: Default::default(),
+                    queue_pairs: 0,
                 }),
             },
         ],
