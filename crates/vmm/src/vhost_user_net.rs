@@ -225,7 +225,8 @@ impl VhostUserNet {
         let mut pairs = 1;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             // Negotiating the set (even empty) is what lets us start and stop rings with
-            // SET_VRING_ENABLE; LOG_SHMFD is the one optional feature we use (dirty log).
+            // SET_VRING_ENABLE; the optional ones we use are LOG_SHMFD (dirty log) and, when
+            // more than one pair is asked for, MQ (GET_QUEUE_NUM).
             let offered = frontend
                 .get_protocol_features()
                 .map_err(negotiate(socket))?;
@@ -245,6 +246,12 @@ impl VhostUserNet {
                 let most = u64::from(want_pairs.min(MAX_QUEUE_PAIRS));
                 pairs = (rings / 2).clamp(1, most) as u16;
             }
+        }
+        if pairs < want_pairs {
+            tracing::warn!(
+                "vhost-user backend {} gives {pairs} of the {want_pairs} queue pairs asked for",
+                socket.display()
+            );
         }
         let mut queue_sizes = vec![QUEUE_SIZE; 2 * usize::from(pairs)];
         if pairs > 1 {
