@@ -16,6 +16,10 @@ use std::os::unix::io::RawFd;
 /// Largest frame any port carries: 9014-byte jumbo frames plus a VLAN tag, rounded up.
 pub const MAX_FRAME: usize = 9216;
 
+/// Largest frame a port with TSO offloads hands over or takes ([`FramePort::recv_vnet`],
+/// [`FramePort::send_vnet`]): a 64 KiB TCP super-frame plus its Ethernet header and a VLAN tag.
+pub const MAX_SUPER_FRAME: usize = 65536 + 18;
+
 /// Length of the legacy `struct virtio_net_hdr` (flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset; little endian) that offloaded frames carry beside them.
 pub const VNET_HDR_LEN: usize = 10;
@@ -49,6 +53,15 @@ pub trait FramePort: Send + Sync {
     /// negotiated, so it may change when the driver resets). Default: none.
     fn offloads(&self) -> Offloads {
         Offloads::default()
+    }
+
+    /// Limits what [`FramePort::recv_vnet`] may hand over from now on to what the receiver
+    /// takes (a VM's driver that declined `GUEST_CSUM`/`GUEST_TSO*`): the far side then finishes
+    /// checksums and segments itself. Frames already queued may still carry more. Default, for
+    /// ports that never hand over offloaded frames: nothing to do.
+    fn set_recv_offloads(&self, wanted: Offloads) -> Result<(), PortError> {
+        let _ = wanted;
+        Ok(())
     }
 
     /// Sends one frame with its virtio-net header `hdr`. Callers only pass headers that

@@ -13,11 +13,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
-use crate::{FramePort, Offloads, PortError, VNET_HDR_LEN};
+use crate::{FramePort, Offloads, PortError, MAX_SUPER_FRAME, VNET_HDR_LEN};
 
 /// Largest frame a TAP can hand us: the kernel caps an interface MTU at 64 KiB, plus the
 /// Ethernet header and a VLAN tag.
-const TAP_MAX_READ: usize = 65536 + 18;
+const TAP_MAX_READ: usize = MAX_SUPER_FRAME;
 
 /// A TAP interface opened with `IFF_TAP | IFF_NO_PI`, non-blocking.
 ///
@@ -75,19 +75,18 @@ impl TapPort {
             return Err(io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")).into());
         }
         if vnet {
-            // The header size is the kernel's default, 10 (`struct virtio_net_hdr`).
-            // SAFETY: TUNSETOFFLOAD takes its flags by value on an fd we own.
-            let ret = unsafe {
-                libc::ioctl(
-                    file.as_raw_fd(),
-                    libc::TUNSETOFFLOAD,
-                    TAP_OFFLOADS as libc::c_ulong,
-                )
-            };
-            if ret < 0 {
+            // The header size belongs to the interface, not to this file: a persistent TAP
+            // that QEMU or vhost-net used last may still be set to 12 bytes, which would shift
+            // every frame we read and write by two.
+            let size = VNET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads one int that outlives the call, on an fd we own.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
                 let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("TUNSETOFFLOAD {name}: {e}")).into());
+                return Err(
+                    io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ {name}: {e}")).into(),
+                );
             }
+            set_offload(&file, name, TAP_OFFLOADS)?;
         }
         Ok(TapPort {
             file,
@@ -123,6 +122,24 @@ impl TapPort {
         }
         Ok(())
     }
+}
+
+/// What the kernel may hand us on `file` (TUNSETOFFLOAD): it finishes checksums and segments
+/// what is not in `flags` before we read it.
+fn set_offload(file: &File, name: &str, flags: libc::c_uint) -> Result<(), PortError> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value on an fd we own.
+    let ret = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            flags as libc::c_ulong,
+        )
+    };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("TUNSETOFFLOAD {name}: {e}")).into());
+    }
+    Ok(())
 }
 
 /// Checks an interface name and lays it out as the kernel's NUL-terminated `IFNAMSIZ` array.
@@ -264,6 +281,25 @@ impl FramePort for TapPort {
 
     fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), PortError> {
         self.write_frame(hdr, frame)
+    }
+
+    /// TSO needs CSUM on a TAP (the kernel refuses TSO flags without it), so a receiver that
+    /// takes TSO but not partial checksums gets neither.
+    fn set_recv_offloads(&self, wanted: Offloads) -> Result<(), PortError> {
+        if !self.vnet {
+            return Ok(());
+        }
+        let mut flags = 0;
+        if wanted.csum {
+            flags |= libc::TUN_F_CSUM;
+            if wanted.tso4 {
+                flags |= libc::TUN_F_TSO4;
+            }
+            if wanted.tso6 {
+                flags |= libc::TUN_F_TSO6;
+            }
+        }
+        set_offload(&self.file, &self.name, flags)
     }
 
     fn recv_vnet(

@@ -7,6 +7,7 @@
 //! These are plain data with serde; the version of the file they sit in is the VMM's.
 
 use serde::{Deserialize, Serialize};
+use vireo_netport::VNET_HDR_LEN;
 use virtio_queue::{Queue, QueueT};
 
 /// One split virtqueue: the configuration the driver wrote plus the device's ring positions.
@@ -71,12 +72,16 @@ pub struct RingPositions {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ParkedReport {
     pub rings: RingPositions,
-    /// virtio-net: a received Ethernet frame no rx buffer has taken yet.
-    pub rx_frame: Option<Vec<u8>>,
+    /// virtio-net: a received Ethernet frame no rx buffer has taken yet, behind its
+    /// virtio-net header.
+    pub rx_frame: Option<([u8; VNET_HDR_LEN], Vec<u8>)>,
 }
 
 impl ParkedReport {
-    pub fn of_queues(queues: &[&Queue], rx_frame: Option<Vec<u8>>) -> ParkedReport {
+    pub fn of_queues(
+        queues: &[&Queue],
+        rx_frame: Option<([u8; VNET_HDR_LEN], Vec<u8>)>,
+    ) -> ParkedReport {
         ParkedReport {
             rings: RingPositions {
                 queues: queues
@@ -114,6 +119,15 @@ pub struct NetState {
     /// An Ethernet frame taken from the port that no rx buffer had room for yet: it is
     /// delivered after restore instead of being lost.
     pub rx_frame: Option<Vec<u8>>,
+    /// The virtio-net header (partial checksum, GSO) `rx_frame` came with from an offload
+    /// port. Added without a format version bump: a state from before offloads has none,
+    /// and its frame was plain.
+    #[serde(default)]
+    pub rx_frame_vnet_hdr: [u8; VNET_HDR_LEN],
+    /// Queue pairs the driver had in use (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`) on a multiqueue
+    /// NIC; 0 in states from before multiqueue and from NICs without it, which means one.
+    #[serde(default)]
+    pub queue_pairs: u16,
 }
 
 /// A device model's own state, by device type.
@@ -213,12 +227,25 @@ mod tests {
                     queues: vec![(3, 2), (9, 9)],
                 }),
                 rx_frame: Some(vec![0; 12 + 60]),
+                rx_frame_vnet_hdr: [1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0],
+                queue_pairs: 2,
             }),
         ];
         for s in states {
             let text = serde_json::to_string(&s).unwrap();
             assert_eq!(serde_json::from_str::<DeviceState>(&text).unwrap(), s);
         }
+    }
+
+    #[test]
+    fn a_net_state_from_before_offloads_reads_with_a_plain_header() {
+        let old = r#"{"type":"net","acked_features":4294967296,"mac":[2,0,0,0,0,9],
+            "link_up":true,"rings":{"queues":[[1,1],[0,0]]},"rx_frame":[1,2,3]}"#;
+        let DeviceState::Net(n) = serde_json::from_str::<DeviceState>(old).unwrap() else {
+            panic!("not a net state");
+        };
+        assert_eq!(n.rx_frame.as_deref(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(n.rx_frame_vnet_hdr, [0; VNET_HDR_LEN]);
     }
 
     #[test]

@@ -111,3 +111,73 @@ fn a_frame_held_without_rx_buffers_survives_save_and_restore() {
     assert!(dev.restore_state(&saved).is_err());
     let _ = reset_in_time(dev);
 }
+
+/// A TCP/IPv4 super-frame's header from an offload port: partial checksum, TSO at 1448.
+const TSO_HDR: [u8; vireo_netport::VNET_HDR_LEN] = [1, 1, 54, 0, 0xa8, 5, 34, 0, 16, 0];
+
+#[test]
+fn a_held_super_frame_keeps_its_header_across_save_and_restore() {
+    use common::offload_port::OffloadPort;
+
+    let port = Arc::new(OffloadPort::new());
+    let mut dev = Net::new(port.clone(), MAC);
+    let mem = guest_memory();
+    let features = dev.features();
+    let (_queues, _irq) = activate_with(&mut dev, &mem, QSIZE, features);
+    let mut held = frame(9);
+    held.resize(20_000, 9);
+    port.push(TSO_HDR, &held);
+    let mut saved = None;
+    assert!(wait_for(|| {
+        dev.pause(Duration::from_secs(10)).unwrap();
+        let s = dev.save_state().unwrap();
+        if matches!(&s, DeviceState::Net(n) if n.rx_frame.is_some()) {
+            saved = Some(s);
+            return true;
+        }
+        dev.resume();
+        false
+    }));
+    let saved = saved.unwrap();
+    let DeviceState::Net(net) = &saved else {
+        panic!("{saved:?}")
+    };
+    assert_eq!(net.rx_frame_vnet_hdr, TSO_HDR);
+    assert!(net.rx_frame.as_deref() == Some(&held[..]));
+    dev.resume();
+    let _ = reset_in_time(dev);
+
+    // Through the saved form, as a save file carries it.
+    let text = serde_json::to_string(&saved).unwrap();
+    let saved: DeviceState = serde_json::from_str(&text).unwrap();
+    let port = Arc::new(OffloadPort::new());
+    let mut dev = Net::new(port.clone(), MAC);
+    // A driver that did not accept TSO could not have been handed this frame.
+    let without_tso = DeviceState::Net(NetState {
+        acked_features: features & !(1 << 7 | 1 << 8),
+        ..net.clone()
+    });
+    assert!(matches!(
+        dev.restore_state(&without_tso),
+        Err(StateError::Invalid(_))
+    ));
+    // Nor can a device on a port without offloads take the features.
+    let (plain, _peer) = channel_pair("plain", "peer").unwrap();
+    assert!(Net::new(Arc::new(plain), MAC)
+        .restore_state(&saved)
+        .is_err());
+    dev.restore_state(&saved).unwrap();
+    let mem = guest_memory();
+    let (mut queues, _irq) = activate_with(&mut dev, &mem, QSIZE, features);
+    let rx = &mut queues[0];
+    rx.add_chain(&mem, &[wo(DATA_BASE, 32_768)]);
+    rx.notify();
+    dev.resume();
+    let used = rx.wait_used(&mem, 1);
+    assert_eq!(used[0].1 as usize, NET_HDR_LEN + held.len());
+    let mut got = vec![0u8; NET_HDR_LEN + held.len()];
+    mem.read_slice(&mut got, GuestAddress(DATA_BASE)).unwrap();
+    assert_eq!(got[..10], TSO_HDR);
+    assert!(got[NET_HDR_LEN..] == held[..]);
+    let _ = reset_in_time(dev);
+}

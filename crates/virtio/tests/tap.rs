@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::fs::File;
-use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::process::Command;
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::netns::{enter_new_netns, packet_socket};
 use common::*;
 use vireo_netport::{FramePort, TapPort};
 use vireo_virtio::net::NET_HDR_LEN;
@@ -19,66 +17,6 @@ use vireo_virtio::Net;
 use vm_memory::{Bytes, GuestAddress};
 
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
-
-struct NetNs(String);
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn enter_new_netns(name: &str) -> Option<NetNs> {
-    let ok = Command::new("ip")
-        .args(["netns", "add", name])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        return None;
-    }
-    let ns = NetNs(name.to_string());
-    let f = File::open(format!("/var/run/netns/{name}")).ok()?;
-    // SAFETY: setns on an fd we hold open; affects only the calling thread.
-    (unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0).then_some(ns)
-}
-
-fn packet_socket(ifname: &str) -> io::Result<File> {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2) call, wrapped in a File right after.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    let sock = unsafe { File::from_raw_fd(fd) };
-    let cname = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: cname is NUL-terminated.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    // SAFETY: sockaddr_ll is plain old data.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: addr is a valid sockaddr_ll of the size given.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sock)
-}
 
 fn test_frame(tag: u8, len: usize) -> Vec<u8> {
     let mut f = vec![0xff; 6];

@@ -83,9 +83,11 @@ impl VirtioSlot {
         }
     }
 
-    /// A virtio-net NIC on the host TAP interface `name` (created if missing, set up).
+    /// A virtio-net NIC on the host TAP interface `name` (created if missing, set up), with
+    /// virtio-net headers so the guest may use checksum and TSO offloads; the device tells
+    /// the TAP what the guest takes when the driver starts it.
     pub fn tap(name: &str, mac: [u8; 6]) -> Result<Self, vireo_netport::PortError> {
-        let tap = vireo_netport::TapPort::open(name)?;
+        let tap = vireo_netport::TapPort::open_offload(name)?;
         tap.set_up()?;
         Ok(Self::net(Arc::new(tap), mac))
     }

@@ -24,11 +24,23 @@
 //! The used rings are logged by guest-physical address through the same log (the backend
 //! marks every page it writes), so `VHOST_VRING_F_LOG` is not used.
 //!
+//! Multiqueue, asked for with [`VhostUserNet::connect_with_pairs`] (`vireo run --net
+//! vhost-user=SOCKET,queues=N`): with a backend that offers `VIRTIO_NET_F_MQ` and
+//! `VHOST_USER_PROTOCOL_F_MQ` the NIC has up to N pairs (at most the backend's GET_QUEUE_NUM
+//! / 2 and [`MAX_QUEUE_PAIRS`]); the guest sees MQ, `CTRL_VQ` and `max_virtqueue_pairs`, and
+//! the control queue (the last queue) is served here (`ctrl.rs`): pair 0 runs until the
+//! driver asks for more with `VQ_PAIRS_SET`. The pair count in use is part of the saved
+//! state. One pair is the default because the queue count is part of the machine: a VM saved
+//! with a two-queue NIC must find two queues when it is restored.
+//!
 //! Not covered: reconnecting to a restarted backend.
+
+mod ctrl;
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -48,8 +60,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::GuestMemory;
 
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 const QUEUE_SIZE: u16 = 256;
-const NUM_QUEUES: usize = 2;
+/// Queue pairs offered at most, whatever the backend has.
+pub const MAX_QUEUE_PAIRS: u16 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserNetError {
@@ -90,7 +104,7 @@ impl CallRelay {
         let thread = std::thread::Builder::new()
             .name("vhost-user-call".into())
             .spawn(move || {
-                let mut events = vec![EpollEvent::default(); NUM_QUEUES + 1];
+                let mut events = vec![EpollEvent::default(); stop_token as usize + 1];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
@@ -126,7 +140,12 @@ pub struct VhostUserNet {
     mac: [u8; 6],
     backend_features: u64,
     acked: u64,
-    queue_sizes: [u16; NUM_QUEUES],
+    /// One per data ring, and the control queue last when there is more than one pair.
+    queue_sizes: Vec<u16>,
+    /// Queue pairs offered to the guest (1 without multiqueue).
+    pairs: u16,
+    /// Pairs the driver uses (VQ_PAIRS_SET); 1 until it asks for more.
+    active_pairs: Arc<AtomicU16>,
     /// Set while the driver has the device active: what a restart of the rings needs.
     active: Option<Active>,
     /// Where the backend stood in each ring when `pause` stopped it; `None` while running.
@@ -153,6 +172,8 @@ struct Active {
     /// Our ends of the backend's call eventfds (the relay holds clones).
     calls: Vec<EventFd>,
     relay: Option<CallRelay>,
+    /// Serving the control queue while the rings run.
+    ctrl: Option<ctrl::CtrlQueue>,
 }
 
 /// `used.idx` as the backend last published it in guest memory (0 if unreadable).
@@ -177,12 +198,22 @@ impl VhostUserNet {
     /// Connects to the backend at `socket` and learns its features; the data path starts when
     /// the guest driver sets DRIVER_OK.
     pub fn connect(socket: &Path, mac: [u8; 6]) -> Result<Self, VhostUserNetError> {
-        let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64).map_err(|source| {
-            VhostUserNetError::Connect {
+        Self::connect_with_pairs(socket, mac, 1)
+    }
+
+    /// [`VhostUserNet::connect`] with up to `want_pairs` queue pairs (module docs); fewer if
+    /// the backend has fewer, one if it has no multiqueue.
+    pub fn connect_with_pairs(
+        socket: &Path,
+        mac: [u8; 6],
+        want_pairs: u16,
+    ) -> Result<Self, VhostUserNetError> {
+        let max_queues = 2 * u64::from(MAX_QUEUE_PAIRS);
+        let mut frontend =
+            Frontend::connect(socket, max_queues).map_err(|source| VhostUserNetError::Connect {
                 path: socket.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         frontend.set_owner().map_err(negotiate(socket))?;
         let backend_features = frontend.get_features().map_err(negotiate(socket))?;
         if backend_features & vireo_virtio::VIRTIO_F_VERSION_1 == 0 {
@@ -191,17 +222,40 @@ impl VhostUserNet {
             });
         }
         let mut log_shmfd = false;
+        let mut pairs = 1;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             // Negotiating the set (even empty) is what lets us start and stop rings with
-            // SET_VRING_ENABLE; LOG_SHMFD is the one optional feature we use (dirty log).
+            // SET_VRING_ENABLE; the optional ones we use are LOG_SHMFD (dirty log) and, when
+            // more than one pair is asked for, MQ (GET_QUEUE_NUM).
             let offered = frontend
                 .get_protocol_features()
                 .map_err(negotiate(socket))?;
-            let ours = offered & VhostUserProtocolFeatures::LOG_SHMFD;
+            let mut wanted = VhostUserProtocolFeatures::LOG_SHMFD;
+            if want_pairs > 1 {
+                wanted |= VhostUserProtocolFeatures::MQ;
+            }
+            let ours = offered & wanted;
             frontend
                 .set_protocol_features(ours)
                 .map_err(negotiate(socket))?;
-            log_shmfd = !ours.is_empty();
+            log_shmfd = ours.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+            if ours.contains(VhostUserProtocolFeatures::MQ)
+                && backend_features & VIRTIO_NET_F_MQ != 0
+            {
+                let rings = frontend.get_queue_num().map_err(negotiate(socket))?;
+                let most = u64::from(want_pairs.min(MAX_QUEUE_PAIRS));
+                pairs = (rings / 2).clamp(1, most) as u16;
+            }
+        }
+        if pairs < want_pairs {
+            tracing::warn!(
+                "vhost-user backend {} gives {pairs} of the {want_pairs} queue pairs asked for",
+                socket.display()
+            );
+        }
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * usize::from(pairs)];
+        if pairs > 1 {
+            queue_sizes.push(QUEUE_SIZE);
         }
         Ok(VhostUserNet {
             path: socket.to_path_buf(),
@@ -209,7 +263,9 @@ impl VhostUserNet {
             mac,
             backend_features,
             acked: 0,
-            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            queue_sizes,
+            pairs,
+            active_pairs: Arc::new(AtomicU16::new(1)),
             active: None,
             parked: None,
             unknown: None,
@@ -275,6 +331,53 @@ impl VhostUserNet {
         self.frontend.set_mem_table(&regions).map(|_| ())
     }
 
+    /// Data rings the driver may use: every pair's with MQ accepted, else the first pair's.
+    fn data_rings(&self) -> usize {
+        if self.acked & VIRTIO_NET_F_MQ != 0 {
+            2 * usize::from(self.pairs)
+        } else {
+            2
+        }
+    }
+
+    /// The control queue's index, if the driver accepted one: after the data rings.
+    fn ctrl_index(&self) -> Option<usize> {
+        (self.acked & ctrl::VIRTIO_NET_F_CTRL_VQ != 0).then(|| self.data_rings())
+    }
+
+    /// Starts serving the control queue (if any) from where the driver's queue stands.
+    fn start_ctrl(&self, a: &Active) -> std::io::Result<Option<ctrl::CtrlQueue>> {
+        let Some(i) = self.ctrl_index() else {
+            return Ok(None);
+        };
+        let Some(qh) = a.queues.get(i).filter(|qh| qh.queue.ready()) else {
+            return Ok(None);
+        };
+        let mut queue = virtio_queue::Queue::try_from(qh.queue.state())
+            .map_err(|e| std::io::Error::other(format!("control queue: {e}")))?;
+        queue.set_event_idx(self.acked & vireo_virtio::VIRTIO_RING_F_EVENT_IDX != 0);
+        let context = ctrl::CtrlContext {
+            mem: a.mem.clone(),
+            interrupt: a.interrupt.clone(),
+            frontend: self.frontend.clone(),
+            index: i as u16,
+            max_pairs: self.pairs,
+            active_pairs: self.active_pairs.clone(),
+        };
+        ctrl::CtrlQueue::start(context, queue, qh.kick.try_clone()?).map(Some)
+    }
+
+    /// Stops the control queue's thread and keeps the position it reached.
+    fn stop_ctrl(&self, a: &mut Active) {
+        let (Some(c), Some(i)) = (a.ctrl.take(), self.ctrl_index()) else {
+            return;
+        };
+        if let (Some(q), Some(qh)) = (c.stop(), a.queues.get_mut(i)) {
+            qh.queue.set_next_avail(q.next_avail());
+            qh.queue.set_next_used(q.next_used());
+        }
+    }
+
     fn protocol_features(&self) -> bool {
         self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
@@ -313,7 +416,9 @@ impl VhostUserNet {
                 .map(|p| p as u64)
                 .map_err(|_| vhost::Error::InvalidGuestMemory)
         };
-        for (i, (qh, call)) in queues.iter().zip(calls).enumerate() {
+        let data_rings = self.data_rings();
+        let enabled_rings = 2 * usize::from(self.active_pairs.load(Ordering::Acquire));
+        for (i, (qh, call)) in queues.iter().zip(calls).enumerate().take(data_rings) {
             let q = &qh.queue;
             if !q.ready() {
                 continue;
@@ -333,10 +438,10 @@ impl VhostUserNet {
             self.frontend.set_vring_call(i, call)?;
             self.frontend.set_vring_kick(i, &qh.kick)?;
             if self.protocol_features() {
-                self.frontend.set_vring_enable(i, true)?;
+                self.frontend.set_vring_enable(i, i < enabled_rings)?;
             }
         }
-        for qh in queues.iter().filter(|qh| qh.queue.ready()) {
+        for qh in queues.iter().take(data_rings).filter(|qh| qh.queue.ready()) {
             let _ = qh.kick.write(1);
         }
         Ok(())
@@ -362,10 +467,17 @@ impl VirtioDevice for VhostUserNet {
 
     fn features(&self) -> u64 {
         // PROTOCOL_FEATURES and LOG_ALL are between us and the backend, not for the guest.
-        (self.backend_features
+        // MQ goes with the control queue that is ours (a driver offered MQ without CTRL_VQ
+        // refuses the device), and only when the backend has more than one pair.
+        let mut f = (self.backend_features
             & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-                | VhostUserVirtioFeatures::LOG_ALL.bits()))
-            | VIRTIO_NET_F_MAC
+                | VhostUserVirtioFeatures::LOG_ALL.bits()
+                | VIRTIO_NET_F_MQ))
+            | VIRTIO_NET_F_MAC;
+        if self.pairs > 1 {
+            f |= VIRTIO_NET_F_MQ | ctrl::VIRTIO_NET_F_CTRL_VQ;
+        }
+        f
     }
 
     fn ack_features(&mut self, acked: u64) {
@@ -373,11 +485,15 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_net_config: only the MAC is offered.
+        // struct virtio_net_config: the MAC, status (STATUS not offered: 0) and
+        // max_virtqueue_pairs (meaningful with MQ).
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&self.mac);
+        config[8..].copy_from_slice(&self.pairs.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()
-                .and_then(|o| self.mac.get(o + i).copied())
+                .and_then(|o| config.get(o + i).copied())
                 .unwrap_or(0);
         }
     }
@@ -393,13 +509,13 @@ impl VirtioDevice for VhostUserNet {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != NUM_QUEUES {
+        if queues.len() != self.queue_sizes.len() {
             return Err(ActivateError::QueueCount {
-                want: NUM_QUEUES,
+                want: self.queue_sizes.len(),
                 got: queues.len(),
             });
         }
-        let calls = (0..NUM_QUEUES)
+        let calls = (0..queues.len())
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()?;
         let path = self.path.clone();
@@ -425,32 +541,42 @@ impl VirtioDevice for VhostUserNet {
                 queues,
                 calls,
                 relay: None,
+                ctrl: None,
             });
             return Ok(());
         }
+        // A driver starts with one pair (virtio 1.2, 5.1.6.5.5).
+        self.active_pairs.store(1, Ordering::Release);
         self.start(&mem, &queues, &calls).map_err(fail)?;
         let relay = CallRelay::start(clone_all(&calls)?, interrupt.clone())?;
         self.parked = None;
-        self.active = Some(Active {
+        let mut active = Active {
             mem,
             interrupt,
             queues,
             calls,
             relay: Some(relay),
-        });
+            ctrl: None,
+        };
+        active.ctrl = self.start_ctrl(&active)?;
+        self.active = Some(active);
         Ok(())
     }
 
     fn reset(&mut self) {
         // GET_VRING_BASE stops a ring: once answered, the backend no longer touches it.
-        for i in 0..NUM_QUEUES {
+        for i in 0..2 * usize::from(self.pairs) {
             let _ = self.frontend.get_vring_base(i);
         }
         if let Some(mut a) = self.active.take() {
             if let Some(r) = a.relay.take() {
                 r.stop();
             }
+            if let Some(c) = a.ctrl.take() {
+                c.stop();
+            }
         }
+        self.active_pairs.store(1, Ordering::Release);
         self.parked = None;
         self.unknown = None;
         self.restored = false;
@@ -469,8 +595,10 @@ impl VirtioDevice for VhostUserNet {
         };
         let mut positions = Vec::with_capacity(a.queues.len());
         self.unknown = None;
+        self.stop_ctrl(&mut a);
+        let data_rings = self.data_rings();
         for i in 0..a.queues.len() {
-            if a.queues[i].queue.ready() && self.unknown.is_none() {
+            if i < data_rings && a.queues[i].queue.ready() && self.unknown.is_none() {
                 match self.frontend.get_vring_base(i) {
                     Ok(next_avail) => a.queues[i].queue.set_next_avail(next_avail as u16),
                     // A backend that is gone touches the rings no more either: the pause
@@ -511,6 +639,12 @@ impl VirtioDevice for VhostUserNet {
             match clone_all(&a.calls).and_then(|c| CallRelay::start(c, a.interrupt.clone())) {
                 Ok(r) => a.relay = Some(r),
                 Err(e) => tracing::error!("resuming NIC interrupts: {}", self.backend_error(e)),
+            }
+        }
+        if a.ctrl.is_none() {
+            match self.start_ctrl(&a) {
+                Ok(c) => a.ctrl = c,
+                Err(e) => tracing::error!("resuming NIC control queue: {}", self.backend_error(e)),
             }
         }
         self.active = Some(a);
@@ -587,6 +721,8 @@ impl VirtioDevice for VhostUserNet {
             link_up: true,
             rings,
             rx_frame: None,
+            rx_frame_vnet_hdr: Default::default(),
+            queue_pairs: self.active_pairs.load(Ordering::Acquire),
         }))
     }
 
@@ -619,7 +755,17 @@ impl VirtioDevice for VhostUserNet {
                     .into(),
             ));
         }
+        if n.queue_pairs > self.pairs {
+            return Err(StateError::Invalid(format!(
+                "the saved NIC used {} queue pairs, backend {} has {}",
+                n.queue_pairs,
+                self.path.display(),
+                self.pairs
+            )));
+        }
         self.acked = n.acked_features;
+        self.active_pairs
+            .store(n.queue_pairs.max(1), Ordering::Release);
         self.restored = n.rings.is_some();
         Ok(())
     }

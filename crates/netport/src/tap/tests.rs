@@ -360,3 +360,45 @@ fn offload_tap_writes_super_frames_whole_and_reads_partial_checksums() {
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
+
+fn vnet_hdr_size(tap: &TapPort) -> libc::c_int {
+    let mut size: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int that outlives the call, on an fd we own.
+    let r = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut size) };
+    assert_eq!(r, 0, "TUNGETVNETHDRSZ: {}", io::Error::last_os_error());
+    size
+}
+
+/// The vnet header size belongs to the interface: a persistent TAP that another VMM left at
+/// 12 bytes (QEMU does) is set back to our 10 when we attach, or every frame would be read
+/// and written two bytes off.
+#[test]
+fn attaching_to_a_persistent_tap_resets_its_header_size() {
+    use vireo_testkit::{require_all, Need};
+    if !require_all(&[Need::Tap, Need::Netns]) {
+        return;
+    }
+    let ns_name = format!("vireo-taphs-{}", std::process::id());
+    let ns = NetNs::create(&ns_name).expect("cannot create a network namespace");
+    ip_in(
+        &ns_name,
+        &["tuntap", "add", "mode", "tap", "name", "vtaphs"],
+    )
+    .unwrap();
+    let result = std::thread::spawn(move || {
+        ns.enter().unwrap();
+        let tap = TapPort::open_offload("vtaphs").unwrap();
+        assert_eq!(vnet_hdr_size(&tap), VNET_HDR_LEN as libc::c_int);
+        let twelve: libc::c_int = 12;
+        // SAFETY: TUNSETVNETHDRSZ reads one int that outlives the call, on an fd we own.
+        let r = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &twelve) };
+        assert_eq!(r, 0);
+        drop(tap);
+        let tap = TapPort::open_offload("vtaphs").unwrap();
+        assert_eq!(vnet_hdr_size(&tap), VNET_HDR_LEN as libc::c_int);
+    })
+    .join();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -1,7 +1,11 @@
 //! virtio-net over any [`FramePort`]: receive queue 0, transmit queue 1, one worker thread.
-//! No offloads are offered, so every frame is a plain Ethernet frame behind a zeroed header
-//! (12 bytes: VERSION_1 always carries `num_buffers`, which MRG_RXBUF makes meaningful).
+//! Every frame sits behind a 12-byte header (VERSION_1 always carries `num_buffers`, which
+//! MRG_RXBUF makes meaningful). On a port with offloads (a TAP opened with `IFF_VNET_HDR`) the
+//! device offers checksum and TSO offloads and passes the header's first 10 bytes (the legacy
+//! `virtio_net_hdr`) between driver and port unchanged; otherwise, or when the driver declines
+//! them, the header is zero and frames are plain (`offload.rs`).
 
+mod offload;
 mod rx;
 mod tx;
 mod worker;
@@ -9,7 +13,7 @@ mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vireo_netport::FramePort;
+use vireo_netport::{FramePort, MAX_SUPER_FRAME, VNET_HDR_LEN};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
@@ -77,7 +81,7 @@ pub struct Net {
     notifier: ConfigNotifier,
     worker: Option<Worker>,
     /// A frame from a restored state, handed to the worker on activation.
-    restored_rx_frame: Option<Vec<u8>>,
+    restored_rx_frame: Option<([u8; VNET_HDR_LEN], Vec<u8>)>,
     /// Loaded from a save: the next activation starts the worker parked, so nothing moves
     /// between the port and the RAM of a VM restored paused until it resumes.
     restored: bool,
@@ -169,6 +173,7 @@ impl VirtioDevice for Net {
             | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS
             | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | offload::offered(self.port.offloads())
     }
 
     fn ack_features(&mut self, acked: u64) {
@@ -203,6 +208,12 @@ impl VirtioDevice for Net {
                     want: 2,
                     got: q.len(),
                 })?;
+        let offloads = offload::Negotiated::from_acked(self.acked_features);
+        // Before the worker reads anything: a driver that declined GUEST_CSUM/TSO must get
+        // frames the host finished (the TAP's kernel does it when told).
+        self.port
+            .set_recv_offloads(offloads.rx)
+            .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))?;
         self.notifier.set(Some(interrupt.clone()));
         let worker = worker::NetWorker::new(
             mem,
@@ -212,12 +223,13 @@ impl VirtioDevice for Net {
             worker::Negotiated {
                 event_idx: crate::has_event_idx(self.acked_features),
                 mergeable_rx: self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+                offloads,
             },
             self.port.clone(),
             self.counters.clone(),
         );
         let worker = match self.restored_rx_frame.take() {
-            Some(frame) => worker.with_pending_frame(&frame),
+            Some((hdr, frame)) => worker.with_pending_frame(&hdr, &frame),
             None => worker,
         };
         self.worker = Some(worker.start(std::mem::take(&mut self.restored))?);
@@ -258,12 +270,18 @@ impl VirtioDevice for Net {
             }
             None => (None, None),
         };
+        let (rx_frame_vnet_hdr, rx_frame) = match rx_frame {
+            Some((hdr, frame)) => (hdr, Some(frame)),
+            None => ([0; VNET_HDR_LEN], None),
+        };
         Ok(DeviceState::Net(NetState {
             acked_features: self.acked_features,
             mac: self.mac,
             link_up: self.link_up.load(Ordering::Acquire),
             rings,
             rx_frame,
+            rx_frame_vnet_hdr,
+            queue_pairs: 0,
         }))
     }
 
@@ -292,13 +310,20 @@ impl VirtioDevice for Net {
         }
         if s.rx_frame
             .as_ref()
-            .is_some_and(|f| f.len() > vireo_netport::MAX_FRAME)
+            .is_some_and(|f| f.len() > MAX_SUPER_FRAME)
         {
             return Err(StateError::Invalid("a pending frame is too long".into()));
         }
+        let rx_offloads = offload::Negotiated::from_acked(s.acked_features).rx;
+        if !offload::covers(rx_offloads, &s.rx_frame_vnet_hdr) {
+            return Err(StateError::Invalid(format!(
+                "the pending frame's header {:02x?} asks for offloads the driver did not accept",
+                s.rx_frame_vnet_hdr
+            )));
+        }
         self.acked_features = s.acked_features;
         self.link_up.store(s.link_up, Ordering::Release);
-        self.restored_rx_frame = s.rx_frame.clone();
+        self.restored_rx_frame = s.rx_frame.clone().map(|f| (s.rx_frame_vnet_hdr, f));
         self.restored = s.rings.is_some();
         Ok(())
     }

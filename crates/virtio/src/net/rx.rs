@@ -1,12 +1,15 @@
 //! Receive path: frames from the port into the driver's rx buffers. A frame that finds no
 //! buffer waits in `frame` (the port keeps the rest, pushing back on its sender) until the
-//! driver kicks with new buffers. With MRG_RXBUF a frame may fill several buffers.
+//! driver kicks with new buffers. With MRG_RXBUF a frame may fill several buffers. The port's
+//! virtio-net header reaches the driver unchanged when it negotiated GUEST_CSUM/GUEST_TSO*
+//! (the port was told to hand over only what it took: `FramePort::set_recv_offloads`).
 
 use std::sync::atomic::Ordering;
 
-use vireo_netport::{FramePort, PortError, MAX_FRAME};
+use vireo_netport::{FramePort, Offloads, PortError, MAX_FRAME, MAX_SUPER_FRAME, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueT};
 
+use super::offload::covers;
 use super::{NetCounters, NET_HDR_LEN};
 use crate::chain::ChainBuffers;
 use crate::GuestMemory;
@@ -21,8 +24,11 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 pub(crate) struct RxPath {
     pub queue: Queue,
     mergeable: bool,
-    /// Header then frame, contiguous, so one copy puts both in the guest. `pending` is the
-    /// frame length of a frame in here that no buffer has taken yet.
+    /// What the driver takes (GUEST_CSUM, GUEST_TSO4/6).
+    offloads: Offloads,
+    /// Header then frame, contiguous, so one copy puts both in the guest: the port's header
+    /// in the first `VNET_HDR_LEN` bytes, `num_buffers` after it. `pending` is the frame
+    /// length of a frame in here that no buffer has taken yet.
     frame: Vec<u8>,
     pending: Option<usize>,
     /// Chains gathered for the current frame (reused to avoid allocating per frame).
@@ -51,25 +57,39 @@ enum Delivery {
 }
 
 impl RxPath {
-    pub fn new(queue: Queue, mergeable: bool) -> Self {
+    pub fn new(queue: Queue, mergeable: bool, offloads: Offloads) -> Self {
+        let max = if offloads.tso4 || offloads.tso6 {
+            MAX_SUPER_FRAME
+        } else {
+            MAX_FRAME
+        };
         RxPath {
             queue,
             mergeable,
-            frame: vec![0; NET_HDR_LEN + MAX_FRAME],
+            offloads,
+            frame: vec![0; NET_HDR_LEN + max],
             pending: None,
             gathered: Vec::new(),
         }
     }
 
-    /// The frame taken from the port that no rx buffer has taken yet (for save).
-    pub fn pending_frame(&self) -> Option<&[u8]> {
-        self.pending
-            .map(|len| &self.frame[NET_HDR_LEN..NET_HDR_LEN + len])
+    /// The frame taken from the port that no rx buffer has taken yet, with its header (for
+    /// save).
+    pub fn pending_frame(&self) -> Option<([u8; VNET_HDR_LEN], &[u8])> {
+        self.pending.map(|len| {
+            let mut hdr = [0; VNET_HDR_LEN];
+            hdr.copy_from_slice(&self.frame[..VNET_HDR_LEN]);
+            (hdr, &self.frame[NET_HDR_LEN..NET_HDR_LEN + len])
+        })
     }
 
-    /// Holds `frame` as the next one to deliver (restore of a saved device); the caller has
-    /// checked it fits `MAX_FRAME`.
-    pub fn set_pending_frame(&mut self, frame: &[u8]) {
+    /// Holds `frame` behind `hdr` as the next one to deliver (restore of a saved device; the
+    /// caller has checked the frame fits `MAX_SUPER_FRAME`, the header the features).
+    pub fn set_pending_frame(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) {
+        if self.frame.len() < NET_HDR_LEN + frame.len() {
+            self.frame.resize(NET_HDR_LEN + frame.len(), 0);
+        }
+        self.frame[..VNET_HDR_LEN].copy_from_slice(hdr);
         self.frame[NET_HDR_LEN..NET_HDR_LEN + frame.len()].copy_from_slice(frame);
         self.pending = Some(frame.len());
     }
@@ -143,9 +163,23 @@ impl RxPath {
         port: &dyn FramePort,
         counters: &NetCounters,
     ) -> Result<Option<usize>, ()> {
+        let mut hdr = [0u8; VNET_HDR_LEN];
         loop {
-            match port.recv(&mut self.frame[NET_HDR_LEN..]) {
-                Ok(Some(len)) => return Ok(Some(len)),
+            match port.recv_vnet(&mut hdr, &mut self.frame[NET_HDR_LEN..]) {
+                Ok(Some(_)) if !covers(self.offloads, &hdr) => {
+                    // Queued by the port before it was told what this driver takes (a driver
+                    // that reset and declined offloads): the driver could not finish it.
+                    tracing::debug!("virtio-net: dropping an rx frame with header {hdr:02x?}");
+                    counters.rx_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Some(len)) => {
+                    if !self.offloads.csum {
+                        // DATA_VALID and the rest mean something only to a GUEST_CSUM driver.
+                        hdr = [0; VNET_HDR_LEN];
+                    }
+                    self.frame[..VNET_HDR_LEN].copy_from_slice(&hdr);
+                    return Ok(Some(len));
+                }
                 Ok(None) | Err(PortError::Full) => return Ok(None),
                 Err(PortError::TooLong { .. }) => {
                     counters.rx_drops.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +257,6 @@ impl RxPath {
 
         let count = self.gathered.len();
         let header = &mut self.frame[..NET_HDR_LEN];
-        header.fill(0);
         // At most the queue size (≤ 32768) chains, so this fits.
         header[NUM_BUFFERS_OFFSET..].copy_from_slice(&(count as u16).to_le_bytes());
         let payload = &self.frame[..NET_HDR_LEN + len];

@@ -5,10 +5,11 @@
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use vireo_netport::FramePort;
+use vireo_netport::{FramePort, VNET_HDR_LEN};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::offload;
 use super::rx::RxPath;
 use super::tx::TxPath;
 use super::NetCounters;
@@ -46,6 +47,7 @@ pub(crate) struct NetWorker {
 pub(crate) struct Negotiated {
     pub event_idx: bool,
     pub mergeable_rx: bool,
+    pub offloads: offload::Negotiated,
 }
 
 impl NetWorker {
@@ -71,9 +73,9 @@ impl NetWorker {
         NetWorker {
             mem,
             interrupt,
-            rx: RxPath::new(rxq, negotiated.mergeable_rx),
+            rx: RxPath::new(rxq, negotiated.mergeable_rx, negotiated.offloads.rx),
             rx_kick,
-            tx: TxPath::new(txq),
+            tx: TxPath::new(txq, negotiated.offloads.tx),
             tx_kick,
             port,
             counters,
@@ -82,9 +84,9 @@ impl NetWorker {
         }
     }
 
-    /// Starts with `frame` in hand, as the saved device had it (restore).
-    pub fn with_pending_frame(mut self, frame: &[u8]) -> Self {
-        self.rx.set_pending_frame(frame);
+    /// Starts with `frame` behind `hdr` in hand, as the saved device had it (restore).
+    pub fn with_pending_frame(mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Self {
+        self.rx.set_pending_frame(hdr, frame);
         self
     }
 
@@ -125,7 +127,8 @@ impl NetWorker {
             // The top of the loop is a pass boundary: every chain taken is used and published.
             let (rx, tx) = (&self.rx, &self.tx.queue);
             let parked = match pause.poll(|| {
-                ParkedReport::of_queues(&[&rx.queue, tx], rx.pending_frame().map(<[u8]>::to_vec))
+                let pending = rx.pending_frame().map(|(hdr, f)| (hdr, f.to_vec()));
+                ParkedReport::of_queues(&[&rx.queue, tx], pending)
             }) {
                 Park::Run => false,
                 Park::Parked => {

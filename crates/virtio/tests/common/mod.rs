@@ -13,6 +13,8 @@ use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod netns;
+pub mod offload_port;
 pub mod stress;
 
 pub const MEM_SIZE: usize = 16 << 20;
@@ -214,6 +216,12 @@ impl DriverQueue {
             Ordering::Release,
         )
         .unwrap();
+    }
+
+    /// The descriptor the next chain starts at (single-buffer chains use them in turn, so a
+    /// driver can tie each buffer's address to its head).
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
     }
 
     pub fn add_chain(&mut self, mem: &GuestMemory, bufs: &[Buf]) -> u16 {

@@ -153,6 +153,8 @@ fn sample() -> VmState {
                         queues: vec![(3, 3), (1, 1)],
                     }),
                     rx_frame: Some(vec![0xff; 60]),
+                    rx_frame_vnet_hdr: Default::default(),
+                    queue_pairs: 0,
                 }),
             },
         ],

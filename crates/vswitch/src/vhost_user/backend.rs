@@ -21,7 +21,7 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -31,7 +31,7 @@ use vmm_sys_util::event::{
 };
 
 use super::port::{quiet_kicks, Shared};
-use super::{GuestMemoryMmap, Vring, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{is_tx, GuestMemoryMmap, Vring, NUM_QUEUES, QUEUE_SIZE};
 
 /// The offload features offered: checksum and TSO for IPv4 and IPv6, guest to switch (`HOST_*`,
 /// `CSUM`) and switch to guest (`GUEST_*`). No UFO and no ECN: a frame the receiver cannot take
@@ -84,8 +84,11 @@ impl VhostUserBackend for NetBackend {
         // the switch with the frame (docs/datapath.md, "Offloads"). LOG_ALL: we log our writes
         // (module docs). `VIREO_VHU_EVENT_IDX=0` / `VIREO_VHU_OFFLOAD=0` leave the feature
         // out, for before/after measurements.
+        // MQ: up to `MAX_QUEUE_PAIRS` pairs, as many as the VMM starts (GET_QUEUE_NUM says
+        // how many queues; the control queue and config space are the VMM's).
         let mut f = (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_MQ)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits();
         if env_on("VIREO_VHU_EVENT_IDX") {
@@ -106,7 +109,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::LOG_SHMFD
+        VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::MQ
     }
 
     // The rings apply EVENT_IDX themselves (the daemon configures them); nothing else changes.
@@ -135,16 +138,16 @@ impl VhostUserBackend for NetBackend {
         // The first event after a ring starts hands us the rings; every TX kick wakes the
         // switch thread, which drains the ring itself.
         self.shared.attach_rings(vrings);
-        match device_event as usize {
-            TX_QUEUE => self.shared.wake()?,
+        let q = usize::from(device_event);
+        if q >= NUM_QUEUES {
+            return Ok(());
+        }
+        if is_tx(q) {
+            self.shared.wake()?;
+        } else if let (Some(rx), Some(mem)) = (vrings.get(q), self.shared.memory()) {
             // The switch never waits for receive buffers (a full ring drops the frame), so
             // the driver's kicks for new ones only cost it VM exits: turn them off.
-            RX_QUEUE => {
-                if let (Some(rx), Some(mem)) = (vrings.get(RX_QUEUE), self.shared.memory()) {
-                    quiet_kicks(rx, &mem.memory());
-                }
-            }
-            _ => {}
+            quiet_kicks(rx, &mem.memory());
         }
         Ok(())
     }

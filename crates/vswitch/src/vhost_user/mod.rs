@@ -11,15 +11,23 @@ mod backend;
 mod port;
 mod rx;
 mod server;
+mod spread;
 
 pub use backend::NetBackend;
 pub use port::VhostUserPort;
 pub use server::VhostUserServer;
 
-/// Guest receive queue (device writes frames) and transmit queue (device reads frames).
-pub(crate) const RX_QUEUE: usize = 0;
-pub(crate) const TX_QUEUE: usize = 1;
-pub(crate) const NUM_QUEUES: usize = 2;
+/// Receive/transmit queue pairs a port offers (`VIRTIO_NET_F_MQ`). Pair `p` is the guest's
+/// receive queue `2p` (the switch writes frames) and transmit queue `2p + 1` (the switch reads
+/// them); a driver without multiqueue uses pair 0 only. The control queue, if any, is the VMM's
+/// (it turns pairs on and off with `SET_VRING_ENABLE`), never ours.
+pub(crate) const MAX_QUEUE_PAIRS: usize = 4;
+pub(crate) const NUM_QUEUES: usize = 2 * MAX_QUEUE_PAIRS;
+
+/// Queue `q` is a transmit queue (odd) rather than a receive queue (even).
+pub(crate) fn is_tx(q: usize) -> bool {
+    q % 2 == 1
+}
 pub(crate) const QUEUE_SIZE: usize = 256;
 /// `struct virtio_net_hdr_v1`: with VIRTIO_F_VERSION_1 every frame carries these 12 bytes.
 pub(crate) const NET_HDR_LEN: usize = 12;

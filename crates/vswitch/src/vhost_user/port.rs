@@ -12,9 +12,15 @@
 //! than the kicks it saved (docs/SPECIFICATION.md, guestio). RX kicks are turned off for good
 //! (`backend.rs`): the switch never waits for receive buffers (a full ring drops the frame), so
 //! telling it about new ones is of no use.
+//!
+//! Multiqueue (`VIRTIO_NET_F_MQ`): `recv` takes from every started TX ring in turn, one frame
+//! each, so no queue starves another; `send` puts a frame in the RX ring of its flow
+//! (`spread.rs`) among the started ones, so a connection's frames stay in order. A ring the VMM
+//! disabled (`SET_VRING_ENABLE 0`, the guest lowered its pair count) or never started counts
+//! as absent.
 
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,7 +35,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::NetBackend;
 use super::rx::{self, RxError};
-use super::{GuestMemoryMmap, Vring, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
+use super::spread::flow_hash;
+use super::{GuestMemoryMmap, Vring, MAX_QUEUE_PAIRS, NET_HDR_LEN};
 
 /// State shared by the daemon's threads (which set it up) and the switch thread (which moves
 /// frames).
@@ -45,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) mergeable: AtomicBool,
     /// The features the driver accepted (offloads it takes on receive).
     pub(crate) acked: AtomicU64,
+    /// The queue pair whose TX ring `recv` looks at first next time (round robin).
+    next_tx_pair: AtomicUsize,
 }
 
 impl Shared {
@@ -180,6 +189,7 @@ impl VhostUserPort {
             tx_quiet: AtomicBool::new(false),
             mergeable: AtomicBool::new(false),
             acked: AtomicU64::new(0),
+            next_tx_pair: AtomicUsize::new(0),
         });
         Ok((
             Arc::new(VhostUserPort {
@@ -210,24 +220,25 @@ impl VhostUserPort {
         NetBackend::new(self.shared.clone())
     }
 
-    /// Turns the driver's TX kicks on or off ([`quiet_kicks`]).
+    /// Turns the driver's kicks on or off ([`quiet_kicks`]) on every TX ring.
     fn tx_notifications(&self, on: bool) {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
-        let Some(ring) = rings.as_ref().and_then(|r| r.get(TX_QUEUE)) else {
+        let (Some(rings), Some(mem)) = (rings.as_ref(), self.shared.memory()) else {
             return;
         };
-        let Some(mem) = self.shared.memory() else {
-            return;
-        };
-        if on {
-            wake_kicks(ring, &mem.memory());
-        } else {
-            quiet_kicks(ring, &mem.memory());
+        let mem = mem.memory();
+        for ring in rings.iter().skip(1).step_by(2) {
+            if on {
+                wake_kicks(ring, &mem);
+            } else {
+                quiet_kicks(ring, &mem);
+            }
         }
     }
 
-    /// Takes one frame from the guest's TX ring; `hdr` gets the first 10 bytes of its
-    /// virtio_net_hdr_v1 (the offload request; `num_buffers` means nothing on transmit).
+    /// Takes one frame from the guest's TX rings, starting at the pair after the one that gave
+    /// the last; `hdr` gets the first 10 bytes of its virtio_net_hdr_v1 (the offload request;
+    /// `num_buffers` means nothing on transmit).
     fn take(
         &self,
         hdr: &mut [u8; VNET_HDR_LEN],
@@ -237,15 +248,33 @@ impl VhostUserPort {
         let (Some(rings), Some(mem)) = (rings.as_ref(), self.shared.memory()) else {
             return Ok(None);
         };
-        let Some(ring) = rings.get(TX_QUEUE) else {
-            return Ok(None);
-        };
         let mem = mem.memory();
+        let pairs = (rings.len() / 2).min(MAX_QUEUE_PAIRS);
+        let first = self.shared.next_tx_pair.load(Ordering::Relaxed);
+        for k in 0..pairs {
+            let pair = (first + k) % pairs;
+            if let Some(got) = Self::take_from(&rings[2 * pair + 1], &mem, hdr, buf).transpose() {
+                self.shared
+                    .next_tx_pair
+                    .store((pair + 1) % pairs, Ordering::Relaxed);
+                return got.map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`VhostUserPort::take`] from one TX ring.
+    fn take_from(
+        ring: &Vring,
+        mem: &GuestMemoryMmap,
+        hdr: &mut [u8; VNET_HDR_LEN],
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, PortError> {
         let mut state = ring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(None);
         }
-        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
+        let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
             return Ok(None);
         };
         let head = chain.head_index();
@@ -290,18 +319,18 @@ impl VhostUserPort {
         // A bad chain is consumed anyway, as a NIC drops a bad frame, so the ring moves on.
         let _ = state.add_used(head, 0);
         drop(state);
-        notify(ring, &mem);
+        notify(ring, mem);
         hdr.copy_from_slice(&raw[..VNET_HDR_LEN]);
         result.map(|()| Some(len))
     }
 
-    /// Puts one frame with header `hdr` in the guest's next receive buffer.
+    /// Puts one frame with header `hdr` in the next receive buffer of its flow's RX ring.
     fn put(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), PortError> {
         let rings = self.shared.rings.read().unwrap_or_else(|p| p.into_inner());
         let (Some(rings), Some(mem)) = (rings.as_ref(), self.shared.memory()) else {
             return Err(PortError::Disconnected);
         };
-        let Some(ring) = rings.get(RX_QUEUE) else {
+        let Some(ring) = rx_ring_for(rings, frame) else {
             return Err(PortError::Disconnected);
         };
         let mem = mem.memory();
@@ -333,6 +362,25 @@ impl VhostUserPort {
                 )))
             }
         }
+    }
+}
+
+/// The started RX ring `frame`'s flow hashes to. Pair 0 alone (the common case, and every
+/// driver without multiqueue) needs no hash.
+fn rx_ring_for<'a>(rings: &'a [Vring], frame: &[u8]) -> Option<&'a Vring> {
+    let mut active: [Option<&Vring>; MAX_QUEUE_PAIRS] = [None; MAX_QUEUE_PAIRS];
+    let mut n = 0;
+    for ring in rings.iter().step_by(2).take(MAX_QUEUE_PAIRS) {
+        let state = ring.get_ref();
+        if state.get_queue().ready() && state.is_enabled() {
+            active[n] = Some(ring);
+            n += 1;
+        }
+    }
+    match n {
+        0 => None,
+        1 => active[0],
+        _ => active[flow_hash(frame) as usize % n],
     }
 }
 
