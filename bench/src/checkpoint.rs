@@ -509,7 +509,10 @@ fn log_cost(runs: usize) -> Result<(), String> {
                 p.median, p.min, p.max
             )
         });
-        println!("{step:<34} {:.1} ({:.1}–{:.1}){pause}", x.median, x.min, x.max);
+        println!(
+            "{step:<34} {:.1} ({:.1}–{:.1}){pause}",
+            x.median, x.min, x.max
+        );
     }
     if let Some(r) = summarize(&remaps) {
         println!(
