@@ -444,10 +444,13 @@ fn log_cost(runs: usize) -> Result<(), String> {
     let steps = [
         "no snapshot",
         "after a snapshot, untracked",
+        "after one, untracked, slots kept",
         "after a snapshot, tracked",
         "after an in-place apply (log off)",
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    let mut pauses: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
+    let mut remaps = Vec::new();
     for i in 0..runs {
         let (config, ours) = vireo_config();
         let vm = Vm::new(config).map_err(|e| format!("vireo: {e}"))?;
@@ -458,20 +461,28 @@ fn log_cost(runs: usize) -> Result<(), String> {
             console.wait_ready(T).map_err(|e| format!("vireo: {e}"))?;
             prepare(&mut console, i as u64)?;
             rates[0].push(pass_rate(&h, window)?);
-            for (track, step) in [(false, 1), (true, 2)] {
+            for (track, remap, step) in [(false, true, 1), (false, false, 2), (true, false, 3)] {
                 let opts = LiveSaveOptions {
                     then: AfterSave::Resume,
                     track_changes: track,
+                    remap_after: remap,
                     ..Default::default()
                 };
                 let snap = work.path().join(format!("snap{i}-{step}"));
-                h.save_live(&snap, Identity::default(), None, &opts)
+                let r = h
+                    .save_live(&snap, Identity::default(), None, &opts)
                     .map_err(|e| format!("vireo snapshot: {e}"))?;
+                pauses[step].push(ms(r.pause));
+                if remap {
+                    remaps.push(ms(r.remap));
+                }
                 rates[step].push(pass_rate(&h, window)?);
                 if track {
-                    h.apply_in_place(&snap, &ApplyOptions::default())
+                    let a = h
+                        .apply_in_place(&snap, &ApplyOptions::default())
                         .map_err(|e| format!("vireo apply in place: {e}"))?;
-                    rates[3].push(pass_rate(&h, window)?);
+                    pauses[4].push(ms(a.paused));
+                    rates[4].push(pass_rate(&h, window)?);
                 }
                 let _ = std::fs::remove_dir_all(&snap);
             }
@@ -490,9 +501,24 @@ fn log_cost(runs: usize) -> Result<(), String> {
         );
     }
     println!("DIRTY passes/s over {HOT_MIB} MiB in the 1 s after each step, median (min–max):");
-    for (step, r) in steps.iter().zip(&rates) {
+    for ((step, r), p) in steps.iter().zip(&rates).zip(&pauses) {
         let x = summarize(r).expect("at least one run");
-        println!("{step:<32} {:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
+        let pause = summarize(p).map_or(String::new(), |p| {
+            format!(
+                "   guest paused {:.2} ms ({:.2}–{:.2})",
+                p.median, p.min, p.max
+            )
+        });
+        println!(
+            "{step:<34} {:.1} ({:.1}–{:.1}){pause}",
+            x.median, x.min, x.max
+        );
+    }
+    if let Some(r) = summarize(&remaps) {
+        println!(
+            "of the untracked pause, slots registered anew: {:.3} ms ({:.3}–{:.3})",
+            r.median, r.min, r.max
+        );
     }
     Ok(())
 }

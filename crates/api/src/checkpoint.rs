@@ -95,6 +95,13 @@ pub struct ApplyCheckpointRequest {
     /// A running or paused VM is turned off first (its current state is lost).
     #[serde(default)]
     pub stop: bool,
+    /// A running or paused VM is reverted in its own worker, which keeps running (QEMU's
+    /// `loadvm`): its disks go onto new children of the checkpoint's files and its memory and
+    /// device state become the checkpoint's in one pause. Needs a checkpoint with state whose
+    /// spec has the VM's memory, vCPUs, disks and NICs, and no switch NIC; otherwise 409
+    /// (nothing changed). Not together with `save_current` or `stop`.
+    #[serde(default)]
+    pub keep_running: bool,
 }
 
 /// The tree in display order: each checkpoint with its depth, children after their parent

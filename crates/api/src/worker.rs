@@ -360,6 +360,43 @@ pub enum WorkerOp {
         dir: PathBuf,
         children: Vec<CheckpointChild>,
     },
+    /// Reverts the running or paused VM to the checkpoint whose state is in `dir`, the worker
+    /// kept (docs/checkpoints.md, "Apply, keeping the worker"): checked first (the state must
+    /// fit the VM: memory, vCPUs, devices; no vhost-user NIC; every disk of the VM named in
+    /// `children`); then, in one pause, every disk is flushed, closed and reopened as its new
+    /// differencing child of the checkpoint's frozen file, guest memory and the vCPU and
+    /// device state become the checkpoint's, and a VM that was running resumes (a paused one
+    /// stays paused). Answered `Applied`, or `Error`: refused before the pause (nothing
+    /// changed), a disk swap that failed (every disk back on its old file, the children
+    /// deleted, the VM as before), or a failure after the swap, which ends the VM (its
+    /// memory is then no one guest's); the disks are then on the children.
+    ApplyCheckpoint {
+        dir: PathBuf,
+        children: Vec<ApplyChild>,
+    },
+}
+
+/// `ApplyCheckpoint`: the disk with this serial goes on in the new differencing VHDX `path`
+/// whose parent is the checkpoint's frozen file `parent`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyChild {
+    pub serial: String,
+    /// Created by the worker (it must not exist).
+    pub path: PathBuf,
+    pub parent: PathBuf,
+}
+
+/// What an `ApplyCheckpoint` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyReport {
+    /// The pause the guest saw, microseconds.
+    pub pause_us: u64,
+    /// Pages of the checkpoint's memory written into guest RAM.
+    pub pages_copied: u64,
+    /// Pages compared with the checkpoint's memory (0 when the changes were tracked).
+    pub pages_compared: u64,
 }
 
 /// `Checkpoint`: the new top file of the disk with this serial.
@@ -403,6 +440,9 @@ pub enum WorkerReply {
     Migrate(MigrateProgress),
     /// `Checkpoint` done: the state is in its `dir`, the disks run on their children.
     Checkpointed(CheckpointReport),
+    /// `ApplyCheckpoint` done: the VM runs (or stays paused) as at the checkpoint, on the
+    /// children.
+    Applied(ApplyReport),
     /// `Save` with `hand_over_disks` done: the state is complete on disk, and the line came
     /// with one descriptor per entry here, in this order (disks that are not one locked file
     /// are left out and locked again by path).

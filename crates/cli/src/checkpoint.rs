@@ -53,7 +53,7 @@ pub enum CheckpointCommand {
     },
     /// Revert the VM to a checkpoint: its spec, its disks and (if captured) its state — the VM
     /// ends saved (start continues from that moment) or off. The VM's current state is lost
-    /// unless --save-current; a running VM needs --save-current or --stop.
+    /// unless --save-current; a running VM needs --save-current, --stop or --keep-running.
     Apply {
         vm: String,
         checkpoint: String,
@@ -63,6 +63,14 @@ pub enum CheckpointCommand {
         /// Turn a running VM off first (its current state is lost).
         #[arg(long)]
         stop: bool,
+        /// Revert a running or paused VM in place, keeping its worker process (like QEMU's
+        /// loadvm): disks, memory and device state become the checkpoint's in one short
+        /// pause and the guest carries on from that moment (a paused VM stays paused). The
+        /// current state is lost. Needs a checkpoint with state, the same memory, vCPUs,
+        /// disks and NICs as the VM has now, and no switch NIC; otherwise refused with
+        /// nothing changed (use --stop or --save-current then).
+        #[arg(long, conflicts_with_all = ["save_current", "stop"])]
+        keep_running: bool,
         #[arg(long, value_enum, default_value = "text")]
         output: OutputFormat,
     },
@@ -140,11 +148,16 @@ pub fn execute(client: &Client, command: CheckpointCommand) -> Result<ExitCode, 
             checkpoint,
             save_current,
             stop,
+            keep_running,
             output,
         } => {
             let job: Job = client.post(
                 &format!("{}/apply", path(&vm, Some(&checkpoint))?),
-                Some(&ApplyCheckpointRequest { save_current, stop }),
+                Some(&ApplyCheckpointRequest {
+                    save_current,
+                    stop,
+                    keep_running,
+                }),
             )?;
             follow(client, job, &format!("apply {checkpoint} to {vm}"), output)?;
             if output == OutputFormat::Text {

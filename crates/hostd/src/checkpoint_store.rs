@@ -65,6 +65,10 @@ pub enum Intent {
         discard: Vec<PathBuf>,
         /// The checkpoint's state staged as the VM's saved state (`saved.apply/`).
         staged: Option<PathBuf>,
+        /// Applied in the running VM's worker (`apply_live.rs`): the worker makes the
+        /// children, and what it did decides a recovery.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
     },
     Delete {
         merges: Vec<PendingMerge>,
@@ -336,12 +340,12 @@ impl Store {
         &self,
         vm: Uuid,
         spec: &VmSpec,
-        state: &VmState,
+        state: Option<&VmState>,
         head: &Head,
     ) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        put_spec(&tx, vm, spec, Some(state))?;
+        put_spec(&tx, vm, spec, state)?;
         put_head(&tx, vm, head)?;
         set_phase(&tx, vm, Phase::Committed)?;
         tx.commit()?;

@@ -263,6 +263,20 @@ fn refusing_vm(d: &Vireod, dir: &Path) -> String {
 
 /// Starts vireod with the fault hook at `point`, sends `req`, waits for it to die.
 fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
+    let mut d = with_fault(state, point);
+    req(&d);
+    let mut c = d.child.take().unwrap();
+    let start = Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < LIMIT, "vireod did not die at {point}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its workers run on through its death (dropping the handle would kill them).
+    std::mem::forget(d);
+}
+
+/// vireod with the fault hook at `point` (the workers it starts inherit it).
+fn with_fault(state: &Path, point: &str) -> Vireod {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_vireo-fake-worker"));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -276,7 +290,7 @@ fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut d = Vireod {
+    let d = Vireod {
         state_dir: state.to_owned(),
         sock: state.join("vireod.sock"),
         worker_bin: worker,
@@ -286,13 +300,8 @@ fn crash_at(state: &Path, point: &str, req: impl FnOnce(&Vireod)) {
     common::daemon::wait_until(LIMIT, "vireod's socket", || {
         std::os::unix::net::UnixStream::connect(&d.sock).is_ok()
     });
-    req(&d);
-    let mut c = d.child.take().unwrap();
-    let start = Instant::now();
-    while c.try_wait().unwrap().is_none() {
-        assert!(start.elapsed() < LIMIT, "vireod did not die at {point}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_eq!(d.get("/v1/host").status, 200, "{}", d.log());
+    d
 }
 
 #[test]
@@ -462,4 +471,230 @@ fn a_running_vm_is_checkpointed_with_its_state_and_runs_on() {
     assert_eq!(j["state"], "completed", "{j}");
     assert_eq!(d.state("run"), "running");
     all_clean(&[tmp.path()]);
+}
+
+fn apply_in_place(d: &Vireod, vm: &str, cp: &str) -> common::daemon::Response {
+    d.post_json(
+        &format!("/v1/vms/{vm}/checkpoints/{cp}/apply"),
+        &json!({"keep_running": true}),
+    )
+}
+
+fn vm_id(d: &Vireod, vm: &str) -> String {
+    d.show(&format!("/v1/vms/{vm}"))["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The AVHDX files in the VM's checkpoint disks folder.
+fn children_on_disk(d: &Vireod, vm: &str) -> Vec<PathBuf> {
+    let dir = d
+        .state_dir
+        .join("vms")
+        .join(vm_id(d, vm))
+        .join("checkpoints/disks");
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `keep_running` (the fake worker makes the children it is asked for and reports its disks
+/// on them): the same worker goes on, on a new child of the checkpoint's frozen file, "now"
+/// under the checkpoint, the VM's discarded child deleted; again and again; a paused VM stays
+/// paused. Refused with 409 and nothing changed: a checkpoint without state, one of other
+/// hardware; a bad combination is 422; a worker that refuses leaves no file behind.
+#[test]
+fn keep_running_applies_in_the_running_worker_or_is_refused_with_nothing_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let base = base_disk(tmp.path());
+    vm_with_disk(&d, "ip", &base);
+    checkpoint(&d, "ip", "cold");
+    let cold_top = disk_path(&d, "ip");
+    d.start_vm("ip");
+    let id = vm_id(&d, "ip");
+    let pid = d.worker_record(&id).unwrap().pid;
+    checkpoint(&d, "ip", "live");
+    let top = disk_path(&d, "ip");
+    assert_ne!(top, cold_top);
+
+    let why = apply_in_place(&d, "ip", "cold").assert_error(409, "conflict");
+    assert!(
+        why.contains("no memory state") && why.contains("--stop"),
+        "{why}"
+    );
+    let r = d.post_json(
+        "/v1/vms/ip/checkpoints/live/apply",
+        &json!({"keep_running": true, "stop": true}),
+    );
+    assert!(r.assert_error(422, "invalid").contains("keep_running"));
+    assert_eq!(d.state("ip"), "running");
+    assert_eq!(disk_path(&d, "ip"), top, "nothing changed");
+
+    // Applied twice: each time a new child of the frozen file, the one before deleted.
+    let frozen = cold_top.clone();
+    let mut prev = top.clone();
+    for round in 0..2 {
+        job(&d, apply_in_place(&d, "ip", "live"));
+        assert_eq!(d.state("ip"), "running", "{round}");
+        assert_eq!(d.worker_record(&id).unwrap().pid, pid, "the same worker");
+        let now = disk_path(&d, "ip");
+        assert_ne!(now, prev, "{round}");
+        assert!(!prev.exists(), "{round}: the discarded file went");
+        let v = Vhdx::open(&now, &OpenOptions::read_only()).unwrap();
+        assert_eq!(v.info().parent.unwrap().path, frozen, "{round}");
+        let n = names(&d, "ip");
+        assert!(
+            n.contains(&("live".into(), Some("cold".into()), true)),
+            "{n:?}"
+        );
+        prev = now;
+    }
+    assert_eq!(
+        children_on_disk(&d, "ip").len(),
+        2,
+        "cold's frozen file and now"
+    );
+
+    // Paused stays paused.
+    assert_eq!(d.post("/v1/vms/ip/pause").status, 200);
+    job(&d, apply_in_place(&d, "ip", "live"));
+    assert_eq!(d.state("ip"), "paused");
+    assert_eq!(d.post("/v1/vms/ip/resume").status, 200);
+
+    // Other hardware since: refused, nothing changed.
+    assert_eq!(d.post("/v1/vms/ip/turn-off").status, 200);
+    let mut spec = d.show("/v1/vms/ip")["spec"].clone();
+    spec["memory_bytes"] = json!(64 << 20);
+    let body = serde_json::to_vec(&spec).unwrap();
+    let r = d.request("PUT", "/v1/vms/ip/spec", Some(("application/json", &body)));
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    d.start_vm("ip");
+    let before = disk_path(&d, "ip");
+    let why = apply_in_place(&d, "ip", "live").assert_error(409, "conflict");
+    assert!(
+        why.contains("memory") && why.contains("--save-current"),
+        "{why}"
+    );
+    assert_eq!(disk_path(&d, "ip"), before);
+    assert_eq!(d.state("ip"), "running");
+
+    // A worker that refuses: the VM as before, no child left.
+    let mut spec = spec_json("nope", "fake.refuse=apply");
+    let disk = tmp.path().join("nope.vhdx");
+    drop(
+        Vhdx::create(
+            &disk,
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    spec["disks"] = json!([{ "path": disk }]);
+    d.create(&spec);
+    d.start_vm("nope");
+    checkpoint(&d, "nope", "c");
+    let top = disk_path(&d, "nope");
+    let r = apply_in_place(&d, "nope", "c");
+    let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("refuses apply"),
+        "{j}"
+    );
+    assert_eq!(disk_path(&d, "nope"), top);
+    assert_eq!(children_on_disk(&d, "nope"), vec![top]);
+    assert_eq!(d.state("nope"), "running");
+    all_clean(&[tmp.path()]);
+}
+
+/// vireod killed at each step of an in-place apply (the worker runs on), and the worker
+/// killed at each of its steps: after a restart the VM runs from the checkpoint (committed)
+/// or as before (rolled back), every AVHDX in its folder is its disk or a frozen file, and
+/// every chain checks clean.
+#[test]
+fn an_in_place_apply_cut_short_anywhere_comes_back_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let base = base_disk(tmp.path());
+    // One handle throughout: dropping one kills the workers, which must outlive vireod.
+    let mut d = Vireod::start(&state);
+    vm_with_disk(&d, "k", &base);
+    d.start_vm("k");
+    checkpoint(&d, "k", "a");
+    let id = vm_id(&d, "k");
+    let pid = d.worker_record(&id).unwrap().pid;
+    for (point, kept) in [
+        ("apply-live-intent", false),
+        ("apply-live-answered", true),
+        ("apply-live-commit", true),
+    ] {
+        let before = disk_path(&d, "k");
+        d.terminate();
+        crash_at(&state, point, |d| {
+            let r = apply_in_place(d, "k", "a");
+            assert_eq!(
+                r.status,
+                202,
+                "{point}: {:?}",
+                String::from_utf8_lossy(&r.body)
+            );
+        });
+        d.restart();
+        assert_eq!(d.state("k"), "running", "{point}: the worker ran on");
+        assert_eq!(d.worker_record(&id).unwrap().pid, pid, "{point}");
+        let now = disk_path(&d, "k");
+        assert_eq!(
+            now != before,
+            kept,
+            "{point}: {} → {}",
+            before.display(),
+            now.display()
+        );
+        assert!(now.is_file(), "{point}");
+        assert_eq!(before.exists(), !kept, "{point}: the discarded file");
+        assert_eq!(
+            children_on_disk(&d, "k"),
+            vec![now.clone()],
+            "{point}: nothing stray"
+        );
+        assert_eq!(names(&d, "k"), vec![("a".into(), None, true)], "{point}");
+        all_clean(&[tmp.path()]);
+    }
+    d.terminate();
+    // The worker killed: with its disks past the swap the apply is kept (the VM is down
+    // either way), before it rolled back.
+    for point in ["worker-child", "worker-apply-switched"] {
+        let mut d = with_fault(&state, point);
+        if d.state("k") == "running" {
+            assert_eq!(d.post("/v1/vms/k/turn-off").status, 200);
+        }
+        d.start_vm("k");
+        let before = disk_path(&d, "k");
+        let r = apply_in_place(&d, "k", "a");
+        let j = d.wait_job(r.json()["id"].as_str().unwrap(), LIMIT);
+        assert_eq!(j["state"], "failed", "{point}: {j}");
+        let now = disk_path(&d, "k");
+        assert_ne!(now, before, "{point}: the children were complete: kept");
+        assert!(!before.exists(), "{point}");
+        assert_ne!(d.state("k"), "running", "{point}");
+        d.terminate();
+        let mut d = Vireod::start(&state);
+        assert_eq!(
+            disk_path(&d, "k"),
+            now,
+            "{point}: settled before the restart"
+        );
+        assert_eq!(children_on_disk(&d, "k"), vec![now], "{point}");
+        all_clean(&[tmp.path()]);
+        d.terminate();
+    }
 }

@@ -562,3 +562,167 @@ fn deleting_a_checkpoint_while_the_guest_writes_loses_no_write() {
         .collect();
     assert_eq!(files, ["kvm-busy.vhdx"], "the merged child is gone");
 }
+
+/// The pass counter of the probe's dirty workload (status page, docs/probe-protocol.md) in a
+/// checkpoint's saved memory.
+fn saved_passes(d: &Vireod, vm: &Value, cp: &str) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let id = vm["identity"]["id"].as_str().unwrap();
+    let cp_id = d.show(&format!(
+        "/v1/vms/{}/checkpoints/{cp}",
+        vm["spec"]["name"].as_str().unwrap()
+    ))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mem = d
+        .state_dir
+        .join("vms")
+        .join(id)
+        .join("checkpoints")
+        .join(cp_id)
+        .join("memory.bin");
+    let mut b = [0u8; 8];
+    std::fs::File::open(&mem)
+        .unwrap()
+        .read_exact_at(&mut b, 0x80000 + 8)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn passes(stop_answer: &str) -> u64 {
+    stop_answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("passes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no passes in {stop_answer:?}"))
+}
+
+/// `checkpoint apply --keep-running` of a running probe VM: the same worker goes on from the
+/// checkpoint — memory verifies as then, the disk reads the pattern of then, the dirty
+/// workload that ran then runs again and its counter continues from the saved value — new
+/// writes work, and it can be applied again. A checkpoint of other hardware (a disk
+/// hot-added since) is refused with the VM running on untouched.
+#[test]
+fn keep_running_reverts_a_running_probe_vm_in_its_own_worker() {
+    let Some(bin) = worker_bin() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let base = tmp.path().join("kip-base.vhdx");
+    let opts = CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    let vm = d.create(&json!({
+        "version": 1, "name": "kip", "vcpus": 1, "memory_bytes": 64 << 20,
+        "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+        "disks": [{ "path": base }],
+    }));
+    d.start_vm("kip");
+    wait_ready(&d, "kip");
+    let first = pid(&d, &vm);
+    let mut c = console(&d, "kip");
+    ok(&mut c, "DISK 0 WRITE 0 64 1");
+    ok(&mut c, "DISK 0 FLUSH");
+    ok(&mut c, "MEM FILL 16 8 1");
+    ok(&mut c, "DIRTY START 40 1 0");
+    drop(c);
+    job(
+        &d,
+        d.post_json("/v1/vms/kip/checkpoints", &json!({"name": "c1"})),
+    );
+    let at_checkpoint = saved_passes(&d, &vm, "c1");
+    assert!(at_checkpoint > 0, "the workload ran before the checkpoint");
+
+    // After it: pattern B on disk and in memory, the workload stopped.
+    let mut c = console(&d, "kip");
+    ok(&mut c, "DISK 0 WRITE 0 64 2");
+    ok(&mut c, "DISK 0 FLUSH");
+    ok(&mut c, "MEM FILL 16 8 2");
+    ok(&mut c, "DIRTY STOP");
+    drop(c);
+
+    let mut prev = PathBuf::from(
+        d.show("/v1/vms/kip")["spec"]["disks"][0]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    for round in 0..2 {
+        job(
+            &d,
+            d.post_json(
+                "/v1/vms/kip/checkpoints/c1/apply",
+                &json!({"keep_running": true}),
+            ),
+        );
+        assert_eq!(d.state("kip"), "running", "{round}");
+        assert_eq!(pid(&d, &vm), first, "{round}: the same worker");
+        let mut c = console(&d, "kip");
+        ok(&mut c, "MEM VERIFY 16 8 1");
+        ok(&mut c, "DISK 0 VERIFY 0 64 1");
+        if round == 1 {
+            let r = c.command("DISK 0 VERIFY 128 64 3", T);
+            assert!(
+                format!("{r:?}").contains("mismatch"),
+                "written after the checkpoint: {r:?}"
+            );
+        }
+        // The workload of then runs again (it was stopped before the apply), counting on
+        // from the checkpoint's passes.
+        let again = passes(&ok(&mut c, "DIRTY STOP"));
+        assert!(again >= at_checkpoint, "{round}: {again} < {at_checkpoint}");
+        ok(&mut c, "DISK 0 WRITE 128 64 3");
+        ok(&mut c, "DISK 0 VERIFY 128 64 3");
+        ok(&mut c, "MEM FILL 16 8 3");
+        drop(c);
+        let shown = d.show("/v1/vms/kip/checkpoints/c1");
+        assert_eq!(shown["current"], true, "{shown}");
+        let top = PathBuf::from(
+            d.show("/v1/vms/kip")["spec"]["disks"][0]["path"]
+                .as_str()
+                .unwrap(),
+        );
+        assert_ne!(top, prev, "{round}: a new child");
+        assert!(!prev.exists(), "{round}: the discarded child went");
+        prev = top;
+    }
+
+    // Other hardware since (a disk hot-added): refused, the VM runs on untouched.
+    let data = tmp.path().join("kip-data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let r = d.post_json(
+        "/v1/vms/kip/disks",
+        &json!({"path": data, "read_only": true}),
+    );
+    assert!(
+        r.status == 201 || r.status == 200,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = d.post_json(
+        "/v1/vms/kip/checkpoints/c1/apply",
+        &json!({"keep_running": true}),
+    );
+    let why = r.assert_error(409, "conflict");
+    assert!(why.contains("disks") && why.contains("--stop"), "{why}");
+    assert_eq!(pid(&d, &vm), first);
+    let mut c = console(&d, "kip");
+    ok(&mut c, "MEM VERIFY 16 8 3");
+    ok(&mut c, "DISK 0 VERIFY 128 64 3");
+    drop(c);
+    assert_eq!(d.post("/v1/vms/kip/turn-off").status, 200);
+    let info = Vhdx::open(&prev, &vireo_vhdx::OpenOptions::read_only())
+        .unwrap()
+        .info();
+    assert_eq!(
+        info.parent.unwrap().path.canonicalize().unwrap(),
+        base.canonicalize().unwrap(),
+        "a child of the frozen file"
+    );
+    chain_clean(&d, "kip");
+}

@@ -48,20 +48,31 @@ pub fn fault_point(point: &str) {
 }
 
 /// One disk to put on a child.
-struct Planned {
+pub(crate) struct Planned {
     index: usize,
     movable: Arc<MovableBackend>,
     old_path: PathBuf,
     old_format: Format,
     read_only: bool,
     child: PathBuf,
+    /// The child's parent: the disk's current file (create), the checkpoint's frozen file
+    /// (apply).
+    parent: PathBuf,
+}
+
+/// A disk to move onto a new child: its serial, the child's path, and the child's parent
+/// when it is not the disk's current file.
+pub(crate) struct ChildOf<'a> {
+    pub serial: &'a str,
+    pub path: &'a Path,
+    pub parent: Option<&'a Path>,
 }
 
 /// Marks the worker as checkpointing (Status shows it) and keeps merges and moves out.
-struct Busy<'a>(&'a State);
+pub(crate) struct Busy<'a>(&'a State);
 
 impl<'a> Busy<'a> {
-    fn enter(s: &'a State) -> Result<Busy<'a>, String> {
+    pub(crate) fn enter(s: &'a State) -> Result<Busy<'a>, String> {
         if s.checkpointing.swap(true, Ordering::SeqCst) {
             return Err("a checkpoint of this VM is being taken already".into());
         }
@@ -99,7 +110,15 @@ pub fn checkpoint(
     let _busy = Busy::enter(s)?;
     let mut slots = s.hotplug.hold_slots();
     let disks: Vec<SlotDisk> = slots.iter().flatten().cloned().collect();
-    let plan = plan(&disks, children)?;
+    let wanted: Vec<ChildOf> = children
+        .iter()
+        .map(|c| ChildOf {
+            serial: &c.serial,
+            path: &c.path,
+            parent: None,
+        })
+        .collect();
+    let plan = plan(&disks, &wanted)?;
     let identity = Identity {
         id: Some(s.vm_id.to_string()),
         name: Some(s.spec_name.clone()),
@@ -136,13 +155,13 @@ pub fn checkpoint(
 }
 
 /// Matches `children` to the VM's disks by serial and checks each before anything changes.
-fn plan(disks: &[SlotDisk], children: &[CheckpointChild]) -> Result<Vec<Planned>, String> {
+pub(crate) fn plan(disks: &[SlotDisk], children: &[ChildOf]) -> Result<Vec<Planned>, String> {
     let mut out: Vec<Planned> = Vec::new();
     for c in children {
         let Some((index, d)) = disks
             .iter()
             .enumerate()
-            .find(|(_, d)| d.serial.as_deref() == Some(c.serial.as_str()))
+            .find(|(_, d)| d.serial.as_deref() == Some(c.serial))
         else {
             return Err(format!("this VM has no disk with serial {}", c.serial));
         };
@@ -179,13 +198,21 @@ fn plan(disks: &[SlotDisk], children: &[CheckpointChild]) -> Result<Vec<Planned>
                 old_path.display()
             ));
         }
+        if let Some(parent) = c.parent.filter(|p| !p.is_absolute()) {
+            return Err(format!(
+                "the parent of disk {}'s child must be an absolute path, not {}",
+                c.serial,
+                parent.display()
+            ));
+        }
         out.push(Planned {
             index,
             movable: d.movable.clone(),
+            parent: c.parent.map_or_else(|| old_path.clone(), Path::to_path_buf),
             old_path,
             old_format: image.format(),
             read_only,
-            child: c.path.clone(),
+            child: c.path.to_path_buf(),
         });
     }
     Ok(out)
@@ -258,7 +285,7 @@ fn make_child(parent: &Path, child: &Path) -> Result<(), String> {
 
 /// Flushes every planned disk, then moves each onto its child. All or nothing: on an error
 /// every disk is back on its old file and the children made are deleted.
-fn swap_all(
+pub(crate) fn swap_all(
     s: &State,
     slots: &mut [Option<SlotDisk>],
     meter: &Meter,
@@ -281,7 +308,7 @@ fn swap_all(
         s.hotplug
             .retarget_held(slots, p.index, &p.old_path, Image::Raw, meter);
         drop(park.replace(detached.clone(), p.old_path.clone(), Image::Raw));
-        let step = make_child(&p.old_path, &p.child).and_then(|()| {
+        let step = make_child(&p.parent, &p.child).and_then(|()| {
             if done == 0 {
                 fault_point("worker-child");
             }

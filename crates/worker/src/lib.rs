@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod checkpoint_apply;
 pub mod console;
 pub mod control;
 pub mod error;

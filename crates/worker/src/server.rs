@@ -190,6 +190,7 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
         | WorkerOp::Save { .. }
         | WorkerOp::MoveStorage { .. }
         | WorkerOp::MigrateOut { .. }
+        | WorkerOp::ApplyCheckpoint { .. }
             if s.migration.is_active() =>
         {
             refused(
@@ -211,10 +212,18 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
                 "a storage move of this VM is running; wait for it or cancel it first".into(),
             )
         }
-        WorkerOp::Checkpoint { .. } if s.mover.is_running() => refused(
-            "checkpoint",
-            "a storage move of this VM is running; wait for it or cancel it first".into(),
-        ),
+        WorkerOp::Checkpoint { .. } | WorkerOp::ApplyCheckpoint { .. } if s.mover.is_running() => {
+            refused(
+                "checkpoint",
+                "a storage move of this VM is running; wait for it or cancel it first".into(),
+            )
+        }
+        WorkerOp::ApplyCheckpoint { dir, children } => {
+            match crate::checkpoint_apply::apply(s, &dir, &children) {
+                Ok(r) => WorkerReply::Applied(r),
+                Err(message) => refused("apply checkpoint", message),
+            }
+        }
         WorkerOp::MoveStorage { .. } if s.checkpointing.load(Ordering::SeqCst) => refused(
             "move storage",
             "a checkpoint of this VM is being taken; move it after that".into(),

@@ -17,6 +17,9 @@
 //! `Checkpoint` writes the same two files into its directory and makes each child (a real
 //! differencing VHDX of the spec's disk with that serial; the fake holds no disk open), then
 //! answers a pause of 1 ms (`fake.refuse=checkpoint`: `Error`, nothing made).
+//! `ApplyCheckpoint` checks the state is there, makes each child on its parent, and from then
+//! on `Metrics` reports the disks on the children (`fake.refuse=apply`: `Error`, nothing
+//! made); it dies at `VIREO_CHECKPOINT_FAULT=worker-child|worker-apply-switched`.
 //!
 //! `Save` writes `vm.state` (the text `fake-state`) and `memory.bin` into the save directory
 //! and exits `Saved`; a launch with `restore_from` whose `vm.state` is not exactly that exits
@@ -63,9 +66,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use vireo_api::worker::{
-    CheckpointChild, CheckpointReport, MigrateProgress, MigrateState, WorkerExit, WorkerExitReason,
-    WorkerLaunch, WorkerMetrics, WorkerOp, WorkerReply, WorkerRequest, WorkerStatus,
-    WORKER_PROTOCOL_VERSION,
+    ApplyChild, ApplyReport, CheckpointChild, CheckpointReport, DiskMetrics, MigrateProgress,
+    MigrateState, WorkerExit, WorkerExitReason, WorkerLaunch, WorkerMetrics, WorkerOp, WorkerReply,
+    WorkerRequest, WorkerStatus, WORKER_PROTOCOL_VERSION,
 };
 
 struct Guest {
@@ -85,6 +88,8 @@ struct Guest {
     mig_conn: Option<std::net::TcpStream>,
     /// `fake.lock`: held while the VM may run here.
     disk_lock: Option<std::fs::File>,
+    /// The children an `ApplyCheckpoint` put the disks on (what `Metrics` reports then).
+    applied_to: Vec<(String, PathBuf)>,
 }
 
 type Shared = Arc<Mutex<Guest>>;
@@ -293,6 +298,14 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 exit_with(&dir, WorkerExitReason::Saved { dir: to }, 0)
             });
             WorkerReply::Ok
+        }
+        WorkerOp::ApplyCheckpoint { dir: to, children } => {
+            if word(&launch, "fake.refuse") == Some("apply") {
+                return WorkerReply::Error {
+                    message: "fake worker refuses apply".into(),
+                };
+            }
+            fake_apply(g, &to, &children)
         }
         WorkerOp::Checkpoint { dir: to, children } => {
             if word(&launch, "fake.refuse") == Some("checkpoint") {
@@ -600,7 +613,68 @@ fn metrics(g: &Shared, dir: &Path) -> WorkerReply {
         memory_bytes: guard.launch.spec.memory_bytes,
         memory_resident_bytes: 0,
         worker_private_bytes: 0,
-        disks: Vec::new(),
+        disks: guard
+            .applied_to
+            .iter()
+            .map(|(serial, path)| DiskMetrics {
+                path: path.clone(),
+                serial: Some(serial.clone()),
+                read_bytes: 0,
+                write_bytes: 0,
+                read_ops: 0,
+                write_ops: 0,
+                flush_ops: 0,
+                normalized_ios: 0,
+                throttled_ns: 0,
+                min_iops_alerts: 0,
+                min_iops_alert_active: false,
+            })
+            .collect(),
+    })
+}
+
+/// `ApplyCheckpoint`: the state must be there, then each child is made on its parent (all or
+/// nothing, like the real worker). Dies where the real worker's crash points
+/// (`VIREO_CHECKPOINT_FAULT=worker-child|worker-apply-switched`) are.
+fn fake_apply(g: &Shared, state: &Path, children: &[ApplyChild]) -> WorkerReply {
+    let fault = std::env::var("VIREO_CHECKPOINT_FAULT").unwrap_or_default();
+    if !state.join("vm.state").is_file() {
+        return WorkerReply::Error {
+            message: format!("{}: no vm.state", state.display()),
+        };
+    }
+    for (i, c) in children.iter().enumerate() {
+        if let Some(p) = c.path.parent() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        let opts = vireo_vhdx::CreateOptions {
+            disk_type: vireo_vhdx::DiskType::Differencing,
+            parent: Some(c.parent.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = vireo_vhdx::Vhdx::create(&c.path, &opts) {
+            for c in &children[..=i] {
+                let _ = std::fs::remove_file(&c.path);
+            }
+            return WorkerReply::Error {
+                message: e.to_string(),
+            };
+        }
+        if i == 0 && fault == "worker-child" {
+            std::process::abort();
+        }
+    }
+    g.lock().unwrap().applied_to = children
+        .iter()
+        .map(|c| (c.serial.clone(), c.path.clone()))
+        .collect();
+    if fault == "worker-apply-switched" {
+        std::process::abort();
+    }
+    WorkerReply::Applied(ApplyReport {
+        pause_us: 2000,
+        pages_copied: 3,
+        pages_compared: 0,
     })
 }
 
@@ -705,6 +779,7 @@ fn main() {
         mig_cancel: false,
         mig_conn: None,
         disk_lock: None,
+        applied_to: Vec::new(),
     }));
     if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
         thread::sleep(Duration::from_millis(ms.parse().unwrap()));

@@ -105,6 +105,20 @@ impl VmHandle {
         dir: &Path,
         opts: &ApplyOptions,
     ) -> Result<ApplyReport, StateError> {
+        self.apply_in_place_with(dir, opts, &mut || Ok(()))
+    }
+
+    /// [`apply_in_place`](Self::apply_in_place), with `first` run in the pause before anything
+    /// of the VM is touched, the lifecycle lock held: where the worker puts the disks on new
+    /// children of the checkpoint's files. If `first` fails, the VM goes on as it was (a
+    /// running VM resumes, a paused one stays paused) and the error is
+    /// [`StateError::Checkpoint`]; `first` must have undone its own part.
+    pub fn apply_in_place_with(
+        &self,
+        dir: &Path,
+        opts: &ApplyOptions,
+        first: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<ApplyReport, StateError> {
         let from = RestoreFrom::dir(dir)?;
         let sums = from.sums.clone().ok_or_else(|| {
             StateError::Mismatch(format!(
@@ -157,10 +171,18 @@ impl VmHandle {
                 self.0.reload.vcpus
             )));
         }
+        let was_paused = self.0.control.paused();
         let paused_at = Instant::now();
         self.pause_locked()
             .map_err(|e| StateError::Kvm(format!("pausing: {e}")))?;
         trace::mark("paused for the apply");
+        if let Err(why) = first() {
+            if !was_paused {
+                self.resume_locked()
+                    .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
+            }
+            return Err(StateError::Checkpoint(why));
+        }
         let mut report = match self.apply_paused(dir, &from, &sums, &memory, opts) {
             Ok(r) => r,
             Err(e) => {

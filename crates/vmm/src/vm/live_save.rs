@@ -22,7 +22,7 @@ use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
 use crate::state::checksums::SumsBuilder;
 use crate::state::working_set::WorkingSet;
-use crate::state::{self, Identity, StateError};
+use crate::state::{self, trace, Identity, StateError};
 
 /// What the VM does once its state is on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,11 @@ pub struct LiveSaveOptions {
     /// so that [`VmHandle::apply_in_place`] of this save copies back only the pages written
     /// since (`apply.rs`). Costs the guest one write fault per page it writes afterwards.
     pub track_changes: bool,
+    /// Without `track_changes`, a VM that runs on gets its memory slots registered anew in
+    /// the pause (as `dirty.rs`'s `stop_and_remap`): otherwise every page the rounds'
+    /// last fetch write-protected costs the guest a ~30 µs fault on its next write (measured,
+    /// docs/vm-state.md "Live save"). Off only to measure that.
+    pub remap_after: bool,
 }
 
 impl Default for LiveSaveOptions {
@@ -54,6 +59,7 @@ impl Default for LiveSaveOptions {
             max_rounds: 8,
             pause_at_pages: 256,
             track_changes: true,
+            remap_after: true,
         }
     }
 }
@@ -72,6 +78,8 @@ pub struct SaveReport {
     pub pause: Duration,
     /// The whole save, from the call to the state file on disk.
     pub total: Duration,
+    /// Of the pause, the memory slots' registration anew (`LiveSaveOptions::remap_after`).
+    pub remap: Duration,
 }
 
 /// The convergence policy, a pure function: go on with another round while running?
@@ -198,6 +206,20 @@ impl VmHandle {
         result.map(|(report, _)| report)
     }
 
+    /// Before a live save's resume: an untracked VM's slots registered anew (see
+    /// `LiveSaveOptions::remap_after`). A failure only costs the guest speed, so it is logged.
+    fn remap_unless_tracked(&self, track: bool, opts: &LiveSaveOptions) -> Duration {
+        if track || !opts.remap_after {
+            return Duration::ZERO;
+        }
+        let started = Instant::now();
+        if let Err(e) = self.0.dirty.stop_and_remap(&self.0.vm_fd) {
+            tracing::warn!("registering the memory slots anew after the save: {e}");
+        }
+        trace::mark("slots remapped");
+        started.elapsed()
+    }
+
     /// The save, with the lifecycle lock held; also returns the save's memory identity (its
     /// checksum table's sum). With `track`, the dirty log is left on once the VM runs on.
     fn save_live_locked(
@@ -276,6 +298,7 @@ impl VmHandle {
                 return Err(undo(e));
             }
             if !was_paused {
+                report.remap = self.remap_unless_tracked(track, opts);
                 self.resume_locked()
                     .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
             }
@@ -305,6 +328,7 @@ impl VmHandle {
             return Ok((report, sums.table_sum()));
         }
         if !was_paused && opts.then == AfterSave::Resume {
+            report.remap = self.remap_unless_tracked(track, opts);
             self.resume_locked()
                 .map_err(|e| StateError::Kvm(format!("resuming: {e}")))?;
         }

@@ -25,7 +25,11 @@ pub async fn apply(
 ) -> Result<vireo_api::Job, HttpError> {
     let vm = daemon.store.get_by_id(vm.id())?;
     let cp = super::find(daemon, &vm, key)?;
+    if req.keep_running {
+        precheck_keep_running(&vm, &cp, &req)?;
+    }
     match vm.state {
+        VmState::Running | VmState::Paused if req.keep_running => {}
         VmState::Off | VmState::Saved | VmState::Critical { .. } | VmState::Lost { .. } => {}
         VmState::Running | VmState::Paused if req.save_current || req.stop => {}
         VmState::Running | VmState::Paused => {
@@ -86,6 +90,10 @@ async fn run(
             .map_err(|e| e.body.message)?
     };
     let vm = &d.store.get_by_id(vm.id()).map_err(|e| e.to_string())?;
+    if req.keep_running {
+        let _g = d.lock_vm(vm.id()).await;
+        return super::apply_live::apply(d, vm.id(), cp, job).await;
+    }
     if vm.state.has_worker() {
         if req.save_current {
             let name: String = format!("{}-before-{}", vm.spec.name, cp.name)
@@ -101,6 +109,31 @@ async fn run(
     }
     let _g = d.lock_vm(vm.id()).await;
     in_place(d, vm.id(), cp).await
+}
+
+/// `keep_running` is refused up front (409, nothing changed) where it cannot be honoured:
+/// never a silent fall back to a restart.
+fn precheck_keep_running(
+    vm: &Vm,
+    cp: &Checkpoint,
+    req: &ApplyCheckpointRequest,
+) -> Result<(), HttpError> {
+    if req.save_current || req.stop {
+        return Err(HttpError::new(
+            vireo_api::ApiErrorCode::Invalid,
+            "keep_running reverts the VM in its running worker; it cannot be combined with              save_current or stop (which restart it): pass one of them",
+        ));
+    }
+    if !matches!(vm.state, VmState::Running | VmState::Paused) {
+        return Err(HttpError::conflict(format!(
+            "VM {:?} is {}: keep_running applies a checkpoint to a running or paused VM;              apply it without keep_running",
+            vm.spec.name, vm.state
+        )));
+    }
+    match super::apply_live::obstacle(&vm.spec, cp) {
+        Some(why) => Err(HttpError::conflict(why)),
+        None => Ok(()),
+    }
 }
 
 /// Applies `cp` to a VM without a worker; the caller holds the VM's lock.
@@ -145,6 +178,7 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
         children: plan.iter().map(|p| p.2.clone()).collect(),
         discard,
         staged: staged.clone(),
+        live: false,
     };
     super::begin_intent(d, &vm, &intent)?;
     fault_point("apply-intent");
@@ -193,7 +227,10 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
         current: Some(cp.id),
         tops,
     };
-    if let Err(e) = d.store.commit_checkpoint_apply(id, &spec, &state, &head) {
+    if let Err(e) = d
+        .store
+        .commit_checkpoint_apply(id, &spec, Some(&state), &head)
+    {
         super::recover::roll_back(d, id, &intent);
         return Err(e.to_string());
     }
@@ -207,13 +244,18 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
 /// an old saved state goes), the VM's discarded files go, the intent goes.
 pub fn finish(d: &Daemon, id: Uuid, intent: &Intent) {
     let Intent::Apply {
-        discard, staged, ..
+        discard,
+        staged,
+        live,
+        ..
     } = intent
     else {
         return;
     };
     let saved = save::saved_dir(d, id);
     match staged {
+        // Applied in the running worker: the VM's saved state (if any) is not this apply's.
+        None if *live => {}
         Some(s) if s.join("vm.state").is_file() => {
             disks::remove(&saved);
             if let Err(e) = std::fs::rename(s, &saved) {

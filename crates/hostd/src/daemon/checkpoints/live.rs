@@ -233,6 +233,19 @@ pub async fn settle(d: &Arc<Daemon>, id: Uuid, intent: &Intent) -> Result<bool, 
 /// Asks a live worker, once its checkpoint is over, whether its disks use `children`:
 /// `None` when it does not answer (dead or hung).
 async fn worker_on_children(sock: &Path, state_dir: &Path, children: &[PathBuf]) -> Option<bool> {
+    let files = disk_files_when_done(sock).await?;
+    if children.is_empty() {
+        // No disk to judge by: the worker leaves `vm.state` only when it succeeded.
+        return Some(state_dir.join("vm.state").is_file());
+    }
+    // The worker switches all disks or none; one child in use is the VM's live top, which
+    // must never be rolled back.
+    Some(files.iter().any(|f| children.contains(f)))
+}
+
+/// The files a live worker's disks use once it no longer checkpoints (a capture or an
+/// in-place apply): `None` when it does not answer (dead or hung).
+pub(super) async fn disk_files_when_done(sock: &Path) -> Option<Vec<PathBuf>> {
     let until = tokio::time::Instant::now() + CAPTURE_LIMIT;
     let mut conn = WorkerConn::connect(sock).await.ok()?;
     loop {
@@ -248,13 +261,7 @@ async fn worker_on_children(sock: &Path, state_dir: &Path, children: &[PathBuf])
     let WorkerReply::Metrics(m) = conn.call(WorkerOp::Metrics).await.ok()? else {
         return None;
     };
-    if children.is_empty() {
-        // No disk to judge by: the worker leaves `vm.state` only when it succeeded.
-        return Some(state_dir.join("vm.state").is_file());
-    }
-    // The worker switches all disks or none; one child in use is the VM's live top, which
-    // must never be rolled back.
-    Some(m.disks.iter().any(|d| children.contains(&d.path)))
+    Some(m.disks.into_iter().map(|d| d.path).collect())
 }
 
 /// With no worker left: `vm.state` complete and every child a valid VHDX.

@@ -15,6 +15,7 @@
 //! busy); the intent row also keeps a second checkpoint operation of the same VM out.
 
 pub mod apply;
+pub mod apply_live;
 pub mod auto;
 pub mod create;
 pub mod delete;

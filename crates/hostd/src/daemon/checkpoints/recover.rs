@@ -95,6 +95,13 @@ pub async fn recover_all(daemon: &Arc<Daemon>) {
                     Err(m) => tracing::error!(vm = %vm, "finishing a live checkpoint: {m}"),
                 }
             }
+            // An in-place apply in the worker: the same, by the files its disks use.
+            (Phase::Prepared, Intent::Apply { live: true, .. }) => {
+                match super::apply_live::settle(daemon, vm, &intent).await {
+                    Ok(kept) => tracing::warn!(vm = %vm, kept, "interrupted in-place apply"),
+                    Err(m) => tracing::error!(vm = %vm, "finishing an in-place apply: {m}"),
+                }
+            }
             (Phase::Prepared, _) => roll_back(daemon, vm, &intent),
             (Phase::Committed, Intent::Create { .. }) => {
                 let _ = daemon.store.clear_checkpoint_intent(vm);
