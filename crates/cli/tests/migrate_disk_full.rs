@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
-    Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 
@@ -86,15 +86,7 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
     );
     wait_for_progress(&a, &job_id, "disk_bytes_copied");
     fill(&dest.join("filler"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let j = loop {
-        let j = job(&a, &job_id);
-        if j["state"] != "running" {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "the job never ended: {j}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
     assert_eq!(j["state"], "failed", "{j}");
     let error = j["error"].as_str().unwrap_or_default();
     eprintln!("the job's error: {error}");

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
-    Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_progress, Storage,
 };
 
 #[test]
@@ -45,15 +45,7 @@ fn destination_worker_killed_mid_copy_leaves_the_vm_running_on_the_source() {
     let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
     assert_eq!(killed, 0);
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let j = loop {
-        let j = job(&a, &job_id);
-        if j["state"] != "running" {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "the job never ended: {j}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
     eprintln!("the job after the destination's worker was killed: {j}");
     assert_eq!(j["state"], "failed", "{j}");
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, two_hosts, Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 
@@ -45,15 +45,7 @@ fn a_quick_migration_to_a_full_destination_fails_and_the_vm_runs_on_at_the_sourc
     let _mounted = Tmpfs::mount(&vms, "4M").expect("mounting a tmpfs as root failed");
 
     let job_id = start_migration(&a, &["m", "--to", &to, "--quick"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let j = loop {
-        let j = job(&a, &job_id);
-        if j["state"] != "running" {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "the job never ended: {j}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
     assert_eq!(j["state"], "failed", "{j}");
     let error = j["error"].as_str().unwrap_or_default();
     eprintln!("the job's error: {error}");

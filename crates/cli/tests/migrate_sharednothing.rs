@@ -20,8 +20,8 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    job, migration_address, start_migration, trust_each_other, two_hosts, wait_for_progress,
-    Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 
@@ -149,15 +149,7 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
     );
     wait_for_progress(&a, &job_id, "disk_bytes_total");
     a.ok(&["job", "cancel", &job_id]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let j = loop {
-        let j = job(&a, &job_id);
-        if j["state"] != "running" {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "the cancel did not end the job");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
     assert_eq!(j["state"], "cancelled", "{j}");
     // The destination removes its copies when the abort arrives; give it that moment.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -39,6 +39,19 @@ pub fn start_migration(d: &Daemon, args: &[&str]) -> String {
     started["id"].as_str().unwrap().to_owned()
 }
 
+/// Waits (at most `limit`) until the job is no longer running; the job as it ended.
+pub fn wait_for_end(d: &Daemon, job_id: &str, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let j = job(d, job_id);
+        if j["state"] != "running" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (at most 60 s) until the migration job's `migration.<counter>` is above 0, e.g.
 /// `transferred_bytes` or `disk_bytes_copied`; the job must still be running meanwhile.
 pub fn wait_for_progress(d: &Daemon, job_id: &str, counter: &str) {
