@@ -144,14 +144,6 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
     if vm.state.has_worker() {
         return Err(format!("VM {:?} is {} again", vm.spec.name, vm.state));
     }
-    let head = d.store.checkpoint_head(id).map_err(|e| e.to_string())?;
-    let frozen: std::collections::HashSet<_> = d
-        .store
-        .list_checkpoints(id)
-        .map_err(|e| e.to_string())?
-        .iter()
-        .flat_map(|c| c.disks.iter().map(|x| x.frozen.clone()))
-        .collect();
     let op = Uuid::new_v4();
     let plan: Vec<(String, std::path::PathBuf, std::path::PathBuf)> = cp
         .disks
@@ -161,17 +153,7 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
             (x.serial.clone(), x.frozen.clone(), child)
         })
         .collect();
-    let discard: Vec<_> = vm
-        .spec
-        .disks
-        .iter()
-        .filter(|x| {
-            head.tops.values().any(|t| t.file == x.path)
-                && is_ours(d, id, &x.path)
-                && !frozen.contains(&x.path)
-        })
-        .map(|x| x.path.clone())
-        .collect();
+    let discard = discarded_files(d, &vm)?;
     let staged = cp.has_state.then(|| d.store.vm_dir(id).join("saved.apply"));
     let intent = Intent::Apply {
         checkpoint: cp.id,
@@ -274,4 +256,29 @@ pub fn finish(d: &Daemon, id: Uuid, intent: &Intent) {
         }
     }
     let _ = d.store.clear_checkpoint_intent(id);
+}
+
+/// The VM's own disk files that an apply deletes: the tops it runs on that vireod made and no
+/// checkpoint froze (their data is the state being discarded).
+pub(super) fn discarded_files(d: &Daemon, vm: &Vm) -> Result<Vec<std::path::PathBuf>, String> {
+    let id = vm.id();
+    let head = d.store.checkpoint_head(id).map_err(|e| e.to_string())?;
+    let frozen: std::collections::HashSet<_> = d
+        .store
+        .list_checkpoints(id)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .flat_map(|c| c.disks.iter().map(|x| x.frozen.clone()))
+        .collect();
+    Ok(vm
+        .spec
+        .disks
+        .iter()
+        .filter(|x| {
+            head.tops.values().any(|t| t.file == x.path)
+                && is_ours(d, id, &x.path)
+                && !frozen.contains(&x.path)
+        })
+        .map(|x| x.path.clone())
+        .collect())
 }

@@ -15,7 +15,6 @@
 //!   acknowledged write is lost; the VM is `critical` either way), else roll back (the old
 //!   files are exactly the VM's disks).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -24,8 +23,8 @@ use vireo_api::{Checkpoint, VmSpec};
 
 use super::super::worker_client::{WorkerCallError, WorkerConn};
 use super::super::Daemon;
+use super::fault_point;
 use super::live::CAPTURE_LIMIT;
-use super::{fault_point, is_ours};
 use crate::checkpoint_store::{Head, Intent, Top};
 
 /// Why `cp` cannot be applied in the running VM with spec `vm`, if it cannot (pure; the
@@ -108,14 +107,6 @@ pub async fn apply(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint, job: Uuid) -> Res
         .sup
         .get(id)
         .ok_or_else(|| format!("VM {:?} has no worker now; retry", vm.spec.name))?;
-    let head = d.store.checkpoint_head(id).map_err(|e| e.to_string())?;
-    let frozen: std::collections::HashSet<_> = d
-        .store
-        .list_checkpoints(id)
-        .map_err(|e| e.to_string())?
-        .iter()
-        .flat_map(|c| c.disks.iter().map(|x| x.frozen.clone()))
-        .collect();
     let op = Uuid::new_v4();
     let children: Vec<ApplyChild> = cp
         .disks
@@ -126,17 +117,7 @@ pub async fn apply(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint, job: Uuid) -> Res
             parent: x.frozen.clone(),
         })
         .collect();
-    let discard: Vec<PathBuf> = vm
-        .spec
-        .disks
-        .iter()
-        .filter(|x| {
-            head.tops.values().any(|t| t.file == x.path)
-                && is_ours(d, id, &x.path)
-                && !frozen.contains(&x.path)
-        })
-        .map(|x| x.path.clone())
-        .collect();
+    let discard = super::apply::discarded_files(d, &vm)?;
     let intent = Intent::Apply {
         checkpoint: cp.id,
         children: children.iter().map(|c| c.path.clone()).collect(),
