@@ -123,8 +123,9 @@ pub fn checkpoint(
         id: Some(s.vm_id.to_string()),
         name: Some(s.spec_name.clone()),
     };
-    // Nothing applies a checkpoint in place through the worker yet (docs/vm-state.md,
-    // "In-place apply"), so the dirty log is not kept on for it.
+    // Untracked: a tracked capture leaves every page write-protected and the guest pays a
+    // fault per page it writes next; an in-place apply of this checkpoint (`apply --keep-running`)
+    // compares every page instead (docs/vm-state.md, "In-place apply").
     let opts = LiveSaveOptions {
         track_changes: false,
         ..LiveSaveOptions::default()
