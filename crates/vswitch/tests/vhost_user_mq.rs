@@ -467,6 +467,9 @@ fn two_queue_pairs_carry_every_frame_both_ways_and_keep_their_bases_across_sessi
     // for VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET): every flow now lands in the first RX queue.
     s.fe.set_vring_enable(2, false).unwrap();
     s.fe.set_vring_enable(3, false).unwrap();
+    // SET_VRING_ENABLE has no reply; a GET_FEATURES round trip waits until the backend has
+    // acted on both (the VMM's `set_pairs` does the same before it answers the guest).
+    s.fe.get_features().unwrap();
     for flow in 0..32u16 {
         peer.send(&flow_frame(flow, 10)).unwrap();
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostBackend;
 use vireo_virtio::VirtioInterrupt;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
@@ -26,12 +27,15 @@ const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 const VIRTIO_NET_OK: u8 = 0;
 const VIRTIO_NET_ERR: u8 = 1;
 
-/// Enables the rings of the first `n` of `max` pairs in the backend and disables the rest.
+/// Enables the rings of the first `n` of `max` pairs in the backend and disables the rest, and
+/// returns once the backend has acted on it: SET_VRING_ENABLE gets no reply without REPLY_ACK,
+/// but the backend handles messages in order, so the reply to GET_FEATURES comes after them.
+/// The guest is told OK only then, so no frame lands in a pair it has just turned off.
 pub(super) fn set_pairs(frontend: &mut Frontend, max: u16, n: u16) -> Result<(), vhost::Error> {
     for ring in 0..2 * usize::from(max) {
         frontend.set_vring_enable(ring, ring < 2 * usize::from(n))?;
     }
-    Ok(())
+    frontend.get_features().map(|_| ())
 }
 
 /// What the control thread needs besides the queue.
