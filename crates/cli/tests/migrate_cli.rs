@@ -41,7 +41,10 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     // Not trusted yet: refused in the handshake, the VM runs on here.
     let (code, line) = a.fails(&["vm", "migrate", "m", "--to", &to, "--quick"]);
     assert_eq!(code, 1, "{line}");
-    assert!(line.contains("TLS handshake"), "{line}");
+    assert!(
+        line.contains("TLS handshake") && line.contains("trust add"),
+        "{line}"
+    );
     assert_eq!(a.vm("m").state.name(), "running");
     trust_each_other(&a, &b);
 

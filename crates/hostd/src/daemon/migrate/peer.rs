@@ -61,6 +61,23 @@ fn client_config(host: &HostTrust) -> Result<Arc<ClientConfig>, String> {
     hostauth::client_config(&id, &trusted).map_err(|e| e.to_string())
 }
 
+/// One line for a failed TLS handshake. Only a TLS error proper (a certificate refused, an
+/// alert: `InvalidData`) points at trust; a connection that broke or timed out mid-handshake
+/// (a cut link, a daemon going down) says so, rather than sending the user to the trust list.
+fn handshake_failed(to: SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        format!(
+            "the TLS handshake with {to} failed ({e}): each host must trust the other (`vireo \
+             host trust add` with the fingerprint `vireo host identity` prints on the other host)"
+        )
+    } else {
+        format!(
+            "the connection to {to} broke during the TLS handshake ({e}): check that the link is \
+             up and a vireod listens there with --migration-listen"
+        )
+    }
+}
+
 impl Peer {
     /// The source's side: TCP, then TLS presenting this host's certificate and accepting only
     /// a trusted one. Every failure is one line naming `to` and the way out.
@@ -74,13 +91,7 @@ impl Peer {
             TlsConnector::from(cfg)
                 .connect(hostauth::peer_name(), tcp)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "the TLS handshake with {to} failed ({e}): each host must trust the \
-                         other (`vireo host trust add` with the fingerprint `vireo host \
-                         identity` prints on the other host)"
-                    )
-                })
+                .map_err(|e| handshake_failed(to, &e))
         };
         let tls = tokio::time::timeout(CONNECT_LIMIT, work)
             .await
