@@ -578,3 +578,115 @@ fn gateways_are_added_replaced_and_removed_on_a_running_switch() {
     );
     assert_eq!(h.sw.config().overlay.unwrap().gateways.len(), 2);
 }
+
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut a = 0u32;
+    for w in data.chunks(2) {
+        a += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while a > 0xffff {
+        a = (a & 0xffff) + (a >> 16);
+    }
+    !(a as u16)
+}
+
+/// An ICMP error (`kind`, `code`, bytes 4..8 `rest`) from `from` to the NAT address on VLAN
+/// 30, quoting `quote` (an IP packet as it left).
+fn icmp_error(from: [u8; 4], kind: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&from);
+    ip.extend_from_slice(&NAT_IP);
+    let c = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = NAT_MAC.to_vec();
+    f.extend_from_slice(&PHYS);
+    f.extend_from_slice(&[0x81, 0, 0, 30, 0x08, 0]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn icmp_errors_from_outside_reach_only_their_tenant_translated() {
+    let mut h = host(100);
+    let (red, blue, up) = (h.red, h.blue, h.up);
+    resolve(
+        &mut h,
+        red,
+        &udp(VM1, RED_GW, None, CA, PEER, 5000, 53),
+        30,
+        NAT_IP,
+        NAT_MAC,
+        PEER,
+    );
+    // Red and blue, same CA and port, each a connection to PEER:53; what left is quoted.
+    let mut left = Vec::new();
+    for (port, gw) in [(red, RED_GW), (blue, BLUE_GW)] {
+        let (out, _) = run(&mut h.sw, port, &udp(VM1, gw, None, CA, PEER, 5000, 53), 2);
+        let [(_, f)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        left.push(f[18..].to_vec());
+    }
+    let before = h.sw.overlay().unwrap().nat_icmp_errors_translated();
+    // Port unreachable from the peer itself, fragmentation needed from a router on the way.
+    for (i, port) in [red, blue].into_iter().enumerate() {
+        for (from, kind, code, rest) in [
+            (PEER, 3, 3, [0; 4]),
+            ([198, 51, 100, 254], 3, 4, [0, 0, 0x05, 0x00]),
+        ] {
+            let e = icmp_error(from, kind, code, rest, &left[i]);
+            let (out, dropped) = run(&mut h.sw, up, &e, 3);
+            assert_eq!(dropped, None);
+            let [(p, f)] = &out[..] else {
+                panic!("{out:?}")
+            };
+            assert_eq!(*p, port, "error {i} reached the wrong tenant");
+            let s = parse(f).unwrap();
+            assert_eq!((s.icmp_type, s.icmp_code), (kind, code));
+            assert_eq!(
+                s.dst_ip,
+                u32::from_be_bytes(CA) as u128,
+                "outer destination"
+            );
+            assert_eq!(s.src_ip, u32::from_be_bytes(from) as u128);
+            assert_eq!(&f[38..42], &rest, "the MTU is the link's, unchanged");
+            assert!(checksums_ok(f), "outer IP and ICMP checksums");
+            // The quote: the packet as the tenant sent it (TTL aside), checksums right.
+            let q = &f[42..];
+            assert_eq!(&q[12..16], &CA, "quoted source");
+            assert_eq!(&q[20..22], &5000u16.to_be_bytes(), "quoted source port");
+            assert_eq!(inet_checksum(&q[..20]), 0, "quoted IP header");
+            let mut pseudo = q[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&q[24..26]);
+            pseudo.extend_from_slice(&q[20..]);
+            assert_eq!(inet_checksum(&pseudo), 0, "quoted UDP checksum");
+        }
+    }
+    assert_eq!(
+        h.sw.overlay().unwrap().nat_icmp_errors_translated() - before,
+        4
+    );
+    // Quoting a connection to another peer, or with a broken checksum: nobody gets it.
+    let mut other = left[0].clone();
+    other[19] = 8; // destination 198.51.100.8
+    let e = icmp_error(PEER, 3, 3, [0; 4], &other);
+    assert_eq!(
+        run(&mut h.sw, up, &e, 3),
+        (vec![], Some(DropReason::NatNoMapping))
+    );
+    let mut e = icmp_error(PEER, 3, 3, [0; 4], &left[0]);
+    let n = e.len();
+    e[n - 1] ^= 0x40;
+    assert_eq!(
+        run(&mut h.sw, up, &e, 3),
+        (vec![], Some(DropReason::NatNoMapping))
+    );
+}

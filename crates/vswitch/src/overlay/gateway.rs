@@ -20,6 +20,7 @@ use rustc_hash::FxHashMap;
 use vireo_netconfig::{GatewayConfig, GatewayMode, GatewayStatus, IpPrefix, MacAddr};
 
 use super::nat::{Inside, NatError, NatTable};
+use super::nat_icmp;
 use super::wire::{fold, u128_to_ip};
 use super::{decrement_ttl, reply, Overlay, Target, Verdict};
 use crate::frame::{parse, FrameSummary, Mac, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L3};
@@ -42,6 +43,8 @@ pub(super) struct Gateways {
     by_rd: FxHashMap<u16, usize>,
     /// (VLAN, address) → MAC on the physical side.
     neighbors: FxHashMap<(Option<u16>, Ipv4Addr), Mac>,
+    /// ICMP errors from outside translated back to a NAT-ed tenant (`nat_icmp.rs`).
+    icmp_errors_translated: u64,
 }
 
 impl Gateways {
@@ -372,6 +375,18 @@ impl Overlay {
                 if dst != g.addr {
                     return Some(Verdict::Drop(DropReason::NatNoMapping));
                 }
+                if s.proto == IPPROTO_ICMP && nat_icmp::ERROR_TYPES.contains(&s.icmp_type) {
+                    // An error about one of our connections: it goes to that connection's
+                    // tenant only, or nowhere.
+                    let inside = nat_icmp::quoted(frame, g.addr)
+                        .and_then(|q| nat.find(q.proto, q.outside_port, q.peer, q.peer_port, now));
+                    let Some(inside) = inside else {
+                        return Some(Verdict::Drop(DropReason::NatNoMapping));
+                    };
+                    nat_icmp::translate(frame, inside.ca, inside.port);
+                    self.gateways.icmp_errors_translated += 1;
+                    return Some(self.gateway_deliver(inside.rd, inside.ca, frame));
+                }
                 // The outside port is the destination port, or the echo reply's id.
                 let Some((sport, dport)) = nat_port(&s, 0) else {
                     return Some(Verdict::Drop(DropReason::NatNoMapping));
@@ -389,22 +404,33 @@ impl Overlay {
                 (inside.rd, inside.ca)
             }
         };
+        Some(self.gateway_deliver(rd, ca, frame))
+    }
+
+    /// How many ICMP errors from outside went back to a NAT-ed tenant, translated.
+    pub fn nat_icmp_errors_translated(&self) -> u64 {
+        self.gateways.icmp_errors_translated
+    }
+
+    /// An inbound packet (destination already rewritten for NAT) routed from the gateway
+    /// into routing domain `rd` to `ca`.
+    fn gateway_deliver(&mut self, rd: u16, ca: Ipv4Addr, frame: &mut Vec<u8>) -> Verdict {
         // Only CAs in the table are reachable; the inside is not a transit network.
         let Some(e) = self.resolve(rd, IpAddr::V4(ca)) else {
-            return Some(Verdict::Drop(DropReason::OverlayUnknown));
+            return Verdict::Drop(DropReason::OverlayUnknown);
         };
         if !decrement_ttl(frame, false) {
-            return Some(Verdict::Drop(DropReason::TtlExceeded));
+            return Verdict::Drop(DropReason::TtlExceeded);
         }
         let Some(to_gw) = self.subnets.get(&e.vsid).map(|sn| sn.gw_mac) else {
-            return Some(Verdict::Drop(DropReason::OverlayUnknown));
+            return Verdict::Drop(DropReason::OverlayUnknown);
         };
         frame[0..6].copy_from_slice(&e.mac);
         frame[6..12].copy_from_slice(&to_gw);
         let Ok(s) = parse(frame) else {
-            return Some(Verdict::Drop(DropReason::Malformed));
+            return Verdict::Drop(DropReason::Malformed);
         };
-        Some(self.deliver(rd, e, frame, &s, to_gw))
+        self.deliver(rd, e, frame, &s, to_gw)
     }
 
     /// The gateways and their state, for listings (connection ages as of the last frame).

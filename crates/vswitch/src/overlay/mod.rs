@@ -13,6 +13,7 @@
 pub mod encap;
 pub mod gateway;
 pub mod nat;
+pub mod nat_icmp;
 pub mod nd;
 pub mod offload;
 pub mod policy;
