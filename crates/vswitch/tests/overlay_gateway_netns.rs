@@ -466,3 +466,125 @@ fn netns_icmp_errors_from_outside_reach_the_nat_tenant_translated() {
     drop(g);
     rt.stop().unwrap();
 }
+
+#[test]
+fn netns_ipv6_is_forwarded_through_the_gateway_with_next_hops_found_by_nd() {
+    if !netns_available("og6") {
+        return;
+    }
+    let mut lab = Lab::new("og", "6");
+    // Namespace 0: the physical host, IPv6 on, 2001:db8:30::9/64, routing green's prefix to
+    // the gateway's IPv6 address (no static neighbour anywhere).
+    let up_host = lab.veth_ns(0, true, &["2001:db8:30::9"]);
+    let phys = lab.ns(0);
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &phys,
+        "ethtool",
+        "-K",
+        &lab.guest(0),
+        "tx",
+        "off",
+    ]);
+    must(&[
+        "ip",
+        "-n",
+        &phys,
+        "-6",
+        "route",
+        "add",
+        "2001:db8:1::/64",
+        "via",
+        "2001:db8:30::1",
+    ]);
+
+    let mut c = SwitchConfig::private("og6");
+    c.overlay = Some(
+        serde_json::from_value(serde_json::json!({
+            "provider_addresses": ["192.168.77.1"],
+            "provider_mac": "02:aa:00:00:00:01",
+            "routing_domains": [
+                {"name": "green", "subnets": [{"vsid": 300, "prefixes": ["2001:db8:1::/64"],
+                    "gateway_ips": ["2001:db8:1::fe"]}]}],
+            "gateways": [
+                {"name": "fwd", "mode": "forward", "routing_domains": ["green"],
+                 "address": "198.51.100.2/24", "address6": "2001:db8:30::1/64"}]
+        }))
+        .unwrap(),
+    );
+    let mut sw = Switch::new(c).unwrap();
+    let up = sw
+        .add_port(PortConfig {
+            role: PortRole::Uplink,
+            ..PortConfig::access("up", 1)
+        })
+        .unwrap();
+    let green = sw
+        .add_port(port("green", "green", 300, "2001:db8:1::5"))
+        .unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    rt.attach(up, Arc::new(PacketPort::bind(&up_host).unwrap()));
+    // Green's VM: IPv6 on (its gateway is found by ND, answered by the distributed router).
+    let host = lab.veth_ns(1, true, &[]);
+    let (vm_ns, g) = (lab.ns(1), lab.guest(1));
+    must(&["ip", "-n", &vm_ns, "link", "set", &g, "address", VM_MAC]);
+    configure(&vm_ns, &g, &["2001:db8:1::5"]);
+    must(&[
+        "ip",
+        "-n",
+        &vm_ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "2001:db8:1::fe",
+    ]);
+    must(&[
+        "ip", "netns", "exec", &vm_ns, "ethtool", "-K", &g, "tx", "off",
+    ]);
+    rt.attach(green, Arc::new(PacketPort::bind(&host).unwrap()));
+    std::thread::sleep(Duration::from_millis(100));
+
+    assert!(
+        ping(&vm_ns, 3, 10, &["2001:db8:30::9"]),
+        "green → physical over IPv6, forwarded"
+    );
+    // Forget the gateway there (learned from its solicitation so far): what the physical
+    // host knows of it next comes from soliciting it and the gateway's (router) answer.
+    must(&[
+        "ip",
+        "-n",
+        &phys,
+        "-6",
+        "neigh",
+        "flush",
+        "dev",
+        &lab.guest(0),
+    ]);
+    assert!(
+        ping(&phys, 3, 10, &["2001:db8:1::5"]),
+        "physical → green's IPv6 CA"
+    );
+    let out = Command::new("ip")
+        .args(["-n", &phys, "-6", "neigh", "show", "2001:db8:30::1"])
+        .output()
+        .unwrap();
+    let n = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        n.contains("lladdr 02:fe:c6:33:64:02") && n.contains("router"),
+        "the physical host did not learn the gateway from its advertisement: {n:?}"
+    );
+    let g = sw.lock().unwrap();
+    let c = g.overlay().unwrap().gateway_nd_counters();
+    assert!(
+        c.solicits_sent >= 1 && c.adverts_received >= 1 && c.adverts_sent >= 1,
+        "{c:?}"
+    );
+    assert_eq!(c.bad, 0, "{c:?}");
+    drop(g);
+    rt.stop().unwrap();
+}

@@ -31,8 +31,10 @@ const NEIGHBOR_LIMIT: usize = 4096;
 
 pub(super) struct Gateway {
     pub(super) cfg: GatewayConfig,
-    mac: Mac,
+    pub(super) mac: Mac,
     addr: Ipv4Addr,
+    /// Its IPv6 address (forward gateways that route IPv6: `gateway6.rs`).
+    pub(super) addr6: Option<std::net::Ipv6Addr>,
     nat: Option<NatTable>,
 }
 
@@ -40,11 +42,15 @@ pub(super) struct Gateway {
 pub(super) struct Gateways {
     pub(super) list: Vec<Gateway>,
     /// Routing domain index → its gateway.
-    by_rd: FxHashMap<u16, usize>,
+    pub(super) by_rd: FxHashMap<u16, usize>,
     /// (VLAN, address) → MAC on the physical side.
     neighbors: FxHashMap<(Option<u16>, Ipv4Addr), Mac>,
     /// ICMP errors from outside translated back to a NAT-ed tenant (`nat_icmp.rs`).
     icmp_errors_translated: u64,
+    /// (VLAN, IPv6 address) → MAC on the physical side, learned by neighbour discovery.
+    pub(super) neighbors6: FxHashMap<(Option<u16>, std::net::Ipv6Addr), Mac>,
+    /// Solicitations in flight and confirmations of `neighbors6`.
+    pub(super) nd6: super::nd::NdState,
 }
 
 impl Gateways {
@@ -61,6 +67,7 @@ impl Gateways {
             g.list.push(Gateway {
                 mac: c.gateway_mac().0,
                 addr: c.ipv4(),
+                addr6: c.ipv6(),
                 nat: (c.mode == GatewayMode::Nat).then(|| NatTable::new(c.nat.clone())),
                 cfg: c.clone(),
             });
@@ -137,21 +144,21 @@ fn rewrite(f: &mut [u8], dst: bool, ip: Ipv4Addr, port: u16) {
     f[port_at..port_at + 2].copy_from_slice(&new_port);
 }
 
-fn push_tag(frame: &mut Vec<u8>, vlan: Option<u16>) {
+pub(super) fn push_tag(frame: &mut Vec<u8>, vlan: Option<u16>) {
     if let Some(v) = vlan {
         let t = [0x81, 0x00, (v >> 8) as u8 & 0x0f, v as u8];
         frame.splice(12..12, t);
     }
 }
 
-fn strip_tag(frame: &mut Vec<u8>) {
+pub(super) fn strip_tag(frame: &mut Vec<u8>) {
     frame.drain(12..16);
     if frame.len() < crate::switch::ETH_MIN_FRAME {
         frame.resize(crate::switch::ETH_MIN_FRAME, 0);
     }
 }
 
-fn in_prefix(p: &IpPrefix, ip: IpAddr) -> bool {
+pub(super) fn in_prefix(p: &IpPrefix, ip: IpAddr) -> bool {
     match (p.addr, ip) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
             let len = u32::from(p.len.min(32));
@@ -345,6 +352,9 @@ impl Overlay {
                 counted: None,
             });
         }
+        if s.l3 == L3::Ipv6 {
+            return self.gateway_in6(s, frame, vlan);
+        }
         if s.l3 != L3::Ipv4 {
             return None;
         }
@@ -385,7 +395,7 @@ impl Overlay {
                     };
                     nat_icmp::translate(frame, inside.ca, inside.port);
                     self.gateways.icmp_errors_translated += 1;
-                    return Some(self.gateway_deliver(inside.rd, inside.ca, frame));
+                    return Some(self.gateway_deliver(inside.rd, IpAddr::V4(inside.ca), frame));
                 }
                 // The outside port is the destination port, or the echo reply's id.
                 let Some((sport, dport)) = nat_port(&s, 0) else {
@@ -404,7 +414,7 @@ impl Overlay {
                 (inside.rd, inside.ca)
             }
         };
-        Some(self.gateway_deliver(rd, ca, frame))
+        Some(self.gateway_deliver(rd, IpAddr::V4(ca), frame))
     }
 
     /// How many ICMP errors from outside went back to a NAT-ed tenant, translated.
@@ -412,14 +422,14 @@ impl Overlay {
         self.gateways.icmp_errors_translated
     }
 
-    /// An inbound packet (destination already rewritten for NAT) routed from the gateway
-    /// into routing domain `rd` to `ca`.
-    fn gateway_deliver(&mut self, rd: u16, ca: Ipv4Addr, frame: &mut Vec<u8>) -> Verdict {
+    /// An inbound untagged packet (destination already rewritten for NAT) routed from the
+    /// gateway into routing domain `rd` to `ca`.
+    pub(super) fn gateway_deliver(&mut self, rd: u16, ca: IpAddr, frame: &mut Vec<u8>) -> Verdict {
         // Only CAs in the table are reachable; the inside is not a transit network.
-        let Some(e) = self.resolve(rd, IpAddr::V4(ca)) else {
+        let Some(e) = self.resolve(rd, ca) else {
             return Verdict::Drop(DropReason::OverlayUnknown);
         };
-        if !decrement_ttl(frame, false) {
+        if !decrement_ttl(frame, ca.is_ipv6()) {
             return Verdict::Drop(DropReason::TtlExceeded);
         }
         let Some(to_gw) = self.subnets.get(&e.vsid).map(|sn| sn.gw_mac) else {
@@ -492,6 +502,8 @@ impl Overlay {
             }
         }
         fresh.neighbors = old.neighbors;
+        fresh.neighbors6 = old.neighbors6;
+        fresh.nd6 = old.nd6;
         self.gateways = fresh;
         self.cfg.gateways = gws;
     }

@@ -12,6 +12,7 @@
 
 pub mod encap;
 pub mod gateway;
+mod gateway6;
 pub mod nat;
 pub mod nat_icmp;
 pub mod nd;
@@ -461,6 +462,9 @@ impl Overlay {
         let routed = s.dst == gw_mac;
         let Some(dst) = self.resolve(rd, dst_ip) else {
             // Outside the domain: its gateway, if it has one here.
+            if routed && v6 && !self.in_domain(rd, dst_ip) && self.has_gateway6(rd) {
+                return self.gateway_out6(rd, vsid, s, frame);
+            }
             if routed && !v6 && !self.in_domain(rd, dst_ip) {
                 if self.has_gateway(rd) {
                     return self.gateway_out(rd, vsid, s, frame, now);
