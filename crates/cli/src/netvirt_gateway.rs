@@ -22,6 +22,8 @@ pub enum GatewayCommand {
     ///   vireo netvirt gateway add nv out --mode nat --domain red --domain blue \
     ///       --address 198.51.100.1/24 --vlan 30 --next-hop 198.51.100.254
     ///   vireo netvirt gateway add nv fwd --mode forward --domain green --address 203.0.113.1/24
+    ///   vireo netvirt gateway add nv fwd6 --mode forward --domain green --address 203.0.113.2/24 \
+    ///       --address6 2001:db8:30::1/64 --next-hop6 fe80::1
     #[command(verbatim_doc_comment)]
     Add(GatewayArgs),
     /// Replace the gateway of that name (a changed gateway's NAT connections end).
@@ -74,6 +76,13 @@ pub struct GatewayArgs {
     /// Its MAC (default 02:fe: + the address's bytes).
     #[arg(long)]
     pub mac: Option<MacAddr>,
+    /// Forward only: also route the domain's IPv6 CAs, from this IPv6 address with the
+    /// physical network's prefix, e.g. 2001:db8:30::1/64 (next hops resolved by ND).
+    #[arg(long)]
+    pub address6: Option<IpPrefix>,
+    /// IPv6 router for destinations outside --address6's prefix (on it, or link-local).
+    #[arg(long)]
+    pub next_hop6: Option<IpAddr>,
     /// NAT: connections remembered at most.
     #[arg(long, default_value_t = NatSettings::default().max_connections)]
     pub max_connections: u32,
@@ -95,6 +104,8 @@ impl GatewayArgs {
             address: self.address,
             next_hop: self.next_hop,
             mac: self.mac,
+            address6: self.address6,
+            next_hop6: self.next_hop6,
             nat: NatSettings {
                 max_connections: self.max_connections,
                 ..NatSettings::default()
@@ -128,13 +139,17 @@ fn gateway_path(sw: &str, name: &str) -> Result<String, CliError> {
 
 fn gateway_text(verb: &str, g: &GatewayConfig, sw: &str) -> String {
     format!(
-        "{verb} gateway {} on switch {sw}: {} {} for {} at {}{}\n",
+        "{verb} gateway {} on switch {sw}: {} {} for {} at {}{}{}\n",
         g.name,
         g.mode,
         g.vlan.map_or("untagged".into(), |v| format!("VLAN {v}")),
         g.routing_domains.join(","),
         g.address,
-        g.next_hop.map_or(String::new(), |h| format!(" via {h}"))
+        g.next_hop.map_or(String::new(), |h| format!(" via {h}")),
+        g.address6.map_or(String::new(), |a| format!(
+            " and {a}{}",
+            g.next_hop6.map_or(String::new(), |h| format!(" via {h}"))
+        ))
     )
 }
 

@@ -5,7 +5,7 @@
 //! gateway's address (source NAT with port translation). IPv4 only for now.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +113,16 @@ pub struct GatewayConfig {
     pub mac: Option<MacAddr>,
     #[serde(default)]
     pub nat: NatSettings,
+    /// An IPv6 address and on-link prefix of the gateway (`forward` only), e.g.
+    /// `2001:db8:30::1/64`: the domain's IPv6 CAs are routed to the physical network as they
+    /// are. Neighbour solicitations for it are answered on the VLAN; next hops are resolved
+    /// by neighbour discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpPrefix>,
+    /// IPv6 router for destinations outside `address6`'s prefix (on that prefix, or
+    /// link-local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop6: Option<IpAddr>,
 }
 
 impl GatewayConfig {
@@ -122,6 +132,83 @@ impl GatewayConfig {
             IpAddr::V4(a) => a,
             IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         }
+    }
+
+    /// The gateway's IPv6 address, if it routes IPv6.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        match self.address6.map(|p| p.addr) {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// True when `ip` is on the physical network's IPv6 on-link prefix.
+    pub fn on_link6(&self, ip: Ipv6Addr) -> bool {
+        let Some(p) = self.address6 else {
+            return false;
+        };
+        let IpAddr::V6(a) = p.addr else {
+            return false;
+        };
+        let len = u32::from(p.len.min(128));
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
+        u128::from(ip) & mask == u128::from(a) & mask
+    }
+
+    fn validate6(&self, pas: &[IpAddr]) -> Result<(), String> {
+        let n = &self.name;
+        let Some(p) = self.address6 else {
+            return match self.next_hop6 {
+                Some(h) => Err(format!(
+                    "gateway {n:?}: next_hop6 {h} needs an address6 (the gateway's IPv6 address)"
+                )),
+                None => Ok(()),
+            };
+        };
+        let IpAddr::V6(a) = p.addr else {
+            return Err(format!("gateway {n:?}: address6 {p} is not an IPv6 prefix"));
+        };
+        if self.mode != GatewayMode::Forward {
+            return Err(format!(
+                "gateway {n:?}: address6 needs mode forward (NAT66/NAT64 are not built)"
+            ));
+        }
+        if !(1..=127).contains(&p.len) {
+            return Err(format!(
+                "gateway {n:?}: prefix length of {p} must be 1..=127 (the physical network's on-link prefix)"
+            ));
+        }
+        if a.is_unspecified()
+            || a.is_multicast()
+            || a.is_loopback()
+            || a.segments()[0] & 0xffc0 == 0xfe80
+        {
+            return Err(format!(
+                "gateway {n:?}: address6 {a} is not a global or unique-local unicast address"
+            ));
+        }
+        if pas.contains(&IpAddr::V6(a)) {
+            return Err(format!(
+                "gateway {n:?}: address6 {a} is a provider address of this switch; use another"
+            ));
+        }
+        match self.next_hop6 {
+            Some(IpAddr::V6(h))
+                if h != a
+                    && !h.is_multicast()
+                    && (self.on_link6(h) || h.segments()[0] & 0xffc0 == 0xfe80) => {}
+            Some(h) => {
+                return Err(format!(
+                    "gateway {n:?}: next_hop6 {h} must be another IPv6 address inside {p} or a link-local one"
+                ))
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// The MAC in force.
@@ -190,6 +277,7 @@ impl GatewayConfig {
             }
             None => {}
         }
+        self.validate6(pas)?;
         let m = self.gateway_mac();
         if m.0[0] & 1 == 1 || m.0 == [0; 6] {
             return Err(format!("gateway {n:?}: MAC {m} is not a unicast address"));
@@ -322,7 +410,60 @@ mod tests {
             next_hop: None,
             mac: None,
             nat: NatSettings::default(),
+            address6: None,
+            next_hop6: None,
         }
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_checked() {
+        let mut g = gw("v6", GatewayMode::Forward, &["red"], "198.51.100.1/24");
+        g.address6 = Some("2001:db8:30::1/64".parse().unwrap());
+        g.next_hop6 = Some("2001:db8:30::fe".parse().unwrap());
+        assert_eq!(g.validate(&["red"], &[]), Ok(()));
+        assert!(g.on_link6("2001:db8:30::9".parse().unwrap()));
+        assert!(!g.on_link6("2001:db8:31::9".parse().unwrap()));
+        g.next_hop6 = Some("fe80::1".parse().unwrap());
+        assert_eq!(g.validate(&["red"], &[]), Ok(()));
+        for (addr6, hop, mode, want) in [
+            (
+                "2001:db8:30::1/64",
+                "2001:db8:31::1",
+                GatewayMode::Forward,
+                "next_hop6",
+            ),
+            (
+                "fe80::1/64",
+                "fe80::2",
+                GatewayMode::Forward,
+                "not a global",
+            ),
+            (
+                "2001:db8:30::1/128",
+                "fe80::2",
+                GatewayMode::Forward,
+                "prefix length",
+            ),
+            (
+                "198.51.100.5/24",
+                "fe80::2",
+                GatewayMode::Forward,
+                "not an IPv6",
+            ),
+            ("2001:db8:30::1/64", "fe80::2", GatewayMode::Nat, "NAT66"),
+        ] {
+            let mut g = gw("v6", mode, &["red"], "198.51.100.1/24");
+            g.address6 = Some(addr6.parse().unwrap());
+            g.next_hop6 = Some(hop.parse().unwrap());
+            let e = g.validate(&["red"], &[]).unwrap_err();
+            assert!(e.contains(want), "{addr6} {hop}: {e}");
+        }
+        let mut g = gw("v6", GatewayMode::Forward, &["red"], "198.51.100.1/24");
+        g.next_hop6 = Some("fe80::2".parse().unwrap());
+        assert!(g
+            .validate(&["red"], &[])
+            .unwrap_err()
+            .contains("needs an address6"));
     }
 
     #[test]

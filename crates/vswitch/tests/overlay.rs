@@ -470,9 +470,9 @@ fn bad_configuration_is_refused_with_a_reason() {
     assert!(Switch::new(c).is_err());
 }
 
-/// A one-host-each pair over an IPv6 provider network (static provider neighbours), with a
-/// VM that has an IPv6 and an IPv4 CA.
-fn v6_host(a: bool) -> (Switch, PortId, PortId) {
+/// A one-host-each pair over an IPv6 provider network (static provider neighbours, or none:
+/// resolved by ND), with a VM that has an IPv6 and an IPv4 CA.
+fn v6_host(a: bool, static_neighbor: bool) -> (Switch, PortId, PortId) {
     let (me, peer, pm, peer_mac) = if a {
         ("fd50::1", "fd50::2", MAC_A, MAC_B)
     } else {
@@ -485,10 +485,15 @@ fn v6_host(a: bool) -> (Switch, PortId, PortId) {
     };
     let mut o: OverlayConfig = serde_json::from_value(serde_json::json!({
         "provider_addresses": [me], "provider_mac": MacAddr(pm),
-        "provider_neighbors": [{"ip": peer, "mac": MacAddr(peer_mac)}],
         "routing_domains": [{"name": "red", "encap": "nvgre", "subnets": [{"vsid": 100}]}],
     }))
     .unwrap();
+    if static_neighbor {
+        o.provider_neighbors.push(ProviderNeighbor {
+            ip: peer.parse().unwrap(),
+            mac: MacAddr(peer_mac),
+        });
+    }
     for ca in peer_ca {
         o.policies.push(PolicyEntry {
             routing_domain: "red".into(),
@@ -519,7 +524,7 @@ fn v6_host(a: bool) -> (Switch, PortId, PortId) {
 
 #[test]
 fn ipv6_and_ipv4_customers_over_an_ipv6_provider_network() {
-    let ((mut a, a_up, a_vm), (mut b, b_up, b_vm)) = (v6_host(true), v6_host(false));
+    let ((mut a, a_up, a_vm), (mut b, b_up, b_vm)) = (v6_host(true, true), v6_host(false, true));
     let fd = |n: u8| {
         let mut x = [0u8; 16];
         x[0] = 0xfd;
@@ -634,4 +639,123 @@ fn bridged_vxlan_tcp_is_offered_to_the_kernel_and_nothing_else() {
     })
     .unwrap();
     assert!(a.sw.generation() > g);
+}
+
+/// Rewrites a captured ND frame's ICMPv6 checksum after the test changed a byte.
+fn fix_icmp6(f: &mut [u8]) {
+    f[56..58].fill(0);
+    let plen = usize::from(u16::from_be_bytes([f[18], f[19]]));
+    let mut acc: u32 = 58 + plen as u32;
+    let mut add = |b: &[u8]| {
+        for w in b.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&f[22..54]);
+    add(&f[54..54 + plen]);
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    f[56..58].copy_from_slice(&(!(acc as u16)).to_be_bytes());
+}
+
+#[test]
+fn ipv6_provider_neighbors_are_resolved_by_nd_and_bad_nd_is_counted() {
+    let ((mut a, a_up, a_vm), (mut b, b_up, b_vm)) = (v6_host(true, false), v6_host(false, false));
+    let first = ping(VM1, VM2, IP1, IP2, 16);
+    // A does not know B's PA: the frame becomes a solicitation to its solicited-node group.
+    let (out, d) = run(&mut a, a_vm, &first);
+    assert_eq!(d, Some(DropReason::OverlayNoNeighbor));
+    let [(p, ns)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, a_up);
+    assert_eq!(&ns[..6], &[0x33, 0x33, 0xff, 0, 0, 2]);
+    let s = parse(ns).unwrap();
+    assert_eq!((s.icmp_type, s.nd_target), (135, 0xfd50_u128 << 112 | 2));
+    // While it is in flight, frames are dropped and counted, not each a new solicitation.
+    let (out, d) = run(&mut a, a_vm, &first);
+    assert!(out.is_empty() && d == Some(DropReason::OverlayNoNeighbor));
+
+    // B answers for its PA, and learns A from the solicitation's link-layer option.
+    let (out, _) = run(&mut b, b_up, ns);
+    let [(p, na)] = &out[..] else {
+        panic!("B did not advertise its PA: {out:?}")
+    };
+    assert_eq!(*p, b_up);
+    assert_eq!((&na[..6], &na[6..12]), (&MAC_A[..], &MAC_B[..]));
+    assert_eq!(parse(na).unwrap().icmp_type, 136);
+    assert_eq!(
+        b.overlay().unwrap().neighbor("fd50::1".parse().unwrap()),
+        Some(MAC_A)
+    );
+
+    // A bad copy of the advertisement (hop limit 254: it crossed a router) teaches nothing.
+    let mut bad = na.clone();
+    bad[21] = 254;
+    let (out, d) = run(&mut a, a_up, &bad);
+    assert!(out.is_empty() && d == Some(DropReason::Malformed));
+    assert_eq!(
+        a.overlay().unwrap().neighbor("fd50::2".parse().unwrap()),
+        None
+    );
+    // Nor does a valid one about a target A never asked for.
+    let mut other = na.clone();
+    other[77] = 9; // target fd50::9
+    fix_icmp6(&mut other);
+    let (out, d) = run(&mut a, a_up, &other);
+    assert!(out.is_empty() && d == Some(DropReason::Malformed));
+    assert_eq!(
+        a.overlay().unwrap().neighbor("fd50::9".parse().unwrap()),
+        None
+    );
+
+    let (out, _) = run(&mut a, a_up, na);
+    assert!(out.is_empty(), "{out:?}");
+    let c = a.overlay().unwrap().nd_counters();
+    assert_eq!(
+        (c.solicits_sent, c.adverts_received, c.pending_drops, c.bad),
+        (1, 1, 1, 2)
+    );
+    let cb = b.overlay().unwrap().nd_counters();
+    assert_eq!((cb.solicits_received, cb.adverts_sent, cb.bad), (1, 1, 0));
+
+    // Now the tunnel goes to B's MAC, and B delivers.
+    let (out, _) = run(&mut a, a_vm, &first);
+    let [(p, outer)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*p, &outer[..6]), (a_up, &MAC_B[..]));
+    let (out, _) = run(&mut b, b_up, outer);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, b_vm);
+}
+
+#[test]
+fn a_static_provider_neighbor_wins_over_what_the_wire_says() {
+    let ((mut a, a_up, _), (mut b, b_up, b_vm)) = (v6_host(true, true), v6_host(false, false));
+    // B has no static entry: it solicits A, and A answers.
+    let (out, _) = run(&mut b, b_vm, &ping(VM2, VM1, IP2, IP1, 16));
+    let [(_, ns)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    // The same solicitation claiming B's PA is at another MAC: A answers it, but its
+    // configured entry for B stays.
+    let forger = [2, 0xee, 0, 0, 0, 1];
+    let mut forged = ns.clone();
+    forged[6..12].copy_from_slice(&forger);
+    forged[80..86].copy_from_slice(&forger);
+    fix_icmp6(&mut forged);
+    let (out, _) = run(&mut a, a_up, &forged);
+    assert_eq!(out.len(), 1, "a solicitation for our PA is answered");
+    let fd50_2 = "fd50::2".parse().unwrap();
+    assert_eq!(a.overlay().unwrap().neighbor(fd50_2), Some(MAC_B));
+    let (out, _) = run(&mut a, a_up, ns);
+    let [(_, na)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    let (out, _) = run(&mut b, b_up, na);
+    assert!(out.is_empty());
+    assert_eq!(b.overlay().unwrap().nd_counters().adverts_received, 1);
+    assert_eq!(a.overlay().unwrap().nd_counters().solicits_received, 2);
 }

@@ -578,3 +578,257 @@ fn gateways_are_added_replaced_and_removed_on_a_running_switch() {
     );
     assert_eq!(h.sw.config().overlay.unwrap().gateways.len(), 2);
 }
+
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut a = 0u32;
+    for w in data.chunks(2) {
+        a += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+    }
+    while a > 0xffff {
+        a = (a & 0xffff) + (a >> 16);
+    }
+    !(a as u16)
+}
+
+/// An ICMP error (`kind`, `code`, bytes 4..8 `rest`) from `from` to the NAT address on VLAN
+/// 30, quoting `quote` (an IP packet as it left).
+fn icmp_error(from: [u8; 4], kind: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quote);
+    let c = inet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&from);
+    ip.extend_from_slice(&NAT_IP);
+    let c = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = NAT_MAC.to_vec();
+    f.extend_from_slice(&PHYS);
+    f.extend_from_slice(&[0x81, 0, 0, 30, 0x08, 0]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn icmp_errors_from_outside_reach_only_their_tenant_translated() {
+    let mut h = host(100);
+    let (red, blue, up) = (h.red, h.blue, h.up);
+    resolve(
+        &mut h,
+        red,
+        &udp(VM1, RED_GW, None, CA, PEER, 5000, 53),
+        30,
+        NAT_IP,
+        NAT_MAC,
+        PEER,
+    );
+    // Red and blue, same CA and port, each a connection to PEER:53; what left is quoted.
+    let mut left = Vec::new();
+    for (port, gw) in [(red, RED_GW), (blue, BLUE_GW)] {
+        let (out, _) = run(&mut h.sw, port, &udp(VM1, gw, None, CA, PEER, 5000, 53), 2);
+        let [(_, f)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        left.push(f[18..].to_vec());
+    }
+    let before = h.sw.overlay().unwrap().nat_icmp_errors_translated();
+    // Port unreachable from the peer itself, fragmentation needed from a router on the way.
+    for (i, port) in [red, blue].into_iter().enumerate() {
+        for (from, kind, code, rest) in [
+            (PEER, 3, 3, [0; 4]),
+            ([198, 51, 100, 254], 3, 4, [0, 0, 0x05, 0x00]),
+        ] {
+            let e = icmp_error(from, kind, code, rest, &left[i]);
+            let (out, dropped) = run(&mut h.sw, up, &e, 3);
+            assert_eq!(dropped, None);
+            let [(p, f)] = &out[..] else {
+                panic!("{out:?}")
+            };
+            assert_eq!(*p, port, "error {i} reached the wrong tenant");
+            let s = parse(f).unwrap();
+            assert_eq!((s.icmp_type, s.icmp_code), (kind, code));
+            assert_eq!(
+                s.dst_ip,
+                u32::from_be_bytes(CA) as u128,
+                "outer destination"
+            );
+            assert_eq!(s.src_ip, u32::from_be_bytes(from) as u128);
+            assert_eq!(&f[38..42], &rest, "the MTU is the link's, unchanged");
+            assert!(checksums_ok(f), "outer IP and ICMP checksums");
+            // The quote: the packet as the tenant sent it (TTL aside), checksums right.
+            let q = &f[42..];
+            assert_eq!(&q[12..16], &CA, "quoted source");
+            assert_eq!(&q[20..22], &5000u16.to_be_bytes(), "quoted source port");
+            assert_eq!(inet_checksum(&q[..20]), 0, "quoted IP header");
+            let mut pseudo = q[12..20].to_vec();
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&q[24..26]);
+            pseudo.extend_from_slice(&q[20..]);
+            assert_eq!(inet_checksum(&pseudo), 0, "quoted UDP checksum");
+        }
+    }
+    assert_eq!(
+        h.sw.overlay().unwrap().nat_icmp_errors_translated() - before,
+        4
+    );
+    // Quoting a connection to another peer, or with a broken checksum: nobody gets it.
+    let mut other = left[0].clone();
+    other[19] = 8; // destination 198.51.100.8
+    let e = icmp_error(PEER, 3, 3, [0; 4], &other);
+    assert_eq!(
+        run(&mut h.sw, up, &e, 3),
+        (vec![], Some(DropReason::NatNoMapping))
+    );
+    let mut e = icmp_error(PEER, 3, 3, [0; 4], &left[0]);
+    let n = e.len();
+    e[n - 1] ^= 0x40;
+    assert_eq!(
+        run(&mut h.sw, up, &e, 3),
+        (vec![], Some(DropReason::NatNoMapping))
+    );
+}
+
+fn udp6(src: Mac, dst: Mac, vlan: Option<u16>, sip: &str, dip: &str) -> Vec<u8> {
+    let (s6, d6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (sip.parse().unwrap(), dip.parse().unwrap());
+    let mut f = Vec::new();
+    let e = PacketBuilder::ethernet2(src, dst);
+    match vlan {
+        Some(v) => e
+            .single_vlan(v.try_into().unwrap())
+            .ipv6(s6.octets(), d6.octets(), 64)
+            .udp(5000, 53)
+            .write(&mut f, b"query")
+            .unwrap(),
+        None => e
+            .ipv6(s6.octets(), d6.octets(), 64)
+            .udp(5000, 53)
+            .write(&mut f, b"query")
+            .unwrap(),
+    }
+    f
+}
+
+fn tag(f: &mut Vec<u8>, vlan: u16) {
+    f.splice(12..12, [0x81, 0, (vlan >> 8) as u8, vlan as u8]);
+}
+
+#[test]
+fn a_forward_gateway_routes_ipv6_cas_with_next_hops_resolved_by_nd() {
+    let mut o = overlay(100);
+    o.gateways[1].address6 = Some("2001:db8:40::1/64".parse().unwrap());
+    o.gateways[1].next_hop6 = Some("fe80::1".parse().unwrap());
+    let mut c = SwitchConfig::private("gw6");
+    c.overlay = Some(o);
+    let mut sw = Switch::new(c).unwrap();
+    let up = sw
+        .add_port(PortConfig {
+            role: PortRole::Uplink,
+            ..PortConfig::access("up", 1)
+        })
+        .unwrap();
+    let green = sw
+        .add_port(vm_port("green", "green", 300, "2001:db8:1::5"))
+        .unwrap();
+    let out_pkt = udp6(VM1, GREEN_GW, None, "2001:db8:1::5", "2001:db8:99::9");
+    // The next hop (link-local router) is unknown: solicited on VLAN 40 from address6.
+    let (out, dropped) = run(&mut sw, green, &out_pkt, 1);
+    assert_eq!(dropped, Some(DropReason::OverlayNoNeighbor));
+    let [(p, ns)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, up);
+    let s = parse(ns).unwrap();
+    assert_eq!((s.tags, s.vid, s.icmp_type), (1, 40, 135));
+    assert_eq!(&ns[..6], &[0x33, 0x33, 0xff, 0, 0, 1]);
+    assert_eq!(
+        s.nd_target,
+        u128::from("fe80::1".parse::<std::net::Ipv6Addr>().unwrap())
+    );
+    assert_eq!(&ns[6..12], &FWD_MAC);
+
+    // The router's advertisement (on VLAN 40) resolves it.
+    let mut na = Vec::new();
+    vireo_vswitch::overlay::reply::neighbor_advert(
+        &mut na,
+        FWD_MAC,
+        "2001:db8:40::1".parse().unwrap(),
+        "fe80::1".parse().unwrap(),
+        PHYS,
+        true,
+    );
+    // A copy with hop limit 254 is refused and counted.
+    let mut bad = na.clone();
+    bad[21] = 254;
+    tag(&mut bad, 40);
+    assert_eq!(
+        run(&mut sw, up, &bad, 1),
+        (vec![], Some(DropReason::Malformed))
+    );
+    tag(&mut na, 40);
+    assert_eq!(run(&mut sw, up, &na, 1), (vec![], None));
+
+    let (out, dropped) = run(&mut sw, green, &out_pkt, 2);
+    assert_eq!(dropped, None);
+    let [(p, f)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, up);
+    let s = parse(f).unwrap();
+    assert_eq!((s.tags, s.vid), (1, 40));
+    assert_eq!((&f[..6], &f[6..12]), (&PHYS[..], &FWD_MAC[..]));
+    assert_eq!(f[18 + 7], 63, "hop limit decremented");
+    assert_eq!(&f[18 + 8..18 + 24], &out_pkt[22..38], "source CA as it is");
+
+    // In: to a CA of green from the physical network, routed to the VM.
+    let back = udp6(PHYS, FWD_MAC, Some(40), "2001:db8:99::9", "2001:db8:1::5");
+    let (out, dropped) = run(&mut sw, up, &back, 3);
+    assert_eq!(dropped, None);
+    let [(p, f)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, green);
+    assert_eq!((&f[..6], &f[6..12]), (&VM1[..], &GREEN_GW[..]));
+    assert_eq!((parse(f).unwrap().tags, f[14 + 7]), (0, 63));
+    // Not to addresses that are no CA, and link-local never crosses the router.
+    let stray = udp6(PHYS, FWD_MAC, Some(40), "2001:db8:99::9", "2001:db8:1::77");
+    assert_eq!(
+        run(&mut sw, up, &stray, 3),
+        (vec![], Some(DropReason::OverlayUnknown))
+    );
+    let ll = udp6(VM1, GREEN_GW, None, "2001:db8:1::5", "fe80::9");
+    assert_eq!(run(&mut sw, green, &ll, 3).0, vec![]);
+
+    // A solicitation for the gateway's address is answered, as a router, on its VLAN.
+    let mut ask = Vec::new();
+    vireo_vswitch::overlay::nd::solicit(
+        &mut ask,
+        PHYS,
+        "2001:db8:40::9".parse().unwrap(),
+        "2001:db8:40::1".parse().unwrap(),
+    );
+    tag(&mut ask, 40);
+    let (out, _) = run(&mut sw, up, &ask, 4);
+    let [(p, f)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(*p, up);
+    let s = parse(f).unwrap();
+    assert_eq!((s.tags, s.vid, s.icmp_type), (1, 40, 136));
+    assert_eq!((&f[..6], &f[6..12]), (&PHYS[..], &FWD_MAC[..]));
+    assert_eq!(f[18 + 44] & 0xe0, 0xe0, "router, solicited, override");
+    let c = sw.overlay().unwrap().gateway_nd_counters();
+    assert_eq!(
+        (
+            c.solicits_sent,
+            c.adverts_received,
+            c.solicits_received,
+            c.adverts_sent,
+            c.bad
+        ),
+        (1, 1, 1, 1, 1)
+    );
+}

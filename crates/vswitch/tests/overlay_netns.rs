@@ -203,6 +203,128 @@ fn netns_linux_vxlan_peer_and_vireo_ping_both_ways() {
     rt.stop().unwrap();
 }
 
+/// `ip -6 neigh` of namespace `ns` for `addr` on `dev`.
+fn neigh6(ns: &str, addr: &str, dev: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-6", "neigh", "show", addr, "dev", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn netns_linux_vxlan_over_ipv6_resolves_and_is_resolved_by_nd() {
+    if !netns_available("ov6") {
+        return;
+    }
+    let mut lab = Lab::new("ov", "6");
+    // Namespace 0: the Linux host with PA fd77::2 and IPv6 on; nobody has a static neighbour.
+    let up_host = lab.veth_ns(0, true, &["fd77::2"]);
+    let (ns0, g0) = (lab.ns(0), lab.guest(0));
+    let linux_mac = "02:cc:00:00:00:02";
+    must(&["ip", "-n", &ns0, "link", "set", &g0, "address", linux_mac]);
+    let vx = format!("{}vx", lab.prefix);
+    must(&[
+        "ip", "-n", &ns0, "link", "add", &vx, "type", "vxlan", "id", "100", "remote", "fd77::1",
+        "local", "fd77::2", "dstport", "4789", "dev", &g0,
+    ]);
+    must(&[
+        "ip",
+        "-n",
+        &ns0,
+        "link",
+        "set",
+        &vx,
+        "address",
+        "02:00:00:00:01:02",
+    ]);
+    // No IPv6 inside the tunnel: the tenant is IPv4 here, the provider network IPv6.
+    let _ = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns0,
+        "sysctl",
+        "-qw",
+        &format!("net.ipv6.conf.{vx}.disable_ipv6=1"),
+    ]);
+    configure(&ns0, &vx, &["10.0.0.2"]);
+    for dev in [&vx, &g0] {
+        let _ = run(&[
+            "ip", "netns", "exec", &ns0, "ethtool", "-K", dev, "tx", "off",
+        ]);
+    }
+
+    let mut c = SwitchConfig::private("ov6");
+    c.overlay = Some(
+        serde_json::from_value(serde_json::json!({
+            "provider_addresses": ["fd77::1"],
+            "provider_mac": "02:aa:00:00:00:01",
+            "routing_domains": [{"name": "red", "encap": "vxlan",
+                "subnets": [{"vsid": 100, "prefixes": ["10.0.0.0/24"]}]}],
+            "policies": [entry("red", "10.0.0.2", "02:00:00:00:01:02", 100, "fd77::2")],
+        }))
+        .unwrap(),
+    );
+    let mut sw = Switch::new(c).unwrap();
+    let up = sw.add_port(uplink()).unwrap();
+    let v1 = sw
+        .add_port(port("v1", "red", 100, "02:00:00:00:01:01", "10.0.0.1"))
+        .unwrap();
+    let sw = Arc::new(Mutex::new(sw));
+    let rt = SwitchRuntime::start(sw.clone()).unwrap();
+    rt.attach(up, Arc::new(PacketPort::bind(&up_host).unwrap()));
+    rt.attach(
+        v1,
+        Arc::new(vm(&mut lab, 1, "10.0.0.1", "02:00:00:00:01:01", None)),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Our side first: the switch must solicit the Linux host's PA.
+    assert!(
+        ping(&lab.ns(1), 3, 10, &["10.0.0.2"]),
+        "Vireo VM → Linux vxlan peer over IPv6 must ping"
+    );
+    let fd77_2 = "fd77::2".parse().unwrap();
+    assert_eq!(
+        vireo_vswitch::runtime::lock(&sw)
+            .overlay()
+            .unwrap()
+            .neighbor(fd77_2),
+        Some(mac(linux_mac).0),
+        "our PA cache must hold the Linux host's MAC from its advertisement"
+    );
+    // Then forget us on the Linux side: what it knows of our PA now comes only from
+    // soliciting it and our advertisement.
+    must(&["ip", "-n", &ns0, "-6", "neigh", "flush", "dev", &g0]);
+    assert!(
+        !neigh6(&ns0, "fd77::1", &g0).contains("lladdr"),
+        "flush left an entry"
+    );
+    assert!(
+        ping(&ns0, 3, 10, &["10.0.0.1"]),
+        "Linux vxlan peer → Vireo VM over IPv6 must ping"
+    );
+    let n = neigh6(&ns0, "fd77::1", &g0);
+    assert!(
+        n.contains("lladdr 02:aa:00:00:00:01") && !n.contains("FAILED"),
+        "Linux did not learn our PA's MAC: {n:?}"
+    );
+    let c = vireo_vswitch::runtime::lock(&sw)
+        .overlay()
+        .unwrap()
+        .nd_counters();
+    assert!(
+        c.solicits_sent >= 1
+            && c.adverts_received >= 1
+            && c.solicits_received >= 1
+            && c.adverts_sent >= 1,
+        "the NS/NA exchange is not in our counters: {c:?}"
+    );
+    assert_eq!(c.bad, 0, "{c:?}");
+    rt.stop().unwrap();
+}
+
 #[test]
 fn netns_two_hosts_two_tenants_same_addresses_nvgre_and_routing() {
     if !netns_available("ovt") || !vireo_testkit::require(vireo_testkit::Need::Tcpdump) {

@@ -145,6 +145,7 @@ fn overlay_switch() -> Switch {
         provider_neighbors: vec![ProviderNeighbor { ip: "192.168.0.2".parse().unwrap(), mac: MacAddr([2, 0xbb, 0, 0, 0, 1]) }],
         routing_domains: Vec::new(),
         policies: Vec::new(),
+        gateways: Vec::new(),
     };
     for (name, encap, vsid) in [("r", Encap::Vxlan, 100), ("b", Encap::Nvgre, 200)] {
         o.routing_domains.push(RoutingDomain {
@@ -197,7 +198,12 @@ fn overlay_script(data: &[u8]) {
                     src_ip: if v6 { "fd00::2".parse().unwrap() } else { "192.168.0.2".parse().unwrap() },
                     dst_ip: if v6 { "fd00::1".parse().unwrap() } else { "192.168.0.1".parse().unwrap() },
                 };
-                encapsulate(&mut frame, encap, vsid, 0, &o);
+                if v6 && hdr & 8 != 0 {
+                    // Neighbour discovery for our IPv6 PA instead of a tunnel packet.
+                    frame = nd_frame(hdr & 1 == 0, &frame);
+                } else {
+                    encapsulate(&mut frame, encap, vsid, 0, &o);
+                }
                 if hdr & 4 != 0 {
                     let at = usize::from(hdr >> 3) % 62;
                     if let Some(b) = frame.get_mut(at) {
@@ -211,6 +217,37 @@ fn overlay_script(data: &[u8]) {
             }
         }
     }
+}
+
+/// A checksummed solicitation for our PA (fd00::1) or advertisement to it from the known IPv6
+/// peer, with the target and options from the input, so the checks behind the checksum (hop
+/// limit, options, target, what may be learned) are reached.
+fn nd_frame(solicit: bool, rest: &[u8]) -> Vec<u8> {
+    use std::net::Ipv6Addr;
+    use vireo_vswitch::overlay::wire::{fold, pseudo, sum};
+    let ours: Ipv6Addr = "fd00::1".parse().unwrap();
+    let src = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+    let (dst_mac, dst) = if solicit {
+        ([0x33, 0x33, 0xff, 0, 0, 1], "ff02::1:ff00:1".parse::<Ipv6Addr>().unwrap().octets())
+    } else {
+        ([2, 0xaa, 0, 0, 0, 1], ours.octets())
+    };
+    let mut icmp = vec![if solicit { 135 } else { 136 }, 0, 0, 0, 0x60, 0, 0, 0];
+    if rest.len() < 16 {
+        icmp.extend_from_slice(&ours.octets());
+    }
+    icmp.extend_from_slice(rest);
+    let c = fold(sum(pseudo(&src, &dst, 58, icmp.len()), &icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&[2, 0xbb, 0, 0, 0, 1, 0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -20,6 +20,7 @@ use rustc_hash::FxHashMap;
 use vireo_netconfig::{GatewayConfig, GatewayMode, GatewayStatus, IpPrefix, MacAddr};
 
 use super::nat::{Inside, NatError, NatTable};
+use super::nat_icmp;
 use super::wire::{fold, u128_to_ip};
 use super::{decrement_ttl, reply, Overlay, Target, Verdict};
 use crate::frame::{parse, FrameSummary, Mac, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L3};
@@ -30,8 +31,10 @@ const NEIGHBOR_LIMIT: usize = 4096;
 
 pub(super) struct Gateway {
     pub(super) cfg: GatewayConfig,
-    mac: Mac,
+    pub(super) mac: Mac,
     addr: Ipv4Addr,
+    /// Its IPv6 address (forward gateways that route IPv6: `gateway6.rs`).
+    pub(super) addr6: Option<std::net::Ipv6Addr>,
     nat: Option<NatTable>,
 }
 
@@ -39,9 +42,15 @@ pub(super) struct Gateway {
 pub(super) struct Gateways {
     pub(super) list: Vec<Gateway>,
     /// Routing domain index → its gateway.
-    by_rd: FxHashMap<u16, usize>,
+    pub(super) by_rd: FxHashMap<u16, usize>,
     /// (VLAN, address) → MAC on the physical side.
     neighbors: FxHashMap<(Option<u16>, Ipv4Addr), Mac>,
+    /// ICMP errors from outside translated back to a NAT-ed tenant (`nat_icmp.rs`).
+    icmp_errors_translated: u64,
+    /// (VLAN, IPv6 address) → MAC on the physical side, learned by neighbour discovery.
+    pub(super) neighbors6: FxHashMap<(Option<u16>, std::net::Ipv6Addr), Mac>,
+    /// Solicitations in flight and confirmations of `neighbors6`.
+    pub(super) nd6: super::nd::NdState,
 }
 
 impl Gateways {
@@ -58,6 +67,7 @@ impl Gateways {
             g.list.push(Gateway {
                 mac: c.gateway_mac().0,
                 addr: c.ipv4(),
+                addr6: c.ipv6(),
                 nat: (c.mode == GatewayMode::Nat).then(|| NatTable::new(c.nat.clone())),
                 cfg: c.clone(),
             });
@@ -134,21 +144,21 @@ fn rewrite(f: &mut [u8], dst: bool, ip: Ipv4Addr, port: u16) {
     f[port_at..port_at + 2].copy_from_slice(&new_port);
 }
 
-fn push_tag(frame: &mut Vec<u8>, vlan: Option<u16>) {
+pub(super) fn push_tag(frame: &mut Vec<u8>, vlan: Option<u16>) {
     if let Some(v) = vlan {
         let t = [0x81, 0x00, (v >> 8) as u8 & 0x0f, v as u8];
         frame.splice(12..12, t);
     }
 }
 
-fn strip_tag(frame: &mut Vec<u8>) {
+pub(super) fn strip_tag(frame: &mut Vec<u8>) {
     frame.drain(12..16);
     if frame.len() < crate::switch::ETH_MIN_FRAME {
         frame.resize(crate::switch::ETH_MIN_FRAME, 0);
     }
 }
 
-fn in_prefix(p: &IpPrefix, ip: IpAddr) -> bool {
+pub(super) fn in_prefix(p: &IpPrefix, ip: IpAddr) -> bool {
     match (p.addr, ip) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
             let len = u32::from(p.len.min(32));
@@ -342,6 +352,9 @@ impl Overlay {
                 counted: None,
             });
         }
+        if s.l3 == L3::Ipv6 {
+            return self.gateway_in6(s, frame, vlan);
+        }
         if s.l3 != L3::Ipv4 {
             return None;
         }
@@ -372,6 +385,18 @@ impl Overlay {
                 if dst != g.addr {
                     return Some(Verdict::Drop(DropReason::NatNoMapping));
                 }
+                if s.proto == IPPROTO_ICMP && nat_icmp::ERROR_TYPES.contains(&s.icmp_type) {
+                    // An error about one of our connections: it goes to that connection's
+                    // tenant only, or nowhere.
+                    let inside = nat_icmp::quoted(frame, g.addr)
+                        .and_then(|q| nat.find(q.proto, q.outside_port, q.peer, q.peer_port, now));
+                    let Some(inside) = inside else {
+                        return Some(Verdict::Drop(DropReason::NatNoMapping));
+                    };
+                    nat_icmp::translate(frame, inside.ca, inside.port);
+                    self.gateways.icmp_errors_translated += 1;
+                    return Some(self.gateway_deliver(inside.rd, IpAddr::V4(inside.ca), frame));
+                }
                 // The outside port is the destination port, or the echo reply's id.
                 let Some((sport, dport)) = nat_port(&s, 0) else {
                     return Some(Verdict::Drop(DropReason::NatNoMapping));
@@ -389,22 +414,33 @@ impl Overlay {
                 (inside.rd, inside.ca)
             }
         };
+        Some(self.gateway_deliver(rd, IpAddr::V4(ca), frame))
+    }
+
+    /// How many ICMP errors from outside went back to a NAT-ed tenant, translated.
+    pub fn nat_icmp_errors_translated(&self) -> u64 {
+        self.gateways.icmp_errors_translated
+    }
+
+    /// An inbound untagged packet (destination already rewritten for NAT) routed from the
+    /// gateway into routing domain `rd` to `ca`.
+    pub(super) fn gateway_deliver(&mut self, rd: u16, ca: IpAddr, frame: &mut Vec<u8>) -> Verdict {
         // Only CAs in the table are reachable; the inside is not a transit network.
-        let Some(e) = self.resolve(rd, IpAddr::V4(ca)) else {
-            return Some(Verdict::Drop(DropReason::OverlayUnknown));
+        let Some(e) = self.resolve(rd, ca) else {
+            return Verdict::Drop(DropReason::OverlayUnknown);
         };
-        if !decrement_ttl(frame, false) {
-            return Some(Verdict::Drop(DropReason::TtlExceeded));
+        if !decrement_ttl(frame, ca.is_ipv6()) {
+            return Verdict::Drop(DropReason::TtlExceeded);
         }
         let Some(to_gw) = self.subnets.get(&e.vsid).map(|sn| sn.gw_mac) else {
-            return Some(Verdict::Drop(DropReason::OverlayUnknown));
+            return Verdict::Drop(DropReason::OverlayUnknown);
         };
         frame[0..6].copy_from_slice(&e.mac);
         frame[6..12].copy_from_slice(&to_gw);
         let Ok(s) = parse(frame) else {
-            return Some(Verdict::Drop(DropReason::Malformed));
+            return Verdict::Drop(DropReason::Malformed);
         };
-        Some(self.deliver(rd, e, frame, &s, to_gw))
+        self.deliver(rd, e, frame, &s, to_gw)
     }
 
     /// The gateways and their state, for listings (connection ages as of the last frame).
@@ -466,6 +502,8 @@ impl Overlay {
             }
         }
         fresh.neighbors = old.neighbors;
+        fresh.neighbors6 = old.neighbors6;
+        fresh.nd6 = old.nd6;
         self.gateways = fresh;
         self.cfg.gateways = gws;
     }

@@ -12,7 +12,10 @@
 
 pub mod encap;
 pub mod gateway;
+mod gateway6;
 pub mod nat;
+pub mod nat_icmp;
+pub mod nd;
 pub mod offload;
 pub mod policy;
 pub mod reply;
@@ -22,7 +25,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use vireo_netconfig::{Encap, OverlayConfig, PolicyEntry, PortOverlay};
 
 use crate::frame::{parse, FrameSummary, Mac, L3};
@@ -96,6 +99,10 @@ pub struct Overlay {
     ports: FxHashMap<PortId, PortInfo>,
     local: FxHashMap<(u32, Mac), PortId>,
     neighbors: FxHashMap<IpAddr, Mac>,
+    /// The configured `provider_neighbors`: never replaced by what the wire says.
+    static_neighbors: FxHashSet<IpAddr>,
+    /// Neighbour discovery for IPv6 PAs (`nd.rs`).
+    nd: nd::NdState,
     lookup: Option<Arc<dyn PolicyLookup>>,
     /// Gateways to physical networks (`gateway.rs`), with their NAT tables.
     gateways: gateway::Gateways,
@@ -133,6 +140,8 @@ impl Overlay {
                 .iter()
                 .map(|n| (n.ip, n.mac.0))
                 .collect(),
+            static_neighbors: cfg.provider_neighbors.iter().map(|n| n.ip).collect(),
+            nd: nd::NdState::default(),
             lookup: None,
             gateways: gateway::Gateways::default(),
             clock: 0,
@@ -342,7 +351,8 @@ impl Overlay {
     }
 
     fn learn_neighbor(&mut self, ip: IpAddr, mac: Mac) {
-        if mac[0] & 1 == 1
+        if self.static_neighbors.contains(&ip)
+            || mac[0] & 1 == 1
             || (self.neighbors.len() >= NEIGHBOR_LIMIT && !self.neighbors.contains_key(&ip))
         {
             return;
@@ -352,6 +362,26 @@ impl Overlay {
         if self.neighbors.insert(ip, mac) != Some(mac) {
             self.neighbor_changes += 1;
         }
+        if let IpAddr::V6(a) = ip {
+            self.nd.confirm(a, self.clock);
+        }
+    }
+
+    /// What neighbour discovery on the uplink did so far.
+    pub fn nd_counters(&self) -> nd::NdCounters {
+        self.nd.counters
+    }
+
+    /// The MAC of provider next hop `pa` for sending now: a learned IPv6 neighbour not
+    /// confirmed for [`nd::LIFETIME_NS`] is forgotten (and so solicited again).
+    fn next_hop(&mut self, pa: IpAddr) -> Option<Mac> {
+        if let IpAddr::V6(a) = pa {
+            if !self.static_neighbors.contains(&pa) && self.nd.expire(a, self.clock) {
+                self.neighbors.remove(&pa);
+                self.neighbor_changes += 1;
+            }
+        }
+        self.neighbor(pa)
     }
 
     /// How many times a provider neighbour was learned or its MAC changed so far.
@@ -432,6 +462,9 @@ impl Overlay {
         let routed = s.dst == gw_mac;
         let Some(dst) = self.resolve(rd, dst_ip) else {
             // Outside the domain: its gateway, if it has one here.
+            if routed && v6 && !self.in_domain(rd, dst_ip) && self.has_gateway6(rd) {
+                return self.gateway_out6(rd, vsid, s, frame);
+            }
             if routed && !v6 && !self.in_domain(rd, dst_ip) {
                 if self.has_gateway(rd) {
                     return self.gateway_out(rd, vsid, s, frame, now);
@@ -534,7 +567,7 @@ impl Overlay {
                 Verdict::Drop(DropReason::TooBig)
             };
         }
-        let Some(next) = self.neighbor(dst.pa) else {
+        let Some(next) = self.next_hop(dst.pa) else {
             return self.ask_neighbor(dst.pa, src_pa, frame);
         };
         let entropy = flow_hash(s);
@@ -556,12 +589,31 @@ impl Overlay {
         }
     }
 
-    /// The frame becomes an ARP request for a provider address whose MAC we lack.
+    /// The frame becomes an ARP request (IPv4) or a neighbour solicitation (IPv6) for a
+    /// provider address whose MAC we lack. IPv6 solicitations are paced: while one is in
+    /// flight the frames are dropped (counted), not queued — the sender's retransmission
+    /// goes through once the advertisement is in, as with ARP.
     fn ask_neighbor(&mut self, pa: IpAddr, src_pa: IpAddr, frame: &mut Vec<u8>) -> Verdict {
+        let m = self.cfg.provider_mac.0;
+        if let (IpAddr::V6(t), IpAddr::V6(me)) = (pa, src_pa) {
+            return match self.nd.need(t, self.clock) {
+                nd::Resolve::Solicit => {
+                    nd::solicit(frame, m, me, t);
+                    self.nd.counters.solicits_sent += 1;
+                    Verdict::Send {
+                        to: Target::Uplink,
+                        counted: Some(DropReason::OverlayNoNeighbor),
+                    }
+                }
+                nd::Resolve::Wait => {
+                    self.nd.counters.pending_drops += 1;
+                    Verdict::Drop(DropReason::OverlayNoNeighbor)
+                }
+            };
+        }
         let (IpAddr::V4(t), IpAddr::V4(me)) = (pa, src_pa) else {
             return Verdict::Drop(DropReason::OverlayNoNeighbor);
         };
-        let m = self.cfg.provider_mac.0;
         reply::arp(frame, [0xff; 6], m, 1, m, me, [0; 6], t);
         Verdict::Send {
             to: Target::Uplink,
@@ -666,6 +718,14 @@ impl Overlay {
         }
         if s.tags != 0 {
             return Verdict::Pass;
+        }
+        if s.l3 == L3::Ipv6
+            && s.proto == crate::frame::IPPROTO_ICMPV6
+            && matches!(s.icmp_type, nd::NEIGHBOR_SOLICIT | nd::NEIGHBOR_ADVERT)
+        {
+            if let Some(v) = self.uplink_nd(s, frame) {
+                return v;
+            }
         }
         if let (L3::Arp, Some(a)) = (s.l3, s.arp) {
             let target = IpAddr::V4(Ipv4Addr::from(a.target_ip));
@@ -786,6 +846,67 @@ impl Overlay {
             }
             _ => Verdict::Drop(DropReason::OverlayUnknown),
         }
+    }
+}
+
+impl Overlay {
+    /// Neighbour discovery from the uplink: solicitations for our PAs are answered (and the
+    /// asker learned), advertisements for targets we asked about resolve them. `None`: not
+    /// about our PAs or our questions (the L2 pipeline takes it).
+    fn uplink_nd(&mut self, s: &FrameSummary, frame: &mut Vec<u8>) -> Option<Verdict> {
+        let me = self.cfg.provider_mac.0;
+        let m = match nd::parse(frame) {
+            Ok(m) => m,
+            Err(nd::NdError::NotNd) => return None,
+            Err(_) => {
+                // Only what was meant for us is ours to count.
+                let target = IpAddr::V6(Ipv6Addr::from(s.nd_target));
+                if s.dst == me || self.is_ours(target) {
+                    self.nd.counters.bad += 1;
+                    return Some(Verdict::Drop(DropReason::Malformed));
+                }
+                return None;
+            }
+        };
+        if m.kind == nd::NEIGHBOR_SOLICIT {
+            if !self.is_ours(IpAddr::V6(m.target)) {
+                return None;
+            }
+            if m.src.is_unspecified() {
+                // Someone's duplicate address detection for our PA: the PA stays ours.
+                return Some(Verdict::Consumed);
+            }
+            self.nd.counters.solicits_received += 1;
+            if let Some(mac) = m.lladdr {
+                self.learn_neighbor(IpAddr::V6(m.src), mac);
+            }
+            reply::neighbor_advert(frame, s.src, m.src, m.target, me, false);
+            self.nd.counters.adverts_sent += 1;
+            return Some(Verdict::Send {
+                to: Target::Back,
+                counted: None,
+            });
+        }
+        let asked = self.nd.is_pending(m.target) || self.nd.is_known(m.target);
+        if !asked || m.lladdr.is_none() {
+            // An advertisement to us about a target we never asked for is forged or
+            // confused; one to a group is someone else's business.
+            if s.dst == me {
+                self.nd.counters.bad += 1;
+                return Some(Verdict::Drop(DropReason::Malformed));
+            }
+            return None;
+        }
+        let target = IpAddr::V6(m.target);
+        let mac = m.lladdr.expect("checked above");
+        let differs = self.neighbor(target).is_some_and(|old| old != mac);
+        if differs && !m.override_ && !self.nd.is_pending(m.target) {
+            // RFC 4861 §7.2.5: without override a known entry keeps its MAC.
+            return Some(Verdict::Consumed);
+        }
+        self.learn_neighbor(target, mac);
+        self.nd.counters.adverts_received += 1;
+        Some(Verdict::Consumed)
     }
 }
 

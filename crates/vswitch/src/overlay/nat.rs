@@ -178,6 +178,22 @@ impl NatTable {
         Some(c.inside)
     }
 
+    /// The inside end of live connection (`proto`, outside `port`) to `peer:peer_port`,
+    /// without touching it: what an ICMP error quoting one of its packets is about (an
+    /// error neither keeps a connection alive nor closes it).
+    pub fn find(
+        &self,
+        proto: u8,
+        port: u16,
+        peer: Ipv4Addr,
+        peer_port: u16,
+        now: u64,
+    ) -> Option<Inside> {
+        let c = self.by_outside.get(&(proto, port))?;
+        (!self.expired(c, now) && c.inside.peer == peer && c.inside.peer_port == peer_port)
+            .then_some(c.inside)
+    }
+
     /// Live connections, with `name` giving a routing domain's name.
     pub fn connections(&self, now: u64, name: impl Fn(u16) -> String) -> Vec<NatConnection> {
         let mut v: Vec<_> = self
