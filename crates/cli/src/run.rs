@@ -322,7 +322,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         devices,
         disk_slots: 0,
         console,
-        ram_backing: RamBacking::Memfd,
+        ram_backing: RamBacking::from_env()?,
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;
     let vm = match &args.restore {
