@@ -1,7 +1,7 @@
 //! The `boot` benchmark: boot time to `PROBE READY` and VMM memory overhead, `vireo run` vs QEMU
 //! microvm on the same probe image, alternating boots so machine noise hits both alike.
 
-mod launch;
+pub(crate) mod launch;
 pub(crate) mod smaps;
 pub(crate) mod stats;
 
@@ -20,8 +20,9 @@ What is measured, per boot (the same code path for both VMMs):
               stdout); then `POWEROFF` is sent and the time until the process is reaped is
               reported separately (exit).
   memory      read from /proc/<pid>/smaps at PROBE READY. overhead = Σ Rss of all mappings
-              minus Σ Rss of the guest-RAM mappings. Vireo's guest RAM is its memfd mapping
-              (/memfd:vireo-guest-ram); QEMU's is the anonymous mapping of exactly the -m size.
+              minus Σ Rss of the guest-RAM mappings. Vireo's guest RAM is its RAM file's mapping
+              (/vireo-guest-ram or /memfd:vireo-guest-ram); QEMU's is the anonymous mapping of
+              exactly the -m size.
               The guest's touched pages are thus excluded for both; everything else (binary and
               libraries, heap, thread stacks, firmware copies) counts as overhead.
 Boots alternate vireo, qemu, vireo, ... after --warmup unmeasured pairs. Each boot and each

@@ -23,7 +23,8 @@ use vireo_probe_image::qemu::{find_qemu, QemuProbe, QemuProbeConfig};
 use vireo_probe_image::ProbeConsole;
 use vireo_vmm::state::{trace, Identity};
 use vireo_vmm::{
-    AfterSave, ApplyOptions, ConsoleConfig, LiveSaveOptions, RestoreFrom, Vm, VmConfig, VmHandle,
+    AfterSave, ApplyOptions, ConsoleConfig, LiveSaveOptions, RamBacking, RestoreFrom, Vm, VmConfig,
+    VmHandle,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -72,6 +73,25 @@ pub struct CheckpointArgs {
     /// turns the log off and rebuilds the mappings).
     #[arg(long)]
     log_cost: bool,
+    /// What backs the VM's RAM: `huge` (2 MiB host pages on a private tmpfs; a memfd where
+    /// the host refuses the mount) or `memfd` (4 KiB pages on this host).
+    #[arg(long, value_enum, default_value_t = GuestRam::Huge)]
+    guest_ram: GuestRam,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GuestRam {
+    Huge,
+    Memfd,
+}
+
+impl GuestRam {
+    fn backing(self) -> RamBacking {
+        match self {
+            GuestRam::Huge => RamBacking::Huge,
+            GuestRam::Memfd => RamBacking::Memfd,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -85,14 +105,18 @@ struct Series {
     applied_pages: Vec<f64>,
     rounds: Vec<f64>,
     written_mib: Vec<f64>,
+    /// Vireo only: KVM's mappings of guest RAM 100 ms after the apply, 2 MiB and 4 KiB
+    /// entries (whether the 2 MiB mappings came back once the log went off).
+    mapped_after_apply: Vec<String>,
 }
 
 pub fn run(args: CheckpointArgs) -> Result<(), String> {
     if args.runs == 0 {
         return Err("--runs must be at least 1".into());
     }
+    println!("guest RAM: {:?}", args.guest_ram);
     if args.log_cost {
-        return log_cost(args.runs);
+        return log_cost(args.runs, args.guest_ram.backing());
     }
     let qemu = args
         .qemu
@@ -108,12 +132,13 @@ pub fn run(args: CheckpointArgs) -> Result<(), String> {
         qemu_savevm(&qemu, &dir, i as u64, &mut q)?;
         qemu_migrate(&qemu, &dir, i as u64, &mut m)?;
         eprintln!(
-            "run {}: vireo pause {:.1} ms save {:.1} ms apply in place {:.1} ms ({:.0} pages) new VM {:.1} ms | qemu savevm {:.1} ms loadvm {:.1} ms | migrate downtime {:.1} ms total {:.1} ms incoming {:.1} ms",
+            "run {}: vireo pause {:.1} ms save {:.1} ms apply in place {:.1} ms ({:.0} pages; {}) new VM {:.1} ms | qemu savevm {:.1} ms loadvm {:.1} ms | migrate downtime {:.1} ms total {:.1} ms incoming {:.1} ms",
             i + 1,
             v.pause[i],
             v.save[i],
             v.restore[i],
             v.applied_pages[i],
+            v.mapped_after_apply[i],
             v.new_vm[i],
             q.save[i],
             q.restore[i],
@@ -220,10 +245,11 @@ fn until_above(
     Ok(())
 }
 
-fn vireo_config() -> (VmConfig, std::os::unix::net::UnixStream) {
+fn vireo_config(backing: RamBacking) -> (VmConfig, std::os::unix::net::UnixStream) {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     let mut config = VmConfig::new(vireo_probe_image::probe_elf(), MEMORY_MIB << 20, 1);
     config.console = ConsoleConfig::Stream(theirs);
+    config.ram_backing = backing;
     (config, ours)
 }
 
@@ -240,7 +266,7 @@ fn stop(h: &VmHandle, run: std::thread::JoinHandle<vireo_vmm::error::Result<vire
 }
 
 fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> Result<(), String> {
-    let (config, ours) = vireo_config();
+    let (config, ours) = vireo_config(args.guest_ram.backing());
     let vm = Vm::new(config).map_err(|e| format!("vireo: {e}"))?;
     let h = vm.handle();
     let run = std::thread::spawn(move || vm.run());
@@ -272,6 +298,11 @@ fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> 
         out.restore.push(ms(started.elapsed()));
         trace::mark("counter advanced (in place)");
         out.applied_pages.push(applied.pages_copied as f64);
+        std::thread::sleep(Duration::from_millis(100));
+        out.mapped_after_apply
+            .push(h.kvm_page_stats().map_or("no KVM stats".into(), |p| {
+                format!("KVM maps {} x 2M + {} x 4K", p.pages_2m, p.pages_4k)
+            }));
         if !applied.tracked {
             return Err("vireo apply in place: the snapshot was not tracked".into());
         }
@@ -282,7 +313,7 @@ fn vireo_run(dir: &Path, seed: u64, args: &CheckpointArgs, out: &mut Series) -> 
     let snap = result?;
 
     // Restore: from the call to the counter moving in the new VM.
-    let (config, _ours) = vireo_config();
+    let (config, _ours) = vireo_config(args.guest_ram.backing());
     let started = Instant::now();
     trace::begin();
     let mut from = RestoreFrom::dir(&snap).map_err(|e| format!("vireo restore: {e}"))?;
@@ -438,7 +469,7 @@ fn pass_rate(h: &VmHandle, window: Duration) -> Result<f64, String> {
 }
 
 /// `--log-cost`: the guest's DIRTY pass rate in the 1 s after each step, `runs` times.
-fn log_cost(runs: usize) -> Result<(), String> {
+fn log_cost(runs: usize, backing: RamBacking) -> Result<(), String> {
     let work = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     let window = Duration::from_secs(1);
     let steps = [
@@ -452,7 +483,7 @@ fn log_cost(runs: usize) -> Result<(), String> {
     let mut pauses: Vec<Vec<f64>> = vec![Vec::new(); steps.len()];
     let mut remaps = Vec::new();
     for i in 0..runs {
-        let (config, ours) = vireo_config();
+        let (config, ours) = vireo_config(backing);
         let vm = Vm::new(config).map_err(|e| format!("vireo: {e}"))?;
         let h = vm.handle();
         let run = std::thread::spawn(move || vm.run());

@@ -132,7 +132,7 @@ async fn measure(args: &DensityArgs, daemon: &Daemon) -> Result<Report, String> 
     }
 
     let vireod_rss_kib = vm_rss_kib(daemon.pid())?;
-    let rule = GuestRamRule::PathPrefix("/memfd:vireo-guest-ram".into());
+    let rule = GuestRamRule::PathSuffix(crate::boot::launch::VIREO_RAM_SUFFIX.into());
     let mut worker_uss_kib = Vec::new();
     for pid in daemon.worker_pids() {
         let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))

@@ -14,8 +14,8 @@ use vireo_probe_image::ProbeConsole;
 
 use super::smaps::{self, GuestRamRule, Mapping, MemoryUse};
 
-/// The name `vireo` gives its guest RAM memfd, as /proc shows it.
-const VIREO_RAM_PREFIX: &str = "/memfd:vireo-guest-ram";
+/// How /proc shows `vireo`'s guest RAM file, memfd or huge-page tmpfs alike (the end of it).
+pub const VIREO_RAM_SUFFIX: &str = "vireo-guest-ram (deleted)";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vmm {
@@ -69,7 +69,7 @@ impl Launcher {
             vmm: Vmm::Vireo,
             program: vireo.to_path_buf(),
             args,
-            ram_rule: GuestRamRule::PathPrefix(VIREO_RAM_PREFIX.into()),
+            ram_rule: GuestRamRule::PathSuffix(VIREO_RAM_SUFFIX.into()),
         }
     }
 

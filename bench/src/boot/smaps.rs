@@ -4,7 +4,8 @@
 //!
 //! Both VMMs are measured with the same formula: overhead = Σ Rss of all mappings − Σ Rss of the
 //! mappings that hold guest RAM. Only the rule that recognises the guest RAM mapping differs:
-//! Vireo maps a memfd named `vireo-guest-ram` (shown as `/memfd:vireo-guest-ram (deleted)`),
+//! Vireo maps a file named `vireo-guest-ram` (a memfd, shown as `/memfd:vireo-guest-ram
+//! (deleted)`, or on a private huge-page tmpfs, shown as `/vireo-guest-ram (deleted)`),
 //! QEMU an anonymous private mapping exactly the size of `-m`.
 
 use std::fmt;
@@ -37,8 +38,10 @@ impl std::error::Error for SmapsError {}
 /// How to recognise the guest RAM mapping(s) of a VMM.
 #[derive(Clone, Debug)]
 pub enum GuestRamRule {
-    /// Every mapping whose path starts with this (a memfd's name as the kernel shows it).
-    PathPrefix(String),
+    /// Every mapping whose path ends with this: Vireo's RAM file is a memfd
+    /// (`/memfd:vireo-guest-ram (deleted)`) or on a private tmpfs (`/vireo-guest-ram
+    /// (deleted)`), and both end the same.
+    PathSuffix(String),
     /// Anonymous mappings (no path) of exactly this many KiB.
     AnonymousOfSize(u64),
 }
@@ -133,7 +136,7 @@ fn parse_header(line: &str) -> Option<Mapping> {
 
 fn is_guest_ram(m: &Mapping, rule: &GuestRamRule) -> bool {
     match rule {
-        GuestRamRule::PathPrefix(prefix) => m.path.starts_with(prefix.as_str()),
+        GuestRamRule::PathSuffix(suffix) => m.path.ends_with(suffix.as_str()),
         GuestRamRule::AnonymousOfSize(kib) => m.path.is_empty() && m.size_kib == *kib,
     }
 }
@@ -246,7 +249,7 @@ Rss:                   4 kB
     #[test]
     fn vireo_overhead_excludes_the_memfd() {
         let maps = parse(VIREO_SMAPS).unwrap();
-        let rule = GuestRamRule::PathPrefix("/memfd:vireo-guest-ram".into());
+        let rule = GuestRamRule::PathSuffix("vireo-guest-ram (deleted)".into());
         let used = account(&maps, &rule).unwrap();
         assert_eq!(
             used,
@@ -267,6 +270,15 @@ Rss:                   4 kB
         let top = largest_overhead(&maps, &rule, 2);
         assert_eq!(top[0].rss_kib, 700);
         assert_eq!(top[1].rss_kib, 40);
+    }
+
+    #[test]
+    fn vireo_ram_on_the_huge_page_tmpfs_is_guest_ram_too() {
+        let text = VIREO_SMAPS.replace("/memfd:vireo-guest-ram", "/vireo-guest-ram");
+        let rule = GuestRamRule::PathSuffix("vireo-guest-ram (deleted)".into());
+        let used = account(&parse(&text).unwrap(), &rule).unwrap();
+        assert_eq!(used.guest_ram_rss, 1208);
+        assert_eq!(used.overhead(), 784);
     }
 
     #[test]
@@ -311,9 +323,9 @@ Rss:                  24 kB
 Private_Dirty:        24 kB
 ";
         let maps = parse(text).unwrap();
-        let rule = GuestRamRule::PathPrefix("/memfd:vireo-guest-ram".into());
+        let rule = GuestRamRule::PathSuffix("vireo-guest-ram (deleted)".into());
         assert_eq!(private_overhead_kib(&maps, &rule).unwrap(), 4);
-        let other = GuestRamRule::PathPrefix("/memfd:other".into());
+        let other = GuestRamRule::PathSuffix("other (deleted)".into());
         assert!(private_overhead_kib(&maps, &other).is_err());
     }
 

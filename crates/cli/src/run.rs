@@ -29,6 +29,9 @@ all --disk options first (in order), then all --net options.
 With a PVH kernel (an ELF with a PVH note, like the probe) every vCPU starts at the PVH entry,
 application processors with EDI=0x56495245 (VIRE) and ESI=vCPU index (docs/probe-protocol.md).
 bzImage and plain vmlinux kernels start their application processors themselves (INIT/SIPI).
+Guest RAM is on 2 MiB host pages (a private huge-page tmpfs, which needs root; without it a
+memfd of 4 KiB pages): KVM then maps the guest 2 MiB at a time, and each 2 MiB region the guest
+touches costs 2 MiB. VIREO_GUEST_RAM=memfd keeps 4 KiB pages (VIREO_GUEST_RAM=huge is the default).
 Set VIREO_LOG=debug for diagnostics on stderr.
 
 {CONTROL}";
@@ -322,7 +325,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         devices,
         disk_slots: 0,
         console,
-        ram_backing: RamBacking::Memfd,
+        ram_backing: RamBacking::from_env().map_err(CliError::bad_input)?,
     };
     vireo_vmm::install_termination_handlers().map_err(vm_error)?;
     let vm = match &args.restore {

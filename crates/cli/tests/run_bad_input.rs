@@ -230,3 +230,26 @@ fn no_permission_for_dev_kvm_is_one_clear_line() {
     assert!(err.contains("cannot open /dev/kvm"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn an_unknown_guest_ram_backing_is_bad_input() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let out = vireo()
+        .env("VIREO_GUEST_RAM", "hugetlb")
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("vireo: error: VIREO_GUEST_RAM=\"hugetlb\" is not a guest RAM backing"),
+        "{err}"
+    );
+    assert!(err.contains("`memfd`"), "{err}");
+}

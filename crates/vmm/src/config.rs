@@ -45,7 +45,8 @@ pub struct VmConfig {
     /// (`VmHandle::attach_disk`), listed right after the boot disks. 0: none reserved.
     pub disk_slots: usize,
     pub console: ConsoleConfig,
-    /// What backs guest RAM (`RamBacking::Huge` for a migration's destination).
+    /// What backs guest RAM (2 MiB pages by default; `RamBacking::from_env` reads the
+    /// operator's override).
     pub ram_backing: RamBacking,
 }
 
@@ -61,7 +62,7 @@ impl VmConfig {
             devices: Vec::new(),
             disk_slots: 0,
             console: ConsoleConfig::Null,
-            ram_backing: RamBacking::Memfd,
+            ram_backing: RamBacking::default(),
         }
     }
 }

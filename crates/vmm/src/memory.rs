@@ -1,8 +1,9 @@
 //! Guest RAM: one shmem file mapped shared (so it can be handed to vhost-user back ends,
 //! snapshotted or migrated), split around the 32-bit MMIO hole, with vm-memory's per-page bitmap
-//! recording every byte the VMM itself writes. The file is a memfd, or for RAM that arrives
-//! whole (a migration's destination) a file on a private huge-page tmpfs (`huge_tmpfs.rs`);
-//! everything else sees the same `File` either way and calls it the memfd.
+//! recording every byte the VMM itself writes. The file is on a private huge-page tmpfs
+//! (`huge_tmpfs.rs`, [`RamBacking::Huge`], the default) or a memfd (where that mount is not
+//! allowed, or asked for); everything else sees the same `File` either way and calls it the
+//! memfd.
 
 use std::fs::File;
 use std::os::unix::io::FromRawFd;
@@ -18,15 +19,39 @@ mod huge_tmpfs;
 /// What guest RAM is backed by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RamBacking {
-    /// A memfd: host pages of 4 KiB unless the host enables shmem huge pages, allocated one by
-    /// one as the guest touches them — the least memory for a guest that boots here.
-    #[default]
+    /// A memfd: host pages of 4 KiB unless the host enables shmem huge pages (this one does
+    /// not), so KVM maps the guest 4 KiB at a time, and every time KVM drops its mappings (the
+    /// dirty log going off after an in-place apply, a migration's resume) the guest pays one
+    /// fault per 4 KiB it touches next. The least memory for a guest that touches its RAM
+    /// sparsely.
     Memfd,
-    /// 2 MiB host pages wherever the file holds data, so KVM maps 2 MiB at a time: for RAM
-    /// that arrives in bulk and is touched right away (docs/migration.md, "The guest after
-    /// the resume"). A region with a single page written costs 2 MiB. Needs CAP_SYS_ADMIN
-    /// (a private tmpfs); without it, a memfd.
+    /// 2 MiB host pages wherever the file holds data, so KVM maps 2 MiB at a time where the
+    /// guest's own page tables do (Linux's direct map, the probe's identity map): measured,
+    /// a guest rewriting 64 MiB runs again after an in-place apply several times sooner
+    /// (docs/vm-state.md, "In-place apply"). A 2 MiB region with a single page written costs
+    /// 2 MiB. Needs CAP_SYS_ADMIN (a private tmpfs); without it, a memfd.
+    #[default]
     Huge,
+}
+
+impl RamBacking {
+    /// The environment variable that overrides the default: `memfd` or `huge`.
+    pub const ENV: &'static str = "VIREO_GUEST_RAM";
+
+    /// The default, or what `VIREO_GUEST_RAM` asks for (`memfd` for 4 KiB pages: an A/B
+    /// measurement, or a host short of memory). Any other value is refused with its name.
+    pub fn from_env() -> std::result::Result<RamBacking, String> {
+        match std::env::var(Self::ENV) {
+            Err(_) => Ok(RamBacking::default()),
+            Ok(v) if v == "memfd" => Ok(RamBacking::Memfd),
+            Ok(v) if v == "huge" => Ok(RamBacking::Huge),
+            Ok(v) => Err(format!(
+                "{}={v:?} is not a guest RAM backing; use `huge` (2 MiB pages, the default) \
+                 or `memfd` (4 KiB pages)",
+                Self::ENV
+            )),
+        }
+    }
 }
 
 /// Start of the hole below 4 GiB that holds device MMIO (virtio-mmio, IOAPIC, LAPIC).
@@ -111,7 +136,7 @@ pub struct GuestRam {
 
 impl GuestRam {
     /// Allocates `size` bytes of guest RAM in a memfd (nothing is touched until the guest
-    /// uses it).
+    /// uses it): for RAM that is no VM's own (a loader's scratch copy, tests).
     pub fn new(size: u64) -> Result<GuestRam> {
         GuestRam::with_backing(size, RamBacking::Memfd)
     }

@@ -159,6 +159,12 @@ impl VmHandle {
     pub fn memory(&self) -> &GuestMemory {
         &self.0.ram.memory
     }
+    /// How KVM maps guest RAM right now (leaf entries per page size); `None` where the kernel
+    /// has no stats file. For tests and benchmarks: whether 2 MiB mappings came back after
+    /// something dropped them.
+    pub fn kvm_page_stats(&self) -> Option<crate::kvm_stats::KvmPageStats> {
+        crate::kvm_stats::read_pages(&crate::kvm_stats::open(&self.0.vm_fd)?)
+    }
     /// Asks the VM to stop; [`Vm::run`] returns [`VmExit::Stopped`]. Works while paused too.
     pub fn request_stop(&self) {
         self.0.exit.set(VmExit::Stopped);

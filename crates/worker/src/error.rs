@@ -12,6 +12,9 @@ use vireo_vhdx::VhdxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// `VIREO_GUEST_RAM` names no backing (`RamBacking::from_env` says which are).
+    #[error("{0}")]
+    GuestRam(String),
     #[error("disk {}: {source} (give the path of an existing image)", .path.display())]
     DiskMissing {
         path: PathBuf,
@@ -156,7 +159,8 @@ impl WorkerError {
             | WorkerError::SpecVersion { .. }
             | WorkerError::NicSockets { .. }
             | WorkerError::Socket { .. }
-            | WorkerError::SocketInTheWay { .. } => true,
+            | WorkerError::SocketInTheWay { .. }
+            | WorkerError::GuestRam(_) => true,
             WorkerError::Vhd { source, .. } => matches!(source, VhdError::DifferencingWrite),
             WorkerError::DiskRead { .. }
             | WorkerError::Raw { .. }

@@ -77,19 +77,6 @@ struct Running {
     incoming: Option<incoming::Incoming>,
 }
 
-/// A destination's RAM arrives whole and the guest touches its hot pages right after the
-/// resume: 2 MiB pages save it a KVM fault per 4 KiB (docs/migration.md, "The guest after the
-/// resume"). `VIREO_GUEST_RAM=memfd` in the worker's environment keeps 4 KiB pages (for an A/B
-/// measurement, or a host short of memory: a destination region with one page costs 2 MiB).
-fn ram_backing(incoming: bool) -> RamBacking {
-    let forced_small = std::env::var("VIREO_GUEST_RAM").is_ok_and(|v| v == "memfd");
-    if incoming && !forced_small {
-        RamBacking::Huge
-    } else {
-        RamBacking::Memfd
-    }
-}
-
 fn read_launch(dir: &Path) -> Result<WorkerLaunch, WorkerError> {
     let path = dir.join(SPEC_FILE);
     let text = std::fs::read(&path).map_err(|source| WorkerError::SpecRead {
@@ -253,7 +240,7 @@ fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerErro
         devices,
         disk_slots: vireo_api::worker::WORKER_DISK_SLOTS,
         console: ConsoleConfig::Stream(vmm_end),
-        ram_backing: ram_backing(launch.incoming.is_some()),
+        ram_backing: RamBacking::from_env().map_err(WorkerError::GuestRam)?,
     };
     let vm = match &launch.restore_from {
         None => Vm::new(config)?,

@@ -12,10 +12,9 @@ use std::time::Instant;
 use vireo_api::worker::{DiskMetrics, WorkerMetrics};
 use vireo_virtio::block::BlockCounters;
 
-/// What names the guest-RAM mapping in smaps: vireo-vmm's memfd (`memory.rs`,
-/// `memfd_create("vireo-guest-ram")`), shown as `/memfd:vireo-guest-ram (deleted)`, or on a
-/// migration's destination its huge-page file (`memory/huge_tmpfs.rs`), shown as
-/// `/vireo-guest-ram (deleted)`.
+/// What names the guest-RAM mapping in smaps: vireo-vmm's huge-page file (the default,
+/// `memory/huge_tmpfs.rs`), shown as `/vireo-guest-ram (deleted)`, or its memfd (`memory.rs`,
+/// `memfd_create("vireo-guest-ram")`), shown as `/memfd:vireo-guest-ram (deleted)`.
 pub const GUEST_RAM_MAPPING: &str = "vireo-guest-ram (deleted)";
 
 /// `AT_CLKTCK` in the auxiliary vector: the unit of the CPU times in `/proc/*/stat`.

@@ -27,12 +27,12 @@ fn guest_ram(w: &Worker) -> File {
         let target = std::fs::read_link(&path).unwrap_or_default();
         if target
             .to_string_lossy()
-            .starts_with("/memfd:vireo-guest-ram")
+            .ends_with(vireo_worker::metrics::GUEST_RAM_MAPPING)
         {
             return File::open(&path).unwrap();
         }
     }
-    panic!("no guest-RAM memfd in {dir}");
+    panic!("no guest-RAM file in {dir}");
 }
 
 fn read_u64(ram: &File, gpa: u64) -> u64 {

@@ -33,6 +33,13 @@ const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
 
 const NAME: &CStr = c"vireo-guest-ram";
+/// Above the guest's size in the tmpfs' limit. tmpfs charges a page to the limit before it
+/// knows whether another thread filled the same page first, and takes the charge back after:
+/// a lazy restore's threads (fault server, readahead, working set) filling the last pages of a
+/// full file at once failed with ENOMEM (`UFFDIO_COPY`) when the limit was exactly the size.
+/// Each racing fill holds at most one charge of up to 2 MiB, so this is room for 32. The limit
+/// reserves nothing; the file never holds more than its size.
+const RACE_HEADROOM: u64 = 64 << 20;
 
 fn fd_from(r: libc::c_long, what: &str) -> io::Result<OwnedFd> {
     if r < 0 {
@@ -74,8 +81,9 @@ pub fn create(size: u64) -> io::Result<File> {
     )?;
     set(&fs, c"huge", c"within_size")?;
     // The file system holds this one file: its limit is the guest's size (tmpfs' default,
-    // half the host's RAM, would refuse a larger guest's pages).
-    let limit = std::ffi::CString::new(size.to_string()).expect("digits contain no NUL");
+    // half the host's RAM, would refuse a larger guest's pages) plus room for racing fills.
+    let limit =
+        std::ffi::CString::new((size + RACE_HEADROOM).to_string()).expect("digits contain no NUL");
     set(&fs, c"size", &limit)?;
     // SAFETY: plain syscall; no pointers.
     let r = unsafe {
@@ -183,12 +191,13 @@ mod tests {
     }
 
     #[test]
-    fn the_size_limit_is_the_guest_size() {
+    fn the_size_limit_is_the_guest_size_and_the_headroom() {
         let Some(file) = create_or_skip(4 << 20) else {
             return;
         };
         file.write_all_at(&[1u8; 4096], (4 << 20) - 4096).unwrap();
         // Past the end grows the file, which the tmpfs refuses once it is full.
-        assert!(file.write_all_at(&vec![1u8; 8 << 20], 4 << 20).is_err());
+        let past = vec![1u8; (RACE_HEADROOM + (4 << 20)) as usize];
+        assert!(file.write_all_at(&past, 4 << 20).is_err());
     }
 }

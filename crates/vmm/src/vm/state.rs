@@ -250,7 +250,7 @@ impl Vm {
             // Memory first: its fill (working set, then faults and readahead) runs on other
             // threads while this one builds the VM, so the two use both CPUs (measured:
             // docs/vm-state.md, "Restore timing").
-            let ram = GuestRam::new(config.memory)?;
+            let ram = GuestRam::with_backing(config.memory, config.ram_backing)?;
             let exit = Arc::new(ExitState::default());
             let hot = from
                 .working_set
