@@ -726,9 +726,9 @@ impl VirtioDevice for VhostUserNet {
         }))
     }
 
-    /// Takes the accepted features; the transport then activates the device with queues at
-    /// the saved positions, which `start_rings` hands to the backend with SET_VRING_BASE.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+    /// The MAC, the features and the pair count must be this NIC's; a held frame cannot be
+    /// handed to a backend.
+    fn check_restore(&self, state: &DeviceState) -> Result<(), StateError> {
         let DeviceState::Net(n) = state else {
             return Err(StateError::WrongDevice {
                 saved: state.kind(),
@@ -763,6 +763,16 @@ impl VirtioDevice for VhostUserNet {
                 self.pairs
             )));
         }
+        Ok(())
+    }
+
+    /// Takes the accepted features; the transport then activates the device with queues at
+    /// the saved positions, which `start_rings` hands to the backend with SET_VRING_BASE.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        self.check_restore(state)?;
+        let DeviceState::Net(n) = state else {
+            return Ok(());
+        };
         self.acked = n.acked_features;
         self.active_pairs
             .store(n.queue_pairs.max(1), Ordering::Release);

@@ -473,6 +473,39 @@ fn kvm_apply_in_place_of_a_vm_on_a_switch_port_reverts_received_frames_and_keeps
     let mut buf = [0u8; 2048];
     while host.recv(&mut buf).unwrap().is_some() {}
     echo_round(&mut m, &host, 10, 16);
+
+    // The save of a VM whose NIC had another MAC: the NIC would refuse it, so it is refused
+    // before the pause and the VM runs on.
+    let other_dir = dir.path().join("other");
+    let other_sock = dir.path().join("other.sock");
+    let (_other_port, other_server) = VhostUserServer::listen(&other_sock, "other").unwrap();
+    let mut other_mac = MAC;
+    other_mac[5] ^= 1;
+    let other_disk = dir.path().join("other.raw");
+    std::fs::File::create(&other_disk)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let other = boot_with(
+        &other_disk,
+        MEM,
+        VirtioSlot {
+            device: Box::new(VhostUserNet::connect(&other_sock, other_mac).unwrap()),
+            flush_on_exit: None,
+        },
+    );
+    other.snapshot(&other_dir);
+    other.stop();
+    other_server.stop().unwrap();
+    let e =
+        m.h.apply_in_place(&other_dir, &ApplyOptions::default())
+            .unwrap_err();
+    assert!(
+        matches!(&e, StateError::Device { source, .. } if source.to_string().contains("MAC")),
+        "{e}"
+    );
+    assert!(!m.h.is_paused());
+    echo_round(&mut m, &host, 11, 4);
     assert_eq!(m.cmd("PING"), "OK PONG");
     m.stop();
     nic.stop();

@@ -151,6 +151,16 @@ impl VmHandle {
             .collect();
         from.state
             .check_fits(self.0.ram.size, self.0.reload.vcpus, &devices)?;
+        // What a device would refuse to load (a NIC's MAC, features) is refused here, while
+        // the VM runs on: after the pause a refusal ends it.
+        for (index, (t, saved)) in self.0.transports.iter().zip(&from.state.virtio).enumerate() {
+            let t = lock(t);
+            t.check_state(saved).map_err(|source| StateError::Device {
+                index,
+                kind: crate::virtio_mmio::device_name(t.device_type()),
+                source,
+            })?;
+        }
         let io = |source| StateError::Io {
             path: from.memory.display().to_string(),
             source,
