@@ -363,8 +363,7 @@ fn echo_round(m: &mut Machine, host: &ChannelPort, round: u8, n: u64) {
             continue;
         };
         let f = &buf[..len];
-        if len >= 23 && f[..6] == MAC_HOST && f[6..12] == MAC && f[12..15] == [0x88, 0xb5, round]
-        {
+        if len >= 23 && f[..6] == MAC_HOST && f[6..12] == MAC && f[12..15] == [0x88, 0xb5, round] {
             got.push(u64::from_le_bytes(f[15..23].try_into().unwrap()));
         } else {
             other += 1;

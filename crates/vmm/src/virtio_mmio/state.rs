@@ -94,10 +94,7 @@ impl MmioTransport {
     }
 
     /// The saved queues, checked against this transport and its device's features.
-    fn saved_queues(
-        &self,
-        state: &TransportState,
-    ) -> Result<Vec<virtio_queue::Queue>, StateError> {
+    fn saved_queues(&self, state: &TransportState) -> Result<Vec<virtio_queue::Queue>, StateError> {
         if state.device_type != self.device.device_type() {
             return Err(StateError::Invalid(format!(
                 "saved device type {}, this window has type {}",

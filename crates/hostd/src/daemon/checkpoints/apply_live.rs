@@ -351,7 +351,11 @@ mod tests {
             [{"switch": "lan", "name": "nic0", "mac": "52:54:00:00:00:01"}]
         ))
         .unwrap();
-        assert_eq!(obstacle(&now, &cp(now.clone(), true)), None, "a NIC as it was");
+        assert_eq!(
+            obstacle(&now, &cp(now.clone(), true)),
+            None,
+            "a NIC as it was"
+        );
         let why = obstacle(&now, &cp(spec(), true)).unwrap();
         assert!(why.contains("NICs (0 then, 1 now)"), "{why}");
         let mut mac = now.clone();
@@ -361,7 +365,10 @@ mod tests {
         let mut other = now.clone();
         other.nics[0].switch = "wan".into();
         let why = obstacle(&now, &cp(other, true)).unwrap();
-        assert!(why.contains("its switch changed") && why.contains("--stop"), "{why}");
+        assert!(
+            why.contains("its switch changed") && why.contains("--stop"),
+            "{why}"
+        );
         let mut vlan = now.clone();
         vlan.nics[0].vlan = Some(7);
         let why = obstacle(&now, &cp(vlan, true)).unwrap();
