@@ -46,6 +46,11 @@ const PASSES: u64 = 0x80000 + 8;
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 /// The host's end of the switch, which the probe echoes to.
 const MAC_HOST: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
+/// The 2-vCPU tests run one at a time: two such probes at once on the project's 2 cores (with
+/// other load) starve an AP past the probe's 50 ms heartbeat window, and `CPUS` then answers
+/// "stalled" after an apply that did nothing wrong (seen with both running in parallel).
+static TWO_VCPU_PROBES: Mutex<()> = Mutex::new(());
+
 /// Stay paused (to compare RAM), keeping the changes tracked.
 const TRACKED: ApplyOptions = ApplyOptions {
     then: AfterApply::StayPaused,
@@ -158,6 +163,7 @@ fn kvm_apply_in_place_brings_ram_and_state_back_to_the_snapshot() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
+    let _one = TWO_VCPU_PROBES.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk)
@@ -253,6 +259,7 @@ fn kvm_apply_in_place_of_a_damaged_save_stops_the_vm_instead_of_running_it() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
+    let _one = TWO_VCPU_PROBES.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk).unwrap().set_len(MIB).unwrap();
@@ -391,6 +398,7 @@ fn kvm_apply_in_place_of_a_vm_on_a_switch_port_reverts_received_frames_and_keeps
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
+    let _one = TWO_VCPU_PROBES.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk)
