@@ -11,6 +11,8 @@
 //! the rings again from there (SET_VRING_NUM/ADDR/BASE/CALL/KICK), and a restored device is
 //! activated with the saved positions the same way, so no frame the guest queued is lost or
 //! sent twice. Frames the switch has for a paused VM are dropped, as by a NIC that is down.
+//! An in-place apply (`vm/apply.rs`) resets the device in its pause and loads the saved state
+//! into it: the same session, restarted at the save's positions like a restored device.
 //!
 //! Dirty log (live save, migration; docs/vm-state.md "The NIC's dirty log"): the backend
 //! writes received frames and used rings into guest RAM behind KVM's back, so while dirty
