@@ -362,8 +362,8 @@ pub enum WorkerOp {
     },
     /// Reverts the running or paused VM to the checkpoint whose state is in `dir`, the worker
     /// kept (docs/checkpoints.md, "Apply, keeping the worker"): checked first (the state must
-    /// fit the VM: memory, vCPUs, devices; no vhost-user NIC; every disk of the VM named in
-    /// `children`); then, in one pause, every disk is flushed, closed and reopened as its new
+    /// fit the VM: memory, vCPUs, devices, each device's saved state such as a NIC's MAC;
+    /// every disk of the VM named in `children`); then, in one pause, every disk is flushed, closed and reopened as its new
     /// differencing child of the checkpoint's frozen file, guest memory and the vCPU and
     /// device state become the checkpoint's, and a VM that was running resumes (a paused one
     /// stays paused). Answered `Applied`, or `Error`: refused before the pause (nothing

@@ -66,9 +66,10 @@ pub enum CheckpointCommand {
         /// Revert a running or paused VM in place, keeping its worker process (like QEMU's
         /// loadvm): disks, memory and device state become the checkpoint's in one short
         /// pause and the guest carries on from that moment (a paused VM stays paused). The
-        /// current state is lost. Needs a checkpoint with state, the same memory, vCPUs,
-        /// disks and NICs as the VM has now, and no switch NIC; otherwise refused with
-        /// nothing changed (use --stop or --save-current then).
+        /// current state is lost. Needs a checkpoint with state and the same memory, vCPUs,
+        /// disks and NICs (switch, MAC, VLAN, policy) as the VM has now; otherwise refused
+        /// with nothing changed (use --stop or --save-current then). Switch NICs stay
+        /// connected; a frame arriving during the pause may be lost.
         #[arg(long, conflicts_with_all = ["save_current", "stop"])]
         keep_running: bool,
         #[arg(long, value_enum, default_value = "text")]

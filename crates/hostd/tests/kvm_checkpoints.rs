@@ -4,7 +4,9 @@
 //! hangs from merges live — same worker before and after, data intact; a worker killed at each
 //! step of the live capture leaves a VM whose chain checks clean and whose data is there;
 //! vireod killed at each step of a live capture leaves the VM running on, and after its
-//! restart the checkpoint is complete or gone, with no stray AVHDX.
+//! restart the checkpoint is complete or gone, with no stray AVHDX. `apply --keep-running`
+//! reverts a running VM in its own worker, also one with a NIC on a switch (frames flow through
+//! the switch before and after), and a paused VM stays paused at the checkpoint's counter.
 
 mod common;
 
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{Vireod, VIREOD};
 use serde_json::{json, Value};
-use vireo_probe_image::{probe_elf, ProbeConsole};
+use vireo_probe_image::console::decode_hex;
+use vireo_probe_image::{probe_elf, tagged_frame, ProbeConsole};
 use vireo_vhdx::{CreateOptions, Vhdx};
 
 const T: Duration = Duration::from_secs(60);
@@ -725,4 +728,157 @@ fn keep_running_reverts_a_running_probe_vm_in_its_own_worker() {
         "a child of the frozen file"
     );
     chain_clean(&d, "kip");
+}
+
+/// The switch process vireod runs for each switch, beside it (a recorded skip if not built).
+fn switch_bin() -> Option<PathBuf> {
+    let bin = Path::new(VIREOD).with_file_name("vireo-switch");
+    (bin.is_file()
+        || vireo_testkit::skip(&format!(
+            "{} (cargo build --release -p vireo-switchd)",
+            bin.display()
+        )))
+    .then_some(bin)
+}
+
+const MAC_VM: [u8; 6] = [0x52, 0x54, 0x00, 0xa1, 0x00, 0x01];
+const MAC_PEER: [u8; 6] = [0x52, 0x54, 0x00, 0xa1, 0x00, 0x02];
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// `vm` echoes `n` frames that `peer` sends it through the switch; `peer` gets every one back,
+/// MACs swapped, in order. Neither may have another frame waiting.
+fn echo_through_switch(vm: &mut ProbeConsole, peer: &mut ProbeConsole, round: u8, n: u8) {
+    vm.send_line(&format!("NET 0 ECHO {n} 20000")).unwrap();
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| tagged_frame(MAC_VM, MAC_PEER, round * 16 + i))
+        .collect();
+    for f in &frames {
+        peer.net_send(0, f).unwrap();
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let want = [&f[6..12], &f[..6], &f[12..]].concat();
+        let got = ok(peer, "NET 0 RECV 10000");
+        let got = decode_hex(got.trim_start_matches("OK").trim()).unwrap();
+        assert_eq!(got[..want.len()], want[..], "round {round}, frame {i}");
+    }
+    assert_eq!(
+        vm.answer(T).unwrap(),
+        format!("OK echoed={n}"),
+        "round {round}"
+    );
+}
+
+/// `checkpoint apply --keep-running` of a VM whose NIC is on a switch (vhost-user, as every
+/// vireod NIC): frames flow through the switch before the checkpoint, after it and after the
+/// apply; the same worker runs on from the checkpoint (memory and the workload's counter as
+/// then). Then, paused: the apply leaves it paused, and a checkpoint taken a second later holds
+/// exactly the first checkpoint's counter (the guest did not run); resumed, the counter moves
+/// on from there and the NIC still works.
+#[test]
+fn keep_running_reverts_a_vm_on_a_switch_and_a_paused_one_stays_paused() {
+    let Some(bin) = worker_bin() else { return };
+    if switch_bin().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start_with(&tmp.path().join("state"), &bin);
+    let r = d.post_json(
+        "/v1/switches",
+        &json!({"name": "lan", "kind": {"type": "private"}}),
+    );
+    assert!(
+        r.status == 201 || r.status == 200,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let spec = |name: &str, mac: [u8; 6]| {
+        json!({
+            "version": 1, "name": name, "vcpus": 1, "memory_bytes": 64 << 20,
+            "kernel": probe_elf(), "cmdline": "console=ttyS0", "shutdown_line": "POWEROFF",
+            "nics": [{"switch": "lan", "mac": mac_text(mac)}],
+        })
+    };
+    let vm = d.create(&spec("kn", MAC_VM));
+    d.create(&spec("peer", MAC_PEER));
+    d.start_vm("kn");
+    d.start_vm("peer");
+    wait_ready(&d, "kn");
+    wait_ready(&d, "peer");
+    let first = pid(&d, &vm);
+    let mut peer = console(&d, "peer");
+    let mut c = console(&d, "kn");
+    echo_through_switch(&mut c, &mut peer, 1, 4);
+    ok(&mut c, "MEM FILL 16 8 1");
+    ok(&mut c, "DIRTY START 40 1 0");
+    drop(c);
+    job(
+        &d,
+        d.post_json("/v1/vms/kn/checkpoints", &json!({"name": "c1"})),
+    );
+    let at_checkpoint = saved_passes(&d, &vm, "c1");
+    assert!(at_checkpoint > 0, "the workload ran before the checkpoint");
+
+    // After it: frames through the switch, memory rewritten, the workload stopped.
+    let mut c = console(&d, "kn");
+    echo_through_switch(&mut c, &mut peer, 2, 4);
+    ok(&mut c, "MEM FILL 16 8 2");
+    ok(&mut c, "DIRTY STOP");
+    drop(c);
+    job(
+        &d,
+        d.post_json(
+            "/v1/vms/kn/checkpoints/c1/apply",
+            &json!({"keep_running": true}),
+        ),
+    );
+    assert_eq!(d.state("kn"), "running");
+    assert_eq!(pid(&d, &vm), first, "the same worker");
+    let mut c = console(&d, "kn");
+    ok(&mut c, "MEM VERIFY 16 8 1");
+    // The workload of then runs again, counting on from the checkpoint's passes.
+    let again = passes(&ok(&mut c, "DIRTY STOP"));
+    assert!(again >= at_checkpoint, "{again} < {at_checkpoint}");
+    echo_through_switch(&mut c, &mut peer, 3, 4);
+    ok(&mut c, "MEM FILL 16 8 3");
+    drop(c);
+
+    // Paused: the apply leaves it paused; the guest does not run until the resume.
+    assert_eq!(d.post("/v1/vms/kn/pause").status, 200);
+    job(
+        &d,
+        d.post_json(
+            "/v1/vms/kn/checkpoints/c1/apply",
+            &json!({"keep_running": true}),
+        ),
+    );
+    assert_eq!(d.state("kn"), "paused");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(d.state("kn"), "paused");
+    job(
+        &d,
+        d.post_json("/v1/vms/kn/checkpoints", &json!({"name": "c2"})),
+    );
+    assert_eq!(d.state("kn"), "paused", "a checkpoint keeps it paused");
+    assert_eq!(
+        saved_passes(&d, &vm, "c2"),
+        at_checkpoint,
+        "a second after the apply, the paused guest is where the checkpoint was"
+    );
+    assert_eq!(pid(&d, &vm), first, "the same worker");
+    assert_eq!(d.post("/v1/vms/kn/resume").status, 200);
+    let mut c = console(&d, "kn");
+    ok(&mut c, "MEM VERIFY 16 8 1");
+    std::thread::sleep(Duration::from_millis(200));
+    let resumed = passes(&ok(&mut c, "DIRTY STOP"));
+    assert!(
+        resumed > at_checkpoint,
+        "the counter moves on from the checkpoint's {at_checkpoint}: {resumed}"
+    );
+    echo_through_switch(&mut c, &mut peer, 4, 4);
+    drop((c, peer));
+    assert_eq!(d.post("/v1/vms/kn/turn-off").status, 200);
+    assert_eq!(d.post("/v1/vms/peer/turn-off").status, 200);
 }

@@ -103,6 +103,12 @@ pub trait VirtioDevice: Send {
     fn restore_state(&mut self, _state: &DeviceState) -> Result<(), StateError> {
         Err(StateError::Unsupported("no save/restore support"))
     }
+    /// Whether `state` would restore into this device, without changing anything: an in-place
+    /// apply asks every device before it pauses the VM, since a refusal after the pause ends
+    /// the VM. The default (nothing checked early) leaves the refusal to `restore_state`.
+    fn check_restore(&self, _state: &DeviceState) -> Result<(), StateError> {
+        Ok(())
+    }
     /// Before the transport is built for a restore: a device whose queue count is a setting
     /// (virtio-blk's `num_queues`) takes the count `state` was saved with, since the guest's
     /// driver set up exactly those queues. The default is for fixed shapes: nothing to adopt.

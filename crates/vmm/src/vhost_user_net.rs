@@ -11,6 +11,8 @@
 //! the rings again from there (SET_VRING_NUM/ADDR/BASE/CALL/KICK), and a restored device is
 //! activated with the saved positions the same way, so no frame the guest queued is lost or
 //! sent twice. Frames the switch has for a paused VM are dropped, as by a NIC that is down.
+//! An in-place apply (`vm/apply.rs`) resets the device in its pause and loads the saved state
+//! into it: the same session, restarted at the save's positions like a restored device.
 //!
 //! Dirty log (live save, migration; docs/vm-state.md "The NIC's dirty log"): the backend
 //! writes received frames and used rings into guest RAM behind KVM's back, so while dirty
@@ -726,9 +728,9 @@ impl VirtioDevice for VhostUserNet {
         }))
     }
 
-    /// Takes the accepted features; the transport then activates the device with queues at
-    /// the saved positions, which `start_rings` hands to the backend with SET_VRING_BASE.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+    /// The MAC, the features and the pair count must be this NIC's; a held frame cannot be
+    /// handed to a backend.
+    fn check_restore(&self, state: &DeviceState) -> Result<(), StateError> {
         let DeviceState::Net(n) = state else {
             return Err(StateError::WrongDevice {
                 saved: state.kind(),
@@ -763,6 +765,16 @@ impl VirtioDevice for VhostUserNet {
                 self.pairs
             )));
         }
+        Ok(())
+    }
+
+    /// Takes the accepted features; the transport then activates the device with queues at
+    /// the saved positions, which `start_rings` hands to the backend with SET_VRING_BASE.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        self.check_restore(state)?;
+        let DeviceState::Net(n) = state else {
+            return Ok(());
+        };
         self.acked = n.acked_features;
         self.active_pairs
             .store(n.queue_pairs.max(1), Ordering::Release);

@@ -57,6 +57,44 @@ impl MmioTransport {
                 "the transport is already active".into(),
             ));
         }
+        let queues = self.saved_queues(state)?;
+        self.device.restore_state(&state.device)?;
+        self.queues = queues;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.interrupt
+            .status
+            .store(state.interrupt_status, Ordering::SeqCst);
+        self.interrupt
+            .config_generation
+            .store(state.config_generation, Ordering::SeqCst);
+        if let Err(e) = self.interrupt.reassert() {
+            tracing::warn!("virtio-mmio: cannot re-signal the restored interrupt: {e}");
+        }
+        if state.active {
+            self.activate();
+            if !self.active {
+                self.reset();
+                return Err(StateError::Invalid(
+                    "the device could not be activated with the saved queues".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `state` fits this transport and its device (a restore's checks, nothing
+    /// changed): an in-place apply asks before it pauses the VM.
+    pub fn check_state(&self, state: &TransportState) -> Result<(), StateError> {
+        self.saved_queues(state)?;
+        self.device.check_restore(&state.device)
+    }
+
+    /// The saved queues, checked against this transport and its device's features.
+    fn saved_queues(&self, state: &TransportState) -> Result<Vec<virtio_queue::Queue>, StateError> {
         if state.device_type != self.device.device_type() {
             return Err(StateError::Invalid(format!(
                 "saved device type {}, this window has type {}",
@@ -89,32 +127,7 @@ impl MmioTransport {
                 state.driver_features
             )));
         }
-        self.device.restore_state(&state.device)?;
-        self.queues = queues;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.driver_features = state.driver_features;
-        self.queue_sel = state.queue_sel;
-        self.status = state.status;
-        self.interrupt
-            .status
-            .store(state.interrupt_status, Ordering::SeqCst);
-        self.interrupt
-            .config_generation
-            .store(state.config_generation, Ordering::SeqCst);
-        if let Err(e) = self.interrupt.reassert() {
-            tracing::warn!("virtio-mmio: cannot re-signal the restored interrupt: {e}");
-        }
-        if state.active {
-            self.activate();
-            if !self.active {
-                self.reset();
-                return Err(StateError::Invalid(
-                    "the device could not be activated with the saved queues".into(),
-                ));
-            }
-        }
-        Ok(())
+        Ok(queues)
     }
 }
 

@@ -10,6 +10,17 @@
 //! reset or a stopped log) is applied by comparing every page with `memory.bin` and writing
 //! the ones that differ; the log is then started for it, so applying it again is fast.
 //!
+//! A vhost-user NIC (a switch port) keeps its session with the back end: the pause stopped
+//! its rings (GET_VRING_BASE), so the back end writes no guest RAM while the apply replaces it;
+//! the transport reset stops them again and the saved state is loaded into the same device,
+//! which at the resume starts every ring from the saved positions (SET_VRING_NUM/ADDR/BASE/
+//! CALL/KICK/ENABLE; the back end reads `used.idx` from the reverted RAM on SET_VRING_ADDR).
+//! The memory table is sent again, but it is the same memfd at the same addresses: the RAM did
+//! not move. A new session would restart rings in exactly the same way and would need the
+//! switch to accept a second connection for the port, so the session is kept. What the back
+//! end wrote since the save (received frames, used entries) is in its share of the dirty log
+//! when tracked, or found by the comparison otherwise.
+//!
 //! Locking: the lifecycle lock is held throughout (no pause, resume, reset or save comes in
 //! between), and `tracking` only changes with it held. Every check that can refuse is made
 //! before the pause; a failure after it (a page of `memory.bin` failing its checksum, KVM
@@ -98,8 +109,8 @@ impl VmHandle {
     ///
     /// Refused, with the VM running on untouched, when the save does not fit (memory size,
     /// vCPUs, devices — a disk hot-added since changes the list), has no page checksums, its
-    /// memory file is short, the VM has a vhost-user NIC (not supported yet: restore in a new
-    /// VM), or its vCPUs have not started. A failure after the pause ends the VM.
+    /// memory file is short, or its vCPUs have not started. A failure after the pause ends the
+    /// VM.
     pub fn apply_in_place(
         &self,
         dir: &Path,
@@ -140,6 +151,16 @@ impl VmHandle {
             .collect();
         from.state
             .check_fits(self.0.ram.size, self.0.reload.vcpus, &devices)?;
+        // What a device would refuse to load (a NIC's MAC, features) is refused here, while
+        // the VM runs on: after the pause a refusal ends it.
+        for (index, (t, saved)) in self.0.transports.iter().zip(&from.state.virtio).enumerate() {
+            let t = lock(t);
+            t.check_state(saved).map_err(|source| StateError::Device {
+                index,
+                kind: crate::virtio_mmio::device_name(t.device_type()),
+                source,
+            })?;
+        }
         let io = |source| StateError::Io {
             path: from.memory.display().to_string(),
             source,
@@ -151,18 +172,6 @@ impl VmHandle {
                 path: from.memory.display().to_string(),
                 what: format!("{len} bytes, the VM has {} bytes of RAM", self.0.ram.size),
             });
-        }
-        if self
-            .0
-            .transports
-            .iter()
-            .any(|t| lock(t).maps_guest_memory())
-        {
-            return Err(StateError::Mismatch(
-                "an in-place apply of a VM with a vhost-user NIC is not supported yet; \
-                 restore the save into a new VM"
-                    .into(),
-            ));
         }
         if self.0.control.alive() != self.0.reload.vcpus {
             return Err(StateError::Vcpus(format!(
