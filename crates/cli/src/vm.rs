@@ -77,6 +77,7 @@ pub enum VmCommand {
     Save(power::StartArgs),
     /// Move every disk of a VM into another folder while it runs (storage live migration):
     /// copies, mirrors the guest's writes, switches in one step, deletes the old files.
+    /// An off VM's checkpoints move with it (a running VM with checkpoints is refused).
     /// Progress bar; Ctrl-C cancels the move (the VM stays on its old files).
     ///
     /// Example:

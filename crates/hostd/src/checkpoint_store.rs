@@ -75,6 +75,16 @@ pub enum Intent {
         /// Frozen files nobody needs any more, and the deleted checkpoints' state folders.
         remove: Vec<PathBuf>,
     },
+    /// `vm move-storage` of a VM with checkpoints (`daemon/checkpoints/move_tree.rs`): every
+    /// file of its tree is copied before the commit; the `from` files go after it.
+    Move { files: Vec<MovedFile> },
+}
+
+/// One file of a checkpointed VM's storage move: `from` is copied to `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedFile {
+    pub from: PathBuf,
+    pub to: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -406,6 +416,62 @@ impl Store {
         r?;
         tx.commit()?;
         Ok(true)
+    }
+
+    /// The storage move's commit: the VM's spec, every checkpoint's spec and frozen files and
+    /// the head's tops name the copies (`moved`: old path → new path), phase committed.
+    pub fn commit_checkpoint_move(
+        &self,
+        vm: Uuid,
+        moved: &BTreeMap<PathBuf, PathBuf>,
+    ) -> Result<(), StoreError> {
+        let follow = |p: &mut PathBuf| {
+            if let Some(new) = moved.get(p.as_path()) {
+                *p = new.clone();
+            }
+        };
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut spec = load(&tx, vm)?.spec;
+        spec.disks.iter_mut().for_each(|d| follow(&mut d.path));
+        put_spec(&tx, vm, &spec, None)?;
+        let rows: Vec<(String, String, String)> = {
+            let mut stmt =
+                tx.prepare("SELECT id, spec, disks FROM checkpoints WHERE vm_id = ?1")?;
+            let rows =
+                stmt.query_map([vm.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (id, cp_spec, cp_disks) in rows {
+            let corrupt = |detail: String| StoreError::Corrupt {
+                id: format!("checkpoint {id}"),
+                detail,
+            };
+            let mut cp_spec: VmSpec =
+                serde_json::from_str(&cp_spec).map_err(|e| corrupt(format!("spec: {e}")))?;
+            let mut cp_disks: Vec<CheckpointDisk> =
+                serde_json::from_str(&cp_disks).map_err(|e| corrupt(format!("disks: {e}")))?;
+            cp_spec.disks.iter_mut().for_each(|d| follow(&mut d.path));
+            for d in &mut cp_disks {
+                follow(&mut d.frozen);
+                if let Some(p) = d.parent_file.as_mut() {
+                    follow(p);
+                }
+            }
+            tx.execute(
+                "UPDATE checkpoints SET spec = ?2, disks = ?3 WHERE id = ?1",
+                params![id, to_json(&cp_spec), to_json(&cp_disks)],
+            )?;
+        }
+        let mut head = head_tx(&tx, vm)?;
+        for top in head.tops.values_mut() {
+            follow(&mut top.file);
+            follow(&mut top.parent);
+        }
+        put_head(&tx, vm, &head)?;
+        set_phase(&tx, vm, Phase::Committed)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// After a merge: the disk `serial` of the VM is the file `path` now, and the head's top

@@ -698,3 +698,82 @@ fn an_in_place_apply_cut_short_anywhere_comes_back_consistent() {
         d.terminate();
     }
 }
+
+/// `vm move-storage` of an off VM with a checkpoint, vireod killed at each step of the move:
+/// before its commit the VM and its checkpoint are on the old files and the copies are gone;
+/// after it, on the copies in the destination with the old files gone. Either way every VHDX
+/// left is one the tree uses and checks clean, and the data of the VM and of the checkpoint is
+/// intact. The last round moves without a fault, back to where the files started.
+#[test]
+fn a_checkpointed_move_cut_short_anywhere_leaves_one_whole_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let base = base_disk(tmp.path());
+    {
+        let mut d = Vireod::start(&state);
+        vm_with_disk(&d, "m", &base);
+        write(&base, 0x21);
+        checkpoint(&d, "m", "one");
+        write(&disk_path(&d, "m"), 0x22);
+        d.terminate();
+    }
+    let frozen = |d: &Vireod| -> PathBuf {
+        let list = d.show("/v1/vms/m/checkpoints");
+        PathBuf::from(list[0]["disks"][0]["frozen"].as_str().unwrap())
+    };
+    let mut home = tmp.path().to_path_buf();
+    for (round, (point, moved)) in [
+        ("move-intent", false),
+        ("move-copied", false),
+        ("move-commit", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = tmp.path().join(format!("to{round}"));
+        crash_at(&state, point, |d| {
+            let _ = d.post_json("/v1/vms/m/move-storage", &json!({ "to": to }));
+        });
+        let d = Vireod::start(&state);
+        assert_eq!(names(&d, "m").len(), 1, "{point}");
+        if moved {
+            home = std::fs::canonicalize(&to).unwrap();
+        }
+        let (disk, base_now) = (disk_path(&d, "m"), frozen(&d));
+        assert!(
+            base_now.starts_with(&home),
+            "{point}: {}",
+            base_now.display()
+        );
+        assert_eq!(base_now.file_name(), base.file_name(), "{point}");
+        assert_eq!(read(&disk), (0x22, 0x22), "{point}");
+        assert_eq!(read(&base_now), (0x21, 0x21), "{point}");
+        // Two VHDX files anywhere (the base and the VM's child): no copy and no old file left.
+        assert_eq!(all_clean(&[tmp.path()]), 2, "{point}: files left behind");
+        if !moved {
+            assert!(
+                base.exists(),
+                "{point}: the old base went before the commit"
+            );
+        }
+        // The checkpoint applies from wherever its files are now.
+        apply(&d, "m", "one");
+        assert_eq!(read(&disk_path(&d, "m")), (0x21, 0x21), "{point}");
+        write(&disk_path(&d, "m"), 0x22);
+        assert_eq!(all_clean(&[tmp.path()]), 2, "{point}: after the apply");
+    }
+    // And a move that is not cut short carries it all on, to a third folder.
+    let mut d = Vireod::start(&state);
+    let to = tmp.path().join("last");
+    job(
+        &d,
+        d.post_json("/v1/vms/m/move-storage", &json!({ "to": to })),
+    );
+    let to = std::fs::canonicalize(&to).unwrap();
+    assert!(disk_path(&d, "m").starts_with(&to));
+    assert!(frozen(&d).starts_with(&to));
+    assert_eq!(all_clean(&[tmp.path()]), 2);
+    apply(&d, "m", "one");
+    assert_eq!(read(&disk_path(&d, "m")), (0x21, 0x21));
+    d.terminate();
+}

@@ -17,13 +17,16 @@ use crate::output::{emit, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct MoveStorageArgs {
-    /// The VM's name or id (running, paused or off).
+    /// The VM's name or id (running, paused or off). A VM with checkpoints must be off: its
+    /// whole checkpoint tree moves with it (frozen files into DIR, vireod's own into
+    /// DIR/vireo-checkpoints-<vm id>/); the checkpoints' saved state stays with vireod.
     pub vm: String,
     /// Destination folder (absolute, inside one of vireod's storage roots; created if
     /// missing). None of the disks' file names may exist there.
     #[arg(long)]
     pub to: PathBuf,
-    /// Copy each VHDX chain into one standalone VHDX instead of file by file.
+    /// Copy each VHDX chain into one standalone VHDX instead of file by file. Refused for a
+    /// VM with checkpoints (their frozen files would be lost).
     #[arg(long)]
     pub flatten: bool,
     /// Print the job and return at once; `vireo job show ID` follows it, `vireo job cancel

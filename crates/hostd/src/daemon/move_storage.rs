@@ -65,7 +65,7 @@ fn destination(d: &Daemon, to: &Path) -> Result<PathBuf, HttpError> {
 
 /// Every file the disks of the *other* VMs use (their VHDX chains included): never deleted by
 /// a move, even when unlocked (the other VM may be off).
-fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
+pub fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for vm in d.store.list().unwrap_or_default() {
         if vm.id() == me {
@@ -84,6 +84,27 @@ fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A VM with checkpoints moves its whole tree (`checkpoints::move_tree`), which is done for a
+/// VM that is off only, and never flattened.
+fn refuse_checkpointed(vm: &Vm, live: bool, flatten: bool) -> Result<(), HttpError> {
+    let name = &vm.spec.name;
+    if flatten {
+        return Err(HttpError::conflict(format!(
+            "VM {name:?} has checkpoints: --flatten would merge the files they froze into one \
+             and lose them; move without --flatten (the checkpoints move with the disks), or \
+             delete the checkpoints first (`vireo checkpoint rm {name} CHECKPOINT`)"
+        )));
+    }
+    if live {
+        return Err(HttpError::conflict(format!(
+            "VM {name:?} has checkpoints, which move with its storage only while it is off; \
+             turn it off (`vireo vm stop {name}`) and move, or delete the checkpoints first \
+             (`vireo checkpoint rm {name} CHECKPOINT`, their data merges into the running disk)"
+        )));
+    }
+    Ok(())
 }
 
 /// `POST /v1/vms/{vm}/move-storage`.
@@ -108,7 +129,17 @@ pub async fn start(
     if vm.spec.disks.is_empty() {
         return Err(HttpError::conflict(format!("VM {name:?} has no disks")));
     }
+    let checkpointed = !daemon.store.list_checkpoints(vm.id())?.is_empty();
+    if checkpointed {
+        // Before the destination folder is made: a refused move leaves nothing behind.
+        refuse_checkpointed(&vm, live, req.flatten)?;
+    }
     let to = destination(daemon, &req.to)?;
+    let tree = if checkpointed {
+        Some(super::checkpoints::move_tree::plan(daemon, &vm, &to)?)
+    } else {
+        None
+    };
     for disk in &vm.spec.disks {
         if let Some(file) = disk.path.file_name() {
             if to.join(file).exists() {
@@ -167,9 +198,17 @@ pub async fn start(
     let job_id = job.id;
     tokio::spawn(async move {
         let _guard = guard;
-        let end = match worker {
-            Some(w) => follow_worker(&d, &w.socket(), job_id, cancel).await,
-            None => move_offline(&d, &vm, &to, req.flatten, keep, job_id, cancel).await,
+        let end = match (worker, tree) {
+            (Some(w), _) => follow_worker(&d, &w.socket(), job_id, cancel).await,
+            (None, Some(files)) => {
+                use super::checkpoints::move_tree;
+                match move_tree::drive(&d, &vm, files, keep, job_id, cancel).await {
+                    Ok(()) => End::Done,
+                    Err(e) if e == move_tree::CANCELLED => End::Cancelled,
+                    Err(e) => End::Failed(e),
+                }
+            }
+            (None, None) => move_offline(&d, &vm, &to, req.flatten, keep, job_id, cancel).await,
         };
         match end {
             End::Done => {

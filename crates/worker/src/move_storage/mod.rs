@@ -30,7 +30,8 @@ use vireo_api::worker::{MoveDiskProgress, MoveProgress, MoveState};
 use vireo_block::BlockBackend;
 
 pub use mirror::{DirtyMap, MovableBackend, Parked};
-pub use prepare::{prepare, remove_created, Prepared};
+// copy_file_sparse: vireod's move of a checkpointed VM copies the frozen files with it.
+pub use prepare::{copy_file_sparse, prepare, remove_created, Prepared};
 
 use crate::server::State;
 
@@ -391,7 +392,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Deletes `f` unless another process has it open (it holds a lock on it: another VM's chain
 /// uses it as a parent).
-fn delete_if_unused(f: &Path) -> Result<(), String> {
+pub fn delete_if_unused(f: &Path) -> Result<(), String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -62,7 +62,7 @@ fn dest_for(src: &Path, dir: &Path) -> Result<PathBuf, String> {
 
 /// Copies file `src` to `dst` (created new), leaving holes where `src` has all-zero chunks.
 /// `dst` is pushed to `created` before anything is written.
-fn copy_file_sparse(
+pub fn copy_file_sparse(
     src: &Path,
     dst: &Path,
     created: &mut Vec<PathBuf>,

@@ -33,7 +33,7 @@ pub fn checkpointed(spec: &VmSpec) -> Result<Vec<&DiskSpec>, String> {
 }
 
 /// The file starts with the VHDX signature (read without a lock: a running VM holds one).
-fn is_vhdx(path: &Path) -> bool {
+pub fn is_vhdx(path: &Path) -> bool {
     let mut sig = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut sig))

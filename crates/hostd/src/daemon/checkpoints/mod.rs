@@ -21,6 +21,7 @@ pub mod create;
 pub mod delete;
 pub mod disks;
 pub mod live;
+pub mod move_tree;
 pub mod recover;
 
 use std::path::{Path, PathBuf};
@@ -54,9 +55,18 @@ pub fn child_path(daemon: &Daemon, vm: Uuid, serial: &str, op: Uuid) -> PathBuf 
         .join(format!("{safe}-{short}.avhdx"))
 }
 
-/// Files vireod made itself (children in the VM's folder): the only ones it ever deletes.
+/// Files vireod made itself (children in the VM's folder, or in the folder a storage move put
+/// them in, `move_tree`): the only ones it ever deletes.
 pub fn is_ours(daemon: &Daemon, vm: Uuid, file: &Path) -> bool {
-    file.starts_with(root(daemon, vm).join("disks"))
+    // Resolved first: a parent locator's path `<vm-dir>/checkpoints/disks/../../../base.vhdx`
+    // starts with the folder but names the user's file.
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let file = real(file);
+    file.starts_with(real(&root(daemon, vm).join("disks")))
+        || file
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|dir| dir.to_str() == Some(move_tree::moved_dir_name(vm).as_str()))
 }
 
 pub fn find(daemon: &Daemon, vm: &Vm, key: &str) -> Result<Checkpoint, HttpError> {

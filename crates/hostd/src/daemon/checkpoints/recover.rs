@@ -58,6 +58,11 @@ pub fn roll_back(daemon: &Daemon, vm: Uuid, intent: &Intent) {
         }
         // A delete is committed with its intent: never rolled back.
         Intent::Delete { .. } => return,
+        Intent::Move { files } => {
+            super::move_tree::roll_back(daemon, vm, files);
+            tracing::info!(vm = %vm, "storage move of a checkpointed VM rolled back");
+            return;
+        }
     }
     if let Err(e) = daemon.store.clear_checkpoint_intent(vm) {
         tracing::warn!(vm = %vm, "cannot clear the checkpoint intent: {e}");
@@ -110,6 +115,10 @@ pub async fn recover_all(daemon: &Arc<Daemon>) {
                 super::apply::finish(daemon, vm, &intent);
             }
             (Phase::Committed, Intent::Delete { .. }) => {}
+            (Phase::Committed, Intent::Move { files }) => {
+                let keep = crate::daemon::move_storage::files_of_other_vms(daemon, vm);
+                super::move_tree::finish(daemon, vm, files, &keep);
+            }
         }
     }
 }

@@ -182,12 +182,11 @@ fn refuse_checkpointed(daemon: &Daemon, vm: &Vm) -> Result<(), HttpError> {
             names.join(", ")
         )));
     }
-    if let Some(disk) = vm
-        .spec
-        .disks
-        .iter()
-        .find(|disk| crate::daemon::checkpoints::is_ours(daemon, vm.id(), &disk.path))
-    {
+    if let Some(disk) = vm.spec.disks.iter().find(|disk| {
+        // Only vireod's folder: a storage move's folder for its files goes with the disks.
+        disk.path
+            .starts_with(crate::daemon::checkpoints::root(daemon, vm.id()))
+    }) {
         return Err(HttpError::conflict(format!(
             "VM {name:?} runs on {}, a file in vireod's own folder for the VM, which does not \
              move with it; move its storage first (`vireo vm move-storage {name} --to DIR`)",

@@ -1,0 +1,226 @@
+//! `vireo vm move-storage` of a VM with checkpoints, through vireod. Before the tree moved
+//! with the disks, a move copied only the VM's running chain and deleted its old files: the
+//! checkpoints' frozen files (the base disk the first checkpoint froze among them) were gone,
+//! the records named files that no longer existed and `checkpoint apply` failed. Now an off
+//! VM's whole tree moves: the list is unchanged, every file of the tree is in the destination
+//! and checks clean, nothing is left in the old places, and applying each checkpoint gives
+//! back its disk data exactly. A running VM with checkpoints, and `--flatten`, are refused with
+//! one line naming the way out, the VM untouched (its memory and disk as before, applying the
+//! checkpoint afterwards gives back its memory and disk).
+
+use std::path::{Path, PathBuf};
+
+mod vireod_harness;
+use vireo_api::Checkpoint;
+use vireo_vhdx::{CreateOptions, OpenOptions, Vhdx};
+use vireod_harness::console::Console;
+use vireod_harness::Daemon;
+
+const MIB: u64 = 1 << 20;
+
+fn checkpoints(d: &Daemon, vm: &str) -> Vec<Checkpoint> {
+    serde_json::from_str(&d.ok(&["checkpoint", "list", vm, "--output", "json"])).unwrap()
+}
+
+/// Every file a checkpoint names, and the VM's own disks: the files a move must not lose.
+fn files_in_use(d: &Daemon, vm: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = d.vm(vm).spec.disks.iter().map(|s| s.path.clone()).collect();
+    for cp in checkpoints(d, vm) {
+        files.extend(cp.disks.iter().map(|f| f.frozen.clone()));
+    }
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// Every VHDX file under `dir`, wherever it is: what must equal the files the tree names.
+fn vhdx_on_disk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|x| x == "vhdx" || x == "avhdx")
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn all_check_clean(d: &Daemon, files: &[PathBuf]) {
+    for f in files {
+        assert!(f.exists(), "{} is gone", f.display());
+        d.ok(&["disk", "check", f.to_str().unwrap()]);
+    }
+}
+
+/// The move is refused with one line containing each of `words`, and nothing is left in the
+/// destination.
+fn assert_move_refused(d: &Daemon, vm: &str, extra: &[&str], words: &[&str], to: &Path) {
+    let mut args = vec!["vm", "move-storage", vm, "--to", to.to_str().unwrap()];
+    args.extend(extra);
+    let (code, line) = d.fails(&args);
+    eprintln!("move-storage {extra:?} of a checkpointed VM: {line}");
+    assert_eq!(code, 1, "{line}");
+    for w in words {
+        assert!(line.contains(w), "the error should say {w:?}: {line}");
+    }
+    let left: Vec<_> = std::fs::read_dir(to)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the refused move left {left:?}");
+}
+
+fn write_all(path: &Path, byte: u8) {
+    let v = Vhdx::open(path, &OpenOptions::default()).unwrap();
+    v.write(&vec![byte; MIB as usize], MIB).unwrap();
+    v.flush().unwrap();
+}
+
+fn read_byte(path: &Path) -> u8 {
+    let v = Vhdx::open(path, &OpenOptions::read_only()).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    v.read(&mut buf, MIB).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == buf[0]),
+        "torn data in {}",
+        path.display()
+    );
+    buf[0]
+}
+
+#[test]
+fn an_off_vm_moves_its_whole_checkpoint_tree() {
+    let Some(d) = Daemon::start() else { return };
+    let base = d.dir.path().join("base.vhdx");
+    let opts = CreateOptions {
+        size: 8 * MIB,
+        block_size: MIB as u32,
+        ..Default::default()
+    };
+    drop(Vhdx::create(&base, &opts).unwrap());
+    write_all(&base, 1);
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    d.ok(&[
+        "vm",
+        "create",
+        "c",
+        "--kernel",
+        &kernel,
+        "--disk",
+        "base.vhdx",
+    ]);
+    // A tree with a branch: first → second on one line, then first applied and a third
+    // taken beside second, so a frozen file off the VM's running chain must move too.
+    d.ok(&["checkpoint", "create", "c", "first"]);
+    write_all(&d.vm("c").spec.disks[0].path, 2);
+    d.ok(&["checkpoint", "create", "c", "second"]);
+    d.ok(&["checkpoint", "apply", "c", "first"]);
+    write_all(&d.vm("c").spec.disks[0].path, 4);
+    d.ok(&["checkpoint", "create", "c", "third"]);
+    write_all(&d.vm("c").spec.disks[0].path, 3);
+    let (tree, files) = (d.ok(&["checkpoint", "list", "c"]), files_in_use(&d, "c"));
+    assert_eq!(
+        files,
+        vhdx_on_disk(d.dir.path()),
+        "the tree before the move"
+    );
+    assert_eq!(files.len(), 4, "{files:?}");
+
+    let to = d.dir.path().join("moved");
+    assert_move_refused(
+        &d,
+        "c",
+        &["--flatten"],
+        &["--flatten", "checkpoint rm"],
+        &to,
+    );
+    assert_eq!(files_in_use(&d, "c"), files);
+
+    let out = d.ok(&["vm", "move-storage", "c", "--to", to.to_str().unwrap()]);
+    assert!(out.contains("moved the disks of VM c"), "{out}");
+    let to = std::fs::canonicalize(&to).unwrap();
+    assert_eq!(d.ok(&["checkpoint", "list", "c"]), tree, "the tree changed");
+    let moved = files_in_use(&d, "c");
+    assert_eq!(moved.len(), files.len(), "{moved:?}");
+    assert!(moved.iter().all(|f| f.starts_with(&to)), "{moved:?}");
+    assert!(moved.contains(&to.join("base.vhdx")), "{moved:?}");
+    // Every VHDX left anywhere is one the tree names: nothing stays behind in the old places.
+    assert_eq!(vhdx_on_disk(d.dir.path()), moved, "files left behind");
+    assert!(!base.exists());
+    all_check_clean(&d, &moved);
+    assert_eq!(read_byte(&d.vm("c").spec.disks[0].path), 3);
+
+    for (cp, byte) in [("second", 2), ("first", 1), ("third", 4)] {
+        d.ok(&["checkpoint", "apply", "c", cp]);
+        assert_eq!(
+            read_byte(&d.vm("c").spec.disks[0].path),
+            byte,
+            "after applying {cp}"
+        );
+    }
+    // The files vireod made are still its own in their new folder: the apply deleted the
+    // VM's discarded top there, and a delete removes a frozen file nobody needs any more.
+    assert_eq!(vhdx_on_disk(d.dir.path()), files_in_use(&d, "c"));
+    d.ok(&["checkpoint", "rm", "c", "second"]);
+    assert_eq!(vhdx_on_disk(d.dir.path()), files_in_use(&d, "c"));
+    all_check_clean(&d, &files_in_use(&d, "c"));
+    d.ok(&["checkpoint", "apply", "c", "first"]);
+    assert_eq!(read_byte(&d.vm("c").spec.disks[0].path), 1);
+}
+
+#[test]
+fn a_running_vm_with_a_checkpoint_is_refused_and_untouched() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    let disk = d.dir.path().join("r.vhdx");
+    d.ok(&["disk", "create", disk.to_str().unwrap(), "--size", "16M"]);
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    d.ok(&[
+        "vm", "create", "r", "--kernel", &kernel, "--memory", "64M", "--disk", "r.vhdx",
+    ]);
+    d.ok(&["vm", "start", "r"]);
+    let pid = d.worker_pid("r");
+    let mut c = Console::attach(&d, "r");
+    c.ok("DISK 0 WRITE 0 64 5");
+    c.ok("MEM FILL 16 8 9");
+    let sum = c.ok("MEM SUM 16 8");
+    d.ok(&["checkpoint", "create", "r", "before"]);
+    // After the checkpoint the guest writes on in its differencing child.
+    c.ok("DISK 0 WRITE 0 64 7");
+    c.ok("MEM FILL 16 8 11");
+    let (tree, files) = (d.ok(&["checkpoint", "list", "r"]), files_in_use(&d, "r"));
+    assert_eq!(files.len(), 2, "{files:?}");
+
+    let to = d.dir.path().join("moved");
+    assert_move_refused(&d, "r", &[], &["turn it off", "checkpoint rm"], &to);
+
+    assert_eq!(
+        d.worker_pid("r"),
+        pid,
+        "the refused move must not touch the worker"
+    );
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    assert_eq!(d.ok(&["checkpoint", "list", "r"]), tree);
+    assert_eq!(files_in_use(&d, "r"), files);
+    d.ok(&["vm", "turn-off", "r"]);
+    all_check_clean(&d, &files);
+    d.ok(&["checkpoint", "apply", "r", "before"]);
+    d.ok(&["vm", "start", "r"]);
+    let mut c = Console::attach(&d, "r");
+    c.ok("DISK 0 VERIFY 0 64 5");
+    assert_eq!(c.ok("MEM SUM 16 8"), sum);
+    drop(c);
+    d.ok(&["vm", "turn-off", "r"]);
+    all_check_clean(&d, &files_in_use(&d, "r"));
+}
