@@ -649,6 +649,16 @@ impl Worker {
                 restore_len(buf);
             }
         }
+        // Redirects to stale senders: small and rare, straight onto the uplink.
+        if let Some((up, frames)) = sw.take_overlay_frames() {
+            if let Some(out) = self.ports.get(up.0 as usize).and_then(|p| p.as_ref()) {
+                for f in &frames {
+                    if out.port.send(f).is_err() {
+                        sw.count_drop(up, DropReason::TxFull);
+                    }
+                }
+            }
+        }
         drop(sw);
         if !segments.is_empty() {
             self.inject_from(ingress, &segments, from_packet);

@@ -399,6 +399,34 @@ impl Switch {
         self.overlay.as_ref()
     }
 
+    /// The overlay's stale-sender counters (relays, redirects); zero without an overlay.
+    pub fn relay_counters(&self) -> crate::overlay::relay::RelayCounters {
+        self.overlay
+            .as_ref()
+            .map(|o| o.relay_counters())
+            .unwrap_or_default()
+    }
+
+    /// Provider frames the overlay made on its own (redirects to stale senders) since last
+    /// asked, with the uplink to send them on (counted on its egress meter here).
+    pub fn take_overlay_frames(&mut self) -> Option<(PortId, Vec<Vec<u8>>)> {
+        let frames = self.overlay.as_mut()?.take_outbox();
+        if frames.is_empty() {
+            return None;
+        }
+        let up = self
+            .active
+            .iter()
+            .copied()
+            .find(|id| self.port(*id).is_some_and(|p| p.cfg.role == PortRole::Uplink))?;
+        if let Some(p) = self.port_mut(up) {
+            for f in &frames {
+                p.meters.egress.add(f.len());
+            }
+        }
+        Some((up, frames))
+    }
+
     /// Adds or moves a policy entry (e.g. a VM migrated: its new PA applies to the next frame).
     pub fn set_policy(&mut self, e: &vireo_netconfig::PolicyEntry) -> Result<(), SwitchError> {
         let o = self
@@ -884,6 +912,7 @@ impl Switch {
         }
         // Stage 1b: network virtualization. Customer frames never reach the L2 table.
         if let Some(o) = &mut self.overlay {
+            let redirected = o.relay_counters().redirects_accepted;
             let v = if in_overlay {
                 o.from_vm(ingress, &s, frame, now)
             } else if uplink {
@@ -891,6 +920,10 @@ impl Switch {
             } else {
                 crate::overlay::Verdict::Pass
             };
+            if o.relay_counters().redirects_accepted != redirected {
+                // Kernel overlay flows hold the PA the redirect just moved.
+                self.invalidate_offloads();
+            }
             self.note_table_changes();
             if v != crate::overlay::Verdict::Pass {
                 return self.overlay_send(ingress, v, frame, now, out);
