@@ -271,7 +271,10 @@ fn teamed_overlay_switch_keeps_team_and_policies_across_restarts() {
     let up = uplink_config(&d.show("/v1/switches/nv"));
     assert_eq!(up["mirror"], json!({"source": "both"}), "{up}");
     assert_eq!(up["mirror_overlay"], "inner", "{up}");
-    assert_eq!(up["role"], "uplink", "the rest of the uplink's policy stays: {up}");
+    assert_eq!(
+        up["role"], "uplink",
+        "the rest of the uplink's policy stays: {up}"
+    );
     let m = put(
         &d,
         "/v1/switches/nv/uplink/mirror",
@@ -297,7 +300,10 @@ fn teamed_overlay_switch_keeps_team_and_policies_across_restarts() {
     let table = switchd_policies(&state, &id);
     assert!(has(&table, "10.0.0.7", "192.0.2.3"), "{table:?}");
     let up = uplink_config(&d.show("/v1/switches/nv"));
-    assert_eq!(up["mirror_overlay"], "inner", "the uplink mirror from the store: {up}");
+    assert_eq!(
+        up["mirror_overlay"], "inner",
+        "the uplink mirror from the store: {up}"
+    );
     assert!(has(&table, "10.0.0.2", "192.0.2.1"), "{table:?}");
     assert!(!has(&table, "10.0.0.8", "192.0.2.4"), "{table:?}");
     wait_until(Duration::from_secs(20), "the team back", || {

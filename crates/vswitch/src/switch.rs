@@ -444,11 +444,10 @@ impl Switch {
         if frames.is_empty() {
             return None;
         }
-        let up = self
-            .active
-            .iter()
-            .copied()
-            .find(|id| self.port(*id).is_some_and(|p| p.cfg.role == PortRole::Uplink))?;
+        let up = self.active.iter().copied().find(|id| {
+            self.port(*id)
+                .is_some_and(|p| p.cfg.role == PortRole::Uplink)
+        })?;
         if let Some(p) = self.port_mut(up) {
             for f in &frames {
                 p.meters.egress.add(f.len());
@@ -1135,7 +1134,8 @@ impl Switch {
             };
             dp.meters.egress.add(len);
             let mirror_out = dp.mirror_out;
-            let inner_view = !customer && dp.cfg.mirror_overlay == crate::config::MirrorLayer::Inner;
+            let inner_view =
+                !customer && dp.cfg.mirror_overlay == crate::config::MirrorLayer::Inner;
             out.egress.push(Egress {
                 port: dst,
                 tag,
@@ -1180,11 +1180,13 @@ impl Switch {
                 },
             ) => Bytes::Frame,
             // A relayed packet: the customer frame in what goes on to the VM's new host.
-            (true, _, Verdict::Send { to: Target::Uplink, .. })
-                if fill_inner(frame, &mut out.inner) =>
-            {
-                Bytes::Inner
-            }
+            (
+                true,
+                _,
+                Verdict::Send {
+                    to: Target::Uplink, ..
+                },
+            ) if fill_inner(frame, &mut out.inner) => Bytes::Inner,
             // Provider-only frames (ARP for our PAs, redirects) and drops: no customer frame.
             _ => return,
         };

@@ -74,12 +74,7 @@ fn host(h: usize, encap: &str, up_layer: Option<MirrorLayer>, vm_mirror: bool) -
             ..PortConfig::access("mirror", 1)
         })
         .unwrap();
-    Host {
-        sw,
-        up,
-        vm,
-        mirror,
-    }
+    Host { sw, up, vm, mirror }
 }
 
 /// (normal copies, mirror copies) of one frame, as bytes.

@@ -12,7 +12,12 @@ use vireo_vswitch::*;
 mod common;
 use common::*;
 
-const PA: [&str; 4] = ["192.168.60.1", "192.168.60.2", "192.168.60.3", "192.168.60.4"];
+const PA: [&str; 4] = [
+    "192.168.60.1",
+    "192.168.60.2",
+    "192.168.60.3",
+    "192.168.60.4",
+];
 const PMAC: [Mac; 4] = [
     [2, 0xaa, 0, 0, 0, 1],
     [2, 0xbb, 0, 0, 0, 1],
@@ -207,7 +212,14 @@ fn a_stale_sender_is_relayed_once_then_redirected_to_the_new_host() {
 /// A redirect's tunnel packet as `from` would send it to C in `vsid`.
 fn forged(w: &World, from: usize, vsid: u32, r: &Redirect, encap: Encap) -> Vec<u8> {
     // The gateway MAC the overlay uses for subnets without one configured.
-    let gw = [2, 0xff, (vsid >> 16) as u8, (vsid >> 8) as u8, vsid as u8, 1];
+    let gw = [
+        2,
+        0xff,
+        (vsid >> 16) as u8,
+        (vsid >> 8) as u8,
+        vsid as u8,
+        1,
+    ];
     let mut f = redirect::build(gw, r);
     vireo_vswitch::overlay::encap::encapsulate(
         &mut f,
@@ -235,7 +247,10 @@ fn forged_redirects_change_nothing() {
     };
     let cases = [
         // A host that is not where C's entry points, pulling X towards itself.
-        ("from another host", forged(&w, 3, VSID, &to(3), Encap::Vxlan)),
+        (
+            "from another host",
+            forged(&w, 3, VSID, &to(3), Encap::Vxlan),
+        ),
         // The right host, but in another virtual subnet.
         ("wrong VSID", forged(&w, 0, 101, &to(1), Encap::Vxlan)),
         // Another MAC for X's CA.
@@ -268,7 +283,10 @@ fn forged_redirects_change_nothing() {
             ),
         ),
         // The wrong encapsulation for the routing domain.
-        ("NVGRE on a VXLAN domain", forged(&w, 0, VSID, &to(1), Encap::Nvgre)),
+        (
+            "NVGRE on a VXLAN domain",
+            forged(&w, 0, VSID, &to(1), Encap::Nvgre),
+        ),
     ];
     for (what, f) in &cases {
         let (out, d) = run(&mut w.c.0, w.c.1, f, 2 * SEC);
@@ -280,7 +298,11 @@ fn forged_redirects_change_nothing() {
             ),
             "{what}: {d:?}"
         );
-        assert_eq!(x_on_c(&w).pa, PA[0].parse::<std::net::IpAddr>().unwrap(), "{what}");
+        assert_eq!(
+            x_on_c(&w).pa,
+            PA[0].parse::<std::net::IpAddr>().unwrap(),
+            "{what}"
+        );
     }
     assert_eq!(w.c.0.relay_counters().redirects_accepted, 0);
     assert_eq!(w.c.0.relay_counters().redirects_refused, 4);

@@ -17,7 +17,11 @@ use common::host::*;
 use common::netns::*;
 
 const PA: [&str; 3] = ["192.168.81.1", "192.168.81.2", "192.168.81.3"];
-const PMAC: [&str; 3] = ["02:aa:00:00:00:03", "02:bb:00:00:00:03", "02:cc:00:00:00:03"];
+const PMAC: [&str; 3] = [
+    "02:aa:00:00:00:03",
+    "02:bb:00:00:00:03",
+    "02:cc:00:00:00:03",
+];
 const MX: &str = "02:00:00:00:03:07";
 const MP: &str = "02:00:00:00:03:03";
 const EXPIRY_SECS: u64 = 2;
@@ -132,7 +136,10 @@ fn netns_a_stale_sender_is_relayed_then_redirected_and_the_relay_expires() {
         .iter()
         .map(|s| SwitchRuntime::start((*s).clone()).unwrap())
         .collect();
-    for (rt, (id, dev)) in rts.iter().zip([(a_up, &ups[0]), (b_up, &ups[1]), (c_up, &ups[2])]) {
+    for (rt, (id, dev)) in rts
+        .iter()
+        .zip([(a_up, &ups[0]), (b_up, &ups[1]), (c_up, &ups[2])])
+    {
         rt.attach(id, Arc::new(PacketPort::bind(dev).unwrap()));
     }
     rts[0].attach(x_a, Arc::new(vm(&mut lab, 1, "10.0.0.7", MX)));

@@ -197,7 +197,13 @@ mod tests {
         let e = entry("192.0.2.1");
         // An attacker at .66 pulling the VM towards itself.
         assert_eq!(
-            judge(Some(&e), 100, ip("192.0.2.66"), &moved_to("192.0.2.66"), none),
+            judge(
+                Some(&e),
+                100,
+                ip("192.0.2.66"),
+                &moved_to("192.0.2.66"),
+                none
+            ),
             Err(Refusal::NotFromCurrentHost)
         );
     }

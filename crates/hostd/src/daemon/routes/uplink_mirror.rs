@@ -18,7 +18,8 @@ use crate::daemon::http_error::{ApiJson, ApiPath, HttpError};
 use crate::switch_store::SwitchRow;
 
 fn check(row: &SwitchRow, m: &UplinkMirror) -> Result<(), HttpError> {
-    let has_uplink = matches!(row.spec.kind, SwitchKind::External { .. }) || row.spec.team.is_some();
+    let has_uplink =
+        matches!(row.spec.kind, SwitchKind::External { .. }) || row.spec.team.is_some();
     if !has_uplink {
         return Err(invalid(format!(
             "switch {:?} has no uplink (an external switch or one with --team has); mirror a VM NIC (vireo vm nic set --mirror) or an interface port instead",
