@@ -77,8 +77,10 @@ fn host(h: usize, encap: &str, up_layer: Option<MirrorLayer>, vm_mirror: bool) -
     Host { sw, up, vm, mirror }
 }
 
-/// (normal copies, mirror copies) of one frame, as bytes.
-fn run(sw: &mut Switch, port: PortId, frame: &[u8]) -> (Vec<(PortId, Vec<u8>)>, Vec<Vec<u8>>) {
+/// (normal copies with their ports, mirror copies) of one frame, as bytes.
+type Copies = (Vec<(PortId, Vec<u8>)>, Vec<Vec<u8>>);
+
+fn run(sw: &mut Switch, port: PortId, frame: &[u8]) -> Copies {
     let mut f = frame.to_vec();
     let mut d = Delivery::default();
     sw.process(port, &mut f, 1_000_000, &mut d);
