@@ -185,6 +185,8 @@ impl NicSpec {
             acls: p.acls.clone(),
             qos: p.qos.clone(),
             mirror: p.mirror,
+            // VM ports mirror their customer frames; the layer concerns uplinks.
+            mirror_overlay: Default::default(),
             storm_limit_pps: p.storm_limit_pps,
             mac_limit: p.mac_limit,
             mtu: p.mtu,

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vireo_netconfig::{PortConfig, PvlanDomain, SwitchKind};
+use vireo_netconfig::{MirrorLayer, MirrorRole, PortConfig, PvlanDomain, SwitchKind};
 
 pub const SWITCH_PROTOCOL_VERSION: u32 = 1;
 
@@ -55,6 +55,30 @@ pub struct SwitchSpec {
     /// VMs, changed with `/v1/switches/{sw}/policies` (local VMs' entries come from their NICs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<vireo_netconfig::OverlayConfig>,
+    /// The uplink's part in port mirroring (`PUT /v1/switches/{sw}/uplink/mirror`); `None`
+    /// is no part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_mirror: Option<UplinkMirror>,
+}
+
+/// The uplink's mirror role, and for a switch with an overlay what its copies show: the
+/// tunnel packets as on the provider wire (`outer`) or the customer frames in them
+/// (`inner`). The destinations are the ports with the role `destination`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkMirror {
+    #[serde(default)]
+    pub role: MirrorRole,
+    #[serde(default, skip_serializing_if = "MirrorLayer::is_outer")]
+    pub overlay: MirrorLayer,
+}
+
+impl UplinkMirror {
+    /// The uplink's port policy `config` with this mirror setting.
+    pub fn apply(&self, config: &mut PortConfig) {
+        config.mirror = self.role;
+        config.mirror_overlay = self.overlay;
+    }
 }
 
 /// The name of a teamed switch's uplink port (the name an external switch's uplink has too).
@@ -68,6 +92,9 @@ pub struct SwitchLaunch {
     pub switch_id: Uuid,
     pub config: vireo_netconfig::SwitchConfig,
     pub ports: Vec<SwitchPort>,
+    /// Applied to the uplink port ([`TEAM_PORT`]) once the ports are up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_mirror: Option<UplinkMirror>,
 }
 
 /// One port to create: its policy and what it is attached to.
@@ -131,6 +158,9 @@ pub enum SwitchOp {
     /// Replace the policy of the port named `config.name`, live: the next frame sees it.
     /// `Error` (port untouched) when the switch refuses the policy.
     SetPort { config: PortConfig },
+    /// The uplink's mirror setting, the rest of its policy as it is: `Ok`, or `Error` for a
+    /// switch without an uplink or a setting the switch refuses.
+    SetUplinkMirror { mirror: UplinkMirror },
     /// Every port with its meters: `Status`.
     Status,
     /// Zero every port's meters (`Ok`).

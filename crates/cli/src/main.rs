@@ -17,6 +17,7 @@ mod output;
 mod pool;
 mod run;
 mod switch;
+mod switch_mirror;
 mod switch_team;
 mod table;
 mod vm;

@@ -59,6 +59,15 @@ pub enum SwitchCommand {
     /// Host interfaces (veth, TAP, NIC) as ports of a switch.
     #[command(subcommand)]
     Port(PortCommand),
+    /// Make the switch's uplink a mirror source or destination; on a switch with an overlay,
+    /// choose whether its copies show the tunnel packets (outer) or the customer frames in
+    /// them (inner). Destinations: VM NICs with --mirror destination, or interface ports.
+    ///
+    ///   vireo switch mirror nv --role source --overlay inner
+    ///   vireo switch mirror nv --role source --direction egress --overlay outer
+    ///   vireo switch mirror nv --role none
+    #[command(verbatim_doc_comment)]
+    Mirror(crate::switch_mirror::MirrorArgs),
     /// Zero the meters of every port of the switch.
     ResetMeters {
         /// The switch's name or id.
@@ -298,6 +307,7 @@ pub fn execute(client: &Client, cmd: SwitchCommand) -> Result<ExitCode, Box<dyn 
                 fast_path: None,
                 team,
                 overlay: a.overlay.config()?,
+                uplink_mirror: None,
             };
             let s: SwitchInfo = client.post("/v1/switches", Some(&spec))?;
             match a.output {
@@ -340,6 +350,11 @@ pub fn execute(client: &Client, cmd: SwitchCommand) -> Result<ExitCode, Box<dyn 
         SwitchCommand::Port(PortCommand::Rm { switch, iface }) => {
             client.delete(&iface_path(&switch, &iface)?)?;
             emit(format!("removed port {iface} from switch {switch}\n"))?;
+        }
+        SwitchCommand::Mirror(a) => {
+            let path = format!("{}/uplink/mirror", path(&a.switch)?);
+            let m: vireo_api::switch::UplinkMirror = client.put(&path, &a.mirror())?;
+            emit(a.done_text(&m))?;
         }
         SwitchCommand::ResetMeters { switch } => {
             let path = format!("{}/meters/reset", path(&switch)?);

@@ -201,6 +201,7 @@ impl OverlayArgs {
             routing_domains: domains,
             policies: Vec::new(),
             gateways: Vec::new(),
+            relay_expiry_secs: None,
         }))
     }
 }

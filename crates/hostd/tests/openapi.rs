@@ -474,6 +474,17 @@ fn a_live_vireod_answers_only_documented_statuses() {
     call("PUT", t, "/v1/switches/dsw/ports/other", Some(&port));
     call("DELETE", t, "/v1/switches/dsw/ports/vdocx0", None);
     call("DELETE", t, "/v1/switches/dsw/ports/vdocx0", None);
+    let t = "/v1/switches/{sw}/uplink/mirror";
+    let mirror =
+        serde_json::to_vec(&json!({"role": {"source": "both"}, "overlay": "inner"})).unwrap();
+    call("PUT", t, "/v1/switches/dsw/uplink/mirror", Some(&mirror));
+    call("PUT", t, "/v1/switches/none/uplink/mirror", Some(&mirror));
+    call(
+        "PUT",
+        t,
+        "/v1/switches/dsw/uplink/mirror",
+        Some(b"{\"role\": 7}"),
+    );
     let t = "/v1/switches/{sw}/meters/reset";
     call("POST", t, "/v1/switches/dsw/meters/reset", None);
     call("POST", t, "/v1/switches/none/meters/reset", None);

@@ -105,6 +105,17 @@ fn team_members(sw: &Value) -> Vec<Value> {
     p["team"]["members"].as_array().unwrap().clone()
 }
 
+/// The uplink port's configuration as the switch process reports it.
+fn uplink_config(sw: &Value) -> Value {
+    sw["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["config"]["name"] == "uplink")
+        .unwrap_or_else(|| panic!("no uplink port in {sw}"))["config"]
+        .clone()
+}
+
 fn entry(ca: &str, vsid: u64, pa: &str) -> Value {
     json!({"routing_domain": "red", "ca": ca, "mac": "02:00:00:00:00:07", "vsid": vsid, "pa": pa})
 }
@@ -253,6 +264,25 @@ fn teamed_overlay_switch_keeps_team_and_policies_across_restarts() {
     d.request("DELETE", "/v1/switches/nv/policies/red/10.0.0.2", None)
         .assert_error(404, "not_found");
 
+    // The uplink mirrors the customer frames inside its tunnel packets.
+    let mirror = json!({"role": {"source": "both"}, "overlay": "inner"});
+    let r = put(&d, "/v1/switches/nv/uplink/mirror", &mirror);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let up = uplink_config(&d.show("/v1/switches/nv"));
+    assert_eq!(up["mirror"], json!({"source": "both"}), "{up}");
+    assert_eq!(up["mirror_overlay"], "inner", "{up}");
+    assert_eq!(
+        up["role"], "uplink",
+        "the rest of the uplink's policy stays: {up}"
+    );
+    let m = put(
+        &d,
+        "/v1/switches/nv/uplink/mirror",
+        &json!({"role": "none", "overlay": "sideways"}),
+    )
+    .assert_error(400, "bad_request");
+    assert!(m.contains("sideways"), "{m}");
+
     // vireod SIGKILLed: the running process is re-adopted with its table.
     d.kill9();
     d.restart();
@@ -269,6 +299,11 @@ fn teamed_overlay_switch_keeps_team_and_policies_across_restarts() {
     });
     let table = switchd_policies(&state, &id);
     assert!(has(&table, "10.0.0.7", "192.0.2.3"), "{table:?}");
+    let up = uplink_config(&d.show("/v1/switches/nv"));
+    assert_eq!(
+        up["mirror_overlay"], "inner",
+        "the uplink mirror from the store: {up}"
+    );
     assert!(has(&table, "10.0.0.2", "192.0.2.1"), "{table:?}");
     assert!(!has(&table, "10.0.0.8", "192.0.2.4"), "{table:?}");
     wait_until(Duration::from_secs(20), "the team back", || {
@@ -302,6 +337,13 @@ fn policies_need_an_overlay_and_a_team_needs_a_kind_without_uplink() {
         .assert_error(422, "invalid");
     assert!(m.contains("plain") && m.contains("no overlay"), "{m}");
     assert_eq!(d.show("/v1/switches/plain/policies"), json!([]));
+    let m = put(
+        &d,
+        "/v1/switches/plain/uplink/mirror",
+        &json!({"role": {"source": "both"}}),
+    )
+    .assert_error(422, "invalid");
+    assert!(m.contains("plain") && m.contains("no uplink"), "{m}");
     let m = d
         .post_json(
             "/v1/switches",

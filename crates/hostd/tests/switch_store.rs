@@ -20,6 +20,7 @@ fn sw(name: &str) -> SwitchSpec {
         fast_path: None,
         team: None,
         overlay: None,
+        uplink_mirror: None,
     }
 }
 

@@ -394,6 +394,25 @@ pub enum MirrorRole {
     Destination,
 }
 
+/// What a mirror copy of an overlay switch's uplink traffic shows (`docs/vswitch.md`,
+/// "Mirroring"): the packet as it is on the provider wire, or the customer frame inside it.
+/// VM ports of a virtual subnet always mirror their customer frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorLayer {
+    /// The tunnel packet (outer Ethernet, IP, VXLAN/NVGRE headers) as sent or received.
+    #[default]
+    Outer,
+    /// The customer frame carried in the tunnel, as the VM ports' policies see it.
+    Inner,
+}
+
+impl MirrorLayer {
+    pub fn is_outer(&self) -> bool {
+        *self == MirrorLayer::Outer
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortConfig {
     pub name: String,
@@ -412,6 +431,10 @@ pub struct PortConfig {
     pub qos: QosConfig,
     #[serde(default)]
     pub mirror: MirrorRole,
+    /// For the uplink of a switch with an overlay: whether its mirror copies show the tunnel
+    /// packets or the customer frames in them.
+    #[serde(default, skip_serializing_if = "MirrorLayer::is_outer")]
+    pub mirror_overlay: MirrorLayer,
     /// Broadcast + multicast frames per second accepted from this port.
     #[serde(default)]
     pub storm_limit_pps: Option<u32>,

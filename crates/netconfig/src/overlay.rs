@@ -106,7 +106,17 @@ pub struct OverlayConfig {
     /// Gateways from routing domains to physical networks on the uplink (`gateway.rs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<crate::GatewayConfig>,
+    /// How long, after a VM moved away, this host still relays tunnel packets that stale
+    /// senders address to it (counted from the move and from each relayed packet); after
+    /// that they are dropped. Default [`DEFAULT_RELAY_EXPIRY_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_expiry_secs: Option<u32>,
 }
+
+/// Five minutes: senders are redirected on their first relayed packet, so only a host that
+/// cannot take redirects (a Linux VTEP) keeps relying on the relay; five minutes covers
+/// its operator's reaction to the move, not indefinite forwarding.
+pub const DEFAULT_RELAY_EXPIRY_SECS: u32 = 300;
 
 fn default_provider_mtu() -> u32 {
     1500
@@ -133,6 +143,11 @@ impl OverlayConfig {
             return Err(format!(
                 "provider MAC {} is not a unicast address; use a locally administered one such as 02:..",
                 self.provider_mac
+            ));
+        }
+        if let Some(secs) = self.relay_expiry_secs.filter(|s| !(1..=86_400).contains(s)) {
+            return Err(format!(
+                "relay expiry {secs} s is outside 1..=86400; leave it out for the default of {DEFAULT_RELAY_EXPIRY_SECS} s"
             ));
         }
         if !(576..=9000).contains(&self.provider_mtu) {

@@ -90,5 +90,10 @@ fn start_ports(launch: &SwitchLaunch, dir: &Path) -> Result<Ports, SwitchdError>
             tracing::error!("port {name:?} left out: {e}");
         }
     }
+    if let Some(m) = launch.uplink_mirror {
+        if let Err(e) = ports.set_uplink_mirror(&m) {
+            tracing::error!("uplink mirror {m:?} left out: {e}");
+        }
+    }
     Ok(ports)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use vireo_api::switch::{PortAttach, PortReport, SwitchPort};
+use vireo_api::switch::{PortAttach, PortReport, SwitchPort, UplinkMirror, TEAM_PORT};
 use vireo_vswitch::runtime::{lock, SwitchRuntime};
 use vireo_vswitch::team::TeamPort;
 use vireo_vswitch::uplink::PacketPort;
@@ -240,6 +240,18 @@ impl Ports {
     }
 
     /// Replaces the policy of port `config.name`, live.
+    /// The uplink's ([`TEAM_PORT`]) mirror setting, the rest of its policy as it is.
+    pub fn set_uplink_mirror(&mut self, m: &UplinkMirror) -> Result<(), SwitchdError> {
+        let mut config = self
+            .status()
+            .into_iter()
+            .map(|r| r.config)
+            .find(|c| c.name == TEAM_PORT)
+            .ok_or_else(|| SwitchdError::NoSuchPort(TEAM_PORT.into()))?;
+        m.apply(&mut config);
+        self.set(config)
+    }
+
     pub fn set(&mut self, config: PortConfig) -> Result<(), SwitchdError> {
         let a = self
             .ports

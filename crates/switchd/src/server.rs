@@ -131,6 +131,10 @@ fn answer(s: &State, op: SwitchOp) -> SwitchReply {
             let what = format!("set port {:?}", config.name);
             done(&what, ports.set(config))
         }
+        SwitchOp::SetUplinkMirror { mirror } => {
+            let what = format!("set the uplink's mirror to {mirror:?}");
+            done(&what, ports.set_uplink_mirror(&mirror))
+        }
         SwitchOp::Status => SwitchReply::Status {
             ports: ports.status(),
         },

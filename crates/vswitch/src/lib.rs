@@ -33,7 +33,8 @@ pub use config::*;
 pub use extension::{Extension, ExtensionKind, FilterVerdict, FrameContext, PortChange};
 pub use meter::{Counter, DropReason};
 pub use switch::{
-    egress_policies, ingress_policies, render, Delivery, Egress, PortStatus, Switch, SwitchError,
+    egress_policies, ingress_policies, render, Bytes, Delivery, Egress, PortStatus, Switch,
+    SwitchError,
 };
 pub use vlan::TagOp;
 

@@ -23,7 +23,7 @@ use crate::fastpath::{Candidates, FastPath};
 use crate::frame::{Mac, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP};
 use crate::meter::DropReason;
 use crate::rate::TokenBucket;
-use crate::switch::{render, Delivery, Switch};
+use crate::switch::{render, Bytes, Delivery, Switch};
 use crate::uplink::gro::coalesce_batch;
 use crate::uplink::offload::{
     accepted_by, finish_checksum, fits, resolve, segment, wire_len, VnetHdr, GSO_ECN, GSO_NONE,
@@ -574,8 +574,12 @@ impl Worker {
                 let Some(out) = self.ports.get(e.port.0 as usize).and_then(|p| p.as_ref()) else {
                     continue;
                 };
-                let bytes = render(frame, e.tag, &mut self.tx);
-                let hdr = hdr.shifted(bytes.len() as i32 - frame.len() as i32);
+                let bytes = render(d.bytes(frame, e), e.tag, &mut self.tx);
+                // Mirror copies of other bytes than the frame's are complete frames.
+                let hdr = match e.bytes {
+                    Bytes::Frame => hdr.shifted(bytes.len() as i32 - frame.len() as i32),
+                    _ => VnetHdr::default(),
+                };
                 let uplink = sw.role(e.port) == Some(PortRole::Uplink);
                 // A shaped uplink always queues; the drain paces it to its link rate.
                 let shaped = uplink && sw.uplink_rate(e.port).is_some();
@@ -647,6 +651,16 @@ impl Worker {
         if untouched {
             for buf in &mut self.rx[..count] {
                 restore_len(buf);
+            }
+        }
+        // Redirects to stale senders: small and rare, straight onto the uplink.
+        if let Some((up, frames)) = sw.take_overlay_frames() {
+            if let Some(out) = self.ports.get(up.0 as usize).and_then(|p| p.as_ref()) {
+                for f in &frames {
+                    if out.port.send(f).is_err() {
+                        sw.count_drop(up, DropReason::TxFull);
+                    }
+                }
             }
         }
         drop(sw);

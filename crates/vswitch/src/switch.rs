@@ -39,6 +39,19 @@ pub enum SwitchError {
     Overlay(String),
 }
 
+/// Which bytes a frame copy carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bytes {
+    /// The frame as the pipeline left it (every normal delivery).
+    #[default]
+    Frame,
+    /// The frame as it arrived ([`Delivery::received`]): a mirror copy of an overlay frame
+    /// from before the overlay rewrote it.
+    Received,
+    /// The customer frame inside the tunnel packet the pipeline made ([`Delivery::inner`]).
+    Inner,
+}
+
 /// One frame copy to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Egress {
@@ -46,6 +59,8 @@ pub struct Egress {
     pub tag: TagOp,
     /// A mirror copy rather than normal delivery.
     pub mirror: bool,
+    /// Only mirror copies on an overlay switch carry anything but [`Bytes::Frame`].
+    pub bytes: Bytes,
 }
 
 /// The pipeline's output for one frame. Reused across frames to avoid allocation.
@@ -55,12 +70,27 @@ pub struct Delivery {
     /// Why the frame got no normal delivery: dropped at ingress, or (unicast) blocked at its
     /// only destination. `None` with no egress means a flood that reached nobody.
     pub dropped: Option<DropReason>,
+    /// The frame as it arrived, kept only when an overlay frame may be mirrored.
+    pub received: Vec<u8>,
+    /// The customer frame of a tunnel packet sent, kept only for inner mirror copies.
+    pub inner: Vec<u8>,
 }
 
 impl Delivery {
     pub fn clear(&mut self) {
         self.egress.clear();
         self.dropped = None;
+        self.received.clear();
+        self.inner.clear();
+    }
+
+    /// The bytes of copy `e`, `frame` being what the pipeline left.
+    pub fn bytes<'a>(&'a self, frame: &'a [u8], e: &Egress) -> &'a [u8] {
+        match e.bytes {
+            Bytes::Frame => frame,
+            Bytes::Received => &self.received,
+            Bytes::Inner => &self.inner,
+        }
     }
     /// Ports receiving a normal (non-mirror) copy.
     pub fn ports(&self) -> Vec<PortId> {
@@ -397,6 +427,33 @@ impl Switch {
     /// The overlay (policy table, neighbours), when configured.
     pub fn overlay(&self) -> Option<&crate::overlay::Overlay> {
         self.overlay.as_ref()
+    }
+
+    /// The overlay's stale-sender counters (relays, redirects); zero without an overlay.
+    pub fn relay_counters(&self) -> crate::overlay::relay::RelayCounters {
+        self.overlay
+            .as_ref()
+            .map(|o| o.relay_counters())
+            .unwrap_or_default()
+    }
+
+    /// Provider frames the overlay made on its own (redirects to stale senders) since last
+    /// asked, with the uplink to send them on (counted on its egress meter here).
+    pub fn take_overlay_frames(&mut self) -> Option<(PortId, Vec<Vec<u8>>)> {
+        let frames = self.overlay.as_mut()?.take_outbox();
+        if frames.is_empty() {
+            return None;
+        }
+        let up = self.active.iter().copied().find(|id| {
+            self.port(*id)
+                .is_some_and(|p| p.cfg.role == PortRole::Uplink)
+        })?;
+        if let Some(p) = self.port_mut(up) {
+            for f in &frames {
+                p.meters.egress.add(f.len());
+            }
+        }
+        Some((up, frames))
     }
 
     /// Adds or moves a policy entry (e.g. a VM migrated: its new PA applies to the next frame).
@@ -878,12 +935,19 @@ impl Switch {
             Err(r) => return self.drop_at(ingress, r, out),
         };
         let mirror_in = p.mirror_in;
+        let layer = p.cfg.mirror_overlay;
         let (in_overlay, uplink) = (p.cfg.overlay.is_some(), p.cfg.role == PortRole::Uplink);
-        if mirror_in {
-            self.mirror(ingress, TagOp::Keep, len, out);
+        let overlay_frame = self.overlay.is_some() && (in_overlay || uplink);
+        if overlay_frame && !self.mirror_dests.is_empty() {
+            // The overlay rewrites the frame in place; mirrors may want it as it came.
+            out.received.extend_from_slice(frame);
+        }
+        if mirror_in && !overlay_frame {
+            self.mirror(ingress, TagOp::Keep, len, Bytes::Frame, out);
         }
         // Stage 1b: network virtualization. Customer frames never reach the L2 table.
         if let Some(o) = &mut self.overlay {
+            let redirected = o.relay_counters().redirects_accepted;
             let v = if in_overlay {
                 o.from_vm(ingress, &s, frame, now)
             } else if uplink {
@@ -891,7 +955,14 @@ impl Switch {
             } else {
                 crate::overlay::Verdict::Pass
             };
+            if o.relay_counters().redirects_accepted != redirected {
+                // Kernel overlay flows hold the PA the redirect just moved.
+                self.invalidate_offloads();
+            }
             self.note_table_changes();
+            if mirror_in && overlay_frame {
+                self.mirror_overlay_ingress(ingress, uplink, layer, v, frame, out);
+            }
             if v != crate::overlay::Verdict::Pass {
                 return self.overlay_send(ingress, v, frame, now, out);
             }
@@ -942,9 +1013,10 @@ impl Switch {
                         port: dst,
                         tag,
                         mirror: false,
+                        bytes: Bytes::Frame,
                     });
                     if mirror_out {
-                        self.mirror(dst, tag, tag_len(len, tag, &s), out);
+                        self.mirror(dst, tag, tag_len(len, tag, &s), Bytes::Frame, out);
                     }
                 }
                 // Isolation on a flood just means "not in this domain"; on a unicast it is a
@@ -1062,19 +1134,71 @@ impl Switch {
             };
             dp.meters.egress.add(len);
             let mirror_out = dp.mirror_out;
+            let inner_view =
+                !customer && dp.cfg.mirror_overlay == crate::config::MirrorLayer::Inner;
             out.egress.push(Egress {
                 port: dst,
                 tag,
                 mirror: false,
+                bytes: Bytes::Frame,
             });
-            if mirror_out {
-                self.mirror(dst, tag, len, out);
+            if mirror_out && !inner_view {
+                self.mirror(dst, tag, len, Bytes::Frame, out);
+            } else if mirror_out && fill_inner(frame, &mut out.inner) {
+                // Provider frames that carry no customer frame (ARP for a next hop) have
+                // nothing to show on an inner mirror.
+                let n = out.inner.len();
+                self.mirror(dst, TagOp::Keep, n, Bytes::Inner, out);
             }
         }
         self.candidates = cands;
     }
 
-    fn mirror(&mut self, source: PortId, tag: TagOp, len: usize, out: &mut Delivery) {
+    /// Ingress mirror copies of a frame the overlay took from a VM port or the uplink: a VM
+    /// port's customer frame as it came; the uplink's tunnel packet as it came (outer), or
+    /// the customer frame in it (inner: what the overlay decapsulated, or what it relayed).
+    fn mirror_overlay_ingress(
+        &mut self,
+        ingress: PortId,
+        uplink: bool,
+        layer: crate::config::MirrorLayer,
+        v: crate::overlay::Verdict,
+        frame: &[u8],
+        out: &mut Delivery,
+    ) {
+        use crate::overlay::{Target, Verdict};
+        let bytes = match (uplink, layer, v) {
+            (false, ..) | (true, crate::config::MirrorLayer::Outer, _) => Bytes::Received,
+            // Not tunnel traffic: the uplink's ordinary L2 frames, the same either way.
+            (true, _, Verdict::Pass) => Bytes::Frame,
+            (
+                true,
+                _,
+                Verdict::Send {
+                    to: Target::Port(_) | Target::Subnet(_),
+                    ..
+                },
+            ) => Bytes::Frame,
+            // A relayed packet: the customer frame in what goes on to the VM's new host.
+            (
+                true,
+                _,
+                Verdict::Send {
+                    to: Target::Uplink, ..
+                },
+            ) if fill_inner(frame, &mut out.inner) => Bytes::Inner,
+            // Provider-only frames (ARP for our PAs, redirects) and drops: no customer frame.
+            _ => return,
+        };
+        let len = match bytes {
+            Bytes::Frame => frame.len(),
+            Bytes::Received => out.received.len(),
+            Bytes::Inner => out.inner.len(),
+        };
+        self.mirror(ingress, TagOp::Keep, len, bytes, out);
+    }
+
+    fn mirror(&mut self, source: PortId, tag: TagOp, len: usize, bytes: Bytes, out: &mut Delivery) {
         for i in 0..self.mirror_dests.len() {
             let d = self.mirror_dests[i];
             if d == source {
@@ -1086,6 +1210,7 @@ impl Switch {
                     port: d,
                     tag,
                     mirror: true,
+                    bytes,
                 });
             }
         }
@@ -1191,5 +1316,18 @@ fn tag_len(len: usize, tag: TagOp, s: &FrameSummary) -> usize {
         TagOp::Untag if s.tags > 0 => len - 4,
         TagOp::Tag(_) if s.tags == 0 => len + 4,
         _ => len,
+    }
+}
+
+/// The customer frame inside tunnel packet `frame`, into `inner`; false when `frame` is no
+/// tunnel packet (an ARP request for a provider neighbour).
+fn fill_inner(frame: &[u8], inner: &mut Vec<u8>) -> bool {
+    match crate::overlay::encap::decapsulate(frame) {
+        Ok(t) => {
+            inner.clear();
+            inner.extend_from_slice(&frame[t.inner.0..t.inner.1]);
+            true
+        }
+        Err(_) => false,
     }
 }

@@ -81,7 +81,8 @@ fn trunk_and_native_vlans_tag_and_untag() {
         vec![Egress {
             port: p[1],
             tag: TagOp::Untag,
-            mirror: false
+            mirror: false,
+            bytes: Bytes::Frame
         }]
     );
     let mut buf = Vec::new();
@@ -96,7 +97,8 @@ fn trunk_and_native_vlans_tag_and_untag() {
         vec![Egress {
             port: p[0],
             tag: TagOp::Tag(10),
-            mirror: false
+            mirror: false,
+            bytes: Bytes::Frame
         }]
     );
     let tagged = render(&f, TagOp::Tag(10), &mut buf).to_vec();
@@ -239,7 +241,8 @@ fn private_vlan_reachability_including_trunks() {
     assert!(d.egress.contains(&Egress {
         port: trunk,
         tag: TagOp::Tag(101),
-        mirror: false
+        mirror: false,
+        bytes: Bytes::Frame
     }));
 }
 
@@ -758,12 +761,14 @@ fn mirroring_copies_ingress_and_egress_to_the_destination() {
             Egress {
                 port: p[2],
                 tag: TagOp::Keep,
-                mirror: true
+                mirror: true,
+                bytes: Bytes::Frame
             },
             Egress {
                 port: p[1],
                 tag: TagOp::Keep,
-                mirror: false
+                mirror: false,
+                bytes: Bytes::Frame
             }
         ]
     );
@@ -774,12 +779,14 @@ fn mirroring_copies_ingress_and_egress_to_the_destination() {
             Egress {
                 port: p[0],
                 tag: TagOp::Keep,
-                mirror: false
+                mirror: false,
+                bytes: Bytes::Frame
             },
             Egress {
                 port: p[2],
                 tag: TagOp::Keep,
-                mirror: true
+                mirror: true,
+                bytes: Bytes::Frame
             }
         ]
     );
@@ -793,7 +800,8 @@ fn mirroring_copies_ingress_and_egress_to_the_destination() {
         vec![Egress {
             port: p[1],
             tag: TagOp::Keep,
-            mirror: false
+            mirror: false,
+            bytes: Bytes::Frame
         }]
     );
     assert_eq!(sw.status(p[2]).unwrap().meters.egress.packets, 2);

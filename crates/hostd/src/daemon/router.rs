@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use super::http_error::HttpError;
 use super::routes::{
     checkpoints, console, disk_resize, disks, gateways, host, jobs, metrics, nics, policies, pools,
-    power, switches, vms,
+    power, switches, uplink_mirror, vms,
 };
 use super::{export, prom, Daemon};
 
@@ -154,6 +154,11 @@ fn routes() -> Vec<(Method, &'static str, Handler)> {
             Method::DELETE,
             "/v1/switches/{sw}/ports/{port}",
             delete(switches::remove_port),
+        ),
+        (
+            Method::PUT,
+            "/v1/switches/{sw}/uplink/mirror",
+            put(uplink_mirror::set),
         ),
         (
             Method::POST,

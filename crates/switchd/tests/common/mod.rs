@@ -39,6 +39,7 @@ pub fn write_launch(dir: &Path, config: SwitchConfig, ports: Vec<SwitchPort>) ->
         switch_id: Uuid::new_v4(),
         config,
         ports,
+        uplink_mirror: None,
     };
     std::fs::write(
         dir.join("switch.json"),

@@ -146,6 +146,7 @@ fn overlay_switch() -> Switch {
         routing_domains: Vec::new(),
         policies: Vec::new(),
         gateways: Vec::new(),
+        relay_expiry_secs: None,
     };
     for (name, encap, vsid) in [("r", Encap::Vxlan, 100), ("b", Encap::Nvgre, 200)] {
         o.routing_domains.push(RoutingDomain {

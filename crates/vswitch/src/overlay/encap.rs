@@ -16,6 +16,11 @@ const ETH_P_TEB: u16 = 0x6558;
 const NVGRE_FLAGS: u16 = 0x2000;
 /// VXLAN flags byte: the "valid VNI" bit.
 const VXLAN_I: u8 = 0x08;
+/// A reserved VXLAN flag bit (RFC 7348 §5: zero on transmit, ignored on receipt by other
+/// VTEPs) that Vireo sets on a packet it relays for a VM that moved away (`relay.rs`).
+const VXLAN_RELAYED: u8 = 0x01;
+/// The NVGRE flow id that marks a relayed packet; ordinary packets' flow ids stop below it.
+const NVGRE_RELAYED_FLOW: u8 = 0xff;
 
 /// Outer header bytes: Ethernet + IP + (UDP + VXLAN | GRE with key), before the inner frame.
 pub fn overhead(encap: Encap, v6: bool) -> usize {
@@ -83,7 +88,7 @@ pub fn encapsulate(frame: &mut Vec<u8>, encap: Encap, vsid: u32, entropy: u16, o
         Encap::Nvgre => {
             h.extend_from_slice(&NVGRE_FLAGS.to_be_bytes());
             h.extend_from_slice(&ETH_P_TEB.to_be_bytes());
-            let key = (vsid << 8) | u32::from(entropy as u8);
+            let key = (vsid << 8) | u32::from((entropy as u8).min(NVGRE_RELAYED_FLOW - 1));
             h.extend_from_slice(&key.to_be_bytes());
         }
     }
@@ -99,6 +104,28 @@ pub fn encapsulate(frame: &mut Vec<u8>, encap: Encap, vsid: u32, entropy: u16, o
     }
 }
 
+/// Marks a packet [`encapsulate`] just built as relayed by this host for a VM that moved
+/// away, so that the next host delivers it but never relays it again (no chains).
+pub fn mark_relayed(frame: &mut [u8], encap: Encap) {
+    let l4 = if frame.get(12..14) == Some(&ETH_P_IPV6.to_be_bytes()) {
+        54
+    } else {
+        34
+    };
+    match encap {
+        Encap::Vxlan => {
+            if let Some(f) = frame.get_mut(l4 + 8) {
+                *f |= VXLAN_RELAYED;
+            }
+        }
+        Encap::Nvgre => {
+            if let Some(f) = frame.get_mut(l4 + 7) {
+                *f = NVGRE_RELAYED_FLOW;
+            }
+        }
+    }
+}
+
 /// A tunnel packet addressed to us, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tunnel {
@@ -109,6 +136,8 @@ pub struct Tunnel {
     pub outer_dst: IpAddr,
     /// The inner Ethernet frame is `frame[inner.0..inner.1]`.
     pub inner: (usize, usize),
+    /// Relayed by the host a VM moved away from ([`mark_relayed`]).
+    pub relayed: bool,
 }
 
 /// Why a frame did not decapsulate.
@@ -180,7 +209,7 @@ pub fn decapsulate(frame: &[u8]) -> Result<Tunnel, DecapError> {
         }
         _ => return Err(NotTunnel),
     };
-    let (encap, vsid, inner) = if proto == IPPROTO_UDP {
+    let (encap, vsid, inner, relayed) = if proto == IPPROTO_UDP {
         if be16(frame, l4 + 2) != Some(VXLAN_PORT) {
             return Err(NotTunnel);
         }
@@ -193,7 +222,7 @@ pub fn decapsulate(frame: &[u8]) -> Result<Tunnel, DecapError> {
             return Err(Malformed);
         }
         let vni = u32::from_be_bytes([0, vx[4], vx[5], vx[6]]);
-        (Encap::Vxlan, vni, l4 + 16)
+        (Encap::Vxlan, vni, l4 + 16, vx[0] & VXLAN_RELAYED != 0)
     } else {
         let g = frame.get(l4..l4 + 8).ok_or(Malformed)?;
         if be16(g, 0) != Some(NVGRE_FLAGS) || be16(g, 2) != Some(ETH_P_TEB) {
@@ -203,6 +232,7 @@ pub fn decapsulate(frame: &[u8]) -> Result<Tunnel, DecapError> {
             Encap::Nvgre,
             u32::from_be_bytes([0, g[4], g[5], g[6]]),
             l4 + 8,
+            g[7] == NVGRE_RELAYED_FLOW,
         )
     };
     if end < inner + 14 {
@@ -215,6 +245,7 @@ pub fn decapsulate(frame: &[u8]) -> Result<Tunnel, DecapError> {
         outer_src: src,
         outer_dst: dst,
         inner: (inner, end),
+        relayed,
     })
 }
 

@@ -18,6 +18,8 @@ pub mod nat_icmp;
 pub mod nd;
 pub mod offload;
 pub mod policy;
+pub mod redirect;
+pub mod relay;
 pub mod reply;
 pub mod wire;
 
@@ -31,8 +33,10 @@ use vireo_netconfig::{Encap, OverlayConfig, PolicyEntry, PortOverlay};
 use crate::frame::{parse, FrameSummary, Mac, L3};
 use crate::meter::DropReason;
 use crate::PortId;
-use encap::{decapsulate, encapsulate, overhead, DecapError, Outer};
+use encap::{decapsulate, encapsulate, mark_relayed, overhead, DecapError, Outer, Tunnel};
 use policy::{Entry, Origin, PolicyError, PolicyTable};
+use redirect::Redirect;
+use relay::{NoRelay, RelayCounters, Relays};
 use wire::{ipv4_header_checksum, u128_to_ip};
 
 /// Provider neighbours remembered at most (learned ones; configured ones always fit).
@@ -87,6 +91,9 @@ struct PortInfo {
     vsid: u32,
     mac: Mac,
     cas: Vec<IpAddr>,
+    /// The PA the table named for this VM before its port came here: the host it moved
+    /// from, whose relayed packets (`relay.rs`) this port accepts.
+    previous_pa: Option<IpAddr>,
 }
 
 /// The compiled overlay of one switch.
@@ -110,6 +117,11 @@ pub struct Overlay {
     clock: u64,
     /// Provider neighbours learned or changed (kernel encap flows carry a neighbour's MAC).
     neighbor_changes: u64,
+    /// VMs that moved away: relays and redirects for their stale senders.
+    relays: Relays,
+    /// Provider frames the overlay sends on its own (redirects), for the runtime to put on
+    /// the uplink after the frame that caused them.
+    outbox: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -146,6 +158,11 @@ impl Overlay {
             gateways: gateway::Gateways::default(),
             clock: 0,
             neighbor_changes: 0,
+            relays: Relays::new(
+                cfg.relay_expiry_secs
+                    .unwrap_or(vireo_netconfig::DEFAULT_RELAY_EXPIRY_SECS),
+            ),
+            outbox: Vec::new(),
             cfg,
         };
         let gws = gateway::Gateways::new(&o.cfg.gateways, |n| o.rd_index(n));
@@ -269,6 +286,10 @@ impl Overlay {
                 p.mac, o.0, p.vsid
             ));
         }
+        let previous_pa = p.cas.iter().find_map(|ca| match self.table.get(rd, *ca) {
+            Some(e) if e.origin == Origin::Policy && e.mac == p.mac.0 => Some(e.pa),
+            _ => None,
+        });
         for (i, ca) in p.cas.iter().enumerate() {
             let pa = self
                 .cfg
@@ -302,6 +323,9 @@ impl Overlay {
                 });
             }
         }
+        for ca in &p.cas {
+            self.relays.arrived(rd, *ca);
+        }
         self.local.insert((p.vsid, p.mac.0), id);
         self.ports.insert(
             id,
@@ -310,16 +334,33 @@ impl Overlay {
                 vsid: p.vsid,
                 mac: p.mac.0,
                 cas: p.cas.clone(),
+                previous_pa,
             },
         );
         Ok(())
     }
 
+    /// Takes a VM port out; its CAs become departures, relayed for their stale senders
+    /// once the table says where they went.
     pub fn remove_port(&mut self, id: PortId) {
         if let Some(p) = self.ports.remove(&id) {
             self.local.remove(&(p.vsid, p.mac));
             self.table.remove_port(id);
+            for ca in &p.cas {
+                self.relays.departed(p.rd, *ca, self.clock);
+            }
         }
+    }
+
+    /// The stale-sender counters (relays, redirects).
+    pub fn relay_counters(&self) -> RelayCounters {
+        self.relays.counters
+    }
+
+    /// Provider frames the overlay made on its own since last asked (redirects to stale
+    /// senders), each for the uplink.
+    pub fn take_outbox(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// Local ports of virtual subnet `vsid`.
@@ -772,9 +813,15 @@ impl Overlay {
             return Verdict::Drop(DropReason::OverlayMalformed);
         }
         let inner = &frame[t.inner.0..t.inner.1];
+        if redirect::is_redirect(inner) {
+            return self.redirect_in(rd, &t, inner, gw_mac);
+        }
         let Ok(is) = parse(inner) else {
             return Verdict::Drop(DropReason::OverlayMalformed);
         };
+        if t.relayed {
+            return self.relayed_in(rd, gw_mac, &t, &is, frame);
+        }
         // The inner source must be what the table says is behind that PA in that subnet
         // (or the sender host's distributed router on this subnet's behalf).
         let src_ca = match (is.l3, is.arp) {
@@ -842,9 +889,129 @@ impl Overlay {
             (L3::Ipv4 | L3::Ipv6, Some(e))
                 if e.vsid == vsid && e.mac == is.dst && !self.is_ours(e.pa) =>
             {
-                self.deliver(rd, e, frame, &is, gw_mac)
+                self.relay(rd, e, dst_ca, &t, &is, frame, now)
             }
             _ => Verdict::Drop(DropReason::OverlayUnknown),
+        }
+    }
+
+    /// A stale sender's packet for VM `dst_ca`, which left for `e.pa`: relayed there once
+    /// (marked, so the next host never relays it again) while the relay has not expired,
+    /// and the sender told where the VM is now.
+    #[allow(clippy::too_many_arguments)]
+    fn relay(
+        &mut self,
+        rd: u16,
+        e: Entry,
+        dst_ca: IpAddr,
+        t: &Tunnel,
+        is: &FrameSummary,
+        frame: &mut Vec<u8>,
+        now: u64,
+    ) -> Verdict {
+        match self.relays.may_relay(rd, dst_ca, now) {
+            Ok(()) => {}
+            Err(NoRelay::Expired) => {
+                self.relays.counters.relay_expired += 1;
+                return Verdict::Drop(DropReason::OverlayUnknown);
+            }
+            Err(NoRelay::NeverHere) => return Verdict::Drop(DropReason::OverlayUnknown),
+        }
+        if e.pa != t.outer_src && self.relays.should_redirect(t.outer_src, rd, dst_ca, now) {
+            let gw_mac = self.subnets[&e.vsid].gw_mac;
+            let mut msg = redirect::build(
+                gw_mac,
+                &Redirect {
+                    ca: dst_ca,
+                    mac: e.mac,
+                    pa: e.pa,
+                },
+            );
+            let encap = self.domains[rd as usize].1;
+            encapsulate(
+                &mut msg,
+                encap,
+                e.vsid,
+                0,
+                &Outer {
+                    src_mac: self.cfg.provider_mac.0,
+                    dst_mac: self.neighbor(t.outer_src).unwrap_or(t.outer_src_mac),
+                    src_ip: t.outer_dst,
+                    dst_ip: t.outer_src,
+                },
+            );
+            self.outbox.push(msg);
+            self.relays.counters.redirects_sent += 1;
+        }
+        let gw_mac = self.subnets[&e.vsid].gw_mac;
+        let v = self.deliver(rd, e, frame, is, gw_mac);
+        if v == (Verdict::Send {
+            to: Target::Uplink,
+            counted: None,
+        }) {
+            mark_relayed(frame, self.domains[rd as usize].1);
+            self.relays.counters.relayed += 1;
+        }
+        v
+    }
+
+    /// A packet relayed by the host a VM moved from: delivered only to that VM, here, and
+    /// only if it came from the host the VM left (a relay is never relayed again).
+    fn relayed_in(
+        &mut self,
+        rd: u16,
+        gw_mac: Mac,
+        t: &Tunnel,
+        is: &FrameSummary,
+        frame: &mut Vec<u8>,
+    ) -> Verdict {
+        let Some(&p) = self.local.get(&(t.vsid, is.dst)) else {
+            self.relays.counters.chain_dropped += 1;
+            return Verdict::Drop(DropReason::OverlayUnknown);
+        };
+        if is.is_multicast_dst() || is.tags != 0 || !matches!(is.l3, L3::Ipv4 | L3::Ipv6) {
+            return Verdict::Drop(DropReason::OverlaySpoof);
+        }
+        // The relay vouches for the outer source it checked; we check that the relay is the
+        // VM's previous host and that the inner source is a VM the table knows there.
+        let src_ca = u128_to_ip(is.src_ip, is.l3 == L3::Ipv6);
+        let known_source = match self.table.get(rd, src_ca) {
+            Some(e) => {
+                !self.is_ours(e.pa) && ((e.vsid == t.vsid && e.mac == is.src) || is.src == gw_mac)
+            }
+            None => false,
+        };
+        if !known_source || self.ports[&p].previous_pa != Some(t.outer_src) {
+            return Verdict::Drop(DropReason::OverlaySpoof);
+        }
+        frame.truncate(t.inner.1);
+        frame.drain(..t.inner.0);
+        if frame.len() < crate::switch::ETH_MIN_FRAME {
+            frame.resize(crate::switch::ETH_MIN_FRAME, 0);
+        }
+        Verdict::Send {
+            to: Target::Port(p),
+            counted: None,
+        }
+    }
+
+    /// A redirect from the host our entry names: the entry moves to the PA it gives.
+    fn redirect_in(&mut self, rd: u16, t: &Tunnel, inner: &[u8], gw_mac: Mac) -> Verdict {
+        let ok = inner.get(6..12) == Some(&gw_mac[..])
+            && redirect::parse(inner).is_some_and(|r| {
+                let entry = self.table.get(rd, r.ca);
+                redirect::judge(entry, t.vsid, t.outer_src, &r, |a| self.is_ours(a)).is_ok() && {
+                    let mut moved = *entry.expect("judged present");
+                    moved.pa = r.pa;
+                    self.table.insert(rd, r.ca, moved).is_ok()
+                }
+            });
+        if ok {
+            self.relays.counters.redirects_accepted += 1;
+            Verdict::Consumed
+        } else {
+            self.relays.counters.redirects_refused += 1;
+            Verdict::Drop(DropReason::OverlaySpoof)
         }
     }
 }

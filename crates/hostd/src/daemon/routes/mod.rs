@@ -13,6 +13,7 @@ pub mod policies;
 pub mod pools;
 pub mod power;
 pub mod switches;
+pub mod uplink_mirror;
 pub mod vms;
 
 use std::sync::Arc;

@@ -149,6 +149,7 @@ pub fn launch(
         switch_id: id,
         config: switch_config(spec),
         ports,
+        uplink_mirror: spec.uplink_mirror,
     }
 }
 
