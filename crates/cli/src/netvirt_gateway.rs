@@ -153,6 +153,20 @@ fn gateway_text(verb: &str, g: &GatewayConfig, sw: &str) -> String {
     )
 }
 
+/// The IPv4 and IPv6 next hops, comma-separated; `-` for neither (an on-link peer).
+fn next_hops(g: &GatewayConfig) -> String {
+    let hops: Vec<String> = [g.next_hop, g.next_hop6]
+        .into_iter()
+        .flatten()
+        .map(|h| h.to_string())
+        .collect();
+    if hops.is_empty() {
+        "-".into()
+    } else {
+        hops.join(",")
+    }
+}
+
 fn table_text(all: &[GatewayStatus]) -> String {
     let rows: Vec<Vec<String>> = all
         .iter()
@@ -163,8 +177,11 @@ fn table_text(all: &[GatewayStatus]) -> String {
                 g.mode.to_string(),
                 g.routing_domains.join(","),
                 g.vlan.map_or("-".into(), |v| v.to_string()),
-                g.address.to_string(),
-                g.next_hop.map_or("-".into(), |h| h.to_string()),
+                std::iter::once(g.address.to_string())
+                    .chain(g.address6.map(|a| a.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                next_hops(g),
                 s.mac.to_string(),
                 s.connections.len().to_string(),
             ]

@@ -250,6 +250,9 @@ fn show_text(s: &SwitchInfo) -> String {
             &rows,
         ));
     }
+    out.push_str(&crate::switch_mirror::show_line(
+        s.spec.uplink_mirror.as_ref(),
+    ));
     out.push_str(&crate::switch_team::team_text(s));
     out.push_str(&crate::switch_team::overlay_text(s));
     out

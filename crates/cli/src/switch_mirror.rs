@@ -67,11 +67,6 @@ impl MirrorArgs {
 
     /// What `vireo switch mirror` prints once vireod took it.
     pub fn done_text(&self, m: &UplinkMirror) -> String {
-        let what = match m.role {
-            MirrorRole::Source(d) => format!("a mirror source ({d:?})").to_lowercase(),
-            MirrorRole::Destination => "a mirror destination".into(),
-            MirrorRole::None => "out of mirroring".into(),
-        };
         let layer = match (m.role, m.overlay) {
             (MirrorRole::Source(_), MirrorLayer::Inner) => ", copies show the customer frames",
             (MirrorRole::Source(_), MirrorLayer::Outer) if self.overlay.is_some() => {
@@ -79,6 +74,36 @@ impl MirrorArgs {
             }
             _ => "",
         };
-        format!("the uplink of switch {} is {what}{layer}\n", self.switch)
+        format!(
+            "the uplink of switch {} is {}{layer}\n",
+            self.switch,
+            role_text(m.role)
+        )
+    }
+}
+
+fn role_text(role: MirrorRole) -> String {
+    match role {
+        MirrorRole::Source(d) => format!("a mirror source ({d:?})").to_lowercase(),
+        MirrorRole::Destination => "a mirror destination".into(),
+        MirrorRole::None => "out of mirroring".into(),
+    }
+}
+
+/// The `uplink mirror:` line of `vireo switch show`; empty when the uplink is not mirrored.
+pub fn show_line(m: Option<&UplinkMirror>) -> String {
+    match m {
+        None
+        | Some(UplinkMirror {
+            role: MirrorRole::None,
+            ..
+        }) => String::new(),
+        Some(m) => {
+            let layer = match (m.role, m.overlay) {
+                (MirrorRole::Source(_), MirrorLayer::Inner) => ", copies show the customer frames",
+                _ => "",
+            };
+            format!("uplink mirror: {}{layer}\n", role_text(m.role))
+        }
     }
 }
