@@ -67,18 +67,23 @@ impl MirrorArgs {
 
     /// What `vireo switch mirror` prints once vireod took it.
     pub fn done_text(&self, m: &UplinkMirror) -> String {
-        let layer = match (m.role, m.overlay) {
-            (MirrorRole::Source(_), MirrorLayer::Inner) => ", copies show the customer frames",
-            (MirrorRole::Source(_), MirrorLayer::Outer) if self.overlay.is_some() => {
-                ", copies show the tunnel packets"
-            }
-            _ => "",
-        };
         format!(
-            "the uplink of switch {} is {}{layer}\n",
+            "the uplink of switch {} is {}{}\n",
             self.switch,
-            role_text(m.role)
+            role_text(m.role),
+            layer_text(m, self.overlay.is_some())
         )
+    }
+}
+
+/// What a source's copies show; the default (outer) only when the user named it.
+fn layer_text(m: &UplinkMirror, say_outer: bool) -> &'static str {
+    match (m.role, m.overlay) {
+        (MirrorRole::Source(_), MirrorLayer::Inner) => ", copies show the customer frames",
+        (MirrorRole::Source(_), MirrorLayer::Outer) if say_outer => {
+            ", copies show the tunnel packets"
+        }
+        _ => "",
     }
 }
 
@@ -98,12 +103,10 @@ pub fn show_line(m: Option<&UplinkMirror>) -> String {
             role: MirrorRole::None,
             ..
         }) => String::new(),
-        Some(m) => {
-            let layer = match (m.role, m.overlay) {
-                (MirrorRole::Source(_), MirrorLayer::Inner) => ", copies show the customer frames",
-                _ => "",
-            };
-            format!("uplink mirror: {}{layer}\n", role_text(m.role))
-        }
+        Some(m) => format!(
+            "uplink mirror: {}{}\n",
+            role_text(m.role),
+            layer_text(m, false)
+        ),
     }
 }
