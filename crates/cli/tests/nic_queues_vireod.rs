@@ -3,7 +3,8 @@
 //! port gave), the probe guest, whose driver knows no multiqueue and so stays on pair 0, still
 //! exchanges frames through it with a one-pair VM; the count is shown by `vm show` and `vm nic
 //! list`, refused out of range (422 naming the field and value) and refused while the VM runs
-//! (hardware); turned off, it changes and the VM starts with the new count.
+//! (hardware); turned off, it changes and the VM starts with the new count; saved, the VM's NICs
+//! cannot change and it restores with its count and still exchanges frames.
 //!
 //! Not covered here: frames on the second pair from vireod (the probe has no control queue);
 //! `crates/vmm/tests/vhost_user_net.rs` drives that with a fake driver against a switch port.
@@ -144,4 +145,31 @@ fn kvm_a_two_pair_nic_through_vireod() {
     mq.ok("PING");
     let log = worker_log(&d, "mq");
     assert!(log.contains("4 queue pair(s)"), "{log}");
+
+    // Saved, the guest's NICs are part of its state: no count change, no NIC added.
+    drop(mq);
+    d.ok(&["vm", "save", "mq"]);
+    let (code, e) = d.fails(&["vm", "nic", "set", "mq", "nic0", "--queues", "2"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(
+        e.contains("saved") && e.contains("turn it off first"),
+        "{e}"
+    );
+    let (_, e) = d.fails(&["vm", "nic", "add", "mq", "--switch", "lan"]);
+    assert!(
+        e.contains("saved") && e.contains("turn it off first"),
+        "{e}"
+    );
+    d.ok(&["vm", "start", "mq"]);
+    let mut mq = Console::attach(&d, "mq");
+    mq.ok("PING");
+    assert_eq!(nics(&d, "mq").len(), 1);
+    assert_eq!(
+        nics(&d, "mq")[0].queues,
+        Some(4),
+        "restored with its pair count"
+    );
+    let f = frame(m_one, m_mq, 7);
+    mq.ok(&format!("NET 0 SEND {}", encode_hex(&f)));
+    assert!(receives(&mut one, &f), "mq -> one after the restore");
 }
