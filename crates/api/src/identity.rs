@@ -120,6 +120,7 @@ mod tests {
                 vlan: None,
                 policy: Default::default(),
                 virtual_subnet: None,
+                queues: None,
             },
             NicSpec {
                 switch: "sw".into(),
@@ -128,6 +129,7 @@ mod tests {
                 vlan: Some(5),
                 policy: Default::default(),
                 virtual_subnet: None,
+                queues: None,
             },
         ];
         s.disks = vec![

@@ -129,6 +129,11 @@ pub struct NicSpec {
     /// switched by the overlay, and its policy entries come from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_subnet: Option<NicVirtualSubnet>,
+    /// Multiqueue: virtio-net queue pairs (1 to [`crate::validate::MAX_NIC_QUEUE_PAIRS`]); the guest
+    /// turns on the ones past the first, and the switch spreads received flows over them.
+    /// `None`: one pair. Hardware: changed only while the VM is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// A VM NIC's membership in a virtual subnet (`vireo_netconfig::PortOverlay` without what the

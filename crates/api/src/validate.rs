@@ -245,6 +245,18 @@ pub fn validate_spec(spec: &VmSpec, limits: &Limits) -> Result<(), SpecError> {
                 ));
             }
         }
+        if let Some(q) = nic.queues {
+            if !(1..=MAX_NIC_QUEUE_PAIRS).contains(&q) {
+                return Err(err(
+                    format!("nics[{i}].queues"),
+                    q,
+                    format!(
+                        "a NIC has 1 to {MAX_NIC_QUEUE_PAIRS} queue pairs (the switch's \
+                         vhost-user port serves that many); leave the field out for one"
+                    ),
+                ));
+            }
+        }
         if let Some(v) = &nic.virtual_subnet {
             validate_virtual_subnet(i, v)?;
         }
@@ -292,6 +304,11 @@ fn validate_virtual_subnet(i: usize, v: &crate::spec::NicVirtualSubnet) -> Resul
 /// Most virtio-blk request queues one disk has (the device's limit, `vireo_virtio`'s
 /// `MAX_QUEUES`; this crate sits below it and keeps its own copy).
 pub const MAX_DISK_QUEUES: u16 = 16;
+
+/// Most virtio-net queue pairs one NIC has: what a switch's vhost-user port serves
+/// (`vireo_vswitch`'s `MAX_QUEUE_PAIRS`, equal to `vireo_vmm::vhost_user_net::MAX_QUEUE_PAIRS`;
+/// this crate sits below both and keeps its own copy).
+pub const MAX_NIC_QUEUE_PAIRS: u16 = 4;
 
 /// Most customer addresses one NIC has (a VM with a few aliases fits; the policy table holds
 /// one entry per CA).

@@ -31,6 +31,7 @@ fn good() -> VmSpec {
             name: None,
             policy: Default::default(),
             virtual_subnet: None,
+            queues: None,
             switch: "lan".into(),
             mac: None,
             vlan: Some(10),
@@ -155,6 +156,7 @@ fn duplicates_within_a_spec() {
             name: None,
             policy: Default::default(),
             virtual_subnet: None,
+            queues: None,
             mac: s.nics[0].mac,
             ..nic
         });
@@ -284,4 +286,40 @@ fn virtual_subnet_membership() {
         let e = refused(|s| s.nics[0].virtual_subnet = member(vsid, ca));
         assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{e}");
     }
+}
+
+#[test]
+fn nic_queue_pairs_are_one_to_what_the_switch_port_serves() {
+    use vireo_api::validate::MAX_NIC_QUEUE_PAIRS;
+    for q in [1, MAX_NIC_QUEUE_PAIRS] {
+        let mut s = good();
+        s.nics[0].queues = Some(q);
+        validate_spec(&s, &LIMITS).unwrap_or_else(|e| panic!("{q} pairs: {e}"));
+    }
+    for q in [0, MAX_NIC_QUEUE_PAIRS + 1, 9] {
+        let e = refused(|s| s.nics[0].queues = Some(q));
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("nics[0].queues", q.to_string().as_str())
+        );
+        assert!(e.to_string().contains("1 to 4 queue pairs"), "{e}");
+    }
+}
+
+#[test]
+fn a_spec_stored_before_nic_queues_existed_loads_with_one_pair() {
+    let old = r#"{"switch":"lan","name":"nic0","mac":"02:00:00:00:00:01","vlan":null,"policy":{}}"#;
+    let nic: NicSpec = serde_json::from_str(old).expect("an old NIC loads");
+    assert_eq!(nic.queues, None);
+    let json = serde_json::to_string(&nic).unwrap();
+    assert!(
+        !json.contains("queues"),
+        "one pair stays out of the JSON: {json}"
+    );
+    let mq = NicSpec {
+        queues: Some(2),
+        ..nic
+    };
+    let back: NicSpec = serde_json::from_str(&serde_json::to_string(&mq).unwrap()).unwrap();
+    assert_eq!(back.queues, Some(2));
 }

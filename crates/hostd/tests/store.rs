@@ -47,6 +47,7 @@ fn crud_round_trip() {
         name: None,
         policy: Default::default(),
         virtual_subnet: None,
+        queues: None,
         switch: "lan".into(),
         mac: None,
         vlan: None,

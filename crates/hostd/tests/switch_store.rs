@@ -63,6 +63,7 @@ fn names_ports_and_removal_in_use() {
         vlan: None,
         policy: Default::default(),
         virtual_subnet: None,
+        queues: None,
     }];
     let vm = store.create_vm(&spec).unwrap();
     let e = store.remove_switch(lan.id).unwrap_err();

@@ -106,6 +106,17 @@ pub enum WorkerError {
         socket: PathBuf,
         source: vireo_vmm::vhost_user_net::VhostUserNetError,
     },
+    #[error(
+        "NIC {name} (port socket {}): the switch port gives {got} of the {asked} queue pairs \
+         the spec asks for; set the NIC's queues to {got} or fewer (vireo vm nic set --queues)",
+        .socket.display()
+    )]
+    NicPairs {
+        name: String,
+        socket: PathBuf,
+        asked: u16,
+        got: u16,
+    },
     #[error("socket {}: {source}", .path.display())]
     Socket {
         path: PathBuf,
@@ -158,6 +169,7 @@ impl WorkerError {
             | WorkerError::SpecJson { .. }
             | WorkerError::SpecVersion { .. }
             | WorkerError::NicSockets { .. }
+            | WorkerError::NicPairs { .. }
             | WorkerError::Socket { .. }
             | WorkerError::SocketInTheWay { .. }
             | WorkerError::GuestRam(_) => true,

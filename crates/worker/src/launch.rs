@@ -171,6 +171,19 @@ type OpenDisks = (
     Vec<Arc<MovableBackend>>,
 );
 
+/// The queue pairs a NIC asks its backend for: the spec's count, one when it names none (the
+/// count is part of the machine the guest saw, so a VM saved with one pair restores with one).
+fn nic_queue_pairs(nic: &vireo_api::NicSpec) -> u16 {
+    nic.queues.unwrap_or(1)
+}
+
+/// The queue pairs a connected NIC has: two queues each, plus a control queue with more than
+/// one pair.
+fn device_pairs(device: &VhostUserNet) -> u16 {
+    use vireo_virtio::VirtioDevice;
+    (device.queue_max_sizes().len() / 2) as u16
+}
+
 /// One virtio-net NIC per `spec.nics` entry, each the vhost-user frontend of its port on its
 /// switch (`nic_sockets[i]`, served by the switch process), with the NIC's stored MAC.
 fn connect_nics(spec: &VmSpec, sockets: &[PathBuf]) -> Result<Vec<VirtioSlot>, WorkerError> {
@@ -186,12 +199,30 @@ fn connect_nics(spec: &VmSpec, sockets: &[PathBuf]) -> Result<Vec<VirtioSlot>, W
         // vireod stores every NIC with its MAC; a hand-written launch without one gets a fixed
         // locally administered address rather than none.
         let mac = nic.mac.map_or([0x02, 0, 0, 0, 0, i as u8 + 1], |m| m.0);
-        let device = VhostUserNet::connect(socket, mac).map_err(|source| WorkerError::Nic {
-            name: name.clone(),
-            socket: socket.clone(),
-            source,
+        let pairs = nic_queue_pairs(nic);
+        let device = VhostUserNet::connect_with_pairs(socket, mac, pairs).map_err(|source| {
+            WorkerError::Nic {
+                name: name.clone(),
+                socket: socket.clone(),
+                source,
+            }
         })?;
-        tracing::info!("NIC {name} ({}) on {}", nic.switch, socket.display());
+        // Fewer pairs than the spec says would be another machine than the one saved or
+        // migrated with this spec, so it is refused rather than run.
+        let got = device_pairs(&device);
+        if got < pairs {
+            return Err(WorkerError::NicPairs {
+                name,
+                socket: socket.clone(),
+                asked: pairs,
+                got,
+            });
+        }
+        tracing::info!(
+            "NIC {name} ({}) on {}, {got} queue pair(s)",
+            nic.switch,
+            socket.display()
+        );
         slots.push(VirtioSlot {
             device: Box::new(device),
             flush_on_exit: None,
@@ -389,5 +420,39 @@ impl Running {
                 message: e.to_string(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vireo_vswitch::vhost_user::VhostUserServer;
+
+    fn spec_with_nic(queues: Option<u16>) -> VmSpec {
+        let mut spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "version": SPEC_VERSION, "name": "w", "vcpus": 1, "memory_bytes": 33554432u64,
+            "kernel": "/k",
+            "nics": [{"switch": "lan", "name": "nic0", "mac": "02:00:00:00:00:01"}]
+        }))
+        .unwrap();
+        spec.nics[0].queues = queues;
+        spec
+    }
+
+    /// Queues of the NIC the worker builds for `queues` against a real switch port.
+    fn nic_queues(queues: Option<u16>) -> usize {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("p.sock");
+        let (_port, _server) = VhostUserServer::listen(&socket, "vm").unwrap();
+        let slots = connect_nics(&spec_with_nic(queues), &[socket]).unwrap();
+        slots[0].device.queue_max_sizes().len()
+    }
+
+    #[test]
+    fn the_nic_has_the_queue_pairs_its_spec_names() {
+        assert_eq!(nic_queues(None), 2, "no count: one pair, no control queue");
+        assert_eq!(nic_queues(Some(1)), 2);
+        assert_eq!(nic_queues(Some(2)), 5, "two pairs and the control queue");
+        assert_eq!(nic_queues(Some(4)), 9);
     }
 }

@@ -143,6 +143,7 @@ fn a_missing_disk_or_a_nic_is_start_failed_naming_it() {
         name: None,
         policy: Default::default(),
         virtual_subnet: None,
+        queues: None,
         switch: "sw0".into(),
         mac: None,
         vlan: None,

@@ -1,6 +1,6 @@
 //! `vireo vm nic add|set|rm|list`: a VM's network adapters, each a port on a vireod switch
 //! (`POST/PUT/DELETE /v1/vms/{vm}/nics[/{nic}]`). `set` changes the port's policy live on a
-//! running VM; `add`/`rm` need the VM off.
+//! running VM; `add`/`rm` and `set --queues` (hardware, through the VM's spec) need it off.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -22,8 +22,8 @@ pub enum NicCommand {
     ///   vireo vm nic add web --switch lan --trunk 10,20 --native 10 --name uplink
     #[command(verbatim_doc_comment)]
     Add(AddArgs),
-    /// Change a NIC's port policy; applied live while the VM runs (unset options stay as they
-    /// are)
+    /// Change a NIC's port policy, applied live while the VM runs (unset options stay as they
+    /// are), or its queue pairs with --queues (the VM must be off)
     Set(SetArgs),
     /// Remove a NIC and its switch port (the VM must be off).
     Rm {
@@ -125,6 +125,10 @@ pub struct AddArgs {
     pub mac: Option<MacAddr>,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// Multiqueue: virtio-net queue pairs, 1-4 (default 1); the guest turns on the extra ones
+    /// and the switch spreads received flows over them.
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u16>,
     /// Network virtualization: the virtual subnet (VSID) the NIC joins; the switch must have
     /// an overlay with it. Needs --ca.
     #[arg(long, value_name = "VSID", requires = "ca")]
@@ -150,6 +154,10 @@ pub struct SetArgs {
     pub nic: String,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// Multiqueue: virtio-net queue pairs, 1-4. Hardware: only while the VM is off (not
+    /// saved); the other options change the port live.
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u16>,
     /// text or json (the NicSpec as stored).
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
@@ -275,6 +283,14 @@ pub(super) fn vlan_text(n: &NicSpec) -> String {
     }
 }
 
+/// `, N queue pairs` for a multiqueue NIC, nothing for one pair (the default).
+pub(super) fn pairs_text(n: &NicSpec) -> String {
+    match n.queues {
+        Some(q) if q > 1 => format!(", {q} queue pairs"),
+        _ => String::new(),
+    }
+}
+
 /// A port's VLAN mode in a few words, as `vm nic list` and `switch show` print it.
 pub fn vlan_config_text(vlan: &VlanConfig) -> String {
     match vlan {
@@ -298,13 +314,45 @@ fn show(n: &NicSpec, output: OutputFormat, what: &str) -> String {
     match output {
         OutputFormat::Json => super::view::json(n),
         OutputFormat::Text => format!(
-            "{what} NIC {} on switch {} (mac {}, {})\n",
+            "{what} NIC {} on switch {} (mac {}, {}{})\n",
             n.name.as_deref().unwrap_or("-"),
             n.switch,
             n.mac.map_or("-".into(), |m| m.to_string()),
-            vlan_text(n)
+            vlan_text(n),
+            pairs_text(n)
         ),
     }
+}
+
+/// A change of the NIC's queue pairs (with any policy options) is a hardware change: it goes
+/// through the VM's spec (`PUT /v1/vms/{vm}/spec`), which vireod refuses while the VM runs or
+/// holds saved state (its guest saw the old pair count), and checkpoints first when set to.
+fn set_hardware(
+    client: &Client,
+    mut vm: Vm,
+    nic: &str,
+    policy: NicPolicy,
+    queues: u16,
+) -> Result<NicSpec, CliError> {
+    let i = vm
+        .spec
+        .nics
+        .iter()
+        .position(|n| n.name.as_deref() == Some(nic))
+        .expect("the caller found the NIC");
+    let n = &mut vm.spec.nics[i];
+    if policy.vlan.is_some() {
+        n.vlan = None;
+    }
+    n.policy = policy;
+    n.queues = Some(queues);
+    let path = format!("{}/spec", super::path(&vm.id().to_string())?);
+    let updated: Vm = client.put(&path, &vm.spec)?;
+    updated.spec.nics.into_iter().nth(i).ok_or_else(|| {
+        CliError::bad_input(format!(
+            "vireod's answer has no NIC {nic:?}; `vireo vm nic list` shows them"
+        ))
+    })
 }
 
 pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
@@ -321,6 +369,7 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
                 virtual_subnet: a
                     .virtual_subnet
                     .map(|vsid| vireo_api::NicVirtualSubnet { vsid, ca: a.ca }),
+                queues: a.queues,
             };
             let path = format!("{}/nics", super::path(&a.vm)?);
             let added: NicSpec = client.post(&path, Some(&nic))?;
@@ -347,7 +396,10 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
                 }
             }
             a.policy.apply(&mut policy)?;
-            let set: NicSpec = client.put(&path, &policy)?;
+            let set = match a.queues {
+                None => client.put(&path, &policy)?,
+                Some(q) => set_hardware(client, vm, &a.nic, policy, q)?,
+            };
             emit(show(&set, a.output, "set"))
         }
         NicCommand::Rm { vm, nic } => {
@@ -369,10 +421,11 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
                                 n.switch.clone(),
                                 n.mac.map_or("-".into(), |m| m.to_string()),
                                 vlan_text(n),
+                                n.queues.unwrap_or(1).to_string(),
                             ]
                         })
                         .collect();
-                    emit(render(&["NIC", "SWITCH", "MAC", "VLAN"], &rows))
+                    emit(render(&["NIC", "SWITCH", "MAC", "VLAN", "QUEUES"], &rows))
                 }
             }
         }

@@ -84,9 +84,10 @@ pub fn show(vm: &Vm, output: OutputFormat) -> String {
         lines.push((
             "nic",
             format!(
-                "{name}: mac {mac} on switch {} ({})",
+                "{name}: mac {mac} on switch {} ({}{})",
                 nic.switch,
-                super::nic::vlan_text(nic)
+                super::nic::vlan_text(nic),
+                super::nic::pairs_text(nic)
             ),
         ));
     }
@@ -161,6 +162,7 @@ pub mod tests {
                 name: None,
                 policy: Default::default(),
                 virtual_subnet: None,
+                queues: None,
                 switch: "sw0".into(),
                 mac: None,
                 vlan: Some(7),
@@ -245,6 +247,17 @@ pub mod tests {
         assert!(
             text.contains("nic:           nic0: mac 02:00:00:00:00:07 on switch sw0 (access 7)\n"),
             "{text}"
+        );
+        let mut mq = sample("m", VmState::Off);
+        mq.spec.nics[0].queues = Some(2);
+        let text = show(&mq, OutputFormat::Text);
+        assert!(
+            text.contains("nic0: mac 02:00:00:00:00:07 on switch sw0 (access 7, 2 queue pairs)\n"),
+            "{text}"
+        );
+        assert!(
+            show(&mq, OutputFormat::Json).contains("\"queues\": 2"),
+            "the JSON carries the pair count"
         );
         assert!(text.contains("shutdown line: POWEROFF\n"), "{text}");
         assert!(

@@ -87,6 +87,14 @@ fn nic_difference(was: &VmSpec, now: &VmSpec) -> Option<String> {
         .enumerate()
         .find(|(_, (a, b))| a != b)?;
     let name = b.name.clone().unwrap_or_else(|| format!("nic{i}"));
+    if a.queues != b.queues {
+        // The pair count is the guest's virtio-net device (its queues and config space).
+        return Some(format!(
+            "NIC {name:?} ({} queue pairs then, {} now)",
+            a.queues.unwrap_or(1),
+            b.queues.unwrap_or(1)
+        ));
+    }
     let what = if a.name != b.name || a.mac != b.mac {
         "name or MAC"
     } else if a.switch != b.switch {
@@ -373,5 +381,12 @@ mod tests {
         vlan.nics[0].vlan = Some(7);
         let why = obstacle(&now, &cp(vlan, true)).unwrap();
         assert!(why.contains("VLAN, policy"), "{why}");
+        let mut mq = now.clone();
+        mq.nics[0].queues = Some(2);
+        let why = obstacle(&now, &cp(mq, true)).unwrap();
+        assert!(
+            why.contains("\"nic0\" (2 queue pairs then, 1 now)") && why.contains("--stop"),
+            "{why}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use vireo_api::switch::SwitchOp;
-use vireo_api::{ApiErrorCode, NicPolicy, NicSpec, Vm};
+use vireo_api::{ApiErrorCode, NicPolicy, NicSpec, Vm, VmState};
 
 use super::St;
 use crate::daemon::http_error::{ApiJson, ApiPath, HttpError};
@@ -14,6 +14,14 @@ use crate::daemon::switches::{launch, nics};
 use crate::daemon::Daemon;
 
 fn must_be_off(vm: &Vm, what: &str) -> Result<(), HttpError> {
+    // A saved VM's guest saw its NICs (and their queue pairs): its state would not restore
+    // into another set.
+    if vm.state == VmState::Saved {
+        return Err(HttpError::conflict(format!(
+            "cannot {what} a NIC of a VM that is saved: its saved state has the current NICs; \
+             turn it off first (that discards the saved state)"
+        )));
+    }
     if vm.state.has_worker() {
         return Err(HttpError::conflict(format!(
             "cannot {what} a NIC of a VM that is {}: stop the VM first (NIC hot-plug is not supported)",
