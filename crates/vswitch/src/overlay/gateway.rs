@@ -195,6 +195,35 @@ fn nat_port(s: &FrameSummary, echo: u8) -> Option<(u16, u16)> {
     }
 }
 
+/// What stops a routed packet on its way out through a gateway: larger than the provider
+/// network's MTU, or its TTL / hop limit running out here (decremented otherwise). The VM
+/// gets the ICMP error from its subnet's gateway address (`Send` back, counted), or the
+/// packet is dropped when none can be built; `None`: it goes on.
+pub(super) fn bounce(
+    frame: &mut Vec<u8>,
+    provider_mtu: u32,
+    sub_mac: Mac,
+    sub_ip: Option<IpAddr>,
+    v6: bool,
+) -> Option<Verdict> {
+    let back = |sent: bool, why: DropReason| match sent {
+        true => Verdict::Send {
+            to: Target::Back,
+            counted: Some(why),
+        },
+        false => Verdict::Drop(why),
+    };
+    if frame.len() - 14 > provider_mtu as usize {
+        let sent = reply::too_big(frame, sub_mac, sub_ip, provider_mtu as u16);
+        return Some(back(sent, DropReason::TooBig));
+    }
+    if !decrement_ttl(frame, v6) {
+        let sent = reply::icmp_error(frame, sub_mac, sub_ip, reply::IcmpError::TimeExceeded);
+        return Some(back(sent, DropReason::TtlExceeded));
+    }
+    None
+}
+
 impl Overlay {
     /// Whether `ip` lies in one of routing domain `rd`'s subnet prefixes (then it is a CA
     /// that must be in the table, never sent outside).
@@ -255,26 +284,8 @@ impl Overlay {
                 _ => return Verdict::Drop(DropReason::OverlayUnknown),
             }
         };
-        if frame.len() - 14 > self.cfg.provider_mtu as usize {
-            let mtu = self.cfg.provider_mtu as u16;
-            return if reply::too_big(frame, sub_mac, sub_ip, mtu) {
-                Verdict::Send {
-                    to: Target::Back,
-                    counted: Some(DropReason::TooBig),
-                }
-            } else {
-                Verdict::Drop(DropReason::TooBig)
-            };
-        }
-        if !decrement_ttl(frame, false) {
-            return if reply::icmp_error(frame, sub_mac, sub_ip, reply::IcmpError::TimeExceeded) {
-                Verdict::Send {
-                    to: Target::Back,
-                    counted: Some(DropReason::TtlExceeded),
-                }
-            } else {
-                Verdict::Drop(DropReason::TtlExceeded)
-            };
+        if let Some(bounced) = bounce(frame, self.cfg.provider_mtu, sub_mac, sub_ip, false) {
+            return bounced;
         }
         let (gmac, gaddr, vlan) = (g.mac, g.addr, g.cfg.vlan);
         if let Some(nat) = &mut self.gateways.list[gi].nat {

@@ -9,10 +9,10 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use super::gateway::{push_tag, strip_tag};
+use super::gateway::{bounce, push_tag, strip_tag};
 use super::nd::{self, Resolve};
 use super::wire::u128_to_ip;
-use super::{decrement_ttl, reply, Overlay, Target, Verdict};
+use super::{reply, Overlay, Target, Verdict};
 use crate::frame::{parse, FrameSummary, Mac, IPPROTO_ICMPV6};
 use crate::meter::DropReason;
 
@@ -88,26 +88,8 @@ impl Overlay {
             }
         };
         let (gmac, vlan) = (g.mac, g.cfg.vlan);
-        if frame.len() - 14 > self.cfg.provider_mtu as usize {
-            let mtu = self.cfg.provider_mtu as u16;
-            return if reply::too_big(frame, sub_mac, sub_ip, mtu) {
-                Verdict::Send {
-                    to: Target::Back,
-                    counted: Some(DropReason::TooBig),
-                }
-            } else {
-                Verdict::Drop(DropReason::TooBig)
-            };
-        }
-        if !decrement_ttl(frame, true) {
-            return if reply::icmp_error(frame, sub_mac, sub_ip, reply::IcmpError::TimeExceeded) {
-                Verdict::Send {
-                    to: Target::Back,
-                    counted: Some(DropReason::TtlExceeded),
-                }
-            } else {
-                Verdict::Drop(DropReason::TtlExceeded)
-            };
+        if let Some(bounced) = bounce(frame, self.cfg.provider_mtu, sub_mac, sub_ip, true) {
+            return bounced;
         }
         let clock = self.clock;
         let gws = &mut self.gateways;
