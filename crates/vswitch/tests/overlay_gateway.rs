@@ -832,3 +832,47 @@ fn a_forward_gateway_routes_ipv6_cas_with_next_hops_resolved_by_nd() {
         (1, 1, 1, 1, 1)
     );
 }
+
+/// A routed packet that cannot leave through the gateway comes back to the VM as ICMP from
+/// its subnet's gateway address: TTL 1 (time exceeded), larger than the provider MTU
+/// (fragmentation needed, with the MTU); counted, never silently dropped.
+#[test]
+fn a_packet_that_cannot_leave_through_the_gateway_bounces_to_the_vm_as_icmp() {
+    let mut h = host(10);
+    let green = h.green;
+    let far = [192, 0, 2, 50];
+    let build = |ttl: u8, payload: &[u8]| {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(VM1, GREEN_GW)
+            .ipv4([10, 2, 0, 5], far, ttl)
+            .udp(4000, 80)
+            .write(&mut f, payload)
+            .unwrap();
+        f
+    };
+    let cases = [
+        (build(1, b"query"), 11, 0, DropReason::TtlExceeded),
+        (build(64, &[7u8; 1600]), 3, 4, DropReason::TooBig),
+    ];
+    for (q, icmp_type, code, why) in cases {
+        let (out, dropped) = run(&mut h.sw, green, &q, 2);
+        let [(p, f)] = &out[..] else {
+            panic!("{why:?}: {out:?}")
+        };
+        assert_eq!(*p, green, "{why:?}");
+        assert_eq!(dropped, Some(why));
+        assert_eq!((&f[0..6], &f[6..12]), (&VM1[..], &GREEN_GW[..]), "{why:?}");
+        assert_eq!(f[23], 1, "{why:?}: ICMP");
+        assert_eq!(
+            &f[26..30],
+            &[10, 2, 0, 254],
+            "{why:?}: from the subnet's gateway"
+        );
+        assert_eq!(&f[30..34], &[10, 2, 0, 5], "{why:?}: to the VM");
+        assert_eq!((f[34], f[35]), (icmp_type, code), "{why:?}");
+        assert!(checksums_ok(f), "{why:?}");
+        if why == DropReason::TooBig {
+            assert_eq!(u16::from_be_bytes([f[40], f[41]]), 1500, "the provider MTU");
+        }
+    }
+}
