@@ -87,17 +87,7 @@ fn netns_tenants_reach_the_physical_network_through_nat_and_forwarding() {
     // Namespace 0: the physical host, on the uplink's wire.
     let up_host = lab.veth_ns(0, false, &["198.51.100.9"]);
     let phys = lab.ns(0);
-    must(&[
-        "ip",
-        "netns",
-        "exec",
-        &phys,
-        "ethtool",
-        "-K",
-        &lab.guest(0),
-        "tx",
-        "off",
-    ]);
+    lab.tx_checksums_in_software(0);
     must(&[
         "ip",
         "-n",
@@ -477,17 +467,7 @@ fn netns_ipv6_is_forwarded_through_the_gateway_with_next_hops_found_by_nd() {
     // the gateway's IPv6 address (no static neighbour anywhere).
     let up_host = lab.veth_ns(0, true, &["2001:db8:30::9"]);
     let phys = lab.ns(0);
-    must(&[
-        "ip",
-        "netns",
-        "exec",
-        &phys,
-        "ethtool",
-        "-K",
-        &lab.guest(0),
-        "tx",
-        "off",
-    ]);
+    lab.tx_checksums_in_software(0);
     must(&[
         "ip",
         "-n",

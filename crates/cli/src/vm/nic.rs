@@ -330,16 +330,10 @@ fn show(n: &NicSpec, output: OutputFormat, what: &str) -> String {
 fn set_hardware(
     client: &Client,
     mut vm: Vm,
-    nic: &str,
+    (i, nic): (usize, &str),
     policy: NicPolicy,
     queues: u16,
 ) -> Result<NicSpec, CliError> {
-    let i = vm
-        .spec
-        .nics
-        .iter()
-        .position(|n| n.name.as_deref() == Some(nic))
-        .expect("the caller found the NIC");
     let n = &mut vm.spec.nics[i];
     if policy.vlan.is_some() {
         n.vlan = None;
@@ -378,17 +372,18 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
         NicCommand::Set(a) => {
             let path = nic_path(&a.vm, &a.nic)?;
             let vm: Vm = client.get(&super::path(&a.vm)?)?;
-            let Some(current) = vm
+            let Some(i) = vm
                 .spec
                 .nics
                 .iter()
-                .find(|n| n.name.as_deref() == Some(&a.nic))
+                .position(|n| n.name.as_deref() == Some(&a.nic))
             else {
                 return Err(CliError::bad_input(format!(
                     "VM {} has no NIC {:?}; `vireo vm nic list {}` shows them",
                     a.vm, a.nic, a.vm
                 )));
             };
+            let current = &vm.spec.nics[i];
             let mut policy = current.policy.clone();
             if policy.vlan.is_none() {
                 if let Some(vid) = current.vlan {
@@ -398,7 +393,7 @@ pub fn execute(client: &Client, cmd: NicCommand) -> Result<(), CliError> {
             a.policy.apply(&mut policy)?;
             let set = match a.queues {
                 None => client.put(&path, &policy)?,
-                Some(q) => set_hardware(client, vm, &a.nic, policy, q)?,
+                Some(q) => set_hardware(client, vm, (i, &a.nic), policy, q)?,
             };
             emit(show(&set, a.output, "set"))
         }

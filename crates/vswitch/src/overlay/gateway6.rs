@@ -131,13 +131,14 @@ impl Overlay {
         frame: &mut Vec<u8>,
         vlan: Option<u16>,
     ) -> Option<Verdict> {
-        let gi = self
+        let (gi, me) = self
             .gateways
             .list
             .iter()
-            .position(|g| g.cfg.vlan == vlan && g.addr6.is_some())?;
+            .enumerate()
+            .find_map(|(i, g)| g.addr6.filter(|_| g.cfg.vlan == vlan).map(|a| (i, a)))?;
         let g = &self.gateways.list[gi];
-        let (gmac, me) = (g.mac, g.addr6.expect("found with one"));
+        let gmac = g.mac;
         if s.proto == IPPROTO_ICMPV6
             && matches!(s.icmp_type, nd::NEIGHBOR_SOLICIT | nd::NEIGHBOR_ADVERT)
         {

@@ -1000,11 +1000,8 @@ impl Overlay {
         let ok = inner.get(6..12) == Some(&gw_mac[..])
             && redirect::parse(inner).is_some_and(|r| {
                 let entry = self.table.get(rd, r.ca);
-                redirect::judge(entry, t.vsid, t.outer_src, &r, |a| self.is_ours(a)).is_ok() && {
-                    let mut moved = *entry.expect("judged present");
-                    moved.pa = r.pa;
-                    self.table.insert(rd, r.ca, moved).is_ok()
-                }
+                redirect::judge(entry, t.vsid, t.outer_src, &r, |a| self.is_ours(a))
+                    .is_ok_and(|moved| self.table.insert(rd, r.ca, moved).is_ok())
             });
         if ok {
             self.relays.counters.redirects_accepted += 1;
@@ -1055,7 +1052,7 @@ impl Overlay {
             });
         }
         let asked = self.nd.is_pending(m.target) || self.nd.is_known(m.target);
-        if !asked || m.lladdr.is_none() {
+        let (true, Some(mac)) = (asked, m.lladdr) else {
             // An advertisement to us about a target we never asked for is forged or
             // confused; one to a group is someone else's business.
             if s.dst == me {
@@ -1063,9 +1060,8 @@ impl Overlay {
                 return Some(Verdict::Drop(DropReason::Malformed));
             }
             return None;
-        }
+        };
         let target = IpAddr::V6(m.target);
-        let mac = m.lladdr.expect("checked above");
         let differs = self.neighbor(target).is_some_and(|old| old != mac);
         if differs && !m.override_ && !self.nd.is_pending(m.target) {
             // RFC 4861 §7.2.5: without override a known entry keeps its MAC.

@@ -99,14 +99,15 @@ pub fn parse(inner: &[u8]) -> Option<Redirect> {
 }
 
 /// Whether the redirect `r`, tunnelled in `vsid` from `from_pa`, may move `entry` (this
-/// host's entry for `r.ca` in the routing domain of `vsid`). `ours` tells our own PAs.
+/// host's entry for `r.ca` in the routing domain of `vsid`), and if so the entry moved to
+/// `r.pa`. `ours` tells our own PAs.
 pub fn judge(
     entry: Option<&Entry>,
     vsid: u32,
     from_pa: IpAddr,
     r: &Redirect,
     ours: impl Fn(IpAddr) -> bool,
-) -> Result<(), Refusal> {
+) -> Result<Entry, Refusal> {
     let e = entry.ok_or(Refusal::NoEntry)?;
     if matches!(e.origin, Origin::Port(_)) {
         return Err(Refusal::LocalCa);
@@ -123,7 +124,7 @@ pub fn judge(
     if ours(r.pa) || r.pa == from_pa || r.pa.is_ipv4() != from_pa.is_ipv4() {
         return Err(Refusal::BadTarget);
     }
-    Ok(())
+    Ok(Entry { pa: r.pa, ..*e })
 }
 
 #[cfg(test)]
@@ -188,7 +189,7 @@ mod tests {
         let e = entry("192.0.2.1");
         assert_eq!(
             judge(Some(&e), 100, ip("192.0.2.1"), &moved_to("192.0.2.2"), none),
-            Ok(())
+            Ok(entry("192.0.2.2"))
         );
     }
 

@@ -83,6 +83,22 @@ impl Lab {
         configure(&ns, &guest, addrs);
         host
     }
+
+    /// Turns transmit checksum offload off on namespace `k`'s veth end, so the frames it
+    /// sends carry their checksums (the tests decode and check them on the way).
+    pub fn tx_checksums_in_software(&self, k: usize) {
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(k),
+            "ethtool",
+            "-K",
+            &self.guest(k),
+            "tx",
+            "off",
+        ]);
+    }
 }
 
 impl Drop for Lab {
