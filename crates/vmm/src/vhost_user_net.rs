@@ -443,6 +443,9 @@ impl VhostUserNet {
                 self.frontend.set_vring_enable(i, i < enabled_rings)?;
             }
         }
+        // SET_VRING_ENABLE has no reply: until the backend acts on it, a frame for the guest
+        // finds the ring off and is dropped. Once this returns the NIC takes frames again.
+        self.barrier()?;
         for qh in queues.iter().take(data_rings).filter(|qh| qh.queue.ready()) {
             let _ = qh.kick.write(1);
         }
