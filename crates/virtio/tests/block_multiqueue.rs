@@ -24,7 +24,7 @@ use vireo_block::{BlockBackend, RawFile};
 use vireo_vhdx::vhd::{DiskType as VhdType, Vhd, VhdCreateOptions};
 use vireo_vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 use vireo_virtio::state::DeviceState;
-use vireo_virtio::{Block, VirtioDevice};
+use vireo_virtio::{Block, StateError, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress};
 
 const T_IN: u32 = 0;
@@ -379,6 +379,20 @@ fn save_and_restore(
     std::thread::sleep(Duration::from_millis(20));
     let now: Vec<u16> = qs.iter().map(|q| q.used_idx(mem)).collect();
     assert_eq!(now, published, "a paused disk completed requests");
+    // What an in-place apply asks of the active disk before it pauses a VM.
+    dev.check_restore(&state).unwrap();
+    let mut other = block.clone();
+    other.num_queues = 1;
+    assert!(matches!(
+        dev.check_restore(&DeviceState::Block(other)),
+        Err(StateError::Invalid(why)) if why.contains("request queues")
+    ));
+    let mut other = block.clone();
+    other.acked_features |= 1 << 40;
+    assert!(matches!(
+        dev.check_restore(&DeviceState::Block(other)),
+        Err(StateError::Invalid(why)) if why.contains("does not offer")
+    ));
     let old = reset_in_time(dev);
     drop(old);
 

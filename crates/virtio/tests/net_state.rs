@@ -107,6 +107,16 @@ fn a_frame_held_without_rx_buffers_survives_save_and_restore() {
         .unwrap();
     assert_eq!(got, held);
     assert_eq!(dev.counters().snapshot().rx_frames, 1);
+    // What an in-place apply asks of the active NIC before it pauses a VM.
+    dev.check_restore(&saved).unwrap();
+    assert!(matches!(
+        dev.check_restore(&other_mac),
+        Err(StateError::Invalid(why)) if why.contains("MAC")
+    ));
+    assert!(matches!(
+        dev.check_restore(&block),
+        Err(StateError::WrongDevice { .. })
+    ));
     // Restoring into an active device is refused.
     assert!(dev.restore_state(&saved).is_err());
     let _ = reset_in_time(dev);

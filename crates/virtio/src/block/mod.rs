@@ -425,16 +425,15 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+    /// The queue count and the features must fit this disk; asked before an in-place apply
+    /// pauses the VM (whose transport cannot change shape then), so a refusal leaves it running.
+    fn check_restore(&self, state: &DeviceState) -> Result<(), StateError> {
         let DeviceState::Block(s) = state else {
             return Err(StateError::WrongDevice {
                 saved: state.kind(),
                 device: "block",
             });
         };
-        if self.queues.is_some() {
-            return Err(StateError::Invalid("the device is active".into()));
-        }
         if s.num_queues != self.num_queues() {
             return Err(StateError::Invalid(format!(
                 "{} request queues saved, the disk has {}",
@@ -448,6 +447,17 @@ impl VirtioDevice for Block {
                 "features {extra:#x} were accepted but this disk does not offer them \
                  (read-only or sector sizes changed?)"
             )));
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        self.check_restore(state)?;
+        let DeviceState::Block(s) = state else {
+            return Ok(());
+        };
+        if self.queues.is_some() {
+            return Err(StateError::Invalid("the device is active".into()));
         }
         self.acked_features = s.acked_features;
         self.restored = s.rings.is_some();

@@ -285,16 +285,15 @@ impl VirtioDevice for Net {
         }))
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+    /// The MAC, the features and a pending frame must fit this NIC; asked before an
+    /// in-place apply pauses the VM, so a refusal leaves it running.
+    fn check_restore(&self, state: &DeviceState) -> Result<(), StateError> {
         let DeviceState::Net(s) = state else {
             return Err(StateError::WrongDevice {
                 saved: state.kind(),
                 device: "net",
             });
         };
-        if self.worker.is_some() {
-            return Err(StateError::Invalid("the device is active".into()));
-        }
         // The driver keeps the MAC it read; a different one would silently split the two.
         if s.mac != self.mac {
             return Err(StateError::Invalid(format!(
@@ -320,6 +319,17 @@ impl VirtioDevice for Net {
                 "the pending frame's header {:02x?} asks for offloads the driver did not accept",
                 s.rx_frame_vnet_hdr
             )));
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        self.check_restore(state)?;
+        let DeviceState::Net(s) = state else {
+            return Ok(());
+        };
+        if self.worker.is_some() {
+            return Err(StateError::Invalid("the device is active".into()));
         }
         self.acked_features = s.acked_features;
         self.link_up.store(s.link_up, Ordering::Release);
