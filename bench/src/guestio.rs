@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use vireo_probe_image::kvm_usable;
 use vireo_probe_image::qemu::find_qemu;
 
-use disk::{Result1, Setup, CASES};
+use disk::{Case, Result1, Setup, CASES};
 use net::{NetResult, QemuNet, VireoNet};
 use vm::Vm;
 
@@ -57,6 +57,10 @@ pub struct GuestioArgs {
     /// [default: all four of io_uring|threads × none|writeback].
     #[arg(long = "qemu-mode", value_name = "AIO/CACHE")]
     pub qemu_modes: Vec<String>,
+    /// Only the disk cases whose name contains this (e.g. `QD32`, `1M write`); repeatable
+    /// [default: all six].
+    #[arg(long = "case", value_name = "NAME")]
+    cases: Vec<String>,
     /// Skip the network half.
     #[arg(long)]
     no_net: bool,
@@ -110,6 +114,20 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut disk_rows = Vec::new();
     let mut seq_ceiling = f64::NAN;
     if !args.no_disk {
+        let cases: Vec<&Case> = CASES
+            .iter()
+            .filter(|c| {
+                args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str()))
+            })
+            .collect();
+        if cases.is_empty() {
+            return Err(format!(
+                "--case {:?} matches no disk case; names are: {}",
+                args.cases,
+                CASES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+            )
+            .into());
+        }
         let images = disk::make_images(dir.path(), args.disk_mib)?;
         let setups = Setup::all();
         let setups: Vec<Setup> = setups
@@ -134,7 +152,7 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         // results[image][setup][case] = one value per round.
         let mut results =
-            vec![vec![vec![Vec::<Result1>::new(); CASES.len()]; setups.len()]; images.len()];
+            vec![vec![vec![Vec::<Result1>::new(); cases.len()]; setups.len()]; images.len()];
         for round in 0..args.rounds {
             for (ii, image) in images.iter().enumerate() {
                 for (si, setup) in setups.iter().enumerate() {
@@ -149,7 +167,7 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
                             Vm::qemu(&disk::qemu_config(&qemu, MEMORY_MIB, image, aio, cache))?
                         }
                     };
-                    let r = disk::run_cases(vm, args.seconds)
+                    let r = disk::run_cases(vm, &cases, args.seconds)
                         .map_err(|e| format!("{} on {}: {e}", setup.label(), image.label))?;
                     eprintln!(
                         "round {}/{} {} {}: {}",
@@ -170,7 +188,7 @@ pub fn run(args: GuestioArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         seq_ceiling = disk::memcpy_ceiling_mib_s(args.disk_mib as usize);
         for (ii, image) in images.iter().enumerate() {
-            for (ci, case) in CASES.iter().enumerate() {
+            for (ci, case) in cases.iter().enumerate() {
                 let med = |si: usize| median_result(&results[ii][si][ci]);
                 let v = med(0);
                 // QEMU's best mode per case: highest IOPS; its best p99 separately.

@@ -204,13 +204,13 @@ pub fn qemu_config(
     c
 }
 
-/// Runs every case for `secs` seconds on a booted VM whose disk 0 is the image.
-pub fn run_cases(mut vm: Vm, secs: u32) -> Result<Vec<Result1>, String> {
+/// Runs `cases` for `secs` seconds each on a booted VM whose disk 0 is the image.
+pub fn run_cases(mut vm: Vm, cases: &[&Case], secs: u32) -> Result<Vec<Result1>, String> {
     let timeout = Duration::from_secs(u64::from(secs) + 60);
     // Calibrate the TSC before the first measured case.
     vm.command("TSC", Duration::from_secs(10))?;
     let mut out = Vec::new();
-    for c in CASES {
+    for c in cases {
         let cmd = format!("DISK 0 BENCH {} {} {} {secs}", c.op, c.bs, c.qd);
         let a = vm.command(&cmd, timeout)?;
         out.push(Result1 {

@@ -260,6 +260,9 @@ pub fn open_from(d: &DiskArg, held: Option<File>) -> Result<OpenedDisk, WorkerEr
                 path: path.clone(),
                 source,
             })?;
+            // The guest flushes when it needs to; write-back started under its streams only
+            // competes with them (`Vhdx::set_early_writeback`).
+            vhdx.set_early_writeback(false);
             let vhdx = Arc::new(vhdx);
             Ok(OpenedDisk {
                 backend: vhdx.clone(),

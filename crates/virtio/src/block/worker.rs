@@ -55,10 +55,21 @@ pub(crate) struct BlockWorker {
     /// Runs a pass's reads and writes together; `None` when `VIREO_BLK_BATCH=0` (then they run
     /// one at a time, as with QoS).
     batcher: Option<Batcher>,
+    /// Most chains taken from the ring into one batch ([`STREAM_BATCH`], or the env override).
+    batch_max: usize,
 }
 
-/// Most requests taken from the ring into one batch.
+/// Most requests the io_uring batcher has room for (a queue's size, up to this).
 const MAX_BATCH: usize = 64;
+
+/// Most requests taken from the ring into one batch unless `VIREO_BLK_BATCH_MAX` (1 to
+/// [`MAX_BATCH`]) says otherwise, for comparisons. Page-cache reads complete inside a batch's
+/// one `io_uring_enter`, so none of a QD 32 batch reaches the used ring before the last is
+/// done; smaller batches hand completions back sooner so the driver can refill meanwhile. On
+/// this shared 2-core host that lost: `randread 4K 32` at load ~15, three alternating rounds,
+/// batches of 64 ran 64–101 k IOPS, batches of 8 26–38 k (docs/datapath.md). It may differ on
+/// an idle host, where the vCPU and the worker have a core each; not measured.
+const STREAM_BATCH: usize = 64;
 
 /// The disk a worker serves: its backend and what the device keeps across activations.
 pub(crate) struct Disk {
@@ -101,6 +112,7 @@ impl BlockWorker {
             serial,
             poll: PollWindow::for_block(),
             batcher: batching_enabled().then(|| Batcher::new(u32::from(queue_size))),
+            batch_max: batch_max(),
         }
     }
 
@@ -261,7 +273,7 @@ impl BlockWorker {
 
 impl BlockWorker {
     /// A serve pass without QoS: every look at the ring takes what is there (up to
-    /// [`MAX_BATCH`]) and runs it as one batch; a pause request stops the pass between batches
+    /// [`STREAM_BATCH`]) and runs it as one batch; a pause request stops the pass between batches
     /// with the rest left in the ring. Notifications are re-enabled at the end, looking once
     /// more for chains that came meanwhile ([`serve_in_batches`]).
     fn serve_batched(&mut self) -> Pass {
@@ -290,7 +302,7 @@ impl BlockWorker {
         // the pause decides what comes next.
         let (used, held) = serve_in_batches(
             &mut ring,
-            MAX_BATCH,
+            self.batch_max,
             || pause.requested(),
             |ring, batch| {
                 let heads: Vec<u16> = batch.iter().map(|c| c.head_index()).collect();
@@ -381,6 +393,14 @@ fn run_batch(
 /// Whether reads and writes run in batches: yes unless `VIREO_BLK_BATCH=0` (for comparing).
 fn batching_enabled() -> bool {
     std::env::var("VIREO_BLK_BATCH").map_or(true, |v| v.trim() != "0")
+}
+
+/// Chains per batch: `VIREO_BLK_BATCH_MAX` (1 to [`MAX_BATCH`]) or [`STREAM_BATCH`].
+fn batch_max() -> usize {
+    std::env::var("VIREO_BLK_BATCH_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(STREAM_BATCH, |n| n.clamp(1, MAX_BATCH))
 }
 
 /// What one serve pass did: chains used, and whether QoS held one back.
