@@ -310,9 +310,8 @@ async fn run(
     if req.quick {
         return quick(
             d,
-            vm,
+            (vm, tree.as_deref()),
             (&mut peer, to),
-            tree.as_deref(),
             job,
             &mut cancel_wait,
             guard,
@@ -711,9 +710,8 @@ async fn finish_moved(
 
 async fn quick(
     d: &Arc<Daemon>,
-    vm: &Vm,
+    (vm, tree): (&Vm, Option<&vireo_api::migrate::CheckpointTree>),
     (peer, to): (&mut Peer, SocketAddr),
-    tree: Option<&vireo_api::migrate::CheckpointTree>,
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
     guard: OwnedMutexGuard<()>,
