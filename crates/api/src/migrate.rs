@@ -68,6 +68,43 @@ pub struct CopiedDisk {
     pub allocated: u64,
 }
 
+/// A VM's checkpoint tree as a quick migration carries it: the records, the files vireod made
+/// for it (sent, named `name`) and the user's own files the tree also uses (not sent: shared
+/// storage, they must be at the same path on the destination). Paths are the source's; the
+/// destination maps each one onto its own folder for the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointTree {
+    /// Oldest first, `current` set on the one the VM runs from.
+    pub checkpoints: Vec<crate::Checkpoint>,
+    /// The differencing child the VM writes for each checkpointed disk.
+    pub tops: Vec<TreeTop>,
+    pub files: Vec<TreeFile>,
+    pub shared: Vec<PathBuf>,
+}
+
+/// `CheckpointTree::tops`: disk `serial` runs on `file`, a child of `parent`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeTop {
+    pub serial: String,
+    pub file: PathBuf,
+    pub parent: PathBuf,
+}
+
+/// One file of a checkpoint tree that travels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeFile {
+    /// The `File` message's name (plain, unique in the migration).
+    pub name: String,
+    /// Every path the source's records and parent locators use for it.
+    pub spellings: Vec<PathBuf>,
+    /// `None`: a disk file; `Some(id)`: a file of that checkpoint's saved state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_of: Option<Uuid>,
+}
+
 /// How the destination reaches the VM's disks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -82,7 +119,8 @@ pub enum StorageMode {
 /// 2: shared-nothing migration (`Offer.dest_dir`/`disks`, `DiskData`).
 /// 3: network virtualization follows a move (`Accepted.provider_addresses`, `PolicyMoved`);
 ///    `WhereIs`/`Whereabouts` (a quick migration's source asks after a lost commit answer).
-pub const PEER_PROTOCOL_VERSION: u32 = 3;
+/// 4: a quick migration carries the VM's checkpoint tree (`Offer.checkpoints`).
+pub const PEER_PROTOCOL_VERSION: u32 = 4;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -134,6 +172,10 @@ pub enum PeerMsg {
         dest_dir: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disks: Vec<CopiedDisk>,
+        /// Quick: the VM's checkpoint tree, whose files follow as `File`s named as in
+        /// [`CheckpointTree::files`] (docs/migration.md, "Checkpoints travel with the VM").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoints: Option<Box<CheckpointTree>>,
     },
     /// The first line of a second connection a shared-nothing migration's source worker
     /// opens to the destination vireod: the disk data of `session` follows

@@ -6,7 +6,8 @@
 //! and checks clean, nothing is left in the old places, and applying each checkpoint gives
 //! back its disk data exactly. A running VM with checkpoints, and `--flatten`, are refused with
 //! one line naming the way out, the VM untouched (its memory and disk as before, applying the
-//! checkpoint afterwards gives back its memory and disk).
+//! checkpoint afterwards gives back its memory and disk). `vm rm` afterwards leaves no
+//! `vireo-checkpoints-<id>/` folder behind.
 
 use std::path::{Path, PathBuf};
 
@@ -174,6 +175,14 @@ fn an_off_vm_moves_its_whole_checkpoint_tree() {
     all_check_clean(&d, &files_in_use(&d, "c"));
     d.ok(&["checkpoint", "apply", "c", "first"]);
     assert_eq!(read_byte(&d.vm("c").spec.disks[0].path), 1);
+
+    // Removing the VM removes vireod's own files in the move's folder too (they used to stay
+    // behind: only the VM's folder went); the user's base disk stays.
+    let ours = to.join(format!("vireo-checkpoints-{}", d.vm("c").id()));
+    assert!(ours.is_dir());
+    d.ok(&["vm", "rm", "c"]);
+    assert!(!ours.exists(), "{} left behind", ours.display());
+    assert_eq!(vhdx_on_disk(d.dir.path()), vec![to.join("base.vhdx")]);
 }
 
 #[test]

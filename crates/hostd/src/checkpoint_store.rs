@@ -418,6 +418,39 @@ impl Store {
         Ok(true)
     }
 
+    /// A migrated VM's tree arriving (`daemon/migrate/tree.rs`): every record and the head in
+    /// one transaction, paths already this host's.
+    pub fn import_checkpoints(
+        &self,
+        vm: Uuid,
+        checkpoints: &[Checkpoint],
+        head: &Head,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for cp in checkpoints {
+            tx.execute(
+                "INSERT INTO checkpoints
+                 (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    cp.id.to_string(),
+                    vm.to_string(),
+                    cp.name,
+                    cp.parent.map(|p| p.to_string()),
+                    cp.created_at,
+                    to_json(&cp.spec),
+                    to_json(&cp.disks),
+                    cp.has_state as i64,
+                    cp.automatic as i64
+                ],
+            )?;
+        }
+        put_head(&tx, vm, head)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The storage move's commit: the VM's spec, every checkpoint's spec and frozen files and
     /// the head's tops name the copies (`moved`: old path → new path), phase committed.
     pub fn commit_checkpoint_move(

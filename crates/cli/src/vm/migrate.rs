@@ -59,7 +59,8 @@ pub struct MigrateArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub postcopy: Postcopy,
     /// Quick migration: save the VM, send its saved state, restore it there (a pause of
-    /// seconds; needs no live-migration support in the workers).
+    /// seconds; needs no live-migration support in the workers). The VM's checkpoints move
+    /// with it (a live migration refuses a VM with checkpoints).
     #[arg(long)]
     pub quick: bool,
     /// Shared-nothing migration: copy the disks too, over the same authenticated channel,

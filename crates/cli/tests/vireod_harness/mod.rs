@@ -31,10 +31,12 @@ pub struct Daemon {
     pub child: Child,
     /// More vireod arguments, on every (re)start.
     pub args: Vec<String>,
+    /// Environment for vireod (e.g. a fault point), on every (re)start.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
-    pub fn spawn_args(dir: &Path, args: &[String]) -> Child {
+    pub fn spawn_args(dir: &Path, args: &[String], env: &[(String, String)]) -> Child {
         let (vireod, worker) = binaries().unwrap();
         let socket = dir.join("state").join("vireod.sock");
         let _ = std::fs::remove_file(&socket);
@@ -48,6 +50,7 @@ impl Daemon {
             .arg("--storage-root")
             .arg(vireo_probe_image::probe_elf().parent().unwrap())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -71,11 +74,24 @@ impl Daemon {
     }
 
     pub fn start_args(args: &[&str]) -> Option<Daemon> {
+        Self::start_args_env(args, &[])
+    }
+
+    pub fn start_args_env(args: &[&str], env: &[(&str, &str)]) -> Option<Daemon> {
         binaries()?;
         let dir = tempfile::tempdir().unwrap();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let child = Daemon::spawn_args(dir.path(), &args);
-        Some(Daemon { dir, child, args })
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Daemon::spawn_args(dir.path(), &args, &env);
+        Some(Daemon {
+            dir,
+            child,
+            args,
+            env,
+        })
     }
 
     pub fn kill9_and_restart(&mut self) {
@@ -91,7 +107,7 @@ impl Daemon {
 
     /// Starts vireod again on the same state (after [`Self::kill9`]).
     pub fn restart(&mut self) {
-        self.child = Daemon::spawn_args(self.dir.path(), &self.args);
+        self.child = Daemon::spawn_args(self.dir.path(), &self.args, &self.env);
     }
 
     pub fn vireo(&self, args: &[&str]) -> Command {

@@ -45,13 +45,16 @@ pub struct TreeMove {
     pub renames: BTreeMap<PathBuf, PathBuf>,
 }
 
-fn resolved(p: &Path) -> PathBuf {
+pub(crate) fn resolved(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Every file the VM's tree names, with the chains under them: resolved path → the spellings
 /// seen for it.
-fn tree_files(daemon: &Daemon, vm: &Vm) -> Result<BTreeMap<PathBuf, Vec<PathBuf>>, String> {
+pub(crate) fn tree_files(
+    daemon: &Daemon,
+    vm: &Vm,
+) -> Result<BTreeMap<PathBuf, Vec<PathBuf>>, String> {
     let mut roots: Vec<PathBuf> = vm.spec.disks.iter().map(|d| d.path.clone()).collect();
     for cp in daemon
         .store

@@ -16,8 +16,9 @@
 //! keeps the VM). The record's lock is held throughout (a quick migration's restore takes it
 //! itself), so no request changes the VM meanwhile.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,11 +90,14 @@ pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
 }
 
 /// The offer's checks; `Err` is the one-line reason sent back.
+/// `arriving`: the disks that come with the checkpoint tree (`tree.rs`) into this vireod's
+/// folder for the VM, which is no storage root.
 fn check_offer(
     d: &Daemon,
     vm_id: Uuid,
     spec: &VmSpec,
     storage: StorageMode,
+    arriving: &BTreeSet<PathBuf>,
 ) -> Result<VmSpec, String> {
     if d.store.get_by_id(vm_id).is_ok() {
         return Err(format!("a VM with id {vm_id} exists on this host already"));
@@ -118,11 +122,22 @@ fn check_offer(
         return Ok(out);
     }
     // Shared storage: the same files, inside this host's storage roots.
-    let spec = d.storage.confine(spec).map_err(|e| e.body.message)?;
-    if spec.disks.iter().any(|disk| !disk.path.is_file()) {
+    let mut rest = spec.clone();
+    rest.disks.retain(|k| !arriving.contains(&k.path));
+    let rest = d.storage.confine(&rest).map_err(|e| e.body.message)?;
+    if rest.disks.iter().any(|disk| !disk.path.is_file()) {
         return Err("a disk is not a file on this host".into());
     }
-    Ok(spec)
+    let mut out = spec.clone();
+    out.kernel = rest.kernel;
+    out.initrd = rest.initrd;
+    let mut confined = rest.disks.into_iter();
+    for disk in out.disks.iter_mut().filter(|k| !arriving.contains(&k.path)) {
+        if let Some(c) = confined.next() {
+            disk.path = c.path;
+        }
+    }
+    Ok(out)
 }
 
 async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
@@ -149,6 +164,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         quick,
         dest_dir,
         disks,
+        checkpoints,
     } = offer
     else {
         let _ = peer
@@ -183,7 +199,28 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         return;
     };
     let _permit = permit;
-    let checked = check_offer(d, vm_id, &spec, storage).and_then(|spec| match storage {
+    let mut spec = *spec;
+    let arrival = match checkpoints {
+        None => Ok(None),
+        Some(_) if !quick || storage == StorageMode::Copied => Err(
+            "a VM's checkpoint tree travels in a quick migration only (--quick, shared storage)"
+                .to_string(),
+        ),
+        Some(t) => super::tree::plan_arrival(d, vm_id, *t, &mut spec).map(Some),
+    };
+    let arrival = match arrival {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::info!(from = %peer.who, vm = %vm_id, "migration refused: {reason}");
+            let _ = peer.send(&refuse(reason)).await;
+            return;
+        }
+    };
+    let arriving: BTreeSet<PathBuf> = arrival
+        .as_ref()
+        .map(|a| a.dest_of.values().cloned().collect())
+        .unwrap_or_default();
+    let checked = check_offer(d, vm_id, &spec, storage, &arriving).and_then(|spec| match storage {
         StorageMode::Shared => Ok((spec, None)),
         StorageMode::Copied if quick => {
             Err("a shared-nothing migration is live only (not --quick)".into())
@@ -216,7 +253,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     tracing::info!(from = %peer.who, vm = %vm_id, name = %spec.name, quick, "VM incoming");
     let guard = d.lock_vm(vm_id).await;
     let result = if quick {
-        receive_quick(d, &mut peer, &vm, guard).await
+        receive_quick(d, &mut peer, &vm, arrival, guard).await
     } else {
         receive_live(d, &mut peer, &vm, session, streams).await
     };
@@ -527,6 +564,7 @@ async fn receive_quick(
     d: &Arc<Daemon>,
     peer: &mut Peer,
     vm: &Vm,
+    mut arrival: Option<super::tree::Arrival>,
     guard: tokio::sync::OwnedMutexGuard<()>,
 ) -> Result<(), String> {
     peer.send(&PeerMsg::Accepted {
@@ -542,6 +580,24 @@ async fn receive_quick(
     loop {
         match peer.recv(SOURCE_SILENCE).await? {
             PeerMsg::File { name, len } => {
+                let tree_file = arrival.as_ref().and_then(|a| a.path_for(&name));
+                if let Some(path) = tree_file {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)
+                            .map_err(|e| format!("{}: {e}", dir.display()))?;
+                    }
+                    let into = not_stored.is_none().then_some(path.as_path());
+                    match peer.recv_file(into, len, SOURCE_SILENCE).await {
+                        Ok(()) => {
+                            if let Some(a) = arrival.as_mut() {
+                                a.received.insert(name.to_string_lossy().into_owned());
+                            }
+                        }
+                        Err(FileError::Store(e)) => not_stored = Some(e),
+                        Err(FileError::Link(e)) => return Err(e),
+                    }
+                    continue;
+                }
                 if !plain_name(&name) {
                     return Err(format!("file name {} refused", name.display()));
                 }
@@ -571,6 +627,13 @@ async fn receive_quick(
     }
     if !save::has_saved_state(d, vm.id()) {
         return Err("the saved state arrived without its vm.state".into());
+    }
+    if let Some(a) = arrival {
+        crate::daemon::checkpoints::fault_point("migrate-tree-arrived");
+        let (d2, id) = (d.clone(), vm.id());
+        tokio::task::spawn_blocking(move || a.settle(&d2, id))
+            .await
+            .map_err(|e| format!("storing the checkpoint tree: {e}"))??;
     }
     let vm = d
         .store

@@ -7,6 +7,7 @@
 //! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
 //! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
 //! - `whereabouts`: a source (quick or live) asking where the VM is after a lost answer.
+//! - `tree`: a quick migration carrying the VM's checkpoint tree (both sides).
 //!
 //! Locking: a migrating VM's lock (`Daemon::lock_vm`) is held by its job on the source and by
 //! the listener's task on the destination for the whole migration, so no other request
@@ -20,6 +21,7 @@ pub mod peer;
 pub mod recover;
 pub mod source;
 pub mod storage;
+pub mod tree;
 pub mod whereabouts;
 
 use std::collections::HashMap;

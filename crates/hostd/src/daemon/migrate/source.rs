@@ -122,7 +122,7 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             "VM {name:?} has no worker now (it is ending); retry"
         )));
     }
-    refuse_checkpointed(daemon, &vm)?;
+    let tree = checkpoint_tree(daemon, &vm, req.quick)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
     // a job, if a disk cannot be copied).
     let disks = match req.with_storage {
@@ -142,7 +142,18 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     let job_id = job.id;
     daemon.migrations.start_phases(job_id);
     tokio::spawn(async move {
-        let end = run(&d, &vm, to, req, disks, streams, job_id, cancel, guard).await;
+        let end = run(
+            &d,
+            &vm,
+            to,
+            req,
+            (disks, tree),
+            streams,
+            job_id,
+            cancel,
+            guard,
+        )
+        .await;
         if let Some(line) = d.migrations.phases_line(job_id) {
             tracing::info!(vm = %vm.id(), "migration timeline (source vireod, from the job's start): {line}");
         }
@@ -167,33 +178,33 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     Ok(job)
 }
 
-/// Migration does not carry a VM's checkpoint tree (records, memory, frozen files) yet, and a
-/// checkpointed VM runs on a differencing child inside vireod's own folder for it, which the
-/// source removes with the VM's record: refused before anything moves, saying what to do.
-fn refuse_checkpointed(daemon: &Daemon, vm: &Vm) -> Result<(), HttpError> {
+/// The VM's checkpoint tree travels in a quick migration (`tree.rs`). A live one would have
+/// to copy the running differencing children while the guest writes them, which is not built:
+/// refused before anything moves, saying what to do. (Before the tree travelled at all, a
+/// migration went ahead and the destination ran on a child in vireod's own folder for the VM,
+/// which the source then deleted with the record.)
+fn checkpoint_tree(
+    daemon: &Daemon,
+    vm: &Vm,
+    quick: bool,
+) -> Result<Option<Box<vireo_api::migrate::CheckpointTree>>, HttpError> {
+    let Some(tree) = super::tree::describe(daemon, vm)? else {
+        return Ok(None);
+    };
+    if quick {
+        return Ok(Some(Box::new(tree)));
+    }
     let name = &vm.spec.name;
-    let checkpoints = daemon.store.list_checkpoints(vm.id())?;
-    if !checkpoints.is_empty() {
-        let names: Vec<&str> = checkpoints.iter().map(|c| c.name.as_str()).collect();
-        return Err(HttpError::conflict(format!(
-            "VM {name:?} has checkpoints ({}); migration does not carry checkpoints yet: \
-             delete them first (`vireo checkpoint rm {name} CHECKPOINT`, their data merges \
-             into the running disk)",
-            names.join(", ")
-        )));
-    }
-    if let Some(disk) = vm.spec.disks.iter().find(|disk| {
-        // Only vireod's folder: a storage move's folder for its files goes with the disks.
-        disk.path
-            .starts_with(crate::daemon::checkpoints::root(daemon, vm.id()))
-    }) {
-        return Err(HttpError::conflict(format!(
-            "VM {name:?} runs on {}, a file in vireod's own folder for the VM, which does not \
-             move with it; move its storage first (`vireo vm move-storage {name} --to DIR`)",
-            disk.path.display()
-        )));
-    }
-    Ok(())
+    let names: Vec<&str> = tree.checkpoints.iter().map(|c| c.name.as_str()).collect();
+    let what = match names.is_empty() {
+        true => "runs on a file in vireod's own folder for the VM".to_string(),
+        false => format!("has checkpoints ({})", names.join(", ")),
+    };
+    Err(HttpError::conflict(format!(
+        "VM {name:?} {what}; a live migration does not carry a checkpoint tree yet: migrate \
+         it with --quick (the tree moves with the VM), or delete the checkpoints first \
+         (`vireo checkpoint rm {name} CHECKPOINT`, their data merges into the running disk)"
+    )))
 }
 
 enum End {
@@ -219,7 +230,10 @@ async fn run(
     vm: &Vm,
     to: SocketAddr,
     req: MigrateRequest,
-    disks: Vec<vireo_api::migrate::CopiedDisk>,
+    (disks, tree): (
+        Vec<vireo_api::migrate::CopiedDisk>,
+        Option<Box<vireo_api::migrate::CheckpointTree>>,
+    ),
     streams: u16,
     job: Uuid,
     cancel: tokio::sync::watch::Receiver<bool>,
@@ -256,6 +270,7 @@ async fn run(
         quick: req.quick,
         dest_dir: req.dest_dir.clone(),
         disks,
+        checkpoints: tree.clone(),
     };
     // In TLS 1.3 the server checks our certificate after our side finished the handshake:
     // a destination that does not trust this host answers the first message with an alert.
@@ -295,7 +310,7 @@ async fn run(
     if req.quick {
         return quick(
             d,
-            vm,
+            (vm, tree.as_deref()),
             (&mut peer, to),
             job,
             &mut cancel_wait,
@@ -695,7 +710,7 @@ async fn finish_moved(
 
 async fn quick(
     d: &Arc<Daemon>,
-    vm: &Vm,
+    (vm, tree): (&Vm, Option<&vireo_api::migrate::CheckpointTree>),
     (peer, to): (&mut Peer, SocketAddr),
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
@@ -734,7 +749,14 @@ async fn quick(
     }
     let _ = d.store.set_job_progress(job, 50);
     let dir = save::saved_dir(d, vm.id());
-    let sent = send_saved(peer, &dir, job, d).await;
+    let sent = match tree {
+        Some(t) => send_tree(peer, t, job, d).await,
+        None => Ok(0),
+    };
+    let sent = match sent {
+        Ok(tree_bytes) => send_saved(peer, &dir, tree_bytes, job, d).await,
+        Err(e) => Err(e),
+    };
     // The destination opens the disks (shared storage) as it restores: the locks this host
     // kept since the save cannot travel there. A restore here takes them again.
     d.disk_locks.release(vm.id());
@@ -769,7 +791,17 @@ async fn quick(
         Ok(PeerMsg::Running) => {
             let _ = d.store.set_job_progress(job, 95);
             drop(guard);
-            finish_moved(d, vm, job, downtime_ms, dest_pas).await
+            // The tree runs there now: what a storage move put outside the VM's folder goes
+            // here too (the folder goes with the record).
+            let outside = match tree {
+                Some(_) => super::tree::outside_vm_dir(d, vm),
+                None => Vec::new(),
+            };
+            let end = finish_moved(d, vm, job, downtime_ms, dest_pas).await;
+            if matches!(end, End::Done) {
+                super::tree::remove_outside(&outside);
+            }
+            end
         }
         other => {
             let why = match other {
@@ -800,9 +832,28 @@ async fn commit(peer: &mut Peer) -> Result<PeerMsg, String> {
     peer.recv(ARRIVAL_LIMIT).await
 }
 
+/// Every file of the checkpoint tree (before the saved state: its `vm.state` stays the last
+/// file). The bytes sent.
+async fn send_tree(
+    peer: &mut Peer,
+    tree: &vireo_api::migrate::CheckpointTree,
+    job: Uuid,
+    d: &Daemon,
+) -> Result<u64, String> {
+    let mut total = 0;
+    for f in &tree.files {
+        let name = std::path::PathBuf::from(&f.name);
+        total += peer.send_file(&name, super::tree::source_path(f)).await?;
+        d.migrations
+            .update_progress(job, |p| p.transferred_bytes = total);
+    }
+    Ok(total)
+}
+
 async fn send_saved(
     peer: &mut Peer,
     dir: &std::path::Path,
+    mut total: u64,
     job: Uuid,
     d: &Daemon,
 ) -> Result<(), String> {
@@ -814,7 +865,6 @@ async fn send_saved(
         .collect();
     // vm.state last: the destination's "complete" marker, as in a local save.
     names.sort_by_key(|n| (n == "vm.state", n.clone()));
-    let mut total = 0;
     for n in names {
         let name = std::path::PathBuf::from(&n);
         total += peer.send_file(&name, &dir.join(&name)).await?;

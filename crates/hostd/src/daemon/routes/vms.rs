@@ -129,7 +129,11 @@ pub async fn remove(
             )));
         }
     }
+    // A storage move put vireod's checkpoint files in `<DIR>/vireo-checkpoints-<id>/`, which
+    // does not go with the VM's folder: found while the records still name them.
+    let outside = crate::daemon::migrate::tree::outside_vm_dir(&d, &vm);
     crate::daemon::switches::nics::remove_vm(&d, &vm).await?;
+    crate::daemon::migrate::tree::remove_outside(&outside);
     d.disk_locks.release(vm.id());
     d.forget_vm_lock(vm.id());
     d.meters.forget(vm.id());

@@ -1,0 +1,303 @@
+//! A quick migration carries the VM's checkpoint tree (docs/migration.md, "Checkpoints travel
+//! with the VM"). Why quick only: the saved VM has no worker, so every file of the tree — the
+//! running tops included — is at rest while it is sent; a live migration would have to copy
+//! the tops while the guest writes them.
+//!
+//! - Source (`describe`): the tree's files come from `move_tree::tree_files` (the same walk a
+//!   storage move plans with). Files vireod made and each checkpoint's state travel; the
+//!   user's own files (a base disk the first checkpoint froze) stay where they are, on shared
+//!   storage, as the VM's disks do. The source deletes nothing until the VM runs there; then
+//!   its folder goes with its record, and `remove_outside` deletes what a storage move put in a
+//!   `vireo-checkpoints-<id>/` folder.
+//! - Destination (`Arrival`): each travelling file gets a path in this vireod's folder for the
+//!   VM (disks in `checkpoints/disks/`, state in `checkpoints/<id>/`), planned at the offer so
+//!   the VM's spec can be checked on its new paths; at the commit the children are relinked to
+//!   their parents' new paths and the records stored in one transaction. A failed arrival
+//!   loses them with the VM's folder (`store.remove`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use uuid::Uuid;
+use vireo_api::migrate::{CheckpointTree, TreeFile, TreeTop};
+use vireo_api::{Vm, VmSpec};
+use vireo_vhdx::{OpenOptions, Rebase, Vhdx};
+
+use crate::checkpoint_store::{Head, Top};
+use crate::daemon::checkpoints::{self, disks, is_ours, move_tree};
+use crate::daemon::http_error::HttpError;
+use crate::daemon::Daemon;
+
+/// The VM's tree for the offer, or `None` when it has no checkpoints and runs on no file of
+/// vireod's. Refused (409) while a checkpoint operation is in flight or a file is missing.
+pub fn describe(d: &Daemon, vm: &Vm) -> Result<Option<CheckpointTree>, HttpError> {
+    let checkpoints = d.store.list_checkpoints(vm.id())?;
+    let runs_on_ours = vm.spec.disks.iter().any(|k| is_ours(d, vm.id(), &k.path));
+    if checkpoints.is_empty() && !runs_on_ours {
+        return Ok(None);
+    }
+    if d.store
+        .checkpoint_intents()?
+        .iter()
+        .any(|(id, _, _)| *id == vm.id())
+    {
+        return Err(checkpoints::busy(vm));
+    }
+    let head = d.store.checkpoint_head(vm.id())?;
+    let mut tree = CheckpointTree {
+        tops: head
+            .tops
+            .iter()
+            .map(|(serial, t)| TreeTop {
+                serial: serial.clone(),
+                file: t.file.clone(),
+                parent: t.parent.clone(),
+            })
+            .collect(),
+        checkpoints,
+        files: Vec::new(),
+        shared: Vec::new(),
+    };
+    let files = move_tree::tree_files(d, vm).map_err(HttpError::conflict)?;
+    for (i, (file, mut spellings)) in files.into_iter().enumerate() {
+        if !is_ours(d, vm.id(), &file) {
+            tree.shared.push(file);
+            continue;
+        }
+        let base = file.file_name().unwrap_or_default().to_string_lossy();
+        spellings.push(file.clone());
+        tree.files.push(TreeFile {
+            name: format!("tree-disk-{i}-{base}"),
+            spellings,
+            state_of: None,
+        });
+    }
+    for cp in tree.checkpoints.iter().filter(|c| c.has_state) {
+        let dir = checkpoints::state_dir(d, vm.id(), cp.id);
+        let entries = std::fs::read_dir(&dir).map_err(|e| {
+            HttpError::conflict(format!(
+                "the state of checkpoint {:?} ({}) cannot be read: {e}; the tree cannot move whole",
+                cp.name,
+                dir.display()
+            ))
+        })?;
+        for e in entries.filter_map(Result::ok) {
+            if !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            tree.files.push(TreeFile {
+                name: format!("tree-state-{}-{name}", cp.id.simple()),
+                spellings: vec![e.path()],
+                state_of: Some(cp.id),
+            });
+        }
+    }
+    Ok(Some(tree))
+}
+
+/// Where a tree file is on the source (its resolved path comes last in `spellings`).
+pub fn source_path(f: &TreeFile) -> &Path {
+    f.spellings
+        .last()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(""))
+}
+
+/// The destination's plan for an arriving tree: each `File` name → where it goes, and every
+/// source spelling → the new path.
+pub struct Arrival {
+    pub tree: CheckpointTree,
+    pub dest_of: BTreeMap<String, PathBuf>,
+    pub renames: BTreeMap<PathBuf, PathBuf>,
+    pub received: BTreeSet<String>,
+}
+
+/// Plans the arrival in `vm`'s folder here and puts `spec`'s disks on their new paths;
+/// `Err` is the refusal's one line. Every name and file is checked before a byte arrives.
+pub fn plan_arrival(
+    d: &Daemon,
+    vm: Uuid,
+    tree: CheckpointTree,
+    spec: &mut VmSpec,
+) -> Result<Arrival, String> {
+    let root = checkpoints::root(d, vm);
+    let mut dest_of = BTreeMap::new();
+    let mut renames = BTreeMap::new();
+    let mut taken = BTreeSet::new();
+    for f in &tree.files {
+        let plain = |n: &str| !n.is_empty() && !n.contains('/') && n != "." && n != "..";
+        let base = source_path(f)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !plain(&f.name) || !plain(&base) || !f.name.starts_with("tree-") {
+            return Err(format!("checkpoint file name {:?} refused", f.name));
+        }
+        let to = match f.state_of {
+            Some(cp) if tree.checkpoints.iter().any(|c| c.id == cp) => {
+                checkpoints::state_dir(d, vm, cp).join(&base)
+            }
+            Some(cp) => return Err(format!("state for an unknown checkpoint {cp}")),
+            None => root.join("disks").join(&base),
+        };
+        if !taken.insert(to.clone()) || dest_of.insert(f.name.clone(), to.clone()).is_some() {
+            return Err(format!(
+                "two files of the checkpoint tree would both be {}",
+                to.display()
+            ));
+        }
+        for s in &f.spellings {
+            renames.insert(s.clone(), to.clone());
+        }
+    }
+    // The user's own files stay where they are: shared storage, as the VM's disks.
+    for p in &tree.shared {
+        let here = d
+            .storage
+            .confine_path("checkpoint file", p)
+            .map_err(|e| e.body.message)?;
+        if !here.is_file() {
+            return Err(format!(
+                "{} (a file of the VM's checkpoints) is not a file on this host",
+                p.display()
+            ));
+        }
+    }
+    for disk in &mut spec.disks {
+        if let Some(to) = renames.get(&disk.path) {
+            disk.path = to.clone();
+        }
+    }
+    Ok(Arrival {
+        tree,
+        dest_of,
+        renames,
+        received: BTreeSet::new(),
+    })
+}
+
+impl Arrival {
+    /// Where the `File` named `name` goes, if it is one of the tree's.
+    pub fn path_for(&self, name: &Path) -> Option<PathBuf> {
+        self.dest_of.get(name.to_str()?).cloned()
+    }
+
+    /// The new path of a source path. A parent locator may spell a file
+    /// `<dir>/../base.vhdx`; the source's folders need not exist here, so such a spelling is
+    /// normalized by its text, not by the file system.
+    fn follow(&self, p: &Path) -> PathBuf {
+        let plain = lexical(p);
+        self.renames
+            .get(p)
+            .or_else(|| self.renames.get(&plain))
+            .cloned()
+            .unwrap_or(plain)
+    }
+
+    /// After the commit, every file in: the children relinked to their parents' new paths,
+    /// each opening with its whole chain; then the records and head stored. Blocking.
+    pub fn settle(&self, d: &Daemon, vm: Uuid) -> Result<(), String> {
+        if let Some(missing) = self.dest_of.keys().find(|n| !self.received.contains(*n)) {
+            return Err(format!("the checkpoint file {missing} did not arrive"));
+        }
+        let never = AtomicBool::new(false);
+        let disk_files = self
+            .tree
+            .files
+            .iter()
+            .filter(|f| f.state_of.is_none())
+            .filter_map(|f| self.dest_of.get(&f.name));
+        for file in disk_files.clone().filter(|p| disks::is_vhdx(p)) {
+            let Some(parent) = disks::parent_of(file)? else {
+                continue;
+            };
+            let new_parent = self.follow(&parent);
+            Vhdx::rebase(file, Rebase::Relink(&new_parent), &|_, _| {}, &never).map_err(|e| {
+                format!(
+                    "relinking {} to {}: {e}",
+                    file.display(),
+                    new_parent.display()
+                )
+            })?;
+        }
+        for file in disk_files.filter(|p| disks::is_vhdx(p)) {
+            Vhdx::open(file, &OpenOptions::read_only())
+                .map_err(|e| format!("the arrived {} does not open: {e}", file.display()))?;
+        }
+        let mut records = self.tree.checkpoints.clone();
+        for cp in &mut records {
+            cp.vm_id = vm;
+            cp.spec
+                .disks
+                .iter_mut()
+                .for_each(|k| k.path = self.follow(&k.path));
+            for k in &mut cp.disks {
+                k.frozen = self.follow(&k.frozen);
+                k.parent_file = k.parent_file.as_deref().map(|p| self.follow(p));
+            }
+        }
+        let head = Head {
+            current: records.iter().find(|c| c.current).map(|c| c.id),
+            tops: self
+                .tree
+                .tops
+                .iter()
+                .map(|t| {
+                    let top = Top {
+                        file: self.follow(&t.file),
+                        parent: self.follow(&t.parent),
+                    };
+                    (t.serial.clone(), top)
+                })
+                .collect(),
+        };
+        d.store
+            .import_checkpoints(vm, &records, &head)
+            .map_err(|e| format!("storing the VM's checkpoints here: {e}"))
+    }
+}
+
+/// `p` with `.` and `..` removed by their text.
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Files vireod made for `vm` outside its own folder (a storage move's
+/// `vireo-checkpoints-<id>/`), which do not go with the folder when the record is removed.
+pub fn outside_vm_dir(d: &Daemon, vm: &Vm) -> Vec<PathBuf> {
+    let folder = move_tree::resolved(&d.store.vm_dir(vm.id()));
+    match move_tree::tree_files(d, vm) {
+        Ok(files) => files
+            .into_keys()
+            .filter(|f| is_ours(d, vm.id(), f) && !f.starts_with(&folder))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(vm = %vm.id(), "listing the VM's checkpoint files: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Deletes `files` (see [`outside_vm_dir`]) and their `vireo-checkpoints-<id>/` folders once
+/// empty.
+pub fn remove_outside(files: &[PathBuf]) {
+    for f in files {
+        disks::remove(f);
+        if let Some(dir) = f.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
