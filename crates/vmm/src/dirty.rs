@@ -12,13 +12,14 @@
 //!
 //! **Manual protection** (live migration, [`LogMode::ClearAsCopied`]): with
 //! `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` a fetch (`KVM_GET_DIRTY_LOG`) no longer write-protects
-//! every page it reports again, nor does starting the log (`KVM_DIRTY_LOG_INITIALLY_SET`: every
-//! page starts dirty, nothing protected). The copier re-protects each 2 MiB region with
-//! [`DirtyTracker::clear_region`] right before it reads that region's pages: a page the guest
-//! writes between the fetch and its copy costs it no fault (each first write after a
-//! protection is a slow fault under KVM-PVM), and pages never copied while the guest runs (the
-//! pause's) are never protected at all. A page whose region was not cleared stays dirty in
-//! KVM's log and is reported again: copying too much, never too little.
+//! every page it reports again. Starting the log still protects everything at once (one bulk
+//! walk; `KVM_DIRTY_LOG_INITIALLY_SET` would instead need a clear per region during the full
+//! pass, which measured slower here). The copier re-protects each 2 MiB region with
+//! [`DirtyTracker::clear_region`] right before it reads that region's fetched pages: a page the
+//! guest writes between the fetch and its copy costs it no fault (each first write after a
+//! protection is a slow fault under KVM-PVM), and the pages of the last fetch (the pause's)
+//! are never protected again. A page whose region was not cleared stays dirty in KVM's log and
+//! is reported again: copying too much, never too little.
 //!
 //! Locking: `logging` is held across start/stop/fetch/clear; device transports are locked
 //! inside it (nothing locks them in the other order).
@@ -164,21 +165,25 @@ pub fn take_range(log: &[AtomicU64], first: u64, count: u64) -> Vec<u64> {
 pub enum LogMode {
     /// Each fetch write-protects the pages it reports (KVM's classic dirty log).
     ClearOnFetch,
-    /// Every page starts dirty; a fetch protects nothing; [`DirtyTracker::clear_region`]
-    /// protects a region right before it is copied.
+    /// A fetch protects nothing; [`DirtyTracker::clear_region`] protects a region's fetched
+    /// pages right before they are copied.
     ClearAsCopied,
 }
 
 impl LogMode {
-    /// The environment variable that turns manual protection off for migrations
-    /// (`VIREO_DIRTY_CLEAR=on-fetch`, for A/B measurements).
+    /// The environment variable that turns manual protection on for migrations
+    /// (`VIREO_DIRTY_CLEAR=as-copied`).
     pub const ENV: &'static str = "VIREO_DIRTY_CLEAR";
 
-    /// What a live migration uses: manual protection unless the environment says otherwise.
+    /// What a live migration uses: the classic log unless the environment asks for manual
+    /// protection. Measured on the shared 2-core host (docs/migration.md, "The guest's vCPU
+    /// during pre-copy"), manual protection did not shorten the guest's gap beyond the noise
+    /// and lengthened the bounded case's total (the guest, faulting less, dirtied more per
+    /// round), so it is not the default until an idle host shows it pays.
     pub fn for_migration() -> LogMode {
         match std::env::var(Self::ENV).as_deref() {
-            Ok("on-fetch") => LogMode::ClearOnFetch,
-            _ => LogMode::ClearAsCopied,
+            Ok("as-copied") => LogMode::ClearAsCopied,
+            _ => LogMode::ClearOnFetch,
         }
     }
 }
@@ -392,14 +397,12 @@ impl DirtyTracker {
     }
 }
 
-/// Turns KVM's manual protection (with every page initially dirty) on or off for the VM.
-/// Whether it is on afterwards.
+/// Turns KVM's manual protection on or off for the VM. Whether it is on afterwards.
 fn set_manual_protect(vm: &VmFd, on: bool) -> bool {
     use kvm_bindings::{
-        kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
-        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+        kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     };
-    let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+    let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
     let offered = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
     if offered < 0 || (offered as u32 & wanted) != wanted {
         return false;

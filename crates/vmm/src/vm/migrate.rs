@@ -395,16 +395,13 @@ impl VmHandle {
                 return Err(MigrateError::Cancelled);
             }
             let region = gpa & !(CHUNK - 1);
-            let pages = match protect {
-                Protect::Nothing => None,
-                Protect::All => Some(None),
-                Protect::Pages(dirty) => Some(Some(dirty)),
-            };
-            if let Some(pages) = pages.filter(|_| protected.insert(region)) {
-                self.0
-                    .dirty
-                    .clear_region(&self.0.vm_fd, pages, region, CHUNK)
-                    .map_err(|e| StateError::Kvm(format!("dirty log: {e}")))?;
+            if let Protect::Pages(dirty) = protect {
+                if protected.insert(region) {
+                    self.0
+                        .dirty
+                        .clear_region(&self.0.vm_fd, Some(dirty), region, CHUNK)
+                        .map_err(|e| StateError::Kvm(format!("dirty log: {e}")))?;
+                }
             }
             let Some(off) = self.file_offset(gpa) else {
                 continue;
@@ -443,12 +440,11 @@ impl VmHandle {
 }
 
 /// What a pass does in the dirty log (manual protection, `dirty.rs`) before it reads a
-/// region: the full pass protects every page of it, a dirty round the pages it copies, the
-/// pause's pass nothing (the guest is stopped and the log ends with the pass).
+/// region: a dirty round protects the pages it copies; the full pass nothing (starting the log
+/// protected everything), nor the pause's (the guest is stopped and the log ends with it).
 #[derive(Clone, Copy)]
 enum Protect<'a> {
     Nothing,
-    All,
     Pages(&'a DirtyBitmap),
 }
 
@@ -586,7 +582,7 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             }
         }
         self.last_fetch = Instant::now();
-        self.pass(vm, runs, Protect::All)
+        self.pass(vm, runs, Protect::Nothing)
     }
 
     fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
