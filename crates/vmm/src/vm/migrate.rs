@@ -64,6 +64,8 @@ pub struct MigrateOutOptions {
     pub auto_converge: bool,
     /// When to switch to post-copy instead (`postcopy/policy.rs`).
     pub postcopy: super::postcopy::PostcopyPolicy,
+    /// How KVM's dirty log is cleared (`dirty.rs`; default: `VIREO_DIRTY_CLEAR`, else classic).
+    pub dirty_log: LogMode,
 }
 
 impl Default for MigrateOutOptions {
@@ -74,6 +76,7 @@ impl Default for MigrateOutOptions {
             max_rounds: 30,
             auto_converge: true,
             postcopy: Default::default(),
+            dirty_log: LogMode::for_migration(),
         }
     }
 }
@@ -591,7 +594,7 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
     }
 
     fn log_mode(&self) -> LogMode {
-        LogMode::for_migration()
+        self.opts.dirty_log
     }
 
     fn another_round(
