@@ -20,6 +20,7 @@ mod reset;
 pub mod state;
 #[doc(hidden)]
 pub mod test_images;
+mod thread_priority;
 mod uffd;
 pub mod vcpu;
 pub mod vhost_user_net;

@@ -85,6 +85,7 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
 
 mod apply;
 pub mod converge;
+pub mod copy_priority;
 pub mod hotplug;
 mod incoming;
 mod live_save;
@@ -145,6 +146,23 @@ impl VmHandle {
     pub fn start_dirty_log(&self) -> Result<()> {
         *lock(&self.0.tracking) = None;
         self.0.dirty.start(&self.0.vm_fd, &self.0.ram.memory)
+    }
+    /// [`VmHandle::start_dirty_log`] in `mode` (`dirty.rs`, "Manual protection").
+    pub fn start_dirty_log_in(&self, mode: crate::dirty::LogMode) -> Result<()> {
+        *lock(&self.0.tracking) = None;
+        self.0
+            .dirty
+            .start_with(&self.0.vm_fd, &self.0.ram.memory, mode)
+    }
+    /// Manual protection: protects the pages of `[gpa, gpa + len)` in `dirty` (`None`: all)
+    /// and clears them in KVM's log (`DirtyTracker::clear_region`).
+    pub fn clear_dirty_region(
+        &self,
+        dirty: Option<&DirtyBitmap>,
+        gpa: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.0.dirty.clear_region(&self.0.vm_fd, dirty, gpa, len)
     }
     pub fn stop_dirty_log(&self) -> Result<()> {
         *lock(&self.0.tracking) = None;

@@ -423,16 +423,7 @@ fn populate(
 /// working set are guesses, the fault and readahead threads serve what the guest waits for now,
 /// and on a busy host they should get the CPU first. An idle host runs both at full speed.
 fn background_priority() {
-    // SAFETY: plain syscalls on the calling thread (a Linux thread id is a valid `who` for
-    // PRIO_PROCESS); failure only leaves the priority as it was.
-    unsafe {
-        let tid = libc::gettid() as libc::id_t;
-        *libc::__errno_location() = 0;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        if *libc::__errno_location() == 0 {
-            libc::setpriority(libc::PRIO_PROCESS, tid, (now + 5).min(19));
-        }
-    }
+    crate::thread_priority::lower_by(5);
 }
 
 /// Copies `src` to `dst`, skipping pages already filled by another thread. Returns the bytes

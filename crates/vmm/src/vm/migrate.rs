@@ -25,7 +25,7 @@ use vireo_migration::{streams, MigrationError};
 use super::converge::{self, Decision, Limits, RoundFacts};
 use super::rounds::{PauseSteps, RoundSink};
 use super::{lock, VmHandle};
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{DirtyBitmap, LogMode};
 use crate::memory::PAGE_SIZE;
 use crate::state::{Identity, StateError};
 
@@ -64,6 +64,8 @@ pub struct MigrateOutOptions {
     pub auto_converge: bool,
     /// When to switch to post-copy instead (`postcopy/policy.rs`).
     pub postcopy: super::postcopy::PostcopyPolicy,
+    /// How KVM's dirty log is cleared (`dirty.rs`; default: `VIREO_DIRTY_CLEAR`, else classic).
+    pub dirty_log: LogMode,
 }
 
 impl Default for MigrateOutOptions {
@@ -74,6 +76,7 @@ impl Default for MigrateOutOptions {
             max_rounds: 30,
             auto_converge: true,
             postcopy: Default::default(),
+            dirty_log: LogMode::for_migration(),
         }
     }
 }
@@ -186,6 +189,8 @@ impl VmHandle {
             identity: identity.clone(),
             spec: spec.clone(),
             state: None,
+            final_pages_at: None,
+            state_saved_at: None,
             postcopy: (opts.postcopy != super::postcopy::PostcopyPolicy::Never
                 && !self.devices_map_memory())
             .then_some(None),
@@ -211,6 +216,11 @@ impl VmHandle {
         });
         let missing = sink.postcopy.take().flatten();
         let last_sent = paused_at.elapsed();
+        let since_pause = |at: Option<Instant>| at.map_or(f64::NAN, |t| ms(t - paused_at));
+        let (pages_alone, save_alone) = (
+            since_pause(sink.final_pages_at),
+            since_pause(sink.state_saved_at),
+        );
         let finish = (|| {
             if let Some(m) = &missing {
                 let runs = super::postcopy::runs_of(m);
@@ -247,8 +257,9 @@ impl VmHandle {
             tracing::info!(
                 "switch-over (source VMM, from the pause request): throttle stopped before \
                  in {:.2} ms, vCPUs parked +{:.2} ms, devices +{:.2} ms, dirty log +{:.2} ms, \
-                 last {final_pages} pages sent +{:.2} ms, state saved +{:.2} ms ({n} bytes), \
-                 sent +{:.2} ms, streams done +{:.2} ms",
+                 last {final_pages} pages sent +{:.2} ms (pages out +{pages_alone:.2} ms, \
+                 vCPU state saved beside them +{save_alone:.2} ms), state saved +{:.2} ms \
+                 ({n} bytes), sent +{:.2} ms, streams done +{:.2} ms",
                 ms(steps.throttle_stop),
                 ms(steps.vcpus_parked),
                 ms(steps.devices_parked),
@@ -294,19 +305,29 @@ impl VmHandle {
 
     /// Sends `runs` (guest-physical start, length; page-aligned, each inside one stream
     /// region) over their streams, one thread per stream. Returns the bytes of page data.
+    /// `live`: the guest runs meanwhile, so the threads step back for its vCPUs
+    /// (`copy_priority`); otherwise (the pause) the first stream is served on this thread.
+    /// `protect`: what each 2 MiB region's pages need in the dirty log before they are read.
+    #[allow(clippy::too_many_arguments)]
     fn send_runs<W: Write + Send>(
         &self,
         senders: &mut [Sender<W>],
         runs: Vec<Vec<(u64, u64)>>,
         shared: &MigrateShared,
         bandwidth: Option<u64>,
+        live: bool,
+        protect: Protect<'_>,
     ) -> Result<u64, MigrateError> {
         let per_stream = bandwidth.map(|b| (b / senders.len().max(1) as u64).max(1));
         // One stream failed: the others stop at their next batch.
         let stop = &AtomicBool::new(false);
         std::thread::scope(|scope| {
             let send = move |i: usize, sender: &mut Sender<W>, runs: Vec<(u64, u64)>| {
-                let r = self.send_stream(i as u16, sender, &runs, shared, stop, per_stream);
+                if live {
+                    super::copy_priority::source_live_pass();
+                }
+                let r =
+                    self.send_stream(i as u16, sender, &runs, shared, stop, per_stream, protect);
                 if r.is_err() {
                     stop.store(true, Ordering::SeqCst);
                 }
@@ -317,9 +338,10 @@ impl VmHandle {
                 .zip(runs)
                 .enumerate()
                 .filter(|(_, (_, runs))| !runs.is_empty());
-            // The first stream is served on this thread: in the pause's last pass, a thread
-            // fewer to start and to wake is a scheduling delay fewer on a busy host.
-            let here = busy.next();
+            // In the pause's last pass the first stream is served on this thread: a thread
+            // fewer to start and to wake is a scheduling delay fewer on a busy host. A live
+            // pass spawns them all, as their priority drops with the thread.
+            let here = if live { None } else { busy.next() };
             let threads: Vec<_> = busy
                 .map(|(i, (sender, runs))| scope.spawn(move || send(i, sender, runs)))
                 .collect();
@@ -353,6 +375,7 @@ impl VmHandle {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_stream<W: Write>(
         &self,
         stream: u16,
@@ -361,14 +384,27 @@ impl VmHandle {
         shared: &MigrateShared,
         stop: &AtomicBool,
         rate: Option<u64>,
+        protect: Protect<'_>,
     ) -> Result<u64, MigrateError> {
         let started = Instant::now();
         let wire_at_start = sender.stats.wire_bytes;
         let mut sent = 0u64;
         let memfd = &self.0.ram.memfd;
+        // Each region is protected once per pass: protecting it again after some of its
+        // pages were read would drop the guest's writes to them since.
+        let mut protected = std::collections::BTreeSet::new();
         for &(gpa, len) in runs {
             if shared.cancelled() || stop.load(Ordering::SeqCst) {
                 return Err(MigrateError::Cancelled);
+            }
+            let region = gpa & !(CHUNK - 1);
+            if let Protect::Pages(dirty) = protect {
+                if protected.insert(region) {
+                    self.0
+                        .dirty
+                        .clear_region(&self.0.vm_fd, Some(dirty), region, CHUNK)
+                        .map_err(|e| StateError::Kvm(format!("dirty log: {e}")))?;
+                }
             }
             let Some(off) = self.file_offset(gpa) else {
                 continue;
@@ -406,6 +442,15 @@ impl VmHandle {
     }
 }
 
+/// What a pass does in the dirty log (manual protection, `dirty.rs`) before it reads a
+/// region: a dirty round protects the pages it copies; the full pass nothing (starting the log
+/// protected everything), nor the pause's (the guest is stopped and the log ends with it).
+#[derive(Clone, Copy)]
+enum Protect<'a> {
+    Nothing,
+    Pages(&'a DirtyBitmap),
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -430,15 +475,25 @@ struct StreamSink<'a, W: Read + Write + Send> {
     identity: Identity,
     spec: Option<String>,
     state: Option<Result<crate::state::VmState, StateError>>,
+    /// When the pause's last pages were handed to the streams, and when the device state
+    /// saved beside them was complete: logged apart, so the longer of the two shows.
+    final_pages_at: Option<Instant>,
+    state_saved_at: Option<Instant>,
 }
 
 impl<W: Read + Write + Send> StreamSink<'_, W> {
     /// Sends `runs`, waits until the destination has applied them (`drain`), and folds the
     /// pass's rate into the link estimate.
-    fn pass(&mut self, vm: &VmHandle, runs: Vec<Vec<(u64, u64)>>) -> Result<u64, MigrateError> {
+    fn pass(
+        &mut self,
+        vm: &VmHandle,
+        runs: Vec<Vec<(u64, u64)>>,
+        protect: Protect<'_>,
+    ) -> Result<u64, MigrateError> {
         let t = Instant::now();
         let raw_before: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum();
-        let bytes = vm.send_runs(&mut self.senders, runs, self.shared, self.opts.bandwidth)?;
+        let (shared, bandwidth) = (self.shared, self.opts.bandwidth);
+        let bytes = vm.send_runs(&mut self.senders, runs, shared, bandwidth, true, protect)?;
         self.drain()?;
         let raw: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum::<u64>() - raw_before;
         let secs = t.elapsed().as_secs_f64();
@@ -530,12 +585,16 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             }
         }
         self.last_fetch = Instant::now();
-        self.pass(vm, runs)
+        self.pass(vm, runs, Protect::Nothing)
     }
 
     fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
         let runs = self.dirty_runs(dirty);
-        self.pass(vm, runs)
+        self.pass(vm, runs, Protect::Pages(dirty))
+    }
+
+    fn log_mode(&self) -> LogMode {
+        self.opts.dirty_log
     }
 
     fn another_round(
@@ -624,13 +683,21 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
         // The device state is final once paused: it is saved (the vCPUs' threads each report
         // theirs) while the last pages go out, not after them.
         let (sent, state) = std::thread::scope(|scope| {
-            let saving = scope.spawn(|| vm.save_state_locked(identity.clone(), spec.clone()));
-            let sent = vm.send_runs(senders, runs, shared, bandwidth);
-            let state = saving.join().unwrap_or_else(|_| {
-                Err(StateError::Kvm("the device state's thread panicked".into()))
+            let saving = scope.spawn(|| {
+                let state = vm.save_state_locked(identity.clone(), spec.clone());
+                (state, Instant::now())
             });
-            (sent, state)
+            let sent = vm.send_runs(senders, runs, shared, bandwidth, false, Protect::Nothing);
+            let pages_at = Instant::now();
+            let (state, saved_at) = saving.join().unwrap_or_else(|_| {
+                let e = StateError::Kvm("the device state's thread panicked".into());
+                (Err(e), Instant::now())
+            });
+            (sent, (state, pages_at, saved_at))
         });
+        let (state, pages_at, saved_at) = state;
+        self.final_pages_at = Some(pages_at);
+        self.state_saved_at = Some(saved_at);
         self.state = Some(state);
         sent
     }

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use super::VmHandle;
-use crate::dirty::DirtyBitmap;
+use crate::dirty::{DirtyBitmap, LogMode};
 use crate::state::StateError;
 
 /// Where a pre-copy puts pages, and when it stops copying while the guest runs.
@@ -29,6 +29,11 @@ pub(super) trait RoundSink {
         dirty: u64,
         rounds: u32,
     ) -> Result<bool, Self::Error>;
+    /// How KVM's dirty log is cleared during this pre-copy (`ClearAsCopied`: the sink
+    /// protects each region with `DirtyTracker::clear_region` right before it copies it).
+    fn log_mode(&self) -> LogMode {
+        LogMode::ClearOnFetch
+    }
     /// Right before the pause (a migration stops throttling the guest here).
     fn before_pause(&mut self) {}
     /// Whether the dirty log stays on after a successful pre-copy: its log then holds the
@@ -79,7 +84,9 @@ impl VmHandle {
         let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
         // A new pre-copy restarts the log: changes since an earlier snapshot are lost with it.
         *super::lock(&s.tracking) = None;
-        s.dirty.start(&s.vm_fd, &s.ram.memory).map_err(kvm)?;
+        s.dirty
+            .start_with(&s.vm_fd, &s.ram.memory, sink.log_mode())
+            .map_err(kvm)?;
         let result = (|| {
             let mut bytes = sink.full_pass(self)?;
             let mut pending = s
