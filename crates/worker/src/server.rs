@@ -250,8 +250,13 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("remove disk", message),
         },
-        WorkerOp::MoveStorage { to, flatten, keep } => {
-            match crate::move_storage::start(s, to, flatten, keep) {
+        WorkerOp::MoveStorage {
+            to,
+            flatten,
+            keep,
+            targets,
+        } => {
+            match crate::move_storage::start(s, to, flatten, keep, targets) {
                 Ok(()) => WorkerReply::Ok,
                 Err(message) => refused("move storage", message),
             }

@@ -7,6 +7,7 @@
 pub mod console;
 pub mod migration;
 pub mod tmpfs;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -35,6 +36,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn_args(dir: &Path, args: &[String]) -> Child {
+        Self::spawn_env(dir, args, &[])
+    }
+
+    /// [`Self::spawn_args`] with more environment, e.g. a fault point
+    /// (`VIREO_CHECKPOINT_FAULT`) at which vireod dies as if killed.
+    pub fn spawn_env(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Child {
         let (vireod, worker) = binaries().unwrap();
         let socket = dir.join("state").join("vireod.sock");
         let _ = std::fs::remove_file(&socket);
@@ -48,6 +55,7 @@ impl Daemon {
             .arg("--storage-root")
             .arg(vireo_probe_image::probe_elf().parent().unwrap())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -92,6 +100,11 @@ impl Daemon {
     /// Starts vireod again on the same state (after [`Self::kill9`]).
     pub fn restart(&mut self) {
         self.child = Daemon::spawn_args(self.dir.path(), &self.args);
+    }
+
+    /// Restarts vireod (stopped) with `env` added, for this run only.
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
+        self.child = Daemon::spawn_env(self.dir.path(), &self.args, env);
     }
 
     pub fn vireo(&self, args: &[&str]) -> Command {
