@@ -811,7 +811,10 @@ mod tests {
         });
         let line = serde_json::to_string(&targeted).unwrap();
         assert!(line.contains(r#""targets":[{"from":"/vm/top.avhdx","to":"/new/c/top.avhdx","parent":"/new/base.vhdx"}]"#), "{line}");
-        assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), targeted);
+        assert_eq!(
+            serde_json::from_str::<WorkerRequest>(&line).unwrap(),
+            targeted
+        );
         let plain = r#"{"version":1,"op":"move_storage","to":"/n"}"#;
         let WorkerOp::MoveStorage { flatten, keep, .. } =
             serde_json::from_str::<WorkerRequest>(plain).unwrap().op

@@ -7,7 +7,7 @@
 //! back its disk data exactly. `--flatten` is refused with one line naming the way out. A
 //! running VM's move: `move_storage_checkpointed_live.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod vireod_harness;
 use vireo_vhdx::{CreateOptions, OpenOptions, Vhdx};

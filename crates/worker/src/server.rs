@@ -255,12 +255,10 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
             flatten,
             keep,
             targets,
-        } => {
-            match crate::move_storage::start(s, to, flatten, keep, targets) {
-                Ok(()) => WorkerReply::Ok,
-                Err(message) => refused("move storage", message),
-            }
-        }
+        } => match crate::move_storage::start(s, to, flatten, keep, targets) {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("move storage", message),
+        },
         WorkerOp::MoveStorageStatus => WorkerReply::MoveStorage(s.mover.progress()),
         WorkerOp::MoveStorageCancel => {
             s.mover.cancel();

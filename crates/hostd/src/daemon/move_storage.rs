@@ -204,8 +204,7 @@ pub async fn start(
             How::LiveTree(w, tree, targets) => {
                 let sock = w.socket();
                 tree_end(
-                    move_live::drive(&d, &vm, tree, to, targets, keep, sock, job_id, cancel)
-                        .await,
+                    move_live::drive(&d, &vm, tree, to, targets, keep, sock, job_id, cancel).await,
                 )
             }
             How::Tree(tree) => {
@@ -345,7 +344,10 @@ pub async fn follow_worker(
             MoveState::Completed => return WorkerEnd::Switched(p),
             MoveState::Cancelled => return WorkerEnd::Cancelled,
             MoveState::Failed => {
-                let m = p.message.clone().unwrap_or_else(|| "the move failed".into());
+                let m = p
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "the move failed".into());
                 return WorkerEnd::Failed(m, p);
             }
         }

@@ -71,7 +71,9 @@ pub fn child_path(daemon: &Daemon, vm: Uuid, serial: &str, op: Uuid, parent: &Pa
 /// The checkpoint operation (or tree move) the VM has under way, if any.
 pub fn intent_of(daemon: &Daemon, vm: Uuid) -> Option<crate::checkpoint_store::Intent> {
     let all = daemon.store.checkpoint_intents().ok()?;
-    all.into_iter().find(|(id, ..)| *id == vm).map(|(_, i, _)| i)
+    all.into_iter()
+        .find(|(id, ..)| *id == vm)
+        .map(|(_, i, _)| i)
 }
 
 /// A checkpoint create, apply or delete asked for while the VM's storage moves: refused (it

@@ -146,9 +146,15 @@ pub async fn drive(
             move_tree::roll_back(d, id, &tree.files);
             return Err(m);
         }
-        // It may have switched before it went silent: the copies stay, accounted for by the
-        // intent, until a restart asks the worker (`settle`) or finds it gone.
-        WorkerEnd::Silent(m) => return Err(m),
+        // It may have switched before it went silent: while it lives the copies stay,
+        // accounted for by the intent, until a restart asks it (`settle`). Gone (the VM
+        // ended), the old layout is the whole one kept, as `settle` would.
+        WorkerEnd::Silent(m) => {
+            if d.sup.get(id).is_none() {
+                move_tree::roll_back(d, id, &tree.files);
+            }
+            return Err(m);
+        }
     }
     fault_point("move-switched");
     commit(d, id, &tree.files, &tree.renames, &keep)
