@@ -323,6 +323,11 @@ pub enum WorkerOp {
         /// Files not to delete after the switch (parents other VMs' chains use).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         keep: Vec<PathBuf>,
+        /// Each disk's destination chosen by vireod (a VM with checkpoints: its frozen
+        /// parents are copied by vireod, and deleted by vireod after its commit). A disk
+        /// named here is moved onto its target and none of its old files is deleted.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<MoveTarget>,
     },
     /// Where the current (or last) move stands: `MoveStorage`.
     MoveStorageStatus,
@@ -463,6 +468,17 @@ pub struct CheckpointReport {
     pub rounds: u32,
     /// Bytes of memory written, all passes together.
     pub memory_written_bytes: u64,
+}
+
+/// One disk's destination in a move of a VM with checkpoints (`MoveStorage::targets`): the
+/// disk whose file is `from` becomes `to`, a new differencing file on `parent` (a copy of its
+/// frozen parent that vireod made) when it is a differencing VHDX, else a plain copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveTarget {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
 }
 
 /// How a storage move stands (`MoveStorageStatus`).
@@ -775,6 +791,7 @@ mod tests {
             to: "/new".into(),
             flatten: true,
             keep: vec![],
+            targets: vec![],
         });
         let line = serde_json::to_string(&mv).unwrap();
         assert_eq!(
@@ -782,6 +799,22 @@ mod tests {
             r#"{"version":1,"op":"move_storage","to":"/new","flatten":true}"#
         );
         assert_eq!(serde_json::from_str::<WorkerRequest>(&line).unwrap(), mv);
+        let targeted = WorkerRequest::new(WorkerOp::MoveStorage {
+            to: "/new".into(),
+            flatten: false,
+            keep: vec![],
+            targets: vec![MoveTarget {
+                from: "/vm/top.avhdx".into(),
+                to: "/new/c/top.avhdx".into(),
+                parent: Some("/new/base.vhdx".into()),
+            }],
+        });
+        let line = serde_json::to_string(&targeted).unwrap();
+        assert!(line.contains(r#""targets":[{"from":"/vm/top.avhdx","to":"/new/c/top.avhdx","parent":"/new/base.vhdx"}]"#), "{line}");
+        assert_eq!(
+            serde_json::from_str::<WorkerRequest>(&line).unwrap(),
+            targeted
+        );
         let plain = r#"{"version":1,"op":"move_storage","to":"/n"}"#;
         let WorkerOp::MoveStorage { flatten, keep, .. } =
             serde_json::from_str::<WorkerRequest>(plain).unwrap().op

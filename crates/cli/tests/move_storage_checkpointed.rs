@@ -4,63 +4,18 @@
 //! the records named files that no longer existed and `checkpoint apply` failed. Now an off
 //! VM's whole tree moves: the list is unchanged, every file of the tree is in the destination
 //! and checks clean, nothing is left in the old places, and applying each checkpoint gives
-//! back its disk data exactly. A running VM with checkpoints, and `--flatten`, are refused with
-//! one line naming the way out, the VM untouched (its memory and disk as before, applying the
-//! checkpoint afterwards gives back its memory and disk). `vm rm` afterwards leaves no
-//! `vireo-checkpoints-<id>/` folder behind.
+//! back its disk data exactly. `--flatten` is refused with one line naming the way out. `vm rm`
+//! afterwards leaves no `vireo-checkpoints-<id>/` folder behind. A running VM's move:
+//! `move_storage_checkpointed_live.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod vireod_harness;
-use vireo_api::Checkpoint;
 use vireo_vhdx::{CreateOptions, OpenOptions, Vhdx};
-use vireod_harness::console::Console;
+use vireod_harness::tree::{all_check_clean, files_in_use, vhdx_on_disk};
 use vireod_harness::Daemon;
 
 const MIB: u64 = 1 << 20;
-
-fn checkpoints(d: &Daemon, vm: &str) -> Vec<Checkpoint> {
-    serde_json::from_str(&d.ok(&["checkpoint", "list", vm, "--output", "json"])).unwrap()
-}
-
-/// Every file a checkpoint names, and the VM's own disks: the files a move must not lose.
-fn files_in_use(d: &Daemon, vm: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = d.vm(vm).spec.disks.iter().map(|s| s.path.clone()).collect();
-    for cp in checkpoints(d, vm) {
-        files.extend(cp.disks.iter().map(|f| f.frozen.clone()));
-    }
-    files.sort();
-    files.dedup();
-    files
-}
-
-/// Every VHDX file under `dir`, wherever it is: what must equal the files the tree names.
-fn vhdx_on_disk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .extension()
-                .is_some_and(|x| x == "vhdx" || x == "avhdx")
-            {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn all_check_clean(d: &Daemon, files: &[PathBuf]) {
-    for f in files {
-        assert!(f.exists(), "{} is gone", f.display());
-        d.ok(&["disk", "check", f.to_str().unwrap()]);
-    }
-}
 
 /// The move is refused with one line containing each of `words`, and nothing is left in the
 /// destination.
@@ -183,53 +138,4 @@ fn an_off_vm_moves_its_whole_checkpoint_tree() {
     d.ok(&["vm", "rm", "c"]);
     assert!(!ours.exists(), "{} left behind", ours.display());
     assert_eq!(vhdx_on_disk(d.dir.path()), vec![to.join("base.vhdx")]);
-}
-
-#[test]
-fn a_running_vm_with_a_checkpoint_is_refused_and_untouched() {
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
-        return;
-    }
-    let Some(d) = Daemon::start() else { return };
-    let disk = d.dir.path().join("r.vhdx");
-    d.ok(&["disk", "create", disk.to_str().unwrap(), "--size", "16M"]);
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    d.ok(&[
-        "vm", "create", "r", "--kernel", &kernel, "--memory", "64M", "--disk", "r.vhdx",
-    ]);
-    d.ok(&["vm", "start", "r"]);
-    let pid = d.worker_pid("r");
-    let mut c = Console::attach(&d, "r");
-    c.ok("DISK 0 WRITE 0 64 5");
-    c.ok("MEM FILL 16 8 9");
-    let sum = c.ok("MEM SUM 16 8");
-    d.ok(&["checkpoint", "create", "r", "before"]);
-    // After the checkpoint the guest writes on in its differencing child.
-    c.ok("DISK 0 WRITE 0 64 7");
-    c.ok("MEM FILL 16 8 11");
-    let (tree, files) = (d.ok(&["checkpoint", "list", "r"]), files_in_use(&d, "r"));
-    assert_eq!(files.len(), 2, "{files:?}");
-
-    let to = d.dir.path().join("moved");
-    assert_move_refused(&d, "r", &[], &["turn it off", "checkpoint rm"], &to);
-
-    assert_eq!(
-        d.worker_pid("r"),
-        pid,
-        "the refused move must not touch the worker"
-    );
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
-    assert_eq!(d.ok(&["checkpoint", "list", "r"]), tree);
-    assert_eq!(files_in_use(&d, "r"), files);
-    d.ok(&["vm", "turn-off", "r"]);
-    all_check_clean(&d, &files);
-    d.ok(&["checkpoint", "apply", "r", "before"]);
-    d.ok(&["vm", "start", "r"]);
-    let mut c = Console::attach(&d, "r");
-    c.ok("DISK 0 VERIFY 0 64 5");
-    assert_eq!(c.ok("MEM SUM 16 8"), sum);
-    drop(c);
-    d.ok(&["vm", "turn-off", "r"]);
-    all_check_clean(&d, &files_in_use(&d, "r"));
 }

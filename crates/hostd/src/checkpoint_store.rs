@@ -77,7 +77,23 @@ pub enum Intent {
     },
     /// `vm move-storage` of a VM with checkpoints (`daemon/checkpoints/move_tree.rs`): every
     /// file of its tree is copied before the commit; the `from` files go after it.
-    Move { files: Vec<MovedFile> },
+    Move {
+        files: Vec<MovedFile>,
+        /// A running VM's move (`move_live.rs`): its worker makes the running tops' copies
+        /// and switches to them, and what it did decides a recovery.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<LiveMove>,
+    },
+}
+
+/// The part of a running VM's tree move that its worker does, and what the commit needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveMove {
+    /// The files the VM runs on (`files`' `from`), copied by the worker, not by vireod.
+    pub tops: Vec<PathBuf>,
+    /// Every spelling the records use → its new path (`move_tree::TreeMove::renames`), so a
+    /// recovery can commit the move the worker finished.
+    pub renames: BTreeMap<PathBuf, PathBuf>,
 }
 
 /// One file of a checkpointed VM's storage move: `from` is copied to `to`.

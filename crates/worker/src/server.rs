@@ -250,12 +250,15 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("remove disk", message),
         },
-        WorkerOp::MoveStorage { to, flatten, keep } => {
-            match crate::move_storage::start(s, to, flatten, keep) {
-                Ok(()) => WorkerReply::Ok,
-                Err(message) => refused("move storage", message),
-            }
-        }
+        WorkerOp::MoveStorage {
+            to,
+            flatten,
+            keep,
+            targets,
+        } => match crate::move_storage::start(s, to, flatten, keep, targets) {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("move storage", message),
+        },
         WorkerOp::MoveStorageStatus => WorkerReply::MoveStorage(s.mover.progress()),
         WorkerOp::MoveStorageCancel => {
             s.mover.cancel();

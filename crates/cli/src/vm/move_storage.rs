@@ -17,9 +17,11 @@ use crate::output::{emit, OutputFormat};
 
 #[derive(Args, Debug)]
 pub struct MoveStorageArgs {
-    /// The VM's name or id (running, paused or off). A VM with checkpoints must be off: its
-    /// whole checkpoint tree moves with it (frozen files into DIR, vireod's own into
-    /// DIR/vireo-checkpoints-<vm id>/); the checkpoints' saved state stays with vireod.
+    /// The VM's name or id (running, paused or off). A VM with checkpoints moves its whole
+    /// checkpoint tree with it, also while it runs (frozen files into DIR, vireod's own into
+    /// DIR/vireo-checkpoints-<vm id>/, where new checkpoints' files go from then on); the
+    /// checkpoints' saved state stays with vireod. Checkpoint operations of the VM are
+    /// refused while the move runs.
     pub vm: String,
     /// Destination folder (absolute, inside one of vireod's storage roots; created if
     /// missing). None of the disks' file names may exist there.

@@ -7,6 +7,7 @@
 pub mod console;
 pub mod migration;
 pub mod tmpfs;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -108,6 +109,14 @@ impl Daemon {
     /// Starts vireod again on the same state (after [`Self::kill9`]).
     pub fn restart(&mut self) {
         self.child = Daemon::spawn_args(self.dir.path(), &self.args, &self.env);
+    }
+
+    /// Restarts vireod (stopped) with `env` added, e.g. a fault point
+    /// (`VIREO_CHECKPOINT_FAULT`) at which vireod dies as if killed, for this run only.
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
+        let mut all = self.env.clone();
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.child = Daemon::spawn_args(self.dir.path(), &self.args, &all);
     }
 
     pub fn vireo(&self, args: &[&str]) -> Command {

@@ -86,9 +86,9 @@ pub fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
     out
 }
 
-/// A VM with checkpoints moves its whole tree (`checkpoints::move_tree`), which is done for a
-/// VM that is off only, and never flattened.
-fn refuse_checkpointed(vm: &Vm, live: bool, flatten: bool) -> Result<(), HttpError> {
+/// A VM with checkpoints moves its whole tree (`checkpoints::move_tree`, `move_live`), never
+/// flattened, and not while a checkpoint operation of it is under way.
+fn refuse_checkpointed(daemon: &Daemon, vm: &Vm, flatten: bool) -> Result<(), HttpError> {
     let name = &vm.spec.name;
     if flatten {
         return Err(HttpError::conflict(format!(
@@ -97,11 +97,10 @@ fn refuse_checkpointed(vm: &Vm, live: bool, flatten: bool) -> Result<(), HttpErr
              delete the checkpoints first (`vireo checkpoint rm {name} CHECKPOINT`)"
         )));
     }
-    if live {
+    if super::checkpoints::intent_of(daemon, vm.id()).is_some() {
         return Err(HttpError::conflict(format!(
-            "VM {name:?} has checkpoints, which move with its storage only while it is off; \
-             turn it off (`vireo vm stop {name}`) and move, or delete the checkpoints first \
-             (`vireo checkpoint rm {name} CHECKPOINT`, their data merges into the running disk)"
+            "VM {name:?} has a checkpoint operation under way (create, apply or delete); move \
+             its storage once that job has finished (`vireo job list`)"
         )));
     }
     Ok(())
@@ -132,7 +131,7 @@ pub async fn start(
     let checkpointed = !daemon.store.list_checkpoints(vm.id())?.is_empty();
     if checkpointed {
         // Before the destination folder is made: a refused move leaves nothing behind.
-        refuse_checkpointed(&vm, live, req.flatten)?;
+        refuse_checkpointed(daemon, &vm, req.flatten)?;
     }
     let to = destination(daemon, &req.to)?;
     let tree = if checkpointed {
@@ -140,7 +139,8 @@ pub async fn start(
     } else {
         None
     };
-    for disk in &vm.spec.disks {
+    // A tree's plan checked its own destinations.
+    for disk in vm.spec.disks.iter().filter(|_| tree.is_none()) {
         if let Some(file) = disk.path.file_name() {
             if to.join(file).exists() {
                 return Err(HttpError::conflict(format!(
@@ -157,38 +157,33 @@ pub async fn start(
             .await
             .unwrap_or_default()
     };
-    let worker = if live {
+    let how = if !live {
+        match tree {
+            Some(tree) => How::Tree(tree),
+            None => How::Offline,
+        }
+    } else {
         let w = daemon.sup.get(vm.id()).ok_or_else(|| {
             HttpError::conflict(format!(
                 "VM {name:?} has no worker now (it is ending); retry"
             ))
         })?;
-        let op = WorkerOp::MoveStorage {
-            to: to.clone(),
-            flatten: req.flatten,
-            keep: keep.clone(),
-        };
-        match call_once(&w.socket(), op).await {
-            Ok(WorkerReply::Ok) => {}
-            Ok(other) => {
-                return Err(HttpError::internal(format!(
-                    "the worker of VM {name:?} answered move storage with {other:?}"
-                )))
+        match tree {
+            Some(tree) => {
+                use super::checkpoints::move_live;
+                let targets = move_live::targets(&vm, &tree)?;
+                // Recorded before the job exists: a checkpoint operation asked for from here
+                // on is refused, and one in flight refuses the move.
+                super::checkpoints::begin_intent(daemon, &vm, &move_live::intent(&vm, &tree))
+                    .map_err(HttpError::conflict)?;
+                super::checkpoints::fault_point("move-intent");
+                How::LiveTree(w, tree, targets)
             }
-            Err(WorkerCallError::Refused(m)) => {
-                return Err(HttpError::conflict(format!(
-                    "VM {name:?} cannot move its storage: {m}"
-                )))
-            }
-            Err(e) => {
-                return Err(HttpError::internal(format!(
-                    "the worker of VM {name:?} did not answer move storage: {e}"
-                )))
+            None => {
+                ask_worker(&w.socket(), &name, &to, req.flatten, &keep).await?;
+                How::Live(w)
             }
         }
-        Some(w)
-    } else {
-        None
     };
     let job = daemon
         .store
@@ -198,17 +193,24 @@ pub async fn start(
     let job_id = job.id;
     tokio::spawn(async move {
         let _guard = guard;
-        let end = match (worker, tree) {
-            (Some(w), _) => follow_worker(&d, &w.socket(), job_id, cancel).await,
-            (None, Some(files)) => {
-                use super::checkpoints::move_tree;
-                match move_tree::drive(&d, &vm, files, keep, job_id, cancel).await {
-                    Ok(()) => End::Done,
-                    Err(e) if e == move_tree::CANCELLED => End::Cancelled,
-                    Err(e) => End::Failed(e),
-                }
+        use super::checkpoints::{move_live, move_tree};
+        let tree_end = |r: Result<(), String>| match r {
+            Ok(()) => End::Done,
+            Err(e) if e == move_tree::CANCELLED => End::Cancelled,
+            Err(e) => End::Failed(e),
+        };
+        let end = match how {
+            How::Live(w) => follow_plain(&d, &w.socket(), job_id, cancel).await,
+            How::LiveTree(w, tree, targets) => {
+                let sock = w.socket();
+                tree_end(
+                    move_live::drive(&d, &vm, tree, to, targets, keep, sock, job_id, cancel).await,
+                )
             }
-            (None, None) => move_offline(&d, &vm, &to, req.flatten, keep, job_id, cancel).await,
+            How::Tree(tree) => {
+                tree_end(move_tree::drive(&d, &vm, tree, keep, job_id, cancel).await)
+            }
+            How::Offline => move_offline(&d, &vm, &to, req.flatten, keep, job_id, cancel).await,
         };
         match end {
             End::Done => {
@@ -225,6 +227,47 @@ pub async fn start(
         d.jobs.finished(job_id);
     });
     Ok(job)
+}
+
+/// Who moves what: the worker alone (a running VM), vireod and the worker (a running VM with
+/// checkpoints), vireod alone (a VM that is off, with or without checkpoints).
+enum How {
+    Live(Arc<super::supervisor::Worker>),
+    LiveTree(
+        Arc<super::supervisor::Worker>,
+        super::checkpoints::move_tree::TreeMove,
+        Vec<vireo_api::worker::MoveTarget>,
+    ),
+    Tree(super::checkpoints::move_tree::TreeMove),
+    Offline,
+}
+
+/// Starts the worker's move of a VM without checkpoints (refused: 409, nothing started).
+async fn ask_worker(
+    sock: &Path,
+    name: &str,
+    to: &Path,
+    flatten: bool,
+    keep: &[PathBuf],
+) -> Result<(), HttpError> {
+    let op = WorkerOp::MoveStorage {
+        to: to.to_path_buf(),
+        flatten,
+        keep: keep.to_vec(),
+        targets: Vec::new(),
+    };
+    match call_once(sock, op).await {
+        Ok(WorkerReply::Ok) => Ok(()),
+        Ok(other) => Err(HttpError::internal(format!(
+            "the worker of VM {name:?} answered move storage with {other:?}"
+        ))),
+        Err(WorkerCallError::Refused(m)) => Err(HttpError::conflict(format!(
+            "VM {name:?} cannot move its storage: {m}"
+        ))),
+        Err(e) => Err(HttpError::internal(format!(
+            "the worker of VM {name:?} did not answer move storage: {e}"
+        ))),
+    }
 }
 
 enum End {
@@ -244,13 +287,25 @@ fn percent(p: &MoveProgress) -> u8 {
     ((copied.min(total) * 99) / total).max(1) as u8
 }
 
-/// Polls the worker until its move ended; the spec follows what it switched.
-async fn follow_worker(
+/// How the worker's move ended, as [`follow_worker`] saw it.
+pub enum WorkerEnd {
+    /// Every disk is on its copy.
+    Switched(MoveProgress),
+    Cancelled,
+    /// Failed before the switch: every disk is on its old file.
+    Failed(String, MoveProgress),
+    /// The worker stopped answering (the VM ended): whether it switched is unknown.
+    Silent(String),
+}
+
+/// Polls the worker until its move ended. The job's progress runs from `base` to 99.
+pub async fn follow_worker(
     d: &Daemon,
     sock: &Path,
     job: Uuid,
     cancel: tokio::sync::watch::Receiver<bool>,
-) -> End {
+    base: u8,
+) -> WorkerEnd {
     let mut asked_cancel = false;
     let mut silent = 0;
     let mut cancel_wait = Box::pin(cancelled(cancel));
@@ -270,7 +325,7 @@ async fn follow_worker(
             other => {
                 silent += 1;
                 if silent >= MAX_SILENT_POLLS {
-                    return End::Failed(format!(
+                    return WorkerEnd::Silent(format!(
                         "the worker stopped answering during the move ({other:?}); the disk \
                          paths are taken from the files that exist"
                     ));
@@ -281,25 +336,47 @@ async fn follow_worker(
         silent = 0;
         match p.state {
             MoveState::Running | MoveState::Idle => {
-                let _ = d.store.set_job_progress(job, percent(&p));
+                let share = u32::from(percent(&p)) * u32::from(99 - base.min(99)) / 99;
+                let _ = d
+                    .store
+                    .set_job_progress(job, (u32::from(base) + share).max(1) as u8);
             }
-            MoveState::Completed => {
-                return match apply(d, job, &p.disks) {
-                    Ok(()) => {
-                        if let Some(note) = p.message {
-                            tracing::info!("move storage: {note}");
-                        }
-                        End::Done
-                    }
-                    Err(e) => End::Failed(e),
-                }
-            }
-            MoveState::Cancelled => return End::Cancelled,
+            MoveState::Completed => return WorkerEnd::Switched(p),
+            MoveState::Cancelled => return WorkerEnd::Cancelled,
             MoveState::Failed => {
-                let _ = apply(d, job, &p.disks);
-                return End::Failed(p.message.unwrap_or_else(|| "the move failed".into()));
+                let m = p
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "the move failed".into());
+                return WorkerEnd::Failed(m, p);
             }
         }
+    }
+}
+
+/// A VM without checkpoints: the spec follows what the worker switched.
+async fn follow_plain(
+    d: &Daemon,
+    sock: &Path,
+    job: Uuid,
+    cancel: tokio::sync::watch::Receiver<bool>,
+) -> End {
+    match follow_worker(d, sock, job, cancel, 0).await {
+        WorkerEnd::Switched(p) => match apply(d, job, &p.disks) {
+            Ok(()) => {
+                if let Some(note) = p.message {
+                    tracing::info!("move storage: {note}");
+                }
+                End::Done
+            }
+            Err(e) => End::Failed(e),
+        },
+        WorkerEnd::Cancelled => End::Cancelled,
+        WorkerEnd::Failed(m, p) => {
+            let _ = apply(d, job, &p.disks);
+            End::Failed(m)
+        }
+        WorkerEnd::Silent(m) => End::Failed(m),
     }
 }
 
@@ -396,6 +473,7 @@ async fn move_offline(
             to: &to,
             flatten,
             keep: &keep,
+            targets: &[],
             progress: &progress2,
             cancel: &stop2,
         };

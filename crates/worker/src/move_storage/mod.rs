@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use vireo_api::worker::{MoveDiskProgress, MoveProgress, MoveState};
+use vireo_api::worker::{MoveDiskProgress, MoveProgress, MoveState, MoveTarget};
 use vireo_block::BlockBackend;
 
 pub use mirror::{DirtyMap, MovableBackend, Parked};
@@ -72,8 +72,15 @@ pub struct Disk {
     pub movable: Arc<MovableBackend>,
 }
 
-/// Starts a move of every disk into `to` on a thread of its own (`Err`: nothing started).
-pub fn start(s: &Arc<State>, to: PathBuf, flatten: bool, keep: Vec<PathBuf>) -> Result<(), String> {
+/// Starts a move of every disk into `to` (or onto its entry in `targets`) on a thread of its
+/// own (`Err`: nothing started).
+pub fn start(
+    s: &Arc<State>,
+    to: PathBuf,
+    flatten: bool,
+    keep: Vec<PathBuf>,
+    targets: Vec<MoveTarget>,
+) -> Result<(), String> {
     if !to.is_absolute() {
         return Err(format!("destination {} is not absolute", to.display()));
     }
@@ -106,7 +113,7 @@ pub fn start(s: &Arc<State>, to: PathBuf, flatten: bool, keep: Vec<PathBuf>) -> 
         return Err("this VM has no disks to move".into());
     }
     for d in &disks {
-        if same_dir(&d.from, &to) {
+        if target_of(&targets, &d.from).is_none() && same_dir(&d.from, &to) {
             return Err(format!(
                 "disk {} is in {} already",
                 d.from.display(),
@@ -122,7 +129,10 @@ pub fn start(s: &Arc<State>, to: PathBuf, flatten: bool, keep: Vec<PathBuf>) -> 
             .map(|d| MoveDiskProgress {
                 serial: d.serial.clone(),
                 from: d.from.clone(),
-                to: to.join(d.from.file_name().unwrap_or_default()),
+                to: target_of(&targets, &d.from).map_or_else(
+                    || to.join(d.from.file_name().unwrap_or_default()),
+                    |t| t.to.clone(),
+                ),
                 current: d.from.clone(),
                 bytes_total: 0,
                 bytes_copied: 0,
@@ -144,6 +154,7 @@ pub fn start(s: &Arc<State>, to: PathBuf, flatten: bool, keep: Vec<PathBuf>) -> 
                 to: &to,
                 flatten,
                 keep: &keep,
+                targets: &targets,
                 progress: &progress,
                 cancel: &cancel,
             };
@@ -181,6 +192,11 @@ pub fn start(s: &Arc<State>, to: PathBuf, flatten: bool, keep: Vec<PathBuf>) -> 
     Ok(())
 }
 
+/// The target vireod chose for the disk at `file`, if any.
+pub fn target_of<'t>(targets: &'t [MoveTarget], file: &Path) -> Option<&'t MoveTarget> {
+    targets.iter().find(|t| same_file(&t.from, file))
+}
+
 fn same_dir(file: &Path, dir: &Path) -> bool {
     let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     file.parent().map(real) == Some(real(dir))
@@ -195,6 +211,8 @@ pub struct Job<'a> {
     pub to: &'a Path,
     pub flatten: bool,
     pub keep: &'a [PathBuf],
+    /// Disks vireod placed itself (a VM with checkpoints); their old files stay.
+    pub targets: &'a [MoveTarget],
     pub progress: &'a Mutex<MoveProgress>,
     pub cancel: &'a AtomicBool,
 }
@@ -268,6 +286,7 @@ impl Job<'_> {
                 size,
                 self.to,
                 self.flatten,
+                target_of(self.targets, &d.from),
                 self.cancel,
                 &|n| {
                     self.add_copied(i, n);

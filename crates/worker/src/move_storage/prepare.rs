@@ -20,6 +20,8 @@ use std::sync::Arc;
 use vireo_block::{BlockBackend, RawFile};
 use vireo_vhdx::{CreateOptions, DiskType, Rebase, Vhdx};
 
+use vireo_api::worker::MoveTarget;
+
 use crate::image::Image;
 
 /// One disk's destination, ready for the copy.
@@ -101,17 +103,26 @@ pub fn copy_file_sparse(
     Ok(len)
 }
 
-/// Creates the destination of the disk at `src` (opened as `image`) inside `dir`.
+/// Creates the destination of the disk at `src` (opened as `image`) inside `dir`, or at
+/// `target` when vireod chose it.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     src: &Path,
     image: &Image,
     size: u64,
     dir: &Path,
     flatten: bool,
+    target: Option<&MoveTarget>,
     cancel: &AtomicBool,
     progress: &dyn Fn(u64),
 ) -> Result<Prepared, (String, Vec<PathBuf>)> {
     let mut created = Vec::new();
+    if let Some(t) = target {
+        return match onto_target(src, image, size, t, &mut created) {
+            Ok(p) => Ok(p),
+            Err(e) => Err((e, created)),
+        };
+    }
     match prepare_inner(
         src,
         image,
@@ -252,6 +263,84 @@ fn prepare_inner(
             })
         }
     }
+}
+
+/// A disk of a VM with checkpoints, onto the target vireod chose. Its parents are frozen
+/// files vireod copied and relinked already, so only the running top is made here: a new
+/// differencing file on the copied parent, into which the first pass writes what the old top
+/// held. No old file is listed: vireod deletes them after recording the move.
+fn onto_target(
+    src: &Path,
+    image: &Image,
+    size: u64,
+    t: &MoveTarget,
+    created: &mut Vec<PathBuf>,
+) -> Result<Prepared, String> {
+    if t.to.exists() {
+        return Err(format!(
+            "{} exists already; move to another folder or remove it",
+            t.to.display()
+        ));
+    }
+    let (v, parent) = match (image, &t.parent) {
+        (Image::Vhdx(v), Some(parent)) if v.chain_paths().len() > 1 => (v, parent),
+        (_, Some(_)) => {
+            return Err(format!(
+                "disk {} has no parent, but the move names one for it; the VM's disks \
+                 changed since the move was planned: retry",
+                src.display()
+            ))
+        }
+        // No parent: the ordinary copy, at the target's path.
+        (_, None) => {
+            let dir = t.to.parent().unwrap_or(Path::new("/"));
+            let mut p = prepare_inner(
+                src,
+                image,
+                size,
+                dir,
+                false,
+                &AtomicBool::new(false),
+                &|_| {},
+                created,
+            )?;
+            if p.dest_path != t.to {
+                return Err(format!(
+                    "disk {} would be copied to {}, not {}",
+                    src.display(),
+                    p.dest_path.display(),
+                    t.to.display()
+                ));
+            }
+            p.old_files.clear();
+            return Ok(p);
+        }
+    };
+    let extents = v.map().map_err(|e| io_err("mapping", src, e))?;
+    let opts = CreateOptions {
+        disk_type: DiskType::Differencing,
+        block_size: v.block_size(),
+        parent: Some(parent.clone()),
+        ..Default::default()
+    };
+    let new = Vhdx::create(&t.to, &opts).map_err(|e| io_err("creating", &t.to, e))?;
+    created.push(t.to.clone());
+    let new = Arc::new(new);
+    let initial = extents
+        .iter()
+        .filter(|e| e.depth == Some(0))
+        .map(|e| (e.start, e.length))
+        .collect();
+    Ok(Prepared {
+        dest: new.clone(),
+        dest_image: Image::Vhdx(new),
+        dest_path: t.to.clone(),
+        created: created.clone(),
+        old_files: Vec::new(),
+        initial,
+        skip_zeroes: false,
+        file_bytes: 0,
+    })
 }
 
 /// Deletes files a move created (best effort, each named in the log).

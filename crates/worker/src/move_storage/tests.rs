@@ -127,6 +127,7 @@ fn run_move(
         to,
         flatten,
         keep: &[],
+        targets: &[],
         progress: &progress,
         cancel: &cancel,
     };

@@ -24,6 +24,7 @@ pub async fn apply(
     req: ApplyCheckpointRequest,
 ) -> Result<vireo_api::Job, HttpError> {
     let vm = daemon.store.get_by_id(vm.id())?;
+    super::refuse_during_move(daemon, &vm)?;
     let cp = super::find(daemon, &vm, key)?;
     if req.keep_running {
         precheck_keep_running(&vm, &cp, &req)?;
@@ -149,7 +150,7 @@ pub async fn in_place(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint) -> Result<(), 
         .disks
         .iter()
         .map(|x| {
-            let child = super::child_path(d, id, &x.serial, op);
+            let child = super::child_path(d, id, &x.serial, op, &x.frozen);
             (x.serial.clone(), x.frozen.clone(), child)
         })
         .collect();

@@ -137,7 +137,7 @@ pub async fn apply(d: &Arc<Daemon>, id: Uuid, cp: &Checkpoint, job: Uuid) -> Res
         .iter()
         .map(|x| ApplyChild {
             serial: x.serial.clone(),
-            path: super::child_path(d, id, &x.serial, op),
+            path: super::child_path(d, id, &x.serial, op, &x.frozen),
             parent: x.frozen.clone(),
         })
         .collect();

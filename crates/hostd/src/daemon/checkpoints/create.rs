@@ -80,6 +80,7 @@ pub async fn create(
     name: Option<String>,
 ) -> Result<vireo_api::Job, HttpError> {
     let vm = daemon.store.get_by_id(vm.id())?;
+    super::refuse_during_move(daemon, &vm)?;
     let name = check(daemon, &vm, name)?;
     let live = vm.state.has_worker();
     // An off or saved VM is locked from here to the end; a running one is locked by each step.
@@ -215,7 +216,7 @@ pub async fn in_place(
     let plan: Vec<(String, std::path::PathBuf, std::path::PathBuf)> = disks_now
         .into_iter()
         .map(|(serial, frozen)| {
-            let child = super::child_path(daemon, id, &serial, cp_id);
+            let child = super::child_path(daemon, id, &serial, cp_id, &frozen);
             (serial, frozen, child)
         })
         .collect();
@@ -289,7 +290,7 @@ pub fn commit(
     let mut spec = spec.clone();
     let mut tops = head.tops.clone();
     for cd in &cp.disks {
-        let child = super::child_path(d, id, &cd.serial, cp.id);
+        let child = super::child_path(d, id, &cd.serial, cp.id, &cd.frozen);
         for disk in spec.disks.iter_mut() {
             if disk.serial.as_deref() == Some(&cd.serial) {
                 disk.path = child.clone();

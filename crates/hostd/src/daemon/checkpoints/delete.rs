@@ -54,6 +54,7 @@ pub async fn delete_ids(
     order: Vec<Uuid>,
 ) -> Result<vireo_api::Job, HttpError> {
     let vm = daemon.store.get_by_id(vm.id())?;
+    super::refuse_during_move(daemon, &vm)?;
     if matches!(
         vm.state,
         VmState::Starting | VmState::Stopping | VmState::Saving

@@ -61,7 +61,7 @@ pub async fn capture(
                 .map(|(serial, frozen)| {
                     // The worker has the file open (locked): read its header without a lock.
                     let parent_file = disks::parent_of_in_use(&frozen)?;
-                    let child = super::child_path(&d, id, &serial, cp_id);
+                    let child = super::child_path(&d, id, &serial, cp_id, &frozen);
                     Ok((
                         CheckpointDisk {
                             serial,

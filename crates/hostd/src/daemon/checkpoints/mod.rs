@@ -21,6 +21,7 @@ pub mod create;
 pub mod delete;
 pub mod disks;
 pub mod live;
+pub mod move_live;
 pub mod move_tree;
 pub mod recover;
 
@@ -43,16 +44,49 @@ pub fn state_dir(daemon: &Daemon, vm: Uuid, cp: Uuid) -> PathBuf {
     root(daemon, vm).join(cp.to_string())
 }
 
-/// A new differencing child's name for disk `serial` (unique per operation `op`).
-pub fn child_path(daemon: &Daemon, vm: Uuid, serial: &str, op: Uuid) -> PathBuf {
+/// A new differencing child's name for disk `serial` on `parent` (unique per operation `op`).
+///
+/// It goes where the VM's storage is: after a storage move (`move_tree`) that is the move's
+/// `vireo-checkpoints-<vm id>/` folder — beside `parent`, or beside the user's moved base —
+/// else `<vm-dir>/checkpoints/disks/`. Callers ask again at commit time, so the answer depends
+/// only on what does not change during an operation.
+pub fn child_path(daemon: &Daemon, vm: Uuid, serial: &str, op: Uuid, parent: &Path) -> PathBuf {
     let short = &op.simple().to_string()[..12];
     let safe: String = serial
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    root(daemon, vm)
-        .join("disks")
+    let moved = move_tree::moved_dir_name(vm);
+    let dir = parent.parent().and_then(|dir| {
+        if dir.file_name().and_then(|n| n.to_str()) == Some(moved.as_str()) {
+            Some(dir.to_path_buf())
+        } else {
+            Some(dir.join(&moved)).filter(|d| d.is_dir())
+        }
+    });
+    dir.unwrap_or_else(|| root(daemon, vm).join("disks"))
         .join(format!("{safe}-{short}.avhdx"))
+}
+
+/// The checkpoint operation (or tree move) the VM has under way, if any.
+pub fn intent_of(daemon: &Daemon, vm: Uuid) -> Option<crate::checkpoint_store::Intent> {
+    let all = daemon.store.checkpoint_intents().ok()?;
+    all.into_iter()
+        .find(|(id, ..)| *id == vm)
+        .map(|(_, i, _)| i)
+}
+
+/// A checkpoint create, apply or delete asked for while the VM's storage moves: refused (it
+/// would make or merge files the move is copying), not queued behind the move.
+pub fn refuse_during_move(daemon: &Daemon, vm: &Vm) -> Result<(), HttpError> {
+    if let Some(crate::checkpoint_store::Intent::Move { .. }) = intent_of(daemon, vm.id()) {
+        return Err(HttpError::conflict(format!(
+            "VM {:?} is moving its storage (vireo vm move-storage); checkpoint operations \
+             are refused until the move's job has finished (`vireo job list`), then retry",
+            vm.spec.name
+        )));
+    }
+    Ok(())
 }
 
 /// Files vireod made itself (children in the VM's folder, or in the folder a storage move put

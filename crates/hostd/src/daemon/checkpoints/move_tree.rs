@@ -10,9 +10,9 @@
 //! one needs them. A checkpoint's state and memory stay in vireod's folder for the VM: they are
 //! vireod's record of the checkpoint, like `saved/`, not the VM's storage.
 //!
-//! Only for a VM that is off: a running VM's worker would have to switch its running files
-//! too (refused by the caller). The job holds the VM's lock; the intent row keeps checkpoint
-//! operations out. Crash safety: intent `Move` (prepared) before the first copy — a restart
+//! A VM that is off moves here entirely; a running one (`move_live.rs`) uses the plan and the
+//! copy of the frozen files from here, and its worker copies and switches the running tops.
+//! The job holds the VM's lock; the intent row keeps checkpoint operations out. Crash safety: intent `Move` (prepared) before the first copy — a restart
 //! deletes the copies, the old files were never touched; committed — a restart deletes the old
 //! files (`finish`).
 
@@ -165,11 +165,12 @@ pub fn run(
         vm,
         &Intent::Move {
             files: files.to_vec(),
+            live: None,
         },
     )?;
     fault_point("move-intent");
     let mut created = Vec::new();
-    if let Err(e) = copy_tree(files, &mut created, cancel, copied) {
+    if let Err(e) = copy_tree(files, &[], &mut created, cancel, copied) {
         vireo_worker::move_storage::remove_created(&created);
         remove_moved_dir(vm.id(), files);
         let _ = daemon.store.clear_checkpoint_intent(vm.id());
@@ -188,13 +189,17 @@ pub fn run(
     Ok(())
 }
 
-fn copy_tree(
+/// Copies every file but those in `skip` (a running VM's tops: its worker copies them), each
+/// copy relinked to its parent's copy, and checks that every copy opens with its chain.
+pub(super) fn copy_tree(
     files: &[MovedFile],
+    skip: &[PathBuf],
     created: &mut Vec<PathBuf>,
     cancel: &AtomicBool,
     copied: &AtomicU64,
 ) -> Result<(), String> {
-    for f in files {
+    let files: Vec<&MovedFile> = files.iter().filter(|f| !skip.contains(&f.from)).collect();
+    for f in &files {
         if let Some(dir) = f.to.parent() {
             if !dir.exists() {
                 std::fs::create_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

@@ -58,7 +58,7 @@ pub fn roll_back(daemon: &Daemon, vm: Uuid, intent: &Intent) {
         }
         // A delete is committed with its intent: never rolled back.
         Intent::Delete { .. } => return,
-        Intent::Move { files } => {
+        Intent::Move { files, .. } => {
             super::move_tree::roll_back(daemon, vm, files);
             tracing::info!(vm = %vm, "storage move of a checkpointed VM rolled back");
             return;
@@ -107,6 +107,17 @@ pub async fn recover_all(daemon: &Arc<Daemon>) {
                     Err(m) => tracing::error!(vm = %vm, "finishing an in-place apply: {m}"),
                 }
             }
+            // A running VM's tree move: what its worker switched to decides (move_live.rs).
+            (
+                Phase::Prepared,
+                Intent::Move {
+                    files,
+                    live: Some(live),
+                },
+            ) => match super::move_live::settle(daemon, vm, files, live).await {
+                Ok(moved) => tracing::warn!(vm = %vm, moved, "interrupted storage move"),
+                Err(m) => tracing::error!(vm = %vm, "finishing a storage move: {m}"),
+            },
             (Phase::Prepared, _) => roll_back(daemon, vm, &intent),
             (Phase::Committed, Intent::Create { .. }) => {
                 let _ = daemon.store.clear_checkpoint_intent(vm);
@@ -115,7 +126,7 @@ pub async fn recover_all(daemon: &Arc<Daemon>) {
                 super::apply::finish(daemon, vm, &intent);
             }
             (Phase::Committed, Intent::Delete { .. }) => {}
-            (Phase::Committed, Intent::Move { files }) => {
+            (Phase::Committed, Intent::Move { files, .. }) => {
                 let keep = crate::daemon::move_storage::files_of_other_vms(daemon, vm);
                 super::move_tree::finish(daemon, vm, files, &keep);
             }
