@@ -236,31 +236,10 @@ fn prepare_inner(
                 Vhdx::rebase(&dests[i], Rebase::Relink(&dests[i + 1]), &|_, _| {}, &never)
                     .map_err(|e| io_err("relinking", &dests[i], e))?;
             }
-            let opts = CreateOptions {
-                disk_type: DiskType::Differencing,
-                block_size: v.block_size(),
-                parent: Some(dests[1].clone()),
-                ..Default::default()
-            };
-            let new =
-                Vhdx::create(&dests[0], &opts).map_err(|e| io_err("creating", &dests[0], e))?;
-            created.push(dests[0].clone());
-            let new = Arc::new(new);
-            let initial = extents
-                .iter()
-                .filter(|e| e.depth == Some(0))
-                .map(|e| (e.start, e.length))
-                .collect();
-            Ok(Prepared {
-                dest: new.clone(),
-                dest_image: Image::Vhdx(new),
-                dest_path: dests[0].clone(),
-                created: created.clone(),
-                old_files: chain,
-                initial,
-                skip_zeroes: false,
-                file_bytes,
-            })
+            let mut p = new_top(v, &extents, &dests[0], &dests[1], created)?;
+            p.old_files = chain;
+            p.file_bytes = file_bytes;
+            Ok(p)
         }
     }
 }
@@ -317,15 +296,26 @@ fn onto_target(
         }
     };
     let extents = v.map().map_err(|e| io_err("mapping", src, e))?;
+    new_top(v, &extents, &t.to, parent, created)
+}
+
+/// The copy's running top: an empty differencing file at `to` over `parent` (a copy of the
+/// source's parent), whose first pass copies what the source's own top holds (depth 0).
+fn new_top(
+    v: &Vhdx,
+    extents: &[vireo_vhdx::Extent],
+    to: &Path,
+    parent: &Path,
+    created: &mut Vec<PathBuf>,
+) -> Result<Prepared, String> {
     let opts = CreateOptions {
         disk_type: DiskType::Differencing,
         block_size: v.block_size(),
-        parent: Some(parent.clone()),
+        parent: Some(parent.to_path_buf()),
         ..Default::default()
     };
-    let new = Vhdx::create(&t.to, &opts).map_err(|e| io_err("creating", &t.to, e))?;
-    created.push(t.to.clone());
-    let new = Arc::new(new);
+    let new = Arc::new(Vhdx::create(to, &opts).map_err(|e| io_err("creating", to, e))?);
+    created.push(to.to_path_buf());
     let initial = extents
         .iter()
         .filter(|e| e.depth == Some(0))
@@ -334,7 +324,7 @@ fn onto_target(
     Ok(Prepared {
         dest: new.clone(),
         dest_image: Image::Vhdx(new),
-        dest_path: t.to.clone(),
+        dest_path: to.to_path_buf(),
         created: created.clone(),
         old_files: Vec::new(),
         initial,
