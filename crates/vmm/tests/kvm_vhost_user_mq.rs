@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use vireo_netport::{channel_pair, ChannelPort, FramePort};
 use vireo_probe_image::console::{decode_hex, encode_hex};
-use vireo_probe_image::{probe_elf, ProbeConsole, ProbeError};
+use vireo_probe_image::{
+    parse_udp_flow_frame, probe_elf, udp_flow_frame, ProbeConsole, ProbeError,
+};
 use vireo_vmm::state::Identity;
 use vireo_vmm::vhost_user_net::VhostUserNet;
 use vireo_vmm::{ConsoleConfig, RestoreFrom, VirtioSlot, Vm, VmConfig, VmExit, VmHandle};
@@ -73,29 +75,14 @@ impl Running {
     }
 }
 
-/// A UDP/IPv4 frame from the host to the VM: flow `flow` is its source port, `round` tags it.
+/// Frame `flow` of round `round` from the host to the VM (its source port is the flow).
 fn udp_frame(flow: u16, round: u8) -> Vec<u8> {
-    let mut f = [MAC, MAC_HOST].concat();
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(20u16 + 8 + 4).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..20].copy_from_slice(&[10, 0, 0, 2, 10, 0, 0, 1]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&(4000 + flow).to_be_bytes());
-    f.extend_from_slice(&7u16.to_be_bytes());
-    f.extend_from_slice(&12u16.to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(&[b'M', b'Q', round, flow as u8]);
-    f
+    udp_flow_frame(MAC, MAC_HOST, flow, round)
 }
 
 /// (round, flow) of a frame made by `udp_frame`.
 fn parse_udp(f: &[u8]) -> Option<(u8, u16)> {
-    (f.len() >= 46 && f[..6] == MAC && f[12..14] == [0x08, 0x00] && f[42..44] == *b"MQ")
-        .then(|| (f[44], u16::from_be_bytes([f[34], f[35]]) - 4000))
+    parse_udp_flow_frame(f).filter(|_| f[..6] == MAC)
 }
 
 /// The host sends one frame of each flow (tagged `round`); the guest takes them off each

@@ -185,7 +185,9 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
         [b"BLAST", frame_size, limit, mac, rest @ ..] if rest.len() <= 1 => {
             let window = match rest {
                 [w] => {
-                    let w = num(w.strip_prefix(b"window=").ok_or("expected window=<frames>")?)?;
+                    let w = num(w
+                        .strip_prefix(b"window=")
+                        .ok_or("expected window=<frames>")?)?;
                     if w == 0 {
                         return Err("window must be at least 1");
                     }

@@ -231,9 +231,7 @@ impl Pair {
                 let data = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
                 let frame = &data[HDR_LEN..];
                 match parse(frame) {
-                    Some((r, seq))
-                        if run.map_or(seq < LOCK_BELOW_SEQ, |x| x == r) =>
-                    {
+                    Some((r, seq)) if run.map_or(seq < LOCK_BELOW_SEQ, |x| x == r) => {
                         if run.is_none() {
                             run = Some(r);
                             first = now;
