@@ -137,6 +137,7 @@ fn transmit_on_every_pair(vm: &mut Running, host: &ChannelPort, pairs: u16, tag:
     let mac_host = MAC_HOST.map(|b| format!("{b:02x}")).join(":");
     let blast = vm.cmd(&format!("NET 0 BLAST 64 64 {mac_host} pair={}", pairs - 1));
     assert!(blast.starts_with("OK sent=64 "), "{blast}");
+    eprintln!("tag {tag}: blast on pair {}: {blast}", pairs - 1);
     let mut blast_seqs = HashSet::new();
     let mut buf = [0u8; 2048];
     let deadline = Instant::now() + T;

@@ -388,7 +388,7 @@ pub fn take_pair<'a, 'b>(
     match t.split_last() {
         Some((last, rest)) if last.starts_with(b"pair=") => {
             let p = parse::number(&last[5..]).ok_or("bad pair")?;
-            Ok((Some(p.min(usize::MAX as u64) as usize), rest))
+            Ok((Some(p as usize), rest))
         }
         _ => Ok((None, t)),
     }
