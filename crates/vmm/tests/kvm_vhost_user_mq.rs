@@ -190,6 +190,30 @@ fn kvm_probe_uses_two_queue_pairs_and_keeps_them_across_a_restore() {
     let e = vm.refused("NET 0 RECV 10 pair=x");
     assert!(e.contains("bad pair"), "{e}");
 
+    // What switching costs, console round trip included (printed, not asserted: the host is
+    // shared and noisy).
+    let (mut switch, mut ping) = (Vec::new(), Vec::new());
+    for n in [2, 1].repeat(10) {
+        let start = Instant::now();
+        assert_eq!(
+            vm.cmd(&format!("NET 0 PAIRS {n}")),
+            format!("OK pairs={n} max=2")
+        );
+        switch.push(start.elapsed());
+        let start = Instant::now();
+        vm.cmd("PING");
+        ping.push(start.elapsed());
+    }
+    for (what, took) in [
+        ("NET 0 PAIRS n", &mut switch),
+        ("PING (console alone)", &mut ping),
+    ] {
+        took.sort();
+        eprintln!(
+            "{what}, 20 runs: median {:?}, min {:?}, max {:?}",
+            took[10], took[0], took[19]
+        );
+    }
     assert_eq!(vm.cmd("NET 0 PAIRS 2"), "OK pairs=2 max=2");
     let two = flows_per_pair(&mut vm, &host, 1);
     eprintln!("2 pairs: flows per pair {two:?}");
