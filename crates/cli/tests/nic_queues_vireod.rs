@@ -1,19 +1,20 @@
 //! End to end under KVM: a VM NIC with two queue pairs (`vm nic add --queues 2`) through vireod,
 //! its real worker and its switch process. The worker's NIC has the pairs (its log says what the
-//! port gave), the probe guest, whose driver knows no multiqueue and so stays on pair 0, still
-//! exchanges frames through it with a one-pair VM; the count is shown by `vm show` and `vm nic
-//! list`, refused out of range (422 naming the field and value) and refused while the VM runs
-//! (hardware); turned off, it changes and the VM starts with the new count; saved, the VM's NICs
-//! cannot change and it restores with its count and still exchanges frames.
-//!
-//! Not covered here: frames on the second pair from vireod (the probe has no control queue);
-//! `crates/vmm/tests/vhost_user_net.rs` drives that with a fake driver against a switch port.
+//! port gave); the probe guest's driver starts on pair 0 like any driver and exchanges frames
+//! through it with a one-pair VM, then turns the second pair on (`NET 0 PAIRS 2`, a
+//! VQ_PAIRS_SET the worker serves): frames of several flows from the other VM come in on both
+//! receive rings, and a frame sent on pair 1 gets through. The count is shown by `vm show` and
+//! `vm nic list`, refused out of range (422 naming the field and value) and refused while the VM
+//! runs (hardware); turned off, it changes and the VM starts with the new count; saved with all
+//! four pairs in use, the VM's NICs cannot change and it restores with its count, still using
+//! the four pairs, and still exchanges frames.
 
 use std::time::{Duration, Instant};
 
 use vireo_api::{NicSpec, Vm};
 use vireo_probe_image::console::{decode_hex, encode_hex};
 use vireo_probe_image::tagged_frame as frame;
+use vireo_probe_image::{parse_udp_flow_frame, udp_flow_frame};
 
 mod vireod_harness;
 use vireod_harness::console::Console;
@@ -57,6 +58,41 @@ fn receives(c: &mut Console, want: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// `from` sends one UDP frame of each of 16 flows to `to` (MAC `to_mac`), which takes them off
+/// each of its `pairs` receive rings in turn: the flows each ring got (every one exactly once).
+fn flows_per_pair(
+    from: &mut Console,
+    to: &mut Console,
+    (to_mac, from_mac): ([u8; 6], [u8; 6]),
+    pairs: usize,
+    tag: u8,
+) -> Vec<Vec<u16>> {
+    for flow in 0..16 {
+        let f = udp_flow_frame(to_mac, from_mac, flow, tag);
+        from.ok(&format!("NET 0 SEND {}", encode_hex(&f)));
+    }
+    let mut per_pair = vec![Vec::new(); pairs];
+    let mut seen = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 16 {
+        assert!(Instant::now() < deadline, "only {per_pair:?} arrived");
+        for (p, flows) in per_pair.iter_mut().enumerate() {
+            let answer = to.ask(&format!("NET 0 RECV 100 pair={p}"));
+            let Some(hex) = answer.strip_prefix("OK ") else {
+                assert_eq!(answer, "ERR timeout");
+                continue;
+            };
+            let got = decode_hex(hex).unwrap();
+            // Frames of an earlier round or test still queued are skipped.
+            if let Some((_, flow)) = parse_udp_flow_frame(&got).filter(|(t, _)| *t == tag) {
+                assert!(seen.insert(flow), "flow {flow} arrived twice");
+                flows.push(flow);
+            }
+        }
+    }
+    per_pair
 }
 
 #[test]
@@ -123,6 +159,15 @@ fn kvm_a_two_pair_nic_through_vireod() {
         one.ok(&format!("NET 0 SEND {}", encode_hex(&f)));
         assert!(receives(&mut mq, &f), "one -> mq #{tag}");
     }
+    assert_eq!(mq.ok("NET 0 PAIRS 2"), "OK pairs=2 max=2");
+    let spread = flows_per_pair(&mut one, &mut mq, (m_mq, m_one), 2, 1);
+    assert!(
+        spread.iter().all(|f| !f.is_empty()),
+        "a pair got no flow: {spread:?}"
+    );
+    let f = frame(m_one, m_mq, 21);
+    mq.ok(&format!("NET 0 SEND {} pair=1", encode_hex(&f)));
+    assert!(receives(&mut one, &f), "mq -> one on pair 1");
 
     let (code, e) = d.fails(&["vm", "nic", "set", "mq", "nic0", "--queues", "4"]);
     assert_eq!(code, 1, "a conflict, not bad input: {e}");
@@ -145,6 +190,7 @@ fn kvm_a_two_pair_nic_through_vireod() {
     mq.ok("PING");
     let log = worker_log(&d, "mq");
     assert!(log.contains("4 queue pair(s)"), "{log}");
+    assert_eq!(mq.ok("NET 0 PAIRS 4"), "OK pairs=4 max=4");
 
     // Saved, the guest's NICs are part of its state: no count change, no NIC added.
     drop(mq);
@@ -168,6 +214,12 @@ fn kvm_a_two_pair_nic_through_vireod() {
         nics(&d, "mq")[0].queues,
         Some(4),
         "restored with its pair count"
+    );
+    assert_eq!(mq.ok("NET 0 PAIRS"), "OK pairs=4 max=4");
+    let spread = flows_per_pair(&mut one, &mut mq, (m_mq, m_one), 4, 2);
+    assert!(
+        spread.iter().filter(|f| !f.is_empty()).count() > 1,
+        "after the restore every flow came in on one pair: {spread:?}"
     );
     let f = frame(m_one, m_mq, 7);
     mq.ok(&format!("NET 0 SEND {}", encode_hex(&f)));

@@ -13,7 +13,7 @@ pub mod pattern;
 pub mod qemu;
 
 pub use console::{ProbeConsole, ProbeError};
-pub use net::tagged_frame;
+pub use net::{parse_udp_flow_frame, tagged_frame, udp_flow_frame};
 
 /// Absolute path of the probe ELF built by this crate's build script.
 pub const PROBE_ELF: &str = env!("VIREO_PROBE_ELF");

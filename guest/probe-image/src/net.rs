@@ -17,6 +17,33 @@ pub fn tagged_frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
     f
 }
 
+/// A UDP/IPv4 frame 10.0.0.2:`flow` → 10.0.0.1:7 whose 4-byte payload is `MQ`, `tag` and the
+/// low byte of `flow`. A multiqueue receiver spreads frames by flow (addresses and ports), so
+/// frames of different `flow`s exercise different receive queues.
+pub fn udp_flow_frame(dst: [u8; 6], src: [u8; 6], flow: u16, tag: u8) -> Vec<u8> {
+    let mut f = [dst, src].concat();
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(20u16 + 8 + 4).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..20].copy_from_slice(&[10, 0, 0, 2, 10, 0, 0, 1]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&flow.to_be_bytes());
+    f.extend_from_slice(&7u16.to_be_bytes());
+    f.extend_from_slice(&12u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&[b'M', b'Q', tag, flow as u8]);
+    f
+}
+
+/// (tag, flow) of a frame made by [`udp_flow_frame`].
+pub fn parse_udp_flow_frame(f: &[u8]) -> Option<(u8, u16)> {
+    (f.len() >= 46 && f[12..14] == [0x08, 0x00] && f[42..44] == *b"MQ")
+        .then(|| (f[44], u16::from_be_bytes([f[34], f[35]])))
+}
+
 /// How long a console command may take beyond the time the probe was told to wait.
 const ANSWER_SLACK: Duration = Duration::from_secs(10);
 /// The most frames one receive looks at: bounds the loop when unrelated frames keep coming.

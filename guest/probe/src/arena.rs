@@ -3,7 +3,9 @@
 
 use core::ptr::addr_of_mut;
 
-const ARENA_SIZE: usize = 2 << 20;
+/// Room for 4 NICs of one pair and a few dozen disks, or fewer NICs of up to 4 pairs each
+/// (~260 KiB per pair); the image must still end below 8 MiB (linker.ld checks).
+const ARENA_SIZE: usize = 4 << 20;
 
 #[repr(C, align(4096))]
 struct Region([u8; ARENA_SIZE]);

@@ -179,11 +179,15 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
     }
     let khz = p.clock().khz();
     let per_s = |n: u64, ticks: u64| (n as u128 * khz as u128 * 1000 / ticks.max(1) as u128) as u64;
+    let (pair, t) = crate::commands::take_pair(t)?;
+    let pair = pair.unwrap_or(0);
     match t {
         [b"BLAST", frame_size, limit, mac, rest @ ..] if rest.len() <= 1 => {
             let window = match rest {
                 [w] => {
-                    let w = num(w.strip_prefix(b"window=").ok_or("expected window=<frames>")?)?;
+                    let w = num(w
+                        .strip_prefix(b"window=")
+                        .ok_or("expected window=<frames>")?)?;
                     if w == 0 {
                         return Err("window must be at least 1");
                     }
@@ -201,9 +205,10 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
             };
             let dst = parse_mac(mac).ok_or("bad mac")?;
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
+            let nic = nic.tx_pair(pair).map_err(crate::commands::net_error)?;
             let out = nic.blast(size, dst, limit, window).map_err(|e| match e {
                 crate::virtio::net::Error::TooLong => "bad frame size",
-                crate::virtio::net::Error::Stalled => "tx stalled",
+                e => crate::commands::net_error(e),
             })?;
             let _ = write!(
                 p.reply,
@@ -236,6 +241,8 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
             };
             let deadline = p.clock().deadline_ms(secs * 1000);
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
+            // Acks go out on the same pair, so it must be in use.
+            let nic = nic.tx_pair(pair).map_err(crate::commands::net_error)?;
             let o = nic.sink(deadline, idle_ms * khz, ack, khz);
             let _ = write!(
                 p.reply,

@@ -234,8 +234,10 @@ impl Probe {
         if self.nics.get(i).is_none_or(|n| n.is_none()) {
             return Err("no such nic");
         }
+        let (pair, rest) = take_pair(rest)?;
+        let p = pair.unwrap_or(0);
         match rest {
-            [b"MAC"] => {
+            [b"MAC"] if pair.is_none() => {
                 let m = self.nics[i].as_ref().map(|n| n.mac).unwrap_or_default();
                 let _ = write!(
                     self.reply,
@@ -243,17 +245,27 @@ impl Probe {
                     m[0], m[1], m[2], m[3], m[4], m[5]
                 );
             }
+            [b"PAIRS", count @ ..] if pair.is_none() && count.len() <= 1 => {
+                let nic = self.nics[i].as_mut().ok_or("no such nic")?;
+                if let [n] = count {
+                    nic.set_pairs(num(n)? as usize).map_err(net_error)?;
+                }
+                let (active, set_up) = nic.pair_counts();
+                let _ = write!(self.reply, "OK pairs={active} max={set_up}");
+            }
             [b"SEND", hex] => {
                 let len = parse::hex_decode(hex, &mut self.frame).ok_or("bad frame")?;
                 let nic = self.nics[i].as_mut().ok_or("no such nic")?;
-                nic.send(&self.frame[..len]).map_err(net_error)?;
+                let pair = nic.tx_pair(p).map_err(net_error)?;
+                pair.send(&self.frame[..len]).map_err(net_error)?;
                 self.reply.push(b"OK");
             }
             [b"RECV", timeout_ms] => {
                 let deadline = self.clock().deadline_ms(num(timeout_ms)?);
                 let Probe { nics, reply, .. } = self;
                 let nic = nics[i].as_mut().ok_or("no such nic")?;
-                let got = nic.recv(deadline, |frame| {
+                let pair = nic.rx_pair(p).map_err(net_error)?;
+                let got = pair.recv(deadline, |frame| {
                     reply.push(b"OK ");
                     reply.push_hex(frame);
                 });
@@ -266,9 +278,10 @@ impl Probe {
                 let deadline = self.clock().deadline_ms(timeout_ms);
                 let Probe { nics, frame, .. } = self;
                 let nic = nics[i].as_mut().ok_or("no such nic")?;
+                let pair = nic.tx_pair(p).map_err(net_error)?;
                 let mut echoed = 0u64;
                 while echoed < count {
-                    let Some(len) = nic.recv(deadline, |f| {
+                    let Some(len) = pair.recv(deadline, |f| {
                         frame[..f.len()].copy_from_slice(f);
                         f.len()
                     }) else {
@@ -280,7 +293,7 @@ impl Probe {
                         frame[..6].copy_from_slice(&macs[6..]);
                         frame[6..12].copy_from_slice(&macs[..6]);
                     }
-                    nic.send(&frame[..len]).map_err(net_error)?;
+                    pair.send(&frame[..len]).map_err(net_error)?;
                     echoed += 1;
                 }
                 let _ = write!(self.reply, "OK echoed={echoed}");
@@ -357,10 +370,27 @@ fn num(t: &[u8]) -> Result<u64, &'static str> {
     parse::number(t).ok_or("bad number")
 }
 
-fn net_error(e: net::Error) -> &'static str {
+pub fn net_error(e: net::Error) -> &'static str {
     match e {
         net::Error::TooLong => "frame too long",
         net::Error::Stalled => "tx stalled",
+        net::Error::NoPair => "no such pair",
+        net::Error::PairOff => "pair not enabled",
+        net::Error::Refused => "refused by device",
+    }
+}
+
+/// Splits a trailing `pair=<p>` (the queue pair a NET command uses; pair 0 without it) off
+/// the arguments.
+pub fn take_pair<'a, 'b>(
+    t: &'a [&'b [u8]],
+) -> Result<(Option<usize>, &'a [&'b [u8]]), &'static str> {
+    match t.split_last() {
+        Some((last, rest)) if last.starts_with(b"pair=") => {
+            let p = parse::number(&last[5..]).ok_or("bad pair")?;
+            Ok((Some(p as usize), rest))
+        }
+        _ => Ok((None, t)),
     }
 }
 

@@ -17,7 +17,7 @@
 //! zero padding up to the frame size. Ack: dst MAC (the blaster), src MAC, ethertype 0x88b5,
 //! `VBLA`, run id (u32 LE), next sequence expected (u64 LE: highest seen + 1), 30 bytes.
 
-use super::{Net, BUF_LEN, HDR_LEN, STALL_TICKS, TX_BUFS};
+use super::{Pair, BUF_LEN, HDR_LEN, STALL_TICKS, TX_BUFS};
 use crate::arch::rdtsc;
 use crate::virtio::queue::Buf;
 
@@ -75,7 +75,7 @@ pub struct SinkOutcome {
     pub acks: u64,
 }
 
-impl Net {
+impl Pair {
     /// Sends blast frames of `size` bytes to `dst` until `limit`.
     pub fn blast(
         &mut self,
@@ -231,9 +231,7 @@ impl Net {
                 let data = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
                 let frame = &data[HDR_LEN..];
                 match parse(frame) {
-                    Some((r, seq))
-                        if run.map_or(seq < LOCK_BELOW_SEQ, |x| x == r) =>
-                    {
+                    Some((r, seq)) if run.map_or(seq < LOCK_BELOW_SEQ, |x| x == r) => {
                         if run.is_none() {
                             run = Some(r);
                             first = now;
