@@ -1,13 +1,15 @@
-//! End to end, under KVM: a VM's checkpoint tree travels with a quick migration
+//! End to end, under KVM: a VM's checkpoint tree travels with a quick or a live migration
 //! (docs/migration.md, "Checkpoints travel with the VM"). A running probe VM with two
 //! checkpoints, each with its own memory and disk contents, moves between two vireods on shared
 //! storage: the destination lists the same tree, a delete there merges live, and applying the
 //! first checkpoint there gives back its memory sum and disk pattern; the source keeps neither
-//! record nor file. A quick migration that fails while the tree arrives (the destination's
-//! folder full), or the destination dying at the commit with the tree in, leaves the source's
-//! tree whole and usable and nothing on the destination (after its restart). A
-//! live migration (shared storage or `--with-storage`) does not carry the tree yet: refused
-//! before anything moves, naming the checkpoints and `--quick`, the VM untouched.
+//! record nor file. Live, the VM is never saved: its latest memory and disk arrive through the
+//! pre-copy and the running top's live disk copy. A quick migration that fails while the tree
+//! arrives (the destination's folder full), or the destination dying at the commit with the
+//! tree in (quick) or once the tree is in (live), leaves the source's tree whole and usable and
+//! nothing on the destination (after its restart). A shared-nothing migration
+//! (`--with-storage`) does not carry the tree yet: refused before anything moves, naming the
+//! checkpoints and `--quick`, the VM untouched.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -83,6 +85,23 @@ fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(dir)
         .map(|r| r.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default()
+}
+
+/// Whether process `pid` ended (or is a zombie) within 10 s.
+fn gone(pid: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command's closing parenthesis.
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if stat.is_empty() || state.starts_with('Z') {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -270,7 +289,156 @@ fn a_destination_dying_once_the_tree_arrived_leaves_it_whole_at_the_source() {
 }
 
 #[test]
-fn a_live_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
+fn a_live_migration_carries_the_checkpoint_tree() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
+    let a_pid = a.worker_pid("m");
+
+    a.ok(&["vm", "migrate", "m", "--to", &to]);
+
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a_folder.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a_folder.exists(), "{:?} left", entries(&a_folder));
+    assert!(a.dir.path().join("m.vhdx").is_file());
+    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+
+    // The destination: the same tree, running on a new child in its own folder whose parent
+    // is the arrived `second`; the guest's memory and disk as they were, never rebooted.
+    assert_eq!(b.vm("m").state.name(), "running");
+    let arrived = checkpoints(&b, "m");
+    assert_eq!(shape(&arrived), shape(&tree));
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    let b_folder = std::fs::canonicalize(b_folder).unwrap();
+    let running_on = b.vm("m").spec.disks[0].path.clone();
+    assert!(
+        running_on.starts_with(&b_folder),
+        "{}",
+        running_on.display()
+    );
+    let second = arrived.iter().find(|c| c.name == "second").unwrap();
+    assert!(second.disks[0].frozen.starts_with(&b_folder));
+    let info = b.ok(&[
+        "disk",
+        "info",
+        running_on.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let parent = info["parent"]["path"]
+        .as_str()
+        .expect("a differencing child");
+    assert_eq!(
+        std::fs::canonicalize(parent).unwrap(),
+        std::fs::canonicalize(&second.disks[0].frozen).unwrap(),
+        "{info}"
+    );
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 WRITE 128 8 12");
+    drop(c);
+
+    // A delete there merges the VM's child into `second`'s frozen file while it runs.
+    let pid = b.worker_pid("m");
+    b.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(b.worker_pid("m"), pid);
+    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 VERIFY 128 8 12");
+    drop(c);
+
+    // Applying `first` there: its memory and its disk.
+    b.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
+    b.ok(&["vm", "start", "m"]);
+    wait_running(&b, "m");
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), first_sum);
+    c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    b.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let Some(a) = Daemon::start_args(&listen) else {
+        return;
+    };
+    let a_dir = a.dir.path().to_str().unwrap().to_owned();
+    // B dies (abort, as a SIGKILL) with every file of the tree in, before the running top's
+    // child is made and before its worker exists.
+    let fault = [("VIREO_CHECKPOINT_FAULT", "migrate-live-tree-arrived")];
+    let Some(mut b) =
+        Daemon::start_args_env(&[listen[0], listen[1], "--storage-root", &a_dir], &fault)
+    else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let running_on = a.vm("m").spec.disks[0].path.clone();
+
+    let job_id = start_migration(&a, &["m", "--to", &to]);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("the job's error: {error}");
+    assert!(error.contains("runs on here"), "{error}");
+
+    // The VM never stopped here: same worker, same disk, same tree.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+
+    // B back without the fault: the half-arrived VM and every file it received are gone.
+    b.kill9();
+    b.env.clear();
+    b.restart();
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+
+    // The source's tree is usable.
+    a.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
+    a.ok(&["vm", "start", "m"]);
+    wait_running(&a, "m");
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), first_sum);
+    c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    a.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_shared_nothing_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
@@ -285,32 +453,29 @@ fn a_live_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
     let tree = checkpoints(&a, "m");
     let dest = b.dir.path().join("moved");
     std::fs::create_dir(&dest).unwrap();
-    let cases: [&[&str]; 2] = [
-        &["vm", "migrate", "m", "--to", &to],
-        &[
-            "vm",
-            "migrate",
-            "m",
-            "--to",
-            &to,
-            "--with-storage",
-            "--dest-dir",
-            dest.to_str().unwrap(),
-        ],
+    let args = [
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--with-storage",
+        "--dest-dir",
+        dest.to_str().unwrap(),
     ];
-    for args in cases {
-        let (code, line) = a.fails(args);
-        assert_eq!(code, 1, "{args:?}: {line}");
-        assert!(
-            line.contains("first, second") && line.contains("--quick"),
-            "{args:?}: the refusal should name the checkpoints and the way out: {line}"
-        );
-        assert_eq!(a.vm("m").state.name(), "running", "{args:?}");
-        assert_eq!(a.worker_pid("m"), pid, "{args:?}");
-        assert_eq!(a.vm("m").spec.disks[0].path, running_on, "{args:?}");
-        let (_, line) = b.fails(&["vm", "show", "m"]);
-        assert!(line.contains("no VM \"m\""), "{args:?}: {line}");
-    }
+    let (code, line) = a.fails(&args);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("first, second")
+            && line.contains("--with-storage")
+            && line.contains("--quick"),
+        "the refusal should name the checkpoints and the way out: {line}"
+    );
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
     assert!(entries(&dest).is_empty());
     assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
     a.ok(&["vm", "turn-off", "m"]);
