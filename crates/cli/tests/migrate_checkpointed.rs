@@ -18,7 +18,8 @@ mod vireod_harness;
 use vireo_api::Checkpoint;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end, Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
@@ -433,6 +434,75 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     let mut c = Console::attach(&a, "m");
     assert_eq!(mem_sum(&mut c), first_sum);
     c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    a.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (_, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let running_on = a.vm("m").spec.disks[0].path.clone();
+
+    // Held to 1 MiB/s, the memory pre-copy runs for seconds after the tree and the top's copy
+    // arrived: the destination's worker dies in it.
+    let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    // The tree's files count as bytes moved too: wait for the worker's own figures (its copy
+    // of the running top comes first).
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(
+        b_folder.join("checkpoints").is_dir(),
+        "the tree is not on the destination during the pre-copy: {:?}",
+        entries(&b_folder)
+    );
+    let destination_pid = b.worker_pid("m");
+    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
+    assert_eq!(
+        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
+        0
+    );
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
+    eprintln!("the job after the destination's worker was killed: {j}");
+    assert_eq!(j["state"], "failed", "{j}");
+
+    // Exactly one place: here, the same worker on the same disk, the tree whole.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 WRITE 128 8 12");
+    c.ok("DISK 0 VERIFY 128 8 12");
+    drop(c);
+    // The destination removed the record, the new child and every arrived file.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (b.run(&["vm", "show", "m"]).status.success() || b_folder.exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+
+    // The source's tree still merges live.
+    a.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(a.worker_pid("m"), pid);
+    let mut c = Console::attach(&a, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
     a.ok(&["vm", "turn-off", "m"]);
 }
