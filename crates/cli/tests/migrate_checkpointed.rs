@@ -122,7 +122,13 @@ fn a_quick_migration_carries_the_checkpoint_tree() {
     let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
     assert!(a_folder.join("checkpoints").is_dir());
 
-    a.ok(&["vm", "migrate", "m", "--to", &to, "--quick"]);
+    let t = Instant::now();
+    let said = a.ok(&["vm", "migrate", "m", "--to", &to, "--quick"]);
+    eprintln!(
+        "quick migration with the tree: {} in {:.0} ms",
+        said.trim(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     // The source keeps neither the record nor vireod's files of the tree; the user's base
     // disk (the first checkpoint's frozen file) is shared storage and stays.
@@ -305,7 +311,14 @@ fn a_live_migration_carries_the_checkpoint_tree() {
     let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
     let a_pid = a.worker_pid("m");
 
-    a.ok(&["vm", "migrate", "m", "--to", &to]);
+    let t = Instant::now();
+    let said = a.ok(&["vm", "migrate", "m", "--to", &to]);
+    // For docs/migration.md's figures (the CLI's line carries the guest's pause).
+    eprintln!(
+        "live migration with the tree: {} in {:.0} ms",
+        said.trim(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     let (_, line) = a.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
@@ -468,10 +481,8 @@ fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_t
     );
     let destination_pid = b.worker_pid("m");
     // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
-    assert_eq!(
-        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
     eprintln!("the job after the destination's worker was killed: {j}");
     assert_eq!(j["state"], "failed", "{j}");

@@ -148,13 +148,13 @@ fn cancelled(shared: &MigrateShared) -> Result<(), String> {
     Ok(())
 }
 
+/// The disks that travel (record order) and each slot's record number.
+type Chosen = (Vec<Arc<MovableBackend>>, Vec<Option<usize>>);
+
 /// The disks that travel, in record order, and each slot's record number. `tops`: the
 /// serials of the running tops of a checkpoint tree, in the order the destination made their
 /// children; `None`: every disk.
-fn chosen(
-    slots: &[SlotDisk],
-    tops: Option<&[String]>,
-) -> Result<(Vec<Arc<MovableBackend>>, Vec<Option<usize>>), String> {
+fn chosen(slots: &[SlotDisk], tops: Option<&[String]>) -> Result<Chosen, String> {
     let Some(tops) = tops else {
         let all = slots.iter().map(|d| d.movable.clone()).collect();
         return Ok((all, (0..slots.len()).map(Some).collect()));
