@@ -389,6 +389,48 @@ fn a_live_migration_carries_the_checkpoint_tree() {
 }
 
 #[test]
+fn a_live_migration_carries_what_the_guest_writes_during_it() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (_, now_sum) = vm_with_two_checkpoints(&a);
+    let mut c = Console::attach(&a, "m");
+
+    // Held to 1 MiB/s, the memory pre-copy outlasts the running top's first pass: writes made
+    // now reach the destination only as the copy's dirty chunks (its last ones at the
+    // switch-over), one of them over data the top already held.
+    let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    c.ok("DISK 0 WRITE 32 16 13");
+    c.ok("DISK 0 WRITE 4096 64 14");
+    c.ok("DISK 0 FLUSH");
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "completed", "{j}");
+    drop(c);
+
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 32 7");
+    c.ok("DISK 0 VERIFY 32 16 13");
+    c.ok("DISK 0 VERIFY 48 16 7");
+    c.ok("DISK 0 VERIFY 4096 64 14");
+    drop(c);
+    // Applying `second` there drops those writes: they were the top's alone.
+    b.ok(&["checkpoint", "apply", "m", "second", "--stop"]);
+    b.ok(&["vm", "start", "m"]);
+    wait_running(&b, "m");
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 VERIFY 0 64 6");
+    drop(c);
+    b.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
 fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_the_source() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
