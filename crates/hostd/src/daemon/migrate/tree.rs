@@ -195,7 +195,8 @@ pub fn plan_arrival(
                 .any(|t| renames.get(&t.file) == Some(&disk.path));
             if runs_on_tree && !is_top {
                 return Err(format!(
-                    "disk {} runs on a file of the checkpoint tree that is no running top;                      migrate the VM with --quick",
+                    "disk {} runs on a file of the checkpoint tree that is no running top; \
+                     migrate the VM with --quick",
                     disk.path.display()
                 ));
             }
