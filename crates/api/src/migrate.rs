@@ -120,7 +120,9 @@ pub enum StorageMode {
 /// 3: network virtualization follows a move (`Accepted.provider_addresses`, `PolicyMoved`);
 ///    `WhereIs`/`Whereabouts` (a quick migration's source asks after a lost commit answer).
 /// 4: a quick migration carries the VM's checkpoint tree (`Offer.checkpoints`).
-pub const PEER_PROTOCOL_VERSION: u32 = 4;
+/// 5: so does a live one on shared storage (`TreeSent`; the running tops travel as the disk
+///    copy of `DiskData` into empty children made here, `DiskTransfer::tops`).
+pub const PEER_PROTOCOL_VERSION: u32 = 5;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -150,7 +152,8 @@ pub enum VmWhereabouts {
 
 /// One line of the vireod-to-vireod protocol (one JSON object per line).
 ///
-/// Source → destination: `Offer`; then (quick) `File`s and `Commit`, or (either) `Abort`.
+/// Source → destination: `Offer`; then (quick) `File`s and `Commit`, (live with a checkpoint
+/// tree, after a first `Accepted`) `File`s and `TreeSent`, or (either) `Abort`.
 /// Destination → source: `Accepted` or `Refused`; then `Running` (the VM runs here) or
 /// `Failed` (it does not; the source keeps it), or `Aborted` (after an `Abort`). A quick
 /// migration's source that lost the answer to `Commit` asks on a new connection (`WhereIs`).
@@ -172,8 +175,9 @@ pub enum PeerMsg {
         dest_dir: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disks: Vec<CopiedDisk>,
-        /// Quick: the VM's checkpoint tree, whose files follow as `File`s named as in
+        /// The VM's checkpoint tree, whose files follow as `File`s named as in
         /// [`CheckpointTree::files`] (docs/migration.md, "Checkpoints travel with the VM").
+        /// Live (shared storage only): every file but the running tops, then `TreeSent`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoints: Option<Box<CheckpointTree>>,
     },
@@ -213,6 +217,10 @@ pub enum PeerMsg {
     },
     /// Quick: every file was sent; restore and run.
     Commit,
+    /// Live with a checkpoint tree: every file of the tree but the running tops was sent. The
+    /// destination relinks them, makes an empty child of each top's arrived parent for the
+    /// disk copy, and answers `Accepted` with its worker's address (or `Failed`).
+    TreeSent,
     Abort {
         reason: String,
     },

@@ -154,6 +154,12 @@ pub struct MigrateOptions {
 pub struct DiskTransfer {
     pub to: std::net::SocketAddr,
     pub session: Uuid,
+    /// `None`: every disk, flattened (shared-nothing). `Some(serials)`: a live migration
+    /// carrying the checkpoint tree on shared storage: only these disks, in this order, each
+    /// as its own top layer (what the running differencing child holds, plus the guest's
+    /// writes), into an empty child of its arrived parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tops: Option<Vec<String>>,
 }
 
 /// Where a migration stands, on either side (`MigrateStatus`).

@@ -1,13 +1,15 @@
-//! End to end, under KVM: a VM's checkpoint tree travels with a quick migration
+//! End to end, under KVM: a VM's checkpoint tree travels with a quick or a live migration
 //! (docs/migration.md, "Checkpoints travel with the VM"). A running probe VM with two
 //! checkpoints, each with its own memory and disk contents, moves between two vireods on shared
 //! storage: the destination lists the same tree, a delete there merges live, and applying the
 //! first checkpoint there gives back its memory sum and disk pattern; the source keeps neither
-//! record nor file. A quick migration that fails while the tree arrives (the destination's
-//! folder full), or the destination dying at the commit with the tree in, leaves the source's
-//! tree whole and usable and nothing on the destination (after its restart). A
-//! live migration (shared storage or `--with-storage`) does not carry the tree yet: refused
-//! before anything moves, naming the checkpoints and `--quick`, the VM untouched.
+//! record nor file. Live, the VM is never saved: its latest memory and disk arrive through the
+//! pre-copy and the running top's live disk copy. A quick migration that fails while the tree
+//! arrives (the destination's folder full), or the destination dying at the commit with the
+//! tree in (quick) or once the tree is in (live), leaves the source's tree whole and usable and
+//! nothing on the destination (after its restart). A shared-nothing migration
+//! (`--with-storage`) does not carry the tree yet: refused before anything moves, naming the
+//! checkpoints and `--quick`, the VM untouched.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,7 +18,8 @@ mod vireod_harness;
 use vireo_api::Checkpoint;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end, Storage,
+    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::Daemon;
@@ -85,6 +88,23 @@ fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
         .unwrap_or_default()
 }
 
+/// Whether process `pid` ended (or is a zombie) within 10 s.
+fn gone(pid: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command's closing parenthesis.
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if stat.is_empty() || state.starts_with('Z') {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_quick_migration_carries_the_checkpoint_tree() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
@@ -102,7 +122,13 @@ fn a_quick_migration_carries_the_checkpoint_tree() {
     let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
     assert!(a_folder.join("checkpoints").is_dir());
 
-    a.ok(&["vm", "migrate", "m", "--to", &to, "--quick"]);
+    let t = Instant::now();
+    let said = a.ok(&["vm", "migrate", "m", "--to", &to, "--quick"]);
+    eprintln!(
+        "quick migration with the tree: {} in {:.0} ms",
+        said.trim(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
 
     // The source keeps neither the record nor vireod's files of the tree; the user's base
     // disk (the first checkpoint's frozen file) is shared storage and stays.
@@ -270,7 +296,272 @@ fn a_destination_dying_once_the_tree_arrived_leaves_it_whole_at_the_source() {
 }
 
 #[test]
-fn a_live_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
+fn a_live_migration_carries_the_checkpoint_tree() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
+    let a_pid = a.worker_pid("m");
+
+    let t = Instant::now();
+    let said = a.ok(&["vm", "migrate", "m", "--to", &to]);
+    // For docs/migration.md's figures (the CLI's line carries the guest's pause).
+    eprintln!(
+        "live migration with the tree: {} in {:.0} ms",
+        said.trim(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a_folder.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a_folder.exists(), "{:?} left", entries(&a_folder));
+    assert!(a.dir.path().join("m.vhdx").is_file());
+    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+
+    // The destination: the same tree, running on a new child in its own folder whose parent
+    // is the arrived `second`; the guest's memory and disk as they were, never rebooted.
+    assert_eq!(b.vm("m").state.name(), "running");
+    let arrived = checkpoints(&b, "m");
+    assert_eq!(shape(&arrived), shape(&tree));
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    let b_folder = std::fs::canonicalize(b_folder).unwrap();
+    let running_on = b.vm("m").spec.disks[0].path.clone();
+    assert!(
+        running_on.starts_with(&b_folder),
+        "{}",
+        running_on.display()
+    );
+    let second = arrived.iter().find(|c| c.name == "second").unwrap();
+    assert!(second.disks[0].frozen.starts_with(&b_folder));
+    let info = b.ok(&[
+        "disk",
+        "info",
+        running_on.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let parent = info["parent"]["path"]
+        .as_str()
+        .expect("a differencing child");
+    assert_eq!(
+        std::fs::canonicalize(parent).unwrap(),
+        std::fs::canonicalize(&second.disks[0].frozen).unwrap(),
+        "{info}"
+    );
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 WRITE 128 8 12");
+    drop(c);
+
+    // A delete there merges the VM's child into `second`'s frozen file while it runs.
+    let pid = b.worker_pid("m");
+    b.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(b.worker_pid("m"), pid);
+    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 VERIFY 128 8 12");
+    drop(c);
+
+    // Applying `first` there: its memory and its disk.
+    b.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
+    b.ok(&["vm", "start", "m"]);
+    wait_running(&b, "m");
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), first_sum);
+    c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    b.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_live_migration_carries_what_the_guest_writes_during_it() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (_, now_sum) = vm_with_two_checkpoints(&a);
+    let mut c = Console::attach(&a, "m");
+
+    // Held to 1 MiB/s, the memory pre-copy outlasts the running top's first pass: writes made
+    // now reach the destination only as the copy's dirty chunks (its last ones at the
+    // switch-over), one of them over data the top already held.
+    let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    c.ok("DISK 0 WRITE 32 16 13");
+    c.ok("DISK 0 WRITE 4096 64 14");
+    c.ok("DISK 0 FLUSH");
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "completed", "{j}");
+    drop(c);
+
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 32 7");
+    c.ok("DISK 0 VERIFY 32 16 13");
+    c.ok("DISK 0 VERIFY 48 16 7");
+    c.ok("DISK 0 VERIFY 4096 64 14");
+    drop(c);
+    // Applying `second` there drops those writes: they were the top's alone.
+    b.ok(&["checkpoint", "apply", "m", "second", "--stop"]);
+    b.ok(&["vm", "start", "m"]);
+    wait_running(&b, "m");
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 VERIFY 0 64 6");
+    drop(c);
+    b.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let Some(a) = Daemon::start_args(&listen) else {
+        return;
+    };
+    let a_dir = a.dir.path().to_str().unwrap().to_owned();
+    // B dies (abort, as a SIGKILL) with every file of the tree in, before the running top's
+    // child is made and before its worker exists.
+    let fault = [("VIREO_CHECKPOINT_FAULT", "migrate-live-tree-arrived")];
+    let Some(mut b) =
+        Daemon::start_args_env(&[listen[0], listen[1], "--storage-root", &a_dir], &fault)
+    else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let running_on = a.vm("m").spec.disks[0].path.clone();
+
+    let job_id = start_migration(&a, &["m", "--to", &to]);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("the job's error: {error}");
+    assert!(error.contains("runs on here"), "{error}");
+
+    // The VM never stopped here: same worker, same disk, same tree.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+
+    // B back without the fault: the half-arrived VM and every file it received are gone.
+    b.kill9();
+    b.env.clear();
+    b.restart();
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+
+    // The source's tree is usable.
+    a.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
+    a.ok(&["vm", "start", "m"]);
+    wait_running(&a, "m");
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), first_sum);
+    c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    a.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Shared) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (_, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let running_on = a.vm("m").spec.disks[0].path.clone();
+
+    // Held to 1 MiB/s, the memory pre-copy runs for seconds after the tree and the top's copy
+    // arrived: the destination's worker dies in it.
+    let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    // The tree's files count as bytes moved too: wait for the worker's own figures (its copy
+    // of the running top comes first).
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(
+        b_folder.join("checkpoints").is_dir(),
+        "the tree is not on the destination during the pre-copy: {:?}",
+        entries(&b_folder)
+    );
+    let destination_pid = b.worker_pid("m");
+    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
+    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
+    eprintln!("the job after the destination's worker was killed: {j}");
+    assert_eq!(j["state"], "failed", "{j}");
+
+    // Exactly one place: here, the same worker on the same disk, the tree whole.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 WRITE 128 8 12");
+    c.ok("DISK 0 VERIFY 128 8 12");
+    drop(c);
+    // The destination removed the record, the new child and every arrived file.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (b.run(&["vm", "show", "m"]).status.success() || b_folder.exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+
+    // The source's tree still merges live.
+    a.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(a.worker_pid("m"), pid);
+    let mut c = Console::attach(&a, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    a.ok(&["vm", "turn-off", "m"]);
+}
+
+#[test]
+fn a_shared_nothing_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
@@ -285,32 +576,29 @@ fn a_live_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
     let tree = checkpoints(&a, "m");
     let dest = b.dir.path().join("moved");
     std::fs::create_dir(&dest).unwrap();
-    let cases: [&[&str]; 2] = [
-        &["vm", "migrate", "m", "--to", &to],
-        &[
-            "vm",
-            "migrate",
-            "m",
-            "--to",
-            &to,
-            "--with-storage",
-            "--dest-dir",
-            dest.to_str().unwrap(),
-        ],
+    let args = [
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--with-storage",
+        "--dest-dir",
+        dest.to_str().unwrap(),
     ];
-    for args in cases {
-        let (code, line) = a.fails(args);
-        assert_eq!(code, 1, "{args:?}: {line}");
-        assert!(
-            line.contains("first, second") && line.contains("--quick"),
-            "{args:?}: the refusal should name the checkpoints and the way out: {line}"
-        );
-        assert_eq!(a.vm("m").state.name(), "running", "{args:?}");
-        assert_eq!(a.worker_pid("m"), pid, "{args:?}");
-        assert_eq!(a.vm("m").spec.disks[0].path, running_on, "{args:?}");
-        let (_, line) = b.fails(&["vm", "show", "m"]);
-        assert!(line.contains("no VM \"m\""), "{args:?}: {line}");
-    }
+    let (code, line) = a.fails(&args);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("first, second")
+            && line.contains("--with-storage")
+            && line.contains("--quick"),
+        "the refusal should name the checkpoints and the way out: {line}"
+    );
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
     assert!(entries(&dest).is_empty());
     assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
     a.ok(&["vm", "turn-off", "m"]);

@@ -60,13 +60,14 @@ pub struct MigrateArgs {
     pub postcopy: Postcopy,
     /// Quick migration: save the VM, send its saved state, restore it there (a pause of
     /// seconds; needs no live-migration support in the workers). The VM's checkpoints move
-    /// with it (a live migration refuses a VM with checkpoints).
+    /// with it, as they do in a live migration on shared storage (their files first, then the
+    /// disks the guest writes copied live into new children there).
     #[arg(long)]
     pub quick: bool,
     /// Shared-nothing migration: copy the disks too, over the same authenticated channel,
     /// for a destination that cannot reach this host's files. Each disk arrives as one file
     /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). The files here
-    /// are kept.
+    /// are kept. Refused for a VM with checkpoints (migrate it on shared storage).
     #[arg(long, requires = "dest_dir", conflicts_with = "quick")]
     pub with_storage: bool,
     /// With --with-storage: the folder on the destination (inside its storage roots) the

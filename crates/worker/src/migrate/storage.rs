@@ -11,6 +11,12 @@
 //! switch-over each disk's last dirty chunks are sent while it is parked, just before it is
 //! released (`out.rs`). `Done` is answered once the destination flushed and closed every copy,
 //! so the destination worker opens complete files.
+//!
+//! A live migration carrying a checkpoint tree (`DiskTransfer::tops`) copies only the running
+//! differencing children, each into an empty child of its arrived parent: pass 0 sends what
+//! the child file itself holds (its zeroed runs too: there they hide the parent's data), the
+//! dirty passes the same full chunks of the guest's view as ever, which read the same through
+//! the destination's chain.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use vireo_migration::hostauth::{self, ClientConfig, ClientStream};
 use vireo_vmm::MigrateShared;
 
 use super::{handoff, IO_TIMEOUT};
+use crate::hotplug::SlotDisk;
 use crate::image::Image;
 use crate::move_storage::{MovableBackend, Parked, CHUNK, FINAL_CHUNKS, MAX_PASSES};
 use crate::server::State;
@@ -34,6 +41,10 @@ const _: () = assert!(CHUNK <= MAX_DATA as u64);
 pub struct DiskSender {
     stream: ClientStream,
     disks: Vec<Arc<MovableBackend>>,
+    /// Each VM disk slot's index among `disks` (the record's disk number), if it is copied.
+    record_of_slot: Vec<Option<usize>>,
+    /// Only the top layers travel (`DiskTransfer::tops`).
+    top_only: bool,
     /// `--bandwidth` for the copy while the VM runs (the parked disks' last chunks at the
     /// switch-over are not held back: that time is the guest's pause).
     pace: Pace,
@@ -105,8 +116,7 @@ pub fn precopy(
             ))
         }
     }
-    let disks: Vec<Arc<MovableBackend>> =
-        s.hotplug.disks().into_iter().map(|d| d.movable).collect();
+    let (disks, record_of_slot) = chosen(&s.hotplug.disks(), t.tops.as_deref())?;
     if disks.len() > usize::from(u8::MAX) + 1 {
         return Err("more than 256 disks cannot be copied".into());
     }
@@ -122,6 +132,8 @@ pub fn precopy(
     let mut out = DiskSender {
         stream,
         disks,
+        record_of_slot,
+        top_only: t.tops.is_some(),
         pace,
     };
     out.first_pass(s, shared)?;
@@ -136,17 +148,48 @@ fn cancelled(shared: &MigrateShared) -> Result<(), String> {
     Ok(())
 }
 
-/// Virtual ranges that may hold data: a VHDX's allocated runs, anything else whole.
-fn data_ranges(d: &MovableBackend) -> Result<Vec<(u64, u64)>, String> {
+/// The disks that travel (record order) and each slot's record number.
+type Chosen = (Vec<Arc<MovableBackend>>, Vec<Option<usize>>);
+
+/// The disks that travel, in record order, and each slot's record number. `tops`: the
+/// serials of the running tops of a checkpoint tree, in the order the destination made their
+/// children; `None`: every disk.
+fn chosen(slots: &[SlotDisk], tops: Option<&[String]>) -> Result<Chosen, String> {
+    let Some(tops) = tops else {
+        let all = slots.iter().map(|d| d.movable.clone()).collect();
+        return Ok((all, (0..slots.len()).map(Some).collect()));
+    };
+    let mut record_of_slot = vec![None; slots.len()];
+    let mut disks = Vec::new();
+    for serial in tops {
+        let slot = slots
+            .iter()
+            .position(|d| d.serial.as_deref() == Some(serial.as_str()))
+            .ok_or_else(|| format!("no disk with serial {serial:?} in this VM to copy"))?;
+        if record_of_slot[slot].replace(disks.len()).is_some() {
+            return Err(format!("disk serial {serial:?} named twice"));
+        }
+        disks.push(slots[slot].movable.clone());
+    }
+    Ok((disks, record_of_slot))
+}
+
+/// Virtual ranges that may hold data: a VHDX's allocated runs (`top_only`: those its own file
+/// holds, not its parents), anything else whole.
+fn data_ranges(d: &MovableBackend, top_only: bool) -> Result<Vec<(u64, u64)>, String> {
     let (path, image) = d.image();
     match image {
         Image::Vhdx(v) => Ok(v
             .map()
             .map_err(|e| format!("mapping {}: {e}", path.display()))?
             .into_iter()
-            .filter(|e| e.data)
+            .filter(|e| e.data && (!top_only || e.depth == Some(0)))
             .map(|e| (e.start, e.length))
             .collect()),
+        _ if top_only => Err(format!(
+            "{} is not a VHDX: only a differencing child can travel as its top layer",
+            path.display()
+        )),
         _ => Ok(vec![(0, d.size())]),
     }
 }
@@ -187,14 +230,15 @@ impl DiskSender {
     fn first_pass(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
         for i in 0..self.disks.len() {
             let d = self.disks[i].clone();
-            let ranges = data_ranges(&d)?;
+            let ranges = data_ranges(&d, self.top_only)?;
             Self::progress(s, ranges.iter().map(|r| r.1).sum(), 0);
             for (start, len) in ranges {
                 let mut pos = start;
                 while pos < start + len {
                     cancelled(shared)?;
                     let n = (start + len - pos).min(CHUNK - pos % CHUNK);
-                    self.send_range(i, &*d, pos, n, true)?;
+                    // A top's zeroes hide its parent's data: they travel.
+                    self.send_range(i, &*d, pos, n, !self.top_only)?;
                     Self::progress(s, 0, n);
                     self.pace.sent(n, shared)?;
                     pos += n;
@@ -237,8 +281,12 @@ impl DiskSender {
         Ok(())
     }
 
-    /// At the switch-over, disk `i` parked (no request runs): its last dirty chunks.
-    pub fn send_parked(&mut self, s: &State, i: usize, parked: &Parked) -> Result<(), String> {
+    /// At the switch-over, the disk in `slot` parked (no request runs): its last dirty chunks,
+    /// if it is copied.
+    pub fn send_parked(&mut self, s: &State, slot: usize, parked: &Parked) -> Result<(), String> {
+        let Some(i) = self.record_of_slot.get(slot).copied().flatten() else {
+            return Ok(());
+        };
         let chunks = parked.take_dirty();
         Self::progress(s, chunks.len() as u64 * CHUNK, 0);
         for c in chunks {

@@ -202,11 +202,11 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     let mut spec = *spec;
     let arrival = match checkpoints {
         None => Ok(None),
-        Some(_) if !quick || storage == StorageMode::Copied => Err(
-            "a VM's checkpoint tree travels in a quick migration only (--quick, shared storage)"
+        Some(_) if storage == StorageMode::Copied => Err(
+            "a VM's checkpoint tree travels on shared storage only (not --with-storage)"
                 .to_string(),
         ),
-        Some(t) => super::tree::plan_arrival(d, vm_id, *t, &mut spec).map(Some),
+        Some(t) => super::tree::plan_arrival(d, vm_id, *t, &mut spec, !quick).map(Some),
     };
     let arrival = match arrival {
         Ok(a) => a,
@@ -255,7 +255,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     let result = if quick {
         receive_quick(d, &mut peer, &vm, arrival, guard).await
     } else {
-        receive_live(d, &mut peer, &vm, session, streams).await
+        receive_live(d, &mut peer, &vm, (session, streams), arrival).await
     };
     match result {
         Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
@@ -377,9 +377,14 @@ async fn receive_live(
     d: &Arc<Daemon>,
     peer: &mut Peer,
     vm: &Vm,
-    session: Uuid,
-    streams: u16,
+    (session, streams): (Uuid, u16),
+    arrival: Option<super::tree::Arrival>,
 ) -> Result<(), String> {
+    if let Some(a) = arrival {
+        if !receive_live_tree(d, peer, vm, session, a).await? {
+            return Ok(());
+        }
+    }
     let listen_ip = d
         .migrations
         .listen_addr()
@@ -468,6 +473,84 @@ async fn receive_live(
             _ => {}
         }
     }
+}
+
+/// Live with a checkpoint tree, before the worker: `Accepted` (no address yet), the tree's
+/// files but the running tops, `TreeSent`; then the files relinked, the tops' empty children
+/// made and registered for the disk copy of `session`, the records stored. `Ok(false)`: the
+/// source aborted (answered, the arrival removed).
+async fn receive_live_tree(
+    d: &Arc<Daemon>,
+    peer: &mut Peer,
+    vm: &Vm,
+    session: Uuid,
+    mut arrival: super::tree::Arrival,
+) -> Result<bool, String> {
+    peer.send(&PeerMsg::Accepted {
+        listen_addr: None,
+        provider_addresses: Vec::new(),
+    })
+    .await?;
+    let mut not_stored: Option<String> = None;
+    loop {
+        match peer.recv(SOURCE_SILENCE).await? {
+            PeerMsg::File { name, len } => {
+                receive_tree_file(peer, &mut arrival, &name, len, &mut not_stored)
+                    .await?
+                    .ok_or_else(|| {
+                        format!("{} is no file of the checkpoint tree", name.display())
+                    })?;
+            }
+            PeerMsg::TreeSent => match not_stored {
+                Some(e) => return Err(e),
+                None => break,
+            },
+            PeerMsg::Abort { reason } => {
+                tracing::info!(vm = %vm.id(), "the source aborted: {reason}");
+                remove_incoming(d, vm.id()).await;
+                let _ = peer.send(&PeerMsg::Aborted).await;
+                return Ok(false);
+            }
+            other => return Err(format!("unexpected {other:?} from the source")),
+        }
+    }
+    crate::daemon::checkpoints::fault_point("migrate-live-tree-arrived");
+    let (d2, id) = (d.clone(), vm.id());
+    let tops = tokio::task::spawn_blocking(move || arrival.settle_live(&d2, id))
+        .await
+        .map_err(|e| format!("storing the checkpoint tree: {e}"))??;
+    let paths: Vec<PathBuf> = tops.into_iter().map(|(_, p)| p).collect();
+    let dir = crate::daemon::checkpoints::root(d, vm.id()).join("disks");
+    let target = super::storage::tops_target(vm.id(), &paths, dir)?;
+    super::storage::register(d, session, target);
+    Ok(true)
+}
+
+/// A `File` of the checkpoint tree into its place here; `Ok(None)` when `name` is none of the
+/// tree's. A file this host cannot store (a full disk) fails the arrival only at the end
+/// (`not_stored`): the rest is read and dropped so the source hears why instead of a reset.
+async fn receive_tree_file(
+    peer: &mut Peer,
+    arrival: &mut super::tree::Arrival,
+    name: &Path,
+    len: u64,
+    not_stored: &mut Option<String>,
+) -> Result<Option<()>, String> {
+    let Some(path) = arrival.path_for(name) else {
+        return Ok(None);
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let into = not_stored.is_none().then_some(path.as_path());
+    match peer.recv_file(into, len, SOURCE_SILENCE).await {
+        Ok(()) => {
+            arrival.received.insert(name.to_string_lossy().into_owned());
+        }
+        Err(FileError::Store(e)) => *not_stored = Some(e),
+        Err(FileError::Link(e)) => return Err(e),
+    }
+    Ok(Some(()))
 }
 
 async fn migrate_state(w: &Worker) -> Option<MigrateState> {
@@ -580,23 +663,13 @@ async fn receive_quick(
     loop {
         match peer.recv(SOURCE_SILENCE).await? {
             PeerMsg::File { name, len } => {
-                let tree_file = arrival.as_ref().and_then(|a| a.path_for(&name));
-                if let Some(path) = tree_file {
-                    if let Some(dir) = path.parent() {
-                        std::fs::create_dir_all(dir)
-                            .map_err(|e| format!("{}: {e}", dir.display()))?;
+                if let Some(a) = arrival.as_mut() {
+                    if receive_tree_file(peer, a, &name, len, &mut not_stored)
+                        .await?
+                        .is_some()
+                    {
+                        continue;
                     }
-                    let into = not_stored.is_none().then_some(path.as_path());
-                    match peer.recv_file(into, len, SOURCE_SILENCE).await {
-                        Ok(()) => {
-                            if let Some(a) = arrival.as_mut() {
-                                a.received.insert(name.to_string_lossy().into_owned());
-                            }
-                        }
-                        Err(FileError::Store(e)) => not_stored = Some(e),
-                        Err(FileError::Link(e)) => return Err(e),
-                    }
-                    continue;
                 }
                 if !plain_name(&name) {
                     return Err(format!("file name {} refused", name.display()));

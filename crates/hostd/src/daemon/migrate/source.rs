@@ -122,7 +122,7 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             "VM {name:?} has no worker now (it is ending); retry"
         )));
     }
-    let tree = checkpoint_tree(daemon, &vm, req.quick)?;
+    let tree = checkpoint_tree(daemon, &vm, &req)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
     // a job, if a disk cannot be copied).
     let disks = match req.with_storage {
@@ -178,20 +178,19 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     Ok(job)
 }
 
-/// The VM's checkpoint tree travels in a quick migration (`tree.rs`). A live one would have
-/// to copy the running differencing children while the guest writes them, which is not built:
-/// refused before anything moves, saying what to do. (Before the tree travelled at all, a
-/// migration went ahead and the destination ran on a child in vireod's own folder for the VM,
-/// which the source then deleted with the record.)
+/// The VM's checkpoint tree travels with it (`tree.rs`): in a quick migration whole, in a
+/// live one on shared storage with its running tops copied live. A shared-nothing migration
+/// would have to copy the frozen files the user owns (the base disk) too, and place them in
+/// `dest_dir`: not built, refused before anything moves, saying what to do.
 fn checkpoint_tree(
     daemon: &Daemon,
     vm: &Vm,
-    quick: bool,
+    req: &MigrateRequest,
 ) -> Result<Option<Box<vireo_api::migrate::CheckpointTree>>, HttpError> {
     let Some(tree) = super::tree::describe(daemon, vm)? else {
         return Ok(None);
     };
-    if quick {
+    if !req.with_storage {
         return Ok(Some(Box::new(tree)));
     }
     let name = &vm.spec.name;
@@ -201,9 +200,10 @@ fn checkpoint_tree(
         false => format!("has checkpoints ({})", names.join(", ")),
     };
     Err(HttpError::conflict(format!(
-        "VM {name:?} {what}; a live migration does not carry a checkpoint tree yet: migrate \
-         it with --quick (the tree moves with the VM), or delete the checkpoints first \
-         (`vireo checkpoint rm {name} CHECKPOINT`, their data merges into the running disk)"
+        "VM {name:?} {what}; a shared-nothing migration (--with-storage) does not carry a \
+         checkpoint tree yet: migrate it on shared storage (live, or with --quick; the tree \
+         moves with the VM), or delete the checkpoints first (`vireo checkpoint rm {name} \
+         CHECKPOINT`, their data merges into the running disk)"
     )))
 }
 
@@ -319,14 +319,31 @@ async fn run(
         )
         .await;
     }
+    // Live with a checkpoint tree: the tree (but its running tops) first, then the worker's
+    // address. Nothing of the VM changed here yet, so any failure leaves it as it was.
+    let (listen_addr, dest_pas) = match (&tree, listen_addr) {
+        (Some(t), None) => match send_live_tree(d, &mut peer, t, job, &mut cancel_wait).await {
+            Ok(accepted) => accepted,
+            Err(end) => return end,
+        },
+        (_, addr) => (addr, dest_pas),
+    };
     let Some(listen_addr) = listen_addr else {
         return End::Failed(format!("{to} accepted without a worker address"));
     };
-    live(
+    // The running tops travel as the worker's disk copy, each into its new empty child there.
+    let tops = tree
+        .as_ref()
+        .map(|t| t.tops.iter().map(|t| t.serial.clone()).collect());
+    let outside = match &tree {
+        Some(_) => super::tree::outside_vm_dir(d, vm),
+        None => Vec::new(),
+    };
+    let end = live(
         d,
         vm,
         &mut peer,
-        &req,
+        (&req, tops),
         streams,
         session,
         (to, listen_addr),
@@ -334,7 +351,62 @@ async fn run(
         &mut cancel_wait,
         &dest_pas,
     )
-    .await
+    .await;
+    if matches!(end, End::Done) {
+        super::tree::remove_outside(&outside);
+    }
+    end
+}
+
+/// Live with a checkpoint tree: every file of it but the running tops, then `TreeSent`; the
+/// destination's answer (`Accepted`: its worker's address and provider addresses). `Err` is
+/// the job's end, the destination told to drop what arrived.
+async fn send_live_tree(
+    d: &Daemon,
+    peer: &mut Peer,
+    tree: &vireo_api::migrate::CheckpointTree,
+    job: Uuid,
+    cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+) -> Result<(Option<SocketAddr>, Vec<SwitchProviderAddresses>), End> {
+    d.migrations.mark(job, "checkpoint tree");
+    if let Err(e) = send_tree(peer, tree, true, job, d).await {
+        abort(peer, &e).await;
+        return Err(End::Failed(format!(
+            "sending the checkpoint tree failed: {e}; the VM runs on here"
+        )));
+    }
+    if futures_ready(cancel_wait).await {
+        abort(peer, "cancelled").await;
+        return Err(End::Cancelled);
+    }
+    let answer = match peer.send(&PeerMsg::TreeSent).await {
+        Ok(()) => peer.recv(ARRIVAL_LIMIT).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(PeerMsg::Accepted {
+            listen_addr,
+            provider_addresses,
+        }) => {
+            d.migrations.mark(job, "checkpoint tree in");
+            Ok((listen_addr, provider_addresses))
+        }
+        Ok(PeerMsg::Failed { reason }) => Err(End::Failed(format!(
+            "the destination did not take the checkpoint tree: {reason}; the VM runs on here"
+        ))),
+        Ok(other) => {
+            abort(peer, "unexpected answer").await;
+            Err(End::Failed(format!(
+                "the destination answered the checkpoint tree with {other:?}; the VM runs on here"
+            )))
+        }
+        // The VM was never paused: it runs on here whatever became of the destination (whose
+        // arrival, without a worker yet, is removed there when its connection ends).
+        Err(e) => Err(End::Failed(format!(
+            "the destination did not answer once the checkpoint tree was sent ({e}); the VM \
+             runs on here"
+        ))),
+    }
 }
 
 /// The destination's answer to an `abort`.
@@ -443,7 +515,7 @@ async fn live(
     d: &Arc<Daemon>,
     vm: &Vm,
     peer: &mut Peer,
-    req: &MigrateRequest,
+    (req, tops): (&MigrateRequest, Option<Vec<String>>),
     streams: u16,
     session: Uuid,
     (to, listen_addr): (SocketAddr, SocketAddr),
@@ -472,10 +544,10 @@ async fn live(
             compress: req.compress,
             streams,
             postcopy: req.postcopy,
-            // Shared-nothing: the worker sends the disks to the destination vireod first.
-            storage: req
-                .with_storage
-                .then_some(vireo_api::worker::DiskTransfer { to, session }),
+            // Shared-nothing, or a checkpoint tree's running tops: the worker sends the disks
+            // to the destination vireod first.
+            storage: (req.with_storage || tops.is_some())
+                .then_some(vireo_api::worker::DiskTransfer { to, session, tops }),
         },
         tls,
     };
@@ -750,7 +822,7 @@ async fn quick(
     let _ = d.store.set_job_progress(job, 50);
     let dir = save::saved_dir(d, vm.id());
     let sent = match tree {
-        Some(t) => send_tree(peer, t, job, d).await,
+        Some(t) => send_tree(peer, t, false, job, d).await,
         None => Ok(0),
     };
     let sent = match sent {
@@ -834,14 +906,20 @@ async fn commit(peer: &mut Peer) -> Result<PeerMsg, String> {
 
 /// Every file of the checkpoint tree (before the saved state: its `vm.state` stays the last
 /// file). The bytes sent.
+/// `live`: the running tops stay (the worker copies them while the guest writes).
 async fn send_tree(
     peer: &mut Peer,
     tree: &vireo_api::migrate::CheckpointTree,
+    live: bool,
     job: Uuid,
     d: &Daemon,
 ) -> Result<u64, String> {
     let mut total = 0;
-    for f in &tree.files {
+    let files = tree
+        .files
+        .iter()
+        .filter(|f| !(live && super::tree::is_running_top(tree, f)));
+    for f in files {
         let name = std::path::PathBuf::from(&f.name);
         total += peer.send_file(&name, super::tree::source_path(f)).await?;
         d.migrations

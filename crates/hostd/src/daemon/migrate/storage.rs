@@ -245,6 +245,30 @@ pub fn create_copies(
     ))
 }
 
+/// Destination, a live migration carrying a checkpoint tree: the empty children made for
+/// the running tops (`tree::Arrival::settle_live`), in the disk copy's order, wait for the
+/// source worker's records of their top layers. `dir`: the folder they are in (for the
+/// disk-full message).
+pub fn tops_target(vm_id: Uuid, tops: &[PathBuf], dir: PathBuf) -> Result<Target, String> {
+    let mut sizes = Vec::new();
+    let mut backends: Vec<Arc<dyn BlockBackend>> = Vec::new();
+    for p in tops {
+        let v = Vhdx::open(p, &vireo_vhdx::OpenOptions::default())
+            .map_err(|e| format!("opening the new top {}: {e}", p.display()))?;
+        sizes.push(v.virtual_size());
+        backends.push(Arc::new(v));
+    }
+    Ok(Target {
+        vm_id,
+        sizes,
+        backends: Mutex::new(Some(backends)),
+        created: tops.to_vec(),
+        dir,
+        need: 0,
+        failure: Mutex::new(None),
+    })
+}
+
 fn create_one(
     c: &CopiedDisk,
     path: &Path,
@@ -352,13 +376,22 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
         Ok(()) => return tracing::info!(vm = %target.vm_id, "disk copies complete"),
         Err(CopyFailure::NoSpace) => {
             let free = free_bytes(&target.dir).map_or_else(|e| e, |f| format!("{f} bytes"));
-            format!(
-                "dest_dir {} ran out of space on the destination while the disks were copied: \
+            if target.need == 0 {
+                // The tops of a checkpoint tree, in this vireod's folder for the VM.
+                format!(
+                    "{} ran out of space on the destination while the VM's running \
+                     differencing disks were copied ({free} free now); free space there",
+                    target.dir.display()
+                )
+            } else {
+                format!(
+                    "dest_dir {} ran out of space on the destination while the disks were copied: \
                  they need up to {} bytes (the guest's writes during the copy included), {free} \
                  free now; free space there or choose another dest_dir",
-                target.dir.display(),
-                target.need
-            )
+                    target.dir.display(),
+                    target.need
+                )
+            }
         }
         Err(CopyFailure::Other(e)) => format!("the disk copy failed on the destination: {e}"),
     };

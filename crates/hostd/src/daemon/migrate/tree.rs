@@ -1,7 +1,10 @@
-//! A quick migration carries the VM's checkpoint tree (docs/migration.md, "Checkpoints travel
-//! with the VM"). Why quick only: the saved VM has no worker, so every file of the tree — the
-//! running tops included — is at rest while it is sent; a live migration would have to copy
-//! the tops while the guest writes them.
+//! A migration carries the VM's checkpoint tree (docs/migration.md, "Checkpoints travel with
+//! the VM"). Quick: the saved VM has no worker, so every file of the tree — the running tops
+//! included — is at rest while it is sent. Live (shared storage): every file but the running
+//! tops (frozen files and state do not change while the migration holds the VM's lock) is sent
+//! before the memory pre-copy; each running top is then copied live by the shared-nothing disk
+//! copy (`storage.rs`, `DiskTransfer::tops`) into an empty child of its arrived parent, made
+//! here by [`Arrival::settle_live`].
 //!
 //! - Source (`describe`): the tree's files come from `move_tree::tree_files` (the same walk a
 //!   storage move plans with). Files vireod made and each checkpoint's state travel; the
@@ -97,6 +100,12 @@ pub fn describe(d: &Daemon, vm: &Vm) -> Result<Option<CheckpointTree>, HttpError
     Ok(Some(tree))
 }
 
+/// The differencing child a disk of the VM runs on now (`tops`): in a live migration it is
+/// written while the tree travels, so it is copied live rather than sent as a file.
+pub fn is_running_top(tree: &CheckpointTree, f: &TreeFile) -> bool {
+    f.state_of.is_none() && tree.tops.iter().any(|t| f.spellings.contains(&t.file))
+}
+
 /// Where a tree file is on the source (its resolved path comes last in `spellings`).
 pub fn source_path(f: &TreeFile) -> &Path {
     f.spellings
@@ -112,6 +121,8 @@ pub struct Arrival {
     pub dest_of: BTreeMap<String, PathBuf>,
     pub renames: BTreeMap<PathBuf, PathBuf>,
     pub received: BTreeSet<String>,
+    /// Live: the running tops are made here (empty children) rather than received.
+    pub live: bool,
 }
 
 /// Plans the arrival in `vm`'s folder here and puts `spec`'s disks on their new paths;
@@ -121,6 +132,7 @@ pub fn plan_arrival(
     vm: Uuid,
     tree: CheckpointTree,
     spec: &mut VmSpec,
+    live: bool,
 ) -> Result<Arrival, String> {
     let root = checkpoints::root(d, vm);
     let mut dest_of = BTreeMap::new();
@@ -170,11 +182,32 @@ pub fn plan_arrival(
             disk.path = to.clone();
         }
     }
+    if live {
+        // Each disk running on vireod's file must be a top: only tops are copied live.
+        for disk in &spec.disks {
+            let runs_on_tree = tree
+                .files
+                .iter()
+                .any(|f| f.state_of.is_none() && dest_of.get(&f.name) == Some(&disk.path));
+            let is_top = tree
+                .tops
+                .iter()
+                .any(|t| renames.get(&t.file) == Some(&disk.path));
+            if runs_on_tree && !is_top {
+                return Err(format!(
+                    "disk {} runs on a file of the checkpoint tree that is no running top; \
+                     migrate the VM with --quick",
+                    disk.path.display()
+                ));
+            }
+        }
+    }
     Ok(Arrival {
         tree,
         dest_of,
         renames,
         received: BTreeSet::new(),
+        live,
     })
 }
 
@@ -196,10 +229,57 @@ impl Arrival {
             .unwrap_or(plain)
     }
 
+    /// Whether the file named `name` is made here rather than received (a live migration's
+    /// running top).
+    fn made_here(&self, name: &str) -> bool {
+        self.live
+            && self
+                .tree
+                .files
+                .iter()
+                .any(|f| f.name == name && is_running_top(&self.tree, f))
+    }
+
+    /// Live, once every other file is in: the files relinked, an empty child of each running
+    /// top's arrived parent made at the top's new path, the records and head stored (they go
+    /// with the VM's row if the migration fails). The tops' new paths in `tree.tops` order,
+    /// with their serials: the disk copy's order. Blocking.
+    pub fn settle_live(&self, d: &Daemon, vm: Uuid) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut made = Vec::new();
+        let tops = self.tree.tops.iter().map(|t| {
+            let file = self.follow(&t.file);
+            (t, file)
+        });
+        self.settle_with(d, vm, || {
+            for (t, file) in tops {
+                let parent = self.follow(&t.parent);
+                disks::make_child(&parent, &file)?;
+                made.push((t.serial.clone(), file));
+            }
+            Ok(())
+        })?;
+        Ok(made)
+    }
+
     /// After the commit, every file in: the children relinked to their parents' new paths,
     /// each opening with its whole chain; then the records and head stored. Blocking.
     pub fn settle(&self, d: &Daemon, vm: Uuid) -> Result<(), String> {
-        if let Some(missing) = self.dest_of.keys().find(|n| !self.received.contains(*n)) {
+        self.settle_with(d, vm, || Ok(()))
+    }
+
+    /// `settle`, with `make_tops` run between the relinking and the check that every disk file
+    /// opens with its chain.
+    fn settle_with(
+        &self,
+        d: &Daemon,
+        vm: Uuid,
+        make_tops: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        if let Some(missing) = self
+            .dest_of
+            .keys()
+            .find(|n| !self.received.contains(*n) && !self.made_here(n))
+        {
             return Err(format!("the checkpoint file {missing} did not arrive"));
         }
         let never = AtomicBool::new(false);
@@ -209,7 +289,13 @@ impl Arrival {
             .iter()
             .filter(|f| f.state_of.is_none())
             .filter_map(|f| self.dest_of.get(&f.name));
-        for file in disk_files.clone().filter(|p| disks::is_vhdx(p)) {
+        let received_files = self
+            .tree
+            .files
+            .iter()
+            .filter(|f| f.state_of.is_none() && !self.made_here(&f.name))
+            .filter_map(|f| self.dest_of.get(&f.name));
+        for file in received_files.filter(|p| disks::is_vhdx(p)) {
             let Some(parent) = disks::parent_of(file)? else {
                 continue;
             };
@@ -222,6 +308,7 @@ impl Arrival {
                 )
             })?;
         }
+        make_tops()?;
         for file in disk_files.filter(|p| disks::is_vhdx(p)) {
             Vhdx::open(file, &OpenOptions::read_only())
                 .map_err(|e| format!("the arrived {} does not open: {e}", file.display()))?;
