@@ -41,10 +41,9 @@ Vireo's worker launched `incoming`), so neither total holds a process start; eac
 prints that start-up (spawn to listening), the totals with it, and Vireo's total up to the
 source worker's exit (its VM torn down). Each Vireo run prints both workers' `migration
 timeline` lines (set-up phases: streams' TLS and OK, pre-copy, streams done, RUNNING).
-The workers inherit the environment, for A/B runs (docs/migration.md; both off by default):
+The workers inherit the environment, for A/B runs (docs/migration.md; off by default):
 VIREO_DIRTY_CLEAR=as-copied gives Vireo KVM's manual dirty-log protection (each region
-re-protected right before its copy), VIREO_MIGRATION_NICE=N steps its copy threads back N nice
-levels during pre-copy.
+re-protected right before its copy).
 Last line (medians, the worse case of the two): downtime_ms=<n> qemu_downtime_ms=<n> ratio=<n>
   total_ms=<n> qemu_total_ms=<n> (like for like, as above)";
 

@@ -1,8 +1,6 @@
 //! The calling thread's CPU priority (its nice value). Linux keeps a nice value per thread, so
-//! a copy thread can step back for the vCPUs without touching the rest of the process.
-//!
-//! Raising a thread's priority back (a lower nice value) needs CAP_SYS_NICE or RLIMIT_NICE
-//! room; vireod's workers run as root. Where that fails the thread simply stays lower.
+//! a background thread (a lazy restore's readahead) can step back for the vCPUs without
+//! touching the rest of the process.
 
 /// The calling thread's nice value (`None`: unreadable).
 pub(crate) fn nice() -> Option<i32> {

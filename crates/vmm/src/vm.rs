@@ -85,7 +85,6 @@ pub fn virtio_placement(i: usize) -> VirtioPlacement {
 
 mod apply;
 pub mod converge;
-pub mod copy_priority;
 pub mod hotplug;
 mod incoming;
 mod live_save;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use vireo_migration::receiver::Event;
 use vireo_migration::{GuestRam, Receiver};
 
-use super::copy_priority::ReceiverPriority;
 use super::migrate::{MigrateError, MigrateShared, DRAINED};
 use super::rounds::file_offset;
 use super::Vm;
@@ -151,10 +150,8 @@ impl Vm {
                         let err = |source| MigrateError::Stream { stream, source };
                         let mut w = RamWriter::new(memfd, size);
                         let mut seen = 0;
-                        let mut priority = ReceiverPriority::start();
                         loop {
                             let ev = rx.next(&mut r, &mut w).map_err(err)?;
-                            priority.received(rx.stats.wire_bytes - seen);
                             w.flush_zeros();
                             if let Some(why) = w.failed.take() {
                                 return Err(StateError::Kvm(why).into());
@@ -168,12 +165,10 @@ impl Vm {
                                 Event::Done => break,
                                 // Everything before it is in guest RAM: the source's pass
                                 // is over only now (`StreamSink::drain`).
-                                Event::RoundEnd { .. } => {
-                                    priority.round_end();
-                                    r.write_all(DRAINED)
-                                        .and_then(|()| r.flush())
-                                        .map_err(|e| err(e.into()))?
-                                }
+                                Event::RoundEnd { .. } => r
+                                    .write_all(DRAINED)
+                                    .and_then(|()| r.flush())
+                                    .map_err(|e| err(e.into()))?,
                                 _ => {}
                             }
                         }

@@ -305,8 +305,8 @@ impl VmHandle {
 
     /// Sends `runs` (guest-physical start, length; page-aligned, each inside one stream
     /// region) over their streams, one thread per stream. Returns the bytes of page data.
-    /// `live`: the guest runs meanwhile, so the threads step back for its vCPUs
-    /// (`copy_priority`); otherwise (the pause) the first stream is served on this thread.
+    /// `live`: the guest runs meanwhile; otherwise (the pause) the first stream is served on
+    /// this thread.
     /// `protect`: what each 2 MiB region's pages need in the dirty log before they are read.
     #[allow(clippy::too_many_arguments)]
     fn send_runs<W: Write + Send>(
@@ -323,9 +323,6 @@ impl VmHandle {
         let stop = &AtomicBool::new(false);
         std::thread::scope(|scope| {
             let send = move |i: usize, sender: &mut Sender<W>, runs: Vec<(u64, u64)>| {
-                if live {
-                    super::copy_priority::source_live_pass();
-                }
                 let r =
                     self.send_stream(i as u16, sender, &runs, shared, stop, per_stream, protect);
                 if r.is_err() {
