@@ -70,6 +70,22 @@ fn vm_with_two_checkpoints(a: &Daemon) -> (String, String) {
     (first, now)
 }
 
+/// `checkpoint apply VM first --stop` on `d`, then start: the guest has `first`'s memory
+/// (`first_sum`) and disk pattern; `then` runs on its console before the VM is turned off.
+fn first_applies(d: &Daemon, first_sum: &str, then: &[&str]) {
+    d.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
+    d.ok(&["vm", "start", "m"]);
+    wait_running(d, "m");
+    let mut c = Console::attach(d, "m");
+    assert_eq!(mem_sum(&mut c), first_sum);
+    c.ok("DISK 0 VERIFY 0 64 5");
+    for cmd in then {
+        c.ok(cmd);
+    }
+    drop(c);
+    d.ok(&["vm", "turn-off", "m"]);
+}
+
 fn wait_running(d: &Daemon, vm: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while d.vm(vm).state.name() != "running" {
@@ -166,16 +182,11 @@ fn a_quick_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // Applying `first` there: its memory and its disk.
-    b.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    b.ok(&["vm", "start", "m"]);
-    wait_running(&b, "m");
-    let mut c = Console::attach(&b, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    c.ok("DISK 0 WRITE 64 8 8");
-    c.ok("DISK 0 VERIFY 64 8 8");
-    drop(c);
-    b.ok(&["vm", "turn-off", "m"]);
+    first_applies(
+        &b,
+        &first_sum,
+        &["DISK 0 WRITE 64 8 8", "DISK 0 VERIFY 64 8 8"],
+    );
 }
 
 #[test]
@@ -224,14 +235,7 @@ fn a_quick_migration_failing_while_the_tree_arrives_leaves_it_whole_at_the_sourc
     assert_eq!(mem_sum(&mut c), now_sum);
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
-    a.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    a.ok(&["vm", "start", "m"]);
-    wait_running(&a, "m");
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    drop(c);
-    a.ok(&["vm", "turn-off", "m"]);
+    first_applies(&a, &first_sum, &[]);
 }
 
 #[test]
@@ -285,14 +289,7 @@ fn a_destination_dying_once_the_tree_arrived_leaves_it_whole_at_the_source() {
     assert_eq!(mem_sum(&mut c), now_sum);
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
-    a.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    a.ok(&["vm", "start", "m"]);
-    wait_running(&a, "m");
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    drop(c);
-    a.ok(&["vm", "turn-off", "m"]);
+    first_applies(&a, &first_sum, &[]);
 }
 
 #[test]
@@ -378,14 +375,7 @@ fn a_live_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // Applying `first` there: its memory and its disk.
-    b.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    b.ok(&["vm", "start", "m"]);
-    wait_running(&b, "m");
-    let mut c = Console::attach(&b, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    drop(c);
-    b.ok(&["vm", "turn-off", "m"]);
+    first_applies(&b, &first_sum, &[]);
 }
 
 #[test]
@@ -483,14 +473,7 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
 
     // The source's tree is usable.
-    a.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    a.ok(&["vm", "start", "m"]);
-    wait_running(&a, "m");
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    drop(c);
-    a.ok(&["vm", "turn-off", "m"]);
+    first_applies(&a, &first_sum, &[]);
 }
 
 #[test]
