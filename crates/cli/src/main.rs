@@ -8,6 +8,7 @@ mod completions;
 mod control_client;
 mod disk;
 mod exit;
+mod global_args;
 mod host;
 mod hostcmd;
 mod job;
@@ -16,6 +17,7 @@ mod netvirt_gateway;
 mod output;
 mod pool;
 mod run;
+mod run_only;
 mod switch;
 mod switch_mirror;
 mod switch_team;
@@ -34,30 +36,15 @@ use clap::{CommandFactory, Parser, Subcommand};
     after_help = exit::HELP_TABLE
 )]
 struct Cli {
-    /// Where vireod listens, for `vm`, `pool`, `switch` and `job`: unix:PATH (its socket) or https://HOST:PORT
-    /// (its TLS listener; needs --token-file).
-    #[arg(
-        long,
-        global = true,
-        env = "VIREO_HOST",
-        value_name = "unix:PATH|https://HOST:PORT",
-        default_value = host::DEFAULT_HOST
-    )]
-    host: String,
-    /// The bearer token for an https:// --host (the file's first line).
-    #[arg(long, global = true, env = "VIREO_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<std::path::PathBuf>,
-    /// PEM CA certificate to trust for an https:// --host (e.g. vireod's self-signed
-    /// certificate); default: the webpki root set.
-    #[arg(long, global = true, env = "VIREO_CA_CERT", value_name = "FILE")]
-    ca_cert: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    global: global_args::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one virtual machine in the foreground (no daemon); exits with the guest's status.
+    #[command(about = run::ABOUT)]
     Run(run::RunArgs),
     /// Create, inspect, check, convert, compare, map, resize, merge, rebase and compact virtual
     /// disks (VHDX, VHD, raw).
@@ -106,10 +93,31 @@ fn main() -> ExitCode {
         // Colour codes only for a person at a terminal, never into a pipe or a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    let connect =
-        || api_client::connect(&cli.host, cli.token_file.as_deref(), cli.ca_cert.as_deref());
-    let result = match cli.command {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = if run_only::wants_run(&args) {
+        run::execute(run_only::parse(args))
+    } else {
+        dispatch(Cli::parse_from(args))
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            ExitCode::from(exit::status_of(e.as_ref()))
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let global = &cli.global;
+    let connect = || {
+        api_client::connect(
+            &global.host,
+            global.token_file.as_deref(),
+            global.ca_cert.as_deref(),
+        )
+    };
+    match cli.command {
         Command::Run(args) => run::execute(args),
         Command::Disk(cmd) => disk::execute(cmd),
         Command::Control(args) => control_client::execute(args).map_err(Into::into),
@@ -137,13 +145,6 @@ fn main() -> ExitCode {
         Command::Completions(args) => completions::print(&args, &mut Cli::command())
             .map(|()| ExitCode::SUCCESS)
             .map_err(Into::into),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            ExitCode::from(exit::status_of(e.as_ref()))
-        }
     }
 }
 

@@ -12,6 +12,10 @@ use vireo_worker::image::{self, parse_disk, DiskArg};
 
 mod errors;
 
+/// The subcommand's one-line description, shared by both parsers (`main.rs`, `run_only.rs`).
+pub const ABOUT: &str =
+    "Run one virtual machine in the foreground (no daemon); exits with the guest's status";
+
 const EXIT_CODES: &str = "\
 Exit status (once the VM has started, the guest decides):
   0-255  the byte the guest wrote to the power-off port (0xf4)
