@@ -74,6 +74,19 @@ pub fn status_of(e: &(dyn std::error::Error + 'static)) -> u8 {
     e.downcast_ref::<CliError>().map_or(FAILED, |c| c.status)
 }
 
+/// The process's status for a command's result; an error becomes one `vireo: error:` line.
+pub fn report(
+    result: Result<std::process::ExitCode, Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vireo: error: {e}");
+            std::process::ExitCode::from(status_of(e.as_ref()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

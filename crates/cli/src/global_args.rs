@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+/// Where vireod listens unless --host or VIREO_HOST says otherwise.
+pub const DEFAULT_HOST: &str = "unix:/var/lib/vireo/vireod.sock";
+
 #[derive(clap::Args)]
 pub struct GlobalArgs {
     /// Where vireod listens, for `vm`, `pool`, `switch` and `job`: unix:PATH (its socket) or https://HOST:PORT
@@ -12,7 +15,7 @@ pub struct GlobalArgs {
         global = true,
         env = "VIREO_HOST",
         value_name = "unix:PATH|https://HOST:PORT",
-        default_value = crate::host::DEFAULT_HOST
+        default_value = DEFAULT_HOST
     )]
     pub host: String,
     /// The bearer token for an https:// --host (the file's first line).

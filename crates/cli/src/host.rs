@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use crate::exit::CliError;
 
 /// vireod's default socket: `<state-dir>/vireod.sock` with the default state directory.
-pub const DEFAULT_HOST: &str = "unix:/var/lib/vireo/vireod.sock";
+pub use crate::global_args::DEFAULT_HOST;
 
 /// A parsed `--host`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,11 +12,13 @@ mod global_args;
 mod host;
 mod hostcmd;
 mod job;
+mod logging;
 mod netvirt;
 mod netvirt_gateway;
 mod output;
 mod pool;
 mod run;
+mod run_exec;
 mod run_only;
 mod switch;
 mod switch_mirror;
@@ -84,28 +86,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a pipe or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let result = if run_only::wants_run(&args) {
-        run::execute(run_only::parse(args))
-    } else {
-        dispatch(Cli::parse_from(args))
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("vireo: error: {e}");
-            ExitCode::from(exit::status_of(e.as_ref()))
+    // Before anything else: exec discards whatever this process set up.
+    let handover_failed = run_exec::wants_run(&args).then(|| run_exec::exec_slim(&args));
+    logging::init();
+    let result = match handover_failed {
+        Some(why) => {
+            tracing::debug!(
+                "running the VM in vireo itself: {}: {why}",
+                run_exec::SLIM_BINARY
+            );
+            run::execute(run_only::parse(args))
         }
-    }
+        None => dispatch(Cli::parse_from(args)),
+    };
+    exit::report(result)
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -152,6 +147,30 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
 mod tests {
     use super::Cli;
     use clap::CommandFactory;
+
+    /// `vireo run` is parsed by the slim run-only tree (`run_only.rs`, also in `vireo-run`): it
+    /// must describe the command exactly as the full tree does, options in the same order.
+    #[test]
+    fn the_run_only_parser_matches_the_full_one() {
+        let mut slim = crate::run_only::RunOnlyCli::command();
+        let mut full = Cli::command();
+        slim.build();
+        full.build();
+        let slim_run = slim.find_subcommand_mut("run").unwrap();
+        let full_run = full.find_subcommand_mut("run").unwrap();
+        assert_eq!(
+            slim_run.render_long_help().to_string(),
+            full_run.render_long_help().to_string()
+        );
+        assert_eq!(
+            slim_run.render_help().to_string(),
+            full_run.render_help().to_string()
+        );
+        assert_eq!(
+            slim_run.render_usage().to_string(),
+            full_run.render_usage().to_string()
+        );
+    }
 
     /// Every command that takes `--output` speaks the same vocabulary (`text`, `json`), so a
     /// script never has to know which command wants `table`.

@@ -135,10 +135,11 @@ enum ConsoleArg {
     None,
 }
 
-/// Guest RAM as `crate::disk::parse_size` reads it ("256M", "1.5G"), in whole 4 KiB pages:
-/// KVM maps guest memory by the page, so anything else is refused with the sizes around it.
+/// Guest RAM as every size option reads it ("256M", "1.5G"; `vireo_worker::size`), in whole
+/// 4 KiB pages: KVM maps guest memory by the page, so anything else is refused with the sizes
+/// around it.
 fn parse_memory(s: &str) -> Result<u64, String> {
-    let size = crate::disk::parse_size(s)?;
+    let size = vireo_worker::size::parse_size(s)?;
     const PAGE: u64 = 4096;
     if !size.is_multiple_of(PAGE) {
         let down = size / PAGE * PAGE;
