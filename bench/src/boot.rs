@@ -31,6 +31,7 @@ power-off is bounded by --timeout-secs; the process is killed on timeout.
 QEMU runs with the probe crate's fastest options (vireo_probe_image::qemu): -M microvm with
 x-option-roms=off,acpi=off,rtc=off,pic=off, -bios qboot.rom, -enable-kvm, -nodefaults.
 
+`vireo run` execs `vireo-run` beside it (same pid), so that is the process measured.
 The vireo binary is looked up next to this executable (same target directory); build it first:
   cargo build --release -p vireo-cli -p vireo-bench
 or pass --vireo PATH.

@@ -178,13 +178,22 @@ impl ProbeVm {
     /// Boots the probe with `extra` options, the command prefixed by `prefix` (e.g. `ip netns
     /// exec NS`) when not empty, and waits for READY.
     pub fn start(prefix: &[&str], extra: &[&str]) -> ProbeVm {
-        let mut cmd = if prefix.is_empty() {
+        let cmd = if prefix.is_empty() {
             vireo()
         } else {
             let mut c = Command::new(prefix[0]);
             c.args(&prefix[1..]).arg(env!("CARGO_BIN_EXE_vireo"));
             c
         };
+        ProbeVm::spawn(cmd, extra)
+    }
+
+    /// Boots the probe with the `vireo` binary at `program` (e.g. a copy elsewhere).
+    pub fn start_with(program: &Path, extra: &[&str]) -> ProbeVm {
+        ProbeVm::spawn(Command::new(program), extra)
+    }
+
+    fn spawn(mut cmd: Command, extra: &[&str]) -> ProbeVm {
         let mut child = cmd
             .args(["run", "--kernel", probe_elf().to_str().unwrap()])
             .args(extra)

@@ -1,0 +1,72 @@
+//! `vireo run` hands the VM to `vireo-run`, the slim binary beside `vireo` (src/run_exec.rs):
+//! the running VM is that binary under the same pid, and a `vireo` without it beside runs the
+//! VM itself, with the same help and statuses.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// The file name of the program a process runs now (after any exec).
+fn program_of(pid: u32) -> String {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    exe.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn kvm_run_is_served_by_vireo_run_under_the_same_pid() {
+    if !kvm_usable() {
+        return;
+    }
+    let mut vm = ProbeVm::start(&[], &["--memory", "32M"]);
+    // READY came from the guest, so the exec (which happens before the VM is built) is done.
+    assert_eq!(program_of(vm.child.id()), "vireo-run");
+    assert_eq!(vm.ok("PING"), "OK PONG");
+    assert_eq!(vm.poweroff(7), Some(7));
+}
+
+#[test]
+fn kvm_run_without_vireo_run_beside_it_runs_in_vireo() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("vireo");
+    std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &alone).unwrap();
+    let mut vm = ProbeVm::start_with(&alone, &["--memory", "32M"]);
+    assert_eq!(program_of(vm.child.id()), "vireo");
+    assert_eq!(vm.ok("PING"), "OK PONG");
+    assert_eq!(vm.poweroff(5), Some(5));
+}
+
+/// Help and a bad option read the same whichever binary parses them.
+#[test]
+fn run_help_and_errors_are_the_same_without_vireo_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("vireo");
+    std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &alone).unwrap();
+    let run = |program: &Path, args: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), out.stdout, out.stderr)
+    };
+    let beside = Path::new(env!("CARGO_BIN_EXE_vireo"));
+    for (args, status) in [
+        (&["run", "--help"][..], 0),
+        (&["run", "--kernel"], 2),
+        (&["run", "--bogus"], 2),
+        (&["run", "--kernel", "/nonexistent/kernel"], 2),
+    ] {
+        let (a, b) = (run(beside, args), run(&alone, args));
+        assert_eq!(
+            a.0,
+            Some(status),
+            "vireo {args:?}: {}",
+            String::from_utf8_lossy(&a.2)
+        );
+        assert_eq!(a, b, "vireo {args:?}");
+    }
+}
