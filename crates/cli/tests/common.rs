@@ -194,14 +194,13 @@ impl ProbeVm {
     }
 
     fn spawn(mut cmd: Command, extra: &[&str]) -> ProbeVm {
-        let mut child = cmd
-            .args(["run", "--kernel", probe_elf().to_str().unwrap()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_when_not_busy(
+            cmd.args(["run", "--kernel", probe_elf().to_str().unwrap()])
+                .args(extra)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        );
         let stdout = child.stdout.take().unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut vm = ProbeVm {
@@ -248,6 +247,22 @@ impl Drop for ProbeVm {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Spawns `cmd`, waiting (bounded) while the kernel says its program is busy (ETXTBSY): a copy
+/// of a binary another test thread has just written stays open for writing, for a moment, in
+/// any child forked meanwhile, until that child execs.
+pub fn spawn_when_not_busy(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + T;
+    loop {
+        match cmd.spawn() {
+            Ok(child) => return child,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("spawning {cmd:?}: {e}"),
         }
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -47,10 +48,14 @@ fn run_help_and_errors_are_the_same_without_vireo_run() {
     let alone = dir.path().join("vireo");
     std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &alone).unwrap();
     let run = |program: &Path, args: &[&str]| {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = spawn_when_not_busy(
+            Command::new(program)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .wait_with_output()
+        .unwrap();
         (out.status.code(), out.stdout, out.stderr)
     };
     let beside = Path::new(env!("CARGO_BIN_EXE_vireo"));
