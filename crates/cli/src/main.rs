@@ -1,5 +1,6 @@
 //! `vireo`: the command-line front end. Each subcommand lives in its own module; this file only
-//! parses arguments and turns an error into one line for the user.
+//! parses arguments and turns an error into one line for the user; `vireo run` is handed to the
+//! slim `vireo-run` binary first (`run_exec.rs`).
 #![forbid(unsafe_code)]
 
 mod api_client;

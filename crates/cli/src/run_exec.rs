@@ -1,7 +1,7 @@
 //! `vireo run` hands itself to `vireo-run`, the slim foreground-VMM binary built beside `vireo`
 //! (same package, same run code): a VM runs for hours, and in the full `vireo` binary the run
 //! path's code is spread among every other command's, so the kernel's 64 KiB fault-around maps
-//! far more of it (7.2 MiB overhead at READY against 4.6 MiB in the slim binary). exec keeps
+//! far more of it (overhead at READY 7.2 MiB, against 4.2 MiB in the slim binary). exec keeps
 //! the pid, stdio, environment and signal dispositions, so callers see no difference; when
 //! `vireo-run` is missing or cannot be executed, `vireo` runs the VM itself.
 
