@@ -214,17 +214,29 @@ fn no_permission_for_dev_kvm_is_one_clear_line() {
     let closed = dir.path().join("kvm");
     std::fs::write(&closed, b"").unwrap();
     std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(
-            // Without any /dev/kvm the missing device is the closed one.
-            "{ [ ! -e /dev/kvm ] || mount --bind \"$1\" /dev/kvm; } && exec setpriv --reuid=65534 --regid=65534 \
-             --clear-groups \"$2\" run --kernel /nonexistent",
-        )
-        .arg("sh")
-        .args([&closed, &exe])
-        .output()
-        .unwrap();
+    let run = || {
+        std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(
+                // Without any /dev/kvm the missing device is the closed one.
+                "{ [ ! -e /dev/kvm ] || mount --bind \"$1\" /dev/kvm; } && exec setpriv --reuid=65534 --regid=65534 \
+                 --clear-groups \"$2\" run --kernel /nonexistent",
+            )
+            .arg("sh")
+            .args([&closed, &exe])
+            .output()
+            .unwrap()
+    };
+    // Another test thread's fork may hold the just-written copy open until its own exec, and
+    // exec of a file open for writing fails with ETXTBSY: try again, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut out = run();
+    while String::from_utf8_lossy(&out.stderr).contains("Text file busy")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out = run();
+    }
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot open /dev/kvm"), "{err}");
