@@ -721,7 +721,11 @@ fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_
     let (_, line) = b.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
     assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
-    assert!(entries(&dest).is_empty(), "left in DIR: {:?}", entries(&dest));
+    assert!(
+        entries(&dest).is_empty(),
+        "left in DIR: {:?}",
+        entries(&dest)
+    );
 
     // The source's tree still merges live and applies.
     a.ok(&["checkpoint", "rm", "m", "second"]);

@@ -560,9 +560,7 @@ async fn receive_tree_file(
     }
     let into = not_stored.is_none().then_some(path.as_path());
     let stored = match into {
-        Some(p) if arrival.is_claimed(name) => {
-            peer.recv_claimed_file(p, len, SOURCE_SILENCE).await
-        }
+        Some(p) if arrival.is_claimed(name) => peer.recv_claimed_file(p, len, SOURCE_SILENCE).await,
         into => peer.recv_file(into, len, SOURCE_SILENCE).await,
     };
     match stored {

@@ -138,7 +138,11 @@ pub fn check_all_disks_on_tops(tree: &CheckpointTree, spec: &VmSpec) -> Result<(
         .filter(|f| is_running_top(tree, f))
         .flat_map(|f| &f.spellings)
         .collect();
-    match spec.disks.iter().find(|k| !top_spellings.contains(&&k.path)) {
+    match spec
+        .disks
+        .iter()
+        .find(|k| !top_spellings.contains(&&k.path))
+    {
         None => Ok(()),
         Some(k) => Err(format!(
             "disk {} of VM {:?} is in none of its checkpoints (added since); a shared-nothing \
