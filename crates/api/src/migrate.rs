@@ -68,9 +68,10 @@ pub struct CopiedDisk {
     pub allocated: u64,
 }
 
-/// A VM's checkpoint tree as a quick migration carries it: the records, the files vireod made
-/// for it (sent, named `name`) and the user's own files the tree also uses (not sent: shared
-/// storage, they must be at the same path on the destination). Paths are the source's; the
+/// A VM's checkpoint tree as a migration carries it: the records, the files vireod made for it
+/// (sent, named `name`) and the user's own files the tree also uses (`shared`: not sent, they
+/// must be at the same path on the destination; in a shared-nothing migration they are sent
+/// instead, as `files` named `tree-user-*`, into `dest_dir`). Paths are the source's; the
 /// destination maps each one onto its own folder for the VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,7 +123,10 @@ pub enum StorageMode {
 /// 4: a quick migration carries the VM's checkpoint tree (`Offer.checkpoints`).
 /// 5: so does a live one on shared storage (`TreeSent`; the running tops travel as the disk
 ///    copy of `DiskData` into empty children made here, `DiskTransfer::tops`).
-pub const PEER_PROTOCOL_VERSION: u32 = 5;
+/// 6: so does a shared-nothing one: the user's files the tree uses travel too (`File`s named
+///    `tree-user-*`, landing in `dest_dir`; `Offer.disks` describes them, not the slots). The
+///    offer's shape is unchanged, so a version-5 host reads it and names both versions.
+pub const PEER_PROTOCOL_VERSION: u32 = 6;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -170,14 +174,18 @@ pub enum PeerMsg {
         session: Uuid,
         streams: u16,
         quick: bool,
-        /// `Copied`: where the copies go on the destination, and the disks (slot order).
+        /// `Copied`: where the copies go on the destination, and the disks (slot order). With
+        /// a checkpoint tree, `disks` describes instead the user's files the tree uses (the
+        /// base disks the first checkpoint froze), in the order of their `tree-user-*` files:
+        /// they arrive whole in `dest_dir` (`allocated` is the file's length).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dest_dir: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disks: Vec<CopiedDisk>,
         /// The VM's checkpoint tree, whose files follow as `File`s named as in
         /// [`CheckpointTree::files`] (docs/migration.md, "Checkpoints travel with the VM").
-        /// Live (shared storage only): every file but the running tops, then `TreeSent`.
+        /// Live: every file but the running tops, then `TreeSent`; shared-nothing
+        /// (`Copied`) too, with the user's files as `tree-user-*` files.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoints: Option<Box<CheckpointTree>>,
     },

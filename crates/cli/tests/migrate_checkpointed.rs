@@ -8,8 +8,10 @@
 //! arrives (the destination's folder full), or the destination dying at the commit with the
 //! tree in (quick) or once the tree is in (live), leaves the source's tree whole and usable and
 //! nothing on the destination (after its restart). A shared-nothing migration
-//! (`--with-storage`) does not carry the tree yet: refused before anything moves, naming the
-//! checkpoints and `--quick`, the VM untouched.
+//! (`--with-storage --dest-dir DIR`, each vireod its own storage root) carries the tree with
+//! the user's base disk, which lands in DIR; the destination's worker killed in its pre-copy
+//! leaves the tree at the source and nothing on the destination (DIR empty again). A disk in
+//! none of the checkpoints is refused before anything moves, naming it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -543,43 +545,227 @@ fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_t
     a.ok(&["vm", "turn-off", "m"]);
 }
 
+/// `--with-storage --dest-dir DIR` arguments for `vm migrate m` to `to`, DIR made on `b`
+/// (outside A's storage: each vireod has its own root).
+fn shared_nothing_args(b: &Daemon, to: &str) -> (std::path::PathBuf, Vec<String>) {
+    let dest = b.dir.path().join("moved");
+    std::fs::create_dir(&dest).unwrap();
+    let args = ["m", "--to", to, "--with-storage", "--dest-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dest.to_str().unwrap().to_owned()])
+        .collect();
+    (dest, args)
+}
+
+/// Every VHDX in `dir` (and its chain) opens and checks clean, read-only without a lock (the
+/// running worker holds the top).
+fn all_open(dir: &Path) -> usize {
+    let opts = vireo_vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    let mut n = 0;
+    for name in entries(dir) {
+        let p = dir.join(name);
+        let v = vireo_vhdx::Vhdx::open(&p, &opts)
+            .unwrap_or_else(|e| panic!("{} does not open: {e}", p.display()));
+        drop(v);
+        n += 1;
+    }
+    n
+}
+
 #[test]
-fn a_shared_nothing_migration_of_a_vm_with_checkpoints_is_refused_and_it_runs_on() {
+fn a_shared_nothing_migration_carries_the_checkpoint_tree() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
-    let Some((a, b)) = two_hosts(Storage::Shared) else {
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
+    let a_pid = a.worker_pid("m");
+    let (dest, args) = shared_nothing_args(&b, &to);
+    let mut migrate = vec!["vm", "migrate"];
+    migrate.extend(args.iter().map(String::as_str));
+
+    let t = Instant::now();
+    let said = a.ok(&migrate);
+    eprintln!(
+        "shared-nothing migration with the tree: {} in {:.0} ms",
+        said.trim(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The source: no record, vireod's files gone, the user's base disk kept.
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a_folder.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a_folder.exists(), "{:?} left", entries(&a_folder));
+    assert!(a.dir.path().join("m.vhdx").is_file());
+    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+
+    // The destination: the same tree; the base disk arrived in DIR under its name, vireod's
+    // files in its own folder, every one of them opening with its chain.
+    assert_eq!(b.vm("m").state.name(), "running");
+    let arrived = checkpoints(&b, "m");
+    assert_eq!(shape(&arrived), shape(&tree));
+    let dest = std::fs::canonicalize(dest).unwrap();
+    let first = arrived.iter().find(|c| c.name == "first").unwrap();
+    assert_eq!(
+        std::fs::canonicalize(&first.disks[0].frozen).unwrap(),
+        dest.join("m.vhdx")
+    );
+    assert_eq!(entries(&dest), vec![std::ffi::OsString::from("m.vhdx")]);
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    let b_folder = std::fs::canonicalize(b_folder).unwrap();
+    let running_on = b.vm("m").spec.disks[0].path.clone();
+    assert!(
+        running_on.starts_with(&b_folder),
+        "{}",
+        running_on.display()
+    );
+    assert_eq!(all_open(&dest), 1);
+    let in_folder = all_open(&b_folder.join("checkpoints").join("disks"));
+    assert!(in_folder >= 2, "{in_folder} disk files in the VM's folder");
+
+    // Never rebooted: the latest memory and disk.
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 WRITE 128 8 12");
+    drop(c);
+
+    // A delete there merges the VM's child into `second`'s frozen file while it runs.
+    let second = arrived.iter().find(|c| c.name == "second").unwrap();
+    let pid = b.worker_pid("m");
+    b.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(b.worker_pid("m"), pid);
+    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
+    let mut c = Console::attach(&b, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 VERIFY 128 8 12");
+    drop(c);
+
+    // Applying `first` there: its memory and its disk, on the base disk that arrived.
+    first_applies(&b, &first_sum, &[]);
+    assert!(dest.join("m.vhdx").is_file());
+}
+
+#[test]
+fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_the_source() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let running_on = a.vm("m").spec.disks[0].path.clone();
+    let (dest, mut args) = shared_nothing_args(&b, &to);
+    args.extend(["--bandwidth".to_owned(), "1M".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // Held to 1 MiB/s, the memory pre-copy runs for seconds after the tree (the base disk in
+    // DIR) and the top's copy arrived: the destination's worker dies in it.
+    let job_id = start_migration(&a, &args);
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    assert!(
+        dest.join("m.vhdx").is_file(),
+        "the base disk is not in DIR during the pre-copy: {:?}",
+        entries(&dest)
+    );
+    let destination_pid = b.worker_pid("m");
+    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
+    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
+    eprintln!("the job after the destination's worker was killed: {j}");
+    assert_eq!(j["state"], "failed", "{j}");
+
+    // Exactly one place: here, the same worker on the same disk, the tree whole.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+
+    // Nothing of it on the destination: no record, no folder, DIR empty again.
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (b.run(&["vm", "show", "m"]).status.success()
+        || b_folder.exists()
+        || !entries(&dest).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    assert!(
+        entries(&dest).is_empty(),
+        "left in DIR: {:?}",
+        entries(&dest)
+    );
+
+    // The source's tree still merges live and applies.
+    a.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(a.worker_pid("m"), pid);
+    let mut c = Console::attach(&a, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    first_applies(&a, &first_sum, &[]);
+}
+
+#[test]
+fn a_shared_nothing_migration_of_a_disk_outside_the_checkpoints_is_refused_and_it_runs_on() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some((a, b)) = two_hosts(Storage::Separate) else {
         return;
     };
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     vm_with_two_checkpoints(&a);
+    // A disk added since the checkpoints: it runs on the user's file, in no checkpoint.
+    let data = a.dir.path().join("data.img");
+    std::fs::File::create(&data)
+        .and_then(|f| f.set_len(16 << 20))
+        .unwrap();
+    a.ok(&["vm", "disk", "add", "m", data.to_str().unwrap()]);
     let pid = a.worker_pid("m");
-    let running_on = a.vm("m").spec.disks[0].path.clone();
     let tree = checkpoints(&a, "m");
-    let dest = b.dir.path().join("moved");
-    std::fs::create_dir(&dest).unwrap();
-    let args = [
-        "vm",
-        "migrate",
-        "m",
-        "--to",
-        &to,
-        "--with-storage",
-        "--dest-dir",
-        dest.to_str().unwrap(),
-    ];
-    let (code, line) = a.fails(&args);
+    let (dest, args) = shared_nothing_args(&b, &to);
+    let mut migrate = vec!["vm", "migrate"];
+    migrate.extend(args.iter().map(String::as_str));
+    let (code, line) = a.fails(&migrate);
     assert_eq!(code, 1, "{line}");
     assert!(
-        line.contains("first, second")
-            && line.contains("--with-storage")
-            && line.contains("--quick"),
-        "the refusal should name the checkpoints and the way out: {line}"
+        line.contains("data.img") && line.contains("checkpoint create"),
+        "the refusal should name the disk and the way out: {line}"
     );
     assert_eq!(a.vm("m").state.name(), "running");
     assert_eq!(a.worker_pid("m"), pid);
-    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
     let (_, line) = b.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
     assert!(entries(&dest).is_empty());

@@ -67,7 +67,9 @@ pub struct MigrateArgs {
     /// Shared-nothing migration: copy the disks too, over the same authenticated channel,
     /// for a destination that cannot reach this host's files. Each disk arrives as one file
     /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). The files here
-    /// are kept. Refused for a VM with checkpoints (migrate it on shared storage).
+    /// are kept. A VM with checkpoints takes its tree along: the base disks the first
+    /// checkpoint froze arrive in --dest-dir under their names, vireod's files of the tree in
+    /// the destination's folder for the VM (refused if a disk is in none of the checkpoints).
     #[arg(long, requires = "dest_dir", conflicts_with = "quick")]
     pub with_storage: bool,
     /// With --with-storage: the folder on the destination (inside its storage roots) the

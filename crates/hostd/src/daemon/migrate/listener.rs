@@ -200,13 +200,22 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     };
     let _permit = permit;
     let mut spec = *spec;
-    let arrival = match checkpoints {
-        None => Ok(None),
-        Some(_) if storage == StorageMode::Copied => Err(
-            "a VM's checkpoint tree travels on shared storage only (not --with-storage)"
-                .to_string(),
-        ),
-        Some(t) => super::tree::plan_arrival(d, vm_id, *t, &mut spec, !quick).map(Some),
+    let arrival = match (checkpoints, storage) {
+        (None, _) => Ok(None),
+        (Some(_), StorageMode::Copied) if quick => {
+            Err("a shared-nothing migration is live only (not --quick)".into())
+        }
+        // Shared-nothing: the user's files the tree uses land in dest_dir.
+        (Some(t), StorageMode::Copied) => {
+            super::storage::check_tree_dest_dir(d, dest_dir.as_deref(), &disks)
+                .and_then(|dir| {
+                    super::tree::plan_arrival(d, vm_id, *t, &mut spec, true, Some((&dir, &disks)))
+                })
+                .map(Some)
+        }
+        (Some(t), StorageMode::Shared) => {
+            super::tree::plan_arrival(d, vm_id, *t, &mut spec, !quick, None).map(Some)
+        }
     };
     let arrival = match arrival {
         Ok(a) => a,
@@ -226,10 +235,17 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             Err("a shared-nothing migration is live only (not --quick)".into())
         }
         // The copies exist (empty) from here on; every failure below removes them.
-        StorageMode::Copied => {
-            super::storage::create_copies(d, vm_id, &spec, dest_dir.as_deref(), &disks)
-                .map(|(spec, target)| (spec, Some(target)))
-        }
+        StorageMode::Copied => match &arrival {
+            None => super::storage::create_copies(d, vm_id, &spec, dest_dir.as_deref(), &disks)
+                .map(|(spec, target)| (spec, Some((session, target)))),
+            // The tree's user files, claimed empty in dest_dir. Not under the session's key:
+            // that one is the running tops' disk copy, registered once the tree is in.
+            Some(a) => {
+                let dir = a.dest_dir.clone().unwrap_or_default();
+                super::storage::claim_tree_files(vm_id, &a.user_file_paths(), dir)
+                    .map(|target| (spec, Some((Uuid::new_v4(), target))))
+            }
+        },
     });
     let (spec, copies) = match checked {
         Ok(s) => s,
@@ -239,8 +255,8 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             return;
         }
     };
-    if let Some(t) = copies {
-        super::storage::register(d, session, t);
+    if let Some((key, t)) = copies {
+        super::storage::register(d, key, t);
     }
     let vm = match create_record(d, vm_id, &spec).await {
         Ok(vm) => vm,
@@ -543,7 +559,11 @@ async fn receive_tree_file(
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let into = not_stored.is_none().then_some(path.as_path());
-    match peer.recv_file(into, len, SOURCE_SILENCE).await {
+    let stored = match into {
+        Some(p) if arrival.is_claimed(name) => peer.recv_claimed_file(p, len, SOURCE_SILENCE).await,
+        into => peer.recv_file(into, len, SOURCE_SILENCE).await,
+    };
+    match stored {
         Ok(()) => {
             arrival.received.insert(name.to_string_lossy().into_owned());
         }

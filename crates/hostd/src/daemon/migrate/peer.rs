@@ -226,7 +226,7 @@ impl Peer {
                 "a file of {len} bytes is more than this host takes"
             )));
         }
-        let mut stored: Result<Option<tokio::fs::File>, String> = match path {
+        let stored = match path {
             None => Ok(None),
             Some(p) => tokio::fs::OpenOptions::new()
                 .write(true)
@@ -236,6 +236,40 @@ impl Peer {
                 .map(Some)
                 .map_err(|e| store_error(p, e)),
         };
+        self.recv_into(stored, path, len, silence).await
+    }
+
+    /// `recv_file` into a file this host created empty for it beforehand (a shared-nothing
+    /// migration claims the names of the user's files in `dest_dir` at the offer, so the
+    /// discard after a failure removes only what the migration made).
+    pub async fn recv_claimed_file(
+        &mut self,
+        path: &Path,
+        len: u64,
+        silence: Duration,
+    ) -> Result<(), FileError> {
+        if len > MAX_FILE {
+            return Err(FileError::Link(format!(
+                "a file of {len} bytes is more than this host takes"
+            )));
+        }
+        let stored = tokio::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .await
+            .map(Some)
+            .map_err(|e| store_error(path, e));
+        self.recv_into(stored, Some(path), len, silence).await
+    }
+
+    async fn recv_into(
+        &mut self,
+        mut stored: Result<Option<tokio::fs::File>, String>,
+        path: Option<&Path>,
+        len: u64,
+        silence: Duration,
+    ) -> Result<(), FileError> {
         let mut buf = vec![0u8; (256 << 10).min(len.max(1) as usize)];
         let mut left = len;
         while left > 0 {

@@ -124,10 +124,18 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     }
     let tree = checkpoint_tree(daemon, &vm, &req)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
-    // a job, if a disk cannot be copied).
-    let disks = match req.with_storage {
-        true => super::storage::describe(&vm.spec).map_err(invalid)?,
-        false => Vec::new(),
+    // a job, if a disk cannot be copied). With a checkpoint tree, the user's files it uses
+    // instead: the tops are copied into children of the arrived tree, not flattened.
+    let disks = match (req.with_storage, &tree) {
+        (false, _) => Vec::new(),
+        (true, None) => super::storage::describe(&vm.spec).map_err(invalid)?,
+        (true, Some(t)) => t
+            .files
+            .iter()
+            .filter(|f| super::tree::is_user_file(f))
+            .map(|f| super::storage::describe_user_file(super::tree::source_path(f)))
+            .collect::<Result<_, _>>()
+            .map_err(HttpError::conflict)?,
     };
     let job = daemon.store.create_job(Some(vm.id()), JobKind::Migrate)?;
     let cancel = daemon.jobs.register(job.id);
@@ -179,32 +187,21 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
 }
 
 /// The VM's checkpoint tree travels with it (`tree.rs`): in a quick migration whole, in a
-/// live one on shared storage with its running tops copied live. A shared-nothing migration
-/// would have to copy the frozen files the user owns (the base disk) too, and place them in
-/// `dest_dir`: not built, refused before anything moves, saying what to do.
+/// live one with its running tops copied live; in a shared-nothing one the user's files it
+/// uses (the base disks) travel too, into `dest_dir`. Refused before anything moves when a
+/// disk is in none of the checkpoints (shared-nothing).
 fn checkpoint_tree(
     daemon: &Daemon,
     vm: &Vm,
     req: &MigrateRequest,
 ) -> Result<Option<Box<vireo_api::migrate::CheckpointTree>>, HttpError> {
-    let Some(tree) = super::tree::describe(daemon, vm)? else {
+    let Some(tree) = super::tree::describe(daemon, vm, req.with_storage)? else {
         return Ok(None);
     };
-    if !req.with_storage {
-        return Ok(Some(Box::new(tree)));
+    if req.with_storage {
+        super::tree::check_all_disks_on_tops(&tree, &vm.spec).map_err(HttpError::conflict)?;
     }
-    let name = &vm.spec.name;
-    let names: Vec<&str> = tree.checkpoints.iter().map(|c| c.name.as_str()).collect();
-    let what = match names.is_empty() {
-        true => "runs on a file in vireod's own folder for the VM".to_string(),
-        false => format!("has checkpoints ({})", names.join(", ")),
-    };
-    Err(HttpError::conflict(format!(
-        "VM {name:?} {what}; a shared-nothing migration (--with-storage) does not carry a \
-         checkpoint tree yet: migrate it on shared storage (live, or with --quick; the tree \
-         moves with the VM), or delete the checkpoints first (`vireo checkpoint rm {name} \
-         CHECKPOINT`, their data merges into the running disk)"
-    )))
+    Ok(Some(Box::new(tree)))
 }
 
 enum End {

@@ -164,23 +164,7 @@ pub fn create_copies(
     dest_dir: Option<&Path>,
     disks: &[CopiedDisk],
 ) -> Result<(VmSpec, Target), String> {
-    let dir = dest_dir.ok_or("a shared-nothing migration names dest_dir")?;
-    if !dir.is_absolute() {
-        return Err(format!(
-            "dest_dir {} is not an absolute path",
-            dir.display()
-        ));
-    }
-    let dir = d
-        .storage
-        .confine_path("dest_dir", dir)
-        .map_err(|e| e.body.message)?;
-    if !dir.is_dir() {
-        return Err(format!(
-            "dest_dir {} is not a folder on this host; create it first",
-            dir.display()
-        ));
-    }
+    let dir = confined_dest_dir(d, dest_dir)?;
     if disks.len() != spec.disks.len() {
         return Err(format!(
             "the offer describes {} disks, the spec has {}",
@@ -188,32 +172,12 @@ pub fn create_copies(
             spec.disks.len()
         ));
     }
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for c in disks {
-        if !plain_file_name(&c.file_name) {
-            return Err(format!("disk file name {:?} refused", c.file_name));
-        }
-        if c.format == DiskFormat::Vhd {
-            return Err(format!("disk {}: VHD copies are not made", c.file_name));
-        }
-        let p = dir.join(&c.file_name);
-        if p.exists() || paths.contains(&p) {
-            return Err(format!(
-                "{} exists already on this host; choose another dest_dir or remove it",
-                p.display()
-            ));
-        }
-        paths.push(p);
+    if let Some(c) = disks.iter().find(|c| c.format == DiskFormat::Vhd) {
+        return Err(format!("disk {}: VHD copies are not made", c.file_name));
     }
+    let paths = free_names(&dir, disks)?;
     let need: u64 = disks.iter().map(needed).sum();
-    let free = free_bytes(&dir)?;
-    if free < need {
-        return Err(format!(
-            "dest_dir {} has {free} bytes free on this host and the disks need {need}; free \
-             space there or choose another dest_dir",
-            dir.display()
-        ));
-    }
+    check_room(&dir, need, "the disks")?;
     let mut created = Vec::new();
     let mut backends: Vec<Arc<dyn BlockBackend>> = Vec::new();
     for (c, p) in disks.iter().zip(&paths) {
@@ -243,6 +207,141 @@ pub fn create_copies(
             failure: Mutex::new(None),
         },
     ))
+}
+
+/// `dest_dir` as this host sees it: absolute, inside a storage root, a folder.
+fn confined_dest_dir(d: &Daemon, dest_dir: Option<&Path>) -> Result<PathBuf, String> {
+    let dir = dest_dir.ok_or("a shared-nothing migration names dest_dir")?;
+    if !dir.is_absolute() {
+        return Err(format!(
+            "dest_dir {} is not an absolute path",
+            dir.display()
+        ));
+    }
+    let dir = d
+        .storage
+        .confine_path("dest_dir", dir)
+        .map_err(|e| e.body.message)?;
+    if !dir.is_dir() {
+        return Err(format!(
+            "dest_dir {} is not a folder on this host; create it first",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// Each file's path in `dir`: a plain name, not there yet, no two alike.
+fn free_names(dir: &Path, files: &[CopiedDisk]) -> Result<Vec<PathBuf>, String> {
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for c in files {
+        if !plain_file_name(&c.file_name) {
+            return Err(format!("disk file name {:?} refused", c.file_name));
+        }
+        let p = dir.join(&c.file_name);
+        if p.exists() || paths.contains(&p) {
+            return Err(format!(
+                "{} exists already on this host; choose another dest_dir or remove it",
+                p.display()
+            ));
+        }
+        paths.push(p);
+    }
+    Ok(paths)
+}
+
+fn check_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
+    let free = free_bytes(dir)?;
+    if free < need {
+        return Err(format!(
+            "dest_dir {} has {free} bytes free on this host and {what} need {need}; free \
+             space there or choose another dest_dir",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Source, a shared-nothing migration carrying a checkpoint tree: one of the user's files the
+/// tree uses (a base disk the first checkpoint froze), which travels whole as a tree file.
+/// Only VHDX: the chain's parent locators are rewritten on arrival, which a VHD's are not.
+pub fn describe_user_file(path: &Path) -> Result<CopiedDisk, String> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{} has no usable file name", path.display()))?
+        .to_string();
+    let opts = vireo_vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    let v = Vhdx::open(path, &opts).map_err(|e| {
+        format!(
+            "{} (a disk of the VM's checkpoints) is not a VHDX this host reads ({e}); a \
+             shared-nothing migration carries a checkpoint tree of VHDX files only: migrate on \
+             shared storage, or delete the checkpoints and convert the disk (vireo disk convert)",
+            path.display()
+        )
+    })?;
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    Ok(CopiedDisk {
+        file_name,
+        size: v.virtual_size(),
+        format: DiskFormat::Vhdx,
+        block_size: v.block_size(),
+        logical_sector: v.logical_sector_size(),
+        physical_sector: v.physical_sector_size(),
+        // Sent whole: the file's length, not its blocks.
+        allocated: len,
+    })
+}
+
+/// Destination, a shared-nothing migration carrying a checkpoint tree, at the offer: where
+/// the user's files (`files`, see [`describe_user_file`]) land: `dest_dir` checked as for
+/// copies, their names free there, room for all of them. Nothing created yet.
+pub fn check_tree_dest_dir(
+    d: &Daemon,
+    dest_dir: Option<&Path>,
+    files: &[CopiedDisk],
+) -> Result<PathBuf, String> {
+    let dir = confined_dest_dir(d, dest_dir)?;
+    free_names(&dir, files)?;
+    let need = files.iter().map(|f| f.allocated).sum();
+    check_room(&dir, need, "the checkpoints' base disks")?;
+    Ok(dir)
+}
+
+/// Destination, after every check of the offer: the user's files are created empty at
+/// `paths` (in `dir`), claimed for the tree's `File`s (`Peer::recv_claimed_file`), so that
+/// [`discard`] removes them after any failure and nothing that was there before. On `Err`
+/// nothing was left behind.
+pub fn claim_tree_files(vm_id: Uuid, paths: &[PathBuf], dir: PathBuf) -> Result<Target, String> {
+    let mut created = Vec::new();
+    for p in paths {
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p);
+        match made {
+            Ok(_) => created.push(p.clone()),
+            Err(e) => {
+                remove_files(&created);
+                return Err(format!("creating {}: {e}", p.display()));
+            }
+        }
+    }
+    Ok(Target {
+        vm_id,
+        sizes: Vec::new(),
+        backends: Mutex::new(None),
+        created,
+        dir,
+        need: 0,
+        failure: Mutex::new(None),
+    })
 }
 
 /// Destination, a live migration carrying a checkpoint tree: the empty children made for

@@ -9,11 +9,14 @@
 //! - Source (`describe`): the tree's files come from `move_tree::tree_files` (the same walk a
 //!   storage move plans with). Files vireod made and each checkpoint's state travel; the
 //!   user's own files (a base disk the first checkpoint froze) stay where they are, on shared
-//!   storage, as the VM's disks do. The source deletes nothing until the VM runs there; then
+//!   storage, as the VM's disks do; in a shared-nothing migration they travel too (`File`s
+//!   named `tree-user-*`, at rest like the frozen files), into the destination's `dest_dir`.
+//!   The source deletes nothing until the VM runs there; then
 //!   its folder goes with its record, and `remove_outside` deletes what a storage move put in a
 //!   `vireo-checkpoints-<id>/` folder.
 //! - Destination (`Arrival`): each travelling file gets a path in this vireod's folder for the
-//!   VM (disks in `checkpoints/disks/`, state in `checkpoints/<id>/`), planned at the offer so
+//!   VM (disks in `checkpoints/disks/`, state in `checkpoints/<id>/`; the user's files of a
+//!   shared-nothing migration in `dest_dir`, claimed empty at the offer), planned at the offer so
 //!   the VM's spec can be checked on its new paths; at the commit the children are relinked to
 //!   their parents' new paths and the records stored in one transaction. A failed arrival
 //!   loses them with the VM's folder (`store.remove`).
@@ -23,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use uuid::Uuid;
-use vireo_api::migrate::{CheckpointTree, TreeFile, TreeTop};
+use vireo_api::migrate::{CheckpointTree, CopiedDisk, TreeFile, TreeTop};
 use vireo_api::{Vm, VmSpec};
 use vireo_vhdx::{OpenOptions, Rebase, Vhdx};
 
@@ -32,9 +35,19 @@ use crate::daemon::checkpoints::{self, disks, is_ours, move_tree};
 use crate::daemon::http_error::HttpError;
 use crate::daemon::Daemon;
 
+/// The `File` names of the user's own files of a tree that travel (shared-nothing): they land
+/// in `dest_dir`, not in vireod's folder.
+pub const USER_FILE: &str = "tree-user-";
+
 /// The VM's tree for the offer, or `None` when it has no checkpoints and runs on no file of
 /// vireod's. Refused (409) while a checkpoint operation is in flight or a file is missing.
-pub fn describe(d: &Daemon, vm: &Vm) -> Result<Option<CheckpointTree>, HttpError> {
+/// `user_files_travel` (shared-nothing): the user's files are `files` named `tree-user-*`
+/// rather than `shared`.
+pub fn describe(
+    d: &Daemon,
+    vm: &Vm,
+    user_files_travel: bool,
+) -> Result<Option<CheckpointTree>, HttpError> {
     let checkpoints = d.store.list_checkpoints(vm.id())?;
     let runs_on_ours = vm.spec.disks.iter().any(|k| is_ours(d, vm.id(), &k.path));
     if checkpoints.is_empty() && !runs_on_ours {
@@ -64,14 +77,18 @@ pub fn describe(d: &Daemon, vm: &Vm) -> Result<Option<CheckpointTree>, HttpError
     };
     let files = move_tree::tree_files(d, vm).map_err(HttpError::conflict)?;
     for (i, (file, mut spellings)) in files.into_iter().enumerate() {
-        if !is_ours(d, vm.id(), &file) {
-            tree.shared.push(file);
-            continue;
-        }
+        let prefix = match is_ours(d, vm.id(), &file) {
+            true => "tree-disk-",
+            false if user_files_travel => USER_FILE,
+            false => {
+                tree.shared.push(file);
+                continue;
+            }
+        };
         let base = file.file_name().unwrap_or_default().to_string_lossy();
         spellings.push(file.clone());
         tree.files.push(TreeFile {
-            name: format!("tree-disk-{i}-{base}"),
+            name: format!("{prefix}{i}-{base}"),
             spellings,
             state_of: None,
         });
@@ -106,6 +123,39 @@ pub fn is_running_top(tree: &CheckpointTree, f: &TreeFile) -> bool {
     f.state_of.is_none() && tree.tops.iter().any(|t| f.spellings.contains(&t.file))
 }
 
+/// Whether `f` is one of the user's own files, travelling in a shared-nothing migration.
+pub fn is_user_file(f: &TreeFile) -> bool {
+    f.state_of.is_none() && f.name.starts_with(USER_FILE)
+}
+
+/// Shared-nothing, at the source: every disk of the VM must run on a differencing child of the
+/// tree (a running top), since only those are copied live into the arrived tree; a disk added
+/// without a checkpoint since would need the flattening copy, not built beside the tree.
+pub fn check_all_disks_on_tops(tree: &CheckpointTree, spec: &VmSpec) -> Result<(), String> {
+    let top_spellings: Vec<&PathBuf> = tree
+        .files
+        .iter()
+        .filter(|f| is_running_top(tree, f))
+        .flat_map(|f| &f.spellings)
+        .collect();
+    match spec
+        .disks
+        .iter()
+        .find(|k| !top_spellings.contains(&&k.path))
+    {
+        None => Ok(()),
+        Some(k) => Err(format!(
+            "disk {} of VM {:?} is in none of its checkpoints (added since); a shared-nothing \
+             migration (--with-storage) of a VM with checkpoints copies checkpointed disks only: \
+             take a checkpoint first (`vireo checkpoint create {} NAME`), or migrate on shared \
+             storage",
+            k.path.display(),
+            spec.name,
+            spec.name
+        )),
+    }
+}
+
 /// Where a tree file is on the source (its resolved path comes last in `spellings`).
 pub fn source_path(f: &TreeFile) -> &Path {
     f.spellings
@@ -123,17 +173,24 @@ pub struct Arrival {
     pub received: BTreeSet<String>,
     /// Live: the running tops are made here (empty children) rather than received.
     pub live: bool,
+    /// Shared-nothing: `dest_dir` on this host, where the user's files land (claimed empty
+    /// at the offer, `storage::claim_tree_files`).
+    pub dest_dir: Option<PathBuf>,
 }
 
 /// Plans the arrival in `vm`'s folder here and puts `spec`'s disks on their new paths;
 /// `Err` is the refusal's one line. Every name and file is checked before a byte arrives.
+/// `dest` (shared-nothing): the checked `dest_dir` and the user's files the offer described
+/// (`Offer.disks`, in the order of the `tree-user-*` files), which land there.
 pub fn plan_arrival(
     d: &Daemon,
     vm: Uuid,
     tree: CheckpointTree,
     spec: &mut VmSpec,
     live: bool,
+    dest: Option<(&Path, &[CopiedDisk])>,
 ) -> Result<Arrival, String> {
+    let mut user_files = dest.map(|(_, files)| files.iter());
     let root = checkpoints::root(d, vm);
     let mut dest_of = BTreeMap::new();
     let mut renames = BTreeMap::new();
@@ -152,6 +209,23 @@ pub fn plan_arrival(
                 checkpoints::state_dir(d, vm, cp).join(&base)
             }
             Some(cp) => return Err(format!("state for an unknown checkpoint {cp}")),
+            None if is_user_file(f) => {
+                let (Some((dir, _)), Some(described)) = (dest, user_files.as_mut()) else {
+                    return Err(format!(
+                        "{} is a user's file, which travels only in a shared-nothing migration",
+                        f.name
+                    ));
+                };
+                match described.next() {
+                    Some(c) if c.file_name == base => dir.join(&base),
+                    _ => {
+                        return Err(format!(
+                            "the user's file {} is not the one the offer described",
+                            f.name
+                        ))
+                    }
+                }
+            }
             None => root.join("disks").join(&base),
         };
         if !taken.insert(to.clone()) || dest_of.insert(f.name.clone(), to.clone()).is_some() {
@@ -163,6 +237,16 @@ pub fn plan_arrival(
         for s in &f.spellings {
             renames.insert(s.clone(), to.clone());
         }
+    }
+    if user_files.is_some_and(|mut rest| rest.next().is_some()) {
+        return Err("the offer described more user's files than the tree sends".into());
+    }
+    if let (Some(p), Some(_)) = (tree.shared.first(), dest) {
+        return Err(format!(
+            "{} (a file of the VM's checkpoints) would stay on the source in a shared-nothing \
+             migration",
+            p.display()
+        ));
     }
     // The user's own files stay where they are: shared storage, as the VM's disks.
     for p in &tree.shared {
@@ -200,6 +284,14 @@ pub fn plan_arrival(
                     disk.path.display()
                 ));
             }
+            // Shared-nothing: no disk stays behind on the source.
+            if !is_top && dest.is_some() {
+                return Err(format!(
+                    "disk {} is in none of the VM's checkpoints; a shared-nothing migration \
+                     of a VM with checkpoints copies checkpointed disks only",
+                    disk.path.display()
+                ));
+            }
         }
     }
     Ok(Arrival {
@@ -208,6 +300,7 @@ pub fn plan_arrival(
         renames,
         received: BTreeSet::new(),
         live,
+        dest_dir: dest.map(|(dir, _)| dir.to_path_buf()),
     })
 }
 
@@ -227,6 +320,26 @@ impl Arrival {
             .or_else(|| self.renames.get(&plain))
             .cloned()
             .unwrap_or(plain)
+    }
+
+    /// Shared-nothing: where the user's files land in `dest_dir`, to be claimed at the offer.
+    pub fn user_file_paths(&self) -> Vec<PathBuf> {
+        match self.dest_dir {
+            None => Vec::new(),
+            Some(_) => self
+                .tree
+                .files
+                .iter()
+                .filter(|f| is_user_file(f))
+                .filter_map(|f| self.dest_of.get(&f.name).cloned())
+                .collect(),
+        }
+    }
+
+    /// Whether the `File` named `name` goes into a file claimed at the offer (a user's file
+    /// in `dest_dir`) rather than a new one.
+    pub fn is_claimed(&self, name: &Path) -> bool {
+        self.dest_dir.is_some() && name.to_str().is_some_and(|n| n.starts_with(USER_FILE))
     }
 
     /// Whether the file named `name` is made here rather than received (a live migration's
