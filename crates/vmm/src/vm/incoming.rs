@@ -19,8 +19,8 @@ use super::Vm;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::memory::PAGE_SIZE;
-use crate::GuestMemory;
 use crate::state::{StateError, VmState};
+use crate::GuestMemory;
 
 /// Received pages into guest RAM. Data is copied into the VMM's own mapping of it, not
 /// `pwrite` into the RAM file: a shmem `pwrite` holds the file's inode lock exclusively for the
