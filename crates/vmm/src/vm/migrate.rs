@@ -412,7 +412,9 @@ impl VmHandle {
             // guest, all of the full pass's zero pages) goes out as zero markers unread.
             // Reading and scanning it cost the full pass a copy of every such byte.
             // Checked only for whole regions: the full pass's runs; a dirty run holds data.
-            let sent_run = if len == CHUNK && is_hole(memfd, off, len) {
+            // A page the guest writes after the look is in the dirty log (on before any
+            // pass), so a hole reported here is never wrong for long.
+            let sent_run = if len == CHUNK && crate::memory::is_hole(memfd, off, len) {
                 sender.send_zero_run(gpa, len as usize)
             } else {
                 // Guest RAM is read straight into the record being built (one copy before
@@ -454,22 +456,6 @@ impl VmHandle {
 enum Protect<'a> {
     Nothing,
     Pages(&'a DirtyBitmap),
-}
-
-/// Whether `len` bytes of the RAM file at `off` are a hole (never written since the file was
-/// made or the range punched), by `lseek(SEEK_DATA)`. A page the guest writes after this look
-/// is in the dirty log (on before any pass), so reporting a hole here is never wrong for
-/// long. Any error answers "not a hole": the range is then read as before. (The look moves
-/// the file's offset, which nothing here uses: RAM is read and written with `pread`/`pwrite`.)
-fn is_hole(memfd: &std::fs::File, off: u64, len: u64) -> bool {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: plain syscall on a descriptor we own; no memory is passed.
-    let data = unsafe { libc::lseek(memfd.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        // ENXIO: no data at or after `off`; anything else: do not know.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    data as u64 >= off + len
 }
 
 fn ms(d: Duration) -> f64 {
