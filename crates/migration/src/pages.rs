@@ -65,6 +65,23 @@ pub fn frame_in_place(buf: &mut [u8], data_at: usize, gpa: u64, n: usize) -> (us
     (4 + 8 * n + kept * PAGE_SIZE, n - kept)
 }
 
+/// Writes into `buf[body_at..]` (grown as needed) the body of a batch of `n` consecutive zero
+/// pages starting at `gpa`: the count and the entries, no data. Returns the body's length.
+pub fn frame_zeros(buf: &mut Vec<u8>, body_at: usize, gpa: u64, n: usize) -> usize {
+    assert!(n <= MAX_PAGES && gpa.is_multiple_of(PAGE_SIZE as u64));
+    let body_len = 4 + 8 * n;
+    if buf.len() < body_at + body_len {
+        buf.resize(body_at + body_len, 0);
+    }
+    buf[body_at..body_at + 4].copy_from_slice(&(n as u32).to_le_bytes());
+    for i in 0..n {
+        let e = body_at + 4 + 8 * i;
+        let entry = (gpa + (i * PAGE_SIZE) as u64) | ZERO;
+        buf[e..e + 8].copy_from_slice(&entry.to_le_bytes());
+    }
+    body_len
+}
+
 /// Builds one batch body from `(gpa, page)` pairs (at most [`MAX_PAGES`]).
 pub fn encode<'a>(
     pages: impl IntoIterator<Item = (u64, &'a [u8])>,
@@ -191,6 +208,18 @@ mod tests {
         let (len, zeros) = frame_in_place(&mut buf, data_at, gpa, pages.len());
         assert_eq!(zeros, 2);
         assert_eq!(&buf[100..100 + len], expected.as_slice());
+    }
+
+    #[test]
+    fn zero_runs_frame_as_encode_frames_zero_pages() {
+        let zero = vec![0u8; PAGE_SIZE];
+        let gpa = 0x40_0000;
+        let expected =
+            encode((0..3).map(|i| (gpa + (i * PAGE_SIZE) as u64, zero.as_slice()))).unwrap();
+        let mut buf = vec![0xee; 7];
+        let len = frame_zeros(&mut buf, 7, gpa, 3);
+        assert_eq!(&buf[7..7 + len], expected.as_slice());
+        assert_eq!(decode(&buf[7..7 + len], 1 << 30).unwrap().len(), 3);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod dirty;
 pub mod error;
 pub mod exit;
+mod heap_trim;
 pub mod kvm_stats;
 mod lifecycle;
 pub mod memory;

@@ -183,6 +183,20 @@ impl GuestRam {
     }
 }
 
+/// Whether guest RAM's file holds no page at all in `off..off + len` (`lseek(SEEK_DATA)`); any
+/// error answers "not a hole", so a caller never skips data it could not look at.
+pub(crate) fn is_hole(file: &File, off: u64, len: u64) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on a descriptor we own; it moves only the file position, which
+    // nothing uses (all I/O on guest RAM is positional).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data from `off` to the end of the file.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= off + len
+}
+
 /// `(guest start, length, host address)` of each region, in order (the KVM memory slots).
 pub fn regions(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
     use vm_memory::GuestMemoryBackend;

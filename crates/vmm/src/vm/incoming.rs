@@ -1,12 +1,11 @@
 //! Live migration, destination side (docs/migration.md): the VM is built with [`Vm::new`]
 //! before any page arrives (so the switch-over pause never includes building it), pages are
-//! written into its memfd as they come, one thread per stream, and the device state from
+//! copied into its RAM mapping as they come, one thread per stream, and the device state from
 //! stream 0 is loaded with [`Vm::apply_state`] into the same VM. Nothing of the guest runs
 //! until the caller resumes it after the disk handoff.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,12 +16,21 @@ use vireo_migration::{GuestRam, Receiver};
 use super::migrate::{MigrateError, MigrateShared, DRAINED};
 use super::rounds::file_offset;
 use super::Vm;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
 use crate::memory::PAGE_SIZE;
 use crate::state::{StateError, VmState};
+use crate::GuestMemory;
 
-/// Received pages into guest RAM, through the memfd. Zero pages punch holes (batched into
-/// runs), so a mostly empty guest costs the destination no memory either.
-struct RamWriter {
+/// Received pages into guest RAM. Data is copied into the VMM's own mapping of it, not
+/// `pwrite` into the RAM file: a shmem `pwrite` holds the file's inode lock exclusively for the
+/// whole write, so the streams' threads (and their hole punching) queued behind one another
+/// on it — 150–230 ms per stream of a 256 MiB migration's ~1.4 s, profiled with
+/// `sched_switch` under load. A copy into the mapping takes a page fault per 2 MiB page and
+/// no file lock. Zero pages punch holes (batched into runs), so a mostly empty guest costs
+/// the destination no memory either.
+struct RamWriter<'a> {
+    memory: &'a GuestMemory,
     memfd: Arc<File>,
     ram_size: u64,
     /// End of the highest RAM range: the receiver refuses pages at or past it.
@@ -33,12 +41,13 @@ struct RamWriter {
     failed: Option<String>,
 }
 
-impl RamWriter {
-    fn new(memfd: Arc<File>, size: u64) -> RamWriter {
+impl<'a> RamWriter<'a> {
+    fn new(memory: &'a GuestMemory, memfd: Arc<File>, size: u64) -> RamWriter<'a> {
         let end = crate::memory::ram_ranges(size)
             .last()
             .map_or(0, |(s, l)| s + l);
         RamWriter {
+            memory,
             memfd,
             ram_size: size,
             end,
@@ -66,45 +75,39 @@ impl RamWriter {
                 .get_or_insert_with(|| format!("zeroing guest RAM at memfd offset {off:#x}: {e}"));
         }
     }
+
+    /// Copies `data` to guest RAM at `gpa`; the range must lie in one memory region (checked:
+    /// an error, never a write elsewhere).
+    fn copy_in(&mut self, gpa: u64, data: &[u8]) {
+        self.flush_zeros();
+        match self.memory.get_slice(GuestAddress(gpa), data.len()) {
+            // vm-memory copies a slice of more than 8 bytes with one memcpy.
+            Ok(to) => to.copy_from(data),
+            Err(e) => {
+                self.failed
+                    .get_or_insert_with(|| format!("writing guest RAM at {gpa:#x}: {e}"));
+            }
+        }
+    }
 }
 
-impl GuestRam for RamWriter {
+impl GuestRam for RamWriter<'_> {
     fn size(&self) -> u64 {
         self.end
     }
 
     fn write_page(&mut self, gpa: u64, data: &[u8]) {
-        self.flush_zeros();
-        let Some(off) = file_offset(self.ram_size, gpa) else {
-            self.failed
-                .get_or_insert_with(|| format!("page {gpa:#x} is in the MMIO hole"));
-            return;
-        };
-        if let Err(e) = self.memfd.write_all_at(data, off) {
-            self.failed
-                .get_or_insert_with(|| format!("writing guest RAM at {gpa:#x}: {e}"));
-        }
+        self.copy_in(gpa, data);
     }
 
     fn write_run(&mut self, gpa: u64, data: &[u8]) {
-        // One pwrite per run of consecutive pages instead of one per page. A run lies inside
-        // one 2 MiB stream region, so it never crosses the MMIO hole; checked anyway.
-        let last = gpa + data.len() as u64 - PAGE_SIZE;
-        match (
-            file_offset(self.ram_size, gpa),
-            file_offset(self.ram_size, last),
-        ) {
-            (Some(off), Some(end)) if end - off == last - gpa => {
-                self.flush_zeros();
-                if let Err(e) = self.memfd.write_all_at(data, off) {
-                    self.failed
-                        .get_or_insert_with(|| format!("writing guest RAM at {gpa:#x}: {e}"));
-                }
-            }
-            _ => {
-                for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    self.write_page(gpa + i as u64 * PAGE_SIZE, page);
-                }
+        // One copy per run of consecutive pages. A run lies inside one 2 MiB stream region,
+        // so it never crosses the MMIO hole or a memory region's end; page by page otherwise.
+        if self.memory.get_slice(GuestAddress(gpa), data.len()).is_ok() {
+            self.copy_in(gpa, data);
+        } else {
+            for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                self.copy_in(gpa + i as u64 * PAGE_SIZE, page);
             }
         }
     }
@@ -144,11 +147,11 @@ impl Vm {
                 .into_iter()
                 .map(|(mut rx, mut r)| {
                     let memfd = ram.memfd.clone();
-                    let size = ram.size;
+                    let (size, memory) = (ram.size, &ram.memory);
                     scope.spawn(move || {
                         let stream = rx.preamble.stream;
                         let err = |source| MigrateError::Stream { stream, source };
-                        let mut w = RamWriter::new(memfd, size);
+                        let mut w = RamWriter::new(memory, memfd, size);
                         let mut seen = 0;
                         loop {
                             let ev = rx.next(&mut r, &mut w).map_err(err)?;

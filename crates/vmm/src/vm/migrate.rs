@@ -169,6 +169,7 @@ impl VmHandle {
         spec: Option<String>,
     ) -> Result<Handover<W>, MigrateError> {
         let started = Instant::now();
+        crate::heap_trim::keep_freed_heap();
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
             return Err(StateError::NotRunning.into());
@@ -407,13 +408,22 @@ impl VmHandle {
                 continue;
             };
             let before = sender.stats.wire_bytes;
-            // Guest RAM is read straight into the record being built (one copy before TLS);
-            // a run never crosses the MMIO hole (runs stay inside one 2 MiB region).
-            sender
-                .send_run_with(gpa, len as usize, |g, buf| {
+            // A whole region the guest never wrote (a hole in the RAM file: most of a young
+            // guest, all of the full pass's zero pages) goes out as zero markers unread.
+            // Reading and scanning it cost the full pass a copy of every such byte.
+            // Checked only for whole regions: the full pass's runs; a dirty run holds data.
+            // A page the guest writes after the look is in the dirty log (on before any
+            // pass), so a hole reported here is never wrong for long.
+            let sent_run = if len == CHUNK && crate::memory::is_hole(memfd, off, len) {
+                sender.send_zero_run(gpa, len as usize)
+            } else {
+                // Guest RAM is read straight into the record being built (one copy before
+                // TLS); a run never crosses the MMIO hole (runs stay inside one region).
+                sender.send_run_with(gpa, len as usize, |g, buf| {
                     memfd.read_exact_at(buf, off + (g - gpa))
                 })
-                .map_err(|source| MigrateError::Stream { stream, source })?;
+            };
+            sent_run.map_err(|source| MigrateError::Stream { stream, source })?;
             shared.add_transferred(sender.stats.wire_bytes - before);
             sent += len;
             if let Some(rate) = rate {

@@ -217,7 +217,7 @@ impl Vm {
             // A 2 MiB page (RAM on huge pages, `RamBacking::Huge`) that the kernel cannot
             // split is zeroed instead of freed: the page would stay present, its first touch
             // would not fault, and the guest would run on zeros. Checked, so that never runs.
-            if !is_hole(&ram.memfd, off, n * PAGE_SIZE) {
+            if !crate::memory::is_hole(&ram.memfd, off, n * PAGE_SIZE) {
                 return Err(StateError::Kvm(format!(
                     "post-copy: guest RAM at {gpa:#x} (+{n} pages) could not be freed for the \
                      source's newer copy (a huge page that did not split); the VM stays on the \
@@ -388,16 +388,4 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
         faults: inner.faults.load(Ordering::Relaxed),
         millis: inner.started.elapsed().as_millis() as u64,
     });
-}
-
-/// Whether the file holds no page at all in `off..off + len`.
-fn is_hole(file: &std::fs::File, off: u64, len: u64) -> bool {
-    // SAFETY: plain syscall on a descriptor we own; it moves only the file position, which
-    // nothing here uses (all I/O on guest RAM is positional).
-    let data = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        // ENXIO: no data from `off` to the end of the file.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    data as u64 >= off + len
 }
