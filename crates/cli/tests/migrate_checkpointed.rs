@@ -21,8 +21,9 @@ use vireod_harness::migration::{
     wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
+use vireod_harness::tree::checkpoints;
 use vireod_harness::two_checkpoints::{
-    checkpoints, first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
+    first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
 };
 use vireod_harness::Daemon;
 

@@ -11,8 +11,9 @@ use std::path::Path;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::tree::checkpoints;
 use vireod_harness::two_checkpoints::{
-    checkpoints, first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
+    first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
 };
 use vireod_harness::Daemon;
 

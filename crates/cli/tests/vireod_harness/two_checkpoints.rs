@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use vireo_api::Checkpoint;
 
 use super::console::Console;
-pub use super::tree::checkpoints;
 use super::Daemon;
 
 /// What a tree is to its user: ids, names, parent links, times, "now", state.
