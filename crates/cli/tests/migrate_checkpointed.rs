@@ -17,88 +17,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod vireod_harness;
-use vireo_api::Checkpoint;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
     migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
     wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
+use vireod_harness::tree::checkpoints;
+use vireod_harness::two_checkpoints::{
+    first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
+};
 use vireod_harness::Daemon;
-
-fn checkpoints(d: &Daemon, vm: &str) -> Vec<Checkpoint> {
-    serde_json::from_str(&d.ok(&["checkpoint", "list", vm, "--output", "json"])).unwrap()
-}
-
-/// What a tree is to its user: ids, names, parent links, times, "now", state.
-fn shape(cps: &[Checkpoint]) -> Vec<(uuid::Uuid, String, Option<uuid::Uuid>, i64, bool, bool)> {
-    cps.iter()
-        .map(|c| {
-            let c = c.clone();
-            (c.id, c.name, c.parent, c.created_at, c.current, c.has_state)
-        })
-        .collect()
-}
-
-/// `MEM SUM 16 8`'s sum.
-fn mem_sum(c: &mut Console) -> String {
-    let line = c.ok("MEM SUM 16 8");
-    line.split("sum=").nth(1).expect("a sum").trim().to_owned()
-}
-
-/// The probe VM `m` running on A's VHDX disk with checkpoints `first` (disk seed 5, memory
-/// seed 9) and `second` (6, 10), then written again (7, 11). The memory sums of `first` and of
-/// now.
-fn vm_with_two_checkpoints(a: &Daemon) -> (String, String) {
-    let disk = a.dir.path().join("m.vhdx");
-    a.ok(&["disk", "create", disk.to_str().unwrap(), "--size", "64M"]);
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    a.ok(&[
-        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.vhdx",
-    ]);
-    a.ok(&["vm", "start", "m"]);
-    let mut c = Console::attach(a, "m");
-    c.ok("DISK 0 WRITE 0 64 5");
-    c.ok("MEM FILL 16 8 9");
-    let first = mem_sum(&mut c);
-    a.ok(&["checkpoint", "create", "m", "first"]);
-    c.ok("DISK 0 WRITE 0 64 6");
-    c.ok("MEM FILL 16 8 10");
-    a.ok(&["checkpoint", "create", "m", "second"]);
-    c.ok("DISK 0 WRITE 0 64 7");
-    c.ok("MEM FILL 16 8 11");
-    let now = mem_sum(&mut c);
-    assert_ne!(first, now);
-    (first, now)
-}
-
-/// `checkpoint apply VM first --stop` on `d`, then start: the guest has `first`'s memory
-/// (`first_sum`) and disk pattern; `then` runs on its console before the VM is turned off.
-fn first_applies(d: &Daemon, first_sum: &str, then: &[&str]) {
-    d.ok(&["checkpoint", "apply", "m", "first", "--stop"]);
-    d.ok(&["vm", "start", "m"]);
-    wait_running(d, "m");
-    let mut c = Console::attach(d, "m");
-    assert_eq!(mem_sum(&mut c), first_sum);
-    c.ok("DISK 0 VERIFY 0 64 5");
-    for cmd in then {
-        c.ok(cmd);
-    }
-    drop(c);
-    d.ok(&["vm", "turn-off", "m"]);
-}
-
-fn wait_running(d: &Daemon, vm: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while d.vm(vm).state.name() != "running" {
-        assert!(
-            Instant::now() < deadline,
-            "{vm} is not running: {:?}",
-            d.vm(vm).state
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(dir)
@@ -186,6 +115,7 @@ fn a_quick_migration_carries_the_checkpoint_tree() {
     // Applying `first` there: its memory and its disk.
     first_applies(
         &b,
+        "m",
         &first_sum,
         &["DISK 0 WRITE 64 8 8", "DISK 0 VERIFY 64 8 8"],
     );
@@ -237,7 +167,7 @@ fn a_quick_migration_failing_while_the_tree_arrives_leaves_it_whole_at_the_sourc
     assert_eq!(mem_sum(&mut c), now_sum);
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
-    first_applies(&a, &first_sum, &[]);
+    first_applies(&a, "m", &first_sum, &[]);
 }
 
 #[test]
@@ -291,7 +221,7 @@ fn a_destination_dying_once_the_tree_arrived_leaves_it_whole_at_the_source() {
     assert_eq!(mem_sum(&mut c), now_sum);
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
-    first_applies(&a, &first_sum, &[]);
+    first_applies(&a, "m", &first_sum, &[]);
 }
 
 #[test]
@@ -377,7 +307,7 @@ fn a_live_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // Applying `first` there: its memory and its disk.
-    first_applies(&b, &first_sum, &[]);
+    first_applies(&b, "m", &first_sum, &[]);
 }
 
 #[test]
@@ -475,7 +405,7 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
 
     // The source's tree is usable.
-    first_applies(&a, &first_sum, &[]);
+    first_applies(&a, "m", &first_sum, &[]);
 }
 
 #[test]

@@ -3,12 +3,18 @@
 //! pattern and is exported (off), imported with `--copy --new-id`, and both VMs run side by side
 //! reading the same data, then diverge independently; every copied file passes `vireo disk
 //! check`; clones of the running and of the stopped copy run beside it; an import that cannot be done lists every problem and stores
-//! nothing; a saved VM exported and imported (moved) continues its workload when started.
+//! nothing; a saved VM exported and imported (moved) continues its workload when started; a
+//! running VM with two checkpoints exports its tree, which an import with a new id brings back
+//! disk-only and an import that keeps the id brings back whole.
 
 use std::path::Path;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
+use vireod_harness::tree::checkpoints;
+use vireod_harness::two_checkpoints::{
+    first_applies, mem_sum, shape, vm_with_two_checkpoints, wait_running,
+};
 use vireod_harness::Daemon;
 
 fn disk_check(d: &Daemon, dir: &Path) {
@@ -150,4 +156,109 @@ fn export_import_new_id_side_by_side_clone_and_a_moved_saved_vm() {
         !log.contains("PROBE READY"),
         "the guest booted again: {log}"
     );
+}
+
+#[test]
+fn a_running_vm_with_two_checkpoints_exports_and_imports_its_tree() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let Some(d) = Daemon::start() else { return };
+    let root = d.dir.path().to_owned();
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&d);
+    let tree = checkpoints(&d, "m");
+
+    // Exported running, through a temporary checkpoint that is gone afterwards and is not in
+    // the export.
+    std::fs::create_dir(root.join("exp")).unwrap();
+    let pid = d.worker_pid("m");
+    d.ok(&["vm", "export", "m", "exp"]);
+    assert_eq!(d.worker_pid("m"), pid, "the worker was not restarted");
+    assert_eq!(shape(&checkpoints(&d, "m")), shape(&tree));
+    let folder = root.join("exp").join("m");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("vm.json")).unwrap()).unwrap();
+    assert_eq!(manifest["version"], 2);
+    assert_eq!(manifest["state"], "saved");
+    let names: Vec<&str> = manifest["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["record"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    let ours = folder
+        .join("disks")
+        .join(format!("vireo-checkpoints-{}", d.vm("m").id()));
+    disk_check(&d, &ours);
+
+    // A copy with a new identity: the same tree, disk-only (its memory states are dropped with
+    // a warning); a delete merges live; `first` gives its disk.
+    std::fs::create_dir(root.join("imp")).unwrap();
+    let out = d.run(&[
+        "vm", "import", "exp/m", "--copy", "--to", "imp", "--new-id", "--name", "n",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "warning: checkpoint(s) first, second keep their disks but not their memory state"
+        ),
+        "{err}"
+    );
+    let copy = checkpoints(&d, "n");
+    let names = |cps: &[vireo_api::Checkpoint]| -> Vec<(String, Option<String>, bool)> {
+        cps.iter()
+            .map(|c| {
+                let parent = c
+                    .parent
+                    .map(|p| cps.iter().find(|x| x.id == p).unwrap().name.clone());
+                (c.name.clone(), parent, c.current)
+            })
+            .collect()
+    };
+    assert_eq!(names(&copy), names(&tree));
+    assert!(copy
+        .iter()
+        .all(|c| !c.has_state && tree.iter().all(|t| t.id != c.id)));
+    assert_eq!(d.vm("n").state.name(), "off");
+    d.ok(&["vm", "start", "n"]);
+    wait_running(&d, "n");
+    let mut c = Console::attach(&d, "n");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    let second = copy.iter().find(|c| c.name == "second").unwrap().clone();
+    let pid = d.worker_pid("n");
+    d.ok(&["checkpoint", "rm", "n", "second"]);
+    assert_eq!(d.worker_pid("n"), pid);
+    assert_eq!(d.vm("n").spec.disks[0].path, second.disks[0].frozen);
+    let mut c = Console::attach(&d, "n");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    d.ok(&["checkpoint", "apply", "n", "first", "--stop"]);
+    assert_eq!(d.vm("n").state.name(), "off", "a disk-only checkpoint");
+    d.ok(&["vm", "start", "n"]);
+    wait_running(&d, "n");
+    let mut c = Console::attach(&d, "n");
+    c.ok("DISK 0 VERIFY 0 64 5");
+    drop(c);
+    d.ok(&["vm", "turn-off", "n"]);
+
+    // Moved (the source removed, imported in place with its id): the whole tree, the VM
+    // continuing from the export's moment, `first` with its memory and disk.
+    d.ok(&["vm", "turn-off", "m"]);
+    d.ok(&["vm", "rm", "m"]);
+    d.ok(&["vm", "import", "exp/m"]);
+    assert_eq!(shape(&checkpoints(&d, "m")), shape(&tree));
+    assert_eq!(d.vm("m").state.name(), "saved");
+    d.ok(&["vm", "start", "m"]);
+    wait_running(&d, "m");
+    let mut c = Console::attach(&d, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    c.ok("DISK 0 VERIFY 0 64 7");
+    drop(c);
+    d.ok(&["vm", "turn-off", "m"]);
+    first_applies(&d, "m", &first_sum, &[]);
+    d.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(checkpoints(&d, "m").len(), 1);
 }

@@ -172,6 +172,35 @@ fn head_tx(tx: &rusqlite::Connection, vm: Uuid) -> Result<Head, StoreError> {
     })
 }
 
+/// Every record and the head of a tree arriving whole (a migration's, an import's), in the
+/// caller's transaction.
+pub(crate) fn insert_tree(
+    tx: &Transaction,
+    vm: Uuid,
+    checkpoints: &[Checkpoint],
+    head: &Head,
+) -> Result<(), StoreError> {
+    for cp in checkpoints {
+        tx.execute(
+            "INSERT INTO checkpoints
+             (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                cp.id.to_string(),
+                vm.to_string(),
+                cp.name,
+                cp.parent.map(|p| p.to_string()),
+                cp.created_at,
+                to_json(&cp.spec),
+                to_json(&cp.disks),
+                cp.has_state as i64,
+                cp.automatic as i64
+            ],
+        )?;
+    }
+    put_head(tx, vm, head)
+}
+
 fn put_head(tx: &Transaction, vm: Uuid, head: &Head) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO checkpoint_heads (vm_id, current, tops) VALUES (?1, ?2, ?3)
@@ -444,25 +473,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for cp in checkpoints {
-            tx.execute(
-                "INSERT INTO checkpoints
-                 (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    cp.id.to_string(),
-                    vm.to_string(),
-                    cp.name,
-                    cp.parent.map(|p| p.to_string()),
-                    cp.created_at,
-                    to_json(&cp.spec),
-                    to_json(&cp.disks),
-                    cp.has_state as i64,
-                    cp.automatic as i64
-                ],
-            )?;
-        }
-        put_head(&tx, vm, head)?;
+        insert_tree(&tx, vm, checkpoints, head)?;
         tx.commit()?;
         Ok(())
     }

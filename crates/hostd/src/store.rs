@@ -29,7 +29,7 @@ use crate::error::{io, StoreError};
 use crate::{folders, schema};
 
 mod import;
-pub use import::{saved_file_optional, SAVED_FILES};
+pub use import::{saved_file_optional, ImportedTree, SAVED_FILES};
 
 /// Limits when the caller passes none; vireod passes the host's own (CPUs, RAM).
 pub const DEFAULT_LIMITS: Limits = Limits {

@@ -18,11 +18,12 @@ use crate::output::{emit, OutputFormat};
 #[derive(Args, Debug)]
 pub struct ExportArgs {
     /// The VM's name or id (a running or paused VM is exported from a temporary live
-    /// checkpoint, deleted afterwards).
+    /// checkpoint, deleted afterwards). Its checkpoints go with it (the whole tree).
     pub vm: String,
     /// An existing directory inside vireod's storage roots; the VM goes to DIR/<name>/.
     pub dir: PathBuf,
-    /// Export this checkpoint (name or id) instead of the VM as it is now.
+    /// Export this checkpoint (name or id) instead of the VM as it is now, without the
+    /// checkpoint tree.
     #[arg(long, value_name = "CP")]
     pub checkpoint: Option<String>,
     /// text, or json (the API's job object as it ended).
@@ -40,7 +41,8 @@ pub struct ImportArgs {
     /// Where the copy goes (DIR/<name>/); default <first storage root>/vireo-vms/.
     #[arg(long, value_name = "DIR", requires = "copy")]
     pub to: Option<PathBuf>,
-    /// A new VM id, new MACs and new disk serials (a saved state is then dropped).
+    /// A new VM id, new MACs and new disk serials (a saved state is then dropped, and the
+    /// checkpoints keep their disks but not their memory state).
     #[arg(long)]
     pub new_id: bool,
     /// Another name than the exported one.
@@ -59,7 +61,8 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug)]
 pub struct CloneArgs {
-    /// The VM to clone (a running or paused one from a temporary live checkpoint).
+    /// The VM to clone (a running or paused one from a temporary live checkpoint). The clone
+    /// has no checkpoints.
     pub vm: String,
     /// The clone's name.
     pub new_name: String,

@@ -8,6 +8,7 @@ pub mod console;
 pub mod migration;
 pub mod tmpfs;
 pub mod tree;
+pub mod two_checkpoints;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -4,13 +4,14 @@
 //! committed row is debris that the next open removes, so a crash never leaves half a VM.
 
 use std::fs::{self, File};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{params, TransactionBehavior};
 use uuid::Uuid;
-use vireo_api::{validate_spec, VmSpec, VmState};
+use vireo_api::{validate_spec, Checkpoint, VmSpec, VmState};
 
 use super::{assign_identity, insert_macs, name_clash, now_ms, to_json, Store, VmRecord};
+use crate::checkpoint_store::{insert_tree, Head};
 use crate::error::{io, StoreError};
 use crate::folders;
 
@@ -27,15 +28,26 @@ pub fn saved_file_optional(name: &str) -> bool {
     matches!(name, "working-set.bin" | "memory.crc")
 }
 
+/// An imported VM's checkpoint tree: records and head on this host's paths (the VM's id
+/// already in them), and each checkpoint's state files to copy into its folder.
+#[derive(Debug, Default)]
+pub struct ImportedTree {
+    pub records: Vec<Checkpoint>,
+    pub head: Head,
+    pub states: Vec<(Uuid, Vec<PathBuf>)>,
+}
+
 impl Store {
     /// Stores `spec` as VM `id` (`off`, or `saved` when `saved_from` holds a saved state that
-    /// is copied to `<vm-dir>/saved/`). The spec's MACs must be free; missing ones are
+    /// is copied to `<vm-dir>/saved/`), with its checkpoint tree when `tree` is given (records,
+    /// head and each checkpoint's state in `<vm-dir>/checkpoints/<id>/`, in the same commit). The spec's MACs must be free; missing ones are
     /// assigned. An id already stored is `IdTaken`.
     pub fn import_vm(
         &self,
         id: Uuid,
         spec: &VmSpec,
         saved_from: Option<&Path>,
+        tree: Option<&ImportedTree>,
     ) -> Result<VmRecord, StoreError> {
         validate_spec(spec, &self.limits)?;
         let mut conn = self.lock();
@@ -64,11 +76,21 @@ impl Store {
         inserted.map_err(|e| name_clash(e, &spec.name))?;
         insert_macs(&tx, id, &identity.macs)?;
         let dir = folders::create_vm_dir(&self.vms_dir, id)?;
-        if let Some(from) = saved_from {
-            if let Err(e) = copy_saved(from, &dir.join("saved")) {
-                let _ = fs::remove_dir_all(&dir);
-                return Err(e);
+        let files = (|| {
+            if let Some(from) = saved_from {
+                copy_saved(from, &dir.join("saved"))?;
             }
+            if let Some(tree) = tree {
+                for (cp, files) in &tree.states {
+                    copy_state(files, &dir.join("checkpoints").join(cp.to_string()))?;
+                }
+                insert_tree(&tx, id, &tree.records, &tree.head)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = files {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
         }
         if let Some(hook) = &self.before_commit {
             hook(id);
@@ -95,6 +117,19 @@ fn copy_saved(from: &Path, to: &Path) -> Result<(), StoreError> {
             continue;
         }
         fs::copy(&src, &dst).map_err(io(&src))?;
+        File::open(&dst)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&dst))?;
+    }
+    File::open(to).and_then(|d| d.sync_all()).map_err(io(to))
+}
+
+fn copy_state(files: &[PathBuf], to: &Path) -> Result<(), StoreError> {
+    folders::ensure_private_dir(to.parent().unwrap_or(to))?;
+    folders::ensure_private_dir(to)?;
+    for src in files {
+        let dst = to.join(src.file_name().unwrap_or_default());
+        fs::copy(src, &dst).map_err(io(src))?;
         File::open(&dst)
             .and_then(|f| f.sync_all())
             .map_err(io(&dst))?;

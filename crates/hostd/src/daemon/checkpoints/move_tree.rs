@@ -28,7 +28,7 @@ use vireo_vhdx::{OpenOptions, Rebase, Vhdx};
 use super::super::http_error::HttpError;
 use super::super::Daemon;
 use super::{disks, fault_point, is_ours};
-use crate::checkpoint_store::{Intent, MovedFile};
+use crate::checkpoint_store::{Intent, MovedFile, Top};
 
 /// The folder in a move's destination that holds the files vireod made for VM `vm`.
 pub fn moved_dir_name(vm: Uuid) -> String {
@@ -55,36 +55,53 @@ pub(crate) fn tree_files(
     daemon: &Daemon,
     vm: &Vm,
 ) -> Result<BTreeMap<PathBuf, Vec<PathBuf>>, String> {
-    let mut roots: Vec<PathBuf> = vm.spec.disks.iter().map(|d| d.path.clone()).collect();
-    for cp in daemon
+    let checkpoints = daemon
         .store
         .list_checkpoints(vm.id())
-        .map_err(|e| e.to_string())?
-    {
-        roots.extend(cp.spec.disks.iter().map(|d| d.path.clone()));
-        roots.extend(cp.disks.iter().map(|d| d.frozen.clone()));
-        roots.extend(cp.disks.iter().filter_map(|d| d.parent_file.clone()));
-    }
+        .map_err(|e| e.to_string())?;
     let head = daemon
         .store
         .checkpoint_head(vm.id())
         .map_err(|e| e.to_string())?;
+    let mut roots: Vec<PathBuf> = vm.spec.disks.iter().map(|d| d.path.clone()).collect();
+    roots.extend(checkpoint_roots(&checkpoints, &head.tops));
+    tree_files_from(roots, &vm.spec.name)
+}
+
+/// Every file a tree's records and tops name (the walk's starting points; the VM's own disks
+/// are the caller's to add).
+pub(crate) fn checkpoint_roots(
+    checkpoints: &[vireo_api::Checkpoint],
+    tops: &BTreeMap<String, Top>,
+) -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    for cp in checkpoints {
+        roots.extend(cp.spec.disks.iter().map(|d| d.path.clone()));
+        roots.extend(cp.disks.iter().map(|d| d.frozen.clone()));
+        roots.extend(cp.disks.iter().filter_map(|d| d.parent_file.clone()));
+    }
     roots.extend(
-        head.tops
-            .values()
+        tops.values()
             .flat_map(|t| [t.file.clone(), t.parent.clone()]),
     );
+    roots
+}
+
+/// The files under `roots` (each with the chain under it): resolved path → the spellings seen
+/// for it. `vm` names the VM in the message about a missing file.
+pub(crate) fn tree_files_from(
+    roots: Vec<PathBuf>,
+    vm: &str,
+) -> Result<BTreeMap<PathBuf, Vec<PathBuf>>, String> {
     let mut files: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     for root in roots {
         let mut next = Some(root);
         while let Some(f) = next.take() {
             if !f.exists() {
                 return Err(format!(
-                    "{} of VM {:?}'s checkpoint tree is missing; the tree cannot be moved \
-                     whole (`vireo checkpoint list {}` shows the checkpoints)",
+                    "{} of VM {vm:?}'s checkpoint tree is missing; the tree cannot be moved \
+                     whole (`vireo checkpoint list {vm}` shows the checkpoints)",
                     f.display(),
-                    vm.spec.name,
-                    vm.spec.name
                 ));
             }
             let spellings = files.entry(resolved(&f)).or_default();

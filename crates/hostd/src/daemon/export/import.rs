@@ -6,17 +6,19 @@
 //! Decisions (docs/export.md): without `new_id` the VM keeps its id, MACs and serials and a
 //! saved state imports as a saved VM; with `new_id` it gets a new id, new MACs and new serials,
 //! and a saved state is dropped with a warning (a saved state restores only with the MACs it
-//! was saved with).
+//! was saved with); so is each checkpoint's memory state, its disks kept (`import_tree`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use uuid::Uuid;
-use vireo_api::{validate_name, validate_spec, ApiErrorCode, ImportRequest, VmSpec};
+use vireo_api::{validate_name, validate_spec, ApiErrorCode, ImportRequest, VmIdentity, VmSpec};
 
 use super::files::{self, CopyError};
+use super::import_tree;
 use super::manifest::Manifest;
 use super::package::Progress;
+use super::tree_manifest::TreeFileEntry;
 use crate::daemon::http_error::HttpError;
 use crate::daemon::Daemon;
 use crate::switch_store::SwitchStoreError;
@@ -38,6 +40,35 @@ pub struct Plan {
     pub spec: VmSpec,
     pub keep_saved: bool,
     pub warnings: Vec<String>,
+    /// The checkpoint tree to store with the VM (manifest version 2).
+    pub tree: Option<crate::store::ImportedTree>,
+    /// With a copy and a new id: the manifest's `vireo-checkpoints-<old id>` folder is named
+    /// for the new id in the copy, so its files stay vireod's (`checkpoints::is_ours`).
+    ours_rename: Option<(String, String)>,
+}
+
+impl Plan {
+    /// Where a manifest path goes, relative to `dest`.
+    pub fn rel(&self, rel: &Path) -> PathBuf {
+        match &self.ours_rename {
+            Some((old, new)) => rel
+                .components()
+                .map(|c| {
+                    if c.as_os_str() == old.as_str() {
+                        PathBuf::from(new)
+                    } else {
+                        PathBuf::from(c.as_os_str())
+                    }
+                })
+                .collect(),
+            None => rel.to_path_buf(),
+        }
+    }
+
+    /// Where a manifest path is once imported.
+    pub fn place(&self, rel: &Path) -> PathBuf {
+        self.dest.join(self.rel(rel))
+    }
 }
 
 /// The default place for copies, or a message asking for one.
@@ -84,7 +115,7 @@ pub fn plan(daemon: &Daemon, req: &ImportRequest) -> Result<Plan, HttpError> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
 
-    for f in manifest.files() {
+    for f in &manifest.files() {
         match std::fs::metadata(from.join(&f.path)) {
             Ok(m) if m.len() == f.size => {}
             Ok(m) => problems.push(format!(
@@ -228,18 +259,38 @@ pub fn plan(daemon: &Daemon, req: &ImportRequest) -> Result<Plan, HttpError> {
     };
     let dest = dest.unwrap_or_default();
 
-    spec.kernel = dest.join(&manifest.kernel.path);
-    spec.initrd = manifest.initrd.as_ref().map(|f| dest.join(&f.path));
-    if spec.disks.len() != manifest.disks.len() {
+    let ours_rename = (req.copy && req.new_id).then(|| {
+        (
+            crate::daemon::checkpoints::move_tree::moved_dir_name(manifest.identity.id),
+            crate::daemon::checkpoints::move_tree::moved_dir_name(id),
+        )
+    });
+    let manifest_spec = manifest.spec.clone();
+    let mut plan = Plan {
+        manifest,
+        from,
+        dest,
+        copy: req.copy,
+        id,
+        spec: manifest_spec.clone(),
+        keep_saved,
+        warnings,
+        tree: None,
+        ours_rename,
+    };
+    spec.kernel = plan.place(&plan.manifest.kernel.path);
+    spec.initrd = plan.manifest.initrd.as_ref().map(|f| plan.place(&f.path));
+    if spec.disks.len() != plan.manifest.disks.len() {
         problems.push("the manifest's disks do not match its spec: the export is damaged".into());
     } else {
-        for (disk, entry) in spec.disks.iter_mut().zip(&manifest.disks) {
+        for (disk, entry) in spec.disks.iter_mut().zip(&plan.manifest.disks) {
             match entry.chain.first() {
-                Some(f) => disk.path = dest.join(&f.path),
+                Some(f) => disk.path = plan.place(&f.path),
                 None => problems.push("a disk with no file: the export is damaged".into()),
             }
         }
     }
+    let mut renames = import_tree::Renames::default();
     if req.new_id {
         for nic in &mut spec.nics {
             nic.mac = None;
@@ -247,7 +298,28 @@ pub fn plan(daemon: &Daemon, req: &ImportRequest) -> Result<Plan, HttpError> {
         for disk in &mut spec.disks {
             disk.serial = None;
         }
+        // Assigned here rather than by the store, so the checkpoints can follow them.
+        VmIdentity::assign(id, &mut spec, import_tree::random_mac);
+        renames =
+            import_tree::Renames::new_identity(&plan.manifest, &plan.manifest.spec, &spec, id);
+        let dropped = import_tree::drops_state(&plan.manifest, &renames);
+        if !dropped.is_empty() {
+            plan.warnings.push(format!(
+                "checkpoint(s) {} keep their disks but not their memory state (applying one \
+                 leaves the VM off): a new id gives new MACs, which a saved state cannot take; \
+                 import without --new-id to keep it",
+                dropped.join(", ")
+            ));
+        }
     }
+    plan.tree = import_tree::tree_for_import(
+        &plan.manifest,
+        id,
+        &renames,
+        &req.switches,
+        &|rel| plan.place(rel),
+        &|rel| plan.from.join(rel),
+    );
     if let Err(e) = validate_spec(&spec, &daemon.limits) {
         let dup = problems
             .iter()
@@ -259,16 +331,14 @@ pub fn plan(daemon: &Daemon, req: &ImportRequest) -> Result<Plan, HttpError> {
     if !problems.is_empty() {
         return Err(report(&what, &problems));
     }
-    Ok(Plan {
-        manifest,
-        from,
-        dest,
-        copy: req.copy,
-        id,
-        spec,
-        keep_saved,
-        warnings,
-    })
+    plan.spec = spec;
+    Ok(plan)
+}
+
+/// A checkpoint's state file: read from the export folder by the store, never copied with the
+/// VM's files.
+fn is_state(rel: &Path) -> bool {
+    rel.starts_with("checkpoints")
 }
 
 /// Bytes `run` copies.
@@ -278,7 +348,9 @@ pub fn bytes(plan: &Plan) -> u64 {
     }
     plan.manifest
         .files()
+        .into_iter()
         .filter(|f| plan.keep_saved || !f.path.starts_with("saved"))
+        .filter(|f| !is_state(&f.path))
         .map(|f| f.size)
         .sum()
 }
@@ -300,23 +372,46 @@ pub fn copy_files(
     let partial = files::partial_name(parent, &plan.spec.name, "import", &tag[..8]);
     let r = (|| {
         for f in plan.manifest.files() {
-            if !plan.keep_saved && f.path.starts_with("saved") {
+            if (!plan.keep_saved && f.path.starts_with("saved")) || is_state(&f.path) {
                 continue;
             }
             files::copy_file(
                 &plan.from.join(&f.path),
-                &partial.join(&f.path),
+                &partial.join(plan.rel(&f.path)),
                 cancel,
                 &mut |n| progress.add(n),
             )?;
         }
-        for d in &plan.manifest.disks {
-            let copies: Vec<PathBuf> = d.chain.iter().map(|f| partial.join(&f.path)).collect();
-            files::relink(&copies)?;
+        if plan.manifest.tree.is_empty() {
+            for d in &plan.manifest.disks {
+                let copies: Vec<PathBuf> = d.chain.iter().map(|f| partial.join(&f.path)).collect();
+                files::relink(&copies)?;
+            }
+        } else {
+            let tree: Vec<TreeFileEntry> = plan
+                .manifest
+                .tree
+                .iter()
+                .map(|f| TreeFileEntry {
+                    path: plan.rel(&f.path),
+                    size: f.size,
+                    parent: f.parent.as_deref().map(|p| plan.rel(p)),
+                })
+                .collect();
+            super::package::relink_tree(&partial, &tree)?;
         }
-        for sub in ["", "boot", "disks", "saved"] {
-            if partial.join(sub).is_dir() {
-                files::sync_dir(&partial.join(sub))?;
+        let ours_dirs = plan.manifest.tree.iter().filter_map(|f| {
+            let dir = plan.rel(f.path.parent()?);
+            (dir != Path::new("disks")).then_some(dir)
+        });
+        let subs: std::collections::BTreeSet<PathBuf> = ["", "boot", "disks", "saved"]
+            .into_iter()
+            .map(PathBuf::from)
+            .chain(ours_dirs)
+            .collect();
+        for sub in subs {
+            if partial.join(&sub).is_dir() {
+                files::sync_dir(&partial.join(&sub))?;
             }
         }
         if plan.dest.exists() {
@@ -348,7 +443,7 @@ pub async fn register(daemon: &Daemon, plan: &Plan) -> Result<String, String> {
     let _guards = nics::lock_switches(daemon, &[Some(&spec)]).await;
     let vm = daemon
         .store
-        .import_vm(plan.id, &spec, saved_from.as_deref())
+        .import_vm(plan.id, &spec, saved_from.as_deref(), plan.tree.as_ref())
         .map_err(|e| e.to_string())?;
     if let Err(reason) = nics::apply(daemon, vm.id(), None, Some(&vm.spec)).await {
         let _ = nics::apply(daemon, vm.id(), Some(&vm.spec), None).await;

@@ -5,6 +5,7 @@
 //!   state), built under a partial name and renamed last.
 //! - `import`: checks (every problem reported at once), then copy and store.
 //! - `files`: chains, copies with progress and cancel, locator rewriting.
+//! - `tree_manifest`: the checkpoint tree in the manifest (version 2) and its checks.
 //!
 //! Locking: export and clone hold the source VM's lock (`Daemon::try_lock_vm`) for the whole
 //! job, so it cannot start (and change its disks) meanwhile; a request on it answers 409 busy.
@@ -13,8 +14,10 @@
 
 pub mod files;
 pub mod import;
+pub mod import_tree;
 pub mod manifest;
 pub mod package;
+pub mod tree_manifest;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,7 +153,13 @@ async fn live_source(
     let name = temp_name(&vm, what, job);
     let cp = crate::daemon::checkpoints::live::capture(d, id, &name, job, false).await?;
     let vm = d.store.get_by_id(id).map_err(|e| e.to_string())?;
-    match Source::of_checkpoint(d, &vm, &cp) {
+    // An export carries the rest of the tree; a clone never does (docs/export.md).
+    let source = if what == "export" {
+        Source::of_live_checkpoint(d, &vm, &cp)
+    } else {
+        Source::of_checkpoint(d, &vm, &cp)
+    };
+    match source {
         Ok(s) => Ok((s, cp)),
         Err(m) => {
             // After the caller lets go of the VM's lock (the delete takes it).
@@ -310,7 +319,11 @@ pub async fn clone(
             .map_err(|m| HttpError::new(vireo_api::ApiErrorCode::Invalid, m))?;
         None
     } else {
-        Some(Source::of_vm(&d, vm.id())?)
+        // A clone starts without checkpoints, as in Hyper-V (docs/export.md).
+        Some(Source {
+            tree: None,
+            ..Source::of_vm(&d, vm.id())?
+        })
     };
     let mut warnings = Vec::new();
     if live(&vm) {
