@@ -588,7 +588,7 @@ fn a_shared_nothing_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // Applying `first` there: its memory and its disk, on the base disk that arrived.
-    first_applies(&b, &first_sum, &[]);
+    first_applies(&b, "m", &first_sum, &[]);
     assert!(dest.join("m.vhdx").is_file());
 }
 
@@ -663,7 +663,7 @@ fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_
     let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
-    first_applies(&a, &first_sum, &[]);
+    first_applies(&a, "m", &first_sum, &[]);
 }
 
 #[test]
