@@ -132,19 +132,30 @@ impl Daemon {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut child = self
+        let child = self
             .vireo(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "vireo {args:?} hangs");
-            std::thread::sleep(Duration::from_millis(10));
+        let pid = child.id();
+        // Read both pipes while waiting (a chatty command must not block on a full pipe), and
+        // give long operations (a migration on a starved 2-core CI machine) room: a real hang
+        // still fails, later.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        match finished.recv_timeout(Duration::from_secs(180)) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("vireo {args:?} hangs (killed after 180 s)");
+            }
         }
-        child.wait_with_output().unwrap()
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
