@@ -52,6 +52,35 @@ fn gone(pid: u64) -> bool {
     }
 }
 
+/// The source once its VM runs on the destination: no record, its folder gone (bounded wait),
+/// the user's base disk kept, its worker gone.
+fn source_let_go(a: &Daemon, a_folder: &Path, a_pid: u64) {
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a_folder.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!a_folder.exists(), "{:?} left", entries(a_folder));
+    assert!(a.dir.path().join("m.vhdx").is_file());
+    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+}
+
+/// Deleting `second` on `d` merges the VM's child into its frozen file while the same worker
+/// runs; the guest's disk pattern is there, and `then`'s console commands succeed after it.
+fn second_merges_live(d: &Daemon, second_frozen: &Path, then: &[&str]) {
+    let pid = d.worker_pid("m");
+    d.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(d.worker_pid("m"), pid);
+    assert_eq!(d.vm("m").spec.disks[0].path, second_frozen);
+    let mut c = Console::attach(d, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    for cmd in then {
+        c.ok(cmd);
+    }
+    drop(c);
+}
+
 #[test]
 fn a_quick_migration_carries_the_checkpoint_tree() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
@@ -104,13 +133,7 @@ fn a_quick_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // A delete there merges the VM's child into `second`'s frozen file while it runs.
-    let pid = b.worker_pid("m");
-    b.ok(&["checkpoint", "rm", "m", "second"]);
-    assert_eq!(b.worker_pid("m"), pid);
-    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
-    let mut c = Console::attach(&b, "m");
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
+    second_merges_live(&b, &second.disks[0].frozen, &[]);
 
     // Applying `first` there: its memory and its disk.
     first_applies(
@@ -249,15 +272,7 @@ fn a_live_migration_carries_the_checkpoint_tree() {
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    let (_, line) = a.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a_folder.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!a_folder.exists(), "{:?} left", entries(&a_folder));
-    assert!(a.dir.path().join("m.vhdx").is_file());
-    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+    source_let_go(&a, &a_folder, a_pid);
 
     // The destination: the same tree, running on a new child in its own folder whose parent
     // is the arrived `second`; the guest's memory and disk as they were, never rebooted.
@@ -297,14 +312,7 @@ fn a_live_migration_carries_the_checkpoint_tree() {
     drop(c);
 
     // A delete there merges the VM's child into `second`'s frozen file while it runs.
-    let pid = b.worker_pid("m");
-    b.ok(&["checkpoint", "rm", "m", "second"]);
-    assert_eq!(b.worker_pid("m"), pid);
-    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
-    let mut c = Console::attach(&b, "m");
-    c.ok("DISK 0 VERIFY 0 64 7");
-    c.ok("DISK 0 VERIFY 128 8 12");
-    drop(c);
+    second_merges_live(&b, &second.disks[0].frozen, &["DISK 0 VERIFY 128 8 12"]);
 
     // Applying `first` there: its memory and its disk.
     first_applies(&b, "m", &first_sum, &[]);
@@ -535,15 +543,7 @@ fn a_shared_nothing_migration_carries_the_checkpoint_tree() {
     );
 
     // The source: no record, vireod's files gone, the user's base disk kept.
-    let (_, line) = a.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a_folder.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!a_folder.exists(), "{:?} left", entries(&a_folder));
-    assert!(a.dir.path().join("m.vhdx").is_file());
-    assert!(gone(a_pid), "the source worker {a_pid} still runs");
+    source_let_go(&a, &a_folder, a_pid);
 
     // The destination: the same tree; the base disk arrived in DIR under its name, vireod's
     // files in its own folder, every one of them opening with its chain.
@@ -578,14 +578,7 @@ fn a_shared_nothing_migration_carries_the_checkpoint_tree() {
 
     // A delete there merges the VM's child into `second`'s frozen file while it runs.
     let second = arrived.iter().find(|c| c.name == "second").unwrap();
-    let pid = b.worker_pid("m");
-    b.ok(&["checkpoint", "rm", "m", "second"]);
-    assert_eq!(b.worker_pid("m"), pid);
-    assert_eq!(b.vm("m").spec.disks[0].path, second.disks[0].frozen);
-    let mut c = Console::attach(&b, "m");
-    c.ok("DISK 0 VERIFY 0 64 7");
-    c.ok("DISK 0 VERIFY 128 8 12");
-    drop(c);
+    second_merges_live(&b, &second.disks[0].frozen, &["DISK 0 VERIFY 128 8 12"]);
 
     // Applying `first` there: its memory and its disk, on the base disk that arrived.
     first_applies(&b, "m", &first_sum, &[]);

@@ -172,6 +172,27 @@ fn head_tx(tx: &rusqlite::Connection, vm: Uuid) -> Result<Head, StoreError> {
     })
 }
 
+/// One checkpoint's row, as VM `vm`'s (a tree arriving whole carries the ids of the VM it
+/// left; the row belongs to the VM that stores it).
+fn insert_record(tx: &Transaction, vm: Uuid, cp: &Checkpoint) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO checkpoints
+         (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            cp.id.to_string(),
+            vm.to_string(),
+            cp.name,
+            cp.parent.map(|p| p.to_string()),
+            cp.created_at,
+            to_json(&cp.spec),
+            to_json(&cp.disks),
+            cp.has_state as i64,
+            cp.automatic as i64
+        ],
+    )
+}
+
 /// Every record and the head of a tree arriving whole (a migration's, an import's), in the
 /// caller's transaction.
 pub(crate) fn insert_tree(
@@ -181,22 +202,7 @@ pub(crate) fn insert_tree(
     head: &Head,
 ) -> Result<(), StoreError> {
     for cp in checkpoints {
-        tx.execute(
-            "INSERT INTO checkpoints
-             (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                cp.id.to_string(),
-                vm.to_string(),
-                cp.name,
-                cp.parent.map(|p| p.to_string()),
-                cp.created_at,
-                to_json(&cp.spec),
-                to_json(&cp.disks),
-                cp.has_state as i64,
-                cp.automatic as i64
-            ],
-        )?;
+        insert_record(tx, vm, cp)?;
     }
     put_head(tx, vm, head)
 }
@@ -361,22 +367,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let r = tx.execute(
-            "INSERT INTO checkpoints
-             (id, vm_id, name, parent, created_at, spec, disks, has_state, automatic)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                cp.id.to_string(),
-                cp.vm_id.to_string(),
-                cp.name,
-                cp.parent.map(|p| p.to_string()),
-                cp.created_at,
-                to_json(&cp.spec),
-                to_json(&cp.disks),
-                cp.has_state as i64,
-                cp.automatic as i64
-            ],
-        );
+        let r = insert_record(&tx, cp.vm_id, cp);
         if let Err(rusqlite::Error::SqliteFailure(f, _)) = &r {
             if f.code == rusqlite::ErrorCode::ConstraintViolation {
                 return Ok(false);

@@ -107,11 +107,7 @@ impl<W: Write> Sender<W> {
         len: usize,
         mut fill: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<(), MigrationError> {
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(MigrationError::Malformed(
-                "page not 4 KiB or not page-aligned",
-            ));
-        }
+        check_page_run(gpa, len)?;
         let mut done = 0;
         while done < len {
             let n = ((len - done) / PAGE_SIZE).min(MAX_PAGES);
@@ -135,11 +131,7 @@ impl<W: Write> Sender<W> {
     /// it is neither read nor scanned. Same records as [`Sender::send_run_with`] would send
     /// for pages found zero.
     pub fn send_zero_run(&mut self, gpa: u64, len: usize) -> Result<(), MigrationError> {
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(MigrationError::Malformed(
-                "page not 4 KiB or not page-aligned",
-            ));
-        }
+        check_page_run(gpa, len)?;
         let mut done = 0;
         while done < len {
             let n = ((len - done) / PAGE_SIZE).min(MAX_PAGES);
@@ -265,6 +257,16 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// A run of whole 4 KiB pages at a page-aligned address, or the error a caller gets.
+fn check_page_run(gpa: u64, len: usize) -> Result<(), MigrationError> {
+    if !gpa.is_multiple_of(PAGE_SIZE as u64) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(MigrationError::Malformed(
+            "page not 4 KiB or not page-aligned",
+        ));
     }
     Ok(())
 }

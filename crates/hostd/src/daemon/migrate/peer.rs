@@ -34,6 +34,17 @@ pub enum FileError {
     Link(String),
 }
 
+/// A file the peer announces is refused before any byte of it is read when it is larger than
+/// this host takes.
+fn check_file_len(len: u64) -> Result<(), FileError> {
+    if len > MAX_FILE {
+        return Err(FileError::Link(format!(
+            "a file of {len} bytes is more than this host takes"
+        )));
+    }
+    Ok(())
+}
+
 fn store_error(path: &Path, e: std::io::Error) -> String {
     format!("storing {} on this host: {e}", path.display())
 }
@@ -221,11 +232,7 @@ impl Peer {
         len: u64,
         silence: Duration,
     ) -> Result<(), FileError> {
-        if len > MAX_FILE {
-            return Err(FileError::Link(format!(
-                "a file of {len} bytes is more than this host takes"
-            )));
-        }
+        check_file_len(len)?;
         let stored = match path {
             None => Ok(None),
             Some(p) => tokio::fs::OpenOptions::new()
@@ -248,11 +255,7 @@ impl Peer {
         len: u64,
         silence: Duration,
     ) -> Result<(), FileError> {
-        if len > MAX_FILE {
-            return Err(FileError::Link(format!(
-                "a file of {len} bytes is more than this host takes"
-            )));
-        }
+        check_file_len(len)?;
         let stored = tokio::fs::OpenOptions::new()
             .write(true)
             .truncate(true)
