@@ -10,12 +10,23 @@ mod exit;
 mod global_args;
 mod logging;
 mod run;
+#[allow(dead_code)]
+mod run_exec;
 mod run_only;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(why) = run_exec::return_to_other_build(&args) {
+        eprintln!(
+            "vireo: error: {} was built apart from the vireo that called it, and handing the \
+             VM back failed: {why}; reinstall vireo and {0} from one build",
+            run_exec::SLIM_BINARY
+        );
+        return ExitCode::from(2);
+    }
     logging::init();
-    let result = run::execute(run_only::parse(std::env::args_os().collect()));
+    let result = run::execute(run_only::parse(args));
     exit::report(result)
 }

@@ -193,6 +193,11 @@ impl ProbeVm {
         ProbeVm::spawn(Command::new(program), extra)
     }
 
+    /// Boots the probe with `cmd` (a program with its environment) given the run arguments.
+    pub fn start_from(cmd: Command, extra: &[&str]) -> ProbeVm {
+        ProbeVm::spawn(cmd, extra)
+    }
+
     fn spawn(mut cmd: Command, extra: &[&str]) -> ProbeVm {
         let mut child = spawn_when_not_busy(
             cmd.args(["run", "--kernel", probe_elf().to_str().unwrap()])

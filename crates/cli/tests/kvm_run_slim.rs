@@ -41,6 +41,49 @@ fn kvm_run_without_vireo_run_beside_it_runs_in_vireo() {
     assert_eq!(vm.poweroff(5), Some(5));
 }
 
+/// A `vireo-run` left from another build than the `vireo` that called it gives the VM back:
+/// that `vireo` runs it itself, under the same pid.
+#[test]
+fn kvm_a_vireo_run_from_another_build_hands_the_vm_back_to_vireo() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let caller = dir.path().join("vireo");
+    std::fs::copy(env!("CARGO_BIN_EXE_vireo"), &caller).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vireo-run"));
+    cmd.env("VIREO_RUN_CALLER_BUILD", "0.0.0-another-build")
+        .env("VIREO_RUN_CALLER_EXE", &caller);
+    let mut vm = ProbeVm::start_from(cmd, &["--memory", "32M"]);
+    assert_eq!(program_of(vm.child.id()), "vireo");
+    assert_eq!(vm.ok("PING"), "OK PONG");
+    assert_eq!(vm.poweroff(3), Some(3));
+}
+
+/// When the way back fails too, `vireo-run` says so in one line instead of running other code.
+#[test]
+fn a_vireo_run_from_another_build_that_cannot_hand_back_fails_in_one_line() {
+    let out = spawn_when_not_busy(
+        Command::new(env!("CARGO_BIN_EXE_vireo-run"))
+            .args(["run", "--help"])
+            .env("VIREO_RUN_CALLER_BUILD", "0.0.0-another-build")
+            .env("VIREO_RUN_CALLER_EXE", "/nonexistent/vireo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .wait_with_output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("vireo: error: vireo-run was built apart"),
+        "{err}"
+    );
+    assert!(err.contains("reinstall"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
 /// Help and a bad option read the same whichever binary parses them.
 #[test]
 fn run_help_and_errors_are_the_same_without_vireo_run() {
