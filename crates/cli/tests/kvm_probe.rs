@@ -158,10 +158,8 @@ fn kvm_probe_disk_io_goes_through_a_mapping_of_the_image() {
     let f = std::fs::File::open(&raw).unwrap();
     use std::os::unix::io::AsRawFd;
     // SAFETY: fadvise on a descriptor we own; no memory is passed.
-    assert_eq!(
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
-        0
-    );
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
     let mut got = vec![0u8; 300 * 512];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 100 * 512).unwrap();
     assert_eq!(pattern::verify(&got, 6, 100 * 512), None);
