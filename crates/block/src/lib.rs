@@ -8,6 +8,7 @@ mod error;
 pub mod handover;
 mod iov;
 mod lock;
+mod mapped;
 mod raw;
 mod uring;
 
@@ -17,6 +18,7 @@ pub use iov::{
     write_vectored_by_copy, GuestBuf,
 };
 pub use lock::{downgrade_for_handover, lock, unlock, LockError, LockKind};
+pub use mapped::{mapped_io_enabled, FileMap};
 pub use raw::RawFile;
 pub use uring::{Batcher, VecOp};
 

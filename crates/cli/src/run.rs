@@ -36,6 +36,9 @@ bzImage and plain vmlinux kernels start their application processors themselves 
 Guest RAM is on 2 MiB host pages (a private huge-page tmpfs, which needs root; without it a
 memfd of 4 KiB pages): KVM then maps the guest 2 MiB at a time, and each 2 MiB region the guest
 touches costs 2 MiB. VIREO_GUEST_RAM=memfd keeps 4 KiB pages (VIREO_GUEST_RAM=huge is the default).
+Disk reads and writes of raw images and of VHDX's allocated blocks are copies through a shared
+mapping of the image file (docs/datapath.md, \"Mapped I/O\"); VIREO_BLK_MMAP=0 uses
+preadv/pwritev instead.
 Set VIREO_LOG=debug for diagnostics on stderr.
 
 {CONTROL}";

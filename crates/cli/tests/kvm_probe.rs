@@ -108,6 +108,74 @@ fn kvm_probe_uses_a_vhdx_disk() {
     assert_eq!(pattern::verify(&got, 9, 2040 * 512), None);
 }
 
+/// With mapped disk I/O on (the default), the guest's reads and writes of a raw image and of
+/// a VHDX's present payload blocks are copies through a shared mapping of the file: the
+/// mapping is there while the VM runs, and what the guest wrote and flushed is in the file
+/// for a reader that does not share the page cache's view of it (pages dropped first).
+#[test]
+fn kvm_probe_disk_io_goes_through_a_mapping_of_the_image() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("mapped.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let vhdx = dir.path().join("mapped.vhdx");
+    let opts = vireo_vhdx::CreateOptions {
+        size: 16 << 20,
+        block_size: 1 << 20,
+        ..Default::default()
+    };
+    drop(vireo_vhdx::Vhdx::create(&vhdx, &opts).unwrap());
+    let (raw_arg, vhdx_arg) = (raw.to_str().unwrap(), vhdx.to_str().unwrap());
+    let mut vm = ProbeVm::start(
+        &[],
+        &["--memory", "64M", "--disk", raw_arg, "--disk", vhdx_arg],
+    );
+    for d in 0..2 {
+        // The first write allocates the VHDX's block (staged path); the ones after it land
+        // in a present block, which the mapped path serves.
+        vm.ok(&format!("DISK {d} WRITE 0 2048 5"));
+        vm.ok(&format!("DISK {d} WRITE 100 300 6"));
+        vm.ok(&format!("DISK {d} WRITE 1500 8 7"));
+        vm.ok(&format!("DISK {d} FLUSH"));
+        vm.ok(&format!("DISK {d} VERIFY 0 100 5"));
+        vm.ok(&format!("DISK {d} VERIFY 100 300 6"));
+        vm.ok(&format!("DISK {d} VERIFY 1500 8 7"));
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.child.id())).unwrap();
+    for p in [&raw, &vhdx] {
+        assert!(
+            maps.contains(p.to_str().unwrap()),
+            "{} is not mapped by the VMM:\n{maps}",
+            p.display()
+        );
+    }
+    // The raw image through another descriptor, its cached pages dropped after the flush.
+    let f = std::fs::File::open(&raw).unwrap();
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fadvise on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    let mut got = vec![0u8; 300 * 512];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 100 * 512).unwrap();
+    assert_eq!(pattern::verify(&got, 6, 100 * 512), None);
+    assert_eq!(vm.poweroff(0), Some(0));
+    let disk = vireo_vhdx::Vhdx::open(&vhdx, &vireo_vhdx::OpenOptions::read_only()).unwrap();
+    for (lba, n, seed) in [(0u64, 100usize, 5u64), (100, 300, 6), (1500, 8, 7)] {
+        let mut got = vec![0u8; n * 512];
+        vireo_block::BlockBackend::read_at(&disk, &mut got, lba * 512).unwrap();
+        assert_eq!(
+            pattern::verify(&got, seed, lba * 512),
+            None,
+            "VHDX sector {lba}"
+        );
+    }
+}
+
 #[test]
 fn kvm_probe_debug_log_tells_the_boot_in_plain_text() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {

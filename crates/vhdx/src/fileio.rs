@@ -11,6 +11,9 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
+use vireo_block::{
+    mapped_io_enabled, read_file_vectored, write_file_vectored, BlockError, FileMap, GuestBuf,
+};
 
 use crate::writeback::WritebackThread;
 use crate::VhdxError;
@@ -127,6 +130,10 @@ struct Overlay {
 pub struct FileIo {
     /// Declared before `file`: dropped (its thread joined) while the descriptor is still open.
     writeback: WritebackThread,
+    /// Shared mapping for the vectored payload path (`vectored.rs`); declared before `file`
+    /// so it is unmapped while the descriptor is still open. None under a fault injector
+    /// (every write must tick it) or with `VIREO_BLK_MMAP=0`.
+    map: Option<FileMap>,
     file: File,
     fault: Option<Arc<FaultInjector>>,
     overlay: RwLock<Overlay>,
@@ -135,8 +142,11 @@ pub struct FileIo {
 
 impl FileIo {
     pub fn new(file: File, fault: Option<Arc<FaultInjector>>) -> FileIo {
+        let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
+        let map = (fault.is_none() && regular && mapped_io_enabled()).then(|| FileMap::new(&file));
         FileIo {
             writeback: WritebackThread::default(),
+            map,
             file,
             fault,
             overlay: RwLock::default(),
@@ -166,6 +176,31 @@ impl FileIo {
     pub fn direct_fd(&self) -> Option<std::os::unix::io::RawFd> {
         (self.fault.is_none() && !self.has_overlay.load(Ordering::Acquire))
             .then(|| self.file.as_raw_fd())
+    }
+
+    /// Reads file bytes `offset..` straight into guest memory (through the mapping when it
+    /// can, else `preadv`), marking them dirty; the caller checked [`FileIo::direct_fd`].
+    pub fn read_guest(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        if self
+            .map
+            .as_ref()
+            .is_some_and(|m| m.read(&self.file, bufs, offset))
+        {
+            return Ok(());
+        }
+        read_file_vectored(self.file.as_raw_fd(), bufs, offset)
+    }
+
+    /// Writes guest memory to file bytes `offset..`, the twin of [`FileIo::read_guest`].
+    pub fn write_guest(&self, bufs: &[GuestBuf<'_>], offset: u64) -> Result<(), BlockError> {
+        if self
+            .map
+            .as_ref()
+            .is_some_and(|m| m.write(&self.file, bufs, offset))
+        {
+            return Ok(());
+        }
+        write_file_vectored(self.file.as_raw_fd(), bufs, offset)
     }
 
     /// Reads `buf.len()` bytes; bytes past the end of the file read as zero (sparse tails).
@@ -249,7 +284,12 @@ impl FileIo {
 
     pub fn set_len(&self, len: u64) -> Result<(), VhdxError> {
         self.tick()?;
-        self.file.set_len(len)?;
+        match &self.map {
+            // A shrink must not leave mapped pages past the end; growing needs nothing (the
+            // mapping follows on demand).
+            Some(map) if len < self.len()? => map.unmapped_while(|| self.file.set_len(len))?,
+            _ => self.file.set_len(len)?,
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
-//! Reads and writes straight between a VHDX file and guest memory (`preadv`/`pwritev` on the
-//! guest's buffers), for the common case: the request lies inside one payload block that is
+//! Reads and writes straight between a VHDX file and guest memory (a copy through the file's
+//! shared mapping, `vireo_block::FileMap`, or `preadv`/`pwritev` on the guest's buffers when
+//! the range cannot be faulted in), for the common case: the request lies inside one payload block that is
 //! fully present in the top file. A 1 MiB request then costs one system call and one copy (the
 //! kernel's), instead of four staged 256 KiB `read_at`s and a second copy into guest memory.
 //! Everything else — a request across a block boundary, a block absent, partially present or
@@ -8,7 +9,7 @@
 //! reports the real error. Locks as in `disk.rs`: the chain shared for the whole call, the
 //! file's I/O gate shared across the payload I/O, the BAT read-locked to copy one entry.
 
-use vireo_block::{guest_bufs_len, read_file_vectored, write_file_vectored, BlockError, GuestBuf};
+use vireo_block::{guest_bufs_len, BlockError, GuestBuf};
 
 use crate::disk::Chain;
 use crate::format::bat;
@@ -20,13 +21,12 @@ impl Vhdx {
     /// false means nothing was read and the caller must use the staged path.
     pub(crate) fn read_direct(&self, bufs: &[GuestBuf<'_>], offset: u64) -> bool {
         let c = self.io();
-        let Some((l, fd, inb, pi)) = direct_target(&c, bufs, offset) else {
+        let Some((l, inb, pi)) = direct_target(&c, bufs, offset) else {
             return false;
         };
         let _io = l.space.io_gate(); // until the read of the looked-up offset is done
         let e = l.bat.read().entries[pi];
-        bat::state(e) == bat::FULLY_PRESENT
-            && read_file_vectored(fd, bufs, bat::offset(e) + inb).is_ok()
+        bat::state(e) == bat::FULLY_PRESENT && l.io.read_guest(bufs, bat::offset(e) + inb).is_ok()
     }
 
     /// Writes `bufs` at virtual `offset` with one `pwritev` into a fully present block; false
@@ -41,7 +41,7 @@ impl Vhdx {
         if c.read_only {
             return Ok(false);
         }
-        let Some((l, fd, inb, pi)) = direct_target(&c, bufs, offset) else {
+        let Some((l, inb, pi)) = direct_target(&c, bufs, offset) else {
             return Ok(false);
         };
         let len = guest_bufs_len(bufs).unwrap_or(0);
@@ -57,7 +57,7 @@ impl Vhdx {
             return Ok(false);
         }
         l.reserve(bat::offset(e), bat::offset(e) + inb, len);
-        let r = write_file_vectored(fd, bufs, bat::offset(e) + inb);
+        let r = l.io.write_guest(bufs, bat::offset(e) + inb);
         drop(io);
         // As `Vhdx::write`: marked after the write, even a failed one, with the chain held.
         self.dirty.mark(offset, len);
@@ -69,25 +69,24 @@ impl Vhdx {
     }
 }
 
-/// The top layer, its file descriptor, the offset inside the payload block and the block's
-/// BAT index, when the request is non-empty, in range and inside one block of a file that
+/// The top layer, the offset inside the payload block and the block's BAT index, when the request is non-empty, in range and inside one block of a file that
 /// allows direct I/O.
 fn direct_target<'c>(
     c: &'c Chain,
     bufs: &[GuestBuf<'_>],
     offset: u64,
-) -> Option<(&'c Layer, std::os::unix::io::RawFd, u64, usize)> {
+) -> Option<(&'c Layer, u64, usize)> {
     let len = guest_bufs_len(bufs)?;
     let end = offset.checked_add(len)?;
     if len == 0 || end > c.virtual_size() || bufs.len() > 1024 {
         return None;
     }
     let l = c.top();
-    let fd = l.io.direct_fd()?;
+    l.io.direct_fd()?;
     let bs = l.geo.block_size;
     let block = offset / bs;
     if (end - 1) / bs != block {
         return None;
     }
-    Some((l, fd, offset % bs, l.geo.payload_index(block) as usize))
+    Some((l, offset % bs, l.geo.payload_index(block) as usize))
 }
