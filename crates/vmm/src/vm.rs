@@ -323,8 +323,9 @@ impl Vm {
             );
         }
         tracing::info!(
-            "guest memory: {} MiB (memfd) in {} slot(s), MMIO hole {:#x}..{:#x}",
+            "guest memory: {} MiB ({}) in {} slot(s), MMIO hole {:#x}..{:#x}",
             ram.size >> 20,
+            ram.kind,
             slots.len(),
             crate::memory::MMIO_HOLE_START,
             crate::memory::MMIO_HOLE_END
