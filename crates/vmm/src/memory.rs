@@ -83,11 +83,13 @@ impl RamBacking {
         }
     }
 
-    /// The backing for RAM that userfaultfd will fill page by page (a lazy restore): hugetlb
-    /// takes `UFFDIO_COPY` only in whole 2 MiB pages, so the pool is never chosen for it.
+    /// The backing for RAM that userfaultfd may fill page by page (a lazy restore, a post-copy
+    /// destination): hugetlb takes `UFFDIO_COPY` only in whole 2 MiB pages, so `auto` does not
+    /// choose the pool for it. An explicit `hugetlb` stays: a restore then loads eagerly, a
+    /// destination refuses post-copy (`Vm::postcopy_refusal`).
     pub fn for_userfaultfd(self) -> RamBacking {
         match self {
-            RamBacking::Auto | RamBacking::HugeTlb => RamBacking::Huge,
+            RamBacking::Auto => RamBacking::Huge,
             other => other,
         }
     }
@@ -492,7 +494,7 @@ mod tests {
     #[test]
     fn lazy_fills_never_land_on_the_pool() {
         assert_eq!(RamBacking::Auto.for_userfaultfd(), RamBacking::Huge);
-        assert_eq!(RamBacking::HugeTlb.for_userfaultfd(), RamBacking::Huge);
+        assert_eq!(RamBacking::HugeTlb.for_userfaultfd(), RamBacking::HugeTlb);
         assert_eq!(RamBacking::Memfd.for_userfaultfd(), RamBacking::Memfd);
     }
 

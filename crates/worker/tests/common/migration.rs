@@ -118,6 +118,7 @@ pub fn incoming(spec: VmSpec, host: &Host, session: uuid::Uuid, streams: u16) ->
             streams,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: host.tls(),
+            postcopy: Default::default(),
         }),
     })
 }
