@@ -263,7 +263,10 @@ fn an_unknown_guest_ram_backing_is_bad_input() {
         err.starts_with("vireo: error: VIREO_GUEST_RAM=\"hugetlbfs\" is not a guest RAM backing"),
         "{err}"
     );
-    assert!(err.contains("`memfd`") && err.contains("`hugetlb`"), "{err}");
+    assert!(
+        err.contains("`memfd`") && err.contains("`hugetlb`"),
+        "{err}"
+    );
 }
 
 #[test]

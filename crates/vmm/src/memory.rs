@@ -254,8 +254,7 @@ impl GuestRam {
         let file = match kind {
             RamKind::HugeTlb => hugetlb::create(size),
             RamKind::HugeTmpfs => huge_tmpfs::create(size),
-            RamKind::Memfd => create_memfd(size)
-                .map_err(|e| std::io::Error::other(e.to_string())),
+            RamKind::Memfd => create_memfd(size).map_err(|e| std::io::Error::other(e.to_string())),
         }
         .map_err(|e| VmmError::MemoryAlloc(e.to_string()))?;
         let memfd = Arc::new(file);
@@ -277,9 +276,7 @@ impl GuestRam {
                 .with_mmap_flags(libc::MAP_SHARED)
                 .with_hugetlbfs(true)
                 .build()
-                .map_err(|e| {
-                    VmmError::MemoryAlloc(format!("reserving {} MiB: {e}", len >> 20))
-                })?;
+                .map_err(|e| VmmError::MemoryAlloc(format!("reserving {} MiB: {e}", len >> 20)))?;
                 GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| {
                     VmmError::MemoryAlloc(format!("region at {start:#x} overflows"))
                 })?

@@ -51,7 +51,12 @@ fn hugetlb_kib_mapped() -> u64 {
             .or_else(|| line.strip_prefix("Private_Hugetlb:"));
         if let Some(v) = pool_pages {
             if guest {
-                kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap();
+                kib += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap();
             }
         } else if line
             .split_whitespace()
@@ -94,7 +99,9 @@ fn kvm_probe_runs_on_the_hugetlb_pool_through_save_restore_and_apply() {
     // --- Boot on the pool, fill, save paused.
     let (vm, ours) = on_the_pool(|| {
         let (config, ours) = config();
-        Vm::new(config).map(|vm| (vm, ours)).map_err(|e| e.to_string())
+        Vm::new(config)
+            .map(|vm| (vm, ours))
+            .map_err(|e| e.to_string())
     });
     let h = vm.handle();
     assert_eq!(h.ram_kind(), RamKind::HugeTlb);
@@ -137,7 +144,8 @@ fn kvm_probe_runs_on_the_hugetlb_pool_through_save_restore_and_apply() {
         then: AfterSave::Resume,
         ..Default::default()
     };
-    h.save_live(&snap, Identity::default(), None, &opts).unwrap();
+    h.save_live(&snap, Identity::default(), None, &opts)
+        .unwrap();
     assert_eq!(console.command("MEM FILL 20 8 6", T).unwrap(), "OK");
     assert_ne!(sum(&mut console, "16 48"), filled);
     let r = h.apply_in_place(&snap, &ApplyOptions::default()).unwrap();

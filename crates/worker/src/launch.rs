@@ -238,9 +238,7 @@ fn ram_backing(
 ) -> Result<RamBacking, WorkerError> {
     let asked = RamBacking::from_env().map_err(WorkerError::GuestRam)?;
     Ok(match incoming {
-        Some(m) if m.postcopy != vireo_api::worker::PostcopyMode::Never => {
-            asked.for_userfaultfd()
-        }
+        Some(m) if m.postcopy != vireo_api::worker::PostcopyMode::Never => asked.for_userfaultfd(),
         _ => asked,
     })
 }
