@@ -88,6 +88,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
     -t "$BACKPORTS_SUITE" "${missing[@]}"
 fi
 
+# Guest RAM comes from the host's hugetlb pool when it has room (VIREO_GUEST_RAM=auto, the
+# default): pool pages stay backed between VMs, so a VM's first touch of its RAM (a migration's
+# destination, a restore, a boot) does not pay the host to clear and fault in fresh memory.
+# 1 GiB is reserved, raised only if lower; VMs beyond it fall back to huge tmpfs by themselves.
+HUGETLB_PAGES=512
+NR_HUGEPAGES=/proc/sys/vm/nr_hugepages
+have=$(cat "$NR_HUGEPAGES" 2>/dev/null || echo 0)
+if [ "$have" -ge "$HUGETLB_PAGES" ]; then
+  echo "setup: hugetlb pool has $have 2 MiB pages (wanted $HUGETLB_PAGES)"
+elif echo "$HUGETLB_PAGES" | $SUDO tee "$NR_HUGEPAGES" >/dev/null 2>&1; then
+  got=$(cat "$NR_HUGEPAGES")
+  echo "setup: hugetlb pool raised from $have to $got 2 MiB pages (asked $HUGETLB_PAGES; fewer means the host had no more free memory)"
+else
+  echo "setup: could not write $NR_HUGEPAGES (a container?); guest RAM stays on huge tmpfs, and the hugetlb tests are skipped" >&2
+fi
+
 echo "setup: building the workspace (release and test profiles)"
 cargo build --release --workspace --locked
 cargo test --workspace --release --no-run --locked -q

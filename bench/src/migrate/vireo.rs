@@ -299,6 +299,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
                 streams: options.streams,
                 listen: "127.0.0.1:0".parse().expect("address"),
                 tls: b.tls(),
+                postcopy: options.postcopy,
             }),
         },
     )?;

@@ -101,6 +101,10 @@ pub struct IncomingMigration {
     /// `listen_addr` once the skeleton is built.
     pub listen: std::net::SocketAddr,
     pub tls: MigrationTls,
+    /// The source's `--postcopy`: unless `never`, this VM's RAM must take page-by-page fills,
+    /// so it stays off the hugetlb pool (`RamBacking::for_userfaultfd`). Absent: `auto`.
+    #[serde(default)]
+    pub postcopy: PostcopyMode,
 }
 
 /// `--compress`.

@@ -33,9 +33,11 @@ all --disk options first (in order), then all --net options.
 With a PVH kernel (an ELF with a PVH note, like the probe) every vCPU starts at the PVH entry,
 application processors with EDI=0x56495245 (VIRE) and ESI=vCPU index (docs/probe-protocol.md).
 bzImage and plain vmlinux kernels start their application processors themselves (INIT/SIPI).
-Guest RAM is on 2 MiB host pages (a private huge-page tmpfs, which needs root; without it a
-memfd of 4 KiB pages): KVM then maps the guest 2 MiB at a time, and each 2 MiB region the guest
-touches costs 2 MiB. VIREO_GUEST_RAM=memfd keeps 4 KiB pages (VIREO_GUEST_RAM=huge is the default).
+Guest RAM is on 2 MiB host pages: from the host's hugetlb pool (/proc/sys/vm/nr_hugepages) when
+it has a free page for every 2 MiB of the guest, else a private huge-page tmpfs (needs root),
+else a memfd of 4 KiB pages. KVM then maps the guest 2 MiB at a time, and each 2 MiB region the
+guest touches costs 2 MiB. VIREO_GUEST_RAM=auto (the default) chooses so; =hugetlb insists on the
+pool (an error if it is short), =huge skips it, =memfd keeps 4 KiB pages.
 Disk reads and writes of raw images and of VHDX's allocated blocks are copies through a shared
 mapping of the image file (docs/datapath.md, \"Mapped I/O\"); VIREO_BLK_MMAP=0 uses
 preadv/pwritev instead.

@@ -251,7 +251,7 @@ fn an_unknown_guest_ram_backing_is_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
     let out = vireo()
-        .env("VIREO_GUEST_RAM", "hugetlb")
+        .env("VIREO_GUEST_RAM", "hugetlbfs")
         .args(["run", "--kernel", k.to_str().unwrap(), "--memory", "16M"])
         .stdin(std::process::Stdio::null())
         .output()
@@ -260,8 +260,43 @@ fn an_unknown_guest_ram_backing_is_bad_input() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        err.starts_with("vireo: error: VIREO_GUEST_RAM=\"hugetlb\" is not a guest RAM backing"),
+        err.starts_with("vireo: error: VIREO_GUEST_RAM=\"hugetlbfs\" is not a guest RAM backing"),
         "{err}"
     );
-    assert!(err.contains("`memfd`"), "{err}");
+    assert!(
+        err.contains("`memfd`") && err.contains("`hugetlb`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hugetlb_asked_of_a_short_pool_is_one_line_naming_the_sysctl() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let pool_pages: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    // More than the whole pool holds, however many pages other VMs use right now.
+    let mib = (pool_pages + 32) * 2;
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_kernel(dir.path(), &test_images::hello_poweroff(0));
+    let out = vireo()
+        .env("VIREO_GUEST_RAM", "hugetlb")
+        .args(["run", "--kernel", k.to_str().unwrap(), "--memory"])
+        .arg(format!("{mib}M"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("more than this host can back") {
+        vireo_testkit::skip_env("a host with more memory than its hugetlb pool");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("vireo: error: "), "{err}");
+    assert!(err.contains("/proc/sys/vm/nr_hugepages"), "{err}");
+    assert!(err.contains(&format!("{mib} MiB")), "{err}");
 }

@@ -32,7 +32,7 @@ pub use config::{ConsoleConfig, VirtioSlot, VmConfig};
 pub use dirty::DirtyBitmap;
 pub use error::{LifecycleError, VmmError};
 pub use exit::VmExit;
-pub use memory::RamBacking;
+pub use memory::{RamBacking, RamKind};
 pub use state::{StateError, VmState};
 pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{

@@ -176,6 +176,10 @@ impl VmHandle {
     pub fn memory(&self) -> &GuestMemory {
         &self.0.ram.memory
     }
+    /// What backs guest RAM (after any fallback from what the config asked for).
+    pub fn ram_kind(&self) -> crate::memory::RamKind {
+        self.0.ram.kind
+    }
     /// How KVM maps guest RAM right now (leaf entries per page size); `None` where the kernel
     /// has no stats file. For tests and benchmarks: whether 2 MiB mappings came back after
     /// something dropped them.
@@ -323,8 +327,9 @@ impl Vm {
             );
         }
         tracing::info!(
-            "guest memory: {} MiB (memfd) in {} slot(s), MMIO hole {:#x}..{:#x}",
+            "guest memory: {} MiB ({}) in {} slot(s), MMIO hole {:#x}..{:#x}",
             ram.size >> 20,
+            ram.kind,
             slots.len(),
             crate::memory::MMIO_HOLE_START,
             crate::memory::MMIO_HOLE_END

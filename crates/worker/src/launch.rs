@@ -231,6 +231,18 @@ fn connect_nics(spec: &VmSpec, sockets: &[PathBuf]) -> Result<Vec<VirtioSlot>, W
     Ok(slots)
 }
 
+/// What backs the VM's RAM: `VIREO_GUEST_RAM`, kept off the hugetlb pool under `auto` when
+/// the source may switch this incoming VM to post-copy.
+fn ram_backing(
+    incoming: Option<&vireo_api::worker::IncomingMigration>,
+) -> Result<RamBacking, WorkerError> {
+    let asked = RamBacking::from_env().map_err(WorkerError::GuestRam)?;
+    Ok(match incoming {
+        Some(m) if m.postcopy != vireo_api::worker::PostcopyMode::Never => asked.for_userfaultfd(),
+        _ => asked,
+    })
+}
+
 fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerError> {
     let launch = read_launch(dir)?;
     let spec = launch.spec;
@@ -271,7 +283,7 @@ fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerErro
         devices,
         disk_slots: vireo_api::worker::WORKER_DISK_SLOTS,
         console: ConsoleConfig::Stream(vmm_end),
-        ram_backing: RamBacking::from_env().map_err(WorkerError::GuestRam)?,
+        ram_backing: ram_backing(launch.incoming.as_ref())?,
     };
     let vm = match &launch.restore_from {
         None => Vm::new(config)?,

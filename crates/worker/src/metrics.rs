@@ -14,7 +14,8 @@ use vireo_virtio::block::BlockCounters;
 
 /// What names the guest-RAM mapping in smaps: vireo-vmm's huge-page file (the default,
 /// `memory/huge_tmpfs.rs`), shown as `/vireo-guest-ram (deleted)`, or its memfd (`memory.rs`,
-/// `memfd_create("vireo-guest-ram")`), shown as `/memfd:vireo-guest-ram (deleted)`.
+/// `memfd_create("vireo-guest-ram")`, also on the hugetlb pool), shown as
+/// `/memfd:vireo-guest-ram (deleted)`.
 pub const GUEST_RAM_MAPPING: &str = "vireo-guest-ram (deleted)";
 
 /// `AT_CLKTCK` in the auxiliary vector: the unit of the CPU times in `/proc/*/stat`.
@@ -175,7 +176,8 @@ pub fn memory_from_smaps(smaps: &str) -> (u64, u64) {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             match field {
-                "Rss" if guest => resident += kib * 1024,
+                // Pool pages are not in Rss; smaps counts them apart.
+                "Rss" | "Shared_Hugetlb" | "Private_Hugetlb" if guest => resident += kib * 1024,
                 "Private_Clean" | "Private_Dirty" if !guest => private += kib * 1024,
                 _ => {}
             }
@@ -223,8 +225,16 @@ Rss:                   4 kB
 7f0040000000-7f0040400000 rw-s 00000000 00:2f 3 /vireo-guest-ram (deleted)
 Rss:                2048 kB
 Private_Dirty:      2048 kB
+7f0060000000-7f0061000000 rw-s 00000000 00:10 7 /memfd:vireo-guest-ram (deleted)
+Rss:                   0 kB
+Shared_Hugetlb:     4096 kB
+Private_Hugetlb:       0 kB
 ";
-        assert_eq!(memory_from_smaps(smaps), (10244 * 1024, (12 + 132) * 1024));
+        // The last mapping is guest RAM on the hugetlb pool: its pages show only as Hugetlb.
+        assert_eq!(
+            memory_from_smaps(smaps),
+            ((10244 + 4096) * 1024, (12 + 132) * 1024)
+        );
         assert_eq!(memory_from_smaps(""), (0, 0));
     }
 

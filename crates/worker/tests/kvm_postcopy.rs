@@ -56,6 +56,7 @@ fn setup() -> Setup {
             streams: 1,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: b.tls(),
+            postcopy: Default::default(),
         }),
     });
     let to = wait_status(&dst, "listening", |p| p.listen_addr.is_some())

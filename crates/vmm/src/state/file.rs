@@ -196,9 +196,7 @@ pub(crate) fn read_memory(
             sums.verify(off, &buf[..n]).map_err(|e| corrupt(path, e))?;
         }
         if buf[..n].iter().any(|&b| b != 0) {
-            ram.memfd
-                .write_all_at(&buf[..n], off)
-                .map_err(io_err(path))?;
+            ram.write_at(&buf[..n], off).map_err(io_err(path))?;
         }
         off += n as u64;
     }

@@ -403,13 +403,12 @@ impl VmHandle {
         })
     }
 
-    /// Writes into guest RAM through the memfd: no guest write, so nothing lands in the dirty
+    /// Writes into guest RAM as a `pwrite` would: no guest write, so nothing lands in the dirty
     /// log (the page then equals the save, which is what the log must not report).
     fn write_ram(&self, off: u64, buf: &[u8]) -> Result<(), StateError> {
         self.0
             .ram
-            .memfd
-            .write_all_at(buf, off)
+            .write_at(buf, off)
             .map_err(|e| StateError::Kvm(format!("writing guest RAM at {off:#x}: {e}")))
     }
 

@@ -240,7 +240,11 @@ impl Vm {
         }
         trace::mark("checked");
         // Another process mapping RAM would not see pages a lazy restore has not filled yet.
-        let eager = from.eager || config.devices.iter().any(|d| d.device.maps_guest_memory());
+        // RAM asked to be on the hugetlb pool, which a lazy fill cannot use (whole 2 MiB
+        // pages only; `RamBacking::for_userfaultfd`), is loaded before the VM runs instead.
+        let eager = from.eager
+            || config.ram_backing == crate::memory::RamBacking::HugeTlb
+            || config.devices.iter().any(|d| d.device.maps_guest_memory());
         let vm = if eager {
             let vm = Vm::new(config)?;
             trace::mark("VM built (Vm::new)");
@@ -250,7 +254,7 @@ impl Vm {
             // Memory first: its fill (working set, then faults and readahead) runs on other
             // threads while this one builds the VM, so the two use both CPUs (measured:
             // docs/vm-state.md, "Restore timing").
-            let ram = GuestRam::with_backing(config.memory, config.ram_backing)?;
+            let ram = GuestRam::with_backing(config.memory, config.ram_backing.for_userfaultfd())?;
             let exit = Arc::new(ExitState::default());
             let hot = from
                 .working_set

@@ -274,6 +274,12 @@ fn accept_all(
                 let _ = handoff::send(&mut stream, "FAILED a request channel is open already");
                 continue;
             }
+            if let Some(why) = s.vm.postcopy_refusal() {
+                // The source then migrates pre-copy only (or fails, asked for `always`).
+                handoff::send(&mut stream, &format!("{}{why}", postcopy::NO_POSTCOPY))
+                    .map_err(|e| format!("answering the request channel: {e}"))?;
+                continue;
+            }
             handoff::send(&mut stream, "OK")
                 .map_err(|e| format!("answering the request channel: {e}"))?;
             requests = Some(stream);

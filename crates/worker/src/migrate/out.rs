@@ -104,11 +104,13 @@ fn connect(
     let n = options.streams;
     let requests = match options.postcopy {
         PostcopyMode::Never => None,
-        _ => {
-            let c = postcopy::connect_requests(to, cfg.clone(), session, n)?;
-            s.migration.add_socket(c.sock.tcp());
+        mode => {
+            let c = postcopy::connect_requests(to, cfg.clone(), session, n, mode)?;
+            if let Some(c) = &c {
+                s.migration.add_socket(c.sock.tcp());
+            }
             timeline.mark("request channel");
-            Some(c)
+            c
         }
     };
     let one = |i: u16| -> Result<Sender<ClientStream>, String> {

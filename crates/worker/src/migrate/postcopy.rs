@@ -31,24 +31,46 @@ pub fn policy(mode: PostcopyMode) -> PostcopyPolicy {
     }
 }
 
+/// What a destination answers on the request channel when its VM cannot take post-copy,
+/// followed by the reason (its guest RAM is on the hugetlb pool).
+pub const NO_POSTCOPY: &str = "NO ";
+
 /// Source: opens the request channel (before the page streams, so the destination meets it
-/// while it accepts them). Its reads never time out: requests may be far apart.
+/// while it accepts them). Its reads never time out: requests may be far apart. `Ok(None)`:
+/// the destination cannot take post-copy and `mode` is `auto`, so the migration goes on
+/// pre-copy only; with `always` that is an error.
 pub fn connect_requests(
     to: SocketAddr,
     cfg: Arc<ClientConfig>,
     session: Uuid,
     streams: u16,
-) -> Result<ClientStream, String> {
+    mode: PostcopyMode,
+) -> Result<Option<ClientStream>, String> {
     let mut c = hostauth::connect(to, cfg, IO_TIMEOUT)
         .map_err(|e| format!("post-copy request channel to {to}: {e}"))?;
     Preamble::requests(session, streams)
         .write(&mut c)
         .map_err(|e| format!("post-copy request channel to {to}: {e}"))?;
-    handoff::expect(&mut c, "OK").map_err(|e| {
-        format!("post-copy request channel to {to}: the destination refused it: {e}")
-    })?;
+    let answer = handoff::recv(&mut c)
+        .map_err(|e| format!("post-copy request channel to {to}: waiting for OK: {e}"))?;
+    if let Some(why) = answer.strip_prefix(NO_POSTCOPY) {
+        if mode == PostcopyMode::Always {
+            return Err(format!(
+                "the destination {to} cannot take post-copy ({why}); migrate with \
+                 --postcopy auto or never"
+            ));
+        }
+        tracing::info!("migrating pre-copy only: the destination {to} says {why}");
+        return Ok(None);
+    }
+    if answer != "OK" {
+        let why = answer.strip_prefix("FAILED ").unwrap_or(&answer);
+        return Err(format!(
+            "post-copy request channel to {to}: the destination refused it: {why}"
+        ));
+    }
     let _ = c.sock.tcp().set_read_timeout(None);
-    Ok(c)
+    Ok(Some(c))
 }
 
 /// Source, after `RUNNING`: serves the missing pages until all are sent. `Ok`: the VM may

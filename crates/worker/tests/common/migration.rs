@@ -118,6 +118,8 @@ pub fn incoming(spec: VmSpec, host: &Host, session: uuid::Uuid, streams: u16) ->
             streams,
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: host.tls(),
+            // As `migrate_out` migrates: so the destination may take the hugetlb pool.
+            postcopy: PostcopyMode::Never,
         }),
     })
 }

@@ -411,6 +411,9 @@ async fn receive_live(
         streams,
         listen: SocketAddr::new(listen_ip, 0),
         tls,
+        // The peer protocol does not carry the source's mode yet: assume post-copy may come,
+        // which keeps the destination's RAM off the hugetlb pool.
+        postcopy: Default::default(),
     };
     let t = std::time::Instant::now();
     let worker = d.sup.spawn_with(d, vm, None, Some(incoming))?;

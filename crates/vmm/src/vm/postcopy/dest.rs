@@ -195,6 +195,9 @@ impl Vm {
             )
             .into());
         }
+        if let Some(why) = self.postcopy_refusal() {
+            return Err(StateError::Mismatch(why).into());
+        }
         let kvm =
             |what: &str, e: std::io::Error| StateError::Kvm(format!("post-copy: {what}: {e}"));
         // An older copy of a missing page may be in the memfd from an earlier round: punch it

@@ -41,11 +41,27 @@ impl super::VmHandle {
             .iter()
             .any(|t| super::lock(t).maps_guest_memory())
     }
+
+    /// Why this VM's RAM cannot take post-copy's page-by-page fill, if it cannot: RAM from the
+    /// hugetlb pool takes userfaultfd fills only in whole 2 MiB pages (`memory/hugetlb.rs`).
+    /// A destination says so when the source opens the request channel, before any page moves.
+    pub fn postcopy_refusal(&self) -> Option<String> {
+        (self.0.ram.kind == crate::memory::RamKind::HugeTlb).then(|| {
+            "post-copy is not possible here: guest RAM is on the hugetlb pool, which \
+             userfaultfd fills only in whole 2 MiB pages"
+                .to_string()
+        })
+    }
 }
 
 impl super::Vm {
     /// See [`super::VmHandle::devices_map_memory`].
     pub fn devices_map_memory(&self) -> bool {
         self.handle().devices_map_memory()
+    }
+
+    /// See [`super::VmHandle::postcopy_refusal`].
+    pub fn postcopy_refusal(&self) -> Option<String> {
+        self.handle().postcopy_refusal()
     }
 }
