@@ -218,6 +218,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Checkpoint operations cut short by a crash: finished or rolled back before any
         // request can touch their VMs' files.
         vireo_hostd::daemon::checkpoints::recover::recover_all(&daemon).await;
+        // Storage moves whose worker switched, then ended while vireod was down: the copies
+        // hold the guest's last writes, so the spec takes them.
+        vireo_hostd::daemon::switch_record::recover_all(&daemon).await;
         // Saved VMs' disk locks ended with the previous vireod: taken again before any
         // request (or the automatic start) can restore one.
         vireo_hostd::daemon::disk_locks::relock_saved(&daemon);
