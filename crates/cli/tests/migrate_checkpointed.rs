@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
-    wait_for_progress, Storage,
+    migration_address, progress_of, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_end_growing, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::tree::checkpoints;
@@ -336,11 +336,21 @@ fn a_live_migration_carries_what_the_guest_writes_during_it() {
     // now reach the destination only as the copy's dirty chunks (its last ones at the
     // switch-over), one of them over data the top already held.
     let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    // The tree's files (sent by vireod) count first, the worker's bytes after them: the
+    // figure only grows, also where the worker's own count takes over.
+    wait_for_progress(&a, &job_id, "transferred_bytes");
+    let seen = progress_of(&a, &job_id, "transferred_bytes");
     wait_for_progress(&a, &job_id, "disk_bytes_total");
     c.ok("DISK 0 WRITE 32 16 13");
     c.ok("DISK 0 WRITE 4096 64 14");
     c.ok("DISK 0 FLUSH");
-    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    let j = wait_for_end_growing(
+        &a,
+        &job_id,
+        "transferred_bytes",
+        seen,
+        Duration::from_secs(120),
+    );
     assert_eq!(j["state"], "completed", "{j}");
     drop(c);
 
