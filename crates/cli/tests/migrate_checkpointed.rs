@@ -10,7 +10,8 @@
 //! nothing on the destination (after its restart). A shared-nothing migration
 //! (`--with-storage --dest-dir DIR`, each vireod its own storage root) carries the tree with
 //! the user's base disk, which lands in DIR; the destination's worker killed in its pre-copy
-//! leaves the tree at the source and nothing on the destination (DIR empty again). A disk in
+//! leaves the tree at the source and nothing on the destination (DIR empty again); so does the
+//! destination's vireod dying once the tree arrived (DIR as it was, after its restart). A disk in
 //! none of the checkpoints is refused before anything moves, naming it.
 
 use std::path::Path;
@@ -19,8 +20,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
-    wait_for_progress, Storage,
+    migration_address, progress_of, start_migration, trust_each_other, two_hosts, wait_for_end,
+    wait_for_end_growing, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::tree::checkpoints;
@@ -335,11 +336,21 @@ fn a_live_migration_carries_what_the_guest_writes_during_it() {
     // now reach the destination only as the copy's dirty chunks (its last ones at the
     // switch-over), one of them over data the top already held.
     let job_id = start_migration(&a, &["m", "--to", &to, "--bandwidth", "1M"]);
+    // The tree's files (sent by vireod) count first, the worker's bytes after them: the
+    // figure only grows, also where the worker's own count takes over.
+    wait_for_progress(&a, &job_id, "transferred_bytes");
+    let seen = progress_of(&a, &job_id, "transferred_bytes");
     wait_for_progress(&a, &job_id, "disk_bytes_total");
     c.ok("DISK 0 WRITE 32 16 13");
     c.ok("DISK 0 WRITE 4096 64 14");
     c.ok("DISK 0 FLUSH");
-    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    let j = wait_for_end_growing(
+        &a,
+        &job_id,
+        "transferred_bytes",
+        seen,
+        Duration::from_secs(120),
+    );
     assert_eq!(j["state"], "completed", "{j}");
     drop(c);
 
@@ -656,6 +667,70 @@ fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_
     let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 VERIFY 0 64 7");
     drop(c);
+    first_applies(&a, "m", &first_sum, &[]);
+}
+
+#[test]
+fn a_destination_vireod_dying_mid_arrival_of_a_shared_nothing_migration_leaves_dir_as_it_was() {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let Some(a) = Daemon::start_args(&listen) else {
+        return;
+    };
+    // B dies (abort, as a SIGKILL) with every file of the tree in: the base disk in DIR.
+    let fault = [("VIREO_CHECKPOINT_FAULT", "migrate-live-tree-arrived")];
+    let Some(mut b) = Daemon::start_args_env(&listen, &fault) else {
+        return;
+    };
+    trust_each_other(&a, &b);
+    let to = migration_address(&b);
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    let tree = checkpoints(&a, "m");
+    let id = a.vm("m").id();
+    let pid = a.worker_pid("m");
+    let (dest, args) = shared_nothing_args(&b, &to);
+    // A file that was there before: never the migration's to remove.
+    let theirs = dest.join("theirs.vhdx");
+    std::fs::write(&theirs, b"not the migration's").unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let job_id = start_migration(&a, &args);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        b.child.try_wait().unwrap().is_some(),
+        "B did not die at the fault point"
+    );
+    assert!(
+        dest.join("m.vhdx").is_file(),
+        "the base disk never arrived in DIR: {:?}",
+        entries(&dest)
+    );
+
+    // Exactly one place: here, the same worker, the tree whole.
+    assert_eq!(a.vm("m").state.name(), "running");
+    assert_eq!(a.worker_pid("m"), pid);
+    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    drop(c);
+
+    // B back without the fault: no record, no folder, DIR as it was before the migration.
+    b.kill9();
+    b.env.clear();
+    b.restart();
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    assert_eq!(
+        entries(&dest),
+        vec![std::ffi::OsString::from("theirs.vhdx")]
+    );
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"not the migration's");
+
     first_applies(&a, "m", &first_sum, &[]);
 }
 

@@ -7,59 +7,14 @@
 //! files go beside the moved ones. A checkpoint operation during the move is refused. vireod
 //! killed at the new fault points leaves one whole layout, settled at its next start.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireo_api::{Job, JobState};
-use vireo_vhdx::{CreateOptions, OpenOptions, Vhdx};
 use vireod_harness::console::Console;
+use vireod_harness::live_move::{base_disk, die_during_move, running_with_two_checkpoints};
 use vireod_harness::tree::{all_check_clean, files_in_use, vhdx_on_disk};
 use vireod_harness::Daemon;
-
-const MIB: u64 = 1 << 20;
-/// Data in the base disk: enough that copying the frozen files takes a while, so the guest's
-/// writes and the refused checkpoint land while the move runs.
-const BASE_DATA_MIB: u64 = 192;
-
-/// A 256 MiB VHDX with `BASE_DATA_MIB` of non-zero data past the first MiB (the probe's test
-/// writes stay in the first MiB).
-fn base_disk(dir: &Path) -> PathBuf {
-    let base = dir.join("r.vhdx");
-    let opts = CreateOptions {
-        size: 256 * MIB,
-        block_size: MIB as u32,
-        ..Default::default()
-    };
-    drop(Vhdx::create(&base, &opts).unwrap());
-    let v = Vhdx::open(&base, &OpenOptions::default()).unwrap();
-    let chunk = vec![0x5au8; MIB as usize];
-    for i in 0..BASE_DATA_MIB {
-        v.write(&chunk, (1 + i) * MIB).unwrap();
-    }
-    v.flush().unwrap();
-    base
-}
-
-/// A running VM "r" on `base` with two checkpoints; returns the console and the memory sum
-/// the first checkpoint keeps.
-fn running_with_two_checkpoints(d: &Daemon) -> (Console, String) {
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    d.ok(&[
-        "vm", "create", "r", "--kernel", &kernel, "--memory", "64M", "--disk", "r.vhdx",
-    ]);
-    d.ok(&["vm", "start", "r"]);
-    let mut c = Console::attach(d, "r");
-    c.ok("DISK 0 WRITE 0 64 5");
-    c.ok("MEM FILL 16 8 9");
-    let sum = c.ok("MEM SUM 16 8");
-    d.ok(&["checkpoint", "create", "r", "first"]);
-    c.ok("DISK 0 WRITE 64 64 6");
-    c.ok("MEM FILL 16 8 10");
-    d.ok(&["checkpoint", "create", "r", "second"]);
-    c.ok("DISK 0 WRITE 128 64 7");
-    (c, sum)
-}
 
 fn job_id(no_wait_output: &str) -> String {
     no_wait_output
@@ -152,43 +107,6 @@ fn a_running_vm_moves_with_its_checkpoints() {
     d.ok(&["vm", "turn-off", "r"]);
     assert_eq!(vhdx_on_disk(d.dir.path()), files_in_use(&d, "r"));
     all_check_clean(&d, &files_in_use(&d, "r"));
-}
-
-/// vireod dies (abort, as SIGKILL) at `point` of a running VM's move to `to`; restarted, it
-/// has settled the move.
-fn die_during_move(d: &mut Daemon, point: &str, to: &Path) {
-    d.kill9();
-    d.restart_env(&[("VIREO_CHECKPOINT_FAULT", point)]);
-    let r = d.run(&[
-        "vm",
-        "move-storage",
-        "r",
-        "--to",
-        to.to_str().unwrap(),
-        "--no-wait",
-    ]);
-    eprintln!(
-        "move-storage cut short at {point}: {}",
-        String::from_utf8_lossy(&r.stdout).trim()
-    );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while d.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "vireod did not die at {point}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d.restart();
-    // Recovery runs at start-up; wait until the intent is gone. An apply is refused during a
-    // move before it looks the checkpoint up, so an unknown one tells the two apart.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (_, line) = d.fails(&["checkpoint", "apply", "r", "no-such-checkpoint"]);
-        if !line.contains("moving its storage") {
-            assert!(line.contains("no checkpoint"), "{line}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the move was never settled");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

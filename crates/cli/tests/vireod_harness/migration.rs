@@ -52,6 +52,35 @@ pub fn wait_for_end(d: &Daemon, job_id: &str, limit: Duration) -> serde_json::Va
     }
 }
 
+/// As [`wait_for_end`], and on every poll the job's `migration.<counter>` is at least what
+/// it was at the one before (and at least `from`): a figure that only grows.
+pub fn wait_for_end_growing(
+    d: &Daemon,
+    job_id: &str,
+    counter: &str,
+    from: u64,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    let mut last = from;
+    loop {
+        let j = job(d, job_id);
+        let now = j["migration"][counter].as_u64().unwrap_or(0);
+        assert!(now >= last, "{counter} fell from {last} to {now}: {j}");
+        last = now;
+        if j["state"] != "running" {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The job's `migration.<counter>` now.
+pub fn progress_of(d: &Daemon, job_id: &str, counter: &str) -> u64 {
+    job(d, job_id)["migration"][counter].as_u64().unwrap_or(0)
+}
+
 /// Waits (at most 60 s) until the migration job's `migration.<counter>` is above 0, e.g.
 /// `transferred_bytes` or `disk_bytes_copied`; the job must still be running meanwhile.
 pub fn wait_for_progress(d: &Daemon, job_id: &str, counter: &str) {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod console;
+pub mod live_move;
 pub mod migration;
 pub mod tmpfs;
 pub mod tree;

@@ -215,9 +215,14 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         adopt::adopt_all(&daemon).await;
         // VMs a migration left half-arrived: kept if their worker runs them, else removed.
         migrate::recover::recover_all(&daemon).await;
+        // Copies a shared-nothing arrival made in its dest_dir, if it never ran here.
+        migrate::arriving::recover_all(&daemon);
         // Checkpoint operations cut short by a crash: finished or rolled back before any
         // request can touch their VMs' files.
         vireo_hostd::daemon::checkpoints::recover::recover_all(&daemon).await;
+        // Storage moves whose worker switched, then ended while vireod was down: the copies
+        // hold the guest's last writes, so the spec takes them.
+        vireo_hostd::daemon::switch_record::recover_all(&daemon).await;
         // Saved VMs' disk locks ended with the previous vireod: taken again before any
         // request (or the automatic start) can restore one.
         vireo_hostd::daemon::disk_locks::relock_saved(&daemon);

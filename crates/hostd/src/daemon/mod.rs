@@ -31,6 +31,7 @@ pub mod save;
 pub mod server;
 pub mod storage;
 pub mod supervisor;
+pub mod switch_record;
 pub mod switches;
 pub mod sys;
 pub mod tls;

@@ -362,8 +362,11 @@ async fn follow_plain(
     cancel: tokio::sync::watch::Receiver<bool>,
 ) -> End {
     match follow_worker(d, sock, job, cancel, 0).await {
-        WorkerEnd::Switched(p) => match apply(d, job, &p.disks) {
+        WorkerEnd::Switched(p) => match switched_then_apply(d, job, &p.disks) {
             Ok(()) => {
+                if let Some(vm) = d.store.get_job(job).ok().and_then(|j| j.vm_id) {
+                    super::switch_record::forget(d, vm);
+                }
                 if let Some(note) = p.message {
                     tracing::info!("move storage: {note}");
                 }
@@ -376,8 +379,33 @@ async fn follow_plain(
             let _ = apply(d, job, &p.disks);
             End::Failed(m)
         }
-        WorkerEnd::Silent(m) => End::Failed(m),
+        WorkerEnd::Silent(m) => after_silence(d, job, m),
     }
+}
+
+/// The worker went silent during the move. Gone, it may have switched first: its record
+/// says so, and then the copies (holding the guest's last writes) become the VM's disks.
+fn after_silence(d: &Daemon, job: Uuid, m: String) -> End {
+    let Some(vm) = d.store.get_job(job).ok().and_then(|j| j.vm_id) else {
+        return End::Failed(m);
+    };
+    if d.sup.get(vm).is_some() {
+        return End::Failed(m);
+    }
+    match super::switch_record::switched(d, vm) {
+        Some(rec) => match super::switch_record::apply_plain(d, vm, &rec) {
+            Ok(()) => End::Done,
+            Err(e) => End::Failed(format!("{m}; {e}")),
+        },
+        None => End::Failed(m),
+    }
+}
+
+/// The worker switched, the spec does not say so yet: the fault point of a move cut short
+/// there (vireod dies; its restart finds the worker, or its switch record, on the copies).
+fn switched_then_apply(d: &Daemon, job: Uuid, disks: &[MoveDiskProgress]) -> Result<(), String> {
+    super::checkpoints::fault_point("move-switched");
+    apply(d, job, disks)
 }
 
 /// Writes the disks' current files into the spec of the job's VM (by serial, else by index).
@@ -476,6 +504,7 @@ async fn move_offline(
             targets: &[],
             progress: &progress2,
             cancel: &stop2,
+            record_in: None,
         };
         job.run(&moving, &|_, _, _| {})?;
         Ok(progress2.lock().disks.clone())
@@ -553,8 +582,10 @@ pub fn after_adopt(daemon: &Arc<Daemon>, sock: PathBuf, vm_id: Uuid) {
         if changed {
             if let Err(e) = d.store.update_spec(vm_id, &spec) {
                 tracing::error!(vm = %vm_id, "updating moved disk paths: {e}");
+                return;
             }
         }
+        super::switch_record::forget(&d, vm_id);
     });
 }
 

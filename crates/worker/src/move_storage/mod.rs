@@ -20,6 +20,7 @@
 
 mod mirror;
 mod prepare;
+pub mod record;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,6 +158,7 @@ pub fn start(
                 targets: &targets,
                 progress: &progress,
                 cancel: &cancel,
+                record_in: Some(&st.vm_dir),
             };
             let outcome = job.run(&disks, &|index, path, image| {
                 st.hotplug.retarget(index, path, image, &st.meter)
@@ -215,6 +217,9 @@ pub struct Job<'a> {
     pub targets: &'a [MoveTarget],
     pub progress: &'a Mutex<MoveProgress>,
     pub cancel: &'a AtomicBool,
+    /// The VM folder the switch is recorded in ([`record`]) before any disk switches; `None`
+    /// where nobody runs the VM meanwhile (vireod's move of a VM that is off, tests).
+    pub record_in: Option<&'a Path>,
 }
 
 impl Job<'_> {
@@ -372,7 +377,9 @@ impl Job<'_> {
                 .flush()
                 .map_err(|e| self.dest_error(p, e.to_string()))?;
         }
-        // Past this point nothing can fail: every copy is complete and durable.
+        self.record_switch(disks, ready)?;
+        // Past this point nothing can fail: every copy is complete and durable, and so is
+        // the record saying the VM runs on them.
         let mut old = Vec::new();
         for (i, (park, p)) in parked.into_iter().zip(ready).enumerate() {
             old.push(park.switch(p.dest.clone(), p.dest_path.clone(), p.dest_image.clone()));
@@ -384,6 +391,36 @@ impl Job<'_> {
         // The old images close here (their locks go); the guards above unparked the disks.
         drop(old);
         Ok(())
+    }
+}
+
+impl Job<'_> {
+    /// Still parked: a guest write can reach a copy only after this returned Ok, so a reader
+    /// of the record that finds the worker gone knows every later write is in the copies.
+    fn record_switch(&self, disks: &[Disk], ready: &[Prepared]) -> Result<(), String> {
+        let Some(dir) = self.record_in else {
+            return Ok(());
+        };
+        let r = record::SwitchRecord {
+            disks: disks
+                .iter()
+                .zip(ready)
+                .map(|(d, p)| record::SwitchedDisk {
+                    serial: d.serial.clone(),
+                    from: d.from.clone(),
+                    to: p.dest_path.clone(),
+                    old_files: p.old_files.clone(),
+                })
+                .collect(),
+        };
+        record::write(dir, &r).map_err(|e| {
+            // Half written (renamed, the folder not synced): gone, so nobody trusts it.
+            record::remove(dir);
+            format!(
+                "recording the switch in {}: {e}",
+                dir.join(record::SWITCH_RECORD).display()
+            )
+        })
     }
 }
 

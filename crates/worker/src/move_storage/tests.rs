@@ -107,6 +107,19 @@ fn run_move(
     shadow: &Shadow,
     cancel_at_start: bool,
 ) -> Run {
+    run_move_recorded(movable, from, to, flatten, shadow, cancel_at_start, None)
+}
+
+/// [`run_move`], the switch recorded in `record_in` as the worker does in its VM folder.
+fn run_move_recorded(
+    movable: &Arc<MovableBackend>,
+    from: &Path,
+    to: &Path,
+    flatten: bool,
+    shadow: &Shadow,
+    cancel_at_start: bool,
+    record_in: Option<&Path>,
+) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let g = {
         let (b, sh, st) = (movable.clone(), shadow.clone(), stop.clone());
@@ -130,6 +143,7 @@ fn run_move(
         targets: &[],
         progress: &progress,
         cancel: &cancel,
+        record_in,
     };
     let outcome = job.run(&disks, &|i, p, _img| {
         assert_eq!(i, 0);
@@ -196,6 +210,59 @@ fn raw_disk_moves_with_every_concurrent_write() {
     drop(movable);
     let reopened = RawFile::open(&new, false).unwrap();
     check_against(&reopened, &raw_base, &sh);
+}
+
+#[test]
+fn a_switch_is_recorded_before_the_vm_runs_on_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, movable) = raw_source(dir.path());
+    let (to, vm_dir) = (dir.path().join("new"), dir.path().join("vm"));
+    std::fs::create_dir(&to).unwrap();
+    std::fs::create_dir(&vm_dir).unwrap();
+    let sh = shadow();
+    let r = run_move_recorded(&movable, &src, &to, false, &sh, false, Some(&vm_dir));
+    assert_eq!(r.outcome, Ok(None), "{:?}", r.progress);
+    let rec = record::read(&vm_dir).expect("the switch was recorded");
+    assert_eq!(
+        rec.disks,
+        vec![record::SwitchedDisk {
+            serial: Some("S0".into()),
+            from: src.clone(),
+            to: to.join("disk.img"),
+            old_files: vec![src],
+        }]
+    );
+    assert!(rec.copies_exist());
+}
+
+#[test]
+fn a_move_that_never_switched_leaves_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, movable) = raw_source(dir.path());
+    let (to, vm_dir) = (dir.path().join("new"), dir.path().join("vm"));
+    std::fs::create_dir(&to).unwrap();
+    std::fs::create_dir(&vm_dir).unwrap();
+    let sh = shadow();
+    let r = run_move_recorded(&movable, &src, &to, false, &sh, true, Some(&vm_dir));
+    assert_eq!(r.outcome, Err(CANCELLED.to_string()));
+    assert_eq!(record::read(&vm_dir), None);
+    assert_eq!(std::fs::read_dir(&vm_dir).unwrap().count(), 0);
+}
+
+#[test]
+fn a_switch_that_cannot_be_recorded_does_not_happen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, movable) = raw_source(dir.path());
+    let to = dir.path().join("new");
+    std::fs::create_dir(&to).unwrap();
+    let sh = shadow();
+    let gone = dir.path().join("no-such-vm-dir");
+    let r = run_move_recorded(&movable, &src, &to, false, &sh, false, Some(&gone));
+    let e = r.outcome.unwrap_err();
+    assert!(e.contains("recording the switch"), "{e}");
+    assert_eq!(movable.image().0, src, "still on the old file");
+    assert_eq!(std::fs::read_dir(&to).unwrap().count(), 0, "no leftovers");
+    check_against(&*movable, &raw_base, &sh);
 }
 
 #[test]

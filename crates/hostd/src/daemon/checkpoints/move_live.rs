@@ -148,10 +148,16 @@ pub async fn drive(
         }
         // It may have switched before it went silent: while it lives the copies stay,
         // accounted for by the intent, until a restart asks it (`settle`). Gone (the VM
-        // ended), the old layout is the whole one kept, as `settle` would.
+        // ended), its switch record decides, as `settle` would.
         WorkerEnd::Silent(m) => {
             if d.sup.get(id).is_none() {
-                move_tree::roll_back(d, id, &tree.files);
+                let live = LiveMove {
+                    tops,
+                    renames: tree.renames.clone(),
+                };
+                if settle_without_worker(d, id, &tree.files, &live)? {
+                    return Ok(());
+                }
             }
             return Err(m);
         }
@@ -176,6 +182,7 @@ fn commit(
              vireod records it at its next start"
         ));
     }
+    super::super::switch_record::forget(d, id);
     fault_point("move-commit");
     move_tree::finish(d, id, files, keep);
     Ok(())
@@ -238,11 +245,7 @@ pub async fn settle(
     live: &LiveMove,
 ) -> Result<bool, String> {
     let Some(w) = d.sup.get(vm) else {
-        // No worker: the VM ran on its old files unless the worker switched and then ended
-        // while vireod was away (docs/storage-migration.md, "Not yet"). The old layout is
-        // whole either way, so it is the one kept.
-        move_tree::roll_back(d, vm, files);
-        return Ok(false);
+        return settle_without_worker(d, vm, files, live);
     };
     let sock = w.socket();
     // Bounded like `move_storage::after_adopt`: a large disk's copy may take long.
@@ -257,11 +260,7 @@ pub async fn settle(
     let Ok(WorkerReply::Metrics(m)) = call_once(&sock, WorkerOp::Metrics).await else {
         return Err("the worker did not report its disks".into());
     };
-    let new_tops: Vec<PathBuf> = live
-        .tops
-        .iter()
-        .filter_map(|t| files.iter().find(|f| &f.from == t).map(|f| f.to.clone()))
-        .collect();
+    let new_tops = new_tops(files, live);
     let switched = m
         .disks
         .iter()
@@ -270,6 +269,40 @@ pub async fn settle(
         move_tree::roll_back(d, vm, files);
         return Ok(false);
     }
+    let keep = super::super::move_storage::files_of_other_vms(d, vm);
+    commit(d, vm, files, &live.renames, &keep)?;
+    Ok(true)
+}
+
+/// The files the running tops were planned to move to.
+fn new_tops(files: &[MovedFile], live: &LiveMove) -> Vec<PathBuf> {
+    live.tops
+        .iter()
+        .filter_map(|t| files.iter().find(|f| &f.from == t).map(|f| f.to.clone()))
+        .collect()
+}
+
+/// The worker is gone: its switch record (written before any guest write reached a copy)
+/// decides. Switched → the new layout holds the guest's last writes and is committed; no
+/// record → the VM never ran on the copies and they go. Ok(true): the move was recorded.
+fn settle_without_worker(
+    d: &Daemon,
+    vm: Uuid,
+    files: &[MovedFile],
+    live: &LiveMove,
+) -> Result<bool, String> {
+    let new_tops = new_tops(files, live);
+    let switched = super::super::switch_record::switched(d, vm).is_some_and(|r| {
+        r.disks
+            .iter()
+            .any(|s| new_tops.iter().any(|t| resolved(t) == resolved(&s.to)))
+    });
+    if !switched {
+        move_tree::roll_back(d, vm, files);
+        super::super::switch_record::forget(d, vm);
+        return Ok(false);
+    }
+    tracing::warn!(vm = %vm, "the worker switched to the moved files before it ended: committing");
     let keep = super::super::move_storage::files_of_other_vms(d, vm);
     commit(d, vm, files, &live.renames, &keep)?;
     Ok(true)

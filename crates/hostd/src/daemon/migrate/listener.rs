@@ -242,7 +242,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             // that one is the running tops' disk copy, registered once the tree is in.
             Some(a) => {
                 let dir = a.dest_dir.clone().unwrap_or_default();
-                super::storage::claim_tree_files(vm_id, &a.user_file_paths(), dir)
+                super::storage::claim_tree_files(d, vm_id, &a.user_file_paths(), dir)
                     .map(|target| (spec, Some((Uuid::new_v4(), target))))
             }
         },

@@ -15,6 +15,7 @@
 //! per-host limit (a semaphore: the rest queue), the live progress of each job, and the
 //! listener's bound address.
 
+pub mod arriving;
 pub mod listener;
 pub mod netvirt_peers;
 pub mod peer;

@@ -489,6 +489,12 @@ fn exit_of(w: &Worker) -> Option<WorkerExitReason> {
         .map(|e| e.reason)
 }
 
+/// The worker's progress `p`, its bytes counted after the `sent_before` vireod sent itself.
+fn after(sent_before: u64, mut p: MigrateProgress) -> MigrateProgress {
+    p.transferred_bytes = p.transferred_bytes.saturating_add(sent_before);
+    p
+}
+
 fn percent(p: &MigrateProgress) -> u8 {
     // Shared-nothing: the disks' copy is the first half.
     let (base, span) = match p.disk_bytes_total {
@@ -525,6 +531,13 @@ async fn live(
         abort(peer, "the VM ended on the source").await;
         return End::Failed(format!("VM {name:?} ended before the migration began"));
     };
+    // What vireod sent itself before the worker began (a checkpoint tree's files): the
+    // worker counts from zero, so its figures are added to this one, never put in its place
+    // (the job's `transferred_bytes` only grows).
+    let sent_before = d
+        .migrations
+        .progress(job)
+        .map_or(0, |p| p.transferred_bytes);
     let tls = match d.host.worker_tls() {
         Ok(t) => t,
         Err(e) => {
@@ -622,7 +635,7 @@ async fn live(
                 }) => {
                     // Its last figures, even if it finished between two polls.
                     if let Some(p) = progress {
-                        d.migrations.set_progress(job, *p);
+                        d.migrations.set_progress(job, after(sent_before, *p));
                     }
                     break downtime_ms;
                 }
@@ -668,7 +681,8 @@ async fn live(
         let state = p.state;
         let message = p.message.clone();
         let _ = d.store.set_job_progress(job, percent(&p));
-        d.migrations.set_progress(job, p.clone());
+        d.migrations
+            .set_progress(job, after(sent_before, p.clone()));
         match state {
             MigrateState::Completed => {
                 d.migrations.mark(job, "worker completed");

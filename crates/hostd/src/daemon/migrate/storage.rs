@@ -12,7 +12,9 @@
 //!   worker's records into the copies, and at `Done` flushes and closes them and answers
 //!   `Done` (the destination worker opens them only after that).
 //! - Destination, the end: [`keep`] once the VM runs here; [`discard`] otherwise, which removes
-//!   every file the migration created (never a file that was there before).
+//!   every file the migration created (never a file that was there before). Each file is
+//!   listed on disk before it is created (`arriving.rs`), so a vireod killed mid-arrival
+//!   removes them at its next start.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use vireo_block::{BlockBackend, RawFile};
 use vireo_migration::disk::{self, Kind, HEADER_LEN};
 use vireo_vhdx::{CreateOptions, DiskType, Vhdx};
 
+use super::arriving::Manifest;
 use super::peer::Peer;
 use crate::daemon::Daemon;
 
@@ -180,12 +183,14 @@ pub fn create_copies(
     check_room(&dir, need, "the disks")?;
     let mut created = Vec::new();
     let mut backends: Vec<Arc<dyn BlockBackend>> = Vec::new();
+    let listed = Manifest::of(d, vm_id);
     for (c, p) in disks.iter().zip(&paths) {
-        match create_one(c, p, &mut created) {
+        match create_one(c, p, &mut created, &listed) {
             Ok(b) => backends.push(b),
             Err(e) => {
                 drop(backends);
                 remove_files(&created);
+                listed.drop_list();
                 return Err(e);
             }
         }
@@ -318,18 +323,31 @@ pub fn check_tree_dest_dir(
 /// `paths` (in `dir`), claimed for the tree's `File`s (`Peer::recv_claimed_file`), so that
 /// [`discard`] removes them after any failure and nothing that was there before. On `Err`
 /// nothing was left behind.
-pub fn claim_tree_files(vm_id: Uuid, paths: &[PathBuf], dir: PathBuf) -> Result<Target, String> {
+pub fn claim_tree_files(
+    d: &Daemon,
+    vm_id: Uuid,
+    paths: &[PathBuf],
+    dir: PathBuf,
+) -> Result<Target, String> {
     let mut created = Vec::new();
+    let listed = Manifest::of(d, vm_id);
     for p in paths {
-        let made = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(p);
+        let made = listed.list(p).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|e| {
+                    listed.unlist(p);
+                    format!("creating {}: {e}", p.display())
+                })
+        });
         match made {
             Ok(_) => created.push(p.clone()),
             Err(e) => {
                 remove_files(&created);
-                return Err(format!("creating {}: {e}", p.display()));
+                listed.drop_list();
+                return Err(e);
             }
         }
     }
@@ -368,19 +386,26 @@ pub fn tops_target(vm_id: Uuid, tops: &[PathBuf], dir: PathBuf) -> Result<Target
     })
 }
 
+/// Creates one copy, listed in `listed` first (a vireod killed from here on leaves it to the
+/// next start's clean-up, `arriving::recover_all`).
 fn create_one(
     c: &CopiedDisk,
     path: &Path,
     created: &mut Vec<PathBuf>,
+    listed: &Manifest,
 ) -> Result<Arc<dyn BlockBackend>, String> {
     let err = |e: &dyn std::fmt::Display| format!("creating {}: {e}", path.display());
+    listed.list(path)?;
     match c.format {
         DiskFormat::Raw => {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(path)
-                .map_err(|e| err(&e))?;
+                .map_err(|e| {
+                    listed.unlist(path);
+                    err(&e)
+                })?;
             created.push(path.to_path_buf());
             f.set_len(c.size).map_err(|e| err(&e))?;
             drop(f);
@@ -396,7 +421,10 @@ fn create_one(
                 parent: None,
             };
             // Created under a temporary name and renamed complete: once it exists it is ours.
-            let v = Vhdx::create(path, &opts).map_err(|e| err(&e))?;
+            let v = Vhdx::create(path, &opts).map_err(|e| {
+                listed.unlist(path);
+                err(&e)
+            })?;
             created.push(path.to_path_buf());
             Ok(Arc::new(v))
         }
@@ -427,6 +455,7 @@ pub fn keep(d: &Daemon, vm_id: Uuid) {
         .disk_targets
         .lock()
         .retain(|_, t| t.vm_id != vm_id);
+    Manifest::of(d, vm_id).drop_list();
 }
 
 /// Destination: the arrival failed or was aborted; every copy it created goes.
@@ -445,6 +474,7 @@ pub fn discard(d: &Daemon, vm_id: Uuid) {
         t.backends.lock().unwrap_or_else(|p| p.into_inner()).take();
         remove_files(&t.created);
     }
+    Manifest::of(d, vm_id).remove_files();
 }
 
 /// Destination: a `DiskData` connection; its records go into the copies of `session`.
