@@ -11,7 +11,7 @@ use crate::auto::AutoCompress;
 use crate::codec::Coder;
 use crate::pages::{self, MAX_PAGES};
 use crate::preamble::Preamble;
-use crate::record::{encode_record, header, Kind, HEADER_LEN};
+use crate::record::{encode_record, header, header_unchecked, Kind, Transport, HEADER_LEN};
 use crate::{Codec, MigrationError, PAGE_SIZE};
 
 #[derive(Clone, Debug)]
@@ -40,13 +40,18 @@ pub struct Sender<W: Write> {
     /// Compressed payloads, likewise kept.
     zbuf: Vec<u8>,
     coder: Coder,
+    /// Authenticated: page records go without a CRC (`record`'s header explains why).
+    transport: Transport,
 }
 
 impl<W: Write> Sender<W> {
+    /// Writes the preamble. `transport` is what `w` is: [`Transport::Authenticated`] only for
+    /// a TLS stream, whose cipher then stands in for the page records' CRC.
     pub fn start(
         mut w: W,
         preamble: Preamble,
         compression: Compression,
+        transport: Transport,
     ) -> Result<Self, MigrationError> {
         preamble.write(&mut w)?;
         Ok(Sender {
@@ -56,7 +61,19 @@ impl<W: Write> Sender<W> {
             buf: Vec::new(),
             zbuf: Vec::new(),
             coder: Coder::default(),
+            transport,
         })
+    }
+
+    /// The header of a page record carrying `payload`, checksummed unless the stream is
+    /// authenticated.
+    fn page_header(&self, codec: Codec, payload: &[u8], body_len: usize) -> [u8; HEADER_LEN] {
+        match self.transport {
+            Transport::Plain => header(Kind::Pages, codec, payload, body_len),
+            Transport::Authenticated => {
+                header_unchecked(Kind::Pages, codec, payload.len(), body_len)
+            }
+        }
     }
 
     /// The stream itself, e.g. to read the receiver's answer to the preamble. Writing to it
@@ -170,7 +187,7 @@ impl<W: Write> Sender<W> {
                 a.observe_compress(body_len, self.zbuf.len(), secs);
             }
             if self.zbuf.len() < body_len {
-                let h = header(Kind::Pages, codec, &self.zbuf, body_len);
+                let h = self.page_header(codec, &self.zbuf, body_len);
                 let t = Instant::now();
                 write_all_vectored(
                     &mut self.w,
@@ -182,7 +199,7 @@ impl<W: Write> Sender<W> {
                 return Ok(());
             }
         }
-        let h = header(Kind::Pages, Codec::None, body, body_len);
+        let h = self.page_header(Codec::None, body, body_len);
         self.buf[..HEADER_LEN].copy_from_slice(&h);
         let wire = HEADER_LEN + body_len;
         let t = Instant::now();
@@ -277,7 +294,13 @@ mod tests {
 
     fn sender() -> Sender<Vec<u8>> {
         let pre = Preamble::new(uuid::Uuid::nil(), 0, 1);
-        let mut s = Sender::start(Vec::new(), pre, Compression::Fixed(Codec::None)).unwrap();
+        let mut s = Sender::start(
+            Vec::new(),
+            pre,
+            Compression::Fixed(Codec::None),
+            Transport::Plain,
+        )
+        .unwrap();
         s.get_mut().clear();
         s
     }

@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use vireo_migration::preamble::Preamble;
+use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::{Codec, Receiver};
 use vireo_probe_image::{probe_elf, ProbeConsole};
@@ -97,6 +98,7 @@ fn senders(src: Vec<TcpStream>, session: uuid::Uuid, codec: Codec) -> Vec<Sender
                 s,
                 Preamble::new(session, i as u16, n),
                 Compression::Fixed(codec),
+                Transport::Plain,
             )
             .unwrap()
         })
@@ -140,7 +142,7 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
             let recv = scope.spawn(|| {
                 let mut rx = Vec::new();
                 for mut d in dst {
-                    let r = Receiver::start(&mut d, Some(session)).unwrap();
+                    let r = Receiver::start(&mut d, Some(session), Transport::Plain).unwrap();
                     rx.push((r, d));
                 }
                 b_vm.receive_migration(rx, &MigrateShared::default())
