@@ -119,8 +119,8 @@ fn measure(
                 let dst = dst.clone();
                 threads.push(std::thread::spawn(move || -> Result<Duration, String> {
                     let c0 = thread_cpu();
-                    let mut r =
-                        Receiver::start(&mut s, Some(session), Transport::Authenticated).map_err(|e| e.to_string())?;
+                    let mut r = Receiver::start(&mut s, Some(session), Transport::Authenticated)
+                        .map_err(|e| e.to_string())?;
                     let mut ram = FileRam(dst);
                     r.run(&mut s, &mut ram).map_err(|e| e.to_string())?;
                     Ok(thread_cpu() - c0)

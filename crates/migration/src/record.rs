@@ -331,7 +331,10 @@ mod tests {
         assert_eq!(read_as(&wire, Transport::Authenticated).unwrap(), b"pages");
         let plain = read_as(&wire, Transport::Plain).unwrap_err();
         assert!(plain.to_string().contains("without a CRC"), "{plain}");
-        assert!(read_record(&mut wire.as_slice()).is_err(), "read_record is plain");
+        assert!(
+            read_record(&mut wire.as_slice()).is_err(),
+            "read_record is plain"
+        );
 
         let mut stray_crc = wire.clone();
         stray_crc[12] = 1;

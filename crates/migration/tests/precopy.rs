@@ -77,8 +77,13 @@ fn migrate(compression: impl Fn() -> Compression, transport: Transport) {
     for s in 0..STREAMS {
         let (a, b) = UnixStream::pair().unwrap();
         senders.push(
-            Sender::start(a, Preamble::new(session, s, STREAMS), compression(), transport)
-                .unwrap(),
+            Sender::start(
+                a,
+                Preamble::new(session, s, STREAMS),
+                compression(),
+                transport,
+            )
+            .unwrap(),
         );
         let ram = SharedRam(dst.clone());
         receivers.push(thread::spawn(move || {

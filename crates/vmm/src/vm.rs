@@ -88,6 +88,7 @@ pub mod converge;
 pub mod hotplug;
 mod incoming;
 mod live_save;
+mod mapped_run;
 mod migrate;
 mod pause_reset;
 pub mod postcopy;

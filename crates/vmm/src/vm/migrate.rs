@@ -416,9 +416,13 @@ impl VmHandle {
             // pass), so a hole reported here is never wrong for long.
             let sent_run = if len == CHUNK && crate::memory::is_hole(memfd, off, len) {
                 sender.send_zero_run(gpa, len as usize)
+            } else if let Some(data) = self.mapped_run(gpa, off, len) {
+                // Pages that exist go from the mapping to the cipher; a run never crosses
+                // the MMIO hole (runs stay inside one region).
+                sender.send_run_from(gpa, data)
             } else {
-                // Guest RAM is read straight into the record being built (one copy before
-                // TLS); a run never crosses the MMIO hole (runs stay inside one region).
+                // Some holes among them: read straight into the record being built (one
+                // copy before TLS), the holes as zeros without allocating them.
                 sender.send_run_with(gpa, len as usize, |g, buf| {
                     memfd.read_exact_at(buf, off + (g - gpa))
                 })
