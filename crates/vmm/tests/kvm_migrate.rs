@@ -169,6 +169,10 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
         b_vm.apply_state(&state).unwrap();
         let apply = applied.elapsed();
         assert!(a.h.is_paused(), "the source stays paused for the handoff");
+        assert!(
+            a.h.dirty_logging(),
+            "the log is not stopped in the pause (a slot re-registration per slot)"
+        );
         let total = started.elapsed();
         let sent_sum = host_sum(&a.h, mem);
         let passes = read(&a.h, PASSES);
@@ -197,6 +201,13 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
             assert!(stop.starts_with("OK passes="), "{stop}");
             b.console.command("MEM VERIFY 100 16 7", T).unwrap();
             b.stop();
+            // As after a failed handoff: the source runs on, its log stopped first.
+            a.h.resume().unwrap();
+            assert!(
+                !a.h.dirty_logging(),
+                "a resume stops the log the migration left on"
+            );
+            wait_above(&a.h, PASSES, passes);
             a.stop();
         }
     }
