@@ -1,8 +1,10 @@
 //! The sending side of one stream: batches pages, picks the codec, counts what it sent.
 //!
-//! The hot path is [`Sender::send_run_with`]: guest RAM is read straight into the record
-//! buffer, framed in place and written with one call per batch (up to 8 MiB), so the only
-//! copies of page data are the read itself and the TLS library's encryption.
+//! The hot paths: [`Sender::send_run_from`] hands pages that lie in memory (the VMM's mapping
+//! of guest RAM) to the TLS library beside a header and entries built here, so its copy into
+//! the TLS record is the only one on our side; [`Sender::send_run_with`] reads guest RAM
+//! straight into the record buffer, frames it in place and writes it with one call per batch
+//! (up to 8 MiB): the read and the TLS library's copy.
 
 use std::io::{IoSlice, Write};
 use std::time::Instant;
