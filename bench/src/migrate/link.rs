@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use vireo_migration::auto::AutoCompress;
 use vireo_migration::hostauth::{self, HostIdentity, TrustStore};
 use vireo_migration::preamble::Preamble;
+use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::{Codec, Receiver};
 
@@ -118,8 +119,8 @@ fn measure(
                 let dst = dst.clone();
                 threads.push(std::thread::spawn(move || -> Result<Duration, String> {
                     let c0 = thread_cpu();
-                    let mut r =
-                        Receiver::start(&mut s, Some(session)).map_err(|e| e.to_string())?;
+                    let mut r = Receiver::start(&mut s, Some(session), Transport::Authenticated)
+                        .map_err(|e| e.to_string())?;
                     let mut ram = FileRam(dst);
                     r.run(&mut s, &mut ram).map_err(|e| e.to_string())?;
                     Ok(thread_cpu() - c0)
@@ -142,8 +143,13 @@ fn measure(
             None => Compression::Auto(AutoCompress::default()),
         };
         senders.push(
-            Sender::start(s, Preamble::new(session, i, streams), compression)
-                .map_err(|e| format!("starting stream {i}: {e}"))?,
+            Sender::start(
+                s,
+                Preamble::new(session, i, streams),
+                compression,
+                Transport::Authenticated,
+            )
+            .map_err(|e| format!("starting stream {i}: {e}"))?,
         );
     }
     let sent = send_passes(ram, &mut senders, streams, &passes);

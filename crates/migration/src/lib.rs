@@ -5,7 +5,8 @@
 //! code run over one TLS stream or several.
 //!
 //! - [`preamble`]: the first bytes of every stream (magic, version, session, stream index).
-//! - [`record`]: framing — kind, codec, length, CRC-32C; bounded sizes.
+//! - [`record`]: framing — kind, codec, length, CRC-32C (left out of page records on a TLS
+//!   stream, whose AEAD covers them); bounded sizes.
 //! - [`pages`]: page batches with zero-page markers, compressed per batch ([`codec`]).
 //! - [`auto`]: when compression pays (Hyper-V picks it automatically, so do we).
 //! - [`disk`]: disk data of a shared-nothing migration (source worker → destination vireod).

@@ -65,6 +65,40 @@ pub fn frame_in_place(buf: &mut [u8], data_at: usize, gpa: u64, n: usize) -> (us
     (4 + 8 * n + kept * PAGE_SIZE, n - kept)
 }
 
+/// Frames the `data.len() / 4 KiB` consecutive guest pages at `gpa` without moving their data:
+/// writes the count and the entries into `head` (exactly `4 + 8 * n` bytes) and the byte
+/// ranges of `data` that hold the non-zero pages, runs of neighbours merged, into `runs`
+/// (cleared first). The body is then `head` followed by those ranges. Returns the number of
+/// zero pages. For a sender that hands `data` to the cipher as it lies ([`crate::sender`]).
+pub fn frame_entries(
+    head: &mut [u8],
+    gpa: u64,
+    data: &[u8],
+    runs: &mut Vec<std::ops::Range<usize>>,
+) -> usize {
+    let n = data.len() / PAGE_SIZE;
+    assert!(n <= MAX_PAGES && gpa.is_multiple_of(PAGE_SIZE as u64));
+    assert_eq!(head.len(), 4 + 8 * n);
+    runs.clear();
+    let mut zeros = 0;
+    head[..4].copy_from_slice(&(n as u32).to_le_bytes());
+    for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        let mut entry = gpa + (i * PAGE_SIZE) as u64;
+        let at = i * PAGE_SIZE;
+        if is_zero_page(page) {
+            entry |= ZERO;
+            zeros += 1;
+        } else {
+            match runs.last_mut() {
+                Some(r) if r.end == at => r.end += PAGE_SIZE,
+                _ => runs.push(at..at + PAGE_SIZE),
+            }
+        }
+        head[4 + 8 * i..12 + 8 * i].copy_from_slice(&entry.to_le_bytes());
+    }
+    zeros
+}
+
 /// Writes into `buf[body_at..]` (grown as needed) the body of a batch of `n` consecutive zero
 /// pages starting at `gpa`: the count and the entries, no data. Returns the body's length.
 pub fn frame_zeros(buf: &mut Vec<u8>, body_at: usize, gpa: u64, n: usize) -> usize {

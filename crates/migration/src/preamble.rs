@@ -10,6 +10,11 @@
 //! on the same stream once everything before it is applied, and a source waits for that at
 //! the end of each pre-copy pass. The stream format is unchanged; the version tells a
 //! version-2 destination (which would never answer) to refuse the source at once.
+//!
+//! Version 4: on a TLS stream, page records carry no CRC (record header flag
+//! `record::FLAG_NO_CRC`; the cipher's tag covers them). A version-3 destination would refuse
+//! the flag only at the first page; the version makes it refuse the source at the preamble,
+//! naming both versions.
 
 use std::io::{Read, Write};
 
@@ -21,7 +26,7 @@ use crate::MigrationError;
 pub const MAGIC: [u8; 8] = *b"VIREOMIG";
 /// The format this build writes. Bump it when a reader of the current version would misread
 /// a stream; keep reading older ones as long as they can be converted.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 pub const OLDEST_VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 36;
 /// More streams than this gains nothing on the links Vireo targets and costs a TLS session
@@ -135,6 +140,17 @@ mod tests {
         newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         let e = Preamble::read(&mut newer.as_slice()).unwrap_err();
         assert!(e.to_string().contains("upgrade"), "{e}");
+        // What a version-3 host answers this build's streams: one line, both versions.
+        let old = MigrationError::Version {
+            found: VERSION,
+            oldest: OLDEST_VERSION,
+            newest: 3,
+        }
+        .to_string();
+        assert!(
+            old.contains("version 4 ") && old.contains("1..=3") && !old.contains('\n'),
+            "{old}"
+        );
 
         let mut other = b.clone();
         other[0] = b'X';

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::pages;
 use crate::preamble::Preamble;
-use crate::record::{read_record_into, Kind, RecordBuf};
+use crate::record::{read_record_into, Kind, RecordBuf, Transport};
 use crate::{MigrationError, PAGE_SIZE};
 
 /// Where received pages go: the destination VM's RAM (or a test's buffer).
@@ -78,7 +78,13 @@ pub struct Receiver {
 
 impl Receiver {
     /// Reads the preamble; with `session`, a stream of another migration is refused.
-    pub fn start(r: &mut impl Read, session: Option<Uuid>) -> Result<Receiver, MigrationError> {
+    /// `transport` is what `r` is on this side: page records without a CRC are accepted only
+    /// on a [`Transport::Authenticated`] (TLS) stream.
+    pub fn start(
+        r: &mut impl Read,
+        session: Option<Uuid>,
+        transport: Transport,
+    ) -> Result<Receiver, MigrationError> {
         let preamble = Preamble::read(r)?;
         if let Some(expected) = session {
             if preamble.session != expected {
@@ -94,7 +100,7 @@ impl Receiver {
             device_state: None,
             missing: None,
             done: false,
-            buf: RecordBuf::default(),
+            buf: RecordBuf::new(transport),
         })
     }
 

@@ -1,8 +1,10 @@
 //! The sending side of one stream: batches pages, picks the codec, counts what it sent.
 //!
-//! The hot path is [`Sender::send_run_with`]: guest RAM is read straight into the record
-//! buffer, framed in place and written with one call per batch (up to 8 MiB), so the only
-//! copies of page data are the read itself and the TLS library's encryption.
+//! The hot paths: [`Sender::send_run_from`] hands pages that lie in memory (the VMM's mapping
+//! of guest RAM) to the TLS library beside a header and entries built here, so its copy into
+//! the TLS record is the only one on our side; [`Sender::send_run_with`] reads guest RAM
+//! straight into the record buffer, frames it in place and writes it with one call per batch
+//! (up to 8 MiB): the read and the TLS library's copy.
 
 use std::io::{IoSlice, Write};
 use std::time::Instant;
@@ -11,7 +13,7 @@ use crate::auto::AutoCompress;
 use crate::codec::Coder;
 use crate::pages::{self, MAX_PAGES};
 use crate::preamble::Preamble;
-use crate::record::{encode_record, header, Kind, HEADER_LEN};
+use crate::record::{encode_record, header, header_unchecked, Kind, Transport, HEADER_LEN};
 use crate::{Codec, MigrationError, PAGE_SIZE};
 
 #[derive(Clone, Debug)]
@@ -40,13 +42,21 @@ pub struct Sender<W: Write> {
     /// Compressed payloads, likewise kept.
     zbuf: Vec<u8>,
     coder: Coder,
+    /// Authenticated: page records go without a CRC (`record`'s header explains why).
+    transport: Transport,
+    /// Where the non-zero pages of the batch being sent lie in the caller's memory
+    /// ([`Sender::send_run_from`]), kept from batch to batch.
+    runs: Vec<std::ops::Range<usize>>,
 }
 
 impl<W: Write> Sender<W> {
+    /// Writes the preamble. `transport` is what `w` is: [`Transport::Authenticated`] only for
+    /// a TLS stream, whose cipher then stands in for the page records' CRC.
     pub fn start(
         mut w: W,
         preamble: Preamble,
         compression: Compression,
+        transport: Transport,
     ) -> Result<Self, MigrationError> {
         preamble.write(&mut w)?;
         Ok(Sender {
@@ -56,7 +66,20 @@ impl<W: Write> Sender<W> {
             buf: Vec::new(),
             zbuf: Vec::new(),
             coder: Coder::default(),
+            transport,
+            runs: Vec::new(),
         })
+    }
+
+    /// The header of a page record carrying `payload`, checksummed unless the stream is
+    /// authenticated.
+    fn page_header(&self, codec: Codec, payload: &[u8], body_len: usize) -> [u8; HEADER_LEN] {
+        match self.transport {
+            Transport::Plain => header(Kind::Pages, codec, payload, body_len),
+            Transport::Authenticated => {
+                header_unchecked(Kind::Pages, codec, payload.len(), body_len)
+            }
+        }
     }
 
     /// The stream itself, e.g. to read the receiver's answer to the preamble. Writing to it
@@ -126,6 +149,63 @@ impl<W: Write> Sender<W> {
         Ok(())
     }
 
+    /// Sends the consecutive guest pages at `gpa` held in `data` (page-aligned, a multiple of
+    /// 4 KiB), e.g. the VMM's mapping of a running guest's RAM, in batches of at most
+    /// [`MAX_PAGES`]. On an authenticated stream the non-zero pages go to the TLS library as
+    /// they lie, beside the header and entries built here: the cipher's copy into its record
+    /// is the only copy, and the bytes it encrypts are the bytes the record carries even if
+    /// `data` changes meanwhile (a page the guest writes is in the dirty log and goes again).
+    /// On a plain stream, or when the batch is compressed, the pages are copied into the
+    /// record first, so the CRC or the compressor sees exactly what is sent.
+    pub fn send_run_from(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError> {
+        if self.transport == Transport::Plain {
+            return self.send_run_with(gpa, data.len(), |g, buf| {
+                let at = (g - gpa) as usize;
+                buf.copy_from_slice(&data[at..at + buf.len()]);
+                Ok(())
+            });
+        }
+        check_page_run(gpa, data.len())?;
+        for (i, batch) in data.chunks(MAX_PAGES * PAGE_SIZE).enumerate() {
+            let g = gpa + (i * MAX_PAGES * PAGE_SIZE) as u64;
+            let n = batch.len() / PAGE_SIZE;
+            let head = HEADER_LEN + 4 + 8 * n;
+            if self.buf.len() < head {
+                self.buf.resize(head, 0);
+            }
+            let zeros =
+                pages::frame_entries(&mut self.buf[HEADER_LEN..head], g, batch, &mut self.runs);
+            let raw = (n - zeros) * PAGE_SIZE;
+            let body_len = head - HEADER_LEN + raw;
+            let codec = self.count_and_choose(n, zeros);
+            if codec != Codec::None {
+                // The compressor wants the body in one piece: gather the pages behind the
+                // entries, as `send_run_with` would have read them.
+                if self.buf.len() < head + raw {
+                    self.buf.resize(head + raw, 0);
+                }
+                let mut to = head;
+                for r in &self.runs {
+                    self.buf[to..to + r.len()].copy_from_slice(&batch[r.clone()]);
+                    to += r.len();
+                }
+                self.send_body(codec, body_len)?;
+                continue;
+            }
+            let h = header_unchecked(Kind::Pages, Codec::None, body_len, body_len);
+            self.buf[..HEADER_LEN].copy_from_slice(&h);
+            let mut parts = Vec::with_capacity(1 + self.runs.len());
+            parts.push(IoSlice::new(&self.buf[..head]));
+            parts.extend(self.runs.iter().map(|r| IoSlice::new(&batch[r.clone()])));
+            let t = Instant::now();
+            write_all_vectored(&mut self.w, &mut parts)?;
+            let wire = HEADER_LEN + body_len;
+            self.observe_link(wire, t.elapsed().as_secs_f64());
+            self.stats.wire_bytes += wire as u64;
+        }
+        Ok(())
+    }
+
     /// Sends the `len` bytes of consecutive guest pages at `gpa` as zero pages, without their
     /// data: for RAM the caller knows holds none (a hole in the RAM file, never written), so
     /// it is neither read nor scanned. Same records as [`Sender::send_run_with`] would send
@@ -151,16 +231,27 @@ impl<W: Write> Sender<W> {
         zeros: usize,
         body_len: usize,
     ) -> Result<(), MigrationError> {
+        let codec = self.count_and_choose(pages, zeros);
+        self.send_body(codec, body_len)
+    }
+
+    /// Counts a batch of `pages` pages (`zeros` of them markers) and picks its codec.
+    fn count_and_choose(&mut self, pages: usize, zeros: usize) -> Codec {
         let raw_bytes = (pages - zeros) * PAGE_SIZE;
         self.stats.pages += pages as u64;
         self.stats.zero_pages += zeros as u64;
         self.stats.raw_bytes += raw_bytes as u64;
-        let codec = match &mut self.compression {
+        match &mut self.compression {
             // A batch of zero markers only is a few bytes: nothing to gain.
             _ if raw_bytes == 0 => Codec::None,
             Compression::Fixed(c) => *c,
             Compression::Auto(a) => a.choose(),
-        };
+        }
+    }
+
+    /// Sends the body at `buf[HEADER_LEN..HEADER_LEN + body_len]` with `codec` if that makes
+    /// it smaller, else raw.
+    fn send_body(&mut self, codec: Codec, body_len: usize) -> Result<(), MigrationError> {
         let body = &self.buf[HEADER_LEN..HEADER_LEN + body_len];
         if codec != Codec::None {
             let t = Instant::now();
@@ -170,7 +261,7 @@ impl<W: Write> Sender<W> {
                 a.observe_compress(body_len, self.zbuf.len(), secs);
             }
             if self.zbuf.len() < body_len {
-                let h = header(Kind::Pages, codec, &self.zbuf, body_len);
+                let h = self.page_header(codec, &self.zbuf, body_len);
                 let t = Instant::now();
                 write_all_vectored(
                     &mut self.w,
@@ -182,7 +273,7 @@ impl<W: Write> Sender<W> {
                 return Ok(());
             }
         }
-        let h = header(Kind::Pages, Codec::None, body, body_len);
+        let h = self.page_header(Codec::None, body, body_len);
         self.buf[..HEADER_LEN].copy_from_slice(&h);
         let wire = HEADER_LEN + body_len;
         let t = Instant::now();
@@ -276,10 +367,56 @@ mod tests {
     use super::*;
 
     fn sender() -> Sender<Vec<u8>> {
+        sender_with(Codec::None, Transport::Plain)
+    }
+
+    fn sender_with(codec: Codec, transport: Transport) -> Sender<Vec<u8>> {
         let pre = Preamble::new(uuid::Uuid::nil(), 0, 1);
-        let mut s = Sender::start(Vec::new(), pre, Compression::Fixed(Codec::None)).unwrap();
+        let mut s = Sender::start(Vec::new(), pre, Compression::Fixed(codec), transport).unwrap();
         s.get_mut().clear();
         s
+    }
+
+    #[test]
+    fn pages_sent_from_memory_go_out_as_if_read_into_the_record() {
+        // More than one batch; zero pages alone, in runs, first and last; text and noise.
+        let n = MAX_PAGES + 7;
+        let mut data = vec![0u8; n * PAGE_SIZE];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for (i, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            match i % 7 {
+                0 | 3 if i != 7 => {}
+                1 => page.fill(b'v'),
+                _ => page.iter_mut().for_each(|b| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }),
+            }
+        }
+        data[(n - 1) * PAGE_SIZE..].fill(0);
+        for transport in [Transport::Plain, Transport::Authenticated] {
+            for codec in [Codec::None, Codec::Lz4] {
+                let mut read = sender_with(codec, transport);
+                read.send_run_with(0x10_0000, data.len(), |g, buf| {
+                    let at = (g - 0x10_0000) as usize;
+                    buf.copy_from_slice(&data[at..at + buf.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                let mut from = sender_with(codec, transport);
+                from.send_run_from(0x10_0000, &data).unwrap();
+                assert!(
+                    from.get_mut() == read.get_mut(),
+                    "{transport:?} {}",
+                    codec.name()
+                );
+                assert_eq!(from.stats, read.stats);
+                assert!(from.send_run_from(0x10_0001, &data[..PAGE_SIZE]).is_err());
+                assert!(from.send_run_from(0x10_0000, &data[..100]).is_err());
+            }
+        }
     }
 
     #[test]

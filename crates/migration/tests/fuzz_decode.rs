@@ -5,7 +5,8 @@ use proptest::prelude::*;
 use vireo_migration::pages;
 use vireo_migration::preamble::Preamble;
 use vireo_migration::receiver::Receiver;
-use vireo_migration::record::{encode_record, read_record, Kind};
+use vireo_migration::record::{encode_record, read_record, Kind, Transport};
+use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::{Codec, PAGE_SIZE};
 
 proptest! {
@@ -36,7 +37,35 @@ proptest! {
         // Vec<u8>'s GuestRam indexes the buffer: a page outside it would panic.
         let mut ram = vec![0u8; 0x4000];
         let mut r = wire.as_slice();
-        if let Ok(mut rx) = Receiver::start(&mut r, None) {
+        if let Ok(mut rx) = Receiver::start(&mut r, None, Transport::Plain) {
+            let _ = rx.run(&mut r, &mut ram);
+        }
+    }
+
+    /// Without a CRC (an authenticated stream), corrupted payloads reach decompression and
+    /// the batch decoder: they must still be refused, never panic or write outside RAM.
+    #[test]
+    fn mutated_streams_without_page_crcs_never_panic_or_write_outside_ram(
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+        codec in prop_oneof![Just(Codec::None), Just(Codec::Lz4), Just(Codec::Zstd)],
+    ) {
+        let page = [0x5au8; PAGE_SIZE];
+        let mut tx = Sender::start(
+            Vec::new(),
+            Preamble::new(uuid::Uuid::nil(), 0, 1),
+            Compression::Fixed(codec),
+            Transport::Authenticated,
+        )
+        .unwrap();
+        tx.send_pages([(0u64, &page[..]), (0x2000, &[0u8; PAGE_SIZE][..]), (0x3000, &page[..])]).unwrap();
+        let (mut wire, _) = tx.done().unwrap();
+        for (at, x) in flips {
+            let i = at % wire.len();
+            wire[i] ^= x | 1;
+        }
+        let mut ram = vec![0u8; 0x4000];
+        let mut r = wire.as_slice();
+        if let Ok(mut rx) = Receiver::start(&mut r, None, Transport::Authenticated) {
             let _ = rx.run(&mut r, &mut ram);
         }
     }

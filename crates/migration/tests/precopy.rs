@@ -11,6 +11,7 @@ use uuid::Uuid;
 use vireo_migration::auto::AutoCompress;
 use vireo_migration::preamble::Preamble;
 use vireo_migration::receiver::{GuestRam, Receiver};
+use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::streams::split;
 use vireo_migration::{Codec, PAGE_SIZE};
@@ -62,7 +63,9 @@ fn guest_runs(ram: &mut [u8], seed: &mut u64, n: usize) -> BTreeSet<u64> {
     dirty
 }
 
-fn migrate(compression: impl Fn() -> Compression) {
+/// `transport` is what both ends are told their stream is (a socket pair either way: the
+/// format, not the cipher, is under test).
+fn migrate(compression: impl Fn() -> Compression, transport: Transport) {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut src = vec![0u8; RAM];
     guest_runs(&mut src, &mut seed, 2000);
@@ -73,12 +76,20 @@ fn migrate(compression: impl Fn() -> Compression) {
     let mut receivers = Vec::new();
     for s in 0..STREAMS {
         let (a, b) = UnixStream::pair().unwrap();
-        senders.push(Sender::start(a, Preamble::new(session, s, STREAMS), compression()).unwrap());
+        senders.push(
+            Sender::start(
+                a,
+                Preamble::new(session, s, STREAMS),
+                compression(),
+                transport,
+            )
+            .unwrap(),
+        );
         let ram = SharedRam(dst.clone());
         receivers.push(thread::spawn(move || {
             let mut b = b;
             let mut ram = ram;
-            let mut rx = Receiver::start(&mut b, Some(session)).unwrap();
+            let mut rx = Receiver::start(&mut b, Some(session), transport).unwrap();
             let stats = rx.run(&mut b, &mut ram).unwrap();
             (stats, rx.take_device_state())
         }));
@@ -151,14 +162,45 @@ fn migrate(compression: impl Fn() -> Compression) {
 
 #[test]
 fn precopy_over_two_streams_leaves_an_identical_copy_uncompressed() {
-    migrate(|| Compression::Fixed(Codec::None));
+    migrate(|| Compression::Fixed(Codec::None), Transport::Plain);
+}
+
+#[test]
+fn precopy_without_page_crcs_on_an_authenticated_stream_leaves_an_identical_copy() {
+    migrate(|| Compression::Fixed(Codec::None), Transport::Authenticated);
+    migrate(
+        || Compression::Auto(AutoCompress::default()),
+        Transport::Authenticated,
+    );
+}
+
+#[test]
+fn a_plain_receiver_refuses_page_records_without_a_crc() {
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let mut tx = Sender::start(
+        a,
+        Preamble::new(Uuid::new_v4(), 0, 1),
+        Compression::Fixed(Codec::None),
+        Transport::Authenticated,
+    )
+    .unwrap();
+    tx.send_pages([(0u64, &[1u8; PAGE_SIZE][..])]).unwrap();
+    tx.done().unwrap();
+    let mut rx = Receiver::start(&mut b, None, Transport::Plain).unwrap();
+    let mut ram = vec![0u8; 1 << 16];
+    let e = rx.run(&mut b, &mut ram).unwrap_err();
+    assert!(e.to_string().contains("without a CRC"), "{e}");
+    assert_eq!(ram[0], 0, "nothing of the refused record was applied");
 }
 
 #[test]
 fn precopy_with_lz4_zstd_and_auto() {
-    migrate(|| Compression::Fixed(Codec::Lz4));
-    migrate(|| Compression::Fixed(Codec::Zstd));
-    migrate(|| Compression::Auto(AutoCompress::default()));
+    migrate(|| Compression::Fixed(Codec::Lz4), Transport::Plain);
+    migrate(|| Compression::Fixed(Codec::Zstd), Transport::Plain);
+    migrate(
+        || Compression::Auto(AutoCompress::default()),
+        Transport::Plain,
+    );
 }
 
 #[test]
@@ -168,10 +210,11 @@ fn an_abort_and_a_cut_stream_are_errors_for_the_receiver() {
         a,
         Preamble::new(Uuid::new_v4(), 0, 1),
         Compression::Fixed(Codec::None),
+        Transport::Plain,
     )
     .unwrap();
     tx.abort("destination refused").unwrap();
-    let mut rx = Receiver::start(&mut b, None).unwrap();
+    let mut rx = Receiver::start(&mut b, None, Transport::Plain).unwrap();
     let mut ram = vec![0u8; 1 << 16];
     let e = rx.run(&mut b, &mut ram).unwrap_err();
     assert!(e.to_string().contains("destination refused"), "{e}");
@@ -181,11 +224,12 @@ fn an_abort_and_a_cut_stream_are_errors_for_the_receiver() {
         a,
         Preamble::new(Uuid::new_v4(), 0, 1),
         Compression::Fixed(Codec::None),
+        Transport::Plain,
     )
     .unwrap();
     tx.send_pages([(0u64, &[1u8; PAGE_SIZE][..])]).unwrap();
     drop(tx);
-    let mut rx = Receiver::start(&mut b, None).unwrap();
+    let mut rx = Receiver::start(&mut b, None, Transport::Plain).unwrap();
     assert!(
         rx.run(&mut b, &mut ram).is_err(),
         "a stream without Done is not complete"
@@ -197,10 +241,11 @@ fn an_abort_and_a_cut_stream_are_errors_for_the_receiver() {
         a,
         Preamble::new(Uuid::new_v4(), 0, 1),
         Compression::Fixed(Codec::None),
+        Transport::Plain,
     )
     .unwrap();
     assert!(
-        Receiver::start(&mut b, Some(Uuid::new_v4())).is_err(),
+        Receiver::start(&mut b, Some(Uuid::new_v4()), Transport::Plain).is_err(),
         "other session"
     );
 }

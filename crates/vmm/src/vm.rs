@@ -88,6 +88,7 @@ pub mod converge;
 pub mod hotplug;
 mod incoming;
 mod live_save;
+mod mapped_run;
 mod migrate;
 mod pause_reset;
 pub mod postcopy;
@@ -125,6 +126,11 @@ struct Shared {
     /// The snapshot whose changes the dirty log is tracking for an in-place apply
     /// (`vm/apply.rs`); `None` when the log is off or holds anything else.
     tracking: Mutex<Option<apply::Tracked>>,
+    /// A migration's pre-copy left the dirty log on through its pause (`vm/migrate.rs`):
+    /// stopping it registers every memory slot anew, which took up to ~40 ms of the guest's
+    /// gap here. The VM is stopped once it runs elsewhere; a resume here stops the log first.
+    /// Cleared by anything that starts the log again.
+    log_left_on: std::sync::atomic::AtomicBool,
 }
 
 /// What `Vm::new` loaded into guest RAM, to do it again on reset.
@@ -144,11 +150,17 @@ impl VmHandle {
     /// Starts dirty logging (KVM's, the VMM's own writes, and devices' back ends: `dirty.rs`).
     pub fn start_dirty_log(&self) -> Result<()> {
         *lock(&self.0.tracking) = None;
+        self.0.log_left_on.store(false, Ordering::SeqCst);
         self.0.dirty.start(&self.0.vm_fd, &self.0.ram.memory)
+    }
+    /// Whether the dirty log is on (e.g. left on by a migration until a resume here).
+    pub fn dirty_logging(&self) -> bool {
+        self.0.dirty.is_logging()
     }
     /// [`VmHandle::start_dirty_log`] in `mode` (`dirty.rs`, "Manual protection").
     pub fn start_dirty_log_in(&self, mode: crate::dirty::LogMode) -> Result<()> {
         *lock(&self.0.tracking) = None;
+        self.0.log_left_on.store(false, Ordering::SeqCst);
         self.0
             .dirty
             .start_with(&self.0.vm_fd, &self.0.ram.memory, mode)
@@ -493,6 +505,7 @@ impl Vm {
                 boot_state,
                 disk_slots: hotplug::DiskSlots(Mutex::new(disk_slots)),
                 tracking: Mutex::default(),
+                log_left_on: Default::default(),
             }),
             vcpus,
             pio: Arc::new(pio),

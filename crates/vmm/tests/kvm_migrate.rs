@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use vireo_migration::preamble::Preamble;
+use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::{Codec, Receiver};
 use vireo_probe_image::{probe_elf, ProbeConsole};
@@ -97,6 +98,7 @@ fn senders(src: Vec<TcpStream>, session: uuid::Uuid, codec: Codec) -> Vec<Sender
                 s,
                 Preamble::new(session, i as u16, n),
                 Compression::Fixed(codec),
+                Transport::Plain,
             )
             .unwrap()
         })
@@ -140,7 +142,7 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
             let recv = scope.spawn(|| {
                 let mut rx = Vec::new();
                 for mut d in dst {
-                    let r = Receiver::start(&mut d, Some(session)).unwrap();
+                    let r = Receiver::start(&mut d, Some(session), Transport::Plain).unwrap();
                     rx.push((r, d));
                 }
                 b_vm.receive_migration(rx, &MigrateShared::default())
@@ -167,6 +169,10 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
         b_vm.apply_state(&state).unwrap();
         let apply = applied.elapsed();
         assert!(a.h.is_paused(), "the source stays paused for the handoff");
+        assert!(
+            a.h.dirty_logging(),
+            "the log is not stopped in the pause (a slot re-registration per slot)"
+        );
         let total = started.elapsed();
         let sent_sum = host_sum(&a.h, mem);
         let passes = read(&a.h, PASSES);
@@ -195,6 +201,13 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
             assert!(stop.starts_with("OK passes="), "{stop}");
             b.console.command("MEM VERIFY 100 16 7", T).unwrap();
             b.stop();
+            // As after a failed handoff: the source runs on, its log stopped first.
+            a.h.resume().unwrap();
+            assert!(
+                !a.h.dirty_logging(),
+                "a resume stops the log the migration left on"
+            );
+            wait_above(&a.h, PASSES, passes);
             a.stop();
         }
     }

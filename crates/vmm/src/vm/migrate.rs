@@ -205,7 +205,11 @@ impl VmHandle {
                 .map(|d| (d.paused_at, d.bytes, d.final_pages, d.steps))
         };
         let (paused_at, _bytes, final_pages, steps) = match precopy {
-            Ok(p) => p,
+            Ok(p) => {
+                // `keep_dirty_log` left it on: see `Shared::log_left_on`.
+                self.0.log_left_on.store(!was_paused, Ordering::SeqCst);
+                p
+            }
             Err(e) => {
                 sink.abort(&e.to_string());
                 return Err(e);
@@ -416,9 +420,13 @@ impl VmHandle {
             // pass), so a hole reported here is never wrong for long.
             let sent_run = if len == CHUNK && crate::memory::is_hole(memfd, off, len) {
                 sender.send_zero_run(gpa, len as usize)
+            } else if let Some(data) = self.mapped_run(gpa, off, len) {
+                // Pages that exist go from the mapping to the cipher; a run never crosses
+                // the MMIO hole (runs stay inside one region).
+                sender.send_run_from(gpa, data)
             } else {
-                // Guest RAM is read straight into the record being built (one copy before
-                // TLS); a run never crosses the MMIO hole (runs stay inside one region).
+                // Some holes among them: read straight into the record being built (one
+                // copy before TLS), the holes as zeros without allocating them.
                 sender.send_run_with(gpa, len as usize, |g, buf| {
                     memfd.read_exact_at(buf, off + (g - gpa))
                 })
@@ -579,6 +587,13 @@ impl<W: Read + Write + Send> StreamSink<'_, W> {
 
 impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
     type Error = MigrateError;
+
+    /// Not stopped in the pause: that registers every memory slot anew (up to ~40 ms here, in
+    /// the guest's gap, before the device state went out). `migrate_out` marks it left on;
+    /// a resume here stops it (`Shared::log_left_on`), a VM that runs elsewhere is stopped.
+    fn keep_dirty_log(&self) -> bool {
+        true
+    }
 
     fn full_pass(&mut self, vm: &VmHandle) -> Result<u64, MigrateError> {
         let n = self.senders.len() as u16;

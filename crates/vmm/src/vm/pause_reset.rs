@@ -97,6 +97,16 @@ impl VmHandle {
         if !self.0.control.paused() {
             return Ok(());
         }
+        if self
+            .0
+            .log_left_on
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            // A migration that did not complete: the guest runs on here, at full speed.
+            if let Err(e) = self.0.dirty.stop(&self.0.vm_fd) {
+                tracing::warn!("stopping the dirty log a migration left on: {e}");
+            }
+        }
         for t in &self.0.transports {
             lock(t).resume();
         }

@@ -84,6 +84,8 @@ impl VmHandle {
         let kvm = |e: crate::VmmError| StateError::Kvm(format!("dirty log: {e}"));
         // A new pre-copy restarts the log: changes since an earlier snapshot are lost with it.
         *super::lock(&s.tracking) = None;
+        s.log_left_on
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         s.dirty
             .start_with(&s.vm_fd, &s.ram.memory, sink.log_mode())
             .map_err(kvm)?;

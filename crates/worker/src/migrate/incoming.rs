@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use vireo_api::worker::{IncomingMigration, MigrateState};
 use vireo_migration::hostauth::{self, ServerConfig, ServerStream};
+use vireo_migration::record::Transport;
 use vireo_migration::Receiver;
 use vireo_vmm::{MigrateShared, PostcopyIncoming, Vm};
 
@@ -260,7 +261,7 @@ fn accept_all(
                 continue;
             }
         };
-        let rx = match Receiver::start(&mut stream, Some(inc.session)) {
+        let rx = match Receiver::start(&mut stream, Some(inc.session), Transport::Authenticated) {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::warn!("migration stream from {peer} refused: {e}");

@@ -18,6 +18,7 @@ use vireo_block::BlockBackend;
 use vireo_migration::auto::AutoCompress;
 use vireo_migration::hostauth::{self, ClientStream};
 use vireo_migration::preamble::{Preamble, MAX_STREAMS};
+use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::Codec;
 use vireo_vmm::state::Identity;
@@ -122,6 +123,7 @@ fn connect(
             stream,
             Preamble::new(session, i, n),
             compression(options.compress),
+            Transport::Authenticated,
         )
         .map_err(|e| format!("stream {i} to {to}: {e}"))?;
         // TLS 1.3 reports a refused client certificate only on the first read: the answer
