@@ -21,6 +21,12 @@ impl VmHandle {
     /// agreeing, and count on the dirty log (fetched before the pass) to send a page the
     /// guest changed again.
     pub(super) fn mapped_run(&self, gpa: u64, off: u64, len: u64) -> Option<&[u8]> {
+        // hugetlbfs reports no holes at all, so on the pool the mapping would fault in (take
+        // from the pool and zero) every page the guest never wrote; `pread` reads those as
+        // zeros without allocating them.
+        if self.0.ram.kind == crate::memory::RamKind::HugeTlb {
+            return None;
+        }
         if !all_data(&self.0.ram.memfd, off, len) {
             return None;
         }
