@@ -53,6 +53,18 @@ fn gone(pid: u64) -> bool {
     }
 }
 
+/// The destination killed and started again without its fault: it knows nothing of VM `m`
+/// (record `id`) and has no folder for it.
+fn restarted_without_it(b: &mut Daemon, id: impl std::fmt::Display) {
+    b.kill9();
+    b.env.clear();
+    b.restart();
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+}
+
 /// The source once its VM runs on the destination: no record, its folder gone (bounded wait),
 /// the user's base disk kept, its worker gone.
 fn source_let_go(a: &Daemon, a_folder: &Path, a_pid: u64) {
@@ -230,13 +242,7 @@ fn a_destination_dying_once_the_tree_arrived_leaves_it_whole_at_the_source() {
     assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
 
     // B back without the fault: the half-arrived VM and every file it received are gone.
-    b.kill9();
-    b.env.clear();
-    b.restart();
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
-    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    restarted_without_it(&mut b, id);
 
     // The source's tree is whole and usable.
     a.ok(&["vm", "start", "m"]);
@@ -415,13 +421,7 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     drop(c);
 
     // B back without the fault: the half-arrived VM and every file it received are gone.
-    b.kill9();
-    b.env.clear();
-    b.restart();
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
-    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    restarted_without_it(&mut b, id);
 
     // The source's tree is usable.
     first_applies(&a, "m", &first_sum, &[]);
@@ -718,13 +718,7 @@ fn a_destination_vireod_dying_mid_arrival_of_a_shared_nothing_migration_leaves_d
     drop(c);
 
     // B back without the fault: no record, no folder, DIR as it was before the migration.
-    b.kill9();
-    b.env.clear();
-    b.restart();
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
-    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    restarted_without_it(&mut b, id);
     assert_eq!(
         entries(&dest),
         vec![std::ffi::OsString::from("theirs.vhdx")]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireo_api::{Job, JobState};
 use vireod_harness::console::Console;
-use vireod_harness::live_move::{base_disk, die_during_move, running_with_two_checkpoints};
+use vireod_harness::live_move::{
+    base_disk, daemon_with_two_checkpoints, die_during_move, running_with_two_checkpoints,
+};
 use vireod_harness::tree::{all_check_clean, files_in_use, vhdx_on_disk};
 use vireod_harness::Daemon;
 
@@ -111,13 +113,9 @@ fn a_running_vm_moves_with_its_checkpoints() {
 
 #[test]
 fn a_running_vms_move_cut_short_leaves_one_whole_layout() {
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+    let Some(mut d) = daemon_with_two_checkpoints() else {
         return;
-    }
-    let Some(mut d) = Daemon::start() else { return };
-    base_disk(d.dir.path());
-    let (c, _) = running_with_two_checkpoints(&d);
-    drop(c);
+    };
     let pid = d.worker_pid("r");
     let tree = d.ok(&["checkpoint", "list", "r"]);
     let old = files_in_use(&d, "r");

@@ -11,8 +11,7 @@ use std::path::Path;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::live_move::{
-    base_disk, die_at, kill9_unrelated, restart_settled, running_with_two_checkpoints, vm_dir,
-    WorkerConsole,
+    daemon_with_two_checkpoints, die_at, kill9_unrelated, restart_settled, vm_dir, WorkerConsole,
 };
 use vireod_harness::tree::{all_check_clean, files_in_use, vhdx_on_disk};
 use vireod_harness::Daemon;
@@ -55,13 +54,9 @@ fn start_and_verify(d: &Daemon, name: &str, verify: &[&str]) {
 
 #[test]
 fn a_checkpointed_move_keeps_the_writes_after_the_switch_when_both_die() {
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+    let Some(mut d) = daemon_with_two_checkpoints() else {
         return;
-    }
-    let Some(mut d) = Daemon::start() else { return };
-    base_disk(d.dir.path());
-    let (c, _) = running_with_two_checkpoints(&d);
-    drop(c);
+    };
     let tree = d.ok(&["checkpoint", "list", "r"]);
     let to = d.dir.path().join("moved");
     // The worker is on the copies, nothing recorded by vireod; the guest writes there.
@@ -95,13 +90,9 @@ fn a_checkpointed_move_keeps_the_writes_after_the_switch_when_both_die() {
 
 #[test]
 fn a_checkpointed_move_that_never_switched_keeps_the_old_layout_when_both_die() {
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+    let Some(mut d) = daemon_with_two_checkpoints() else {
         return;
-    }
-    let Some(mut d) = Daemon::start() else { return };
-    base_disk(d.dir.path());
-    let (c, _) = running_with_two_checkpoints(&d);
-    drop(c);
+    };
     let old = files_in_use(&d, "r");
     let to = d.dir.path().join("moved");
     // Frozen copies made, the worker never asked: it writes on its old files.

@@ -56,6 +56,20 @@ pub fn running_with_two_checkpoints(d: &Daemon) -> (Console, String) {
     (c, sum)
 }
 
+/// A started vireod whose VM "r" runs on a base disk with two checkpoints (as
+/// [`running_with_two_checkpoints`] makes it, console let go); None where KVM or vireod's
+/// preconditions are missing (the testkit fails that under CI).
+pub fn daemon_with_two_checkpoints() -> Option<Daemon> {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return None;
+    }
+    let d = Daemon::start()?;
+    base_disk(d.dir.path());
+    let (c, _) = running_with_two_checkpoints(&d);
+    drop(c);
+    Some(d)
+}
+
 /// vireod dies (abort, as SIGKILL) at `point` of a running VM's move to `to`; restarted, it
 /// has settled the move.
 pub fn die_during_move(d: &mut Daemon, point: &str, to: &Path) {

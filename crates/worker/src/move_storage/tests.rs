@@ -212,13 +212,19 @@ fn raw_disk_moves_with_every_concurrent_write() {
     check_against(&reopened, &raw_base, &sh);
 }
 
+/// The move's target folder and the VM's own folder (where the switch record goes), made.
+fn target_and_vm_dirs(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (to, vm_dir) = (dir.join("new"), dir.join("vm"));
+    std::fs::create_dir(&to).unwrap();
+    std::fs::create_dir(&vm_dir).unwrap();
+    (to, vm_dir)
+}
+
 #[test]
 fn a_switch_is_recorded_before_the_vm_runs_on_the_copy() {
     let dir = tempfile::tempdir().unwrap();
     let (src, movable) = raw_source(dir.path());
-    let (to, vm_dir) = (dir.path().join("new"), dir.path().join("vm"));
-    std::fs::create_dir(&to).unwrap();
-    std::fs::create_dir(&vm_dir).unwrap();
+    let (to, vm_dir) = target_and_vm_dirs(dir.path());
     let sh = shadow();
     let r = run_move_recorded(&movable, &src, &to, false, &sh, false, Some(&vm_dir));
     assert_eq!(r.outcome, Ok(None), "{:?}", r.progress);
@@ -239,9 +245,7 @@ fn a_switch_is_recorded_before_the_vm_runs_on_the_copy() {
 fn a_move_that_never_switched_leaves_no_record() {
     let dir = tempfile::tempdir().unwrap();
     let (src, movable) = raw_source(dir.path());
-    let (to, vm_dir) = (dir.path().join("new"), dir.path().join("vm"));
-    std::fs::create_dir(&to).unwrap();
-    std::fs::create_dir(&vm_dir).unwrap();
+    let (to, vm_dir) = target_and_vm_dirs(dir.path());
     let sh = shadow();
     let r = run_move_recorded(&movable, &src, &to, false, &sh, true, Some(&vm_dir));
     assert_eq!(r.outcome, Err(CANCELLED.to_string()));
