@@ -169,7 +169,7 @@ impl VmHandle {
         spec: Option<String>,
     ) -> Result<Handover<W>, MigrateError> {
         let started = Instant::now();
-        crate::heap_trim::keep_freed_heap();
+        let _freed_heap_kept = crate::heap_trim::keep_freed_heap();
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
             return Err(StateError::NotRunning.into());
