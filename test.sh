@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 cargo fmt --all --check
+# The probe guest is its own workspace (no_std, its own target): `--all` does not reach it.
+(cd guest/probe && cargo fmt --check)
 # --release: proc macros and build scripts are then the ones the test build below uses.
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 

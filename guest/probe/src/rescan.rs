@@ -80,7 +80,8 @@ impl Probe {
                         d
                     }
                     None => {
-                        let _ = writeln!(msg, "probe: virtio-blk at {base:#x} failed to initialise");
+                        let _ =
+                            writeln!(msg, "probe: virtio-blk at {base:#x} failed to initialise");
                         continue;
                     }
                 },

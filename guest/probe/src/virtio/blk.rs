@@ -95,8 +95,9 @@ struct Inflight {
 
 impl Blk {
     pub fn new(transport: Transport) -> Option<Self> {
-        let features = transport
-            .begin_init(F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX | F_MQ)?;
+        let features = transport.begin_init(
+            F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_EVENT_IDX | F_MQ,
+        )?;
         let size_max = if features & F_SIZE_MAX != 0 {
             transport.config_read32(8)
         } else {
