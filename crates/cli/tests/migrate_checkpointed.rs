@@ -94,6 +94,76 @@ fn second_merges_live(d: &Daemon, second_frozen: &Path, then: &[&str]) {
     drop(c);
 }
 
+/// The VM as the source had it before a migration meant to fail. Afterwards it must be found
+/// exactly so: in one place, here, with the same worker, disk and tree, and the guest's memory
+/// and disk pattern as they were.
+struct Untouched {
+    pid: u64,
+    disk: std::path::PathBuf,
+    tree: Vec<(uuid::Uuid, String, Option<uuid::Uuid>, i64, bool, bool)>,
+    sum: String,
+}
+
+impl Untouched {
+    fn note(a: &Daemon, sum: &str) -> Untouched {
+        Untouched {
+            pid: a.worker_pid("m"),
+            disk: a.vm("m").spec.disks[0].path.clone(),
+            tree: shape(&checkpoints(a, "m")),
+            sum: sum.to_owned(),
+        }
+    }
+
+    fn check(&self, a: &Daemon) {
+        assert_eq!(a.vm("m").state.name(), "running");
+        assert_eq!(a.worker_pid("m"), self.pid);
+        assert_eq!(a.vm("m").spec.disks[0].path, self.disk);
+        assert_eq!(shape(&checkpoints(a, "m")), self.tree);
+        let mut c = Console::attach(a, "m");
+        assert_eq!(mem_sum(&mut c), self.sum);
+        c.ok("DISK 0 VERIFY 0 64 7");
+    }
+}
+
+/// Kills the destination's worker for `m` on `b` and waits for the source's job to fail.
+fn kill_destination_worker(a: &Daemon, b: &Daemon, job_id: &str) {
+    let destination_pid = b.worker_pid("m");
+    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
+    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let j = wait_for_end(a, job_id, Duration::from_secs(60));
+    eprintln!("the job after the destination's worker was killed: {j}");
+    assert_eq!(j["state"], "failed", "{j}");
+}
+
+/// Waits (bounded) until `b` has no record of `m`, no folder for it (record `id`) and, when
+/// given, nothing in `dir`; then asserts each.
+fn destination_forgot(b: &Daemon, id: impl std::fmt::Display, dir: Option<&Path>) {
+    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
+    let dir_empty = || dir.is_none_or(|d| entries(d).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (b.run(&["vm", "show", "m"]).status.success() || b_folder.exists() || !dir_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, line) = b.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    if let Some(d) = dir {
+        assert!(entries(d).is_empty(), "left in DIR: {:?}", entries(d));
+    }
+}
+
+/// Deleting `second` at the source merges live in the same worker `pid`; the disk pattern is
+/// still there.
+fn source_tree_merges_live(a: &Daemon, pid: u64) {
+    a.ok(&["checkpoint", "rm", "m", "second"]);
+    assert_eq!(a.worker_pid("m"), pid);
+    let mut c = Console::attach(a, "m");
+    c.ok("DISK 0 VERIFY 0 64 7");
+}
+
 #[test]
 fn a_quick_migration_carries_the_checkpoint_tree() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
@@ -398,10 +468,8 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
-    let tree = checkpoints(&a, "m");
     let id = a.vm("m").id();
-    let pid = a.worker_pid("m");
-    let running_on = a.vm("m").spec.disks[0].path.clone();
+    let before = Untouched::note(&a, &now_sum);
 
     let job_id = start_migration(&a, &["m", "--to", &to]);
     let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
@@ -411,14 +479,7 @@ fn a_destination_dying_once_a_live_migrations_tree_arrived_leaves_it_running_at_
     assert!(error.contains("runs on here"), "{error}");
 
     // The VM never stopped here: same worker, same disk, same tree.
-    assert_eq!(a.vm("m").state.name(), "running");
-    assert_eq!(a.worker_pid("m"), pid);
-    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
-    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), now_sum);
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
+    before.check(&a);
 
     // B back without the fault: the half-arrived VM and every file it received are gone.
     restarted_without_it(&mut b, id);
@@ -438,10 +499,8 @@ fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_t
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     let (_, now_sum) = vm_with_two_checkpoints(&a);
-    let tree = checkpoints(&a, "m");
     let id = a.vm("m").id();
-    let pid = a.worker_pid("m");
-    let running_on = a.vm("m").spec.disks[0].path.clone();
+    let before = Untouched::note(&a, &now_sum);
 
     // Held to 1 MiB/s, the memory pre-copy runs for seconds after the tree and the top's copy
     // arrived: the destination's worker dies in it.
@@ -455,42 +514,19 @@ fn a_destination_worker_killed_in_a_live_migrations_precopy_leaves_the_tree_at_t
         "the tree is not on the destination during the pre-copy: {:?}",
         entries(&b_folder)
     );
-    let destination_pid = b.worker_pid("m");
-    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
-    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
-    assert_eq!(killed, 0);
-    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
-    eprintln!("the job after the destination's worker was killed: {j}");
-    assert_eq!(j["state"], "failed", "{j}");
+    kill_destination_worker(&a, &b, &job_id);
 
     // Exactly one place: here, the same worker on the same disk, the tree whole.
-    assert_eq!(a.vm("m").state.name(), "running");
-    assert_eq!(a.worker_pid("m"), pid);
-    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
-    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
+    before.check(&a);
     let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), now_sum);
-    c.ok("DISK 0 VERIFY 0 64 7");
     c.ok("DISK 0 WRITE 128 8 12");
     c.ok("DISK 0 VERIFY 128 8 12");
     drop(c);
     // The destination removed the record, the new child and every arrived file.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (b.run(&["vm", "show", "m"]).status.success() || b_folder.exists())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
+    destination_forgot(&b, id, None);
 
     // The source's tree still merges live.
-    a.ok(&["checkpoint", "rm", "m", "second"]);
-    assert_eq!(a.worker_pid("m"), pid);
-    let mut c = Console::attach(&a, "m");
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
+    source_tree_merges_live(&a, before.pid);
     a.ok(&["vm", "turn-off", "m"]);
 }
 
@@ -607,10 +643,8 @@ fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
-    let tree = checkpoints(&a, "m");
     let id = a.vm("m").id();
-    let pid = a.worker_pid("m");
-    let running_on = a.vm("m").spec.disks[0].path.clone();
+    let before = Untouched::note(&a, &now_sum);
     let (dest, mut args) = shared_nothing_args(&b, &to);
     args.extend(["--bandwidth".to_owned(), "1M".to_owned()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -624,49 +658,16 @@ fn a_destination_worker_killed_in_a_shared_nothing_migration_leaves_the_tree_at_
         "the base disk is not in DIR during the pre-copy: {:?}",
         entries(&dest)
     );
-    let destination_pid = b.worker_pid("m");
-    // SAFETY: kill(2) of the destination's worker, a process this test's vireod started.
-    let killed = unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) };
-    assert_eq!(killed, 0);
-    let j = wait_for_end(&a, &job_id, Duration::from_secs(60));
-    eprintln!("the job after the destination's worker was killed: {j}");
-    assert_eq!(j["state"], "failed", "{j}");
+    kill_destination_worker(&a, &b, &job_id);
 
     // Exactly one place: here, the same worker on the same disk, the tree whole.
-    assert_eq!(a.vm("m").state.name(), "running");
-    assert_eq!(a.worker_pid("m"), pid);
-    assert_eq!(a.vm("m").spec.disks[0].path, running_on);
-    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), now_sum);
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
+    before.check(&a);
 
     // Nothing of it on the destination: no record, no folder, DIR empty again.
-    let b_folder = b.dir.path().join("state").join("vms").join(id.to_string());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (b.run(&["vm", "show", "m"]).status.success()
-        || b_folder.exists()
-        || !entries(&dest).is_empty())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    assert!(!b_folder.exists(), "left: {:?}", entries(&b_folder));
-    assert!(
-        entries(&dest).is_empty(),
-        "left in DIR: {:?}",
-        entries(&dest)
-    );
+    destination_forgot(&b, id, Some(&dest));
 
     // The source's tree still merges live and applies.
-    a.ok(&["checkpoint", "rm", "m", "second"]);
-    assert_eq!(a.worker_pid("m"), pid);
-    let mut c = Console::attach(&a, "m");
-    c.ok("DISK 0 VERIFY 0 64 7");
-    drop(c);
+    source_tree_merges_live(&a, before.pid);
     first_applies(&a, "m", &first_sum, &[]);
 }
 
@@ -687,9 +688,8 @@ fn a_destination_vireod_dying_mid_arrival_of_a_shared_nothing_migration_leaves_d
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
-    let tree = checkpoints(&a, "m");
     let id = a.vm("m").id();
-    let pid = a.worker_pid("m");
+    let before = Untouched::note(&a, &now_sum);
     let (dest, args) = shared_nothing_args(&b, &to);
     // A file that was there before: never the migration's to remove.
     let theirs = dest.join("theirs.vhdx");
@@ -709,13 +709,8 @@ fn a_destination_vireod_dying_mid_arrival_of_a_shared_nothing_migration_leaves_d
         entries(&dest)
     );
 
-    // Exactly one place: here, the same worker, the tree whole.
-    assert_eq!(a.vm("m").state.name(), "running");
-    assert_eq!(a.worker_pid("m"), pid);
-    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
-    let mut c = Console::attach(&a, "m");
-    assert_eq!(mem_sum(&mut c), now_sum);
-    drop(c);
+    // Exactly one place: here, the same worker on the same disk, the tree whole.
+    before.check(&a);
 
     // B back without the fault: no record, no folder, DIR as it was before the migration.
     restarted_without_it(&mut b, id);

@@ -203,9 +203,17 @@ impl Daemon {
             .join("state/vms")
             .join(id)
             .join("worker.json");
-        let rec: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-        rec["pid"].as_u64().unwrap()
+        let text = std::fs::read(&record).unwrap_or_else(|e| {
+            panic!(
+                "{name} has no worker record at {} ({e}): is the VM running?",
+                record.display()
+            )
+        });
+        let rec: serde_json::Value = serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", record.display()));
+        rec["pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{} has no pid: {rec}", record.display()))
     }
 }
 

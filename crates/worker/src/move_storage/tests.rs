@@ -189,13 +189,29 @@ fn shadow() -> Shadow {
     Arc::new(StdMutex::new(vec![None; (SIZE / SECTOR) as usize]))
 }
 
+/// A source disk made by `source` in a fresh temporary folder (kept while the first value
+/// lives), the move's target folder `to_name` made beside it, and an empty shadow of the
+/// guest's writes.
+fn setup(
+    source: fn(&Path) -> (PathBuf, Arc<MovableBackend>),
+    to_name: &str,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    Arc<MovableBackend>,
+    PathBuf,
+    Shadow,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, movable) = source(dir.path());
+    let to = dir.path().join(to_name);
+    std::fs::create_dir(&to).unwrap();
+    (dir, src, movable, to, shadow())
+}
+
 #[test]
 fn raw_disk_moves_with_every_concurrent_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = raw_source(dir.path());
-    let to = dir.path().join("new");
-    std::fs::create_dir(&to).unwrap();
-    let sh = shadow();
+    let (_dir, src, movable, to, sh) = setup(raw_source, "new");
     let r = run_move(&movable, &src, &to, false, &sh, false);
     assert_eq!(r.outcome, Ok(None), "{:?}", r.progress);
     assert!(r.writes > 0);
@@ -255,11 +271,7 @@ fn a_move_that_never_switched_leaves_no_record() {
 
 #[test]
 fn a_switch_that_cannot_be_recorded_does_not_happen() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = raw_source(dir.path());
-    let to = dir.path().join("new");
-    std::fs::create_dir(&to).unwrap();
-    let sh = shadow();
+    let (dir, src, movable, to, sh) = setup(raw_source, "new");
     let gone = dir.path().join("no-such-vm-dir");
     let r = run_move_recorded(&movable, &src, &to, false, &sh, false, Some(&gone));
     let e = r.outcome.unwrap_err();
@@ -271,11 +283,7 @@ fn a_switch_that_cannot_be_recorded_does_not_happen() {
 
 #[test]
 fn cancelled_move_leaves_the_old_file_in_use_and_no_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = raw_source(dir.path());
-    let to = dir.path().join("new");
-    std::fs::create_dir(&to).unwrap();
-    let sh = shadow();
+    let (_dir, src, movable, to, sh) = setup(raw_source, "new");
     let r = run_move(&movable, &src, &to, false, &sh, true);
     assert_eq!(r.outcome, Err(CANCELLED.to_string()));
     assert_eq!(movable.image().0, src);
@@ -286,12 +294,8 @@ fn cancelled_move_leaves_the_old_file_in_use_and_no_copy() {
 
 #[test]
 fn an_existing_destination_file_is_refused_and_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = raw_source(dir.path());
-    let to = dir.path().join("new");
-    std::fs::create_dir(&to).unwrap();
+    let (_dir, src, movable, to, sh) = setup(raw_source, "new");
     std::fs::write(to.join("disk.img"), b"theirs").unwrap();
-    let sh = shadow();
     let r = run_move(&movable, &src, &to, false, &sh, false);
     let e = r.outcome.unwrap_err();
     assert!(e.contains("exists already"), "{e}");
@@ -352,11 +356,7 @@ fn chain_base(s: u64) -> Vec<u8> {
 
 #[test]
 fn vhdx_chain_moves_file_by_file_with_parents_relinked() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = vhdx_chain(dir.path());
-    let to = dir.path().join("new");
-    std::fs::create_dir(&to).unwrap();
-    let sh = shadow();
+    let (dir, src, movable, to, sh) = setup(vhdx_chain, "new");
     let r = run_move(&movable, &src, &to, false, &sh, false);
     assert_eq!(r.outcome, Ok(None), "{:?}", r.progress);
     assert!(!src.exists() && !dir.path().join("base.vhdx").exists());
@@ -377,11 +377,7 @@ fn vhdx_chain_moves_file_by_file_with_parents_relinked() {
 
 #[test]
 fn vhdx_chain_flattened_into_one_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, movable) = vhdx_chain(dir.path());
-    let to = dir.path().join("flat");
-    std::fs::create_dir(&to).unwrap();
-    let sh = shadow();
+    let (_dir, src, movable, to, sh) = setup(vhdx_chain, "flat");
     let r = run_move(&movable, &src, &to, true, &sh, false);
     assert_eq!(r.outcome, Ok(None), "{:?}", r.progress);
     drop(movable);
@@ -404,21 +400,9 @@ fn a_full_destination_fails_the_move_and_the_guest_never_notices() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (src, movable) = raw_source(dir.path());
-    let to = dir.path().join("small");
-    std::fs::create_dir(&to).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "vireo-move-test"])
-        .arg(&to)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(to.clone());
+    let small = vireo_testkit::tmpfs::Tmpfs::mount(&dir.path().join("small"), "8m")
+        .expect("mounting a tmpfs as root");
+    let to = small.path().to_owned();
     let sh = shadow();
     // Every sector written: the copy needs the whole 24 MiB.
     for s in 0..SIZE / SECTOR {
