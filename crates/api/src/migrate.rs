@@ -126,7 +126,9 @@ pub enum StorageMode {
 /// 6: so does a shared-nothing one: the user's files the tree uses travel too (`File`s named
 ///    `tree-user-*`, landing in `dest_dir`; `Offer.disks` describes them, not the slots). The
 ///    offer's shape is unchanged, so a version-5 host reads it and names both versions.
-pub const PEER_PROTOCOL_VERSION: u32 = 6;
+/// 7: the offer carries the source's `--postcopy` (`Offer.postcopy`, only when it is not
+///    `auto`), so a destination told `never` can put the VM's RAM on the hugetlb pool.
+pub const PEER_PROTOCOL_VERSION: u32 = 7;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -188,6 +190,11 @@ pub enum PeerMsg {
         /// (`Copied`) too, with the user's files as `tree-user-*` files.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoints: Option<Box<CheckpointTree>>,
+        /// Live: the source's `--postcopy`. Unless `never`, the destination's RAM must take
+        /// page-by-page fills (userfaultfd), so it stays off the hugetlb pool. Left out when
+        /// `auto`, so an older host still reads the offer and names both versions.
+        #[serde(default, skip_serializing_if = "PostcopyMode::is_auto")]
+        postcopy: PostcopyMode,
     },
     /// The first line of a second connection a shared-nothing migration's source worker
     /// opens to the destination vireod: the disk data of `session` follows

@@ -129,6 +129,13 @@ pub enum PostcopyMode {
     Never,
 }
 
+impl PostcopyMode {
+    /// The default (for `skip_serializing_if`).
+    pub fn is_auto(&self) -> bool {
+        *self == PostcopyMode::Auto
+    }
+}
+
 /// `MigrateOut`'s knobs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cmd;
+pub mod smaps;
 pub mod tmpfs;
 
 use std::collections::HashSet;

@@ -41,33 +41,7 @@ fn on_the_pool<V>(mut make: impl FnMut() -> Result<V, String>) -> V {
 
 /// KiB of hugetlb pages this process maps from the guest-RAM file.
 fn hugetlb_kib_mapped() -> u64 {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut guest = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        // Pages only this process maps count as private, even in a shared mapping.
-        let pool_pages = line
-            .strip_prefix("Shared_Hugetlb:")
-            .or_else(|| line.strip_prefix("Private_Hugetlb:"));
-        if let Some(v) = pool_pages {
-            if guest {
-                kib += v
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap();
-            }
-        } else if line
-            .split_whitespace()
-            .next()
-            .is_some_and(|t| t.contains('-') && !t.ends_with(':'))
-        {
-            // A mapping's header: "start-end perms offset dev inode [path]".
-            guest = line.contains("memfd:vireo-guest-ram");
-        }
-    }
-    kib
+    vireo_testkit::smaps::guest_ram_hugetlb_kib("self")
 }
 
 fn sum(console: &mut ProbeConsole, range: &str) -> String {

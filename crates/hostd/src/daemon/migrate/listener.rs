@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use uuid::Uuid;
 use vireo_api::migrate::{PeerMsg, StorageMode, MAX_STREAMS, PEER_PROTOCOL_VERSION};
 use vireo_api::switch::SwitchOp;
-use vireo_api::worker::{IncomingMigration, MigrateState, WorkerOp, WorkerReply};
+use vireo_api::worker::{IncomingMigration, MigrateState, PostcopyMode, WorkerOp, WorkerReply};
 use vireo_api::{Action, JobState, Vm, VmSpec};
 
 use super::peer::{self, FileError, Peer};
@@ -165,6 +165,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         dest_dir,
         disks,
         checkpoints,
+        postcopy,
     } = offer
     else {
         let _ = peer
@@ -271,7 +272,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     let result = if quick {
         receive_quick(d, &mut peer, &vm, arrival, guard).await
     } else {
-        receive_live(d, &mut peer, &vm, (session, streams), arrival).await
+        receive_live(d, &mut peer, &vm, (session, streams, postcopy), arrival).await
     };
     match result {
         Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
@@ -393,7 +394,7 @@ async fn receive_live(
     d: &Arc<Daemon>,
     peer: &mut Peer,
     vm: &Vm,
-    (session, streams): (Uuid, u16),
+    (session, streams, postcopy): (Uuid, u16, PostcopyMode),
     arrival: Option<super::tree::Arrival>,
 ) -> Result<(), String> {
     if let Some(a) = arrival {
@@ -411,9 +412,8 @@ async fn receive_live(
         streams,
         listen: SocketAddr::new(listen_ip, 0),
         tls,
-        // The peer protocol does not carry the source's mode yet: assume post-copy may come,
-        // which keeps the destination's RAM off the hugetlb pool.
-        postcopy: Default::default(),
+        // Unless the source promised `never`, post-copy may come: the RAM stays off the pool.
+        postcopy,
     };
     let t = std::time::Instant::now();
     let worker = d.sup.spawn_with(d, vm, None, Some(incoming))?;

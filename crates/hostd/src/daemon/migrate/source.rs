@@ -268,6 +268,7 @@ async fn run(
         dest_dir: req.dest_dir.clone(),
         disks,
         checkpoints: tree.clone(),
+        postcopy: req.postcopy,
     };
     // In TLS 1.3 the server checks our certificate after our side finished the handshake:
     // a destination that does not trust this host answers the first message with an alert.
