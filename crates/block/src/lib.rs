@@ -5,6 +5,8 @@
 //! threads (`&self` methods, `Send + Sync`), so each one does its own fine-grained locking.
 
 mod error;
+// x86_64 Linux only, like the product (its copy is assembly, its handler reads REG_RIP).
+mod guarded;
 pub mod handover;
 mod iov;
 mod lock;

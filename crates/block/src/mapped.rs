@@ -6,14 +6,14 @@
 //!
 //! Safety rule: touching a page of a shared file mapping that cannot be backed (past the end
 //! of the file, no space to allocate a hole, an I/O error reading it in) raises SIGBUS, which
-//! would kill the VMM. So every copy is preceded by `MADV_POPULATE_WRITE` (writes) or
-//! `MADV_POPULATE_READ` (reads) on exactly its file range: the kernel faults the pages in
-//! ahead and returns the error instead of signalling. When it fails the caller does the request
-//! with `preadv`/`pwritev`, which reports the real error to the guest as before. The mapping
-//! never extends past the file's end: it grows (`mremap`) only to the file's current size when
-//! a request needs more, and [`FileMap::unmapped_while`] drops it around anything that may
-//! shrink the file. The window left open (a populated page evicted before the copy and failing
-//! to come back) is described in docs/datapath.md.
+//! would kill the VMM. So every copy is a guarded copy (`guarded.rs`): a SIGBUS inside it is
+//! caught and turns into a failed copy, and the caller then does the whole request with
+//! `preadv`/`pwritev`, which reports the real error to the guest. No page is faulted in ahead
+//! (that was one `MADV_POPULATE_*` system call per request, ~30 % of a 4 KiB read's cost), and
+//! no window is left between making a page present and copying it. The mapping never extends
+//! past the file's end: it grows (`mremap`) only to the file's current size when a request
+//! needs more, and [`FileMap::unmapped_while`] drops it around anything that may shrink the
+//! file, so a fault means another process cut the file or the kernel could not back a page.
 //!
 //! Locking: one `RwLock` around the mapping. Copies hold it shared (any number of queues at
 //! once); growing, dropping and the shrinking callers hold it exclusively, so no copy runs
@@ -21,11 +21,12 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard};
 
 use vm_memory::bitmap::Bitmap;
 
+use crate::guarded;
 use crate::iov::total_len;
 use crate::GuestBuf;
 
@@ -41,14 +42,16 @@ struct Region {
     len: usize,
 }
 
-/// A lazily made, growable shared mapping of one open file, used only through populate-checked
-/// copies (see the module documentation).
+/// A lazily made, growable shared mapping of one open file, used only through guarded copies
+/// (see the module documentation).
 pub struct FileMap {
     region: RwLock<Region>,
     writable: bool,
-    /// Set when the kernel has no `MADV_POPULATE_*` (before 5.14): without it copies are not
-    /// safe, so every request takes the system call path.
+    /// Set when copies cannot be made safe (no SIGBUS handler) or the file cannot be mapped:
+    /// every request then takes the system call path.
     unsupported: AtomicBool,
+    /// Copies that faulted and were redirected by the SIGBUS handler.
+    faults: AtomicU64,
 }
 
 // SAFETY: the raw pointer is only dereferenced under the lock, for ranges checked against
@@ -80,7 +83,8 @@ impl FileMap {
                 len: 0,
             }),
             writable,
-            unsupported: AtomicBool::new(false),
+            unsupported: AtomicBool::new(!guarded::install()),
+            faults: AtomicU64::new(0),
         }
     }
 
@@ -89,48 +93,65 @@ impl FileMap {
         self.region.read().map_or(0, |r| r.len)
     }
 
+    /// Copies that hit a page the kernel could not back and were turned into a fallback (a
+    /// SIGBUS caught by the guarded copy), since this map was made.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
     /// Copies file bytes `offset..` into `bufs`, marking the pages written dirty. False when
-    /// nothing can be promised (range past the file, populate failed): the caller must then do
-    /// the read with `preadv`, which reports the real error; `bufs` may hold partial data.
+    /// nothing can be promised (range past the file, a page that could not be read in): the
+    /// caller must then do the read with `preadv`, which reports the real error; `bufs` may
+    /// hold partial data.
     pub fn read(&self, file: &File, bufs: &[GuestBuf<'_>], offset: u64) -> bool {
-        let Some(region) = self.populated(file, bufs, offset, libc::MADV_POPULATE_READ) else {
+        let Some(region) = self.covering_request(file, bufs, offset) else {
             return false;
         };
         let mut at = offset as usize;
         for b in bufs {
             let guard = b.ptr_guard_mut();
-            // SAFETY: `populated` checked `offset + total` against the mapping held by
-            // `region` and faulted the range in; the guard keeps the guest buffer valid for
-            // `b.len()` bytes. Guest memory may change concurrently, as under a DMA device.
-            unsafe {
-                std::ptr::copy_nonoverlapping(region.ptr.add(at), guard.as_ptr(), b.len());
-            }
+            // SAFETY: `covering_request` checked `offset + total` against the mapping, which
+            // `region` keeps in place; the guard keeps the guest buffer valid for `b.len()`
+            // bytes. Guest memory may change concurrently, as under a DMA device.
+            let ok = unsafe { guarded::copy(guard.as_ptr(), region.ptr.add(at), b.len()) };
+            // Marked even after a fault: part of the buffer may have been written.
             b.bitmap().mark_dirty(0, b.len());
+            if !ok {
+                return self.faulted(offset, bufs);
+            }
             at += b.len();
         }
         true
     }
 
-    /// Copies `bufs` into file bytes `offset..`. False when the range could not be made
-    /// writable (past the file, no space for a hole, an I/O error, a read-only mapping): the
-    /// caller must then write with `pwritev`, which reports the real error.
+    /// Copies `bufs` into file bytes `offset..`. False when the range could not be written
+    /// through the mapping (past the file, no space for a hole, an I/O error, a read-only
+    /// mapping): the caller must then write with `pwritev`, which reports the real error and
+    /// rewrites whatever part of the range the copy reached.
     pub fn write(&self, file: &File, bufs: &[GuestBuf<'_>], offset: u64) -> bool {
         if !self.writable {
             return false;
         }
-        let Some(region) = self.populated(file, bufs, offset, libc::MADV_POPULATE_WRITE) else {
+        let Some(region) = self.covering_request(file, bufs, offset) else {
             return false;
         };
         let mut at = offset as usize;
         for b in bufs {
             let guard = b.ptr_guard_mut();
-            // SAFETY: as in `read`, with the pages made writable by MADV_POPULATE_WRITE.
-            unsafe {
-                std::ptr::copy_nonoverlapping(guard.as_ptr(), region.ptr.add(at), b.len());
+            // SAFETY: as in `read`, copying the other way into a writable mapping.
+            let ok = unsafe { guarded::copy(region.ptr.add(at), guard.as_ptr(), b.len()) };
+            if !ok {
+                return self.faulted(offset, bufs);
             }
             at += b.len();
         }
         true
+    }
+
+    fn faulted(&self, offset: u64, bufs: &[GuestBuf<'_>]) -> bool {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(offset, len = ?total_len(bufs), "mapped copy faulted; request goes through the file");
+        false
     }
 
     /// Runs `shrink` (a truncate of the file) with no mapping in place and no copy running,
@@ -141,14 +162,13 @@ impl FileMap {
         shrink()
     }
 
-    /// The read-locked mapping, covering `offset..offset+len(bufs)` and populated with
-    /// `advice`, or None when the request must take the system call path.
-    fn populated(
+    /// The read-locked mapping, covering `offset..offset+len(bufs)`, or None when the request
+    /// must take the system call path.
+    fn covering_request(
         &self,
         file: &File,
         bufs: &[GuestBuf<'_>],
         offset: u64,
-        advice: libc::c_int,
     ) -> Option<RwLockReadGuard<'_, Region>> {
         if self.unsupported.load(Ordering::Relaxed) || bufs.len() > 1024 {
             return None;
@@ -158,23 +178,7 @@ impl FileMap {
         if len == 0 {
             return None;
         }
-        let region = self.covering(file, end)?;
-        let page = page_size();
-        let start = offset as usize / page * page;
-        // SAFETY: madvise only on our own mapping, `start..end` inside it (checked by
-        // `covering`); populate touches no memory of ours, it faults pages in.
-        let rc = unsafe { libc::madvise(region.ptr.add(start).cast(), end - start, advice) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                tracing::info!("MADV_POPULATE unsupported ({e}); disk I/O uses preadv/pwritev");
-                self.unsupported.store(true, Ordering::Relaxed);
-            } else {
-                tracing::debug!(offset, len, error = %e, "populate failed; request goes through the file");
-            }
-            return None;
-        }
-        Some(region)
+        self.covering(file, end)
     }
 
     /// The read-locked mapping once it covers `..end`, grown to the file's current size if it
@@ -213,12 +217,6 @@ impl Drop for FileMap {
         let r = self.region.get_mut().unwrap_or_else(|e| e.into_inner());
         unmap(r);
     }
-}
-
-fn page_size() -> usize {
-    static PAGE: OnceLock<usize> = OnceLock::new();
-    // SAFETY: sysconf has no memory arguments.
-    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize })
 }
 
 /// Maps (or extends the mapping to) the first `len` bytes of `file`.

@@ -1,7 +1,8 @@
 //! The mapped I/O path (`FileMap`, used by `RawFile` and VHDX): data written through the
 //! mapping is what the file holds after a flush, and every range the kernel cannot fault in
 //! (a read-only file, a file shrunk under the mapping, no space for a hole) falls back to the
-//! system call, which reports the real error, instead of a SIGBUS killing the process.
+//! system call, which reports the real error, instead of a SIGBUS killing the process. Where
+//! a copy faults, `FileMap::faults` proves the SIGBUS happened and was caught, not avoided.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -159,7 +160,7 @@ fn a_read_only_file_is_mapped_read_only_and_refuses_mapped_writes() {
     ));
 }
 
-/// Another descriptor truncates the file under a live mapping: populate fails, the request
+/// Another descriptor truncates the file under a live mapping: the copy faults, the request
 /// takes `preadv`, and the guest gets its error (the file ended early), not a SIGBUS.
 #[test]
 fn a_file_shrunk_by_another_descriptor_falls_back_with_the_real_error() {
@@ -204,8 +205,16 @@ fn a_file_shrunk_by_another_descriptor_falls_back_with_the_real_error() {
         .unwrap()
         .set_len(4096)
         .unwrap();
+    assert_eq!(map.faults(), 0);
     assert!(!map.read(&file, &bufs(&mem, 4096), 32768));
+    assert_eq!(map.faults(), 1, "the read copy faulted and was redirected");
     assert!(!map.write(&file, &bufs(&mem, 4096), 32768));
+    assert_eq!(map.faults(), 2, "the write copy faulted and was redirected");
+    // A range straddling the new end faults part-way; the part before it is still served.
+    assert!(!map.read(&file, &bufs(&mem, 8192), 0));
+    assert_eq!(map.faults(), 3);
+    assert!(map.read(&file, &bufs(&mem, 4096), 0));
+    assert_eq!(map.faults(), 3);
     // A write falls back to pwritev, which extends the file as it always did.
     let data = fill(&mem, 8192, 3);
     disk.write_vectored_at(&bufs(&mem, 8192), MIB + 8192)
@@ -251,7 +260,7 @@ fn resize_shrinks_and_grows_under_mapped_io() {
 }
 
 /// A hole punched by a discard under the mapping reads as zeroes, and a later write to it
-/// allocates again through populate.
+/// allocates again (the copy's page fault).
 #[test]
 fn discard_under_the_mapping_then_write_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -275,8 +284,8 @@ fn discard_under_the_mapping_then_write_again() {
     assert_eq!(back, data);
 }
 
-/// No space for a hole: populate fails (the page fault would have been a SIGBUS), and the
-/// request's `pwritev` reports ENOSPC to the caller.
+/// No space for a hole: the copy's page fault raises SIGBUS, which the guarded copy catches,
+/// and the request's `pwritev` reports ENOSPC to the caller.
 #[test]
 fn no_space_for_a_hole_is_an_io_error_not_a_sigbus() {
     if !vireo_testkit::require(vireo_testkit::Need::Root) {
@@ -298,8 +307,9 @@ fn no_space_for_a_hole_is_an_io_error_not_a_sigbus() {
     let map = FileMap::new(&file);
     assert!(
         !map.write(&file, &bufs(&mem, 0x30000), MIB),
-        "populate must fail"
+        "the copy must fault"
     );
+    assert_eq!(map.faults(), 1, "a SIGBUS was caught and redirected");
     let err = disk
         .write_vectored_at(&bufs(&mem, 0x30000), 2 * MIB)
         .unwrap_err();
