@@ -18,6 +18,7 @@ pub mod host;
 pub mod meter;
 pub mod overlay;
 pub mod port;
+pub mod priority;
 pub mod rate;
 pub mod runtime;
 pub mod source_guard;

@@ -103,7 +103,12 @@ impl SwitchRuntime {
         });
         let thread = std::thread::Builder::new()
             .name("vswitch".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                // Ahead of spinning vCPU threads when a kick wakes it (`priority.rs`); without
+                // the privilege it runs at the nice it inherited.
+                let _ = crate::priority::prioritize_current_thread();
+                worker.run()
+            })?;
         Ok(SwitchRuntime {
             switch,
             ctl,

@@ -202,3 +202,31 @@ fn frames_too_long_for_the_buffer_or_the_mtu_are_dropped_whole_and_counted() {
     assert_eq!(lock(&sw).drops(a, DropReason::Oversize), 2);
     rt.stop().unwrap();
 }
+
+#[test]
+fn the_switch_thread_runs_at_the_frame_threads_priority() {
+    // Lowering a nice value below 0 needs CAP_SYS_NICE.
+    if !vireo_testkit::require(vireo_testkit::Need::Root) {
+        return;
+    }
+    let want = vireo_vswitch::priority::nice();
+    assert_ne!(want, 0, "the default raises the switch thread's priority");
+    let sw = Arc::new(Mutex::new(
+        Switch::new(SwitchConfig::private("prio")).unwrap(),
+    ));
+    let rt = SwitchRuntime::start(sw).unwrap();
+    // The thread sets its own priority as it starts: poll, bounded.
+    let mut nices = Vec::new();
+    for _ in 0..500 {
+        nices = thread_nices("vswitch");
+        if nices.contains(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        nices.contains(&want),
+        "vswitch threads' nice values: {nices:?}, want {want}"
+    );
+    rt.stop().unwrap();
+}

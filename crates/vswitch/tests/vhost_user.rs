@@ -2,11 +2,14 @@
 //! sharing a memfd "guest RAM" and split virtqueues it builds itself, so the data path and its
 //! handling of hostile descriptors are checked on any host (no /dev/kvm needed).
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::io::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::thread_nices;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -287,6 +290,16 @@ fn frames_cross_between_guest_rings_and_the_switch() {
     tx2.refill();
     kicks2[1].write(1).unwrap();
     assert_eq!(recv_frame(&peer).as_deref(), Some(&f3[..]));
+    // The new session's ring thread forwarded that kick: it runs at the switch thread's
+    // priority (lowering a nice value needs root).
+    if vireo_testkit::require(vireo_testkit::Need::Root) {
+        let want = vireo_vswitch::priority::nice();
+        let nices = thread_nices("vring_worker");
+        assert!(
+            nices.contains(&want),
+            "ring threads' nice: {nices:?}, want {want}"
+        );
+    }
     drop(fe2);
     server.stop().unwrap();
     rt.stop().unwrap();

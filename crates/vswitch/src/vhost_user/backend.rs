@@ -135,6 +135,14 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // This ring thread wakes the switch thread on each TX kick: it runs at the switch
+        // thread's priority (`priority.rs`), set once per thread.
+        thread_local! {
+            static PRIORITIZED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if !PRIORITIZED.with(|p| p.replace(true)) {
+            let _ = crate::priority::prioritize_current_thread();
+        }
         // The first event after a ring starts hands us the rings; every TX kick wakes the
         // switch thread, which drains the ring itself.
         self.shared.attach_rings(vrings);

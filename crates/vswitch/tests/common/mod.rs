@@ -154,3 +154,21 @@ pub fn send_at(
     ports.sort();
     (ports, d.dropped)
 }
+
+/// The nice value of this process's threads named `name` (Linux keeps one per thread).
+pub fn thread_nices(name: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if let Some(n) = rest.split_whitespace().nth(16).and_then(|v| v.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out
+}
