@@ -67,6 +67,10 @@ pub struct MigrateArgs {
     /// per MiB for 1 and 2 streams and each codec, then stop.
     #[arg(long)]
     link: bool,
+    /// With `--link`: the receivers read every record whole into their own buffer before
+    /// applying it (the path before session 29), not page data straight from TLS's buffers.
+    #[arg(long, requires = "link")]
+    link_whole_records: bool,
 }
 
 pub struct Case {
@@ -115,7 +119,7 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
         return Err("--runs must be at least 1".into());
     }
     if args.link {
-        return link::run(args.runs);
+        return link::run(args.runs, args.link_whole_records);
     }
     let qemu = args
         .qemu

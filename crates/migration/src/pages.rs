@@ -158,18 +158,49 @@ pub fn decode(body: &[u8], ram_size: u64) -> Result<Vec<Page<'_>>, MigrationErro
     let count_bytes = body
         .get(..4)
         .ok_or(MigrationError::Malformed("batch shorter than its count"))?;
-    let count = u32::from_le_bytes(count_bytes.try_into().expect("4 bytes")) as usize;
+    let count = batch_count(count_bytes.try_into().expect("4 bytes"))?;
+    let entries_end = 4 + count * 8;
+    let entries = body
+        .get(4..entries_end)
+        .ok_or(MigrationError::Malformed("batch shorter than its entries"))?;
+    let mut checked = Vec::with_capacity(count);
+    let data_len = check_entries(entries, ram_size, &mut checked)?;
+    check_data_len(body.len() - entries_end, data_len)?;
+    let mut data = &body[entries_end..];
+    Ok(checked
+        .into_iter()
+        .map(|(gpa, has_data)| {
+            if has_data {
+                let (page, rest) = data.split_at(PAGE_SIZE);
+                data = rest;
+                (gpa, Some(page))
+            } else {
+                (gpa, None)
+            }
+        })
+        .collect())
+}
+
+/// A batch's page count, from its first 4 bytes; more than [`MAX_PAGES`] is refused.
+pub(crate) fn batch_count(bytes: [u8; 4]) -> Result<usize, MigrationError> {
+    let count = u32::from_le_bytes(bytes) as usize;
     if count > MAX_PAGES {
         return Err(MigrationError::Malformed(
             "more pages than a batch may hold",
         ));
     }
-    let entries_end = 4 + count * 8;
-    let entries = body
-        .get(4..entries_end)
-        .ok_or(MigrationError::Malformed("batch shorter than its entries"))?;
-    let mut data = &body[entries_end..];
-    let mut out = Vec::with_capacity(count);
+    Ok(count)
+}
+
+/// Checks a batch's entries (page-aligned, inside `ram_size`, no unknown bits) into `out` as
+/// (address, has data), in entry order. Returns the bytes of page data the entries announce.
+pub(crate) fn check_entries(
+    entries: &[u8],
+    ram_size: u64,
+    out: &mut Vec<(u64, bool)>,
+) -> Result<usize, MigrationError> {
+    out.clear();
+    let mut data = 0;
     for e in entries.chunks_exact(8) {
         let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
         let gpa = e & !(PAGE_SIZE as u64 - 1);
@@ -182,25 +213,28 @@ pub fn decode(body: &[u8], ram_size: u64) -> Result<Vec<Page<'_>>, MigrationErro
         {
             return Err(MigrationError::PageOutOfRange { gpa, ram_size });
         }
-        if e & ZERO != 0 {
-            out.push((gpa, None));
-        } else {
-            if data.len() < PAGE_SIZE {
-                return Err(MigrationError::Malformed(
-                    "batch data shorter than its pages",
-                ));
-            }
-            let (page, rest) = data.split_at(PAGE_SIZE);
-            out.push((gpa, Some(page)));
-            data = rest;
+        let has_data = e & ZERO == 0;
+        if has_data {
+            data += PAGE_SIZE;
         }
+        out.push((gpa, has_data));
     }
-    if !data.is_empty() {
+    Ok(data)
+}
+
+/// The data after the entries must be exactly what they announce.
+pub(crate) fn check_data_len(have: usize, announced: usize) -> Result<(), MigrationError> {
+    if have < announced {
+        return Err(MigrationError::Malformed(
+            "batch data shorter than its pages",
+        ));
+    }
+    if have > announced {
         return Err(MigrationError::Malformed(
             "batch data longer than its pages",
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -181,6 +181,19 @@ impl RecordBuf {
         }
     }
 
+    pub(crate) fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The first `len` bytes of the payload buffer (grown if needed), for a caller that reads
+    /// only part of a record into it.
+    pub(crate) fn scratch(&mut self, len: usize) -> &mut [u8] {
+        if self.payload.len() < len {
+            self.payload.resize(len, 0);
+        }
+        &mut self.payload[..len]
+    }
+
     /// The last record's body, decompressed.
     pub fn body(&self) -> &[u8] {
         if self.raw {
@@ -191,12 +204,25 @@ impl RecordBuf {
     }
 }
 
-/// [`read_record`] into reusable buffers: the kind and the bytes the record took on the
-/// wire; the body is then `rb.body()`.
-pub fn read_record_into(
+/// A record's header, checked: known kind, codec and flags, lengths within [`MAX_BODY`], a
+/// missing CRC only on an authenticated stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub kind: Kind,
+    pub codec: Codec,
+    /// Whether the payload carries a CRC (false: [`FLAG_NO_CRC`], accepted only because this
+    /// end's transport is authenticated).
+    pub checked: bool,
+    pub payload_len: usize,
+    pub body_len: usize,
+    pub stored_crc: u32,
+}
+
+/// Reads and checks the next header; `None` at a clean end of stream.
+pub(crate) fn read_header(
     r: &mut impl Read,
-    rb: &mut RecordBuf,
-) -> Result<Option<(Kind, usize)>, MigrationError> {
+    transport: Transport,
+) -> Result<Option<Header>, MigrationError> {
     let mut header = [0u8; HEADER_LEN];
     if !read_exact_or_eof(r, &mut header)? {
         return Ok(None);
@@ -208,14 +234,14 @@ pub fn read_record_into(
         return Err(MigrationError::Malformed("unknown record header flags"));
     }
     let checked = flags & FLAG_NO_CRC == 0;
-    if !checked && rb.transport != Transport::Authenticated {
+    if !checked && transport != Transport::Authenticated {
         return Err(MigrationError::Malformed(
             "a record without a CRC on a stream TLS does not protect",
         ));
     }
     let payload_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
     let body_len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
-    let stored = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    let stored_crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
     for len in [payload_len, body_len] {
         if len > MAX_BODY {
             return Err(MigrationError::TooLarge {
@@ -229,32 +255,74 @@ pub fn read_record_into(
             "raw record with two different lengths",
         ));
     }
-    // Grown, never shrunk: resizing down and up again would zero the bytes each time.
-    if rb.payload.len() < payload_len {
-        rb.payload.resize(payload_len, 0);
-    }
-    let payload = &mut rb.payload[..payload_len];
-    r.read_exact(payload).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => MigrationError::Truncated,
-        _ => MigrationError::Io(e),
-    })?;
-    if checked {
-        let computed = crc32c::crc32c(payload);
-        if computed != stored {
-            return Err(MigrationError::Checksum { stored, computed });
-        }
-    } else if stored != 0 {
+    if !checked && stored_crc != 0 {
         return Err(MigrationError::Malformed(
             "a record without a CRC has a non-zero CRC field",
         ));
     }
-    rb.raw = codec == Codec::None;
-    rb.len = payload_len;
+    Ok(Some(Header {
+        kind,
+        codec,
+        checked,
+        payload_len,
+        body_len,
+        stored_crc,
+    }))
+}
+
+/// [`read_record`] into reusable buffers: the kind and the bytes the record took on the
+/// wire; the body is then `rb.body()`.
+pub fn read_record_into(
+    r: &mut impl Read,
+    rb: &mut RecordBuf,
+) -> Result<Option<(Kind, usize)>, MigrationError> {
+    let Some(h) = read_header(r, rb.transport)? else {
+        return Ok(None);
+    };
+    read_payload_into(r, rb, &h)?;
+    Ok(Some((h.kind, HEADER_LEN + h.payload_len)))
+}
+
+/// Reads the payload `h` announced into `rb`, checks its CRC (if it has one) and decompresses
+/// it: the body is then `rb.body()`.
+pub(crate) fn read_payload_into(
+    r: &mut impl Read,
+    rb: &mut RecordBuf,
+    h: &Header,
+) -> Result<(), MigrationError> {
+    // Grown, never shrunk: resizing down and up again would zero the bytes each time.
+    if rb.payload.len() < h.payload_len {
+        rb.payload.resize(h.payload_len, 0);
+    }
+    let payload = &mut rb.payload[..h.payload_len];
+    read_exact_or_truncated(r, payload)?;
+    if h.checked {
+        let computed = crc32c::crc32c(payload);
+        if computed != h.stored_crc {
+            return Err(MigrationError::Checksum {
+                stored: h.stored_crc,
+                computed,
+            });
+        }
+    }
+    rb.raw = h.codec == Codec::None;
+    rb.len = h.payload_len;
     if !rb.raw {
         rb.coder
-            .decompress_into(codec, payload, body_len, &mut rb.body)?;
+            .decompress_into(h.codec, payload, h.body_len, &mut rb.body)?;
     }
-    Ok(Some((kind, HEADER_LEN + payload_len)))
+    Ok(())
+}
+
+/// `read_exact`, a stream that ends part-way being [`MigrationError::Truncated`].
+pub(crate) fn read_exact_or_truncated(
+    r: &mut impl Read,
+    buf: &mut [u8],
+) -> Result<(), MigrationError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => MigrationError::Truncated,
+        _ => MigrationError::Io(e),
+    })
 }
 
 /// Fills `buf`, or reports a clean end of stream when not a single byte came; a stream that

@@ -68,6 +68,13 @@ proptest! {
         if let Ok(mut rx) = Receiver::start(&mut r, None, Transport::Authenticated) {
             let _ = rx.run(&mut r, &mut ram);
         }
+        // The same stream read as TLS is (buffered, page data straight into RAM), in chunks
+        // that end mid-page.
+        let mut ram = vec![0u8; 0x4000];
+        let mut r = std::io::BufReader::with_capacity(3000, wire.as_slice());
+        if let Ok(mut rx) = Receiver::start(&mut r, None, Transport::Authenticated) {
+            let _ = rx.run_buffered(&mut r, &mut ram);
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ impl GuestRam for SharedRam {
     fn zero_page(&mut self, gpa: u64) {
         self.0.lock().unwrap().zero_page(gpa)
     }
+    fn write_part(&mut self, gpa: u64, data: &[u8]) {
+        self.0.lock().unwrap().write_part(gpa, data)
+    }
 }
 
 /// xorshift: the test's guest writes the same pages on every run.
@@ -87,10 +90,16 @@ fn migrate(compression: impl Fn() -> Compression, transport: Transport) {
         );
         let ram = SharedRam(dst.clone());
         receivers.push(thread::spawn(move || {
-            let mut b = b;
             let mut ram = ram;
+            // An authenticated stream is read as the destination reads TLS: buffered, page
+            // data copied from the buffer into RAM. 5000 bytes: chunks that end mid-page.
+            let mut b = std::io::BufReader::with_capacity(5000, b);
             let mut rx = Receiver::start(&mut b, Some(session), transport).unwrap();
-            let stats = rx.run(&mut b, &mut ram).unwrap();
+            let stats = match transport {
+                Transport::Authenticated => rx.run_buffered(&mut b, &mut ram),
+                Transport::Plain => rx.run(&mut b, &mut ram),
+            }
+            .unwrap();
             (stats, rx.take_device_state())
         }));
     }

@@ -70,6 +70,34 @@ impl Running {
 }
 
 /// `n` connected loopback stream pairs: (source ends, destination ends).
+/// The destination's end of a plain link: `receive_migration` reads through a buffer (as
+/// rustls' stream is one), its answers go straight to the socket.
+struct Buffered(std::io::BufReader<TcpStream>);
+
+impl std::io::Read for Buffered {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::BufRead for Buffered {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.0.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.0.consume(n)
+    }
+}
+
+impl std::io::Write for Buffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.get_mut().flush()
+    }
+}
+
 fn links(n: u16) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -141,7 +169,8 @@ fn exact_at_the_switch_over(dirty_log: LogMode) {
         let recv = std::thread::scope(|scope| {
             let recv = scope.spawn(|| {
                 let mut rx = Vec::new();
-                for mut d in dst {
+                for d in dst {
+                    let mut d = Buffered(std::io::BufReader::new(d));
                     let r = Receiver::start(&mut d, Some(session), Transport::Plain).unwrap();
                     rx.push((r, d));
                 }

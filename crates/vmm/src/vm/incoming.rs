@@ -5,7 +5,7 @@
 //! until the caller resumes it after the disk handoff.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -112,6 +112,22 @@ impl GuestRam for RamWriter<'_> {
         }
     }
 
+    fn write_part(&mut self, gpa: u64, data: &[u8]) {
+        // A piece of a run: inside one memory region like the run (see `write_run`); split
+        // at page bounds otherwise, as the run would be.
+        if self.memory.get_slice(GuestAddress(gpa), data.len()).is_ok() {
+            self.copy_in(gpa, data);
+            return;
+        }
+        let mut done = 0;
+        while done < data.len() {
+            let at = gpa + done as u64;
+            let n = ((PAGE_SIZE - at % PAGE_SIZE) as usize).min(data.len() - done);
+            self.copy_in(at, &data[done..done + n]);
+            done += n;
+        }
+    }
+
     fn zero_page(&mut self, gpa: u64) {
         let Some(off) = file_offset(self.ram_size, gpa) else {
             self.failed
@@ -136,7 +152,7 @@ impl Vm {
     /// read and checked) into this VM, built and never run. Returns the streams (stream 0
     /// carries the handoff next) and the device state, decoded and checked. On an error the
     /// VM must be dropped: its memory is partly written.
-    pub fn receive_migration<R: Read + Write + Send>(
+    pub fn receive_migration<R: BufRead + Write + Send>(
         &self,
         streams: Vec<(Receiver, R)>,
         shared: &MigrateShared,
@@ -154,7 +170,7 @@ impl Vm {
                         let mut w = RamWriter::new(memory, memfd, size);
                         let mut seen = 0;
                         loop {
-                            let ev = rx.next(&mut r, &mut w).map_err(err)?;
+                            let ev = rx.next_buffered(&mut r, &mut w).map_err(err)?;
                             w.flush_zeros();
                             if let Some(why) = w.failed.take() {
                                 return Err(StateError::Kvm(why).into());
