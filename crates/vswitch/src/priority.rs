@@ -19,13 +19,25 @@ pub const NICE_DEFAULT: i32 = -10;
 /// The nice value the frame-moving threads ask for (`VIREO_SWITCH_NICE`, read once).
 pub fn nice() -> i32 {
     static NICE: OnceLock<i32> = OnceLock::new();
-    *NICE.get_or_init(|| {
-        std::env::var("VIREO_SWITCH_NICE")
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .unwrap_or(NICE_DEFAULT)
-            .clamp(-20, 19)
-    })
+    *NICE.get_or_init(|| parse_nice(std::env::var("VIREO_SWITCH_NICE").ok().as_deref()))
+}
+
+/// `VIREO_SWITCH_NICE`'s value: unset is [`NICE_DEFAULT`]; a value that is not a nice value
+/// (-20 to 19) is said in one warning line, naming it, and the default is used.
+fn parse_nice(value: Option<&str>) -> i32 {
+    let Some(v) = value else {
+        return NICE_DEFAULT;
+    };
+    match v.trim().parse::<i32>() {
+        Ok(n) if (-20..=19).contains(&n) => n,
+        _ => {
+            eprintln!(
+                "vswitch: VIREO_SWITCH_NICE={v:?} is not a nice value (-20 to 19; 0 leaves the \
+                 frame threads alone): using {NICE_DEFAULT}"
+            );
+            NICE_DEFAULT
+        }
+    }
 }
 
 /// Gives the calling thread nice value `nice` (Linux nice values are per thread).
@@ -58,6 +70,17 @@ mod tests {
         // SAFETY: getpriority on the calling thread; -1 is a valid nice, so errno is not
         // consulted (the call cannot fail for the calling thread).
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn vireo_switch_nice_takes_nice_values_only() {
+        assert_eq!(parse_nice(None), NICE_DEFAULT);
+        assert_eq!(parse_nice(Some(" 5 ")), 5);
+        assert_eq!(parse_nice(Some("0")), 0);
+        assert_eq!(parse_nice(Some("-20")), -20);
+        for bad in ["", "abc", "-21", "20", "5.5"] {
+            assert_eq!(parse_nice(Some(bad)), NICE_DEFAULT, "{bad:?}");
+        }
     }
 
     #[test]
