@@ -20,7 +20,9 @@ pub fn netns_available(tag: &str) -> bool {
     ok || vireo_testkit::skip("a network namespace (`ip netns add` failed)")
 }
 
-/// A one-shot iperf3 server in namespace `ns` on `port`, given half a second to listen.
+/// A one-shot iperf3 server in namespace `ns` on `port`, once it listens (polled with `ss`, at
+/// most 10 s: a fixed wait was sometimes too short on a busy CI machine, and the client's
+/// connection was then refused). If it never shows, the caller's transfer fails and says so.
 pub fn iperf_server(ns: &str, port: u16) -> std::process::Child {
     let port = port.to_string();
     let c = Command::new("ip")
@@ -29,6 +31,17 @@ pub fn iperf_server(ns: &str, port: u16) -> std::process::Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("iperf3 server");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let filter = format!("sport = :{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let listening = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Hltn", &filter])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty());
+        if listening {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     c
 }
