@@ -188,6 +188,11 @@ impl VmHandle {
     pub fn memory(&self) -> &GuestMemory {
         &self.0.ram.memory
     }
+    /// The file behind guest RAM, as a vhost-user back end maps it (tests write through a
+    /// mapping of their own as one would).
+    pub fn ram_file(&self) -> &std::fs::File {
+        &self.0.ram.memfd
+    }
     /// What backs guest RAM (after any fallback from what the config asked for).
     pub fn ram_kind(&self) -> crate::memory::RamKind {
         self.0.ram.kind

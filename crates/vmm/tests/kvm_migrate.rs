@@ -22,7 +22,7 @@ use vireo_vmm::state::Identity;
 use vireo_vmm::{
     ConsoleConfig, MigrateError, MigrateOutOptions, MigrateShared, Vm, VmConfig, VmExit, VmHandle,
 };
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(60);
@@ -297,5 +297,110 @@ fn kvm_migrate_cancelled_leaves_the_source_running() {
     let now = read(&a.h, PASSES);
     wait_above(&a.h, PASSES, now);
     assert_eq!(a.console.command("PING", T).unwrap(), "OK PONG");
+    a.stop();
+}
+
+/// On the hugetlb pool the source skips, unread, the pages not mapped in its own process — but
+/// only when every page the RAM file holds is mapped there. A page that only another mapping
+/// wrote (a vhost-user back end's, here this test's own) must still arrive.
+#[test]
+fn kvm_migrate_on_the_pool_carries_a_page_only_another_mapping_wrote() {
+    use std::os::fd::AsRawFd;
+    use vireo_vmm::memory::{hugetlb, RamBacking, RamKind};
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return;
+    }
+    let mem = 64 * MIB;
+    // The pool is shared with other tests' VMs: wait for room rather than fail.
+    let on_pool = || {
+        let deadline = Instant::now() + T;
+        loop {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let mut config = VmConfig::new(probe_elf(), mem, 1);
+            config.console = ConsoleConfig::Stream(theirs);
+            config.ram_backing = RamBacking::HugeTlb;
+            match Vm::new(config) {
+                Ok(vm) => return Some((vm, ours)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+    let Some((vm, ours)) = on_pool() else {
+        vireo_testkit::skip("64 MiB free in the 2 MiB hugetlb pool (/proc/sys/vm/nr_hugepages)");
+        return;
+    };
+    let mut a = Running::start(vm, ours);
+    a.console.wait_ready(T).unwrap();
+    assert_eq!(a.h.ram_kind(), RamKind::HugeTlb);
+    a.console.command("DIRTY START 16 8 0", T).unwrap();
+    wait_above(&a.h, PASSES, 0);
+
+    // A page at 48 MiB, far from anything the probe touches, written through a second mapping.
+    let at = 48 * MIB;
+    // SAFETY: a fresh shared mapping of the whole RAM file, unmapped below.
+    let other = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            mem as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            a.h.ram_file().as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(other, libc::MAP_FAILED);
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: `at + 4096` lies inside the mapping.
+    unsafe {
+        std::ptr::copy_nonoverlapping(pattern.as_ptr(), (other as *mut u8).add(at as usize), 4096)
+    };
+    let vmm_view = a.h.memory().get_host_address(GuestAddress(at)).unwrap();
+    assert_eq!(
+        hugetlb::mapped_here(vmm_view, hugetlb::HUGE_PAGE as usize).unwrap(),
+        0,
+        "the VMM's own mapping must not show the page (else this test proves nothing)"
+    );
+
+    let (b_vm, _b_ours) = build(mem);
+    let session = uuid::Uuid::new_v4();
+    let (src, dst) = links(1);
+    let (out, recv) = std::thread::scope(|scope| {
+        let recv = scope.spawn(|| {
+            let mut d = Buffered(std::io::BufReader::new(dst.into_iter().next().unwrap()));
+            let r = Receiver::start(&mut d, Some(session), Transport::Plain).unwrap();
+            b_vm.receive_migration(vec![(r, d)], &MigrateShared::default())
+        });
+        let out = a.h.migrate_out(
+            senders(src, session, Codec::None),
+            &MigrateOutOptions::default(),
+            &MigrateShared::default(),
+            Identity::default(),
+            None,
+        );
+        (out, recv.join().unwrap())
+    });
+    out.unwrap();
+    let (_streams, state) = recv.unwrap();
+    b_vm.apply_state(&state).unwrap();
+    let mut got = vec![0u8; 4096];
+    b_vm.handle()
+        .memory()
+        .read_slice(&mut got, GuestAddress(at))
+        .unwrap();
+    assert!(
+        got == pattern,
+        "the page only another mapping wrote did not arrive"
+    );
+    assert_eq!(
+        host_sum(&b_vm.handle(), mem),
+        host_sum(&a.h, mem),
+        "destination RAM differs"
+    );
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(other, mem as usize) };
+    a.h.resume().unwrap();
     a.stop();
 }

@@ -322,14 +322,18 @@ impl VmHandle {
         bandwidth: Option<u64>,
         live: bool,
         protect: Protect<'_>,
+        unmapped_is_hole: bool,
     ) -> Result<u64, MigrateError> {
         let per_stream = bandwidth.map(|b| (b / senders.len().max(1) as u64).max(1));
         // One stream failed: the others stop at their next batch.
         let stop = &AtomicBool::new(false);
         std::thread::scope(|scope| {
             let send = move |i: usize, sender: &mut Sender<W>, runs: Vec<(u64, u64)>| {
-                let r =
-                    self.send_stream(i as u16, sender, &runs, shared, stop, per_stream, protect);
+                let reads = Reads {
+                    protect,
+                    unmapped_is_hole,
+                };
+                let r = self.send_stream(i as u16, sender, &runs, shared, stop, per_stream, reads);
                 if r.is_err() {
                     stop.store(true, Ordering::SeqCst);
                 }
@@ -386,7 +390,7 @@ impl VmHandle {
         shared: &MigrateShared,
         stop: &AtomicBool,
         rate: Option<u64>,
-        protect: Protect<'_>,
+        reads: Reads<'_>,
     ) -> Result<u64, MigrateError> {
         let started = Instant::now();
         let wire_at_start = sender.stats.wire_bytes;
@@ -400,7 +404,7 @@ impl VmHandle {
                 return Err(MigrateError::Cancelled);
             }
             let region = gpa & !(CHUNK - 1);
-            if let Protect::Pages(dirty) = protect {
+            if let Protect::Pages(dirty) = reads.protect {
                 if protected.insert(region) {
                     self.0
                         .dirty
@@ -412,25 +416,24 @@ impl VmHandle {
                 continue;
             };
             let before = sender.stats.wire_bytes;
-            // A whole region the guest never wrote (a hole in the RAM file: most of a young
-            // guest, all of the full pass's zero pages) goes out as zero markers unread.
-            // Reading and scanning it cost the full pass a copy of every such byte.
-            // Checked only for whole regions: the full pass's runs; a dirty run holds data.
-            // A page the guest writes after the look is in the dirty log (on before any
-            // pass), so a hole reported here is never wrong for long.
-            let sent_run = if len == CHUNK && crate::memory::is_hole(memfd, off, len) {
-                sender.send_zero_run(gpa, len as usize)
-            } else if let Some(data) = self.mapped_run(gpa, off, len) {
-                // Pages that exist go from the mapping to the cipher; a run never crosses
-                // the MMIO hole (runs stay inside one region).
-                sender.send_run_from(gpa, data)
-            } else {
-                // Some holes among them: read straight into the record being built (one
-                // copy before TLS), the holes as zeros without allocating them.
-                sender.send_run_with(gpa, len as usize, |g, buf| {
-                    memfd.read_exact_at(buf, off + (g - gpa))
-                })
-            };
+            // A whole region the guest never wrote (most of a young guest, all of the full
+            // pass's zero pages) goes out as zero markers unread. Reading and scanning it
+            // cost the full pass a copy of every such byte. Checked only for whole regions:
+            // the full pass's runs; a dirty run holds data.
+            let sent_run =
+                if len == CHUNK && self.never_written(gpa, off, len, reads.unmapped_is_hole) {
+                    sender.send_zero_run(gpa, len as usize)
+                } else if let Some(data) = self.mapped_run(gpa, off, len) {
+                    // Pages that exist go from the mapping to the cipher; a run never crosses
+                    // the MMIO hole (runs stay inside one region).
+                    sender.send_run_from(gpa, data)
+                } else {
+                    // Some holes among them: read straight into the record being built (one
+                    // copy before TLS), the holes as zeros without allocating them.
+                    sender.send_run_with(gpa, len as usize, |g, buf| {
+                        memfd.read_exact_at(buf, off + (g - gpa))
+                    })
+                };
             sent_run.map_err(|source| MigrateError::Stream { stream, source })?;
             shared.add_transferred(sender.stats.wire_bytes - before);
             sent += len;
@@ -455,6 +458,14 @@ impl VmHandle {
             unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
         }
     }
+}
+
+/// How a stream thread reads its runs.
+#[derive(Clone, Copy)]
+struct Reads<'a> {
+    protect: Protect<'a>,
+    /// This pass's [`VmHandle::unmapped_is_hole`].
+    unmapped_is_hole: bool,
 }
 
 /// What a pass does in the dirty log (manual protection, `dirty.rs`) before it reads a
@@ -504,11 +515,20 @@ impl<W: Read + Write + Send> StreamSink<'_, W> {
         vm: &VmHandle,
         runs: Vec<Vec<(u64, u64)>>,
         protect: Protect<'_>,
+        unmapped_is_hole: bool,
     ) -> Result<u64, MigrateError> {
         let t = Instant::now();
         let raw_before: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum();
         let (shared, bandwidth) = (self.shared, self.opts.bandwidth);
-        let bytes = vm.send_runs(&mut self.senders, runs, shared, bandwidth, true, protect)?;
+        let bytes = vm.send_runs(
+            &mut self.senders,
+            runs,
+            shared,
+            bandwidth,
+            true,
+            protect,
+            unmapped_is_hole,
+        )?;
         self.drain()?;
         let raw: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum::<u64>() - raw_before;
         let secs = t.elapsed().as_secs_f64();
@@ -607,12 +627,18 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             }
         }
         self.last_fetch = Instant::now();
-        self.pass(vm, runs, Protect::Nothing)
+        // Looked at with the log on (the full pass is the only one with whole regions to skip).
+        let unmapped_is_hole = vm.unmapped_is_hole();
+        tracing::info!(
+            "pre-copy round 0 (the full pass) starts: never-written pool pages skipped unread: \
+             {unmapped_is_hole}"
+        );
+        self.pass(vm, runs, Protect::Nothing, unmapped_is_hole)
     }
 
     fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
         let runs = self.dirty_runs(dirty);
-        self.pass(vm, runs, Protect::Pages(dirty))
+        self.pass(vm, runs, Protect::Pages(dirty), false)
     }
 
     fn log_mode(&self) -> LogMode {
@@ -709,7 +735,15 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
                 let state = vm.save_state_locked(identity.clone(), spec.clone());
                 (state, Instant::now())
             });
-            let sent = vm.send_runs(senders, runs, shared, bandwidth, false, Protect::Nothing);
+            let sent = vm.send_runs(
+                senders,
+                runs,
+                shared,
+                bandwidth,
+                false,
+                Protect::Nothing,
+                false,
+            );
             let pages_at = Instant::now();
             let (state, saved_at) = saving.join().unwrap_or_else(|_| {
                 let e = StateError::Kvm("the device state's thread panicked".into());
