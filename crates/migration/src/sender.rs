@@ -143,6 +143,13 @@ impl<W: Write> Sender<W> {
             }
             fill(g, &mut self.buf[data_at..end])?;
             let (body_len, zeros) = pages::frame_in_place(&mut self.buf, data_at, g, n);
+            let raw = (n - zeros) * PAGE_SIZE;
+            sample(
+                &mut self.coder,
+                &mut self.compression,
+                &mut self.zbuf,
+                &self.buf[data_at..data_at + raw],
+            );
             self.send_framed(n, zeros, body_len)?;
             done += n * PAGE_SIZE;
         }
@@ -177,6 +184,10 @@ impl<W: Write> Sender<W> {
                 pages::frame_entries(&mut self.buf[HEADER_LEN..head], g, batch, &mut self.runs);
             let raw = (n - zeros) * PAGE_SIZE;
             let body_len = head - HEADER_LEN + raw;
+            if let Some(r) = self.runs.first() {
+                let (coder, zbuf) = (&mut self.coder, &mut self.zbuf);
+                sample(coder, &mut self.compression, zbuf, &batch[r.clone()]);
+            }
             let codec = self.count_and_choose(n, zeros);
             if codec != Codec::None {
                 // The compressor wants the body in one piece: gather the pages behind the
@@ -336,6 +347,21 @@ impl<W: Write> Sender<W> {
     }
 }
 
+/// While `auto` takes its sample: lz4 on up to [`auto::PROBE_SLICE`] of `data` (a batch's
+/// page data) on the side, its ratio and speed reported; the batch itself goes raw.
+fn sample(coder: &mut Coder, compression: &mut Compression, zbuf: &mut Vec<u8>, data: &[u8]) {
+    let Compression::Auto(a) = compression else {
+        return;
+    };
+    if !a.sampling() || data.is_empty() {
+        return;
+    }
+    let probe = &data[..data.len().min(crate::auto::PROBE_SLICE)];
+    let t = Instant::now();
+    coder.compress_into(Codec::Lz4, probe, zbuf);
+    a.observe_compress(probe.len(), zbuf.len(), t.elapsed().as_secs_f64());
+}
+
 /// `write_all` over several buffers (std's is unstable): one record's header and payload go
 /// to the TLS library in one call, so they share its records instead of a 16-byte record of
 /// their own.
@@ -435,5 +461,63 @@ mod tests {
         assert_eq!(skipped.stats.zero_pages, (MAX_PAGES + 3) as u64);
         assert!(skipped.send_zero_run(0x20_0001, PAGE_SIZE).is_err());
         assert!(skipped.send_zero_run(0x20_0000, 100).is_err());
+    }
+
+    /// `auto` on memory that compresses and on memory that does not: a sample of a few
+    /// slices decides, the batches meanwhile go raw, and only the compressible memory is
+    /// then sent compressed.
+    #[test]
+    fn auto_decides_from_small_slices_and_then_compresses_only_what_compresses() {
+        let batches = 32;
+        let run = 64 * PAGE_SIZE;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = vec![0u8; run];
+        noise.iter_mut().for_each(|b| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        });
+        let text: Vec<u8> = (0..run).map(|i| b"vireo page "[i % 11]).collect();
+        /// A 100 MB/s link: lz4 on text (GB/s) clearly wins on it, whatever the load.
+        struct Slow(u64);
+        impl Write for Slow {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_nanos(10 * b.len() as u64));
+                self.0 += b.len() as u64;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let wire = |data: &[u8]| {
+            let pre = Preamble::new(uuid::Uuid::nil(), 0, 1);
+            let auto = Compression::Auto(AutoCompress::default());
+            let mut s = Sender::start(Slow(0), pre, auto, Transport::Authenticated).unwrap();
+            let start = s.stats.wire_bytes;
+            for b in 0..batches {
+                s.send_run_from((b * run) as u64, data).unwrap();
+            }
+            (s.stats.wire_bytes - start, s.stats.raw_bytes)
+        };
+        let (noise_wire, noise_raw) = wire(&noise);
+        assert!(
+            noise_wire >= noise_raw,
+            "noise went raw: {noise_wire} of {noise_raw}"
+        );
+        let (text_wire, text_raw) = wire(&text);
+        // The sample takes SAMPLE_BYTES / PROBE_SLICE batches; all but the last (whose slice
+        // completes it) go raw, the rest compress.
+        let sampled = (crate::auto::SAMPLE_BYTES as usize / crate::auto::PROBE_SLICE) as u64;
+        assert!(sampled < batches as u64 / 2);
+        assert!(
+            text_wire < text_raw / 2,
+            "text compressed after the sample: {text_wire} of {text_raw}"
+        );
+        assert!(
+            text_wire > (sampled - 1) * run as u64,
+            "the sampled batches themselves went raw: {text_wire}"
+        );
     }
 }
