@@ -41,9 +41,10 @@ Vireo's worker launched `incoming`), so neither total holds a process start; eac
 prints that start-up (spawn to listening), the totals with it, and Vireo's total up to the
 source worker's exit (its VM torn down). Each Vireo run prints both workers' `migration
 timeline` lines (set-up phases: streams' TLS and OK, pre-copy, streams done, RUNNING).
-The workers inherit the environment, for A/B runs (docs/migration.md; off by default):
-VIREO_DIRTY_CLEAR=as-copied gives Vireo KVM's manual dirty-log protection (each region
-re-protected right before its copy).
+The workers inherit the environment, for A/B runs (docs/migration.md):
+VIREO_DIRTY_CLEAR=on-fetch gives Vireo KVM's classic dirty log (each fetch re-protects every
+page it reports) instead of the default manual protection (each region re-protected right
+before its copy).
 Last line (medians, the worse case of the two): downtime_ms=<n> qemu_downtime_ms=<n> ratio=<n>
   total_ms=<n> qemu_total_ms=<n> (like for like, as above)";
 

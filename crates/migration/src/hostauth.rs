@@ -457,8 +457,11 @@ pub type ServerStream = rustls::StreamOwned<rustls::ServerConnection, Sock>;
 /// a memcpy instead (`vireo-bench migrate --link` shows the receiver's CPU per MiB).
 const READ_AHEAD: usize = 1 << 20;
 /// Plaintext rustls may hold before its writer pushes back. The default (64 KiB) makes it
-/// write to the socket every 4 TLS records; a batch of pages is up to 8 MiB.
-const WRITE_BUFFER: usize = 4 << 20;
+/// write to the socket every 4 TLS records. Not more: every record it holds is a fresh heap
+/// allocation, and a migration's stream threads are new, so each MiB of it is ~256 page
+/// faults of fresh memory (costly on a host that is itself a VM): 4 MiB here gave the
+/// source's stream threads ~1.4 times the faults of 1 MiB (session 30, docs/migration.md).
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// The TCP socket under a migration stream: reads go through a large buffer, writes straight
 /// to the socket (rustls gathers its records into one `writev`).

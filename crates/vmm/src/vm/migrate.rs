@@ -64,7 +64,8 @@ pub struct MigrateOutOptions {
     pub auto_converge: bool,
     /// When to switch to post-copy instead (`postcopy/policy.rs`).
     pub postcopy: super::postcopy::PostcopyPolicy,
-    /// How KVM's dirty log is cleared (`dirty.rs`; default: `VIREO_DIRTY_CLEAR`, else classic).
+    /// How KVM's dirty log is cleared (`dirty.rs`; default: `VIREO_DIRTY_CLEAR`, else
+    /// manual protection, `as-copied`).
     pub dirty_log: LogMode,
 }
 
