@@ -5,6 +5,12 @@
 //! last move to the first time the destination shows a value **above the source's last
 //! one**. That needs no "is it running yet" question to either VMM (whose round trip, several
 //! ms on a busy host, would add to the gap) and no arming read.
+//!
+//! A move happened somewhere between the read before the one that saw it and that read; on a
+//! busy host a watcher may not run for milliseconds, so that window can be wide. The gap is
+//! taken from the earliest the source's last move can have happened (the read before it) to
+//! the latest the destination's first move past it can have (the read that saw it): never
+//! shorter than the guest's real gap, and never negative because one watcher ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,16 +30,26 @@ pub struct Watch {
     thread: JoinHandle<Result<Seen, String>>,
 }
 
+/// One value a watcher saw change.
+#[derive(Clone, Copy, Debug)]
+pub struct Move {
+    /// The read that saw the new value.
+    pub seen: Instant,
+    /// The read before it (the value changed after this): the same as `seen` for the first.
+    pub after: Instant,
+    pub value: u64,
+}
+
 /// What a watcher saw.
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
-    /// Every value read that differed from the one before, with when it was read.
-    pub moves: Vec<(Instant, u64)>,
+    /// Every value read that differed from the one before.
+    pub moves: Vec<Move>,
     pub reads: u64,
 }
 
 impl Seen {
-    fn last(&self) -> Option<(Instant, u64)> {
+    fn last(&self) -> Option<Move> {
         self.moves.last().copied()
     }
 }
@@ -53,6 +69,7 @@ impl Watch {
         let thread = std::thread::spawn(move || {
             let started = Instant::now();
             let mut seen = Seen::default();
+            let mut before: Option<Instant> = None;
             while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
                 let Some(v) = read()? else {
                     std::thread::sleep(Duration::from_micros(50));
@@ -60,9 +77,14 @@ impl Watch {
                 };
                 let now = Instant::now();
                 seen.reads += 1;
-                if seen.last().is_none_or(|(_, l)| l != v) {
-                    seen.moves.push((now, v));
+                if seen.last().is_none_or(|m| m.value != v) {
+                    seen.moves.push(Move {
+                        seen: now,
+                        after: before.unwrap_or(now),
+                        value: v,
+                    });
                 }
+                before = Some(now);
                 current.store(v, Ordering::Relaxed);
                 reads.fetch_add(1, Ordering::Release);
                 // Not a spin: two watchers reading flat out were two more runnable threads
@@ -118,9 +140,9 @@ impl Watch {
 /// The source's last move and the destination's first move past it, as wall-clock times
 /// (`HH:MM:SS.micros` UTC, the workers' log format), to line the gap up with their logs.
 pub fn gap_ends(source: &Seen, dest: &Seen) -> Option<(String, String)> {
-    let (stopped, last) = source.last()?;
-    let &(resumed, _) = dest.moves.iter().find(|(_, v)| *v > last)?;
-    Some((wall_clock(stopped), wall_clock(resumed)))
+    let last = source.last()?;
+    let first = dest.moves.iter().find(|m| m.value > last.value)?;
+    Some((wall_clock(last.after), wall_clock(first.seen)))
 }
 
 /// `t` as the workers' logs stamp it (`HH:MM:SS.micros` UTC).
@@ -139,25 +161,29 @@ pub fn wall_clock(t: Instant) -> String {
 }
 
 /// The guest-visible gap, milliseconds: from the source's last move to the destination's
-/// first value above the source's last.
+/// first value above the source's last, each end taken at its widest (module docs).
 pub fn gap_ms(source: &Seen, dest: &Seen) -> Result<f64, String> {
-    let Some((stopped, last)) = source.last() else {
+    let Some(Move {
+        after: stopped,
+        value: last,
+        ..
+    }) = source.last()
+    else {
         return Err(format!(
             "the source's counter was never read ({} reads)",
             source.reads
         ));
     };
-    let Some(&(resumed, _)) = dest.moves.iter().find(|(_, v)| *v > last) else {
+    let Some(&Move { seen: resumed, .. }) = dest.moves.iter().find(|m| m.value > last) else {
         return Err(format!(
             "the destination's counter never went past the source's last value {last} \
              ({} reads)",
             dest.reads
         ));
     };
-    if resumed < stopped {
-        return Err("the destination's counter moved on before the source's stopped".into());
-    }
-    Ok((resumed - stopped).as_secs_f64() * 1e3)
+    // The source's last move came before the destination's first past it; `stopped` is no
+    // later than it, `resumed` no earlier, so this cannot be negative.
+    Ok(resumed.saturating_duration_since(stopped).as_secs_f64() * 1e3)
 }
 
 #[cfg(test)]
@@ -168,27 +194,40 @@ mod tests {
     fn the_gap_ends_at_the_first_value_past_the_sources_last() {
         let t = Instant::now();
         let at = |ms| t + Duration::from_millis(ms);
+        let mv = |after, seen, value| Move {
+            seen: at(seen),
+            after: at(after),
+            value,
+        };
         let source = Seen {
-            moves: vec![(at(0), 10), (at(5), 20)],
+            moves: vec![mv(0, 0, 10), mv(4, 5, 20)],
             reads: 9,
         };
         // Older copies (pages of earlier rounds) and the source's own last value arrive
-        // before the guest runs there: they do not end the gap.
+        // before the guest runs there: they do not end the gap. The gap runs from the read
+        // before the source's last move to the read that saw the destination's first.
         let dest = Seen {
             moves: vec![
-                (at(1), 0),
-                (at(3), 10),
-                (at(8), 20),
-                (at(12), 21),
-                (at(13), 30),
+                mv(1, 1, 0),
+                mv(2, 3, 10),
+                mv(7, 8, 20),
+                mv(11, 12, 21),
+                mv(12, 13, 30),
             ],
             reads: 9,
         };
-        assert_eq!(gap_ms(&source, &dest).unwrap(), 7.0);
+        assert_eq!(gap_ms(&source, &dest).unwrap(), 8.0);
         let never = Seen {
-            moves: vec![(at(8), 20)],
+            moves: vec![mv(7, 8, 20)],
             reads: 3,
         };
         assert!(gap_ms(&source, &never).is_err());
+        // A source watcher that ran late (saw the last move after the destination's guest
+        // had moved on): the widest window still holds the real gap, never below zero.
+        let late = Seen {
+            moves: vec![mv(0, 0, 10), mv(2, 15, 20)],
+            reads: 4,
+        };
+        assert_eq!(gap_ms(&late, &dest).unwrap(), 10.0);
     }
 }
