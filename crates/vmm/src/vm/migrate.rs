@@ -628,7 +628,9 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             }
         }
         self.last_fetch = Instant::now();
-        // Looked at with the log on (the full pass is the only one with whole regions to skip).
+        // Looked at with the log on, or with the VM and its devices paused (a migration of a
+        // paused VM is this pass alone): a page written after the look is sent again, or
+        // none is. The full pass is the only one with whole regions to skip.
         let unmapped_is_hole = vm.unmapped_is_hole();
         tracing::info!(
             "pre-copy round 0 (the full pass) starts: never-written pool pages skipped unread: \
