@@ -64,6 +64,9 @@ pub struct MigrateArgs {
     /// downtime (the guest's gap includes its first faults on missing pages).
     #[arg(long, default_value = "never", value_parser = ["never", "auto", "always"])]
     postcopy: String,
+    /// Vireo's page streams (`vireo vm migrate --streams`; QEMU keeps multifd 2 channels).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    streams: u16,
     /// Measure the migration link alone (framing, compression, TLS; no VM): rate and CPU
     /// per MiB for 1 and 2 streams and each codec, then stop.
     #[arg(long)]
@@ -81,6 +84,8 @@ pub struct Case {
     pub max_downtime_ms: u32,
     /// Vireo's `--postcopy`.
     pub postcopy: vireo_api::worker::PostcopyMode,
+    /// Vireo's page streams.
+    pub streams: u16,
 }
 
 /// One migration as measured.
@@ -138,12 +143,14 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
             rate_mib_s: 0,
             max_downtime_ms: args.max_downtime,
             postcopy,
+            streams: args.streams,
         },
         Case {
             name: "64 MiB at 64 MiB/s",
             rate_mib_s: 64,
             max_downtime_ms: args.max_downtime,
             postcopy,
+            streams: args.streams,
         },
     ];
     let work = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;

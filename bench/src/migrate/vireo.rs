@@ -266,7 +266,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         max_downtime_ms: case.max_downtime_ms,
         bandwidth: None,
         compress: CompressMode::Auto,
-        streams: 2,
+        streams: case.streams,
         postcopy: case.postcopy,
         storage: None,
     };
