@@ -18,8 +18,9 @@ pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
 }
 
 /// Puts the child in a process group of its own, so a Ctrl-C or a terminal's SIGHUP aimed at
-/// vireod's group never reaches it and it outlives vireod, and lowers its CPU priority to
-/// `nice` (0–19).
+/// vireod's group never reaches it and it outlives vireod, and lowers its CPU priority by
+/// `nice` steps below vireod's own (at most to 19). Relative, not absolute: a vireod started
+/// under `nice 15` would otherwise have set its workers to 10, above itself.
 ///
 /// Not a session of its own (setsid): with the kernel's autogroup scheduling every session is
 /// a scheduling group that gets an equal share of the CPUs whatever its members' nice values,
@@ -44,8 +45,14 @@ pub fn worker_process_group(cmd: &mut tokio::process::Command, nice: i32, inheri
                 return Err(io::Error::last_os_error());
             }
             // Threads inherit the value, so the vCPU and device threads the worker creates
-            // run at it too. Lowering one's own priority needs no privilege.
-            if libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
+            // run at it too. Lowering one's own priority needs no privilege. The child starts
+            // with the forking thread's value (getpriority's -1 is a value too: errno tells).
+            *libc::__errno_location() = 0;
+            let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+            if now == -1 && *libc::__errno_location() != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setpriority(libc::PRIO_PROCESS, 0, (now + nice).clamp(-20, 19)) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
