@@ -442,13 +442,11 @@ fn the_destination_vireod_killed_in_the_switch_over() {
 /// The source vireod SIGKILLed in the switch-over (the guest paused): the workers and the
 /// destination settle without it; the restarted vireod re-adopts its worker or lets the VM go.
 ///
-/// Fails (a vireod bug, left to the integrator): vireod comes back while its worker still has
-/// the guest paused for the last pages, re-adopts it and corrects the record to `paused`
-/// ("state corrected to the worker's", action pause); a moment later the worker's migration
-/// fails (the destination gave up) and it resumes the guest (`PING` answers), but the record
-/// stays `paused` for good: vireod shows a running VM as paused.
+/// Found a vireod bug (fixed in `daemon/adopt.rs`): vireod came back while its worker still
+/// had the guest paused for the last pages, took that pause for the VM's and corrected the
+/// record to `paused`; the worker's migration then failed and it resumed the guest, but the
+/// record stayed `paused` for good.
 #[test]
-#[ignore = "vireod bug: re-adopted mid-switch-over, the record stays paused after the worker resumed"]
 fn the_source_vireod_killed_in_the_switch_over() {
     let Some((mut a, b)) = pair() else {
         return;
