@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 use vireo_api::rest::DEFAULT_STOP_TIMEOUT_SECS;
-use vireo_api::worker::{WorkerExit, WorkerRecord};
+use vireo_api::worker::{MigrateState, WorkerExit, WorkerOp, WorkerRecord, WorkerReply};
 use vireo_api::{Action, Vm, VmState};
 
 use super::exit::Death;
@@ -133,6 +133,10 @@ async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
         Err(e) => Err(e),
     };
     let action = match (status, &vm.state) {
+        // A migration's switch-over pauses the guest; the worker resumes it if the migration
+        // fails, and exits if the VM moved: not the VM's state (found by
+        // `crates/cli/tests/migrate_faults_real.rs`: the record stayed paused for good).
+        (Ok(s), VmState::Running) if s.paused && migrating(sock).await => return,
         (Ok(s), VmState::Running) if s.paused => Action::Pause,
         (Ok(s), VmState::Paused) if !s.paused => Action::Resume,
         (Ok(_), _) => return,
@@ -145,6 +149,14 @@ async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
     if let Err(e) = daemon.store.set_state(vm.id(), &action) {
         tracing::warn!(vm = %vm.id(), error = %e, "could not correct the state");
     }
+}
+
+/// Whether the worker is in the middle of migrating the VM out (pre-copy or switch-over).
+async fn migrating(sock: &Path) -> bool {
+    matches!(
+        super::worker_client::call_once(sock, WorkerOp::MigrateStatus).await,
+        Ok(WorkerReply::Migrate(p)) if matches!(p.state, MigrateState::Precopy | MigrateState::Switching)
+    )
 }
 
 /// `Hello` on the VM's socket, retried until `wait` has passed.
