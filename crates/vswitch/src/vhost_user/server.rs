@@ -54,6 +54,11 @@ impl VhostUserServer {
                     // failure.
                     let _ = daemon.wait();
                     *session_t.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    // Its ring threads end (are joined) here, before the disconnect: a kick
+                    // one of them handled late would otherwise hand the dead VMM's rings back
+                    // to the port after it let go of them (seen once in CI under load: "port
+                    // kept the rings").
+                    drop(daemon);
                     // The VM is gone: its rings and memory must not be touched again.
                     port_t.disconnect();
                 }
