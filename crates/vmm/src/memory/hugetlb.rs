@@ -96,7 +96,7 @@ pub fn create(size: u64) -> io::Result<File> {
 /// another process wrote (a vhost-user back end's mapping) is not, hence [`file_pages`].
 pub fn mapped_here(addr: *const u8, len: usize) -> io::Result<usize> {
     let addr = addr as usize;
-    const PAGE: usize = 4096;
+    const PAGE: usize = super::PAGE_SIZE as usize;
     const STEP: usize = HUGE_PAGE as usize;
     // The kernel fills a byte per 4 KiB page: 512 for each call's 2 MiB.
     let mut vec = [0u8; STEP / PAGE];

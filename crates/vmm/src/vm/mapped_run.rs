@@ -9,10 +9,7 @@ use std::os::unix::io::AsRawFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::VmHandle;
-use crate::memory::hugetlb;
-
-/// The unit `mincore` counts in.
-const PAGE: u64 = 4096;
+use crate::memory::{hugetlb, PAGE_SIZE};
 
 impl VmHandle {
     /// The `len` bytes of guest RAM at `gpa` (RAM-file offset `off`) as they lie in the VMM's
@@ -39,7 +36,7 @@ impl VmHandle {
             .get_slice(GuestAddress(gpa), len as usize)
             .ok()?;
         let ptr = slice.ptr_guard().as_ptr();
-        if hugetlb && hugetlb::mapped_here(ptr, len as usize).ok()? as u64 * PAGE != len {
+        if hugetlb && hugetlb::mapped_here(ptr, len as usize).ok()? as u64 * PAGE_SIZE != len {
             return None;
         }
         // SAFETY: `get_slice` checked that the `len` bytes at `ptr` lie inside one region of
@@ -91,7 +88,7 @@ impl VmHandle {
             }
         }
         hugetlb::file_pages(&ram.memfd)
-            .is_ok_and(|held| held * (hugetlb::HUGE_PAGE / PAGE) == mapped)
+            .is_ok_and(|held| held * (hugetlb::HUGE_PAGE / PAGE_SIZE) == mapped)
     }
 }
 
