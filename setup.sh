@@ -10,8 +10,9 @@ cd "$(dirname "$0")"
 # and boot tests; iproute2: ip/tc and network namespaces; iputils-ping, iperf3, tcpdump, ethtool:
 # namespace network tests and switch benchmarks; nftables: the Linux side of the overlay
 # benchmark's policies case; util-linux: setpriv and unshare (the /dev/kvm
-# permission test); procps: sysctl.
-PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps python3-scapy nftables)
+# permission test); procps: sysctl; libclang-dev: bindgen in userfaultfd-sys, which the switch's
+# vhost-user backend builds for post-copy (its own userfaultfd on guest RAM).
+PACKAGES=(qemu-system-x86 qemu-utils iproute2 iputils-ping iperf3 tcpdump ethtool util-linux procps python3-scapy nftables libclang-dev)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 

@@ -128,7 +128,9 @@ pub enum StorageMode {
 ///    offer's shape is unchanged, so a version-5 host reads it and names both versions.
 /// 7: the offer carries the source's `--postcopy` (`Offer.postcopy`, only when it is not
 ///    `auto`), so a destination told `never` can put the VM's RAM on the hugetlb pool.
-pub const PEER_PROTOCOL_VERSION: u32 = 7;
+/// 8: a VM with a vhost-user NIC may move in post-copy (the destination's switch joins it with
+///    its own userfaultfd); a version-7 destination would fail such a move at its switch-over.
+pub const PEER_PROTOCOL_VERSION: u32 = 8;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;

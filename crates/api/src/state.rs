@@ -200,7 +200,8 @@ pub fn transition(from: &VmState, action: &Action) -> Result<VmState, IllegalTra
         (s, Action::WorkerExited { reason }) if s.has_worker() => Critical {
             reason: reason.clone(),
         },
-        (s, Action::MigrationLost { reason }) if s.has_worker() => Lost {
+        // An arrival's worker resumed the VM in post-copy and lost it: the record stays, lost.
+        (s, Action::MigrationLost { reason }) if s.has_worker() || *s == Incoming => Lost {
             reason: reason.clone(),
         },
         _ => {
@@ -252,6 +253,8 @@ mod tests {
         );
         // Without a worker there is nothing to lose.
         assert!(transition(&Off, &lost).is_err());
+        // An arrival lost in post-copy (its worker had resumed it) is recorded lost too.
+        assert_eq!(transition(&Incoming, &lost), Ok(state.clone()));
         // Acknowledged by a turn-off, or booted again from its disks.
         assert_eq!(transition(&state, &Action::TurnOff), Ok(Off));
         assert_eq!(transition(&state, &Action::Start), Ok(Starting));

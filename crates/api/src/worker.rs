@@ -191,6 +191,9 @@ pub enum MigrateState {
     /// Source: the VM runs on the destination (the worker exits `MigratedAway`).
     /// Destination: the VM runs here.
     Completed,
+    /// Post-copy failed after the switch-over: the VM is whole nowhere, its vCPUs are
+    /// stopped and the worker exits `migration_lost` with the reason (`message`).
+    Lost,
     /// Source: the VM runs on here as before. Destination: nothing runs; the worker exits.
     Failed,
     Cancelled,

@@ -136,7 +136,9 @@ fn legal() -> Vec<(VmState, &'static str, VmState)> {
         (Running, "migration_lost", gone.clone()),
         (Paused, "migration_lost", gone.clone()),
         (Stopping, "migration_lost", gone.clone()),
-        (Saving, "migration_lost", gone),
+        (Saving, "migration_lost", gone.clone()),
+        // An arrival whose worker resumed it in post-copy and then lost it.
+        (Incoming, "migration_lost", gone),
         (lost(), "start", Starting),
         (lost(), "turn_off", Off),
         // Migration: an arriving VM runs (live) or its saved state is complete (quick).

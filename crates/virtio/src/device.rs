@@ -130,4 +130,30 @@ pub trait VirtioDevice: Send {
     }
     /// Dirty logging ended; the device stops marking `log` (best effort: it is not read again).
     fn stop_dirty_log(&mut self) {}
+    /// Whether the process that maps guest RAM for this device (see
+    /// [`VirtioDevice::maps_guest_memory`]) can wait for the pages a post-copy destination does
+    /// not have yet: a vhost-user back end that offers `VHOST_USER_PROTOCOL_F_PAGEFAULT`.
+    fn can_postcopy(&self) -> bool {
+        !self.maps_guest_memory()
+    }
+    /// Post-copy starts on this destination (docs/migration.md, "Post-copy"): a device whose
+    /// back end maps guest RAM in another process hands over that process's userfaultfd on
+    /// its mapping, so the back end's first touch of a page still on the source waits for it
+    /// like a vCPU's does. `None` for devices that touch RAM only through this process.
+    fn postcopy_listen(&mut self) -> Result<Option<ForeignFaults>, StateError> {
+        Ok(None)
+    }
+    /// Post-copy ended with every page here: the back end stops catching faults.
+    fn postcopy_end(&mut self) {}
 }
+
+/// Another process's userfaultfd on its own mapping of guest RAM (a vhost-user back end's,
+/// handed over by `VHOST_USER_POSTCOPY_ADVISE`): its faults come in that process's addresses.
+pub struct ForeignFaults {
+    pub uffd: std::fs::File,
+    pub maps: ForeignMaps,
+}
+
+/// (guest-physical start, length, the other process's address of that start) per region; the
+/// device updates it when it sends the back end a new memory table.
+pub type ForeignMaps = Arc<std::sync::Mutex<Vec<(u64, u64, u64)>>>;

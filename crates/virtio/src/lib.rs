@@ -20,7 +20,8 @@ mod worker;
 
 pub use block::Block;
 pub use device::{
-    ActivateError, DirtyLog, DirtyLogError, PauseError, QueueHandle, VirtioDevice, VirtioInterrupt,
+    ActivateError, DirtyLog, DirtyLogError, ForeignFaults, ForeignMaps, PauseError, QueueHandle,
+    VirtioDevice, VirtioInterrupt,
 };
 pub use net::Net;
 pub use state::{DeviceState, QueueState, StateError};

@@ -124,6 +124,12 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
+    /// A userfaultfd another process created and set up (UFFDIO_API done), handed to us to
+    /// read its faults and wake its waiters (a vhost-user back end's, for post-copy).
+    pub fn from_file(fd: File) -> Uffd {
+        Uffd { fd }
+    }
+
     /// Registers `[start, start+len)` (page-aligned, a shared memfd mapping) for missing-page
     /// faults.
     pub fn register(&self, start: u64, len: u64) -> io::Result<()> {
@@ -199,24 +205,14 @@ impl Uffd {
 
     /// Waits up to `timeout_ms` for the next page fault; its page-aligned address, or `None`.
     pub fn next_fault(&self, timeout_ms: i32) -> io::Result<Option<u64>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        if n == 0 {
+        if wait_any(&[self], timeout_ms)? == 0 {
             return Ok(None);
         }
+        self.read_fault()
+    }
+
+    /// The next queued page fault's page-aligned address, without waiting; `None` if none.
+    pub fn read_fault(&self) -> io::Result<Option<u64>> {
         let mut msg = UffdMsg::default();
         // SAFETY: reads at most one uffd_msg into `msg`, which is exactly that size.
         let got = unsafe {
@@ -240,4 +236,27 @@ impl Uffd {
         }
         Ok(Some(msg.arg1 & !(crate::memory::PAGE_SIZE - 1)))
     }
+}
+
+/// Waits up to `timeout_ms` until one of `uffds` has a fault queued; how many have (0: none).
+pub fn wait_any(uffds: &[&Uffd], timeout_ms: i32) -> io::Result<usize> {
+    let mut pfds: Vec<libc::pollfd> = uffds
+        .iter()
+        .map(|u| libc::pollfd {
+            fd: u.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the call.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n as usize)
 }

@@ -35,6 +35,14 @@
 //! state. One pair is the default because the queue count is part of the machine: a VM saved
 //! with a two-queue NIC must find two queues when it is restored.
 //!
+//! Post-copy (docs/migration.md, "Post-copy with a vhost-user NIC"): with
+//! `VHOST_USER_PROTOCOL_F_PAGEFAULT` negotiated, `postcopy_listen` asks the backend for a
+//! userfaultfd (POSTCOPY_ADVISE), puts it in listening mode and sends the memory table again:
+//! the backend maps guest RAM afresh, registers the mapping and answers where it mapped each
+//! region; only after our ack does it use that mapping. The VMM's post-copy fault thread then
+//! serves the backend's faults as it serves the vCPUs'. `postcopy_end` (POSTCOPY_END) once
+//! every page is here.
+//!
 //! Not covered: reconnecting to a restarted backend.
 
 mod ctrl;
@@ -43,16 +51,16 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vireo_virtio::state::{NetState, RingPositions};
 use vireo_virtio::{
-    ActivateError, DeviceState, DirtyLog, DirtyLogError, PauseError, QueueHandle, StateError,
-    VirtioDevice, VirtioInterrupt,
+    ActivateError, DeviceState, DirtyLog, DirtyLogError, ForeignFaults, ForeignMaps, PauseError,
+    QueueHandle, StateError, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
@@ -163,6 +171,11 @@ pub struct VhostUserNet {
     /// Loaded from a save: the next activation sets the backend up but leaves the rings
     /// stopped until `resume`, so nothing writes the RAM of a VM restored paused.
     restored: bool,
+    /// `VHOST_USER_PROTOCOL_F_PAGEFAULT` was negotiated: the backend can join post-copy.
+    pagefault: bool,
+    /// While post-copy listens: where the backend mapped each region (gpa, len, its address),
+    /// shared with the fault thread; set by every memory table sent meanwhile.
+    postcopy_maps: Option<ForeignMaps>,
 }
 
 /// An activation's wiring, kept so that the rings can be stopped and started again.
@@ -224,15 +237,17 @@ impl VhostUserNet {
             });
         }
         let mut log_shmfd = false;
+        let mut pagefault = false;
         let mut pairs = 1;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             // Negotiating the set (even empty) is what lets us start and stop rings with
-            // SET_VRING_ENABLE; the optional ones we use are LOG_SHMFD (dirty log) and, when
-            // more than one pair is asked for, MQ (GET_QUEUE_NUM).
+            // SET_VRING_ENABLE; the optional ones we use are LOG_SHMFD (dirty log), PAGEFAULT
+            // (post-copy) and, when more than one pair is asked for, MQ (GET_QUEUE_NUM).
             let offered = frontend
                 .get_protocol_features()
                 .map_err(negotiate(socket))?;
-            let mut wanted = VhostUserProtocolFeatures::LOG_SHMFD;
+            let mut wanted =
+                VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::PAGEFAULT;
             if want_pairs > 1 {
                 wanted |= VhostUserProtocolFeatures::MQ;
             }
@@ -241,6 +256,7 @@ impl VhostUserNet {
                 .set_protocol_features(ours)
                 .map_err(negotiate(socket))?;
             log_shmfd = ours.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+            pagefault = ours.contains(VhostUserProtocolFeatures::PAGEFAULT);
             if ours.contains(VhostUserProtocolFeatures::MQ)
                 && backend_features & VIRTIO_NET_F_MQ != 0
             {
@@ -275,6 +291,8 @@ impl VhostUserNet {
             log: None,
             skip_dirty_log: false,
             restored: false,
+            pagefault,
+            postcopy_maps: None,
         })
     }
 
@@ -325,12 +343,26 @@ impl VhostUserNet {
         self.frontend.get_features().map(|_| ())
     }
 
+    /// Sends the memory table. While post-copy listens the backend answers where it mapped
+    /// each region (registered with its userfaultfd); the fault thread learns that before our
+    /// ack lets the backend use the mapping.
     fn mem_table(&self, mem: &GuestMemory) -> Result<(), vhost::Error> {
         let regions = mem
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()?;
-        self.frontend.set_mem_table(&regions).map(|_| ())
+        let bases = self.frontend.set_mem_table(&regions)?;
+        if let (Some(maps), Some(bases)) = (&self.postcopy_maps, bases) {
+            *maps.lock().unwrap_or_else(|p| p.into_inner()) = regions
+                .iter()
+                .zip(bases)
+                .map(|(r, base)| (r.guest_phys_addr, r.memory_size, base))
+                .collect();
+            self.frontend
+                .clone()
+                .postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE)?;
+        }
+        Ok(())
     }
 
     /// Data rings the driver may use: every pair's with MQ accepted, else the first pair's.
@@ -445,7 +477,12 @@ impl VhostUserNet {
         }
         // SET_VRING_ENABLE has no reply: until the backend acts on it, a frame for the guest
         // finds the ring off and is dropped. Once this returns the NIC takes frames again.
-        self.barrier()?;
+        // Not while post-copy listens: the backend reads `used.idx` on SET_VRING_ADDR, that
+        // page may still be on the source, and the source sends pages only once the VM runs
+        // here, after this resume: waiting would hold the switch-over until the fault limit.
+        if self.postcopy_maps.is_none() {
+            self.barrier()?;
+        }
         for qh in queues.iter().take(data_rings).filter(|qh| qh.queue.ready()) {
             let _ = qh.kick.write(1);
         }
@@ -464,6 +501,52 @@ impl VirtioDevice for VhostUserNet {
 
     fn maps_guest_memory(&self) -> bool {
         true
+    }
+
+    fn can_postcopy(&self) -> bool {
+        self.pagefault
+    }
+
+    /// See the module docs. A driver that has not activated the NIC yet gets the listening
+    /// backend's mapping with its first memory table.
+    fn postcopy_listen(&mut self) -> Result<Option<ForeignFaults>, StateError> {
+        let path = self.path.clone();
+        let fail = move |what: &str, e: vhost::Error| {
+            StateError::Invalid(format!(
+                "vhost-user backend {}: post-copy {what}: {e}",
+                path.display()
+            ))
+        };
+        if !self.pagefault {
+            return Err(StateError::Invalid(self.backend_error(
+                "it does not offer VHOST_USER_PROTOCOL_F_PAGEFAULT, so it cannot wait for pages \
+                 still on the source; migrate with --postcopy never",
+            )));
+        }
+        let uffd = self
+            .frontend
+            .postcopy_advise()
+            .map_err(|e| fail("advise", e))?;
+        self.frontend
+            .postcopy_listen()
+            .map_err(|e| fail("listen", e))?;
+        let maps = Arc::new(Mutex::new(Vec::new()));
+        self.postcopy_maps = Some(maps.clone());
+        if let Some(a) = &self.active {
+            let mem = a.mem.clone();
+            self.mem_table(&mem)
+                .and_then(|()| self.barrier())
+                .map_err(|e| fail("memory table", e))?;
+        }
+        Ok(Some(ForeignFaults { uffd, maps }))
+    }
+
+    fn postcopy_end(&mut self) {
+        if self.postcopy_maps.take().is_some() {
+            if let Err(e) = self.frontend.postcopy_end() {
+                tracing::warn!("ending post-copy: {}", self.backend_error(e));
+            }
+        }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -210,6 +210,23 @@ impl MmioTransport {
         self.device.maps_guest_memory()
     }
 
+    /// See [`vireo_virtio::VirtioDevice::can_postcopy`].
+    pub fn can_postcopy(&self) -> bool {
+        self.device.can_postcopy()
+    }
+
+    /// See [`vireo_virtio::VirtioDevice::postcopy_listen`].
+    pub fn postcopy_listen(
+        &mut self,
+    ) -> Result<Option<vireo_virtio::ForeignFaults>, vireo_virtio::StateError> {
+        self.device.postcopy_listen()
+    }
+
+    /// See [`vireo_virtio::VirtioDevice::postcopy_end`].
+    pub fn postcopy_end(&mut self) {
+        self.device.postcopy_end()
+    }
+
     pub fn resume(&mut self) {
         if self.active {
             self.device.resume();

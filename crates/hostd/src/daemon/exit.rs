@@ -81,8 +81,10 @@ pub fn decide(
             (_, Some(line)) => format!("{}; worker.log: {line}", death_message(pid, death)),
         },
     };
-    // A turn-off (request, stop timeout, cancelled start) ends in Off however the worker went.
-    if forced {
+    // A turn-off (request, stop timeout, cancelled start) ends in Off however the worker went;
+    // but a worker that had recorded a VM lost in post-copy lost it before the turn-off came
+    // (an arrival being removed after its source aborted): that stays what happened.
+    if forced && !matches!(exit, Some(WorkerExitReason::MigrationLost { .. })) {
         let action = first_legal(state, vec![Action::TurnOff]);
         return Verdict { action, message };
     }
@@ -123,6 +125,25 @@ mod tests {
 
     fn run(state: VmState, exit: Option<WorkerExitReason>, death: Death, forced: bool) -> Verdict {
         decide(&state, 7, exit.as_ref(), death, forced, Some("last words"))
+    }
+
+    #[test]
+    fn an_arrival_lost_in_post_copy_stays_lost_even_when_it_was_being_turned_off() {
+        let lost = || {
+            Some(WorkerExitReason::MigrationLost {
+                message: "the migration source went away".into(),
+            })
+        };
+        for forced in [false, true] {
+            let v = run(VmState::Incoming, lost(), Death::Code(1), forced);
+            assert!(
+                matches!(v.action, Some(Action::MigrationLost { .. })),
+                "forced {forced}: {v:?}"
+            );
+        }
+        // Any other exit of a worker being turned off is a turn-off.
+        let v = run(VmState::Running, None, Death::Signal(15), true);
+        assert_eq!(v.action, Some(Action::TurnOff));
     }
 
     #[test]

@@ -193,9 +193,8 @@ impl VmHandle {
             state: None,
             final_pages_at: None,
             state_saved_at: None,
-            postcopy: (opts.postcopy != super::postcopy::PostcopyPolicy::Never
-                && !self.devices_map_memory())
-            .then_some(None),
+            // Whether the destination can take it (RAM, back ends) it says itself.
+            postcopy: (opts.postcopy != super::postcopy::PostcopyPolicy::Never).then_some(None),
         };
         let precopy = if was_paused {
             // Nothing can dirty a paused VM's memory: one pass is all.

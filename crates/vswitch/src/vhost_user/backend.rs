@@ -108,8 +108,13 @@ impl VhostUserBackend for NetBackend {
         self.shared.acked.store(features, Ordering::Relaxed);
     }
 
+    // PAGEFAULT: on a post-copy destination vhost-user-backend registers its mapping of guest
+    // RAM with a userfaultfd it hands the VMM, so a frame never lands on a page still on the
+    // source (docs/migration.md, "Post-copy with a vhost-user NIC").
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::PAGEFAULT
     }
 
     // The rings apply EVENT_IDX themselves (the daemon configures them); nothing else changes.

@@ -134,13 +134,8 @@ fn receive_inner(
         p.set_geometry(*g);
     }
     let missing = inc.shared.take_postcopy_missing();
-    if missing.is_some() && vm.devices_map_memory() {
-        return Err(fail(
-            ctl,
-            "post-copy is not possible here: a vhost-user NIC maps guest RAM in another \
-             process; migrate with --postcopy never"
-                .into(),
-        ));
+    if let (Some(_), Some(why)) = (&missing, vm.postcopy_refusal()) {
+        return Err(fail(ctl, format!("{why}; migrate with --postcopy never")));
     }
     let disks_at = ms(t);
     vm.apply_state(&state)

@@ -222,6 +222,7 @@ fn run(
             if let (Some(missing), Some(requests)) = (&missing, requests) {
                 // The VM runs there now; it is complete once every page is there.
                 postcopy::serve(s, &mut ctl, requests, missing, shared, options.bandwidth)?;
+                timeline.mark("post-copy served");
             }
             *lock(&s.migration.migrated_to) = Some((to.to_string(), downtime_ms));
             tracing::info!(

@@ -137,6 +137,7 @@ pub fn lose(s: &Arc<State>, why: &str) {
     tracing::error!("the VM is lost: {why}");
     *lock(&s.migration.lost) = Some(why.to_string());
     s.migration.finish(&Err(why.to_string()));
+    s.migration.set_state(MigrateState::Lost);
     s.vm.request_stop();
     let (dir, why) = (s.vm_dir.clone(), why.to_string());
     let _ = std::thread::Builder::new()

@@ -335,7 +335,14 @@ pub async fn settle_at(sock: &Path, pid: u32, alive: impl Fn() -> bool) -> Settl
         let cancel = call_once(sock, WorkerOp::MigrateCancel).await;
         let status = call_once(sock, WorkerOp::MigrateStatus).await;
         match (status, cancel) {
-            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Completed => {
+            // Post-copy: the VM runs here (a lost one is stopped and its worker exits
+            // `migration_lost`, which makes the record `lost`: it must not be removed).
+            (Ok(WorkerReply::Migrate(p)), _)
+                if matches!(
+                    p.state,
+                    MigrateState::Completed | MigrateState::Postcopy | MigrateState::Lost
+                ) =>
+            {
                 return Settled::RunsHere
             }
             (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Switching => {}
@@ -472,6 +479,8 @@ async fn receive_live(
             Ev::Tick => {}
         }
         if !worker.is_alive() {
+            // A worker that resumed the VM in post-copy and lost it leaves the record `lost`
+            // (its exit is applied before `exited` returns); `remove_incoming` keeps it.
             let o = worker.exited().await;
             return Err(format!("the destination worker ended: {}", o.message));
         }

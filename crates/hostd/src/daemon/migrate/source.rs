@@ -693,6 +693,14 @@ async fn live(
                 }
                 break p.downtime_ms.unwrap_or(0);
             }
+            // Our worker stopped the VM after the switch-over (the destination went away in
+            // post-copy) and exits `migration_lost`, which makes the record `lost`.
+            MigrateState::Lost => {
+                return End::Failed(format!(
+                    "the VM {name:?} was lost in the post-copy migration: {}",
+                    message.unwrap_or_else(|| "no reason given".into())
+                ));
+            }
             MigrateState::Failed | MigrateState::Cancelled => {
                 let mut why = dest_failed
                     .clone()

@@ -10,8 +10,14 @@
 //!   UFFDIO_COPY (atomic, and it wakes the waiters); a duplicate (asked for, then reached by
 //!   the background stream) is skipped ([`Tracker::claim`]); EEXIST is not an error.
 //!
-//! Once `PostcopyDone` came and nothing is missing, RAM is unregistered and the VM is an
-//! ordinary one. **Lost**: if stream 0 breaks or ends early, or a
+//! A vhost-user back end maps guest RAM in its own process: each hands over its own
+//! userfaultfd on that mapping ([`vireo_virtio::ForeignFaults`]), which the fault thread polls
+//! beside ours. Its faults are served the same way; but filling the page through our mapping
+//! does not wake the back end's thread (another userfaultfd), so the pages a back end waits for
+//! are remembered and woken on its userfaultfd once placed.
+//!
+//! Once `PostcopyDone` came and nothing is missing, RAM is unregistered, the back ends are told
+//! (POSTCOPY_END) and our copies of their userfaultfds closed, and the VM is an ordinary one. **Lost**: if stream 0 breaks or ends early, or a
 //! faulting page does not come within [`FAULT_LIMIT`] (a request that cannot be sent counts
 //! from its fault, as the page may still be on its way), the VM cannot go on correctly:
 //! `on_end` gets `Err(reason)` and the registration stays (a waiting vCPU is never handed a
@@ -35,7 +41,8 @@ use super::super::Vm;
 use super::tracker::{Place, Tracker};
 use crate::memory::PAGE_SIZE;
 use crate::state::StateError;
-use crate::uffd::Uffd;
+use crate::uffd::{self, Uffd};
+use crate::virtio_mmio::MmioTransport;
 
 /// Pages asked for around a faulting one (aligned block of 64 KiB): guests touch memory in
 /// runs, and each fault is a round trip to the source.
@@ -44,6 +51,10 @@ pub const WINDOW: u64 = 16;
 /// rather than a vCPU blocked for ever.
 pub const FAULT_LIMIT: Duration = Duration::from_secs(10);
 const POLL_MS: i32 = 20;
+/// After the VM is lost, how long its vCPUs get to stop before back ends are released.
+const STOP_GRACE: Duration = Duration::from_millis(300);
+/// How long releasing the back ends may take at most.
+const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How post-copy ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,8 +69,29 @@ pub enum PostcopyOutcome {
     Lost(String),
 }
 
+/// A back end's userfaultfd and where it maps each region (gpa, len, its address).
+struct Foreign {
+    uffd: Uffd,
+    maps: vireo_virtio::ForeignMaps,
+}
+
+impl Foreign {
+    fn gpa(&self, host: u64) -> Option<u64> {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.iter()
+            .find(|(_, l, h)| host >= *h && host < h + l)
+            .map(|(s, _, h)| s + (host - h))
+    }
+}
+
 struct Inner {
     uffd: Uffd,
+    /// The back ends' userfaultfds, dropped (closed) when post-copy completes.
+    foreign: Mutex<Vec<Arc<Foreign>>>,
+    /// Pages a back end waits for: (its index in `foreign`, gpa, its address).
+    foreign_waits: Mutex<Vec<(usize, u64, u64)>>,
+    /// The devices whose back ends joined, told when post-copy completes.
+    joined: Vec<Arc<Mutex<MmioTransport>>>,
     tracker: Tracker,
     /// (gpa start, len, host address) of each RAM region.
     maps: Vec<(u64, u64, u64)>,
@@ -104,8 +136,45 @@ impl Inner {
         self.cv.notify_all();
     }
 
+    fn outcome(&self) -> Option<PostcopyOutcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn lost(&self, why: String) {
         self.end(PostcopyOutcome::Lost(why));
+    }
+
+    /// Wakes the back-end threads waiting on pages that are no longer missing.
+    fn wake_foreign(&self) {
+        let mut waits = self.foreign_waits.lock().unwrap_or_else(|p| p.into_inner());
+        if waits.is_empty() {
+            return;
+        }
+        let foreign = self.foreign.lock().unwrap_or_else(|p| p.into_inner());
+        waits.retain(|&(i, gpa, host)| {
+            if self.tracker.is_missing(gpa) {
+                return true;
+            }
+            if let Some(f) = foreign.get(i) {
+                let _ = f.uffd.wake(host, PAGE_SIZE);
+            }
+            false
+        });
+    }
+
+    /// Every page is here: the back ends stop catching faults and our copies of their
+    /// userfaultfds go (the fault thread drops its own when it ends).
+    fn end_foreign(&self) {
+        for t in &self.joined {
+            super::super::lock(t).postcopy_end();
+        }
+        self.foreign
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -134,11 +203,7 @@ impl PostcopyIncoming {
 
     /// The outcome, once post-copy has ended.
     pub fn outcome(&self) -> Option<PostcopyOutcome> {
-        self.inner
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.outcome()
     }
 
     /// Blocks until post-copy ended, at most `timeout`.
@@ -187,14 +252,6 @@ impl Vm {
         W: Write + Send + 'static,
     {
         let ram = &self.shared.ram;
-        if self.devices_map_memory() {
-            return Err(StateError::Mismatch(
-                "post-copy needs every device inside this process; a vhost-user device maps guest \
-                 RAM itself and would read pages not yet here"
-                    .into(),
-            )
-            .into());
-        }
         if let Some(why) = self.postcopy_refusal() {
             return Err(StateError::Mismatch(why).into());
         }
@@ -235,9 +292,36 @@ impl Vm {
             uffd.register(host, len)
                 .map_err(|e| kvm("registering guest RAM", e))?;
         }
+        // The back ends that map guest RAM themselves register their own mappings; their
+        // rings are stopped until the VM resumes, so nothing of theirs touched RAM since the
+        // punch.
+        let mut foreign = Vec::new();
+        let mut joined = Vec::new();
+        for (index, t) in self.shared.transports.iter().enumerate() {
+            let mut device = super::super::lock(t);
+            let kind = crate::virtio_mmio::device_name(device.device_type());
+            let faults = device
+                .postcopy_listen()
+                .map_err(|source| StateError::Device {
+                    index,
+                    kind,
+                    source,
+                })?;
+            drop(device);
+            if let Some(f) = faults {
+                foreign.push(Arc::new(Foreign {
+                    uffd: Uffd::from_file(f.uffd),
+                    maps: f.maps,
+                }));
+                joined.push(t.clone());
+            }
+        }
         let end = maps.iter().map(|(s, l, _)| s + l).max().unwrap_or(0);
         let inner = Arc::new(Inner {
             uffd,
+            foreign: Mutex::new(foreign),
+            foreign_waits: Mutex::new(Vec::new()),
+            joined,
             tracker: Tracker::new(end, missing),
             maps,
             done: AtomicBool::new(false),
@@ -248,8 +332,9 @@ impl Vm {
             faults: Default::default(),
         });
         tracing::info!(
-            "post-copy: {} pages on the source, guest RAM registered",
-            inner.tracker.remaining()
+            "post-copy: {} pages on the source, guest RAM registered (and by {} back ends)",
+            inner.tracker.remaining(),
+            inner.joined.len()
         );
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -273,26 +358,80 @@ impl Vm {
 }
 
 /// The fault thread (see the module docs).
-fn serve_faults<W: Write>(inner: &Inner, mut requests: W) {
+fn serve_faults<W: Write>(inner: &Inner, requests: W) {
+    // The back ends' userfaultfds, kept open here until this thread ends.
+    let foreign: Vec<Arc<Foreign>> = inner
+        .foreign
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    serve_until_end(inner, requests, &foreign);
+    if matches!(inner.outcome(), Some(PostcopyOutcome::Lost(_))) {
+        release_foreign(inner, &foreign);
+    }
+}
+
+/// Serves faults until post-copy ends either way.
+fn serve_until_end<W: Write>(inner: &Inner, mut requests: W, foreign: &[Arc<Foreign>]) {
     let zero = vec![0u8; PAGE_SIZE as usize];
+    // Ours first, then the back ends'.
+    let mut all: Vec<&Uffd> = vec![&inner.uffd];
+    all.extend(foreign.iter().map(|f| &f.uffd));
     // Pages asked for and not arrived yet: when they were asked for.
     let mut asked: HashMap<u64, Instant> = HashMap::new();
     let mut last_check = Instant::now();
     let mut channel_ok = true;
+    let mut faults: Vec<(usize, u64)> = Vec::new();
     while !inner.done.load(Ordering::Acquire) {
-        let host = match inner.uffd.next_fault(POLL_MS) {
-            Ok(Some(h)) => Some(h),
-            Ok(None) => None,
+        match uffd::wait_any(&all, POLL_MS) {
+            Ok(0) => {}
+            Ok(_) => {
+                for (i, u) in all.iter().enumerate() {
+                    // Bounded: a queue refills while we serve it.
+                    for _ in 0..256 {
+                        match u.read_fault() {
+                            Ok(Some(host)) => faults.push((i, host)),
+                            Ok(None) => break,
+                            Err(e) => return inner.lost(format!("reading guest page faults: {e}")),
+                        }
+                    }
+                }
+            }
             Err(e) => return inner.lost(format!("reading guest page faults: {e}")),
-        };
-        if let Some(host) = host {
+        }
+        for (i, host) in faults.drain(..) {
             inner.faults.fetch_add(1, Ordering::Relaxed);
-            let Some(gpa) = inner.gpa(host) else { continue };
+            let gpa = match i {
+                0 => inner.gpa(host),
+                _ => foreign[i - 1].gpa(host),
+            };
+            let Some(gpa) = gpa else {
+                tracing::warn!("a post-copy fault at {host:#x} is outside guest RAM");
+                continue;
+            };
+            if i > 0 {
+                // Before the check below: placement wakes it if it lands meanwhile.
+                inner
+                    .foreign_waits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((i - 1, gpa, host));
+            }
             if !inner.tracker.is_missing(gpa) {
-                // Never missing (a zero page left as a hole) or placed meanwhile: in the
-                // latter case the copy fails with EEXIST and the wake releases the waiter.
-                let _ = inner.uffd.copy(host, &zero);
-                let _ = inner.uffd.wake(host, PAGE_SIZE);
+                // Never listed: a zero page the pre-copy left as a hole, filled here (through
+                // our mapping: the back ends' see the same page). Listed: placed, or being
+                // placed (its copy wakes our waiters); never filled locally.
+                if !inner.tracker.was_listed(gpa) {
+                    if let Some(h) = inner.host(gpa) {
+                        let _ = inner.uffd.copy(h, &zero);
+                    }
+                }
+                match i {
+                    0 => {
+                        let _ = inner.uffd.wake(host, PAGE_SIZE);
+                    }
+                    _ => inner.wake_foreign(),
+                }
                 continue;
             }
             let want: Vec<u64> = inner
@@ -334,6 +473,59 @@ fn serve_faults<W: Write>(inner: &Inner, mut requests: W) {
     drop(requests);
 }
 
+/// After the VM is lost, a back end must not wait for ever on pages that will never come: a
+/// switch thread serves every port of its switch. Once the vCPUs have had time to stop (the
+/// lost path stops them), each back-end fault is answered with a zero page through the back
+/// end's own userfaultfd, which wakes only its threads (a vCPU waiting on ours stays blocked
+/// until the process ends: the guest never runs on such a page), while another thread tells
+/// the back ends POSTCOPY_END so they close theirs. Bounded by [`RELEASE_LIMIT`]; the worker
+/// ends the process by then anyway.
+fn release_foreign(inner: &Inner, foreign: &[Arc<Foreign>]) {
+    if foreign.is_empty() {
+        return;
+    }
+    std::thread::sleep(STOP_GRACE);
+    let ended = Arc::new(AtomicBool::new(false));
+    let joined = inner.joined.clone();
+    let done = ended.clone();
+    let ender = std::thread::Builder::new()
+        .name("postcopy-release".into())
+        .spawn(move || {
+            for t in &joined {
+                super::super::lock(t).postcopy_end();
+            }
+            done.store(true, Ordering::Release);
+        });
+    if ender.is_err() {
+        return;
+    }
+    let zero = vec![0u8; PAGE_SIZE as usize];
+    let all: Vec<&Uffd> = foreign.iter().map(|f| &f.uffd).collect();
+    let started = Instant::now();
+    let mut zeroed = 0u64;
+    while !ended.load(Ordering::Acquire) && started.elapsed() < RELEASE_LIMIT {
+        if !matches!(uffd::wait_any(&all, POLL_MS), Ok(n) if n > 0) {
+            continue;
+        }
+        for u in &all {
+            while let Ok(Some(host)) = u.read_fault() {
+                let _ = u.copy(host, &zero);
+                let _ = u.wake(host, PAGE_SIZE);
+                zeroed += 1;
+            }
+        }
+    }
+    inner
+        .foreign
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    tracing::warn!(
+        "post-copy lost: the vhost-user back ends were released ({zeroed} of their faults \
+         answered with zero pages of the lost VM)"
+    );
+}
+
 /// The placement thread (see the module docs).
 fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u64) {
     let zero = vec![0u8; PAGE_SIZE as usize];
@@ -344,6 +536,11 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
         }
         let (arrived, wire) = match postcopy::read_arrival(&mut r) {
             Ok(a) => a,
+            // Every page is here: only the source's last word is missing, the VM is whole.
+            Err(e) if inner.tracker.remaining() == 0 => {
+                tracing::warn!("the migration source went away after its last page ({e})");
+                (postcopy::Arrived::Done, 0)
+            }
             Err(e) => {
                 return inner.lost(format!(
                     "the migration source went away during post-copy ({e}) with {} pages \
@@ -374,6 +571,7 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
             }
             placed += 1;
         }
+        inner.wake_foreign();
         let left = inner.tracker.remaining() * PAGE_SIZE;
         shared.update(|s| s.remaining_bytes = left);
     }
@@ -386,6 +584,7 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
     for &(_, len, host) in &inner.maps {
         let _ = inner.uffd.unregister(host, len);
     }
+    inner.end_foreign();
     inner.end(PostcopyOutcome::Complete {
         pages: placed,
         faults: inner.faults.load(Ordering::Relaxed),

@@ -33,8 +33,7 @@ pub fn runs_of(bitmap: &DirtyBitmap) -> Vec<(u64, u64)> {
 }
 
 impl super::VmHandle {
-    /// Whether a device's back end maps guest RAM in another process (vhost-user): such a
-    /// VM cannot use post-copy, whose missing pages exist only in this process's mapping.
+    /// Whether a device's back end maps guest RAM in another process (vhost-user).
     pub fn devices_map_memory(&self) -> bool {
         self.0
             .transports
@@ -42,15 +41,30 @@ impl super::VmHandle {
             .any(|t| super::lock(t).maps_guest_memory())
     }
 
-    /// Why this VM's RAM cannot take post-copy's page-by-page fill, if it cannot: RAM from the
-    /// hugetlb pool takes userfaultfd fills only in whole 2 MiB pages (`memory/hugetlb.rs`).
-    /// A destination says so when the source opens the request channel, before any page moves.
+    /// Why this VM cannot take post-copy's page-by-page fill, if it cannot. A destination says
+    /// so when the source opens the request channel, before any page moves:
+    /// - RAM from the hugetlb pool takes userfaultfd fills only in whole 2 MiB pages
+    ///   (`memory/hugetlb.rs`);
+    /// - a vhost-user back end without `VHOST_USER_PROTOCOL_F_PAGEFAULT` maps guest RAM where
+    ///   it would read a page still on the source as zeros.
     pub fn postcopy_refusal(&self) -> Option<String> {
-        (self.0.ram.kind == crate::memory::RamKind::HugeTlb).then(|| {
-            "post-copy is not possible here: guest RAM is on the hugetlb pool, which \
-             userfaultfd fills only in whole 2 MiB pages"
-                .to_string()
-        })
+        if self.0.ram.kind == crate::memory::RamKind::HugeTlb {
+            return Some(
+                "post-copy is not possible here: guest RAM is on the hugetlb pool, which \
+                 userfaultfd fills only in whole 2 MiB pages"
+                    .to_string(),
+            );
+        }
+        self.0
+            .transports
+            .iter()
+            .any(|t| !super::lock(t).can_postcopy())
+            .then(|| {
+                "post-copy is not possible here: a vhost-user back end maps guest RAM and does \
+                 not offer VHOST_USER_PROTOCOL_F_PAGEFAULT, so it cannot wait for pages still \
+                 on the source"
+                    .to_string()
+            })
     }
 }
 

@@ -6,7 +6,8 @@
 //!   (place it) or a duplicate (a page asked for on a fault and then reached by the background
 //!   stream, or the other way round: skip it);
 //! - a fault on a page that was never missing is not the source's business (it is a zero page
-//!   the pre-copy punched as a hole) and is filled locally.
+//!   the pre-copy punched as a hole) and is filled locally; a page that was missing is never
+//!   filled locally, even once claimed: its copy may be on its way into RAM at that moment.
 //!
 //! One bit per page of guest-physical space up to the end of RAM, atomics only: both threads
 //! work without a lock.
@@ -18,6 +19,8 @@ use crate::memory::PAGE_SIZE;
 pub struct Tracker {
     /// Bit set: the page is missing (listed by the source and not placed yet).
     words: Vec<AtomicU64>,
+    /// Bit set: the source listed the page (fixed once built).
+    listed: Vec<u64>,
     remaining: AtomicU64,
     end: u64,
 }
@@ -36,8 +39,9 @@ impl Tracker {
     pub fn new(end: u64, runs: &[(u64, u64)]) -> Tracker {
         let pages = end.div_ceil(PAGE_SIZE);
         let words: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let t = Tracker {
+        let mut t = Tracker {
             words,
+            listed: Vec::new(),
             remaining: AtomicU64::new(0),
             end,
         };
@@ -52,6 +56,7 @@ impl Tracker {
                 }
             }
         }
+        t.listed = t.words.iter().map(|w| w.load(Ordering::Relaxed)).collect();
         t
     }
 
@@ -67,6 +72,15 @@ impl Tracker {
         }
         let (w, b) = Self::bit(gpa);
         self.words[w].load(Ordering::Acquire) & b != 0
+    }
+
+    /// The source listed the page at `gpa` (missing now, or placed since).
+    pub fn was_listed(&self, gpa: u64) -> bool {
+        if gpa >= self.end {
+            return false;
+        }
+        let (w, b) = Self::bit(gpa);
+        self.listed[w] & b != 0
     }
 
     /// A copy of `gpa` arrived: [`Place::Copy`] exactly once per missing page.
@@ -132,6 +146,11 @@ mod tests {
         }
         assert_eq!(t.remaining(), 0);
         assert!(!t.is_missing(4 * P));
+        assert!(
+            t.was_listed(4 * P) && t.was_listed(100 * P),
+            "placed pages stay listed"
+        );
+        assert!(!t.was_listed(7 * P) && !t.was_listed(1 << 30));
     }
 
     #[test]
