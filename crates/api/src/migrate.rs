@@ -246,6 +246,11 @@ pub enum PeerMsg {
     Failed {
         reason: String,
     },
+    /// The answer to `Abort` (version 8) when the worker here had resumed the VM in post-copy
+    /// and lost it: the record here is `lost` with `reason`; the source forgets the VM.
+    LostHere {
+        reason: String,
+    },
     /// The first line of a connection from a quick migration's source whose connection
     /// ended after it sent `Commit` without an answer: where is `vm_id`? Answered
     /// `Whereabouts`.

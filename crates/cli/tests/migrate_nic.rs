@@ -428,13 +428,13 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         "8 MiB were still on the source: the VM cannot be whole ({outcome}; job {job})"
     );
     assert_eq!(job["state"], "failed", "{job}");
-    // Not yet agreed: the source keeps its own record of the VM whose worker was killed
-    // (docs/migration.md, "Not built yet").
-    eprintln!(
-        "on the source: {:?}",
-        a.vireo(&["vm", "show", "m", "--output", "json"])
-            .output()
-            .map(|o| serde_json::from_slice::<vireo_api::Vm>(&o.stdout).map(|v| v.state))
+    // One record: the source forgot the VM once the destination said it was lost there.
+    let (_, line) = a.fails(&["vm", "show", "m"]);
+    assert!(line.contains("no VM \"m\""), "{line}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("was lost in the post-copy migration"),
+        "{job}"
     );
     let _ = blast.join();
 

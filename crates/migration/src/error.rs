@@ -4,7 +4,7 @@ use thiserror::Error;
 /// stops applying: the source keeps the VM, so nothing is lost by refusing.
 #[derive(Debug, Error)]
 pub enum MigrationError {
-    #[error("migration stream I/O: {0}")]
+    #[error("migration stream I/O: {}", plain_io(.0))]
     Io(#[from] std::io::Error),
     #[error("not a Vireo migration stream (magic {0:02x?})")]
     BadMagic([u8; 8]),
@@ -39,4 +39,34 @@ pub enum MigrationError {
     Aborted(String),
     #[error("{0} after the end of the migration")]
     AfterDone(&'static str),
+}
+
+/// An I/O error in words for the user: rustls adds a link to its manual to some (a peer that
+/// closed without `close_notify`), which only says the connection ended.
+fn plain_io(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(": https://") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod plain_io_tests {
+    use super::*;
+
+    #[test]
+    fn a_rustls_manual_link_is_left_out_of_the_message() {
+        let e = MigrationError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: \
+             https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "migration stream I/O: peer closed connection without sending TLS close_notify"
+        );
+        let plain = MigrationError::Io(std::io::Error::other("connection reset"));
+        assert_eq!(plain.to_string(), "migration stream I/O: connection reset");
+    }
 }

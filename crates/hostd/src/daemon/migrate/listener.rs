@@ -283,7 +283,11 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
                 let _ = arrived(d, &vm, &mut peer).await;
                 return;
             }
-            let _ = peer.send(&PeerMsg::Failed { reason }).await;
+            let answer = match lost_here(d, vm_id) {
+                Some(reason) => PeerMsg::LostHere { reason },
+                None => PeerMsg::Failed { reason },
+            };
+            let _ = peer.send(&answer).await;
         }
     }
 }
@@ -311,6 +315,15 @@ pub enum Settled {
     RunsHere,
     /// It never will: cancelled before the switch-over, failed, or gone.
     NotHere,
+}
+
+/// The reason, if the arrival's worker resumed the VM in post-copy and lost it (its record
+/// says `lost`: `remove_incoming` leaves it).
+fn lost_here(d: &Daemon, id: Uuid) -> Option<String> {
+    match d.store.get_by_id(id).ok()?.state {
+        vireo_api::VmState::Lost { reason } => Some(reason),
+        _ => None,
+    }
 }
 
 /// The switch-over may be under way between the two workers (the source released its disks,
@@ -457,9 +470,10 @@ async fn receive_live(
                     tracing::warn!(vm = %vm.id(), "the abort came after the VM resumed here: it stays");
                     return arrived(d, vm, peer).await;
                 }
-                let answer = match failure {
-                    Some(reason) => PeerMsg::Failed { reason },
-                    None => PeerMsg::Aborted,
+                let answer = match (lost_here(d, vm.id()), failure) {
+                    (Some(reason), _) => PeerMsg::LostHere { reason },
+                    (None, Some(reason)) => PeerMsg::Failed { reason },
+                    (None, None) => PeerMsg::Aborted,
                 };
                 let _ = peer.send(&answer).await;
                 return Ok(());

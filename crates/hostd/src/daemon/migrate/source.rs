@@ -414,6 +414,8 @@ enum AbortAnswer {
     Running,
     /// The arrival is gone there (`aborted`, or `failed` with the destination's reason).
     Removed(Option<String>),
+    /// Its worker had resumed the VM in post-copy and lost it: the record there is `lost`.
+    LostThere(String),
     /// No answer came (the link went): only asking tells where the VM is.
     Lost(String),
 }
@@ -432,6 +434,7 @@ async fn abort(peer: &mut Peer, reason: &str) -> AbortAnswer {
         Ok(PeerMsg::Running) => AbortAnswer::Running,
         Ok(PeerMsg::Aborted) => AbortAnswer::Removed(None),
         Ok(PeerMsg::Failed { reason }) => AbortAnswer::Removed(Some(reason)),
+        Ok(PeerMsg::LostHere { reason }) => AbortAnswer::LostThere(reason),
         Ok(other) => AbortAnswer::Lost(format!("it answered the abort with {other:?}")),
         Err(e) => AbortAnswer::Lost(e),
     }
@@ -455,6 +458,7 @@ async fn runs_there(
         match abort(peer, why).await {
             AbortAnswer::Running => return Ok(Place::There),
             AbortAnswer::Removed(reason) => return Ok(Place::Here(reason)),
+            AbortAnswer::LostThere(reason) => return Ok(Place::LostThere(reason)),
             AbortAnswer::Lost(e) => {
                 tracing::warn!(vm = %vm_id, "no answer to the abort ({e}); asking {to}")
             }
@@ -470,6 +474,32 @@ async fn runs_there(
 enum Place {
     There,
     Here(Option<String>),
+    /// Resumed there in post-copy and lost: the destination's record says so with the reason.
+    LostThere(String),
+}
+
+/// The VM resumed on the destination in post-copy and was lost there (our worker died or its
+/// streams broke after the switch-over): the destination's record is `lost`, so ours goes as
+/// after a move — one record, on the host that ran the VM last — and the job fails saying so.
+async fn lost_there(
+    d: &Daemon,
+    vm: &Vm,
+    job: Uuid,
+    to: SocketAddr,
+    reason: &str,
+    dest_pas: &[SwitchProviderAddresses],
+) -> End {
+    let moved = finish_moved(d, vm, job, 0, dest_pas).await;
+    d.migrations
+        .update_progress(job, |p| p.state = MigrateState::Lost);
+    match moved {
+        End::Done => End::Failed(format!(
+            "VM {:?} was lost in the post-copy migration on {to}, where its record now says \
+             so: {reason}",
+            vm.spec.name
+        )),
+        other => other,
+    }
 }
 
 /// The job's error when `runs_there` got no final answer: where the VM may run, and what to do.
@@ -611,6 +641,10 @@ async fn live(
                 dest_failed = Some(reason);
                 dest_said_failed = true;
             }
+            Ev::Msg(Ok(PeerMsg::LostHere { reason })) => {
+                // Our worker's post-copy serving breaks too; it stops the VM and exits.
+                return lost_there(d, vm, job, to, &reason, dest_pas).await;
+            }
             Ev::Msg(Ok(other)) => {
                 tracing::warn!(vm = %vm.id(), "unexpected {other:?} from the destination")
             }
@@ -656,6 +690,9 @@ async fn live(
                             break 0;
                         }
                         Ok(Place::Here(_)) => {}
+                        Ok(Place::LostThere(reason)) => {
+                            return lost_there(d, vm, job, to, &reason, dest_pas).await
+                        }
                         Err(asked) => return unknown_place(name, to, &o.message, &asked),
                     }
                     return End::Failed(format!(
@@ -722,6 +759,9 @@ async fn live(
                                 why = r;
                             }
                             false
+                        }
+                        Ok(Place::LostThere(reason)) => {
+                            return lost_there(d, vm, job, to, &reason, dest_pas).await
                         }
                         Err(asked) => return unknown_place(name, to, &why, &asked),
                     },
