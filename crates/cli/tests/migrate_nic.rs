@@ -75,6 +75,23 @@ impl Drop for RemoveAll<'_> {
     }
 }
 
+/// Each host's switch `lan` on its end of `wire`, the probe VMs `vms` (32 MiB, a NIC on
+/// `lan`) started, and the hosts trusting each other.
+fn switches_and_probes(wire: &Wire, hosts: [&Daemon; 2], vms: &[(&Daemon, &str)]) {
+    for (d, uplink) in hosts.iter().zip(&wire.0) {
+        d.ok(&[
+            "switch", "create", "lan", "--type", "external", "--uplink", uplink,
+        ]);
+    }
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    for (d, vm) in vms {
+        d.ok(&["vm", "create", vm, "--kernel", &kernel, "--memory", "32M"]);
+        d.ok(&["vm", "nic", "add", vm, "--switch", "lan"]);
+        d.ok(&["vm", "start", vm]);
+    }
+    trust_each_other(hosts[0], hosts[1]);
+}
+
 fn mac_of(d: &Daemon, vm: &str) -> String {
     let nics: Vec<NicSpec> =
         serde_json::from_str(&d.ok(&["vm", "nic", "list", vm, "--output", "json"])).unwrap();
@@ -157,18 +174,7 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
         return;
     };
     let _remove = RemoveAll([&a, &b]);
-    for (d, uplink) in [(&a, &wire.0[0]), (&b, &wire.0[1])] {
-        d.ok(&[
-            "switch", "create", "lan", "--type", "external", "--uplink", uplink,
-        ]);
-    }
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    for vm in ["m", "blaster"] {
-        a.ok(&["vm", "create", vm, "--kernel", &kernel, "--memory", "32M"]);
-        a.ok(&["vm", "nic", "add", vm, "--switch", "lan"]);
-        a.ok(&["vm", "start", vm]);
-    }
-    trust_each_other(&a, &b);
+    switches_and_probes(&wire, [&a, &b], &[(&a, "m"), (&a, "blaster")]);
     let to = migration_address(&b);
     let m_mac = mac_of(&a, "m");
     let m_port = switch(&a)
@@ -302,18 +308,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         return;
     };
     let _remove = RemoveAll([&a, &b]);
-    for (d, uplink) in [(&a, &wire.0[0]), (&b, &wire.0[1])] {
-        d.ok(&[
-            "switch", "create", "lan", "--type", "external", "--uplink", uplink,
-        ]);
-    }
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    for (d, vm) in [(&a, "m"), (&a, "blaster"), (&b, "n")] {
-        d.ok(&["vm", "create", vm, "--kernel", &kernel, "--memory", "32M"]);
-        d.ok(&["vm", "nic", "add", vm, "--switch", "lan"]);
-        d.ok(&["vm", "start", vm]);
-    }
-    trust_each_other(&a, &b);
+    switches_and_probes(&wire, [&a, &b], &[(&a, "m"), (&a, "blaster"), (&b, "n")]);
     let to = migration_address(&b);
     let (m_mac, n_mac) = (mac_of(&a, "m"), mac_of(&b, "n"));
     let source_worker = a.worker_pid("m");
