@@ -52,6 +52,9 @@ const LISTEN_POLL: Duration = Duration::from_millis(2);
 /// A worker caught in the switch-over has this long to run the VM or give up (opening the
 /// disks and resuming take milliseconds; this only bounds a hung worker).
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// How long a worker that lost its VM in post-copy gets to exit by itself (it ends the process
+/// within 8 s of the loss).
+const LOST_EXIT_WAIT: Duration = Duration::from_secs(15);
 /// The arrival's announcement is repeated after each of these (see `take_over_network`).
 const ANNOUNCE_AGAIN: [Duration; 2] = [Duration::from_millis(150), Duration::from_millis(500)];
 
@@ -315,6 +318,10 @@ pub enum Settled {
     RunsHere,
     /// It never will: cancelled before the switch-over, failed, or gone.
     NotHere,
+    /// It resumed the VM in post-copy and lost it: the worker stops it and exits
+    /// `migration_lost` by itself, which makes the record `lost` (killing it first could
+    /// take that exit record with it).
+    Lost,
 }
 
 /// The reason, if the arrival's worker resumed the VM in post-copy and lost it (its record
@@ -339,7 +346,7 @@ pub async fn settle(w: &Worker) -> Settled {
 
 /// `settle` for a worker known by its socket (at start-up, before it is adopted).
 pub async fn settle_at(sock: &Path, pid: u32, alive: impl Fn() -> bool) -> Settled {
-    let deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+    let mut deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
     loop {
         if !alive() {
             return Settled::NotHere;
@@ -348,15 +355,19 @@ pub async fn settle_at(sock: &Path, pid: u32, alive: impl Fn() -> bool) -> Settl
         let cancel = call_once(sock, WorkerOp::MigrateCancel).await;
         let status = call_once(sock, WorkerOp::MigrateStatus).await;
         match (status, cancel) {
-            // Post-copy: the VM runs here (a lost one is stopped and its worker exits
-            // `migration_lost`, which makes the record `lost`: it must not be removed).
-            (Ok(WorkerReply::Migrate(p)), _)
-                if matches!(
-                    p.state,
-                    MigrateState::Completed | MigrateState::Postcopy | MigrateState::Lost
-                ) =>
-            {
+            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Completed => {
                 return Settled::RunsHere
+            }
+            // Post-copy: the VM runs here and its pages are still coming. It ends by itself
+            // (every page here, or lost at the latest at the fault limit), so it is waited
+            // for without the limit: stopping it would lose a VM that may still complete.
+            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Postcopy => {
+                deadline = tokio::time::Instant::now() + SETTLE_LIMIT;
+            }
+            // Lost in post-copy: not here, but its worker exits `migration_lost`, which makes
+            // the record `lost` (`remove_incoming` keeps it; the source hears `lost_here`).
+            (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Lost => {
+                return Settled::Lost
             }
             (Ok(WorkerReply::Migrate(p)), _) if p.state == MigrateState::Switching => {}
             // Listening or pre-copy with the cancel taken, failed, cancelled.
@@ -386,8 +397,15 @@ pub async fn settle_at(sock: &Path, pid: u32, alive: impl Fn() -> bool) -> Settl
 /// `running`, announced, and the caller tells the source).
 pub async fn remove_incoming(d: &Daemon, id: Uuid) -> Settled {
     if let Some(w) = d.sup.get(id) {
-        if w.is_alive() && settle(&w).await == Settled::RunsHere {
-            return Settled::RunsHere;
+        if w.is_alive() {
+            match settle(&w).await {
+                Settled::RunsHere => return Settled::RunsHere,
+                // Its own exit (at most the worker's 8 s) records the loss.
+                Settled::Lost => {
+                    let _ = w.exited_within(LOST_EXIT_WAIT).await;
+                }
+                Settled::NotHere => {}
+            }
         }
         w.force_off().await;
     }
@@ -487,7 +505,7 @@ async fn receive_live(
             Ev::Msg(Err(e)) => {
                 return match settle(&worker).await {
                     Settled::RunsHere => arrived(d, vm, peer).await,
-                    Settled::NotHere => Err(format!("the source went away: {e}")),
+                    Settled::NotHere | Settled::Lost => Err(format!("the source went away: {e}")),
                 }
             }
             Ev::Tick => {}

@@ -50,6 +50,19 @@ pub async fn recover_all(d: &Arc<Daemon>) {
                 super::listener::announce(d, &vm).await;
                 continue;
             }
+            if settled == Settled::Lost {
+                // It resumed the VM in post-copy and lost it: the record says so and stays.
+                let lost = Action::MigrationLost {
+                    reason: "the VM was lost in a post-copy migration (its worker said so when \
+                             vireod restarted)"
+                        .into(),
+                };
+                let _ = sys::kill(r.pid, libc::SIGKILL);
+                if d.store.set_state(vm.id(), &lost).is_ok() {
+                    tracing::warn!(vm = %vm.id(), "an incoming VM was lost in post-copy while vireod was down");
+                    continue;
+                }
+            }
             tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
             let _ = sys::kill(r.pid, libc::SIGKILL);
         }
