@@ -17,9 +17,10 @@
 //! are remembered and woken on its userfaultfd once placed.
 //!
 //! Once `PostcopyDone` came and nothing is missing, RAM is unregistered, the back ends are told
-//! (POSTCOPY_END) and our copies of their userfaultfds closed, and the VM is an ordinary one. **Lost**: if stream 0 breaks or ends early, or a
-//! faulting page does not come within [`FAULT_LIMIT`] (a request that cannot be sent counts
-//! from its fault, as the page may still be on its way), the VM cannot go on correctly:
+//! (POSTCOPY_END) and our copies of their userfaultfds closed, and the VM is an ordinary one.
+//! **Lost**: if stream 0 breaks or ends early (with pages still missing), or a faulting page
+//! does not come within [`FAULT_LIMIT`] (a request that cannot be sent counts from its fault,
+//! as the page may still be on its way), the VM cannot go on correctly:
 //! `on_end` gets `Err(reason)` and the registration stays (a waiting vCPU is never handed a
 //! zero page); the caller stops the VM and reports it lost.
 //!
@@ -77,11 +78,15 @@ struct Foreign {
 
 impl Foreign {
     fn gpa(&self, host: u64) -> Option<u64> {
-        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        maps.iter()
-            .find(|(_, l, h)| host >= *h && host < h + l)
-            .map(|(s, _, h)| s + (host - h))
+        gpa_of(&self.maps.lock().unwrap_or_else(|p| p.into_inner()), host)
     }
+}
+
+/// The guest-physical address of `host` in `maps` (gpa start, len, host address of the start).
+fn gpa_of(maps: &[(u64, u64, u64)], host: u64) -> Option<u64> {
+    maps.iter()
+        .find(|(_, l, h)| host >= *h && host < h + l)
+        .map(|(s, _, h)| s + (host - h))
 }
 
 struct Inner {
@@ -112,10 +117,7 @@ impl Inner {
     }
 
     fn gpa(&self, host: u64) -> Option<u64> {
-        self.maps
-            .iter()
-            .find(|(_, l, h)| host >= *h && host < h + l)
-            .map(|(s, _, h)| s + (host - h))
+        gpa_of(&self.maps, host)
     }
 
     /// Records the end once (the first reason wins) and tells the caller.

@@ -33,14 +33,6 @@ pub fn runs_of(bitmap: &DirtyBitmap) -> Vec<(u64, u64)> {
 }
 
 impl super::VmHandle {
-    /// Whether a device's back end maps guest RAM in another process (vhost-user).
-    pub fn devices_map_memory(&self) -> bool {
-        self.0
-            .transports
-            .iter()
-            .any(|t| super::lock(t).maps_guest_memory())
-    }
-
     /// Why this VM cannot take post-copy's page-by-page fill, if it cannot. A destination says
     /// so when the source opens the request channel, before any page moves:
     /// - RAM from the hugetlb pool takes userfaultfd fills only in whole 2 MiB pages
@@ -69,11 +61,6 @@ impl super::VmHandle {
 }
 
 impl super::Vm {
-    /// See [`super::VmHandle::devices_map_memory`].
-    pub fn devices_map_memory(&self) -> bool {
-        self.handle().devices_map_memory()
-    }
-
     /// See [`super::VmHandle::postcopy_refusal`].
     pub fn postcopy_refusal(&self) -> Option<String> {
         self.handle().postcopy_refusal()
