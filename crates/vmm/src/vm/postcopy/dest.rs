@@ -170,6 +170,19 @@ impl Inner {
     /// Every page is here: the back ends stop catching faults and our copies of their
     /// userfaultfds go (the fault thread drops its own when it ends).
     fn end_foreign(&self) {
+        // A back-end fault still queued when the fault thread stopped was never answered:
+        // every page is here now, so wake every range before POSTCOPY_END, whose answer
+        // that back-end thread (its request handler, say) would otherwise never give.
+        for f in self
+            .foreign
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for &(_, len, base) in f.maps.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = f.uffd.wake(base, len);
+            }
+        }
         for t in &self.joined {
             super::super::lock(t).postcopy_end();
         }
