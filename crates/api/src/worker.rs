@@ -372,6 +372,10 @@ pub enum WorkerOp {
     /// Stop a migration before the switch-over: the VM runs on here (source) / the worker
     /// exits (destination). `Ok`; `Error` once the switch-over has begun (too late).
     MigrateCancel,
+    /// Destination: the source is still sending this migration's disks (shared-nothing), so
+    /// the worker's wait for its memory streams starts again from now. `Ok`; `Error` when the
+    /// worker is not waiting for a source.
+    MigrateSourceAlive,
     /// A checkpoint of the running or paused VM, the worker kept (docs/checkpoints.md, "Live
     /// capture"): memory goes into `dir` while the guest runs (a live save); the VM is paused
     /// for the last pages and its state; `memory.bin` and `vm.state` are made durable; every

@@ -175,7 +175,7 @@ impl AnyDisk {
 }
 
 /// Data ranges of a raw file from `SEEK_DATA`/`SEEK_HOLE`; the whole file where unsupported.
-fn raw_data_ranges(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub fn raw_data_ranges(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut ranges = Vec::new();
     let mut at = 0u64;

@@ -269,6 +269,10 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
             Ok(()) => WorkerReply::Ok,
             Err(message) => refused("cancel migration", message),
         },
+        WorkerOp::MigrateSourceAlive => match s.migration.source_alive() {
+            Ok(()) => WorkerReply::Ok,
+            Err(message) => refused("wait for the migration source", message),
+        },
         WorkerOp::MigrateOut {
             to,
             session,

@@ -284,6 +284,8 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
             }
         }
         WorkerOp::MigrateStatus => WorkerReply::Migrate(g.lock().unwrap().mig.clone()),
+        // The fake destination waits for its source without a limit.
+        WorkerOp::MigrateSourceAlive => WorkerReply::Ok,
         WorkerOp::Save { dir: to, .. } => {
             if word(&launch, "fake.refuse") == Some("save") {
                 return WorkerReply::Error {

@@ -21,8 +21,18 @@ use super::timeline::Timeline;
 use super::{load_tls, postcopy, Migration};
 use crate::server::State;
 
-/// How long the destination waits for all of the source's streams.
+/// How long the destination waits for all of the source's streams, from its start or from
+/// vireod's last word that the source is still copying the disks (`MigrateSourceAlive`).
 pub const WAIT_FOR_SOURCE: Duration = Duration::from_secs(120);
+
+/// [`WAIT_FOR_SOURCE`], or `VIREO_WAIT_FOR_SOURCE_SECS` (tests: a disk copy longer than the
+/// wait without waiting two minutes).
+fn wait_for_source() -> Duration {
+    std::env::var("VIREO_WAIT_FOR_SOURCE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(WAIT_FOR_SOURCE, Duration::from_secs)
+}
 
 /// A destination ready to receive: the bound listener and what it checks.
 pub struct Incoming {
@@ -228,15 +238,21 @@ fn accept_all(
     let n = usize::from(inc.streams);
     let mut requests = None;
     let mut got: Vec<Option<(Receiver, ServerStream)>> = (0..n).map(|_| None).collect();
-    let deadline = Instant::now() + WAIT_FOR_SOURCE;
+    let wait = wait_for_source();
+    let started = Instant::now();
     while got.iter().any(Option::is_none) {
         if inc.shared.cancelled() {
             return Err("cancelled".into());
         }
-        if Instant::now() > deadline {
+        let since = s
+            .migration
+            .source_alive_at()
+            .map_or(started, |t| t.max(started));
+        if since.elapsed() > wait {
             return Err(format!(
-                "the source did not connect all {n} streams within {} s",
-                WAIT_FOR_SOURCE.as_secs()
+                "the source did not connect all {n} streams within {} s (of its start or of \
+                 the last disk data)",
+                wait.as_secs()
             ));
         }
         let (tcp, peer) = match inc.listener.accept() {

@@ -41,6 +41,9 @@ pub struct Migration {
     lost: Mutex<Option<String>>,
     /// The current (or last) migration's phases.
     timeline: Mutex<Option<Arc<Timeline>>>,
+    /// Destination: when vireod last said the source is still sending the disks
+    /// (`MigrateSourceAlive`); the wait for the memory streams counts from then.
+    source_alive: Mutex<Option<std::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,6 +104,7 @@ impl Migration {
         };
         let shared = Arc::new(MigrateShared::default());
         *lock(&self.shared) = shared.clone();
+        *lock(&self.source_alive) = None;
         lock(&self.sockets).clear();
         let timeline = Arc::new(Timeline::starting_at(start));
         *lock(&self.timeline) = Some(timeline.clone());
@@ -136,6 +140,20 @@ impl Migration {
             }
         });
         lock(&self.sockets).clear();
+    }
+
+    /// `MigrateSourceAlive`: the destination's wait for the source starts again now.
+    pub fn source_alive(&self) -> Result<(), String> {
+        if lock(&self.progress).state != MigrateState::Listening {
+            return Err("this worker is not waiting for a migration source".into());
+        }
+        *lock(&self.source_alive) = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// Destination: the last `MigrateSourceAlive` of this migration, if any.
+    fn source_alive_at(&self) -> Option<std::time::Instant> {
+        *lock(&self.source_alive)
     }
 
     /// `MigrateCancel`: `Err` once the switch-over has begun.

@@ -48,7 +48,15 @@ pub struct DiskSender {
     /// `--bandwidth` for the copy while the VM runs (the parked disks' last chunks at the
     /// switch-over are not held back: that time is the guest's pause).
     pace: Pace,
+    /// When the last record went: a long run of zeroes the copy skips still sends one every
+    /// [`KEEPALIVE`].
+    last_record: std::time::Instant,
 }
+
+/// The destination gives up on a disk stream silent for 60 s, and its worker's wait for the
+/// memory streams (120 s) goes on only while records come: a skipped zero chunk is sent
+/// anyway (a `Zero` record, a no-op there) once this long passed without one.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Holds a sender to `rate` bytes per second on average since its start.
 struct Pace {
@@ -135,6 +143,7 @@ pub fn precopy(
         record_of_slot,
         top_only: t.tops.is_some(),
         pace,
+        last_record: std::time::Instant::now(),
     };
     out.first_pass(s, shared)?;
     out.dirty_passes(s, shared)?;
@@ -190,7 +199,11 @@ fn data_ranges(d: &MovableBackend, top_only: bool) -> Result<Vec<(u64, u64)>, St
             "{} is not a VHDX: only a differencing child can travel as its top layer",
             path.display()
         )),
-        _ => Ok(vec![(0, d.size())]),
+        // A sparse raw file: its holes read as zeroes, which the copy has already.
+        Image::Raw => std::fs::File::open(&path)
+            .and_then(|f| vireo_vhdx::convert::raw_data_ranges(&f, d.size()))
+            .map_err(|e| format!("mapping {}: {e}", path.display())),
+        Image::Vhd(_) => Ok(vec![(0, d.size())]),
     }
 }
 
@@ -203,7 +216,8 @@ impl DiskSender {
     }
 
     /// Sends `len` bytes at `pos` of disk `i` read from `src`; `skip_zero`: the copy reads
-    /// zeroes there already (pass 0), else zeroes are sent as a `Zero` record.
+    /// zeroes there already (pass 0), else zeroes are sent as a `Zero` record. The bytes that
+    /// went on the wire (what `--bandwidth` counts).
     fn send_range(
         &mut self,
         i: usize,
@@ -211,20 +225,23 @@ impl DiskSender {
         pos: u64,
         len: u64,
         skip_zero: bool,
-    ) -> Result<(), String> {
+    ) -> Result<u64, String> {
         let mut buf = vec![0u8; len as usize];
         src.read_at(&mut buf, pos)
             .map_err(|e| format!("reading disk {i} at {pos}: {e}"))?;
-        let sent = if buf.iter().all(|&b| b == 0) {
-            if skip_zero {
-                Ok(())
-            } else {
-                disk::write_zero(&mut self.stream, i as u8, pos, len as u32)
+        let (sent, wire) = if buf.iter().all(|&b| b == 0) {
+            if skip_zero && self.last_record.elapsed() < KEEPALIVE {
+                return Ok(0);
             }
+            let r = disk::write_zero(&mut self.stream, i as u8, pos, len as u32);
+            (r, disk::HEADER_LEN as u64)
         } else {
-            disk::write_data(&mut self.stream, i as u8, pos, &buf)
+            let r = disk::write_data(&mut self.stream, i as u8, pos, &buf);
+            (r, disk::HEADER_LEN as u64 + len)
         };
-        sent.map_err(|e| format!("sending disk {i} data: {e}"))
+        sent.map_err(|e| format!("sending disk {i} data: {e}"))?;
+        self.last_record = std::time::Instant::now();
+        Ok(wire)
     }
 
     fn first_pass(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
@@ -238,9 +255,9 @@ impl DiskSender {
                     cancelled(shared)?;
                     let n = (start + len - pos).min(CHUNK - pos % CHUNK);
                     // A top's zeroes hide its parent's data: they travel.
-                    self.send_range(i, &*d, pos, n, !self.top_only)?;
+                    let wire = self.send_range(i, &*d, pos, n, !self.top_only)?;
                     Self::progress(s, 0, n);
-                    self.pace.sent(n, shared)?;
+                    self.pace.sent(wire, shared)?;
                     pos += n;
                 }
             }
@@ -248,16 +265,21 @@ impl DiskSender {
         Ok(())
     }
 
-    /// Chunk `c` of disk `i` from `src`, in full (the guest may have zeroed it).
-    fn send_chunk(&mut self, i: usize, src: &dyn BlockBackend, c: u64) -> Result<u64, String> {
+    /// Chunk `c` of disk `i` from `src`, in full (the guest may have zeroed it): the bytes it
+    /// covers and those that went on the wire.
+    fn send_chunk(
+        &mut self,
+        i: usize,
+        src: &dyn BlockBackend,
+        c: u64,
+    ) -> Result<(u64, u64), String> {
         let start = c * CHUNK;
         let size = src.size();
         if start >= size {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let n = CHUNK.min(size - start);
-        self.send_range(i, src, start, n, false)?;
-        Ok(n)
+        Ok((n, self.send_range(i, src, start, n, false)?))
     }
 
     fn dirty_passes(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
@@ -272,9 +294,9 @@ impl DiskSender {
                 Self::progress(s, chunks.len() as u64 * CHUNK, 0);
                 for c in chunks {
                     cancelled(shared)?;
-                    let n = self.send_chunk(i, &*d, c)?;
+                    let (n, wire) = self.send_chunk(i, &*d, c)?;
                     Self::progress(s, 0, n);
-                    self.pace.sent(n, shared)?;
+                    self.pace.sent(wire, shared)?;
                 }
             }
         }
@@ -290,7 +312,7 @@ impl DiskSender {
         let chunks = parked.take_dirty();
         Self::progress(s, chunks.len() as u64 * CHUNK, 0);
         for c in chunks {
-            let n = self.send_chunk(i, &**parked.source(), c)?;
+            let (n, _) = self.send_chunk(i, &**parked.source(), c)?;
             Self::progress(s, 0, n);
         }
         Ok(())

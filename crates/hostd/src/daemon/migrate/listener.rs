@@ -468,6 +468,7 @@ async fn receive_live(
         provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
     })
     .await?;
+    let mut disks = DiskCopyWatch::default();
     loop {
         enum Ev {
             Msg(Result<PeerMsg, String>),
@@ -521,6 +522,7 @@ async fn receive_live(
         if let Some(why) = super::storage::failure(d, vm.id()) {
             return Err(why);
         }
+        disks.tell_worker_while_copying(d, vm.id(), &worker).await;
         match migrate_state(&worker).await {
             Some(MigrateState::Completed) => return arrived(d, vm, peer).await,
             Some(MigrateState::Failed | MigrateState::Cancelled) => {
@@ -531,6 +533,40 @@ async fn receive_live(
                 return Err(format!("the destination worker gave up: {msg}"));
             }
             _ => {}
+        }
+    }
+}
+
+/// Shared-nothing: the disks are copied before the source's memory streams connect, and a
+/// large disk takes longer than the worker's wait for them. While disk records keep coming,
+/// the worker hears so (`MigrateSourceAlive`) every [`SOURCE_ALIVE_EVERY`]; a stalled copy
+/// is bounded by the disk stream's own record limit, and the worker's wait counts from the
+/// last records once they stop.
+#[derive(Default)]
+struct DiskCopyWatch {
+    told: Option<(tokio::time::Instant, u64)>,
+}
+
+/// How often the waiting worker hears that the disk copy goes on: well inside its wait (120
+/// s; tests cut it to a few seconds), and one call over a local socket costs well under a ms.
+const SOURCE_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+impl DiskCopyWatch {
+    async fn tell_worker_while_copying(&mut self, d: &Daemon, vm: Uuid, worker: &Worker) {
+        let Some(records) = super::storage::records_received(d, vm) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let (at, before) = *self.told.get_or_insert((now, records));
+        if now - at < SOURCE_ALIVE_EVERY {
+            return;
+        }
+        self.told = Some((now, records));
+        if records == before {
+            return;
+        }
+        if let Err(e) = call_once(&worker.socket(), WorkerOp::MigrateSourceAlive).await {
+            tracing::warn!(%vm, "telling the worker the disk copy goes on: {e}");
         }
     }
 }

@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Target {
     /// Why the disk stream failed here, for the arrival's task to tell the source (the source
     /// worker only sees its disk stream end).
     failure: Mutex<Option<String>>,
+    /// Records written so far: the arrival's task tells the waiting worker while it grows.
+    records: AtomicU64,
 }
 
 /// The copies of the migrations arriving here, by session.
@@ -210,6 +213,7 @@ pub fn create_copies(
             dir,
             need,
             failure: Mutex::new(None),
+            records: AtomicU64::new(0),
         },
     ))
 }
@@ -359,6 +363,7 @@ pub fn claim_tree_files(
         dir,
         need: 0,
         failure: Mutex::new(None),
+        records: AtomicU64::new(0),
     })
 }
 
@@ -383,6 +388,7 @@ pub fn tops_target(vm_id: Uuid, tops: &[PathBuf], dir: PathBuf) -> Result<Target
         dir,
         need: 0,
         failure: Mutex::new(None),
+        records: AtomicU64::new(0),
     })
 }
 
@@ -501,7 +507,7 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
     {
         return;
     }
-    let why = match write_records(&mut peer, &target.sizes, backends).await {
+    let why = match write_records(&mut peer, &target, backends).await {
         Ok(()) => return tracing::info!(vm = %target.vm_id, "disk copies complete"),
         Err(CopyFailure::NoSpace) => {
             let free = free_bytes(&target.dir).map_or_else(|e| e, |f| format!("{f} bytes"));
@@ -530,6 +536,18 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
     *target.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
 }
 
+/// Destination: how many disk records of an arriving VM were received so far (`None`: its
+/// disks are not being copied here).
+pub fn records_received(d: &Daemon, vm_id: Uuid) -> Option<u64> {
+    let m = d.migrations.disk_targets.lock();
+    let counts: Vec<u64> = m
+        .values()
+        .filter(|t| t.vm_id == vm_id)
+        .map(|t| t.records.load(Ordering::Relaxed))
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
+}
+
 /// Destination: why the disk copy of an arriving VM failed, once it did.
 pub fn failure(d: &Daemon, vm_id: Uuid) -> Option<String> {
     let m = d.migrations.disk_targets.lock();
@@ -552,13 +570,14 @@ impl From<String> for CopyFailure {
 
 async fn write_records(
     peer: &mut Peer,
-    sizes: &[u64],
+    target: &Target,
     backends: Vec<Arc<dyn BlockBackend>>,
 ) -> Result<(), CopyFailure> {
     loop {
         let mut h = [0u8; HEADER_LEN];
         peer.read_exact(&mut h, RECORD_LIMIT).await?;
-        let h = disk::parse_header(&h, sizes).map_err(|e| e.to_string())?;
+        let h = disk::parse_header(&h, &target.sizes).map_err(|e| e.to_string())?;
+        target.records.fetch_add(1, Ordering::Relaxed);
         match h.kind {
             Kind::Data => {
                 let mut data = vec![0u8; h.len as usize];
