@@ -7,7 +7,9 @@
 //! and disk verifying. Before trust is set up the migration is refused in the TLS handshake
 //! and the VM keeps running on the source. Then the VM is live-migrated back (`vireo vm migrate`
 //! without `--quick`: pre-copy between the workers while the guest dirties memory), and on the
-//! first host again its workload, memory and disk carry on the same way.
+//! first host again its workload, memory and disk carry on the same way. The VM's second disk
+//! is a differencing VHDX on a base: it moves live between the vireods too (QEMU cannot
+//! live-migrate a VM on VHDX at all), and is checked whole at the end.
 
 use std::time::Instant;
 
@@ -25,14 +27,28 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
         return;
     };
     std::fs::write(a.dir.path().join("m.img"), vec![0u8; 1 << 20]).unwrap();
+    // Disk 1: a differencing VHDX on a base, both where the two hosts reach them; its locks
+    // and chain go from worker to worker at each move, and the guest writes to it between.
+    let base = a.dir.path().join("base.vhdx");
+    let top = a.dir.path().join("top.vhdx");
+    a.ok(&["disk", "create", base.to_str().unwrap(), "--size", "16M"]);
+    a.ok(&[
+        "disk",
+        "create",
+        top.to_str().unwrap(),
+        "--parent",
+        base.to_str().unwrap(),
+    ]);
     let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
     a.ok(&[
-        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img",
+        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img", "--disk",
+        "top.vhdx",
     ]);
     a.ok(&["vm", "start", "m"]);
     let id = a.vm("m").identity.id;
     let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 WRITE 0 64 5");
+    c.ok("DISK 1 WRITE 0 2048 4");
     c.ok("MEM FILL 16 8 9");
     c.ok("DIRTY START 8 4 0");
     drop(c);
@@ -71,6 +87,7 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     assert!(stop.contains("passes="), "{stop}");
     c.ok("MEM VERIFY 16 8 9");
     c.ok("DISK 0 VERIFY 0 64 5");
+    c.ok("DISK 1 VERIFY 0 2048 4");
     drop(c);
     let log = b.ok(&["vm", "console", "m", "--log"]);
     assert!(
@@ -81,6 +98,7 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     // Live, back to A, while the guest dirties memory and has written more to its disk.
     let mut c = Console::attach(&b, "m");
     c.ok("DISK 0 WRITE 64 64 6");
+    c.ok("DISK 1 WRITE 1024 4096 6");
     c.ok("DIRTY START 8 4 0");
     drop(c);
     let to_a = migration_address(&a);
@@ -132,6 +150,9 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     c.ok("DISK 0 VERIFY 64 64 6");
     c.ok("DISK 0 WRITE 128 8 7");
     c.ok("DISK 0 VERIFY 128 8 7");
+    c.ok("DISK 1 VERIFY 0 1024 4");
+    c.ok("DISK 1 VERIFY 1024 4096 6");
+    c.ok("DISK 1 WRITE 8192 64 7");
     drop(c);
     let log = a.ok(&["vm", "console", "m", "--log"]);
     assert!(
@@ -168,4 +189,11 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     assert!(stop.contains("passes="), "{stop}");
     c.ok("MEM VERIFY 16 8 9");
     c.ok("DISK 0 VERIFY 128 8 7");
+    c.ok("DISK 1 VERIFY 8192 64 7");
+    c.ok("DISK 1 VERIFY 1024 4096 6");
+    drop(c);
+    // Off: the chain is whole and consistent after three moves between two vireods.
+    b.ok(&["vm", "turn-off", "m"]);
+    a.ok(&["disk", "check", top.to_str().unwrap()]);
+    a.ok(&["disk", "check", base.to_str().unwrap()]);
 }
