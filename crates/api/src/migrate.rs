@@ -130,7 +130,9 @@ pub enum StorageMode {
 ///    `auto`), so a destination told `never` can put the VM's RAM on the hugetlb pool.
 /// 8: a VM with a vhost-user NIC may move in post-copy (the destination's switch joins it with
 ///    its own userfaultfd); a version-7 destination would fail such a move at its switch-over.
-pub const PEER_PROTOCOL_VERSION: u32 = 8;
+/// 9: a live offer carries the source's disk slot layout when it has a gap
+///    (`Offer.disk_slots`); a version-8 destination would fail such a move at its switch-over.
+pub const PEER_PROTOCOL_VERSION: u32 = 9;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -197,6 +199,11 @@ pub enum PeerMsg {
         /// `auto`, so an older host still reads the offer and names both versions.
         #[serde(default, skip_serializing_if = "PostcopyMode::is_auto")]
         postcopy: PostcopyMode,
+        /// Live: the source's disk slots (`true`: holds a disk) when a hot removal left a gap
+        /// in them, so the destination's skeleton puts each disk in the same slot. Left out
+        /// when the disks fill the first slots.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        disk_slots: Vec<bool>,
     },
     /// The first line of a second connection a shared-nothing migration's source worker
     /// opens to the destination vireod: the disk data of `session` follows

@@ -105,6 +105,11 @@ pub struct IncomingMigration {
     /// so it stays off the hugetlb pool (`RamBacking::for_userfaultfd`). Absent: `auto`.
     #[serde(default)]
     pub postcopy: PostcopyMode,
+    /// The source's disk slots (`true`: holds a disk), when they have a gap: the skeleton
+    /// puts the spec's disks (slot order) into the same slots, so the device state fits.
+    /// Empty: the disks fill the first slots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_slots: Vec<bool>,
 }
 
 /// `--compress`.
@@ -563,6 +568,9 @@ pub struct WorkerStatus {
     /// recovers the checkpoint's intent).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub checkpointing: bool,
+    /// Each disk slot, in order: whether it holds a disk (hot removal leaves gaps).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_slots: Vec<bool>,
 }
 
 /// What a worker has counted since it started (Hyper-V's Measure-VM, the worker's part).
@@ -720,6 +728,7 @@ mod tests {
             console_socket: "/vm/console.sock".into(),
             paused: false,
             checkpointing: false,
+            disk_slots: vec![],
         });
         assert_eq!(
             serde_json::to_string(&status).unwrap(),

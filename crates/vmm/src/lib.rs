@@ -34,7 +34,7 @@ pub use error::{LifecycleError, VmmError};
 pub use exit::VmExit;
 pub use memory::{RamBacking, RamKind};
 pub use state::{StateError, VmState};
-pub use vm::hotplug::{Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
+pub use vm::hotplug::{arrange_disk_slots, Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
     install_termination_handlers, max_vcpus, termination_signal, AfterApply, AfterSave,
     ApplyOptions, ApplyReport, Handover, LiveSaveOptions, MigrateError, MigrateOutOptions,

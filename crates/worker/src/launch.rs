@@ -269,6 +269,19 @@ fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerErro
         None => (open_disks(&spec, &launch.inherited_disks)?, Vec::new()),
         Some(_) => pending_disks(&spec),
     };
+    if let Some(m) = launch
+        .incoming
+        .as_ref()
+        .filter(|m| !m.disk_slots.is_empty())
+    {
+        // The source's hot removals left gaps: the device state arrives for that layout.
+        devices = vireo_vmm::arrange_disk_slots(
+            devices,
+            &m.disk_slots,
+            vireo_api::worker::WORKER_DISK_SLOTS,
+        )
+        .map_err(|e| WorkerError::Incoming(format!("the source's disk slots: {e}")))?;
+    }
     devices.extend(connect_nics(&spec, &launch.nic_sockets)?);
     let console_path = dir.join(CONSOLE_SOCKET);
     let ring_bytes = spec.console_ring_bytes as usize;

@@ -145,6 +145,7 @@ fn answer(s: &Arc<State>, op: WorkerOp) -> Answer {
                 console_socket: s.console_socket.clone(),
                 paused: s.vm.is_paused(),
                 checkpointing: s.checkpointing.load(Ordering::SeqCst),
+                disk_slots: s.vm.disk_slots().iter().map(|d| d.disk.is_some()).collect(),
             })
         }
         WorkerOp::Shutdown => match &s.shutdown_line {

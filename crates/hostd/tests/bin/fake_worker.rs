@@ -194,6 +194,7 @@ fn answer(g: &Shared, op: WorkerOp) -> WorkerReply {
                 console_socket: dir.join("console.sock"),
                 paused,
                 checkpointing: false,
+                disk_slots: vec![],
             })
         }
         WorkerOp::Shutdown => match &launch.spec.shutdown_line {

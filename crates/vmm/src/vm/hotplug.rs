@@ -190,6 +190,19 @@ pub(crate) fn with_empty_slots(
     (devices, disks + empty)
 }
 
+/// For an incoming migration, whose skeleton is built before the device state arrives: puts
+/// the config's disks (slot order) into the slots the source has them in (`layout`: `true`
+/// where a slot holds a disk), as [`arrange_saved_slots`] does from a saved state.
+pub fn arrange_disk_slots(
+    devices: Vec<crate::VirtioSlot>,
+    layout: &[bool],
+    slots: usize,
+) -> Result<Vec<crate::VirtioSlot>, crate::StateError> {
+    use vireo_virtio::device_type::BLOCK;
+    let types: Vec<u32> = layout.iter().map(|&d| if d { BLOCK } else { 0 }).collect();
+    arrange_saved_slots(devices, &types, slots)
+}
+
 /// For a restore: puts the config's disks into the slots they were in when the VM was saved
 /// (`saved`: the saved VM's device types, 0 for an empty slot), so a VM whose hot-added or
 /// removed disks left gaps comes back with the same layout. The config's disks are the saved

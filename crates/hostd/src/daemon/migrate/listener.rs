@@ -26,7 +26,9 @@ use tokio::net::TcpListener;
 use uuid::Uuid;
 use vireo_api::migrate::{PeerMsg, StorageMode, MAX_STREAMS, PEER_PROTOCOL_VERSION};
 use vireo_api::switch::SwitchOp;
-use vireo_api::worker::{IncomingMigration, MigrateState, PostcopyMode, WorkerOp, WorkerReply};
+use vireo_api::worker::{
+    IncomingMigration, MigrateState, PostcopyMode, WorkerOp, WorkerReply, WORKER_DISK_SLOTS,
+};
 use vireo_api::{Action, JobState, Vm, VmSpec};
 
 use super::peer::{self, FileError, Peer};
@@ -169,6 +171,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         disks,
         checkpoints,
         postcopy,
+        disk_slots,
     } = offer
     else {
         let _ = peer
@@ -192,6 +195,10 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         let _ = peer
             .send(&refuse(format!("streams {streams}: 1 to {MAX_STREAMS}")))
             .await;
+        return;
+    }
+    if let Some(why) = bad_disk_slots(&disk_slots, spec.disks.len()) {
+        let _ = peer.send(&refuse(why)).await;
         return;
     }
     let Ok(permit) = d.migrations.slots().try_acquire_owned() else {
@@ -275,7 +282,8 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     let result = if quick {
         receive_quick(d, &mut peer, &vm, arrival, guard).await
     } else {
-        receive_live(d, &mut peer, &vm, (session, streams, postcopy), arrival).await
+        let how = (session, streams, postcopy, disk_slots);
+        receive_live(d, &mut peer, &vm, how, arrival).await
     };
     match result {
         Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
@@ -293,6 +301,20 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             let _ = peer.send(&answer).await;
         }
     }
+}
+
+/// Why an offer's disk slot layout cannot be built here, if it cannot: more slots than a
+/// worker has, or not one full slot per disk of the spec.
+fn bad_disk_slots(slots: &[bool], disks: usize) -> Option<String> {
+    let full = slots.iter().filter(|&&d| d).count();
+    if slots.is_empty() || (slots.len() <= WORKER_DISK_SLOTS && full == disks) {
+        return None;
+    }
+    Some(format!(
+        "the offer's disk slot layout ({} slots, {full} full) does not fit its {disks} disk(s) \
+         in this host's {WORKER_DISK_SLOTS} slots",
+        slots.len()
+    ))
 }
 
 /// The record, `incoming`, and its NIC ports (as a create does).
@@ -432,7 +454,7 @@ async fn receive_live(
     d: &Arc<Daemon>,
     peer: &mut Peer,
     vm: &Vm,
-    (session, streams, postcopy): (Uuid, u16, PostcopyMode),
+    (session, streams, postcopy, disk_slots): (Uuid, u16, PostcopyMode, Vec<bool>),
     arrival: Option<super::tree::Arrival>,
 ) -> Result<(), String> {
     if let Some(a) = arrival {
@@ -452,6 +474,7 @@ async fn receive_live(
         tls,
         // Unless the source promised `never`, post-copy may come: the RAM stays off the pool.
         postcopy,
+        disk_slots,
     };
     let t = std::time::Instant::now();
     let worker = d.sup.spawn_with(d, vm, None, Some(incoming))?;
@@ -841,4 +864,21 @@ async fn receive_quick(
         tracing::warn!(vm = %vm.id(), "the VM runs here, but the source was not told: {e}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bad_disk_slots;
+
+    #[test]
+    fn an_offers_slot_layout_must_hold_each_disk_in_a_workers_slots() {
+        assert_eq!(bad_disk_slots(&[], 3), None);
+        assert_eq!(bad_disk_slots(&[true, false, true], 2), None);
+        let why = bad_disk_slots(&[true, false, true], 3).unwrap();
+        assert!(
+            why.contains("3 slots, 2 full") && why.contains("3 disk(s)"),
+            "{why}"
+        );
+        assert!(bad_disk_slots(&[true; 9], 9).is_some());
+    }
 }

@@ -269,6 +269,11 @@ async fn run(
         disks,
         checkpoints: tree.clone(),
         postcopy: req.postcopy,
+        disk_slots: if req.quick {
+            Vec::new()
+        } else {
+            slots_with_a_gap(d, vm).await
+        },
     };
     // In TLS 1.3 the server checks our certificate after our side finished the handshake:
     // a destination that does not trust this host answers the first message with an alert.
@@ -792,6 +797,23 @@ async fn live(
     finish_moved(d, vm, job, downtime, dest_pas).await
 }
 
+/// The worker's disk slot layout if a hot removal left a gap in it (else empty: the
+/// destination fills the first slots, as a boot does).
+async fn slots_with_a_gap(d: &Daemon, vm: &Vm) -> Vec<bool> {
+    let Some(w) = d.sup.get(vm.id()) else {
+        return Vec::new();
+    };
+    match call_once(&w.socket(), WorkerOp::Status).await {
+        Ok(WorkerReply::Status(st)) if has_gap(&st.disk_slots) => st.disk_slots,
+        _ => Vec::new(),
+    }
+}
+
+/// Whether an empty slot comes before a full one.
+fn has_gap(slots: &[bool]) -> bool {
+    slots.iter().skip_while(|&&d| d).any(|&d| d)
+}
+
 /// `MigrateCancel` to our worker; whether it took it (it refuses once switching).
 async fn cancel_worker(worker: &Worker) -> bool {
     match call_once(&worker.socket(), WorkerOp::MigrateCancel).await {
@@ -1030,4 +1052,18 @@ pub async fn route(
     let vm = d.find(&key)?;
     let job = start(&d, &vm, req).await?;
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(job)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_gap;
+
+    #[test]
+    fn a_gap_is_an_empty_slot_before_a_full_one() {
+        assert!(!has_gap(&[]));
+        assert!(!has_gap(&[true, true, false, false]));
+        assert!(!has_gap(&[false, false]));
+        assert!(has_gap(&[true, false, true, false]));
+        assert!(has_gap(&[false, true]));
+    }
 }
