@@ -300,6 +300,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
                 listen: "127.0.0.1:0".parse().expect("address"),
                 tls: b.tls(),
                 postcopy: options.postcopy,
+                disk_slots: Vec::new(),
             }),
         },
     )?;

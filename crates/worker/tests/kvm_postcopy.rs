@@ -57,6 +57,7 @@ fn setup() -> Setup {
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: b.tls(),
             postcopy: Default::default(),
+            disk_slots: Vec::new(),
         }),
     });
     let to = wait_status(&dst, "listening", |p| p.listen_addr.is_some())

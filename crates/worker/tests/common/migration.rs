@@ -120,6 +120,7 @@ pub fn incoming(spec: VmSpec, host: &Host, session: uuid::Uuid, streams: u16) ->
             tls: host.tls(),
             // As `migrate_out` migrates: so the destination may take the hugetlb pool.
             postcopy: PostcopyMode::Never,
+            disk_slots: Vec::new(),
         }),
     })
 }
