@@ -219,6 +219,18 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what vireod said last (its folder goes with the test).
+            let log =
+                std::fs::read_to_string(self.dir.path().join("vireod.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "--- the last lines of {}/vireod.log ---\n{}",
+                self.dir.path().display(),
+                tail.join("\n")
+            );
+        }
         let vms: Vec<Vm> = self
             .vireo(&["vm", "list", "--output", "json"])
             .output()

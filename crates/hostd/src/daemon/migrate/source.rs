@@ -45,8 +45,11 @@ const POLL: Duration = Duration::from_millis(10);
 const OFFER_LIMIT: Duration = Duration::from_secs(30);
 /// From our worker's hand-over (or the last file) to the destination's `Running`.
 const ARRIVAL_LIMIT: Duration = Duration::from_secs(120);
-/// Consecutive unanswered status polls before our worker is given up on.
-const MAX_SILENT_POLLS: u32 = 50;
+/// How long our (live) worker may leave status polls unanswered before it is given up on.
+/// Counted in time, not polls: a failed poll can return at once (the socket's backlog), and
+/// 50 polls of 10 ms gave a worker only half a second, which a loaded host (load 14 on 2
+/// cores, a build beside the tests) took from it mid-migration.
+const WORKER_SILENCE: Duration = Duration::from_secs(15);
 
 fn invalid(message: String) -> HttpError {
     HttpError::new(ApiErrorCode::Invalid, message)
@@ -614,7 +617,7 @@ async fn live(
         }
     }
     let mut asked_cancel = false;
-    let mut silent = 0;
+    let mut silent_since: Option<tokio::time::Instant> = None;
     let mut dest_running = false;
     let mut dest_failed: Option<String> = None;
     // Only the destination's own `failed` is its word; a broken link says nothing of the VM.
@@ -709,18 +712,24 @@ async fn live(
         }
         let p = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
             Ok(WorkerReply::Migrate(p)) => p,
-            _ => {
-                silent += 1;
-                if silent >= MAX_SILENT_POLLS {
+            other => {
+                let since = *silent_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= WORKER_SILENCE {
                     abort(peer, "the source worker stopped answering").await;
+                    let last = match other {
+                        Err(e) => e.to_string(),
+                        Ok(reply) => format!("{reply:?}"),
+                    };
                     return End::Failed(format!(
-                        "the worker of VM {name:?} stopped answering during the migration"
+                        "the worker of VM {name:?} stopped answering during the migration ({} s; \
+                         last: {last})",
+                        WORKER_SILENCE.as_secs()
                     ));
                 }
                 continue;
             }
         };
-        silent = 0;
+        silent_since = None;
         let state = p.state;
         let message = p.message.clone();
         let _ = d.store.set_job_progress(job, percent(&p));
