@@ -736,6 +736,16 @@ fn main() {
     let launch: WorkerLaunch =
         serde_json::from_slice(&std::fs::read(dir.join("spec.json")).unwrap()).unwrap();
     eprintln!("fake worker {} for {}", std::process::id(), launch.vm_id);
+    // A test that ended without turning its VMs off (a failed one, or a vireod killed on
+    // purpose) removed the folder: nothing is left to serve, so this process goes too rather
+    // than idle for ever.
+    let watched = dir.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if !watched.exists() {
+            std::process::exit(0);
+        }
+    });
     // It opens no disks: the locked files vireod hands a restore are let go at once, as a
     // real worker's would be when its VM ends (tests then read the disks of a running VM).
     for d in &launch.inherited_disks {
