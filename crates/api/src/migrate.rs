@@ -46,6 +46,11 @@ pub struct MigrateRequest {
     /// its storage roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dest_dir: Option<PathBuf>,
+    /// With `with_storage`: keep the source's disk files once the VM runs on the destination
+    /// (by default they are deleted then, as Hyper-V does; docs/migration.md). Sent only when
+    /// set, so a vireod that predates it still takes the requests that leave it out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_source: bool,
 }
 
 /// A disk a shared-nothing migration copies, as the offer describes it: enough for the
@@ -272,3 +277,33 @@ pub enum PeerMsg {
 /// The live view of a `migrate` job (`Job::migration`): where the worker's copy stands, plus
 /// what the daemons add.
 pub type MigrationStatus = MigrateProgress;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_source_is_sent_only_when_set_and_defaults_to_off() {
+        let plain = MigrateRequest {
+            to: "192.0.2.7:7070".into(),
+            with_storage: true,
+            dest_dir: Some("/srv/vms".into()),
+            ..Default::default()
+        };
+        // A vireod that predates the field refuses unknown fields: leave it out unless set.
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("keep_source").is_none(), "{json}");
+        let kept = MigrateRequest {
+            keep_source: true,
+            ..plain.clone()
+        };
+        assert_eq!(serde_json::to_value(&kept).unwrap()["keep_source"], true);
+        // An older client's request (no field) deletes, as the default says.
+        let old: MigrateRequest = serde_json::from_str(
+            r#"{"to": "192.0.2.7:7070", "with_storage": true, "dest_dir": "/srv/vms"}"#,
+        )
+        .unwrap();
+        assert_eq!(old, plain);
+        assert!(!old.keep_source);
+    }
+}

@@ -9,7 +9,8 @@
 //! tree in (quick) or once the tree is in (live), leaves the source's tree whole and usable and
 //! nothing on the destination (after its restart). A shared-nothing migration
 //! (`--with-storage --dest-dir DIR`, each vireod its own storage root) carries the tree with
-//! the user's base disk, which lands in DIR; the destination's worker killed in its pre-copy
+//! the user's base disk, which lands in DIR (and is deleted at the source, with the tree's
+//! files, once the VM runs there); the destination's worker killed in its pre-copy
 //! leaves the tree at the source and nothing on the destination (DIR empty again); so does the
 //! destination's vireod dying once the tree arrived (DIR as it was, after its restart). A disk in
 //! none of the checkpoints is refused before anything moves, naming it.
@@ -66,8 +67,9 @@ fn restarted_without_it(b: &mut Daemon, id: impl std::fmt::Display) {
 }
 
 /// The source once its VM runs on the destination: no record, its folder gone (bounded wait),
-/// the user's base disk kept, its worker gone.
-fn source_let_go(a: &Daemon, a_folder: &Path, a_pid: u64) {
+/// its worker gone, the user's base disk kept on shared storage (`base_stays`) and deleted
+/// after a shared-nothing migration (it was copied whole).
+fn source_let_go(a: &Daemon, a_folder: &Path, a_pid: u64, base_stays: bool) {
     let (_, line) = a.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -75,7 +77,7 @@ fn source_let_go(a: &Daemon, a_folder: &Path, a_pid: u64) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!a_folder.exists(), "{:?} left", entries(a_folder));
-    assert!(a.dir.path().join("m.vhdx").is_file());
+    assert_eq!(a.dir.path().join("m.vhdx").is_file(), base_stays);
     assert!(gone(a_pid), "the source worker {a_pid} still runs");
 }
 
@@ -349,7 +351,7 @@ fn a_live_migration_carries_the_checkpoint_tree() {
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    source_let_go(&a, &a_folder, a_pid);
+    source_let_go(&a, &a_folder, a_pid, true);
 
     // The destination: the same tree, running on a new child in its own folder whose parent
     // is the arrived `second`; the guest's memory and disk as they were, never rebooted.
@@ -589,8 +591,14 @@ fn a_shared_nothing_migration_carries_the_checkpoint_tree() {
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    // The source: no record, vireod's files gone, the user's base disk kept.
-    source_let_go(&a, &a_folder, a_pid);
+    // The source: no record, vireod's files gone, and the user's base disk too (it arrived
+    // whole there), which the command names.
+    source_let_go(&a, &a_folder, a_pid, false);
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("source file deleted: ") && l.ends_with("/m.vhdx")),
+        "{said}"
+    );
 
     // The destination: the same tree; the base disk arrived in DIR under its name, vireod's
     // files in its own folder, every one of them opening with its chain.

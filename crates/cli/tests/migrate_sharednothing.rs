@@ -1,15 +1,19 @@
 //! End to end, under KVM: shared-nothing live migration (`vireo vm migrate --with-storage
 //! --dest-dir DIR`) of a probe-guest VM between two real vireods that share no storage (each
 //! its own state directory and storage roots; only the probe kernel's folder is a root of
-//! both), with real `vireo-vm` workers. The VM's disk is a VHDX chain (a differencing file on
-//! a parent holding data), so the copy is flattened.
+//! both), with real `vireo-vm` workers. The VM's first disk is a VHDX chain (a differencing
+//! file on a parent holding data), so the copy is flattened; its second is a child of a parent
+//! another VM of the source (off) also runs on.
 //!
 //! Refused before any data moves: a dest-dir outside the destination's roots, and (as root) a
 //! dest-dir on a 1 MiB tmpfs; a migration cancelled while the disks are being copied leaves no
 //! file in the dest-dir and the VM running here. Then the migration runs while the guest keeps
 //! writing its disk; on the destination the guest verifies every write that was acknowledged,
 //! its dirty-memory workload continues (no second boot), and the host reads the copy with
-//! vireo-vhdx: one VHDX, no parent, holding the pattern. The source's files are kept.
+//! vireo-vhdx: one VHDX, no parent, holding the pattern. The source deleted its files (the
+//! first disk's child and parent, the second's child, each named in the job) but the parent
+//! the other VM uses. The VM then migrates back with `--keep-source`: the files it leaves
+//! stay, and the command says so.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -69,9 +73,27 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
         "--parent",
         base.to_str().unwrap(),
     ]);
+    // A parent two VMs share: `o` (never started) and `m`'s second disk.
+    let shared = a.dir.path().join("shared.vhdx");
+    a.ok(&["disk", "create", shared.to_str().unwrap(), "--size", "16M"]);
+    let second = a.dir.path().join("s.vhdx");
+    let other = a.dir.path().join("o.vhdx");
+    for child in [&second, &other] {
+        a.ok(&[
+            "disk",
+            "create",
+            child.to_str().unwrap(),
+            "--parent",
+            shared.to_str().unwrap(),
+        ]);
+    }
     let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
     a.ok(&[
-        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.vhdx",
+        "vm", "create", "o", "--kernel", &kernel, "--memory", "32M", "--disk", "o.vhdx",
+    ]);
+    a.ok(&[
+        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.vhdx", "--disk",
+        "s.vhdx",
     ]);
     a.ok(&["vm", "start", "m"]);
     let id = a.vm("m").identity.id;
@@ -222,7 +244,36 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
 
     let (_, line) = a.fails(&["vm", "show", "m"]);
     assert!(line.contains("no VM \"m\""), "{line}");
-    assert!(top.exists() && base.exists(), "the source's files are kept");
+    // The source's files went, each named in the job, but the parent `o` runs on.
+    assert!(!top.exists(), "the source's top file is deleted");
+    assert!(
+        !base.exists(),
+        "the parent of the source's top file is deleted"
+    );
+    assert!(!second.exists(), "the second disk's file is deleted");
+    assert!(
+        shared.exists() && other.exists(),
+        "another VM's files are kept"
+    );
+    assert_eq!(a.vm("o").state.name(), "off");
+    let phases: Vec<&str> = m["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let named = |prefix: &str, file: &str| {
+        phases
+            .iter()
+            .any(|p| p.starts_with(prefix) && p.contains(&format!("/{file}")))
+    };
+    for file in ["m.vhdx", "base.vhdx", "s.vhdx"] {
+        assert!(named("source file deleted: ", file), "{file}: {phases:?}");
+    }
+    assert!(
+        named("source file kept: ", "shared.vhdx") && !named("source file deleted", "o.vhdx"),
+        "{phases:?}"
+    );
     let there = b.vm("m");
     assert_eq!(there.state.name(), "running");
     assert_eq!(there.identity.id, id);
@@ -244,10 +295,40 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
         !log.contains("PROBE READY"),
         "the guest booted again: {log}"
     );
-    assert_eq!(files_in(&dest), vec!["m.vhdx".to_string()]);
+    let mut copies = files_in(&dest);
+    copies.sort();
+    assert_eq!(copies, vec!["m.vhdx".to_string(), "s.vhdx".to_string()]);
+
+    // `--keep-source` only goes with `--with-storage` (nothing is deleted on shared storage).
+    let out = b.run(&["vm", "migrate", "m", "--to", &to, "--keep-source"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--with-storage"), "{err}");
+    // Back to A with `--keep-source`: B's copies stay, and the command says so.
+    let back = a.dir.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    let said = b.ok(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        &migration_address(&a),
+        "--with-storage",
+        "--dest-dir",
+        back.to_str().unwrap(),
+        "--keep-source",
+    ]);
+    assert!(
+        said.contains("source files kept: keep_source (--keep-source) was asked"),
+        "{said}"
+    );
+    assert_eq!(a.vm("m").state.name(), "running");
+    let mut copies = files_in(&dest);
+    copies.sort();
+    assert_eq!(copies, vec!["m.vhdx".to_string(), "s.vhdx".to_string()]);
 
     // The host reads the copy: one VHDX without a parent, holding what the guest saw.
-    b.ok(&["vm", "turn-off", "m"]);
+    a.ok(&["vm", "turn-off", "m"]);
     let copy = Arc::new(
         vireo_vhdx::Vhdx::open(
             &dest.join("m.vhdx"),

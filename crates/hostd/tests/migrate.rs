@@ -7,7 +7,8 @@
 //!   shows in the job, the downtime is reported;
 //! - quick: the saved state is sent and restored on the destination;
 //! - untrusted either way: refused in the TLS handshake, no record on the destination;
-//! - refused offers (name taken) with the reason in the job; bad requests 4xx;
+//! - refused offers (name taken) with the reason in the job; bad requests 4xx (among them
+//!   `keep_source` without `with_storage`);
 //! - cancel before the switch-over, the destination worker dying, the destination vireod dying
 //!   (and its restart removing the half-arrived VM): the VM runs on the source, both agree;
 //! - `--max-migrations 1` queues the second migration.
@@ -266,6 +267,12 @@ fn refused_offers_and_bad_requests_leave_the_vm_where_it_is() {
         json!({"to": p.b_addr, "dest_dir": "/x"}),
         422,
         "with_storage",
+    );
+    // The source deletes its files only after a shared-nothing migration.
+    bad(
+        json!({"to": p.b_addr, "keep_source": true}),
+        422,
+        "keep_source (--keep-source) is for a shared-nothing migration",
     );
     bad(json!({"to": p.b_addr, "streams": 17}), 422, "streams 17");
     let r =

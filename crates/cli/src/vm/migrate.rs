@@ -66,16 +66,25 @@ pub struct MigrateArgs {
     pub quick: bool,
     /// Shared-nothing migration: copy the disks too, over the same authenticated channel,
     /// for a destination that cannot reach this host's files. Each disk arrives as one file
-    /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). The files here
-    /// are kept. A VM with checkpoints takes its tree along: the base disks the first
-    /// checkpoint froze arrive in --dest-dir under their names, vireod's files of the tree in
-    /// the destination's folder for the VM (refused if a disk is in none of the checkpoints).
+    /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). Once the VM runs
+    /// there, its disk files here are deleted (see --keep-source). A VM with checkpoints takes
+    /// its tree along: the base disks the first checkpoint froze arrive in --dest-dir under
+    /// their names, vireod's files of the tree in the destination's folder for the VM (refused
+    /// if a disk is in none of the checkpoints).
     #[arg(long, requires = "dest_dir", conflicts_with = "quick")]
     pub with_storage: bool,
     /// With --with-storage: the folder on the destination (inside its storage roots) the
     /// disk copies are created in.
     #[arg(long, value_name = "DIR", requires = "with_storage")]
     pub dest_dir: Option<std::path::PathBuf>,
+    /// With --with-storage: keep this host's disk files once the VM runs on the destination.
+    /// Without it they are deleted then: each disk's file and its VHDX parents (a VM with
+    /// checkpoints: the base disks its tree froze; vireod's own checkpoint files always go).
+    /// Never deleted: a file another VM on this host uses (its disks, their parents, its
+    /// checkpoints), one another process holds open, the kernel and initrd; nothing at all if
+    /// the migration fails. `vireo job show` lists what was deleted and what stayed.
+    #[arg(long, requires = "with_storage")]
+    pub keep_source: bool,
     /// Print the job and return at once; `vireo job show ID` follows it.
     #[arg(long)]
     pub no_wait: bool,
@@ -131,6 +140,7 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
         quick: args.quick,
         with_storage: args.with_storage,
         dest_dir: args.dest_dir.clone(),
+        keep_source: args.keep_source,
     };
     let job: Job = client.post(&format!("{path}/migrate"), Some(&body))?;
     if args.no_wait {
@@ -183,6 +193,16 @@ pub fn execute(client: &Client, args: MigrateArgs) -> Result<ExitCode, Box<dyn E
                     "migrated VM {} to {}{downtime}\n",
                     args.vm, args.to
                 ))?;
+                // Shared-nothing: what became of this host's disk files (the job's phases
+                // `source file(s) deleted|kept: ...`).
+                let fates: String = job
+                    .migration
+                    .iter()
+                    .flat_map(|m| &m.phases)
+                    .filter(|p| p.name.starts_with("source file"))
+                    .map(|p| format!("{}\n", p.name))
+                    .collect();
+                emit(fates)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -35,6 +35,7 @@ pub mod switch_record;
 pub mod switches;
 pub mod sys;
 pub mod tls;
+pub mod unused_files;
 pub mod worker_client;
 
 use std::collections::HashMap;

@@ -63,24 +63,30 @@ fn destination(d: &Daemon, to: &Path) -> Result<PathBuf, HttpError> {
     Ok(real)
 }
 
-/// Every file the disks of the *other* VMs use (their VHDX chains included): never deleted by
-/// a move, even when unlocked (the other VM may be off).
+/// Every file the disks of the *other* VMs use (their VHDX chains included), and every file
+/// their checkpoints name (with its chain: a checkpoint may keep a base disk the VM's disks no
+/// longer reach): never deleted by a move or a migration, even when unlocked (the other VM may
+/// be off).
 pub fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
+    let unlocked = vireo_vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
     let mut out = Vec::new();
     for vm in d.store.list().unwrap_or_default() {
         if vm.id() == me {
             continue;
         }
-        for disk in &vm.spec.disks {
-            out.push(disk.path.clone());
-            let unlocked = vireo_vhdx::OpenOptions {
-                read_only: true,
-                no_lock: true,
-                ..Default::default()
-            };
-            if let Ok(v) = vireo_vhdx::Vhdx::open(&disk.path, &unlocked) {
+        let mut named: Vec<PathBuf> = vm.spec.disks.iter().map(|k| k.path.clone()).collect();
+        named.extend(super::checkpoints::recover::files_in_use(d, vm.id()));
+        named.sort();
+        named.dedup();
+        for path in named {
+            if let Ok(v) = vireo_vhdx::Vhdx::open(&path, &unlocked) {
                 out.extend(v.chain_paths());
             }
+            out.push(path);
         }
     }
     out

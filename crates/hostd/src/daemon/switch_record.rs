@@ -15,6 +15,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 use vireo_worker::move_storage::record::{self, SwitchRecord};
 
+use super::unused_files::{self, same, Outcome};
 use super::Daemon;
 
 /// The VM's record, if its copies are all there (a record naming missing copies says nothing).
@@ -25,11 +26,6 @@ pub fn switched(d: &Daemon, vm: Uuid) -> Option<SwitchRecord> {
 /// The move is recorded in the store (or was never made): the worker's word is not needed.
 pub fn forget(d: &Daemon, vm: Uuid) {
     record::remove(&d.store.vm_dir(vm));
-}
-
-fn same(a: &std::path::Path, b: &std::path::Path) -> bool {
-    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    a == b || real(a) == real(b)
 }
 
 /// A VM without checkpoints whose worker switched and ended unseen: its spec takes the copies
@@ -65,15 +61,19 @@ pub fn apply_plain(d: &Daemon, vm: Uuid, rec: &SwitchRecord) -> Result<(), Strin
             .update_spec(vm, &spec)
             .map_err(|e| format!("recording the moved disk paths: {e}"))?;
     }
-    let mut keep: Vec<PathBuf> = super::move_storage::files_of_other_vms(d, vm);
-    keep.extend(spec.disks.iter().map(|s| s.path.clone()));
-    for old in rec.disks.iter().flat_map(|m| &m.old_files) {
-        if !old.exists() || keep.iter().any(|k| same(k, old)) {
-            continue;
-        }
-        match vireo_worker::move_storage::delete_if_unused(old) {
-            Ok(()) => tracing::info!(vm = %vm, "deleted old {} of a finished move", old.display()),
-            Err(why) => tracing::warn!(vm = %vm, "old {} kept: {why}", old.display()),
+    let keep: Vec<PathBuf> = spec.disks.iter().map(|s| s.path.clone()).collect();
+    let old: Vec<PathBuf> = rec
+        .disks
+        .iter()
+        .flat_map(|m| m.old_files.iter().cloned())
+        .collect();
+    for (old, outcome) in unused_files::delete(d, vm, &old, &keep) {
+        match outcome {
+            Outcome::Deleted => {
+                tracing::info!(vm = %vm, "deleted old {} of a finished move", old.display())
+            }
+            Outcome::UsedByAnotherVm => {}
+            Outcome::Kept(why) => tracing::warn!(vm = %vm, "old {} kept: {why}", old.display()),
         }
     }
     forget(d, vm);

@@ -5,6 +5,7 @@
 //! - `peer`: the connection and its JSON-lines protocol;
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
 //! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
+//! - `source_files`: shared-nothing, the source's disk files deleted once the VM runs there;
 //! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
 //! - `whereabouts`: a source (quick or live) asking where the VM is after a lost answer.
 //! - `tree`: a quick migration carrying the VM's checkpoint tree (both sides).
@@ -21,6 +22,7 @@ pub mod netvirt_peers;
 pub mod peer;
 pub mod recover;
 pub mod source;
+pub mod source_files;
 pub mod storage;
 pub mod tree;
 pub mod whereabouts;

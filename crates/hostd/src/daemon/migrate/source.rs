@@ -3,9 +3,10 @@
 //! - **Live**: connect to the destination vireod (mutual TLS), offer the VM, and once it
 //!   accepted (its worker listens), tell our worker `MigrateOut`; its `MigrateStatus` is the
 //!   job's progress. The VM has moved when our worker exits `MigratedAway` and the
-//!   destination says `Running`: then the record here is removed (the disks stay: shared
-//!   storage). Before the switch-over a cancel is `MigrateCancel` + `Abort`: the VM runs on
-//!   here and the destination removes its record.
+//!   destination says `Running`: then the record here is removed (the disks stay on shared
+//!   storage; a shared-nothing migration's go unless `keep_source`: `source_files.rs`). Before
+//!   the switch-over a cancel is `MigrateCancel` + `Abort`: the VM runs on here and the
+//!   destination removes its record.
 //! - **Quick**: offer, save the VM (the ordinary save), send the saved files, `Commit`; the
 //!   destination restores it. `Running` → the record here goes; `Failed` → the VM is started
 //!   here again from its saved state. The downtime (save start → running there) is measured.
@@ -14,6 +15,7 @@
 //! are taken first, so extra migrations queue (progress 0) until one ends.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +85,13 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
         return Err(invalid(
             "dest_dir (--dest-dir) is for a shared-nothing migration; add with_storage \
              (--with-storage)"
+                .into(),
+        ));
+    } else if req.keep_source {
+        return Err(invalid(
+            "keep_source (--keep-source) is for a shared-nothing migration, whose source \
+             deletes its disk files once the VM runs on the destination; add with_storage \
+             (--with-storage), or leave keep_source out (on shared storage nothing is deleted)"
                 .into(),
         ));
     }
@@ -345,11 +354,17 @@ async fn run(
         Some(_) => super::tree::outside_vm_dir(d, vm),
         None => Vec::new(),
     };
+    // Shared-nothing: the files the copy reads, listed now (the running tops' folder goes with
+    // the record), deleted once the VM runs there.
+    let copied = match req.with_storage {
+        true => super::source_files::copied(vm, tree.as_deref()),
+        false => Vec::new(),
+    };
     let end = live(
         d,
         vm,
         &mut peer,
-        (&req, tops),
+        (&req, tops, copied),
         streams,
         session,
         (to, listen_addr),
@@ -557,7 +572,7 @@ async fn live(
     d: &Arc<Daemon>,
     vm: &Vm,
     peer: &mut Peer,
-    (req, tops): (&MigrateRequest, Option<Vec<String>>),
+    (req, tops, copied): (&MigrateRequest, Option<Vec<String>>, Vec<PathBuf>),
     streams: u16,
     session: Uuid,
     (to, listen_addr): (SocketAddr, SocketAddr),
@@ -627,7 +642,11 @@ async fn live(
     // switch-over: the VM stays here. (A worker that had failed on its own may take a cancel
     // too, so the answer alone proves nothing; found by the fault suite.)
     let mut cancel_taken = false;
-    let downtime = loop {
+    // `true` once our worker saw its migration to the end (`completed`, or its exit
+    // `migrated_away`): only then are the source's files known to be needed by nobody. A VM
+    // found running there after our worker died or failed may still be in post-copy, and be
+    // lost there.
+    let (downtime, worker_saw_end) = loop {
         enum Ev {
             Msg(Result<PeerMsg, String>),
             Cancel,
@@ -680,7 +699,7 @@ async fn live(
                     if let Some(p) = progress {
                         d.migrations.set_progress(job, after(sent_before, *p));
                     }
-                    break downtime_ms;
+                    break (downtime_ms, true);
                 }
                 _ => {
                     let o = worker.exited().await;
@@ -695,7 +714,7 @@ async fn live(
                     match there {
                         Ok(Place::There) => {
                             tracing::warn!(vm = %vm.id(), "the source worker died ({}), but the VM runs on the destination", o.message);
-                            break 0;
+                            break (0, false);
                         }
                         Ok(Place::Here(_)) => {}
                         Ok(Place::LostThere(reason)) => {
@@ -742,7 +761,7 @@ async fn live(
                 if let Some(o) = worker.exited_within(Duration::from_secs(30)).await {
                     tracing::info!(vm = %vm.id(), "source worker: {}", o.message);
                 }
-                break p.downtime_ms.unwrap_or(0);
+                break (p.downtime_ms.unwrap_or(0), true);
             }
             // Our worker stopped the VM after the switch-over (the destination went away in
             // post-copy) and exits `migration_lost`, which makes the record `lost`.
@@ -783,7 +802,7 @@ async fn live(
                 if there {
                     tracing::warn!(vm = %vm.id(), "our worker failed the hand-over ({why}), but the VM runs on the destination; stopping ours");
                     worker.force_off().await;
-                    break 0;
+                    break (0, false);
                 }
                 if asked_cancel && state == MigrateState::Cancelled {
                     return End::Cancelled;
@@ -803,7 +822,19 @@ async fn live(
             other => tracing::warn!(vm = %vm.id(), "the destination did not confirm: {other:?}"),
         }
     }
-    finish_moved(d, vm, job, downtime, dest_pas).await
+    let end = finish_moved(d, vm, job, downtime, dest_pas).await;
+    if matches!(end, End::Done) && req.with_storage {
+        let why_kept = match (req.keep_source, worker_saw_end) {
+            (true, _) => Some("keep_source (--keep-source) was asked"),
+            (false, false) => Some(
+                "the source worker did not see the migration end (it died or failed after the \
+                 switch-over); delete them once the VM runs well on the destination",
+            ),
+            (false, true) => None,
+        };
+        super::source_files::after_move(d, vm.id(), job, copied, why_kept).await;
+    }
+    end
 }
 
 /// The worker's disk slot layout if a hot removal left a gap in it (else empty: the
@@ -834,9 +865,10 @@ async fn cancel_worker(worker: &Worker) -> bool {
     }
 }
 
-/// The VM runs on the destination: its record (and ports) go here; the disks stay. Its CAs
-/// then point at the destination's PAs here, so frames from hosts not yet updated are
-/// forwarded there.
+/// The VM runs on the destination (or was lost there: `lost_there`): its record (and ports)
+/// go here; the disks stay (a shared-nothing migration's are deleted after this by `live`,
+/// only once it completed). Its CAs then point at the destination's PAs here, so frames from
+/// hosts not yet updated are forwarded there.
 async fn finish_moved(
     d: &Daemon,
     vm: &Vm,

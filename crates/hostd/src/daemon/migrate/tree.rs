@@ -13,7 +13,8 @@
 //!   named `tree-user-*`, at rest like the frozen files), into the destination's `dest_dir`.
 //!   The source deletes nothing until the VM runs there; then
 //!   its folder goes with its record, and `remove_outside` deletes what a storage move put in a
-//!   `vireo-checkpoints-<id>/` folder.
+//!   `vireo-checkpoints-<id>/` folder; after a shared-nothing migration the user's files that
+//!   travelled go too, unless `keep_source` (`source_files.rs`).
 //! - Destination (`Arrival`): each travelling file gets a path in this vireod's folder for the
 //!   VM (disks in `checkpoints/disks/`, state in `checkpoints/<id>/`; the user's files of a
 //!   shared-nothing migration in `dest_dir`, claimed empty at the offer), planned at the offer so
