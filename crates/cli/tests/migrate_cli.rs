@@ -15,7 +15,9 @@ use std::time::Instant;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{migration_address, trust_each_other, two_hosts, Storage};
+use vireod_harness::migration::{
+    create_child, migration_address, trust_each_other, two_hosts, Storage,
+};
 
 #[test]
 fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_forth() {
@@ -32,13 +34,7 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
     let base = a.dir.path().join("base.vhdx");
     let top = a.dir.path().join("top.vhdx");
     a.ok(&["disk", "create", base.to_str().unwrap(), "--size", "16M"]);
-    a.ok(&[
-        "disk",
-        "create",
-        top.to_str().unwrap(),
-        "--parent",
-        base.to_str().unwrap(),
-    ]);
+    create_child(&a, &top, &base);
     let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
     a.ok(&[
         "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img", "--disk",

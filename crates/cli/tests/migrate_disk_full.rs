@@ -10,10 +10,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 mod vireod_harness;
-use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
-    wait_for_progress, Storage,
+    migration_address, start_migration, start_probe_on_raw_disk, trust_each_other, two_hosts,
+    wait_for_end, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 
@@ -49,17 +48,8 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
         return;
     };
     // A raw disk of which the guest writes 16 MiB: the offer asks for 16 MiB of room.
-    std::fs::File::create(a.dir.path().join("m.img"))
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    a.ok(&[
-        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img",
-    ]);
-    a.ok(&["vm", "start", "m"]);
+    let mut c = start_probe_on_raw_disk(&a, "m", 64 << 20);
     let pid = a.worker_pid("m");
-    let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 WRITE 8192 32768 5");
 
     trust_each_other(&a, &b);

@@ -24,7 +24,7 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    create_child, migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
     wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
@@ -66,13 +66,7 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
         v.flush().unwrap();
     }
     let top = a.dir.path().join("m.vhdx");
-    a.ok(&[
-        "disk",
-        "create",
-        top.to_str().unwrap(),
-        "--parent",
-        base.to_str().unwrap(),
-    ]);
+    create_child(&a, &top, &base);
     // A parent two VMs share: `o` (never started) and `m`'s second disk.
     let shared = a.dir.path().join("shared.vhdx");
     a.ok(&["disk", "create", shared.to_str().unwrap(), "--size", "16M"]);

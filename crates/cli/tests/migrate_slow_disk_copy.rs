@@ -11,7 +11,8 @@ use std::time::Duration;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, wait_for_end, wait_for_progress,
+    migration_address, start_migration, start_probe_on_raw_disk, trust_each_other, wait_for_end,
+    wait_for_progress,
 };
 use vireod_harness::Daemon;
 
@@ -28,16 +29,7 @@ fn a_disk_copy_longer_than_the_wait_for_the_memory_streams_completes() {
         return;
     };
 
-    std::fs::File::create(a.dir.path().join("m.img"))
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
-    a.ok(&[
-        "vm", "create", "m", "--kernel", &kernel, "--memory", "32M", "--disk", "m.img",
-    ]);
-    a.ok(&["vm", "start", "m"]);
-    let mut c = Console::attach(&a, "m");
+    let mut c = start_probe_on_raw_disk(&a, "m", 64 << 20);
     // 16 MiB the copy must carry.
     c.ok("DISK 0 WRITE 8192 32768 5");
     c.ok("MEM FILL 16 8 9");

@@ -117,3 +117,30 @@ pub fn two_hosts(storage: Storage) -> Option<(Daemon, Daemon)> {
     }?;
     Some((a, b))
 }
+
+/// `vireo disk create CHILD --parent PARENT` on `d`: a differencing VHDX.
+pub fn create_child(d: &Daemon, child: &std::path::Path, parent: &std::path::Path) {
+    d.ok(&[
+        "disk",
+        "create",
+        child.to_str().unwrap(),
+        "--parent",
+        parent.to_str().unwrap(),
+    ]);
+}
+
+/// A probe VM `name` (32 MiB) on one sparse raw disk of `disk_len` bytes in `d`'s folder,
+/// started, with its console attached.
+pub fn start_probe_on_raw_disk(d: &Daemon, name: &str, disk_len: u64) -> super::console::Console {
+    let disk = format!("{name}.img");
+    std::fs::File::create(d.dir.path().join(&disk))
+        .unwrap()
+        .set_len(disk_len)
+        .unwrap();
+    let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
+    d.ok(&[
+        "vm", "create", name, "--kernel", &kernel, "--memory", "32M", "--disk", &disk,
+    ]);
+    d.ok(&["vm", "start", name]);
+    super::console::Console::attach(d, name)
+}
