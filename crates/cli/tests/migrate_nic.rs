@@ -128,6 +128,22 @@ fn sink_answer(d: &Daemon, vm: &str) -> String {
     }
 }
 
+/// `frames` frames from `a`'s blaster to `mac`, counted by a sink on `vm` of host `at`: the
+/// blaster's answer and the sink's.
+fn blast_to_sink(
+    a: &Daemon,
+    (at, vm): (&Daemon, &str),
+    mac: &str,
+    frames: u32,
+) -> (String, String) {
+    let sink = ask_in_background(at, vm, "NET 0 SINK 170 2000 ack=16".into());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut blaster = Console::attach(a, "blaster");
+    let blasted = blaster.ok(&format!("NET 0 BLAST 64 {frames} {mac} window={WINDOW}"));
+    let sunk = sink.join().unwrap().expect("the sink's answer");
+    (blasted, sunk)
+}
+
 /// Runs `command` on `vm`'s console on a thread: its answer when it comes.
 fn ask_in_background(
     d: &Daemon,
@@ -288,11 +304,7 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
     assert!(lost <= bound, "{sunk} / {blasted}");
 
     // Wholly after the move: nothing lost.
-    let sink = ask_in_background(&b, "m", "NET 0 SINK 170 2000 ack=16".into());
-    std::thread::sleep(Duration::from_millis(300));
-    let mut blaster = Console::attach(&a, "blaster");
-    let blasted = blaster.ok(&format!("NET 0 BLAST 64 5000 {m_mac} window={WINDOW}"));
-    let sunk = sink.join().unwrap().expect("the sink's answer");
+    let (blasted, sunk) = blast_to_sink(&a, (&b, "m"), &m_mac, 5000);
     eprintln!("after the move: blaster {blasted}; sink {sunk}");
     assert_eq!(field(&blasted, "sent"), 5000, "{blasted}");
     assert_eq!(field(&sunk, "frames"), 5000, "{sunk}");
@@ -442,11 +454,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
     let _ = blast.join();
 
     // The destination's switch still forwards: every frame reaches the other VM there.
-    let sink = ask_in_background(&b, "n", "NET 0 SINK 170 2000 ack=16".into());
-    std::thread::sleep(Duration::from_millis(300));
-    let mut blaster = Console::attach(&a, "blaster");
-    let blasted = blaster.ok(&format!("NET 0 BLAST 64 3000 {n_mac} window={WINDOW}"));
-    let sunk = sink.join().unwrap().expect("the sink's answer");
+    let (blasted, sunk) = blast_to_sink(&a, (&b, "n"), &n_mac, 3000);
     eprintln!("after the loss, to another VM there: blaster {blasted}; sink {sunk}");
     assert_eq!(field(&sunk, "frames"), 3000, "{sunk} / {blasted}");
 }

@@ -68,11 +68,6 @@ fn destination(d: &Daemon, to: &Path) -> Result<PathBuf, HttpError> {
 /// longer reach): never deleted by a move or a migration, even when unlocked (the other VM may
 /// be off).
 pub fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
-    let unlocked = vireo_vhdx::OpenOptions {
-        read_only: true,
-        no_lock: true,
-        ..Default::default()
-    };
     let mut out = Vec::new();
     for vm in d.store.list().unwrap_or_default() {
         if vm.id() == me {
@@ -83,10 +78,7 @@ pub fn files_of_other_vms(d: &Daemon, me: Uuid) -> Vec<PathBuf> {
         named.sort();
         named.dedup();
         for path in named {
-            if let Ok(v) = vireo_vhdx::Vhdx::open(&path, &unlocked) {
-                out.extend(v.chain_paths());
-            }
-            out.push(path);
+            out.extend(super::unused_files::with_chain(&path));
         }
     }
     out

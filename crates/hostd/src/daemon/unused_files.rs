@@ -18,6 +18,20 @@ fn resolved(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// `path` and, when it is a VHDX, its parents (top first), read without taking its lock: a
+/// running worker holds it.
+pub fn with_chain(path: &Path) -> Vec<PathBuf> {
+    let unlocked = vireo_vhdx::OpenOptions {
+        read_only: true,
+        no_lock: true,
+        ..Default::default()
+    };
+    match vireo_vhdx::Vhdx::open(path, &unlocked) {
+        Ok(v) => v.chain_paths(),
+        Err(_) => vec![path.to_path_buf()],
+    }
+}
+
 /// What [`delete`] did with one file.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {

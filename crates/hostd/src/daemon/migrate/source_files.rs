@@ -29,21 +29,12 @@ pub fn copied(vm: &Vm, tree: Option<&CheckpointTree>) -> Vec<PathBuf> {
             .map(|f| super::tree::source_path(f).to_path_buf())
             .collect();
     }
-    // The worker has the disks open and locked: look without a lock (the chain does not
-    // change while the migration holds the VM's lock).
-    let unlocked = vireo_vhdx::OpenOptions {
-        read_only: true,
-        no_lock: true,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    for disk in &vm.spec.disks {
-        out.push(disk.path.clone());
-        if let Ok(v) = vireo_vhdx::Vhdx::open(&disk.path, &unlocked) {
-            out.extend(v.chain_paths());
-        }
-    }
-    out
+    // The chain does not change while the migration holds the VM's lock.
+    vm.spec
+        .disks
+        .iter()
+        .flat_map(|disk| unused_files::with_chain(&disk.path))
+        .collect()
 }
 
 /// After the VM runs on the destination: deletes `files` (from [`copied`]) unless `why_kept`
