@@ -310,6 +310,17 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     }
 }
 
+/// Fault injection with the real workers (`crates/cli/tests/migrate_faults_real.rs`): when
+/// `VIREO_TEST_WORKER_ROUTE` names a file holding `PORT ADDR`, the destination worker listens
+/// on `PORT` and the source is told `ADDR` (the test's proxy, which cuts the workers' streams).
+/// Read at each arrival; no file, no change.
+fn test_worker_route() -> Option<(u16, SocketAddr)> {
+    let file = std::env::var_os("VIREO_TEST_WORKER_ROUTE")?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let (port, via) = text.trim().split_once(' ')?;
+    Some((port.parse().ok()?, via.parse().ok()?))
+}
+
 /// Shared-nothing: the kernel and initrd this host boots the VM from (`boot_files.rs`), the
 /// ones that must travel claimed. On `Err` the caller discards the arrival.
 async fn plan_boot_files(
@@ -492,10 +503,11 @@ async fn receive_live(
         .listen_addr()
         .map_or([127, 0, 0, 1].into(), |a| a.ip());
     let tls = d.host.worker_tls().map_err(|e| e.to_string())?;
+    let route = test_worker_route();
     let incoming = IncomingMigration {
         session,
         streams,
-        listen: SocketAddr::new(listen_ip, 0),
+        listen: SocketAddr::new(listen_ip, route.map_or(0, |(port, _)| port)),
         tls,
         // Unless the source promised `never`, post-copy may come: the RAM stays off the pool.
         postcopy,
@@ -512,7 +524,7 @@ async fn receive_live(
         t.elapsed().as_secs_f64() * 1e3
     );
     peer.send(&PeerMsg::Accepted {
-        listen_addr: Some(addr),
+        listen_addr: Some(route.map_or(addr, |(_, via)| via)),
         provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
         send_files: Vec::new(),
     })
@@ -575,10 +587,17 @@ async fn receive_live(
         match migrate_state(&worker).await {
             Some(MigrateState::Completed) => return arrived(d, vm, peer).await,
             Some(MigrateState::Failed | MigrateState::Cancelled) => {
-                let msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
+                let mut msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
                     Ok(WorkerReply::Migrate(p)) => p.message.unwrap_or_default(),
                     _ => String::new(),
                 };
+                // Not answering any more: it is ending, and its exit record says why.
+                if msg.is_empty() {
+                    msg = match worker.exited_within(Duration::from_secs(2)).await {
+                        Some(o) => o.message,
+                        None => "it gave no reason".into(),
+                    };
+                }
                 return Err(format!("the destination worker gave up: {msg}"));
             }
             _ => {}
