@@ -78,7 +78,7 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
                         start_time_ticks: stat.start_time_ticks,
                         vm_id: id,
                     };
-                    let _ = files::write_json_atomic(&files::path(&dir, files::RECORD), &r);
+                    let _ = files::write_json_replace(&files::path(&dir, files::RECORD), &r);
                     r
                 }
             };

@@ -220,7 +220,7 @@ impl Supervisor {
             incoming,
         };
         let spec_path = files::path(&dir, files::SPEC);
-        files::write_json_atomic(&spec_path, &launch)
+        files::write_json_replace(&spec_path, &launch)
             .map_err(|e| format!("cannot write {}: {e}", spec_path.display()))?;
         let log = files::open_log(&dir)
             .map_err(|e| format!("cannot open {}: {e}", dir.join(files::LOG).display()))?;
@@ -249,7 +249,7 @@ impl Supervisor {
             vm_id: vm.id(),
         };
         let record_path = files::path(&dir, files::RECORD);
-        if let Err(e) = files::write_json_atomic(&record_path, &record) {
+        if let Err(e) = files::write_json_replace(&record_path, &record) {
             // Without the record a restarted vireod would still find it through Hello.
             tracing::error!(path = %record_path.display(), error = %e, "cannot write the worker record");
         }
