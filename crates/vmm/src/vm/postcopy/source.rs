@@ -5,7 +5,7 @@
 //!   first (a vCPU waits on them), and between requests its share of the remaining pages, a
 //!   small batch at a time so a request never waits behind much. A reader thread owns the
 //!   request channel and hands requests over a channel.
-//! - **streams 1..N**: one pushing thread each, background pages only, in larger batches.
+//! - **streams 1..N**: one pushing thread each, background pages only.
 //!
 //! The streams share one claim per page ([`Tracker`]) and one cursor over the address order
 //! ([`Background`]), so no page is sent twice, and one `--bandwidth` budget ([`Budget`]).
@@ -29,12 +29,11 @@ use crate::dirty::DirtyBitmap;
 use crate::memory::PAGE_SIZE;
 use crate::state::StateError;
 
-/// Pages per background batch on stream 0: 256 KiB, about 0.1 ms of a loopback link, so a
-/// request that comes in meanwhile is answered after at most that.
+/// Pages per background batch, on every stream: 256 KiB, about 0.1 ms of a loopback link. On
+/// stream 0 a request that comes in meanwhile is answered after at most that; and a fault on a
+/// page another stream has just taken waits for that stream's batch, so the same bound holds
+/// there (a larger batch on streams 1..N would save records, but lengthen that wait).
 const BACKGROUND_BATCH: usize = 64;
-/// Pages per batch on the other streams: nobody waits behind them on their own stream, and a
-/// larger batch costs fewer records and syscalls (1 MiB, one TLS write buffer).
-const PUSH_BATCH: usize = 256;
 /// The longest a stream sleeps at a time under `--bandwidth` (stream 0 looks for requests
 /// after each).
 const BUDGET_NAP: Duration = Duration::from_millis(1);
@@ -171,7 +170,7 @@ impl Serving<'_> {
             if self.nap() {
                 continue;
             }
-            let batch = self.background.take(PUSH_BATCH, &self.unsent);
+            let batch = self.background.take(BACKGROUND_BATCH, &self.unsent);
             if batch.is_empty() {
                 break;
             }
