@@ -156,7 +156,8 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
         "the guest booted again on A: {log}"
     );
 
-    // And to B again in post-copy: the VM runs there at once, the rest of its pages follow.
+    // And to B again in post-copy, over two streams: the VM runs there at once, the rest of
+    // its pages follow on both.
     let mut c = Console::attach(&a, "m");
     c.ok("DIRTY START 8 4 0");
     drop(c);
@@ -166,6 +167,8 @@ fn probe_guest_quick_migrates_between_two_vireods_then_live_migrates_back_and_fo
         "m",
         "--to",
         &to,
+        "--streams",
+        "2",
         "--postcopy",
         "always",
         "--output",

@@ -236,6 +236,10 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
         "50ms",
         "--postcopy",
         postcopy,
+        // Post-copy over two streams: pages placed from two threads, each waking the back
+        // end's waiters.
+        "--streams",
+        if postcopy == "always" { "2" } else { "1" },
         "--output",
         "json",
     ]);

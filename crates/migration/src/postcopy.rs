@@ -6,14 +6,14 @@
 //! each TLS connection has one owner thread on each side:
 //!
 //! ```text
-//! stream 0, source → destination        Pages* ... PostcopyDone
+//! every stream, source → destination   Pages* ... PostcopyDone  (version 5; stream 0 before)
 //! request channel, destination → source PageRequest* (count u32, count × gpa u64)
 //! Missing body                          count u32, count × (gpa u64, pages u64)
 //! ```
 //!
-//! The source answers requests first and streams every other missing page in address order
-//! between them; a page can therefore arrive twice (asked for, then reached by the stream):
-//! the destination places the first copy and skips the rest.
+//! The source answers requests first on stream 0 and pushes every other missing page in address
+//! order on all streams, each page once (one claim per page on the source); the destination
+//! still places only the first copy of a page it gets and skips any other.
 
 use std::io::{Read, Write};
 
@@ -118,14 +118,14 @@ pub fn send_pages<'a>(
     Ok(write_record(w, Kind::Pages, codec, &body)? as u64)
 }
 
-/// Ends post-copy on stream 0: every missing page has been sent.
+/// Ends post-copy on a stream: nothing more of it comes there.
 pub fn send_done(w: &mut impl Write) -> Result<(), MigrationError> {
     write_record(w, Kind::PostcopyDone, Codec::None, &[])?;
     w.flush()?;
     Ok(())
 }
 
-/// What came on stream 0 during post-copy.
+/// What came on a stream during post-copy.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Arrived {
     /// A page batch body; decode it with [`pages::decode`] (checked there).
@@ -133,7 +133,7 @@ pub enum Arrived {
     Done,
 }
 
-/// Reads the next post-copy record from stream 0: its end before `PostcopyDone` is an error.
+/// Reads the next post-copy record from a stream: its end before `PostcopyDone` is an error.
 pub fn read_arrival(r: &mut impl Read) -> Result<(Arrived, u64), MigrationError> {
     let rec = read_record(r)?.ok_or(MigrationError::Truncated)?;
     let wire = rec.wire_len as u64;

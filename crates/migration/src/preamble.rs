@@ -15,6 +15,13 @@
 //! `record::FLAG_NO_CRC`; the cipher's tag covers them). A version-3 destination would refuse
 //! the flag only at the first page; the version makes it refuse the source at the preamble,
 //! naming both versions.
+//!
+//! Version 5: post-copy's pages travel on every stream, not on stream 0 alone: after `Done`
+//! the other streams stay open and each carries pages until its own `PostcopyDone`. A
+//! version-4 destination closes them at `Done` (the source's first page on one would then
+//! fail after the switch-over and lose the VM), so it must refuse the source at the preamble;
+//! a version-5 destination reads a version-4 source's pages from stream 0 only
+//! ([`POSTCOPY_ON_EVERY_STREAM`]).
 
 use std::io::{Read, Write};
 
@@ -26,8 +33,11 @@ use crate::MigrationError;
 pub const MAGIC: [u8; 8] = *b"VIREOMIG";
 /// The format this build writes. Bump it when a reader of the current version would misread
 /// a stream; keep reading older ones as long as they can be converted.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 pub const OLDEST_VERSION: u32 = 1;
+/// The first version whose sources send post-copy's pages on every stream (older ones on
+/// stream 0 only, closing the others at `Done`).
+pub const POSTCOPY_ON_EVERY_STREAM: u32 = 5;
 pub const PREAMBLE_LEN: usize = 36;
 /// More streams than this gains nothing on the links Vireo targets and costs a TLS session
 /// each.
@@ -140,17 +150,22 @@ mod tests {
         newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         let e = Preamble::read(&mut newer.as_slice()).unwrap_err();
         assert!(e.to_string().contains("upgrade"), "{e}");
-        // What a version-3 host answers this build's streams: one line, both versions.
+        // What a version-4 host answers this build's streams: one line, both versions.
         let old = MigrationError::Version {
             found: VERSION,
             oldest: OLDEST_VERSION,
-            newest: 3,
+            newest: 4,
         }
         .to_string();
         assert!(
-            old.contains("version 4 ") && old.contains("1..=3") && !old.contains('\n'),
+            old.contains("version 5 ") && old.contains("1..=4") && !old.contains('\n'),
             "{old}"
         );
+        // A version-4 source's preamble is still read (its post-copy uses stream 0 only).
+        let mut v4 = b.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let p4 = Preamble::read(&mut v4.as_slice()).unwrap();
+        assert!(p4.version < POSTCOPY_ON_EVERY_STREAM && VERSION >= POSTCOPY_ON_EVERY_STREAM);
 
         let mut other = b.clone();
         other[0] = b'X';

@@ -109,6 +109,16 @@ fn receive_inner(
     inc: &Incoming,
 ) -> Result<Option<PostcopyIncoming>, String> {
     let (streams, requests) = accept_all(s, inc)?;
+    // A source older than stream version 5 sends post-copy's pages on stream 0 only and
+    // closes the others at `Done`.
+    let postcopy_streams = if streams
+        .iter()
+        .all(|(rx, _)| rx.preamble.version >= vireo_migration::preamble::POSTCOPY_ON_EVERY_STREAM)
+    {
+        streams.len()
+    } else {
+        1
+    };
     inc.timeline.mark("streams accepted");
     s.migration.set_state(MigrateState::Precopy);
     let started = Instant::now();
@@ -171,9 +181,9 @@ fn receive_inner(
     inc.timeline.mark("RUNNING sent");
     if let Some(pc) = &mut pc {
         s.migration.set_state(MigrateState::Postcopy);
-        let stream0 = streams.swap_remove(0);
-        if let Err(e) = pc.place_from(stream0, inc.shared.clone()) {
-            postcopy::lose(s, &format!("starting the post-copy placement thread: {e}"));
+        streams.truncate(postcopy_streams);
+        if let Err(e) = pc.place_from(streams, inc.shared.clone()) {
+            postcopy::lose(s, &format!("starting a post-copy placement thread: {e}"));
         }
     }
     tracing::info!(

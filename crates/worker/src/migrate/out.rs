@@ -207,10 +207,13 @@ fn run(
     timeline.mark("streams done");
     let paused_at = handover.paused_at;
     let missing = handover.postcopy;
-    let mut streams = handover.streams.into_iter();
-    let mut ctl = streams.next().expect("at least one stream");
-    drop(streams);
-    match hand_over(s, &mut ctl, &mut disks_out) {
+    // Post-copy's pages go on every stream after the handoff; without it only stream 0 has
+    // more to say.
+    let mut streams = handover.streams;
+    if missing.is_none() {
+        streams.truncate(1);
+    }
+    match hand_over(s, &mut streams[0], &mut disks_out) {
         Ok(()) => {
             timeline.mark("RUNNING there");
             let downtime_ms = paused_at.elapsed().as_millis() as u64;
@@ -221,7 +224,14 @@ fn run(
             s.migration.update(|p| p.downtime_ms = Some(downtime_ms));
             if let (Some(missing), Some(requests)) = (&missing, requests) {
                 // The VM runs there now; it is complete once every page is there.
-                postcopy::serve(s, &mut ctl, requests, missing, shared, options.bandwidth)?;
+                postcopy::serve(
+                    s,
+                    &mut streams,
+                    requests,
+                    missing,
+                    shared,
+                    options.bandwidth,
+                )?;
                 timeline.mark("post-copy served");
             }
             *lock(&s.migration.migrated_to) = Some((to.to_string(), downtime_ms));
@@ -233,8 +243,8 @@ fn run(
             Ok(downtime_ms)
         }
         Err((why, released)) => {
-            let _ = handoff::send(&mut ctl, &format!("FAILED {why}"));
-            drop(ctl);
+            let _ = handoff::send(&mut streams[0], &format!("FAILED {why}"));
+            drop(streams);
             if let Some(disks) = released {
                 reopen(s, disks).map_err(|e| {
                     format!(

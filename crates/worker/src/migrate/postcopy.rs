@@ -73,11 +73,12 @@ pub fn connect_requests(
     Ok(Some(c))
 }
 
-/// Source, after `RUNNING`: serves the missing pages until all are sent. `Ok`: the VM may
-/// stop here (it runs there, complete). `Err`: it is lost (recorded; the VM stopped).
+/// Source, after `RUNNING`: serves the missing pages on every stream until all are sent.
+/// `Ok`: the VM may stop here (it runs there, complete). `Err`: it is lost (recorded; the VM
+/// stopped).
 pub fn serve(
     s: &Arc<State>,
-    ctl: &mut ClientStream,
+    streams: &mut [ClientStream],
     requests: ClientStream,
     missing: &DirtyBitmap,
     shared: &MigrateShared,
@@ -86,15 +87,17 @@ pub fn serve(
     s.migration.set_state(MigrateState::Postcopy);
     match s
         .vm
-        .serve_postcopy(ctl, requests, missing, shared, bandwidth)
+        .serve_postcopy(streams, requests, missing, shared, bandwidth)
     {
         Ok(served) => {
             tracing::info!(
-                "post-copy: {} pages sent ({} asked for in {} requests) in {} ms",
+                "post-copy: {} pages sent ({} asked for in {} requests) in {} ms, per stream \
+                 {:?}",
                 served.pages,
                 served.requested,
                 served.requests,
-                served.millis
+                served.millis,
+                served.per_stream
             );
             Ok(())
         }

@@ -6,9 +6,11 @@
 //! - **faults**: a fault on a missing page sends a request for it and its neighbours
 //!   (a [`WINDOW`]-page aligned block) on the request channel; a fault on a page that was
 //!   never missing is a zero page the pre-copy left as a hole, filled with zeros here;
-//! - **placement**: reads stream 0 and places each page that is still missing with
+//! - **placement**, one thread per stream (stream 0 only from a source older than stream
+//!   version 5): reads its stream and places each page that is still missing with
 //!   UFFDIO_COPY (atomic, and it wakes the waiters); a duplicate (asked for, then reached by
-//!   the background stream) is skipped ([`Tracker::claim`]); EEXIST is not an error.
+//!   the background push) is skipped ([`Tracker::claim`]: the first copy wins, whichever
+//!   thread brings it); EEXIST is not an error.
 //!
 //! A vhost-user back end maps guest RAM in its own process: each hands over its own
 //! userfaultfd on that mapping ([`vireo_virtio::ForeignFaults`]), which the fault thread polls
@@ -16,20 +18,23 @@
 //! does not wake the back end's thread (another userfaultfd), so the pages a back end waits for
 //! are remembered and woken on its userfaultfd once placed.
 //!
-//! Once `PostcopyDone` came and nothing is missing, RAM is unregistered, the back ends are told
-//! (POSTCOPY_END) and our copies of their userfaultfds closed, and the VM is an ordinary one.
-//! **Lost**: if stream 0 breaks or ends early (with pages still missing), or a faulting page
+//! Once `PostcopyDone` came on every stream and nothing is missing, the last placement thread
+//! to end unregisters RAM, the back ends are told (POSTCOPY_END) and our copies of their
+//! userfaultfds closed, and the VM is an ordinary one.
+//! **Lost**: if any stream breaks or ends early (with pages still missing), or a faulting page
 //! does not come within [`FAULT_LIMIT`] (a request that cannot be sent counts from its fault,
 //! as the page may still be on its way), the VM cannot go on correctly:
 //! `on_end` gets `Err(reason)` and the registration stays (a waiting vCPU is never handed a
 //! zero page); the caller stops the VM and reports it lost.
 //!
-//! Locking: none; the [`Tracker`] is atomics, each stream has one owner thread.
+//! Locking: none but the outcome's and the back ends' lists; the [`Tracker`] is atomics, each
+//! stream has one owner thread, and the count of streams still open decides which of them
+//! ends post-copy (the last: every other has placed all it claimed by then).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,11 +65,13 @@ const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 /// How post-copy ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PostcopyOutcome {
-    /// Every page arrived: (pages placed, faults served, ms since the start).
+    /// Every page arrived: pages placed, faults served, ms since the start, and the pages
+    /// placed from each stream (in stream order).
     Complete {
         pages: u64,
         faults: u64,
         millis: u64,
+        per_stream: Vec<u64>,
     },
     /// The VM cannot continue (see the module docs).
     Lost(String),
@@ -105,7 +112,11 @@ struct Inner {
     cv: Condvar,
     on_end: Box<dyn Fn(&PostcopyOutcome) + Send + Sync>,
     started: Instant,
-    faults: std::sync::atomic::AtomicU64,
+    faults: AtomicU64,
+    /// Streams that have not delivered their `PostcopyDone` yet.
+    open: AtomicUsize,
+    /// Pages placed from each stream, filled in as each ends.
+    per_stream: Mutex<Vec<u64>>,
 }
 
 impl Inner {
@@ -202,17 +213,27 @@ pub struct PostcopyIncoming {
 }
 
 impl PostcopyIncoming {
-    /// Starts placing the pages that come on stream 0 (after the handoff's last line).
+    /// Starts placing the pages that come on `streams` (in stream order, stream 0 after the
+    /// handoff's last line): one thread each. Call once. `Err`: a thread could not start
+    /// (those started run on; the caller loses the VM, as no stream may be left unread).
     pub fn place_from<R: Read + Send + 'static>(
         &mut self,
-        pages_in: R,
+        streams: Vec<R>,
         shared: Arc<MigrateShared>,
     ) -> std::io::Result<()> {
-        let (inner, end) = (self.inner.clone(), self.end);
-        let t = std::thread::Builder::new()
-            .name("postcopy-place".into())
-            .spawn(move || place_pages(&inner, pages_in, &shared, end))?;
-        self.threads.push(t);
+        self.inner.open.store(streams.len(), Ordering::Release);
+        *self
+            .inner
+            .per_stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = vec![0; streams.len()];
+        for (i, pages_in) in streams.into_iter().enumerate() {
+            let (inner, end, shared) = (self.inner.clone(), self.end, shared.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("postcopy-place-{i}"))
+                .spawn(move || place_pages(&inner, i, pages_in, &shared, end))?;
+            self.threads.push(t);
+        }
         Ok(())
     }
 
@@ -254,8 +275,8 @@ impl Drop for PostcopyIncoming {
 impl Vm {
     /// Starts post-copy on this VM, built and loaded but not resumed yet: `missing` are the
     /// runs (gpa, pages) the source listed, `requests` the request channel. Resume the VM
-    /// only after this returns `Ok`, then hand stream 0 to [`PostcopyIncoming::place_from`]
-    /// once the handoff on it is over. `on_end` is called once, from one of the threads,
+    /// only after this returns `Ok`, then hand the streams that carry pages to
+    /// [`PostcopyIncoming::place_from`] once the handoff on stream 0 is over. `on_end` is called once, from one of the threads,
     /// when post-copy ends either way.
     pub fn start_postcopy<W>(
         &self,
@@ -345,6 +366,8 @@ impl Vm {
             on_end,
             started: Instant::now(),
             faults: Default::default(),
+            open: AtomicUsize::new(0),
+            per_stream: Mutex::new(Vec::new()),
         });
         tracing::info!(
             "post-copy: {} pages on the source, guest RAM registered (and by {} back ends)",
@@ -541,8 +564,8 @@ fn release_foreign(inner: &Inner, foreign: &[Arc<Foreign>]) {
     );
 }
 
-/// The placement thread (see the module docs).
-fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u64) {
+/// The placement thread of stream `index` (see the module docs).
+fn place_pages<R: Read>(inner: &Inner, index: usize, mut r: R, shared: &MigrateShared, end: u64) {
     let zero = vec![0u8; PAGE_SIZE as usize];
     let mut placed = 0u64;
     loop {
@@ -551,15 +574,18 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
         }
         let (arrived, wire) = match postcopy::read_arrival(&mut r) {
             Ok(a) => a,
-            // Every page is here: only the source's last word is missing, the VM is whole.
+            // Every page is here (claimed, and placed by the thread that claimed it before it
+            // ends): only the source's last word is missing, the VM is whole.
             Err(e) if inner.tracker.remaining() == 0 => {
-                tracing::warn!("the migration source went away after its last page ({e})");
+                tracing::warn!(
+                    "the migration source went away after its last page (stream {index}: {e})"
+                );
                 (postcopy::Arrived::Done, 0)
             }
             Err(e) => {
                 return inner.lost(format!(
-                    "the migration source went away during post-copy ({e}) with {} pages \
-                     still on it",
+                    "the migration source went away during post-copy (stream {index}: {e}) \
+                     with {} pages still on it",
                     inner.tracker.remaining()
                 ))
             }
@@ -571,7 +597,11 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
         };
         let batch = match pages::decode(&body, end) {
             Ok(b) => b,
-            Err(e) => return inner.lost(format!("a post-copy page batch is bad: {e}")),
+            Err(e) => {
+                return inner.lost(format!(
+                    "a post-copy page batch on stream {index} is bad: {e}"
+                ))
+            }
         };
         for (gpa, data) in batch {
             if inner.tracker.claim(gpa) == Place::Skip {
@@ -587,22 +617,41 @@ fn place_pages<R: Read>(inner: &Inner, mut r: R, shared: &MigrateShared, end: u6
             placed += 1;
         }
         inner.wake_foreign();
-        let left = inner.tracker.remaining() * PAGE_SIZE;
-        shared.update(|s| s.remaining_bytes = left);
+        // Read inside the lock: the streams' updates then only ever go down.
+        shared.update(|s| s.remaining_bytes = inner.tracker.remaining() * PAGE_SIZE);
+    }
+    if let Some(n) = inner
+        .per_stream
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(index)
+    {
+        *n = placed;
+    }
+    // The last stream to end ends post-copy: every other one has placed what it claimed.
+    if inner.open.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return;
     }
     let left = inner.tracker.remaining();
     if left != 0 {
         return inner.lost(format!(
-            "the migration source said post-copy is done with {left} pages never sent"
+            "the migration source said post-copy is done on every stream with {left} pages \
+             never sent"
         ));
     }
     for &(_, len, host) in &inner.maps {
         let _ = inner.uffd.unregister(host, len);
     }
     inner.end_foreign();
+    let per_stream = inner
+        .per_stream
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     inner.end(PostcopyOutcome::Complete {
-        pages: placed,
+        pages: per_stream.iter().sum(),
         faults: inner.faults.load(Ordering::Relaxed),
         millis: inner.started.elapsed().as_millis() as u64,
+        per_stream,
     });
 }

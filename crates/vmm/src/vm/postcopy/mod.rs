@@ -5,11 +5,14 @@
 //!
 //! - [`policy`]: when to switch to post-copy (`--postcopy auto|always|never`), pure.
 //! - [`tracker`]: which pages the destination still lacks; each placed exactly once, pure.
-//! - [`source`]: the source's serving loop (requests first, the rest in address order).
+//! - [`push`]: the background push shared by the source's streams (one cursor, one budget), pure.
+//! - [`source`]: the source's serving: stream 0 answers requests first, every stream pushes
+//!   the rest in address order.
 //! - [`dest`]: the destination's fault and placement threads, and the "lost" path.
 
 pub mod dest;
 pub mod policy;
+pub mod push;
 pub mod source;
 pub mod tracker;
 
