@@ -73,6 +73,46 @@ pub struct CopiedDisk {
     pub allocated: u64,
 }
 
+/// Which boot file of the spec a [`BootFile`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootRole {
+    Kernel,
+    Initrd,
+}
+
+impl BootRole {
+    /// The `File` message's name when the file travels.
+    pub fn file_message_name(self) -> &'static str {
+        match self {
+            BootRole::Kernel => "boot-kernel",
+            BootRole::Initrd => "boot-initrd",
+        }
+    }
+}
+
+impl std::fmt::Display for BootRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootRole::Kernel => "kernel",
+            BootRole::Initrd => "initrd",
+        })
+    }
+}
+
+/// Shared-nothing: the VM's kernel or initrd as the source has it, so the destination can
+/// find the same file among its own (same length and SHA-256) or ask for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootFile {
+    pub role: BootRole,
+    /// The source's file name (no folder): the name it gets in `dest_dir` if it travels.
+    pub file_name: String,
+    pub len: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
 /// A VM's checkpoint tree as a migration carries it: the records, the files vireod made for it
 /// (sent, named `name`) and the user's own files the tree also uses (`shared`: not sent, they
 /// must be at the same path on the destination; in a shared-nothing migration they are sent
@@ -137,7 +177,10 @@ pub enum StorageMode {
 ///    its own userfaultfd); a version-7 destination would fail such a move at its switch-over.
 /// 9: a live offer carries the source's disk slot layout when it has a gap
 ///    (`Offer.disk_slots`); a version-8 destination would fail such a move at its switch-over.
-pub const PEER_PROTOCOL_VERSION: u32 = 9;
+/// 10: a shared-nothing offer describes the kernel and initrd (`Offer.boot_files`); the
+///    destination asks for those it lacks (`Accepted.send_files`, with no address yet), which
+///    come as `File`s before `TreeSent`.
+pub const PEER_PROTOCOL_VERSION: u32 = 10;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -209,6 +252,9 @@ pub enum PeerMsg {
         /// when the disks fill the first slots.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         disk_slots: Vec<bool>,
+        /// Shared-nothing: the kernel and (if any) initrd, which the destination may lack.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        boot_files: Vec<BootFile>,
     },
     /// The first line of a second connection a shared-nothing migration's source worker
     /// opens to the destination vireod: the disk data of `session` follows
@@ -224,6 +270,10 @@ pub enum PeerMsg {
         listen_addr: Option<SocketAddr>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         provider_addresses: Vec<SwitchProviderAddresses>,
+        /// Shared-nothing, with no `listen_addr` yet: the boot files (`BootRole::
+        /// file_message_name`) this host lacks; they come as `File`s before `TreeSent`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        send_files: Vec<String>,
     },
     /// The first line of a connection from a host a VM just moved to (`vireod
     /// --netvirt-peer`): where the VM's CAs are now. The receiver moves the entries it holds
@@ -246,9 +296,11 @@ pub enum PeerMsg {
     },
     /// Quick: every file was sent; restore and run.
     Commit,
-    /// Live with a checkpoint tree: every file of the tree but the running tops was sent. The
-    /// destination relinks them, makes an empty child of each top's arrived parent for the
-    /// disk copy, and answers `Accepted` with its worker's address (or `Failed`).
+    /// Live, after an `Accepted` with no address: every file the destination needs before its
+    /// worker was sent — the checkpoint tree's but the running tops, and the boot files it
+    /// asked for (`Accepted.send_files`). The destination relinks the tree, makes an empty
+    /// child of each top's arrived parent for the disk copy, puts the boot files in place, and
+    /// answers `Accepted` with its worker's address (or `Failed`).
     TreeSent,
     Abort {
         reason: String,

@@ -14,6 +14,7 @@
 //! directory, no worker process); the guest's memory sum and disk data intact, the guest
 //! still running (its dirtying counter moved, `PING`) and not booted again.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod vireod_harness;
@@ -21,7 +22,9 @@ use vireod_harness::faults::{
     alive, kill9, migrate, pair, record, settled, settled_as, start_vm, wait_until, Allow, Run,
     Where, T,
 };
-use vireod_harness::migration::{job, migration_address, wait_for_end, wait_for_progress};
+use vireod_harness::migration::{
+    job, migration_address, trust_each_other, wait_for_end, wait_for_progress,
+};
 use vireod_harness::Daemon;
 
 // The fake-worker suite's proxy (it cuts after N bytes, both directions counted); only its
@@ -251,4 +254,81 @@ fn the_source_vireod_killed_in_the_switch_over() {
             ..Allow::default()
         },
     );
+}
+
+/// Two vireods as [`pair`], the destination's workers' streams routed through a proxy of the
+/// test's: `VIREO_TEST_WORKER_ROUTE` names a file the test writes before each run (`PORT
+/// ADDR`: its worker listens on `PORT`, the source is told the proxy's `ADDR`).
+fn routed_pair() -> Option<(Daemon, Daemon, tempfile::TempDir)> {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return None;
+    }
+    let route = tempfile::tempdir().unwrap();
+    let file = route.path().join("route");
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let a = Daemon::start_args(&listen)?;
+    let a_dir = a.dir.path().to_str().unwrap().to_owned();
+    let b = Daemon::start_args_env(
+        &[listen[0], listen[1], "--storage-root", &a_dir],
+        &[("VIREO_TEST_WORKER_ROUTE", file.to_str().unwrap())],
+    )?;
+    trust_each_other(&a, &b);
+    Some((a, b, route))
+}
+
+/// One migration whose workers' streams (every one, both directions counted) are cut after
+/// `n` bytes; where the VM ended and the bytes the streams carried.
+fn stream_cut_run(a: &Daemon, b: &Daemon, route: &Path, i: usize, n: u64) -> (Where, u64) {
+    // A free port for the destination worker (bound and let go: the worker binds it again).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let px = Proxy::start(Target::Fixed(([127, 0, 0, 1], port).into()), n);
+    std::fs::write(route.join("route"), format!("{port} {}", px.addr)).unwrap();
+    let run = start_vm(a, &format!("w{i}"));
+    let to = migration_address(b);
+    // Pre-copy only: a cut after a post-copy switch-over loses the VM by design (the
+    // post-copy fault runs check that case).
+    let job_id = migrate(a, &run, &to, &["--postcopy", "never"]);
+    let label = format!("workers' streams cut after {n} B");
+    (settled(a, b, &run, job_id.as_deref(), &label), px.passed())
+}
+
+/// The workers' own link cut: the memory streams and the hand-over's lines on stream 0. A
+/// real migration's byte count varies from run to run (the guest dirties memory as it likes),
+/// so the points are spread over an uncut run's bytes and packed towards its end, where the
+/// last pages, the device state and the hand-over go; whichever step each one hits, the VM
+/// must end in exactly one place, whole.
+#[test]
+fn the_workers_streams_cut_after_n_bytes() {
+    let Some((a, b, route)) = routed_pair() else {
+        return;
+    };
+    let (place, total) = stream_cut_run(&a, &b, route.path(), 0, u64::MAX);
+    assert_eq!(place, Where::Destination, "uncut, through the proxy");
+    assert!(total > 4 << 20, "the streams carried only {total} bytes");
+    let mut points: Vec<u64> = (0..8).map(|k| total * k / 8).collect();
+    points.extend((1..=8).map(|k| total - (total / 200) * k).rev());
+    points.extend([
+        total - 4096,
+        total - 1024,
+        total - 256,
+        total - 64,
+        total - 1,
+    ]);
+    let mut seen = [0; 2];
+    for (k, &n) in points.iter().enumerate() {
+        let (place, _) = stream_cut_run(&a, &b, route.path(), k + 1, n);
+        seen[place as usize] += 1;
+    }
+    eprintln!(
+        "workers' streams cut: {} runs over ~{total} bytes; the VM stayed on the source {}, \
+         moved {}",
+        points.len() + 1,
+        seen[0],
+        seen[1]
+    );
+    assert!(seen[0] > 0, "{seen:?}");
 }

@@ -19,6 +19,10 @@ use crate::daemon::{files, Daemon};
 #[derive(Default, Serialize, Deserialize)]
 struct Listed {
     files: Vec<PathBuf>,
+    /// Boot files the arrival put in place under their own names (`boot_files.rs`): removed
+    /// with the rest unless a VM here boots from them by then.
+    #[serde(default)]
+    images: Vec<PathBuf>,
 }
 
 /// One arrival's list (a file in vireod's state folder).
@@ -45,10 +49,18 @@ impl Manifest {
         self.write(&l)
     }
 
-    /// `file` was not created after all (it existed, or the creation failed).
+    /// A boot file is about to be linked to its name in `dest_dir`.
+    pub fn list_image(&self, file: &Path) -> Result<(), String> {
+        let mut l = self.read();
+        l.images.push(file.to_path_buf());
+        self.write(&l)
+    }
+
+    /// `file` was not created after all (it existed, or the creation failed), or is gone.
     pub fn unlist(&self, file: &Path) {
         let mut l = self.read();
         l.files.retain(|f| f != file);
+        l.images.retain(|f| f != file);
         if let Err(e) = self.write(&l) {
             tracing::warn!("{e}");
         }
@@ -71,9 +83,12 @@ impl Manifest {
         files::remove(&self.path);
     }
 
-    /// Removes every listed file that is still there, then the list.
-    pub fn remove_files(&self) {
-        for f in self.read().files.iter().rev() {
+    /// Removes every listed file that is still there, then the list; an image only unless
+    /// `in_use` says a VM boots from it.
+    pub fn remove_files(&self, in_use: impl Fn(&Path) -> bool) {
+        let l = self.read();
+        let images = l.images.iter().filter(|f| !in_use(f));
+        for f in l.files.iter().rev().chain(images) {
             match std::fs::remove_file(f) {
                 Ok(()) => {
                     tracing::info!("migration: removed {} of an arrival cut short", f.display())
@@ -111,7 +126,7 @@ pub fn recover_all(d: &Daemon) {
             Ok(v) if v.state != VmState::Incoming => m.drop_list(),
             _ => {
                 tracing::warn!(vm = %vm, "removing the files of an arrival cut short");
-                m.remove_files();
+                m.remove_files(|f| super::boot_files::in_use(d, f, vm));
             }
         }
     }

@@ -117,14 +117,8 @@ fn check_offer(
     nics::check(d, spec).map_err(|e| e.body.message)?;
     if storage == StorageMode::Copied {
         // The disks are copied (`storage::create_copies` checks where); the kernel and initrd
-        // must be here already, inside a storage root, as for shared storage.
-        let mut boot = spec.clone();
-        boot.disks.clear();
-        let boot = d.storage.confine(&boot).map_err(|e| e.body.message)?;
-        let mut out = spec.clone();
-        out.kernel = boot.kernel;
-        out.initrd = boot.initrd;
-        return Ok(out);
+        // are found here or travel (`boot_files::plan`).
+        return Ok(spec.clone());
     }
     // Shared storage: the same files, inside this host's storage roots.
     let mut rest = spec.clone();
@@ -172,6 +166,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         checkpoints,
         postcopy,
         disk_slots,
+        boot_files,
     } = offer
     else {
         let _ = peer
@@ -269,6 +264,18 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     if let Some((key, t)) = copies {
         super::storage::register(d, key, t);
     }
+    let (spec, boot) = match storage {
+        StorageMode::Copied => match plan_boot_files(d, vm_id, spec, dest_dir, boot_files).await {
+            Ok(planned) => planned,
+            Err(reason) => {
+                tracing::info!(from = %peer.who, vm = %vm_id, "migration refused: {reason}");
+                super::storage::discard(d, vm_id);
+                let _ = peer.send(&refuse(reason)).await;
+                return;
+            }
+        },
+        StorageMode::Shared => (spec, super::boot_files::Plan::default()),
+    };
     let vm = match create_record(d, vm_id, &spec).await {
         Ok(vm) => vm,
         Err(reason) => {
@@ -283,7 +290,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         receive_quick(d, &mut peer, &vm, arrival, guard).await
     } else {
         let how = (session, streams, postcopy, disk_slots);
-        receive_live(d, &mut peer, &vm, how, arrival).await
+        receive_live(d, &mut peer, &vm, how, (arrival, boot)).await
     };
     match result {
         Ok(()) => tracing::info!(vm = %vm_id, "VM arrived and runs here"),
@@ -301,6 +308,36 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
             let _ = peer.send(&answer).await;
         }
     }
+}
+
+/// Fault injection with the real workers (`crates/cli/tests/migrate_faults_real.rs`): when
+/// `VIREO_TEST_WORKER_ROUTE` names a file holding `PORT ADDR`, the destination worker listens
+/// on `PORT` and the source is told `ADDR` (the test's proxy, which cuts the workers' streams).
+/// Read at each arrival; no file, no change.
+fn test_worker_route() -> Option<(u16, SocketAddr)> {
+    let file = std::env::var_os("VIREO_TEST_WORKER_ROUTE")?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let (port, via) = text.trim().split_once(' ')?;
+    Some((port.parse().ok()?, via.parse().ok()?))
+}
+
+/// Shared-nothing: the kernel and initrd this host boots the VM from (`boot_files.rs`), the
+/// ones that must travel claimed. On `Err` the caller discards the arrival.
+async fn plan_boot_files(
+    d: &Arc<Daemon>,
+    vm_id: Uuid,
+    mut spec: VmSpec,
+    dest_dir: Option<PathBuf>,
+    files: Vec<vireo_api::migrate::BootFile>,
+) -> Result<(VmSpec, super::boot_files::Plan), String> {
+    let d = d.clone();
+    tokio::task::spawn_blocking(move || {
+        let plan = super::boot_files::plan(&d, vm_id, &mut spec, dest_dir.as_deref(), &files)?;
+        plan.claim(&d, vm_id)?;
+        Ok((spec, plan))
+    })
+    .await
+    .map_err(|e| format!("planning the boot files: {e}"))?
 }
 
 /// Why an offer's disk slot layout cannot be built here, if it cannot: more slots than a
@@ -455,22 +492,22 @@ async fn receive_live(
     peer: &mut Peer,
     vm: &Vm,
     (session, streams, postcopy, disk_slots): (Uuid, u16, PostcopyMode, Vec<bool>),
-    arrival: Option<super::tree::Arrival>,
+    (arrival, boot): (Option<super::tree::Arrival>, super::boot_files::Plan),
 ) -> Result<(), String> {
-    if let Some(a) = arrival {
-        if !receive_live_tree(d, peer, vm, session, a).await? {
-            return Ok(());
-        }
+    let files_first = arrival.is_some() || !boot.is_empty();
+    if files_first && !receive_files_first(d, peer, vm, session, arrival, boot).await? {
+        return Ok(());
     }
     let listen_ip = d
         .migrations
         .listen_addr()
         .map_or([127, 0, 0, 1].into(), |a| a.ip());
     let tls = d.host.worker_tls().map_err(|e| e.to_string())?;
+    let route = test_worker_route();
     let incoming = IncomingMigration {
         session,
         streams,
-        listen: SocketAddr::new(listen_ip, 0),
+        listen: SocketAddr::new(listen_ip, route.map_or(0, |(port, _)| port)),
         tls,
         // Unless the source promised `never`, post-copy may come: the RAM stays off the pool.
         postcopy,
@@ -487,8 +524,9 @@ async fn receive_live(
         t.elapsed().as_secs_f64() * 1e3
     );
     peer.send(&PeerMsg::Accepted {
-        listen_addr: Some(addr),
+        listen_addr: Some(route.map_or(addr, |(_, via)| via)),
         provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
+        send_files: Vec::new(),
     })
     .await?;
     let mut disks = DiskCopyWatch::default();
@@ -549,10 +587,17 @@ async fn receive_live(
         match migrate_state(&worker).await {
             Some(MigrateState::Completed) => return arrived(d, vm, peer).await,
             Some(MigrateState::Failed | MigrateState::Cancelled) => {
-                let msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
+                let mut msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
                     Ok(WorkerReply::Migrate(p)) => p.message.unwrap_or_default(),
                     _ => String::new(),
                 };
+                // Not answering any more: it is ending, and its exit record says why.
+                if msg.is_empty() {
+                    msg = match worker.exited_within(Duration::from_secs(2)).await {
+                        Some(o) => o.message,
+                        None => "it gave no reason".into(),
+                    };
+                }
                 return Err(format!("the destination worker gave up: {msg}"));
             }
             _ => {}
@@ -594,31 +639,41 @@ impl DiskCopyWatch {
     }
 }
 
-/// Live with a checkpoint tree, before the worker: `Accepted` (no address yet), the tree's
-/// files but the running tops, `TreeSent`; then the files relinked, the tops' empty children
-/// made and registered for the disk copy of `session`, the records stored. `Ok(false)`: the
-/// source aborted (answered, the arrival removed).
-async fn receive_live_tree(
+/// Live, before the worker, when files must come first: `Accepted` (no address yet, the boot
+/// files this host lacks named), the checkpoint tree's files but the running tops and those
+/// boot files, `TreeSent`; then the boot files put in place, the tree's files relinked, the
+/// tops' empty children made and registered for the disk copy. `Ok(false)`: the source
+/// aborted (answered).
+async fn receive_files_first(
     d: &Arc<Daemon>,
     peer: &mut Peer,
     vm: &Vm,
     session: Uuid,
-    mut arrival: super::tree::Arrival,
+    mut arrival: Option<super::tree::Arrival>,
+    mut boot: super::boot_files::Plan,
 ) -> Result<bool, String> {
     peer.send(&PeerMsg::Accepted {
         listen_addr: None,
         provider_addresses: Vec::new(),
+        send_files: boot.names(),
     })
     .await?;
     let mut not_stored: Option<String> = None;
     loop {
         match peer.recv(SOURCE_SILENCE).await? {
             PeerMsg::File { name, len } => {
-                receive_tree_file(peer, &mut arrival, &name, len, &mut not_stored)
-                    .await?
-                    .ok_or_else(|| {
-                        format!("{} is no file of the checkpoint tree", name.display())
-                    })?;
+                let text = name.to_string_lossy().into_owned();
+                let boot_file = boot
+                    .receive(peer, &text, len, SOURCE_SILENCE, &mut not_stored)
+                    .await?;
+                let known = match (boot_file, arrival.as_mut()) {
+                    (Some(()), _) => Some(()),
+                    (None, Some(a)) => {
+                        receive_tree_file(peer, a, &name, len, &mut not_stored).await?
+                    }
+                    (None, None) => None,
+                };
+                known.ok_or_else(|| format!("{text} is no file this host asked for"))?;
             }
             PeerMsg::TreeSent => match not_stored {
                 Some(e) => return Err(e),
@@ -633,6 +688,13 @@ async fn receive_live_tree(
             other => return Err(format!("unexpected {other:?} from the source")),
         }
     }
+    let (d2, id) = (d.clone(), vm.id());
+    tokio::task::spawn_blocking(move || boot.finish(&d2, id))
+        .await
+        .map_err(|e| format!("placing the boot files: {e}"))??;
+    let Some(arrival) = arrival else {
+        return Ok(true);
+    };
     crate::daemon::checkpoints::fault_point("migrate-live-tree-arrived");
     let (d2, id) = (d.clone(), vm.id());
     let tops = tokio::task::spawn_blocking(move || arrival.settle_live(&d2, id))
@@ -776,6 +838,7 @@ async fn receive_quick(
     peer.send(&PeerMsg::Accepted {
         listen_addr: None,
         provider_addresses: netvirt_move::provider_addresses(d, &vm.spec),
+        send_files: Vec::new(),
     })
     .await?;
     let dir = save::saved_dir(d, vm.id());

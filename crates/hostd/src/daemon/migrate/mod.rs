@@ -17,6 +17,7 @@
 //! listener's bound address.
 
 pub mod arriving;
+pub mod boot_files;
 pub mod listener;
 pub mod netvirt_peers;
 pub mod peer;

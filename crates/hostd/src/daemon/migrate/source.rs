@@ -266,6 +266,20 @@ async fn run(
     };
     d.migrations.mark(job, "peer connected (TLS)");
     let session = Uuid::new_v4();
+    // Shared-nothing: the kernel and initrd too, which the destination may lack.
+    let boot_files = match req.with_storage {
+        true => {
+            let spec = vm.spec.clone();
+            match tokio::task::spawn_blocking(move || super::boot_files::describe(&spec)).await {
+                Ok(Ok(files)) => files,
+                Ok(Err(e)) => {
+                    return End::Failed(format!("{e}; VM {:?} runs on here", vm.spec.name))
+                }
+                Err(e) => return End::Failed(format!("reading the boot files: {e}")),
+            }
+        }
+        false => Vec::new(),
+    };
     let offer = PeerMsg::Offer {
         version: PEER_PROTOCOL_VERSION,
         vm_id: vm.id(),
@@ -286,6 +300,7 @@ async fn run(
         } else {
             slots_with_a_gap(d, vm).await
         },
+        boot_files,
     };
     // In TLS 1.3 the server checks our certificate after our side finished the handshake:
     // a destination that does not trust this host answers the first message with an alert.
@@ -309,11 +324,12 @@ async fn run(
     if let Err(e) = peer.send(&offer).await {
         return End::Failed(refused_us(e));
     }
-    let (listen_addr, dest_pas) = match peer.recv(OFFER_LIMIT).await {
+    let (listen_addr, dest_pas, send_files) = match peer.recv(OFFER_LIMIT).await {
         Ok(PeerMsg::Accepted {
             listen_addr,
             provider_addresses,
-        }) => (listen_addr, provider_addresses),
+            send_files,
+        }) => (listen_addr, provider_addresses, send_files),
         Ok(PeerMsg::Refused { reason }) => {
             return End::Failed(format!("the destination {to} refused the VM: {reason}"))
         }
@@ -334,14 +350,18 @@ async fn run(
         )
         .await;
     }
-    // Live with a checkpoint tree: the tree (but its running tops) first, then the worker's
-    // address. Nothing of the VM changed here yet, so any failure leaves it as it was.
-    let (listen_addr, dest_pas) = match (&tree, listen_addr) {
-        (Some(t), None) => match send_live_tree(d, &mut peer, t, job, &mut cancel_wait).await {
-            Ok(accepted) => accepted,
-            Err(end) => return end,
-        },
-        (_, addr) => (addr, dest_pas),
+    // Live with a checkpoint tree, or boot files the destination lacks: those files first
+    // (the tree but its running tops), then the worker's address. Nothing of the VM changed
+    // here yet, so any failure leaves it as it was.
+    let (listen_addr, dest_pas) = match listen_addr {
+        None => {
+            let first = (tree.as_deref(), &send_files[..]);
+            match send_files_first(d, &mut peer, vm, first, job, &mut cancel_wait).await {
+                Ok(accepted) => accepted,
+                Err(end) => return end,
+            }
+        }
+        addr => (addr, dest_pas),
     };
     let Some(listen_addr) = listen_addr else {
         return End::Failed(format!("{to} accepted without a worker address"));
@@ -379,27 +399,44 @@ async fn run(
     end
 }
 
-/// Live with a checkpoint tree: every file of it but the running tops, then `TreeSent`; the
-/// destination's answer (`Accepted`: its worker's address and provider addresses). `Err` is
-/// the job's end, the destination told to drop what arrived.
-async fn send_live_tree(
+/// Live, when the destination answered the offer without an address: every file of the
+/// checkpoint tree but the running tops, and the boot files it asked for (`send_files`), then
+/// `TreeSent`; the destination's answer (`Accepted`: its worker's address and provider
+/// addresses). `Err` is the job's end, the destination told to drop what arrived.
+async fn send_files_first(
     d: &Daemon,
     peer: &mut Peer,
-    tree: &vireo_api::migrate::CheckpointTree,
+    vm: &Vm,
+    (tree, send_files): (Option<&vireo_api::migrate::CheckpointTree>, &[String]),
     job: Uuid,
     cancel_wait: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
 ) -> Result<(Option<SocketAddr>, Vec<SwitchProviderAddresses>), End> {
-    d.migrations.mark(job, "checkpoint tree");
-    if let Err(e) = send_tree(peer, tree, true, job, d).await {
+    if let Some(tree) = tree {
+        d.migrations.mark(job, "checkpoint tree");
+        if let Err(e) = send_tree(peer, tree, true, job, d).await {
+            abort(peer, &e).await;
+            return Err(End::Failed(format!(
+                "sending the checkpoint tree failed: {e}; the VM runs on here"
+            )));
+        }
+    }
+    if let Err(e) = send_boot_files(peer, vm, send_files).await {
         abort(peer, &e).await;
-        return Err(End::Failed(format!(
-            "sending the checkpoint tree failed: {e}; the VM runs on here"
-        )));
+        return Err(End::Failed(format!("{e}; the VM runs on here")));
+    }
+    if !send_files.is_empty() {
+        d.migrations
+            .mark(job, &format!("boot files sent: {}", send_files.join(", ")));
     }
     if futures_ready(cancel_wait).await {
         abort(peer, "cancelled").await;
         return Err(End::Cancelled);
     }
+    let what = match (tree.is_some(), send_files.is_empty()) {
+        (true, true) => "the checkpoint tree",
+        (true, false) => "the checkpoint tree and the boot files",
+        (false, _) => "the boot files",
+    };
     let answer = match peer.send(&PeerMsg::TreeSent).await {
         Ok(()) => peer.recv(ARRIVAL_LIMIT).await,
         Err(e) => Err(e),
@@ -408,26 +445,45 @@ async fn send_live_tree(
         Ok(PeerMsg::Accepted {
             listen_addr,
             provider_addresses,
+            ..
         }) => {
-            d.migrations.mark(job, "checkpoint tree in");
+            if tree.is_some() {
+                d.migrations.mark(job, "checkpoint tree in");
+            }
             Ok((listen_addr, provider_addresses))
         }
         Ok(PeerMsg::Failed { reason }) => Err(End::Failed(format!(
-            "the destination did not take the checkpoint tree: {reason}; the VM runs on here"
+            "the destination did not take {what}: {reason}; the VM runs on here"
         ))),
         Ok(other) => {
             abort(peer, "unexpected answer").await;
             Err(End::Failed(format!(
-                "the destination answered the checkpoint tree with {other:?}; the VM runs on here"
+                "the destination answered {what} with {other:?}; the VM runs on here"
             )))
         }
         // The VM was never paused: it runs on here whatever became of the destination (whose
         // arrival, without a worker yet, is removed there when its connection ends).
         Err(e) => Err(End::Failed(format!(
-            "the destination did not answer once the checkpoint tree was sent ({e}); the VM \
-             runs on here"
+            "the destination did not answer once {what} was sent ({e}); the VM runs on here"
         ))),
     }
+}
+
+/// The kernel and initrd the destination asked for, by their `File` names.
+async fn send_boot_files(peer: &mut Peer, vm: &Vm, names: &[String]) -> Result<(), String> {
+    use vireo_api::migrate::BootRole;
+    for name in names {
+        let path = match name.as_str() {
+            n if n == BootRole::Kernel.file_message_name() => Some(vm.spec.kernel.as_path()),
+            n if n == BootRole::Initrd.file_message_name() => vm.spec.initrd.as_deref(),
+            _ => None,
+        }
+        .ok_or_else(|| format!("the destination asked for {name:?}, which this VM has not"))?;
+        peer.send_file(std::path::Path::new(name), path)
+            .await
+            .map_err(|e| format!("sending the {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The destination's answer to an `abort`.

@@ -155,7 +155,7 @@ fn needed(d: &CopiedDisk) -> u64 {
     }
 }
 
-fn plain_file_name(name: &str) -> bool {
+pub(super) fn plain_file_name(name: &str) -> bool {
     let p = Path::new(name);
     let mut parts = p.components();
     matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none()
@@ -219,7 +219,7 @@ pub fn create_copies(
 }
 
 /// `dest_dir` as this host sees it: absolute, inside a storage root, a folder.
-fn confined_dest_dir(d: &Daemon, dest_dir: Option<&Path>) -> Result<PathBuf, String> {
+pub(super) fn confined_dest_dir(d: &Daemon, dest_dir: Option<&Path>) -> Result<PathBuf, String> {
     let dir = dest_dir.ok_or("a shared-nothing migration names dest_dir")?;
     if !dir.is_absolute() {
         return Err(format!(
@@ -259,7 +259,7 @@ fn free_names(dir: &Path, files: &[CopiedDisk]) -> Result<Vec<PathBuf>, String> 
     Ok(paths)
 }
 
-fn check_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
+pub(super) fn check_room(dir: &Path, need: u64, what: &str) -> Result<(), String> {
     let free = free_bytes(dir)?;
     if free < need {
         return Err(format!(
@@ -480,7 +480,7 @@ pub fn discard(d: &Daemon, vm_id: Uuid) {
         t.backends.lock().unwrap_or_else(|p| p.into_inner()).take();
         remove_files(&t.created);
     }
-    Manifest::of(d, vm_id).remove_files();
+    Manifest::of(d, vm_id).remove_files(|f| super::boot_files::in_use(d, f, vm_id));
 }
 
 /// Destination: a `DiskData` connection; its records go into the copies of `session`.
@@ -501,6 +501,7 @@ pub async fn receive(d: &Daemon, mut peer: Peer, session: Uuid) {
         .send(&PeerMsg::Accepted {
             listen_addr: None,
             provider_addresses: Vec::new(),
+            send_files: Vec::new(),
         })
         .await
         .is_err()
