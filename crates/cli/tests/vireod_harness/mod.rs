@@ -5,8 +5,10 @@
 #![allow(dead_code)]
 
 pub mod console;
+pub mod faults;
 pub mod live_move;
 pub mod migration;
+pub mod slow_link;
 pub mod tmpfs;
 pub mod tree;
 pub mod two_checkpoints;

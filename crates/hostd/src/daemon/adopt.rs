@@ -135,7 +135,9 @@ async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
     let action = match (status, &vm.state) {
         // A migration's switch-over pauses the guest; the worker resumes it if the migration
         // fails, and exits if the VM moved: not the VM's state (found by
-        // `crates/cli/tests/migrate_faults_real.rs`: the record stayed paused for good).
+        // `crates/cli/tests/migrate_faults_real.rs`: the record stayed paused for good). In
+        // post-copy the guest runs on the destination while this worker serves its pages
+        // (`migrate_faults_real_modes.rs`: the record said `paused` here meanwhile).
         (Ok(s), VmState::Running) if s.paused && migrating(sock).await => return,
         (Ok(s), VmState::Running) if s.paused => Action::Pause,
         (Ok(s), VmState::Paused) if !s.paused => Action::Resume,
@@ -151,11 +153,20 @@ async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
     }
 }
 
-/// Whether the worker is in the middle of migrating the VM out (pre-copy or switch-over).
+/// Whether the worker is in the middle of migrating the VM out: pre-copy or switch-over (it
+/// resumes the guest if the migration fails), or past the switch-over (post-copy, or done:
+/// it exits `MigratedAway`, or `migration_lost` if the destination goes, and never resumes).
 async fn migrating(sock: &Path) -> bool {
     matches!(
         super::worker_client::call_once(sock, WorkerOp::MigrateStatus).await,
-        Ok(WorkerReply::Migrate(p)) if matches!(p.state, MigrateState::Precopy | MigrateState::Switching)
+        Ok(WorkerReply::Migrate(p)) if matches!(
+            p.state,
+            MigrateState::Precopy
+                | MigrateState::Switching
+                | MigrateState::Postcopy
+                | MigrateState::Completed
+                | MigrateState::Lost
+        )
     )
 }
 

@@ -29,7 +29,7 @@ use vireo_api::worker::{
     MigrateOptions, MigrateProgress, MigrateState, WorkerExit, WorkerExitReason, WorkerOp,
     WorkerReply,
 };
-use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
+use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, JobState, Vm, VmState};
 
 use super::peer::Peer;
 use crate::daemon::http_error::HttpError;
@@ -1061,19 +1061,49 @@ async fn quick(
                 Err(e) => e,
             };
             // Not there: continue it here from its saved state.
-            let restarted = match d.store.get_by_id(vm.id()) {
-                Ok(v) => lifecycle::start_locked(d, &v)
-                    .await
-                    .map(|_| "it is restored here".to_string())
-                    .unwrap_or_else(|e| {
-                        format!("restoring it here failed too: {}", e.body.message)
-                    }),
-                Err(e) => format!("its record here: {e}"),
-            };
+            let restarted = restore_here(d, vm).await;
             End::Failed(format!(
                 "the destination did not take VM {name:?}: {why}; {restarted}"
             ))
         }
+    }
+}
+
+/// A quick migration that did not happen: the VM is started here again from its saved state,
+/// and the job ends once the restore did (its words then true: until session 33 it said
+/// "it is restored here" while the record was still `starting`, and a restore that failed
+/// after that was never told; found by `crates/cli/tests/migrate_faults_real_modes.rs`).
+async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
+    let current = match d.store.get_by_id(vm.id()) {
+        Ok(v) => v,
+        Err(e) => return format!("its record here: {e}"),
+    };
+    let start = match lifecycle::start_locked(d, &current).await {
+        Ok(job) => job,
+        Err(e) => return format!("restoring it here failed too: {}", e.body.message),
+    };
+    let deadline = tokio::time::Instant::now() + ARRIVAL_LIMIT;
+    loop {
+        match d.store.get_job(start.id) {
+            Ok(j) if j.state == JobState::Running => {}
+            Ok(j) if j.state == JobState::Completed => return "it is restored here".into(),
+            Ok(j) => {
+                return format!(
+                    "restoring it here failed too: {}",
+                    j.error
+                        .unwrap_or_else(|| format!("the restore ended {:?}", j.state))
+                )
+            }
+            Err(e) => return format!("its restore here (job {}): {e}", start.id),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return format!(
+                "its restore here did not end within {} s (job {})",
+                ARRIVAL_LIMIT.as_secs(),
+                start.id
+            );
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 
