@@ -21,19 +21,10 @@ use std::time::Duration;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    files_in, migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
     wait_for_progress, Storage,
 };
 use vireod_harness::Daemon;
-
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 /// The names of the job's phases.
 fn phases(job: &serde_json::Value) -> Vec<String> {
@@ -93,31 +84,13 @@ fn the_kernel_and_initrd_travel_to_a_host_that_lacks_them_and_only_then() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    a.ok(&[
-        "vm",
-        "create",
-        "m",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "32M",
-        "--disk",
-        "m.img",
-    ]);
+    let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let create = [
+        "vm", "create", "--kernel", k, "--initrd", i, "--memory", "32M",
+    ];
+    a.ok(&[&create[..], &["m", "--disk", "m.img"]].concat());
     // Another VM here boots from the same files (never started).
-    a.ok(&[
-        "vm",
-        "create",
-        "o",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "32M",
-    ]);
+    a.ok(&[&create[..], &["o"]].concat());
     a.ok(&["vm", "start", "m"]);
     let mut c = Console::attach(&a, "m");
     c.ok("DISK 0 WRITE 0 4096 5");

@@ -11,19 +11,10 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::migration::{
-    migration_address, start_migration, start_probe_on_raw_disk, trust_each_other, two_hosts,
-    wait_for_end, wait_for_progress, Storage,
+    files_in, migration_address, start_migration, start_probe_on_raw_disk, trust_each_other,
+    two_hosts, wait_for_end, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
-
-fn files_in(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
 
 /// Writes zeros into `path` until the file system is full (ENOSPC is the point).
 fn fill(path: &std::path::Path) {

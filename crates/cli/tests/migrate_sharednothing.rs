@@ -24,8 +24,8 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    create_child, migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
-    wait_for_progress, Storage,
+    create_child, files_in, migration_address, start_migration, trust_each_other, two_hosts,
+    wait_for_end, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 
@@ -39,13 +39,6 @@ fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
         out.extend_from_slice(&(x ^ (x >> 31)).to_le_bytes());
     }
     out
-}
-
-fn files_in(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 #[test]

@@ -144,3 +144,13 @@ pub fn start_probe_on_raw_disk(d: &Daemon, name: &str, disk_len: u64) -> super::
     d.ok(&["vm", "start", name]);
     super::console::Console::attach(d, name)
 }
+
+/// The names of the entries in `dir`, sorted.
+pub fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}

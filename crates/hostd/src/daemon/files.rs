@@ -23,22 +23,18 @@ pub fn path(dir: &Path, name: &str) -> PathBuf {
 
 /// `write_json_atomic` without the fsyncs, for files that only describe a running process (a
 /// worker's launch spec and its pid record): a host that crashes takes the process with them,
-/// so they need not survive it, and under a busy disk those fsyncs took seconds of every
-/// worker's start (seen: 8.6 s for a migration's destination worker at load 13).
+/// so they need not survive it. Under a busy disk a migration's destination worker once took
+/// 8.6 s to spawn (load 13), most likely in these fsyncs.
 pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    f.write_all(&text)?;
-    fs::rename(&tmp, path)
+    write_json(path, value, false)
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    write_json(path, value, true)
+}
+
+/// Temp file, rename; `durable`: the file synced before the rename and its folder after.
+fn write_json<T: Serialize>(path: &Path, value: &T, durable: bool) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = OpenOptions::new()
         .create(true)
@@ -48,9 +44,11 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()>
         .open(&tmp)?;
     let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     f.write_all(&text)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
+    if let (true, Some(dir)) = (durable, path.parent()) {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
