@@ -21,7 +21,7 @@ use std::time::Duration;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    files_in, migration_address, start_migration, trust_each_other, two_hosts, wait_for_end,
+    files_in, migration_address, start_shared_nothing, trust_each_other, two_hosts, wait_for_end,
     wait_for_progress, Storage,
 };
 use vireod_harness::Daemon;
@@ -45,17 +45,7 @@ fn boot_files_sent(job: &serde_json::Value) -> Option<String> {
 }
 
 fn migrate(from: &Daemon, to: &Daemon, dest: &Path, extra: &[&str]) -> String {
-    let addr = migration_address(to);
-    let mut args = vec![
-        "m",
-        "--to",
-        &addr,
-        "--with-storage",
-        "--dest-dir",
-        dest.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    start_migration(from, &args)
+    start_shared_nothing(from, "m", &migration_address(to), dest, extra)
 }
 
 fn spec_paths(d: &Daemon) -> (String, String) {
@@ -197,18 +187,7 @@ fn the_kernel_and_initrd_travel_to_a_host_that_lacks_them_and_only_then() {
     ]);
     a.ok(&["vm", "start", "p"]);
     Console::attach(&a, "p").ok("PING");
-    let addr = migration_address(&b);
-    let job = start_migration(
-        &a,
-        &[
-            "p",
-            "--to",
-            &addr,
-            "--with-storage",
-            "--dest-dir",
-            dest.to_str().unwrap(),
-        ],
-    );
+    let job = start_shared_nothing(&a, "p", &migration_address(&b), &dest, &[]);
     let j = wait_for_end(&a, &job, Duration::from_secs(120));
     assert_eq!(j["state"], "completed", "{j}");
     assert_eq!(boot_files_sent(&j), None, "{:?}", phases(&j));

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::migration::{
-    files_in, migration_address, start_migration, start_probe_on_raw_disk, trust_each_other,
+    files_in, migration_address, start_probe_on_raw_disk, start_shared_nothing, trust_each_other,
     two_hosts, wait_for_end, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
@@ -52,19 +52,7 @@ fn the_destination_disk_full_mid_copy_fails_the_job_and_leaves_the_vm_on_the_sou
     let dest_s = dest.to_str().unwrap().to_owned();
 
     // Held to 2 MiB/s so the copy is still running when the file system fills.
-    let job_id = start_migration(
-        &a,
-        &[
-            "m",
-            "--to",
-            &to,
-            "--with-storage",
-            "--dest-dir",
-            &dest_s,
-            "--bandwidth",
-            "2M",
-        ],
-    );
+    let job_id = start_shared_nothing(&a, "m", &to, &dest, &["--bandwidth", "2M"]);
     wait_for_progress(&a, &job_id, "disk_bytes_copied");
     fill(&dest.join("filler"));
     let j = wait_for_end(&a, &job_id, Duration::from_secs(120));

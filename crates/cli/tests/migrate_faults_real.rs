@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, kill9, migrate, pair, record, settled, settled_as, start_vm, wait_until, Allow, Run,
-    Where, T,
+    alive, kill9, migrate, pair, record, settled, settled_as, start_vm, sweep, wait_until, Allow,
+    Run, Where, T,
 };
 use vireod_harness::migration::{
     job, migration_address, trust_each_other, wait_for_end, wait_for_progress,
@@ -66,17 +66,9 @@ fn the_vireods_link_cut_after_n_bytes() {
     let mut points: Vec<u64> = (0..16).map(|k| total * k / 16).collect();
     points.extend((1..=8).map(|k| total - 8 * k).rev());
     points.push(total - 1);
-    let mut seen = [0; 2];
-    for (k, &n) in points.iter().enumerate() {
-        let (place, _) = link_cut_run(&a, &b, k + 1, n);
-        seen[place as usize] += 1;
-    }
-    eprintln!(
-        "link cut: {} runs over {total} bytes; the VM stayed on the source {}, moved {}",
-        points.len() + 1,
-        seen[0],
-        seen[1]
-    );
+    let seen = sweep("link cut", total, &points, |k, n| {
+        link_cut_run(&a, &b, k, n).0
+    });
     assert!(seen[0] > 0, "{seen:?}");
 }
 
@@ -318,17 +310,8 @@ fn the_workers_streams_cut_after_n_bytes() {
         total - 64,
         total - 1,
     ]);
-    let mut seen = [0; 2];
-    for (k, &n) in points.iter().enumerate() {
-        let (place, _) = stream_cut_run(&a, &b, route.path(), k + 1, n);
-        seen[place as usize] += 1;
-    }
-    eprintln!(
-        "workers' streams cut: {} runs over ~{total} bytes; the VM stayed on the source {}, \
-         moved {}",
-        points.len() + 1,
-        seen[0],
-        seen[1]
-    );
+    let seen = sweep("workers' streams cut", total, &points, |k, n| {
+        stream_cut_run(&a, &b, route.path(), k, n).0
+    });
     assert!(seen[0] > 0, "{seen:?}");
 }

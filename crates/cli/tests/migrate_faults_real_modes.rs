@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, kill9, migrate, nothing_there, pair, record, settled, settled_as, start_vm, wait_until,
-    workers_on, Allow, Run, Where, T,
+    alive, kill9, migrate, nothing_there, pair, record, settled, settled_as, start_vm, sweep,
+    wait_until, workers_on, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -85,17 +85,9 @@ fn a_quick_migration_cut_after_n_bytes() {
     let mut points: Vec<u64> = (0..10).map(|k| total * k / 10).collect();
     points.extend((1..=8).map(|k| total - 12 * k).rev());
     points.push(total - 1);
-    let mut seen = [0; 2];
-    for (k, &n) in points.iter().enumerate() {
-        let (place, _) = quick_cut_run(&a, &b, k + 1, n);
-        seen[place as usize] += 1;
-    }
-    eprintln!(
-        "quick, link cut: {} runs over {total} bytes; the VM stayed on the source {}, moved {}",
-        points.len() + 1,
-        seen[0],
-        seen[1]
-    );
+    let seen = sweep("quick, link cut", total, &points, |k, n| {
+        quick_cut_run(&a, &b, k, n).0
+    });
     assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
 }
 

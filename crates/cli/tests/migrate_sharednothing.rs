@@ -24,7 +24,7 @@ use vireo_block::BlockBackend;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    create_child, files_in, migration_address, start_migration, trust_each_other, two_hosts,
+    create_child, files_in, migration_address, start_shared_nothing, trust_each_other, two_hosts,
     wait_for_end, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
@@ -141,20 +141,12 @@ fn probe_guest_migrates_with_its_disk_to_a_vireod_that_shares_no_storage() {
 
     // Cancelled while the disks are copied (held to 4 MiB/s so the copy outlasts a poll on a
     // quiet machine): no file left there, the VM runs on here.
-    let job_id = start_migration(
+    let job_id = start_shared_nothing(
         &a,
-        &[
-            "m",
-            "--to",
-            &to,
-            "--with-storage",
-            "--dest-dir",
-            &dest_s,
-            "--max-downtime",
-            "1ms",
-            "--bandwidth",
-            "4M",
-        ],
+        "m",
+        &to,
+        &dest,
+        &["--max-downtime", "1ms", "--bandwidth", "4M"],
     );
     wait_for_progress(&a, &job_id, "disk_bytes_total");
     a.ok(&["job", "cancel", &job_id]);

@@ -11,8 +11,8 @@ use std::time::Duration;
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, start_migration, start_probe_on_raw_disk, trust_each_other, wait_for_end,
-    wait_for_progress,
+    migration_address, start_probe_on_raw_disk, start_shared_nothing, trust_each_other,
+    wait_for_end, wait_for_progress,
 };
 use vireod_harness::Daemon;
 
@@ -39,19 +39,7 @@ fn a_disk_copy_longer_than_the_wait_for_the_memory_streams_completes() {
     let to = migration_address(&b);
     let dest = b.dir.path().join("copies");
     std::fs::create_dir(&dest).unwrap();
-    let job_id = start_migration(
-        &a,
-        &[
-            "m",
-            "--to",
-            &to,
-            "--with-storage",
-            "--dest-dir",
-            dest.to_str().unwrap(),
-            "--bandwidth",
-            "2M",
-        ],
-    );
+    let job_id = start_shared_nothing(&a, "m", &to, &dest, &["--bandwidth", "2M"]);
     wait_for_progress(&a, &job_id, "disk_bytes_copied");
     let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
     assert_eq!(j["state"], "completed", "{j}");

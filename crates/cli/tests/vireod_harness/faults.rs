@@ -24,6 +24,28 @@ pub enum Where {
     Destination,
 }
 
+/// One fault run per cut point (`run(k, n)`, k counting from 1, after the uncut run 0):
+/// how many times the VM stayed on the source and moved, printed under `what` with `total`,
+/// the uncut run's bytes.
+pub fn sweep(
+    what: &str,
+    total: u64,
+    points: &[u64],
+    mut run: impl FnMut(usize, u64) -> Where,
+) -> [usize; 2] {
+    let mut seen = [0; 2];
+    for (k, &n) in points.iter().enumerate() {
+        seen[run(k + 1, n) as usize] += 1;
+    }
+    eprintln!(
+        "{what}: {} runs over {total} bytes; the VM stayed on the source {}, moved {}",
+        points.len() + 1,
+        seen[0],
+        seen[1]
+    );
+    seen
+}
+
 /// A VM set up for one run: what the guest holds, to check after the fault.
 pub struct Run {
     pub name: String,

@@ -39,6 +39,21 @@ pub fn start_migration(d: &Daemon, args: &[&str]) -> String {
     started["id"].as_str().unwrap().to_owned()
 }
 
+/// `vireo vm migrate VM --to TO --with-storage --dest-dir DEST EXTRA.. --no-wait` on `d`: the
+/// shared-nothing migration job's id.
+pub fn start_shared_nothing(
+    d: &Daemon,
+    vm: &str,
+    to: &str,
+    dest: &std::path::Path,
+    extra: &[&str],
+) -> String {
+    let dest = dest.to_str().unwrap();
+    let mut args = vec![vm, "--to", to, "--with-storage", "--dest-dir", dest];
+    args.extend_from_slice(extra);
+    start_migration(d, &args)
+}
+
 /// Waits (at most `limit`) until the job is no longer running; the job as it ended.
 pub fn wait_for_end(d: &Daemon, job_id: &str, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
