@@ -12,13 +12,13 @@ use super::watch::{gap_ms, Watch, DIRTY_PAGES};
 use super::{Case, Sample, MEMORY_MIB, T};
 use crate::checkpoint::qmp::Qmp;
 
-/// A QEMU probe with two QMP sockets: one to drive it, one for the counter watcher.
+/// A QEMU probe, the QMP socket that drives it and a direct reader of its guest's counter.
 fn spawn(
     qemu: &Path,
     dir: &Path,
     name: &str,
     extra: &[&str],
-) -> Result<(QemuProbe, Qmp, Qmp), String> {
+) -> Result<(QemuProbe, Qmp, CounterReader), String> {
     let socks = [0, 1].map(|i| dir.join(format!("{name}-{i}.qmp")));
     let mut c = QemuProbeConfig::new(qemu, MEMORY_MIB as u32);
     for s in &socks {
@@ -31,8 +31,39 @@ fn spawn(
         .spawn()
         .map_err(|e| format!("starting {}: {e}", qemu.display()))?;
     let a = Qmp::connect(&socks[0], T)?;
-    let b = Qmp::connect(&socks[1], T)?;
-    Ok((p, a, b))
+    let mut b = Qmp::connect(&socks[1], T)?;
+    let counter = CounterReader::open(&mut b, p.pid())?;
+    Ok((p, a, counter))
+}
+
+/// Reads the probe's counter straight from QEMU's guest RAM (`/proc/PID/mem` at the host
+/// address HMP `gpa2hva` names once), as the Vireo side reads its workers' RAM files: an HMP
+/// `xp` per read was a monitor round trip, up to a read's time added to QEMU's gap only.
+struct CounterReader {
+    mem: std::fs::File,
+    hva: u64,
+}
+
+impl CounterReader {
+    fn open(q: &mut Qmp, pid: u32) -> Result<Self, String> {
+        // "Host virtual address for 0x80018 (pc.ram) is 0x7f5b2c080018"
+        let out = q.hmp(&format!("gpa2hva {DIRTY_PAGES:#x}"))?;
+        let hva = out
+            .split_whitespace()
+            .last()
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .ok_or_else(|| format!("qemu: cannot parse gpa2hva output {out:?}"))?;
+        let path = format!("/proc/{pid}/mem");
+        let mem = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        Ok(CounterReader { mem, hva })
+    }
+
+    fn read(&self) -> Result<u64, String> {
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&self.mem, &mut b, self.hva)
+            .map_err(|e| format!("reading QEMU's guest RAM: {e}"))?;
+        Ok(u64::from_le_bytes(b))
+    }
 }
 
 fn multifd(q: &mut Qmp) -> Result<(), String> {
@@ -52,11 +83,11 @@ fn free_port() -> Result<u16, String> {
 pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     let dst_spawned = Instant::now();
-    let (_dst, mut dq, mut dwatch) = spawn(qemu, dir, "dst", &["-incoming", "defer"])?;
+    let (_dst, mut dq, dwatch) = spawn(qemu, dir, "dst", &["-incoming", "defer"])?;
     multifd(&mut dq)?;
     dq.execute("migrate-incoming", json!({ "uri": uri }))?;
     let dst_start = dst_spawned.elapsed();
-    let (mut src, mut sq, mut swatch) = spawn(qemu, dir, "src", &[])?;
+    let (mut src, mut sq, swatch) = spawn(qemu, dir, "src", &[])?;
     src.console
         .wait_ready(T)
         .map_err(|e| format!("qemu: {e}"))?;
@@ -66,11 +97,10 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
         "migrate-set-parameters",
         json!({"downtime-limit": case.max_downtime_ms, "max-bandwidth": 100u64 << 30}),
     )?;
-    let source = Watch::start(move || swatch.read_u64(DIRTY_PAGES).map(Some), T);
+    let source = Watch::start(move || swatch.read().map(Some), T);
     // Read whatever its state: before its guest runs, the destination's counter holds only
-    // values the source had (see `watch.rs`); an incoming QEMU that cannot answer yet is
-    // read again.
-    let dest = Watch::start(move || Ok(dwatch.read_u64(DIRTY_PAGES).ok()), T);
+    // values the source had (see `watch.rs`).
+    let dest = Watch::start(move || dwatch.read().map(Some), T);
     let t = Instant::now();
     sq.execute("migrate", json!({ "uri": uri }))?;
     let deadline = Instant::now() + T;

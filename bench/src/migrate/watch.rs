@@ -1,5 +1,5 @@
 //! The guest's side of a migration's pause: a thread reads the probe's dirty-page counter
-//! (status page + 24, bumped every ≤ 512 pages, ~0.1 ms) on one side every ~0.1 ms and
+//! (status page + 24, bumped after every page the guest writes) on one side every ~0.1 ms and
 //! remembers every move. The counter only grows, and before the destination's guest runs its
 //! copy of the counter can only hold values the source had: so the gap is from the source's
 //! last move to the first time the destination shows a value **above the source's last
@@ -90,7 +90,8 @@ impl Watch {
                 // Not a spin: two watchers reading flat out were two more runnable threads
                 // on this 2-core host beside the guest's vCPU and the migration's stream
                 // threads (on either VMM's side), taking CPU from the very migration they
-                // time. 0.1 ms is the counter's own step, so the gap loses no resolution.
+                // time. So the gap's resolution is this pause (and the scheduler's wake-up),
+                // the same for both VMMs.
                 std::thread::sleep(READ_EVERY);
             }
             Ok(seen)

@@ -52,6 +52,13 @@ pub(crate) enum InputSource {
     },
 }
 
+impl InputSource {
+    /// The guest may not run until a console client connects (`wait_for_client`).
+    pub(crate) fn holds_guest(&self) -> bool {
+        matches!(self, InputSource::Listener { wait: true, .. })
+    }
+}
+
 /// The socket file a socket console bound; removed when dropped (the VM is gone, or building
 /// it failed after the bind).
 #[derive(Debug)]

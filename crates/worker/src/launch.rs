@@ -376,7 +376,7 @@ impl Running {
         // A post-copy still placing pages lives until the VM has stopped.
         let mut _postcopy = None;
         if let Some(inc) = self.incoming.take() {
-            match incoming::receive(&self.vm, &self.state, inc) {
+            match incoming::receive(&mut self.vm, &self.state, inc) {
                 Ok(pc) => _postcopy = pc,
                 Err(why) => {
                     tracing::error!("incoming migration failed: {why}; nothing ran here");

@@ -90,10 +90,14 @@ pub fn listen(
     })
 }
 
-/// Receives the VM into `vm` and runs the handoff; on `Ok` the VM is resumed (its vCPUs
-/// start with `Vm::run`). With post-copy the result is running, and must be kept until the
+/// Receives the VM into `vm` and runs the handoff; on `Ok` the VM is resumed (its vCPU
+/// threads, started parked once the state is applied, run). With post-copy the result is running, and must be kept until the
 /// VM has stopped: it completes the migration (or loses the VM) on its own.
-pub fn receive(vm: &Vm, s: &Arc<State>, inc: Incoming) -> Result<Option<PostcopyIncoming>, String> {
+pub fn receive(
+    vm: &mut Vm,
+    s: &Arc<State>,
+    inc: Incoming,
+) -> Result<Option<PostcopyIncoming>, String> {
     let result = receive_inner(vm, s, &inc);
     match &result {
         Ok(Some(_)) => {}
@@ -104,7 +108,7 @@ pub fn receive(vm: &Vm, s: &Arc<State>, inc: Incoming) -> Result<Option<Postcopy
 }
 
 fn receive_inner(
-    vm: &Vm,
+    vm: &mut Vm,
     s: &Arc<State>,
     inc: &Incoming,
 ) -> Result<Option<PostcopyIncoming>, String> {
@@ -160,6 +164,10 @@ fn receive_inner(
     let disks_at = ms(t);
     vm.apply_state(&state)
         .map_err(|e| fail(ctl, format!("applying the device state: {e}")))?;
+    // Parked until the resume below, which then only wakes them (docs/migration.md, "The
+    // destination's vCPU threads"); their spawn overlaps the handoff's round trip.
+    vm.start_vcpus()
+        .map_err(|e| fail(ctl, format!("starting the vCPU threads: {e}")))?;
     let applied = ms(t);
     handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
     handoff::expect(ctl, "RELEASED")?;
