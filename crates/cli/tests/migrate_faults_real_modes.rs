@@ -208,7 +208,8 @@ fn the_destination_vireod_killed_in_postcopy_and_restarted() {
         return;
     };
     let run = start_vm(&a, "pdv");
-    let job_id = in_postcopy(&a, &run, &migration_address(&b), "2M");
+    // 1M: the push outlasts the restart by seconds, so the question lands in post-copy.
+    let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
     let worker = b.worker_pid(&run.name);
     b.kill9();
     assert!(
@@ -217,6 +218,21 @@ fn the_destination_vireod_killed_in_postcopy_and_restarted() {
     );
     assert!(alive(worker));
     b.restart();
+    // The restarted vireod answers while the VM is still in post-copy: it settles it in the
+    // background. It used to hold its API (and migration listener) until post-copy ended.
+    let asked = Instant::now();
+    let list = b.run(&["vm", "list"]);
+    assert!(list.status.success(), "{list:?}");
+    let answered = asked.elapsed();
+    eprintln!("the restarted destination vireod answered `vm list` in {answered:?}");
+    assert!(
+        still_postcopy(&a, &job_id),
+        "post-copy ended before the restarted vireod was asked ({answered:?})"
+    );
+    assert!(
+        answered < Duration::from_secs(2),
+        "the restarted vireod answered `vm list` only after {answered:?}"
+    );
     let place = settled(&a, &b, &run, Some(&job_id), "post-copy, destination vireod");
     assert_eq!(place, Where::Destination);
 }

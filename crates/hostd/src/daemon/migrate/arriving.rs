@@ -2,8 +2,9 @@
 //! a checkpoint tree's user files), listed on disk in `<state>/arriving/<vm id>.json` before
 //! each one is created. They lie outside the VM's folder, so a vireod killed mid-arrival would
 //! otherwise leave them behind: the list was only in memory (`storage::Target`). At the next
-//! start ([`recover_all`], after the half-arrived VMs were settled) a list whose VM does not
-//! run here has every file it names removed; one whose VM arrived is dropped.
+//! start ([`recover_all`], after the half-arrived VMs were settled; for a VM settled in the
+//! background because it is in post-copy, [`recover_one`] once it is) a list whose VM does
+//! not run here has every file it names removed; one whose VM arrived is dropped.
 //!
 //! A path is listed before its file is created and unlisted when the creation fails, so the
 //! list never names a file that was there before the arrival (`create_new` refuses one).
@@ -107,7 +108,9 @@ fn folder(d: &Daemon) -> PathBuf {
     d.store.state_dir().join("arriving")
 }
 
-/// Start-up, after `migrate::recover::recover_all`: every list left by a vireod that died.
+/// Start-up, after `migrate::recover::recover_all`: every list left by a vireod that died,
+/// but those of VMs still settled in the background (post-copy), which
+/// [`recover_one`] handles once they are.
 pub fn recover_all(d: &Daemon) {
     let Ok(entries) = std::fs::read_dir(folder(d)) else {
         return;
@@ -120,14 +123,25 @@ pub fn recover_all(d: &Daemon) {
         else {
             continue;
         };
-        let m = Manifest::of(d, vm);
-        match d.store.get_by_id(vm) {
-            // It arrived (or is being settled by its worker): the files are its disks.
-            Ok(v) if v.state != VmState::Incoming => m.drop_list(),
-            _ => {
-                tracing::warn!(vm = %vm, "removing the files of an arrival cut short");
-                m.remove_files(|f| super::boot_files::in_use(d, f, vm));
-            }
+        if !d.migrations.is_settling_at_start(vm) {
+            recover_one(d, vm);
+        }
+    }
+}
+
+/// The list of `vm`'s arrival, if one was left: dropped if the VM arrived (its files are its
+/// disks), else its files removed.
+pub fn recover_one(d: &Daemon, vm: Uuid) {
+    let m = Manifest::of(d, vm);
+    if !m.path.exists() {
+        return;
+    }
+    match d.store.get_by_id(vm) {
+        // It arrived (or is being settled by its worker): the files are its disks.
+        Ok(v) if v.state != VmState::Incoming => m.drop_list(),
+        _ => {
+            tracing::warn!(vm = %vm, "removing the files of an arrival cut short");
+            m.remove_files(|f| super::boot_files::in_use(d, f, vm));
         }
     }
 }

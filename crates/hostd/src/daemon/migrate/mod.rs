@@ -57,6 +57,9 @@ pub struct Migrations {
     answer_wait: Mutex<Duration>,
     /// Destination: the disk copies of shared-nothing migrations arriving here.
     pub disk_targets: storage::Targets,
+    /// Incoming VMs found in post-copy at start-up, settled in the background
+    /// (`recover::recover_all`).
+    settling_at_start: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 impl Default for Migrations {
@@ -69,6 +72,7 @@ impl Default for Migrations {
             netvirt_peers: Mutex::new(Vec::new()),
             answer_wait: Mutex::new(DEFAULT_ANSWER_WAIT),
             disk_targets: storage::Targets::default(),
+            settling_at_start: Mutex::default(),
         }
     }
 }
@@ -111,6 +115,20 @@ impl Migrations {
 
     pub fn answer_wait(&self) -> Duration {
         *lock(&self.answer_wait)
+    }
+
+    /// Marks an incoming VM as settled in the background since start-up (or no longer).
+    pub fn settling_at_start(&self, vm: Uuid, settling: bool) {
+        let mut s = lock(&self.settling_at_start);
+        if settling {
+            s.insert(vm);
+        } else {
+            s.remove(&vm);
+        }
+    }
+
+    pub fn is_settling_at_start(&self, vm: Uuid) -> bool {
+        lock(&self.settling_at_start).contains(&vm)
     }
 
     pub fn set_progress(&self, job: Uuid, p: MigrateProgress) {

@@ -14,12 +14,13 @@
 
 use std::sync::Arc;
 use uuid::Uuid;
-use vireo_api::worker::{WorkerExit, WorkerExitReason, WorkerRecord};
+use vireo_api::worker::WorkerReply;
+use vireo_api::worker::{MigrateState, WorkerExit, WorkerExitReason, WorkerOp, WorkerRecord};
 use vireo_api::{Action, JobKind, JobState, VmState};
 
 use super::listener::{settle_at, Settled};
 use crate::daemon::switches::nics;
-use crate::daemon::{files, procfs, sys, Daemon};
+use crate::daemon::{files, procfs, sys, worker_client, Daemon};
 
 pub async fn recover_all(d: &Arc<Daemon>) {
     let Ok(vms) = d.store.list() else { return };
@@ -37,39 +38,71 @@ pub async fn recover_all(d: &Arc<Daemon>) {
         let dir = d.store.vm_dir(vm.id());
         let record = files::read_json::<WorkerRecord>(&files::path(&dir, files::RECORD))
             .filter(|r| r.vm_id == vm.id() && procfs::alive(r.pid, r.start_time_ticks));
-        if let Some(r) = record {
-            let sock = files::path(&dir, files::SOCKET);
-            // A worker caught in the switch-over is waited for (killing it then could lose
-            // the VM in both places); one that has not begun it is cancelled.
-            let settled =
-                settle_at(&sock, r.pid, || procfs::alive(r.pid, r.start_time_ticks)).await;
-            if settled == Settled::RunsHere && d.store.set_state(vm.id(), &Action::Started).is_ok()
-            {
-                tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
-                d.sup.adopt(d, r, &dir);
-                super::listener::announce(d, &vm).await;
-                continue;
-            }
-            if settled == Settled::Lost {
-                // It resumed the VM in post-copy and lost it: the record says so and stays.
-                let lost = Action::MigrationLost {
-                    reason: "the VM was lost in a post-copy migration (its worker said so when \
-                             vireod restarted)"
-                        .into(),
-                };
-                let _ = sys::kill(r.pid, libc::SIGKILL);
-                if d.store.set_state(vm.id(), &lost).is_ok() {
-                    tracing::warn!(vm = %vm.id(), "an incoming VM was lost in post-copy while vireod was down");
-                    continue;
-                }
-            }
-            tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
-            let _ = sys::kill(r.pid, libc::SIGKILL);
+        let Some(r) = record else {
+            remove_incoming(d, &vm).await;
+            continue;
+        };
+        // A VM in post-copy settles only once its last page arrived (or it is lost): that
+        // can take minutes, and waiting here kept the API and the migration listener (whose
+        // `where_is` a source may be asking) shut the whole time. It is settled beside them;
+        // its arrival's files are dealt with after it (`arriving::recover_one`), not by the
+        // start-up sweep, which skips a VM still `incoming`.
+        let sock = files::path(&dir, files::SOCKET);
+        let in_postcopy = matches!(
+            worker_client::call_once(&sock, WorkerOp::MigrateStatus).await,
+            Ok(WorkerReply::Migrate(p)) if p.state == MigrateState::Postcopy
+        );
+        if in_postcopy {
+            tracing::info!(vm = %vm.id(), "an incoming VM is in post-copy; settling it in the background");
+            d.migrations.settling_at_start(vm.id(), true);
+            let d = d.clone();
+            tokio::spawn(async move {
+                settle_one(&d, &vm, r).await;
+                d.migrations.settling_at_start(vm.id(), false);
+                super::arriving::recover_one(&d, vm.id());
+            });
+            continue;
         }
-        tracing::warn!(vm = %vm.id(), name = %vm.spec.name, "removing an incoming VM left by a migration cut short");
-        if let Err(e) = nics::remove_vm(d, &vm).await {
-            tracing::error!(vm = %vm.id(), "{}", e.body.message);
+        settle_one(d, &vm, r).await;
+    }
+}
+
+/// An incoming VM whose worker is alive: kept if the worker runs it, recorded lost if it lost
+/// it in post-copy, else its worker killed and its record removed.
+async fn settle_one(d: &Arc<Daemon>, vm: &vireo_api::Vm, r: WorkerRecord) {
+    let dir = d.store.vm_dir(vm.id());
+    let sock = files::path(&dir, files::SOCKET);
+    // A worker caught in the switch-over is waited for (killing it then could lose
+    // the VM in both places); one that has not begun it is cancelled.
+    let settled = settle_at(&sock, r.pid, || procfs::alive(r.pid, r.start_time_ticks)).await;
+    if settled == Settled::RunsHere && d.store.set_state(vm.id(), &Action::Started).is_ok() {
+        tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
+        d.sup.adopt(d, r, &dir);
+        super::listener::announce(d, vm).await;
+        return;
+    }
+    if settled == Settled::Lost {
+        // It resumed the VM in post-copy and lost it: the record says so and stays.
+        let lost = Action::MigrationLost {
+            reason: "the VM was lost in a post-copy migration (its worker said so when \
+                     vireod restarted)"
+                .into(),
+        };
+        let _ = sys::kill(r.pid, libc::SIGKILL);
+        if d.store.set_state(vm.id(), &lost).is_ok() {
+            tracing::warn!(vm = %vm.id(), "an incoming VM was lost in post-copy while vireod was down");
+            return;
         }
+    }
+    tracing::warn!(vm = %vm.id(), pid = r.pid, "incoming VM's worker had not received it; killed");
+    let _ = sys::kill(r.pid, libc::SIGKILL);
+    remove_incoming(d, vm).await;
+}
+
+async fn remove_incoming(d: &Arc<Daemon>, vm: &vireo_api::Vm) {
+    tracing::warn!(vm = %vm.id(), name = %vm.spec.name, "removing an incoming VM left by a migration cut short");
+    if let Err(e) = nics::remove_vm(d, vm).await {
+        tracing::error!(vm = %vm.id(), "{}", e.body.message);
     }
 }
 
