@@ -97,7 +97,21 @@ fn quick_in_transfer(a: &Daemon, b: &Daemon, run: &Run) -> (String, SlowLink) {
     let link = SlowLink::start(to_of(b), 4 << 20);
     let job_id = migrate(a, run, &link.addr.to_string(), &["--quick"]).expect("a job");
     wait_until("the saved state crossing", || link.passed() > 1 << 20);
-    let j = job(a, &job_id);
+    // The job counts the files' bytes as they cross, not once a whole file did (the 64 MiB
+    // `memory.bin` takes ~16 s here): within 3 s it shows at least a MiB of them.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let j = loop {
+        let j = job(a, &job_id);
+        let counted = j["migration"]["transferred_bytes"].as_u64().unwrap_or(0);
+        if counted >= 1 << 20 || Instant::now() > deadline {
+            assert!(
+                counted >= 1 << 20,
+                "the job counts {counted} bytes sent: {j}"
+            );
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(j["state"], "running", "ended before the transfer: {j}");
     (job_id, link)
 }

@@ -195,6 +195,19 @@ impl Peer {
 
     /// `File` then the bytes of `path`.
     pub async fn send_file(&mut self, name: &Path, path: &Path) -> Result<u64, String> {
+        self.send_file_counted(name, path, |_| {}).await
+    }
+
+    /// [`Peer::send_file`], telling `sent` the bytes of the file sent so far after each
+    /// chunk, so a job's progress moves while a large file (a quick migration's 64 MiB
+    /// `memory.bin`) crosses, not only once it is whole.
+    pub async fn send_file_counted(
+        &mut self,
+        name: &Path,
+        path: &Path,
+        mut sent: impl FnMut(u64),
+    ) -> Result<u64, String> {
+        const CHUNK: usize = 1 << 20;
         let mut f = tokio::fs::File::open(path)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -209,11 +222,22 @@ impl Peer {
         })
         .await?;
         let w = self.io.get_mut();
-        let copied = tokio::io::copy(&mut (&mut f).take(len), w)
-            .await
-            .map_err(|e| format!("sending {} to {}: {e}", path.display(), self.who))?;
-        if copied != len {
-            return Err(format!("{} shrank while being sent", path.display()));
+        let mut buf = vec![0u8; CHUNK];
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(CHUNK as u64) as usize;
+            let n = f
+                .read(&mut buf[..want])
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                return Err(format!("{} shrank while being sent", path.display()));
+            }
+            w.write_all(&buf[..n])
+                .await
+                .map_err(|e| format!("sending {} to {}: {e}", path.display(), self.who))?;
+            done += n as u64;
+            sent(done);
         }
         w.flush()
             .await

@@ -1130,9 +1130,13 @@ async fn send_tree(
         .filter(|f| !(live && super::tree::is_running_top(tree, f)));
     for f in files {
         let name = std::path::PathBuf::from(&f.name);
-        total += peer.send_file(&name, super::tree::source_path(f)).await?;
-        d.migrations
-            .update_progress(job, |p| p.transferred_bytes = total);
+        let before = total;
+        total += peer
+            .send_file_counted(&name, super::tree::source_path(f), |n| {
+                d.migrations
+                    .update_progress(job, |p| p.transferred_bytes = before + n)
+            })
+            .await?;
     }
     Ok(total)
 }
@@ -1154,9 +1158,13 @@ async fn send_saved(
     names.sort_by_key(|n| (n == "vm.state", n.clone()));
     for n in names {
         let name = std::path::PathBuf::from(&n);
-        total += peer.send_file(&name, &dir.join(&name)).await?;
-        d.migrations
-            .update_progress(job, |p| p.transferred_bytes = total);
+        let before = total;
+        total += peer
+            .send_file_counted(&name, &dir.join(&name), |n| {
+                d.migrations
+                    .update_progress(job, |p| p.transferred_bytes = before + n)
+            })
+            .await?;
     }
     Ok(())
 }
