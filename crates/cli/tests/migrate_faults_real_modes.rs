@@ -22,12 +22,12 @@
 //! After every run the invariants of [`settled`] (or, for the lost VM, [`settled_lost`]).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, kill9, migrate, nothing_there, pair, record, settled, settled_as, start_vm, sweep,
-    wait_until, workers_on, Allow, Run, Where, T,
+    alive, in_postcopy, kill9, migrate, pair, record, settled, settled_as, settled_lost, start_vm,
+    still_postcopy, sweep, wait_until, workers_on, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -172,33 +172,6 @@ fn the_source_vireod_killed_in_a_quick_migrations_transfer() {
     assert_eq!(place, Where::Source);
 }
 
-/// Starts a post-copy migration to `to` whose background push is held to `bandwidth`, and
-/// waits until the source's job says the VM runs on the destination (`postcopy`).
-fn in_postcopy(a: &Daemon, run: &Run, to: &str, bandwidth: &str) -> String {
-    let args = ["--postcopy", "always", "--bandwidth", bandwidth];
-    let job_id = migrate(a, run, to, &args).expect("a migration job");
-    let deadline = Instant::now() + T;
-    loop {
-        let j = job(a, &job_id);
-        assert_eq!(j["state"], "running", "ended before post-copy: {j}");
-        if j["migration"]["state"] == "postcopy" {
-            eprintln!(
-                "post-copy: {} bytes still on the source",
-                j["migration"]["remaining_bytes"]
-            );
-            return job_id;
-        }
-        assert!(Instant::now() < deadline, "never in post-copy: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whether the job is still in post-copy (the strike landed in it).
-fn still_postcopy(a: &Daemon, job_id: &str) -> bool {
-    let j = job(a, job_id);
-    j["state"] == "running" && j["migration"]["state"] == "postcopy"
-}
-
 #[test]
 fn the_vireods_link_cut_in_postcopy() {
     let Some((a, b)) = pair() else {
@@ -297,30 +270,4 @@ fn the_source_worker_killed_in_postcopy_loses_the_vm() {
     let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
     kill9(run.source_pid);
     settled_lost(&a, &b, &run, &job_id);
-}
-
-/// The invariants after a VM lost in post-copy: one record, on the destination, `lost` with
-/// the reason and no worker; nothing of it on the source; the job failed saying it was lost.
-/// The lost VM is then acknowledged (`turn-off` → `off`) and removed.
-fn settled_lost(a: &Daemon, b: &Daemon, run: &Run, job_id: &str) {
-    let j = wait_for_end(a, job_id, T);
-    assert_eq!(j["state"], "failed", "{j}");
-    let error = j["error"].as_str().unwrap_or_default();
-    assert!(error.contains("was lost in the post-copy migration"), "{j}");
-    wait_until("the destination's record lost", || {
-        record(b, run).is_some_and(|v| v.state.name() != "incoming")
-    });
-    let vm = record(b, run).unwrap();
-    assert_eq!(vm.state.name(), "lost", "{vm:?}");
-    let reason = vm.state.reason().unwrap_or_default();
-    assert!(reason.contains("post-copy"), "{reason}");
-    assert!(record(a, run).is_none(), "the source kept a record");
-    nothing_there(a, run);
-    wait_until("no worker on the destination", || {
-        workers_on(b, run).is_empty()
-    });
-    eprintln!("post-copy, source worker killed: lost ({reason}); job: {error}");
-    b.ok(&["vm", "turn-off", &run.name]);
-    assert_eq!(record(b, run).unwrap().state.name(), "off");
-    b.ok(&["vm", "rm", &run.name]);
 }

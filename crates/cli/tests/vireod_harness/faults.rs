@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::console::Console;
-use super::migration::{trust_each_other, two_hosts, wait_for_end, Storage};
+use super::migration::{job, trust_each_other, two_hosts, wait_for_end, Storage};
 use super::Daemon;
 
 /// Bound on every wait for something asynchronous to settle.
@@ -276,4 +276,64 @@ pub fn check_guest(here: &Daemon, run: &Run, ctx: &dyn Fn() -> String) {
         log.matches("PROBE READY").count() <= 1,
         "the guest booted again: {log}"
     );
+}
+
+/// Starts a post-copy migration to `to` whose background push is held to `bandwidth`, and
+/// waits until the source's job says the VM runs on the destination (`postcopy`).
+pub fn in_postcopy(a: &Daemon, run: &Run, to: &str, bandwidth: &str) -> String {
+    in_postcopy_with(a, run, to, &["--bandwidth", bandwidth])
+}
+
+/// [`in_postcopy`] with other `vireo vm migrate` arguments beside `--postcopy always`.
+pub fn in_postcopy_with(a: &Daemon, run: &Run, to: &str, more: &[&str]) -> String {
+    let mut args = vec!["--postcopy", "always"];
+    args.extend_from_slice(more);
+    let job_id = migrate(a, run, to, &args).expect("a migration job");
+    let deadline = Instant::now() + T;
+    loop {
+        let j = job(a, &job_id);
+        assert_eq!(j["state"], "running", "ended before post-copy: {j}");
+        if j["migration"]["state"] == "postcopy" {
+            eprintln!(
+                "post-copy: {} bytes still on the source",
+                j["migration"]["remaining_bytes"]
+            );
+            return job_id;
+        }
+        assert!(Instant::now() < deadline, "never in post-copy: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the job is still in post-copy (the strike landed in it).
+pub fn still_postcopy(a: &Daemon, job_id: &str) -> bool {
+    let j = job(a, job_id);
+    j["state"] == "running" && j["migration"]["state"] == "postcopy"
+}
+
+/// The invariants after a VM lost in post-copy: one record, on the destination, `lost` with
+/// the reason and no worker; nothing of it on the source; the job failed saying it was lost.
+/// The lost VM is then acknowledged (`turn-off` → `off`) and removed. The record's reason.
+pub fn settled_lost(a: &Daemon, b: &Daemon, run: &Run, job_id: &str) -> String {
+    let j = wait_for_end(a, job_id, T);
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    assert!(error.contains("was lost in the post-copy migration"), "{j}");
+    wait_until("the destination's record lost", || {
+        record(b, run).is_some_and(|v| v.state.name() != "incoming")
+    });
+    let vm = record(b, run).unwrap();
+    assert_eq!(vm.state.name(), "lost", "{vm:?}");
+    let reason = vm.state.reason().unwrap_or_default();
+    assert!(reason.contains("post-copy"), "{reason}");
+    assert!(record(a, run).is_none(), "the source kept a record");
+    nothing_there(a, run);
+    wait_until("no worker on the destination", || {
+        workers_on(b, run).is_empty()
+    });
+    eprintln!("post-copy, {}: lost ({reason}); job: {error}", run.name);
+    b.ok(&["vm", "turn-off", &run.name]);
+    assert_eq!(record(b, run).unwrap().state.name(), "off");
+    b.ok(&["vm", "rm", &run.name]);
+    reason.to_owned()
 }

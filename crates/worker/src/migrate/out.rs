@@ -67,6 +67,12 @@ pub fn start(
         .name("migrate-out".into())
         .spawn(move || {
             let result = run(&st, to, session, &options, cfg, &shared, &timeline);
+            // Lost in post-copy (`postcopy::lose`): its end is recorded. Finishing again
+            // turned `Lost` into `Failed`, and vireod then failed the job saying the VM "runs
+            // on here" while the worker stopped it and its record became `lost`.
+            if lock(&st.migration.lost).is_some() {
+                return;
+            }
             if let Err(e) = &result {
                 tracing::warn!("migration to {to} failed: {e}; the VM runs on here");
             }

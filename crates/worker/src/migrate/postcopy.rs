@@ -139,8 +139,13 @@ pub fn start(
 pub fn lose(s: &Arc<State>, why: &str) {
     tracing::error!("the VM is lost: {why}");
     *lock(&s.migration.lost) = Some(why.to_string());
-    s.migration.finish(&Err(why.to_string()));
-    s.migration.set_state(MigrateState::Lost);
+    // One update, not `finish` (which says `Failed`) then `Lost`: vireod polling in between
+    // took the VM for one that runs on here.
+    s.migration.update(|p| {
+        p.state = MigrateState::Lost;
+        p.message = Some(why.to_string());
+    });
+    lock(&s.migration.sockets).clear();
     s.vm.request_stop();
     let (dir, why) = (s.vm_dir.clone(), why.to_string());
     let _ = std::thread::Builder::new()
