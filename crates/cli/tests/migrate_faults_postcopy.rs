@@ -40,10 +40,15 @@ fn destination_worker_killed_run(a: &Daemon, b: &Daemon, i: usize, after: Durati
 fn settled_lost_on_source(a: &Daemon, b: &Daemon, run: &Run, job_id: &str, label: &str) -> String {
     let j = wait_for_end(a, job_id, T);
     assert_eq!(j["state"], "failed", "[{label}] {j}");
-    // Before the fix in the worker's `postcopy::lose`/`out.rs`: "…; it runs on here".
+    // Before the fix in the worker's `postcopy::lose`/`out.rs`: "…; it runs on here". The
+    // job hears it from the worker's status ("was lost in the post-copy migration") or from
+    // its exit ("ended on the source …: the VM was lost in a post-copy migration"), whichever
+    // comes first.
     let error = j["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("lost in a post-copy migration") && !error.contains("runs on here"),
+        error.contains("lost in")
+            && error.contains("post-copy migration")
+            && !error.contains("runs on here"),
         "[{label}] {j}"
     );
     wait_until("the source's record settled", || {

@@ -22,7 +22,7 @@
 //! After every run the invariants of [`settled`] (or, for the lost VM, [`settled_lost`]).
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
