@@ -743,17 +743,23 @@ fn a_shared_nothing_migration_copies_a_disk_outside_the_checkpoints_flattened_be
     trust_each_other(&a, &b);
     let to = migration_address(&b);
     let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
-    // A disk added since the checkpoints: a raw file of the user's, in none of them.
+    // Two disks added since the checkpoints, the user's, in none of them: a raw file and a
+    // VHDX.
     let data = a.dir.path().join("data.img");
     std::fs::File::create(&data)
         .and_then(|f| f.set_len(16 << 20))
         .unwrap();
     a.ok(&["vm", "disk", "add", "m", data.to_str().unwrap()]);
+    let logs = a.dir.path().join("logs.vhdx");
+    a.ok(&["disk", "create", logs.to_str().unwrap(), "--size", "8M"]);
+    a.ok(&["vm", "disk", "add", "m", logs.to_str().unwrap()]);
     let mut c = Console::attach(&a, "m");
-    assert_eq!(c.ok("RESCAN"), "OK disks=2 added=1 removed=0");
+    assert_eq!(c.ok("RESCAN"), "OK disks=3 added=2 removed=0");
     c.ok("DISK 1 WRITE 0 64 21");
     c.ok("DISK 1 WRITE 8192 32 22");
+    c.ok("DISK 2 WRITE 100 16 31");
     c.ok("DISK 1 FLUSH");
+    c.ok("DISK 2 FLUSH");
     let tree = checkpoints(&a, "m");
     let id = a.vm("m").id();
     let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
@@ -770,8 +776,10 @@ fn a_shared_nothing_migration_copies_a_disk_outside_the_checkpoints_flattened_be
     c.ok("DISK 1 WRITE 16 16 23");
     c.ok("DISK 1 WRITE 20000 8 24");
     c.ok("DISK 0 WRITE 4096 64 14");
+    c.ok("DISK 2 WRITE 104 4 32");
     c.ok("DISK 1 FLUSH");
     c.ok("DISK 0 FLUSH");
+    c.ok("DISK 2 FLUSH");
     assert_ne!(
         job(&a, &job_id)["state"],
         "completed",
@@ -781,41 +789,43 @@ fn a_shared_nothing_migration_copies_a_disk_outside_the_checkpoints_flattened_be
     assert_eq!(j["state"], "completed", "{j}");
     drop(c);
 
-    // The source: no record, folder or worker; the base disk and the extra disk deleted (both
+    // The source: no record, folder or worker; the base disk and the extra disks deleted (they
     // arrived there), each named in the job.
     source_let_go(&a, &a_folder, a_pid, false);
-    assert!(!data.exists(), "the source's extra disk is left");
     let phases = j["migration"]["phases"].to_string();
-    assert!(
-        phases.contains("source file deleted: ") && phases.contains("/data.img"),
-        "{phases}"
-    );
+    for extra in [&data, &logs] {
+        assert!(!extra.exists(), "the source's {} is left", extra.display());
+        let deleted = format!("source file deleted: {}", extra.display());
+        assert!(phases.contains(&deleted), "{phases}");
+    }
 
-    // The destination: the same tree; the extra disk flattened into DIR under its name (raw
-    // stays raw) beside the base disk, the VM's second disk on it.
+    // The destination: the same tree; the extra disks flattened into DIR under their names
+    // (raw stays raw) beside the base disk, the VM's second and third disks on them.
     assert_eq!(b.vm("m").state.name(), "running");
     let arrived = checkpoints(&b, "m");
     assert_eq!(shape(&arrived), shape(&tree));
     let dest = std::fs::canonicalize(dest).unwrap();
     let mut in_dir = entries(&dest);
     in_dir.sort();
-    assert_eq!(in_dir, ["data.img", "m.vhdx"].map(std::ffi::OsString::from));
+    let want = ["data.img", "logs.vhdx", "m.vhdx"];
+    assert_eq!(in_dir, want.map(std::ffi::OsString::from));
     let spec = b.vm("m").spec;
-    assert_eq!(spec.disks.len(), 2);
-    assert_eq!(
-        std::fs::canonicalize(&spec.disks[1].path).unwrap(),
-        dest.join("data.img")
-    );
+    assert_eq!(spec.disks.len(), 3);
+    for (k, name) in [(1, "data.img"), (2, "logs.vhdx")] {
+        let on = std::fs::canonicalize(&spec.disks[k].path).unwrap();
+        assert_eq!(on, dest.join(name));
+    }
     assert_eq!(spec.disks[1].format, Some(vireo_api::DiskFormat::Raw));
+    assert_eq!(spec.disks[2].format, Some(vireo_api::DiskFormat::Vhdx));
     assert_eq!(
         std::fs::metadata(dest.join("data.img")).unwrap().len(),
         16 << 20
     );
 
-    // Never rebooted: the latest memory and both disks as the guest wrote them.
+    // Never rebooted: the latest memory and every disk as the guest wrote it.
     let mut c = Console::attach(&b, "m");
     assert_eq!(mem_sum(&mut c), now_sum);
-    assert_eq!(c.ok("RESCAN"), "OK disks=2 added=0 removed=0");
+    assert_eq!(c.ok("RESCAN"), "OK disks=3 added=0 removed=0");
     c.ok("DISK 0 VERIFY 0 64 7");
     c.ok("DISK 0 VERIFY 4096 64 14");
     c.ok("DISK 1 VERIFY 0 16 21");
@@ -823,14 +833,17 @@ fn a_shared_nothing_migration_copies_a_disk_outside_the_checkpoints_flattened_be
     c.ok("DISK 1 VERIFY 32 32 21");
     c.ok("DISK 1 VERIFY 8192 32 22");
     c.ok("DISK 1 VERIFY 20000 8 24");
+    c.ok("DISK 2 VERIFY 100 4 31");
+    c.ok("DISK 2 VERIFY 104 4 32");
+    c.ok("DISK 2 VERIFY 108 8 31");
     c.ok("DISK 1 WRITE 30000 8 25");
     drop(c);
 
     // The tree works there: a delete merges live (the extra disk untouched), and `first`
-    // applies with its memory and disk (its spec has one disk: the extra one stays in DIR).
+    // applies with its memory and disk (its spec has one disk: the extra ones stay in DIR).
     let second = arrived.iter().find(|c| c.name == "second").unwrap();
     let extra = ["DISK 1 VERIFY 8192 32 22", "DISK 1 VERIFY 30000 8 25"];
     second_merges_live(&b, &second.disks[0].frozen, &extra);
     first_applies(&b, "m", &first_sum, &[]);
-    assert!(dest.join("data.img").is_file());
+    assert!(dest.join("data.img").is_file() && dest.join("logs.vhdx").is_file());
 }
