@@ -180,7 +180,11 @@ pub enum StorageMode {
 /// 10: a shared-nothing offer describes the kernel and initrd (`Offer.boot_files`); the
 ///    destination asks for those it lacks (`Accepted.send_files`, with no address yet), which
 ///    come as `File`s before `TreeSent`.
-pub const PEER_PROTOCOL_VERSION: u32 = 10;
+/// 11: a shared-nothing offer carrying a checkpoint tree may have disks in none of the
+///    checkpoints: `Offer.disks` describes them after the user's files (slot order), and each
+///    is copied flattened into `dest_dir` beside the tree (`DiskTransfer::flattened`); a
+///    version-10 host would refuse the extra descriptions with a misleading reason.
+pub const PEER_PROTOCOL_VERSION: u32 = 11;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -231,7 +235,8 @@ pub enum PeerMsg {
         /// `Copied`: where the copies go on the destination, and the disks (slot order). With
         /// a checkpoint tree, `disks` describes instead the user's files the tree uses (the
         /// base disks the first checkpoint froze), in the order of their `tree-user-*` files:
-        /// they arrive whole in `dest_dir` (`allocated` is the file's length).
+        /// they arrive whole in `dest_dir` (`allocated` is the file's length); then the disks
+        /// in none of the checkpoints (slot order), copied flattened as without a tree.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dest_dir: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]

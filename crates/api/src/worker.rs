@@ -171,11 +171,16 @@ pub struct DiskTransfer {
     pub to: std::net::SocketAddr,
     pub session: Uuid,
     /// `None`: every disk, flattened (shared-nothing). `Some(serials)`: a live migration
-    /// carrying the checkpoint tree on shared storage: only these disks, in this order, each
-    /// as its own top layer (what the running differencing child holds, plus the guest's
-    /// writes), into an empty child of its arrived parent.
+    /// carrying the checkpoint tree: only these disks, in this order, each as its own top
+    /// layer (what the running differencing child holds, plus the guest's writes), into an
+    /// empty child of its arrived parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tops: Option<Vec<String>>,
+    /// With `tops`, a shared-nothing migration: the disks in none of the checkpoints (added
+    /// since the last one), after the tops in record order, each flattened whole into its own
+    /// copy as a disk of a VM without checkpoints travels. Additive: absent means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flattened: Vec<String>,
 }
 
 /// Where a migration stands, on either side (`MigrateStatus`).

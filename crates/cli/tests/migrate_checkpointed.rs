@@ -13,7 +13,8 @@
 //! files, once the VM runs there); the destination's worker killed in its pre-copy
 //! leaves the tree at the source and nothing on the destination (DIR empty again); so does the
 //! destination's vireod dying once the tree arrived (DIR as it was, after its restart). A disk in
-//! none of the checkpoints is refused before anything moves, naming it.
+//! none of the checkpoints (added since) travels flattened into DIR beside the tree, the
+//! guest's writes during the migration included.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::console::Console;
 use vireod_harness::migration::{
-    migration_address, progress_of, start_migration, trust_each_other, two_hosts, wait_for_end,
-    wait_for_end_growing, wait_for_progress, Storage,
+    job, migration_address, progress_of, start_migration, trust_each_other, two_hosts,
+    wait_for_end, wait_for_end_growing, wait_for_progress, Storage,
 };
 use vireod_harness::tmpfs::Tmpfs;
 use vireod_harness::tree::checkpoints;
@@ -732,7 +733,7 @@ fn a_destination_vireod_dying_mid_arrival_of_a_shared_nothing_migration_leaves_d
 }
 
 #[test]
-fn a_shared_nothing_migration_of_a_disk_outside_the_checkpoints_is_refused_and_it_runs_on() {
+fn a_shared_nothing_migration_copies_a_disk_outside_the_checkpoints_flattened_beside_the_tree() {
     if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
         return;
     }
@@ -741,29 +742,108 @@ fn a_shared_nothing_migration_of_a_disk_outside_the_checkpoints_is_refused_and_i
     };
     trust_each_other(&a, &b);
     let to = migration_address(&b);
-    vm_with_two_checkpoints(&a);
-    // A disk added since the checkpoints: it runs on the user's file, in no checkpoint.
+    let (first_sum, now_sum) = vm_with_two_checkpoints(&a);
+    // Two disks added since the checkpoints, the user's, in none of them: a raw file and a
+    // VHDX.
     let data = a.dir.path().join("data.img");
     std::fs::File::create(&data)
         .and_then(|f| f.set_len(16 << 20))
         .unwrap();
     a.ok(&["vm", "disk", "add", "m", data.to_str().unwrap()]);
-    let pid = a.worker_pid("m");
+    let logs = a.dir.path().join("logs.vhdx");
+    a.ok(&["disk", "create", logs.to_str().unwrap(), "--size", "8M"]);
+    a.ok(&["vm", "disk", "add", "m", logs.to_str().unwrap()]);
+    let mut c = Console::attach(&a, "m");
+    assert_eq!(c.ok("RESCAN"), "OK disks=3 added=2 removed=0");
+    c.ok("DISK 1 WRITE 0 64 21");
+    c.ok("DISK 1 WRITE 8192 32 22");
+    c.ok("DISK 2 WRITE 100 16 31");
+    c.ok("DISK 1 FLUSH");
+    c.ok("DISK 2 FLUSH");
     let tree = checkpoints(&a, "m");
-    let (dest, args) = shared_nothing_args(&b, &to);
-    let mut migrate = vec!["vm", "migrate"];
-    migrate.extend(args.iter().map(String::as_str));
-    let (code, line) = a.fails(&migrate);
-    assert_eq!(code, 1, "{line}");
-    assert!(
-        line.contains("data.img") && line.contains("checkpoint create"),
-        "the refusal should name the disk and the way out: {line}"
+    let id = a.vm("m").id();
+    let a_folder = a.dir.path().join("state").join("vms").join(id.to_string());
+    let a_pid = a.worker_pid("m");
+    let (dest, mut args) = shared_nothing_args(&b, &to);
+    args.extend(["--bandwidth".to_owned(), "1M".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // Held to 1 MiB/s, the memory pre-copy outlasts the disks' first pass: these writes reach
+    // the destination only as dirty chunks (or the last ones at the switch-over), on both
+    // disks, one over data the extra disk's copy already held and one on a new chunk.
+    let job_id = start_migration(&a, &args);
+    wait_for_progress(&a, &job_id, "disk_bytes_total");
+    c.ok("DISK 1 WRITE 16 16 23");
+    c.ok("DISK 1 WRITE 20000 8 24");
+    c.ok("DISK 0 WRITE 4096 64 14");
+    c.ok("DISK 2 WRITE 104 4 32");
+    c.ok("DISK 1 FLUSH");
+    c.ok("DISK 0 FLUSH");
+    c.ok("DISK 2 FLUSH");
+    assert_ne!(
+        job(&a, &job_id)["state"],
+        "completed",
+        "the writes came too late"
     );
-    assert_eq!(a.vm("m").state.name(), "running");
-    assert_eq!(a.worker_pid("m"), pid);
-    let (_, line) = b.fails(&["vm", "show", "m"]);
-    assert!(line.contains("no VM \"m\""), "{line}");
-    assert!(entries(&dest).is_empty());
-    assert_eq!(shape(&checkpoints(&a, "m")), shape(&tree));
-    a.ok(&["vm", "turn-off", "m"]);
+    let j = wait_for_end(&a, &job_id, Duration::from_secs(120));
+    assert_eq!(j["state"], "completed", "{j}");
+    drop(c);
+
+    // The source: no record, folder or worker; the base disk and the extra disks deleted (they
+    // arrived there), each named in the job.
+    source_let_go(&a, &a_folder, a_pid, false);
+    let phases = j["migration"]["phases"].to_string();
+    for extra in [&data, &logs] {
+        assert!(!extra.exists(), "the source's {} is left", extra.display());
+        let deleted = format!("source file deleted: {}", extra.display());
+        assert!(phases.contains(&deleted), "{phases}");
+    }
+
+    // The destination: the same tree; the extra disks flattened into DIR under their names
+    // (raw stays raw) beside the base disk, the VM's second and third disks on them.
+    assert_eq!(b.vm("m").state.name(), "running");
+    let arrived = checkpoints(&b, "m");
+    assert_eq!(shape(&arrived), shape(&tree));
+    let dest = std::fs::canonicalize(dest).unwrap();
+    let mut in_dir = entries(&dest);
+    in_dir.sort();
+    let want = ["data.img", "logs.vhdx", "m.vhdx"];
+    assert_eq!(in_dir, want.map(std::ffi::OsString::from));
+    let spec = b.vm("m").spec;
+    assert_eq!(spec.disks.len(), 3);
+    for (k, name) in [(1, "data.img"), (2, "logs.vhdx")] {
+        let on = std::fs::canonicalize(&spec.disks[k].path).unwrap();
+        assert_eq!(on, dest.join(name));
+    }
+    assert_eq!(spec.disks[1].format, Some(vireo_api::DiskFormat::Raw));
+    assert_eq!(spec.disks[2].format, Some(vireo_api::DiskFormat::Vhdx));
+    assert_eq!(
+        std::fs::metadata(dest.join("data.img")).unwrap().len(),
+        16 << 20
+    );
+
+    // Never rebooted: the latest memory and every disk as the guest wrote it.
+    let mut c = Console::attach(&b, "m");
+    assert_eq!(mem_sum(&mut c), now_sum);
+    assert_eq!(c.ok("RESCAN"), "OK disks=3 added=0 removed=0");
+    c.ok("DISK 0 VERIFY 0 64 7");
+    c.ok("DISK 0 VERIFY 4096 64 14");
+    c.ok("DISK 1 VERIFY 0 16 21");
+    c.ok("DISK 1 VERIFY 16 16 23");
+    c.ok("DISK 1 VERIFY 32 32 21");
+    c.ok("DISK 1 VERIFY 8192 32 22");
+    c.ok("DISK 1 VERIFY 20000 8 24");
+    c.ok("DISK 2 VERIFY 100 4 31");
+    c.ok("DISK 2 VERIFY 104 4 32");
+    c.ok("DISK 2 VERIFY 108 8 31");
+    c.ok("DISK 1 WRITE 30000 8 25");
+    drop(c);
+
+    // The tree works there: a delete merges live (the extra disk untouched), and `first`
+    // applies with its memory and disk (its spec has one disk: the extra ones stay in DIR).
+    let second = arrived.iter().find(|c| c.name == "second").unwrap();
+    let extra = ["DISK 1 VERIFY 8192 32 22", "DISK 1 VERIFY 30000 8 25"];
+    second_merges_live(&b, &second.disks[0].frozen, &extra);
+    first_applies(&b, "m", &first_sum, &[]);
+    assert!(dest.join("data.img").is_file() && dest.join("logs.vhdx").is_file());
 }

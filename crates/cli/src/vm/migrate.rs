@@ -69,10 +69,10 @@ pub struct MigrateArgs {
     /// in --dest-dir (a VHDX chain flattened into one VHDX; raw stays raw). Once the VM runs
     /// there, its disk files here are deleted (see --keep-source). A VM with checkpoints takes
     /// its tree along: the base disks the first checkpoint froze arrive in --dest-dir under
-    /// their names, vireod's files of the tree in the destination's folder for the VM (refused
-    /// if a disk is in none of the checkpoints). The kernel and initrd travel too, into
-    /// --dest-dir, unless the destination has the same files (same SHA-256: at the same path,
-    /// booting another of its VMs, or in --dest-dir already).
+    /// their names, vireod's files of the tree in the destination's folder for the VM; a disk
+    /// in none of the checkpoints arrives flattened in --dest-dir. The kernel and initrd
+    /// travel too, into --dest-dir, unless the destination has the same files (same SHA-256:
+    /// at the same path, booting another of its VMs, or in --dest-dir already).
     #[arg(long, requires = "dest_dir", conflicts_with = "quick")]
     pub with_storage: bool,
     /// With --with-storage: the folder on the destination (inside its storage roots) the

@@ -16,7 +16,9 @@
 //! differencing children, each into an empty child of its arrived parent: pass 0 sends what
 //! the child file itself holds (its zeroed runs too: there they hide the parent's data), the
 //! dirty passes the same full chunks of the guest's view as ever, which read the same through
-//! the destination's chain.
+//! the destination's chain. A shared-nothing one may also have disks in none of the
+//! checkpoints (`DiskTransfer::flattened`, after the tops): they travel as any disk of a VM
+//! without checkpoints, flattened whole into their own copy.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -43,8 +45,9 @@ pub struct DiskSender {
     disks: Vec<Arc<MovableBackend>>,
     /// Each VM disk slot's index among `disks` (the record's disk number), if it is copied.
     record_of_slot: Vec<Option<usize>>,
-    /// Only the top layers travel (`DiskTransfer::tops`).
-    top_only: bool,
+    /// Per record: only the disk's top layer travels (`DiskTransfer::tops`), not what the
+    /// guest sees through its whole chain.
+    top_only: Vec<bool>,
     /// `--bandwidth` for the copy while the VM runs (the parked disks' last chunks at the
     /// switch-over are not held back: that time is the guest's pause).
     pace: Pace,
@@ -124,7 +127,7 @@ pub fn precopy(
             ))
         }
     }
-    let (disks, record_of_slot) = chosen(&s.hotplug.disks(), t.tops.as_deref())?;
+    let (disks, top_only, record_of_slot) = chosen(&s.hotplug.disks(), t)?;
     if disks.len() > usize::from(u8::MAX) + 1 {
         return Err("more than 256 disks cannot be copied".into());
     }
@@ -141,7 +144,7 @@ pub fn precopy(
         stream,
         disks,
         record_of_slot,
-        top_only: t.tops.is_some(),
+        top_only,
         pace,
         last_record: std::time::Instant::now(),
     };
@@ -157,20 +160,24 @@ fn cancelled(shared: &MigrateShared) -> Result<(), String> {
     Ok(())
 }
 
-/// The disks that travel (record order) and each slot's record number.
-type Chosen = (Vec<Arc<MovableBackend>>, Vec<Option<usize>>);
+/// The disks that travel (record order), whether each travels as its top layer only, and
+/// each slot's record number.
+type Chosen = (Vec<Arc<MovableBackend>>, Vec<bool>, Vec<Option<usize>>);
 
-/// The disks that travel, in record order, and each slot's record number. `tops`: the
+/// The disks that travel, in record order, and each slot's record number. `t.tops`: the
 /// serials of the running tops of a checkpoint tree, in the order the destination made their
-/// children; `None`: every disk.
-fn chosen(slots: &[SlotDisk], tops: Option<&[String]>) -> Result<Chosen, String> {
-    let Some(tops) = tops else {
-        let all = slots.iter().map(|d| d.movable.clone()).collect();
-        return Ok((all, (0..slots.len()).map(Some).collect()));
+/// children, then `t.flattened`'s, copied whole; `None`: every disk, whole.
+fn chosen(slots: &[SlotDisk], t: &DiskTransfer) -> Result<Chosen, String> {
+    let Some(tops) = t.tops.as_deref() else {
+        let all: Vec<_> = slots.iter().map(|d| d.movable.clone()).collect();
+        let whole = vec![false; all.len()];
+        return Ok((all, whole, (0..slots.len()).map(Some).collect()));
     };
     let mut record_of_slot = vec![None; slots.len()];
     let mut disks = Vec::new();
-    for serial in tops {
+    let mut top_only = Vec::new();
+    let named = tops.iter().map(|s| (s, true));
+    for (serial, top) in named.chain(t.flattened.iter().map(|s| (s, false))) {
         let slot = slots
             .iter()
             .position(|d| d.serial.as_deref() == Some(serial.as_str()))
@@ -179,8 +186,9 @@ fn chosen(slots: &[SlotDisk], tops: Option<&[String]>) -> Result<Chosen, String>
             return Err(format!("disk serial {serial:?} named twice"));
         }
         disks.push(slots[slot].movable.clone());
+        top_only.push(top);
     }
-    Ok((disks, record_of_slot))
+    Ok((disks, top_only, record_of_slot))
 }
 
 /// Virtual ranges that may hold data: a VHDX's allocated runs (`top_only`: those its own file
@@ -247,7 +255,8 @@ impl DiskSender {
     fn first_pass(&mut self, s: &State, shared: &MigrateShared) -> Result<(), String> {
         for i in 0..self.disks.len() {
             let d = self.disks[i].clone();
-            let ranges = data_ranges(&d, self.top_only)?;
+            let top_only = self.top_only[i];
+            let ranges = data_ranges(&d, top_only)?;
             Self::progress(s, ranges.iter().map(|r| r.1).sum(), 0);
             for (start, len) in ranges {
                 let mut pos = start;
@@ -255,7 +264,7 @@ impl DiskSender {
                     cancelled(shared)?;
                     let n = (start + len - pos).min(CHUNK - pos % CHUNK);
                     // A top's zeroes hide its parent's data: they travel.
-                    let wire = self.send_range(i, &*d, pos, n, !self.top_only)?;
+                    let wire = self.send_range(i, &*d, pos, n, !top_only)?;
                     Self::progress(s, 0, n);
                     self.pace.sent(wire, shared)?;
                     pos += n;

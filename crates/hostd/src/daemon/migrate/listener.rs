@@ -244,11 +244,13 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
         StorageMode::Copied => match &arrival {
             None => super::storage::create_copies(d, vm_id, &spec, dest_dir.as_deref(), &disks)
                 .map(|(spec, target)| (spec, Some((session, target)))),
-            // The tree's user files, claimed empty in dest_dir. Not under the session's key:
-            // that one is the running tops' disk copy, registered once the tree is in.
+            // The tree's user files, claimed empty in dest_dir, and the copies of the disks
+            // outside the tree. Not under the session's key: that one is the running tops'
+            // (and those copies') disk copy, registered once the tree is in.
             Some(a) => {
                 let dir = a.dest_dir.clone().unwrap_or_default();
-                super::storage::claim_tree_files(d, vm_id, &a.user_file_paths(), dir)
+                let user = a.user_file_paths();
+                super::storage::claim_tree_files(d, vm_id, &user, &a.flattened, dir)
                     .map(|target| (spec, Some((Uuid::new_v4(), target))))
             }
         },

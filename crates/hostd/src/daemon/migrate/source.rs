@@ -137,17 +137,12 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
     let tree = checkpoint_tree(daemon, &vm, &req)?;
     // Shared-nothing: what each disk is, for the destination's checks (refused here, before
     // a job, if a disk cannot be copied). With a checkpoint tree, the user's files it uses
-    // instead: the tops are copied into children of the arrived tree, not flattened.
+    // instead, then the disks outside it: the tops are copied into children of the arrived
+    // tree, not flattened.
     let disks = match (req.with_storage, &tree) {
         (false, _) => Vec::new(),
         (true, None) => super::storage::describe(&vm.spec).map_err(invalid)?,
-        (true, Some(t)) => t
-            .files
-            .iter()
-            .filter(|f| super::tree::is_user_file(f))
-            .map(|f| super::storage::describe_user_file(super::tree::source_path(f)))
-            .collect::<Result<_, _>>()
-            .map_err(HttpError::conflict)?,
+        (true, Some(t)) => super::tree::describe_copied(t, &vm.spec)?,
     };
     let job = daemon.store.create_job(Some(vm.id()), JobKind::Migrate)?;
     let cancel = daemon.jobs.register(job.id);
@@ -200,8 +195,8 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
 
 /// The VM's checkpoint tree travels with it (`tree.rs`): in a quick migration whole, in a
 /// live one with its running tops copied live; in a shared-nothing one the user's files it
-/// uses (the base disks) travel too, into `dest_dir`. Refused before anything moves when a
-/// disk is in none of the checkpoints (shared-nothing).
+/// uses (the base disks) travel too, into `dest_dir`, and so do the disks in none of the
+/// checkpoints, flattened there.
 fn checkpoint_tree(
     daemon: &Daemon,
     vm: &Vm,
@@ -210,9 +205,6 @@ fn checkpoint_tree(
     let Some(tree) = super::tree::describe(daemon, vm, req.with_storage)? else {
         return Ok(None);
     };
-    if req.with_storage {
-        super::tree::check_all_disks_on_tops(&tree, &vm.spec).map_err(HttpError::conflict)?;
-    }
     Ok(Some(Box::new(tree)))
 }
 
@@ -366,10 +358,21 @@ async fn run(
     let Some(listen_addr) = listen_addr else {
         return End::Failed(format!("{to} accepted without a worker address"));
     };
-    // The running tops travel as the worker's disk copy, each into its new empty child there.
+    // The running tops travel as the worker's disk copy, each into its new empty child there;
+    // shared-nothing, the disks outside the tree after them, flattened.
     let tops = tree
         .as_ref()
         .map(|t| t.tops.iter().map(|t| t.serial.clone()).collect());
+    let flattened = match (&tree, req.with_storage) {
+        (Some(t), true) => match super::tree::flattened_serials(t, &vm.spec) {
+            Ok(serials) => serials,
+            Err(e) => {
+                abort(&mut peer, &e).await;
+                return End::Failed(format!("{e}; VM {:?} runs on here", vm.spec.name));
+            }
+        },
+        _ => Vec::new(),
+    };
     let outside = match &tree {
         Some(_) => super::tree::outside_vm_dir(d, vm),
         None => Vec::new(),
@@ -384,7 +387,7 @@ async fn run(
         d,
         vm,
         &mut peer,
-        (&req, tops, copied),
+        (&req, (tops, flattened), copied),
         streams,
         session,
         (to, listen_addr),
@@ -623,12 +626,16 @@ fn percent(p: &MigrateProgress) -> u8 {
     (base + (p.transferred_bytes.min(p.memory_bytes) * span / p.memory_bytes)) as u8
 }
 
+/// The disk copy's records: the running tops' serials (`None`: every disk, flattened), then
+/// those of the disks outside the tree, flattened (`DiskTransfer`).
+type Layers = (Option<Vec<String>>, Vec<String>);
+
 #[allow(clippy::too_many_arguments)]
 async fn live(
     d: &Arc<Daemon>,
     vm: &Vm,
     peer: &mut Peer,
-    (req, tops, copied): (&MigrateRequest, Option<Vec<String>>, Vec<PathBuf>),
+    (req, (tops, flattened), copied): (&MigrateRequest, Layers, Vec<PathBuf>),
     streams: u16,
     session: Uuid,
     (to, listen_addr): (SocketAddr, SocketAddr),
@@ -666,8 +673,14 @@ async fn live(
             postcopy: req.postcopy,
             // Shared-nothing, or a checkpoint tree's running tops: the worker sends the disks
             // to the destination vireod first.
-            storage: (req.with_storage || tops.is_some())
-                .then_some(vireo_api::worker::DiskTransfer { to, session, tops }),
+            storage: (req.with_storage || tops.is_some()).then_some(
+                vireo_api::worker::DiskTransfer {
+                    to,
+                    session,
+                    tops,
+                    flattened,
+                },
+            ),
         },
         tls,
     };

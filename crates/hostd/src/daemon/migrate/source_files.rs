@@ -17,24 +17,31 @@ use crate::daemon::Daemon;
 /// The user's files the migration copies to the destination: each disk's file with its VHDX
 /// parents (the copy flattens them into one file there) or, for a VM with checkpoints, the
 /// user's files of its tree (the base disks the first checkpoint froze and their parents, sent
-/// whole). vireod's own files of the tree are not listed: they go with the VM's folder and
+/// whole) and the disks in none of its checkpoints with their parents (flattened). vireod's
+/// own files of the tree are not listed: they go with the VM's folder and
 /// `tree::remove_outside`. The kernel and initrd are never listed: they are not copied (a
 /// read-only image both hosts have).
 pub fn copied(vm: &Vm, tree: Option<&CheckpointTree>) -> Vec<PathBuf> {
-    if let Some(tree) = tree {
-        return tree
-            .files
+    // The chains do not change while the migration holds the VM's lock.
+    let flattened: Vec<&vireo_api::DiskSpec> = match tree {
+        Some(tree) => super::tree::outside_tree(tree, &vm.spec),
+        None => vm.spec.disks.iter().collect(),
+    };
+    let tree_files = tree.into_iter().flat_map(|tree| {
+        tree.files
             .iter()
             .filter(|f| super::tree::is_user_file(f))
             .map(|f| super::tree::source_path(f).to_path_buf())
-            .collect();
+    });
+    let mut out: Vec<PathBuf> = tree_files.collect();
+    for disk in flattened {
+        for f in unused_files::with_chain(&disk.path) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
     }
-    // The chain does not change while the migration holds the VM's lock.
-    vm.spec
-        .disks
-        .iter()
-        .flat_map(|disk| unused_files::with_chain(&disk.path))
-        .collect()
+    out
 }
 
 /// After the VM runs on the destination: deletes `files` (from [`copied`]) unless `why_kept`

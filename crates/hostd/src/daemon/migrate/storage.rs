@@ -69,7 +69,7 @@ impl Targets {
 pub fn describe(spec: &VmSpec) -> Result<Vec<CopiedDisk>, String> {
     spec.disks
         .iter()
-        .map(|d| describe_one(&d.path, d.format))
+        .map(|d| describe_disk(&d.path, d.format))
         .collect()
 }
 
@@ -80,7 +80,8 @@ fn allocated(path: &Path) -> Result<u64, String> {
     Ok((m.blocks() * 512).min(m.len()))
 }
 
-fn describe_one(path: &Path, format: Option<DiskFormat>) -> Result<CopiedDisk, String> {
+/// Source: the offer's description of the disk at `path`, copied flattened.
+pub fn describe_disk(path: &Path, format: Option<DiskFormat>) -> Result<CopiedDisk, String> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -309,8 +310,10 @@ pub fn describe_user_file(path: &Path) -> Result<CopiedDisk, String> {
 }
 
 /// Destination, a shared-nothing migration carrying a checkpoint tree, at the offer: where
-/// the user's files (`files`, see [`describe_user_file`]) land: `dest_dir` checked as for
-/// copies, their names free there, room for all of them. Nothing created yet.
+/// the offer's `files` land (the user's files, see [`describe_user_file`], and the flattened
+/// copies of the disks outside the tree): `dest_dir` checked as for copies, their names free
+/// there. The room is checked once the plan tells which is which ([`check_tree_room`]).
+/// Nothing created yet.
 pub fn check_tree_dest_dir(
     d: &Daemon,
     dest_dir: Option<&Path>,
@@ -318,23 +321,47 @@ pub fn check_tree_dest_dir(
 ) -> Result<PathBuf, String> {
     let dir = confined_dest_dir(d, dest_dir)?;
     free_names(&dir, files)?;
-    let need = files.iter().map(|f| f.allocated).sum();
-    check_room(&dir, need, "the checkpoints' base disks")?;
     Ok(dir)
 }
 
+/// Destination, a shared-nothing migration carrying a checkpoint tree: room in `dir` for the
+/// user's files (sent whole: their length) and the flattened copies (as without a tree).
+pub fn check_tree_room(
+    dir: &Path,
+    user_files: &[&CopiedDisk],
+    flattened: &[&CopiedDisk],
+) -> Result<(), String> {
+    let whole: u64 = user_files.iter().map(|f| f.allocated).sum();
+    let need = whole + flattened.iter().map(|c| needed(c)).sum::<u64>();
+    let what = match flattened.is_empty() {
+        true => "the checkpoints' base disks",
+        false => "the checkpoints' base disks and the disks outside the checkpoints",
+    };
+    check_room(dir, need, what)
+}
+
 /// Destination, after every check of the offer: the user's files are created empty at
-/// `paths` (in `dir`), claimed for the tree's `File`s (`Peer::recv_claimed_file`), so that
+/// `paths` (in `dir`), claimed for the tree's `File`s (`Peer::recv_claimed_file`), and the
+/// copies of the disks outside the tree (`flattened`) as [`create_copies`] makes them, so that
 /// [`discard`] removes them after any failure and nothing that was there before. On `Err`
 /// nothing was left behind.
 pub fn claim_tree_files(
     d: &Daemon,
     vm_id: Uuid,
     paths: &[PathBuf],
+    flattened: &[super::tree::Flattened],
     dir: PathBuf,
 ) -> Result<Target, String> {
     let mut created = Vec::new();
     let listed = Manifest::of(d, vm_id);
+    // The copies are reopened for the disk stream once the tree is in (`tops_target`).
+    for f in flattened {
+        if let Err(e) = create_one(&f.copy, &f.path, &mut created, &listed) {
+            remove_files(&created);
+            listed.drop_list();
+            return Err(e);
+        }
+    }
     for p in paths {
         let made = listed.list(p).and_then(|()| {
             std::fs::OpenOptions::new()
@@ -369,16 +396,26 @@ pub fn claim_tree_files(
 
 /// Destination, a live migration carrying a checkpoint tree: the empty children made for
 /// the running tops (`tree::Arrival::settle_live`), in the disk copy's order, wait for the
-/// source worker's records of their top layers. `dir`: the folder they are in (for the
-/// disk-full message).
+/// source worker's records of their top layers; shared-nothing, the flattened copies of the
+/// disks outside the tree come after them (made at the offer, a VHDX or raw). `dir`: the
+/// folder the tops are in (for the disk-full message).
 pub fn tops_target(vm_id: Uuid, tops: &[PathBuf], dir: PathBuf) -> Result<Target, String> {
     let mut sizes = Vec::new();
     let mut backends: Vec<Arc<dyn BlockBackend>> = Vec::new();
     for p in tops {
-        let v = Vhdx::open(p, &vireo_vhdx::OpenOptions::default())
-            .map_err(|e| format!("opening the new top {}: {e}", p.display()))?;
-        sizes.push(v.virtual_size());
-        backends.push(Arc::new(v));
+        let b: Arc<dyn BlockBackend> = match crate::daemon::checkpoints::disks::is_vhdx(p) {
+            true => Arc::new(
+                Vhdx::open(p, &vireo_vhdx::OpenOptions::default())
+                    .map_err(|e| format!("opening the new top {}: {e}", p.display()))?,
+            ),
+            // Only a flattened copy of a raw disk (created empty: no VHDX signature).
+            false => Arc::new(
+                RawFile::open(p, false)
+                    .map_err(|e| format!("opening the copy {}: {e}", p.display()))?,
+            ),
+        };
+        sizes.push(b.size());
+        backends.push(b);
     }
     Ok(Target {
         vm_id,

@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicBool;
 
 use uuid::Uuid;
 use vireo_api::migrate::{CheckpointTree, CopiedDisk, TreeFile, TreeTop};
-use vireo_api::{Vm, VmSpec};
+use vireo_api::{DiskSpec, Vm, VmSpec};
 use vireo_vhdx::{OpenOptions, Rebase, Vhdx};
 
 use crate::checkpoint_store::{Head, Top};
@@ -76,7 +76,10 @@ pub fn describe(
         files: Vec::new(),
         shared: Vec::new(),
     };
-    let files = move_tree::tree_files(d, vm).map_err(HttpError::conflict)?;
+    let mut files = move_tree::tree_files(d, vm).map_err(HttpError::conflict)?;
+    if user_files_travel {
+        files = without_flattened(d, vm, &head, files).map_err(HttpError::conflict)?;
+    }
     for (i, (file, mut spellings)) in files.into_iter().enumerate() {
         let prefix = match is_ours(d, vm.id(), &file) {
             true => "tree-disk-",
@@ -118,6 +121,41 @@ pub fn describe(
     Ok(Some(tree))
 }
 
+/// Shared-nothing: the tree's files without the user's disks on no running top (added since
+/// the last checkpoint): those travel flattened (`outside_tree`), not as files of the tree,
+/// and neither do the files only they reach (their parents).
+fn without_flattened(
+    d: &Daemon,
+    vm: &Vm,
+    head: &Head,
+    files: BTreeMap<PathBuf, Vec<PathBuf>>,
+) -> Result<BTreeMap<PathBuf, Vec<PathBuf>>, String> {
+    let on_top = |p: &PathBuf| {
+        files.iter().any(|(resolved, spellings)| {
+            let all = || spellings.iter().chain([resolved]);
+            head.tops.values().any(|t| all().any(|s| *s == t.file)) && all().any(|s| s == p)
+        })
+    };
+    let kept: Vec<PathBuf> = vm
+        .spec
+        .disks
+        .iter()
+        .map(|k| &k.path)
+        .filter(|p| is_ours(d, vm.id(), p) || on_top(p))
+        .cloned()
+        .collect();
+    if kept.len() == vm.spec.disks.len() {
+        return Ok(files);
+    }
+    let checkpoints = d
+        .store
+        .list_checkpoints(vm.id())
+        .map_err(|e| e.to_string())?;
+    let mut roots = kept;
+    roots.extend(move_tree::checkpoint_roots(&checkpoints, &head.tops));
+    move_tree::tree_files_from(roots, &vm.spec.name)
+}
+
 /// The differencing child a disk of the VM runs on now (`tops`): in a live migration it is
 /// written while the tree travels, so it is copied live rather than sent as a file.
 pub fn is_running_top(tree: &CheckpointTree, f: &TreeFile) -> bool {
@@ -129,32 +167,56 @@ pub fn is_user_file(f: &TreeFile) -> bool {
     f.state_of.is_none() && f.name.starts_with(USER_FILE)
 }
 
-/// Shared-nothing, at the source: every disk of the VM must run on a differencing child of the
-/// tree (a running top), since only those are copied live into the arrived tree; a disk added
-/// without a checkpoint since would need the flattening copy, not built beside the tree.
-pub fn check_all_disks_on_tops(tree: &CheckpointTree, spec: &VmSpec) -> Result<(), String> {
-    let top_spellings: Vec<&PathBuf> = tree
+/// Shared-nothing, at the source: the disks of the VM on no file of the tree (the user's,
+/// added since the last checkpoint; `describe` leaves them out). They travel as the disks of
+/// a VM without checkpoints do, flattened whole into `dest_dir` beside the arrived tree
+/// (`DiskTransfer::flattened`).
+pub fn outside_tree<'a>(tree: &CheckpointTree, spec: &'a VmSpec) -> Vec<&'a DiskSpec> {
+    let spellings: Vec<&PathBuf> = tree
         .files
         .iter()
-        .filter(|f| is_running_top(tree, f))
+        .filter(|f| f.state_of.is_none())
         .flat_map(|f| &f.spellings)
         .collect();
-    match spec
-        .disks
+    spec.disks
         .iter()
-        .find(|k| !top_spellings.contains(&&k.path))
-    {
-        None => Ok(()),
-        Some(k) => Err(format!(
-            "disk {} of VM {:?} is in none of its checkpoints (added since); a shared-nothing \
-             migration (--with-storage) of a VM with checkpoints copies checkpointed disks only: \
-             take a checkpoint first (`vireo checkpoint create {} NAME`), or migrate on shared \
-             storage",
-            k.path.display(),
-            spec.name,
-            spec.name
-        )),
+        .filter(|k| !spellings.contains(&&k.path))
+        .collect()
+}
+
+/// Shared-nothing, at the source: the offer's `disks`, the user's files the tree uses (in
+/// the order of their `tree-user-*` files), then the disks outside the tree (slot order).
+pub fn describe_copied(tree: &CheckpointTree, spec: &VmSpec) -> Result<Vec<CopiedDisk>, HttpError> {
+    let mut out = tree
+        .files
+        .iter()
+        .filter(|f| is_user_file(f))
+        .map(|f| super::storage::describe_user_file(source_path(f)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(HttpError::conflict)?;
+    for k in outside_tree(tree, spec) {
+        // A VHD refuses as it does without checkpoints: 422, convert it first.
+        let c = super::storage::describe_disk(&k.path, k.format)
+            .map_err(|e| HttpError::new(vireo_api::ApiErrorCode::Invalid, e))?;
+        out.push(c);
     }
+    Ok(out)
+}
+
+/// Shared-nothing, at the source: the serials of the disks outside the tree, which the
+/// worker copies flattened after the running tops.
+pub fn flattened_serials(tree: &CheckpointTree, spec: &VmSpec) -> Result<Vec<String>, String> {
+    outside_tree(tree, spec)
+        .into_iter()
+        .map(|k| {
+            k.serial.clone().ok_or_else(|| {
+                format!(
+                    "disk {} has no serial, so the worker cannot name it for the copy",
+                    k.path.display()
+                )
+            })
+        })
+        .collect()
 }
 
 /// Where a tree file is on the source (its resolved path comes last in `spellings`).
@@ -177,12 +239,23 @@ pub struct Arrival {
     /// Shared-nothing: `dest_dir` on this host, where the user's files land (claimed empty
     /// at the offer, `storage::claim_tree_files`).
     pub dest_dir: Option<PathBuf>,
+    /// Shared-nothing: the disks in none of the checkpoints, each copied flattened into its
+    /// file in `dest_dir` (created empty at the offer with the user's files), slot order.
+    pub flattened: Vec<Flattened>,
+}
+
+/// A disk in none of the checkpoints of a shared-nothing migration's VM: its flattened copy.
+pub struct Flattened {
+    pub serial: String,
+    pub copy: CopiedDisk,
+    pub path: PathBuf,
 }
 
 /// Plans the arrival in `vm`'s folder here and puts `spec`'s disks on their new paths;
 /// `Err` is the refusal's one line. Every name and file is checked before a byte arrives.
-/// `dest` (shared-nothing): the checked `dest_dir` and the user's files the offer described
-/// (`Offer.disks`, in the order of the `tree-user-*` files), which land there.
+/// `dest` (shared-nothing): the checked `dest_dir` and the offer's `disks`: the user's files
+/// (in the order of the `tree-user-*` files), which land there, then the disks outside the
+/// tree (slot order), whose flattened copies are made there.
 pub fn plan_arrival(
     d: &Daemon,
     vm: Uuid,
@@ -192,6 +265,7 @@ pub fn plan_arrival(
     dest: Option<(&Path, &[CopiedDisk])>,
 ) -> Result<Arrival, String> {
     let mut user_files = dest.map(|(_, files)| files.iter());
+    let mut user_described = Vec::new();
     let root = checkpoints::root(d, vm);
     let mut dest_of = BTreeMap::new();
     let mut renames = BTreeMap::new();
@@ -218,7 +292,10 @@ pub fn plan_arrival(
                     ));
                 };
                 match described.next() {
-                    Some(c) if c.file_name == base => dir.join(&base),
+                    Some(c) if c.file_name == base => {
+                        user_described.push(c);
+                        dir.join(&base)
+                    }
                     _ => {
                         return Err(format!(
                             "the user's file {} is not the one the offer described",
@@ -239,9 +316,9 @@ pub fn plan_arrival(
             renames.insert(s.clone(), to.clone());
         }
     }
-    if user_files.is_some_and(|mut rest| rest.next().is_some()) {
-        return Err("the offer described more user's files than the tree sends".into());
-    }
+    // What the offer describes beyond the user's files: the disks outside the tree.
+    let mut outside = user_files.into_iter().flatten();
+    let mut flattened = Vec::new();
     if let (Some(p), Some(_)) = (tree.shared.first(), dest) {
         return Err(format!(
             "{} (a file of the VM's checkpoints) would stay on the source in a shared-nothing \
@@ -285,15 +362,50 @@ pub fn plan_arrival(
                     disk.path.display()
                 ));
             }
-            // Shared-nothing: no disk stays behind on the source.
-            if !is_top && dest.is_some() {
-                return Err(format!(
-                    "disk {} is in none of the VM's checkpoints; a shared-nothing migration \
-                     of a VM with checkpoints copies checkpointed disks only",
-                    disk.path.display()
-                ));
-            }
         }
+        // Shared-nothing: no disk stays behind on the source; one outside the tree arrives
+        // flattened in `dest_dir`, as a disk of a VM without checkpoints does.
+        for disk in &mut spec.disks {
+            let (Some((dir, _)), false) = (dest, runs_on_top(&tree, &renames, &disk.path)) else {
+                continue;
+            };
+            let source_name = disk.path.file_name().map(|n| n.to_string_lossy());
+            let c = match outside.next() {
+                Some(c) if source_name.as_deref() == Some(c.file_name.as_str()) => c,
+                _ => {
+                    return Err(format!(
+                        "disk {} is in none of the VM's checkpoints and the offer describes no \
+                         copy of it",
+                        disk.path.display()
+                    ))
+                }
+            };
+            if c.format == vireo_api::DiskFormat::Vhd {
+                return Err(format!("disk {}: VHD copies are not made", c.file_name));
+            }
+            let to = dir.join(&c.file_name);
+            if !taken.insert(to.clone()) {
+                return Err(format!("two files would both be {}", to.display()));
+            }
+            disk.path = to.clone();
+            disk.format = Some(c.format);
+            flattened.push(Flattened {
+                serial: disk.serial.clone().unwrap_or_default(),
+                copy: c.clone(),
+                path: to,
+            });
+        }
+    }
+    if outside.next().is_some() {
+        return Err(
+            "the offer describes more disks than the tree's user's files and the disks in none \
+             of its checkpoints"
+                .into(),
+        );
+    }
+    if let Some((dir, _)) = dest {
+        let copies: Vec<&CopiedDisk> = flattened.iter().map(|f| &f.copy).collect();
+        super::storage::check_tree_room(dir, &user_described, &copies)?;
     }
     Ok(Arrival {
         tree,
@@ -302,7 +414,15 @@ pub fn plan_arrival(
         received: BTreeSet::new(),
         live,
         dest_dir: dest.map(|(dir, _)| dir.to_path_buf()),
+        flattened,
     })
+}
+
+/// Whether `path` (a disk's path here, after `renames`) is the new path of a running top.
+fn runs_on_top(tree: &CheckpointTree, renames: &BTreeMap<PathBuf, PathBuf>, path: &Path) -> bool {
+    tree.tops
+        .iter()
+        .any(|t| renames.get(&t.file).map(PathBuf::as_path) == Some(path))
 }
 
 impl Arrival {
@@ -356,8 +476,9 @@ impl Arrival {
 
     /// Live, once every other file is in: the files relinked, an empty child of each running
     /// top's arrived parent made at the top's new path, the records and head stored (they go
-    /// with the VM's row if the migration fails). The tops' new paths in `tree.tops` order,
-    /// with their serials: the disk copy's order. Blocking.
+    /// with the VM's row if the migration fails). The files the disk copy writes with their
+    /// disks' serials, in its order: the tops' new paths (`tree.tops` order), then the
+    /// flattened copies. Blocking.
     pub fn settle_live(&self, d: &Daemon, vm: Uuid) -> Result<Vec<(String, PathBuf)>, String> {
         let mut made = Vec::new();
         let tops = self.tree.tops.iter().map(|t| {
@@ -372,6 +493,11 @@ impl Arrival {
             }
             Ok(())
         })?;
+        made.extend(
+            self.flattened
+                .iter()
+                .map(|f| (f.serial.clone(), f.path.clone())),
+        );
         Ok(made)
     }
 
