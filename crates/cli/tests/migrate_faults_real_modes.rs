@@ -156,10 +156,12 @@ fn the_source_vireod_killed_in_a_quick_migrations_transfer() {
     wait_until("the destination dropped the arrival", || {
         record(&b, &run).is_none()
     });
+    let t0 = Instant::now();
     a.restart();
     let settling = settling_job(&a, &run, &job_id);
     let j = wait_for_end(&a, &settling, T);
     let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("settled {:?} after the restart: {error}", t0.elapsed());
     assert_eq!(j["state"], "failed", "{j}");
     assert!(
         error.contains("does not have it; it is restored here"),
@@ -201,9 +203,15 @@ fn the_source_vireod_killed_after_a_quick_migrations_commit() {
             .is_some_and(|p| p.iter().any(|p| p["name"] == "commit sent"))
     });
     a.kill9();
+    let t0 = Instant::now();
     a.restart();
     let settling = settling_job(&a, &run, &job_id);
     let j = wait_for_end(&a, &settling, T);
+    eprintln!(
+        "settled {:?} after the restart: {}",
+        t0.elapsed(),
+        j["state"]
+    );
     assert_eq!(j["state"], "completed", "{j}");
     let log = std::fs::read_to_string(a.dir.path().join("vireod.log")).unwrap();
     assert!(

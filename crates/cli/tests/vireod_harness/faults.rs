@@ -122,7 +122,8 @@ pub fn migrate(a: &Daemon, run: &Run, to: &str, args: &[&str]) -> Option<String>
 }
 
 /// The job a restarted source vireod settles the VM's quick migration in (`migrate`, not
-/// `old`, the interrupted one): its id, once it exists (it is made as vireod starts).
+/// `old`, the interrupted one): its id, once it exists (it is made as vireod starts). Its
+/// `vm_id` is the VM's, or none once the VM moved and its record went.
 pub fn settling_job(a: &Daemon, run: &Run, old: &str) -> String {
     let mut found = None;
     wait_until("the job settling the quick migration", || {
@@ -130,7 +131,10 @@ pub fn settling_job(a: &Daemon, run: &Run, old: &str) -> String {
             serde_json::from_str(&a.ok(&["job", "list", "--output", "json"])).unwrap();
         found = jobs
             .into_iter()
-            .find(|j| j["kind"] == "migrate" && j["vm_id"] == run.id.as_str() && j["id"] != old)
+            .find(|j| {
+                let vm = &j["vm_id"];
+                j["kind"] == "migrate" && (vm.is_null() || vm == run.id.as_str()) && j["id"] != old
+            })
             .and_then(|j| j["id"].as_str().map(str::to_owned));
         found.is_some()
     });

@@ -180,7 +180,10 @@ pub fn relock_saved(daemon: &super::Daemon) {
     // Not a VM whose quick migration is being settled: its disks may be the destination's
     // now (a lock here could fail the restore there); a restore here takes them itself.
     let settling = |vm: &Vm| super::migrate::quick_recover::settling(daemon, vm.id());
-    for vm in vms.iter().filter(|v| v.state == VmState::Saved && !settling(v)) {
+    for vm in vms
+        .iter()
+        .filter(|v| v.state == VmState::Saved && !settling(v))
+    {
         relock(daemon, vm);
     }
 }

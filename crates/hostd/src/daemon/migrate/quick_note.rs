@@ -52,4 +52,3 @@ pub fn read(d: &Daemon, vm: Uuid) -> Option<QuickNote> {
 pub fn remove(d: &Daemon, vm: Uuid) {
     files::remove(&path(d, vm));
 }
-

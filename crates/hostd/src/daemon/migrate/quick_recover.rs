@@ -86,7 +86,9 @@ async fn settle(d: &Arc<Daemon>, vm: Vm, note: QuickNote, _guard: OwnedMutexGuar
     // next start.
     quick_note::remove(d, id);
     match &outcome {
-        Ok(()) => tracing::info!(vm = %id, %name, %to, "quick migration settled: the VM runs on {to}; its record here removed"),
+        Ok(()) => {
+            tracing::info!(vm = %id, %name, %to, "quick migration settled: the VM runs on {to}; its record here removed")
+        }
         Err(m) => tracing::warn!(vm = %id, %name, "quick migration settled: {m}"),
     }
     if let Some(j) = job {
@@ -104,8 +106,8 @@ async fn saved_at_last(d: &Daemon, id: Uuid) -> Result<Vm, String> {
             VmState::Saving if tokio::time::Instant::now() < deadline => {}
             other => {
                 return Err(format!(
-                    "the save of VM {:?} for its quick migration ended {other} while vireod was \
-                     down; it did not leave",
+                    "the save of VM {:?} for its quick migration, cut short by a restart of \
+                     vireod, ended {other}; the VM did not leave",
                     vm.spec.name
                 ))
             }
