@@ -8,7 +8,9 @@
 //! - the vireods' link cut once after N bytes (then working again, so the source can ask
 //!   where the VM is after a lost answer), N swept over an uncut quick migration's bytes;
 //! - the destination vireod SIGKILLed while the saved state crosses (the link held to a rate
-//!   so the strike lands in the transfer), and restarted; the same for the source vireod.
+//!   so the strike lands in the transfer), and restarted; the same for the source vireod;
+//! - the source vireod SIGKILLed once its `commit` went out, the destination holding the
+//!   restore (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`), and restarted.
 //!
 //! **Post-copy** (`--postcopy always`, the background push held by `--bandwidth` so the phase
 //! lasts seconds), each fault struck once the source's job says `postcopy`:
@@ -26,8 +28,8 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, in_postcopy, kill9, migrate, pair, record, settled, settled_as, settled_lost, start_vm,
-    still_postcopy, sweep, wait_until, workers_on, Allow, Run, Where, T,
+    alive, in_postcopy, kill9, migrate, pair, record, settled, settled_as, settled_lost,
+    settling_job, start_vm, still_postcopy, sweep, wait_until, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -140,8 +142,9 @@ fn the_destination_vireod_killed_in_a_quick_migrations_transfer() {
 }
 
 /// The source vireod dies with the VM saved and half its files across. The destination drops
-/// the arrival (no commit came); the restarted source finds the VM `saved`, whole on its
-/// disk: the ordinary start restores it.
+/// the arrival (no commit came); the restarted source finds the VM `saved` with its quick
+/// migration's note, asks the destination (`absent`) and restores it by itself, in a job of
+/// its own.
 #[test]
 fn the_source_vireod_killed_in_a_quick_migrations_transfer() {
     let Some((mut a, b)) = pair() else {
@@ -153,11 +156,17 @@ fn the_source_vireod_killed_in_a_quick_migrations_transfer() {
     wait_until("the destination dropped the arrival", || {
         record(&b, &run).is_none()
     });
+    let t0 = Instant::now();
     a.restart();
-    let vm = record(&a, &run).expect("the source's record");
-    assert_eq!(vm.state.name(), "saved", "{vm:?}");
-    assert!(workers_on(&a, &run).is_empty());
-    a.ok(&["vm", "start", &run.name]);
+    let settling = settling_job(&a, &run, &job_id);
+    let j = wait_for_end(&a, &settling, T);
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("settled {:?} after the restart: {error}", t0.elapsed());
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        error.contains("does not have it; it is restored here"),
+        "{error}"
+    );
     let place = settled_as(
         &a,
         &b,
@@ -170,6 +179,57 @@ fn the_source_vireod_killed_in_a_quick_migrations_transfer() {
         },
     );
     assert_eq!(place, Where::Source);
+}
+
+/// The source vireod dies once its `commit` went out, while the destination holds the restore
+/// (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`): the VM is the destination's from the commit on. The
+/// restarted source asks where it is — `arriving` while the restore is held, then `here` — and
+/// removes its record, ports and folder by itself; its job of its own completes.
+#[test]
+fn the_source_vireod_killed_after_a_quick_migrations_commit() {
+    let Some((mut a, mut b)) = pair() else {
+        return;
+    };
+    b.kill9();
+    b.restart_env(&[("VIREO_TEST_QUICK_RESTORE_DELAY_MS", "4000")]);
+    let run = start_vm(&a, "qsc");
+    let to = migration_address(&b);
+    let job_id = migrate(&a, &run, &to, &["--quick"]).expect("a job");
+    wait_until("the commit sent", || {
+        let j = job(&a, &job_id);
+        assert_eq!(j["state"], "running", "ended before the commit: {j}");
+        j["migration"]["phases"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "commit sent"))
+    });
+    a.kill9();
+    let t0 = Instant::now();
+    a.restart();
+    let settling = settling_job(&a, &run, &job_id);
+    let j = wait_for_end(&a, &settling, T);
+    eprintln!(
+        "settled {:?} after the restart: {}",
+        t0.elapsed(),
+        j["state"]
+    );
+    assert_eq!(j["state"], "completed", "{j}");
+    let log = std::fs::read_to_string(a.dir.path().join("vireod.log")).unwrap();
+    assert!(
+        log.contains("its restore there is still under way"),
+        "the source never heard `arriving`: the fault missed the held restore"
+    );
+    let place = settled_as(
+        &a,
+        &b,
+        &run,
+        Some(&job_id),
+        "quick, source vireod killed after the commit",
+        Allow {
+            job_interrupted: true,
+            new_source_worker: true,
+        },
+    );
+    assert_eq!(place, Where::Destination);
 }
 
 #[test]

@@ -296,6 +296,7 @@ fn with_fault(state: &Path, point: &str) -> Vireod {
         worker_bin: worker,
         child: Some(child),
         extra_args: Vec::new(),
+        extra_env: Vec::new(),
     };
     common::daemon::wait_until(LIMIT, "vireod's socket", || {
         std::os::unix::net::UnixStream::connect(&d.sock).is_ok()

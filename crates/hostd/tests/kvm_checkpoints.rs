@@ -183,6 +183,7 @@ fn with_fault(state: &Path, bin: &Path, point: &str) -> Vireod {
         worker_bin: bin.to_owned(),
         child: Some(child),
         extra_args: Vec::new(),
+        extra_env: Vec::new(),
     };
     common::daemon::wait_until(T, "vireod's socket", || {
         UnixStream::connect(&d.sock).is_ok()

@@ -14,7 +14,9 @@
 //! worker killed (pre-copy, switch-over), the destination vireod SIGKILLed and restarted
 //! (pre-copy, switch-over), the source worker killed (pre-copy, switch-over), the source vireod
 //! SIGKILLed and restarted (pre-copy, switch-over), an untrusted host either way, a peer
-//! speaking another protocol version.
+//! speaking another protocol version; a quick migration's source vireod SIGKILLed after its
+//! commit and settling the VM at its restart (the destination restores it, never got it, or
+//! cannot be asked).
 
 mod common;
 #[path = "migrate_faults/proxy.rs"]
@@ -628,6 +630,164 @@ fn settled_after_source_restart(p: &Pair, run: &Run, job_id: &str) -> Where {
     }
     let _ = here.post(&format!("/v1/vms/{}/turn-off", run.id));
     place
+}
+
+/// A pair whose destination holds each quick arrival 2 s between the commit and the restore
+/// (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`) and listens on the same port across its restarts
+/// (the source's note names it).
+fn pair_holding_restores() -> Pair {
+    let mut p = pair(true, true);
+    p.b.kill9();
+    p.b.extra_args = vec!["--migration-listen".into(), p.b_addr.clone()];
+    p.b.extra_env = vec![("VIREO_TEST_QUICK_RESTORE_DELAY_MS".into(), "2000".into())];
+    p.b.restart();
+    p
+}
+
+/// A quick migration of a fresh VM whose source vireod is SIGKILLed once its `commit` went out
+/// (the destination holds the restore); the job's id. The source stays down.
+fn source_killed_after_commit(p: &mut Pair, name: &str) -> (Run, String) {
+    let run = start_vm(p, name, "", true);
+    let r = p.a.post_json(
+        &format!("/v1/vms/{}/migrate", run.name),
+        &json!({"to": p.b_addr, "quick": true}),
+    );
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let job_id = r.json()["id"].as_str().unwrap().to_owned();
+    wait_until(T, "the commit sent", || {
+        let j = job(&p.a, &job_id);
+        assert_eq!(j["state"], "running", "ended before the commit: {j}");
+        j["migration"]["phases"]
+            .as_array()
+            .is_some_and(|ph| ph.iter().any(|ph| ph["name"] == "commit sent"))
+    });
+    p.a.kill9();
+    (run, job_id)
+}
+
+/// The job the restarted source settles the VM's quick migration in: its only migration job
+/// but `old` (its VM may be gone already, and the job's `vm_id` with it).
+fn settling_job(p: &Pair, old: &str) -> String {
+    let mut found = None;
+    wait_until(T, "the job settling the quick migration", || {
+        let jobs = p.a.show("/v1/jobs");
+        found = jobs.as_array().unwrap().iter().find_map(|j| {
+            (j["kind"] == "migrate" && j["id"] != old).then(|| j["id"].as_str().unwrap().to_owned())
+        });
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// After a settled quick migration: the VM's record on exactly one side, `running` there in a
+/// live worker holding the disk, nothing of it on the other; the settling job `completed`
+/// exactly when it moved. Removes the VM; where it was.
+fn settled_quick(p: &Pair, run: &Run, settling: &Value) -> Where {
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let ctx = || format!("{settling}\n--- A:\n{}\n--- B:\n{}", tail(&p.a), tail(&p.b));
+    let place = match (record(&p.a, run), record(&p.b, run)) {
+        (Some(_), None) => Where::Source,
+        (None, Some(_)) => Where::Destination,
+        (a, b) => panic!("two or no records: {a:?} {b:?}\n{}", ctx()),
+    };
+    assert_eq!(
+        settling["state"] == "completed",
+        place == Where::Destination,
+        "{}",
+        ctx()
+    );
+    let (here, there) = match place {
+        Where::Source => (&p.a, &p.b),
+        Where::Destination => (&p.b, &p.a),
+    };
+    wait_until(T, "the VM running", || {
+        record(here, run).is_some_and(|v| v["state"] == "running")
+    });
+    let w = here.worker_record(&run.id).expect("a worker record");
+    assert!(alive(w.pid) && lock_held(run), "{}", ctx());
+    let dir = there.state_dir.join("vms").join(&run.id);
+    wait_until(T, "no VM directory on the other side", || !dir.exists());
+    let _ = here.post(&format!("/v1/vms/{}/turn-off", run.id));
+    place
+}
+
+/// The source vireod killed after the commit, restarted while the destination still holds the
+/// restore: asked, the destination says `arriving`, then `here`; the source removes its record
+/// by itself and its settling job completes.
+#[test]
+fn a_quick_migrations_source_killed_after_the_commit_learns_the_vm_moved() {
+    let mut p = pair_holding_restores();
+    let (run, old) = source_killed_after_commit(&mut p, "qk1");
+    p.a.restart();
+    let j = ended(&p.a, &settling_job(&p, &old));
+    assert!(
+        p.a.log().contains("its restore there is still under way"),
+        "never answered `arriving`: the restart missed the held restore"
+    );
+    assert_eq!(settled_quick(&p, &run, &j), Where::Destination);
+}
+
+/// As above, but the destination vireod dies too before the restore and comes back first: it
+/// dropped the arrival, so asked it says `absent` and the source restores the VM itself.
+#[test]
+fn a_quick_migrations_source_killed_after_the_commit_restores_what_did_not_arrive() {
+    let mut p = pair_holding_restores();
+    let (run, old) = source_killed_after_commit(&mut p, "qk2");
+    p.b.kill9();
+    p.b.restart();
+    p.a.restart();
+    let j = ended(&p.a, &settling_job(&p, &old));
+    let error = j["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not have it; it is restored here"),
+        "{error}"
+    );
+    assert_eq!(settled_quick(&p, &run, &j), Where::Source);
+}
+
+/// As above, but the destination stays down while the source asks (`--migration-answer-wait
+/// 3`): the VM stays saved on the source and the job says where it may be and what to run. A
+/// start while the question is open is refused (busy); once the destination came back (it
+/// dropped the arrival) the user's start restores the VM.
+#[test]
+fn a_quick_migrations_source_killed_after_the_commit_with_no_answer_keeps_the_vm_saved() {
+    let mut p = pair_holding_restores();
+    let (run, old) = source_killed_after_commit(&mut p, "qk3");
+    p.b.kill9();
+    p.a.extra_args
+        .extend(["--migration-answer-wait".to_string(), "3".to_string()]);
+    p.a.restart();
+    let start = format!("/v1/vms/{}/start", run.name);
+    let busy = p.a.post(&start);
+    assert_eq!(
+        busy.status,
+        409,
+        "a start while the destination is asked: {}",
+        String::from_utf8_lossy(&busy.body)
+    );
+    let settling = ended(&p.a, &settling_job(&p, &old));
+    let error = settling["error"].as_str().unwrap_or_default();
+    assert_eq!(settling["state"], "failed", "{settling}");
+    assert!(
+        error.contains("could not be asked since") && error.contains("stays saved here"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("vireo vm start {}", run.name)),
+        "{error}"
+    );
+    let here = record(&p.a, &run).expect("the source keeps its record");
+    assert_eq!(here["state"], "saved", "{here}");
+    assert!(p.a.worker_record(&run.id).is_none());
+    p.b.restart();
+    wait_until(T, "the destination dropped the arrival", || {
+        record(&p.b, &run).is_none()
+    });
+    let r = p.a.post(&start);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let j = ended(&p.a, r.json()["id"].as_str().unwrap());
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(settled_quick(&p, &run, &settling), Where::Source);
 }
 
 #[test]

@@ -121,6 +121,26 @@ pub fn migrate(a: &Daemon, run: &Run, to: &str, args: &[&str]) -> Option<String>
     Some(started["id"].as_str().unwrap().to_owned())
 }
 
+/// The job a restarted source vireod settles the VM's quick migration in (`migrate`, not
+/// `old`, the interrupted one): its id, once it exists (it is made as vireod starts). Its
+/// `vm_id` is the VM's, or none once the VM moved and its record went.
+pub fn settling_job(a: &Daemon, run: &Run, old: &str) -> String {
+    let mut found = None;
+    wait_until("the job settling the quick migration", || {
+        let jobs: Vec<serde_json::Value> =
+            serde_json::from_str(&a.ok(&["job", "list", "--output", "json"])).unwrap();
+        found = jobs
+            .into_iter()
+            .find(|j| {
+                let vm = &j["vm_id"];
+                j["kind"] == "migrate" && (vm.is_null() || vm == run.id.as_str()) && j["id"] != old
+            })
+            .and_then(|j| j["id"].as_str().map(str::to_owned));
+        found.is_some()
+    });
+    found.unwrap()
+}
+
 /// The VM's record on `d`, if any.
 pub fn record(d: &Daemon, run: &Run) -> Option<vireo_api::Vm> {
     let out = d.run(&["vm", "show", &run.name, "--output", "json"]);

@@ -226,6 +226,10 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Saved VMs' disk locks ended with the previous vireod: taken again before any
         // request (or the automatic start) can restore one.
         vireo_hostd::daemon::disk_locks::relock_saved(&daemon);
+        // Quick migrations whose vireod died after the save: the destination is asked where
+        // each VM is, in tasks holding the VMs' locks (taken here, before the API serves, and
+        // after the steps above, which wait for VM locks).
+        migrate::quick_recover::recover_all(&daemon).await;
         adopt::schedule_auto_start(&daemon);
         if let Some(l) = migration_listener {
             tokio::spawn(migrate::listener::serve(daemon.clone(), l));

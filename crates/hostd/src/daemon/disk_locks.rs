@@ -166,7 +166,8 @@ fn lock_disk(path: &Path, read_only: bool) -> Result<File, String> {
 }
 
 /// At start-up, before the API serves: takes the disk locks of every saved VM again (vireod's
-/// files, and so its locks, ended with the previous vireod). A disk that cannot be locked is
+/// files, and so its locks, ended with the previous vireod), but those of a quick migration
+/// being settled (`migrate::quick_recover`). A disk that cannot be locked is
 /// logged; that VM's `start` tries again and, failing, says which disk and who holds it.
 pub fn relock_saved(daemon: &super::Daemon) {
     let vms = match daemon.store.list() {
@@ -176,7 +177,13 @@ pub fn relock_saved(daemon: &super::Daemon) {
             return;
         }
     };
-    for vm in vms.iter().filter(|v| v.state == VmState::Saved) {
+    // Not a VM whose quick migration is being settled: its disks may be the destination's
+    // now (a lock here could fail the restore there); a restore here takes them itself.
+    let settling = |vm: &Vm| super::migrate::quick_recover::settling(daemon, vm.id());
+    for vm in vms
+        .iter()
+        .filter(|v| v.state == VmState::Saved && !settling(v))
+    {
         relock(daemon, vm);
     }
 }

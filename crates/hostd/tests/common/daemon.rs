@@ -73,6 +73,8 @@ pub struct Vireod {
     pub child: Option<Child>,
     /// More vireod arguments (e.g. `--migration-listen`), on every (re)start.
     pub extra_args: Vec<String>,
+    /// Environment for vireod (e.g. a `VIREO_TEST_*` fault hook), on every (re)start.
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Vireod {
@@ -92,6 +94,7 @@ impl Vireod {
             worker_bin: worker_bin.to_owned(),
             child: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_env: Vec::new(),
         };
         d.spawn();
         d
@@ -119,6 +122,7 @@ impl Vireod {
             .unwrap();
         let child = Self::command(&self.state_dir, &self.worker_bin)
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

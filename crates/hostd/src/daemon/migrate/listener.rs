@@ -312,6 +312,25 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     }
 }
 
+/// Fault injection (`crates/cli/tests/migrate_faults_real_modes.rs`,
+/// `crates/hostd/tests/migrate_faults.rs`): `VIREO_TEST_QUICK_RESTORE_DELAY_MS=N` holds a quick
+/// arrival N ms between the source's `Commit` and the restore, so a test can strike the source
+/// once the commit went out and before the answer. Unset, nothing waits.
+async fn test_restore_delay(vm: &Vm) {
+    let Some(text) = std::env::var_os("VIREO_TEST_QUICK_RESTORE_DELAY_MS") else {
+        return;
+    };
+    match text.to_str().and_then(|t| t.parse::<u64>().ok()) {
+        Some(ms) => {
+            tracing::info!(vm = %vm.id(), ms, "commit received; restore held (VIREO_TEST_QUICK_RESTORE_DELAY_MS)");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        None => tracing::warn!(
+            "VIREO_TEST_QUICK_RESTORE_DELAY_MS={text:?} ignored: expected milliseconds"
+        ),
+    }
+}
+
 /// Fault injection with the real workers (`crates/cli/tests/migrate_faults_real.rs`): when
 /// `VIREO_TEST_WORKER_ROUTE` names a file holding `PORT ADDR`, the destination worker listens
 /// on `PORT` and the source is told `ADDR` (the test's proxy, which cuts the workers' streams).
@@ -886,6 +905,7 @@ async fn receive_quick(
             other => return Err(format!("unexpected {other:?} from the source")),
         }
     }
+    test_restore_delay(vm).await;
     if !save::has_saved_state(d, vm.id()) {
         return Err("the saved state arrived without its vm.state".into());
     }

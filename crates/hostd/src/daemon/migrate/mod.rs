@@ -4,6 +4,9 @@
 //! - `source`: the `migrate` job (`POST /v1/vms/{vm}/migrate`), live or quick;
 //! - `peer`: the connection and its JSON-lines protocol;
 //! - `recover`: at startup, VMs left `incoming` by a vireod that died mid-migration;
+//! - `quick_note`, `quick_recover`: the source's record of a quick migration under way, and at
+//!   startup the VMs a vireod that died after the save left `saved` with it (the destination
+//!   is asked where they are);
 //! - `storage`: shared-nothing migration's disk copies (describe, create, receive, remove);
 //! - `source_files`: shared-nothing, the source's disk files deleted once the VM runs there;
 //! - `netvirt_peers`: a moved VM's policy entries pushed to, and taken from, other hosts.
@@ -21,6 +24,8 @@ pub mod boot_files;
 pub mod listener;
 pub mod netvirt_peers;
 pub mod peer;
+pub mod quick_note;
+pub mod quick_recover;
 pub mod recover;
 pub mod source;
 pub mod source_files;

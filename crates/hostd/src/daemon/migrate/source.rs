@@ -10,6 +10,8 @@
 //! - **Quick**: offer, save the VM (the ordinary save), send the saved files, `Commit`; the
 //!   destination restores it. `Running` → the record here goes; `Failed` → the VM is started
 //!   here again from its saved state. The downtime (save start → running there) is measured.
+//!   From before the save to the job's end `quick_note.rs` records the migration in the VM's
+//!   folder, so a vireod that dies meanwhile settles it at its restart (`quick_recover.rs`).
 //!
 //! The VM's lock is held for the whole job; the host's migration slots (`--max-migrations`)
 //! are taken first, so extra migrations queue (progress 0) until one ends.
@@ -208,7 +210,7 @@ fn checkpoint_tree(
     Ok(Some(Box::new(tree)))
 }
 
-enum End {
+pub(super) enum End {
     Done,
     Cancelled,
     Failed(String),
@@ -219,7 +221,9 @@ enum End {
 pub fn cancel(daemon: &Daemon, job: &Job) -> Result<Job, HttpError> {
     if !daemon.jobs.cancel(job.id) {
         return Err(HttpError::conflict(
-            "this migration is not run by this vireod (it restarted); nothing to cancel",
+            "this migration is not run by this vireod (it restarted), or it settles one a \
+             restart cut short, which ends by itself within --migration-answer-wait; nothing to \
+             cancel",
         ));
     }
     Ok(job.clone())
@@ -331,7 +335,7 @@ async fn run(
     d.migrations.mark(job, "offer accepted");
     let _ = d.store.set_job_progress(job, 5);
     if req.quick {
-        return quick(
+        let end = quick(
             d,
             (vm, tree.as_deref()),
             (&mut peer, to),
@@ -341,6 +345,9 @@ async fn run(
             &dest_pas,
         )
         .await;
+        // Ended, whichever way (a moved VM's folder went with its record).
+        super::quick_note::remove(d, vm.id());
+        return end;
     }
     // Live with a checkpoint tree, or boot files the destination lacks: those files first
     // (the tree but its running tops), then the worker's address. Nothing of the VM changed
@@ -949,6 +956,21 @@ async fn finish_moved(
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(downtime_ms);
     });
+    let end = forget_moved(d, vm, job, dest_pas).await;
+    if matches!(end, End::Done) {
+        tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
+    }
+    end
+}
+
+/// [`finish_moved`] but the job's figures (a restarted vireod settling a quick migration has
+/// none): the record, ports and meters go, its CAs point at the destination.
+pub(super) async fn forget_moved(
+    d: &Daemon,
+    vm: &Vm,
+    job: Uuid,
+    dest_pas: &[SwitchProviderAddresses],
+) -> End {
     if let Some(w) = d.sup.get(vm.id()) {
         let _ = w.exited_within(Duration::from_secs(30)).await;
     }
@@ -968,7 +990,6 @@ async fn finish_moved(
         Err(e) => tracing::warn!(vm = %vm.id(), "pointing its CAs at the destination: {e}"),
     }
     d.migrations.mark(job, "record removed");
-    tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
     End::Done
 }
 
@@ -999,6 +1020,17 @@ async fn quick(
         abort(peer, "the VM ended on the source").await;
         return End::Failed(format!("VM {name:?} has no worker now"));
     };
+    // Before the save: a vireod that dies from here on finds the note at its restart and asks
+    // the destination where the VM is (`quick_recover.rs`).
+    let note = super::quick_note::QuickNote {
+        to,
+        job,
+        dest_pas: dest_pas.to_vec(),
+    };
+    if let Err(e) = super::quick_note::write(d, vm.id(), &note) {
+        abort(peer, "the source cannot record the migration").await;
+        return End::Failed(format!("{e}; VM {name:?} runs on here"));
+    }
     let t0 = Instant::now();
     if let Err(e) = d.store.set_state(vm.id(), &Action::Save) {
         abort(peer, "the VM cannot be saved").await;
@@ -1029,7 +1061,7 @@ async fn quick(
             abort(peer, &e).await;
             Err(e)
         }
-        Ok(()) => match commit(peer).await {
+        Ok(()) => match commit(d, peer, job).await {
             Ok(answer) => Ok(answer),
             // From the commit on the VM may run there: an answer that did not come is asked
             // for, never guessed (`whereabouts.rs`).
@@ -1039,12 +1071,8 @@ async fn quick(
                     Ok(VmWhereabouts::Here) => Ok(PeerMsg::Running),
                     Ok(_) => Err(format!("{lost}; it is not there")),
                     Err(e) => {
-                        return End::Failed(format!(
-                            "the answer of {to} to the commit was lost ({lost}) and it could \
-                             not be asked since ({e}): VM {name:?} may be running there, so it \
-                             stays saved here. Look on {to} (`vireo vm list`) and run `vireo vm \
-                             start {name}` here only if it is not there"
-                        ))
+                        let lead = format!("the answer of {to} to the commit was lost ({lost})");
+                        return End::Failed(may_be_there(&lead, to, &e, name));
                     }
                 }
             }
@@ -1086,7 +1114,7 @@ async fn quick(
 /// and the job ends once the restore did (its words then true: until session 33 it said
 /// "it is restored here" while the record was still `starting`, and a restore that failed
 /// after that was never told; found by `crates/cli/tests/migrate_faults_real_modes.rs`).
-async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
+pub(super) async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
     let current = match d.store.get_by_id(vm.id()) {
         Ok(v) => v,
         Err(e) => return format!("its record here: {e}"),
@@ -1121,9 +1149,20 @@ async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
 }
 
 /// Tells the destination to restore the VM; its answer.
-async fn commit(peer: &mut Peer) -> Result<PeerMsg, String> {
+async fn commit(d: &Daemon, peer: &mut Peer, job: Uuid) -> Result<PeerMsg, String> {
     peer.send(&PeerMsg::Commit).await?;
+    d.migrations.mark(job, "commit sent");
     peer.recv(ARRIVAL_LIMIT).await
+}
+
+/// A quick migration's VM that may run on `to` (its word was lost and `to` could not be asked
+/// since, for `why`): it stays saved here, and the user is told where to look and what to run.
+pub(super) fn may_be_there(lead: &str, to: SocketAddr, why: &str, name: &str) -> String {
+    format!(
+        "{lead} and it could not be asked since ({why}): VM {name:?} may be running there, so \
+         it stays saved here. Look on {to} (`vireo vm list`) and run `vireo vm start {name}` \
+         here only if it is not there"
+    )
 }
 
 /// Every file of the checkpoint tree (before the saved state: its `vm.state` stays the last
