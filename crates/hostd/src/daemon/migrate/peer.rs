@@ -228,12 +228,14 @@ impl Peer {
             // Whole chunks (a short read is read on): the records a file goes out in are the
             // same every time, which the fault runs' byte-counted cut points rely on.
             let n = (len - done).min(CHUNK as u64) as usize;
-            f.read_exact(&mut buf[..n]).await.map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    format!("{} shrank while being sent", path.display())
-                }
-                _ => format!("{}: {e}", path.display()),
-            })?;
+            f.read_exact(&mut buf[..n])
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => {
+                        format!("{} shrank while being sent", path.display())
+                    }
+                    _ => format!("{}: {e}", path.display()),
+                })?;
             w.write_all(&buf[..n])
                 .await
                 .map_err(|e| format!("sending {} to {}: {e}", path.display(), self.who))?;
