@@ -19,12 +19,10 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, kill9, migrate, pair, record, settled, settled_as, start_vm, sweep, wait_until, Allow,
-    Run, Where, T,
+    alive, free_port, kill9, migrate, pair, record, routed_pair, settled, settled_as, start_vm,
+    sweep, wait_until, Allow, Run, Where, T,
 };
-use vireod_harness::migration::{
-    job, migration_address, trust_each_other, wait_for_end, wait_for_progress,
-};
+use vireod_harness::migration::{job, migration_address, wait_for_end, wait_for_progress};
 use vireod_harness::Daemon;
 
 // The fake-worker suite's proxy (it cuts after N bytes, both directions counted); only its
@@ -248,35 +246,10 @@ fn the_source_vireod_killed_in_the_switch_over() {
     );
 }
 
-/// Two vireods as [`pair`], the destination's workers' streams routed through a proxy of the
-/// test's: `VIREO_TEST_WORKER_ROUTE` names a file the test writes before each run (`PORT
-/// ADDR`: its worker listens on `PORT`, the source is told the proxy's `ADDR`).
-fn routed_pair() -> Option<(Daemon, Daemon, tempfile::TempDir)> {
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
-        return None;
-    }
-    let route = tempfile::tempdir().unwrap();
-    let file = route.path().join("route");
-    let listen = ["--migration-listen", "127.0.0.1:0"];
-    let a = Daemon::start_args(&listen)?;
-    let a_dir = a.dir.path().to_str().unwrap().to_owned();
-    let b = Daemon::start_args_env(
-        &[listen[0], listen[1], "--storage-root", &a_dir],
-        &[("VIREO_TEST_WORKER_ROUTE", file.to_str().unwrap())],
-    )?;
-    trust_each_other(&a, &b);
-    Some((a, b, route))
-}
-
 /// One migration whose workers' streams (every one, both directions counted) are cut after
 /// `n` bytes; where the VM ended and the bytes the streams carried.
 fn stream_cut_run(a: &Daemon, b: &Daemon, route: &Path, i: usize, n: u64) -> (Where, u64) {
-    // A free port for the destination worker (bound and let go: the worker binds it again).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let px = Proxy::start(Target::Fixed(([127, 0, 0, 1], port).into()), n);
     std::fs::write(route.join("route"), format!("{port} {}", px.addr)).unwrap();
     let run = start_vm(a, &format!("w{i}"));

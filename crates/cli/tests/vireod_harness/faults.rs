@@ -46,6 +46,33 @@ pub fn sweep(
     seen
 }
 
+/// Two vireods as [`pair`], the destination's workers' streams routed through a proxy of the
+/// test's: `VIREO_TEST_WORKER_ROUTE` names a file the test writes before each run (`PORT
+/// ADDR`: its worker listens on `PORT`, the source is told the proxy's `ADDR`).
+pub fn routed_pair() -> Option<(Daemon, Daemon, tempfile::TempDir)> {
+    if !vireo_testkit::require(vireo_testkit::Need::Kvm) {
+        return None;
+    }
+    let route = tempfile::tempdir().unwrap();
+    let file = route.path().join("route");
+    let listen = ["--migration-listen", "127.0.0.1:0"];
+    let a = Daemon::start_args(&listen)?;
+    let a_dir = a.dir.path().to_str().unwrap().to_owned();
+    let b = Daemon::start_args_env(
+        &[listen[0], listen[1], "--storage-root", &a_dir],
+        &[("VIREO_TEST_WORKER_ROUTE", file.to_str().unwrap())],
+    )?;
+    trust_each_other(&a, &b);
+    Some((a, b, route))
+}
+
+/// A free port on loopback for a destination worker to listen on (bound and let go: the
+/// worker binds it again).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// A VM set up for one run: what the guest holds, to check after the fault.
 pub struct Run {
     pub name: String,

@@ -75,6 +75,18 @@ impl Proxy {
         self.shared.passed.load(Ordering::SeqCst)
     }
 
+    /// Cuts every connection once `n` more bytes have passed from now (a point in a phase
+    /// whose start is only seen as it happens, such as post-copy's). Only the real workers'
+    /// post-copy runs use it (`crates/cli/tests/migrate_faults_postcopy.rs`).
+    #[allow(dead_code)]
+    pub fn cut_after_more(&self, n: u64) {
+        if n == 0 {
+            return self.cut_now();
+        }
+        let at = self.passed().saturating_add(n);
+        self.shared.cut_after.store(at, Ordering::SeqCst);
+    }
+
     /// Cuts every connection now, and any later one at once.
     pub fn cut_now(&self) {
         self.shared.cut_after.store(0, Ordering::SeqCst);

@@ -842,9 +842,36 @@ async fn live(
             // Our worker stopped the VM after the switch-over (the destination went away in
             // post-copy) and exits `migration_lost`, which makes the record `lost`.
             MigrateState::Lost => {
+                let why = message.unwrap_or_else(|| "no reason given".into());
+                // Our worker cannot tell a dead destination from a cut between two live
+                // workers. After a cut the destination's worker lost the VM too and its record
+                // says `lost`; ours must then go, or both hosts keep a `lost` VM that either
+                // may boot from the same disks (found by `migrate_faults_postcopy.rs`, the
+                // workers' streams cut in post-copy). A cut after the last page completes
+                // there instead. Only the destination knows, so it is asked while the link
+                // lives; `where_is` is not asked (it would call a `lost` record there `here`).
+                let answer = match (dest_running, link_lost || dest_said_failed) {
+                    (true, _) => AbortAnswer::Running,
+                    (false, true) => AbortAnswer::Removed(None),
+                    (false, false) => abort(peer, &why).await,
+                };
+                match answer {
+                    // Our worker exits `migration_lost` by itself; the record goes after it.
+                    AbortAnswer::Running => {
+                        tracing::warn!(vm = %vm.id(), "our worker lost post-copy ({why}), but the VM completed on the destination");
+                        dest_running = true;
+                        break (0, false);
+                    }
+                    AbortAnswer::LostThere(reason) => {
+                        return lost_there(d, vm, job, to, &reason, dest_pas).await
+                    }
+                    AbortAnswer::Removed(_) => {}
+                    AbortAnswer::Lost(e) => {
+                        tracing::warn!(vm = %vm.id(), "the destination did not answer for the lost VM ({e}); it stays `lost` here")
+                    }
+                }
                 return End::Failed(format!(
-                    "the VM {name:?} was lost in the post-copy migration: {}",
-                    message.unwrap_or_else(|| "no reason given".into())
+                    "the VM {name:?} was lost in the post-copy migration: {why}"
                 ));
             }
             MigrateState::Failed | MigrateState::Cancelled => {
@@ -895,6 +922,13 @@ async fn live(
     if !dest_running && dest_failed.is_none() {
         match peer.recv(ARRIVAL_LIMIT).await {
             Ok(PeerMsg::Running) => d.migrations.mark(job, "destination said running"),
+            // Our worker ends post-copy once its last page is written, not read: pages still in
+            // flight when the streams were cut never arrived, and the destination lost the VM
+            // (found by `migrate_faults_postcopy.rs`; the job said `completed`). Its record
+            // says `lost`; ours goes as after a move.
+            Ok(PeerMsg::LostHere { reason }) => {
+                return lost_there(d, vm, job, to, &reason, dest_pas).await
+            }
             other => tracing::warn!(vm = %vm.id(), "the destination did not confirm: {other:?}"),
         }
     }
