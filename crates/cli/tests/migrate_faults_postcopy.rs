@@ -18,7 +18,7 @@ use proxy::{Proxy, Target};
 use vireod_harness::console::Console;
 use vireod_harness::faults::{
     free_port, in_postcopy, kill9, nothing_there, pair, record, routed_pair, settled, settled_lost,
-    start_vm, still_postcopy, wait_until, workers_on, Run, Where, T,
+    start_vm, wait_until, workers_on, Run, Where, T,
 };
 use vireod_harness::migration::{migration_address, wait_for_end};
 use vireod_harness::Daemon;
@@ -28,17 +28,23 @@ use vireod_harness::Daemon;
 /// there and wrote memory the source never saw, so the source must not resume its older copy:
 /// the VM is `lost` there with the reason, nothing of it is left on the destination, no worker
 /// anywhere, the job failed; booted again from its disks (a cold boot), its data is whole.
-fn destination_worker_killed_run(a: &Daemon, b: &Daemon, i: usize, after: Duration) -> String {
+///
+/// The phase lasts ~250 ms, so under load the kill can land after it ended (the job then says
+/// `completed`: the VM had moved whole before its worker died there). Such a run is said and
+/// not counted (`false`); the invariants hold for every run that struck in post-copy.
+fn destination_worker_killed_run(a: &Daemon, b: &Daemon, i: usize, after: Duration) -> bool {
     let run = start_vm(a, &format!("dw{i}"));
     let job_id = in_postcopy(a, &run, &migration_address(b), "1M");
     std::thread::sleep(after);
     let dest_worker = b.worker_pid(&run.name);
-    assert!(
-        still_postcopy(a, &job_id),
-        "post-copy ended before the kill"
-    );
     kill9(dest_worker);
-    settled_lost_on_source(a, b, &run, &job_id, &format!("{after:?} into post-copy"))
+    let j = wait_for_end(a, &job_id, T);
+    if j["state"] == "completed" {
+        eprintln!("[{after:?} into post-copy] the kill came after post-copy ended: not counted");
+        return false;
+    }
+    settled_lost_on_source(a, b, &run, &job_id, &format!("{after:?} into post-copy"));
+    true
 }
 
 /// The invariants after the destination lost its worker in post-copy (see
@@ -88,9 +94,17 @@ fn the_destination_worker_killed_in_postcopy_loses_the_vm_on_the_source() {
     };
     // The guest fetches its hot set on fault (requests are not held to the bandwidth), so the
     // phase lasts ~250 ms here: strikes at once and 50 ms in (at 150 ms it had completed once).
-    for (i, ms) in [0u64, 50].into_iter().enumerate() {
-        destination_worker_killed_run(&a, &b, i, Duration::from_millis(ms));
+    // A CI run's load once made the 50 ms strike land after the phase: one more at once.
+    let mut struck = 0;
+    for (i, ms) in [0u64, 0, 50].into_iter().enumerate() {
+        struck += usize::from(destination_worker_killed_run(
+            &a,
+            &b,
+            i,
+            Duration::from_millis(ms),
+        ));
     }
+    assert!(struck > 0, "no kill landed in post-copy");
 }
 
 /// Where the workers' streams are cut, counted from the moment the source's job says
