@@ -116,22 +116,37 @@ impl<'de, T: KvmAbi> Deserialize<'de> for Blob<T> {
     }
 }
 
+// By table, not `write!("{:02x}")`: the state of a migration's switch-over is encoded and
+// decoded while the guest is paused, and the formatter's per-byte cost (~25 ns) made the
+// ~10 KiB of vCPU blobs take ~0.3 ms on each side.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
     }
-    s
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
 }
 
 pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+    digits
+        .chunks_exact(2)
+        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
         .collect()
 }
 
@@ -164,6 +179,10 @@ mod tests {
     fn hex_round_trips() {
         let all: Vec<u8> = (0..=255).collect();
         assert_eq!(unhex(&hex(&all)).unwrap(), all);
+        assert_eq!(hex(&[0, 0xab, 0xff]), "00abff");
+        assert_eq!(unhex("00ABff").unwrap(), [0, 0xab, 0xff]);
         assert_eq!(unhex("é1"), None);
+        assert_eq!(unhex("0g"), None);
+        assert_eq!(unhex("+f"), None);
     }
 }
