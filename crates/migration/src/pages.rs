@@ -15,6 +15,15 @@ use crate::{MigrationError, PAGE_SIZE};
 pub const MAX_PAGES: usize = 2048;
 const ZERO: u64 = 1;
 
+/// A batch entry: the page's guest-physical address, marked if the page is all zeroes.
+pub fn entry(gpa: u64, zero: bool) -> u64 {
+    if zero {
+        gpa | ZERO
+    } else {
+        gpa
+    }
+}
+
 pub fn is_zero_page(page: &[u8]) -> bool {
     // This runs over every page of the VM, so it must be cheap both ways: a page with data
     // usually shows it in its first bytes (early exit after 64 bytes), and an all-zero page

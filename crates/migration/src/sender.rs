@@ -217,6 +217,66 @@ impl<W: Write> Sender<W> {
         Ok(())
     }
 
+    /// Sends pages that lie apart (each 4 KiB at a page-aligned `gpa`), e.g. a paused
+    /// guest's last dirty pages, as one record per [`MAX_PAGES`]: one write to the TLS
+    /// library instead of one per page. Sent one run at a time, ~100 scattered pages cost
+    /// ~10 µs each here (a TLS record, a `writev` and a TCP segment apiece) while the guest
+    /// waited for them. On an authenticated stream, uncompressed, the pages go to the cipher
+    /// as they lie (as [`Sender::send_run_from`]); otherwise they are gathered first.
+    pub fn send_scattered(&mut self, pages: &[(u64, &[u8])]) -> Result<(), MigrationError> {
+        for batch in pages.chunks(MAX_PAGES) {
+            let n = batch.len();
+            let head = HEADER_LEN + 4 + 8 * n;
+            if self.buf.len() < head {
+                self.buf.resize(head, 0);
+            }
+            self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&(n as u32).to_le_bytes());
+            let mut data: Vec<&[u8]> = Vec::with_capacity(n);
+            for (i, &(gpa, page)) in batch.iter().enumerate() {
+                check_page_run(gpa, page.len())?;
+                if page.len() != PAGE_SIZE {
+                    return Err(MigrationError::Malformed("a scattered page is not 4 KiB"));
+                }
+                let zero = pages::is_zero_page(page);
+                if !zero {
+                    data.push(page);
+                }
+                let at = HEADER_LEN + 4 + 8 * i;
+                self.buf[at..at + 8].copy_from_slice(&pages::entry(gpa, zero).to_le_bytes());
+            }
+            let zeros = n - data.len();
+            let raw = data.len() * PAGE_SIZE;
+            let body_len = head - HEADER_LEN + raw;
+            if let Some(first) = data.first() {
+                let (coder, zbuf) = (&mut self.coder, &mut self.zbuf);
+                sample(coder, &mut self.compression, zbuf, first);
+            }
+            let codec = self.count_and_choose(n, zeros);
+            if codec != Codec::None || self.transport == Transport::Plain {
+                if self.buf.len() < head + raw {
+                    self.buf.resize(head + raw, 0);
+                }
+                for (i, page) in data.iter().enumerate() {
+                    let at = head + i * PAGE_SIZE;
+                    self.buf[at..at + PAGE_SIZE].copy_from_slice(page);
+                }
+                self.send_body(codec, body_len)?;
+                continue;
+            }
+            let h = header_unchecked(Kind::Pages, Codec::None, body_len, body_len);
+            self.buf[..HEADER_LEN].copy_from_slice(&h);
+            let mut parts = Vec::with_capacity(1 + data.len());
+            parts.push(IoSlice::new(&self.buf[..head]));
+            parts.extend(data.iter().map(|p| IoSlice::new(p)));
+            let t = Instant::now();
+            write_all_vectored(&mut self.w, &mut parts)?;
+            let wire = HEADER_LEN + body_len;
+            self.observe_link(wire, t.elapsed().as_secs_f64());
+            self.stats.wire_bytes += wire as u64;
+        }
+        Ok(())
+    }
+
     /// Sends the `len` bytes of consecutive guest pages at `gpa` as zero pages, without their
     /// data: for RAM the caller knows holds none (a hole in the RAM file, never written), so
     /// it is neither read nor scanned. Same records as [`Sender::send_run_with`] would send
@@ -443,6 +503,42 @@ mod tests {
                 assert!(from.send_run_from(0x10_0000, &data[..100]).is_err());
             }
         }
+    }
+
+    #[test]
+    fn scattered_pages_go_out_as_send_pages_sends_them() {
+        // More than one batch, zero pages among them, addresses out of order and apart.
+        let n = MAX_PAGES + 5;
+        let mut mem = vec![0u8; n * PAGE_SIZE];
+        for (i, page) in mem.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if i % 3 != 0 {
+                page.fill(i as u8 | 1);
+            }
+        }
+        let pages: Vec<(u64, &[u8])> = mem
+            .chunks_exact(PAGE_SIZE)
+            .enumerate()
+            .map(|(i, p)| (((n - i) as u64 * 7) << 12, p))
+            .collect();
+        for transport in [Transport::Plain, Transport::Authenticated] {
+            for codec in [Codec::None, Codec::Lz4] {
+                let mut one_by_one = sender_with(codec, transport);
+                one_by_one.send_pages(pages.iter().copied()).unwrap();
+                let mut gathered = sender_with(codec, transport);
+                gathered.send_scattered(&pages).unwrap();
+                assert!(
+                    gathered.get_mut() == one_by_one.get_mut(),
+                    "{transport:?} {}",
+                    codec.name()
+                );
+                assert_eq!(gathered.stats, one_by_one.stats);
+            }
+        }
+        let mut s = sender();
+        assert!(s.send_scattered(&[(0x1001, &mem[..PAGE_SIZE])]).is_err());
+        assert!(s
+            .send_scattered(&[(0x1000, &mem[..2 * PAGE_SIZE])])
+            .is_err());
     }
 
     #[test]

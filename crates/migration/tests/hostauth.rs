@@ -146,3 +146,37 @@ fn identity_is_made_once_kept_private_and_trust_files_are_checked() {
         .name_of(&a.fingerprint())
         .is_none());
 }
+
+/// A page batch is written as its header and its pages (`Sender::send_run_from`,
+/// `send_scattered`): the stream must take all the slices in one call, or every page becomes
+/// a TLS record and a `writev` of its own (rustls' `StreamOwned` writes the first slice only).
+#[test]
+fn a_migration_stream_takes_every_slice_of_a_vectored_write() {
+    use std::io::IoSlice;
+    use vireo_migration::hostauth::{accept, connect};
+    let (_a_dir, a) = host("a.example");
+    let (_b_dir, b) = host("b.example");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let scfg = server_config(&a, &trusting(&[&b])).unwrap();
+    let t = Duration::from_secs(10);
+    let srv = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut s = accept(tcp, scfg, t).unwrap();
+        let mut got = vec![0u8; 3 * 4096 + 16];
+        s.read_exact(&mut got).unwrap();
+        got
+    });
+    let mut c = connect(addr, client_config(&b, &trusting(&[&a])).unwrap(), t).unwrap();
+    let head = [7u8; 16];
+    let pages: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 4096]).collect();
+    let mut slices = vec![IoSlice::new(&head)];
+    slices.extend(pages.iter().map(|p| IoSlice::new(p)));
+    assert_eq!(c.write_vectored(&slices).unwrap(), 16 + 3 * 4096);
+    c.flush().unwrap();
+    let got = srv.join().unwrap();
+    assert_eq!(got[..16], head);
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(&got[16 + i * 4096..16 + (i + 1) * 4096], &p[..]);
+    }
+}
