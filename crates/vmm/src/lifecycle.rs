@@ -58,6 +58,12 @@ pub enum JobOutput {
     Saved(Box<VcpuState>),
 }
 
+/// A job asked of the parked vCPUs ([`RunControl::start_job`]): how many must answer.
+#[must_use = "wait_job collects the answers"]
+pub struct JobTicket {
+    want: usize,
+}
+
 /// Every vCPU's answer to a [`Job`].
 #[derive(Debug, Default)]
 pub struct JobResults {
@@ -176,6 +182,14 @@ impl RunControl {
     /// With every vCPU parked: each does `job` on its thread; returns their answers, or `Err`
     /// when the VM ended or they did not all answer in time.
     pub fn run_job(&self, job: Job, timeout: Duration) -> Result<JobResults, ParkError> {
+        let ticket = self.start_job(job);
+        self.wait_job(ticket, timeout)
+    }
+
+    /// [`RunControl::run_job`]'s first half: asks the parked vCPUs to do `job` and returns at
+    /// once, so the caller can work meanwhile (the switch-over sends the last pages while the
+    /// vCPUs save their state); [`RunControl::wait_job`] collects their answers.
+    pub fn start_job(&self, job: Job) -> JobTicket {
         let mut s = self.lock();
         s.job_epoch += 1;
         s.job = job;
@@ -183,7 +197,13 @@ impl RunControl {
         s.job_errors.clear();
         s.job_saved.clear();
         self.cv.notify_all();
-        let want = s.alive;
+        JobTicket { want: s.alive }
+    }
+
+    /// Waits (at most `timeout`) until every vCPU did the job [`RunControl::start_job`] asked.
+    pub fn wait_job(&self, ticket: JobTicket, timeout: Duration) -> Result<JobResults, ParkError> {
+        let want = ticket.want;
+        let s = self.lock();
         let (mut s, _) = self
             .cv
             .wait_timeout_while(s, timeout, |s| !s.released && s.job_done < want)

@@ -171,6 +171,7 @@ impl VmHandle {
     ) -> Result<Handover<W>, MigrateError> {
         let started = Instant::now();
         let _freed_heap_kept = crate::heap_trim::keep_freed_heap();
+        crate::heap_trim::warm_this_arena(PAUSE_TLS_BYTES);
         let _op = lock(&self.0.lifecycle);
         if self.0.exit.is_set() {
             return Err(StateError::NotRunning.into());
@@ -263,7 +264,7 @@ impl VmHandle {
                 "switch-over (source VMM, from the pause request): throttle stopped before \
                  in {:.2} ms, vCPUs parked +{:.2} ms, devices +{:.2} ms, dirty log +{:.2} ms, \
                  last {final_pages} pages sent +{:.2} ms (pages out +{pages_alone:.2} ms, \
-                 vCPU state saved beside them +{save_alone:.2} ms), state saved +{:.2} ms \
+                 the state saved beside them +{save_alone:.2} ms), state encoded +{:.2} ms \
                  ({n} bytes), sent +{:.2} ms, streams done +{:.2} ms",
                 ms(steps.throttle_stop),
                 ms(steps.vcpus_parked),
@@ -780,35 +781,24 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
         let few = few_final_runs(&runs);
         let (senders, shared, bandwidth) = (&mut self.senders, self.shared, self.opts.bandwidth);
         let (identity, spec) = (&self.identity, &self.spec);
-        // The device state is final once paused: it is saved (the vCPUs' threads each report
-        // theirs) while the last pages go out, not after them.
-        let (sent, state) = std::thread::scope(|scope| {
-            let saving = scope.spawn(|| {
-                let state = vm.save_state_locked(identity.clone(), spec.clone());
-                (state, Instant::now())
-            });
-            let sent = match &few {
-                Some(few) => vm.send_gathered(0, &mut senders[0], few, shared),
-                None => vm.send_runs(
-                    senders,
-                    runs,
-                    shared,
-                    bandwidth,
-                    false,
-                    Protect::Nothing,
-                    false,
-                ),
-            };
-            let pages_at = Instant::now();
-            let (state, saved_at) = saving.join().unwrap_or_else(|_| {
-                let e = StateError::Kvm("the device state's thread panicked".into());
-                (Err(e), Instant::now())
-            });
-            (sent, (state, pages_at, saved_at))
-        });
-        let (state, pages_at, saved_at) = state;
-        self.final_pages_at = Some(pages_at);
-        self.state_saved_at = Some(saved_at);
+        // The device state is final once paused: the vCPUs' threads save theirs while the
+        // last pages go out, not after them; the rest of the state is read here after.
+        let saving = vm.start_save();
+        let sent = match &few {
+            Some(few) => vm.send_gathered(0, &mut senders[0], few, shared),
+            None => vm.send_runs(
+                senders,
+                runs,
+                shared,
+                bandwidth,
+                false,
+                Protect::Nothing,
+                false,
+            ),
+        };
+        self.final_pages_at = Some(Instant::now());
+        let state = saving.and_then(|t| vm.finish_save(t, identity.clone(), spec.clone()));
+        self.state_saved_at = Some(Instant::now());
         self.state = Some(state);
         sent
     }
@@ -830,6 +820,10 @@ fn few_final_runs(runs: &[Vec<(u64, u64)>]) -> Option<Vec<(u64, u64)>> {
     all.sort_unstable();
     Some(all)
 }
+
+/// What this thread's TLS records of the pause's few pages take at most (the data, its
+/// record headers and tags, with room): warmed before the first round.
+const PAUSE_TLS_BYTES: usize = FEW_FINAL_BYTES as usize * 5 / 4;
 
 /// Up to this much page data at the pause goes on one stream (`one_stream_if_few`).
 const FEW_FINAL_BYTES: u64 = 1 << 20;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{lock, Prefilled, Shared, Vm, VmHandle};
 use crate::config::VmConfig;
 use crate::exit::ExitState;
-use crate::lifecycle::{Job, ParkError};
+use crate::lifecycle::{Job, JobTicket, ParkError};
 use crate::memory::GuestRam;
 use crate::state::checksums::MemorySums;
 use crate::state::working_set::WorkingSet;
@@ -45,9 +45,27 @@ impl VmHandle {
         identity: Identity,
         spec: Option<String>,
     ) -> Result<VmState, StateError> {
+        let saving = self.start_save()?;
+        self.finish_save(saving, identity, spec)
+    }
+
+    /// The first half of [`VmHandle::save_state_locked`]: the parked vCPUs start saving
+    /// their state on their threads while the caller goes on (the switch-over sends its last
+    /// pages meanwhile, without a thread of its own to wait for them).
+    pub(super) fn start_save(&self) -> Result<JobTicket, StateError> {
         self.check_paused()?;
+        Ok(self.0.control.start_job(Job::Save))
+    }
+
+    /// The second half: the vCPUs' states, and the rest of the VM's read here.
+    pub(super) fn finish_save(
+        &self,
+        saving: JobTicket,
+        identity: Identity,
+        spec: Option<String>,
+    ) -> Result<VmState, StateError> {
         let s = &self.0;
-        let results = match s.control.run_job(Job::Save, VCPU_SAVE_TIMEOUT) {
+        let results = match s.control.wait_job(saving, VCPU_SAVE_TIMEOUT) {
             Ok(r) => r,
             Err(ParkError::Released) => return Err(StateError::NotRunning),
             Err(ParkError::Timeout { parked, alive }) => {

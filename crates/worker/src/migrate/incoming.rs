@@ -113,6 +113,7 @@ fn receive_inner(
     inc: &Incoming,
 ) -> Result<Option<PostcopyIncoming>, String> {
     let (streams, requests) = accept_all(s, inc)?;
+    let release = StreamRelease::start();
     // A source older than stream version 5 sends post-copy's pages on stream 0 only and
     // closes the others at `Done`.
     let postcopy_streams = if streams
@@ -193,6 +194,8 @@ fn receive_inner(
         if let Err(e) = pc.place_from(streams, inc.shared.clone()) {
             postcopy::lose(s, &format!("starting a post-copy placement thread: {e}"));
         }
+    } else {
+        release.later(streams);
     }
     tracing::info!(
         "switch-over (destination, from the streams' end): DISKS +{disks_at:.2} ms, state \
@@ -210,6 +213,43 @@ fn receive_inner(
         started.elapsed().as_millis()
     );
     Ok(pc)
+}
+
+/// Frees the page streams' memory (a 1 MiB read-ahead buffer each, the TLS library's
+/// buffers) a while after the resume instead of at it. Freeing it unmaps memory, which takes
+/// the process's mmap lock for writing, and the just-resumed vCPU needs that lock (to read)
+/// for its first touch of each piece of guest memory: traced, the two unmaps right after the
+/// resume (~0.13 ms each on this host) held the guest's first move back. The sockets are shut
+/// down at once, so the source sees the end as before. The thread is started before the
+/// pages flow, since starting one maps its stack.
+struct StreamRelease(Option<std::sync::mpsc::Sender<Vec<ServerStream>>>);
+
+/// How long the resumed guest gets before the streams' memory is freed.
+const RELEASE_AFTER: Duration = Duration::from_millis(50);
+
+impl StreamRelease {
+    fn start() -> StreamRelease {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<ServerStream>>();
+        let spawned = std::thread::Builder::new()
+            .name("stream-release".into())
+            .spawn(move || {
+                if let Ok(streams) = rx.recv() {
+                    std::thread::sleep(RELEASE_AFTER);
+                    drop(streams);
+                }
+            });
+        StreamRelease(spawned.is_ok().then_some(tx))
+    }
+
+    fn later(self, streams: Vec<ServerStream>) {
+        for st in &streams {
+            let _ = st.sock.tcp().shutdown(std::net::Shutdown::Both);
+        }
+        // Without the thread (or should it be gone) they are freed here, as before.
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(streams);
+        }
+    }
 }
 
 /// Opens the disks the source released and puts them under the waiting devices.
