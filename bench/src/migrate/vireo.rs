@@ -30,6 +30,31 @@ struct Control {
     dir: PathBuf,
 }
 
+/// See [`Control::status_link`].
+struct StatusLink {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    line: String,
+}
+
+impl StatusLink {
+    /// One `MigrateStatus`; an error once the worker is gone (its end closes the connection).
+    fn status(&mut self) -> Result<MigrateProgress, String> {
+        writeln!(self.w, "{}", self.line).map_err(|e| format!("worker.sock: {e}"))?;
+        let mut answer = String::new();
+        match self.r.read_line(&mut answer) {
+            Ok(0) => return Err("worker.sock closed".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("worker.sock: {e}")),
+        }
+        match serde_json::from_str(&answer) {
+            Ok(WorkerReply::Migrate(p)) => Ok(p),
+            Ok(other) => Err(format!("MigrateStatus answered {other:?}")),
+            Err(e) => Err(format!("worker answered {answer:?}: {e}")),
+        }
+    }
+}
+
 struct Worker {
     child: Child,
     ctl: Control,
@@ -125,6 +150,22 @@ impl Control {
             WorkerReply::Migrate(p) => Ok(p),
             other => Err(format!("MigrateStatus answered {other:?}")),
         }
+    }
+
+    /// A connection kept open for `MigrateStatus` polls during the migration, as QEMU's side
+    /// polls over its one QMP connection. A connection per poll made the source worker
+    /// start a thread for each (every millisecond, mid-pause: traced, those threads' starts
+    /// and ends took the CPUs the guest's pause needed).
+    fn status_link(&self) -> Result<StatusLink, String> {
+        let s = self.connect("worker.sock", Duration::ZERO)?;
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        let line = serde_json::to_string(&WorkerRequest::new(WorkerOp::MigrateStatus))
+            .map_err(|e| e.to_string())?;
+        Ok(StatusLink {
+            w,
+            r: BufReader::new(s),
+            line,
+        })
     }
 
     fn wait_status(
@@ -325,6 +366,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         other => return Err(format!("MigrateOut answered {other:?}")),
     }
     eprintln!("  {} bench: MigrateOut sent", wall_clock(t));
+    let mut link = src.ctl.status_link()?;
     let deadline = Instant::now() + T;
     let mut last = MigrateProgress::default();
     // When the source first said `completed` (the destination runs the VM): the moment
@@ -336,7 +378,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<WorkerExit>(&b).ok());
         }
-        if let Ok(p) = src.ctl.status() {
+        if let Ok(p) = link.status() {
             if p.state == MigrateState::Failed {
                 return Err(format!(
                     "vireo migration failed: {p:?}; log:\n{}",

@@ -183,6 +183,10 @@ fn receive_inner(
         .resume()
         .map_err(|e| fail(ctl, format!("resuming: {e}")))?;
     let resumed = ms(t);
+    // The woken vCPU thread is queued on this thread's CPU; the scheduler moved it to an idle
+    // one only ~0.2 ms later in a trace (this thread went on to send RUNNING and log). Let it
+    // run first: RUNNING waits a few microseconds, the guest's first move does not.
+    std::thread::yield_now();
     // The VM runs here now, whether or not this line arrives (see docs/migration.md).
     if let Err(e) = handoff::send(ctl, "RUNNING") {
         tracing::warn!("the VM runs here, but telling the source failed: {e}");
