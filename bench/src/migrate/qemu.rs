@@ -97,10 +97,13 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
         "migrate-set-parameters",
         json!({"downtime-limit": case.max_downtime_ms, "max-bandwidth": 100u64 << 30}),
     )?;
-    let source = Watch::start(move || swatch.read().map(Some), T);
-    // Read whatever its state: before its guest runs, the destination's counter holds only
-    // values the source had (see `watch.rs`).
-    let dest = Watch::start(move || dwatch.read().map(Some), T);
+    let watch = Watch::start(
+        Box::new(move || swatch.read().map(Some)),
+        // Read whatever its state: before its guest runs, the destination's counter holds
+        // only values the source had (see `watch.rs`).
+        Box::new(move || dwatch.read().map(Some)),
+        T,
+    );
     let t = Instant::now();
     sq.execute("migrate", json!({ "uri": uri }))?;
     let deadline = Instant::now() + T;
@@ -119,8 +122,8 @@ pub fn run(qemu: &Path, dir: &Path, case: &Case, seed: u64) -> Result<Sample, St
     let total = t.elapsed();
     // The destination's guest runs by now or very soon: wait until its watcher sees it move.
     // The source's counter is final now: wait until the destination's guest went past it.
-    dest.wait_above(source.settled(T), Duration::from_secs(10));
-    let (s, d) = (source.finish()?, dest.finish()?);
+    watch.dest_above(watch.source_settled(T), Duration::from_secs(10));
+    let (s, d) = watch.finish()?;
     Ok(Sample {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         guest_gap_ms: gap_ms(&s, &d).map_err(|e| format!("qemu: {e}"))?,

@@ -352,9 +352,12 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
     let dst_start = dst_spawned.elapsed();
     let src_ram = src.ram()?;
     let dst_ram = dst.ram()?;
-    let source = Watch::start(move || read_counter(&src_ram).map(Some), T);
-    // Read straight from the destination's RAM, whatever its state (see `watch.rs`).
-    let dest = Watch::start(move || read_counter(&dst_ram).map(Some), T);
+    let watch = Watch::start(
+        Box::new(move || read_counter(&src_ram).map(Some)),
+        // Read straight from the destination's RAM, whatever its state (see `watch.rs`).
+        Box::new(move || read_counter(&dst_ram).map(Some)),
+        T,
+    );
     let t = Instant::now();
     match src.ctl.ask(WorkerOp::MigrateOut {
         to,
@@ -430,7 +433,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
         })
         .unwrap_or(exited);
     // The source's counter is final now: wait until the destination's guest went past it.
-    dest.wait_above(source.settled(T), Duration::from_secs(10));
+    watch.dest_above(watch.source_settled(T), Duration::from_secs(10));
     // Where the pause went, as each side logged it.
     for (side, log) in [("source", src.ctl.log()), ("destination", dst.ctl.log())] {
         for line in log.lines().filter(|l| {
@@ -449,7 +452,7 @@ pub fn run(dir: &Path, case: &Case, seed: u64) -> Result<Sample, String> {
             eprintln!("  {stamp} {side}: {}", &line[at..]);
         }
     }
-    let (s, d) = (source.finish()?, dest.finish()?);
+    let (s, d) = watch.finish()?;
     if let Some((stopped, resumed)) = super::watch::gap_ends(&s, &d) {
         eprintln!("  {stopped} guest: last move on the source");
         eprintln!("  {resumed} guest: first move on the destination");

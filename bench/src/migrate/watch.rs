@@ -1,6 +1,6 @@
 //! The guest's side of a migration's pause: a thread reads the probe's dirty-page counter
-//! (status page + 24, bumped after every page the guest writes) on one side every ~0.1 ms and
-//! remembers every move. The counter only grows, and before the destination's guest runs its
+//! (status page + 24, bumped after every page the guest writes) on both sides every ~0.1 ms
+//! and remembers every move. The counter only grows, and before the destination's guest runs its
 //! copy of the counter can only hold values the source had: so the gap is from the source's
 //! last move to the first time the destination shows a value **above the source's last
 //! one**. That needs no "is it running yet" question to either VMM (whose round trip, several
@@ -28,12 +28,24 @@ pub const DIRTY_PAGES: u64 = 0x80000 + 24;
 /// A watcher's pause between reads.
 const READ_EVERY: Duration = Duration::from_micros(100);
 
+/// Both sides' counters, read by one thread: a wake-up per `READ_EVERY` for the two reads,
+/// not one per side. Each wake-up of a real-time watcher preempts whatever runs on its CPU
+/// (the guest's vCPU, the migration's threads, on either VMM), so fewer is better.
 pub struct Watch {
     stop: Arc<AtomicBool>,
+    sides: [Side; 2],
+    thread: JoinHandle<Result<[Seen; 2], String>>,
+}
+
+/// What one side's reads publish while the watcher runs.
+#[derive(Clone, Default)]
+struct Side {
     current: Arc<AtomicU64>,
     reads: Arc<AtomicU64>,
-    thread: JoinHandle<Result<Seen, String>>,
 }
+
+/// One side's counter: `None` while it cannot be read.
+pub type Read = Box<dyn FnMut() -> Result<Option<u64>, String> + Send>;
 
 /// One value a watcher saw change.
 #[derive(Clone, Copy, Debug)]
@@ -51,26 +63,35 @@ pub struct Seen {
     /// Every value read that differed from the one before.
     pub moves: Vec<Move>,
     pub reads: u64,
+    before: Option<Instant>,
 }
 
 impl Seen {
     fn last(&self) -> Option<Move> {
         self.moves.last().copied()
     }
+
+    fn record(&mut self, v: u64, now: Instant) {
+        self.reads += 1;
+        if self.last().is_none_or(|m| m.value != v) {
+            self.moves.push(Move {
+                seen: now,
+                after: self.before.unwrap_or(now),
+                value: v,
+            });
+        }
+        self.before = Some(now);
+    }
 }
 
 impl Watch {
-    /// Reads `read` in a loop until stopped (or `limit` passes). `read` answers `None` while
-    /// its side cannot be read.
-    pub fn start(
-        mut read: impl FnMut() -> Result<Option<u64>, String> + Send + 'static,
-        limit: Duration,
-    ) -> Watch {
+    /// Reads the source's and the destination's counters in a loop until stopped (or `limit`
+    /// passes).
+    pub fn start(source: Read, dest: Read, limit: Duration) -> Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let current = Arc::new(AtomicU64::new(0));
-        let reads = Arc::new(AtomicU64::new(0));
-        let (current_out, reads_out) = (current.clone(), reads.clone());
+        let sides = [Side::default(), Side::default()];
+        let published = sides.clone();
         let thread = std::thread::spawn(move || {
             if let Err(e) = run_realtime() {
                 eprintln!(
@@ -79,60 +100,50 @@ impl Watch {
                 );
             }
             let started = Instant::now();
-            let mut seen = Seen::default();
-            let mut before: Option<Instant> = None;
+            let mut reads = [source, dest];
+            let mut seen = [Seen::default(), Seen::default()];
             while !flag.load(Ordering::Relaxed) && started.elapsed() < limit {
-                let Some(v) = read()? else {
-                    std::thread::sleep(Duration::from_micros(50));
-                    continue;
-                };
-                let now = Instant::now();
-                seen.reads += 1;
-                if seen.last().is_none_or(|m| m.value != v) {
-                    seen.moves.push(Move {
-                        seen: now,
-                        after: before.unwrap_or(now),
-                        value: v,
-                    });
+                for ((read, seen), side) in reads.iter_mut().zip(&mut seen).zip(&published) {
+                    if let Some(v) = read()? {
+                        seen.record(v, Instant::now());
+                        side.current.store(v, Ordering::Relaxed);
+                        side.reads.fetch_add(1, Ordering::Release);
+                    }
                 }
-                before = Some(now);
-                current.store(v, Ordering::Relaxed);
-                reads.fetch_add(1, Ordering::Release);
-                // Not a spin: two watchers reading flat out were two more runnable threads
-                // on this 2-core host beside the guest's vCPU and the migration's stream
-                // threads (on either VMM's side), taking CPU from the very migration they
-                // time. So the gap's resolution is this pause (and the scheduler's wake-up),
-                // the same for both VMMs.
+                // Not a spin: a watcher reading flat out would be one more runnable thread on
+                // this 2-core host beside the guest's vCPU and the migration's threads (on
+                // either VMM's side), taking CPU from the very migration it times. So the
+                // gap's resolution is this pause, the same for both VMMs.
                 std::thread::sleep(READ_EVERY);
             }
             Ok(seen)
         });
         Watch {
             stop,
-            current: current_out,
-            reads: reads_out,
+            sides,
             thread,
         }
     }
 
-    /// The value of a side that no longer moves (the source, once the migration is over):
-    /// read twice more after this call, so it is not a value from before the pause.
-    pub fn settled(&self, limit: Duration) -> u64 {
-        let from = self.reads.load(Ordering::Acquire);
+    /// The value of the source once it no longer moves (the migration is over): read twice
+    /// more after this call, so it is not a value from before the pause.
+    pub fn source_settled(&self, limit: Duration) -> u64 {
+        let side = &self.sides[0];
+        let from = side.reads.load(Ordering::Acquire);
         let deadline = Instant::now() + limit;
-        while self.reads.load(Ordering::Acquire) < from + 2
+        while side.reads.load(Ordering::Acquire) < from + 2
             && Instant::now() < deadline
             && !self.thread.is_finished()
         {
             std::thread::sleep(Duration::from_micros(200));
         }
-        self.current.load(Ordering::Relaxed)
+        side.current.load(Ordering::Relaxed)
     }
 
-    /// Waits (at most `limit`) until this side has read a value above `value`.
-    pub fn wait_above(&self, value: u64, limit: Duration) -> bool {
+    /// Waits (at most `limit`) until the destination has read a value above `value`.
+    pub fn dest_above(&self, value: u64, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
-        while self.current.load(Ordering::Relaxed) <= value {
+        while self.sides[1].current.load(Ordering::Relaxed) <= value {
             if Instant::now() > deadline || self.thread.is_finished() {
                 return false;
             }
@@ -141,11 +152,14 @@ impl Watch {
         true
     }
 
-    pub fn finish(self) -> Result<Seen, String> {
+    /// What the source's and the destination's reads saw.
+    pub fn finish(self) -> Result<(Seen, Seen), String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
+        let [s, d] = self
+            .thread
             .join()
-            .map_err(|_| "counter watcher panicked".to_string())?
+            .map_err(|_| "counter watcher panicked".to_string())??;
+        Ok((s, d))
     }
 }
 
@@ -224,6 +238,7 @@ mod tests {
         let source = Seen {
             moves: vec![mv(0, 0, 10), mv(4, 5, 20)],
             reads: 9,
+            before: None,
         };
         // Older copies (pages of earlier rounds) and the source's own last value arrive
         // before the guest runs there: they do not end the gap. The gap runs from the read
@@ -237,11 +252,13 @@ mod tests {
                 mv(12, 13, 30),
             ],
             reads: 9,
+            before: None,
         };
         assert_eq!(gap_ms(&source, &dest).unwrap(), 8.0);
         let never = Seen {
             moves: vec![mv(7, 8, 20)],
             reads: 3,
+            before: None,
         };
         assert!(gap_ms(&source, &never).is_err());
         // A source watcher that ran late (saw the last move after the destination's guest
@@ -249,6 +266,7 @@ mod tests {
         let late = Seen {
             moves: vec![mv(0, 0, 10), mv(2, 15, 20)],
             reads: 4,
+            before: None,
         };
         assert_eq!(gap_ms(&late, &dest).unwrap(), 10.0);
     }
