@@ -552,6 +552,12 @@ impl Vm {
             return Ok(());
         }
         vcpu::install_kick_handler()?;
+        // The console's input thread too: started by `run` after the resume, its start (a
+        // stack mapped, the mmap lock taken for writing) came as the resumed vCPU took its
+        // first faults on guest memory, which read-lock it.
+        if let Some(input) = self.input.take() {
+            console::start_input(input, self.shared.serial.clone(), self.shared.exit.clone())?;
+        }
         let started = self.spawn_vcpus();
         self.started.extend(started);
         Ok(())
