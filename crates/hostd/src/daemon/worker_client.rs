@@ -123,6 +123,27 @@ impl WorkerConn {
     }
 }
 
+/// A connection kept across one loop's polls of a worker, opened again after any failure
+/// (a call that timed out may leave its reply in the pipe). A connection per poll made the
+/// worker start a thread for each — every 10 ms of a migration, beside the guest's vCPU and
+/// the migration's own threads on the same host CPUs.
+#[derive(Default)]
+pub struct KeptConn(Option<WorkerConn>);
+
+impl KeptConn {
+    pub async fn call(&mut self, sock: &Path, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
+        let conn = match &mut self.0 {
+            Some(c) => c,
+            None => self.0.insert(WorkerConn::connect(sock).await?),
+        };
+        let reply = conn.call(op).await;
+        if reply.is_err() {
+            self.0 = None;
+        }
+        reply
+    }
+}
+
 /// One request on a fresh connection.
 pub async fn call_once(sock: &Path, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
     WorkerConn::connect(sock).await?.call(op).await

@@ -34,7 +34,7 @@ use vireo_api::{Action, JobState, Vm, VmSpec};
 use super::peer::{self, FileError, Peer};
 use crate::daemon::supervisor::Worker;
 use crate::daemon::switches::{netvirt_move, nics};
-use crate::daemon::worker_client::call_once;
+use crate::daemon::worker_client::{call_once, KeptConn};
 use crate::daemon::{lifecycle, save, Daemon};
 
 /// The source has this long between two messages before the destination gives up (a quick
@@ -551,6 +551,7 @@ async fn receive_live(
     })
     .await?;
     let mut disks = DiskCopyWatch::default();
+    let mut status = KeptConn::default();
     loop {
         enum Ev {
             Msg(Result<PeerMsg, String>),
@@ -605,7 +606,7 @@ async fn receive_live(
             return Err(why);
         }
         disks.tell_worker_while_copying(d, vm.id(), &worker).await;
-        match migrate_state(&worker).await {
+        match migrate_state(&worker, &mut status).await {
             Some(MigrateState::Completed) => return arrived(d, vm, peer).await,
             Some(MigrateState::Failed | MigrateState::Cancelled) => {
                 let mut msg = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
@@ -759,8 +760,8 @@ async fn receive_tree_file(
     Ok(Some(()))
 }
 
-async fn migrate_state(w: &Worker) -> Option<MigrateState> {
-    match call_once(&w.socket(), WorkerOp::MigrateStatus).await {
+async fn migrate_state(w: &Worker, conn: &mut KeptConn) -> Option<MigrateState> {
+    match conn.call(&w.socket(), WorkerOp::MigrateStatus).await {
         Ok(WorkerReply::Migrate(p)) => Some(p.state),
         _ => None,
     }

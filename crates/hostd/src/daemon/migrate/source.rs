@@ -38,7 +38,7 @@ use crate::daemon::http_error::HttpError;
 use crate::daemon::jobs::cancelled;
 use crate::daemon::supervisor::Worker;
 use crate::daemon::switches::{netvirt_move, nics};
-use crate::daemon::worker_client::{call_once, WorkerCallError};
+use crate::daemon::worker_client::{call_once, KeptConn, WorkerCallError};
 use crate::daemon::{files, lifecycle, save, Daemon};
 
 /// How often the job asks its worker how the migration goes. Short: the job's end (and so
@@ -709,6 +709,7 @@ async fn live(
     }
     let mut asked_cancel = false;
     let mut silent_since: Option<tokio::time::Instant> = None;
+    let mut status = KeptConn::default();
     let mut dest_running = false;
     let mut dest_failed: Option<String> = None;
     // Only the destination's own `failed` is its word; a broken link says nothing of the VM.
@@ -805,7 +806,7 @@ async fn live(
                 }
             }
         }
-        let p = match call_once(&worker.socket(), WorkerOp::MigrateStatus).await {
+        let p = match status.call(&worker.socket(), WorkerOp::MigrateStatus).await {
             Ok(WorkerReply::Migrate(p)) => p,
             other => {
                 let since = *silent_since.get_or_insert_with(tokio::time::Instant::now);
