@@ -21,9 +21,11 @@
 pub const THROTTLE_START: u32 = 20;
 pub const THROTTLE_STEP: u32 = 20;
 pub const THROTTLE_MAX: u32 = 99;
-/// An estimated pause at or under this (ms) is not worth another round to shorten: the
-/// round's own fetch and drain cost about as much of the total.
-pub const WORTH_A_ROUND_MS: u64 = 1;
+/// An estimated pause at or under this (µs) is not worth another round to shorten: the
+/// round's own fetch and drain (a round trip to the destination) cost about as much. Was
+/// 1 ms; since the pause's pages go in one gathered record (session 35) the pause costs
+/// ~5 µs a page, and a round of a few hundred µs leaves only what the guest dirties in it.
+pub const WORTH_A_ROUND_US: u64 = 250;
 
 /// What a round measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -70,6 +72,17 @@ pub fn estimate_ms(bytes: u64, rate: f64) -> u64 {
     (bytes as f64 / rate * 1000.0).ceil() as u64
 }
 
+/// [`estimate_ms`] in µs, for the short pauses a last round is weighed against.
+pub fn estimate_us(bytes: u64, rate: f64) -> u64 {
+    if bytes == 0 {
+        return 0;
+    }
+    if rate <= 0.0 {
+        return u64::MAX;
+    }
+    (bytes as f64 / rate * 1e6).ceil() as u64
+}
+
 /// Whether a pause that already fits would be shortened enough by one more round with the
 /// guest running: the round sends what the pause would (about the estimate's time), and the
 /// guest, dirtying at most half the link's rate (measured: unknown never pays), leaves at
@@ -79,7 +92,7 @@ pub fn one_more_pays(f: &RoundFacts) -> bool {
     let shrinking = f
         .previous_dirty_bytes
         .is_none_or(|prev| f.dirty_bytes * 4 < prev * 3);
-    estimate_ms(f.dirty_bytes, f.link_rate) > WORTH_A_ROUND_MS
+    estimate_us(f.dirty_bytes, f.link_rate) > WORTH_A_ROUND_US
         && f.dirty_rate > 0.0
         && f.dirty_rate * 2.0 <= f.link_rate
         && shrinking
@@ -249,10 +262,16 @@ mod tests {
             ..facts(8, None, 0, 0)
         };
         assert_eq!(decide(&slow, &L), Decision::Round { throttle: 0 });
-        // Then ~1 MiB (~1 ms): not worth a round.
-        let tiny = RoundFacts {
+        // Then ~1 MiB (~1 ms): still worth one, as it shrank by more than a quarter.
+        let small = RoundFacts {
             dirty_rate: GIB / 8.0,
             ..facts(1, Some(8), 1, 0)
+        };
+        assert_eq!(decide(&small, &L), Decision::Round { throttle: 0 });
+        // ~200 KiB (~0.2 ms): not worth a round.
+        let tiny = RoundFacts {
+            dirty_bytes: 200 << 10,
+            ..small
         };
         assert_eq!(decide(&tiny, &L), Decision::SwitchOver);
         // A guest dirtying over half the link's rate would leave more than half: pause now.
