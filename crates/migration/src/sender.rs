@@ -203,16 +203,10 @@ impl<W: Write> Sender<W> {
                 self.send_body(codec, body_len)?;
                 continue;
             }
-            let h = header_unchecked(Kind::Pages, Codec::None, body_len, body_len);
-            self.buf[..HEADER_LEN].copy_from_slice(&h);
-            let mut parts = Vec::with_capacity(1 + self.runs.len());
-            parts.push(IoSlice::new(&self.buf[..head]));
-            parts.extend(self.runs.iter().map(|r| IoSlice::new(&batch[r.clone()])));
-            let t = Instant::now();
-            write_all_vectored(&mut self.w, &mut parts)?;
-            let wire = HEADER_LEN + body_len;
-            self.observe_link(wire, t.elapsed().as_secs_f64());
-            self.stats.wire_bytes += wire as u64;
+            let runs = std::mem::take(&mut self.runs);
+            let sent = self.send_in_place(head, body_len, runs.iter().map(|r| &batch[r.clone()]));
+            self.runs = runs;
+            sent?;
         }
         Ok(())
     }
@@ -263,17 +257,32 @@ impl<W: Write> Sender<W> {
                 self.send_body(codec, body_len)?;
                 continue;
             }
-            let h = header_unchecked(Kind::Pages, Codec::None, body_len, body_len);
-            self.buf[..HEADER_LEN].copy_from_slice(&h);
-            let mut parts = Vec::with_capacity(1 + data.len());
-            parts.push(IoSlice::new(&self.buf[..head]));
-            parts.extend(data.iter().map(|p| IoSlice::new(p)));
-            let t = Instant::now();
-            write_all_vectored(&mut self.w, &mut parts)?;
-            let wire = HEADER_LEN + body_len;
-            self.observe_link(wire, t.elapsed().as_secs_f64());
-            self.stats.wire_bytes += wire as u64;
+            self.send_in_place(head, body_len, data.iter().copied())?;
         }
+        Ok(())
+    }
+
+    /// Sends an uncompressed page record on an authenticated stream: its head (header, count,
+    /// entries) built in `buf[..head]`, then `data` as it lies, all in one vectored write,
+    /// so the cipher's copy into its records is the only copy of the pages on this side.
+    fn send_in_place<'d>(
+        &mut self,
+        head: usize,
+        body_len: usize,
+        data: impl Iterator<Item = &'d [u8]>,
+    ) -> Result<(), MigrationError> {
+        let h = header_unchecked(Kind::Pages, Codec::None, body_len, body_len);
+        self.buf[..HEADER_LEN].copy_from_slice(&h);
+        let (buf, w) = (&self.buf, &mut self.w);
+        let mut parts: Vec<IoSlice<'_>> = vec![IoSlice::new(&buf[..head])];
+        // A closure, not `IoSlice::new` itself: that would tie the slices to `'d`.
+        #[allow(clippy::redundant_closure)]
+        parts.extend(data.map(|d| IoSlice::new(d)));
+        let t = Instant::now();
+        write_all_vectored(w, &mut parts)?;
+        let wire = HEADER_LEN + body_len;
+        self.observe_link(wire, t.elapsed().as_secs_f64());
+        self.stats.wire_bytes += wire as u64;
         Ok(())
     }
 

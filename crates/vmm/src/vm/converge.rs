@@ -63,24 +63,23 @@ pub struct Limits {
 
 /// Estimated pause for `bytes` at `rate` bytes/s, in ms (unknown rate: as long as possible).
 pub fn estimate_ms(bytes: u64, rate: f64) -> u64 {
-    if bytes == 0 {
-        return 0;
-    }
-    if rate <= 0.0 {
-        return u64::MAX;
-    }
-    (bytes as f64 / rate * 1000.0).ceil() as u64
+    estimate_in(bytes, rate, 1e3)
 }
 
 /// [`estimate_ms`] in µs, for the short pauses a last round is weighed against.
 pub fn estimate_us(bytes: u64, rate: f64) -> u64 {
+    estimate_in(bytes, rate, 1e6)
+}
+
+/// `bytes / rate` in units of which a second has `per_second`, rounded up.
+fn estimate_in(bytes: u64, rate: f64, per_second: f64) -> u64 {
     if bytes == 0 {
         return 0;
     }
     if rate <= 0.0 {
         return u64::MAX;
     }
-    (bytes as f64 / rate * 1e6).ceil() as u64
+    (bytes as f64 / rate * per_second).ceil() as u64
 }
 
 /// Whether a pause that already fits would be shortened enough by one more round with the
