@@ -825,7 +825,8 @@ fn few_final_runs(runs: &[Vec<(u64, u64)>]) -> Option<Vec<(u64, u64)>> {
 /// record headers and tags, with room): warmed before the first round.
 const PAUSE_TLS_BYTES: usize = FEW_FINAL_BYTES as usize * 5 / 4;
 
-/// Up to this much page data at the pause goes on one stream (`one_stream_if_few`).
+/// Up to this much page data at the pause goes on one stream (`few_final_runs`), not paced
+/// by `--bandwidth`: the guest waits for it, and it is at most this burst.
 const FEW_FINAL_BYTES: u64 = 1 << 20;
 
 /// Auto-converge: a thread that parks the vCPUs for `share` % of every 10 ms slice. Its
