@@ -131,7 +131,11 @@ impl WorkerConn {
 pub struct KeptConn(Option<WorkerConn>);
 
 impl KeptConn {
-    pub async fn call(&mut self, sock: &Path, op: WorkerOp) -> Result<WorkerReply, WorkerCallError> {
+    pub async fn call(
+        &mut self,
+        sock: &Path,
+        op: WorkerOp,
+    ) -> Result<WorkerReply, WorkerCallError> {
         let conn = match &mut self.0 {
             Some(c) => c,
             None => self.0.insert(WorkerConn::connect(sock).await?),
