@@ -184,7 +184,11 @@ pub enum StorageMode {
 ///    checkpoints: `Offer.disks` describes them after the user's files (slot order), and each
 ///    is copied flattened into `dest_dir` beside the tree (`DiskTransfer::flattened`); a
 ///    version-10 host would refuse the extra descriptions with a misleading reason.
-pub const PEER_PROTOCOL_VERSION: u32 = 11;
+/// 12: `Whereabouts` may answer `lost {reason}` (the record here is `lost`: its post-copy lost
+///    it); a version-11 source cannot read it. `WhereIs` carries no version (it is asked after
+///    a restart, perhaps of an upgraded host), so an older source reads the answer as a bad
+///    message, which it treats as no answer: the VM stays where it is there, never run twice.
+pub const PEER_PROTOCOL_VERSION: u32 = 12;
 
 /// Policy entries a host pushes at most in one `PolicyMoved` (a VM's CAs: a handful).
 pub const MAX_MOVED_ENTRIES: usize = 1024;
@@ -199,8 +203,10 @@ pub struct SwitchProviderAddresses {
 }
 
 /// Where a VM stands on a destination, as `Whereabouts` tells a source that lost the answer to
-/// its quick migration's `Commit`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// its quick migration's `Commit`, or a live one's `running` (docs/migration.md, "Quick
+/// migration after a lost answer"). On the wire: `"here"`, `"arriving"`, `"absent"`, or
+/// `{"lost": {"reason": ...}}` (version 12).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmWhereabouts {
     /// It arrived: it runs (or ran) here, so its disks are this host's now; the source must
@@ -210,6 +216,9 @@ pub enum VmWhereabouts {
     Arriving,
     /// No record of it: it never arrived, or its arrival was undone; the source keeps it.
     Absent,
+    /// It arrived and ran here, then its post-copy lost it: the record here is `lost` with
+    /// `reason`. Its disks were this host's last, so the source must not run it either.
+    Lost { reason: String },
 }
 
 /// One line of the vireod-to-vireod protocol (one JSON object per line).
@@ -326,6 +335,8 @@ pub enum PeerMsg {
     WhereIs {
         vm_id: Uuid,
     },
+    /// The answer to `WhereIs`. A source that cannot read it (a newer destination's answer)
+    /// treats it as no answer.
     Whereabouts {
         here: VmWhereabouts,
     },
@@ -338,6 +349,49 @@ pub type MigrationStatus = MigrateProgress;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three answers a version-11 peer knows keep their spelling (a new source still
+    /// reads an older destination's answer); `lost` carries its reason.
+    #[test]
+    fn whereabouts_keep_their_old_spelling_and_lost_carries_the_reason() {
+        for (here, line) in [
+            (
+                VmWhereabouts::Here,
+                r#"{"msg":"whereabouts","here":"here"}"#,
+            ),
+            (
+                VmWhereabouts::Arriving,
+                r#"{"msg":"whereabouts","here":"arriving"}"#,
+            ),
+            (
+                VmWhereabouts::Absent,
+                r#"{"msg":"whereabouts","here":"absent"}"#,
+            ),
+            (
+                VmWhereabouts::Lost {
+                    reason: "12 pages still there".into(),
+                },
+                r#"{"msg":"whereabouts","here":{"lost":{"reason":"12 pages still there"}}}"#,
+            ),
+        ] {
+            let msg = PeerMsg::Whereabouts { here };
+            assert_eq!(serde_json::to_string(&msg).unwrap(), line);
+            assert_eq!(serde_json::from_str::<PeerMsg>(line).unwrap(), msg);
+        }
+    }
+
+    /// An answer this host does not know (a newer peer's) is an error to handle, not a panic
+    /// and not one of the known answers.
+    #[test]
+    fn an_unknown_whereabouts_is_an_error() {
+        for line in [
+            r#"{"msg":"whereabouts","here":"elsewhere"}"#,
+            r#"{"msg":"whereabouts","here":{"moved":{"to":"192.0.2.9:7070"}}}"#,
+            r#"{"msg":"whereabouts","here":{"lost":{}}}"#,
+        ] {
+            assert!(serde_json::from_str::<PeerMsg>(line).is_err(), "{line}");
+        }
+    }
 
     #[test]
     fn keep_source_is_sent_only_when_set_and_defaults_to_off() {

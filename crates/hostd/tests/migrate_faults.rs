@@ -644,10 +644,11 @@ fn pair_holding_restores() -> Pair {
     p
 }
 
-/// A quick migration of a fresh VM whose source vireod is SIGKILLed once its `commit` went out
-/// (the destination holds the restore); the job's id. The source stays down.
-fn source_killed_after_commit(p: &mut Pair, name: &str) -> (Run, String) {
-    let run = start_vm(p, name, "", true);
+/// A quick migration of a fresh VM (with the fake worker's `words`) whose source vireod is
+/// SIGKILLed once its `commit` went out (the destination holds the restore); the job's id. The
+/// source stays down.
+fn source_killed_after_commit(p: &mut Pair, name: &str, words: &str) -> (Run, String) {
+    let run = start_vm(p, name, words, true);
     let r = p.a.post_json(
         &format!("/v1/vms/{}/migrate", run.name),
         &json!({"to": p.b_addr, "quick": true}),
@@ -717,7 +718,7 @@ fn settled_quick(p: &Pair, run: &Run, settling: &Value) -> Where {
 #[test]
 fn a_quick_migrations_source_killed_after_the_commit_learns_the_vm_moved() {
     let mut p = pair_holding_restores();
-    let (run, old) = source_killed_after_commit(&mut p, "qk1");
+    let (run, old) = source_killed_after_commit(&mut p, "qk1", "");
     p.a.restart();
     let j = ended(&p.a, &settling_job(&p, &old));
     assert!(
@@ -732,7 +733,7 @@ fn a_quick_migrations_source_killed_after_the_commit_learns_the_vm_moved() {
 #[test]
 fn a_quick_migrations_source_killed_after_the_commit_restores_what_did_not_arrive() {
     let mut p = pair_holding_restores();
-    let (run, old) = source_killed_after_commit(&mut p, "qk2");
+    let (run, old) = source_killed_after_commit(&mut p, "qk2", "");
     p.b.kill9();
     p.b.restart();
     p.a.restart();
@@ -752,7 +753,7 @@ fn a_quick_migrations_source_killed_after_the_commit_restores_what_did_not_arriv
 #[test]
 fn a_quick_migrations_source_killed_after_the_commit_with_no_answer_keeps_the_vm_saved() {
     let mut p = pair_holding_restores();
-    let (run, old) = source_killed_after_commit(&mut p, "qk3");
+    let (run, old) = source_killed_after_commit(&mut p, "qk3", "");
     p.b.kill9();
     p.a.extra_args
         .extend(["--migration-answer-wait".to_string(), "3".to_string()]);
@@ -788,6 +789,46 @@ fn a_quick_migrations_source_killed_after_the_commit_with_no_answer_keeps_the_vm
     let j = ended(&p.a, r.json()["id"].as_str().unwrap());
     assert_eq!(j["state"], "completed", "{j}");
     assert_eq!(settled_quick(&p, &run, &settling), Where::Source);
+}
+
+/// As above, but the destination restored the VM, ran it and lost it since
+/// (`fake.restored_lost_ms`, standing in for a later post-copy away from it that lost the VM)
+/// before the source came back: asked, it says `lost`. The source must neither take that for
+/// "it moved" (until session 35 the answer was `here`: the record went and the job completed)
+/// nor restore its saved state, older than the disks the guest wrote there: the VM stays saved
+/// here, the job says why and what to run where, and the destination keeps its `lost` record.
+#[test]
+fn a_quick_migrations_source_killed_after_the_commit_keeps_the_vm_saved_if_it_was_lost_there() {
+    let mut p = pair_holding_restores();
+    let (run, old) = source_killed_after_commit(&mut p, "qk4", "fake.restored_lost_ms=200");
+    wait_until(T, "the VM lost on the destination", || {
+        record(&p.b, &run).is_some_and(|v| v["state"] == "lost")
+    });
+    p.a.restart();
+    let settling = ended(&p.a, &settling_job(&p, &old));
+    RUNS.fetch_add(1, Ordering::SeqCst);
+    let error = settling["error"].as_str().unwrap_or_default();
+    eprintln!("lost there, asked at the restart: {error}");
+    assert_eq!(settling["state"], "failed", "{settling}");
+    assert!(
+        error.contains("was lost there: ")
+            && error.contains("a later post-copy migration lost it (fake)")
+            && error.contains("stays saved here, not restored"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("`vireo vm start {}` there", run.name)),
+        "{error}"
+    );
+    let here = record(&p.a, &run).expect("the source keeps its record");
+    assert_eq!(here["state"], "saved", "{here}");
+    assert!(
+        p.a.worker_record(&run.id).is_none(),
+        "restored on the source"
+    );
+    let there = record(&p.b, &run).expect("the destination keeps its lost record");
+    assert_eq!(there["state"], "lost", "{there}");
+    assert!(!lock_held(&run), "a worker holds the disk");
 }
 
 #[test]
@@ -1031,4 +1072,67 @@ fn a_post_copy_lost_after_the_switch_over_is_lost_with_its_reason() {
     });
     let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
     assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// The destination resumed the VM, its `running` was lost on the workers' stream and the
+/// vireods' link was cut in the hand-over; its post-copy then lost the VM
+/// (`fake.postcopy_lost_ms`) before the source's worker gave up (`fake.unconfirmed_ms`), so
+/// the source asks (`where_is`) a destination whose record is `lost`. It answers `lost` with
+/// the record's reason, and the source must not take that for "it runs there" (until session
+/// 35 the answer was `here`: the job completed and nobody was told of the loss): the job fails
+/// saying the VM was lost there and why, the source's record goes as after `lost_here` (one
+/// record, `lost`, on the host that ran the VM last) and its paused worker is stopped.
+#[test]
+fn a_destination_whose_record_is_lost_answers_lost_when_asked() {
+    let p = pair(true, true);
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    for i in 0..2 {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        let px = Proxy::start_healing(Target::Fixed(b), u64::MAX);
+        let words = "fake.migrate_ms=200 fake.switch_ms=1500 fake.running_lost \
+                     fake.postcopy_lost_ms=300 fake.unconfirmed_ms=2000";
+        let run = start_vm(&p, &format!("wl{i}"), words, true);
+        let job_id = migrate(&p, &run, &px.addr.to_string());
+        at_phase(&p, &job_id, Phase::Switching);
+        px.cut_now();
+        let j = ended(&p.a, &job_id);
+        let ctx = || format!("job {j}\n--- A:\n{}\n--- B:\n{}", tail(&p.a), tail(&p.b));
+        let error = j["error"].as_str().unwrap_or_default();
+        eprintln!("lost there, asked: {error}");
+        assert_eq!(j["state"], "failed", "{}", ctx());
+        assert!(
+            error.contains(&format!(
+                "was lost in the post-copy migration on {}",
+                px.addr
+            )) && error.contains("12 pages still there"),
+            "{}",
+            ctx()
+        );
+        // Told by `where_is`, not by a `lost_here` on the cut link.
+        let answered_lost = p.b.log().lines().any(|l| {
+            l.contains("asked where a VM is") && l.contains(&run.id) && l.contains("here=Lost {")
+        });
+        assert!(answered_lost, "{}", ctx());
+        // There: `lost`, with the worker's reason. Here: nothing, and nothing runs.
+        let there = record(&p.b, &run).expect("the destination keeps its lost record");
+        assert_eq!(there["state"], "lost", "{there}");
+        assert!(
+            there["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("12 pages still there")),
+            "{there}"
+        );
+        assert!(record(&p.a, &run).is_none(), "{}", ctx());
+        wait_until(T, "the source worker gone", || !alive(run.pid));
+        let dir = p.a.state_dir.join("vms").join(&run.id);
+        wait_until(T, "no VM directory on the source", || !dir.exists());
+        wait_until(T, "nobody holds the disk lock", || !lock_held(&run));
+        let r = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        wait_until(T, "the VM off", || {
+            record(&p.b, &run).is_some_and(|v| v["state"] == "off")
+        });
+        let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    }
 }

@@ -23,7 +23,9 @@
 //!
 //! `Save` writes `vm.state` (the text `fake-state`) and `memory.bin` into the save directory
 //! and exits `Saved`; a launch with `restore_from` whose `vm.state` is not exactly that exits
-//! `StartFailed` naming the file, and otherwise prints `fake guest NAME restored`.
+//! `StartFailed` naming the file, and otherwise prints `fake guest NAME restored`; with
+//! `fake.restored_lost_ms=N` it then exits `MigrationLost` N ms later (standing in for a later
+//! post-copy migration away from that host that lost the VM).
 //!
 //! Live migration (the contract of `vireo_api::worker`, played over plain TCP instead of the
 //! real streams): a launch with `incoming` binds its `listen` address and reports `listening`
@@ -46,7 +48,8 @@
 //! in a first line `to ADDR`: the fault tests' proxy), `fake.running_lost` (the destination
 //! resumes the VM but its `running` line is lost: the stream is shut down instead),
 //! `fake.postcopy_lost_ms=N` (the destination exits `MigrationLost` N ms after it resumed the
-//! VM, as a post-copy whose source died).
+//! VM, as a post-copy whose source died), `fake.unconfirmed_ms=N` (a source whose stream ended
+//! without `running` decides N ms later, as a real one that waits out its read timeout).
 //!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
@@ -463,6 +466,11 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
         // It may still have read it: decided below like a lost `running`.
     }
     if line(&mut lines).as_deref() != Some("running") {
+        thread::sleep(Duration::from_millis(word_ms(
+            &launch,
+            "fake.unconfirmed_ms",
+            0,
+        )));
         // The remaining window: take the "disk" back if nobody holds it.
         return match take_lock(&launch) {
             Ok(l) => {
@@ -778,6 +786,7 @@ fn main() {
     let boot_ms: u64 = word(&launch, "fake.boot_ms").map_or(100, |v| v.parse().unwrap());
     let never_runs = word(&launch, "fake.never_runs").is_some();
     let vcpu_fail_ms: Option<u64> = word(&launch, "fake.vcpu_fail_ms").map(|v| v.parse().unwrap());
+    let restored_lost_ms = word(&launch, "fake.restored_lost_ms").map(|v| v.parse().unwrap());
     let name = launch.spec.name.clone();
     let restored = launch.restore_from.is_some();
     let g: Shared = Arc::new(Mutex::new(Guest {
@@ -831,6 +840,12 @@ fn main() {
             gb.lock().unwrap().started_at = Some(now_ms());
             let how = if restored { "restored" } else { "running" };
             output(&gb, format!("fake guest {name} {how}\n").as_bytes());
+            if let (true, Some(ms)) = (restored, restored_lost_ms) {
+                thread::sleep(Duration::from_millis(ms));
+                let dir = gb.lock().unwrap().dir.clone();
+                let message = "a later post-copy migration lost it (fake)".to_string();
+                exit_with(&dir, WorkerExitReason::MigrationLost { message }, 1);
+            }
             if let Some(ms) = vcpu_fail_ms {
                 thread::sleep(Duration::from_millis(ms));
                 let dir = gb.lock().unwrap().dir.clone();

@@ -8,6 +8,10 @@
 //!   and the job completes;
 //! - `absent`: it never arrived (or the destination undid the arrival); it is restored here
 //!   and the job fails saying so, as a quick migration that did not happen does;
+//! - `lost`: the destination restored it, ran it and lost it since (a later post-copy); its
+//!   saved state here is older than its disks, so it stays saved here, never restored on its
+//!   own, and the job fails saying so, with the reason and what to run on which host
+//!   (`source::lost_after_commit`, as a quick migration's source told `lost` does);
 //! - no final answer in time: it stays saved, and the job fails with the lost answer's words
 //!   (where it may run, the command to start it here).
 //!
@@ -140,6 +144,9 @@ async fn decide(d: &Arc<Daemon>, vm: &Vm, note: &QuickNote, job: Uuid) -> Result
                 End::Failed(m) => Err(m),
                 End::Cancelled => Err(format!("{lead}; cancelled")),
             }
+        }
+        Ok(VmWhereabouts::Lost { reason }) => {
+            Err(source::lost_after_commit(&unheard, to, &reason, name))
         }
         Ok(VmWhereabouts::Absent) => {
             let restored = source::restore_here(d, vm).await;

@@ -534,7 +534,8 @@ async fn abort(peer: &mut Peer, reason: &str) -> AbortAnswer {
 /// lost answer"). The destination's worker may have resumed the VM, so this is asked, never
 /// guessed: `abort` while the link lives, then `where_is` on new connections
 /// (`whereabouts.rs`). `Err`: no final answer came. `Ok(Here(reason))`: the VM is here, with
-/// the destination's reason for its failure if it gave one.
+/// the destination's reason for its failure if it gave one. `Ok(LostThere(reason))`: its
+/// record there is `lost`, whichever way it was told (`lost_here` or `where_is`).
 async fn runs_there(
     d: &Daemon,
     peer: &mut Peer,
@@ -555,6 +556,7 @@ async fn runs_there(
     }
     match super::whereabouts::ask(d, to, vm_id).await? {
         VmWhereabouts::Here => Ok(Place::There),
+        VmWhereabouts::Lost { reason } => Ok(Place::LostThere(reason)),
         VmWhereabouts::Absent | VmWhereabouts::Arriving => Ok(Place::Here(None)),
     }
 }
@@ -850,7 +852,8 @@ async fn live(
                 // may boot from the same disks (found by `migrate_faults_postcopy.rs`, the
                 // workers' streams cut in post-copy). A cut after the last page completes
                 // there instead. Only the destination knows, so it is asked while the link
-                // lives; `where_is` is not asked (it would call a `lost` record there `here`).
+                // lives; with the link gone `where_is` is not asked yet (docs/migration.md,
+                // "Not built yet").
                 let answer = match (dest_running, link_lost || dest_said_failed) {
                     (true, _) => AbortAnswer::Running,
                     (false, true) => AbortAnswer::Removed(None),
@@ -898,7 +901,11 @@ async fn live(
                             false
                         }
                         Ok(Place::LostThere(reason)) => {
-                            return lost_there(d, vm, job, to, &reason, dest_pas).await
+                            // Ours failed the hand-over and lives on (paused, or resumed
+                            // without disks to fence it), but the guest ran on there and
+                            // wrote its disks: its memory here is stale, so it must not run.
+                            worker.force_off().await;
+                            return lost_there(d, vm, job, to, &reason, dest_pas).await;
                         }
                         Err(asked) => return unknown_place(name, to, &why, &asked),
                     },
@@ -1104,6 +1111,12 @@ async fn quick(
                 tracing::warn!(vm = %vm.id(), "no answer to the commit ({lost}); asking {to}");
                 match super::whereabouts::ask(d, to, vm.id()).await {
                     Ok(VmWhereabouts::Here) => Ok(PeerMsg::Running),
+                    // It ran there, so the saved state here is older than its disks: it stays
+                    // saved here, never restored on its own.
+                    Ok(VmWhereabouts::Lost { reason }) => {
+                        let lead = format!("the answer of {to} to the commit was lost ({lost})");
+                        return End::Failed(lost_after_commit(&lead, to, &reason, name));
+                    }
                     Ok(_) => Err(format!("{lost}; it is not there")),
                     Err(e) => {
                         let lead = format!("the answer of {to} to the commit was lost ({lost})");
@@ -1181,6 +1194,21 @@ pub(super) async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// A quick migration's VM whose record on `to` is `lost` (asked after its word was lost): the
+/// destination took the committed files, ran the VM and lost it in a later post-copy. The
+/// saved state here is older than the disks it wrote there, so restoring it here would hand
+/// the guest disks that moved on under it; nor may it run here and there. It stays saved here
+/// for the user to decide, and the user is told what to run where.
+pub(super) fn lost_after_commit(lead: &str, to: SocketAddr, reason: &str, name: &str) -> String {
+    format!(
+        "{lead}; asked, {to} says VM {name:?} ran there and was lost there: {reason}. Its saved \
+         state here is older than its disks, so it stays saved here, not restored. Start it on \
+         {to} (`vireo vm start {name}` there: a cold boot from its disks), then discard it here \
+         (`vireo vm turn-off {name}`, then `vireo vm rm {name}`, without --delete-disks: they \
+         are the disks it boots from there)"
+    )
 }
 
 /// Tells the destination to restore the VM; its answer.
