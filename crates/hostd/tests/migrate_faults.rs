@@ -1136,3 +1136,84 @@ fn a_destination_whose_record_is_lost_answers_lost_when_asked() {
         assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
     }
 }
+
+/// Post-copy's source worker lost the VM (`fake.source_lost`: its streams broke after the
+/// switch-over, and it cannot tell a dead destination from a cut) while the destination's
+/// worker completed it (a cut after the last page; `fake.running_lost` loses its `running`),
+/// with the vireods' link cut in the hand-over. The source asks on a new connection
+/// (`where_is`), hears `here`, and its record goes: the VM is in one place, the job completed.
+/// Before it asked, the source kept a `lost` record of a VM the destination ran.
+#[test]
+fn a_source_that_lost_post_copy_with_the_link_gone_asks_and_finds_the_vm_there() {
+    let p = pair(true, true);
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    for i in 0..2 {
+        let px = Proxy::start_healing(Target::Fixed(b), u64::MAX);
+        let words = "fake.migrate_ms=200 fake.switch_ms=1500 fake.running_lost \
+                     fake.unconfirmed_ms=200 fake.source_lost fake.exit_ms=500";
+        let run = start_vm(&p, &format!("sl{i}"), words, true);
+        let job_id = migrate(&p, &run, &px.addr.to_string());
+        at_phase(&p, &job_id, Phase::Switching);
+        px.cut_now();
+        let place = settled(&p, &run, &job_id, Expect::Runs, true);
+        assert_eq!(place, Where::Destination);
+        // Told by `where_is`: the cut link carried no `running`.
+        let answered = p.b.log().lines().any(|l| {
+            l.contains("asked where a VM is") && l.contains(&run.id) && l.contains("here=Here")
+        });
+        assert!(answered, "the source did not ask\n{}", tail(&p.b));
+    }
+}
+
+/// As above, but the link stays cut (new connections too) past `--migration-answer-wait`: the
+/// source cannot tell, so its record stays `lost` (never started on a guess) and the job says
+/// the destination could not be asked, why, and what to look at; the destination runs the VM.
+#[test]
+fn a_source_that_lost_post_copy_and_cannot_ask_keeps_its_lost_record_and_says_why() {
+    let p = pair_with(true, true, &["--migration-answer-wait", "2"]);
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    for i in 0..2 {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        let px = Proxy::start(Target::Fixed(b), u64::MAX);
+        let words = "fake.migrate_ms=200 fake.switch_ms=1500 fake.running_lost \
+                     fake.unconfirmed_ms=200 fake.source_lost fake.exit_ms=500";
+        let run = start_vm(&p, &format!("sn{i}"), words, true);
+        let job_id = migrate(&p, &run, &px.addr.to_string());
+        at_phase(&p, &job_id, Phase::Switching);
+        px.cut_now();
+        let j = ended(&p.a, &job_id);
+        let error = j["error"].as_str().unwrap_or_default();
+        eprintln!("lost here, not asked: {error}");
+        let ctx = || format!("job {j}\n--- A:\n{}\n--- B:\n{}", tail(&p.a), tail(&p.b));
+        assert_eq!(j["state"], "failed", "{}", ctx());
+        assert!(
+            error.contains("was lost in the post-copy migration")
+                && error.contains(&format!("{} could not be asked", px.addr))
+                && error.contains("stays `lost`"),
+            "{}",
+            ctx()
+        );
+        wait_until(T, "the source's record lost", || {
+            record(&p.a, &run).is_some_and(|v| v["state"] == "lost")
+        });
+        wait_until(T, "the source worker gone", || !alive(run.pid));
+        wait_until(T, "the VM running on the destination", || {
+            record(&p.b, &run).is_some_and(|v| v["state"] == "running")
+        });
+        assert!(lock_held(&run), "the destination's worker holds the disk");
+        // The user's way out, as the job says: discard it here, keep it there.
+        let r = p.a.post(&format!("/v1/vms/{}/turn-off", run.id));
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        wait_until(T, "the VM off here", || {
+            record(&p.a, &run).is_some_and(|v| v["state"] == "off")
+        });
+        let r = p.a.request("DELETE", &format!("/v1/vms/{}", run.id), None);
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        let _ = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
+        wait_until(T, "the VM off there", || {
+            record(&p.b, &run).is_some_and(|v| v["state"] == "off")
+        });
+        let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
+        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    }
+}

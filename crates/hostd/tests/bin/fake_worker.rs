@@ -49,7 +49,10 @@
 //! resumes the VM but its `running` line is lost: the stream is shut down instead),
 //! `fake.postcopy_lost_ms=N` (the destination exits `MigrationLost` N ms after it resumed the
 //! VM, as a post-copy whose source died), `fake.unconfirmed_ms=N` (a source whose stream ended
-//! without `running` decides N ms later, as a real one that waits out its read timeout).
+//! without `running` decides N ms later, as a real one that waits out its read timeout),
+//! `fake.source_lost` (that source then decides it lost the VM in post-copy, as a real one
+//! whose streams broke after the switch-over: it reports `lost` and exits `MigrationLost`
+//! `fake.exit_ms` later, whatever the destination did).
 //!
 //! `Metrics` answers the `WorkerMetrics` JSON in `<vm-dir>/fake-metrics.json` when a test has
 //! written one (numbers under the test's control), else zeros with the real uptime.
@@ -471,6 +474,9 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
             "fake.unconfirmed_ms",
             0,
         )));
+        if word(&launch, "fake.source_lost").is_some() {
+            return source_lost(&g, &launch);
+        }
         // The remaining window: take the "disk" back if nobody holds it.
         return match take_lock(&launch) {
             Ok(l) => {
@@ -502,6 +508,28 @@ fn migrate_out(g: Shared, to: std::net::SocketAddr, session: uuid::Uuid) {
                 progress: Some(Box::new(last)),
             },
             0,
+        )
+    });
+}
+
+/// `fake.source_lost`: the source reports its post-copy `lost` (the VM stopped) and exits
+/// `MigrationLost` after `fake.exit_ms`.
+fn source_lost(g: &Shared, launch: &WorkerLaunch) {
+    let message = "the destination's page requests ended after the switch-over (fake)";
+    set_mig(g, |p| {
+        p.state = MigrateState::Lost;
+        p.message = Some(message.into());
+    });
+    let dir = g.lock().unwrap().dir.clone();
+    let exit_ms = word_ms(launch, "fake.exit_ms", 100);
+    thread::spawn(move || {
+        thread::sleep(Duration::from_millis(exit_ms));
+        exit_with(
+            &dir,
+            WorkerExitReason::MigrationLost {
+                message: message.into(),
+            },
+            1,
         )
     });
 }

@@ -561,6 +561,20 @@ async fn runs_there(
     }
 }
 
+/// Our worker lost the VM in post-copy with the link to the destination gone: where the
+/// destination says the VM is, as an answer to an `abort` would have said it (`Lost`: it could
+/// not be asked within `--migration-answer-wait`).
+async fn lost_asked(d: &Daemon, to: SocketAddr, vm_id: Uuid) -> AbortAnswer {
+    match super::whereabouts::ask(d, to, vm_id).await {
+        // It completed there: a cut after the last page.
+        Ok(VmWhereabouts::Here) => AbortAnswer::Running,
+        Ok(VmWhereabouts::Lost { reason }) => AbortAnswer::LostThere(reason),
+        // Never whole there: the VM ran here last, its record stays `lost` here.
+        Ok(VmWhereabouts::Absent | VmWhereabouts::Arriving) => AbortAnswer::Removed(None),
+        Err(e) => AbortAnswer::Lost(e),
+    }
+}
+
 /// Where `runs_there` found the VM.
 enum Place {
     There,
@@ -851,13 +865,15 @@ async fn live(
                 // says `lost`; ours must then go, or both hosts keep a `lost` VM that either
                 // may boot from the same disks (found by `migrate_faults_postcopy.rs`, the
                 // workers' streams cut in post-copy). A cut after the last page completes
-                // there instead. Only the destination knows, so it is asked while the link
-                // lives; with the link gone `where_is` is not asked yet (docs/migration.md,
-                // "Not built yet").
-                let answer = match (dest_running, link_lost || dest_said_failed) {
-                    (true, _) => AbortAnswer::Running,
-                    (false, true) => AbortAnswer::Removed(None),
-                    (false, false) => abort(peer, &why).await,
+                // there instead. Only the destination knows, so it is asked: `abort` while the
+                // link lives, `where_is` on a new connection once it is gone (a cut link may
+                // leave the destination reachable). Its own `failed` needs no question: its
+                // arrival is undone, the VM was never whole there.
+                let answer = match (dest_running, dest_said_failed, link_lost) {
+                    (true, _, _) => AbortAnswer::Running,
+                    (false, true, _) => AbortAnswer::Removed(None),
+                    (false, false, true) => lost_asked(d, to, vm.id()).await,
+                    (false, false, false) => abort(peer, &why).await,
                 };
                 match answer {
                     // Our worker exits `migration_lost` by itself; the record goes after it.
@@ -871,7 +887,15 @@ async fn live(
                     }
                     AbortAnswer::Removed(_) => {}
                     AbortAnswer::Lost(e) => {
-                        tracing::warn!(vm = %vm.id(), "the destination did not answer for the lost VM ({e}); it stays `lost` here")
+                        tracing::warn!(vm = %vm.id(), "the destination did not answer for the lost VM ({e}); it stays `lost` here");
+                        return End::Failed(format!(
+                            "the VM {name:?} was lost in the post-copy migration: {why}. {to} \
+                             could not be asked whether it completed there ({e}), so its record \
+                             here stays `lost`. Look on {to} (`vireo vm list`) before starting \
+                             it here: if it runs there, discard it here (`vireo vm turn-off \
+                             {name}`, then `vireo vm rm {name}`, without --delete-disks: they are \
+                             the disks it runs from there)"
+                        ));
                     }
                 }
                 return End::Failed(format!(

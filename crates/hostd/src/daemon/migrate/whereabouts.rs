@@ -8,7 +8,9 @@
 //!
 //! A live migration asks too when its worker failed or died in the switch-over and the
 //! destination's word (`running`, or the answer to the source's `abort`) was lost with the
-//! link: the destination's worker may have resumed the VM (`source::runs_there`).
+//! link: the destination's worker may have resumed the VM (`source::runs_there`); and when its
+//! worker lost the VM in post-copy with the link gone: the destination may have completed it
+//! (`source::lost_asked`).
 //!
 //! A record here that is `lost` (its post-copy lost the VM after it resumed here) is answered
 //! `lost` with its reason, not `here`: the VM ran here last, so the source must not run it,
