@@ -142,6 +142,18 @@ fn record(d: &Vireod, run: &Run) -> Option<Value> {
     (r.status == 200).then(|| r.json())
 }
 
+/// Turns the run's VM off on `d` (a `lost` one: the user acknowledges the loss) and removes
+/// its record, as a user would; `where` names the host in a timeout's message.
+fn discard(d: &Vireod, run: &Run, r#where: &str) {
+    let r = d.post(&format!("/v1/vms/{}/turn-off", run.id));
+    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    wait_until(T, &format!("the VM off {where}"), || {
+        record(d, run).is_some_and(|v| v["state"] == "off")
+    });
+    let r = d.request("DELETE", &format!("/v1/vms/{}", run.id), None);
+    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// Whether some process holds the run's "disk" lock.
 fn lock_held(run: &Run) -> bool {
     use std::os::fd::AsRawFd;
@@ -1065,13 +1077,7 @@ fn a_post_copy_lost_after_the_switch_over_is_lost_with_its_reason() {
     assert!(!p.a.state_dir.join("vms").join(&run.id).exists());
     wait_until(T, "nobody holds the disk lock", || !lock_held(&run));
     // Turning it off acknowledges the loss; it can then be removed.
-    let r = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
-    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
-    wait_until(T, "the VM off", || {
-        record(&p.b, &run).is_some_and(|v| v["state"] == "off")
-    });
-    let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
-    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    discard(&p.b, &run, "there");
 }
 
 /// The destination resumed the VM, its `running` was lost on the workers' stream and the
@@ -1127,13 +1133,7 @@ fn a_destination_whose_record_is_lost_answers_lost_when_asked() {
         let dir = p.a.state_dir.join("vms").join(&run.id);
         wait_until(T, "no VM directory on the source", || !dir.exists());
         wait_until(T, "nobody holds the disk lock", || !lock_held(&run));
-        let r = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
-        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
-        wait_until(T, "the VM off", || {
-            record(&p.b, &run).is_some_and(|v| v["state"] == "off")
-        });
-        let r = p.b.request("DELETE", &format!("/v1/vms/{}", run.id), None);
-        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        discard(&p.b, &run, "there");
     }
 }
 
@@ -1202,13 +1202,7 @@ fn a_source_that_lost_post_copy_and_cannot_ask_keeps_its_lost_record_and_says_wh
         });
         assert!(lock_held(&run), "the destination's worker holds the disk");
         // The user's way out, as the job says: discard it here, keep it there.
-        let r = p.a.post(&format!("/v1/vms/{}/turn-off", run.id));
-        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
-        wait_until(T, "the VM off here", || {
-            record(&p.a, &run).is_some_and(|v| v["state"] == "off")
-        });
-        let r = p.a.request("DELETE", &format!("/v1/vms/{}", run.id), None);
-        assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+        discard(&p.a, &run, "here");
         let _ = p.b.post(&format!("/v1/vms/{}/turn-off", run.id));
         wait_until(T, "the VM off there", || {
             record(&p.b, &run).is_some_and(|v| v["state"] == "off")
