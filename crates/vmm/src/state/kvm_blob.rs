@@ -122,12 +122,12 @@ impl<'de, T: KvmAbi> Deserialize<'de> for Blob<T> {
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len() * 2);
+    let mut out = String::with_capacity(bytes.len() * 2);
     for &b in bytes {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0xf)]);
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
-    String::from_utf8(out).expect("hex digits are ASCII")
+    out
 }
 
 fn nibble(c: u8) -> Option<u8> {
