@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 mod vireod_harness;
 use vireod_harness::faults::{
     alive, in_postcopy, kill9, migrate, pair, record, settled, settled_as, settled_lost,
-    settling_job, start_vm, still_postcopy, sweep, wait_until, Allow, Run, Where, T,
+    settling_job, start_vm, start_vm_dirtying, still_postcopy, sweep, wait_until, Allow, Run,
+    Where, HOT_SET_SLOW, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -254,8 +255,10 @@ fn the_destination_vireod_killed_in_postcopy_and_restarted() {
     let Some((a, mut b)) = pair() else {
         return;
     };
-    let run = start_vm(&a, "pdv");
-    // 1M: the push outlasts the restart by seconds, so the question lands in post-copy.
+    // The guest's slow hot set keeps post-copy going for seconds, so the question lands in
+    // it: with the flat-out one the phase lasted ~250 ms, and once (in CI) it had ended
+    // before the restarted vireod was asked (the kill and restart took ~350 ms).
+    let run = start_vm_dirtying(&a, "pdv", HOT_SET_SLOW);
     let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
     let worker = b.worker_pid(&run.name);
     b.kill9();
@@ -293,7 +296,8 @@ fn the_source_vireod_killed_in_postcopy_and_restarted() {
     let Some((mut a, b)) = pair() else {
         return;
     };
-    let run = start_vm(&a, "psv");
+    // Post-copy must outlast the restart (see the destination's test above).
+    let run = start_vm_dirtying(&a, "psv", HOT_SET_SLOW);
     let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
     a.kill9();
     assert!(alive(run.source_pid));

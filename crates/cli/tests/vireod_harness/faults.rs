@@ -113,6 +113,20 @@ pub fn pair() -> Option<(Daemon, Daemon)> {
 /// A fresh VM on `a`: 64 MiB, its own 4 MiB disk in the shared folder, sectors 0..512 and
 /// guest memory 16..24 MiB filled with patterns, 8..12 MiB rewritten as fast as it can.
 pub fn start_vm(a: &Daemon, name: &str) -> Run {
+    start_vm_dirtying(a, name, HOT_SET_FLAT_OUT)
+}
+
+/// The guest's `DIRTY START` arguments of [`start_vm`]: 8..12 MiB, unthrottled.
+const HOT_SET_FLAT_OUT: &str = "8 4 0";
+
+/// The guest's `DIRTY START` arguments for a post-copy phase that lasts seconds: 8..16 MiB at
+/// 1 MiB/s. A pre-copy pass held to 1 MiB/s takes ~12 s, so all 8 MiB are dirty at the
+/// switch-over; the guest then fetches them on fault at its own 1 MiB/s (a flat-out hot set
+/// is fetched in ~250 ms: requests are not held to `--bandwidth`).
+pub const HOT_SET_SLOW: &str = "8 8 1";
+
+/// [`start_vm`] with the guest rewriting `dirty` (`DIRTY START`'s start, length and MiB/s).
+pub fn start_vm_dirtying(a: &Daemon, name: &str, dirty: &str) -> Run {
     let disk = format!("{name}.img");
     std::fs::write(a.dir.path().join(&disk), vec![0u8; 4 << 20]).unwrap();
     let kernel = vireo_probe_image::probe_elf().to_str().unwrap().to_owned();
@@ -124,7 +138,7 @@ pub fn start_vm(a: &Daemon, name: &str) -> Run {
     c.ok("DISK 0 WRITE 0 512 5");
     c.ok("MEM FILL 16 8 9");
     let sum = c.ok("MEM SUM 16 8");
-    c.ok("DIRTY START 8 4 0");
+    c.ok(&format!("DIRTY START {dirty}"));
     Run {
         name: name.to_owned(),
         id: a.vm(name).identity.id.to_string(),
