@@ -19,7 +19,10 @@
 //! guest writes between the fetch and its copy costs it no fault (each first write after a
 //! protection is a slow fault under KVM-PVM), and the pages of the last fetch (the pause's)
 //! are never protected again. A page whose region was not cleared stays dirty in KVM's log and
-//! is reported again: copying too much, never too little.
+//! is reported again: copying too much, never too little. The full pass clears each region
+//! too, every page of it: only the pages the guest wrote since the log started are protected
+//! again, so one written before the pass reached it goes once, as written, not a second time
+//! in the next round (the bench's hot case sent ~15 % fewer bytes in all).
 //!
 //! Locking: `logging` is held across start/stop/fetch/clear; device transports are locked
 //! inside it (nothing locks them in the other order).

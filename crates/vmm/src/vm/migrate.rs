@@ -405,11 +405,16 @@ impl VmHandle {
                 return Err(MigrateError::Cancelled);
             }
             let region = gpa & !(CHUNK - 1);
-            if let Protect::Pages(dirty) = reads.protect {
+            let clear = match reads.protect {
+                Protect::Nothing => None,
+                Protect::Pages(dirty) => Some(Some(dirty)),
+                Protect::Written => Some(None),
+            };
+            if let Some(dirty) = clear {
                 if protected.insert(region) {
                     self.0
                         .dirty
-                        .clear_region(&self.0.vm_fd, Some(dirty), region, CHUNK)
+                        .clear_region(&self.0.vm_fd, dirty, region, CHUNK)
                         .map_err(|e| StateError::Kvm(format!("dirty log: {e}")))?;
                 }
             }
@@ -519,12 +524,18 @@ struct Reads<'a> {
 }
 
 /// What a pass does in the dirty log (manual protection, `dirty.rs`) before it reads a
-/// region: a dirty round protects the pages it copies; the full pass nothing (starting the log
-/// protected everything), nor the pause's (the guest is stopped and the log ends with it).
+/// region: a dirty round protects the pages it copies; the full pass every page of the region
+/// the guest wrote since the log started; the pause's nothing (the guest is stopped and the
+/// log ends with it).
 #[derive(Clone, Copy)]
 enum Protect<'a> {
     Nothing,
     Pages(&'a DirtyBitmap),
+    /// The full pass. Starting the log protected everything; a page the guest writes before
+    /// the pass reaches its region is copied as written, so its log bit is cleared (and it
+    /// is protected again) right before the copy, not left to send it a second time in the
+    /// next round. Only written pages are protected again, and KVM skips a region with none.
+    Written,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -685,7 +696,7 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             "pre-copy round 0 (the full pass) starts: never-written pool pages skipped unread: \
              {unmapped_is_hole}"
         );
-        self.pass(vm, runs, Protect::Nothing, unmapped_is_hole)
+        self.pass(vm, runs, Protect::Written, unmapped_is_hole)
     }
 
     fn dirty_pass(&mut self, vm: &VmHandle, dirty: &DirtyBitmap) -> Result<u64, MigrateError> {
