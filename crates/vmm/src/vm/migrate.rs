@@ -185,6 +185,7 @@ impl VmHandle {
             shared,
             opts,
             previous_dirty: None,
+            stalled: 0,
             link_rate: 0.0,
             last_fetch: Instant::now(),
             throttle: None,
@@ -548,6 +549,8 @@ struct StreamSink<'a, W: Read + Write + Send> {
     shared: &'a MigrateShared,
     opts: &'a MigrateOutOptions,
     previous_dirty: Option<u64>,
+    /// Rounds in a row that did not shrink the set (`RoundFacts::stalled`).
+    stalled: u32,
     /// Best page-data rate the link has shown (bytes/s).
     link_rate: f64,
     /// When the dirty log was last read (the dirty rate is measured since then).
@@ -726,6 +729,10 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
         } else {
             0.0
         };
+        self.stalled = match converge::shrinks(self.previous_dirty, dirty_bytes) {
+            true => 0,
+            false => self.stalled + 1,
+        };
         let facts = RoundFacts {
             dirty_bytes,
             previous_dirty_bytes: self.previous_dirty,
@@ -733,6 +740,7 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             rounds,
             throttle: throttle_now,
             dirty_rate,
+            stalled: self.stalled,
         };
         self.previous_dirty = Some(dirty_bytes);
         let limits = Limits {

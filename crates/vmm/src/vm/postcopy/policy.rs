@@ -26,9 +26,7 @@ pub fn switch_to_postcopy(f: &RoundFacts, l: &Limits, p: PostcopyPolicy) -> bool
             if estimate_ms(f.dirty_bytes, f.link_rate) <= l.max_downtime_ms {
                 return false; // pre-copy converged: a short pause is cheaper and safer
             }
-            let stalled = f
-                .previous_dirty_bytes
-                .is_some_and(|prev| f.dirty_bytes * 4 >= prev * 3);
+            let stalled = !f.shrinking();
             // The guest dirties faster than the link moves pages: no round can shrink the
             // set, and auto-converge would throttle it at once (converge.rs).
             let outruns = f.link_rate > 0.0 && f.dirty_rate >= f.link_rate;
@@ -55,6 +53,7 @@ mod tests {
             rounds,
             throttle: 0,
             dirty_rate: 0.0,
+            stalled: 0,
         }
     }
 
