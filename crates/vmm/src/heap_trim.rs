@@ -7,7 +7,7 @@
 //! `mprotect` and page faults and shrank by `madvise(MADV_DONTNEED)` over and over: profiled
 //! with `sched_switch` during `vireo-bench migrate`, the source's stream threads spent more
 //! time waiting in those page faults, `mprotect`, `madvise` and on the `mmap` lock they take
-//! than encrypting (docs/migration.md, "Where round 0 went"). Keeping up to
+//! than encrypting (docs/migration-performance.md, "Where round 0 went"). Keeping up to
 //! [`KEEP_FREED`] per arena makes the memory the first batches used serve all later ones.
 //!
 //! Raised only while a migration's pages flow ([`FreedHeapKept`]): a migration that fails or

@@ -6,7 +6,7 @@
 //! `transparent_hugepage/shmem_enabled` — `never` on many hosts, this one included — so each
 //! guest page is a 4 KiB host page, and a guest whose RAM arrived from elsewhere (a migration)
 //! pays one KVM fault per 4 KiB on its first touch of each page instead of one per 2 MiB
-//! (docs/migration.md, "The guest after the resume").
+//! (docs/migration-performance.md, "The guest after the resume").
 //!
 //! A tmpfs mount's `huge=` option overrides that setting for the files on it. So the RAM file
 //! is made on a tmpfs of its own, `huge=within_size`, created with the new mount API

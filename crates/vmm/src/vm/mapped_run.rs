@@ -1,7 +1,7 @@
 //! Guest RAM as the migration source's stream threads read it: straight from the VMM's own
 //! mapping where the pages exist, so on a TLS stream the cipher's copy into its record is the
 //! only copy of page data on this side. A `pread` into the record before it was ~16 % of the
-//! stream threads' CPU (session 28, docs/migration.md "The source's copies").
+//! stream threads' CPU (session 28, docs/migration-performance.md "The source's copies").
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
