@@ -1,9 +1,9 @@
 //! End to end, under KVM: the source's `--postcopy` reaches the destination (peer protocol 7,
-//! docs/migration-performance.md "Guest RAM from the hugetlb pool"). Live-migrated with `--postcopy never`
-//! between two vireods, the destination's worker puts the guest's RAM on the hugetlb pool
-//! (seen in its smaps); migrated back with the default (`auto`, so post-copy may come and the
-//! RAM must take userfaultfd fills) it does not. The guest's memory verifies after each move.
-//! Its own test binary: the pool (setup.sh: 512 pages) is then shared with no other test.
+//! docs/migration-performance.md "Guest RAM from the hugetlb pool"). Live-migrated with `--postcopy
+//! never` between two vireods, the destination's worker puts the guest's RAM on the hugetlb pool
+//! (seen in its smaps); migrated back with the default (`auto`, so post-copy may come and the RAM
+//! must take userfaultfd fills) it does not. The guest's memory verifies after each move. Its own
+//! test binary: the pool (setup.sh: 512 pages) is then shared with no other test.
 
 use std::time::{Duration, Instant};
 

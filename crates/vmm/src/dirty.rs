@@ -181,8 +181,8 @@ impl LogMode {
     /// What a live migration uses: manual protection unless the environment asks for the
     /// classic log. On this host (KVM-PVM) a write-protect fault is slow, and the classic log
     /// protects the guest's whole hot set at every fetch: the guest's counter stalled through
-    /// each dirty round and the pause that followed. Measured idle (docs/migration-performance.md, "The
-    /// guest's vCPU during pre-copy", session 30): the hot case's gap, medians of three
+    /// each dirty round and the pause that followed. Measured idle (docs/migration-performance.md,
+    /// "The guest's vCPU during pre-copy", session 30): the hot case's gap, medians of three
     /// invocations of five runs, 17.2 / 13.5 / 20.2 ms classic against 10.8 / 9.1 / 9.8 ms.
     pub fn for_migration() -> LogMode {
         match std::env::var(Self::ENV).as_deref() {

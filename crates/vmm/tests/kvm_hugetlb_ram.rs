@@ -1,8 +1,8 @@
-//! Guest RAM from the host's hugetlb pool (`RamBacking::HugeTlb`, docs/migration-performance.md "Guest RAM
-//! from the hugetlb pool"): a probe VM runs on pool pages (seen in this process's smaps), is
-//! saved, restored into a new VM on the pool (the eager path: a lazy fill cannot use hugetlb)
-//! and applied in place, with its memory checked by the probe's own sums each time. The pool
-//! is shared with every other test's VMs, so a short pool is waited for, never a failure.
+//! Guest RAM from the host's hugetlb pool (`RamBacking::HugeTlb`, docs/migration-performance.md
+//! "Guest RAM from the hugetlb pool"): a probe VM runs on pool pages (seen in this process's
+//! smaps), is saved, restored into a new VM on the pool (the eager path: a lazy fill cannot use
+//! hugetlb) and applied in place, with its memory checked by the probe's own sums each time. The
+//! pool is shared with every other test's VMs, so a short pool is waited for, never a failure.
 
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};

@@ -4,8 +4,8 @@
 //! or restore) freed is still backed by the host when the next one takes it: measured on this
 //! host (itself a VM with free page reporting), a first touch and copy of 64 MiB took 11–15 ms
 //! from the pool against 147–167 ms on huge tmpfs, whose fresh huge pages are cleared and
-//! faulted in at the outer host every time (docs/migration-performance.md, "Guest RAM from the hugetlb
-//! pool").
+//! faulted in at the outer host every time (docs/migration-performance.md, "Guest RAM from the
+//! hugetlb pool").
 //!
 //! What differs from a shmem file, and where each rule lives (all in `memory.rs`):
 //! - the size must be a multiple of 2 MiB ([`fits`]);

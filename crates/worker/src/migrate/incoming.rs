@@ -165,8 +165,8 @@ fn receive_inner(
     let disks_at = ms(t);
     vm.apply_state(&state)
         .map_err(|e| fail(ctl, format!("applying the device state: {e}")))?;
-    // Parked until the resume below, which then only wakes them (docs/migration-performance.md, "The
-    // destination's vCPU threads"); their spawn overlaps the handoff's round trip.
+    // Parked until the resume below, which then only wakes them (docs/migration-performance.md,
+    // "The destination's vCPU threads"); their spawn overlaps the handoff's round trip.
     vm.start_vcpus()
         .map_err(|e| fail(ctl, format!("starting the vCPU threads: {e}")))?;
     let applied = ms(t);
