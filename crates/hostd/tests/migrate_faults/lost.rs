@@ -71,6 +71,8 @@ fn a_destination_whose_record_is_lost_answers_lost_when_asked() {
         let error = j["error"].as_str().unwrap_or_default();
         eprintln!("lost there, asked: {error}");
         assert_eq!(j["state"], "failed", "{}", ctx());
+        // Until session 36 the job's end overwrote it `failed`.
+        assert_eq!(j["migration"]["state"], "lost", "{}", ctx());
         assert!(
             error.contains(&format!(
                 "was lost in the post-copy migration on {}",
@@ -122,11 +124,87 @@ fn a_source_that_lost_post_copy_with_the_link_gone_asks_and_finds_the_vm_there()
         px.cut_now();
         let place = settled(&p, &run, &job_id, Expect::Runs, true);
         assert_eq!(place, Where::Destination);
+        assert_eq!(job(&p.a, &job_id)["migration"]["state"], "completed");
         // Told by `where_is`: the cut link carried no `running`.
         let answered = p.b.log().lines().any(|l| {
             l.contains("asked where a VM is") && l.contains(&run.id) && l.contains("here=Here")
         });
         assert!(answered, "the source did not ask\n{}", tail(&p.b));
+    }
+}
+
+/// As above, but the vireods' link stays up: the proxy swallows what the destination says on
+/// it (`Proxy::swallow_answers`: its `running` is lost) and breaks it as the source's `abort`
+/// goes out, so the abort is never answered. The source then asks on a new connection
+/// (`where_is`) and acts on that answer as with the link gone: `here` (the destination
+/// completed the VM) → its record goes and the job completes; `lost` (the destination's
+/// worker lost the VM too, `fake.postcopy_lost_ms`, before the source's gave up,
+/// `fake.unconfirmed_ms=2000`) → as `lost_there`: one record, `lost`, on the destination, the
+/// job failed with its migration `lost`. Until session 36 an unanswered abort was not followed
+/// by a question: the source's record stayed `lost` and the job said the destination could not
+/// be asked, while it ran the VM (or held the one `lost` record that should have been).
+#[test]
+fn a_source_that_lost_post_copy_with_its_abort_unanswered_asks_where_is() {
+    let p = pair(true, true);
+    let b: std::net::SocketAddr = p.b_addr.parse().unwrap();
+    let common = "fake.migrate_ms=200 fake.switch_ms=1500 fake.running_lost fake.source_lost \
+                  fake.exit_ms=500";
+    for (i, lost_there) in [false, false, true, true].into_iter().enumerate() {
+        let px = Proxy::start_healing(Target::Fixed(b), u64::MAX);
+        let words = match lost_there {
+            false => format!("{common} fake.unconfirmed_ms=200"),
+            true => format!("{common} fake.unconfirmed_ms=2000 fake.postcopy_lost_ms=300"),
+        };
+        let run = start_vm(&p, &format!("sa{i}"), &words, true);
+        let job_id = migrate(&p, &run, &px.addr.to_string());
+        at_phase(&p, &job_id, Phase::Switching);
+        px.swallow_answers();
+        let j = ended(&p.a, &job_id);
+        let ctx = || format!("job {j}\n--- A:\n{}\n--- B:\n{}", tail(&p.a), tail(&p.b));
+        eprintln!(
+            "abort unanswered (lost there: {lost_there}): {}",
+            j["error"]
+        );
+        // The abort went out on the live link and its answer never came; then `where_is`
+        // (checked once the outcome was).
+        let asked_so = |answer: &str| {
+            let unanswered = p.a.log().lines().any(|l| {
+                l.contains("no answer to the abort for the lost VM") && l.contains(&run.id)
+            });
+            assert!(unanswered, "no unanswered abort\n{}", ctx());
+            let asked = p.b.log().lines().any(|l| {
+                l.contains("asked where a VM is") && l.contains(&run.id) && l.contains(answer)
+            });
+            assert!(asked, "not asked, or not answered {answer}\n{}", ctx());
+        };
+        if !lost_there {
+            assert_eq!(j["migration"]["state"], "completed", "{}", ctx());
+            let place = settled(&p, &run, &job_id, Expect::Runs, true);
+            assert_eq!(place, Where::Destination);
+            asked_so("here=Here");
+            continue;
+        }
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(j["state"], "failed", "{}", ctx());
+        assert_eq!(j["migration"]["state"], "lost", "{}", ctx());
+        let error = j["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!(
+                "was lost in the post-copy migration on {}",
+                px.addr
+            )) && error.contains("12 pages still there"),
+            "{}",
+            ctx()
+        );
+        let there = record(&p.b, &run).expect("the destination keeps its lost record");
+        assert_eq!(there["state"], "lost", "{there}");
+        assert!(record(&p.a, &run).is_none(), "{}", ctx());
+        wait_until(T, "the source worker gone", || !alive(run.pid));
+        let dir = p.a.state_dir.join("vms").join(&run.id);
+        wait_until(T, "no VM directory on the source", || !dir.exists());
+        wait_until(T, "nobody holds the disk lock", || !lock_held(&run));
+        asked_so("here=Lost {");
+        discard(&p.b, &run, "there");
     }
 }
 
@@ -151,6 +229,7 @@ fn a_source_that_lost_post_copy_and_cannot_ask_keeps_its_lost_record_and_says_wh
         eprintln!("lost here, not asked: {error}");
         let ctx = || format!("job {j}\n--- A:\n{}\n--- B:\n{}", tail(&p.a), tail(&p.b));
         assert_eq!(j["state"], "failed", "{}", ctx());
+        assert_eq!(j["migration"]["state"], "lost", "{}", ctx());
         assert!(
             error.contains("was lost in the post-copy migration")
                 && error.contains(&format!("{} could not be asked", px.addr))
