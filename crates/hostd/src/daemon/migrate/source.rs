@@ -181,26 +181,22 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             End::Cancelled => {
                 let _ = d.store.cancel_job(job_id);
             }
-            End::Failed(m) => {
-                tracing::warn!(vm = %vm.id(), "migration failed: {m}");
-                d.migrations.update_progress(job_id, |p| {
-                    p.state = MigrateState::Failed;
-                    p.message = Some(m.clone());
-                });
-                let _ = d.store.finish_job(job_id, Err(m));
-            }
-            End::Lost(m) => {
-                tracing::warn!(vm = %vm.id(), "migration lost the VM: {m}");
-                d.migrations.update_progress(job_id, |p| {
-                    p.state = MigrateState::Lost;
-                    p.message = Some(m.clone());
-                });
-                let _ = d.store.finish_job(job_id, Err(m));
-            }
+            End::Failed(m) => fail_job(&d, &vm, job_id, MigrateState::Failed, m),
+            End::Lost(m) => fail_job(&d, &vm, job_id, MigrateState::Lost, m),
         }
         d.jobs.finished(job_id);
     });
     Ok(job)
+}
+
+/// The job fails with `m`, its migration ending in `state` (`failed`, or `lost`).
+fn fail_job(d: &Daemon, vm: &Vm, job: Uuid, state: MigrateState, m: String) {
+    tracing::warn!(vm = %vm.id(), ?state, "migration failed: {m}");
+    d.migrations.update_progress(job, |p| {
+        p.state = state;
+        p.message = Some(m.clone());
+    });
+    let _ = d.store.finish_job(job, Err(m));
 }
 
 /// The VM's checkpoint tree travels with it (`tree.rs`): in a quick migration whole, in a
@@ -1037,9 +1033,9 @@ async fn cancel_worker(worker: &Worker) -> bool {
 }
 
 /// The VM runs on the destination: its record (and ports) go here (`forget_moved`, as for a
-/// VM lost there: `lost_there`); the disks stay (a shared-nothing migration's are deleted after this by `live`,
-/// only once it completed). Its CAs then point at the destination's PAs here, so frames from
-/// hosts not yet updated are forwarded there.
+/// VM lost there: `lost_there`); the disks stay (a shared-nothing migration's are deleted
+/// after this by `live`, only once it completed). Its CAs then point at the destination's PAs
+/// here, so frames from hosts not yet updated are forwarded there.
 async fn finish_moved(
     d: &Daemon,
     vm: &Vm,
