@@ -53,6 +53,9 @@ fn destination_worker_killed_run(a: &Daemon, b: &Daemon, i: usize, after: Durati
 fn settled_lost_on_source(a: &Daemon, b: &Daemon, run: &Run, job_id: &str, label: &str) -> String {
     let j = wait_for_end(a, job_id, T);
     assert_eq!(j["state"], "failed", "[{label}] {j}");
+    // Whichever way vireod heard of the loss (its worker's `lost`, or its exit
+    // `migration_lost` first), the job's migration says `lost`, not `failed`.
+    assert_eq!(j["migration"]["state"], "lost", "[{label}] {j}");
     // Before the fix in the worker's `postcopy::lose`/`out.rs`: "…; it runs on here". The
     // job hears it from the worker's status ("was lost in the post-copy migration") or from
     // its exit ("ended on the source …: the VM was lost in a post-copy migration"), whichever

@@ -334,4 +334,11 @@ fn the_source_worker_killed_in_postcopy_loses_the_vm() {
     let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
     kill9(run.source_pid);
     settled_lost(&a, &b, &run, &job_id);
+    // The job failed, and its migration says how: `lost`, not `failed` (until session 36 the
+    // job's end overwrote the `lost` that `lost_there` set).
+    let j = job(&a, &job_id);
+    assert_eq!(j["migration"]["state"], "lost", "{j}");
+    let shown = a.ok(&["job", "show", &job_id]);
+    assert!(shown.contains("state:    failed\n"), "{shown}");
+    assert!(shown.contains("\nmigration: lost, "), "{shown}");
 }

@@ -177,6 +177,21 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_that_lost_the_vm_shows_lost_under_a_failed_job() {
+        let mut j = job(1, None, JobState::Failed, Some("VM \"web\" was lost"));
+        j.kind = JobKind::Migrate;
+        j.migration = Some(vireo_api::worker::MigrateProgress {
+            state: vireo_api::worker::MigrateState::Lost,
+            message: Some("VM \"web\" was lost".into()),
+            ..Default::default()
+        });
+        let text = show(&j, &HashMap::new(), OutputFormat::Text);
+        assert!(text.contains("state:    failed\n"), "{text}");
+        assert!(text.contains("\nmigration: lost, round 0, "), "{text}");
+        assert!(text.contains("message:   VM \"web\" was lost\n"), "{text}");
+    }
+
+    #[test]
     fn a_migrations_phases_show_with_their_steps() {
         let phase = |name: &str, at_us| vireo_api::worker::MigratePhase {
             name: name.into(),

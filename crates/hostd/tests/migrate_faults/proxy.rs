@@ -4,7 +4,9 @@
 //! address from the connection's first line `to ADDR` (the fake worker's stream, whose
 //! destination is only known once the destination worker listens). A healing proxy
 //! ([`Proxy::start_healing`]) cuts the connections it carries at that point once, and lets
-//! later ones through: a network blip rather than a partition.
+//! later ones through: a network blip rather than a partition. [`Proxy::swallow_answers`]
+//! loses what the far end says on a link that still looks alive to the near end, until the
+//! near end speaks (an answer lost mid-way, found out only by the question after it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -26,6 +28,8 @@ struct Shared {
     cut: AtomicBool,
     /// After the cut, new connections pass (and are never cut).
     heals: bool,
+    /// [`Proxy::swallow_answers`] was called and no cut came since.
+    swallowing: AtomicBool,
     stop: AtomicBool,
     /// Every socket, so a cut ends all of them at once.
     socks: Mutex<Vec<TcpStream>>,
@@ -54,6 +58,7 @@ impl Proxy {
             cut_after: AtomicU64::new(cut_after),
             cut: AtomicBool::new(false),
             heals,
+            swallowing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             socks: Mutex::new(Vec::new()),
         });
@@ -87,6 +92,16 @@ impl Proxy {
         self.shared.cut_after.store(at, Ordering::SeqCst);
     }
 
+    /// From now on what the far end (the target) sends on the connections carried now is
+    /// dropped, its close too, so the near end (the client) waits on a link that looks alive;
+    /// the near end's next bytes then cut every connection (a healing proxy lets later ones
+    /// through). The vireods' link is quiet between the offer's answer and the migration's
+    /// end, so on it this loses the destination's word (`running`) and breaks the link as
+    /// the source's next message (an `abort`) goes out, unanswered.
+    pub fn swallow_answers(&self) {
+        self.shared.swallowing.store(true, Ordering::SeqCst);
+    }
+
     /// Cuts every connection now, and any later one at once.
     pub fn cut_now(&self) {
         self.shared.cut_after.store(0, Ordering::SeqCst);
@@ -106,6 +121,7 @@ impl Drop for Proxy {
 
 fn cut(s: &Shared) {
     let mut socks = s.socks.lock().unwrap();
+    s.swallowing.store(false, Ordering::SeqCst);
     if s.heals {
         s.cut_after.store(u64::MAX, Ordering::SeqCst);
     } else {
@@ -148,19 +164,38 @@ fn connect(s: Arc<Shared>, client: TcpStream, target: Target) {
     }
     let (s2, server2, client2) = (s.clone(), server.try_clone().unwrap(), client);
     // What the reader buffered past the first line goes first.
-    let up = thread::spawn(move || pump(&s2, reader, server2));
-    pump(&s, server, client2);
+    let up = thread::spawn(move || pump(&s2, reader, server2, Way::Up));
+    pump(&s, server, client2, Way::Down);
     let _ = up.join();
 }
 
+/// Which way a pump copies: from the client to the target, or back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Up,
+    Down,
+}
+
 /// Copies `from` to `to` until either ends or the byte budget is spent (then cuts all).
-fn pump(s: &Shared, mut from: impl Read, mut to: TcpStream) {
+/// While swallowing, what comes down is dropped and what goes up cuts all.
+fn pump(s: &Shared, mut from: impl Read, mut to: TcpStream, way: Way) {
     let mut buf = [0u8; 16 << 10];
     loop {
         let n = match from.read(&mut buf) {
+            // A close coming down while swallowing is kept from the client too.
+            Ok(0) | Err(_) if way == Way::Down && s.swallowing.load(Ordering::SeqCst) => return,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if s.swallowing.load(Ordering::SeqCst) {
+            match way {
+                Way::Down => continue,
+                Way::Up => {
+                    cut(s);
+                    return;
+                }
+            }
+        }
         let limit = s.cut_after.load(Ordering::SeqCst);
         let before = s.passed.fetch_add(n as u64, Ordering::SeqCst);
         let allowed = limit.saturating_sub(before).min(n as u64) as usize;

@@ -38,7 +38,7 @@ use vireo_api::migrate::VmWhereabouts;
 use vireo_api::{JobKind, Vm, VmState};
 
 use super::quick_note::{self, QuickNote};
-use super::source::{self, End};
+use super::source;
 use crate::daemon::Daemon;
 
 /// Bound on the wait for a save that went on while vireod was down (its `SAVE_LIMIT`).
@@ -137,12 +137,11 @@ async fn decide(d: &Arc<Daemon>, vm: &Vm, note: &QuickNote, job: Uuid) -> Result
                 _ => Vec::new(),
             };
             match source::forget_moved(d, vm, job, &note.dest_pas).await {
-                End::Done => {
+                Ok(()) => {
                     super::tree::remove_outside(&outside);
                     Ok(())
                 }
-                End::Failed(m) => Err(m),
-                End::Cancelled => Err(format!("{lead}; cancelled")),
+                Err(e) => Err(format!("VM {name:?} runs on {to}, but {e}")),
             }
         }
         Ok(VmWhereabouts::Lost { reason }) => {

@@ -181,18 +181,22 @@ pub async fn start(daemon: &Arc<Daemon>, vm: &Vm, req: MigrateRequest) -> Result
             End::Cancelled => {
                 let _ = d.store.cancel_job(job_id);
             }
-            End::Failed(m) => {
-                tracing::warn!(vm = %vm.id(), "migration failed: {m}");
-                d.migrations.update_progress(job_id, |p| {
-                    p.state = MigrateState::Failed;
-                    p.message = Some(m.clone());
-                });
-                let _ = d.store.finish_job(job_id, Err(m));
-            }
+            End::Failed(m) => fail_job(&d, &vm, job_id, MigrateState::Failed, m),
+            End::Lost(m) => fail_job(&d, &vm, job_id, MigrateState::Lost, m),
         }
         d.jobs.finished(job_id);
     });
     Ok(job)
+}
+
+/// The job fails with `m`, its migration ending in `state` (`failed`, or `lost`).
+fn fail_job(d: &Daemon, vm: &Vm, job: Uuid, state: MigrateState, m: String) {
+    tracing::warn!(vm = %vm.id(), ?state, "migration failed: {m}");
+    d.migrations.update_progress(job, |p| {
+        p.state = state;
+        p.message = Some(m.clone());
+    });
+    let _ = d.store.finish_job(job, Err(m));
 }
 
 /// The VM's checkpoint tree travels with it (`tree.rs`): in a quick migration whole, in a
@@ -214,6 +218,10 @@ pub(super) enum End {
     Done,
     Cancelled,
     Failed(String),
+    /// Post-copy lost the VM (here or on the destination): the job fails with this error and
+    /// its `migration.state` says `lost`, not `failed` (a failed migration leaves the VM
+    /// running here; a lost one leaves it whole nowhere).
+    Lost(String),
 }
 
 /// `POST /v1/jobs/{id}/cancel` of a migration: passed on to its task, which ends the job as
@@ -585,7 +593,9 @@ enum Place {
 
 /// The VM resumed on the destination in post-copy and was lost there (our worker died or its
 /// streams broke after the switch-over): the destination's record is `lost`, so ours goes as
-/// after a move — one record, on the host that ran the VM last — and the job fails saying so.
+/// after a move — one record, on the host that ran the VM last — and the job fails saying so,
+/// its migration `lost` (`End::Lost`; until session 36 the job's end overwrote it `failed`).
+/// Not `finish_moved`: the migration never completed, and its figures stay as they were.
 async fn lost_there(
     d: &Daemon,
     vm: &Vm,
@@ -594,16 +604,15 @@ async fn lost_there(
     reason: &str,
     dest_pas: &[SwitchProviderAddresses],
 ) -> End {
-    let moved = finish_moved(d, vm, job, 0, dest_pas).await;
-    d.migrations
-        .update_progress(job, |p| p.state = MigrateState::Lost);
-    match moved {
-        End::Done => End::Failed(format!(
-            "VM {:?} was lost in the post-copy migration on {to}, where its record now says \
-             so: {reason}",
-            vm.spec.name
-        )),
-        other => other,
+    let lost = format!(
+        "VM {:?} was lost in the post-copy migration on {to}, where its record now says so: \
+         {reason}",
+        vm.spec.name
+    );
+    match forget_moved(d, vm, job, dest_pas).await {
+        Ok(()) => End::Lost(lost),
+        // Lost there all the same: the job says that first.
+        Err(e) => End::Lost(format!("{lost}; {e}")),
     }
 }
 
@@ -794,7 +803,10 @@ async fn live(
                     }
                     break (downtime_ms, true);
                 }
-                _ => {
+                exit => {
+                    // Exited `migration_lost` before a poll saw its `lost`: its record here
+                    // says `lost`, and so must the job's migration (below).
+                    let lost_here = matches!(exit, Some(WorkerExitReason::MigrationLost { .. }));
                     let o = worker.exited().await;
                     // Died during the switch-over: the destination's worker may have resumed
                     // the VM (it had everything); then the VM is there, not lost.
@@ -815,10 +827,14 @@ async fn live(
                         }
                         Err(asked) => return unknown_place(name, to, &o.message, &asked),
                     }
-                    return End::Failed(format!(
+                    let ended = format!(
                         "VM {name:?} ended on the source during the migration: {}",
                         o.message
-                    ));
+                    );
+                    return match lost_here {
+                        true => End::Lost(ended),
+                        false => End::Failed(ended),
+                    };
                 }
             }
         }
@@ -873,7 +889,16 @@ async fn live(
                     (true, _, _) => AbortAnswer::Running,
                     (false, true, _) => AbortAnswer::Removed(None),
                     (false, false, true) => lost_asked(d, to, vm.id()).await,
-                    (false, false, false) => abort(peer, &why).await,
+                    // An answer that did not come (the abort timed out, or the link broke
+                    // mid-answer) tells nothing: asked on a new connection, as with the link
+                    // gone (until session 36 the record stayed `lost` here unasked).
+                    (false, false, false) => match abort(peer, &why).await {
+                        AbortAnswer::Lost(e) => {
+                            tracing::warn!(vm = %vm.id(), "no answer to the abort for the lost VM ({e}); asking {to}");
+                            lost_asked(d, to, vm.id()).await
+                        }
+                        answered => answered,
+                    },
                 };
                 match answer {
                     // Our worker exits `migration_lost` by itself; the record goes after it.
@@ -888,7 +913,7 @@ async fn live(
                     AbortAnswer::Removed(_) => {}
                     AbortAnswer::Lost(e) => {
                         tracing::warn!(vm = %vm.id(), "the destination did not answer for the lost VM ({e}); it stays `lost` here");
-                        return End::Failed(format!(
+                        return End::Lost(format!(
                             "the VM {name:?} was lost in the post-copy migration: {why}. {to} \
                              could not be asked whether it completed there ({e}), so its record \
                              here stays `lost`. Look on {to} (`vireo vm list`) before starting \
@@ -898,7 +923,7 @@ async fn live(
                         ));
                     }
                 }
-                return End::Failed(format!(
+                return End::Lost(format!(
                     "the VM {name:?} was lost in the post-copy migration: {why}"
                 ));
             }
@@ -1007,10 +1032,10 @@ async fn cancel_worker(worker: &Worker) -> bool {
     }
 }
 
-/// The VM runs on the destination (or was lost there: `lost_there`): its record (and ports)
-/// go here; the disks stay (a shared-nothing migration's are deleted after this by `live`,
-/// only once it completed). Its CAs then point at the destination's PAs here, so frames from
-/// hosts not yet updated are forwarded there.
+/// The VM runs on the destination: its record (and ports) go here (`forget_moved`, as for a
+/// VM lost there: `lost_there`); the disks stay (a shared-nothing migration's are deleted
+/// after this by `live`, only once it completed). Its CAs then point at the destination's PAs
+/// here, so frames from hosts not yet updated are forwarded there.
 async fn finish_moved(
     d: &Daemon,
     vm: &Vm,
@@ -1022,29 +1047,35 @@ async fn finish_moved(
         p.state = MigrateState::Completed;
         p.downtime_ms = Some(downtime_ms);
     });
-    let end = forget_moved(d, vm, job, dest_pas).await;
-    if matches!(end, End::Done) {
-        tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
+    match forget_moved(d, vm, job, dest_pas).await {
+        Ok(()) => {
+            tracing::info!(vm = %vm.id(), downtime_ms, "VM migrated away; record removed");
+            End::Done
+        }
+        Err(e) => End::Failed(format!(
+            "VM {:?} runs on the destination, but {e}",
+            vm.spec.name
+        )),
     }
-    end
 }
 
-/// [`finish_moved`] but the job's figures (a restarted vireod settling a quick migration has
-/// none): the record, ports and meters go, its CAs point at the destination.
+/// [`finish_moved`] but the job's figures and its end (a restarted vireod settling a quick
+/// migration has none; a VM lost there did not complete): the record, ports and meters go,
+/// its CAs point at the destination. `Err`: the record could not be removed, and why.
 pub(super) async fn forget_moved(
     d: &Daemon,
     vm: &Vm,
     job: Uuid,
     dest_pas: &[SwitchProviderAddresses],
-) -> End {
+) -> Result<(), String> {
     if let Some(w) = d.sup.get(vm.id()) {
         let _ = w.exited_within(Duration::from_secs(30)).await;
     }
     let current = d.store.get_by_id(vm.id()).unwrap_or_else(|_| vm.clone());
     if let Err(e) = nics::remove_vm(d, &current).await {
-        return End::Failed(format!(
-            "VM {:?} runs on the destination, but its record here could not be removed: {}",
-            vm.spec.name, e.body.message
+        return Err(format!(
+            "its record here could not be removed: {}",
+            e.body.message
         ));
     }
     d.meters.forget(vm.id());
@@ -1056,7 +1087,7 @@ pub(super) async fn forget_moved(
         Err(e) => tracing::warn!(vm = %vm.id(), "pointing its CAs at the destination: {e}"),
     }
     d.migrations.mark(job, "record removed");
-    End::Done
+    Ok(())
 }
 
 async fn quick(
