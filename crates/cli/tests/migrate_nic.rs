@@ -25,7 +25,9 @@ use vireo_api::NicSpec;
 
 mod vireod_harness;
 use vireod_harness::console::Console;
-use vireod_harness::migration::{migration_address, trust_each_other, two_hosts, Storage};
+use vireod_harness::migration::{
+    migration_address, trust_each_other, two_hosts, two_hosts_source_env, Storage,
+};
 use vireod_harness::Daemon;
 
 const WINDOW: u64 = 64;
@@ -128,17 +130,18 @@ fn sink_answer(d: &Daemon, vm: &str) -> String {
     }
 }
 
-/// `frames` frames from `a`'s blaster to `mac`, counted by a sink on `vm` of host `at`: the
-/// blaster's answer and the sink's.
+/// `frames` frames from `a`'s VM `from` to `mac`, counted by a sink on `vm` of host `at` that
+/// ends `idle_ms` after the last one: the blaster's answer and the sink's.
 fn blast_to_sink(
-    a: &Daemon,
+    (a, from): (&Daemon, &str),
     (at, vm): (&Daemon, &str),
     mac: &str,
     frames: u32,
+    idle_ms: u32,
 ) -> (String, String) {
-    let sink = ask_in_background(at, vm, "NET 0 SINK 170 2000 ack=16".into());
+    let sink = ask_in_background(at, vm, format!("NET 0 SINK 170 {idle_ms} ack=16"));
     std::thread::sleep(Duration::from_millis(300));
-    let mut blaster = Console::attach(a, "blaster");
+    let mut blaster = Console::attach(a, from);
     let blasted = blaster.ok(&format!("NET 0 BLAST 64 {frames} {mac} window={WINDOW}"));
     let sunk = sink.join().unwrap().expect("the sink's answer");
     (blasted, sunk)
@@ -160,7 +163,27 @@ fn ask_in_background(
     })
 }
 
-/// One at a time: each case runs two vireods, two switches and three probe VMs.
+/// Starts a sink of at most `seconds` on `vm` of `d` that runs through a move (idle 5 s: the
+/// move's pause must not end it) and answers on the destination: the console it was sent on,
+/// to drop once the VM moved.
+fn sink_through_the_move(d: &Daemon, vm: &str, seconds: u32) -> Console {
+    use std::io::Write;
+    let mut sink = Console::attach(d, vm);
+    sink.ok("PING");
+    let stdin = sink.stdin.as_mut().unwrap();
+    writeln!(stdin, "NET 0 SINK {seconds} 5000 ack=16").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sink
+}
+
+/// KVM and network namespaces, which every case needs (skipped and said so otherwise).
+fn can_run() -> bool {
+    vireo_testkit::require(vireo_testkit::Need::Kvm)
+        && vireo_testkit::require(vireo_testkit::Need::Netns)
+}
+
+/// One at a time: each case runs two vireods, two switches and three or four probe VMs.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
@@ -175,9 +198,7 @@ fn probe_guest_with_a_switch_nic_migrates_in_post_copy_while_frames_flow_to_it()
 
 fn migrates_while_frames_flow(case: char, postcopy: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm)
-        || !vireo_testkit::require(vireo_testkit::Need::Netns)
-    {
+    if !can_run() {
         return;
     }
     let switch_bin = std::path::Path::new(vireod_harness::VIREO)
@@ -206,17 +227,8 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
         .port
         .clone();
 
-    // The sink runs through the move: it answers on the destination (idle 5 s: the move's
-    // pause must not end it).
-    let mut sink = Console::attach(&a, "m");
-    sink.ok("PING");
-    {
-        use std::io::Write;
-        let stdin = sink.stdin.as_mut().unwrap();
-        writeln!(stdin, "NET 0 SINK 170 5000 ack=16").unwrap();
-        stdin.flush().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // The sink runs through the move: it answers on the destination.
+    let sink = sink_through_the_move(&a, "m", 170);
     // 35 s: the move must end inside it. It takes seconds idle, but on a host whose disk is
     // busy (a build beside the tests) vireod's fsyncs of the arrival's records took 8-9 s
     // each on both sides, and a 20 s blast ended first.
@@ -308,7 +320,7 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
     assert!(lost <= bound, "{sunk} / {blasted}");
 
     // Wholly after the move: nothing lost.
-    let (blasted, sunk) = blast_to_sink(&a, (&b, "m"), &m_mac, 5000);
+    let (blasted, sunk) = blast_to_sink((&a, "blaster"), (&b, "m"), &m_mac, 5000, 2000);
     eprintln!("after the move: blaster {blasted}; sink {sunk}");
     assert_eq!(field(&blasted, "sent"), 5000, "{blasted}");
     assert_eq!(field(&sunk, "frames"), 5000, "{sunk}");
@@ -322,9 +334,7 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
 #[test]
 fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !vireo_testkit::require(vireo_testkit::Need::Kvm)
-        || !vireo_testkit::require(vireo_testkit::Need::Netns)
-    {
+    if !can_run() {
         return;
     }
     let wire = Wire::new('l');
@@ -354,22 +364,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         format!("NET 0 BLAST 64 20s {m_mac} window={WINDOW}"),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let migrate = {
-        let mut cmd = a.vireo(&[
-            "vm",
-            "migrate",
-            "m",
-            "--to",
-            &to,
-            "--postcopy",
-            "always",
-            "--bandwidth",
-            "1M",
-            "--output",
-            "json",
-        ]);
-        std::thread::spawn(move || cmd.output().unwrap())
-    };
+    let migrate = migrate_in_post_copy(&a, &to);
     // The source's job says `postcopy` once the VM runs on the destination.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -403,7 +398,220 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         "killing the source worker {source_worker}: {}",
         std::io::Error::last_os_error()
     );
-    let out = migrate.join().unwrap();
+    settles_lost(&a, &b, migrate.join().unwrap());
+    let _ = blast.join();
+
+    // The destination's switch still forwards: every frame reaches the other VM there.
+    every_frame_reaches_n(&a, &b, &n_mac);
+}
+
+/// The release itself (docs/migration.md, "Post-copy with a vhost-user NIC", step 6). The source
+/// holds its pages after the switch-over (`VIREO_TEST_POSTCOPY_SERVE_HOLD_MS`), so on the
+/// destination a thread of the switch waits on a missing page of m when the source worker is
+/// killed: the vhost-user thread of m's port, which reads the receive ring's `used.idx` on
+/// `SET_VRING_ADDR` (frames flowed to m's sink in the pre-copy, so that page is dirty). The
+/// switch keeps its own userfaultfd open and the thread that would close it on `POSTCOPY_END`
+/// is the one waiting, so neither that message nor the lost worker's end can wake it: only
+/// `release_foreign`, answering the fault the fault thread read before the loss (the worker's
+/// log counts it). Then frames flow through that switch to another VM.
+///
+/// Not shown: the switch thread proper (`vswitch`) waiting on a frame's page, nor frames flowing
+/// while the lost worker still lives. The port's rings start only once that `used.idx` page
+/// came, and a source that serves at all sends its first background batch (the lowest 64
+/// missing pages, where the rings and receive buffers are) at once; and m's vCPUs stop at the
+/// loss at once (their waits are interruptible), so the worker ends right after the release.
+#[test]
+fn a_post_copy_lost_releases_the_switch_thread_waiting_on_its_pages() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    if !can_run() {
+        return;
+    }
+    let wire = Wire::new('r');
+    let hold = [("VIREO_TEST_POSTCOPY_SERVE_HOLD_MS", "20000")];
+    let Some((a, b)) = two_hosts_source_env(Storage::Separate, &hold) else {
+        return;
+    };
+    let _remove = RemoveAll([&a, &b]);
+    let vms = [(&a, "m"), (&a, "blaster"), (&b, "n")];
+    switches_and_probes(&wire, [&a, &b], &vms);
+    let to = migration_address(&b);
+    let (m_mac, n_mac) = (mac_of(&a, "m"), mac_of(&b, "n"));
+    let id = a.vm("m").identity.id.to_string();
+    let source_worker = a.worker_pid("m");
+
+    // The guest rewrites an 8 MiB hot set, but first, for 4 s of the pre-copy (8 MiB at 1 MB/s
+    // take 8 s), frames flow to its sink (the blast goes on until after the loss): the rings they are
+    // written into are missing on the destination.
+    Console::attach(&a, "m").ok("DIRTY START 16 8 0");
+    let sink = sink_through_the_move(&a, "m", 4);
+    let blast = ask_in_background(
+        &a,
+        "blaster",
+        format!("NET 0 BLAST 64 20s {m_mac} window={WINDOW}"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let migrate = migrate_in_post_copy(&a, &to);
+    let switch_pid = switch(&b)
+        .process
+        .pid
+        .expect("the destination's switch process");
+    // Within the hold, before the destination's 10 s fault limit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while waiting_on_faults(switch_pid).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no thread of the destination's switch waited on a page fault: {}",
+            thread_waits(switch_pid)
+        );
+        assert!(
+            !migrate.is_finished(),
+            "the migration ended before the switch waited on a page"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let worker = worker_pid_of(&b, &id);
+    eprintln!(
+        "m runs on the destination (worker {worker}); waiting on its pages there: switch \
+         threads {:?}",
+        waiting_on_faults(switch_pid)
+    );
+    // SAFETY: kill(2) of the source's worker, a process this test's vireod started.
+    let killed = unsafe { libc::kill(source_worker as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0, "{}", std::io::Error::last_os_error());
+    let struck = Instant::now();
+    drop(sink);
+
+    // The release: 300 ms after the loss, bounded by 5 s. The switch thread must be woken by
+    // then: nothing else will wake it.
+    let released = "vhost-user back ends were released";
+    let log = wait_for_log(&b, &id, released, Duration::from_secs(7));
+    let alive = lives(worker);
+    let mut still = waiting_on_faults(switch_pid);
+    eprintln!(
+        "{:?} after the kill: the lost worker {}; switch threads waiting on a page {still:?}",
+        struck.elapsed(),
+        if alive { "lives" } else { "has ended" },
+    );
+    // Once the worker ended too (its own limit is 8 s): its end does not wake the thread.
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while lives(worker) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    still.extend(waiting_on_faults(switch_pid));
+    assert!(
+        still.is_empty(),
+        "{:?} after the kill (the lost worker {}), switch threads still wait on m's pages: \
+         {still:?}; the lost worker's log:\n{log}",
+        struck.elapsed(),
+        if lives(worker) { "lives" } else { "has ended" },
+    );
+    // The switch's fault was read by the fault thread before the loss, and answered after it.
+    let line = log
+        .lines()
+        .find(|l| l.contains(released))
+        .unwrap_or_else(|| panic!("no release in the lost worker's log:\n{log}"));
+    let before: u64 = line
+        .split(" of them read before the loss")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of faults read before the loss in: {line}"));
+    assert!(before >= 1, "{line}");
+    settles_lost(&a, &b, migrate.join().unwrap());
+    // Settled (the worker's end, m's port gone there): the switch forwards.
+    // The blast to m ends first: the switch floods frames to a MAC it no longer has a port
+    // for, and n's sink would count them.
+    let _ = blast.join();
+    every_frame_reaches_n(&a, &b, &n_mac);
+}
+
+/// After the loss: every one of 3000 frames from `a`'s blaster reaches the VM `n` on `b`'s switch.
+fn every_frame_reaches_n(a: &Daemon, b: &Daemon, n_mac: &str) {
+    let (blasted, sunk) = blast_to_sink((a, "blaster"), (b, "n"), n_mac, 3000, 2000);
+    eprintln!("after the loss, to another VM there: blaster {blasted}; sink {sunk}");
+    assert_eq!(field(&sunk, "frames"), 3000, "{sunk} / {blasted}");
+}
+
+/// The threads of process `pid` that wait in the kernel for a userfaultfd to answer their
+/// page fault.
+fn waiting_on_faults(pid: u32) -> Vec<String> {
+    thread_waits(pid)
+        .split(", ")
+        .filter(|t| t.ends_with(": handle_userfault"))
+        .map(|t| t.trim_end_matches(": handle_userfault").to_owned())
+        .collect()
+}
+
+/// `name: where it sleeps` of each thread of `pid` (/proc's wchan), for the messages.
+fn thread_waits(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("no process {pid}");
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    tasks
+        .flatten()
+        .map(|t| {
+            let name = read(t.path().join("comm"));
+            format!("{}: {}", name.trim(), read(t.path().join("wchan")).trim())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The pid of the worker of the VM with id `id` on `d` (its record, while vireod's `vm show`
+/// may still say it is arriving).
+fn worker_pid_of(d: &Daemon, id: &str) -> u32 {
+    let record = d.dir.path().join("state/vms").join(id).join("worker.json");
+    let text = std::fs::read(&record).unwrap_or_else(|e| panic!("{}: {e}", record.display()));
+    let rec: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    rec["pid"].as_u64().expect("a pid in worker.json") as u32
+}
+
+/// Whether `pid` still runs (a zombie, exited and not yet reaped, does not).
+fn lives(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// The worker log of the VM with id `id` on `d` once it holds `line`, waited for at most
+/// `limit` (then as it is).
+fn wait_for_log(d: &Daemon, id: &str, line: &str, limit: Duration) -> String {
+    let path = d.dir.path().join("state/vms").join(id).join("worker.log");
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains(line) || Instant::now() >= deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `vireo vm migrate m --postcopy always --bandwidth 1M` from `a` to `to`, on a thread: its
+/// output once it ends.
+fn migrate_in_post_copy(a: &Daemon, to: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let mut cmd = a.vireo(&[
+        "vm",
+        "migrate",
+        "m",
+        "--to",
+        to,
+        "--postcopy",
+        "always",
+        "--bandwidth",
+        "1M",
+        "--output",
+        "json",
+    ]);
+    std::thread::spawn(move || cmd.output().unwrap())
+}
+
+/// After m's source worker was killed in post-copy (`out`: the migration's output): exactly
+/// one record, on the destination, `lost` with its reason (pages were still on the source:
+/// the VM cannot be whole); the job failed saying so; the source forgot the VM.
+fn settles_lost(a: &Daemon, b: &Daemon, out: std::process::Output) {
     eprintln!(
         "the migration, its source worker killed in post-copy: {}",
         String::from_utf8_lossy(&out.stdout)
@@ -427,7 +635,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         match vm.state.name() {
             "lost" => break format!("{:?}", vm.state),
             "running" if !b.ok(&["job", "list"]).is_empty() => {
-                let mut c = Console::attach(&b, "m");
+                let mut c = Console::attach(b, "m");
                 if c.try_ask("PING", Duration::from_secs(5)).is_some() {
                     break "running, whole".to_string();
                 }
@@ -444,7 +652,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
     eprintln!("on the destination: {outcome}");
     assert!(
         outcome.starts_with("Lost"),
-        "8 MiB were still on the source: the VM cannot be whole ({outcome}; job {job})"
+        "pages were still on the source: the VM cannot be whole ({outcome}; job {job})"
     );
     assert_eq!(job["state"], "failed", "{job}");
     // One record: the source forgot the VM once the destination said it was lost there.
@@ -455,10 +663,4 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         error.contains("was lost in the post-copy migration"),
         "{job}"
     );
-    let _ = blast.join();
-
-    // The destination's switch still forwards: every frame reaches the other VM there.
-    let (blasted, sunk) = blast_to_sink(&a, (&b, "n"), &n_mac, 3000);
-    eprintln!("after the loss, to another VM there: blaster {blasted}; sink {sunk}");
-    assert_eq!(field(&sunk, "frames"), 3000, "{sunk} / {blasted}");
 }

@@ -123,8 +123,14 @@ pub enum Storage {
 /// Two vireods listening for migrations on loopback ports (`--migration-listen 127.0.0.1:0`),
 /// not yet trusting each other; `None` when vireod cannot start here (already reported).
 pub fn two_hosts(storage: Storage) -> Option<(Daemon, Daemon)> {
+    two_hosts_source_env(storage, &[])
+}
+
+/// [`two_hosts`], the first (the source) with `env` (a `VIREO_TEST_*` fault hook its workers
+/// inherit).
+pub fn two_hosts_source_env(storage: Storage, env: &[(&str, &str)]) -> Option<(Daemon, Daemon)> {
     let listen = ["--migration-listen", "127.0.0.1:0"];
-    let a = Daemon::start_args(&listen)?;
+    let a = Daemon::start_args_env(&listen, env)?;
     let a_dir = a.dir.path().to_str().unwrap().to_owned();
     let b = match storage {
         Storage::Shared => Daemon::start_args(&[listen[0], listen[1], "--storage-root", &a_dir]),

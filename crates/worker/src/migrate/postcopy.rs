@@ -85,6 +85,7 @@ pub fn serve(
     bandwidth: Option<u64>,
 ) -> Result<(), String> {
     s.migration.set_state(MigrateState::Postcopy);
+    test_serve_hold();
     match s
         .vm
         .serve_postcopy(streams, requests, missing, shared, bandwidth)
@@ -109,6 +110,25 @@ pub fn serve(
             lose(s, &why);
             Err(why)
         }
+    }
+}
+
+/// Fault injection (`crates/cli/tests/migrate_nic.rs`): `VIREO_TEST_POSTCOPY_SERVE_HOLD_MS=N`
+/// holds the source N ms after `RUNNING` before it serves a page, so the destination's vCPUs
+/// and back ends wait on their first missing page for certain when a test strikes (served at
+/// once, a page comes in about a millisecond). Unset, nothing waits.
+fn test_serve_hold() {
+    let Some(text) = std::env::var_os("VIREO_TEST_POSTCOPY_SERVE_HOLD_MS") else {
+        return;
+    };
+    match text.to_str().and_then(|t| t.parse::<u64>().ok()) {
+        Some(ms) => {
+            tracing::warn!("post-copy: serving held {ms} ms (VIREO_TEST_POSTCOPY_SERVE_HOLD_MS)");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        None => tracing::warn!(
+            "VIREO_TEST_POSTCOPY_SERVE_HOLD_MS={text:?} ignored: expected milliseconds"
+        ),
     }
 }
 

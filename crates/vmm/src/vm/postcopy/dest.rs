@@ -61,6 +61,9 @@ const POLL_MS: i32 = 20;
 const STOP_GRACE: Duration = Duration::from_millis(300);
 /// How long releasing the back ends may take at most.
 const RELEASE_LIMIT: Duration = Duration::from_secs(5);
+/// Beyond the release's own bounds, how long a lost VM's end waits for it (a fault thread
+/// still reading its last faults).
+const RELEASE_SLACK: Duration = Duration::from_millis(500);
 
 /// How post-copy ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,6 +265,19 @@ impl PostcopyIncoming {
 impl Drop for PostcopyIncoming {
     fn drop(&mut self) {
         self.inner.done.store(true, Ordering::Release);
+        // A lost VM's back ends are released by the fault thread ([`release_foreign`]); the
+        // process must not end before: a back end keeps its own userfaultfd open, so its
+        // thread waiting on a page would wait for ever (the vCPUs stop at once, their waits
+        // are interruptible, and the worker then ends within about 30 ms of the release's
+        // start).
+        if matches!(self.inner.outcome(), Some(PostcopyOutcome::Lost(_))) {
+            let deadline = Instant::now() + STOP_GRACE + RELEASE_LIMIT + RELEASE_SLACK;
+            while self.threads.first().is_some_and(|t| !t.is_finished())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(POLL_MS as u64));
+            }
+        }
         for t in self.threads.drain(..) {
             // A thread still blocked on its stream is left to end with it (the memory it
             // would copy into is checked by the kernel; nothing here is touched).
@@ -421,21 +437,27 @@ fn serve_until_end<W: Write>(inner: &Inner, mut requests: W, foreign: &[Arc<Fore
     let mut channel_ok = true;
     let mut faults: Vec<(usize, u64)> = Vec::new();
     while !inner.done.load(Ordering::Acquire) {
+        // A read error ends post-copy only after the faults read before it are recorded: a
+        // back end's among them would otherwise never be answered once the VM is lost.
+        let mut broken = None;
         match uffd::wait_any(&all, POLL_MS) {
             Ok(0) => {}
             Ok(_) => {
-                for (i, u) in all.iter().enumerate() {
+                'read: for (i, u) in all.iter().enumerate() {
                     // Bounded: a queue refills while we serve it.
                     for _ in 0..256 {
                         match u.read_fault() {
                             Ok(Some(host)) => faults.push((i, host)),
                             Ok(None) => break,
-                            Err(e) => return inner.lost(format!("reading guest page faults: {e}")),
+                            Err(e) => {
+                                broken = Some(e);
+                                break 'read;
+                            }
                         }
                     }
                 }
             }
-            Err(e) => return inner.lost(format!("reading guest page faults: {e}")),
+            Err(e) => broken = Some(e),
         }
         for (i, host) in faults.drain(..) {
             inner.faults.fetch_add(1, Ordering::Relaxed);
@@ -494,6 +516,9 @@ fn serve_until_end<W: Write>(inner: &Inner, mut requests: W, foreign: &[Arc<Fore
                 }
             }
         }
+        if let Some(e) = broken {
+            return inner.lost(format!("reading guest page faults: {e}"));
+        }
         if last_check.elapsed() >= Duration::from_millis(200) {
             last_check = Instant::now();
             asked.retain(|g, _| inner.tracker.is_missing(*g));
@@ -516,13 +541,38 @@ fn serve_until_end<W: Write>(inner: &Inner, mut requests: W, foreign: &[Arc<Fore
 /// lost path stops them), each back-end fault is answered with a zero page through the back
 /// end's own userfaultfd, which wakes only its threads (a vCPU waiting on ours stays blocked
 /// until the process ends: the guest never runs on such a page), while another thread tells
-/// the back ends POSTCOPY_END so they close theirs. Bounded by [`RELEASE_LIMIT`]; the worker
-/// ends the process by then anyway.
+/// the back ends POSTCOPY_END so they close theirs. The faults the fault thread read before
+/// the loss (`foreign_waits`) are answered first: a userfaultfd delivers a fault once, so
+/// they would never be read again. Bounded by [`RELEASE_LIMIT`]; the worker ends the process
+/// by then anyway.
 fn release_foreign(inner: &Inner, foreign: &[Arc<Foreign>]) {
     if foreign.is_empty() {
         return;
     }
     std::thread::sleep(STOP_GRACE);
+    let zero = vec![0u8; PAGE_SIZE as usize];
+    let answer = |u: &Uffd, host: u64| {
+        // EEXIST (the page came meanwhile) is as good: the wake is what the thread needs.
+        let _ = u.copy(host, &zero);
+        let _ = u.wake(host, PAGE_SIZE);
+    };
+    let waiting = std::mem::take(
+        &mut *inner
+            .foreign_waits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let mut read_before = 0u64;
+    for (i, _, host) in waiting {
+        if let Some(f) = foreign.get(i) {
+            answer(&f.uffd, host);
+            read_before += 1;
+        }
+    }
+    tracing::warn!(
+        "post-copy lost: {read_before} back-end faults read before the loss answered with zero \
+         pages"
+    );
     let ended = Arc::new(AtomicBool::new(false));
     let joined = inner.joined.clone();
     let done = ended.clone();
@@ -534,22 +584,23 @@ fn release_foreign(inner: &Inner, foreign: &[Arc<Foreign>]) {
             }
             done.store(true, Ordering::Release);
         });
-    if ender.is_err() {
-        return;
-    }
-    let zero = vec![0u8; PAGE_SIZE as usize];
-    let all: Vec<&Uffd> = foreign.iter().map(|f| &f.uffd).collect();
-    let started = Instant::now();
-    let mut zeroed = 0u64;
-    while !ended.load(Ordering::Acquire) && started.elapsed() < RELEASE_LIMIT {
-        if !matches!(uffd::wait_any(&all, POLL_MS), Ok(n) if n > 0) {
-            continue;
-        }
-        for u in &all {
-            while let Ok(Some(host)) = u.read_fault() {
-                let _ = u.copy(host, &zero);
-                let _ = u.wake(host, PAGE_SIZE);
-                zeroed += 1;
+    let mut read_after = 0u64;
+    if ender.is_ok() {
+        let all: Vec<&Uffd> = foreign.iter().map(|f| &f.uffd).collect();
+        let started = Instant::now();
+        while !ended.load(Ordering::Acquire) && started.elapsed() < RELEASE_LIMIT {
+            if !matches!(uffd::wait_any(&all, POLL_MS), Ok(n) if n > 0) {
+                continue;
+            }
+            for u in &all {
+                // Bounded: a back end has few threads, each waits on one fault at a time.
+                for _ in 0..256 {
+                    let Ok(Some(host)) = u.read_fault() else {
+                        break;
+                    };
+                    answer(u, host);
+                    read_after += 1;
+                }
             }
         }
     }
@@ -559,8 +610,9 @@ fn release_foreign(inner: &Inner, foreign: &[Arc<Foreign>]) {
         .unwrap_or_else(|p| p.into_inner())
         .clear();
     tracing::warn!(
-        "post-copy lost: the vhost-user back ends were released ({zeroed} of their faults \
-         answered with zero pages of the lost VM)"
+        "post-copy lost: the vhost-user back ends were released ({} of their faults answered \
+         with zero pages of the lost VM, {read_before} of them read before the loss)",
+        read_before + read_after
     );
 }
 
