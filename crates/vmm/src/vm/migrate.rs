@@ -729,9 +729,10 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
         } else {
             0.0
         };
-        self.stalled = match converge::shrinks(self.previous_dirty, dirty_bytes) {
-            true => 0,
-            false => self.stalled + 1,
+        self.stalled = if converge::shrinks(self.previous_dirty, dirty_bytes) {
+            0
+        } else {
+            self.stalled + 1
         };
         let facts = RoundFacts {
             dirty_bytes,

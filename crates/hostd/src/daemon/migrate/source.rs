@@ -831,9 +831,10 @@ async fn live(
                         "VM {name:?} ended on the source during the migration: {}",
                         o.message
                     );
-                    return match lost_here {
-                        true => End::Lost(ended),
-                        false => End::Failed(ended),
+                    return if lost_here {
+                        End::Lost(ended)
+                    } else {
+                        End::Failed(ended)
                     };
                 }
             }
