@@ -428,6 +428,13 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())?;
+    let mut cfg = cfg;
+    // After the handshake a migration stream seals and opens its records itself
+    // (`tls_records`), with the traffic secrets rustls hands over.
+    cfg.enable_secret_extraction = true;
+    // No session tickets: nothing resumes, and a ticket after the handshake would be a
+    // record the stream's own record layer does not take.
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -443,117 +450,18 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())?;
+    let mut cfg = cfg;
+    // After the handshake a migration stream seals and opens its records itself
+    // (`tls_records`), with the traffic secrets rustls hands over.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
-/// A migration stream, source end: TLS over TCP, blocking.
-pub type ClientStream = TlsStream<rustls::ClientConnection>;
+/// A migration stream, source end: TLS 1.3 over TCP, blocking, its records sealed and opened
+/// by the stream itself (`tls_records`).
+pub type ClientStream = crate::tls_records::RecordStream;
 /// A migration stream, destination end.
-pub type ServerStream = TlsStream<rustls::ServerConnection>;
-
-/// rustls' `StreamOwned` with vectored writes. `StreamOwned` implements `write` only, so the
-/// standard `write_vectored` handed it the first slice alone: a page batch written as its
-/// header and its pages became one TLS record and one `writev` per slice — traced, the
-/// pause's ~100 scattered pages went out as ~100 `writev`s of 4,118 bytes, ~10 µs each,
-/// while the guest waited. rustls' borrowed `Stream` has the vectored write; this lends it
-/// the owned parts. Everything else is the `StreamOwned` (`Deref`: `conn`, `sock`).
-pub struct TlsStream<C>(rustls::StreamOwned<C, Sock>);
-
-impl<C> std::ops::Deref for TlsStream<C> {
-    type Target = rustls::StreamOwned<C, Sock>;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl<C> std::ops::DerefMut for TlsStream<C> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-macro_rules! tls_stream_io {
-    ($conn:ty) => {
-        impl std::io::Read for TlsStream<$conn> {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                self.0.read(buf)
-            }
-        }
-
-        impl std::io::BufRead for TlsStream<$conn> {
-            fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-                self.0.fill_buf()
-            }
-            fn consume(&mut self, amt: usize) {
-                self.0.consume(amt)
-            }
-        }
-
-        impl std::io::Write for TlsStream<$conn> {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.write(buf)
-            }
-            fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-                let s = &mut self.0;
-                rustls::Stream::new(&mut s.conn, &mut s.sock).write_vectored(bufs)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                self.0.flush()
-            }
-        }
-    };
-}
-
-tls_stream_io!(rustls::ClientConnection);
-tls_stream_io!(rustls::ServerConnection);
-
-/// Bytes read from the socket at a time. rustls reads the socket 4 KiB at a time; under a
-/// page stream that is a `recv` per page, and the receiving side spent more CPU on syscalls
-/// than on decryption. Reading 1 MiB at once and handing rustls its 4 KiB from memory costs
-/// a memcpy instead (`vireo-bench migrate --link` shows the receiver's CPU per MiB).
-const READ_AHEAD: usize = 1 << 20;
-/// Plaintext rustls may hold before its writer pushes back. The default (64 KiB) makes it
-/// write to the socket every 4 TLS records. Not more: every record it holds is a fresh heap
-/// allocation, and a migration's stream threads are new, so each MiB of it is ~256 page
-/// faults of fresh memory (costly on a host that is itself a VM): 4 MiB here gave the
-/// source's stream threads ~1.4 times the faults of 1 MiB (session 30, docs/migration.md).
-const WRITE_BUFFER: usize = 1 << 20;
-
-/// The TCP socket under a migration stream: reads go through a large buffer, writes straight
-/// to the socket (rustls gathers its records into one `writev`).
-pub struct Sock {
-    r: std::io::BufReader<std::net::TcpStream>,
-}
-
-impl Sock {
-    fn new(tcp: std::net::TcpStream) -> Sock {
-        Sock {
-            r: std::io::BufReader::with_capacity(READ_AHEAD, tcp),
-        }
-    }
-    /// The TCP socket (to shut it down from another thread, or set its timeouts).
-    pub fn tcp(&self) -> &std::net::TcpStream {
-        self.r.get_ref()
-    }
-}
-
-impl std::io::Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl std::io::Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.r.get_mut().write(buf)
-    }
-    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        self.r.get_mut().write_vectored(bufs)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.r.get_mut().flush()
-    }
-}
+pub type ServerStream = crate::tls_records::RecordStream;
 
 /// Connects to `addr` and completes the handshake (the server's certificate checked against
 /// the pins); every read and write of the stream then times out after `timeout`.
@@ -566,14 +474,7 @@ pub fn connect(
     tcp.set_read_timeout(Some(timeout))?;
     tcp.set_write_timeout(Some(timeout))?;
     tcp.set_nodelay(true)?;
-    let mut conn =
-        rustls::ClientConnection::new(cfg, peer_name()).map_err(std::io::Error::other)?;
-    conn.set_buffer_limit(Some(WRITE_BUFFER));
-    let mut s = rustls::StreamOwned::new(conn, Sock::new(tcp));
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(TlsStream(s))
+    crate::tls_records::client(tcp, cfg, peer_name())
 }
 
 /// Completes the server side of the handshake on an accepted connection (the client's
@@ -586,13 +487,7 @@ pub fn accept(
     tcp.set_read_timeout(Some(timeout))?;
     tcp.set_write_timeout(Some(timeout))?;
     tcp.set_nodelay(true)?;
-    let mut conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
-    conn.set_buffer_limit(Some(WRITE_BUFFER));
-    let mut s = rustls::StreamOwned::new(conn, Sock::new(tcp));
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(TlsStream(s))
+    crate::tls_records::server(tcp, cfg)
 }
 
 /// The name a client puts in its hello. Pinning checks the certificate itself, so the name

@@ -29,6 +29,7 @@ pub mod receiver;
 pub mod record;
 pub mod sender;
 pub mod streams;
+pub mod tls_records;
 
 pub use codec::Codec;
 pub use error::MigrationError;

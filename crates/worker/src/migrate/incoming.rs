@@ -247,7 +247,7 @@ impl StreamRelease {
 
     fn later(self, streams: Vec<ServerStream>) {
         for st in &streams {
-            let _ = st.sock.tcp().shutdown(std::net::Shutdown::Both);
+            let _ = st.tcp().shutdown(std::net::Shutdown::Both);
         }
         // Without the thread (or should it be gone) they are freed here, as before.
         if let Some(tx) = &self.0 {

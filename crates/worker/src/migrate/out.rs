@@ -114,7 +114,7 @@ fn connect(
         mode => {
             let c = postcopy::connect_requests(to, cfg.clone(), session, n, mode)?;
             if let Some(c) = &c {
-                s.migration.add_socket(c.sock.tcp());
+                s.migration.add_socket(c.tcp());
             }
             timeline.mark("request channel");
             c
@@ -123,7 +123,7 @@ fn connect(
     let one = |i: u16| -> Result<Sender<ClientStream>, String> {
         let stream = hostauth::connect(to, cfg.clone(), IO_TIMEOUT)
             .map_err(|e| format!("stream {i} to {to}: {e}"))?;
-        s.migration.add_socket(stream.sock.tcp());
+        s.migration.add_socket(stream.tcp());
         timeline.mark(&format!("stream {i} TLS"));
         let mut sender = Sender::start(
             stream,

@@ -69,7 +69,7 @@ pub fn connect_requests(
             "post-copy request channel to {to}: the destination refused it: {why}"
         ));
     }
-    let _ = c.sock.tcp().set_read_timeout(None);
+    let _ = c.tcp().set_read_timeout(None);
     Ok(Some(c))
 }
 

@@ -106,7 +106,7 @@ pub fn precopy(
 ) -> Result<DiskSender, String> {
     let mut stream = hostauth::connect(t.to, cfg, IO_TIMEOUT)
         .map_err(|e| format!("disk stream to {}: {e}", t.to))?;
-    s.migration.add_socket(stream.sock.tcp());
+    s.migration.add_socket(stream.tcp());
     let hello = serde_json::to_string(&PeerMsg::DiskData { session: t.session })
         .expect("a message serializes");
     handoff::send(&mut stream, &hello).map_err(|e| format!("disk stream to {}: {e}", t.to))?;
