@@ -432,9 +432,6 @@ pub fn server_config(
     // After the handshake a migration stream seals and opens its records itself
     // (`tls_records`), with the traffic secrets rustls hands over.
     cfg.enable_secret_extraction = true;
-    // No session tickets: nothing resumes, and a ticket after the handshake would be a
-    // record the stream's own record layer does not take.
-    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 

@@ -12,8 +12,8 @@
 //! What goes on the wire is standard TLS 1.3: a peer using rustls' ordinary connection reads
 //! and writes the same records. Limits kept: a key is used for at most its cipher's
 //! confidentiality limit of records, then replaced with a `KeyUpdate` (a peer's `KeyUpdate`
-//! is followed, and answered when it asks); a `close_notify` ends the stream cleanly, any
-//! other alert or message is an error.
+//! is followed, and answered when it asks; a session ticket is kept as rustls keeps it); a
+//! `close_notify` ends the stream cleanly, any other alert or message is an error.
 
 use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::net::TcpStream;
@@ -36,6 +36,7 @@ const APPLICATION_DATA: u8 = 23;
 const HANDSHAKE: u8 = 22;
 const ALERT: u8 = 21;
 const KEY_UPDATE: u8 = 24;
+const NEW_SESSION_TICKET: u8 = 4;
 /// Bytes read from the socket at a time. rustls read the socket 4 KiB at a time, a `recv` per
 /// page under a page stream; the records are opened where they land.
 const READ_AHEAD: usize = 1 << 20;
@@ -48,20 +49,40 @@ const REKEY_MARGIN: u64 = 1 << 10;
 /// errors name it as such: `error.rs`).
 const UNEXPECTED_EOF: &str = "peer closed connection without sending TLS close_notify";
 
-/// What the stream needs of rustls' kernel connection: the next secrets on a key update.
+/// What the stream needs of rustls' kernel connection: the next secrets on a key update, and
+/// a session ticket the server sends after the handshake kept (a client's only).
 trait Rekey: Send {
     fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
     fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error>;
+    fn ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error>;
 }
 
-impl<D: Send> Rekey for KernelConnection<D> {
-    fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        self.update_tx_secret()
-    }
-    fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
-        self.update_rx_secret()
-    }
+macro_rules! rekey_for {
+    ($data:ty, $ticket:expr) => {
+        impl Rekey for KernelConnection<$data> {
+            fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+                self.update_tx_secret()
+            }
+            fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+                self.update_rx_secret()
+            }
+            fn ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error> {
+                $ticket(self, payload)
+            }
+        }
+    };
 }
+
+rekey_for!(
+    rustls::client::ClientConnectionData,
+    |c: &mut KernelConnection<_>, p: &[u8]| c.handle_new_session_ticket(p)
+);
+rekey_for!(
+    rustls::server::ServerConnectionData,
+    |_: &mut KernelConnection<_>, _: &[u8]| Err(rustls::Error::General(
+        "a client sent a session ticket".into()
+    ))
+);
 
 /// One direction's key: records are numbered from `seq`, each nonce the IV XOR its number.
 struct Direction {
@@ -305,19 +326,40 @@ impl RecordStream {
                 }
             }
             HANDSHAKE => {
-                let m = &self.rbuf[content];
-                if m.len() != 5 || m[..4] != [KEY_UPDATE, 0, 0, 1] || m[4] > 1 {
-                    return Err(invalid(&format!("unexpected handshake message {m:?}")));
-                }
-                let requested = m[4] == 1;
-                let (seq, secrets) = self.rekey.next_rx().map_err(io::Error::other)?;
-                self.rx = Direction::new(seq, secrets)?;
-                if requested {
-                    self.update_tx_key()?;
-                    self.flush_sealed()?;
-                }
+                // Rare and small (a key update, a session ticket): copied out of the buffer.
+                let msgs = self.rbuf[content].to_vec();
+                self.handshake_messages(&msgs)?;
             }
             other => return Err(invalid(&format!("a record of content type {other}"))),
+        }
+        Ok(())
+    }
+}
+
+impl RecordStream {
+    /// The handshake messages of one record: each whole in it (rustls sends them so).
+    fn handshake_messages(&mut self, mut m: &[u8]) -> io::Result<()> {
+        while !m.is_empty() {
+            if m.len() < 4 {
+                return Err(invalid("a handshake message cut short"));
+            }
+            let len = u32::from_be_bytes([0, m[1], m[2], m[3]]) as usize;
+            let Some(body) = m.get(4..4 + len) else {
+                return Err(invalid("a handshake message split across records"));
+            };
+            match (m[0], body) {
+                (KEY_UPDATE, &[requested @ (0 | 1)]) => {
+                    let (seq, secrets) = self.rekey.next_rx().map_err(io::Error::other)?;
+                    self.rx = Direction::new(seq, secrets)?;
+                    if requested == 1 {
+                        self.update_tx_key()?;
+                        self.flush_sealed()?;
+                    }
+                }
+                (NEW_SESSION_TICKET, _) => self.rekey.ticket(body).map_err(tls_error)?,
+                (ty, _) => return Err(invalid(&format!("unexpected handshake message {ty}"))),
+            }
+            m = &m[4 + len..];
         }
         Ok(())
     }
