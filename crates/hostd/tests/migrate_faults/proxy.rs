@@ -26,6 +26,8 @@ struct Shared {
     passed: AtomicU64,
     cut_after: AtomicU64,
     cut: AtomicBool,
+    /// A cut happened (healing or not).
+    fired: AtomicBool,
     /// After the cut, new connections pass (and are never cut).
     heals: bool,
     /// [`Proxy::swallow_answers`] was called and no cut came since.
@@ -57,6 +59,7 @@ impl Proxy {
             passed: AtomicU64::new(0),
             cut_after: AtomicU64::new(cut_after),
             cut: AtomicBool::new(false),
+            fired: AtomicBool::new(false),
             heals,
             swallowing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -78,6 +81,13 @@ impl Proxy {
 
     pub fn passed(&self) -> u64 {
         self.shared.passed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the link was cut (a point past what a run carried never cuts it). Only the
+    /// real workers' quick sweep uses it (`crates/cli/tests/migrate_faults_real_modes.rs`).
+    #[allow(dead_code)]
+    pub fn fired(&self) -> bool {
+        self.shared.fired.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection once `n` more bytes have passed from now (a point in a phase
@@ -121,6 +131,7 @@ impl Drop for Proxy {
 
 fn cut(s: &Shared) {
     let mut socks = s.socks.lock().unwrap();
+    s.fired.store(true, Ordering::SeqCst);
     s.swallowing.store(false, Ordering::SeqCst);
     if s.heals {
         s.cut_after.store(u64::MAX, Ordering::SeqCst);
