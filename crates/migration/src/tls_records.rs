@@ -40,8 +40,9 @@ const NEW_SESSION_TICKET: u8 = 4;
 /// Bytes read from the socket at a time. rustls read the socket 4 KiB at a time, a `recv` per
 /// page under a page stream; the records are opened where they land.
 const READ_AHEAD: usize = 1 << 20;
-/// Plaintext sealed per write at most: one `write` to the socket per MiB of pages.
-const MAX_WRITE: usize = 1 << 20;
+/// Plaintext sealed per write at most: a 1 MiB run of pages with its batch's header and
+/// entries in one `write` to the socket.
+const MAX_WRITE: usize = (1 << 20) + (64 << 10);
 /// Records left under a key's confidentiality limit when it is replaced.
 const REKEY_MARGIN: u64 = 1 << 10;
 
@@ -436,35 +437,33 @@ trait Handshaking: Sized {
         -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
 }
 
-impl Handshaking for UnbufferedClientConnection {
-    type Data = rustls::client::ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(
-        self,
-    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
+macro_rules! handshaking_for {
+    ($conn:ty, $data:ty) => {
+        impl Handshaking for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn into_kernel(
+                self,
+            ) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
+                self.dangerous_into_kernel_connection()
+            }
+        }
+    };
 }
 
-impl Handshaking for UnbufferedServerConnection {
-    type Data = rustls::server::ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn into_kernel(
-        self,
-    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
-}
+handshaking_for!(
+    UnbufferedClientConnection,
+    rustls::client::ClientConnectionData
+);
+handshaking_for!(
+    UnbufferedServerConnection,
+    rustls::server::ServerConnectionData
+);
 
 /// The length of the first whole record in `b`, if one is there.
 fn first_record(b: &[u8]) -> Option<usize> {
