@@ -335,9 +335,7 @@ impl RecordStream {
         }
         Ok(())
     }
-}
 
-impl RecordStream {
     /// The handshake messages of one record: each whole in it (rustls sends them so).
     fn handshake_messages(&mut self, mut m: &[u8]) -> io::Result<()> {
         while !m.is_empty() {
