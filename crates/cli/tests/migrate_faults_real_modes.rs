@@ -6,7 +6,9 @@
 //!
 //! **Quick** (`--quick`: save, the files across, restore there):
 //! - the vireods' link cut once after N bytes (then working again, so the source can ask
-//!   where the VM is after a lost answer), N swept over an uncut quick migration's bytes;
+//!   where the VM is after a lost answer), N swept over an uncut quick migration's bytes,
+//!   then placed inside the destination's last two answers (`running`: the VM moved;
+//!   `accepted`: it stayed);
 //! - the destination vireod SIGKILLed while the saved state crosses (the link held to a rate
 //!   so the strike lands in the transfer), and restarted; the same for the source vireod;
 //! - the source vireod SIGKILLed once its `commit` went out, the destination holding the
@@ -36,8 +38,8 @@ use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
 use vireod_harness::Daemon;
 
-// The fake-worker suite's proxy (it cuts after N bytes, both directions counted); only its
-// fixed-target mode is used here.
+// The fake-worker suite's proxy (it cuts after N bytes, both directions counted or only the
+// far end's); only its fixed-target mode is used here.
 #[allow(dead_code)]
 #[path = "../../hostd/tests/migrate_faults/proxy.rs"]
 mod proxy;
@@ -54,9 +56,13 @@ fn to_of(b: &Daemon) -> SocketAddr {
 
 /// One quick migration through a proxy that cuts the vireods' link once after `n` bytes and
 /// then lets new connections through; where the VM ended, the bytes the link carried, and
-/// whether the cut came (a point past what the run carried never cuts).
-fn quick_cut_run(a: &Daemon, b: &Daemon, i: usize, n: u64) -> (Where, u64, bool) {
-    let px = Proxy::start_healing(Target::Fixed(to_of(b)), n);
+/// whether the cut came (a point past what the run carried never cuts). `down`: only the
+/// destination's bytes count, for the cut and the total.
+fn quick_cut_run(a: &Daemon, b: &Daemon, i: usize, n: u64, down: bool) -> (Where, u64, bool) {
+    let px = match down {
+        true => Proxy::start_healing_down(Target::Fixed(to_of(b)), n),
+        false => Proxy::start_healing(Target::Fixed(to_of(b)), n),
+    };
     // Names of one width: the name is in several messages, and the sweep's points are byte
     // counts taken from the first run.
     let run = start_vm(a, &format!("q{i:02}"));
@@ -66,11 +72,19 @@ fn quick_cut_run(a: &Daemon, b: &Daemon, i: usize, n: u64) -> (Where, u64, bool)
         b,
         &run,
         job_id.as_deref(),
-        &format!("quick, link cut after {n} B"),
+        &format!(
+            "quick, link cut after {n} B{}",
+            if down { " back" } else { "" }
+        ),
         QUICK_ONLY,
     );
     (place, px.passed(), px.fired())
 }
+
+/// The bytes of the destination's `running`: one TLS record (5 bytes of header, the 18 of
+/// `{"msg":"running"}\n`, its type byte, a 16-byte tag), the last the destination sends (it
+/// drops the connection without `close_notify`). The record before it is `accepted`.
+const RUNNING_RECORD: u64 = 40;
 
 #[test]
 fn a_quick_migration_cut_after_n_bytes() {
@@ -78,7 +92,7 @@ fn a_quick_migration_cut_after_n_bytes() {
         return;
     };
     let t0 = Instant::now();
-    let (place, total, _) = quick_cut_run(&a, &b, 0, u64::MAX);
+    let (place, total, _) = quick_cut_run(&a, &b, 0, u64::MAX, false);
     assert_eq!(place, Where::Destination);
     assert!(total > 1 << 20, "{total}");
     eprintln!(
@@ -88,35 +102,31 @@ fn a_quick_migration_cut_after_n_bytes() {
     // 10 points over the whole link (the handshake, the offer, the saved state's files).
     let points: Vec<u64> = (0..10).map(|k| total * k / 10).collect();
     let seen = sweep("quick, link cut", total, &points, |k, n| {
-        quick_cut_run(&a, &b, k, n).0
+        quick_cut_run(&a, &b, k, n, false).0
     });
     assert!(seen[0] > 0, "{seen:?}");
-    // Then the end: the `commit` and the destination's `running`, each one TLS record of ~60
-    // bytes, at points every 32 bytes from 512 before the first run's total to 512 after it.
-    // The link's length varies by a few hundred bytes from run to run (when the TLS session
-    // tickets go, `close_notify`s), so the first run's total places them only roughly: a
-    // point past what its run carried does not cut it and is not counted, and which of the
-    // two records a point falls in is chance. Every cut run is checked as above (the VM in
-    // exactly one place, whole); a cut that lands in `running` and so moves the VM is
-    // counted, not required (the destination's lost word is shown by the fake-worker suite).
-    let mut tail = [0usize; 2];
-    let mut uncut = 0;
-    for (j, k) in (-16i64..=16).enumerate() {
-        let n = total.saturating_add_signed(32 * k);
-        let (place, _, cut) = quick_cut_run(&a, &b, 11 + j, n);
-        if cut {
-            tail[place as usize] += 1;
-        } else {
-            assert_eq!(place, Where::Destination, "an uncut run at {n} B");
-            uncut += 1;
-        }
+    // Then the destination's last words, counted in its bytes alone: their length does not
+    // move with the saved state's (the two-way count placed a late point in `commit` or in
+    // `running` by chance, session 37). A cut inside `running` leaves the VM running there
+    // (the destination keeps what it restored; the source asks, `whereabouts.rs`); a cut
+    // inside `accepted` leaves it here. Four bytes of margin either side: the handshake's
+    // signature may differ in length by a byte or two from run to run.
+    let (place, back, _) = quick_cut_run(&a, &b, 20, u64::MAX, true);
+    assert_eq!(place, Where::Destination);
+    for (j, k) in [4, 20, 36, 44, 60].into_iter().enumerate() {
+        let n = back - k;
+        let (place, _, cut) = quick_cut_run(&a, &b, 21 + j, n, true);
+        eprintln!("quick, link cut {k} B before the destination's end ({n} of {back} B): VM on the {place:?}");
+        assert!(cut, "the cut at {n} of {back} B back did not come");
+        let want = match k < RUNNING_RECORD {
+            true => Where::Destination,
+            false => Where::Source,
+        };
+        assert_eq!(
+            place, want,
+            "a cut {k} B before the destination's last byte"
+        );
     }
-    eprintln!(
-        "quick, link cut in the last exchange: the VM stayed on the source {}, moved {}; \
-         {uncut} points past their run's end",
-        tail[0], tail[1]
-    );
-    assert!(tail[0] > 0, "{tail:?}");
 }
 
 /// Starts a quick migration over a link held to 4 MiB/s and waits until 1 MiB of the saved

@@ -7,6 +7,9 @@
 //! later ones through: a network blip rather than a partition. [`Proxy::swallow_answers`]
 //! loses what the far end says on a link that still looks alive to the near end, until the
 //! near end speaks (an answer lost mid-way, found out only by the question after it).
+//! [`Proxy::start_healing_down`] counts and cuts by the bytes coming back only (the far end's
+//! answers, whose length does not vary with the near end's files): a point there lands in one
+//! chosen message.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -22,8 +25,10 @@ pub enum Target {
 }
 
 struct Shared {
-    /// Bytes forwarded so far, both directions, all connections.
+    /// Bytes forwarded so far that count towards the cut: both directions, or only those
+    /// coming back (`down_only`); all connections.
     passed: AtomicU64,
+    down_only: bool,
     cut_after: AtomicU64,
     cut: AtomicBool,
     /// A cut happened (healing or not).
@@ -44,19 +49,27 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: Target, cut_after: u64) -> Proxy {
-        Self::start_with(target, cut_after, false)
+        Self::start_with(target, cut_after, false, false)
     }
 
     /// Cuts what it carries after `cut_after` bytes, then carries new connections uncut.
     pub fn start_healing(target: Target, cut_after: u64) -> Proxy {
-        Self::start_with(target, cut_after, true)
+        Self::start_with(target, cut_after, true, false)
     }
 
-    fn start_with(target: Target, cut_after: u64, heals: bool) -> Proxy {
+    /// [`Proxy::start_healing`] counting only what comes back from the target: `passed` and
+    /// the cut are in those bytes. Only the real workers' quick sweep uses it.
+    #[allow(dead_code)]
+    pub fn start_healing_down(target: Target, cut_after: u64) -> Proxy {
+        Self::start_with(target, cut_after, true, true)
+    }
+
+    fn start_with(target: Target, cut_after: u64, heals: bool, down_only: bool) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let shared = Arc::new(Shared {
             passed: AtomicU64::new(0),
+            down_only,
             cut_after: AtomicU64::new(cut_after),
             cut: AtomicBool::new(false),
             fired: AtomicBool::new(false),
@@ -206,6 +219,12 @@ fn pump(s: &Shared, mut from: impl Read, mut to: TcpStream, way: Way) {
                     return;
                 }
             }
+        }
+        if s.down_only && way == Way::Up {
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            continue;
         }
         let limit = s.cut_after.load(Ordering::SeqCst);
         let before = s.passed.fetch_add(n as u64, Ordering::SeqCst);

@@ -325,8 +325,10 @@ async fn run(
             e
         }
     };
+    // Nothing of the VM changed yet: whatever ends it at the offer says it still runs here.
+    let runs_here = |e: String| End::Failed(format!("{e}; VM {:?} runs on here", vm.spec.name));
     if let Err(e) = peer.send(&offer).await {
-        return End::Failed(refused_us(e));
+        return runs_here(refused_us(e));
     }
     let (listen_addr, dest_pas, send_files) = match peer.recv(OFFER_LIMIT).await {
         Ok(PeerMsg::Accepted {
@@ -335,10 +337,10 @@ async fn run(
             send_files,
         }) => (listen_addr, provider_addresses, send_files),
         Ok(PeerMsg::Refused { reason }) => {
-            return End::Failed(format!("the destination {to} refused the VM: {reason}"))
+            return runs_here(format!("the destination {to} refused the VM: {reason}"))
         }
-        Ok(other) => return End::Failed(format!("{to} answered the offer with {other:?}")),
-        Err(e) => return End::Failed(refused_us(e)),
+        Ok(other) => return runs_here(format!("{to} answered the offer with {other:?}")),
+        Err(e) => return runs_here(refused_us(e)),
     };
     d.migrations.mark(job, "offer accepted");
     let _ = d.store.set_job_progress(job, 5);
