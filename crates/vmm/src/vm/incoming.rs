@@ -165,6 +165,7 @@ impl Vm {
                     let memfd = ram.memfd.clone();
                     let (size, memory) = (ram.size, &ram.memory);
                     scope.spawn(move || {
+                        crate::thread_priority::raise_for_migration();
                         let stream = rx.preamble.stream;
                         let err = |source| MigrateError::Stream { stream, source };
                         let mut w = RamWriter::new(memory, memfd, size);

@@ -351,7 +351,12 @@ impl VmHandle {
             // pass spawns them all, as their priority drops with the thread.
             let here = if live { None } else { busy.next() };
             let threads: Vec<_> = busy
-                .map(|(i, (sender, runs))| scope.spawn(move || send(i, sender, runs)))
+                .map(|(i, (sender, runs))| {
+                    scope.spawn(move || {
+                        crate::thread_priority::raise_for_migration();
+                        send(i, sender, runs)
+                    })
+                })
                 .collect();
             let mut results: Vec<std::thread::Result<Result<u64, MigrateError>>> = here
                 .map(|(i, (sender, runs))| Ok(send(i, sender, runs)))
