@@ -383,15 +383,37 @@ impl<W: Write> Sender<W> {
     }
 
     pub fn device_state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
+        let bytes = self.device_state_record(state)?;
+        self.w.write_all(&bytes)?;
+        self.stats.wire_bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn device_state_record(&self, state: &[u8]) -> Result<Vec<u8>, MigrationError> {
         let codec = match self.compression {
             Compression::Fixed(Codec::None) => Codec::None,
             // Device state is JSON: it always compresses well and is sent once.
             _ => Codec::Lz4,
         };
-        let bytes = encode_record(Kind::DeviceState, codec, state)?;
-        self.w.write_all(&bytes)?;
+        encode_record(Kind::DeviceState, codec, state)
+    }
+
+    /// [`Sender::device_state`], then [`Sender::done`], then `after` (what the caller's own
+    /// protocol says next on this stream, not counted as migration bytes) — in one write, so
+    /// the receiver has all of it with the last record (the switch-over's end, where every
+    /// write is a wait for the paused guest).
+    pub fn state_and_done(
+        mut self,
+        state: &[u8],
+        after: &[u8],
+    ) -> Result<(W, SendStats), MigrationError> {
+        let mut bytes = self.device_state_record(state)?;
+        bytes.extend_from_slice(&encode_record(Kind::Done, Codec::None, &[])?);
         self.stats.wire_bytes += bytes.len() as u64;
-        Ok(())
+        bytes.extend_from_slice(after);
+        self.w.write_all(&bytes)?;
+        self.w.flush()?;
+        Ok((self.w, self.stats))
     }
 
     /// Ends the stream cleanly and hands the writer back.

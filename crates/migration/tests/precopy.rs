@@ -258,3 +258,69 @@ fn an_abort_and_a_cut_stream_are_errors_for_the_receiver() {
         "other session"
     );
 }
+
+/// Counts the writes that reach it (the syscalls a socket would take).
+struct CountedWrites {
+    bytes: Vec<u8>,
+    writes: usize,
+}
+
+impl std::io::Write for CountedWrites {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.writes += 1;
+        self.bytes.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Read for CountedWrites {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
+}
+
+#[test]
+fn the_state_done_and_the_callers_next_line_go_in_one_write_and_stay_readable() {
+    let w = CountedWrites {
+        bytes: Vec::new(),
+        writes: 0,
+    };
+    let session = Uuid::new_v4();
+    let mut tx = Sender::start(
+        w,
+        Preamble::new(session, 0, 1),
+        Compression::Fixed(Codec::None),
+        Transport::Authenticated,
+    )
+    .unwrap();
+    tx.send_pages([(0u64, &[7u8; PAGE_SIZE][..])]).unwrap();
+    let (before, on_wire) = (tx.get_mut().writes, tx.get_mut().bytes.len() as u64);
+    let counted = tx.stats.wire_bytes;
+    let state = br#"{"vcpus":[1]}"#;
+    let (w, stats) = tx.state_and_done(state, b"DISKS []\nRELEASED\n").unwrap();
+    assert_eq!(
+        w.writes,
+        before + 1,
+        "one write for the state, Done and the lines"
+    );
+    let lines = b"DISKS []\nRELEASED\n".len() as u64;
+    assert_eq!(
+        stats.wire_bytes - counted + lines,
+        w.bytes.len() as u64 - on_wire,
+        "the lines are not counted"
+    );
+    // The receiver reads through a buffer larger than all of it: what follows `Done` stays
+    // in that buffer for the caller, as the destination reads its handoff.
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &w.bytes[..]);
+    let mut rx = Receiver::start(&mut r, Some(session), Transport::Authenticated).unwrap();
+    let mut ram = vec![0u8; 1 << 16];
+    rx.run_buffered(&mut r, &mut ram).unwrap();
+    assert_eq!(ram[..PAGE_SIZE], [7u8; PAGE_SIZE]);
+    assert_eq!(rx.take_device_state().as_deref(), Some(&state[..]));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut r, &mut rest).unwrap();
+    assert_eq!(rest, "DISKS []\nRELEASED\n");
+}

@@ -37,9 +37,9 @@ pub use state::{StateError, VmState};
 pub use vm::hotplug::{arrange_disk_slots, Attached, DiskSlotInfo, HotplugError, MAX_DISK_SLOTS};
 pub use vm::{
     install_termination_handlers, max_vcpus, termination_signal, AfterApply, AfterSave,
-    ApplyOptions, ApplyReport, Handover, LiveSaveOptions, MigrateError, MigrateOutOptions,
-    MigrateShared, MigrateStats, RestoreFrom, SaveReport, Vm, VmHandle, MEMORY_FILE, STATE_FILE,
-    SUMS_FILE, WORKING_SET_FILE,
+    ApplyOptions, ApplyReport, HandoffHead, Handover, LiveSaveOptions, MigrateError,
+    MigrateOutOptions, MigrateShared, MigrateStats, RestoreFrom, SaveReport, Vm, VmHandle,
+    MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE,
 };
 pub use vm::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
 

@@ -96,7 +96,9 @@ mod rounds;
 mod state;
 pub use apply::{AfterApply, ApplyOptions, ApplyReport};
 pub use live_save::{AfterSave, LiveSaveOptions, SaveReport};
-pub use migrate::{Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats};
+pub use migrate::{
+    HandoffHead, Handover, MigrateError, MigrateOutOptions, MigrateShared, MigrateStats,
+};
 pub use postcopy::{PostcopyIncoming, PostcopyOutcome, PostcopyPolicy, PostcopyServed};
 pub use state::{RestoreFrom, MEMORY_FILE, STATE_FILE, SUMS_FILE, WORKING_SET_FILE};
 

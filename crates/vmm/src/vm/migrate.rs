@@ -67,6 +67,23 @@ pub struct MigrateOutOptions {
     /// How KVM's dirty log is cleared (`dirty.rs`; default: `VIREO_DIRTY_CLEAR`, else
     /// manual protection, `as-copied`).
     pub dirty_log: LogMode,
+    /// What the caller's handoff says first on stream 0 after `Done`, made once the VM is
+    /// paused: sent in the same write as the device state and `Done`.
+    pub handoff_head: Option<HandoffHead>,
+}
+
+/// Makes the first bytes of the caller's own protocol on stream 0 after the migration's
+/// `Done` (the worker's `DISKS` line, and `RELEASED` when there is nothing to let go of). It
+/// is called in the pause, after the device state was saved, so it sees the VM as it goes;
+/// its bytes go out in the one write that ends the stream, which spares the paused guest a
+/// write and the destination a wait for it (~0.2 ms of the gap in `vireo-bench migrate`).
+#[derive(Clone)]
+pub struct HandoffHead(pub Arc<dyn Fn() -> Vec<u8> + Send + Sync>);
+
+impl std::fmt::Debug for HandoffHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandoffHead")
+    }
 }
 
 impl Default for MigrateOutOptions {
@@ -78,6 +95,7 @@ impl Default for MigrateOutOptions {
             auto_converge: true,
             postcopy: Default::default(),
             dirty_log: LogMode::for_migration(),
+            handoff_head: None,
         }
     }
 }
@@ -244,22 +262,34 @@ impl VmHandle {
             let bytes = crate::state::file::encode(&state);
             let state_saved = paused_at.elapsed();
             let n = bytes.len() as u64;
-            let sender = &mut sink.senders[0];
-            let before = sender.stats.wire_bytes;
-            sender
-                .device_state(&bytes)
-                .map_err(|source| MigrateError::Stream { stream: 0, source })?;
-            shared.add_transferred(sender.stats.wire_bytes - before);
-            tracing::debug!("device state sent: {n} bytes");
-            let state_sent = paused_at.elapsed();
-            let mut out = Vec::with_capacity(sink.senders.len());
-            for (i, s) in std::mem::take(&mut sink.senders).into_iter().enumerate() {
+            // The other streams end first, so the destination's last wait is stream 0's one
+            // write: the device state, `Done` and the caller's first handoff bytes.
+            let mut senders = std::mem::take(&mut sink.senders).into_iter();
+            let first = senders.next().ok_or(MigrateError::Stream {
+                stream: 0,
+                source: MigrationError::Malformed("a migration without streams"),
+            })?;
+            let mut out = Vec::with_capacity(senders.len() + 1);
+            for (i, s) in senders.enumerate() {
                 let (w, _) = s.done().map_err(|source| MigrateError::Stream {
-                    stream: i as u16,
+                    stream: i as u16 + 1,
                     source,
                 })?;
                 out.push(w);
             }
+            let head = opts
+                .handoff_head
+                .as_ref()
+                .map(|h| (h.0)())
+                .unwrap_or_default();
+            let before = first.stats.wire_bytes;
+            let (w, stats) = first
+                .state_and_done(&bytes, &head)
+                .map_err(|source| MigrateError::Stream { stream: 0, source })?;
+            shared.add_transferred(stats.wire_bytes - before);
+            out.insert(0, w);
+            tracing::debug!("device state sent: {n} bytes");
+            let state_sent = paused_at.elapsed();
             // Where the pause goes, for `vireo-bench migrate` and anyone tuning it.
             tracing::info!(
                 "switch-over (source VMM, from the pause request): throttle stopped before \

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use uuid::Uuid;
@@ -22,7 +22,7 @@ use vireo_migration::record::Transport;
 use vireo_migration::sender::{Compression, Sender};
 use vireo_migration::Codec;
 use vireo_vmm::state::Identity;
-use vireo_vmm::{MigrateError, MigrateOutOptions, MigrateShared};
+use vireo_vmm::{HandoffHead, MigrateError, MigrateOutOptions, MigrateShared};
 
 use super::handoff::{self, DiskGeometry, ReleasedDisk};
 use super::postcopy;
@@ -189,7 +189,9 @@ fn run(
         timeline.mark("disks copied");
     }
     let (senders, requests) = connect(s, to, session, options, cfg, timeline)?;
+    let head_sent = Arc::new(Mutex::new(None));
     let opts = MigrateOutOptions {
+        handoff_head: Some(handoff_head(s, disks_out.is_none(), &head_sent)),
         max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
         bandwidth: options.bandwidth,
         postcopy: match requests {
@@ -219,7 +221,8 @@ fn run(
     if missing.is_none() {
         streams.truncate(1);
     }
-    match hand_over(s, &mut streams[0], &mut disks_out) {
+    let head_sent = lock(&head_sent).take();
+    match hand_over(s, &mut streams[0], &mut disks_out, head_sent) {
         Ok(()) => {
             timeline.mark("RUNNING there");
             let downtime_ms = paused_at.elapsed().as_millis() as u64;
@@ -272,27 +275,85 @@ struct Released {
     arg: DiskArg,
 }
 
-/// The handoff on stream 0. `Err((why, Some(disks)))` when the disks had been released.
+/// What the handoff's head (`handoff_head`) sent from the pause.
+struct HeadSent {
+    geometry: Vec<DiskGeometry>,
+    /// `RELEASED` went with `DISKS`: there was nothing to let go of.
+    released: bool,
+}
+
+fn geometry_of(disks: &[SlotDisk]) -> Vec<DiskGeometry> {
+    disks
+        .iter()
+        .map(|d| DiskGeometry::of(d.movable.as_ref()))
+        .collect()
+}
+
+fn disks_line(geometry: &[DiskGeometry]) -> String {
+    let json = serde_json::to_string(geometry).expect("geometry serializes");
+    format!("DISKS {json}")
+}
+
+/// The handoff's first lines, made in the pause and sent by the VMM with the device state
+/// and `Done` (`vireo_vmm::HandoffHead`): `DISKS`, and `RELEASED` behind it when there is no
+/// disk and no disk copy to let go of. What it sent goes into `sent` for [`hand_over`].
+fn handoff_head(
+    s: &Arc<State>,
+    no_disk_copy: bool,
+    sent: &Arc<Mutex<Option<HeadSent>>>,
+) -> HandoffHead {
+    let (s, sent) = (s.clone(), sent.clone());
+    HandoffHead(Arc::new(move || {
+        let geometry = geometry_of(&s.hotplug.disks());
+        let released = geometry.is_empty() && no_disk_copy;
+        let mut lines = disks_line(&geometry);
+        lines.push('\n');
+        if released {
+            lines.push_str("RELEASED\n");
+        }
+        *lock(&sent) = Some(HeadSent { geometry, released });
+        lines.into_bytes()
+    }))
+}
+
+/// The handoff on stream 0, after what its head (`head`: `None` if the VMM did not send one)
+/// said. `Err((why, Some(disks)))` when the disks had been released.
 #[allow(clippy::type_complexity)]
 fn hand_over(
     s: &State,
     ctl: &mut ClientStream,
     disks_out: &mut Option<storage::DiskSender>,
+    head: Option<HeadSent>,
 ) -> Result<(), (String, Option<Vec<Released>>)> {
     let t = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let disks = s.hotplug.disks();
-    let geometry: Vec<DiskGeometry> = disks
-        .iter()
-        .map(|d| DiskGeometry::of(d.movable.as_ref()))
-        .collect();
-    let json = serde_json::to_string(&geometry).expect("geometry serializes");
-    handoff::send(ctl, &format!("DISKS {json}")).map_err(|e| (e.to_string(), None))?;
+    let geometry = geometry_of(&disks);
+    let released_with_head = match head {
+        Some(h) if h.geometry != geometry => {
+            // A guard: `AddDisk`/`RemoveDisk` are refused while a migration runs. After a
+            // `RELEASED` the destination may resume at once, so the failure is one after it.
+            let why = format!(
+                "the VM's disks changed during the switch-over ({} announced, {} now)",
+                h.geometry.len(),
+                geometry.len()
+            );
+            return Err((why, h.released.then(Vec::new)));
+        }
+        Some(h) => h.released,
+        None => {
+            handoff::send(ctl, &disks_line(&geometry)).map_err(|e| (e.to_string(), None))?;
+            false
+        }
+    };
     if disks.is_empty() && disks_out.is_none() {
-        // Nothing to let go of: RELEASED goes straight behind DISKS, so the destination
-        // resumes right after applying the state instead of waiting a round trip for it. A
-        // `FAILED` instead of APPLIED still leaves the VM here (no disk to reopen).
-        handoff::send(ctl, "RELEASED").map_err(|e| (e.to_string(), None))?;
+        // Nothing to let go of: RELEASED goes straight behind DISKS (with it, from the head),
+        // so the destination resumes right after applying the state instead of waiting a
+        // round trip for it. A `FAILED` instead of APPLIED still leaves the VM here (no disk
+        // to reopen).
+        if !released_with_head {
+            handoff::send(ctl, "RELEASED").map_err(|e| (e.to_string(), None))?;
+        }
         handoff::expect(ctl, "APPLIED").map_err(|e| (e, None))?;
         let applied = ms(t);
         handoff::expect(ctl, "RUNNING").map_err(|e| (e, Some(Vec::new())))?;
