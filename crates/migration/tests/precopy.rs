@@ -276,12 +276,6 @@ impl std::io::Write for CountedWrites {
     }
 }
 
-impl std::io::Read for CountedWrites {
-    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
-        Ok(0)
-    }
-}
-
 #[test]
 fn the_state_done_and_the_callers_next_line_go_in_one_write_and_stay_readable() {
     let w = CountedWrites {

@@ -189,9 +189,9 @@ fn run(
         timeline.mark("disks copied");
     }
     let (senders, requests) = connect(s, to, session, options, cfg, timeline)?;
-    let head_sent = Arc::new(Mutex::new(None));
+    let announced = Arc::new(Mutex::new(None));
     let opts = MigrateOutOptions {
-        handoff_head: Some(handoff_head(s, disks_out.is_none(), &head_sent)),
+        handoff_head: Some(handoff_head(s, disks_out.is_none(), &announced)),
         max_downtime: std::time::Duration::from_millis(options.max_downtime_ms.into()),
         bandwidth: options.bandwidth,
         postcopy: match requests {
@@ -221,8 +221,8 @@ fn run(
     if missing.is_none() {
         streams.truncate(1);
     }
-    let head_sent = lock(&head_sent).take();
-    match hand_over(s, &mut streams[0], &mut disks_out, head_sent) {
+    let announced = lock(&announced).take();
+    match hand_over(s, &mut streams[0], &mut disks_out, announced) {
         Ok(()) => {
             timeline.mark("RUNNING there");
             let downtime_ms = paused_at.elapsed().as_millis() as u64;
@@ -275,13 +275,6 @@ struct Released {
     arg: DiskArg,
 }
 
-/// What the handoff's head (`handoff_head`) sent from the pause.
-struct HeadSent {
-    geometry: Vec<DiskGeometry>,
-    /// `RELEASED` went with `DISKS`: there was nothing to let go of.
-    released: bool,
-}
-
 fn geometry_of(disks: &[SlotDisk]) -> Vec<DiskGeometry> {
     disks
         .iter()
@@ -289,71 +282,60 @@ fn geometry_of(disks: &[SlotDisk]) -> Vec<DiskGeometry> {
         .collect()
 }
 
-fn disks_line(geometry: &[DiskGeometry]) -> String {
-    let json = serde_json::to_string(geometry).expect("geometry serializes");
-    format!("DISKS {json}")
-}
-
 /// The handoff's first lines, made in the pause and sent by the VMM with the device state
 /// and `Done` (`vireo_vmm::HandoffHead`): `DISKS`, and `RELEASED` behind it when there is no
-/// disk and no disk copy to let go of. What it sent goes into `sent` for [`hand_over`].
+/// disk and no disk copy to let go of. The geometry it announced goes into `announced` for
+/// [`hand_over`].
 fn handoff_head(
     s: &Arc<State>,
     no_disk_copy: bool,
-    sent: &Arc<Mutex<Option<HeadSent>>>,
+    announced: &Arc<Mutex<Option<Vec<DiskGeometry>>>>,
 ) -> HandoffHead {
-    let (s, sent) = (s.clone(), sent.clone());
+    let (s, announced) = (s.clone(), announced.clone());
     HandoffHead(Arc::new(move || {
         let geometry = geometry_of(&s.hotplug.disks());
-        let released = geometry.is_empty() && no_disk_copy;
-        let mut lines = disks_line(&geometry);
-        lines.push('\n');
-        if released {
+        let json = serde_json::to_string(&geometry).expect("geometry serializes");
+        let mut lines = format!("DISKS {json}\n");
+        if geometry.is_empty() && no_disk_copy {
             lines.push_str("RELEASED\n");
         }
-        *lock(&sent) = Some(HeadSent { geometry, released });
+        *lock(&announced) = Some(geometry);
         lines.into_bytes()
     }))
 }
 
-/// The handoff on stream 0, after what its head (`head`: `None` if the VMM did not send one)
-/// said. `Err((why, Some(disks)))` when the disks had been released.
+/// The handoff on stream 0, after its head (`announced`: the geometry it sent, `None` if the
+/// VMM never made it). `Err((why, Some(disks)))` when the disks had been released.
 #[allow(clippy::type_complexity)]
 fn hand_over(
     s: &State,
     ctl: &mut ClientStream,
     disks_out: &mut Option<storage::DiskSender>,
-    head: Option<HeadSent>,
+    announced: Option<Vec<DiskGeometry>>,
 ) -> Result<(), (String, Option<Vec<Released>>)> {
     let t = Instant::now();
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let disks = s.hotplug.disks();
     let geometry = geometry_of(&disks);
-    let released_with_head = match head {
-        Some(h) if h.geometry != geometry => {
-            // A guard: `AddDisk`/`RemoveDisk` are refused while a migration runs. After a
-            // `RELEASED` the destination may resume at once, so the failure is one after it.
-            let why = format!(
-                "the VM's disks changed during the switch-over ({} announced, {} now)",
-                h.geometry.len(),
-                geometry.len()
-            );
-            return Err((why, h.released.then(Vec::new)));
-        }
-        Some(h) => h.released,
-        None => {
-            handoff::send(ctl, &disks_line(&geometry)).map_err(|e| (e.to_string(), None))?;
-            false
-        }
+    let nothing_to_release = disks.is_empty() && disks_out.is_none();
+    let Some(announced) = announced else {
+        return Err(("the VMM sent no DISKS line".into(), None));
     };
-    if disks.is_empty() && disks_out.is_none() {
-        // Nothing to let go of: RELEASED goes straight behind DISKS (with it, from the head),
-        // so the destination resumes right after applying the state instead of waiting a
-        // round trip for it. A `FAILED` instead of APPLIED still leaves the VM here (no disk
-        // to reopen).
-        if !released_with_head {
-            handoff::send(ctl, "RELEASED").map_err(|e| (e.to_string(), None))?;
-        }
+    if announced != geometry {
+        // A guard: `AddDisk`/`RemoveDisk` are refused while a migration runs. After a
+        // `RELEASED` the destination may resume at once, so the failure is one after it.
+        let why = format!(
+            "the VM's disks changed during the switch-over ({} announced, {} now)",
+            announced.len(),
+            geometry.len()
+        );
+        let released = announced.is_empty() && disks_out.is_none();
+        return Err((why, released.then(Vec::new)));
+    }
+    if nothing_to_release {
+        // Nothing to let go of: RELEASED went with DISKS in the head, so the destination
+        // resumes right after applying the state instead of waiting a round trip for it. A
+        // `FAILED` instead of APPLIED still leaves the VM here (no disk to reopen).
         handoff::expect(ctl, "APPLIED").map_err(|e| (e, None))?;
         let applied = ms(t);
         handoff::expect(ctl, "RUNNING").map_err(|e| (e, Some(Vec::new())))?;
