@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 
 mod vireod_harness;
 use vireod_harness::faults::{
-    alive, in_postcopy, kill9, migrate, pair, record, settled, settled_as, settled_lost,
-    settling_job, start_vm, start_vm_dirtying, still_postcopy, sweep, wait_until, Allow, Run,
-    Where, HOT_SET_SLOW, T,
+    alive, check_guest, free_port, in_postcopy, kill9, migrate, pair, record, settled, settled_as,
+    settled_lost, settling_job, start_vm, start_vm_dirtying, still_postcopy, sweep, tail,
+    wait_until, workers_on, Allow, Run, Where, HOT_SET_SLOW, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -127,6 +127,63 @@ fn a_quick_migration_cut_after_n_bytes() {
             "a cut {k} B before the destination's last byte"
         );
     }
+}
+
+/// The source loses the destination's `running` for good (the link cut inside it and never
+/// back) and cannot ask again within `--migration-answer-wait` (2 s here): the VM stays
+/// **saved** on the source, never started on a guess, and the job says where it may be. The
+/// destination, which had the commit, runs it with the guest intact. Starting the source's
+/// copy as well, against the job's advice, is refused: the destination's worker holds the
+/// disk.
+#[test]
+fn a_quick_migration_whose_answer_is_lost_for_good_stays_saved_at_the_source() {
+    let Some((mut a, b)) = pair() else {
+        return;
+    };
+    a.kill9();
+    a.args
+        .extend(["--migration-answer-wait".to_owned(), "2".to_owned()]);
+    a.restart();
+    // The destination's bytes of a whole quick migration, to cut inside its last answer.
+    let (place, back, _) = quick_cut_run(&a, &b, 0, u64::MAX, true);
+    assert_eq!(place, Where::Destination);
+
+    let px = Proxy::start_down(Target::Fixed(to_of(&b)), back - RUNNING_RECORD / 2);
+    let run = start_vm(&a, "qlost");
+    let job_id = migrate(&a, &run, &px.addr.to_string(), &["--quick"]).expect("a job");
+    let j = wait_for_end(&a, &job_id, T);
+    assert!(px.fired(), "the cut inside `running` did not come: {j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    eprintln!("quick, answer lost for good: {error}");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        error.contains("could not be asked since") && error.contains("stays saved here"),
+        "{error}"
+    );
+    assert!(error.contains("vireo vm start qlost"), "{error}");
+
+    // Here: the record, saved, no worker. There: running, the guest as it was.
+    let here = record(&a, &run).expect("the source keeps its record");
+    assert_eq!(here.state.name(), "saved", "{here:?}");
+    assert!(workers_on(&a, &run).is_empty(), "a worker runs it here");
+    wait_until("the VM running on the destination", || {
+        record(&b, &run).is_some_and(|v| v.state.name() == "running")
+    });
+    let ctx = || format!("--- A:\n{}\n--- B:\n{}", tail(&a), tail(&b));
+    check_guest(&b, &run, &ctx);
+    // Against the job's advice: a second copy must not start on the same disk.
+    let (code, err) = a.fails(&["vm", "start", "qlost"]);
+    eprintln!("vm start on the source too: exit {code}: {err}");
+    assert!(workers_on(&a, &run).is_empty(), "a second copy runs: {err}");
+    assert_eq!(
+        record(&b, &run)
+            .map(|v| v.state.name().to_owned())
+            .as_deref(),
+        Some("running")
+    );
+    b.ok(&["vm", "turn-off", "qlost"]);
+    b.ok(&["vm", "rm", "qlost"]);
+    a.ok(&["vm", "rm", "qlost"]);
 }
 
 /// Starts a quick migration over a link held to 4 MiB/s and waits until 1 MiB of the saved
@@ -266,6 +323,57 @@ fn the_source_vireod_killed_after_a_quick_migrations_commit() {
         },
     );
     assert_eq!(place, Where::Destination);
+}
+
+/// The destination vireod dies holding a quick migration's restore (the commit is in, the
+/// restore not begun: `VIREO_TEST_QUICK_RESTORE_DELAY_MS`) and is restarted. The source lost
+/// its answer after the commit, so it asks where the VM is until the destination answers;
+/// the VM must end running in one place, the guest intact.
+#[test]
+fn the_destination_vireod_killed_holding_a_quick_migrations_restore() {
+    let Some((a, mut b)) = pair() else {
+        return;
+    };
+    // A fixed migration port, as a real host has: the restarted destination must be found
+    // where the source asks again.
+    b.kill9();
+    let listen = b
+        .args
+        .iter()
+        .position(|x| x == "--migration-listen")
+        .unwrap()
+        + 1;
+    b.args[listen] = format!("127.0.0.1:{}", free_port());
+    b.restart_env(&[("VIREO_TEST_QUICK_RESTORE_DELAY_MS", "4000")]);
+    let run = start_vm(&a, "qdr");
+    let job_id = migrate(&a, &run, &migration_address(&b), &["--quick"]).expect("a job");
+    let log = b.dir.path().join("vireod.log");
+    wait_until("the destination holding the restore", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("restore held"))
+    });
+    b.kill9();
+    let t0 = Instant::now();
+    b.restart();
+    let place = settled_as(
+        &a,
+        &b,
+        &run,
+        Some(&job_id),
+        "quick, destination vireod killed holding the restore",
+        QUICK_ONLY,
+    );
+    eprintln!(
+        "settled on the {place:?}, {:?} after the restart",
+        t0.elapsed()
+    );
+    // The restarted destination drops an arrival it had not begun to restore, so it answers
+    // `absent` and the source restores the VM from the saved state it kept.
+    assert_eq!(place, Where::Source);
+    let error = job(&a, &job_id)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("it is restored here"), "{error}");
 }
 
 #[test]

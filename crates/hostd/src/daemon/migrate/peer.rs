@@ -158,7 +158,7 @@ impl Peer {
         tokio::time::timeout(limit, read)
             .await
             .map_err(|_| format!("{} said nothing for {}s", self.who, limit.as_secs()))?
-            .map_err(|e| format!("reading from {}: {e}", self.who))?;
+            .map_err(|e| read_failed(&self.who, &e))?;
         if self.pending.last() != Some(&b'\n') {
             if self.pending.len() as u64 >= MAX_LINE {
                 return Err(format!(
@@ -179,7 +179,7 @@ impl Peer {
             .await
             .map_err(|_| format!("{} said nothing for {}s", self.who, limit.as_secs()))?
             .map(|_| ())
-            .map_err(|e| format!("reading from {}: {e}", self.who))
+            .map_err(|e| read_failed(&self.who, &e))
     }
 
     /// Raw bytes, flushed.
@@ -312,9 +312,7 @@ impl Peer {
                         silence.as_secs()
                     )))
                 }
-                Ok(Err(e)) => {
-                    return Err(FileError::Link(format!("reading from {}: {e}", self.who)))
-                }
+                Ok(Err(e)) => return Err(FileError::Link(read_failed(&self.who, &e))),
                 Ok(Ok(0)) => {
                     return Err(FileError::Link(format!(
                         "{} closed the connection after {} of {len} bytes of a file",
@@ -343,5 +341,15 @@ impl Peer {
             (Err(e), _) => Err(FileError::Store(e)),
             _ => Ok(()),
         }
+    }
+}
+
+/// A read from the peer that failed, in one line. A connection that ended without TLS's
+/// `close_notify` (the peer died or the link broke) says just that: rustls's own words carry a
+/// link to its manual, no help to someone reading a job's error.
+fn read_failed(who: &impl std::fmt::Display, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => format!("{who} closed the connection"),
+        _ => format!("reading from {who}: {e}"),
     }
 }
