@@ -121,6 +121,10 @@ enum Cut {
     /// (`lost_here`) comes after the source worker's own `lost`, whichever side saw the cut
     /// first.
     DestinationVireodHeld(Duration),
+    /// At once, the vireods' link cut too (a blip on the one network both ride: their
+    /// connections break, new ones pass): each side learns of the loss alone, and the two
+    /// vireods must still agree once they reach each other again.
+    WithTheVireodsLink,
 }
 
 /// What became of a post-copy migration whose workers' streams were cut.
@@ -147,7 +151,11 @@ fn stream_cut_in_postcopy_run(
     let px = Proxy::start(Target::Fixed(([127, 0, 0, 1], port).into()), u64::MAX);
     std::fs::write(route.join("route"), format!("{port} {}", px.addr)).unwrap();
     let run = start_vm(a, &format!("pc{i}"));
-    let job_id = in_postcopy(a, &run, &migration_address(b), BANDWIDTH);
+    let link = Proxy::start_healing(
+        Target::Fixed(migration_address(b).parse().unwrap()),
+        u64::MAX,
+    );
+    let job_id = in_postcopy(a, &run, &link.addr.to_string(), BANDWIDTH);
     let at_switch = px.passed();
     match cut {
         Cut::Never => {}
@@ -161,6 +169,10 @@ fn stream_cut_in_postcopy_run(
             std::thread::sleep(held);
             // SAFETY: as above.
             unsafe { libc::kill(vireod, libc::SIGCONT) };
+        }
+        Cut::WithTheVireodsLink => {
+            px.cut_now();
+            link.cut_now();
         }
     }
     let label = format!("{cut:?} after the switch-over's {at_switch} B");
@@ -218,6 +230,7 @@ fn the_workers_streams_cut_in_postcopy_lose_the_vm_on_the_destination() {
         .map(Cut::After)
         .collect();
     cuts.push(Cut::DestinationVireodHeld(Duration::from_millis(1500)));
+    cuts.push(Cut::WithTheVireodsLink);
     let mut lost = 0;
     for (k, &cut) in cuts.iter().enumerate() {
         let t = Instant::now();

@@ -132,7 +132,8 @@ impl Proxy {
         self.shared.swallowing.store(true, Ordering::SeqCst);
     }
 
-    /// Cuts every connection now, and any later one at once.
+    /// Cuts every connection now, and any later one at once (a healing proxy lets later ones
+    /// through).
     pub fn cut_now(&self) {
         self.shared.cut_after.store(0, Ordering::SeqCst);
         cut(&self.shared);
