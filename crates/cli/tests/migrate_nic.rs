@@ -147,6 +147,44 @@ fn blast_to_sink(
     (blasted, sunk)
 }
 
+/// A timed `NET 0 BLAST` running on a thread; [`Blast::end`] ends it early (the probe ends a
+/// timed blast on any console byte), so a test waits for the move, not the blast's worst-case
+/// length.
+struct Blast {
+    answer: std::thread::JoinHandle<Option<String>>,
+    stdin: std::process::ChildStdin,
+}
+
+impl Blast {
+    fn start(d: &Daemon, vm: &str, command: String) -> Blast {
+        use std::io::Write;
+        let mut c = Console::attach(d, vm);
+        c.ok("PING");
+        let mut stdin = c.stdin.take().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let answer = std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = c.try_answer(Duration::from_secs(180));
+            eprintln!("{command}: {answer:?} after {:?}", started.elapsed());
+            answer
+        });
+        Blast { answer, stdin }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.answer.is_finished()
+    }
+
+    /// Ends the blast now (a bare newline) and returns its answer.
+    fn end(mut self) -> Option<String> {
+        use std::io::Write;
+        let _ = self.stdin.write_all(b"\n");
+        let _ = self.stdin.flush();
+        self.answer.join().unwrap()
+    }
+}
+
 /// Runs `command` on `vm`'s console on a thread: its answer when it comes.
 fn ask_in_background(
     d: &Daemon,
@@ -232,7 +270,7 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
     // 35 s: the move must end inside it. It takes seconds idle, but on a host whose disk is
     // busy (a build beside the tests) vireod's fsyncs of the arrival's records took 8-9 s
     // each on both sides, and a 20 s blast ended first.
-    let blast = ask_in_background(
+    let blast = Blast::start(
         &a,
         "blaster",
         format!("NET 0 BLAST 64 35s {m_mac} window={WINDOW}"),
@@ -291,7 +329,21 @@ fn migrates_while_frames_flow(case: char, postcopy: &str) {
         .unwrap_or_else(|| panic!("{} not reported: {:?}", nic.port, there.ports));
     assert!(port.connected, "{port:?}");
 
-    let blasted = blast.join().unwrap().expect("the blaster's answer");
+    // Frames flowed to the destination's port for a while: the blast may end.
+    let until = Instant::now() + Duration::from_secs(10);
+    while switch(&b)
+        .ports
+        .iter()
+        .find(|p| p.config.name == nic.port)
+        .is_none_or(|p| p.meters.packets_out < 1000)
+    {
+        assert!(
+            Instant::now() < until,
+            "no frames through the destination's port"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let blasted = blast.end().expect("the blaster's answer");
     assert!(blasted.starts_with("OK"), "{blasted}");
     let sunk = sink_answer(&b, "m");
     eprintln!(
@@ -358,7 +410,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
     sink.join().unwrap().expect("the first sink's answer");
     let mut m = Console::attach(&a, "m");
     m.ok("DIRTY START 16 8 0");
-    let blast = ask_in_background(
+    let blast = Blast::start(
         &a,
         "blaster",
         format!("NET 0 BLAST 64 20s {m_mac} window={WINDOW}"),
@@ -399,7 +451,7 @@ fn a_post_copy_lost_with_a_switch_nic_leaves_the_destination_switch_working() {
         std::io::Error::last_os_error()
     );
     settles_lost(&a, &b, migrate.join().unwrap());
-    let _ = blast.join();
+    let _ = blast.end();
 
     // The destination's switch still forwards: every frame reaches the other VM there.
     every_frame_reaches_n(&a, &b, &n_mac);
@@ -444,7 +496,7 @@ fn a_post_copy_lost_releases_the_switch_thread_waiting_on_its_pages() {
     // written into are missing on the destination.
     Console::attach(&a, "m").ok("DIRTY START 16 8 0");
     let sink = sink_through_the_move(&a, "m", 4);
-    let blast = ask_in_background(
+    let blast = Blast::start(
         &a,
         "blaster",
         format!("NET 0 BLAST 64 20s {m_mac} window={WINDOW}"),
@@ -521,7 +573,7 @@ fn a_post_copy_lost_releases_the_switch_thread_waiting_on_its_pages() {
     // Settled (the worker's end, m's port gone there): the switch forwards.
     // The blast to m ends first: the switch floods frames to a MAC it no longer has a port
     // for, and n's sink would count them.
-    let _ = blast.join();
+    let _ = blast.end();
     every_frame_reaches_n(&a, &b, &n_mac);
 }
 

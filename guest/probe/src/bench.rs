@@ -10,7 +10,10 @@ use crate::parse;
 use crate::reply::Reply;
 use crate::virtio::blk::bench::{Pattern, Spec, MAX_QD};
 use crate::virtio::blk::Error as BlkError;
-use crate::virtio::net::bench::{Limit, Window, ACK_TIMEOUT_MS};
+use crate::virtio::net::bench::{Limit, Stop, Window, ACK_TIMEOUT_MS};
+
+/// How often a timed blast looks at the console for a byte that ends it.
+const STOP_POLL_MS: u64 = 10;
 
 const MIB: u64 = 1 << 20;
 /// A sink that has seen frames ends after this long without one.
@@ -204,12 +207,22 @@ pub fn net(p: &mut Probe, index: &[u8], t: &[&[u8]]) -> Result<(), &'static str>
                 None => Limit::Frames(num(limit)?),
             };
             let dst = parse_mac(mac).ok_or("bad mac")?;
+            // A timed blast ends early on any byte from the console (a test's blast through a
+            // migration ends once the move is checked, not after its worst-case length).
+            let com = &mut p.com;
+            let mut input = || com.try_read().is_some();
+            let stop = matches!(limit, Limit::Ticks(_)).then_some(Stop {
+                every: STOP_POLL_MS * khz,
+                asked: &mut input,
+            });
             let nic = p.nics[i].as_mut().ok_or("no such nic")?;
             let nic = nic.tx_pair(pair).map_err(crate::commands::net_error)?;
-            let out = nic.blast(size, dst, limit, window).map_err(|e| match e {
-                crate::virtio::net::Error::TooLong => "bad frame size",
-                e => crate::commands::net_error(e),
-            })?;
+            let out = nic
+                .blast(size, dst, limit, window, stop)
+                .map_err(|e| match e {
+                    crate::virtio::net::Error::TooLong => "bad frame size",
+                    e => crate::commands::net_error(e),
+                })?;
             let _ = write!(
                 p.reply,
                 "OK sent={} frames_s={} bytes_s={} kicks={} acks={} timeouts={}",

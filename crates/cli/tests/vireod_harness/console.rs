@@ -67,6 +67,11 @@ impl Console {
         let stdin = self.stdin.as_mut()?;
         stdin.write_all(format!("{command}\n").as_bytes()).ok()?;
         stdin.flush().ok()?;
+        self.try_answer(limit)
+    }
+
+    /// The answer to a command already sent, as [`Self::try_ask`] waits for it.
+    pub fn try_answer(&mut self, limit: Duration) -> Option<String> {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -47,6 +47,13 @@ pub enum Limit {
     Ticks(u64),
 }
 
+/// An early end for a timed blast: `asked` is polled every `every` ticks (a console byte: one
+/// port read, an exit, so not per frame) and ends the blast when it says so.
+pub struct Stop<'a> {
+    pub every: u64,
+    pub asked: &'a mut dyn FnMut() -> bool,
+}
+
 pub struct BlastOutcome {
     pub sent: u64,
     pub ticks: u64,
@@ -83,6 +90,7 @@ impl Pair {
         dst: [u8; 6],
         limit: Limit,
         window: Option<Window>,
+        mut stop: Option<Stop<'_>>,
     ) -> Result<BlastOutcome, super::Error> {
         if !(MIN_FRAME..=super::FRAME_MAX).contains(&size) {
             return Err(super::Error::TooLong);
@@ -107,6 +115,7 @@ impl Pair {
         // Next sequence number the sink has not acknowledged; when it last moved.
         let (mut acked, mut acked_at) = (0u64, start);
         let (mut acks, mut timeouts) = (0u64, 0u64);
+        let mut polled = start;
         loop {
             let now = rdtsc();
             let more = match limit {
@@ -115,6 +124,14 @@ impl Pair {
             };
             if !more {
                 break;
+            }
+            if let Some(stop) = stop.as_mut() {
+                if now.wrapping_sub(polled) >= stop.every {
+                    polled = now;
+                    if (stop.asked)() {
+                        break;
+                    }
+                }
             }
             self.reclaim_tx();
             // The frames/s ceiling this window allows: how far past the last ack we may go.
