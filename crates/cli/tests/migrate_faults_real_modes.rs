@@ -12,7 +12,10 @@
 //! - the destination vireod SIGKILLed while the saved state crosses (the link held to a rate
 //!   so the strike lands in the transfer), and restarted; the same for the source vireod;
 //! - the source vireod SIGKILLed once its `commit` went out, the destination holding the
-//!   restore (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`), and restarted.
+//!   restore (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`), and restarted;
+//! - the destination vireod SIGKILLed holding that restore, and restarted;
+//! - the destination's `running` lost for good (the link never back): the VM stays saved on
+//!   the source and runs on the destination, and a second start on the source is refused.
 //!
 //! **Post-copy** (`--postcopy always`, the background push held by `--bandwidth` so the phase
 //! lasts seconds), each fault struck once the source's job says `postcopy`:
