@@ -157,19 +157,14 @@ struct Blast {
 
 impl Blast {
     fn start(d: &Daemon, vm: &str, command: String) -> Blast {
-        use std::io::Write;
         let mut c = Console::attach(d, vm);
         c.ok("PING");
-        let mut stdin = c.stdin.take().unwrap();
-        writeln!(stdin, "{command}").unwrap();
-        stdin.flush().unwrap();
-        let answer = std::thread::spawn(move || {
-            let started = Instant::now();
-            let answer = c.try_answer(Duration::from_secs(180));
-            eprintln!("{command}: {answer:?} after {:?}", started.elapsed());
-            answer
-        });
-        Blast { answer, stdin }
+        c.send(&command).unwrap();
+        let stdin = c.stdin.take().unwrap();
+        Blast {
+            answer: answer_on_a_thread(c, command),
+            stdin,
+        }
     }
 
     fn is_finished(&self) -> bool {
@@ -193,9 +188,15 @@ fn ask_in_background(
 ) -> std::thread::JoinHandle<Option<String>> {
     let mut c = Console::attach(d, vm);
     c.ok("PING");
+    c.send(&command).unwrap();
+    answer_on_a_thread(c, command)
+}
+
+/// The answer to `command`, already sent on `c`, waited for on a thread.
+fn answer_on_a_thread(mut c: Console, command: String) -> std::thread::JoinHandle<Option<String>> {
     std::thread::spawn(move || {
         let started = Instant::now();
-        let answer = c.try_ask(&command, Duration::from_secs(180));
+        let answer = c.try_answer(Duration::from_secs(180));
         eprintln!("{command}: {answer:?} after {:?}", started.elapsed());
         answer
     })
@@ -205,12 +206,10 @@ fn ask_in_background(
 /// move's pause must not end it) and answers on the destination: the console it was sent on,
 /// to drop once the VM moved.
 fn sink_through_the_move(d: &Daemon, vm: &str, seconds: u32) -> Console {
-    use std::io::Write;
     let mut sink = Console::attach(d, vm);
     sink.ok("PING");
-    let stdin = sink.stdin.as_mut().unwrap();
-    writeln!(stdin, "NET 0 SINK {seconds} 5000 ack=16").unwrap();
-    stdin.flush().unwrap();
+    sink.send(&format!("NET 0 SINK {seconds} 5000 ack=16"))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     sink
 }

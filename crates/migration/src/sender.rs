@@ -382,32 +382,21 @@ impl<W: Write> Sender<W> {
         self.record(Kind::RoundEnd, &body)
     }
 
-    pub fn device_state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
-        let bytes = self.device_state_record(state)?;
-        self.w.write_all(&bytes)?;
-        self.stats.wire_bytes += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn device_state_record(&self, state: &[u8]) -> Result<Vec<u8>, MigrationError> {
-        let codec = match self.compression {
-            Compression::Fixed(Codec::None) => Codec::None,
-            // Device state is JSON: it always compresses well and is sent once.
-            _ => Codec::Lz4,
-        };
-        encode_record(Kind::DeviceState, codec, state)
-    }
-
-    /// [`Sender::device_state`], then [`Sender::done`], then `after` (what the caller's own
-    /// protocol says next on this stream, not counted as migration bytes) — in one write, so
-    /// the receiver has all of it with the last record (the switch-over's end, where every
-    /// write is a wait for the paused guest).
+    /// The device state, then [`Sender::done`], then `after` (what the caller's own protocol
+    /// says next on this stream, not counted as migration bytes) — in one write, so the
+    /// receiver has all of it with the last record (the switch-over's end, where every write
+    /// is a wait for the paused guest).
     pub fn state_and_done(
         mut self,
         state: &[u8],
         after: &[u8],
     ) -> Result<(W, SendStats), MigrationError> {
-        let mut bytes = self.device_state_record(state)?;
+        let codec = match self.compression {
+            Compression::Fixed(Codec::None) => Codec::None,
+            // Device state is JSON: it always compresses well and is sent once.
+            _ => Codec::Lz4,
+        };
+        let mut bytes = encode_record(Kind::DeviceState, codec, state)?;
         bytes.extend_from_slice(&encode_record(Kind::Done, Codec::None, &[])?);
         self.stats.wire_bytes += bytes.len() as u64;
         bytes.extend_from_slice(after);

@@ -148,11 +148,18 @@ fn migrate(compression: impl Fn() -> Compression, transport: Transport) {
             .collect::<Vec<_>>();
         senders[s].send_pages(pages).unwrap();
     }
-    senders[0].device_state(br#"{"vcpus":[]}"#).unwrap();
+    // As the VMM ends: the other streams first, then the state and `Done` on stream 0.
+    let mut senders = senders.into_iter();
+    let first = senders.next().unwrap();
     let mut wire = 0;
     for s in senders {
         wire += s.done().unwrap().1.wire_bytes;
     }
+    wire += first
+        .state_and_done(br#"{"vcpus":[]}"#, &[])
+        .unwrap()
+        .1
+        .wire_bytes;
     let mut state = None;
     for r in receivers {
         let (stats, st) = r.join().unwrap();

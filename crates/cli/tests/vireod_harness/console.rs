@@ -64,10 +64,15 @@ impl Console {
     /// As `ask`, but `None` when no answer came within `limit` or the console ended (the VM
     /// moved away under the command).
     pub fn try_ask(&mut self, command: &str, limit: Duration) -> Option<String> {
-        let stdin = self.stdin.as_mut()?;
-        stdin.write_all(format!("{command}\n").as_bytes()).ok()?;
-        stdin.flush().ok()?;
+        self.send(command).ok()?;
         self.try_answer(limit)
+    }
+
+    /// Sends `command` without waiting for its answer.
+    pub fn send(&mut self, command: &str) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        stdin.write_all(format!("{command}\n").as_bytes())?;
+        stdin.flush()
     }
 
     /// The answer to a command already sent, as [`Self::try_ask`] waits for it.
