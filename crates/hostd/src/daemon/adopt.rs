@@ -135,7 +135,7 @@ async fn reconcile_paused(daemon: &Daemon, sock: &Path, vm: &Vm) {
     let action = match (status, &vm.state) {
         // A migration's switch-over pauses the guest; the worker resumes it if the migration
         // fails, and exits if the VM moved: not the VM's state (found by
-        // `crates/cli/tests/migrate_faults_real.rs`: the record stayed paused for good). In
+        // `crates/cli/tests/e2e/migrate_faults_real.rs`: the record stayed paused for good). In
         // post-copy the guest runs on the destination while this worker serves its pages
         // (`migrate_faults_real_modes.rs`: the record said `paused` here meanwhile).
         (Ok(s), VmState::Running) if s.paused && migrating(sock).await => return,

@@ -104,7 +104,7 @@ impl Proxy {
     }
 
     /// Whether the link was cut (a point past what a run carried never cuts it). Only the
-    /// real workers' quick sweep uses it (`crates/cli/tests/migrate_faults_real_modes.rs`).
+    /// real workers' quick sweep uses it (`crates/cli/tests/e2e/migrate_faults_real_modes.rs`).
     #[allow(dead_code)]
     pub fn fired(&self) -> bool {
         self.shared.fired.load(Ordering::SeqCst)
@@ -112,7 +112,7 @@ impl Proxy {
 
     /// Cuts every connection once `n` more bytes have passed from now (a point in a phase
     /// whose start is only seen as it happens, such as post-copy's). Only the real workers'
-    /// post-copy runs use it (`crates/cli/tests/migrate_faults_postcopy.rs`).
+    /// post-copy runs use it (`crates/cli/tests/e2e/migrate_faults_postcopy.rs`).
     #[allow(dead_code)]
     pub fn cut_after_more(&self, n: u64) {
         if n == 0 {

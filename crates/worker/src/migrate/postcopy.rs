@@ -113,7 +113,7 @@ pub fn serve(
     }
 }
 
-/// Fault injection (`crates/cli/tests/migrate_nic.rs`): `VIREO_TEST_POSTCOPY_SERVE_HOLD_MS=N`
+/// Fault injection (`crates/cli/tests/e2e/migrate_nic.rs`): `VIREO_TEST_POSTCOPY_SERVE_HOLD_MS=N`
 /// holds the source N ms after `RUNNING` before it serves a page, so the destination's vCPUs
 /// and back ends wait on their first missing page for certain when a test strikes (served at
 /// once, a page comes in about a millisecond). Unset, nothing waits.

@@ -312,7 +312,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
     }
 }
 
-/// Fault injection (`crates/cli/tests/migrate_faults_real_modes.rs`,
+/// Fault injection (`crates/cli/tests/e2e/migrate_faults_real_modes.rs`,
 /// `crates/hostd/tests/migrate_faults.rs`): `VIREO_TEST_QUICK_RESTORE_DELAY_MS=N` holds a quick
 /// arrival N ms between the source's `Commit` and the restore, so a test can strike the source
 /// once the commit went out and before the answer. Unset, nothing waits.
@@ -331,7 +331,7 @@ async fn test_restore_delay(vm: &Vm) {
     }
 }
 
-/// Fault injection with the real workers (`crates/cli/tests/migrate_faults_real.rs`): when
+/// Fault injection with the real workers (`crates/cli/tests/e2e/migrate_faults_real.rs`): when
 /// `VIREO_TEST_WORKER_ROUTE` names a file holding `PORT ADDR`, the destination worker listens
 /// on `PORT` and the source is told `ADDR` (the test's proxy, which cuts the workers' streams).
 /// Read at each arrival; no file, no change.

@@ -1219,7 +1219,7 @@ async fn quick(
 /// A quick migration that did not happen: the VM is started here again from its saved state,
 /// and the job ends once the restore did (its words then true: until session 33 it said
 /// "it is restored here" while the record was still `starting`, and a restore that failed
-/// after that was never told; found by `crates/cli/tests/migrate_faults_real_modes.rs`).
+/// after that was never told; found by `crates/cli/tests/e2e/migrate_faults_real_modes.rs`).
 pub(super) async fn restore_here(d: &Arc<Daemon>, vm: &Vm) -> String {
     let current = match d.store.get_by_id(vm.id()) {
         Ok(v) => v,
