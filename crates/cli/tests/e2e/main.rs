@@ -10,7 +10,7 @@ mod fake_daemon;
 // The fake-worker suite's proxy (it cuts after N bytes, both directions counted); the tests
 // here use only its fixed-target mode.
 #[allow(dead_code)]
-#[path = "../../../hostd/tests/migrate_faults/proxy.rs"]
+#[path = "../../../hostd/tests/integration/migrate_faults/proxy.rs"]
 mod proxy;
 mod vireod_harness;
 

@@ -1,4 +1,4 @@
-//! End to end, under KVM: the fault runs of `crates/hostd/tests/migrate_faults.rs` with the
+//! End to end, under KVM: the fault runs of `crates/hostd/tests/integration/migrate_faults.rs` with the
 //! real workers (`vireo-vm`) and the probe guest instead of the fake worker (issue 12, "How it
 //! is proved"). Two vireods on loopback sharing the disks' folder; each run migrates a fresh
 //! VM whose guest keeps rewriting 4 MiB while the fault strikes:

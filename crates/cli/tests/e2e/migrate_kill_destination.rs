@@ -1,4 +1,4 @@
-//! End to end, under KVM: the fault run of `crates/hostd/tests/migrate_faults.rs` ("the
+//! End to end, under KVM: the fault run of `crates/hostd/tests/integration/migrate_faults.rs` ("the
 //! destination worker killed in pre-copy") with the real workers and the probe guest instead
 //! of the fake worker. Two vireods on loopback sharing the disk's folder; `vireo vm migrate`
 //! held to 1 MiB/s so the first pass is still running when the destination's `vireo-vm` is

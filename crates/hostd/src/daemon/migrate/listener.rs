@@ -313,7 +313,7 @@ async fn incoming(d: &Arc<Daemon>, mut peer: Peer) {
 }
 
 /// Fault injection (`crates/cli/tests/e2e/migrate_faults_real_modes.rs`,
-/// `crates/hostd/tests/migrate_faults.rs`): `VIREO_TEST_QUICK_RESTORE_DELAY_MS=N` holds a quick
+/// `crates/hostd/tests/integration/migrate_faults.rs`): `VIREO_TEST_QUICK_RESTORE_DELAY_MS=N` holds a quick
 /// arrival N ms between the source's `Commit` and the restore, so a test can strike the source
 /// once the commit went out and before the answer. Unset, nothing waits.
 async fn test_restore_delay(vm: &Vm) {
