@@ -305,6 +305,9 @@ fn start(dir: &Path, launched: std::time::Instant) -> Result<Running, WorkerErro
                 dir: from.clone(),
                 source,
             };
+            // Fault injection (`crates/cli/tests/e2e/migrate_faults_real_modes.rs`): a test
+            // strikes while the worker restores, its disks open and locked.
+            crate::fault_hooks::hold("VIREO_TEST_RESTORE_HOLD_MS", "restore");
             let saved = RestoreFrom::dir(from).map_err(restore)?;
             let vm = Vm::restore(config, &saved).map_err(restore)?;
             tracing::info!("VM restored from {}", from.display());

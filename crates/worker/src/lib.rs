@@ -13,6 +13,7 @@ pub mod checkpoint_apply;
 pub mod console;
 pub mod control;
 pub mod error;
+mod fault_hooks;
 pub mod files;
 pub mod hotplug;
 pub mod image;

@@ -14,6 +14,9 @@
 //! - the source vireod SIGKILLed once its `commit` went out, the destination holding the
 //!   restore (`VIREO_TEST_QUICK_RESTORE_DELAY_MS`), and restarted;
 //! - the destination vireod SIGKILLed holding that restore, and restarted;
+//! - the destination vireod SIGKILLed while its worker restores (held with its disks locked
+//!   by `VIREO_TEST_RESTORE_HOLD_MS` longer than a restarted vireod waits for a worker's first
+//!   answer), and restarted: the VM runs there;
 //! - the destination's `running` lost for good (the link never back): the VM stays saved on
 //!   the source and runs on the destination, and a second start on the source is refused.
 //!
@@ -333,17 +336,7 @@ fn the_destination_vireod_killed_holding_a_quick_migrations_restore() {
     let Some((a, mut b)) = pair() else {
         return;
     };
-    // A fixed migration port, as a real host has: the restarted destination must be found
-    // where the source asks again.
-    b.kill9();
-    let listen = b
-        .args
-        .iter()
-        .position(|x| x == "--migration-listen")
-        .unwrap()
-        + 1;
-    b.args[listen] = format!("127.0.0.1:{}", free_port());
-    b.restart_env(&[("VIREO_TEST_QUICK_RESTORE_DELAY_MS", "4000")]);
+    restart_on_a_fixed_port(&mut b, &[("VIREO_TEST_QUICK_RESTORE_DELAY_MS", "4000")]);
     let run = start_vm(&a, "qdr");
     let job_id = migrate(&a, &run, &migration_address(&b), &["--quick"]).expect("a job");
     let log = b.dir.path().join("vireod.log");
@@ -373,6 +366,64 @@ fn the_destination_vireod_killed_holding_a_quick_migrations_restore() {
         .unwrap_or_default()
         .to_owned();
     assert!(error.contains("it is restored here"), "{error}");
+}
+
+/// Restarts `b` with a fixed migration port, as a real host has (a restarted destination must
+/// be found where the source asks again), and `env` for this run of it only.
+fn restart_on_a_fixed_port(b: &mut Daemon, env: &[(&str, &str)]) {
+    b.kill9();
+    let listen = b
+        .args
+        .iter()
+        .position(|x| x == "--migration-listen")
+        .unwrap()
+        + 1;
+    b.args[listen] = format!("127.0.0.1:{}", free_port());
+    b.restart_env(env);
+}
+
+#[test]
+fn the_destination_vireod_killed_while_its_worker_restores_a_quick_migration() {
+    let Some((a, mut b)) = pair() else {
+        return;
+    };
+    // The worker holds its restore (disks open and locked) longer than a restarted vireod
+    // waits for a worker's first answer: a large VM's restore from slow storage takes that.
+    restart_on_a_fixed_port(&mut b, &[("VIREO_TEST_RESTORE_HOLD_MS", "8000")]);
+    let run = start_vm(&a, "qwr");
+    let job_id = migrate(&a, &run, &migration_address(&b), &["--quick"]).expect("a job");
+    let log = b
+        .dir
+        .path()
+        .join("state/vms")
+        .join(&run.id)
+        .join("worker.log");
+    wait_until("the destination worker restoring", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("restore held"))
+    });
+    b.kill9();
+    let t0 = Instant::now();
+    b.restart();
+    // Adopted once its restore is done; the saved state it restored from is then spent.
+    wait_until("the VM running on the destination", || {
+        record(&b, &run).is_some_and(|v| v.state.name() == "running")
+    });
+    let saved = b.dir.path().join("state/vms").join(&run.id).join("saved");
+    wait_until("the spent saved state deleted", || !saved.exists());
+    let place = settled_as(
+        &a,
+        &b,
+        &run,
+        Some(&job_id),
+        "quick, destination vireod killed while its worker restores",
+        QUICK_ONLY,
+    );
+    eprintln!(
+        "settled on the {place:?}, {:?} after the restart",
+        t0.elapsed()
+    );
+    // The restore was under way with the disks taken there: the VM runs on the destination.
+    assert_eq!(place, Where::Destination);
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //! 2. Without a record (vireod died between spawn and record), a worker answering `Hello` for
 //!    this VM on its socket (within `HELLO_WAIT`) is adopted with the pid it gives.
 //! 3. A recorded process that is alive but does not answer within `HELLO_WAIT` is killed (it is
-//!    verified ours and useless) and the VM marked `Critical`.
+//!    verified ours and useless) and the VM marked `Critical`. A `Starting` VM's worker may be
+//!    restoring it (it answers once the VM is built): it gets `lifecycle::START_TIMEOUT`, in
+//!    the background under the VM's lock, so a large restore survives a vireod restart.
 //! 4. Otherwise the worker is gone: its `exit.json` (for that pid) decides as if it had been
 //!    watched; without one the VM is `Critical` "worker pid N gone while vireod was down".
 //!
@@ -65,7 +67,36 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
     }
     // Without a record vireod may have died right after the spawn, the worker still binding
     // its socket: it gets the same time as a recorded one.
-    match hello(&dir, HELLO_WAIT).await {
+    let answer = hello(&dir, HELLO_WAIT).await;
+    if answer.is_none() && vm.state == VmState::Starting {
+        // A worker answers once its VM is built: restoring a large VM (a quick migration's
+        // arrival, a saved VM's start) takes longer than HELLO_WAIT. It gets the start's time,
+        // beside the API and the migration listener (a source asking where its VM is hears
+        // `arriving` meanwhile); the VM's lock is held so no operation meets it half adopted.
+        let d = daemon.clone();
+        let guard = daemon.lock_vm(id).await;
+        tracing::info!(vm = %id, "the worker of a starting VM has not answered yet; waiting up to {}s", lifecycle::START_TIMEOUT.as_secs());
+        tokio::spawn(async move {
+            let answer = hello(&dir, lifecycle::START_TIMEOUT).await;
+            drop(guard);
+            adopt_answered(&d, vm, record, &dir, answer).await;
+        });
+        return;
+    }
+    adopt_answered(daemon, vm, record, &dir, answer).await;
+}
+
+/// Rules 1–3 once the worker's socket answered `answer` (or not).
+async fn adopt_answered(
+    daemon: &Arc<Daemon>,
+    vm: Vm,
+    record: Option<WorkerRecord>,
+    dir: &Path,
+    answer: Option<(Uuid, u32)>,
+) {
+    let id = vm.id();
+    let dir = dir.to_path_buf();
+    match answer {
         Some((vm_id, pid)) if vm_id == id && record.as_ref().is_none_or(|r| r.pid == pid) => {
             let record = match record {
                 Some(r) => r,
@@ -86,7 +117,14 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
             let d = daemon.clone();
             match vm.state {
                 VmState::Starting => {
-                    tokio::spawn(async move { lifecycle::run_start(&d, &worker, None).await });
+                    tokio::spawn(async move {
+                        lifecycle::run_start(&d, &worker, None).await;
+                        // A restore's saved state is spent once the VM runs, as in the start
+                        // that died with the old vireod (a plain start had none).
+                        if d.store.get_by_id(id).is_ok_and(|v| v.state.has_worker()) {
+                            super::save::discard(&d, id);
+                        }
+                    });
                 }
                 // The stop's job died with the old vireod; its deadline is given again.
                 VmState::Stopping => {

@@ -118,18 +118,7 @@ pub fn serve(
 /// and back ends wait on their first missing page for certain when a test strikes (served at
 /// once, a page comes in about a millisecond). Unset, nothing waits.
 fn test_serve_hold() {
-    let Some(text) = std::env::var_os("VIREO_TEST_POSTCOPY_SERVE_HOLD_MS") else {
-        return;
-    };
-    match text.to_str().and_then(|t| t.parse::<u64>().ok()) {
-        Some(ms) => {
-            tracing::warn!("post-copy: serving held {ms} ms (VIREO_TEST_POSTCOPY_SERVE_HOLD_MS)");
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-        None => tracing::warn!(
-            "VIREO_TEST_POSTCOPY_SERVE_HOLD_MS={text:?} ignored: expected milliseconds"
-        ),
-    }
+    crate::fault_hooks::hold("VIREO_TEST_POSTCOPY_SERVE_HOLD_MS", "post-copy: serving");
 }
 
 /// Destination, before resuming: registers the missing pages and starts the fault thread.
