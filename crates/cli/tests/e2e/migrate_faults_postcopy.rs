@@ -1,7 +1,8 @@
 //! End to end, under KVM: post-copy live migration under faults with the real workers
 //! (`migrate_faults_real_modes.rs` has the vireods' faults in post-copy and the source worker
 //! killed; the same harness, `vireod_harness/faults.rs`): the destination worker SIGKILLed at
-//! several points of the post-copy phase, and the workers' streams cut there. The VM ran on the
+//! several points of the post-copy phase, and the workers' streams cut there (alone, with the
+//! vireods' link for a moment, or with it for good). The VM ran on the
 //! destination and dirtied memory the source never saw, so the source must not resume its
 //! older copy: it is reported `lost` with its reason on one host only and nothing of it is left
 //! anywhere else (after the kill, booted again from its disks, its data is whole).
@@ -250,4 +251,76 @@ fn the_workers_streams_cut_in_postcopy_lose_the_vm_on_the_destination() {
         "streams cut in post-copy: {} runs, lost {lost}",
         cuts.len() + 1
     );
+}
+
+/// The workers' streams and the vireods' link cut **for good** together in post-copy (the
+/// network between the hosts gone; the source with `--migration-answer-wait 2`). Neither side
+/// can learn what the other knows: the destination loses the VM (pages still on the source)
+/// and keeps a `lost` record with its reason; the source's worker loses it too, its vireod
+/// cannot ask the destination, so its record stays `lost` and the job says to look there
+/// before starting it here. No worker anywhere; each `lost` record can be turned off and
+/// removed. (The fake-worker suite's `a_source_that_lost_post_copy_*`, with the real workers.)
+/// On a loaded host the cut may come after the last page: the VM then completes there.
+#[test]
+fn the_workers_streams_and_the_vireods_link_cut_for_good_in_postcopy() {
+    let Some((mut a, b, route)) = routed_pair() else {
+        return;
+    };
+    a.kill9();
+    a.args
+        .extend(["--migration-answer-wait".to_owned(), "2".to_owned()]);
+    a.restart();
+    let port = free_port();
+    let streams = Proxy::start(Target::Fixed(([127, 0, 0, 1], port).into()), u64::MAX);
+    std::fs::write(
+        route.path().join("route"),
+        format!("{port} {}", streams.addr),
+    )
+    .unwrap();
+    let run = start_vm(&a, "pgood");
+    let link = Proxy::start(
+        Target::Fixed(migration_address(&b).parse().unwrap()),
+        u64::MAX,
+    );
+    let job_id = in_postcopy(&a, &run, &link.addr.to_string(), BANDWIDTH);
+    streams.cut_now();
+    link.cut_now();
+    let j = wait_for_end(&a, &job_id, T);
+    if j["state"] == "completed" {
+        let place = settled(&a, &b, &run, Some(&job_id), "streams and link cut for good");
+        assert_eq!(place, Where::Destination);
+        eprintln!("the cut came after the last page: the VM completed on the destination");
+        return;
+    }
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["migration"]["state"], "lost", "{j}");
+    let error = j["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("was lost in the post-copy migration")
+            && error.contains(&format!("{} could not be asked", link.addr))
+            && error.contains("stays `lost`"),
+        "{error}"
+    );
+    // Each side's record says `lost`, with its own reason.
+    let lost_on = |d: &Daemon| {
+        wait_until("a settled record", || {
+            record(d, &run).is_some_and(|v| !matches!(v.state.name(), "incoming" | "running"))
+        });
+        let vm = record(d, &run).unwrap();
+        assert_eq!(vm.state.name(), "lost", "{vm:?}");
+        vm.state.reason().unwrap_or_default().to_owned()
+    };
+    let there = lost_on(&b);
+    let here = lost_on(&a);
+    assert!(there.contains("post-copy"), "{there}");
+    assert!(here.contains("post-copy"), "{here}");
+    wait_until("no worker anywhere", || {
+        workers_on(&a, &run).is_empty() && workers_on(&b, &run).is_empty()
+    });
+    eprintln!("streams and link cut for good: lost there ({there}); here ({here}); job: {error}");
+    for d in [&a, &b] {
+        d.ok(&["vm", "turn-off", &run.name]);
+        d.ok(&["vm", "rm", &run.name]);
+        nothing_there(d, &run);
+    }
 }

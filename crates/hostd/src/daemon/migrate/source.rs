@@ -618,6 +618,22 @@ async fn lost_there(
     }
 }
 
+/// Our worker lost the VM in post-copy and `to` could not be asked whether it completed there:
+/// the record here stays `lost`, and the job says to look there before starting it here.
+fn lost_unasked(name: &str, to: SocketAddr, why: &str, asked: &str) -> End {
+    // A worker's exit message opens with what this message says first.
+    let why = why
+        .strip_prefix("the VM was lost in a post-copy migration: ")
+        .unwrap_or(why);
+    End::Lost(format!(
+        "the VM {name:?} was lost in the post-copy migration: {why}. {to} could not be asked \
+         whether it completed there ({asked}), so its record here stays `lost`. Look on {to} \
+         (`vireo vm list`) before starting it here: if it runs there, discard it here (`vireo \
+         vm turn-off {name}`, then `vireo vm rm {name}`, without --delete-disks: they are the \
+         disks it runs from there)"
+    ))
+}
+
 /// The job's error when `runs_there` got no final answer: where the VM may run, and what to do.
 fn unknown_place(name: &str, to: SocketAddr, why: &str, asked: &str) -> End {
     End::Failed(format!(
@@ -827,6 +843,14 @@ async fn live(
                         Ok(Place::LostThere(reason)) => {
                             return lost_there(d, vm, job, to, &reason, dest_pas).await
                         }
+                        // It lost the VM after the destination started it: the copy here is
+                        // stale whatever the destination says, so never "resume it here"
+                        // (found by `migrate_faults_postcopy.rs`, the streams and the
+                        // vireods' link cut for good: the job said so, its migration `failed`).
+                        Err(asked) if lost_here => {
+                            tracing::warn!(vm = %vm.id(), "the destination could not be asked about the lost VM ({asked}); it stays `lost` here");
+                            return lost_unasked(name, to, &o.message, &asked);
+                        }
                         Err(asked) => return unknown_place(name, to, &o.message, &asked),
                     }
                     let ended = format!(
@@ -916,14 +940,7 @@ async fn live(
                     AbortAnswer::Removed(_) => {}
                     AbortAnswer::Lost(e) => {
                         tracing::warn!(vm = %vm.id(), "the destination did not answer for the lost VM ({e}); it stays `lost` here");
-                        return End::Lost(format!(
-                            "the VM {name:?} was lost in the post-copy migration: {why}. {to} \
-                             could not be asked whether it completed there ({e}), so its record \
-                             here stays `lost`. Look on {to} (`vireo vm list`) before starting \
-                             it here: if it runs there, discard it here (`vireo vm turn-off \
-                             {name}`, then `vireo vm rm {name}`, without --delete-disks: they are \
-                             the disks it runs from there)"
-                        ));
+                        return lost_unasked(name, to, &why, &e);
                     }
                 }
                 return End::Lost(format!(
