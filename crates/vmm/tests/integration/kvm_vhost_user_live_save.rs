@@ -183,7 +183,7 @@ fn kvm_live_save_while_receiving_keeps_every_page_the_switch_wrote() {
 
 /// Shows what the backend's log prevents: the same save with the backend never told loses
 /// pages only the switch wrote (so this passes only when pages are lost; timing-dependent,
-/// hence ignored: `cargo test -p vireo-vmm --release --test kvm_vhost_user_live_save --
+/// hence ignored: `cargo test -p vireo-vmm --release --test integration -- kvm_vhost_user_live_save::
 /// --ignored`).
 #[test]
 #[ignore]

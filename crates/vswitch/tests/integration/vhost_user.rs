@@ -571,7 +571,7 @@ fn used_idx_at(mem: &GuestMemoryMmap, q: u64) -> u16 {
 /// Not a pass/fail test: frames/s from one guest's TX ring through the switch into another
 /// guest's RX ring, both over vhost-user, 64-byte frames, on whatever cores are free, with the
 /// dirty log off and on, alternating
-/// (`cargo test -p vireo-vswitch --release --test vhost_user -- --ignored --nocapture`).
+/// (`cargo test -p vireo-vswitch --release --test integration -- vhost_user:: --ignored --nocapture`).
 #[test]
 #[ignore]
 fn vhost_user_guest_to_guest_frame_rate() {
