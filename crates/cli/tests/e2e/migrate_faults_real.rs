@@ -6,7 +6,10 @@
 //!   N swept over an uncut migration's bytes on that link;
 //! - the destination vireod SIGKILLed in pre-copy and restarted;
 //! - the source vireod SIGKILLed in pre-copy and restarted (its worker lives on and is
-//!   re-adopted).
+//!   re-adopted);
+//! - in the switch-over: the destination's worker or vireod SIGKILLed, the source vireod
+//!   SIGKILLed, also right after the source released the disks (the destination held there by
+//!   `VIREO_TEST_HANDOFF_HOLD_MS`).
 //!
 //! After every run ([`settled`], `vireod_harness/faults.rs`): the VM's record is on exactly one vireod, `running` there
 //! with a live worker (the very same one if it stayed on the source), the job `completed`
@@ -19,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::vireod_harness;
 use vireod_harness::faults::{
-    alive, free_port, kill9, migrate, pair, record, routed_pair, settled, settled_as, start_vm,
-    sweep, wait_until, Allow, Run, Where, T,
+    alive, free_port, kill9, migrate, pair, record, restart_on_a_fixed_port, routed_pair, settled,
+    settled_as, start_vm, sweep, wait_until, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end, wait_for_progress};
 use vireod_harness::Daemon;
@@ -206,6 +209,68 @@ fn the_destination_vireod_killed_in_the_switch_over() {
         Some(&job_id),
         "destination vireod killed, switching",
     );
+}
+
+/// A live migration held on the destination right after the source released the disks
+/// (`VIREO_TEST_HANDOFF_HOLD_MS`, inherited by the destination's worker: the hand-over's
+/// window otherwise lasts well under a millisecond): the VM, the job and the pid of the
+/// destination worker once it holds there.
+fn held_after_release(a: &Daemon, b: &mut Daemon, name: &str) -> (Run, String, u64) {
+    restart_on_a_fixed_port(b, &[("VIREO_TEST_HANDOFF_HOLD_MS", "3000")]);
+    let run = start_vm(a, name);
+    let job_id = migrate(a, &run, &migration_address(b), &[]).expect("a migration job");
+    let log = b
+        .dir
+        .path()
+        .join("state/vms")
+        .join(&run.id)
+        .join("worker.log");
+    wait_until("the destination holding the hand-over", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("disks released there) held"))
+    });
+    let pid = b.worker_pid(&run.name);
+    (run, job_id, pid)
+}
+
+/// The destination worker SIGKILLed after the source released the disks and before it took
+/// them: it never resumed the guest, so the source opens its disks again and resumes it, the
+/// same worker, the guest whole.
+#[test]
+fn the_destination_worker_killed_after_the_source_released_the_disks() {
+    let Some((a, mut b)) = pair() else {
+        return;
+    };
+    let (run, job_id, pid) = held_after_release(&a, &mut b, "dwr");
+    kill9(pid);
+    let place = settled(
+        &a,
+        &b,
+        &run,
+        Some(&job_id),
+        "destination worker killed, disks released",
+    );
+    assert_eq!(place, Where::Source);
+}
+
+/// The destination vireod SIGKILLed at the same point and restarted: its worker goes on,
+/// takes the disks and resumes the guest; the source's worker completes, and the restarted
+/// vireod adopts the VM it runs (`recover.rs`): the VM is on the destination only.
+#[test]
+fn the_destination_vireod_killed_after_the_source_released_the_disks() {
+    let Some((a, mut b)) = pair() else {
+        return;
+    };
+    let (run, job_id, _) = held_after_release(&a, &mut b, "dvr");
+    b.kill9();
+    b.restart();
+    let place = settled(
+        &a,
+        &b,
+        &run,
+        Some(&job_id),
+        "destination vireod killed, disks released",
+    );
+    assert_eq!(place, Where::Destination);
 }
 
 /// The source vireod SIGKILLed in the switch-over (the guest paused): the workers and the

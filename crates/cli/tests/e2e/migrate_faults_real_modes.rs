@@ -36,9 +36,9 @@ use std::time::{Duration, Instant};
 
 use crate::vireod_harness;
 use vireod_harness::faults::{
-    alive, check_guest, free_port, in_postcopy, kill9, migrate, pair, record, settled, settled_as,
-    settled_lost, settling_job, start_vm, start_vm_dirtying, still_postcopy, sweep, tail,
-    wait_until, workers_on, Allow, Run, Where, HOT_SET_SLOW, T,
+    alive, check_guest, in_postcopy, kill9, migrate, pair, record, restart_on_a_fixed_port,
+    settled, settled_as, settled_lost, settling_job, start_vm, start_vm_dirtying, still_postcopy,
+    sweep, tail, wait_until, workers_on, Allow, Run, Where, HOT_SET_SLOW, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -366,20 +366,6 @@ fn the_destination_vireod_killed_holding_a_quick_migrations_restore() {
         .unwrap_or_default()
         .to_owned();
     assert!(error.contains("it is restored here"), "{error}");
-}
-
-/// Restarts `b` with a fixed migration port, as a real host has (a restarted destination must
-/// be found where the source asks again), and `env` for this run of it only.
-fn restart_on_a_fixed_port(b: &mut Daemon, env: &[(&str, &str)]) {
-    b.kill9();
-    let listen = b
-        .args
-        .iter()
-        .position(|x| x == "--migration-listen")
-        .unwrap()
-        + 1;
-    b.args[listen] = format!("127.0.0.1:{}", free_port());
-    b.restart_env(env);
 }
 
 #[test]

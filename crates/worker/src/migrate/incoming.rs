@@ -173,6 +173,12 @@ fn receive_inner(
     handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
     handoff::expect(ctl, "RELEASED")?;
     let released = ms(t);
+    // Fault injection (`crates/cli/tests/e2e/migrate_faults_real.rs`): a test strikes once the
+    // source has let go of the disks, before this side takes them and resumes.
+    crate::fault_hooks::hold(
+        "VIREO_TEST_HANDOFF_HOLD_MS",
+        "hand-over (disks released there)",
+    );
     attach_disks(s, inc).map_err(|e| fail(ctl, e))?;
     // Post-copy: missing pages registered before anything of the guest runs.
     let mut pc = match &missing {

@@ -73,6 +73,20 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Restarts `b` with a fixed migration port, as a real host has (a restarted destination must
+/// be found where the source asks again), and `env` for this run of it only.
+pub fn restart_on_a_fixed_port(b: &mut Daemon, env: &[(&str, &str)]) {
+    b.kill9();
+    let listen = b
+        .args
+        .iter()
+        .position(|x| x == "--migration-listen")
+        .unwrap()
+        + 1;
+    b.args[listen] = format!("127.0.0.1:{}", free_port());
+    b.restart_env(env);
+}
+
 /// A VM set up for one run: what the guest holds, to check after the fault.
 pub struct Run {
     pub name: String,
