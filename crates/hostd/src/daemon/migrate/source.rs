@@ -621,10 +621,6 @@ async fn lost_there(
 /// Our worker lost the VM in post-copy and `to` could not be asked whether it completed there:
 /// the record here stays `lost`, and the job says to look there before starting it here.
 fn lost_unasked(name: &str, to: SocketAddr, why: &str, asked: &str) -> End {
-    // A worker's exit message opens with what this message says first.
-    let why = why
-        .strip_prefix("the VM was lost in a post-copy migration: ")
-        .unwrap_or(why);
     End::Lost(format!(
         "the VM {name:?} was lost in the post-copy migration: {why}. {to} could not be asked \
          whether it completed there ({asked}), so its record here stays `lost`. Look on {to} \
@@ -824,7 +820,11 @@ async fn live(
                 exit => {
                     // Exited `migration_lost` before a poll saw its `lost`: its record here
                     // says `lost`, and so must the job's migration (below).
-                    let lost_here = matches!(exit, Some(WorkerExitReason::MigrationLost { .. }));
+                    let lost_message = match exit {
+                        Some(WorkerExitReason::MigrationLost { message }) => Some(message),
+                        _ => None,
+                    };
+                    let lost_here = lost_message.is_some();
                     let o = worker.exited().await;
                     // Died during the switch-over: the destination's worker may have resumed
                     // the VM (it had everything); then the VM is there, not lost.
@@ -843,15 +843,19 @@ async fn live(
                         Ok(Place::LostThere(reason)) => {
                             return lost_there(d, vm, job, to, &reason, dest_pas).await
                         }
-                        // It lost the VM after the destination started it: the copy here is
-                        // stale whatever the destination says, so never "resume it here"
-                        // (found by `migrate_faults_postcopy.rs`, the streams and the
-                        // vireods' link cut for good: the job said so, its migration `failed`).
-                        Err(asked) if lost_here => {
-                            tracing::warn!(vm = %vm.id(), "the destination could not be asked about the lost VM ({asked}); it stays `lost` here");
-                            return lost_unasked(name, to, &o.message, &asked);
+                        Err(asked) => {
+                            return match lost_message {
+                                // It lost the VM after the destination started it: the copy
+                                // here is stale whatever the destination says, so never
+                                // "resume it here" (found by `migrate_faults_postcopy.rs`, the
+                                // streams and the vireods' link cut for good).
+                                Some(why) => {
+                                    tracing::warn!(vm = %vm.id(), "the destination could not be asked about the lost VM ({asked}); it stays `lost` here");
+                                    lost_unasked(name, to, &why, &asked)
+                                }
+                                None => unknown_place(name, to, &o.message, &asked),
+                            };
                         }
-                        Err(asked) => return unknown_place(name, to, &o.message, &asked),
                     }
                     let ended = format!(
                         "VM {name:?} ended on the source during the migration: {}",
