@@ -3,17 +3,28 @@
 
 use std::time::Duration;
 
-/// Sleeps the milliseconds `var` gives, saying in the log that `what` is held (the line a
-/// test waits for). A value that is not a number is ignored with a warning.
-pub fn hold(var: &str, what: &str) {
-    let Some(text) = std::env::var_os(var) else {
-        return;
-    };
+/// The pause `var` names, if any. Read ahead of a path that must not pay for the lookup (the
+/// switch-over); a value that is not a number is ignored with a warning.
+pub fn read(var: &str) -> Option<Duration> {
+    let text = std::env::var_os(var)?;
     match text.to_str().and_then(|t| t.parse::<u64>().ok()) {
-        Some(ms) => {
-            tracing::warn!("{what} held {ms} ms ({var})");
-            std::thread::sleep(Duration::from_millis(ms));
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => {
+            tracing::warn!("{var}={text:?} ignored: expected milliseconds");
+            None
         }
-        None => tracing::warn!("{var}={text:?} ignored: expected milliseconds"),
+    }
+}
+
+/// Sleeps `pause`, saying in the log that `what` is held (the line a test waits for).
+pub fn hold_for(what: &str, var: &str, pause: Duration) {
+    tracing::warn!("{what} held {} ms ({var})", pause.as_millis());
+    std::thread::sleep(pause);
+}
+
+/// Sleeps the pause `var` names, if any ([`read`], then [`hold_for`]).
+pub fn hold(var: &str, what: &str) {
+    if let Some(pause) = read(var) {
+        hold_for(what, var, pause);
     }
 }

@@ -45,7 +45,14 @@ pub struct Incoming {
     /// The skeleton's disks, in slot order.
     pub pending: Vec<Arc<PendingDisk>>,
     pub disks: Vec<vireo_api::DiskSpec>,
+    /// [`HANDOFF_HOLD`], read here so the switch-over does not look it up.
+    handoff_hold: Option<Duration>,
 }
+
+/// Fault injection (`crates/cli/tests/e2e/migrate_faults_real.rs`): holds this side N ms once
+/// the source has let go of the disks, before it takes them and resumes, so a test can strike
+/// there. Unset, nothing waits.
+const HANDOFF_HOLD: &str = "VIREO_TEST_HANDOFF_HOLD_MS";
 
 /// Binds the listener and publishes its address (`MigrateStatus`: `Listening`).
 pub fn listen(
@@ -87,6 +94,7 @@ pub fn listen(
         timeline,
         pending,
         disks,
+        handoff_hold: crate::fault_hooks::read(HANDOFF_HOLD),
     })
 }
 
@@ -173,12 +181,9 @@ fn receive_inner(
     handoff::send(ctl, "APPLIED").map_err(|e| format!("sending APPLIED: {e}"))?;
     handoff::expect(ctl, "RELEASED")?;
     let released = ms(t);
-    // Fault injection (`crates/cli/tests/e2e/migrate_faults_real.rs`): a test strikes once the
-    // source has let go of the disks, before this side takes them and resumes.
-    crate::fault_hooks::hold(
-        "VIREO_TEST_HANDOFF_HOLD_MS",
-        "hand-over (disks released there)",
-    );
+    if let Some(pause) = inc.handoff_hold {
+        crate::fault_hooks::hold_for("hand-over (disks released there)", HANDOFF_HOLD, pause);
+    }
     attach_disks(s, inc).map_err(|e| fail(ctl, e))?;
     // Post-copy: missing pages registered before anything of the guest runs.
     let mut pc = match &missing {
