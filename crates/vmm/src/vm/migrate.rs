@@ -206,6 +206,7 @@ impl VmHandle {
             stalled: 0,
             link_rate: 0.0,
             last_fetch: Instant::now(),
+            last_pass: PassTimes::default(),
             throttle: None,
             postcopy_chosen: false,
             identity: identity.clone(),
@@ -578,6 +579,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A live pass's steps, each from its start: in the round's log line, since a round's length
+/// (not the link's best rate) decides how much the guest dirties for the next one.
+#[derive(Clone, Copy, Default)]
+struct PassTimes {
+    /// Every page handed to the streams.
+    sent: Duration,
+    /// The destination's `DRAINED` on every stream.
+    drained: Duration,
+    ended: Option<Instant>,
+}
+
 /// Migration's side of the shared pre-copy loop.
 struct StreamSink<'a, W: Read + Write + Send> {
     senders: Vec<Sender<W>>,
@@ -590,6 +602,8 @@ struct StreamSink<'a, W: Read + Write + Send> {
     link_rate: f64,
     /// When the dirty log was last read (the dirty rate is measured since then).
     last_fetch: Instant,
+    /// Where the last pass's time went (logged with the next round's decision).
+    last_pass: PassTimes,
     throttle: Option<Throttle>,
     /// `None`: post-copy not allowed; `Some(None)`: allowed, not chosen; `Some(Some(pages))`:
     /// chosen, these pages are left for post-copy.
@@ -628,7 +642,13 @@ impl<W: Read + Write + Send> StreamSink<'_, W> {
             protect,
             unmapped_is_hole,
         )?;
+        let sent = t.elapsed();
         self.drain()?;
+        self.last_pass = PassTimes {
+            sent,
+            drained: t.elapsed(),
+            ended: Some(Instant::now()),
+        };
         let raw: u64 = self.senders.iter().map(|s| s.stats.raw_bytes).sum::<u64>() - raw_before;
         let secs = t.elapsed().as_secs_f64();
         // A pass of a few pages measures latency, not the link.
@@ -800,12 +820,17 @@ impl<W: Read + Write + Send> RoundSink for StreamSink<'_, W> {
             s.link_rate = self.link_rate as u64;
             s.estimated_downtime_ms = estimate;
         });
+        let p = self.last_pass;
         tracing::info!(
             "pre-copy round {rounds}: {:.1} MiB dirty, dirty rate {:.0} MB/s, link {:.0} MB/s, \
-             throttle {throttle_now}% -> {decision:?}",
+             throttle {throttle_now}% -> {decision:?} (the pass: pages sent +{:.2} ms, drained \
+             +{:.2} ms, the log read {:.2} ms after)",
             dirty_bytes as f64 / (1 << 20) as f64,
             dirty_rate / 1e6,
-            self.link_rate / 1e6
+            self.link_rate / 1e6,
+            ms(p.sent),
+            ms(p.drained),
+            p.ended.map_or(0.0, |e| ms(e.elapsed())),
         );
         match decision {
             Decision::SwitchOver => Ok(false),
