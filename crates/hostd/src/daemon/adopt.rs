@@ -15,7 +15,9 @@
 //!
 //! An adopted VM that was `Starting` is carried on to `Running` once the worker reports the
 //! vCPUs running (or turned off after the start timeout); one that was `Stopping` gets the
-//! default stop timeout again, then is turned off. Their jobs were failed at open.
+//! default stop timeout again, then is turned off. Their jobs were failed at open. A VM that
+//! arrived by migration and runs gets the network takeover the old vireod still owed it
+//! (`migrate::network_owed`).
 //!
 //! Adoption completes before the API serves, so no client sees a half-recovered inventory.
 
@@ -124,6 +126,8 @@ async fn adopt_answered(
                         if d.store.get_by_id(id).is_ok_and(|v| v.state.has_worker()) {
                             super::save::discard(&d, id);
                         }
+                        // A quick migration's arrival: the network follows the VM here.
+                        super::migrate::network_owed::settle(&d, id).await;
                     });
                 }
                 // The stop's job died with the old vireod; its deadline is given again.
@@ -141,6 +145,8 @@ async fn adopt_answered(
                     reconcile_paused(&d, &worker.socket(), &vm).await;
                     // A storage move may have switched files while vireod was away.
                     super::move_storage::after_adopt(&d, worker.socket(), vm.id());
+                    // An arrival whose takeover the old vireod did not finish.
+                    tokio::spawn(async move { super::migrate::network_owed::settle(&d, id).await });
                 }
                 _ => {}
             }

@@ -6,6 +6,8 @@
 //! - `fake.boot_ms=N`: the vCPUs "run" N ms after start (default 100);
 //! - `fake.never_runs`: they never do;
 //! - `fake.bind_ms=N`: the sockets appear only N ms after start;
+//! - `fake.restore_bind_ms=N`: the same, only for a launch that restores a saved VM (a large
+//!   restore: the real worker answers once the VM is built);
 //! - `fake.fail_start=WORDS_WITH_UNDERSCORES`: exit 1 at once with `StartFailed` (the message
 //!   with `_` as spaces), before binding any socket;
 //! - `fake.crash_start`: exit 3 at once without a record;
@@ -832,6 +834,12 @@ fn main() {
         applied_to: Vec::new(),
     }));
     if let Some(ms) = word(&g.lock().unwrap().launch, "fake.bind_ms") {
+        thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+    }
+    if let (true, Some(ms)) = (
+        restored,
+        word(&g.lock().unwrap().launch, "fake.restore_bind_ms"),
+    ) {
         thread::sleep(Duration::from_millis(ms.parse().unwrap()));
     }
     let console = bind(&dir.join("console.sock"));

@@ -58,7 +58,10 @@ struct ProviderNet {
 
 impl ProviderNet {
     fn new(hosts: usize) -> ProviderNet {
-        let id = std::process::id() % 100_000;
+        // Unique per test too: the tests of this binary run in parallel.
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let id =
+            std::process::id() % 10_000 * 10 + u32::from(NEXT.fetch_add(1, Ordering::SeqCst) % 10);
         let net = ProviderNet {
             ns: format!("vnm-{id}"),
             uplinks: (0..hosts).map(|i| format!("nmu{i}{id}")).collect(),
@@ -278,6 +281,30 @@ fn vm_with_nic(d: &Vireod, name: &str, mac: [u8; 6], ca: [u8; 4]) {
     d.start_vm(name);
 }
 
+/// Three vireods (`workers[i]` for host i), each with the overlay switch `nv` on its uplink
+/// into `net`, each trusting the others and naming them `--netvirt-peer`s. Returns their
+/// migration addresses and the daemons.
+fn three_hosts(net: &ProviderNet, tmp: &Path, workers: [&Path; 3]) -> (Vec<String>, [Vireod; 3]) {
+    let ports: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let start = |i: usize| {
+        let mut args = vec!["--migration-listen", ports[i].as_str()];
+        for (_, p) in ports.iter().enumerate().filter(|(j, _)| *j != i) {
+            args.extend(["--netvirt-peer", p.as_str()]);
+        }
+        Vireod::start_args(&tmp.join(format!("h{i}")), workers[i], &args)
+    };
+    let hosts = [start(0), start(1), start(2)];
+    for (i, d) in hosts.iter().enumerate() {
+        for (j, o) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
+            trust(d, o, &format!("host-{j}"));
+        }
+        overlay_switch(d, &net.uplinks[i], i);
+    }
+    (ports, hosts)
+}
+
 #[test]
 fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
     if !vireo_testkit::require(Need::Netns)
@@ -294,24 +321,8 @@ fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
     };
     let net = ProviderNet::new(3);
     let tmp = tempfile::tempdir().unwrap();
-    let ports: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let start = |i: usize, worker: &Path| {
-        let mut args = vec!["--migration-listen", ports[i].as_str()];
-        for (_, p) in ports.iter().enumerate().filter(|(j, _)| *j != i) {
-            args.extend(["--netvirt-peer", p.as_str()]);
-        }
-        Vireod::start_args(&tmp.path().join(format!("h{i}")), worker, &args)
-    };
     let fake = Path::new(FAKE_WORKER);
-    let hosts = [start(0, fake), start(1, fake), start(2, &real_worker)];
-    for (i, d) in hosts.iter().enumerate() {
-        for (j, o) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
-            trust(d, o, &format!("host-{j}"));
-        }
-        overlay_switch(d, &net.uplinks[i], i);
-    }
+    let (ports, hosts) = three_hosts(&net, tmp.path(), [fake, fake, &real_worker]);
     let [a, b, c] = &hosts;
     // X on A; P on C. A and B know P; C knows X at A.
     for d in [a, b] {
@@ -456,4 +467,112 @@ fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
         }
     }
     assert!(heard, "P did not receive X's announcement");
+}
+
+/// X moves A → B and B's vireod is killed mid-arrival, then restarted; the network must
+/// then follow X as after any arrival: B's stale entry for X (B had talked to X at A)
+/// dropped, C's and A's tables moved to B's PA, X's announcement tunnelled from B.
+/// - quick: B's worker is restoring X (a large restore: the worker answers only once the VM is
+///   built, `fake.restore_bind_ms`); the restarted vireod adopts it once it answers. Before
+///   `network_owed` the adopted start ran X on B with all three left as they were.
+/// - live: B's worker is in the switch-over (`fake.switch_ms`) and runs X while vireod is
+///   down; the restarted vireod's recovery adopts it. It used to announce X's ports only.
+fn restarted_destination_moves_the_network(quick: bool) {
+    if !vireo_testkit::require(Need::Netns) || !vireo_testkit::require(Need::Tcpdump) {
+        return;
+    }
+    if built("vireo-switch", "cargo build --release -p vireo-switchd").is_none() {
+        return;
+    }
+    let net = ProviderNet::new(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = Path::new(FAKE_WORKER);
+    let (ports, [a, mut b, c]) = three_hosts(&net, tmp.path(), [fake, fake, fake]);
+    // P's entry, where X's announcement goes; each other host's view of X at A.
+    for d in [&a, &b] {
+        created(d.post_json("/v1/switches/nv/policies", &entry(P_CA, P_MAC, PA[2])));
+    }
+    for d in [&b, &c] {
+        created(d.post_json("/v1/switches/nv/policies", &entry(X_CA, X_MAC, PA[0])));
+    }
+    let words = if quick {
+        "fake.restore_bind_ms=6000"
+    } else {
+        "fake.migrate_ms=200 fake.switch_ms=1500"
+    };
+    a.create(&spec_json("x", words));
+    created(a.post_json(
+        "/v1/vms/x/nics",
+        &json!({"switch": "nv", "mac": mac_text(X_MAC),
+                "virtual_subnet": {"vsid": 5001, "ca": [std::net::Ipv4Addr::from(X_CA)]}}),
+    ));
+    a.start_vm("x");
+    let pcap = tmp.path().join("provider.pcap");
+    let mut capture = Capture::start(&net.ns, &pcap);
+
+    let r = a.post_json(
+        "/v1/vms/x/migrate",
+        &json!({"to": ports[1], "quick": quick}),
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let job_id = r.json()["id"].as_str().unwrap().to_owned();
+    if quick {
+        wait_until(T, "X restoring on B", || {
+            let r = b.get("/v1/vms/x");
+            r.status == 200 && r.json()["state"] == "starting"
+        });
+    } else {
+        wait_until(T, "the switch-over", || {
+            let j = a.show(&format!("/v1/jobs/{job_id}"));
+            j["migration"]["state"] == "switching" || j["state"] != "running"
+        });
+        // The source released; the destination sits in its switch-over.
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    b.kill9();
+    b.restart();
+    let job = a.wait_job(&job_id, T);
+    if quick {
+        assert_eq!(job["state"], "completed", "{job}\n{}", a.log());
+    }
+    b.wait_state("x", "running", T);
+    wait_until(T, "C's and A's tables naming B for X", || {
+        x_pa(&c).as_deref() == Some(PA[1]) && x_pa(&a).as_deref() == Some(PA[1])
+    });
+    let stored_x = |d: &Vireod| {
+        d.show("/v1/switches/nv")["spec"]["overlay"]
+            .to_string()
+            .contains("10.0.0.5")
+    };
+    assert!(!stored_x(&b), "B still stores X at A\n{}", b.log());
+    let announcement = |t: &Tunnelled| {
+        t.outer_src == pa(1)
+            && t.outer_dst == pa(2)
+            && t.inner.len() >= 42
+            && t.inner[12..14] == [8, 6]
+            && t.inner[22..28] == X_MAC
+            && t.inner[28..32] == X_CA
+    };
+    wait_until(T, "X's announcement from B in the capture", || {
+        read_pcap(&pcap).iter().any(announcement)
+    });
+    capture.stop();
+    let owed = tmp
+        .path()
+        .join("h1/vms")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.path().join("network-owed").exists());
+    assert!(!owed, "the takeover is still recorded as owed");
+}
+
+#[test]
+fn a_quick_migration_whose_destination_vireod_restarted_mid_restore_still_moves_the_network() {
+    restarted_destination_moves_the_network(true);
+}
+
+#[test]
+fn a_live_migration_whose_destination_vireod_restarted_mid_switch_over_still_moves_the_network() {
+    restarted_destination_moves_the_network(false);
 }

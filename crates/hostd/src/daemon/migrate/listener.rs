@@ -31,6 +31,7 @@ use vireo_api::worker::{
 };
 use vireo_api::{Action, JobState, Vm, VmSpec};
 
+use super::network_owed;
 use super::peer::{self, FileError, Peer};
 use crate::daemon::supervisor::Worker;
 use crate::daemon::switches::{netvirt_move, nics};
@@ -791,11 +792,12 @@ async fn wait_listening(worker: &Worker) -> Result<SocketAddr, String> {
 
 /// The VM runs here: `running`, the network told, the source told.
 async fn arrived(d: &Arc<Daemon>, vm: &Vm, peer: &mut Peer) -> Result<(), String> {
+    network_owed::owe(d, vm.id());
     d.store
         .set_state(vm.id(), &Action::Started)
         .map_err(|e| e.to_string())?;
     super::storage::keep(d, vm.id());
-    take_over_network(d, vm).await;
+    network_owed::take_over(d, vm).await;
     if let Err(e) = peer.send(&PeerMsg::Running).await {
         tracing::warn!(vm = %vm.id(), "telling the source the VM runs here: {e}");
     }
@@ -806,7 +808,7 @@ async fn arrived(d: &Arc<Daemon>, vm: &Vm, peer: &mut Peer) -> Result<(), String
 /// it): stale stored entries for its CAs go, the peer hosts (`--netvirt-peer`) move theirs
 /// to this host's PAs, and only then are its ports announced — a peer drops an overlay
 /// announcement from a PA its table does not name for the CA (docs/netvirt.md).
-async fn take_over_network(d: &Arc<Daemon>, vm: &Vm) {
+pub async fn take_over_network(d: &Arc<Daemon>, vm: &Vm) {
     netvirt_move::vm_arrived(d, &vm.spec).await;
     let moved = netvirt_move::arrival_entries(d, &vm.spec);
     super::netvirt_peers::push(d, &moved).await;
@@ -921,6 +923,9 @@ async fn receive_quick(
         .store
         .set_state(vm.id(), &Action::Arrived)
         .map_err(|e| e.to_string())?;
+    // Owed from here: a vireod that dies while the worker restores finds the VM `starting`
+    // at its restart, and the takeover follows the adopted start (`network_owed`).
+    network_owed::owe(d, vm.id());
     // The ordinary start of a saved VM: it restores from the files and deletes them.
     drop(guard);
     let job = lifecycle::start(d, &vm).await.map_err(|e| e.body.message)?;
@@ -944,7 +949,7 @@ async fn receive_quick(
             job.error.unwrap_or_default()
         ));
     }
-    take_over_network(d, &vm).await;
+    network_owed::take_over(d, &vm).await;
     // The VM is ours now, told or not: a source that misses this asks (`whereabouts`).
     if let Err(e) = peer.send(&PeerMsg::Running).await {
         tracing::warn!(vm = %vm.id(), "the VM runs here, but the source was not told: {e}");

@@ -23,6 +23,7 @@ pub mod arriving;
 pub mod boot_files;
 pub mod listener;
 pub mod netvirt_peers;
+pub mod network_owed;
 pub mod peer;
 pub mod quick_note;
 pub mod quick_recover;

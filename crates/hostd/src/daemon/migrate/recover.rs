@@ -1,7 +1,8 @@
 //! Start-up: VMs left `incoming` by a vireod that died while receiving them. The connection
 //! to the source died with it, so the source's side has ended too (its job failed or its
 //! worker handed the VM over). What the worker here says decides:
-//! - it runs the VM (its migration `completed`): adopted, `running`, ports announced;
+//! - it runs the VM (its migration `completed`): adopted, `running`, the network taken over
+//!   (`network_owed`);
 //! - anything else (no worker, a worker still waiting, one that failed): the worker is
 //!   killed and the record and its ports removed; the VM is the source's.
 //!
@@ -78,7 +79,8 @@ async fn settle_one(d: &Arc<Daemon>, vm: &vireo_api::Vm, r: WorkerRecord) {
     if settled == Settled::RunsHere && d.store.set_state(vm.id(), &Action::Started).is_ok() {
         tracing::info!(vm = %vm.id(), "an incoming VM arrived while vireod was down; adopted running");
         d.sup.adopt(d, r, &dir);
-        super::listener::announce(d, vm).await;
+        // The whole takeover, not only the announcement: the peers still tunnel to the source.
+        super::network_owed::take_over(d, vm).await;
         return;
     }
     if settled == Settled::Lost {
