@@ -5,6 +5,8 @@
 //! - the vireods' link cut (both directions, every connection) after N bytes through a proxy,
 //!   N swept over an uncut migration's bytes on that link;
 //! - the destination vireod SIGKILLed in pre-copy and restarted;
+//! - the source worker SIGKILLed in pre-copy (the guest dies with it: checked apart, the VM
+//!   `critical` on the source and started again there);
 //! - the source vireod SIGKILLed in pre-copy and restarted (its worker lives on and is
 //!   re-adopted);
 //! - in the switch-over: the destination's worker or vireod SIGKILLed, the source vireod
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::vireod_harness;
 use vireod_harness::faults::{
     alive, free_port, kill9, migrate, pair, record, restart_on_a_fixed_port, routed_pair, settled,
-    settled_as, start_vm, sweep, wait_until, Allow, Run, Where, T,
+    settled_as, start_vm, sweep, tail, wait_until, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end, wait_for_progress};
 use vireod_harness::Daemon;
@@ -137,6 +139,42 @@ fn the_source_vireod_killed_in_precopy_and_restarted() {
         assert_ne!(j["state"], "completed", "{j}");
         let place = settled(&a, &b, &run, Some(&job_id), "source vireod killed");
         assert_eq!(place, Where::Source);
+    }
+}
+
+/// The source's worker SIGKILLed in pre-copy: the guest dies with it (as in a crash of its
+/// process; nothing of it had left), so it runs nowhere. The record stays on the source,
+/// `critical` with the worker's end as its reason; the job fails; the destination keeps
+/// nothing (no record, folder or worker) and holds no disk: the VM starts again on the source
+/// from its disk, whose data the guest had written is there.
+#[test]
+fn the_source_worker_killed_in_precopy() {
+    let Some((a, b)) = pair() else {
+        return;
+    };
+    for i in 0..2 {
+        let run = start_vm(&a, &format!("sw{i}"));
+        let job_id = in_precopy(&a, &b, &run);
+        kill9(run.source_pid);
+        let j = wait_for_end(&a, &job_id, T);
+        assert_eq!(j["state"], "failed", "{j}");
+        eprintln!("source worker killed in pre-copy: job error {}", j["error"]);
+        wait_until("the destination kept nothing", || {
+            record(&b, &run).is_none()
+        });
+        vireod_harness::faults::nothing_there(&b, &run);
+        let vm = record(&a, &run).expect("the source's record");
+        assert_eq!(vm.state.name(), "critical", "{vm:?}\n{}", tail(&a));
+        let reason = vm.state.reason().unwrap_or_default();
+        assert!(reason.contains("worker"), "{reason}");
+        // Started again where it was: the disk is free (the destination never took it) and
+        // holds what the guest wrote before the kill.
+        a.ok(&["vm", "start", &run.name]);
+        let mut c = vireod_harness::console::Console::attach(&a, &run.name);
+        c.ok("DISK 0 VERIFY 0 512 5");
+        drop(c);
+        a.ok(&["vm", "turn-off", &run.name]);
+        a.ok(&["vm", "rm", &run.name]);
     }
 }
 
