@@ -8,7 +8,7 @@
 //!    this VM on its socket (within `HELLO_WAIT`) is adopted with the pid it gives.
 //! 3. A recorded process that is alive but does not answer within `HELLO_WAIT` is killed (it is
 //!    verified ours and useless) and the VM marked `Critical`. A `Starting` VM's worker may be
-//!    restoring it (it answers once the VM is built): it gets `lifecycle::START_TIMEOUT`, in
+//!    restoring it (it answers once the VM is built): it gets `lifecycle::start_limit`, in
 //!    the background under the VM's lock, so a large restore survives a vireod restart.
 //! 4. Otherwise the worker is gone: its `exit.json` (for that pid) decides as if it had been
 //!    watched; without one the VM is `Critical` "worker pid N gone while vireod was down".
@@ -77,9 +77,10 @@ async fn adopt_one(daemon: &Arc<Daemon>, vm: Vm) {
         // `arriving` meanwhile); the VM's lock is held so no operation meets it half adopted.
         let d = daemon.clone();
         let guard = daemon.lock_vm(id).await;
-        tracing::info!(vm = %id, "the worker of a starting VM has not answered yet; waiting up to {}s", lifecycle::START_TIMEOUT.as_secs());
+        let limit = start_limit(daemon, &vm);
+        tracing::info!(vm = %id, "the worker of a starting VM has not answered yet; waiting up to {}s", limit.as_secs());
         tokio::spawn(async move {
-            let answer = hello(&dir, lifecycle::START_TIMEOUT).await;
+            let answer = hello(&dir, limit).await;
             drop(guard);
             adopt_answered(&d, vm, record, &dir, answer).await;
         });
@@ -119,8 +120,9 @@ async fn adopt_answered(
             let d = daemon.clone();
             match vm.state {
                 VmState::Starting => {
+                    let limit = start_limit(&d, &vm);
                     tokio::spawn(async move {
-                        lifecycle::run_start(&d, &worker, None).await;
+                        lifecycle::run_start(&d, &worker, None, limit).await;
                         // A restore's saved state is spent once the VM runs, as in the start
                         // that died with the old vireod (a plain start had none).
                         if d.store.get_by_id(id).is_ok_and(|v| v.state.has_worker()) {
@@ -168,6 +170,11 @@ async fn adopt_answered(
             critical(daemon, id, reason);
         }
     }
+}
+
+/// A `Starting` VM's start limit: a restore's while its saved state is there.
+fn start_limit(daemon: &Daemon, vm: &Vm) -> Duration {
+    lifecycle::start_limit(&vm.spec, super::save::has_saved_state(daemon, vm.id()))
 }
 
 /// Makes a re-adopted VM's state `paused` or `running` as its worker reports.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use uuid::Uuid;
 use vireo_api::rest::{DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS};
 use vireo_api::worker::WorkerOp;
-use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmState};
+use vireo_api::{transition, Action, ApiErrorCode, Job, JobKind, Vm, VmSpec, VmState};
 
 use super::disk_locks;
 use super::http_error::HttpError;
@@ -20,8 +20,25 @@ use super::worker_client::{call_once, WorkerConn};
 use super::Daemon;
 use crate::StoreError;
 
-/// From spawn until the worker reports the vCPUs running.
+/// From spawn until the worker reports the vCPUs running (a start from saved state gets more:
+/// [`start_limit`]).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest storage a saved VM's memory is assumed to come back from, bytes per second. A
+/// worker that must read all of memory before the VM runs (an eager restore: a NIC on a
+/// switch, RAM on the hugetlb pool) answers only once it has: read at 1 GB/s, 64 GiB alone
+/// takes over a minute, and with `START_TIMEOUT` alone such a start (or a quick migration's
+/// arrival) was turned off halfway.
+const RESTORE_FLOOR_BYTES_PER_SEC: u64 = 64 << 20;
+
+/// How long the start of `spec`'s VM may take, from the worker's spawn to its vCPUs running:
+/// [`START_TIMEOUT`], plus its memory at [`RESTORE_FLOOR_BYTES_PER_SEC`] when it is restored
+/// from saved state.
+pub fn start_limit(spec: &VmSpec, restoring: bool) -> Duration {
+    if !restoring {
+        return START_TIMEOUT;
+    }
+    START_TIMEOUT + Duration::from_secs(spec.memory_bytes / RESTORE_FLOOR_BYTES_PER_SEC)
+}
 const POLL: Duration = Duration::from_millis(50);
 
 /// `POST /vms/{vm}/start`: Starting, spawn, and a job that completes when the vCPUs run.
@@ -75,6 +92,7 @@ pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpErro
         }
     };
     let restoring = restore.is_some();
+    let limit = start_limit(&vm.spec, restoring);
     let spawned = daemon.sup.spawn_inheriting(daemon, &vm, restore, &held);
     // vireod keeps its copies until the restored VM runs (`save::discard`): a restore that
     // fails leaves the VM saved with its disks still locked.
@@ -97,7 +115,7 @@ pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpErro
     tokio::spawn(async move {
         let job_id = job.id;
         tokio::select! {
-            () = run_start(&d, &worker, Some(job_id)) => {}
+            () = run_start(&d, &worker, Some(job_id), limit) => {}
             () = cancelled(cancel) => {}
         }
         // The restored VM runs: its saved state is spent (a failed restore keeps it).
@@ -113,13 +131,13 @@ pub async fn start_locked(daemon: &Arc<Daemon>, vm: &Vm) -> Result<Job, HttpErro
     Ok(job)
 }
 
-/// Waits for `worker` to report the VM running, then Started; on failure, the job fails with
-/// the reason (and a worker that never ran is turned off). Also used for a worker re-adopted
-/// in `Starting` (no job then).
-pub async fn run_start(daemon: &Daemon, worker: &Worker, job: Option<Uuid>) {
+/// Waits up to `limit` ([`start_limit`]) for `worker` to report the VM running, then Started;
+/// on failure, the job fails with the reason (and a worker that never ran is turned off). Also
+/// used for a worker re-adopted in `Starting` (no job then).
+pub async fn run_start(daemon: &Daemon, worker: &Worker, job: Option<Uuid>, limit: Duration) {
     let id = worker.vm_id;
     let outcome: Result<(), String> = tokio::select! {
-        r = tokio::time::timeout(START_TIMEOUT, wait_running(daemon, worker, job)) => match r {
+        r = tokio::time::timeout(limit, wait_running(daemon, worker, job)) => match r {
             Ok(Ok(())) => Ok(()),
             // A worker that is on its way out says why in exit.json: prefer that.
             Ok(Err(message)) => match worker.exited_within(Duration::from_secs(1)).await {
@@ -131,7 +149,7 @@ pub async fn run_start(daemon: &Daemon, worker: &Worker, job: Option<Uuid>) {
             },
             Err(_) => {
                 worker.force_off().await;
-                Err(format!("the worker did not report the VM running within {}s; the VM was turned off", START_TIMEOUT.as_secs()))
+                Err(format!("the worker did not report the VM running within {}s; the VM was turned off", limit.as_secs()))
             }
         },
         o = worker.exited() => Err(o.message),
@@ -345,4 +363,30 @@ pub async fn cancel(daemon: &Arc<Daemon>, id: Uuid) -> Result<Job, HttpError> {
         }
     }
     Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_gets_time_for_its_memory_from_slow_storage() {
+        let spec = |memory_bytes: u64| {
+            let mut s: VmSpec = serde_json::from_str(
+                r#"{"version":1,"name":"a","vcpus":1,"memory_bytes":33554432,"kernel":"/k"}"#,
+            )
+            .unwrap();
+            s.memory_bytes = memory_bytes;
+            s
+        };
+        assert_eq!(start_limit(&spec(64 << 30), false), START_TIMEOUT);
+        assert_eq!(
+            start_limit(&spec(64 << 20), true),
+            START_TIMEOUT + Duration::from_secs(1)
+        );
+        assert_eq!(
+            start_limit(&spec(64 << 30), true),
+            START_TIMEOUT + Duration::from_secs(1024)
+        );
+    }
 }

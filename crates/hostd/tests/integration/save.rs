@@ -3,7 +3,8 @@
 //! vireod keeps the VM saved; `start` restores (the worker is told `restore_from`) and the
 //! files go once it runs; a damaged save fails the start with the file's name and keeps the
 //! VM saved with its files; turn-off discards; a refused save leaves the VM running; saving an
-//! off VM and changing a saved VM's spec are 409.
+//! off VM and changing a saved VM's spec are 409; a large VM's restore gets time for its
+//! memory.
 
 use crate::common;
 
@@ -136,4 +137,24 @@ fn a_refused_save_leaves_the_vm_running_and_remove_deletes_a_save() {
     let r = d.request("DELETE", "/v1/vms/s4", None);
     assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
     assert!(!dir.exists());
+}
+
+/// A restore that reads all of a large VM's memory before its worker answers (an eager
+/// restore) gets time for that memory: 1 GiB adds 16 s to the 30 s of a start, so a worker
+/// that answers after 33 s still starts. With the 30 s alone it was turned off and the start
+/// failed.
+#[test]
+fn a_large_vms_restore_gets_time_for_its_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Vireod::start(&tmp.path().join("state"));
+    let mut spec = spec_json("s5", "fake.restore_bind_ms=33000");
+    spec["memory_bytes"] = (1u64 << 30).into();
+    d.create(&spec);
+    d.start_vm("s5");
+    assert_eq!(save(&d, "s5")["state"], "completed");
+    let r = d.post("/v1/vms/s5/start");
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let job = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(job["state"], "completed", "{job}\n{}", d.log());
+    assert_eq!(d.state("s5"), "running");
 }

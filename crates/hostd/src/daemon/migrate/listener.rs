@@ -43,8 +43,10 @@ use crate::daemon::{lifecycle, save, Daemon};
 const SOURCE_SILENCE: Duration = Duration::from_secs(600);
 /// The destination worker must be listening within this.
 const LISTEN_LIMIT: Duration = Duration::from_secs(15);
-/// A quick migration's restore must run within this.
-const RESTORE_LIMIT: Duration = Duration::from_secs(120);
+/// A quick migration's restore must run within its start's limit (`lifecycle::start_limit`,
+/// which grows with the VM's memory) and this (the spawn, the disks opened). It was a fixed
+/// 120 s, which a large VM's eager restore from slow storage outlasts.
+const RESTORE_SLACK: Duration = Duration::from_secs(30);
 /// How often the worker is asked how its migration goes. Short: the VM's `running` here, and
 /// so the source's job, waits for the poll that sees the worker's `completed`; a status over
 /// the worker's socket costs well under a millisecond.
@@ -929,7 +931,8 @@ async fn receive_quick(
     // The ordinary start of a saved VM: it restores from the files and deletes them.
     drop(guard);
     let job = lifecycle::start(d, &vm).await.map_err(|e| e.body.message)?;
-    let deadline = tokio::time::Instant::now() + RESTORE_LIMIT;
+    let limit = lifecycle::start_limit(&vm.spec, true) + RESTORE_SLACK;
+    let deadline = tokio::time::Instant::now() + limit;
     let job = loop {
         let j = d.store.get_job(job.id).map_err(|e| e.to_string())?;
         if j.state != JobState::Running {
@@ -938,7 +941,7 @@ async fn receive_quick(
         if tokio::time::Instant::now() >= deadline {
             return Err(format!(
                 "the restore did not run within {}s",
-                RESTORE_LIMIT.as_secs()
+                limit.as_secs()
             ));
         }
         tokio::time::sleep(POLL).await;
