@@ -510,7 +510,8 @@ fn the_source_worker_killed_in_postcopy_loses_the_vm() {
         return;
     };
     let run = start_vm(&a, "pw");
-    let job_id = in_postcopy(&a, &run, &migration_address(&b), "1M");
+    // The flat-out hot set is fetched on fault: the cap only shortens the pre-copy.
+    let job_id = in_postcopy(&a, &run, &migration_address(&b), "4M");
     kill9(run.source_pid);
     settled_lost(&a, &b, &run, &job_id);
     // The job failed, and its migration says how: `lost`, not `failed` (until session 36 the
