@@ -140,21 +140,31 @@ fn a_refused_save_leaves_the_vm_running_and_remove_deletes_a_save() {
 }
 
 /// A restore that reads all of a large VM's memory before its worker answers (an eager
-/// restore) gets time for that memory: 1 GiB adds 16 s to the 30 s of a start, so a worker
-/// that answers after 33 s still starts. With the 30 s alone it was turned off and the start
-/// failed.
+/// restore) gets time for that memory: 64 MiB/s on top of the start's limit, here 2 s
+/// (`VIREOD_TEST_START_TIMEOUT_MS`) instead of 30. A 1 GiB VM's worker answering after 5 s
+/// starts (2 + 16 s); a 32 MiB one's (2 + 0 s) is turned off, as any start that large was
+/// with the base limit alone.
 #[test]
 fn a_large_vms_restore_gets_time_for_its_memory() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = Vireod::start(&tmp.path().join("state"));
-    let mut spec = spec_json("s5", "fake.restore_bind_ms=33000");
-    spec["memory_bytes"] = (1u64 << 30).into();
-    d.create(&spec);
-    d.start_vm("s5");
-    assert_eq!(save(&d, "s5")["state"], "completed");
-    let r = d.post("/v1/vms/s5/start");
-    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
-    let job = d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(60));
+    let d = Vireod::start_env(
+        &tmp.path().join("state"),
+        &[("VIREOD_TEST_START_TIMEOUT_MS", "2000")],
+    );
+    let restore = |name: &str, memory: u64| {
+        let mut spec = spec_json(name, "fake.restore_bind_ms=5000");
+        spec["memory_bytes"] = memory.into();
+        d.create(&spec);
+        d.start_vm(name);
+        assert_eq!(save(&d, name)["state"], "completed");
+        let r = d.post(&format!("/v1/vms/{name}/start"));
+        assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+        d.wait_job(r.json()["id"].as_str().unwrap(), Duration::from_secs(60))
+    };
+    let job = restore("large", 1 << 30);
     assert_eq!(job["state"], "completed", "{job}\n{}", d.log());
-    assert_eq!(d.state("s5"), "running");
+    assert_eq!(d.state("large"), "running");
+    let job = restore("small", 32 << 20);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].to_string().contains("within 2s"), "{job}");
 }
