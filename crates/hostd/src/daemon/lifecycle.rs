@@ -54,6 +54,7 @@ fn start_base() -> Duration {
             .map_or(START_TIMEOUT, Duration::from_millis)
     })
 }
+
 const POLL: Duration = Duration::from_millis(50);
 
 /// `POST /vms/{vm}/start`: Starting, spawn, and a job that completes when the vCPUs run.
