@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::vireod_harness;
 use vireod_harness::faults::{
     alive, free_port, kill9, migrate, pair, record, restart_on_a_fixed_port, routed_pair, settled,
-    settled_as, start_vm, sweep, tail, wait_until, Allow, Run, Where, T,
+    settled_as, start_vm, sweep, tail, wait_for_worker_log, wait_until, Allow, Run, Where, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end, wait_for_progress};
 use vireod_harness::Daemon;
@@ -257,15 +257,12 @@ fn held_after_release(a: &Daemon, b: &mut Daemon, name: &str) -> (Run, String, u
     restart_on_a_fixed_port(b, &[("VIREO_TEST_HANDOFF_HOLD_MS", "3000")]);
     let run = start_vm(a, name);
     let job_id = migrate(a, &run, &migration_address(b), &[]).expect("a migration job");
-    let log = b
-        .dir
-        .path()
-        .join("state/vms")
-        .join(&run.id)
-        .join("worker.log");
-    wait_until("the destination holding the hand-over", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("disks released there) held"))
-    });
+    wait_for_worker_log(
+        b,
+        &run,
+        "the destination holding the hand-over",
+        "disks released there) held",
+    );
     let pid = b.worker_pid(&run.name);
     (run, job_id, pid)
 }

@@ -38,7 +38,7 @@ use crate::vireod_harness;
 use vireod_harness::faults::{
     alive, check_guest, in_postcopy, kill9, migrate, pair, record, restart_on_a_fixed_port,
     settled, settled_as, settled_lost, settling_job, start_vm, start_vm_dirtying, still_postcopy,
-    sweep, tail, wait_until, workers_on, Allow, Run, Where, HOT_SET_SLOW, T,
+    sweep, tail, wait_for_worker_log, wait_until, workers_on, Allow, Run, Where, HOT_SET_SLOW, T,
 };
 use vireod_harness::migration::{job, migration_address, wait_for_end};
 use vireod_harness::slow_link::SlowLink;
@@ -378,15 +378,7 @@ fn the_destination_vireod_killed_while_its_worker_restores_a_quick_migration() {
     restart_on_a_fixed_port(&mut b, &[("VIREO_TEST_RESTORE_HOLD_MS", "8000")]);
     let run = start_vm(&a, "qwr");
     let job_id = migrate(&a, &run, &migration_address(&b), &["--quick"]).expect("a job");
-    let log = b
-        .dir
-        .path()
-        .join("state/vms")
-        .join(&run.id)
-        .join("worker.log");
-    wait_until("the destination worker restoring", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("restore held"))
-    });
+    wait_for_worker_log(&b, &run, "the destination worker restoring", "restore held");
     b.kill9();
     let t0 = Instant::now();
     b.restart();

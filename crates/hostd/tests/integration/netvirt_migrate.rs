@@ -271,8 +271,21 @@ fn x_pa(d: &Vireod) -> Option<String> {
         .and_then(|e| e["pa"].as_str().map(str::to_owned))
 }
 
-fn vm_with_nic(d: &Vireod, name: &str, mac: [u8; 6], ca: [u8; 4]) {
-    d.create(&spec_json(name, ""));
+/// X's announcement, tunnelled from B to P's host C: an ARP reply "10.0.0.5 is at X's MAC".
+fn x_announced_from_b(t: &Tunnelled) -> bool {
+    t.outer_src == pa(1)
+        && t.outer_dst == pa(2)
+        && t.inner.len() >= 42
+        && t.inner[12..14] == [8, 6]
+        && t.inner[20..22] == [0, 2]
+        && t.inner[22..28] == X_MAC
+        && t.inner[28..32] == X_CA
+}
+
+/// VM `name` (the fake worker's `words` in its command line) with a NIC in VSID 5001 at `ca`,
+/// started.
+fn vm_with_nic(d: &Vireod, name: &str, words: &str, mac: [u8; 6], ca: [u8; 4]) {
+    d.create(&spec_json(name, words));
     created(d.post_json(
         &format!("/v1/vms/{name}/nics"),
         &json!({"switch": "nv", "mac": mac_text(mac),
@@ -329,8 +342,8 @@ fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
         created(d.post_json("/v1/switches/nv/policies", &entry(P_CA, P_MAC, PA[2])));
     }
     created(c.post_json("/v1/switches/nv/policies", &entry(X_CA, X_MAC, PA[0])));
-    vm_with_nic(a, "x", X_MAC, X_CA);
-    vm_with_nic(c, "p", P_MAC, P_CA);
+    vm_with_nic(a, "x", "", X_MAC, X_CA);
+    vm_with_nic(c, "p", "", P_MAC, P_CA);
     wait_ready(c, "p");
 
     let pcap = tmp.path().join("provider.pcap");
@@ -381,22 +394,14 @@ fn a_moved_vm_is_reached_through_its_new_host_from_a_third_host() {
     let last = seq.load(Ordering::SeqCst) - 1;
     // The capture lags the probe's `OK` (two switches and tcpdump on a shared machine).
     // X's announcement, tunnelled from B to P: "10.0.0.5 is at X's MAC".
-    let announcement = |t: &Tunnelled| {
-        t.outer_src == pa(1)
-            && t.outer_dst == pa(2)
-            && t.inner.len() >= 42
-            && t.inner[12..14] == [8, 6]
-            && t.inner[20..22] == [0, 2]
-            && t.inner[22..28] == X_MAC
-            && t.inner[28..32] == X_CA
-    };
     // The capture lags the probe's `OK` (two switches and tcpdump on a shared machine).
     wait_until(
         T,
         "the last frame and the announcement in the capture",
         || {
             let wire = read_pcap(&pcap);
-            wire.iter().any(|t| seq_of(&t.inner) == Some(last)) && wire.iter().any(announcement)
+            wire.iter().any(|t| seq_of(&t.inner) == Some(last))
+                && wire.iter().any(x_announced_from_b)
         },
     );
     capture.stop();
@@ -500,13 +505,7 @@ fn restarted_destination_moves_the_network(quick: bool) {
     } else {
         "fake.migrate_ms=200 fake.switch_ms=1500"
     };
-    a.create(&spec_json("x", words));
-    created(a.post_json(
-        "/v1/vms/x/nics",
-        &json!({"switch": "nv", "mac": mac_text(X_MAC),
-                "virtual_subnet": {"vsid": 5001, "ca": [std::net::Ipv4Addr::from(X_CA)]}}),
-    ));
-    a.start_vm("x");
+    vm_with_nic(&a, "x", words, X_MAC, X_CA);
     let pcap = tmp.path().join("provider.pcap");
     let mut capture = Capture::start(&net.ns, &pcap);
 
@@ -545,16 +544,8 @@ fn restarted_destination_moves_the_network(quick: bool) {
             .contains("10.0.0.5")
     };
     assert!(!stored_x(&b), "B still stores X at A\n{}", b.log());
-    let announcement = |t: &Tunnelled| {
-        t.outer_src == pa(1)
-            && t.outer_dst == pa(2)
-            && t.inner.len() >= 42
-            && t.inner[12..14] == [8, 6]
-            && t.inner[22..28] == X_MAC
-            && t.inner[28..32] == X_CA
-    };
     wait_until(T, "X's announcement from B in the capture", || {
-        read_pcap(&pcap).iter().any(announcement)
+        read_pcap(&pcap).iter().any(x_announced_from_b)
     });
     capture.stop();
     let owed = tmp

@@ -229,6 +229,19 @@ pub fn workers_on(d: &Daemon, run: &Run) -> Vec<u32> {
     pids
 }
 
+/// Waits until the worker log of `run`'s VM on `d` holds `text` (a fault hook's line).
+pub fn wait_for_worker_log(d: &Daemon, run: &Run, what: &str, text: &str) {
+    let log = d
+        .dir
+        .path()
+        .join("state/vms")
+        .join(&run.id)
+        .join("worker.log");
+    wait_until(what, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains(text))
+    });
+}
+
 pub fn alive(pid: u64) -> bool {
     // SAFETY: kill(2) with signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
